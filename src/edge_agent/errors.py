@@ -1,0 +1,140 @@
+"""Every error edge_agent raises, grouped by who has to react.
+
+Families:
+    ContractError            a manifest, contract or sketch that does not follow the schema
+                             (a builder or integration bug; the operator fixes the input).
+    BundleFormatError        a bundle file that cannot be read as a bundle (truncated, missing
+                             member, not a tar); the transfer or the disk is at fault.
+    BundleVerificationError  a security outcome: the bundle is not trusted. Subclasses name the
+                             attack that was stopped, so telemetry can count them by kind.
+    RuntimeAdapterError      a model that fails to load or to run in its runtime.
+    InputValidationError     a request that does not fit the model's input contract.
+    DriftError               sketches that cannot be combined (different edges, shapes).
+
+Each error has a stable ``code`` used as a metric label and in telemetry; codes never change
+meaning once released.
+"""
+
+from __future__ import annotations
+
+
+class EdgefleetError(Exception):
+    """Base of every error raised on purpose by edgefleet."""
+
+    code = "edgefleet_error"
+
+
+class ContractError(EdgefleetError):
+    """A manifest, input contract or serialised sketch does not follow its schema."""
+
+    code = "contract_invalid"
+
+
+class BundleFormatError(EdgefleetError):
+    """A bundle file is not a readable bundle (truncated, wrong members, oversized member)."""
+
+    code = "bundle_format"
+
+
+class BundleVerificationError(EdgefleetError):
+    """The bundle, or the metadata naming it, is not trusted. Never install it."""
+
+    code = "bundle_untrusted"
+
+
+class MetadataFormatError(BundleVerificationError):
+    """Signed metadata cannot be parsed, or is of the wrong type."""
+
+    code = "metadata_malformed"
+
+
+class SignatureThresholdError(BundleVerificationError):
+    """Fewer valid signatures from trusted keys than the role's threshold.
+
+    Covers unknown keys, revoked or rotated-out keys, and missing co-signatures.
+    """
+
+    code = "signature_threshold"
+
+
+class ExpiredMetadataError(BundleVerificationError):
+    """A signed document is past its expiry at the reference time (freeze attack)."""
+
+    code = "metadata_expired"
+
+
+class RollbackError(BundleVerificationError):
+    """A version older than the one already trusted or installed (rollback attack)."""
+
+    code = "rollback"
+
+
+class DigestMismatchError(BundleVerificationError):
+    """Bytes whose SHA-256 differs from the signed one (tampering or mix-and-match)."""
+
+    code = "digest_mismatch"
+
+
+class LengthMismatchError(BundleVerificationError):
+    """Bytes longer or shorter than the signed length (endless data or truncation)."""
+
+    code = "length_mismatch"
+
+
+class MixAndMatchError(BundleVerificationError):
+    """Pieces of different signed targets were combined into one bundle."""
+
+    code = "mix_and_match"
+
+
+class IncompatibleTargetError(BundleVerificationError):
+    """The bundle is signed for another runtime, runtime version, architecture or accelerator."""
+
+    code = "incompatible_target"
+
+
+class RootRotationError(BundleVerificationError):
+    """A new root is not signed by both the old and the new thresholds, or skips a version."""
+
+    code = "root_rotation"
+
+
+class RuntimeAdapterError(EdgefleetError):
+    """A runtime failed to load or run a model."""
+
+    code = "runtime_error"
+
+
+class RuntimeUnavailableError(RuntimeAdapterError):
+    """The runtime a bundle needs is not installed on this device."""
+
+    code = "runtime_unavailable"
+
+
+class ModelLoadError(RuntimeAdapterError):
+    """The model bytes were rejected by the runtime."""
+
+    code = "model_load"
+
+
+class InferenceError(RuntimeAdapterError):
+    """The runtime raised while running a loaded model."""
+
+    code = "inference_failed"
+
+
+class InputValidationError(EdgefleetError):
+    """A request does not fit the input contract. ``field`` names the offending input."""
+
+    code = "input_invalid"
+
+    def __init__(self, message: str, *, field: str | None = None, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.field = field
+        self.reason = reason
+
+
+class DriftError(EdgefleetError):
+    """Sketches cannot be merged or scored (different edges, feature counts or versions)."""
+
+    code = "drift_incompatible"
