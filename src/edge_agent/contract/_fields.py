@@ -35,7 +35,7 @@ def req_int(d: Mapping[str, Any], key: str) -> int:
 
 
 def req_float(d: Mapping[str, Any], key: str) -> float:
-    value = req(d, key, (int, float))
+    value: float = req(d, key, (int, float))
     if isinstance(value, bool) or not math.isfinite(float(value)):
         raise ContractError(f"field {key!r} must be a finite number")
     return float(value)

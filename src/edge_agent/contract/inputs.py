@@ -189,7 +189,8 @@ class TensorSpec:
     @property
     def features_per_sample(self) -> int:
         """Number of values in one sample when every dimension is at its maximum."""
-        return int(np.prod([d.max for d in self.shape[1:]], dtype=np.int64)) if self.shape[1:] else 1
+        dims = [d.max for d in self.shape[1:]]
+        return int(np.prod(dims, dtype=np.int64)) if dims else 1
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -32,8 +32,9 @@ _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 def canonical_json(obj: Any) -> bytes:
     """Deterministic JSON bytes: sorted keys, no whitespace, UTF-8, no NaN."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode("utf-8")
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
 
 
 def validate_model_name(name: str) -> str:
@@ -63,13 +64,18 @@ class ArtifactRef:
             raise ContractError("artifact length must be positive")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "format": self.format, "sha256": self.sha256,
-                "length": self.length}
+        return {
+            "path": self.path,
+            "format": self.format,
+            "sha256": self.sha256,
+            "length": self.length,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ArtifactRef:
-        return cls(req_str(d, "path"), req_str(d, "format"), req_str(d, "sha256"),
-                   req_int(d, "length"))
+        return cls(
+            req_str(d, "path"), req_str(d, "format"), req_str(d, "sha256"), req_int(d, "length")
+        )
 
 
 @dataclass(frozen=True)
@@ -88,8 +94,12 @@ class GoldenSample:
     label: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"inputs": dict(self.inputs), "expected": dict(self.expected),
-                               "atol": self.atol, "rtol": self.rtol}
+        out: dict[str, Any] = {
+            "inputs": dict(self.inputs),
+            "expected": dict(self.expected),
+            "atol": self.atol,
+            "rtol": self.rtol,
+        }
         if self.label is not None:
             out["label"] = self.label
         return out
@@ -151,28 +161,33 @@ class Compatibility:
         arch = normalise_arch(device.arch)
         if "any" not in self.arch and arch not in self.arch:
             raise IncompatibleTargetError(
-                f"bundle is built for {', '.join(self.arch)}; this device is {arch}")
+                f"bundle is built for {', '.join(self.arch)}; this device is {arch}"
+            )
         installed = device.runtimes.get(self.runtime)
         if installed is None:
             raise IncompatibleTargetError(f"bundle needs {self.runtime}, not installed here")
         try:
             too_old = Version(installed) < Version(self.min_runtime_version)
         except InvalidVersion as exc:
-            raise IncompatibleTargetError(
-                f"cannot compare runtime version {installed!r}") from exc
+            raise IncompatibleTargetError(f"cannot compare runtime version {installed!r}") from exc
         if too_old:
             raise IncompatibleTargetError(
-                f"bundle needs {self.runtime} >= {self.min_runtime_version}, device has "
-                f"{installed}")
+                f"bundle needs {self.runtime} >= {self.min_runtime_version}, device has {installed}"
+            )
         if self.accelerator not in device.accelerators:
             raise IncompatibleTargetError(
                 f"bundle needs accelerator {self.accelerator!r}; device offers "
-                f"{', '.join(device.accelerators)}")
+                f"{', '.join(device.accelerators)}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"runtime": self.runtime, "min_runtime_version": self.min_runtime_version,
-                "arch": list(self.arch), "accelerator": self.accelerator,
-                "opsets": dict(self.opsets)}
+        return {
+            "runtime": self.runtime,
+            "min_runtime_version": self.min_runtime_version,
+            "arch": list(self.arch),
+            "accelerator": self.accelerator,
+            "opsets": dict(self.opsets),
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Compatibility:
@@ -206,9 +221,13 @@ class Provenance:
     built_at: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source_sha256": self.source_sha256, "source_format": self.source_format,
-                "recipe": dict(self.recipe), "tool_versions": dict(self.tool_versions),
-                "built_at": self.built_at}
+        return {
+            "source_sha256": self.source_sha256,
+            "source_format": self.source_format,
+            "recipe": dict(self.recipe),
+            "tool_versions": dict(self.tool_versions),
+            "built_at": self.built_at,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Provenance:
@@ -247,10 +266,12 @@ class BundleManifest:
         if self.schema_version != SCHEMA_VERSION:
             raise ContractError(
                 f"manifest schema_version {self.schema_version} is not supported (this agent "
-                f"reads {SCHEMA_VERSION})")
+                f"reads {SCHEMA_VERSION})"
+            )
         if RUNTIME_FOR_FORMAT[self.artifact.format] != self.compatibility.runtime:
             raise ContractError(
-                f"{self.artifact.format} artifact cannot run on {self.compatibility.runtime}")
+                f"{self.artifact.format} artifact cannot run on {self.compatibility.runtime}"
+            )
 
     @property
     def target_path(self) -> str:

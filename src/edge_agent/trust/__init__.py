@@ -1,0 +1,27 @@
+"""Trust: the device's root of keys and the pure verification of signed bundles."""
+
+from edge_agent.trust.root import ROLES, TrustedRoot, parse_metadata
+from edge_agent.trust.verify import (
+    ArtifactDigest,
+    VerifiedManifest,
+    artifact_target_path,
+    make_targets,
+    manifest_target_path,
+    verify_artifact,
+    verify_bundle,
+    verify_manifest,
+)
+
+__all__ = [
+    "ROLES",
+    "ArtifactDigest",
+    "TrustedRoot",
+    "VerifiedManifest",
+    "artifact_target_path",
+    "make_targets",
+    "manifest_target_path",
+    "parse_metadata",
+    "verify_artifact",
+    "verify_bundle",
+    "verify_manifest",
+]

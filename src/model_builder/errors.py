@@ -1,0 +1,58 @@
+"""Errors raised by the model builder, grouped by who must react.
+
+InputDataError     the calibration/evaluation data or contract file is unusable (the ML
+                   engineer fixes the data).
+ModelCheckError    the source model fails ``onnx.checker`` or cannot be loaded.
+QuantizationError  the quantizer failed or a mode does not fit the model.
+AccuracyGateError  quantization lost too much accuracy and no rescue passed the gate.
+KeyStoreError      keys or root metadata are missing, unreadable or inconsistent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edge_agent.errors import EdgefleetError
+
+
+class ModelBuilderError(EdgefleetError):
+    """Base of builder errors."""
+
+    code = "builder_error"
+
+
+class InputDataError(ModelBuilderError):
+    """Calibration, evaluation or contract input cannot be used."""
+
+    code = "input_data"
+
+
+class ModelCheckError(ModelBuilderError):
+    """The source model is invalid."""
+
+    code = "model_check"
+
+
+class QuantizationError(ModelBuilderError):
+    """Quantization failed or the requested mode does not suit the model."""
+
+    code = "quantization"
+
+
+class AccuracyGateError(ModelBuilderError):
+    """The quantized model failed the accuracy gate and no rescue passed it.
+
+    ``report`` carries the measured figures and what the rescue search tried.
+    """
+
+    code = "accuracy_gate"
+
+    def __init__(self, message: str, report: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.report = report or {}
+
+
+class KeyStoreError(ModelBuilderError):
+    """A key store or root metadata problem."""
+
+    code = "keystore"
