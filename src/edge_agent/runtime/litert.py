@@ -69,7 +69,7 @@ def _dist_version(dist: str) -> str:
 
     try:
         return metadata.version(dist)
-    except metadata.PackageNotFoundError:  # pragma: no cover - importable but not a dist
+    except metadata.PackageNotFoundError:  # importable but not installed as a distribution
         return "unknown"
 
 
@@ -146,7 +146,9 @@ class LiteRtRuntime:
         missing = [n for n in self._by_name if n not in feeds]
         unknown = [n for n in feeds if n not in self._by_name]
         if missing or unknown:
-            raise InferenceError(f"feeds do not match the model: missing {missing}, unknown {unknown}")
+            raise InferenceError(
+                f"feeds do not match the model: missing {missing}, unknown {unknown}"
+            )
         prepared = [(b, _to_native(b, feeds[b.name], info)) for b, info in self._paired_inputs()]
         with self._lock:
             interp = self._interp
@@ -222,7 +224,10 @@ def _to_native(binding: _Binding, value: Tensor, info: TensorInfo) -> npt.NDArra
         InferenceError: wrong rank, a fixed non-batch dimension differs, or a type that cannot
             be converted.
     """
-    arr = np.asarray(value)
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError) as exc:  # ragged nested lists and the like
+        raise InferenceError(f"input {binding.name!r}: not an array: {exc}") from exc
     if arr.ndim != len(info.shape):
         raise InferenceError(
             f"input {binding.name!r}: expected rank {len(info.shape)} {info.shape}, "
@@ -237,7 +242,10 @@ def _to_native(binding: _Binding, value: Tensor, info: TensorInfo) -> npt.NDArra
         return np.ascontiguousarray(arr)
     if binding.quantized and arr.dtype.kind == "f":
         info_int = np.iinfo(binding.dtype)
-        q = np.round(arr.astype(np.float32) / np.float32(binding.scale)) + binding.zero_point
+        scaled = arr.astype(np.float32) / np.float32(binding.scale)
+        # Round half away from zero, as TFLite's own QUANTIZE kernel does (np.round is half-even).
+        q: npt.NDArray[np.float32] = np.copysign(np.floor(np.abs(scaled) + np.float32(0.5)), scaled)
+        q += np.float32(binding.zero_point)
         return np.clip(q, info_int.min, info_int.max).astype(binding.dtype)
     if not np.can_cast(arr.dtype, binding.dtype, casting="same_kind"):
         raise InferenceError(
