@@ -1,0 +1,176 @@
+"""``TierASketch``: the mutable tier-A tracker that counts batches on the request hot path.
+
+Owns: vectorised binning of an ``(n, f)`` batch into preallocated counters, merging, and
+snapshots as ``TierAView``. Does not own: the bucket convention (``edges``), the wire formats
+(``view``) or flattening tensors (``features``). The builder fills the baseline with this same
+class, so baseline and device counts are computed by identical code.
+
+One ``update`` is a handful of numpy calls whatever ``f`` (and, for up to 128 rows at 16
+features, whatever ``n``; larger batches take one step per chunk of rows): compare the batch
+against the thresholds, pre-tiled ``(n_bins + 1, rows, f)`` so numpy's inner loop is long, sum
+the comparisons into a bucket column, route NaN to an extra column, offset by feature and count
+everything with a single ``np.bincount``. Batches without NaN/Inf skip the masking work. No
+Python loop runs over rows or features.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from edge_agent.drift.edges import FeatureEdges
+from edge_agent.drift.view import TierAView, check_same_edges
+from edge_agent.errors import DriftError
+
+_TILE_VALUES = 1 << 15
+_MAX_CHUNK_ROWS = 128
+
+
+class TierASketch:
+    """Accumulates tier-A counts for one tensor. Not thread-safe; one per tensor and window.
+
+    Internally one int64 ``(f, n_bins + 3)`` table holds the ``n_bins + 2`` bucket columns and,
+    last, the NaN column, so a single ``bincount`` fills both.
+    """
+
+    __slots__ = (
+        "_chunk",
+        "_col_dtype",
+        "_count",
+        "_edges",
+        "_nan_col",
+        "_offsets",
+        "_sum",
+        "_sumsq",
+        "_table",
+        "_tiled",
+    )
+
+    def __init__(self, edges: FeatureEdges) -> None:
+        """An empty tracker for ``edges``; prefer ``TierASketch.zero``."""
+        f = edges.n_features
+        self._edges = edges
+        k = edges.n_bins + 1
+        # Rows binned per step: bounds the tiled thresholds (and each comparison) to about
+        # _TILE_VALUES values (256 KiB) while covering a typical device batch in one step.
+        self._chunk = min(_MAX_CHUNK_ROWS, max(1, _TILE_VALUES // (k * f)))
+        self._tiled = np.ascontiguousarray(
+            np.broadcast_to(edges.thresholds.T[:, None, :], (k, self._chunk, f))
+        )
+        self._col_dtype = np.uint8 if k < 256 else np.uint16
+        self._nan_col = edges.width
+        self._offsets = (np.arange(f, dtype=np.intp) * (edges.width + 1))[None, :]
+        self._table = np.zeros((f, edges.width + 1), dtype=np.int64)
+        self._count = np.zeros(f, dtype=np.int64)
+        self._sum = np.zeros(f, dtype=np.float64)
+        self._sumsq = np.zeros(f, dtype=np.float64)
+
+    @classmethod
+    def zero(cls, edges: FeatureEdges) -> TierASketch:
+        """An empty tracker for ``edges``."""
+        return cls(edges)
+
+    @classmethod
+    def from_view(cls, view: TierAView) -> TierASketch:
+        """A tracker that continues from ``view`` (e.g. a window restored after a restart)."""
+        out = cls(view.edges)
+        out.merge(view)
+        return out
+
+    @property
+    def edges(self) -> FeatureEdges:
+        """The edges this tracker bins with."""
+        return self._edges
+
+    @property
+    def n_features(self) -> int:
+        """Features per sample this tracker expects."""
+        return self._edges.n_features
+
+    def update(self, batch2d: npt.ArrayLike) -> None:
+        """Count a batch of feature rows.
+
+        NaN is counted in ``nan`` only. ``-inf``/``+inf`` are counted in under/overflow and
+        excluded from ``count``, ``sum`` and ``sumsq`` (which cover finite values). An empty
+        batch is a no-op.
+
+        Args:
+            batch2d: Shape ``(n, f)`` with ``f == n_features`` (``flatten_features`` output);
+                any real dtype, compared in float64.
+
+        Raises:
+            DriftError: the batch is not 2-D, has the wrong feature count or a non-real dtype.
+        """
+        x = np.asarray(batch2d)
+        if x.ndim != 2 or x.shape[1] != self._edges.n_features:
+            raise DriftError(
+                f"expected a batch of shape (n, {self._edges.n_features}), got {x.shape}"
+            )
+        if x.dtype.kind not in "biuf":
+            raise DriftError(f"drift needs real numeric values, got dtype {x.dtype}")
+        if x.shape[0] == 0:
+            return
+        # inf - inf and overflowing moments are expected on bad input: counted, not warned.
+        with np.errstate(over="ignore", invalid="ignore"):
+            if x.dtype != np.float64:
+                x = x.astype(np.float64)
+            total = x.sum(axis=0)
+            # A finite column sum proves the column holds no NaN/Inf (they propagate); an overflowed
+            # sum only sends the batch down the careful path, which is exact either way.
+            all_finite = bool(np.isfinite(total).all())
+            for start in range(0, x.shape[0], self._chunk):
+                self._bin(x[start : start + self._chunk], all_finite)
+            if all_finite:
+                self._count += x.shape[0]
+                self._sum += total
+                self._sumsq += np.einsum("ij,ij->j", x, x)
+            else:
+                finite = np.isfinite(x)
+                xf = np.where(finite, x, 0.0)
+                self._count += finite.sum(axis=0)
+                self._sum += xf.sum(axis=0)
+                self._sumsq += np.einsum("ij,ij->j", xf, xf)
+
+    def _bin(self, x: npt.NDArray[np.float64], all_finite: bool) -> None:
+        # Compare against thresholds laid out (k, rows, f) so numpy's inner loop runs over the
+        # contiguous rows*f values, then sum the k planes: the bucket column per value.
+        passed = x[None, :, :] >= self._tiled[:, : x.shape[0], :]
+        col = np.add.reduce(passed.view(np.uint8), axis=0, dtype=self._col_dtype)
+        idx = col + self._offsets
+        if not all_finite:
+            # NaN passes no threshold (column 0); move it to the NaN column.
+            idx += np.isnan(x) * self._nan_col
+        flat = self._table.reshape(-1)
+        flat += np.bincount(idx.ravel(), minlength=flat.size)
+
+    def merge(self, other: TierASketch | TierAView) -> None:
+        """Add another tracker's or view's counts into this one (exact for counts).
+
+        Raises:
+            DriftError: the edges differ.
+        """
+        check_same_edges(self._edges, other.edges)
+        view = other.view() if isinstance(other, TierASketch) else other
+        self._table[:, : self._nan_col] += view.counts
+        self._table[:, self._nan_col] += view.nan
+        self._count += view.count
+        self._sum += view.sum
+        self._sumsq += view.sumsq
+
+    def reset(self) -> None:
+        """Forget everything counted (start a new window) without reallocating."""
+        self._table.fill(0)
+        self._count.fill(0)
+        self._sum.fill(0.0)
+        self._sumsq.fill(0.0)
+
+    def view(self) -> TierAView:
+        """An immutable snapshot; later updates do not change it."""
+        return TierAView(
+            self._edges,
+            self._table[:, : self._nan_col],
+            self._table[:, self._nan_col],
+            self._count,
+            self._sum,
+            self._sumsq,
+        )
