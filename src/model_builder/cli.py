@@ -27,7 +27,7 @@ from edge_agent.cli_support import (
 )
 from edge_agent.contract import BundleManifest, DeviceProfile
 from edge_agent.trust import TrustedRoot
-from model_builder.build_cli import build
+from model_builder.build_cli import build, demo
 from model_builder.errors import (
     AccuracyGateError,
     InputDataError,
@@ -58,6 +58,7 @@ def cli() -> None:
 
 
 cli.add_command(build)
+cli.add_command(demo)
 
 
 # ------------------------------------------------------------------------------------- keys
@@ -166,7 +167,7 @@ def keys_revoke(directory: Path, keyid: str, expires_days: int) -> None:
 
 def _print_keys(store: KeyStore, as_json: bool) -> None:
     root = store.trusted_root()
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "label": k.label,
             "keyid": k.keyid,

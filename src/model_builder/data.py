@@ -61,8 +61,10 @@ class Dataset:
 
     def take(self, n: int) -> Dataset:
         """The first ``n`` samples."""
-        return Dataset({k: v[:n] for k, v in self.inputs.items()},
-                       None if self.labels is None else self.labels[:n])
+        return Dataset(
+            {k: v[:n] for k, v in self.inputs.items()},
+            None if self.labels is None else self.labels[:n],
+        )
 
 
 def load_dataset(path: Path, inputs: Sequence[TensorInfo]) -> Dataset:
@@ -84,8 +86,9 @@ def load_dataset(path: Path, inputs: Sequence[TensorInfo]) -> Dataset:
                     arrays[names[0]] = arrays.pop(alias)
             missing = [n for n in names if n not in arrays]
             if missing:
-                raise InputDataError(f"{path} lacks arrays for inputs {missing}; "
-                                     f"it has {sorted(arrays)}")
+                raise InputDataError(
+                    f"{path} lacks arrays for inputs {missing}; it has {sorted(arrays)}"
+                )
             data = {n: arrays[n] for n in names}
         elif path.suffix == ".npy":
             if len(names) != 1:
@@ -141,8 +144,9 @@ def _fit_shape(x: npt.NDArray[Any], info: TensorInfo) -> npt.NDArray[Any]:
         return x
     if int(np.prod(x.shape[1:])) == int(np.prod(want)):
         return x.reshape((len(x), *want))
-    raise InputDataError(f"input {info.name!r}: samples of shape {x.shape[1:]} do not fit the "
-                         f"model's {want}")
+    raise InputDataError(
+        f"input {info.name!r}: samples of shape {x.shape[1:]} do not fit the model's {want}"
+    )
 
 
 def load_contract(path: Path) -> tuple[InputContract, OutputContract]:
@@ -183,19 +187,26 @@ def infer_contract(
         pad = (hi - lo) * range_margin + 1e-6
         dims = [DimSpec(min=1, max=max_batch, name="batch")]
         dims += [DimSpec(size=int(d)) for d in calib.inputs[info.name].shape[1:]]
-        tensors.append(TensorSpec(
-            name=info.name, dtype=info.dtype if info.dtype != "str" else "float32",
-            shape=tuple(dims), ranges=FeatureRanges(tuple((lo - pad).tolist()),
-                                                    tuple((hi + pad).tolist()))))
+        tensors.append(
+            TensorSpec(
+                name=info.name,
+                dtype=info.dtype if info.dtype != "str" else "float32",
+                shape=tuple(dims),
+                ranges=FeatureRanges(tuple((lo - pad).tolist()), tuple((hi + pad).tolist())),
+            )
+        )
     names = tuple(o.name for o in outputs)
     scores = [o for o in outputs if o.dtype.startswith("float") and len(o.shape) == 2]
     if calib.labels is not None and scores:
         n_classes = scores[0].shape[1]
         if not isinstance(n_classes, int):
             n_classes = int(np.max(calib.labels)) + 1
-        out = OutputContract(task="classification", outputs=names,
-                             labels=tuple(str(i) for i in range(n_classes)),
-                             score_output=scores[0].name)
+        out = OutputContract(
+            task="classification",
+            outputs=names,
+            labels=tuple(str(i) for i in range(n_classes)),
+            score_output=scores[0].name,
+        )
     else:
         out = OutputContract(task="raw", outputs=names)
     return InputContract(tuple(tensors)), out

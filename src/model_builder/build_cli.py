@@ -1,0 +1,275 @@
+"""The ``build`` and ``demo`` commands: file handling, progress display and the summary."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+import numpy as np
+
+from edge_agent.bundle import read_bundle, write_bundle
+from edge_agent.cli_support import passphrase_from_env
+from edge_agent.device import detect_device_profile
+from edge_agent.golden import check_golden
+from edge_agent.runtime.base import load_runtime
+from model_builder.build import BuildConfig, BuildResult, build_bundle
+from model_builder.calibration import ProgressFn
+from model_builder.data import infer_contract, load_contract, load_dataset
+from model_builder.errors import InputDataError
+from model_builder.gate import GatePolicy
+from model_builder.keystore import KeyStore
+
+
+def _progress() -> ProgressFn:
+    """One updating line per stage on a terminal; one line per finished stage otherwise."""
+    tty = sys.stderr.isatty()
+    last: dict[str, int] = {}
+
+    def show(done: int, total: int, label: str) -> None:
+        if tty:
+            end = "\n" if done >= total else ""
+            click.echo(f"\r  {label}: {done}/{total}", err=True, nl=False)
+            if end:
+                click.echo("", err=True)
+        elif done >= total and last.get(label) != total:
+            click.echo(f"  {label}: {total}/{total}", err=True)
+        last[label] = done
+
+    return show
+
+
+@click.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--calib",
+    "calib_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Calibration data (.npz/.npy/.csv), raw: the declared preprocessing is applied.",
+)
+@click.option(
+    "--eval",
+    "eval_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Labelled evaluation data (.npz with y, or .csv with a label column).",
+)
+@click.option(
+    "--contract",
+    "contract_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Input/output contract (JSON or TOML); inferred from the data when omitted.",
+)
+@click.option("--name", required=True, help="Model name ([a-z0-9._-]).")
+@click.option("--version", "version", required=True, type=int, help="Monotonic model version.")
+@click.option("--channel", default="stable", show_default=True)
+@click.option(
+    "--mode",
+    default="static",
+    show_default=True,
+    type=click.Choice(["static", "dynamic", "fp16", "auto"]),
+)
+@click.option(
+    "--target",
+    default=None,
+    type=click.Choice(["x86", "x86-vnni", "arm64"]),
+    help="CPU family the bundle is for (default: this machine's).",
+)
+@click.option("--arch", multiple=True, help="Override the signed architectures (or 'any').")
+@click.option("--max-abs-drop", default=0.01, show_default=True)
+@click.option("--max-rel-drop", default=0.01, show_default=True)
+@click.option("--min-agreement", default=0.99, show_default=True)
+@click.option("--no-rescue", is_flag=True, help="Fail instead of searching for float fallbacks.")
+@click.option("--max-exclusions", default=8, show_default=True)
+@click.option("--kll", "kll_k", type=int, default=None, help="Add tier-B KLL sketches (k).")
+@click.option("--expires-days", default=365, show_default=True)
+@click.option(
+    "--keystore", "keystore_dir", required=True, type=click.Path(file_okay=False, path_type=Path)
+)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def build(
+    model: Path,
+    calib_path: Path,
+    eval_path: Path,
+    contract_path: Path | None,
+    name: str,
+    version: int,
+    channel: str,
+    mode: str,
+    target: str | None,
+    arch: tuple[str, ...],
+    max_abs_drop: float,
+    max_rel_drop: float,
+    min_agreement: float,
+    no_rescue: bool,
+    max_exclusions: int,
+    kll_k: int | None,
+    expires_days: int,
+    keystore_dir: Path,
+    out_dir: Path,
+    as_json: bool,
+) -> None:
+    """Quantize MODEL, gate its accuracy, attach contract/baseline/golden samples, and sign it."""
+    config = BuildConfig(
+        name=name,
+        version=version,
+        channel=channel,
+        mode=mode,
+        target=target,
+        arch=tuple(arch) or None,
+        policy=GatePolicy(max_abs_drop, max_rel_drop, min_agreement),
+        rescue=not no_rescue,
+        max_exclusions=max_exclusions,
+        kll_k=kll_k,
+        expires_days=expires_days,
+    )
+    result = run_build(
+        model,
+        calib_path,
+        eval_path,
+        contract_path,
+        config,
+        KeyStore.open(keystore_dir, passphrase_from_env()),
+        out_dir,
+    )
+    if as_json:
+        click.echo(
+            json.dumps(
+                {k: v for k, v in result.report.items() if k != "table"}, indent=2, default=str
+            )
+        )
+    else:
+        click.echo(result.report["table"])
+        click.echo(f"bundle: {out_dir / bundle_name(result)}")
+
+
+def bundle_name(result: BuildResult) -> str:
+    return f"{result.manifest.name}-{result.manifest.version}.efb"
+
+
+def run_build(
+    model: Path,
+    calib_path: Path,
+    eval_path: Path,
+    contract_path: Path | None,
+    config: BuildConfig,
+    store: KeyStore,
+    out_dir: Path,
+) -> BuildResult:
+    """Load the files, build, and write ``<name>-<version>.efb`` and its report JSON.
+
+    Raises:
+        InputDataError: unknown model format or unusable data; plus everything
+            ``build_bundle`` raises.
+    """
+    fmt = {".onnx": "onnx", ".tflite": "tflite"}.get(model.suffix)
+    if fmt is None:
+        raise InputDataError(f"{model.name}: expected a .onnx or .tflite model")
+    model_bytes = model.read_bytes()
+    runtime = load_runtime(model_bytes, fmt)
+    try:
+        calib = load_dataset(calib_path, runtime.inputs)
+        evaluation = load_dataset(eval_path, runtime.inputs)
+        contract = (
+            load_contract(contract_path)
+            if contract_path
+            else infer_contract(runtime.inputs, runtime.outputs, calib)
+        )
+    finally:
+        runtime.close()
+    click.echo(
+        f"building {config.name} v{config.version} from {model.name}: "
+        f"{len(calib)} calibration / {len(evaluation)} evaluation samples",
+        err=True,
+    )
+    result = build_bundle(
+        model_bytes,
+        fmt,
+        calib,
+        evaluation,
+        contract,
+        config,
+        store,
+        now=datetime.now(UTC),
+        progress=_progress(),
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_bundle(out_dir / bundle_name(result), result.bundle)
+    report = {k: v for k, v in result.report.items() if k != "table"}
+    write_bundle(
+        out_dir / f"{result.manifest.name}-{result.manifest.version}.report.json",
+        json.dumps(report, indent=2, default=str).encode(),
+    )
+    return result
+
+
+@click.command()
+@click.option(
+    "--out",
+    "out_dir",
+    default="demo-out",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+)
+def demo(out_dir: Path) -> None:
+    """The end-to-end example: train, quantize, gate, sign, then verify and run as a device."""
+    from model_builder.examples import save_example
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    click.echo("1/4 training the digits MLP (scikit-learn bundled digits, exported to ONNX)")
+    ex_dir = save_example("digits-mlp", out_dir / "example")
+    keys_dir = out_dir / "keys"
+    click.echo("2/4 creating a root of trust and signing keys")
+    store = (
+        KeyStore.open(keys_dir)
+        if (keys_dir / "root.json").exists()
+        else KeyStore.init(keys_dir, now=datetime.now(UTC))
+    )
+    version = 1 + max(
+        (int(p.stem.rsplit("-", 1)[1]) for p in out_dir.glob("digits-*.efb")), default=0
+    )
+    click.echo(f"3/4 model-builder build (static int8, gate, baseline, sign) -> v{version}")
+    result = run_build(
+        ex_dir / "model.onnx",
+        ex_dir / "calib.npz",
+        ex_dir / "eval.npz",
+        ex_dir / "contract.json",
+        BuildConfig(name="digits", version=version),
+        store,
+        out_dir,
+    )
+    click.echo(result.report["table"])
+    click.echo("4/4 verifying and running the bundle as a device would")
+    device = detect_device_profile()
+    loaded = read_bundle(
+        out_dir / bundle_name(result),
+        store.trusted_root(),
+        now=datetime.now(UTC),
+        installed_version=version - 1 or None,
+        device=device,
+    )
+    runtime = load_runtime(loaded.artifact, loaded.manifest.artifact.format)
+    try:
+        golden = check_golden(loaded.manifest, runtime)
+    finally:
+        runtime.close()
+    data = np.load(ex_dir / "eval.npz")
+    click.echo(
+        f"   trusted: signed by {len(loaded.verified.signed_by)} key(s) under root "
+        f"v{store.trusted_root().version}; device {device.arch}, onnxruntime "
+        f"{device.runtimes.get('onnxruntime')}"
+    )
+    click.echo(f"   golden samples: {golden.passed}/{golden.total} passed")
+    click.echo(
+        f"summary: digits v{version}  {result.report['float']['size_bytes']:,} -> "
+        f"{result.report['quantized']['size_bytes']:,} bytes, accuracy "
+        f"{result.report['float']['value']:.2%} -> {result.report['quantized']['value']:.2%}"
+        f" on {len(data['y'])} held-out digits, agreement {result.report['agreement']:.2%}"
+    )
+    click.echo(f"bundle: {out_dir / bundle_name(result)}   root: {store.root_path}")
+    if not golden.ok:
+        raise InputDataError("golden samples failed on this machine: " + "; ".join(golden.failures))
