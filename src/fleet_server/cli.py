@@ -15,6 +15,6 @@ def cli() -> None:
     """edgefleet fleet server."""
 
 
-def main() -> None:
-    """Console-script entry point."""
-    run_cli(cli)
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: the CLI behind the error boundary."""
+    run_cli(cli, argv=argv)

@@ -342,14 +342,14 @@ def sign(bundle: Path, keystore_dir: Path, labels: tuple[str, ...]) -> None:
     click.echo(f"{bundle} now carries {n} signature(s)")
 
 
-def main() -> None:
-    """Console-script entry point."""
-    run_cli(
-        cli,
-        {
-            AccuracyGateError: EXIT_GATE,
-            KeyStoreError: EXIT_KEYS,
-            InputDataError: EXIT_BAD_INPUT,
-            ModelBuilderError: EXIT_RUNTIME,
-        },
-    )
+EXIT_CODES = {
+    AccuracyGateError: EXIT_GATE,
+    KeyStoreError: EXIT_KEYS,
+    InputDataError: EXIT_BAD_INPUT,
+    ModelBuilderError: EXIT_RUNTIME,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: the CLI behind the error boundary."""
+    run_cli(cli, EXIT_CODES, argv)

@@ -13,12 +13,11 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from support import NOW, make_bundle, write
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata
 
 from model_builder.keystore import KeyStore
-
+from support import NOW, make_bundle, write
 
 
 @pytest.fixture
@@ -32,8 +31,9 @@ def _extract(bundle: Path, dest: Path) -> None:
         tar.extractall(dest, filter="data")
 
 
-def test_python_tuf_metadata_api_verifies_a_bundle(signed: tuple[KeyStore, Path],
-                                                   tmp_path: Path) -> None:
+def test_python_tuf_metadata_api_verifies_a_bundle(
+    signed: tuple[KeyStore, Path], tmp_path: Path
+) -> None:
     store, bundle = signed
     out = tmp_path / "x"
     _extract(bundle, out)
@@ -51,8 +51,9 @@ def test_python_tuf_metadata_api_verifies_a_bundle(signed: tuple[KeyStore, Path]
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
-def test_openssl_verifies_the_ed25519_signature(signed: tuple[KeyStore, Path],
-                                                tmp_path: Path) -> None:
+def test_openssl_verifies_the_ed25519_signature(
+    signed: tuple[KeyStore, Path], tmp_path: Path
+) -> None:
     store, bundle = signed
     out = tmp_path / "x"
     _extract(bundle, out)
@@ -60,15 +61,28 @@ def test_openssl_verifies_the_ed25519_signature(signed: tuple[KeyStore, Path],
     root = json.loads(store.root_bytes())
     # 1. the signed bytes are canonical JSON of "signed" (no floats, plain ASCII strings)
     (out / "signed.bin").write_bytes(
-        json.dumps(doc["signed"], sort_keys=True, separators=(",", ":")).encode())
+        json.dumps(doc["signed"], sort_keys=True, separators=(",", ":")).encode()
+    )
     sig = doc["signatures"][0]
     (out / "sig.bin").write_bytes(bytes.fromhex(sig["sig"]))
     # 2. the key comes from the root you trust, as an Ed25519 SubjectPublicKeyInfo
     raw = bytes.fromhex(root["signed"]["keys"][sig["keyid"]]["keyval"]["public"])
     (out / "key.der").write_bytes(bytes.fromhex("302a300506032b6570032100") + raw)
-    cmd = ["openssl", "pkeyutl", "-verify", "-pubin", "-keyform", "DER", "-inkey",
-           str(out / "key.der"), "-rawin", "-in", str(out / "signed.bin"), "-sigfile",
-           str(out / "sig.bin")]
+    cmd = [
+        "openssl",
+        "pkeyutl",
+        "-verify",
+        "-pubin",
+        "-keyform",
+        "DER",
+        "-inkey",
+        str(out / "key.der"),
+        "-rawin",
+        "-in",
+        str(out / "signed.bin"),
+        "-sigfile",
+        str(out / "sig.bin"),
+    ]
     ok = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert ok.returncode == 0, ok.stderr + ok.stdout
     # 3. the members' digests equal the signed ones
@@ -77,6 +91,8 @@ def test_openssl_verifies_the_ed25519_signature(signed: tuple[KeyStore, Path],
         assert len(data) == target["length"]
         assert hashlib.sha256(data).hexdigest() == target["hashes"]["sha256"]
     # a flipped byte in the signed document fails openssl too
-    (out / "signed.bin").write_bytes((out / "signed.bin").read_bytes().replace(b"stable", b"stablE"))
+    (out / "signed.bin").write_bytes(
+        (out / "signed.bin").read_bytes().replace(b"stable", b"stablE")
+    )
     bad = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert bad.returncode != 0
