@@ -199,7 +199,8 @@ def bench_model(name: str, threads: int, seconds: float, explore: bool) -> list[
         try:
             outcome = quantize_with_gate(ex.model_bytes, quantize, measure, policy)
         except QuantizationError as exc:
-            rows.append({**row, "refused": str(exc).split(":")[0]})
+            # "dynamic quantization refused: the graph has Conv, and ..." -> "the graph has Conv"
+            rows.append({**row, "refused": str(exc).split(": ", 1)[-1].split(",")[0]})
             continue
         except AccuracyGateError as exc:
             rows.append({**row, "refused": f"gate failed: {exc}"})

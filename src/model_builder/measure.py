@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_agent.contract.inputs import OutputContract, Preprocessing
+from edge_agent.errors import ContractError
 from edge_agent.runtime.base import Runtime, RuntimeOptions
 from model_builder.calibration import ProgressFn
 from model_builder.errors import InputDataError
@@ -147,7 +148,7 @@ def _preprocessed_inputs(
             k: preprocessing.get(k, Preprocessing()).apply(np.asarray(v), dtype=dtypes[k])
             for k, v in x_raw.items()
         }
-    except Exception as exc:  # ContractError, or numpy refusing the cast
+    except (ContractError, ValueError, TypeError) as exc:  # ours, or numpy refusing the cast
         raise InputDataError(f"cannot preprocess the evaluation data: {exc}") from exc
 
 

@@ -1,9 +1,10 @@
 """Quantize an ONNX model with onnxruntime's quantization tools, for a named CPU target.
 
-Owns: the model check, ``quant_pre_process``, the choice of mode and of quantization types per
-target, calibration from *preprocessed* data, stripping unused opset imports, the recipe record
-and the list of quantizable nodes the rescue search may keep in float. Does not own: measuring
-accuracy or deciding whether the result is good enough (``gate``), packaging or signing.
+Owns: the model check, ``quant_pre_process``, running onnxruntime's quantizers with calibration
+from *preprocessed* data, the recipe record, and the list of quantizable nodes the rescue search
+may keep in float. The pure decisions (targets, mode choice, opset clean-up) live in
+``quant_plan`` and are re-exported here. Does not own: measuring accuracy or deciding whether the
+result is good enough (``gate``), packaging or signing.
 
 Decisions, with the measurements behind them in ``docs/benchmarks-builder.md``:
 
@@ -13,11 +14,15 @@ Decisions, with the measurements behind them in ``docs/benchmarks-builder.md``:
   little there on CPU, and a quantized Softmax would report probabilities in steps of 1/255.
 * ``dynamic``: int8 weights, activations quantized at run time. Only for MatMul/Gemm-dominated
   graphs without Conv: onnxruntime runs dynamically quantized Conv (ConvInteger) several times
-  slower than float Conv (about 7x at batch 64 on the digits CNN).
-* ``fp16``: halves the size only; x86 CPUs run most fp16 kernels no faster than fp32.
-* ``auto``: ``static`` when calibration data is given (it was faster than ``dynamic`` even on the
-  MatMul-only 1M-parameter MLP); without calibration data, ``dynamic`` for MatMul-dominated
-  graphs without Conv; otherwise an error asking for calibration data.
+  slower than float Conv (about 6x at batch 64 on the digits CNN, ``bench_builder --explore``).
+* ``fp16``: halves the size only; x86 CPUs run fp16 models no faster than fp32.
+* ``auto``: ``static`` when calibration data is given: it is the int8 mode that suits every
+  graph, and on the MatMul-only 1M-parameter MLP its batch-64 throughput matched ``dynamic``'s
+  (both about 1.9x float). Without calibration data: ``dynamic`` for MatMul-dominated graphs
+  without Conv, otherwise an error asking for calibration data.
+
+The default ``target`` is ``x86`` (7-bit weights), which is safe on every x86-64 CPU; pass the
+device's target (``detect_target`` on the device, or its profile) to use full 8-bit weights.
 """
 
 from __future__ import annotations

@@ -91,6 +91,16 @@ def test_dynamic_uses_integer_matmuls(digits_mlp):
     assert q.calibration_stats == {}
 
 
+def test_dynamic_excludes_gemm_layers_by_their_matmul_name(digits_mlp):
+    q = quantize_onnx(digits_mlp.model_bytes, None, "dynamic", "x86")
+    names = [n.name for n in q.quantizable_nodes]
+    assert names == ["fc1/MatMulAddFusion_MatMul", "fc2/MatMulAddFusion_MatMul"]
+    kept = quantize_onnx(digits_mlp.model_bytes, None, "dynamic", "x86", [names[1]])
+    nodes = onnx.load_from_string(kept.model_bytes).graph.node
+    assert sum(n.op_type == "MatMulInteger" for n in nodes) == 1
+    assert any(n.op_type == "MatMul" and n.name == names[1] for n in nodes)
+
+
 @pytest.mark.parametrize(
     ("target", "act_dtype", "reduce_range"),
     [("x86", np.uint8, True), ("x86-vnni", np.uint8, False), ("arm64", np.int8, False)],

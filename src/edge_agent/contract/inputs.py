@@ -127,6 +127,8 @@ class Preprocessing:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Preprocessing:
         kind = req_str(d, "kind")
+        if kind not in PREPROCESSING_KINDS:
+            raise ContractError(f"unknown preprocessing {kind!r}; use {PREPROCESSING_KINDS}")
         if kind == "identity":
             return cls()
         return cls(kind, tuple(req_float_list(d, "scale")), tuple(req_float_list(d, "offset")))
