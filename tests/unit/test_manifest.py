@@ -11,7 +11,6 @@ from typing import Any
 import jsonschema
 import numpy as np
 import pytest
-from support import make_manifest, members
 
 from edge_agent.contract import (
     BundleManifest,
@@ -25,6 +24,7 @@ from edge_agent.contract import (
     TensorSpec,
 )
 from edge_agent.errors import ContractError, IncompatibleTargetError
+from support import make_manifest, members
 
 SCHEMA = json.loads(
     resources.files("edge_agent").joinpath("schemas/manifest.schema.json").read_text()
@@ -60,10 +60,11 @@ def _set(d: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
     keys = path.split(".")
     for k in keys[:-1]:
         node = node[int(k)] if k.isdigit() else node[k]
+    last: Any = int(keys[-1]) if keys[-1].isdigit() else keys[-1]
     if value is _DELETE:
-        del node[keys[-1]]
+        del node[last]
     else:
-        node[keys[-1]] = value
+        node[last] = value
     return out
 
 
