@@ -26,6 +26,7 @@ import click
 from edge_agent.errors import (
     BundleFormatError,
     BundleVerificationError,
+    ConfigError,
     ContractError,
     EdgefleetError,
     InputValidationError,
@@ -45,6 +46,7 @@ BASE_EXIT_CODES: Mapping[type[EdgefleetError], int] = {
     BundleVerificationError: EXIT_UNTRUSTED,
     BundleFormatError: EXIT_BAD_INPUT,
     ContractError: EXIT_BAD_INPUT,
+    ConfigError: EXIT_BAD_INPUT,
     InputValidationError: EXIT_BAD_INPUT,
     RuntimeAdapterError: EXIT_RUNTIME,
 }

@@ -10,6 +10,10 @@ Families:
     RuntimeAdapterError      a model that fails to load or to run in its runtime.
     InputValidationError     a request that does not fit the model's input contract.
     DriftError               sketches that cannot be combined (different edges, shapes).
+    ConfigError              the agent's configuration is invalid (the operator fixes it).
+    ModelStoreError          install/activate/load/rollback failed (disk, state, memory budget).
+    FallbackError            the cloud could not answer in time or is switched off.
+    RateLimitedError         a client exceeded its request rate.
 
 Each error has a stable ``code`` used as a metric label and in telemetry; codes never change
 meaning once released.
@@ -138,3 +142,39 @@ class DriftError(EdgefleetError):
     """Sketches cannot be merged or scored (different edges, feature counts or versions)."""
 
     code = "drift_incompatible"
+
+
+class ConfigError(EdgefleetError):
+    """The agent's configuration file or environment overrides are invalid."""
+
+    code = "config_invalid"
+
+
+class ModelStoreError(EdgefleetError):
+    """The model store cannot install, activate, load or roll back (disk, state, budget)."""
+
+    code = "model_store"
+
+
+class ModelNotFoundError(ModelStoreError):
+    """No such model (or version) is installed or loaded."""
+
+    code = "model_not_found"
+
+
+class AdmissionError(ModelStoreError):
+    """Loading the model would exceed the configured memory budget."""
+
+    code = "memory_budget"
+
+
+class FallbackError(EdgefleetError):
+    """The cloud fallback could not answer (no transport, deadline, breaker open, budget spent)."""
+
+    code = "fallback_unavailable"
+
+
+class RateLimitedError(EdgefleetError):
+    """A client sent more requests than its rate limit allows."""
+
+    code = "rate_limited"

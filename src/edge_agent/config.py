@@ -1,0 +1,306 @@
+"""The agent's configuration: frozen dataclasses loaded once from TOML plus environment overrides.
+
+``load_config(path, env)`` is the only way in: it reads the file, applies overrides of the form
+``EDGEFLEET_AGENT__<SECTION>__<KEY>=value`` (values parsed as TOML scalars, so ``true``, ``8``,
+``"text"`` and bare strings all work), validates every field, and returns an ``AgentConfig``.
+Unknown sections or keys are errors (a typo must not silently fall back to a default).
+
+Per-model policy lives under ``[models.<name>]`` and falls back to ``[model_defaults]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from edge_agent.errors import ConfigError
+
+ENV_PREFIX = "EDGEFLEET_AGENT__"
+VALIDATION_POLICIES = ("reject", "drop")
+FALLBACK_MODES = ("device_only", "prefer_device", "prefer_cloud", "cloud_only")
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """The local Open Inference Protocol (KServe v2) endpoint."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    unix_socket: str | None = None
+    max_request_bytes: int = 8 * 1024 * 1024
+    rate_limit_per_second: float = 2000.0
+    rate_limit_burst: int = 4000
+    drain_seconds: float = 10.0
+
+    def validate(self) -> None:
+        _check(0 <= self.port <= 65535, "api.port must be 0..65535")
+        _check(self.max_request_bytes >= 1024, "api.max_request_bytes must be >= 1024")
+        _check(self.rate_limit_per_second > 0, "api.rate_limit_per_second must be positive")
+        _check(self.rate_limit_burst >= 1, "api.rate_limit_burst must be >= 1")
+        _check(self.drain_seconds >= 0, "api.drain_seconds must be >= 0")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where bundles and state live, what the device trusts, and how much it may load."""
+
+    state_dir: str = "/var/lib/edgefleet"
+    root_path: str = "/etc/edgefleet/root.json"
+    keep_versions: int = 3
+    memory_budget_mb: int = 512
+
+    def validate(self) -> None:
+        _check(self.keep_versions >= 1, "store.keep_versions must be >= 1")
+        _check(self.memory_budget_mb >= 1, "store.memory_budget_mb must be >= 1")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """Inference runtime settings shared by every model."""
+
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+    warmup_runs: int = 2
+
+    def validate(self) -> None:
+        _check(self.intra_op_threads >= 0, "runtime.intra_op_threads must be >= 0")
+        _check(self.inter_op_threads >= 0, "runtime.inter_op_threads must be >= 0")
+        _check(self.warmup_runs >= 0, "runtime.warmup_runs must be >= 0")
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    """Drift windows close after ``window_values`` rows or ``window_seconds``, whichever first."""
+
+    window_values: int = 1000
+    window_seconds: float = 60.0
+    alpha: float = 0.01
+    kll: bool = False
+
+    def validate(self) -> None:
+        _check(self.window_values >= 10, "drift.window_values must be >= 10")
+        _check(self.window_seconds > 0, "drift.window_seconds must be positive")
+        _check(0 < self.alpha < 0.5, "drift.alpha must be in (0, 0.5)")
+
+
+@dataclass(frozen=True)
+class FallbackConfig:
+    """When and how requests go to the cloud model."""
+
+    mode: str = "device_only"
+    deadline_ms: float = 250.0
+    max_per_minute: int = 600
+    min_confidence: float = 0.0
+    max_entropy: float = 1.0
+    breaker_failures: int = 5
+    breaker_reset_seconds: float = 30.0
+
+    def validate(self) -> None:
+        _check(self.mode in FALLBACK_MODES, f"fallback.mode must be one of {FALLBACK_MODES}")
+        _check(self.deadline_ms > 0, "fallback.deadline_ms must be positive")
+        _check(self.max_per_minute >= 0, "fallback.max_per_minute must be >= 0")
+        _check(0 <= self.min_confidence <= 1, "fallback.min_confidence must be in [0, 1]")
+        _check(0 <= self.max_entropy <= 1, "fallback.max_entropy must be in [0, 1]")
+        _check(self.breaker_failures >= 1, "fallback.breaker_failures must be >= 1")
+
+
+@dataclass(frozen=True)
+class ModelPolicy:
+    """Per-model behaviour: validation, probation, shadow and A/B."""
+
+    validation: str = "reject"
+    probation_requests: int = 200
+    probation_seconds: float = 300.0
+    max_error_rate: float = 0.05
+    max_reject_rate: float = 0.5
+    max_p99_ms: float = 1000.0
+    shadow_candidate: str | None = None
+    shadow_fraction: float = 0.0
+    shadow_queue: int = 256
+    ab_candidate: str | None = None
+    ab_fraction: float = 0.0
+
+    def validate(self) -> None:
+        _check(
+            self.validation in VALIDATION_POLICIES,
+            f"validation must be one of {VALIDATION_POLICIES}",
+        )
+        _check(self.probation_requests >= 0, "probation_requests must be >= 0")
+        _check(0 <= self.max_error_rate <= 1, "max_error_rate must be in [0, 1]")
+        _check(0 <= self.max_reject_rate <= 1, "max_reject_rate must be in [0, 1]")
+        _check(0 <= self.shadow_fraction <= 1, "shadow_fraction must be in [0, 1]")
+        _check(0 <= self.ab_fraction <= 1, "ab_fraction must be in [0, 1]")
+        _check(self.shadow_queue >= 1, "shadow_queue must be >= 1")
+        _check(
+            self.ab_fraction == 0 or self.ab_candidate is not None, "ab_fraction needs ab_candidate"
+        )
+        _check(
+            self.shadow_fraction == 0 or self.shadow_candidate is not None,
+            "shadow_fraction needs shadow_candidate",
+        )
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    """Sampled capture of inputs/outputs into a bounded on-disk ring buffer (off by default)."""
+
+    enabled: bool = False
+    sample_rate: float = 0.01
+    max_bytes: int = 64 * 1024 * 1024
+
+    def validate(self) -> None:
+        _check(0 <= self.sample_rate <= 1, "capture.sample_rate must be in [0, 1]")
+        _check(self.max_bytes >= 64 * 1024, "capture.max_bytes must be >= 65536")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything the daemon needs, validated."""
+
+    device_id: str = "device"
+    log_json: bool = False
+    log_level: str = "info"
+    api: ApiConfig = field(default_factory=ApiConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    fallback: FallbackConfig = field(default_factory=FallbackConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    model_defaults: ModelPolicy = field(default_factory=ModelPolicy)
+    models: Mapping[str, ModelPolicy] = field(default_factory=dict)
+
+    def policy(self, model: str) -> ModelPolicy:
+        """The policy of ``model``, or the defaults."""
+        return self.models.get(model, self.model_defaults)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "api": ApiConfig,
+    "store": StoreConfig,
+    "runtime": RuntimeConfig,
+    "drift": DriftConfig,
+    "fallback": FallbackConfig,
+    "capture": CaptureConfig,
+    "model_defaults": ModelPolicy,
+}
+_TOP = ("device_id", "log_json", "log_level")
+T = TypeVar("T")
+
+
+def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> AgentConfig:
+    """Read ``path`` (TOML; ``None`` for defaults), apply ``env`` overrides, validate.
+
+    Raises:
+        ConfigError: unreadable file, unknown key, wrong type or an invalid value; the message
+            names the key.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config {path} is not valid TOML: {exc}") from exc
+    _apply_env(data, os.environ if env is None else env)
+    return _build(data)
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
+    for key, raw in env.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in key[len(ENV_PREFIX) :].split("__")]
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {'.'.join(parts[:-1])} is not a section")
+        node[parts[-1]] = _parse_scalar(raw)
+
+
+def _parse_scalar(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _build(data: Mapping[str, Any]) -> AgentConfig:
+    unknown = set(data) - set(_SECTIONS) - set(_TOP) - {"models"}
+    if unknown:
+        raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
+    kwargs: dict[str, Any] = {}
+    for key in _TOP:
+        if key in data:
+            kwargs[key] = data[key]
+    for section, cls in _SECTIONS.items():
+        kwargs[section] = _section(cls, data.get(section, {}), section)
+    defaults_raw = data.get("model_defaults", {})
+    models_raw = data.get("models", {})
+    if not isinstance(models_raw, dict):
+        raise ConfigError("models must be a table of per-model tables")
+    kwargs["models"] = {
+        name: _section(
+            ModelPolicy, {**defaults_raw, **_table(body, f"models.{name}")}, f"models.{name}"
+        )
+        for name, body in models_raw.items()
+    }
+    cfg = AgentConfig(**kwargs)
+    _check(
+        isinstance(cfg.device_id, str) and 0 < len(cfg.device_id) <= 128,
+        "device_id must be a non-empty string",
+    )
+    _check(isinstance(cfg.log_json, bool), "log_json must be true or false")
+    _check(
+        cfg.log_level in ("debug", "info", "warning", "error"),
+        "log_level must be debug, info, warning or error",
+    )
+    return cfg
+
+
+def _table(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a table")
+    return value
+
+
+def _section(cls: type[T], raw: Any, where: str) -> T:
+    body = _table(raw, where)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(body) - set(fields)
+    if unknown:
+        raise ConfigError(f"unknown keys in [{where}]: {', '.join(sorted(unknown))}")
+    values: dict[str, Any] = {}
+    defaults = cls()
+    for name, given in body.items():
+        value = given
+        expected = type(getattr(defaults, name))
+        if isinstance(value, int) and not isinstance(value, bool) and expected is float:
+            value = float(value)
+        ok = (
+            value is None
+            or isinstance(value, expected)
+            or (getattr(defaults, name) is None and isinstance(value, str))
+        )
+        if isinstance(value, bool) and expected is not bool:
+            ok = False
+        if not ok:
+            raise ConfigError(f"{where}.{name} must be {expected.__name__}, got {value!r}")
+        values[name] = value
+    obj = cls(**values)
+    try:
+        obj.validate()  # type: ignore[attr-defined]
+    except ConfigError as exc:
+        raise ConfigError(f"[{where}] {exc}") from exc
+    return obj
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
