@@ -128,14 +128,27 @@ class InferenceError(RuntimeAdapterError):
 
 
 class InputValidationError(EdgefleetError):
-    """A request does not fit the input contract. ``field`` names the offending input."""
+    """A request does not fit the input contract.
+
+    ``field`` names the offending input, ``reason`` is a stable label (``dtype``, ``rank``,
+    ``shape``, ``batch_too_large``, ``payload_too_large``, ``nan``, ``inf``, ``out_of_range``, ...)
+    and ``counts`` holds per-row problem counts by reason when rows were the problem.
+    """
 
     code = "input_invalid"
 
-    def __init__(self, message: str, *, field: str | None = None, reason: str = "invalid") -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        reason: str = "invalid",
+        counts: dict[str, int] | None = None,
+    ) -> None:
         super().__init__(message)
         self.field = field
         self.reason = reason
+        self.counts = counts or {}
 
 
 class DriftError(EdgefleetError):

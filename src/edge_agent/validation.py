@@ -1,0 +1,241 @@
+"""Input validation compiled from a bundle's input contract into vectorised numpy checks.
+
+Owns: the structural checks (inputs present, dtype, rank, shape and dynamic-dimension bounds,
+batch size, payload size), which raise ``InputValidationError`` naming the field, and the per-row
+checks (NaN, Inf, per-feature range), which are counted by reason and then either reject the
+request or drop the bad rows, as the model's policy says. Pure: arrays in, a result out.
+
+The hot path is a handful of whole-array numpy reductions; per-row detail is only computed when a
+fast check fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from edge_agent.contract import InputContract, TensorSpec
+from edge_agent.errors import InputValidationError
+
+Array = npt.NDArray[Any]
+ROW_REASONS = ("nan", "inf", "out_of_range")
+_NUMERIC_KINDS = frozenset("fiub")
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    """Validated (possibly row-filtered) raw feeds and what was wrong with the dropped rows."""
+
+    feeds: dict[str, Array]
+    rows_in: int
+    rows_kept: int
+    rejected: Mapping[str, int] = field(default_factory=dict)
+    kept: npt.NDArray[np.bool_] | None = None
+
+    @property
+    def dropped(self) -> int:
+        return self.rows_in - self.rows_kept
+
+
+@dataclass(frozen=True)
+class _CompiledTensor:
+    spec: TensorSpec
+    dtype: np.dtype[Any]
+    rank: int
+    dims: tuple[tuple[int, int], ...]  # (min, max) per dimension
+    lo: Array | None
+    hi: Array | None
+    check_nan: bool
+    is_float: bool
+
+
+class Validator:
+    """Validates requests against one input contract; build once per loaded model."""
+
+    def __init__(self, contract: InputContract, policy: str = "reject") -> None:
+        if policy not in ("reject", "drop"):
+            raise ValueError(f"policy must be 'reject' or 'drop', not {policy!r}")
+        self.contract = contract
+        self.policy = policy
+        self._tensors = tuple(self._compile(t) for t in contract.tensors)
+        self._names = frozenset(t.name for t in contract.tensors)
+
+    @staticmethod
+    def _compile(spec: TensorSpec) -> _CompiledTensor:
+        dtype = np.dtype(spec.dtype)
+        lo = hi = None
+        if spec.ranges is not None:
+            lo = np.asarray(spec.ranges.low, dtype=np.float64)
+            hi = np.asarray(spec.ranges.high, dtype=np.float64)
+            if lo.size == 1:
+                lo, hi = lo.reshape(()), hi.reshape(())
+        return _CompiledTensor(
+            spec=spec,
+            dtype=dtype,
+            rank=len(spec.shape),
+            dims=tuple((d.min, d.max) for d in spec.shape),
+            lo=lo,
+            hi=hi,
+            check_nan=spec.nan_policy == "reject",
+            is_float=dtype.kind == "f",
+        )
+
+    def validate(
+        self, feeds: Mapping[str, Any], payload_bytes: int | None = None
+    ) -> ValidationResult:
+        """Check ``feeds`` (input name -> array-like) against the contract.
+
+        Args:
+            feeds: raw inputs as applications send them.
+            payload_bytes: size of the request body, when known (else the arrays' size).
+
+        Returns:
+            The feeds cast to the contract's dtypes, with bad rows removed under the ``drop``
+            policy, and counts of bad rows by reason.
+
+        Raises:
+            InputValidationError: a structural problem (``reason`` says which, ``field`` names
+                the input), or bad rows under the ``reject`` policy (``counts`` by reason), or
+                every row bad under ``drop``.
+        """
+        extra = set(feeds) - self._names
+        if extra:
+            name = sorted(extra)[0]
+            raise InputValidationError(
+                f"unknown input {name!r}", field=name, reason="unknown_input"
+            )
+        arrays: dict[str, Array] = {}
+        total = 0
+        batch: int | None = None
+        for t in self._tensors:
+            name = t.spec.name
+            if name not in feeds:
+                raise InputValidationError(
+                    f"missing input {name!r}", field=name, reason="missing_input"
+                )
+            x = self._cast(t, feeds[name])
+            self._check_shape(t, x)
+            if batch is None:
+                batch = x.shape[0]
+            elif x.shape[0] != batch:
+                raise InputValidationError(
+                    f"input {name!r} has batch {x.shape[0]}, other inputs have {batch}",
+                    field=name,
+                    reason="batch_mismatch",
+                )
+            total += x.nbytes
+            arrays[name] = x
+        size = payload_bytes if payload_bytes is not None else total
+        if size > self.contract.max_payload_bytes:
+            raise InputValidationError(
+                f"payload of {size} bytes exceeds {self.contract.max_payload_bytes}",
+                reason="payload_too_large",
+            )
+        n = int(batch or 0)
+        bad = self._row_problems(arrays, n)
+        if bad is None:
+            return ValidationResult(arrays, n, n)
+        counts, bad_rows = bad
+        if self.policy == "reject" or bool(bad_rows.all()):
+            first = next(r for r in ROW_REASONS if counts.get(r))
+            raise InputValidationError(
+                f"{int(bad_rows.sum())} of {n} rows invalid: "
+                + ", ".join(f"{r}={c}" for r, c in counts.items()),
+                field=self._first_bad_field(arrays),
+                reason=first,
+                counts=counts,
+            )
+        keep = ~bad_rows
+        return ValidationResult(
+            {k: v[keep] for k, v in arrays.items()}, n, int(keep.sum()), counts, keep
+        )
+
+    def _cast(self, t: _CompiledTensor, value: Any) -> Array:
+        name = t.spec.name
+        try:
+            x = value if isinstance(value, np.ndarray) else np.asarray(value)
+        except (ValueError, TypeError) as exc:
+            raise InputValidationError(
+                f"input {name!r} is not a rectangular array: {exc}", field=name, reason="dtype"
+            ) from exc
+        if x.dtype.kind not in _NUMERIC_KINDS:
+            raise InputValidationError(
+                f"input {name!r} has dtype {x.dtype}, expected {t.dtype}",
+                field=name,
+                reason="dtype",
+            )
+        if x.dtype == t.dtype:
+            return x
+        if t.is_float or np.can_cast(x.dtype, t.dtype, casting="same_kind"):
+            return x.astype(t.dtype)
+        raise InputValidationError(
+            f"input {name!r} has dtype {x.dtype}, expected {t.dtype}", field=name, reason="dtype"
+        )
+
+    @staticmethod
+    def _check_shape(t: _CompiledTensor, x: Array) -> None:
+        name = t.spec.name
+        if x.ndim != t.rank:
+            raise InputValidationError(
+                f"input {name!r} has rank {x.ndim}, expected {t.rank}", field=name, reason="rank"
+            )
+        for axis, (size, (lo, hi)) in enumerate(zip(x.shape, t.dims, strict=True)):
+            if lo <= size <= hi:
+                continue
+            if axis == 0:
+                reason = "batch_too_large" if size > hi else "empty_batch"
+                raise InputValidationError(
+                    f"input {name!r} batch {size} outside 1..{hi}", field=name, reason=reason
+                )
+            raise InputValidationError(
+                f"input {name!r} dimension {axis} is {size}, allowed {lo}..{hi}",
+                field=name,
+                reason="shape",
+            )
+
+    def _row_problems(
+        self, arrays: Mapping[str, Array], n: int
+    ) -> tuple[dict[str, int], npt.NDArray[np.bool_]] | None:
+        """None when every row is fine (the fast path); else counts and a bad-row mask."""
+        suspects = [t for t in self._tensors if not self._all_fine(t, arrays[t.spec.name])]
+        if not suspects:
+            return None
+        counts = dict.fromkeys(ROW_REASONS, 0)
+        bad = np.zeros(n, dtype=bool)
+        for t in suspects:
+            flat = arrays[t.spec.name].reshape(n, -1)
+            finite = np.isfinite(flat) if t.is_float else None
+            if finite is not None and t.check_nan:
+                nan = np.isnan(flat).any(axis=1)
+                inf = (~finite & ~np.isnan(flat)).any(axis=1)
+                counts["nan"] += int(nan.sum())
+                counts["inf"] += int(inf.sum())
+                bad |= nan | inf
+            if t.lo is not None:
+                # Non-finite values are the NaN policy's business, not the range's.
+                vals = flat if finite is None else np.where(finite, flat, t.lo)
+                out = ((vals < t.lo) | (vals > t.hi)).any(axis=1)
+                counts["out_of_range"] += int(out.sum())
+                bad |= out
+        if not bad.any():
+            return None
+        return {k: v for k, v in counts.items() if v}, bad
+
+    @staticmethod
+    def _all_fine(t: _CompiledTensor, x: Array) -> bool:
+        """Whole-array fast check: finite (if NaN is rejected) and within range."""
+        flat = x.reshape(len(x), -1)
+        if t.is_float and t.check_nan and not bool(np.isfinite(flat).all()):
+            return False
+        if t.lo is None:
+            return True
+        return bool((flat >= t.lo).all()) and bool((flat <= t.hi).all())
+
+    def _first_bad_field(self, arrays: Mapping[str, Array]) -> str | None:
+        return next(
+            (t.spec.name for t in self._tensors if not self._all_fine(t, arrays[t.spec.name])), None
+        )
