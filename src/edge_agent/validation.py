@@ -24,6 +24,9 @@ from edge_agent.errors import InputValidationError
 Array = npt.NDArray[Any]
 ROW_REASONS = ("nan", "inf", "out_of_range")
 _NUMERIC_KINDS = frozenset("fiub")
+# Bound ufunc reductions: the cheapest whole-array min/max numpy offers (hot path).
+_MIN = np.minimum.reduce
+_MAX = np.maximum.reduce
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,8 @@ class _CompiledTensor:
     hi: Array | None
     check_nan: bool
     is_float: bool
+    scalar_range: tuple[float, float] | None  # one range for every feature, as Python floats
+    fixed_tail: tuple[int, ...] | None  # the sample shape when no sample dimension is dynamic
 
 
 class Validator:
@@ -82,6 +87,12 @@ class Validator:
             hi=hi,
             check_nan=spec.nan_policy == "reject",
             is_float=dtype.kind == "f",
+            scalar_range=(float(lo), float(hi))
+            if lo is not None and hi is not None and lo.ndim == 0
+            else None,
+            fixed_tail=tuple(d.max for d in spec.shape[1:])
+            if all(d.size is not None for d in spec.shape[1:])
+            else None,
         )
 
     def validate(
@@ -183,6 +194,8 @@ class Validator:
             raise InputValidationError(
                 f"input {name!r} has rank {x.ndim}, expected {t.rank}", field=name, reason="rank"
             )
+        if x.shape[1:] == t.fixed_tail and 1 <= x.shape[0] <= t.dims[0][1]:
+            return
         for axis, (size, (lo, hi)) in enumerate(zip(x.shape, t.dims, strict=True)):
             if lo <= size <= hi:
                 continue
@@ -227,13 +240,20 @@ class Validator:
 
     @staticmethod
     def _all_fine(t: _CompiledTensor, x: Array) -> bool:
-        """Whole-array fast check: finite (if NaN is rejected) and within range."""
+        """Whole-array fast check: finite (if NaN is rejected) and within range.
+
+        With one range for every feature, ``min``/``max`` answer both questions in two
+        reductions (NaN propagates through them and fails the comparison).
+        """
+        if t.scalar_range is not None:
+            lo, hi = t.scalar_range
+            return lo <= float(_MIN(x, axis=None)) and float(_MAX(x, axis=None)) <= hi
         flat = x.reshape(len(x), -1)
         if t.is_float and t.check_nan and not bool(np.isfinite(flat).all()):
             return False
-        if t.lo is None:
+        if t.lo is None or t.hi is None:
             return True
-        return bool((flat >= t.lo).all()) and bool((flat <= t.hi).all())
+        return not (bool(np.less(flat, t.lo).any()) or bool(np.greater(flat, t.hi).any()))
 
     def _first_bad_field(self, arrays: Mapping[str, Array]) -> str | None:
         return next(
