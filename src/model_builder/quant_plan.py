@@ -8,10 +8,8 @@ resolving the requested mode, and removing unused opset imports. No files, no on
 
 from __future__ import annotations
 
-import platform
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -66,19 +64,6 @@ def target_from_cpu(cpu_flags: str, machine: str) -> str:
     raise QuantizationError(
         f"no quantization target for machine {machine!r}; pass one of {sorted(TARGETS)} explicitly"
     )
-
-
-def detect_target() -> str:
-    """:func:`target_from_cpu` for this host (``/proc/cpuinfo`` when present).
-
-    Raises:
-        QuantizationError: the host is neither x86-64 nor 64-bit ARM.
-    """
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        flags = ""  # macOS and others: no cpuinfo; the machine name still decides ARM vs x86
-    return target_from_cpu(flags, platform.machine())
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,11 @@ Decisions, with the measurements behind them in ``docs/benchmarks-builder.md``:
   little there on CPU, and a quantized Softmax would report probabilities in steps of 1/255.
 * ``dynamic``: int8 weights, activations quantized at run time. Only for MatMul/Gemm-dominated
   graphs without Conv: onnxruntime runs dynamically quantized Conv (ConvInteger) several times
-  slower than float Conv (about 6x at batch 64 on the digits CNN, ``bench_builder --explore``).
+  slower than float Conv (about 7x at batch 64 on the digits CNN, ``bench_builder --explore``).
 * ``fp16``: halves the size only; x86 CPUs run fp16 models no faster than fp32.
 * ``auto``: ``static`` when calibration data is given: it is the int8 mode that suits every
   graph, and on the MatMul-only 1M-parameter MLP its batch-64 throughput matched ``dynamic``'s
-  (both about 1.9x float). Without calibration data: ``dynamic`` for MatMul-dominated graphs
+  (both about 1.7-2.0x float). Without calibration data: ``dynamic`` for MatMul-dominated graphs
   without Conv, otherwise an error asking for calibration data.
 
 The default ``target`` is ``x86`` (7-bit weights), which is safe on every x86-64 CPU; pass the
@@ -27,6 +27,7 @@ device's target (``detect_target`` on the device, or its profile) to use full 8-
 
 from __future__ import annotations
 
+import platform
 import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
@@ -44,7 +45,6 @@ from model_builder.quant_plan import (
     TARGETS,
     TargetProfile,
     choose_mode,
-    detect_target,
     profile_graph,
     strip_unused_opsets,
     target_from_cpu,
@@ -62,6 +62,19 @@ __all__ = [
     "strip_unused_opsets",
     "target_from_cpu",
 ]
+
+
+def detect_target() -> str:
+    """:func:`target_from_cpu` for this host (``/proc/cpuinfo`` when present).
+
+    Raises:
+        QuantizationError: the host is neither x86-64 nor 64-bit ARM.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        flags = ""  # macOS and others: no cpuinfo; the machine name still decides ARM vs x86
+    return target_from_cpu(flags, platform.machine())
 
 
 @dataclass(frozen=True)
