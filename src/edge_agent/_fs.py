@@ -1,0 +1,58 @@
+"""Durable file operations: every persistent write goes through here.
+
+``write_atomic`` writes a temp file in the same directory, fsyncs it, renames it over the target
+and fsyncs the directory, so after a crash or power loss a reader sees either the old or the new
+content, never a mix. All file I/O of the model store uses these functions, which also makes them
+the single place tests inject faults (disk full, crash between steps).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+TMP_PREFIX = ".tmp-"
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename or unlink inside it is durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` atomically and durably.
+
+    Raises:
+        OSError: the write failed (e.g. ENOSPC); ``path`` is untouched and no temp file remains.
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def remove_stale_temps(directory: Path) -> int:
+    """Delete temp files a crash left behind in ``directory`` (recursively); return the count."""
+    count = 0
+    for p in Path(directory).rglob(f"{TMP_PREFIX}*"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            count += 1
+    return count

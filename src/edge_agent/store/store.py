@@ -1,0 +1,247 @@
+"""The on-disk model store: verified install, atomic activation, rollback, verified load.
+
+Layout under ``state_dir``::
+
+    trust/root.json                       the newest trusted root (rotated by verified updates)
+    models/<name>/state.json              the ``ModelState`` (the commit point of every change)
+    models/<name>/v<version>/bundle.efb   each kept version, exactly as verified
+
+Crash safety: an install verifies the bundle fully in memory, writes ``v<N>/bundle.efb``
+atomically (temp, fsync, rename, fsync dir), and only then replaces ``state.json`` atomically.
+A crash before that rename leaves the old state, whose bundle files are untouched; a crash
+after it leaves the new state, whose bundle is already complete. Leftover temp files and
+version directories the state does not name are removed at open.
+
+Loading re-verifies the bundle from disk against the current root (defence in depth) with the
+install time as the reference time: integrity and trust are re-checked, but a model that was
+valid when installed is not switched off because its metadata has since expired.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from edge_agent import _fs
+from edge_agent.bundle import LoadedBundle, bundle_bytes, read_bundle, read_raw
+from edge_agent.contract import BundleManifest, DeviceProfile
+from edge_agent.errors import (
+    BundleFormatError,
+    BundleVerificationError,
+    ContractError,
+    ModelNotFoundError,
+    ModelStoreError,
+)
+from edge_agent.store.state import ModelState, VersionRecord
+from edge_agent.trust import TrustedRoot
+
+Clock = Callable[[], datetime]
+
+
+def _iso(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    """What an install changed."""
+
+    name: str
+    version: int
+    previous: int | None
+    removed: tuple[int, ...]
+
+
+class ModelStore:
+    """Installed models of one device. Not thread-safe: the agent serialises store changes."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        root: TrustedRoot,
+        device: DeviceProfile,
+        *,
+        keep_versions: int = 3,
+        clock: Clock | None = None,
+    ) -> None:
+        """Open (or create) a store and clean up what a crash may have left.
+
+        Raises:
+            ModelStoreError: the state directory cannot be created or read.
+        """
+        self.dir = Path(state_dir)
+        self.device = device
+        self.keep = keep_versions
+        self._clock = clock or (lambda: datetime.now(UTC))
+        try:
+            (self.dir / "models").mkdir(parents=True, exist_ok=True)
+            (self.dir / "trust").mkdir(exist_ok=True)
+        except OSError as exc:
+            raise ModelStoreError(f"cannot create state directory {self.dir}: {exc}") from exc
+        self.root = self._load_root(root)
+        self.recover()
+
+    # ------------------------------------------------------------------------------- trust
+    def _load_root(self, provisioned: TrustedRoot) -> TrustedRoot:
+        path = self.dir / "trust" / "root.json"
+        if path.exists():
+            try:
+                stored = TrustedRoot.from_bytes(path.read_bytes())
+            except BundleVerificationError as exc:
+                raise ModelStoreError(f"stored root {path} is not valid: {exc}") from exc
+            if stored.version >= provisioned.version:
+                return stored
+        _fs.write_atomic(path, provisioned.to_bytes())
+        return provisioned
+
+    def update_root(self, data: bytes) -> TrustedRoot:
+        """Rotate to the next root version (verified against the current one) and persist it.
+
+        Raises:
+            RootRotationError, MetadataFormatError: the new root is not acceptable.
+        """
+        new = self.root.update(data)
+        _fs.write_atomic(self.dir / "trust" / "root.json", new.to_bytes())
+        self.root = new
+        return new
+
+    # ------------------------------------------------------------------------------ queries
+    def names(self) -> list[str]:
+        return sorted(
+            p.name for p in (self.dir / "models").iterdir() if (p / "state.json").is_file()
+        )
+
+    def state(self, name: str) -> ModelState:
+        """The state of ``name`` (empty if never installed).
+
+        Raises:
+            ModelStoreError: the state file is corrupt.
+        """
+        path = self._model_dir(name) / "state.json"
+        if not path.is_file():
+            return ModelState(name=name)
+        try:
+            return ModelState.from_bytes(path.read_bytes())
+        except ContractError as exc:
+            raise ModelStoreError(f"{path}: {exc}") from exc
+
+    def bundle_path(self, name: str, version: int) -> Path:
+        return self._model_dir(name) / f"v{version}" / "bundle.efb"
+
+    # ----------------------------------------------------------------------------- install
+    def install(self, bundle: Path, *, force: bool = False) -> InstallResult:
+        """Verify ``bundle`` against the trusted root and make it the active version.
+
+        Raises:
+            BundleFormatError, BundleVerificationError: the bundle is not installable; nothing
+                on disk changes.
+            ModelStoreError: the version failed here before (without ``force``), or the disk
+                write failed (the active model is untouched).
+        """
+        now = self._clock()
+        # The unverified manifest only picks which state to check against; everything used
+        # afterwards comes from the verified read, which must name the same model and version.
+        try:
+            probe = BundleManifest.from_bytes(read_raw(bundle).manifest_bytes)
+        except ContractError as exc:
+            raise BundleFormatError(f"{bundle}: manifest is not readable: {exc}") from exc
+        state = self.state(probe.name)
+        same = next((r for r in state.versions if r.version == probe.version), None)
+        loaded = read_bundle(
+            bundle,
+            self.root,
+            now=now,
+            device=self.device,
+            installed_version=state.high_water or None,
+            installed_manifest_sha256=same.manifest_sha256 if same else None,
+        )
+        m = loaded.manifest
+        name = m.name
+        if (name, m.version) != (probe.name, probe.version):
+            raise BundleFormatError(f"{bundle} changed while it was being installed")
+        rec = VersionRecord(m.version, loaded.verified.manifest_sha256, _iso(now))
+        new_state, removed = state.install(rec, keep=self.keep, now=_iso(now), force=force)
+        data = bundle_bytes(
+            loaded.targets_bytes, loaded.manifest_bytes, loaded.artifact, m.artifact.format
+        )
+        target = self.bundle_path(name, m.version)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _fs.write_atomic(target, data)
+            _fs.write_atomic(self._model_dir(name) / "state.json", new_state.to_bytes())
+        except OSError as exc:
+            raise ModelStoreError(f"cannot install {name} v{m.version}: {exc}") from exc
+        self._remove_versions(name, removed)
+        return InstallResult(name, m.version, state.active, removed)
+
+    # --------------------------------------------------------------------- status changes
+    def mark_good(self, name: str, version: int) -> ModelState:
+        """Probation passed: ``version`` becomes a rollback target."""
+        return self._save(self.state(name).set_status(version, "good", "", _iso(self._clock())))
+
+    def rollback(self, name: str, reason: str, *, failed: bool = True) -> ModelState:
+        """Return ``name`` to its newest other good version and record why.
+
+        Raises:
+            ModelStoreError: no other good version is kept, or the state cannot be written.
+        """
+        return self._save(self.state(name).rollback(reason, _iso(self._clock()), failed=failed))
+
+    def _save(self, state: ModelState) -> ModelState:
+        try:
+            _fs.write_atomic(self._model_dir(state.name) / "state.json", state.to_bytes())
+        except OSError as exc:
+            raise ModelStoreError(f"cannot write state of {state.name}: {exc}") from exc
+        return state
+
+    # -------------------------------------------------------------------------------- load
+    def load(self, name: str, version: int | None = None) -> LoadedBundle:
+        """Read and re-verify an installed version (the active one by default).
+
+        Raises:
+            ModelNotFoundError: nothing installed / active under that name or version.
+            BundleFormatError, BundleVerificationError: the file on disk no longer verifies.
+        """
+        state = self.state(name)
+        v = state.active if version is None else version
+        if v is None:
+            raise ModelNotFoundError(f"no active version of {name!r}")
+        rec = state.record(v)
+        path = self.bundle_path(name, v)
+        if not path.is_file():
+            raise ModelNotFoundError(f"{name} v{v} is recorded but its bundle is missing")
+        installed_at = datetime.strptime(rec.installed_at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+            tzinfo=UTC
+        )
+        loaded = read_bundle(path, self.root, now=installed_at, device=self.device)
+        if loaded.verified.manifest_sha256 != rec.manifest_sha256:
+            raise BundleVerificationError(f"{name} v{v} on disk is not the bundle installed")
+        return loaded
+
+    # ----------------------------------------------------------------------------- recovery
+    def recover(self) -> None:
+        """Remove temp files and version directories no state refers to (crash leftovers)."""
+        _fs.remove_stale_temps(self.dir)
+        for model_dir in (self.dir / "models").iterdir():
+            if not model_dir.is_dir():
+                continue
+            try:
+                state = self.state(model_dir.name)
+            except ModelStoreError:
+                continue  # keep everything; the operator must look at a corrupt state
+            kept = {r.version for r in state.versions}
+            for vdir in model_dir.glob("v*"):
+                if vdir.is_dir() and vdir.name[1:].isdigit() and int(vdir.name[1:]) not in kept:
+                    shutil.rmtree(vdir, ignore_errors=True)
+
+    def _remove_versions(self, name: str, versions: tuple[int, ...]) -> None:
+        for v in versions:
+            shutil.rmtree(self._model_dir(name) / f"v{v}", ignore_errors=True)
+
+    def _model_dir(self, name: str) -> Path:
+        if "/" in name or name.startswith(".") or not name:
+            raise ModelNotFoundError(f"invalid model name {name!r}")
+        return self.dir / "models" / name
