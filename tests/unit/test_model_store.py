@@ -12,7 +12,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from support import DEVICE, NOW, make_bundle, members, repack, write
 
 from edge_agent import _fs
 from edge_agent.errors import (
@@ -23,6 +22,7 @@ from edge_agent.errors import (
 )
 from edge_agent.store import ModelStore
 from model_builder.keystore import KeyStore
+from support import DEVICE, NOW, make_bundle, members, repack, write
 
 
 @pytest.fixture
