@@ -8,7 +8,11 @@ the single place tests inject faults (disk full, crash between steps).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 TMP_PREFIX = ".tmp-"
@@ -56,3 +60,27 @@ def remove_stale_temps(directory: Path) -> int:
             p.unlink(missing_ok=True)
             count += 1
     return count
+
+
+@contextlib.contextmanager
+def exclusive_lock(directory: Path, timeout: float = 30.0) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``directory/.lock`` (one store writer at a time).
+
+    Raises:
+        TimeoutError: another process held the lock for longer than ``timeout`` seconds.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{directory} is locked by another process") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)

@@ -1,28 +1,124 @@
 """``edge-agent``: the device command line.
 
-The daemon, model store and local API commands arrive with the agent; today the device can check
-a bundle exactly as it will before installing it.
+Store commands (``install``, ``rollback``, ``models``) work on the state directory directly,
+under an exclusive lock, so they are safe whether or not the daemon runs; ``verify`` checks a
+bundle exactly as ``install`` would, without installing it.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 import click
 
-from edge_agent import __version__
+from edge_agent import __version__, _fs
 from edge_agent.bundle import read_bundle
 from edge_agent.cli_support import run_cli
+from edge_agent.config import AgentConfig, load_config
 from edge_agent.device import detect_device_profile
+from edge_agent.errors import ConfigError
+from edge_agent.store import ModelStore
 from edge_agent.trust import TrustedRoot
+
+CONFIG_ENV = "EDGEFLEET_AGENT_CONFIG"
+
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=lambda: os.environ.get(CONFIG_ENV),
+    show_default=f"${CONFIG_ENV}",
+    help="Agent config (TOML); EDGEFLEET_AGENT__SECTION__KEY variables override it.",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+def _config(path: Path | None) -> AgentConfig:
+    return load_config(path)
+
+
+@contextmanager
+def _store(cfg: AgentConfig) -> Iterator[ModelStore]:
+    root_path = Path(cfg.store.root_path)
+    try:
+        root = TrustedRoot.from_bytes(root_path.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"cannot read the provisioned root {root_path}: {exc}") from exc
+    state_dir = Path(cfg.store.state_dir)
+    with _fs.exclusive_lock(state_dir):
+        yield ModelStore(
+            state_dir, root, detect_device_profile(), keep_versions=cfg.store.keep_versions
+        )
 
 
 @click.group()
 @click.version_option(__version__, prog_name="edge-agent")
 def cli() -> None:
     """edgefleet device agent."""
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@config_option
+@click.option("--force", is_flag=True, help="Reinstall a version that failed here before.")
+@json_option
+def install(bundle: Path, config_path: Path | None, force: bool, as_json: bool) -> None:
+    """Verify BUNDLE against the device's root of trust and activate it atomically."""
+    with _store(_config(config_path)) as store:
+        res = store.install(bundle, force=force)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "name": res.name,
+                    "version": res.version,
+                    "previous": res.previous,
+                    "removed": list(res.removed),
+                }
+            )
+        )
+    else:
+        prev = f" (was v{res.previous})" if res.previous else ""
+        click.echo(
+            f"installed {res.name} v{res.version}{prev}; on probation until the agent "
+            "confirms its health"
+        )
+
+
+@cli.command()
+@click.argument("name")
+@config_option
+@click.option("--reason", default="manual rollback", show_default=True)
+def rollback(name: str, config_path: Path | None, reason: str) -> None:
+    """Return NAME to its newest other good version."""
+    with _store(_config(config_path)) as store:
+        before = store.state(name).active
+        state = store.rollback(name, reason, failed=False)
+    click.echo(f"{name}: v{before} -> v{state.active} ({reason})")
+
+
+@cli.command()
+@config_option
+@json_option
+def models(config_path: Path | None, as_json: bool) -> None:
+    """List installed models, their versions and status."""
+    with _store(_config(config_path)) as store:
+        states = [store.state(n) for n in store.names()]
+    if as_json:
+        click.echo(json.dumps([s.to_dict() for s in states], indent=2))
+        return
+    if not states:
+        click.echo("no models installed")
+    for s in states:
+        versions = ", ".join(
+            f"v{r.version}:{r.status}" + ("*" if r.version == s.active else "") for r in s.versions
+        )
+        click.echo(f"{s.name:<24} active v{s.active}  [{versions}]")
 
 
 @cli.command()
@@ -47,7 +143,7 @@ def cli() -> None:
     default=None,
     help="Version of this model already installed (rollback check).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the verdict as JSON.")
+@json_option
 def verify(
     bundle: Path,
     root_path: Path,

@@ -10,6 +10,7 @@ Each error family maps to a stable exit code so scripts can react without parsin
     5  accuracy gate failed
     6  key store problem
     7  model or runtime problem (load, quantize, run)
+    8  model store problem (disk full, no good version to roll back to, corrupt state)
 
 The boundary prints one line, ``error[<code>]: <message>``, to stderr.
 """
@@ -30,6 +31,7 @@ from edge_agent.errors import (
     ContractError,
     EdgefleetError,
     InputValidationError,
+    ModelStoreError,
     RuntimeAdapterError,
 )
 
@@ -41,6 +43,7 @@ EXIT_UNTRUSTED = 4
 EXIT_GATE = 5
 EXIT_KEYS = 6
 EXIT_RUNTIME = 7
+EXIT_STORE = 8
 
 BASE_EXIT_CODES: Mapping[type[EdgefleetError], int] = {
     BundleVerificationError: EXIT_UNTRUSTED,
@@ -49,6 +52,7 @@ BASE_EXIT_CODES: Mapping[type[EdgefleetError], int] = {
     ConfigError: EXIT_BAD_INPUT,
     InputValidationError: EXIT_BAD_INPUT,
     RuntimeAdapterError: EXIT_RUNTIME,
+    ModelStoreError: EXIT_STORE,
 }
 
 
@@ -81,6 +85,9 @@ def run_cli(
             raise
         click.echo(f"error[{exc.code}]: {exc}", err=True)
         sys.exit(exit_code_for(exc, table))
+    except TimeoutError as exc:
+        click.echo(f"error[locked]: {exc}", err=True)
+        sys.exit(EXIT_STORE)
     except OSError as exc:
         if debug:
             raise
