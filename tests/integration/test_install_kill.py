@@ -18,11 +18,10 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from support import DEVICE, make_bundle, write
-
 from edge_agent import _fs
 from edge_agent.store import ModelStore
 from model_builder.keystore import KeyStore
+from support import DEVICE, make_bundle, write
 
 ROUNDS = 24
 AGENT = str(Path(sys.executable).parent / "edge-agent")
