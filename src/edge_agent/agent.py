@@ -1,0 +1,396 @@
+"""The agent: the ``InferenceService`` behind the local API, and the control loop behind it.
+
+Owns: request routing (A/B arm, device or cloud, hard examples, fallback on failure), shadow
+offers, capture sampling, probation judging and drift-window collection on ``tick``, and
+installs/rollbacks requested by the CLI or the sync layer. The hot path itself is
+``ModelPipeline.run``; loading and health checks are ``Registry``'s.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from edge_agent import __version__
+from edge_agent.capture import CaptureRing
+from edge_agent.config import AgentConfig
+from edge_agent.drift.monitor import DriftWindow
+from edge_agent.errors import (
+    FallbackError,
+    InferenceError,
+    InputValidationError,
+    ModelNotFoundError,
+)
+from edge_agent.fallback import CloudFallback, FallbackPolicy, FallbackTransport
+from edge_agent.pipeline import DriftWorker
+from edge_agent.probation import FAILED, PASSED, judge_probation
+from edge_agent.registry import Loaded, Registry
+from edge_agent.service import (
+    SOURCE_CLOUD,
+    SOURCE_DEVICE,
+    Array,
+    InferenceRequest,
+    InferenceResult,
+)
+from edge_agent.shadow import ABRouter, ShadowRunner
+from edge_agent.store import InstallResult, ModelStore
+
+log = logging.getLogger("edge_agent.agent")
+
+
+class Agent:
+    """Serves every installed model; implements ``edge_agent.service.InferenceService``."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        store: ModelStore,
+        *,
+        transport: FallbackTransport | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        capture: CaptureRing | None = None,
+        background_drift: bool = True,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self._clock = clock
+        self.worker = DriftWorker() if background_drift else None
+        self.registry = Registry(config, store, clock=clock, worker=self.worker)
+        self.cloud = CloudFallback(transport, config.fallback, clock) if transport else None
+        self.capture = capture
+        self._rng = random.Random()
+        self._policies: dict[str, FallbackPolicy] = {}
+        self._routers: dict[str, ABRouter] = {}
+        self._shadows: dict[str, ShadowRunner] = {}
+        self._control = threading.RLock()
+        self.counts: Counter[str] = Counter()
+        self.drift_windows: deque[tuple[str, int, DriftWindow]] = deque(maxlen=1000)
+        self.started_at = time.time()
+
+    # ------------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Load every installed model (self-rolling back failed ones) and set up routing."""
+        with self._control:
+            for name in self.store.names():
+                self._activate(name)
+
+    def _activate(self, name: str) -> Loaded | None:
+        entry = self.registry.activate(name)
+        if entry is None:
+            return None
+        manifest = entry.pipeline.manifest
+        self._policies[name] = FallbackPolicy(self.config.fallback, manifest.outputs)
+        policy = self.config.policy(name)
+        self._setup_candidates(
+            name,
+            policy.ab_candidate,
+            policy.ab_fraction,
+            policy.shadow_candidate,
+            policy.shadow_fraction,
+            policy.shadow_queue,
+        )
+        return entry
+
+    def _setup_candidates(
+        self,
+        name: str,
+        ab: str | None,
+        ab_fraction: float,
+        shadow: str | None,
+        shadow_fraction: float,
+        queue: int,
+    ) -> None:
+        if ab and ab_fraction > 0 and self._pin(ab) is not None:
+            self._routers[name] = ABRouter(ab_fraction, seed=None)
+        old = self._shadows.pop(name, None)
+        if old is not None:
+            old.close()
+        if shadow and shadow_fraction > 0:
+            cand = self._pin(shadow)
+            if cand is not None:
+                self._shadows[name] = ShadowRunner(
+                    cand.pipeline.runtime,
+                    shadow_fraction,
+                    queue,
+                    cand.pipeline.manifest.outputs,
+                    random.Random(),
+                    self._clock,
+                    name=f"shadow-{name}",
+                )
+
+    def _pin(self, ref: str) -> Loaded | None:
+        """``name`` (another model) or ``name@version`` (a kept version) as a candidate."""
+        if self.registry.get(ref) is not None:
+            return self.registry.get(ref)
+        name, _, version = ref.partition("@")
+        try:
+            if version:
+                return self.registry.load_pinned(name, int(version))
+            return self.registry.activate(name)
+        except Exception as exc:  # a missing candidate must not stop the live model
+            log.error("candidate %s not available: %s", ref, exc)
+            return None
+
+    def install(self, bundle: Path, *, force: bool = False) -> InstallResult:
+        """Install through the store and serve the new version (health-checked, on probation).
+
+        Raises:
+            BundleFormatError, BundleVerificationError, ModelStoreError: nothing changed.
+        """
+        with self._control:
+            result = self.store.install(bundle, force=force)
+            self._activate(result.name)
+            return result
+
+    def rollback(self, name: str, reason: str = "manual rollback") -> None:
+        """Serve the previous good version of ``name``.
+
+        Raises:
+            ModelStoreError: no other good version.
+        """
+        with self._control:
+            self.registry.rollback(name, reason, failed=False)
+            self._activate(name)
+
+    def reload_changed(self) -> list[str]:
+        """Pick up installs and rollbacks made by another process (the CLI); names reloaded."""
+        changed = []
+        with self._control:
+            for name in self.store.names():
+                entry = self.registry.get(name)
+                active = self.store.state(name).active
+                if active is not None and (entry is None or entry.pipeline.version != active):
+                    self._activate(name)
+                    changed.append(name)
+        return changed
+
+    def tick(self) -> None:
+        """Periodic control work: probation verdicts and drift windows (not on the hot path)."""
+        with self._control:
+            for key in self.registry.loaded_keys():
+                entry = self.registry.get(key)
+                if entry is None:
+                    continue
+                for window in entry.pipeline.collect_windows():
+                    self.drift_windows.append((key, entry.pipeline.version, window))
+                if entry.on_probation:
+                    verdict = judge_probation(
+                        entry.pipeline.probation_stats(), entry.pipeline.policy
+                    )
+                    if verdict.status == PASSED:
+                        self.registry.mark_good(key)
+                    elif verdict.status == FAILED:
+                        log.warning(
+                            "%s v%d failed probation: %s",
+                            key,
+                            entry.pipeline.version,
+                            verdict.reason,
+                        )
+                        self.registry.rollback(key, f"probation: {verdict.reason}")
+                        self._activate(key)
+
+    def close(self) -> None:
+        for shadow in self._shadows.values():
+            shadow.close()
+        if self.worker is not None:
+            self.worker.close()
+        if self.capture is not None:
+            self.capture.close()
+        self.registry.close()
+
+    # -------------------------------------------------------------------- InferenceService
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        names = self.store.names()
+        return bool(names) and all(self.registry.get(n) is not None for n in names)
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {
+            "name": "edgefleet-edge-agent",
+            "version": __version__,
+            "extensions": ["binary_tensor_data", "model_repository"],
+        }
+
+    def model_names(self) -> list[str]:
+        return [k for k in self.registry.loaded_keys() if "@" not in k]
+
+    def _entry(self, name: str, version: str | None) -> Loaded:
+        entry = self.registry.get(name)
+        if entry is None:
+            raise ModelNotFoundError(f"model {name!r} is not loaded")
+        if version is not None and version != str(entry.pipeline.version):
+            pinned = self.registry.get(f"{name}@{version}")
+            if pinned is None:
+                raise ModelNotFoundError(f"model {name!r} version {version} is not loaded")
+            return pinned
+        return entry
+
+    def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
+        entry = self._entry(name, version)
+        m = entry.pipeline.manifest
+        rt = entry.pipeline.runtime
+        return {
+            "name": name,
+            "versions": [str(m.version)],
+            "platform": "onnxruntime_onnx" if m.artifact.format == "onnx" else "tflite",
+            "inputs": [
+                {
+                    "name": t.name,
+                    "datatype": t.dtype,
+                    "shape": [-1 if d.size is None else d.size for d in t.shape],
+                }
+                for t in m.inputs.tensors
+            ],
+            "outputs": [
+                {
+                    "name": o.name,
+                    "datatype": o.dtype,
+                    "shape": [d if isinstance(d, int) else -1 for d in o.shape],
+                }
+                for o in rt.outputs
+            ],
+            "parameters": {
+                "channel": m.channel,
+                "task": m.outputs.task,
+                "labels": list(m.outputs.labels),
+                "probation": entry.on_probation,
+            },
+        }
+
+    def model_ready(self, name: str, version: str | None = None) -> bool:
+        return self._entry(name, version) is not None
+
+    def infer(self, request: InferenceRequest) -> InferenceResult:
+        """Route, run and account for one request (see the module docstring)."""
+        name = request.model
+        entry = self.registry.get(name)
+        policy = self._policies.get(name)
+        arm = "live"
+        if entry is not None and request.version is None:
+            router = self._routers.get(name)
+            if router is not None:
+                arm = router.arm(request.routing_key)
+                if arm == "candidate":
+                    cand = self._pin(self.config.policy(name).ab_candidate or "")
+                    entry = cand or entry
+        elif entry is not None:
+            entry = self._entry(name, request.version)
+        if policy is not None and self.cloud is not None:
+            decision = policy.before(
+                local_ok=entry is not None, validation_failed=False, out_of_distribution=False
+            )
+            if decision.cloud:
+                return self._cloud(request, entry, decision.reason or "policy", arm)
+        if entry is None:
+            if self.cloud is not None and self.config.fallback.mode != "device_only":
+                return self._cloud(request, None, "local_unavailable", arm)
+            raise ModelNotFoundError(f"model {name!r} is not loaded")
+        try:
+            result = entry.pipeline.run(request.inputs, request.payload_bytes)
+        except InputValidationError:
+            self.counts["rejected"] += 1
+            if self._may_fall_back():
+                return self._cloud(request, entry, "invalid_input", arm)
+            raise
+        except InferenceError:
+            self.counts["errors"] += 1
+            if self._may_fall_back():
+                return self._cloud(request, entry, "local_unavailable", arm)
+            raise
+        params: dict[str, Any] = {
+            "model_version": str(entry.pipeline.version),
+            "inference_source": SOURCE_DEVICE,
+            "ab_arm": arm,
+        }
+        if result.validation.dropped:
+            params["dropped_rows"] = result.validation.dropped
+            params["dropped_by_reason"] = dict(result.validation.rejected)
+        if policy is not None and self.cloud is not None:
+            hard = policy.after(result.outputs)
+            if hard.cloud:
+                try:
+                    return self._cloud(request, entry, hard.reason or "hard_example", arm)
+                except FallbackError as exc:
+                    params["fallback_failed"] = str(exc)
+        shadow = self._shadows.get(name)
+        if shadow is not None and entry.key == name:
+            feeds = entry.pipeline.preprocess(result.validation.feeds)
+            shadow.offer(feeds, result.outputs, result.latency_s)
+        if self.capture is not None:
+            self.capture.offer(name, entry.pipeline.version, request.inputs, result.outputs)
+        self.counts["device"] += 1
+        return InferenceResult(
+            name, str(entry.pipeline.version), result.outputs, SOURCE_DEVICE, params
+        )
+
+    def _may_fall_back(self) -> bool:
+        return self.cloud is not None and self.config.fallback.mode == "prefer_device"
+
+    def _cloud(
+        self, request: InferenceRequest, entry: Loaded | None, reason: str, arm: str
+    ) -> InferenceResult:
+        assert self.cloud is not None
+        outputs: Mapping[str, Array] = self.cloud.call(request.model, request.inputs, reason)
+        self.counts["cloud"] += 1
+        version = str(entry.pipeline.version) if entry is not None else "cloud"
+        return InferenceResult(
+            request.model,
+            version,
+            dict(outputs),
+            SOURCE_CLOUD,
+            {
+                "model_version": version,
+                "inference_source": SOURCE_CLOUD,
+                "fallback_reason": reason,
+                "ab_arm": arm,
+            },
+        )
+
+    # -------------------------------------------------------------------------- reporting
+    def status(self) -> dict[str, Any]:
+        """A JSON-safe snapshot for ``edge-agent status`` and telemetry."""
+        models = {}
+        for key in self.registry.loaded_keys():
+            entry = self.registry.get(key)
+            if entry is None:
+                continue
+            p = entry.pipeline
+            last = {
+                name: s.last.to_dict()
+                for name, s in p.monitor.snapshot().items()
+                if s.last is not None
+            }
+            models[key] = {
+                "version": p.version,
+                "on_probation": entry.on_probation,
+                "memory_bytes": entry.memory_bytes,
+                "requests": p.requests,
+                "rows": p.rows,
+                "errors": p.errors,
+                "rejects_by_reason": dict(p.rejects_by_reason),
+                "dropped_rows_by_reason": dict(p.dropped_rows_by_reason),
+                "latency": p.latency_quantiles(),
+                "drift": last,
+                "shadow": self._shadows[key].stats() if key in self._shadows else None,
+                "ab": self._routers[key].counts() if key in self._routers else None,
+            }
+        return {
+            "version": __version__,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "ready": self.ready(),
+            "models": models,
+            "counts": dict(self.counts),
+            "rollbacks": self.registry.rollbacks,
+            "events": self.registry.events[-20:],
+            "memory_used_bytes": self.registry.memory_used(),
+            "drift_blocks_dropped": self.worker.dropped if self.worker else 0,
+            "fallback": self.cloud.stats() if self.cloud else None,
+        }

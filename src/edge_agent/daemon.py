@@ -1,0 +1,155 @@
+"""``edge-agent run``: wire config, store, agent and local API; run until SIGTERM.
+
+Owns process concerns only: logging (plain or JSON), the control thread (probation, drift
+windows, picking up installs made by the CLI, the systemd watchdog), ``sd_notify`` readiness,
+and an orderly shutdown (the API drains in-flight requests, then models are unloaded).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from edge_agent.agent import Agent
+from edge_agent.capture import CaptureRing
+from edge_agent.config import AgentConfig
+from edge_agent.device import detect_device_profile
+from edge_agent.errors import ConfigError
+from edge_agent.store import ModelStore
+from edge_agent.trust import TrustedRoot
+
+log = logging.getLogger("edge_agent.daemon")
+TICK_SECONDS = 1.0
+RELOAD_EVERY_TICKS = 2
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message (and exception text)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(config: AgentConfig) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter()
+        if config.log_json
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(config.log_level.upper())
+
+
+def sd_notify(message: str) -> bool:
+    """Send ``message`` to systemd's notify socket when running under systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message.encode(), addr)
+    except OSError:
+        return False
+    return True
+
+
+def build_agent(config: AgentConfig) -> Agent:
+    """The agent for ``config``, with every installed model loaded.
+
+    Raises:
+        ConfigError: the provisioned root cannot be read.
+        ModelStoreError: the state directory is unusable.
+    """
+    root_path = Path(config.store.root_path)
+    try:
+        root = TrustedRoot.from_bytes(root_path.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"cannot read the provisioned root {root_path}: {exc}") from exc
+    state_dir = Path(config.store.state_dir)
+    store = ModelStore(
+        state_dir, root, detect_device_profile(), keep_versions=config.store.keep_versions
+    )
+    capture = CaptureRing(state_dir / "capture", config.capture) if config.capture.enabled else None
+    agent = Agent(config, store, capture=capture)
+    agent.start()
+    return agent
+
+
+class ControlLoop(threading.Thread):
+    """Runs ``agent.tick`` every second and reloads CLI changes; pings the watchdog."""
+
+    def __init__(self, agent: Agent) -> None:
+        super().__init__(name="control", daemon=True)
+        self.agent = agent
+        self.stop = threading.Event()
+        self.reload_now = threading.Event()
+        usec = os.environ.get("WATCHDOG_USEC")
+        self._watchdog = usec is not None and usec.isdigit()
+
+    def run(self) -> None:
+        n = 0
+        while not self.stop.wait(TICK_SECONDS):
+            n += 1
+            try:
+                self.agent.tick()
+                if self.reload_now.is_set() or n % RELOAD_EVERY_TICKS == 0:
+                    self.reload_now.clear()
+                    for name in self.agent.reload_changed():
+                        log.info("reloaded %s", name)
+            except Exception:  # the control loop must survive anything a model throws
+                log.exception("control loop error")
+            if self._watchdog:
+                sd_notify("WATCHDOG=1")
+
+
+def _ready(handle: Any) -> None:
+    log.info("ready at %s%s", handle.url,
+             f" and unix:{handle.unix_socket}" if handle.unix_socket else "")
+    sd_notify("READY=1")
+
+
+def run(config: AgentConfig) -> int:
+    """Run the daemon until SIGTERM/SIGINT; returns the exit code."""
+    from edge_agent.api import create_app, serve
+
+    setup_logging(config)
+    agent = build_agent(config)
+    control = ControlLoop(agent)
+    control.start()
+    signal.signal(signal.SIGHUP, lambda *_: control.reload_now.set())
+    app = create_app(agent, config.api)
+    log.info(
+        "serving %s on %s:%d%s",
+        ", ".join(agent.model_names()) or "no models",
+        config.api.host,
+        config.api.port,
+        f" and {config.api.unix_socket}" if config.api.unix_socket else "",
+    )
+    try:
+        serve(app, config.api, ready_callback=_ready)
+    finally:
+        sd_notify("STOPPING=1")
+        control.stop.set()
+        control.join(5)
+        agent.close()
+        log.info("stopped")
+    return 0

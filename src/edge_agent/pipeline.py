@@ -1,0 +1,257 @@
+"""The hot path of one loaded model version: validate, preprocess, run, sketch, count.
+
+Owns: the per-request sequence and its cost. Drift rows are copied into preallocated per-tensor
+buffers and the sketches are updated in vectorised blocks (``BLOCK`` rows) rather than per
+request; counters and a bounded latency reservoir feed probation, telemetry and metrics.
+Routing (A/B, shadow, cloud fallback) happens one level up, in ``edge_agent.agent``.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from edge_agent.config import DriftConfig, ModelPolicy
+from edge_agent.contract import BundleManifest
+from edge_agent.drift import DriftMonitor
+from edge_agent.drift.monitor import DriftWindow, MonitorPolicy
+from edge_agent.errors import InferenceError, InputValidationError
+from edge_agent.probation import ProbationStats
+from edge_agent.runtime.base import Runtime
+from edge_agent.validation import ValidationResult, Validator
+
+Array = npt.NDArray[Any]
+BLOCK = 256
+_LATENCY_SAMPLES = 2048
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    outputs: dict[str, Array]
+    validation: ValidationResult
+    latency_s: float
+
+
+class _RowBuffer:
+    """A preallocated (BLOCK, features) buffer; full blocks go to the drift monitor."""
+
+    __slots__ = ("buf", "fill", "name")
+
+    def __init__(self, name: str, features: int) -> None:
+        self.name = name
+        self.buf = np.empty((BLOCK, features), dtype=np.float64)
+        self.fill = 0
+
+    def add(self, rows: Array, flush: Callable[[str, Array], None]) -> None:
+        n = rows.shape[0]
+        start = 0
+        while start < n:
+            take = min(BLOCK - self.fill, n - start)
+            self.buf[self.fill : self.fill + take] = rows[start : start + take]
+            self.fill += take
+            start += take
+            if self.fill == BLOCK:
+                full, self.buf = self.buf, np.empty_like(self.buf)
+                self.fill = 0
+                flush(self.name, full)
+
+
+class DriftWorker:
+    """Sketches full drift blocks off the request path, on one background thread.
+
+    The queue is bounded: when sketching cannot keep up, blocks are dropped and counted
+    (``dropped``), which samples the drift statistics instead of slowing inference.
+    """
+
+    def __init__(self, queue_blocks: int = 256) -> None:
+        self._queue: queue.Queue[tuple[ModelPipeline, str, Array] | None] = queue.Queue(
+            queue_blocks
+        )
+        self.dropped = 0
+        self.processed = 0
+        self._thread = threading.Thread(target=self._loop, name="drift-worker", daemon=True)
+        self._thread.start()
+
+    def submit(self, pipeline: ModelPipeline, name: str, block: Array) -> None:
+        try:
+            self._queue.put_nowait((pipeline, name, block))
+        except queue.Full:
+            self.dropped += 1
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                pipeline, name, block = item
+                pipeline.observe_block(name, block)
+                self.processed += 1
+            finally:
+                self._queue.task_done()
+
+    def drain(self) -> None:
+        """Block until every queued block is sketched (tests, shutdown)."""
+        self._queue.join()
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+
+class ModelPipeline:
+    """One model version, ready to serve. ``run`` is thread-safe."""
+
+    def __init__(
+        self,
+        manifest: BundleManifest,
+        runtime: Runtime,
+        policy: ModelPolicy,
+        drift: DriftConfig,
+        clock: Callable[[], float] = time.monotonic,
+        worker: DriftWorker | None = None,
+    ) -> None:
+        """Compile the validator and set up drift tracking.
+
+        Args:
+            worker: sketches full blocks in the background; ``None`` sketches inline.
+        """
+        self.manifest = manifest
+        self.runtime = runtime
+        self.policy = policy
+        self.validator = Validator(manifest.inputs, policy.validation)
+        self._clock = clock
+        dtypes = {i.name: i.dtype for i in runtime.inputs}
+        self._pre = [
+            (t.name, t.preprocessing, dtypes.get(t.name, t.dtype)) for t in manifest.inputs.tensors
+        ]
+        self.monitor = DriftMonitor(
+            manifest.baseline,
+            MonitorPolicy(
+                max_values=drift.window_values,
+                max_seconds=drift.window_seconds,
+                min_values=min(100, drift.window_values),
+                alpha=drift.alpha,
+            ),
+        )
+        self._buffers: dict[str, _RowBuffer] = {}
+        self._lock = threading.Lock()
+        self._drift_lock = threading.Lock()
+        self._worker = worker
+        self.windows: list[DriftWindow] = []  # closed windows not yet collected by the agent
+        self.loaded_at = clock()
+        self.requests = 0
+        self.rows = 0
+        self.errors = 0
+        self.rejects = 0
+        self.rejects_by_reason: dict[str, int] = {}
+        self.dropped_rows_by_reason: dict[str, int] = {}
+        self._lat = np.zeros(_LATENCY_SAMPLES)
+        self._lat_n = 0
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+    def run(self, inputs: Mapping[str, Any], payload_bytes: int | None = None) -> PipelineResult:
+        """Validate and run one request.
+
+        Raises:
+            InputValidationError: the request does not fit the contract (counted).
+            InferenceError: the runtime failed (counted).
+        """
+        start = self._clock()
+        try:
+            checked = self.validator.validate(inputs, payload_bytes)
+        except InputValidationError as exc:
+            with self._lock:
+                self.requests += 1
+                self.rejects += 1
+                self.rejects_by_reason[exc.reason] = self.rejects_by_reason.get(exc.reason, 0) + 1
+            raise
+        feeds = self.preprocess(checked.feeds)
+        try:
+            outputs = self.runtime.run(feeds)
+        except InferenceError:
+            with self._lock:
+                self.requests += 1
+                self.errors += 1
+            raise
+        latency = self._clock() - start
+        with self._lock:
+            self.requests += 1
+            self.rows += checked.rows_kept
+            for reason, count in checked.rejected.items():
+                self.dropped_rows_by_reason[reason] = (
+                    self.dropped_rows_by_reason.get(reason, 0) + count
+                )
+            self._lat[self._lat_n % _LATENCY_SAMPLES] = latency
+            self._lat_n += 1
+            self._sketch(checked.feeds, outputs)
+        return PipelineResult(outputs, checked, latency)
+
+    def preprocess(self, raw: Mapping[str, Array]) -> dict[str, Array]:
+        """Validated raw inputs -> model inputs, through the declared preprocessing."""
+        return {name: pre.apply(raw[name], dtype) for name, pre, dtype in self._pre}
+
+    def _sketch(self, raw: Mapping[str, Array], outputs: Mapping[str, Array]) -> None:
+        for name in self.manifest.baseline.inputs:
+            if name in raw:
+                self._buffer_rows(name, raw[name])
+        for name in self.manifest.baseline.outputs:
+            if name in outputs:
+                self._buffer_rows(name, outputs[name])
+
+    def _buffer_rows(self, name: str, x: Array) -> None:
+        buf = self._buffers.get(name)
+        if buf is None:
+            features = self.manifest.baseline.features(x[:1]).shape[1]
+            buf = self._buffers[name] = _RowBuffer(name, features)
+        flat = x.reshape(x.shape[0], -1)
+        if flat.shape[1] != buf.buf.shape[1]:
+            flat = self.manifest.baseline.features(x)  # reduced features: apply the same rule
+        buf.add(flat, self._flush)
+
+    def _flush(self, name: str, block: Array) -> None:
+        if self._worker is None:
+            self.observe_block(name, block)
+        else:
+            self._worker.submit(self, name, block)
+
+    def observe_block(self, name: str, block: Array) -> None:
+        """Sketch one full block (called by the drift worker, or inline)."""
+        with self._drift_lock:
+            self.windows.extend(self.monitor.observe(name, block, self._clock()))
+
+    def collect_windows(self) -> list[DriftWindow]:
+        """Closed drift windows since the last call (also closes windows due by time)."""
+        with self._drift_lock:
+            self.windows.extend(self.monitor.tick(self._clock()))
+            out, self.windows = self.windows, []
+        return out
+
+    def probation_stats(self) -> ProbationStats:
+        with self._lock:
+            n = min(self._lat_n, _LATENCY_SAMPLES)
+            p99 = float(np.percentile(self._lat[:n], 99)) * 1000 if n else 0.0
+            return ProbationStats(
+                self.requests, self.errors, self.rejects, p99, self._clock() - self.loaded_at
+            )
+
+    def latency_quantiles(self) -> dict[str, float]:
+        with self._lock:
+            n = min(self._lat_n, _LATENCY_SAMPLES)
+            if not n:
+                return {}
+            q = np.percentile(self._lat[:n], [50, 90, 99]) * 1000
+        return {"p50_ms": float(q[0]), "p90_ms": float(q[1]), "p99_ms": float(q[2])}
+
+    def close(self) -> None:
+        self.runtime.close()

@@ -1,0 +1,240 @@
+"""Loaded models: verified load from the store, memory admission, golden check, self-rollback.
+
+Owns: turning an installed version into a serving ``ModelPipeline`` (re-verify the bundle, load
+the runtime, run the golden samples), refusing a load that would exceed the memory budget,
+and falling back by itself to the last good version when a new one fails its health check,
+recording why in the store. Thread-safe: the agent's request threads read the table while the
+control thread swaps entries.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from edge_agent.config import AgentConfig
+from edge_agent.errors import (
+    AdmissionError,
+    BundleFormatError,
+    BundleVerificationError,
+    ModelNotFoundError,
+    ModelStoreError,
+    RuntimeAdapterError,
+)
+from edge_agent.golden import check_golden
+from edge_agent.pipeline import DriftWorker, ModelPipeline
+from edge_agent.runtime.base import RuntimeOptions, load_runtime
+from edge_agent.store import ModelStore
+
+log = logging.getLogger("edge_agent.registry")
+
+# A loaded onnxruntime/LiteRT session holds the weights plus arenas and kernels' packed copies:
+# admission assumes 3x the artifact plus a fixed 8 MiB until the load has been measured.
+_ESTIMATE_FACTOR = 3
+_ESTIMATE_FIXED = 8 * 1024 * 1024
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux ``/proc/self/statm``); 0 elsewhere."""
+    try:
+        with open("/proc/self/statm", "rb") as fh:  # noqa: PTH123 - hot enough to skip pathlib
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+@dataclass
+class Loaded:
+    """A serving model version and what it costs."""
+
+    key: str  # "name" for the active version, "name@version" for a pinned candidate
+    pipeline: ModelPipeline
+    memory_bytes: int
+    on_probation: bool
+
+
+class Registry:
+    """The table of loaded models."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        store: ModelStore,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        worker: DriftWorker | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self._clock = clock
+        self._worker = worker
+        self._lock = threading.Lock()
+        self._loaded: dict[str, Loaded] = {}
+        self.events: list[dict[str, object]] = []
+        self.rollbacks = 0
+
+    # --------------------------------------------------------------------------- reading
+    def get(self, key: str) -> Loaded | None:
+        return self._loaded.get(key)
+
+    def loaded_keys(self) -> list[str]:
+        return sorted(self._loaded)
+
+    def memory_used(self) -> int:
+        return sum(x.memory_bytes for x in self._loaded.values())
+
+    # --------------------------------------------------------------------------- loading
+    def activate(self, name: str) -> Loaded | None:
+        """Load the active version of ``name``; on a failed health check roll back and retry.
+
+        Returns:
+            The loaded entry, or None when no version of ``name`` can serve (recorded).
+        """
+        for _ in range(self.config.store.keep_versions + 1):
+            state = self.store.state(name)
+            if state.active is None:
+                return None
+            record = state.active_record
+            try:
+                entry = self._load(
+                    name,
+                    state.active,
+                    on_probation=record is not None and record.status == "probation",
+                )
+            except AdmissionError as exc:
+                self._event(name, state.active, "admission_refused", str(exc))
+                log.error("%s not loaded: %s", name, exc)
+                return None
+            except (
+                BundleFormatError,
+                BundleVerificationError,
+                RuntimeAdapterError,
+                ModelNotFoundError,
+            ) as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+                self._event(name, state.active, "load_failed", reason)
+                if not self._fall_back(name, reason):
+                    return None
+                continue
+            self._swap(name, entry)
+            return entry
+        return None
+
+    def load_pinned(self, name: str, version: int) -> Loaded:
+        """Load a specific installed version under ``name@version`` (shadow / A-B candidates).
+
+        Raises:
+            ModelNotFoundError, AdmissionError, BundleVerificationError, RuntimeAdapterError.
+        """
+        entry = self._load(name, version, on_probation=False, key=f"{name}@{version}")
+        self._swap(entry.key, entry)
+        return entry
+
+    def _load(
+        self, name: str, version: int, *, on_probation: bool, key: str | None = None
+    ) -> Loaded:
+        bundle = self.store.load(name, version)
+        estimate = bundle.manifest.artifact.length * _ESTIMATE_FACTOR + _ESTIMATE_FIXED
+        replaced = self._loaded.get(key or name)
+        in_use = self.memory_used() - (replaced.memory_bytes if replaced else 0)
+        budget = self.config.store.memory_budget_mb * 1024 * 1024
+        if in_use + estimate > budget:
+            raise AdmissionError(
+                f"loading {name} v{version} needs ~{estimate >> 20} MiB; {in_use >> 20} of "
+                f"{budget >> 20} MiB already in use"
+            )
+        rt = self.config.runtime
+        before = rss_bytes()
+        runtime = load_runtime(
+            bundle.artifact,
+            bundle.manifest.artifact.format,
+            RuntimeOptions(
+                intra_op_threads=rt.intra_op_threads,
+                inter_op_threads=rt.inter_op_threads,
+                warmup_runs=rt.warmup_runs,
+            ),
+        )
+        measured = max(rss_bytes() - before, 0)
+        golden = check_golden(bundle.manifest, runtime)
+        if not golden.ok:
+            runtime.close()
+            raise RuntimeAdapterError(
+                f"golden samples failed ({golden.total - golden.passed}/{golden.total}): "
+                + "; ".join(golden.failures[:3])
+            )
+        pipeline = ModelPipeline(
+            bundle.manifest,
+            runtime,
+            self.config.policy(name),
+            self.config.drift,
+            clock=self._clock,
+            worker=self._worker,
+        )
+        log.info(
+            "loaded %s v%d (%d golden samples ok, ~%d KiB)",
+            name,
+            version,
+            golden.total,
+            max(measured, bundle.manifest.artifact.length) >> 10,
+        )
+        return Loaded(
+            key or name, pipeline, max(measured, bundle.manifest.artifact.length), on_probation
+        )
+
+    def _swap(self, key: str, entry: Loaded) -> None:
+        with self._lock:
+            old = self._loaded.get(key)
+            self._loaded[key] = entry
+        if old is not None and old.pipeline is not entry.pipeline:
+            old.pipeline.close()
+
+    def unload(self, key: str) -> None:
+        with self._lock:
+            old = self._loaded.pop(key, None)
+        if old is not None:
+            old.pipeline.close()
+
+    # -------------------------------------------------------------------------- rollback
+    def rollback(self, name: str, reason: str, *, failed: bool = True) -> Loaded | None:
+        """Roll ``name`` back in the store and serve the previous good version.
+
+        Raises:
+            ModelStoreError: no other good version.
+        """
+        state = self.store.rollback(name, reason, failed=failed)
+        self.rollbacks += 1
+        self._event(name, state.active, "rollback", reason)
+        return self.activate(name)
+
+    def _fall_back(self, name: str, reason: str) -> bool:
+        try:
+            self.store.rollback(name, reason)
+        except ModelStoreError as exc:
+            log.error("%s cannot serve and cannot roll back: %s", name, exc)
+            self.unload(name)
+            return False
+        self.rollbacks += 1
+        log.warning("%s rolled back by itself: %s", name, reason)
+        return True
+
+    def mark_good(self, name: str) -> None:
+        entry = self._loaded.get(name)
+        if entry is None:
+            return
+        self.store.mark_good(name, entry.pipeline.version)
+        entry.on_probation = False
+        self._event(name, entry.pipeline.version, "probation_passed", "")
+
+    def _event(self, name: str, version: int | None, kind: str, detail: str) -> None:
+        self.events.append(
+            {"model": name, "version": version, "event": kind, "detail": detail, "at": time.time()}
+        )
+        del self.events[:-200]
+
+    def close(self) -> None:
+        for key in list(self._loaded):
+            self.unload(key)

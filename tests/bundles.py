@@ -1,0 +1,97 @@
+"""Signed bundles of a real digits model (the ``digits_bundles`` fixture builds them once)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from edge_agent.contract import BundleManifest, FeatureRanges
+from model_builder.build import BuildConfig, build_bundle
+from model_builder.data import Dataset
+from model_builder.examples import digits_mlp
+from model_builder.keystore import KeyStore
+from model_builder.package import package_bundle
+
+
+@dataclass(frozen=True)
+class DigitsBundles:
+    """Bundle files of one model name under one key store, and the data they came from."""
+
+    keys: KeyStore
+    dir: Path
+    x_eval: np.ndarray
+    y_eval: np.ndarray
+
+    def path(self, version: int, flavour: str = "good") -> Path:
+        return self.dir / f"digits-{version}-{flavour}.efb"
+
+
+def _variant(
+    manifest: BundleManifest,
+    artifact: bytes,
+    keys: KeyStore,
+    version: int,
+    now: datetime,
+    **changes: object,
+) -> bytes:
+    m = dataclasses.replace(manifest, version=version, **changes)  # type: ignore[arg-type]
+    return package_bundle(m, artifact, keys, now=now)
+
+
+def build_digits_bundles(out: Path) -> DigitsBundles:
+    """v1-v3 good; v4 whose golden samples lie (fails the health check); v5 whose input
+    contract is far too narrow (passes golden samples, then fails probation on real traffic)."""
+    now = datetime.now(UTC)
+    keys = KeyStore.init(out / "keys", now=now)
+    ex = digits_mlp()
+    calib = Dataset({ex.input_name: ex.x_calib}, None)
+    evaluation = Dataset({ex.input_name: ex.x_eval}, ex.y_eval)
+    contract = (ex.input_contract(max_batch=64), ex.output_contract())
+    result = build_bundle(
+        ex.model_bytes,
+        "onnx",
+        calib,
+        evaluation,
+        contract,
+        BuildConfig(name="digits", version=1, measure_latency=False, arch=("any",)),
+        keys,
+        now=now,
+    )
+    manifest = result.manifest
+    from edge_agent.bundle import read_bundle
+
+    (out / "tmp.efb").write_bytes(result.bundle)
+    artifact = read_bundle(out / "tmp.efb", keys.trusted_root(), now=now).artifact
+    for v in (1, 2, 3):
+        (out / f"digits-{v}-good.efb").write_bytes(_variant(manifest, artifact, keys, v, now))
+    lying = tuple(
+        dataclasses.replace(
+            g,
+            label=(g.label or 0) + 1 if g.label is not None else 1,
+            expected={k: (np.asarray(e) * 0 + 0.5).tolist() for k, e in g.expected.items()},
+        )
+        for g in manifest.golden
+    )
+    (out / "digits-4-badgolden.efb").write_bytes(
+        _variant(manifest, artifact, keys, 4, now, golden=lying)
+    )
+    # Per-feature ranges that just cover the golden samples: real digits fall outside.
+    spec = manifest.inputs.tensors[0]
+    golden_x = np.concatenate(
+        [np.asarray(g.inputs[spec.name]).reshape(1, -1) for g in manifest.golden]
+    )
+    narrow = dataclasses.replace(
+        spec,
+        ranges=FeatureRanges(
+            tuple(golden_x.min(axis=0).tolist()), tuple(golden_x.max(axis=0).tolist())
+        ),
+    )
+    inputs = dataclasses.replace(manifest.inputs, tensors=(narrow,))
+    (out / "digits-5-narrow.efb").write_bytes(
+        _variant(manifest, artifact, keys, 5, now, inputs=inputs)
+    )
+    return DigitsBundles(keys, out, ex.x_eval, ex.y_eval)

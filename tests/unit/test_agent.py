@@ -1,0 +1,278 @@
+"""The agent against real onnxruntime sessions on signed digits bundles.
+
+Covers: serving, install with health check and self-rollback, probation failure on real
+traffic, memory admission, A/B stickiness, shadow comparison, cloud fallback routing with a
+fake transport, capture.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from bundles import DigitsBundles
+from edge_agent.agent import Agent
+from edge_agent.capture import CaptureRing
+from edge_agent.config import AgentConfig, CaptureConfig, FallbackConfig, ModelPolicy, StoreConfig
+from edge_agent.errors import FallbackError, InputValidationError, ModelNotFoundError
+from edge_agent.service import InferenceRequest
+from edge_agent.store import ModelStore
+from support import DEVICE
+
+
+class FakeCloud:
+    """A cloud that answers with a fixed one-hot class, or fails on demand."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.calls: list[str] = []
+
+    def request(
+        self, model: str, inputs: Mapping[str, Any], *, deadline_s: float, reason: str
+    ) -> Mapping[str, Any]:
+        self.calls.append(reason)
+        if self.fail:
+            raise FallbackError("cloud down")
+        n = len(next(iter(inputs.values())))
+        out = np.zeros((n, 10), np.float32)
+        out[:, 7] = 1.0
+        return {"probabilities": out}
+
+
+def make_agent(
+    tmp_path: Path,
+    bundles: DigitsBundles,
+    *,
+    install: tuple[str, ...] = ("1",),
+    transport: FakeCloud | None = None,
+    **cfg: Any,
+) -> Agent:
+    config = AgentConfig(
+        store=StoreConfig(
+            state_dir=str(tmp_path / "state"), memory_budget_mb=cfg.pop("budget", 512)
+        ),
+        **cfg,
+    )
+    store = ModelStore(tmp_path / "state", bundles.keys.trusted_root(), DEVICE)
+    agent = Agent(config, store, transport=transport, background_drift=False)
+    for ref in install:
+        v, _, flavour = ref.partition("-")
+        agent.install(bundles.path(int(v), flavour or "good"))
+    agent.start()
+    return agent
+
+
+def request(bundles: DigitsBundles, n: int = 1, start: int = 0, **kw: Any) -> InferenceRequest:
+    return InferenceRequest("digits", {"input": bundles.x_eval[start : start + n]}, **kw)
+
+
+def test_serves_real_predictions(tmp_path: Path, digits_bundles: DigitsBundles) -> None:
+    agent = make_agent(tmp_path, digits_bundles)
+    assert agent.ready()
+    res = agent.infer(request(digits_bundles, 64))
+    pred = np.argmax(res.outputs["probabilities"], axis=1)
+    assert (pred == digits_bundles.y_eval[:64]).mean() > 0.9
+    assert res.source == "device"
+    assert res.parameters["model_version"] == "1"
+    meta = agent.model_metadata("digits")
+    assert meta["inputs"][0]["shape"] == [-1, 64]
+    with pytest.raises(ModelNotFoundError):
+        agent.infer(InferenceRequest("nope", {"input": digits_bundles.x_eval[:1]}))
+
+
+def test_probation_passes_and_marks_good(tmp_path: Path, digits_bundles: DigitsBundles) -> None:
+    agent = make_agent(tmp_path, digits_bundles, model_defaults=ModelPolicy(probation_requests=30))
+    assert agent.registry.get("digits").on_probation  # type: ignore[union-attr]
+    for i in range(30):
+        agent.infer(request(digits_bundles, 1, i))
+    agent.tick()
+    assert agent.store.state("digits").record(1).status == "good"
+
+
+def test_bad_golden_samples_roll_back_by_themselves(
+    tmp_path: Path, digits_bundles: DigitsBundles
+) -> None:
+    agent = make_agent(
+        tmp_path,
+        digits_bundles,
+        install=("1", "2"),
+        model_defaults=ModelPolicy(probation_requests=1),
+    )
+    agent.infer(request(digits_bundles))
+    agent.tick()  # v2 passes probation -> good
+    agent.install(digits_bundles.path(4, "badgolden"))
+    state = agent.store.state("digits")
+    assert state.active == 2
+    assert state.record(4).status == "failed"
+    assert "golden" in state.record(4).reason
+    assert agent.infer(request(digits_bundles)).parameters["model_version"] == "2"
+    assert agent.registry.rollbacks == 1
+
+
+def test_probation_fails_on_real_traffic_and_rolls_back(
+    tmp_path: Path, digits_bundles: DigitsBundles
+) -> None:
+    agent = make_agent(
+        tmp_path,
+        digits_bundles,
+        install=("3",),
+        model_defaults=ModelPolicy(probation_requests=25, max_reject_rate=0.2),
+    )
+    for i in range(25):
+        agent.infer(request(digits_bundles, 1, i))
+    agent.tick()
+    agent.install(digits_bundles.path(5, "narrow"))  # golden samples pass, real data does not
+    assert agent.registry.get("digits").pipeline.version == 5  # type: ignore[union-attr]
+    rejected = 0
+    for i in range(40):
+        try:
+            agent.infer(request(digits_bundles, 1, 100 + i))
+        except InputValidationError:
+            rejected += 1
+    assert rejected > 20
+    agent.tick()
+    state = agent.store.state("digits")
+    assert state.active == 3
+    assert state.record(5).status == "failed"
+    assert "reject rate" in state.record(5).reason
+
+
+def test_memory_budget_refuses_the_load(tmp_path: Path, digits_bundles: DigitsBundles) -> None:
+    agent = make_agent(tmp_path, digits_bundles, budget=1)  # 1 MiB < 8 MiB fixed estimate
+    assert agent.registry.get("digits") is None
+    assert not agent.ready()
+    assert any(e["event"] == "admission_refused" for e in agent.registry.events)
+
+
+def test_ab_split_is_sticky_per_routing_key(tmp_path: Path, digits_bundles: DigitsBundles) -> None:
+    policy = ModelPolicy(ab_candidate="digits@1", ab_fraction=0.5, probation_requests=1)
+    agent = make_agent(tmp_path, digits_bundles, install=("1",), model_defaults=policy)
+    agent.infer(request(digits_bundles))
+    agent.tick()
+    agent.install(digits_bundles.path(2))
+    agent.start()
+    arms = {}
+    for key in (f"user-{i}" for i in range(200)):
+        first = agent.infer(request(digits_bundles, routing_key=key))
+        again = agent.infer(request(digits_bundles, routing_key=key))
+        assert first.parameters["ab_arm"] == again.parameters["ab_arm"]
+        assert first.parameters["model_version"] == again.parameters["model_version"]
+        arms[key] = first.parameters["ab_arm"]
+    share = sum(a == "candidate" for a in arms.values()) / len(arms)
+    assert 0.35 < share < 0.65
+    versions = {
+        agent.infer(request(digits_bundles, routing_key=k)).parameters["model_version"]
+        for k, a in arms.items()
+        if a == "candidate"
+    }
+    assert versions == {"1"}
+
+
+def test_shadow_candidate_reports_agreement(tmp_path: Path, digits_bundles: DigitsBundles) -> None:
+    policy = ModelPolicy(shadow_candidate="digits@1", shadow_fraction=1.0, probation_requests=1)
+    agent = make_agent(tmp_path, digits_bundles, install=("1",), model_defaults=policy)
+    agent.infer(request(digits_bundles))
+    agent.tick()
+    agent.install(digits_bundles.path(2))
+    for i in range(50):
+        agent.infer(request(digits_bundles, 1, i))
+    shadow = agent._shadows["digits"]
+    assert shadow.flush(10.0)
+    stats = shadow.stats()
+    assert stats["compared"] >= 40
+    assert stats["agreement"] == 1.0  # same weights, different version
+
+
+@pytest.mark.parametrize(
+    ("mode", "fail", "expect_source"),
+    [
+        ("cloud_only", False, "cloud"),
+        ("prefer_cloud", False, "cloud"),
+        ("device_only", False, "device"),
+    ],
+)
+def test_fallback_modes(
+    tmp_path: Path, digits_bundles: DigitsBundles, mode: str, fail: bool, expect_source: str
+) -> None:
+    cloud = FakeCloud(fail)
+    agent = make_agent(
+        tmp_path, digits_bundles, transport=cloud, fallback=FallbackConfig(mode=mode)
+    )
+    res = agent.infer(request(digits_bundles))
+    assert res.source == expect_source
+
+
+def test_prefer_device_sends_invalid_input_and_hard_examples_to_cloud(
+    tmp_path: Path, digits_bundles: DigitsBundles
+) -> None:
+    cloud = FakeCloud()
+    agent = make_agent(
+        tmp_path,
+        digits_bundles,
+        transport=cloud,
+        fallback=FallbackConfig(mode="prefer_device", min_confidence=0.999999),
+    )
+    bad = digits_bundles.x_eval[:1].copy()
+    bad[0, 0] = np.nan
+    res = agent.infer(InferenceRequest("digits", {"input": bad}))
+    assert (res.source, res.parameters["fallback_reason"]) == ("cloud", "invalid_input")
+    res = agent.infer(request(digits_bundles))  # almost nothing is 99.9999% confident
+    assert res.source == "cloud"
+    assert res.parameters["fallback_reason"] == "low_confidence"
+    assert cloud.calls == ["invalid_input", "low_confidence"]
+
+
+def test_cloud_failure_keeps_the_device_answer(
+    tmp_path: Path, digits_bundles: DigitsBundles
+) -> None:
+    agent = make_agent(
+        tmp_path,
+        digits_bundles,
+        transport=FakeCloud(fail=True),
+        fallback=FallbackConfig(mode="prefer_device", min_confidence=0.999999),
+    )
+    res = agent.infer(request(digits_bundles))
+    assert res.source == "device"
+    assert "fallback_failed" in res.parameters
+
+
+def test_capture_ring_exports_sampled_requests(
+    tmp_path: Path, digits_bundles: DigitsBundles
+) -> None:
+    agent = make_agent(tmp_path, digits_bundles)
+    agent.capture = CaptureRing(
+        tmp_path / "cap", CaptureConfig(enabled=True, sample_rate=1.0, max_bytes=256 * 1024)
+    )
+    for i in range(900):
+        agent.infer(request(digits_bundles, 1, i % 400))
+        if i % 200 == 0:
+            time.sleep(0.05)  # let the writer keep up: a full queue would drop, by design
+    agent.capture.close()
+    records = list(CaptureRing.export(tmp_path / "cap"))
+    total = sum(p.stat().st_size for p in CaptureRing.segments(tmp_path / "cap"))
+    assert total <= 256 * 1024
+    assert 0 < len(records) < 900 - agent.capture.dropped  # the oldest segments were deleted
+    assert records[-1]["model"] == "digits"
+    assert records[-1]["inputs"]["input"]["shape"] == [1, 64]
+
+
+def test_drift_windows_close_and_score(tmp_path: Path, digits_bundles: DigitsBundles) -> None:
+    agent = make_agent(tmp_path, digits_bundles)
+    for start in range(0, 448, 64):
+        agent.infer(request(digits_bundles, 64, start))
+    shifted = np.clip(digits_bundles.x_eval[:64] + 6.0, 0, 16)
+    for _ in range(20):
+        agent.infer(InferenceRequest("digits", {"input": shifted}))
+    agent.tick()
+    windows = [w for _, _, w in agent.drift_windows if w.tensor == "input"]
+    assert windows
+    assert windows[-1].verdict.to_dict()  # scored
+    drifted = [w for w in windows if w.verdict.to_dict().get("alert")]
+    assert drifted, "a +6 grey-level shift must raise a drift alert"
+    status = agent.status()
+    assert status["models"]["digits"]["requests"] == 27
