@@ -1,6 +1,7 @@
 """``edge-agent``: the device command line.
 
-Store commands (``install``, ``rollback``, ``models``) work on the state directory directly,
+``run`` starts the daemon; ``status`` and ``infer`` talk to it over its local API; store
+commands (``install``, ``rollback``, ``models``) work on the state directory directly,
 under an exclusive lock, so they are safe whether or not the daemon runs; ``verify`` checks a
 bundle exactly as ``install`` would, without installing it.
 """
@@ -15,10 +16,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import click
+import numpy as np
 
 from edge_agent import __version__, _fs
 from edge_agent.bundle import read_bundle
+from edge_agent.capture import CaptureRing
 from edge_agent.cli_support import run_cli
+from edge_agent.client import AgentClient, AgentRequestError, AgentUnreachableError
 from edge_agent.config import AgentConfig, load_config
 from edge_agent.device import detect_device_profile
 from edge_agent.errors import ConfigError
@@ -175,6 +179,90 @@ def verify(
             f"trusted: {m.name} v{m.version} ({m.channel}), signed by "
             f"{len(loaded.verified.signed_by)} key(s), expires {verdict['expires']}"
         )
+
+
+@cli.command()
+@config_option
+def run(config_path: Path | None) -> None:
+    """Run the daemon: load every installed model and serve the local v2 API until SIGTERM."""
+    from edge_agent.daemon import run as run_daemon
+
+    raise SystemExit(run_daemon(_config(config_path)))
+
+
+@cli.command()
+@config_option
+@json_option
+def status(config_path: Path | None, as_json: bool) -> None:
+    """Installed models (from the store) and whether the daemon is up and ready."""
+    cfg = _config(config_path)
+    with _store(cfg) as store:
+        states = [store.state(n) for n in store.names()]
+    client = AgentClient(cfg.api, timeout=2.0)
+    try:
+        daemon = "ready" if client.ready() else "not ready"
+    except AgentUnreachableError:
+        daemon = "not running"
+    if as_json:
+        click.echo(
+            json.dumps({"daemon": daemon, "models": [s.to_dict() for s in states]}, indent=2)
+        )
+        return
+    click.echo(f"daemon: {daemon}")
+    for s in states:
+        rec = s.active_record
+        last = s.events[-1] if s.events else {}
+        click.echo(
+            f"{s.name:<24} v{s.active} {rec.status if rec else '-':<10} last event: "
+            f"{last.get('event', '-')} {last.get('detail', '')}".rstrip()
+        )
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("data", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@config_option
+@click.option("--input-name", default=None, help="Input name for .npy data (default: the first).")
+def infer(model: str, data: Path, config_path: Path | None, input_name: str | None) -> None:
+    """Send DATA (.npy, or .npz keyed by input name) to MODEL on the running daemon."""
+    client = AgentClient(_config(config_path).api)
+    if data.suffix == ".npz":
+        with np.load(data, allow_pickle=False) as npz:
+            inputs = {k: npz[k] for k in npz.files}
+    else:
+        arr = np.load(data, allow_pickle=False)
+        if input_name is None:
+            status_code, meta = client.request("GET", f"/v2/models/{model}")
+            if status_code != 200 or not isinstance(meta, dict):
+                raise AgentRequestError(status_code, str(meta))
+            input_name = meta["inputs"][0]["name"]
+        inputs = {str(input_name): arr}
+    click.echo(json.dumps(client.infer(model, inputs), indent=2))
+
+
+@cli.command()
+@config_option
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write JSON lines here instead of standard output.",
+)
+def capture(config_path: Path | None, out: Path | None) -> None:
+    """Export the sampled capture ring buffer as JSON lines (oldest first)."""
+    directory = Path(_config(config_path).store.state_dir) / "capture"
+    lines = (json.dumps(r) for r in CaptureRing.export(directory))
+    if out is None:
+        for line in lines:
+            click.echo(line)
+    else:
+        n = 0
+        with out.open("w") as fh:
+            for line in lines:
+                fh.write(line + "\n")
+                n += 1
+        click.echo(f"wrote {n} records to {out}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,126 @@
+"""A minimal Open Inference Protocol (v2) client over TCP or the agent's Unix socket.
+
+Standard library only (``http.client``), so the device CLI needs nothing extra. Used by
+``edge-agent status`` and ``edge-agent infer``; any other v2 client works against the agent too.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from typing import Any
+
+import numpy as np
+
+from edge_agent.config import ApiConfig
+from edge_agent.errors import EdgefleetError
+
+
+class AgentUnreachableError(EdgefleetError):
+    """The daemon's local API did not answer."""
+
+    code = "agent_unreachable"
+
+
+class AgentRequestError(EdgefleetError):
+    """The daemon answered with an error (``status`` and the protocol's error message)."""
+
+    code = "agent_error"
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+class AgentClient:
+    """Talks to the local agent: Unix socket when configured, else TCP."""
+
+    def __init__(self, api: ApiConfig, timeout: float = 10.0) -> None:
+        self.api = api
+        self.timeout = timeout
+
+    def _conn(self) -> http.client.HTTPConnection:
+        if self.api.unix_socket:
+            return _UnixConnection(self.api.unix_socket, self.timeout)
+        host = "127.0.0.1" if self.api.host in ("0.0.0.0", "") else self.api.host  # noqa: S104
+        return http.client.HTTPConnection(host, self.api.port, timeout=self.timeout)
+
+    def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """Send one request; returns (status, decoded JSON or None).
+
+        Raises:
+            AgentUnreachableError: nothing listens.
+        """
+        conn = self._conn()
+        try:
+            data = json.dumps(body).encode() if body is not None else None
+            headers = {"Content-Type": "application/json"} if data is not None else {}
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
+            raw = resp.read()
+        except OSError as exc:
+            raise AgentUnreachableError(f"agent API not reachable: {exc}") from exc
+        finally:
+            conn.close()
+        try:
+            return resp.status, json.loads(raw) if raw else None
+        except json.JSONDecodeError:
+            return resp.status, raw.decode(errors="replace")
+
+    def ready(self) -> bool:
+        return self.request("GET", "/v2/health/ready")[0] == 200
+
+    def infer(
+        self, model: str, inputs: dict[str, np.ndarray], parameters: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """v2 JSON inference.
+
+        Raises:
+            AgentRequestError: the agent refused the request.
+            AgentUnreachableError: nothing listens.
+        """
+        body: dict[str, Any] = {
+            "inputs": [
+                {
+                    "name": k,
+                    "shape": list(v.shape),
+                    "datatype": _datatype(v.dtype),
+                    "data": v.reshape(-1).tolist(),
+                }
+                for k, v in inputs.items()
+            ]
+        }
+        if parameters:
+            body["parameters"] = parameters
+        status, out = self.request("POST", f"/v2/models/{model}/infer", body)
+        if status != 200:
+            msg = out.get("error", out) if isinstance(out, dict) else out
+            raise AgentRequestError(status, str(msg))
+        return out if isinstance(out, dict) else {}
+
+
+def _datatype(dtype: np.dtype[Any]) -> str:
+    return {
+        "float32": "FP32",
+        "float64": "FP64",
+        "float16": "FP16",
+        "int64": "INT64",
+        "int32": "INT32",
+        "int16": "INT16",
+        "int8": "INT8",
+        "uint8": "UINT8",
+        "bool": "BOOL",
+    }[np.dtype(dtype).name]
