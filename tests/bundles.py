@@ -65,7 +65,9 @@ def build_digits_bundles(out: Path) -> DigitsBundles:
     from edge_agent.bundle import read_bundle
 
     (out / "tmp.efb").write_bytes(result.bundle)
-    artifact = read_bundle(out / "tmp.efb", keys.trusted_root(), now=now).artifact
+    artifact = read_bundle(
+        out / "tmp.efb", keys.trusted_root(), now=now, installed_version=None, device=None
+    ).artifact
     for v in (1, 2, 3):
         (out / f"digits-{v}-good.efb").write_bytes(_variant(manifest, artifact, keys, v, now))
     lying = tuple(

@@ -44,8 +44,7 @@ from model_builder.gate import (
 from model_builder.keystore import KeyStore
 from model_builder.package import artifact_ref, package_bundle
 from model_builder.perf import PerfReport, measure_perf
-from model_builder.quantize_onnx import detect_target
-from model_builder.quantize_onnx import QuantizedModel, quantize_onnx
+from model_builder.quantize_onnx import QuantizedModel, detect_target, quantize_onnx
 from model_builder.report import render_table
 
 Array = npt.NDArray[Any]

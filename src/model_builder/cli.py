@@ -305,9 +305,10 @@ def verify(
     if arch is not None:
         if runtime_version is None:
             raise click.UsageError("--arch needs --runtime-version (the device's runtime)")
-        raw_manifest = BundleManifest.from_bytes(read_raw(bundle).manifest_bytes)
-        runtime = raw_manifest.compatibility.runtime
-        device = DeviceProfile(arch=arch, runtimes={runtime: runtime_version})
+        # The device is described without reading the (still unverified) manifest.
+        device = DeviceProfile(
+            arch=arch, runtimes={"onnxruntime": runtime_version, "litert": runtime_version}
+        )
     loaded = read_bundle(
         bundle, root, now=_now(), installed_version=installed_version, device=device
     )

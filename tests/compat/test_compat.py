@@ -28,7 +28,11 @@ def test_released_bundle_still_verifies_and_runs(fixture: Path) -> None:
     info = json.loads((fixture / "fixture.json").read_text())
     root = TrustedRoot.from_bytes((fixture / "root.json").read_bytes())
     loaded = read_bundle(
-        fixture / info["bundle"], root, now=datetime.fromisoformat(info["verify_at"])
+        fixture / info["bundle"],
+        root,
+        now=datetime.fromisoformat(info["verify_at"]),
+        installed_version=None,
+        device=None,
     )
     assert loaded.manifest.schema_version == info["manifest_schema_version"]
     runtime = load_runtime(loaded.artifact, loaded.manifest.artifact.format)

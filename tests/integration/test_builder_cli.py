@@ -88,7 +88,9 @@ def built(workspace: Path) -> Path:
 
 def test_build_writes_a_verifiable_bundle_with_report(built: Path, workspace: Path) -> None:
     store = KeyStore.open(workspace / "keys")
-    loaded = read_bundle(built, store.trusted_root(), now=datetime.now(UTC))
+    loaded = read_bundle(
+        built, store.trusted_root(), now=datetime.now(UTC), installed_version=None, device=None
+    )
     m = loaded.manifest
     assert (m.name, m.version, m.artifact.format) == ("digits", 3, "onnx")
     report = json.loads((workspace / "out" / "digits-3.report.json").read_text())

@@ -136,6 +136,7 @@ COMPAT_CASES = [
     (("aarch64",), "arm64", "1.20", None),
     (("aarch64",), "x86_64", "1.20", "aarch64"),
     (("any",), "x86_64", "1.15.1", "1.16"),
+    (("any",), "x86_64", "1.16", None),  # the minimum itself is enough
     (("any",), "x86_64", "not-a-version", "cannot compare"),
 ]
 

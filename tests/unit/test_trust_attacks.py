@@ -49,11 +49,18 @@ def _verify(store: KeyStore, bundle: bytes, **kw: object) -> object:
     parts = list(members(bundle).values())
     kw.setdefault("now", NOW)
     kw.setdefault("device", DEVICE)
+    kw.setdefault("installed_version", None)
     return verify_bundle(_root(store), parts[0], parts[1], parts[2], **kw)  # type: ignore[arg-type]
 
 
 def test_honest_bundle_verifies_from_file(store: KeyStore, tmp_path: Path) -> None:
-    loaded = read_bundle(write(tmp_path, make_bundle(store)), _root(store), now=NOW, device=DEVICE)
+    loaded = read_bundle(
+        write(tmp_path, make_bundle(store)),
+        _root(store),
+        now=NOW,
+        installed_version=None,
+        device=DEVICE,
+    )
     assert loaded.manifest.name == "digits"
     assert loaded.artifact == b"model-bytes-v1" * 10
 
@@ -64,7 +71,13 @@ def test_tampered_artifact_is_rejected(store: KeyStore, tmp_path: Path) -> None:
     art[3] ^= 0x01  # same length, one bit flipped
     parts["model.onnx"] = bytes(art)
     with pytest.raises(DigestMismatchError):
-        read_bundle(write(tmp_path, repack(parts)), _root(store), now=NOW, device=DEVICE)
+        read_bundle(
+            write(tmp_path, repack(parts)),
+            _root(store),
+            now=NOW,
+            installed_version=None,
+            device=DEVICE,
+        )
 
 
 def test_tampered_manifest_is_rejected(store: KeyStore, tmp_path: Path) -> None:
@@ -73,7 +86,13 @@ def test_tampered_manifest_is_rejected(store: KeyStore, tmp_path: Path) -> None:
     manifest["inputs"]["tensors"][0]["nan_policy"] = "allow"  # weaken the input contract
     parts["manifest.json"] = json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()
     with pytest.raises((DigestMismatchError, LengthMismatchError)):
-        read_bundle(write(tmp_path, repack(parts)), _root(store), now=NOW, device=DEVICE)
+        read_bundle(
+            write(tmp_path, repack(parts)),
+            _root(store),
+            now=NOW,
+            installed_version=None,
+            device=DEVICE,
+        )
 
 
 def test_tampered_manifest_same_length_is_rejected(store: KeyStore) -> None:
@@ -195,7 +214,13 @@ def test_artifact_longer_than_signed_length_is_rejected_before_reading(
     parts = members(make_bundle(store))
     parts["model.onnx"] += b"\0" * (8 * 1024 * 1024)  # endless data
     with pytest.raises(LengthMismatchError, match="longer than its signed length"):
-        read_bundle(write(tmp_path, repack(parts)), _root(store), now=NOW, device=DEVICE)
+        read_bundle(
+            write(tmp_path, repack(parts)),
+            _root(store),
+            now=NOW,
+            installed_version=None,
+            device=DEVICE,
+        )
 
 
 def test_artifact_longer_than_signed_length_in_memory(store: KeyStore) -> None:
@@ -284,7 +309,11 @@ def test_truncated_bundle_is_a_format_error(store: KeyStore, tmp_path: Path) -> 
     for cut in cuts:
         with pytest.raises((BundleFormatError, LengthMismatchError, DigestMismatchError)):
             read_bundle(
-                write(tmp_path, data[:cut], f"cut{cut}.efb"), _root(store), now=NOW, device=DEVICE
+                write(tmp_path, data[:cut], f"cut{cut}.efb"),
+                _root(store),
+                now=NOW,
+                installed_version=None,
+                device=DEVICE,
             )
 
 
@@ -292,4 +321,10 @@ def test_extra_member_is_a_format_error(store: KeyStore, tmp_path: Path) -> None
     parts = members(make_bundle(store))
     parts["evil.sh"] = b"#!/bin/sh\n"
     with pytest.raises(BundleFormatError):
-        read_bundle(write(tmp_path, repack(parts)), _root(store), now=NOW, device=DEVICE)
+        read_bundle(
+            write(tmp_path, repack(parts)),
+            _root(store),
+            now=NOW,
+            installed_version=None,
+            device=DEVICE,
+        )

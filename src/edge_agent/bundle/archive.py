@@ -24,7 +24,6 @@ import tarfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import IO
 
 from edge_agent.contract.manifest import BundleManifest, DeviceProfile
 from edge_agent.errors import BundleFormatError, LengthMismatchError
@@ -33,11 +32,14 @@ from edge_agent.trust import (
     TrustedRoot,
     VerifiedManifest,
     verify_artifact,
-    verify_manifest,
+    verify_signed_manifest,
+    verify_targets,
 )
 from edge_agent.trust.verify import MAX_MANIFEST_BYTES, MAX_TARGETS_BYTES
 
 TARGETS_MEMBER = "targets.json"
+ARTIFACT_MEMBERS = ("model.onnx", "model.tflite")
+_BLOCK = 512
 MANIFEST_MEMBER = "manifest.json"
 BUNDLE_SUFFIX = ".efb"
 _CHUNK = 1024 * 1024
@@ -120,12 +122,13 @@ def read_raw(
 
     Raises:
         BundleFormatError: not a bundle, truncated, or members missing / out of order / oversized.
+        LengthMismatchError: a member is larger than its cap.
     """
-    with _open_tar(path) as tar:
-        targets = _read_member(tar, _next_member(tar, TARGETS_MEMBER), MAX_TARGETS_BYTES)
-        manifest = _read_member(tar, _next_member(tar, MANIFEST_MEMBER), MAX_MANIFEST_BYTES)
-        art = _next_member(tar, None)
-        data = _read_member(tar, art, max_artifact_bytes) if with_artifact else None
+    with _UstarReader(path) as tar:
+        targets = tar.read(tar.next(TARGETS_MEMBER), MAX_TARGETS_BYTES)
+        manifest = tar.read(tar.next(MANIFEST_MEMBER), MAX_MANIFEST_BYTES)
+        art = tar.next(None)
+        data = tar.read(art, max_artifact_bytes) if with_artifact else None
         return RawBundle(targets, manifest, art.name, art.size, data)
 
 
@@ -134,87 +137,155 @@ def read_bundle(
     root: TrustedRoot,
     *,
     now: datetime,
-    installed_version: int | None = None,
+    installed_version: int | None,
+    device: DeviceProfile | None,
     installed_manifest_sha256: str | None = None,
-    device: DeviceProfile | None = None,
+    expected_name: str | None = None,
+    expected_channel: str | None = None,
 ) -> LoadedBundle:
-    """Read and fully verify a bundle file.
+    """Read and fully verify a bundle file (arguments as ``edge_agent.trust.verify_manifest``).
 
-    The artifact is read only after the manifest is verified, and never beyond its signed length.
+    Reads are ordered so that nothing is read beyond what is already trusted: the targets
+    metadata (capped at 1 MiB) is verified first; the manifest is then read only up to the
+    signed manifest length; the artifact only up to the signed artifact length.
 
     Raises:
         BundleFormatError: the file is not a well-formed bundle.
         BundleVerificationError: any verification failure (see ``edge_agent.trust.verify``).
     """
-    with _open_tar(path) as tar:
-        targets = _read_member(tar, _next_member(tar, TARGETS_MEMBER), MAX_TARGETS_BYTES)
-        manifest_bytes = _read_member(tar, _next_member(tar, MANIFEST_MEMBER), MAX_MANIFEST_BYTES)
-        verified = verify_manifest(
-            root,
-            targets,
+    with _UstarReader(path) as tar:
+        targets = tar.read(tar.next(TARGETS_MEMBER), MAX_TARGETS_BYTES)
+        vt = verify_targets(root, targets, now=now)
+        member = tar.next(MANIFEST_MEMBER)
+        if member.size != vt.manifest_length:
+            raise LengthMismatchError(
+                f"manifest member is {member.size} bytes, signed {vt.manifest_length}"
+            )
+        manifest_bytes = tar.read(member, vt.manifest_length)
+        verified = verify_signed_manifest(
+            vt,
             manifest_bytes,
-            now=now,
             installed_version=installed_version,
-            installed_manifest_sha256=installed_manifest_sha256,
             device=device,
+            installed_manifest_sha256=installed_manifest_sha256,
+            expected_name=expected_name,
+            expected_channel=expected_channel,
         )
         art_ref = verified.manifest.artifact
-        member = _next_member(tar, art_ref.path)
+        member = tar.next(art_ref.path)
         if member.size > art_ref.length:
             raise LengthMismatchError(
                 f"artifact member is {member.size} bytes, longer than its signed length "
                 f"{art_ref.length}"
             )
-        artifact = _read_member(tar, member, art_ref.length)
-        if tar.next() is not None:
-            raise BundleFormatError("bundle has members after the artifact")
+        artifact = tar.read(member, art_ref.length)
+        tar.expect_end()
     verify_artifact(verified, ArtifactDigest.of(artifact))
     return LoadedBundle(verified, targets, manifest_bytes, artifact)
 
 
-def _open_tar(path: Path) -> tarfile.TarFile:
-    try:
-        return tarfile.open(Path(path), mode="r:")
-    except FileNotFoundError as exc:
-        raise BundleFormatError(f"no bundle at {path}") from exc
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise BundleFormatError(f"{path} is not a bundle (uncompressed tar): {exc}") from exc
+@dataclass(frozen=True)
+class _Member:
+    name: str
+    size: int
 
 
-def _next_member(tar: tarfile.TarFile, expected: str | None) -> tarfile.TarInfo:
-    try:
-        member = tar.next()
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise BundleFormatError(f"bundle is truncated or corrupt: {exc}") from exc
-    if member is None:
-        raise BundleFormatError(f"bundle ends before member {expected or 'model.*'}")
-    if not member.isreg():
-        raise BundleFormatError(f"bundle member {member.name!r} is not a regular file")
-    if expected is not None and member.name != expected:
-        raise BundleFormatError(f"expected member {expected!r}, found {member.name!r}")
-    if expected is None and member.name not in ("model.onnx", "model.tflite"):
-        raise BundleFormatError(f"unexpected bundle member {member.name!r}")
-    return member
+class _UstarReader:
+    """A strict reader of plain USTAR archives, written for untrusted input.
 
+    Python's ``tarfile`` reads PAX and GNU long-name headers into memory before a caller can
+    cap anything; bundles never need them. This reader accepts only 512-byte USTAR headers of
+    regular files with valid checksums, names of at most 100 bytes, sizes in octal, and reads a
+    member's data only after its size has been checked against the caller's cap.
+    """
 
-def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, cap: int) -> bytes:
-    if member.size > cap:
-        raise LengthMismatchError(f"member {member.name} is {member.size} bytes, cap is {cap}")
-    fh: IO[bytes] | None = tar.extractfile(member)
-    if fh is None:  # pragma: no cover - regular files always have a file object
-        raise BundleFormatError(f"cannot read member {member.name}")
-    hasher_input = io.BytesIO()
-    remaining = member.size
-    try:
-        while remaining > 0:
-            chunk = fh.read(min(_CHUNK, remaining))
-            if not chunk:
-                raise BundleFormatError(f"member {member.name} is truncated")
-            hasher_input.write(chunk)
-            remaining -= len(chunk)
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise BundleFormatError(f"member {member.name} is truncated or corrupt: {exc}") from exc
-    return hasher_input.getvalue()
+    def __init__(self, path: Path) -> None:
+        try:
+            self._fh = Path(path).open("rb")  # noqa: SIM115 - closed by __exit__
+        except FileNotFoundError as exc:
+            raise BundleFormatError(f"no bundle at {path}") from exc
+        except OSError as exc:
+            raise BundleFormatError(f"cannot open {path}: {exc}") from exc
+        self._path = path
+        self._pending = 0  # unread data + padding of the current member
+
+    def __enter__(self) -> _UstarReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._fh.close()
+
+    def _header(self) -> bytes | None:
+        if self._pending:
+            self._fh.seek(self._pending, 1)
+            self._pending = 0
+        block = self._fh.read(_BLOCK)
+        if len(block) < _BLOCK:
+            raise BundleFormatError(f"{self._path} is truncated (incomplete tar header)")
+        if block == b"\0" * _BLOCK:
+            return None
+        return block
+
+    def next(self, expected: str | None) -> _Member:
+        """The next member's header; it must be a regular file named ``expected``.
+
+        Raises:
+            BundleFormatError: end of archive, bad header, not a regular file, wrong name.
+        """
+        block = self._header()
+        what = expected or "model.*"
+        if block is None:
+            raise BundleFormatError(f"bundle ends before member {what}")
+        try:
+            checksum = int(block[148:156].rstrip(b" \0").decode("ascii") or "-1", 8)
+        except ValueError:
+            checksum = -1
+        if checksum != sum(block[:148]) + 8 * 32 + sum(block[156:]):
+            raise BundleFormatError("bundle is not a tar archive (bad header checksum)")
+        if block[257:262] != b"ustar":
+            raise BundleFormatError("bundle members must use plain USTAR headers")
+        name = block[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+        prefix = block[345:500].split(b"\0", 1)[0]
+        if block[156:157] not in (b"0", b"\0") or prefix:
+            raise BundleFormatError(f"bundle member {name[:64]!r} is not a regular file")
+        try:
+            size = int(block[124:136].rstrip(b" \0").decode("ascii") or "0", 8)
+        except ValueError as exc:
+            raise BundleFormatError(f"bundle member {name[:64]!r} has a bad size") from exc
+        if expected is not None and name != expected:
+            raise BundleFormatError(f"expected member {expected!r}, found {name[:64]!r}")
+        if expected is None and name not in ARTIFACT_MEMBERS:
+            raise BundleFormatError(f"unexpected bundle member {name[:64]!r}")
+        self._pending = size + (-size % _BLOCK)
+        return _Member(name, size)
+
+    def read(self, member: _Member, cap: int) -> bytes:
+        """The member's data, refused before reading when it is larger than ``cap``.
+
+        Raises:
+            LengthMismatchError: larger than ``cap``.
+            BundleFormatError: the file ends inside the member.
+        """
+        if member.size > cap:
+            raise LengthMismatchError(f"member {member.name} is {member.size} bytes, cap is {cap}")
+        data = self._fh.read(member.size)
+        if len(data) != member.size:
+            raise BundleFormatError(f"member {member.name} is truncated")
+        self._pending -= member.size
+        return data
+
+    def expect_end(self) -> None:
+        """Only end-of-archive blocks may follow.
+
+        Raises:
+            BundleFormatError: another member follows.
+        """
+        try:
+            block = self._header()
+        except BundleFormatError:
+            return  # a missing end marker after the last member is harmless
+        if block is not None:
+            raise BundleFormatError("bundle has members after the artifact")
 
 
 def sha256_file(path: Path) -> str:

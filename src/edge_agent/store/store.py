@@ -216,7 +216,9 @@ class ModelStore:
         installed_at = datetime.strptime(rec.installed_at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
             tzinfo=UTC
         )
-        loaded = read_bundle(path, self.root, now=installed_at, device=self.device)
+        loaded = read_bundle(
+            path, self.root, now=installed_at, installed_version=None, device=self.device
+        )
         if loaded.verified.manifest_sha256 != rec.manifest_sha256:
             raise BundleVerificationError(f"{name} v{v} on disk is not the bundle installed")
         return loaded

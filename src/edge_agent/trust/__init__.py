@@ -4,12 +4,15 @@ from edge_agent.trust.root import ROLES, TrustedRoot, parse_metadata
 from edge_agent.trust.verify import (
     ArtifactDigest,
     VerifiedManifest,
+    VerifiedTargets,
     artifact_target_path,
     make_targets,
     manifest_target_path,
     verify_artifact,
     verify_bundle,
     verify_manifest,
+    verify_signed_manifest,
+    verify_targets,
 )
 
 __all__ = [
@@ -17,6 +20,7 @@ __all__ = [
     "ArtifactDigest",
     "TrustedRoot",
     "VerifiedManifest",
+    "VerifiedTargets",
     "artifact_target_path",
     "make_targets",
     "manifest_target_path",
@@ -24,4 +28,6 @@ __all__ = [
     "verify_artifact",
     "verify_bundle",
     "verify_manifest",
+    "verify_signed_manifest",
+    "verify_targets",
 ]

@@ -115,15 +115,52 @@ def make_targets(manifest: BundleManifest, manifest_bytes: bytes, expires: datet
     return Targets(version=manifest.version, expires=expires, targets=targets)
 
 
+@dataclass(frozen=True)
+class VerifiedTargets:
+    """Targets metadata whose signatures, expiry and shape were checked (stage 1a).
+
+    ``manifest_length`` caps how much of the manifest the caller may read.
+    """
+
+    targets: Targets
+    manifest_target: TargetFile
+    signed_by: tuple[str, ...]
+
+    @property
+    def manifest_length(self) -> int:
+        return int(self.manifest_target.length)
+
+
+def verify_targets(root: TrustedRoot, targets_bytes: bytes, *, now: datetime) -> VerifiedTargets:
+    """Stage 1a: the builder-signed targets metadata, before reading the manifest.
+
+    Raises:
+        ExpiredMetadataError: the root or the targets metadata has expired.
+        LengthMismatchError: the targets metadata is larger than ``MAX_TARGETS_BYTES``.
+        MetadataFormatError: malformed, or not exactly one manifest and one artifact target.
+        SignatureThresholdError: not signed by a threshold of the root's targets keys.
+    """
+    root.check_expiry(now)
+    if len(targets_bytes) > MAX_TARGETS_BYTES:
+        raise LengthMismatchError(f"targets metadata exceeds {MAX_TARGETS_BYTES} bytes")
+    md: Metadata[Targets] = parse_metadata(targets_bytes, "targets")
+    signed_by = root.verify_role("targets", md)
+    if md.signed.is_expired(now):
+        raise ExpiredMetadataError(f"targets metadata expired at {md.signed.expires}")
+    return VerifiedTargets(md.signed, _single_manifest_target(md.signed), signed_by)
+
+
 def verify_manifest(
     root: TrustedRoot,
     targets_bytes: bytes,
     manifest_bytes: bytes,
     *,
     now: datetime,
-    installed_version: int | None = None,
+    installed_version: int | None,
+    device: DeviceProfile | None,
     installed_manifest_sha256: str | None = None,
-    device: DeviceProfile | None = None,
+    expected_name: str | None = None,
+    expected_channel: str | None = None,
 ) -> VerifiedManifest:
     """Stage 1: trust the manifest (and so the artifact's signed length and digest).
 
@@ -132,31 +169,46 @@ def verify_manifest(
         targets_bytes: the bundle's TUF targets metadata.
         manifest_bytes: the bundle's manifest bytes.
         now: reference time for expiry checks (timezone-aware UTC).
-        installed_version: version of this model name already installed, if any.
-        installed_manifest_sha256: manifest digest of that installed version; re-installing the
+        installed_version: version of this model name already installed, or ``None`` when
+            nothing is (required: a caller must decide, not forget, the rollback check).
+        device: the device's profile, or ``None`` to skip the compatibility check on purpose
+            (a third party verifying, not a device installing).
+        installed_manifest_sha256: manifest digest of the installed version; re-installing the
             same version is allowed only with the identical manifest.
-        device: the device's profile; ``None`` skips the compatibility check (verifying for a
-            third party rather than for installation).
+        expected_name: the model the caller asked for (e.g. from signed desired state).
+        expected_channel: the channel the caller asked for.
 
     Raises:
-        ExpiredMetadataError: the root or the targets metadata has expired.
-        MetadataFormatError: the targets metadata is malformed or lists the wrong targets.
-        SignatureThresholdError: not signed by a threshold of the root's targets keys.
+        everything ``verify_targets`` raises, and
         LengthMismatchError, DigestMismatchError: the manifest bytes are not the signed ones.
-        MixAndMatchError: manifest identity differs from the signed target identity.
+        MixAndMatchError: manifest identity differs from the signed target identity, or from
+            the expected name/channel.
         RollbackError: older than the installed version, or the same version with other content.
         IncompatibleTargetError: the bundle is not for this device.
     """
-    root.check_expiry(now)
-    if len(targets_bytes) > MAX_TARGETS_BYTES:
-        raise LengthMismatchError(f"targets metadata exceeds {MAX_TARGETS_BYTES} bytes")
-    md: Metadata[Targets] = parse_metadata(targets_bytes, "targets")
-    signed_by = root.verify_role("targets", md)
-    targets = md.signed
-    if targets.is_expired(now):
-        raise ExpiredMetadataError(f"targets metadata expired at {targets.expires}")
+    return verify_signed_manifest(
+        verify_targets(root, targets_bytes, now=now),
+        manifest_bytes,
+        installed_version=installed_version,
+        device=device,
+        installed_manifest_sha256=installed_manifest_sha256,
+        expected_name=expected_name,
+        expected_channel=expected_channel,
+    )
 
-    manifest_target = _single_manifest_target(targets)
+
+def verify_signed_manifest(
+    vt: VerifiedTargets,
+    manifest_bytes: bytes,
+    *,
+    installed_version: int | None,
+    device: DeviceProfile | None,
+    installed_manifest_sha256: str | None = None,
+    expected_name: str | None = None,
+    expected_channel: str | None = None,
+) -> VerifiedManifest:
+    """Stage 1b: the manifest against already verified targets. Raises as ``verify_manifest``."""
+    targets, manifest_target = vt.targets, vt.manifest_target
     _check_bytes(manifest_target, manifest_bytes, "manifest")
     try:
         manifest = BundleManifest.from_bytes(manifest_bytes)
@@ -173,6 +225,12 @@ def verify_manifest(
         raise MixAndMatchError(
             f"manifest {manifest.name} v{manifest.version} ({manifest.channel}) was signed as "
             f"{manifest_target.path} in targets v{targets.version}"
+        )
+    if expected_name is not None and manifest.name != expected_name:
+        raise MixAndMatchError(f"expected model {expected_name!r}, bundle is {manifest.name!r}")
+    if expected_channel is not None and manifest.channel != expected_channel:
+        raise MixAndMatchError(
+            f"expected channel {expected_channel!r}, bundle is {manifest.channel!r}"
         )
     _check_artifact_target(targets, manifest, manifest_target.hashes["sha256"])
 
@@ -192,7 +250,7 @@ def verify_manifest(
             )
     if device is not None:
         manifest.compatibility.check(device)
-    return VerifiedManifest(manifest, manifest_sha256, signed_by, targets.expires)
+    return VerifiedManifest(manifest, manifest_sha256, vt.signed_by, targets.expires)
 
 
 def verify_artifact(verified: VerifiedManifest, digest: ArtifactDigest) -> None:
@@ -219,9 +277,11 @@ def verify_bundle(
     artifact: bytes,
     *,
     now: datetime,
-    installed_version: int | None = None,
+    installed_version: int | None,
+    device: DeviceProfile | None,
     installed_manifest_sha256: str | None = None,
-    device: DeviceProfile | None = None,
+    expected_name: str | None = None,
+    expected_channel: str | None = None,
 ) -> VerifiedManifest:
     """Both stages on in-memory bytes. Raises everything the two stages raise."""
     verified = verify_manifest(
@@ -232,6 +292,8 @@ def verify_bundle(
         installed_version=installed_version,
         installed_manifest_sha256=installed_manifest_sha256,
         device=device,
+        expected_name=expected_name,
+        expected_channel=expected_channel,
     )
     verify_artifact(verified, ArtifactDigest.of(artifact))
     return verified
