@@ -272,7 +272,7 @@ def test_read_raw_refuses_an_unexpected_artifact_member(store: KeyStore, tmp_pat
     parts = members(make_bundle(store))
     read_raw(write(tmp_path, repack(parts), "ok.efb"))  # control
     parts["evil.sh"] = parts.pop("model.onnx")
-    with pytest.raises(BundleFormatError, match="unexpected bundle member 'evil.sh'"):
+    with pytest.raises(BundleFormatError, match=r"unexpected bundle member 'evil\.sh'"):
         read_raw(write(tmp_path, repack(parts)))
 
 
