@@ -122,8 +122,9 @@ class ControlLoop(threading.Thread):
 
 
 def _ready(handle: Any) -> None:
-    log.info("ready at %s%s", handle.url,
-             f" and unix:{handle.unix_socket}" if handle.unix_socket else "")
+    log.info(
+        "ready at %s%s", handle.url, f" and unix:{handle.unix_socket}" if handle.unix_socket else ""
+    )
     sd_notify("READY=1")
 
 

@@ -1,0 +1,376 @@
+"""The agent's local Open Inference Protocol (KServe v2) HTTP API, as a Starlette app.
+
+Owns: routing, the HTTP error mapping, request-size and rate limits, and metrics accounting for
+the v2 endpoints (``/v2/health/live``, ``/v2/health/ready``, ``/v2``, ``/v2/models/{name}[/versions
+/{v}]``, ``.../ready``, ``.../infer``) plus ``/metrics``. It does not decode tensors (``codec``),
+run models (the ``InferenceService``), or listen on sockets (``server``).
+
+Error mapping, always as the protocol's ``{"error": "<message>"}``:
+    400 undecodable or invalid request (message names the validation reason and field)
+    404 unknown model or version, or unknown route
+    413 body larger than ``max_request_bytes`` (Content-Length checked first, the stream capped)
+    429 client over its rate limit, with ``Retry-After``
+    503 the model or the cloud fallback cannot answer; not live / not ready
+    500 anything else: a generic message, never a traceback (the traceback goes to the log)
+
+Clients: a TCP client is its peer IP; every Unix-socket client is the one client ``"uds"``
+(uvicorn does not expose the socket's peer credentials to the app, and the socket file is 0660 so
+only the agent's group can connect). ``X-Forwarded-For`` is never trusted (``server`` turns proxy
+headers off). Sticky A/B: the ``routing_key`` request parameter, else the ``X-Routing-Key`` header.
+
+Threads: decoding, ``service.infer`` and encoding run together in one worker-thread hop, bounded by
+a ``CapacityLimiter`` of ``max_concurrency``, so the event loop never blocks on a model, a cloud
+call or a large JSON body; the other (cheap) service calls use Starlette's default thread pool,
+so health probes never queue behind slow inferences.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import anyio
+import anyio.to_thread
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from edge_agent.api import codec
+from edge_agent.api import metrics as m
+from edge_agent.api.metrics import ApiMetrics
+from edge_agent.api.ratelimit import RateLimiter
+from edge_agent.config import ApiConfig
+from edge_agent.errors import (
+    ConfigError,
+    EdgefleetError,
+    FallbackError,
+    InputValidationError,
+    ModelNotFoundError,
+    ModelStoreError,
+    RateLimitedError,
+    RuntimeAdapterError,
+)
+from edge_agent.service import InferenceRequest, InferenceService
+
+logger = logging.getLogger(__name__)
+
+UDS_CLIENT = "uds"
+DEFAULT_MAX_CONCURRENCY = 16
+JSON = "application/json"
+OCTETS = "application/octet-stream"
+_MAX_KNOWN_MODELS = 256
+_Outcome = tuple[str, str, Response]
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    body = codec.to_json({"error": message})
+    return Response(body, status_code=status, media_type=JSON, headers=headers)
+
+
+def _json(document: Any, status: int = 200) -> Response:
+    return Response(codec.to_json(document), status_code=status, media_type=JSON)
+
+
+def _describe(exc: InputValidationError) -> str:
+    parts = [f"reason: {exc.reason}"]
+    if exc.field:
+        parts.append(f"field: {exc.field}")
+    if exc.counts:
+        parts.append("rows: " + ", ".join(f"{k}={v}" for k, v in sorted(exc.counts.items())))
+    return f"{exc} ({'; '.join(parts)})"
+
+
+def _target(request: Request) -> tuple[str, str | None]:
+    params = request.path_params
+    return params["name"], params.get("version")
+
+
+class _Api:
+    """The endpoints, sharing one service, limiter and metrics."""
+
+    def __init__(
+        self,
+        service: InferenceService,
+        config: ApiConfig,
+        metrics: ApiMetrics,
+        limiter: RateLimiter,
+        max_concurrency: int,
+    ) -> None:
+        self.service = service
+        self.metrics = metrics
+        self.limiter = limiter
+        self.max_bytes = config.max_request_bytes
+        self.max_concurrency = max_concurrency
+        self._threads: anyio.CapacityLimiter | None = None  # needs a running event loop
+        # Model names the service has vouched for; anything else is UNKNOWN_MODEL in metrics, so
+        # clients cannot grow label cardinality by requesting made-up names.
+        self._known: set[str] = set()
+
+    def _label(self, name: str) -> str:
+        return name if name in self._known else m.UNKNOWN_MODEL
+
+    def _vouch(self, name: str) -> None:
+        if len(self._known) < _MAX_KNOWN_MODELS:
+            self._known.add(name)
+
+    def _throttled(self, request: Request) -> Response | None:
+        client = request.scope.get("client")
+        wait = self.limiter.acquire(client[0] if client else UDS_CLIENT)
+        if wait <= 0:
+            return None
+        headers = {"Retry-After": str(max(1, math.ceil(wait)))}
+        return _error(429, f"rate limited; retry in {wait:.3f}s", headers)
+
+    def _failure(self, exc: Exception, stage: str = "service") -> _Outcome:
+        if isinstance(exc, InputValidationError):
+            return m.OUTCOME_INVALID, exc.reason, _error(400, _describe(exc))
+        if isinstance(exc, ModelNotFoundError):
+            return m.OUTCOME_NOT_FOUND, exc.code, _error(404, str(exc) or exc.code)
+        if isinstance(exc, RateLimitedError):
+            headers = {"Retry-After": "1"}
+            return m.OUTCOME_RATE_LIMITED, exc.code, _error(429, str(exc) or exc.code, headers)
+        unavailable = (RuntimeAdapterError, FallbackError, ModelStoreError)
+        if stage == "service" and isinstance(exc, unavailable):
+            return m.OUTCOME_UNAVAILABLE, exc.code, _error(503, str(exc) or exc.code)
+        code = exc.code if isinstance(exc, EdgefleetError) else "exception"
+        logger.error("inference API %s failed (%s)", stage, code, exc_info=exc)
+        return m.OUTCOME_ERROR, code, _error(500, f"internal error ({code})")
+
+    # --- health and metadata -------------------------------------------------------------
+
+    async def live(self, request: Request) -> Response:
+        return await self._probe(self.service.live, "live")
+
+    async def ready(self, request: Request) -> Response:
+        return await self._probe(self.service.ready, "ready")
+
+    async def _probe(self, check: Any, what: str) -> Response:
+        try:
+            ok = bool(await run_in_threadpool(check))
+        except Exception:
+            logger.exception("%s probe failed", what)
+            ok = False
+        return _json({what: True}) if ok else _error(503, f"server is not {what}")
+
+    async def server_metadata(self, request: Request) -> Response:
+        try:
+            meta = dict(await run_in_threadpool(self.service.server_metadata))
+        except Exception as exc:
+            return self._failure(exc)[2]
+        extensions = list(meta.get("extensions") or [])
+        if "binary_tensor_data" not in extensions:
+            extensions.append("binary_tensor_data")  # this API implements it, whatever the agent
+        meta["extensions"] = extensions
+        return _json(meta)
+
+    async def model_metadata(self, request: Request) -> Response:
+        return await self._model_call(request, "metadata", self.service.model_metadata)
+
+    async def model_ready(self, request: Request) -> Response:
+        return await self._model_call(request, "model_ready", self.service.model_ready)
+
+    async def _model_call(self, request: Request, endpoint: str, call: Any) -> Response:
+        name, version = _target(request)
+        limited = self._throttled(request)
+        if limited is not None:
+            reason = m.OUTCOME_RATE_LIMITED
+            self.metrics.count_request(endpoint, self._label(name), m.OUTCOME_RATE_LIMITED, reason)
+            return limited
+        try:
+            value = await run_in_threadpool(call, name, version)
+        except Exception as exc:
+            outcome, reason, response = self._failure(exc)
+            self.metrics.count_request(endpoint, self._label(name), outcome, reason)
+            return response
+        self._vouch(name)
+        self.metrics.count_request(endpoint, name, m.OUTCOME_OK, m.NO_REASON)
+        if endpoint == "metadata":
+            return _json(value)
+        if value:
+            return _json({"name": name, "ready": True})
+        suffix = "" if version is None else f" version {version!r}"
+        return _error(503, f"model {name!r}{suffix} is not ready")
+
+    # --- inference -----------------------------------------------------------------------
+
+    async def infer(self, request: Request) -> Response:
+        started = time.perf_counter()
+        name, version = _target(request)
+        self.metrics.request_started()
+        try:
+            outcome, reason, response = await self._infer(request, name, version)
+        finally:
+            self.metrics.request_finished()
+        elapsed = time.perf_counter() - started
+        self.metrics.observe_infer(self._label(name), outcome, reason, elapsed)
+        return response
+
+    async def _infer(self, request: Request, name: str, version: str | None) -> _Outcome:
+        limited = self._throttled(request)
+        if limited is not None:
+            return m.OUTCOME_RATE_LIMITED, m.OUTCOME_RATE_LIMITED, limited
+        headers = request.headers
+        declared = headers.get("content-length")
+        if declared is not None and not declared.isdigit():
+            return m.OUTCOME_INVALID, "content_length", _error(400, "invalid Content-Length")
+        if declared is not None and int(declared) > self.max_bytes:
+            return self._too_large(int(declared))
+        try:
+            body = await self._read_body(request)
+        except ClientDisconnect:
+            return m.OUTCOME_ABORTED, "disconnect", _error(400, "client disconnected")
+        if body is None:
+            return self._too_large(None)
+        if self._threads is None:
+            self._threads = anyio.CapacityLimiter(self.max_concurrency)
+        return await anyio.to_thread.run_sync(
+            self._infer_sync,
+            name,
+            version,
+            body,
+            headers.get(codec.HEADER_LENGTH),
+            headers.get("x-routing-key"),
+            limiter=self._threads,
+            abandon_on_cancel=True,  # a drain timeout must not wait for a stuck model
+        )
+
+    def _too_large(self, size: int | None) -> _Outcome:
+        got = "" if size is None else f" ({size} bytes)"
+        message = f"request body too large{got}; the limit is {self.max_bytes} bytes"
+        response = _error(413, message, {"Connection": "close"})
+        return m.OUTCOME_TOO_LARGE, "payload_too_large", response
+
+    async def _read_body(self, request: Request) -> bytes | None:
+        """The body, or ``None`` once it exceeds the limit (whatever Content-Length said)."""
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_bytes:
+                return None
+            if chunk:
+                chunks.append(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _infer_sync(
+        self,
+        name: str,
+        version: str | None,
+        body: bytes,
+        header_length: str | None,
+        routing_header: str | None,
+    ) -> _Outcome:
+        stage = "decode"
+        try:
+            decoded = codec.decode_request(body, header_length)
+            routing = decoded.parameters.get("routing_key", routing_header)
+            if routing is not None and not isinstance(routing, str):
+                raise InputValidationError(
+                    "parameter 'routing_key' must be a string", reason=codec.REASON_SCHEMA
+                )
+            stage = "service"
+            result = self.service.infer(
+                InferenceRequest(
+                    model=name,
+                    inputs=decoded.inputs,
+                    version=version,
+                    routing_key=routing,
+                    request_id=decoded.request_id,
+                    payload_bytes=len(body),
+                    parameters=decoded.parameters,
+                )
+            )
+            stage = "encode"
+            encoded = codec.encode_response(
+                result,
+                request_id=decoded.request_id,
+                outputs=decoded.outputs,
+                binary_output=decoded.binary_output,
+            )
+        except Exception as exc:
+            answered = stage != "decode" and isinstance(exc, EdgefleetError)
+            if answered and not isinstance(exc, ModelNotFoundError):
+                self._vouch(name)  # the service knew the model: it is a bounded label
+            return self._failure(exc, stage)
+        self._vouch(name)
+        self.metrics.count_source(name, result.source)
+        self.metrics.set_model_version(name, result.model_version)
+        if encoded.header_length is None:
+            return m.OUTCOME_OK, m.NO_REASON, Response(encoded.body, media_type=JSON)
+        headers = {"Inference-Header-Content-Length": str(encoded.header_length)}
+        return m.OUTCOME_OK, m.NO_REASON, Response(encoded.body, media_type=OCTETS, headers=headers)
+
+    async def metrics_text(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=m.CONTENT_TYPE)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, HTTPException):
+        return _error(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+    return _error(500, "internal error")  # pragma: no cover - only HTTPException is routed here
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    return _error(500, "internal error")
+
+
+def create_app(
+    service: InferenceService,
+    config: ApiConfig,
+    metrics: ApiMetrics | None = None,
+    *,
+    rate_limiter: RateLimiter | None = None,
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY,
+) -> Starlette:
+    """Build the v2 API app over ``service``.
+
+    Args:
+        service: the agent (or a fake) that answers.
+        config: limits (``max_request_bytes``, rate limit); listening is ``server.serve``'s job.
+        metrics: where to count; a fresh ``ApiMetrics`` (own registry) by default.
+        rate_limiter: per-client limiter; built from ``config`` with the monotonic clock by
+            default (tests inject one with a fake clock).
+        max_concurrency: inference calls running at once in worker threads; more wait.
+
+    Returns:
+        The app; ``app.state.metrics`` and ``app.state.rate_limiter`` expose the hooks.
+
+    Raises:
+        ConfigError: ``config`` or ``max_concurrency`` is invalid.
+    """
+    config.validate()
+    if max_concurrency < 1:
+        raise ConfigError("max_concurrency must be >= 1")
+    api = _Api(
+        service,
+        config,
+        metrics if metrics is not None else ApiMetrics(),
+        rate_limiter if rate_limiter is not None else RateLimiter.from_config(config),
+        max_concurrency,
+    )
+    model = "/v2/models/{name}"
+    versioned = "/v2/models/{name}/versions/{version}"
+    routes = [
+        Route("/v2/health/live", api.live, methods=["GET"]),
+        Route("/v2/health/ready", api.ready, methods=["GET"]),
+        Route("/v2", api.server_metadata, methods=["GET"]),
+        Route("/metrics", api.metrics_text, methods=["GET"]),
+    ]
+    for prefix in (model, versioned):
+        routes += [
+            Route(prefix, api.model_metadata, methods=["GET"]),
+            Route(prefix + "/ready", api.model_ready, methods=["GET"]),
+            Route(prefix + "/infer", api.infer, methods=["POST"]),
+        ]
+    app = Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: _http_error, Exception: _internal_error},
+    )
+    app.state.metrics = api.metrics
+    app.state.rate_limiter = api.limiter
+    return app

@@ -1,0 +1,96 @@
+"""Per-client token buckets with an injected clock, and the bounded LRU of clients."""
+
+from __future__ import annotations
+
+import pytest
+
+from edge_agent.api.ratelimit import RateLimiter
+from edge_agent.config import ApiConfig
+from edge_agent.errors import ConfigError, RateLimitedError
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_burst_then_refusal_with_wait_time() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rate=10.0, burst=3, clock=clock)
+    assert [limiter.acquire("a") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert limiter.acquire("a") == pytest.approx(0.1)
+    clock.now += 0.05
+    assert limiter.acquire("a") == pytest.approx(0.05)  # half a token came back; none taken
+
+
+def test_refill_at_rate_and_capped_at_burst() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rate=10.0, burst=3, clock=clock)
+    for _ in range(3):
+        limiter.acquire("a")
+    clock.now += 0.1
+    assert limiter.acquire("a") == 0.0
+    assert limiter.acquire("a") > 0
+    clock.now += 3600  # a long quiet period refills to the burst, no more
+    assert [limiter.acquire("a") for _ in range(4)].count(0.0) == 3
+
+
+def test_clients_are_independent() -> None:
+    limiter = RateLimiter(rate=1.0, burst=1, clock=FakeClock())
+    assert limiter.acquire("a") == 0.0
+    assert limiter.acquire("a") > 0
+    assert limiter.acquire("b") == 0.0
+
+
+def test_clock_stepping_back_neither_refills_nor_breaks() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter(rate=1.0, burst=1, clock=clock)
+    limiter.acquire("a")
+    clock.now -= 100
+    assert limiter.acquire("a") == pytest.approx(1.0)
+
+
+def test_tracked_clients_are_bounded_least_recent_evicted() -> None:
+    limiter = RateLimiter(rate=1.0, burst=1, clock=FakeClock(), max_clients=2)
+    limiter.acquire("a")
+    limiter.acquire("b")
+    limiter.acquire("a")  # refused, but "a" is now the most recent
+    limiter.acquire("c")  # evicts "b"
+    assert len(limiter) == 2
+    assert limiter.acquire("a") > 0  # still tracked: still empty
+    assert limiter.acquire("b") == 0.0  # evicted: starts again with a full bucket
+
+
+def test_many_clients_stay_bounded() -> None:
+    limiter = RateLimiter(rate=1.0, burst=1, clock=FakeClock(), max_clients=100)
+    for i in range(10_000):
+        limiter.acquire(f"10.0.{i // 256}.{i % 256}")
+    assert len(limiter) == 100
+
+
+def test_check_raises_rate_limited() -> None:
+    limiter = RateLimiter(rate=1.0, burst=1, clock=FakeClock())
+    limiter.check("a")
+    with pytest.raises(RateLimitedError, match="retry in"):
+        limiter.check("a")
+
+
+def test_from_config() -> None:
+    clock = FakeClock()
+    limiter = RateLimiter.from_config(
+        ApiConfig(rate_limit_per_second=5.0, rate_limit_burst=2), clock=clock
+    )
+    assert (limiter.rate, limiter.burst) == (5.0, 2.0)
+    assert limiter.acquire("x") == limiter.acquire("x") == 0.0
+    assert limiter.acquire("x") == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize(
+    ("rate", "burst", "clients"), [(0.0, 1, 1), (-1.0, 1, 1), (1.0, 0, 1), (1.0, 1, 0)]
+)
+def test_invalid_settings_are_config_errors(rate: float, burst: int, clients: int) -> None:
+    with pytest.raises(ConfigError):
+        RateLimiter(rate, burst, max_clients=clients)
