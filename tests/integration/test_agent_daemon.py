@@ -1,0 +1,135 @@
+"""The real daemon as a process: install while running, serve over TCP and the Unix socket,
+roll back by CLI, reject bad input with typed errors, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bundles import DigitsBundles
+
+from edge_agent.client import AgentClient, AgentRequestError
+from edge_agent.config import ApiConfig
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def agent_cli(*args: str, config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "edge-agent"), *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, digits_bundles: DigitsBundles):  # type: ignore[no-untyped-def]
+    (tmp_path / "root.json").write_bytes(digits_bundles.keys.root_bytes())
+    port = free_port()
+    sock = tmp_path / "agent.sock"
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'log_json = true\n[api]\nport = {port}\nunix_socket = "{sock}"\n'
+        f'[store]\nstate_dir = "{tmp_path / "state"}"\nroot_path = "{tmp_path / "root.json"}"\n'
+        "[model_defaults]\nprobation_requests = 5\n"
+    )
+    assert agent_cli("install", str(digits_bundles.path(1)), config=config).returncode == 0
+    log = (tmp_path / "daemon.log").open("w")
+    proc = subprocess.Popen(
+        [str(BIN / "edge-agent"), "run", "--config", str(config)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    tcp = AgentClient(ApiConfig(port=port), timeout=5)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if tcp.ready():
+                break
+        except Exception:  # noqa: S110 - not up yet
+            pass
+        time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("daemon did not become ready: " + (tmp_path / "daemon.log").read_text())
+    yield proc, config, tcp, AgentClient(ApiConfig(unix_socket=str(sock)), timeout=5), tmp_path
+    if proc.poll() is None:
+        proc.kill()
+    log.close()
+
+
+def test_daemon_end_to_end(daemon, digits_bundles: DigitsBundles) -> None:  # type: ignore[no-untyped-def]
+    proc, config, tcp, uds, tmp_path = daemon
+    x = digits_bundles.x_eval[:4]
+    out = tcp.infer("digits", {"input": x})
+    assert out["parameters"]["model_version"] == "1"
+    assert out["parameters"]["inference_source"] == "device"
+    pred = np.argmax(np.asarray(out["outputs"][0]["data"]).reshape(4, 10), axis=1)
+    assert (pred == digits_bundles.y_eval[:4]).sum() >= 3
+    assert uds.infer("digits", {"input": x})["model_version"] == "1"
+
+    # bad input: a typed 400 naming the reason, and the daemon keeps serving
+    bad = x.copy()
+    bad[0, 3] = np.nan
+    with pytest.raises(AgentRequestError) as info:
+        tcp.infer("digits", {"input": bad})
+    assert info.value.status == 400
+    assert "nan" in str(info.value)
+    with pytest.raises(AgentRequestError) as info:
+        tcp.infer("digits", {"input": np.zeros((2, 7), np.float32)})
+    assert info.value.status == 400
+    status, _ = tcp.request("POST", "/v2/models/digits/infer", {"inputs": "garbage"})
+    assert status == 400
+    for _ in range(5):
+        tcp.infer("digits", {"input": x[:1]})
+
+    # install v2 while running: the daemon picks it up by itself
+    assert agent_cli("install", str(digits_bundles.path(2)), config=config).returncode == 0
+    deadline = time.monotonic() + 20
+    while tcp.infer("digits", {"input": x[:1]})["model_version"] != "2":
+        assert time.monotonic() < deadline, "daemon did not reload v2"
+        time.sleep(0.2)
+    for _ in range(6):
+        tcp.infer("digits", {"input": x[:1]})
+    time.sleep(2.5)  # a control tick judges probation
+
+    # manual rollback through the CLI
+    res = agent_cli("rollback", "digits", config=config)
+    assert res.returncode == 0, res.stderr
+    deadline = time.monotonic() + 20
+    while tcp.infer("digits", {"input": x[:1]})["model_version"] != "1":
+        assert time.monotonic() < deadline, "daemon did not follow the rollback"
+        time.sleep(0.2)
+    state = json.loads(agent_cli("models", "--json", config=config).stdout)[0]
+    assert state["active"] == 1
+    assert any(e["event"] == "rollback" for e in state["events"])
+
+    metrics = tcp.request("GET", "/metrics")[1]
+    assert "edgefleet_api_requests_total" in str(metrics)
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    assert not (tmp_path / "agent.sock").exists()
+    lines = [
+        json.loads(line)
+        for line in (tmp_path / "daemon.log").read_text().splitlines()
+        if line.startswith("{")
+    ]
+    assert any(rec["msg"] == "stopped" for rec in lines)
+    os.sync()
