@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bundles import DigitsBundles
 
+from bundles import DigitsBundles
 from edge_agent.client import AgentClient, AgentRequestError
 from edge_agent.config import ApiConfig
 
@@ -62,7 +62,7 @@ def daemon(tmp_path: Path, digits_bundles: DigitsBundles):  # type: ignore[no-un
         try:
             if tcp.ready():
                 break
-        except Exception:  # noqa: S110 - not up yet
+        except Exception:
             pass
         time.sleep(0.1)
     else:
