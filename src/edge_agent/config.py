@@ -81,8 +81,10 @@ class DriftConfig:
     window_seconds: float = 60.0
     alpha: float = 0.01
     kll: bool = False
+    max_rows_per_second: float = 20000.0
 
     def validate(self) -> None:
+        _check(self.max_rows_per_second >= 256, "drift.max_rows_per_second must be >= 256")
         _check(self.window_values >= 10, "drift.window_values must be >= 10")
         _check(self.window_seconds > 0, "drift.window_seconds must be positive")
         _check(0 < self.alpha < 0.5, "drift.alpha must be in (0, 0.5)")

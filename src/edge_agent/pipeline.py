@@ -51,6 +51,10 @@ class _RowBuffer:
 
     def add(self, rows: Array, flush: Callable[[str, Array], None]) -> None:
         n = rows.shape[0]
+        if n == 1 and self.fill < BLOCK - 1:  # the batch-1 hot path: one row copy
+            self.buf[self.fill] = rows[0]
+            self.fill += 1
+            return
         start = 0
         while start < n:
             take = min(BLOCK - self.fill, n - start)
@@ -61,6 +65,27 @@ class _RowBuffer:
                 full, self.buf = self.buf, np.empty_like(self.buf)
                 self.fill = 0
                 flush(self.name, full)
+
+
+class _TokenBucket:
+    """Allows ``rate`` units per second on average, bursts up to one second's worth."""
+
+    __slots__ = ("_clock", "_last", "_rate", "_tokens")
+
+    def __init__(self, rate: float, clock: Callable[[], float]) -> None:
+        self._rate = rate
+        self._clock = clock
+        self._tokens = rate
+        self._last = clock()
+
+    def take(self, n: int) -> bool:
+        now = self._clock()
+        self._tokens = min(self._rate, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._tokens >= n:
+            self._tokens -= n
+            return True
+        return False
 
 
 class DriftWorker:
@@ -130,8 +155,13 @@ class ModelPipeline:
         self._clock = clock
         dtypes = {i.name: i.dtype for i in runtime.inputs}
         self._pre = [
-            (t.name, t.preprocessing, dtypes.get(t.name, t.dtype)) for t in manifest.inputs.tensors
+            (t.name, t.preprocessing.compile(dtypes.get(t.name, t.dtype)))
+            for t in manifest.inputs.tensors
         ]
+        # Sketching costs ~1-2 us per row: above this rate blocks are sampled, not all sketched,
+        # so monitoring never takes more than a bounded share of the CPU.
+        self._sketch_budget = _TokenBucket(drift.max_rows_per_second, clock)
+        self.sketch_sampled_out = 0
         self.monitor = DriftMonitor(
             manifest.baseline,
             MonitorPolicy(
@@ -199,7 +229,7 @@ class ModelPipeline:
 
     def preprocess(self, raw: Mapping[str, Array]) -> dict[str, Array]:
         """Validated raw inputs -> model inputs, through the declared preprocessing."""
-        return {name: pre.apply(raw[name], dtype) for name, pre, dtype in self._pre}
+        return {name: fn(raw[name]) for name, fn in self._pre}
 
     def _sketch(self, raw: Mapping[str, Array], outputs: Mapping[str, Array]) -> None:
         for name in self.manifest.baseline.inputs:
@@ -220,6 +250,9 @@ class ModelPipeline:
         buf.add(flat, self._flush)
 
     def _flush(self, name: str, block: Array) -> None:
+        if not self._sketch_budget.take(block.shape[0]):
+            self.sketch_sampled_out += block.shape[0]
+            return
         if self._worker is None:
             self.observe_block(name, block)
         else:
