@@ -220,10 +220,10 @@ def demo(out_dir: Path) -> None:
     from model_builder.examples import save_example
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    click.echo("1/4 training the digits MLP (scikit-learn bundled digits, exported to ONNX)")
+    click.echo("1/6 training the digits MLP (scikit-learn bundled digits, exported to ONNX)")
     ex_dir = save_example("digits-mlp", out_dir / "example")
     keys_dir = out_dir / "keys"
-    click.echo("2/4 creating a root of trust and signing keys")
+    click.echo("2/6 creating a root of trust and signing keys")
     store = (
         KeyStore.open(keys_dir)
         if (keys_dir / "root.json").exists()
@@ -232,7 +232,7 @@ def demo(out_dir: Path) -> None:
     version = 1 + max(
         (int(p.stem.rsplit("-", 1)[1]) for p in out_dir.glob("digits-*.efb")), default=0
     )
-    click.echo(f"3/4 model-builder build (static int8, gate, baseline, sign) -> v{version}")
+    click.echo(f"3/6 model-builder build (static int8, gate, baseline, sign) -> v{version}")
     result = run_build(
         ex_dir / "model.onnx",
         ex_dir / "calib.npz",
@@ -243,7 +243,7 @@ def demo(out_dir: Path) -> None:
         out_dir,
     )
     click.echo(result.report["table"])
-    click.echo("4/4 verifying and running the bundle as a device would")
+    click.echo("4/6 verifying and running the bundle as a device would")
     device = detect_device_profile()
     loaded = read_bundle(
         out_dir / bundle_name(result),
