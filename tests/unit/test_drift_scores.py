@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -269,13 +270,12 @@ def null_statistics(n: int, big_n: int, trials: int, seed: int) -> FeatureScores
     for _ in range(trials // 16):
         base, live = baseline_and_window(rng.normal(size=(big_n, 16)), rng.normal(size=(n, 16)))
         out.append(score(live, base))
-    return FeatureScores(
-        **{
-            f: np.concatenate([getattr(s, f) for s in out])
-            for f in FeatureScores.__annotations__
-            if f != "schema_version"
-        }
-    )
+    joined: dict[str, Any] = {
+        f: np.concatenate([getattr(s, f) for s in out])
+        for f in FeatureScores.__annotations__
+        if f != "schema_version"
+    }
+    return FeatureScores(**joined)
 
 
 @pytest.mark.parametrize(("n", "big_n"), [(300, 3000), (3000, 1000)])
