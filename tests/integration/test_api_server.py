@@ -166,6 +166,23 @@ def test_serves_tcp_and_unix_socket(tmp_path: Path) -> None:
     assert not os.path.lexists(sock)
 
 
+def test_oversized_bodies_get_413_over_real_http(tmp_path: Path) -> None:
+    config = api_config(tmp_path, max_request_bytes=1024 * 1024)
+
+    def chunks() -> Iterator[bytes]:
+        for _ in range(64):
+            yield bytes(65536)
+
+    with running(SlowService(), config) as (handle, _):
+        with httpx.Client(base_url=handle.url, timeout=10) as client:
+            declared = client.post("/v2/models/double/infer", content=bytes(4 * 1024 * 1024))
+            chunked = client.post("/v2/models/double/infer", content=chunks())
+        for response in (declared, chunked):
+            assert response.status_code == 413
+            assert "limit is 1048576 bytes" in response.json()["error"]
+        assert httpx.get(handle.url + "/v2/health/live").status_code == 200
+
+
 def test_shutdown_lets_in_flight_requests_finish(tmp_path: Path) -> None:
     config = api_config(tmp_path)
     sock = config.unix_socket
@@ -232,16 +249,8 @@ def test_drain_timeout_bounds_shutdown(tmp_path: Path) -> None:
 
 def test_sigterm_drains_and_exits_cleanly(tmp_path: Path) -> None:
     sock = str(tmp_path / "api.sock")
-    proc = subprocess.Popen(
-        [sys.executable, __file__, sock, "5"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
+    with server_process(sock) as (proc, _):
         assert proc.stdout is not None
-        ready = json.loads(proc.stdout.readline())
-        assert ready["unix_socket"] == sock
         responses: list[httpx.Response] = []
 
         def call() -> None:
@@ -257,10 +266,6 @@ def test_sigterm_drains_and_exits_cleanly(tmp_path: Path) -> None:
         assert [r.status_code for r in responses] == [200]
         assert not os.path.lexists(sock)
         assert "Traceback" not in (proc.stderr.read() if proc.stderr else "")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_socket_path_checks(tmp_path: Path) -> None:
@@ -283,15 +288,34 @@ def test_socket_path_checks(tmp_path: Path) -> None:
     assert regular.read_text() == "not a socket"
 
 
+@contextmanager
+def server_process(sock: str, *flags: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """This module run as a server in a process of its own; yields it and its URL."""
+    proc = subprocess.Popen(
+        [sys.executable, __file__, sock, "5", *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ready = json.loads(proc.stdout.readline())
+        assert ready["unix_socket"] == sock
+        yield proc, ready["url"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_indicative_throughput(tmp_path: Path) -> None:
-    """Prints requests/s and latency of the real server with a fake service; asserts no timing."""
-    config = api_config(tmp_path)
-    sock = config.unix_socket
-    assert sock is not None
+    """Prints requests/s and latency of the real server (own process, fake service); no asserts
+    on timing. The httpx clients share the same cores, so this is a floor, not a benchmark."""
+    sock = str(tmp_path / "api.sock")
     payload = json.dumps(BODY).encode()
-    with running(SlowService(), config) as (handle, _):
+    with server_process(sock, "--quiet") as (proc, url):
         for label, factory in (
-            ("tcp", lambda: httpx.Client(base_url=handle.url, timeout=10)),
+            ("tcp", lambda: httpx.Client(base_url=url, timeout=10)),
             ("uds", lambda: uds_client(sock)),
         ):
             latencies: list[list[float]] = [[] for _ in range(8)]
@@ -321,16 +345,26 @@ def test_indicative_throughput(tmp_path: Path) -> None:
                 f"\n[{label}] 2000 requests, 8 threads: {2000 / elapsed:.0f} req/s,"
                 f" p50 {p50:.2f} ms, p99 {p99:.2f} ms"
             )
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
 
 
 def _main() -> None:
     sock, drain = sys.argv[1], float(sys.argv[2])
-    config = ApiConfig(host="127.0.0.1", port=0, unix_socket=sock, drain_seconds=drain)
+    config = ApiConfig(
+        host="127.0.0.1",
+        port=0,
+        unix_socket=sock,
+        drain_seconds=drain,
+        rate_limit_per_second=1e6,
+        rate_limit_burst=1_000_000,
+    )
 
     def ready(handle: ServerHandle) -> None:
         print(json.dumps({"url": handle.url, "unix_socket": handle.unix_socket}), flush=True)
 
-    serve(create_app(SlowService(announce=True), config), config, ready_callback=ready)
+    service = SlowService(announce="--quiet" not in sys.argv)
+    serve(create_app(service, config), config, ready_callback=ready)
 
 
 if __name__ == "__main__":

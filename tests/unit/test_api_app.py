@@ -240,7 +240,7 @@ def test_infer_json_round_trip(client: TestClient, service: FakeService) -> None
     assert seen.payload_bytes == len(response.request.content)
     assert seen.version is None
     assert seen.parameters == {}
-    assert service.threads[0].startswith("AnyIO worker")  # never on the event loop
+    assert service.threads[0].startswith("edgefleet-api")  # never on the event loop
 
 
 def test_infer_versioned_route(client: TestClient, service: FakeService) -> None:

@@ -137,7 +137,7 @@ def decode_request(
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise _bad(REASON_SCHEMA, "'id' must be a string")
-    parameters = _object(doc.get("parameters"), "'parameters'")
+    parameters = _object(doc.get("parameters"), "'parameters'", None)
     binary_output = parameters.get("binary_data_output", False)
     if not isinstance(binary_output, bool):
         raise _bad(REASON_SCHEMA, "parameter 'binary_data_output' must be a boolean")
@@ -151,11 +151,11 @@ def _header_length(text: str, body: bytes) -> int:
     return int(text)
 
 
-def _object(value: Any, what: str, field: str | None = None) -> dict[str, Any]:
+def _object(value: Any, what: str, field: str | None) -> dict[str, Any]:
     if value is None:
         return {}
-    if not isinstance(value, dict):
-        raise _bad(REASON_SCHEMA, f"{what} must be a JSON object", field)
+    if not isinstance(value, dict):  # ``what`` may hold a {!r} for the field: formatted only here
+        raise _bad(REASON_SCHEMA, f"{what.format(field)} must be a JSON object", field)
     return value
 
 
@@ -169,7 +169,7 @@ def _requested_outputs(raw: Any) -> tuple[RequestedOutput, ...] | None:
         name = entry.get("name") if isinstance(entry, dict) else None
         if not isinstance(name, str):
             raise _bad(REASON_SCHEMA, "each requested output needs a string 'name'")
-        params = _object(entry.get("parameters"), f"parameters of output {name!r}", name)
+        params = _object(entry.get("parameters"), "parameters of output {!r}", name)
         binary = params.get("binary_data")
         if binary is not None and not isinstance(binary, bool):
             raise _bad(REASON_SCHEMA, f"binary_data of output {name!r} must be a boolean", name)
@@ -187,7 +187,7 @@ def _decode_input(raw: Any, index: int, view: memoryview, offset: int) -> tuple[
     if not isinstance(datatype, str):
         raise _bad(REASON_SCHEMA, f"input {name!r} needs a string 'datatype'", name)
     shape = _shape(raw.get("shape"), name)
-    params = _object(raw.get("parameters"), f"parameters of input {name!r}", name)
+    params = _object(raw.get("parameters"), "parameters of input {!r}", name)
     size = params.get("binary_data_size")
     if size is None:
         if "data" not in raw:
@@ -239,6 +239,8 @@ def _from_json(data: Any, datatype: str, shape: tuple[int, ...], name: str) -> A
         info = np.iinfo(dtype)
         if array.min() < info.min or array.max() > info.max:
             raise _bad(REASON_DATA, f"data of input {name!r} is out of range for {datatype}", name)
+    if dtype.kind != "f" or array.dtype.itemsize <= dtype.itemsize:
+        return array.astype(dtype)
     with np.errstate(over="ignore"):  # FP64 -> FP32/FP16 overflow becomes Inf: validation counts it
         return array.astype(dtype)
 
