@@ -33,8 +33,9 @@ class ApiConfig:
     port: int = 8080
     unix_socket: str | None = None
     max_request_bytes: int = 8 * 1024 * 1024
-    rate_limit_per_second: float = 2000.0
-    rate_limit_burst: int = 4000
+    # Per client: every TCP client on loopback is one client (127.0.0.1), so be generous.
+    rate_limit_per_second: float = 10000.0
+    rate_limit_burst: int = 20000
     drain_seconds: float = 10.0
 
     def validate(self) -> None:

@@ -130,14 +130,17 @@ def _ready(handle: Any) -> None:
 
 def run(config: AgentConfig) -> int:
     """Run the daemon until SIGTERM/SIGINT; returns the exit code."""
-    from edge_agent.api import create_app, serve
+    from edge_agent.agent_metrics import AgentCollector
+    from edge_agent.api import ApiMetrics, create_app, serve
 
     setup_logging(config)
     agent = build_agent(config)
     control = ControlLoop(agent)
     control.start()
     signal.signal(signal.SIGHUP, lambda *_: control.reload_now.set())
-    app = create_app(agent, config.api)
+    metrics = ApiMetrics()
+    metrics.registry.register(AgentCollector(agent))
+    app = create_app(agent, config.api, metrics)
     log.info(
         "serving %s on %s:%d%s",
         ", ".join(agent.model_names()) or "no models",

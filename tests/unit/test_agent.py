@@ -276,3 +276,30 @@ def test_drift_windows_close_and_score(tmp_path: Path, digits_bundles: DigitsBun
     assert drifted, "a +6 grey-level shift must raise a drift alert"
     status = agent.status()
     assert status["models"]["digits"]["requests"] == 27
+
+
+def test_agent_metrics_are_collected_at_scrape(
+    tmp_path: Path, digits_bundles: DigitsBundles
+) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from edge_agent.agent_metrics import AgentCollector
+
+    agent = make_agent(tmp_path, digits_bundles)
+    for i in range(20):  # 1,280 rows: five 256-row sketch blocks, one closed 1,000-row window
+        agent.infer(request(digits_bundles, 64, (i % 7) * 64))
+    bad = digits_bundles.x_eval[:1].copy()
+    bad[0, 0] = -5.0
+    with pytest.raises(InputValidationError):
+        agent.infer(InferenceRequest("digits", {"input": bad}))
+    agent.tick()
+    registry = CollectorRegistry()
+    registry.register(AgentCollector(agent))
+    text = generate_latest(registry).decode()
+    assert 'edgefleet_agent_model_version{model="digits"} 1.0' in text
+    assert (
+        'edgefleet_agent_validation_rejects_total{model="digits",reason="out_of_range"} 1.0' in text
+    )
+    assert 'edgefleet_agent_requests_total{model="digits",outcome="ok"} 20.0' in text
+    assert "edgefleet_agent_drift_psi{" in text
+    assert "edgefleet_agent_rollbacks_total 0.0" in text
