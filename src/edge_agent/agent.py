@@ -313,7 +313,17 @@ class Agent:
         if result.validation.dropped:
             params["dropped_rows"] = result.validation.dropped
             params["dropped_by_reason"] = dict(result.validation.rejected)
-        if policy is not None and self.cloud is not None:
+        if entry.pipeline.last_drift_alert:
+            params["drift_alert"] = True
+        if policy is not None and self._may_fall_back():
+            fb = self.config.fallback
+            if entry.pipeline.out_of_distribution(result.validation.feeds, fb.ood_feature_fraction):
+                try:
+                    return self._cloud(request, entry, "out_of_distribution", arm)
+                except FallbackError as exc:
+                    params["fallback_failed"] = str(exc)
+                    params["out_of_distribution"] = True
+        if policy is not None and self.cloud is not None and "fallback_failed" not in params:
             hard = policy.after(result.outputs)
             if hard.cloud:
                 try:

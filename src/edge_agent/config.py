@@ -102,6 +102,9 @@ class FallbackConfig:
     max_entropy: float = 1.0
     breaker_failures: int = 5
     breaker_reset_seconds: float = 30.0
+    # A row is out of distribution when more than this share of its features lies outside the
+    # range the baseline saw; such requests go to the cloud under prefer_device.
+    ood_feature_fraction: float = 0.25
 
     def validate(self) -> None:
         _check(self.mode in FALLBACK_MODES, f"fallback.mode must be one of {FALLBACK_MODES}")
@@ -110,6 +113,7 @@ class FallbackConfig:
         _check(0 <= self.min_confidence <= 1, "fallback.min_confidence must be in [0, 1]")
         _check(0 <= self.max_entropy <= 1, "fallback.max_entropy must be in [0, 1]")
         _check(self.breaker_failures >= 1, "fallback.breaker_failures must be >= 1")
+        _check(0 < self.ood_feature_fraction <= 1, "fallback.ood_feature_fraction in (0, 1]")
 
 
 @dataclass(frozen=True)

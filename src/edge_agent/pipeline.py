@@ -162,6 +162,15 @@ class ModelPipeline:
         # so monitoring never takes more than a bounded share of the CPU.
         self._sketch_budget = _TokenBucket(drift.max_rows_per_second, clock)
         self.sketch_sampled_out = 0
+        self.last_drift_alert = False
+        # Per input, the range each (baseline-reduced) feature took in the baseline.
+        self._baseline_range = {
+            name: (
+                np.array([e[0] for e in view.edges.edges]),
+                np.array([e[-1] for e in view.edges.edges]),
+            )
+            for name, view in manifest.baseline.inputs.items()
+        }
         self.monitor = DriftMonitor(
             manifest.baseline,
             MonitorPolicy(
@@ -261,12 +270,34 @@ class ModelPipeline:
     def observe_block(self, name: str, block: Array) -> None:
         """Sketch one full block (called by the drift worker, or inline)."""
         with self._drift_lock:
-            self.windows.extend(self.monitor.observe(name, block, self._clock()))
+            closed = self.monitor.observe(name, block, self._clock())
+            self._note_windows(closed)
+
+    def _note_windows(self, closed: tuple[DriftWindow, ...]) -> None:
+        if closed:
+            self.windows.extend(closed)
+            self.last_drift_alert = any(w.verdict.alert for w in closed)
+
+    def out_of_distribution(self, raw: Mapping[str, Array], feature_fraction: float) -> bool:
+        """Whether any row has more than ``feature_fraction`` of its features outside the range
+        the baseline saw (a cheap per-request OOD test used by the cloud-fallback policy)."""
+        for name, (lo, hi) in self._baseline_range.items():
+            x = raw.get(name)
+            if x is None:
+                continue
+            flat = x.reshape(x.shape[0], -1)
+            if flat.shape[1] != lo.shape[0]:
+                flat = self.manifest.baseline.features(x)
+            with np.errstate(invalid="ignore"):
+                outside = ((flat < lo) | (flat > hi)).mean(axis=1)
+            if bool((outside > feature_fraction).any()):
+                return True
+        return False
 
     def collect_windows(self) -> list[DriftWindow]:
         """Closed drift windows since the last call (also closes windows due by time)."""
         with self._drift_lock:
-            self.windows.extend(self.monitor.tick(self._clock()))
+            self._note_windows(self.monitor.tick(self._clock()))
             out, self.windows = self.windows, []
         return out
 

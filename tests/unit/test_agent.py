@@ -303,3 +303,31 @@ def test_agent_metrics_are_collected_at_scrape(
     assert 'edgefleet_agent_requests_total{model="digits",outcome="ok"} 20.0' in text
     assert "edgefleet_agent_drift_psi{" in text
     assert "edgefleet_agent_rollbacks_total 0.0" in text
+
+
+def test_out_of_distribution_input_goes_to_cloud(
+    tmp_path: Path, digits_bundles: DigitsBundles
+) -> None:
+    cloud = FakeCloud()
+    agent = make_agent(
+        tmp_path,
+        digits_bundles,
+        transport=cloud,
+        fallback=FallbackConfig(mode="prefer_device", ood_feature_fraction=0.2),
+    )
+    assert agent.infer(request(digits_bundles)).source == "device"
+    # within the signed contract (0..16) but nothing like a digit: every pixel lit
+    odd = np.full((1, 64), 16.0, np.float32)
+    res = agent.infer(InferenceRequest("digits", {"input": odd}))
+    assert (res.source, res.parameters["fallback_reason"]) == ("cloud", "out_of_distribution")
+
+
+def test_drift_alert_is_flagged_in_response_parameters(
+    tmp_path: Path, digits_bundles: DigitsBundles
+) -> None:
+    agent = make_agent(tmp_path, digits_bundles)
+    assert "drift_alert" not in agent.infer(request(digits_bundles)).parameters
+    shifted = np.clip(digits_bundles.x_eval[:64] + 6.0, 0, 16)
+    for _ in range(20):
+        res = agent.infer(InferenceRequest("digits", {"input": shifted}))
+    assert res.parameters.get("drift_alert") is True
