@@ -7,8 +7,8 @@ bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 
 echo "== ruff"
-ruff check src tests bench
-ruff format --check src tests bench
+ruff check src tests bench scripts
+ruff format --check src tests bench scripts
 echo "== mypy (strict)"
 mypy
 echo "== import-linter"
