@@ -389,6 +389,7 @@ class Agent:
                 "dropped_rows_by_reason": dict(p.dropped_rows_by_reason),
                 "latency": p.latency_quantiles(),
                 "drift": last,
+                "kll": p.kll_summary() if p.kll else None,
                 "shadow": self._shadows[key].stats() if key in self._shadows else None,
                 "ab": self._routers[key].counts() if key in self._routers else None,
             }

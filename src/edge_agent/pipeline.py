@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 from edge_agent.config import DriftConfig, ModelPolicy
 from edge_agent.contract import BundleManifest
-from edge_agent.drift import DriftMonitor
+from edge_agent.drift import DriftMonitor, KllFeatureSketches
 from edge_agent.drift.monitor import DriftWindow, MonitorPolicy
 from edge_agent.errors import InferenceError, InputValidationError
 from edge_agent.probation import ProbationStats
@@ -163,6 +163,13 @@ class ModelPipeline:
         self._sketch_budget = _TokenBucket(drift.max_rows_per_second, clock)
         self.sketch_sampled_out = 0
         self.last_drift_alert = False
+        # Tier B (optional): KLL sketches for tensors whose baseline carries them.
+        self.kll: dict[str, KllFeatureSketches] = {}
+        if drift.kll:
+            for name in (*manifest.baseline.inputs, *manifest.baseline.outputs):
+                base = manifest.baseline.kll_sketches(name)
+                if base is not None:
+                    self.kll[name] = KllFeatureSketches(base.n_features, base.k)
         # Per input, the range each (baseline-reduced) feature took in the baseline.
         self._baseline_range = {
             name: (
@@ -272,11 +279,30 @@ class ModelPipeline:
         with self._drift_lock:
             closed = self.monitor.observe(name, block, self._clock())
             self._note_windows(closed)
+            sketch = self.kll.get(name)
+            if sketch is not None:
+                sketch.update(block)
 
     def _note_windows(self, closed: tuple[DriftWindow, ...]) -> None:
         if closed:
             self.windows.extend(closed)
             self.last_drift_alert = any(w.verdict.alert for w in closed)
+
+    def kll_summary(self, ranks: tuple[float, ...] = (0.5, 0.99)) -> dict[str, Any]:
+        """Live tier-B quantiles per tensor and feature next to the baseline's."""
+        out: dict[str, Any] = {}
+        with self._drift_lock:
+            for name, sketch in self.kll.items():
+                if not int(sketch.n().max(initial=0)):
+                    continue
+                base = self.manifest.baseline.kll_sketches(name)
+                out[name] = {
+                    "ranks": list(ranks),
+                    "rows": int(sketch.n().max()),
+                    "live": sketch.quantiles(ranks).tolist(),
+                    "baseline": base.quantiles(ranks).tolist() if base else None,
+                }
+        return out
 
     def out_of_distribution(self, raw: Mapping[str, Array], feature_fraction: float) -> bool:
         """Whether any row has more than ``feature_fraction`` of its features outside the range
