@@ -6,8 +6,8 @@ import dataclasses
 from datetime import UTC, datetime
 
 import numpy as np
-from bundles import DigitsBundles
 
+from bundles import DigitsBundles
 from edge_agent.bundle import read_bundle
 from edge_agent.config import DriftConfig, ModelPolicy
 from edge_agent.drift import build_baseline
