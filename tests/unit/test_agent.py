@@ -52,13 +52,14 @@ def make_agent(
     transport: FakeCloud | None = None,
     **cfg: Any,
 ) -> Agent:
+    device = cfg.pop("device", DEVICE)
     config = AgentConfig(
         store=StoreConfig(
             state_dir=str(tmp_path / "state"), memory_budget_mb=cfg.pop("budget", 512)
         ),
         **cfg,
     )
-    store = ModelStore(tmp_path / "state", bundles.keys.trusted_root(), DEVICE)
+    store = ModelStore(tmp_path / "state", bundles.keys.trusted_root(), device)
     agent = Agent(config, store, transport=transport, background_drift=False)
     for ref in install:
         v, _, flavour = ref.partition("-")
@@ -331,3 +332,65 @@ def test_drift_alert_is_flagged_in_response_parameters(
     for _ in range(20):
         res = agent.infer(InferenceRequest("digits", {"input": shifted}))
     assert res.parameters.get("drift_alert") is True
+
+
+def test_litert_bundle_serves_through_the_agent(
+    tmp_path: Path, digits_bundles: DigitsBundles
+) -> None:
+    """A .tflite bundle (AI Edge Quantizer, dynamic int8) installs and serves like ONNX."""
+    from datetime import UTC, datetime
+
+    from sklearn.datasets import load_digits
+
+    from edge_agent.contract import (
+        DimSpec,
+        FeatureRanges,
+        InputContract,
+        OutputContract,
+        Preprocessing,
+        TensorSpec,
+    )
+    from model_builder.build import BuildConfig, build_bundle
+    from model_builder.data import Dataset
+
+    pytest.importorskip("ai_edge_quantizer")
+    model = (Path(__file__).parents[1] / "fixtures" / "tflite" / "digits_mlp.tflite").read_bytes()
+    x, y = load_digits(return_X_y=True)
+    x = x.astype(np.float32)
+    name, out = "serving_default_pixels:0", "PartitionedCall:0"
+    contract = (
+        InputContract(
+            (
+                TensorSpec(
+                    name,
+                    "float32",
+                    (DimSpec(min=1, max=64), DimSpec(size=64)),
+                    FeatureRanges((0.0,), (16.0,)),
+                    "reject",
+                    Preprocessing("affine", (1 / 16,), (0.0,)),
+                ),
+            )
+        ),
+        OutputContract("classification", (out,), tuple(str(i) for i in range(10)), out),
+    )
+    now = datetime.now(UTC)
+    res = build_bundle(
+        model,
+        "tflite",
+        Dataset({name: x[:300]}, None),
+        Dataset({name: x[-400:]}, y[-400:]),
+        contract,
+        BuildConfig(name="digits-tfl", version=1, mode="dynamic", measure_latency=False),
+        digits_bundles.keys,
+        now=now,
+    )
+    path = tmp_path / "digits-tfl-1.efb"
+    path.write_bytes(res.bundle)
+    from edge_agent.device import detect_device_profile
+
+    agent = make_agent(tmp_path, digits_bundles, install=(), device=detect_device_profile())
+    agent.install(path)
+    reply = agent.infer(InferenceRequest("digits-tfl", {name: x[-64:]}))
+    assert reply.parameters["model_version"] == "1"
+    assert (np.argmax(reply.outputs[out], axis=1) == y[-64:]).mean() > 0.9
+    assert agent.model_metadata("digits-tfl")["platform"] == "tflite"
