@@ -59,7 +59,7 @@ from edge_agent.errors import (
     RateLimitedError,
     RuntimeAdapterError,
 )
-from edge_agent.service import InferenceRequest, InferenceService
+from edge_agent.service import InferenceRequest, InferenceResult, InferenceService
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,8 @@ OCTETS = "application/octet-stream"
 # a thread hop (and the GIL hand-offs it brings); above them it moves to the worker threads.
 INLINE_BYTES = 64 * 1024
 INLINE_ELEMENTS = 16 * 1024
+# Models whose smoothed service time is below this run inline on the event loop.
+INLINE_SERVICE_S = 0.0005
 _MAX_KNOWN_MODELS = 256
 _T = TypeVar("_T")
 _Outcome = tuple[str, str, Response]
@@ -116,6 +118,9 @@ class _Api:
         self.max_bytes = config.max_request_bytes
         self.max_concurrency = max_concurrency
         self._pool: ThreadPoolExecutor | None = None
+        # Smoothed service time per model: fast models run on the event loop (the thread hop
+        # costs more CPU than their inference), slow ones in the pool so the loop stays free.
+        self._service_s: dict[str, float] = {}
         # Model names the service has vouched for; anything else is UNKNOWN_MODEL in metrics, so
         # clients cannot grow label cardinality by requesting made-up names.
         self._known: set[str] = set()
@@ -254,6 +259,22 @@ class _Api:
                 chunks.append(chunk)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
+    async def _run_service(self, name: str, request: InferenceRequest) -> InferenceResult:
+        ewma = self._service_s.get(name)
+
+        def timed() -> InferenceResult:
+            t = time.perf_counter()
+            try:
+                return self.service.infer(request)
+            finally:
+                took = time.perf_counter() - t
+                old = self._service_s.get(name)
+                self._service_s[name] = took if old is None else 0.9 * old + 0.1 * took
+
+        if ewma is not None and ewma < INLINE_SERVICE_S:
+            return timed()
+        return await self._offload(timed)
+
     async def _offload(self, func: Callable[..., _T], *args: Any) -> _T:
         # On cancellation (a drain timeout) the await ends at once; a running call is abandoned.
         if self._pool is None:
@@ -295,7 +316,7 @@ class _Api:
                 parameters=decoded.parameters,
             )
             stage = "service"
-            result = await self._offload(self.service.infer, request)
+            result = await self._run_service(name, request)
             stage = "encode"
             encode = functools.partial(
                 codec.encode_response,
