@@ -17,18 +17,22 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edge_agent import __version__
 from edge_agent.capture import CaptureRing
 from edge_agent.config import AgentConfig
 from edge_agent.drift.monitor import DriftWindow
 from edge_agent.errors import (
+    EdgefleetError,
     FallbackError,
     InferenceError,
     InputValidationError,
     ModelNotFoundError,
+    ModelStoreError,
 )
 from edge_agent.fallback import CloudFallback, FallbackPolicy, FallbackTransport
-from edge_agent.pipeline import DriftWorker
+from edge_agent.pipeline import DriftWorker, PipelineResult
 from edge_agent.probation import FAILED, PASSED, judge_probation
 from edge_agent.registry import Loaded, Registry
 from edge_agent.service import (
@@ -78,12 +82,33 @@ class Agent:
         """Load every installed model (self-rolling back failed ones) and set up routing."""
         with self._control:
             for name in self.store.names():
-                self._activate(name)
+                self._activate_safely(name)
+
+    def _activate_safely(self, name: str) -> None:
+        """Activate one model; a broken model must not keep the others from serving."""
+        try:
+            self._activate(name)
+        except EdgefleetError as exc:
+            log.error("%s not served: %s", name, exc)
+            self.registry._event(name, None, "load_failed", str(exc))
 
     def _activate(self, name: str) -> Loaded | None:
         entry = self.registry.activate(name)
+        # Models that use this one as a shadow / A-B candidate must see the new version.
+        for other in self.registry.loaded_keys():
+            policy = self.config.policy(other)
+            refs = (policy.shadow_candidate, policy.ab_candidate)
+            if other != name and any(r == name for r in refs):
+                self._setup_routing(other)
         if entry is None:
             return None
+        self._setup_routing(name)
+        return entry
+
+    def _setup_routing(self, name: str) -> None:
+        entry = self.registry.get(name)
+        if entry is None:
+            return
         manifest = entry.pipeline.manifest
         self._policies[name] = FallbackPolicy(self.config.fallback, manifest.outputs)
         policy = self.config.policy(name)
@@ -95,7 +120,6 @@ class Agent:
             policy.shadow_fraction,
             policy.shadow_queue,
         )
-        return entry
 
     def _setup_candidates(
         self,
@@ -107,7 +131,7 @@ class Agent:
         queue: int,
     ) -> None:
         if ab and ab_fraction > 0 and self._pin(ab) is not None:
-            self._routers[name] = ABRouter(ab_fraction, seed=None)
+            self._routers.setdefault(name, ABRouter(ab_fraction, seed=None))
         old = self._shadows.pop(name, None)
         if old is not None:
             old.close()
@@ -156,7 +180,8 @@ class Agent:
         """
         with self._control:
             self.registry.rollback(name, reason, failed=False)
-            self._activate(name)
+            if self._activate(name) is None:
+                raise ModelStoreError(f"{name}: the version rolled back to cannot be served")
 
     def reload_changed(self) -> list[str]:
         """Pick up installs and rollbacks made by another process (the CLI); names reloaded."""
@@ -164,9 +189,13 @@ class Agent:
         with self._control:
             for name in self.store.names():
                 entry = self.registry.get(name)
-                active = self.store.state(name).active
+                try:
+                    active = self.store.state(name).active
+                except EdgefleetError as exc:
+                    log.error("%s: unreadable state: %s", name, exc)
+                    continue
                 if active is not None and (entry is None or entry.pipeline.version != active):
-                    self._activate(name)
+                    self._activate_safely(name)
                     changed.append(name)
         return changed
 
@@ -180,20 +209,31 @@ class Agent:
                 for window in entry.pipeline.collect_windows():
                     self.drift_windows.append((key, entry.pipeline.version, window))
                 if entry.on_probation:
-                    verdict = judge_probation(
-                        entry.pipeline.probation_stats(), entry.pipeline.policy
-                    )
-                    if verdict.status == PASSED:
-                        self.registry.mark_good(key)
-                    elif verdict.status == FAILED:
-                        log.warning(
-                            "%s v%d failed probation: %s",
-                            key,
-                            entry.pipeline.version,
-                            verdict.reason,
-                        )
-                        self.registry.rollback(key, f"probation: {verdict.reason}")
-                        self._activate(key)
+                    try:
+                        self._judge(key, entry)
+                    except EdgefleetError as exc:  # one model must not stall the others
+                        log.error("%s: probation handling failed: %s", key, exc)
+
+    def _judge(self, key: str, entry: Loaded) -> None:
+        verdict = judge_probation(entry.pipeline.probation_stats(), entry.pipeline.policy)
+        if verdict.status == PASSED:
+            self.registry.mark_good(key)
+        elif verdict.status == FAILED:
+            version = entry.pipeline.version
+            log.warning("%s v%d failed probation: %s", key, version, verdict.reason)
+            try:
+                self.registry.rollback(key, f"probation: {verdict.reason}", from_version=version)
+            except ModelStoreError as exc:
+                # No good version to go back to: keep serving, stop re-judging, say so.
+                entry.on_probation = False
+                self.registry._event(
+                    key,
+                    version,
+                    "probation_failed",
+                    f"{verdict.reason}; no rollback: {exc}",
+                )
+                return
+            self._activate(key)
 
     def close(self) -> None:
         for shadow in self._shadows.values():
@@ -279,26 +319,40 @@ class Agent:
             if router is not None:
                 arm = router.arm(request.routing_key)
                 if arm == "candidate":
-                    cand = self._pin(self.config.policy(name).ab_candidate or "")
-                    entry = cand or entry
+                    # Never load on the request path: a candidate not loaded serves as live.
+                    cand = self.registry.get(self.config.policy(name).ab_candidate or "")
+                    if cand is None:
+                        arm = "live"
+                    else:
+                        entry = cand
         elif entry is not None:
             entry = self._entry(name, request.version)
+        cloud_failed: str | None = None
         if policy is not None and self.cloud is not None:
             decision = policy.before(
                 local_ok=entry is not None, validation_failed=False, out_of_distribution=False
             )
             if decision.cloud:
-                return self._cloud(request, entry, decision.reason or "policy", arm)
+                try:
+                    return self._cloud(request, entry, decision.reason or "policy", arm)
+                except FallbackError as exc:
+                    # prefer_cloud answers on the device when the cloud cannot; cloud_only not.
+                    if entry is None or self.config.fallback.mode == "cloud_only":
+                        raise
+                    cloud_failed = str(exc)
         if entry is None:
             if self.cloud is not None and self.config.fallback.mode != "device_only":
                 return self._cloud(request, None, "local_unavailable", arm)
             raise ModelNotFoundError(f"model {name!r} is not loaded")
         try:
-            result = entry.pipeline.run(request.inputs, request.payload_bytes)
-        except InputValidationError:
+            result = self._run_local(entry, request)
+        except InputValidationError as invalid:
             self.counts["rejected"] += 1
             if self._may_fall_back():
-                return self._cloud(request, entry, "invalid_input", arm)
+                try:
+                    return self._cloud(request, entry, "invalid_input", arm)
+                except FallbackError:
+                    raise invalid from None  # the client learns why its input was refused
             raise
         except InferenceError:
             self.counts["errors"] += 1
@@ -310,9 +364,12 @@ class Agent:
             "inference_source": SOURCE_DEVICE,
             "ab_arm": arm,
         }
-        if result.validation.dropped:
+        if cloud_failed is not None:
+            params["fallback_failed"] = cloud_failed
+        if result.validation.dropped and result.validation.kept is not None:
             params["dropped_rows"] = result.validation.dropped
             params["dropped_by_reason"] = dict(result.validation.rejected)
+            params["kept_rows"] = np.flatnonzero(result.validation.kept).tolist()
         if entry.pipeline.last_drift_alert:
             params["drift_alert"] = True
         if policy is not None and self._may_fall_back():
@@ -335,11 +392,24 @@ class Agent:
             feeds = entry.pipeline.preprocess(result.validation.feeds)
             shadow.offer(feeds, result.outputs, result.latency_s)
         if self.capture is not None:
-            self.capture.offer(name, entry.pipeline.version, request.inputs, result.outputs)
+            self.capture.offer(
+                name, entry.pipeline.version, result.validation.feeds, result.outputs
+            )
         self.counts["device"] += 1
         return InferenceResult(
             name, str(entry.pipeline.version), result.outputs, SOURCE_DEVICE, params
         )
+
+    def _run_local(self, entry: Loaded, request: InferenceRequest) -> PipelineResult:
+        """Run on the device; if the version was swapped out mid-request, retry once on the
+        version now serving (a swap must not fail requests already in flight)."""
+        try:
+            return entry.pipeline.run(request.inputs, request.payload_bytes)
+        except InferenceError:
+            current = self.registry.get(entry.key)
+            if current is None or current.pipeline is entry.pipeline:
+                raise
+            return current.pipeline.run(request.inputs, request.payload_bytes)
 
     def _may_fall_back(self) -> bool:
         return self.cloud is not None and self.config.fallback.mode == "prefer_device"

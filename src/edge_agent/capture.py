@@ -13,6 +13,7 @@ import json
 import logging
 import queue
 import random
+import re
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -25,6 +26,7 @@ from edge_agent.config import CaptureConfig
 
 log = logging.getLogger("edge_agent.capture")
 SEGMENTS = 8
+_SEGMENT = re.compile(r"seg-(\d+)\.jsonl")
 
 
 def _tensor(x: Any) -> dict[str, Any]:
@@ -48,14 +50,19 @@ class CaptureRing:
         self.dropped = 0
         self.write_errors = 0
         segs = self.segments(self.dir)
-        self._index = int(segs[-1].stem.split("-")[1]) + 1 if segs else 0
+        self._index = int(segs[-1].stem[4:]) + 1 if segs else 0
         self._thread = threading.Thread(target=self._loop, name="capture-writer", daemon=True)
         self._thread.start()
 
     @staticmethod
     def segments(directory: Path) -> list[Path]:
-        """Segment files, oldest first."""
-        return sorted(Path(directory).glob("seg-*.jsonl"), key=lambda p: int(p.stem[4:]))
+        """Segment files, oldest first (other files in the directory are ignored)."""
+        found = []
+        for p in Path(directory).glob("seg-*.jsonl"):
+            m = _SEGMENT.fullmatch(p.name)
+            if m is not None:
+                found.append((int(m.group(1)), p))
+        return [p for _, p in sorted(found)]
 
     def offer(
         self, model: str, version: int, inputs: Mapping[str, Any], outputs: Mapping[str, Any]
@@ -84,17 +91,17 @@ class CaptureRing:
             rec = self._queue.get()
             if rec is None:
                 break
-            line = (
-                json.dumps(
-                    {
-                        **rec,
-                        "inputs": {k: _tensor(v) for k, v in rec["inputs"].items()},
-                        "outputs": {k: _tensor(v) for k, v in rec["outputs"].items()},
-                    }
-                )
-                + "\n"
-            ).encode()
             try:
+                line = (
+                    json.dumps(
+                        {
+                            **rec,
+                            "inputs": {k: _tensor(v) for k, v in rec["inputs"].items()},
+                            "outputs": {k: _tensor(v) for k, v in rec["outputs"].items()},
+                        }
+                    )
+                    + "\n"
+                ).encode()
                 if fh is None or written + len(line) > self._segment_bytes:
                     if fh is not None:
                         fh.close()
@@ -106,7 +113,7 @@ class CaptureRing:
                 fh.flush()
                 written += len(line)
                 self.captured += 1
-            except OSError as exc:  # disk full must not kill the agent
+            except (OSError, TypeError, ValueError) as exc:  # disk full must not kill the agent
                 self.write_errors += 1
                 log.warning("capture write failed: %s", exc)
         if fh is not None:

@@ -18,14 +18,14 @@ from pathlib import Path
 import click
 import numpy as np
 
-from edge_agent import __version__, _fs
+from edge_agent import __version__
 from edge_agent.bundle import read_bundle
 from edge_agent.capture import CaptureRing
 from edge_agent.cli_support import run_cli
 from edge_agent.client import AgentClient, AgentRequestError, AgentUnreachableError
 from edge_agent.config import AgentConfig, load_config
 from edge_agent.device import detect_device_profile
-from edge_agent.errors import ConfigError
+from edge_agent.errors import ConfigError, InputValidationError
 from edge_agent.store import ModelStore
 from edge_agent.trust import TrustedRoot
 
@@ -53,11 +53,13 @@ def _store(cfg: AgentConfig) -> Iterator[ModelStore]:
         root = TrustedRoot.from_bytes(root_path.read_bytes())
     except OSError as exc:
         raise ConfigError(f"cannot read the provisioned root {root_path}: {exc}") from exc
-    state_dir = Path(cfg.store.state_dir)
-    with _fs.exclusive_lock(state_dir):
-        yield ModelStore(
-            state_dir, root, detect_device_profile(), keep_versions=cfg.store.keep_versions
-        )
+    # The store takes its own lock around every change (threads and processes).
+    yield ModelStore(
+        Path(cfg.store.state_dir),
+        root,
+        detect_device_profile(),
+        keep_versions=cfg.store.keep_versions,
+    )
 
 
 @click.group()
@@ -226,11 +228,16 @@ def status(config_path: Path | None, as_json: bool) -> None:
 def infer(model: str, data: Path, config_path: Path | None, input_name: str | None) -> None:
     """Send DATA (.npy, or .npz keyed by input name) to MODEL on the running daemon."""
     client = AgentClient(_config(config_path).api)
-    if data.suffix == ".npz":
-        with np.load(data, allow_pickle=False) as npz:
-            inputs = {k: npz[k] for k in npz.files}
-    else:
-        arr = np.load(data, allow_pickle=False)
+    try:
+        if data.suffix == ".npz":
+            with np.load(data, allow_pickle=False) as npz:
+                inputs = {k: npz[k] for k in npz.files}
+            arr = None
+        else:
+            arr = np.load(data, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputValidationError(f"cannot read {data}: {exc}", reason="data") from exc
+    if arr is not None:
         if input_name is None:
             status_code, meta = client.request("GET", f"/v2/models/{model}")
             if status_code != 200 or not isinstance(meta, dict):

@@ -11,6 +11,7 @@ Per-model policy lives under ``[models.<name>]`` and falls back to ``[model_defa
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -113,6 +114,7 @@ class FallbackConfig:
         _check(0 <= self.min_confidence <= 1, "fallback.min_confidence must be in [0, 1]")
         _check(0 <= self.max_entropy <= 1, "fallback.max_entropy must be in [0, 1]")
         _check(self.breaker_failures >= 1, "fallback.breaker_failures must be >= 1")
+        _check(self.breaker_reset_seconds >= 0, "fallback.breaker_reset_seconds must be >= 0")
         _check(0 < self.ood_feature_fraction <= 1, "fallback.ood_feature_fraction in (0, 1]")
 
 
@@ -138,6 +140,8 @@ class ModelPolicy:
             f"validation must be one of {VALIDATION_POLICIES}",
         )
         _check(self.probation_requests >= 0, "probation_requests must be >= 0")
+        _check(self.probation_seconds >= 0, "probation_seconds must be >= 0")
+        _check(self.max_p99_ms > 0, "max_p99_ms must be positive")
         _check(0 <= self.max_error_rate <= 1, "max_error_rate must be in [0, 1]")
         _check(0 <= self.max_reject_rate <= 1, "max_reject_rate must be in [0, 1]")
         _check(0 <= self.shadow_fraction <= 1, "shadow_fraction must be in [0, 1]")
@@ -297,6 +301,8 @@ def _section(cls: type[T], raw: Any, where: str) -> T:
         )
         if isinstance(value, bool) and expected is not bool:
             ok = False
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}.{name} must be a finite number, got {value!r}")
         if not ok:
             raise ConfigError(f"{where}.{name} must be {expected.__name__}, got {value!r}")
         values[name] = value

@@ -88,7 +88,12 @@ def build_agent(config: AgentConfig) -> Agent:
     store = ModelStore(
         state_dir, root, detect_device_profile(), keep_versions=config.store.keep_versions
     )
-    capture = CaptureRing(state_dir / "capture", config.capture) if config.capture.enabled else None
+    capture = None
+    if config.capture.enabled:
+        try:
+            capture = CaptureRing(state_dir / "capture", config.capture)
+        except OSError as exc:  # a debugging aid must not stop the agent
+            log.error("capture disabled: %s", exc)
     agent = Agent(config, store, capture=capture)
     agent.start()
     return agent

@@ -8,6 +8,8 @@ Routing (A/B, shadow, cloud fallback) happens one level up, in ``edge_agent.agen
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import queue
 import threading
 import time
@@ -25,9 +27,10 @@ from edge_agent.drift.monitor import DriftWindow, MonitorPolicy
 from edge_agent.errors import InferenceError, InputValidationError
 from edge_agent.probation import ProbationStats
 from edge_agent.runtime.base import Runtime
-from edge_agent.validation import ValidationResult, Validator
+from edge_agent.validation import ROW_REASONS, ValidationResult, Validator
 
 Array = npt.NDArray[Any]
+log = logging.getLogger("edge_agent.pipeline")
 BLOCK = 256
 _LATENCY_SAMPLES = 2048
 
@@ -101,6 +104,7 @@ class DriftWorker:
         )
         self.dropped = 0
         self.processed = 0
+        self.failed = 0
         self._thread = threading.Thread(target=self._loop, name="drift-worker", daemon=True)
         self._thread.start()
 
@@ -117,8 +121,12 @@ class DriftWorker:
                 if item is None:
                     return
                 pipeline, name, block = item
-                pipeline.observe_block(name, block)
-                self.processed += 1
+                try:
+                    pipeline.observe_block(name, block)
+                    self.processed += 1
+                except Exception:  # a bad block must not kill drift for every model
+                    self.failed += 1
+                    log.exception("drift sketching failed for %s", name)
             finally:
                 self._queue.task_done()
 
@@ -127,7 +135,8 @@ class DriftWorker:
         self._queue.join()
 
     def close(self, timeout: float = 5.0) -> None:
-        self._queue.put(None)
+        with contextlib.suppress(queue.Full):
+            self._queue.put(None, timeout=timeout)
         self._thread.join(timeout)
 
 
@@ -162,6 +171,7 @@ class ModelPipeline:
         # so monitoring never takes more than a bounded share of the CPU.
         self._sketch_budget = _TokenBucket(drift.max_rows_per_second, clock)
         self.sketch_sampled_out = 0
+        self.sketch_failures = 0
         self.last_drift_alert = False
         # Tier B (optional): KLL sketches for tensors whose baseline carries them.
         self.kll: dict[str, KllFeatureSketches] = {}
@@ -198,6 +208,9 @@ class ModelPipeline:
         self.errors = 0
         self.rejects = 0
         self.rejects_by_reason: dict[str, int] = {}
+        self.client_errors = 0
+        self._inflight = 0
+        self._closing = False
         self.dropped_rows_by_reason: dict[str, int] = {}
         self._lat = np.zeros(_LATENCY_SAMPLES)
         self._lat_n = 0
@@ -211,16 +224,35 @@ class ModelPipeline:
 
         Raises:
             InputValidationError: the request does not fit the contract (counted).
-            InferenceError: the runtime failed (counted).
+            InferenceError: the runtime failed (counted), or this version was unloaded.
         """
+        with self._lock:
+            if self._closing:
+                raise InferenceError(f"{self.manifest.name} v{self.version} was unloaded")
+            self._inflight += 1
+        try:
+            return self._run(inputs, payload_bytes)
+        finally:
+            with self._lock:
+                self._inflight -= 1
+                last = self._closing and self._inflight == 0
+            if last:
+                self.runtime.close()
+
+    def _run(self, inputs: Mapping[str, Any], payload_bytes: int | None) -> PipelineResult:
         start = self._clock()
         try:
             checked = self.validator.validate(inputs, payload_bytes)
         except InputValidationError as exc:
             with self._lock:
-                self.requests += 1
-                self.rejects += 1
                 self.rejects_by_reason[exc.reason] = self.rejects_by_reason.get(exc.reason, 0) + 1
+                # Only row problems say something about this version's contract; a client
+                # sending the wrong names or shapes must not fail a healthy model's probation.
+                if exc.reason in ROW_REASONS:
+                    self.requests += 1
+                    self.rejects += 1
+                else:
+                    self.client_errors += 1
             raise
         feeds = self.preprocess(checked.feeds)
         try:
@@ -270,7 +302,11 @@ class ModelPipeline:
             self.sketch_sampled_out += block.shape[0]
             return
         if self._worker is None:
-            self.observe_block(name, block)
+            try:
+                self.observe_block(name, block)
+            except Exception:  # monitoring must never fail a request already answered
+                self.sketch_failures += 1
+                log.exception("drift sketching failed for %s", name)
         else:
             self._worker.submit(self, name, block)
 
@@ -344,4 +380,11 @@ class ModelPipeline:
         return {"p50_ms": float(q[0]), "p90_ms": float(q[1]), "p99_ms": float(q[2])}
 
     def close(self) -> None:
-        self.runtime.close()
+        """Release the runtime once the requests still running on it are done."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            idle = self._inflight == 0
+        if idle:
+            self.runtime.close()

@@ -19,9 +19,7 @@ from dataclasses import dataclass
 from edge_agent.config import AgentConfig
 from edge_agent.errors import (
     AdmissionError,
-    BundleFormatError,
-    BundleVerificationError,
-    ModelNotFoundError,
+    EdgefleetError,
     ModelStoreError,
     RuntimeAdapterError,
 )
@@ -82,47 +80,71 @@ class Registry:
         return self._loaded.get(key)
 
     def loaded_keys(self) -> list[str]:
-        return sorted(self._loaded)
+        with self._lock:
+            return sorted(self._loaded)
 
     def memory_used(self) -> int:
-        return sum(x.memory_bytes for x in self._loaded.values())
+        with self._lock:
+            return sum(x.memory_bytes for x in self._loaded.values())
 
     # --------------------------------------------------------------------------- loading
     def activate(self, name: str) -> Loaded | None:
         """Load the active version of ``name``; on a failed health check roll back and retry.
 
+        Never gives up a version that is serving: when the new one fails and no *good*
+        version is kept, the version that was serving is made active again (the new one is
+        marked failed) and keeps serving.
+
         Returns:
             The loaded entry, or None when no version of ``name`` can serve (recorded).
         """
-        for _ in range(self.config.store.keep_versions + 1):
-            state = self.store.state(name)
-            if state.active is None:
-                return None
-            record = state.active_record
+        serving = self._loaded.get(name)
+        for _ in range(self.config.store.keep_versions + 2):
             try:
+                state = self.store.state(name)
+                if state.active is None:
+                    return serving
+                if serving is not None and serving.pipeline.version == state.active:
+                    return serving  # already serving exactly this version
+                record = state.active_record
                 entry = self._load(
                     name,
                     state.active,
                     on_probation=record is not None and record.status == "probation",
                 )
             except AdmissionError as exc:
-                self._event(name, state.active, "admission_refused", str(exc))
+                self._event(name, None, "admission_refused", str(exc))
                 log.error("%s not loaded: %s", name, exc)
-                return None
-            except (
-                BundleFormatError,
-                BundleVerificationError,
-                RuntimeAdapterError,
-                ModelNotFoundError,
-            ) as exc:
+                return serving
+            except EdgefleetError as exc:  # verification, runtime, golden, corrupt state
                 reason = f"{type(exc).__name__}: {exc}"
-                self._event(name, state.active, "load_failed", reason)
-                if not self._fall_back(name, reason):
-                    return None
-                continue
+                active = self._active_or_none(name)
+                self._event(name, active, "load_failed", reason)
+                if self._fall_back(name, reason):
+                    continue
+                if (
+                    serving is not None
+                    and active is not None
+                    and serving.pipeline.version != active
+                ):
+                    try:
+                        self.store.fail_to(
+                            name, serving.pipeline.version, reason, from_version=active
+                        )
+                        self.rollbacks += 1
+                        log.warning("%s stays on v%d: %s", name, serving.pipeline.version, reason)
+                    except EdgefleetError as store_exc:
+                        log.error("%s: cannot record the failed update: %s", name, store_exc)
+                return serving
             self._swap(name, entry)
             return entry
-        return None
+        return serving
+
+    def _active_or_none(self, name: str) -> int | None:
+        try:
+            return self.store.state(name).active
+        except EdgefleetError:
+            return None
 
     def load_pinned(self, name: str, version: int) -> Loaded:
         """Load a specific installed version under ``name@version`` (shadow / A-B candidates).
@@ -199,33 +221,42 @@ class Registry:
             old.pipeline.close()
 
     # -------------------------------------------------------------------------- rollback
-    def rollback(self, name: str, reason: str, *, failed: bool = True) -> Loaded | None:
-        """Roll ``name`` back in the store and serve the previous good version.
+    def rollback(
+        self, name: str, reason: str, *, failed: bool = True, from_version: int | None = None
+    ) -> None:
+        """Roll ``name`` back in the store (the caller then activates the new active version).
 
         Raises:
-            ModelStoreError: no other good version.
+            ModelStoreError: no other good version, or ``from_version`` is no longer active.
         """
-        state = self.store.rollback(name, reason, failed=failed)
+        state = self.store.rollback(name, reason, failed=failed, from_version=from_version)
         self.rollbacks += 1
         self._event(name, state.active, "rollback", reason)
-        return self.activate(name)
 
     def _fall_back(self, name: str, reason: str) -> bool:
         try:
             self.store.rollback(name, reason)
-        except ModelStoreError as exc:
-            log.error("%s cannot serve and cannot roll back: %s", name, exc)
-            self.unload(name)
+        except EdgefleetError as exc:
+            log.error("%s: cannot roll back to a good version: %s", name, exc)
             return False
         self.rollbacks += 1
         log.warning("%s rolled back by itself: %s", name, reason)
         return True
 
     def mark_good(self, name: str) -> None:
+        """Probation passed for the serving version (ignored if the store moved on).
+
+        Raises:
+            ModelStoreError: the store cannot be written.
+        """
         entry = self._loaded.get(name)
         if entry is None:
             return
-        self.store.mark_good(name, entry.pipeline.version)
+        try:
+            self.store.mark_good(name, entry.pipeline.version)
+        except ModelStoreError as exc:
+            log.info("%s: probation verdict not recorded: %s", name, exc)
+            return
         entry.on_probation = False
         self._event(name, entry.pipeline.version, "probation_passed", "")
 

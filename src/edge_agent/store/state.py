@@ -137,6 +137,22 @@ class ModelState:
         state = replace(state, active=target)
         return state._event(now, "rollback", target, f"from v{left}: {reason}")
 
+    def fail_to(self, target: int, reason: str, now: str) -> ModelState:
+        """Mark the active version failed and make ``target`` (still serving) active again.
+
+        Used when a new version fails its health check and no *good* version is kept, but the
+        version that was serving before it is still installed (e.g. still on probation).
+
+        Raises:
+            ModelNotFoundError: ``target`` is not installed.
+        """
+        self.record(target)
+        left = self.active
+        state = self if left is None else self.set_status(left, "failed", reason, now)
+        return replace(state, active=target)._event(
+            now, "rollback", target, f"from v{left}: {reason}"
+        )
+
     def last_good(self, exclude: int | None = None) -> int | None:
         """Newest version marked good, other than ``exclude``."""
         good = [r.version for r in self.versions if r.status == "good" and r.version != exclude]

@@ -20,7 +20,9 @@ valid when installed is not switched off because its metadata has since expired.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -81,6 +83,8 @@ class ModelStore:
             (self.dir / "trust").mkdir(exist_ok=True)
         except OSError as exc:
             raise ModelStoreError(f"cannot create state directory {self.dir}: {exc}") from exc
+        self._rlock = threading.RLock()
+        self._depth = 0
         self.root = self._load_root(root)
         self.recover()
 
@@ -132,7 +136,33 @@ class ModelStore:
         return self._model_dir(name) / f"v{version}" / "bundle.efb"
 
     # ----------------------------------------------------------------------------- install
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialise store changes across threads (RLock) and processes (flock on the dir).
+
+        Re-entrant within this process: only the outermost holder takes the file lock.
+        """
+        with self._rlock:
+            self._depth += 1
+            try:
+                if self._depth == 1:
+                    with _fs.exclusive_lock(self.dir):
+                        yield
+                else:
+                    yield
+            finally:
+                self._depth -= 1
+
     def install(self, bundle: Path, *, force: bool = False) -> InstallResult:
+        """Verify ``bundle`` against the trusted root and make it the active version (locked).
+
+        Raises:
+            as ``_install``.
+        """
+        with self._locked():
+            return self._install(bundle, force=force)
+
+    def _install(self, bundle: Path, *, force: bool = False) -> InstallResult:
         """Verify ``bundle`` against the trusted root and make it the active version.
 
         Raises:
@@ -179,16 +209,55 @@ class ModelStore:
 
     # --------------------------------------------------------------------- status changes
     def mark_good(self, name: str, version: int) -> ModelState:
-        """Probation passed: ``version`` becomes a rollback target."""
-        return self._save(self.state(name).set_status(version, "good", "", _iso(self._clock())))
-
-    def rollback(self, name: str, reason: str, *, failed: bool = True) -> ModelState:
-        """Return ``name`` to its newest other good version and record why.
+        """Probation passed: ``version`` becomes a rollback target.
 
         Raises:
-            ModelStoreError: no other good version is kept, or the state cannot be written.
+            ModelStoreError: ``version`` is no longer the active one (changed meanwhile).
         """
-        return self._save(self.state(name).rollback(reason, _iso(self._clock()), failed=failed))
+        with self._locked():
+            state = self.state(name)
+            self._expect_active(state, version)
+            return self._save(state.set_status(version, "good", "", _iso(self._clock())))
+
+    def rollback(
+        self, name: str, reason: str, *, failed: bool = True, from_version: int | None = None
+    ) -> ModelState:
+        """Return ``name`` to its newest other good version and record why.
+
+        Args:
+            from_version: the version the caller judged; refused if another is active now (a
+                verdict must never land on the version an operator switched to meanwhile).
+
+        Raises:
+            ModelStoreError: no other good version is kept, the active version changed, or the
+                state cannot be written.
+        """
+        with self._locked():
+            state = self.state(name)
+            if from_version is not None:
+                self._expect_active(state, from_version)
+            return self._save(state.rollback(reason, _iso(self._clock()), failed=failed))
+
+    def fail_to(
+        self, name: str, target: int, reason: str, *, from_version: int | None = None
+    ) -> ModelState:
+        """Mark the active version failed and return to ``target`` (see ``ModelState.fail_to``).
+
+        Raises:
+            ModelStoreError: the active version changed, or the state cannot be written.
+        """
+        with self._locked():
+            state = self.state(name)
+            if from_version is not None:
+                self._expect_active(state, from_version)
+            return self._save(state.fail_to(target, reason, _iso(self._clock())))
+
+    @staticmethod
+    def _expect_active(state: ModelState, version: int) -> None:
+        if state.active != version:
+            raise ModelStoreError(
+                f"{state.name} v{version} is no longer active (v{state.active} is)"
+            )
 
     def _save(self, state: ModelState) -> ModelState:
         try:
@@ -213,9 +282,12 @@ class ModelStore:
         path = self.bundle_path(name, v)
         if not path.is_file():
             raise ModelNotFoundError(f"{name} v{v} is recorded but its bundle is missing")
-        installed_at = datetime.strptime(rec.installed_at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
-            tzinfo=UTC
-        )
+        try:
+            installed_at = datetime.strptime(rec.installed_at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+                tzinfo=UTC
+            )
+        except ValueError as exc:
+            raise ModelStoreError(f"{name} v{v}: bad install time in state: {exc}") from exc
         loaded = read_bundle(
             path, self.root, now=installed_at, installed_version=None, device=self.device
         )
@@ -225,7 +297,14 @@ class ModelStore:
 
     # ----------------------------------------------------------------------------- recovery
     def recover(self) -> None:
-        """Remove temp files and version directories no state refers to (crash leftovers)."""
+        """Remove temp files and version directories no state refers to (crash leftovers).
+
+        Runs under the store lock, so it never sees another process's install in progress.
+        """
+        with self._locked():
+            self._recover()
+
+    def _recover(self) -> None:
         _fs.remove_stale_temps(self.dir)
         for model_dir in (self.dir / "models").iterdir():
             if not model_dir.is_dir():
