@@ -218,6 +218,10 @@ class Validator:
             )
         if x.dtype == t.dtype:
             return x
+        if x.dtype.kind == "b" and t.dtype.kind != "b":
+            raise InputValidationError(
+                f"input {name!r} is boolean, expected {t.dtype}", field=name, reason="dtype"
+            )
         if t.is_float or np.can_cast(x.dtype, t.dtype, casting="same_kind"):
             return x.astype(t.dtype)
         raise InputValidationError(

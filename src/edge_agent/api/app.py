@@ -71,8 +71,8 @@ OCTETS = "application/octet-stream"
 # a thread hop (and the GIL hand-offs it brings); above them it moves to the worker threads.
 INLINE_BYTES = 64 * 1024
 INLINE_ELEMENTS = 16 * 1024
-# Models whose smoothed service time is below this run inline on the event loop.
-INLINE_SERVICE_S = 0.0005
+# Models whose smoothed service time is below this (1 ms) run inline on the event loop.
+INLINE_SERVICE_S = 0.001
 _MAX_KNOWN_MODELS = 256
 _T = TypeVar("_T")
 _Outcome = tuple[str, str, Response]
