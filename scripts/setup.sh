@@ -33,6 +33,10 @@ if ! "$PYTHON" -c "import ensurepip, venv" >/dev/null 2>&1; then
     apt_install "python${ver}-venv" || apt_install python3-venv
 fi
 command -v openssl >/dev/null || apt_install openssl
+# Integration tests start their own Mosquitto broker (TLS, ACLs) on a free loopback port.
+command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || apt_install mosquitto
+# The agent benchmark drives the local API with wrk (bench only, not the tests).
+command -v wrk >/dev/null || apt_install wrk || true
 
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
