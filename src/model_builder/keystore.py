@@ -19,7 +19,6 @@ Owns: key files and root versions on disk. The verification rules themselves liv
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -30,6 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from securesystemslib.signer import CryptoSigner, Key, SSlibKey
 from tuf.api.metadata import Metadata, Role, Root, Targets
 
+from edge_agent import durable
 from edge_agent.errors import BundleVerificationError
 from edge_agent.trust import ROLES, TrustedRoot
 from model_builder.errors import KeyStoreError
@@ -45,19 +45,6 @@ class KeyInfo:
     keyid: str
     roles: tuple[str, ...]
     has_private: bool
-
-
-def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class KeyStore:
@@ -342,18 +329,20 @@ class KeyStore:
         pem = signer._private_key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc
         )
-        _atomic_write(self.path / "keys" / f"{label}.pem", pem, 0o600)
+        durable.write_atomic(self.path / "keys" / f"{label}.pem", pem, 0o600)
         self._record(label, signer.public_key, roles)
         return signer
 
     def _record(self, label: str, key: Key, roles: tuple[str, ...]) -> None:
         info = {"label": label, "keyid": key.keyid, "roles": list(roles), "key": key.to_dict()}
-        _atomic_write(self.path / "keys" / f"{label}.pub.json", json.dumps(info, indent=2).encode())
+        durable.write_atomic(
+            self.path / "keys" / f"{label}.pub.json", json.dumps(info, indent=2).encode()
+        )
 
     def _save_root(self, md: Metadata[Root]) -> None:
         data = bytes(md.to_bytes())
-        _atomic_write(self.path / "roots" / f"{md.signed.version}.root.json", data)
-        _atomic_write(self.root_path, data)
+        durable.write_atomic(self.path / "roots" / f"{md.signed.version}.root.json", data)
+        durable.write_atomic(self.root_path, data)
 
 
 def _load_public_key(path: Path) -> Key:

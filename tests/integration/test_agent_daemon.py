@@ -99,9 +99,10 @@ def test_daemon_end_to_end(daemon, digits_bundles: DigitsBundles) -> None:  # ty
     for _ in range(5):
         tcp.infer("digits", {"input": x[:1]})
     deadline = time.monotonic() + 20
-    while json.loads(agent_cli("models", "--json", config=config).stdout)[0]["versions"][0][
-        "status"
-    ] != "good":
+    while (
+        json.loads(agent_cli("models", "--json", config=config).stdout)[0]["versions"][0]["status"]
+        != "good"
+    ):
         assert time.monotonic() < deadline, "v1 never passed probation"
         time.sleep(0.3)
 

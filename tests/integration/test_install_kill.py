@@ -18,7 +18,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from edge_agent import _fs
+from edge_agent import durable
 from edge_agent.store import ModelStore
 from model_builder.keystore import KeyStore
 from support import DEVICE, make_bundle, write
@@ -80,7 +80,7 @@ def test_kill_9_at_random_points_of_an_install(tmp_path: Path) -> None:
         active = store.state("digits").active
         assert active in (1, 2), f"round {i}: active {active}"
         assert store.load("digits").manifest.version == active
-        assert not list(state_dir.rglob(f"{_fs.TMP_PREFIX}*"))
+        assert not list(state_dir.rglob(f"{durable.TMP_PREFIX}*"))
         outcomes[active] = outcomes.get(active, 0) + 1
     # Report where the kills landed; the invariant above is what must hold every time.
     print(f"install took {duration:.2f}s; active after kill: {outcomes}")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent import _fs
+from edge_agent import durable
 from edge_agent.errors import (
     BundleFormatError,
     DigestMismatchError,
@@ -166,8 +166,8 @@ def crash_at(step: int) -> Iterator[list[str]]:
         return real_replace(self, target)  # type: ignore[arg-type]
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(_fs.os, "write", write)
-    mp.setattr(_fs.os, "fsync", fsync)
+    mp.setattr(durable.os, "write", write)
+    mp.setattr(durable.os, "fsync", fsync)
     mp.setattr(Path, "replace", replace)
     try:
         yield calls
@@ -195,7 +195,7 @@ def test_crash_at_every_durable_step_leaves_a_valid_active_model(
         active = store.state("digits").active
         assert active in (1, 2)
         assert store.load("digits").manifest.version == active
-        assert not list(state_dir.rglob(f"{_fs.TMP_PREFIX}*"))
+        assert not list(state_dir.rglob(f"{durable.TMP_PREFIX}*"))
         outcomes.add(active)
     assert outcomes == {1, 2}, "crash points must cover both sides of the commit"
 
@@ -212,12 +212,12 @@ def test_disk_full_during_install_is_a_clear_error(
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(fd, data)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(_fs.os, "write", full)
+    monkeypatch.setattr(durable.os, "write", full)
     with pytest.raises(ModelStoreError, match="No space left"):
         store.install(bundle_file(tmp_path, keys, 2, size=50_000))
     monkeypatch.undo()
     assert open_store(tmp_path / "state", keys).load("digits").manifest.version == 1
-    assert not list((tmp_path / "state").rglob(f"{_fs.TMP_PREFIX}*"))
+    assert not list((tmp_path / "state").rglob(f"{durable.TMP_PREFIX}*"))
 
 
 def test_real_disk_full_on_a_small_tmpfs(tmp_path: Path, keys: KeyStore) -> None:
@@ -238,6 +238,6 @@ def test_real_disk_full_on_a_small_tmpfs(tmp_path: Path, keys: KeyStore) -> None
             store.install(bundle_file(tmp_path, keys, 2, size=400_000))
         again = open_store(mnt / "state", keys)
         assert again.load("digits").manifest.version == 1
-        assert not list((mnt / "state").rglob(f"{_fs.TMP_PREFIX}*"))
+        assert not list((mnt / "state").rglob(f"{durable.TMP_PREFIX}*"))
     finally:
         subprocess.run(["umount", str(mnt)], check=False)

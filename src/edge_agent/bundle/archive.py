@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import tarfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from edge_agent import durable
 from edge_agent.contract.manifest import BundleManifest, DeviceProfile
 from edge_agent.errors import BundleFormatError, LengthMismatchError
 from edge_agent.trust import (
@@ -95,21 +95,7 @@ def write_bundle(path: Path, data: bytes) -> None:
     Raises:
         OSError: the file system refused (disk full, permissions); no partial file remains.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    durable.write_atomic(Path(path), data)
 
 
 def read_raw(

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from edge_agent import _fs
+from edge_agent import durable
 from edge_agent.bundle import LoadedBundle, bundle_bytes, read_bundle, read_raw
 from edge_agent.contract import BundleManifest, DeviceProfile
 from edge_agent.errors import (
@@ -98,7 +98,7 @@ class ModelStore:
                 raise ModelStoreError(f"stored root {path} is not valid: {exc}") from exc
             if stored.version >= provisioned.version:
                 return stored
-        _fs.write_atomic(path, provisioned.to_bytes())
+        durable.write_atomic(path, provisioned.to_bytes())
         return provisioned
 
     def update_root(self, data: bytes) -> TrustedRoot:
@@ -108,7 +108,7 @@ class ModelStore:
             RootRotationError, MetadataFormatError: the new root is not acceptable.
         """
         new = self.root.update(data)
-        _fs.write_atomic(self.dir / "trust" / "root.json", new.to_bytes())
+        durable.write_atomic(self.dir / "trust" / "root.json", new.to_bytes())
         self.root = new
         return new
 
@@ -146,7 +146,7 @@ class ModelStore:
             self._depth += 1
             try:
                 if self._depth == 1:
-                    with _fs.exclusive_lock(self.dir):
+                    with durable.exclusive_lock(self.dir):
                         yield
                 else:
                     yield
@@ -200,8 +200,8 @@ class ModelStore:
         target = self.bundle_path(name, m.version)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            _fs.write_atomic(target, data)
-            _fs.write_atomic(self._model_dir(name) / "state.json", new_state.to_bytes())
+            durable.write_atomic(target, data)
+            durable.write_atomic(self._model_dir(name) / "state.json", new_state.to_bytes())
         except OSError as exc:
             raise ModelStoreError(f"cannot install {name} v{m.version}: {exc}") from exc
         self._remove_versions(name, removed)
@@ -261,7 +261,7 @@ class ModelStore:
 
     def _save(self, state: ModelState) -> ModelState:
         try:
-            _fs.write_atomic(self._model_dir(state.name) / "state.json", state.to_bytes())
+            durable.write_atomic(self._model_dir(state.name) / "state.json", state.to_bytes())
         except OSError as exc:
             raise ModelStoreError(f"cannot write state of {state.name}: {exc}") from exc
         return state
@@ -305,7 +305,7 @@ class ModelStore:
             self._recover()
 
     def _recover(self) -> None:
-        _fs.remove_stale_temps(self.dir)
+        durable.remove_stale_temps(self.dir)
         for model_dir in (self.dir / "models").iterdir():
             if not model_dir.is_dir():
                 continue

@@ -1,4 +1,4 @@
-"""Durable file operations: every persistent write goes through here.
+"""Durable file operations: every persistent write of edgefleet goes through here.
 
 ``write_atomic`` writes a temp file in the same directory, fsyncs it, renames it over the target
 and fsyncs the directory, so after a crash or power loss a reader sees either the old or the new
