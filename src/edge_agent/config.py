@@ -83,7 +83,7 @@ class DriftConfig:
     window_seconds: float = 60.0
     alpha: float = 0.01
     kll: bool = False
-    max_rows_per_second: float = 20000.0
+    max_rows_per_second: float = 5000.0
 
     def validate(self) -> None:
         _check(self.max_rows_per_second >= 256, "drift.max_rows_per_second must be >= 256")

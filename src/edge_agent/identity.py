@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from edge_agent._fs import write_atomic
+from edge_agent.durable import write_atomic
 from edge_agent.errors import ConfigError
 
 __all__ = [
@@ -92,9 +92,7 @@ def key_from_pem(data: bytes) -> ec.EllipticCurvePrivateKey:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
         raise IdentityError(f"device key cannot be read: {exc}") from exc
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(
-        key.curve, ec.SECP256R1
-    ):
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
         raise IdentityError("device key is not an EC P-256 key")
     return key
 

@@ -1,0 +1,211 @@
+"""Mosquitto 2.0 configuration for the fleet: TLS with client certificates, ACLs, queue limits.
+
+Owns what the broker enforces: a TLS listener that requires a certificate from the fleet CA,
+takes the client's identity (username *and* client id) from the certificate CN, checks the
+CA's CRL, and confines each device to its own topics by ACL, while the fleet server's identity
+gets the whole prefix (shared subscriptions included). ``render_*`` are pure; only
+``write_broker_config`` touches files (and asks the CA for the broker's certificate).
+
+Does not start or signal the broker; a supervisor (systemd, the demo, the test fixture) does.
+The broker reads the CRL at start: restart it after a revocation.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+from edge_agent.durable import write_atomic
+from edge_agent.identity import DEVICE_ID_PATTERN
+from fleet_server.errors import BrokerConfigError
+from fleet_server.pki import CertificateAuthority
+
+__all__ = [
+    "DEVICE_READ_TOPICS",
+    "DEVICE_WRITE_TOPICS",
+    "BrokerConfig",
+    "BrokerFiles",
+    "render_acl",
+    "render_mosquitto_conf",
+    "write_broker_config",
+]
+
+# Per-device topics, relative to ``<prefix>/devices/<device id>/``. Devices publish state,
+# telemetry, events, status (also their last will) and requests; they read what the server
+# addresses to them. Nothing else under another device's id is readable or writable.
+DEVICE_WRITE_TOPICS = ("reported", "telemetry", "events", "status", "blocks/req", "fallback/req")
+DEVICE_READ_TOPICS = ("desired", "blocks/resp", "fallback/resp/#")
+
+_SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
+_HOST = re.compile(r"^[A-Za-z0-9.:-]+$")
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """What ``fleet-server broker-config`` writes. Defaults suit one host and tests."""
+
+    host: str = "127.0.0.1"
+    port: int = 8883
+    prefix: str = "edgefleet"
+    server_cn: str = "fleet-server"
+    dns_names: tuple[str, ...] = ("localhost",)
+    ip_addresses: tuple[str, ...] = ("127.0.0.1",)
+    persistence: bool = False
+    # Mosquitto drops QoS 1 messages silently beyond max_queued_messages (default 1,000): the
+    # server's backlog after a pause must fit.
+    max_queued_messages: int = 100_000
+    max_inflight_messages: int = 200
+    # Mosquitto started as root switches to this user (default "mosquitto") before reading
+    # the certificate files; None leaves the broker's default.
+    run_as_user: str | None = None
+    extra_listener_lines: tuple[str, ...] = field(default=())
+
+    def validate(self) -> None:
+        """Check every field that ends up in the config files.
+
+        Raises:
+            BrokerConfigError: a field would produce a broken or unsafe configuration.
+        """
+        if not 0 < self.port < 65536:
+            raise BrokerConfigError(f"port {self.port} is out of range")
+        if not _HOST.fullmatch(self.host):
+            raise BrokerConfigError(f"invalid listener host {self.host!r}")
+        segments = self.prefix.split("/")
+        if not all(_SEGMENT.fullmatch(s) for s in segments):
+            raise BrokerConfigError(
+                f"invalid topic prefix {self.prefix!r}: '/'-separated segments of letters, "
+                "digits, '.', '_' and '-' (no wildcards, no '$', no '%')"
+            )
+        if not DEVICE_ID_PATTERN.fullmatch(self.server_cn):
+            raise BrokerConfigError(f"invalid server identity name {self.server_cn!r}")
+        if self.max_queued_messages < 0 or self.max_inflight_messages < 0:
+            raise BrokerConfigError("queue limits must be >= 0")
+        if self.run_as_user is not None and not _SEGMENT.fullmatch(self.run_as_user):
+            raise BrokerConfigError(f"invalid user {self.run_as_user!r}")
+        if not self.dns_names and not self.ip_addresses:
+            raise BrokerConfigError("the broker needs at least one DNS name or IP address")
+
+
+@dataclass(frozen=True)
+class BrokerFiles:
+    """Where ``write_broker_config`` put things."""
+
+    conf: Path
+    acl: Path
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+    crlfile: Path
+
+
+def render_acl(prefix: str, server_cn: str) -> str:
+    """The ACL file: pattern rules per device (``%u`` = certificate CN) and the server user.
+
+    Pattern rules apply to every user, so the server's CN also matches them; that grants it
+    nothing beyond its own ``user`` section.
+    """
+    lines = [
+        "# Written by fleet-server broker-config; regenerate rather than edit.",
+        "# Devices: username = certificate CN = device id (use_identity_as_username).",
+    ]
+    base = f"{prefix}/devices/%u"
+    lines += [f"pattern write {base}/{t}" for t in DEVICE_WRITE_TOPICS]
+    lines += [f"pattern read {base}/{t}" for t in DEVICE_READ_TOPICS]
+    lines += [
+        f"pattern read {prefix}/broadcast/#",
+        "",
+        "# The fleet server: everything under the prefix, plain or as a shared subscription.",
+        f"user {server_cn}",
+        f"topic readwrite {prefix}/#",
+        f"topic read $share/+/{prefix}/#",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def render_mosquitto_conf(config: BrokerConfig, files: BrokerFiles, data_dir: Path) -> str:
+    """The mosquitto.conf text for ``config`` with the given file locations.
+
+    Raises:
+        BrokerConfigError: invalid settings, or a path Mosquitto cannot parse (whitespace).
+    """
+    config.validate()
+    paths = [files.acl, files.cafile, files.certfile, files.keyfile, files.crlfile, data_dir]
+    for p in paths:
+        if any(ch.isspace() for ch in str(p)):
+            raise BrokerConfigError(f"Mosquitto cannot use a path with whitespace: {p}")
+    lines = [
+        "# Written by fleet-server broker-config; regenerate rather than edit.",
+        "per_listener_settings false",
+        "allow_anonymous false",
+        f"acl_file {files.acl}",
+        # Without it every request/response round trip waits on delayed ACKs (~40-90 ms).
+        "set_tcp_nodelay true",
+        f"max_queued_messages {config.max_queued_messages}",
+        f"max_inflight_messages {config.max_inflight_messages}",
+        "log_dest stderr",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+        "log_type information",
+    ]
+    if config.persistence:
+        lines += ["persistence true", f"persistence_location {data_dir}/"]
+    else:
+        lines.append("persistence false")
+    if config.run_as_user is not None:
+        lines.append(f"user {config.run_as_user}")
+    lines += [
+        "",
+        f"listener {config.port} {config.host}",
+        f"cafile {files.cafile}",
+        f"certfile {files.certfile}",
+        f"keyfile {files.keyfile}",
+        f"crlfile {files.crlfile}",
+        "tls_version tlsv1.2",
+        "require_certificate true",
+        # Identity comes from the certificate; the client id is forced to it, so one device
+        # can neither claim another's topics nor kick another's session.
+        "use_identity_as_username true",
+        "use_username_as_clientid true",
+        *config.extra_listener_lines,
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_broker_config(
+    directory: Path, ca: CertificateAuthority, config: BrokerConfig, *, now: datetime
+) -> BrokerFiles:
+    """Write ``mosquitto.conf``, ``acl``, the broker's key and certificate into ``directory``.
+
+    The CA certificate and CRL are referenced where the CA keeps them, so a revocation
+    (which rewrites the CRL) needs only a broker restart, not a new configuration.
+
+    Raises:
+        BrokerConfigError: invalid settings or paths.
+        PkiError: the CA cannot issue the broker certificate.
+        OSError: the files cannot be written.
+    """
+    config.validate()
+    directory = Path(directory).resolve()
+    files = BrokerFiles(
+        conf=directory / "mosquitto.conf",
+        acl=directory / "acl",
+        cafile=ca.cert_path.resolve(),
+        certfile=directory / "broker.crt",
+        keyfile=directory / "broker.key",
+        crlfile=ca.crl_path.resolve(),
+    )
+    conf_text = render_mosquitto_conf(config, files, directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    pair = ca.issue_broker_identity(
+        dns_names=config.dns_names, ip_addresses=config.ip_addresses, now=now
+    )
+    write_atomic(files.keyfile, pair.key_pem, mode=0o600)
+    write_atomic(files.certfile, pair.cert_pem)
+    write_atomic(files.acl, render_acl(config.prefix, config.server_cn).encode())
+    write_atomic(files.conf, conf_text.encode())
+    return files
