@@ -14,7 +14,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,11 +34,17 @@ BLOCK = 256
 _LATENCY_SAMPLES = 2048
 
 
-@dataclass(frozen=True)
 class PipelineResult:
-    outputs: dict[str, Array]
-    validation: ValidationResult
-    latency_s: float
+    """What one run produced (a slotted class: one is built per request)."""
+
+    __slots__ = ("latency_s", "outputs", "validation")
+
+    def __init__(
+        self, outputs: dict[str, Array], validation: ValidationResult, latency_s: float
+    ) -> None:
+        self.outputs = outputs
+        self.validation = validation
+        self.latency_s = latency_s
 
 
 class _RowBuffer:
@@ -212,7 +217,7 @@ class ModelPipeline:
         self._inflight = 0
         self._closing = False
         self.dropped_rows_by_reason: dict[str, int] = {}
-        self._lat = np.zeros(_LATENCY_SAMPLES)
+        self._lat = [0.0] * _LATENCY_SAMPLES
         self._lat_n = 0
 
     @property

@@ -83,7 +83,7 @@ class OnnxRuntime:
         if self._session is None:
             raise InferenceError("session is closed")
         try:
-            results = self._session.run(self._output_names, dict(feeds))
+            results = self._session.run(self._output_names, feeds)
         except Exception as exc:
             raise InferenceError(f"onnxruntime failed: {exc}") from exc
         return dict(zip(self._output_names, results, strict=True))
