@@ -59,7 +59,7 @@ class Agent:
         transport: FallbackTransport | None = None,
         clock: Callable[[], float] = time.monotonic,
         capture: CaptureRing | None = None,
-        background_drift: bool = True,
+        background_drift: bool = False,
     ) -> None:
         self.config = config
         self.store = store

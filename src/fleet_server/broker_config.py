@@ -7,7 +7,7 @@ gets the whole prefix (shared subscriptions included). ``render_*`` are pure; on
 ``write_broker_config`` touches files (and asks the CA for the broker's certificate).
 
 Does not start or signal the broker; a supervisor (systemd, the demo, the test fixture) does.
-The broker reads the CRL at start: restart it after a revocation.
+The broker re-reads the CRL on SIGHUP: reload it after a revocation.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def render_mosquitto_conf(config: BrokerConfig, files: BrokerFiles, data_dir: Pa
         f"cafile {files.cafile}",
         f"certfile {files.certfile}",
         f"keyfile {files.keyfile}",
-        f"crlfile {files.crlfile}",
+
         "tls_version tlsv1.2",
         "require_certificate true",
         # Identity comes from the certificate; the client id is forced to it, so one device
@@ -182,7 +182,7 @@ def write_broker_config(
     """Write ``mosquitto.conf``, ``acl``, the broker's key and certificate into ``directory``.
 
     The CA certificate and CRL are referenced where the CA keeps them, so a revocation
-    (which rewrites the CRL) needs only a broker restart, not a new configuration.
+    (which rewrites the CRL) needs only a broker reload (SIGHUP), not a new configuration.
 
     Raises:
         BrokerConfigError: invalid settings or paths.
