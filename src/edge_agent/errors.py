@@ -191,3 +191,10 @@ class RateLimitedError(EdgefleetError):
     """A client sent more requests than its rate limit allows."""
 
     code = "rate_limited"
+
+
+class IdentityError(ConfigError):
+    """The device's identity material is invalid: a bad device id, a key that cannot be read,
+    or an issued certificate that does not chain to the fleet CA or does not match the key."""
+
+    code = "identity_invalid"

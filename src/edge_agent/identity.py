@@ -23,7 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from edge_agent.durable import write_atomic
-from edge_agent.errors import ConfigError
+from edge_agent.errors import IdentityError
 
 __all__ = [
     "DEVICE_ID_PATTERN",
@@ -45,13 +45,6 @@ KEY_FILE = "device.key"
 CSR_FILE = "device.csr"
 CERT_FILE = "device.crt"
 CA_FILE = "fleet-ca.crt"
-
-
-class IdentityError(ConfigError):
-    """The device's identity material is invalid: a bad device id, a key that cannot be read,
-    or an issued certificate that does not chain to the fleet CA or does not match the key."""
-
-    code = "identity_invalid"
 
 
 def validate_device_id(device_id: str) -> str:

@@ -163,7 +163,7 @@ def render_mosquitto_conf(config: BrokerConfig, files: BrokerFiles, data_dir: Pa
         f"cafile {files.cafile}",
         f"certfile {files.certfile}",
         f"keyfile {files.keyfile}",
-
+        f"crlfile {files.crlfile}",
         "tls_version tlsv1.2",
         "require_certificate true",
         # Identity comes from the certificate; the client id is forced to it, so one device

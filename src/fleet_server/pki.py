@@ -29,7 +29,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from edge_agent.durable import exclusive_lock, write_atomic
-from edge_agent.identity import IdentityError, validate_device_id
+from edge_agent.errors import IdentityError
+from edge_agent.identity import validate_device_id
 from fleet_server.errors import (
     CsrRejectedError,
     PkiError,
