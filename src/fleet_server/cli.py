@@ -61,7 +61,15 @@ def ca() -> None:
 
 
 @ca.command("init")
-@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option(
+    "--ca-dir",
+    "--dir",
+    "directory",
+    envvar="EDGEFLEET_CA_DIR",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where to create the CA.",
+)
 @click.option("--name", default="edgefleet fleet CA", show_default=True, help="CA common name.")
 @click.option("--days", type=click.IntRange(1), default=3650, show_default=True)
 def ca_init(directory: Path, name: str, days: int) -> None:
