@@ -19,8 +19,8 @@ from pathlib import Path
 
 from edge_agent.durable import write_atomic
 from edge_agent.identity import DEVICE_ID_PATTERN
+from fleet_server.ca import CertificateAuthority
 from fleet_server.errors import BrokerConfigError
-from fleet_server.pki import CertificateAuthority
 
 __all__ = [
     "DEVICE_READ_TOPICS",

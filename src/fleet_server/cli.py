@@ -20,8 +20,8 @@ from edge_agent.cli_support import EXIT_BAD_INPUT, EXIT_KEYS, EXIT_UNTRUSTED, ru
 from edge_agent.durable import write_atomic
 from edge_agent.errors import EdgefleetError
 from fleet_server.broker_config import BrokerConfig, write_broker_config
+from fleet_server.ca import CertificateAuthority
 from fleet_server.errors import BrokerConfigError, CsrRejectedError, EnrollmentError, PkiError
-from fleet_server.pki import CertificateAuthority
 
 # Exit codes of fleet_server's families (the shared ones are in edge_agent.cli_support).
 EXIT_CODES: dict[type[EdgefleetError], int] = {

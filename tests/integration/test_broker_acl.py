@@ -29,7 +29,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from edge_agent.identity import IdentityStore
 from fleet_server.broker_config import BrokerConfig, BrokerFiles, write_broker_config
-from fleet_server.pki import CertificateAuthority
+from fleet_server.ca import CertificateAuthority
 
 MOSQUITTO = shutil.which("mosquitto") or (
     "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None

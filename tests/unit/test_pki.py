@@ -23,6 +23,7 @@ from edge_agent.identity import (
 )
 from fleet_server import cli
 from fleet_server.broker_config import BrokerConfig, render_acl
+from fleet_server.ca import CertificateAuthority
 from fleet_server.errors import (
     BrokerConfigError,
     CsrRejectedError,
@@ -34,7 +35,6 @@ from fleet_server.errors import (
 )
 from fleet_server.pki import (
     CaMaterial,
-    CertificateAuthority,
     check_csr,
     create_ca,
     new_token,

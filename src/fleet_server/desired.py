@@ -1,0 +1,72 @@
+"""Build and sign desired-state documents with the fleet server's online key.
+
+Owns: choosing the expiry and producing the signed wire bytes. The document format, and the
+checks a device runs on it, live in ``edge_agent.trust.desired`` (the shared contract).
+
+The online key signs which builder-signed bundle a device should run; it never makes a model
+trusted by itself (the device still verifies every bundle with the builder keys).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
+
+from securesystemslib.signer import Signer
+
+from edge_agent.trust.desired import DesiredState, ModelAssignment, encode_envelope
+
+__all__ = ["DEFAULT_TTL", "make_desired_state", "sign_desired_state"]
+
+DEFAULT_TTL = timedelta(hours=24)
+
+
+def make_desired_state(
+    device_id: str,
+    version: int,
+    models: Mapping[str, ModelAssignment],
+    now: datetime,
+    ttl: timedelta = DEFAULT_TTL,
+) -> DesiredState:
+    """A desired state for one device that expires ``ttl`` after ``now`` (whole seconds).
+
+    Args:
+        device_id: the device the document is addressed to.
+        version: the next per-device version (strictly greater than any sent before).
+        models: model name -> assignment; empty means "run no model".
+        now: the reference time (timezone-aware).
+        ttl: lifetime of the document; keep it short (minutes to a day): it bounds freeze attacks.
+
+    Returns:
+        The unsigned desired state.
+
+    Raises:
+        ValueError: ``ttl`` is not positive or ``now`` is naive.
+        MetadataFormatError: a field is invalid (device id, version, model name...).
+    """
+    if ttl <= timedelta(0):
+        raise ValueError(f"ttl must be positive, got {ttl}")
+    if now.utcoffset() is None:
+        raise ValueError("now must be timezone-aware")
+    expires = (now + ttl).replace(microsecond=0)
+    return DesiredState(device_id=device_id, version=version, expires=expires, models=models)
+
+
+def sign_desired_state(state: DesiredState, signers: Sequence[Signer]) -> bytes:
+    """Sign ``state`` with each signer (e.g. ``KeyStore.signer("online-1")``) and encode it.
+
+    Args:
+        state: the document to sign.
+        signers: online (``timestamp`` role) signers; enough of them to reach the threshold.
+
+    Returns:
+        The envelope bytes to publish (canonical JSON).
+
+    Raises:
+        ValueError: no signer given.
+        MetadataFormatError: two signers share a key.
+    """
+    if not signers:
+        raise ValueError("at least one signer is needed")
+    payload = state.signed_bytes()
+    return encode_envelope(state, [s.sign(payload) for s in signers])
