@@ -1,0 +1,455 @@
+"""The signed desired-state document: which builder-signed bundle a device should run.
+
+Pure: bytes in, a verified ``DesiredState`` or a typed error out; the clock is passed in.
+
+Owns: the desired-state value object, its strict dict form, its wire format and the checks a
+device runs before acting on it. The fleet server's *online* key (the root's ``timestamp`` role)
+signs it; it names, per model, the exact bundle file (length and SHA-256) and the builder-signed
+targets metadata that bundle must carry. It never makes a model trusted by itself.
+
+Wire format (a TUF-style envelope, canonical JSON throughout)::
+
+    {"signed": {"_type": "desired-state", "schema_version": 1, "device_id": "cam-7",
+                "version": 12, "expires": "2026-06-01T01:00:00Z",
+                "models": {"digits": {"version": 3, "channel": "stable",
+                                      "bundle_sha256": "<hex>", "bundle_length": 123456,
+                                      "targets_sha256": "<hex>"}}},
+     "signatures": [{"keyid": "<hex>", "sig": "<hex>"}]}
+
+Each signature is over the canonical JSON (securesystemslib ``encode_canonical``, as python-tuf
+signs) of ``signed``; a threshold of the root's ``timestamp`` keys must have signed.
+
+Device workflow, and why a compromised fleet server alone cannot install a model:
+
+1. ``verify_desired_state``: threshold of online keys, not expired, addressed to this device,
+   version strictly greater than the last accepted one (replay / rollback of the document).
+2. Fetch each assigned bundle, reading at most ``ModelAssignment.bundle_length`` bytes (the
+   signed transfer cap), then ``check_assignment`` (exact length and SHA-256).
+3. Verify the bundle itself with the builder keys exactly as for any bundle
+   (``edge_agent.trust.verify.verify_bundle`` with ``expected_name``/``expected_channel`` and the
+   installed version), optionally ``check_targets_digest`` on its ``targets.json`` member, and
+   ``check_bundle_identity`` on the verified manifest.
+
+Both checks must pass: the online key decides *which* signed model runs, the offline builder keys
+decide what a model *is*. A stolen online key can at most point a device at another bundle the
+builder signed that is not older than the installed one (the bundle check still refuses rollback);
+a stolen builder key cannot push anything without an online signature.
+
+Attack -> check -> error:
+    malformed / wrong ``_type``       strict parse                  MetadataFormatError
+    unknown key, builder (targets)    threshold of timestamp keys   SignatureThresholdError
+      key, too few online keys
+    tampered after signing            signature over canonical JSON SignatureThresholdError
+    freeze (stale document replayed)  ``expires`` vs ``now``        ExpiredMetadataError
+    replay / older document           version > last accepted       RollbackError
+    document for another device       device id                     MixAndMatchError
+    endless / wrong bundle            signed length and SHA-256     LengthMismatchError,
+                                                                    DigestMismatchError
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from types import MappingProxyType
+from typing import Any
+
+from securesystemslib.exceptions import FormatError, VerificationError
+from securesystemslib.formats import encode_canonical
+from securesystemslib.signer import Signature
+
+from edge_agent.contract.manifest import BundleManifest
+from edge_agent.errors import (
+    DigestMismatchError,
+    ExpiredMetadataError,
+    LengthMismatchError,
+    MetadataFormatError,
+    MixAndMatchError,
+    RollbackError,
+    SignatureThresholdError,
+)
+from edge_agent.trust.root import TrustedRoot
+
+__all__ = [
+    "DESIRED_STATE_TYPE",
+    "MAX_DESIRED_STATE_BYTES",
+    "SCHEMA_VERSION",
+    "SIGNING_ROLE",
+    "DesiredState",
+    "ModelAssignment",
+    "check_assignment",
+    "check_bundle_identity",
+    "check_targets_digest",
+    "encode_envelope",
+    "verify_desired_state",
+]
+
+DESIRED_STATE_TYPE = "desired-state"
+SCHEMA_VERSION = 1
+SIGNING_ROLE = "timestamp"
+MAX_DESIRED_STATE_BYTES = 256 * 1024
+MAX_MODELS = 256
+MAX_SIGNATURES = 32
+MAX_BUNDLE_LENGTH = 1 << 40
+EXPIRES_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+# Same rules as edge_agent.identity.DEVICE_ID_PATTERN (not imported: that module does file I/O)
+# and edge_agent.contract.manifest model names / channels (a test keeps them in step).
+DEVICE_ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_HEX_RE = re.compile(r"^(?:[0-9a-f]{2})+$")
+
+_SIGNED_KEYS = frozenset({"_type", "schema_version", "device_id", "version", "expires", "models"})
+_ASSIGNMENT_KEYS = frozenset(
+    {"version", "channel", "bundle_sha256", "bundle_length", "targets_sha256"}
+)
+
+
+def _int(value: object, what: str, *, minimum: int, maximum: int | None = None) -> int:
+    if type(value) is not int or value < minimum or (maximum is not None and value > maximum):
+        bound = f"{minimum}..{maximum}" if maximum is not None else f">= {minimum}"
+        raise MetadataFormatError(f"{what} must be an integer {bound}, got {value!r}")
+    return value
+
+
+def _str(value: object, what: str, pattern: re.Pattern[str]) -> str:
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise MetadataFormatError(f"{what} is invalid: {value!r}")
+    return value
+
+
+def _exact_keys(obj: object, keys: frozenset[str], what: str) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise MetadataFormatError(f"{what} must be a JSON object")
+    if set(obj) != keys:
+        missing = sorted(keys - set(obj))
+        extra = sorted(set(obj) - keys)
+        raise MetadataFormatError(f"{what}: missing fields {missing}, unknown fields {extra}")
+    return obj
+
+
+@dataclass(frozen=True)
+class ModelAssignment:
+    """One model a device should run: the exact bundle file and the targets metadata inside it.
+
+    Attributes:
+        version: the model version (equals the builder's targets version).
+        channel: the release channel the bundle was built for.
+        bundle_sha256: SHA-256 (lowercase hex) of the whole bundle file.
+        bundle_length: exact bundle size in bytes; the transfer cap (read no more than this).
+        targets_sha256: SHA-256 of the builder-signed ``targets.json`` the bundle must carry.
+
+    Raises:
+        MetadataFormatError: a field is out of range or badly formed (on construction).
+    """
+
+    version: int
+    channel: str
+    bundle_sha256: str
+    bundle_length: int
+    targets_sha256: str
+
+    def __post_init__(self) -> None:
+        _int(self.version, "model version", minimum=1)
+        _str(self.channel, "channel", NAME_RE)
+        _str(self.bundle_sha256, "bundle_sha256", _SHA256_RE)
+        _int(self.bundle_length, "bundle_length", minimum=1, maximum=MAX_BUNDLE_LENGTH)
+        _str(self.targets_sha256, "targets_sha256", _SHA256_RE)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "channel": self.channel,
+            "bundle_sha256": self.bundle_sha256,
+            "bundle_length": self.bundle_length,
+            "targets_sha256": self.targets_sha256,
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> ModelAssignment:
+        """Parse strictly: exactly the known fields, each of the right type.
+
+        Raises:
+            MetadataFormatError: missing, unknown or invalid fields.
+        """
+        d = _exact_keys(data, _ASSIGNMENT_KEYS, "model assignment")
+        return cls(
+            version=d["version"],
+            channel=d["channel"],
+            bundle_sha256=d["bundle_sha256"],
+            bundle_length=d["bundle_length"],
+            targets_sha256=d["targets_sha256"],
+        )
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    """What one device should run, as signed by the fleet server's online key.
+
+    Attributes:
+        device_id: the single device this document is addressed to.
+        version: per-device counter, strictly increasing (the anti-replay counter).
+        expires: UTC expiry, whole seconds.
+        models: model name -> assignment (read-only mapping; empty means "run no model").
+        schema_version: wire schema version (only ``SCHEMA_VERSION`` is understood).
+
+    Raises:
+        MetadataFormatError: a field is out of range or badly formed (on construction).
+    """
+
+    device_id: str
+    version: int
+    expires: datetime
+    models: Mapping[str, ModelAssignment] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if type(self.schema_version) is not int or self.schema_version != SCHEMA_VERSION:
+            raise MetadataFormatError(f"unsupported schema_version {self.schema_version!r}")
+        _str(self.device_id, "device_id", DEVICE_ID_RE)
+        _int(self.version, "version", minimum=1)
+        if (
+            not isinstance(self.expires, datetime)
+            or self.expires.utcoffset() != timedelta(0)
+            or self.expires.microsecond != 0
+        ):
+            raise MetadataFormatError("expires must be a UTC datetime in whole seconds")
+        if not isinstance(self.models, Mapping) or len(self.models) > MAX_MODELS:
+            raise MetadataFormatError(f"models must be a mapping of at most {MAX_MODELS} entries")
+        for name, assignment in self.models.items():
+            _str(name, "model name", NAME_RE)
+            if not isinstance(assignment, ModelAssignment):
+                raise MetadataFormatError(f"model {name!r}: not a ModelAssignment")
+        object.__setattr__(self, "expires", self.expires.astimezone(UTC))
+        object.__setattr__(self, "models", MappingProxyType(dict(sorted(self.models.items()))))
+
+    def __hash__(self) -> int:
+        return hash(
+            (self.schema_version, self.device_id, self.version, self.expires, *self.models.items())
+        )
+
+    def is_expired(self, now: datetime) -> bool:
+        """True when ``now`` is at or past ``expires``."""
+        return now >= self.expires
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``signed`` part of the envelope."""
+        return {
+            "_type": DESIRED_STATE_TYPE,
+            "schema_version": self.schema_version,
+            "device_id": self.device_id,
+            "version": self.version,
+            "expires": self.expires.strftime(EXPIRES_FORMAT),
+            "models": {name: a.to_dict() for name, a in self.models.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> DesiredState:
+        """Parse the ``signed`` part strictly.
+
+        Raises:
+            MetadataFormatError: wrong ``_type``, missing, unknown or invalid fields.
+        """
+        d = _exact_keys(data, _SIGNED_KEYS, "desired state")
+        if d["_type"] != DESIRED_STATE_TYPE:
+            raise MetadataFormatError(f"expected {DESIRED_STATE_TYPE} metadata, got {d['_type']!r}")
+        expires = d["expires"]
+        if not isinstance(expires, str):
+            raise MetadataFormatError("expires must be a string")
+        try:
+            when = datetime.strptime(expires, EXPIRES_FORMAT).replace(tzinfo=UTC)
+        except ValueError as exc:
+            raise MetadataFormatError(f"expires {expires!r} is not {EXPIRES_FORMAT}") from exc
+        models = d["models"]
+        if not isinstance(models, dict):
+            raise MetadataFormatError("models must be a JSON object")
+        return cls(
+            schema_version=d["schema_version"],
+            device_id=d["device_id"],
+            version=d["version"],
+            expires=when,
+            models={name: ModelAssignment.from_dict(a) for name, a in models.items()},
+        )
+
+    def signed_bytes(self) -> bytes:
+        """Canonical JSON of ``to_dict()``: the bytes every signature covers."""
+        return _canonical(self.to_dict())
+
+
+def _canonical(obj: Any) -> bytes:
+    try:
+        return str(encode_canonical(obj)).encode("utf-8")
+    except FormatError as exc:  # floats and other non-canonical values
+        raise MetadataFormatError(f"not canonical-JSON encodable: {exc}") from exc
+
+
+def encode_envelope(state: DesiredState, signatures: list[Signature]) -> bytes:
+    """The wire bytes: canonical JSON of ``{"signed": ..., "signatures": [...]}``.
+
+    Raises:
+        MetadataFormatError: two signatures carry the same key id.
+    """
+    keyids = [s.keyid for s in signatures]
+    if len(set(keyids)) != len(keyids):
+        raise MetadataFormatError("several signatures carry the same key id")
+    return _canonical(
+        {
+            "signed": state.to_dict(),
+            "signatures": [{"keyid": s.keyid, "sig": s.signature} for s in signatures],
+        }
+    )
+
+
+def _reject_constant(name: str) -> Any:
+    raise MetadataFormatError(f"non-finite number {name} in desired state")
+
+
+def _reject_float(text: str) -> Any:
+    raise MetadataFormatError(f"floating-point number {text} in desired state")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise MetadataFormatError(f"duplicate JSON key {key!r}")
+        out[key] = value
+    return out
+
+
+def _parse_envelope(data: bytes) -> tuple[DesiredState, bytes, dict[str, Signature]]:
+    if not isinstance(data, bytes | bytearray) or len(data) > MAX_DESIRED_STATE_BYTES:
+        raise MetadataFormatError(
+            f"desired state must be bytes of at most {MAX_DESIRED_STATE_BYTES}"
+        )
+    try:
+        doc = json.loads(
+            bytes(data).decode("utf-8"),
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_reject_constant,
+            parse_float=_reject_float,
+        )
+    except (ValueError, RecursionError) as exc:
+        raise MetadataFormatError(f"desired state is not valid JSON: {exc}") from exc
+    env = _exact_keys(doc, frozenset({"signed", "signatures"}), "desired-state envelope")
+    state = DesiredState.from_dict(env["signed"])
+    raw_sigs = env["signatures"]
+    if not isinstance(raw_sigs, list) or len(raw_sigs) > MAX_SIGNATURES:
+        raise MetadataFormatError(f"signatures must be a list of at most {MAX_SIGNATURES}")
+    sigs: dict[str, Signature] = {}
+    for raw in raw_sigs:
+        entry = _exact_keys(raw, frozenset({"keyid", "sig"}), "signature")
+        keyid = _str(entry["keyid"], "signature keyid", _HEX_RE)
+        sig = _str(entry["sig"], "signature value", _HEX_RE)
+        if keyid in sigs:
+            raise MetadataFormatError(f"several signatures by key {keyid}")
+        sigs[keyid] = Signature(keyid, sig)
+    # Signatures cover the signed object as received; strict parsing guarantees it is exactly
+    # state.to_dict(), so re-encoding cannot smuggle in fields the value object drops.
+    payload = _canonical(env["signed"])
+    if payload != state.signed_bytes():
+        raise MetadataFormatError("signed part is not in canonical form")
+    return state, payload, sigs
+
+
+def verify_desired_state(
+    root: TrustedRoot,
+    data: bytes,
+    *,
+    now: datetime,
+    device_id: str,
+    last_version: int,
+) -> DesiredState:
+    """Verify a desired-state document as this device must before acting on it.
+
+    Args:
+        root: the device's current trusted root (after any rotation).
+        data: the envelope bytes as received.
+        now: the reference time (timezone-aware).
+        device_id: this device's id.
+        last_version: the version of the last desired state this device accepted (0 if none).
+            The caller persists the returned ``version`` after acting on the document.
+
+    Returns:
+        The verified desired state.
+
+    Raises:
+        MetadataFormatError: oversized, not JSON, wrong ``_type``, or missing/unknown/invalid
+            fields, duplicate signatures.
+        SignatureThresholdError: fewer valid signatures than the ``timestamp`` threshold from
+            keys the root lists for ``timestamp`` (builder keys and unknown keys do not count).
+        ExpiredMetadataError: the root or the document has expired at ``now``.
+        MixAndMatchError: the document is addressed to another device.
+        RollbackError: ``version`` is not greater than ``last_version`` (replay or older).
+    """
+    state, payload, sigs = _parse_envelope(data)
+    try:
+        result = root.signed.get_verification_result(SIGNING_ROLE, payload, sigs)
+    except (VerificationError, ValueError) as exc:
+        raise SignatureThresholdError(f"desired state signature unverifiable: {exc}") from exc
+    if not result.verified:
+        raise SignatureThresholdError(
+            f"desired state has {len(result.signed)} valid signature(s) from {SIGNING_ROLE} keys; "
+            f"threshold is {result.threshold}"
+        )
+    root.check_expiry(now)
+    if state.is_expired(now):
+        raise ExpiredMetadataError(f"desired state v{state.version} expired at {state.expires}")
+    if not hmac.compare_digest(state.device_id.encode(), device_id.encode()):
+        raise MixAndMatchError(
+            f"desired state is addressed to {state.device_id!r}, this device is {device_id!r}"
+        )
+    if state.version <= last_version:
+        raise RollbackError(
+            f"desired state v{state.version} is not newer than accepted v{last_version}"
+        )
+    return state
+
+
+def check_assignment(
+    assignment: ModelAssignment, bundle_bytes_length: int, bundle_sha256: str
+) -> None:
+    """Check a downloaded bundle file against its signed assignment.
+
+    This only proves the file is the one the online key named. The bundle must then be verified
+    with the builder keys as usual (``verify_bundle``); both checks must pass.
+
+    Raises:
+        LengthMismatchError: the file is not exactly ``assignment.bundle_length`` bytes.
+        DigestMismatchError: its SHA-256 differs from ``assignment.bundle_sha256``.
+    """
+    if bundle_bytes_length != assignment.bundle_length:
+        raise LengthMismatchError(
+            f"bundle is {bundle_bytes_length} bytes, desired state signs {assignment.bundle_length}"
+        )
+    if not hmac.compare_digest(bundle_sha256.lower().encode(), assignment.bundle_sha256.encode()):
+        raise DigestMismatchError("bundle SHA-256 differs from the desired state's")
+
+
+def check_targets_digest(assignment: ModelAssignment, targets_bytes: bytes) -> None:
+    """Check that the bundle's ``targets.json`` member is the one the assignment names.
+
+    Raises:
+        DigestMismatchError: its SHA-256 differs from ``assignment.targets_sha256``.
+    """
+    digest = hashlib.sha256(targets_bytes).hexdigest()
+    if not hmac.compare_digest(digest.encode(), assignment.targets_sha256.encode()):
+        raise DigestMismatchError("targets metadata differs from the desired state's")
+
+
+def check_bundle_identity(name: str, assignment: ModelAssignment, manifest: BundleManifest) -> None:
+    """Check that a builder-verified manifest is the model, version and channel assigned.
+
+    Raises:
+        MixAndMatchError: the bundle is another model, version or channel than assigned.
+    """
+    got = (manifest.name, manifest.version, manifest.channel)
+    want = (name, assignment.version, assignment.channel)
+    if got != want:
+        raise MixAndMatchError(f"assigned {want}, bundle is {got}")
