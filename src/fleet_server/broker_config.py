@@ -36,7 +36,7 @@ __all__ = [
 # telemetry, events, status (also their last will) and requests; they read what the server
 # addresses to them. Nothing else under another device's id is readable or writable.
 DEVICE_WRITE_TOPICS = ("reported", "telemetry", "events", "status", "blocks/req", "fallback/req")
-DEVICE_READ_TOPICS = ("desired", "blocks/resp", "fallback/resp/#")
+DEVICE_READ_TOPICS = ("desired", "ack", "blocks/resp", "fallback/resp/#")
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
 _HOST = re.compile(r"^[A-Za-z0-9.:-]+$")

@@ -1,0 +1,159 @@
+"""Topic tree: names match the broker ACL layout, parse round-trips, malformed topics raise."""
+
+from __future__ import annotations
+
+import pytest
+
+from edge_agent.errors import ContractError
+from edge_agent.topics import DEVICE_TO_SERVER, SERVER_TO_DEVICE, TOPIC_SPECS, Topics
+from fleet_server.broker_config import DEVICE_READ_TOPICS, DEVICE_WRITE_TOPICS
+
+T = Topics("edgefleet")
+
+
+def test_every_topic_name() -> None:
+    d = "dev-1"
+    assert T.device_desired(d) == "edgefleet/devices/dev-1/desired"
+    assert T.device_reported(d) == "edgefleet/devices/dev-1/reported"
+    assert T.device_status(d) == "edgefleet/devices/dev-1/status"
+    assert T.device_telemetry(d) == "edgefleet/devices/dev-1/telemetry"
+    assert T.device_events(d) == "edgefleet/devices/dev-1/events"
+    assert T.device_ack(d) == "edgefleet/devices/dev-1/ack"
+    assert T.blocks_req(d) == "edgefleet/devices/dev-1/blocks/req"
+    assert T.blocks_resp(d) == "edgefleet/devices/dev-1/blocks/resp"
+    assert T.fallback_req(d) == "edgefleet/devices/dev-1/fallback/req"
+    assert T.fallback_resp(d, "c0ffee") == "edgefleet/devices/dev-1/fallback/resp/c0ffee"
+    assert T.fallback_resp_filter(d) == "edgefleet/devices/dev-1/fallback/resp/#"
+    assert T.broadcast("wave-3") == "edgefleet/broadcast/wave-3"
+    assert T.broadcast_filter() == "edgefleet/broadcast/#"
+
+
+def test_multi_level_prefix() -> None:
+    t = Topics("acme/plant-1")
+    assert t.device_telemetry("d") == "acme/plant-1/devices/d/telemetry"
+    assert t.parse("acme/plant-1/devices/d/telemetry") == ("telemetry", "d")
+    with pytest.raises(ContractError):
+        t.parse("acme/devices/d/telemetry")
+
+
+def test_layout_matches_the_broker_acl() -> None:
+    """Every device-published topic is ACL-writable; every server-published one readable.
+
+    ``ack`` is new: it needs ``pattern read <prefix>/devices/%u/ack`` in the ACL.
+    """
+    suffix = {k: TOPIC_SPECS[k].suffix for k in TOPIC_SPECS}
+    assert {suffix[k] for k in DEVICE_TO_SERVER} == set(DEVICE_WRITE_TOPICS)
+    readable = {suffix[k] for k in SERVER_TO_DEVICE} - {"fallback/resp", "ack"}
+    # Holds before and after ``ack`` is added to the broker's read list.
+    assert readable | {"fallback/resp/#"} == set(DEVICE_READ_TOPICS) - {"ack"}
+
+
+def test_subscription_filters() -> None:
+    assert T.shared("ingest", "telemetry") == "$share/ingest/edgefleet/devices/+/telemetry"
+    assert T.all_devices("telemetry") == "edgefleet/devices/+/telemetry"
+    assert T.all_devices("fallback_resp") == "edgefleet/devices/+/fallback/resp/#"
+    subs = dict(T.server_subscriptions("workers"))
+    assert set(subs) == {
+        f"$share/workers/edgefleet/devices/+/{TOPIC_SPECS[k].suffix}" for k in DEVICE_TO_SERVER
+    }
+    assert all(q == 1 for q in subs.values())
+    dev = dict(T.device_subscriptions("dev-1"))
+    assert set(dev) == {
+        "edgefleet/devices/dev-1/desired",
+        "edgefleet/devices/dev-1/ack",
+        "edgefleet/devices/dev-1/blocks/resp",
+        "edgefleet/devices/dev-1/fallback/resp/#",
+        "edgefleet/broadcast/#",
+    }
+
+
+def test_qos_and_retain() -> None:
+    retained = {k for k, s in TOPIC_SPECS.items() if s.retain}
+    assert retained == {"desired", "reported", "status"}
+    assert all(s.qos == 1 for s in TOPIC_SPECS.values())
+
+
+@pytest.mark.parametrize(
+    ("topic", "expected"),
+    [
+        ("edgefleet/devices/a/desired", ("desired", "a", None)),
+        ("edgefleet/devices/a/reported", ("reported", "a", None)),
+        ("edgefleet/devices/a/status", ("status", "a", None)),
+        ("edgefleet/devices/a/telemetry", ("telemetry", "a", None)),
+        ("edgefleet/devices/a/events", ("events", "a", None)),
+        ("edgefleet/devices/a/ack", ("ack", "a", None)),
+        ("edgefleet/devices/a/blocks/req", ("blocks_req", "a", None)),
+        ("edgefleet/devices/a/blocks/resp", ("blocks_resp", "a", None)),
+        ("edgefleet/devices/a/fallback/req", ("fallback_req", "a", None)),
+        ("edgefleet/devices/a/fallback/resp/x-1", ("fallback_resp", "a", "x-1")),
+        ("edgefleet/broadcast/w1", ("broadcast", None, "w1")),
+    ],
+)
+def test_parse(topic: str, expected: tuple[str, str | None, str | None]) -> None:
+    assert tuple(T.parse_ref(topic)) == expected
+    assert T.parse(topic) == expected[:2]
+
+
+def test_builders_and_parse_round_trip() -> None:
+    for kind in DEVICE_TO_SERVER + SERVER_TO_DEVICE:
+        if kind != "fallback_resp":
+            assert T.parse(T.device(kind, "dev-9")) == (kind, "dev-9")
+
+
+@pytest.mark.parametrize(
+    "topic",
+    [
+        "",
+        "other/devices/a/telemetry",  # wrong prefix
+        "edgefleetx/devices/a/telemetry",
+        "/edgefleet/devices/a/telemetry",  # leading empty level
+        "edgefleet/devices/A/telemetry",  # device ids are lowercase
+        "edgefleet/devices/-a/telemetry",
+        "edgefleet/devices//telemetry",
+        "edgefleet/devices/+/telemetry",  # wildcards
+        "edgefleet/devices/a/#",
+        "$share/g/edgefleet/devices/a/telemetry",
+        "edgefleet/devices/a/telemetry/extra",  # too many levels
+        "edgefleet/devices/a/fallback/resp/c/d",
+        "edgefleet/devices/a/fallback/resp",  # missing correlation
+        "edgefleet/devices/a/fallback/resp/",
+        "edgefleet/devices/a/unknown",
+        "edgefleet/devices/a",
+        "edgefleet/devices",
+        "edgefleet/broadcast",
+        "edgefleet/broadcast/w/x",
+        "edgefleet/devices/a/tele\x00metry",
+        "edgefleet/devices/" + "a" * 64 + "/telemetry",  # device id too long
+        "edgefleet/broadcast/" + "w" * 600,  # topic too long
+    ],
+)
+def test_parse_rejects_malformed(topic: str) -> None:
+    with pytest.raises(ContractError):
+        T.parse(topic)
+
+
+@pytest.mark.parametrize("prefix", ["", "a//b", "a/+", "a/#", "$SYS", "a b", "/a", "a/"])
+def test_bad_prefix(prefix: str) -> None:
+    with pytest.raises(ContractError):
+        Topics(prefix)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: T.device_telemetry("Bad"),
+        lambda: T.device_telemetry("a/b"),
+        lambda: T.device_telemetry("+"),
+        lambda: T.fallback_resp("a", "x/y"),
+        lambda: T.fallback_resp("a", "#"),
+        lambda: T.fallback_resp("a", ""),
+        lambda: T.broadcast("w+"),
+        lambda: T.shared("g/h", "telemetry"),
+        lambda: T.shared("g", "nope"),
+        lambda: T.device("broadcast", "a"),
+        lambda: T.all_devices("broadcast"),
+    ],
+)
+def test_builders_reject_bad_arguments(call: object) -> None:
+    with pytest.raises(ContractError):
+        call()  # type: ignore[operator]
