@@ -10,25 +10,28 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from importlib import metadata
 from typing import Any
 
-import numpy as np
 import numpy.typing as npt
 
 from edge_agent.contract import (
     BundleManifest,
-    Compatibility,
-    GoldenSample,
     InputContract,
     OutputContract,
     Provenance,
 )
 from edge_agent.drift import build_baseline
-from edge_agent.runtime.base import Runtime, RuntimeOptions, load_runtime
+from edge_agent.runtime.base import RuntimeOptions, load_runtime
+from model_builder.build_parts import (
+    build_report,
+    compatibility,
+    golden_samples,
+    measure_both,
+    run_all,
+    tool_versions,
+)
 from model_builder.calibration import CalibrationSource, ProgressFn, calibration_stats
 from model_builder.data import Dataset
 from model_builder.errors import AccuracyGateError, InputDataError
@@ -43,7 +46,6 @@ from model_builder.gate import (
 )
 from model_builder.keystore import KeyStore
 from model_builder.package import artifact_ref, package_bundle
-from model_builder.perf import PerfReport, measure_perf
 from model_builder.quantize_onnx import QuantizedModel, detect_target, quantize_onnx
 from model_builder.report import render_table
 
@@ -53,21 +55,6 @@ TFLITE_RECIPES = {
     "static": "static_wi8_ai8",
     "dynamic": "dynamic_wi8_afp32",
     "auto": "static_wi8_ai8",
-}
-ARCH_FOR_TARGET = {"x86": ("x86_64",), "x86-vnni": ("x86_64",), "arm64": ("aarch64",)}
-# Lowest onnxruntime release that implements each default-domain opset.
-_ORT_FOR_OPSET = {
-    13: "1.8",
-    14: "1.9",
-    15: "1.10",
-    16: "1.11",
-    17: "1.13",
-    18: "1.14",
-    19: "1.16",
-    20: "1.17",
-    21: "1.18",
-    22: "1.20",
-    23: "1.22",
 }
 
 
@@ -142,7 +129,7 @@ def build_bundle(
     q_runtime = load_runtime(quantized, fmt, RuntimeOptions(warmup_runs=1))
     f_runtime = load_runtime(model_bytes, fmt, RuntimeOptions(warmup_runs=1))
     try:
-        perf = _perf(
+        perf = measure_both(
             f_runtime,
             q_runtime,
             evaluation,
@@ -151,8 +138,8 @@ def build_bundle(
             len(quantized),
             config.measure_latency,
         )
-        baseline_outputs = _run_all(q_runtime, calib, pre)
-        golden = _golden(q_runtime, evaluation, pre, outputs, config.golden)
+        baseline_outputs = run_all(q_runtime, calib, pre)
+        golden = golden_samples(q_runtime, evaluation, pre, outputs, config.golden)
     finally:
         f_runtime.close()
     q_runtime.close()
@@ -160,7 +147,7 @@ def build_bundle(
     baseline = build_baseline(
         calib.inputs, baseline_outputs, n_bins=config.n_bins, kll_k=config.kll_k
     )
-    report = _report(
+    report = build_report(
         outcome,
         recipe,
         cal_stats,
@@ -180,12 +167,12 @@ def build_bundle(
         outputs=outputs,
         baseline=baseline,
         golden=golden,
-        compatibility=_compatibility(fmt, quantized, recipe, target, config),
+        compatibility=compatibility(fmt, quantized, recipe, target, config),
         provenance=Provenance(
             source_sha256=hashlib.sha256(model_bytes).hexdigest(),
             source_format=fmt,
             recipe=recipe,
-            tool_versions=_tool_versions(),
+            tool_versions=tool_versions(),
             built_at=now.strftime("%Y-%m-%dT%H:%M:%SZ"),
         ),
         report=report,
@@ -316,169 +303,3 @@ def _tflite_as_quantized(model: bytes) -> QuantizedModel:
         onnx_version="",
     )
     return QuantizedModel(model, recipe, ())
-
-
-# ------------------------------------------------------------------------ measuring, golden
-def _preprocess(ds: Dataset, pre: Mapping[str, Any], dtypes: Mapping[str, str]) -> dict[str, Array]:
-    return {
-        name: pre[name].apply(np.asarray(x), dtypes.get(name, "float32"))
-        for name, x in ds.inputs.items()
-    }
-
-
-def _run_all(
-    runtime: Runtime, ds: Dataset, pre: Mapping[str, Any], batch: int = 64
-) -> dict[str, Array]:
-    dtypes = {i.name: i.dtype for i in runtime.inputs}
-    feeds = _preprocess(ds, pre, dtypes)
-    chunks: dict[str, list[Array]] = {}
-    for start in range(0, len(ds), batch):
-        out = runtime.run({k: v[start : start + batch] for k, v in feeds.items()})
-        for k, v in out.items():
-            chunks.setdefault(k, []).append(np.asarray(v))
-    return {k: np.concatenate(v) for k, v in chunks.items()}
-
-
-def _perf(
-    f_rt: Runtime,
-    q_rt: Runtime,
-    ds: Dataset,
-    pre: Mapping[str, Any],
-    f_size: int,
-    q_size: int,
-    timed: bool,
-) -> dict[str, PerfReport | None]:
-    if not timed:
-        return {"float": None, "quantized": None}
-    samples = {
-        k: v[:64] for k, v in _preprocess(ds, pre, {i.name: i.dtype for i in f_rt.inputs}).items()
-    }
-    return {
-        "float": measure_perf(f_rt, samples, f_size, max_seconds=1.0),
-        "quantized": measure_perf(q_rt, samples, q_size, max_seconds=1.0),
-    }
-
-
-def _golden(
-    runtime: Runtime, ds: Dataset, pre: Mapping[str, Any], outputs: OutputContract, count: int
-) -> tuple[GoldenSample, ...]:
-    """Golden samples the model answers confidently, so another CPU's rounding cannot flip them.
-
-    For classification, samples whose top-two probability margin is at least 0.2 are preferred;
-    expected outputs get ``atol`` 0.05 (int8 kernels differ slightly between CPU families).
-    """
-    if count <= 0:
-        return ()
-    pool = ds.take(min(len(ds), 256))
-    results = _run_all(runtime, pool, pre)
-    order = np.arange(len(pool))
-    score_name = outputs.score_output
-    if outputs.task == "classification" and score_name is not None:
-        scores = results[score_name].reshape(len(pool), -1)
-        top2 = np.sort(scores, axis=1)[:, -2:]
-        margin = top2[:, 1] - top2[:, 0]
-        order = np.argsort(-margin, kind="stable")[: max(count * 4, count)]
-        order = np.sort(order)
-    golden = []
-    for i in order[:count]:
-        label = None
-        if score_name is not None and outputs.task == "classification":
-            label = int(np.argmax(results[score_name][i]))
-        golden.append(
-            GoldenSample(
-                inputs={k: np.asarray(v[i : i + 1]).tolist() for k, v in pool.inputs.items()},
-                expected={
-                    k: np.round(v[i : i + 1].astype(np.float64), 6).tolist()
-                    for k, v in results.items()
-                },
-                atol=0.05,
-                rtol=0.0,
-                label=label,
-            )
-        )
-    return tuple(golden)
-
-
-# --------------------------------------------------------------------------------- metadata
-def _compatibility(
-    fmt: str, model: bytes, recipe: Mapping[str, Any], target: str, config: BuildConfig
-) -> Compatibility:
-    if fmt == "tflite":
-        return Compatibility(
-            runtime="litert", min_runtime_version="1.2", arch=config.arch or ("any",)
-        )
-    import onnx
-
-    proto = onnx.load_from_string(model)
-    opsets = {(o.domain or "ai.onnx"): int(o.version) for o in proto.opset_import}
-    main = opsets.get("ai.onnx", 13)
-    min_ort = _ORT_FOR_OPSET.get(main, "1.8" if main < 13 else max(_ORT_FOR_OPSET.values()))
-    int8 = recipe.get("mode") in ("static", "dynamic")
-    arch = config.arch or (ARCH_FOR_TARGET.get(target, ("any",)) if int8 else ("any",))
-    return Compatibility(
-        runtime="onnxruntime", min_runtime_version=min_ort, arch=arch, opsets=opsets
-    )
-
-
-def _tool_versions() -> dict[str, str]:
-    out = {}
-    for dist in (
-        "edgefleet",
-        "onnx",
-        "onnxruntime",
-        "numpy",
-        "ai-edge-litert",
-        "ai-edge-quantizer",
-        "onnxconverter-common",
-    ):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return out
-
-
-def _report(
-    outcome: GateOutcome,
-    recipe: Mapping[str, Any],
-    cal_stats: Mapping[str, Any],
-    perf: Mapping[str, PerfReport | None],
-    seconds: float,
-    target: str,
-    config: BuildConfig,
-    sizes: tuple[int, int],
-) -> dict[str, Any]:
-    v = outcome.verdict
-    return {
-        "mode": recipe.get("mode", config.mode),
-        "target": target,
-        "metric": outcome.float_metrics.metric,
-        "float": {
-            "value": v.float_value,
-            "size_bytes": sizes[0],
-            "perf": perf["float"].to_dict() if perf["float"] else None,
-        },
-        "quantized": {
-            "value": v.quant_value,
-            "size_bytes": sizes[1],
-            "perf": perf["quantized"].to_dict() if perf["quantized"] else None,
-        },
-        "agreement": v.agreement,
-        "gate": {
-            "passed": v.passed,
-            "abs_drop": v.abs_drop,
-            "rel_drop": v.rel_drop,
-            "warnings": list(v.warnings),
-            "reasons": list(v.reasons),
-            "policy": {
-                "max_abs_drop": config.policy.max_abs_drop,
-                "max_rel_drop": config.policy.max_rel_drop,
-                "min_agreement": config.policy.min_agreement,
-            },
-        },
-        "excluded_nodes": list(outcome.rescue.excluded) if outcome.rescue else [],
-        "rescue": outcome.rescue.to_dict() if outcome.rescue else None,
-        "calibration": dict(cal_stats),
-        "eval_samples": outcome.float_metrics.samples,
-        "build_seconds": round(seconds, 3),
-    }
