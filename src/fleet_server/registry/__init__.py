@@ -1,0 +1,45 @@
+"""The fleet registry: devices, bundles, desired/reported state and telemetry in SQL.
+
+SQLAlchemy 2 over SQLite (default, WAL) or PostgreSQL (by URL, for several workers); the schema is
+managed by the Alembic revisions in ``migrations/``. Open with ``Registry.open(url)`` and call
+``upgrade()`` before use. ``RegistryError`` and its subclasses live in ``store`` (not in
+``fleet_server.errors``).
+"""
+
+from __future__ import annotations
+
+from fleet_server.registry.store import (
+    BundleExistsError,
+    BundleRecord,
+    DesiredRecord,
+    DeviceExistsError,
+    DeviceRecord,
+    DeviceRevokedError,
+    IngestResult,
+    Registry,
+    RegistryError,
+    RegistryUnavailableError,
+    SeqState,
+    StoredTelemetry,
+    TelemetryEntry,
+    TelemetryRejectedError,
+    UnknownDeviceError,
+)
+
+__all__ = [
+    "BundleExistsError",
+    "BundleRecord",
+    "DesiredRecord",
+    "DeviceExistsError",
+    "DeviceRecord",
+    "DeviceRevokedError",
+    "IngestResult",
+    "Registry",
+    "RegistryError",
+    "RegistryUnavailableError",
+    "SeqState",
+    "StoredTelemetry",
+    "TelemetryEntry",
+    "TelemetryRejectedError",
+    "UnknownDeviceError",
+]

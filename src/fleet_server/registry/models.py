@@ -1,0 +1,175 @@
+"""The fleet registry's tables, as SQLAlchemy 2 typed ORM classes.
+
+Owns: the schema (tables, keys, constraints, indexes) that ``migrations/`` creates and that
+``store`` reads and writes. Does not own: any query or transaction (``store`` does that) nor
+the schema's history (Alembic revisions under ``migrations/versions`` do; a change here needs a
+new revision there).
+
+Timestamps are timezone-aware UTC everywhere: ``UTCDateTime`` normalises on the way in and,
+because SQLite keeps no zone, re-attaches UTC on the way out. JSON columns are ``JSONB`` on
+PostgreSQL and JSON text on SQLite.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+__all__ = [
+    "Base",
+    "Bundle",
+    "DesiredStateRow",
+    "Device",
+    "DeviceSeq",
+    "TelemetryRow",
+    "UTCDateTime",
+]
+
+#: Deterministic constraint names, so later Alembic revisions can drop or alter them by name.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+ID_LEN = 128  # edge_agent.identity allows device ids of at most 128 characters
+NAME_LEN = 128
+SHA256_LEN = 64
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A ``DateTime(timezone=True)`` that only accepts and always returns aware UTC values."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Refuse naive datetimes (ambiguous), store UTC."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: pass a timezone-aware value")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """SQLite returns naive values: they were stored as UTC."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base carrying the shared ``MetaData`` (with the naming convention)."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dict[str, Any]: JSONType, datetime: UTCDateTime()}
+
+
+class Device(Base):
+    """An enrolled device: identity, grouping, certificate and what it last reported."""
+
+    __tablename__ = "devices"
+
+    id: Mapped[str] = mapped_column(String(ID_LEN), primary_key=True)
+    group: Mapped[str] = mapped_column(String(NAME_LEN), index=True)
+    tags: Mapped[dict[str, Any]] = mapped_column()
+    enrolled_at: Mapped[datetime] = mapped_column()
+    revoked_at: Mapped[datetime | None] = mapped_column()
+    cert_serial: Mapped[str | None] = mapped_column(String(64))
+    last_seen: Mapped[datetime | None] = mapped_column()
+    reported: Mapped[dict[str, Any] | None] = mapped_column()
+    reported_at: Mapped[datetime | None] = mapped_column()
+
+
+class Bundle(Base):
+    """A builder-signed bundle the server can assign; ``(name, version)`` is unique."""
+
+    __tablename__ = "bundles"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(NAME_LEN))
+    version: Mapped[int] = mapped_column(BigInteger)
+    channel: Mapped[str] = mapped_column(String(NAME_LEN))
+    sha256: Mapped[str] = mapped_column(String(SHA256_LEN))
+    length: Mapped[int] = mapped_column(BigInteger)
+    targets_sha256: Mapped[str] = mapped_column(String(SHA256_LEN))
+    manifest: Mapped[dict[str, Any]] = mapped_column()
+    published_at: Mapped[datetime] = mapped_column()
+
+
+class DesiredStateRow(Base):
+    """One signed desired-state document; ``version`` grows strictly per device."""
+
+    __tablename__ = "desired_states"
+
+    device_id: Mapped[str] = mapped_column(
+        String(ID_LEN), ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    version: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    document: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column()
+
+
+class TelemetryRow(Base):
+    """One stored telemetry entry (report or event); ``(device_id, seq)`` is the dedupe key."""
+
+    __tablename__ = "telemetry"
+    __table_args__ = (
+        UniqueConstraint("device_id", "seq"),
+        Index("ix_telemetry_received_at", "received_at"),
+    )
+
+    # BIGINT on PostgreSQL; plain INTEGER on SQLite so it is the rowid and autoincrements.
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    device_id: Mapped[str] = mapped_column(
+        String(ID_LEN), ForeignKey("devices.id", ondelete="CASCADE")
+    )
+    seq: Mapped[int] = mapped_column(BigInteger)
+    kind: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[datetime] = mapped_column()
+    payload: Mapped[dict[str, Any]] = mapped_column()
+
+
+class DeviceSeq(Base):
+    """Per-device acknowledgement state of the telemetry sequence.
+
+    ``acked_upto``: every ``seq <= acked_upto`` is stored or known lost (the ack sent back).
+    ``gaps``: seqs above ``acked_upto`` and below the highest stored one that are missing now.
+    ``lost``: seqs declared gone for good by a batch floor and never received (cumulative).
+    ``duplicates``: entries received again and ignored (cumulative).
+    """
+
+    __tablename__ = "device_seq"
+
+    device_id: Mapped[str] = mapped_column(
+        String(ID_LEN), ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    acked_upto: Mapped[int] = mapped_column(BigInteger, default=0)
+    gaps: Mapped[int] = mapped_column(BigInteger, default=0)
+    lost: Mapped[int] = mapped_column(BigInteger, default=0)
+    duplicates: Mapped[int] = mapped_column(BigInteger, default=0)

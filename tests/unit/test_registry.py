@@ -1,0 +1,345 @@
+"""The fleet registry on SQLite: migrations, repository methods, idempotent ingest and acks."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import func, inspect, select
+
+from edge_agent.telemetry import Batch, Event, TelemetryReport
+from fleet_server.registry import (
+    BundleExistsError,
+    DeviceExistsError,
+    DeviceRevokedError,
+    Registry,
+    RegistryError,
+    TelemetryEntry,
+    TelemetryRejectedError,
+    UnknownDeviceError,
+)
+from fleet_server.registry.models import Base, TelemetryRow
+
+SHA_A = "a" * 64
+SHA_B = "b" * 64
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        self.now += timedelta(seconds=1)
+        return self.now
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'registry.db'}"
+
+
+@pytest.fixture
+def reg(db_url: str) -> Iterator[Registry]:
+    registry = Registry.open(db_url, clock=Clock())
+    registry.upgrade()
+    registry.enroll("cam-1")
+    yield registry
+    registry.close()
+
+
+def entries(*seqs: int) -> list[TelemetryEntry]:
+    return [TelemetryEntry(seq=s, kind="report", payload={"n": s}) for s in seqs]
+
+
+def row_count(reg: Registry, device: str = "cam-1") -> int:
+    with reg.engine.connect() as conn:
+        n = conn.scalar(
+            select(func.count()).select_from(TelemetryRow).where(TelemetryRow.device_id == device)
+        )
+    return int(n or 0)
+
+
+# --------------------------------------------------------------------------- migrations
+def test_upgrade_creates_schema_on_empty_db_and_is_idempotent(db_url: str) -> None:
+    reg = Registry.open(db_url)
+    assert reg.current_revision() is None
+    reg.upgrade()
+    reg.upgrade()
+    assert reg.current_revision() == "0001"
+    tables = set(inspect(reg.engine).get_table_names())
+    assert {"devices", "bundles", "desired_states", "telemetry", "device_seq"} <= tables
+    with reg.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    reg.close()
+
+
+def test_migrations_match_the_models(db_url: str) -> None:
+    reg = Registry.open(db_url)
+    reg.upgrade()
+    with reg.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    reg.close()
+    assert diff == []
+
+
+def test_downgrade_to_base_drops_everything(db_url: str) -> None:
+    reg = Registry.open(db_url)
+    reg.upgrade()
+    reg.downgrade("base")
+    assert set(inspect(reg.engine).get_table_names()) <= {"alembic_version"}
+    reg.close()
+
+
+def test_open_refuses_other_databases() -> None:
+    with pytest.raises(RegistryError, match="unsupported"):
+        Registry.open("mysql://u@h/db")
+    with pytest.raises(RegistryError):
+        Registry.open("not a url")
+
+
+# --------------------------------------------------------------------------- devices
+def test_enroll_list_revoke_reenroll(reg: Registry) -> None:
+    reg.enroll("cam-2", group="lab", tags={"site": "b"}, cert_serial="0a1b")
+    d = reg.get_device("cam-2")
+    assert (d.group, dict(d.tags), d.cert_serial, d.revoked) == (
+        "lab",
+        {"site": "b"},
+        "0a1b",
+        False,
+    )
+    assert d.enrolled_at.tzinfo is not None
+    assert [x.id for x in reg.list_devices()] == ["cam-1", "cam-2"]
+    assert [x.id for x in reg.list_devices(group="lab")] == ["cam-2"]
+
+    with pytest.raises(DeviceExistsError):
+        reg.enroll("cam-2")
+    first = reg.revoke("cam-2").revoked_at
+    assert first is not None
+    assert reg.revoke("cam-2").revoked_at == first  # idempotent, first time kept
+    assert [x.id for x in reg.list_devices(include_revoked=False)] == ["cam-1"]
+
+    again = reg.enroll("cam-2", cert_serial="ffff")
+    assert not again.revoked
+    assert again.cert_serial == "ffff"
+
+
+def test_device_errors(reg: Registry) -> None:
+    with pytest.raises(RegistryError, match="invalid device id"):
+        reg.enroll("Bad_ID")
+    with pytest.raises(RegistryError):
+        reg.enroll("cam-3", group="")
+    for call in (lambda: reg.get_device("nope"), lambda: reg.revoke("nope")):
+        with pytest.raises(UnknownDeviceError):
+            call()
+
+
+def test_record_reported_state(reg: Registry) -> None:
+    d = reg.record_reported("cam-1", {"models": {"digits": 3}, "ok": True})
+    assert d.reported == {"models": {"digits": 3}, "ok": True}
+    assert d.reported_at is not None
+    assert d.last_seen == d.reported_at
+    assert reg.get_device("cam-1").reported == {"models": {"digits": 3}, "ok": True}
+    with pytest.raises(UnknownDeviceError):
+        reg.record_reported("nope", {})
+
+
+# --------------------------------------------------------------------------- bundles
+def test_publish_and_list_bundles(reg: Registry) -> None:
+    b = reg.publish_bundle(
+        "digits", 2, channel="stable", sha256=SHA_A, length=10, targets_sha256=SHA_B,
+        manifest={"runtime": "onnx"},
+    )  # fmt: skip
+    assert (b.name, b.version, dict(b.manifest)) == ("digits", 2, {"runtime": "onnx"})
+    reg.publish_bundle("digits", 1, channel="beta", sha256=SHA_B, length=5, targets_sha256=SHA_B)
+    reg.publish_bundle("alpha", 1, channel="beta", sha256=SHA_B, length=5, targets_sha256=SHA_B)
+    assert [(x.name, x.version) for x in reg.list_bundles()] == [
+        ("alpha", 1),
+        ("digits", 1),
+        ("digits", 2),
+    ]
+    assert [x.version for x in reg.list_bundles("digits")] == [1, 2]
+    # Identical republish is a no-op; a different file under the same (name, version) is refused.
+    same = reg.publish_bundle(
+        "digits", 2, channel="stable", sha256=SHA_A, length=10, targets_sha256=SHA_B
+    )
+    assert same == b
+    with pytest.raises(BundleExistsError):
+        reg.publish_bundle(
+            "digits", 2, channel="stable", sha256=SHA_B, length=10, targets_sha256=SHA_B
+        )
+    with pytest.raises(RegistryError, match="hex"):
+        reg.publish_bundle("x", 1, channel="s", sha256="XYZ", length=1, targets_sha256=SHA_B)
+    with pytest.raises(RegistryError, match="not published"):
+        reg.get_bundle("digits", 9)
+
+
+# --------------------------------------------------------------------------- desired state
+def test_desired_version_is_monotonic(reg: Registry) -> None:
+    assert reg.latest_desired("cam-1") is None
+    seen: list[int] = []
+    for _ in range(3):
+        rec = reg.assign_desired("cam-1", lambda v: seen.append(v) or f"doc{v}".encode())
+        assert rec.document == f"doc{rec.version}".encode()
+    assert seen == [1, 2, 3]
+    assert reg.assign_desired("cam-1", lambda v: b"x", at_least=10).version == 10
+    assert reg.assign_desired("cam-1", lambda v: b"x", at_least=2).version == 11
+
+    def boom(v: int) -> bytes:
+        raise RuntimeError("signing failed")
+
+    with pytest.raises(RuntimeError):
+        reg.assign_desired("cam-1", boom)
+    latest = reg.latest_desired("cam-1")
+    assert latest is not None
+    assert latest.version == 11
+    with pytest.raises(RegistryError, match="bytes"):
+        reg.assign_desired("cam-1", lambda v: b"")
+
+    reg.enroll("cam-9")
+    reg.revoke("cam-9")
+    with pytest.raises(DeviceRevokedError):
+        reg.assign_desired("cam-9", lambda v: b"x")
+    with pytest.raises(UnknownDeviceError):
+        reg.assign_desired("nope", lambda v: b"x")
+
+
+def test_concurrent_desired_assignments_get_distinct_versions(db_url: str, reg: Registry) -> None:
+    versions: list[int] = []
+    lock = threading.Lock()
+    start = threading.Barrier(2)
+
+    def worker() -> None:
+        r = Registry.open(db_url)
+        start.wait()
+        for _ in range(10):
+            v = r.assign_desired("cam-1", lambda v: b"%d" % v).version
+            with lock:
+                versions.append(v)
+        r.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert sorted(versions) == list(range(1, 21))
+
+
+# --------------------------------------------------------------------------- ingest
+def test_ingest_reports_and_events_then_replay_adds_nothing(reg: Registry) -> None:
+    report = TelemetryReport(device_id="cam-1", seq=1, window_start=0.0, window_end=60.0)
+    event = Event(device_id="cam-1", seq=2, kind="installed", at=61.0, model="digits", version=3)
+    batch = Batch(device_id="cam-1", items=(report, event))
+    first = reg.ingest_batch(batch)
+    assert (first.inserted, first.duplicates, first.acked_upto, first.gaps) == (2, 0, 2, 0)
+    replay = reg.ingest_batch(batch)
+    assert (replay.inserted, replay.duplicates, replay.acked_upto) == (0, 2, 2)
+    assert row_count(reg) == 2
+    rows = reg.telemetry(device_id="cam-1")
+    assert [(r.seq, r.kind) for r in rows] == [(1, "report"), (2, "event")]
+    assert rows[1].payload["kind"] == "installed"
+    assert TelemetryReport.from_dict(rows[0].payload) == report
+    assert reg.telemetry(after_id=rows[0].id)[0].seq == 2
+    assert reg.get_device("cam-1").last_seen is not None
+    assert reg.seq_state("cam-1").duplicates == 2
+
+
+def test_contiguous_ack_with_gaps(reg: Registry) -> None:
+    r = reg.ingest("cam-1", entries(1, 2, 4, 7))
+    assert (r.acked_upto, r.gaps) == (2, 3)  # 3, 5, 6 missing
+    r = reg.ingest("cam-1", entries(5))
+    assert (r.acked_upto, r.gaps) == (2, 2)
+    r = reg.ingest("cam-1", entries(3))
+    assert (r.acked_upto, r.gaps) == (5, 1)
+    r = reg.ingest("cam-1", entries(6, 6, 8))  # duplicate inside one call counts once
+    assert (r.acked_upto, r.gaps, r.inserted, r.duplicates) == (8, 0, 2, 1)
+    s = reg.seq_state("cam-1")
+    assert (s.acked_upto, s.gaps, s.lost, s.duplicates) == (8, 0, 0, 1)
+
+
+def test_out_of_order_first_batch_is_not_acked(reg: Registry) -> None:
+    r = reg.ingest("cam-1", entries(3, 4))
+    assert (r.acked_upto, r.gaps) == (0, 2)
+
+
+def test_floor_rule_counts_lost_and_advances(reg: Registry) -> None:
+    reg.ingest("cam-1", entries(1, 2, 4))
+    # The device holds nothing below 6 any more: 3 and 5 are gone for good.
+    r = reg.ingest("cam-1", entries(6, 7), floor=6)
+    assert (r.acked_upto, r.gaps, r.lost, r.inserted) == (7, 0, 2, 2)
+    assert reg.seq_state("cam-1").lost == 2
+    # A floor below the mark changes nothing; an empty batch may carry just a floor.
+    assert reg.ingest("cam-1", [], floor=3).acked_upto == 7
+    r = reg.ingest("cam-1", [], floor=11)
+    assert (r.acked_upto, r.lost) == (10, 3)
+    # A "lost" entry that turns up after all (late redelivery) is stored and un-lost.
+    r = reg.ingest("cam-1", entries(3))
+    assert (r.inserted, r.recovered, r.acked_upto) == (1, 1, 10)
+    assert reg.seq_state("cam-1").lost == 4
+
+
+def test_floor_with_stored_entries_above_the_hole(reg: Registry) -> None:
+    reg.ingest("cam-1", entries(1, 5, 6, 9))
+    r = reg.ingest("cam-1", entries(5, 6), floor=5)  # 2-4 lost; 5, 6 stored; 7, 8 still missing
+    assert (r.acked_upto, r.lost, r.gaps, r.duplicates) == (6, 3, 2, 2)
+
+
+def test_ingest_rejects_structural_problems(reg: Registry) -> None:
+    with pytest.raises(TelemetryRejectedError, match="seq"):
+        reg.ingest("cam-1", entries(0))
+    with pytest.raises(TelemetryRejectedError, match="floor"):
+        reg.ingest("cam-1", entries(4, 5), floor=5)
+    with pytest.raises(TelemetryRejectedError, match="floor"):
+        reg.ingest("cam-1", [], floor=0)
+    other = Event(device_id="cam-2", seq=1, kind="installed", at=1.0)
+    with pytest.raises(TelemetryRejectedError, match="device"):
+        reg.ingest("cam-1", [other])
+    with pytest.raises(UnknownDeviceError):
+        reg.ingest("nope", entries(1))
+    assert row_count(reg) == 0
+    assert reg.seq_state("cam-1").acked_upto == 0
+
+
+def test_concurrent_overlapping_ingest_never_double_counts(db_url: str, reg: Registry) -> None:
+    n = 300
+    results: list[tuple[int, int]] = []
+    marks: list[list[int]] = [[], []]
+    lock = threading.Lock()
+    start = threading.Barrier(2)
+
+    def worker(idx: int) -> None:
+        r = Registry.open(db_url)
+        rng = random.Random(idx)
+        # Worker 0 sends 1..n in batches of 10; worker 1 the same seqs in shifted batches of
+        # 7, some out of order: every seq is sent by both.
+        size, shift = (10, 0) if idx == 0 else (7, 3)
+        bounds = [(1, shift)] if shift else []
+        bounds += [(a, min(a + size - 1, n)) for a in range(shift + 1, n + 1, size)]
+        if idx == 1:
+            rng.shuffle(bounds)
+        start.wait()
+        for lo, hi in bounds:
+            res = r.ingest("cam-1", entries(*range(lo, hi + 1)))
+            with lock:
+                results.append((res.inserted, res.duplicates))
+                marks[idx].append(res.acked_upto)
+        r.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert sum(i for i, _ in results) == n
+    assert sum(d for _, d in results) == n
+    assert row_count(reg) == n
+    s = reg.seq_state("cam-1")
+    assert (s.acked_upto, s.gaps, s.lost, s.duplicates) == (n, 0, 0, n)
+    assert marks[0] == sorted(marks[0])  # one worker's acks never go backwards
