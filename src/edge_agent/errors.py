@@ -14,6 +14,8 @@ Families:
     ModelStoreError          install/activate/load/rollback failed (disk, state, memory budget).
     FallbackError            the cloud could not answer in time or is switched off.
     RateLimitedError         a client exceeded its request rate.
+    TransportError           the MQTT connection cannot carry the message (not connected, refused).
+    OutboxError              the on-disk telemetry outbox refused or failed (full, corrupt).
 
 Each error has a stable ``code`` used as a metric label and in telemetry; codes never change
 meaning once released.
@@ -198,3 +200,72 @@ class IdentityError(ConfigError):
     or an issued certificate that does not chain to the fleet CA or does not match the key."""
 
     code = "identity_invalid"
+
+
+class TransportError(EdgefleetError):
+    """The broker could not be reached or did not accept an operation."""
+
+    code = "transport"
+
+
+class NotConnectedError(TransportError):
+    """The client has no live session with the broker right now."""
+
+    code = "transport_not_connected"
+
+
+class PublishError(TransportError):
+    """paho refused to queue a message (bad topic, queue full, connection lost)."""
+
+    code = "transport_publish"
+
+
+class SubscribeError(TransportError):
+    """The broker refused a subscription (SUBACK failure reason code)."""
+
+    code = "transport_subscribe"
+
+
+class TransportTimeoutError(TransportError):
+    """An acknowledgement or response did not arrive in time, or waiting would deadlock."""
+
+    code = "transport_timeout"
+
+
+class OutboxError(EdgefleetError):
+    """The outbox cannot do what was asked (I/O failure, bad argument, unknown schema).
+
+    Defined here rather than in ``errors.py`` because only the outbox raises it.
+    """
+
+    code = "outbox"
+
+
+class PayloadTooLargeError(OutboxError):
+    """A single payload is larger than the whole outbox may hold."""
+
+    code = "outbox_payload_too_large"
+
+
+class AckOutOfRangeError(OutboxError):
+    """An ack names a ``seq`` that was never assigned: the server is confused."""
+
+    code = "outbox_ack_out_of_range"
+
+
+class OutboxCorruptError(OutboxError):
+    """The database file is damaged; see ``Outbox.recover``."""
+
+    code = "outbox_corrupt"
+
+
+class TransferMismatchError(ContractError):
+    """A block message belongs to another transfer (another bundle, length or block size)."""
+
+    code = "transfer_mismatch"
+
+
+class TransferIncompleteError(ContractError):
+    """The transfer was asked to finish before every block arrived (a caller bug)."""
+
+    code = "transfer_incomplete"

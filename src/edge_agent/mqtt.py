@@ -35,7 +35,14 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent.errors import ConfigError, EdgefleetError
+from edge_agent.errors import (
+    ConfigError,
+    NotConnectedError,
+    PublishError,
+    SubscribeError,
+    TransportError,
+    TransportTimeoutError,
+)
 from edge_agent.telemetry import StatusMessage
 from edge_agent.topics import Topics
 
@@ -57,36 +64,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _LOOP_TIMEOUT = 0.2  # seconds paho's loop() blocks in select; bounds how fast close() returns
-
-
-class TransportError(EdgefleetError):
-    """The broker could not be reached or did not accept an operation."""
-
-    code = "transport"
-
-
-class NotConnectedError(TransportError):
-    """The client has no live session with the broker right now."""
-
-    code = "transport_not_connected"
-
-
-class PublishError(TransportError):
-    """paho refused to queue a message (bad topic, queue full, connection lost)."""
-
-    code = "transport_publish"
-
-
-class SubscribeError(TransportError):
-    """The broker refused a subscription (SUBACK failure reason code)."""
-
-    code = "transport_subscribe"
-
-
-class TransportTimeoutError(TransportError):
-    """An acknowledgement or response did not arrive in time, or waiting would deadlock."""
-
-    code = "transport_timeout"
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,12 @@ from types import TracebackType
 from typing import Literal, get_args
 
 from edge_agent import durable
-from edge_agent.errors import EdgefleetError
+from edge_agent.errors import (
+    AckOutOfRangeError,
+    OutboxCorruptError,
+    OutboxError,
+    PayloadTooLargeError,
+)
 
 Priority = Literal["event", "report"]
 PRIORITIES: tuple[Priority, ...] = get_args(Priority)
@@ -60,33 +65,6 @@ CREATE TABLE IF NOT EXISTS drops (
     priority TEXT NOT NULL, kind TEXT NOT NULL, entries INTEGER NOT NULL, bytes INTEGER NOT NULL,
     PRIMARY KEY (priority, kind));
 """
-
-
-class OutboxError(EdgefleetError):
-    """The outbox cannot do what was asked (I/O failure, bad argument, unknown schema).
-
-    Defined here rather than in ``errors.py`` because only the outbox raises it.
-    """
-
-    code = "outbox"
-
-
-class PayloadTooLargeError(OutboxError):
-    """A single payload is larger than the whole outbox may hold."""
-
-    code = "outbox_payload_too_large"
-
-
-class AckOutOfRangeError(OutboxError):
-    """An ack names a ``seq`` that was never assigned: the server is confused."""
-
-    code = "outbox_ack_out_of_range"
-
-
-class OutboxCorruptError(OutboxError):
-    """The database file is damaged; see ``Outbox.recover``."""
-
-    code = "outbox_corrupt"
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,7 +36,12 @@ import re
 from dataclasses import dataclass
 from typing import Any, Final
 
-from edge_agent.errors import ContractError, LengthMismatchError
+from edge_agent.errors import (
+    ContractError,
+    LengthMismatchError,
+    TransferIncompleteError,
+    TransferMismatchError,
+)
 from edge_agent.trust.desired import MAX_BUNDLE_LENGTH, ModelAssignment
 
 __all__ = [
@@ -73,18 +78,6 @@ _REQUEST_TYPE = "block_request"
 _DATA_TYPE = "block_data"
 _REQUEST_KEYS = frozenset({"schema_version", "type", "transfer_id", "ranges"})
 _DATA_KEYS = frozenset({"schema_version", "type", "transfer_id", "index", "length"})
-
-
-class TransferMismatchError(ContractError):
-    """A block message belongs to another transfer (another bundle, length or block size)."""
-
-    code = "transfer_mismatch"
-
-
-class TransferIncompleteError(ContractError):
-    """The transfer was asked to finish before every block arrived (a caller bug)."""
-
-    code = "transfer_incomplete"
 
 
 def transfer_id_for(sha256: str, length: int, block_size: int) -> str:

@@ -72,3 +72,45 @@ class BrokerConfigError(FleetServerError):
     """The broker configuration cannot be produced from the given settings."""
 
     code = "broker_config_invalid"
+
+
+class RegistryError(FleetServerError):
+    """Base of the registry's errors (defined here, not in ``fleet_server.errors``)."""
+
+    code = "registry_error"
+
+
+class RegistryUnavailableError(RegistryError):
+    """The database cannot be reached or failed the operation (locked, down, disk full)."""
+
+    code = "registry_unavailable"
+
+
+class UnknownDeviceError(RegistryError):
+    """No device with this id is enrolled."""
+
+    code = "device_unknown"
+
+
+class DeviceExistsError(RegistryError):
+    """The device id is already enrolled and not revoked."""
+
+    code = "device_exists"
+
+
+class DeviceRevokedError(RegistryError):
+    """The device is revoked; nothing new is assigned to it."""
+
+    code = "device_revoked"
+
+
+class BundleExistsError(RegistryError):
+    """A different bundle with this ``(name, version)`` is already published."""
+
+    code = "bundle_exists"
+
+
+class TelemetryRejectedError(RegistryError):
+    """An ingest call is structurally wrong (bad seq, foreign device, floor above the batch)."""
+
+    code = "telemetry_rejected"

@@ -49,7 +49,15 @@ from sqlalchemy.orm import Session
 from edge_agent.errors import IdentityError
 from edge_agent.identity import validate_device_id
 from edge_agent.telemetry import Batch, Event, TelemetryReport
-from fleet_server.errors import FleetServerError
+from fleet_server.errors import (
+    BundleExistsError,
+    DeviceExistsError,
+    DeviceRevokedError,
+    RegistryError,
+    RegistryUnavailableError,
+    TelemetryRejectedError,
+    UnknownDeviceError,
+)
 from fleet_server.registry.models import (
     Bundle,
     DesiredStateRow,
@@ -88,46 +96,6 @@ _SHA256_HEX: Final = frozenset("0123456789abcdef")
 
 
 # --------------------------------------------------------------------------- errors
-class RegistryError(FleetServerError):
-    """Base of the registry's errors (defined here, not in ``fleet_server.errors``)."""
-
-    code = "registry_error"
-
-
-class RegistryUnavailableError(RegistryError):
-    """The database cannot be reached or failed the operation (locked, down, disk full)."""
-
-    code = "registry_unavailable"
-
-
-class UnknownDeviceError(RegistryError):
-    """No device with this id is enrolled."""
-
-    code = "device_unknown"
-
-
-class DeviceExistsError(RegistryError):
-    """The device id is already enrolled and not revoked."""
-
-    code = "device_exists"
-
-
-class DeviceRevokedError(RegistryError):
-    """The device is revoked; nothing new is assigned to it."""
-
-    code = "device_revoked"
-
-
-class BundleExistsError(RegistryError):
-    """A different bundle with this ``(name, version)`` is already published."""
-
-    code = "bundle_exists"
-
-
-class TelemetryRejectedError(RegistryError):
-    """An ingest call is structurally wrong (bad seq, foreign device, floor above the batch)."""
-
-    code = "telemetry_rejected"
 
 
 # --------------------------------------------------------------------------- values
