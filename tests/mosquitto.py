@@ -42,7 +42,7 @@ MOSQUITTO = shutil.which("mosquitto") or (
     "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
 )
 PREFIX = "edgefleet"
-SERVER = "fleet-server"
+SERVER = "fleet.server"
 START_TIMEOUT = 5.0
 
 

@@ -192,10 +192,19 @@ def _load(data: bytes, max_bytes: int) -> Any:
         return json.loads(
             bytes(data).decode("utf-8"),
             parse_constant=_no_constants,
+            parse_int=_bounded_int,
             object_pairs_hook=_no_duplicates,
         )
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    # ValueError covers JSONDecodeError and CPython's integer-digit limit.
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ContractError(f"payload is not UTF-8 JSON: {exc}") from exc
+
+
+def _bounded_int(text: str) -> int:
+    """JSON integers stay within 20 digits (every count and seq fits in 2**63)."""
+    if len(text.lstrip("-")) > 20:
+        raise ContractError(f"integer of {len(text)} digits is out of range")
+    return int(text)
 
 
 def _dump(d: Mapping[str, Any]) -> bytes:
@@ -713,10 +722,17 @@ class Batch(_Wire):
     device_id: str
     items: tuple[TelemetryReport | Event, ...]
     schema_version: int = SCHEMA_VERSION
+    # The oldest seq the device's outbox still holds: anything below it the server lacks was
+    # dropped on the device and will never come (the server counts it lost and acks past it).
+    floor: int | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.items) <= MAX_BATCH_ITEMS:
             raise ContractError(f"batch must hold 1-{MAX_BATCH_ITEMS} items")
+        if self.floor is not None and (
+            isinstance(self.floor, bool) or self.floor < 1 or self.floor > self.items[0].seq
+        ):
+            raise ContractError("batch: floor must be a seq >= 1 and <= the first item's seq")
         seqs = [i.seq for i in self.items]
         if any(i.device_id != self.device_id for i in self.items):
             raise ContractError("batch: every item must be from the batch's device")
@@ -725,12 +741,15 @@ class Batch(_Wire):
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict, valid against ``telemetry-report.schema.json`` (its batch form)."""
-        return {
+        out: dict[str, Any] = {
             "schema_version": self.schema_version,
             "type": "batch",
             "device_id": self.device_id,
             "items": [i.to_dict() for i in self.items],
         }
+        if self.floor is not None:
+            out["floor"] = self.floor
+        return out
 
     @classmethod
     def from_dict(cls, d: Any) -> Batch:
@@ -753,7 +772,12 @@ class Batch(_Wire):
                 parsed.append(Event.from_dict(item))
             else:
                 raise ContractError(f"batch: item type {kind!r} is not 'report' or 'event'")
-        return cls(device_id=_device(_get(d, "device_id", "batch")), items=tuple(parsed))
+        floor = d.get("floor")
+        if floor is not None and (isinstance(floor, bool) or not isinstance(floor, int)):
+            raise ContractError("batch: floor must be an integer")
+        return cls(
+            device_id=_device(_get(d, "device_id", "batch")), items=tuple(parsed), floor=floor
+        )
 
     @classmethod
     def from_bytes(cls, data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> Batch:
@@ -811,7 +835,8 @@ def decode_message(
         ContractError: oversized, not JSON, an unknown type, or invalid for its type.
     """
     d = _obj(_load(data, max_bytes), "payload")
-    decoder = _DECODERS.get(d.get("type"))  # type: ignore[arg-type]
+    kind = d.get("type")
+    decoder = _DECODERS.get(kind) if isinstance(kind, str) else None
     if decoder is None:
         raise ContractError(f"unknown payload type {d.get('type')!r}")
     out: TelemetryReport | Event | Batch | StatusMessage | TelemetryAck = decoder.from_dict(d)

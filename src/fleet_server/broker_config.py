@@ -18,9 +18,9 @@ from datetime import datetime
 from pathlib import Path
 
 from edge_agent.durable import write_atomic
-from edge_agent.identity import DEVICE_ID_PATTERN
 from fleet_server.ca import CertificateAuthority
 from fleet_server.errors import BrokerConfigError
+from fleet_server.pki import SERVER_NAME_PATTERN
 
 __all__ = [
     "DEVICE_READ_TOPICS",
@@ -49,7 +49,7 @@ class BrokerConfig:
     host: str = "127.0.0.1"
     port: int = 8883
     prefix: str = "edgefleet"
-    server_cn: str = "fleet-server"
+    server_cn: str = "fleet.server"
     dns_names: tuple[str, ...] = ("localhost",)
     ip_addresses: tuple[str, ...] = ("127.0.0.1",)
     persistence: bool = False
@@ -78,8 +78,11 @@ class BrokerConfig:
                 f"invalid topic prefix {self.prefix!r}: '/'-separated segments of letters, "
                 "digits, '.', '_' and '-' (no wildcards, no '$', no '%')"
             )
-        if not DEVICE_ID_PATTERN.fullmatch(self.server_cn):
-            raise BrokerConfigError(f"invalid server identity name {self.server_cn!r}")
+        if not SERVER_NAME_PATTERN.fullmatch(self.server_cn):
+            raise BrokerConfigError(
+                f"invalid server identity name {self.server_cn!r}: use '<label>.server' (a name "
+                "no device id can take, since the broker grants it the whole topic tree)"
+            )
         if self.max_queued_messages < 0 or self.max_inflight_messages < 0:
             raise BrokerConfigError("queue limits must be >= 0")
         if self.run_as_user is not None and not _SEGMENT.fullmatch(self.run_as_user):

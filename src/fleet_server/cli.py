@@ -83,7 +83,7 @@ def ca_init(directory: Path, name: str, days: int) -> None:
 @ca.command("server-identity")
 @ca_dir_option
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
-@click.option("--name", default="fleet-server", show_default=True, help="Server CN.")
+@click.option("--name", default="fleet.server", show_default=True, help="Server CN.")
 def ca_server_identity(ca_dir: Path, out: Path, name: str) -> None:
     """Issue the fleet server's own MQTT client key and certificate into OUT."""
     pair = CertificateAuthority.open(ca_dir).issue_server_identity(name, now=_now())
@@ -159,7 +159,7 @@ def devices_revoke(ca_dir: Path, device_id: str) -> None:
 @click.option("--port", type=click.IntRange(1, 65535), default=8883, show_default=True)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Listener address.")
 @click.option("--prefix", default="edgefleet", show_default=True, help="Topic prefix.")
-@click.option("--server-cn", default="fleet-server", show_default=True)
+@click.option("--server-cn", default="fleet.server", show_default=True)
 @click.option("--dns-name", "dns_names", multiple=True, help="Broker DNS name (repeatable).")
 @click.option("--ip", "ips", multiple=True, help="Broker IP address (repeatable).")
 @click.option("--persistence/--no-persistence", default=False, show_default=True)

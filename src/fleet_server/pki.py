@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -245,6 +246,23 @@ def pem_cert(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
+# Server identities live in a namespace no device id can enter: a device id is a single DNS
+# label (no dots), a server name ends in ".server". The broker grants the server's name the
+# whole topic tree, so a device must never be able to hold a certificate with that name.
+SERVER_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,55}\.server$")
+
+
+def validate_server_name(name: str) -> str:
+    """A server identity name such as ``fleet.server``.
+
+    Raises:
+        PkiError: not of the form ``<label>.server``.
+    """
+    if not isinstance(name, str) or not SERVER_NAME_PATTERN.fullmatch(name):
+        raise PkiError(f"invalid server name {name!r}: use '<label>.server', e.g. 'fleet.server'")
+    return name
+
+
 def issue_server_client_cert(
     ca: CaMaterial, server_cn: str, *, now: datetime, validity: timedelta
 ) -> tuple[KeyAndCert, x509.Certificate]:
@@ -253,10 +271,7 @@ def issue_server_client_cert(
     Raises:
         PkiError: ``server_cn`` is not a valid identity name.
     """
-    try:
-        validate_device_id(server_cn)
-    except IdentityError as exc:
-        raise PkiError(f"invalid server name: {exc}") from exc
+    validate_server_name(server_cn)
     key = ec.generate_private_key(ec.SECP256R1())
     cert = _leaf(
         ca,

@@ -39,7 +39,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 PREFIX = "edgefleet"
-SERVER = "fleet-server"
+SERVER = "fleet.server"
 WAIT = 5.0
 QUIET = 1.0  # how long to wait for a message that must NOT arrive, after a later one did
 

@@ -306,10 +306,16 @@ def test_revoked_serial_in_crl_signed_by_ca(store: CertificateAuthority) -> None
 
 
 def test_device_id_cannot_take_the_server_role(store: CertificateAuthority) -> None:
-    store.issue_server_identity("fleet-server", now=NOW)
-    with pytest.raises(CsrRejectedError) as info:
-        store.sign_csr(_csr("fleet-server"), "fleet-server", now=NOW)
-    assert info.value.reason == "role_conflict"
+    """Server names ('<label>.server') and device ids (one DNS label) never overlap, so no
+    device can be enrolled under the name the broker grants the whole topic tree."""
+    store.issue_server_identity("fleet.server", now=NOW)
+    with pytest.raises((CsrRejectedError, IdentityError, PkiError)):
+        store.sign_csr(_csr("fleet.server"), "fleet.server", now=NOW)
+    # and a server identity can never be issued under a device-shaped name
+    with pytest.raises(PkiError, match="server"):
+        store.issue_server_identity("fleet-server", now=NOW)
+    with pytest.raises(BrokerConfigError, match="server"):
+        BrokerConfig(server_cn="fleet-server").validate()
 
 
 def test_identity_store_keeps_key_private(tmp_path: Path, store: CertificateAuthority) -> None:
@@ -345,13 +351,13 @@ def test_broker_config_rejects_unsafe_settings(config: BrokerConfig) -> None:
 
 
 def test_acl_confines_devices_to_their_own_topics() -> None:
-    acl = render_acl("fleet/x", "fleet-server").splitlines()
+    acl = render_acl("fleet/x", "fleet.server").splitlines()
     assert "pattern write fleet/x/devices/%u/telemetry" in acl
     assert "pattern read fleet/x/devices/%u/desired" in acl
     assert "pattern read fleet/x/broadcast/#" in acl
     device_rules = [line for line in acl if line.startswith("pattern")]
     assert all("/devices/%u/" in r or r.endswith("/broadcast/#") for r in device_rules)
-    server = acl[acl.index("user fleet-server") :]
+    server = acl[acl.index("user fleet.server") :]
     assert "topic readwrite fleet/x/#" in server
 
 

@@ -343,3 +343,14 @@ def test_concurrent_overlapping_ingest_never_double_counts(db_url: str, reg: Reg
     s = reg.seq_state("cam-1")
     assert (s.acked_upto, s.gaps, s.lost, s.duplicates) == (n, 0, 0, n)
     assert marks[0] == sorted(marks[0])  # one worker's acks never go backwards
+
+
+def test_revoked_device_telemetry_and_reported_state_are_refused(reg: Registry) -> None:
+    from fleet_server.errors import DeviceRevokedError
+
+    reg.enroll("cam-r")
+    reg.revoke("cam-r")
+    with pytest.raises(DeviceRevokedError):
+        reg.ingest("cam-r", [TelemetryEntry(seq=1, kind="event", payload={})])
+    with pytest.raises(DeviceRevokedError):
+        reg.record_reported("cam-r", {"models": {}})

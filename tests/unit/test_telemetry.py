@@ -526,3 +526,19 @@ def test_report_from_minimal_status() -> None:
         report_from_status("Not/Valid", 0, {}, [], now=50.0)
     with pytest.raises(ContractError):
         report_from_status("dev-1", -1, {}, [], now=50.0)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"type": [], "schema_version": 1}',
+        b'{"type": {}, "schema_version": 1}',
+        b'{"type": "ack", "schema_version": 1, "device_id": "d", "upto_seq": ' + b"9" * 5000 + b"}",
+    ],
+    ids=["type-list", "type-object", "5000-digit-int"],
+)
+def test_hostile_payloads_raise_contract_error_only(payload: bytes) -> None:
+    from edge_agent.telemetry import decode_message
+
+    with pytest.raises(ContractError):
+        decode_message(payload)

@@ -383,11 +383,14 @@ class Registry:
 
         Raises:
             UnknownDeviceError: no such device.
+            DeviceRevokedError: the device is revoked.
             RegistryUnavailableError: the database failed.
         """
         now = self._clock()
         with self._write("recording reported state") as s:
             row = _locked_device(s, device_id)
+            if row.revoked_at is not None:
+                raise DeviceRevokedError(f"device {device_id!r} is revoked")
             row.reported = dict(state)
             row.reported_at = now
             row.last_seen = now
@@ -548,6 +551,7 @@ class Registry:
             TelemetryRejectedError: too many entries, a seq outside [1, 2**63-1], an entry of
                 another device, or a floor above the lowest entry's seq.
             UnknownDeviceError: the device is not enrolled.
+            DeviceRevokedError: the device is revoked (nothing is stored).
             RegistryUnavailableError: the database failed (nothing was stored).
         """
         rows = _rows(device_id, entries)
@@ -561,6 +565,10 @@ class Registry:
             dev = s.get(Device, device_id)
             if dev is None:
                 raise UnknownDeviceError(f"device {device_id!r} is not enrolled")
+            if dev.revoked_at is not None:
+                # Revocation means its data is no longer trusted, even while the broker has
+                # not reloaded the CRL yet; the gateway drops and counts the message.
+                raise DeviceRevokedError(f"device {device_id!r} is revoked")
             state = _locked_seq(s, self._dialect, device_id)
             start = state.acked_upto
             inserted: list[int] = []
