@@ -276,8 +276,14 @@ class BlockRequest:
                 raise ContractError(f"ranges must be non-empty, sorted and disjoint: {item!r}")
             previous_stop = stop
 
-    def blocks(self) -> list[int]:
-        """Every requested block index, ascending."""
+    def blocks(self, plan: BlockPlan) -> list[int]:
+        """Every requested block index, ascending, after checking the request against ``plan``
+        (so a hostile request cannot make the caller expand millions of indices).
+
+        Raises:
+            TransferMismatchError, LengthMismatchError: see ``check``.
+        """
+        self.check(plan)
         return [i for start, stop in self.ranges for i in range(start, stop)]
 
     def check(self, plan: BlockPlan) -> None:

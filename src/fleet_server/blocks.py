@@ -165,11 +165,11 @@ def plan_resend(
     rejected: Counter[str] = Counter()
     for device_id, request in requests:
         try:
-            request.check(plan)
+            indices = request.blocks(plan)
         except EdgefleetError:
             rejected[device_id] += 1
             continue
-        wanted.setdefault(device_id, set()).update(request.blocks())
+        wanted.setdefault(device_id, set()).update(indices)
     demand: Counter[int] = Counter()
     for blocks in wanted.values():
         demand.update(blocks)

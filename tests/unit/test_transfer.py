@@ -113,7 +113,7 @@ def test_round_trips() -> None:
     plan = BlockPlan(5 * BS - 3, "e" * 64)
     req = BlockRequest(plan.transfer_id, ((0, 2), (3, 5)))
     assert BlockRequest.from_bytes(req.to_bytes(), plan) == req
-    assert req.blocks() == [0, 1, 3, 4]
+    assert req.blocks(plan) == [0, 1, 3, 4]
     payload = b"x" * (BS - 3)
     msg = BlockData(plan.transfer_id, 4, payload)
     wire = msg.to_bytes()
@@ -321,7 +321,7 @@ def test_resume_after_restart_does_not_rerequest(tmp_path: Path) -> None:
     req = second.progress.request()
     assert req is not None
     assert req.ranges == ((3, 5), (6, 9))
-    for i in req.blocks():
+    for i in req.blocks(plan):
         second.write_block(i, _block(data, plan, i))
     assert second.finish().read_bytes() == data
 
@@ -499,7 +499,7 @@ def test_end_to_end_server_to_device(tmp_path: Path) -> None:
         pd = PartialDownload(tmp_path / "dev", plan)  # agent restart
         while (req := pd.progress.request(limit=2)) is not None:
             served = BlockRequest.from_bytes(req.to_bytes(), plan)
-            for i in served.blocks():
+            for i in served.blocks(plan):
                 pd.accept(BlockData.from_bytes(src.message(i).to_bytes(), plan))
         assert pd.finish().read_bytes() == data
 
@@ -529,3 +529,10 @@ def test_plan_resend_merges_requests() -> None:
     assert plan_resend([], plan).broadcast == ()
     with pytest.raises(ContractError):
         plan_resend([], plan, broadcast_min_devices=0)
+
+
+def test_request_blocks_refuses_ranges_beyond_the_plan_before_expanding() -> None:
+    plan = BlockPlan(3 * BS, "f" * 64)
+    huge = BlockRequest(plan.transfer_id, ((0, 1 << 24),))
+    with pytest.raises(LengthMismatchError):
+        huge.blocks(plan)
