@@ -368,6 +368,14 @@ def api(bundle: Path, root: Path, x_eval: np.ndarray, seconds: int, work: Path) 
     )
     try:
         wait_ready(f"http://127.0.0.1:{bport}/v2/health/ready")
+        wrk(
+            f"http://127.0.0.1:{bport}/v2/models/digits/infer",
+            json_body,
+            {"Content-Type": "application/json"},
+            8,
+            2,
+            work,
+        )  # warm-up, not recorded
         for conns in (1, 8, 64):
             result["rows"].append(
                 {
