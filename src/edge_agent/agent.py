@@ -389,8 +389,7 @@ class Agent:
                     params["fallback_failed"] = str(exc)
         shadow = self._shadows.get(name)
         if shadow is not None and entry.key == name:
-            feeds = entry.pipeline.preprocess(result.validation.feeds)
-            shadow.offer(feeds, result.outputs, result.latency_s)
+            shadow.offer(result.model_inputs, result.outputs, result.latency_s)
         if self.capture is not None:
             self.capture.offer(
                 name, entry.pipeline.version, result.validation.feeds, result.outputs

@@ -21,7 +21,7 @@ import numpy as np
 from edge_agent import __version__
 from edge_agent.bundle import read_bundle
 from edge_agent.capture import CaptureRing
-from edge_agent.cli_support import run_cli
+from edge_agent.cli_support import echo_verdict, run_cli
 from edge_agent.client import AgentClient, AgentRequestError, AgentUnreachableError
 from edge_agent.config import AgentConfig, load_config
 from edge_agent.device import detect_device_profile
@@ -163,24 +163,7 @@ def verify(
     loaded = read_bundle(
         bundle, root, now=datetime.now(UTC), installed_version=installed_version, device=device
     )
-    m = loaded.manifest
-    verdict = {
-        "trusted": True,
-        "name": m.name,
-        "version": m.version,
-        "channel": m.channel,
-        "signed_by": list(loaded.verified.signed_by),
-        "expires": loaded.verified.expires.isoformat(),
-        "root_version": root.version,
-        "device": {"arch": device.arch, "runtimes": dict(device.runtimes)},
-    }
-    if as_json:
-        click.echo(json.dumps(verdict, indent=2))
-    else:
-        click.echo(
-            f"trusted: {m.name} v{m.version} ({m.channel}), signed by "
-            f"{len(loaded.verified.signed_by)} key(s), expires {verdict['expires']}"
-        )
+    echo_verdict(loaded, root, device, as_json)
 
 
 @cli.command()

@@ -17,6 +17,7 @@ The boundary prints one line, ``error[<code>]: <message>``, to stderr.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -24,6 +25,8 @@ from typing import NoReturn
 
 import click
 
+from edge_agent.bundle import LoadedBundle
+from edge_agent.contract import DeviceProfile
 from edge_agent.errors import (
     BundleFormatError,
     BundleVerificationError,
@@ -34,6 +37,7 @@ from edge_agent.errors import (
     ModelStoreError,
     RuntimeAdapterError,
 )
+from edge_agent.trust import TrustedRoot
 
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
@@ -100,3 +104,30 @@ def passphrase_from_env(var: str = "EDGEFLEET_KEY_PASSPHRASE") -> bytes | None:
     """The key-store passphrase from the environment (read once, at the CLI boundary)."""
     value = os.environ.get(var)
     return value.encode() if value else None
+
+
+def echo_verdict(
+    loaded: LoadedBundle, root: TrustedRoot, device: DeviceProfile | None, as_json: bool
+) -> None:
+    """Print what ``verify`` concluded about a bundle (one line, or JSON with ``--json``)."""
+    m = loaded.manifest
+    verdict: dict[str, object] = {
+        "trusted": True,
+        "name": m.name,
+        "version": m.version,
+        "channel": m.channel,
+        "signed_by": list(loaded.verified.signed_by),
+        "expires": loaded.verified.expires.isoformat(),
+        "root_version": root.version,
+        "device": None
+        if device is None
+        else {"arch": device.arch, "runtimes": dict(device.runtimes)},
+    }
+    if as_json:
+        click.echo(json.dumps(verdict, indent=2))
+        return
+    click.echo(
+        f"trusted: {m.name} v{m.version} ({m.channel}), signed by "
+        f"{len(loaded.verified.signed_by)} targets key(s) under root v{root.version}, "
+        f"expires {verdict['expires']}"
+    )

@@ -37,11 +37,16 @@ _LATENCY_SAMPLES = 2048
 class PipelineResult:
     """What one run produced (a slotted class: one is built per request)."""
 
-    __slots__ = ("latency_s", "outputs", "validation")
+    __slots__ = ("latency_s", "model_inputs", "outputs", "validation")
 
     def __init__(
-        self, outputs: dict[str, Array], validation: ValidationResult, latency_s: float
+        self,
+        outputs: dict[str, Array],
+        validation: ValidationResult,
+        latency_s: float,
+        model_inputs: dict[str, Array],
     ) -> None:
+        self.model_inputs = model_inputs  # after preprocessing: what the runtime was fed
         self.outputs = outputs
         self.validation = validation
         self.latency_s = latency_s
@@ -278,7 +283,7 @@ class ModelPipeline:
             self._lat[self._lat_n % _LATENCY_SAMPLES] = latency
             self._lat_n += 1
             self._sketch(checked.feeds, outputs)
-        return PipelineResult(outputs, checked, latency)
+        return PipelineResult(outputs, checked, latency, feeds)
 
     def preprocess(self, raw: Mapping[str, Array]) -> dict[str, Array]:
         """Validated raw inputs -> model inputs, through the declared preprocessing."""

@@ -22,6 +22,7 @@ from edge_agent.cli_support import (
     EXIT_GATE,
     EXIT_KEYS,
     EXIT_RUNTIME,
+    echo_verdict,
     passphrase_from_env,
     run_cli,
 )
@@ -312,25 +313,7 @@ def verify(
     loaded = read_bundle(
         bundle, root, now=_now(), installed_version=installed_version, device=device
     )
-    m = loaded.manifest
-    if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "trusted": True,
-                    "name": m.name,
-                    "version": m.version,
-                    "signed_by": list(loaded.verified.signed_by),
-                    "root_version": root.version,
-                },
-                indent=2,
-            )
-        )
-    else:
-        click.echo(
-            f"OK: {m.name} v{m.version} is signed by {len(loaded.verified.signed_by)} "
-            f"trusted targets key(s) under root v{root.version}"
-        )
+    echo_verdict(loaded, root, device, as_json)
 
 
 @cli.command()

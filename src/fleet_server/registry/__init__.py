@@ -2,28 +2,30 @@
 
 SQLAlchemy 2 over SQLite (default, WAL) or PostgreSQL (by URL, for several workers); the schema is
 managed by the Alembic revisions in ``migrations/``. Open with ``Registry.open(url)`` and call
-``upgrade()`` before use. ``RegistryError`` and its subclasses live in ``store`` (not in
-``fleet_server.errors``).
+``upgrade()`` before use. ``RegistryError`` and its subclasses live in ``fleet_server.errors``
+and are re-exported here.
 """
 
 from __future__ import annotations
 
-from fleet_server.registry.store import (
+from fleet_server.errors import (
     BundleExistsError,
-    BundleRecord,
-    DesiredRecord,
     DeviceExistsError,
-    DeviceRecord,
     DeviceRevokedError,
-    IngestResult,
-    Registry,
     RegistryError,
     RegistryUnavailableError,
+    TelemetryRejectedError,
+    UnknownDeviceError,
+)
+from fleet_server.registry.store import (
+    BundleRecord,
+    DesiredRecord,
+    DeviceRecord,
+    IngestResult,
+    Registry,
     SeqState,
     StoredTelemetry,
     TelemetryEntry,
-    TelemetryRejectedError,
-    UnknownDeviceError,
 )
 
 __all__ = [

@@ -67,21 +67,14 @@ from fleet_server.registry.models import (
 )
 
 __all__ = [
-    "BundleExistsError",
     "BundleRecord",
     "DesiredRecord",
-    "DeviceExistsError",
     "DeviceRecord",
-    "DeviceRevokedError",
     "IngestResult",
     "Registry",
-    "RegistryError",
-    "RegistryUnavailableError",
     "SeqState",
     "StoredTelemetry",
     "TelemetryEntry",
-    "TelemetryRejectedError",
-    "UnknownDeviceError",
 ]
 
 MIGRATIONS: Final = Path(__file__).resolve().parent / "migrations"
