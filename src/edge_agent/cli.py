@@ -26,6 +26,7 @@ from edge_agent.client import AgentClient, AgentRequestError, AgentUnreachableEr
 from edge_agent.config import AgentConfig, load_config
 from edge_agent.device import detect_device_profile
 from edge_agent.errors import ConfigError, InputValidationError
+from edge_agent.identity import IdentityStore
 from edge_agent.store import ModelStore
 from edge_agent.trust import TrustedRoot
 
@@ -253,6 +254,38 @@ def capture(config_path: Path | None, out: Path | None) -> None:
                 fh.write(line + "\n")
                 n += 1
         click.echo(f"wrote {n} records to {out}")
+
+
+@cli.group()
+def identity() -> None:
+    """The device's MQTT identity: key and CSR (the key never leaves the device)."""
+
+
+@identity.command("csr")
+@config_option
+@click.option("--ca", "ca_cert", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+def identity_csr(config_path: Path | None, ca_cert: Path | None) -> None:
+    """Create the device key (once) and write a CSR for the operator to sign; print its path.
+
+    With --ca, also provision the fleet CA certificate the device will trust.
+    """
+    cfg = _config(config_path)
+    store = IdentityStore(Path(cfg.sync.identity_dir))
+    if ca_cert is not None:
+        store.provision_ca(ca_cert.read_bytes())
+    store.write_csr(cfg.device_id)
+    click.echo(str(store.csr_path))
+
+
+@identity.command("install")
+@config_option
+@click.argument("cert", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+def identity_install(config_path: Path | None, cert: Path) -> None:
+    """Check the issued certificate (fleet CA, this device's key and id) and install it."""
+    cfg = _config(config_path)
+    store = IdentityStore(Path(cfg.sync.identity_dir))
+    store.install_certificate(cert.read_bytes(), cfg.device_id, datetime.now(UTC))
+    click.echo(str(store.cert_path))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -170,6 +170,44 @@ class CaptureConfig:
 
 
 @dataclass(frozen=True)
+class SyncConfig:
+    """Fleet sync over MQTT (off by default: a device may run from installed bundles only).
+
+    ``identity_dir`` holds the device key, its certificate and the fleet CA (``IdentityStore``).
+    """
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8883
+    identity_dir: str = "/var/lib/edgefleet/identity"
+    prefix: str = "edgefleet"
+    keepalive: int = 30
+    reconnect_max_seconds: float = 30.0
+    report_interval_seconds: float = 30.0
+    outbox_max_bytes: int = 16 * 1024 * 1024
+    batch_max_items: int = 64
+    batch_max_bytes: int = 192 * 1024
+    ack_timeout_seconds: float = 10.0
+    block_window: int = 16
+    block_retry_seconds: float = 2.0
+
+    def validate(self) -> None:
+        _check(0 < self.port <= 65535, "sync.port must be 1..65535")
+        _check(bool(self.host), "sync.host must not be empty")
+        _check(5 <= self.keepalive <= 3600, "sync.keepalive must be 5..3600")
+        _check(self.reconnect_max_seconds >= 1, "sync.reconnect_max_seconds must be >= 1")
+        _check(self.report_interval_seconds > 0, "sync.report_interval_seconds must be positive")
+        _check(self.outbox_max_bytes >= 256 * 1024, "sync.outbox_max_bytes must be >= 262144")
+        _check(1 <= self.batch_max_items <= 256, "sync.batch_max_items must be 1..256")
+        _check(
+            4096 <= self.batch_max_bytes <= 224 * 1024, "sync.batch_max_bytes must be 4096..229376"
+        )
+        _check(self.ack_timeout_seconds > 0, "sync.ack_timeout_seconds must be positive")
+        _check(1 <= self.block_window <= 256, "sync.block_window must be 1..256")
+        _check(self.block_retry_seconds > 0, "sync.block_retry_seconds must be positive")
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     """Everything the daemon needs, validated."""
 
@@ -182,6 +220,7 @@ class AgentConfig:
     drift: DriftConfig = field(default_factory=DriftConfig)
     fallback: FallbackConfig = field(default_factory=FallbackConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
     model_defaults: ModelPolicy = field(default_factory=ModelPolicy)
     models: Mapping[str, ModelPolicy] = field(default_factory=dict)
 
@@ -197,6 +236,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "drift": DriftConfig,
     "fallback": FallbackConfig,
     "capture": CaptureConfig,
+    "sync": SyncConfig,
     "model_defaults": ModelPolicy,
 }
 _TOP = ("device_id", "log_json", "log_level")

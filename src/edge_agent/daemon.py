@@ -22,7 +22,7 @@ from edge_agent.agent import Agent
 from edge_agent.capture import CaptureRing
 from edge_agent.config import AgentConfig
 from edge_agent.device import detect_device_profile
-from edge_agent.errors import ConfigError
+from edge_agent.errors import ConfigError, EdgefleetError
 from edge_agent.store import ModelStore
 from edge_agent.trust import TrustedRoot
 
@@ -141,6 +141,17 @@ def run(config: AgentConfig) -> int:
 
     setup_logging(config)
     agent = build_agent(config)
+    sync = None
+    if config.sync.enabled:
+        from edge_agent.sync import SyncAgent
+
+        try:
+            sync = SyncAgent(config, agent)
+        except EdgefleetError:
+            agent.close()
+            raise
+        sync.start()
+        log.info("fleet sync: %s:%d as %s", config.sync.host, config.sync.port, config.device_id)
     control = ControlLoop(agent)
     control.start()
     signal.signal(signal.SIGHUP, lambda *_: control.reload_now.set())
@@ -167,6 +178,8 @@ def run(config: AgentConfig) -> int:
         sd_notify("STOPPING=1")
         control.stop.set()
         control.join(5)
+        if sync is not None:
+            sync.close()
         agent.close()
         log.info("stopped")
     return 0

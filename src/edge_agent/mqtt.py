@@ -68,7 +68,12 @@ _LOOP_TIMEOUT = 0.2  # seconds paho's loop() blocks in select; bounds how fast c
 
 @dataclass(frozen=True)
 class MqttConfig:
-    """How the device reaches the broker. Identity (username, client id) is the cert CN."""
+    """How a client reaches the broker. Identity (username, client id) is the cert CN.
+
+    ``device_id`` is the client id. A device (``announce_status=True``) also publishes its
+    retained ``online`` status and leaves an ``offline`` last will; the fleet server's identity
+    (``<label>.server``, not a device id) sets ``announce_status=False``.
+    """
 
     host: str
     port: int
@@ -84,6 +89,7 @@ class MqttConfig:
     session_expiry: int = 3600  # seconds the broker keeps the session after a disconnect
     inbox_size: int = 1000
     agent_version: str = ""
+    announce_status: bool = True
 
     def validate(self) -> None:
         """Check the values a connection depends on.
@@ -217,7 +223,11 @@ class MqttClient:
         config.validate()
         self._config = config
         self._clock = clock
-        self._status_topic = Topics(config.prefix).device_status(config.device_id)
+        self._status_topic = (
+            Topics(config.prefix).device_status(config.device_id)
+            if config.announce_status
+            else None
+        )
         self._rand = random.Random()
         self._lock = threading.Lock()
         self._connected = threading.Event()
@@ -297,7 +307,7 @@ class MqttClient:
         """
         if self._stop.is_set():
             return
-        if self._connected.is_set():
+        if self._connected.is_set() and self._status_topic is not None:
             with contextlib.suppress(TransportError):
                 handle = self.publish(self._status_topic, self._status("offline", "shutdown"))
                 self.wait_published(handle, timeout)
@@ -506,6 +516,8 @@ class MqttClient:
     # ------------------------------------------------------------------ paho callbacks
     def _on_pre_connect(self, client: paho.Client, _userdata: Any) -> None:
         # The will's "at" is the time of this connection attempt (see status.schema.json).
+        if self._status_topic is None:
+            return
         client.will_set(
             self._status_topic, self._status("offline", "connection_lost"), qos=1, retain=True
         )
@@ -530,7 +542,8 @@ class MqttClient:
             filters = list(self._handlers)
             self._connected.set()
         # Queue only; waiting here would deadlock the network thread.
-        client.publish(self._status_topic, self._status("online", "connected"), 1, True)
+        if self._status_topic is not None:
+            client.publish(self._status_topic, self._status("online", "connected"), 1, True)
         for f in filters:
             client.subscribe(f, 1)
 

@@ -73,6 +73,9 @@ class Registry:
         self._lock = threading.Lock()
         self._loaded: dict[str, Loaded] = {}
         self.events: list[dict[str, object]] = []
+        # Called with every event as it happens (the sync layer queues it for telemetry);
+        # must be quick and must not raise.
+        self.event_sink: Callable[[dict[str, object]], None] | None = None
         self.rollbacks = 0
 
     # --------------------------------------------------------------------------- reading
@@ -261,10 +264,17 @@ class Registry:
         self._event(name, entry.pipeline.version, "probation_passed", "")
 
     def _event(self, name: str, version: int | None, kind: str, detail: str) -> None:
-        self.events.append(
-            {"model": name, "version": version, "event": kind, "detail": detail, "at": time.time()}
-        )
+        event: dict[str, object] = {
+            "model": name,
+            "version": version,
+            "event": kind,
+            "detail": detail,
+            "at": time.time(),
+        }
+        self.events.append(event)
         del self.events[:-200]
+        if self.event_sink is not None:
+            self.event_sink(event)
 
     def close(self) -> None:
         for key in list(self._loaded):

@@ -76,6 +76,9 @@ EVENT_KINDS: Final = (
     "fallback_breaker_open",
     "fallback_breaker_closed",
     "telemetry_dropped",
+    "desired_rejected",
+    "transfer_started",
+    "transfer_failed",
 )
 STATES: Final = ("online", "offline")
 STATUS_REASONS: Final = ("connected", "shutdown", "connection_lost")

@@ -1,0 +1,191 @@
+"""Telemetry from the outbox to the server: batches out, acknowledgements in.
+
+Owns the sending half of "nothing lost": every report and event first goes into the on-disk
+``Outbox`` (which assigns its ``seq``), then leaves in ``Batch`` messages carrying the outbox's
+oldest held ``seq`` as ``floor``. One batch is in flight at a time; the server's
+``TelemetryAck`` (highest contiguous stored ``seq``) deletes what it covers and releases the
+next batch at once, so a backlog drains at one round trip per batch. A batch that is not
+acknowledged within ``ack_timeout`` is sent again (the server deduplicates by ``(device, seq)``).
+
+Entries are stored with ``seq`` 0 and get their real ``seq`` when a batch is built, because the
+outbox assigns it on insert. Does not build reports (``telemetry.report_from_status`` does) and
+does not own the MQTT session: ``publish`` is whatever sends bytes to a topic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from edge_agent.errors import (
+    AckOutOfRangeError,
+    ContractError,
+    OutboxError,
+    TransportError,
+)
+from edge_agent.outbox import Outbox, Priority
+from edge_agent.telemetry import Batch, Event, TelemetryAck, TelemetryReport
+
+__all__ = ["Uplink", "UplinkStats"]
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[str, bytes], None]
+
+
+@dataclass(frozen=True)
+class UplinkStats:
+    """Counters since start."""
+
+    batches_sent: int = 0
+    resends: int = 0
+    acks: int = 0
+    acked_entries: int = 0
+    bad_acks: int = 0
+    publish_failures: int = 0
+    unreadable_entries: int = 0
+
+
+class Uplink:
+    """Sends the outbox's entries in acknowledged batches. Thread-safe."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        publish: Publish,
+        *,
+        device_id: str,
+        telemetry_topic: str,
+        events_topic: str,
+        max_items: int = 64,
+        max_bytes: int = 192 * 1024,
+        ack_timeout: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._outbox = outbox
+        self._publish = publish
+        self._device_id = device_id
+        self._telemetry_topic = telemetry_topic
+        self._events_topic = events_topic
+        self._max_items = max_items
+        self._max_bytes = max_bytes
+        self._ack_timeout = ack_timeout
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._in_flight: int | None = None  # highest seq of the batch awaiting its ack
+        self._sent_at = 0.0
+        self._stats: dict[str, int] = dict.fromkeys(UplinkStats.__dataclass_fields__, 0)
+
+    # ------------------------------------------------------------------ entering the outbox
+    def add_report(self, report: TelemetryReport) -> int:
+        """Store a report (its ``seq`` is replaced by the outbox's); return the seq.
+
+        Raises:
+            OutboxError: the outbox could not store it (disk full, I/O error).
+        """
+        return self._store(report.to_dict(), "report", "report")
+
+    def add_event(self, event: Event) -> Event:
+        """Store an event, publish it live on the events topic, and return it with its seq.
+
+        The live copy is best effort; the acknowledged copy travels in a batch.
+
+        Raises:
+            OutboxError: the outbox could not store it.
+        """
+        seq = self._store(event.to_dict(), "event", "event")
+        stored = Event.from_dict({**event.to_dict(), "seq": seq})
+        with contextlib.suppress(TransportError):  # offline: the batch carries it later
+            self._publish(self._events_topic, stored.to_bytes())
+        return stored
+
+    def _store(self, item: dict[str, Any], kind: str, priority: Priority) -> int:
+        item["seq"] = 0
+        payload = json.dumps(item, sort_keys=True, separators=(",", ":")).encode()
+        return self._outbox.append(kind, payload, priority)
+
+    # ------------------------------------------------------------------ sending
+    def pump(self) -> bool:
+        """Send the next batch if none is in flight (or the one in flight timed out).
+
+        Returns:
+            True when a batch was published.
+        """
+        with self._lock:
+            now = self._clock()
+            resend = self._in_flight is not None
+            if resend and now - self._sent_at < self._ack_timeout:
+                return False
+            try:
+                entries = self._outbox.pending(self._max_items, self._max_bytes)
+            except OutboxError as exc:
+                log.error("outbox unreadable: %s", exc)
+                return False
+            items: list[TelemetryReport | Event] = []
+            for e in entries:
+                try:
+                    d = {**json.loads(e.payload), "seq": e.seq}
+                    items.append(
+                        TelemetryReport.from_dict(d)
+                        if d.get("type") == "report"
+                        else Event.from_dict(d)
+                    )
+                except (ValueError, ContractError) as exc:
+                    # Never jam the outbox on one bad entry: it becomes a gap the server counts.
+                    self._stats["unreadable_entries"] += 1
+                    log.error("outbox entry %d is unreadable, skipped: %s", e.seq, exc)
+            if not items:
+                self._in_flight = None
+                return False
+            # The floor is the first item sent: entries before it (unreadable ones) are gone.
+            batch = Batch(self._device_id, tuple(items), floor=items[0].seq)
+            try:
+                self._publish(self._telemetry_topic, batch.to_bytes())
+            except TransportError as exc:
+                self._stats["publish_failures"] += 1
+                log.debug("telemetry batch not sent: %s", exc)
+                return False
+            self._stats["resends" if resend else "batches_sent"] += 1
+            self._in_flight = items[-1].seq
+            self._sent_at = now
+            return True
+
+    def on_ack(self, data: bytes) -> None:
+        """Handle a ``TelemetryAck``: delete what it covers, then send the next batch."""
+        try:
+            ack = TelemetryAck.from_bytes(data)
+            if ack.device_id != self._device_id:
+                raise ContractError(f"ack addressed to {ack.device_id!r}")
+            with self._lock:
+                deleted = self._outbox.ack(ack.upto_seq)
+                self._stats["acks"] += 1
+                self._stats["acked_entries"] += deleted
+                if deleted or (self._in_flight is not None and ack.upto_seq >= self._in_flight):
+                    # Progress: send what is left (a partial ack means the server lacks the
+                    # rest of the batch; it deduplicates whatever it already has).
+                    self._in_flight = None
+        except (ContractError, AckOutOfRangeError) as exc:
+            with self._lock:
+                self._stats["bad_acks"] += 1
+            log.warning("telemetry ack refused: %s", exc)
+            return
+        except OutboxError as exc:
+            log.error("outbox ack failed: %s", exc)
+            return
+        self.pump()
+
+    def reset_in_flight(self) -> None:
+        """Forget the batch in flight (after a reconnect: send again at once)."""
+        with self._lock:
+            self._in_flight = None
+
+    def stats(self) -> UplinkStats:
+        """A snapshot of the counters."""
+        with self._lock:
+            return UplinkStats(**self._stats)
