@@ -1,9 +1,16 @@
 """``fleet-server``: the fleet operator's command line.
 
-Identity and access so far: the fleet CA (``ca``), device enrollment and revocation
-(``devices``) and the broker configuration (``broker-config``). Commands are thin: they read
-files and the clock, call ``fleet_server.pki`` / ``broker_config``, and print one result; the
-error boundary in ``edge_agent.cli_support`` maps our errors to the exit codes below.
+Identity and access: the fleet CA (``ca``), device enrollment and revocation (``devices``) and
+the broker configuration (``broker-config``). The server itself: ``serve --config FILE``
+(``fleet_server.server.run``). Operator commands against a running server's admin API
+(``devices list|show|register``, ``models``, ``assign``, ``waves``, ``telemetry``, ``status``)
+live in ``fleet_server.cli_admin``. Commands are thin; the error boundary in
+``edge_agent.cli_support`` maps our errors to the exit codes below.
+
+``devices revoke`` revokes the device's certificates at the CA (what the broker enforces) and,
+when an admin token is available (``--token`` / ``EDGEFLEET_ADMIN_TOKEN``), also marks the
+device revoked on the server so nothing new is assigned to it. ``--server`` makes that step
+mandatory (a usage error without a token), ``--no-server`` skips it.
 """
 
 from __future__ import annotations
@@ -16,12 +23,36 @@ from typing import Any, TypeVar
 import click
 
 from edge_agent import __version__
-from edge_agent.cli_support import EXIT_BAD_INPUT, EXIT_KEYS, EXIT_UNTRUSTED, run_cli
+from edge_agent.cli_support import (
+    EXIT_BAD_INPUT,
+    EXIT_KEYS,
+    EXIT_RUNTIME,
+    EXIT_UNTRUSTED,
+    passphrase_from_env,
+    run_cli,
+)
 from edge_agent.durable import write_atomic
 from edge_agent.errors import EdgefleetError
+from fleet_server.admin_client import DEFAULT_ADMIN_URL, AdminClient
 from fleet_server.broker_config import BrokerConfig, write_broker_config
 from fleet_server.ca import CertificateAuthority
-from fleet_server.errors import BrokerConfigError, CsrRejectedError, EnrollmentError, PkiError
+from fleet_server.cli_admin import register_admin_commands
+from fleet_server.errors import (
+    AdminApiError,
+    AdminAuthError,
+    AdminRequestError,
+    AdminUnreachableError,
+    BrokerConfigError,
+    BundleRejectedError,
+    CsrRejectedError,
+    EnrollmentError,
+    LibraryError,
+    NotFoundError,
+    PkiError,
+    RegistryError,
+    RegistryUnavailableError,
+    ServerConfigError,
+)
 
 # Exit codes of fleet_server's families (the shared ones are in edge_agent.cli_support).
 EXIT_CODES: dict[type[EdgefleetError], int] = {
@@ -29,6 +60,16 @@ EXIT_CODES: dict[type[EdgefleetError], int] = {
     CsrRejectedError: EXIT_BAD_INPUT,
     EnrollmentError: EXIT_UNTRUSTED,
     BrokerConfigError: EXIT_BAD_INPUT,
+    ServerConfigError: EXIT_BAD_INPUT,
+    RegistryError: EXIT_BAD_INPUT,
+    RegistryUnavailableError: EXIT_RUNTIME,
+    LibraryError: EXIT_RUNTIME,
+    BundleRejectedError: EXIT_UNTRUSTED,
+    NotFoundError: EXIT_BAD_INPUT,
+    AdminApiError: EXIT_RUNTIME,
+    AdminUnreachableError: EXIT_RUNTIME,
+    AdminAuthError: EXIT_KEYS,
+    AdminRequestError: EXIT_BAD_INPUT,
 }
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -146,11 +187,28 @@ def devices_enroll(
 @devices.command("revoke")
 @ca_dir_option
 @click.argument("device_id")
-def devices_revoke(ca_dir: Path, device_id: str) -> None:
+@click.option(
+    "--server/--no-server",
+    default=None,
+    help="Also mark the device revoked on the server (default: when a token is given).",
+)
+@click.option("--url", envvar="EDGEFLEET_ADMIN_URL", default=DEFAULT_ADMIN_URL, show_default=True)
+@click.option("--token", envvar="EDGEFLEET_ADMIN_TOKEN", default=None, help="Admin token.")
+def devices_revoke(
+    ca_dir: Path, device_id: str, server: bool | None, url: str, token: str | None
+) -> None:
     """Revoke every certificate of DEVICE_ID and rewrite the CRL (then SIGHUP the broker)."""
+    notify = server if server is not None else token is not None
+    if notify and token is None:
+        raise click.UsageError("--server needs --token (or EDGEFLEET_ADMIN_TOKEN)")
     authority = CertificateAuthority.open(ca_dir)
     serials = authority.revoke(device_id, now=_now())
     click.echo(f"revoked {len(serials)} certificate(s) of {device_id}; CRL {authority.crl_path}")
+    if notify:
+        assert token is not None
+        with AdminClient(url, token) as client:
+            client.revoke(device_id)
+        click.echo(f"server: {device_id} marked revoked")
 
 
 @cli.command("broker-config")
@@ -189,6 +247,32 @@ def broker_config(
     )
     files = write_broker_config(directory, CertificateAuthority.open(ca_dir), config, now=_now())
     click.echo(str(files.conf))
+
+
+@cli.command("serve")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    envvar="EDGEFLEET_SERVER_CONFIG",
+    required=True,
+    help="Server TOML (see deploy/fleet-server.example.toml); env EDGEFLEET_SERVER__* overrides.",
+)
+def serve(config_path: Path) -> int:
+    """Run the fleet server (MQTT gateway + admin API) until SIGTERM/SIGINT."""
+    import logging
+
+    from fleet_server.config import load_config
+    from fleet_server.server import run
+
+    config = load_config(config_path)
+    logging.basicConfig(
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    return run(config, passphrase=passphrase_from_env())
+
+
+register_admin_commands(cli, devices)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,12 @@ Families:
                        operator issues a new token.
     BrokerConfigError  the broker configuration cannot be written as asked (bad prefix, port,
                        names); the operator fixes the arguments.
+    ServerConfigError  the server's TOML/env configuration is invalid (also a ``ConfigError``).
+    LibraryError       a bundle cannot be published: untrusted or unreadable
+                       (``BundleRejectedError``) or the library directory failed.
+    NotFoundError      a named model version or group does not exist.
+    AdminApiError      the admin API client could not get an answer: unreachable, token refused,
+                       or the server's own error (``AdminRequestError`` keeps its code).
 
 Each error has a stable ``code`` used as a metric label and in the CLI's one-line diagnosis;
 codes never change meaning once released.
@@ -15,7 +21,7 @@ codes never change meaning once released.
 
 from __future__ import annotations
 
-from edge_agent.errors import EdgefleetError
+from edge_agent.errors import ConfigError, EdgefleetError
 
 
 class FleetServerError(EdgefleetError):
@@ -114,3 +120,76 @@ class TelemetryRejectedError(RegistryError):
     """An ingest call is structurally wrong (bad seq, foreign device, floor above the batch)."""
 
     code = "telemetry_rejected"
+
+
+class ServerConfigError(FleetServerError, ConfigError):
+    """The server configuration is unreadable or invalid; the message names the key."""
+
+    code = "server_config_invalid"
+
+
+class LibraryError(FleetServerError):
+    """The bundle library cannot store or find a bundle file (disk full, file missing)."""
+
+    code = "bundle_library"
+
+
+class BundleRejectedError(LibraryError):
+    """A bundle offered for publication is not trusted or not readable.
+
+    ``reason`` is the code of the underlying check (``signature_threshold``,
+    ``digest_mismatch``, ``bundle_format``, ``unreadable``, ``too_large`` ...).
+    """
+
+    code = "bundle_rejected"
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class NotFoundError(FleetServerError):
+    """Something the operator named does not exist (model version, group, wave bundle)."""
+
+    code = "not_found"
+
+
+class ModelNotPublishedError(NotFoundError):
+    """No bundle of this name and version (or digest) is published."""
+
+    code = "model_unknown"
+
+
+class UnknownGroupError(NotFoundError):
+    """No active (non-revoked) device belongs to the group."""
+
+    code = "group_unknown"
+
+
+class AdminApiError(FleetServerError):
+    """Base of the admin API client's errors (the CLI side of ``fleet_server.admin``)."""
+
+    code = "admin_error"
+
+
+class AdminUnreachableError(AdminApiError):
+    """The admin API cannot be reached (refused, timed out, DNS, TLS)."""
+
+    code = "admin_unreachable"
+
+
+class AdminAuthError(AdminApiError):
+    """The admin API refused the bearer token (missing or wrong)."""
+
+    code = "admin_unauthorized"
+
+
+class AdminRequestError(AdminApiError):
+    """The admin API answered with an error; ``status`` and the server's ``server_code`` kept."""
+
+    code = "admin_request_failed"
+
+    def __init__(self, message: str, *, status: int, server_code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.server_code = server_code

@@ -20,6 +20,7 @@ from fleet_server.registry import (
     DeviceRevokedError,
     Registry,
     RegistryError,
+    RegistryUnavailableError,
     TelemetryEntry,
     TelemetryRejectedError,
     UnknownDeviceError,
@@ -354,3 +355,71 @@ def test_revoked_device_telemetry_and_reported_state_are_refused(reg: Registry) 
         reg.ingest("cam-r", [TelemetryEntry(seq=1, kind="event", payload={})])
     with pytest.raises(DeviceRevokedError):
         reg.record_reported("cam-r", {"models": {}})
+
+
+# --------------------------------------------------------------------------- ingest_many
+def test_ingest_many_mixed_devices_in_one_transaction(reg: Registry) -> None:
+    reg.enroll("cam-2")
+    reg.enroll("cam-3")
+    reg.revoke("cam-3")
+    results = reg.ingest_many(
+        [
+            ("cam-1", entries(1, 2), None),
+            ("ghost", entries(1), None),  # unknown: refused, the others still stored
+            ("cam-2", entries(1), None),
+            ("cam-3", entries(1), None),  # revoked
+            ("cam-1", entries(4), None),  # same device again: sees the first item's rows
+            ("cam-1", entries(0), None),  # structurally wrong
+            ("cam-1", entries(3), None),  # fills the hole: mark moves over 4
+            ("cam-2", entries(1, 2), None),  # duplicate of the earlier cam-2 item + a new one
+        ]
+    )
+    assert isinstance(results[1], UnknownDeviceError)
+    assert isinstance(results[3], DeviceRevokedError)
+    assert isinstance(results[5], TelemetryRejectedError)
+    ok = [r for r in results if not isinstance(r, RegistryError)]
+    assert [(r.device_id, r.acked_upto, r.inserted, r.duplicates, r.gaps) for r in ok] == [
+        ("cam-1", 2, 2, 0, 0),
+        ("cam-2", 1, 1, 0, 0),
+        ("cam-1", 2, 1, 0, 1),
+        ("cam-1", 4, 1, 0, 0),
+        ("cam-2", 2, 1, 1, 0),
+    ]
+    assert row_count(reg, "cam-1") == 4
+    assert row_count(reg, "cam-2") == 2
+    assert row_count(reg, "cam-3") == 0
+    assert row_count(reg, "ghost") == 0
+    s1, s2 = reg.seq_state("cam-1"), reg.seq_state("cam-2")
+    assert (s1.acked_upto, s1.gaps, s2.acked_upto, s2.duplicates) == (4, 0, 2, 1)
+
+
+def test_ingest_many_floor_matches_ingest(reg: Registry, db_url: str) -> None:
+    reg.enroll("cam-2")
+    # The same sequence through ingest (cam-1) and through ingest_many (cam-2) agrees.
+    steps = [(entries(1, 2, 4), None), (entries(6, 7), 6), ([], 11), (entries(3), None)]
+    singles = [reg.ingest("cam-1", e, floor=f) for e, f in steps]
+    renamed = [[TelemetryEntry(x.seq, x.kind, x.payload) for x in e] for e, _ in steps]
+    many = reg.ingest_many([("cam-2", e, f) for e, (_, f) in zip(renamed, steps, strict=True)])
+    strip = [(r.acked_upto, r.gaps, r.inserted, r.duplicates, r.lost, r.recovered) for r in singles]
+    assert [
+        (r.acked_upto, r.gaps, r.inserted, r.duplicates, r.lost, r.recovered)
+        for r in many
+        if not isinstance(r, RegistryError)
+    ] == strip
+    assert reg.seq_state("cam-2").lost == reg.seq_state("cam-1").lost == 4
+    assert isinstance(reg.ingest_many([("cam-1", entries(20), 21)])[0], TelemetryRejectedError)
+    assert reg.ingest_many([]) == []
+
+
+def test_ingest_many_database_failure_stores_nothing(reg: Registry) -> None:
+    reg.enroll("cam-2")
+    # Make the second item's INSERT fail inside the one transaction: no item is kept.
+    with reg.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TRIGGER boom BEFORE INSERT ON telemetry WHEN NEW.device_id = 'cam-2' "
+            "BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
+        )
+    with pytest.raises(RegistryUnavailableError):
+        reg.ingest_many([("cam-1", entries(1), None), ("cam-2", entries(1), None)])
+    assert row_count(reg, "cam-1") == 0
+    assert reg.seq_state("cam-1").acked_upto == 0

@@ -52,9 +52,7 @@ def data() -> bytes:
 
 
 def _download(tmp_path: Path, data: bytes, clock: Clock, window: int = 4) -> Download:
-    return Download(
-        "m", _assignment(data), tmp_path, window=window, retry_seconds=2.0, clock=clock
-    )
+    return Download("m", _assignment(data), tmp_path, window=window, retry_seconds=2.0, clock=clock)
 
 
 # ------------------------------------------------------------------------------- download
@@ -63,17 +61,20 @@ def test_download_asks_a_window_at_a_time_then_finishes(tmp_path: Path, data: by
     dl = _download(tmp_path, data, clock)
     blocks = _blocks(data)
     req = dl.due_request()
-    assert req is not None and req.ranges == ((0, 4),)
+    assert req is not None
+    assert req.ranges == ((0, 4),)
     assert dl.due_request() is None  # window in flight
     for b in blocks[:3]:
         dl.accept(b)
     assert dl.due_request() is None  # one block of the window still missing
     dl.accept(blocks[3])
     req = dl.due_request()  # window complete: the next one at once
-    assert req is not None and req.ranges == ((4, 8),)
+    assert req is not None
+    assert req.ranges == ((4, 8),)
     for b in blocks[4:]:
         dl.accept(b)
-    assert dl.complete and dl.due_request() is None
+    assert dl.complete
+    assert dl.due_request() is None
     path = dl.finish()
     assert path.read_bytes() == data
 
@@ -88,7 +89,8 @@ def test_download_asks_again_after_silence(tmp_path: Path, data: bytes) -> None:
     assert dl.due_request() is None
     clock.t += 0.2
     req = dl.due_request()
-    assert req is not None and req.ranges == ((0, 1), (2, 5))  # still a window of 4 blocks
+    assert req is not None
+    assert req.ranges == ((0, 1), (2, 5))
 
 
 def test_download_stays_quiet_while_a_wave_streams(tmp_path: Path, data: bytes) -> None:
@@ -100,7 +102,8 @@ def test_download_stays_quiet_while_a_wave_streams(tmp_path: Path, data: bytes) 
     assert dl.due_request() is None
     clock.t += 0.6  # the wave went quiet
     req = dl.due_request()
-    assert req is not None and req.ranges == ((0, 4),)
+    assert req is not None
+    assert req.ranges == ((0, 4),)
 
 
 def test_download_resumes_and_refuses_foreign_or_bad_blocks(tmp_path: Path, data: bytes) -> None:
@@ -116,9 +119,11 @@ def test_download_resumes_and_refuses_foreign_or_bad_blocks(tmp_path: Path, data
         dl.accept(other)
     dl.close()
     again = _download(tmp_path, data, clock)
-    assert again.resumed_blocks == 5 and again.received == 5
+    assert again.resumed_blocks == 5
+    assert again.received == 5
     req = again.due_request()
-    assert req is not None and req.ranges == ((5, 9),)
+    assert req is not None
+    assert req.ranges == ((5, 9),)
 
 
 def test_download_of_wrong_bytes_is_discarded(tmp_path: Path, data: bytes) -> None:
@@ -190,13 +195,17 @@ def test_uplink_sends_one_batch_at_a_time_and_drains_on_ack(box: Outbox, tmp_pat
     assert up.pump()
     assert not up.pump()  # waits for the ack
     first = wire.batches()[0]
-    assert [i.seq for i in first.items] == [1, 2] and first.floor == 1
+    assert [i.seq for i in first.items] == [1, 2]
+    assert first.floor == 1
     up.on_ack(_ack(2))  # deletes 1-2 and sends the next batch at once
     second = wire.batches()[1]
-    assert [i.seq for i in second.items] == [3, 4] and second.floor == 3
-    assert isinstance(second.items[1], Event) and second.items[1].kind == "installed"
+    assert [i.seq for i in second.items] == [3, 4]
+    assert second.floor == 3
+    assert isinstance(second.items[1], Event)
+    assert second.items[1].kind == "installed"
     up.on_ack(_ack(4))
-    assert box.pending() == [] and len(wire.batches()) == 2
+    assert box.pending() == []
+    assert len(wire.batches()) == 2
     assert up.stats().acked_entries == 4
 
 
@@ -251,7 +260,8 @@ def test_uplink_skips_an_unreadable_entry_and_moves_the_floor(box: Outbox) -> No
     up.add_report(_report())
     assert up.pump()
     batch = wire.batches()[0]
-    assert [i.seq for i in batch.items] == [2] and batch.floor == 2
+    assert [i.seq for i in batch.items] == [2]
+    assert batch.floor == 2
     assert up.stats().unreadable_entries == 1
 
 

@@ -547,63 +547,121 @@ class Registry:
             DeviceRevokedError: the device is revoked (nothing is stored).
             RegistryUnavailableError: the database failed (nothing was stored).
         """
-        rows = _rows(device_id, entries)
-        if floor is not None:
-            if isinstance(floor, bool) or not isinstance(floor, int) or not 1 <= floor <= MAX_SEQ:
-                raise TelemetryRejectedError(f"floor {floor!r} is not a seq in [1, 2**63-1]")
-            if rows and floor > min(r["seq"] for r in rows):
-                raise TelemetryRejectedError("floor is above a seq the batch carries")
+        rows = _checked_rows(device_id, entries, floor)
+        with self._write("ingesting telemetry") as s:
+            return self._ingest_in(s, device_id, rows, floor, self._clock())
+
+    def ingest_many(
+        self,
+        batches: Sequence[
+            tuple[str, Sequence[TelemetryReport | Event | TelemetryEntry], int | None]
+        ],
+    ) -> list[IngestResult | RegistryError]:
+        """Store many devices' entries in ONE transaction (the gateway's batching path).
+
+        Each item is ``(device_id, entries, floor)`` and is handled exactly like one ``ingest``
+        call, in the given order (so several items of one device are applied in order, each
+        seeing the previous one's rows). An item that is structurally wrong or whose device is
+        unknown or revoked gets its error in the result list and stores nothing; the other
+        items are still stored.
+
+        Args:
+            batches: ``(device_id, entries, floor)`` per item.
+
+        Returns:
+            Per item, in order: its ``IngestResult`` or the ``RegistryError`` that refused it
+            (``TelemetryRejectedError``, ``UnknownDeviceError`` or ``DeviceRevokedError``).
+
+        Raises:
+            RegistryUnavailableError: the database failed; nothing of any item was stored.
+        """
+        checked: list[list[dict[str, Any]] | TelemetryRejectedError] = []
+        for device_id, entries, floor in batches:
+            try:
+                checked.append(_checked_rows(device_id, entries, floor))
+            except TelemetryRejectedError as exc:
+                checked.append(exc)
+        out: list[IngestResult | RegistryError] = []
+        if all(isinstance(c, RegistryError) for c in checked):
+            return [c for c in checked if isinstance(c, RegistryError)]
         now = self._clock()
         with self._write("ingesting telemetry") as s:
-            dev = s.get(Device, device_id)
-            if dev is None:
-                raise UnknownDeviceError(f"device {device_id!r} is not enrolled")
-            if dev.revoked_at is not None:
-                # Revocation means its data is no longer trusted, even while the broker has
-                # not reloaded the CRL yet; the gateway drops and counts the message.
-                raise DeviceRevokedError(f"device {device_id!r} is revoked")
-            state = _locked_seq(s, self._dialect, device_id)
-            start = state.acked_upto
-            inserted: list[int] = []
-            for i in range(0, len(rows), _INSERT_CHUNK):
-                chunk = [{**r, "received_at": now} for r in rows[i : i + _INSERT_CHUNK]]
-                inserted.extend(s.scalars(self._insert_ignore(chunk)))
-            recovered = sum(1 for q in inserted if q <= start)
-            mark, lost = start, 0
-            if floor is not None and floor - 1 > mark:
-                have = s.scalar(
-                    select(func.count())
-                    .select_from(TelemetryRow)
-                    .where(
-                        TelemetryRow.device_id == device_id,
-                        TelemetryRow.seq > mark,
-                        TelemetryRow.seq < floor,
-                    )
+            for (device_id, _entries, floor), rows in zip(batches, checked, strict=True):
+                if isinstance(rows, RegistryError):
+                    out.append(rows)
+                    continue
+                try:
+                    out.append(self._ingest_in(s, device_id, rows, floor, now))
+                except (UnknownDeviceError, DeviceRevokedError) as exc:
+                    # Raised before anything of this item was written: the rest go on.
+                    out.append(exc)
+        return out
+
+    def _ingest_in(
+        self,
+        s: Session,
+        device_id: str,
+        rows: list[dict[str, Any]],
+        floor: int | None,
+        now: datetime,
+    ) -> IngestResult:
+        """One device's ingest inside an open write transaction (see ``ingest``).
+
+        Raises:
+            UnknownDeviceError, DeviceRevokedError: before anything is written.
+        """
+        dev = s.get(Device, device_id)
+        if dev is None:
+            raise UnknownDeviceError(f"device {device_id!r} is not enrolled")
+        if dev.revoked_at is not None:
+            # Revocation means its data is no longer trusted, even while the broker has
+            # not reloaded the CRL yet; the gateway drops and counts the message.
+            raise DeviceRevokedError(f"device {device_id!r} is revoked")
+        state = _locked_seq(s, self._dialect, device_id)
+        start = state.acked_upto
+        inserted: list[int] = []
+        for i in range(0, len(rows), _INSERT_CHUNK):
+            chunk = [{**r, "received_at": now} for r in rows[i : i + _INSERT_CHUNK]]
+            inserted.extend(s.scalars(self._insert_ignore(chunk)))
+        recovered = sum(1 for q in inserted if q <= start)
+        mark, lost = start, 0
+        if floor is not None and floor - 1 > mark:
+            have = s.scalar(
+                select(func.count())
+                .select_from(TelemetryRow)
+                .where(
+                    TelemetryRow.device_id == device_id,
+                    TelemetryRow.seq > mark,
+                    TelemetryRow.seq < floor,
                 )
-                lost = (floor - 1 - mark) - int(have or 0)
-                mark = floor - 1
-            mark = _advance(s, device_id, mark)
-            top, above = s.execute(
-                select(func.max(TelemetryRow.seq), func.count()).where(
-                    TelemetryRow.device_id == device_id, TelemetryRow.seq > mark
-                )
-            ).one()
-            gaps = 0 if top is None else int(top) - mark - int(above)
-            duplicates = len(rows) - len(inserted)
-            state.acked_upto = mark
-            state.gaps = gaps
-            state.lost += lost - recovered
-            state.duplicates += duplicates
-            dev.last_seen = now
-            return IngestResult(
-                device_id=device_id,
-                acked_upto=mark,
-                gaps=gaps,
-                inserted=len(inserted),
-                duplicates=duplicates,
-                lost=lost,
-                recovered=recovered,
             )
+            lost = (floor - 1 - mark) - int(have or 0)
+            mark = floor - 1
+        mark = _advance(s, device_id, mark)
+        top, above = s.execute(
+            select(func.max(TelemetryRow.seq), func.count()).where(
+                TelemetryRow.device_id == device_id, TelemetryRow.seq > mark
+            )
+        ).one()
+        gaps = 0 if top is None else int(top) - mark - int(above)
+        duplicates = len(rows) - len(inserted)
+        state.acked_upto = mark
+        state.gaps = gaps
+        state.lost += lost - recovered
+        state.duplicates += duplicates
+        dev.last_seen = now
+        # Write the counters now: a later item of the same device in this transaction
+        # re-reads the row (populate_existing) and must see these values.
+        s.flush()
+        return IngestResult(
+            device_id=device_id,
+            acked_upto=mark,
+            gaps=gaps,
+            inserted=len(inserted),
+            duplicates=duplicates,
+            lost=lost,
+            recovered=recovered,
+        )
 
     def seq_state(self, device_id: str) -> SeqState:
         """The device's acknowledgement state (all zero before its first ingest).
@@ -747,6 +805,21 @@ def _advance(s: Session, device_id: str, mark: int) -> int:
             mark = q
         if len(seqs) < _SCAN_CHUNK:
             return mark
+
+
+def _checked_rows(
+    device_id: str,
+    entries: Sequence[TelemetryReport | Event | TelemetryEntry],
+    floor: int | None,
+) -> list[dict[str, Any]]:
+    """``_rows`` plus the floor checks (see ``Registry.ingest``). Raises TelemetryRejectedError."""
+    rows = _rows(device_id, entries)
+    if floor is not None:
+        if isinstance(floor, bool) or not isinstance(floor, int) or not 1 <= floor <= MAX_SEQ:
+            raise TelemetryRejectedError(f"floor {floor!r} is not a seq in [1, 2**63-1]")
+        if rows and floor > min(r["seq"] for r in rows):
+            raise TelemetryRejectedError("floor is above a seq the batch carries")
+    return rows
 
 
 def _rows(

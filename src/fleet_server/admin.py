@@ -1,0 +1,385 @@
+"""The admin HTTP API (Starlette), and the uvicorn thread that serves it next to the gateway.
+
+Every route except ``GET /healthz`` needs ``Authorization: Bearer <token>`` (compared in
+constant time); ``GET /metrics`` (Prometheus text format) is token-protected too, because it
+shares the admin port: give Prometheus the token with ``authorization: {credentials_file: ...}``.
+Bodies are JSON in and out (``POST /v1/models`` takes the raw bundle as
+``application/octet-stream``); every request body is size-capped while it streams. Errors are
+``{"error": message, "code": stable_code}`` with 400 (bad input, untrusted bundle), 401, 404,
+409 (exists / revoked), 413 (too large) or 503 (database or broker unavailable).
+
+Routes (v1)::
+
+    GET  /healthz                      GET  /v1/models
+    GET  /v1/status                    POST /v1/models           (bundle bytes)
+    GET  /v1/devices[?group=]          POST /v1/assign  {"target","group","model","version"}
+    GET  /v1/devices/{id}              POST /v1/waves            {"sha256"}
+    POST /v1/devices                   GET  /v1/telemetry?after_id=&device_id=&limit=
+    POST /v1/devices/{id}/revoke       GET  /metrics
+
+Owns: HTTP, JSON shapes and the error mapping. Decisions live in ``fleet_server.service``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import asdict
+from datetime import datetime
+from typing import Any
+
+import uvicorn
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from edge_agent.errors import (
+    BundleFormatError,
+    BundleVerificationError,
+    ContractError,
+    EdgefleetError,
+    TransportError,
+)
+from fleet_server.errors import (
+    BundleExistsError,
+    DeviceExistsError,
+    DeviceRevokedError,
+    LibraryError,
+    NotFoundError,
+    RegistryError,
+    RegistryUnavailableError,
+    UnknownDeviceError,
+)
+from fleet_server.registry import BundleRecord, DeviceRecord, StoredTelemetry
+from fleet_server.service import DeviceView, FleetService
+
+__all__ = ["AdminServer", "create_app", "device_json", "model_json"]
+
+log = logging.getLogger(__name__)
+Handler = Callable[[Request], Awaitable[Response]]
+
+# Most specific first: the first family in an error's MRO found here decides the status.
+_STATUS: tuple[tuple[type[EdgefleetError], int], ...] = (
+    (NotFoundError, 404),
+    (UnknownDeviceError, 404),
+    (DeviceExistsError, 409),
+    (DeviceRevokedError, 409),
+    (BundleExistsError, 409),
+    (RegistryUnavailableError, 503),
+    (TransportError, 503),
+    (BundleVerificationError, 400),
+    (BundleFormatError, 400),
+    (ContractError, 400),
+    (RegistryError, 400),
+)
+
+
+class _HttpError(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": message, "code": code}, status_code=status)
+
+
+def _status_of(exc: EdgefleetError) -> int:
+    if isinstance(exc, LibraryError) and exc.code == "bundle_library":
+        return 503  # the disk, not the bundle
+    for cls, status in _STATUS:
+        if isinstance(exc, cls):
+            return status
+    return 400
+
+
+def _iso(when: datetime | None) -> str | None:
+    return None if when is None else when.isoformat()
+
+
+def model_json(b: BundleRecord) -> dict[str, Any]:
+    """A published bundle without its manifest summary (``list``) shape."""
+    return {
+        "name": b.name,
+        "version": b.version,
+        "channel": b.channel,
+        "sha256": b.sha256,
+        "length": b.length,
+        "targets_sha256": b.targets_sha256,
+        "published_at": _iso(b.published_at),
+    }
+
+
+def _record_json(r: DeviceRecord) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "group": r.group,
+        "tags": dict(r.tags),
+        "enrolled_at": _iso(r.enrolled_at),
+        "revoked_at": _iso(r.revoked_at),
+        "cert_serial": r.cert_serial,
+        "last_seen": _iso(r.last_seen),
+    }
+
+
+def device_json(v: DeviceView, *, detail: bool = False) -> dict[str, Any]:
+    """A device with its desired models and online state (plus reported and seq in detail)."""
+    out = _record_json(v.record)
+    out["online"] = v.online is not None and v.online.state == "online"
+    out["desired_version"] = None if v.desired is None else v.desired.version
+    out["desired"] = (
+        {} if v.desired is None else {n: a.to_dict() for n, a in v.desired.models.items()}
+    )
+    if detail:
+        out["desired_expires"] = None if v.desired is None else _iso(v.desired.expires)
+        out["reported"] = None if v.record.reported is None else dict(v.record.reported)
+        out["reported_at"] = _iso(v.record.reported_at)
+        out["status"] = None if v.online is None else v.online.to_dict()
+        out["seq"] = None if v.seq is None else asdict(v.seq)
+    return out
+
+
+def _telemetry_json(t: StoredTelemetry) -> dict[str, Any]:
+    return {
+        "id": t.id,
+        "device_id": t.device_id,
+        "seq": t.seq,
+        "kind": t.kind,
+        "received_at": _iso(t.received_at),
+        "payload": dict(t.payload),
+    }
+
+
+class _FleetCollector(Collector):
+    """Reads the service's status at scrape time (no state of its own)."""
+
+    def __init__(self, service: FleetService) -> None:
+        self._service = service
+
+    def collect(self) -> Iterator[Metric]:
+        st = self._service.status()
+        for name, value, doc in (
+            ("edgefleet_server_devices", st.devices, "Devices in the registry (incl. revoked)."),
+            ("edgefleet_server_devices_active", st.active, "Devices not revoked."),
+            ("edgefleet_server_devices_online", st.online, "Devices whose status is online."),
+            ("edgefleet_server_bundles", st.bundles, "Published bundles."),
+        ):
+            yield GaugeMetricFamily(name, doc, value=value)
+        # Gateway counters only grow; exposed as gauges named *_total so a gateway restart
+        # that resets them is still read correctly by rate() (it treats drops as resets).
+        for key, value in sorted(st.gateway.items()):
+            yield GaugeMetricFamily(
+                f"edgefleet_gateway_{key}", f"Gateway counter {key}.", value=value
+            )
+
+
+def create_app(
+    service: FleetService,
+    token: str,
+    *,
+    max_request_bytes: int = 1024 * 1024,
+    max_upload_bytes: int = 1024 * 1024 * 1024,
+) -> Starlette:
+    """The admin ASGI app over ``service``, guarded by the bearer ``token``.
+
+    Raises:
+        ValueError: ``token`` is shorter than 16 characters.
+    """
+    if len(token) < 16:
+        raise ValueError("the admin token must be at least 16 characters")
+    expected = f"Bearer {token}".encode()
+    metrics = CollectorRegistry(auto_describe=False)
+    metrics.register(_FleetCollector(service))
+
+    def guarded(handler: Handler) -> Handler:
+        async def run(request: Request) -> Response:
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return _error(401, "unauthorized", "missing or wrong bearer token")
+            try:
+                return await handler(request)
+            except _HttpError as exc:
+                return _error(exc.status, exc.code, str(exc))
+            except EdgefleetError as exc:
+                return _error(_status_of(exc), exc.code, str(exc))
+            except Exception:
+                log.exception("admin API %s %s failed", request.method, request.url.path)
+                return _error(500, "internal", "internal error (see the server log)")
+
+        return run
+
+    async def body(request: Request, cap: int) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > cap):
+            raise _HttpError(413, "too_large", f"request body over {cap} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cap:
+                raise _HttpError(413, "too_large", f"request body over {cap} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def json_body(request: Request) -> dict[str, Any]:
+        raw = await body(request, max_request_bytes)
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise _HttpError(400, "bad_json", f"body is not JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise _HttpError(400, "bad_json", "body must be a JSON object")
+        return data
+
+    def field(data: dict[str, Any], name: str, kind: type[Any], default: Any = ...) -> Any:
+        value = data.get(name, default)
+        if value is ...:
+            raise _HttpError(400, "bad_request", f"missing field {name!r}")
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise _HttpError(400, "bad_request", f"field {name!r} must be {kind.__name__}")
+        return value
+
+    def query_int(request: Request, name: str, default: int) -> int:
+        raw = request.query_params.get(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            return int(raw)
+        except ValueError as exc:
+            raise _HttpError(400, "bad_request", f"{name} must be an integer") from exc
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+    async def status(request: Request) -> Response:
+        st = await run_in_threadpool(service.status)
+        return JSONResponse(asdict(st))
+
+    async def list_devices(request: Request) -> Response:
+        views = await run_in_threadpool(service.devices, request.query_params.get("group"))
+        return JSONResponse({"devices": [device_json(v) for v in views]})
+
+    async def show_device(request: Request) -> Response:
+        view = await run_in_threadpool(service.device, request.path_params["device_id"])
+        return JSONResponse(device_json(view, detail=True))
+
+    async def register_device(request: Request) -> Response:
+        data = await json_body(request)
+        device_id = field(data, "id", str)
+        group = field(data, "group", str, "default")
+        tags = field(data, "tags", dict, {})
+        serial = field(data, "cert_serial", str, None) if data.get("cert_serial") else None
+        record = await run_in_threadpool(
+            lambda: service.enroll_device(device_id, group=group, tags=tags, cert_serial=serial)
+        )
+        return JSONResponse(_record_json(record), status_code=201)
+
+    async def revoke_device(request: Request) -> Response:
+        record = await run_in_threadpool(service.revoke_device, request.path_params["device_id"])
+        return JSONResponse(_record_json(record))
+
+    async def list_models(request: Request) -> Response:
+        models = await run_in_threadpool(service.list_models, request.query_params.get("name"))
+        return JSONResponse({"models": [model_json(b) for b in models]})
+
+    async def publish_model(request: Request) -> Response:
+        data = await body(request, max_upload_bytes)
+        record = await run_in_threadpool(service.publish_model_bytes, data)
+        return JSONResponse(model_json(record), status_code=201)
+
+    async def assign(request: Request) -> Response:
+        data = await json_body(request)
+        target = field(data, "target", str)
+        group = field(data, "group", bool, False)
+        model = field(data, "model", str)
+        version = field(data, "version", int)
+        results = await run_in_threadpool(
+            lambda: service.assign(target, model, version, group=group)
+        )
+        return JSONResponse({"results": [asdict(r) for r in results]})
+
+    async def start_wave(request: Request) -> Response:
+        sha256 = field(await json_body(request), "sha256", str)
+        wave = await run_in_threadpool(service.start_wave, sha256)
+        return JSONResponse({"wave": wave, "sha256": sha256}, status_code=202)
+
+    async def telemetry(request: Request) -> Response:
+        after_id = query_int(request, "after_id", 0)
+        limit = query_int(request, "limit", 100)
+        device = request.query_params.get("device_id") or None
+        if after_id < 0 or not 1 <= limit <= 10_000:
+            raise _HttpError(400, "bad_request", "after_id must be >= 0 and limit 1..10000")
+        rows = await run_in_threadpool(
+            lambda: service.telemetry(after_id=after_id, device_id=device, limit=limit)
+        )
+        return JSONResponse({"telemetry": [_telemetry_json(t) for t in rows]})
+
+    async def prometheus(request: Request) -> Response:
+        text = await run_in_threadpool(generate_latest, metrics)
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/metrics", guarded(prometheus), methods=["GET"]),
+        Route("/v1/status", guarded(status), methods=["GET"]),
+        Route("/v1/devices", guarded(list_devices), methods=["GET"]),
+        Route("/v1/devices", guarded(register_device), methods=["POST"]),
+        Route("/v1/devices/{device_id}", guarded(show_device), methods=["GET"]),
+        Route("/v1/devices/{device_id}/revoke", guarded(revoke_device), methods=["POST"]),
+        Route("/v1/models", guarded(list_models), methods=["GET"]),
+        Route("/v1/models", guarded(publish_model), methods=["POST"]),
+        Route("/v1/assign", guarded(assign), methods=["POST"]),
+        Route("/v1/waves", guarded(start_wave), methods=["POST"]),
+        Route("/v1/telemetry", guarded(telemetry), methods=["GET"]),
+    ]
+    return Starlette(routes=routes)
+
+
+class AdminServer:
+    """Runs an ASGI app with uvicorn in a background thread (``start``/``stop``)."""
+
+    def __init__(self, app: Starlette, host: str, port: int) -> None:
+        """Prepare the server; ``port`` 0 picks a free port (see ``port`` after ``start``)."""
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level="warning", lifespan="off", access_log=False
+        )
+        self._server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (after ``start``)."""
+        sockets = self._server.servers[0].sockets if self._server.servers else []
+        return int(sockets[0].getsockname()[1]) if sockets else 0
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Serve in a daemon thread; return once listening.
+
+        Raises:
+            OSError: the server did not start listening (port taken, bad address).
+        """
+        self._thread = threading.Thread(target=self._server.run, name="admin-api", daemon=True)
+        self._thread.start()
+        deadline = threading.Event()
+        for _ in range(int(timeout / 0.02)):
+            if self._server.started or not self._thread.is_alive():
+                break
+            deadline.wait(0.02)
+        if not self._server.started:
+            self.stop()
+            raise OSError("the admin API did not start listening (port in use?)")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting, finish in-flight requests, join the thread."""
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)

@@ -1,0 +1,145 @@
+"""A small client of the admin HTTP API (what the ``fleet-server`` operator commands use).
+
+Every method returns the decoded JSON body or raises one of our errors, never an httpx one:
+``AdminUnreachableError`` (connection refused, timeout, TLS), ``AdminAuthError`` (401) or
+``AdminRequestError`` (any other error status, carrying the server's ``code`` and message).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from fleet_server.errors import AdminAuthError, AdminRequestError, AdminUnreachableError
+
+__all__ = ["DEFAULT_ADMIN_URL", "AdminClient"]
+
+DEFAULT_ADMIN_URL = "http://127.0.0.1:8780"
+
+
+class AdminClient:
+    """Talks to one admin API with one bearer token."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        *,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        """Prepare a client of ``url`` (e.g. ``http://127.0.0.1:8780``)."""
+        self._http = httpx.Client(
+            base_url=url.rstrip("/"),
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=timeout,
+            transport=transport,
+        )
+
+    def close(self) -> None:
+        """Close pooled connections."""
+        self._http.close()
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise AdminUnreachableError(
+                f"admin API {self._http.base_url} unreachable: {exc}"
+            ) from exc
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if response.status_code == 401:
+            raise AdminAuthError("the admin API refused the token (check --token)")
+        if response.status_code >= 400:
+            message = body.get("error") if isinstance(body, dict) else None
+            code = body.get("code") if isinstance(body, dict) else None
+            raise AdminRequestError(
+                f"{response.status_code}: {message or response.text[:200]}",
+                status=response.status_code,
+                server_code=str(code or "unknown"),
+            )
+        if body is None:
+            raise AdminRequestError(
+                f"{response.status_code}: response is not JSON",
+                status=response.status_code,
+                server_code="bad_response",
+            )
+        return body
+
+    def status(self) -> dict[str, Any]:
+        """``GET /v1/status``. Raises: AdminApiError."""
+        return dict(self._call("GET", "/v1/status"))
+
+    def devices(self, group: str | None = None) -> list[dict[str, Any]]:
+        """``GET /v1/devices``. Raises: AdminApiError."""
+        params = {"group": group} if group else {}
+        return list(self._call("GET", "/v1/devices", params=params)["devices"])
+
+    def device(self, device_id: str) -> dict[str, Any]:
+        """``GET /v1/devices/{id}``. Raises: AdminApiError."""
+        return dict(self._call("GET", f"/v1/devices/{device_id}"))
+
+    def register(
+        self,
+        device_id: str,
+        group: str,
+        tags: dict[str, Any],
+        cert_serial: str | None = None,
+    ) -> dict[str, Any]:
+        """``POST /v1/devices``. Raises: AdminApiError."""
+        body = {"id": device_id, "group": group, "tags": tags, "cert_serial": cert_serial}
+        return dict(self._call("POST", "/v1/devices", json=body))
+
+    def revoke(self, device_id: str) -> dict[str, Any]:
+        """``POST /v1/devices/{id}/revoke``. Raises: AdminApiError."""
+        return dict(self._call("POST", f"/v1/devices/{device_id}/revoke"))
+
+    def models(self) -> list[dict[str, Any]]:
+        """``GET /v1/models``. Raises: AdminApiError."""
+        return list(self._call("GET", "/v1/models")["models"])
+
+    def publish(self, path: Path) -> dict[str, Any]:
+        """``POST /v1/models`` with the bundle file as the body.
+
+        Raises:
+            AdminApiError: as every call.
+            OSError: the file cannot be read.
+        """
+        with Path(path).open("rb") as fh:
+            return dict(
+                self._call(
+                    "POST",
+                    "/v1/models",
+                    content=fh.read(),
+                    headers={"Content-Type": "application/octet-stream"},
+                )
+            )
+
+    def assign(self, target: str, model: str, version: int, *, group: bool) -> list[Any]:
+        """``POST /v1/assign``; one result per device. Raises: AdminApiError."""
+        body = {"target": target, "group": group, "model": model, "version": version}
+        return list(self._call("POST", "/v1/assign", json=body)["results"])
+
+    def start_wave(self, sha256: str) -> dict[str, Any]:
+        """``POST /v1/waves``. Raises: AdminApiError."""
+        return dict(self._call("POST", "/v1/waves", json={"sha256": sha256}))
+
+    def telemetry(
+        self, *, after_id: int = 0, device_id: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """``GET /v1/telemetry``. Raises: AdminApiError."""
+        params: dict[str, Any] = {"after_id": after_id, "limit": limit}
+        if device_id:
+            params["device_id"] = device_id
+        return list(self._call("GET", "/v1/telemetry", params=params)["telemetry"])

@@ -1,0 +1,279 @@
+"""The fleet server's configuration: frozen dataclasses loaded once from TOML plus env overrides.
+
+``load_config(path, env)`` is the only way in: it reads the file, applies overrides of the form
+``EDGEFLEET_SERVER__<SECTION>__<KEY>=value`` (values parsed as TOML scalars, so ``true``, ``8``,
+``"text"`` and bare strings all work), validates every field and returns a ``ServerConfig``.
+Unknown sections or keys are errors: a typo must not silently fall back to a default.
+
+Sections: ``[registry]``, ``[mqtt]``, ``[gateway]`` (mirrors ``fleet_server.gateway.GatewayConfig``;
+``server.run`` converts it), ``[api]`` (admin HTTP API) and ``[signing]`` (online key, builder
+root). Paths left empty default to places under ``registry.state_dir``.
+
+Owns: parsing and validation. Does not own: reading the admin token file or the keys (that is
+``fleet_server.server``, at start-up).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from fleet_server.errors import ServerConfigError
+
+__all__ = [
+    "ENV_PREFIX",
+    "ApiConfig",
+    "GatewaySection",
+    "MqttSection",
+    "RegistrySection",
+    "ServerConfig",
+    "SigningConfig",
+    "load_config",
+]
+
+ENV_PREFIX = "EDGEFLEET_SERVER__"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RegistrySection:
+    """Where the server keeps its state; ``url`` defaults to SQLite under ``state_dir``."""
+
+    state_dir: str = "/var/lib/edgefleet-server"
+    url: str = ""
+
+    def validate(self) -> None:
+        _check(bool(self.state_dir), "state_dir must not be empty")
+        _check(
+            self.url == "" or self.url.startswith(("sqlite", "postgresql")),
+            "url must be a sqlite:// or postgresql:// URL",
+        )
+
+
+@dataclass(frozen=True)
+class MqttSection:
+    """How the server reaches the broker (its own X.509 identity, CN = ``client_id``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8883
+    ca_path: str = "/etc/edgefleet-server/ca.crt"
+    cert_path: str = "/etc/edgefleet-server/server.crt"
+    key_path: str = "/etc/edgefleet-server/server.key"
+    client_id: str = "fleet.server"
+    session_expiry: int = 3600
+
+    def validate(self) -> None:
+        _check(bool(self.host), "host must not be empty")
+        _check(0 < self.port < 65536, "port must be 1..65535")
+        for name in ("ca_path", "cert_path", "key_path"):
+            _check(bool(getattr(self, name)), f"{name} must not be empty")
+        _check(bool(_LABEL.fullmatch(self.client_id)), "client_id is not a valid client id")
+        _check(0 <= self.session_expiry <= 2**32 - 1, "session_expiry must be 0..4294967295")
+
+
+@dataclass(frozen=True)
+class GatewaySection:
+    """The MQTT gateway's settings (``fleet_server.gateway.GatewayConfig``'s fields).
+
+    ``bundles_dir`` is also the bundle library's directory; empty means ``<state_dir>/bundles``.
+    """
+
+    prefix: str = "edgefleet"
+    share_group: str = "fleet"
+    bundles_dir: str = ""
+    block_size: int = 64 * 1024
+    broadcast_min_devices: int = 2
+    resend_round_seconds: float = 0.05
+    max_blocks_per_second: float = 2000.0
+    ingest_max_batch: int = 500
+    ingest_max_wait_seconds: float = 0.05
+
+    def validate(self) -> None:
+        _check(
+            bool(re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", self.prefix)),
+            "prefix must be a lowercase topic label without / + #",
+        )
+        _check(bool(_LABEL.fullmatch(self.share_group)), "share_group is not a valid name")
+        _check(1024 <= self.block_size <= 1024 * 1024, "block_size must be 1024..1048576")
+        _check(self.broadcast_min_devices >= 1, "broadcast_min_devices must be >= 1")
+        _check(self.resend_round_seconds > 0, "resend_round_seconds must be positive")
+        _check(self.max_blocks_per_second > 0, "max_blocks_per_second must be positive")
+        _check(self.ingest_max_batch >= 1, "ingest_max_batch must be >= 1")
+        _check(self.ingest_max_wait_seconds >= 0, "ingest_max_wait_seconds must be >= 0")
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """The admin HTTP API. Give ``token_file`` (preferred) or ``token``; serve refuses neither."""
+
+    host: str = "127.0.0.1"
+    port: int = 8780
+    token_file: str | None = None
+    token: str | None = None
+    max_request_bytes: int = 1024 * 1024
+    max_upload_bytes: int = 1024 * 1024 * 1024
+
+    def validate(self) -> None:
+        _check(bool(self.host), "host must not be empty")
+        _check(0 <= self.port <= 65535, "port must be 0..65535")
+        _check(
+            self.token is None or self.token_file is None,
+            "token and token_file are exclusive: give one",
+        )
+        _check(self.token is None or len(self.token) >= 16, "token must be >= 16 characters")
+        _check(self.max_request_bytes >= 1024, "max_request_bytes must be >= 1024")
+        _check(self.max_upload_bytes >= 1024, "max_upload_bytes must be >= 1024")
+
+
+@dataclass(frozen=True)
+class SigningConfig:
+    """The online key that signs desired state, and the builder root that vets bundles."""
+
+    online_key: str = "/etc/edgefleet-server/online.pem"
+    root_path: str = "/etc/edgefleet-server/root.json"
+    desired_ttl_seconds: int = 24 * 3600
+
+    def validate(self) -> None:
+        _check(bool(self.online_key), "online_key must not be empty")
+        _check(bool(self.root_path), "root_path must not be empty")
+        _check(
+            60 <= self.desired_ttl_seconds <= 90 * 24 * 3600,
+            "desired_ttl_seconds must be 60..7776000",
+        )
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything ``fleet-server serve`` needs, validated, with derived paths filled in."""
+
+    log_level: str = "info"
+    registry: RegistrySection = field(default_factory=RegistrySection)
+    mqtt: MqttSection = field(default_factory=MqttSection)
+    gateway: GatewaySection = field(default_factory=GatewaySection)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    signing: SigningConfig = field(default_factory=SigningConfig)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "registry": RegistrySection,
+    "mqtt": MqttSection,
+    "gateway": GatewaySection,
+    "api": ApiConfig,
+    "signing": SigningConfig,
+}
+_TOP = ("log_level",)
+
+
+def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> ServerConfig:
+    """Read ``path`` (TOML; ``None`` for defaults), apply ``env`` overrides, validate.
+
+    Args:
+        path: the TOML file, or ``None`` for defaults plus environment.
+        env: the environment to read overrides from (``os.environ`` when ``None``).
+
+    Returns:
+        The validated configuration, ``registry.url`` and ``gateway.bundles_dir`` resolved.
+
+    Raises:
+        ServerConfigError: unreadable file, unknown key, wrong type or an invalid value; the
+            message names the key.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ServerConfigError(f"cannot read config {path}: {exc}") from exc
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ServerConfigError(f"config {path} is not valid TOML: {exc}") from exc
+    _apply_env(data, os.environ if env is None else env)
+    return _build(data)
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
+    for key, raw in env.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        parts = [p.lower() for p in key[len(ENV_PREFIX) :].split("__")]
+        if not all(parts):
+            raise ServerConfigError(f"{key}: empty section or key name")
+        node = data
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ServerConfigError(f"{key}: {'.'.join(parts[:-1])} is not a section")
+        node[parts[-1]] = _parse_scalar(raw)
+
+
+def _parse_scalar(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _build(data: Mapping[str, Any]) -> ServerConfig:
+    unknown = set(data) - set(_SECTIONS) - set(_TOP)
+    if unknown:
+        raise ServerConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
+    log_level = data.get("log_level", "info")
+    if log_level not in LOG_LEVELS:
+        raise ServerConfigError(f"log_level must be one of {LOG_LEVELS}, got {log_level!r}")
+    sections = {name: _section(cls, data.get(name, {}), name) for name, cls in _SECTIONS.items()}
+    registry: RegistrySection = sections["registry"]
+    state = Path(registry.state_dir)
+    if not registry.url:
+        registry = dataclasses.replace(registry, url=f"sqlite:///{state / 'registry.db'}")
+    gateway: GatewaySection = sections["gateway"]
+    if not gateway.bundles_dir:
+        gateway = dataclasses.replace(gateway, bundles_dir=str(state / "bundles"))
+    return ServerConfig(
+        log_level=log_level,
+        registry=registry,
+        mqtt=sections["mqtt"],
+        gateway=gateway,
+        api=sections["api"],
+        signing=sections["signing"],
+    )
+
+
+def _section(cls: type[T], raw: Any, where: str) -> T:
+    if not isinstance(raw, dict):
+        raise ServerConfigError(f"[{where}] must be a table")
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(raw) - fields
+    if unknown:
+        raise ServerConfigError(f"unknown keys in [{where}]: {', '.join(sorted(unknown))}")
+    defaults = cls()
+    values: dict[str, Any] = {}
+    for name, given in raw.items():
+        default = getattr(defaults, name)
+        expected: type[Any] = str if default is None else type(default)
+        value = given
+        if isinstance(value, int) and not isinstance(value, bool) and expected is float:
+            value = float(value)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ServerConfigError(f"{where}.{name} must be a finite number, got {value!r}")
+        if isinstance(value, bool) is not (expected is bool) or not isinstance(value, expected):
+            raise ServerConfigError(f"{where}.{name} must be {expected.__name__}, got {value!r}")
+        values[name] = value
+    obj = cls(**values)
+    try:
+        obj.validate()  # type: ignore[attr-defined]
+    except ServerConfigError as exc:
+        raise ServerConfigError(f"{where}.{exc}") from exc
+    return obj
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ServerConfigError(message)

@@ -1,0 +1,432 @@
+"""The fleet server's MQTT gateway: the server end of every device topic.
+
+Owns the orchestration: subscribing (telemetry, events and block requests through the shared
+subscription ``$share/<group>/...`` so several server workers split the load; ``reported`` and
+``status`` plainly, because retained messages never reach shared subscriptions), parsing and
+checking each message against the device id in its topic (the broker ACL makes that the
+certificate CN), counting every refusal by reason, and the housekeeping thread that
+republishes every device's latest desired-state document, retained, each time the MQTT session
+(re)connects (a broker without persistence forgets retained messages on restart).
+
+Delegates: batched telemetry storage and its acknowledgement rule to ``fleet_server.ingest``
+(handlers only parse and enqueue, so one transaction stores many messages), block serving and
+waves to ``fleet_server.delivery``. Does not create or close the MQTT client (the caller does),
+sign desired states (``fleet_server.desired``) or serve HTTP/metrics (``stats()`` feeds them).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from edge_agent.errors import ContractError, EdgefleetError, TransportError
+from edge_agent.mqtt import Message, MqttClient
+from edge_agent.reported import MAX_REPORTED_BYTES, ReportedState
+from edge_agent.telemetry import StatusMessage, TelemetryAck
+from edge_agent.topics import Topics
+from edge_agent.transfer import DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, MAX_MESSAGE_BYTES, BlockRequest
+from fleet_server.delivery import BlockServer, Pacer
+from fleet_server.errors import (
+    RegistryError,
+    RegistryUnavailableError,
+    ServerConfigError,
+)
+from fleet_server.ingest import IngestWorker, parse_telemetry, refusal_reason
+from fleet_server.registry.store import IngestResult, Registry
+
+__all__ = ["Gateway", "GatewayConfig", "GatewayStats"]
+
+log = logging.getLogger(__name__)
+
+_SHARED_KINDS: Final = ("telemetry", "events", "blocks_req")
+_PLAIN_KINDS: Final = ("reported", "status")
+_HOUSEKEEPING_EVERY: Final = 0.2  # seconds between session checks
+_LOG_EVERY: Final = 10.0  # seconds between two log lines about the same reject reason
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Settings of one gateway worker (see the module docstring)."""
+
+    prefix: str = "edgefleet"
+    share_group: str = "fleet"
+    bundles_dir: Path = Path("bundles")
+    block_size: int = DEFAULT_BLOCK_SIZE
+    broadcast_min_devices: int = 2
+    resend_round_seconds: float = 0.05
+    max_blocks_per_second: float = 2000.0
+    ingest_max_batch: int = 500
+    ingest_max_wait_seconds: float = 0.05
+
+    def validate(self) -> None:
+        """Check every value.
+
+        Raises:
+            ServerConfigError: a value is out of range or the prefix/share group is not a
+                valid topic level.
+        """
+        try:
+            Topics(self.prefix).shared(self.share_group, "telemetry")
+        except ContractError as exc:
+            raise ServerConfigError(f"gateway: {exc}") from exc
+        if not 16 * 1024 <= self.block_size <= MAX_BLOCK_SIZE:
+            raise ServerConfigError(f"gateway: block_size {self.block_size} out of range")
+        checks = {
+            "broadcast_min_devices": self.broadcast_min_devices >= 1,
+            "resend_round_seconds": 0 < self.resend_round_seconds <= 10,
+            "max_blocks_per_second": 0 < self.max_blocks_per_second < math.inf,
+            "ingest_max_batch": 1 <= self.ingest_max_batch <= 10_000,
+            "ingest_max_wait_seconds": 0 <= self.ingest_max_wait_seconds <= 10,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ServerConfigError(f"gateway: {name}={getattr(self, name)!r} out of range")
+
+
+@dataclass(frozen=True)
+class GatewayStats:
+    """A snapshot of the gateway's counters since it was created.
+
+    Attributes:
+        messages: received messages by topic kind (telemetry, events, reported, status,
+            blocks_req).
+        items_inserted: telemetry entries newly stored.
+        duplicates: telemetry entries that were already stored.
+        lost: seqs declared lost from device floors.
+        rejected: refused messages by reason (malformed, oversized, device_mismatch,
+            wrong_type, unknown_device, revoked_device, rejected, queue_full,
+            unknown_transfer, out_of_range).
+        acks_sent: acknowledgements published.
+        ack_failures: acknowledgements that could not be published (the device resends).
+        db_failures: failed database operations (batched ingest transactions, reported).
+        ingest_pending: messages waiting for the ingest thread.
+        block_requests: block requests received.
+        blocks_unicast: blocks published on a device's ``blocks/resp``.
+        blocks_broadcast: blocks published on a wave topic (rounds and waves).
+        reported_stored: reported-state documents stored.
+        desired_published: desired-state documents published (direct and republished).
+        devices_online: devices whose latest status is ``online``.
+    """
+
+    messages: Mapping[str, int] = field(default_factory=dict)
+    items_inserted: int = 0
+    duplicates: int = 0
+    lost: int = 0
+    rejected: Mapping[str, int] = field(default_factory=dict)
+    acks_sent: int = 0
+    ack_failures: int = 0
+    db_failures: int = 0
+    ingest_pending: int = 0
+    block_requests: int = 0
+    blocks_unicast: int = 0
+    blocks_broadcast: int = 0
+    reported_stored: int = 0
+    desired_published: int = 0
+    devices_online: int = 0
+
+
+_REJECT_REASONS: Final = frozenset(
+    {"malformed", "oversized", "device_mismatch", "wrong_type", "unknown_transfer"}
+    | {"out_of_range", "unknown_device", "revoked_device", "rejected", "queue_full"}
+)
+
+
+class Gateway:
+    """The server end of the device topics; thread-safe.
+
+    Args:
+        registry: the fleet registry.
+        client: the server's MQTT session (``MqttConfig(device_id="<label>.server",
+            announce_status=False, clean_start=False, ...)``); connected by the caller before
+            or after ``start``.
+        config: settings (validated here).
+        clock: wall clock (seconds); used for rate-limited logging.
+
+    Raises:
+        ServerConfigError: ``config`` is invalid.
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        client: MqttClient,
+        config: GatewayConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        config.validate()
+        self._registry = registry
+        self._client = client
+        self._config = config
+        self._clock = clock
+        self._topics = Topics(config.prefix)
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+        self._messages: Counter[str] = Counter()
+        self._rejected: Counter[str] = Counter()
+        self._last_log: dict[str, float] = {}
+        self._status: dict[str, StatusMessage] = {}
+        self._stop = threading.Event()
+        self._housekeeper: threading.Thread | None = None
+        self._seen_connects = 0
+        self._ingest = IngestWorker(
+            registry,
+            self._ack,
+            max_batch=config.ingest_max_batch,
+            max_wait=config.ingest_max_wait_seconds,
+            capacity=max(10_000, 20 * config.ingest_max_batch),
+        )
+        self._blocks = BlockServer(
+            registry,
+            client,
+            self._topics,
+            bundles_dir=config.bundles_dir,
+            block_size=config.block_size,
+            broadcast_min_devices=config.broadcast_min_devices,
+            round_seconds=config.resend_round_seconds,
+            pacer=Pacer(config.max_blocks_per_second),
+            count=self._count,
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start the worker threads and subscribe (now if connected, else on connect).
+
+        Raises:
+            SubscribeError: the broker refused a subscription.
+            TransportTimeoutError: no SUBACK in time.
+        """
+        self._ingest.start()
+        self._blocks.start()
+        self._housekeeper = threading.Thread(
+            target=self._housekeep, name="fleet-housekeeping", daemon=True
+        )
+        self._housekeeper.start()
+        group = self._config.share_group
+        for kind in _SHARED_KINDS:
+            self._client.subscribe(self._topics.shared(group, kind), self._on_message, qos=1)
+        for kind in _PLAIN_KINDS:
+            self._client.subscribe(self._topics.all_devices(kind), self._on_message, qos=1)
+
+    def close(self) -> None:
+        """Stop the threads; telemetry already queued is stored (and acked if connected).
+
+        Does not close the MQTT client. Never raises.
+        """
+        self._stop.set()
+        if self._housekeeper is not None:
+            self._housekeeper.join(5.0)
+        self._blocks.close()
+        self._ingest.close()
+
+    # ------------------------------------------------------------------ public API
+    def publish_desired(self, device_id: str, document: bytes) -> None:
+        """Publish a signed desired-state document, retained, QoS 1, to the device.
+
+        Raises:
+            ContractError: ``device_id`` is not a valid device id.
+            NotConnectedError: no live MQTT session (it is republished on the next connect).
+            PublishError: the client refused the message.
+        """
+        self._client.publish(self._topics.device_desired(device_id), document, 1, True)
+        self._count("desired_published", 1)
+
+    def start_wave(self, sha256: str) -> str:
+        """Broadcast every block of a published bundle once on its wave topic, paced.
+
+        Returns:
+            The wave id (the transfer id; the topic is ``<prefix>/broadcast/<wave id>``).
+
+        Raises:
+            ModelNotPublishedError: no published bundle has this SHA-256, or its file in
+                ``bundles_dir`` is missing or does not match.
+            RegistryUnavailableError: the database failed.
+            ContractError: the bundle cannot be cut into blocks of ``block_size``.
+        """
+        return self._blocks.start_wave(sha256)
+
+    def stats(self) -> GatewayStats:
+        """A consistent snapshot of every counter."""
+        ingest = self._ingest.stats()
+        with self._lock:
+            c = self._counts
+            rejected = Counter(self._rejected)
+            rejected.update(dict(ingest.refused))
+            if ingest.dropped_queue_full:
+                rejected["queue_full"] += ingest.dropped_queue_full
+            return GatewayStats(
+                messages=dict(self._messages),
+                items_inserted=ingest.inserted,
+                duplicates=ingest.duplicates,
+                lost=ingest.lost,
+                rejected=dict(rejected),
+                acks_sent=c["acks_sent"],
+                ack_failures=c["ack_failures"],
+                db_failures=c["db_failures"] + ingest.db_failures,
+                ingest_pending=self._ingest.pending(),
+                block_requests=c["block_requests"],
+                blocks_unicast=c["blocks_unicast"],
+                blocks_broadcast=c["blocks_broadcast"],
+                reported_stored=c["reported_stored"],
+                desired_published=c["desired_published"],
+                devices_online=sum(1 for s in self._status.values() if s.state == "online"),
+            )
+
+    def online(self) -> dict[str, StatusMessage]:
+        """The latest status message of every device seen (online and offline)."""
+        with self._lock:
+            return dict(self._status)
+
+    # ------------------------------------------------------------------ handlers
+    def _on_message(self, message: Message) -> None:
+        """Dispatch one message (MQTT handler thread). Never raises."""
+        try:
+            kind, device_id = self._topics.parse(message.topic)
+        except ContractError:
+            self._reject("malformed", message.topic)
+            return
+        if device_id is None:
+            return
+        with self._lock:
+            self._messages[kind] += 1
+        handler = {
+            "telemetry": self._on_telemetry,
+            "events": self._on_telemetry,
+            "reported": self._on_reported,
+            "status": self._on_status,
+            "blocks_req": self._on_block_request,
+        }.get(kind)
+        if handler is None:
+            return
+        try:
+            handler(kind, device_id, message.payload)
+        except Exception:  # a bug must not stop the handler thread; count and go on
+            self._reject("malformed", f"{message.topic} (handler error)")
+            log.exception("gateway handler for %s failed", message.topic)
+
+    def _on_telemetry(self, kind: str, device_id: str, payload: bytes) -> None:
+        parsed = parse_telemetry(kind, device_id, payload)
+        if isinstance(parsed, str):
+            self._reject(parsed, device_id)
+        else:
+            self._ingest.put(parsed)
+
+    def _on_reported(self, _kind: str, device_id: str, payload: bytes) -> None:
+        if not payload:
+            return  # a retained message being cleared
+        if len(payload) > MAX_REPORTED_BYTES:
+            self._reject("oversized", device_id)
+            return
+        try:
+            state = ReportedState.from_bytes(payload)
+        except ContractError:
+            self._reject("malformed", device_id)
+            return
+        if state.device_id != device_id:
+            self._reject("device_mismatch", device_id)
+            return
+        try:
+            self._registry.record_reported(device_id, state.to_dict())
+        except RegistryUnavailableError as exc:
+            self._count("db_failures", 1)
+            log.warning("reported state of %s not stored: %s", device_id, exc)
+            return
+        except RegistryError as exc:
+            self._reject(refusal_reason(exc), device_id)
+            return
+        self._count("reported_stored", 1)
+
+    def _on_status(self, _kind: str, device_id: str, payload: bytes) -> None:
+        if not payload:
+            with self._lock:
+                self._status.pop(device_id, None)
+            return
+        try:
+            status = StatusMessage.from_bytes(payload)
+        except ContractError:
+            self._reject("oversized" if len(payload) > 4096 else "malformed", device_id)
+            return
+        if status.device_id != device_id:
+            self._reject("device_mismatch", device_id)
+            return
+        with self._lock:
+            # The broker keeps per-topic order, so the last one received is the current one
+            # (comparing ``at`` would be wrong: the will carries its connection's time).
+            self._status[device_id] = status
+
+    def _on_block_request(self, _kind: str, device_id: str, payload: bytes) -> None:
+        self._count("block_requests", 1)
+        if len(payload) > MAX_MESSAGE_BYTES:
+            self._reject("oversized", device_id)
+            return
+        try:
+            request = BlockRequest.from_bytes(payload)
+        except EdgefleetError:
+            self._reject("malformed", device_id)
+            return
+        self._blocks.submit(device_id, request)
+
+    # ------------------------------------------------------------------ acks
+    def _ack(self, result: IngestResult) -> None:
+        """Publish the acknowledgement of one stored message (ingest thread)."""
+        ack = TelemetryAck(device_id=result.device_id, upto_seq=result.acked_upto)
+        try:
+            self._client.publish(self._topics.device_ack(result.device_id), ack.to_bytes(), 1)
+        except (TransportError, ContractError):
+            self._count("ack_failures", 1)
+            return
+        self._count("acks_sent", 1)
+
+    # ------------------------------------------------------------------ housekeeping
+    def _housekeep(self) -> None:
+        while not self._stop.wait(_HOUSEKEEPING_EVERY):
+            connects = self._client.stats().connects
+            if connects > self._seen_connects and self._client.connected:
+                try:
+                    self._republish_desired()
+                except (TransportError, RegistryError) as exc:
+                    log.info("desired-state republish incomplete, retrying: %s", exc)
+                    continue
+                self._seen_connects = connects
+
+    def _republish_desired(self) -> None:
+        """Publish every active device's latest desired state again (retained).
+
+        Raises:
+            TransportError: the session dropped meanwhile.
+            RegistryError: the database failed.
+        """
+        n = 0
+        for device in self._registry.list_devices(include_revoked=False):
+            if self._stop.is_set():
+                return
+            record = self._registry.latest_desired(device.id)
+            if record is not None:
+                self.publish_desired(device.id, record.document)
+                n += 1
+        log.info("republished %d desired-state documents", n)
+
+    # ------------------------------------------------------------------ counting
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            if name in _REJECT_REASONS:
+                self._rejected[name] += n
+            else:
+                self._counts[name] += n
+
+    def _reject(self, reason: str, where: str) -> None:
+        now = self._clock()
+        with self._lock:
+            self._rejected[reason] += 1
+            quiet = now - self._last_log.get(reason, -math.inf) < _LOG_EVERY
+            if not quiet:
+                self._last_log[reason] = now
+        if not quiet:
+            log.warning("gateway rejected a message (%s) from %s", reason, where)

@@ -1,0 +1,206 @@
+"""``fleet-server serve``: wire the registry, MQTT gateway, service and admin API, run, stop.
+
+Start-up order (each step refuses to start on a typed error, before anything is served):
+admin token, builder root, online signer (its key must be one of the root's ``timestamp`` keys,
+or every document it signs would be refused by devices), registry open + upgrade, MQTT client
+connect, gateway start, admin API start. Shutdown on SIGTERM/SIGINT runs in reverse: admin API
+stopped (in-flight requests finish), gateway closed (queued telemetry stored), MQTT closed,
+registry closed.
+
+Owns: files and process lifecycle. Decisions live in ``service``, HTTP in ``admin``.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import FrameType
+
+from cryptography.hazmat.primitives import serialization
+from securesystemslib.signer import CryptoSigner
+
+from edge_agent.errors import EdgefleetError, TransportTimeoutError
+from edge_agent.mqtt import MqttClient, MqttConfig
+from edge_agent.trust import TrustedRoot
+from edge_agent.trust.desired import SIGNING_ROLE
+from fleet_server.admin import AdminServer, create_app
+from fleet_server.config import ApiConfig, ServerConfig
+from fleet_server.errors import ServerConfigError
+from fleet_server.gateway import Gateway, GatewayConfig
+from fleet_server.library import BundleLibrary
+from fleet_server.registry import Registry
+from fleet_server.service import FleetService
+
+__all__ = ["load_online_signer", "read_admin_token", "run"]
+
+log = logging.getLogger(__name__)
+CONNECT_TIMEOUT = 30.0
+
+
+def read_admin_token(api: ApiConfig) -> str:
+    """The admin bearer token from ``api.token`` or the first line of ``api.token_file``.
+
+    Raises:
+        ServerConfigError: neither is set, the file is unreadable, or the token is short.
+    """
+    token = api.token
+    if token is None and api.token_file is not None:
+        try:
+            token = Path(api.token_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ServerConfigError(f"api.token_file cannot be read: {exc}") from exc
+    if token is None:
+        raise ServerConfigError("api.token_file (or api.token) is required: no admin token")
+    if len(token) < 16:
+        raise ServerConfigError("api token must be at least 16 characters")
+    return token
+
+
+def load_online_signer(path: Path, root: TrustedRoot, passphrase: bytes | None) -> CryptoSigner:
+    """The online (``timestamp``) signer from a PKCS#8 PEM file, checked against the root.
+
+    Raises:
+        ServerConfigError: unreadable key, wrong passphrase, or not a ``timestamp`` key of root.
+    """
+    try:
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), passphrase)
+        signer = CryptoSigner(key)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ServerConfigError(f"signing.online_key {path} cannot be loaded: {exc}") from exc
+    if signer.public_key.keyid not in root.keyids(SIGNING_ROLE):
+        raise ServerConfigError(
+            f"signing.online_key {path} is not a {SIGNING_ROLE} key of the root in "
+            "signing.root_path: devices would refuse every desired state it signs"
+        )
+    return signer
+
+
+def _load_root(path: str) -> TrustedRoot:
+    try:
+        return TrustedRoot.from_bytes(Path(path).read_bytes())
+    except OSError as exc:
+        raise ServerConfigError(f"signing.root_path {path} cannot be read: {exc}") from exc
+
+
+def run(
+    config: ServerConfig,
+    *,
+    passphrase: bytes | None = None,
+    stop: threading.Event | None = None,
+) -> int:
+    """Run the server until SIGTERM/SIGINT (or ``stop`` is set); returns the exit code.
+
+    Raises:
+        ServerConfigError: no admin token, bad root, online key or gateway settings.
+        RegistryError: the database cannot be opened or migrated.
+        TransportError: the broker cannot be reached within 30 s, or refuses subscriptions.
+        OSError: the admin API cannot listen.
+    """
+    token = read_admin_token(config.api)
+    root = _load_root(config.signing.root_path)
+    signer = load_online_signer(Path(config.signing.online_key), root, passphrase)
+    stop = stop or threading.Event()
+    _install_signals(stop)
+
+    Path(config.registry.state_dir).mkdir(parents=True, exist_ok=True)
+    registry = Registry.open(config.registry.url)
+    g = config.gateway
+    gateway_config = GatewayConfig(
+        prefix=g.prefix,
+        share_group=g.share_group,
+        bundles_dir=Path(g.bundles_dir),
+        block_size=g.block_size,
+        broadcast_min_devices=g.broadcast_min_devices,
+        resend_round_seconds=g.resend_round_seconds,
+        max_blocks_per_second=g.max_blocks_per_second,
+        ingest_max_batch=g.ingest_max_batch,
+        ingest_max_wait_seconds=g.ingest_max_wait_seconds,
+    )
+    m = config.mqtt
+    client = MqttClient(
+        MqttConfig(
+            host=m.host,
+            port=m.port,
+            device_id=m.client_id,
+            ca_path=Path(m.ca_path),
+            cert_path=Path(m.cert_path),
+            key_path=Path(m.key_path),
+            prefix=g.prefix,
+            session_expiry=m.session_expiry,
+            announce_status=False,
+            clean_start=False,
+            inbox_size=100_000,
+        )
+    )
+    gateway: Gateway | None = None
+    admin: AdminServer | None = None
+    try:
+        registry.upgrade()
+        gateway = Gateway(registry, client, gateway_config)
+        client.connect()
+        try:
+            client.wait_connected(CONNECT_TIMEOUT)
+        except TransportTimeoutError as exc:
+            raise TransportTimeoutError(
+                f"broker {m.host}:{m.port} not reachable in {CONNECT_TIMEOUT:.0f}s: {exc}"
+            ) from exc
+        gateway.start()
+        library = BundleLibrary(Path(g.bundles_dir), root, max_bytes=config.api.max_upload_bytes)
+        service = FleetService(
+            registry,
+            library,
+            gateway,
+            [signer],
+            clock=lambda: datetime.now(UTC),
+            ttl=timedelta(seconds=config.signing.desired_ttl_seconds),
+        )
+        app = create_app(
+            service,
+            token,
+            max_request_bytes=config.api.max_request_bytes,
+            max_upload_bytes=config.api.max_upload_bytes,
+        )
+        admin = AdminServer(app, config.api.host, config.api.port)
+        admin.start()
+        log.info(
+            "fleet server ready: admin API http://%s:%d, broker %s:%d, registry %s",
+            config.api.host,
+            admin.port,
+            m.host,
+            m.port,
+            registry.engine.url.render_as_string(hide_password=True),
+        )
+        stop.wait()
+        log.info("fleet server stopping")
+    finally:
+        _shutdown(admin, gateway, client, registry)
+    return 0
+
+
+def _shutdown(
+    admin: AdminServer | None, gateway: Gateway | None, client: MqttClient, registry: Registry
+) -> None:
+    if admin is not None:
+        admin.stop()
+    if gateway is not None:
+        try:
+            gateway.close()
+        except EdgefleetError as exc:  # close is documented never to raise; belt and braces
+            log.warning("gateway close failed: %s", exc)
+    client.close()
+    registry.close()
+
+
+def _install_signals(stop: threading.Event) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return  # embedded (tests): the caller sets ``stop``
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        log.info("received signal %d", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

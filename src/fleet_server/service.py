@@ -1,0 +1,347 @@
+"""The fleet service: what an operator can ask of the server, orchestrated over its parts.
+
+``FleetService`` ties the registry (state), the bundle library (verified files), the gateway
+(MQTT delivery) and the online signers (desired state) together. It decides nothing about trust
+itself: bundles are judged by ``edge_agent.trust`` (via the library) and documents are built and
+signed by ``fleet_server.desired``. It is what the admin API calls, and what unit tests drive
+with a SQLite registry and a fake gateway.
+
+Assigning a model to a device writes a new desired-state document that keeps every other model
+the device is currently assigned (read from its latest document inside the registry's locked
+transaction, so concurrent assignments cannot drop each other's models), stores it under the
+next per-device version, then hands it to the gateway, which publishes it retained.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, is_dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Protocol
+
+from securesystemslib.signer import Signer
+
+from edge_agent.errors import EdgefleetError, MetadataFormatError
+from edge_agent.telemetry import StatusMessage
+from edge_agent.trust.desired import DesiredState, ModelAssignment
+from fleet_server.desired import make_desired_state, sign_desired_state
+from fleet_server.errors import ModelNotPublishedError, UnknownGroupError
+from fleet_server.library import BundleLibrary, LibraryEntry
+from fleet_server.registry import (
+    BundleRecord,
+    DeviceRecord,
+    Registry,
+    SeqState,
+    StoredTelemetry,
+)
+
+__all__ = [
+    "AssignResult",
+    "DeviceView",
+    "FleetService",
+    "FleetStatus",
+    "GatewayPort",
+    "parse_document",
+]
+
+log = logging.getLogger(__name__)
+
+
+class GatewayPort(Protocol):
+    """What the service needs of ``fleet_server.gateway.Gateway`` (fakes implement this)."""
+
+    def publish_desired(self, device_id: str, document: bytes) -> None: ...
+
+    def start_wave(self, sha256: str) -> str: ...
+
+    def stats(self) -> object: ...
+
+    def online(self) -> Mapping[str, StatusMessage]: ...
+
+
+@dataclass(frozen=True)
+class AssignResult:
+    """What happened for one device: the stored desired version, and whether MQTT took it."""
+
+    device_id: str
+    desired_version: int
+    published: bool
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class DeviceView:
+    """One device as an operator sees it."""
+
+    record: DeviceRecord
+    desired: DesiredState | None
+    online: StatusMessage | None
+    seq: SeqState | None = None
+
+
+@dataclass(frozen=True)
+class FleetStatus:
+    """Fleet-wide counts and the gateway's counters."""
+
+    devices: int
+    active: int
+    online: int
+    bundles: int
+    gateway: Mapping[str, int]
+
+
+def parse_document(document: bytes) -> DesiredState:
+    """The ``signed`` part of a stored desired-state envelope (the server's own output).
+
+    Raises:
+        MetadataFormatError: the bytes are not a desired-state envelope.
+    """
+    try:
+        env = json.loads(document)
+    except ValueError as exc:
+        raise MetadataFormatError(f"stored desired state is not JSON: {exc}") from exc
+    if not isinstance(env, dict) or "signed" not in env:
+        raise MetadataFormatError("stored desired state has no signed part")
+    return DesiredState.from_dict(env["signed"])
+
+
+class FleetService:
+    """Operator actions over the registry, bundle library, gateway and online signers."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        library: BundleLibrary,
+        gateway: GatewayPort,
+        signers: Sequence[Signer],
+        *,
+        clock: Callable[[], datetime],
+        ttl: timedelta,
+    ) -> None:
+        """Wire the parts; ``clock`` returns timezone-aware now, ``ttl`` bounds each document."""
+        self._registry = registry
+        self._library = library
+        self._gateway = gateway
+        self._signers = list(signers)
+        self._clock = clock
+        self._ttl = ttl
+
+    # ----------------------------------------------------------------- models
+    def publish_model(self, path: Path) -> BundleRecord:
+        """Verify a bundle file with the builder root, store it and record it.
+
+        Raises:
+            BundleRejectedError: unreadable or not trusted by the builder root.
+            LibraryError: the library directory failed.
+            BundleExistsError: this name and version is published with different bytes.
+            RegistryError: the registry refused or failed.
+        """
+        entry = self._library.add(path)
+        return self._record(entry)
+
+    def publish_model_bytes(self, data: bytes) -> BundleRecord:
+        """As ``publish_model``, for bundle bytes (an admin API upload).
+
+        Raises:
+            BundleRejectedError: not a bundle or not trusted by the builder root.
+            LibraryError: the library directory failed.
+            BundleExistsError: this name and version is published with different bytes.
+            RegistryError: the registry refused or failed.
+        """
+        entry = self._library.add_bytes(data)
+        return self._record(entry)
+
+    def _record(self, entry: LibraryEntry) -> BundleRecord:
+        return self._registry.publish_bundle(
+            entry.name,
+            entry.version,
+            channel=entry.channel,
+            sha256=entry.sha256,
+            length=entry.length,
+            targets_sha256=entry.targets_sha256,
+            manifest=entry.manifest,
+        )
+
+    def list_models(self, name: str | None = None) -> list[BundleRecord]:
+        """Published bundles ordered by name and version.
+
+        Raises:
+            RegistryUnavailableError: the database failed.
+        """
+        return self._registry.list_bundles(name)
+
+    def model(self, name: str, version: int) -> BundleRecord:
+        """One published bundle.
+
+        Raises:
+            ModelNotPublishedError: no such name and version.
+            RegistryUnavailableError: the database failed.
+        """
+        for record in self._registry.list_bundles(name):
+            if record.version == version:
+                return record
+        raise ModelNotPublishedError(f"model {name} v{version} is not published")
+
+    # ----------------------------------------------------------------- assignment
+    def assign(
+        self, target: str, name: str, version: int, *, group: bool = False
+    ) -> list[AssignResult]:
+        """Assign model ``name`` v``version`` to a device, or to every active device of a group.
+
+        Each device keeps its other assigned models. A revoked device is refused when named
+        directly and skipped in a group.
+
+        Returns:
+            One result per device, in device-id order.
+
+        Raises:
+            ModelNotPublishedError: the model version is not published, or its file is missing.
+            UnknownGroupError: ``group`` is set and no active device is in it.
+            UnknownDeviceError: the device is not enrolled.
+            DeviceRevokedError: the named device is revoked.
+            RegistryUnavailableError: the database failed.
+        """
+        record = self.model(name, version)
+        if not self._library.has(record.sha256):
+            raise ModelNotPublishedError(
+                f"model {name} v{version} is recorded but its file {record.sha256} is missing"
+            )
+        assignment = ModelAssignment(
+            version=record.version,
+            channel=record.channel,
+            bundle_sha256=record.sha256,
+            bundle_length=record.length,
+            targets_sha256=record.targets_sha256,
+        )
+        if group:
+            ids = [d.id for d in self._registry.list_devices(group=target, include_revoked=False)]
+            if not ids:
+                raise UnknownGroupError(f"no active device in group {target!r}")
+        else:
+            ids = [self._registry.get_device(target).id]
+        return [self._assign_one(device_id, name, assignment) for device_id in ids]
+
+    def _assign_one(self, device_id: str, name: str, assignment: ModelAssignment) -> AssignResult:
+        def build(version: int) -> bytes:
+            previous = self._registry.latest_desired(device_id)
+            models: dict[str, ModelAssignment] = {}
+            if previous is not None:
+                models.update(parse_document(previous.document).models)
+            models[name] = assignment
+            state = make_desired_state(device_id, version, models, self._clock(), self._ttl)
+            return sign_desired_state(state, self._signers)
+
+        stored = self._registry.assign_desired(device_id, build)
+        try:
+            self._gateway.publish_desired(device_id, stored.document)
+        except EdgefleetError as exc:
+            # Stored is what counts: the document is re-published when the device reconnects.
+            log.warning("desired v%d for %s not published: %s", stored.version, device_id, exc)
+            return AssignResult(device_id, stored.version, published=False, error=str(exc))
+        return AssignResult(device_id, stored.version, published=True)
+
+    def start_wave(self, sha256: str) -> str:
+        """Broadcast a published bundle's blocks once; returns the wave id.
+
+        Raises:
+            ModelNotPublishedError: no published bundle has this digest.
+            TransportError: the gateway could not start the broadcast.
+        """
+        if not any(b.sha256 == sha256 for b in self._registry.list_bundles()):
+            raise ModelNotPublishedError(f"no published bundle has sha256 {sha256!r}")
+        return self._gateway.start_wave(sha256)
+
+    # ----------------------------------------------------------------- devices
+    def enroll_device(
+        self,
+        device_id: str,
+        *,
+        group: str = "default",
+        tags: Mapping[str, object] | None = None,
+        cert_serial: str | None = None,
+    ) -> DeviceRecord:
+        """Register a device (its certificate comes from the fleet CA, ``fleet-server devices``).
+
+        Raises:
+            RegistryError: invalid device id or group.
+            DeviceExistsError: the device is enrolled and not revoked.
+            RegistryUnavailableError: the database failed.
+        """
+        return self._registry.enroll(device_id, group=group, tags=tags, cert_serial=cert_serial)
+
+    def revoke_device(self, device_id: str) -> DeviceRecord:
+        """Mark a device revoked: nothing new is assigned to it (its certificate is the CA's job).
+
+        Raises:
+            UnknownDeviceError: no such device.
+            RegistryUnavailableError: the database failed.
+        """
+        return self._registry.revoke(device_id)
+
+    def devices(self, group: str | None = None) -> list[DeviceView]:
+        """Every device (optionally of one group) with its desired state and online status.
+
+        Raises:
+            RegistryUnavailableError: the database failed.
+        """
+        online = self._gateway.online()
+        return [
+            DeviceView(r, self._desired(r.id), online.get(r.id))
+            for r in self._registry.list_devices(group=group)
+        ]
+
+    def device(self, device_id: str) -> DeviceView:
+        """One device with its desired state, telemetry sequence state and online status.
+
+        Raises:
+            UnknownDeviceError: no such device.
+            RegistryUnavailableError: the database failed.
+        """
+        record = self._registry.get_device(device_id)
+        return DeviceView(
+            record,
+            self._desired(device_id),
+            self._gateway.online().get(device_id),
+            self._registry.seq_state(device_id),
+        )
+
+    def _desired(self, device_id: str) -> DesiredState | None:
+        latest = self._registry.latest_desired(device_id)
+        return None if latest is None else parse_document(latest.document)
+
+    def telemetry(
+        self, *, after_id: int = 0, device_id: str | None = None, limit: int = 100
+    ) -> list[StoredTelemetry]:
+        """Stored telemetry with ``id > after_id``, oldest first (at most ``limit``, <= 10000).
+
+        Raises:
+            RegistryUnavailableError: the database failed.
+        """
+        return self._registry.telemetry(device_id=device_id, after_id=after_id, limit=limit)
+
+    def status(self) -> FleetStatus:
+        """Counts of devices, online devices and bundles, and the gateway's counters.
+
+        Raises:
+            RegistryUnavailableError: the database failed.
+        """
+        devices = self._registry.list_devices()
+        online = self._gateway.online()
+        stats = self._gateway.stats()
+        counters: dict[str, int] = {}
+        if is_dataclass(stats) and not isinstance(stats, type):
+            for key, value in asdict(stats).items():
+                if isinstance(value, Mapping):  # e.g. messages by kind -> messages_<kind>
+                    counters.update({f"{key}_{k}": int(v) for k, v in value.items()})
+                elif isinstance(value, int | float):
+                    counters[key] = int(value)
+        return FleetStatus(
+            devices=len(devices),
+            active=sum(1 for d in devices if not d.revoked),
+            online=sum(1 for s in online.values() if s.state == "online"),
+            bundles=len(self._registry.list_bundles()),
+            gateway=counters,
+        )

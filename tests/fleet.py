@@ -1,0 +1,192 @@
+"""A whole fleet in one test process: real Mosquitto (TLS + ACLs), registry, gateway, agents.
+
+``FleetHarness`` runs the server half in-process (SQLite registry, ``Gateway`` on its own MQTT
+session) and starts device agents (a real ``Agent`` serving with onnxruntime plus its
+``SyncAgent``) that reach the broker with their own certificates. Helpers publish bundles,
+sign and publish desired states exactly as the fleet server does, and wait for conditions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from edge_agent.agent import Agent
+from edge_agent.bundle import read_raw
+from edge_agent.config import AgentConfig, ModelPolicy, StoreConfig, SyncConfig
+from edge_agent.contract import BundleManifest
+from edge_agent.device import detect_device_profile
+from edge_agent.mqtt import MqttClient, MqttConfig
+from edge_agent.store import ModelStore
+from edge_agent.sync import SyncAgent
+from edge_agent.trust import TrustedRoot
+from edge_agent.trust.desired import ModelAssignment
+from fleet_server.desired import make_desired_state, sign_desired_state
+from fleet_server.gateway import Gateway, GatewayConfig
+from fleet_server.registry import BundleRecord, DesiredRecord, Registry
+from model_builder.keystore import KeyStore
+from mosquitto import FleetBroker
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+
+
+@dataclass
+class Device:
+    """One running device: its agent and sync loop."""
+
+    id: str
+    config: AgentConfig
+    agent: Agent
+    sync: SyncAgent
+
+    def close(self) -> None:
+        self.sync.close()
+        self.agent.close()
+
+
+@dataclass
+class FleetHarness:
+    """The server half plus helpers; ``close`` stops everything it started."""
+
+    broker: FleetBroker
+    keys: KeyStore
+    directory: Path
+    registry: Registry = field(init=False)
+    gateway: Gateway = field(init=False)
+    client: MqttClient = field(init=False)
+    devices: dict[str, Device] = field(default_factory=dict)
+    gateway_config: GatewayConfig | None = None
+    bundles_dir: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.registry = Registry.open(f"sqlite:///{self.directory / 'registry.db'}")
+        self.registry.upgrade()
+        for device in self.broker.creds:
+            if device != self.broker.server:
+                self.registry.enroll(device, group="test")
+        self.start_server()
+
+    # ----------------------------------------------------------------- server
+    def start_server(self) -> None:
+        creds = self.broker.creds[self.broker.server]
+        self.client = MqttClient(
+            MqttConfig(
+                host=self.broker.host,
+                port=self.broker.port,
+                device_id=self.broker.server,
+                ca_path=creds.ca,
+                cert_path=creds.cert,
+                key_path=creds.key,
+                prefix=self.broker.prefix,
+                announce_status=False,
+                clean_start=False,
+                inbox_size=100_000,
+                reconnect_max=1.0,
+            )
+        )
+        config = self.gateway_config or GatewayConfig(
+            prefix=self.broker.prefix, bundles_dir=self.directory / "bundles"
+        )
+        self.bundles_dir = config.bundles_dir
+        config.bundles_dir.mkdir(parents=True, exist_ok=True)
+        self.gateway = Gateway(self.registry, self.client, config)
+        self.gateway.start()
+        self.client.connect()
+        self.client.wait_connected(10)
+
+    def stop_server(self) -> None:
+        self.gateway.close()
+        self.client.close()
+
+    def publish(self, bundle: Path) -> BundleRecord:
+        """Store a bundle file where the gateway serves it and record it in the registry."""
+        data = bundle.read_bytes()
+        raw = read_raw(bundle)
+        m = BundleManifest.from_bytes(raw.manifest_bytes)
+        sha = hashlib.sha256(data).hexdigest()
+        shutil.copyfile(bundle, self.bundles_dir / f"{sha}.bundle")
+        return self.registry.publish_bundle(
+            m.name,
+            m.version,
+            channel=m.channel,
+            sha256=sha,
+            length=len(data),
+            targets_sha256=hashlib.sha256(raw.targets_bytes).hexdigest(),
+        )
+
+    def assign(
+        self, device_id: str, bundles: dict[str, BundleRecord], *, now: datetime | None = None
+    ) -> DesiredRecord:
+        """Sign a desired state naming ``bundles`` with the online key and publish it."""
+        models = {
+            name: ModelAssignment(b.version, b.channel, b.sha256, b.length, b.targets_sha256)
+            for name, b in bundles.items()
+        }
+        signer = self.keys.signer("online-1")
+        when = now or datetime.now(UTC)
+        record = self.registry.assign_desired(
+            device_id,
+            lambda v: sign_desired_state(make_desired_state(device_id, v, models, when), [signer]),
+        )
+        self.gateway.publish_desired(device_id, record.document)
+        return record
+
+    # ----------------------------------------------------------------- devices
+    def agent_config(self, device_id: str, **sync: Any) -> AgentConfig:
+        home = self.directory / device_id
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "root.json").write_bytes(self.keys.root_bytes())
+        return AgentConfig(
+            device_id=device_id,
+            store=StoreConfig(state_dir=str(home / "state"), root_path=str(home / "root.json")),
+            model_defaults=ModelPolicy(probation_requests=5),
+            sync=SyncConfig(
+                enabled=True,
+                host=self.broker.host,
+                port=self.broker.port,
+                identity_dir=str(self.broker.creds[device_id].cert.parent),
+                prefix=self.broker.prefix,
+                reconnect_max_seconds=1.0,
+                report_interval_seconds=sync.pop("report_interval_seconds", 0.5),
+                ack_timeout_seconds=sync.pop("ack_timeout_seconds", 2.0),
+                block_retry_seconds=sync.pop("block_retry_seconds", 0.5),
+                **sync,
+            ),
+        )
+
+    def start_device(self, device_id: str, **sync: Any) -> Device:
+        config = self.agent_config(device_id, **sync)
+        root = TrustedRoot.from_bytes(Path(config.store.root_path).read_bytes())
+        store = ModelStore(Path(config.store.state_dir), root, detect_device_profile())
+        agent = Agent(config, store)
+        agent.start()
+        sync_agent = SyncAgent(config, agent)
+        sync_agent.start()
+        device = Device(device_id, config, agent, sync_agent)
+        self.devices[device_id] = device
+        return device
+
+    def stop_device(self, device_id: str) -> None:
+        self.devices.pop(device_id).close()
+
+    def close(self) -> None:
+        for device_id in list(self.devices):
+            self.stop_device(device_id)
+        self.stop_server()
+        self.registry.close()
