@@ -62,6 +62,23 @@ def _models_of(device: dict[str, Any]) -> str:
     return ",".join(f"{n}@v{a['version']}" for n, a in sorted(desired.items())) or "-"
 
 
+def _reported_rows(reported: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """One row per model the device reports: what runs, the outcome, transfer progress."""
+    rows = []
+    for name, m in sorted(((reported or {}).get("models") or {}).items()):
+        text = f"active v{m.get('active')} assigned v{m.get('assigned')} {m.get('outcome')}"
+        transfer = m.get("transfer")
+        if transfer:
+            text += (
+                f", downloading v{transfer['version']}: "
+                f"{transfer['received_blocks']}/{transfer['total_blocks']} blocks"
+            )
+        if m.get("reason"):
+            text += f" ({m['reason']})"
+        rows.append((f"model {name}", text))
+    return rows
+
+
 def _parse_tags(tags: tuple[str, ...]) -> dict[str, str]:
     out: dict[str, str] = {}
     for tag in tags:
@@ -127,6 +144,7 @@ def register_admin_commands(cli: click.Group, devices: click.Group) -> None:
                 ("reported_at", d.get("reported_at")),
                 ("telemetry_acked", seq.get("acked_upto")),
                 ("telemetry_lost", seq.get("lost")),
+                *_reported_rows(d.get("reported")),
             ],
             ("FIELD", "VALUE"),
         )
