@@ -78,7 +78,7 @@ class FleetHarness:
         self.registry = Registry.open(f"sqlite:///{self.directory / 'registry.db'}")
         self.registry.upgrade()
         for device in self.broker.creds:
-            if device != self.broker.server:
+            if not device.endswith(".server"):
                 self.registry.enroll(device, group="test")
         self.start_server()
 
@@ -149,36 +149,10 @@ class FleetHarness:
 
     # ----------------------------------------------------------------- devices
     def agent_config(self, device_id: str, **sync: Any) -> AgentConfig:
-        home = self.directory / device_id
-        home.mkdir(parents=True, exist_ok=True)
-        (home / "root.json").write_bytes(self.keys.root_bytes())
-        return AgentConfig(
-            device_id=device_id,
-            store=StoreConfig(state_dir=str(home / "state"), root_path=str(home / "root.json")),
-            model_defaults=ModelPolicy(probation_requests=5),
-            sync=SyncConfig(
-                enabled=True,
-                host=self.broker.host,
-                port=self.broker.port,
-                identity_dir=str(self.broker.creds[device_id].cert.parent),
-                prefix=self.broker.prefix,
-                reconnect_max_seconds=1.0,
-                report_interval_seconds=sync.pop("report_interval_seconds", 0.5),
-                ack_timeout_seconds=sync.pop("ack_timeout_seconds", 2.0),
-                block_retry_seconds=sync.pop("block_retry_seconds", 0.5),
-                **sync,
-            ),
-        )
+        return agent_config(self.broker, self.keys, self.directory, device_id, **sync)
 
     def start_device(self, device_id: str, **sync: Any) -> Device:
-        config = self.agent_config(device_id, **sync)
-        root = TrustedRoot.from_bytes(Path(config.store.root_path).read_bytes())
-        store = ModelStore(Path(config.store.state_dir), root, detect_device_profile())
-        agent = Agent(config, store)
-        agent.start()
-        sync_agent = SyncAgent(config, agent)
-        sync_agent.start()
-        device = Device(device_id, config, agent, sync_agent)
+        device = start_device(self.agent_config(device_id, **sync))
         self.devices[device_id] = device
         return device
 
@@ -190,3 +164,40 @@ class FleetHarness:
             self.stop_device(device_id)
         self.stop_server()
         self.registry.close()
+
+
+def agent_config(
+    broker: FleetBroker, keys: KeyStore, directory: Path, device_id: str, **sync: Any
+) -> AgentConfig:
+    """An agent config for ``device_id`` under ``directory`` with sync to ``broker`` on."""
+    home = directory / device_id
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "root.json").write_bytes(keys.root_bytes())
+    return AgentConfig(
+        device_id=device_id,
+        store=StoreConfig(state_dir=str(home / "state"), root_path=str(home / "root.json")),
+        model_defaults=ModelPolicy(probation_requests=5),
+        sync=SyncConfig(
+            enabled=True,
+            host=broker.host,
+            port=broker.port,
+            identity_dir=str(broker.creds[device_id].cert.parent),
+            prefix=broker.prefix,
+            reconnect_max_seconds=1.0,
+            report_interval_seconds=sync.pop("report_interval_seconds", 0.5),
+            ack_timeout_seconds=sync.pop("ack_timeout_seconds", 2.0),
+            block_retry_seconds=sync.pop("block_retry_seconds", 0.5),
+            **sync,
+        ),
+    )
+
+
+def start_device(config: AgentConfig) -> Device:
+    """A running agent (real onnxruntime) with its sync loop."""
+    root = TrustedRoot.from_bytes(Path(config.store.root_path).read_bytes())
+    store = ModelStore(Path(config.store.state_dir), root, detect_device_profile())
+    agent = Agent(config, store)
+    agent.start()
+    sync_agent = SyncAgent(config, agent)
+    sync_agent.start()
+    return Device(config.device_id, config, agent, sync_agent)

@@ -147,7 +147,9 @@ class FleetBroker:
         return f"{self.prefix}/devices/{device}/{leaf}"
 
 
-def _make_pki(root: Path, devices: tuple[str, ...], server: str) -> tuple[Any, dict[str, Creds]]:
+def _make_pki(
+    root: Path, devices: tuple[str, ...], server: str, workers: tuple[str, ...] = ()
+) -> tuple[Any, dict[str, Creds]]:
     now = datetime.now(UTC)
     ca = CertificateAuthority.init(root / "ca", now=now)
     creds: dict[str, Creds] = {}
@@ -157,10 +159,12 @@ def _make_pki(root: Path, devices: tuple[str, ...], server: str) -> tuple[Any, d
         csr = store.write_csr(device)
         store.install_certificate(ca.sign_csr(csr, device, now=now), device, now)
         creds[device] = Creds(store.ca_path, store.cert_path, store.key_path)
-    pair = ca.issue_server_identity(server, now=now)
-    (root / "server.key").write_bytes(pair.key_pem)
-    (root / "server.crt").write_bytes(pair.cert_pem)
-    creds[server] = Creds(ca.cert_path, root / "server.crt", root / "server.key")
+    for name in (server, *workers):
+        pair = ca.issue_server_identity(name, now=now)
+        stem = "server" if name == server else name
+        (root / f"{stem}.key").write_bytes(pair.key_pem)
+        (root / f"{stem}.crt").write_bytes(pair.cert_pem)
+        creds[name] = Creds(ca.cert_path, root / f"{stem}.crt", root / f"{stem}.key")
     return ca, creds
 
 
@@ -171,15 +175,17 @@ def fleet_broker(
     *,
     prefix: str = PREFIX,
     server: str = SERVER,
+    workers: tuple[str, ...] = (),
     persistence: bool = False,
 ) -> Iterator[FleetBroker]:
-    """A running, TLS-checked fleet broker; stopped on exit."""
-    ca, creds = _make_pki(directory / "pki", devices, server)
+    """A running, TLS-checked fleet broker; stopped on exit. ``workers``: more server CNs."""
+    ca, creds = _make_pki(directory / "pki", devices, server, workers)
     port = free_port()
     config = BrokerConfig(
         port=port,
         prefix=prefix,
         server_cn=server,
+        worker_cns=workers,
         persistence=persistence,
         run_as_user="root" if os.geteuid() == 0 else None,
     )

@@ -50,6 +50,10 @@ class BrokerConfig:
     port: int = 8883
     prefix: str = "edgefleet"
     server_cn: str = "fleet.server"
+    # Further server workers, each with its own certificate and therefore its own client id
+    # (use_username_as_clientid: two workers sharing one identity would keep kicking each
+    # other off). Every one gets the server's rights.
+    worker_cns: tuple[str, ...] = ()
     dns_names: tuple[str, ...] = ("localhost",)
     ip_addresses: tuple[str, ...] = ("127.0.0.1",)
     persistence: bool = False
@@ -78,11 +82,12 @@ class BrokerConfig:
                 f"invalid topic prefix {self.prefix!r}: '/'-separated segments of letters, "
                 "digits, '.', '_' and '-' (no wildcards, no '$', no '%')"
             )
-        if not SERVER_NAME_PATTERN.fullmatch(self.server_cn):
-            raise BrokerConfigError(
-                f"invalid server identity name {self.server_cn!r}: use '<label>.server' (a name "
-                "no device id can take, since the broker grants it the whole topic tree)"
-            )
+        for cn in (self.server_cn, *self.worker_cns):
+            if not SERVER_NAME_PATTERN.fullmatch(cn):
+                raise BrokerConfigError(
+                    f"invalid server identity name {cn!r}: use '<label>.server' (a name "
+                    "no device id can take, since the broker grants it the whole topic tree)"
+                )
         if self.max_queued_messages < 0 or self.max_inflight_messages < 0:
             raise BrokerConfigError("queue limits must be >= 0")
         if self.run_as_user is not None and not _SEGMENT.fullmatch(self.run_as_user):
@@ -103,8 +108,8 @@ class BrokerFiles:
     crlfile: Path
 
 
-def render_acl(prefix: str, server_cn: str) -> str:
-    """The ACL file: pattern rules per device (``%u`` = certificate CN) and the server user.
+def render_acl(prefix: str, server_cn: str, worker_cns: tuple[str, ...] = ()) -> str:
+    """The ACL file: pattern rules per device (``%u`` = certificate CN) and the server users.
 
     Pattern rules apply to every user, so the server's CN also matches them; that grants it
     nothing beyond its own ``user`` section.
@@ -119,12 +124,11 @@ def render_acl(prefix: str, server_cn: str) -> str:
     lines += [
         f"pattern read {prefix}/broadcast/#",
         "",
-        "# The fleet server: everything under the prefix, plain or as a shared subscription.",
-        f"user {server_cn}",
-        f"topic readwrite {prefix}/#",
-        f"topic read $share/+/{prefix}/#",
-        "",
+        "# The fleet server (and its workers): everything under the prefix, plain or shared.",
     ]
+    for cn in (server_cn, *worker_cns):
+        lines += [f"user {cn}", f"topic readwrite {prefix}/#", f"topic read $share/+/{prefix}/#"]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -209,6 +213,6 @@ def write_broker_config(
     )
     write_atomic(files.keyfile, pair.key_pem, mode=0o600)
     write_atomic(files.certfile, pair.cert_pem)
-    write_atomic(files.acl, render_acl(config.prefix, config.server_cn).encode())
+    write_atomic(files.acl, render_acl(config.prefix, config.server_cn, config.worker_cns).encode())
     write_atomic(files.conf, conf_text.encode())
     return files

@@ -218,6 +218,12 @@ def devices_revoke(
 @click.option("--host", default="127.0.0.1", show_default=True, help="Listener address.")
 @click.option("--prefix", default="edgefleet", show_default=True, help="Topic prefix.")
 @click.option("--server-cn", default="fleet.server", show_default=True)
+@click.option(
+    "--worker-cn",
+    "worker_cns",
+    multiple=True,
+    help="Identity of a further server worker (repeatable; each needs its own certificate).",
+)
 @click.option("--dns-name", "dns_names", multiple=True, help="Broker DNS name (repeatable).")
 @click.option("--ip", "ips", multiple=True, help="Broker IP address (repeatable).")
 @click.option("--persistence/--no-persistence", default=False, show_default=True)
@@ -229,6 +235,7 @@ def broker_config(
     host: str,
     prefix: str,
     server_cn: str,
+    worker_cns: tuple[str, ...],
     dns_names: tuple[str, ...],
     ips: tuple[str, ...],
     persistence: bool,
@@ -240,6 +247,7 @@ def broker_config(
         port=port,
         prefix=prefix,
         server_cn=server_cn,
+        worker_cns=worker_cns,
         dns_names=dns_names or ("localhost",),
         ip_addresses=ips or ("127.0.0.1",),
         persistence=persistence,

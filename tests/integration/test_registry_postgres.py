@@ -8,114 +8,20 @@ runs as the ``postgres`` user (PostgreSQL refuses root), in a directory under /t
 
 from __future__ import annotations
 
-import os
-import pwd
 import random
-import shutil
-import socket
-import subprocess
-import tempfile
 import threading
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, func, select, text
+from sqlalchemy import func, select
 
 from fleet_server.registry import Registry, TelemetryEntry
 from fleet_server.registry.models import Base, TelemetryRow
+from pg import PgCluster
 
 psycopg = pytest.importorskip("psycopg", reason="psycopg (PostgreSQL driver) is not installed")
-
-
-def _pg_bin() -> Path | None:
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), reverse=True)
-    return found[0].parent if found else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class PgCluster:
-    def __init__(self, bindir: Path, base: Path, run_as: dict[str, Any]) -> None:
-        self.bindir, self.base, self.run_as = bindir, base, run_as
-        self.data, self.sock = base / "data", base / "sock"
-        self.port = _free_port()
-        self._n = 0
-
-    def _run(self, *args: str) -> None:
-        subprocess.run(
-            [str(self.bindir / args[0]), *args[1:]],
-            check=True,
-            capture_output=True,
-            timeout=60,
-            **self.run_as,
-        )
-
-    def start(self) -> None:
-        self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8")
-        opts = (
-            f"-p {self.port} -k {self.sock} -c listen_addresses=127.0.0.1 -c fsync=off "
-            "-c max_connections=50"
-        )
-        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.base / "log"), "-o", opts, "-w",
-                  "-t", "30", "start")  # fmt: skip
-
-    def stop(self) -> None:
-        self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
-
-    def url(self, db: str = "postgres") -> str:
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{db}"
-
-    def new_database(self) -> str:
-        self._n += 1
-        name = f"registry_{self._n}"
-        engine = create_engine(self.url(), isolation_level="AUTOCOMMIT")
-        with engine.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        engine.dispose()
-        return self.url(name)
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PgCluster]:
-    bindir = _pg_bin()
-    if bindir is None or not (bindir / "pg_ctl").exists():
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found in /usr/lib/postgresql")
-    run_as: dict[str, Any] = {}
-    base = Path(tempfile.mkdtemp(prefix="edgefleet-pg-"))
-    if os.geteuid() == 0:
-        try:
-            user = pwd.getpwnam("postgres")
-        except KeyError:
-            shutil.rmtree(base)
-            pytest.skip("running as root and there is no 'postgres' user to run the cluster as")
-        os.chown(base, user.pw_uid, user.pw_gid)
-        run_as = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
-    for sub in ("sock",):
-        (base / sub).mkdir()
-        if run_as:
-            os.chown(base / sub, run_as["user"], run_as["group"])
-    cluster = PgCluster(bindir, base, run_as)
-    try:
-        cluster.start()
-    except subprocess.CalledProcessError as exc:
-        log = base / "log"
-        detail = log.read_text() if log.exists() else exc.stderr.decode(errors="replace")
-        shutil.rmtree(base, ignore_errors=True)
-        pytest.fail(f"could not start a throwaway PostgreSQL: {detail[-2000:]}")
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
