@@ -402,9 +402,9 @@ def markdown(proc_rows: list[dict], api_res: dict) -> str:
     lines = [
         "In-process (digits MLP, int8, 1 thread; median of alternating rounds):",
         "",
-        "| batch | drift sketching | bare ort.run | pipeline | overhead/request | "
+        "| batch | drift sketching | bare ort.run | pipeline | pipeline/bare | overhead/request | "
         "overhead/row | target |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in proc_rows:
         if "batch" not in r:
@@ -419,7 +419,7 @@ def markdown(proc_rows: list[dict], api_res: dict) -> str:
             )
         lines.append(
             f"| {r['batch']} | {r['drift']} | {r['bare_us']:.1f} us | "
-            f"{r['pipeline_us']:.1f} us | {r['overhead_us']:.1f} us | "
+            f"{r['pipeline_us']:.1f} us | {r['ratio']:.2f}x | {r['overhead_us']:.1f} us | "
             f"{r['overhead_us_per_row']:.2f} us | {target} |"
         )
     dropped = next((r for r in proc_rows if "drift_blocks_dropped_by_worker" in r), {})
@@ -433,13 +433,15 @@ def markdown(proc_rows: list[dict], api_res: dict) -> str:
         lines += [
             "Local API (wrk, batch-1 requests, loopback):",
             "",
-            "| server | encoding | connections | requests/s | p50 | p99 | non-2xx |",
-            "|---|---|---|---|---|---|---|",
+            "| server | encoding | connections | requests/s | of bare | p50 | p99 | non-2xx |",
+            "|---|---|---|---|---|---|---|---|",
         ]
+        bare = {r["conns"]: r["rps"] for r in api_res["rows"] if r["server"] == "bare uvicorn+ort"}
         for r in api_res["rows"]:
+            share = r["rps"] / bare[r["conns"]] if bare.get(r["conns"]) else float("nan")
             lines.append(
                 f"| {r['server']} | {r['encoding']} | {r['conns']} | {r['rps']:,.0f} | "
-                f"{r['p50_ms']:.2f} ms | {r['p99_ms']:.2f} ms | {r['non_2xx']} |"
+                f"{share:.0%} | {r['p50_ms']:.2f} ms | {r['p99_ms']:.2f} ms | {r['non_2xx']} |"
             )
         eight = [r for r in api_res["rows"] if r["server"] == "edge-agent" and r["conns"] == 8]
         best = max(eight, key=lambda r: r["rps"])

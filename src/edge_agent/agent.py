@@ -359,8 +359,9 @@ class Agent:
             if self._may_fall_back():
                 return self._cloud(request, entry, "local_unavailable", arm)
             raise
+        version = str(entry.pipeline.version)
         params: dict[str, Any] = {
-            "model_version": str(entry.pipeline.version),
+            "model_version": version,
             "inference_source": SOURCE_DEVICE,
             "ab_arm": arm,
         }
@@ -395,9 +396,7 @@ class Agent:
                 name, entry.pipeline.version, result.validation.feeds, result.outputs
             )
         self.counts["device"] += 1
-        return InferenceResult(
-            name, str(entry.pipeline.version), result.outputs, SOURCE_DEVICE, params
-        )
+        return InferenceResult(name, version, result.outputs, SOURCE_DEVICE, params)
 
     def _run_local(self, entry: Loaded, request: InferenceRequest) -> PipelineResult:
         """Run on the device; if the version was swapped out mid-request, retry once on the

@@ -31,7 +31,8 @@ from edge_agent.validation import ROW_REASONS, ValidationResult, Validator
 Array = npt.NDArray[Any]
 log = logging.getLogger("edge_agent.pipeline")
 BLOCK = 256
-_LATENCY_SAMPLES = 2048
+_LATENCY_SAMPLES = 2048  # a power of two: the ring index is a mask
+_LATENCY_MASK = _LATENCY_SAMPLES - 1
 
 
 class PipelineResult:
@@ -55,12 +56,13 @@ class PipelineResult:
 class _RowBuffer:
     """A preallocated (BLOCK, features) buffer; full blocks go to the drift monitor."""
 
-    __slots__ = ("buf", "fill", "name")
+    __slots__ = ("buf", "fill", "name", "width")
 
     def __init__(self, name: str, features: int) -> None:
         self.name = name
         self.buf = np.empty((BLOCK, features), dtype=np.float64)
         self.fill = 0
+        self.width = features
 
     def add(self, rows: Array, flush: Callable[[str, Array], None]) -> None:
         n = rows.shape[0]
@@ -177,6 +179,12 @@ class ModelPipeline:
             (t.name, t.preprocessing.compile(dtypes.get(t.name, t.dtype)))
             for t in manifest.inputs.tensors
         ]
+        self._pre_one = self._pre[0] if len(self._pre) == 1 else None
+        # The tensors drift follows (name, is an output), looked up once rather than per request.
+        self._drift_tensors = tuple(
+            [(n, False) for n in manifest.baseline.inputs]
+            + [(n, True) for n in manifest.baseline.outputs]
+        )
         # Sketching costs ~1-2 us per row: above this rate blocks are sampled, not all sketched,
         # so monitoring never takes more than a bounded share of the CPU.
         self._sketch_budget = _TokenBucket(drift.max_rows_per_second, clock)
@@ -236,20 +244,27 @@ class ModelPipeline:
             InputValidationError: the request does not fit the contract (counted).
             InferenceError: the runtime failed (counted), or this version was unloaded.
         """
-        with self._lock:
+        lock = self._lock
+        with lock:
             if self._closing:
                 raise InferenceError(f"{self.manifest.name} v{self.version} was unloaded")
             self._inflight += 1
+        result: PipelineResult | None = None
         try:
-            return self._run(inputs, payload_bytes)
+            result = self._run(inputs, payload_bytes)
+            return result
         finally:
-            with self._lock:
+            # One lock for the accounting of a success and the end of the request.
+            with lock:
                 self._inflight -= 1
+                if result is not None:
+                    self._account(result)
                 last = self._closing and self._inflight == 0
             if last:
                 self.runtime.close()
 
     def _run(self, inputs: Mapping[str, Any], payload_bytes: int | None) -> PipelineResult:
+        """Validate, preprocess and run; failures are counted here, successes by ``_account``."""
         start = self._clock()
         try:
             checked = self.validator.validate(inputs, payload_bytes)
@@ -272,39 +287,58 @@ class ModelPipeline:
                 self.requests += 1
                 self.errors += 1
             raise
-        latency = self._clock() - start
-        with self._lock:
-            self.requests += 1
-            self.rows += checked.rows_kept
+        return PipelineResult(outputs, checked, self._clock() - start, feeds)
+
+    def _account(self, result: PipelineResult) -> None:
+        """Count a success, record its latency, buffer its rows for drift (``_lock`` held)."""
+        checked = result.validation
+        self.requests += 1
+        self.rows += checked.rows_kept
+        if checked.rejected:
             for reason, count in checked.rejected.items():
                 self.dropped_rows_by_reason[reason] = (
                     self.dropped_rows_by_reason.get(reason, 0) + count
                 )
-            self._lat[self._lat_n % _LATENCY_SAMPLES] = latency
-            self._lat_n += 1
-            self._sketch(checked.feeds, outputs)
-        return PipelineResult(outputs, checked, latency, feeds)
+        self._lat[self._lat_n & _LATENCY_MASK] = result.latency_s
+        self._lat_n += 1
+        self._sketch(checked.feeds, result.outputs)
 
     def preprocess(self, raw: Mapping[str, Array]) -> dict[str, Array]:
         """Validated raw inputs -> model inputs, through the declared preprocessing."""
+        one = self._pre_one
+        if one is not None:
+            return {one[0]: one[1](raw[one[0]])}
         return {name: fn(raw[name]) for name, fn in self._pre}
 
     def _sketch(self, raw: Mapping[str, Array], outputs: Mapping[str, Array]) -> None:
-        for name in self.manifest.baseline.inputs:
-            if name in raw:
-                self._buffer_rows(name, raw[name])
-        for name in self.manifest.baseline.outputs:
-            if name in outputs:
-                self._buffer_rows(name, outputs[name])
+        buffers = self._buffers
+        for name, from_outputs in self._drift_tensors:
+            x = (outputs if from_outputs else raw).get(name)
+            if x is None:
+                continue
+            buf = buffers.get(name)
+            shape = x.shape
+            # Batch 1 of (1, features) with room in the block: one row copy, inline.
+            if buf is not None and len(shape) == 2 and shape[0] == 1 and shape[1] == buf.width:
+                fill = buf.fill
+                if fill < BLOCK - 1:
+                    buf.buf[fill] = x[0]
+                    buf.fill = fill + 1
+                    continue
+            self._buffer_rows(name, x)
 
     def _buffer_rows(self, name: str, x: Array) -> None:
         buf = self._buffers.get(name)
         if buf is None:
             features = self.manifest.baseline.features(x[:1]).shape[1]
             buf = self._buffers[name] = _RowBuffer(name, features)
-        flat = x.reshape(x.shape[0], -1)
-        if flat.shape[1] != buf.buf.shape[1]:
-            flat = self.manifest.baseline.features(x)  # reduced features: apply the same rule
+        shape = x.shape
+        if len(shape) == 2 and shape[1] == buf.width:
+            flat = x  # already (rows, features): the common case, no reshape
+        else:
+            flat = x.reshape(shape[0], -1)
+            if flat.shape[1] != buf.width:
+                flat = self.manifest.baseline.features(x)  # reduced features: the same rule
         buf.add(flat, self._flush)
 
     def _flush(self, name: str, block: Array) -> None:

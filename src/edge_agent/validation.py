@@ -11,6 +11,7 @@ fast check fails.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -72,6 +73,10 @@ class _CompiledTensor:
     is_float: bool
     scalar_range: tuple[float, float] | None  # one range for every feature, as Python floats
     fixed_tail: tuple[int, ...] | None  # the sample shape when no sample dimension is dynamic
+    # ``0 <= x <= hi`` in one reduction (see ``_bits_bound``): the unsigned view dtype and the
+    # bit pattern of the largest value of the tensor's dtype that is <= hi; None when unusable.
+    bits: tuple[np.dtype[Any], int] | None
+    max_only: bool  # unsigned integers with lo <= 0: only the maximum can be out of range
 
 
 class Validator:
@@ -94,6 +99,14 @@ class Validator:
             hi = np.asarray(spec.ranges.high, dtype=np.float64)
             if lo.size == 1:
                 lo, hi = lo.reshape(()), hi.reshape(())
+        scalar_range = (
+            (float(lo), float(hi)) if lo is not None and hi is not None and lo.ndim == 0 else None
+        )
+        if scalar_range is not None and dtype.kind == "f" and spec.nan_policy == "reject":
+            # The whole-array check compares min/max with the range: with an infinite bound,
+            # +-Inf would pass it although the NaN policy rejects it (the per-row check counts it).
+            top = sys.float_info.max
+            scalar_range = (max(scalar_range[0], -top), min(scalar_range[1], top))
         return _CompiledTensor(
             spec=spec,
             dtype=dtype,
@@ -103,12 +116,12 @@ class Validator:
             hi=hi,
             check_nan=spec.nan_policy == "reject",
             is_float=dtype.kind == "f",
-            scalar_range=(float(lo), float(hi))
-            if lo is not None and hi is not None and lo.ndim == 0
-            else None,
+            scalar_range=scalar_range,
             fixed_tail=tuple(d.max for d in spec.shape[1:])
             if all(d.size is not None for d in spec.shape[1:])
             else None,
+            bits=_bits_bound(dtype, scalar_range),
+            max_only=scalar_range is not None and dtype.kind == "u" and scalar_range[0] <= 0,
         )
 
     def validate(
@@ -284,10 +297,19 @@ class Validator:
         """Whole-array fast check: finite (if NaN is rejected) and within range.
 
         With one range for every feature, ``min``/``max`` answer both questions in two
-        reductions (NaN propagates through them and fails the comparison).
+        reductions (NaN propagates through them and fails the comparison); with a range
+        starting at 0 one reduction over the bit patterns does (``_bits_bound``). A False
+        here only sends the request to the exact per-row check.
         """
         if t.scalar_range is not None:
+            if not x.size:
+                return True  # no values, none out of range (a reduction would raise)
+            if t.bits is not None:
+                view, limit = t.bits
+                return int(_MAX(x.view(view), axis=None)) <= limit
             lo, hi = t.scalar_range
+            if t.max_only:
+                return float(_MAX(x, axis=None)) <= hi
             return lo <= float(_MIN(x, axis=None)) and float(_MAX(x, axis=None)) <= hi
         flat = x.reshape(len(x), -1)
         if t.is_float and t.check_nan and not bool(np.isfinite(flat).all()):
@@ -300,3 +322,34 @@ class Validator:
         return next(
             (t.spec.name for t in self._tensors if not self._all_fine(t, arrays[t.spec.name])), None
         )
+
+
+_UNSIGNED_OF: dict[int, np.dtype[Any]] = {
+    2: np.dtype(np.uint16),
+    4: np.dtype(np.uint32),
+    8: np.dtype(np.uint64),
+}
+
+
+def _bits_bound(
+    dtype: np.dtype[Any], scalar_range: tuple[float, float] | None
+) -> tuple[np.dtype[Any], int] | None:
+    """For a float tensor whose one range is ``[0, hi]``: check it with one max reduction.
+
+    IEEE floats with the sign bit clear order like their bit patterns read as unsigned integers,
+    and NaN patterns lie above +Inf's. So with ``h`` the largest value of ``dtype`` not above
+    ``hi``, "every value is in ``[+0, hi]`` and none is NaN" is exactly "the largest bit pattern
+    is at most ``h``'s". Negative values (and -0.0) have the sign bit set and fail the test; the
+    exact per-row check then decides (-0.0 is in range there).
+    """
+    if scalar_range is None or dtype.kind != "f" or dtype.itemsize not in _UNSIGNED_OF:
+        return None
+    lo, hi = scalar_range
+    if lo != 0.0 or not hi >= 0.0:
+        return None
+    with np.errstate(over="ignore"):  # a hi beyond the dtype's range becomes +Inf
+        h = np.array(hi, dtype=dtype)  # may round up above hi: then step down one value
+    if float(h) > hi:
+        h = np.nextafter(h, np.array(-np.inf, dtype=dtype))
+    unsigned = _UNSIGNED_OF[dtype.itemsize]
+    return unsigned, int(h.view(unsigned))

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -95,6 +96,68 @@ def _bad(reason: str, message: str, field: str | None = None) -> InputValidation
     return InputValidationError(message, field=field, reason=reason)
 
 
+class _Plan(NamedTuple):
+    """What a binary request's JSON header says, independent of the bytes that follow it."""
+
+    inputs: tuple[tuple[str, str, tuple[int, ...], int], ...]  # name, datatype, shape, size
+    parameters: dict[str, Any]
+    outputs: tuple[RequestedOutput, ...] | None
+    binary_output: bool
+
+
+class RequestDecoder:
+    """``decode_request`` that remembers the JSON headers of binary requests it has decoded.
+
+    A client sending binary tensors sends the same JSON header with every request of a shape;
+    parsing and checking it is most of the decoding. A header whose every input is binary and
+    which carries no ``id`` is remembered (at most ``max_entries`` headers of at most
+    ``max_header_bytes``, the oldest forgotten first) as the names, datatypes, shapes and sizes
+    it declared, keyed by its exact bytes; the next request with those bytes skips the JSON
+    and the header checks but not the checks of the bytes that follow (sizes, BOOL values), so
+    it decodes to exactly what ``decode_request`` gives, and fails the same way. Only headers
+    that decoded without error are remembered. Thread-safe.
+    """
+
+    def __init__(
+        self, max_entries: int = 64, max_header_bytes: int = 4096, max_inputs: int = MAX_INPUTS
+    ) -> None:
+        self._plans: dict[bytes, _Plan] = {}
+        self._lock = threading.Lock()
+        self.max_entries = max_entries
+        self.max_header_bytes = max_header_bytes
+        self.max_inputs = max_inputs
+
+    def decode(self, body: bytes, header_length: str | None = None) -> DecodedRequest:
+        """As ``decode_request(body, header_length)``.
+
+        Raises:
+            InputValidationError: as ``decode_request``.
+        """
+        if header_length is None:
+            return decode_request(body, None, max_inputs=self.max_inputs)
+        end = _header_length(header_length.strip(), body)
+        if end > self.max_header_bytes or end == len(body):
+            return decode_request(body, header_length, max_inputs=self.max_inputs)
+        key = body[:end]
+        plan = self._plans.get(key)
+        if plan is None:
+            decoded, plan = _decode(body, end, self.max_inputs)
+            if plan is not None:
+                with self._lock:
+                    if len(self._plans) >= self.max_entries:
+                        self._plans.pop(next(iter(self._plans)), None)
+                    self._plans[key] = plan
+            return decoded
+        view = memoryview(body)
+        offset = end
+        inputs: dict[str, Array] = {}
+        for name, datatype, shape, size in plan.inputs:
+            inputs[name] = _binary_input(view, offset, size, datatype, shape, name)
+            offset += size
+        _check_consumed(offset, end, len(body))
+        return DecodedRequest(inputs, None, dict(plan.parameters), plan.outputs, plan.binary_output)
+
+
 def decode_request(
     body: bytes, header_length: str | None = None, *, max_inputs: int = MAX_INPUTS
 ) -> DecodedRequest:
@@ -111,6 +174,12 @@ def decode_request(
             ``REASON_*`` labels and ``field`` names the input when one is at fault.
     """
     end = len(body) if header_length is None else _header_length(header_length.strip(), body)
+    return _decode(body, end, max_inputs)[0]
+
+
+def _decode(body: bytes, end: int, max_inputs: int) -> tuple[DecodedRequest, _Plan | None]:
+    """``decode_request`` once the JSON header's end is known; with the header's plan when
+    every input is binary and there is no ``id`` (see ``RequestDecoder``)."""
     try:
         doc = json.loads(body if end == len(body) else body[:end])
     except (ValueError, RecursionError) as exc:
@@ -125,15 +194,19 @@ def decode_request(
     view = memoryview(body)
     offset = end
     inputs: dict[str, Array] = {}
+    declared: list[tuple[str, str, tuple[int, ...], int]] | None = []
     for index, raw in enumerate(raw_inputs):
         name, array, used = _decode_input(raw, index, view, offset)
         if name in inputs:
             raise _bad(REASON_SCHEMA, f"input {name!r} appears twice", name)
         inputs[name] = array
         offset += used
-    if offset != len(body):
-        binary = f"{len(body) - end} bytes follow the JSON header"
-        raise _bad(REASON_BINARY, f"inputs declare {offset - end} binary bytes but {binary}")
+        if declared is not None:
+            if "data" not in raw:  # binary: replayable from the header alone
+                declared.append((name, raw["datatype"], array.shape, used))
+            else:
+                declared = None
+    _check_consumed(offset, end, len(body))
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise _bad(REASON_SCHEMA, "'id' must be a string")
@@ -142,7 +215,16 @@ def decode_request(
     if not isinstance(binary_output, bool):
         raise _bad(REASON_SCHEMA, "parameter 'binary_data_output' must be a boolean")
     outputs = _requested_outputs(doc.get("outputs"))
-    return DecodedRequest(inputs, request_id, parameters, outputs, binary_output)
+    decoded = DecodedRequest(inputs, request_id, parameters, outputs, binary_output)
+    if declared is None or request_id is not None:
+        return decoded, None
+    return decoded, _Plan(tuple(declared), dict(parameters), outputs, binary_output)
+
+
+def _check_consumed(offset: int, end: int, size: int) -> None:
+    if offset != size:
+        binary = f"{size - end} bytes follow the JSON header"
+        raise _bad(REASON_BINARY, f"inputs declare {offset - end} binary bytes but {binary}")
 
 
 def _header_length(text: str, body: bytes) -> int:
@@ -197,10 +279,16 @@ def _decode_input(raw: Any, index: int, view: memoryview, offset: int) -> tuple[
         raise _bad(REASON_SCHEMA, f"input {name!r} has both data and binary_data_size", name)
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
         raise _bad(REASON_BINARY, f"binary_data_size of input {name!r} is not a byte count", name)
+    return name, _binary_input(view, offset, size, datatype, shape, name), size
+
+
+def _binary_input(
+    view: memoryview, offset: int, size: int, datatype: str, shape: tuple[int, ...], name: str
+) -> Array:
     if offset + size > len(view):
         left = len(view) - offset
         raise _bad(REASON_BINARY, f"input {name!r} declares {size} bytes; {left} remain", name)
-    return name, _from_binary(view[offset : offset + size], datatype, shape, name), size
+    return _from_binary(view[offset : offset + size], datatype, shape, name)
 
 
 def _shape(raw: Any, name: str) -> tuple[int, ...]:
@@ -392,6 +480,10 @@ def _json_default(value: Any) -> Any:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
+# What json.dumps(separators=..., default=...) builds on every call, built once (stateless).
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=_json_default)
+
+
 def to_json(document: Any) -> bytes:
     """Compact JSON bytes; numpy values and other oddities in parameters become plain JSON."""
-    return json.dumps(document, separators=(",", ":"), default=_json_default).encode()
+    return _ENCODER.encode(document).encode()
