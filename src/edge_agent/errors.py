@@ -189,6 +189,20 @@ class FallbackError(EdgefleetError):
     code = "fallback_unavailable"
 
 
+class FallbackRemoteError(FallbackError):
+    """The cloud answered a fallback request with an error or with an unusable answer.
+
+    ``remote_code`` is the response's error code (``bad_request``, ``unknown_model``,
+    ``inference_failed``, ``overloaded``, ``internal``) or ``bad_response``.
+    """
+
+    code = "fallback_remote_error"
+
+    def __init__(self, message: str, *, remote_code: str) -> None:
+        super().__init__(message)
+        self.remote_code = remote_code
+
+
 class RateLimitedError(EdgefleetError):
     """A client sent more requests than its rate limit allows."""
 

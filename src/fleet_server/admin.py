@@ -65,6 +65,9 @@ __all__ = ["AdminServer", "create_app", "device_json", "model_json"]
 
 log = logging.getLogger(__name__)
 Handler = Callable[[Request], Awaitable[Response]]
+Guard = Callable[[Handler], Handler]
+#: Adds routes to the admin app (drift, rollouts): called with the token guard.
+RouteProvider = Callable[[Guard], list[Route]]
 
 # Most specific first: the first family in an error's MRO found here decides the status.
 _STATUS: tuple[tuple[type[EdgefleetError], int], ...] = (
@@ -188,8 +191,12 @@ def create_app(
     *,
     max_request_bytes: int = 1024 * 1024,
     max_upload_bytes: int = 1024 * 1024 * 1024,
+    extra_routes: tuple[RouteProvider, ...] = (),
 ) -> Starlette:
     """The admin ASGI app over ``service``, guarded by the bearer ``token``.
+
+    ``extra_routes`` add the routes of other parts (fleet drift, rollouts), each guarded by the
+    same token check.
 
     Raises:
         ValueError: ``token`` is shorter than 16 characters.
@@ -341,6 +348,8 @@ def create_app(
         Route("/v1/waves", guarded(start_wave), methods=["POST"]),
         Route("/v1/telemetry", guarded(telemetry), methods=["GET"]),
     ]
+    for provide in extra_routes:
+        routes += provide(guarded)
     return Starlette(routes=routes)
 
 

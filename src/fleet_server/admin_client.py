@@ -143,3 +143,46 @@ class AdminClient:
         if device_id:
             params["device_id"] = device_id
         return list(self._call("GET", "/v1/telemetry", params=params)["telemetry"])
+
+    def drift(
+        self,
+        model: str,
+        *,
+        version: int | None = None,
+        by: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        bucket: str | None = None,
+        views: bool = False,
+        devices: bool = True,
+    ) -> dict[str, Any]:
+        """``GET /v1/drift`` (fleet drift of one model). Raises: AdminApiError."""
+        params: dict[str, Any] = {"model": model, "views": int(views), "devices": int(devices)}
+        for key, value in (
+            ("version", version),
+            ("by", by),
+            ("since", since),
+            ("until", until),
+            ("bucket", bucket),
+        ):
+            if value is not None:
+                params[key] = value
+        return dict(self._call("GET", "/v1/drift", params=params))
+
+    # ----------------------------------------------------------------- rollouts
+    def rollouts(self, *, active: bool = False) -> list[dict[str, Any]]:
+        """``GET /v1/rollouts``. Raises: AdminApiError."""
+        params = {"active": "1"} if active else {}
+        return list(self._call("GET", "/v1/rollouts", params=params)["rollouts"])
+
+    def rollout(self, rollout_id: str) -> dict[str, Any]:
+        """``GET /v1/rollouts/{id}`` (with devices, wave sizes, events). Raises: AdminApiError."""
+        return dict(self._call("GET", f"/v1/rollouts/{rollout_id}"))
+
+    def create_rollout(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /v1/rollouts``. Raises: AdminApiError."""
+        return dict(self._call("POST", "/v1/rollouts", json=body))
+
+    def rollout_command(self, rollout_id: str, command: str) -> dict[str, Any]:
+        """``POST /v1/rollouts/{id}/{approve|pause|resume|abort}``. Raises: AdminApiError."""
+        return dict(self._call("POST", f"/v1/rollouts/{rollout_id}/{command}"))

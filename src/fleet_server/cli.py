@@ -37,6 +37,7 @@ from fleet_server.admin_client import DEFAULT_ADMIN_URL, AdminClient
 from fleet_server.broker_config import BrokerConfig, write_broker_config
 from fleet_server.ca import CertificateAuthority
 from fleet_server.cli_admin import register_admin_commands
+from fleet_server.cli_drift import register_drift_commands
 from fleet_server.errors import (
     AdminApiError,
     AdminAuthError,
@@ -46,6 +47,7 @@ from fleet_server.errors import (
     BundleRejectedError,
     CsrRejectedError,
     EnrollmentError,
+    FleetDriftError,
     LibraryError,
     NotFoundError,
     PkiError,
@@ -61,6 +63,7 @@ EXIT_CODES: dict[type[EdgefleetError], int] = {
     EnrollmentError: EXIT_UNTRUSTED,
     BrokerConfigError: EXIT_BAD_INPUT,
     ServerConfigError: EXIT_BAD_INPUT,
+    FleetDriftError: EXIT_BAD_INPUT,
     RegistryError: EXIT_BAD_INPUT,
     RegistryUnavailableError: EXIT_RUNTIME,
     LibraryError: EXIT_RUNTIME,
@@ -281,6 +284,7 @@ def serve(config_path: Path) -> int:
 
 
 register_admin_commands(cli, devices)
+register_drift_commands(cli)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,6 +14,8 @@ Families:
     NotFoundError      a named model version or group does not exist.
     AdminApiError      the admin API client could not get an answer: unreachable, token refused,
                        or the server's own error (``AdminRequestError`` keeps its code).
+    RolloutError       a rollout cannot be created or commanded as asked: invalid policy,
+                       a command that does not fit its state, a quarantined version.
 
 Each error has a stable ``code`` used as a metric label and in the CLI's one-line diagnosis;
 codes never change meaning once released.
@@ -193,3 +195,66 @@ class AdminRequestError(AdminApiError):
         super().__init__(message)
         self.status = status
         self.server_code = server_code
+
+
+class FleetDriftError(FleetServerError):
+    """A fleet drift query cannot be answered as asked (bad cohort spec, time, parameters)."""
+
+    code = "fleet_drift"
+
+
+class DriftMismatchError(FleetDriftError):
+    """Drift windows that cannot be merged with each other or with the baseline.
+
+    ``reason`` is a stable label: ``features`` (different feature counts) or ``edges``
+    (different bin edges: the window was counted against another baseline).
+    """
+
+    code = "drift_mismatch"
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class BaselineUnavailableError(NotFoundError):
+    """The drift baseline of a published model version cannot be read from its bundle file."""
+
+    code = "baseline_unavailable"
+
+
+class FallbackServingError(FleetServerError):
+    """Cloud fallback models cannot be served: a models directory or bundle that cannot be
+    loaded, a model that onnxruntime refuses, or an invalid worker setting."""
+
+    code = "fallback_serving"
+
+
+class RolloutError(FleetServerError):
+    """Base of the rollout engine's errors: the operator changes the request or the rollout."""
+
+    code = "rollout_error"
+
+
+class RolloutPolicyError(RolloutError):
+    """A rollout policy or target selector is invalid (the message names the field)."""
+
+    code = "rollout_policy_invalid"
+
+
+class RolloutStateError(RolloutError):
+    """The command does not apply to the rollout's state (approve a completed rollout ...)."""
+
+    code = "rollout_state"
+
+
+class QuarantinedVersionError(RolloutError):
+    """The model version is quarantined after repeated aborted rollouts; it is not rolled out."""
+
+    code = "version_quarantined"
+
+
+class UnknownRolloutError(NotFoundError):
+    """No rollout with this id exists."""
+
+    code = "rollout_unknown"

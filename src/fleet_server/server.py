@@ -27,7 +27,9 @@ from edge_agent.mqtt import MqttClient, MqttConfig
 from edge_agent.trust import TrustedRoot
 from edge_agent.trust.desired import SIGNING_ROLE
 from fleet_server.admin import AdminServer, create_app
+from fleet_server.admin_drift import drift_routes
 from fleet_server.config import ApiConfig, ServerConfig
+from fleet_server.drift_service import DriftService
 from fleet_server.errors import ServerConfigError
 from fleet_server.gateway import Gateway, GatewayConfig
 from fleet_server.library import BundleLibrary
@@ -157,11 +159,13 @@ def run(
             clock=lambda: datetime.now(UTC),
             ttl=timedelta(seconds=config.signing.desired_ttl_seconds),
         )
+        drift = DriftService(registry, library.directory)
         app = create_app(
             service,
             token,
             max_request_bytes=config.api.max_request_bytes,
             max_upload_bytes=config.api.max_upload_bytes,
+            extra_routes=(lambda guard: drift_routes(drift, guard),),
         )
         admin = AdminServer(app, config.api.host, config.api.port)
         admin.start()

@@ -1,0 +1,278 @@
+"""Fleet drift I/O: telemetry rows and bundle baselines in, a ``FleetDriftResult`` out.
+
+``DriftService.report`` makes one pass over the registry's telemetry rows (paged by id), keeps
+the reports' tier-A windows of one model (optionally one version and a time range), decodes
+each window's view once, loads each version's baseline once from its bundle file
+(``<bundles_dir>/<sha256>.bundle``, cached by digest) and hands everything to the pure
+``fleet_server.fleet_drift``. Per-window problems (undecodable views, unknown tensors, windows of
+versions without a readable baseline, edges that are not the baseline's) are counted in the
+result's ``skipped``, never raised.
+
+Time: a window is placed at its report's ``window_end`` (Unix seconds, the device's clock when
+it built the report); the windows' own ``start``/``end`` are device-monotonic and not
+comparable across devices.
+
+The bundle file was verified by the library when it was published and is stored under its
+digest; the baseline is read from it without re-verifying signatures (which may have expired
+since), but the manifest's name and version must match the registry record.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from edge_agent.bundle import read_raw
+from edge_agent.contract import BundleManifest
+from edge_agent.drift import DriftBaseline, MonitorPolicy, TierAView
+from edge_agent.errors import ContractError, EdgefleetError
+from fleet_server.errors import (
+    BaselineUnavailableError,
+    FleetDriftError,
+    ModelNotPublishedError,
+    RegistryError,
+    RegistryUnavailableError,
+)
+from fleet_server.fleet_drift import (
+    CohortSpec,
+    DeviceInfo,
+    FleetAccumulator,
+    FleetDriftResult,
+    FleetWindow,
+    score_fleet,
+)
+from fleet_server.registry import Registry
+
+__all__ = ["DriftQuery", "DriftService", "parse_time", "windows_from_payload"]
+
+_PAGE = 2_000
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+BaselineKey = tuple[str, int, str, str]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``90``, ``30m``, ``24h``, ``7d`` or ``2w``.
+
+    Raises:
+        FleetDriftError: not such a duration, or not positive.
+    """
+    match = _DURATION.fullmatch(text.strip())
+    seconds = float(text) if text.strip().isdigit() else None
+    if match is not None:
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds is None or not 0 < seconds < math.inf:
+        raise FleetDriftError(f"not a duration (e.g. 30m, 24h, 7d): {text!r}")
+    return seconds
+
+
+def parse_time(text: str, now: datetime) -> float:
+    """Unix seconds from ``1767225600``, an ISO-8601 time (naive = UTC) or a relative ``24h``.
+
+    Raises:
+        FleetDriftError: none of these.
+    """
+    raw = text.strip()
+    try:
+        return float(raw) if raw.replace(".", "", 1).isdigit() else _iso(raw)
+    except ValueError:
+        pass
+    try:
+        return now.timestamp() - parse_duration(raw)
+    except FleetDriftError:
+        raise FleetDriftError(
+            f"not a time (Unix seconds, ISO-8601 or e.g. 24h): {text!r}"
+        ) from None
+
+
+def _iso(raw: str) -> float:
+    when = datetime.fromisoformat(raw)
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+@dataclass(frozen=True)
+class DriftQuery:
+    """What to merge: one model, optionally one version, a cohort split and a time range."""
+
+    model: str
+    version: int | None = None
+    by: CohortSpec = field(default_factory=CohortSpec)
+    since: float | None = None
+    until: float | None = None
+    bucket_seconds: float | None = None
+    per_device: bool = True
+
+
+def _num(v: Any) -> float | None:
+    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    return float(v) if ok else None
+
+
+def windows_from_payload(
+    device_id: str, payload: Mapping[str, Any], query: DriftQuery
+) -> tuple[list[FleetWindow], dict[str, int]]:
+    """The query's windows in one stored report payload, and what was skipped (by reason).
+
+    Only the fields fleet drift needs are read (the payload was validated at ingest); each
+    view is decoded once, strictly (``TierAView.from_bytes``).
+    """
+    model = payload.get("models", {}).get(query.model) if isinstance(payload, Mapping) else None
+    at = _num(payload.get("window_end"))
+    if not isinstance(model, Mapping) or at is None:
+        return [], {}
+    version = model.get("version")
+    if not isinstance(version, int) or (query.version is not None and version != query.version):
+        return [], {}
+    if (query.since is not None and at < query.since) or (
+        query.until is not None and at >= query.until
+    ):
+        return [], {}
+    out: list[FleetWindow] = []
+    bad = 0
+    for w in model.get("drift") or ():
+        try:
+            tensor, role = w["tensor"], w["role"]
+            if not isinstance(tensor, str) or role not in ("input", "output"):
+                raise ContractError("bad tensor or role")
+            view = TierAView.from_bytes(base64.b64decode(w["view"], validate=True))
+        except (ContractError, KeyError, TypeError, binascii.Error, ValueError):
+            bad += 1
+            continue
+        out.append(FleetWindow(device_id, query.model, version, tensor, role, at, view))
+    return out, ({"bad_window": bad} if bad else {})
+
+
+class DriftService:
+    """Answers fleet drift queries from the registry and the bundle library's directory."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        bundles_dir: Path,
+        *,
+        policy: MonitorPolicy | None = None,
+        clock: Callable[[], datetime] = _utcnow,
+        page: int = _PAGE,
+    ) -> None:
+        """Read telemetry from ``registry`` and bundles from ``bundles_dir``.
+
+        ``policy`` carries the agent's ``alpha``/``tests``/``correction`` (default: the agent's
+        defaults); ``clock`` (timezone-aware now) resolves relative times.
+        """
+        self._registry = registry
+        self._dir = Path(bundles_dir)
+        self._policy = policy or MonitorPolicy()
+        self._clock = clock
+        self._page = page
+        self._baselines: dict[str, DriftBaseline] = {}
+
+    def now(self) -> datetime:
+        """The service clock (for relative ``since``)."""
+        return self._clock()
+
+    def baseline(self, model: str, version: int) -> DriftBaseline:
+        """The drift baseline signed into a published version's bundle (cached by digest).
+
+        Raises:
+            ModelNotPublishedError: no such version is published.
+            BaselineUnavailableError: the bundle file is missing, unreadable or not that model.
+            RegistryUnavailableError: the database failed.
+        """
+        try:
+            record = self._registry.get_bundle(model, version)
+        except RegistryUnavailableError:
+            raise
+        except RegistryError as exc:
+            raise ModelNotPublishedError(f"{model} v{version} is not published") from exc
+        cached = self._baselines.get(record.sha256)
+        if cached is not None:
+            return cached
+        path = self._dir / f"{record.sha256}.bundle"
+        try:
+            manifest = BundleManifest.from_bytes(read_raw(path).manifest_bytes)
+        except (OSError, EdgefleetError) as exc:
+            raise BaselineUnavailableError(f"cannot read the baseline from {path}: {exc}") from exc
+        if (manifest.name, manifest.version) != (model, version):
+            raise BaselineUnavailableError(f"{path} holds {manifest.name} v{manifest.version}")
+        self._baselines[record.sha256] = manifest.baseline
+        return manifest.baseline
+
+    def report(self, query: DriftQuery) -> FleetDriftResult:
+        """Merge and score the query's windows (see the module docstring).
+
+        Raises:
+            ModelNotPublishedError: ``query.version`` is given and not published.
+            BaselineUnavailableError: ``query.version`` is given and its baseline is unreadable.
+            FleetDriftError: a bad bucket size.
+            RegistryUnavailableError: the database failed.
+        """
+        if query.version is not None:
+            self.baseline(query.model, query.version)  # fail loudly for an explicit version
+        devices: dict[str, DeviceInfo] = {}
+        if query.by.kind in ("group", "tag"):
+            devices = {d.id: DeviceInfo(d.group, d.tags) for d in self._registry.list_devices()}
+        acc = FleetAccumulator(
+            query.by, bucket_seconds=query.bucket_seconds, per_device=query.per_device
+        )
+        views: dict[BaselineKey, TierAView] = {}
+        missing: set[int] = set()
+        for row in self._reports():
+            windows, bad = windows_from_payload(row[0], row[1], query)
+            for reason, n in bad.items():
+                acc.skip(reason, n)
+            for w in windows:
+                base = self._baseline_view(w, views, missing)
+                if base is None:
+                    acc.skip("no_baseline" if w.version in missing else "unknown_tensor")
+                    continue
+                acc.add(w, devices.get(w.device_id), base)
+        cells, device_cells = acc.merged()
+        return score_fleet(
+            cells,
+            views,
+            self._policy,
+            spec=query.by,
+            device_cells=device_cells,
+            skipped=acc.skipped,
+        )
+
+    def _reports(self) -> Iterator[tuple[str, Mapping[str, Any]]]:
+        cursor = 0
+        while True:
+            rows = self._registry.telemetry(after_id=cursor, limit=self._page)
+            for r in rows:
+                if r.kind == "report":
+                    yield r.device_id, r.payload
+            if len(rows) < self._page:
+                return
+            cursor = rows[-1].id
+
+    def _baseline_view(
+        self, w: FleetWindow, views: dict[BaselineKey, TierAView], missing: set[int]
+    ) -> TierAView | None:
+        key = (w.model, w.version, w.tensor, w.role)
+        found = views.get(key)
+        if found is not None or w.version in missing:
+            return found
+        try:
+            baseline = self.baseline(w.model, w.version)
+        except (ModelNotPublishedError, BaselineUnavailableError):
+            missing.add(w.version)
+            return None
+        try:
+            view = baseline.view(w.tensor, w.role)
+        except EdgefleetError:
+            return None
+        views[key] = view
+        return view

@@ -1,0 +1,421 @@
+"""Cloud fallback serving: the server end of ``<prefix>/devices/<id>/fallback/req``.
+
+Owns: ``CloudModels`` (loads the cloud copy of each model, from a directory of ``<name>.onnx``
+files or from published bundles, into onnxruntime) and ``FallbackWorker``, which takes
+requests from the shared subscription ``$share/<group>/<prefix>/devices/+/fallback/req`` (so
+several server processes split the load), checks them, runs the model on a small bounded
+thread pool (the MQTT client delivers every message on one handler thread; a slow model must
+not hold it), and answers on the request's response topic with its correlation data.
+
+Deadline rule: a request's ``deadline_ms`` is counted from when this worker received it (the
+broker already dropped it if its message expiry ran out on the way); a request still queued
+at its deadline is dropped (``expired``), and an answer computed past it is not sent
+(``late``): the device has given up and a late answer only costs bandwidth. Bad requests get
+an error response with a stable code and are counted; nothing a device sends stops the
+worker. A response topic that is not the sending device's own ``fallback/resp/...`` is never
+published to (a device must not make the server write into another device's topics).
+
+Does not create or close the MQTT client, and does not decide when devices fall back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Final
+
+import numpy.typing as npt
+
+from edge_agent.contract import BundleManifest
+from edge_agent.errors import ContractError, EdgefleetError, TransportError
+from edge_agent.fallback_wire import (
+    CONTENT_TYPE,
+    FallbackRequest,
+    FallbackResponse,
+    compare_outputs,
+)
+from edge_agent.mqtt import Message, MessageProperties, MqttClient
+from edge_agent.runtime.base import Runtime, RuntimeOptions, load_runtime
+from edge_agent.topics import Topics
+from edge_agent.trust import TrustedRoot
+from fleet_server.errors import FallbackServingError
+
+__all__ = ["CloudModel", "CloudModels", "FallbackWorker"]
+
+log = logging.getLogger(__name__)
+
+_QUEUE_SAMPLES: Final = 4096  # recent queue waits kept for the p50/p99 in stats()
+
+
+Prep = Callable[[npt.NDArray[Any]], npt.NDArray[Any]]
+
+
+@dataclass(frozen=True)
+class CloudModel:
+    """One served model: its name, the version reported to devices, its loaded runtime.
+
+    ``preprocessing`` maps input names to the bundle's signed preprocessing (devices send raw
+    inputs, as their clients gave them); empty for a bare ``.onnx`` (the graph takes the
+    inputs as they come).
+    """
+
+    name: str
+    version: str
+    runtime: Runtime
+    preprocessing: Mapping[str, Prep] = field(default_factory=dict)
+
+    def run(self, inputs: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
+        """Preprocess and run once.
+
+        Raises:
+            ContractError: an input the preprocessing needs is missing or does not fit.
+            InferenceError: the runtime refused the feeds.
+        """
+        feeds = dict(inputs)
+        for name, fn in self.preprocessing.items():
+            if name not in feeds:
+                raise ContractError(f"input {name!r} is missing")
+            try:
+                feeds[name] = fn(feeds[name])
+            except (ValueError, TypeError) as exc:
+                raise ContractError(
+                    f"input {name!r} does not fit its preprocessing: {exc}"
+                ) from exc
+        return self.runtime.run(feeds)
+
+
+class CloudModels:
+    """Loads cloud models by name (onnxruntime for ``.onnx``, LiteRT for ``.tflite``)."""
+
+    @staticmethod
+    def from_dir(directory: Path, options: RuntimeOptions | None = None) -> dict[str, CloudModel]:
+        """Every ``<name>.onnx`` / ``<name>.tflite`` in ``directory``; version = ``sha256:<12>``.
+
+        Raises:
+            FallbackServingError: the directory is unreadable, two files share a name, or a
+                runtime refuses a model.
+        """
+        try:
+            files = sorted(p for p in Path(directory).iterdir() if p.suffix in (".onnx", ".tflite"))
+        except OSError as exc:
+            raise FallbackServingError(
+                f"cannot list fallback models in {directory}: {exc}"
+            ) from exc
+        out: dict[str, CloudModel] = {}
+        for path in files:
+            if path.stem in out:
+                raise FallbackServingError(f"two cloud models named {path.stem!r} in {directory}")
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise FallbackServingError(f"cannot read {path}: {exc}") from exc
+            version = "sha256:" + hashlib.sha256(data).hexdigest()[:12]
+            out[path.stem] = CloudModel(path.stem, version, _load(data, path.suffix[1:], options))
+        return out
+
+    @staticmethod
+    def from_bundles(
+        paths: Iterable[Path],
+        root: TrustedRoot,
+        *,
+        now: datetime,
+        options: RuntimeOptions | None = None,
+    ) -> dict[str, CloudModel]:
+        """The artifact of each verified bundle, under its manifest name and version.
+
+        For several bundles of one name the highest version wins.
+
+        Raises:
+            FallbackServingError: a bundle fails verification or its model cannot be loaded.
+        """
+        from edge_agent.bundle import read_bundle
+
+        best: dict[str, tuple[int, bytes, BundleManifest]] = {}
+        for path in paths:
+            try:
+                b = read_bundle(path, root, now=now, installed_version=None, device=None)
+            except (EdgefleetError, OSError) as exc:
+                raise FallbackServingError(f"cannot serve {path}: {exc}") from exc
+            m = b.manifest
+            if m.name not in best or m.version > best[m.name][0]:
+                best[m.name] = (m.version, b.artifact, m)
+        out: dict[str, CloudModel] = {}
+        for name, (v, art, m) in best.items():
+            runtime = _load(art, m.artifact.format, options)
+            dtypes = {i.name: i.dtype for i in runtime.inputs}
+            prep = {
+                t.name: t.preprocessing.compile(dtypes.get(t.name, t.dtype))
+                for t in m.inputs.tensors
+            }
+            out[name] = CloudModel(name, str(v), runtime, prep)
+        return out
+
+
+def _load(artifact: bytes, fmt: str, options: RuntimeOptions | None) -> Runtime:
+    try:
+        return load_runtime(artifact, fmt, options)
+    except EdgefleetError as exc:
+        raise FallbackServingError(f"cannot load a {fmt} cloud model: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class _Job:
+    device_id: str
+    request: FallbackRequest
+    response_topic: str
+    correlation: bytes
+    received: float
+    expires: float
+
+
+class FallbackWorker:
+    """Answers fallback requests with the cloud models. Thread-safe; see the module docstring."""
+
+    def __init__(
+        self,
+        client: MqttClient,
+        models: Mapping[str, CloudModel],
+        topics: Topics,
+        share_group: str = "fleet",
+        *,
+        threads: int = 2,
+        max_queue: int = 64,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """Prepare (not start) a worker.
+
+        Raises:
+            FallbackServingError: ``threads`` < 1, ``max_queue`` < 1 or a bad share group.
+        """
+        if threads < 1 or max_queue < 1:
+            raise FallbackServingError("fallback worker needs threads >= 1 and max_queue >= 1")
+        try:
+            self._filter = topics.shared(share_group, "fallback_req")
+        except ContractError as exc:
+            raise FallbackServingError(f"fallback worker: {exc}") from exc
+        self._client, self._models, self._topics, self._clock = client, dict(models), topics, clock
+        self._jobs: queue.Queue[_Job | None] = queue.Queue(max_queue)
+        self._threads = [
+            threading.Thread(target=self._work, name=f"fallback-{i}", daemon=True)
+            for i in range(threads)
+        ]
+        self._lock = threading.Lock()
+        self._counts = Counter[str]()
+        self._waits: list[float] = []
+        self._started = False
+
+    def start(self) -> None:
+        """Start the pool and subscribe (now if connected, else on connect).
+
+        Raises:
+            TransportError: the broker refused the subscription or did not acknowledge it.
+        """
+        if not self._started:
+            self._started = True
+            for t in self._threads:
+                t.start()
+        self._client.subscribe(self._filter, self.handle, qos=1)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop the pool after the jobs already queued (does not close the client)."""
+        for _ in self._threads:
+            try:
+                self._jobs.put(None, timeout=timeout)
+            except queue.Full:
+                break
+        for t in self._threads:
+            if t.is_alive():
+                t.join(timeout)
+
+    # ------------------------------------------------------------------ handler thread
+    def handle(self, message: Message) -> None:
+        """Check one request and queue it for the pool (the MQTT handler; never raises)."""
+        received = self._clock()
+        self._count("received")
+        props = message.properties
+        try:
+            ref = self._topics.parse_ref(message.topic)
+        except ContractError:
+            self._count("dropped_bad_topic")
+            return
+        device_id = ref.device_id
+        if ref.kind != "fallback_req" or device_id is None:
+            self._count("dropped_bad_topic")
+            return
+        reply_to, correlation = props.response_topic, props.correlation_data
+        if (
+            reply_to is None
+            or correlation is None
+            or not self._own_reply_topic(reply_to, device_id)
+        ):
+            self._count("dropped_no_reply")  # nowhere (safe) to answer: drop, counted
+            return
+        try:
+            request = FallbackRequest.from_bytes(message.payload)
+        except ContractError as exc:
+            self._answer_error(reply_to, correlation, "?", "bad_request", str(exc), received, 5.0)
+            return
+        if request.model not in self._models:
+            msg = f"no cloud model {request.model!r}"
+            self._answer_error(
+                reply_to, correlation, request.model, "unknown_model", msg, received, 5.0
+            )
+            return
+        expires = received + request.deadline_ms / 1000.0
+        job = _Job(device_id, request, reply_to, correlation, received, expires)
+        try:
+            self._jobs.put_nowait(job)
+        except queue.Full:
+            msg = "all fallback workers are busy"
+            self._answer_error(
+                reply_to, correlation, request.model, "overloaded", msg, received, expires
+            )
+
+    def _own_reply_topic(self, topic: str, device_id: str) -> bool:
+        try:
+            ref = self._topics.parse_ref(topic)
+        except ContractError:
+            return False
+        return ref.kind == "fallback_resp" and ref.device_id == device_id
+
+    # ------------------------------------------------------------------ pool
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                self._serve(job)
+            except Exception:  # a bug must not kill the pool thread
+                self._count("errors_internal")
+                log.exception("fallback request from %s failed", job.device_id)
+
+    def _serve(self, job: _Job) -> None:
+        start = self._clock()
+        with self._lock:
+            if len(self._waits) >= _QUEUE_SAMPLES:
+                del self._waits[: _QUEUE_SAMPLES // 2]
+            self._waits.append(start - job.received)
+        if start >= job.expires:
+            self._count("expired")
+            return
+        req = job.request
+        model = self._models[req.model]
+        try:
+            outputs = model.run(req.inputs)
+        except ContractError as exc:
+            self._answer_error(
+                job.response_topic,
+                job.correlation,
+                req.model,
+                "bad_request",
+                str(exc),
+                job.received,
+                job.expires,
+            )
+            return
+        except EdgefleetError as exc:
+            msg = f"cloud model failed: {exc}"
+            self._answer_error(
+                job.response_topic,
+                job.correlation,
+                req.model,
+                "inference_failed",
+                msg,
+                job.received,
+                job.expires,
+            )
+            return
+        done = self._clock()
+        if done >= job.expires:
+            self._count("late")
+            return
+        if req.device_outputs:
+            cmp = compare_outputs(req.device_outputs, outputs)
+            self._count("compared")
+            self._count("compared_rows", cmp.rows)
+            self._count("disagree_rows", cmp.disagree_rows)
+        try:
+            answer = FallbackResponse(
+                req.model, model.version, outputs, compute_ms=(done - start) * 1000
+            )
+            payload = answer.to_bytes()
+        except ContractError as exc:
+            self._answer_error(
+                job.response_topic,
+                job.correlation,
+                req.model,
+                "internal",
+                str(exc),
+                job.received,
+                job.expires,
+            )
+            return
+        if self._publish(job.response_topic, job.correlation, payload, job.expires):
+            self._count("answered")
+
+    # ------------------------------------------------------------------ replies
+    def _answer_error(
+        self,
+        topic: str,
+        correlation: bytes,
+        model: str,
+        code: str,
+        message: str,
+        received: float,
+        expires: float,
+    ) -> None:
+        self._count(f"errors_{code}")
+        try:
+            payload = FallbackResponse.failure(
+                model if model != "?" else "unknown", code, message
+            ).to_bytes()
+        except ContractError:  # the model name itself was unusable
+            payload = FallbackResponse.failure("unknown", code, message).to_bytes()
+        self._publish(topic, correlation, payload, max(expires, received + 1.0))
+
+    def _publish(self, topic: str, correlation: bytes, payload: bytes, expires: float) -> bool:
+        left = expires - self._clock()
+        props = MessageProperties(
+            correlation_data=correlation,
+            message_expiry=max(1, math.ceil(left)),
+            content_type=CONTENT_TYPE,
+        )
+        try:
+            self._client.publish(topic, payload, qos=1, properties=props)
+        except TransportError as exc:
+            self._count("publish_errors")
+            log.warning("cannot answer fallback request on %s: %s", topic, exc)
+            return False
+        return True
+
+    # ------------------------------------------------------------------ reporting
+    def stats(self) -> dict[str, Any]:
+        """Counters (``received``, ``answered``, ``expired``, ``late``, ``errors_<code>``,
+        ``dropped_bad_topic``, ``dropped_no_reply``, ``publish_errors``, ``compared``,
+        ``compared_rows``, ``disagree_rows``), ``queued`` now, and the queue wait p50/p99 (ms)
+        over recent requests.
+        """
+        with self._lock:
+            out: dict[str, Any] = dict(self._counts)
+            waits = sorted(self._waits)
+        for k in ("received", "answered", "expired", "late", "dropped_no_reply"):
+            out.setdefault(k, 0)
+        out["queued"] = self._jobs.qsize()
+        if waits:
+            out["queue_wait_ms_p50"] = waits[len(waits) // 2] * 1000
+            out["queue_wait_ms_p99"] = waits[min(len(waits) - 1, int(len(waits) * 0.99))] * 1000
+        return out
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += n
