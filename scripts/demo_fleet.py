@@ -184,6 +184,8 @@ def main(out: Path) -> int:
                 f'[store]\nstate_dir = "{home / "state"}"\n'
                 f'root_path = "{out / "keys" / "root.json"}"\n'
                 "[drift]\nwindow_values = 200\nwindow_seconds = 2.0\n"
+                # Hard examples (top probability under 0.9) go to the cloud model.
+                '[fallback]\nmode = "prefer_device"\nmin_confidence = 0.9\ndeadline_ms = 1000.0\n'
                 "[model_defaults]\nprobation_requests = 50\n"
                 f'[sync]\nenabled = true\nport = {mqtt_port}\nidentity_dir = "{home / "id"}"\n'
                 "report_interval_seconds = 1.0\nreconnect_max_seconds = 2.0\n"
@@ -220,6 +222,7 @@ def main(out: Path) -> int:
             f'[api]\nport = {admin_port}\ntoken_file = "{fleet / "admin.token"}"\n'
             f'[signing]\nonline_key = "{out / "keys" / "keys" / "online-1.pem"}"\n'
             f'root_path = "{out / "keys" / "root.json"}"\n'
+            "[fallback]\nenabled = true\n"
         )
         stack.start(
             "fleet-server", [str(BIN / "fleet-server"), "serve", "--config", str(server_toml)]
@@ -293,7 +296,7 @@ def main(out: Path) -> int:
         rows = admin.tail()
         print("\nsummary (from the fleet server's registry)")
         print(
-            f"{'device':<12} {'model':<10} {'requests':>8} {'accuracy':>9} "
+            f"{'device':<12} {'model':<10} {'requests':>8} {'cloud':>5} {'accuracy':>9} "
             f"{'drift alerts':>12} {'features drifted':>16} {'telemetry':>9} {'lost':>4}"
         )
         summary: dict[str, Any] = {}
@@ -307,15 +310,17 @@ def main(out: Path) -> int:
             shown = admin("devices", "show", device)
             lost = (shown.get("seq") or {}).get("lost", 0)
             correct, n = served[device]
+            cloud = int(reports[-1]["counts"].get("cloud", 0))
             print(
                 f"{device:<12} digits v{model['version']:<2} {sum(model['outcomes'].values()):>8} "
-                f"{correct / n:>9.1%} {len(alerts):>5}/{len(windows):<6} {len(drifted):>16} "
-                f"{len(mine):>9} {lost:>4}"
+                f"{cloud:>5} {correct / n:>9.1%} {len(alerts):>5}/{len(windows):<6} "
+                f"{len(drifted):>16} {len(mine):>9} {lost:>4}"
             )
             summary[device] = {
                 "version": model["version"],
                 "requests": sum(model["outcomes"].values()),
                 "accuracy": correct / n,
+                "cloud_answers": cloud,
                 "drift_windows": len(windows),
                 "drift_alerts": len(alerts),
                 "telemetry_items": len(mine),
@@ -338,6 +343,7 @@ def main(out: Path) -> int:
         and all(s["version"] == version for s in summary.values())
         and summary[DEVICES[1]]["drift_alerts"] > 0
         and summary[DEVICES[0]]["accuracy"] > 0.9
+        and sum(s["cloud_answers"] for s in summary.values()) > 0
     )
     return 0 if ok else 1
 

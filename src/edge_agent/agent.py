@@ -67,6 +67,7 @@ class Agent:
         self.worker = DriftWorker() if background_drift else None
         self.registry = Registry(config, store, clock=clock, worker=self.worker)
         self.cloud = CloudFallback(transport, config.fallback, clock) if transport else None
+        self._transport = transport
         self.capture = capture
         self._rng = random.Random()
         self._policies: dict[str, FallbackPolicy] = {}
@@ -385,7 +386,9 @@ class Agent:
             hard = policy.after(result.outputs)
             if hard.cloud:
                 try:
-                    return self._cloud(request, entry, hard.reason or "hard_example", arm)
+                    return self._cloud(
+                        request, entry, hard.reason or "hard_example", arm, result.outputs
+                    )
                 except FallbackError as exc:
                     params["fallback_failed"] = str(exc)
         shadow = self._shadows.get(name)
@@ -413,10 +416,17 @@ class Agent:
         return self.cloud is not None and self.config.fallback.mode == "prefer_device"
 
     def _cloud(
-        self, request: InferenceRequest, entry: Loaded | None, reason: str, arm: str
+        self,
+        request: InferenceRequest,
+        entry: Loaded | None,
+        reason: str,
+        arm: str,
+        device_outputs: Mapping[str, Array] | None = None,
     ) -> InferenceResult:
         assert self.cloud is not None
-        outputs: Mapping[str, Array] = self.cloud.call(request.model, request.inputs, reason)
+        outputs: Mapping[str, Array] = self.cloud.call(
+            request.model, request.inputs, reason, device_outputs=device_outputs
+        )
         self.counts["cloud"] += 1
         version = str(entry.pipeline.version) if entry is not None else "cloud"
         return InferenceResult(
@@ -433,6 +443,16 @@ class Agent:
         )
 
     # -------------------------------------------------------------------------- reporting
+    def _transport_counts(self) -> dict[str, int]:
+        """The cloud transport's own counters (disagreements, timeouts), when it keeps any."""
+        counts = getattr(self._transport, "telemetry_counts", None)
+        if not callable(counts):
+            return {}
+        try:
+            return {str(k): int(v) for k, v in counts().items()}
+        except Exception:  # a reporting aid must never break status
+            return {}
+
     def status(self) -> dict[str, Any]:
         """A JSON-safe snapshot for ``edge-agent status`` and telemetry."""
         models = {}
@@ -466,7 +486,7 @@ class Agent:
             "uptime_s": round(time.time() - self.started_at, 1),
             "ready": self.ready(),
             "models": models,
-            "counts": dict(self.counts),
+            "counts": {**dict(self.counts), **self._transport_counts()},
             "rollbacks": self.registry.rollbacks,
             "events": self.registry.events[-20:],
             "memory_used_bytes": self.registry.memory_used(),

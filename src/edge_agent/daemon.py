@@ -23,7 +23,9 @@ from edge_agent.capture import CaptureRing
 from edge_agent.config import AgentConfig
 from edge_agent.device import detect_device_profile
 from edge_agent.errors import ConfigError, EdgefleetError
+from edge_agent.fallback import FallbackTransport
 from edge_agent.store import ModelStore
+from edge_agent.topics import Topics
 from edge_agent.trust import TrustedRoot
 
 log = logging.getLogger("edge_agent.daemon")
@@ -73,8 +75,10 @@ def sd_notify(message: str) -> bool:
     return True
 
 
-def build_agent(config: AgentConfig) -> Agent:
+def build_agent(config: AgentConfig, transport: FallbackTransport | None = None) -> Agent:
     """The agent for ``config``, with every installed model loaded.
+
+    ``transport`` reaches the cloud model (``None``: no cloud fallback).
 
     Raises:
         ConfigError: the provisioned root cannot be read.
@@ -95,7 +99,7 @@ def build_agent(config: AgentConfig) -> Agent:
             capture = CaptureRing(state_dir / "capture", config.capture)
         except OSError as exc:  # a debugging aid must not stop the agent
             log.error("capture disabled: %s", exc)
-    agent = Agent(config, store, capture=capture)
+    agent = Agent(config, store, capture=capture, transport=transport)
     agent.start()
     return agent
 
@@ -140,13 +144,23 @@ def run(config: AgentConfig) -> int:
     from edge_agent.api import ApiMetrics, create_app, serve
 
     setup_logging(config)
-    agent = build_agent(config)
-    sync = None
+    client = None
+    transport: FallbackTransport | None = None
     if config.sync.enabled:
+        from edge_agent.fallback_mqtt import MqttFallbackTransport
+        from edge_agent.sync import sync_client
+
+        client = sync_client(config)
+        if config.fallback.mode != "device_only":
+            # Fallback requests share the sync session (one TLS connection per device).
+            transport = MqttFallbackTransport(client, Topics(config.sync.prefix), config.device_id)
+    agent = build_agent(config, transport)
+    sync = None
+    if client is not None:
         from edge_agent.sync import SyncAgent
 
         try:
-            sync = SyncAgent(config, agent)
+            sync = SyncAgent(config, agent, client=client)
         except EdgefleetError:
             agent.close()
             raise

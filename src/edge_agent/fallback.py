@@ -61,8 +61,19 @@ _DEVICE = Decision(cloud=False)
 class FallbackTransport(Protocol):
     """Sends one inference request to the cloud model and waits for its answer."""
 
-    def request(self, model: str, inputs: Tensors, *, deadline_s: float, reason: str) -> Tensors:
+    def request(
+        self,
+        model: str,
+        inputs: Tensors,
+        *,
+        deadline_s: float,
+        reason: str,
+        device_outputs: Tensors | None = None,
+    ) -> Tensors:
         """Ask the cloud copy of ``model`` to answer ``inputs`` within ``deadline_s`` seconds.
+
+        ``device_outputs`` is the device's own answer when it has one (a hard example), for
+        counting cloud/device disagreement; ``CloudFallback`` passes it only when it is set.
 
         Raises:
             FallbackError: the request failed or timed out (``CloudFallbackError`` with reason
@@ -74,7 +85,15 @@ class FallbackTransport(Protocol):
 class UnavailableTransport:
     """The transport of a device without a cloud connection: every request fails."""
 
-    def request(self, model: str, inputs: Tensors, *, deadline_s: float, reason: str) -> Tensors:
+    def request(
+        self,
+        model: str,
+        inputs: Tensors,
+        *,
+        deadline_s: float,
+        reason: str,
+        device_outputs: Tensors | None = None,
+    ) -> Tensors:
         """Raises: CloudFallbackError: always, with reason ``no_transport``."""
         raise CloudFallbackError("no cloud transport configured", reason="no_transport")
 
@@ -313,7 +332,13 @@ class CloudFallback:
         self._failed, self._by_reason, self._ok = Counter[str](), Counter[str](), 0
 
     def call(
-        self, model: str, inputs: Tensors, reason: str, *, deadline_s: float | None = None
+        self,
+        model: str,
+        inputs: Tensors,
+        reason: str,
+        *,
+        deadline_s: float | None = None,
+        device_outputs: Tensors | None = None,
     ) -> Tensors:
         """Ask the cloud to answer ``inputs`` for ``model``.
 
@@ -342,7 +367,7 @@ class CloudFallback:
             self.breaker.release()
             raise self._fail("budget_exhausted", "cloud fallback budget per minute is spent")
         try:
-            answer = self._request(model, inputs, reason, budget_s)
+            answer = self._request(model, inputs, reason, budget_s, device_outputs)
         except CloudFallbackError as exc:
             if exc.reason == "no_transport":
                 self.breaker.release()
@@ -358,10 +383,28 @@ class CloudFallback:
             self._ok += 1
         return answer
 
-    def _request(self, model: str, inputs: Tensors, reason: str, deadline_s: float) -> Tensors:
+    def _request(
+        self,
+        model: str,
+        inputs: Tensors,
+        reason: str,
+        deadline_s: float,
+        device_outputs: Tensors | None,
+    ) -> Tensors:
         start = self._clock()
         try:
-            answer = self._transport.request(model, inputs, deadline_s=deadline_s, reason=reason)
+            if device_outputs is None:
+                answer = self._transport.request(
+                    model, inputs, deadline_s=deadline_s, reason=reason
+                )
+            else:
+                answer = self._transport.request(
+                    model,
+                    inputs,
+                    deadline_s=deadline_s,
+                    reason=reason,
+                    device_outputs=device_outputs,
+                )
         except Exception as exc:
             # The transport is a plugin boundary: whatever it raises is a failed call.
             if isinstance(exc, CloudFallbackError) and exc.reason in ("no_transport", "deadline"):

@@ -60,7 +60,7 @@ from edge_agent.trust.desired import (
 )
 from edge_agent.uplink import Uplink
 
-__all__ = ["SyncAgent"]
+__all__ = ["SyncAgent", "sync_client"]
 
 log = logging.getLogger("edge_agent.sync")
 
@@ -96,21 +96,7 @@ class SyncAgent:
         self._topics = Topics(sync.prefix)
         self._dir = Path(config.store.state_dir) / "sync"
         self._dir.mkdir(parents=True, exist_ok=True)
-        identity = IdentityStore(Path(sync.identity_dir))
-        self.client = client or MqttClient(
-            MqttConfig(
-                host=sync.host,
-                port=sync.port,
-                device_id=self._device_id,
-                ca_path=identity.ca_path,
-                cert_path=identity.cert_path,
-                key_path=identity.key_path,
-                prefix=sync.prefix,
-                keepalive=sync.keepalive,
-                reconnect_max=sync.reconnect_max_seconds,
-                agent_version=__version__,
-            )
-        )
+        self.client = client or sync_client(config)
         outbox_path = self._dir / "outbox.db"
         try:
             self.outbox = Outbox(outbox_path, sync.outbox_max_bytes)
@@ -537,6 +523,33 @@ class SyncAgent:
     # ------------------------------------------------------------------ helpers
     def _publish(self, topic: str, payload: bytes) -> None:
         self.client.publish(topic, payload, 1, False)
+
+
+def sync_client(config: AgentConfig) -> MqttClient:
+    """The device's MQTT session for ``config.sync`` (not connected yet).
+
+    Shared by the sync loop and the cloud-fallback transport: one TLS session per device.
+
+    Raises:
+        ConfigError: invalid MQTT settings.
+        TransportError: the identity's TLS material cannot be loaded.
+    """
+    sync = config.sync
+    identity = IdentityStore(Path(sync.identity_dir))
+    return MqttClient(
+        MqttConfig(
+            host=sync.host,
+            port=sync.port,
+            device_id=config.device_id,
+            ca_path=identity.ca_path,
+            cert_path=identity.cert_path,
+            key_path=identity.key_path,
+            prefix=sync.prefix,
+            keepalive=sync.keepalive,
+            reconnect_max=sync.reconnect_max_seconds,
+            agent_version=__version__,
+        )
+    )
 
 
 def _resources(model_memory: int) -> Resources:

@@ -69,7 +69,11 @@ class MqttSection:
     cert_path: str = "/etc/edgefleet-server/server.crt"
     key_path: str = "/etc/edgefleet-server/server.key"
     client_id: str = "fleet.server"
-    session_expiry: int = 3600
+    # How long the broker keeps this worker's session (and queues its share of the shared
+    # subscriptions) after a disconnect: enough to ride out a restart, short enough that a
+    # dead worker stops receiving telemetry and fallback requests soon (Mosquitto keeps
+    # assigning shared messages to an offline member's session until it expires).
+    session_expiry: int = 120
 
     def validate(self) -> None:
         _check(bool(self.host), "host must not be empty")
@@ -152,6 +156,27 @@ class SigningConfig:
 
 
 @dataclass(frozen=True)
+class FallbackSection:
+    """Cloud fallback serving: answer devices' fallback requests with cloud models.
+
+    ``models_dir`` holds ``<model name>.onnx`` / ``.tflite`` files served as they are (e.g. the
+    float or a larger model); empty means the published bundles, highest version per name,
+    verified with the builder root and run with their signed preprocessing.
+    """
+
+    enabled: bool = False
+    models_dir: str = ""
+    share_group: str = "fleet-fallback"
+    threads: int = 2
+    max_queue: int = 64
+
+    def validate(self) -> None:
+        _check(bool(self.share_group), "share_group must not be empty")
+        _check(1 <= self.threads <= 64, "threads must be 1..64")
+        _check(1 <= self.max_queue <= 100_000, "max_queue must be 1..100000")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Everything ``fleet-server serve`` needs, validated, with derived paths filled in."""
 
@@ -161,6 +186,7 @@ class ServerConfig:
     gateway: GatewaySection = field(default_factory=GatewaySection)
     api: ApiConfig = field(default_factory=ApiConfig)
     signing: SigningConfig = field(default_factory=SigningConfig)
+    fallback: FallbackSection = field(default_factory=FallbackSection)
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -169,6 +195,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "gateway": GatewaySection,
     "api": ApiConfig,
     "signing": SigningConfig,
+    "fallback": FallbackSection,
 }
 _TOP = ("log_level",)
 
@@ -243,6 +270,7 @@ def _build(data: Mapping[str, Any]) -> ServerConfig:
         gateway=gateway,
         api=sections["api"],
         signing=sections["signing"],
+        fallback=sections["fallback"],
     )
 
 

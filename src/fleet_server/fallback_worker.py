@@ -167,6 +167,10 @@ def _load(artifact: bytes, fmt: str, options: RuntimeOptions | None) -> Runtime:
         raise FallbackServingError(f"cannot load a {fmt} cloud model: {exc}") from exc
 
 
+#: Seconds between two attempts to load the same unknown model.
+RESOLVE_EVERY = 10.0
+
+
 @dataclass(frozen=True)
 class _Job:
     device_id: str
@@ -190,8 +194,13 @@ class FallbackWorker:
         threads: int = 2,
         max_queue: int = 64,
         clock: Callable[[], float] = time.monotonic,
+        resolve: Callable[[str], CloudModel | None] | None = None,
     ) -> None:
         """Prepare (not start) a worker.
+
+        ``resolve(name)`` loads a cloud model the worker does not have yet (e.g. from a bundle
+        published after it started); it is asked at most once per ``RESOLVE_EVERY`` seconds per
+        name, and may raise ``FallbackServingError`` or return None.
 
         Raises:
             FallbackServingError: ``threads`` < 1, ``max_queue`` < 1 or a bad share group.
@@ -203,6 +212,8 @@ class FallbackWorker:
         except ContractError as exc:
             raise FallbackServingError(f"fallback worker: {exc}") from exc
         self._client, self._models, self._topics, self._clock = client, dict(models), topics, clock
+        self._resolve = resolve
+        self._resolved_at: dict[str, float] = {}
         self._jobs: queue.Queue[_Job | None] = queue.Queue(max_queue)
         self._threads = [
             threading.Thread(target=self._work, name=f"fallback-{i}", daemon=True)
@@ -264,7 +275,7 @@ class FallbackWorker:
         except ContractError as exc:
             self._answer_error(reply_to, correlation, "?", "bad_request", str(exc), received, 5.0)
             return
-        if request.model not in self._models:
+        if request.model not in self._models and not self._try_resolve(request.model):
             msg = f"no cloud model {request.model!r}"
             self._answer_error(
                 reply_to, correlation, request.model, "unknown_model", msg, received, 5.0
@@ -279,6 +290,29 @@ class FallbackWorker:
             self._answer_error(
                 reply_to, correlation, request.model, "overloaded", msg, received, expires
             )
+
+    def _try_resolve(self, name: str) -> bool:
+        """Load ``name`` through ``resolve`` (rate-limited per name); True when now served."""
+        if self._resolve is None:
+            return False
+        now = self._clock()
+        with self._lock:
+            last = self._resolved_at.get(name)
+            if last is not None and now - last < RESOLVE_EVERY:
+                return False
+            self._resolved_at[name] = now
+        try:
+            model = self._resolve(name)
+        except EdgefleetError as exc:
+            self._count("resolve_failures")
+            log.warning("cannot load cloud model %r: %s", name, exc)
+            return False
+        if model is None:
+            return False
+        self._models = {**self._models, name: model}  # replaced whole: readers never lock
+        self._count("models_loaded")
+        log.info("cloud model %s v%s loaded", name, model.version)
+        return True
 
     def _own_reply_topic(self, topic: str, device_id: str) -> bool:
         try:

@@ -24,6 +24,7 @@ from securesystemslib.signer import CryptoSigner
 
 from edge_agent.errors import EdgefleetError, TransportTimeoutError
 from edge_agent.mqtt import MqttClient, MqttConfig
+from edge_agent.topics import Topics
 from edge_agent.trust import TrustedRoot
 from edge_agent.trust.desired import SIGNING_ROLE
 from fleet_server.admin import AdminServer, create_app
@@ -31,6 +32,7 @@ from fleet_server.admin_drift import drift_routes
 from fleet_server.config import ApiConfig, ServerConfig
 from fleet_server.drift_service import DriftService
 from fleet_server.errors import ServerConfigError
+from fleet_server.fallback_worker import CloudModel, CloudModels, FallbackWorker
 from fleet_server.gateway import Gateway, GatewayConfig
 from fleet_server.library import BundleLibrary
 from fleet_server.registry import Registry
@@ -139,6 +141,7 @@ def run(
     )
     gateway: Gateway | None = None
     admin: AdminServer | None = None
+    fallback: FallbackWorker | None = None
     try:
         registry.upgrade()
         gateway = Gateway(registry, client, gateway_config)
@@ -159,6 +162,8 @@ def run(
             clock=lambda: datetime.now(UTC),
             ttl=timedelta(seconds=config.signing.desired_ttl_seconds),
         )
+        if config.fallback.enabled:
+            fallback = _start_fallback(config, client, root, library, registry)
         drift = DriftService(registry, library.directory)
         app = create_app(
             service,
@@ -180,15 +185,64 @@ def run(
         stop.wait()
         log.info("fleet server stopping")
     finally:
-        _shutdown(admin, gateway, client, registry)
+        _shutdown(admin, fallback, gateway, client, registry)
     return 0
 
 
+def _start_fallback(
+    config: ServerConfig,
+    client: MqttClient,
+    root: TrustedRoot,
+    library: BundleLibrary,
+    registry: Registry,
+) -> FallbackWorker:
+    """Load the cloud models and start answering fallback requests (shared subscription).
+
+    Without ``models_dir`` the cloud serves the newest published bundle of each model name,
+    loaded when a device first asks for it (so models published later are served too).
+
+    Raises:
+        FallbackServingError: a model in ``models_dir`` cannot be loaded.
+    """
+    f = config.fallback
+
+    def newest_published(name: str) -> CloudModel | None:
+        bundles = registry.list_bundles(name)
+        if not bundles:
+            return None
+        path = library.directory / f"{bundles[-1].sha256}.bundle"
+        models = CloudModels.from_bundles([path], root, now=datetime.now(UTC))
+        return models.get(name)
+
+    models = CloudModels.from_dir(Path(f.models_dir)) if f.models_dir else {}
+    worker = FallbackWorker(
+        client,
+        models,
+        Topics(config.gateway.prefix),
+        f.share_group,
+        threads=f.threads,
+        max_queue=f.max_queue,
+        resolve=None if f.models_dir else newest_published,
+    )
+    worker.start()
+    log.info(
+        "cloud fallback serving %s",
+        ", ".join(sorted(models)) if f.models_dir else "the newest published bundle of each model",
+    )
+    return worker
+
+
 def _shutdown(
-    admin: AdminServer | None, gateway: Gateway | None, client: MqttClient, registry: Registry
+    admin: AdminServer | None,
+    fallback: FallbackWorker | None,
+    gateway: Gateway | None,
+    client: MqttClient,
+    registry: Registry,
 ) -> None:
     if admin is not None:
         admin.stop()
+    if fallback is not None:
+        fallback.close()
     if gateway is not None:
         try:
             gateway.close()

@@ -249,3 +249,32 @@ def test_cloud_models_from_bundles_and_dir_serve_real_digits(
     w.close()
     pred = np.argmax(r.outputs["probabilities"], axis=1)
     assert (pred == digits_bundles.y_eval[:32]).mean() > 0.9
+
+
+def test_unknown_model_is_resolved_once_then_served_and_failures_are_rate_limited() -> None:
+    asked: list[str] = []
+    now = [100.0]
+
+    def resolve(name: str) -> CloudModel | None:
+        asked.append(name)
+        if name == "late":
+            return CloudModel("late", "3", FakeRuntime())  # type: ignore[arg-type]
+        return None
+
+    w, c = make(resolve=resolve, clock=lambda: now[0])
+    w.handle(msg(req(model="late")))  # published after the worker started
+    r = FallbackResponse.from_bytes(c.wait(1)[0][1])
+    assert r.ok
+    assert r.model_version == "3"
+    w.handle(msg(req(model="late")))
+    assert FallbackResponse.from_bytes(c.wait(2)[1][1]).ok
+    assert asked == ["late"]  # loaded once, then served from memory
+    for _ in range(3):  # a name nobody published: asked once per RESOLVE_EVERY
+        w.handle(msg(req(model="ghost")))
+    assert asked == ["late", "ghost"]
+    assert FallbackResponse.from_bytes(c.wait(5)[4][1]).error_code == "unknown_model"
+    now[0] += 11.0
+    w.handle(msg(req(model="ghost")))
+    assert asked == ["late", "ghost", "ghost"]
+    w.close()
+    assert w.stats()["models_loaded"] == 1
