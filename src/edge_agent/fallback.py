@@ -11,6 +11,7 @@ answering locally when the cloud fails (the caller), or validation and drift (th
 
 from __future__ import annotations
 
+import inspect
 import math
 import threading
 from collections import Counter, deque
@@ -325,6 +326,13 @@ class CloudFallback:
         """
         config.validate()
         self._transport, self._clock = transport, clock
+        # Transports written against the first protocol take no device_outputs: keep them
+        # working (they just cannot count disagreements).
+        try:
+            params = set(inspect.signature(transport.request).parameters)
+        except (TypeError, ValueError):
+            params = set()
+        self._takes_device_outputs = "device_outputs" in params
         self._deadline_s = config.deadline_ms / 1000.0
         self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_reset_seconds, clock)
         self.budget = MinuteBudget(config.max_per_minute, clock)
@@ -393,7 +401,7 @@ class CloudFallback:
     ) -> Tensors:
         start = self._clock()
         try:
-            if device_outputs is None:
+            if device_outputs is None or not self._takes_device_outputs:
                 answer = self._transport.request(
                     model, inputs, deadline_s=deadline_s, reason=reason
                 )

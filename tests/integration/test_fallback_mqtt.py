@@ -169,7 +169,12 @@ def test_prefer_device_with_a_hard_example_and_disagreement_counters(
     res = a.infer(InferenceRequest("digits", {"input": x}))
     assert res.source == "cloud"
     assert res.parameters["fallback_reason"] == "low_confidence"
-    # The device's own answer travels along: both sides count the comparison.
+    # The agent sent its own answer along with the hard example: the comparison is counted.
+    assert transport.stats()["compared"] == 1
+    assert transport.stats()["compared_rows"] == 16
+    agreeing = transport.stats()["disagree_rows"]
+    assert a.status()["counts"]["fallback_compared_rows"] == 16  # reaches telemetry counts
+    # A device answer that disagrees everywhere: both sides count every row.
     local = a.infer(InferenceRequest("digits", {"input": x})).outputs  # cloud again
     transport.request(
         "digits",
@@ -179,11 +184,11 @@ def test_prefer_device_with_a_hard_example_and_disagreement_counters(
         device_outputs={"probabilities": np.roll(np.asarray(local["probabilities"]), 1, axis=1)},
     )
     s = transport.stats()
-    assert s["compared"] == 1
-    assert s["compared_rows"] == 16
-    assert s["disagree_rows"] == 16
-    assert transport.telemetry_counts()["fallback_disagree_rows"] == 16
-    assert w.stats()["disagree_rows"] == 16
+    assert s["compared"] == 3
+    assert s["compared_rows"] == 48
+    assert s["disagree_rows"] - 2 * agreeing == 16
+    assert transport.telemetry_counts()["fallback_disagree_rows"] == s["disagree_rows"]
+    assert w.stats()["disagree_rows"] == s["disagree_rows"]
 
 
 def test_deadline_miss_is_typed_and_opens_the_breaker(
