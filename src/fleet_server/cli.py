@@ -38,6 +38,7 @@ from fleet_server.broker_config import BrokerConfig, write_broker_config
 from fleet_server.ca import CertificateAuthority
 from fleet_server.cli_admin import register_admin_commands
 from fleet_server.cli_drift import register_drift_commands
+from fleet_server.cli_rollouts import register_rollout_commands
 from fleet_server.errors import (
     AdminApiError,
     AdminAuthError,
@@ -54,6 +55,7 @@ from fleet_server.errors import (
     PkiError,
     RegistryError,
     RegistryUnavailableError,
+    RolloutError,
     ServerConfigError,
 )
 
@@ -65,6 +67,7 @@ EXIT_CODES: dict[type[EdgefleetError], int] = {
     BrokerConfigError: EXIT_BAD_INPUT,
     ServerConfigError: EXIT_BAD_INPUT,
     FleetDriftError: EXIT_BAD_INPUT,
+    RolloutError: EXIT_BAD_INPUT,
     FallbackServingError: EXIT_RUNTIME,
     RegistryError: EXIT_BAD_INPUT,
     RegistryUnavailableError: EXIT_RUNTIME,
@@ -287,6 +290,7 @@ def serve(config_path: Path) -> int:
 
 register_admin_commands(cli, devices)
 register_drift_commands(cli)
+register_rollout_commands(cli)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,13 +29,16 @@ from edge_agent.trust import TrustedRoot
 from edge_agent.trust.desired import SIGNING_ROLE
 from fleet_server.admin import AdminServer, create_app
 from fleet_server.admin_drift import drift_routes
+from fleet_server.admin_rollouts import rollout_routes
 from fleet_server.config import ApiConfig, ServerConfig
 from fleet_server.drift_service import DriftService
 from fleet_server.errors import ServerConfigError
 from fleet_server.fallback_worker import CloudModel, CloudModels, FallbackWorker
 from fleet_server.gateway import Gateway, GatewayConfig
+from fleet_server.leader import leader_lock
 from fleet_server.library import BundleLibrary
 from fleet_server.registry import Registry
+from fleet_server.rollout_runner import RolloutRunner
 from fleet_server.service import FleetService
 
 __all__ = ["load_online_signer", "read_admin_token", "run"]
@@ -142,6 +145,7 @@ def run(
     gateway: Gateway | None = None
     admin: AdminServer | None = None
     fallback: FallbackWorker | None = None
+    runner: RolloutRunner | None = None
     try:
         registry.upgrade()
         gateway = Gateway(registry, client, gateway_config)
@@ -165,12 +169,23 @@ def run(
         if config.fallback.enabled:
             fallback = _start_fallback(config, client, root, library, registry)
         drift = DriftService(registry, library.directory)
+        # Every worker takes rollout commands; only the holder of the leader lock steps them.
+        runner = RolloutRunner(
+            registry,
+            service,
+            clock=lambda: datetime.now(UTC),
+            lock=leader_lock(registry.engine, "rollout-engine"),
+        )
+        runner.start()
         app = create_app(
             service,
             token,
             max_request_bytes=config.api.max_request_bytes,
             max_upload_bytes=config.api.max_upload_bytes,
-            extra_routes=(lambda guard: drift_routes(drift, guard),),
+            extra_routes=(
+                lambda guard: drift_routes(drift, guard),
+                lambda guard: rollout_routes(runner, guard),
+            ),
         )
         admin = AdminServer(app, config.api.host, config.api.port)
         admin.start()
@@ -185,7 +200,7 @@ def run(
         stop.wait()
         log.info("fleet server stopping")
     finally:
-        _shutdown(admin, fallback, gateway, client, registry)
+        _shutdown(admin, runner, fallback, gateway, client, registry)
     return 0
 
 
@@ -234,6 +249,7 @@ def _start_fallback(
 
 def _shutdown(
     admin: AdminServer | None,
+    runner: RolloutRunner | None,
     fallback: FallbackWorker | None,
     gateway: Gateway | None,
     client: MqttClient,
@@ -241,6 +257,8 @@ def _shutdown(
 ) -> None:
     if admin is not None:
         admin.stop()
+    if runner is not None:
+        runner.close()
     if fallback is not None:
         fallback.close()
     if gateway is not None:

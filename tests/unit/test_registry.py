@@ -72,7 +72,7 @@ def test_upgrade_creates_schema_on_empty_db_and_is_idempotent(db_url: str) -> No
     assert reg.current_revision() is None
     reg.upgrade()
     reg.upgrade()
-    assert reg.current_revision() == "0001"
+    assert reg.current_revision() == Registry.head_revision() == "0003"
     tables = set(inspect(reg.engine).get_table_names())
     assert {"devices", "bundles", "desired_states", "telemetry", "device_seq"} <= tables
     with reg.engine.connect() as conn:
@@ -423,3 +423,22 @@ def test_ingest_many_database_failure_stores_nothing(reg: Registry) -> None:
         reg.ingest_many([("cam-1", entries(1), None), ("cam-2", entries(1), None)])
     assert row_count(reg, "cam-1") == 0
     assert reg.seq_state("cam-1").acked_upto == 0
+
+
+def test_re_enrolled_device_starts_a_new_sequence_epoch(tmp_path: Path) -> None:
+    """A replaced device (fresh outbox, seqs from 1 again) is not taken for duplicates."""
+    reg = Registry.open(f"sqlite:///{tmp_path / 'r.db'}")
+    reg.upgrade()
+    reg.enroll("cam-9")
+    first = reg.ingest("cam-9", [TelemetryEntry(1, "report"), TelemetryEntry(2, "report")])
+    assert first.acked_upto == 2
+    reg.revoke("cam-9")
+    assert reg.enroll("cam-9").epoch == 2
+    assert reg.seq_state("cam-9").acked_upto == 0
+    again = reg.ingest("cam-9", [TelemetryEntry(1, "report")])
+    assert again.inserted == 1
+    assert again.duplicates == 0
+    assert again.acked_upto == 1
+    rows = reg.telemetry(device_id="cam-9")
+    assert [(t.epoch, t.seq) for t in rows] == [(1, 1), (1, 2), (2, 1)]
+    reg.close()

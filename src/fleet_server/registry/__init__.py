@@ -17,6 +17,12 @@ from fleet_server.errors import (
     TelemetryRejectedError,
     UnknownDeviceError,
 )
+from fleet_server.registry.rollouts import (
+    QuarantineRecord,
+    RolloutEvent,
+    rollout_from_dict,
+    rollout_to_dict,
+)
 from fleet_server.registry.store import (
     BundleRecord,
     DesiredRecord,
@@ -36,12 +42,16 @@ __all__ = [
     "DeviceRecord",
     "DeviceRevokedError",
     "IngestResult",
+    "QuarantineRecord",
     "Registry",
     "RegistryError",
     "RegistryUnavailableError",
+    "RolloutEvent",
     "SeqState",
     "StoredTelemetry",
     "TelemetryEntry",
     "TelemetryRejectedError",
     "UnknownDeviceError",
+    "rollout_from_dict",
+    "rollout_to_dict",
 ]

@@ -98,6 +98,9 @@ class Device(Base):
     enrolled_at: Mapped[datetime] = mapped_column()
     revoked_at: Mapped[datetime | None] = mapped_column()
     cert_serial: Mapped[str | None] = mapped_column(String(64))
+    # Incremented by every re-enrollment: a replaced device starts its outbox seqs at 1 again,
+    # so telemetry is keyed by (device, epoch, seq) and the seq state restarts with the epoch.
+    epoch: Mapped[int] = mapped_column(BigInteger, default=1, server_default="1")
     last_seen: Mapped[datetime | None] = mapped_column()
     reported: Mapped[dict[str, Any] | None] = mapped_column()
     reported_at: Mapped[datetime | None] = mapped_column()
@@ -134,11 +137,11 @@ class DesiredStateRow(Base):
 
 
 class TelemetryRow(Base):
-    """One stored telemetry entry (report or event); ``(device_id, seq)`` is the dedupe key."""
+    """One stored telemetry entry (report or event); deduplicated by ``(device_id, epoch, seq)``."""
 
     __tablename__ = "telemetry"
     __table_args__ = (
-        UniqueConstraint("device_id", "seq"),
+        UniqueConstraint("device_id", "epoch", "seq"),
         Index("ix_telemetry_received_at", "received_at"),
     )
 
@@ -149,6 +152,7 @@ class TelemetryRow(Base):
     device_id: Mapped[str] = mapped_column(
         String(ID_LEN), ForeignKey("devices.id", ondelete="CASCADE")
     )
+    epoch: Mapped[int] = mapped_column(BigInteger, default=1, server_default="1")
     seq: Mapped[int] = mapped_column(BigInteger)
     kind: Mapped[str] = mapped_column(String(64))
     received_at: Mapped[datetime] = mapped_column()
@@ -173,3 +177,8 @@ class DeviceSeq(Base):
     gaps: Mapped[int] = mapped_column(BigInteger, default=0)
     lost: Mapped[int] = mapped_column(BigInteger, default=0)
     duplicates: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+# The rollout tables live in their own module on the same Base; importing it here puts them in
+# ``Base.metadata`` for Alembic and for every user of this module (it imports this one first).
+from fleet_server.registry import rollout_models as _rollout_models  # noqa: E402, F401

@@ -40,6 +40,7 @@ from typing import Any, Final
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event, func, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
@@ -105,6 +106,7 @@ class DeviceRecord:
     last_seen: datetime | None
     reported: Mapping[str, Any] | None
     reported_at: datetime | None
+    epoch: int = 1
 
     @property
     def revoked(self) -> bool:
@@ -155,6 +157,7 @@ class StoredTelemetry:
     kind: str
     received_at: datetime
     payload: Mapping[str, Any]
+    epoch: int = 1
 
 
 @dataclass(frozen=True)
@@ -286,6 +289,15 @@ class Registry:
             cfg.attributes["connection"] = conn
             run(cfg, revision)
 
+    @staticmethod
+    def head_revision() -> str:
+        """The newest schema revision this code ships (what ``upgrade()`` migrates to)."""
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        head = ScriptDirectory.from_config(cfg).get_current_head()
+        assert head is not None  # the package ships at least one revision
+        return head
+
     def current_revision(self) -> str | None:
         """The schema's Alembic revision (None for an empty database).
 
@@ -319,8 +331,14 @@ class Registry:
             if row is not None and row.revoked_at is None:
                 raise DeviceExistsError(f"device {device_id!r} is already enrolled")
             if row is None:
-                row = Device(id=device_id)
+                row = Device(id=device_id, epoch=1)
                 s.add(row)
+            else:
+                # Re-enrollment: a new sequence epoch (the device's outbox may start at 1).
+                row.epoch = (row.epoch or 1) + 1
+                seq_row = s.get(DeviceSeq, device_id)
+                if seq_row is not None:
+                    s.delete(seq_row)
             row.group = group
             row.tags = dict(tags or {})
             row.enrolled_at = now
@@ -618,10 +636,11 @@ class Registry:
             # not reloaded the CRL yet; the gateway drops and counts the message.
             raise DeviceRevokedError(f"device {device_id!r} is revoked")
         state = _locked_seq(s, self._dialect, device_id)
+        epoch = dev.epoch
         start = state.acked_upto
         inserted: list[int] = []
         for i in range(0, len(rows), _INSERT_CHUNK):
-            chunk = [{**r, "received_at": now} for r in rows[i : i + _INSERT_CHUNK]]
+            chunk = [{**r, "epoch": epoch, "received_at": now} for r in rows[i : i + _INSERT_CHUNK]]
             inserted.extend(s.scalars(self._insert_ignore(chunk)))
         recovered = sum(1 for q in inserted if q <= start)
         mark, lost = start, 0
@@ -631,16 +650,19 @@ class Registry:
                 .select_from(TelemetryRow)
                 .where(
                     TelemetryRow.device_id == device_id,
+                    TelemetryRow.epoch == epoch,
                     TelemetryRow.seq > mark,
                     TelemetryRow.seq < floor,
                 )
             )
             lost = (floor - 1 - mark) - int(have or 0)
             mark = floor - 1
-        mark = _advance(s, device_id, mark)
+        mark = _advance(s, device_id, epoch, mark)
         top, above = s.execute(
             select(func.max(TelemetryRow.seq), func.count()).where(
-                TelemetryRow.device_id == device_id, TelemetryRow.seq > mark
+                TelemetryRow.device_id == device_id,
+                TelemetryRow.epoch == epoch,
+                TelemetryRow.seq > mark,
             )
         ).one()
         gaps = 0 if top is None else int(top) - mark - int(above)
@@ -692,13 +714,13 @@ class Registry:
         stmt = stmt.order_by(TelemetryRow.id).limit(max(1, min(limit, 10_000)))
         with self._read("reading telemetry") as s:
             return [
-                StoredTelemetry(r.id, r.device_id, r.seq, r.kind, r.received_at, r.payload)
+                StoredTelemetry(r.id, r.device_id, r.seq, r.kind, r.received_at, r.payload, r.epoch)
                 for r in s.scalars(stmt)
             ]
 
     # ----------------------------------------------------------------- internals
     def _insert_ignore(self, chunk: list[dict[str, Any]]) -> Any:
-        keys = ["device_id", "seq"]
+        keys = ["device_id", "epoch", "seq"]
         if self._dialect == "postgresql":
             pg = (
                 postgresql.insert(TelemetryRow)
@@ -790,12 +812,16 @@ def _locked_seq(s: Session, dialect: str, device_id: str) -> DeviceSeq:
     return row
 
 
-def _advance(s: Session, device_id: str, mark: int) -> int:
+def _advance(s: Session, device_id: str, epoch: int, mark: int) -> int:
     """Move ``mark`` up through stored seqs ``mark+1, mark+2, ...`` until the first hole."""
     while True:
         seqs = s.scalars(
             select(TelemetryRow.seq)
-            .where(TelemetryRow.device_id == device_id, TelemetryRow.seq > mark)
+            .where(
+                TelemetryRow.device_id == device_id,
+                TelemetryRow.epoch == epoch,
+                TelemetryRow.seq > mark,
+            )
             .order_by(TelemetryRow.seq)
             .limit(_SCAN_CHUNK)
         ).all()
@@ -876,6 +902,7 @@ def _device(r: Device) -> DeviceRecord:
         last_seen=r.last_seen,
         reported=None if r.reported is None else dict(r.reported),
         reported_at=r.reported_at,
+        epoch=r.epoch,
     )
 
 
