@@ -97,3 +97,45 @@ def build_digits_bundles(out: Path) -> DigitsBundles:
         _variant(manifest, artifact, keys, 5, now, inputs=inputs)
     )
     return DigitsBundles(keys, out, ex.x_eval, ex.y_eval)
+
+
+def misnormalised_bundle(bundles: DigitsBundles, version: int, out: Path) -> Path:
+    """A degraded digits bundle that installs cleanly but answers badly in the field.
+
+    Its declared preprocessing scales the inputs wrongly (x0.25 on top of the standardisation),
+    as a build with a normalisation mistake would; its golden samples were computed through that
+    same preprocessing, so the device's health check passes. Its output baseline is the good
+    model's: in the field its predictions drift and its confidence drops.
+    """
+    from edge_agent.bundle import read_bundle
+    from edge_agent.contract import Preprocessing
+    from edge_agent.runtime.base import load_runtime
+
+    now = datetime.now(UTC)
+    good = read_bundle(
+        bundles.path(1), bundles.keys.trusted_root(), now=now, installed_version=None, device=None
+    )
+    m = good.manifest
+    spec = m.inputs.tensors[0]
+    pre = spec.preprocessing
+    wrong = Preprocessing(
+        "affine", tuple(s * 0.25 for s in pre.scale), tuple(o * 0.25 for o in pre.offset)
+    )
+    wrong_spec = dataclasses.replace(spec, preprocessing=wrong)
+    runtime = load_runtime(good.artifact, m.artifact.format)
+    try:
+        dtypes = {i.name: i.dtype for i in runtime.inputs}
+        golden = []
+        for g in m.golden:
+            raw = np.asarray(g.inputs[spec.name], dtype=np.float64)
+            got = runtime.run({spec.name: wrong.apply(raw, dtypes.get(spec.name, spec.dtype))})
+            expected = {k: np.asarray(v).tolist() for k, v in got.items() if k in g.expected}
+            golden.append(dataclasses.replace(g, expected=expected, label=None))
+    finally:
+        runtime.close()
+    inputs = dataclasses.replace(m.inputs, tensors=(wrong_spec,))
+    path = out / f"digits-{version}-misnormalised.efb"
+    path.write_bytes(
+        _variant(m, good.artifact, bundles.keys, version, now, inputs=inputs, golden=tuple(golden))
+    )
+    return path

@@ -21,11 +21,9 @@ from edge_agent.agent import Agent
 from edge_agent.bundle import read_raw
 from edge_agent.config import AgentConfig, ModelPolicy, StoreConfig, SyncConfig
 from edge_agent.contract import BundleManifest
-from edge_agent.device import detect_device_profile
+from edge_agent.daemon import ControlLoop, build_device
 from edge_agent.mqtt import MqttClient, MqttConfig
-from edge_agent.store import ModelStore
 from edge_agent.sync import SyncAgent
-from edge_agent.trust import TrustedRoot
 from edge_agent.trust.desired import ModelAssignment
 from fleet_server.desired import make_desired_state, sign_desired_state
 from fleet_server.gateway import Gateway, GatewayConfig
@@ -53,8 +51,11 @@ class Device:
     config: AgentConfig
     agent: Agent
     sync: SyncAgent
+    control: ControlLoop
 
     def close(self) -> None:
+        self.control.stop.set()
+        self.control.join(5)
         self.sync.close()
         self.agent.close()
 
@@ -193,11 +194,11 @@ def agent_config(
 
 
 def start_device(config: AgentConfig) -> Device:
-    """A running agent (real onnxruntime) with its sync loop."""
-    root = TrustedRoot.from_bytes(Path(config.store.root_path).read_bytes())
-    store = ModelStore(Path(config.store.state_dir), root, detect_device_profile())
-    agent = Agent(config, store)
-    agent.start()
-    sync_agent = SyncAgent(config, agent)
+    """A running agent (real onnxruntime) with its sync loop, wired exactly as the daemon does
+    (one MQTT session for sync and, unless ``device_only``, the cloud-fallback transport)."""
+    agent, sync_agent = build_device(config)
+    assert sync_agent is not None, "start_device needs [sync] enabled"
     sync_agent.start()
-    return Device(config.device_id, config, agent, sync_agent)
+    control = ControlLoop(agent)  # probation verdicts and drift windows, as in the daemon
+    control.start()
+    return Device(config.device_id, config, agent, sync_agent, control)

@@ -12,7 +12,7 @@ import logging
 import random
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -75,6 +75,8 @@ class Agent:
         self._shadows: dict[str, ShadowRunner] = {}
         self._control = threading.RLock()
         self.counts: Counter[str] = Counter()
+        # Answers per model name by source (device/cloud): the per-model fallback rate.
+        self._sources: defaultdict[str, Counter[str]] = defaultdict(Counter)
         self.drift_windows: deque[tuple[str, int, DriftWindow]] = deque(maxlen=1000)
         self.started_at = time.time()
 
@@ -183,6 +185,18 @@ class Agent:
             self.registry.rollback(name, reason, failed=False)
             if self._activate(name) is None:
                 raise ModelStoreError(f"{name}: the version rolled back to cannot be served")
+
+    def revert_to(self, name: str, version: int, reason: str) -> None:
+        """Serve the kept ``version`` of ``name`` again (the fleet server sent it back).
+
+        Raises:
+            ModelNotFoundError: ``version`` is not installed.
+            ModelStoreError: ``version`` failed here before, or cannot be served.
+        """
+        with self._control:
+            self.registry.revert_to(name, version, reason)
+            if self._activate(name) is None:
+                raise ModelStoreError(f"{name} v{version} cannot be served")
 
     def reload_changed(self) -> list[str]:
         """Pick up installs and rollbacks made by another process (the CLI); names reloaded."""
@@ -399,6 +413,7 @@ class Agent:
                 name, entry.pipeline.version, result.validation.feeds, result.outputs
             )
         self.counts["device"] += 1
+        self._sources[name]["device"] += 1
         return InferenceResult(name, version, result.outputs, SOURCE_DEVICE, params)
 
     def _run_local(self, entry: Loaded, request: InferenceRequest) -> PipelineResult:
@@ -428,6 +443,7 @@ class Agent:
             request.model, request.inputs, reason, device_outputs=device_outputs
         )
         self.counts["cloud"] += 1
+        self._sources[request.model]["cloud"] += 1
         version = str(entry.pipeline.version) if entry is not None else "cloud"
         return InferenceResult(
             request.model,
@@ -476,6 +492,8 @@ class Agent:
                 "rejects_by_reason": dict(p.rejects_by_reason),
                 "dropped_rows_by_reason": dict(p.dropped_rows_by_reason),
                 "latency": p.latency_quantiles(),
+                "latency_buckets": p.latency_histogram(),
+                "sources": dict(self._sources.get(key.split("@", 1)[0], {})),
                 "drift": last,
                 "kll": p.kll_summary() if p.kll else None,
                 "shadow": self._shadows[key].stats() if key in self._shadows else None,
@@ -484,6 +502,7 @@ class Agent:
         return {
             "version": __version__,
             "uptime_s": round(time.time() - self.started_at, 1),
+            "started_at": self.started_at,
             "ready": self.ready(),
             "models": models,
             "counts": {**dict(self.counts), **self._transport_counts()},

@@ -16,7 +16,7 @@ import socket
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_agent.agent import Agent
 from edge_agent.capture import CaptureRing
@@ -27,6 +27,9 @@ from edge_agent.fallback import FallbackTransport
 from edge_agent.store import ModelStore
 from edge_agent.topics import Topics
 from edge_agent.trust import TrustedRoot
+
+if TYPE_CHECKING:
+    from edge_agent.sync import SyncAgent
 
 log = logging.getLogger("edge_agent.daemon")
 TICK_SECONDS = 1.0
@@ -104,6 +107,34 @@ def build_agent(config: AgentConfig, transport: FallbackTransport | None = None)
     return agent
 
 
+def build_device(config: AgentConfig) -> tuple[Agent, SyncAgent | None]:
+    """The agent and, with ``[sync] enabled``, its fleet-sync loop (not started yet).
+
+    One MQTT session serves both sync and, unless the fallback mode is ``device_only``, the
+    cloud-fallback transport.
+
+    Raises:
+        ConfigError: the provisioned root or the MQTT settings are unusable.
+        TransportError: the device identity's TLS material cannot be loaded.
+        ModelStoreError, OutboxError: the state directory is unusable.
+    """
+    if not config.sync.enabled:
+        return build_agent(config), None
+    from edge_agent.fallback_mqtt import MqttFallbackTransport
+    from edge_agent.sync import SyncAgent, sync_client
+
+    client = sync_client(config)
+    transport: FallbackTransport | None = None
+    if config.fallback.mode != "device_only":
+        transport = MqttFallbackTransport(client, Topics(config.sync.prefix), config.device_id)
+    agent = build_agent(config, transport)
+    try:
+        return agent, SyncAgent(config, agent, client=client)
+    except EdgefleetError:
+        agent.close()
+        raise
+
+
 class ControlLoop(threading.Thread):
     """Runs ``agent.tick`` every second and reloads CLI changes; pings the watchdog."""
 
@@ -144,26 +175,8 @@ def run(config: AgentConfig) -> int:
     from edge_agent.api import ApiMetrics, create_app, serve
 
     setup_logging(config)
-    client = None
-    transport: FallbackTransport | None = None
-    if config.sync.enabled:
-        from edge_agent.fallback_mqtt import MqttFallbackTransport
-        from edge_agent.sync import sync_client
-
-        client = sync_client(config)
-        if config.fallback.mode != "device_only":
-            # Fallback requests share the sync session (one TLS connection per device).
-            transport = MqttFallbackTransport(client, Topics(config.sync.prefix), config.device_id)
-    agent = build_agent(config, transport)
-    sync = None
-    if client is not None:
-        from edge_agent.sync import SyncAgent
-
-        try:
-            sync = SyncAgent(config, agent, client=client)
-        except EdgefleetError:
-            agent.close()
-            raise
+    agent, sync = build_device(config)
+    if sync is not None:
         sync.start()
         log.info("fleet sync: %s:%d as %s", config.sync.host, config.sync.port, config.device_id)
     control = ControlLoop(agent)

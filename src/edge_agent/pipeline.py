@@ -13,6 +13,7 @@ import logging
 import queue
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,6 +27,7 @@ from edge_agent.drift.monitor import DriftWindow, MonitorPolicy
 from edge_agent.errors import InferenceError, InputValidationError
 from edge_agent.probation import ProbationStats
 from edge_agent.runtime.base import Runtime
+from edge_agent.telemetry import LATENCY_BUCKETS_MS
 from edge_agent.validation import ROW_REASONS, ValidationResult, Validator
 
 Array = npt.NDArray[Any]
@@ -33,6 +35,8 @@ log = logging.getLogger("edge_agent.pipeline")
 BLOCK = 256
 _LATENCY_SAMPLES = 2048  # a power of two: the ring index is a mask
 _LATENCY_MASK = _LATENCY_SAMPLES - 1
+# Upper edges of the telemetry latency buckets, in seconds (bucket i: edge[i-1] < s <= edge[i]).
+_BUCKET_EDGES_S = tuple(ms / 1000.0 for ms in LATENCY_BUCKETS_MS)
 
 
 class PipelineResult:
@@ -223,6 +227,8 @@ class ModelPipeline:
         self.loaded_at = clock()
         self.requests = 0
         self.rows = 0
+        # Cumulative request counts per telemetry latency bucket (LATENCY_BUCKETS_MS).
+        self._lat_buckets = [0] * (len(_BUCKET_EDGES_S) + 1)
         self.errors = 0
         self.rejects = 0
         self.rejects_by_reason: dict[str, int] = {}
@@ -301,6 +307,7 @@ class ModelPipeline:
                 )
         self._lat[self._lat_n & _LATENCY_MASK] = result.latency_s
         self._lat_n += 1
+        self._lat_buckets[bisect_left(_BUCKET_EDGES_S, result.latency_s)] += 1
         self._sketch(checked.feeds, result.outputs)
 
     def preprocess(self, raw: Mapping[str, Array]) -> dict[str, Array]:
@@ -414,6 +421,11 @@ class ModelPipeline:
             return ProbationStats(
                 self.requests, self.errors, self.rejects, p99, self._clock() - self.loaded_at
             )
+
+    def latency_histogram(self) -> list[int]:
+        """Successful requests per telemetry latency bucket since load (cumulative)."""
+        with self._lock:
+            return list(self._lat_buckets)
 
     def latency_quantiles(self) -> dict[str, float]:
         with self._lock:

@@ -236,6 +236,16 @@ class Registry:
         self.rollbacks += 1
         self._event(name, state.active, "rollback", reason)
 
+    def revert_to(self, name: str, version: int, reason: str) -> None:
+        """Switch ``name`` back to the kept ``version`` in the store (caller activates it).
+
+        Raises:
+            ModelNotFoundError, ModelStoreError: see ``ModelStore.revert_to``.
+        """
+        self.store.revert_to(name, version, reason)
+        self.rollbacks += 1
+        self._event(name, version, "rollback", reason)
+
     def _fall_back(self, name: str, reason: str) -> bool:
         try:
             self.store.rollback(name, reason)

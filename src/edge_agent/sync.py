@@ -327,12 +327,9 @@ class SyncAgent:
         if record is not None and record.status == "failed":
             self._outcomes[name] = ("failed", f"failed on this device before: {record.reason}")
             return
-        if record is not None:
-            if st.last_good(exclude=st.active) == a.version:
-                self._agent.rollback(name, f"desired state names v{a.version}")
-                self._outcomes[name] = ("installed", "")
-            else:
-                self._outcomes[name] = ("failed", f"v{a.version} is kept but cannot be activated")
+        if record is not None:  # kept on disk, not failed: the server sends the device back
+            self._agent.revert_to(name, a.version, f"desired state names v{a.version}")
+            self._outcomes[name] = ("installed", "")
             return
         if a.version < st.high_water:
             self._outcomes[name] = (

@@ -960,7 +960,9 @@ def report_from_status(
         seq=seq,
         window_start=now if window_start is None else window_start,
         window_end=now,
-        started_at=max(0.0, now - uptime),
+        # The agent's own start time when it gives one: ``now - uptime`` jitters with rounding,
+        # and consumers take a changed started_at for a restart.
+        started_at=_finite(status.get("started_at")) or max(0.0, now - uptime),
         agent_version=str(status.get("version", ""))[:64],
         models=models,
         counts=_ints_of(status.get("counts")),

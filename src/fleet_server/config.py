@@ -177,6 +177,16 @@ class FallbackSection:
 
 
 @dataclass(frozen=True)
+class RolloutsSection:
+    """The rollout engine: how often the leader judges gates and moves waves."""
+
+    interval_seconds: float = 5.0
+
+    def validate(self) -> None:
+        _check(0.1 <= self.interval_seconds <= 3600, "interval_seconds must be 0.1..3600")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Everything ``fleet-server serve`` needs, validated, with derived paths filled in."""
 
@@ -187,6 +197,7 @@ class ServerConfig:
     api: ApiConfig = field(default_factory=ApiConfig)
     signing: SigningConfig = field(default_factory=SigningConfig)
     fallback: FallbackSection = field(default_factory=FallbackSection)
+    rollouts: RolloutsSection = field(default_factory=RolloutsSection)
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -196,6 +207,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "api": ApiConfig,
     "signing": SigningConfig,
     "fallback": FallbackSection,
+    "rollouts": RolloutsSection,
 }
 _TOP = ("log_level",)
 
@@ -271,6 +283,7 @@ def _build(data: Mapping[str, Any]) -> ServerConfig:
         api=sections["api"],
         signing=sections["signing"],
         fallback=sections["fallback"],
+        rollouts=sections["rollouts"],
     )
 
 

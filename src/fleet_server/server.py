@@ -174,6 +174,7 @@ def run(
             registry,
             service,
             clock=lambda: datetime.now(UTC),
+            interval=config.rollouts.interval_seconds,
             lock=leader_lock(registry.engine, "rollout-engine"),
         )
         runner.start()

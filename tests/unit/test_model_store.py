@@ -17,6 +17,7 @@ from edge_agent import durable
 from edge_agent.errors import (
     BundleFormatError,
     DigestMismatchError,
+    ModelNotFoundError,
     ModelStoreError,
     RollbackError,
 )
@@ -87,6 +88,24 @@ def test_rollback_without_good_version_is_refused(tmp_path: Path, keys: KeyStore
     store.install(bundle_file(tmp_path, keys, 1))
     with pytest.raises(ModelStoreError, match="no other good version"):
         store.rollback("digits", "manual")
+
+
+def test_server_revert_to_a_kept_version_still_on_probation(tmp_path: Path, keys: KeyStore) -> None:
+    store = open_store(tmp_path / "state", keys)
+    store.install(bundle_file(tmp_path, keys, 1))  # never finished probation
+    store.install(bundle_file(tmp_path, keys, 2))
+    state = store.revert_to("digits", 1, "rollout aborted")
+    assert state.active == 1
+    assert state.record(2).status == "rolled_back"  # not failed: it may be sent again later
+    assert "rollout aborted" in state.events[-1]["detail"]
+    assert store.load("digits").manifest.version == 1
+    store.install(bundle_file(tmp_path, keys, 3))
+    failed = store.fail_to("digits", 1, "health check")
+    assert failed.record(3).status == "failed"
+    with pytest.raises(ModelStoreError, match="failed here before"):
+        store.revert_to("digits", 3, "no")
+    with pytest.raises(ModelNotFoundError):
+        store.revert_to("digits", 9, "no")
 
 
 def test_install_of_older_version_is_refused_even_after_local_rollback(

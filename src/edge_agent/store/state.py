@@ -153,6 +153,27 @@ class ModelState:
             now, "rollback", target, f"from v{left}: {reason}"
         )
 
+    def revert_to(self, target: int, reason: str, now: str) -> ModelState:
+        """Make a kept, not failed ``target`` active again; the left version is ``rolled_back``.
+
+        What the fleet server asks when it sends a device back (a rollout aborted on quality):
+        the previous version may still be on probation, and the left one has not failed here.
+
+        Raises:
+            ModelNotFoundError: ``target`` is not installed.
+            ModelStoreError: ``target`` failed on this device before.
+        """
+        rec = self.record(target)
+        if rec.status == "failed":
+            raise ModelStoreError(f"{self.name} v{target} failed here before ({rec.reason})")
+        left = self.active
+        if left == target:
+            return self
+        state = self if left is None else self.set_status(left, "rolled_back", reason, now)
+        return replace(state, active=target)._event(
+            now, "rollback", target, f"from v{left}: {reason}"
+        )
+
     def last_good(self, exclude: int | None = None) -> int | None:
         """Newest version marked good, other than ``exclude``."""
         good = [r.version for r in self.versions if r.status == "good" and r.version != exclude]

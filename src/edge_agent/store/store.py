@@ -252,6 +252,17 @@ class ModelStore:
                 self._expect_active(state, from_version)
             return self._save(state.fail_to(target, reason, _iso(self._clock())))
 
+    def revert_to(self, name: str, target: int, reason: str) -> ModelState:
+        """Serve the kept version ``target`` again (see ``ModelState.revert_to``).
+
+        Raises:
+            ModelNotFoundError: ``target`` is not installed.
+            ModelStoreError: ``target`` failed here before, or the state cannot be written.
+        """
+        with self._locked():
+            state = self.state(name)
+            return self._save(state.revert_to(target, reason, _iso(self._clock())))
+
     @staticmethod
     def _expect_active(state: ModelState, version: int) -> None:
         if state.active != version:
