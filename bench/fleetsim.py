@@ -1,0 +1,532 @@
+"""Simulated devices for ``bench_fleet.py``: many paho TLS clients in one selector loop.
+
+One worker process (``worker_main``) owns a slice of the fleet: one paho MQTT v5 client per
+device, each with its own certificate, all driven from a single ``selectors`` loop with
+``loop_read``/``loop_write``/``loop_misc`` (no thread per client). The devices speak the real
+wire formats: telemetry ``Batch``es of ``TelemetryReport``s with ``seq``/``floor``, one batch
+in flight until its ``TelemetryAck``; bundle blocks with ``BlockRequest``/``BlockData`` and an
+in-memory ``Progress`` driven by the same windowed request rule as ``edge_agent.download``
+(every block is compared byte for byte with the bundle; nothing is written to disk).
+
+The parent sends commands over a pipe (also registered in the selector) and gets one reply
+per command; during downloads the worker also sends ``("progress", blocks)`` every 0.2 s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import selectors
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from paho.mqtt import client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+
+from edge_agent.errors import EdgefleetError
+from edge_agent.telemetry import (
+    LATENCY_BUCKETS_MS,
+    Batch,
+    ModelStats,
+    Resources,
+    TelemetryAck,
+    TelemetryReport,
+)
+from edge_agent.transfer import MAX_RANGES, BlockData, BlockPlan, BlockRequest, Progress
+
+PREFIX = "edgefleet"
+BARE_TOPIC = f"{PREFIX}/broadcast/bare"
+SWEEP_EVERY = 0.05
+
+
+def make_report(device_id: str, seq: int, now: float) -> TelemetryReport:
+    """A realistic one-model window report (~1 KB of JSON)."""
+    n = 100 + seq % 7
+    buckets = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+    buckets[2], buckets[3], buckets[4] = n - 12, 10, 2
+    return TelemetryReport(
+        device_id=device_id,
+        seq=seq,
+        window_start=now - 10.0,
+        window_end=now,
+        started_at=now - 3600.0,
+        agent_version="0.1.0",
+        models={
+            "digits": ModelStats(
+                version=3,
+                outcomes={"ok": n - 1, "error": 0, "rejected": 1},
+                sources={"device": n - 1},
+                latency_buckets=tuple(buckets),
+                latency_ms={"p50": 3.1, "p90": 7.9, "p99": 14.2},
+                rejects_by_reason={"shape": 1},
+                dropped_rows_by_reason={},
+            )
+        },
+        counts={"device": n - 1, "cloud": 0, "rejected": 1, "errors": 0},
+        resources=Resources(rss_bytes=61_000_000, cpu_seconds=12.5, model_memory_bytes=410_000),
+    )
+
+
+@dataclass
+class Dev:
+    """One simulated device."""
+
+    id: str
+    client: Any
+    sock: Any = None
+    connected: bool = False
+    next_connect: float = 0.0
+    connects: int = 0
+    # telemetry
+    seq: int = 0  # highest seq put into a batch
+    acked: int = 0
+    inflight: bytes | None = None
+    inflight_last: int = 0
+    sent_at: float = 0.0
+    next_due: float = 0.0
+    resends: int = 0
+    bare_unacked: int = 0
+    # download
+    progress: Progress | None = None
+    asked: set[int] = field(default_factory=set)
+    unasked: bool = False
+    last_request: float = -1e9
+    last_block: float = 0.0
+    requests: int = 0
+    received: int = 0
+    bad: int = 0
+    done_at: float = 0.0
+
+
+class Sim:
+    """The devices of one worker process and their event loop."""
+
+    def __init__(self, conn: Connection, host: str, port: int, creds: dict[str, Any]) -> None:
+        self.conn = conn
+        self.host, self.port = host, port
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(conn, selectors.EVENT_READ, None)
+        self.devs: list[Dev] = []
+        self.by_client: dict[int, Dev] = {}
+        self.mode = "idle"
+        self.rng = random.Random()
+        for device_id, (ca, cert, key) in creds.items():
+            c = mqtt.Client(
+                CallbackAPIVersion.VERSION2,
+                client_id=device_id,
+                protocol=MQTTProtocolVersion.MQTTv5,
+            )
+            c.tls_set(ca, cert, key)
+            c.max_inflight_messages_set(100)
+            dev = Dev(device_id, c)
+            c.user_data_set(dev)
+            c.on_connect = self._on_connect
+            c.on_message = self._on_message
+            c.on_publish = self._on_publish
+            self.devs.append(dev)
+        self.lags: list[float] = []
+        self.sent_batches = 0
+        self.sent_items = 0
+        self.params: dict[str, Any] = {}
+        self.plan: BlockPlan | None = None
+        self.bundle = b""
+        self.total_blocks = 0
+        self.last_misc = 0.0
+        self.messages = 0
+
+    # ------------------------------------------------------------------ connections
+    def _connect(self, dev: Dev, now: float) -> None:
+        try:
+            if dev.connects == 0:
+                dev.client.connect(self.host, self.port, keepalive=60, clean_start=True)
+            else:
+                dev.client.reconnect()
+        except OSError:
+            dev.next_connect = now + self.rng.uniform(0.5, 1.5)
+            return
+        dev.connects += 1
+        dev.sock = dev.client.socket()
+        self.sel.register(dev.sock, selectors.EVENT_READ, dev)
+        dev.next_connect = float("inf")
+
+    def _drop(self, dev: Dev, now: float) -> None:
+        if dev.sock is not None:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.sel.unregister(dev.sock)
+            dev.sock = None
+        dev.connected = False
+        dev.next_connect = now + self.rng.uniform(0.2, 1.0)
+
+    def _on_connect(self, client: Any, dev: Dev, _f: Any, reason: Any, _p: Any) -> None:
+        if reason.is_failure:
+            return
+        dev.connected = True
+        client.subscribe(
+            [
+                (f"{PREFIX}/devices/{dev.id}/ack", 1),
+                (f"{PREFIX}/devices/{dev.id}/blocks/resp", 1),
+                (f"{PREFIX}/broadcast/#", 1),
+            ]
+        )
+        if dev.inflight is not None:
+            dev.sent_at = 0.0  # resend the unacknowledged batch at once
+
+    # ------------------------------------------------------------------ messages
+    def _on_message(self, _client: Any, dev: Dev, msg: Any) -> None:
+        now = time.time()
+        self.messages += 1
+        topic = msg.topic
+        if topic.endswith("/ack"):
+            self._on_ack(dev, msg.payload, now)
+        elif topic == BARE_TOPIC:
+            self._on_bare_block(dev, msg.payload, now)
+        elif self.plan is not None:
+            self._on_block(dev, msg.payload, now)
+
+    def _on_publish(self, _client: Any, dev: Dev, *_a: Any) -> None:
+        if self.mode == "flood":
+            dev.bare_unacked -= 1
+
+    def _on_ack(self, dev: Dev, payload: bytes, now: float) -> None:
+        try:
+            ack = TelemetryAck.from_bytes(payload)
+        except EdgefleetError:
+            return
+        dev.acked = max(dev.acked, ack.upto_seq)
+        if dev.inflight is not None and ack.upto_seq >= dev.inflight_last:
+            self.lags.append(now - dev.sent_at)
+            dev.inflight = None
+            if self.mode == "telemetry":
+                self._maybe_send(dev, now)
+
+    def _on_block(self, dev: Dev, payload: bytes, now: float) -> None:
+        assert self.plan is not None
+        if dev.progress is None:
+            return
+        try:
+            block = BlockData.from_bytes(payload, self.plan)
+        except EdgefleetError:
+            dev.bad += 1
+            return
+        start, stop = self.plan.block_range(block.index)
+        if block.payload != self.bundle[start:stop]:
+            dev.bad += 1
+            return
+        dev.received += 1
+        if dev.progress.accept(block.index, len(block.payload)):
+            if block.index in dev.asked:
+                dev.asked.discard(block.index)
+            else:
+                dev.unasked = True
+            dev.last_block = now
+            if dev.progress.complete:
+                dev.done_at = now
+                dev.asked.clear()
+
+    def _on_bare_block(self, dev: Dev, payload: bytes, now: float) -> None:
+        if self.mode != "bare" or dev.done_at:
+            return
+        size = self.plan.block_size if self.plan else 0
+        i = dev.received
+        dev.received += 1
+        if payload != self.bundle[i * size : (i + 1) * size]:
+            dev.bad += 1
+        if dev.received == self.total_blocks:
+            dev.done_at = now
+
+    # ------------------------------------------------------------------ telemetry
+    def _build(self, dev: Dev, now: float) -> None:
+        k = self.params["batch"]
+        first = dev.seq + 1
+        items = tuple(make_report(dev.id, s, now) for s in range(first, first + k))
+        dev.inflight = Batch(dev.id, items, floor=first).to_bytes()
+        dev.seq = first + k - 1
+        dev.inflight_last = dev.seq
+
+    def _maybe_send(self, dev: Dev, now: float) -> None:
+        p = self.params
+        if dev.inflight is not None:
+            if dev.connected and dev.sent_at and now - dev.sent_at >= p["ack_timeout"]:
+                dev.resends += 1
+                self._publish_batch(dev, now)
+            elif dev.connected and not dev.sent_at:
+                self._publish_batch(dev, now)
+            return
+        if now >= p["end"] or not dev.connected or now < dev.next_due:
+            return
+        self._build(dev, now)
+        self.sent_batches += 1
+        self.sent_items += p["batch"]
+        if p["interval"] > 0:
+            dev.next_due = max(dev.next_due + p["interval"], now - p["interval"])
+        self._publish_batch(dev, now)
+
+    def _publish_batch(self, dev: Dev, now: float) -> None:
+        assert dev.inflight is not None
+        dev.sent_at = now
+        dev.client.publish(f"{PREFIX}/devices/{dev.id}/telemetry", dev.inflight, qos=1)
+
+    def _flood(self, dev: Dev, now: float) -> None:
+        """Baseline traffic: the same batches, no acks awaited, ``window`` PUBACKs in flight."""
+        p = self.params
+        while dev.connected and now < p["end"] and dev.bare_unacked < p["window"]:
+            self._build(dev, now)
+            payload, dev.inflight = dev.inflight, None
+            assert payload is not None
+            self.sent_batches += 1
+            self.sent_items += p["batch"]
+            dev.bare_unacked += 1
+            dev.client.publish(f"{PREFIX}/devices/{dev.id}/telemetry", payload, qos=1)
+
+    # ------------------------------------------------------------------ download
+    def _due_request(self, dev: Dev, now: float) -> None:
+        """``edge_agent.download.Download.due_request`` with an in-memory ``Progress``."""
+        p, progress = self.params, dev.progress
+        if progress is None or progress.complete or not dev.connected:
+            return
+        if dev.asked:
+            if now - max(dev.last_block, dev.last_request) < p["retry"]:
+                return
+        elif dev.unasked and now - dev.last_block < p["retry"] / 4:
+            return
+        ranges: list[tuple[int, int]] = []
+        budget = p["window"]
+        for start, stop in progress.missing_ranges(MAX_RANGES):
+            take = min(stop - start, budget)
+            ranges.append((start, start + take))
+            budget -= take
+            if budget == 0:
+                break
+        assert self.plan is not None
+        dev.asked = {i for a, b in ranges for i in range(a, b)}
+        dev.unasked = False
+        dev.last_request = now
+        dev.requests += 1
+        request = BlockRequest(self.plan.transfer_id, tuple(ranges))
+        dev.client.publish(f"{PREFIX}/devices/{dev.id}/blocks/req", request.to_bytes(), qos=1)
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> None:
+        last_sweep = last_progress = 0.0
+        while True:
+            now = time.time()
+            timeout = max(0.0, min(SWEEP_EVERY - (now - last_sweep), SWEEP_EVERY))
+            for key, _ev in self.sel.select(timeout):
+                dev = key.data
+                if dev is None:
+                    if not self._command(self.conn.recv()):
+                        return
+                    continue
+                self._read(dev)
+            now = time.time()
+            if now - last_sweep >= SWEEP_EVERY:
+                last_sweep = now
+                self._sweep(now)
+            if self.mode in ("download", "bare") and now - last_progress >= 0.2:
+                last_progress = now
+                self.conn.send(
+                    (
+                        "progress",
+                        sum(d.progress.received if d.progress else d.received for d in self.devs),
+                    )
+                )
+                if all(d.done_at for d in self.devs):
+                    self._finish_download()
+
+    def _read(self, dev: Dev) -> None:
+        c = dev.client
+        rc = c.loop_read(64)
+        sock = dev.sock
+        while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and sock is not None and c.socket() is sock:
+            try:
+                if not sock.pending():
+                    break
+            except (OSError, ValueError):
+                break
+            rc = c.loop_read(64)
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and c.want_write():
+            rc = c.loop_write()
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or c.socket() is None:
+            self._drop(dev, time.time())
+
+    def _sweep(self, now: float) -> None:
+        misc = now - self.last_misc >= 1.0
+        if misc:
+            self.last_misc = now
+        for dev in self.devs:
+            c = dev.client
+            if dev.sock is None:
+                if now >= dev.next_connect:
+                    self._connect(dev, now)
+                continue
+            if self.mode == "telemetry":
+                self._maybe_send(dev, now)
+            elif self.mode == "flood":
+                self._flood(dev, now)
+            elif self.mode == "download":
+                self._due_request(dev, now)
+            rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+            if c.want_write():
+                rc = c.loop_write()
+            elif misc:
+                rc = c.loop_misc()
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                self._drop(dev, now)
+
+    # ------------------------------------------------------------------ commands
+    def _command(self, cmd: tuple[Any, ...]) -> bool:
+        name = cmd[0]
+        if name == "connect":
+            self._connect_all(cmd[1])
+        elif name in ("telemetry", "flood"):
+            self._run_telemetry(name, cmd[1])
+        elif name in ("download", "bare"):
+            self._start_download(name, cmd[1])
+        elif name == "drain":
+            self._drain(cmd[1], cmd[2])
+        elif name == "finish":
+            if self.mode in ("download", "bare"):
+                self._finish_download()
+        elif name == "stop":
+            for dev in self.devs:
+                with contextlib.suppress(Exception):
+                    dev.client.disconnect()
+                    dev.client.loop_write()
+            self.conn.send(("stopped",))
+            return False
+        return True
+
+    def _connect_all(self, timeout: float) -> None:
+        now = time.time()
+        for dev in self.devs:
+            self._connect(dev, now)
+            # Serve the handshakes made so far, so CONNACKs do not pile up.
+            for key, _ev in self.sel.select(0):
+                if key.data is not None:
+                    self._read(key.data)
+        deadline = time.time() + timeout
+        while time.time() < deadline and not all(d.connected for d in self.devs):
+            for key, _ev in self.sel.select(0.05):
+                if key.data is not None:
+                    self._read(key.data)
+            self._sweep(time.time())
+        # Let the SUBACKs arrive.
+        end = time.time() + 1.0
+        while time.time() < end:
+            for key, _ev in self.sel.select(0.05):
+                if key.data is not None:
+                    self._read(key.data)
+        self.conn.send(("connected", sum(d.connected for d in self.devs)))
+
+    def _run_telemetry(self, mode: str, params: dict[str, Any]) -> None:
+        self.params = params
+        self.mode = mode
+        self.lags = []
+        self.sent_batches = self.sent_items = 0
+        start = params["start"]
+        for dev in self.devs:
+            dev.resends = 0
+            dev.bare_unacked = 0
+            interval = params["interval"]
+            dev.next_due = start + (self.rng.uniform(0, interval) if interval > 0 else 0.0)
+        while time.time() < start:
+            time.sleep(min(0.01, max(0.0, start - time.time())))
+        drain_until = params["end"] + params["drain"]
+        last_sweep = 0.0
+        while True:
+            now = time.time()
+            if now >= params["end"] and (
+                mode == "flood" or all(d.inflight is None for d in self.devs) or now >= drain_until
+            ):
+                break
+            for key, _ev in self.sel.select(0.01):
+                if key.data is not None:
+                    self._read(key.data)
+            now = time.time()
+            if now - last_sweep >= 0.01:
+                last_sweep = now
+                self._sweep(now)
+        self.mode = "idle"
+        last_seq = {d.id: d.seq for d in self.devs}
+        if mode == "flood":  # the baseline's seqs never reach the registry: start again at 1
+            for dev in self.devs:
+                dev.seq = dev.acked = 0
+        self.conn.send(
+            (
+                "telemetry",
+                {
+                    "sent_batches": self.sent_batches,
+                    "sent_items": self.sent_items,
+                    "lags": self.lags,
+                    "resends": sum(d.resends for d in self.devs),
+                    "unacked": sum(d.inflight is not None for d in self.devs),
+                    "last_seq": last_seq,
+                    "acked": {d.id: d.acked for d in self.devs},
+                },
+            )
+        )
+
+    def _drain(self, quiet: float, limit: float) -> None:
+        """Read until nothing arrived for ``quiet`` s (stale messages still queued for us)."""
+        start, seen = time.time(), self.messages
+        last, count = start, self.messages
+        while time.time() - last < quiet and time.time() - start < limit:
+            for key, _ev in self.sel.select(0.05):
+                if key.data is not None:
+                    self._read(key.data)
+            if self.messages != count:
+                count, last = self.messages, time.time()
+            self._sweep(time.time())
+        self.conn.send(("drained", {"messages": self.messages - seen, "seconds": last - start}))
+
+    def _start_download(self, mode: str, params: dict[str, Any]) -> None:
+        self.params = params
+        self.plan = BlockPlan(params["length"], params["sha256"], params["block_size"])
+        self.total_blocks = self.plan.n_blocks
+        self.bundle = Path(params["path"]).read_bytes()
+        now = time.time()
+        for dev in self.devs:
+            dev.progress = Progress(self.plan) if mode == "download" else None
+            dev.asked, dev.unasked = set(), False
+            dev.last_request, dev.last_block = -1e9, now
+            dev.requests = dev.received = dev.bad = 0
+            dev.done_at = 0.0
+        self.mode = mode
+        self.conn.send(("ready",))
+
+    def _finish_download(self) -> None:
+        self.mode = "idle"
+        self.conn.send(
+            (
+                "downloaded",
+                {
+                    "done_at": [d.done_at for d in self.devs],
+                    "received": sum(d.received for d in self.devs),
+                    "requests": sum(d.requests for d in self.devs),
+                    "bad": sum(d.bad for d in self.devs),
+                    "complete": sum(
+                        1 for d in self.devs if d.progress is None or d.progress.complete
+                    ),
+                    "connects": sum(d.connects for d in self.devs),
+                },
+            )
+        )
+        self.plan = None
+
+
+def worker_main(conn: Connection, host: str, port: int, creds: dict[str, Any]) -> None:
+    """Entry point of one worker process."""
+    from fleetbench import raise_nofile  # bench/ is on sys.path (spawn copies the parent's)
+
+    raise_nofile()
+    sim = Sim(conn, host, port, creds)
+    try:
+        sim.run()
+    finally:
+        for dev in sim.devs:
+            with contextlib.suppress(Exception):
+                dev.client.disconnect()
+        conn.close()
