@@ -1,10 +1,12 @@
-"""Two fleet-server workers on one PostgreSQL and one broker; one is SIGKILLed under load.
+"""Two fleet-server workers on one PostgreSQL and one broker; the leader is SIGKILLed under load.
 
 Each worker is a real ``fleet-server serve`` process with its own certificate (its own client
 id), sharing the telemetry subscription. Mosquitto does not hand a dead shared-subscription
 member's backlog to the others, so what that worker had not stored is lost at the broker: the
-devices' end-to-end acknowledgement is what makes the death harmless. The test shows every
-telemetry item of every device stored exactly once, none lost.
+devices' end-to-end acknowledgement is what makes the death harmless. The killed worker is the
+one running the rollout engine (it holds the PostgreSQL advisory lock): the survivor takes the
+lock over and completes the rollout. The test shows every telemetry item of every device stored
+exactly once, none lost, and the rollout finished.
 """
 
 from __future__ import annotations
@@ -58,7 +60,13 @@ def _worker_config(
     return path, port
 
 
-def test_killing_one_of_two_workers_loses_and_duplicates_nothing(
+def _active(client: AdminClient, device: str) -> int | None:
+    reported = client.device(device).get("reported") or {}
+    active = ((reported.get("models") or {}).get("digits") or {}).get("active")
+    return active if isinstance(active, int) else None
+
+
+def test_killing_the_leader_worker_loses_nothing_and_the_rollout_goes_on(
     broker: FleetBroker, pg: PgCluster, digits_bundles: DigitsBundles, tmp_path: Path
 ) -> None:
     url = pg.new_database()
@@ -67,23 +75,25 @@ def test_killing_one_of_two_workers_loses_and_duplicates_nothing(
     for d in DEVICES:
         registry.enroll(d, group="test")
     procs: list[subprocess.Popen[bytes]] = []
+    logs: list[Path] = []
     ports: list[int] = []
     devices: dict[str, Device] = {}
-    log = (tmp_path / "workers.log").open("ab")
     try:
         for identity in WORKERS:
             config, port = _worker_config(
                 tmp_path / identity, broker, identity, url, digits_bundles.keys.path
             )
             ports.append(port)
-            procs.append(
-                subprocess.Popen(
-                    [str(Path(sys.executable).parent / "fleet-server"), "serve", "--config",
-                     str(config)],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            )  # fmt: skip
+            logs.append(tmp_path / f"{identity}.log")
+            with logs[-1].open("ab") as log:
+                procs.append(
+                    subprocess.Popen(
+                        [str(Path(sys.executable).parent / "fleet-server"), "serve",
+                         "--config", str(config)],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
+                )  # fmt: skip
         clients = [AdminClient(f"http://127.0.0.1:{p}", TOKEN) for p in ports]
         for client in clients:
             wait_until(lambda c=client: _try(c.status), timeout=60, what="worker up")
@@ -101,13 +111,53 @@ def test_killing_one_of_two_workers_loses_and_duplicates_nothing(
                 devices[d] = start_device(cfg)
 
         start(0.05)  # a report per sync tick (5/s) from each of four devices
+        admin = clients[0]
+        admin.publish(digits_bundles.path(1))
+        admin.publish(digits_bundles.path(2))
+        admin.assign("test", "digits", 1, group=True)
+        for d in DEVICES:
+            wait_until(lambda d=d: _active(admin, d) == 1, timeout=60, what=f"{d} on v1")
+        rollout = admin.create_rollout(
+            {
+                "model": "digits",
+                "version": 2,
+                "group": "test",
+                "policy": {
+                    "canary_count": 2,
+                    "steps": [1.0],
+                    "dwell_seconds": 3.0,
+                    "min_devices": 1,
+                    "thresholds": {
+                        "max_reject_rate_increase": None,
+                        "max_fallback_rate_increase": None,
+                        "max_drift_alert_share": None,
+                        "max_p99_latency_ratio": None,
+                    },
+                },
+            }
+        )
         wait_until(
             lambda: all(_inserted(c) > 0 for c in clients), timeout=30, what="both workers store"
         )
-        time.sleep(1.0)
-        procs[0].send_signal(signal.SIGKILL)  # mid-load, without any goodbye
-        procs[0].wait(10)
+        wait_until(
+            lambda: len(admin.rollout(rollout["id"])["members"]) == 2,
+            timeout=30,
+            what="the canary wave",
+        )
+        leader = wait_until(lambda: _leader(logs), timeout=30, what="a leader")[0]
+        procs[leader].send_signal(signal.SIGKILL)  # the rollout engine's worker, mid-load
+        procs[leader].wait(10)
+        survivor = clients[1 - leader]
         time.sleep(2.0)  # devices keep sending; the survivor alone now
+        # The survivor takes the leader lock over and finishes the rollout.
+        wait_until(
+            lambda: survivor.rollout(rollout["id"])["state"] == "completed",
+            timeout=90,
+            what="the rollout to complete on the surviving worker",
+        )
+        for d in DEVICES:
+            wait_until(lambda d=d: _active(survivor, d) == 2, timeout=60, what=f"{d} on v2")
+        assert "leader for rollout-engine" in logs[1 - leader].read_text()
         resends = sum(dev.sync.uplink.stats().resends for dev in devices.values())
         print(f"batches resent after the kill: {resends}")
         for d in list(devices):
@@ -120,9 +170,10 @@ def test_killing_one_of_two_workers_loses_and_duplicates_nothing(
                 what=f"{d}'s outbox drained",
             )
         for d in DEVICES:
-            seqs = [t.seq for t in registry.telemetry(device_id=d, limit=10_000)]
+            # Two workers store batches in any order; what matters is each seq exactly once.
+            seqs = sorted(t.seq for t in registry.telemetry(device_id=d, limit=10_000))
             assert len(seqs) >= 10
-            assert seqs == sorted(set(seqs)), f"{d}: stored twice"
+            assert len(seqs) == len(set(seqs)), f"{d}: stored twice"
             assert seqs == list(range(1, len(seqs) + 1)), f"{d}: a seq was lost"
             state = registry.seq_state(d)
             assert state.lost == 0
@@ -138,8 +189,12 @@ def test_killing_one_of_two_workers_loses_and_duplicates_nothing(
                     proc.wait(30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-        log.close()
         registry.close()
+
+
+def _leader(logs: list[Path]) -> list[int]:
+    """Indexes of the workers whose log says they took the rollout engine's lock."""
+    return [i for i, log in enumerate(logs) if "leader for rollout-engine" in log.read_text()]
 
 
 def _try(call: object) -> object:
