@@ -100,8 +100,12 @@ class GatewaySection:
     max_blocks_per_second: float = 2000.0
     ingest_max_batch: int = 500
     ingest_max_wait_seconds: float = 0.05
+    device_rate_per_second: float = 100.0
+    device_burst: int = 500
 
     def validate(self) -> None:
+        _check(self.device_rate_per_second > 0, "device_rate_per_second must be positive")
+        _check(self.device_burst >= 1, "device_burst must be >= 1")
         _check(
             bool(re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", self.prefix)),
             "prefix must be a lowercase topic label without / + #",

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from edge_agent.api.ratelimit import RateLimiter
 from edge_agent.errors import ContractError, EdgefleetError, TransportError
 from edge_agent.mqtt import Message, MqttClient
 from edge_agent.reported import MAX_REPORTED_BYTES, ReportedState
@@ -64,6 +65,11 @@ class GatewayConfig:
     max_blocks_per_second: float = 2000.0
     ingest_max_batch: int = 500
     ingest_max_wait_seconds: float = 0.05
+    # Per device, messages it may send per second (a token bucket with ``device_burst``): a
+    # misbehaving device cannot starve the others. Refused telemetry is not acknowledged, so
+    # the device sends it again later; nothing is lost. A backlog of batches drains well within.
+    device_rate_per_second: float = 100.0
+    device_burst: int = 500
 
     def validate(self) -> None:
         """Check every value.
@@ -84,6 +90,8 @@ class GatewayConfig:
             "max_blocks_per_second": 0 < self.max_blocks_per_second < math.inf,
             "ingest_max_batch": 1 <= self.ingest_max_batch <= 10_000,
             "ingest_max_wait_seconds": 0 <= self.ingest_max_wait_seconds <= 10,
+            "device_rate_per_second": 0 < self.device_rate_per_second < math.inf,
+            "device_burst": self.device_burst >= 1,
         }
         for name, ok in checks.items():
             if not ok:
@@ -102,7 +110,7 @@ class GatewayStats:
         lost: seqs declared lost from device floors.
         rejected: refused messages by reason (malformed, oversized, device_mismatch,
             wrong_type, unknown_device, revoked_device, rejected, queue_full,
-            unknown_transfer, out_of_range).
+            unknown_transfer, out_of_range, rate_limited).
         acks_sent: acknowledgements published.
         ack_failures: acknowledgements that could not be published (the device resends).
         db_failures: failed database operations (batched ingest transactions, reported).
@@ -133,7 +141,7 @@ class GatewayStats:
 
 
 _REJECT_REASONS: Final = frozenset(
-    {"malformed", "oversized", "device_mismatch", "wrong_type", "unknown_transfer"}
+    {"malformed", "oversized", "device_mismatch", "wrong_type", "unknown_transfer", "rate_limited"}
     | {"out_of_range", "unknown_device", "revoked_device", "rejected", "queue_full"}
 )
 
@@ -176,6 +184,9 @@ class Gateway:
         self._stop = threading.Event()
         self._housekeeper: threading.Thread | None = None
         self._seen_connects = 0
+        self._limiter = RateLimiter(
+            config.device_rate_per_second, config.device_burst, max_clients=1_000_000
+        )
         self._ingest = IngestWorker(
             registry,
             self._ack,
@@ -296,6 +307,9 @@ class Gateway:
             return
         with self._lock:
             self._messages[kind] += 1
+        if kind != "status" and self._limiter.acquire(device_id) > 0:
+            self._reject("rate_limited", device_id)  # not acked: the device sends it again
+            return
         handler = {
             "telemetry": self._on_telemetry,
             "events": self._on_telemetry,

@@ -125,6 +125,8 @@ def run(
         max_blocks_per_second=g.max_blocks_per_second,
         ingest_max_batch=g.ingest_max_batch,
         ingest_max_wait_seconds=g.ingest_max_wait_seconds,
+        device_rate_per_second=g.device_rate_per_second,
+        device_burst=g.device_burst,
     )
     m = config.mqtt
     client = MqttClient(

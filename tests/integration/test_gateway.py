@@ -409,3 +409,52 @@ def test_desired_is_retained_and_republished_after_a_broker_restart(
         assert (msg.payload, msg.retain) == (b"signed-desired-v2", True)
     finally:
         fresh.close()
+
+
+def test_a_device_over_its_message_rate_is_refused_not_acked(
+    broker: FleetBroker, tmp_path: Path
+) -> None:
+    registry = Registry.open(f"sqlite:///{tmp_path / 'registry.db'}")
+    registry.upgrade()
+    registry.enroll("dev-a")
+    registry.enroll("dev-b")
+    server = MqttClient(
+        client_config(
+            broker,
+            broker.server,
+            device_id=f"{broker.server}-{next(_ids)}-{os.getpid()}",
+            announce_status=False,
+            clean_start=False,
+            session_expiry=60,
+        )
+    )
+    config = GatewayConfig(
+        prefix=broker.prefix, bundles_dir=tmp_path, device_rate_per_second=0.5, device_burst=3
+    )
+    gateway = Gateway(registry, server, config)
+    gateway.start()
+    server.connect()
+    server.wait_connected(WAIT)
+    time.sleep(0.3)
+    a, b = Device(broker, "dev-a"), Device(broker, "dev-b")
+    try:
+        a.subscribe(Topics("edgefleet").device_ack("dev-a"))
+        b.subscribe(Topics("edgefleet").device_ack("dev-b"))
+        for seq in range(1, 9):  # a flood: 8 messages at once, 3 allowed
+            a.publish("telemetry", Batch("dev-a", (report("dev-a", seq),)).to_bytes())
+        b.publish("telemetry", Batch("dev-b", (report("dev-b", 1),)).to_bytes())
+        assert [a.next_ack().upto_seq for _ in range(3)] == [1, 2, 3]
+        assert b.next_ack().upto_seq == 1  # another device is not held back
+        wait_until(lambda: gateway.stats().rejected.get("rate_limited") == 5, what="refusals")
+        time.sleep(0.3)
+        assert a.received.empty(), "a refused message was acked"
+        assert [r.seq for r in registry.telemetry(device_id="dev-a")] == [1, 2, 3]
+        time.sleep(2.1)  # one token back: the device's resend gets through
+        a.publish("telemetry", Batch("dev-a", (report("dev-a", 4),)).to_bytes())
+        assert a.next_ack().upto_seq == 4
+    finally:
+        a.close()
+        b.close()
+        gateway.close()
+        server.close()
+        registry.close()
