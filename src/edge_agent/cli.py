@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
@@ -176,6 +177,18 @@ def run(config_path: Path | None) -> None:
     raise SystemExit(run_daemon(_config(config_path)))
 
 
+def _sync_status(cfg: AgentConfig) -> dict[str, Any] | None:
+    """What the running daemon's sync loop last wrote (None when sync is off or never ran)."""
+    if not cfg.sync.enabled:
+        return None
+    path = Path(cfg.store.state_dir) / "sync" / "status.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 @cli.command()
 @config_option
 @json_option
@@ -189,12 +202,23 @@ def status(config_path: Path | None, as_json: bool) -> None:
         daemon = "ready" if client.ready() else "not ready"
     except AgentUnreachableError:
         daemon = "not running"
+    sync = _sync_status(cfg)
     if as_json:
-        click.echo(
-            json.dumps({"daemon": daemon, "models": [s.to_dict() for s in states]}, indent=2)
-        )
+        out = {"daemon": daemon, "models": [s.to_dict() for s in states], "sync": sync}
+        click.echo(json.dumps(out, indent=2))
         return
     click.echo(f"daemon: {daemon}")
+    if sync is not None:
+        click.echo(
+            f"fleet sync: {'connected' if sync.get('connected') else 'not connected'}, desired "
+            f"state v{sync.get('desired_version', 0)}, {sync.get('outbox_entries', 0)} telemetry "
+            "entries waiting for the server's ack"
+        )
+        for name, d in sorted((sync.get("downloads") or {}).items()):
+            click.echo(f"  downloading {name} v{d['version']}: {d['received']}/{d['total']} blocks")
+        for name, o in sorted((sync.get("outcomes") or {}).items()):
+            reason = f" ({o['reason']})" if o.get("reason") else ""
+            click.echo(f"  {name}: {o['outcome']}{reason}")
     for s in states:
         rec = s.active_record
         last = s.events[-1] if s.events else {}

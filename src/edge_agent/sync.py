@@ -126,6 +126,10 @@ class SyncAgent:
         self._thread: threading.Thread | None = None
         self._last_reported = b""
         self._reported_at = 0.0
+        self._logged_quarter: dict[str, int] = {}
+        self._status_path = self._dir / "status.json"
+        self._status_written = b""
+        self._status_at = 0.0
         self._connects = 0
         self._report_due = time.monotonic() + FIRST_REPORT_SECONDS
         self._window_start = clock()
@@ -240,6 +244,7 @@ class SyncAgent:
             self._add_report()
         self.uplink.pump()
         self._publish_reported()
+        self._write_status()
 
     # ------------------------------------------------------------------ desired state
     def _load_accepted(self) -> None:
@@ -372,6 +377,16 @@ class SyncAgent:
                 if dl.complete:
                     done.append(dl)
                     continue
+                quarter = 4 * dl.received // dl.total
+                if quarter > self._logged_quarter.get(dl.name, 0):
+                    self._logged_quarter[dl.name] = quarter
+                    log.info(
+                        "%s v%d: %d/%d blocks",
+                        dl.name,
+                        dl.assignment.version,
+                        dl.received,
+                        dl.total,
+                    )
                 request = dl.due_request()
                 if request is not None:
                     # Offline: asked again after block_retry_seconds.
@@ -380,6 +395,7 @@ class SyncAgent:
                         self._publish(topic, request.to_bytes())
             for dl in done:
                 del self._downloads[dl.name]
+                self._logged_quarter.pop(dl.name, None)
         for dl in done:  # outside the lock: installing takes a while, blocks may keep coming
             self._install(dl)
 
@@ -516,6 +532,27 @@ class SyncAgent:
             return  # offline: published after the reconnect
         self._last_reported = body
         self._reported_at = now
+
+    def _write_status(self) -> None:
+        """``status.json`` beside the outbox for ``edge-agent status`` (at most once a second)."""
+        now = time.monotonic()
+        if now - self._status_at < 1.0:
+            return
+        self._status_at = now
+        try:
+            body = json.dumps(
+                {**self.status(), "reported": self.reported().to_dict()}, sort_keys=True
+            ).encode()
+        except (EdgefleetError, ValueError, TypeError) as exc:
+            log.debug("sync status not written: %s", exc)
+            return
+        if body != self._status_written:
+            try:
+                write_atomic(self._status_path, body)
+            except OSError as exc:
+                log.debug("sync status not written: %s", exc)
+                return
+            self._status_written = body
 
     # ------------------------------------------------------------------ helpers
     def _publish(self, topic: str, payload: bytes) -> None:

@@ -322,6 +322,19 @@ def test_agent_killed_during_a_transfer_resumes_after_restart(
         # Resumed, not restarted: fewer blocks than the whole bundle were sent after the kill.
         assert stats.blocks_unicast + stats.blocks_broadcast - sent_before < total
         assert not list(downloads.rglob("*.part"))
+
+        def status() -> str:
+            return subprocess.run(
+                [str(Path(sys.executable).parent / "edge-agent"), "status", "--config", str(path)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            ).stdout
+
+        # The daemon's sync loop writes its status once a second; the CLI shows it.
+        text = wait_until(lambda: next((t for t in [status()] if "wide: installed" in t), None))
+        assert "fleet sync: connected" in text
     finally:
         for p in procs:
             if p.poll() is None:
