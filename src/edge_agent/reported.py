@@ -17,8 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from edge_agent.errors import ContractError
-from edge_agent.telemetry import (
+from edge_agent._wire import (
     SCHEMA_VERSION,
     _dump,
     _get,
@@ -30,7 +29,8 @@ from edge_agent.telemetry import (
     _obj,
     _str,
 )
-from edge_agent.telemetry import _device as _check_device
+from edge_agent._wire import _device as _check_device
+from edge_agent.errors import ContractError
 
 __all__ = [
     "MAX_REPORTED_BYTES",

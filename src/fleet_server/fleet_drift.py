@@ -5,7 +5,8 @@ accumulator that groups device windows by (model, version, tensor, cohort, time 
 (``FleetAccumulator``), and ``score_fleet``, which scores every merged cell against the bundle's
 baseline with the agent's own ``score``, ``DriftThresholds.for_scores`` and ``judge`` under the
 agent's ``MonitorPolicy`` (so a single device's fleet score equals its own window verdict).
-Does not own: reading telemetry or bundle files (``drift_service``), charts (``drift_report``).
+Does not own: the result value types and their JSON form (``fleet_drift_results``, re-exported
+here), reading telemetry or bundle files (``drift_service``), charts (``drift_report``).
 Pure: values in, values out; no clock, files or database.
 
 Multiple testing: ``alpha`` is, as on the device, the family-wise false-alarm rate per scored
@@ -34,6 +35,12 @@ from edge_agent.drift import (
 )
 from edge_agent.drift.edges import FeatureEdges
 from fleet_server.errors import DriftMismatchError, FleetDriftError
+from fleet_server.fleet_drift_results import (
+    CohortResult,
+    DeviceAlert,
+    FeatureResult,
+    FleetDriftResult,
+)
 
 __all__ = [
     "FLEET",
@@ -278,46 +285,6 @@ def _sort_key(k: FleetKey) -> tuple[Any, ...]:
     return (k.model, k.version, k.role, k.tensor, k.cohort != FLEET, k.cohort, k.bucket or 0.0)
 
 
-def _f(x: float) -> float | None:
-    """JSON-safe float: NaN and infinities become None."""
-    return float(x) if math.isfinite(x) else None
-
-
-@dataclass(frozen=True)
-class FeatureResult:
-    """One feature of one scored cell (scores as ``edge_agent.drift.score`` defines them)."""
-
-    feature: int
-    psi: float
-    js: float
-    ks: float
-    mean_shift: float
-    psi_threshold: float
-    ks_threshold: float
-    mean_shift_threshold: float
-    n: int
-    judged: bool
-    drifted: bool
-    by_test: tuple[str, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict (non-finite numbers as null)."""
-        return {
-            "feature": self.feature,
-            "psi": _f(self.psi),
-            "js": _f(self.js),
-            "ks": _f(self.ks),
-            "mean_shift": _f(self.mean_shift),
-            "psi_threshold": _f(self.psi_threshold),
-            "ks_threshold": _f(self.ks_threshold),
-            "mean_shift_threshold": _f(self.mean_shift_threshold),
-            "n": self.n,
-            "judged": self.judged,
-            "drifted": self.drifted,
-            "by_test": list(self.by_test),
-        }
-
-
 def _features(s: FeatureScores, v: DriftVerdict) -> tuple[FeatureResult, ...]:
     t = v.thresholds
     f = s.n_features
@@ -329,103 +296,6 @@ def _features(s: FeatureScores, v: DriftVerdict) -> tuple[FeatureResult, ...]:
         FeatureResult(j, psi, js, ks, ms, pt, kt, mt, int(n), bool(ok), bool(hit), tests[j])
         for j, (psi, js, ks, ms, pt, kt, mt, n, ok, hit) in enumerate(rows)
     )
-
-
-@dataclass(frozen=True, eq=False)
-class CohortResult:
-    """One merged cell scored against its baseline."""
-
-    key: FleetKey
-    devices: tuple[str, ...]
-    windows: int
-    features: tuple[FeatureResult, ...]
-    view: TierAView
-
-    @property
-    def drifted(self) -> tuple[int, ...]:
-        """Indices of the drifted features."""
-        return tuple(r.feature for r in self.features if r.drifted)
-
-    def to_dict(self, *, include_view: bool = False) -> dict[str, Any]:
-        """JSON-safe dict; ``include_view`` adds the merged ``TierAView.to_dict()``."""
-        k = self.key
-        out: dict[str, Any] = {
-            "model": k.model, "version": k.version, "tensor": k.tensor, "role": k.role,
-            "cohort": k.cohort, "bucket": k.bucket, "devices": len(self.devices),
-            "windows": self.windows, "rows": int(self.view.total().max(initial=0)),
-            "alert": bool(self.drifted), "drifted": list(self.drifted),
-            "features": [r.to_dict() for r in self.features],
-        }  # fmt: skip
-        if include_view:
-            out["view"] = self.view.to_dict()
-        return out
-
-
-@dataclass(frozen=True)
-class DeviceAlert:
-    """A device whose own merged windows drifted in a cell (only alerting devices are kept)."""
-
-    key: FleetKey
-    drifted: tuple[int, ...]
-    windows: int
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict."""
-        k = self.key
-        return {
-            "device_id": k.cohort, "model": k.model, "version": k.version, "tensor": k.tensor,
-            "role": k.role, "bucket": k.bucket, "drifted": list(self.drifted),
-            "windows": self.windows,
-        }  # fmt: skip
-
-
-@dataclass(frozen=True, eq=False)
-class FleetDriftResult:
-    """Every scored cell, the drifting devices, and what was skipped (counts by reason)."""
-
-    spec: CohortSpec
-    cohorts: tuple[CohortResult, ...]
-    device_alerts: tuple[DeviceAlert, ...]
-    devices_scored: int
-    skipped: Mapping[str, int]
-    baselines: Mapping[tuple[str, int, str, str], TierAView]
-
-    def drifted_features(self) -> list[dict[str, Any]]:
-        """Per (model, version, tensor, feature, bucket): the cohorts and devices it drifted in."""
-        rows: dict[tuple[Any, ...], dict[str, Any]] = {}
-
-        def entry(k: FleetKey, j: int) -> dict[str, Any]:
-            key = (k.model, k.version, k.role, k.tensor, j, k.bucket or 0.0)
-            return rows.setdefault(key, {
-                "model": k.model, "version": k.version, "tensor": k.tensor, "role": k.role,
-                "feature": j, "bucket": k.bucket, "cohorts": [], "devices": [],
-            })  # fmt: skip
-
-        for c in self.cohorts:
-            for r in c.features:
-                if r.drifted:
-                    entry(c.key, r.feature)["cohorts"].append(c.key.cohort)
-        for d in self.device_alerts:
-            for j in d.drifted:
-                entry(d.key, j)["devices"].append(d.key.cohort)
-        return [rows[k] for k in sorted(rows)]
-
-    def to_dict(self, *, include_views: bool = False) -> dict[str, Any]:
-        """JSON-safe dict (the admin API's body); views and baselines with ``include_views``."""
-        out: dict[str, Any] = {
-            "by": str(self.spec),
-            "cohorts": [c.to_dict(include_view=include_views) for c in self.cohorts],
-            "drifted": self.drifted_features(),
-            "device_alerts": [d.to_dict() for d in self.device_alerts],
-            "devices_scored": self.devices_scored,
-            "skipped": dict(sorted(self.skipped.items())),
-        }
-        if include_views:
-            out["baselines"] = [
-                {"model": m, "version": v, "tensor": t, "role": r, "view": view.to_dict()}
-                for (m, v, t, r), view in sorted(self.baselines.items())
-            ]
-        return out
 
 
 def _judge(

@@ -2,7 +2,8 @@
 
 Owns: routing, the HTTP error mapping, size and rate limits and metrics accounting of the v2
 endpoints (health, server and model metadata, model ready, infer) and ``/metrics``. It does not
-decode tensors (``codec``), run models (the service) or listen on sockets (``server``).
+own the raw ASGI fast path and the shared JSON/error responses (``fastpath``), decode tensors
+(``codec``), run models (the service) or listen on sockets (``server``).
 
 Error mapping, always as the protocol's ``{"error": "<message>"}``:
     400 undecodable or invalid request (message names the validation reason and field)
@@ -31,9 +32,8 @@ import contextlib
 import functools
 import logging
 import math
-import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -44,10 +44,21 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Receive, Scope
 
 from edge_agent.api import codec
 from edge_agent.api import metrics as m
+from edge_agent.api.fastpath import (
+    JSON,
+    OCTETS,
+    _Answer,
+    _App,
+    _error,
+    _infer_headers,
+    _json,
+    _read_body,
+)
+from edge_agent.api.header_cache import RequestDecoder
 from edge_agent.api.metrics import ApiMetrics
 from edge_agent.api.ratelimit import RateLimiter
 from edge_agent.config import ApiConfig
@@ -63,12 +74,21 @@ from edge_agent.errors import (
 )
 from edge_agent.service import InferenceRequest, InferenceResult, InferenceService
 
+__all__ = [
+    "DEFAULT_MAX_CONCURRENCY",
+    "INLINE_BYTES",
+    "INLINE_ELEMENTS",
+    "INLINE_SERVICE_S",
+    "JSON",
+    "OCTETS",
+    "UDS_CLIENT",
+    "create_app",
+]
+
 logger = logging.getLogger(__name__)
 
 UDS_CLIENT = "uds"
 DEFAULT_MAX_CONCURRENCY = 16
-JSON = "application/json"
-OCTETS = "application/octet-stream"
 # Below these sizes decoding / encoding costs tens of microseconds: cheaper on the event loop than
 # a thread hop (and the GIL hand-offs it brings); above them it moves to the worker threads.
 INLINE_BYTES = 64 * 1024
@@ -80,39 +100,6 @@ _T = TypeVar("_T")
 _Outcome = tuple[str, str, Response]
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    body = codec.to_json({"error": message})
-    return Response(body, status_code=status, media_type=JSON, headers=headers)
-
-
-def _json(document: Any) -> Response:
-    return Response(codec.to_json(document), media_type=JSON)
-
-
-_JSON_TYPE = (b"content-type", JSON.encode())
-_OCTETS_TYPE = (b"content-type", OCTETS.encode())
-
-
-class _Answer(Response):
-    """A 200 answer with its raw headers built directly (the infer hot path).
-
-    The same bytes on the wire as ``Response(body, media_type=..., headers=...)``, without the
-    generic header normalisation that costs a few microseconds per request.
-    """
-
-    def __init__(self, body: bytes, header_length: int | None) -> None:
-        self.status_code = 200
-        self.background = None
-        self.body = body
-        length = (b"content-length", str(len(body)).encode())
-        if header_length is None:
-            self.raw_headers = [length, _JSON_TYPE]
-        else:
-            self.media_type = OCTETS
-            inference = (b"inference-header-content-length", str(header_length).encode())
-            self.raw_headers = [inference, length, _OCTETS_TYPE]
-
-
 def _describe(exc: InputValidationError) -> str:
     parts = [f"reason: {exc.reason}"]
     if exc.field:
@@ -122,63 +109,12 @@ def _describe(exc: InputValidationError) -> str:
     return f"{exc} ({'; '.join(parts)})"
 
 
-_FAST_INFER = re.compile(r"/v2/models/([^/]+)/infer")
-
-
-class _App(Starlette):
-    """Starlette, with ``POST /v2/models/{name}/infer`` dispatched before the router.
-
-    The hot path skips route matching, the middleware stack and Starlette's ``Request`` (about
-    a fifth of the CPU of a batch-1 request): it reads the three headers it needs in one pass
-    and the body straight from ``receive``. Everything else, including every error path of
-    other routes, goes through Starlette as usual. ``infer`` turns its own failures into
-    protocol errors, and anything unexpected becomes the same opaque 500 the exception handler
-    gives.
-    """
-
-    fast_infer: Callable[[Scope, Receive, str, str | None], Awaitable[Response]] | None = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and self.fast_infer is not None:
-            match = _FAST_INFER.fullmatch(scope["path"])
-            if match is not None:
-                scope["app"] = self
-                name = match.group(1)
-                scope["path_params"] = {"name": name}
-                try:
-                    response = await self.fast_infer(scope, receive, name, None)
-                except Exception:  # never the exception's text: it may hold internals
-                    response = _error(500, "internal error")
-                await response(scope, receive, send)
-                return
-        await super().__call__(scope, receive, send)
-
-
 def _elements(outputs: Mapping[str, Any]) -> int:
     """Elements in the outputs (arrays from the device; whatever the cloud sent otherwise)."""
     total = 0
     for value in outputs.values():
         total += value.size if type(value) is np.ndarray else int(np.size(value))
     return total
-
-
-def _infer_headers(raw: list[tuple[bytes, bytes]]) -> tuple[str | None, str | None, str | None]:
-    """Content-Length, Inference-Header-Content-Length and X-Routing-Key in one pass.
-
-    ASGI servers give lower-cased names; the first occurrence wins, as with Starlette's
-    ``Headers.get``; values are latin-1, as Starlette decodes them.
-    """
-    declared = header_length = routing = None
-    for key, value in raw:
-        if key == b"content-length":
-            if declared is None:
-                declared = value.decode("latin-1")
-        elif key == b"inference-header-content-length":
-            if header_length is None:
-                header_length = value.decode("latin-1")
-        elif key == b"x-routing-key" and routing is None:
-            routing = value.decode("latin-1")
-    return declared, header_length, routing
 
 
 def _target(request: Request) -> tuple[str, str | None]:
@@ -202,7 +138,7 @@ class _Api:
         self.limiter = limiter
         self.max_bytes = config.max_request_bytes
         self.max_concurrency = max_concurrency
-        self.decoder = codec.RequestDecoder()  # remembers binary requests' JSON headers
+        self.decoder = RequestDecoder()  # remembers binary requests' JSON headers
         self._pool: ThreadPoolExecutor | None = None
         # Smoothed service time per model: fast models run on the event loop (the thread hop
         # costs more CPU than their inference), slow ones in the pool so the loop stays free.
@@ -329,7 +265,7 @@ class _Api:
         if declared is not None and int(declared) > self.max_bytes:
             return self._too_large(int(declared))
         try:
-            body = await self._read_body(receive)
+            body = await _read_body(receive, self.max_bytes)
         except ClientDisconnect:
             return m.OUTCOME_ABORTED, "disconnect", _error(400, "client disconnected")
         if body is None:
@@ -341,32 +277,6 @@ class _Api:
         message = f"request body too large{got}; the limit is {self.max_bytes} bytes"
         response = _error(413, message, {"Connection": "close"})
         return m.OUTCOME_TOO_LARGE, "payload_too_large", response
-
-    async def _read_body(self, receive: Receive) -> bytes | None:
-        """The body, or ``None`` once it exceeds the limit (whatever Content-Length said).
-
-        Reads ``receive`` as Starlette's ``Request.stream`` does, without its async generator.
-
-        Raises:
-            ClientDisconnect: the client went away before the body was complete.
-        """
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            kind = message["type"]
-            if kind == "http.request":
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > self.max_bytes:
-                    return None
-                if chunk:
-                    chunks.append(chunk)
-                if not message.get("more_body", False):
-                    break
-            elif kind == "http.disconnect":
-                raise ClientDisconnect()
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def _run_service(self, name: str, request: InferenceRequest) -> InferenceResult:
         ewma = self._service_s.get(name)
