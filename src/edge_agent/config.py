@@ -10,15 +10,13 @@ Per-model policy lives under ``[models.<name>]`` and falls back to ``[model_defa
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from edge_agent.config_loader import apply_env, build_section, read_toml
 from edge_agent.errors import ConfigError
 
 ENV_PREFIX = "EDGEFLEET_AGENT__"
@@ -250,36 +248,9 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Agen
         ConfigError: unreadable file, unknown key, wrong type or an invalid value; the message
             names the key.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {path}: {exc}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config {path} is not valid TOML: {exc}") from exc
-    _apply_env(data, os.environ if env is None else env)
+    data = read_toml(path)
+    apply_env(data, os.environ if env is None else env, ENV_PREFIX)
     return _build(data)
-
-
-def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
-    for key, raw in env.items():
-        if not key.startswith(ENV_PREFIX):
-            continue
-        parts = [p.lower() for p in key[len(ENV_PREFIX) :].split("__")]
-        node = data
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{key}: {'.'.join(parts[:-1])} is not a section")
-        node[parts[-1]] = _parse_scalar(raw)
-
-
-def _parse_scalar(raw: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
 
 
 def _build(data: Mapping[str, Any]) -> AgentConfig:
@@ -322,36 +293,7 @@ def _table(value: Any, where: str) -> dict[str, Any]:
 
 
 def _section(cls: type[T], raw: Any, where: str) -> T:
-    body = _table(raw, where)
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = set(body) - set(fields)
-    if unknown:
-        raise ConfigError(f"unknown keys in [{where}]: {', '.join(sorted(unknown))}")
-    values: dict[str, Any] = {}
-    defaults = cls()
-    for name, given in body.items():
-        value = given
-        expected = type(getattr(defaults, name))
-        if isinstance(value, int) and not isinstance(value, bool) and expected is float:
-            value = float(value)
-        ok = (
-            value is None
-            or isinstance(value, expected)
-            or (getattr(defaults, name) is None and isinstance(value, str))
-        )
-        if isinstance(value, bool) and expected is not bool:
-            ok = False
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{where}.{name} must be a finite number, got {value!r}")
-        if not ok:
-            raise ConfigError(f"{where}.{name} must be {expected.__name__}, got {value!r}")
-        values[name] = value
-    obj = cls(**values)
-    try:
-        obj.validate()  # type: ignore[attr-defined]
-    except ConfigError as exc:
-        raise ConfigError(f"[{where}] {exc}") from exc
-    return obj
+    return build_section(cls, _table(raw, where), where)
 
 
 def _check(ok: bool, message: str) -> None:

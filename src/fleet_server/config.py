@@ -16,15 +16,14 @@ Owns: parsing and validation. Does not own: reading the admin token file or the 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from edge_agent.config_loader import apply_env, build_section, read_toml
 from fleet_server.errors import ServerConfigError
 
 __all__ = [
@@ -230,38 +229,9 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Serv
         ServerConfigError: unreadable file, unknown key, wrong type or an invalid value; the
             message names the key.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except OSError as exc:
-            raise ServerConfigError(f"cannot read config {path}: {exc}") from exc
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ServerConfigError(f"config {path} is not valid TOML: {exc}") from exc
-    _apply_env(data, os.environ if env is None else env)
+    data = read_toml(path, ServerConfigError)
+    apply_env(data, os.environ if env is None else env, ENV_PREFIX, ServerConfigError)
     return _build(data)
-
-
-def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
-    for key, raw in env.items():
-        if not key.startswith(ENV_PREFIX):
-            continue
-        parts = [p.lower() for p in key[len(ENV_PREFIX) :].split("__")]
-        if not all(parts):
-            raise ServerConfigError(f"{key}: empty section or key name")
-        node = data
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ServerConfigError(f"{key}: {'.'.join(parts[:-1])} is not a section")
-        node[parts[-1]] = _parse_scalar(raw)
-
-
-def _parse_scalar(raw: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
 
 
 def _build(data: Mapping[str, Any]) -> ServerConfig:
@@ -292,31 +262,9 @@ def _build(data: Mapping[str, Any]) -> ServerConfig:
 
 
 def _section(cls: type[T], raw: Any, where: str) -> T:
-    if not isinstance(raw, dict):
-        raise ServerConfigError(f"[{where}] must be a table")
-    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = set(raw) - fields
-    if unknown:
-        raise ServerConfigError(f"unknown keys in [{where}]: {', '.join(sorted(unknown))}")
-    defaults = cls()
-    values: dict[str, Any] = {}
-    for name, given in raw.items():
-        default = getattr(defaults, name)
-        expected: type[Any] = str if default is None else type(default)
-        value = given
-        if isinstance(value, int) and not isinstance(value, bool) and expected is float:
-            value = float(value)
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ServerConfigError(f"{where}.{name} must be a finite number, got {value!r}")
-        if isinstance(value, bool) is not (expected is bool) or not isinstance(value, expected):
-            raise ServerConfigError(f"{where}.{name} must be {expected.__name__}, got {value!r}")
-        values[name] = value
-    obj = cls(**values)
-    try:
-        obj.validate()  # type: ignore[attr-defined]
-    except ServerConfigError as exc:
-        raise ServerConfigError(f"{where}.{exc}") from exc
-    return obj
+    return build_section(
+        cls, raw, where, ServerConfigError, wrap=lambda where, message: f"{where}.{message}"
+    )
 
 
 def _check(ok: bool, message: str) -> None:
