@@ -3,8 +3,10 @@
 Owns: ``BlockSource``, which slices the blocks of one published bundle file (positional reads,
 the file's size checked against the signed length), and ``plan_resend``, a pure function that
 merges many devices' ``BlockRequest``s into the blocks worth re-broadcasting to the whole wave
-and the blocks to unicast to single devices. Does not own MQTT (the gateway publishes what this
-returns) or the protocol itself (``edge_agent.transfer``).
+and the blocks to unicast to single devices, and ``RecentBroadcasts``, the memory of which
+blocks are already on their way to every subscriber (broadcast in the last ``hold_seconds``,
+or still ahead of a running wave) so a round does not broadcast them again. Does not own MQTT
+(the gateway publishes what this returns) or the protocol itself (``edge_agent.transfer``).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import hashlib
 import hmac
 import os
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -26,7 +28,7 @@ from edge_agent.errors import (
 )
 from edge_agent.transfer import BlockData, BlockPlan, BlockRequest
 
-__all__ = ["BlockSource", "ResendPlan", "plan_resend"]
+__all__ = ["BlockSource", "RecentBroadcasts", "ResendPlan", "plan_resend"]
 
 _HASH_CHUNK = 1 << 20
 
@@ -129,11 +131,14 @@ class ResendPlan:
         unicast: per device, the block indices to send to it alone, ascending.
         rejected: per device, how many requests were refused (another transfer, beyond the
             last block); counted, never raised, so one bad device cannot stall the wave.
+        suppressed: blocks that would have been re-broadcast but are already in flight to
+            every subscriber (see ``RecentBroadcasts``), ascending.
     """
 
     broadcast: tuple[int, ...]
     unicast: Mapping[str, tuple[int, ...]]
     rejected: Mapping[str, int] = field(default_factory=dict)
+    suppressed: tuple[int, ...] = ()
 
 
 def plan_resend(
@@ -141,17 +146,21 @@ def plan_resend(
     plan: BlockPlan,
     *,
     broadcast_min_devices: int = 2,
+    in_flight: Set[int] = frozenset(),
 ) -> ResendPlan:
     """Merge the devices' requests: blocks many devices miss are re-broadcast, others unicast.
 
     A block requested by at least ``broadcast_min_devices`` distinct devices is re-broadcast
-    (one publish serves them all); a block fewer devices want is sent to each of them alone.
-    Several requests from one device are merged.
+    (one publish serves them all) unless it is ``in_flight``: a broadcast copy is already on
+    its way to every subscriber, so it is sent nothing (``suppressed``); the requesters ask
+    again if that copy never arrives. A block fewer devices want is sent to each of them alone
+    (cheap, and it keeps a lone late joiner fast). Several requests from one device are merged.
 
     Args:
         requests: ``(device_id, request)`` pairs received since the last round.
         plan: the transfer being served.
         broadcast_min_devices: distinct requesters that make a block worth re-broadcasting.
+        in_flight: blocks of this transfer not to broadcast again now.
 
     Returns:
         The ``ResendPlan``; a block is either broadcast or unicast, never both.
@@ -173,10 +182,61 @@ def plan_resend(
     demand: Counter[int] = Counter()
     for blocks in wanted.values():
         demand.update(blocks)
-    broadcast = {i for i, count in demand.items() if count >= broadcast_min_devices}
+    shared = {i for i, count in demand.items() if count >= broadcast_min_devices}
+    broadcast = shared - in_flight
     unicast = {
-        device_id: tuple(sorted(blocks - broadcast))
+        device_id: tuple(sorted(blocks - shared))
         for device_id, blocks in sorted(wanted.items())
-        if blocks - broadcast
+        if blocks - shared
     }
-    return ResendPlan(tuple(sorted(broadcast)), unicast, dict(rejected))
+    return ResendPlan(
+        tuple(sorted(broadcast)), unicast, dict(rejected), tuple(sorted(shared & in_flight))
+    )
+
+
+class RecentBroadcasts:
+    """Which blocks are already on their way to every subscriber of a transfer's wave topic.
+
+    Pure bookkeeping with the clock passed in (the caller locks). A block counts as in flight
+    for ``hold_seconds`` after it was broadcast (the broker fans one publish out to every
+    subscriber, which takes seconds for a large fleet), and while a running wave has not yet
+    reached it (the wave will send it anyway). ``forget_sent`` drops the first kind after a
+    publish failure: a broker that went away may have lost what it was still delivering.
+
+    Raises:
+        ContractError: ``hold_seconds`` is negative (on construction).
+    """
+
+    def __init__(self, hold_seconds: float) -> None:
+        if not hold_seconds >= 0:
+            raise ContractError(f"hold_seconds must be >= 0: {hold_seconds!r}")
+        self._hold = hold_seconds
+        self._sent: dict[str, dict[int, float]] = {}  # transfer -> block -> broadcast time
+        self._waves: dict[str, tuple[int, int]] = {}  # transfer -> (next index, n_blocks)
+
+    def record(self, transfer_id: str, index: int, now: float) -> None:
+        """Block ``index`` was just broadcast."""
+        self._sent.setdefault(transfer_id, {})[index] = now
+
+    def wave_at(self, transfer_id: str, next_index: int, n_blocks: int) -> None:
+        """A wave of ``transfer_id`` will still broadcast blocks ``next_index .. n_blocks-1``."""
+        self._waves[transfer_id] = (next_index, n_blocks)
+
+    def wave_ended(self, transfer_id: str) -> None:
+        """The wave finished or was aborted: it will send nothing more."""
+        self._waves.pop(transfer_id, None)
+
+    def forget_sent(self) -> None:
+        """Forget every recorded broadcast (running waves stay pending)."""
+        self._sent.clear()
+
+    def in_flight(self, transfer_id: str, now: float) -> frozenset[int]:
+        """Blocks of ``transfer_id`` not worth broadcasting again at ``now``."""
+        sent = self._sent.get(transfer_id, {})
+        expired = [i for i, at in sent.items() if now - at >= self._hold]
+        for i in expired:
+            del sent[i]
+        if not sent:
+            self._sent.pop(transfer_id, None)
+        start, stop = self._waves.get(transfer_id, (0, 0))
+        return frozenset(sent).union(range(start, stop))

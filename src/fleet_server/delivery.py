@@ -8,6 +8,9 @@ queue nor the broker is flooded) and ``BlockServer``, which collects requests fo
 checked against the signed SHA-256 once when first opened), publishes the blocks wanted by
 ``broadcast_min_devices`` or more devices once on ``<prefix>/broadcast/<transfer_id>`` and the
 rest on each device's ``blocks/resp``, and runs waves (every block once, in the background).
+A block already broadcast in the last ``hold_seconds`` or still ahead of a running wave is not
+broadcast again by a round (``fleet_server.blocks.RecentBroadcasts``): with a large fleet one
+re-broadcast costs one delivery per subscriber, and the requesters' copy is already in flight.
 
 Does not decide what a device should download (desired state does) or parse telemetry.
 """
@@ -19,6 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -27,7 +31,7 @@ from edge_agent.errors import EdgefleetError, NotConnectedError, TransportError
 from edge_agent.mqtt import MqttClient, PublishHandle
 from edge_agent.topics import Topics
 from edge_agent.transfer import BlockPlan, BlockRequest, transfer_id_for
-from fleet_server.blocks import BlockSource, ResendPlan, plan_resend
+from fleet_server.blocks import BlockSource, RecentBroadcasts, ResendPlan, plan_resend
 from fleet_server.errors import ModelNotPublishedError, RegistryError
 from fleet_server.registry.store import Registry
 
@@ -39,6 +43,7 @@ _MAX_INFLIGHT: Final = 64  # unacknowledged block publishes per publishing threa
 _PUBACK_TIMEOUT: Final = 10.0
 _REFRESH_EVERY: Final = 1.0  # seconds between bundle-list refreshes caused by unknown ids
 _RECONNECT_WAIT: Final = 30.0  # a wave waits this long for the session to come back
+DEFAULT_HOLD_SECONDS: Final = 4.0  # a broadcast block is not re-broadcast within this time
 
 
 @dataclass(frozen=True)
@@ -49,11 +54,13 @@ class RoundPlan:
         transfers: per known transfer id, the merged ``ResendPlan``.
         unknown: requests naming a transfer that is not a published bundle.
         out_of_range: requests refused by their transfer (beyond the last block).
+        suppressed: blocks not re-broadcast because a copy is already in flight.
     """
 
     transfers: Mapping[str, ResendPlan] = field(default_factory=dict)
     unknown: int = 0
     out_of_range: int = 0
+    suppressed: int = 0
 
 
 def plan_round(
@@ -61,6 +68,7 @@ def plan_round(
     plans: Mapping[str, BlockPlan],
     *,
     broadcast_min_devices: int,
+    in_flight: Mapping[str, AbstractSet[int]] | None = None,
 ) -> RoundPlan:
     """Group a round's requests by transfer and merge each group with ``plan_resend``.
 
@@ -68,6 +76,7 @@ def plan_round(
         requests: ``(device_id, request)`` in arrival order.
         plans: the transfers that can be served, by transfer id.
         broadcast_min_devices: distinct requesters that make a block worth broadcasting.
+        in_flight: per transfer, blocks not to broadcast again now (see ``plan_resend``).
 
     Returns:
         The ``RoundPlan``.
@@ -83,13 +92,19 @@ def plan_round(
         else:
             unknown += 1
     transfers: dict[str, ResendPlan] = {}
-    out_of_range = 0
+    out_of_range = suppressed = 0
     for transfer_id, group in grouped.items():
-        resend = plan_resend(group, plans[transfer_id], broadcast_min_devices=broadcast_min_devices)
+        resend = plan_resend(
+            group,
+            plans[transfer_id],
+            broadcast_min_devices=broadcast_min_devices,
+            in_flight=(in_flight or {}).get(transfer_id, frozenset()),
+        )
         out_of_range += sum(resend.rejected.values())
+        suppressed += len(resend.suppressed)
         if resend.broadcast or resend.unicast:
             transfers[transfer_id] = resend
-    return RoundPlan(transfers, unknown, out_of_range)
+    return RoundPlan(transfers, unknown, out_of_range, suppressed)
 
 
 class Pacer:
@@ -162,7 +177,8 @@ class BlockServer:
         round_seconds: how long requests are collected before a round is planned.
         pacer: rate limit shared by rounds and waves.
         count: ``count(name, n)`` increments a gateway counter.
-        monotonic: clock for the bundle-list refresh rate limit.
+        monotonic: clock for the bundle-list refresh rate limit and the broadcast memory.
+        hold_seconds: a broadcast block is not re-broadcast by a round within this time.
     """
 
     def __init__(
@@ -178,6 +194,7 @@ class BlockServer:
         pacer: Pacer,
         count: Callable[[str, int], None],
         monotonic: Callable[[], float] = time.monotonic,
+        hold_seconds: float = DEFAULT_HOLD_SECONDS,
     ) -> None:
         self._registry = registry
         self._client = client
@@ -191,6 +208,7 @@ class BlockServer:
         self._monotonic = monotonic
         self._lock = threading.Lock()
         self._requests: list[tuple[str, BlockRequest]] = []
+        self._recent = RecentBroadcasts(hold_seconds)  # guarded by _lock
         self._plans: dict[str, tuple[BlockPlan, str]] = {}  # transfer id -> (plan, sha256)
         self._sources: dict[str, BlockSource] = {}
         self._last_refresh = -1e9
@@ -241,13 +259,21 @@ class BlockServer:
         """
         for transfer_id in {r.transfer_id for _, r in requests}:
             self._resolve(transfer_id)
+        now = self._monotonic()
         with self._lock:
             plans = {t: p for t, (p, _sha) in self._plans.items()}
-        plan = plan_round(requests, plans, broadcast_min_devices=self._min_devices)
+            in_flight = {
+                t: self._recent.in_flight(t, now) for t in {r.transfer_id for _, r in requests}
+            }
+        plan = plan_round(
+            requests, plans, broadcast_min_devices=self._min_devices, in_flight=in_flight
+        )
         if plan.unknown:
             self._count("unknown_transfer", plan.unknown)
         if plan.out_of_range:
             self._count("out_of_range", plan.out_of_range)
+        if plan.suppressed:
+            self._count("blocks_suppressed", plan.suppressed)
         window = _Window(self._client)
         for transfer_id, resend in plan.transfers.items():
             source = self._source(transfer_id)
@@ -256,6 +282,7 @@ class BlockServer:
             try:
                 for index in resend.broadcast:
                     self._send(window, source, index, self._topics.broadcast(transfer_id))
+                    self._sent(transfer_id, index)
                     self._count("blocks_broadcast", 1)
                 for device_id, indices in resend.unicast.items():
                     topic = self._topics.blocks_resp(device_id)
@@ -263,13 +290,20 @@ class BlockServer:
                         self._send(window, source, index, topic)
                         self._count("blocks_unicast", 1)
             except TransportError as exc:
-                # Devices ask again for what they still miss.
+                # Devices ask again for what they still miss; what the broker was still
+                # fanning out may be lost with it, so nothing counts as in flight any more.
+                with self._lock:
+                    self._recent.forget_sent()
                 self._count("block_publish_failures", 1)
                 log.info("block round for %s interrupted: %s", transfer_id, exc)
             except (OSError, EdgefleetError) as exc:
                 self._count("bundle_unreadable", 1)
                 log.warning("cannot read bundle of transfer %s: %s", transfer_id, exc)
         return plan
+
+    def _sent(self, transfer_id: str, index: int) -> None:
+        with self._lock:
+            self._recent.record(transfer_id, index, self._monotonic())
 
     def _send(self, window: _Window, source: BlockSource, index: int, topic: str) -> None:
         payload = source.message(index).to_bytes()
@@ -305,6 +339,16 @@ class BlockServer:
         return transfer_id
 
     def _wave(self, source: BlockSource, transfer_id: str) -> None:
+        n_blocks = source.plan.n_blocks
+        with self._lock:
+            self._recent.wave_at(transfer_id, 0, n_blocks)
+        try:
+            self._wave_blocks(source, transfer_id)
+        finally:
+            with self._lock:
+                self._recent.wave_ended(transfer_id)
+
+    def _wave_blocks(self, source: BlockSource, transfer_id: str) -> None:
         window = _Window(self._client)
         topic = self._topics.broadcast(transfer_id)
         index = 0
@@ -313,6 +357,8 @@ class BlockServer:
             try:
                 self._send(window, source, index, topic)
             except NotConnectedError:
+                with self._lock:
+                    self._recent.forget_sent()
                 now = self._monotonic()
                 deadline = deadline or now + _RECONNECT_WAIT
                 if now > deadline:
@@ -326,6 +372,9 @@ class BlockServer:
                 log.warning("wave %s aborted at block %d: %s", transfer_id, index, exc)
                 return
             deadline = 0.0
+            with self._lock:
+                self._recent.record(transfer_id, index, self._monotonic())
+                self._recent.wave_at(transfer_id, index + 1, source.plan.n_blocks)
             self._count("blocks_broadcast", 1)
             index += 1
 

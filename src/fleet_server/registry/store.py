@@ -35,13 +35,24 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, func, select, text
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
@@ -83,13 +94,16 @@ MAX_SEQ: Final = 2**63 - 1
 MAX_INGEST_ITEMS: Final = 4096
 _INSERT_CHUNK: Final = 500  # rows per INSERT statement (5 params each; far below SQLite's cap)
 _SCAN_CHUNK: Final = 1000
+_IN_CHUNK: Final = 500  # ids per IN (...) list
 _WRITE: Final = "edgefleet_write"
 _MIGRATION_LOCK: Final = 0x65646766  # pg advisory lock key ("edgf") serialising upgrades
 _LABEL_MAX: Final = 128
 _SHA256_HEX: Final = frozenset("0123456789abcdef")
 
 
-# --------------------------------------------------------------------------- errors
+_DEVICES: Final = cast(Table, Device.__table__)
+_SEQ: Final = cast(Table, DeviceSeq.__table__)
+_TELEMETRY: Final = cast(Table, TelemetryRow.__table__)
 
 
 # --------------------------------------------------------------------------- values
@@ -593,27 +607,173 @@ class Registry:
         Raises:
             RegistryUnavailableError: the database failed; nothing of any item was stored.
         """
-        checked: list[list[dict[str, Any]] | TelemetryRejectedError] = []
+        checked: list[list[dict[str, Any]] | RegistryError] = []
         for device_id, entries, floor in batches:
             try:
                 checked.append(_checked_rows(device_id, entries, floor))
             except TelemetryRejectedError as exc:
                 checked.append(exc)
-        out: list[IngestResult | RegistryError] = []
         if all(isinstance(c, RegistryError) for c in checked):
             return [c for c in checked if isinstance(c, RegistryError)]
         now = self._clock()
         with self._write("ingesting telemetry") as s:
-            for (device_id, _entries, floor), rows in zip(batches, checked, strict=True):
-                if isinstance(rows, RegistryError):
-                    out.append(rows)
-                    continue
-                try:
-                    out.append(self._ingest_in(s, device_id, rows, floor, now))
-                except (UnknownDeviceError, DeviceRevokedError) as exc:
-                    # Raised before anything of this item was written: the rest go on.
-                    out.append(exc)
-        return out
+            return self._ingest_set(s.connection(), batches, checked, now)
+
+    def _ingest_set(
+        self,
+        conn: Connection,
+        batches: Sequence[tuple[str, Sequence[Any], int | None]],
+        checked: list[list[dict[str, Any]] | RegistryError],
+        now: datetime,
+    ) -> list[IngestResult | RegistryError]:
+        """``ingest_many``'s body, set-wise: a fixed number of statements per batch.
+
+        Statements: the batch's devices (one select), their ``device_seq`` rows (one upsert,
+        one locking select, in id order so concurrent workers lock in the same order), the
+        entries (one ``INSERT ... ON CONFLICT DO NOTHING RETURNING``, batched by the driver),
+        every stored seq above each device's ``acked_upto`` (one select) and the new counters
+        (one executemany) plus ``last_seen`` (one update). The per-item arithmetic of
+        ``_ingest_in`` then runs in Python over those seqs, item by item in batch order, so
+        several items of one device give exactly what sequential ``ingest`` calls give.
+        """
+        wanted = sorted(
+            {d for (d, _e, _f), c in zip(batches, checked, strict=True) if isinstance(c, list)}
+        )
+        devices: dict[str, tuple[bool, int]] = {}
+        for part in _chunks(wanted, _IN_CHUNK):
+            for dev_id, revoked_at, epoch in conn.execute(
+                select(_DEVICES.c.id, _DEVICES.c.revoked_at, _DEVICES.c.epoch).where(
+                    _DEVICES.c.id.in_(part)
+                )
+            ):
+                devices[dev_id] = (revoked_at is not None, int(epoch or 1))
+        out: list[IngestResult | RegistryError | None] = []
+        for (device_id, _e, _f), rows in zip(batches, checked, strict=True):
+            if isinstance(rows, RegistryError):
+                out.append(rows)
+            elif device_id not in devices:
+                out.append(UnknownDeviceError(f"device {device_id!r} is not enrolled"))
+            elif devices[device_id][0]:
+                # Revocation means its data is no longer trusted, even while the broker has
+                # not reloaded the CRL yet; the gateway drops and counts the message.
+                out.append(DeviceRevokedError(f"device {device_id!r} is revoked"))
+            else:
+                out.append(None)
+        live = sorted({b[0] for b, o in zip(batches, out, strict=True) if o is None})
+        if not live:
+            return [o for o in out if o is not None]
+        # device_seq rows: create the missing ones, then lock them all for this transaction.
+        zero = {"acked_upto": 0, "gaps": 0, "lost": 0, "duplicates": 0}
+        conn.execute(self._seq_insert_ignore(), [{"device_id": d, **zero} for d in live])
+        state: dict[str, list[int]] = {}
+        for part in _chunks(live, _IN_CHUNK):
+            stmt = (
+                select(
+                    _SEQ.c.device_id, _SEQ.c.acked_upto, _SEQ.c.gaps, _SEQ.c.lost, _SEQ.c.duplicates
+                )
+                .where(_SEQ.c.device_id.in_(part))
+                .order_by(_SEQ.c.device_id)
+                .with_for_update()
+            )
+            for dev_id, acked, gaps, lost, dups in conn.execute(stmt):
+                state[dev_id] = [int(acked), int(gaps), int(lost), int(dups)]
+        # Every entry once, first occurrence in batch order wins (as sequential calls would).
+        first: dict[tuple[str, int], int] = {}  # (device, seq) -> index of the item storing it
+        values: list[dict[str, Any]] = []
+        for index, (rows, result) in enumerate(zip(checked, out, strict=True)):
+            if result is not None or isinstance(rows, RegistryError):
+                continue
+            for r in rows:
+                key = (r["device_id"], r["seq"])
+                if key not in first:
+                    first[key] = index
+                    epoch = devices[r["device_id"]][1]
+                    values.append({**r, "epoch": epoch, "received_at": now})
+        inserted: set[tuple[str, int]] = set()
+        if values:
+            inserted = {
+                (str(d), int(n)) for d, n in conn.execute(self._telemetry_insert_ignore(), values)
+            }
+        # Stored seqs above each device's mark (now including this batch's rows).
+        above: dict[str, set[int]] = {d: set() for d in live}
+        for part in _chunks(live, _IN_CHUNK):
+            stmt = (
+                select(_TELEMETRY.c.device_id, _TELEMETRY.c.seq)
+                .join(_SEQ, _SEQ.c.device_id == _TELEMETRY.c.device_id)
+                .join(_DEVICES, _DEVICES.c.id == _TELEMETRY.c.device_id)
+                .where(
+                    _TELEMETRY.c.device_id.in_(part),
+                    _TELEMETRY.c.epoch == _DEVICES.c.epoch,
+                    _TELEMETRY.c.seq > _SEQ.c.acked_upto,
+                )
+            )
+            for row in conn.execute(stmt):
+                above[row[0]].add(int(row[1]))
+        # What was stored before this batch: the rows of later items are added item by item.
+        mine: dict[int, list[int]] = {}
+        for key in inserted:
+            mine.setdefault(first[key], []).append(key[1])
+            above[key[0]].discard(key[1])
+        results: list[IngestResult | RegistryError] = []
+        for index, ((device_id, _e, floor), rows, result) in enumerate(
+            zip(batches, checked, out, strict=True)
+        ):
+            if result is not None:
+                results.append(result)
+                continue
+            assert isinstance(rows, list)
+            st, seqs = state[device_id], above[device_id]
+            mark = start = st[0]
+            new = mine.get(index, [])
+            recovered = 0
+            for q in new:
+                if q <= start:
+                    recovered += 1
+                else:
+                    seqs.add(q)
+            lost = 0
+            if floor is not None and floor - 1 > mark:
+                below = [q for q in seqs if q < floor]
+                lost = (floor - 1 - mark) - len(below)
+                seqs.difference_update(below)
+                mark = floor - 1
+            while mark + 1 in seqs:
+                mark += 1
+                seqs.discard(mark)
+            top = max(seqs, default=None)
+            gaps = 0 if top is None else top - mark - len(seqs)
+            duplicates = len(rows) - len(new)
+            st[0], st[1] = mark, gaps
+            st[2] += lost - recovered
+            st[3] += duplicates
+            results.append(
+                IngestResult(
+                    device_id=device_id,
+                    acked_upto=mark,
+                    gaps=gaps,
+                    inserted=len(new),
+                    duplicates=duplicates,
+                    lost=lost,
+                    recovered=recovered,
+                )
+            )
+        conn.execute(
+            update(_SEQ)
+            .where(_SEQ.c.device_id == bindparam("b_device"))
+            .values(
+                acked_upto=bindparam("b_acked"),
+                gaps=bindparam("b_gaps"),
+                lost=bindparam("b_lost"),
+                duplicates=bindparam("b_dups"),
+            ),
+            [
+                {"b_device": d, "b_acked": a, "b_gaps": g, "b_lost": lo, "b_dups": du}
+                for d, (a, g, lo, du) in sorted(state.items())
+            ],
+        )
+        for part in _chunks(live, _IN_CHUNK):
+            conn.execute(update(_DEVICES).where(_DEVICES.c.id.in_(part)).values(last_seen=now))
+        return results
 
     def _ingest_in(
         self,
@@ -730,6 +890,26 @@ class Registry:
             return pg.returning(TelemetryRow.seq)
         lite = sqlite.insert(TelemetryRow).values(chunk).on_conflict_do_nothing(index_elements=keys)
         return lite.returning(TelemetryRow.seq)
+
+    def _seq_insert_ignore(self) -> Any:
+        """Core ``INSERT INTO device_seq ... ON CONFLICT DO NOTHING`` (for executemany)."""
+        if self._dialect == "postgresql":
+            return postgresql.insert(_SEQ).on_conflict_do_nothing()
+        return sqlite.insert(_SEQ).on_conflict_do_nothing()
+
+    def _telemetry_insert_ignore(self) -> Any:
+        """Core telemetry insert returning the ``(device_id, seq)`` of rows really stored.
+
+        Executed with a list of rows, SQLAlchemy's "insertmanyvalues" batches them into
+        multi-row ``VALUES`` statements compiled once (no per-row statement building).
+        """
+        keys = ["device_id", "epoch", "seq"]
+        ins = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
+        return (
+            ins(_TELEMETRY)
+            .on_conflict_do_nothing(index_elements=keys)
+            .returning(_TELEMETRY.c.device_id, _TELEMETRY.c.seq)
+        )
 
     @contextmanager
     def _guard(
@@ -872,6 +1052,11 @@ def _rows(
             raise TelemetryRejectedError(f"seq {seq!r} is not in [1, 2**63-1]")
         out.append({"device_id": device_id, "seq": seq, "kind": kind, "payload": payload})
     return out
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
 
 
 def _check_device_id(device_id: str) -> None:
