@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -202,3 +205,53 @@ def start_device(config: AgentConfig) -> Device:
     control = ControlLoop(agent)  # probation verdicts and drift windows, as in the daemon
     control.start()
     return Device(config.device_id, config, agent, sync_agent, control)
+
+
+def daemon_config(
+    broker: FleetBroker,
+    keys: KeyStore,
+    directory: Path,
+    device_id: str,
+    api_port: int,
+    *,
+    sync: str = "",
+    extra: str = "",
+) -> Path:
+    """Write ``<directory>/<device_id>/agent.toml`` for a real ``edge-agent run`` with sync on.
+
+    ``sync`` adds lines to ``[sync]``; ``extra`` adds whole sections (``[drift]``, ...).
+    """
+    cfg = agent_config(broker, keys, directory, device_id)
+    path = directory / device_id / "agent.toml"
+    path.write_text(
+        f'device_id = "{device_id}"\n'
+        f"[api]\nport = {api_port}\n"
+        f'[store]\nstate_dir = "{cfg.store.state_dir}"\nroot_path = "{cfg.store.root_path}"\n'
+        "[model_defaults]\nprobation_requests = 5\n"
+        f'[sync]\nenabled = true\nhost = "{cfg.sync.host}"\nport = {cfg.sync.port}\n'
+        f'identity_dir = "{cfg.sync.identity_dir}"\nprefix = "{cfg.sync.prefix}"\n'
+        "reconnect_max_seconds = 1.0\nreport_interval_seconds = 0.5\n"
+        f"{sync}{extra}"
+    )
+    return path
+
+
+def start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
+    """``edge-agent run --config config`` as a process, its output appended to ``log``."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [str(Path(sys.executable).parent / "edge-agent"), "run", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL if it does not exit in ``timeout``."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)

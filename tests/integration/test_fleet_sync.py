@@ -19,7 +19,7 @@ from bundles import DigitsBundles, build_digits_bundles
 from edge_agent.service import InferenceRequest
 from edge_agent.transfer import BlockPlan
 from edge_agent.transfer_store import PartialDownload
-from fleet import FleetHarness, wait_until
+from fleet import FleetHarness, daemon_config, wait_until
 from fleet_server.gateway import GatewayConfig
 from mosquitto import MOSQUITTO, FleetBroker, fleet_broker
 
@@ -251,22 +251,6 @@ def test_garbage_on_the_device_topics_is_counted_and_serving_goes_on(
     assert _active(fleet, "dev-a", 1)
 
 
-def _daemon_config(fleet: FleetHarness, device_id: str, port: int) -> Path:
-    cfg = fleet.agent_config(device_id)
-    path = fleet.directory / device_id / "agent.toml"
-    path.write_text(
-        f'device_id = "{device_id}"\n'
-        f"[api]\nport = {port}\n"
-        f'[store]\nstate_dir = "{cfg.store.state_dir}"\nroot_path = "{cfg.store.root_path}"\n'
-        "[model_defaults]\nprobation_requests = 5\n"
-        f'[sync]\nenabled = true\nhost = "{cfg.sync.host}"\nport = {cfg.sync.port}\n'
-        f'identity_dir = "{cfg.sync.identity_dir}"\nprefix = "{cfg.sync.prefix}"\n'
-        "reconnect_max_seconds = 1.0\nreport_interval_seconds = 0.5\n"
-        "block_window = 4\nblock_retry_seconds = 0.5\n"
-    )
-    return path
-
-
 def test_agent_killed_during_a_transfer_resumes_after_restart(
     broker: FleetBroker, digits_bundles: DigitsBundles, wide_bundle: Path, tmp_path: Path
 ) -> None:
@@ -297,7 +281,14 @@ def test_agent_killed_during_a_transfer_resumes_after_restart(
 
     try:
         record = fleet.publish(wide_bundle)
-        path = _daemon_config(fleet, "dev-a", free_port())
+        path = daemon_config(
+            broker,
+            digits_bundles.keys,
+            fleet.directory,
+            "dev-a",
+            free_port(),
+            sync="block_window = 4\nblock_retry_seconds = 0.5\n",
+        )
         proc = start()
         fleet.assign("dev-a", {"wide": record})
         # The bitmap is persisted every 16 blocks: kill after at least one checkpoint.
