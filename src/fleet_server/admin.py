@@ -26,7 +26,7 @@ import hmac
 import json
 import logging
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import asdict
 from datetime import datetime
 from typing import Any
@@ -165,10 +165,21 @@ def _telemetry_json(t: StoredTelemetry) -> dict[str, Any]:
 class _FleetCollector(Collector):
     """Reads the service's status at scrape time (no state of its own)."""
 
-    def __init__(self, service: FleetService) -> None:
+    def __init__(
+        self,
+        service: FleetService,
+        extra: tuple[tuple[str, Callable[[], Mapping[str, Any]]], ...] = (),
+    ) -> None:
         self._service = service
+        self._extra = extra
 
     def collect(self) -> Iterator[Metric]:
+        for prefix, read in self._extra:  # e.g. the fallback worker's counters
+            for key, value in sorted(read().items()):
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    yield GaugeMetricFamily(
+                        f"edgefleet_{prefix}_{key}", f"{prefix} {key}.", value=value
+                    )
         st = self._service.status()
         for name, value, doc in (
             ("edgefleet_server_devices", st.devices, "Devices in the registry (incl. revoked)."),
@@ -192,11 +203,13 @@ def create_app(
     max_request_bytes: int = 1024 * 1024,
     max_upload_bytes: int = 1024 * 1024 * 1024,
     extra_routes: tuple[RouteProvider, ...] = (),
+    extra_metrics: tuple[tuple[str, Callable[[], Mapping[str, Any]]], ...] = (),
 ) -> Starlette:
     """The admin ASGI app over ``service``, guarded by the bearer ``token``.
 
     ``extra_routes`` add the routes of other parts (fleet drift, rollouts), each guarded by the
-    same token check.
+    same token check; ``extra_metrics`` are ``(prefix, read)`` pairs whose numeric values
+    ``/metrics`` exports as ``edgefleet_<prefix>_<key>`` gauges.
 
     Raises:
         ValueError: ``token`` is shorter than 16 characters.
@@ -205,7 +218,7 @@ def create_app(
         raise ValueError("the admin token must be at least 16 characters")
     expected = f"Bearer {token}".encode()
     metrics = CollectorRegistry(auto_describe=False)
-    metrics.register(_FleetCollector(service))
+    metrics.register(_FleetCollector(service, extra_metrics))
 
     def guarded(handler: Handler) -> Handler:
         async def run(request: Request) -> Response:

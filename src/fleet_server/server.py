@@ -189,6 +189,7 @@ def run(
                 lambda guard: drift_routes(drift, guard),
                 lambda guard: rollout_routes(runner, guard),
             ),
+            extra_metrics=(("fallback", fallback.stats),) if fallback is not None else (),
         )
         admin = AdminServer(app, config.api.host, config.api.port)
         admin.start()

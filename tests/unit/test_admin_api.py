@@ -253,3 +253,26 @@ def test_bad_bodies(env: tuple[TestClient, FakeGateway, Registry]) -> None:
 def test_short_token_refused() -> None:
     with pytest.raises(ValueError, match="16"):
         create_app(object(), "short")  # type: ignore[arg-type]
+
+
+def test_extra_metrics_are_exported_as_gauges(
+    digits_bundles: DigitsBundles, tmp_path: Path
+) -> None:
+    registry = Registry.open(f"sqlite:///{tmp_path / 'registry.db'}")
+    registry.upgrade()
+    service = FleetService(
+        registry,
+        BundleLibrary(tmp_path / "bundles", digits_bundles.keys.trusted_root()),
+        FakeGateway(),
+        [digits_bundles.keys.signer("online-1")],
+        clock=lambda: datetime.now(UTC),
+        ttl=timedelta(hours=1),
+    )
+    worker_stats = {"answered": 7, "queue_wait_ms_p99": 1.5, "note": "text"}
+    app = create_app(service, TOKEN, extra_metrics=(("fallback", lambda: worker_stats),))
+    with TestClient(app) as client:
+        text = client.get("/metrics", headers=AUTH).text
+    assert "edgefleet_fallback_answered 7.0" in text
+    assert "edgefleet_fallback_queue_wait_ms_p99 1.5" in text
+    assert "edgefleet_fallback_note" not in text  # only numbers
+    registry.close()
