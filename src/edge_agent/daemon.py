@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("edge_agent.daemon")
 TICK_SECONDS = 1.0
 RELOAD_EVERY_TICKS = 2
+#: The control loop may be held this long (an install) before the watchdog stops being fed.
+WATCHDOG_GRACE = 300.0
 
 
 class JsonFormatter(logging.Formatter):
@@ -136,15 +139,26 @@ def build_device(config: AgentConfig) -> tuple[Agent, SyncAgent | None]:
 
 
 class ControlLoop(threading.Thread):
-    """Runs ``agent.tick`` every second and reloads CLI changes; pings the watchdog."""
+    """Runs ``agent.tick`` every second and reloads CLI changes; feeds the watchdog.
+
+    The systemd watchdog is pinged from a thread of its own while this loop has made progress
+    within ``WATCHDOG_GRACE`` seconds: an install or revert holds the agent's control lock for
+    as long as verifying and loading a model takes, which must not get the daemon killed, but a
+    loop stuck for longer than the grace is a hang, and systemd restarts the agent.
+    """
 
     def __init__(self, agent: Agent) -> None:
         super().__init__(name="control", daemon=True)
         self.agent = agent
         self.stop = threading.Event()
         self.reload_now = threading.Event()
+        self.progress = time.monotonic()
         usec = os.environ.get("WATCHDOG_USEC")
-        self._watchdog = usec is not None and usec.isdigit()
+        if usec is not None and usec.isdigit() and int(usec) > 0:
+            interval = int(usec) / 1e6 / 3
+            threading.Thread(
+                target=self._feed_watchdog, args=(interval,), name="watchdog", daemon=True
+            ).start()
 
     def run(self) -> None:
         n = 0
@@ -158,7 +172,11 @@ class ControlLoop(threading.Thread):
                         log.info("reloaded %s", name)
             except Exception:  # the control loop must survive anything a model throws
                 log.exception("control loop error")
-            if self._watchdog:
+            self.progress = time.monotonic()
+
+    def _feed_watchdog(self, interval: float) -> None:
+        while not self.stop.wait(interval):
+            if time.monotonic() - self.progress < WATCHDOG_GRACE:
                 sd_notify("WATCHDOG=1")
 
 

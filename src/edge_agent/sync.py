@@ -25,6 +25,7 @@ current models through every fault here (broker or server down, a bad document, 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -58,13 +59,17 @@ from edge_agent.trust.desired import (
     check_targets_digest,
     verify_desired_state,
 )
-from edge_agent.uplink import Uplink
+from edge_agent.uplink import MAX_ITEM_BYTES, Uplink
 
 __all__ = ["SyncAgent", "sync_client"]
 
 log = logging.getLogger("edge_agent.sync")
 
 TICK_SECONDS = 0.2
+#: Bundles refused here that are remembered (by SHA-256) so they are not fetched again.
+MAX_REFUSED = 64
+#: A report must fit one telemetry message with room to spare for the batch around it.
+MAX_REPORT_BYTES = MAX_ITEM_BYTES
 PROGRESS_REPORT_SECONDS = 1.0
 FIRST_REPORT_SECONDS = 1.0
 
@@ -127,10 +132,14 @@ class SyncAgent:
         self._last_reported = b""
         self._reported_at = 0.0
         self._logged_quarter: dict[str, int] = {}
+        self._refused_path = self._dir / "refused.json"
+        self._refused: dict[str, str] = {}
+        self._windows_dropped = 0
         self._status_path = self._dir / "status.json"
         self._status_written = b""
         self._status_at = 0.0
         self._connects = 0
+        self._drops = 0
         self._report_due = time.monotonic() + FIRST_REPORT_SECONDS
         self._window_start = clock()
         self.counts: dict[str, int] = {
@@ -144,6 +153,7 @@ class SyncAgent:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         """Subscribe, connect (in the background) and start the sync thread."""
+        self._load_refused()
         self._load_accepted()
         self._agent.registry.event_sink = self._events.put
         t, d = self._topics, self._device_id
@@ -160,13 +170,18 @@ class SyncAgent:
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(10)
+            self._thread.join(30)
         self._agent.registry.event_sink = None
-        with self._dl_lock:
-            for dl in self._downloads.values():
-                dl.close()
+        busy = self._thread is not None and self._thread.is_alive()
+        if busy:  # still installing: leave its files open for the process exit to close
+            log.warning("sync thread still busy at shutdown; not waiting for it")
+        else:
+            with self._dl_lock:
+                for dl in self._downloads.values():
+                    dl.close()
         self.client.close()
-        self.outbox.close()
+        if not busy:
+            self.outbox.close()
 
     def status(self) -> dict[str, Any]:
         """A JSON-safe snapshot for ``edge-agent status``."""
@@ -226,11 +241,19 @@ class SyncAgent:
                 log.exception("sync step failed")
 
     def _step(self) -> None:
-        connects = self.client.stats().connects
-        if connects != self._connects:
-            self._connects = connects
+        stats = self.client.stats()
+        if stats.connects != self._connects:
+            self._connects = stats.connects
             self._last_reported = b""  # the broker may have lost the retained copy
             self.uplink.reset_in_flight()
+        if stats.drops != self._drops:
+            # The handler queue overflowed (a block wave): the desired state may have been one
+            # of the dropped messages. Subscribing again makes the broker resend the retained
+            # copy (an unchanged one is ignored); a lost ack only delays the next resend.
+            self._drops = stats.drops
+            with contextlib.suppress(TransportError):
+                topic = self._topics.device("desired", self._device_id)
+                self.client.subscribe(topic, lambda m: self._queue(m.payload))
         while True:
             try:
                 payload = self._inbox.get_nowait()
@@ -322,6 +345,42 @@ class SyncAgent:
             except EdgefleetError as exc:
                 self._outcomes[name] = ("failed", str(exc))
                 log.error("%s: cannot apply v%d: %s", name, assignment.version, exc)
+        self._prune_downloads(state)
+
+    def _prune_downloads(self, state: DesiredState) -> None:
+        """Delete partial or finished downloads of bundles no longer assigned (disk space)."""
+        keep = {(n, a.bundle_sha256) for n, a in state.models.items()}
+        root = self._dir / "downloads"
+        try:
+            dirs = [d for d in root.iterdir() if d.is_dir()] if root.is_dir() else []
+            for d in dirs:
+                for f in d.iterdir():
+                    if (d.name, f.name.split(".", 1)[0]) not in keep:
+                        f.unlink(missing_ok=True)
+                        log.info("removed %s (no longer assigned)", f)
+        except OSError as exc:
+            log.warning("cannot prune old downloads: %s", exc)
+
+    def _refuse(self, sha256: str, reason: str) -> None:
+        """Remember a bundle that failed verification here, so it is not fetched again."""
+        self._refused[sha256] = reason[:200]
+        while len(self._refused) > MAX_REFUSED:
+            self._refused.pop(next(iter(self._refused)))
+        try:
+            write_atomic(self._refused_path, json.dumps(self._refused).encode(), mode=0o600)
+        except OSError as exc:
+            log.warning("cannot persist refused bundles: %s", exc)
+
+    def _load_refused(self) -> None:
+        try:
+            data = json.loads(self._refused_path.read_bytes())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable %s: %s", self._refused_path, exc)
+            return
+        if isinstance(data, dict):
+            self._refused = {str(k): str(v) for k, v in list(data.items())[-MAX_REFUSED:]}
 
     def _apply_one(self, name: str, a: ModelAssignment) -> None:
         st = self._store.state(name)
@@ -334,7 +393,17 @@ class SyncAgent:
             return
         if record is not None:  # kept on disk, not failed: the server sends the device back
             self._agent.revert_to(name, a.version, f"desired state names v{a.version}")
-            self._outcomes[name] = ("installed", "")
+            self._outcomes[name] = self._outcome_of(name, a.version)
+            return
+        refused = self._refused.get(a.bundle_sha256)
+        if refused is not None:  # verified and refused here before: not downloaded again
+            self._outcomes[name] = ("failed", f"refused before: {refused}")
+            return
+        done = self._dir / "downloads" / name / f"{a.bundle_sha256}.bundle"
+        if _sha256_of(done) == a.bundle_sha256:
+            # Downloaded and verified before a crash or restart: install it, do not fetch again.
+            log.info("%s v%d: installing the bundle downloaded before", name, a.version)
+            self._install_file(name, a, done)
             return
         if a.version < st.high_water:
             self._outcomes[name] = (
@@ -408,6 +477,10 @@ class SyncAgent:
             self._event(name, a.version, "transfer_failed", str(exc))
             return
         log.info("%s v%d: downloaded, installing", name, a.version)
+        self._install_file(name, a, path)
+
+    def _install_file(self, name: str, a: ModelAssignment, path: Path) -> None:
+        """Check a complete, digest-verified download against ``a`` and install it."""
         try:
             raw = read_raw(path)
             check_targets_digest(a, raw.targets_bytes)
@@ -417,19 +490,23 @@ class SyncAgent:
             self.counts["install_failures"] += 1
             self._outcomes[name] = ("failed", str(exc))
             self._event(name, a.version, "install_failed", str(exc))
+            self._refuse(a.bundle_sha256, str(exc))
             log.error("%s v%d: install failed: %s", name, a.version, exc)
             return
         finally:
             path.unlink(missing_ok=True)
         self.counts["installs"] += 1
-        st = self._store.state(name)
-        if st.active == a.version:
-            self._outcomes[name] = ("installed", "")
+        self._outcomes[name] = self._outcome_of(name, a.version)
+        if self._outcomes[name][0] == "installed":
             self._event(name, a.version, "installed", "")
-        else:
-            record = next((r for r in st.versions if r.version == a.version), None)
-            reason = record.reason if record else "not active after install"
-            self._outcomes[name] = ("rolled_back", reason)
+
+    def _outcome_of(self, name: str, version: int) -> tuple[str, str]:
+        """What the store says became of ``version``: serving, or rolled back and why."""
+        st = self._store.state(name)
+        if st.active == version:
+            return ("installed", "")
+        record = next((r for r in st.versions if r.version == version), None)
+        return ("rolled_back", record.reason if record else f"v{st.active} is serving instead")
 
     # ------------------------------------------------------------------ telemetry
     def _event(self, model: str | None, version: int | None, kind: str, detail: str) -> None:
@@ -460,18 +537,35 @@ class SyncAgent:
         now = self._clock()
         try:
             dropped = {kind: d.entries for (_p, kind), d in self.outbox.dropped().items()}
-            report = report_from_status(
-                self._device_id,
-                0,
-                self._agent.status(),
-                windows,
-                now,
-                window_start=self._window_start,
-                resources=_resources(self._agent.registry.memory_used()),
-                telemetry_dropped=dropped,
-            )
+            up = self.uplink.stats()
+            if up.unsendable_dropped:
+                dropped["unsendable"] = up.unsendable_dropped
+            status = self._agent.status()
+            resources = _resources(self._agent.registry.memory_used())
+            kept = windows
+            while True:
+                if self._windows_dropped:
+                    dropped["drift_windows"] = self._windows_dropped
+                report = report_from_status(
+                    self._device_id,
+                    0,
+                    status,
+                    kept,
+                    now,
+                    window_start=self._window_start,
+                    resources=resources,
+                    telemetry_dropped=dropped,
+                )
+                if len(report.to_bytes()) <= MAX_REPORT_BYTES or not kept:
+                    break
+                # Too many or too wide drift windows for one message: keep the newest half
+                # and count the rest (a report the server would refuse would jam the outbox).
+                self._windows_dropped += len(kept) - len(kept) // 2
+                kept = kept[len(kept) - len(kept) // 2 :] if len(kept) > 1 else []
             self.uplink.add_report(report)
         except EdgefleetError as exc:
+            # Keep the windows for the next report (the outbox may be full for a moment).
+            self._agent.drift_windows.extendleft(reversed(windows))
             log.error("telemetry report not recorded: %s", exc)
             return
         self._window_start = now
@@ -557,6 +651,18 @@ class SyncAgent:
     # ------------------------------------------------------------------ helpers
     def _publish(self, topic: str, payload: bytes) -> None:
         self.client.publish(topic, payload, 1, False)
+
+
+def _sha256_of(path: Path) -> str | None:
+    """The file's SHA-256, or None when it is missing or unreadable."""
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError:
+        return None
+    return digest.hexdigest()
 
 
 def sync_client(config: AgentConfig) -> MqttClient:

@@ -30,11 +30,20 @@ from edge_agent.errors import (
     TransportError,
 )
 from edge_agent.outbox import Outbox, Priority
-from edge_agent.telemetry import Batch, Event, TelemetryAck, TelemetryReport
+from edge_agent.telemetry import (
+    MAX_PAYLOAD_BYTES,
+    Batch,
+    Event,
+    TelemetryAck,
+    TelemetryReport,
+)
 
-__all__ = ["Uplink", "UplinkStats"]
+__all__ = ["MAX_ITEM_BYTES", "Uplink", "UplinkStats"]
 
 log = logging.getLogger(__name__)
+
+#: Largest stored item that fits in a batch message under the receivers' cap.
+MAX_ITEM_BYTES = MAX_PAYLOAD_BYTES - 4096
 
 Publish = Callable[[str, bytes], None]
 
@@ -50,6 +59,8 @@ class UplinkStats:
     bad_acks: int = 0
     publish_failures: int = 0
     unreadable_entries: int = 0
+    oversized_entries: int = 0
+    unsendable_dropped: int = 0
 
 
 class Uplink:
@@ -128,18 +139,20 @@ class Uplink:
                 log.error("outbox unreadable: %s", exc)
                 return False
             items: list[TelemetryReport | Event] = []
+            head: int | None = None  # last seq of the leading run of entries never sendable
             for e in entries:
+                item = self._decode(e.seq, e.payload)
+                if item is not None:
+                    items.append(item)
+                elif not items:
+                    head = e.seq
+            if head is not None:
+                # Entries that can never be sent must not jam the outbox: delete them here;
+                # the next batch's floor tells the server they are gone (it counts them lost).
                 try:
-                    d = {**json.loads(e.payload), "seq": e.seq}
-                    items.append(
-                        TelemetryReport.from_dict(d)
-                        if d.get("type") == "report"
-                        else Event.from_dict(d)
-                    )
-                except (ValueError, ContractError) as exc:
-                    # Never jam the outbox on one bad entry: it becomes a gap the server counts.
-                    self._stats["unreadable_entries"] += 1
-                    log.error("outbox entry %d is unreadable, skipped: %s", e.seq, exc)
+                    self._stats["unsendable_dropped"] += self._outbox.ack(head)
+                except OutboxError as exc:
+                    log.error("cannot drop unsendable outbox entries: %s", exc)
             if not items:
                 self._in_flight = None
                 return False
@@ -155,6 +168,20 @@ class Uplink:
             self._in_flight = items[-1].seq
             self._sent_at = now
             return True
+
+    def _decode(self, seq: int, payload: bytes) -> TelemetryReport | Event | None:
+        """The stored entry as a wire item with its seq, or None (counted) if never sendable."""
+        if len(payload) > MAX_ITEM_BYTES:
+            self._stats["oversized_entries"] += 1
+            log.error("outbox entry %d has %d bytes, more than a message takes", seq, len(payload))
+            return None
+        try:
+            d = {**json.loads(payload), "seq": seq}
+            return TelemetryReport.from_dict(d) if d.get("type") == "report" else Event.from_dict(d)
+        except (ValueError, ContractError) as exc:
+            self._stats["unreadable_entries"] += 1
+            log.error("outbox entry %d is unreadable, skipped: %s", seq, exc)
+            return None
 
     def on_ack(self, data: bytes) -> None:
         """Handle a ``TelemetryAck``: delete what it covers, then send the next batch."""

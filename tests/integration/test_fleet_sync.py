@@ -148,6 +148,15 @@ def test_bundle_failing_its_signature_is_not_installed(
     assert _reported(fleet, "dev-a")["active"] == 1
     assert device.sync.counts["install_failures"] == 1
     assert _infer(fleet, "dev-a", digits_bundles.x_eval[:1]) == "1"
+    # Named again (a new desired-state version): refused from memory, not downloaded again.
+    requests = fleet.gateway.stats().block_requests
+    fleet.assign("dev-a", {"digits": bad})
+    wait_until(
+        lambda: "refused before" in str(_reported(fleet, "dev-a").get("reason")),
+        what="the remembered refusal",
+    )
+    assert fleet.gateway.stats().block_requests == requests
+    assert device.sync.counts["install_failures"] == 1
 
 
 def test_server_down_loses_and_duplicates_nothing(

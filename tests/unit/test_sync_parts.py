@@ -19,7 +19,7 @@ from edge_agent.reported import ModelReport, ReportedState, TransferReport
 from edge_agent.telemetry import Batch, Event, TelemetryAck, TelemetryReport
 from edge_agent.transfer import MIN_BLOCK_SIZE, BlockData, BlockPlan, TransferMismatchError
 from edge_agent.trust.desired import ModelAssignment
-from edge_agent.uplink import Uplink
+from edge_agent.uplink import MAX_ITEM_BYTES, Uplink
 
 BS = MIN_BLOCK_SIZE
 DEV = "dev-a"
@@ -315,3 +315,21 @@ def test_reported_state_refuses_bad_fields(path: tuple[str, ...], value: object)
 def test_reported_state_refuses_oversized_payloads() -> None:
     with pytest.raises(ContractError):
         ReportedState.from_bytes(b" " * (64 * 1024 + 1))
+
+
+def test_uplink_never_jams_on_a_window_of_unsendable_entries(box: Outbox) -> None:
+    wire, clock = Wire(), Clock()
+    up = _uplink(box, wire, clock, max_items=2)
+    box.append("report", b"{broken", "report")  # seq 1: unreadable
+    box.append("report", b"x" * (MAX_ITEM_BYTES + 1), "report")  # seq 2: can never be sent
+    up.add_report(_report())  # seq 3
+    sent = [up.pump() for _ in range(3)]  # unsendable windows are dropped, a pump at a time
+    assert sent == [False, False, True]
+    assert box.pending()[0].seq == 3
+    batch = wire.batches()[0]
+    assert [i.seq for i in batch.items] == [3]
+    assert batch.floor == 3  # the server counts 1 and 2 lost
+    stats = up.stats()
+    assert stats.unreadable_entries == 1
+    assert stats.oversized_entries == 1
+    assert stats.unsendable_dropped == 2
