@@ -4,14 +4,11 @@ Owns the orchestration on the device; every decision lives in a pure module it c
 
 - **Desired state** (retained ``.../desired``): verified with the online key, expiry and the
   anti-replay version (``trust.desired.verify_desired_state``), persisted atomically once
-  accepted, then applied model by model: nothing to do when the version is active; a version that
-  failed here before is not fetched again; an older version still kept on disk is switched to;
-  anything else is downloaded.
+  accepted, then applied model by model by ``deploy.Deployer`` (revert to a kept version,
+  download, verify, install; see there).
 - **Bundles** arrive in blocks (``download.Download``: windowed requests on ``.../blocks/req``,
   blocks on ``.../blocks/resp`` or a wave's ``<prefix>/broadcast/<transfer id>``); a partial file
-  survives restarts. The finished file is checked against the signed length and digest, its
-  ``targets.json`` against the assignment, and only then given to the model store, which verifies
-  the builder signatures again and health-checks the new version (rolling back by itself).
+  survives restarts.
 - **Reported state** (retained ``.../reported``, ``reported.ReportedState``) whenever what the
   device runs or downloads changes, and again after every reconnect.
 - **Telemetry**: a report every ``report_interval_seconds`` and every agent event go through the
@@ -25,7 +22,6 @@ current models through every fault here (broker or server down, a bad document, 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -39,24 +35,19 @@ from typing import Any
 
 from edge_agent import __version__
 from edge_agent.agent import Agent
-from edge_agent.bundle import read_raw
 from edge_agent.config import AgentConfig
-from edge_agent.contract import BundleManifest
-from edge_agent.download import Download
+from edge_agent.deploy import Deployer
 from edge_agent.durable import write_atomic
 from edge_agent.errors import EdgefleetError, OutboxCorruptError, TransportError
 from edge_agent.identity import IdentityStore
 from edge_agent.mqtt import Message, MqttClient, MqttConfig
 from edge_agent.outbox import Outbox
-from edge_agent.reported import ModelReport, ReportedState, TransferReport
+from edge_agent.reported import ModelReport, ReportedState
 from edge_agent.telemetry import Resources, event_from_registry, report_from_status
 from edge_agent.topics import Topics
-from edge_agent.transfer import BlockData
+from edge_agent.transfer import BlockData, BlockRequest
 from edge_agent.trust.desired import (
     DesiredState,
-    ModelAssignment,
-    check_bundle_identity,
-    check_targets_digest,
     verify_desired_state,
 )
 from edge_agent.uplink import MAX_ITEM_BYTES, Uplink
@@ -66,8 +57,6 @@ __all__ = ["SyncAgent", "sync_client"]
 log = logging.getLogger("edge_agent.sync")
 
 TICK_SECONDS = 0.2
-#: Bundles refused here that are remembered (by SHA-256) so they are not fetched again.
-MAX_REFUSED = 64
 #: A report must fit one telemetry message with room to spare for the batch around it.
 MAX_REPORT_BYTES = MAX_ITEM_BYTES
 PROGRESS_REPORT_SECONDS = 1.0
@@ -121,19 +110,14 @@ class SyncAgent:
         self._desired_path = self._dir / "desired.json"
         self._accepted: DesiredState | None = None
         self._accepted_bytes = b""
-        self._downloads: dict[str, Download] = {}
-        self._dl_lock = threading.Lock()
-        self._outcomes: dict[str, tuple[str, str]] = {}
         self._inbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         self._events: queue.SimpleQueue[dict[str, object]] = queue.SimpleQueue()
         self._wake = threading.Event()
+        self._deploy = Deployer(agent, self._dir, sync, event=self._event, wake=self._wake.set)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_reported = b""
         self._reported_at = 0.0
-        self._logged_quarter: dict[str, int] = {}
-        self._refused_path = self._dir / "refused.json"
-        self._refused: dict[str, str] = {}
         self._windows_dropped = 0
         self._status_path = self._dir / "status.json"
         self._status_written = b""
@@ -142,18 +126,12 @@ class SyncAgent:
         self._drops = 0
         self._report_due = time.monotonic() + FIRST_REPORT_SECONDS
         self._window_start = clock()
-        self.counts: dict[str, int] = {
-            "desired_accepted": 0,
-            "desired_rejected": 0,
-            "bad_blocks": 0,
-            "installs": 0,
-            "install_failures": 0,
-        }
+        self._counts: dict[str, int] = {"desired_accepted": 0, "desired_rejected": 0}
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         """Subscribe, connect (in the background) and start the sync thread."""
-        self._load_refused()
+        self._deploy.load()
         self._load_accepted()
         self._agent.registry.event_sink = self._events.put
         t, d = self._topics, self._device_id
@@ -176,26 +154,23 @@ class SyncAgent:
         if busy:  # still installing: leave its files open for the process exit to close
             log.warning("sync thread still busy at shutdown; not waiting for it")
         else:
-            with self._dl_lock:
-                for dl in self._downloads.values():
-                    dl.close()
+            self._deploy.close()
         self.client.close()
         if not busy:
             self.outbox.close()
 
+    @property
+    def counts(self) -> dict[str, int]:
+        """Desired states accepted/rejected, bad blocks, installs and install failures."""
+        return {**self._counts, **self._deploy.counts}
+
     def status(self) -> dict[str, Any]:
         """A JSON-safe snapshot for ``edge-agent status``."""
-        with self._dl_lock:
-            downloads = {
-                n: {"version": d.assignment.version, "received": d.received, "total": d.total}
-                for n, d in self._downloads.items()
-            }
         return {
             "connected": self.client.connected,
             "desired_version": self._accepted.version if self._accepted else 0,
-            "downloads": downloads,
-            "outcomes": {n: {"outcome": o, "reason": r} for n, (o, r) in self._outcomes.items()},
-            "counts": dict(self.counts),
+            **self._deploy.status(),
+            "counts": self.counts,
             "uplink": vars(self.uplink.stats()),
             "outbox_entries": self.outbox.stats().entries,
         }
@@ -209,26 +184,10 @@ class SyncAgent:
         try:
             block = BlockData.from_bytes(message.payload)
         except EdgefleetError as exc:
-            self.counts["bad_blocks"] += 1
+            self._deploy.counts["bad_blocks"] += 1
             log.debug("block refused: %s", exc)
             return
-        with self._dl_lock:
-            dl = next(
-                (d for d in self._downloads.values() if d.transfer_id == block.transfer_id), None
-            )
-            if dl is None:
-                return  # another transfer's wave, or one this device finished
-            try:
-                dl.accept(block)
-            except EdgefleetError as exc:
-                self.counts["bad_blocks"] += 1
-                log.warning("%s: block %d refused: %s", dl.name, block.index, exc)
-                return
-            except OSError as exc:
-                log.error("%s: cannot write block: %s", dl.name, exc)
-                return
-            if dl.complete:
-                self._wake.set()
+        self._deploy.accept_block(block)
 
     # ------------------------------------------------------------------ the sync thread
     def _run(self) -> None:
@@ -260,7 +219,7 @@ class SyncAgent:
             except queue.Empty:
                 break
             self._handle_desired(payload)
-        self._drive_downloads()
+        self._deploy.drive(self._request_blocks)
         self._drain_events()
         if time.monotonic() >= self._report_due:
             self._report_due = time.monotonic() + self._config.sync.report_interval_seconds
@@ -293,7 +252,7 @@ class SyncAgent:
             self._accepted_bytes = data
             return
         self._accepted, self._accepted_bytes = state, data
-        self._apply(state)
+        self._deploy.apply(state)
 
     def _handle_desired(self, data: bytes) -> None:
         if data == self._accepted_bytes:
@@ -308,7 +267,7 @@ class SyncAgent:
                 last_version=last,
             )
         except EdgefleetError as exc:
-            self.counts["desired_rejected"] += 1
+            self._counts["desired_rejected"] += 1
             log.warning("desired state refused: %s", exc)
             self._event(None, None, "desired_rejected", str(exc))
             return
@@ -317,10 +276,10 @@ class SyncAgent:
         except OSError as exc:
             log.error("cannot persist the desired state, not acting on it: %s", exc)
             return
-        self.counts["desired_accepted"] += 1
+        self._counts["desired_accepted"] += 1
         log.info("desired state v%d accepted: %s", state.version, dict(state.models))
         self._accepted, self._accepted_bytes = state, data
-        self._apply(state)
+        self._deploy.apply(state)
 
     def _version_of_saved(self) -> int:
         # The saved document failed verification at start (expired): its version still counts.
@@ -332,181 +291,6 @@ class SyncAgent:
             return version if isinstance(version, int) else 0
         except (ValueError, KeyError, TypeError):
             return 0
-
-    def _apply(self, state: DesiredState) -> None:
-        with self._dl_lock:
-            for name in list(self._downloads):
-                a = state.models.get(name)
-                if a is None or a != self._downloads[name].assignment:
-                    self._downloads.pop(name).abandon()
-        for name, assignment in state.models.items():
-            try:
-                self._apply_one(name, assignment)
-            except EdgefleetError as exc:
-                self._outcomes[name] = ("failed", str(exc))
-                log.error("%s: cannot apply v%d: %s", name, assignment.version, exc)
-        self._prune_downloads(state)
-
-    def _prune_downloads(self, state: DesiredState) -> None:
-        """Delete partial or finished downloads of bundles no longer assigned (disk space)."""
-        keep = {(n, a.bundle_sha256) for n, a in state.models.items()}
-        root = self._dir / "downloads"
-        try:
-            dirs = [d for d in root.iterdir() if d.is_dir()] if root.is_dir() else []
-            for d in dirs:
-                for f in d.iterdir():
-                    if (d.name, f.name.split(".", 1)[0]) not in keep:
-                        f.unlink(missing_ok=True)
-                        log.info("removed %s (no longer assigned)", f)
-        except OSError as exc:
-            log.warning("cannot prune old downloads: %s", exc)
-
-    def _refuse(self, sha256: str, reason: str) -> None:
-        """Remember a bundle that failed verification here, so it is not fetched again."""
-        self._refused[sha256] = reason[:200]
-        while len(self._refused) > MAX_REFUSED:
-            self._refused.pop(next(iter(self._refused)))
-        try:
-            write_atomic(self._refused_path, json.dumps(self._refused).encode(), mode=0o600)
-        except OSError as exc:
-            log.warning("cannot persist refused bundles: %s", exc)
-
-    def _load_refused(self) -> None:
-        try:
-            data = json.loads(self._refused_path.read_bytes())
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as exc:
-            log.warning("ignoring unreadable %s: %s", self._refused_path, exc)
-            return
-        if isinstance(data, dict):
-            self._refused = {str(k): str(v) for k, v in list(data.items())[-MAX_REFUSED:]}
-
-    def _apply_one(self, name: str, a: ModelAssignment) -> None:
-        st = self._store.state(name)
-        record = next((r for r in st.versions if r.version == a.version), None)
-        if st.active == a.version:
-            self._outcomes[name] = ("installed", "")
-            return
-        if record is not None and record.status == "failed":
-            self._outcomes[name] = ("failed", f"failed on this device before: {record.reason}")
-            return
-        if record is not None:  # kept on disk, not failed: the server sends the device back
-            self._agent.revert_to(name, a.version, f"desired state names v{a.version}")
-            self._outcomes[name] = self._outcome_of(name, a.version)
-            return
-        refused = self._refused.get(a.bundle_sha256)
-        if refused is not None:  # verified and refused here before: not downloaded again
-            self._outcomes[name] = ("failed", f"refused before: {refused}")
-            return
-        done = self._dir / "downloads" / name / f"{a.bundle_sha256}.bundle"
-        if _sha256_of(done) == a.bundle_sha256:
-            # Downloaded and verified before a crash or restart: install it, do not fetch again.
-            log.info("%s v%d: installing the bundle downloaded before", name, a.version)
-            self._install_file(name, a, done)
-            return
-        if a.version < st.high_water:
-            self._outcomes[name] = (
-                "failed",
-                f"v{a.version} is older than v{st.high_water} (rollback protection)",
-            )
-            return
-        with self._dl_lock:
-            if name in self._downloads:
-                return
-            sync = self._config.sync
-            try:
-                dl = Download(
-                    name,
-                    a,
-                    self._dir / "downloads" / name,
-                    window=sync.block_window,
-                    retry_seconds=sync.block_retry_seconds,
-                )
-            except OSError as exc:
-                self._outcomes[name] = ("failed", f"cannot start the download: {exc}")
-                return
-            self._downloads[name] = dl
-        self._outcomes[name] = ("downloading", "")
-        log.info(
-            "%s v%d: downloading %d bytes (%d/%d blocks already here)",
-            name,
-            a.version,
-            a.bundle_length,
-            dl.resumed_blocks,
-            dl.total,
-        )
-        self._event(name, a.version, "transfer_started", f"{a.bundle_length} bytes")
-
-    # ------------------------------------------------------------------ downloads
-    def _drive_downloads(self) -> None:
-        done: list[Download] = []
-        with self._dl_lock:
-            for dl in self._downloads.values():
-                if dl.complete:
-                    done.append(dl)
-                    continue
-                quarter = 4 * dl.received // dl.total
-                if quarter > self._logged_quarter.get(dl.name, 0):
-                    self._logged_quarter[dl.name] = quarter
-                    log.info(
-                        "%s v%d: %d/%d blocks",
-                        dl.name,
-                        dl.assignment.version,
-                        dl.received,
-                        dl.total,
-                    )
-                request = dl.due_request()
-                if request is not None:
-                    # Offline: asked again after block_retry_seconds.
-                    with contextlib.suppress(TransportError):
-                        topic = self._topics.device("blocks_req", self._device_id)
-                        self._publish(topic, request.to_bytes())
-            for dl in done:
-                del self._downloads[dl.name]
-                self._logged_quarter.pop(dl.name, None)
-        for dl in done:  # outside the lock: installing takes a while, blocks may keep coming
-            self._install(dl)
-
-    def _install(self, dl: Download) -> None:
-        name, a = dl.name, dl.assignment
-        try:
-            path = dl.finish()
-        except (EdgefleetError, OSError) as exc:
-            self._outcomes[name] = ("failed", f"download: {exc}")
-            self._event(name, a.version, "transfer_failed", str(exc))
-            return
-        log.info("%s v%d: downloaded, installing", name, a.version)
-        self._install_file(name, a, path)
-
-    def _install_file(self, name: str, a: ModelAssignment, path: Path) -> None:
-        """Check a complete, digest-verified download against ``a`` and install it."""
-        try:
-            raw = read_raw(path)
-            check_targets_digest(a, raw.targets_bytes)
-            check_bundle_identity(name, a, BundleManifest.from_bytes(raw.manifest_bytes))
-            self._agent.install(path)
-        except EdgefleetError as exc:
-            self.counts["install_failures"] += 1
-            self._outcomes[name] = ("failed", str(exc))
-            self._event(name, a.version, "install_failed", str(exc))
-            self._refuse(a.bundle_sha256, str(exc))
-            log.error("%s v%d: install failed: %s", name, a.version, exc)
-            return
-        finally:
-            path.unlink(missing_ok=True)
-        self.counts["installs"] += 1
-        self._outcomes[name] = self._outcome_of(name, a.version)
-        if self._outcomes[name][0] == "installed":
-            self._event(name, a.version, "installed", "")
-
-    def _outcome_of(self, name: str, version: int) -> tuple[str, str]:
-        """What the store says became of ``version``: serving, or rolled back and why."""
-        st = self._store.state(name)
-        if st.active == version:
-            return ("installed", "")
-        record = next((r for r in st.versions if r.version == version), None)
-        return ("rolled_back", record.reason if record else f"v{st.active} is serving instead")
 
     # ------------------------------------------------------------------ telemetry
     def _event(self, model: str | None, version: int | None, kind: str, detail: str) -> None:
@@ -574,19 +358,15 @@ class SyncAgent:
     def reported(self) -> ReportedState:
         """What the device runs and downloads now."""
         accepted = self._accepted.models if self._accepted else {}
-        with self._dl_lock:
-            progress = {
-                n: TransferReport(d.assignment.version, d.received, d.total, d.plan.length)
-                for n, d in self._downloads.items()
-            }
+        progress = self._deploy.progress()
         models = {}
-        for name in sorted(set(self._store.names()) | set(accepted))[:32]:
+        for name in sorted(set(self._agent.store.names()) | set(accepted))[:32]:
             try:
-                st = self._store.state(name)
+                st = self._agent.store.state(name)
             except EdgefleetError:
                 continue
             a = accepted.get(name)
-            outcome, reason = self._outcomes.get(name, ("pending", ""))
+            outcome, reason = self._deploy.outcomes.get(name, ("pending", ""))
             models[name] = ModelReport(
                 active=st.active,
                 kept=tuple(sorted((r.version for r in st.versions), reverse=True))[:16],
@@ -649,20 +429,11 @@ class SyncAgent:
             self._status_written = body
 
     # ------------------------------------------------------------------ helpers
+    def _request_blocks(self, request: BlockRequest) -> None:
+        self._publish(self._topics.device("blocks_req", self._device_id), request.to_bytes())
+
     def _publish(self, topic: str, payload: bytes) -> None:
         self.client.publish(topic, payload, 1, False)
-
-
-def _sha256_of(path: Path) -> str | None:
-    """The file's SHA-256, or None when it is missing or unreadable."""
-    digest = hashlib.sha256()
-    try:
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    except OSError:
-        return None
-    return digest.hexdigest()
 
 
 def sync_client(config: AgentConfig) -> MqttClient:
