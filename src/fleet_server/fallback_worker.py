@@ -15,6 +15,11 @@ an error response with a stable code and are counted; nothing a device sends sto
 worker. A response topic that is not the sending device's own ``fallback/resp/...`` is never
 published to (a device must not make the server write into another device's topics).
 
+Models published later: with a ``resolve`` callback, a pool thread (never the MQTT handler
+thread, which the gateway shares) loads a model a request names that the worker lacks, and
+asks again for a model it has at most every ``RESOLVE_EVERY`` seconds, swapping in a newer
+version. Both are rate-limited per name; the names remembered for that are bounded (LRU).
+
 Does not create or close the MQTT client, and does not decide when devices fall back.
 """
 
@@ -26,7 +31,7 @@ import math
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -167,8 +172,13 @@ def _load(artifact: bytes, fmt: str, options: RuntimeOptions | None) -> Runtime:
         raise FallbackServingError(f"cannot load a {fmt} cloud model: {exc}") from exc
 
 
-#: Seconds between two attempts to load the same unknown model.
+#: Seconds between two ``resolve`` calls for the same name (a known model is refreshed, an
+#: unknown one retried, at most this often).
 RESOLVE_EVERY = 10.0
+
+#: Names whose last ``resolve`` time is remembered (least recently resolved forgotten first):
+#: the names come from devices, so the memory of them must be bounded.
+RESOLVE_MEMORY = 1024
 
 
 @dataclass(frozen=True)
@@ -198,9 +208,12 @@ class FallbackWorker:
     ) -> None:
         """Prepare (not start) a worker.
 
-        ``resolve(name)`` loads a cloud model the worker does not have yet (e.g. from a bundle
-        published after it started); it is asked at most once per ``RESOLVE_EVERY`` seconds per
-        name, and may raise ``FallbackServingError`` or return None.
+        ``resolve(name)`` loads the newest cloud model of that name (e.g. from a bundle
+        published after the worker started), or returns None when there is none; it may raise
+        ``FallbackServingError``. It runs on the pool threads, at most once per
+        ``RESOLVE_EVERY`` seconds per name: for a name the worker lacks (requests wait for it)
+        and for one it serves (requests keep the current model meanwhile; a different version
+        returned replaces it). Without it, ``models`` is all the worker serves.
 
         Raises:
             FallbackServingError: ``threads`` < 1, ``max_queue`` < 1 or a bad share group.
@@ -213,7 +226,12 @@ class FallbackWorker:
             raise FallbackServingError(f"fallback worker: {exc}") from exc
         self._client, self._models, self._topics, self._clock = client, dict(models), topics, clock
         self._resolve = resolve
-        self._resolved_at: dict[str, float] = {}
+        # name -> when resolve was last asked (LRU, at most RESOLVE_MEMORY names); the models
+        # given here count as just resolved.
+        self._resolved_at: OrderedDict[str, float] = OrderedDict.fromkeys(
+            list(self._models)[-RESOLVE_MEMORY:], clock()
+        )
+        self._loading: dict[str, threading.Event] = {}  # names a pool thread is resolving
         self._jobs: queue.Queue[_Job | None] = queue.Queue(max_queue)
         self._threads = [
             threading.Thread(target=self._work, name=f"fallback-{i}", daemon=True)
@@ -275,14 +293,11 @@ class FallbackWorker:
         except ContractError as exc:
             self._answer_error(reply_to, correlation, "?", "bad_request", str(exc), received, 5.0)
             return
-        if request.model not in self._models and not self._try_resolve(request.model):
-            msg = f"no cloud model {request.model!r}"
-            self._answer_error(
-                reply_to, correlation, request.model, "unknown_model", msg, received, 5.0
-            )
-            return
         expires = received + request.deadline_ms / 1000.0
         job = _Job(device_id, request, reply_to, correlation, received, expires)
+        if request.model not in self._models and not self._may_resolve(request.model, received):
+            self._answer_unknown(job)  # cheap here; the queue stays free for real work
+            return
         try:
             self._jobs.put_nowait(job)
         except queue.Full:
@@ -291,28 +306,66 @@ class FallbackWorker:
                 reply_to, correlation, request.model, "overloaded", msg, received, expires
             )
 
-    def _try_resolve(self, name: str) -> bool:
-        """Load ``name`` through ``resolve`` (rate-limited per name); True when now served."""
+    def _may_resolve(self, name: str, now: float) -> bool:
+        """Whether a pool thread may still find ``name``: it is due or being resolved."""
         if self._resolve is None:
             return False
-        now = self._clock()
         with self._lock:
             last = self._resolved_at.get(name)
-            if last is not None and now - last < RESOLVE_EVERY:
-                return False
-            self._resolved_at[name] = now
+            return name in self._loading or last is None or now - last >= RESOLVE_EVERY
+
+    def _model_for(self, name: str, until: float) -> CloudModel | None:
+        """The model to serve ``name`` with, resolving it first when due (pool threads only).
+
+        A missing name waits (until ``until`` at most) for a resolve another thread started;
+        a known one is served as it is while another thread refreshes it.
+        """
+        model = self._models.get(name)
+        resolve = self._resolve
+        if resolve is None:
+            return model
+        now = self._clock()
+        mine: threading.Event | None = None
+        with self._lock:
+            loading = self._loading.get(name)
+            last = self._resolved_at.get(name)
+            if loading is None and (last is None or now - last >= RESOLVE_EVERY):
+                mine = self._loading[name] = threading.Event()
+                self._resolved_at[name] = now
+                self._resolved_at.move_to_end(name)
+                while len(self._resolved_at) > RESOLVE_MEMORY:
+                    self._resolved_at.popitem(last=False)
+        if mine is not None:
+            try:
+                self._load(name, resolve)
+            finally:
+                with self._lock:
+                    del self._loading[name]
+                mine.set()
+        elif loading is not None and model is None:
+            loading.wait(max(0.0, until - now))
+        return self._models.get(name)
+
+    def _load(self, name: str, resolve: Callable[[str], CloudModel | None]) -> None:
+        """Ask ``resolve`` for ``name``; swap the result in when it is a different version."""
         try:
-            model = self._resolve(name)
+            model = resolve(name)
         except EdgefleetError as exc:
             self._count("resolve_failures")
             log.warning("cannot load cloud model %r: %s", name, exc)
-            return False
+            return
         if model is None:
-            return False
-        self._models = {**self._models, name: model}  # replaced whole: readers never lock
+            return  # not published (any more): a model already served stays served
+        with self._lock:  # one writer at a time; readers never lock
+            old = self._models.get(name)
+            if old is not None and old.version == model.version:
+                return
+            self._models = {**self._models, name: model}  # replaced whole
         self._count("models_loaded")
-        log.info("cloud model %s v%s loaded", name, model.version)
-        return True
+        if old is None:
+            log.info("cloud model %s v%s loaded", name, model.version)
+        else:
+            log.info("cloud model %s v%s replaces v%s", name, model.version, old.version)
 
     def _own_reply_topic(self, topic: str, device_id: str) -> bool:
         try:
@@ -343,7 +396,13 @@ class FallbackWorker:
             self._count("expired")
             return
         req = job.request
-        model = self._models[req.model]
+        model = self._model_for(req.model, job.expires)
+        if self._clock() >= job.expires:
+            self._count("expired")  # resolving the model took the time the request had
+            return
+        if model is None:
+            self._answer_unknown(job)
+            return
         try:
             outputs = model.run(req.inputs)
         except ContractError as exc:
@@ -398,6 +457,18 @@ class FallbackWorker:
             self._count("answered")
 
     # ------------------------------------------------------------------ replies
+    def _answer_unknown(self, job: _Job) -> None:
+        model = job.request.model
+        self._answer_error(
+            job.response_topic,
+            job.correlation,
+            model,
+            "unknown_model",
+            f"no cloud model {model!r}",
+            job.received,
+            job.expires,
+        )
+
     def _answer_error(
         self,
         topic: str,
@@ -436,8 +507,8 @@ class FallbackWorker:
     def stats(self) -> dict[str, Any]:
         """Counters (``received``, ``answered``, ``expired``, ``late``, ``errors_<code>``,
         ``dropped_bad_topic``, ``dropped_no_reply``, ``publish_errors``, ``compared``,
-        ``compared_rows``, ``disagree_rows``), ``queued`` now, and the queue wait p50/p99 (ms)
-        over recent requests.
+        ``compared_rows``, ``disagree_rows``, ``models_loaded``, ``resolve_failures``),
+        ``queued`` now, and the queue wait p50/p99 (ms) over recent requests.
         """
         with self._lock:
             out: dict[str, Any] = dict(self._counts)

@@ -5,7 +5,9 @@ Owns one lock per role name. On PostgreSQL it is a session-level advisory lock
 connection closes and the server releases the lock, so another worker's next ``try_acquire``
 takes over. On SQLite (one host) it is an ``flock`` on a file beside the database, released
 by the kernel when the holder dies. Workers call ``try_acquire`` every tick and act only
-while it returns True; a lost connection turns leadership off until it is regained.
+while it returns True; a lost connection turns leadership off until it is regained. Every
+``try_acquire`` ends its transaction before returning, so the lock's session is never left
+"idle in transaction" (which ``idle_in_transaction_session_timeout`` would kill).
 
 Does not decide anything the leader does (the rollout runner does).
 """
@@ -62,6 +64,10 @@ class _PostgresLock:
                     self._conn = self._engine.connect()
                 if self._held:
                     self._conn.execute(text("SELECT 1"))  # still connected: still ours
+                    # SQLAlchemy autobegins: without the commit the session stays "idle in
+                    # transaction" between ticks, and a server with
+                    # idle_in_transaction_session_timeout kills it (and the lock with it).
+                    self._conn.commit()
                     return True
                 got = self._conn.execute(
                     text("SELECT pg_try_advisory_lock(:k)"), {"k": self._key}

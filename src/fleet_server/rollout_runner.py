@@ -9,7 +9,8 @@ resume, abort) go through the same lock as steps. ``start()`` runs ``step`` ever
 seconds in a daemon thread, ``close()`` stops it.
 
 Exactly one engine may run across several server workers: each step first asks an
-``EngineLock`` (default: this process only; ``fleet_server.leader.leader_lock`` fits). Commands
+``EngineLock`` (default: this process only; ``fleet_server.leader.leader_lock`` fits), and asks
+again before each rollout, so a step that outlives the lock stops writing. Commands
 arriving at other workers are not yet serialised with the leader's step (no row lock).
 """
 
@@ -62,7 +63,8 @@ class EngineLock(Protocol):
     """Who may run the engine (``fleet_server.leader.LeaderLock`` has this shape).
 
     ``try_acquire`` never blocks or raises and returns True while this worker holds the lock;
-    it is asked before every step. ``release`` gives it up (on ``close``).
+    it is asked before every step and before each rollout in it. ``release`` gives it up (on
+    ``close``).
     """
 
     def try_acquire(self) -> bool: ...
@@ -195,7 +197,9 @@ class RolloutRunner:
     def step(self, now: datetime | None = None) -> list[Decision]:
         """Advance every active rollout once; returns the decisions applied.
 
-        A rollout whose step fails is logged and retried on the next step.
+        The engine lock is asked first and again before each rollout: once it is lost the step
+        stops (the rollouts left are the new leader's). A rollout whose step fails is logged
+        and retried on the next step.
 
         Raises:
             RegistryUnavailableError: the active rollouts cannot be listed.
@@ -206,6 +210,11 @@ class RolloutRunner:
         with self._mutex:
             now = now or self._clock()
             for r in store.list_rollouts(self._registry, states=sorted(ACTIVE_STATES)):
+                # A long step can outlive the lock (lost connection, another worker took over):
+                # ask again before each rollout so a deposed leader stops writing.
+                if not self._engine_lock.try_acquire():
+                    log.warning("lost the engine lock mid-step; stopping before rollout %s", r.id)
+                    break
                 try:
                     out.append(self._step_one(r, now))
                 except EdgefleetError as exc:

@@ -225,13 +225,21 @@ def _start_fallback(
     """
     f = config.fallback
 
+    loaded: dict[str, tuple[str, CloudModel]] = {}  # name -> (bundle sha256, model)
+
     def newest_published(name: str) -> CloudModel | None:
         bundles = registry.list_bundles(name)
         if not bundles:
             return None
-        path = library.directory / f"{bundles[-1].sha256}.bundle"
-        models = CloudModels.from_bundles([path], root, now=datetime.now(UTC))
-        return models.get(name)
+        sha = bundles[-1].sha256
+        known = loaded.get(name)
+        if known is not None and known[0] == sha:
+            return known[1]  # unchanged: no verification, no new session
+        path = library.directory / f"{sha}.bundle"
+        model = CloudModels.from_bundles([path], root, now=datetime.now(UTC)).get(name)
+        if model is not None:
+            loaded[name] = (sha, model)
+        return model
 
     models = CloudModels.from_dir(Path(f.models_dir)) if f.models_dir else {}
     worker = FallbackWorker(

@@ -8,7 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
+import pytest
+from sqlalchemy import Connection, create_engine, text
+from sqlalchemy.exc import DBAPIError
 
 from fleet import wait_until
 from fleet_server.leader import leader_lock
@@ -81,4 +83,44 @@ def test_postgres_leader_notices_a_lost_connection(pg: PgCluster) -> None:
     assert killed == [True]
     assert not lock.try_acquire()  # it notices, and stops acting as the leader
     assert lock.try_acquire()  # the lock was freed with the session: regained on a new one
+    lock.release()
+
+
+def _lock_backend(conn: Connection) -> tuple[int, str | None]:
+    """The (pid, state) of the session holding this database's advisory lock."""
+    row = conn.execute(
+        text(
+            "SELECT a.pid, a.state FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' AND l.granted AND l.database = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+    ).one()
+    return int(row.pid), row.state
+
+
+def test_postgres_leader_session_is_never_left_idle_in_transaction(pg: PgCluster) -> None:
+    url = pg.new_database()
+    admin = create_engine(url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:  # sessions idle in a transaction this long are killed
+        name = conn.execute(text("SELECT current_database()")).scalar_one()
+        conn.execute(
+            text(f"ALTER DATABASE \"{name}\" SET idle_in_transaction_session_timeout = '300ms'")
+        )
+    lock = leader_lock(create_engine(url), "rollout-engine")
+    assert lock.try_acquire()  # takes the lock
+    assert lock.try_acquire()  # the heartbeat of every later tick
+    # The timeout is armed: a session left in a transaction by autobegin is killed.
+    careless = create_engine(url).connect()
+    careless.execute(text("SELECT 1"))
+    with admin.connect() as conn:
+        pid, state = _lock_backend(conn)
+        assert state == "idle"
+        time.sleep(1.0)  # more than three timeouts
+        assert _lock_backend(conn) == (pid, "idle")  # the same session, still alive
+    with pytest.raises(DBAPIError, match="idle-in-transaction"):
+        careless.execute(text("SELECT 1"))
+    careless.invalidate()
+    assert lock.try_acquire()
+    with admin.connect() as conn:
+        assert _lock_backend(conn)[0] == pid  # leadership held throughout, never regained
     lock.release()

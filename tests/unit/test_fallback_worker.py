@@ -17,7 +17,12 @@ from edge_agent.fallback_wire import FallbackRequest, FallbackResponse
 from edge_agent.mqtt import Message, MessageProperties
 from edge_agent.topics import Topics
 from fleet_server.errors import FallbackServingError
-from fleet_server.fallback_worker import CloudModel, CloudModels, FallbackWorker
+from fleet_server.fallback_worker import (
+    RESOLVE_MEMORY,
+    CloudModel,
+    CloudModels,
+    FallbackWorker,
+)
 
 TOPICS = Topics("edgefleet")
 
@@ -271,10 +276,92 @@ def test_unknown_model_is_resolved_once_then_served_and_failures_are_rate_limite
     assert asked == ["late"]  # loaded once, then served from memory
     for _ in range(3):  # a name nobody published: asked once per RESOLVE_EVERY
         w.handle(msg(req(model="ghost")))
+    answers = [FallbackResponse.from_bytes(p) for _, p, _ in c.wait(5)[2:]]
+    assert [a.error_code for a in answers] == ["unknown_model"] * 3
     assert asked == ["late", "ghost"]
-    assert FallbackResponse.from_bytes(c.wait(5)[4][1]).error_code == "unknown_model"
     now[0] += 11.0
     w.handle(msg(req(model="ghost")))
+    assert FallbackResponse.from_bytes(c.wait(6)[5][1]).error_code == "unknown_model"
     assert asked == ["late", "ghost", "ghost"]
     w.close()
     assert w.stats()["models_loaded"] == 1
+
+
+def test_resolving_runs_on_the_pool_not_the_mqtt_handler_thread() -> None:
+    threads: list[str] = []
+    gate = threading.Event()
+
+    def resolve(name: str) -> CloudModel | None:
+        threads.append(threading.current_thread().name)
+        gate.wait(5)  # a slow database / bundle verification / session build
+        return CloudModel(name, "1", FakeRuntime())  # type: ignore[arg-type]
+
+    w, c = make(resolve=resolve)
+    started = time.monotonic()
+    w.handle(msg(req(model="late", deadline_ms=5000), corr=b"late"))
+    w.handle(msg(req(deadline_ms=5000), corr=b"m"))  # a known model is not held up either
+    assert time.monotonic() - started < 1.0  # the handler returned while resolve still runs
+    props = c.wait(1)[0][2]  # answered while "late" is still being resolved
+    assert props is not None
+    assert props.correlation_data == b"m"
+    gate.set()
+    r = FallbackResponse.from_bytes(c.wait(2)[1][1])
+    w.close()
+    assert (r.ok, r.model) == (True, "late")
+    assert len(threads) == 1
+    assert threads[0].startswith("fallback-")
+
+
+def test_a_newer_published_version_is_picked_up_within_resolve_every() -> None:
+    published = {"version": "3"}
+    asked: list[str] = []
+    now = [100.0]
+
+    def resolve(name: str) -> CloudModel | None:
+        asked.append(name)
+        return CloudModel(name, published["version"], FakeRuntime())  # type: ignore[arg-type]
+
+    w, c = make(resolve=resolve, clock=lambda: now[0])
+
+    def served(model: str) -> str:
+        n = len(c.sent) + 1
+        w.handle(msg(req(model=model)))
+        r = FallbackResponse.from_bytes(c.wait(n)[-1][1])
+        assert r.ok, r.error_message
+        return r.model_version
+
+    assert served("m") == "7"  # the models it started with count as just resolved
+    assert served("digits") == "3"
+    published["version"] = "4"  # a newer bundle is published
+    now[0] += 9.0
+    assert served("digits") == "3"  # not asked again yet
+    assert asked == ["digits"]
+    now[0] += 2.0
+    assert served("digits") == "4"  # asked again, swapped in
+    assert served("m") == "4"  # so is a model it started with
+    now[0] += 11.0
+    assert served("digits") == "4"  # asked again, same version: kept
+    assert asked == ["digits", "digits", "m", "digits"]
+    w.close()
+    assert w.stats()["models_loaded"] == 3  # digits v3, digits v4, m v4
+
+
+def test_names_remembered_for_rate_limiting_are_bounded() -> None:
+    asked: list[str] = []
+
+    def resolve(name: str) -> CloudModel | None:
+        asked.append(name)
+        return None
+
+    w, c = make(resolve=resolve, clock=lambda: 100.0, max_queue=4096)
+    names = [f"ghost-{i}" for i in range(RESOLVE_MEMORY + 1)]  # device-chosen names
+    for name in names:
+        w.handle(msg(req(model=name)))
+    c.wait(len(names), timeout=30)
+    assert sorted(asked) == sorted(names)
+    asked.clear()
+    w.handle(msg(req(model=names[-1])))  # recent: still remembered, not asked again
+    w.handle(msg(req(model=names[0])))  # the oldest was forgotten: asked again
+    c.wait(len(names) + 2)
+    w.close()
+    assert asked == [names[0]]

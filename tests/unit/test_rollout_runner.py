@@ -334,3 +334,31 @@ def test_only_the_lock_holder_steps(world: World) -> None:
     assert len(runner.step()) == 1
     runner.close()
     assert lock.released == 1
+
+
+def test_a_step_stops_at_the_next_rollout_once_the_lock_is_lost(world: World) -> None:
+    lock = FollowerLock(leader=True)
+
+    class DeposingService(FakeService):
+        """The lock is lost while the first rollout is being stepped (its assigns run)."""
+
+        def assign(self, target: str, name: str, version: int, *, group: bool = False) -> list[Any]:
+            lock.leader = False
+            return super().assign(target, name, version, group=group)
+
+    service = DeposingService()
+    runner = RolloutRunner(world.registry, service, world.clock, lock=lock)
+    a = runner.create("digits", 2, selector=Selector(group="line-3"), policy=POLICY)
+    b = runner.create("digits", 2, selector=Selector(group="lab"), policy=POLICY)
+    [d] = runner.step()  # the first rollout is finished, the second is not touched
+    assert d.assign
+    stepped, left = (a, b) if d.rollout.id == a.id else (b, a)
+    assert runner.get(stepped.id).state != "pending"
+    assert runner.get(left.id).state == "pending"
+    assert [e.kind for e in store.rollout_events(world.registry, left.id)] == ["created"]
+    assert {t for t, _, _ in service.assigned} <= set(d.assign)
+    assert runner.step() == []  # still not the leader
+    lock.leader = True
+    service.assigned.clear()
+    assert left.id in {x.rollout.id for x in runner.step()}
+    runner.close()
