@@ -248,6 +248,12 @@ class RolloutStateError(RolloutError):
     code = "rollout_state"
 
 
+class RolloutConflictError(RolloutStateError):
+    """The rollout changed since it was read (another worker's command or step): read again."""
+
+    code = "rollout_conflict"
+
+
 class QuarantinedVersionError(RolloutError):
     """The model version is quarantined after repeated aborted rollouts; it is not rolled out."""
 

@@ -10,8 +10,10 @@ seconds in a daemon thread, ``close()`` stops it.
 
 Exactly one engine may run across several server workers: each step first asks an
 ``EngineLock`` (default: this process only; ``fleet_server.leader.leader_lock`` fits), and asks
-again before each rollout, so a step that outlives the lock stops writing. Commands
-arriving at other workers are not yet serialised with the leader's step (no row lock).
+again before each rollout, so a step that outlives the lock stops writing. Commands may arrive
+at any worker: every save is a compare-and-set on the state it was computed from
+(``registry.rollouts.save_rollout(read=...)``), so a stale decision is neither sent nor saved and
+a command re-reads and retries.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from fleet_server.errors import (
     QuarantinedVersionError,
     RegistryError,
     RegistryUnavailableError,
+    RolloutConflictError,
 )
 from fleet_server.registry import DeviceRecord, Registry
 from fleet_server.registry import rollouts as store
@@ -47,6 +50,9 @@ from fleet_server.rollout import resume as resume_rollout
 from fleet_server.rollout_metrics import DeviceObservation, observe
 
 __all__ = ["AssignPort", "EngineLock", "LocalLock", "RolloutRunner"]
+
+#: A command re-reads and retries this many times when a concurrent save won.
+_COMMAND_ATTEMPTS = 3
 
 log = logging.getLogger(__name__)
 
@@ -178,20 +184,38 @@ class RolloutRunner:
 
     def abort(self, rollout_id: str) -> Rollout:
         """Abort (members go back per policy). Raises: UnknownRolloutError, RolloutStateError."""
-        with self._mutex:
-            r = store.get_rollout(self._registry, rollout_id)
-            now = self._clock()
-            return self._apply(abort_rollout(r, now), now, kind="aborted")
+        for attempt in range(_COMMAND_ATTEMPTS):
+            with self._mutex:
+                r = store.get_rollout(self._registry, rollout_id)
+                now = self._clock()
+                try:
+                    return self._apply(abort_rollout(r, now), now, kind="aborted", old=r)
+                except RolloutConflictError:
+                    if attempt == _COMMAND_ATTEMPTS - 1:
+                        raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _command(
         self, rollout_id: str, kind: str, run: Callable[[Rollout, datetime], Rollout]
     ) -> Rollout:
-        with self._mutex:
-            r = store.get_rollout(self._registry, rollout_id)
-            now = self._clock()
-            new = run(r, now)
-            store.save_rollout(self._registry, new, now, [(kind, {"state": new.state})])
-            return new
+        # Any worker takes commands; the leader may be saving a step meanwhile. The save is a
+        # compare-and-set on the state read, so a command re-reads and retries rather than
+        # overwriting the leader's decision (or being overwritten by it).
+        for attempt in range(_COMMAND_ATTEMPTS):
+            with self._mutex:
+                r = store.get_rollout(self._registry, rollout_id)
+                now = self._clock()
+                new = run(r, now)
+                try:
+                    store.save_rollout(
+                        self._registry, new, now, [(kind, {"state": new.state})], read=r
+                    )
+                except RolloutConflictError:
+                    if attempt == _COMMAND_ATTEMPTS - 1:
+                        raise
+                    continue
+                return new
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # ----------------------------------------------------------------- engine
     def step(self, now: datetime | None = None) -> list[Decision]:
@@ -277,6 +301,11 @@ class RolloutRunner:
         self, decision: Decision, now: datetime, *, kind: str, old: Rollout | None = None
     ) -> Rollout:
         r = decision.rollout
+        # Do not send assignments for a decision computed from a state another worker has
+        # changed meanwhile (an operator's pause or abort); the save below checks it too.
+        sends = bool(decision.assign or decision.revert)
+        if old is not None and sends and store.get_rollout(self._registry, r.id) != old:
+            raise RolloutConflictError(f"rollout {r.id} changed since it was read")
         errors: dict[str, str] = {}
         for ids, version in ((decision.assign, r.to_version), (decision.revert, r.from_version)):
             for device_id in ids:
@@ -316,7 +345,7 @@ class RolloutRunner:
             if decision.quarantine:
                 detail["quarantined"] = True
             events.append((kind, detail))
-        store.save_rollout(self._registry, r, now, events)
+        store.save_rollout(self._registry, r, now, events, read=old)
         return r
 
     # ----------------------------------------------------------------- helpers

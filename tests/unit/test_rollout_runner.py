@@ -26,12 +26,13 @@ from fleet_server.admin_rollouts import Handler, rollout_routes
 from fleet_server.errors import (
     NotFoundError,
     QuarantinedVersionError,
+    RolloutConflictError,
     RolloutStateError,
     UnknownRolloutError,
 )
 from fleet_server.registry import Registry
 from fleet_server.registry import rollouts as store
-from fleet_server.rollout import RolloutPolicy, Selector, Thresholds
+from fleet_server.rollout import RolloutPolicy, Selector, Thresholds, decide
 from fleet_server.rollout_runner import RolloutRunner
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -362,3 +363,41 @@ def test_a_step_stops_at_the_next_rollout_once_the_lock_is_lost(world: World) ->
     service.assigned.clear()
     assert left.id in {x.rollout.id for x in runner.step()}
     runner.close()
+
+
+def test_a_command_on_another_worker_is_never_overwritten_by_the_leaders_step(
+    world: World,
+) -> None:
+    """Two workers share the registry: B pauses while A computes a step from the older state."""
+    w = world
+    r = w.runner.create("digits", 2, selector=Selector(group="line-3"), policy=POLICY)
+    other = RolloutRunner(w.registry, FakeService(), w.clock)  # the worker the operator reached
+    read = store.get_rollout(w.registry, r.id)
+    stale = decide(read, w.runner.observations(read, w.clock()), w.clock())
+    assert stale.assign  # the step would start the canary
+    assert other.pause(r.id).state == "paused"
+    with pytest.raises(RolloutConflictError):
+        w.runner._apply(stale, w.clock(), kind="decision", old=read)
+    assert w.service.assigned == []  # nothing was sent for the stale decision
+    assert store.get_rollout(w.registry, r.id).state == "paused"  # the pause stands
+    assert w.runner.step() == []  # and the next step sees it
+
+
+def test_a_command_retries_when_a_step_saved_in_between(world: World) -> None:
+    w = world
+    r = w.runner.create("digits", 2, selector=Selector(group="line-3"), policy=POLICY)
+    real = store.save_rollout
+    calls = {"n": 0}
+
+    def racing_save(*args: Any, **kwargs: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:  # the leader's step lands first
+            raise RolloutConflictError("changed")
+        real(*args, **kwargs)
+
+    store.save_rollout = racing_save  # type: ignore[assignment]
+    try:
+        assert w.runner.pause(r.id).state == "paused"
+    finally:
+        store.save_rollout = real  # type: ignore[assignment]
+    assert calls["n"] == 2

@@ -9,6 +9,7 @@ failures raise ``RegistryUnavailableError`` like every registry call. Does not d
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from fleet_server.errors import RegistryError, UnknownRolloutError
+from fleet_server.errors import RegistryError, RolloutConflictError, UnknownRolloutError
 from fleet_server.registry.models import TelemetryRow
 from fleet_server.registry.rollout_models import QuarantineRow, RolloutEventRow, RolloutRow
 from fleet_server.registry.store import Registry, StoredTelemetry
@@ -154,17 +155,26 @@ def save_rollout(
     rollout: Rollout,
     at: datetime,
     events: Sequence[tuple[str, Mapping[str, Any]]] = (),
+    *,
+    read: Rollout | None = None,
 ) -> None:
     """Replace a rollout's state and append ``(kind, detail)`` events, in one transaction.
 
+    ``read`` is the state the change was computed from: the save is refused when the stored
+    state is no longer that one (a command or step on another worker wrote in between), so
+    two writers never overwrite each other's decision silently.
+
     Raises:
         UnknownRolloutError: no such rollout.
+        RolloutConflictError: the stored state changed since ``read``.
         RegistryUnavailableError: the database failed.
     """
     with registry._write("saving a rollout") as s:
-        row = s.get(RolloutRow, rollout.id)
+        row = s.get(RolloutRow, rollout.id, with_for_update=True)
         if row is None:
             raise UnknownRolloutError(f"no rollout {rollout.id!r}")
+        if read is not None and row.state_doc != json.loads(json.dumps(rollout_to_dict(read))):
+            raise RolloutConflictError(f"rollout {rollout.id} changed since it was read")
         new = _row(rollout, at)
         for col in ("state", "breached", "updated_at", "state_doc", "from_version"):
             setattr(row, col, getattr(new, col))
