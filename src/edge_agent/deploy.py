@@ -111,7 +111,8 @@ class Deployer:
                 n: {"version": d.assignment.version, "received": d.received, "total": d.total}
                 for n, d in self.downloads.items()
             }
-        outcomes = {n: {"outcome": o, "reason": r} for n, (o, r) in self.outcomes.items()}
+        snapshot = dict(self.outcomes)  # written by the sync thread; read from others
+        outcomes = {n: {"outcome": o, "reason": r} for n, (o, r) in snapshot.items()}
         return {"downloads": downloads, "outcomes": outcomes}
 
     def close(self) -> None:
