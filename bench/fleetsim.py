@@ -35,7 +35,8 @@ from edge_agent.telemetry import (
     TelemetryAck,
     TelemetryReport,
 )
-from edge_agent.transfer import MAX_RANGES, BlockData, BlockPlan, BlockRequest, Progress
+from edge_agent.transfer import MAX_RANGES, BlockData, BlockPlan, BlockRequest
+from edge_agent.transfer_progress import Progress
 
 PREFIX = "edgefleet"
 BARE_TOPIC = f"{PREFIX}/broadcast/bare"

@@ -3,7 +3,8 @@
 Owns: request routing (A/B arm, device or cloud, hard examples, fallback on failure), shadow
 offers, capture sampling, probation judging and drift-window collection on ``tick``, and
 installs/rollbacks requested by the CLI or the sync layer. The hot path itself is
-``ModelPipeline.run``; loading and health checks are ``Registry``'s.
+``ModelPipeline.run``; loading and health checks are ``Registry``'s; the ``status()`` snapshot
+is built by ``edge_agent.agent_status``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent import __version__
+from edge_agent.agent_status import status_snapshot
 from edge_agent.capture import CaptureRing
 from edge_agent.config import AgentConfig
 from edge_agent.drift.monitor import DriftWindow
@@ -459,56 +461,6 @@ class Agent:
         )
 
     # -------------------------------------------------------------------------- reporting
-    def _transport_counts(self) -> dict[str, int]:
-        """The cloud transport's own counters (disagreements, timeouts), when it keeps any."""
-        counts = getattr(self._transport, "telemetry_counts", None)
-        if not callable(counts):
-            return {}
-        try:
-            return {str(k): int(v) for k, v in counts().items()}
-        except Exception:  # a reporting aid must never break status
-            return {}
-
     def status(self) -> dict[str, Any]:
-        """A JSON-safe snapshot for ``edge-agent status`` and telemetry."""
-        models = {}
-        for key in self.registry.loaded_keys():
-            entry = self.registry.get(key)
-            if entry is None:
-                continue
-            p = entry.pipeline
-            last = {
-                name: s.last.to_dict()
-                for name, s in p.monitor.snapshot().items()
-                if s.last is not None
-            }
-            models[key] = {
-                "version": p.version,
-                "on_probation": entry.on_probation,
-                "memory_bytes": entry.memory_bytes,
-                "requests": p.requests,
-                "rows": p.rows,
-                "errors": p.errors,
-                "rejects_by_reason": dict(p.rejects_by_reason),
-                "dropped_rows_by_reason": dict(p.dropped_rows_by_reason),
-                "latency": p.latency_quantiles(),
-                "latency_buckets": p.latency_histogram(),
-                "sources": dict(self._sources.get(key.split("@", 1)[0], {})),
-                "drift": last,
-                "kll": p.kll_summary() if p.kll else None,
-                "shadow": self._shadows[key].stats() if key in self._shadows else None,
-                "ab": self._routers[key].counts() if key in self._routers else None,
-            }
-        return {
-            "version": __version__,
-            "uptime_s": round(time.time() - self.started_at, 1),
-            "started_at": self.started_at,
-            "ready": self.ready(),
-            "models": models,
-            "counts": {**dict(self.counts), **self._transport_counts()},
-            "rollbacks": self.registry.rollbacks,
-            "events": self.registry.events[-20:],
-            "memory_used_bytes": self.registry.memory_used(),
-            "drift_blocks_dropped": self.worker.dropped if self.worker else 0,
-            "fallback": self.cloud.stats() if self.cloud else None,
-        }
+        """A JSON-safe snapshot for ``edge-agent status`` and telemetry (see ``agent_status``)."""
+        return status_snapshot(self)

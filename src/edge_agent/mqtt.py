@@ -9,6 +9,9 @@ thread fed by a bounded queue (so a handler may publish and wait without deadloc
 and a small MQTT v5 request/response helper (response topic + correlation data).
 
 Every public method raises :class:`TransportError` (or a subclass), never a paho return code.
+The paho-free value types (``MqttConfig``, ``Message``, ``MessageProperties``, ``MqttStats``,
+``backoff_delay``) live in ``edge_agent.mqtt_types`` and are re-exported here; ``PublishHandle``
+and the conversions to and from paho's properties stay here because they touch paho.
 Does not know what the payloads mean (callers do) and does not persist anything: a QoS 1
 message that was never acknowledged lives only in paho's memory; end-to-end
 acknowledgement is the outbox's job.
@@ -26,8 +29,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from paho.mqtt import client as paho
@@ -36,12 +37,19 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge_agent.errors import (
-    ConfigError,
     NotConnectedError,
     PublishError,
     SubscribeError,
     TransportError,
     TransportTimeoutError,
+)
+from edge_agent.mqtt_types import (
+    Handler,
+    Message,
+    MessageProperties,
+    MqttConfig,
+    MqttStats,
+    backoff_delay,
 )
 from edge_agent.telemetry import StatusMessage
 from edge_agent.topics import Topics
@@ -66,79 +74,6 @@ log = logging.getLogger(__name__)
 _LOOP_TIMEOUT = 0.2  # seconds paho's loop() blocks in select; bounds how fast close() returns
 
 
-@dataclass(frozen=True)
-class MqttConfig:
-    """How a client reaches the broker. Identity (username, client id) is the cert CN.
-
-    ``device_id`` is the client id. A device (``announce_status=True``) also publishes its
-    retained ``online`` status and leaves an ``offline`` last will; the fleet server's identity
-    (``<label>.server``, not a device id) sets ``announce_status=False``.
-    """
-
-    host: str
-    port: int
-    device_id: str
-    ca_path: Path
-    cert_path: Path
-    key_path: Path
-    prefix: str = "edgefleet"
-    keepalive: int = 30
-    reconnect_min: float = 0.5
-    reconnect_max: float = 30.0
-    clean_start: bool = False
-    session_expiry: int = 3600  # seconds the broker keeps the session after a disconnect
-    inbox_size: int = 1000
-    agent_version: str = ""
-    announce_status: bool = True
-
-    def validate(self) -> None:
-        """Check the values a connection depends on.
-
-        Raises:
-            ConfigError: a value is out of range.
-        """
-        if not 0 < self.port < 65536:
-            raise ConfigError(f"mqtt port {self.port} is out of range")
-        if not 0 < self.reconnect_min <= self.reconnect_max:
-            raise ConfigError("mqtt reconnect delays need 0 < min <= max")
-        if self.keepalive < 5 or self.session_expiry < 0 or self.inbox_size < 1:
-            raise ConfigError("mqtt keepalive >= 5, session_expiry >= 0, inbox_size >= 1")
-
-
-@dataclass(frozen=True)
-class MessageProperties:
-    """The MQTT v5 properties this adapter exposes (sent and received)."""
-
-    response_topic: str | None = None
-    correlation_data: bytes | None = None
-    message_expiry: int | None = None  # seconds
-    content_type: str | None = None
-    user_properties: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True)
-class Message:
-    """A received message, detached from paho."""
-
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    properties: MessageProperties = field(default_factory=MessageProperties)
-
-
-@dataclass(frozen=True)
-class MqttStats:
-    """Counters since the client was created."""
-
-    connects: int = 0
-    disconnects: int = 0
-    connect_failures: int = 0
-    drops: int = 0  # incoming messages dropped because the handler queue was full
-    publish_errors: int = 0
-    handler_errors: int = 0
-
-
 class PublishHandle:
     """A queued publish; pass it to :meth:`MqttClient.wait_published`."""
 
@@ -153,17 +88,6 @@ class PublishHandle:
     def is_published(self) -> bool:
         """True once the broker acknowledged it (PUBACK for QoS 1)."""
         return self._info.is_published()
-
-
-Handler = Callable[[Message], None]
-
-
-def backoff_delay(
-    attempt: int, min_delay: float, max_delay: float, rand: Callable[[], float]
-) -> float:
-    """Exponential backoff with full jitter: uniform in ``[0, min(max, min * 2**attempt)]``."""
-    cap = min(max_delay, min_delay * 2.0 ** min(attempt, 32))
-    return rand() * cap
 
 
 def _to_paho(props: MessageProperties | None) -> Properties | None:

@@ -1,11 +1,12 @@
-"""The block transfer protocol for model bundles: plan, wire messages and progress (pure).
+"""The block transfer protocol for model bundles: the plan and the wire messages (pure).
 
-Owns: how a bundle of a signed length is cut into blocks (``BlockPlan``), the two wire messages
-(``BlockRequest`` from a device, ``BlockData`` from the server, on a per-device topic or on a
-wave's shared broadcast topic), and the device-side bookkeeping of which blocks arrived
-(``Progress``). Bytes and values in, values out or a typed error: no sockets, files or clocks.
-Does not own the partial file on disk (``edge_agent.transfer_store``), serving blocks
-(``fleet_server.blocks``) or MQTT (the transport adapter).
+Owns: how a bundle of a signed length is cut into blocks (``BlockPlan``) and the two wire
+messages (``BlockRequest`` from a device, ``BlockData`` from the server, on a per-device topic
+or on a wave's shared broadcast topic). Bytes and values in, values out or a typed error: no
+sockets, files or clocks. Does not own the device-side bookkeeping of which blocks arrived
+(``Progress``, in ``edge_agent.transfer_progress``), the partial file on
+disk (``edge_agent.transfer_store``), serving blocks (``fleet_server.blocks``) or MQTT (the
+transport adapter).
 
 Security: the plan is built from the signed ``ModelAssignment`` (length and SHA-256), so the
 signed length caps every transfer. ``Progress.check`` refuses an index beyond the last block and
@@ -55,7 +56,6 @@ __all__ = [
     "BlockData",
     "BlockPlan",
     "BlockRequest",
-    "Progress",
     "TransferIncompleteError",
     "TransferMismatchError",
     "transfer_id_for",
@@ -406,135 +406,3 @@ class BlockData:
         if plan is not None:
             block.check(plan)
         return block
-
-
-# --- progress ------------------------------------------------------------------------------
-
-
-class Progress:
-    """Which blocks of a plan have arrived: a bitmap, bit ``i`` of byte ``i // 8`` (LSB first).
-
-    Mutable tracker owned by one download; ``to_bytes`` is what gets persisted.
-
-    Raises:
-        ContractError: ``bitmap`` has the wrong size or sets bits beyond the last block.
-    """
-
-    def __init__(self, plan: BlockPlan, bitmap: bytes | None = None) -> None:
-        self.plan = plan
-        size = (plan.n_blocks + 7) // 8
-        if bitmap is None:
-            self._bits = bytearray(size)
-        else:
-            if len(bitmap) != size:
-                raise ContractError(f"bitmap of {len(bitmap)} bytes, expected {size}")
-            self._bits = bytearray(bitmap)
-            spare = size * 8 - plan.n_blocks
-            if spare and self._bits[-1] >> (8 - spare):
-                raise ContractError("bitmap marks blocks beyond the last block")
-        self._received = sum(b.bit_count() for b in self._bits)
-
-    @property
-    def received(self) -> int:
-        """Number of distinct blocks received."""
-        return self._received
-
-    @property
-    def received_bytes(self) -> int:
-        """Bytes received so far (for progress display)."""
-        if self.has(self.plan.n_blocks - 1):
-            short = self.plan.block_size - self.plan.block_length(self.plan.n_blocks - 1)
-            return self._received * self.plan.block_size - short
-        return self._received * self.plan.block_size
-
-    @property
-    def complete(self) -> bool:
-        """Whether every block has arrived."""
-        return self._received == self.plan.n_blocks
-
-    def has(self, index: int) -> bool:
-        """Whether block ``index`` has arrived.
-
-        Raises:
-            LengthMismatchError: ``index`` is not a block of the plan.
-        """
-        self.plan.block_range(index)
-        return bool(self._bits[index >> 3] & (1 << (index & 7)))
-
-    def check(self, index: int, payload_len: int) -> bool:
-        """Validate a block before writing it; return whether it is new.
-
-        Raises:
-            LengthMismatchError: ``index`` is beyond the last block, or ``payload_len`` is not
-                that block's exact length (so nothing is ever written past the signed length).
-        """
-        expected = self.plan.block_length(index)
-        if payload_len != expected:
-            raise LengthMismatchError(
-                f"block {index} has {payload_len} bytes, expected exactly {expected}"
-            )
-        return not self.has(index)
-
-    def mark(self, index: int) -> None:
-        """Record block ``index`` as received (after its bytes were written).
-
-        Raises:
-            LengthMismatchError: ``index`` is not a block of the plan.
-        """
-        if not self.has(index):
-            self._bits[index >> 3] |= 1 << (index & 7)
-            self._received += 1
-
-    def accept(self, index: int, payload_len: int) -> bool:
-        """Validate and record a block in one step; return whether it was new.
-
-        Raises:
-            LengthMismatchError: see ``check``.
-        """
-        new = self.check(index, payload_len)
-        if new:
-            self.mark(index)
-        return new
-
-    def missing_ranges(self, limit: int = MAX_RANGES) -> tuple[tuple[int, int], ...]:
-        """The first ``limit`` half-open ranges of missing blocks, ascending.
-
-        Raises:
-            ContractError: ``limit`` is not 1..``MAX_RANGES``.
-        """
-        _int(limit, "limit", minimum=1, maximum=MAX_RANGES)
-        n = self.plan.n_blocks
-        bits = self._bits
-        ranges: list[tuple[int, int]] = []
-        i = 0
-        while i < n and len(ranges) < limit:
-            # Skip whole received bytes quickly, then single blocks.
-            if i & 7 == 0 and bits[i >> 3] == 0xFF:
-                i += 8
-                continue
-            if bits[i >> 3] & (1 << (i & 7)):
-                i += 1
-                continue
-            start = i
-            while i < n:
-                if i & 7 == 0 and bits[i >> 3] == 0:
-                    i = min(i + 8, n)
-                    continue
-                if bits[i >> 3] & (1 << (i & 7)):
-                    break
-                i += 1
-            ranges.append((start, i))
-        return tuple(ranges)
-
-    def request(self, limit: int = MAX_RANGES) -> BlockRequest | None:
-        """A request for the first missing ranges, or None when complete.
-
-        Raises:
-            ContractError: ``limit`` is not 1..``MAX_RANGES``.
-        """
-        ranges = self.missing_ranges(limit)
-        return BlockRequest(self.plan.transfer_id, ranges) if ranges else None
-
-    def to_bytes(self) -> bytes:
-        """The raw bitmap (``ceil(n_blocks / 8)`` bytes)."""
-        return bytes(self._bits)

@@ -30,9 +30,9 @@ from edge_agent.transfer import (
     SCHEMA_VERSION,
     BlockData,
     BlockPlan,
-    Progress,
     TransferIncompleteError,
 )
+from edge_agent.transfer_progress import Progress
 
 __all__ = ["DEFAULT_PERSIST_EVERY", "PartialDownload"]
 

@@ -1,11 +1,10 @@
 """Cloud fallback serving: the server end of ``<prefix>/devices/<id>/fallback/req``.
 
-Owns: ``CloudModels`` (loads the cloud copy of each model, from a directory of ``<name>.onnx``
-files or from published bundles, into onnxruntime) and ``FallbackWorker``, which takes
-requests from the shared subscription ``$share/<group>/<prefix>/devices/+/fallback/req`` (so
-several server processes split the load), checks them, runs the model on a small bounded
-thread pool (the MQTT client delivers every message on one handler thread; a slow model must
-not hold it), and answers on the request's response topic with its correlation data.
+Owns: ``FallbackWorker``, which takes requests from the shared subscription
+``$share/<group>/<prefix>/devices/+/fallback/req`` (so several server processes split the
+load), checks them, runs the model on a small bounded thread pool (the MQTT client delivers
+every message on one handler thread; a slow model must not hold it), and answers on the
+request's response topic with its correlation data.
 
 Deadline rule: a request's ``deadline_ms`` is counted from when this worker received it (the
 broker already dropped it if its message expiry ran out on the way); a request still queued
@@ -20,27 +19,23 @@ thread, which the gateway shares) loads a model a request names that the worker 
 asks again for a model it has at most every ``RESOLVE_EVERY`` seconds, swapping in a newer
 version. Both are rate-limited per name; the names remembered for that are bounded (LRU).
 
-Does not create or close the MQTT client, and does not decide when devices fall back.
+Does not load models: ``CloudModel`` and ``CloudModels`` live in ``fleet_server.cloud_models``
+(re-exported here). Does not create or close the MQTT client, and does not decide when
+devices fall back.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import queue
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from datetime import datetime
-from pathlib import Path
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
-import numpy.typing as npt
-
-from edge_agent.contract import BundleManifest
 from edge_agent.errors import ContractError, EdgefleetError, TransportError
 from edge_agent.fallback_wire import (
     CONTENT_TYPE,
@@ -49,9 +44,8 @@ from edge_agent.fallback_wire import (
     compare_outputs,
 )
 from edge_agent.mqtt import Message, MessageProperties, MqttClient
-from edge_agent.runtime.base import Runtime, RuntimeOptions, load_runtime
 from edge_agent.topics import Topics
-from edge_agent.trust import TrustedRoot
+from fleet_server.cloud_models import CloudModel, CloudModels
 from fleet_server.errors import FallbackServingError
 
 __all__ = ["CloudModel", "CloudModels", "FallbackWorker"]
@@ -59,118 +53,6 @@ __all__ = ["CloudModel", "CloudModels", "FallbackWorker"]
 log = logging.getLogger(__name__)
 
 _QUEUE_SAMPLES: Final = 4096  # recent queue waits kept for the p50/p99 in stats()
-
-
-Prep = Callable[[npt.NDArray[Any]], npt.NDArray[Any]]
-
-
-@dataclass(frozen=True)
-class CloudModel:
-    """One served model: its name, the version reported to devices, its loaded runtime.
-
-    ``preprocessing`` maps input names to the bundle's signed preprocessing (devices send raw
-    inputs, as their clients gave them); empty for a bare ``.onnx`` (the graph takes the
-    inputs as they come).
-    """
-
-    name: str
-    version: str
-    runtime: Runtime
-    preprocessing: Mapping[str, Prep] = field(default_factory=dict)
-
-    def run(self, inputs: Mapping[str, npt.NDArray[Any]]) -> dict[str, npt.NDArray[Any]]:
-        """Preprocess and run once.
-
-        Raises:
-            ContractError: an input the preprocessing needs is missing or does not fit.
-            InferenceError: the runtime refused the feeds.
-        """
-        feeds = dict(inputs)
-        for name, fn in self.preprocessing.items():
-            if name not in feeds:
-                raise ContractError(f"input {name!r} is missing")
-            try:
-                feeds[name] = fn(feeds[name])
-            except (ValueError, TypeError) as exc:
-                raise ContractError(
-                    f"input {name!r} does not fit its preprocessing: {exc}"
-                ) from exc
-        return self.runtime.run(feeds)
-
-
-class CloudModels:
-    """Loads cloud models by name (onnxruntime for ``.onnx``, LiteRT for ``.tflite``)."""
-
-    @staticmethod
-    def from_dir(directory: Path, options: RuntimeOptions | None = None) -> dict[str, CloudModel]:
-        """Every ``<name>.onnx`` / ``<name>.tflite`` in ``directory``; version = ``sha256:<12>``.
-
-        Raises:
-            FallbackServingError: the directory is unreadable, two files share a name, or a
-                runtime refuses a model.
-        """
-        try:
-            files = sorted(p for p in Path(directory).iterdir() if p.suffix in (".onnx", ".tflite"))
-        except OSError as exc:
-            raise FallbackServingError(
-                f"cannot list fallback models in {directory}: {exc}"
-            ) from exc
-        out: dict[str, CloudModel] = {}
-        for path in files:
-            if path.stem in out:
-                raise FallbackServingError(f"two cloud models named {path.stem!r} in {directory}")
-            try:
-                data = path.read_bytes()
-            except OSError as exc:
-                raise FallbackServingError(f"cannot read {path}: {exc}") from exc
-            version = "sha256:" + hashlib.sha256(data).hexdigest()[:12]
-            out[path.stem] = CloudModel(path.stem, version, _load(data, path.suffix[1:], options))
-        return out
-
-    @staticmethod
-    def from_bundles(
-        paths: Iterable[Path],
-        root: TrustedRoot,
-        *,
-        now: datetime,
-        options: RuntimeOptions | None = None,
-    ) -> dict[str, CloudModel]:
-        """The artifact of each verified bundle, under its manifest name and version.
-
-        For several bundles of one name the highest version wins.
-
-        Raises:
-            FallbackServingError: a bundle fails verification or its model cannot be loaded.
-        """
-        from edge_agent.bundle import read_bundle
-
-        best: dict[str, tuple[int, bytes, BundleManifest]] = {}
-        for path in paths:
-            try:
-                b = read_bundle(path, root, now=now, installed_version=None, device=None)
-            except (EdgefleetError, OSError) as exc:
-                raise FallbackServingError(f"cannot serve {path}: {exc}") from exc
-            m = b.manifest
-            if m.name not in best or m.version > best[m.name][0]:
-                best[m.name] = (m.version, b.artifact, m)
-        out: dict[str, CloudModel] = {}
-        for name, (v, art, m) in best.items():
-            runtime = _load(art, m.artifact.format, options)
-            dtypes = {i.name: i.dtype for i in runtime.inputs}
-            prep = {
-                t.name: t.preprocessing.compile(dtypes.get(t.name, t.dtype))
-                for t in m.inputs.tensors
-            }
-            out[name] = CloudModel(name, str(v), runtime, prep)
-        return out
-
-
-def _load(artifact: bytes, fmt: str, options: RuntimeOptions | None) -> Runtime:
-    try:
-        return load_runtime(artifact, fmt, options)
-    except EdgefleetError as exc:
-        raise FallbackServingError(f"cannot load a {fmt} cloud model: {exc}") from exc
-
 
 #: Seconds between two ``resolve`` calls for the same name (a known model is refreshed, an
 #: unknown one retried, at most this often).

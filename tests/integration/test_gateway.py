@@ -24,7 +24,8 @@ from edge_agent.mqtt import Message, MqttClient, MqttConfig
 from edge_agent.reported import ModelReport, ReportedState
 from edge_agent.telemetry import MAX_PAYLOAD_BYTES, Batch, Event, TelemetryAck, TelemetryReport
 from edge_agent.topics import Topics
-from edge_agent.transfer import BlockData, BlockPlan, BlockRequest, Progress
+from edge_agent.transfer import BlockData, BlockPlan, BlockRequest
+from edge_agent.transfer_progress import Progress
 from fleet_server.gateway import Gateway, GatewayConfig
 from fleet_server.registry import Registry
 from mosquitto import FleetBroker, broker_fixture

@@ -20,10 +20,10 @@ from edge_agent.transfer import (
     BlockData,
     BlockPlan,
     BlockRequest,
-    Progress,
     TransferIncompleteError,
     TransferMismatchError,
 )
+from edge_agent.transfer_progress import Progress
 from edge_agent.transfer_store import PartialDownload
 from edge_agent.trust.desired import ModelAssignment
 from fleet_server.blocks import BlockSource, plan_resend

@@ -1,0 +1,86 @@
+"""The agent's ``status()`` snapshot: what ``edge-agent status`` prints and telemetry is built from.
+
+Owns: turning an ``Agent``'s live state (loaded models and their pipeline counters, latency,
+drift, shadow and A/B stats, per-model answer sources, registry events, the cloud fallback's
+and its transport's counters) into one JSON-safe dict. Reads only; changes nothing.
+
+Does not own the state it reads (``edge_agent.agent.Agent``, whose ``status`` delegates here),
+building a telemetry report from the snapshot (``edge_agent.telemetry_build``) or Prometheus
+metrics (``edge_agent.agent_metrics``). Not on the request path.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from edge_agent import __version__
+
+if TYPE_CHECKING:
+    from edge_agent.agent import Agent
+    from edge_agent.registry import Loaded
+
+__all__ = ["status_snapshot", "transport_counts"]
+
+
+def status_snapshot(agent: Agent) -> dict[str, Any]:
+    """A JSON-safe snapshot of ``agent`` for ``edge-agent status`` and telemetry."""
+    models = {}
+    for key in agent.registry.loaded_keys():
+        entry = agent.registry.get(key)
+        if entry is None:
+            continue
+        models[key] = _model_status(agent, key, entry)
+    return {
+        "version": __version__,
+        "uptime_s": round(time.time() - agent.started_at, 1),
+        "started_at": agent.started_at,
+        "ready": agent.ready(),
+        "models": models,
+        "counts": {**dict(agent.counts), **transport_counts(agent._transport)},
+        "rollbacks": agent.registry.rollbacks,
+        "events": agent.registry.events[-20:],
+        "memory_used_bytes": agent.registry.memory_used(),
+        "drift_blocks_dropped": agent.worker.dropped if agent.worker else 0,
+        "fallback": agent.cloud.stats() if agent.cloud else None,
+    }
+
+
+def _model_status(agent: Agent, key: str, entry: Loaded) -> dict[str, Any]:
+    """One loaded model (``name`` or pinned ``name@version``) in the snapshot."""
+    p = entry.pipeline
+    last = {
+        name: s.last.to_dict() for name, s in p.monitor.snapshot().items() if s.last is not None
+    }
+    return {
+        "version": p.version,
+        "on_probation": entry.on_probation,
+        "memory_bytes": entry.memory_bytes,
+        "requests": p.requests,
+        "rows": p.rows,
+        "errors": p.errors,
+        "rejects_by_reason": dict(p.rejects_by_reason),
+        "dropped_rows_by_reason": dict(p.dropped_rows_by_reason),
+        "latency": p.latency_quantiles(),
+        "latency_buckets": p.latency_histogram(),
+        "sources": dict(agent._sources.get(key.split("@", 1)[0], {})),
+        "drift": last,
+        "kll": p.kll_summary() if p.kll else None,
+        "shadow": agent._shadows[key].stats() if key in agent._shadows else None,
+        "ab": agent._routers[key].counts() if key in agent._routers else None,
+    }
+
+
+def transport_counts(transport: object) -> dict[str, int]:
+    """The cloud transport's own counters (disagreements, timeouts), when it keeps any.
+
+    Never raises: a transport without ``telemetry_counts``, or one whose counters cannot be
+    read, gives an empty dict (a reporting aid must never break status).
+    """
+    counts = getattr(transport, "telemetry_counts", None)
+    if not callable(counts):
+        return {}
+    try:
+        return {str(k): int(v) for k, v in counts().items()}
+    except Exception:
+        return {}
