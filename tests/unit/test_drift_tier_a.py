@@ -436,6 +436,22 @@ def test_bytes_reject_negative_counts_and_bad_edges(dirty_view: TierAView) -> No
         TierAView.from_bytes(bytes(data))
 
 
+def test_decoded_edges_are_shared_and_bad_edges_refused_every_time(
+    dirty_view: TierAView,
+) -> None:
+    """Windows of one baseline share their validated edges; a bad edge section never sticks."""
+    data = dirty_view.to_bytes()
+    a, b = TierAView.from_bytes(data), TierAView.from_bytes(data)
+    assert a.edges is b.edges  # built and validated once
+    assert a.edges == dirty_view.edges
+    f = dirty_view.n_features
+    bad = bytearray(data)
+    bad[12 + 2 * f : 12 + 2 * f + 8] = struct.pack("<d", float("nan"))
+    for _ in range(2):  # an exception is never cached as a result
+        with pytest.raises(ContractError, match="non-finite"):
+            TierAView.from_bytes(bytes(bad))
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_bytes_reject_garbage(seed: int) -> None:
     rng = np.random.default_rng(seed)

@@ -19,6 +19,7 @@ equal a single-pass sketch up to rounding (a few ulps relative), not bit for bit
 
 from __future__ import annotations
 
+import functools
 import itertools
 import struct
 from dataclasses import dataclass
@@ -246,13 +247,9 @@ class TierAView:
         expected = pos + 8 * (n_edges + f * (n_bins + 2) + 4 * f)
         if len(buf) != expected:
             raise ContractError(f"tier-A view bytes have {len(buf)} bytes, expected {expected}")
-        flat_edges = np.frombuffer(buf, dtype="<f8", count=n_edges, offset=pos)
         pos += 8 * n_edges
-        bounds = np.concatenate(([0], np.cumsum(lengths))).tolist()
-        edges = FeatureEdges(
-            n_bins,
-            tuple(tuple(flat_edges[a:b].tolist()) for a, b in itertools.pairwise(bounds)),
-        )
+        # Windows of one baseline share their edges: build (and validate) them once.
+        edges = _edges_from(n_bins, f, buf[_HEADER.size : pos])
 
         def take(dtype: str, count: int) -> npt.NDArray[Any]:
             nonlocal pos
@@ -262,6 +259,25 @@ class TierAView:
 
         counts = take("<i8", f * (n_bins + 2)).reshape(f, n_bins + 2)
         return cls(edges, counts, take("<i8", f), take("<i8", f), take("<f8", f), take("<f8", f))
+
+
+@functools.lru_cache(maxsize=256)
+def _edges_from(n_bins: int, f: int, section: bytes) -> FeatureEdges:
+    """``FeatureEdges`` from the edge section of ``to_bytes`` (lengths, then the edges).
+
+    Cached by the section's bytes: ``FeatureEdges`` is immutable, so equal bytes may share one
+    validated object. A section that fails validation raises every time (nothing is cached).
+
+    Raises:
+        ContractError: the edges are invalid (as ``FeatureEdges`` rejects them).
+    """
+    lengths = np.frombuffer(section, dtype="<u2", count=f).astype(np.int64)
+    flat_edges = np.frombuffer(section, dtype="<f8", offset=2 * f)
+    bounds = np.concatenate(([0], np.cumsum(lengths))).tolist()
+    return FeatureEdges(
+        n_bins,
+        tuple(tuple(flat_edges[a:b].tolist()) for a, b in itertools.pairwise(bounds)),
+    )
 
 
 def check_same_edges(a: FeatureEdges, b: FeatureEdges) -> None:
