@@ -250,10 +250,9 @@ class DriftService:
     def _reports(self) -> Iterator[tuple[str, Mapping[str, Any]]]:
         cursor = 0
         while True:
-            rows = self._registry.telemetry(after_id=cursor, limit=self._page)
+            rows = self._registry.telemetry(after_id=cursor, limit=self._page, kind="report")
             for r in rows:
-                if r.kind == "report":
-                    yield r.device_id, r.payload
+                yield r.device_id, r.payload
             if len(rows) < self._page:
                 return
             cursor = rows[-1].id

@@ -442,3 +442,17 @@ def test_re_enrolled_device_starts_a_new_sequence_epoch(tmp_path: Path) -> None:
     rows = reg.telemetry(device_id="cam-9")
     assert [(t.epoch, t.seq) for t in rows] == [(1, 1), (1, 2), (2, 1)]
     reg.close()
+
+
+def test_telemetry_listing_filters_by_kind(tmp_path: Path) -> None:
+    reg = Registry.open(f"sqlite:///{tmp_path / 'r.db'}")
+    reg.upgrade()
+    reg.enroll("cam-7")
+    reg.ingest(
+        "cam-7",
+        [TelemetryEntry(1, "report"), TelemetryEntry(2, "event"), TelemetryEntry(3, "report")],
+    )
+    assert [t.seq for t in reg.telemetry(device_id="cam-7", kind="report")] == [1, 3]
+    assert [t.seq for t in reg.telemetry(kind="event")] == [2]
+    assert len(reg.telemetry(device_id="cam-7")) == 3
+    reg.close()

@@ -254,11 +254,16 @@ def seq_state_in(s: Session, device_id: str) -> SeqState:
     return SeqState(device_id, row.acked_upto, row.gaps, row.lost, row.duplicates)
 
 
-def telemetry_stmt(device_id: str | None, after_id: int, limit: int) -> Select[TelemetryRow]:
-    """Stored entries with ``id > after_id`` in insertion order, at most ``limit`` (1-10,000)."""
+def telemetry_stmt(
+    device_id: str | None, after_id: int, limit: int, kind: str | None = None
+) -> Select[TelemetryRow]:
+    """Stored entries with ``id > after_id`` in insertion order, at most ``limit`` (1-10,000),
+    optionally of one device and one kind (``report``, ``event``)."""
     stmt = select(TelemetryRow).where(TelemetryRow.id > after_id)
     if device_id is not None:
         stmt = stmt.where(TelemetryRow.device_id == device_id)
+    if kind is not None:
+        stmt = stmt.where(TelemetryRow.kind == kind)
     return stmt.order_by(TelemetryRow.id).limit(max(1, min(limit, 10_000)))
 
 

@@ -412,14 +412,20 @@ class Registry:
             return _catalog.seq_state_in(s, device_id)
 
     def telemetry(
-        self, *, device_id: str | None = None, after_id: int = 0, limit: int = 100
+        self,
+        *,
+        device_id: str | None = None,
+        after_id: int = 0,
+        limit: int = 100,
+        kind: str | None = None,
     ) -> list[StoredTelemetry]:
-        """Stored entries with ``id > after_id`` in insertion order (for ``telemetry tail``).
+        """Stored entries with ``id > after_id`` in insertion order (for ``telemetry tail``),
+        optionally only one ``kind`` (``report`` or ``event``).
 
         Raises:
             RegistryUnavailableError: the database failed.
         """
-        stmt = _catalog.telemetry_stmt(device_id, after_id, limit)
+        stmt = _catalog.telemetry_stmt(device_id, after_id, limit, kind)
         with self._read("reading telemetry") as s:
             return [_catalog.stored_telemetry(r) for r in s.scalars(stmt)]
 
