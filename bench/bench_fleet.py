@@ -188,6 +188,26 @@ class Server:
         self.registry.close()
 
 
+def telemetry_phase(args: argparse.Namespace, rate: float) -> tuple[float, float, dict[str, Any]]:
+    """Start, end and the device workers' parameters of one telemetry phase.
+
+    ``rate`` is the offered reports/s of the whole fleet; 0 means closed loop (as fast as acks
+    return). The phase starts half a second from now and lasts ``args.duration``.
+    """
+    interval = 0.0 if rate <= 0 else args.devices * args.batch / rate
+    start = time.time() + 0.5
+    end = start + args.duration
+    params = {
+        "start": start,
+        "end": end,
+        "batch": args.batch,
+        "interval": interval,
+        "ack_timeout": 10.0,
+        "drain": 30.0,
+    }
+    return start, end, params
+
+
 def proc_cpu_seconds_task(tid: int) -> float:
     try:
         fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -235,17 +255,7 @@ def scenario_a(args: Any, pool: Pool, server: Server, broker: Broker) -> dict[st
     base = sum(s["sent_items"] for s in sent)  # flood seqs are not in the DB
     floor_seq = dict.fromkeys(server.registry_devices, 0)
     for phase, rate in (("closed", 0.0), ("rate", args.rate)):
-        interval = 0.0 if rate <= 0 else args.devices * args.batch / rate
-        start = time.time() + 0.5
-        end = start + args.duration
-        params = {
-            "start": start,
-            "end": end,
-            "batch": args.batch,
-            "interval": interval,
-            "ack_timeout": 10.0,
-            "drain": 30.0,
-        }
+        start, end, params = telemetry_phase(args, rate)
         pool.send(("telemetry", params))
         time.sleep(max(0.0, start + WARMUP - time.time()))
         s0, t0 = gateway.stats(), time.monotonic()

@@ -39,7 +39,7 @@ from sqlalchemy.pool import NullPool
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_fleet import WARMUP, Pool, fmt, pct
+from bench_fleet import WARMUP, Pool, fmt, pct, telemetry_phase
 from fleet_server.registry import Registry
 from fleetbench import SERVER, device_ids, make_pki, raise_nofile
 from fleetworkers import GatewayWorkers, PgCluster, broker_with_workers, worker_identities
@@ -86,17 +86,7 @@ def run_workers(
     try:
         last_seq: dict[str, int] = dict(floor)
         for phase, rate in (("closed", 0.0), ("rate", args.rate)):
-            interval = 0.0 if rate <= 0 else args.devices * args.batch / rate
-            start = time.time() + 0.5
-            end = start + args.duration
-            params = {
-                "start": start,
-                "end": end,
-                "batch": args.batch,
-                "interval": interval,
-                "ack_timeout": 10.0,
-                "drain": 30.0,
-            }
+            start, end, params = telemetry_phase(args, rate)
             pool.send(("telemetry", params))
             time.sleep(max(0.0, start + WARMUP - time.time()))
             s0, t0 = workers.stats(), time.monotonic()

@@ -119,7 +119,11 @@ class FleetHarness:
         self.client.close()
 
     def publish(self, bundle: Path) -> BundleRecord:
-        """Store a bundle file where the gateway serves it and record it in the registry."""
+        """Store a bundle file where the gateway serves it and record it in the registry.
+
+        Deliberately not ``fleet_server.library.BundleLibrary.add``: that refuses bundles the
+        builder root does not trust, and the tests also play a compromised server that names one.
+        """
         data = bundle.read_bytes()
         raw = read_raw(bundle)
         m = BundleManifest.from_bytes(raw.manifest_bytes)

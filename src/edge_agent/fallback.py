@@ -11,7 +11,6 @@ answering locally when the cloud fails (the caller), or validation and drift (th
 
 from __future__ import annotations
 
-import inspect
 import math
 import threading
 from collections import Counter, deque
@@ -74,7 +73,7 @@ class FallbackTransport(Protocol):
         """Ask the cloud copy of ``model`` to answer ``inputs`` within ``deadline_s`` seconds.
 
         ``device_outputs`` is the device's own answer when it has one (a hard example), for
-        counting cloud/device disagreement; ``CloudFallback`` passes it only when it is set.
+        counting cloud/device disagreement; None otherwise.
 
         Raises:
             FallbackError: the request failed or timed out (``CloudFallbackError`` with reason
@@ -326,13 +325,6 @@ class CloudFallback:
         """
         config.validate()
         self._transport, self._clock = transport, clock
-        # Transports written against the first protocol take no device_outputs: keep them
-        # working (they just cannot count disagreements).
-        try:
-            params = set(inspect.signature(transport.request).parameters)
-        except (TypeError, ValueError):
-            params = set()
-        self._takes_device_outputs = "device_outputs" in params
         self._deadline_s = config.deadline_ms / 1000.0
         self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_reset_seconds, clock)
         self.budget = MinuteBudget(config.max_per_minute, clock)
@@ -401,18 +393,9 @@ class CloudFallback:
     ) -> Tensors:
         start = self._clock()
         try:
-            if device_outputs is None or not self._takes_device_outputs:
-                answer = self._transport.request(
-                    model, inputs, deadline_s=deadline_s, reason=reason
-                )
-            else:
-                answer = self._transport.request(
-                    model,
-                    inputs,
-                    deadline_s=deadline_s,
-                    reason=reason,
-                    device_outputs=device_outputs,
-                )
+            answer = self._transport.request(
+                model, inputs, deadline_s=deadline_s, reason=reason, device_outputs=device_outputs
+            )
         except Exception as exc:
             # The transport is a plugin boundary: whatever it raises is a failed call.
             if isinstance(exc, CloudFallbackError) and exc.reason in ("no_transport", "deadline"):

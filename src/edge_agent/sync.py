@@ -22,6 +22,7 @@ current models through every fault here (broker or server down, a bad document, 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -225,8 +226,9 @@ class SyncAgent:
             self._report_due = time.monotonic() + self._config.sync.report_interval_seconds
             self._add_report()
         self.uplink.pump()
-        self._publish_reported()
-        self._write_status()
+        state = self.reported()  # read once a step: it reads every model's state from disk
+        self._publish_reported(state)
+        self._write_status(state)
 
     # ------------------------------------------------------------------ desired state
     def _load_accepted(self) -> None:
@@ -383,11 +385,8 @@ class SyncAgent:
             models=models,
         )
 
-    def _publish_reported(self) -> None:
-        state = self.reported()
-        body = ReportedState(
-            state.device_id, 0.0, state.agent_version, state.desired_version, state.models
-        ).to_bytes()
+    def _publish_reported(self, state: ReportedState) -> None:
+        body = dataclasses.replace(state, at=0.0).to_bytes()  # what changed, not when
         now = time.monotonic()
         if body == self._last_reported:
             return
@@ -407,7 +406,7 @@ class SyncAgent:
         self._last_reported = body
         self._reported_at = now
 
-    def _write_status(self) -> None:
+    def _write_status(self, state: ReportedState) -> None:
         """``status.json`` beside the outbox for ``edge-agent status`` (at most once a second)."""
         now = time.monotonic()
         if now - self._status_at < 1.0:
@@ -415,7 +414,7 @@ class SyncAgent:
         self._status_at = now
         try:
             body = json.dumps(
-                {**self.status(), "reported": self.reported().to_dict()}, sort_keys=True
+                {**self.status(), "reported": state.to_dict()}, sort_keys=True
             ).encode()
         except (EdgefleetError, ValueError, TypeError) as exc:
             log.debug("sync status not written: %s", exc)

@@ -19,7 +19,16 @@ import click
 
 from fleet_server.admin_client import DEFAULT_ADMIN_URL, AdminClient
 
-__all__ = ["admin_options", "register_admin_commands"]
+__all__ = [
+    "admin_options",
+    "echo_table",
+    "emit",
+    "emit_json",
+    "json_option",
+    "parse_tags",
+    "register_admin_commands",
+    "table_lines",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -46,15 +55,33 @@ def json_option(func: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(func)
 
 
-def _emit_json(data: Any) -> None:
+def emit_json(data: Any) -> None:
+    """Print ``data`` as indented, key-sorted JSON (every admin command's ``--json``)."""
     click.echo(json.dumps(data, indent=2, sort_keys=True))
 
 
-def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:
+def emit(data: Any, as_json: bool, text: str) -> None:
+    """``data`` as JSON with ``--json``, else the one-line human ``text``."""
+    if as_json:
+        emit_json(data)
+    else:
+        click.echo(text)
+
+
+def table_lines(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> list[str]:
+    """A left-aligned text table (``-`` for None), one string per line, headers first."""
     cells = [[("-" if c is None else str(c)) for c in row] for row in rows]
     widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
-    for row in [list(headers), *cells]:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in [list(headers), *cells]
+    ]
+
+
+def echo_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:
+    """Print ``table_lines``."""
+    for line in table_lines(rows, headers):
+        click.echo(line)
 
 
 def _models_of(device: dict[str, Any]) -> str:
@@ -79,7 +106,8 @@ def _reported_rows(reported: dict[str, Any] | None) -> list[tuple[str, str]]:
     return rows
 
 
-def _parse_tags(tags: tuple[str, ...]) -> dict[str, str]:
+def parse_tags(tags: tuple[str, ...]) -> dict[str, str]:
+    """``--tag KEY=VALUE`` options as a dict. Raises: click.BadParameter."""
     out: dict[str, str] = {}
     for tag in tags:
         key, sep, value = tag.partition("=")
@@ -101,9 +129,9 @@ def register_admin_commands(cli: click.Group, devices: click.Group) -> None:
         with AdminClient(url, token) as client:
             rows = client.devices(group)
         if as_json:
-            _emit_json(rows)
+            emit_json(rows)
             return
-        _table(
+        echo_table(
             [
                 (
                     d["id"],
@@ -127,10 +155,10 @@ def register_admin_commands(cli: click.Group, devices: click.Group) -> None:
         with AdminClient(url, token) as client:
             d = client.device(device_id)
         if as_json:
-            _emit_json(d)
+            emit_json(d)
             return
         seq = d.get("seq") or {}
-        _table(
+        echo_table(
             [
                 ("id", d["id"]),
                 ("group", d["group"]),
@@ -167,11 +195,8 @@ def register_admin_commands(cli: click.Group, devices: click.Group) -> None:
     ) -> None:
         """Register an enrolled DEVICE_ID with the server (after ``devices enroll``)."""
         with AdminClient(url, token) as client:
-            record = client.register(device_id, group, _parse_tags(tags), cert_serial)
-        if as_json:
-            _emit_json(record)
-        else:
-            click.echo(f"registered {record['id']} in group {record['group']}")
+            record = client.register(device_id, group, parse_tags(tags), cert_serial)
+        emit(record, as_json, f"registered {record['id']} in group {record['group']}")
 
     @cli.group()
     def models() -> None:
@@ -185,10 +210,7 @@ def register_admin_commands(cli: click.Group, devices: click.Group) -> None:
         """Upload BUNDLE; the server verifies it with the builder root before storing it."""
         with AdminClient(url, token) as client:
             m = client.publish(bundle)
-        if as_json:
-            _emit_json(m)
-        else:
-            click.echo(f"published {m['name']} v{m['version']} ({m['channel']}) {m['sha256']}")
+        emit(m, as_json, f"published {m['name']} v{m['version']} ({m['channel']}) {m['sha256']}")
 
     @models.command("list")
     @admin_options
@@ -198,9 +220,9 @@ def register_admin_commands(cli: click.Group, devices: click.Group) -> None:
         with AdminClient(url, token) as client:
             rows = client.models()
         if as_json:
-            _emit_json(rows)
+            emit_json(rows)
             return
-        _table(
+        echo_table(
             [(m["name"], m["version"], m["channel"], m["length"], m["sha256"]) for m in rows],
             ("NAME", "VERSION", "CHANNEL", "BYTES", "SHA256"),
         )
@@ -229,9 +251,9 @@ def register_admin_commands(cli: click.Group, devices: click.Group) -> None:
         with AdminClient(url, token) as client:
             results = client.assign(target, model, version, group=group is not None)
         if as_json:
-            _emit_json(results)
+            emit_json(results)
             return
-        _table(
+        echo_table(
             [
                 (
                     r["device_id"],
@@ -256,10 +278,7 @@ def register_admin_commands(cli: click.Group, devices: click.Group) -> None:
         """Broadcast the blocks of the published bundle SHA256 once (devices repair gaps)."""
         with AdminClient(url, token) as client:
             wave = client.start_wave(sha256)
-        if as_json:
-            _emit_json(wave)
-        else:
-            click.echo(f"wave {wave['wave']} started for {sha256}")
+        emit(wave, as_json, f"wave {wave['wave']} started for {sha256}")
 
     @cli.group()
     def telemetry() -> None:
@@ -312,8 +331,8 @@ def register_admin_commands(cli: click.Group, devices: click.Group) -> None:
         with AdminClient(url, token) as client:
             st = client.status()
         if as_json:
-            _emit_json(st)
+            emit_json(st)
             return
         rows = [(k, st[k]) for k in ("devices", "active", "online", "bundles")]
         rows += [(f"gateway.{k}", v) for k, v in sorted(st["gateway"].items())]
-        _table(rows, ("METRIC", "VALUE"))
+        echo_table(rows, ("METRIC", "VALUE"))

@@ -18,7 +18,7 @@ import click
 
 from edge_agent.durable import write_atomic
 from fleet_server.admin_client import AdminClient
-from fleet_server.cli_admin import admin_options, json_option
+from fleet_server.cli_admin import admin_options, echo_table, json_option
 from fleet_server.drift_report import render_html, render_png
 
 __all__ = ["register_drift_commands"]
@@ -41,13 +41,6 @@ def _rows(report: dict[str, Any]) -> list[tuple[Any, ...]]:
                     "-" if c["bucket"] is None else f"{c['bucket']:.0f}",
                 ))  # fmt: skip
     return rows
-
-
-def _echo_table(rows: list[tuple[Any, ...]], headers: tuple[str, ...]) -> None:
-    cells = [[str(c) for c in row] for row in rows]
-    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
-    for row in [list(headers), *cells]:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 def register_drift_commands(
@@ -112,7 +105,7 @@ def register_drift_commands(
         )
         rows = _rows(report)
         if rows:
-            _echo_table(rows, ("COHORT", "VERSION", "TENSOR", "FEATURE", "PSI / THR",
+            echo_table(rows, ("COHORT", "VERSION", "TENSOR", "FEATURE", "PSI / THR",
                                "SHIFT / THR", "TESTS", "DEVICES", "N", "BUCKET"))  # fmt: skip
         else:
             click.echo("no feature drifted")

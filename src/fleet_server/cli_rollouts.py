@@ -9,15 +9,19 @@ threshold, and the latest reasons; it ends when the rollout completes or aborts.
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import click
 
 from fleet_server.admin_client import AdminClient
-from fleet_server.cli_admin import admin_options, json_option
+from fleet_server.cli_admin import (
+    admin_options,
+    emit_json,
+    json_option,
+    parse_tags,
+    table_lines,
+)
 
 __all__ = ["register_rollout_commands", "render_rollout"]
 
@@ -32,19 +36,6 @@ _THRESHOLDS = (
 )
 _FINAL = ("completed", "aborted")
 _DEVICE_STATES = ("installed", "assigned", "control", "failed", "rolled_back", "reverted")
-
-
-def _emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True))
-
-
-def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> list[str]:
-    cells = [[("-" if c is None else str(c)) for c in row] for row in rows]
-    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
-    return [
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-        for row in [list(headers), *cells]
-    ]
 
 
 def _num(v: Any, percent: bool) -> str:
@@ -102,7 +93,7 @@ def render_rollout(r: dict[str, Any]) -> list[str]:
                     g.get("detail", ""),
                 )
             )
-        lines += _table(rows, ("GATE", "STATUS", "MEASURED", "THRESHOLD", "DETAIL"))
+        lines += table_lines(rows, ("GATE", "STATUS", "MEASURED", "THRESHOLD", "DETAIL"))
     for reason in r.get("reasons") or []:
         lines.append(f"- {reason}")
     return lines
@@ -140,16 +131,6 @@ def _policy(opts: dict[str, Any]) -> dict[str, Any]:
     if thresholds:
         policy["thresholds"] = thresholds
     return policy
-
-
-def _tags(tags: tuple[str, ...]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for tag in tags:
-        key, sep, value = tag.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"{tag!r} is not KEY=VALUE", param_hint="--tag")
-        out[key] = value
-    return out
 
 
 def register_rollout_commands(cli: click.Group) -> None:
@@ -203,14 +184,14 @@ def register_rollout_commands(cli: click.Group) -> None:
             "model": model,
             "version": version,
             "group": group,
-            "tags": _tags(tags),
+            "tags": parse_tags(tags),
             "from_version": from_version,
             "policy": _policy(opts),
         }
         with AdminClient(url, token) as client:
             r = client.create_rollout(body)
         if as_json:
-            _emit_json(r)
+            emit_json(r)
         else:
             click.echo(f"rollout {r['id']} created: {_versions(r)} on {_selector(r)}")
 
@@ -224,7 +205,7 @@ def register_rollout_commands(cli: click.Group) -> None:
         with AdminClient(url, token) as client:
             data: Any = client.rollout(rollout_id) if rollout_id else client.rollouts(active=active)
         if as_json:
-            _emit_json(data)
+            emit_json(data)
             return
         if rollout_id:
             for line in render_rollout(data):
@@ -237,7 +218,7 @@ def register_rollout_commands(cli: click.Group) -> None:
             (r["id"], _versions(r), _selector(r), r["state"], r["wave"] + 1, len(r["members"]))
             for r in data
         ]
-        for line in _table(rows, ("ID", "ROLLOUT", "TARGET", "STATE", "WAVE", "MEMBERS")):
+        for line in table_lines(rows, ("ID", "ROLLOUT", "TARGET", "STATE", "WAVE", "MEMBERS")):
             click.echo(line)
 
     @rollouts.command("watch")
@@ -270,7 +251,7 @@ def register_rollout_commands(cli: click.Group) -> None:
             with AdminClient(url, token) as client:
                 r = client.rollout_command(rollout_id, name)
             if as_json:
-                _emit_json(r)
+                emit_json(r)
             else:
                 click.echo(f"rollout {r['id']}: {r['state']} (wave {r['wave'] + 1})")
 

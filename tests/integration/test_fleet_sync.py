@@ -235,6 +235,17 @@ def test_broker_killed_mid_transfer_resumes_and_installs_whole_file(
         assert fleet.gateway.stats().blocks_unicast + fleet.gateway.stats().blocks_broadcast < (
             total + at_kill
         )
+        # A broker without persistence loses every retained message on restart: the device
+        # publishes its (unchanged) reported state again once it is reconnected.
+        stored = fleet.gateway.stats().reported_stored
+        broker.kill()
+        broker.start()
+        wait_until(
+            lambda: fleet.gateway.stats().reported_stored > stored,
+            timeout=30,
+            what="the reported state published again after the broker restart",
+        )
+        assert _reported(fleet, "dev-a", "wide").get("outcome") == "installed"
     finally:
         fleet.close()
 

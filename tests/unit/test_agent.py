@@ -33,7 +33,13 @@ class FakeCloud:
         self.calls: list[str] = []
 
     def request(
-        self, model: str, inputs: Mapping[str, Any], *, deadline_s: float, reason: str
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        *,
+        deadline_s: float,
+        reason: str,
+        device_outputs: Mapping[str, Any] | None = None,
     ) -> Mapping[str, Any]:
         self.calls.append(reason)
         if self.fail:

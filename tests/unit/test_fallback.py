@@ -65,7 +65,13 @@ class FakeTransport:
         self.entered = threading.Event()
 
     def request(
-        self, model: str, inputs: Mapping[str, np.ndarray], *, deadline_s: float, reason: str
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        deadline_s: float,
+        reason: str,
+        device_outputs: Tensors | None = None,
     ) -> Tensors:
         self.calls.append((model, deadline_s, reason))
         self.entered.set()
