@@ -1,10 +1,13 @@
 """What a device has installed per model, as a pure value with pure transitions.
 
 Owns: the per-model record (active version, kept versions with their status, the high-water
-version used for rollback protection, recent events) and its rules: install makes the new
-version active on probation and keeps the last N; a failed probation or a manual rollback
-returns to the newest version still marked good; a version that failed is not reinstalled
-unless forced. Persisting it is the store's job (``edge_agent.store.store``).
+version used for rollback protection, recent events, and why the active version cannot serve
+when it cannot) and its rules: install makes the new version active on probation and keeps the
+last N; a failed probation or a manual rollback returns to the newest version still marked
+good; a version that failed is not reinstalled unless forced; a model whose active version
+cannot be loaded and has nothing to go back to is marked *down* with the cause, until another
+version becomes active or the same one loads again. Persisting it is the store's job
+(``edge_agent.store.store``).
 """
 
 from __future__ import annotations
@@ -58,14 +61,49 @@ class VersionRecord:
 
 
 @dataclass(frozen=True)
+class Down:
+    """The active version cannot serve and nothing can replace it: since when, and why."""
+
+    version: int
+    reason: str
+    at: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "reason": self.reason, "at": self.at}
+
+    @classmethod
+    def from_dict(cls, d: object) -> Down:
+        """Parse the ``down`` member of a state file.
+
+        Raises:
+            ContractError: not a down record.
+        """
+        if not isinstance(d, Mapping):
+            raise ContractError("down must be an object")
+        try:
+            version, reason, at = d["version"], d["reason"], d["at"]
+        except KeyError as exc:
+            raise ContractError(f"bad down record: missing {exc}") from exc
+        if type(version) is not int or not isinstance(reason, str) or not isinstance(at, str):
+            raise ContractError("bad down record: version int, reason and at strings")
+        return cls(version, reason, at)
+
+
+@dataclass(frozen=True)
 class ModelState:
-    """Installed versions of one model, newest last."""
+    """Installed versions of one model, newest last.
+
+    ``down`` is set while the active version cannot be served and no other version can take
+    its place (e.g. its golden samples fail and nothing good is kept): the cause, persisted, so
+    ``edge-agent status``, readiness and a restarted agent all say why.
+    """
 
     name: str
     active: int | None = None
     high_water: int = 0
     versions: tuple[VersionRecord, ...] = ()
     events: tuple[Mapping[str, Any], ...] = ()
+    down: Down | None = None
 
     def record(self, version: int) -> VersionRecord:
         """The record of ``version``.
@@ -109,6 +147,7 @@ class ModelState:
             active=rec.version,
             high_water=max(self.high_water, rec.version),
             versions=tuple(kept),
+            down=None,
         )
         return state._event(now, "installed", rec.version, ""), dropped
 
@@ -134,7 +173,7 @@ class ModelState:
             raise ModelStoreError(f"{self.name} has no other good version to roll back to")
         left = self.active
         state = self.set_status(left, "failed" if failed else "rolled_back", reason, now)
-        state = replace(state, active=target)
+        state = replace(state, active=target, down=None)
         return state._event(now, "rollback", target, f"from v{left}: {reason}")
 
     def fail_to(self, target: int, reason: str, now: str) -> ModelState:
@@ -149,7 +188,7 @@ class ModelState:
         self.record(target)
         left = self.active
         state = self if left is None else self.set_status(left, "failed", reason, now)
-        return replace(state, active=target)._event(
+        return replace(state, active=target, down=None)._event(
             now, "rollback", target, f"from v{left}: {reason}"
         )
 
@@ -170,9 +209,28 @@ class ModelState:
         if left == target:
             return self
         state = self if left is None else self.set_status(left, "rolled_back", reason, now)
-        return replace(state, active=target)._event(
+        return replace(state, active=target, down=None)._event(
             now, "rollback", target, f"from v{left}: {reason}"
         )
+
+    def mark_down(self, version: int, reason: str, now: str) -> ModelState:
+        """Record that the active ``version`` cannot serve and why (unchanged if already so).
+
+        Raises:
+            ModelStoreError: ``version`` is not the active version.
+        """
+        if self.active != version:
+            raise ModelStoreError(f"{self.name} v{version} is not active (v{self.active} is)")
+        if self.down is not None and (self.down.version, self.down.reason) == (version, reason):
+            return self
+        return replace(self, down=Down(version, reason, now))._event(now, "down", version, reason)
+
+    def clear_down(self, now: str) -> ModelState:
+        """The active version serves again (unchanged if it was not down)."""
+        if self.down is None:
+            return self
+        version = self.down.version
+        return replace(self, down=None)._event(now, "up", version, "serving again")
 
     def last_good(self, exclude: int | None = None) -> int | None:
         """Newest version marked good, other than ``exclude``."""
@@ -202,6 +260,7 @@ class ModelState:
             "high_water": self.high_water,
             "versions": [r.to_dict() for r in self.versions],
             "events": [dict(e) for e in self.events],
+            **({"down": self.down.to_dict()} if self.down is not None else {}),
         }
 
     def to_bytes(self) -> bytes:
@@ -225,6 +284,7 @@ class ModelState:
                 high_water=int(d["high_water"]),
                 versions=tuple(VersionRecord.from_dict(r) for r in d["versions"]),
                 events=tuple(d.get("events", [])),
+                down=None if d.get("down") is None else Down.from_dict(d["down"]),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ContractError(f"corrupt model state: {exc}") from exc

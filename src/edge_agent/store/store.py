@@ -19,9 +19,10 @@ valid when installed is not switched off because its metadata has since expired.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,8 +38,11 @@ from edge_agent.errors import (
     ModelNotFoundError,
     ModelStoreError,
 )
+from edge_agent.store.root_file import RootFile
 from edge_agent.store.state import ModelState, VersionRecord
-from edge_agent.trust import TrustedRoot
+from edge_agent.trust import TrustedRoot, apply_root_chain
+
+log = logging.getLogger("edge_agent.store")
 
 Clock = Callable[[], datetime]
 
@@ -85,32 +89,61 @@ class ModelStore:
             raise ModelStoreError(f"cannot create state directory {self.dir}: {exc}") from exc
         self._rlock = threading.RLock()
         self._depth = 0
-        self.root = self._load_root(root)
+        self._root_file = RootFile(self.dir / "trust" / "root.json")
+        with self._locked():
+            # root_warning: why a newer provisioned root was not taken (empty: it was, or none).
+            self.root, self.root_warning = self._root_file.open(root)
         self.recover()
 
     # ------------------------------------------------------------------------------- trust
-    def _load_root(self, provisioned: TrustedRoot) -> TrustedRoot:
-        path = self.dir / "trust" / "root.json"
-        if path.exists():
-            try:
-                stored = TrustedRoot.from_bytes(path.read_bytes())
-            except BundleVerificationError as exc:
-                raise ModelStoreError(f"stored root {path} is not valid: {exc}") from exc
-            if stored.version >= provisioned.version:
-                return stored
-        durable.write_atomic(path, provisioned.to_bytes())
-        return provisioned
-
     def update_root(self, data: bytes) -> TrustedRoot:
         """Rotate to the next root version (verified against the current one) and persist it.
 
         Raises:
-            RootRotationError, MetadataFormatError: the new root is not acceptable.
+            as ``update_roots``.
         """
-        new = self.root.update(data)
-        durable.write_atomic(self.dir / "trust" / "root.json", new.to_bytes())
-        self.root = new
-        return new
+        return self.update_roots([data])
+
+    def update_roots(self, chain: Sequence[bytes]) -> TrustedRoot:
+        """Walk ``chain`` from the trusted root (``trust.apply_root_chain``) and persist the result.
+
+        Versions already trusted are skipped; nothing is written unless a newer root was
+        accepted, and then only the final one, atomically, under the store lock (so the
+        CLI and the daemon never overwrite each other's rotation).
+
+        Returns:
+            The trusted root afterwards (unchanged when the chain held nothing new).
+
+        Raises:
+            MetadataFormatError, RootRotationError, ExpiredMetadataError: the chain is refused;
+                the trusted root is unchanged.
+            ModelStoreError: the stored root cannot be read or written.
+        """
+        with self._locked():
+            self.refresh_root()
+            new = apply_root_chain(self.root, chain, now=self._clock())
+            if new is not self.root:
+                self._root_file.write(new)
+                log.info("trusted root rotated: v%d -> v%d", self.root.version, new.version)
+                self.root = new
+                self.root_warning = ""
+            return self.root
+
+    def refresh_root(self) -> bool:
+        """Take a newer root another process (``edge-agent root update``) stored; True if changed.
+
+        The stored copy is written only after verification (``update_roots``), under the
+        store lock; here it is checked for its self-signature and a higher version.
+
+        Raises:
+            ModelStoreError: the stored root cannot be read or is not valid.
+        """
+        stored = self._root_file.read()
+        if stored is None or stored.version <= self.root.version:
+            return False
+        log.info("trusted root v%d picked up (was v%d)", stored.version, self.root.version)
+        self.root = stored
+        return True
 
     # ------------------------------------------------------------------------------ queries
     def names(self) -> list[str]:
@@ -262,6 +295,35 @@ class ModelStore:
         with self._locked():
             state = self.state(name)
             return self._save(state.revert_to(target, reason, _iso(self._clock())))
+
+    def mark_down(self, name: str, version: int, reason: str) -> bool:
+        """Record that the active ``version`` of ``name`` cannot serve, and why.
+
+        Returns:
+            True when this is news (not already recorded with the same version and reason).
+
+        Raises:
+            ModelStoreError: ``version`` is no longer active, or the state cannot be written.
+        """
+        with self._locked():
+            state = self.state(name)
+            new = state.mark_down(version, reason, _iso(self._clock()))
+            if new is state:
+                return False
+            self._save(new)
+            return True
+
+    def clear_down(self, name: str, version: int) -> None:
+        """The active ``version`` of ``name`` serves (again): drop its down record, if any.
+
+        Raises:
+            ModelStoreError: the state cannot be read or written.
+        """
+        with self._locked():
+            state = self.state(name)
+            if state.down is None or state.active != version:
+                return
+            self._save(state.clear_down(_iso(self._clock())))
 
     @staticmethod
     def _expect_active(state: ModelState, version: int) -> None:

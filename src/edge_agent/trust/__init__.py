@@ -1,6 +1,13 @@
 """Trust: the device's root of keys and the pure verification of signed bundles."""
 
 from edge_agent.trust.root import ROLES, TrustedRoot, parse_metadata
+from edge_agent.trust.rotation import (
+    RootChoice,
+    apply_root_chain,
+    attach_roots,
+    choose_root,
+    split_roots,
+)
 from edge_agent.trust.verify import (
     ArtifactDigest,
     VerifiedManifest,
@@ -18,13 +25,18 @@ from edge_agent.trust.verify import (
 __all__ = [
     "ROLES",
     "ArtifactDigest",
+    "RootChoice",
     "TrustedRoot",
     "VerifiedManifest",
     "VerifiedTargets",
+    "apply_root_chain",
     "artifact_target_path",
+    "attach_roots",
+    "choose_root",
     "make_targets",
     "manifest_target_path",
     "parse_metadata",
+    "split_roots",
     "verify_artifact",
     "verify_bundle",
     "verify_manifest",

@@ -2,8 +2,10 @@
 
 Owns: parsing root metadata (python-tuf's Metadata API), the self-signature check on the
 provisioned root, the root-rotation rule (version N+1 must be signed by a threshold of version N's
-root keys AND a threshold of its own), expiry checks with the clock passed in, and threshold
-verification of any role's metadata. Pure: bytes in, a new ``TrustedRoot`` or an error out.
+root keys AND a threshold of its own; walking a whole chain and choosing between the stored and
+the provisioned root is ``edge_agent.trust.rotation``), expiry checks with the clock passed in,
+and threshold verification of any role's metadata. Pure: bytes in, a new ``TrustedRoot`` or an
+error out.
 
 Roles (the four TUF top-level roles, mapped onto edgefleet):
     root       offline keys that sign root versions (rotation and revocation).
@@ -20,8 +22,8 @@ from typing import Any
 
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root
-from tuf.api.serialization import DeserializationError
 
+from edge_agent import strict_json
 from edge_agent.errors import (
     ExpiredMetadataError,
     MetadataFormatError,
@@ -30,18 +32,33 @@ from edge_agent.errors import (
 )
 
 ROLES = ("root", "targets", "timestamp", "snapshot")
+#: No root or targets document is larger (the bundle reader caps targets at the same size).
+MAX_METADATA_BYTES = 1024 * 1024
 
 
 def parse_metadata(data: bytes, expected_type: str) -> Metadata[Any]:
     """Parse TUF metadata bytes and check their type.
 
+    The bytes go through ``edge_agent.strict_json`` first (size, depth, integer digits, no
+    floats: canonical JSON has none, and a float that python-tuf parsed would only fail later,
+    as an untyped ``SerializationError``, when the signed bytes are computed). The signed
+    bytes are then computed here once, so nothing downstream can fail on them.
+
     Raises:
         MetadataFormatError: not TUF metadata, or of another type than ``expected_type``.
     """
+    what = f"{expected_type} metadata"
+    obj = strict_json.loads(
+        data, max_bytes=MAX_METADATA_BYTES, what=what, error=MetadataFormatError, floats=False
+    )
     try:
-        md: Metadata[Any] = Metadata.from_bytes(data)
-    except (DeserializationError, ValueError, TypeError, KeyError) as exc:
-        raise MetadataFormatError(f"cannot parse {expected_type} metadata: {exc}") from exc
+        md: Metadata[Any] = Metadata.from_dict(obj)
+        md.signed_bytes  # noqa: B018 - canonical form must exist: signatures cover it
+    # python-tuf's own deserializer catches Exception here too: from_dict on hostile input
+    # raises whatever the field it trips on raises (ValueError, TypeError, KeyError,
+    # AttributeError, securesystemslib's errors, SerializationError...).
+    except Exception as exc:
+        raise MetadataFormatError(f"cannot parse {what}: {type(exc).__name__}: {exc}") from exc
     if md.signed.type != expected_type:
         raise MetadataFormatError(f"expected {expected_type} metadata, got {md.signed.type}")
     return md
