@@ -5,7 +5,7 @@
 # (Mosquitto with TLS and ACLs, fleet-server, two enrolled agents) delivering it over MQTT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh demo
 OUT="${1:-demo-out}"
 .venv/bin/model-builder demo --out "$OUT"
 .venv/bin/python scripts/demo_agent.py "$OUT"

@@ -1,9 +1,10 @@
 """A throwaway PostgreSQL cluster for integration tests (the scale-out path).
 
-``pg_fixture()`` runs ``initdb`` + ``pg_ctl`` from ``/usr/lib/postgresql/*/bin`` into a temporary
-directory on a free loopback port (trust auth, unix socket in the same directory) and stops it
-afterwards; it never touches the system's PostgreSQL service. When run as root, the cluster
-runs as the ``postgres`` user (PostgreSQL refuses root), in a directory under /tmp it can reach.
+``pg_cluster()`` runs ``initdb`` + ``pg_ctl`` from ``/usr/lib/postgresql/*/bin`` (else from PATH)
+into a temporary directory on a free loopback port (trust auth, unix socket in the same directory)
+and stops it afterwards; it never touches the system's PostgreSQL service. When run as root, the
+cluster runs as the ``postgres`` user (PostgreSQL refuses root), in a directory under /tmp it can
+reach.
 """
 
 from __future__ import annotations
@@ -23,8 +24,18 @@ from sqlalchemy import create_engine, text
 
 
 def _pg_bin() -> Path | None:
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), reverse=True)
-    return found[0].parent if found else None
+    """Debian's newest ``/usr/lib/postgresql/<v>/bin``, else the directory of ``pg_ctl`` on PATH."""
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+        key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0,
+        reverse=True,
+    )
+    if found:
+        return found[0].parent
+    on_path = shutil.which("pg_ctl")
+    if on_path and (Path(on_path).resolve().parent / "initdb").exists():
+        return Path(on_path).resolve().parent
+    return None
 
 
 def _free_port() -> int:
@@ -79,7 +90,10 @@ def pg_cluster() -> Iterator[PgCluster]:
     """Start a cluster, yield it, stop and delete it (skips when PostgreSQL is not installed)."""
     bindir = _pg_bin()
     if bindir is None or not (bindir / "pg_ctl").exists():
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found in /usr/lib/postgresql")
+        pytest.skip(
+            "PostgreSQL server binaries (initdb, pg_ctl) not found in /usr/lib/postgresql or PATH "
+            "(scripts/setup.sh installs the Debian package postgresql)"
+        )
     run_as: dict[str, Any] = {}
     base = Path(tempfile.mkdtemp(prefix="edgefleet-pg-"))
     if os.geteuid() == 0:

@@ -8,6 +8,7 @@ delivery over MQTT, inference, cloud fallback, drift and telemetry, and a clean 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +48,35 @@ def test_fleet_demo_runs_end_to_end_and_leaves_nothing_running(tmp_path: Path) -
         assert device["lost"] == 0
     assert summary["demo-dev-2"]["drift_alerts"] > 0  # its inputs were at half scale
     assert summary["demo-dev-2"]["cloud_answers"] > 0
-    leftovers = subprocess.run(
-        ["pgrep", "-f", str(out)], capture_output=True, text=True, check=False
-    ).stdout.split()
-    assert leftovers == [], "processes of the demo still running"
+    assert processes_mentioning(str(out)) == [], "processes of the demo still running"
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """``pid: cmdline`` of every live process whose command line contains ``text``.
+
+    Reads /proc directly: ``pgrep`` (procps) is not on a minimal Debian.
+    """
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            raw = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        cmdline = raw.replace(b"\0", b" ").decode(errors="replace").strip()
+        if text in cmdline and state != "Z":
+            found.append(f"{entry.name}: {cmdline}")
+    return found
+
+
+def test_processes_mentioning_finds_a_live_process_and_not_a_finished_one(tmp_path: Path) -> None:
+    marker = str(tmp_path / "marker-arg")
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", marker],
+                            stdin=subprocess.PIPE)  # fmt: skip
+    try:
+        assert [line.split(":")[0] for line in processes_mentioning(marker)] == [str(proc.pid)]
+    finally:
+        proc.communicate(b"")
+    assert processes_mentioning(marker) == []

@@ -1,23 +1,30 @@
 """A third party verifies a bundle without edgefleet: python-tuf's Metadata API, or openssl.
 
-These follow docs/security.md step by step, so the documented procedures stay true.
+These follow docs/security.md step by step, so the documented procedures stay true; the
+python-tuf block of the page is run as written, on a ``tarfile`` without extraction filters (as on
+Debian 12's Python 3.11.2: ``filter=`` and ``tarfile.data_filter`` arrived in 3.11.4).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import tarfile
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
-from tuf.api.exceptions import UnsignedMetadataError
+from tuf.api.exceptions import LengthOrHashMismatchError, UnsignedMetadataError
 from tuf.api.metadata import Metadata
 
 from model_builder.keystore import KeyStore
-from support import NOW, make_bundle, write
+from support import NOW, make_bundle, members, repack, write
+
+DOC = Path(__file__).parents[2] / "docs" / "security.md"
 
 
 @pytest.fixture
@@ -27,8 +34,68 @@ def signed(tmp_path: Path) -> tuple[KeyStore, Path]:
 
 
 def _extract(bundle: Path, dest: Path) -> None:
+    """Write the bundle's regular members under ``dest`` by their base name (no archive paths)."""
+    dest.mkdir()
     with tarfile.open(bundle) as tar:
-        tar.extractall(dest, filter="data")
+        for member in tar:
+            fh = tar.extractfile(member) if member.isfile() else None
+            if fh is not None:
+                (dest / Path(member.name).name).write_bytes(fh.read())
+
+
+@pytest.fixture
+def tarfile_of_python_3_11_2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``tarfile`` as Python < 3.11.4 has it: no extraction filters, no ``filter=`` argument."""
+    for name in ("data_filter", "tar_filter", "fully_trusted_filter", "FilterError"):
+        monkeypatch.delattr(tarfile, name, raising=False)
+    for method in ("extractall", "extract"):
+        original = getattr(tarfile.TarFile, method)
+
+        def no_filter(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            if "filter" in kwargs:
+                raise TypeError("got an unexpected keyword argument 'filter'")
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(tarfile.TarFile, method, no_filter)
+
+
+def _doc_python_recipe() -> str:
+    text = DOC.read_text()
+    section = text[text.index("**With python-tuf**") :]
+    found = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    assert found, "docs/security.md lost its python-tuf recipe"
+    return found.group(1)
+
+
+def test_the_documented_python_tuf_recipe_runs_on_python_3_11_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tarfile_of_python_3_11_2: None
+) -> None:
+    now = datetime.now(UTC)  # the recipe checks expiry against the real clock
+    store = KeyStore.init(tmp_path / "keys", now=now)
+    bundle = make_bundle(store, now=now)
+    (tmp_path / "root.json").write_bytes(store.root_bytes())
+    (tmp_path / "digits-1.efb").write_bytes(bundle)
+    monkeypatch.chdir(tmp_path)
+    recipe = _doc_python_recipe()
+    exec(compile(recipe, str(DOC), "exec"), {})
+
+    # the same recipe refuses a bundle whose artifact was swapped after signing
+    parts = members(bundle)
+    artifact = next(name for name in parts if name not in ("targets.json", "manifest.json"))
+    parts[artifact] = parts[artifact][::-1]
+    (tmp_path / "digits-1.efb").write_bytes(repack(parts))
+    with pytest.raises(LengthOrHashMismatchError):
+        exec(compile(recipe, str(DOC), "exec"), {})
+
+
+def test_the_python_3_11_2_simulation_refuses_extraction_filters(
+    signed: tuple[KeyStore, Path], tmp_path: Path, tarfile_of_python_3_11_2: None
+) -> None:
+    """The fixture really is a Python without filters (else the recipe test proves nothing)."""
+    assert not hasattr(tarfile, "data_filter")
+    with tarfile.open(signed[1]) as tar, pytest.raises(TypeError, match="filter"):
+        tar.extractall(tmp_path / "x", filter="data")
+    assert len(members(signed[1].read_bytes())) == 3
 
 
 def test_python_tuf_metadata_api_verifies_a_bundle(
