@@ -32,6 +32,9 @@ class ApiConfig:
     port: int = 8080
     unix_socket: str | None = None
     max_request_bytes: int = 8 * 1024 * 1024
+    # Memory that decoding request bodies larger than 64 KiB may hold at once (bodies, parsed
+    # JSON, tensors): such requests wait for their share, one that alone needs more gets 413.
+    max_decode_memory_bytes: int = 256 * 1024 * 1024
     # Per client: every TCP client on loopback is one client (127.0.0.1), so be generous.
     rate_limit_per_second: float = 10000.0
     rate_limit_burst: int = 20000
@@ -40,6 +43,10 @@ class ApiConfig:
     def validate(self) -> None:
         _check(0 <= self.port <= 65535, "api.port must be 0..65535")
         _check(self.max_request_bytes >= 1024, "api.max_request_bytes must be >= 1024")
+        _check(
+            self.max_decode_memory_bytes >= 8 * self.max_request_bytes,
+            "api.max_decode_memory_bytes must be >= 8 * api.max_request_bytes",
+        )
         _check(self.rate_limit_per_second > 0, "api.rate_limit_per_second must be positive")
         _check(self.rate_limit_burst >= 1, "api.rate_limit_burst must be >= 1")
         _check(self.drain_seconds >= 0, "api.drain_seconds must be >= 0")

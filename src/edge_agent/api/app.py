@@ -48,6 +48,7 @@ from starlette.types import Receive, Scope
 
 from edge_agent.api import codec
 from edge_agent.api import metrics as m
+from edge_agent.api.budget import MAX_COST_RATIO, MemoryBudget, Reservation, decode_cost
 from edge_agent.api.fastpath import (
     JSON,
     OCTETS,
@@ -139,6 +140,7 @@ class _Api:
         self.max_bytes = config.max_request_bytes
         self.max_concurrency = max_concurrency
         self.decoder = RequestDecoder()  # remembers binary requests' JSON headers
+        self.budget = MemoryBudget(config.max_decode_memory_bytes)
         self._pool: ThreadPoolExecutor | None = None
         # Smoothed service time per model: fast models run on the event loop (the thread hop
         # costs more CPU than their inference), slow ones in the pool so the loop stays free.
@@ -184,7 +186,23 @@ class _Api:
         return await self._probe(self.service.live, "live")
 
     async def ready(self, request: Request) -> Response:
-        return await self._probe(self.service.ready, "ready")
+        """Server ready as KServe v2 defines it: every model ready; a 503 names who is not, why.
+
+        The reasons come from the service's optional ``not_ready()`` (model -> why); per-model
+        readiness is ``/v2/models/{name}/ready``.
+        """
+        response = await self._probe(self.service.ready, "ready")
+        why = getattr(self.service, "not_ready", None)
+        if response.status_code == 200 or not callable(why):
+            return response
+        try:
+            models = {str(k): str(v) for k, v in dict(await run_in_threadpool(why)).items()}
+        except Exception:
+            logger.exception("ready probe: reasons unavailable")
+            return response
+        text = "; ".join(f"model {n!r} {r}" for n, r in sorted(models.items()))
+        body = {"error": f"server is not ready: {text or 'no model installed'}", "models": models}
+        return Response(codec.to_json(body), status_code=503, media_type=JSON)
 
     async def _probe(self, check: Any, what: str) -> Response:
         try:
@@ -264,13 +282,44 @@ class _Api:
             return m.OUTCOME_INVALID, "content_length", _error(400, "invalid Content-Length")
         if declared is not None and int(declared) > self.max_bytes:
             return self._too_large(int(declared))
+        if declared is not None and int(declared) <= INLINE_BYTES:
+            # Decoded on the event loop, one at a time: its cost is bounded without a budget.
+            return await self._read_and_answer(receive, name, version, header_length, routing)
+        # Reserve the most this body may cost before reading it (never while holding anything
+        # else, so waiters cannot deadlock), then keep only what its bytes say it can cost.
+        length = int(declared) if declared is not None else self.max_bytes
+        async with self.budget.hold(length * MAX_COST_RATIO) as held:
+            return await self._read_and_answer(receive, name, version, header_length, routing, held)
+
+    async def _read_and_answer(
+        self,
+        receive: Receive,
+        name: str,
+        version: str | None,
+        header_length: str | None,
+        routing: str | None,
+        held: Reservation | None = None,
+    ) -> _Outcome:
         try:
             body = await _read_body(receive, self.max_bytes)
         except ClientDisconnect:
             return m.OUTCOME_ABORTED, "disconnect", _error(400, "client disconnected")
         if body is None:
             return self._too_large(None)
+        if held is not None:
+            end = header_length.strip() if header_length is not None else ""
+            cost = decode_cost(body, int(end) if end.isascii() and end.isdigit() else None)
+            if cost > held.amount:
+                return self._too_costly(cost)
+            held.shrink(cost)
         return await self._answer(name, version, body, header_length, routing)
+
+    def _too_costly(self, cost: int) -> _Outcome:
+        message = (
+            f"decoding this body could take {cost} bytes of memory; the API decodes at most "
+            f"{self.budget.total} bytes at once and {MAX_COST_RATIO} bytes per body byte"
+        )
+        return m.OUTCOME_TOO_LARGE, "decode_memory", _error(413, message)
 
     def _too_large(self, size: int | None) -> _Outcome:
         got = "" if size is None else f" ({size} bytes)"

@@ -1,0 +1,155 @@
+"""What decoding a request body may cost in memory, and the budget large requests share.
+
+Owns ``decode_cost`` (a pure upper bound of the memory decoding a body takes, computed from the
+body's bytes before any parsing) and ``MemoryBudget`` (an asyncio weighted semaphore in bytes:
+requests wait in arrival order for their share). Does not own when a request reserves (the
+endpoints, ``edge_agent.api.app``) or the decoding itself (``edge_agent.api.decode``).
+
+Why a bound from the bytes: ``json.loads`` of an 8 MiB body of empty arrays (``[[],[],...]``)
+builds ~2.8 million list objects, about 27 bytes of memory per byte of body; a dense array of
+short numbers costs ~9 bytes per byte; a binary FP32 tensor is a view of the body (no copy).
+Counting ``[``, ``{``, ``,`` and ``"`` (a few memchr-speed passes, ~1% of ``json.loads``'s own
+time) bounds the number of containers, values and strings ``json.loads`` can create, whatever
+the nesting; each gets the most memory one of its kind takes through the whole decode (the
+Python object, its slot in the parent, the numpy element, a cast, the BYTES copies). Characters
+inside strings are counted too, which only makes the bound larger. ``tests/unit/test_api_budget``
+checks the bound against ``tracemalloc``'s measured peak for hostile and ordinary bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import AsyncIterator
+
+__all__ = ["MAX_COST_RATIO", "MemoryBudget", "Reservation", "decode_cost"]
+
+# A body whose bound exceeds this many bytes per byte is refused whatever the budget: ordinary
+# requests stay under ~35 (a column of short numbers, ``[[0.5],[0.5],...]``, is the worst).
+MAX_COST_RATIO = 48
+
+# Upper bounds, in bytes, of what one token of each kind makes decoding hold at its peak.
+_PER_LIST = 112  # list object + GC header + json's first item block (4 slots)
+_PER_DICT = 240  # dict with up to 5 keys + GC header
+_PER_VALUE = 48  # a float (24) + its parent slot with overallocation + numpy element + cast
+_PER_STRING = 112  # str object header + tolist slot + encoded bytes header + object array slot
+# A binary BYTES element: 4 length bytes on the wire become a bytes object (>= 40 bytes with
+# allocator rounding) + a list slot + an object-array slot, i.e. <= 12 bytes per wire byte.
+_BINARY_BYTES_FACTOR = 12
+
+
+def decode_cost(body: bytes, header_end: int | None = None) -> int:
+    """An upper bound of the memory (bytes) decoding ``body`` and answering it holds at once.
+
+    Args:
+        body: the whole request body.
+        header_end: where the JSON header ends (binary tensor data extension), ``None`` when
+            the whole body is JSON. Out-of-range values are bounded as the whole body.
+
+    Returns:
+        The body itself and one working copy (``2 * len(body)``), plus what ``json.loads`` and
+        the tensor conversion of the JSON part can allocate, plus the BYTES elements of the
+        binary part when the header may declare any.
+    """
+    size = len(body)
+    end = size if header_end is None or not 0 <= header_end <= size else header_end
+    header = body if end == size else body[:end]
+    cost = 2 * size + _json_cost(header)
+    tail = size - end
+    if tail and (b"BYTES" in header or b"\\" in header):  # a datatype may be escaped
+        cost += _BINARY_BYTES_FACTOR * tail
+    return cost
+
+
+def _json_cost(text: bytes) -> int:
+    lists = text.count(b"[")
+    dicts = text.count(b"{")
+    values = text.count(b",") + lists + dicts + 1
+    strings = text.count(b'"') // 2
+    # The decoded str of the body, and the strings' payloads as str and again as bytes: one
+    # byte per byte for ASCII, up to four (UCS-4) otherwise.
+    chars = len(text) if text.isascii() else 4 * len(text)
+    return (
+        3 * chars
+        + _PER_LIST * lists
+        + _PER_DICT * dicts
+        + _PER_VALUE * values
+        + _PER_STRING * strings
+    )
+
+
+class Reservation:
+    """Bytes held from a ``MemoryBudget``; ``shrink`` gives back what is not needed."""
+
+    def __init__(self, budget: MemoryBudget, amount: int) -> None:
+        self._budget = budget
+        self.amount = amount
+
+    def shrink(self, amount: int) -> None:
+        """Keep only ``amount`` bytes (no-op when that is not less than what is held)."""
+        if 0 <= amount < self.amount:
+            self._budget._release(self.amount - amount)
+            self.amount = amount
+
+
+class MemoryBudget:
+    """An asyncio weighted semaphore counting bytes, first come first served.
+
+    A request reserves once (``hold``), never while holding another reservation, so waiters
+    cannot deadlock; a reservation is capped at the whole budget. Not thread-safe: use it from
+    one event loop.
+    """
+
+    def __init__(self, total: int) -> None:
+        if total < 1:
+            raise ValueError("a memory budget must be positive")
+        self.total = total
+        self.free = total
+        self._waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for their share."""
+        return len(self._waiters)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, amount: int) -> AsyncIterator[Reservation]:
+        """Reserve ``min(amount, total)`` bytes, waiting behind earlier reservations.
+
+        Raises:
+            asyncio.CancelledError: cancelled while waiting (nothing is held then).
+        """
+        amount = max(0, min(amount, self.total))
+        if self._waiters or amount > self.free:
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            entry = (amount, future)
+            self._waiters.append(entry)
+            try:
+                await future
+            except BaseException:
+                if future.done() and not future.cancelled():
+                    self.free += amount  # granted just as we were cancelled: give it back
+                else:
+                    self._waiters.remove(entry)
+                self._wake()
+                raise
+        else:
+            self.free -= amount
+        reservation = Reservation(self, amount)
+        try:
+            yield reservation
+        finally:
+            self._release(reservation.amount)
+            reservation.amount = 0
+
+    def _release(self, amount: int) -> None:
+        self.free += amount
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self._waiters[0][0] <= self.free:
+            amount, future = self._waiters.popleft()
+            if not future.done():
+                self.free -= amount
+                future.set_result(None)
