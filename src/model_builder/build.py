@@ -33,8 +33,10 @@ from model_builder.build_parts import (
     tool_versions,
 )
 from model_builder.calibration import CalibrationSource, ProgressFn, calibration_stats
+from model_builder.contract_check import check_contract_fits_model, refusals
 from model_builder.data import Dataset
 from model_builder.errors import AccuracyGateError, InputDataError
+from model_builder.failure import failure_report
 from model_builder.gate import (
     GateOutcome,
     GatePolicy,
@@ -46,7 +48,7 @@ from model_builder.gate import (
 )
 from model_builder.keystore import KeyStore
 from model_builder.package import artifact_ref, package_bundle
-from model_builder.quantize_onnx import QuantizedModel, detect_target, quantize_onnx
+from model_builder.quantize_onnx import QuantizedModel, default_target, quantize_onnx
 from model_builder.report import render_table
 
 Array = npt.NDArray[Any]
@@ -60,7 +62,9 @@ TFLITE_RECIPES = {
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """What to build. ``target=None`` detects the host CPU; ``arch=None`` follows the target."""
+    """What to build. ``target=None`` is the portable ``x86`` on x86-64 hosts and ``arm64`` on
+    ARM hosts (never a VNNI-only build by default); ``arch=None`` follows the target.
+    ``contract_source`` ("given" or "inferred") is recorded in the report."""
 
     name: str
     version: int
@@ -76,6 +80,7 @@ class BuildConfig:
     golden: int = 8
     expires_days: int = 365
     measure_latency: bool = True
+    contract_source: str = "given"
 
 
 @dataclass(frozen=True)
@@ -103,46 +108,66 @@ def build_bundle(
 
     Raises:
         InputDataError: the evaluation data has no labels, or does not fit the model.
+        ContractMismatchError: the contract names inputs, outputs, shapes or dtypes the model
+            does not have.
         ModelCheckError, QuantizationError: the model or the quantizer failed.
-        AccuracyGateError: the quantized model failed the gate and no rescue passed.
+        AccuracyGateError: the quantized model failed the gate and no rescue passed; its
+            ``report`` is the full failure report (``failure.failure_report``) with diagnosis.
         KeyStoreError: no usable signing key.
     """
     inputs, outputs = contract
     if evaluation.labels is None:
         raise InputDataError("evaluation data needs labels (y) for the accuracy gate")
+    if fmt not in ("onnx", "tflite"):
+        raise InputDataError(f"unsupported model format {fmt!r}")
     pre = {t.name: t.preprocessing for t in inputs.tensors}
     started = time.perf_counter()
-    if fmt == "onnx":
-        target = config.target or detect_target()
-        outcome, quantized, recipe, cal_stats = _quantize_onnx(
-            model_bytes, calib, evaluation, inputs, outputs, config, target, progress
-        )
-    elif fmt == "tflite":
-        target = config.target or detect_target()
-        outcome, quantized, recipe, cal_stats = _quantize_tflite(
-            model_bytes, calib, evaluation, inputs, outputs, config, progress
-        )
-    else:
-        raise InputDataError(f"unsupported model format {fmt!r}")
-    build_seconds = time.perf_counter() - started
-
-    q_runtime = load_runtime(quantized, fmt, RuntimeOptions(warmup_runs=1))
     f_runtime = load_runtime(model_bytes, fmt, RuntimeOptions(warmup_runs=1))
     try:
-        perf = measure_both(
-            f_runtime,
-            q_runtime,
-            evaluation,
-            pre,
-            len(model_bytes),
-            len(quantized),
-            config.measure_latency,
-        )
-        baseline_outputs = run_all(q_runtime, calib, pre)
-        golden = golden_samples(q_runtime, evaluation, pre, outputs, config.golden)
+        check_contract_fits_model(inputs, outputs, f_runtime.inputs, f_runtime.outputs)
+        contract_check = {
+            "source": config.contract_source,
+            **refusals(inputs, evaluation.inputs).to_dict(),
+        }
+        target = config.target or default_target()
+        try:
+            if fmt == "onnx":
+                outcome, quantized, recipe, cal_stats = _quantize_onnx(
+                    model_bytes, calib, evaluation, inputs, outputs, config, target, progress
+                )
+            else:
+                outcome, quantized, recipe, cal_stats = _quantize_tflite(
+                    model_bytes, calib, evaluation, inputs, outputs, config, progress
+                )
+        except AccuracyGateError as exc:
+            exc.report = failure_report(
+                exc.report,
+                mode=config.mode,
+                target=target,
+                fmt=fmt,
+                policy=config.policy.__dict__,
+                contract_check=contract_check,
+                seconds=time.perf_counter() - started,
+            )
+            raise
+        build_seconds = time.perf_counter() - started
+        q_runtime = load_runtime(quantized, fmt, RuntimeOptions(warmup_runs=1))
+        try:
+            perf = measure_both(
+                f_runtime,
+                q_runtime,
+                evaluation,
+                pre,
+                len(model_bytes),
+                len(quantized),
+                config.measure_latency,
+            )
+            baseline_outputs = run_all(q_runtime, calib, pre)
+            golden = golden_samples(q_runtime, evaluation, pre, outputs, config.golden)
+        finally:
+            q_runtime.close()
     finally:
         f_runtime.close()
-    q_runtime.close()
 
     baseline = build_baseline(
         calib.inputs, baseline_outputs, n_bins=config.n_bins, kll_k=config.kll_k
@@ -157,6 +182,7 @@ def build_bundle(
         config,
         (len(model_bytes), len(quantized)),
     )
+    report["contract_check"] = contract_check
     report["table"] = render_table(report)
     manifest = BundleManifest(
         name=config.name,
@@ -206,14 +232,18 @@ def _quantize_onnx(
         )
 
     if config.rescue:
-        outcome = quantize_with_gate(
-            model_bytes,
-            quantize,
-            measure,
-            config.policy,
-            max_exclusions=config.max_exclusions,
-            progress=progress,
-        )
+        try:
+            outcome = quantize_with_gate(
+                model_bytes,
+                quantize,
+                measure,
+                config.policy,
+                max_exclusions=config.max_exclusions,
+                progress=progress,
+            )
+        except AccuracyGateError as exc:
+            exc.report.setdefault("calibration", calibration_stats(source))
+            raise
     else:
         plain = quantize(())
         float_m, quant_m = measure(model_bytes), measure(plain.model_bytes)
@@ -221,7 +251,11 @@ def _quantize_onnx(
         if not verdict.passed:
             raise AccuracyGateError(
                 "quantized model failed the accuracy gate: " + "; ".join(verdict.reasons),
-                {"initial": verdict.to_dict(), "calibration": dict(plain.calibration_stats)},
+                {
+                    "initial": verdict.to_dict(),
+                    "float": float_m.to_dict(),
+                    "calibration": dict(plain.calibration_stats),
+                },
             )
         outcome = GateOutcome(plain, float_m, quant_m, verdict)
     q = outcome.model
@@ -275,7 +309,7 @@ def _quantize_tflite(
         raise AccuracyGateError(
             f"TFLite {recipe_name} failed the accuracy gate: {'; '.join(verdict.reasons)}; try "
             "--mode dynamic",
-            {"initial": verdict.to_dict(), "calibration": stats},
+            {"initial": verdict.to_dict(), "float": metrics[0].to_dict(), "calibration": stats},
         )
     outcome = GateOutcome(_tflite_as_quantized(result.model), metrics[0], metrics[1], verdict)
     return outcome, result.model, {"mode": config.mode, **result.report.to_dict()}, stats

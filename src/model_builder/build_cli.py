@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
 
 from edge_agent.bundle import read_bundle, write_bundle
 from edge_agent.cli_support import passphrase_from_env
+from edge_agent.contract import Preprocessing
 from edge_agent.device import detect_device_profile
 from edge_agent.golden import check_golden
 from edge_agent.runtime.base import load_runtime
 from model_builder.build import BuildConfig, BuildResult, build_bundle
+from model_builder.build_parts import run_all
 from model_builder.calibration import ProgressFn
-from model_builder.data import infer_contract, load_contract, load_dataset
-from model_builder.errors import InputDataError
+from model_builder.contract_check import RefusalReport, describe_refusals
+from model_builder.data import RANGE_MARGIN, infer_contract, load_contract, load_dataset
+from model_builder.errors import AccuracyGateError, InputDataError
+from model_builder.failure import render_failure
 from model_builder.gate import GatePolicy
 from model_builder.keystore import KeyStore
 
@@ -76,7 +82,14 @@ def _progress() -> ProgressFn:
     "--target",
     default=None,
     type=click.Choice(["x86", "x86-vnni", "arm64"]),
-    help="CPU family the bundle is for (default: this machine's).",
+    help="CPU family the bundle is for (default: the portable x86 or arm64 of this machine's "
+    "family; x86-vnni only when asked, and then devices need VNNI).",
+)
+@click.option(
+    "--range-margin",
+    default=RANGE_MARGIN,
+    show_default=True,
+    help="Without --contract: widen inferred input ranges by this many feature spans.",
 )
 @click.option("--arch", multiple=True, help="Override the signed architectures (or 'any').")
 @click.option("--max-abs-drop", default=0.01, show_default=True)
@@ -112,6 +125,7 @@ def build(
     keystore_dir: Path,
     out_dir: Path,
     as_json: bool,
+    range_margin: float,
 ) -> None:
     """Quantize MODEL, gate its accuracy, attach contract/baseline/golden samples, and sign it."""
     config = BuildConfig(
@@ -127,15 +141,24 @@ def build(
         kll_k=kll_k,
         expires_days=expires_days,
     )
-    result = run_build(
-        model,
-        calib_path,
-        eval_path,
-        contract_path,
-        config,
-        KeyStore.open(keystore_dir, passphrase_from_env()),
-        out_dir,
-    )
+    try:
+        result = run_build(
+            model,
+            calib_path,
+            eval_path,
+            contract_path,
+            config,
+            KeyStore.open(keystore_dir, passphrase_from_env()),
+            out_dir,
+            range_margin=range_margin,
+        )
+    except AccuracyGateError as exc:
+        # The full report and the diagnosis, then the error boundary's one line and exit 5.
+        if as_json:
+            click.echo(json.dumps(exc.report, indent=2, default=str))
+        elif exc.report:
+            click.echo(render_failure(exc.report))
+        raise
     if as_json:
         click.echo(
             json.dumps(
@@ -159,8 +182,13 @@ def run_build(
     config: BuildConfig,
     store: KeyStore,
     out_dir: Path,
+    *,
+    range_margin: float = RANGE_MARGIN,
 ) -> BuildResult:
     """Load the files, build, and write ``<name>-<version>.efb`` and its report JSON.
+
+    On an accuracy-gate failure the report JSON (with the diagnosis) is written all the same,
+    and no bundle.
 
     Raises:
         InputDataError: unknown model format or unusable data; plus everything
@@ -174,11 +202,23 @@ def run_build(
     try:
         calib = load_dataset(calib_path, runtime.inputs)
         evaluation = load_dataset(eval_path, runtime.inputs)
-        contract = (
-            load_contract(contract_path)
-            if contract_path
-            else infer_contract(runtime.inputs, runtime.outputs, calib)
-        )
+        if contract_path:
+            contract = load_contract(contract_path)
+        else:
+            contract = infer_contract(
+                runtime.inputs,
+                runtime.outputs,
+                calib,
+                range_margin=range_margin,
+                labels=evaluation.labels,
+                sample_outputs=run_all(
+                    runtime,
+                    calib.take(256),
+                    {name: Preprocessing() for name in calib.inputs},
+                    batch=_model_batch(runtime.inputs),
+                ),
+            )
+            config = replace(config, contract_source="inferred")
     finally:
         runtime.close()
     click.echo(
@@ -186,25 +226,49 @@ def run_build(
         f"{len(calib)} calibration / {len(evaluation)} evaluation samples",
         err=True,
     )
-    result = build_bundle(
-        model_bytes,
-        fmt,
-        calib,
-        evaluation,
-        contract,
-        config,
-        store,
-        now=datetime.now(UTC),
-        progress=_progress(),
-    )
+    report_path = out_dir / f"{config.name}-{config.version}.report.json"
+    try:
+        result = build_bundle(
+            model_bytes,
+            fmt,
+            calib,
+            evaluation,
+            contract,
+            config,
+            store,
+            now=datetime.now(UTC),
+            progress=_progress(),
+        )
+    except AccuracyGateError as exc:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_bundle(report_path, json.dumps(exc.report, indent=2, default=str).encode())
+        click.echo(f"report: {report_path}", err=True)
+        raise
+    warning = _refusal_warning(result.report.get("contract_check"))
+    if warning:
+        click.echo(f"warning: {warning}", err=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_bundle(out_dir / bundle_name(result), result.bundle)
     report = {k: v for k, v in result.report.items() if k != "table"}
-    write_bundle(
-        out_dir / f"{result.manifest.name}-{result.manifest.version}.report.json",
-        json.dumps(report, indent=2, default=str).encode(),
-    )
+    write_bundle(report_path, json.dumps(report, indent=2, default=str).encode())
     return result
+
+
+def _model_batch(inputs: Any) -> int:
+    """64, or the model's fixed batch size when its first input has one."""
+    first = inputs[0].shape[0] if inputs and inputs[0].shape else None
+    return first if isinstance(first, int) and 0 < first < 64 else 64
+
+
+def _refusal_warning(check: Any) -> str | None:
+    if not isinstance(check, dict) or not check.get("refused_rows"):
+        return None
+    return describe_refusals(
+        RefusalReport(
+            check["rows"], check["refused_rows"], check["by_reason"], check["by_feature"]
+        ),
+        str(check.get("source", "given")),
+    )
 
 
 @click.command()

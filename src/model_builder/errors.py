@@ -2,6 +2,8 @@
 
 InputDataError     the calibration/evaluation data or contract file is unusable (the ML
                    engineer fixes the data).
+  ContractMismatchError  the contract names inputs/outputs, ranks, shapes or dtypes the
+                   model does not have.
 ModelCheckError    the source model fails ``onnx.checker`` or cannot be loaded.
 QuantizationError  the quantizer failed or a mode does not fit the model.
 AccuracyGateError  quantization lost too much accuracy and no rescue passed the gate.
@@ -25,6 +27,12 @@ class InputDataError(ModelBuilderError):
     """Calibration, evaluation or contract input cannot be used."""
 
     code = "input_data"
+
+
+class ContractMismatchError(InputDataError):
+    """The input/output contract does not fit the model (names, rank, shape, dtype, classes)."""
+
+    code = "contract_mismatch"
 
 
 class ModelCheckError(ModelBuilderError):

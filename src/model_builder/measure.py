@@ -81,6 +81,11 @@ def evaluate(
     if contract.task not in ("classification", "regression"):
         raise InputDataError(f"the accuracy gate cannot score a {contract.task!r} output")
     out_name = contract.score_output or contract.outputs[0]
+    if out_name not in {o.name for o in runtime.outputs}:
+        raise InputDataError(
+            f"the contract scores output {out_name!r}; the model has "
+            f"{[o.name for o in runtime.outputs]}"
+        )
     outputs = []
     total = -(-n // batch_size)
     for i, start in enumerate(range(0, n, batch_size), start=1):
@@ -91,6 +96,10 @@ def evaluate(
     scores = np.concatenate(outputs).reshape(n, -1).astype(np.float64)
     if contract.task == "classification":
         truth = _class_indices(y, contract.labels)
+        if len(truth) != n:
+            raise InputDataError(
+                f"classification needs one label per sample: {np.shape(y)} labels for {n} samples"
+            )
         pred = np.where(np.isfinite(scores).all(axis=1), scores.argmax(axis=1), -1)
         return Metrics("classification", "accuracy", float(np.mean(pred == truth)), n, pred)
     target = np.asarray(y, dtype=np.float64).reshape(n, -1)

@@ -57,6 +57,7 @@ __all__ = [
     "QuantRecipe",
     "QuantizableNode",
     "QuantizedModel",
+    "default_target",
     "detect_target",
     "quantize_onnx",
     "strip_unused_opsets",
@@ -75,6 +76,18 @@ def detect_target() -> str:
     except OSError:
         flags = ""  # macOS and others: no cpuinfo; the machine name still decides ARM vs x86
     return target_from_cpu(flags, platform.machine())
+
+
+def default_target() -> str:
+    """The portable target for this host's CPU family: ``x86`` on every x86-64 host (VNNI or
+    not), ``arm64`` on 64-bit ARM. ``x86-vnni`` is only ever chosen by the operator: a bundle
+    built for it requires VNNI on the device (signed in its compatibility block).
+
+    Raises:
+        QuantizationError: the host is neither x86-64 nor 64-bit ARM.
+    """
+    detected = detect_target()
+    return "x86" if detected == "x86-vnni" else detected
 
 
 @dataclass(frozen=True)

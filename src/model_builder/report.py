@@ -66,6 +66,18 @@ def render_table(report: Mapping[str, Any]) -> str:
         f"gate: {verdict} (drop {gate['abs_drop'] * 100:.2f} pt abs, {gate['rel_drop']:.2%} rel)"
     )
     lines.extend(f"warning: {w}" for w in gate.get("warnings", []))
+    check = report.get("contract_check")
+    if check:
+        refused = int(check.get("refused_rows", 0))
+        lines.append(
+            f"contract ({check.get('source', 'given')}): "
+            + (
+                f"refuses {refused} of {check['rows']} evaluation rows "
+                f"({refused / max(1, int(check['rows'])):.1%})"
+                if refused
+                else f"accepts all {check['rows']} evaluation rows"
+            )
+        )
     if report.get("excluded_nodes"):
         lines.append("kept in float by the rescue search: " + ", ".join(report["excluded_nodes"]))
     lines.append(f"build time: {report.get('build_seconds', 0):.1f} s")
