@@ -26,7 +26,7 @@ from sqlalchemy import event
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from edge_agent.telemetry import Batch
-from fleet_server.ingest import IngestItem, parse_telemetry
+from fleet_server.ingest_parse import IngestItem, parse_telemetry
 from fleet_server.registry import Registry
 from fleetsim import make_report
 

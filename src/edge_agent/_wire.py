@@ -1,9 +1,10 @@
 """Shared readers and writers of the device's JSON wire formats (private to ``edge_agent``).
 
 Owns the strict field readers (``_obj``, ``_get``, ``_int``, ``_num``, ``_str``, ``_label``,
-``_counts``, ``_device``, ``_header``), the size-capped, strict JSON loader (``_load``: no NaN,
-no duplicate keys, bounded integers), the canonical writer (``_dump``), the ``_Wire`` base
-(``to_bytes`` on top of ``to_dict``) and the limits they enforce, including ``SCHEMA_VERSION``
+``_counts``, ``_device``, ``_header``), the size-capped, strict JSON loader (``_load``, over
+``edge_agent.strict_json``: no NaN or inf, no duplicate keys, bounded integers and depth),
+the canonical writer (``_dump``), the ``_Wire`` base (``to_bytes`` on top of ``to_dict``) and
+the limits they enforce, including ``SCHEMA_VERSION``
 and ``MAX_PAYLOAD_BYTES``. Every problem raises ``ContractError``.
 Does not own any payload (``edge_agent.telemetry``, ``edge_agent.telemetry_report``,
 ``edge_agent.reported``) and does no I/O.
@@ -17,6 +18,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, Final
 
+from edge_agent import strict_json
 from edge_agent.errors import ContractError, IdentityError
 from edge_agent.identity import validate_device_id
 
@@ -27,6 +29,9 @@ _MAX_INT: Final = 2**53 - 1  # exact in every JSON reader
 _MAX_MAP: Final = 64
 _MAX_TEXT: Final = 1024
 _LABEL = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
+# NUL (PostgreSQL TEXT and JSONB refuse it) and UTF-16 surrogates (not Unicode scalar values:
+# they cannot be encoded as UTF-8, and JSONB refuses a lone one): refused in every string.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
 def _obj(d: Any, what: str) -> Mapping[str, Any]:
@@ -63,6 +68,8 @@ def _opt_num(v: Any, what: str) -> float | None:
 def _str(v: Any, what: str, limit: int = _MAX_TEXT) -> str:
     if not isinstance(v, str) or len(v) > limit:
         raise ContractError(f"{what} must be a string of at most {limit} characters")
+    if _UNSTORABLE.search(v):
+        raise ContractError(f"{what} holds NUL or a lone surrogate (no database can store it)")
     return v
 
 
@@ -96,39 +103,15 @@ def _header(d: Any, kind: str) -> Mapping[str, Any]:
     return m
 
 
-def _no_constants(name: str) -> Any:
-    raise ContractError(f"payload contains {name}, which JSON does not allow")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        raise ContractError("payload has duplicate keys")
-    return out
-
-
 def _load(data: bytes, max_bytes: int) -> Any:
+    """Strict JSON (``edge_agent.strict_json``) with integers of at most 20 digits.
+
+    Raises:
+        ContractError: not bytes, over ``max_bytes``, not UTF-8 JSON, or past a limit.
+    """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise ContractError("payload must be bytes")
-    if len(data) > max_bytes:
-        raise ContractError(f"payload of {len(data)} bytes exceeds the {max_bytes}-byte cap")
-    try:
-        return json.loads(
-            bytes(data).decode("utf-8"),
-            parse_constant=_no_constants,
-            parse_int=_bounded_int,
-            object_pairs_hook=_no_duplicates,
-        )
-    # ValueError covers JSONDecodeError and CPython's integer-digit limit.
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ContractError(f"payload is not UTF-8 JSON: {exc}") from exc
-
-
-def _bounded_int(text: str) -> int:
-    """JSON integers stay within 20 digits (every count and seq fits in 2**63)."""
-    if len(text.lstrip("-")) > 20:
-        raise ContractError(f"integer of {len(text)} digits is out of range")
-    return int(text)
+    return strict_json.loads(data, max_bytes=max_bytes, what="payload")
 
 
 def _dump(d: Mapping[str, Any]) -> bytes:

@@ -5,7 +5,10 @@ the file's size checked against the signed length), and ``plan_resend``, a pure 
 merges many devices' ``BlockRequest``s into the blocks worth re-broadcasting to the whole wave
 and the blocks to unicast to single devices, and ``RecentBroadcasts``, the memory of which
 blocks are already on their way to every subscriber (broadcast in the last ``hold_seconds``,
-or still ahead of a running wave) so a round does not broadcast them again. Does not own MQTT
+or still ahead of a running wave) so a round does not broadcast them again, and
+``Entitlements``, the cached answer to "which bundles may this device fetch": only those its
+latest signed desired state names, so a device cannot download another group's bundle by
+knowing its digest and length. Does not own MQTT
 (the gateway publishes what this returns) or the protocol itself (``edge_agent.transfer``).
 """
 
@@ -14,8 +17,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import threading
+import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Set
+from collections.abc import Callable, Iterable, Mapping, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -28,7 +33,7 @@ from edge_agent.errors import (
 )
 from edge_agent.transfer import BlockData, BlockPlan, BlockRequest
 
-__all__ = ["BlockSource", "RecentBroadcasts", "ResendPlan", "plan_resend"]
+__all__ = ["BlockSource", "Entitlements", "RecentBroadcasts", "ResendPlan", "plan_resend"]
 
 _HASH_CHUNK = 1 << 20
 
@@ -240,3 +245,54 @@ class RecentBroadcasts:
             self._sent.pop(transfer_id, None)
         start, stop = self._waves.get(transfer_id, (0, 0))
         return frozenset(sent).union(range(start, stop))
+
+
+class Entitlements:
+    """Per device, the bundle digests its latest desired state names (cached). Thread-safe.
+
+    Args:
+        load: ``load(device_id)`` -> the SHA-256s of the bundles the device's newest stored
+            desired state names (empty: none); may raise ``EdgefleetError`` (then nothing is
+            allowed for now and the answer is not cached).
+        ttl: seconds an answer is reused; ``forget(device_id)`` drops it at once (a new
+            desired state was published).
+        max_devices: most answers kept (the cache is emptied when full).
+        monotonic: clock for ``ttl``.
+    """
+
+    def __init__(
+        self,
+        load: Callable[[str], frozenset[str]],
+        *,
+        ttl: float = 5.0,
+        max_devices: int = 100_000,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._load = load
+        self._ttl = ttl
+        self._max = max_devices
+        self._monotonic = monotonic
+        self._lock = threading.Lock()
+        self._cache: dict[str, tuple[float, frozenset[str]]] = {}
+
+    def allows(self, device_id: str, sha256: str) -> bool:
+        """Whether ``device_id`` may fetch blocks of the bundle with this SHA-256."""
+        now = self._monotonic()
+        with self._lock:
+            hit = self._cache.get(device_id)
+        if hit is None or now - hit[0] >= self._ttl:
+            try:
+                allowed = self._load(device_id)
+            except EdgefleetError:
+                return False
+            with self._lock:
+                if len(self._cache) >= self._max:
+                    self._cache.clear()
+                self._cache[device_id] = (now, allowed)
+            hit = (now, allowed)
+        return sha256 in hit[1]
+
+    def forget(self, device_id: str) -> None:
+        """Drop the cached answer of one device (its desired state changed)."""
+        with self._lock:
+            self._cache.pop(device_id, None)

@@ -12,7 +12,10 @@ A block already broadcast in the last ``hold_seconds`` or still ahead of a runni
 broadcast again by a round (``fleet_server.blocks.RecentBroadcasts``): with a large fleet one
 re-broadcast costs one delivery per subscriber, and the requesters' copy is already in flight.
 
-Does not decide what a device should download (desired state does) or parse telemetry.
+Serves a device only the bundles its latest signed desired state names (``entitled``): a
+request for any other published bundle is refused and counted against the device, whether or
+not a wave of it runs. Does not decide what a device should download (desired state does) or
+parse telemetry.
 """
 
 from __future__ import annotations
@@ -177,6 +180,10 @@ class BlockServer:
         round_seconds: how long requests are collected before a round is planned.
         pacer: rate limit shared by rounds and waves.
         count: ``count(name, n)`` increments a gateway counter.
+        entitled: ``entitled(device_id, sha256)``: may this device fetch this bundle (its
+            signed desired state names it)? A request for any other bundle is refused and
+            counted (``foreign_bundle``). None serves every published bundle (tests only).
+        refuse: ``refuse(device_id, reason)`` counts one refused request against its device.
         monotonic: clock for the bundle-list refresh rate limit and the broadcast memory.
         hold_seconds: a broadcast block is not re-broadcast by a round within this time.
     """
@@ -193,6 +200,8 @@ class BlockServer:
         round_seconds: float,
         pacer: Pacer,
         count: Callable[[str, int], None],
+        entitled: Callable[[str, str], bool] | None = None,
+        refuse: Callable[[str, str], None] | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         hold_seconds: float = DEFAULT_HOLD_SECONDS,
     ) -> None:
@@ -205,6 +214,8 @@ class BlockServer:
         self._round = round_seconds
         self._pacer = pacer
         self._count = count
+        self._entitled = entitled
+        self._refuse = refuse
         self._monotonic = monotonic
         self._lock = threading.Lock()
         self._requests: list[tuple[str, BlockRequest]] = []
@@ -259,6 +270,7 @@ class BlockServer:
         """
         for transfer_id in {r.transfer_id for _, r in requests}:
             self._resolve(transfer_id)
+        requests = self._entitled_only(requests)
         now = self._monotonic()
         with self._lock:
             plans = {t: p for t, (p, _sha) in self._plans.items()}
@@ -300,6 +312,29 @@ class BlockServer:
                 self._count("bundle_unreadable", 1)
                 log.warning("cannot read bundle of transfer %s: %s", transfer_id, exc)
         return plan
+
+    def _entitled_only(
+        self, requests: Sequence[tuple[str, BlockRequest]]
+    ) -> list[tuple[str, BlockRequest]]:
+        """Drop (and count) requests for bundles the requesting device is not assigned."""
+        with self._lock:
+            digests = {t: sha for t, (_p, sha) in self._plans.items()}
+        kept: list[tuple[str, BlockRequest]] = []
+        foreign = 0
+        for device_id, request in requests:
+            sha256 = digests.get(request.transfer_id)
+            if sha256 is None:
+                if self._refuse is not None:
+                    self._refuse(device_id, "unknown_transfer")
+            elif self._entitled is not None and not self._entitled(device_id, sha256):
+                foreign += 1
+                if self._refuse is not None:
+                    self._refuse(device_id, "foreign_bundle")
+                continue
+            kept.append((device_id, request))
+        if foreign:
+            self._count("foreign_bundle", foreign)
+        return kept
 
     def _sent(self, transfer_id: str, index: int) -> None:
         with self._lock:

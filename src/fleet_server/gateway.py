@@ -8,10 +8,19 @@ certificate CN), counting every refusal by reason, and the housekeeping thread t
 republishes every device's latest desired-state document, retained, each time the MQTT session
 (re)connects (a broker without persistence forgets retained messages on restart).
 
-Delegates: batched telemetry storage and its acknowledgement rule to ``fleet_server.ingest``
-(handlers only parse and enqueue, so one transaction stores many messages), block serving and
-waves to ``fleet_server.delivery``. Does not create or close the MQTT client (the caller does),
-sign desired states (``fleet_server.desired``) or serve HTTP/metrics (``stats()`` feeds them).
+Per device: every refusal is also counted against the device that caused it
+(``misbehaviour``; a bounded ``MisbehaviourBook``); presence (``online``) is the device's status
+*and* live traffic within ``presence_timeout_seconds`` (``PresenceBook``), never a retained
+status alone; an invalid retained ``status`` or ``reported`` document is cleared (an empty
+retained message) so consumers do not keep receiving it; blocks are served only for bundles the
+device's latest desired state names (``blocks.Entitlements``).
+
+Delegates: parsing to ``fleet_server.ingest_parse``, batched telemetry storage and its
+acknowledgement rule to ``fleet_server.ingest`` (handlers only parse and enqueue into per-device
+fair queues, so one transaction stores many messages and one device's backlog does not delay
+another's acks), block serving and waves to ``fleet_server.delivery``. Does not create or close
+the MQTT client (the caller does), sign desired states (``fleet_server.desired``) or serve
+HTTP/metrics (``stats()`` feeds them).
 """
 
 from __future__ import annotations
@@ -33,14 +42,18 @@ from edge_agent.reported import MAX_REPORTED_BYTES, ReportedState
 from edge_agent.telemetry import StatusMessage, TelemetryAck
 from edge_agent.topics import Topics
 from edge_agent.transfer import DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE, MAX_MESSAGE_BYTES, BlockRequest
+from fleet_server.blocks import Entitlements
 from fleet_server.delivery import BlockServer, Pacer
 from fleet_server.errors import (
     RegistryError,
     RegistryUnavailableError,
     ServerConfigError,
 )
-from fleet_server.ingest import IngestWorker, parse_telemetry, refusal_reason
+from fleet_server.ingest import IngestWorker
+from fleet_server.ingest_parse import parse_telemetry, refusal_reason
+from fleet_server.misbehaviour import DeviceMisbehaviour, MisbehaviourBook, PresenceBook
 from fleet_server.registry.store import IngestResult, Registry
+from fleet_server.service import parse_document
 
 __all__ = ["Gateway", "GatewayConfig", "GatewayStats"]
 
@@ -70,6 +83,11 @@ class GatewayConfig:
     # the device sends it again later; nothing is lost. A backlog of batches drains well within.
     device_rate_per_second: float = 100.0
     device_burst: int = 500
+    # Most telemetry messages queued for storage per device (its fair share of the queue).
+    device_queue: int = 200
+    # A device is online when its status says so and it spoke within this many seconds
+    # (agents report every 30 s by default).
+    presence_timeout_seconds: float = 120.0
 
     def validate(self) -> None:
         """Check every value.
@@ -92,6 +110,8 @@ class GatewayConfig:
             "ingest_max_wait_seconds": 0 <= self.ingest_max_wait_seconds <= 10,
             "device_rate_per_second": 0 < self.device_rate_per_second < math.inf,
             "device_burst": self.device_burst >= 1,
+            "device_queue": self.device_queue >= 1,
+            "presence_timeout_seconds": 0 < self.presence_timeout_seconds < math.inf,
         }
         for name, ok in checks.items():
             if not ok:
@@ -110,7 +130,8 @@ class GatewayStats:
         lost: seqs declared lost from device floors.
         rejected: refused messages by reason (malformed, oversized, device_mismatch,
             wrong_type, unknown_device, revoked_device, rejected, queue_full,
-            unknown_transfer, out_of_range, rate_limited).
+            unknown_transfer, out_of_range, foreign_bundle, rate_limited) and refused
+            entries (malformed_entry, unstorable: stored as ``refused`` placeholders and acked).
         acks_sent: acknowledgements published.
         ack_failures: acknowledgements that could not be published (the device resends).
         db_failures: failed database operations (batched ingest transactions, reported).
@@ -120,7 +141,9 @@ class GatewayStats:
         blocks_broadcast: blocks published on a wave topic (rounds and waves).
         reported_stored: reported-state documents stored.
         desired_published: desired-state documents published (direct and republished).
-        devices_online: devices whose latest status is ``online``.
+        devices_online: devices whose latest status is ``online`` and that spoke recently.
+        retained_cleared: invalid retained status/reported documents the gateway cleared.
+        ingest_isolations: batch transactions split to isolate a message the database refused.
     """
 
     messages: Mapping[str, int] = field(default_factory=dict)
@@ -138,11 +161,14 @@ class GatewayStats:
     reported_stored: int = 0
     desired_published: int = 0
     devices_online: int = 0
+    retained_cleared: int = 0
+    ingest_isolations: int = 0
 
 
 _REJECT_REASONS: Final = frozenset(
     {"malformed", "oversized", "device_mismatch", "wrong_type", "unknown_transfer", "rate_limited"}
     | {"out_of_range", "unknown_device", "revoked_device", "rejected", "queue_full"}
+    | {"foreign_bundle"}
 )
 
 
@@ -180,7 +206,9 @@ class Gateway:
         self._messages: Counter[str] = Counter()
         self._rejected: Counter[str] = Counter()
         self._last_log: dict[str, float] = {}
-        self._status: dict[str, StatusMessage] = {}
+        self._presence = PresenceBook(config.presence_timeout_seconds)
+        self._misbehaviour = MisbehaviourBook()
+        self._entitlements = Entitlements(self._entitled_bundles)
         self._stop = threading.Event()
         self._housekeeper: threading.Thread | None = None
         self._seen_connects = 0
@@ -193,6 +221,8 @@ class Gateway:
             max_batch=config.ingest_max_batch,
             max_wait=config.ingest_max_wait_seconds,
             capacity=max(10_000, 20 * config.ingest_max_batch),
+            per_device=config.device_queue,
+            on_refused=self._misbehaviour.add,
         )
         self._blocks = BlockServer(
             registry,
@@ -204,6 +234,8 @@ class Gateway:
             round_seconds=config.resend_round_seconds,
             pacer=Pacer(config.max_blocks_per_second),
             count=self._count,
+            entitled=self._entitlements.allows,
+            refuse=self._misbehaviour.add,
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -246,6 +278,7 @@ class Gateway:
             NotConnectedError: no live MQTT session (it is republished on the next connect).
             PublishError: the client refused the message.
         """
+        self._entitlements.forget(device_id)
         self._client.publish(self._topics.device_desired(device_id), document, 1, True)
         self._count("desired_published", 1)
 
@@ -272,6 +305,7 @@ class Gateway:
             rejected.update(dict(ingest.refused))
             if ingest.dropped_queue_full:
                 rejected["queue_full"] += ingest.dropped_queue_full
+            online = self._presence.view()
             return GatewayStats(
                 messages=dict(self._messages),
                 items_inserted=ingest.inserted,
@@ -287,13 +321,22 @@ class Gateway:
                 blocks_broadcast=c["blocks_broadcast"],
                 reported_stored=c["reported_stored"],
                 desired_published=c["desired_published"],
-                devices_online=sum(1 for s in self._status.values() if s.state == "online"),
+                devices_online=sum(1 for s in online.values() if s.state == "online"),
+                retained_cleared=c["retained_cleared"],
+                ingest_isolations=ingest.isolations,
             )
 
     def online(self) -> dict[str, StatusMessage]:
-        """The latest status message of every device seen (online and offline)."""
-        with self._lock:
-            return dict(self._status)
+        """Every device's effective status (online and offline; see ``PresenceBook``)."""
+        return self._presence.view()
+
+    def misbehaviour(
+        self, device_id: str | None = None, *, top: int = 20
+    ) -> list[DeviceMisbehaviour]:
+        """Refusals per device: one device's (``device_id``) or the ``top`` worst, most first."""
+        if device_id is not None:
+            return [self._misbehaviour.of(device_id)]
+        return self._misbehaviour.top(top)
 
     # ------------------------------------------------------------------ handlers
     def _on_message(self, message: Message) -> None:
@@ -301,12 +344,14 @@ class Gateway:
         try:
             kind, device_id = self._topics.parse(message.topic)
         except ContractError:
-            self._reject("malformed", message.topic)
+            self._reject("malformed", None)
             return
         if device_id is None:
             return
         with self._lock:
             self._messages[kind] += 1
+        if not message.retain:
+            self._presence.heard(device_id)
         if kind != "status" and self._limiter.acquire(device_id) > 0:
             self._reject("rate_limited", device_id)  # not acked: the device sends it again
             return
@@ -322,7 +367,7 @@ class Gateway:
         try:
             handler(kind, device_id, message.payload)
         except Exception:  # a bug must not stop the handler thread; count and go on
-            self._reject("malformed", f"{message.topic} (handler error)")
+            self._reject("malformed", device_id)
             log.exception("gateway handler for %s failed", message.topic)
 
     def _on_telemetry(self, kind: str, device_id: str, payload: bytes) -> None:
@@ -336,15 +381,15 @@ class Gateway:
         if not payload:
             return  # a retained message being cleared
         if len(payload) > MAX_REPORTED_BYTES:
-            self._reject("oversized", device_id)
+            self._reject("oversized", device_id, clear="reported")
             return
         try:
             state = ReportedState.from_bytes(payload)
         except ContractError:
-            self._reject("malformed", device_id)
+            self._reject("malformed", device_id, clear="reported")
             return
         if state.device_id != device_id:
-            self._reject("device_mismatch", device_id)
+            self._reject("device_mismatch", device_id, clear="reported")
             return
         try:
             self._registry.record_reported(device_id, state.to_dict())
@@ -359,21 +404,20 @@ class Gateway:
 
     def _on_status(self, _kind: str, device_id: str, payload: bytes) -> None:
         if not payload:
-            with self._lock:
-                self._status.pop(device_id, None)
+            self._presence.status(device_id, None)
             return
         try:
             status = StatusMessage.from_bytes(payload)
         except ContractError:
-            self._reject("oversized" if len(payload) > 4096 else "malformed", device_id)
+            reason = "oversized" if len(payload) > 4096 else "malformed"
+            self._reject(reason, device_id, clear="status")
             return
         if status.device_id != device_id:
-            self._reject("device_mismatch", device_id)
+            self._reject("device_mismatch", device_id, clear="status")
             return
-        with self._lock:
-            # The broker keeps per-topic order, so the last one received is the current one
-            # (comparing ``at`` would be wrong: the will carries its connection's time).
-            self._status[device_id] = status
+        # The broker keeps per-topic order, so the last one received is the current one
+        # (comparing ``at`` would be wrong: the will carries its connection's time).
+        self._presence.status(device_id, status)
 
     def _on_block_request(self, _kind: str, device_id: str, payload: bytes) -> None:
         self._count("block_requests", 1)
@@ -397,6 +441,20 @@ class Gateway:
             self._count("ack_failures", 1)
             return
         self._count("acks_sent", 1)
+
+    # ------------------------------------------------------------------ entitlements
+    def _entitled_bundles(self, device_id: str) -> frozenset[str]:
+        """SHA-256s of the bundles the device's newest stored desired state names.
+
+        Raises:
+            RegistryError: the database failed.
+            MetadataFormatError: the stored document does not parse.
+        """
+        record = self._registry.latest_desired(device_id)
+        if record is None:
+            return frozenset()
+        desired = parse_document(record.document)
+        return frozenset(a.bundle_sha256 for a in desired.models.values())
 
     # ------------------------------------------------------------------ housekeeping
     def _housekeep(self) -> None:
@@ -435,12 +493,23 @@ class Gateway:
             else:
                 self._counts[name] += n
 
-    def _reject(self, reason: str, where: str) -> None:
+    def _reject(self, reason: str, device_id: str | None, *, clear: str | None = None) -> None:
+        """Count a refused message against its device; ``clear``: the retained topic kind
+        (``status``/``reported``) to empty so the broker stops handing the garbage out."""
         now = self._clock()
         with self._lock:
             self._rejected[reason] += 1
             quiet = now - self._last_log.get(reason, -math.inf) < _LOG_EVERY
             if not quiet:
                 self._last_log[reason] = now
+        if device_id is not None:
+            self._misbehaviour.add(device_id, reason)
         if not quiet:
-            log.warning("gateway rejected a message (%s) from %s", reason, where)
+            log.warning("gateway rejected a message (%s) from %s", reason, device_id)
+        if clear is not None and device_id is not None and self._limiter.acquire(device_id) == 0:
+            topic = self._topics.device(clear, device_id)
+            try:
+                self._client.publish(topic, b"", 1, True)
+            except (TransportError, ContractError):
+                return
+            self._count("retained_cleared", 1)

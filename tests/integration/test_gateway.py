@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,8 @@ from edge_agent.telemetry import MAX_PAYLOAD_BYTES, Batch, Event, TelemetryAck, 
 from edge_agent.topics import Topics
 from edge_agent.transfer import BlockData, BlockPlan, BlockRequest
 from edge_agent.transfer_progress import Progress
+from edge_agent.trust.desired import ModelAssignment
+from fleet_server.desired import make_desired_state
 from fleet_server.gateway import Gateway, GatewayConfig
 from fleet_server.registry import Registry
 from mosquitto import FleetBroker, broker_fixture
@@ -255,14 +259,37 @@ def test_reported_state_lands_in_the_registry_and_status_is_tracked(
 
 
 # --------------------------------------------------------------------------- blocks
-def _publish_bundle(env: dict[str, Any], size: int) -> tuple[bytes, str]:
+def _publish_bundle(
+    env: dict[str, Any], size: int, assign_to: tuple[str, ...] = ("dev-a", "dev-b")
+) -> tuple[bytes, str]:
     data = os.urandom(size)
     sha = hashlib.sha256(data).hexdigest()
     (env["bundles"] / f"{sha}.bundle").write_bytes(data)
     env["registry"].publish_bundle(
         "demo", size, channel="stable", sha256=sha, length=size, targets_sha256="c" * 64
     )
+    for device_id in assign_to:
+        _assign(env["registry"], device_id, sha, size)
     return data, sha
+
+
+def _assign(registry: Registry, device_id: str, sha: str, size: int) -> None:
+    """Store a desired state naming the bundle (the gateway serves only assigned bundles)."""
+    assignment = ModelAssignment(
+        version=size,
+        channel="stable",
+        bundle_sha256=sha,
+        bundle_length=size,
+        targets_sha256="c" * 64,
+    )
+
+    def build(version: int) -> bytes:
+        state = make_desired_state(
+            device_id, version, {"demo": assignment}, datetime.now(UTC).replace(microsecond=0)
+        )
+        return json.dumps({"signed": state.to_dict(), "signatures": []}).encode()
+
+    registry.assign_desired(device_id, build)
 
 
 class Receiver:
@@ -324,6 +351,37 @@ def test_blocks_are_served_unicast_and_reassembled_byte_exact(env: dict[str, Any
     assert stats.rejected["unknown_transfer"] == 1
     assert stats.rejected["malformed"] == 1
     assert stats.blocks_unicast == plan.n_blocks
+
+
+def test_a_device_cannot_fetch_a_bundle_its_desired_state_does_not_name(
+    env: dict[str, Any],
+) -> None:
+    """Knowing a published bundle's digest and length is not enough: dev-b is not assigned it,
+    so it gets no block (unicast or broadcast) and the refusal is counted against dev-b.
+    dev-a, which is assigned it, still gets every block."""
+    gateway: Gateway = env["gateway"]
+    data, sha = _publish_bundle(env, 2 * 65536 + 3, assign_to=("dev-a",))
+    plan = BlockPlan(len(data), sha)
+    b = env["device"]("dev-b")
+    foreign = Receiver(b, plan)
+    foreign.request()
+    wait_until(lambda: gateway.stats().rejected.get("foreign_bundle") == 1, what="refusal")
+    rx = Receiver(env["device"]("dev-a"), plan)
+    rx.request()
+    assert rx.complete.wait(WAIT)
+    assert rx.data() == data
+    foreign.request()  # asking again does not help
+    wait_until(lambda: gateway.stats().rejected.get("foreign_bundle") == 2, what="refusal")
+    assert foreign.sources == {"unicast": 0, "broadcast": 0}
+    [mis] = gateway.misbehaviour("dev-b")
+    assert mis.reasons == {"foreign_bundle": 2}
+    assert gateway.misbehaviour("dev-a")[0].total == 0
+    # Once its desired state names the bundle, dev-b is served like any assigned device.
+    _assign(env["registry"], "dev-b", sha, len(data))
+    gateway.publish_desired("dev-b", b"{}")  # what the service does after storing it
+    foreign.request()
+    assert foreign.complete.wait(WAIT)
+    assert foreign.data() == data
 
 
 def test_blocks_two_devices_want_are_broadcast_once(env: dict[str, Any]) -> None:

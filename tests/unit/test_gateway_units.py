@@ -14,7 +14,8 @@ from edge_agent.transfer import BlockPlan, BlockRequest
 from fleet_server.delivery import Pacer, plan_round
 from fleet_server.errors import RegistryUnavailableError, ServerConfigError
 from fleet_server.gateway import GatewayConfig
-from fleet_server.ingest import IngestItem, IngestWorker, parse_telemetry
+from fleet_server.ingest import IngestWorker
+from fleet_server.ingest_parse import IngestItem, parse_telemetry
 from fleet_server.registry import IngestResult, Registry
 
 PLAN_A = BlockPlan(10 * 65536, "a" * 64)
