@@ -29,6 +29,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from edge_agent import strict_json
 from edge_agent.errors import ContractError
 from edge_agent.fallback_compare import Comparison, compare_outputs
 
@@ -205,17 +206,15 @@ def _unframe(data: bytes) -> tuple[dict[str, Any], memoryview]:
     if n > MAX_HEADER_BYTES or _PREFIX.size + n > len(data):
         raise _fail(f"header length {n} is too large for the message")
     view = memoryview(data)
-    try:
-        header = json.loads(bytes(view[_PREFIX.size : _PREFIX.size + n]), parse_constant=_nan)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise _fail(f"header is not JSON: {exc}") from exc
+    header = strict_json.loads(
+        view[_PREFIX.size : _PREFIX.size + n],
+        max_bytes=MAX_HEADER_BYTES,
+        what="fallback message header",
+        error=ContractError,
+    )
     if not isinstance(header, dict):
         raise _fail("header must be an object")
     return header, view[_PREFIX.size + n :]
-
-
-def _nan(token: str) -> Any:
-    raise _fail(f"header has non-finite number {token}")
 
 
 def _read_tensors(

@@ -37,6 +37,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Final
 
+from edge_agent import strict_json
 from edge_agent.errors import (
     ContractError,
     LengthMismatchError,
@@ -175,19 +176,6 @@ class BlockPlan:
 # --- framing -------------------------------------------------------------------------------
 
 
-def _refuse_constant(token: str) -> Any:
-    raise ContractError(f"non-finite number {token} in header")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ContractError(f"duplicate header field {key!r}")
-        out[key] = value
-    return out
-
-
 def _frame(header: dict[str, Any], payload: bytes = b"") -> bytes:
     raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
     if len(raw) > MAX_HEADER_BYTES:
@@ -210,14 +198,7 @@ def _unframe(
         raise ContractError(f"header length {header_len} out of range 1..{MAX_HEADER_BYTES}")
     if len(data) < 2 + header_len:
         raise ContractError("message truncated inside its header")
-    try:
-        header = json.loads(
-            data[2 : 2 + header_len].decode("utf-8"),
-            object_pairs_hook=_no_duplicates,
-            parse_constant=_refuse_constant,
-        )
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ContractError(f"header is not JSON: {exc}") from None
+    header = strict_json.loads(data[2 : 2 + header_len], max_bytes=MAX_HEADER_BYTES, what="header")
     if not isinstance(header, dict):
         raise ContractError("header must be a JSON object")
     if set(header) != keys:

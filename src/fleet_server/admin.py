@@ -4,9 +4,12 @@ Every route except ``GET /healthz`` needs ``Authorization: Bearer <token>`` (com
 constant time); ``GET /metrics`` (Prometheus text format) is token-protected too, because it
 shares the admin port: give Prometheus the token with ``authorization: {credentials_file: ...}``.
 Bodies are JSON in and out (``POST /v1/models`` takes the raw bundle as
-``application/octet-stream``); every request body is size-capped while it streams. Errors are
-``{"error": message, "code": stable_code}`` with 400 (bad input, untrusted bundle), 401, 404,
-409 (exists / revoked), 413 (too large) or 503 (database or broker unavailable).
+``application/octet-stream``); every request body is size-capped while it streams, and every
+body, query value and path value is read through ``fleet_server.admin_input`` (strict JSON,
+bounded integers, no control characters). Errors are ``{"error": message, "code":
+stable_code}`` with 400 (bad input, untrusted bundle), 401, 404 (also an unknown route), 405,
+409 (exists / revoked), 413 (too large) or 503 (database or broker unavailable); messages never
+hold an absolute filesystem path, and a bug answers 500 ``internal`` with no details.
 
 Routes (v1)::
 
@@ -23,7 +26,6 @@ Owns: HTTP, JSON shapes and the error mapping. Decisions live in ``fleet_server.
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -37,6 +39,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -47,6 +50,15 @@ from edge_agent.errors import (
     ContractError,
     EdgefleetError,
     TransportError,
+)
+from fleet_server.admin_input import (
+    AdminInputError,
+    json_object,
+    public_message,
+    query_int,
+    query_text,
+    read_body,
+    req_field,
 )
 from fleet_server.errors import (
     BundleExistsError,
@@ -85,18 +97,20 @@ _STATUS: tuple[tuple[type[EdgefleetError], int], ...] = (
 )
 
 
-class _HttpError(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-
-
 def _error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": message, "code": code}, status_code=status)
+    return JSONResponse({"error": public_message(message), "code": code}, status_code=status)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405 (unknown route, wrong method) in the API's error shape."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    code = {404: "not_found", 405: "method_not_allowed"}.get(status, "bad_request")
+    return _error(status, code, exc.detail if isinstance(exc, HTTPException) else "error")
 
 
 def _status_of(exc: EdgefleetError) -> int:
+    if isinstance(exc, AdminInputError):
+        return exc.status
     if isinstance(exc, LibraryError) and exc.code == "bundle_library":
         return 503  # the disk, not the bundle
     for cls, status in _STATUS:
@@ -227,8 +241,6 @@ def create_app(
                 return _error(401, "unauthorized", "missing or wrong bearer token")
             try:
                 return await handler(request)
-            except _HttpError as exc:
-                return _error(exc.status, exc.code, str(exc))
             except EdgefleetError as exc:
                 return _error(_status_of(exc), exc.code, str(exc))
             except Exception:
@@ -237,45 +249,14 @@ def create_app(
 
         return run
 
-    async def body(request: Request, cap: int) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > cap):
-            raise _HttpError(413, "too_large", f"request body over {cap} bytes")
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > cap:
-                raise _HttpError(413, "too_large", f"request body over {cap} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
     async def json_body(request: Request) -> dict[str, Any]:
-        raw = await body(request, max_request_bytes)
-        try:
-            data = json.loads(raw)
-        except ValueError as exc:
-            raise _HttpError(400, "bad_json", f"body is not JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise _HttpError(400, "bad_json", "body must be a JSON object")
-        return data
+        return json_object(await read_body(request, max_request_bytes))
 
-    def field(data: dict[str, Any], name: str, kind: type[Any], default: Any = ...) -> Any:
-        value = data.get(name, default)
-        if value is ...:
-            raise _HttpError(400, "bad_request", f"missing field {name!r}")
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise _HttpError(400, "bad_request", f"field {name!r} must be {kind.__name__}")
+    def path_id(request: Request, name: str) -> str:
+        value = query_text(request.path_params, name)
+        if value is None:
+            raise AdminInputError(f"{name} is empty")
         return value
-
-    def query_int(request: Request, name: str, default: int) -> int:
-        raw = request.query_params.get(name)
-        if raw is None or raw == "":
-            return default
-        try:
-            return int(raw)
-        except ValueError as exc:
-            raise _HttpError(400, "bad_request", f"{name} must be an integer") from exc
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"ok": True})
@@ -285,59 +266,59 @@ def create_app(
         return JSONResponse(asdict(st))
 
     async def list_devices(request: Request) -> Response:
-        views = await run_in_threadpool(service.devices, request.query_params.get("group"))
+        views = await run_in_threadpool(service.devices, query_text(request.query_params, "group"))
         return JSONResponse({"devices": [device_json(v) for v in views]})
 
     async def show_device(request: Request) -> Response:
-        view = await run_in_threadpool(service.device, request.path_params["device_id"])
+        view = await run_in_threadpool(service.device, path_id(request, "device_id"))
         return JSONResponse(device_json(view, detail=True))
 
     async def register_device(request: Request) -> Response:
         data = await json_body(request)
-        device_id = field(data, "id", str)
-        group = field(data, "group", str, "default")
-        tags = field(data, "tags", dict, {})
-        serial = field(data, "cert_serial", str, None) if data.get("cert_serial") else None
+        device_id = req_field(data, "id", str, limit=128)
+        group = req_field(data, "group", str, "default", limit=128)
+        tags = req_field(data, "tags", dict, {})
+        serial = req_field(data, "cert_serial", str, None) if data.get("cert_serial") else None
         record = await run_in_threadpool(
             lambda: service.enroll_device(device_id, group=group, tags=tags, cert_serial=serial)
         )
         return JSONResponse(_record_json(record), status_code=201)
 
     async def revoke_device(request: Request) -> Response:
-        record = await run_in_threadpool(service.revoke_device, request.path_params["device_id"])
+        record = await run_in_threadpool(service.revoke_device, path_id(request, "device_id"))
         return JSONResponse(_record_json(record))
 
     async def list_models(request: Request) -> Response:
-        models = await run_in_threadpool(service.list_models, request.query_params.get("name"))
+        models = await run_in_threadpool(
+            service.list_models, query_text(request.query_params, "name")
+        )
         return JSONResponse({"models": [model_json(b) for b in models]})
 
     async def publish_model(request: Request) -> Response:
-        data = await body(request, max_upload_bytes)
+        data = await read_body(request, max_upload_bytes)
         record = await run_in_threadpool(service.publish_model_bytes, data)
         return JSONResponse(model_json(record), status_code=201)
 
     async def assign(request: Request) -> Response:
         data = await json_body(request)
-        target = field(data, "target", str)
-        group = field(data, "group", bool, False)
-        model = field(data, "model", str)
-        version = field(data, "version", int)
+        target = req_field(data, "target", str, limit=128)
+        group = req_field(data, "group", bool, False)
+        model = req_field(data, "model", str, limit=128)
+        version = req_field(data, "version", int, lo=1)
         results = await run_in_threadpool(
             lambda: service.assign(target, model, version, group=group)
         )
         return JSONResponse({"results": [asdict(r) for r in results]})
 
     async def start_wave(request: Request) -> Response:
-        sha256 = field(await json_body(request), "sha256", str)
+        sha256 = req_field(await json_body(request), "sha256", str, limit=64)
         wave = await run_in_threadpool(service.start_wave, sha256)
         return JSONResponse({"wave": wave, "sha256": sha256}, status_code=202)
 
     async def telemetry(request: Request) -> Response:
-        after_id = query_int(request, "after_id", 0)
-        limit = query_int(request, "limit", 100)
-        device = request.query_params.get("device_id") or None
-        if after_id < 0 or not 1 <= limit <= 10_000:
-            raise _HttpError(400, "bad_request", "after_id must be >= 0 and limit 1..10000")
+        after_id = query_int(request.query_params, "after_id", 0)
+        limit = query_int(request.query_params, "limit", 100, lo=1, hi=10_000)
+        device = query_text(request.query_params, "device_id", limit=128)
         rows = await run_in_threadpool(
             lambda: service.telemetry(after_id=after_id, device_id=device, limit=limit)
         )
@@ -363,7 +344,7 @@ def create_app(
     ]
     for provide in extra_routes:
         routes += provide(guarded)
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
 
 
 class AdminServer:

@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from fleet_server.admin_input import MAX_ID, AdminInputError, query_int, query_text
 from fleet_server.drift_service import DriftQuery, DriftService, parse_duration, parse_time
 from fleet_server.errors import FleetDriftError
 from fleet_server.fleet_drift import CohortSpec
@@ -27,32 +28,47 @@ __all__ = ["drift_query", "drift_routes"]
 
 Handler = Callable[[Request], Awaitable[Response]]
 _TRUE = ("1", "true", "yes")
+# Times are Unix seconds: anything outside 1970..~5138 is not a time a report can cover.
+_MAX_TIME = 1e11
+_MAX_BUCKET = 366 * 86400.0
 
 
 def drift_query(params: dict[str, str], service: DriftService) -> tuple[DriftQuery, bool]:
     """The query (and whether views were asked for) from URL parameters.
 
     Raises:
-        FleetDriftError: a missing model or a malformed parameter.
+        FleetDriftError: a missing model or a malformed parameter (also one that is too long,
+            holds control characters, or is out of range).
     """
-    model = params.get("model", "")
+    try:
+        model = query_text(params, "model", limit=128)
+        version = query_int(params, "version", -1, lo=0, hi=MAX_ID)
+        by, since, until, bucket = (
+            query_text(params, k, limit=64) for k in ("by", "since", "until", "bucket")
+        )
+    except AdminInputError as exc:
+        raise FleetDriftError(str(exc)) from exc
     if not model:
         raise FleetDriftError("model is required")
-    raw_version = params.get("version") or None
-    if raw_version is not None and not raw_version.isdigit():
-        raise FleetDriftError(f"version must be a non-negative integer, got {raw_version!r}")
     now = service.now()
-    since, until, bucket = (params.get(k) or None for k in ("since", "until", "bucket"))
     query = DriftQuery(
         model=model,
-        version=None if raw_version is None else int(raw_version),
-        by=CohortSpec.parse(params.get("by")),
-        since=None if since is None else parse_time(since, now),
-        until=None if until is None else parse_time(until, now),
-        bucket_seconds=None if bucket is None else parse_duration(bucket),
+        version=None if version < 0 else version,
+        by=CohortSpec.parse(by),
+        since=None if since is None else _bounded(parse_time(since, now), "since", _MAX_TIME),
+        until=None if until is None else _bounded(parse_time(until, now), "until", _MAX_TIME),
+        bucket_seconds=(
+            None if bucket is None else _bounded(parse_duration(bucket), "bucket", _MAX_BUCKET)
+        ),
         per_device=params.get("devices", "1").lower() in _TRUE,
     )
     return query, params.get("views", "0").lower() in _TRUE
+
+
+def _bounded(value: float, name: str, hi: float) -> float:
+    if not 0 <= value <= hi:
+        raise FleetDriftError(f"{name} is out of range (0..{hi:.0f} seconds)")
+    return value
 
 
 def drift_routes(service: DriftService, guarded: Callable[[Handler], Handler]) -> list[Route]:

@@ -19,7 +19,6 @@ Owns: HTTP and JSON shapes. Decisions live in ``fleet_server.rollout``, I/O in t
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -29,6 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from fleet_server.admin_input import MAX_ID, json_object, query_text, read_body
 from fleet_server.errors import QuarantinedVersionError, RolloutPolicyError, RolloutStateError
 from fleet_server.registry import rollout_to_dict
 from fleet_server.registry import rollouts as store
@@ -65,33 +65,56 @@ def rollout_status(runner: RolloutRunner, r: Rollout, *, events: bool = True) ->
     return out
 
 
+def _text(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 128 and value.isprintable()
+
+
 def _parse_create(data: Any) -> dict[str, Any]:
     """Validate a create body. Raises: RolloutPolicyError (the message names the field)."""
     if not isinstance(data, dict):
         raise RolloutPolicyError("body must be a JSON object")
     model, version = data.get("model"), data.get("version")
-    if not isinstance(model, str) or not model:
-        raise RolloutPolicyError("field 'model' must be a non-empty string")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise RolloutPolicyError("field 'version' must be a positive integer")
+    if not _text(model):
+        raise RolloutPolicyError("field 'model' must be a printable string of 1-128 characters")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= MAX_ID:
+        raise RolloutPolicyError(f"field 'version' must be an integer in 1..{MAX_ID}")
     frm = data.get("from_version")
-    if frm is not None and (not isinstance(frm, int) or isinstance(frm, bool)):
-        raise RolloutPolicyError("field 'from_version' must be an integer or null")
+    if frm is not None and (
+        not isinstance(frm, int) or isinstance(frm, bool) or not 0 <= frm <= MAX_ID
+    ):
+        raise RolloutPolicyError(f"field 'from_version' must be an integer in 0..{MAX_ID} or null")
     group, tags = data.get("group"), data.get("tags") or {}
-    if group is not None and not isinstance(group, str):
-        raise RolloutPolicyError("field 'group' must be a string")
-    if not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values()):
-        raise RolloutPolicyError("field 'tags' must be an object of strings")
+    if group is not None and not _text(group):
+        raise RolloutPolicyError("field 'group' must be a printable string of 1-128 characters")
+    if (
+        not isinstance(tags, dict)
+        or len(tags) > 64
+        or not all(_text(k) and _text(v) for k, v in tags.items())
+    ):
+        raise RolloutPolicyError("field 'tags' must be an object of printable strings")
     policy = data.get("policy") or {}
     if not isinstance(policy, dict):
         raise RolloutPolicyError("field 'policy' must be an object")
+    try:
+        parsed = RolloutPolicy.from_dict(policy)
+    # The policy's own checks compare and convert values; a value of a type or size they did
+    # not expect is still an invalid policy, not a server error.
+    except (TypeError, ValueError, OverflowError, ArithmeticError) as exc:
+        raise RolloutPolicyError(f"invalid policy: {type(exc).__name__}: {exc}") from exc
     return {
         "model": model,
         "version": version,
         "from_version": frm,
         "selector": Selector(group=group, tags=tags),
-        "policy": RolloutPolicy.from_dict(policy),
+        "policy": parsed,
     }
+
+
+def _rollout_id(request: Request) -> str:
+    value = query_text(request.path_params, "rollout_id", limit=128)
+    if value is None:
+        raise RolloutPolicyError("rollout id is empty")
+    return value
 
 
 def rollout_routes(runner: RolloutRunner, guarded: Callable[[Handler], Handler]) -> list[Route]:
@@ -112,17 +135,7 @@ def rollout_routes(runner: RolloutRunner, guarded: Callable[[Handler], Handler])
         return JSONResponse({"rollouts": [rollout_to_dict(r) for r in rows]})
 
     async def create(request: Request) -> Response:
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY):
-            return _error(413, "too_large", f"request body over {MAX_BODY} bytes")
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
-            return _error(413, "too_large", f"request body over {MAX_BODY} bytes")
-        try:
-            data = json.loads(raw)
-        except ValueError as exc:
-            return _error(400, "bad_json", f"body is not JSON: {exc}")
-        args = _parse_create(data)
+        args = _parse_create(json_object(await read_body(request, MAX_BODY)))
         r = await run_in_threadpool(
             lambda: runner.create(
                 args["model"],
@@ -135,13 +148,13 @@ def rollout_routes(runner: RolloutRunner, guarded: Callable[[Handler], Handler])
         return JSONResponse(rollout_to_dict(r), status_code=201)
 
     async def show(request: Request) -> Response:
-        rollout_id = request.path_params["rollout_id"]
+        rollout_id = _rollout_id(request)
         out = await run_in_threadpool(lambda: rollout_status(runner, runner.get(rollout_id)))
         return JSONResponse(out)
 
     def command(name: str) -> Handler:
         async def run(request: Request) -> Response:
-            rollout_id = request.path_params["rollout_id"]
+            rollout_id = _rollout_id(request)
             r = await run_in_threadpool(getattr(runner, name), rollout_id)
             return JSONResponse(rollout_to_dict(r))
 

@@ -13,6 +13,7 @@ the returned ``LibraryEntry`` to ``Registry.publish_bundle``) or MQTT delivery (
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -22,12 +23,13 @@ from typing import Any
 
 from edge_agent.bundle.archive import read_bundle
 from edge_agent.durable import fsync_dir, write_atomic
-from edge_agent.errors import BundleFormatError, BundleVerificationError
+from edge_agent.errors import BundleFormatError, BundleVerificationError, ContractError
 from edge_agent.trust import TrustedRoot
 from fleet_server.errors import BundleRejectedError, LibraryError
 
 __all__ = ["BUNDLE_SUFFIX", "DEFAULT_MAX_BUNDLE_BYTES", "BundleLibrary", "LibraryEntry"]
 
+log = logging.getLogger(__name__)
 BUNDLE_SUFFIX = ".bundle"
 DEFAULT_MAX_BUNDLE_BYTES = 1024 * 1024 * 1024
 _STAGING = ".staging"
@@ -117,17 +119,20 @@ class BundleLibrary:
             raise BundleRejectedError("bundle is empty", reason="bundle_format")
         sha256 = hashlib.sha256(data).hexdigest()
         staging = self._dir / _STAGING / f"{sha256}.{secrets.token_hex(4)}.efb"
+        # Messages name no path: they reach API clients (the log has the details).
         try:
             staging.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(staging, data)
         except OSError as exc:
-            raise LibraryError(f"cannot write to the bundle library {self._dir}: {exc}") from exc
+            log.error("cannot write %s: %s", staging, exc)
+            raise LibraryError(f"cannot write to the bundle library: {_reason(exc)}") from exc
         try:
             entry = self._verify(staging, data, sha256)
             staging.replace(self.path_of(sha256))
             fsync_dir(self._dir)
         except OSError as exc:
-            raise LibraryError(f"cannot store bundle {sha256}: {exc}") from exc
+            log.error("cannot store %s: %s", self.path_of(sha256), exc)
+            raise LibraryError(f"cannot store bundle {sha256}: {_reason(exc)}") from exc
         finally:
             staging.unlink(missing_ok=True)
         return entry
@@ -141,7 +146,7 @@ class BundleLibrary:
             raise BundleRejectedError(
                 f"bundle is not trusted by the builder root: {exc}", reason=exc.code
             ) from exc
-        except BundleFormatError as exc:
+        except (BundleFormatError, ContractError) as exc:
             raise BundleRejectedError(f"not a readable bundle: {exc}", reason=exc.code) from exc
         manifest = loaded.manifest
         full = manifest.to_dict()
@@ -155,3 +160,8 @@ class BundleLibrary:
             manifest={k: full[k] for k in _SUMMARY_KEYS if k in full},
             path=self.path_of(sha256),
         )
+
+
+def _reason(exc: OSError) -> str:
+    """An OS error without the file names it carries."""
+    return exc.strerror or type(exc).__name__

@@ -11,6 +11,13 @@ to disk by member name, never follows links, refuses extra or out-of-order membe
 each member's declared size against its cap before reading a byte of it: the artifact's cap is
 the signed length from the verified manifest (endless-data protection).
 
+After the artifact only what a tar writer puts there is accepted: zero bytes, at most the two
+512-byte end-of-archive blocks plus the zero padding to the next 10240-byte record (what
+``bundle_bytes``, Python's ``tarfile`` and GNU tar write; a shorter zero tail, even none, is
+accepted too). Any non-zero byte or any byte beyond that is refused: a bundle is exactly one
+archive, so nothing can ride along unsigned after it. Error messages never name the file's path
+(a server's staging path is nobody's business).
+
 Owns: the file layout and the I/O. Does not own: the verification decisions
 (``edge_agent.trust``).
 """
@@ -25,7 +32,7 @@ from datetime import datetime
 from pathlib import Path
 
 from edge_agent import durable
-from edge_agent.contract.manifest import BundleManifest, DeviceProfile
+from edge_agent.contract.manifest import MAX_MANIFEST_BYTES, BundleManifest, DeviceProfile
 from edge_agent.errors import BundleFormatError, LengthMismatchError
 from edge_agent.trust import (
     ArtifactDigest,
@@ -35,11 +42,14 @@ from edge_agent.trust import (
     verify_signed_manifest,
     verify_targets,
 )
-from edge_agent.trust.verify import MAX_MANIFEST_BYTES, MAX_TARGETS_BYTES
+from edge_agent.trust.verify import MAX_TARGETS_BYTES
 
 TARGETS_MEMBER = "targets.json"
 ARTIFACT_MEMBERS = ("model.onnx", "model.tflite")
 _BLOCK = 512
+# What ``tarfile`` (and GNU tar's default blocking factor) pads an archive to: after the last
+# member come two zero blocks, then zeros up to the next multiple of this.
+_RECORD = 20 * _BLOCK
 MANIFEST_MEMBER = "manifest.json"
 BUNDLE_SUFFIX = ".efb"
 _CHUNK = 1024 * 1024
@@ -107,14 +117,18 @@ def read_raw(
     use this only for tooling that re-signs or inspects, never to install.
 
     Raises:
-        BundleFormatError: not a bundle, truncated, or members missing / out of order / oversized.
+        BundleFormatError: not a bundle, truncated, or members missing / out of order / oversized,
+            or (with ``with_artifact``) data after the end of the archive.
         LengthMismatchError: a member is larger than its cap.
     """
     with _UstarReader(path) as tar:
         targets = tar.read(tar.next(TARGETS_MEMBER), MAX_TARGETS_BYTES)
         manifest = tar.read(tar.next(MANIFEST_MEMBER), MAX_MANIFEST_BYTES)
         art = tar.next(None)
-        data = tar.read(art, max_artifact_bytes) if with_artifact else None
+        data = None
+        if with_artifact:
+            data = tar.read(art, max_artifact_bytes)
+            tar.expect_end()
         return RawBundle(targets, manifest, art.name, art.size, data)
 
 
@@ -136,7 +150,7 @@ def read_bundle(
     signed manifest length; the artifact only up to the signed artifact length.
 
     Raises:
-        BundleFormatError: the file is not a well-formed bundle.
+        BundleFormatError: the file is not a well-formed bundle, or has data after its archive.
         BundleVerificationError: any verification failure (see ``edge_agent.trust.verify``).
     """
     with _UstarReader(path) as tar:
@@ -189,10 +203,11 @@ class _UstarReader:
         try:
             self._fh = Path(path).open("rb")  # noqa: SIM115 - closed by __exit__
         except FileNotFoundError as exc:
-            raise BundleFormatError(f"no bundle at {path}") from exc
+            raise BundleFormatError(f"no bundle file named {Path(path).name!r}") from exc
         except OSError as exc:
-            raise BundleFormatError(f"cannot open {path}: {exc}") from exc
-        self._path = path
+            raise BundleFormatError(
+                f"cannot open bundle {Path(path).name!r}: {exc.strerror or 'I/O error'}"
+            ) from exc
         self._pending = 0  # unread data + padding of the current member
 
     def __enter__(self) -> _UstarReader:
@@ -207,7 +222,7 @@ class _UstarReader:
             self._pending = 0
         block = self._fh.read(_BLOCK)
         if len(block) < _BLOCK:
-            raise BundleFormatError(f"{self._path} is truncated (incomplete tar header)")
+            raise BundleFormatError("bundle is truncated (incomplete tar header)")
         if block == b"\0" * _BLOCK:
             return None
         return block
@@ -261,17 +276,24 @@ class _UstarReader:
         return data
 
     def expect_end(self) -> None:
-        """Only end-of-archive blocks may follow.
+        """Only what a tar writer puts after the last member may follow (see the module doc).
 
         Raises:
-            BundleFormatError: another member follows.
+            BundleFormatError: another member, non-zero bytes, or more zero bytes than the
+                end-of-archive blocks and the record padding.
         """
-        try:
-            block = self._header()
-        except BundleFormatError:
-            return  # a missing end marker after the last member is harmless
-        if block is not None:
-            raise BundleFormatError("bundle has members after the artifact")
+        if self._pending:
+            self._fh.seek(self._pending, 1)
+            self._pending = 0
+        end = self._fh.tell()
+        allowed = end + 2 * _BLOCK
+        allowed += -allowed % _RECORD
+        allowed -= end
+        tail = self._fh.read(allowed + 1)
+        if tail[:_BLOCK].strip(b"\0"):
+            raise BundleFormatError("bundle has data after the artifact (member or appended bytes)")
+        if tail.strip(b"\0") or len(tail) > allowed:
+            raise BundleFormatError("bundle has bytes after the end of its archive")
 
 
 def sha256_file(path: Path) -> str:

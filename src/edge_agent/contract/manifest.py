@@ -18,12 +18,17 @@ from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
+from edge_agent import strict_json
 from edge_agent.contract._fields import req, req_float, req_int, req_list, req_str
 from edge_agent.contract.inputs import InputContract, OutputContract
 from edge_agent.drift import DriftBaseline
 from edge_agent.errors import ContractError, IncompatibleTargetError
 
 SCHEMA_VERSION = 1
+#: The largest manifest any reader accepts (golden samples make it the biggest document).
+MAX_MANIFEST_BYTES = 32 * 1024 * 1024
+#: Versions are exact in every JSON reader and fit every database's BIGINT.
+MAX_VERSION = 2**53 - 1
 ARTIFACT_FORMATS = ("onnx", "tflite")
 RUNTIME_FOR_FORMAT = {"onnx": "onnxruntime", "tflite": "litert"}
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
@@ -259,8 +264,8 @@ class BundleManifest:
 
     def __post_init__(self) -> None:
         validate_model_name(self.name)
-        if self.version < 1:
-            raise ContractError("version must be a positive integer")
+        if not 1 <= self.version <= MAX_VERSION:
+            raise ContractError(f"version must be a positive integer of at most {MAX_VERSION}")
         if not _NAME_RE.match(self.channel):
             raise ContractError(f"invalid channel {self.channel!r}")
         if self.schema_version != SCHEMA_VERSION:
@@ -330,10 +335,13 @@ class BundleManifest:
         """Parse canonical or plain JSON manifest bytes.
 
         Raises:
-            ContractError: not UTF-8 JSON, or not a valid manifest.
+            ContractError: not UTF-8 JSON, larger than ``MAX_MANIFEST_BYTES``, beyond the
+                limits of ``edge_agent.strict_json``, or not a valid manifest.
         """
+        obj = strict_json.loads(data, max_bytes=MAX_MANIFEST_BYTES, what="manifest")
         try:
-            obj = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ContractError(f"manifest is not valid JSON: {exc}") from exc
-        return cls.from_dict(obj)
+            return cls.from_dict(obj)
+        # A safety net at the byte boundary: from_dict raises ContractError for every problem
+        # it knows of; a value that trips a library call (numpy, packaging) is still bad input.
+        except (TypeError, ValueError, KeyError, IndexError, OverflowError, AttributeError) as exc:
+            raise ContractError(f"manifest is invalid: {type(exc).__name__}: {exc}") from exc

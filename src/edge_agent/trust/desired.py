@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -63,6 +62,7 @@ from securesystemslib.exceptions import FormatError, VerificationError
 from securesystemslib.formats import encode_canonical
 from securesystemslib.signer import Signature
 
+from edge_agent import strict_json
 from edge_agent.contract.manifest import BundleManifest
 from edge_agent.errors import (
     DigestMismatchError,
@@ -306,37 +306,18 @@ def encode_envelope(state: DesiredState, signatures: list[Signature]) -> bytes:
     )
 
 
-def _reject_constant(name: str) -> Any:
-    raise MetadataFormatError(f"non-finite number {name} in desired state")
-
-
-def _reject_float(text: str) -> Any:
-    raise MetadataFormatError(f"floating-point number {text} in desired state")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise MetadataFormatError(f"duplicate JSON key {key!r}")
-        out[key] = value
-    return out
-
-
 def _parse_envelope(data: bytes) -> tuple[DesiredState, bytes, dict[str, Signature]]:
     if not isinstance(data, bytes | bytearray) or len(data) > MAX_DESIRED_STATE_BYTES:
         raise MetadataFormatError(
             f"desired state must be bytes of at most {MAX_DESIRED_STATE_BYTES}"
         )
-    try:
-        doc = json.loads(
-            bytes(data).decode("utf-8"),
-            object_pairs_hook=_no_duplicates,
-            parse_constant=_reject_constant,
-            parse_float=_reject_float,
-        )
-    except (ValueError, RecursionError) as exc:
-        raise MetadataFormatError(f"desired state is not valid JSON: {exc}") from exc
+    doc = strict_json.loads(
+        data,
+        max_bytes=MAX_DESIRED_STATE_BYTES,
+        what="desired state",
+        error=MetadataFormatError,
+        floats=False,
+    )
     env = _exact_keys(doc, frozenset({"signed", "signatures"}), "desired-state envelope")
     state = DesiredState.from_dict(env["signed"])
     raw_sigs = env["signatures"]

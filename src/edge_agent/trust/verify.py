@@ -48,7 +48,6 @@ from edge_agent.trust.root import TrustedRoot, parse_metadata
 
 CUSTOM_KEY = "edgefleet"
 MAX_TARGETS_BYTES = 1024 * 1024
-MAX_MANIFEST_BYTES = 32 * 1024 * 1024
 
 
 @dataclass(frozen=True)
