@@ -5,6 +5,10 @@ batch size, payload size), which raise ``InputValidationError`` naming the field
 checks (NaN, Inf, per-feature range), which are counted by reason and then either reject the
 request or drop the bad rows, as the model's policy says. Pure: arrays in, a result out.
 
+Types: a numpy array must already have the contract's dtype (never cast, as the Open Inference
+Protocol asks: an FP64 tensor sent to an FP32 input is an error, not a silent rounding); nested
+lists and Python scalars, which carry no element type, are converted to it.
+
 The hot path is a handful of whole-array numpy reductions; per-row detail is only computed when a
 fast check fails.
 """
@@ -21,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_agent.contract import InputContract, TensorSpec
+from edge_agent.contract.inputs import PROTOCOL_DATATYPES
 from edge_agent.errors import InputValidationError
 
 Array = npt.NDArray[Any]
@@ -134,8 +139,8 @@ class Validator:
             payload_bytes: size of the request body, when known (else the arrays' size).
 
         Returns:
-            The feeds cast to the contract's dtypes, with bad rows removed under the ``drop``
-            policy, and counts of bad rows by reason.
+            The feeds in the contract's dtypes (only untyped values are converted), with bad
+            rows removed under the ``drop`` policy, and counts of bad rows by reason.
 
         Raises:
             InputValidationError: a structural problem (``reason`` says which, ``field`` names
@@ -231,6 +236,14 @@ class Validator:
             )
         if x.dtype == t.dtype:
             return x
+        if isinstance(value, np.ndarray):
+            # A typed tensor (every tensor the v2 API decodes) is never cast: an FP64, FP16 or
+            # INT64 tensor sent to an FP32 input is refused, as the protocol asks.
+            raise InputValidationError(
+                f"input {name!r} is {_wire(x.dtype)} but the model's input is {_wire(t.dtype)}",
+                field=name,
+                reason="dtype",
+            )
         if x.dtype.kind == "b" and t.dtype.kind != "b":
             raise InputValidationError(
                 f"input {name!r} is boolean, expected {t.dtype}", field=name, reason="dtype"
@@ -322,6 +335,11 @@ class Validator:
         return next(
             (t.spec.name for t in self._tensors if not self._all_fine(t, arrays[t.spec.name])), None
         )
+
+
+def _wire(dtype: np.dtype[Any]) -> str:
+    """The protocol's datatype name for messages (numpy's name when it has none)."""
+    return PROTOCOL_DATATYPES.get(dtype.name, dtype.name)
 
 
 _UNSIGNED_OF: dict[int, np.dtype[Any]] = {

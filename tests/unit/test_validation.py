@@ -72,12 +72,34 @@ def test_payload_limit() -> None:
         Validator(contract()).validate(feeds(), payload_bytes=(1 << 20) + 1)
 
 
-def test_valid_request_passes_and_casts() -> None:
-    r = Validator(contract()).validate(feeds(img=np.full((2, 2, 3), 0.25), seq=[[1, 2], [3, 4]]))
+def test_valid_request_passes_and_converts_untyped_values() -> None:
+    img = [[[0.25] * 3] * 2] * 2
+    r = Validator(contract()).validate(feeds(img=img, seq=[[1, 2], [3, 4]]))
     assert r.rows_kept == r.rows_in == 2
     assert r.feeds["img"].dtype == np.float32
     assert r.feeds["seq"].dtype == np.int64
     assert not r.rejected
+
+
+CONTRACT_DTYPES = ["float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64"]
+CONTRACT_DTYPES += ["bool"]
+SENT_DTYPES = [*CONTRACT_DTYPES, "uint16", "uint32", "uint64"]
+
+
+@pytest.mark.parametrize("sent", SENT_DTYPES)
+@pytest.mark.parametrize("declared", CONTRACT_DTYPES)
+def test_a_typed_tensor_is_never_cast(declared: str, sent: str) -> None:
+    spec = TensorSpec("x", declared, (DimSpec(min=1, max=4), DimSpec(size=2)))
+    x = np.ones((2, 2), sent)
+    if sent == declared:
+        assert Validator(InputContract((spec,))).validate({"x": x}).feeds["x"].dtype == x.dtype
+        return
+    with pytest.raises(InputValidationError) as info:
+        Validator(InputContract((spec,))).validate({"x": x})
+    assert info.value.reason == "dtype"
+    assert info.value.field == "x"
+    wire = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "bool": "BOOL"}
+    assert wire.get(declared, declared.upper()) in str(info.value)
 
 
 def _bad_rows() -> dict[str, Any]:

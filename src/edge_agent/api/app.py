@@ -63,8 +63,10 @@ from edge_agent.api.header_cache import RequestDecoder
 from edge_agent.api.metrics import ApiMetrics
 from edge_agent.api.ratelimit import RateLimiter
 from edge_agent.config import ApiConfig
+from edge_agent.contract.inputs import protocol_datatype
 from edge_agent.errors import (
     ConfigError,
+    ContractError,
     EdgefleetError,
     FallbackError,
     InputValidationError,
@@ -77,6 +79,7 @@ from edge_agent.service import InferenceRequest, InferenceResult, InferenceServi
 
 __all__ = [
     "DEFAULT_MAX_CONCURRENCY",
+    "EXTENSIONS",
     "INLINE_BYTES",
     "INLINE_ELEMENTS",
     "INLINE_SERVICE_S",
@@ -89,6 +92,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 UDS_CLIENT = "uds"
+# The protocol extensions this API serves (``GET /v2``).
+EXTENSIONS = ("binary_tensor_data",)
 DEFAULT_MAX_CONCURRENCY = 16
 # Below these sizes decoding / encoding costs tens of microseconds: cheaper on the event loop than
 # a thread hop (and the GIL hand-offs it brings); above them it moves to the worker threads.
@@ -116,6 +121,28 @@ def _elements(outputs: Mapping[str, Any]) -> int:
     for value in outputs.values():
         total += value.size if type(value) is np.ndarray else int(np.size(value))
     return total
+
+
+def _protocol_metadata(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Model metadata with the protocol's datatype names (``FP32``, not numpy's ``float32``).
+
+    A generic v2 client builds its request from these names, and the API accepts exactly them.
+    """
+    document = dict(meta)
+    for key in ("inputs", "outputs"):
+        tensors = document.get(key)
+        if isinstance(tensors, list):
+            document[key] = [_protocol_tensor(t) for t in tensors]
+    return document
+
+
+def _protocol_tensor(tensor: Any) -> Any:
+    if not isinstance(tensor, Mapping) or not isinstance(tensor.get("datatype"), str):
+        return tensor
+    try:
+        return {**tensor, "datatype": protocol_datatype(tensor["datatype"])}
+    except ContractError:
+        return tensor  # a runtime type the protocol has no name for: say what it is
 
 
 def _target(request: Request) -> tuple[str, str | None]:
@@ -217,10 +244,9 @@ class _Api:
             meta = dict(await run_in_threadpool(self.service.server_metadata))
         except Exception as exc:
             return self._failure(exc)[2]
-        extensions = list(meta.get("extensions") or [])
-        if "binary_tensor_data" not in extensions:
-            extensions.append("binary_tensor_data")  # this API implements it, whatever the agent
-        meta["extensions"] = extensions
+        # Only what this API implements, whatever the service claims: a client that sees an
+        # extension calls its endpoints (the model repository's index is not served here).
+        meta["extensions"] = list(EXTENSIONS)
         return _json(meta)
 
     async def model_metadata(self, request: Request) -> Response:
@@ -244,7 +270,8 @@ class _Api:
             return self._failure(exc)
         self._vouch(name)
         if endpoint == "metadata" or value:
-            response = _json(value if endpoint == "metadata" else {"name": name, "ready": True})
+            document = _protocol_metadata(value) if endpoint == "metadata" else None
+            response = _json(document or {"name": name, "ready": True})
             return m.OUTCOME_OK, m.NO_REASON, response
         suffix = "" if version is None else f" version {version!r}"
         response = _error(503, f"model {name!r}{suffix} is not ready")

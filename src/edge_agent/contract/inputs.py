@@ -31,6 +31,30 @@ PREPROCESSING_KINDS = ("identity", "affine")
 TASKS = ("classification", "regression", "raw")
 SCORE_KINDS = ("probabilities", "logits")
 DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")
+# The Open Inference Protocol's (KServe v2) name of each element type: what model metadata says
+# and what a request's ``datatype`` must be. Contracts and runtimes use numpy's names.
+# fmt: off
+PROTOCOL_DATATYPES = {
+    "bool": "BOOL", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32", "uint64": "UINT64",
+    "int8": "INT8", "int16": "INT16", "int32": "INT32", "int64": "INT64",
+    "float16": "FP16", "float32": "FP32", "float64": "FP64",
+    "str": "BYTES", "bytes": "BYTES", "object": "BYTES",
+}
+# fmt: on
+
+
+def protocol_datatype(dtype: str) -> str:
+    """The protocol's name (``FP32``) of a numpy dtype name (``float32``); protocol names pass.
+
+    Raises:
+        ContractError: neither a known numpy name nor a protocol name.
+    """
+    name = PROTOCOL_DATATYPES.get(dtype)
+    if name is not None:
+        return name
+    if dtype in PROTOCOL_DATATYPES.values():
+        return dtype
+    raise ContractError(f"dtype {dtype!r} has no Open Inference Protocol datatype")
 
 
 @dataclass(frozen=True)
