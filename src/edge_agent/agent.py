@@ -201,18 +201,36 @@ class Agent:
                 raise ModelStoreError(f"{name} v{version} cannot be served")
 
     def reload_changed(self) -> list[str]:
-        """Pick up installs and rollbacks made by another process (the CLI); names reloaded."""
+        """Pick up installs, rollbacks and root rotations made by another process (the CLI).
+
+        A model marked down for its active version (``ModelState.down``) is not retried here:
+        nothing changed since it failed. It is retried when another version becomes active,
+        and at start.
+
+        Returns:
+            The names now serving a different version than before.
+        """
         changed = []
         with self._control:
+            try:
+                self.store.refresh_root()
+            except EdgefleetError as exc:
+                log.error("stored root not picked up: %s", exc)
             for name in self.store.names():
                 entry = self.registry.get(name)
                 try:
-                    active = self.store.state(name).active
+                    state = self.store.state(name)
                 except EdgefleetError as exc:
                     log.error("%s: unreadable state: %s", name, exc)
                     continue
-                if active is not None and (entry is None or entry.pipeline.version != active):
-                    self._activate_safely(name)
+                active = state.active
+                if active is None or (entry is not None and entry.pipeline.version == active):
+                    continue
+                if entry is None and state.down is not None and state.down.version == active:
+                    continue  # known down, cause already logged and recorded
+                self._activate_safely(name)
+                now = self.registry.get(name)
+                if now is not None and now is not entry:
                     changed.append(name)
         return changed
 
@@ -266,8 +284,36 @@ class Agent:
         return True
 
     def ready(self) -> bool:
-        names = self.store.names()
-        return bool(names) and all(self.registry.get(n) is not None for n in names)
+        """Server ready (KServe v2): models are installed and every one of them serves."""
+        return bool(self.store.names()) and not self.not_ready()
+
+    def not_ready(self) -> dict[str, str]:
+        """Installed models that do not serve, each with why (the store's down record first).
+
+        What ``/v2/health/ready`` and ``/v2/models/{name}/ready`` answer with when not ready.
+        """
+        out: dict[str, str] = {}
+        for name in self.store.names():
+            if self.registry.get(name) is None:
+                out[name] = self._why_not_serving(name)
+        return out
+
+    def _why_not_serving(self, name: str) -> str:
+        try:
+            state = self.store.state(name)
+        except EdgefleetError as exc:
+            return f"state unreadable: {exc}"
+        if state.down is not None:
+            return f"v{state.down.version} down since {state.down.at}: {state.down.reason}"
+        if state.active is None:
+            return "no active version"
+        for event in reversed(self.registry.events):
+            if event.get("model") == name and event.get("event") in (
+                "load_failed",
+                "admission_refused",
+            ):
+                return f"v{state.active} not loaded: {event.get('detail')}"
+        return f"v{state.active} not loaded yet"
 
     def server_metadata(self) -> dict[str, Any]:
         return {
@@ -323,7 +369,21 @@ class Agent:
         }
 
     def model_ready(self, name: str, version: str | None = None) -> bool:
+        """Whether ``name`` (``version``) serves.
+
+        Raises:
+            ModelStoreError: ``name`` is installed but does not serve (the message says why).
+            ModelNotFoundError: no such model or version.
+        """
+        if version is None and self.registry.get(name) is None:
+            raise self._not_serving(name)
         return self._entry(name, version) is not None
+
+    def _not_serving(self, name: str) -> ModelStoreError:
+        """The error for a request to a model that is not loaded: why, when it is installed."""
+        if name in self.store.names():
+            return ModelStoreError(f"model {name!r} is not ready: {self._why_not_serving(name)}")
+        return ModelNotFoundError(f"model {name!r} is not loaded")
 
     def infer(self, request: InferenceRequest) -> InferenceResult:
         """Route, run and account for one request (see the module docstring)."""
@@ -360,7 +420,7 @@ class Agent:
         if entry is None:
             if self.cloud is not None and self.config.fallback.mode != "device_only":
                 return self._cloud(request, None, "local_unavailable", arm)
-            raise ModelNotFoundError(f"model {name!r} is not loaded")
+            raise self._not_serving(name)
         try:
             result = self._run_local(entry, request)
         except InputValidationError as invalid:

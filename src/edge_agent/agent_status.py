@@ -37,6 +37,8 @@ def status_snapshot(agent: Agent) -> dict[str, Any]:
         "started_at": agent.started_at,
         "ready": agent.ready(),
         "models": models,
+        # Installed models that do not serve, and why (a down record survives restarts).
+        "not_ready": agent.not_ready(),
         "counts": {**dict(agent.counts), **transport_counts(agent._transport)},
         "rollbacks": agent.registry.rollbacks,
         "events": agent.registry.events[-20:],

@@ -197,6 +197,7 @@ def status(config_path: Path | None, as_json: bool) -> None:
     cfg = _config(config_path)
     with _store(cfg) as store:
         states = [store.state(n) for n in store.names()]
+        root_version, root_warning = store.root.version, store.root_warning
     client = AgentClient(cfg.api, timeout=2.0)
     try:
         daemon = "ready" if client.ready() else "not ready"
@@ -204,10 +205,16 @@ def status(config_path: Path | None, as_json: bool) -> None:
         daemon = "not running"
     sync = _sync_status(cfg)
     if as_json:
-        out = {"daemon": daemon, "models": [s.to_dict() for s in states], "sync": sync}
+        out = {
+            "daemon": daemon,
+            "root": {"version": root_version, "warning": root_warning or None},
+            "models": [s.to_dict() for s in states],
+            "sync": sync,
+        }
         click.echo(json.dumps(out, indent=2))
         return
     click.echo(f"daemon: {daemon}")
+    click.echo(f"trusted root: v{root_version}" + (f" ({root_warning})" if root_warning else ""))
     if sync is not None:
         click.echo(
             f"fleet sync: {'connected' if sync.get('connected') else 'not connected'}, desired "
@@ -222,6 +229,9 @@ def status(config_path: Path | None, as_json: bool) -> None:
     for s in states:
         rec = s.active_record
         last = s.events[-1] if s.events else {}
+        if s.down is not None and s.down.version == s.active:
+            click.echo(f"{s.name:<24} v{s.active} DOWN since {s.down.at}: {s.down.reason}"[:2000])
+            continue
         click.echo(
             f"{s.name:<24} v{s.active} {rec.status if rec else '-':<10} last event: "
             f"{last.get('event', '-')} {last.get('detail', '')}".rstrip()
@@ -310,6 +320,65 @@ def identity_install(config_path: Path | None, cert: Path) -> None:
     store = IdentityStore(Path(cfg.sync.identity_dir))
     store.install_certificate(cert.read_bytes(), cfg.device_id, datetime.now(UTC))
     click.echo(str(store.cert_path))
+
+
+@cli.group()
+def root() -> None:
+    """The device's trusted root: show it, rotate it with signed new versions."""
+
+
+@root.command("update")
+@click.argument(
+    "files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@config_option
+def root_update(files: tuple[Path, ...], config_path: Path | None) -> None:
+    """Rotate to newer root versions FILES (in version order; known versions are skipped).
+
+    Each version must be exactly the next one and signed by a threshold of the previous root's
+    keys and of its own. A running daemon picks the new root up within seconds.
+    """
+    chain = []
+    for path in files:
+        try:
+            chain.append(path.read_bytes())
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc}") from exc
+    with _store(_config(config_path)) as store:
+        before = store.root.version
+        after = store.update_roots(chain)
+    if after.version == before:
+        click.echo(f"trusted root stays v{before} (nothing newer in the files)")
+    else:
+        click.echo(f"trusted root rotated v{before} -> v{after.version}")
+
+
+@root.command("show")
+@config_option
+@json_option
+def root_show(config_path: Path | None, as_json: bool) -> None:
+    """The trusted root: version, expiry, and each role's key ids and threshold."""
+    with _store(_config(config_path)) as store:
+        trusted, warning = store.root, store.root_warning
+    roles: dict[str, dict[str, Any]] = {
+        r: {"threshold": trusted.threshold(r), "keyids": list(trusted.keyids(r))}
+        for r in ("root", "targets", "timestamp", "snapshot")
+    }
+    if as_json:
+        out = {
+            "version": trusted.version,
+            "expires": trusted.expires.isoformat(),
+            "roles": roles,
+            "warning": warning or None,
+        }
+        click.echo(json.dumps(out, indent=2))
+        return
+    click.echo(f"root v{trusted.version}, expires {trusted.expires.isoformat()}")
+    for r, d in roles.items():
+        ids = ", ".join(k[:16] for k in d["keyids"])
+        click.echo(f"  {r:<10} threshold {d['threshold']}: {ids}")
+    if warning:
+        click.echo(f"warning: {warning}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,8 +3,9 @@
 Owns: turning an installed version into a serving ``ModelPipeline`` (re-verify the bundle, load
 the runtime, run the golden samples), refusing a load that would exceed the memory budget,
 and falling back by itself to the last good version when a new one fails its health check,
-recording why in the store. Thread-safe: the agent's request threads read the table while the
-control thread swaps entries.
+recording why in the store; when nothing can serve a model it is marked down in the store with
+the cause, which is logged once per process (not on every reload). Thread-safe: the agent's
+request threads read the table while the control thread swaps entries.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ class Registry:
         # must be quick and must not raise.
         self.event_sink: Callable[[dict[str, object]], None] | None = None
         self.rollbacks = 0
+        # (name, version, reason) already logged as down: a cause is logged once per process.
+        self._down_logged: set[tuple[str, int, str]] = set()
 
     # --------------------------------------------------------------------------- reading
     def get(self, key: str) -> Loaded | None:
@@ -125,7 +128,9 @@ class Registry:
                 self._event(name, active, "load_failed", reason)
                 if self._fall_back(name, reason):
                     continue
-                if (
+                if serving is None and active is not None:
+                    self._mark_down(name, active, reason)
+                elif (
                     serving is not None
                     and active is not None
                     and serving.pipeline.version != active
@@ -140,8 +145,28 @@ class Registry:
                         log.error("%s: cannot record the failed update: %s", name, store_exc)
                 return serving
             self._swap(name, entry)
+            try:
+                self.store.clear_down(name, entry.pipeline.version)
+            except EdgefleetError as exc:
+                log.error("%s: cannot record that it serves again: %s", name, exc)
             return entry
         return serving
+
+    def _mark_down(self, name: str, version: int, reason: str) -> None:
+        """Nothing can serve ``name``: persist why (store state) and log it once per cause."""
+        try:
+            self.store.mark_down(name, version, reason)
+        except EdgefleetError as exc:
+            log.error("%s: cannot record why it is down: %s", name, exc)
+        if (name, version, reason) not in self._down_logged:
+            self._down_logged.add((name, version, reason))
+            log.error(
+                "%s v%d not served: %s; no other good version to roll back to (it stays down "
+                "until another version is installed or reverted to, or the agent restarts)",
+                name,
+                version,
+                reason,
+            )
 
     def _active_or_none(self, name: str) -> int | None:
         try:
@@ -249,8 +274,8 @@ class Registry:
     def _fall_back(self, name: str, reason: str) -> bool:
         try:
             self.store.rollback(name, reason)
-        except EdgefleetError as exc:
-            log.error("%s: cannot roll back to a good version: %s", name, exc)
+        except EdgefleetError as exc:  # the caller says what happens instead (once)
+            log.debug("%s: cannot roll back to a good version: %s", name, exc)
             return False
         self.rollbacks += 1
         log.warning("%s rolled back by itself: %s", name, reason)

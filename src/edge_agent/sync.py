@@ -47,6 +47,7 @@ from edge_agent.reported import ModelReport, ReportedState
 from edge_agent.telemetry import Resources, event_from_registry, report_from_status
 from edge_agent.topics import Topics
 from edge_agent.transfer import BlockData, BlockRequest
+from edge_agent.trust import split_roots
 from edge_agent.trust.desired import (
     DesiredState,
     verify_desired_state,
@@ -111,6 +112,7 @@ class SyncAgent:
         self._desired_path = self._dir / "desired.json"
         self._accepted: DesiredState | None = None
         self._accepted_bytes = b""
+        self._last_message = b""
         self._inbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         self._events: queue.SimpleQueue[dict[str, object]] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -127,7 +129,12 @@ class SyncAgent:
         self._drops = 0
         self._report_due = time.monotonic() + FIRST_REPORT_SECONDS
         self._window_start = clock()
-        self._counts: dict[str, int] = {"desired_accepted": 0, "desired_rejected": 0}
+        self._counts: dict[str, int] = {
+            "desired_accepted": 0,
+            "desired_rejected": 0,
+            "root_rotations": 0,
+            "roots_rejected": 0,
+        }
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -170,6 +177,7 @@ class SyncAgent:
         return {
             "connected": self.client.connected,
             "desired_version": self._accepted.version if self._accepted else 0,
+            "root_version": self._store.root.version,
             **self._deploy.status(),
             "counts": self.counts,
             "uplink": vars(self.uplink.stats()),
@@ -256,9 +264,19 @@ class SyncAgent:
         self._accepted, self._accepted_bytes = state, data
         self._deploy.apply(state)
 
-    def _handle_desired(self, data: bytes) -> None:
-        if data == self._accepted_bytes:
+    def _handle_desired(self, message: bytes) -> None:
+        if message == self._last_message:
             return  # the retained copy again (every reconnect)
+        self._last_message = message
+        try:
+            data, roots = split_roots(message)
+        except EdgefleetError as exc:
+            self._refuse_desired(exc)
+            return
+        if roots:
+            self._rotate_root(roots)  # first: the desired state may need the new keys
+        if data == self._accepted_bytes:
+            return
         last = self._accepted.version if self._accepted else self._version_of_saved()
         try:
             state = verify_desired_state(
@@ -269,9 +287,7 @@ class SyncAgent:
                 last_version=last,
             )
         except EdgefleetError as exc:
-            self._counts["desired_rejected"] += 1
-            log.warning("desired state refused: %s", exc)
-            self._event(None, None, "desired_rejected", str(exc))
+            self._refuse_desired(exc)
             return
         try:
             write_atomic(self._desired_path, data, mode=0o600)
@@ -282,6 +298,28 @@ class SyncAgent:
         log.info("desired state v%d accepted: %s", state.version, dict(state.models))
         self._accepted, self._accepted_bytes = state, data
         self._deploy.apply(state)
+
+    def _refuse_desired(self, exc: EdgefleetError) -> None:
+        self._counts["desired_rejected"] += 1
+        log.warning("desired state refused: %s", exc)
+        self._event(None, None, "desired_rejected", str(exc))
+
+    def _rotate_root(self, roots: tuple[bytes, ...]) -> None:
+        """Walk the root chain that came with a desired state; the store persists the result.
+
+        A refused chain changes nothing (the device keeps its root) and is reported as a
+        ``desired_rejected`` event; the desired state beside it is still judged on its own.
+        """
+        before = self._store.root.version
+        try:
+            root = self._store.update_roots(roots)
+        except EdgefleetError as exc:
+            self._counts["roots_rejected"] += 1
+            log.warning("root chain refused, keeping root v%d: %s", before, exc)
+            self._event(None, None, "desired_rejected", f"root chain refused: {exc}")
+            return
+        if root.version != before:
+            self._counts["root_rotations"] += 1  # the store logs the rotation
 
     def _version_of_saved(self) -> int:
         # The saved document failed verification at start (expired): its version still counts.

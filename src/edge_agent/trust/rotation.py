@@ -31,7 +31,6 @@ Attack -> check -> error:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -40,6 +39,7 @@ from typing import Any
 from securesystemslib.exceptions import FormatError
 from securesystemslib.formats import encode_canonical
 
+from edge_agent import strict_json
 from edge_agent.errors import BundleVerificationError, MetadataFormatError, RootRotationError
 from edge_agent.trust.root import TrustedRoot, parse_metadata
 
@@ -138,23 +138,6 @@ def choose_root(stored: TrustedRoot | None, provisioned: TrustedRoot) -> RootCho
 
 
 # ------------------------------------------------------------------------------------ wire
-def _reject_constant(name: str) -> Any:
-    raise MetadataFormatError(f"non-finite number {name} in desired-state message")
-
-
-def _reject_float(text: str) -> Any:
-    raise MetadataFormatError(f"floating-point number {text} in desired-state message")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise MetadataFormatError(f"duplicate JSON key {key!r}")
-        out[key] = value
-    return out
-
-
 def _canonical(obj: Any) -> bytes:
     try:
         return str(encode_canonical(obj)).encode("utf-8")
@@ -163,15 +146,9 @@ def _canonical(obj: Any) -> bytes:
 
 
 def _loads(data: bytes, what: str) -> Any:
-    try:
-        return json.loads(
-            bytes(data).decode("utf-8"),
-            object_pairs_hook=_no_duplicates,
-            parse_constant=_reject_constant,
-            parse_float=_reject_float,
-        )
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError, int digits, nesting
-        raise MetadataFormatError(f"{what} is not valid JSON: {exc}") from exc
+    return strict_json.loads(
+        data, max_bytes=MAX_MESSAGE_BYTES, what=what, error=MetadataFormatError, floats=False
+    )
 
 
 def split_roots(data: bytes) -> tuple[bytes, tuple[bytes, ...]]:
