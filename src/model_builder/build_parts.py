@@ -11,6 +11,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_agent.contract import Compatibility, GoldenSample, OutputContract
+from edge_agent.contract.cpu import TARGET_CPU_FEATURES
 from edge_agent.runtime.base import Runtime
 from model_builder.data import Dataset
 from model_builder.gate import GateOutcome
@@ -135,8 +136,14 @@ def compatibility(
     min_ort = _ORT_FOR_OPSET.get(main, "1.8" if main < 13 else max(_ORT_FOR_OPSET.values()))
     int8 = recipe.get("mode") in ("static", "dynamic")
     arch = config.arch or (ARCH_FOR_TARGET.get(target, ("any",)) if int8 else ("any",))
+    # Signed with the rest: a bundle quantized for VNNI must not install where it computes wrong.
+    features = TARGET_CPU_FEATURES.get(target, ()) if int8 else ()
     return Compatibility(
-        runtime="onnxruntime", min_runtime_version=min_ort, arch=arch, opsets=opsets
+        runtime="onnxruntime",
+        min_runtime_version=min_ort,
+        arch=arch,
+        opsets=opsets,
+        cpu_features=features,
     )
 
 

@@ -238,6 +238,7 @@ def inspect(bundle: Path, as_json: bool) -> None:
     click.echo(
         f"runtime {c.runtime} >= {c.min_runtime_version}, arch {','.join(c.arch)}, "
         f"accelerator {c.accelerator}"
+        + (f", cpu features {' '.join(c.cpu_features)}" if c.cpu_features else "")
     )
     for t in m.inputs.tensors:
         dims = ",".join(str(d.size) if d.size else f"{d.min}..{d.max}" for d in t.shape)
@@ -283,6 +284,11 @@ def inspect(bundle: Path, as_json: bool) -> None:
 @click.option(
     "--runtime-version", default=None, help="Runtime version of the target device (with --arch)."
 )
+@click.option(
+    "--cpu-features",
+    default=None,
+    help="The device's CPU flags, space or comma separated (with --arch; default: unchecked).",
+)
 @click.option("--installed-version", type=int, default=None)
 @json_option
 def verify(
@@ -292,6 +298,7 @@ def verify(
     keystore_dir: Path | None,
     arch: str | None,
     runtime_version: str | None,
+    cpu_features: str | None,
     installed_version: int | None,
     as_json: bool,
 ) -> None:
@@ -308,7 +315,11 @@ def verify(
             raise click.UsageError("--arch needs --runtime-version (the device's runtime)")
         # The device is described without reading the (still unverified) manifest.
         device = DeviceProfile(
-            arch=arch, runtimes={"onnxruntime": runtime_version, "litert": runtime_version}
+            arch=arch,
+            runtimes={"onnxruntime": runtime_version, "litert": runtime_version},
+            cpu_features=None
+            if cpu_features is None
+            else frozenset(cpu_features.replace(",", " ").lower().split()),
         )
     loaded = read_bundle(
         bundle, root, now=_now(), installed_version=installed_version, device=device

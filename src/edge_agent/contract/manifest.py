@@ -20,6 +20,7 @@ from packaging.version import InvalidVersion, Version
 
 from edge_agent import strict_json
 from edge_agent.contract._fields import req, req_float, req_int, req_list, req_str
+from edge_agent.contract.cpu import unmet_requirements, validate_requirements
 from edge_agent.contract.inputs import InputContract, OutputContract
 from edge_agent.drift import DriftBaseline
 from edge_agent.errors import ContractError, IncompatibleTargetError
@@ -130,6 +131,8 @@ class DeviceProfile:
     arch: str
     runtimes: Mapping[str, str]  # runtime name -> installed version
     accelerators: tuple[str, ...] = ("cpu",)
+    # CPU feature flags (``/proc/cpuinfo``); None = not known, bundles' feature needs unchecked.
+    cpu_features: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,8 @@ class Compatibility:
     """Where a bundle may run: runtime and minimum version, opset, CPU architectures, accelerator.
 
     ``arch`` lists accepted ``platform.machine()`` values after normalisation (``x86_64``,
-    ``aarch64``, ``armv7l``); ``("any",)`` accepts all.
+    ``aarch64``, ``armv7l``); ``("any",)`` accepts all. ``cpu_features`` lists CPU features the
+    device must offer (see ``contract.cpu``; empty, and absent from the JSON, for none).
     """
 
     runtime: str
@@ -145,6 +149,7 @@ class Compatibility:
     arch: tuple[str, ...] = ("any",)
     accelerator: str = "cpu"
     opsets: Mapping[str, int] = field(default_factory=dict)
+    cpu_features: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIME_FOR_FORMAT.values():
@@ -155,13 +160,14 @@ class Compatibility:
             raise ContractError(f"bad min_runtime_version {self.min_runtime_version!r}") from exc
         if not self.arch:
             raise ContractError("compatibility.arch must list at least one architecture")
+        validate_requirements(self.cpu_features)
 
     def check(self, device: DeviceProfile) -> None:
         """Raise IncompatibleTargetError unless ``device`` can run this bundle.
 
         Raises:
-            IncompatibleTargetError: wrong architecture, missing or too old runtime, or missing
-                accelerator.
+            IncompatibleTargetError: wrong architecture, missing or too old runtime, missing
+                accelerator, or a CPU feature the device does not offer.
         """
         arch = normalise_arch(device.arch)
         if "any" not in self.arch and arch not in self.arch:
@@ -184,6 +190,13 @@ class Compatibility:
                 f"bundle needs accelerator {self.accelerator!r}; device offers "
                 f"{', '.join(device.accelerators)}"
             )
+        if self.cpu_features and device.cpu_features is not None:
+            unmet = unmet_requirements(self.cpu_features, device.cpu_features)
+            if unmet:
+                raise IncompatibleTargetError(
+                    f"bundle needs CPU features {', '.join(unmet)} that this device's CPU "
+                    "lacks; build it for a portable target (--target x86 or arm64)"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -192,6 +205,8 @@ class Compatibility:
             "arch": list(self.arch),
             "accelerator": self.accelerator,
             "opsets": dict(self.opsets),
+            # Absent when empty: manifests without requirements keep their exact bytes.
+            **({"cpu_features": list(self.cpu_features)} if self.cpu_features else {}),
         }
 
     @classmethod
@@ -206,6 +221,9 @@ class Compatibility:
             arch=tuple(str(a) for a in req_list(d, "arch")),
             accelerator=req_str(d, "accelerator"),
             opsets=dict(opsets),
+            cpu_features=validate_requirements(
+                req_list(d, "cpu_features") if "cpu_features" in d else []
+            ),
         )
 
 
