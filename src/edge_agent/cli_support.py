@@ -11,6 +11,7 @@ Each error family maps to a stable exit code so scripts can react without parsin
     6  key store problem
     7  model or runtime problem (load, quantize, run)
     8  model store problem (disk full, no good version to roll back to, corrupt state)
+    9  the command needs an optional extra that is not installed (``edge_agent.cli_extras``)
 
 The boundary prints one line, ``error[<code>]: <message>``, to stderr.
 """
@@ -48,6 +49,7 @@ EXIT_GATE = 5
 EXIT_KEYS = 6
 EXIT_RUNTIME = 7
 EXIT_STORE = 8
+EXIT_MISSING_EXTRA = 9
 
 BASE_EXIT_CODES: Mapping[type[EdgefleetError], int] = {
     BundleVerificationError: EXIT_UNTRUSTED,
