@@ -55,7 +55,10 @@ def _int(v: Any, what: str, lo: int = 0) -> int:
 def _num(v: Any, what: str, *, lo: float = 0.0) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise ContractError(f"{what} must be a number")
-    out = float(v)
+    try:
+        out = float(v)
+    except OverflowError as exc:  # an integer beyond any float
+        raise ContractError(f"{what} must be finite and >= {lo}") from exc
     if not math.isfinite(out) or out < lo:
         raise ContractError(f"{what} must be finite and >= {lo}")
     return out

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -48,6 +49,7 @@ __all__ = [
 #: ``kind`` of the placeholder row stored for an entry that was refused (see the docstring).
 REFUSED_KIND: Final = "refused"
 _MAX_SEQ: Final = 2**53 - 1  # the wire's integer range
+_SAFE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class IngestItem:
 
 def refused_entry(seq: int, reason: str, was: str) -> TelemetryEntry:
     """The placeholder stored instead of an entry that cannot be stored (see the docstring)."""
+    if not _SAFE.fullmatch(was):  # the placeholder itself must always be storable
+        was = "unknown"
     return TelemetryEntry(seq, REFUSED_KIND, {"reason": reason, "was": was})
 
 
@@ -119,7 +123,12 @@ def refusal_reason(error: RegistryError) -> str:
 def _salvage(kind: str, device_id: str, payload: bytes) -> IngestItem | str:
     """The strict parse failed: keep the valid entries, placeholders for the invalid ones."""
     try:
-        doc = json.loads(bytes(payload).decode("utf-8"))
+        doc = json.loads(
+            bytes(payload).decode("utf-8"),
+            parse_constant=_no_constant,
+            parse_int=_bounded_int,
+            object_pairs_hook=_no_duplicates,
+        )
     except (UnicodeDecodeError, ValueError, RecursionError):
         return "malformed"
     if not isinstance(doc, dict) or doc.get("schema_version") != SCHEMA_VERSION:
@@ -171,3 +180,20 @@ def _entries(
         except ContractError:
             out.append(refused_entry(seq, "malformed", str(t)))
     return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate keys")
+    return out
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > 20:  # every seq and count fits; no quadratic int() either
+        raise ValueError("integer out of range")
+    return int(text)
