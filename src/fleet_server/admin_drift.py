@@ -55,17 +55,24 @@ def drift_query(params: dict[str, str], service: DriftService) -> tuple[DriftQue
         model=model,
         version=None if version < 0 else version,
         by=CohortSpec.parse(by),
-        since=None if since is None else _bounded(parse_time(since, now), "since", _MAX_TIME),
-        until=None if until is None else _bounded(parse_time(until, now), "until", _MAX_TIME),
-        bucket_seconds=(
-            None if bucket is None else _bounded(parse_duration(bucket), "bucket", _MAX_BUCKET)
-        ),
+        since=_seconds(since, "since", lambda t: parse_time(t, now), _MAX_TIME),
+        until=_seconds(until, "until", lambda t: parse_time(t, now), _MAX_TIME),
+        bucket_seconds=_seconds(bucket, "bucket", parse_duration, _MAX_BUCKET),
         per_device=params.get("devices", "1").lower() in _TRUE,
     )
     return query, params.get("views", "0").lower() in _TRUE
 
 
-def _bounded(value: float, name: str, hi: float) -> float:
+def _seconds(text: str | None, name: str, parse: Callable[[str], float], hi: float) -> float | None:
+    """``parse(text)`` within ``0..hi``; only ASCII reaches the parser (``"²".isdigit()``)."""
+    if text is None:
+        return None
+    if not text.isascii():
+        raise FleetDriftError(f"{name} must be ASCII, got {text!r}")
+    try:
+        value = parse(text)
+    except (ValueError, OverflowError) as exc:
+        raise FleetDriftError(f"{name} is not a time or duration: {text!r}") from exc
     if not 0 <= value <= hi:
         raise FleetDriftError(f"{name} is out of range (0..{hi:.0f} seconds)")
     return value

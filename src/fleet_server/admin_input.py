@@ -46,8 +46,8 @@ MAX_TEXT: Final = 1024
 _INT = re.compile(r"-?[0-9]{1,19}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 # An absolute POSIX path of two or more components (``/tmp/x/y.efb``), not a URL path inside
-# a word (``http://h/v1``) and not a route (``/v1/models``: that is one we print on purpose).
-_ABS_PATH = re.compile(r"(?<![\w:/.])(/(?:[^\s/:'\"]+/)+)([^\s/:'\"]*)")
+# a word (``http://h/v1``) and not an API route (``/v1/models``: one we name on purpose).
+_ABS_PATH = re.compile(r"(?<![\w:/.])(?!/v\d+/)(/(?:[^\s/:'\"]+/)+)([^\s/:'\"]*)")
 
 
 class AdminInputError(EdgefleetError):
