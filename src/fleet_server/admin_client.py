@@ -186,3 +186,11 @@ class AdminClient:
     def rollout_command(self, rollout_id: str, command: str) -> dict[str, Any]:
         """``POST /v1/rollouts/{id}/{approve|pause|resume|abort}``. Raises: AdminApiError."""
         return dict(self._call("POST", f"/v1/rollouts/{rollout_id}/{command}"))
+
+    def root(self) -> dict[str, Any]:
+        """``GET /v1/root``: the fleet's current root. Raises: AdminApiError."""
+        return dict(self._call("GET", "/v1/root"))
+
+    def rotate_root(self, roots: list[Any]) -> dict[str, Any]:
+        """``POST /v1/root`` with root metadata objects in version order. Raises: AdminApiError."""
+        return dict(self._call("POST", "/v1/root", json={"roots": roots}))

@@ -39,6 +39,7 @@ from fleet_server.ca import CertificateAuthority
 from fleet_server.cli_admin import register_admin_commands
 from fleet_server.cli_drift import register_drift_commands
 from fleet_server.cli_rollouts import register_rollout_commands
+from fleet_server.cli_root import register_root_commands
 from fleet_server.errors import (
     AdminApiError,
     AdminAuthError,
@@ -291,6 +292,7 @@ def serve(config_path: Path) -> int:
 register_admin_commands(cli, devices)
 register_drift_commands(cli)
 register_rollout_commands(cli)
+register_root_commands(cli)
 
 
 def main(argv: list[str] | None = None) -> None:

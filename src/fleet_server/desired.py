@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from securesystemslib.signer import Signer
 
 from edge_agent.trust.desired import DesiredState, ModelAssignment, encode_envelope
+from edge_agent.trust.rotation import attach_roots
 
 __all__ = ["DEFAULT_TTL", "make_desired_state", "sign_desired_state"]
 
@@ -52,21 +53,27 @@ def make_desired_state(
     return DesiredState(device_id=device_id, version=version, expires=expires, models=models)
 
 
-def sign_desired_state(state: DesiredState, signers: Sequence[Signer]) -> bytes:
+def sign_desired_state(
+    state: DesiredState, signers: Sequence[Signer], roots: Sequence[bytes] = ()
+) -> bytes:
     """Sign ``state`` with each signer (e.g. ``KeyStore.signer("online-1")``) and encode it.
 
     Args:
         state: the document to sign.
         signers: online (``timestamp`` role) signers; enough of them to reach the threshold.
+        roots: root versions after v1 (``ServerRoots.chain()``), carried beside the envelope
+            so a device rotates its root before it judges the document (which may be signed
+            by a key only the newer root lists). Root metadata is self-authenticating: the
+            online signature does not cover it. Empty: the plain envelope.
 
     Returns:
-        The envelope bytes to publish (canonical JSON).
+        The message to publish (canonical JSON).
 
     Raises:
         ValueError: no signer given.
-        MetadataFormatError: two signers share a key.
+        MetadataFormatError: two signers share a key, or a root is not JSON.
     """
     if not signers:
         raise ValueError("at least one signer is needed")
     payload = state.signed_bytes()
-    return encode_envelope(state, [s.sign(payload) for s in signers])
+    return attach_roots(encode_envelope(state, [s.sign(payload) for s in signers]), roots)

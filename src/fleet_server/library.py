@@ -72,6 +72,10 @@ class BundleLibrary:
         self._clock = clock
         self._max_bytes = max_bytes
 
+    def use_root(self, root: TrustedRoot) -> None:
+        """Verify bundles added from now on with ``root`` (after a root rotation)."""
+        self._root = root
+
     @property
     def directory(self) -> Path:
         """Where bundle files live (the gateway's ``bundles_dir``)."""

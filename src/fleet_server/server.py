@@ -1,7 +1,8 @@
 """``fleet-server serve``: wire the registry, MQTT gateway, service and admin API, run, stop.
 
 Start-up order (each step refuses to start on a typed error, before anything is served):
-admin token, builder root, online signer (its key must be one of the root's ``timestamp`` keys,
+admin token, builder root (the provisioned one and the versions rotated to since,
+``fleet_server.roots``), online signer (its key must be one of the root's ``timestamp`` keys,
 or every document it signs would be refused by devices), registry open + upgrade, MQTT client
 connect, gateway start, admin API start. Shutdown on SIGTERM/SIGINT runs in reverse: admin API
 stopped (in-flight requests finish), gateway closed (queued telemetry stored), MQTT closed,
@@ -30,6 +31,7 @@ from edge_agent.trust.desired import SIGNING_ROLE
 from fleet_server.admin import AdminServer, create_app
 from fleet_server.admin_drift import drift_routes
 from fleet_server.admin_rollouts import rollout_routes
+from fleet_server.admin_root import root_routes
 from fleet_server.config import ApiConfig, ServerConfig
 from fleet_server.drift_service import DriftService
 from fleet_server.errors import ServerConfigError
@@ -39,6 +41,7 @@ from fleet_server.leader import leader_lock
 from fleet_server.library import BundleLibrary
 from fleet_server.registry import Registry
 from fleet_server.rollout_runner import RolloutRunner
+from fleet_server.roots import ServerRoots
 from fleet_server.service import FleetService
 
 __all__ = ["load_online_signer", "read_admin_token", "run"]
@@ -85,13 +88,6 @@ def load_online_signer(path: Path, root: TrustedRoot, passphrase: bytes | None) 
     return signer
 
 
-def _load_root(path: str) -> TrustedRoot:
-    try:
-        return TrustedRoot.from_bytes(Path(path).read_bytes())
-    except OSError as exc:
-        raise ServerConfigError(f"signing.root_path {path} cannot be read: {exc}") from exc
-
-
 def run(
     config: ServerConfig,
     *,
@@ -107,7 +103,12 @@ def run(
         OSError: the admin API cannot listen.
     """
     token = read_admin_token(config.api)
-    root = _load_root(config.signing.root_path)
+    roots = ServerRoots.open(
+        Path(config.signing.root_path),
+        Path(config.registry.state_dir) / "roots",
+        clock=lambda: datetime.now(UTC),
+    )
+    root = roots.current
     signer = load_online_signer(Path(config.signing.online_key), root, passphrase)
     stop = stop or threading.Event()
     _install_signals(stop)
@@ -167,9 +168,10 @@ def run(
             [signer],
             clock=lambda: datetime.now(UTC),
             ttl=timedelta(seconds=config.signing.desired_ttl_seconds),
+            roots=roots,
         )
         if config.fallback.enabled:
-            fallback = _start_fallback(config, client, root, library, registry)
+            fallback = _start_fallback(config, client, roots, library, registry)
         drift = DriftService(registry, library.directory)
         # Every worker takes rollout commands; only the holder of the leader lock steps them.
         runner = RolloutRunner(
@@ -188,6 +190,7 @@ def run(
             extra_routes=(
                 lambda guard: drift_routes(drift, guard),
                 lambda guard: rollout_routes(runner, guard),
+                lambda guard: root_routes(service, guard),
             ),
             extra_metrics=(("fallback", fallback.stats),) if fallback is not None else (),
         )
@@ -211,7 +214,7 @@ def run(
 def _start_fallback(
     config: ServerConfig,
     client: MqttClient,
-    root: TrustedRoot,
+    roots: ServerRoots,
     library: BundleLibrary,
     registry: Registry,
 ) -> FallbackWorker:
@@ -236,7 +239,7 @@ def _start_fallback(
         if known is not None and known[0] == sha:
             return known[1]  # unchanged: no verification, no new session
         path = library.directory / f"{sha}.bundle"
-        model = CloudModels.from_bundles([path], root, now=datetime.now(UTC)).get(name)
+        model = CloudModels.from_bundles([path], roots.current, now=datetime.now(UTC)).get(name)
         if model is not None:
             loaded[name] = (sha, model)
         return model

@@ -24,9 +24,10 @@ from typing import Protocol
 
 from securesystemslib.signer import Signer
 
-from edge_agent.errors import EdgefleetError, MetadataFormatError
+from edge_agent.errors import EdgefleetError, MetadataFormatError, RootRotationError
 from edge_agent.telemetry import StatusMessage
-from edge_agent.trust.desired import DesiredState, ModelAssignment
+from edge_agent.trust import TrustedRoot
+from edge_agent.trust.desired import SIGNING_ROLE, DesiredState, ModelAssignment
 from fleet_server.desired import make_desired_state, sign_desired_state
 from fleet_server.errors import ModelNotPublishedError, UnknownGroupError
 from fleet_server.library import BundleLibrary, LibraryEntry
@@ -37,6 +38,7 @@ from fleet_server.registry import (
     SeqState,
     StoredTelemetry,
 )
+from fleet_server.roots import ServerRoots
 
 __all__ = [
     "AssignResult",
@@ -120,8 +122,13 @@ class FleetService:
         *,
         clock: Callable[[], datetime],
         ttl: timedelta,
+        roots: ServerRoots | None = None,
     ) -> None:
-        """Wire the parts; ``clock`` returns timezone-aware now, ``ttl`` bounds each document."""
+        """Wire the parts; ``clock`` returns timezone-aware now, ``ttl`` bounds each document.
+
+        ``roots``: the root chain shipped beside every desired state (None: none shipped).
+        """
+        self._roots = roots
         self._registry = registry
         self._library = library
         self._gateway = gateway
@@ -224,15 +231,21 @@ class FleetService:
             ids = [self._registry.get_device(target).id]
         return [self._assign_one(device_id, name, assignment) for device_id in ids]
 
-    def _assign_one(self, device_id: str, name: str, assignment: ModelAssignment) -> AssignResult:
+    def _assign_one(
+        self, device_id: str, name: str | None, assignment: ModelAssignment | None
+    ) -> AssignResult:
+        """Store and publish the device's next document (``name`` None: same models again)."""
+
         def build(version: int) -> bytes:
             previous = self._registry.latest_desired(device_id)
             models: dict[str, ModelAssignment] = {}
             if previous is not None:
                 models.update(parse_document(previous.document).models)
-            models[name] = assignment
+            if name is not None and assignment is not None:
+                models[name] = assignment
             state = make_desired_state(device_id, version, models, self._clock(), self._ttl)
-            return sign_desired_state(state, self._signers)
+            chain = self._roots.chain() if self._roots is not None else ()
+            return sign_desired_state(state, self._signers, chain)
 
         stored = self._registry.assign_desired(device_id, build)
         try:
@@ -242,6 +255,58 @@ class FleetService:
             log.warning("desired v%d for %s not published: %s", stored.version, device_id, exc)
             return AssignResult(device_id, stored.version, published=False, error=str(exc))
         return AssignResult(device_id, stored.version, published=True)
+
+    # ----------------------------------------------------------------- root of trust
+    @property
+    def roots(self) -> ServerRoots | None:
+        """The root chain this service ships (None when built without one)."""
+        return self._roots
+
+    def root(self) -> TrustedRoot | None:
+        """The current root (None when the service was built without one)."""
+        return None if self._roots is None else self._roots.current
+
+    def rotate_root(self, chain: Sequence[bytes]) -> tuple[TrustedRoot, list[AssignResult]]:
+        """Accept newer root versions, verify bundles with the newest, ship the chain to devices.
+
+        Each version must pass the devices' own rule (N+1, signed by the old and the new root
+        thresholds; the final one unexpired), and the new root must still list this server's
+        online keys for ``timestamp`` (or every device would refuse what it signs next). Then
+        every active device with a desired state gets its next version (same models) carrying
+        the chain, so it rotates without waiting for an assignment.
+
+        Returns:
+            The current root and one result per device re-published (empty when nothing new).
+
+        Raises:
+            MetadataFormatError, RootRotationError, ExpiredMetadataError: refused; nothing
+                stored.
+            LibraryError: no root chain is configured here.
+            RegistryUnavailableError: the database failed.
+        """
+        if self._roots is None:
+            raise RootRotationError("this server was started without a root chain")
+        before = self._roots.current
+        root = self._roots.rotate(chain, self._check_online_keys)
+        if root is before:
+            return root, []
+        self._library.use_root(root)
+        results = []
+        for device in self._registry.list_devices(include_revoked=False):
+            if self._registry.latest_desired(device.id) is not None:
+                results.append(self._assign_one(device.id, None, None))
+        return root, results
+
+    def _check_online_keys(self, root: TrustedRoot) -> None:
+        mine = {s.public_key.keyid for s in self._signers}
+        listed = mine & set(root.keyids(SIGNING_ROLE))
+        if len(listed) < root.threshold(SIGNING_ROLE):
+            raise RootRotationError(
+                f"root v{root.version} does not list enough of this server's online keys for "
+                f"{SIGNING_ROLE} ({len(listed)} of threshold {root.threshold(SIGNING_ROLE)}): "
+                "devices would refuse every desired state it signs; restart the server with "
+                "the new online key first"
+            )
 
     def start_wave(self, sha256: str) -> str:
         """Broadcast a published bundle's blocks once; returns the wave id.
