@@ -26,6 +26,7 @@ from fleet_server.pki import (
     DEFAULT_DEVICE_VALIDITY,
     DEFAULT_TOKEN_TTL,
     ROLE_BROKER,
+    ROLE_CONSUMER,
     ROLE_DEVICE,
     ROLE_SERVER,
     CaMaterial,
@@ -312,6 +313,38 @@ class CertificateAuthority:
             )
             self._record(state, cert, server_cn, ROLE_SERVER)
         return pair
+
+    def issue_consumer_identity(
+        self, name: str, *, now: datetime, validity: timedelta = DEFAULT_DEVICE_VALIDITY
+    ) -> KeyAndCert:
+        """Key and client certificate for a read-only telemetry consumer (role consumer).
+
+        ``fleet-server broker-config`` gives every unrevoked consumer identity read access to
+        the devices' telemetry, events, status and reported topics, and nothing else.
+
+        Raises:
+            CsrRejectedError: ``name`` already belongs to another role.
+            PkiError: not ``<label>.consumer``, or the CA state cannot be read.
+        """
+        with exclusive_lock(self.directory):
+            state = self._load()
+            self._check_role(state, name, ROLE_CONSUMER)
+            pair, cert = issue_server_client_cert(
+                self.material, name, now=now, validity=validity, role=ROLE_CONSUMER
+            )
+            self._record(state, cert, name, ROLE_CONSUMER)
+        return pair
+
+    def consumers(self) -> list[str]:
+        """Names of the consumer identities with at least one unrevoked certificate, sorted.
+
+        Raises:
+            PkiError: the CA state cannot be read.
+        """
+        state = self._load()
+        return sorted(
+            {c.name for c in state.issued if c.role == ROLE_CONSUMER and c.revoked_at is None}
+        )
 
     def issue_broker_identity(
         self,

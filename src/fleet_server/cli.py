@@ -143,6 +143,24 @@ def ca_server_identity(ca_dir: Path, out: Path, name: str) -> None:
     click.echo(str(out / "server.crt"))
 
 
+@ca.command("consumer-identity")
+@ca_dir_option
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.argument("name")
+def ca_consumer_identity(ca_dir: Path, out: Path, name: str) -> None:
+    """Issue a read-only telemetry consumer's MQTT key and certificate (NAME: <label>.consumer).
+
+    The next ``broker-config`` grants it read access to every device's telemetry, events,
+    status and reported topics, and nothing else; ``devices revoke NAME --no-server`` revokes it.
+    """
+    pair = CertificateAuthority.open(ca_dir).issue_consumer_identity(name, now=_now())
+    out.mkdir(parents=True, exist_ok=True)
+    stem = name.removesuffix(".consumer")
+    write_atomic(out / f"{stem}.key", pair.key_pem, mode=0o600)
+    write_atomic(out / f"{stem}.crt", pair.cert_pem)
+    click.echo(str(out / f"{stem}.crt"))
+
+
 @ca.command("crl")
 @ca_dir_option
 @click.option("--days", type=click.IntRange(1), default=30, show_default=True)
@@ -233,6 +251,13 @@ def devices_revoke(
     multiple=True,
     help="Identity of a further server worker (repeatable; each needs its own certificate).",
 )
+@click.option(
+    "--consumer-cn",
+    "consumer_cns",
+    multiple=True,
+    help="Read-only consumer identity (repeatable; those issued by 'ca consumer-identity' "
+    "are included anyway).",
+)
 @click.option("--dns-name", "dns_names", multiple=True, help="Broker DNS name (repeatable).")
 @click.option("--ip", "ips", multiple=True, help="Broker IP address (repeatable).")
 @click.option("--persistence/--no-persistence", default=False, show_default=True)
@@ -245,18 +270,24 @@ def broker_config(
     prefix: str,
     server_cn: str,
     worker_cns: tuple[str, ...],
+    consumer_cns: tuple[str, ...],
     dns_names: tuple[str, ...],
     ips: tuple[str, ...],
     persistence: bool,
     run_as_user: str | None,
 ) -> None:
-    """Write a Mosquitto 2.0 config, ACL file and broker certificate into DIR."""
+    """Write a Mosquitto 2.0 config, ACL file and broker certificate into DIR.
+
+    The ACL ends with DIR/acl.local, the operator's own rules: created empty once and never
+    overwritten, so hand-added rules survive the next run.
+    """
     config = BrokerConfig(
         host=host,
         port=port,
         prefix=prefix,
         server_cn=server_cn,
         worker_cns=worker_cns,
+        consumer_cns=consumer_cns,
         dns_names=dns_names or ("localhost",),
         ip_addresses=ips or ("127.0.0.1",),
         persistence=persistence,

@@ -47,11 +47,13 @@ __all__ = [
     "new_token",
     "redeem_token",
     "sign_device_csr",
+    "validate_consumer_name",
 ]
 
 ROLE_DEVICE = "device"
 ROLE_SERVER = "server"
 ROLE_BROKER = "broker"
+ROLE_CONSUMER = "consumer"
 DEFAULT_CA_VALIDITY = timedelta(days=3650)
 DEFAULT_DEVICE_VALIDITY = timedelta(days=365)
 DEFAULT_CRL_VALIDITY = timedelta(days=30)
@@ -263,19 +265,48 @@ def validate_server_name(name: str) -> str:
     return name
 
 
-def issue_server_client_cert(
-    ca: CaMaterial, server_cn: str, *, now: datetime, validity: timedelta
-) -> tuple[KeyAndCert, x509.Certificate]:
-    """A new key and clientAuth certificate for the fleet server's own MQTT connection.
+# Read-only telemetry consumers (dashboards, Telegraf, Node-RED) get their own namespace for
+# the same reason: no device id (one DNS label, no dots) and no server name can end in it.
+CONSUMER_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,53}\.consumer$")
+
+
+def validate_consumer_name(name: str) -> str:
+    """A consumer identity name such as ``grafana.consumer``.
 
     Raises:
-        PkiError: ``server_cn`` is not a valid identity name.
+        PkiError: not of the form ``<label>.consumer``.
     """
-    validate_server_name(server_cn)
+    if not isinstance(name, str) or not CONSUMER_NAME_PATTERN.fullmatch(name):
+        raise PkiError(
+            f"invalid consumer name {name!r}: use '<label>.consumer', e.g. 'grafana.consumer'"
+        )
+    return name
+
+
+def issue_server_client_cert(
+    ca: CaMaterial,
+    server_cn: str,
+    *,
+    now: datetime,
+    validity: timedelta,
+    role: str = ROLE_SERVER,
+) -> tuple[KeyAndCert, x509.Certificate]:
+    """A new key and clientAuth certificate for a server (or consumer) MQTT connection.
+
+    Raises:
+        PkiError: ``server_cn`` is not a valid name for ``role`` (``server``: ``<label>.server``,
+            ``consumer``: ``<label>.consumer``).
+    """
+    if role == ROLE_CONSUMER:
+        validate_consumer_name(server_cn)
+    elif role == ROLE_SERVER:
+        validate_server_name(server_cn)
+    else:
+        raise PkiError(f"no client certificates for role {role!r}")
     key = ec.generate_private_key(ec.SECP256R1())
     cert = _leaf(
         ca,
-        _name(server_cn, ROLE_SERVER),
+        _name(server_cn, role),
         key.public_key(),
         [x509.DNSName(server_cn)],
         ExtendedKeyUsageOID.CLIENT_AUTH,

@@ -30,6 +30,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from edge_agent.identity import IdentityStore
 from fleet_server.broker_config import BrokerConfig, BrokerFiles, write_broker_config
 from fleet_server.ca import CertificateAuthority
+from fleet_server.errors import BrokerConfigError
 
 MOSQUITTO = shutil.which("mosquitto") or (
     "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
@@ -40,6 +41,7 @@ pytestmark = pytest.mark.skipif(
 
 PREFIX = "edgefleet"
 SERVER = "fleet.server"
+CONSUMER = "grafana.consumer"
 WAIT = 5.0
 QUIET = 1.0  # how long to wait for a message that must NOT arrive, after a later one did
 
@@ -213,6 +215,11 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     (root / "server.key").write_bytes(pair.key_pem)
     (root / "server.crt").write_bytes(pair.cert_pem)
     creds[SERVER] = Creds(ca.cert_path, root / "server.crt", root / "server.key")
+    # Issued before broker-config runs: the generated ACL picks registered consumers up.
+    pair = ca.issue_consumer_identity(CONSUMER, now=now)
+    (root / "consumer.key").write_bytes(pair.key_pem)
+    (root / "consumer.crt").write_bytes(pair.cert_pem)
+    creds[CONSUMER] = Creds(ca.cert_path, root / "consumer.crt", root / "consumer.key")
     creds["anonymous"] = Creds(ca.cert_path, None, None)
     return Pki(ca, creds)
 
@@ -329,3 +336,89 @@ def test_revoked_device_cannot_connect(peers: Any, pki: Pki, broker: Broker) -> 
     broker.reload()  # Mosquitto 2.0 re-reads crlfile on SIGHUP; no restart needed
     assert not peers("dev-c", "dev-c-again").connect()
     assert peers("dev-a", "dev-a-after").connect(), "other devices still connect"
+
+
+# --------------------------------------------------------------------------- consumers
+def test_consumer_reads_telemetry_events_status_and_reported_of_every_device(
+    peers: Any,
+) -> None:
+    consumer = _connected(peers(CONSUMER))
+    for leaf in ("telemetry", "events", "status", "reported"):
+        consumer.subscribe(f"{PREFIX}/devices/+/{leaf}")
+    a, b = _connected(peers("dev-a")), _connected(peers("dev-b"))
+    for device, peer in (("dev-a", a), ("dev-b", b)):
+        for leaf in ("telemetry", "events", "status", "reported"):
+            peer.publish(_topic(device, leaf), f"{device}-{leaf}".encode())
+            consumer.wait_for(_topic(device, leaf), f"{device}-{leaf}".encode())
+
+
+def test_consumer_can_share_a_subscription_among_its_workers(peers: Any) -> None:
+    consumer = _connected(peers(CONSUMER))
+    consumer.subscribe(f"$share/telegraf/{PREFIX}/devices/+/telemetry")
+    a = _connected(peers("dev-a"))
+    a.publish(_topic("dev-a", "telemetry"), b"shared")
+    consumer.wait_for(_topic("dev-a", "telemetry"), b"shared")
+
+
+def test_consumer_cannot_publish_anywhere(peers: Any) -> None:
+    server = _connected(peers(SERVER))
+    server.subscribe(f"{PREFIX}/#")
+    consumer = _connected(peers(CONSUMER))
+    # Device topics of a real device, its own name under the device patterns, the server's.
+    for leaf in ("telemetry", "events", "status", "reported", "blocks/req", "fallback/req"):
+        consumer.publish(_topic("dev-a", leaf), b"forged")
+        consumer.publish(_topic(CONSUMER, leaf), b"forged")
+    consumer.publish(_topic("dev-a", "desired"), b"forged")
+    consumer.publish(f"{PREFIX}/broadcast/wave", b"forged")
+    a = _connected(peers("dev-a"))
+    a.publish(_topic("dev-a", "telemetry"), b"marker")  # positive control
+    seen = server.wait_for(_topic("dev-a", "telemetry"), b"marker") + server.drain(QUIET)
+    assert [x for x in seen if x[1] == b"forged"] == []
+
+
+def test_consumer_cannot_read_desired_state_acks_or_blocks(peers: Any) -> None:
+    server = _connected(peers(SERVER))
+    consumer = _connected(peers(CONSUMER))
+    consumer.subscribe(f"{PREFIX}/#")
+    consumer.subscribe(f"{PREFIX}/broadcast/#")
+    consumer.subscribe(_topic("dev-a", "desired"))
+    consumer.subscribe(_topic(CONSUMER, "desired"))  # its own name under the device patterns
+    for leaf in ("desired", "ack", "blocks/resp", "fallback/resp/1"):
+        server.publish(_topic("dev-a", leaf), b"secret")
+        server.publish(_topic(CONSUMER, leaf), b"secret")
+    server.publish(f"{PREFIX}/broadcast/wave", b"secret")
+    a = _connected(peers("dev-a"))
+    a.publish(_topic("dev-a", "telemetry"), b"marker")  # positive control on the same session
+    seen = consumer.wait_for(_topic("dev-a", "telemetry"), b"marker") + consumer.drain(QUIET)
+    assert [x for x in seen if x[1] == b"secret"] == []
+
+
+def test_broker_refuses_a_message_over_the_size_limit(peers: Any) -> None:
+    """A device cannot leave megabytes of retained garbage on its status topic."""
+    consumer = _connected(peers(CONSUMER))
+    consumer.subscribe(f"{PREFIX}/devices/+/status")
+    a = _connected(peers("dev-a"))
+    a.client.publish(_topic("dev-a", "status"), b"x" * (6 * 1024 * 1024), qos=0, retain=True)
+    a2 = _connected(peers("dev-b"))
+    a2.publish(_topic("dev-b", "status"), b"marker")
+    seen = consumer.wait_for(_topic("dev-b", "status"), b"marker") + consumer.drain(QUIET)
+    assert all(len(p) < 1024 for _, p in seen), [len(p) for _, p in seen]
+    late = _connected(peers(CONSUMER, "grafana-late"))  # a new subscriber gets no retained junk
+    late.subscribe(_topic("dev-a", "status"))
+    assert all(len(p) < 1024 for _, p in late.drain(QUIET))
+
+
+def test_broker_config_keeps_the_operators_acl_rules(pki: Pki, tmp_path: Path) -> None:
+    config = BrokerConfig(port=18883, prefix=PREFIX, server_cn=SERVER)
+    files = write_broker_config(tmp_path, pki.ca, config, now=datetime.now(UTC))
+    local = tmp_path / "acl.local"
+    assert local.exists()
+    local.write_text(local.read_text() + "user telegraf.consumer\ntopic read edgefleet/x\n")
+    write_broker_config(tmp_path, pki.ca, config, now=datetime.now(UTC))
+    acl = files.acl.read_text()
+    assert "user telegraf.consumer\ntopic read edgefleet/x" in acl
+    assert f"user {CONSUMER}" in acl  # registered consumers are picked up from the CA
+    assert "topic read edgefleet/x" in local.read_text()  # never overwritten
+    local.write_text("topic readwrite #\n")  # would extend the last generated user
+    with pytest.raises(BrokerConfigError):
+        write_broker_config(tmp_path, pki.ca, config, now=datetime.now(UTC))
