@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -193,7 +194,10 @@ class CircuitBreaker:
     ``reset_seconds`` have passed, then half-open lets exactly one trial through (concurrent
     callers are rejected); the trial's success closes the breaker, its failure re-opens it for
     another ``reset_seconds``. Outcomes of calls that started while closed and finish later
-    still count (a late failure while half-open re-opens). Thread-safe.
+    still count (a late failure while half-open re-opens). An outage is one episode: from the
+    opening of a closed breaker (``record_failure`` returns True) to its closing
+    (``record_success`` returns True); re-opening after a failed trial is part of it.
+    Thread-safe.
     """
 
     def __init__(self, failures: int, reset_seconds: float, clock: Clock) -> None:
@@ -237,16 +241,26 @@ class CircuitBreaker:
             self._counts["rejected"] += 1
             return False
 
-    def record_success(self) -> None:
-        """A call succeeded: reset the failure run; a half-open breaker closes."""
+    def record_success(self) -> bool:
+        """A call succeeded: reset the failure run; a half-open breaker closes.
+
+        Returns:
+            True when this closed the breaker (the end of an outage).
+        """
         with self._lock:
             self._counts["successes"] += 1
             self._consecutive = 0
             if self._current() == HALF_OPEN:
                 self._state, self._trial_out = CLOSED, False
+                return True
+            return False
 
-    def record_failure(self) -> None:
-        """A call failed: a half-open breaker re-opens; a closed one opens at the threshold."""
+    def record_failure(self) -> bool:
+        """A call failed: a half-open breaker re-opens; a closed one opens at the threshold.
+
+        Returns:
+            True when this opened a closed breaker (the start of an outage).
+        """
         with self._lock:
             self._counts["failures"] += 1
             self._consecutive += 1
@@ -254,6 +268,8 @@ class CircuitBreaker:
             if state == HALF_OPEN or (state == CLOSED and self._consecutive >= self._threshold):
                 self._state, self._opened_at, self._trial_out = OPEN, self._clock(), False
                 self._counts["opened"] += 1
+                return state == CLOSED
+            return False
 
     def release(self) -> None:
         """Give back a claimed half-open trial that was never made (no outcome to report)."""
@@ -315,7 +331,13 @@ class MinuteBudget:
 
 
 class CloudFallback:
-    """Guarded cloud calls: deadline, breaker, budget, and counts of every outcome."""
+    """Guarded cloud calls: deadline, breaker, budget, and counts of every outcome.
+
+    ``event_sink``, when set (the sync layer sets it), is called with a
+    ``fallback_breaker_open`` event entry when an outage starts and a
+    ``fallback_breaker_closed`` one when it ends, in the shape of ``Registry.events`` entries;
+    it must be quick and must not raise.
+    """
 
     def __init__(self, transport: FallbackTransport, config: FallbackConfig, clock: Clock) -> None:
         """Wire a transport to the breaker and budget configured in ``config``.
@@ -330,6 +352,7 @@ class CloudFallback:
         self.budget = MinuteBudget(config.max_per_minute, clock)
         self._lock = threading.Lock()
         self._failed, self._by_reason, self._ok = Counter[str](), Counter[str](), 0
+        self.event_sink: Callable[[dict[str, object]], None] | None = None
 
     def call(
         self,
@@ -371,14 +394,15 @@ class CloudFallback:
         except CloudFallbackError as exc:
             if exc.reason == "no_transport":
                 self.breaker.release()
-            else:
-                self.breaker.record_failure()
+            elif self.breaker.record_failure():
+                self._event("fallback_breaker_open", f"after {model!r}: {exc.reason}: {exc}")
             self._fail(exc.reason, str(exc))
             raise
         except BaseException:
             self.breaker.release()  # interrupted: no outcome, but never strand the trial
             raise
-        self.breaker.record_success()
+        if self.breaker.record_success():
+            self._event("fallback_breaker_closed", f"trial call for {model!r} answered")
         with self._lock:
             self._ok += 1
         return answer
@@ -409,6 +433,19 @@ class CloudFallback:
         if not isinstance(answer, Mapping):
             raise CloudFallbackError("cloud answer is not a mapping", reason="transport_error")
         return answer
+
+    def _event(self, kind: str, detail: str) -> None:
+        sink = self.event_sink
+        if sink is not None:  # wall time: events carry Unix time, the breaker a monotonic one
+            sink(
+                {
+                    "model": None,
+                    "version": None,
+                    "event": kind,
+                    "detail": detail[:1024],
+                    "at": time.time(),
+                }
+            )
 
     def _fail(self, reason: str, message: str) -> CloudFallbackError:
         with self._lock:

@@ -12,7 +12,9 @@ Owns the orchestration on the device; every decision lives in a pure module it c
 - **Reported state** (retained ``.../reported``, ``reported.ReportedState``) whenever what the
   device runs or downloads changes, and again after every reconnect.
 - **Telemetry**: a report every ``report_interval_seconds`` and every agent event go through the
-  on-disk outbox and ``uplink.Uplink`` (acknowledged batches); events are also published live.
+  on-disk outbox and ``uplink.Uplink`` (acknowledged batches, the one path of an event); drift
+  windows that start an alert add a ``drift_alert`` event, the cloud fallback's breaker adds
+  ``fallback_breaker_open``/``_closed``.
 
 Threads: MQTT handlers (on the adapter's handler thread) only queue or write a block; one sync
 thread does everything else, so installs never run concurrently. The agent keeps serving its
@@ -45,6 +47,7 @@ from edge_agent.mqtt import Message, MqttClient, MqttConfig
 from edge_agent.outbox import Outbox
 from edge_agent.reported import ModelReport, ReportedState
 from edge_agent.telemetry import Resources, event_from_registry, report_from_status
+from edge_agent.telemetry_build import drift_alert_entries
 from edge_agent.topics import Topics
 from edge_agent.transfer import BlockData, BlockRequest
 from edge_agent.trust import split_roots
@@ -104,7 +107,6 @@ class SyncAgent:
             self._publish,
             device_id=self._device_id,
             telemetry_topic=self._topics.device("telemetry", self._device_id),
-            events_topic=self._topics.device("events", self._device_id),
             max_items=sync.batch_max_items,
             max_bytes=sync.batch_max_bytes,
             ack_timeout=sync.ack_timeout_seconds,
@@ -142,6 +144,8 @@ class SyncAgent:
         self._deploy.load()
         self._load_accepted()
         self._agent.registry.event_sink = self._events.put
+        if self._agent.cloud is not None:
+            self._agent.cloud.event_sink = self._events.put
         t, d = self._topics, self._device_id
         self.client.subscribe(t.device("desired", d), lambda m: self._queue(m.payload))
         self.client.subscribe(t.device("ack", d), lambda m: self.uplink.on_ack(m.payload))
@@ -158,6 +162,8 @@ class SyncAgent:
         if self._thread is not None:
             self._thread.join(30)
         self._agent.registry.event_sink = None
+        if self._agent.cloud is not None:
+            self._agent.cloud.event_sink = None
         busy = self._thread is not None and self._thread.is_alive()
         if busy:  # still installing: leave its files open for the process exit to close
             log.warning("sync thread still busy at shutdown; not waiting for it")
@@ -393,6 +399,8 @@ class SyncAgent:
             log.error("telemetry report not recorded: %s", exc)
             return
         self._window_start = now
+        for entry in drift_alert_entries(windows, now):  # once: windows are not re-read now
+            self._events.put(entry)
 
     # ------------------------------------------------------------------ reported state
     def reported(self) -> ReportedState:

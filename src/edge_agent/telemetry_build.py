@@ -1,7 +1,8 @@
 """Building a ``TelemetryReport`` from ``Agent.status()`` (pure, tolerant).
 
-Owns ``report_from_status`` (tolerant of missing or mistyped optional parts of the status) and
-``latency_histogram`` (latencies -> counts per ``LATENCY_BUCKETS_MS`` bucket). Does not own the
+Owns ``report_from_status`` (tolerant of missing or mistyped optional parts of the status),
+``latency_histogram`` (latencies -> counts per ``LATENCY_BUCKETS_MS`` bucket) and
+``drift_alert_entries`` (the ``drift_alert`` events of closed windows). Does not own the
 report's wire format or its strict parser (``edge_agent.telemetry_report``), publishing or
 storing (the sync loop and the outbox); does no I/O. ``edge_agent.telemetry`` re-exports both.
 """
@@ -11,6 +12,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+import numpy as np
 
 from edge_agent._wire import _LABEL, _MAX_INT
 from edge_agent.drift.monitor import DriftWindow
@@ -156,3 +159,35 @@ def report_from_status(
     )
     # Round-trip through the strict parser so a report we build is one we would accept.
     return TelemetryReport.from_dict(report.to_dict())
+
+
+def drift_alert_entries(
+    windows: Iterable[tuple[str, int, DriftWindow]], at: float
+) -> list[dict[str, object]]:
+    """One ``drift_alert`` event entry per window that starts an alert episode (pure).
+
+    ``windows`` are ``(model key, version, window)`` as ``Agent.drift_windows`` holds them (a
+    pinned key ``name@version`` names its model); the entries have the shape of
+    ``Registry.events`` entries, for ``telemetry.event_from_registry``. A tensor that keeps
+    drifting window after window is announced once, when it starts.
+    """
+    entries: list[dict[str, object]] = []
+    for key, version, window in windows:
+        if not window.alert_started:
+            continue
+        drifted = [int(i) for i in np.flatnonzero(window.verdict.drifted)]
+        shown = ", ".join(map(str, drifted[:20])) + (", ..." if len(drifted) > 20 else "")
+        detail = (
+            f"{window.role} {window.tensor!r}: {len(drifted)} feature(s) drifted [{shown}] "
+            f"in a window of {window.rows} rows"
+        )
+        entries.append(
+            {
+                "model": key.partition("@")[0],
+                "version": version,
+                "event": "drift_alert",
+                "detail": detail,
+                "at": at,
+            }
+        )
+    return entries

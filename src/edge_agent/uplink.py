@@ -2,10 +2,18 @@
 
 Owns the sending half of "nothing lost": every report and event first goes into the on-disk
 ``Outbox`` (which assigns its ``seq``), then leaves in ``Batch`` messages carrying the outbox's
-oldest held ``seq`` as ``floor``. One batch is in flight at a time; the server's
-``TelemetryAck`` (highest contiguous stored ``seq``) deletes what it covers and releases the
-next batch at once, so a backlog drains at one round trip per batch. A batch that is not
-acknowledged within ``ack_timeout`` is sent again (the server deduplicates by ``(device, seq)``).
+oldest held ``seq`` as ``floor``. That is the one path of an event: it is not also published
+on ``.../events`` (a second copy the server would count as a duplicate), so a consumer reads
+events as the ``event`` items of batches on ``.../telemetry``. When the outbox had to drop
+entries for lack of space, the next report is followed by one ``telemetry_dropped`` event
+saying how many; while that event waits for its ack no other is added (later drops are counted
+in the next one), so offline notices cannot crowd the reports out. Drops before this process
+started are only in the reports' cumulative ``telemetry_dropped``.
+
+One batch is in flight at a time; the server's ``TelemetryAck`` (highest contiguous stored
+``seq``) deletes what it covers and releases the next batch at once, so a backlog drains at one
+round trip per batch. A batch that is not acknowledged within ``ack_timeout`` is sent again (the
+server deduplicates by ``(device, seq)``).
 
 Entries are stored with ``seq`` 0 and get their real ``seq`` when a batch is built, because the
 outbox assigns it on insert. Does not build reports (``telemetry.report_from_status`` does) and
@@ -14,7 +22,6 @@ does not own the MQTT session: ``publish`` is whatever sends bytes to a topic.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import threading
@@ -73,7 +80,6 @@ class Uplink:
         *,
         device_id: str,
         telemetry_topic: str,
-        events_topic: str,
         max_items: int = 64,
         max_bytes: int = 192 * 1024,
         ack_timeout: float = 10.0,
@@ -83,7 +89,6 @@ class Uplink:
         self._publish = publish
         self._device_id = device_id
         self._telemetry_topic = telemetry_topic
-        self._events_topic = events_topic
         self._max_items = max_items
         self._max_bytes = max_bytes
         self._ack_timeout = ack_timeout
@@ -92,29 +97,48 @@ class Uplink:
         self._in_flight: int | None = None  # highest seq of the batch awaiting its ack
         self._sent_at = 0.0
         self._stats: dict[str, int] = dict.fromkeys(UplinkStats.__dataclass_fields__, 0)
+        self._drops_seen = _drop_totals(outbox)  # drops already counted when we started
+        self._drop_notice: int | None = None  # seq of the telemetry_dropped event not yet acked
 
     # ------------------------------------------------------------------ entering the outbox
     def add_report(self, report: TelemetryReport) -> int:
         """Store a report (its ``seq`` is replaced by the outbox's); return the seq.
 
+        Then, if the outbox dropped entries since the last report, store one
+        ``telemetry_dropped`` event counting them.
+
         Raises:
             OutboxError: the outbox could not store it (disk full, I/O error).
         """
-        return self._store(report.to_dict(), "report", "report")
+        seq = self._store(report.to_dict(), "report", "report")
+        self._note_drops(report.window_end)
+        return seq
 
     def add_event(self, event: Event) -> Event:
-        """Store an event, publish it live on the events topic, and return it with its seq.
-
-        The live copy is best effort; the acknowledged copy travels in a batch.
+        """Store an event (it leaves in an acknowledged batch) and return it with its seq.
 
         Raises:
             OutboxError: the outbox could not store it.
         """
         seq = self._store(event.to_dict(), "event", "event")
-        stored = Event.from_dict({**event.to_dict(), "seq": seq})
-        with contextlib.suppress(TransportError):  # offline: the batch carries it later
-            self._publish(self._events_topic, stored.to_bytes())
-        return stored
+        return Event.from_dict({**event.to_dict(), "seq": seq})
+
+    def _note_drops(self, at: float) -> None:
+        with self._lock:
+            if self._drop_notice is not None:
+                return  # one notice waits for its ack: it must not crowd reports out while offline
+        dropped = _drop_totals(self._outbox)
+        new = {kind: n - self._drops_seen.get(kind, 0) for kind, n in dropped.items()}
+        new = {kind: n for kind, n in new.items() if n > 0}
+        if not new:
+            return
+        counts = ", ".join(f"{n} {kind}(s)" for kind, n in sorted(new.items(), reverse=True))
+        detail = f"outbox full: {counts} dropped since the last notice"
+        event = Event(self._device_id, 0, "telemetry_dropped", max(at, 0.0), detail=detail)
+        seq = self._store(event.to_dict(), "event", "event")
+        with self._lock:
+            self._drops_seen = dropped
+            self._drop_notice = seq
 
     def _store(self, item: dict[str, Any], kind: str, priority: Priority) -> int:
         item["seq"] = 0
@@ -191,6 +215,8 @@ class Uplink:
                 raise ContractError(f"ack addressed to {ack.device_id!r}")
             with self._lock:
                 deleted = self._outbox.ack(ack.upto_seq)
+                if self._drop_notice is not None and ack.upto_seq >= self._drop_notice:
+                    self._drop_notice = None
                 self._stats["acks"] += 1
                 self._stats["acked_entries"] += deleted
                 if deleted or (self._in_flight is not None and ack.upto_seq >= self._in_flight):
@@ -216,3 +242,15 @@ class Uplink:
         """A snapshot of the counters."""
         with self._lock:
             return UplinkStats(**self._stats)
+
+
+def _drop_totals(outbox: Outbox) -> dict[str, int]:
+    """Entries the outbox ever dropped, by kind (``report``, ``event``).
+
+    Raises:
+        OutboxError: the read failed.
+    """
+    totals: dict[str, int] = {}
+    for (_priority, kind), count in outbox.dropped().items():
+        totals[kind] = totals.get(kind, 0) + count.entries
+    return totals

@@ -561,3 +561,29 @@ def test_cloud_answer_that_is_not_a_mapping() -> None:
             return [1, 2, 3]
 
     assert _failure(cloud(clock, Broken())).reason == "transport_error"
+
+
+def test_breaker_outage_is_one_open_and_one_closed_event() -> None:
+    clock = FakeClock()
+    transport = FakeTransport(clock)
+    transport.error = FallbackError("down")
+    fb = cloud(clock, transport, breaker_failures=2, breaker_reset_seconds=30)
+    events: list[dict[str, object]] = []
+    fb.event_sink = events.append
+    for _ in range(4):  # opens at the second failure; then rejected while open
+        _failure(fb)
+    clock.advance(30)
+    _failure(fb)  # the half-open trial fails: re-opened, still the same outage
+    assert [e["event"] for e in events] == ["fallback_breaker_open"]
+    clock.advance(30)
+    transport.error = None
+    fb.call("digits", X, "low_confidence")  # the trial answers: closed
+    fb.call("digits", X, "low_confidence")
+    assert [e["event"] for e in events] == ["fallback_breaker_open", "fallback_breaker_closed"]
+    for e in events:
+        assert e["model"] is None
+        assert isinstance(e["at"], float)
+        assert e["at"] > 1e9  # Unix time, not the breaker's monotonic clock
+        assert isinstance(e["detail"], str)
+        assert e["detail"]
+    assert "transport_error" in str(events[0]["detail"])

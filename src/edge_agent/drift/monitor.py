@@ -98,6 +98,9 @@ class DriftWindow:
         view: The window's tier-A view (mergeable across devices; ship ``view.to_bytes()``).
         scores: Scores against the baseline.
         verdict: The judgement of those scores.
+        alert_started: This window alerts and the tensor's previous window did not: the start
+            of an alert episode, which the agent announces with one ``drift_alert`` event (not
+            part of ``to_dict``; the verdict says whether each window alerts).
     """
 
     tensor: str
@@ -108,6 +111,7 @@ class DriftWindow:
     view: TierAView
     scores: FeatureScores
     verdict: DriftVerdict
+    alert_started: bool = False
 
     @property
     def rows(self) -> int:
@@ -280,7 +284,11 @@ class DriftMonitor:
             scores, p.alpha, tests=p.tests, correction=p.correction
         )
         verdict = judge(scores, thresholds)
-        window = DriftWindow(name, state.role, state.start, now, reason, view, scores, verdict)
+        was_alerting = state.last is not None and state.last.verdict.alert
+        started = verdict.alert and not was_alerting
+        window = DriftWindow(
+            name, state.role, state.start, now, reason, view, scores, verdict, started
+        )
         state.rows = 0
         state.closed += 1
         state.alerted += int(verdict.alert)
