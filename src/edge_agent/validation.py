@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_agent.contract import InputContract, TensorSpec
-from edge_agent.contract.inputs import PROTOCOL_DATATYPES
+from edge_agent.contract.datatypes import PROTOCOL_DATATYPES
 from edge_agent.errors import InputValidationError
 
 Array = npt.NDArray[Any]

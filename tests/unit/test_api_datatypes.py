@@ -24,7 +24,8 @@ from edge_agent.agent import Agent
 from edge_agent.api import create_app
 from edge_agent.config import AgentConfig, ApiConfig, StoreConfig
 from edge_agent.contract import DimSpec, InputContract, TensorSpec
-from edge_agent.contract.inputs import DTYPES, protocol_datatype
+from edge_agent.contract.datatypes import protocol_datatype
+from edge_agent.contract.inputs import DTYPES
 from edge_agent.errors import ContractError, ModelNotFoundError
 from edge_agent.service import InferenceRequest, InferenceResult
 from edge_agent.store import ModelStore

@@ -63,7 +63,7 @@ from edge_agent.api.header_cache import RequestDecoder
 from edge_agent.api.metrics import ApiMetrics
 from edge_agent.api.ratelimit import RateLimiter
 from edge_agent.config import ApiConfig
-from edge_agent.contract.inputs import protocol_datatype
+from edge_agent.contract.datatypes import protocol_datatype
 from edge_agent.errors import (
     ConfigError,
     ContractError,

@@ -26,6 +26,16 @@ def req(d: Mapping[str, Any], key: str, typ: type[T] | tuple[type, ...]) -> T:
     return value  # type: ignore[return-value]
 
 
+def opt(d: Mapping[str, Any], key: str, typ: type[T] | tuple[type, ...], default: T) -> T:
+    """``d[key]`` when present (checked as ``req`` does), else ``default``.
+
+    An explicit JSON ``null`` is not absent: it is refused like any other wrong type.
+    """
+    if isinstance(d, Mapping) and key not in d:
+        return default
+    return req(d, key, typ)
+
+
 def req_str(d: Mapping[str, Any], key: str) -> str:
     return req(d, key, str)
 

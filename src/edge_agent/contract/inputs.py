@@ -17,8 +17,8 @@ import numpy as np
 import numpy.typing as npt
 
 from edge_agent.contract._fields import (
+    opt,
     opt_float_list,
-    req,
     req_float_list,
     req_int,
     req_list,
@@ -31,30 +31,10 @@ PREPROCESSING_KINDS = ("identity", "affine")
 TASKS = ("classification", "regression", "raw")
 SCORE_KINDS = ("probabilities", "logits")
 DTYPES = ("float32", "float16", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")
-# The Open Inference Protocol's (KServe v2) name of each element type: what model metadata says
-# and what a request's ``datatype`` must be. Contracts and runtimes use numpy's names.
-# fmt: off
-PROTOCOL_DATATYPES = {
-    "bool": "BOOL", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32", "uint64": "UINT64",
-    "int8": "INT8", "int16": "INT16", "int32": "INT32", "int64": "INT64",
-    "float16": "FP16", "float32": "FP32", "float64": "FP64",
-    "str": "BYTES", "bytes": "BYTES", "object": "BYTES",
-}
-# fmt: on
 
 
-def protocol_datatype(dtype: str) -> str:
-    """The protocol's name (``FP32``) of a numpy dtype name (``float32``); protocol names pass.
-
-    Raises:
-        ContractError: neither a known numpy name nor a protocol name.
-    """
-    name = PROTOCOL_DATATYPES.get(dtype)
-    if name is not None:
-        return name
-    if dtype in PROTOCOL_DATATYPES.values():
-        return dtype
-    raise ContractError(f"dtype {dtype!r} has no Open Inference Protocol datatype")
+_IDENTITY: Mapping[str, Any] = {"kind": "identity"}
+_MAX_PAYLOAD = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -266,7 +246,9 @@ class FeatureRanges:
 class TensorSpec:
     """One model input as applications send it (before preprocessing).
 
-    ``shape[0]`` is the batch dimension; its ``max`` is the model's maximum batch.
+    ``shape[0]`` is the batch dimension; its ``max`` is the model's maximum batch. In a
+    contract file ``ranges``, ``nan_policy`` (``"reject"``) and ``preprocessing`` (identity,
+    ``{"kind": "identity"}``) may be left out; a bundle's manifest always spells them out.
     """
 
     name: str
@@ -321,17 +303,20 @@ class TensorSpec:
             dtype=req_str(d, "dtype"),
             shape=tuple(DimSpec.from_dict(x) for x in req_list(d, "shape")),
             ranges=FeatureRanges.from_dict(ranges) if ranges is not None else None,
-            nan_policy=req_str(d, "nan_policy"),
-            preprocessing=Preprocessing.from_dict(req(d, "preprocessing", Mapping)),
+            nan_policy=opt(d, "nan_policy", str, "reject"),
+            preprocessing=Preprocessing.from_dict(opt(d, "preprocessing", Mapping, _IDENTITY)),
         )
 
 
 @dataclass(frozen=True)
 class InputContract:
-    """Everything a request must satisfy before it reaches the model."""
+    """Everything a request must satisfy before it reaches the model.
+
+    ``max_payload_bytes`` may be left out of a contract file (16 MiB).
+    """
 
     tensors: tuple[TensorSpec, ...]
-    max_payload_bytes: int = 16 * 1024 * 1024
+    max_payload_bytes: int = _MAX_PAYLOAD
 
     def __post_init__(self) -> None:
         if not self.tensors:
@@ -362,7 +347,7 @@ class InputContract:
     def from_dict(cls, d: Mapping[str, Any]) -> InputContract:
         return cls(
             tensors=tuple(TensorSpec.from_dict(t) for t in req_list(d, "tensors")),
-            max_payload_bytes=req_int(d, "max_payload_bytes"),
+            max_payload_bytes=opt(d, "max_payload_bytes", int, _MAX_PAYLOAD),
         )
 
 
