@@ -19,6 +19,7 @@ Routes (v1)::
     GET  /v1/devices/{id}              POST /v1/waves            {"sha256"}
     POST /v1/devices                   GET  /v1/telemetry?after_id=&device_id=&limit=
     POST /v1/devices/{id}/revoke       GET  /metrics
+    GET  /v1/misbehaviour[?top=]       (refusals per device, worst first)
 
 Owns: HTTP, JSON shapes and the error mapping. Decisions live in ``fleet_server.service``.
 """
@@ -176,6 +177,9 @@ def _telemetry_json(t: StoredTelemetry) -> dict[str, Any]:
     }
 
 
+_METRIC_DEVICES = 20  # per-device metric labels: the worst few only (bounded cardinality)
+
+
 class _FleetCollector(Collector):
     """Reads the service's status at scrape time (no state of its own)."""
 
@@ -194,6 +198,16 @@ class _FleetCollector(Collector):
                     yield GaugeMetricFamily(
                         f"edgefleet_{prefix}_{key}", f"{prefix} {key}.", value=value
                     )
+        refusals = GaugeMetricFamily(
+            "edgefleet_gateway_device_refusals",
+            f"Refused messages of the {_METRIC_DEVICES} devices with the most refusals, by reason "
+            "(this worker, since start; the full list: GET /v1/misbehaviour).",
+            labels=["device", "reason"],
+        )
+        for dev in self._service.misbehaviour(top=_METRIC_DEVICES):
+            for reason, n in sorted(dev.reasons.items()):
+                refusals.add_metric([dev.device_id, reason], n)
+        yield refusals
         st = self._service.status()
         for name, value, doc in (
             ("edgefleet_server_devices", st.devices, "Devices in the registry (incl. revoked)."),
@@ -270,8 +284,17 @@ def create_app(
         return JSONResponse({"devices": [device_json(v) for v in views]})
 
     async def show_device(request: Request) -> Response:
-        view = await run_in_threadpool(service.device, path_id(request, "device_id"))
-        return JSONResponse(device_json(view, detail=True))
+        device_id = path_id(request, "device_id")
+        view = await run_in_threadpool(service.device, device_id)
+        out = device_json(view, detail=True)
+        mis = service.misbehaviour(device_id)
+        out["misbehaviour"] = mis[0].to_dict() if mis else None
+        return JSONResponse(out)
+
+    async def misbehaving_devices(request: Request) -> Response:
+        top = query_int(request.query_params, "top", 20, lo=1, hi=10_000)
+        rows = await run_in_threadpool(lambda: service.misbehaviour(top=top))
+        return JSONResponse({"devices": [m.to_dict() for m in rows if m.total]})
 
     async def register_device(request: Request) -> Response:
         data = await json_body(request)
@@ -335,6 +358,7 @@ def create_app(
         Route("/v1/devices", guarded(list_devices), methods=["GET"]),
         Route("/v1/devices", guarded(register_device), methods=["POST"]),
         Route("/v1/devices/{device_id}", guarded(show_device), methods=["GET"]),
+        Route("/v1/misbehaviour", guarded(misbehaving_devices), methods=["GET"]),
         Route("/v1/devices/{device_id}/revoke", guarded(revoke_device), methods=["POST"]),
         Route("/v1/models", guarded(list_models), methods=["GET"]),
         Route("/v1/models", guarded(publish_model), methods=["POST"]),

@@ -105,6 +105,10 @@ class AdminClient:
         """``POST /v1/devices/{id}/revoke``. Raises: AdminApiError."""
         return dict(self._call("POST", f"/v1/devices/{device_id}/revoke"))
 
+    def misbehaviour(self, top: int = 20) -> list[dict[str, Any]]:
+        """``GET /v1/misbehaviour``: refusals per device, worst first. Raises: AdminApiError."""
+        return list(self._call("GET", "/v1/misbehaviour", params={"top": top})["devices"])
+
     def models(self) -> list[dict[str, Any]]:
         """``GET /v1/models``. Raises: AdminApiError."""
         return list(self._call("GET", "/v1/models")["models"])

@@ -106,6 +106,13 @@ def _reported_rows(reported: dict[str, Any] | None) -> list[tuple[str, str]]:
     return rows
 
 
+def _refusals_of(misbehaviour: dict[str, Any] | None) -> str:
+    """``reason=n`` pairs of a device's refusals, or ``0``."""
+    if not misbehaviour or not misbehaviour.get("total"):
+        return "0"
+    return " ".join(f"{k}={v}" for k, v in sorted(misbehaviour["reasons"].items()))
+
+
 def parse_tags(tags: tuple[str, ...]) -> dict[str, str]:
     """``--tag KEY=VALUE`` options as a dict. Raises: click.BadParameter."""
     out: dict[str, str] = {}
@@ -172,9 +179,30 @@ def register_admin_commands(cli: click.Group, devices: click.Group) -> None:
                 ("reported_at", d.get("reported_at")),
                 ("telemetry_acked", seq.get("acked_upto")),
                 ("telemetry_lost", seq.get("lost")),
+                ("refused", _refusals_of(d.get("misbehaviour"))),
                 *_reported_rows(d.get("reported")),
             ],
             ("FIELD", "VALUE"),
+        )
+
+    @devices.command("misbehaviour")
+    @admin_options
+    @json_option
+    @click.option("--top", type=click.IntRange(1, 10_000), default=20, show_default=True)
+    def devices_misbehaviour(url: str, token: str, as_json: bool, top: int) -> None:
+        """Devices whose messages the server refused, worst first, with the reasons.
+
+        Counted by the worker that answers, since it started (each worker counts what it
+        received).
+        """
+        with AdminClient(url, token) as client:
+            rows = client.misbehaviour(top)
+        if as_json:
+            emit_json(rows)
+            return
+        echo_table(
+            [(m["device_id"], m["total"], m["last_reason"], _refusals_of(m)) for m in rows],
+            ("DEVICE", "REFUSED", "LAST", "REASONS"),
         )
 
     @devices.command("register")

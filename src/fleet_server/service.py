@@ -31,6 +31,7 @@ from edge_agent.trust.desired import SIGNING_ROLE, DesiredState, ModelAssignment
 from fleet_server.desired import make_desired_state, sign_desired_state
 from fleet_server.errors import ModelNotPublishedError, UnknownGroupError
 from fleet_server.library import BundleLibrary, LibraryEntry
+from fleet_server.misbehaviour import DeviceMisbehaviour
 from fleet_server.registry import (
     BundleRecord,
     DeviceRecord,
@@ -376,6 +377,14 @@ class FleetService:
     def _desired(self, device_id: str) -> DesiredState | None:
         latest = self._registry.latest_desired(device_id)
         return None if latest is None else parse_document(latest.document)
+
+    def misbehaviour(
+        self, device_id: str | None = None, *, top: int = 20
+    ) -> list[DeviceMisbehaviour]:
+        """Refusals per device counted by this worker's gateway: one device's, or the ``top``
+        worst (most first). A gateway without per-device counters (a test fake) gives ``[]``."""
+        source = getattr(self._gateway, "misbehaviour", None)
+        return [] if source is None else list(source(device_id, top=top))
 
     def telemetry(
         self, *, after_id: int = 0, device_id: str | None = None, limit: int = 100
