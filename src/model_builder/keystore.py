@@ -223,6 +223,10 @@ class KeyStore:
     ) -> int:
         """Write root v+1 with ``role``'s keys changed; returns the new version.
 
+        ``remove`` takes key ids or labels (``targets-1``): revoking a stolen builder key is
+        ``rotate("targets", remove=["targets-1"], add=1)``. A removed key that no role lists
+        any more is retired to ``keys/revoked/``.
+
         The new root is signed by every root key this store holds from the old and the new
         root, which must reach both thresholds (checked by verifying the new root exactly as a
         device would).
@@ -232,7 +236,8 @@ class KeyStore:
         """
         if role not in ROLES:
             raise KeyStoreError(f"unknown role {role!r}; roles are {', '.join(ROLES)}")
-        removals = list(remove)
+        labels = {k.label: k.keyid for k in self.list_keys()}
+        removals = [labels.get(r, r) for r in remove]  # a label or a key id
         imports = [_load_public_key(p) for p in add_public]
 
         def change(new: Root) -> None:
@@ -251,7 +256,12 @@ class KeyStore:
             if threshold is not None:
                 new.roles[role].threshold = threshold
 
-        return self._publish(change, now=now, expires_days=expires_days)
+        version = self._publish(change, now=now, expires_days=expires_days)
+        root = self.trusted_root()
+        for keyid in removals:  # a key no role lists any more is retired, like `revoke`
+            if not any(keyid in root.keyids(r) for r in ROLES):
+                self._retire(keyid)
+        return version
 
     def revoke(self, keyid: str, *, now: datetime, expires_days: int = 365) -> int:
         """Remove ``keyid`` from every role in a new root version and retire its private key.
@@ -269,6 +279,11 @@ class KeyStore:
                 new.revoke_key(keyid, role)
 
         version = self._publish(change, now=now, expires_days=expires_days)
+        self._retire(keyid)
+        return version
+
+    def _retire(self, keyid: str) -> None:
+        """Move a key no role lists any more to ``keys/revoked/`` (kept for audit, never used)."""
         for info in self.list_keys():
             if info.keyid == keyid:
                 revoked = self.path / "keys" / "revoked"
@@ -277,7 +292,6 @@ class KeyStore:
                     src = self.path / "keys" / f"{info.label}{suffix}"
                     if src.exists():
                         src.replace(revoked / src.name)
-        return version
 
     # --------------------------------------------------------------------- internals
     def _publish(self, change: Callable[[Root], None], *, now: datetime, expires_days: int) -> int:

@@ -138,7 +138,7 @@ def test_a_stolen_builder_key_is_rotated_out_of_a_running_fleet(
         # The builder key is stolen: the root key holders write root v2 without it.
         out = _run(
             BIN / "model-builder", "keys", "rotate", keys.path, "--role", "targets",
-            "--remove", stolen, "--add", "1",
+            "--remove", "targets-1", "--add", "1",
         )  # fmt: skip
         assert out.returncode == 0, out.stderr
         v2_file = keys.path / "roots" / "2.root.json"
