@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent import __version__
-from edge_agent.agent_status import status_snapshot
+from edge_agent.agent_status import not_ready, status_snapshot, why_not_serving
 from edge_agent.capture import CaptureRing
 from edge_agent.config import AgentConfig
 from edge_agent.drift.monitor import DriftWindow
@@ -292,28 +292,7 @@ class Agent:
 
         What ``/v2/health/ready`` and ``/v2/models/{name}/ready`` answer with when not ready.
         """
-        out: dict[str, str] = {}
-        for name in self.store.names():
-            if self.registry.get(name) is None:
-                out[name] = self._why_not_serving(name)
-        return out
-
-    def _why_not_serving(self, name: str) -> str:
-        try:
-            state = self.store.state(name)
-        except EdgefleetError as exc:
-            return f"state unreadable: {exc}"
-        if state.down is not None:
-            return f"v{state.down.version} down since {state.down.at}: {state.down.reason}"
-        if state.active is None:
-            return "no active version"
-        for event in reversed(self.registry.events):
-            if event.get("model") == name and event.get("event") in (
-                "load_failed",
-                "admission_refused",
-            ):
-                return f"v{state.active} not loaded: {event.get('detail')}"
-        return f"v{state.active} not loaded yet"
+        return not_ready(self)
 
     def server_metadata(self) -> dict[str, Any]:
         return {
@@ -382,7 +361,7 @@ class Agent:
     def _not_serving(self, name: str) -> ModelStoreError:
         """The error for a request to a model that is not loaded: why, when it is installed."""
         if name in self.store.names():
-            return ModelStoreError(f"model {name!r} is not ready: {self._why_not_serving(name)}")
+            return ModelStoreError(f"model {name!r} is not ready: {why_not_serving(self, name)}")
         return ModelNotFoundError(f"model {name!r} is not loaded")
 
     def infer(self, request: InferenceRequest) -> InferenceResult:

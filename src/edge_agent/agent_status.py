@@ -1,6 +1,7 @@
 """The agent's ``status()`` snapshot: what ``edge-agent status`` prints and telemetry is built from.
 
-Owns: turning an ``Agent``'s live state (loaded models and their pipeline counters, latency,
+Owns: why an installed model does not serve (``not_ready``, what readiness answers), and
+turning an ``Agent``'s live state (loaded models and their pipeline counters, latency,
 drift, shadow and A/B stats, per-model answer sources, registry events, the cloud fallback's
 and its transport's counters) into one JSON-safe dict. Reads only; changes nothing.
 
@@ -15,12 +16,13 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from edge_agent import __version__
+from edge_agent.errors import EdgefleetError
 
 if TYPE_CHECKING:
     from edge_agent.agent import Agent
     from edge_agent.registry import Loaded
 
-__all__ = ["status_snapshot", "transport_counts"]
+__all__ = ["not_ready", "status_snapshot", "transport_counts", "why_not_serving"]
 
 
 def status_snapshot(agent: Agent) -> dict[str, Any]:
@@ -71,6 +73,35 @@ def _model_status(agent: Agent, key: str, entry: Loaded) -> dict[str, Any]:
         "shadow": agent._shadows[key].stats() if key in agent._shadows else None,
         "ab": agent._routers[key].counts() if key in agent._routers else None,
     }
+
+
+def not_ready(agent: Agent) -> dict[str, str]:
+    """Installed models that do not serve, each with why (the store's down record first)."""
+    return {
+        name: why_not_serving(agent, name)
+        for name in agent.store.names()
+        if agent.registry.get(name) is None
+    }
+
+
+def why_not_serving(agent: Agent, name: str) -> str:
+    """Why the installed model ``name`` does not serve: the persisted down record, else the
+    last load failure or admission refusal this process saw. Never raises."""
+    try:
+        state = agent.store.state(name)
+    except EdgefleetError as exc:
+        return f"state unreadable: {exc}"
+    if state.down is not None:
+        return f"v{state.down.version} down since {state.down.at}: {state.down.reason}"
+    if state.active is None:
+        return "no active version"
+    for event in reversed(agent.registry.events):
+        if event.get("model") == name and event.get("event") in (
+            "load_failed",
+            "admission_refused",
+        ):
+            return f"v{state.active} not loaded: {event.get('detail')}"
+    return f"v{state.active} not loaded yet"
 
 
 def transport_counts(transport: object) -> dict[str, int]:
