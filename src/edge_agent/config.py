@@ -6,13 +6,19 @@
 Unknown sections or keys are errors (a typo must not silently fall back to a default).
 
 Per-model policy lives under ``[models.<name>]`` and falls back to ``[model_defaults]``.
+
+Relative paths (so that an example config runs outside systemd, by hand, in any directory):
+``store.state_dir`` and ``store.root_path`` are relative to the config file's directory (the
+working directory without a file); ``sync.identity_dir`` and ``api.unix_socket`` are relative
+to the state directory. Values from the environment follow the same rules. Absolute paths are
+used as they are.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -257,7 +263,21 @@ def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> Agen
     """
     data = read_toml(path)
     apply_env(data, os.environ if env is None else env, ENV_PREFIX)
-    return _build(data)
+    return _resolve_paths(_build(data), path.parent if path is not None else Path.cwd())
+
+
+def _resolve_paths(cfg: AgentConfig, base: Path) -> AgentConfig:
+    """Make the relative paths absolute (see the module docstring)."""
+    state = _under(base, cfg.store.state_dir)
+    store = replace(cfg.store, state_dir=state, root_path=_under(base, cfg.store.root_path))
+    sync = replace(cfg.sync, identity_dir=_under(Path(state), cfg.sync.identity_dir))
+    socket = cfg.api.unix_socket
+    api = replace(cfg.api, unix_socket=_under(Path(state), socket) if socket else socket)
+    return replace(cfg, store=store, sync=sync, api=api)
+
+
+def _under(base: Path, value: str) -> str:
+    return value if os.path.isabs(value) else os.path.abspath(base / value)
 
 
 def _build(data: Mapping[str, Any]) -> AgentConfig:

@@ -15,8 +15,39 @@ EXAMPLE = Path(__file__).parents[2] / "deploy" / "agent.example.toml"
 def test_defaults_and_the_shipped_example_load() -> None:
     assert load_config(None, {}).api.port == 8080
     cfg = load_config(EXAMPLE, {})
-    assert cfg.api.unix_socket == "/run/edgefleet/agent.sock"
+    here = EXAMPLE.parent
+    assert cfg.store.state_dir == str(here / "state")
+    assert cfg.store.root_path == str(here / "root.json")
+    assert cfg.api.unix_socket == str(here / "state" / "agent.sock")
+    assert cfg.sync.identity_dir == str(here / "state" / "identity")
     assert cfg.policy("digits").validation == "reject"
+
+
+def test_the_example_under_systemd_uses_the_units_paths() -> None:
+    unit = (EXAMPLE.parent / "edge-agent.service").read_text()
+    env = dict(
+        line.removeprefix("Environment=").split("=", 1)
+        for line in unit.splitlines()
+        if line.startswith("Environment=EDGEFLEET_AGENT__")
+    )
+    cfg = load_config(EXAMPLE, env)
+    assert cfg.store.state_dir == "/var/lib/edgefleet"
+    assert cfg.api.unix_socket == "/run/edgefleet/agent.sock"
+    assert cfg.sync.identity_dir == "/var/lib/edgefleet/identity"
+
+
+def test_relative_paths_follow_the_config_file_and_the_state_dir(tmp_path: Path) -> None:
+    f = tmp_path / "conf" / "a.toml"
+    f.parent.mkdir()
+    f.write_text(
+        '[store]\nstate_dir = "../var"\nroot_path = "keys/root.json"\n'
+        '[api]\nunix_socket = "run/a.sock"\n[sync]\nidentity_dir = "/abs/id"\n'
+    )
+    cfg = load_config(f, {"EDGEFLEET_AGENT__STORE__STATE_DIR": "../state"})
+    assert cfg.store.state_dir == str(tmp_path / "state")
+    assert cfg.store.root_path == str(tmp_path / "conf" / "keys" / "root.json")
+    assert cfg.api.unix_socket == str(tmp_path / "state" / "run" / "a.sock")
+    assert cfg.sync.identity_dir == "/abs/id"
 
 
 def test_environment_overrides_file(tmp_path: Path) -> None:
