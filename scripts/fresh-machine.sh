@@ -17,6 +17,9 @@
 # proxy (PIP_CERT / SSL_CERT_FILE / REQUESTS_CA_BUNDLE set), that CA bundle is copied into the root
 # and handed to pip by PIP_CERT; the host's /etc/resolv.conf is copied for DNS.
 set -euo pipefail
+# The whole script is one function, parsed before it runs: editing this file (a git pull) while
+# a 30-minute run is under way cannot change what that run executes.
+main() {
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
 ARCH=amd64
@@ -96,6 +99,7 @@ cleanup() {
             say "root kept at $ROOT"
         fi
     fi
+    [ "$KEEP" -eq 1 ] || rm -rf "$WORK/$ARCH-$STAMP-host"
     [ "$BINFMT_REGISTERED" -eq 1 ] && binfmt_unregister_aarch64
     [ "$BINFMT_MOUNTED" -eq 1 ] && umount /proc/sys/fs/binfmt_misc 2>/dev/null
     exit "$rc"
@@ -191,3 +195,6 @@ echo "== fresh-machine verdict: Debian bookworm $ARCH, python3 $PYVER, edgefleet
 for line in "${VERDICT[@]}"; do echo "$line"; done
 if [ "$FAILED" -eq 0 ]; then echo "== PASS"; else echo "== FAIL"; fi
 exit "$FAILED"
+}
+
+main "$@"
