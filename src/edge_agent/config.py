@@ -277,7 +277,9 @@ def _resolve_paths(cfg: AgentConfig, base: Path) -> AgentConfig:
 
 
 def _under(base: Path, value: str) -> str:
-    return value if os.path.isabs(value) else os.path.abspath(base / value)
+    if Path(value).is_absolute():
+        return value
+    return os.path.normpath((base / value).absolute())  # no symlink resolution, ".." folded
 
 
 def _build(data: Mapping[str, Any]) -> AgentConfig:

@@ -12,6 +12,7 @@ Also: the shipped example configs load, and the agent example starts outside sys
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import re
@@ -48,10 +49,8 @@ def _env() -> dict[str, str]:
 
 def _kill_pids(directory: Path) -> None:
     for pid_file in directory.glob("*.pid"):
-        try:
+        with contextlib.suppress(ValueError, ProcessLookupError):
             os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
-        except (ValueError, ProcessLookupError):
-            pass
 
 
 @pytest.mark.skipif(shutil.which("mosquitto") is None, reason="mosquitto is not installed")
