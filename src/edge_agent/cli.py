@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -184,7 +185,7 @@ def _sync_status(cfg: AgentConfig) -> dict[str, Any] | None:
     path = Path(cfg.store.state_dir) / "sync" / "status.json"
     try:
         data = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 
@@ -253,7 +254,8 @@ def infer(model: str, data: Path, config_path: Path | None, input_name: str | No
             arr = None
         else:
             arr = np.load(data, allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    # A damaged .npz is a bad zip, a truncated .npy an early EOF: both are bad input.
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise InputValidationError(f"cannot read {data}: {exc}", reason="data") from exc
     if arr is not None:
         if input_name is None:

@@ -407,3 +407,22 @@ def test_errors_name_no_path(keys: KeyStore, honest: bytes, tmp_path: Path) -> N
             tmp_path / "missing.efb", _root(keys), now=NOW, installed_version=None, device=None
         )
     assert str(tmp_path) not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("suffix", "data"),
+    [
+        (".npz", b"PK\x03\x04" + b"\0" * 40),  # a zip header and nothing behind it
+        (".npy", b"\x93NUMPY\x01\x00v\x00{'descr'"),  # cut inside the header
+        (".npy", b"\x80\x04pickle"),
+    ],
+)
+def test_edge_agent_infer_refuses_damaged_arrays_in_one_line(
+    suffix: str, data: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / f"x{suffix}"
+    path.write_bytes(data)
+    code, err = _run(agent_cli.main, ["infer", "digits", str(path)], capsys)
+    assert code == EXIT_BAD_INPUT, err
+    assert err.startswith("error[input_invalid]: cannot read "), err
+    assert len(err.strip().splitlines()) == 1, err
