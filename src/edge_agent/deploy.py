@@ -176,7 +176,7 @@ class Deployer:
         st = self._agent.store.state(name)
         record = next((r for r in st.versions if r.version == a.version), None)
         if st.active == a.version:
-            self.outcomes[name] = ("installed", "")
+            self.outcomes[name] = self._outcome_of(name, a.version)
             return
         if record is not None and record.status == "failed":
             self.outcomes[name] = ("failed", f"failed on this device before: {record.reason}")
@@ -290,8 +290,12 @@ class Deployer:
             self._event(name, a.version, "installed", "")
 
     def _outcome_of(self, name: str, version: int) -> tuple[str, str]:
-        """What the store says became of ``version``: serving, or rolled back and why."""
+        """What the store says became of ``version``: serving, down, or rolled back and why."""
         st = self._agent.store.state(name)
+        if st.active == version and st.down is not None and st.down.version == version:
+            # Installed but nothing can serve it (e.g. its golden samples fail here, and no
+            # good version is kept): for the fleet that is a failed install, with the cause.
+            return ("failed", f"v{version} cannot serve: {st.down.reason}")
         if st.active == version:
             return ("installed", "")
         record = next((r for r in st.versions if r.version == version), None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -143,3 +143,20 @@ def test_status_command_says_down_and_why(agent: Agent, tmp_path: Path) -> None:
     out = CliRunner().invoke(cli, ["status", "--config", str(config), "--json"])
     digits = next(m for m in json.loads(out.output)["models"] if m["name"] == "digits")
     assert digits["down"]["version"] == 4
+
+
+def test_the_fleet_is_told_the_assigned_version_cannot_serve(agent: Agent, tmp_path: Path) -> None:
+    from edge_agent.config import SyncConfig
+    from edge_agent.deploy import Deployer
+    from edge_agent.trust.desired import DesiredState, ModelAssignment
+
+    deployer = Deployer(
+        agent, tmp_path / "sync", SyncConfig(), event=lambda *a: None, wake=lambda: None
+    )
+    assignment = ModelAssignment(4, "stable", "a" * 64, 100, "b" * 64)
+    expires = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=1)
+    deployer.apply(DesiredState("dev-1", 1, expires, {"digits": assignment}))
+    outcome, reason = deployer.outcomes["digits"]
+    assert outcome == "failed"  # reported: a rollout counts it as a failed install
+    assert "cannot serve" in reason
+    assert "golden samples failed" in reason
