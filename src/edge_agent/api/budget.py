@@ -8,9 +8,9 @@ endpoints, ``edge_agent.api.app``) or the decoding itself (``edge_agent.api.deco
 Why a bound from the bytes: ``json.loads`` of an 8 MiB body of empty arrays (``[[],[],...]``)
 builds ~2.8 million list objects, about 27 bytes of memory per byte of body; a dense array of
 short numbers costs ~9 bytes per byte; a binary FP32 tensor is a view of the body (no copy).
-Counting ``[``, ``{``, ``,`` and ``"`` (a few memchr-speed passes, ~1% of ``json.loads``'s own
-time) bounds the number of containers, values and strings ``json.loads`` can create, whatever
-the nesting; each gets the most memory one of its kind takes through the whole decode (the
+Counting ``[``, ``{``, ``,`` and ``"`` (a few passes at memory speed, small next to
+``json.loads``) bounds the number of containers, values and strings ``json.loads`` can create,
+whatever the nesting; each gets the most memory one of its kind takes through the whole decode (the
 Python object, its slot in the parent, the numpy element, a cast, the BYTES copies). Characters
 inside strings are counted too, which only makes the bound larger. ``tests/unit/test_api_budget``
 checks the bound against ``tracemalloc``'s measured peak for hostile and ordinary bodies.
