@@ -59,12 +59,16 @@ def tarfile_of_python_3_11_2(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(tarfile.TarFile, method, no_filter)
 
 
-def _doc_python_recipe() -> str:
+def _doc_recipe(heading: str, lang: str) -> str:
     text = DOC.read_text()
-    section = text[text.index("**With python-tuf**") :]
-    found = re.search(r"```python\n(.*?)```", section, re.DOTALL)
-    assert found, "docs/security.md lost its python-tuf recipe"
+    section = text[text.index(heading) :]
+    found = re.search(rf"```{lang}\n(.*?)```", section, re.DOTALL)
+    assert found, f"docs/security.md lost its {heading} recipe"
     return found.group(1)
+
+
+def _doc_python_recipe() -> str:
+    return _doc_recipe("**With python-tuf**", "python")
 
 
 def test_the_documented_python_tuf_recipe_runs_on_python_3_11_2(
@@ -163,3 +167,32 @@ def test_openssl_verifies_the_ed25519_signature(
     )
     bad = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert bad.returncode != 0
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+def test_the_documented_openssl_recipe_runs_as_written(tmp_path: Path) -> None:
+    store = KeyStore.init(tmp_path / "keys", now=NOW)
+    bundle = make_bundle(store)
+    (tmp_path / "root.json").write_bytes(store.root_bytes())
+    (tmp_path / "digits-1.efb").write_bytes(bundle)
+    recipe = _doc_recipe("**With openssl**", "sh")
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", recipe],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+
+    ok = run()
+    assert ok.returncode == 0, ok.stderr
+    assert "Signature Verified Successfully" in ok.stdout
+    # a bundle whose signed document was altered after signing fails the same commands
+    parts = members(bundle)
+    parts["targets.json"] = parts["targets.json"].replace(b'"stable"', b'"stablE"')
+    (tmp_path / "digits-1.efb").write_bytes(repack(parts))
+    bad = run()
+    assert bad.returncode != 0
+    assert "Signature Verified Successfully" not in bad.stdout
