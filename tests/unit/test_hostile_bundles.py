@@ -158,6 +158,36 @@ def _long_length(parts: dict[str, bytes]) -> bytes:
 HOSTILE["5000-digit target length"] = (_long_length, MetadataFormatError)
 
 
+def _with_manifest(raw: bytes) -> Callable[[dict[str, bytes]], bytes]:
+    def build(parts: dict[str, bytes]) -> bytes:
+        return repack({**parts, "manifest.json": raw})
+
+    return build
+
+
+def _splice_manifest(token: bytes) -> Callable[[dict[str, bytes]], bytes]:
+    def build(parts: dict[str, bytes]) -> bytes:
+        raw = parts["manifest.json"].replace(b'"version":', b'"version":' + token + b',"x":', 1)
+        assert raw != parts["manifest.json"]
+        return repack({**parts, "manifest.json": raw})
+
+    return build
+
+
+# The manifest is signed by digest, so read_bundle refuses these as tampered; but `install`
+# first reads the *unverified* manifest to pick the model's state, and that parse is where a
+# RecursionError or the int-digit ValueError used to escape.
+HOSTILE_MANIFESTS: dict[str, Callable[[dict[str, bytes]], bytes]] = {
+    "manifest: deep nesting": _with_manifest(b"[" * DEEP + b"]" * DEEP),
+    "manifest: 5000-digit version": _splice_manifest(b"9" * 5000),
+    "manifest: 1e400": _splice_manifest(b"1e400"),
+    "manifest: NaN": _splice_manifest(b"NaN"),
+    "manifest: lone surrogate": _splice_manifest(b'"\\ud800"'),
+    "manifest: invalid UTF-8": _with_manifest(b'{"name":"\xff"}'),
+    "manifest: a list": _with_manifest(b"[1, 2]"),
+}
+
+
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> KeyStore:
     return KeyStore.init(tmp_path_factory.mktemp("keys") / "keys", now=datetime.now(UTC))
@@ -177,7 +207,36 @@ def hostile_files(honest: bytes, tmp_path_factory: pytest.TempPathFactory) -> di
         path = out / f"hostile-{i}.efb"
         path.write_bytes(build(parts))
         files[name] = path
+    for i, (name, build) in enumerate(HOSTILE_MANIFESTS.items()):
+        path = out / f"hostile-manifest-{i}.efb"
+        path.write_bytes(build(parts))
+        files[name] = path
     return files
+
+
+@pytest.mark.parametrize("name", list(HOSTILE_MANIFESTS))
+def test_hostile_manifests_through_install_and_verify(
+    name: str,
+    hostile_files: dict[str, Path],
+    keys: KeyStore,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    (tmp_path / "root.json").write_bytes(keys.root_bytes())
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        f'[store]\nstate_dir = "{tmp_path / "state"}"\nroot_path = "{tmp_path / "root.json"}"\n'
+    )
+    path = str(hostile_files[name])
+    code, err = _run(agent_cli.main, ["install", path, "--config", str(config)], capsys)
+    assert code == EXIT_BAD_INPUT, err
+    assert "manifest is not readable" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    code, err = _run(
+        agent_cli.main, ["verify", path, "--root", str(tmp_path / "root.json")], capsys
+    )
+    assert code == EXIT_UNTRUSTED, err  # the manifest's digest is signed: tampering
+    _assert_one_typed_line(err)
 
 
 def _root(keys: KeyStore) -> TrustedRoot:
