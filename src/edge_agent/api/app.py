@@ -60,13 +60,12 @@ from edge_agent.api.fastpath import (
     _read_body,
 )
 from edge_agent.api.header_cache import RequestDecoder
+from edge_agent.api.metadata import EXTENSIONS, protocol_metadata
 from edge_agent.api.metrics import ApiMetrics
 from edge_agent.api.ratelimit import RateLimiter
 from edge_agent.config import ApiConfig
-from edge_agent.contract.datatypes import protocol_datatype
 from edge_agent.errors import (
     ConfigError,
-    ContractError,
     EdgefleetError,
     FallbackError,
     InputValidationError,
@@ -79,7 +78,6 @@ from edge_agent.service import InferenceRequest, InferenceResult, InferenceServi
 
 __all__ = [
     "DEFAULT_MAX_CONCURRENCY",
-    "EXTENSIONS",
     "INLINE_BYTES",
     "INLINE_ELEMENTS",
     "INLINE_SERVICE_S",
@@ -92,8 +90,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 UDS_CLIENT = "uds"
-# The protocol extensions this API serves (``GET /v2``).
-EXTENSIONS = ("binary_tensor_data",)
 DEFAULT_MAX_CONCURRENCY = 16
 # Below these sizes decoding / encoding costs tens of microseconds: cheaper on the event loop than
 # a thread hop (and the GIL hand-offs it brings); above them it moves to the worker threads.
@@ -121,28 +117,6 @@ def _elements(outputs: Mapping[str, Any]) -> int:
     for value in outputs.values():
         total += value.size if type(value) is np.ndarray else int(np.size(value))
     return total
-
-
-def _protocol_metadata(meta: Mapping[str, Any]) -> dict[str, Any]:
-    """Model metadata with the protocol's datatype names (``FP32``, not numpy's ``float32``).
-
-    A generic v2 client builds its request from these names, and the API accepts exactly them.
-    """
-    document = dict(meta)
-    for key in ("inputs", "outputs"):
-        tensors = document.get(key)
-        if isinstance(tensors, list):
-            document[key] = [_protocol_tensor(t) for t in tensors]
-    return document
-
-
-def _protocol_tensor(tensor: Any) -> Any:
-    if not isinstance(tensor, Mapping) or not isinstance(tensor.get("datatype"), str):
-        return tensor
-    try:
-        return {**tensor, "datatype": protocol_datatype(tensor["datatype"])}
-    except ContractError:
-        return tensor  # a runtime type the protocol has no name for: say what it is
 
 
 def _target(request: Request) -> tuple[str, str | None]:
@@ -270,7 +244,7 @@ class _Api:
             return self._failure(exc)
         self._vouch(name)
         if endpoint == "metadata" or value:
-            document = _protocol_metadata(value) if endpoint == "metadata" else None
+            document = protocol_metadata(value) if endpoint == "metadata" else None
             response = _json(document or {"name": name, "ready": True})
             return m.OUTCOME_OK, m.NO_REASON, response
         suffix = "" if version is None else f" version {version!r}"
