@@ -52,13 +52,17 @@ class ServerRoots:
         self._lock = threading.Lock()
         try:
             self._provisioned = TrustedRoot.from_bytes(provisioned)
-            stored = [(v, d) for v, d in self._stored() if v > self._provisioned.version]
-            self._current = TrustedRoot.from_chain(provisioned, [d for _v, d in stored])
+            stored = self._stored()
+            above = [d for v, d in stored if v > self._provisioned.version]
+            self._current = TrustedRoot.from_chain(provisioned, above)
         except BundleVerificationError as exc:
             raise ServerConfigError(f"root chain in {self._dir.name}/ is not valid: {exc}") from exc
-        self._chain = [d for _v, d in stored]
-        if self._provisioned.version > 1:
-            self._chain.insert(0, self._provisioned.to_bytes())
+        # Versions below the provisioned file were verified when they were rotated to (the
+        # root_path may be a key store's root.json, which every rotation rewrites): devices
+        # still on them need them, and check each one themselves.
+        below = [d for v, d in stored if 1 < v < self._provisioned.version]
+        here = [bytes(provisioned)] if self._provisioned.version > 1 else []
+        self._chain = [*below, *here, *above]
 
     @classmethod
     def open(

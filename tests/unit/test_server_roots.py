@@ -143,3 +143,15 @@ def test_admin_routes(p: Parts) -> None:
             r = client.post("/v1/root", headers=auth, json=bad)
             assert r.status_code == 400, (bad, r.text)
             assert "code" in r.json()
+
+
+def test_a_root_path_rewritten_by_the_key_store_still_ships_the_whole_chain(p: Parts) -> None:
+    """``signing.root_path = keys/root.json``: every rotation rewrites it, then a restart."""
+    p.keys.rotate("targets", now=NOW, add=1)
+    p.service.rotate_root(p.keys.root_chain())  # v2 stored
+    p.keys.rotate("targets", now=NOW, add=1)
+    p.service.rotate_root(p.keys.root_chain())  # v3 stored
+    restarted = ServerRoots(p.keys.root_bytes(), p.tmp / "roots", clock=lambda: NOW)  # v3 file
+    assert restarted.current.version == 3
+    v1 = TrustedRoot.from_bytes(p.keys.root_chain()[0])
+    assert apply_root_chain(v1, restarted.chain(), now=NOW).version == 3  # a device on v1
