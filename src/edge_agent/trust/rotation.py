@@ -188,7 +188,8 @@ def attach_roots(envelope: bytes, roots: Sequence[bytes]) -> bytes:
     No chain (``roots`` empty) gives ``envelope`` unchanged, which every agent version reads.
 
     Raises:
-        MetadataFormatError: the envelope or a root is not JSON, or the chain is too long.
+        MetadataFormatError: the envelope or a root is not JSON, the chain is too long, or the
+            message would exceed ``MAX_MESSAGE_BYTES``.
     """
     if not roots:
         return envelope
@@ -198,4 +199,10 @@ def attach_roots(envelope: bytes, roots: Sequence[bytes]) -> bytes:
     if not isinstance(doc, dict):
         raise MetadataFormatError("desired-state envelope must be a JSON object")
     doc[ROOTS_FIELD] = [_loads(r, "root metadata") for r in roots]
-    return _canonical(doc)
+    message = _canonical(doc)
+    if len(message) > MAX_MESSAGE_BYTES:  # devices would refuse it: say so on the server
+        raise MetadataFormatError(
+            f"desired state with its root chain is {len(message)} bytes; devices take at most "
+            f"{MAX_MESSAGE_BYTES}"
+        )
+    return message
