@@ -205,15 +205,16 @@ class Agent:
 
         A model marked down for its active version (``ModelState.down``) is not retried here:
         nothing changed since it failed. It is retried when another version becomes active,
-        and at start.
+        when the trusted root rotated, and at start.
 
         Returns:
             The names now serving a different version than before.
         """
         changed = []
         with self._control:
+            rotated = False  # a new root may make a version that failed verification load
             try:
-                self.store.refresh_root()
+                rotated = self.store.refresh_root()
             except EdgefleetError as exc:
                 log.error("stored root not picked up: %s", exc)
             for name in self.store.names():
@@ -226,7 +227,8 @@ class Agent:
                 active = state.active
                 if active is None or (entry is not None and entry.pipeline.version == active):
                     continue
-                if entry is None and state.down is not None and state.down.version == active:
+                down = state.down is not None and state.down.version == active
+                if entry is None and down and not rotated:
                     continue  # known down, cause already logged and recorded
                 self._activate_safely(name)
                 now = self.registry.get(name)
