@@ -81,6 +81,7 @@ class Agent:
         self._sources: defaultdict[str, Counter[str]] = defaultdict(Counter)
         self.drift_windows: deque[tuple[str, int, DriftWindow]] = deque(maxlen=1000)
         self.started_at = time.time()
+        self._root_version = store.root.version
 
     # ------------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -212,11 +213,14 @@ class Agent:
         """
         changed = []
         with self._control:
-            rotated = False  # a new root may make a version that failed verification load
             try:
-                rotated = self.store.refresh_root()
+                self.store.refresh_root()
             except EdgefleetError as exc:
                 log.error("stored root not picked up: %s", exc)
+            # A new root (from the CLI or the sync loop) may make a version load that failed
+            # verification: models down are retried once after a rotation.
+            rotated = self.store.root.version != self._root_version
+            self._root_version = self.store.root.version
             for name in self.store.names():
                 entry = self.registry.get(name)
                 try:

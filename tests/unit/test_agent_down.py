@@ -160,3 +160,30 @@ def test_the_fleet_is_told_the_assigned_version_cannot_serve(agent: Agent, tmp_p
     assert outcome == "failed"  # reported: a rollout counts it as a failed install
     assert "cannot serve" in reason
     assert "golden samples failed" in reason
+
+
+def test_a_model_down_is_retried_once_after_a_root_rotation(
+    agent: Agent, digits_bundles: DigitsBundles, tmp_path: Path
+) -> None:
+    import shutil
+
+    from model_builder.keystore import KeyStore
+
+    copy = tmp_path / "keys-copy"  # rotate a copy: the session's key store stays as it is
+    shutil.copytree(digits_bundles.keys.path, copy)
+    keys = KeyStore.open(copy)
+    keys.rotate("targets", now=datetime.now(UTC), add=1)
+
+    def failures() -> int:
+        return sum(
+            e["event"] == "load_failed" and e["model"] == "digits" for e in agent.registry.events
+        )
+
+    before = failures()
+    agent.reload_changed()
+    assert failures() == before  # nothing changed: not retried
+    agent.store.update_roots(keys.root_chain()[1:])
+    agent.reload_changed()
+    assert failures() == before + 1  # the new root could have made it loadable: tried once
+    agent.reload_changed()
+    assert failures() == before + 1
