@@ -216,3 +216,36 @@ def test_a_generic_client_builds_its_request_from_the_agents_metadata(
             assert "is FP64 but the model's input is FP32" in cast.json()["error"]
     finally:
         agent.close()
+
+
+class CloudRoutedService(ValidatingService):
+    """Answers every request without local validation (as prefer_cloud/cloud_only route it)."""
+
+    def __init__(self, dtype: str) -> None:
+        super().__init__(dtype)
+        self.version = "1"
+        self.calls = 0
+
+    def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
+        return {**super().model_metadata(name, version), "versions": [self.version]}
+
+    def infer(self, request: InferenceRequest) -> InferenceResult:
+        self.calls += 1
+        return InferenceResult(request.model, self.version, {"y": np.zeros(1)}, source="cloud")
+
+
+def test_no_route_casts_a_mismatched_tensor() -> None:
+    service = CloudRoutedService("float32")
+    with TestClient(create_app(service, ApiConfig())) as client:
+        for wire in ("FP64", "FP16", "INT64"):
+            refused = client.post("/v2/models/m/infer", content=_json_body(wire))
+            assert refused.status_code == 400
+            assert f"is {wire} but the model's input is FP32" in refused.json()["error"]
+        assert service.calls == 0  # refused before any route (device or cloud) saw it
+        assert client.post("/v2/models/m/infer", content=_json_body("FP32")).status_code == 200
+        # A new version that takes FP64: the cache follows the metadata, not the old entry.
+        service.dtype, service.version = "float64", "2"
+        assert client.post("/v2/models/m/infer", content=_json_body("FP64")).status_code == 200
+        refused = client.post("/v2/models/m/infer", content=_json_body("FP32"))
+        assert refused.status_code == 400
+        assert "is FP32 but the model's input is FP64" in refused.json()["error"]
