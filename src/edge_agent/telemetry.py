@@ -102,7 +102,8 @@ _REGISTRY_KINDS: Final = {"rollback": "rolled_back"}
 # --------------------------------------------------------------------------- events
 @dataclass(frozen=True)
 class Event(_Wire):
-    """A lifecycle event (topic ``.../events``, or inside a ``Batch``).
+    """A lifecycle event: an item of a ``Batch`` on ``.../telemetry`` (its one path; agents
+    before this release also published it alone on ``.../events``, which parsers accept).
 
     Attributes:
         device_id: The device.
