@@ -9,7 +9,8 @@ walk the chain (v1 -> v2, old and new thresholds) and persist it. Then: a bundle
 new key is published and installed everywhere; bundles signed by the stolen key are refused by
 the server and by the devices (``edge-agent install``); root versions that skip a version or
 are signed only by new root keys are refused (``edge-agent root update``, ``fleet-server root
-rotate``); and the rotation survives a daemon restart.
+rotate``, and over MQTT from a compromised server identity holding the online key); and the
+rotation survives a daemon restart.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,12 @@ from tuf.api.metadata import Metadata, Root
 
 from bundles import DigitsBundles
 from edge_agent.bundle import read_bundle
+from edge_agent.mqtt import MqttClient, MqttConfig
+from edge_agent.topics import Topics
 from edge_agent.trust import TrustedRoot
 from fleet import daemon_config, start_daemon, stop_process, wait_until
 from fleet_server.admin_client import AdminClient
+from fleet_server.desired import make_desired_state, sign_desired_state
 from fleet_server.errors import AdminRequestError
 from model_builder.keystore import KeyStore
 from model_builder.package import package_bundle
@@ -41,11 +45,13 @@ pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not inst
 DEVICES = ("rot-1", "rot-2")
 TOKEN = "root-rotation-admin-token-0123456789"
 BIN = Path(sys.executable).parent
+EVIL = "evil.server"
 
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[FleetBroker]:
-    with fleet_broker(tmp_path / "mqtt", DEVICES) as b:
+    # A second server identity: what an attacker holding a server credential can publish.
+    with fleet_broker(tmp_path / "mqtt", DEVICES, workers=(EVIL,)) as b:
         yield b
 
 
@@ -100,6 +106,33 @@ def _active(client: AdminClient, device: str) -> int | None:
     reported = client.device(device).get("reported") or {}
     active = ((reported.get("models") or {}).get("digits") or {}).get("active")
     return active if isinstance(active, int) else None
+
+
+def _publish_as(
+    identity: str, broker: FleetBroker, keys: KeyStore, device: str, roots: list[bytes]
+) -> None:
+    """A desired state signed with the online key, ``roots`` beside it, on ``device``'s topic."""
+    creds = broker.creds[identity]
+    client = MqttClient(
+        MqttConfig(
+            host=broker.host,
+            port=broker.port,
+            device_id=identity,
+            ca_path=creds.ca,
+            cert_path=creds.cert,
+            key_path=creds.key,
+            prefix=broker.prefix,
+            announce_status=False,
+        )
+    )
+    client.connect()
+    try:
+        client.wait_connected(10)
+        state = make_desired_state(device, 10_000, {}, datetime.now(UTC), timedelta(hours=1))
+        message = sign_desired_state(state, [keys.signer("online-1")], roots)
+        client.publish(Topics(broker.prefix).device_desired(device), message, 1, True)
+    finally:
+        client.close()
 
 
 def _device_root(home: Path) -> int:
@@ -196,6 +229,18 @@ def test_a_stolen_builder_key_is_rotated_out_of_a_running_fleet(
         )
         out = _run(BIN / "edge-agent", "install", forged, "--config", configs["rot-1"])
         assert out.returncode == 4
+
+        # Over MQTT: a compromised server (its credential and online key) ships a chain whose
+        # v3 only the new root key signed. rot-2 keeps root v2 and says so.
+        _publish_as(EVIL, broker, keys, "rot-2", [v2_file.read_bytes(), only_new.read_bytes()])
+        status = tmp_path / "devices" / "rot-2" / "state" / "sync" / "status.json"
+        wait_until(
+            lambda: json.loads(status.read_text())["counts"].get("roots_rejected") == 1,
+            timeout=60,
+            what="rot-2 refusing the chain",
+        )
+        assert _device_root(tmp_path / "devices" / "rot-2") == 2
+        assert "root chain refused" in (tmp_path / "rot-2.log").read_text()
     finally:
         client.close()
         for proc in daemons.values():
