@@ -11,12 +11,13 @@ to disk by member name, never follows links, refuses extra or out-of-order membe
 each member's declared size against its cap before reading a byte of it: the artifact's cap is
 the signed length from the verified manifest (endless-data protection).
 
-After the artifact only what a tar writer puts there is accepted: zero bytes, at most the two
-512-byte end-of-archive blocks plus the zero padding to the next 10240-byte record (what
-``bundle_bytes``, Python's ``tarfile`` and GNU tar write; a shorter zero tail, even none, is
-accepted too). Any non-zero byte or any byte beyond that is refused: a bundle is exactly one
-archive, so nothing can ride along unsigned after it. Error messages never name the file's path
-(a server's staging path is nobody's business).
+After the artifact exactly what a tar writer puts there must follow: the two 512-byte
+end-of-archive blocks and the zero padding to the next 10240-byte record (what ``bundle_bytes``,
+Python's ``tarfile`` and GNU or BSD tar with their default blocking factor write). A non-zero
+byte, a byte beyond that (appended data, a second archive) or a shorter tail (a cut file) is
+refused: a bundle is exactly one archive with one byte layout, so nothing rides along unsigned
+after it and one bundle never has two digests. Error messages never name the file's path (a
+server's staging path is nobody's business).
 
 Owns: the file layout and the I/O. Does not own: the verification decisions
 (``edge_agent.trust``).
@@ -276,11 +277,11 @@ class _UstarReader:
         return data
 
     def expect_end(self) -> None:
-        """Only what a tar writer puts after the last member may follow (see the module doc).
+        """Exactly what a tar writer puts after the last member must follow (module doc).
 
         Raises:
-            BundleFormatError: another member, non-zero bytes, or more zero bytes than the
-                end-of-archive blocks and the record padding.
+            BundleFormatError: another member, non-zero bytes, more or fewer zero bytes than
+                the end-of-archive blocks and the record padding.
         """
         if self._pending:
             self._fh.seek(self._pending, 1)
@@ -294,6 +295,8 @@ class _UstarReader:
             raise BundleFormatError("bundle has data after the artifact (member or appended bytes)")
         if tail.strip(b"\0") or len(tail) > allowed:
             raise BundleFormatError("bundle has bytes after the end of its archive")
+        if len(tail) < allowed:
+            raise BundleFormatError("bundle is truncated (its end-of-archive blocks are cut)")
 
 
 def sha256_file(path: Path) -> str:
