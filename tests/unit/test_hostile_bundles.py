@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -489,3 +491,27 @@ def test_edge_agent_infer_refuses_damaged_arrays_in_one_line(
     assert code == EXIT_BAD_INPUT, err
     assert err.startswith("error[input_invalid]: cannot read "), err
     assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("name", ["deep nesting (RecursionError)", "float length in targets"])
+def test_the_real_edge_agent_command(
+    name: str, hostile_files: dict[str, Path], keys: KeyStore, tmp_path: Path
+) -> None:
+    """Once through the installed console script, as an operator would run it."""
+    (tmp_path / "root.json").write_bytes(keys.root_bytes())
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "edge-agent"),
+            "verify",
+            str(hostile_files[name]),
+            "--root",
+            str(tmp_path / "root.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == EXIT_UNTRUSTED, proc.stderr
+    assert proc.stderr.startswith("error[metadata_malformed]: targets metadata "), proc.stderr
+    _assert_one_typed_line(proc.stderr)
