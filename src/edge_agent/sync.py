@@ -41,7 +41,12 @@ from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig
 from edge_agent.deploy import Deployer
 from edge_agent.durable import write_atomic
-from edge_agent.errors import EdgefleetError, OutboxCorruptError, TransportError
+from edge_agent.errors import (
+    EdgefleetError,
+    ExpiredMetadataError,
+    OutboxCorruptError,
+    TransportError,
+)
 from edge_agent.identity import IdentityStore
 from edge_agent.mqtt import Message, MqttClient, MqttConfig
 from edge_agent.outbox import Outbox
@@ -319,6 +324,12 @@ class SyncAgent:
         before = self._store.root.version
         try:
             root = self._store.update_roots(roots)
+        except ExpiredMetadataError as exc:  # walked and kept, but the final root has expired
+            self._counts["root_rotations"] += 1
+            version = self._store.root.version
+            log.error("trusted root v%d has expired; nothing new is acted on: %s", version, exc)
+            self._event(None, None, "desired_rejected", f"root chain: {exc}")
+            return
         except EdgefleetError as exc:
             self._counts["roots_rejected"] += 1
             log.warning("root chain refused, keeping root v%d: %s", before, exc)

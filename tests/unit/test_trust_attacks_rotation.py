@@ -35,7 +35,7 @@ from edge_agent.trust import (
     choose_root,
     split_roots,
 )
-from edge_agent.trust.desired import DesiredState
+from edge_agent.trust.desired import DesiredState, verify_desired_state
 from fleet_server.desired import sign_desired_state
 from model_builder.keystore import KeyStore
 from support import DEVICE, NOW, make_bundle, write
@@ -176,6 +176,26 @@ def test_an_expired_final_root_is_refused(tmp_path: Path) -> None:
     ks.rotate("targets", now=NOW - timedelta(days=400), add=1, expires_days=30)
     with pytest.raises(ExpiredMetadataError):
         apply_root_chain(_v1(ks), ks.root_chain(), now=NOW)
+
+
+def test_a_device_keeps_a_rotation_whose_final_root_expired_and_acts_on_nothing(
+    tmp_path: Path,
+) -> None:
+    """python-tuf semantics: the walk stands (its revocations apply), the expiry is raised."""
+    ks = KeyStore.init(tmp_path / "keys", now=NOW - timedelta(days=400))
+    ks.rotate(
+        "targets", now=NOW - timedelta(days=400), add=1, remove=["targets-1"], expires_days=30
+    )
+    store = ModelStore(tmp_path / "state", _v1(ks), DEVICE, clock=lambda: NOW)
+    with pytest.raises(ExpiredMetadataError):
+        store.update_roots(ks.root_chain())
+    assert store.root.version == 2
+    again = ModelStore(tmp_path / "state", _v1(ks), DEVICE, clock=lambda: NOW)
+    assert again.root.version == 2
+    state = DesiredState(device_id="dev-1", version=1, expires=NOW + timedelta(hours=1))
+    envelope = sign_desired_state(state, [ks.signer("online-1")])
+    with pytest.raises(ExpiredMetadataError):
+        verify_desired_state(again.root, envelope, now=NOW, device_id="dev-1", last_version=0)
 
 
 def test_rotation_survives_a_restart_and_an_older_provisioned_root(

@@ -40,7 +40,7 @@ from edge_agent.errors import (
 )
 from edge_agent.store.root_file import RootFile
 from edge_agent.store.state import ModelState, VersionRecord
-from edge_agent.trust import TrustedRoot, apply_root_chain
+from edge_agent.trust import TrustedRoot, walk_root_chain
 
 log = logging.getLogger("edge_agent.store")
 
@@ -105,7 +105,7 @@ class ModelStore:
         return self.update_roots([data])
 
     def update_roots(self, chain: Sequence[bytes]) -> TrustedRoot:
-        """Walk ``chain`` from the trusted root (``trust.apply_root_chain``) and persist the result.
+        """Walk ``chain`` from the trusted root (``trust.walk_root_chain``) and persist the result.
 
         Versions already trusted are skipped; nothing is written unless a newer root was
         accepted, and then only the final one, atomically, under the store lock (so the
@@ -115,19 +115,27 @@ class ModelStore:
             The trusted root afterwards (unchanged when the chain held nothing new).
 
         Raises:
-            MetadataFormatError, RootRotationError, ExpiredMetadataError: the chain is refused;
-                the trusted root is unchanged.
+            MetadataFormatError, RootRotationError: the chain is refused; the trusted root is
+                unchanged.
+            ExpiredMetadataError: the chain was walked and persisted, but its final root has
+                expired (python-tuf semantics: intermediate roots may be expired, the final
+                one must not).
             ModelStoreError: the stored root cannot be read or written.
         """
         with self._locked():
             self.refresh_root()
-            new = apply_root_chain(self.root, chain, now=self._clock())
-            if new is not self.root:
-                self._root_file.write(new)
-                log.info("trusted root rotated: v%d -> v%d", self.root.version, new.version)
-                self.root = new
-                self.root_warning = ""
-            return self.root
+            new = walk_root_chain(self.root, chain)
+            if new is self.root:
+                return self.root
+            # As python-tuf's updater: the rotation stands even when the final root has
+            # expired (revocations take effect), then the expiry is reported; a device with an
+            # expired root acts on nothing new (every check fails) until a fresh root arrives.
+            self._root_file.write(new)
+            log.info("trusted root rotated: v%d -> v%d", self.root.version, new.version)
+            self.root = new
+            self.root_warning = ""
+            new.check_expiry(self._clock())
+            return new
 
     def refresh_root(self) -> bool:
         """Take a newer root another process (``edge-agent root update``) stored; True if changed.

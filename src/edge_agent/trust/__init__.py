@@ -7,6 +7,7 @@ from edge_agent.trust.rotation import (
     attach_roots,
     choose_root,
     split_roots,
+    walk_root_chain,
 )
 from edge_agent.trust.verify import (
     ArtifactDigest,
@@ -42,4 +43,5 @@ __all__ = [
     "verify_manifest",
     "verify_signed_manifest",
     "verify_targets",
+    "walk_root_chain",
 ]

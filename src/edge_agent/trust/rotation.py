@@ -3,12 +3,12 @@
 Pure: bytes in, a ``TrustedRoot`` (or a decision) or a typed error out; the clock is passed in.
 
 Owns:
-    * ``apply_root_chain``: the device's rotation rule, shaped like python-tuf's
-      ``TrustedMetadataSet.update_root``. Versions the device already trusts are skipped; every
-      newer one must be exactly the next version and is verified by a threshold of the
-      *current* root's keys and then by a threshold of its *own* root keys
+    * ``walk_root_chain`` / ``apply_root_chain``: the device's rotation rule, shaped like
+      python-tuf's ``TrustedMetadataSet.update_root``. Versions the device already trusts are
+      skipped; every newer one must be exactly the next version and is verified by a
+      threshold of the *current* root's keys and then by a threshold of its *own* root keys
       (``TrustedRoot.update``). Intermediate versions may have expired (a device offline for
-      a year must still walk the chain); the final one must not.
+      a year must still walk the chain); the final one must not (``apply_root_chain``).
     * ``choose_root``: what the device trusts at start, given the root it stored and the root
       file it was provisioned with (a newer provisioned root must chain from the stored one:
       a version number alone proves nothing).
@@ -52,6 +52,7 @@ __all__ = [
     "attach_roots",
     "choose_root",
     "split_roots",
+    "walk_root_chain",
 ]
 
 #: The member of a desired-state message that carries root versions.
@@ -62,20 +63,21 @@ MAX_CHAIN_LENGTH = 64
 MAX_MESSAGE_BYTES = 1024 * 1024
 
 
-def apply_root_chain(current: TrustedRoot, chain: Iterable[bytes], *, now: datetime) -> TrustedRoot:
-    """Walk ``chain`` from ``current``; return the newest root (``current`` if nothing is new).
+def walk_root_chain(current: TrustedRoot, chain: Iterable[bytes]) -> TrustedRoot:
+    """Walk ``chain`` from ``current`` without looking at expiry (python-tuf's ``update_root``).
 
     Args:
         current: the root the device trusts now.
         chain: root metadata bytes in ascending version order. Versions at or below
             ``current.version`` are skipped unverified (the device already moved past them).
-        now: reference time for the final root's expiry.
+
+    Returns:
+        The newest root reached (``current`` itself when the chain holds nothing newer).
 
     Raises:
         MetadataFormatError: an entry is not root metadata, or the chain is too long.
         RootRotationError: an entry is not exactly the next version (a gap, a repeat, out of
             order), or is not signed by a threshold of the previous and of its own root keys.
-        ExpiredMetadataError: the final root has expired at ``now`` (nothing is accepted).
     """
     root = current
     for n, data in enumerate(chain):
@@ -89,6 +91,22 @@ def apply_root_chain(current: TrustedRoot, chain: Iterable[bytes], *, now: datet
                 f"root v{version} does not follow trusted version {root.version}"
             )
         root = root.update(data)
+    return root
+
+
+def apply_root_chain(current: TrustedRoot, chain: Iterable[bytes], *, now: datetime) -> TrustedRoot:
+    """Walk ``chain`` from ``current`` and require the final root to be unexpired at ``now``.
+
+    Intermediate versions may have expired (a device offline for a year must still walk the
+    chain). What a caller that persists the walk must do with an expired final root is the
+    caller's choice: the store keeps it (revocations take effect) and reports the expiry, as
+    python-tuf's updater does; the fleet server refuses to ship it.
+
+    Raises:
+        MetadataFormatError, RootRotationError: see ``walk_root_chain``.
+        ExpiredMetadataError: the final root has expired at ``now``.
+    """
+    root = walk_root_chain(current, chain)
     if root is not current:
         root.check_expiry(now)
     return root
