@@ -82,18 +82,21 @@ class InputDatatypes:
         entry = self._known.get(key) or self._load(key)
         if entry is None:
             return
+        types = entry[1]
         for name, array in inputs.items():
-            want = entry[1].get(name)
-            if want is not None and array.dtype != want:
-                fresh = self._load(key)  # the model may have changed under the cache
-                want = fresh[1].get(name) if fresh is not None else None
-                if want is not None and array.dtype != want:
-                    got = _wire_name(array.dtype)
-                    raise InputValidationError(
-                        f"input {name!r} is {got} but the model's input is {_wire_name(want)}",
-                        field=name,
-                        reason="dtype",
-                    )
+            want = types.get(name)
+            dtype = array.dtype
+            if want is None or dtype is want or dtype == want:  # builtin dtypes are singletons
+                continue
+            fresh = self._load(key)  # the model may have changed under the cache
+            want = fresh[1].get(name) if fresh is not None else None
+            if want is not None and dtype != want:
+                raise InputValidationError(
+                    f"input {name!r} is {_wire_name(dtype)} but the model's input is "
+                    f"{_wire_name(want)}",
+                    field=name,
+                    reason="dtype",
+                )
 
     def answered(self, model: str, version: str | None, model_version: str) -> None:
         """The model answered with ``model_version``: forget a cache entry of another one."""
