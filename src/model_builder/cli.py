@@ -129,7 +129,11 @@ def keys_list(directory: Path, as_json: bool) -> None:
     type=click.Path(exists=True, path_type=Path),
     help="Add a public key held elsewhere (PEM or *.pub.json).",
 )
-@click.option("--remove", multiple=True, help="Key id to remove from the role.")
+@click.option(
+    "--remove",
+    multiple=True,
+    help="Key id or label (e.g. a stolen targets-1) to remove from the role; repeatable.",
+)
 @click.option("--threshold", type=int, default=None)
 @click.option("--expires-days", default=365, show_default=True)
 def keys_rotate(
