@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -117,29 +118,37 @@ def loads(
         raise error(f"{what} is nested deeper than {max_depth} levels") from None
     except ValueError as exc:  # JSONDecodeError, and int()/float() edge cases
         raise error(f"{what} is not JSON: {_short(exc)}") from None
-    _check_tree(value, what, error, max_depth)
+    # Only a \uD800-\uDFFF escape can make a lone surrogate (raw ones are not UTF-8), and
+    # only that many brackets can nest that deep: most documents skip the walk entirely.
+    texts = _SURROGATE_ESCAPE.search(text) is not None
+    if texts or text.count("[") + text.count("{") > max_depth:
+        _check_tree(value, what, error, max_depth, texts=texts)
     return value
 
 
-def _check_tree(value: Any, what: str, error: ErrorFactory, max_depth: int) -> None:
-    """Depth and text checks, iteratively (a recursive walk would be the attack's target)."""
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+
+
+def _check_tree(value: Any, what: str, error: ErrorFactory, max_depth: int, *, texts: bool) -> None:
+    """Depth (and text) checks, iteratively (a recursive walk would be the attack's target)."""
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         node, depth = stack.pop()
         if isinstance(node, str):
             _check_text(node, what, error)
             continue
-        if not isinstance(node, dict | list):
-            continue
         if depth >= max_depth:
             raise error(f"{what} is nested deeper than {max_depth} levels")
         if isinstance(node, dict):
             for key, item in node.items():
-                _check_text(key, what, error)
-                if isinstance(item, str | dict | list):
+                if texts:
+                    _check_text(key, what, error)
+                if isinstance(item, dict | list) or (texts and isinstance(item, str)):
                     stack.append((item, depth + 1))
-        else:
-            stack.extend((item, depth + 1) for item in node if isinstance(item, str | dict | list))
+        elif isinstance(node, list):
+            for item in node:
+                if isinstance(item, dict | list) or (texts and isinstance(item, str)):
+                    stack.append((item, depth + 1))
 
 
 def _check_text(text: str, what: str, error: ErrorFactory) -> None:
