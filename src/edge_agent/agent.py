@@ -232,7 +232,7 @@ class Agent:
                 if active is None or (entry is not None and entry.pipeline.version == active):
                     continue
                 down = state.down is not None and state.down.version == active
-                if entry is None and down and not rotated:
+                if down and not rotated:
                     continue  # known down, cause already logged and recorded
                 self._activate_safely(name)
                 now = self.registry.get(name)

@@ -120,7 +120,12 @@ class Registry:
                 )
             except AdmissionError as exc:
                 self._event(name, None, "admission_refused", str(exc))
-                log.error("%s not loaded: %s", name, exc)
+                active = self._active_or_none(name)
+                if active is None:
+                    log.error("%s not loaded: %s", name, exc)
+                    return serving
+                keep = "" if serving is None else f"; v{serving.pipeline.version} keeps serving"
+                self._mark_down(name, active, f"{type(exc).__name__}: {exc}{keep}")
                 return serving
             except EdgefleetError as exc:  # verification, runtime, golden, corrupt state
                 reason = f"{type(exc).__name__}: {exc}"
@@ -153,7 +158,8 @@ class Registry:
         return serving
 
     def _mark_down(self, name: str, version: int, reason: str) -> None:
-        """Nothing can serve ``name``: persist why (store state) and log it once per cause."""
+        """The active ``version`` cannot serve and nothing replaces it (an older version may
+        still be serving from memory): persist why (store state) and log it once per cause."""
         try:
             self.store.mark_down(name, version, reason)
         except EdgefleetError as exc:
@@ -161,8 +167,8 @@ class Registry:
         if (name, version, reason) not in self._down_logged:
             self._down_logged.add((name, version, reason))
             log.error(
-                "%s v%d not served: %s; no other good version to roll back to (it stays down "
-                "until another version is installed or reverted to, or the agent restarts)",
+                "%s v%d not served: %s (nothing else can take its place; recorded, and tried "
+                "again when another version becomes active, the root rotates, or at restart)",
                 name,
                 version,
                 reason,

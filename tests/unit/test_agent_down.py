@@ -187,3 +187,22 @@ def test_a_model_down_is_retried_once_after_a_root_rotation(
     assert failures() == before + 1  # the new root could have made it loadable: tried once
     agent.reload_changed()
     assert failures() == before + 1
+
+
+def test_a_model_refused_by_the_memory_budget_is_said_once_too(
+    tmp_path: Path, digits_bundles: DigitsBundles, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = ModelStore(tmp_path / "state", digits_bundles.keys.trusted_root(), DEVICE)
+    store.install(digits_bundles.path(1))
+    with caplog.at_level(logging.INFO):
+        # 8 MiB: below the admission estimate of any model (3x the artifact + 8 MiB).
+        agent = make_agent(tmp_path, digits_bundles, install=(), budget=8)
+        for _ in range(5):
+            assert agent.reload_changed() == []
+    lines = _down_lines(caplog)
+    assert len(lines) == 1, lines
+    assert "digits v1 not served: AdmissionError" in lines[0]
+    assert "AdmissionError" in agent.not_ready()["digits"]
+    down = agent.store.state("digits").down
+    assert down is not None
+    assert down.version == 1
