@@ -16,8 +16,13 @@ Limits (Mosquitto 2.0 has them globally, for every client): ``message_size_limit
 garbage; ``max_inflight_messages`` is also the MQTT v5 receive maximum a client may have
 unacknowledged QoS 1 messages towards the broker; ``max_queued_messages`` and
 ``max_queued_bytes`` bound what the broker holds for one slow client (the server's own backlog
-after a pause must fit). Mosquitto has no per-client publish rate limit: the gateway's
-per-device token bucket and fair queues are the second line (``fleet_server.gateway``).
+after a pause must fit). Mosquitto has no per-client publish rate limit: a QoS 0 flood faster
+than the server drains fills the server's queue, and while it lasts the broker drops messages
+for the server from every device (and, in 2.0, the PUBACKs of the server's own publishes: the
+gateway acknowledges telemetry at QoS 0 so a lost PUBACK cannot freeze its outgoing window).
+The bound on that queue makes the damage end with the flood; the gateway's per-device token
+bucket and fair queues are the second line (``fleet_server.gateway``). A broker with per-client
+rate limits (EMQX, VerneMQ) confines a flood to its sender.
 
 Does not start or signal the broker; a supervisor (systemd, the demo, the test fixture) does.
 The broker re-reads the CRL on SIGHUP: reload it after a revocation.
@@ -84,9 +89,12 @@ class BrokerConfig:
     dns_names: tuple[str, ...] = ("localhost",)
     ip_addresses: tuple[str, ...] = ("127.0.0.1",)
     persistence: bool = False
-    # Mosquitto drops QoS 1 messages silently beyond max_queued_messages (default 1,000): the
-    # server's backlog after a pause must fit.
-    max_queued_messages: int = 100_000
+    # Per client. Bounds the QoS 1 backlog kept for an offline client (the server's backlog
+    # after a pause: beyond it messages are dropped and devices resend) AND, in Mosquitto 2.0,
+    # the packets waiting on an online client's socket: past it every packet for that client is
+    # dropped, PUBACKs included. A QoS 0 flood fills exactly that much of the server's queue,
+    # so the larger the value, the longer the server works off a flood's backlog afterwards.
+    max_queued_messages: int = 10_000
     max_queued_bytes: int = 512 * 1024 * 1024
     max_inflight_messages: int = 200
     message_size_limit: int = DEFAULT_MESSAGE_SIZE_LIMIT

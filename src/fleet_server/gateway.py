@@ -433,10 +433,16 @@ class Gateway:
 
     # ------------------------------------------------------------------ acks
     def _ack(self, result: IngestResult) -> None:
-        """Publish the acknowledgement of one stored message (ingest thread)."""
+        """Publish the acknowledgement of one stored message (ingest thread).
+
+        QoS 0: an ack is cumulative and the device resends whatever stays unacknowledged, so a
+        lost one costs a resend; at QoS 1 it would wait in the client's window of unacked
+        publishes, which a broker that drops PUBACKs under a flood (Mosquitto 2.0 past
+        ``max_queued_messages``) freezes until the session reconnects.
+        """
         ack = TelemetryAck(device_id=result.device_id, upto_seq=result.acked_upto)
         try:
-            self._client.publish(self._topics.device_ack(result.device_id), ack.to_bytes(), 1)
+            self._client.publish(self._topics.device_ack(result.device_id), ack.to_bytes(), 0)
         except (TransportError, ContractError):
             self._count("ack_failures", 1)
             return
