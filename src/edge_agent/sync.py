@@ -277,8 +277,7 @@ class SyncAgent:
 
     def _handle_desired(self, message: bytes) -> None:
         if message == self._last_message:
-            return  # the retained copy again (every reconnect)
-        self._last_message = message
+            return  # the accepted message's retained copy again (every reconnect)
         try:
             data, roots = split_roots(message)
         except EdgefleetError as exc:
@@ -287,6 +286,7 @@ class SyncAgent:
         if roots:
             self._rotate_root(roots)  # first: the desired state may need the new keys
         if data == self._accepted_bytes:
+            self._last_message = message
             return
         last = self._accepted.version if self._accepted else self._version_of_saved()
         try:
@@ -308,6 +308,7 @@ class SyncAgent:
         self._counts["desired_accepted"] += 1
         log.info("desired state v%d accepted: %s", state.version, dict(state.models))
         self._accepted, self._accepted_bytes = state, data
+        self._last_message = message  # a refused one is judged again when it comes again
         self._deploy.apply(state)
 
     def _refuse_desired(self, exc: EdgefleetError) -> None:
