@@ -240,3 +240,24 @@ def test_app_refuses_a_body_whose_decoding_exceeds_the_budget() -> None:
 def test_decode_budget_must_hold_a_maximum_body() -> None:
     with pytest.raises(ConfigError, match="max_decode_memory_bytes"):
         ApiConfig(max_request_bytes=1 << 20, max_decode_memory_bytes=1 << 20).validate()
+
+
+def _chunks(body: bytes, size: int = 16 * 1024) -> Any:
+    for start in range(0, len(body), size):
+        yield body[start : start + size]
+
+
+def test_chunked_bodies_are_bounded_too() -> None:
+    config = ApiConfig(max_request_bytes=1 << 20, max_decode_memory_bytes=8 << 20)
+    app = create_app(_Echo(), config)
+    small = _body([0.5] * 1000, shape=[1000])  # < 64 KiB: read whole, decoded inline
+    hostile = _raw(b",".join([b"[]"] * 200_000))
+    large = _body([0.5] * 100_000, shape=[100_000])
+    with TestClient(app) as client:
+        assert client.post("/v2/models/m/infer", content=_chunks(small)).status_code == 200
+        refused = client.post("/v2/models/m/infer", content=_chunks(hostile))
+        assert refused.status_code == 413
+        assert "decoding this body" in refused.json()["error"]
+        assert client.post("/v2/models/m/infer", content=_chunks(large)).status_code == 200
+        too_big = _body([0.5] * 300_000, shape=[300_000])  # over max_request_bytes
+        assert client.post("/v2/models/m/infer", content=_chunks(too_big)).status_code == 413

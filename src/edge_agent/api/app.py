@@ -58,6 +58,7 @@ from edge_agent.api.fastpath import (
     _infer_headers,
     _json,
     _read_body,
+    _read_prefix,
 )
 from edge_agent.api.header_cache import RequestDecoder
 from edge_agent.api.metadata import EXTENSIONS, InputDatatypes, protocol_metadata
@@ -284,29 +285,41 @@ class _Api:
             return m.OUTCOME_INVALID, "content_length", _error(400, "invalid Content-Length")
         if declared is not None and int(declared) > self.max_bytes:
             return self._too_large(int(declared))
-        if declared is not None and int(declared) <= INLINE_BYTES:
-            # Decoded on the event loop, one at a time: its cost is bounded without a budget.
-            return await self._read_and_answer(receive, name, version, header_length, routing)
-        # Reserve the most this body may cost before reading it (never while holding anything
-        # else, so waiters cannot deadlock), then keep only what its bytes say it can cost.
-        length = int(declared) if declared is not None else self.max_bytes
-        async with self.budget.hold(length * MAX_COST_RATIO) as held:
-            return await self._read_and_answer(receive, name, version, header_length, routing, held)
+        prefix: list[bytes] | None = None
+        complete = False
+        try:
+            if declared is not None and int(declared) <= INLINE_BYTES:
+                # Decoded on the event loop, one at a time: its cost is bounded without a budget.
+                body = await _read_body(receive, self.max_bytes)
+                if body is None:
+                    return self._too_large(None)
+                return await self._answer(name, version, body, header_length, routing)
+            if declared is None:  # unknown length: the first 64 KiB tell whether it is small
+                prefix, complete = await _read_prefix(receive, INLINE_BYTES)
+                body = b"".join(prefix)
+                if complete and len(body) <= INLINE_BYTES:
+                    return await self._read_answer(name, version, body, header_length, routing)
+            # Reserve the most this body may cost before reading it (never while holding
+            # anything else, so waiters cannot deadlock), then keep what its bytes say it costs.
+            length = int(declared) if declared is not None else self.max_bytes
+            async with self.budget.hold(length * MAX_COST_RATIO) as held:
+                if not complete:
+                    body = await _read_body(receive, self.max_bytes, prefix)
+                return await self._read_answer(name, version, body, header_length, routing, held)
+        except ClientDisconnect:
+            return m.OUTCOME_ABORTED, "disconnect", _error(400, "client disconnected")
 
-    async def _read_and_answer(
+    async def _read_answer(
         self,
-        receive: Receive,
         name: str,
         version: str | None,
+        body: bytes | None,
         header_length: str | None,
         routing: str | None,
         held: Reservation | None = None,
     ) -> _Outcome:
-        try:
-            body = await _read_body(receive, self.max_bytes)
-        except ClientDisconnect:
-            return m.OUTCOME_ABORTED, "disconnect", _error(400, "client disconnected")
-        if body is None:
+        """Answer a body that was read (``None``: over ``max_request_bytes``) within ``held``."""
+        if body is None or len(body) > self.max_bytes:
             return self._too_large(None)
         if held is not None:
             end = header_length.strip() if header_length is not None else ""

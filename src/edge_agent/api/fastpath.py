@@ -109,16 +109,48 @@ def _infer_headers(raw: list[tuple[bytes, bytes]]) -> tuple[str | None, str | No
     return declared, header_length, routing
 
 
-async def _read_body(receive: Receive, max_bytes: int) -> bytes | None:
-    """The body, or ``None`` once it exceeds ``max_bytes`` (whatever Content-Length said).
+async def _read_prefix(receive: Receive, limit: int) -> tuple[list[bytes], bool]:
+    """The body's first chunks, until it ends (True) or more than ``limit`` bytes came (False).
 
-    Reads ``receive`` as Starlette's ``Request.stream`` does, without its async generator.
+    For a body of unknown length: a short one is read whole, a long one is continued with
+    ``_read_body(receive, max_bytes, chunks)``.
 
     Raises:
         ClientDisconnect: the client went away before the body was complete.
     """
     chunks: list[bytes] = []
     size = 0
+    while True:
+        message = await receive()
+        kind = message["type"]
+        if kind == "http.request":
+            chunk = message.get("body", b"")
+            if chunk:
+                chunks.append(chunk)
+                size += len(chunk)
+            if not message.get("more_body", False):
+                return chunks, True
+            if size > limit:
+                return chunks, False
+        elif kind == "http.disconnect":
+            raise ClientDisconnect()
+
+
+async def _read_body(
+    receive: Receive, max_bytes: int, prefix: list[bytes] | None = None
+) -> bytes | None:
+    """The body, or ``None`` once it exceeds ``max_bytes`` (whatever Content-Length said).
+
+    Reads ``receive`` as Starlette's ``Request.stream`` does, without its async generator;
+    ``prefix`` holds chunks already read (``_read_prefix``) of a body not yet complete.
+
+    Raises:
+        ClientDisconnect: the client went away before the body was complete.
+    """
+    chunks: list[bytes] = prefix if prefix is not None else []
+    size = sum(map(len, chunks))
+    if size > max_bytes:
+        return None
     while True:
         message = await receive()
         kind = message["type"]
