@@ -48,7 +48,7 @@ from starlette.types import Receive, Scope
 
 from edge_agent.api import codec
 from edge_agent.api import metrics as m
-from edge_agent.api.budget import MAX_COST_RATIO, MemoryBudget, Reservation, decode_cost
+from edge_agent.api.budget import MAX_COST_RATIO, MemoryBudget, admit
 from edge_agent.api.fastpath import (
     JSON,
     OCTETS,
@@ -58,7 +58,6 @@ from edge_agent.api.fastpath import (
     _infer_headers,
     _json,
     _read_body,
-    _read_prefix,
 )
 from edge_agent.api.header_cache import RequestDecoder
 from edge_agent.api.metadata import EXTENSIONS, InputDatatypes, protocol_metadata
@@ -285,49 +284,31 @@ class _Api:
             return m.OUTCOME_INVALID, "content_length", _error(400, "invalid Content-Length")
         if declared is not None and int(declared) > self.max_bytes:
             return self._too_large(int(declared))
-        prefix: list[bytes] | None = None
-        complete = False
-        try:
-            if declared is not None and int(declared) <= INLINE_BYTES:
-                # Decoded on the event loop, one at a time: its cost is bounded without a budget.
+        if declared is not None and int(declared) <= INLINE_BYTES:
+            # Decoded on the event loop, one at a time: its cost is bounded without a budget.
+            try:
                 body = await _read_body(receive, self.max_bytes)
-                if body is None:
+            except ClientDisconnect:
+                return m.OUTCOME_ABORTED, "disconnect", _error(400, "client disconnected")
+            if body is None:
+                return self._too_large(None)
+            return await self._answer(name, version, body, header_length, routing)
+        try:
+            async with admit(
+                receive,
+                self.budget,
+                declared=None if declared is None else int(declared),
+                header_length=header_length,
+                max_bytes=self.max_bytes,
+                small=INLINE_BYTES,
+            ) as admitted:
+                if admitted.refusal == "decode_memory":
+                    return self._too_costly(admitted.cost)
+                if admitted.refusal is not None:
                     return self._too_large(None)
-                return await self._answer(name, version, body, header_length, routing)
-            if declared is None:  # unknown length: the first 64 KiB tell whether it is small
-                prefix, complete = await _read_prefix(receive, INLINE_BYTES)
-                body = b"".join(prefix)
-                if complete and len(body) <= INLINE_BYTES:
-                    return await self._read_answer(name, version, body, header_length, routing)
-            # Reserve the most this body may cost before reading it (never while holding
-            # anything else, so waiters cannot deadlock), then keep what its bytes say it costs.
-            length = int(declared) if declared is not None else self.max_bytes
-            async with self.budget.hold(length * MAX_COST_RATIO) as held:
-                if not complete:
-                    body = await _read_body(receive, self.max_bytes, prefix)
-                return await self._read_answer(name, version, body, header_length, routing, held)
+                return await self._answer(name, version, admitted.body, header_length, routing)
         except ClientDisconnect:
             return m.OUTCOME_ABORTED, "disconnect", _error(400, "client disconnected")
-
-    async def _read_answer(
-        self,
-        name: str,
-        version: str | None,
-        body: bytes | None,
-        header_length: str | None,
-        routing: str | None,
-        held: Reservation | None = None,
-    ) -> _Outcome:
-        """Answer a body that was read (``None``: over ``max_request_bytes``) within ``held``."""
-        if body is None or len(body) > self.max_bytes:
-            return self._too_large(None)
-        if held is not None:
-            end = header_length.strip() if header_length is not None else ""
-            cost = decode_cost(body, int(end) if end.isascii() and end.isdigit() else None)
-            if cost > held.amount:
-                return self._too_costly(cost)
-            held.shrink(cost)
-        return await self._answer(name, version, body, header_length, routing)
 
     def _too_costly(self, cost: int) -> _Outcome:
         message = (

@@ -1,9 +1,10 @@
 """What decoding a request body may cost in memory, and the budget large requests share.
 
 Owns ``decode_cost`` (a pure upper bound of the memory decoding a body takes, computed from the
-body's bytes before any parsing) and ``MemoryBudget`` (an asyncio weighted semaphore in bytes:
-requests wait in arrival order for their share). Does not own when a request reserves (the
-endpoints, ``edge_agent.api.app``) or the decoding itself (``edge_agent.api.decode``).
+body's bytes before any parsing), ``MemoryBudget`` (an asyncio weighted semaphore in bytes:
+requests wait in arrival order for their share) and ``admit`` (reading a large body within the
+budget). Does not own the endpoints (``edge_agent.api.app``, which reads small bodies itself) or
+the decoding (``edge_agent.api.decode``).
 
 Why a bound from the bytes: ``json.loads`` of an 8 MiB body of empty arrays (``[[],[],...]``)
 builds ~2.8 million list objects, about 27 bytes of memory per byte of body; a dense array of
@@ -22,8 +23,13 @@ import asyncio
 import collections
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
-__all__ = ["MAX_COST_RATIO", "MemoryBudget", "Reservation", "decode_cost"]
+from starlette.types import Receive
+
+from edge_agent.api.fastpath import _read_body, _read_prefix
+
+__all__ = ["MAX_COST_RATIO", "Admitted", "MemoryBudget", "Reservation", "admit", "decode_cost"]
 
 # A body whose bound exceeds this many bytes per byte is refused whatever the budget: ordinary
 # requests stay under ~35 (a column of short numbers, ``[[0.5],[0.5],...]``, is the worst).
@@ -153,3 +159,61 @@ class MemoryBudget:
             if not future.done():
                 self.free -= amount
                 future.set_result(None)
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A body read within the budget, or why not: ``refusal`` is ``payload_too_large`` (over
+    ``max_bytes``) or ``decode_memory`` (``cost`` over what may be held), ``None`` when read."""
+
+    body: bytes
+    refusal: str | None = None
+    cost: int = 0
+
+
+@contextlib.asynccontextmanager
+async def admit(
+    receive: Receive,
+    budget: MemoryBudget,
+    *,
+    declared: int | None,
+    header_length: str | None,
+    max_bytes: int,
+    small: int,
+) -> AsyncIterator[Admitted]:
+    """Read a body declared larger than ``small`` bytes (or of unknown length) within ``budget``.
+
+    The most the body may cost (``declared`` or ``max_bytes``, times ``MAX_COST_RATIO``) is
+    reserved before it is read, never while anything else is held (so waiters cannot deadlock);
+    once read, only its ``decode_cost`` stays held, until the block ends. A body of unknown
+    length is first read up to ``small`` bytes: a short one needs no reservation.
+
+    Raises:
+        ClientDisconnect: the client went away before the body was complete.
+        asyncio.CancelledError: cancelled while waiting for the budget (nothing held).
+    """
+    prefix: list[bytes] | None = None
+    body: bytes | None = None
+    if declared is None:
+        prefix, complete = await _read_prefix(receive, min(small, max_bytes))
+        if sum(map(len, prefix)) > max_bytes:
+            yield Admitted(b"", "payload_too_large")
+            return
+        if complete:
+            body = b"".join(prefix)
+            if len(body) <= small:
+                yield Admitted(body)
+                return
+    async with budget.hold((declared or max_bytes) * MAX_COST_RATIO) as held:
+        if body is None:
+            body = await _read_body(receive, max_bytes, prefix)
+        if body is None or len(body) > max_bytes:
+            yield Admitted(b"", "payload_too_large")
+            return
+        end = header_length.strip() if header_length is not None else ""
+        cost = decode_cost(body, int(end) if end.isascii() and end.isdigit() else None)
+        if cost > held.amount:
+            yield Admitted(b"", "decode_memory", cost)
+            return
+        held.shrink(cost)
+        yield Admitted(body, None, cost)
