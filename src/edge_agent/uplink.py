@@ -97,7 +97,10 @@ class Uplink:
         self._in_flight: int | None = None  # highest seq of the batch awaiting its ack
         self._sent_at = 0.0
         self._stats: dict[str, int] = dict.fromkeys(UplinkStats.__dataclass_fields__, 0)
-        self._drops_seen = _drop_totals(outbox)  # drops already counted when we started
+        try:
+            self._drops_seen = _drop_totals(outbox)  # drops already counted when we started
+        except OutboxError:
+            self._drops_seen = {}
         self._drop_notice: int | None = None  # seq of the telemetry_dropped event not yet acked
 
     # ------------------------------------------------------------------ entering the outbox
@@ -111,7 +114,10 @@ class Uplink:
             OutboxError: the outbox could not store it (disk full, I/O error).
         """
         seq = self._store(report.to_dict(), "report", "report")
-        self._note_drops(report.window_end)
+        try:
+            self._note_drops(report.window_end)
+        except OutboxError as exc:  # the report is stored; the notice is best effort
+            log.warning("telemetry_dropped notice not recorded: %s", exc)
         return seq
 
     def add_event(self, event: Event) -> Event:
