@@ -42,6 +42,7 @@ class TfliteQuantReport:
     quantized_weight_bytes: int
     calibration_samples: int
     quantizer_version: str
+    float_io_tensors: int = 0
 
     @property
     def size_ratio(self) -> float:
@@ -70,6 +71,7 @@ class TfliteQuantReport:
             "calibration_samples": self.calibration_samples,
             "quantizer": "ai-edge-quantizer",
             "quantizer_version": self.quantizer_version,
+            "float_io_tensors": self.float_io_tensors,
         }
 
 
@@ -87,6 +89,7 @@ def quantize_tflite(
     calibration_data: Iterable[Mapping[str, npt.ArrayLike]] | None = None,
     *,
     signature_key: str | None = None,
+    float_io: bool = True,
 ) -> TfliteQuantResult:
     """Quantize a float ``.tflite`` model with one of ``RECIPES``.
 
@@ -98,6 +101,9 @@ def quantize_tflite(
             name (the signature's input name or the tensor name ``LiteRtRuntime`` reports) to
             an array with the model's input shape. Ignored by recipes that need no calibration.
         signature_key: The model signature to calibrate; defaults to the model's only one.
+        float_io: Give quantized integer inputs/outputs float32 twins with QUANTIZE/DEQUANTIZE
+            ops in the graph (``tflite_io.float_io``), so the interpreter converts in C rather
+            than the agent in Python; ``report.float_io_tensors`` counts them.
 
     Returns:
         The quantized model bytes and a report.
@@ -138,6 +144,11 @@ def quantize_tflite(
     if result.quantized_model is None:
         raise QuantizationError(f"ai-edge-quantizer returned no model ({recipe})")
     quantized = bytes(result.quantized_model)
+    rewritten = 0
+    if float_io:
+        from model_builder.tflite_io import float_io as with_float_io
+
+        quantized, rewritten = with_float_io(quantized)
     report = TfliteQuantReport(
         recipe=recipe,
         float_bytes=len(float_model),
@@ -146,6 +157,7 @@ def quantize_tflite(
         quantized_weight_bytes=_constant_bytes(quantized),
         calibration_samples=n_samples,
         quantizer_version=version,
+        float_io_tensors=rewritten,
     )
     return TfliteQuantResult(model=quantized, report=report)
 

@@ -277,3 +277,90 @@ def test_quantized_tensor_conversion_rounds_clips_and_passes_integers_through() 
     np.testing.assert_allclose(out, [[0.0, 5.0, 68.5, -59.0]])
     unquantized = _Binding("y", 1, np.dtype(np.int8), scale=0.0, zero_point=0)
     assert _from_native(unquantized, raw) is raw
+
+
+# ------------------------------------------------ precomputed conversions vs the previous code
+def _previous_to_native(binding: _Binding, arr: np.ndarray) -> np.ndarray:
+    """The adapter's float -> integer conversion before it was precomputed (verbatim)."""
+    info_int = np.iinfo(binding.dtype)
+    scaled = arr.astype(np.float32) / np.float32(binding.scale)
+    q = np.copysign(np.floor(np.abs(scaled) + np.float32(0.5)), scaled)
+    q += np.float32(binding.zero_point)
+    return np.clip(q, info_int.min, info_int.max).astype(binding.dtype)
+
+
+def _previous_from_native(binding: _Binding, value: np.ndarray) -> np.ndarray:
+    return (value.astype(np.float32) - np.float32(binding.zero_point)) * np.float32(binding.scale)
+
+
+def _golden_feeds(scale: float, zero_point: int, dtype: np.dtype) -> list[np.ndarray]:
+    """Random values, every rounding tie and its float32 neighbours, range edges, infinities,
+    as small (threshold search) and large (in-place formula) feeds, float32 and float64."""
+    rng = np.random.default_rng(7)
+    info = np.iinfo(dtype)
+    k = np.arange(info.min - 3, info.max + 4, dtype=np.float64) - zero_point
+    ties = ((k + 0.5) * scale).astype(np.float32)
+    near = np.concatenate(
+        [ties, np.nextafter(ties, np.float32(np.inf)), np.nextafter(ties, np.float32(-np.inf))]
+    )
+    span = (info.max - info.min) * scale
+    special = np.array([0.0, -0.0, np.inf, -np.inf, 1e30, -1e30], np.float32)
+    values = np.concatenate(
+        [near, special, rng.uniform(-span, span, 5000).astype(np.float32)]
+    ).astype(np.float32)
+    feeds = [values[i : i + 64].reshape(1, 64) for i in range(0, len(values) - 64, 64)]
+    feeds += [values.reshape(-1, 1)[: (len(values) // 64) * 64].reshape(-1, 64)]
+    feeds += [rng.uniform(-span, span, (3, 16)), rng.uniform(-span, span, (300, 8))]  # float64
+    return feeds
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scale", "zero_point"),
+    [
+        (np.int8, 0.0039107054471969604, -128),  # the digits MLP's input
+        (np.int8, 0.5, -10),
+        (np.int8, 0.021, 3),
+        (np.uint8, 0.0078125, 128),
+        (np.uint8, 1.7, 0),
+        (np.int16, 0.000123, 0),
+    ],
+)
+def test_precomputed_conversions_equal_the_previous_implementation(
+    dtype: type, scale: float, zero_point: int
+) -> None:
+    b = _Binding("x", 0, np.dtype(dtype), scale=scale, zero_point=zero_point)
+    for feed in _golden_feeds(scale, zero_point, np.dtype(dtype)):
+        info = TensorInfo("x", "float32", (None, feed.shape[1]))
+        got = _to_native(b, feed, info)
+        want = _previous_to_native(b, feed)
+        assert got.dtype == want.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(got, want)
+    info_int = np.iinfo(dtype)
+    every = np.arange(info_int.min, info_int.max + 1, dtype=np.int64).astype(dtype).reshape(1, -1)
+    for out in (every, every.reshape(-1, 1)[:300], every[:, :5]):
+        got_f = _from_native(b, out)
+        assert got_f.dtype == np.float32
+        np.testing.assert_array_equal(got_f, _previous_from_native(b, out))
+
+
+@pytest.mark.filterwarnings("ignore:Warning. Enabling .experimental_preserve_all_tensors")
+def test_int8_model_answers_as_before_end_to_end(heldout: tuple[np.ndarray, np.ndarray]) -> None:
+    """Same outputs, bit for bit, from an integer-I/O model with the old and new conversions."""
+    pytest.importorskip("ai_edge_quantizer")
+    from model_builder.quantize_tflite import quantize_tflite
+
+    x, _ = heldout
+    samples = [{"pixels": x[i : i + 1]} for i in range(0, len(x), 4)]
+    model = quantize_tflite(_blob("digits_mlp"), "static_wi8_ai8", samples, float_io=False).model
+    rt = LiteRtRuntime(model, RuntimeOptions())
+    (b_in,), (b_out,) = rt._in, rt._out
+    interp = litert_interpreter.Interpreter(model_content=model)
+    interp.allocate_tensors()
+    for rows in (x[:1], x[7:8], x[:64], x):
+        got = rt.run({INPUT: rows})[OUTPUT]
+        interp.resize_tensor_input(b_in.index, list(rows.shape), strict=False)
+        interp.allocate_tensors()
+        interp.set_tensor(b_in.index, _previous_to_native(b_in, rows))
+        interp.invoke()
+        want = _previous_from_native(b_out, interp.get_tensor(b_out.index))
+        np.testing.assert_array_equal(got, want)

@@ -114,7 +114,8 @@ def test_static_recipe_has_integer_io_that_the_runtime_hides(
     calibration: list[dict[str, np.ndarray]],
     digits: tuple[np.ndarray, np.ndarray, np.ndarray],
 ) -> None:
-    result = quantize_tflite(float_mlp, "static_wi8_ai8", calibration)
+    result = quantize_tflite(float_mlp, "static_wi8_ai8", calibration, float_io=False)
+    assert result.report.float_io_tensors == 0
     interp = litert_interpreter.Interpreter(model_content=result.model)
     (inp,) = interp.get_input_details()
     (out,) = interp.get_output_details()
@@ -132,6 +133,42 @@ def test_static_recipe_has_integer_io_that_the_runtime_hides(
     assert from_float.dtype == np.float32
     assert float(from_float.min()) >= 0.0
     assert float(from_float.max()) <= 1.0
+
+
+@pytest.mark.parametrize("fixture", ["digits_mlp", "digits_cnn"])
+def test_static_recipe_gets_float_io_with_the_same_answers(
+    fixture: str, digits: tuple[np.ndarray, np.ndarray, np.ndarray]
+) -> None:
+    x, _, test_idx = digits
+    if fixture == "digits_cnn":
+        x = x.reshape(-1, 8, 8, 1)
+    model = (FIXTURES / f"{fixture}.tflite").read_bytes()
+    samples = [{"pixels": x[i : i + 1]} for i in range(0, len(x), 8)]
+    int_io = quantize_tflite(model, "static_wi8_ai8", samples, float_io=False)
+    float_io = quantize_tflite(model, "static_wi8_ai8", samples)
+    assert float_io.report.float_io_tensors == 2
+    assert float_io.report.to_dict()["float_io_tensors"] == 2
+    interp = litert_interpreter.Interpreter(model_content=float_io.model)
+    (inp,), (out,) = interp.get_input_details(), interp.get_output_details()
+    assert (inp["name"], inp["dtype"]) == (INPUT, np.float32)
+    assert (out["name"], out["dtype"]) == (OUTPUT, np.float32)
+    assert int(inp["shape_signature"][0]) == -1  # dynamic batch kept
+    assert interp.get_signature_list() == {
+        "serving_default": {"inputs": ["pixels"], "outputs": ["probabilities"]}
+    }
+    # The interpreter's QUANTIZE/DEQUANTIZE give what the adapter's conversions gave.
+    held_out = x[test_idx]
+    a = LiteRtRuntime(int_io.model, RuntimeOptions()).run({INPUT: held_out})[OUTPUT]
+    b = LiteRtRuntime(float_io.model, RuntimeOptions()).run({INPUT: held_out})[OUTPUT]
+    np.testing.assert_allclose(a, b, atol=1 / 256)
+    assert float(np.mean(a.argmax(axis=1) == b.argmax(axis=1))) >= 0.99
+    # Calibration through the rewritten model is not needed: a float model stays untouched.
+    from model_builder.tflite_io import float_io as rewrite
+
+    assert rewrite(model) == (model, 0)
+    for junk in (b"", b"junk", b"TFL3" * 64):
+        with pytest.raises(QuantizationError):
+            rewrite(junk)
 
 
 def test_calibration_accepts_tensor_names(

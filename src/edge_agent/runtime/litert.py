@@ -8,14 +8,17 @@ typed errors. Does not own: validation or preprocessing (callers do those before
 Quantized models keep a float contract: an int8/uint8/int16 input or output tensor with
 quantization parameters is described as ``float32`` in ``inputs``/``outputs``; float feeds are
 quantized with the tensor's scale and zero point, and integer outputs are dequantized to float32.
-A feed already in the tensor's integer type is passed through unchanged.
+A feed already in the tensor's integer type is passed through unchanged. The conversions are
+precomputed per tensor (``runtime.quantization``): at batch 1 they cost two numpy calls in and
+one out, so an int8 model is not slower through the adapter than its float original
+(``bench/bench_tflite.py``, docs/tflite.md).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,6 +26,7 @@ import numpy.typing as npt
 
 from edge_agent.errors import InferenceError, ModelLoadError, RuntimeUnavailableError
 from edge_agent.runtime.base import RuntimeOptions, Tensor, TensorInfo
+from edge_agent.runtime.quantization import Dequantizer, Quantizer
 
 # Integer tensor types that carry affine quantization we undo for callers.
 _QUANTIZED_TYPES = frozenset({np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.int16)})
@@ -30,17 +34,24 @@ _QUANTIZED_TYPES = frozenset({np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np
 
 @dataclass(frozen=True)
 class _Binding:
-    """How one model tensor is fed or read: its index, native type and quantization."""
+    """How one model tensor is fed or read: its index, native type and quantization, with the
+    (de)quantizer built once for quantized tensors."""
 
     name: str
     index: int
     dtype: np.dtype[Any]
     scale: float
     zero_point: int
+    quantized: bool = field(init=False)
+    quantize: Quantizer | None = field(init=False, repr=False, compare=False)
+    dequantize: Dequantizer | None = field(init=False, repr=False, compare=False)
 
-    @property
-    def quantized(self) -> bool:
-        return self.dtype in _QUANTIZED_TYPES and self.scale > 0.0
+    def __post_init__(self) -> None:
+        quantized = self.dtype in _QUANTIZED_TYPES and self.scale > 0.0
+        object.__setattr__(self, "quantized", quantized)
+        args = (self.scale, self.zero_point, self.dtype)
+        object.__setattr__(self, "quantize", Quantizer(*args) if quantized else None)
+        object.__setattr__(self, "dequantize", Dequantizer(*args) if quantized else None)
 
 
 def _import_interpreter() -> tuple[Any, str]:
@@ -123,6 +134,7 @@ class LiteRtRuntime:
             TensorInfo(b.name, _public_dtype(b), _signature_shape(d))
             for b, d in zip(self._out, out_details, strict=True)
         )
+        self._paired = tuple(zip(self._in, self.inputs, strict=True))
         for _ in range(opts.warmup_runs):
             try:
                 self.run(_zeros_like_inputs(self.inputs))
@@ -143,13 +155,13 @@ class LiteRtRuntime:
             InferenceError: missing, unknown or wrong-rank/shape/type feeds, a closed runtime,
                 or a failure inside the interpreter.
         """
-        missing = [n for n in self._by_name if n not in feeds]
-        unknown = [n for n in feeds if n not in self._by_name]
-        if missing or unknown:
+        if len(feeds) != len(self._in) or not all(n in feeds for n in self._by_name):
+            missing = [n for n in self._by_name if n not in feeds]
+            unknown = [n for n in feeds if n not in self._by_name]
             raise InferenceError(
                 f"feeds do not match the model: missing {missing}, unknown {unknown}"
             )
-        prepared = [(b, _to_native(b, feeds[b.name], info)) for b, info in self._paired_inputs()]
+        prepared = [(b, _to_native(b, feeds[b.name], info)) for b, info in self._paired]
         with self._lock:
             interp = self._interp
             if interp is None:
@@ -170,9 +182,6 @@ class LiteRtRuntime:
         """Drop the interpreter; further ``run`` calls raise ``InferenceError``."""
         with self._lock:
             self._interp = None
-
-    def _paired_inputs(self) -> zip[tuple[_Binding, TensorInfo]]:
-        return zip(self._in, self.inputs, strict=True)
 
     def _resize_if_needed(
         self, interp: Any, prepared: list[tuple[_Binding, npt.NDArray[Any]]]
@@ -224,10 +233,13 @@ def _to_native(binding: _Binding, value: Tensor, info: TensorInfo) -> npt.NDArra
         InferenceError: wrong rank, a fixed non-batch dimension differs, or a type that cannot
             be converted.
     """
-    try:
-        arr = np.asarray(value)
-    except (ValueError, TypeError) as exc:  # ragged nested lists and the like
-        raise InferenceError(f"input {binding.name!r}: not an array: {exc}") from exc
+    if type(value) is np.ndarray:
+        arr = value
+    else:
+        try:
+            arr = np.asarray(value)
+        except (ValueError, TypeError) as exc:  # ragged nested lists and the like
+            raise InferenceError(f"input {binding.name!r}: not an array: {exc}") from exc
     if arr.ndim != len(info.shape):
         raise InferenceError(
             f"input {binding.name!r}: expected rank {len(info.shape)} {info.shape}, "
@@ -240,13 +252,9 @@ def _to_native(binding: _Binding, value: Tensor, info: TensorInfo) -> npt.NDArra
             )
     if arr.dtype == binding.dtype:
         return np.ascontiguousarray(arr)
-    if binding.quantized and arr.dtype.kind == "f":
-        info_int = np.iinfo(binding.dtype)
-        scaled = arr.astype(np.float32) / np.float32(binding.scale)
+    if binding.quantize is not None and arr.dtype.kind == "f":
         # Round half away from zero, as TFLite's own QUANTIZE kernel does (np.round is half-even).
-        q: npt.NDArray[np.float32] = np.copysign(np.floor(np.abs(scaled) + np.float32(0.5)), scaled)
-        q += np.float32(binding.zero_point)
-        return np.clip(q, info_int.min, info_int.max).astype(binding.dtype)
+        return binding.quantize(arr)
     if not np.can_cast(arr.dtype, binding.dtype, casting="same_kind"):
         raise InferenceError(
             f"input {binding.name!r}: cannot feed {arr.dtype} into a {binding.dtype} tensor"
@@ -255,9 +263,9 @@ def _to_native(binding: _Binding, value: Tensor, info: TensorInfo) -> npt.NDArra
 
 
 def _from_native(binding: _Binding, value: npt.NDArray[Any]) -> Tensor:
-    if not binding.quantized:
+    if binding.dequantize is None:
         return value
-    return (value.astype(np.float32) - np.float32(binding.zero_point)) * np.float32(binding.scale)
+    return binding.dequantize(value)
 
 
 def _zeros_like_inputs(inputs: tuple[TensorInfo, ...]) -> dict[str, Tensor]:
