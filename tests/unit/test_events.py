@@ -64,9 +64,16 @@ def test_documented_kinds_match_the_schema_and_the_code() -> None:
         resources.files("edge_agent").joinpath("schemas/event.schema.json").read_text()
     )
     enum = set(schema["properties"]["kind"]["enum"])
-    row = next(line for line in DOCS.read_text().splitlines() if line.startswith("| `kind`"))
+    lines = DOCS.read_text().splitlines()
+    row = next(line for line in lines if line.startswith("| `kind` | string |"))
     documented = set(re.findall(r"`([a-z_]+)`", row)) - {"kind"}
     assert documented == enum == set(EVENT_KINDS)
+    # ... and the table of when each kind is sent names every one of them, once
+    first = lines.index("| `kind` | sent when |") + 2
+    rows = [line for line in lines[first:] if line.startswith("|")][: len(enum)]
+    rows = rows[: next((i for i, r in enumerate(rows) if not r.startswith("| `")), len(rows))]
+    when = [k for row in rows for k in re.findall(r"`([a-z_]+)`", row.split("|")[1])]
+    assert sorted(when) == sorted(enum)
 
 
 def test_an_event_is_sent_once_in_a_batch_and_seq_starts_at_one(tmp_path: Path) -> None:
