@@ -24,7 +24,14 @@ import pytest
 
 from edge_agent.mqtt import Message, MqttClient, MqttConfig
 from edge_agent.reported import ModelReport, ReportedState
-from edge_agent.telemetry import MAX_PAYLOAD_BYTES, Batch, Event, TelemetryAck, TelemetryReport
+from edge_agent.telemetry import (
+    MAX_PAYLOAD_BYTES,
+    Batch,
+    Event,
+    StatusMessage,
+    TelemetryAck,
+    TelemetryReport,
+)
 from edge_agent.topics import Topics
 from edge_agent.transfer import BlockData, BlockPlan, BlockRequest
 from edge_agent.transfer_progress import Progress
@@ -34,7 +41,11 @@ from fleet_server.gateway import Gateway, GatewayConfig
 from fleet_server.registry import Registry
 from mosquitto import FleetBroker, broker_fixture
 
-broker = broker_fixture(scope="module", devices=("dev-a", "dev-b", "dev-c"))
+# ``probe.server``: a second server identity for observers and a second gateway (with
+# use_username_as_clientid, two sessions of one identity would take each other over).
+broker = broker_fixture(
+    scope="module", devices=("dev-a", "dev-b", "dev-c"), workers=("probe.server",)
+)
 WAIT = 10.0
 _ids = itertools.count()
 
@@ -517,3 +528,90 @@ def test_a_device_over_its_message_rate_is_refused_not_acked(
         gateway.close()
         server.close()
         registry.close()
+
+
+# --------------------------------------------------------------------------- presence
+def _gateway(broker: FleetBroker, registry: Registry, tmp_path: Path, **kw: Any) -> Gateway:
+    server = MqttClient(
+        client_config(broker, "probe.server", announce_status=False, clean_start=True)
+    )
+    gateway = Gateway(
+        registry, server, GatewayConfig(prefix=broker.prefix, bundles_dir=tmp_path, **kw)
+    )
+    gateway.start()
+    server.connect()
+    server.wait_connected(WAIT)
+    gateway._test_client = server  # type: ignore[attr-defined]
+    return gateway
+
+
+def _close(gateway: Gateway) -> None:
+    gateway.close()
+    gateway._test_client.close()  # type: ignore[attr-defined]
+
+
+def test_a_retained_online_status_without_a_live_agent_is_not_online(
+    broker: FleetBroker, tmp_path: Path
+) -> None:
+    """A device leaves ``online`` retained and goes silent (no will, clean disconnect): the
+    gateway does not believe it past the presence timeout, and a server that starts afterwards
+    never shows it online from the retained message alone."""
+    registry = Registry.open(f"sqlite:///{tmp_path / 'registry.db'}")
+    registry.upgrade()
+    gateway = _gateway(broker, registry, tmp_path, presence_timeout_seconds=1.0)
+    liar = MqttClient(client_config(broker, "dev-b", announce_status=False))
+    liar.connect()
+    liar.wait_connected(WAIT)
+    try:
+        status = StatusMessage("dev-b", "online", time.time())
+        liar.wait_published(
+            liar.publish(Topics("edgefleet").device_status("dev-b"), status.to_bytes(), 1, True),
+            WAIT,
+        )
+        wait_until(lambda: "dev-b" in gateway.online(), what="status of dev-b")
+        liar.close()  # a clean disconnect: no will, the retained "online" stays
+        wait_until(lambda: gateway.online()["dev-b"].state == "offline", what="presence timeout")
+        assert gateway.online()["dev-b"].reason == "connection_lost"
+    finally:
+        _close(gateway)
+    restarted = _gateway(broker, registry, tmp_path / "r")
+    try:
+        wait_until(lambda: "dev-b" in restarted.online(), what="retained status replayed")
+        assert restarted.online()["dev-b"].state == "offline"
+        assert restarted.stats().devices_online == 0
+    finally:
+        _close(restarted)
+        registry.close()
+
+
+def test_retained_garbage_on_a_status_topic_is_refused_counted_and_cleared(
+    broker: FleetBroker, env: dict[str, Any]
+) -> None:
+    gateway: Gateway = env["gateway"]
+    a = env["device"]("dev-a")
+    topics = Topics("edgefleet")
+    a.client.wait_published(
+        a.client.publish(topics.device_status("dev-a"), b"\x00junk" * 20_000, 1, True), WAIT
+    )
+    wait_until(lambda: gateway.stats().retained_cleared >= 1, what="garbage cleared")
+    assert gateway.stats().rejected["oversized"] >= 1
+    assert gateway.misbehaviour("dev-a")[0].reasons.get("oversized", 0) >= 1
+    # A consumer that subscribes now gets no retained garbage: only what comes after it.
+    probe = MqttClient(client_config(broker, "probe.server", announce_status=False))
+    got: queue.Queue[Message] = queue.Queue()
+    probe.connect()
+    probe.wait_connected(WAIT)
+    try:
+        # The broker handles one client's publishes in order: once the gateway's next publish
+        # reached the probe, its clearing of the retained garbage was handled too.
+        fence: queue.Queue[Message] = queue.Queue()
+        probe.subscribe(topics.device_ack("dev-c"), fence.put)
+        env["server"].publish(topics.device_ack("dev-c"), b"fence", 1)
+        assert fence.get(timeout=WAIT).payload == b"fence"
+        probe.subscribe(topics.device_status("dev-a"), got.put)
+        marker = StatusMessage("dev-a", "offline", 1.0, "shutdown").to_bytes()
+        a.publish("status", marker)  # positive control on the same subscription
+        while (m := got.get(timeout=WAIT)).payload != marker:
+            StatusMessage.from_bytes(m.payload)  # a real status (an earlier one), not garbage
+    finally:
+        probe.close()
