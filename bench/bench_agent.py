@@ -8,6 +8,9 @@
    JSON decoding, no validation/drift/metrics) started the same way.
 3. The daemon's RSS with one model loaded, and its start-to-ready time.
 
+TFLite float vs static int8 through the agent's runtime adapter and the bare interpreter is
+measured by ``bench/bench_tflite.py`` (table in docs/tflite.md).
+
 Usage: .venv/bin/python bench/bench_agent.py [--seconds 5] [--markdown]
 Needs wrk (Debian: apt-get install wrk) for part 2; parts 1 and 3 run without it.
 """

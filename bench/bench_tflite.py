@@ -14,10 +14,13 @@ alternating rounds of the same run so that machine load hits every variant alike
 * ``bare float`` / ``bare int8``: ``set_tensor`` + ``invoke`` + ``get_tensor`` on an interpreter
   with an already converted input (the int8 model with int8 I/O: no conversion at all).
 
-Prints the median over rounds of the mean time per call, per model and batch size, and the
-int8/float ratios. One interpreter thread, as the agent's default. Run:
+Prints, per model and batch size, the median over rounds of the mean time per call, and the
+median over rounds of each variant's time divided by float's time *in the same round* (paired,
+so that load from other processes drifting between rounds cancels). Rounds are short and many,
+and the order of the variants rotates from round to round. One interpreter thread, as the
+agent's default. Run:
 
-    .venv/bin/python bench/bench_tflite.py [--rounds 15] [--calls 2000] [--json]
+    .venv/bin/python bench/bench_tflite.py [--rounds 41] [--calls 400] [--json]
 """
 
 from __future__ import annotations
@@ -102,7 +105,8 @@ def _variants(name: str, batch: int) -> dict[str, Callable[[], Any]]:
     feed = np.ascontiguousarray(x[:batch])
     opts = RuntimeOptions(intra_op_threads=1)
     rt_float = LiteRtRuntime(float_model, opts)
-    rt_float_io = LiteRtRuntime(_quantized(name, x, float_io=True), opts)
+    rt_float_io_model = _quantized(name, x, float_io=True)
+    rt_float_io = LiteRtRuntime(rt_float_io_model, opts)
     rt_int8 = LiteRtRuntime(int8_model, opts)
     rt_formula = _with_formula(LiteRtRuntime(int8_model, opts))
     assert rt_int8.inputs[0].dtype == "float32"  # the adapter hides the int8 tensors
@@ -121,39 +125,47 @@ def _variants(name: str, batch: int) -> dict[str, Callable[[], Any]]:
         "adapter int8 int-I/O, formula": lambda: rt_formula.run(int8_feeds),
         "bare float": _bare(float_model, feed),
         "bare int8": _bare(int8_model, feed),
+        "bare int8 float-I/O": _bare(rt_float_io_model, feed),
     }
 
 
-def _measure(variants: dict[str, Callable[[], Any]], rounds: int, calls: int) -> dict[str, float]:
+def _measure(
+    variants: dict[str, Callable[[], Any]], rounds: int, calls: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median time per call and median paired ratio to the same path's float, per variant."""
     per_round: dict[str, list[float]] = {k: [] for k in variants}
     names = list(variants)
     for fn in variants.values():
         for _ in range(200):  # warm caches and the interpreters' arenas
             fn()
     for r in range(rounds):
-        order = names if r % 2 == 0 else names[::-1]
-        for name in order:
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
             fn = variants[name]
             start = time.perf_counter()
             for _ in range(calls):
                 fn()
             per_round[name].append((time.perf_counter() - start) / calls * 1e6)
-    return {k: statistics.median(v) for k, v in per_round.items()}
+    ratios = {}
+    for name, times in per_round.items():
+        base = per_round["bare float" if name.startswith("bare") else "adapter float"]
+        ratios[name] = statistics.median(t / b for t, b in zip(times, base, strict=True))
+    return {k: statistics.median(v) for k, v in per_round.items()}, ratios
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=41)
+    parser.add_argument("--calls", type=int, default=400)
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     results = []
     for name in MODELS:
         for batch in (int(b) for b in args.batches.split(",")):
-            calls = max(50, args.calls // batch)
-            us = _measure(_variants(name, batch), args.rounds, calls)
-            results.append({"model": name, "batch": batch, "median_us": us})
+            calls = max(20, args.calls // batch)
+            us, ratio = _measure(_variants(name, batch), args.rounds, calls)
+            results.append({"model": name, "batch": batch, "median_us": us, "ratio": ratio})
     if args.json:
         print(json.dumps(results, indent=2))
         return
@@ -165,18 +177,21 @@ def main() -> None:
         "adapter int8 int-I/O, formula",
         "bare float",
         "bare int8",
+        "bare int8 float-I/O",
     ]
     print("| model | batch | " + " | ".join(cols) + " |")
     print("|---|---:|" + "---:|" * len(cols))
     for row in results:
-        u = row["median_us"]
+        u, ratio = row["median_us"], row["ratio"]
         cells = [f"{u[c]:.1f}" for c in cols]
         for i, c in enumerate(cols):
-            base = "bare float" if c.startswith("bare") else "adapter float"
-            if c != base:
-                cells[i] += f" ({u[c] / u[base]:.2f}x)"
+            if c not in ("bare float", "adapter float"):
+                cells[i] += f" ({ratio[c]:.2f}x)"
         print(f"| {row['model']} | {row['batch']} | " + " | ".join(cells) + " |")
-    print("\n(x): time relative to float through the same path (adapter or bare interpreter)")
+    print(
+        "\n(x): median over rounds of the time relative to float through the same path "
+        "(adapter or bare interpreter) in the same round"
+    )
 
 
 if __name__ == "__main__":
