@@ -101,10 +101,17 @@ class GatewaySection:
     ingest_max_wait_seconds: float = 0.05
     device_rate_per_second: float = 100.0
     device_burst: int = 500
+    device_queue: int = 200
+    presence_timeout_seconds: float = 120.0
 
     def validate(self) -> None:
         _check(self.device_rate_per_second > 0, "device_rate_per_second must be positive")
         _check(self.device_burst >= 1, "device_burst must be >= 1")
+        _check(self.device_queue >= 1, "device_queue must be >= 1")
+        _check(
+            0 < self.presence_timeout_seconds < float("inf"),
+            "presence_timeout_seconds must be positive",
+        )
         _check(
             bool(re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", self.prefix)),
             "prefix must be a lowercase topic label without / + #",

@@ -128,6 +128,8 @@ def run(
         ingest_max_wait_seconds=g.ingest_max_wait_seconds,
         device_rate_per_second=g.device_rate_per_second,
         device_burst=g.device_burst,
+        device_queue=g.device_queue,
+        presence_timeout_seconds=g.presence_timeout_seconds,
     )
     m = config.mqtt
     client = MqttClient(
