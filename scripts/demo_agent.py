@@ -25,6 +25,7 @@ BIN = Path(sys.executable).parent
 
 
 def main(out: Path) -> int:
+    out = out.resolve()  # the agent config resolves relative paths against its own directory
     bundle = max(out.glob("digits-*.efb"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

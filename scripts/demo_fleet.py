@@ -128,6 +128,7 @@ class Admin:
 
 
 def main(out: Path) -> int:
+    out = out.resolve()  # agent and server configs resolve relative paths against themselves
     bundle = max(out.glob("digits-*.efb"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
     version = int(bundle.stem.rsplit("-", 1)[1])
     mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
