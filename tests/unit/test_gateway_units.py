@@ -8,15 +8,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.exc import DataError, OperationalError
 
+from edge_agent.errors import MetadataFormatError
 from edge_agent.telemetry import MAX_PAYLOAD_BYTES, Batch, Event, StatusMessage, TelemetryReport
 from edge_agent.transfer import BlockPlan, BlockRequest
+from fleet_server.blocks import Entitlements
 from fleet_server.delivery import Pacer, plan_round
 from fleet_server.errors import RegistryUnavailableError, ServerConfigError
 from fleet_server.gateway import GatewayConfig
-from fleet_server.ingest import IngestWorker
+from fleet_server.ingest import IngestWorker, is_data_failure
 from fleet_server.ingest_parse import IngestItem, parse_telemetry
-from fleet_server.registry import IngestResult, Registry
+from fleet_server.registry import IngestResult, Registry, TelemetryEntry
 
 PLAN_A = BlockPlan(10 * 65536, "a" * 64)
 PLAN_B = BlockPlan(3 * 65536, "b" * 64)
@@ -187,3 +190,109 @@ def test_worker_flushes_on_close_and_waits_for_max_wait(reg: Registry) -> None:
     worker.put(IngestItem("cam-1", (report("cam-1", 2),)))
     worker.close()
     assert reg.seq_state("cam-1").acked_upto == 2
+
+
+# --------------------------------------------------------------------------- fairness
+class Recording:
+    """A registry stand-in that records each transaction's devices and stores nothing."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+
+    def ingest_many(self, batches: Sequence[Any]) -> list[IngestResult]:
+        self.batches.append([d for d, _e, _f in batches])
+        return [IngestResult(d, 0, 0, 0, 0, 0, 0) for d, _e, _f in batches]
+
+
+def test_a_devices_backlog_does_not_delay_another_device_by_more_than_a_turn() -> None:
+    recording = Recording()
+    worker = IngestWorker(recording, lambda _r: None, max_batch=10, per_device=150)  # type: ignore[arg-type]
+    for seq in range(1, 151):
+        assert worker.put(IngestItem("noisy", (report("noisy", seq),)))
+    assert not worker.put(IngestItem("noisy", (report("noisy", 151),)))  # beyond its share
+    assert worker.put(IngestItem("cam-1", (report("cam-1", 1),)))  # others still get in
+    worker.start()
+    worker.close()
+    assert "cam-1" in recording.batches[0]  # round-robin: its first turn, not after 150
+    assert sum(len(b) for b in recording.batches) == 151
+    assert worker.stats().dropped_queue_full == 1
+
+
+def test_put_never_blocks_when_the_queue_is_full() -> None:
+    worker = IngestWorker(Recording(), lambda _r: None, capacity=3, per_device=3)  # type: ignore[arg-type]
+    assert all(worker.put(IngestItem(f"d-{i}", (report(f"d-{i}", 1),))) for i in range(3))
+    assert not worker.put(IngestItem("d-9", (report("d-9", 1),)))  # at once, not after 5 s
+    assert worker.pending() == 3
+
+
+# --------------------------------------------------------------------------- isolation
+class DataRefusing:
+    """Refuses (as PostgreSQL would, with a DataError) any transaction holding a marked entry."""
+
+    def __init__(self, *, down: bool = False) -> None:
+        self.calls = 0
+        self.down = down
+
+    def ingest_many(self, batches: Sequence[Any]) -> list[IngestResult]:
+        self.calls += 1
+        if self.down:
+            raise RegistryUnavailableError("down") from OperationalError("x", {}, Exception())
+        for _d, entries, _f in batches:
+            if any(isinstance(e, TelemetryEntry) and e.payload.get("bad") for e in entries):
+                raise RegistryUnavailableError("refused") from DataError("x", {}, Exception())
+        return [IngestResult(d, e[-1].seq, 0, len(e), 0, 0, 0) for d, e, _f in batches]
+
+
+def test_a_batch_the_database_refuses_is_bisected_to_the_one_bad_message() -> None:
+    registry = DataRefusing()
+    acks: list[tuple[str, int]] = []
+    refused: list[tuple[str, str, int]] = []
+    worker = IngestWorker(
+        registry,  # type: ignore[arg-type]
+        lambda r: acks.append((r.device_id, r.acked_upto)),
+        on_refused=lambda d, reason, n: refused.append((d, reason, n)),
+    )
+    items = [IngestItem(f"d-{i}", (TelemetryEntry(1, "event", {}),)) for i in range(16)]
+    items[11] = IngestItem("d-11", (TelemetryEntry(1, "event", {"bad": True}),))
+    worker.store(items)
+    assert sorted(acks) == sorted((f"d-{i}", 1) for i in range(16))  # all, the bad one too
+    assert refused == [("d-11", "unstorable", 1)]
+    assert registry.calls <= 2 * 4 + 2  # a bisection, not one transaction per message
+    assert worker.stats().db_failures == 0
+
+
+def test_a_database_that_is_down_is_not_bisected() -> None:
+    registry = DataRefusing(down=True)
+    worker = IngestWorker(registry, lambda _r: None)  # type: ignore[arg-type]
+    worker.store([IngestItem(f"d-{i}", (TelemetryEntry(1, "event", {}),)) for i in range(16)])
+    assert registry.calls == 1
+    assert worker.stats().db_failures == 1
+    assert is_data_failure(RegistryUnavailableError("x")) is False
+
+
+# --------------------------------------------------------------------------- entitlements
+def test_entitlements_are_cached_forgotten_on_a_new_desired_state_and_fail_closed() -> None:
+    calls: list[str] = []
+    answers = {"cam-1": frozenset({"a" * 64})}
+
+    def load(device_id: str) -> frozenset[str]:
+        calls.append(device_id)
+        if device_id == "broken":
+            raise MetadataFormatError("unreadable")
+        return answers.get(device_id, frozenset())
+
+    clock = [0.0]
+    ent = Entitlements(load, ttl=5.0, monotonic=lambda: clock[0])
+    assert ent.allows("cam-1", "a" * 64)
+    assert not ent.allows("cam-1", "b" * 64)
+    assert calls == ["cam-1"]  # cached
+    answers["cam-1"] = frozenset({"b" * 64})
+    ent.forget("cam-1")
+    assert ent.allows("cam-1", "b" * 64)
+    assert not ent.allows("cam-2", "a" * 64)  # nothing assigned: nothing served
+    assert not ent.allows("broken", "a" * 64)
+    assert not ent.allows("broken", "a" * 64)
+    assert calls.count("broken") == 2  # a failure is not cached
+    clock[0] = 6.0
+    ent.allows("cam-1", "b" * 64)
+    assert calls.count("cam-1") == 3  # expired after ttl
