@@ -186,8 +186,17 @@ def refusals(contract: InputContract, data: Mapping[str, Array], top: int = 10) 
     step = max(1, min(tensor.shape[0].max for tensor in contract.tensors))
     by_reason: dict[str, int] = {}
     refused = 0
+    # A data file's dtype is incidental (np.savez keeps float64): send what an application
+    # would, the contract's dtype, where that cast keeps the kind (float -> float, int -> float).
+    dtypes = {t.name: np.dtype(t.dtype) for t in contract.tensors}
+    data = {
+        k: v.astype(dtypes[k])
+        if k in dtypes and np.can_cast(v.dtype, dtypes[k], "same_kind")
+        else v
+        for k, v in ((k, np.asarray(v)) for k, v in data.items())
+    }
     for start in range(0, n, step):
-        batch = {k: np.asarray(v[start : start + step]) for k, v in data.items()}
+        batch = {k: v[start : start + step] for k, v in data.items()}
         try:
             result = validator.validate(batch)
         except InputValidationError as exc:

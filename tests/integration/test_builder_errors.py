@@ -21,7 +21,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 
-from edge_agent.cli_support import EXIT_BAD_INPUT, EXIT_GATE
+from edge_agent.cli_support import (
+    EXIT_BAD_INPUT,
+    EXIT_GATE,
+    EXIT_KEYS,
+    EXIT_RUNTIME,
+    EXIT_USAGE,
+)
 from model_builder import cli as builder_cli
 from model_builder.examples import save_example
 
@@ -109,7 +115,11 @@ CONTRACT_CASES: list[tuple[str, Edit, str]] = [
         "dimension 1",
     ),
     ("bool dtype", lambda d: _tensor(d).update(dtype="bool"), "cannot feed"),
-    ("int dtype vs float data", lambda d: _tensor(d).update(dtype="int64"), "dtype"),
+    (
+        "int dtype vs float data",
+        lambda d: _tensor(d).update(dtype="int64"),
+        "the evaluation data does not fit the contract",
+    ),
     ("label count", lambda d: d["outputs"].update(labels=["a", "b", "c"]), "3 labels"),
     (
         "preprocessing size",
@@ -318,3 +328,110 @@ def test_wrong_output_name_as_a_subprocess(ws: Path, tmp_path: Path) -> None:
     assert proc.returncode == EXIT_BAD_INPUT, proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error[contract_mismatch]")
+
+
+MISSING_CASES: list[tuple[str, Callable[[Path, Path], list[str]], int, str]] = [
+    (
+        "model file",
+        lambda ws, tmp: ["build", str(tmp / "none.onnx"), *_data_args(ws)],
+        EXIT_USAGE,
+        "does not exist",
+    ),
+    (
+        "calibration file",
+        lambda ws, tmp: [
+            "build",
+            str(ws / "mlp" / "model.onnx"),
+            *_data_args(ws, calib=tmp / "none.npz"),
+        ],
+        EXIT_USAGE,
+        "does not exist",
+    ),
+    (
+        "contract file",
+        lambda ws, tmp: [
+            "build",
+            str(ws / "mlp" / "model.onnx"),
+            *_data_args(ws),
+            "--contract",
+            str(tmp / "none.json"),
+        ],
+        EXIT_USAGE,
+        "does not exist",
+    ),
+    (
+        "key store",
+        lambda ws, tmp: [
+            "build",
+            str(ws / "mlp" / "model.onnx"),
+            *_data_args(ws, keys=tmp / "nokeys"),
+        ],
+        EXIT_KEYS,
+        "error[keystore]",
+    ),
+    (
+        "model that is not a model",
+        lambda ws, tmp: ["build", str(_write(tmp / "junk.onnx", b"junk")), *_data_args(ws)],
+        EXIT_RUNTIME,
+        "error[model_load]",
+    ),
+    (
+        "unknown model suffix",
+        lambda ws, tmp: ["build", str(_write(tmp / "model.pt", b"junk")), *_data_args(ws)],
+        EXIT_BAD_INPUT,
+        "expected a .onnx or .tflite model",
+    ),
+    (
+        "output directory is a file",
+        lambda ws, tmp: [
+            "build",
+            str(ws / "mlp" / "model.onnx"),
+            *_data_args(ws, out=_write(tmp / "file", b"")),
+        ],
+        EXIT_USAGE,
+        "is a file",
+    ),
+    (
+        "output directory under a file",
+        lambda ws, tmp: [
+            "build",
+            str(ws / "mlp" / "model.onnx"),
+            *_data_args(ws, out=_write(tmp / "file", b"") / "sub"),
+        ],
+        EXIT_BAD_INPUT,
+        "error[os]",
+    ),
+]
+
+
+def _data_args(
+    ws: Path, *, calib: Path | None = None, keys: Path | None = None, out: Path | None = None
+) -> list[str]:
+    return [
+        "--calib",
+        str(calib or ws / "mlp" / "calib.npz"),
+        "--eval",
+        str(ws / "mlp" / "eval.npz"),
+        "--name",
+        "digits",
+        "--version",
+        "1",
+        "--keystore",
+        str(keys or ws / "keys"),
+        "--out",
+        str(out or ws / "out-missing"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [c[1:] for c in MISSING_CASES],
+    ids=[c[0] for c in MISSING_CASES],
+)
+def test_missing_or_unusable_files_are_one_line(
+    ws: Path, tmp_path: Path, args: Callable[[Path, Path], list[str]], code: int, message: str
+) -> None:
+    res = run(args(ws, tmp_path))
+    assert res.exit_code == code, res.output
+    assert "Traceback" not in res.output
+    assert message in res.output

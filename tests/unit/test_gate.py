@@ -249,3 +249,93 @@ def test_rescue_orders_by_single_gain_and_adds_greedily():
         rescue_search(
             _fake_model, measure, _metrics(0.97), ["a", "b", "c"], GatePolicy(), max_exclusions=1
         )
+
+
+# ------------------------------------------------------------ the report of a failed build
+_INITIAL = {
+    "float_value": 0.97,
+    "quant_value": 0.10,
+    "abs_drop": 0.87,
+    "rel_drop": 0.9,
+    "agreement": 0.1,
+    "passed": False,
+    "warnings": [],
+    "reasons": ["accuracy dropped 87.00 points"],
+}
+_NORMAL = {"min": -3.0, "max": 3.0, "mean": 0.0, "std": 1.0, "p99_abs": 2.5}
+
+
+@pytest.mark.parametrize(
+    ("gate", "fmt", "check", "expect"),
+    [
+        # plain failure, --no-rescue: outliers and the advice to let the rescue run
+        (
+            {"initial": _INITIAL, "calibration": {"x": {**_NORMAL, "looks_unnormalised": False}}},
+            "onnx",
+            None,
+            ["outliers", "--no-rescue"],
+        ),
+        # un-normalised calibration input comes first
+        (
+            {
+                "initial": {**_INITIAL, "quant_value": 0.96, "abs_drop": 0.011},
+                "calibration": {"x": {**_NORMAL, "p99_abs": 255.0, "looks_unnormalised": True}},
+            },
+            "onnx",
+            None,
+            ["un-normalised", "--no-rescue"],
+        ),
+        # rescue ran and gave up: its best trial and --max-exclusions
+        (
+            {
+                "initial": _INITIAL,
+                "float": {"metric": "accuracy", "value": 0.97, "samples": 450},
+                "max_exclusions": 1,
+                "single_trials": [
+                    {"excluded": ["a"], "value": 0.5, "passed": False},
+                    {"excluded": ["b"], "value": 0.9, "passed": False},
+                ],
+                "greedy_trials": [{"excluded": ["b"], "value": 0.9, "passed": False}],
+                "calibration": {},
+            },
+            "onnx",
+            None,
+            ["outliers", "rescue search tried 3", "[b]", "--max-exclusions"],
+        ),
+        ({"initial": _INITIAL, "calibration": {}}, "tflite", None, ["--mode dynamic"]),
+        (
+            {"initial": {**_INITIAL, "quant_value": 0.955}, "calibration": {}},
+            "tflite",
+            {"rows": 100, "refused_rows": 4},
+            ["--mode dynamic", "refuses 4 of 100"],
+        ),
+    ],
+)
+def test_failure_report_and_diagnosis(gate, fmt, check, expect):
+    from model_builder.failure import failure_report, render_failure
+
+    report = failure_report(
+        gate,
+        mode="static",
+        target="x86",
+        fmt=fmt,
+        policy=GatePolicy().__dict__,
+        contract_check=check,
+        seconds=1.23456,
+    )
+    assert report["gate"]["passed"] is False
+    assert report["gate"]["reasons"] == _INITIAL["reasons"]
+    assert report["float"]["value"] == 0.97
+    assert report["calibration"] == gate["calibration"]
+    text = " | ".join(report["diagnosis"])
+    position = -1
+    for fragment in expect:  # in this order: the most specific cause first
+        found = text.find(fragment, position + 1)
+        assert found > position, (fragment, text)
+        position = found
+    assert (report["rescue"] is None) == ("single_trials" not in gate)
+    if report["rescue"]:
+        assert report["rescue"]["best"]["excluded"] == ["b"]
+    lines = render_failure(report)
+    assert lines.startswith("gate: FAILED (static x86)")
+    assert lines.count("diagnosis: ") == len(report["diagnosis"])
