@@ -435,3 +435,62 @@ def test_missing_or_unusable_files_are_one_line(
     assert res.exit_code == code, res.output
     assert "Traceback" not in res.output
     assert message in res.output
+
+
+@pytest.mark.filterwarnings("ignore:Warning. Enabling .experimental_preserve_all_tensors")
+def test_tflite_gate_failure_writes_the_report(tmp_path: Path, ws: Path) -> None:
+    """Calibration data 50x too large: int8 ranges too wide, the static TFLite model collapses."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x, y = digits.data.astype(np.float32), digits.target
+    np.savez(tmp_path / "calib.npz", x=x[:300] * 50)
+    np.savez(tmp_path / "eval.npz", x=x[-400:], y=y[-400:])
+    name, out_name = "serving_default_pixels:0", "PartitionedCall:0"
+    contract = {
+        "inputs": {
+            "tensors": [
+                {
+                    "name": name,
+                    "dtype": "float32",
+                    "shape": [{"min": 1, "max": 64, "name": "batch"}, {"size": 64}],
+                    "preprocessing": {"kind": "affine", "scale": [0.0625], "offset": [0.0]},
+                }
+            ],
+        },
+        "outputs": {
+            "task": "classification",
+            "outputs": [out_name],
+            "labels": [str(i) for i in range(10)],
+            "score_output": out_name,
+        },
+    }
+    (tmp_path / "contract.json").write_text(json.dumps(contract))
+    fixtures = Path(__file__).parents[1] / "fixtures" / "tflite"
+    res = run(
+        [
+            "build",
+            str(fixtures / "digits_mlp.tflite"),
+            "--calib",
+            str(tmp_path / "calib.npz"),
+            "--eval",
+            str(tmp_path / "eval.npz"),
+            "--contract",
+            str(tmp_path / "contract.json"),
+            "--name",
+            "digits-tfl",
+            "--version",
+            "1",
+            "--keystore",
+            str(ws / "keys"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert res.exit_code == EXIT_GATE, res.output
+    report = json.loads((tmp_path / "out" / "digits-tfl-1.report.json").read_text())
+    assert report["format"] == "tflite"
+    assert report["calibration"][name]["looks_unnormalised"] is True
+    assert report["diagnosis"][0].startswith(f"calibration input {name!r} looks un-normalised")
+    assert any("--mode dynamic" in d for d in report["diagnosis"])
+    assert not (tmp_path / "out" / "digits-tfl-1.efb").exists()
