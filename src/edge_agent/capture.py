@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from edge_agent.config import CaptureConfig
+from edge_agent.errors import ContractError
+from edge_agent.strict_json import loads as strict_loads
 
 log = logging.getLogger("edge_agent.capture")
 SEGMENTS = 8
@@ -138,6 +140,6 @@ class CaptureRing:
             with seg.open("rb") as fh:
                 for line in fh:
                     try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError:
+                        yield strict_loads(line, max_bytes=len(line), what="capture record")
+                    except ContractError:
                         continue

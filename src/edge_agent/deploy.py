@@ -33,6 +33,7 @@ from edge_agent.download import Download
 from edge_agent.durable import write_atomic
 from edge_agent.errors import EdgefleetError, TransportError
 from edge_agent.reported import TransferReport
+from edge_agent.strict_json import loads as strict_loads
 from edge_agent.transfer import BlockData, BlockRequest
 from edge_agent.trust.desired import (
     DesiredState,
@@ -47,6 +48,8 @@ log = logging.getLogger("edge_agent.sync")
 
 #: Bundles refused here that are remembered (by SHA-256) so they are not fetched again.
 MAX_REFUSED = 64
+# 64 digests and reasons of at most 200 characters: far below this.
+_MAX_REFUSED_FILE = 256 * 1024
 
 Event = Callable[[str | None, int | None, str, str], None]
 
@@ -163,10 +166,10 @@ class Deployer:
     def load(self) -> None:
         """Read the bundles refused before (call once, before ``apply``)."""
         try:
-            data = json.loads(self._refused_path.read_bytes())
+            data = strict_loads(self._refused_path.read_bytes(), max_bytes=_MAX_REFUSED_FILE)
         except FileNotFoundError:
             return
-        except (OSError, ValueError) as exc:
+        except (OSError, EdgefleetError) as exc:
             log.warning("ignoring unreadable %s: %s", self._refused_path, exc)
             return
         if isinstance(data, dict):

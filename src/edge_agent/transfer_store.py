@@ -26,6 +26,7 @@ from types import TracebackType
 
 from edge_agent.durable import fsync_dir, write_atomic
 from edge_agent.errors import ContractError, DigestMismatchError, LengthMismatchError
+from edge_agent.strict_json import loads as strict_loads
 from edge_agent.transfer import (
     SCHEMA_VERSION,
     BlockData,
@@ -56,10 +57,7 @@ def _decode_bitmap(plan: BlockPlan, data: bytes) -> Progress:
     if data[:4] != _BITMAP_MAGIC or len(data) < 6:
         raise ContractError("not a bitmap file")
     header_len = int.from_bytes(data[4:6], "big")
-    try:
-        header = json.loads(data[6 : 6 + header_len].decode("ascii"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ContractError(f"bitmap header is not JSON: {exc}") from None
+    header = strict_loads(data[6 : 6 + header_len], max_bytes=header_len, what="bitmap header")
     expected = {"schema_version": SCHEMA_VERSION, "transfer_id": plan.transfer_id}
     if header != expected:
         raise ContractError(f"bitmap is for another transfer: {header!r}")

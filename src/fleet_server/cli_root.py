@@ -9,12 +9,13 @@ carrying the chain. Errors are ``AdminApiError``s for the CLI's error boundary.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import click
 
+from edge_agent.strict_json import loads as strict_loads
+from edge_agent.trust.root import MAX_METADATA_BYTES
 from fleet_server.admin_client import AdminClient
 from fleet_server.cli_admin import admin_options, emit_json, json_option
 from fleet_server.errors import ServerConfigError
@@ -29,9 +30,12 @@ def _read(path: Path) -> Any:
         ServerConfigError: unreadable or not JSON.
     """
     try:
-        return json.loads(path.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise ServerConfigError(f"cannot read root file {path.name}: {exc}") from exc
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ServerConfigError(f"cannot read root file {path.name}: {exc.strerror}") from exc
+    return strict_loads(
+        data, max_bytes=MAX_METADATA_BYTES, what=f"root file {path.name}", error=ServerConfigError
+    )
 
 
 def register_root_commands(cli: click.Group) -> None:

@@ -14,7 +14,6 @@ next per-device version, then hands it to the gateway, which publishes it retain
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, is_dataclass
@@ -25,6 +24,7 @@ from typing import Protocol
 from securesystemslib.signer import Signer
 
 from edge_agent.errors import EdgefleetError, MetadataFormatError, RootRotationError
+from edge_agent.strict_json import loads as strict_loads
 from edge_agent.telemetry import StatusMessage
 from edge_agent.trust import TrustedRoot
 from edge_agent.trust.desired import SIGNING_ROLE, DesiredState, ModelAssignment
@@ -102,10 +102,9 @@ def parse_document(document: bytes) -> DesiredState:
     Raises:
         MetadataFormatError: the bytes are not a desired-state envelope.
     """
-    try:
-        env = json.loads(document)
-    except ValueError as exc:
-        raise MetadataFormatError(f"stored desired state is not JSON: {exc}") from exc
+    env = strict_loads(
+        document, max_bytes=len(document), what="stored desired state", error=MetadataFormatError
+    )
     if not isinstance(env, dict) or "signed" not in env:
         raise MetadataFormatError("stored desired state has no signed part")
     return DesiredState.from_dict(env["signed"])

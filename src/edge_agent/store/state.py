@@ -18,10 +18,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from edge_agent.errors import ContractError, ModelStoreError
+from edge_agent.strict_json import loads as strict_loads
 
 STATE_SCHEMA = 1
 STATUSES = ("probation", "good", "failed", "rolled_back")
 MAX_EVENTS = 50
+#: A state file is a few KiB; a larger one is corrupt (or planted), not parsed.
+MAX_STATE_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -274,7 +277,7 @@ class ModelState:
             ContractError: not a state file of a known schema.
         """
         try:
-            d = json.loads(data)
+            d = strict_loads(data, max_bytes=MAX_STATE_BYTES, what="model state")
             if d.get("schema_version") != STATE_SCHEMA:
                 raise ContractError(f"unknown state schema {d.get('schema_version')!r}")
             active = d["active"]
