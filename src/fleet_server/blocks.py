@@ -3,13 +3,15 @@
 Owns: ``BlockSource``, which slices the blocks of one published bundle file (positional reads,
 the file's size checked against the signed length), and ``plan_resend``, a pure function that
 merges many devices' ``BlockRequest``s into the blocks worth re-broadcasting to the whole wave
-and the blocks to unicast to single devices, and ``RecentBroadcasts``, the memory of which
-blocks are already on their way to every subscriber (broadcast in the last ``hold_seconds``,
-or still ahead of a running wave) so a round does not broadcast them again, and
-``Entitlements``, the cached answer to "which bundles may this device fetch": only those its
-latest signed desired state names, so a device cannot download another group's bundle by
-knowing its digest and length. Does not own MQTT
-(the gateway publishes what this returns) or the protocol itself (``edge_agent.transfer``).
+and the blocks to unicast to single devices, ``plan_round`` (a round of ``(device,
+BlockRequest)`` pairs -> per transfer a ``ResendPlan``, unknown transfers and out-of-range
+requests counted; also importable from ``fleet_server.delivery``), ``RecentBroadcasts``, the
+memory of which blocks are already on their way to every subscriber (broadcast in the last
+``hold_seconds``, or still ahead of a running wave) so a round does not broadcast them again,
+and ``Entitlements``, the cached answer to "which bundles may this device fetch": only those
+its latest signed desired state names, so a device cannot download another group's bundle by
+knowing its digest and length. Does not own MQTT (the gateway publishes what this returns) or
+the protocol itself (``edge_agent.transfer``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Set
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -33,7 +35,15 @@ from edge_agent.errors import (
 )
 from edge_agent.transfer import BlockData, BlockPlan, BlockRequest
 
-__all__ = ["BlockSource", "Entitlements", "RecentBroadcasts", "ResendPlan", "plan_resend"]
+__all__ = [
+    "BlockSource",
+    "Entitlements",
+    "RecentBroadcasts",
+    "ResendPlan",
+    "RoundPlan",
+    "plan_resend",
+    "plan_round",
+]
 
 _HASH_CHUNK = 1 << 20
 
@@ -197,6 +207,67 @@ def plan_resend(
     return ResendPlan(
         tuple(sorted(broadcast)), unicast, dict(rejected), tuple(sorted(shared & in_flight))
     )
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What one round of block requests asks for.
+
+    Attributes:
+        transfers: per known transfer id, the merged ``ResendPlan``.
+        unknown: requests naming a transfer that is not a published bundle.
+        out_of_range: requests refused by their transfer (beyond the last block).
+        suppressed: blocks not re-broadcast because a copy is already in flight.
+    """
+
+    transfers: Mapping[str, ResendPlan] = field(default_factory=dict)
+    unknown: int = 0
+    out_of_range: int = 0
+    suppressed: int = 0
+
+
+def plan_round(
+    requests: Sequence[tuple[str, BlockRequest]],
+    plans: Mapping[str, BlockPlan],
+    *,
+    broadcast_min_devices: int,
+    in_flight: Mapping[str, Set[int]] | None = None,
+) -> RoundPlan:
+    """Group a round's requests by transfer and merge each group with ``plan_resend``.
+
+    Args:
+        requests: ``(device_id, request)`` in arrival order.
+        plans: the transfers that can be served, by transfer id.
+        broadcast_min_devices: distinct requesters that make a block worth broadcasting.
+        in_flight: per transfer, blocks not to broadcast again now (see ``plan_resend``).
+
+    Returns:
+        The ``RoundPlan``.
+
+    Raises:
+        ContractError: ``broadcast_min_devices`` is not a positive integer.
+    """
+    grouped: dict[str, list[tuple[str, BlockRequest]]] = {}
+    unknown = 0
+    for device_id, request in requests:
+        if request.transfer_id in plans:
+            grouped.setdefault(request.transfer_id, []).append((device_id, request))
+        else:
+            unknown += 1
+    transfers: dict[str, ResendPlan] = {}
+    out_of_range = suppressed = 0
+    for transfer_id, group in grouped.items():
+        resend = plan_resend(
+            group,
+            plans[transfer_id],
+            broadcast_min_devices=broadcast_min_devices,
+            in_flight=(in_flight or {}).get(transfer_id, frozenset()),
+        )
+        out_of_range += sum(resend.rejected.values())
+        suppressed += len(resend.suppressed)
+        if resend.broadcast or resend.unicast:
+            transfers[transfer_id] = resend
+    return RoundPlan(transfers, unknown, out_of_range, suppressed)
 
 
 class RecentBroadcasts:

@@ -1,8 +1,6 @@
 """The gateway's bundle delivery: block request rounds, re-sends and broadcast waves.
 
-Owns: ``plan_round`` (pure: a round of ``(device, BlockRequest)`` pairs plus the known
-transfers -> per transfer a ``ResendPlan``, with unknown transfers and out-of-range requests
-counted), ``Pacer`` (a token bucket plus a bound on unacknowledged publishes, so neither paho's
+Owns: ``Pacer`` (a token bucket plus a bound on unacknowledged publishes, so neither paho's
 queue nor the broker is flooded) and ``BlockServer``, which collects requests for
 ``round_seconds``, maps transfer ids to published bundles (``<bundles_dir>/<sha256>.bundle``,
 checked against the signed SHA-256 once when first opened), publishes the blocks wanted by
@@ -24,9 +22,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from collections.abc import Set as AbstractSet
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -34,11 +30,11 @@ from edge_agent.errors import EdgefleetError, NotConnectedError, TransportError
 from edge_agent.mqtt import MqttClient, PublishHandle
 from edge_agent.topics import Topics
 from edge_agent.transfer import BlockPlan, BlockRequest, transfer_id_for
-from fleet_server.blocks import BlockSource, RecentBroadcasts, ResendPlan, plan_resend
+from fleet_server.blocks import BlockSource, RecentBroadcasts, RoundPlan, plan_round
 from fleet_server.errors import ModelNotPublishedError, RegistryError
 from fleet_server.registry.store import Registry
 
-__all__ = ["BlockServer", "Pacer", "RoundPlan", "plan_round"]
+__all__ = ["BlockServer", "Pacer", "RoundPlan", "plan_round"]  # the last two: from blocks
 
 log = logging.getLogger(__name__)
 
@@ -47,67 +43,6 @@ _PUBACK_TIMEOUT: Final = 10.0
 _REFRESH_EVERY: Final = 1.0  # seconds between bundle-list refreshes caused by unknown ids
 _RECONNECT_WAIT: Final = 30.0  # a wave waits this long for the session to come back
 DEFAULT_HOLD_SECONDS: Final = 4.0  # a broadcast block is not re-broadcast within this time
-
-
-@dataclass(frozen=True)
-class RoundPlan:
-    """What one round of block requests asks for.
-
-    Attributes:
-        transfers: per known transfer id, the merged ``ResendPlan``.
-        unknown: requests naming a transfer that is not a published bundle.
-        out_of_range: requests refused by their transfer (beyond the last block).
-        suppressed: blocks not re-broadcast because a copy is already in flight.
-    """
-
-    transfers: Mapping[str, ResendPlan] = field(default_factory=dict)
-    unknown: int = 0
-    out_of_range: int = 0
-    suppressed: int = 0
-
-
-def plan_round(
-    requests: Sequence[tuple[str, BlockRequest]],
-    plans: Mapping[str, BlockPlan],
-    *,
-    broadcast_min_devices: int,
-    in_flight: Mapping[str, AbstractSet[int]] | None = None,
-) -> RoundPlan:
-    """Group a round's requests by transfer and merge each group with ``plan_resend``.
-
-    Args:
-        requests: ``(device_id, request)`` in arrival order.
-        plans: the transfers that can be served, by transfer id.
-        broadcast_min_devices: distinct requesters that make a block worth broadcasting.
-        in_flight: per transfer, blocks not to broadcast again now (see ``plan_resend``).
-
-    Returns:
-        The ``RoundPlan``.
-
-    Raises:
-        ContractError: ``broadcast_min_devices`` is not a positive integer.
-    """
-    grouped: dict[str, list[tuple[str, BlockRequest]]] = {}
-    unknown = 0
-    for device_id, request in requests:
-        if request.transfer_id in plans:
-            grouped.setdefault(request.transfer_id, []).append((device_id, request))
-        else:
-            unknown += 1
-    transfers: dict[str, ResendPlan] = {}
-    out_of_range = suppressed = 0
-    for transfer_id, group in grouped.items():
-        resend = plan_resend(
-            group,
-            plans[transfer_id],
-            broadcast_min_devices=broadcast_min_devices,
-            in_flight=(in_flight or {}).get(transfer_id, frozenset()),
-        )
-        out_of_range += sum(resend.rejected.values())
-        suppressed += len(resend.suppressed)
-        if resend.broadcast or resend.unicast:
-            transfers[transfer_id] = resend
-    return RoundPlan(transfers, unknown, out_of_range, suppressed)
 
 
 class Pacer:
