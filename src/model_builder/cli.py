@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from tuf.api.metadata import Metadata
+from tuf.api.metadata import Targets
 
 from edge_agent import __version__
 from edge_agent.bundle import read_bundle, read_raw
@@ -27,7 +27,7 @@ from edge_agent.cli_support import (
     run_cli,
 )
 from edge_agent.contract import BundleManifest, DeviceProfile
-from edge_agent.trust import TrustedRoot
+from edge_agent.trust import TrustedRoot, parse_metadata
 from model_builder.build_cli import build, demo
 from model_builder.errors import (
     AccuracyGateError,
@@ -212,8 +212,8 @@ def _print_keys(store: KeyStore, as_json: bool) -> None:
 @json_option
 def inspect(bundle: Path, as_json: bool) -> None:
     """Print a bundle's manifest, report and signatures (without verifying them)."""
-    raw = read_raw(bundle)
-    md: Metadata[Any] = Metadata.from_bytes(raw.targets_bytes)
+    raw = read_raw(bundle, with_artifact=True)  # the whole file: a tail after it is refused
+    md = parse_metadata(raw.targets_bytes, Targets.type)
     manifest = BundleManifest.from_bytes(raw.manifest_bytes)
     sigs = sorted(md.signatures)
     if as_json:

@@ -16,7 +16,7 @@ from tuf.api.metadata import Metadata, Targets
 
 from edge_agent.bundle import bundle_bytes, read_raw, write_bundle
 from edge_agent.contract import ArtifactRef, BundleManifest
-from edge_agent.trust import make_targets
+from edge_agent.trust import make_targets, parse_metadata
 from model_builder.errors import KeyStoreError
 from model_builder.keystore import KeyStore
 
@@ -61,12 +61,13 @@ def cosign_bundle(path: Path, store: KeyStore, key_labels: Sequence[str]) -> int
 
     Raises:
         BundleFormatError: the file is not a bundle.
+        MetadataFormatError: its targets metadata is not TUF targets metadata.
         KeyStoreError: a key is not a current targets key.
     """
     raw = read_raw(path, with_artifact=True)
     if raw.artifact is None:  # pragma: no cover - with_artifact guarantees it
         raise KeyStoreError("bundle artifact could not be read")
-    md: Metadata[Targets] = Metadata.from_bytes(raw.targets_bytes)
+    md: Metadata[Targets] = parse_metadata(raw.targets_bytes, Targets.type)
     for signer in store.signers_for("targets", key_labels):
         md.sign(signer, append=True)
     fmt = raw.artifact_name.rsplit(".", 1)[1]

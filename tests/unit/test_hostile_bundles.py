@@ -34,6 +34,7 @@ from fleet_server.admin import AdminServer, create_app
 from fleet_server.library import BundleLibrary
 from fleet_server.registry import Registry
 from fleet_server.service import FleetService
+from model_builder import cli as builder_cli
 from model_builder.keystore import KeyStore
 from support import NOW, make_bundle, members, repack
 
@@ -312,6 +313,16 @@ def test_edge_agent_verify_prints_one_typed_line(
     assert code == (
         EXIT_UNTRUSTED if issubclass(family, BundleVerificationError) else EXIT_BAD_INPUT
     )
+    _assert_one_typed_line(err)
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_model_builder_inspect_prints_one_typed_line(
+    name: str, hostile_files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # inspect reads without verifying: the parse itself must be the strict one.
+    code, err = _run(builder_cli.main, ["inspect", str(hostile_files[name])], capsys)
+    assert code != EXIT_OK
     _assert_one_typed_line(err)
 
 
