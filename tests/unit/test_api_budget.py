@@ -69,6 +69,9 @@ BODIES: dict[str, tuple[bytes, int | None]] = {
     "column": (_body([[0.5]] * N, shape=[N, 1]), None),
     "bools": (_body([True] * N, "BOOL", [N]), None),
     "text": (_body(["ab"] * N, "BYTES", [N]), None),
+    # One long string among numbers: numpy would make every element as wide as the string.
+    "long string among numbers": (_body(["a" * 10_000] + [0] * 10_000, shape=[10_001]), None),
+    "short string among floats": (_body(["a"] + [0.5] * N, shape=[N + 1]), None),
     "binary fp32": _binary("FP32", np.zeros(N, "<f4").tobytes(), N),
     "binary BYTES 1": _binary("BYTES", b"\x01\x00\x00\x00a" * N, N),
     "binary BYTES 0": _binary("BYTES", b"\x00\x00\x00\x00" * N, N),
@@ -80,6 +83,8 @@ BODIES: dict[str, tuple[bytes, int | None]] = {
 
 
 def _peak(body: bytes, end: int | None) -> int:
+    with contextlib.suppress(InputValidationError):  # one-time caches are not the body's cost
+        decode_request(body[:200], None)
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
@@ -261,3 +266,37 @@ def test_chunked_bodies_are_bounded_too() -> None:
         assert client.post("/v2/models/m/infer", content=_chunks(large)).status_code == 200
         too_big = _body([0.5] * 300_000, shape=[300_000])  # over max_request_bytes
         assert client.post("/v2/models/m/infer", content=_chunks(too_big)).status_code == 413
+
+
+KINDS = [
+    ([1, 2.5, True], "f"),
+    ([[1], [2]], "f"),
+    ([None, 1], "O"),
+    ([[1], ["a"]], "U"),
+    (["a" * 1000, 0], "U"),
+    ([], "f"),
+    ([[]], "f"),
+    ([1, {"a": 1}], "O"),
+]
+
+
+@pytest.mark.parametrize(("data", "kind"), KINDS)
+def test_element_kind_without_allocating(data: list[Any], kind: str) -> None:
+    from edge_agent.api.decode import _element_kind, _scan_kind
+
+    # numpy's discovery and the fallback scan agree on what matters: text/objects or numbers
+    assert (_element_kind(data) in "USO") == (kind in "USO")
+    assert (_scan_kind(data) in "USO") == (kind in "USO")
+
+
+@pytest.mark.parametrize("datatype", ["BOOL", "UINT8", "INT32", "INT64", "FP16", "FP32", "FP64"])
+def test_text_among_numbers_is_refused_before_numpy_allocates(datatype: str) -> None:
+    body = _body(["a" * 2_000] + [1] * 20_000, datatype, [20_001])
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputValidationError, match="holds strings"):
+            decode_request(body)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * len(body)  # numpy would have allocated 20,001 x 8,000 bytes

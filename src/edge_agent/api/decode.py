@@ -49,6 +49,12 @@ _KIND_WORDS = {
 }
 # fmt: on
 _NATIVE = {name: dt.newbyteorder("=") for name, dt in _WIRE.items()}
+try:  # numpy's element-type discovery, which allocates nothing (numpy >= 1.21; private API)
+    from numpy._core._multiarray_umath import (  # type: ignore[import-not-found]
+        _discover_array_parameters as _discover,
+    )
+except ImportError:  # pragma: no cover - another numpy: the scan in ``_scan_kind`` is used
+    _discover = None
 _KINDS = {n: "b" if n == "BOOL" else "fiu" if n[:2] == "FP" else "iu" for n in _WIRE}
 _BY_KIND = {(dt.kind, dt.itemsize): name for name, dt in _WIRE.items()}
 
@@ -239,6 +245,8 @@ def _from_json(data: Any, datatype: str, shape: tuple[int, ...], name: str) -> A
     if dtype is None and datatype != "BYTES":
         raise _unknown(datatype, name)
     try:
+        if dtype is not None:
+            _refuse_text(data, datatype, name)
         array = np.array(data, dtype=object) if dtype is None else np.asarray(data)
     except (ValueError, TypeError, RecursionError):
         raise _bad(REASON_SHAPE, f"data of input {name!r} is ragged nested arrays", name) from None
@@ -258,6 +266,43 @@ def _from_json(data: Any, datatype: str, shape: tuple[int, ...], name: str) -> A
         return array.astype(dtype)
     with np.errstate(over="ignore"):  # FP64 -> FP32/FP16 overflow becomes Inf: validation counts it
         return array.astype(dtype)
+
+
+def _refuse_text(data: list[Any], datatype: str, name: str) -> None:
+    """Refuse strings and other non-numbers in a numeric tensor before numpy allocates.
+
+    ``np.asarray`` turns a list mixing one long string with numbers into a unicode array whose
+    every element is as wide as the longest string: a 40 KB body would allocate 400 MB. So the
+    element type is found first, without allocating (numpy's own discovery; a scan of the
+    lists where that is unavailable), and anything but numbers and booleans is refused.
+
+    Raises:
+        InputValidationError: the data holds strings, nulls or other objects (``data``).
+        ValueError: ragged nested lists.
+    """
+    kind = _element_kind(data)
+    if kind in "USO":
+        found = _KIND_WORDS.get(kind, kind)
+        raise _bad(REASON_DATA, f"input {name!r} is {datatype} but its data holds {found}", name)
+
+
+def _element_kind(data: list[Any]) -> str:
+    if _discover is not None:
+        found: np.dtype[Any] | None = _discover(data)[0]  # None: no elements at all
+        return "f" if found is None else found.kind
+    return _scan_kind(data)
+
+
+def _scan_kind(data: list[Any]) -> str:
+    kinds = set(map(type, data))
+    if list in kinds:
+        nested = [_scan_kind(x) for x in data if type(x) is list]
+        if any(k in "USO" for k in nested):
+            return next(k for k in nested if k in "USO")
+        kinds.discard(list)
+    if kinds - {int, float, bool}:
+        return "U" if str in kinds else "O"
+    return "f"
 
 
 def _fit_shape(array: Array, shape: tuple[int, ...], name: str) -> Array:
