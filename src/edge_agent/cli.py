@@ -24,7 +24,12 @@ from edge_agent import __version__
 from edge_agent.bundle import read_bundle
 from edge_agent.capture import CaptureRing
 from edge_agent.cli_support import echo_verdict, run_cli
-from edge_agent.client import AgentClient, AgentRequestError, AgentUnreachableError
+from edge_agent.client import (
+    AgentClient,
+    AgentRequestError,
+    AgentUnreachableError,
+    conform_inputs,
+)
 from edge_agent.config import AgentConfig, load_config
 from edge_agent.device import detect_device_profile
 from edge_agent.errors import ConfigError, InputValidationError
@@ -257,14 +262,14 @@ def infer(model: str, data: Path, config_path: Path | None, input_name: str | No
     # A damaged .npz is a bad zip, a truncated .npy an early EOF: both are bad input.
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise InputValidationError(f"cannot read {data}: {exc}", reason="data") from exc
+    status_code, meta = client.request("GET", f"/v2/models/{model}")
+    if status_code != 200 or not isinstance(meta, dict):
+        raise AgentRequestError(status_code, str(meta))
     if arr is not None:
         if input_name is None:
-            status_code, meta = client.request("GET", f"/v2/models/{model}")
-            if status_code != 200 or not isinstance(meta, dict):
-                raise AgentRequestError(status_code, str(meta))
             input_name = meta["inputs"][0]["name"]
         inputs = {str(input_name): arr}
-    click.echo(json.dumps(client.infer(model, inputs), indent=2))
+    click.echo(json.dumps(client.infer(model, conform_inputs(inputs, meta)), indent=2))
 
 
 @cli.command()

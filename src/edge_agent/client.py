@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from edge_agent.config import ApiConfig
-from edge_agent.errors import EdgefleetError
+from edge_agent.contract.datatypes import PROTOCOL_DATATYPES
+from edge_agent.errors import EdgefleetError, InputValidationError
 
 
 class AgentUnreachableError(EdgefleetError):
@@ -112,15 +113,41 @@ class AgentClient:
         return out if isinstance(out, dict) else {}
 
 
+def conform_inputs(inputs: dict[str, np.ndarray], metadata: Any) -> dict[str, np.ndarray]:
+    """Convert arrays to the element type the model declares, where no value changes kind.
+
+    The protocol refuses a tensor of another datatype than its input's (an FP64 tensor sent to
+    an FP32 input is an error, not a silent rounding). Files saved by numpy are FP64 or INT64
+    by default, so a convenience client converts float to float and integer to integer, as a
+    user of a standard client does by hand; anything else is sent as it is, for the agent to
+    refuse with the protocol's error.
+    """
+    declared = {}
+    for t in metadata.get("inputs", []) if isinstance(metadata, dict) else []:
+        numpy_name = _NUMPY_OF.get(str(t.get("datatype")))
+        if numpy_name is not None:
+            declared[str(t.get("name"))] = np.dtype(numpy_name)
+    out = {}
+    for name, value in inputs.items():
+        want = declared.get(name)
+        same_kind = want is not None and value.dtype.kind == want.kind and want.kind in "fiu"
+        out[name] = value.astype(want) if same_kind else value
+    return out
+
+
 def _datatype(dtype: np.dtype[Any]) -> str:
-    return {
-        "float32": "FP32",
-        "float64": "FP64",
-        "float16": "FP16",
-        "int64": "INT64",
-        "int32": "INT32",
-        "int16": "INT16",
-        "int8": "INT8",
-        "uint8": "UINT8",
-        "bool": "BOOL",
-    }[np.dtype(dtype).name]
+    """The protocol's name of an array's element type.
+
+    Raises:
+        InputValidationError: a type the protocol cannot carry (e.g. complex).
+    """
+    name = PROTOCOL_DATATYPES.get(np.dtype(dtype).name)
+    if name is None:
+        raise InputValidationError(
+            f"arrays of {np.dtype(dtype).name} cannot be sent over the protocol", reason="dtype"
+        )
+    return name
+
+
+# The numpy type of each numeric protocol datatype (BYTES has none to convert to).
+_NUMPY_OF = {proto: numpy for numpy, proto in PROTOCOL_DATATYPES.items() if proto != "BYTES"}

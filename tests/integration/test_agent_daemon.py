@@ -96,6 +96,16 @@ def test_daemon_end_to_end(daemon, digits_bundles: DigitsBundles) -> None:  # ty
     assert info.value.status == 400
     status, _ = tcp.request("POST", "/v2/models/digits/infer", {"inputs": "garbage"})
     assert status == 400
+    # FP64 sent to an FP32 input is the protocol's 400 ...
+    with pytest.raises(AgentRequestError) as info:
+        tcp.infer("digits", {"input": x[:2].astype(np.float64)})
+    assert info.value.status == 400
+    assert "FP64" in str(info.value)
+    # ... while the CLI converts numpy's default float64 files to the declared FP32
+    np.save(tmp_path / "x64.npy", x[:2].astype(np.float64))
+    run = agent_cli("infer", "digits", str(tmp_path / "x64.npy"), config=config)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["outputs"][0]["shape"] == [2, 10]
     for _ in range(5):
         tcp.infer("digits", {"input": x[:1]})
     deadline = time.monotonic() + 20
