@@ -76,6 +76,12 @@ def _str(v: Any, what: str, limit: int = _MAX_TEXT) -> str:
     return v
 
 
+def _storable_text(text: str, limit: int = _MAX_TEXT) -> str:
+    """``text`` cut to ``limit`` with NUL and surrogates replaced by U+FFFD (for a writer that
+    builds free text, e.g. from an exception, which ``_str`` would otherwise refuse)."""
+    return _UNSTORABLE.sub("\ufffd", text[:limit])
+
+
 def _label(v: Any, what: str) -> str:
     if not isinstance(v, str) or not _LABEL.fullmatch(v):
         raise ContractError(f"{what} must be a label of 1-128 [A-Za-z0-9_.:/-]")

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from edge_agent._wire import (
-    _MAX_TEXT,
     MAX_PAYLOAD_BYTES,
     SCHEMA_VERSION,
     _device,
@@ -42,6 +41,7 @@ from edge_agent._wire import (
     _load,
     _num,
     _obj,
+    _storable_text,
     _str,
     _Wire,
 )
@@ -187,7 +187,7 @@ def event_from_registry(device_id: str, seq: int, entry: Mapping[str, Any]) -> E
             "kind": kind,
             "model": model,
             "version": entry.get("version"),
-            "detail": str(entry.get("detail", ""))[:_MAX_TEXT],
+            "detail": _storable_text(str(entry.get("detail", ""))),
             "at": entry.get("at", 0.0),
         }
     )

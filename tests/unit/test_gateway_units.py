@@ -11,7 +11,14 @@ import pytest
 from sqlalchemy.exc import DataError, OperationalError
 
 from edge_agent.errors import MetadataFormatError
-from edge_agent.telemetry import MAX_PAYLOAD_BYTES, Batch, Event, StatusMessage, TelemetryReport
+from edge_agent.telemetry import (
+    MAX_PAYLOAD_BYTES,
+    Batch,
+    Event,
+    StatusMessage,
+    TelemetryReport,
+    event_from_registry,
+)
 from edge_agent.transfer import BlockPlan, BlockRequest
 from fleet_server.blocks import Entitlements
 from fleet_server.delivery import Pacer, plan_round
@@ -296,3 +303,14 @@ def test_entitlements_are_cached_forgotten_on_a_new_desired_state_and_fail_close
     clock[0] = 6.0
     ent.allows("cam-1", "b" * 64)
     assert calls.count("cam-1") == 3  # expired after ttl
+
+
+def test_an_agent_event_built_from_free_text_is_always_sendable() -> None:
+    """The device's own event (e.g. an exception text with NUL or an undecodable file name)
+    keeps its detail, made storable, instead of being refused by every receiver."""
+    entry = {"event": "install_failed", "detail": "bad\x00 \udcff" + "x" * 2000, "model": "m"}
+    event = event_from_registry("cam-1", 1, entry)
+    assert event is not None
+    assert event.detail.startswith("bad\ufffd \ufffd")
+    assert len(event.detail) == 1024
+    assert Event.from_bytes(event.to_bytes()) == event
