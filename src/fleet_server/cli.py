@@ -1,11 +1,13 @@
 """``fleet-server``: the fleet operator's command line.
 
-Identity and access: the fleet CA (``ca``), device enrollment and revocation (``devices``) and
-the broker configuration (``broker-config``). The server itself: ``serve --config FILE``
-(``fleet_server.server.run``). Operator commands against a running server's admin API
-(``devices list|show|register``, ``models``, ``assign``, ``waves``, ``telemetry``, ``status``)
-live in ``fleet_server.cli_admin``. Commands are thin; the error boundary in
-``edge_agent.cli_support`` maps our errors to the exit codes below.
+Identity and access: the fleet CA (``ca``: the server's and read-only consumers' identities,
+``server-identity``/``consumer-identity``), device enrollment and revocation (``devices``) and
+the broker configuration (``broker-config``: consumers included, ``acl.local`` kept). The
+server itself: ``serve --config FILE`` (``fleet_server.server.run``). Operator commands against
+a running server's admin API (``devices list|show|register|misbehaviour``, ``models``,
+``assign``, ``waves``, ``telemetry``, ``status``) live in ``fleet_server.cli_admin``. Commands
+are thin; the error boundary in ``edge_agent.cli_support`` maps our errors to the exit codes
+below.
 
 ``devices revoke`` revokes the device's certificates at the CA (what the broker enforces) and,
 when an admin token is available (``--token`` / ``EDGEFLEET_ADMIN_TOKEN``), also marks the

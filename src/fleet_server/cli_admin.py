@@ -1,6 +1,6 @@
 """``fleet-server`` operator commands that talk to a running server's admin API.
 
-``devices list|show|register``, ``models publish|list``, ``assign``, ``waves start``,
+``devices list|show|register|misbehaviour``, ``models publish|list``, ``assign``, ``waves start``,
 ``telemetry tail`` and ``status``. Each takes ``--url`` (env ``EDGEFLEET_ADMIN_URL``, default
 ``http://127.0.0.1:8780``) and ``--token`` (env ``EDGEFLEET_ADMIN_TOKEN``), prints a human table
 by default and JSON with ``--json``. Errors are ``AdminApiError``s, mapped to exit codes by the
