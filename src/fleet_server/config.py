@@ -197,6 +197,24 @@ class RolloutsSection:
 
 
 @dataclass(frozen=True)
+class RetentionSection:
+    """Telemetry history: how long raw rows and rollups are kept (``fleet_server.history``)."""
+
+    raw_days: float = 3.0  # raw telemetry rows (tail, rollout edges, the current bucket)
+    fine_days: float = 3.0  # 5-minute rollups
+    hour_days: float = 400.0  # hourly rollups
+    interval_seconds: float = 30.0  # how often the leader folds closed buckets and prunes
+    delete_batch: int = 2000  # rows per delete transaction (the longest ingest ever waits)
+
+    def validate(self) -> None:
+        _check(0.01 <= self.raw_days <= 3650, "raw_days must be 0.01..3650")
+        _check(0.01 <= self.fine_days <= 3650, "fine_days must be 0.01..3650")
+        _check(1 <= self.hour_days <= 36500, "hour_days must be 1..36500")
+        _check(1 <= self.interval_seconds <= 3600, "interval_seconds must be 1..3600")
+        _check(100 <= self.delete_batch <= 100_000, "delete_batch must be 100..100000")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Everything ``fleet-server serve`` needs, validated, with derived paths filled in."""
 
@@ -208,6 +226,7 @@ class ServerConfig:
     signing: SigningConfig = field(default_factory=SigningConfig)
     fallback: FallbackSection = field(default_factory=FallbackSection)
     rollouts: RolloutsSection = field(default_factory=RolloutsSection)
+    retention: RetentionSection = field(default_factory=RetentionSection)
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -218,6 +237,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "signing": SigningConfig,
     "fallback": FallbackSection,
     "rollouts": RolloutsSection,
+    "retention": RetentionSection,
 }
 _TOP = ("log_level",)
 
@@ -265,6 +285,7 @@ def _build(data: Mapping[str, Any]) -> ServerConfig:
         signing=sections["signing"],
         fallback=sections["fallback"],
         rollouts=sections["rollouts"],
+        retention=sections["retention"],
     )
 
 

@@ -1,16 +1,18 @@
-"""Fleet drift I/O: telemetry rows and bundle baselines in, a ``FleetDriftResult`` out.
+"""Fleet drift I/O: telemetry history and bundle baselines in, a ``FleetDriftResult`` out.
 
-``DriftService.report`` makes one pass over the registry's telemetry rows (paged by id), keeps
-the reports' tier-A windows of one model (optionally one version and a time range), decodes
-each window's view once, loads each version's baseline once from its bundle file
-(``<bundles_dir>/<sha256>.bundle``, cached by digest) and hands everything to the pure
-``fleet_server.fleet_drift``. Per-window problems (undecodable views, unknown tensors, windows of
-versions without a readable baseline, edges that are not the baseline's) are counted in the
-result's ``skipped``, never raised.
+``DriftService.report`` reads the query's time range from the telemetry history
+(``fleet_server.history.drift_inputs``: hourly and 5-minute rollups where folded, raw report rows
+only after that), keeps the windows of one model (optionally one version), decodes each view
+once, loads each version's baseline once from its bundle file (``<bundles_dir>/<sha256>.bundle``,
+cached by digest) and hands everything to the pure ``fleet_server.fleet_drift``. Per-window
+problems (undecodable views, unknown tensors, windows of versions without a readable baseline,
+edges that are not the baseline's) are counted in the result's ``skipped``, never raised.
 
-Time: a window is placed at its report's ``window_end`` (Unix seconds, the device's clock when
-it built the report); the windows' own ``start``/``end`` are device-monotonic and not
-comparable across devices.
+Time range: always bounded, in SQL. ``since`` defaults to one hour before now and ``until`` to
+now; a range longer than ``MAX_RANGE_SECONDS`` is refused. A window is placed at its report's
+server receive time (``received_at``; rollups at their bucket's start, so ``since`` is served at
+5-minute resolution, hourly beyond the fine rollups' retention); device clocks (``window_end``)
+are not comparable across devices and are no longer used for placement.
 
 The bundle file was verified by the library when it was published and is stored under its
 digest; the baseline is read from it without re-verifying signatures (which may have expired
@@ -23,9 +25,9 @@ import base64
 import binascii
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +50,14 @@ from fleet_server.fleet_drift import (
     FleetWindow,
     score_fleet,
 )
+from fleet_server.history import drift_inputs
 from fleet_server.registry import Registry
 
 __all__ = ["DriftQuery", "DriftService", "parse_time", "windows_from_payload"]
 
 _PAGE = 2_000
+DEFAULT_RANGE_SECONDS = 3600.0
+MAX_RANGE_SECONDS = 400 * 86400.0
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 BaselineKey = tuple[str, int, str, str]
@@ -120,22 +125,26 @@ def _num(v: Any) -> float | None:
 
 
 def windows_from_payload(
-    device_id: str, payload: Mapping[str, Any], query: DriftQuery
+    device_id: str, payload: Mapping[str, Any], query: DriftQuery, at: float | None = None
 ) -> tuple[list[FleetWindow], dict[str, int]]:
     """The query's windows in one stored report payload, and what was skipped (by reason).
 
     Only the fields fleet drift needs are read (the payload was validated at ingest); each
-    view is decoded once, strictly (``TierAView.from_bytes``).
+    view is decoded once, strictly (``TierAView.from_bytes``). ``at`` places the windows (the
+    row's receive time); without it, the report's ``window_end`` does and the query's range
+    is applied to it.
     """
     model = payload.get("models", {}).get(query.model) if isinstance(payload, Mapping) else None
-    at = _num(payload.get("window_end"))
+    ranged = at is None
+    at = _num(payload.get("window_end")) if at is None else at
     if not isinstance(model, Mapping) or at is None:
         return [], {}
     version = model.get("version")
     if not isinstance(version, int) or (query.version is not None and version != query.version):
         return [], {}
-    if (query.since is not None and at < query.since) or (
-        query.until is not None and at >= query.until
+    if ranged and (
+        (query.since is not None and at < query.since)
+        or (query.until is not None and at >= query.until)
     ):
         return [], {}
     out: list[FleetWindow] = []
@@ -227,16 +236,31 @@ class DriftService:
         )
         views: dict[BaselineKey, TierAView] = {}
         missing: set[int] = set()
-        for row in self._reports():
-            windows, bad = windows_from_payload(row[0], row[1], query)
+        since, until = self._range(query)
+        try:
+            found = drift_inputs(self._registry, query.model, query.version, since, until)
+        except ContractError as exc:
+            raise RegistryUnavailableError(f"a stored rollup is unreadable: {exc}") from exc
+        windows: list[FleetWindow] = []
+        for dev, ver, bucket, cell in found.cells:
+            for reason, n in cell.skipped.items():
+                acc.skip(reason, n)
+            at = bucket.timestamp()
+            for (tensor, role), part in cell.drift.items():
+                windows.append(
+                    FleetWindow(dev, query.model, ver, tensor, role, at, part.view, part.windows)
+                )
+        for dev, received, payload in found.raw:
+            got, bad = windows_from_payload(dev, payload, query, at=received.timestamp())
             for reason, n in bad.items():
                 acc.skip(reason, n)
-            for w in windows:
-                base = self._baseline_view(w, views, missing)
-                if base is None:
-                    acc.skip("no_baseline" if w.version in missing else "unknown_tensor")
-                    continue
-                acc.add(w, devices.get(w.device_id), base)
+            windows.extend(got)
+        for w in windows:
+            base = self._baseline_view(w, views, missing)
+            if base is None:
+                acc.skip("no_baseline" if w.version in missing else "unknown_tensor", w.windows)
+                continue
+            acc.add(w, devices.get(w.device_id), base)
         cells, device_cells = acc.merged()
         return score_fleet(
             cells,
@@ -247,15 +271,26 @@ class DriftService:
             skipped=acc.skipped,
         )
 
-    def _reports(self) -> Iterator[tuple[str, Mapping[str, Any]]]:
-        cursor = 0
-        while True:
-            rows = self._registry.telemetry(after_id=cursor, limit=self._page, kind="report")
-            for r in rows:
-                yield r.device_id, r.payload
-            if len(rows) < self._page:
-                return
-            cursor = rows[-1].id
+    def _range(self, query: DriftQuery) -> tuple[datetime, datetime]:
+        """The query's ``[since, until)`` as aware datetimes, bounded (see the module doc).
+
+        Raises:
+            FleetDriftError: an empty, reversed or too long range.
+        """
+        now = self._clock()
+        until = now if query.until is None else datetime.fromtimestamp(query.until, UTC)
+        since = (
+            until - timedelta(seconds=DEFAULT_RANGE_SECONDS)
+            if query.since is None
+            else datetime.fromtimestamp(query.since, UTC)
+        )
+        if since >= until:
+            raise FleetDriftError("the time range is empty: since must be before until")
+        if (until - since).total_seconds() > MAX_RANGE_SECONDS:
+            raise FleetDriftError(
+                f"the time range is longer than {MAX_RANGE_SECONDS / 86400:.0f} days"
+            )
+        return since, until
 
     def _baseline_view(
         self, w: FleetWindow, views: dict[BaselineKey, TierAView], missing: set[int]

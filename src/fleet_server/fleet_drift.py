@@ -123,6 +123,7 @@ class FleetWindow:
     role: str
     at: float
     view: TierAView
+    windows: int = 1  # >1: an exact merge of that many windows (a rollup)
 
 
 @dataclass(frozen=True, order=True)
@@ -173,13 +174,13 @@ class _Sum:
         self.devices: set[str] = set()
         self.windows = 0
 
-    def add(self, view: TierAView) -> None:
+    def add(self, view: TierAView, windows: int = 1) -> None:
         self.counts += view.counts
         self.nan += view.nan
         self.count += view.count
         self.sum += view.sum
         self.sumsq += view.sumsq
-        self.windows += 1
+        self.windows += windows
 
     def view(self) -> TierAView:
         return TierAView(self.edges, self.counts, self.nan, self.count, self.sum, self.sumsq)
@@ -248,7 +249,7 @@ class FleetAccumulator:
         try:
             check_compatible(window.view.edges, baseline.edges)
         except DriftMismatchError as exc:
-            self.skipped[f"{exc.reason}_mismatch"] += 1
+            self.skipped[f"{exc.reason}_mismatch"] += window.windows
             return False
         bucket = (
             None if self._bucket is None else math.floor(window.at / self._bucket) * self._bucket
@@ -265,7 +266,7 @@ class FleetAccumulator:
             acc = cells.get(key)
             if acc is None:
                 acc = cells[key] = _Sum(baseline.edges)
-            acc.add(window.view)
+            acc.add(window.view, window.windows)
             acc.devices.add(window.device_id)
         return True
 

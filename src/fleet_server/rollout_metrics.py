@@ -30,9 +30,11 @@ __all__ = [
     "DeviceObservation",
     "TelemetryRowLike",
     "WindowMetrics",
+    "interval_metrics",
     "observe",
     "one_sided_increase",
     "quantile_ms",
+    "reject_deltas",
     "wilson_bounds",
 ]
 
@@ -156,6 +158,9 @@ def observe(
     since: datetime,
     reported: Mapping[str, Any] | None,
     rows: Sequence[TelemetryRowLike],
+    *,
+    folded: WindowMetrics | None = None,
+    folded_events: Iterable[str] = (),
 ) -> DeviceObservation:
     """Build a device's observation of ``model`` v``version`` from ``since`` on.
 
@@ -168,6 +173,9 @@ def observe(
             the baseline of the first difference).
         reported: The device's stored reported-state document, if any.
         rows: Its stored telemetry rows (reports and events), any order.
+        folded: Metrics of this version already folded into rollups for the part of the
+            window the rows do not cover (``fleet_server.history``), added as they are.
+        folded_events: Event kinds of this version from those rollups.
 
     Returns:
         The observation; malformed rows and reported documents are skipped, never raised.
@@ -178,6 +186,7 @@ def observe(
     reason = m.get("reason") if isinstance(m.get("reason"), str) else ""
     failed = assigned == version and outcome == "failed" and version is not None
     rolled = assigned == version and outcome == "rolled_back" and version is not None
+    kinds = set(folded_events) if version is not None else set()
     ordered = sorted(rows, key=lambda r: r.seq)
     for row in ordered:
         if row.kind != "event" or row.received_at < since:
@@ -185,23 +194,19 @@ def observe(
         p = row.payload
         if p.get("model") != model or _opt_int(p.get("version")) != version or version is None:
             continue
-        failed = failed or p.get("kind") in _FAILURE_EVENTS
-        rolled = rolled or p.get("kind") in _ROLLBACK_EVENTS
-    metrics = WindowMetrics()
-    prev: tuple[float, Mapping[str, Any]] | None = None
+        kinds.add(str(p.get("kind")))
+    failed = failed or bool(kinds & _FAILURE_EVENTS)
+    rolled = rolled or bool(kinds & _ROLLBACK_EVENTS)
+    metrics = folded or WindowMetrics()
+    prev: Mapping[str, Any] | None = None
     for row in ordered:
         if row.kind != "report":
             continue
-        cur = _model_stats(row.payload, model, version)
-        started = row.payload.get("started_at")
-        if cur is None or not isinstance(started, int | float):
-            prev = None
-            continue
-        if prev is not None and row.received_at >= since and prev[0] == started:
-            delta = _delta(prev[1], cur)
+        if prev is not None and row.received_at >= since:
+            delta = interval_metrics(prev, row.payload, model, version)
             if delta is not None:
                 metrics = metrics.merge(delta)
-        prev = (float(started), cur)
+        prev = row.payload
     return DeviceObservation(
         device_id=device_id,
         active_version=active,
@@ -212,6 +217,38 @@ def observe(
         rolled_back=rolled,
         metrics=metrics,
     )
+
+
+def interval_metrics(
+    prev: Mapping[str, Any], cur: Mapping[str, Any], model: str, version: int | None
+) -> WindowMetrics | None:
+    """The counts of ``model`` v``version`` between two consecutive report payloads.
+
+    None when either report lacks the version, the agent restarted between them (another
+    ``started_at``) or a counter went backwards: the later report is then only a new baseline.
+    """
+    started, prev_started = cur.get("started_at"), prev.get("started_at")
+    if not isinstance(started, int | float) or not isinstance(prev_started, int | float):
+        return None
+    if float(started) != float(prev_started):
+        return None
+    p, c = _model_stats(prev, model, version), _model_stats(cur, model, version)
+    if p is None or c is None:
+        return None
+    return _delta(p, c)
+
+
+def reject_deltas(prev: Mapping[str, Any], cur: Mapping[str, Any], model: str) -> dict[str, int]:
+    """Requests refused per reason between two consecutive reports (cumulative counters).
+
+    Call only where ``interval_metrics`` gave a difference; reasons that went backwards count 0.
+    """
+    models_p, models_c = prev.get("models"), cur.get("models")
+    mp = models_p.get(model) if isinstance(models_p, Mapping) else None
+    mc = models_c.get(model) if isinstance(models_c, Mapping) else None
+    before = _ints(mp, "rejects_by_reason") if isinstance(mp, Mapping) else {}
+    after = _ints(mc, "rejects_by_reason") if isinstance(mc, Mapping) else {}
+    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0) > 0}
 
 
 def _reported_model(reported: Mapping[str, Any] | None, model: str) -> Mapping[str, Any]:

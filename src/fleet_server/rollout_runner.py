@@ -33,6 +33,7 @@ from fleet_server.errors import (
     RegistryUnavailableError,
     RolloutConflictError,
 )
+from fleet_server.history.queries import rollout_inputs
 from fleet_server.registry import DeviceRecord, Registry
 from fleet_server.registry import rollouts as store
 from fleet_server.rollout import (
@@ -254,17 +255,21 @@ class RolloutRunner:
         devices = self._targeted(r.selector)
         start = r.started_at or now
         since = {d.id: r.members.get(d.id, start) for d in devices}
-        window = store.telemetry_window(
-            self._registry, [d.id for d in devices], min([start, *since.values()])
+        version = {d.id: r.to_version if d.id in r.members else r.from_version for d in devices}
+        # Rollups for the folded part of each window, raw rows only for its edges (history).
+        window = rollout_inputs(
+            self._registry, r.model, {d.id: (since[d.id], version[d.id]) for d in devices}
         )
         return [
             observe(
                 d.id,
                 r.model,
-                r.to_version if d.id in r.members else r.from_version,
+                version[d.id],
                 since[d.id],
                 d.reported,
-                window[d.id],
+                window[d.id].rows,
+                folded=window[d.id].folded,
+                folded_events=window[d.id].events,
             )
             for d in devices
         ]

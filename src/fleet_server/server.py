@@ -37,6 +37,7 @@ from fleet_server.drift_service import DriftService
 from fleet_server.errors import ServerConfigError
 from fleet_server.fallback_worker import CloudModel, CloudModels, FallbackWorker
 from fleet_server.gateway import Gateway, GatewayConfig
+from fleet_server.history import HistoryJob, HistoryPolicy
 from fleet_server.leader import leader_lock
 from fleet_server.library import BundleLibrary
 from fleet_server.registry import Registry
@@ -151,6 +152,7 @@ def run(
     admin: AdminServer | None = None
     fallback: FallbackWorker | None = None
     runner: RolloutRunner | None = None
+    history: HistoryJob | None = None
     try:
         registry.upgrade()
         gateway = Gateway(registry, client, gateway_config)
@@ -184,6 +186,7 @@ def run(
             lock=leader_lock(registry.engine, "rollout-engine"),
         )
         runner.start()
+        history = _start_history(config, registry)
         app = create_app(
             service,
             token,
@@ -209,8 +212,29 @@ def run(
         stop.wait()
         log.info("fleet server stopping")
     finally:
+        if history is not None:
+            history.close()
         _shutdown(admin, runner, fallback, gateway, client, registry)
     return 0
+
+
+def _start_history(config: ServerConfig, registry: Registry) -> HistoryJob:
+    """Fold telemetry into rollups and apply retention on the leader (any worker is safe)."""
+    r = config.retention
+    job = HistoryJob(
+        registry,
+        HistoryPolicy(
+            raw_retention_seconds=r.raw_days * 86400,
+            fine_retention_seconds=r.fine_days * 86400,
+            hour_retention_seconds=r.hour_days * 86400,
+            delete_batch=r.delete_batch,
+        ),
+        clock=lambda: datetime.now(UTC),
+        interval=r.interval_seconds,
+        lock=leader_lock(registry.engine, "telemetry-history"),
+    )
+    job.start()
+    return job
 
 
 def _start_fallback(

@@ -47,7 +47,7 @@ def test_upgrade_on_empty_database_matches_models(url: str) -> None:
     assert reg.engine.dialect.name == "postgresql"
     assert reg.current_revision() is None
     reg.upgrade()
-    assert reg.current_revision() == Registry.head_revision() == "0003"
+    assert reg.current_revision() == Registry.head_revision() == "0004"
     with reg.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
     reg.downgrade("base")

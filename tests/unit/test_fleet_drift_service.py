@@ -20,11 +20,17 @@ from model_builder.keystore import KeyStore
 from support import NOW, make_bundle
 
 T0 = 1_780_000_000.0
+CLOCK = [datetime.fromtimestamp(T0, UTC)]
+
+
+def _at(t: float) -> None:
+    CLOCK[0] = datetime.fromtimestamp(t, UTC)
 
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[tuple[Registry, DriftService, DriftBaseline]]:
-    registry = Registry.open(f"sqlite:///{tmp_path / 'registry.db'}")
+    # Windows are placed at their server receive time: ingest each seq at T0 + seq.
+    registry = Registry.open(f"sqlite:///{tmp_path / 'registry.db'}", clock=lambda: CLOCK[0])
     registry.upgrade()
     bundles = tmp_path / "bundles"
     bundles.mkdir()
@@ -57,11 +63,12 @@ def test_report_merges_cohorts_and_flags_the_shifted_group(fleet) -> None:  # ty
     for i in range(6):
         registry.enroll(f"dev-{i}", group="hot" if i < 3 else "cold", tags={"site": f"s{i % 2}"})
         shift = 3.0 if i < 3 else 0.0
-        registry.ingest(
-            f"dev-{i}", [_report(f"dev-{i}", seq, baseline, shift, T0 + seq) for seq in (1, 2)]
-        )
+        for seq in (1, 2):
+            _at(T0 + seq)
+            registry.ingest(f"dev-{i}", [_report(f"dev-{i}", seq, baseline, shift, T0 + seq)])
     bad = {"tensor": "input", "role": "input", "view": "!!"}
     payload = {"window_end": T0, "models": {"digits": {"version": 1, "drift": [bad]}}}
+    _at(T0)
     registry.ingest("dev-0", [TelemetryEntry(3, "report", payload)])
     result = service.report(DriftQuery("digits", by=CohortSpec.parse("group")))
     by = {c.key.cohort: c for c in result.cohorts}
@@ -88,6 +95,7 @@ def test_report_merges_cohorts_and_flags_the_shifted_group(fleet) -> None:  # ty
 def test_windows_of_versions_without_a_readable_baseline_are_counted(fleet, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     registry, service, baseline = fleet
     registry.enroll("dev-x")
+    _at(T0)
     report = _report("dev-x", 1, baseline, 0.0, T0)
     stats = report.models["digits"]
     orphan = ModelStats(version=9, drift=stats.drift)

@@ -72,7 +72,7 @@ def test_upgrade_creates_schema_on_empty_db_and_is_idempotent(db_url: str) -> No
     assert reg.current_revision() is None
     reg.upgrade()
     reg.upgrade()
-    assert reg.current_revision() == Registry.head_revision() == "0003"
+    assert reg.current_revision() == Registry.head_revision() == "0004"
     tables = set(inspect(reg.engine).get_table_names())
     assert {"devices", "bundles", "desired_states", "telemetry", "device_seq"} <= tables
     with reg.engine.connect() as conn:

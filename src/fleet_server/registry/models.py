@@ -19,6 +19,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -38,6 +39,8 @@ __all__ = [
     "DesiredStateRow",
     "Device",
     "DeviceSeq",
+    "RollupState",
+    "TelemetryRollup",
     "TelemetryRow",
     "UTCDateTime",
 ]
@@ -143,6 +146,9 @@ class TelemetryRow(Base):
     __table_args__ = (
         UniqueConstraint("device_id", "epoch", "seq"),
         Index("ix_telemetry_received_at", "received_at"),
+        # The history queries' index: "this device's rows in a time range" and "its last report
+        # before t" (an index seek, not a scan of the device's whole history).
+        Index("ix_telemetry_device_id_received_at", "device_id", "received_at"),
     )
 
     # BIGINT on PostgreSQL; plain INTEGER on SQLite so it is the rowid and autoincrements.
@@ -177,6 +183,41 @@ class DeviceSeq(Base):
     gaps: Mapped[int] = mapped_column(BigInteger, default=0)
     lost: Mapped[int] = mapped_column(BigInteger, default=0)
     duplicates: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class TelemetryRollup(Base):
+    """Exact, mergeable totals of one device on one model version over one time bucket.
+
+    ``bucket_seconds`` is the level (``history.FINE_SECONDS`` folded from raw rows, 3600 folded
+    from fine rows); ``bucket_start`` is server receive time (``received_at``), floored.
+    ``metrics`` holds the counter differences (``rollout_metrics.WindowMetrics`` fields plus
+    ``rejects`` and ``events`` by kind); ``drift`` the merged tier-A views per tensor and role.
+    Written only by ``fleet_server.history``; no foreign key, so a rollup outlives nothing it
+    depends on and retention can drop it independently.
+    """
+
+    __tablename__ = "telemetry_rollups"
+
+    bucket_seconds: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    bucket_start: Mapped[datetime] = mapped_column(primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(ID_LEN), primary_key=True)
+    model: Mapped[str] = mapped_column(String(NAME_LEN), primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    device_group: Mapped[str] = mapped_column(String(NAME_LEN))
+    reports: Mapped[int] = mapped_column(BigInteger)
+    requests: Mapped[int] = mapped_column(BigInteger)
+    max_psi: Mapped[float | None] = mapped_column(Float)
+    metrics: Mapped[dict[str, Any]] = mapped_column()
+    drift: Mapped[dict[str, Any]] = mapped_column()
+
+
+class RollupState(Base):
+    """How far each rollup level is folded: every bucket before ``folded_until`` is final."""
+
+    __tablename__ = "rollup_state"
+
+    level: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    folded_until: Mapped[datetime] = mapped_column()
 
 
 # The rollout tables live in their own module on the same Base; importing it here puts them in

@@ -1,0 +1,40 @@
+"""Telemetry that lasts: exact rollups of raw telemetry, retention, and range-bounded reads.
+
+Owns: folding closed buckets of raw rows into per-device, per-model-version rollups (5-minute
+and hourly), deleting raw rows and rollups past their retention (``job``), the rollup cell and
+its exact merge (``cells``), and the range reads that fleet drift and rollouts use
+(``queries``). Does not own: ingest (``registry``), scoring (``fleet_drift``,
+``rollout_metrics``). The design and its figures are in ``docs/scale-out.md``.
+"""
+
+from fleet_server.history.cells import RawRow, RollupCell, fold_rows, merge_cells
+from fleet_server.history.job import FINE, HOUR, HistoryJob, HistoryPolicy, RunReport, floor_to
+from fleet_server.history.queries import (
+    DriftInputs,
+    RangePlan,
+    RolloutInputs,
+    drift_inputs,
+    last_reports,
+    plan_range,
+    rollout_inputs,
+)
+
+__all__ = [
+    "FINE",
+    "HOUR",
+    "DriftInputs",
+    "HistoryJob",
+    "HistoryPolicy",
+    "RangePlan",
+    "RawRow",
+    "RolloutInputs",
+    "RollupCell",
+    "RunReport",
+    "drift_inputs",
+    "floor_to",
+    "fold_rows",
+    "last_reports",
+    "merge_cells",
+    "plan_range",
+    "rollout_inputs",
+]

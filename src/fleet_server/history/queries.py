@@ -1,0 +1,323 @@
+"""Reading telemetry history for a time range: rollups where folded, raw rows after that.
+
+Owns: ``plan_range`` (which part of ``[since, until)`` comes from hour rollups, fine rollups
+and raw rows), ``drift_inputs`` (what fleet drift merges for a range) and ``rollout_inputs``
+(what a rollout observation needs per device), and ``last_reports`` (each device's last report
+before a time: an index seek on ``(device_id, received_at)``). Every statement carries the time
+range in SQL; nothing here reads a device's whole history. Does not own: folding (``job``,
+``cells``), scoring (``fleet_drift``, ``rollout_metrics``).
+
+Resolution: rollups are bucketed by server receive time, so a range is served exactly at
+bucket boundaries: ``since`` is rounded down to the fine bucket (5 minutes); ``until`` is exact
+(the partial bucket before it is read from raw rows). Raw rows are read only after the fine
+level's ``folded_until`` or the last whole bucket before ``until`` (at most the current partial
+bucket plus the grace), and for a rollout the first partial bucket of each device's window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from fleet_server.history.cells import RollupCell
+from fleet_server.registry import Registry
+from fleet_server.registry.models import RollupState, TelemetryRollup, TelemetryRow
+from fleet_server.registry.values import StoredTelemetry
+from fleet_server.rollout_metrics import WindowMetrics, interval_metrics
+
+__all__ = [
+    "DriftInputs",
+    "RangePlan",
+    "RolloutInputs",
+    "drift_inputs",
+    "last_reports",
+    "plan_range",
+    "rollout_inputs",
+]
+
+FINE_S = 300
+HOUR_S = 3600
+_CHUNK = 500
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+Span = tuple[datetime, datetime]
+
+
+def _floor(t: datetime, seconds: int) -> datetime:
+    return _EPOCH + timedelta(seconds=int((t - _EPOCH).total_seconds() // seconds) * seconds)
+
+
+def _ceil(t: datetime, seconds: int) -> datetime:
+    f = _floor(t, seconds)
+    return f if f == t else f + timedelta(seconds=seconds)
+
+
+@dataclass(frozen=True)
+class RangePlan:
+    """Where each part of a range is read from (half-open spans)."""
+
+    hours: Span | None
+    fine: tuple[Span, ...]
+    raw: Span | None
+
+
+def plan_range(
+    since: datetime, until: datetime, fine_done: datetime | None, hour_done: datetime | None
+) -> RangePlan:
+    """Split ``[since, until)`` over the levels folded so far (see the module docstring)."""
+    fine_done = fine_done or since
+    hour_done = hour_done or since
+    since = _floor(since, FINE_S)
+    folded_end = max(min(_floor(until, FINE_S), fine_done), since)
+    hours: Span | None = None
+    h_lo, h_hi = _ceil(since, HOUR_S), min(_floor(folded_end, HOUR_S), hour_done)
+    if h_lo < h_hi:
+        hours = (h_lo, h_hi)
+    fine: list[Span] = []
+    if hours is None:
+        if since < folded_end:
+            fine.append((since, folded_end))
+    else:
+        if since < hours[0]:
+            fine.append((since, hours[0]))
+        if hours[1] < folded_end:
+            fine.append((hours[1], folded_end))
+    raw = (folded_end, until) if folded_end < until else None
+    return RangePlan(hours, tuple(fine), raw)
+
+
+def folded_marks(s: Session) -> tuple[datetime | None, datetime | None]:
+    """``folded_until`` of the fine and hour levels (None: not started)."""
+    rows = s.execute(select(RollupState.level, RollupState.folded_until)).all()
+    marks = {int(r[0]): r[1] for r in rows}
+    return marks.get(FINE_S), marks.get(HOUR_S)
+
+
+def last_reports(
+    s: Session, device_ids: Sequence[str], before: datetime
+) -> dict[str, Mapping[str, Any]]:
+    """Per device, the payload of its last report received before ``before`` (if any).
+
+    One correlated ``ORDER BY received_at DESC LIMIT 1`` per device on the
+    ``(device_id, received_at)`` index: it touches one row per device, not its history.
+    """
+    out: dict[str, Mapping[str, Any]] = {}
+    inner = TelemetryRow.__table__.alias("prior")
+    for i in range(0, len(device_ids), _CHUNK):
+        chunk = list(device_ids[i : i + _CHUNK])
+        ids: list[int] = []
+        for d in chunk:
+            found = s.scalar(
+                select(inner.c.id)
+                .where(
+                    inner.c.device_id == d,
+                    inner.c.received_at < before,
+                    inner.c.kind == "report",
+                )
+                .order_by(inner.c.received_at.desc(), inner.c.id.desc())
+                .limit(1)
+            )
+            if found is not None:
+                ids.append(int(found))
+        if ids:
+            stmt = select(TelemetryRow.device_id, TelemetryRow.payload).where(
+                TelemetryRow.id.in_(ids)
+            )
+            out.update({str(d): p for d, p in s.execute(stmt)})
+    return out
+
+
+# --------------------------------------------------------------------------- drift
+@dataclass
+class DriftInputs:
+    """Rollup cells ``(device, version, bucket start, cell)`` and raw report rows of a range."""
+
+    cells: list[tuple[str, int, datetime, RollupCell]] = field(default_factory=list)
+    raw: list[tuple[str, datetime, Mapping[str, Any]]] = field(default_factory=list)
+    plan: RangePlan | None = None
+
+
+def drift_inputs(
+    registry: Registry, model: str, version: int | None, since: datetime, until: datetime
+) -> DriftInputs:
+    """What fleet drift merges for ``model`` (optionally one version) in ``[since, until)``.
+
+    Raises:
+        RegistryUnavailableError: the database failed.
+        ContractError: a stored rollup view does not decode.
+    """
+    out = DriftInputs()
+    with registry._read("reading telemetry history") as s:
+        fine_done, hour_done = folded_marks(s)
+        plan = plan_range(since, until, fine_done, hour_done)
+        out.plan = plan
+        spans = [(HOUR_S, plan.hours)] if plan.hours else []
+        spans += [(FINE_S, span) for span in plan.fine]
+        for level, (lo, hi) in spans:
+            stmt = select(
+                TelemetryRollup.device_id,
+                TelemetryRollup.version,
+                TelemetryRollup.bucket_start,
+                TelemetryRollup.device_group,
+                TelemetryRollup.drift,
+            ).where(
+                TelemetryRollup.bucket_seconds == level,
+                TelemetryRollup.bucket_start >= lo,
+                TelemetryRollup.bucket_start < hi,
+                TelemetryRollup.model == model,
+            )
+            if version is not None:
+                stmt = stmt.where(TelemetryRollup.version == version)
+            for dev, ver, at, group, drift in s.execute(stmt):
+                cell = RollupCell.from_docs(group, None, {}, drift)
+                out.cells.append((dev, ver, at, cell))
+        if plan.raw is not None:
+            stmt2 = select(
+                TelemetryRow.device_id, TelemetryRow.received_at, TelemetryRow.payload
+            ).where(
+                TelemetryRow.received_at >= plan.raw[0],
+                TelemetryRow.received_at < plan.raw[1],
+                TelemetryRow.kind == "report",
+            )
+            out.raw = [(str(d), t, p) for d, t, p in s.execute(stmt2)]
+    return out
+
+
+# --------------------------------------------------------------------------- rollouts
+@dataclass
+class RolloutInputs:
+    """One device's rollout window: raw rows to observe from ``since`` plus folded totals."""
+
+    rows: list[StoredTelemetry] = field(default_factory=list)
+    folded: WindowMetrics = field(default_factory=WindowMetrics)
+    events: set[str] = field(default_factory=set)
+
+
+def rollout_inputs(
+    registry: Registry,
+    model: str,
+    windows: Mapping[str, tuple[datetime, int | None]],
+) -> dict[str, RolloutInputs]:
+    """Per device ``(since, version)``: what ``rollout_metrics.observe`` needs.
+
+    ``rows`` are the raw rows of ``[since, first fine boundary)`` (the whole ``[since, now)``
+    when nothing after ``since`` is folded) with the last report before ``since``; ``folded``
+    and ``events`` hold the fine rollups from that boundary to ``folded_until`` and the raw rows
+    after it, so a rollout step reads O(devices x buckets), not every row since the rollout
+    started.
+
+    Raises:
+        RegistryUnavailableError: the database failed.
+    """
+    out = {d: RolloutInputs() for d in windows}
+    with registry._read("reading rollout telemetry") as s:
+        fine_done, _ = folded_marks(s)
+        by_since: dict[datetime, list[str]] = {}
+        for d, (since, _v) in windows.items():
+            by_since.setdefault(since, []).append(d)
+        tails: list[str] = []
+        for since, devices in by_since.items():
+            edge = _ceil(since, FINE_S)
+            if fine_done is None or fine_done <= since:
+                _raw_part(s, devices, since, None, out)
+                continue
+            _raw_part(s, devices, since, edge, out)
+            _folded_part(s, model, devices, edge, fine_done, windows, out)
+            tails += devices
+        if fine_done is not None and tails:
+            _tail_part(s, model, tails, fine_done, windows, out)
+    return out
+
+
+def _raw_part(
+    s: Session,
+    devices: list[str],
+    since: datetime,
+    until: datetime | None,
+    out: dict[str, RolloutInputs],
+) -> None:
+    prior = last_reports(s, devices, since)
+    for i in range(0, len(devices), _CHUNK):
+        chunk = devices[i : i + _CHUNK]
+        stmt = select(TelemetryRow).where(
+            TelemetryRow.device_id.in_(chunk), TelemetryRow.received_at >= since
+        )
+        if until is not None:
+            stmt = stmt.where(TelemetryRow.received_at < until)
+        for r in s.scalars(stmt):
+            out[r.device_id].rows.append(
+                StoredTelemetry(r.id, r.device_id, r.seq, r.kind, r.received_at, r.payload)
+            )
+    for d, payload in prior.items():
+        # The baseline row only serves the first difference: seq below every row of the window.
+        out[d].rows.append(StoredTelemetry(0, d, -1, "report", _EPOCH, payload))
+
+
+def _folded_part(
+    s: Session,
+    model: str,
+    devices: list[str],
+    lo: datetime,
+    hi: datetime,
+    windows: Mapping[str, tuple[datetime, int | None]],
+    out: dict[str, RolloutInputs],
+) -> None:
+    if lo >= hi:
+        return
+    for i in range(0, len(devices), _CHUNK):
+        chunk = devices[i : i + _CHUNK]
+        stmt = select(
+            TelemetryRollup.device_id,
+            TelemetryRollup.version,
+            TelemetryRollup.device_group,
+            TelemetryRollup.max_psi,
+            TelemetryRollup.metrics,
+        ).where(
+            TelemetryRollup.bucket_seconds == FINE_S,
+            TelemetryRollup.bucket_start >= lo,
+            TelemetryRollup.bucket_start < hi,
+            TelemetryRollup.model == model,
+            TelemetryRollup.device_id.in_(chunk),
+        )
+        for dev, ver, group, psi, metrics in s.execute(stmt):
+            if windows[dev][1] != ver:
+                continue
+            cell = RollupCell.from_docs(group, psi, metrics, None)
+            target = out[dev]
+            target.folded = target.folded.merge(cell.metrics)
+            target.events.update(k for k, n in cell.events.items() if n > 0)
+
+
+def _tail_part(
+    s: Session,
+    model: str,
+    devices: list[str],
+    since: datetime,
+    windows: Mapping[str, tuple[datetime, int | None]],
+    out: dict[str, RolloutInputs],
+) -> None:
+    prior = last_reports(s, devices, since)
+    for i in range(0, len(devices), _CHUNK):
+        chunk = devices[i : i + _CHUNK]
+        stmt = (
+            select(TelemetryRow.device_id, TelemetryRow.kind, TelemetryRow.payload)
+            .where(TelemetryRow.device_id.in_(chunk), TelemetryRow.received_at >= since)
+            .order_by(TelemetryRow.device_id, TelemetryRow.seq)
+        )
+        for dev, kind, payload in s.execute(stmt):
+            version = windows[dev][1]
+            target = out[dev]
+            if kind == "event":
+                if payload.get("model") == model and payload.get("version") == version:
+                    target.events.add(str(payload.get("kind")))
+                continue
+            prev = prior.get(dev)
+            if prev is not None:
+                delta = interval_metrics(prev, payload, model, version)
+                if delta is not None:
+                    target.folded = target.folded.merge(delta)
+            prior[dev] = payload

@@ -1,0 +1,215 @@
+"""Telemetry history on real SQLite and real PostgreSQL: rollups equal the raw aggregation,
+retention keeps them, queries honour their time range, and a 0003 database upgrades."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from sqlalchemy import func, select, text
+
+from edge_agent.drift import DriftBaseline, DriftMonitor, MonitorPolicy
+from edge_agent.telemetry import DriftSummary
+from fleet_server.drift_service import DriftQuery, DriftService
+from fleet_server.fleet_drift import CohortSpec
+from fleet_server.history import FINE, HOUR, HistoryJob, HistoryPolicy, rollout_inputs
+from fleet_server.registry import Registry, TelemetryEntry
+from fleet_server.registry.models import TelemetryRollup, TelemetryRow
+from fleet_server.rollout_metrics import observe
+from model_builder.keystore import KeyStore
+from pg import PgCluster
+from support import NOW, make_bundle
+
+T0 = datetime(2026, 6, 1, 10, 2, 17, tzinfo=UTC)  # not on a bucket boundary
+STEP = 37  # seconds between reports
+N_REPORTS = 300  # ~3 h
+DEVICES = ("dev-a", "dev-b", "dev-c")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, Clock]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'registry.db'}"
+    else:
+        cluster: PgCluster = request.getfixturevalue("pg")
+        url = cluster.new_database()
+    return url, Clock()
+
+
+def _baseline_and_bundles(registry: Registry, tmp_path: Path) -> tuple[Path, DriftBaseline]:
+    bundles = tmp_path / "bundles"
+    bundles.mkdir(exist_ok=True)
+    store = KeyStore.init(tmp_path / "keys", now=NOW)
+    data = make_bundle(store, name="digits", version=1)
+    sha = hashlib.sha256(data).hexdigest()
+    (bundles / f"{sha}.bundle").write_bytes(data)
+    registry.publish_bundle(
+        "digits", 1, channel="stable", sha256=sha, length=len(data), targets_sha256="0" * 64
+    )
+    service = DriftService(registry, bundles)
+    return bundles, service.baseline("digits", 1)
+
+
+def _fill(registry: Registry, clock: Clock, baseline: DriftBaseline) -> None:
+    """Reports every 37 s per device with cumulative counters, a restart, events, drift."""
+    rng = np.random.default_rng(7)
+    policy = MonitorPolicy(max_values=50, min_values=1)
+    monitor = {d: DriftMonitor(baseline, policy) for d in DEVICES}
+    totals: dict[str, dict[str, Any]] = {}
+    for d in DEVICES:
+        registry.enroll(d, group="g1" if d != "dev-c" else "g2")
+        totals[d] = {"started": 1000.0, "ok": 0, "error": 0, "rejected": 0, "lat": [0] * 12,
+                     "nan": 0}  # fmt: skip
+    for i in range(N_REPORTS):
+        for k, d in enumerate(DEVICES):
+            clock.now = T0 + timedelta(seconds=i * STEP + k)
+            t = totals[d]
+            if d == "dev-b" and i == 150:  # agent restart: counters start again
+                t.update(started=2000.0, ok=0, error=0, rejected=0, lat=[0] * 12, nan=0)
+            ok, rej = int(rng.integers(0, 20)), int(rng.integers(0, 3))
+            t["ok"] += ok
+            t["rejected"] += rej
+            t["nan"] += rej
+            t["error"] += int(rng.integers(0, 2))
+            t["lat"][int(rng.integers(0, 12))] += ok
+            stats: dict[str, Any] = {
+                "version": 1,
+                "outcomes": {"ok": t["ok"], "error": t["error"], "rejected": t["rejected"]},
+                "sources": {"device": t["ok"], "cloud": 0},
+                "latency_buckets": list(t["lat"]),
+                "rejects_by_reason": {"nan": t["nan"]},
+            }
+            if i % 3 == 0:
+                rows = np.round(rng.normal(size=(60, 4)) * 4) + (2 if d == "dev-c" else 0)
+                windows = monitor[d].observe("input", rows, now=float(i))
+                stats["drift"] = [DriftSummary.from_window(w).to_dict() for w in windows]
+            payload = {"window_end": 1.0, "started_at": t["started"], "models": {"digits": stats}}
+            entries = [TelemetryEntry(i * 2 + 1, "report", payload)]
+            if i == 200 and d == "dev-a":
+                ev = {"kind": "install_failed", "model": "digits", "version": 1}
+                entries.append(TelemetryEntry(i * 2 + 2, "event", ev))
+            registry.ingest(d, entries)
+
+
+def _counts(registry: Registry, model: type[Any]) -> int:
+    with registry.engine.connect() as c:
+        return int(c.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def test_rollups_equal_raw_and_survive_retention(backend, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    url, clock = backend
+    registry = Registry.open(url, clock=clock)
+    registry.upgrade()
+    bundles, baseline = _baseline_and_bundles(registry, tmp_path)
+    _fill(registry, clock, baseline)
+    end = clock.now
+    # Ranges start on 5-minute boundaries, the rollups' resolution, for an exact comparison.
+    drift = DriftService(registry, bundles, clock=lambda: datetime(2026, 6, 1, 13, 10, tzinfo=UTC))
+    since, until = datetime(2026, 6, 1, 10, 45, tzinfo=UTC), T0 + timedelta(hours=2, minutes=20)
+    queries = [
+        DriftQuery("digits", by=CohortSpec.parse("group")),
+        DriftQuery("digits", since=since.timestamp(), until=until.timestamp()),
+        DriftQuery("digits", since=T0.timestamp(), bucket_seconds=3600.0),
+    ]
+    windows = {d: (T0 + timedelta(minutes=27, seconds=43), 1) for d in DEVICES}
+    before = [drift.report(q) for q in queries]
+    raw_obs = rollout_inputs(registry, "digits", windows)
+    assert all(not v.folded.reports for v in raw_obs.values())  # nothing folded yet: all raw
+
+    later = Clock()
+    later.now = end + timedelta(minutes=2)
+    job = HistoryJob(registry, HistoryPolicy(raw_retention_seconds=3600.0), clock=later)
+    report = job.run_once()
+    assert report.fine_buckets > 30
+    assert report.hour_buckets == 3
+    assert report.raw_deleted > 0  # older than an hour and folded
+    fine_done = job.folded_until(FINE)
+    assert fine_done is not None
+    assert end - timedelta(minutes=6) < fine_done <= end
+    assert job.folded_until(HOUR) == datetime(2026, 6, 1, 13, tzinfo=UTC)
+    oldest = registry.engine.connect().scalar(select(func.min(TelemetryRow.received_at)))
+    assert oldest is not None
+    assert oldest >= later.now - timedelta(hours=1, minutes=1)
+
+    # Drift from rollups (+ the raw tail) equals drift from raw rows, range by range.
+    after = [drift.report(q) for q in queries]
+    for b, a in zip(before, after, strict=True):
+        assert [c.key for c in a.cohorts] == [c.key for c in b.cohorts]
+        assert [c.windows for c in a.cohorts] == [c.windows for c in b.cohorts]
+        assert [c.devices for c in a.cohorts] == [c.devices for c in b.cohorts]
+        assert [f.psi for c in a.cohorts for f in c.features] == pytest.approx(
+            [f.psi for c in b.cohorts for f in c.features]
+        )
+    everything = sum(c.windows for c in after[2].cohorts if c.key.cohort == "*")
+    assert after[1].cohorts[0].windows < everything  # the range is honoured
+
+    # Rollout observations from rollups equal observe() over the raw rows (taken before
+    # retention deleted them).
+    folded = rollout_inputs(registry, "digits", windows)
+    assert any(v.folded.reports for v in folded.values())
+    for d in DEVICES:
+        raw = observe(d, "digits", 1, windows[d][0], None, raw_obs[d].rows)
+        rolled = observe(
+            d, "digits", 1, windows[d][0], None, folded[d].rows,
+            folded=folded[d].folded, folded_events=folded[d].events,
+        )  # fmt: skip
+        assert rolled.metrics == raw.metrics
+        assert rolled.install_failed == raw.install_failed
+    assert _counts(registry, TelemetryRollup) > 0
+
+    # Running again is a no-op (idempotent); a second job racing the first changes nothing.
+    again = HistoryJob(registry, HistoryPolicy(raw_retention_seconds=3600.0), clock=later)
+    assert again.run_once().fine_buckets == 0
+    registry.close()
+
+
+def test_a_0003_database_upgrades_and_is_backfilled(backend, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    url, clock = backend
+    registry = Registry.open(url, clock=clock)
+    registry.upgrade("0003")
+    with registry.engine.begin() as c:  # rows as 0003 wrote them (no history tables yet)
+        c.exec_driver_sql(
+            'INSERT INTO devices (id, "group", tags, enrolled_at, epoch) '
+            "VALUES ('old-1', 'g', '{}', '2026-06-01 09:00:00+00:00', 1)"
+        )
+        for i in range(1, 21):
+            stats = {"version": 2, "outcomes": {"ok": i * 10, "error": 0, "rejected": 0}}
+            c.execute(
+                text(
+                    "INSERT INTO telemetry (device_id, epoch, seq, kind, received_at, payload) "
+                    "VALUES ('old-1', 1, :seq, 'report', :at, :payload)"
+                ),
+                {
+                    "seq": i,
+                    "at": T0 + timedelta(seconds=60 * i),
+                    "payload": json.dumps({"started_at": 5.0, "models": {"m": stats}}),
+                },
+            )
+    registry.upgrade()
+    assert registry.current_revision() == "0004"
+    clock.now = T0 + timedelta(hours=3)
+    HistoryJob(registry, clock=clock).run_once()
+    with registry.engine.connect() as c:
+        rows = c.execute(
+            select(TelemetryRollup.reports, TelemetryRollup.requests).where(
+                TelemetryRollup.bucket_seconds == FINE
+            )
+        ).all()
+    assert sum(r[0] for r in rows) == 19  # every difference between the 20 old reports
+    assert sum(r[1] for r in rows) == 190
+    registry.downgrade("0003")
+    registry.upgrade()
+    registry.close()
