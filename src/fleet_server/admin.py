@@ -339,7 +339,12 @@ def create_app(
         return JSONResponse({"wave": wave, "sha256": sha256}, status_code=202)
 
     async def telemetry(request: Request) -> Response:
-        after_id = query_int(request.query_params, "after_id", 0)
+        # Without after_id: the newest entries (a tail), not the oldest ones.
+        after_id = (
+            query_int(request.query_params, "after_id", 0)
+            if "after_id" in request.query_params
+            else None
+        )
         limit = query_int(request.query_params, "limit", 100, lo=1, hi=10_000)
         device = query_text(request.query_params, "device_id", limit=128)
         rows = await run_in_threadpool(

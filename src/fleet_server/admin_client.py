@@ -140,10 +140,12 @@ class AdminClient:
         return dict(self._call("POST", "/v1/waves", json={"sha256": sha256}))
 
     def telemetry(
-        self, *, after_id: int = 0, device_id: str | None = None, limit: int = 100
+        self, *, after_id: int | None = None, device_id: str | None = None, limit: int = 100
     ) -> list[dict[str, Any]]:
-        """``GET /v1/telemetry``. Raises: AdminApiError."""
-        params: dict[str, Any] = {"after_id": after_id, "limit": limit}
+        """``GET /v1/telemetry`` (no ``after_id``: the newest entries). Raises: AdminApiError."""
+        params: dict[str, Any] = {"limit": limit}
+        if after_id is not None:
+            params["after_id"] = after_id
         if device_id:
             params["device_id"] = device_id
         return list(self._call("GET", "/v1/telemetry", params=params)["telemetry"])

@@ -316,7 +316,12 @@ def register_admin_commands(cli: click.Group, devices: click.Group) -> None:
     @admin_options
     @json_option
     @click.option("--device", "device_id", help="Only this device.")
-    @click.option("--after-id", type=click.IntRange(0), default=0, show_default=True)
+    @click.option(
+        "--after-id",
+        type=click.IntRange(0),
+        default=None,
+        help="Entries after this id, oldest first (default: the newest --limit entries).",
+    )
     @click.option("--limit", type=click.IntRange(1, 10_000), default=100, show_default=True)
     @click.option("--follow", "-f", is_flag=True, help="Keep polling for new entries.")
     @click.option("--interval", type=click.FloatRange(0.1), default=2.0, show_default=True)
@@ -325,12 +330,13 @@ def register_admin_commands(cli: click.Group, devices: click.Group) -> None:
         token: str,
         as_json: bool,
         device_id: str | None,
-        after_id: int,
+        after_id: int | None,
         limit: int,
         follow: bool,
         interval: float,
     ) -> None:
-        """Print stored telemetry entries, oldest first (JSON lines with --json)."""
+        """Print the newest stored telemetry entries (JSON lines with --json); with --follow,
+        then every new one as it arrives, like ``tail -f``."""
         with AdminClient(url, token) as client:
             try:
                 while True:
@@ -343,9 +349,10 @@ def register_admin_commands(cli: click.Group, devices: click.Group) -> None:
                                 f"{t['id']:>8}  {t['received_at']}  {t['device_id']}  "
                                 f"#{t['seq']}  {t['kind']}  {json.dumps(t['payload'])[:120]}"
                             )
-                        after_id = max(after_id, int(t["id"]))
+                        after_id = max(after_id or 0, int(t["id"]))
                     if not follow:
                         return
+                    after_id = after_id or 0  # follow from the end just shown (0: none yet)
                     if len(rows) < limit:
                         time.sleep(interval)
             except KeyboardInterrupt:

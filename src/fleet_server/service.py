@@ -386,9 +386,10 @@ class FleetService:
         return [] if source is None else list(source(device_id, top=top))
 
     def telemetry(
-        self, *, after_id: int = 0, device_id: str | None = None, limit: int = 100
+        self, *, after_id: int | None = None, device_id: str | None = None, limit: int = 100
     ) -> list[StoredTelemetry]:
-        """Stored telemetry with ``id > after_id``, oldest first (at most ``limit``, <= 10000).
+        """Stored telemetry with ``id > after_id``, oldest first (at most ``limit``, <= 10000);
+        without ``after_id``, the newest ``limit`` entries (oldest of them first).
 
         Raises:
             RegistryUnavailableError: the database failed.

@@ -186,6 +186,12 @@ def test_telemetry_route(env: tuple[TestClient, FakeGateway, Registry]) -> None:
     assert [t["seq"] for t in later["telemetry"]] == [2]
     assert client.get("/v1/telemetry?limit=0", headers=AUTH).status_code == 400
     assert client.get("/v1/telemetry?after_id=x", headers=AUTH).status_code == 400
+    # Without after_id the route is a tail: the NEWEST entries, oldest of them first.
+    registry.ingest("cam-1", [TelemetryEntry(s, "event", {}) for s in range(3, 8)])
+    tail = client.get("/v1/telemetry?limit=3", headers=AUTH).json()["telemetry"]
+    assert [t["seq"] for t in tail] == [5, 6, 7]
+    first = client.get("/v1/telemetry?limit=3&after_id=0", headers=AUTH).json()["telemetry"]
+    assert [t["seq"] for t in first] == [1, 2, 3]
 
 
 @pytest.mark.parametrize(

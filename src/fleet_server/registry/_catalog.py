@@ -255,16 +255,20 @@ def seq_state_in(s: Session, device_id: str) -> SeqState:
 
 
 def telemetry_stmt(
-    device_id: str | None, after_id: int, limit: int, kind: str | None = None
+    device_id: str | None, after_id: int | None, limit: int, kind: str | None = None
 ) -> Select[TelemetryRow]:
     """Stored entries with ``id > after_id`` in insertion order, at most ``limit`` (1-10,000),
-    optionally of one device and one kind (``report``, ``event``)."""
-    stmt = select(TelemetryRow).where(TelemetryRow.id > after_id)
+    optionally of one device and one kind (``report``, ``event``); ``after_id`` None: the
+    NEWEST ``limit`` entries, newest first (the caller reverses them)."""
+    stmt = select(TelemetryRow)
+    if after_id is not None:
+        stmt = stmt.where(TelemetryRow.id > after_id)
     if device_id is not None:
         stmt = stmt.where(TelemetryRow.device_id == device_id)
     if kind is not None:
         stmt = stmt.where(TelemetryRow.kind == kind)
-    return stmt.order_by(TelemetryRow.id).limit(max(1, min(limit, 10_000)))
+    order = TelemetryRow.id if after_id is not None else TelemetryRow.id.desc()
+    return stmt.order_by(order).limit(max(1, min(limit, 10_000)))
 
 
 def stored_telemetry(r: TelemetryRow) -> StoredTelemetry:

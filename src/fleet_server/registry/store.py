@@ -415,19 +415,21 @@ class Registry:
         self,
         *,
         device_id: str | None = None,
-        after_id: int = 0,
+        after_id: int | None = 0,
         limit: int = 100,
         kind: str | None = None,
     ) -> list[StoredTelemetry]:
         """Stored entries with ``id > after_id`` in insertion order (for ``telemetry tail``),
-        optionally only one ``kind`` (``report`` or ``event``).
+        optionally only one ``kind`` (``report`` or ``event``); ``after_id=None``: the newest
+        ``limit`` entries (still oldest first in the list).
 
         Raises:
             RegistryUnavailableError: the database failed.
         """
         stmt = _catalog.telemetry_stmt(device_id, after_id, limit, kind)
         with self._read("reading telemetry") as s:
-            return [_catalog.stored_telemetry(r) for r in s.scalars(stmt)]
+            rows = [_catalog.stored_telemetry(r) for r in s.scalars(stmt)]
+        return rows if after_id is not None else rows[::-1]
 
     # ----------------------------------------------------------------- internals
     # ``_write``/``_read`` are also used by ``rollouts``: one session and transaction each,
