@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
-from edge_agent.api import create_app
+from edge_agent.api import ApiMetrics, create_app
 from edge_agent.api.budget import MAX_COST_RATIO, MemoryBudget, decode_cost
 from edge_agent.api.decode import decode_request
 from edge_agent.config import ApiConfig
@@ -300,3 +300,15 @@ def test_text_among_numbers_is_refused_before_numpy_allocates(datatype: str) -> 
     finally:
         tracemalloc.stop()
     assert peak < 20 * len(body)  # numpy would have allocated 20,001 x 8,000 bytes
+
+
+def test_decode_budget_is_exported_in_metrics() -> None:
+    config = ApiConfig(max_request_bytes=1 << 20, max_decode_memory_bytes=8 << 20)
+    metrics = ApiMetrics()
+    create_app(_Echo(), config, metrics)
+    app = create_app(_Echo(), config, metrics)  # the same metrics twice: no duplicate series
+    with TestClient(app) as client:
+        text = client.get("/metrics").text
+    assert 'edgefleet_api_decode_memory_bytes{kind="limit"} 8.388608e+06' in text
+    assert 'edgefleet_api_decode_memory_bytes{kind="held"} 0.0' in text
+    assert "edgefleet_api_decode_waiting_requests 0.0" in text

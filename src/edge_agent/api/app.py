@@ -398,7 +398,6 @@ class _Api:
                 self._vouch(name)  # the service knew the model: it is a bounded label
             return self._failure(exc, stage)
         self._vouch(name)
-        self.datatypes.answered(name, version, result.model_version)
         self.metrics.count_source(name, result.source)
         self.metrics.set_model_version(name, result.model_version)
         return m.OUTCOME_OK, m.NO_REASON, _Answer(encoded.body, encoded.header_length)
@@ -478,6 +477,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.fast_infer = api.infer_scope
+    api.metrics.watch_decode_budget(api.budget)
     app.state.metrics = api.metrics
     app.state.rate_limiter = api.limiter
     return app

@@ -12,6 +12,8 @@ Series:
     edgefleet_inference_source_total{model,source}               answered on device or in cloud
     edgefleet_model_version_info{model,version}                  1 for the version serving now
     edgefleet_validation_rows_rejected_total{model,reason}       rows refused or dropped
+    edgefleet_api_decode_memory_bytes{kind}                      decode budget: limit, held
+    edgefleet_api_decode_waiting_requests                        requests waiting for a share
 
 Label values must come from a bounded set: the API passes ``UNKNOWN_MODEL`` instead of a model
 name nobody has confirmed exists (a client can put anything in a URL).
@@ -31,7 +33,7 @@ import math
 import threading
 import time
 from collections.abc import Iterator, Mapping
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import prometheus_client.metrics as _pm
 from prometheus_client import (
@@ -155,6 +157,18 @@ class _HotCollector(Collector):
         yield sources_family
 
 
+class DecodeBudgetView(Protocol):
+    """What the metrics read of the decode memory budget (``edge_agent.api.budget``)."""
+
+    total: int
+    free: int
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for their share."""
+        ...
+
+
 class ApiMetrics:
     """The API's metric families and the hooks that feed them. Thread-safe."""
 
@@ -177,6 +191,7 @@ class ApiMetrics:
         )
         self._versions: dict[str, str] = {}
         self._lock = threading.Lock()
+        self._budget: DecodeBudgetView | None = None
 
     def observe_infer(self, model: str, outcome: str, reason: str, seconds: float) -> None:
         """Count one inference request and observe its latency."""
@@ -251,6 +266,35 @@ class ApiMetrics:
         for reason, count in counts.items():
             if count > 0:
                 self._rows.labels(model, reason).inc(count)
+
+    def watch_decode_budget(self, budget: DecodeBudgetView) -> None:
+        """Export ``budget`` (read at scrape time): its limit, the bytes held, the waiters.
+
+        A later call (another app on the same metrics) exports that app's budget instead.
+        """
+        first = self._budget is None
+        self._budget = budget
+        if not first:
+            return
+        memory = Gauge(
+            "edgefleet_api_decode_memory_bytes",
+            "Memory large request bodies may hold while decoded (limit) and hold now (held).",
+            ("kind",),
+            registry=self.registry,
+        )
+        memory.labels("limit").set_function(lambda: float(self._watched().total))
+        memory.labels("held").set_function(
+            lambda: float(self._watched().total - self._watched().free)
+        )
+        Gauge(
+            "edgefleet_api_decode_waiting_requests",
+            "Requests waiting for their share of the decode memory budget.",
+            registry=self.registry,
+        ).set_function(lambda: float(self._watched().waiting))
+
+    def _watched(self) -> DecodeBudgetView:
+        assert self._budget is not None  # set before the gauges exist
+        return self._budget
 
     def render(self) -> bytes:
         """The registry in the Prometheus text format (serve with ``CONTENT_TYPE``)."""
