@@ -249,3 +249,32 @@ def test_no_route_casts_a_mismatched_tensor() -> None:
         refused = client.post("/v2/models/m/infer", content=_json_body("FP32"))
         assert refused.status_code == 400
         assert "is FP32 but the model's input is FP64" in refused.json()["error"]
+
+
+def test_input_datatypes_cache_follows_the_model_within_max_age() -> None:
+    from edge_agent.api.metadata import InputDatatypes
+    from edge_agent.errors import InputValidationError
+
+    now = [0.0]
+    meta = {"versions": ["1"], "inputs": [{"name": "x", "datatype": "float32"}]}
+    calls: list[str] = []
+
+    def lookup(name: str, version: str | None) -> dict[str, Any]:
+        calls.append(name)
+        if name != "m":
+            raise ModelNotFoundError(name)
+        return meta
+
+    types = InputDatatypes(lookup, max_age=2.0, clock=lambda: now[0])
+    fp32 = {"x": np.zeros((1, 2), np.float32)}
+    for _ in range(100):
+        types.check("m", None, fp32)
+    assert len(calls) == 1  # cached
+    meta = {"versions": ["2"], "inputs": [{"name": "x", "datatype": "float16"}]}
+    types.check("m", None, fp32)  # still within max_age: the old entry answers
+    now[0] = 2.5
+    with pytest.raises(InputValidationError, match="is FP32 but the model's input is FP16"):
+        types.check("m", None, fp32)
+    types.check("m", None, {"x": np.zeros((1, 2), np.float16)})
+    types.check("nope", None, fp32)  # unknown model: left to the service (404)
+    types.check("m", None, {"other": np.zeros(1, np.int64)})  # unknown input: the service's

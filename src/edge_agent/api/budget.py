@@ -43,6 +43,9 @@ _PER_STRING = 112  # str object header + tolist slot + encoded bytes header + ob
 # A binary BYTES element: 4 length bytes on the wire become a bytes object (>= 40 bytes with
 # allocator rounding) + a list slot + an object-array slot, i.e. <= 12 bytes per wire byte.
 _BINARY_BYTES_FACTOR = 12
+# What any decode allocates whatever the body (error objects, small caches): bodies this small
+# are decoded without a reservation anyway.
+_BASE = 64 * 1024
 
 
 def decode_cost(body: bytes, header_end: int | None = None) -> int:
@@ -54,14 +57,14 @@ def decode_cost(body: bytes, header_end: int | None = None) -> int:
             the whole body is JSON. Out-of-range values are bounded as the whole body.
 
     Returns:
-        The body itself and one working copy (``2 * len(body)``), plus what ``json.loads`` and
-        the tensor conversion of the JSON part can allocate, plus the BYTES elements of the
-        binary part when the header may declare any.
+        A fixed 64 KiB, the body and one working copy (``2 * len(body)``), plus what
+        ``json.loads`` and the tensor conversion of the JSON part can allocate, plus the BYTES
+        elements of the binary part when the header may declare any.
     """
     size = len(body)
     end = size if header_end is None or not 0 <= header_end <= size else header_end
     header = body if end == size else body[:end]
-    cost = 2 * size + _json_cost(header)
+    cost = _BASE + 2 * size + _json_cost(header)
     tail = size - end
     if tail and (b"BYTES" in header or b"\\" in header):  # a datatype may be escaped
         cost += _BINARY_BYTES_FACTOR * tail

@@ -8,6 +8,7 @@ own the endpoints (``edge_agent.api.app``) or the name table (``edge_agent.contr
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -57,20 +58,25 @@ class InputDatatypes:
 
     The protocol wants each input tensor in exactly its input's datatype; checking it here, for
     every path a decoded request takes (device or cloud), means no route casts silently. Entries
-    are cached per ``(model, version)`` (at most ``max_entries``) and dropped when the model
-    answers with another version than the one cached; a mismatch is re-checked against fresh
-    metadata once before it is refused. Unknown models and inputs are left to the service
-    (404, ``unknown_input``). Use from one event loop.
+    are cached per ``(model, version)`` (at most ``max_entries``) for ``max_age`` seconds (the
+    agent itself picks up new versions every two seconds), and a mismatch is re-checked against
+    fresh metadata before it is refused, so a new version's datatypes apply at once. Unknown
+    models and inputs are left to the service (404, ``unknown_input``). Use from one event loop.
     """
 
     def __init__(
         self,
         metadata: Callable[[str, str | None], Mapping[str, Any]],
+        *,
         max_entries: int = 256,
+        max_age: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._metadata = metadata
         self._max = max_entries
-        self._known: dict[tuple[str, str | None], tuple[str, dict[str, np.dtype[Any]]]] = {}
+        self._max_age = max_age
+        self._clock = clock
+        self._known: dict[tuple[str, str | None], tuple[float, dict[str, np.dtype[Any]]]] = {}
 
     def check(self, model: str, version: str | None, inputs: Mapping[str, Array]) -> None:
         """Refuse an input whose datatype is not its model input's.
@@ -79,9 +85,11 @@ class InputDatatypes:
             InputValidationError: ``reason`` ``dtype``, ``field`` the input.
         """
         key = (model, version)
-        entry = self._known.get(key) or self._load(key)
-        if entry is None:
-            return
+        entry = self._known.get(key)
+        if entry is None or self._clock() - entry[0] > self._max_age:
+            entry = self._load(key)
+            if entry is None:
+                return
         types = entry[1]
         for name, array in inputs.items():
             want = types.get(name)
@@ -98,16 +106,9 @@ class InputDatatypes:
                     reason="dtype",
                 )
 
-    def answered(self, model: str, version: str | None, model_version: str) -> None:
-        """The model answered with ``model_version``: forget a cache entry of another one."""
-        entry = self._known.get((model, version))
-        if entry is not None and entry[0] != model_version:
-            del self._known[(model, version)]
-
-    def _load(self, key: tuple[str, str | None]) -> tuple[str, dict[str, np.dtype[Any]]] | None:
+    def _load(self, key: tuple[str, str | None]) -> tuple[float, dict[str, np.dtype[Any]]] | None:
         try:
             meta = self._metadata(*key)
-            versions = meta.get("versions") or [""]
             types = {
                 str(t["name"]): _NUMPY[protocol_datatype(str(t["datatype"]))]
                 for t in meta.get("inputs") or []
@@ -117,7 +118,7 @@ class InputDatatypes:
             return None
         if len(self._known) >= self._max and key not in self._known:
             self._known.pop(next(iter(self._known)))
-        entry = (str(versions[0]), types)
+        entry = (self._clock(), types)
         self._known[key] = entry
         return entry
 
