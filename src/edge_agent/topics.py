@@ -76,7 +76,10 @@ TOPIC_SPECS: Final[dict[str, TopicSpec]] = {
         TopicSpec("status", "status", "device", 1, True),
         TopicSpec("telemetry", "telemetry", "device", 1, False),
         TopicSpec("events", "events", "device", 1, False),
-        TopicSpec("ack", "ack", "server", 1, False),
+        # QoS 0 on purpose: a lost ack only makes the device resend (the server deduplicates),
+        # while a broker that drops a flooding device's queue drops the server's PUBACKs too,
+        # and a QoS 1 publisher then stalls every other device's acks behind them.
+        TopicSpec("ack", "ack", "server", 0, False),
         TopicSpec("blocks_req", "blocks/req", "device", 1, False),
         TopicSpec("blocks_resp", "blocks/resp", "server", 1, False),
         TopicSpec("fallback_req", "fallback/req", "device", 1, False),

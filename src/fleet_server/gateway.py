@@ -39,7 +39,7 @@ from edge_agent.errors import ContractError, EdgefleetError, TransportError
 from edge_agent.mqtt import Message, MqttClient
 from edge_agent.reported import MAX_REPORTED_BYTES, ReportedState
 from edge_agent.telemetry import StatusMessage, TelemetryAck
-from edge_agent.topics import Topics
+from edge_agent.topics import TOPIC_SPECS, Topics
 from edge_agent.transfer import MAX_MESSAGE_BYTES, BlockRequest
 from fleet_server.blocks import Entitlements
 from fleet_server.delivery import BlockServer, Pacer
@@ -331,7 +331,9 @@ class Gateway:
         """
         ack = TelemetryAck(device_id=result.device_id, upto_seq=result.acked_upto)
         try:
-            self._client.publish(self._topics.device_ack(result.device_id), ack.to_bytes(), 0)
+            self._client.publish(
+                self._topics.device_ack(result.device_id), ack.to_bytes(), TOPIC_SPECS["ack"].qos
+            )
         except (TransportError, ContractError):
             self._count("ack_failures", 1)
             return

@@ -70,7 +70,9 @@ def test_subscription_filters() -> None:
 def test_qos_and_retain() -> None:
     retained = {k for k, s in TOPIC_SPECS.items() if s.retain}
     assert retained == {"desired", "reported", "status"}
-    assert all(s.qos == 1 for s in TOPIC_SPECS.values())
+    # Everything is QoS 1 but the ack, which is QoS 0 by design (a lost ack means a resend).
+    assert {k for k, s in TOPIC_SPECS.items() if s.qos != 1} == {"ack"}
+    assert TOPIC_SPECS["ack"].qos == 0
 
 
 @pytest.mark.parametrize(
