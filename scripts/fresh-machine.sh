@@ -78,10 +78,26 @@ STAMP="$(date -u +%Y%m%d-%H%M%S)"
 ROOT="$WORK/$ARCH-$STAMP"
 CACHE="$WORK/cache/bookworm-$ARCH-minbase.tar"
 MOUNTS=()
+VERDICT=()
+FAILED=0
+VERDICT_PRINTED=0
+
+print_verdict() {
+    echo
+    echo "== fresh-machine verdict: Debian bookworm $ARCH, python3 ${PYVER:-?}, edgefleet ${COMMIT:-?}"
+    for line in "${VERDICT[@]}"; do echo "$line"; done
+    if [ "$FAILED" -eq 0 ]; then echo "== PASS"; else echo "== FAIL"; fi
+    VERDICT_PRINTED=1
+}
 
 cleanup() {
     local rc=$?
     set +e
+    if [ "$VERDICT_PRINTED" -eq 0 ] && [ "$rc" -ne 0 ]; then
+        VERDICT+=("FAIL  fresh-machine.sh itself stopped early (exit $rc; see the log above)")
+        FAILED=1
+        print_verdict
+    fi
     if [ -n "${ROOT:-}" ] && [ -d "$ROOT" ]; then
         # Processes still running inside the root were started by this script (a leftover is
         # also reported as a failure before this point).
@@ -176,8 +192,6 @@ git clone --quiet "$REPO" "$ROOT/root/edgefleet"
 COMMIT="$(git -C "$ROOT/root/edgefleet" rev-parse --short HEAD)"
 say "cloned $REPO at $COMMIT (committed HEAD; uncommitted changes are not tested)"
 
-VERDICT=()
-FAILED=0
 verdict() { VERDICT+=("$1"); [[ "$1" == PASS* ]] || FAILED=1; }
 
 if [ "$ARCH" = amd64 ]; then
@@ -190,10 +204,7 @@ else
     run_arm64_smoke
 fi
 
-echo
-echo "== fresh-machine verdict: Debian bookworm $ARCH, python3 $PYVER, edgefleet $COMMIT"
-for line in "${VERDICT[@]}"; do echo "$line"; done
-if [ "$FAILED" -eq 0 ]; then echo "== PASS"; else echo "== FAIL"; fi
+print_verdict
 exit "$FAILED"
 }
 

@@ -41,6 +41,9 @@ if [ "$PROFILE" = test ]; then
     if ! command -v openssl >/dev/null; then
         want openssl "a test verifies bundle signatures with the openssl CLI, as docs/security.md does"
     fi
+    if ! command -v mosquitto_pub >/dev/null; then
+        want mosquitto-clients "a flood test publishes as a misbehaving device with mosquitto_pub"
+    fi
     # tests/pg.py runs initdb/pg_ctl from /usr/lib/postgresql/*/bin (or PATH), as the 'postgres'
     # user when the tests run as root.
     pg_found=0

@@ -45,6 +45,22 @@ check_unprivileged_setup() {
     fi
 }
 
+# Once the system packages are there, a user without root or sudo gets through setup.
+check_unprivileged_setup_after() {
+    local out rc
+    set +e
+    out="$(chroot --userspec=newcomer:newcomer "$ROOT" "${CHROOT_ENV[@]}" HOME=/home/newcomer \
+        bash -c 'cd /home/newcomer/edgefleet && bash scripts/setup.sh' 2>&1)"
+    rc=$?
+    set -e
+    if [ "$rc" -eq 0 ]; then
+        verdict "PASS  setup.sh as a user without root or sudo, packages already installed"
+    else
+        echo "$out" | tail -20 | sed 's/^/    /'
+        verdict "FAIL  setup.sh as a user without root or sudo, packages installed: exit $rc"
+    fi
+}
+
 # No system service left enabled or running by the packages setup.sh installed.
 check_no_services() {
     local found="" f
@@ -65,4 +81,5 @@ run_readme_commands() {
     run_readme demo bash scripts/demo.sh
     run_readme test bash scripts/test.sh
     check_no_services
+    check_unprivileged_setup_after
 }

@@ -10,6 +10,12 @@ Prints one JSON summary line. Exit 0 only if every step succeeded.
 
 ``compare`` mode: ``python smoke.py --compare A.npy B.npy`` prints the max abs difference and
 the number of bit-identical rows, exit 0 only if all rows are bit-identical.
+
+``ort`` mode: ``python smoke.py --ort MODEL.onnx EVAL_NPZ OUT.npy`` runs a model directly in
+onnxruntime (one thread) and saves its first output: the host passes the bundle's model with the
+tensor before its final float Softmax exposed as the output, i.e. the int8 network's logits.
+``python smoke.py --expose-logits BUNDLE EVAL_NPZ OUT_DIR`` (host only: needs ``onnx``) writes
+that model (``logits.onnx``) and the preprocessed evaluation inputs (``pre.npz``).
 """
 
 from __future__ import annotations
@@ -115,8 +121,47 @@ def compare(a: Path, b: Path) -> dict[str, object]:
     }
 
 
+def run_ort(model: Path, eval_npz: Path, out: Path) -> None:
+    """Save ``model``'s first output on every evaluation row (onnxruntime, one thread)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+    x = np.load(eval_npz)["input"].astype(np.float32)
+    name = sess.get_inputs()[0].name
+    np.save(out, np.asarray(sess.run(None, {name: x})[0], dtype=np.float32))
+
+
+def expose_logits(bundle: Path, eval_npz: Path, out: Path) -> None:
+    """Host side: the bundle's model with the input of its final Softmax as its output."""
+    import onnx
+
+    from edge_agent.bundle import read_raw
+    from edge_agent.contract import BundleManifest
+
+    raw = read_raw(bundle, with_artifact=True)
+    manifest = BundleManifest.from_bytes(raw.manifest_bytes)
+    assert raw.artifact is not None
+    model = onnx.load_from_string(raw.artifact)
+    last = model.graph.node[-1]
+    if last.op_type == "Softmax":
+        model.graph.output[0].name = last.input[0]
+        model.graph.node.pop()
+    out.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, out / "logits.onnx")
+    pre = manifest.inputs.tensors[0].preprocessing.apply(np.load(eval_npz)["input"])
+    np.savez(out / "pre.npz", input=pre)
+
+
 def main(argv: list[str]) -> int:
-    """CLI: smoke run, or ``--compare A B``."""
+    """CLI: smoke run, ``--compare A B``, ``--ort MODEL EVAL OUT`` or ``--expose-logits``."""
+    if argv[:1] == ["--expose-logits"]:
+        expose_logits(Path(argv[1]), Path(argv[2]), Path(argv[3]))
+        return 0
+    if argv[:1] == ["--ort"]:
+        run_ort(Path(argv[1]), Path(argv[2]), Path(argv[3]))
+        return 0
     if argv[:1] == ["--compare"]:
         result = compare(Path(argv[1]), Path(argv[2]))
         print(json.dumps(result))
