@@ -50,7 +50,7 @@ from fleet_server.fleet_drift import (
     FleetWindow,
     score_fleet,
 )
-from fleet_server.history import drift_inputs
+from fleet_server.history import DriftPart, RollupCell, drift_inputs, edges_digest
 from fleet_server.registry import Registry
 
 __all__ = ["DriftQuery", "DriftService", "parse_time", "windows_from_payload"]
@@ -61,6 +61,7 @@ MAX_RANGE_SECONDS = 400 * 86400.0
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 BaselineKey = tuple[str, int, str, str]
+_NO_VIEW: Any = None  # a probe window only names its baseline key
 
 
 def _utcnow() -> datetime:
@@ -241,15 +242,7 @@ class DriftService:
             found = drift_inputs(self._registry, query.model, query.version, since, until)
         except ContractError as exc:
             raise RegistryUnavailableError(f"a stored rollup is unreadable: {exc}") from exc
-        windows: list[FleetWindow] = []
-        for dev, ver, bucket, cell in found.cells:
-            for reason, n in cell.skipped.items():
-                acc.skip(reason, n)
-            at = bucket.timestamp()
-            for (tensor, role), part in cell.drift.items():
-                windows.append(
-                    FleetWindow(dev, query.model, ver, tensor, role, at, part.view, part.windows)
-                )
+        windows = self._rollup_windows(query, found.cells, acc, views, missing)
         for dev, received, payload in found.raw:
             got, bad = windows_from_payload(dev, payload, query, at=received.timestamp())
             for reason, n in bad.items():
@@ -270,6 +263,50 @@ class DriftService:
             device_cells=device_cells,
             skipped=acc.skipped,
         )
+
+    def _rollup_windows(
+        self,
+        query: DriftQuery,
+        cells: list[tuple[str, int, datetime, RollupCell]],
+        acc: FleetAccumulator,
+        views: dict[BaselineKey, TierAView],
+        missing: set[int],
+    ) -> list[FleetWindow]:
+        """One window per (device, version, tensor, role, query bucket): the rollup parts are
+        summed as arrays first (exact), so a view is built once per device, not per bucket."""
+        groups: dict[tuple[str, int, str, str, float | None], tuple[float, DriftPart]] = {}
+        size = query.bucket_seconds
+        for dev, ver, bucket, cell in cells:
+            for reason, n in cell.skipped.items():
+                acc.skip(reason, n)
+            at = bucket.timestamp()
+            qb = None if size is None else math.floor(at / size) * size
+            for (tensor, role), part in cell.drift.items():
+                key = (dev, ver, tensor, role, qb)
+                found = groups.get(key)
+                if found is None:
+                    groups[key] = (at, part)
+                elif not found[1].absorb(part):
+                    reason = "features" if part.n_features != found[1].n_features else "edges"
+                    acc.skip(f"{reason}_mismatch", part.windows)
+        out: list[FleetWindow] = []
+        for (dev, ver, tensor, role, _qb), (at, part) in groups.items():
+            probe = FleetWindow(dev, query.model, ver, tensor, role, at, _NO_VIEW, part.windows)
+            base = self._baseline_view(probe, views, missing)
+            if base is None:
+                acc.skip("no_baseline" if ver in missing else "unknown_tensor", part.windows)
+                continue
+            if part.digest != edges_digest(base.edges):
+                reason = "features" if part.n_features != base.n_features else "edges"
+                acc.skip(f"{reason}_mismatch", part.windows)
+                continue
+            try:
+                view = part.view(base.edges)
+            except ContractError:
+                acc.skip("bad_window", part.windows)
+                continue
+            out.append(FleetWindow(dev, query.model, ver, tensor, role, at, view, part.windows))
+        return out
 
     def _range(self, query: DriftQuery) -> tuple[datetime, datetime]:
         """The query's ``[since, until)`` as aware datetimes, bounded (see the module doc).

@@ -7,7 +7,14 @@ its exact merge (``cells``), and the range reads that fleet drift and rollouts u
 ``rollout_metrics``). The design and its figures are in ``docs/scale-out.md``.
 """
 
-from fleet_server.history.cells import RawRow, RollupCell, fold_rows, merge_cells
+from fleet_server.history.cells import (
+    DriftPart,
+    RawRow,
+    RollupCell,
+    edges_digest,
+    fold_rows,
+    merge_cells,
+)
 from fleet_server.history.job import FINE, HOUR, HistoryJob, HistoryPolicy, RunReport, floor_to
 from fleet_server.history.queries import (
     DriftInputs,
@@ -23,6 +30,7 @@ __all__ = [
     "FINE",
     "HOUR",
     "DriftInputs",
+    "DriftPart",
     "HistoryJob",
     "HistoryPolicy",
     "RangePlan",
@@ -31,6 +39,7 @@ __all__ = [
     "RollupCell",
     "RunReport",
     "drift_inputs",
+    "edges_digest",
     "floor_to",
     "fold_rows",
     "last_reports",
