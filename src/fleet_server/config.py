@@ -201,7 +201,7 @@ class RetentionSection:
     """Telemetry history: how long raw rows and rollups are kept (``fleet_server.history``)."""
 
     raw_days: float = 3.0  # raw telemetry rows (tail, rollout edges, the current bucket)
-    fine_days: float = 3.0  # 5-minute rollups
+    fine_days: float = 1.0  # 5-minute rollups (ranges over 6 h start on the hour)
     hour_days: float = 400.0  # hourly rollups
     interval_seconds: float = 30.0  # how often the leader folds closed buckets and prunes
     delete_batch: int = 2000  # rows per delete transaction (the longest ingest ever waits)

@@ -50,7 +50,7 @@ from fleet_server.fleet_drift import (
     FleetWindow,
     score_fleet,
 )
-from fleet_server.history import DriftPart, RollupCell, drift_inputs, edges_digest
+from fleet_server.history import DriftInputs, drift_inputs, edges_digest
 from fleet_server.registry import Registry
 
 __all__ = ["DriftQuery", "DriftService", "parse_time", "windows_from_payload"]
@@ -231,7 +231,10 @@ class DriftService:
             self.baseline(query.model, query.version)  # fail loudly for an explicit version
         devices: dict[str, DeviceInfo] = {}
         if query.by.kind in ("group", "tag"):
-            devices = {d.id: DeviceInfo(d.group, d.tags) for d in self._registry.list_devices()}
+            devices = {
+                d: DeviceInfo(group, tags)
+                for d, (group, tags) in self._registry.device_groups().items()
+            }
         acc = FleetAccumulator(
             query.by, bucket_seconds=query.bucket_seconds, per_device=query.per_device
         )
@@ -239,10 +242,12 @@ class DriftService:
         missing: set[int] = set()
         since, until = self._range(query)
         try:
-            found = drift_inputs(self._registry, query.model, query.version, since, until)
+            found = drift_inputs(
+                self._registry, query.model, query.version, since, until, query.bucket_seconds
+            )
         except ContractError as exc:
             raise RegistryUnavailableError(f"a stored rollup is unreadable: {exc}") from exc
-        windows = self._rollup_windows(query, found.cells, acc, views, missing)
+        windows = self._rollup_windows(query, found, acc, views, missing)
         for dev, received, payload in found.raw:
             got, bad = windows_from_payload(dev, payload, query, at=received.timestamp())
             for reason, n in bad.items():
@@ -267,30 +272,17 @@ class DriftService:
     def _rollup_windows(
         self,
         query: DriftQuery,
-        cells: list[tuple[str, int, datetime, RollupCell]],
+        found: DriftInputs,
         acc: FleetAccumulator,
         views: dict[BaselineKey, TierAView],
         missing: set[int],
     ) -> list[FleetWindow]:
-        """One window per (device, version, tensor, role, query bucket): the rollup parts are
-        summed as arrays first (exact), so a view is built once per device, not per bucket."""
-        groups: dict[tuple[str, int, str, str, float | None], tuple[float, DriftPart]] = {}
-        size = query.bucket_seconds
-        for dev, ver, bucket, cell in cells:
-            for reason, n in cell.skipped.items():
-                acc.skip(reason, n)
-            at = bucket.timestamp()
-            qb = None if size is None else math.floor(at / size) * size
-            for (tensor, role), part in cell.drift.items():
-                key = (dev, ver, tensor, role, qb)
-                found = groups.get(key)
-                if found is None:
-                    groups[key] = (at, part)
-                elif not found[1].absorb(part):
-                    reason = "features" if part.n_features != found[1].n_features else "edges"
-                    acc.skip(f"{reason}_mismatch", part.windows)
+        """One window per (device, version, tensor, role, query bucket): the rollup parts
+        come summed (``history.drift_inputs``), so a view is built once per device."""
+        for reason, n in found.skipped.items():
+            acc.skip(reason, n)
         out: list[FleetWindow] = []
-        for (dev, ver, tensor, role, _qb), (at, part) in groups.items():
+        for (dev, ver, tensor, role, _qb), (at, part) in found.parts.items():
             probe = FleetWindow(dev, query.model, ver, tensor, role, at, _NO_VIEW, part.windows)
             base = self._baseline_view(probe, views, missing)
             if base is None:

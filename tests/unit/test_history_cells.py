@@ -72,7 +72,11 @@ def _fold_split(rows: list[RawRow], cuts: list[int]) -> dict[Any, RollupCell]:
         # Through the stored form, as the job writes and reads it.
         for key, cell in fold_rows(rows[lo:hi], previous, {"a": "g", "b": "g"}).items():
             doc = RollupCell.from_docs(
-                cell.group, cell.metrics.max_psi, cell.metrics_doc(), cell.drift_doc()
+                cell.group,
+                cell.metrics.max_psi,
+                cell.metrics_doc(),
+                cell.drift_doc(),
+                cell.drift_blob(),
             )
             parts.append((key, doc))
     return merge_cells(parts)
@@ -120,10 +124,13 @@ def test_a_part_with_other_edges_is_skipped_not_merged() -> None:
 
 
 @pytest.mark.parametrize(
-    "doc",
-    [{}, {"shape": [2, 3], "data": "!!", "edges": "e", "windows": 1},
-     {"shape": [2, 3], "data": base64.b64encode(b"x").decode(), "edges": "e", "windows": 1}],
+    ("doc", "data"),
+    [({}, b""), ({"shape": [2, 3], "edges": "e", "windows": 1}, b"x" * 8),
+     ({"shape": [0, 3], "edges": "e", "windows": 1}, b""),
+     ({"shape": [1, 1], "edges": "e", "windows": 1}, b"x" * 41)],
 )  # fmt: skip
-def test_a_damaged_stored_part_is_a_typed_error(doc: dict[str, Any]) -> None:
+def test_a_damaged_stored_part_is_a_typed_error(doc: dict[str, Any], data: bytes) -> None:
     with pytest.raises(ContractError):
-        DriftPart.from_doc(doc)
+        DriftPart.from_doc(doc, data)
+    with pytest.raises(ContractError):
+        RollupCell.from_docs("g", None, None, {"parts": [doc]}, data)

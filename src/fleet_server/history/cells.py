@@ -22,8 +22,7 @@ import base64
 import binascii
 import functools
 import hashlib
-import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from typing import Any
@@ -41,6 +40,7 @@ __all__ = [
     "DriftPart",
     "RawRow",
     "RollupCell",
+    "drift_slices",
     "edges_digest",
     "fold_rows",
     "merge_cells",
@@ -67,8 +67,9 @@ class DriftPart:
     """Merged tier-A counts of one tensor and role, without their edges.
 
     Rollups keep only the edges' digest (the edges are the bundle baseline's, which scores
-    them; a window with other edges is never merged with it), and the arrays, compressed:
-    a 64-feature part is ~2 KB instead of a 16 KB view, and decodes in microseconds.
+    them; a window with other edges is never merged with it) and the raw arrays in a binary
+    column: no base64, JSON or view validation per row, and a query sums many rows' arrays in
+    one numpy operation (``queries.sum_parts``).
     """
 
     digest: str
@@ -118,48 +119,51 @@ class DriftPart:
         return TierAView(edges, self.counts, self.nan, self.count, self.sum, self.sumsq)
 
     def to_doc(self, tensor: str, role: str) -> dict[str, Any]:
-        """The JSON form (arrays as zlib-compressed little-endian bytes, base64)."""
-        raw = b"".join(
-            np.ascontiguousarray(a, a.dtype.newbyteorder("<")).tobytes()
-            for a in (self.counts, self.nan, self.count, self.sum, self.sumsq)
-        )
+        """The part's entry in the ``drift`` JSON column (its arrays go to ``to_bytes``)."""
+        f, width = self.counts.shape
         return {
             "tensor": tensor,
             "role": role,
             "windows": self.windows,
             "edges": self.digest,
-            "shape": list(self.counts.shape),
-            "data": base64.b64encode(zlib.compress(raw, 1)).decode("ascii"),
+            "shape": [int(f), int(width)],
         }
 
+    def to_bytes(self) -> bytes:
+        """The arrays, little-endian: counts, nan, count (int64), then sum, sumsq (float64)."""
+        ints = np.concatenate([self.counts.ravel(), self.nan, self.count]).astype("<i8")
+        floats = np.concatenate([self.sum, self.sumsq]).astype("<f8")
+        return ints.tobytes() + floats.tobytes()
+
+    @staticmethod
+    def nbytes(f: int, width: int) -> int:
+        """Length of ``to_bytes`` for ``f`` features of ``width`` columns."""
+        return (f * width + 4 * f) * 8
+
     @classmethod
-    def from_doc(cls, doc: Mapping[str, Any]) -> DriftPart:
-        """Inverse of ``to_doc``.
+    def from_doc(cls, doc: Mapping[str, Any], data: bytes | memoryview) -> DriftPart:
+        """Inverse of ``to_doc`` + ``to_bytes``.
 
         Raises:
-            ContractError: the document is not one ``to_doc`` wrote.
+            ContractError: the entry or the bytes are not what ``to_doc``/``to_bytes`` wrote.
         """
         try:
             f, width = (int(x) for x in doc["shape"])
-            raw = zlib.decompress(base64.b64decode(doc["data"], validate=True))
-            i8, f8 = np.dtype("<i8"), np.dtype("<f8")
-            sizes = [f * width * 8, f * 8, f * 8, f * 8, f * 8]
-            if len(raw) != sum(sizes) or f <= 0 or width <= 0:
-                raise ValueError("size")
-            chunks, at = [], 0
-            for n in sizes:
-                chunks.append(raw[at : at + n])
-                at += n
+            if f <= 0 or width <= 0 or len(data) != cls.nbytes(f, width):
+                raise ValueError(f"{len(data)} bytes for shape {f}x{width}")
+            n = f * width
+            ints = np.frombuffer(data, "<i8", count=n + 2 * f).astype(np.int64)
+            floats = np.frombuffer(data, "<f8", offset=(n + 2 * f) * 8).astype(np.float64)
             return cls(
                 str(doc["edges"]),
-                np.frombuffer(chunks[0], i8).reshape(f, width).astype(np.int64),
-                np.frombuffer(chunks[1], i8).astype(np.int64),
-                np.frombuffer(chunks[2], i8).astype(np.int64),
-                np.frombuffer(chunks[3], f8).astype(np.float64),
-                np.frombuffer(chunks[4], f8).astype(np.float64),
+                ints[:n].reshape(f, width),
+                ints[n : n + f],
+                ints[n + f :],
+                floats[:f],
+                floats[f:],
                 int(doc["windows"]),
             )
-        except (KeyError, TypeError, ValueError, binascii.Error, zlib.error) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise ContractError(f"stored rollup drift part does not decode: {exc}") from exc
 
 
@@ -226,42 +230,66 @@ class RollupCell:
         return doc
 
     def drift_doc(self) -> dict[str, Any]:
-        """The ``drift`` JSON column."""
+        """The ``drift`` JSON column: per part its tensor, role, windows, edges and shape."""
         parts = [p.to_doc(t, r) for (t, r), p in sorted(self.drift.items())]
         return {"parts": parts, "skipped": dict(self.skipped)}
+
+    def drift_blob(self) -> bytes:
+        """The ``drift_arrays`` column: the parts' arrays, in ``drift_doc`` order."""
+        return b"".join(p.to_bytes() for _k, p in sorted(self.drift.items()))
 
     @classmethod
     def from_docs(
         cls,
         group: str,
         max_psi: float | None,
-        metrics: Mapping[str, Any],
-        drift: Mapping[str, Any] | None,
+        metrics: Mapping[str, Any] | None,
+        drift: Mapping[str, Any] | None = None,
+        blob: bytes | None = None,
     ) -> RollupCell:
-        """Rebuild a cell from its row (``drift`` None: leave the views out, cheaper).
+        """Rebuild a cell from its row (``metrics`` or ``drift`` None: leave that part out).
 
         Raises:
-            ContractError: a stored view does not decode (the row was not written by us).
+            ContractError: the stored drift parts do not decode (not written by us).
         """
-        counters = {k: int(metrics.get(k, 0)) for k in _COUNTERS if k != "latency_buckets"}
-        wm = WindowMetrics(
-            **counters,
-            max_psi=max_psi,
-            latency_buckets=tuple(int(x) for x in metrics.get("latency_buckets", ())),
-        )
-        cell = cls(
-            group,
-            wm,
-            {str(k): int(v) for k, v in (metrics.get("rejects") or {}).items()},
-            {str(k): int(v) for k, v in (metrics.get("events") or {}).items()},
-        )
+        cell = cls(group)
+        if metrics is not None:
+            counters = {k: int(metrics.get(k, 0)) for k in _COUNTERS if k != "latency_buckets"}
+            cell.metrics = WindowMetrics(
+                **counters,
+                max_psi=max_psi,
+                latency_buckets=tuple(int(x) for x in metrics.get("latency_buckets", ())),
+            )
+            cell.rejects = {str(k): int(v) for k, v in (metrics.get("rejects") or {}).items()}
+            cell.events = {str(k): int(v) for k, v in (metrics.get("events") or {}).items()}
         if drift is not None:
-            for p in drift.get("parts") or ():
-                if not isinstance(p, Mapping):
-                    raise ContractError("stored rollup drift part is not an object")
-                cell.drift[(str(p.get("tensor")), str(p.get("role")))] = DriftPart.from_doc(p)
+            for tensor, role, doc, data in drift_slices(drift, blob or b""):
+                cell.drift[(tensor, role)] = DriftPart.from_doc(doc, data)
             cell.skipped = {str(k): int(v) for k, v in (drift.get("skipped") or {}).items()}
         return cell
+
+
+def drift_slices(
+    drift: Mapping[str, Any], blob: bytes
+) -> Iterator[tuple[str, str, Mapping[str, Any], memoryview]]:
+    """Each stored part's tensor, role, JSON entry and bytes (no arrays are built).
+
+    Raises:
+        ContractError: the entries and the bytes do not fit together.
+    """
+    view, at = memoryview(blob), 0
+    for p in drift.get("parts") or ():
+        try:
+            f, width = (int(x) for x in p["shape"])
+            size = DriftPart.nbytes(f, width)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ContractError(f"stored rollup drift part is malformed: {exc}") from exc
+        if f <= 0 or width <= 0 or at + size > len(view):
+            raise ContractError("stored rollup drift arrays are shorter than their parts")
+        yield str(p.get("tensor")), str(p.get("role")), p, view[at : at + size]
+        at += size
+    if at != len(view):
+        raise ContractError("stored rollup drift arrays are longer than their parts")
 
 
 # --------------------------------------------------------------------------- folding

@@ -65,7 +65,7 @@ class HistoryPolicy:
     """How long each level is kept and how the job paces itself (seconds, rows)."""
 
     raw_retention_seconds: float = 3 * 86400.0
-    fine_retention_seconds: float = 3 * 86400.0
+    fine_retention_seconds: float = 1 * 86400.0
     hour_retention_seconds: float = 400 * 86400.0
     grace_seconds: float = 60.0
     delete_batch: int = 2000
@@ -193,7 +193,7 @@ class HistoryJob:
         parts = [
             (
                 (r.device_id, r.model, r.version),
-                RollupCell.from_docs(r.device_group, r.max_psi, r.metrics, r.drift),
+                RollupCell.from_docs(r.device_group, r.max_psi, r.metrics, r.drift, r.drift_arrays),
             )
             for r in sorted(rows, key=lambda r: r.bucket_start)
         ]
@@ -348,6 +348,7 @@ def _replace(
                 "max_psi": c.metrics.max_psi,
                 "metrics": c.metrics_doc(),
                 "drift": c.drift_doc(),
+                "drift_arrays": c.drift_blob(),
             }
             for key, c in cells
         ],

@@ -8,7 +8,8 @@ range in SQL; nothing here reads a device's whole history. Does not own: folding
 ``cells``), scoring (``fleet_drift``, ``rollout_metrics``).
 
 Resolution: rollups are bucketed by server receive time, so a range is served exactly at
-bucket boundaries: ``since`` is rounded down to the fine bucket (5 minutes); ``until`` is exact
+bucket boundaries: ``since`` is rounded down to the fine bucket (5 minutes; to the hour for
+ranges longer than 6 hours, so a day costs 24 rows per device, not 35); ``until`` is exact
 (the partial bucket before it is read from raw rows). Raw rows are read only after the fine
 level's ``folded_until`` or the last whole bucket before ``until`` (at most the current partial
 bucket plus the grace), and for a rollout the first partial bucket of each device's window.
@@ -16,15 +17,19 @@ bucket plus the grace), and for a rollout the first partial bucket of each devic
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+import numpy as np
+from sqlalchemy import Text, cast, select
 from sqlalchemy.orm import Session
 
-from fleet_server.history.cells import RollupCell
+from edge_agent.errors import ContractError
+from fleet_server.history.cells import DriftPart, RollupCell, drift_slices
 from fleet_server.registry import Registry
 from fleet_server.registry.models import RollupState, TelemetryRollup, TelemetryRow
 from fleet_server.registry.values import StoredTelemetry
@@ -32,6 +37,7 @@ from fleet_server.rollout_metrics import WindowMetrics, interval_metrics
 
 __all__ = [
     "DriftInputs",
+    "PartKey",
     "RangePlan",
     "RolloutInputs",
     "drift_inputs",
@@ -42,6 +48,8 @@ __all__ = [
 
 FINE_S = 300
 HOUR_S = 3600
+#: Ranges longer than this start on the hour (one rollup row per device and hour).
+LONG_RANGE = timedelta(hours=6)
 _CHUNK = 500
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 Span = tuple[datetime, datetime]
@@ -71,7 +79,7 @@ def plan_range(
     """Split ``[since, until)`` over the levels folded so far (see the module docstring)."""
     fine_done = fine_done or since
     hour_done = hour_done or since
-    since = _floor(since, FINE_S)
+    since = _floor(since, HOUR_S if until - since > LONG_RANGE else FINE_S)
     folded_end = max(min(_floor(until, FINE_S), fine_done), since)
     hours: Span | None = None
     h_lo, h_hi = _ceil(since, HOUR_S), min(_floor(folded_end, HOUR_S), hour_done)
@@ -132,25 +140,37 @@ def last_reports(
 
 
 # --------------------------------------------------------------------------- drift
+#: (device, version, query bucket start or None) -> its summed parts per (tensor, role)
+PartKey = tuple[str, int, str, str, float | None]
+
+
 @dataclass
 class DriftInputs:
-    """Rollup cells ``(device, version, bucket start, cell)`` and raw report rows of a range."""
+    """A range's rollup drift, summed per device, version, tensor, role and query bucket,
+    what the rollups skipped, and the raw report rows after the folded part."""
 
-    cells: list[tuple[str, int, datetime, RollupCell]] = field(default_factory=list)
+    parts: dict[PartKey, tuple[float, DriftPart]] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
     raw: list[tuple[str, datetime, Mapping[str, Any]]] = field(default_factory=list)
     plan: RangePlan | None = None
 
 
 def drift_inputs(
-    registry: Registry, model: str, version: int | None, since: datetime, until: datetime
+    registry: Registry,
+    model: str,
+    version: int | None,
+    since: datetime,
+    until: datetime,
+    bucket_seconds: float | None = None,
 ) -> DriftInputs:
     """What fleet drift merges for ``model`` (optionally one version) in ``[since, until)``.
 
     Raises:
         RegistryUnavailableError: the database failed.
-        ContractError: a stored rollup view does not decode.
+        ContractError: a stored rollup does not decode.
     """
     out = DriftInputs()
+    acc = _PartSums(bucket_seconds)
     with registry._read("reading telemetry history") as s:
         fine_done, hour_done = folded_marks(s)
         plan = plan_range(since, until, fine_done, hour_done)
@@ -162,8 +182,10 @@ def drift_inputs(
                 TelemetryRollup.device_id,
                 TelemetryRollup.version,
                 TelemetryRollup.bucket_start,
-                TelemetryRollup.device_group,
-                TelemetryRollup.drift,
+                # The JSON text as stored: rows of one fleet repeat a few documents, so they
+                # are parsed once each (``_PartSums.add``), not once per row.
+                cast(TelemetryRollup.drift, Text),
+                TelemetryRollup.drift_arrays,
             ).where(
                 TelemetryRollup.bucket_seconds == level,
                 TelemetryRollup.bucket_start >= lo,
@@ -172,9 +194,8 @@ def drift_inputs(
             )
             if version is not None:
                 stmt = stmt.where(TelemetryRollup.version == version)
-            for dev, ver, at, group, drift in s.execute(stmt):
-                cell = RollupCell.from_docs(group, None, {}, drift)
-                out.cells.append((dev, ver, at, cell))
+            for dev, ver, at, drift, blob in s.execute(stmt):
+                acc.add(str(dev), int(ver), at.timestamp(), drift, bytes(blob))
         if plan.raw is not None:
             stmt2 = select(
                 TelemetryRow.device_id, TelemetryRow.received_at, TelemetryRow.payload
@@ -184,7 +205,77 @@ def drift_inputs(
                 TelemetryRow.kind == "report",
             )
             out.raw = [(str(d), t, p) for d, t, p in s.execute(stmt2)]
+    out.parts, out.skipped = acc.result()
     return out
+
+
+class _PartSums:
+    """Sums stored drift parts per key with one numpy reduction per (tensor, role, edges)."""
+
+    def __init__(self, bucket_seconds: float | None) -> None:
+        self._size = bucket_seconds
+        self._keys: dict[tuple[str, str, str, int, int], dict[PartKey, int]] = {}
+        self._rows: dict[tuple[str, str, str, int, int], list[tuple[int, int, memoryview]]] = {}
+        self._first: dict[PartKey, float] = {}
+        self._docs: dict[str, dict[str, Any]] = {}
+        self.skipped: dict[str, int] = {}
+
+    def add(self, dev: str, ver: int, at: float, doc: str, blob: bytes) -> None:
+        drift = self._docs.get(doc)
+        if drift is None:
+            try:
+                drift = self._docs[doc] = json.loads(doc)
+            except ValueError as exc:
+                raise ContractError(f"stored rollup drift document is not JSON: {exc}") from exc
+            if not isinstance(drift, dict):
+                raise ContractError("stored rollup drift document is not an object")
+        for k, n in (drift.get("skipped") or {}).items():
+            self.skipped[str(k)] = self.skipped.get(str(k), 0) + int(n)
+        qb = None if self._size is None else math.floor(at / self._size) * self._size
+        for tensor, role, part, data in drift_slices(drift, blob):
+            f, width = (int(x) for x in part["shape"])
+            cls = (tensor, role, str(part["edges"]), f, width)
+            key = (dev, ver, tensor, role, qb)
+            keys = self._keys.setdefault(cls, {})
+            index = keys.setdefault(key, len(keys))
+            self._first.setdefault(key, at)
+            self._rows.setdefault(cls, []).append((index, int(part["windows"]), data))
+
+    def result(self) -> tuple[dict[PartKey, tuple[float, DriftPart]], dict[str, int]]:
+        out: dict[PartKey, tuple[float, DriftPart]] = {}
+        for cls, rows in self._rows.items():
+            _t, _r, digest, f, width = cls
+            n_int = f * width + 2 * f
+            order = sorted(range(len(rows)), key=lambda i: rows[i][0])
+            blob = b"".join(rows[i][2] for i in order)
+            index = np.fromiter((rows[i][0] for i in order), np.int64, len(order))
+            windows = np.fromiter((rows[i][1] for i in order), np.int64, len(order))
+            stride = n_int + 2 * f
+            ints = np.frombuffer(blob, "<i8").reshape(len(order), stride)[:, :n_int]
+            floats = np.frombuffer(blob, "<f8").reshape(len(order), stride)[:, n_int:]
+            starts = np.flatnonzero(np.r_[True, index[1:] != index[:-1]])
+            isum = np.add.reduceat(ints, starts, axis=0).astype(np.int64)
+            fsum = np.add.reduceat(floats, starts, axis=0).astype(np.float64)
+            wsum = np.add.reduceat(windows, starts)
+            by_index = {i: k for k, i in self._keys[cls].items()}
+            for row, start in enumerate(starts):
+                key = by_index[int(index[start])]
+                part = DriftPart(
+                    digest,
+                    isum[row, : f * width].reshape(f, width),
+                    isum[row, f * width : f * width + f],
+                    isum[row, f * width + f :],
+                    fsum[row, :f],
+                    fsum[row, f:],
+                    int(wsum[row]),
+                )
+                if key in out:  # the same key with other edges: keep the first, count the rest
+                    reason = "features" if f != out[key][1].n_features else "edges"
+                    name = f"{reason}_mismatch"
+                    self.skipped[name] = self.skipped.get(name, 0) + part.windows
+                    continue
+                out[key] = (self._first[key], part)
+        return out, self.skipped
 
 
 # --------------------------------------------------------------------------- rollouts

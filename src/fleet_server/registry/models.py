@@ -188,12 +188,13 @@ class DeviceSeq(Base):
 class TelemetryRollup(Base):
     """Exact, mergeable totals of one device on one model version over one time bucket.
 
-    ``bucket_seconds`` is the level (``history.FINE_SECONDS`` folded from raw rows, 3600 folded
-    from fine rows); ``bucket_start`` is server receive time (``received_at``), floored.
-    ``metrics`` holds the counter differences (``rollout_metrics.WindowMetrics`` fields plus
-    ``rejects`` and ``events`` by kind); ``drift`` the merged tier-A views per tensor and role.
-    Written only by ``fleet_server.history``; no foreign key, so a rollup outlives nothing it
-    depends on and retention can drop it independently.
+        ``bucket_seconds`` is the level (``history.FINE_SECONDS`` folded from raw rows, 3600 folded
+        from fine rows); ``bucket_start`` is server receive time (``received_at``), floored.
+        ``metrics`` holds the counter differences (``rollout_metrics.WindowMetrics`` fields plus
+        ``rejects`` and ``events`` by kind); ``drift`` lists the merged tier-A parts per tensor and
+    role (windows, edges digest, shape) and ``drift_arrays`` holds their arrays.
+        Written only by ``fleet_server.history``; no foreign key, so a rollup outlives nothing it
+        depends on and retention can drop it independently.
     """
 
     __tablename__ = "telemetry_rollups"
@@ -209,6 +210,7 @@ class TelemetryRollup(Base):
     max_psi: Mapped[float | None] = mapped_column(Float)
     metrics: Mapped[dict[str, Any]] = mapped_column()
     drift: Mapped[dict[str, Any]] = mapped_column()
+    drift_arrays: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class RollupState(Base):

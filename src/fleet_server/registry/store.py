@@ -39,7 +39,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
 
@@ -59,6 +59,7 @@ from fleet_server.registry._checks import (
     checked_rows,
 )
 from fleet_server.registry._engine import MIGRATIONS as MIGRATIONS  # noqa: PLC0414
+from fleet_server.registry.models import Device
 from fleet_server.registry.values import (
     BundleRecord,
     DesiredRecord,
@@ -225,6 +226,16 @@ class Registry:
         stmt = _catalog.devices_stmt(group, include_revoked)
         with self._read("listing devices") as s:
             return [device_record(r) for r in s.scalars(stmt)]
+
+    def device_groups(self) -> dict[str, tuple[str, dict[str, Any]]]:
+        """Every device's group and tags, by id (a column read: no reported documents).
+
+        Raises:
+            RegistryUnavailableError: the database failed.
+        """
+        stmt = select(Device.id, Device.group, Device.tags)
+        with self._read("listing device groups") as s:
+            return {str(i): (str(g), dict(t or {})) for i, g, t in s.execute(stmt)}
 
     def record_reported(self, device_id: str, state: Mapping[str, Any]) -> DeviceRecord:
         """Store the device's latest reported state (replacing the previous one).

@@ -51,6 +51,7 @@ def upgrade() -> None:
         sa.Column("max_psi", sa.Float(), nullable=True),
         sa.Column("metrics", _json(), nullable=False),
         sa.Column("drift", _json(), nullable=False),
+        sa.Column("drift_arrays", sa.LargeBinary(), nullable=False),
         sa.PrimaryKeyConstraint(
             "bucket_seconds",
             "bucket_start",

@@ -1,0 +1,396 @@
+"""Operator queries against 1 day and 30 days of telemetry history, on SQLite and PostgreSQL.
+
+Fills a registry the way a running server would hold it at simulated time ``END``, for
+``--devices`` devices reporting every 30 s:
+
+- raw rows for the last ``--raw-minutes`` (default 75), stored through the registry's ingest
+  path (``Registry.ingest_many``, the call the gateway's batching makes; payloads shaped like
+  the agent's digits report: cumulative counters, latency histogram, rejects by reason and, on
+  every second report, tier-A windows of the 64-feature input and the 10-class output);
+- the history job (``fleet_server.history.HistoryJob.run_once``) folds them into 5-minute and
+  hourly rollups, as ``serve`` does every 30 s;
+- older history exists only as rollups (that is the point of retention): the folded rollups of
+  one real bucket are cloned back in time, 5-minute ones for ``--fine-days`` (the default
+  retention of 1 day, capped at the history) and hourly ones for the whole history.
+
+Then it times (median of ``--repeats``): status (list devices and bundles), a device page
+(device, seq state, desired state, its newest 20 telemetry rows), telemetry tail (newest 100),
+``drift report`` by group with per-device cells over the last hour and the last day, and one
+rollout step's observations of a 250-device group whose rollout started 2 h ago. The 1-day
+registry is extended in place to 30 days and timed again. It prints a markdown table, the ratio
+30 d / 1 d, and the measured storage per row and per day per 1,000 devices with and without
+retention. Raw rows are kept only for the last ``--raw-minutes``: queries read at most the
+current partial bucket of them, so a longer raw retention changes the table's size, not what a
+query reads (the raw storage per day is measured from these rows).
+
+    .venv/bin/python bench/bench_history.py [--devices 1000] [--backends sqlite postgresql]
+        [--days 1 30] [--raw-minutes 75] [--fine-days 1] [--repeats 3]
+
+About 10 minutes at the defaults on 2 cores; ``--devices 200`` for a quick run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import func, insert, select, text
+from sqlalchemy.orm import Session
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from edge_agent.drift import TierASketch, build_baseline
+from fleet_server.drift_service import DriftQuery, DriftService
+from fleet_server.fleet_drift import CohortSpec
+from fleet_server.history import FINE, HOUR, HistoryJob, rollout_inputs
+from fleet_server.registry import Registry, TelemetryEntry
+from fleet_server.registry.models import TelemetryRollup, TelemetryRow
+from fleet_server.rollout_metrics import observe
+from fleetworkers import PgCluster
+
+END = datetime(2026, 6, 30, 12, 7, 13, tzinfo=UTC)
+INTERVAL = 30.0
+GROUPS = 10
+ROLLOUT_DEVICES = 250
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = END
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+# --------------------------------------------------------------------------- payloads
+def _bundle(tmp: Path) -> tuple[bytes, Any]:
+    """A digits-like bundle: 64-feature input, 10-class output baseline (same code as builder)."""
+    import dataclasses
+
+    from model_builder.keystore import KeyStore
+    from model_builder.package import package_bundle
+    from support import NOW, make_manifest
+
+    rng = np.random.default_rng(1)
+    baseline = build_baseline(
+        {"image": rng.normal(size=(1000, 64))},
+        {"probabilities": rng.dirichlet(np.ones(10), size=1000)},
+        n_bins=8,
+    )
+    artifact = b"digits-model" * 10
+    manifest = dataclasses.replace(make_manifest(artifact), baseline=baseline)
+    store = KeyStore.init(tmp / "keys", now=NOW)
+    return package_bundle(manifest, artifact, store, now=NOW, expires_days=3650), baseline
+
+
+def _view_pool(baseline: Any, n: int = 24) -> list[list[dict[str, Any]]]:
+    rng = np.random.default_rng(2)
+    pool = []
+    for _ in range(n):
+        windows = []
+        for tensor, role, make in (
+            ("image", "input", lambda: rng.normal(size=(200, 64))),
+            ("probabilities", "output", lambda: rng.dirichlet(np.ones(10), size=200)),
+        ):
+            sketch = TierASketch(baseline.view(tensor, role).edges)
+            sketch.update(make())
+            view = base64.b64encode(sketch.view().to_bytes()).decode()
+            windows.append({"tensor": tensor, "role": role, "view": view, "rows": 200,
+                            "alert": False, "max_psi": 0.01, "reason": "rows"})  # fmt: skip
+        pool.append(windows)
+    return pool
+
+
+def _report(i: int, k: int, pool: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """Device ``k``'s ``i``-th report (counters cumulative since its start)."""
+    n = 100 * i + k % 7
+    lat = [0] * 12
+    lat[1], lat[2], lat[3] = n // 2, n // 3, n - n // 2 - n // 3
+    stats: dict[str, Any] = {
+        "version": 3,
+        "outcomes": {"ok": n, "error": i // 50, "rejected": i // 10},
+        "sources": {"device": n - i // 20, "cloud": i // 20},
+        "latency_buckets": lat,
+        "latency_ms": {"p50": 1.8, "p90": 4.2, "p99": 31.0},
+        "rejects_by_reason": {"nan": i // 10},
+        "dropped_rows_by_reason": {},
+    }
+    if i % 2 == 0:
+        stats["drift"] = pool[(i + k) % len(pool)]
+    return {
+        "schema_version": 1, "type": "report", "agent_version": "0.1.0", "started_at": 1.0,
+        "window_start": 0.0, "window_end": 0.0, "models": {"digits": stats},
+        "counts": {"device": n, "cloud": 0, "errors": 0, "rejected": 0},
+        "resources": {"cpu_seconds": 12.5, "rss_bytes": 52428800, "model_memory_bytes": 10**6},
+    }  # fmt: skip
+
+
+# --------------------------------------------------------------------------- filling
+def fill_raw(reg: Registry, clock: Clock, devices: list[str], minutes: float, pool: Any) -> int:
+    """Reports of every device every 30 s over the last ``minutes`` (staggered in the 30 s)."""
+    steps = int(minutes * 60 / INTERVAL)
+    start = END - timedelta(seconds=steps * INTERVAL)
+    stored = 0
+    chunk = 100
+    for i in range(steps):
+        for lo in range(0, len(devices), chunk):
+            part = devices[lo : lo + chunk]
+            clock.now = start + timedelta(seconds=i * INTERVAL + INTERVAL * lo / len(devices))
+            items = [
+                (d, [TelemetryEntry(i + 1, "report", _report(i, lo + j, pool))], None)
+                for j, d in enumerate(part)
+            ]
+            reg.ingest_many(items)
+            stored += len(items)
+    clock.now = END
+    return stored
+
+
+def clone_history(reg: Registry, from_days: float, to_days: float, fine_days: float) -> int:
+    """Clone the newest real folded 5-minute bucket and hour back in time: hours for
+    ``[END - to_days, END - from_days)``, 5-minute buckets for the part of that range within
+    ``fine_days``, always before the first bucket the raw rows produced."""
+    with Session(reg.engine) as s:
+        first_raw = s.scalar(select(func.min(TelemetryRow.received_at)))
+        model: dict[int, list[dict[str, Any]]] = {}
+        for level in (FINE, HOUR):
+            at = s.scalar(
+                select(func.max(TelemetryRollup.bucket_start)).where(
+                    TelemetryRollup.bucket_seconds == level
+                )
+            )
+            stmt = select(TelemetryRollup).where(
+                TelemetryRollup.bucket_seconds == level, TelemetryRollup.bucket_start == at
+            )
+            model[level] = [
+                {c.key: getattr(r, c.key) for c in TelemetryRollup.__mapper__.column_attrs}
+                for r in s.scalars(stmt)
+            ]
+    assert first_raw is not None
+    assert model[FINE]
+    assert model[HOUR]
+    targets: list[tuple[datetime, list[dict[str, Any]]]] = []
+    for level, keep in ((FINE, min(fine_days, to_days)), (HOUR, to_days)):
+        lo = END - timedelta(days=keep)
+        hi = END - timedelta(days=min(from_days, keep))
+        t = first_raw - timedelta(seconds=first_raw.timestamp() % level + level)
+        while t >= lo:
+            if t < hi:
+                targets.append((t, model[level]))
+            t -= timedelta(seconds=level)
+    n = 0
+    batch: list[dict[str, Any]] = []
+    with reg.engine.begin() as c:
+        for at, rows in targets:
+            batch.extend({**r, "bucket_start": at} for r in rows)
+            if len(batch) >= 5000:
+                c.execute(insert(TelemetryRollup), batch)
+                n, batch = n + len(batch), []
+        if batch:
+            c.execute(insert(TelemetryRollup), batch)
+            n += len(batch)
+    return n
+
+
+# --------------------------------------------------------------------------- queries
+def _timed(fn: Callable[[], Any], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def queries(reg: Registry, bundles: Path, devices: list[str]) -> dict[str, Callable[[], Any]]:
+    now = END + timedelta(seconds=5)
+    drift = DriftService(reg, bundles, clock=lambda: now)
+    group = devices[:ROLLOUT_DEVICES]
+    started = now - timedelta(hours=2)
+
+    def rollout_step() -> None:
+        reg.list_devices()
+        window = rollout_inputs(reg, "digits", dict.fromkeys(group, (started, 3)))
+        for d in group:
+            w = window[d]
+            observe(d, "digits", 3, started, None, w.rows, folded=w.folded,
+                    folded_events=w.events)  # fmt: skip
+
+    def page() -> None:
+        d = devices[len(devices) // 2]
+        reg.get_device(d)
+        reg.seq_state(d)
+        reg.latest_desired(d)
+        reg.telemetry(device_id=d, after_id=None, limit=20)
+
+    by = CohortSpec.parse("group")
+    return {
+        "status": lambda: (reg.list_devices(), reg.list_bundles()),
+        "device page": page,
+        "telemetry tail": lambda: reg.telemetry(after_id=None, limit=100),
+        "drift report, last hour": lambda: drift.report(
+            DriftQuery("digits", by=by, since=(now - timedelta(hours=1)).timestamp())
+        ),
+        "drift report, last day": lambda: drift.report(
+            DriftQuery("digits", by=by, since=(now - timedelta(days=1)).timestamp())
+        ),
+        f"rollout step ({ROLLOUT_DEVICES} devices, started 2 h ago)": rollout_step,
+    }
+
+
+# --------------------------------------------------------------------------- storage
+def table_bytes(reg: Registry, path: Path | None) -> dict[str, float]:
+    """Bytes per row of raw telemetry and of each rollup level (table + indexes)."""
+    with reg.engine.connect() as c:
+        raw_n = c.scalar(select(func.count()).select_from(TelemetryRow)) or 0
+        levels = dict(
+            c.execute(
+                select(TelemetryRollup.bucket_seconds, func.count()).group_by(
+                    TelemetryRollup.bucket_seconds
+                )
+            ).all()
+        )
+        if reg.engine.dialect.name == "postgresql":
+            raw_b = c.scalar(text("SELECT pg_total_relation_size('telemetry')")) or 0
+            roll_b = c.scalar(text("SELECT pg_total_relation_size('telemetry_rollups')")) or 0
+        else:
+            raw_b = sum(
+                c.scalar(text(f"SELECT sum(pgsize) FROM dbstat WHERE name = '{n}'")) or 0
+                for n in ("telemetry", "ix_telemetry_received_at",
+                          "ix_telemetry_device_id_received_at",
+                          "sqlite_autoindex_telemetry_1")
+            )  # fmt: skip
+            roll_b = sum(
+                c.scalar(text(f"SELECT sum(pgsize) FROM dbstat WHERE name = '{n}'")) or 0
+                for n in ("telemetry_rollups", "sqlite_autoindex_telemetry_rollups_1")
+            )
+    roll_n = sum(levels.values()) or 1
+    return {"raw": raw_b / max(raw_n, 1), "rollup": roll_b / roll_n}
+
+
+# --------------------------------------------------------------------------- main
+def run_backend(name: str, url: str, tmp: Path, a: argparse.Namespace) -> dict[str, Any]:
+    clock = Clock()
+    reg = Registry.open(url, clock=clock)
+    reg.upgrade()
+    bundle, baseline = _bundle(tmp)
+    bundles = tmp / "bundles"
+    bundles.mkdir(exist_ok=True)
+    sha = hashlib.sha256(bundle).hexdigest()
+    (bundles / f"{sha}.bundle").write_bytes(bundle)
+    reg.publish_bundle("digits", 3, channel="stable", sha256=sha, length=len(bundle),
+                       targets_sha256="0" * 64)  # fmt: skip
+    devices = [f"dev-{i:05d}" for i in range(a.devices)]
+    for i, d in enumerate(devices):
+        reg.enroll(d, group=f"g{i % GROUPS}")
+    pool = _view_pool(baseline)
+    t0 = time.perf_counter()
+    stored = fill_raw(reg, clock, devices, a.raw_minutes, pool)
+    ingest_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    job = HistoryJob(reg, clock=clock)
+    done = job.run_once()
+    fold_s = time.perf_counter() - t0
+    print(f"[{name}] {stored} reports ingested in {ingest_s:.1f} s; "
+          f"{done.fine_buckets} 5-min + {done.hour_buckets} hourly buckets folded in "
+          f"{fold_s:.1f} s", file=sys.stderr)  # fmt: skip
+    out: dict[str, Any] = {"fold_s_per_bucket": fold_s / max(done.fine_buckets, 1)}
+    previous_days = 0.0
+    for days in a.days:
+        t0 = time.perf_counter()
+        n = clone_history(reg, previous_days, days, a.fine_days)
+        print(f"[{name}] history to {days} d: +{n} rollup rows in "
+              f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)  # fmt: skip
+        previous_days = days
+        qs = queries(reg, bundles, devices)
+        out[days] = {k: _timed(fn, a.repeats) for k, fn in qs.items()}
+        for k, v in out[days].items():
+            print(f"[{name}] {days} d  {k}: {v * 1000:.0f} ms", file=sys.stderr)
+    if name == "sqlite":
+        with reg.engine.connect() as c:
+            c.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    out["bytes"] = table_bytes(reg, None)
+    reg.close()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--devices", type=int, default=1000)
+    ap.add_argument("--backends", nargs="+", default=["sqlite", "postgresql"])
+    ap.add_argument("--days", nargs="+", type=float, default=[1.0, 30.0])
+    ap.add_argument("--raw-minutes", type=float, default=75.0)
+    ap.add_argument("--fine-days", type=float, default=1.0)
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args()
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="edgefleet-history-") as td:
+        tmp = Path(td)
+        for name in a.backends:
+            if name == "sqlite":
+                (tmp / "sqlite").mkdir()
+                results[name] = run_backend(name, f"sqlite:///{tmp / 'history.db'}",
+                                            tmp / "sqlite", a)  # fmt: skip
+            else:
+                pg = PgCluster()
+                pg.start()
+                try:
+                    (tmp / "pg").mkdir()
+                    results[name] = run_backend(name, pg.create_database("history"),
+                                                tmp / "pg", a)  # fmt: skip
+                finally:
+                    pg.stop()
+    _print(results, a)
+
+
+def _print(results: dict[str, dict[str, Any]], a: argparse.Namespace) -> None:
+    d0, d1 = a.days[0], a.days[-1]
+    print(f"\n{a.devices} devices, one report per 30 s; {os.cpu_count()} cores; median of "
+          f"{a.repeats}\n")  # fmt: skip
+    head = "| query | " + " | ".join(f"{b} {d0:g} d | {b} {d1:g} d | ratio" for b in results) + " |"
+    print(head)
+    print("|---|" + "---:|---:|---:|" * len(results))
+    first = next(iter(results.values()))
+    for q in first[d0]:
+        cells = []
+        for r in results.values():
+            x, y = r[d0][q], r[d1][q]
+            cells.append(f"{x * 1000:.0f} ms | {y * 1000:.0f} ms | {y / x:.2f}")
+        print(f"| {q} | " + " | ".join(cells) + " |")
+    per_day = 86400 / INTERVAL * 1000  # reports per day per 1,000 devices
+    print("\nStorage per day per 1,000 devices (table + indexes, measured bytes per row):\n")
+    print(
+        "| backend | raw B/row | rollup B/row | raw, kept forever (today) | with retention: "
+        "growth/day (hourly rollups) | bounded working set (3 d raw + 1 d 5-min) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, r in results.items():
+        raw, roll = r["bytes"]["raw"], r["bytes"]["rollup"]
+        raw_day = raw * per_day
+        hour_day = roll * 24 * 1000
+        fine_day = roll * 288 * 1000
+        print(
+            f"| {name} | {raw:,.0f} | {roll:,.0f} | {raw_day / 1e9:.1f} GB/day | "
+            f"{hour_day / 1e6:.0f} MB/day | {(3 * raw_day + fine_day) / 1e9:.0f} GB |"
+        )
+    for name, r in results.items():
+        print(
+            f"\n{name}: folding one 5-minute bucket of {a.devices} devices took "
+            f"{r['fold_s_per_bucket']:.2f} s (the job does one per 5 minutes)"
+        )
+
+
+if __name__ == "__main__":
+    main()
