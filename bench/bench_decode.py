@@ -3,8 +3,8 @@
 Times, per body: ``json.loads`` + tensor conversion (``decode_request``), the byte-count bound
 ``decode_cost`` the API computes before parsing a body above 64 KiB, and, for comparison, a
 shape-checked alternative (a Python walk of the parsed data). Also the batch-1 JSON request of
-``bench_agent.py`` decoded with and without the text guard of numeric tensors, and the
-per-request datatype check against cached model metadata. Median of ``--rounds`` rounds.
+``bench_agent.py`` decoded with and without the text guard of numeric tensors. Median of
+``--rounds`` rounds.
 
     .venv/bin/python bench/bench_decode.py --markdown
 """
@@ -24,7 +24,6 @@ import numpy as np
 
 import edge_agent.api.decode as decode
 from edge_agent.api.budget import decode_cost
-from edge_agent.api.metadata import InputDatatypes
 
 
 def _median_us(func: Callable[[], Any], rounds: int, number: int) -> float:
@@ -77,10 +76,6 @@ def main() -> None:
             without_guard.append(_median_us(lambda: decode.decode_request(batch1), 1, 20000))
         finally:
             decode._refuse_text = guard  # type: ignore[assignment]
-    meta = {"versions": ["1"], "inputs": [{"name": "input", "datatype": "FP32"}]}
-    types = InputDatatypes(lambda name, version: meta)
-    feeds = {"input": x1}
-    check = _median_us(lambda: types.check("digits", None, feeds), args.rounds, 200000)
 
     print(f"Run {date.today()}: python {platform.python_version()}, numpy {np.__version__}")
     if args.markdown:
@@ -95,10 +90,9 @@ def main() -> None:
         print("|---|---:|")
         print(f"| decode, without the text guard | {statistics.median(without_guard):.2f} |")
         print(f"| decode, with the text guard | {statistics.median(with_guard):.2f} |")
-        print(f"| datatype check against cached metadata | {check:.2f} |")
     else:
         guards = [statistics.median(without_guard), statistics.median(with_guard)]
-        print(json.dumps({"rows": rows, "batch1": [*guards, check]}))
+        print(json.dumps({"rows": rows, "batch1": guards}))
 
 
 if __name__ == "__main__":

@@ -486,8 +486,17 @@ class Agent:
         device_outputs: Mapping[str, Array] | None = None,
     ) -> InferenceResult:
         assert self.cloud is not None
+        if entry is not None:
+            # The cloud model gets the tensor as sent: one of another datatype than the local
+            # input's is refused here as on the device (never cast), whichever route chose it.
+            entry.pipeline.validator.check_datatypes(request.inputs)
+        # The cloud answers with the version this device runs (never a newer published one).
         outputs: Mapping[str, Array] = self.cloud.call(
-            request.model, request.inputs, reason, device_outputs=device_outputs
+            request.model,
+            request.inputs,
+            reason,
+            device_outputs=device_outputs,
+            model_version=None if entry is None else int(entry.pipeline.version),
         )
         self.counts["cloud"] += 1
         self._sources[request.model]["cloud"] += 1

@@ -203,6 +203,21 @@ class Validator:
             {k: v[keep] for k, v in arrays.items()}, n, int(keep.sum()), counts, keep
         )
 
+    def check_datatypes(self, feeds: Mapping[str, Any]) -> None:
+        """Refuse a typed tensor (a numpy array) whose dtype is not its input's.
+
+        The first thing ``validate`` refuses, for a route that does not validate (the cloud
+        fallback): no route casts a tensor silently. Missing and unknown inputs and untyped
+        values (lists, scalars) are left to ``validate``.
+
+        Raises:
+            InputValidationError: ``reason`` ``dtype``, ``field`` the input.
+        """
+        for t in self._tensors:
+            x = feeds.get(t.spec.name)
+            if isinstance(x, np.ndarray) and x.dtype != t.dtype:
+                raise _mismatch(t, x.dtype)
+
     def _validate_one(
         self, feeds: Mapping[str, Any], payload_bytes: int | None
     ) -> ValidationResult | None:
@@ -239,11 +254,7 @@ class Validator:
         if isinstance(value, np.ndarray):
             # A typed tensor (every tensor the v2 API decodes) is never cast: an FP64, FP16 or
             # INT64 tensor sent to an FP32 input is refused, as the protocol asks.
-            raise InputValidationError(
-                f"input {name!r} is {_wire(x.dtype)} but the model's input is {_wire(t.dtype)}",
-                field=name,
-                reason="dtype",
-            )
+            raise _mismatch(t, x.dtype)
         if x.dtype.kind == "b" and t.dtype.kind != "b":
             raise InputValidationError(
                 f"input {name!r} is boolean, expected {t.dtype}", field=name, reason="dtype"
@@ -337,8 +348,19 @@ class Validator:
         )
 
 
+def _mismatch(t: _CompiledTensor, got: np.dtype[Any]) -> InputValidationError:
+    name = t.spec.name
+    return InputValidationError(
+        f"input {name!r} is {_wire(got)} but the model's input is {_wire(t.dtype)}",
+        field=name,
+        reason="dtype",
+    )
+
+
 def _wire(dtype: np.dtype[Any]) -> str:
     """The protocol's datatype name for messages (numpy's name when it has none)."""
+    if dtype.kind in "OSU":
+        return "BYTES"
     return PROTOCOL_DATATYPES.get(dtype.name, dtype.name)
 
 

@@ -4,14 +4,15 @@ Model metadata says ``FP32``/``INT64`` (never numpy's ``float32``); a request is
 when each tensor's datatype is exactly its input's, refused with 400 and ``{"error": ...}``
 otherwise (an FP64, FP16 or INT64 tensor sent to an FP32 input is never cast): a table of every
 contract dtype x every wire datatype, through JSON, the binary extension (first request and the
-header cache), the raw fast path and the router's versioned route. ``GET /v2`` advertises only
-the extensions the API serves. A generic client that builds its request from the real agent's
-metadata is answered.
+header cache), the raw fast path and the router's versioned route, and before any cloud
+fallback route. ``GET /v2`` advertises only the extensions the API serves. A generic client
+that builds its request from the real agent's metadata is answered.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,11 @@ from starlette.testclient import TestClient
 from bundles import DigitsBundles
 from edge_agent.agent import Agent
 from edge_agent.api import create_app
-from edge_agent.config import AgentConfig, ApiConfig, StoreConfig
+from edge_agent.config import AgentConfig, ApiConfig, FallbackConfig, StoreConfig
 from edge_agent.contract import DimSpec, InputContract, TensorSpec
 from edge_agent.contract.datatypes import protocol_datatype
 from edge_agent.contract.inputs import DTYPES
-from edge_agent.errors import ContractError, ModelNotFoundError
+from edge_agent.errors import ContractError, InputValidationError, ModelNotFoundError
 from edge_agent.service import InferenceRequest, InferenceResult
 from edge_agent.store import ModelStore
 from edge_agent.validation import Validator
@@ -218,63 +219,74 @@ def test_a_generic_client_builds_its_request_from_the_agents_metadata(
         agent.close()
 
 
-class CloudRoutedService(ValidatingService):
-    """Answers every request without local validation (as prefer_cloud/cloud_only route it)."""
+class RecordingCloud:
+    """A cloud fallback transport that answers every request and records what it was sent."""
 
-    def __init__(self, dtype: str) -> None:
-        super().__init__(dtype)
-        self.version = "1"
-        self.calls = 0
+    def __init__(self) -> None:
+        self.sent: list[np.dtype[Any]] = []
 
-    def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
-        return {**super().model_metadata(name, version), "versions": [self.version]}
-
-    def infer(self, request: InferenceRequest) -> InferenceResult:
-        self.calls += 1
-        return InferenceResult(request.model, self.version, {"y": np.zeros(1)}, source="cloud")
-
-
-def test_no_route_casts_a_mismatched_tensor() -> None:
-    service = CloudRoutedService("float32")
-    with TestClient(create_app(service, ApiConfig())) as client:
-        for wire in ("FP64", "FP16", "INT64"):
-            refused = client.post("/v2/models/m/infer", content=_json_body(wire))
-            assert refused.status_code == 400
-            assert f"is {wire} but the model's input is FP32" in refused.json()["error"]
-        assert service.calls == 0  # refused before any route (device or cloud) saw it
-        assert client.post("/v2/models/m/infer", content=_json_body("FP32")).status_code == 200
-        # A new version that takes FP64: the cache follows the metadata, not the old entry.
-        service.dtype, service.version = "float64", "2"
-        assert client.post("/v2/models/m/infer", content=_json_body("FP64")).status_code == 200
-        refused = client.post("/v2/models/m/infer", content=_json_body("FP32"))
-        assert refused.status_code == 400
-        assert "is FP32 but the model's input is FP64" in refused.json()["error"]
+    def request(
+        self,
+        model: str,
+        inputs: Mapping[str, Any],
+        *,
+        deadline_s: float,
+        reason: str,
+        device_outputs: Mapping[str, Any] | None = None,
+        model_version: int | None = None,
+    ) -> Mapping[str, Any]:
+        x = next(iter(inputs.values()))
+        self.sent.append(x.dtype)
+        return {"probabilities": np.full((len(x), 10), 0.1, np.float32)}
 
 
-def test_input_datatypes_cache_follows_the_model_within_max_age() -> None:
-    from edge_agent.api.metadata import InputDatatypes
-    from edge_agent.errors import InputValidationError
+@pytest.mark.parametrize("mode", ["cloud_only", "prefer_cloud", "prefer_device"])
+def test_no_route_casts_a_mismatched_tensor(
+    tmp_path: Path, digits_bundles: DigitsBundles, mode: str
+) -> None:
+    """The cloud routes (chosen by policy, or for input the device refuses) get the tensor as
+    sent, so the agent refuses a mismatched datatype before any of them, as the device does."""
+    cloud = RecordingCloud()
+    config = AgentConfig(
+        store=StoreConfig(state_dir=str(tmp_path / "state")),
+        fallback=FallbackConfig(mode=mode),
+    )
+    store = ModelStore(tmp_path / "state", digits_bundles.keys.trusted_root(), DEVICE)
+    agent = Agent(config, store, transport=cloud, background_drift=False)
+    agent.install(digits_bundles.path(1))
+    agent.start()
+    x = digits_bundles.x_eval[:2]
+    try:
+        with TestClient(create_app(agent, ApiConfig())) as client:
+            for wire in ("FP64", "FP16", "INT64"):
+                tensor = {"name": "input", "datatype": wire, "shape": [2, 64]}
+                tensor["data"] = x.astype(_NUMPY[wire]).reshape(-1).tolist()
+                refused = client.post("/v2/models/digits/infer", json={"inputs": [tensor]})
+                assert refused.status_code == 400, (wire, refused.text)
+                assert f"is {wire} but the model's input is FP32" in refused.json()["error"]
+            assert cloud.sent == []  # refused before any route (device or cloud) saw it
+            if mode == "prefer_device":
+                x = x.copy()
+                x[:, 0] = 1e6  # out of range, refused by the device: its fallback is the cloud
+            tensor = {"name": "input", "datatype": "FP32", "shape": [2, 64]}
+            answer = client.post(
+                "/v2/models/digits/infer",
+                json={"inputs": [{**tensor, "data": x.reshape(-1).tolist()}]},
+            )
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["parameters"]["inference_source"] == "cloud"
+            assert cloud.sent == [np.dtype(np.float32)]
+    finally:
+        agent.close()
 
-    now = [0.0]
-    meta = {"versions": ["1"], "inputs": [{"name": "x", "datatype": "float32"}]}
-    calls: list[str] = []
 
-    def lookup(name: str, version: str | None) -> dict[str, Any]:
-        calls.append(name)
-        if name != "m":
-            raise ModelNotFoundError(name)
-        return meta
-
-    types = InputDatatypes(lookup, max_age=2.0, clock=lambda: now[0])
-    fp32 = {"x": np.zeros((1, 2), np.float32)}
-    for _ in range(100):
-        types.check("m", None, fp32)
-    assert len(calls) == 1  # cached
-    meta = {"versions": ["2"], "inputs": [{"name": "x", "datatype": "float16"}]}
-    types.check("m", None, fp32)  # still within max_age: the old entry answers
-    now[0] = 2.5
-    with pytest.raises(InputValidationError, match="is FP32 but the model's input is FP16"):
-        types.check("m", None, fp32)
-    types.check("m", None, {"x": np.zeros((1, 2), np.float16)})
-    types.check("nope", None, fp32)  # unknown model: left to the service (404)
-    types.check("m", None, {"other": np.zeros(1, np.int64)})  # unknown input: the service's
+def test_check_datatypes_refuses_only_typed_tensors_of_another_dtype() -> None:
+    spec = TensorSpec("x", "float32", (DimSpec(min=1, max=8), DimSpec(size=2)))
+    validator = Validator(InputContract((spec,)))
+    validator.check_datatypes({"x": np.zeros((1, 2), np.float32)})
+    validator.check_datatypes({"x": [[1, 2]]})  # untyped: validate converts it
+    validator.check_datatypes({"other": np.zeros(1, np.int64)})  # unknown: validate's
+    validator.check_datatypes({})  # missing: validate's
+    for wire, dtype in [("FP64", "<f8"), ("FP16", "<f2"), ("INT64", "<i8"), ("BYTES", "O")]:
+        with pytest.raises(InputValidationError, match=f"is {wire} but the model's input is FP32"):
+            validator.check_datatypes({"x": np.zeros((1, 2), dtype)})

@@ -60,7 +60,7 @@ from edge_agent.api.fastpath import (
     _read_body,
 )
 from edge_agent.api.header_cache import RequestDecoder
-from edge_agent.api.metadata import EXTENSIONS, InputDatatypes, protocol_metadata
+from edge_agent.api.metadata import EXTENSIONS, protocol_metadata
 from edge_agent.api.metrics import ApiMetrics
 from edge_agent.api.ratelimit import RateLimiter
 from edge_agent.config import ApiConfig
@@ -142,7 +142,6 @@ class _Api:
         self.max_concurrency = max_concurrency
         self.decoder = RequestDecoder()  # remembers binary requests' JSON headers
         self.budget = MemoryBudget(config.max_decode_memory_bytes)
-        self.datatypes = InputDatatypes(service.model_metadata)
         self._pool: ThreadPoolExecutor | None = None
         # Smoothed service time per model: fast models run on the event loop (the thread hop
         # costs more CPU than their inference), slow ones in the pool so the loop stays free.
@@ -365,7 +364,6 @@ class _Api:
                 decoded = self.decoder.decode(body, header_length)
             else:
                 decoded = await self._offload(self.decoder.decode, body, header_length)
-            self.datatypes.check(name, version, decoded.inputs)  # whatever route answers
             routing = decoded.parameters.get("routing_key", routing_header)
             if routing is not None and not isinstance(routing, str):
                 raise InputValidationError(
