@@ -57,7 +57,7 @@ from edge_agent.api.fastpath import (
     _error,
     _infer_headers,
     _json,
-    _read_body,
+    read_body,
 )
 from edge_agent.api.header_cache import RequestDecoder
 from edge_agent.api.metadata import EXTENSIONS, protocol_metadata
@@ -286,7 +286,7 @@ class _Api:
         if declared is not None and int(declared) <= INLINE_BYTES:
             # Decoded on the event loop, one at a time: its cost is bounded without a budget.
             try:
-                body = await _read_body(receive, self.max_bytes)
+                body = await read_body(receive, self.max_bytes)
             except ClientDisconnect:
                 return m.OUTCOME_ABORTED, "disconnect", _error(400, "client disconnected")
             if body is None:

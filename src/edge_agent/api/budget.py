@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from starlette.types import Receive
 
-from edge_agent.api.fastpath import _read_body, _read_prefix
+from edge_agent.api.fastpath import read_body, read_prefix
 
 __all__ = ["MAX_COST_RATIO", "Admitted", "MemoryBudget", "Reservation", "admit", "decode_cost"]
 
@@ -198,7 +198,7 @@ async def admit(
     prefix: list[bytes] | None = None
     body: bytes | None = None
     if declared is None:
-        prefix, complete = await _read_prefix(receive, min(small, max_bytes))
+        prefix, complete = await read_prefix(receive, min(small, max_bytes))
         if sum(map(len, prefix)) > max_bytes:
             yield Admitted(b"", "payload_too_large")
             return
@@ -209,7 +209,7 @@ async def admit(
                 return
     async with budget.hold((declared or max_bytes) * MAX_COST_RATIO) as held:
         if body is None:
-            body = await _read_body(receive, max_bytes, prefix)
+            body = await read_body(receive, max_bytes, prefix)
         if body is None or len(body) > max_bytes:
             yield Admitted(b"", "payload_too_large")
             return

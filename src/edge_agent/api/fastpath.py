@@ -2,7 +2,7 @@
 
 Owns: dispatching the unversioned infer route before routing (``_App``), reading the three
 headers that request needs in one pass (``_infer_headers``) and its body straight from
-``receive`` (``_read_body``), building a 200 answer's raw headers
+``receive`` (``read_body``), building a 200 answer's raw headers
 directly (``_Answer``), and the protocol's ``{"error": ...}`` / JSON responses shared by every
 endpoint. Does not own the endpoints, limits, error mapping or metrics (``edge_agent.api.app``),
 tensor decoding (``edge_agent.api.codec``) or sockets (``edge_agent.api.server``).
@@ -109,11 +109,11 @@ def _infer_headers(raw: list[tuple[bytes, bytes]]) -> tuple[str | None, str | No
     return declared, header_length, routing
 
 
-async def _read_prefix(receive: Receive, limit: int) -> tuple[list[bytes], bool]:
+async def read_prefix(receive: Receive, limit: int) -> tuple[list[bytes], bool]:
     """The body's first chunks, until it ends (True) or more than ``limit`` bytes came (False).
 
     For a body of unknown length: a short one is read whole, a long one is continued with
-    ``_read_body(receive, max_bytes, chunks)``.
+    ``read_body(receive, max_bytes, chunks)``.
 
     Raises:
         ClientDisconnect: the client went away before the body was complete.
@@ -136,13 +136,13 @@ async def _read_prefix(receive: Receive, limit: int) -> tuple[list[bytes], bool]
             raise ClientDisconnect()
 
 
-async def _read_body(
+async def read_body(
     receive: Receive, max_bytes: int, prefix: list[bytes] | None = None
 ) -> bytes | None:
     """The body, or ``None`` once it exceeds ``max_bytes`` (whatever Content-Length said).
 
     Reads ``receive`` as Starlette's ``Request.stream`` does, without its async generator;
-    ``prefix`` holds chunks already read (``_read_prefix``) of a body not yet complete.
+    ``prefix`` holds chunks already read (``read_prefix``) of a body not yet complete.
 
     Raises:
         ClientDisconnect: the client went away before the body was complete.
