@@ -304,7 +304,7 @@ class Agent:
         return {
             "name": "edgefleet-edge-agent",
             "version": __version__,
-            "extensions": ["binary_tensor_data", "model_repository"],
+            "extensions": ["binary_tensor_data"],  # what edge_agent.api serves
         }
 
     def model_names(self) -> list[str]:
