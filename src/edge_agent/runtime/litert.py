@@ -42,13 +42,15 @@ class _Binding:
     dtype: np.dtype[Any]
     scale: float
     zero_point: int
-    quantized: bool = field(init=False)
     quantize: Quantizer | None = field(init=False, repr=False, compare=False)
     dequantize: Dequantizer | None = field(init=False, repr=False, compare=False)
 
+    @property
+    def quantized(self) -> bool:
+        return self.quantize is not None
+
     def __post_init__(self) -> None:
         quantized = self.dtype in _QUANTIZED_TYPES and self.scale > 0.0
-        object.__setattr__(self, "quantized", quantized)
         args = (self.scale, self.zero_point, self.dtype)
         object.__setattr__(self, "quantize", Quantizer(*args) if quantized else None)
         object.__setattr__(self, "dequantize", Dequantizer(*args) if quantized else None)
