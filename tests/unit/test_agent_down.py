@@ -115,6 +115,13 @@ def test_readiness_names_the_model_down_and_why_while_the_other_serves(agent: Ag
     assert model.status_code == 503
     assert "golden" in model.json()["error"]
     assert client.get("/v2/models/nope/ready").status_code == 404
+    # Inference on the model that is down answers 503 with the same reason; 404 stays for a
+    # model that is not installed (docs/agent.md, readiness).
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0.0] * 64}]}
+    refused = client.post("/v2/models/digits/infer", json=body)
+    assert refused.status_code == 503
+    assert "golden" in refused.json()["error"]
+    assert client.post("/v2/models/nope/infer", json=body).status_code == 404
 
 
 def test_a_good_version_clears_the_record(agent: Agent, digits_bundles: DigitsBundles) -> None:
