@@ -59,6 +59,26 @@ class ApiConfig:
 
 
 @dataclass(frozen=True)
+class GrpcConfig:
+    """The Open Inference Protocol's gRPC service (``inference.GRPCInferenceService``).
+
+    It shares the ``[api]`` section's rate limit and drain; ``port = 0`` picks a free port.
+    """
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8081
+    unix_socket: str | None = None
+    max_message_bytes: int = 8 * 1024 * 1024
+    max_workers: int = 8
+
+    def validate(self) -> None:
+        _check(0 <= self.port <= 65535, "grpc.port must be 0..65535")
+        _check(self.max_message_bytes >= 1024, "grpc.max_message_bytes must be >= 1024")
+        _check(1 <= self.max_workers <= 256, "grpc.max_workers must be 1..256")
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     """Where bundles and state live, what the device trusts, and how much it may load."""
 
@@ -226,6 +246,7 @@ class AgentConfig:
     log_json: bool = False
     log_level: str = "info"
     api: ApiConfig = field(default_factory=ApiConfig)
+    grpc: GrpcConfig = field(default_factory=GrpcConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
@@ -242,6 +263,7 @@ class AgentConfig:
 
 _SECTIONS: dict[str, type[Any]] = {
     "api": ApiConfig,
+    "grpc": GrpcConfig,
     "store": StoreConfig,
     "runtime": RuntimeConfig,
     "drift": DriftConfig,

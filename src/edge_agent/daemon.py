@@ -2,7 +2,8 @@
 
 Owns process concerns only: logging (plain or JSON), the control thread (probation, drift
 windows, picking up installs made by the CLI, the systemd watchdog), ``sd_notify`` readiness,
-and an orderly shutdown (the API drains in-flight requests, then models are unloaded).
+and an orderly shutdown (the HTTP and gRPC APIs drain in-flight requests together, then models
+are unloaded).
 """
 
 from __future__ import annotations
@@ -182,7 +183,10 @@ class ControlLoop(threading.Thread):
 
 def _ready(handle: Any) -> None:
     log.info(
-        "ready at %s%s", handle.url, f" and unix:{handle.unix_socket}" if handle.unix_socket else ""
+        "ready at %s%s%s",
+        handle.url,
+        f" and unix:{handle.unix_socket}" if handle.unix_socket else "",
+        "".join(f"; {listener.describe()}" for listener in handle.listeners),
     )
     sd_notify("READY=1")
 
@@ -203,6 +207,12 @@ def run(config: AgentConfig) -> int:
     metrics = ApiMetrics()
     metrics.registry.register(AgentCollector(agent))
     app = create_app(agent, config.api, metrics)
+    listeners = []
+    if config.grpc.enabled:  # grpc is imported only when the gRPC API is on
+        from edge_agent.api.grpc_v2 import GrpcInference, GrpcListener
+
+        servicer = GrpcInference(agent, metrics, app.state.rate_limiter)
+        listeners.append(GrpcListener(servicer, config.grpc))
     # Everything loaded so far (runtimes, manifests, baselines) lives as long as the process:
     # keep it out of the cyclic GC's full collections, which otherwise pause serving.
     gc.collect()
@@ -218,7 +228,7 @@ def run(config: AgentConfig) -> int:
         f" and {config.api.unix_socket}" if config.api.unix_socket else "",
     )
     try:
-        serve(app, config.api, ready_callback=_ready)
+        serve(app, config.api, ready_callback=_ready, listeners=listeners)
     finally:
         sd_notify("STOPPING=1")
         control.stop.set()

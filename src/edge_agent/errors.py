@@ -283,3 +283,34 @@ class TransferIncompleteError(ContractError):
     """The transfer was asked to finish before every block arrived (a caller bug)."""
 
     code = "transfer_incomplete"
+
+
+#: The one table of how each family answers on the local inference API, REST and gRPC alike:
+#: (family, HTTP status, gRPC status code name). Most specific family first; the first match
+#: wins (``api_status``). Families that mean "cannot answer now" (503 / UNAVAILABLE) only do so
+#: when the service raised them; anywhere else they are a bug (500 / INTERNAL).
+API_STATUS: tuple[tuple[type[EdgefleetError], int, str], ...] = (
+    (InputValidationError, 400, "INVALID_ARGUMENT"),
+    (ModelNotFoundError, 404, "NOT_FOUND"),
+    (RateLimitedError, 429, "RESOURCE_EXHAUSTED"),
+    (RuntimeAdapterError, 503, "UNAVAILABLE"),
+    (FallbackError, 503, "UNAVAILABLE"),
+    (ModelStoreError, 503, "UNAVAILABLE"),
+)
+#: Anything else: an opaque internal error (the traceback goes to the log, never to the client).
+INTERNAL_STATUS = (500, "INTERNAL")
+#: A request larger than the API accepts (HTTP 413; gRPC's own size limit answers the same way).
+TOO_LARGE_STATUS = (413, "RESOURCE_EXHAUSTED")
+
+
+def api_status(exc: BaseException, *, from_service: bool = True) -> tuple[int, str]:
+    """(HTTP status, gRPC status code name) for ``exc`` by ``API_STATUS``.
+
+    ``from_service``: the inference service raised it (not decoding or encoding around it).
+    """
+    for family, http, grpc in API_STATUS:
+        if isinstance(exc, family):
+            if http == 503 and not from_service:
+                break
+            return http, grpc
+    return INTERNAL_STATUS

@@ -14,6 +14,8 @@ accepting connections, close idle keep-alive connections, let in-flight requests
 ``drain_seconds``, then cancel what is left. Unlike uvicorn's own runner, the signal is not
 re-raised afterwards: ``serve`` returns normally so the daemon can stop its other parts. A model
 call still running in a worker thread when the drain times out is abandoned, not killed.
+Other front ends (``Listener``, e.g. the gRPC service) start before uvicorn and drain with it:
+they stop accepting when uvicorn does and get the same ``drain_seconds``.
 
 uvicorn is configured for a daemon: no logging configuration of its own (the daemon's applies), no
 access log (metrics count requests), no ``Server`` header, and proxy headers off so no local
@@ -22,6 +24,7 @@ client can pick its rate-limit identity with ``X-Forwarded-For``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -29,9 +32,10 @@ import signal
 import socket
 import stat
 import threading
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Protocol
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -45,15 +49,39 @@ SOCKET_MODE = 0o660
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+class Listener(Protocol):
+    """Another front end (e.g. gRPC) that ``serve`` starts and drains with the HTTP API.
+
+    ``start`` binds and accepts (it raises ``ConfigError`` when it cannot); ``begin_drain``
+    stops accepting and gives in-flight calls ``grace`` seconds, returning at once (only its
+    first call counts); ``wait_drained`` blocks until they ended or the grace ran out.
+    """
+
+    def start(self) -> None: ...
+
+    def begin_drain(self, grace: float) -> None: ...
+
+    def wait_drained(self) -> None: ...
+
+    def describe(self) -> str:
+        """Where it listens, for logs (e.g. ``gRPC on 127.0.0.1:8081``)."""
+        ...
+
+
 class ServerHandle:
     """Where a running server listens, and a thread-safe way to stop it."""
 
     def __init__(
-        self, server: uvicorn.Server, tcp_address: tuple[str, int], unix_socket: str | None
+        self,
+        server: uvicorn.Server,
+        tcp_address: tuple[str, int],
+        unix_socket: str | None,
+        listeners: Sequence[Listener] = (),
     ) -> None:
         self._server = server
         self.tcp_address = tcp_address
         self.unix_socket = unix_socket
+        self.listeners = tuple(listeners)
 
     @property
     def url(self) -> str:
@@ -70,11 +98,23 @@ class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config) -> None:
         super().__init__(config)
         self.on_started: Callable[[], None] | None = None
+        self.others: Sequence[Listener] = ()
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
         if self.started and self.on_started is not None:
             self.on_started()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # Every front end stops accepting at the same moment and drains in parallel.
+        grace = float(self.config.timeout_graceful_shutdown or 0)
+        for other in self.others:
+            other.begin_drain(grace)
+        try:
+            await super().shutdown(sockets=sockets)
+        finally:
+            for other in self.others:
+                await asyncio.to_thread(other.wait_drained)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -101,13 +141,17 @@ def serve(
     config: ApiConfig,
     *,
     ready_callback: Callable[[ServerHandle], None] | None = None,
+    listeners: Sequence[Listener] = (),
 ) -> None:
     """Serve ``app`` on ``config.host:config.port`` and ``config.unix_socket``; block until drained.
+
+    ``listeners`` (other front ends, e.g. gRPC) start before the HTTP API and drain with it:
+    SIGTERM stops every one accepting at once, and ``serve`` returns when all have drained.
 
     Args:
         app: the ASGI app, normally ``create_app(...)``.
         config: where to listen (port 0 picks a free port) and ``drain_seconds``.
-        ready_callback: called once both listeners accept connections, with their addresses and
+        ready_callback: called once every listener accepts connections, with their addresses and
             a handle to stop the server (e.g. to notify systemd). It runs on the event loop, so it
             must return quickly; an exception from it aborts ``serve``.
 
@@ -118,6 +162,7 @@ def serve(
     config.validate()
     sockets: list[socket.socket] = []
     identity: tuple[int, int] | None = None
+    started: list[Listener] = []
     try:
         tcp = _bind_tcp(config.host, config.port)
         sockets.append(tcp)
@@ -136,7 +181,11 @@ def serve(
                 lifespan="auto",
             )
         )
-        handle = ServerHandle(server, tcp.getsockname()[:2], config.unix_socket)
+        for listener in listeners:
+            listener.start()
+            started.append(listener)
+        server.others = started
+        handle = ServerHandle(server, tcp.getsockname()[:2], config.unix_socket, started)
         if ready_callback is not None:
             server.on_started = lambda: ready_callback(handle)
         logger.info(
@@ -147,10 +196,13 @@ def serve(
         server.run(sockets=sockets)
         logger.info("inference API stopped")
     finally:
+        for listener in started:  # a no-op after a drain; stops them if uvicorn never ran
+            listener.begin_drain(0.0)
+            listener.wait_drained()
         for sock in sockets:
             sock.close()
         if config.unix_socket and identity is not None:
-            _remove_socket(config.unix_socket, identity)
+            remove_socket(config.unix_socket, identity)
 
 
 def _bind_tcp(host: str, port: int) -> socket.socket:
@@ -170,14 +222,28 @@ def _bind_tcp(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _bind_unix(path: str) -> tuple[socket.socket, tuple[int, int]]:
+def claim_unix_path(path: str, key: str = "api.unix_socket") -> None:
+    """Make ``path`` free for a new Unix socket: remove a stale socket file, refuse anything else.
+
+    Args:
+        path: the socket file's path.
+        key: the config key that named it, for the error message.
+
+    Raises:
+        ConfigError: ``path`` exists and is not a socket, or a live server answers on it.
+    """
     file = Path(path)
     if os.path.lexists(path):
         if not stat.S_ISSOCK(file.lstat().st_mode):
-            raise ConfigError(f"api.unix_socket {path} exists and is not a socket")
+            raise ConfigError(f"{key} {path} exists and is not a socket")
         if _answers(path):
-            raise ConfigError(f"api.unix_socket {path} is in use by another server")
+            raise ConfigError(f"{key} {path} is in use by another server")
         file.unlink()  # left behind by a process that died
+
+
+def _bind_unix(path: str) -> tuple[socket.socket, tuple[int, int]]:
+    file = Path(path)
+    claim_unix_path(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         with contextlib.suppress(OSError):  # Linux: the file takes this mode (minus the umask)
@@ -205,7 +271,8 @@ def _answers(path: str) -> bool:
     return True
 
 
-def _remove_socket(path: str, identity: tuple[int, int]) -> None:
+def remove_socket(path: str, identity: tuple[int, int]) -> None:
+    """Remove the socket file at ``path`` if it is still the one with ``identity`` (dev, inode)."""
     try:
         info = Path(path).lstat()
         if (info.st_dev, info.st_ino) == identity:

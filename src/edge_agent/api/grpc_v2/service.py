@@ -1,0 +1,266 @@
+"""The protocol's gRPC service (``inference.GRPCInferenceService``) over an ``InferenceService``.
+
+Owns the six core RPCs (ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata,
+ModelInfer), their status codes and their metrics. Status codes come from the one error table,
+``edge_agent.errors.API_STATUS`` (the same row gives REST its HTTP status): INVALID_ARGUMENT for a
+request that does not fit (the message names the validation reason and input, as REST's 400),
+NOT_FOUND for an unknown model or version, RESOURCE_EXHAUSTED for a client over its rate limit,
+UNAVAILABLE when the model or the cloud cannot answer, INTERNAL with a generic message (the
+traceback goes to the log) for anything else. A message larger than ``grpc.max_message_bytes``
+is refused by grpc itself with RESOURCE_EXHAUSTED before it reaches this code.
+
+Validation, routing (the ``routing_key`` request parameter, else ``x-routing-key`` metadata),
+drift and fallback are the service's, exactly as for REST; metrics go to the same series as REST
+(the probes count under ``grpc_*`` endpoint names). Rate limiting shares REST's limiter: a TCP
+client is its peer IP, every Unix-socket client is the one client ``"uds"``.
+
+Threads: grpc runs each RPC on one of ``grpc.max_workers`` threads; the model runs on that thread.
+Does not own sockets or the drain (``edge_agent.api.grpc_v2.server``) nor decoding
+(``edge_agent.api.grpc_v2.codec``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+import grpc
+
+from edge_agent.api import metrics as m
+from edge_agent.api.app import UDS_CLIENT
+from edge_agent.api.grpc_v2 import codec
+from edge_agent.api.grpc_v2.messages import METHODS, SERVICE, Message
+from edge_agent.api.metadata import EXTENSIONS, protocol_metadata
+from edge_agent.api.metrics import ApiMetrics
+from edge_agent.api.ratelimit import RateLimiter
+from edge_agent.errors import EdgefleetError, InputValidationError, api_status
+from edge_agent.service import InferenceRequest, InferenceService
+
+__all__ = ["GrpcInference"]
+
+logger = logging.getLogger(__name__)
+
+_OUTCOMES = {
+    400: m.OUTCOME_INVALID,
+    404: m.OUTCOME_NOT_FOUND,
+    413: m.OUTCOME_TOO_LARGE,
+    429: m.OUTCOME_RATE_LIMITED,
+    503: m.OUTCOME_UNAVAILABLE,
+}
+_MAX_KNOWN_MODELS = 256
+
+
+class _RpcError(Exception):
+    """An RPC's answer is an error status (raised inside a handler, turned into the status)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, outcome: str, reason: str) -> None:
+        super().__init__(message)
+        self.status = code
+        self.outcome = outcome
+        self.reason = reason
+
+
+def _client(context: grpc.ServicerContext) -> str:
+    peer = context.peer() or ""
+    kind, _, address = peer.partition(":")
+    if kind == "ipv4":
+        return address.rpartition(":")[0]
+    if kind == "ipv6":
+        return address.rpartition(":")[0].strip("[]")
+    return UDS_CLIENT
+
+
+def _failure(exc: Exception, *, from_service: bool = True) -> _RpcError:
+    http, name = api_status(exc, from_service=from_service)
+    code = getattr(grpc.StatusCode, name)
+    if http == 500:
+        reason = exc.code if isinstance(exc, EdgefleetError) else "exception"
+        logger.error("gRPC inference API failed (%s)", reason, exc_info=exc)
+        return _RpcError(code, f"internal error ({reason})", m.OUTCOME_ERROR, reason)
+    if isinstance(exc, InputValidationError):
+        parts = [f"reason: {exc.reason}"] + ([f"field: {exc.field}"] if exc.field else [])
+        if exc.counts:
+            parts.append("rows: " + ", ".join(f"{k}={v}" for k, v in sorted(exc.counts.items())))
+        return _RpcError(code, f"{exc} ({'; '.join(parts)})", m.OUTCOME_INVALID, exc.reason)
+    reason = exc.code if isinstance(exc, EdgefleetError) else "exception"
+    return _RpcError(code, str(exc) or reason, _OUTCOMES.get(http, m.OUTCOME_ERROR), reason)
+
+
+def _abort(context: grpc.ServicerContext, failure: _RpcError) -> NoReturn:
+    context.abort(failure.status, str(failure))
+    raise AssertionError("unreachable: abort raises")  # pragma: no cover
+
+
+class GrpcInference:
+    """The RPC handlers over one service, limiter and metrics (shared with the REST API)."""
+
+    def __init__(
+        self, service: InferenceService, metrics: ApiMetrics, limiter: RateLimiter
+    ) -> None:
+        self.service = service
+        self.metrics = metrics
+        self.limiter = limiter
+        self._known: set[str] = set()
+        self._responses = {name: response for name, (_, response) in METHODS.items()}
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The generic handler serving every RPC of ``inference.GRPCInferenceService``."""
+        calls: dict[str, Callable[[Any, grpc.ServicerContext], Any]] = {
+            "ServerLive": self.server_live,
+            "ServerReady": self.server_ready,
+            "ModelReady": self.model_ready,
+            "ServerMetadata": self.server_metadata,
+            "ModelMetadata": self.model_metadata,
+            "ModelInfer": self.model_infer,
+        }
+        handlers = {
+            name: grpc.unary_unary_rpc_method_handler(
+                calls[name],
+                request_deserializer=request.FromString,
+                response_serializer=response.SerializeToString,
+            )
+            for name, (request, response) in METHODS.items()
+        }
+        return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+    def _label(self, name: str) -> str:
+        return name if name in self._known else m.UNKNOWN_MODEL
+
+    def _vouch(self, name: str) -> None:
+        if len(self._known) < _MAX_KNOWN_MODELS:
+            self._known.add(name)
+
+    def _throttle(self, context: grpc.ServicerContext) -> None:
+        wait = self.limiter.acquire(_client(context))
+        if wait > 0:
+            message = f"rate limited; retry in {wait:.3f}s"
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED
+            raise _RpcError(code, message, m.OUTCOME_RATE_LIMITED, m.OUTCOME_RATE_LIMITED)
+
+    # --- health and metadata -------------------------------------------------------------
+
+    def server_live(self, request: Message, context: grpc.ServicerContext) -> Message:
+        return self._responses["ServerLive"](live=self._probe(self.service.live, "live"))
+
+    def server_ready(self, request: Message, context: grpc.ServicerContext) -> Message:
+        return self._responses["ServerReady"](ready=self._probe(self.service.ready, "ready"))
+
+    @staticmethod
+    def _probe(check: Callable[[], bool], what: str) -> bool:
+        try:
+            return bool(check())
+        except Exception:
+            logger.exception("gRPC %s probe failed", what)
+            return False
+
+    def server_metadata(self, request: Message, context: grpc.ServicerContext) -> Message:
+        try:
+            meta = dict(self.service.server_metadata())
+        except Exception as exc:
+            _abort(context, _failure(exc))
+        # Only what this front end implements, whatever the service claims (as REST).
+        return self._responses["ServerMetadata"](
+            name=str(meta.get("name", "")),
+            version=str(meta.get("version", "")),
+            extensions=list(EXTENSIONS),
+        )
+
+    def model_ready(self, request: Message, context: grpc.ServicerContext) -> Message:
+        ready = self._model_call(request, context, "grpc_model_ready", self.service.model_ready)
+        return self._responses["ModelReady"](ready=bool(ready))
+
+    def model_metadata(self, request: Message, context: grpc.ServicerContext) -> Message:
+        meta = self._model_call(request, context, "grpc_metadata", self.service.model_metadata)
+        document = protocol_metadata(meta)
+        response = self._responses["ModelMetadata"](
+            name=str(document.get("name", request.name)),
+            versions=[str(v) for v in document.get("versions", [])],
+            platform=str(document.get("platform", "")),
+        )
+        for key in ("inputs", "outputs"):
+            for tensor in document.get(key) or []:
+                getattr(response, key).add(
+                    name=str(tensor.get("name", "")),
+                    datatype=str(tensor.get("datatype", "")),
+                    shape=[d if isinstance(d, int) and d >= 0 else -1 for d in tensor["shape"]],
+                )
+        return response
+
+    def _model_call(
+        self, request: Message, context: grpc.ServicerContext, endpoint: str, call: Any
+    ) -> Any:
+        name, version = request.name, request.version or None
+        try:
+            self._throttle(context)
+            try:
+                value = call(name, version)
+            except Exception as exc:
+                raise _failure(exc) from exc
+        except _RpcError as failure:
+            self.metrics.count_request(endpoint, self._label(name), failure.outcome, failure.reason)
+            _abort(context, failure)
+        self._vouch(name)
+        self.metrics.count_request(endpoint, name, m.OUTCOME_OK, m.NO_REASON)
+        return value
+
+    # --- inference -----------------------------------------------------------------------
+
+    def model_infer(self, request: Message, context: grpc.ServicerContext) -> Message:
+        started = time.perf_counter()
+        name = request.model_name
+        self.metrics.request_started()
+        outcome, reason = m.OUTCOME_OK, m.NO_REASON
+        try:
+            return self._infer(request, context)
+        except _RpcError as failure:
+            outcome, reason = failure.outcome, failure.reason
+            _abort(context, failure)
+        finally:
+            self.metrics.request_finished()
+            elapsed = time.perf_counter() - started
+            self.metrics.observe_infer(self._label(name), outcome, reason, elapsed)
+
+    def _infer(self, request: Message, context: grpc.ServicerContext) -> Message:
+        self._throttle(context)
+        name, version = request.model_name, request.model_version or None
+        stage = "decode"
+        try:
+            decoded = codec.decode_infer(request)
+            routing = decoded.parameters.get("routing_key", _metadata_key(context))
+            if routing is not None and not isinstance(routing, str):
+                raise InputValidationError(
+                    "parameter 'routing_key' must be a string", reason="schema"
+                )
+            inference = InferenceRequest(
+                model=name,
+                inputs=decoded.inputs,
+                version=version,
+                routing_key=routing,
+                request_id=decoded.request_id,
+                payload_bytes=request.ByteSize(),
+                parameters=decoded.parameters,
+            )
+            stage = "service"
+            result = self.service.infer(inference)
+            stage = "encode"
+            response = codec.encode_infer(
+                result, request_id=decoded.request_id, outputs=decoded.outputs
+            )
+        except Exception as exc:
+            known = stage != "decode" and isinstance(exc, EdgefleetError)
+            if known and api_status(exc)[0] != 404:
+                self._vouch(name)  # the service knew the model: a bounded label
+            raise _failure(exc, from_service=stage == "service") from exc
+        self._vouch(name)
+        self.metrics.count_source(name, result.source)
+        self.metrics.set_model_version(name, result.model_version)
+        return response
+
+
+def _metadata_key(context: grpc.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-routing-key" and isinstance(value, str):
+            return value
+    return None
