@@ -70,11 +70,15 @@ class FallbackTransport(Protocol):
         deadline_s: float,
         reason: str,
         device_outputs: Tensors | None = None,
+        model_version: int | None = None,
     ) -> Tensors:
         """Ask the cloud copy of ``model`` to answer ``inputs`` within ``deadline_s`` seconds.
 
         ``device_outputs`` is the device's own answer when it has one (a hard example), for
-        counting cloud/device disagreement; None otherwise.
+        counting cloud/device disagreement; None otherwise. ``model_version`` is the version
+        the device runs, so the cloud answers with that version's cloud model (None: the
+        device runs none). ``CloudFallback`` passes it only when it is set, so a transport
+        written before the argument existed still serves devices without a model.
 
         Raises:
             FallbackError: the request failed or timed out (``CloudFallbackError`` with reason
@@ -94,6 +98,7 @@ class UnavailableTransport:
         deadline_s: float,
         reason: str,
         device_outputs: Tensors | None = None,
+        model_version: int | None = None,
     ) -> Tensors:
         """Raises: CloudFallbackError: always, with reason ``no_transport``."""
         raise CloudFallbackError("no cloud transport configured", reason="no_transport")
@@ -362,13 +367,15 @@ class CloudFallback:
         *,
         deadline_s: float | None = None,
         device_outputs: Tensors | None = None,
+        model_version: int | None = None,
     ) -> Tensors:
         """Ask the cloud to answer ``inputs`` for ``model``.
 
         ``reason`` is the ``Decision.reason`` that sent the request here; ``deadline_s`` is the
-        time the caller has left (the configured deadline caps it). Checks run in this order:
-        transport configured, time left, breaker, budget; then the transport is called with
-        the deadline, and an answer arriving after it is a failure too.
+        time the caller has left (the configured deadline caps it); ``model_version`` is the
+        version the device runs (the cloud answers with that version's cloud model). Checks
+        run in this order: transport configured, time left, breaker, budget; then the
+        transport is called with the deadline, and an answer arriving after it is a failure.
 
         Raises:
             CloudFallbackError: with ``reason`` ``no_transport``, ``deadline`` (no time left,
@@ -390,7 +397,7 @@ class CloudFallback:
             self.breaker.release()
             raise self._fail("budget_exhausted", "cloud fallback budget per minute is spent")
         try:
-            answer = self._request(model, inputs, reason, budget_s, device_outputs)
+            answer = self._request(model, inputs, reason, budget_s, device_outputs, model_version)
         except CloudFallbackError as exc:
             if exc.reason == "no_transport":
                 self.breaker.release()
@@ -414,11 +421,18 @@ class CloudFallback:
         reason: str,
         deadline_s: float,
         device_outputs: Tensors | None,
+        model_version: int | None,
     ) -> Tensors:
         start = self._clock()
+        extra: dict[str, int] = {} if model_version is None else {"model_version": model_version}
         try:
             answer = self._transport.request(
-                model, inputs, deadline_s=deadline_s, reason=reason, device_outputs=device_outputs
+                model,
+                inputs,
+                deadline_s=deadline_s,
+                reason=reason,
+                device_outputs=device_outputs,
+                **extra,
             )
         except Exception as exc:
             # The transport is a plugin boundary: whatever it raises is a failed call.

@@ -82,12 +82,15 @@ class MqttFallbackTransport:
         deadline_s: float,
         reason: str,
         device_outputs: Tensors | None = None,
+        model_version: int | None = None,
     ) -> Tensors:
         """Ask the cloud copy of ``model`` to answer ``inputs`` within ``deadline_s`` seconds.
 
         ``device_outputs`` (optional, beyond the ``FallbackTransport`` protocol) is the
         device's own answer to the same inputs; it travels with the request and the answer is
-        compared with it (``stats()["disagree_rows"]``).
+        compared with it (``stats()["disagree_rows"]``). ``model_version`` is the version the
+        device runs: the cloud answers with that version's cloud model, and refuses
+        (``unknown_version``) a version it does not serve rather than answer with another.
 
         Raises:
             CloudFallbackError: reason ``deadline`` when no answer came in time,
@@ -102,6 +105,7 @@ class MqttFallbackTransport:
                 deadline_ms=max(1.0, deadline_s * 1000.0),
                 reason=reason,
                 device_outputs=device_outputs or {},
+                model_version=model_version,
             ).to_bytes()
         except ContractError as exc:
             self._count("encode_errors")

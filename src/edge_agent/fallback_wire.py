@@ -15,6 +15,13 @@ the buffers follow in header order (request: ``inputs`` then ``device_outputs``;
 ``outputs``), each ``prod(shape) * itemsize`` raw little-endian bytes. Every byte of a message
 is accounted for: a short or long body is refused. JSON for the header keeps it readable by
 any consumer; raw buffers keep a 64-row float batch at a memcpy instead of a float parse.
+
+Versions: a request names the model version the device runs (``model_version``, optional so
+requests of agents older than the field still parse); the cloud answers with that version's
+cloud model, never a newer published one. A request that names a version the cloud does not
+serve gets ``unknown_version``; a request without one is resolved by the server from what the
+registry says the device runs (see ``docs/fallback.md``). Servers must be upgraded before
+devices: an older server refuses the field as unknown (``bad_request``).
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ __all__ = [
     "MAX_MESSAGE_BYTES",
     "MAX_RANK",
     "MAX_TENSORS",
+    "MAX_VERSION",
     "SCHEMA_VERSION",
     "Comparison",
     "FallbackRequest",
@@ -77,12 +85,22 @@ DTYPES: Final = (
     "bool",
 )
 #: Stable error codes of a ``FallbackResponse`` (and the server's counters).
-ERROR_CODES: Final = ("bad_request", "unknown_model", "inference_failed", "overloaded", "internal")
+#: ``unknown_version`` only answers requests that name a version (agents that know the code).
+ERROR_CODES: Final = (
+    "bad_request",
+    "unknown_model",
+    "unknown_version",
+    "inference_failed",
+    "overloaded",
+    "internal",
+)
+#: Largest model version a request may name (a JSON-safe integer, as in the manifest).
+MAX_VERSION: Final = 2**53 - 1
 
 _PREFIX = struct.Struct("<4sI")
 _HEADER_KEYS_REQ: Final = {"schema_version", "kind", "model", "deadline_ms", "reason", "inputs"}
 _HEADER_KEYS_RESP: Final = {"schema_version", "kind", "model", "model_version", "outputs"}
-_OPTIONAL_REQ: Final = {"device_outputs"}
+_OPTIONAL_REQ: Final = {"device_outputs", "model_version"}
 _OPTIONAL_RESP: Final = {"error", "compute_ms"}
 
 Tensor = npt.NDArray[Any]
@@ -103,6 +121,14 @@ def _number(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise _fail(f"{what} must be a finite number")
     return float(value)
+
+
+def _version(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_VERSION:
+        raise _fail(f"model_version must be an integer 1-{MAX_VERSION}, got {value!r}")
+    return value
 
 
 def _exact_keys(d: Any, required: set[str], optional: set[str], what: str) -> dict[str, Any]:
@@ -252,6 +278,9 @@ class FallbackRequest:
         reason: Why the device asked (``Decision.reason``), for the server's counters.
         device_outputs: The device's own answer when it has one (hard examples), so the server
             can count disagreement too; empty otherwise.
+        model_version: The version of ``model`` the device runs (the cloud answers with that
+            version's cloud model); None when the device runs none, or for requests of older
+            agents (the server then asks its registry).
     """
 
     model: str
@@ -259,10 +288,12 @@ class FallbackRequest:
     deadline_ms: float
     reason: str = "policy"
     device_outputs: Mapping[str, Tensor] = field(default_factory=dict)
+    model_version: int | None = None
 
     def __post_init__(self) -> None:
         """Raises: ContractError: a field is out of range or a tensor cannot be framed."""
         _text(self.model, "model")
+        _version(self.model_version)
         _text(self.reason, "reason")
         d = _number(self.deadline_ms, "deadline_ms")
         if not 0 < d <= MAX_DEADLINE_MS:
@@ -284,6 +315,8 @@ class FallbackRequest:
             "reason": self.reason,
             "inputs": [s.to_dict() for s in _specs(self.inputs)],
         }
+        if self.model_version is not None:
+            d["model_version"] = self.model_version
         if self.device_outputs:
             d["device_outputs"] = [s.to_dict() for s in _specs(self.device_outputs)]
         return d
@@ -319,6 +352,7 @@ class FallbackRequest:
             deadline_ms=_number(h["deadline_ms"], "deadline_ms"),
             reason=_text(h["reason"], "reason"),
             device_outputs=device_outputs,
+            model_version=_version(h.get("model_version")),
         )
 
 

@@ -169,9 +169,11 @@ class SigningConfig:
 class FallbackSection:
     """Cloud fallback serving: answer devices' fallback requests with cloud models.
 
-    ``models_dir`` holds ``<model name>.onnx`` / ``.tflite`` files served as they are (e.g. the
-    float or a larger model); empty means the published bundles, highest version per name,
-    verified with the builder root and run with their signed preprocessing.
+    Each device is answered by the version it runs, and only published versions are served.
+    ``models_dir`` may register cloud models served as they are (e.g. the float or a larger
+    model): ``<name>@<version>.onnx`` / ``.tflite`` for one version, ``<name>.onnx`` for every
+    version of the name; any other version is answered by its own published bundle, verified
+    with the builder root and run with its signed preprocessing.
     """
 
     enabled: bool = False

@@ -14,10 +14,18 @@ an error response with a stable code and are counted; nothing a device sends sto
 worker. A response topic that is not the sending device's own ``fallback/resp/...`` is never
 published to (a device must not make the server write into another device's topics).
 
-Models published later: with a ``resolve`` callback, a pool thread (never the MQTT handler
-thread, which the gateway shares) loads a model a request names that the worker lacks, and
-asks again for a model it has at most every ``RESOLVE_EVERY`` seconds, swapping in a newer
-version. Both are rate-limited per name; the names remembered for that are bounded (LRU).
+Which model answers: the version the device runs, never simply the newest published one (a
+candidate that is merely published must not change what the fleet's fallback answers, nor
+touch a rollout's control group). A request names its version (``model_version``); a request
+of an older agent that does not is resolved with ``CloudModelSource.version_of`` (what the
+registry says the device runs). With a ``source``, a pool thread (never the MQTT handler
+thread, which the gateway shares) loads ``(name, version)`` with ``CloudModelSource.load``;
+a version it does not serve (unpublished, unknown) is refused with ``unknown_version``
+(``unknown_model`` for requests without a version: older agents know only that code), and
+asked again at most every ``RESOLVE_EVERY`` seconds. Versions are immutable, so a loaded one
+is never refreshed; at most ``MAX_LOADED`` are kept (least recently used dropped), and the
+refusals remembered are bounded too. Without a source, ``models`` (by name, e.g. an
+operator's float model) answers every version of its name.
 
 Does not load models: ``CloudModel`` and ``CloudModels`` live in ``fleet_server.cloud_models``
 (re-exported here). Does not create or close the MQTT client, and does not decide when
@@ -45,22 +53,26 @@ from edge_agent.fallback_wire import (
 )
 from edge_agent.mqtt import Message, MessageProperties, MqttClient
 from edge_agent.topics import Topics
-from fleet_server.cloud_models import CloudModel, CloudModels
+from fleet_server.cloud_models import CloudModel, CloudModels, CloudModelSource
 from fleet_server.errors import FallbackServingError
 
-__all__ = ["CloudModel", "CloudModels", "FallbackWorker"]
+__all__ = ["CloudModel", "CloudModelSource", "CloudModels", "FallbackWorker"]
 
 log = logging.getLogger(__name__)
 
 _QUEUE_SAMPLES: Final = 4096  # recent queue waits kept for the p50/p99 in stats()
 
-#: Seconds between two ``resolve`` calls for the same name (a known model is refreshed, an
-#: unknown one retried, at most this often).
+#: Seconds between two ``load`` calls for a ``(name, version)`` the source did not serve.
 RESOLVE_EVERY = 10.0
 
-#: Names whose last ``resolve`` time is remembered (least recently resolved forgotten first):
-#: the names come from devices, so the memory of them must be bounded.
+#: ``(name, version)`` pairs whose last refused ``load`` is remembered (oldest forgotten
+#: first): the names and versions come from devices, so the memory of them must be bounded.
 RESOLVE_MEMORY = 1024
+
+#: Loaded cloud models kept (least recently used dropped, loaded again when asked for).
+MAX_LOADED = 16
+
+_Key = tuple[str, int]
 
 
 @dataclass(frozen=True)
@@ -86,16 +98,13 @@ class FallbackWorker:
         threads: int = 2,
         max_queue: int = 64,
         clock: Callable[[], float] = time.monotonic,
-        resolve: Callable[[str], CloudModel | None] | None = None,
+        source: CloudModelSource | None = None,
     ) -> None:
         """Prepare (not start) a worker.
 
-        ``resolve(name)`` loads the newest cloud model of that name (e.g. from a bundle
-        published after the worker started), or returns None when there is none; it may raise
-        ``FallbackServingError``. It runs on the pool threads, at most once per
-        ``RESOLVE_EVERY`` seconds per name: for a name the worker lacks (requests wait for it)
-        and for one it serves (requests keep the current model meanwhile; a different version
-        returned replaces it). Without it, ``models`` is all the worker serves.
+        ``source`` loads the cloud model of one published version and says which version a
+        device runs (both on the pool threads; see the module docstring). Without it,
+        ``models`` (by name) is all the worker serves, for every version of each name.
 
         Raises:
             FallbackServingError: ``threads`` < 1, ``max_queue`` < 1 or a bad share group.
@@ -107,13 +116,10 @@ class FallbackWorker:
         except ContractError as exc:
             raise FallbackServingError(f"fallback worker: {exc}") from exc
         self._client, self._models, self._topics, self._clock = client, dict(models), topics, clock
-        self._resolve = resolve
-        # name -> when resolve was last asked (LRU, at most RESOLVE_MEMORY names); the models
-        # given here count as just resolved.
-        self._resolved_at: OrderedDict[str, float] = OrderedDict.fromkeys(
-            list(self._models)[-RESOLVE_MEMORY:], clock()
-        )
-        self._loading: dict[str, threading.Event] = {}  # names a pool thread is resolving
+        self._source = source
+        self._loaded: OrderedDict[_Key, CloudModel] = OrderedDict()  # LRU, MAX_LOADED
+        self._refused_at: OrderedDict[_Key, float] = OrderedDict()  # LRU, RESOLVE_MEMORY
+        self._loading: dict[_Key, threading.Event] = {}  # keys a pool thread is loading
         self._jobs: queue.Queue[_Job | None] = queue.Queue(max_queue)
         self._threads = [
             threading.Thread(target=self._work, name=f"fallback-{i}", daemon=True)
@@ -177,8 +183,8 @@ class FallbackWorker:
             return
         expires = received + request.deadline_ms / 1000.0
         job = _Job(device_id, request, reply_to, correlation, received, expires)
-        if request.model not in self._models and not self._may_resolve(request.model, received):
-            self._answer_unknown(job)  # cheap here; the queue stays free for real work
+        if not self._may_serve(request, received):
+            self._answer_unknown(job, request.model_version)  # cheap; the queue stays free
             return
         try:
             self._jobs.put_nowait(job)
@@ -188,66 +194,85 @@ class FallbackWorker:
                 reply_to, correlation, request.model, "overloaded", msg, received, expires
             )
 
-    def _may_resolve(self, name: str, now: float) -> bool:
-        """Whether a pool thread may still find ``name``: it is due or being resolved."""
-        if self._resolve is None:
-            return False
+    def _may_serve(self, request: FallbackRequest, now: float) -> bool:
+        """False when the request is sure to be refused: no source and no model of the name,
+        or a version refused less than ``RESOLVE_EVERY`` seconds ago."""
+        if self._source is None:
+            return request.model in self._models
+        if request.model_version is None:
+            return True  # the registry is asked on a pool thread
+        key = (request.model, request.model_version)
         with self._lock:
-            last = self._resolved_at.get(name)
-            return name in self._loading or last is None or now - last >= RESOLVE_EVERY
+            last = self._refused_at.get(key)
+            return key in self._loading or last is None or now - last >= RESOLVE_EVERY
 
-    def _model_for(self, name: str, until: float) -> CloudModel | None:
-        """The model to serve ``name`` with, resolving it first when due (pool threads only).
+    def _model_for(self, name: str, version: int | None, until: float) -> CloudModel | None:
+        """The model that answers ``name`` v``version``, loading it first (pool threads only).
 
-        A missing name waits (until ``until`` at most) for a resolve another thread started;
-        a known one is served as it is while another thread refreshes it.
+        A key another thread is loading is waited for (until ``until`` at most).
         """
-        model = self._models.get(name)
-        resolve = self._resolve
-        if resolve is None:
-            return model
+        source = self._source
+        if source is None:
+            return self._models.get(name)
+        if version is None:
+            return None
+        key = (name, version)
         now = self._clock()
         mine: threading.Event | None = None
         with self._lock:
-            loading = self._loading.get(name)
-            last = self._resolved_at.get(name)
+            model = self._loaded.get(key)
+            if model is not None:
+                self._loaded.move_to_end(key)
+                return model
+            loading = self._loading.get(key)
+            last = self._refused_at.get(key)
             if loading is None and (last is None or now - last >= RESOLVE_EVERY):
-                mine = self._loading[name] = threading.Event()
-                self._resolved_at[name] = now
-                self._resolved_at.move_to_end(name)
-                while len(self._resolved_at) > RESOLVE_MEMORY:
-                    self._resolved_at.popitem(last=False)
+                mine = self._loading[key] = threading.Event()
         if mine is not None:
             try:
-                self._load(name, resolve)
+                self._load(key, source, now)
             finally:
                 with self._lock:
-                    del self._loading[name]
+                    del self._loading[key]
                 mine.set()
-        elif loading is not None and model is None:
+        elif loading is not None:
             loading.wait(max(0.0, until - now))
-        return self._models.get(name)
+        with self._lock:
+            return self._loaded.get(key)
 
-    def _load(self, name: str, resolve: Callable[[str], CloudModel | None]) -> None:
-        """Ask ``resolve`` for ``name``; swap the result in when it is a different version."""
+    def _load(self, key: _Key, source: CloudModelSource, now: float) -> None:
+        """Ask the source for ``key``; keep what it serves, remember when it refused."""
         try:
-            model = resolve(name)
+            model = source.load(*key)
         except EdgefleetError as exc:
             self._count("resolve_failures")
-            log.warning("cannot load cloud model %r: %s", name, exc)
-            return
-        if model is None:
-            return  # not published (any more): a model already served stays served
-        with self._lock:  # one writer at a time; readers never lock
-            old = self._models.get(name)
-            if old is not None and old.version == model.version:
+            log.warning("cannot load cloud model %s v%d: %s", key[0], key[1], exc)
+            model = None
+        with self._lock:
+            if model is None:
+                self._refused_at[key] = now
+                self._refused_at.move_to_end(key)
+                while len(self._refused_at) > RESOLVE_MEMORY:
+                    self._refused_at.popitem(last=False)
                 return
-            self._models = {**self._models, name: model}  # replaced whole
+            self._refused_at.pop(key, None)
+            self._loaded[key] = model
+            while len(self._loaded) > MAX_LOADED:
+                self._loaded.popitem(last=False)
         self._count("models_loaded")
-        if old is None:
-            log.info("cloud model %s v%s loaded", name, model.version)
-        else:
-            log.info("cloud model %s v%s replaces v%s", name, model.version, old.version)
+        log.info("cloud model %s v%d loaded (answers as %s)", key[0], key[1], model.version)
+
+    def _version_of(self, job: _Job) -> int | None:
+        """The version the request names, else the one the registry says the device runs."""
+        req = job.request
+        if req.model_version is not None or self._source is None:
+            return req.model_version
+        try:
+            return self._source.version_of(req.model, job.device_id)
+        except EdgefleetError as exc:
+            self._count("resolve_failures")
+            log.warning("cannot tell which %s version %s runs: %s", req.model, job.device_id, exc)
+            return None
 
     def _own_reply_topic(self, topic: str, device_id: str) -> bool:
         try:
@@ -278,12 +303,13 @@ class FallbackWorker:
             self._count("expired")
             return
         req = job.request
-        model = self._model_for(req.model, job.expires)
+        version = self._version_of(job)
+        model = self._model_for(req.model, version, job.expires)
         if self._clock() >= job.expires:
             self._count("expired")  # resolving the model took the time the request had
             return
         if model is None:
-            self._answer_unknown(job)
+            self._answer_unknown(job, version)
             return
         try:
             outputs = model.run(req.inputs)
@@ -339,16 +365,16 @@ class FallbackWorker:
             self._count("answered")
 
     # ------------------------------------------------------------------ replies
-    def _answer_unknown(self, job: _Job) -> None:
+    def _answer_unknown(self, job: _Job, version: int | None) -> None:
         model = job.request.model
+        if job.request.model_version is not None:  # an agent that knows unknown_version
+            code, text = "unknown_version", f"no cloud model for {model!r} v{version}"
+        elif version is None:
+            code, text = "unknown_model", f"no cloud model {model!r} for this device"
+        else:
+            code, text = "unknown_model", f"no cloud model for {model!r} v{version}"
         self._answer_error(
-            job.response_topic,
-            job.correlation,
-            model,
-            "unknown_model",
-            f"no cloud model {model!r}",
-            job.received,
-            job.expires,
+            job.response_topic, job.correlation, model, code, text, job.received, job.expires
         )
 
     def _answer_error(

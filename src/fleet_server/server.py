@@ -32,10 +32,11 @@ from fleet_server.admin import AdminServer, create_app
 from fleet_server.admin_drift import drift_routes
 from fleet_server.admin_rollouts import rollout_routes
 from fleet_server.admin_root import root_routes
+from fleet_server.cloud_models import RegistryCloudModels
 from fleet_server.config import ApiConfig, ServerConfig
 from fleet_server.drift_service import DriftService
 from fleet_server.errors import ServerConfigError
-from fleet_server.fallback_worker import CloudModel, CloudModels, FallbackWorker
+from fleet_server.fallback_worker import FallbackWorker
 from fleet_server.gateway import Gateway, GatewayConfig
 from fleet_server.history import HistoryJob, HistoryPolicy
 from fleet_server.leader import leader_lock
@@ -244,47 +245,31 @@ def _start_fallback(
     library: BundleLibrary,
     registry: Registry,
 ) -> FallbackWorker:
-    """Load the cloud models and start answering fallback requests (shared subscription).
-
-    Without ``models_dir`` the cloud serves the newest published bundle of each model name,
-    loaded when a device first asks for it (so models published later are served too).
+    """Start answering fallback requests (shared subscription) with the version each device
+    runs: its published bundle, or the model ``models_dir`` registers for it.
 
     Raises:
         FallbackServingError: a model in ``models_dir`` cannot be loaded.
     """
     f = config.fallback
-
-    loaded: dict[str, tuple[str, CloudModel]] = {}  # name -> (bundle sha256, model)
-
-    def newest_published(name: str) -> CloudModel | None:
-        bundles = registry.list_bundles(name)
-        if not bundles:
-            return None
-        sha = bundles[-1].sha256
-        known = loaded.get(name)
-        if known is not None and known[0] == sha:
-            return known[1]  # unchanged: no verification, no new session
-        path = library.directory / f"{sha}.bundle"
-        model = CloudModels.from_bundles([path], roots.current, now=datetime.now(UTC)).get(name)
-        if model is not None:
-            loaded[name] = (sha, model)
-        return model
-
-    models = CloudModels.from_dir(Path(f.models_dir)) if f.models_dir else {}
+    source = RegistryCloudModels(
+        registry,
+        library.directory,
+        lambda: roots.current,
+        clock=lambda: datetime.now(UTC),
+        models_dir=Path(f.models_dir) if f.models_dir else None,
+    )
     worker = FallbackWorker(
         client,
-        models,
+        {},
         Topics(config.gateway.prefix),
         f.share_group,
         threads=f.threads,
         max_queue=f.max_queue,
-        resolve=None if f.models_dir else newest_published,
+        source=source,
     )
     worker.start()
-    log.info(
-        "cloud fallback serving %s",
-        ", ".join(sorted(models)) if f.models_dir else "the newest published bundle of each model",
-    )
+    log.info("cloud fallback serving %s", source.describe())
     return worker
 
 

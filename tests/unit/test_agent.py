@@ -40,6 +40,7 @@ class FakeCloud:
         deadline_s: float,
         reason: str,
         device_outputs: Mapping[str, Any] | None = None,
+        model_version: int | None = None,
     ) -> Mapping[str, Any]:
         self.calls.append(reason)
         if self.fail:

@@ -72,6 +72,7 @@ class FakeTransport:
         deadline_s: float,
         reason: str,
         device_outputs: Tensors | None = None,
+        model_version: int | None = None,
     ) -> Tensors:
         self.calls.append((model, deadline_s, reason))
         self.entered.set()

@@ -18,6 +18,7 @@ from edge_agent.mqtt import Message, MessageProperties
 from edge_agent.topics import Topics
 from fleet_server.errors import FallbackServingError
 from fleet_server.fallback_worker import (
+    MAX_LOADED,
     RESOLVE_MEMORY,
     CloudModel,
     CloudModels,
@@ -256,112 +257,131 @@ def test_cloud_models_from_bundles_and_dir_serve_real_digits(
     assert (pred == digits_bundles.y_eval[:32]).mean() > 0.9
 
 
-def test_unknown_model_is_resolved_once_then_served_and_failures_are_rate_limited() -> None:
-    asked: list[str] = []
-    now = [100.0]
+class FakeSource:
+    """A ``CloudModelSource``: ``published`` versions per name, ``running`` versions per device."""
 
-    def resolve(name: str) -> CloudModel | None:
-        asked.append(name)
-        if name == "late":
-            return CloudModel("late", "3", FakeRuntime())  # type: ignore[arg-type]
-        return None
+    def __init__(self, published: dict[str, set[int]], running: dict[str, int] | None = None):
+        self.published, self.running = published, running or {}
+        self.asked: list[tuple[str, int]] = []
+        self.threads: list[str] = []
+        self.gate: threading.Event | None = None
 
-    w, c = make(resolve=resolve, clock=lambda: now[0])
-    w.handle(msg(req(model="late")))  # published after the worker started
-    r = FallbackResponse.from_bytes(c.wait(1)[0][1])
-    assert r.ok
-    assert r.model_version == "3"
-    w.handle(msg(req(model="late")))
-    assert FallbackResponse.from_bytes(c.wait(2)[1][1]).ok
-    assert asked == ["late"]  # loaded once, then served from memory
-    for _ in range(3):  # a name nobody published: asked once per RESOLVE_EVERY
-        w.handle(msg(req(model="ghost")))
-    answers = [FallbackResponse.from_bytes(p) for _, p, _ in c.wait(5)[2:]]
-    assert [a.error_code for a in answers] == ["unknown_model"] * 3
-    assert asked == ["late", "ghost"]
-    now[0] += 11.0
-    w.handle(msg(req(model="ghost")))
-    assert FallbackResponse.from_bytes(c.wait(6)[5][1]).error_code == "unknown_model"
-    assert asked == ["late", "ghost", "ghost"]
+    def load(self, name: str, version: int) -> CloudModel | None:
+        self.asked.append((name, version))
+        self.threads.append(threading.current_thread().name)
+        if self.gate is not None:
+            self.gate.wait(5)  # a slow database / bundle verification / session build
+        if version not in self.published.get(name, set()):
+            return None
+        return CloudModel(name, str(version), FakeRuntime())  # type: ignore[arg-type]
+
+    def version_of(self, name: str, device_id: str) -> int | None:
+        return self.running.get(device_id)
+
+
+def answer(w: FallbackWorker, c: FakeClient, device: str = "dev-a", **kw: Any) -> FallbackResponse:
+    n = len(c.sent) + 1
+    w.handle(msg(req(**kw), device=device))
+    return FallbackResponse.from_bytes(c.wait(n)[-1][1])
+
+
+def sourced(source: FakeSource, **kw: Any) -> tuple[FallbackWorker, FakeClient]:
+    client = FakeClient()
+    w = FallbackWorker(client, {}, TOPICS, "fleet", source=source, **kw)  # type: ignore[arg-type]
+    w.start()
+    return w, client
+
+
+def test_each_device_is_answered_by_the_version_it_runs_not_the_newest() -> None:
+    source = FakeSource({"m": {1, 2}})
+    w, c = sourced(source)
+    assert answer(w, c, model_version=1).model_version == "1"
+    assert answer(w, c, model_version=2).model_version == "2"
+    assert answer(w, c, model_version=1).model_version == "1"  # v2 published: v1 unchanged
     w.close()
-    assert w.stats()["models_loaded"] == 1
+    assert source.asked == [("m", 1), ("m", 2)]  # versions are immutable: loaded once
+    assert w.stats()["models_loaded"] == 2
 
 
-def test_resolving_runs_on_the_pool_not_the_mqtt_handler_thread() -> None:
-    threads: list[str] = []
-    gate = threading.Event()
+@pytest.mark.parametrize("version", [3, 99])
+def test_a_version_not_published_is_refused_typed_never_the_newest(version: int) -> None:
+    w, c = sourced(FakeSource({"m": {1, 2}}))
+    r = answer(w, c, model_version=version)
+    w.close()
+    assert (r.ok, r.error_code, r.outputs) == (False, "unknown_version", {})
+    assert f"v{version}" in r.error_message
+    assert w.stats()["errors_unknown_version"] == 1
 
-    def resolve(name: str) -> CloudModel | None:
-        threads.append(threading.current_thread().name)
-        gate.wait(5)  # a slow database / bundle verification / session build
-        return CloudModel(name, "1", FakeRuntime())  # type: ignore[arg-type]
 
-    w, c = make(resolve=resolve)
-    started = time.monotonic()
-    w.handle(msg(req(model="late", deadline_ms=5000), corr=b"late"))
-    w.handle(msg(req(deadline_ms=5000), corr=b"m"))  # a known model is not held up either
-    assert time.monotonic() - started < 1.0  # the handler returned while resolve still runs
-    props = c.wait(1)[0][2]  # answered while "late" is still being resolved
+def test_an_older_agent_is_answered_with_what_the_registry_says_it_runs() -> None:
+    # Requests without model_version (agents before the field): the registry decides.
+    w, c = sourced(FakeSource({"m": {1, 2}}, running={"dev-a": 1, "dev-b": 2, "dev-c": 5}))
+    assert answer(w, c, device="dev-a").model_version == "1"
+    assert answer(w, c, device="dev-b").model_version == "2"
+    # Unknown device, or a version that is not published: the old code, never the newest.
+    for device in ("dev-c", "dev-new"):
+        r = answer(w, c, device=device)
+        assert (r.ok, r.error_code) == (False, "unknown_model")
+    w.close()
+
+
+def test_refusals_are_rate_limited_per_version_and_their_memory_is_bounded() -> None:
+    now = [100.0]
+    source = FakeSource({"m": {1}})
+    w, c = sourced(source, clock=lambda: now[0], max_queue=4096)
+    for _ in range(3):  # a version nobody published: asked once per RESOLVE_EVERY
+        assert answer(w, c, model_version=9).error_code == "unknown_version"
+    assert source.asked == [("m", 9)]
+    now[0] += 11.0
+    assert answer(w, c, model_version=9).error_code == "unknown_version"
+    assert source.asked == [("m", 9)] * 2
+    source.asked.clear()
+    versions = list(range(100, 100 + RESOLVE_MEMORY + 1))  # device-chosen versions
+    before = len(c.sent)
+    for v in versions:
+        w.handle(msg(req(model_version=v)))
+    c.wait(before + len(versions), timeout=30)
+    assert sorted(source.asked) == [("m", v) for v in versions]
+    source.asked.clear()
+    answer(w, c, model_version=versions[-1])  # recent: remembered, not asked again
+    answer(w, c, model_version=versions[0])  # the oldest was forgotten: asked again
+    w.close()
+    assert source.asked == [("m", versions[0])]
+
+
+def test_loaded_models_are_bounded_and_reloaded_when_asked_again() -> None:
+    source = FakeSource({"m": set(range(1, MAX_LOADED + 2))})
+    w, c = sourced(source)
+    for v in range(1, MAX_LOADED + 2):
+        assert answer(w, c, model_version=v).model_version == str(v)
+    assert answer(w, c, model_version=MAX_LOADED + 1).ok  # most recent: kept
+    assert answer(w, c, model_version=1).ok  # the least recently used was dropped
+    w.close()
+    assert source.asked.count(("m", 1)) == 2
+    assert source.asked.count(("m", MAX_LOADED + 1)) == 1
+
+
+def test_loading_runs_on_the_pool_not_the_mqtt_handler_thread() -> None:
+    source = FakeSource({"m": {1, 2}})
+    w, c = sourced(source)
+    assert answer(w, c, model_version=1).ok  # v1 loaded
+    source.gate = threading.Event()
+    w.handle(msg(req(deadline_ms=5000, model_version=2), corr=b"v2"))
+    w.handle(msg(req(deadline_ms=5000, model_version=1), corr=b"v1"))  # not held up
+    props = c.wait(2)[1][2]  # answered while v2 is still being loaded
     assert props is not None
-    assert props.correlation_data == b"m"
-    gate.set()
-    r = FallbackResponse.from_bytes(c.wait(2)[1][1])
+    assert props.correlation_data == b"v1"
+    source.gate.set()
+    r = FallbackResponse.from_bytes(c.wait(3)[2][1])
     w.close()
-    assert (r.ok, r.model) == (True, "late")
-    assert len(threads) == 1
-    assert threads[0].startswith("fallback-")
+    assert (r.ok, r.model_version) == (True, "2")
+    assert all(t.startswith("fallback-") for t in source.threads)
 
 
-def test_a_newer_published_version_is_picked_up_within_resolve_every() -> None:
-    published = {"version": "3"}
-    asked: list[str] = []
-    now = [100.0]
-
-    def resolve(name: str) -> CloudModel | None:
-        asked.append(name)
-        return CloudModel(name, published["version"], FakeRuntime())  # type: ignore[arg-type]
-
-    w, c = make(resolve=resolve, clock=lambda: now[0])
-
-    def served(model: str) -> str:
-        n = len(c.sent) + 1
-        w.handle(msg(req(model=model)))
-        r = FallbackResponse.from_bytes(c.wait(n)[-1][1])
-        assert r.ok, r.error_message
-        return r.model_version
-
-    assert served("m") == "7"  # the models it started with count as just resolved
-    assert served("digits") == "3"
-    published["version"] = "4"  # a newer bundle is published
-    now[0] += 9.0
-    assert served("digits") == "3"  # not asked again yet
-    assert asked == ["digits"]
-    now[0] += 2.0
-    assert served("digits") == "4"  # asked again, swapped in
-    assert served("m") == "4"  # so is a model it started with
-    now[0] += 11.0
-    assert served("digits") == "4"  # asked again, same version: kept
-    assert asked == ["digits", "digits", "m", "digits"]
+def test_without_a_source_the_configured_model_answers_every_version() -> None:
+    w, c = make()
+    assert answer(w, c, model_version=4).model_version == "7"
+    assert answer(w, c).model_version == "7"
+    r = answer(w, c, model="other", model_version=4)
     w.close()
-    assert w.stats()["models_loaded"] == 3  # digits v3, digits v4, m v4
-
-
-def test_names_remembered_for_rate_limiting_are_bounded() -> None:
-    asked: list[str] = []
-
-    def resolve(name: str) -> CloudModel | None:
-        asked.append(name)
-        return None
-
-    w, c = make(resolve=resolve, clock=lambda: 100.0, max_queue=4096)
-    names = [f"ghost-{i}" for i in range(RESOLVE_MEMORY + 1)]  # device-chosen names
-    for name in names:
-        w.handle(msg(req(model=name)))
-    c.wait(len(names), timeout=30)
-    assert sorted(asked) == sorted(names)
-    asked.clear()
-    w.handle(msg(req(model=names[-1])))  # recent: still remembered, not asked again
-    w.handle(msg(req(model=names[0])))  # the oldest was forgotten: asked again
-    c.wait(len(names) + 2)
-    w.close()
-    assert asked == [names[0]]
+    assert r.error_code == "unknown_version"
