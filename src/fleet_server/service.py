@@ -64,6 +64,10 @@ class GatewayPort(Protocol):
 
     def online(self) -> Mapping[str, StatusMessage]: ...
 
+    def misbehaviour(
+        self, device_id: str | None = None, *, top: int = 20
+    ) -> Sequence[DeviceMisbehaviour]: ...
+
 
 @dataclass(frozen=True)
 class AssignResult:
@@ -381,9 +385,8 @@ class FleetService:
         self, device_id: str | None = None, *, top: int = 20
     ) -> list[DeviceMisbehaviour]:
         """Refusals per device counted by this worker's gateway: one device's, or the ``top``
-        worst (most first). A gateway without per-device counters (a test fake) gives ``[]``."""
-        source = getattr(self._gateway, "misbehaviour", None)
-        return [] if source is None else list(source(device_id, top=top))
+        worst (most first)."""
+        return list(self._gateway.misbehaviour(device_id, top=top))
 
     def telemetry(
         self, *, after_id: int | None = None, device_id: str | None = None, limit: int = 100

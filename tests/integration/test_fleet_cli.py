@@ -112,6 +112,9 @@ class _FakeGateway:
     def online(self) -> dict[str, StatusMessage]:
         return dict(self.status)
 
+    def misbehaviour(self, device_id: str | None = None, *, top: int = 20) -> list[object]:
+        return []
+
 
 @pytest.fixture
 def admin_url(digits_bundles: DigitsBundles, tmp_path: Path) -> Iterator[str]:

@@ -44,6 +44,9 @@ class FakeGateway:
     def online(self) -> dict[str, StatusMessage]:
         return dict(self.status)
 
+    def misbehaviour(self, device_id: str | None = None, *, top: int = 20) -> list[object]:
+        return []
+
 
 @pytest.fixture
 def env(

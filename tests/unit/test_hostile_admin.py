@@ -94,6 +94,9 @@ class _Gateway:
     def online(self) -> dict[str, StatusMessage]:
         return {}
 
+    def misbehaviour(self, device_id: str | None = None, *, top: int = 20) -> list[object]:
+        return []
+
 
 def _fields(int_value: object) -> list[dict[str, object]]:
     """Field-level hostile bodies: valid JSON, wrong in type or range."""

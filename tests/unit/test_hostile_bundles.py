@@ -367,6 +367,9 @@ class _Gateway:
     def online(self) -> dict[str, StatusMessage]:
         return {}
 
+    def misbehaviour(self, device_id: str | None = None, *, top: int = 20) -> list[object]:
+        return []
+
 
 @pytest.fixture(scope="module")
 def admin_url(keys: KeyStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:

@@ -120,6 +120,9 @@ class _NoGateway:
     def online(self) -> dict[str, object]:
         return {}
 
+    def misbehaviour(self, device_id: str | None = None, *, top: int = 20) -> list[object]:
+        return []
+
 
 class _Bridge(httpx.BaseTransport):
     """Hands the CLI's requests to the in-process admin app."""
