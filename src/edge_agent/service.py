@@ -63,6 +63,10 @@ class InferenceService(Protocol):
         """Every configured model is loaded and able to serve."""
         ...
 
+    def not_ready(self) -> dict[str, str]:
+        """Installed models that do not serve, each with why (what a 503 readiness names)."""
+        ...
+
     def server_metadata(self) -> dict[str, Any]:
         """``{"name", "version", "extensions"}`` for the v2 server metadata endpoint."""
         ...

@@ -46,6 +46,9 @@ class SlowService:
     def ready(self) -> bool:
         return True
 
+    def not_ready(self) -> dict[str, str]:
+        return {}
+
     def server_metadata(self) -> dict[str, Any]:
         return {"name": "edgefleet", "version": "test", "extensions": []}
 

@@ -58,6 +58,9 @@ class FakeService:
     def ready(self) -> bool:
         return self.is_ready
 
+    def not_ready(self) -> dict[str, str]:
+        return {}
+
     def server_metadata(self) -> dict[str, Any]:
         return {"name": "edgefleet", "version": "0.1.0", "extensions": []}
 

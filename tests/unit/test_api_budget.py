@@ -210,6 +210,9 @@ class _Echo:
     def ready(self) -> bool:
         return True
 
+    def not_ready(self) -> dict[str, str]:
+        return {}
+
     def server_metadata(self) -> dict[str, Any]:
         return {"name": "fake", "version": "0", "extensions": []}
 

@@ -72,6 +72,9 @@ class ValidatingService:
     def ready(self) -> bool:
         return True
 
+    def not_ready(self) -> dict[str, str]:
+        return {}
+
     def server_metadata(self) -> dict[str, Any]:
         return {"name": "fake", "version": "0", "extensions": list(self.claims)}
 

@@ -189,15 +189,15 @@ class _Api:
     async def ready(self, request: Request) -> Response:
         """Server ready as KServe v2 defines it: every model ready; a 503 names who is not, why.
 
-        The reasons come from the service's optional ``not_ready()`` (model -> why); per-model
+        The reasons come from the service's ``not_ready()`` (model -> why); per-model
         readiness is ``/v2/models/{name}/ready``.
         """
         response = await self._probe(self.service.ready, "ready")
-        why = getattr(self.service, "not_ready", None)
-        if response.status_code == 200 or not callable(why):
+        if response.status_code == 200:
             return response
         try:
-            models = {str(k): str(v) for k, v in dict(await run_in_threadpool(why)).items()}
+            why = await run_in_threadpool(self.service.not_ready)
+            models = {str(k): str(v) for k, v in dict(why).items()}
         except Exception:
             logger.exception("ready probe: reasons unavailable")
             return response
