@@ -121,7 +121,14 @@ def refusal_reason(error: RegistryError) -> str:
 
 # --------------------------------------------------------------------------- salvage
 def _salvage(kind: str, device_id: str, payload: bytes) -> IngestItem | str:
-    """The strict parse failed: keep the valid entries, placeholders for the invalid ones."""
+    """The strict parse failed: keep the valid entries, placeholders for the invalid ones.
+
+    Not ``strict_json.loads``: it refuses the whole document for a lone surrogate escape or a
+    ``1e400`` anywhere, which is exactly what one bad entry may hold; here such values reach
+    ``from_dict`` of their entry and only that entry becomes a placeholder. What no entry can
+    be parsed past (NaN tokens, huge integers, duplicate keys, deep nesting) still refuses the
+    message.
+    """
     try:
         doc = json.loads(
             bytes(payload).decode("utf-8"),
