@@ -5,13 +5,12 @@ the file's size checked against the signed length), and ``plan_resend``, a pure 
 merges many devices' ``BlockRequest``s into the blocks worth re-broadcasting to the whole wave
 and the blocks to unicast to single devices, ``plan_round`` (a round of ``(device,
 BlockRequest)`` pairs -> per transfer a ``ResendPlan``, unknown transfers and out-of-range
-requests counted; also importable from ``fleet_server.delivery``), ``RecentBroadcasts``, the
-memory of which blocks are already on their way to every subscriber (broadcast in the last
-``hold_seconds``, or still ahead of a running wave) so a round does not broadcast them again,
-and ``Entitlements``, the cached answer to "which bundles may this device fetch": only those
-its latest signed desired state names, so a device cannot download another group's bundle by
-knowing its digest and length. Does not own MQTT (the gateway publishes what this returns) or
-the protocol itself (``edge_agent.transfer``).
+requests counted), ``RecentBroadcasts``, the memory of which blocks are already on their way
+to every subscriber (broadcast in the last ``hold_seconds``, or still ahead of a running wave)
+so a round does not broadcast them again, and ``Entitlements``, the cached answer to "which
+bundles may this device fetch": only those its latest signed desired state names, so a device
+cannot download another group's bundle by knowing its digest and length. Does not own MQTT
+(the gateway publishes what this returns) or the protocol itself (``edge_agent.transfer``).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from fleet_server.blocks import BlockSource, RecentBroadcasts, RoundPlan, plan_r
 from fleet_server.errors import ModelNotPublishedError, RegistryError
 from fleet_server.registry.store import Registry
 
-__all__ = ["BlockServer", "Pacer", "RoundPlan", "plan_round"]  # the last two: from blocks
+__all__ = ["BlockServer", "Pacer"]
 
 log = logging.getLogger(__name__)
 

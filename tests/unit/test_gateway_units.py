@@ -20,8 +20,8 @@ from edge_agent.telemetry import (
     event_from_registry,
 )
 from edge_agent.transfer import BlockPlan, BlockRequest
-from fleet_server.blocks import Entitlements
-from fleet_server.delivery import Pacer, plan_round
+from fleet_server.blocks import Entitlements, plan_round
+from fleet_server.delivery import Pacer
 from fleet_server.errors import RegistryUnavailableError, ServerConfigError
 from fleet_server.gateway import GatewayConfig
 from fleet_server.ingest import IngestWorker, is_data_failure
