@@ -221,9 +221,8 @@ class Compatibility:
             arch=tuple(str(a) for a in req_list(d, "arch")),
             accelerator=req_str(d, "accelerator"),
             opsets=dict(opsets),
-            cpu_features=validate_requirements(
-                req_list(d, "cpu_features") if "cpu_features" in d else []
-            ),
+            # Checked by ``__post_init__`` (``validate_requirements``), as any other way in.
+            cpu_features=tuple(req_list(d, "cpu_features")) if "cpu_features" in d else (),
         )
 
 
