@@ -292,6 +292,20 @@ def test_element_kind_without_allocating(data: list[Any], kind: str) -> None:
     assert (_scan_kind(data) in "USO") == (kind in "USO")
 
 
+def test_a_numpy_whose_private_discovery_changed_falls_back_to_the_scan(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from numpy._core import _multiarray_umath
+
+    from edge_agent.api.decode import _numpy_discovery
+
+    assert _numpy_discovery() is not None  # this numpy: its discovery answers as expected
+    monkeypatch.setattr(_multiarray_umath, "_discover_array_parameters", lambda data, x: None)
+    assert _numpy_discovery() is None  # another signature: not used (no request fails)
+    monkeypatch.setattr(_multiarray_umath, "_discover_array_parameters", lambda data: (None, ()))
+    assert _numpy_discovery() is None  # other answers: not used either
+
+
 @pytest.mark.parametrize("datatype", ["BOOL", "UINT8", "INT32", "INT64", "FP16", "FP32", "FP64"])
 def test_text_among_numbers_is_refused_before_numpy_allocates(datatype: str) -> None:
     body = _body(["a" * 2_000] + [1] * 20_000, datatype, [20_001])

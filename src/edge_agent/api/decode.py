@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -49,12 +50,27 @@ _KIND_WORDS = {
 }
 # fmt: on
 _NATIVE = {name: dt.newbyteorder("=") for name, dt in _WIRE.items()}
-try:  # numpy's element-type discovery, which allocates nothing (numpy >= 1.21; private API)
-    from numpy._core._multiarray_umath import (  # type: ignore[import-not-found]
-        _discover_array_parameters as _discover,
-    )
-except ImportError:  # pragma: no cover - another numpy: the scan in ``_scan_kind`` is used
-    _discover = None
+
+
+def _numpy_discovery() -> Callable[[list[Any]], tuple[np.dtype[Any] | None, Any]] | None:
+    """numpy's element-type discovery, which allocates nothing (numpy >= 1.21; private API),
+    if this numpy has it and it answers as expected; else None (``_scan_kind`` is used).
+
+    Checked once here: a numpy whose private function changed would otherwise fail every JSON
+    request (its error would read as ragged data), not just run slower.
+    """
+    try:
+        from numpy._core._multiarray_umath import (  # type: ignore[import-not-found]
+            _discover_array_parameters as discover,
+        )
+
+        ok = (discover([[1, 2]])[0].kind, discover(["a", 0])[0].kind, discover([])[0])
+    except (ImportError, AttributeError, TypeError, ValueError, IndexError):
+        return None  # pragma: no cover - another numpy
+    return discover if ok == ("i", "U", None) else None
+
+
+_discover = _numpy_discovery()
 _KINDS = {n: "b" if n == "BOOL" else "fiu" if n[:2] == "FP" else "iu" for n in _WIRE}
 _BY_KIND = {(dt.kind, dt.itemsize): name for name, dt in _WIRE.items()}
 
