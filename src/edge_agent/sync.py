@@ -51,6 +51,7 @@ from edge_agent.identity import IdentityStore
 from edge_agent.mqtt import Message, MqttClient, MqttConfig
 from edge_agent.outbox import Outbox
 from edge_agent.reported import ModelReport, ReportedState
+from edge_agent.strict_json import loads as strict_loads
 from edge_agent.telemetry import Resources, event_from_registry, report_from_status
 from edge_agent.telemetry_build import drift_alert_entries
 from edge_agent.topics import Topics
@@ -119,6 +120,7 @@ class SyncAgent:
         self._desired_path = self._dir / "desired.json"
         self._accepted: DesiredState | None = None
         self._accepted_bytes = b""
+        self._saved_version = 0  # of a saved document that no longer verifies (replays)
         self._last_message = b""
         self._inbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         self._events: queue.SimpleQueue[dict[str, object]] = queue.SimpleQueue()
@@ -271,6 +273,7 @@ class SyncAgent:
             # wait for a newer document (a replay of this one stays refused by its version).
             log.warning("accepted desired state no longer applies: %s", exc)
             self._accepted_bytes = data
+            self._saved_version = _saved_version(data)
             return
         self._accepted, self._accepted_bytes = state, data
         self._deploy.apply(state)
@@ -288,7 +291,7 @@ class SyncAgent:
         if data == self._accepted_bytes:
             self._last_message = message
             return
-        last = self._accepted.version if self._accepted else self._version_of_saved()
+        last = self._accepted.version if self._accepted else self._saved_version
         try:
             state = verify_desired_state(
                 self._store.root,
@@ -338,17 +341,6 @@ class SyncAgent:
             return
         if root.version != before:
             self._counts["root_rotations"] += 1  # the store logs the rotation
-
-    def _version_of_saved(self) -> int:
-        # The saved document failed verification at start (expired): its version still counts.
-        if not self._accepted_bytes:
-            return 0
-        try:
-            signed = json.loads(self._accepted_bytes)["signed"]
-            version = signed["version"]
-            return version if isinstance(version, int) else 0
-        except (ValueError, KeyError, TypeError):
-            return 0
 
     # ------------------------------------------------------------------ telemetry
     def _event(self, model: str | None, version: int | None, kind: str, detail: str) -> None:
@@ -518,6 +510,18 @@ def sync_client(config: AgentConfig) -> MqttClient:
             agent_version=__version__,
         )
     )
+
+
+def _saved_version(data: bytes) -> int:
+    """The version of the saved document that failed verification at start (expired, most
+    likely): it still counts, so a replay of it stays refused. 0 when unreadable (damaged)."""
+    try:
+        doc = strict_loads(data, max_bytes=len(data), what="saved desired state")
+    except EdgefleetError:
+        return 0
+    signed = doc.get("signed") if isinstance(doc, dict) else None
+    version = signed.get("version") if isinstance(signed, dict) else None
+    return version if isinstance(version, int) and not isinstance(version, bool) else 0
 
 
 def _resources(model_memory: int) -> Resources:

@@ -121,3 +121,37 @@ def test_a_malformed_message_is_refused_and_counted(sync: Any) -> None:
     sync._handle_desired(b'{"roots": 7, "signed": {}, "signatures": []}')
     assert sync.counts["desired_rejected"] == 1
     assert sync._store.root.version == 1
+
+
+@pytest.mark.parametrize(
+    "saved",
+    [
+        b"[" * 100_000 + b"]" * 100_000,  # deep nesting (RecursionError in a plain json.loads)
+        b'{"signed": {"version": 1' + b"0" * 5000 + b"}}",  # past the int digit limit
+        b'{"signed": {"version": 1e400}}',
+        b'{"signed": []}',
+        b"\xff not utf-8",
+    ],
+)
+def test_a_damaged_saved_desired_state_never_blocks_the_next_one(
+    sync: Any, keys: KeyStore, saved: bytes
+) -> None:
+    """A saved document that fails verification at start still counts for replay protection
+    (its version, when readable); whatever it holds, the next valid document is accepted."""
+    sync._desired_path.parent.mkdir(parents=True, exist_ok=True)
+    sync._desired_path.write_bytes(saved)
+    sync._load_accepted()
+    sync._handle_desired(_message(keys, 1, []))
+    assert sync.counts["desired_accepted"] == 1
+
+
+def test_an_expired_saved_desired_state_still_counts_for_replays(sync: Any, keys: KeyStore) -> None:
+    past = datetime.now(UTC) - timedelta(hours=3)
+    state = make_desired_state("dev-1", 5, {}, past, timedelta(hours=1))
+    sync._desired_path.parent.mkdir(parents=True, exist_ok=True)
+    sync._desired_path.write_bytes(sign_desired_state(state, [keys.signer("online-1")], []))
+    sync._load_accepted()  # expired: not applied, but its version is remembered
+    sync._handle_desired(_message(keys, 5, []))
+    assert (sync.counts["desired_accepted"], sync.counts["desired_rejected"]) == (0, 1)
+    sync._handle_desired(_message(keys, 6, []))
+    assert sync.counts["desired_accepted"] == 1
