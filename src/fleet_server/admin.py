@@ -72,6 +72,7 @@ from fleet_server.errors import (
     UnknownDeviceError,
 )
 from fleet_server.registry import BundleRecord, DeviceRecord, StoredTelemetry
+from fleet_server.registry.version_history import VersionHistory
 from fleet_server.service import DeviceView, FleetService
 
 __all__ = ["AdminServer", "create_app", "device_json", "model_json"]
@@ -312,10 +313,24 @@ def create_app(
         return JSONResponse(_record_json(record))
 
     async def list_models(request: Request) -> Response:
-        models = await run_in_threadpool(
-            service.list_models, query_text(request.query_params, "name")
+        name = query_text(request.query_params, "name")
+        models, past = await run_in_threadpool(
+            lambda: (service.list_models(name), service.model_history(name))
         )
-        return JSONResponse({"models": [model_json(b) for b in models]})
+        # Each version's aborts, quarantine and overrides (memory of failure) beside it.
+        return JSONResponse(
+            {
+                "models": [
+                    {
+                        **model_json(b),
+                        "history": (
+                            past.get((b.name, b.version)) or VersionHistory(b.name, b.version)
+                        ).to_dict(),
+                    }
+                    for b in models
+                ]
+            }
+        )
 
     async def publish_model(request: Request) -> Response:
         data = await read_body(request, max_upload_bytes)

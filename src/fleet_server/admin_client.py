@@ -113,6 +113,14 @@ class AdminClient:
         """``GET /v1/models``. Raises: AdminApiError."""
         return list(self._call("GET", "/v1/models")["models"])
 
+    def model(self, name: str, version: int) -> dict[str, Any]:
+        """``GET /v1/models/{name}/{version}``: the bundle, its history and rollouts.
+
+        Raises:
+            AdminApiError: as every call.
+        """
+        return dict(self._call("GET", f"/v1/models/{name}/{version}"))
+
     def publish(self, path: Path) -> dict[str, Any]:
         """``POST /v1/models`` with the bundle file as the body.
 

@@ -5,14 +5,19 @@ Routes (v1), every one behind the admin bearer token (the ``guarded`` wrapper of
 
     GET  /v1/rollouts[?active=1]             {"rollouts": [rollout, ...]}
     POST /v1/rollouts                        {"model", "version", "group" | "tags",
-                                              "from_version"?, "policy"?} -> 201 rollout
+                                              "from_version"?, "policy"?,
+                                              "override_quarantine"?, "override_aborted"?}
+                                             -> 201 rollout
     GET  /v1/rollouts/{id}                   rollout + "devices" (state per device), "counts",
                                              "wave_sizes", "events" (latest 50)
     POST /v1/rollouts/{id}/approve|pause|resume|abort  -> rollout
+    GET  /v1/models/{name}/{version}         the published bundle + "history" (aborts,
+                                             quarantine, overrides) + "rollouts" of it
 
 A rollout is ``registry.rollout_to_dict``'s shape. A command that does not fit the rollout's
-state (``rollout_state``) and a quarantined version (``version_quarantined``) answer 409; an
-invalid policy 400; an unknown rollout 404.
+state (``rollout_state``), a quarantined version (``version_quarantined``) and an earlier
+aborted one (``version_aborted``) without an override reason answer 409; an invalid policy or
+override reason 400; an unknown rollout or model version 404.
 
 Owns: HTTP and JSON shapes. Decisions live in ``fleet_server.rollout``, I/O in the runner.
 """
@@ -28,11 +33,22 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from fleet_server.admin import model_json
 from fleet_server.admin_input import MAX_ID, json_object, query_text, read_body
-from fleet_server.errors import QuarantinedVersionError, RolloutPolicyError, RolloutStateError
+from fleet_server.errors import (
+    AbortedVersionError,
+    ModelNotPublishedError,
+    QuarantinedVersionError,
+    RegistryError,
+    RegistryUnavailableError,
+    RolloutPolicyError,
+    RolloutStateError,
+)
 from fleet_server.registry import rollout_to_dict
 from fleet_server.registry import rollouts as store
+from fleet_server.registry.version_history import VersionHistory, version_history
 from fleet_server.rollout import Rollout, RolloutPolicy, Selector
+from fleet_server.rollout_admission import MAX_OVERRIDE_REASON
 from fleet_server.rollout_runner import RolloutRunner
 
 __all__ = ["rollout_routes", "rollout_status"]
@@ -92,6 +108,14 @@ def _parse_create(data: Any) -> dict[str, Any]:
         or not all(_text(k) and _text(v) for k, v in tags.items())
     ):
         raise RolloutPolicyError("field 'tags' must be an object of printable strings")
+    overrides = {}
+    for key in ("override_quarantine", "override_aborted"):
+        value = data.get(key) or ""
+        if not isinstance(value, str) or len(value) > MAX_OVERRIDE_REASON:
+            raise RolloutPolicyError(
+                f"field {key!r} must be a reason of at most {MAX_OVERRIDE_REASON} characters"
+            )
+        overrides[key] = value
     policy = data.get("policy") or {}
     if not isinstance(policy, dict):
         raise RolloutPolicyError("field 'policy' must be an object")
@@ -107,6 +131,40 @@ def _parse_create(data: Any) -> dict[str, Any]:
         "from_version": frm,
         "selector": Selector(group=group, tags=tags),
         "policy": parsed,
+        **overrides,
+    }
+
+
+def model_version_status(runner: RolloutRunner, name: str, version: int) -> dict[str, Any]:
+    """One published model version with its history of failure and its rollouts.
+
+    Raises:
+        ModelNotPublishedError: the version is not published.
+        RegistryUnavailableError: the database failed.
+    """
+    registry = runner.registry
+    try:
+        bundle = registry.get_bundle(name, version)
+    except RegistryUnavailableError:
+        raise
+    except RegistryError as exc:
+        raise ModelNotPublishedError(str(exc)) from exc
+    history = version_history(registry, name, version).get((name, version))
+    rows = [r for r in runner.rollouts() if r.model == name and r.to_version == version]
+    return {
+        **model_json(bundle),
+        "history": (history or VersionHistory(name, version)).to_dict(),
+        "rollouts": [
+            {
+                "id": r.id,
+                "state": r.state,
+                "from_version": r.from_version,
+                "created_at": r.created_at.isoformat(),
+                "breached": r.breached,
+                "overrides": [o.to_dict() for o in r.overrides],
+            }
+            for r in rows
+        ],
     }
 
 
@@ -124,7 +182,7 @@ def rollout_routes(runner: RolloutRunner, guarded: Callable[[Handler], Handler])
         async def run(request: Request) -> Response:
             try:
                 return await handler(request)
-            except (RolloutStateError, QuarantinedVersionError) as exc:
+            except (RolloutStateError, QuarantinedVersionError, AbortedVersionError) as exc:
                 return _error(409, exc.code, str(exc))
 
         return run
@@ -143,6 +201,8 @@ def rollout_routes(runner: RolloutRunner, guarded: Callable[[Handler], Handler])
                 selector=args["selector"],
                 policy=args["policy"],
                 from_version=args["from_version"],
+                override_quarantine=args["override_quarantine"],
+                override_aborted=args["override_aborted"],
             )
         )
         return JSONResponse(rollout_to_dict(r), status_code=201)
@@ -150,6 +210,14 @@ def rollout_routes(runner: RolloutRunner, guarded: Callable[[Handler], Handler])
     async def show(request: Request) -> Response:
         rollout_id = _rollout_id(request)
         out = await run_in_threadpool(lambda: rollout_status(runner, runner.get(rollout_id)))
+        return JSONResponse(out)
+
+    async def show_model(request: Request) -> Response:
+        name = query_text(request.path_params, "name", limit=128)
+        raw = str(request.path_params.get("version", ""))
+        if not name or not raw.isdigit() or not 1 <= int(raw) <= MAX_ID:
+            raise RolloutPolicyError(f"model version must be an integer in 1..{MAX_ID}")
+        out = await run_in_threadpool(lambda: model_version_status(runner, name, int(raw)))
         return JSONResponse(out)
 
     def command(name: str) -> Handler:
@@ -164,6 +232,7 @@ def rollout_routes(runner: RolloutRunner, guarded: Callable[[Handler], Handler])
         Route("/v1/rollouts", guarded(list_rollouts), methods=["GET"]),
         Route("/v1/rollouts", guarded(conflicts(create)), methods=["POST"]),
         Route("/v1/rollouts/{rollout_id}", guarded(show), methods=["GET"]),
+        Route("/v1/models/{name}/{version}", guarded(show_model), methods=["GET"]),
     ]
     routes += [
         Route(f"/v1/rollouts/{{rollout_id}}/{c}", guarded(conflicts(command(c))), methods=["POST"])

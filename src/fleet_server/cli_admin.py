@@ -1,9 +1,10 @@
 """``fleet-server`` operator commands that talk to a running server's admin API.
 
-``devices list|show|register|misbehaviour``, ``models publish|list``, ``assign``, ``waves start``,
-``telemetry tail`` and ``status``. Each takes ``--url`` (env ``EDGEFLEET_ADMIN_URL``, default
-``http://127.0.0.1:8780``) and ``--token`` (env ``EDGEFLEET_ADMIN_TOKEN``), prints a human table
-by default and JSON with ``--json``. Errors are ``AdminApiError``s, mapped to exit codes by the
+``devices list|show|register|misbehaviour``, ``models publish|list|show`` (with each version's
+aborts, quarantine and overrides), ``assign``, ``waves start``, ``telemetry tail`` and ``status``.
+Each takes ``--url`` (env ``EDGEFLEET_ADMIN_URL``, default ``http://127.0.0.1:8780``) and
+``--token`` (env ``EDGEFLEET_ADMIN_TOKEN``), prints a human table by default and JSON with
+``--json``. Errors are ``AdminApiError``s, mapped to exit codes by the
 CLI's error boundary (``fleet_server.cli.EXIT_CODES``).
 """
 
@@ -251,9 +252,46 @@ def register_admin_commands(cli: click.Group, devices: click.Group) -> None:
             emit_json(rows)
             return
         echo_table(
-            [(m["name"], m["version"], m["channel"], m["length"], m["sha256"]) for m in rows],
-            ("NAME", "VERSION", "CHANNEL", "BYTES", "SHA256"),
+            [
+                (
+                    m["name"],
+                    m["version"],
+                    m["channel"],
+                    m["length"],
+                    m["sha256"],
+                    (m.get("history") or {}).get("summary", "-"),
+                )
+                for m in rows
+            ],
+            ("NAME", "VERSION", "CHANNEL", "BYTES", "SHA256", "HISTORY"),
         )
+
+    @models.command("show")
+    @admin_options
+    @json_option
+    @click.argument("name")
+    @click.argument("version", type=click.IntRange(1))
+    def models_show(url: str, token: str, as_json: bool, name: str, version: int) -> None:
+        """One published version with its rollouts, aborts, quarantine and overrides."""
+        with AdminClient(url, token) as client:
+            m = client.model(name, version)
+        if as_json:
+            emit_json(m)
+            return
+        h = m.get("history") or {}
+        click.echo(f"{m['name']} v{m['version']} ({m['channel']}) {m['sha256']}")
+        click.echo(f"history: {h.get('status', 'clean')} ({h.get('summary', '-')})")
+        if h.get("quarantine"):
+            q = h["quarantine"]
+            click.echo(f"quarantined {q['at']}: {q['reason']}")
+        for a in h.get("aborts") or ():
+            reasons = "; ".join(a.get("reasons") or ())
+            click.echo(f"aborted {a['at']} by {a['by']} (rollout {a['rollout']}): {reasons}")
+        for o in h.get("overrides") or ():
+            click.echo(f"override of {o['kind']} {o['at']} (rollout {o['rollout']}): {o['reason']}")
+        rows = [(r["id"], r["state"], r["created_at"]) for r in m.get("rollouts") or ()]
+        if rows:
+            echo_table(rows, ("ROLLOUT", "STATE", "CREATED"))
 
     @cli.command("assign")
     @admin_options

@@ -159,6 +159,18 @@ def register_rollout_commands(cli: click.Group) -> None:
     @click.option("--on-breach", type=click.Choice(["pause", "abort"]))
     @click.option("--no-rollback", is_flag=True, help="On abort, leave devices where they are.")
     @click.option("--quarantine-after", type=click.IntRange(1), help="Aborts before quarantine.")
+    @click.option(
+        "--override-quarantine",
+        metavar="REASON",
+        default="",
+        help="Roll out a quarantined version anyway; the reason is recorded in its history.",
+    )
+    @click.option(
+        "--override-aborted",
+        metavar="REASON",
+        default="",
+        help="Roll out a version a rollout aborted before; the reason is recorded.",
+    )
     @click.option("--max-install-failure-rate", type=click.FloatRange(0, 1))
     @click.option("--max-rollback-rate", type=click.FloatRange(0, 1))
     @click.option("--max-reject-increase", "max_reject_rate_increase", type=click.FloatRange(0, 1))
@@ -175,9 +187,15 @@ def register_rollout_commands(cli: click.Group) -> None:
         group: str | None,
         tags: tuple[str, ...],
         from_version: int | None,
+        override_quarantine: str,
+        override_aborted: str,
         **opts: Any,
     ) -> None:
-        """Roll MODEL VERSION out to a group or to tagged devices, in gated waves."""
+        """Roll MODEL VERSION out to a group or to tagged devices, in gated waves.
+
+        A quarantined version, or one a rollout aborted before, is refused unless overridden
+        with a reason (recorded in the version's history: `models show MODEL VERSION`).
+        """
         if (group is None) == (not tags):
             raise click.UsageError("give exactly one of --group and --tag")
         body: dict[str, Any] = {
@@ -188,12 +206,18 @@ def register_rollout_commands(cli: click.Group) -> None:
             "from_version": from_version,
             "policy": _policy(opts),
         }
+        if override_quarantine:
+            body["override_quarantine"] = override_quarantine
+        if override_aborted:
+            body["override_aborted"] = override_aborted
         with AdminClient(url, token) as client:
             r = client.create_rollout(body)
         if as_json:
             emit_json(r)
         else:
             click.echo(f"rollout {r['id']} created: {_versions(r)} on {_selector(r)}")
+            for o in r.get("overrides") or ():
+                click.echo(f"override of {o['kind']} recorded: {o['reason']}")
 
     @rollouts.command("status")
     @admin_options

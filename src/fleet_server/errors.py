@@ -260,6 +260,13 @@ class QuarantinedVersionError(RolloutError):
     code = "version_quarantined"
 
 
+class AbortedVersionError(RolloutError):
+    """A rollout of the model version was aborted before; it is rolled out again only with an
+    operator's override and its recorded reason."""
+
+    code = "version_aborted"
+
+
 class UnknownRolloutError(NotFoundError):
     """No rollout with this id exists."""
 

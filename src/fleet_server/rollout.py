@@ -16,8 +16,13 @@ rollbacks) are judged at every step; quality gates (canary against the control g
 fallback rates, output drift, shadow agreement, p99 latency) after the dwell time.
 
 A breach pauses or aborts per policy; an abort sends members back to ``from_version`` when
-``rollback_on_abort``; the ``quarantine_after``-th breach abort of a version quarantines it. A
-device that failed or rolled back is never assigned the version again by this rollout.
+``rollback_on_abort``; the ``quarantine_after``-th abort of a version (a gate's or an
+operator's; 2 by default) quarantines it at once. A device that failed or rolled back is never
+assigned the version again by this rollout.
+
+Memory of failure (``fleet_server.rollout_admission.admit``): a quarantined version, or one a
+rollout already aborted, is not rolled out again unless the operator overrides it with a
+reason, which the new rollout records (``Rollout.overrides``) and the version's history shows.
 
 Pure: values in, a ``Decision`` out; the clock is passed in. Owns the policy, the state types,
 ``decide`` and the operator commands; does not own the gate verdicts
@@ -36,6 +41,7 @@ from datetime import datetime
 from typing import Final
 
 from fleet_server.errors import RolloutPolicyError, RolloutStateError
+from fleet_server.rollout_admission import Override
 from fleet_server.rollout_gates import GateResult, quality_gates, safety_gates
 from fleet_server.rollout_metrics import DeviceObservation
 
@@ -218,7 +224,8 @@ class Rollout:
     ``members`` maps each device the rollout assigned ``to_version`` to when it did;
     ``failed``/``rolled_back`` are members that failed to install or went back on their own;
     ``acknowledged`` are those an operator's resume accepted (no longer counted by the gates);
-    ``reverted`` are devices the rollout sent back to ``from_version``.
+    ``reverted`` are devices the rollout sent back to ``from_version``; ``overrides`` are
+    the operator's recorded reasons to roll out a quarantined or earlier aborted version.
     """
 
     id: str
@@ -242,6 +249,7 @@ class Rollout:
     breached: bool = False
     gates: tuple[GateResult, ...] = ()
     reasons: tuple[str, ...] = ()
+    overrides: tuple[Override, ...] = ()
 
     @property
     def active(self) -> bool:
@@ -282,7 +290,7 @@ def decide(
         devices: One observation per targeted (non-revoked) device: members observed on
             ``to_version`` since their assignment, the others on ``from_version``.
         now: The current time (aware).
-        previous_aborts: Earlier gate-breach aborts of the same model version.
+        previous_aborts: Earlier aborted rollouts of the same model version (any cause).
 
     Returns:
         The new state and the assignments to make; a rollout that is not active is returned
@@ -404,7 +412,9 @@ def _abort(
         reasons.append(f"aborted: {len(revert)} device(s) sent back to v{r.from_version}")
     else:
         reasons.append("aborted: devices stay where they are")
-    quarantine = breach and previous_aborts + 1 >= r.policy.quarantine_after
+    # Every abort counts (a gate's or an operator's): a version aborted quarantine_after times
+    # is quarantined at once, whoever stopped it.
+    quarantine = previous_aborts + 1 >= r.policy.quarantine_after
     if quarantine:
         reasons.append(
             f"{r.model} v{r.to_version} quarantined after {previous_aborts + 1} aborted rollout(s)"
@@ -457,12 +467,17 @@ def resume(r: Rollout, now: datetime) -> Rollout:
     )
 
 
-def abort(r: Rollout, now: datetime, reason: str = "aborted by operator") -> Decision:
+def abort(
+    r: Rollout, now: datetime, reason: str = "aborted by operator", *, previous_aborts: int = 0
+) -> Decision:
     """Stop for good; members go back to ``from_version`` if the policy says so.
+
+    ``previous_aborts`` counts earlier aborted rollouts of the version: this abort quarantines
+    it when it is the policy's ``quarantine_after``-th.
 
     Raises:
         RolloutStateError: the rollout is already completed or aborted.
     """
     if r.state in ("completed", "aborted"):
         raise RolloutStateError(f"rollout {r.id} is {r.state}: cannot abort")
-    return _abort(r, now, [reason], 0, breach=False)
+    return _abort(r, now, [reason], previous_aborts, breach=False)

@@ -28,7 +28,6 @@ from typing import Any, Protocol
 from edge_agent.errors import EdgefleetError
 from fleet_server.errors import (
     ModelNotPublishedError,
-    QuarantinedVersionError,
     RegistryError,
     RegistryUnavailableError,
     RolloutConflictError,
@@ -48,6 +47,7 @@ from fleet_server.rollout import abort as abort_rollout
 from fleet_server.rollout import approve as approve_rollout
 from fleet_server.rollout import pause as pause_rollout
 from fleet_server.rollout import resume as resume_rollout
+from fleet_server.rollout_admission import admit
 from fleet_server.rollout_metrics import DeviceObservation, observe
 
 __all__ = ["AssignPort", "EngineLock", "LocalLock", "RolloutRunner"]
@@ -128,14 +128,20 @@ class RolloutRunner:
         selector: Selector,
         policy: RolloutPolicy,
         from_version: int | None = None,
+        override_quarantine: str = "",
+        override_aborted: str = "",
     ) -> Rollout:
         """Create a pending rollout of ``model`` v``version`` (the next ``step`` starts it).
 
-        ``from_version`` defaults to the version most targeted devices report as active.
+        ``from_version`` defaults to the version most targeted devices report as active. A
+        quarantined version, or one a rollout already aborted, needs the operator's reason
+        (``override_quarantine`` / ``override_aborted``); the rollout records it.
 
         Raises:
             ModelNotPublishedError: the version is not published.
-            QuarantinedVersionError: the version is quarantined.
+            QuarantinedVersionError: the version is quarantined and not overridden.
+            AbortedVersionError: a rollout of the version was aborted and it is not overridden.
+            RolloutPolicyError: an override reason is unprintable or too long.
             RegistryUnavailableError: the database failed.
         """
         try:
@@ -144,8 +150,14 @@ class RolloutRunner:
             raise
         except RegistryError as exc:
             raise ModelNotPublishedError(str(exc)) from exc
-        if store.quarantined(self._registry, model, version):
-            raise QuarantinedVersionError(f"{model} v{version} is quarantined")
+        overrides = admit(
+            model,
+            version,
+            quarantine_reason=store.quarantine_reason(self._registry, model, version),
+            aborts=store.abort_count(self._registry, model, version),
+            override_quarantine=override_quarantine,
+            override_aborted=override_aborted,
+        )
         if from_version is None:
             from_version = self._common_version(model, version, self._targeted(selector))
         now = self._clock()
@@ -158,6 +170,7 @@ class RolloutRunner:
             policy=policy,
             created_at=now,
             updated_at=now,
+            overrides=overrides,
         )
         with self._mutex:
             return store.create_rollout(self._registry, r, now)
@@ -190,7 +203,9 @@ class RolloutRunner:
                 r = store.get_rollout(self._registry, rollout_id)
                 now = self._clock()
                 try:
-                    return self._apply(abort_rollout(r, now), now, kind="aborted", old=r)
+                    previous = store.abort_count(self._registry, r.model, r.to_version)
+                    decision = abort_rollout(r, now, previous_aborts=previous)
+                    return self._apply(decision, now, kind="aborted", old=r)
                 except RolloutConflictError:
                     if attempt == _COMMAND_ATTEMPTS - 1:
                         raise
@@ -297,7 +312,7 @@ class RolloutRunner:
         return out
 
     def _step_one(self, r: Rollout, now: datetime) -> Decision:
-        previous = store.breach_aborts(self._registry, r.model, r.to_version)
+        previous = store.abort_count(self._registry, r.model, r.to_version)
         decision = decide(r, self.observations(r, now), now, previous_aborts=previous)
         self._apply(decision, now, kind="decision", old=r)
         return decision

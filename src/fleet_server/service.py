@@ -39,6 +39,7 @@ from fleet_server.registry import (
     SeqState,
     StoredTelemetry,
 )
+from fleet_server.registry.version_history import VersionHistory, version_history
 from fleet_server.roots import ServerRoots
 
 __all__ = [
@@ -183,6 +184,14 @@ class FleetService:
             RegistryUnavailableError: the database failed.
         """
         return self._registry.list_bundles(name)
+
+    def model_history(self, name: str | None = None) -> dict[tuple[str, int], VersionHistory]:
+        """Aborts, quarantine and overrides of every version rolled out (of ``name``).
+
+        Raises:
+            RegistryUnavailableError: the database failed.
+        """
+        return version_history(self._registry, name)
 
     def model(self, name: str, version: int) -> BundleRecord:
         """One published bundle.

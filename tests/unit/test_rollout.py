@@ -272,14 +272,16 @@ def test_quarantine_after_repeated_aborts(previous: int, quarantine: bool) -> No
     assert d.quarantine is quarantine
 
 
-def test_operator_abort_sends_back_and_never_quarantines() -> None:
-    r = started(policy=policy(quarantine_after=1))
+def test_operator_abort_sends_back_and_counts_toward_quarantine() -> None:
+    r = started(policy=policy(quarantine_after=2))
     d = abort(r, T0)
     assert d.rollout.state == "aborted"
     assert set(d.revert) == set(r.members)
-    assert not d.quarantine
+    assert not d.quarantine  # a first abort
     with pytest.raises(RolloutStateError):
         abort(d.rollout, T0)
+    # Aborted twice, whoever aborted it the first time: quarantined at once.
+    assert abort(r, T0, previous_aborts=1).quarantine
 
 
 def test_approval_between_waves() -> None:

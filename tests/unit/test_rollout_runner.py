@@ -187,7 +187,8 @@ def test_commands(world: World) -> None:
         w.runner.pause(r.id)
     with pytest.raises(UnknownRolloutError):
         w.runner.approve("ro-nope")
-    assert not store.quarantined(w.registry, "digits", 2)  # operator aborts never quarantine
+    # quarantine_after=1: the first abort quarantines, an operator's as well as a gate's.
+    assert store.quarantined(w.registry, "digits", 2)
 
 
 def test_assign_failures_are_logged_in_the_event_log(world: World) -> None:

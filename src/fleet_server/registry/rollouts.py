@@ -22,15 +22,18 @@ from fleet_server.registry.models import TelemetryRow
 from fleet_server.registry.rollout_models import QuarantineRow, RolloutEventRow, RolloutRow
 from fleet_server.registry.store import Registry, StoredTelemetry
 from fleet_server.rollout import GateResult, Rollout, RolloutPolicy, Selector
+from fleet_server.rollout_admission import Override
 
 __all__ = [
     "QuarantineRecord",
     "RolloutEvent",
+    "abort_count",
     "breach_aborts",
     "create_rollout",
     "get_rollout",
     "list_quarantine",
     "list_rollouts",
+    "quarantine_reason",
     "quarantine_version",
     "quarantined",
     "rollout_events",
@@ -97,6 +100,7 @@ def rollout_to_dict(r: Rollout) -> dict[str, Any]:
         "breached": r.breached,
         "gates": [g.to_dict() for g in r.gates],
         "reasons": list(r.reasons),
+        "overrides": [o.to_dict() for o in r.overrides],
     }
 
 
@@ -132,6 +136,7 @@ def rollout_from_dict(d: Mapping[str, Any]) -> Rollout:
         breached=bool(d.get("breached", False)),
         gates=tuple(GateResult(**g) for g in d.get("gates", ())),
         reasons=tuple(d.get("reasons", ())),
+        overrides=tuple(Override(str(o["kind"]), str(o["reason"])) for o in d.get("overrides", ())),
     )
 
 
@@ -146,7 +151,10 @@ def create_rollout(registry: Registry, rollout: Rollout, at: datetime) -> Rollou
     with registry._write("creating a rollout", RegistryError) as s:
         s.add(_row(rollout, at))
         s.flush()
-        s.add(RolloutEventRow(rollout_id=rollout.id, at=at, kind="created", detail={}))
+        detail = (
+            {"overrides": [o.to_dict() for o in rollout.overrides]} if rollout.overrides else {}
+        )
+        s.add(RolloutEventRow(rollout_id=rollout.id, at=at, kind="created", detail=detail))
     return rollout
 
 
@@ -248,6 +256,39 @@ def breach_aborts(registry: Registry, model: str, version: int) -> int:
     )
     with registry._read("counting aborted rollouts") as s:
         return int(s.scalar(stmt) or 0)
+
+
+def abort_count(registry: Registry, model: str, version: int) -> int:
+    """How many rollouts of ``model`` v``version`` were aborted (by a gate or an operator).
+
+    Raises:
+        RegistryUnavailableError: the database failed.
+    """
+    stmt = (
+        select(func.count())
+        .select_from(RolloutRow)
+        .where(
+            RolloutRow.model == model,
+            RolloutRow.to_version == version,
+            RolloutRow.state == "aborted",
+        )
+    )
+    with registry._read("counting aborted rollouts") as s:
+        return int(s.scalar(stmt) or 0)
+
+
+def quarantine_reason(registry: Registry, model: str, version: int) -> str | None:
+    """Why the version is quarantined, or None when it is not.
+
+    Raises:
+        RegistryUnavailableError: the database failed.
+    """
+    stmt = select(QuarantineRow.reason).where(
+        QuarantineRow.model == model, QuarantineRow.version == version
+    )
+    with registry._read("reading the quarantine") as s:
+        reason = s.scalar(stmt)
+    return None if reason is None else str(reason)
 
 
 # --------------------------------------------------------------------------- quarantine
