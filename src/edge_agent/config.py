@@ -9,9 +9,9 @@ Per-model policy lives under ``[models.<name>]`` and falls back to ``[model_defa
 
 Relative paths (so that an example config runs outside systemd, by hand, in any directory):
 ``store.state_dir`` and ``store.root_path`` are relative to the config file's directory (the
-working directory without a file); ``sync.identity_dir`` and ``api.unix_socket`` are relative
-to the state directory. Values from the environment follow the same rules. Absolute paths are
-used as they are.
+working directory without a file); ``sync.identity_dir``, ``api.unix_socket`` and
+``grpc.unix_socket`` are relative to the state directory. Values from the environment follow the
+same rules. Absolute paths are used as they are.
 """
 
 from __future__ import annotations
@@ -295,7 +295,9 @@ def _resolve_paths(cfg: AgentConfig, base: Path) -> AgentConfig:
     sync = replace(cfg.sync, identity_dir=_under(Path(state), cfg.sync.identity_dir))
     socket = cfg.api.unix_socket
     api = replace(cfg.api, unix_socket=_under(Path(state), socket) if socket else socket)
-    return replace(cfg, store=store, sync=sync, api=api)
+    socket = cfg.grpc.unix_socket
+    grpc = replace(cfg.grpc, unix_socket=_under(Path(state), socket) if socket else socket)
+    return replace(cfg, store=store, sync=sync, api=api, grpc=grpc)
 
 
 def _under(base: Path, value: str) -> str:

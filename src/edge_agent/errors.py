@@ -18,7 +18,8 @@ Families:
     OutboxError              the on-disk telemetry outbox refused or failed (full, corrupt).
 
 Each error has a stable ``code`` used as a metric label and in telemetry; codes never change
-meaning once released.
+meaning once released. ``API_STATUS`` (at the end) is the one table of what each family answers
+on the local inference API: its HTTP status and its gRPC status code.
 """
 
 from __future__ import annotations
