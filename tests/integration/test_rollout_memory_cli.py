@@ -1,0 +1,100 @@
+"""Memory of failure against real processes: ``fleet-server serve`` (registry, gateway on a real
+Mosquitto, rollout engine, admin API) driven by the ``fleet-server`` CLI as subprocesses, as an
+operator would. An aborted version shows its abort in ``models list`` and ``models show``; a
+second ``rollouts create`` is refused until overridden with a reason; the second abort
+quarantines the version, and the history says so.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from test_rollout_e2e import TOKEN, _server_config
+
+from bundles import DigitsBundles
+from fleet import stop_process, wait_until
+from mosquitto import MOSQUITTO, FleetBroker, fleet_broker
+
+pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
+
+DEVICES = ("line-0", "line-1", "line-2")
+FLEET = str(Path(sys.executable).parent / "fleet-server")
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[FleetBroker]:
+    with fleet_broker(tmp_path / "mqtt", DEVICES) as b:
+        yield b
+
+
+def test_an_aborted_version_carries_its_history(
+    broker: FleetBroker, digits_bundles: DigitsBundles, tmp_path: Path
+) -> None:
+    config, port = _server_config(tmp_path, broker, digits_bundles.keys.path)
+    env = {"EDGEFLEET_ADMIN_URL": f"http://127.0.0.1:{port}", "EDGEFLEET_ADMIN_TOKEN": TOKEN}
+
+    def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run(
+            [FLEET, *args], env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+        if ok:
+            assert res.returncode == 0, res.stdout + res.stderr
+        return res
+
+    log = (tmp_path / "server.log").open("ab")
+    server = subprocess.Popen(
+        [FLEET, "serve", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT
+    )
+    try:
+        wait_until(
+            lambda: run("status", ok=False).returncode == 0, timeout=60, what="fleet-server up"
+        )
+        for v in (1, 2):
+            run("models", "publish", str(digits_bundles.path(v)))
+        for d in DEVICES:
+            run("devices", "register", d, "--group", "line")
+        create = ("rollouts", "create", "digits", "2", "--group", "line", "--canary-count", "1")
+        first = json.loads(run(*create, "--json").stdout)["id"]
+        wait_until(
+            lambda: (
+                json.loads(run("rollouts", "status", first, "--json").stdout)["state"] != "pending"
+            ),
+            timeout=30,
+            what="the engine starts the rollout",
+        )
+        run("rollouts", "abort", first)
+
+        listing = run("models", "list").stdout.splitlines()
+        assert listing[0].split()[-1] == "HISTORY"
+        row = {line.split()[1]: line for line in listing[1:]}
+        assert row["2"].rstrip().endswith("aborted 1x")
+        assert row["1"].rstrip().endswith("-")
+        shown = run("models", "show", "digits", "2").stdout
+        assert "history: aborted (aborted 1x)" in shown
+        assert f"by operator (rollout {first})" in shown
+
+        refused = run(*create, ok=False)
+        assert refused.returncode != 0
+        assert "aborted 1 time" in refused.stdout + refused.stderr
+        second = json.loads(
+            run(*create, "--override-aborted", "canary line fixed", "--json").stdout
+        )
+        assert second["overrides"] == [{"kind": "aborted", "reason": "canary line fixed"}]
+        run("rollouts", "abort", second["id"])
+
+        history = json.loads(run("models", "list", "--json").stdout)
+        [v2] = [m["history"] for m in history if m["version"] == 2]
+        assert (v2["status"], len(v2["aborts"]), v2["rollouts"]) == ("quarantined", 2, 2)
+        assert v2["summary"] == "quarantined, aborted 2x, 1 override(s)"
+        assert "quarantined" in run("models", "show", "digits", "2").stdout
+        refused = run(*create, "--override-aborted", "again", ok=False)
+        assert "quarantined" in refused.stdout + refused.stderr
+        run(*create, "--override-quarantine", "known issue, hotfix on the way")
+    finally:
+        stop_process(server)
+        log.close()
