@@ -37,6 +37,7 @@ from edge_agent.errors import (
     TransportError,
 )
 from edge_agent.outbox import Outbox, Priority
+from edge_agent.strict_json import loads as strict_loads
 from edge_agent.telemetry import (
     MAX_PAYLOAD_BYTES,
     Batch,
@@ -206,9 +207,13 @@ class Uplink:
             log.error("outbox entry %d has %d bytes, more than a message takes", seq, len(payload))
             return None
         try:
-            d = {**json.loads(payload), "seq": seq}
+            # The strict reader: a damaged entry must be skipped, never stop every later pump.
+            stored = strict_loads(payload, max_bytes=MAX_ITEM_BYTES, what="outbox entry")
+            if not isinstance(stored, dict):
+                raise ContractError("outbox entry is not a JSON object")
+            d = {**stored, "seq": seq}
             return TelemetryReport.from_dict(d) if d.get("type") == "report" else Event.from_dict(d)
-        except (ValueError, ContractError) as exc:
+        except ContractError as exc:
             self._stats["unreadable_entries"] += 1
             log.error("outbox entry %d is unreadable, skipped: %s", seq, exc)
             return None

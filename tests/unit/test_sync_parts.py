@@ -252,10 +252,21 @@ def test_uplink_refuses_bad_acks(box: Outbox, payload: bytes) -> None:
     assert len(box.pending()) == 1
 
 
-def test_uplink_skips_an_unreadable_entry_and_moves_the_floor(box: Outbox) -> None:
+@pytest.mark.parametrize(
+    "entry",
+    [
+        b"{broken",
+        b"[1]",  # JSON, but not an object
+        b"1e400",
+        b"[" * 5000 + b"]" * 5000,  # deeper than any JSON reader recurses
+        b'{"type": "report", "n": 1' + b"0" * 5000 + b"}",
+        b"\xff\xfe",
+    ],
+)
+def test_uplink_skips_an_unreadable_entry_and_moves_the_floor(box: Outbox, entry: bytes) -> None:
     wire, clock = Wire(), Clock()
     up = _uplink(box, wire, clock)
-    box.append("report", b"{broken", "report")
+    box.append("report", entry, "report")
     up.add_report(_report())
     assert up.pump()
     batch = wire.batches()[0]
