@@ -3,7 +3,7 @@
 # (python3 and git only), the repository's committed HEAD cloned into it, and both README
 # commands (`bash scripts/demo.sh`, `bash scripts/test.sh`) run there as root, with a verdict.
 # Green CI on a developer machine that already has everything installed proves nothing about a
-# fresh one; this does. Not part of .ci/run (it takes 20-40 minutes and needs root).
+# fresh one; this does. Not part of .ci/run (it needs root and takes several minutes).
 #
 #   sudo bash scripts/fresh-machine.sh                # amd64: both README commands
 #   sudo bash scripts/fresh-machine.sh --arch arm64   # arm64 under qemu-user: device wheel smoke test
@@ -37,7 +37,7 @@ while [ $# -gt 0 ]; do
         --prepare) PREPARE=1; shift ;;
         --workdir) WORK="$2"; shift 2 ;;
         --repo) REPO="$(cd "$2" && pwd)"; shift 2 ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
         *) echo "fresh-machine: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
