@@ -37,7 +37,7 @@ while [ $# -gt 0 ]; do
         --prepare) PREPARE=1; shift ;;
         --workdir) WORK="$2"; shift 2 ;;
         --repo) REPO="$(cd "$2" && pwd)"; shift 2 ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) echo "fresh-machine: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
