@@ -124,8 +124,8 @@ class _State:
                     TokenRecord(str(t["device_id"]), str(t["digest"]), expires, _dt(t["used_at"]))
                 )
             return cls(int(doc["crl_number"]), issued, tokens)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise PkiError(f"CA state file is corrupt: {exc}") from exc
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            raise PkiError(f"CA state file is corrupt: {type(exc).__name__}: {exc}") from exc
 
 
 class CertificateAuthority:

@@ -266,6 +266,18 @@ def test_ca_files_and_reopen(store: CertificateAuthority) -> None:
         CertificateAuthority.open(store.directory / "missing")
 
 
+@pytest.mark.parametrize(
+    "state",
+    [b"{broken", b"[1]", b"[" * 100_000 + b"]" * 100_000, b'{"schema_version": 1}', b"\xff"],
+)
+def test_a_corrupt_ca_state_file_is_a_typed_error(
+    store: CertificateAuthority, state: bytes
+) -> None:
+    (store.directory / "state.json").write_bytes(state)
+    with pytest.raises(PkiError, match="corrupt"):
+        CertificateAuthority.open(store.directory).issued()
+
+
 def test_token_enrollment_is_single_use(store: CertificateAuthority) -> None:
     token = store.create_token("dev-a", now=NOW)
     # A CSR for another device does not consume the token ...
