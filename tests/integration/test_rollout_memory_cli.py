@@ -79,7 +79,7 @@ def test_an_aborted_version_carries_its_history(
         assert f"by operator (rollout {first})" in shown
 
         refused = run(*create, ok=False)
-        assert refused.returncode != 0
+        assert refused.returncode == 3  # EXIT_BAD_INPUT: the request is refused, typed
         assert "aborted 1 time" in refused.stdout + refused.stderr
         second = json.loads(
             run(*create, "--override-aborted", "canary line fixed", "--json").stdout
