@@ -71,11 +71,18 @@ class GrpcConfig:
     unix_socket: str | None = None
     max_message_bytes: int = 8 * 1024 * 1024
     max_workers: int = 8
+    # Calls admitted at once (running or waiting for a worker); more get RESOURCE_EXHAUSTED.
+    # Received messages they hold are bounded by this times max_message_bytes.
+    max_concurrent_rpcs: int = 32
 
     def validate(self) -> None:
         _check(0 <= self.port <= 65535, "grpc.port must be 0..65535")
         _check(self.max_message_bytes >= 1024, "grpc.max_message_bytes must be >= 1024")
         _check(1 <= self.max_workers <= 256, "grpc.max_workers must be 1..256")
+        _check(
+            self.max_workers <= self.max_concurrent_rpcs <= 4096,
+            "grpc.max_concurrent_rpcs must be max_workers..4096",
+        )
 
 
 @dataclass(frozen=True)

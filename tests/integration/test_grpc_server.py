@@ -135,6 +135,25 @@ def test_port_and_socket_are_exclusive(tmp_path: Path) -> None:
     assert regular.read_text() == "not a socket"
 
 
+def test_calls_over_the_bound_get_resource_exhausted() -> None:
+    service = SlowService()
+    servicer = GrpcInference(service, ApiMetrics(), RateLimiter.from_config(ApiConfig()))
+    config = GrpcConfig(enabled=True, port=0, max_workers=1, max_concurrent_rpcs=1)
+    bound = GrpcListener(servicer, config)
+    bound.start()
+    try:
+        stub = infer_stub(bound.target)
+        slow = stub.future(slow_request(1.0), timeout=20)
+        assert service.started.acquire(timeout=20)  # the one admitted call is running
+        with pytest.raises(grpc.RpcError) as info:
+            stub(slow_request(0), timeout=20)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+        assert [o.name for o in slow.result().outputs] == ["x_doubled"]
+    finally:
+        bound.begin_drain(0)
+        bound.wait_drained()
+
+
 def test_a_listener_that_cannot_start_stops_serve(tmp_path: Path) -> None:
     regular = tmp_path / "file.sock"
     regular.write_text("not a socket")

@@ -1,9 +1,11 @@
 """The gRPC front end's listener: a grpc server on TCP and, optionally, a Unix socket.
 
-Owns binding (``grpc.port``, ``grpc.unix_socket``), the message size limit, the worker threads
-and the drain. It implements ``edge_agent.api.server.Listener``, so ``serve`` starts it before
-the HTTP API and drains both together on SIGTERM: new calls are refused at once, calls in flight
-get ``api.drain_seconds`` to finish, then are cancelled.
+Owns binding (``grpc.port``, ``grpc.unix_socket``), the message size limit, the worker threads,
+the bound on calls admitted at once (``grpc.max_concurrent_rpcs``: grpc answers more with
+RESOURCE_EXHAUSTED, so the memory queued messages hold stays bounded) and the drain. It
+implements ``edge_agent.api.server.Listener``, so ``serve`` starts it before the HTTP API and
+drains both together on SIGTERM: new calls are refused at once, calls in flight get
+``api.drain_seconds`` to finish, then are cancelled.
 
 Binding is exclusive: grpc's default ``SO_REUSEPORT`` is turned off, so a second daemon on the
 same port fails at start (``ConfigError``) instead of silently sharing the port. The Unix socket
@@ -77,7 +79,7 @@ class GrpcListener:
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
             ],
-            maximum_concurrent_rpcs=None,
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
         try:
             self.port = self._bind(server, f"{self._host()}:{config.port}")
