@@ -41,6 +41,9 @@ class ApiConfig:
     # Memory that decoding request bodies larger than 64 KiB may hold at once (bodies, parsed
     # JSON, tensors): such requests wait for their share, one that alone needs more gets 413.
     max_decode_memory_bytes: int = 256 * 1024 * 1024
+    # A body over 64 KiB holds its share of that budget while it arrives: one that takes longer
+    # than this gets 408, so a slow (or stalled) upload cannot keep other large requests waiting.
+    body_read_seconds: float = 10.0
     # Per client: every TCP client on loopback is one client (127.0.0.1), so be generous.
     rate_limit_per_second: float = 10000.0
     rate_limit_burst: int = 20000
@@ -53,6 +56,7 @@ class ApiConfig:
             self.max_decode_memory_bytes >= 8 * self.max_request_bytes,
             "api.max_decode_memory_bytes must be >= 8 * api.max_request_bytes",
         )
+        _check(self.body_read_seconds > 0, "api.body_read_seconds must be positive")
         _check(self.rate_limit_per_second > 0, "api.rate_limit_per_second must be positive")
         _check(self.rate_limit_burst >= 1, "api.rate_limit_burst must be >= 1")
         _check(self.drain_seconds >= 0, "api.drain_seconds must be >= 0")

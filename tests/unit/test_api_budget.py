@@ -329,3 +329,61 @@ def test_decode_budget_is_exported_in_metrics() -> None:
     assert 'edgefleet_api_decode_memory_bytes{kind="limit"} 8.388608e+06' in text
     assert 'edgefleet_api_decode_memory_bytes{kind="held"} 0.0' in text
     assert "edgefleet_api_decode_waiting_requests 0.0" in text
+
+
+def test_a_stalled_upload_holds_the_budget_only_until_its_deadline() -> None:
+    # A client declares a large body, sends one chunk and stops: it holds the whole decode budget
+    # (declared * MAX_COST_RATIO, capped), so without a deadline every other large request waits.
+    config = ApiConfig(
+        max_request_bytes=1 << 20, max_decode_memory_bytes=8 << 20, body_read_seconds=0.2
+    )
+    app = create_app(_Echo(), config)
+    ok = _body([0.5] * 100_000, shape=[100_000])  # 500 KB: needs a share of the budget
+
+    def scope(length: int) -> dict[str, Any]:
+        return {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/v2/models/m/infer",
+            "raw_path": b"/v2/models/m/infer",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"content-length", str(length).encode())],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 8080),
+        }
+
+    async def request(length: int, chunks: list[bytes], stall: asyncio.Event | None) -> int:
+        queue = [{"type": "http.request", "body": c, "more_body": True} for c in chunks]
+        queue[-1]["more_body"] = stall is not None
+
+        async def receive() -> dict[str, Any]:
+            if queue:
+                return queue.pop(0)
+            assert stall is not None
+            await stall.wait()  # never set: the client stopped sending
+            return {"type": "http.disconnect"}
+
+        status = 0
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+
+        await app(scope(length), receive, send)
+        return status
+
+    async def scenario() -> tuple[int, int]:
+        stall = asyncio.Event()
+        stalled = asyncio.create_task(request(1 << 20, [b"[" * 70_000], stall))
+        await asyncio.sleep(0)  # let it take its reservation first
+        served = await asyncio.wait_for(request(len(ok), [ok], None), timeout=30)
+        return await asyncio.wait_for(stalled, timeout=30), served
+
+    stalled_status, served_status = asyncio.run(scenario())
+    assert stalled_status == 408
+    assert served_status == 200

@@ -139,6 +139,7 @@ class _Api:
         self.metrics = metrics
         self.limiter = limiter
         self.max_bytes = config.max_request_bytes
+        self.read_seconds = config.body_read_seconds
         self.max_concurrency = max_concurrency
         self.decoder = RequestDecoder()  # remembers binary requests' JSON headers
         self.budget = MemoryBudget(config.max_decode_memory_bytes)
@@ -300,9 +301,14 @@ class _Api:
                 header_length=header_length,
                 max_bytes=self.max_bytes,
                 small=INLINE_BYTES,
+                read_seconds=self.read_seconds,
             ) as admitted:
                 if admitted.refusal == "decode_memory":
                     return self._too_costly(admitted.cost)
+                if admitted.refusal == "read_timeout":
+                    message = f"request body not received within {self.read_seconds} s"
+                    response = _error(408, message, {"Connection": "close"})
+                    return m.OUTCOME_ABORTED, "read_timeout", response
                 if admitted.refusal is not None:
                     return self._too_large(None)
                 return await self._answer(name, version, admitted.body, header_length, routing)

@@ -167,7 +167,8 @@ class MemoryBudget:
 @dataclass(frozen=True, slots=True)
 class Admitted:
     """A body read within the budget, or why not: ``refusal`` is ``payload_too_large`` (over
-    ``max_bytes``) or ``decode_memory`` (``cost`` over what may be held), ``None`` when read."""
+    ``max_bytes``), ``decode_memory`` (``cost`` over what may be held) or ``read_timeout``
+    (not complete in time), ``None`` when read."""
 
     body: bytes
     refusal: str | None = None
@@ -183,13 +184,17 @@ async def admit(
     header_length: str | None,
     max_bytes: int,
     small: int,
+    read_seconds: float,
 ) -> AsyncIterator[Admitted]:
     """Read a body declared larger than ``small`` bytes (or of unknown length) within ``budget``.
 
     The most the body may cost (``declared`` or ``max_bytes``, times ``MAX_COST_RATIO``) is
     reserved before it is read, never while anything else is held (so waiters cannot deadlock);
     once read, only its ``decode_cost`` stays held, until the block ends. A body of unknown
-    length is first read up to ``small`` bytes: a short one needs no reservation.
+    length is first read up to ``small`` bytes: a short one needs no reservation. A body still
+    arriving ``read_seconds`` after its reservation is refused (``read_timeout``), so a slow
+    client holds the budget for a bounded time (growing the share as bytes arrive instead
+    would let partial holders wait for each other).
 
     Raises:
         ClientDisconnect: the client went away before the body was complete.
@@ -209,7 +214,12 @@ async def admit(
                 return
     async with budget.hold((declared or max_bytes) * MAX_COST_RATIO) as held:
         if body is None:
-            body = await read_body(receive, max_bytes, prefix)
+            try:
+                async with asyncio.timeout(read_seconds):
+                    body = await read_body(receive, max_bytes, prefix)
+            except TimeoutError:
+                yield Admitted(b"", "read_timeout")
+                return
         if body is None or len(body) > max_bytes:
             yield Admitted(b"", "payload_too_large")
             return
