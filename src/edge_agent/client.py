@@ -78,8 +78,8 @@ class AgentClient:
             conn.close()
         try:
             return resp.status, json.loads(raw) if raw else None
-        except json.JSONDecodeError:
-            return resp.status, raw.decode(errors="replace")
+        except (ValueError, RecursionError):  # not JSON (or not JSON we can hold): say what came
+            return resp.status, raw[:2000].decode(errors="replace")
 
     def ready(self) -> bool:
         return self.request("GET", "/v2/health/ready")[0] == 200

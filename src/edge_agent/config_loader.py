@@ -39,6 +39,8 @@ def read_toml(path: Path | None, error: type[ConfigError] = ConfigError) -> dict
         raise error(f"cannot read config {path}: {exc}") from exc
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise error(f"config {path} is not valid TOML: {exc}") from exc
+    except RecursionError:  # tomllib recurses into nested arrays and inline tables
+        raise error(f"config {path} is nested too deeply to be a config") from None
 
 
 def apply_env(
@@ -70,7 +72,7 @@ def parse_scalar(raw: str) -> Any:
     """A TOML scalar (``8``, ``true``, ``"x"``, ``1.5``), or the raw string when it is none."""
     try:
         return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         return raw
 
 

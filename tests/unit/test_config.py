@@ -99,3 +99,14 @@ def test_bad_config_names_the_key(
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "missing.toml", {})
+
+
+def test_deeply_nested_config_is_a_config_error(tmp_path: Path) -> None:
+    from edge_agent.config_loader import parse_scalar, read_toml
+
+    deep = "[" * 100_000 + "]" * 100_000
+    path = tmp_path / "agent.toml"
+    path.write_text(f"v = {deep}\n")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        read_toml(path)
+    assert parse_scalar(deep) == deep  # an env value that is no scalar stays a string
