@@ -14,6 +14,7 @@ from test_api_app import CONFIG, FAILURES, FakeClock, FakeService
 from edge_agent.api import ApiMetrics, RateLimiter, create_app
 from edge_agent.api.grpc_v2 import GrpcInference
 from edge_agent.api.grpc_v2.messages import message_class
+from edge_agent.api.metadata import EXTENSIONS
 from edge_agent.errors import API_STATUS, INTERNAL_STATUS, api_status
 
 
@@ -102,7 +103,7 @@ def test_unknown_model_and_metadata() -> None:
     )
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("x", "FP32", [-1, 2])]
     server = grpc_api.server_metadata(message_class("ServerMetadataRequest")(), context)
-    assert list(server.extensions) == ["binary_tensor_data"]
+    assert list(server.extensions) == list(EXTENSIONS)  # what this API serves, as REST's
 
 
 def test_probes_follow_the_service() -> None:
