@@ -247,6 +247,13 @@ def test_error_table_is_the_rest_table(daemon: Daemon, digits_bundles: DigitsBun
     with pytest.raises(grpc.RpcError) as info:
         stub(typed_request(big), timeout=10)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+    # bytes that are not a ModelInferRequest: INVALID_ARGUMENT (REST: 400 for an undecodable body)
+    garbage = grpc.insecure_channel(daemon.url).unary_unary(
+        "/inference.GRPCInferenceService/ModelInfer"
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        garbage(b"\x0a\xff\xff\xff\xff\x0f", timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
     # and the daemon keeps serving, counting every failure in the REST metrics' series
     assert daemon.client().is_server_ready()
     with urllib.request.urlopen(daemon.http + "/metrics", timeout=5) as response:

@@ -9,13 +9,15 @@ decoding tensors (``edge_agent.api.grpc_v2.codec``) or serving (``edge_agent.api
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError
 
 from edge_agent.api.grpc_v2._descriptor import FILE_DESCRIPTOR
 
-__all__ = ["METHODS", "SERVICE", "Message", "message_class"]
+__all__ = ["METHODS", "SERVICE", "UNPARSABLE", "Message", "message_class", "parser"]
 
 SERVICE = "inference.GRPCInferenceService"
 _POOL = descriptor_pool.DescriptorPool()
@@ -23,6 +25,8 @@ _POOL.Add(descriptor_pb2.FileDescriptorProto.FromString(FILE_DESCRIPTOR))
 
 #: A protobuf message of this protocol (fields are dynamic, hence ``Any``).
 Message = Any
+#: What ``parser`` returns for bytes that are not the message.
+UNPARSABLE = object()
 
 
 def message_class(name: str) -> type[Any]:
@@ -35,6 +39,21 @@ def message_class(name: str) -> type[Any]:
         _POOL.FindMessageTypeByName(f"inference.{name}")
     )
     return found
+
+
+def parser(cls: type[Any]) -> Callable[[bytes], Any]:
+    """A deserializer for ``cls`` that returns ``UNPARSABLE`` for bytes that are not such a
+    message (grpc answers INTERNAL when a deserializer raises or returns ``None``; the handler
+    answers INVALID_ARGUMENT instead).
+    """
+
+    def parse(data: bytes) -> Any:
+        try:
+            return cls.FromString(data)
+        except DecodeError:
+            return UNPARSABLE
+
+    return parse
 
 
 def _methods() -> dict[str, tuple[type[Any], type[Any]]]:

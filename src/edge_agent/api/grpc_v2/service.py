@@ -31,7 +31,7 @@ import grpc
 from edge_agent.api import metrics as m
 from edge_agent.api.app import UDS_CLIENT
 from edge_agent.api.grpc_v2 import codec
-from edge_agent.api.grpc_v2.messages import METHODS, SERVICE, Message
+from edge_agent.api.grpc_v2.messages import METHODS, SERVICE, UNPARSABLE, Message, parser
 from edge_agent.api.metadata import EXTENSIONS, protocol_metadata
 from edge_agent.api.metrics import ApiMetrics
 from edge_agent.api.ratelimit import RateLimiter
@@ -117,13 +117,27 @@ class GrpcInference:
         }
         handlers = {
             name: grpc.unary_unary_rpc_method_handler(
-                calls[name],
-                request_deserializer=request.FromString,
+                self._parsed(name, calls[name]),
+                request_deserializer=parser(request),
                 response_serializer=response.SerializeToString,
             )
             for name, (request, response) in METHODS.items()
         }
         return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+    def _parsed(
+        self, name: str, call: Callable[[Any, grpc.ServicerContext], Any]
+    ) -> Callable[[Any, grpc.ServicerContext], Any]:
+        """``call``, but a request that did not parse as its message is INVALID_ARGUMENT."""
+
+        def handle(request: Any, context: grpc.ServicerContext) -> Any:
+            if request is UNPARSABLE:
+                self.metrics.count_request(name, m.UNKNOWN_MODEL, m.OUTCOME_INVALID, "protobuf")
+                message = f"the request is not a valid {name}Request message (reason: protobuf)"
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+            return call(request, context)
+
+        return handle
 
     def _label(self, name: str) -> str:
         return name if name in self._known else m.UNKNOWN_MODEL
