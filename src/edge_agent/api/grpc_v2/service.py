@@ -132,7 +132,8 @@ class GrpcInference:
 
         def handle(request: Any, context: grpc.ServicerContext) -> Any:
             if request is UNPARSABLE:
-                self.metrics.count_request(name, m.UNKNOWN_MODEL, m.OUTCOME_INVALID, "protobuf")
+                endpoint = f"grpc_{name}"
+                self.metrics.count_request(endpoint, m.UNKNOWN_MODEL, m.OUTCOME_INVALID, "protobuf")
                 message = f"the request is not a valid {name}Request message (reason: protobuf)"
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
             return call(request, context)
