@@ -8,8 +8,10 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from hypothesis import given, settings
 from starlette.testclient import TestClient
 from test_api_app import CONFIG, FAILURES, FakeClock, FakeService
+from test_grpc_codec import hostile_request
 
 from edge_agent.api import ApiMetrics, RateLimiter, create_app
 from edge_agent.api.grpc_v2 import GrpcInference
@@ -156,3 +158,16 @@ def test_rate_limit_per_peer_and_one_bucket_for_unix_clients() -> None:
     assert context.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     text = grpc_api.metrics.render().decode()
     assert 'outcome="rate_limited"' in text
+
+
+@settings(max_examples=200, deadline=None)
+@given(hostile_request())
+def test_any_message_gets_an_answer_or_a_table_status(req: Any) -> None:
+    req.model_name = "double"
+    context = FakeContext()
+    answer = call(servicer(FakeService()), "model_infer", req, context)
+    if answer is None:  # aborted: with a status of the table, never INTERNAL
+        assert context.code is not None
+        assert context.code.name in {code for _, _, code in API_STATUS}
+    else:
+        assert list(answer.outputs) or not req.inputs
