@@ -149,7 +149,7 @@ def _from_contents(tensor: Message, shape: tuple[int, ...], name: str) -> Array:
         return np.array(list(values), dtype=object).reshape(shape)
     dtype = _NATIVE[datatype]
     if dtype.kind in "iu" and dtype.itemsize < 4 and count:
-        wide = np.array(values, dtype=np.int64)
+        wide = np.array(values, dtype=np.int32 if dtype.kind == "i" else np.uint32)
         info = np.iinfo(dtype)
         if wide.min() < info.min or wide.max() > info.max:
             raise _bad(REASON_DATA, f"data of input {name!r} is out of range for {datatype}", name)
