@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Text, cast, select
+from sqlalchemy import DateTime, Text, cast, select, type_coerce
 from sqlalchemy.orm import Session
 
 from edge_agent.errors import ContractError
@@ -181,7 +181,8 @@ def drift_inputs(
             stmt = select(
                 TelemetryRollup.device_id,
                 TelemetryRollup.version,
-                TelemetryRollup.bucket_start,
+                # Plain DateTime: UTC by construction, without the per-row UTCDateTime hook.
+                type_coerce(TelemetryRollup.bucket_start, DateTime(timezone=True)),
                 # The JSON text as stored: rows of one fleet repeat a few documents, so they
                 # are parsed once each (``_PartSums.add``), not once per row.
                 cast(TelemetryRollup.drift, Text),
@@ -194,8 +195,9 @@ def drift_inputs(
             )
             if version is not None:
                 stmt = stmt.where(TelemetryRollup.version == version)
-            for dev, ver, at, drift, blob in s.execute(stmt):
-                acc.add(str(dev), int(ver), at.timestamp(), drift, bytes(blob))
+            for dev, ver, at, drift, blob in _rows(s, stmt):
+                stamp = (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
+                acc.add(str(dev), int(ver), stamp, drift, bytes(blob))
         if plan.raw is not None:
             stmt2 = select(
                 TelemetryRow.device_id, TelemetryRow.received_at, TelemetryRow.payload
@@ -207,6 +209,20 @@ def drift_inputs(
             out.raw = [(str(d), t, p) for d, t, p in s.execute(stmt2)]
     out.parts, out.skipped = acc.result()
     return out
+
+
+def _rows(s: Session, stmt: Any) -> Iterator[Any]:
+    """The statement's rows; on PostgreSQL in the binary protocol (``bytea`` in text format is
+    hex: twice the bytes on the wire and a decode of every byte)."""
+    conn = s.connection()
+    if conn.dialect.name != "postgresql":
+        yield from conn.execute(stmt)
+        return
+    compiled = stmt.compile(dialect=conn.dialect)
+    raw: Any = conn.connection.dbapi_connection
+    with raw.cursor(binary=True) as cur:
+        cur.execute(str(compiled), compiled.params)
+        yield from cur
 
 
 class _PartSums:
@@ -297,16 +313,16 @@ def rollout_inputs(
 
     ``rows`` are the raw rows of ``[since, first fine boundary)`` (the whole ``[since, now)``
     when nothing after ``since`` is folded) with the last report before ``since``; ``folded``
-    and ``events`` hold the fine rollups from that boundary to ``folded_until`` and the raw rows
-    after it, so a rollout step reads O(devices x buckets), not every row since the rollout
-    started.
+    and ``events`` hold the rollups from that boundary to ``folded_until`` (whole hours from the
+    hourly ones, the edges from the 5-minute ones) and the raw rows after it, so a rollout step
+    reads O(devices x buckets), not every row since the rollout started.
 
     Raises:
         RegistryUnavailableError: the database failed.
     """
     out = {d: RolloutInputs() for d in windows}
     with registry._read("reading rollout telemetry") as s:
-        fine_done, _ = folded_marks(s)
+        fine_done, hour_done = folded_marks(s)
         by_since: dict[datetime, list[str]] = {}
         for d, (since, _v) in windows.items():
             by_since.setdefault(since, []).append(d)
@@ -317,7 +333,8 @@ def rollout_inputs(
                 _raw_part(s, devices, since, None, out)
                 continue
             _raw_part(s, devices, since, edge, out)
-            _folded_part(s, model, devices, edge, fine_done, windows, out)
+            for level, lo, hi in _levels(edge, fine_done, hour_done):
+                _folded_part(s, model, devices, level, lo, hi, windows, out)
             tails += devices
         if fine_done is not None and tails:
             _tail_part(s, model, tails, fine_done, windows, out)
@@ -348,10 +365,22 @@ def _raw_part(
         out[d].rows.append(StoredTelemetry(0, d, -1, "report", _EPOCH, payload))
 
 
+def _levels(
+    lo: datetime, hi: datetime, hour_done: datetime | None
+) -> list[tuple[int, datetime, datetime]]:
+    """``[lo, hi)`` (on 5-minute boundaries) as whole folded hours plus 5-minute edges, so a
+    window older than the 5-minute rollups' retention is still read (from its hours)."""
+    h_lo, h_hi = _ceil(lo, HOUR_S), min(_floor(hi, HOUR_S), hour_done or lo)
+    if h_lo >= h_hi:
+        return [(FINE_S, lo, hi)]
+    return [(FINE_S, lo, h_lo), (HOUR_S, h_lo, h_hi), (FINE_S, h_hi, hi)]
+
+
 def _folded_part(
     s: Session,
     model: str,
     devices: list[str],
+    level: int,
     lo: datetime,
     hi: datetime,
     windows: Mapping[str, tuple[datetime, int | None]],
@@ -368,7 +397,7 @@ def _folded_part(
             TelemetryRollup.max_psi,
             TelemetryRollup.metrics,
         ).where(
-            TelemetryRollup.bucket_seconds == FINE_S,
+            TelemetryRollup.bucket_seconds == level,
             TelemetryRollup.bucket_start >= lo,
             TelemetryRollup.bucket_start < hi,
             TelemetryRollup.model == model,
