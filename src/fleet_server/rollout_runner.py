@@ -32,7 +32,7 @@ from fleet_server.errors import (
     RegistryUnavailableError,
     RolloutConflictError,
 )
-from fleet_server.history.queries import rollout_inputs
+from fleet_server.history.rollouts import rollout_inputs
 from fleet_server.registry import DeviceRecord, Registry
 from fleet_server.registry import rollouts as store
 from fleet_server.rollout import (

@@ -19,12 +19,11 @@ from fleet_server.history.job import FINE, HOUR, HistoryJob, HistoryPolicy, RunR
 from fleet_server.history.queries import (
     DriftInputs,
     RangePlan,
-    RolloutInputs,
     drift_inputs,
     last_reports,
     plan_range,
-    rollout_inputs,
 )
+from fleet_server.history.rollouts import RolloutInputs, rollout_inputs
 
 __all__ = [
     "FINE",

@@ -1,0 +1,183 @@
+"""Reading a rollout's telemetry window: rollups where folded, raw rows at its edges.
+
+Owns: ``rollout_inputs`` (per targeted device, what ``rollout_metrics.observe`` needs for its
+window). Does not own: the range plan and the shared reads (``queries``), the observation
+itself (``rollout_metrics``). Every statement carries its time range; nothing here reads a
+device's whole history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from fleet_server.history.cells import RollupCell
+from fleet_server.history.queries import (
+    FINE_S,
+    HOUR_S,
+    ceil_time,
+    floor_time,
+    folded_marks,
+    last_reports,
+)
+from fleet_server.registry import Registry
+from fleet_server.registry.models import TelemetryRollup, TelemetryRow
+from fleet_server.registry.values import StoredTelemetry
+from fleet_server.rollout_metrics import WindowMetrics, interval_metrics
+
+__all__ = ["RolloutInputs", "rollout_inputs"]
+
+_CHUNK = 500
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass
+class RolloutInputs:
+    """One device's rollout window: raw rows to observe from ``since`` plus folded totals."""
+
+    rows: list[StoredTelemetry] = field(default_factory=list)
+    folded: WindowMetrics = field(default_factory=WindowMetrics)
+    events: set[str] = field(default_factory=set)
+
+
+def rollout_inputs(
+    registry: Registry,
+    model: str,
+    windows: Mapping[str, tuple[datetime, int | None]],
+) -> dict[str, RolloutInputs]:
+    """Per device ``(since, version)``: what ``rollout_metrics.observe`` needs.
+
+    ``rows`` are the raw rows of ``[since, first fine boundary)`` (the whole ``[since, now)``
+    when nothing after ``since`` is folded) with the last report before ``since``; ``folded``
+    and ``events`` hold the rollups from that boundary to ``folded_until`` (whole hours from the
+    hourly ones, the edges from the 5-minute ones) and the raw rows after it, so a rollout step
+    reads O(devices x buckets), not every row since the rollout started.
+
+    Raises:
+        RegistryUnavailableError: the database failed.
+    """
+    out = {d: RolloutInputs() for d in windows}
+    with registry._read("reading rollout telemetry") as s:
+        fine_done, hour_done = folded_marks(s)
+        by_since: dict[datetime, list[str]] = {}
+        for d, (since, _v) in windows.items():
+            by_since.setdefault(since, []).append(d)
+        tails: list[str] = []
+        for since, devices in by_since.items():
+            edge = ceil_time(since, FINE_S)
+            if fine_done is None or fine_done <= since:
+                _raw_part(s, devices, since, None, out)
+                continue
+            _raw_part(s, devices, since, edge, out)
+            for level, lo, hi in _levels(edge, fine_done, hour_done):
+                _folded_part(s, model, devices, level, lo, hi, windows, out)
+            tails += devices
+        if fine_done is not None and tails:
+            _tail_part(s, model, tails, fine_done, windows, out)
+    return out
+
+
+def _raw_part(
+    s: Session,
+    devices: list[str],
+    since: datetime,
+    until: datetime | None,
+    out: dict[str, RolloutInputs],
+) -> None:
+    prior = last_reports(s, devices, since)
+    for i in range(0, len(devices), _CHUNK):
+        chunk = devices[i : i + _CHUNK]
+        stmt = select(TelemetryRow).where(
+            TelemetryRow.device_id.in_(chunk), TelemetryRow.received_at >= since
+        )
+        if until is not None:
+            stmt = stmt.where(TelemetryRow.received_at < until)
+        for r in s.scalars(stmt):
+            out[r.device_id].rows.append(
+                StoredTelemetry(r.id, r.device_id, r.seq, r.kind, r.received_at, r.payload)
+            )
+    for d, payload in prior.items():
+        # The baseline row only serves the first difference: seq below every row of the window.
+        out[d].rows.append(StoredTelemetry(0, d, -1, "report", _EPOCH, payload))
+
+
+def _levels(
+    lo: datetime, hi: datetime, hour_done: datetime | None
+) -> list[tuple[int, datetime, datetime]]:
+    """``[lo, hi)`` (on 5-minute boundaries) as whole folded hours plus 5-minute edges, so a
+    window older than the 5-minute rollups' retention is still read (from its hours)."""
+    h_lo, h_hi = ceil_time(lo, HOUR_S), min(floor_time(hi, HOUR_S), hour_done or lo)
+    if h_lo >= h_hi:
+        return [(FINE_S, lo, hi)]
+    return [(FINE_S, lo, h_lo), (HOUR_S, h_lo, h_hi), (FINE_S, h_hi, hi)]
+
+
+def _folded_part(
+    s: Session,
+    model: str,
+    devices: list[str],
+    level: int,
+    lo: datetime,
+    hi: datetime,
+    windows: Mapping[str, tuple[datetime, int | None]],
+    out: dict[str, RolloutInputs],
+) -> None:
+    if lo >= hi:
+        return
+    for i in range(0, len(devices), _CHUNK):
+        chunk = devices[i : i + _CHUNK]
+        stmt = select(
+            TelemetryRollup.device_id,
+            TelemetryRollup.version,
+            TelemetryRollup.device_group,
+            TelemetryRollup.max_psi,
+            TelemetryRollup.metrics,
+        ).where(
+            TelemetryRollup.bucket_seconds == level,
+            TelemetryRollup.bucket_start >= lo,
+            TelemetryRollup.bucket_start < hi,
+            TelemetryRollup.model == model,
+            TelemetryRollup.device_id.in_(chunk),
+        )
+        for dev, ver, group, psi, metrics in s.execute(stmt):
+            if windows[dev][1] != ver:
+                continue
+            cell = RollupCell.from_docs(group, psi, metrics, None)
+            target = out[dev]
+            target.folded = target.folded.merge(cell.metrics)
+            target.events.update(k for k, n in cell.events.items() if n > 0)
+
+
+def _tail_part(
+    s: Session,
+    model: str,
+    devices: list[str],
+    since: datetime,
+    windows: Mapping[str, tuple[datetime, int | None]],
+    out: dict[str, RolloutInputs],
+) -> None:
+    prior = last_reports(s, devices, since)
+    for i in range(0, len(devices), _CHUNK):
+        chunk = devices[i : i + _CHUNK]
+        stmt = (
+            select(TelemetryRow.device_id, TelemetryRow.kind, TelemetryRow.payload)
+            .where(TelemetryRow.device_id.in_(chunk), TelemetryRow.received_at >= since)
+            .order_by(TelemetryRow.device_id, TelemetryRow.seq)
+        )
+        for dev, kind, payload in s.execute(stmt):
+            version = windows[dev][1]
+            target = out[dev]
+            if kind == "event":
+                if payload.get("model") == model and payload.get("version") == version:
+                    target.events.add(str(payload.get("kind")))
+                continue
+            prev = prior.get(dev)
+            if prev is not None:
+                delta = interval_metrics(prev, payload, model, version)
+                if delta is not None:
+                    target.folded = target.folded.merge(delta)
+            prior[dev] = payload
