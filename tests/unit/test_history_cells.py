@@ -13,7 +13,7 @@ import pytest
 
 from edge_agent.drift import TierASketch, build_baseline
 from edge_agent.errors import ContractError
-from fleet_server.history import DriftPart, RawRow, RollupCell, fold_rows, merge_cells
+from fleet_server.history import DriftPart, RawRow, RollupCell, fold_rows, merge_cells, plan_range
 from fleet_server.rollout_metrics import observe
 
 T0 = datetime(2026, 6, 1, tzinfo=UTC)
@@ -134,3 +134,44 @@ def test_a_damaged_stored_part_is_a_typed_error(doc: dict[str, Any], data: bytes
         DriftPart.from_doc(doc, data)
     with pytest.raises(ContractError):
         RollupCell.from_docs("g", None, None, {"parts": [doc]}, data)
+
+
+def _t(hhmm: str, day: int = 1) -> datetime:
+    h, m = hhmm.split(":")
+    return datetime(2026, 6, day, int(h), int(m), tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("since", "until", "fine_done", "hour_done", "hours", "fine", "raw"),
+    [
+        # nothing folded yet: all raw, from the exact since
+        (_t("10:03"), _t("11:03"), None, None, None, (), (_t("10:03"), _t("11:03"))),
+        # last hour: 5-minute rollups, raw only after the folded part
+        (_t("10:03"), _t("11:03"), _t("11:00"), _t("10:00"), None,
+         ((_t("10:00"), _t("11:00")),), (_t("11:00"), _t("11:03"))),
+        # ... and its whole hour from the hourly rollup once that is folded
+        (_t("10:03"), _t("11:03"), _t("11:00"), _t("11:00"), (_t("10:00"), _t("11:00")), (),
+         (_t("11:00"), _t("11:03"))),
+        # folded only before the range: raw rows from the exact since
+        (_t("10:03"), _t("11:03"), _t("10:00"), _t("10:00"), None, (),
+         (_t("10:03"), _t("11:03"))),
+        # until inside a folded bucket: the partial bucket before it comes from raw rows
+        (_t("10:00"), _t("10:32"), _t("11:00"), _t("11:00"), None,
+         ((_t("10:00"), _t("10:30")),), (_t("10:30"), _t("10:32"))),
+        # a day: whole hours from hourly rollups, starting on the hour (range over 6 h)
+        (_t("11:07", 1), _t("11:07", 2), _t("11:05", 2), _t("11:00", 2),
+         (_t("11:00", 1), _t("11:00", 2)), ((_t("11:00", 2), _t("11:05", 2)),),
+         (_t("11:05", 2), _t("11:07", 2))),
+    ],
+)  # fmt: skip
+def test_plan_range(
+    since: datetime,
+    until: datetime,
+    fine_done: datetime | None,
+    hour_done: datetime | None,
+    hours: Any,
+    fine: Any,
+    raw: Any,
+) -> None:
+    plan = plan_range(since, until, fine_done, hour_done)
+    assert (plan.hours, plan.fine, plan.raw) == (hours, fine, raw)

@@ -79,11 +79,16 @@ class RangePlan:
 def plan_range(
     since: datetime, until: datetime, fine_done: datetime | None, hour_done: datetime | None
 ) -> RangePlan:
-    """Split ``[since, until)`` over the levels folded so far (see the module docstring)."""
-    fine_done = fine_done or since
-    hour_done = hour_done or since
+    """Split ``[since, until)`` over the levels folded so far (see the module docstring).
+
+    When nothing of the range is folded, it is all raw rows from the exact ``since``.
+    """
+    exact = since
     since = floor_time(since, HOUR_S if until - since > LONG_RANGE else FINE_S)
-    folded_end = max(min(floor_time(until, FINE_S), fine_done), since)
+    folded_end = min(floor_time(until, FINE_S), fine_done or since)
+    if folded_end <= exact:
+        return RangePlan(None, (), (exact, until) if exact < until else None)
+    hour_done = hour_done or since
     hours: Span | None = None
     h_lo, h_hi = ceil_time(since, HOUR_S), min(floor_time(folded_end, HOUR_S), hour_done)
     if h_lo < h_hi:
