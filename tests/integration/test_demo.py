@@ -78,9 +78,14 @@ def processes_mentioning(text: str) -> list[str]:
 
 def test_processes_mentioning_finds_a_live_process_and_not_a_finished_one(tmp_path: Path) -> None:
     marker = str(tmp_path / "marker-arg")
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()", marker],
-                            stdin=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; print('up', flush=True); sys.stdin.read()", marker],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
     try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"up\n"  # exec'd: /proc shows its own command line
         assert [line.split(":")[0] for line in processes_mentioning(marker)] == [str(proc.pid)]
     finally:
         proc.communicate(b"")
