@@ -39,6 +39,7 @@ from edge_agent.errors import ContractError
 
 __all__ = [
     "LATENCY_BUCKETS_MS",
+    "LATENCY_FINE_BUCKETS_MS",
     "DriftSummary",
     "ModelStats",
     "Resources",
@@ -49,6 +50,14 @@ __all__ = [
 #: Upper bucket edges (ms, inclusive); bucket ``i`` counts ``edge[i-1] < ms <= edge[i]``, the
 #: last bucket counts everything above 5,000 ms. Fixed for schema_version 1.
 LATENCY_BUCKETS_MS: Final = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 5000.0)
+_R10: Final = (1.0, 1.25, 1.6, 2.0, 2.5, 3.15, 4.0, 5.0, 6.3, 8.0)
+#: Upper edges (ms, inclusive) of the fine latency histogram (``ModelStats.latency_fine``): the
+#: Renard R10 series (10 log-spaced steps a decade, about 26 % apart) from 50 us to 5 s, so
+#: sub-millisecond models are resolved. Every ``LATENCY_BUCKETS_MS`` edge is one of these edges,
+#: so a fine histogram collapses exactly onto the coarse one (``coarse_from_fine``).
+LATENCY_FINE_BUCKETS_MS: Final = tuple(
+    e for e in (round(m * 10.0**k, 6) for k in range(-2, 4) for m in _R10) if 0.05 <= e <= 5000.0
+)
 _MAX_MODELS: Final = 32
 _MAX_WINDOWS: Final = 64
 _SHADOW_INTS: Final = (

@@ -91,6 +91,7 @@ class Thresholds:
     max_drift_alert_share: float | None = 0.5
     min_shadow_agreement: float | None = None
     max_p99_latency_ratio: float | None = 1.5
+    min_p99_latency_delta_ms: float = 2.0
 
     def __post_init__(self) -> None:
         """Raises: RolloutPolicyError (a rate outside [0, 1] or a ratio below 1)."""
@@ -106,6 +107,11 @@ class Thresholds:
             _check(v is None or 0.0 <= v <= 1.0, f"{name} must be in [0, 1]")
         r = self.max_p99_latency_ratio
         _check(r is None or r >= 1.0, "max_p99_latency_ratio must be >= 1")
+        d = self.min_p99_latency_delta_ms
+        _check(
+            isinstance(d, int | float) and math.isfinite(d) and d >= 0.0,
+            "min_p99_latency_delta_ms must be a number >= 0",
+        )
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,9 @@ with the numbers; ``status`` is ``ok``, ``breach``, ``waiting`` (too little data
   reporting devices on each side: reject-rate and fallback-rate increase of the canary over the
   control group (devices still on ``from_version``) by a one-sided two-proportion test, share of
   output drift windows alerting (Wilson lower bound), shadow agreement (Wilson upper bound) and
-  the p99 latency ratio from the merged latency histograms (at least ``min_requests`` requests
-  per side).
+  the p99 latency from the merged latency histograms (at least ``min_requests`` requests per
+  side), which trips only when the canary's p99 is both more than ``max_p99_latency_ratio``
+  times and more than ``min_p99_latency_delta_ms`` above the control's.
 
 Owns the gate verdicts and how they use ``fleet_server.rollout_metrics``' statistics. Does not
 own the policy, the rollout state or what a breach leads to (pause, abort, quarantine): those are
@@ -25,18 +26,24 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from edge_agent.telemetry import LATENCY_BUCKETS_MS
 from fleet_server.rollout_metrics import (
     DeviceObservation,
     WindowMetrics,
     one_sided_increase,
-    quantile_ms,
     wilson_bounds,
 )
 
 if TYPE_CHECKING:
-    from fleet_server.rollout import Rollout, RolloutPolicy
+    from fleet_server.rollout import Rollout, RolloutPolicy, Thresholds
 
-__all__ = ["GateResult", "quality_gates", "safety_gates"]
+__all__ = [
+    "GateResult",
+    "histogram_quantile_ms",
+    "latency_histograms",
+    "quality_gates",
+    "safety_gates",
+]
 
 
 @dataclass(frozen=True)
@@ -110,7 +117,7 @@ def quality_gates(
                   t.max_fallback_rate_increase, p, has_control),
         _drift(cm, t.max_drift_alert_share, p),
         _shadow(cm, t.min_shadow_agreement, p),
-        _latency(cm, km, t.max_p99_latency_ratio, p, has_control),
+        _latency(cm, km, t, p, has_control),
     )  # fmt: skip
 
 
@@ -172,20 +179,61 @@ def _shadow(m: WindowMetrics, limit: float | None, p: RolloutPolicy) -> GateResu
 
 
 def _latency(
-    c: WindowMetrics, k: WindowMetrics, limit: float | None, p: RolloutPolicy, has_control: bool
+    c: WindowMetrics, k: WindowMetrics, t: Thresholds, p: RolloutPolicy, has_control: bool
 ) -> GateResult:
-    name = "p99_latency"
+    name, limit, floor = "p99_latency", t.max_p99_latency_ratio, t.min_p99_latency_delta_ms
     if limit is None:
         return GateResult(name, "skipped", None, None, "disabled")
     if not has_control:
         return GateResult(name, "skipped", None, limit, "no control group left")
-    n1, n2 = sum(c.latency_buckets), sum(k.latency_buckets)
+    b1, b2, edges, resolution = latency_histograms(c, k)
+    n1, n2 = sum(b1), sum(b2)
     if min(n1, n2) < p.min_requests:
         msg = f"p99_latency: {n1}/{n2} timed requests (canary/control), need {p.min_requests}"
         return GateResult(name, "waiting", None, limit, msg)
-    q1, q2 = quantile_ms(c.latency_buckets, 0.99), quantile_ms(k.latency_buckets, 0.99)
+    q1, q2 = histogram_quantile_ms(b1, edges, 0.99), histogram_quantile_ms(b2, edges, 0.99)
     assert q1 is not None
     assert q2 is not None
-    ratio = q1 / max(q2, 1e-9)
-    detail = f"p99 {q1:.1f} ms on canary vs {q2:.1f} ms on control: x{ratio:.2f}, max x{limit:.2f}"
-    return GateResult(name, "breach" if ratio > limit else "ok", ratio, limit, detail)
+    ratio, delta = q1 / max(q2, 1e-9), q1 - q2
+    # Both must exceed: a ratio on sub-millisecond numbers is scheduling noise, and an
+    # absolute difference on a slow model is within its own jitter.
+    breach = ratio > limit and delta > floor
+    detail = (
+        f"p99 {q1:.3g} ms on canary vs {q2:.3g} ms on control ({resolution} buckets): "
+        f"x{ratio:.2f}, max x{limit:.2f}; {delta:+.2f} ms, min +{floor:.2f} ms"
+    )
+    return GateResult(name, "breach" if breach else "ok", ratio, limit, detail)
+
+
+def latency_histograms(
+    c: WindowMetrics, k: WindowMetrics
+) -> tuple[Sequence[int], Sequence[int], Sequence[float], str]:
+    """The canary's and control's latency histograms to compare, their edges and their name.
+
+    Judged like with like: the coarse histogram, which every agent reports.
+    """
+    return c.latency_buckets, k.latency_buckets, LATENCY_BUCKETS_MS, "coarse"
+
+
+def histogram_quantile_ms(buckets: Sequence[int], edges: Sequence[float], q: float) -> float | None:
+    """The ``q`` quantile of a latency histogram with upper ``edges`` (plus overflow), in ms.
+
+    Interpolated inside the bucket holding the rank: linearly in the first bucket (from 0),
+    geometrically in the others (the edges are log-spaced, and so is latency's tail). The
+    overflow bucket is reported at the last edge (a lower bound). None for an empty histogram.
+    """
+    total = sum(buckets)
+    if total <= 0:
+        return None
+    rank, seen = q * total, 0
+    for i, count in enumerate(buckets):
+        if count and seen + count >= rank:
+            if i >= len(edges):
+                break
+            frac = (rank - seen) / count
+            if i == 0:
+                return edges[0] * frac
+            lo, hi = edges[i - 1], edges[i]
+            return float(lo * (hi / lo) ** frac)
+        seen += count
+    return float(edges[-1])

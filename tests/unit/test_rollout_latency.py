@@ -1,0 +1,127 @@
+"""The p99 latency gate: interpolated quantiles, the absolute floor, busy-machine noise."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+
+from edge_agent.telemetry import LATENCY_BUCKETS_MS
+from fleet_server.errors import RolloutPolicyError
+from fleet_server.rollout import Rollout, RolloutPolicy, Selector, Thresholds, decide
+from fleet_server.rollout_gates import GateResult, histogram_quantile_ms
+from fleet_server.rollout_metrics import DeviceObservation, WindowMetrics
+
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+IDS = [f"dev-{i:02d}" for i in range(30)]
+COARSE = LATENCY_BUCKETS_MS
+
+
+def histogram(ms: np.ndarray, edges: Sequence[float]) -> tuple[int, ...]:
+    """Counts per bucket (``edge[i-1] < ms <= edge[i]``) plus overflow, as the agent counts."""
+    idx = np.searchsorted(np.asarray(edges), ms, side="left")
+    return tuple(int(c) for c in np.bincount(idx, minlength=len(edges) + 1))
+
+
+def busy_latencies(rng: np.random.Generator, n: int, compute_ms: float) -> np.ndarray:
+    """Per-request latency of a model of median ``compute_ms`` on a busy machine.
+
+    Log-normal compute, plus a device-specific share of requests (0-3 %) that wait for a
+    scheduler slice of 0.5-4 ms behind other processes.
+    """
+    x = compute_ms * rng.lognormal(0.0, 0.3, n)
+    stalled = rng.random(n) < rng.uniform(0.0, 0.03)
+    return x + stalled * rng.uniform(0.5, 4.0, n)
+
+
+def metrics(buckets: tuple[int, ...]) -> WindowMetrics:
+    n = sum(buckets)
+    return WindowMetrics(
+        reports=3, requests=n, device_answers=n, latency_buckets=buckets, drift_windows=0
+    )
+
+
+def judge(
+    rng: np.random.Generator, candidate_ms: float, live_ms: float, policy: RolloutPolicy
+) -> GateResult:
+    r = Rollout("ro-1", "digits", 1, 2, Selector(group="g"), policy, created_at=T0)
+    r = decide(r, [DeviceObservation(d, 1, 1, "installed") for d in IDS], T0).rollout
+    obs = []
+    for d in IDS:
+        member = d in r.members
+        lat = busy_latencies(rng, 400, candidate_ms if member else live_ms)
+        m = metrics(histogram(lat, COARSE))
+        v = 2 if member else 1
+        obs.append(DeviceObservation(d, v, v, "installed", metrics=m))
+    d = decide(r, obs, T0 + timedelta(seconds=policy.dwell_seconds + 1))
+    return next(g for g in d.rollout.gates if g.name == "p99_latency")
+
+
+def policy(**thresholds: float) -> RolloutPolicy:
+    return RolloutPolicy(dwell_seconds=60, thresholds=Thresholds(**thresholds))  # type: ignore[arg-type]
+
+
+def test_issue_case_sub_millisecond_jump_is_not_a_breach() -> None:
+    # The reported case: same compute, p99 ~1.9 ms vs ~1.0 ms from the 1 ms bucket edge.
+    control = metrics((995, 5) + (0,) * 10)
+    canary = metrics((981, 10, 9) + (0,) * 9)
+    from fleet_server.rollout_gates import _latency
+
+    g = _latency(canary, control, Thresholds(), RolloutPolicy(), True)
+    assert g.status == "ok"
+    assert g.measured is not None
+    assert g.measured > 1.5
+    assert "x1.88, max x1.50" in g.detail
+    assert "+0.87 ms, min +2.00 ms" in g.detail
+
+
+def test_same_compute_sub_ms_with_busy_noise_never_trips() -> None:
+    rng = np.random.default_rng(12)
+    results = [judge(rng, 0.35, 0.35, policy()) for _ in range(40)]
+    assert all(g.status == "ok" for g in results), [g.detail for g in results if g.status != "ok"]
+    # Without the absolute floor the ratio alone halts some of these same-compute candidates.
+    assert any(g.measured is not None and g.measured > 1.5 for g in results)
+
+
+@pytest.mark.parametrize("live_ms", [1.0, 4.0, 20.0])
+def test_three_times_slower_candidate_still_trips(live_ms: float) -> None:
+    # (A 3x slower 0.35 ms model is not here: its p99 on a busy machine is the scheduler's
+    # stalls, not its compute; docs/rollouts.md says so.)
+    rng = np.random.default_rng(7)
+    for _ in range(10):
+        g = judge(rng, 3 * live_ms, live_ms, policy())
+        assert g.status == "breach", g.detail
+        assert "ms on canary vs" in g.detail
+        assert "min +2.00 ms" in g.detail
+
+
+@pytest.mark.parametrize(
+    ("buckets", "edges", "q", "expected"),
+    [
+        ((100, 0, 0), (1.0, 2.0), 0.5, 0.5),  # first bucket: linear from 0
+        ((0, 100, 0), (1.0, 4.0), 0.5, 2.0),  # others: geometric (sqrt(1 * 4))
+        ((0, 100, 0), (1.0, 4.0), 1.0, 4.0),
+        ((0, 0, 7), (1.0, 4.0), 0.5, 4.0),  # overflow: the last edge, a lower bound
+        ((0, 0, 0), (1.0, 4.0), 0.5, None),
+        ((50, 0, 50), (1.0, 4.0), 0.5, 1.0),
+    ],
+)
+def test_histogram_quantile(
+    buckets: tuple[int, ...], edges: tuple[float, ...], q: float, expected: float | None
+) -> None:
+    got = histogram_quantile_ms(buckets, edges, q)
+    assert got == (None if expected is None else pytest.approx(expected))
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf")])
+def test_floor_must_be_a_finite_non_negative_number(bad: float) -> None:
+    with pytest.raises(RolloutPolicyError, match="min_p99_latency_delta_ms"):
+        Thresholds(min_p99_latency_delta_ms=bad)
+
+
+def test_floor_round_trips_in_the_policy_document() -> None:
+    p = RolloutPolicy(thresholds=Thresholds(min_p99_latency_delta_ms=0.5))
+    assert RolloutPolicy.from_dict(p.to_dict()) == p
+    assert RolloutPolicy.from_dict({}).thresholds.min_p99_latency_delta_ms == 2.0
