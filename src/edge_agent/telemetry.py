@@ -49,6 +49,7 @@ from edge_agent.errors import ContractError
 from edge_agent.telemetry_build import latency_histogram, report_from_status
 from edge_agent.telemetry_report import (
     LATENCY_BUCKETS_MS,
+    LATENCY_FINE_BUCKETS_MS,
     DriftSummary,
     ModelStats,
     Resources,
@@ -59,6 +60,7 @@ from edge_agent.telemetry_report import (
 __all__ = [
     "EVENT_KINDS",
     "LATENCY_BUCKETS_MS",
+    "LATENCY_FINE_BUCKETS_MS",
     "MAX_BATCH_ITEMS",
     "MAX_PAYLOAD_BYTES",
     "SCHEMA_VERSION",

@@ -223,19 +223,36 @@ def test_small_differences_do_not_trip_the_rate_gates() -> None:
 @pytest.mark.parametrize(
     ("kind", "gate", "text"),
     [
-        ("failed", "install_failures", "1/3 members (33.3%; 3 finished)"),
-        ("rolled_back", "device_rollbacks", "1/3 members (33.3%; 3 finished)"),
+        ("failed", "install_failures", "2/3 members (66.7%; 3 finished)"),
+        ("rolled_back", "device_rollbacks", "2/3 members (66.7%; 3 finished)"),
     ],
 )
 def test_safety_gates_trip_at_once_even_while_dwelling(kind: str, gate: str, text: str) -> None:
     r = started(policy=policy(on_breach="abort"))
-    victim = next(iter(r.members))
-    d = decide(r, fleet(r, bad={victim: kind}), after_dwell(r, 5))
+    victims = sorted(r.members)[:2]
+    d = decide(r, fleet(r, bad=dict.fromkeys(victims, kind)), after_dwell(r, 5))
     assert d.rollout.state == "aborted"
     assert any(gate in x and text in x for x in d.reasons), d.reasons
     assert set(d.revert) == set(r.members)
     if kind == "rolled_back":
-        assert f"device-initiated rollback of v2 on {victim}" in d.reasons
+        assert f"device-initiated rollback of v2 on {', '.join(victims)}" in d.reasons
+
+
+@pytest.mark.parametrize("kind", ["failed", "rolled_back"])
+def test_one_device_of_several_does_not_halt_a_wave(kind: str) -> None:
+    r = started(policy=policy(on_breach="abort"))
+    d = decide(r, fleet(r, bad={sorted(r.members)[0]: kind}), after_dwell(r, 5))
+    assert d.rollout.state == "dwelling", d.reasons
+    assert {g.status for g in d.rollout.gates} == {"ok"}
+
+
+@pytest.mark.parametrize("kind", ["failed", "rolled_back"])
+def test_every_member_failing_halts_even_a_one_device_canary(kind: str) -> None:
+    r = new_rollout(policy=policy(on_breach="abort", canary_count=1))
+    r = decide(r, fleet(r), T0).rollout
+    (victim,) = r.members
+    d = decide(r, fleet(r, bad={victim: kind}), after_dwell(r, 5))
+    assert d.rollout.state == "aborted", d.reasons
 
 
 @pytest.mark.parametrize(
@@ -312,14 +329,14 @@ def test_runs_to_completion_then_stays() -> None:
 
 def test_resume_accepts_seen_failures_and_dwells_again() -> None:
     r = started(policy=policy(on_breach="pause"))
-    victim = next(iter(r.members))
-    r = decide(r, fleet(r, bad={victim: "failed"}), after_dwell(r, 1)).rollout
+    victims = dict.fromkeys(sorted(r.members)[:2], "failed")
+    r = decide(r, fleet(r, bad=victims), after_dwell(r, 1)).rollout
     assert r.state == "paused"
     later = T0 + timedelta(hours=1)
     r = resume(r, later)
     assert r.state == "dwelling"
-    assert r.acknowledged == (victim,)
-    d = decide(r, fleet(r, bad={victim: "failed"}), later + timedelta(seconds=5))
+    assert r.acknowledged == tuple(victims)
+    d = decide(r, fleet(r, bad=victims), later + timedelta(seconds=5))
     assert d.rollout.state == "dwelling"
     with pytest.raises(RolloutStateError):
         resume(d.rollout, later)

@@ -77,8 +77,8 @@ def test_a_gate_abort_and_an_operator_abort_are_told_apart(world: World) -> None
     policy = RolloutPolicy(canary_count=2, steps=(0.5, 1.0), on_breach="abort")
     r = w.runner.create("digits", 2, selector=LINE, policy=policy)
     [d] = w.runner.step()
-    victim = sorted(d.assign)[0]
-    w.install(victim, 1, 2, outcome="rolled_back")  # safety gate breach: abort
+    for victim in sorted(d.assign):  # both canaries: a safety gate breach, abort
+        w.install(victim, 1, 2, outcome="rolled_back")
     w.runner.step()
     assert store.get_rollout(w.registry, r.id).state == "aborted"
     [h] = version_history(w.registry).values()

@@ -1,0 +1,372 @@
+"""False halts of the rollout gates: a Monte Carlo of whole rollouts of GOOD candidates.
+
+A good candidate is one whose telemetry comes from exactly the control group's distribution.
+Every halt of such a rollout is a false halt. The script
+
+1. measures the latency of the digits model (trained, quantized and signed by
+   ``model_builder``, as in ``bench/bench_agent.py``) per request through the agent's own
+   ``ModelPipeline`` (validation, preprocessing, onnxruntime, drift sketching, counters: what
+   the agent's latency histograms count), optionally with ``--busy`` CPU-spinning processes
+   beside it (a device doing other work);
+2. simulates fleets on a fake clock: every device has its own request rate, reject and
+   fallback probabilities, drift-window false-alarm probability, speed factor and install /
+   device-rollback probabilities (heterogeneous devices, the same distribution on either
+   version); each 30 s report interval adds Poisson traffic whose latencies are sampled from
+   the measured distribution (times the device's speed factor) into the coarse and fine
+   histograms exactly as the agent counts them; a member joins the new version 10-60 s after
+   its assignment and its first report on it is only a baseline (as ``rollout_metrics``);
+3. runs the pure engine (``fleet_server.rollout.decide`` with its gates) over the whole
+   rollout with the default ``RolloutPolicy`` (or a variant) every 30 s until it completes
+   or halts;
+4. prints per-rollout and per-gate false-halt rates with 95 % Wilson intervals as markdown.
+
+    .venv/bin/python bench/bench_false_halts.py                    # the table in docs/rollouts.md
+    .venv/bin/python bench/bench_false_halts.py --rollouts 200 --fleets 20  # quick look
+
+The simulated rates (reject ~1 %, fallback ~5 %, drift false alarms ~2 % of windows, install
+failures 0.5 %, device rollbacks 0.2 %, 1 request/s per device) are assumptions printed with
+the table; change them with the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.telemetry import LATENCY_BUCKETS_MS, LATENCY_FINE_BUCKETS_MS
+from fleet_server import rollout_gates
+from fleet_server.rollout import Rollout, RolloutPolicy, Selector, Thresholds, decide
+from fleet_server.rollout_gates import GateResult, histogram_quantile_ms
+from fleet_server.rollout_metrics import DeviceObservation, WindowMetrics
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+INTERVAL = 30.0  # report interval = decision tick (s)
+GATES = (
+    "install_failures",
+    "device_rollbacks",
+    "reject_rate",
+    "fallback_rate",
+    "prediction_drift",
+    "shadow_agreement",
+    "p99_latency",
+)
+HAS_FINE = "latency_fine" in WindowMetrics.__dataclass_fields__
+
+
+# --------------------------------------------------------------------------- measuring
+def measure_latencies(n: int, levels: list[int]) -> list[np.ndarray]:
+    """Per-request latency (ms) of the digits model through ``ModelPipeline.run``.
+
+    One array of ``n`` requests per entry of ``levels``, measured with that many CPU-spinning
+    processes running beside the pipeline (a device doing other work).
+    """
+    from bench_agent import build_bundle
+    from edge_agent.bundle import read_bundle
+    from edge_agent.config import DriftConfig, ModelPolicy
+    from edge_agent.pipeline import ModelPipeline
+    from edge_agent.runtime.base import RuntimeOptions, load_runtime
+    from edge_agent.trust import TrustedRoot
+
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle, root, x_eval = build_bundle(Path(tmp))
+        loaded = read_bundle(
+            bundle,
+            TrustedRoot.from_bytes(root.read_bytes()),
+            now=datetime.now(UTC),
+            installed_version=None,
+            device=None,
+        )
+    pipe = ModelPipeline(
+        loaded.manifest,
+        load_runtime(loaded.artifact, "onnx", RuntimeOptions()),
+        ModelPolicy(),
+        DriftConfig(),
+    )
+    for i in range(500):  # warm-up
+        pipe.run({"input": x_eval[i % len(x_eval)][None, :]})
+    arrays = []
+    for busy in levels:
+        hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
+        try:
+            out = np.empty(n)
+            for i in range(n):
+                out[i] = pipe.run({"input": x_eval[i % len(x_eval)][None, :]}).latency_s * 1e3
+        finally:
+            for h in hogs:
+                h.kill()
+                h.wait()
+        arrays.append(out)
+    return arrays
+
+
+# --------------------------------------------------------------------------- simulating
+@dataclass(frozen=True)
+class Rates:
+    """The fleet's (good) behaviour; the same on either version."""
+
+    rate: float = 1.0
+    reject: float = 0.01
+    fallback: float = 0.05
+    drift_alert: float = 0.02
+    install_failure: float = 0.005
+    rollback: float = 0.002
+    speed_sigma: float = 0.2
+
+
+class Fleet:
+    """Per-device parameters and cumulative counters since each device's window start."""
+
+    def __init__(
+        self, rng: np.random.Generator, n: int, rates: Rates, lat: list[np.ndarray]
+    ) -> None:
+        self.rng, self.n, self.rates, self.lat = rng, n, rates, lat
+        self.ids = [f"dev-{i:04d}" for i in range(n)]
+        self.index = {d: i for i, d in enumerate(self.ids)}
+
+        def beta(mean: float, strength: float = 200.0) -> np.ndarray:
+            return rng.beta(mean * strength, (1 - mean) * strength, n)
+
+        self.rate = rates.rate * rng.lognormal(0.0, 0.5, n) / math.exp(0.125)
+        self.p_reject, self.p_fallback = beta(rates.reject), beta(rates.fallback)
+        self.p_alert = beta(rates.drift_alert, 100.0)
+        self.speed = rng.lognormal(0.0, rates.speed_sigma, n)
+        self.load = rng.integers(0, len(lat), n)  # which measured load level the device sees
+        self.version = np.ones(n, dtype=int)
+        self.counting = np.zeros(n, dtype=bool)  # a first report on the version was seen
+        self.active_at = np.full(n, np.inf)  # fake-clock time a member starts serving v2
+        self.failed = np.zeros(n, dtype=bool)
+        self.rolled = np.zeros(n, dtype=bool)
+        self.c = np.zeros((n, 7), dtype=np.int64)  # ok rej dev cloud windows alerts reports
+        self.lc = np.zeros((n, len(LATENCY_BUCKETS_MS) + 1), dtype=np.int64)
+        self.lf = np.zeros((n, len(LATENCY_FINE_BUCKETS_MS) + 1), dtype=np.int64)
+        self.counting[:] = True  # control devices have reported before the rollout starts
+
+    def assign(self, devices: tuple[str, ...], now: float) -> None:
+        for d in devices:
+            i = self.index[d]
+            if self.rng.random() < self.rates.install_failure:
+                self.failed[i] = True
+                continue
+            self.active_at[i] = now + self.rng.uniform(10.0, 60.0)
+
+    def advance(self, now: float) -> None:
+        """One report interval ending at ``now``."""
+        rng, n = self.rng, self.n
+        switch = (self.version == 1) & (self.active_at <= now)
+        self.version[switch] = 2
+        self.counting[switch] = False  # the first report on v2 is only a baseline
+        for i in np.flatnonzero(switch):
+            if rng.random() < self.rates.rollback:
+                self.rolled[i] = True
+        self.c[switch] = 0
+        self.lc[switch] = 0
+        self.lf[switch] = 0
+        live = self.counting & ~self.failed & ~self.rolled
+        req = rng.poisson(self.rate * INTERVAL) * live
+        rej = rng.binomial(req, self.p_reject)
+        ok = req - rej
+        cloud = rng.binomial(ok, self.p_fallback)
+        windows = np.minimum(req, 1) * int(INTERVAL // 60 + (rng.random() < 0.5))
+        alerts = rng.binomial(windows, self.p_alert)
+        self.c += np.stack([ok, rej, ok - cloud, cloud, windows, alerts, live.astype(int)], 1)
+        total = int(ok.sum())
+        if total:
+            dev = np.repeat(np.arange(n), ok)
+            ms = np.empty(total)
+            for level, samples in enumerate(self.lat):
+                sel = self.load[dev] == level
+                ms[sel] = rng.choice(samples, int(sel.sum()))
+            ms *= self.speed[dev]
+            ic = np.searchsorted(LATENCY_BUCKETS_MS, ms, side="left")
+            np.add.at(self.lc, (dev, ic), 1)
+            i_f = np.searchsorted(LATENCY_FINE_BUCKETS_MS, ms, side="left")
+            np.add.at(self.lf, (dev, i_f), 1)
+        self.counting[~self.counting & (self.version == 2)] = True
+
+    def observations(self) -> list[DeviceObservation]:
+        out = []
+        for i, d in enumerate(self.ids):
+            c = self.c[i]
+            kw: dict[str, Any] = {}
+            if HAS_FINE:
+                kw["latency_fine"] = tuple(int(x) for x in self.lf[i])
+            m = WindowMetrics(
+                reports=int(c[6]),
+                requests=int(c[0] + c[1]),
+                rejected=int(c[1]),
+                device_answers=int(c[2]),
+                cloud_answers=int(c[3]),
+                drift_windows=int(c[4]),
+                drift_alerts=int(c[5]),
+                latency_buckets=tuple(int(x) for x in self.lc[i]),
+                **kw,
+            )
+            assigned = 2 if math.isfinite(self.active_at[i]) or self.failed[i] else 1
+            active = 1 if self.rolled[i] else int(self.version[i])
+            outcome = "failed" if self.failed[i] else "installed"
+            outcome = "rolled_back" if self.rolled[i] else outcome
+            out.append(
+                DeviceObservation(
+                    d,
+                    active_version=active,
+                    assigned_version=assigned,
+                    outcome=outcome,
+                    install_failed=bool(self.failed[i]),
+                    rolled_back=bool(self.rolled[i]),
+                    metrics=m,
+                )
+            )
+        return out
+
+
+def one_rollout(
+    rng: np.random.Generator,
+    n: int,
+    policy: RolloutPolicy,
+    rates: Rates,
+    lat: list[np.ndarray],
+) -> tuple[str, tuple[str, ...], float]:
+    """Run one rollout to its end: (final state, gates that breached, fake seconds)."""
+    fleet = Fleet(rng, n, rates, lat)
+    r = Rollout("ro", "digits", 1, 2, Selector(group="g"), policy, created_at=T0)
+    t = 0.0
+    for _ in range(10_000):
+        now = T0 + timedelta(seconds=t)
+        d = decide(r, fleet.observations(), now)
+        r = d.rollout
+        if d.assign:
+            fleet.assign(d.assign, t)
+        if not r.active:
+            bad = tuple(g.name for g in r.gates if g.status == "breach")
+            return r.state, bad, t
+        t += INTERVAL
+        fleet.advance(t)
+    raise RuntimeError("rollout did not finish")
+
+
+# --------------------------------------------------------------------------- reporting
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, c - h), min(1.0, c + h)
+
+
+def rate(k: int, n: int) -> str:
+    lo, hi = wilson(k, n)
+    return f"{k / n:.2%} [{lo:.2%}, {hi:.2%}]"
+
+
+def _point_latency(
+    c: WindowMetrics, k: WindowMetrics, t: Thresholds, p: RolloutPolicy, has_control: bool
+) -> GateResult:
+    """The p99 gate as it was before: the point estimates' ratio alone (for comparison)."""
+    name, limit = "p99_latency", t.max_p99_latency_ratio
+    if limit is None or not has_control:
+        return GateResult(name, "skipped", None, limit, "")
+    n1, n2 = sum(c.latency_buckets), sum(k.latency_buckets)
+    if min(n1, n2) < p.min_requests:
+        return GateResult(name, "waiting", None, limit, "")
+    q1 = histogram_quantile_ms(c.latency_buckets, LATENCY_BUCKETS_MS, 0.99) or 0.0
+    q2 = histogram_quantile_ms(k.latency_buckets, LATENCY_BUCKETS_MS, 0.99) or 0.0
+    ratio = q1 / max(q2, 1e-9)
+    return GateResult(name, "breach" if ratio > limit else "ok", ratio, limit, "")
+
+
+def variants(names: list[str]) -> dict[str, tuple[RolloutPolicy, Any]]:
+    """Policy and p99 gate per variant name."""
+    base = RolloutPolicy()
+    table = {
+        "default": (base, rollout_gates._latency),
+        "before (p99 ratio alone)": (base, _point_latency),
+    }
+    return {k: table[k] for k in names}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rollouts", type=int, default=1000, help="rollouts per fleet and policy")
+    ap.add_argument("--fleets", default="20,50,200", help="fleet sizes, comma-separated")
+    ap.add_argument(
+        "--policies",
+        default="default,before (p99 ratio alone)",
+        help="comma-separated: default, before (p99 ratio alone)",
+    )
+    ap.add_argument("--requests", type=int, default=10_000, help="latencies measured per level")
+    ap.add_argument(
+        "--busy", default="0,2,4,8", help="load levels: CPU-spinning processes while measuring"
+    )
+    ap.add_argument("--latencies", type=Path, help="reuse/save measured latencies (.npz)")
+    ap.add_argument("--seed", type=int, default=2026)
+    for f in Rates.__dataclass_fields__:
+        ap.add_argument(f"--{f.replace('_', '-')}", type=float, default=getattr(Rates(), f))
+    a = ap.parse_args()
+    rates = Rates(**{f: getattr(a, f) for f in Rates.__dataclass_fields__})
+    levels = [int(x) for x in a.busy.split(",")]
+    if a.latencies is not None and a.latencies.exists():
+        with np.load(a.latencies) as z:
+            levels, lat = [int(k[1:]) for k in z.files], [z[k] for k in z.files]
+    else:
+        lat = measure_latencies(a.requests, levels)
+        if a.latencies is not None:
+            np.savez(a.latencies, **{f"b{b}": x for b, x in zip(levels, lat, strict=True)})
+    print(
+        f"Measured latency of the digits model through ModelPipeline.run ({os.cpu_count()} "
+        "CPUs); each simulated device sees one load level, chosen at random:\n"
+    )
+    print(
+        "| CPU-spinning processes beside it | requests | p50 ms | p90 ms | p99 ms | p99.9 ms "
+        "| max ms | share above 1 ms |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for b, x in zip(levels, lat, strict=True):
+        q = np.percentile(x, [50, 90, 99, 99.9])
+        print(
+            f"| {b} | {len(x)} | {q[0]:.3f} | {q[1]:.3f} | {q[2]:.3f} | {q[3]:.3f} "
+            f"| {x.max():.2f} | {(x > 1.0).mean():.2%} |"
+        )
+    print()  # fmt: skip
+    print(f"Assumed fleet behaviour (either version): {rates}; latency histograms judged: "
+          f"{'fine (R10, 50 us..5 s)' if HAS_FINE else 'coarse (1 ms..5 s)'}.\n")  # fmt: skip
+    head = ["fleet", "policy", "rollouts", "false halts per rollout [95% CI]"]
+    print("| " + " | ".join(head + [f"{g}" for g in GATES]) + " | fake time to complete |")
+    print("|" + "---|" * (len(head) + len(GATES) + 1))
+    rng = np.random.default_rng(a.seed)
+    for n in (int(x) for x in a.fleets.split(",")):
+        for name, (pol, gate) in variants(a.policies.split(",")).items():
+            halted, per_gate, secs = 0, Counter[str](), []
+            t_wall = time.perf_counter()
+            rollout_gates._latency = gate
+            for _ in range(a.rollouts):
+                state, bad, t = one_rollout(rng, n, pol, rates, lat)
+                halted += state != "completed"
+                per_gate.update(bad)
+                if state == "completed":
+                    secs.append(t)
+            cells = [str(n), name, str(a.rollouts), rate(halted, a.rollouts)]
+            cells += [rate(per_gate[g], a.rollouts) for g in GATES]
+            med = f"{np.median(secs) / 60:.0f} min" if secs else "-"
+            print("| " + " | ".join(cells) + f" | {med} |", flush=True)
+            print(
+                f"<!-- {n}/{name}: {time.perf_counter() - t_wall:.0f} s wall -->", file=sys.stderr
+            )
+
+
+if __name__ == "__main__":
+    main()
