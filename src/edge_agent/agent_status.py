@@ -67,6 +67,7 @@ def _model_status(agent: Agent, key: str, entry: Loaded) -> dict[str, Any]:
         "dropped_rows_by_reason": dict(p.dropped_rows_by_reason),
         "latency": p.latency_quantiles(),
         "latency_buckets": p.latency_histogram(),
+        "latency_fine": p.latency_histogram_fine(),
         "sources": dict(agent._sources.get(key.split("@", 1)[0], {})),
         "drift": last,
         "kll": p.kll_summary() if p.kll else None,

@@ -27,7 +27,7 @@ from edge_agent.drift.monitor import DriftWindow, MonitorPolicy
 from edge_agent.errors import InferenceError, InputValidationError
 from edge_agent.probation import ProbationStats
 from edge_agent.runtime.base import Runtime
-from edge_agent.telemetry import LATENCY_BUCKETS_MS
+from edge_agent.telemetry import LATENCY_FINE_BUCKETS_MS, coarse_from_fine
 from edge_agent.validation import ROW_REASONS, ValidationResult, Validator
 
 Array = npt.NDArray[Any]
@@ -35,8 +35,9 @@ log = logging.getLogger("edge_agent.pipeline")
 BLOCK = 256
 _LATENCY_SAMPLES = 2048  # a power of two: the ring index is a mask
 _LATENCY_MASK = _LATENCY_SAMPLES - 1
-# Upper edges of the telemetry latency buckets, in seconds (bucket i: edge[i-1] < s <= edge[i]).
-_BUCKET_EDGES_S = tuple(ms / 1000.0 for ms in LATENCY_BUCKETS_MS)
+# Upper edges of the fine telemetry latency buckets, in seconds (bucket i: edge[i-1] < s <=
+# edge[i]); the coarse histogram is derived from it, so the two always agree.
+_BUCKET_EDGES_S = tuple(ms / 1000.0 for ms in LATENCY_FINE_BUCKETS_MS)
 
 
 class PipelineResult:
@@ -227,7 +228,7 @@ class ModelPipeline:
         self.loaded_at = clock()
         self.requests = 0
         self.rows = 0
-        # Cumulative request counts per telemetry latency bucket (LATENCY_BUCKETS_MS).
+        # Cumulative request counts per fine telemetry latency bucket (LATENCY_FINE_BUCKETS_MS).
         self._lat_buckets = [0] * (len(_BUCKET_EDGES_S) + 1)
         self.errors = 0
         self.rejects = 0
@@ -423,7 +424,12 @@ class ModelPipeline:
             )
 
     def latency_histogram(self) -> list[int]:
-        """Successful requests per telemetry latency bucket since load (cumulative)."""
+        """Successful requests per coarse telemetry latency bucket since load (cumulative)."""
+        with self._lock:
+            return list(coarse_from_fine(self._lat_buckets))
+
+    def latency_histogram_fine(self) -> list[int]:
+        """Successful requests per fine telemetry latency bucket since load (cumulative)."""
         with self._lock:
             return list(self._lat_buckets)
 

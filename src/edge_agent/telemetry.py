@@ -55,6 +55,7 @@ from edge_agent.telemetry_report import (
     Resources,
     ShadowStats,
     TelemetryReport,
+    coarse_from_fine,
 )
 
 __all__ = [
@@ -73,6 +74,7 @@ __all__ = [
     "StatusMessage",
     "TelemetryAck",
     "TelemetryReport",
+    "coarse_from_fine",
     "decode_message",
     "event_from_registry",
     "latency_histogram",

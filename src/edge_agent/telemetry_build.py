@@ -23,11 +23,13 @@ from edge_agent.telemetry_report import (
     _SHADOW_FLOATS,
     _SHADOW_INTS,
     LATENCY_BUCKETS_MS,
+    LATENCY_FINE_BUCKETS_MS,
     DriftSummary,
     ModelStats,
     Resources,
     ShadowStats,
     TelemetryReport,
+    coarse_from_fine,
 )
 
 __all__ = ["latency_histogram", "report_from_status"]
@@ -76,6 +78,11 @@ def _model_from_status(m: Mapping[str, Any], windows: Iterable[DriftWindow]) -> 
     buckets = m.get("latency_buckets")
     if not (isinstance(buckets, list | tuple) and len(buckets) == len(LATENCY_BUCKETS_MS) + 1):
         buckets = (0,) * (len(LATENCY_BUCKETS_MS) + 1)
+    coarse = tuple(_count_or_zero(b) for b in buckets)
+    fine_raw, fine = m.get("latency_fine"), None
+    if isinstance(fine_raw, list | tuple) and len(fine_raw) == len(LATENCY_FINE_BUCKETS_MS) + 1:
+        fine = tuple(_count_or_zero(b) for b in fine_raw)
+        coarse = coarse_from_fine(fine)  # the report's two histograms always agree
     latency = m.get("latency") if isinstance(m.get("latency"), Mapping) else {}
     lat = {
         str(k).removesuffix("_ms"): f
@@ -101,7 +108,8 @@ def _model_from_status(m: Mapping[str, Any], windows: Iterable[DriftWindow]) -> 
             "rejected": rejected,
         },
         sources=_ints_of(m.get("sources")),
-        latency_buckets=tuple(_count_or_zero(b) for b in buckets),
+        latency_buckets=coarse,
+        latency_fine=fine,
         latency_ms=lat,
         rejects_by_reason=rejects,
         dropped_rows_by_reason=_ints_of(m.get("dropped_rows_by_reason")),

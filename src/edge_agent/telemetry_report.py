@@ -13,7 +13,8 @@ from __future__ import annotations
 import base64
 import binascii
 import math
-from collections.abc import Mapping
+from bisect import bisect_left
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -45,6 +46,7 @@ __all__ = [
     "Resources",
     "ShadowStats",
     "TelemetryReport",
+    "coarse_from_fine",
 ]
 
 #: Upper bucket edges (ms, inclusive); bucket ``i`` counts ``edge[i-1] < ms <= edge[i]``, the
@@ -57,6 +59,11 @@ _R10: Final = (1.0, 1.25, 1.6, 2.0, 2.5, 3.15, 4.0, 5.0, 6.3, 8.0)
 #: so a fine histogram collapses exactly onto the coarse one (``coarse_from_fine``).
 LATENCY_FINE_BUCKETS_MS: Final = tuple(
     e for e in (round(m * 10.0**k, 6) for k in range(-2, 4) for m in _R10) if 0.05 <= e <= 5000.0
+)
+# Coarse bucket of each fine bucket (the last, overflow, to the coarse overflow).
+_COARSE_OF_FINE: Final = tuple(
+    [bisect_left(LATENCY_BUCKETS_MS, e) for e in LATENCY_FINE_BUCKETS_MS]
+    + [len(LATENCY_BUCKETS_MS)]
 )
 _MAX_MODELS: Final = 32
 _MAX_WINDOWS: Final = 64
@@ -76,6 +83,20 @@ _SHADOW_FLOATS: Final = (
     "candidate_p50_ms",
     "candidate_p99_ms",
 )
+
+
+def coarse_from_fine(fine: Sequence[int]) -> tuple[int, ...]:
+    """The ``LATENCY_BUCKETS_MS`` histogram of a ``LATENCY_FINE_BUCKETS_MS`` one (exact).
+
+    Raises:
+        ContractError: ``fine`` does not have one count per fine bucket plus overflow.
+    """
+    if len(fine) != len(_COARSE_OF_FINE):
+        raise ContractError(f"latency_fine must have {len(_COARSE_OF_FINE)} counts")
+    out = [0] * (len(LATENCY_BUCKETS_MS) + 1)
+    for i, n in zip(_COARSE_OF_FINE, fine, strict=True):
+        out[i] += n
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -232,6 +253,9 @@ class ModelStats:
         outcomes: Requests by outcome (``ok``, ``error``, ``rejected``).
         sources: Requests answered by source (``device``, ``cloud``), when known.
         latency_buckets: Counts per ``LATENCY_BUCKETS_MS`` bucket plus one overflow bucket.
+        latency_fine: Counts per ``LATENCY_FINE_BUCKETS_MS`` bucket plus overflow, or None
+            (agents before it, and reports that predate it: the key is then absent). When
+            present, ``latency_buckets`` is exactly ``coarse_from_fine(latency_fine)``.
         latency_ms: Quantiles of recent latency (``p50``, ``p90``, ``p99``), in ms.
         rejects_by_reason: Requests refused by input validation, by reason.
         dropped_rows_by_reason: Rows dropped from accepted requests, by reason.
@@ -246,6 +270,7 @@ class ModelStats:
     sources: Mapping[str, int] = field(default_factory=dict)
     latency_buckets: tuple[int, ...] = (0,) * (len(LATENCY_BUCKETS_MS) + 1)
     latency_ms: Mapping[str, float] = field(default_factory=dict)
+    latency_fine: tuple[int, ...] | None = None
     rejects_by_reason: Mapping[str, int] = field(default_factory=dict)
     dropped_rows_by_reason: Mapping[str, int] = field(default_factory=dict)
     drift: tuple[DriftSummary, ...] = ()
@@ -253,8 +278,8 @@ class ModelStats:
     ab: Mapping[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict."""
-        return {
+        """JSON-safe dict (``latency_fine`` only when known: old reports stay byte-identical)."""
+        out = {
             "version": self.version,
             "on_probation": self.on_probation,
             "outcomes": dict(self.outcomes),
@@ -267,6 +292,9 @@ class ModelStats:
             "shadow": None if self.shadow is None else self.shadow.to_dict(),
             "ab": None if self.ab is None else dict(self.ab),
         }
+        if self.latency_fine is not None:
+            out["latency_fine"] = list(self.latency_fine)
+        return out
 
     @classmethod
     def from_dict(cls, d: Any) -> ModelStats:
@@ -284,12 +312,21 @@ class ModelStats:
         if not isinstance(probation, bool):
             raise ContractError(f"{w}: on_probation must be a boolean")
         shadow, ab = d.get("shadow"), d.get("ab")
+        coarse = tuple(_int(n, f"{w}.latency_buckets[]") for n in buckets)
+        fine_raw, fine = d.get("latency_fine"), None
+        if fine_raw is not None:
+            if not isinstance(fine_raw, list):
+                raise ContractError(f"{w}: latency_fine must be a list")
+            fine = tuple(_int(n, f"{w}.latency_fine[]") for n in fine_raw)
+            if coarse_from_fine(fine) != coarse:
+                raise ContractError(f"{w}: latency_fine does not add up to latency_buckets")
         return cls(
             version=_int(_get(d, "version", w), f"{w}.version"),
             on_probation=probation,
             outcomes=_counts(_get(d, "outcomes", w), f"{w}.outcomes"),
             sources=_counts(d.get("sources", {}), f"{w}.sources"),
-            latency_buckets=tuple(_int(n, f"{w}.latency_buckets[]") for n in buckets),
+            latency_buckets=coarse,
+            latency_fine=fine,
             latency_ms={
                 _label(k, f"{w}.latency_ms key"): _num(v, f"{w}.latency_ms") for k, v in lat.items()
             },
