@@ -157,6 +157,8 @@ class Fleet:
     def assign(self, devices: tuple[str, ...], now: float) -> None:
         for d in devices:
             i = self.index[d]
+            # Observed on the new version from now: nothing counts until it serves it.
+            self.c[i], self.lc[i], self.lf[i], self.counting[i] = 0, 0, 0, False
             if self.rng.random() < self.rates.install_failure:
                 self.failed[i] = True
                 continue
@@ -198,20 +200,19 @@ class Fleet:
 
     def observations(self) -> list[DeviceObservation]:
         out = []
+        cs, lcs, lfs = self.c.tolist(), self.lc.tolist(), self.lf.tolist()
         for i, d in enumerate(self.ids):
-            c = self.c[i]
-            kw: dict[str, Any] = {}
-            if HAS_FINE:
-                kw["latency_fine"] = tuple(int(x) for x in self.lf[i])
+            c = cs[i]
+            kw: dict[str, Any] = {"latency_fine": tuple(lfs[i])} if HAS_FINE else {}
             m = WindowMetrics(
-                reports=int(c[6]),
-                requests=int(c[0] + c[1]),
-                rejected=int(c[1]),
-                device_answers=int(c[2]),
-                cloud_answers=int(c[3]),
-                drift_windows=int(c[4]),
-                drift_alerts=int(c[5]),
-                latency_buckets=tuple(int(x) for x in self.lc[i]),
+                reports=c[6],
+                requests=c[0] + c[1],
+                rejected=c[1],
+                device_answers=c[2],
+                cloud_answers=c[3],
+                drift_windows=c[4],
+                drift_alerts=c[5],
+                latency_buckets=tuple(lcs[i]),
                 **kw,
             )
             assigned = 2 if math.isfinite(self.active_at[i]) or self.failed[i] else 1
@@ -363,9 +364,7 @@ def main() -> None:
             cells += [rate(per_gate[g], a.rollouts) for g in GATES]
             med = f"{np.median(secs) / 60:.0f} min" if secs else "-"
             print("| " + " | ".join(cells) + f" | {med} |", flush=True)
-            print(
-                f"<!-- {n}/{name}: {time.perf_counter() - t_wall:.0f} s wall -->", file=sys.stderr
-            )
+            print(f"{n}/{name}: {time.perf_counter() - t_wall:.0f} s wall", file=sys.stderr)
 
 
 if __name__ == "__main__":
