@@ -5,7 +5,8 @@ endpoints (health, server and model metadata, model ready, infer) and ``/metrics
 own the raw ASGI fast path and the shared JSON/error responses (``fastpath``), decode tensors
 (``codec``), run models (the service) or listen on sockets (``server``).
 
-Error mapping, always as the protocol's ``{"error": "<message>"}``:
+Error mapping, always as the protocol's ``{"error": "<message>"}``; error families get their status
+from the one table ``edge_agent.errors.API_STATUS`` (which gives gRPC its codes too):
     400 undecodable or invalid request (message names the validation reason and field)
     404 unknown model or version, or unknown route
     413 body larger than ``max_request_bytes`` (Content-Length checked first, the stream capped)
@@ -67,12 +68,9 @@ from edge_agent.config import ApiConfig
 from edge_agent.errors import (
     ConfigError,
     EdgefleetError,
-    FallbackError,
     InputValidationError,
     ModelNotFoundError,
-    ModelStoreError,
-    RateLimitedError,
-    RuntimeAdapterError,
+    api_status,
 )
 from edge_agent.service import InferenceRequest, InferenceResult, InferenceService
 
@@ -83,6 +81,7 @@ __all__ = [
     "INLINE_SERVICE_S",
     "JSON",
     "OCTETS",
+    "OUTCOME_BY_STATUS",
     "UDS_CLIENT",
     "create_app",
 ]
@@ -98,6 +97,14 @@ INLINE_ELEMENTS = 16 * 1024
 # Models whose smoothed service time is below this (1 ms) run inline on the event loop.
 INLINE_SERVICE_S = 0.001
 _MAX_KNOWN_MODELS = 256
+#: The metrics outcome of each status of the error table (anything else is ``OUTCOME_ERROR``).
+OUTCOME_BY_STATUS = {
+    400: m.OUTCOME_INVALID,
+    404: m.OUTCOME_NOT_FOUND,
+    413: m.OUTCOME_TOO_LARGE,
+    429: m.OUTCOME_RATE_LIMITED,
+    503: m.OUTCOME_UNAVAILABLE,
+}
 _T = TypeVar("_T")
 _Outcome = tuple[str, str, Response]
 
@@ -168,17 +175,14 @@ class _Api:
         return m.OUTCOME_RATE_LIMITED, m.OUTCOME_RATE_LIMITED, response
 
     def _failure(self, exc: Exception, stage: str = "service") -> _Outcome:
+        # The status is the one error table's (edge_agent.errors.API_STATUS), as for gRPC.
+        status, _ = api_status(exc, from_service=stage == "service")
         if isinstance(exc, InputValidationError):
-            return m.OUTCOME_INVALID, exc.reason, _error(400, _describe(exc))
-        if isinstance(exc, ModelNotFoundError):
-            return m.OUTCOME_NOT_FOUND, exc.code, _error(404, str(exc) or exc.code)
-        if isinstance(exc, RateLimitedError):
-            headers = {"Retry-After": "1"}
-            return m.OUTCOME_RATE_LIMITED, exc.code, _error(429, str(exc) or exc.code, headers)
-        unavailable = (RuntimeAdapterError, FallbackError, ModelStoreError)
-        if stage == "service" and isinstance(exc, unavailable):
-            return m.OUTCOME_UNAVAILABLE, exc.code, _error(503, str(exc) or exc.code)
+            return m.OUTCOME_INVALID, exc.reason, _error(status, _describe(exc))
         code = exc.code if isinstance(exc, EdgefleetError) else "exception"
+        if status in OUTCOME_BY_STATUS:
+            headers = {"Retry-After": "1"} if status == 429 else None
+            return OUTCOME_BY_STATUS[status], code, _error(status, str(exc) or code, headers)
         logger.error("inference API %s failed (%s)", stage, code, exc_info=exc)
         return m.OUTCOME_ERROR, code, _error(500, f"internal error ({code})")
 

@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 import grpc
 
 from edge_agent.api import metrics as m
-from edge_agent.api.app import UDS_CLIENT
+from edge_agent.api.app import OUTCOME_BY_STATUS, UDS_CLIENT
 from edge_agent.api.grpc_v2 import codec
 from edge_agent.api.grpc_v2.messages import METHODS, SERVICE, UNPARSABLE, Message, parser
 from edge_agent.api.metadata import EXTENSIONS, protocol_metadata
@@ -42,13 +42,6 @@ __all__ = ["GrpcInference"]
 
 logger = logging.getLogger(__name__)
 
-_OUTCOMES = {
-    400: m.OUTCOME_INVALID,
-    404: m.OUTCOME_NOT_FOUND,
-    413: m.OUTCOME_TOO_LARGE,
-    429: m.OUTCOME_RATE_LIMITED,
-    503: m.OUTCOME_UNAVAILABLE,
-}
 _MAX_KNOWN_MODELS = 256
 
 
@@ -85,7 +78,7 @@ def _failure(exc: Exception, *, from_service: bool = True) -> _RpcError:
             parts.append("rows: " + ", ".join(f"{k}={v}" for k, v in sorted(exc.counts.items())))
         return _RpcError(code, f"{exc} ({'; '.join(parts)})", m.OUTCOME_INVALID, exc.reason)
     reason = exc.code if isinstance(exc, EdgefleetError) else "exception"
-    return _RpcError(code, str(exc) or reason, _OUTCOMES.get(http, m.OUTCOME_ERROR), reason)
+    return _RpcError(code, str(exc) or reason, OUTCOME_BY_STATUS.get(http, m.OUTCOME_ERROR), reason)
 
 
 def _abort(context: grpc.ServicerContext, failure: _RpcError) -> NoReturn:
