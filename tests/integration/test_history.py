@@ -140,7 +140,8 @@ def test_rollups_equal_raw_and_survive_retention(backend, tmp_path: Path) -> Non
     assert fine_done is not None
     assert end - timedelta(minutes=6) < fine_done <= end
     assert job.folded_until(HOUR) == datetime(2026, 6, 1, 13, tzinfo=UTC)
-    oldest = registry.engine.connect().scalar(select(func.min(TelemetryRow.received_at)))
+    with registry.engine.connect() as c:
+        oldest = c.scalar(select(func.min(TelemetryRow.received_at)))
     assert oldest is not None
     assert oldest >= later.now - timedelta(hours=1, minutes=1)
 
@@ -212,4 +213,50 @@ def test_a_0003_database_upgrades_and_is_backfilled(backend, tmp_path: Path) -> 
     assert sum(r[1] for r in rows) == 190
     registry.downgrade("0003")
     registry.upgrade()
+    registry.close()
+
+
+def test_racing_workers_fold_each_bucket_once_and_retention_waits_for_the_fold(  # type: ignore[no-untyped-def]
+    backend, tmp_path: Path
+) -> None:
+    url, clock = backend
+    registry = Registry.open(url, clock=clock)
+    registry.upgrade()
+    _bundles, baseline = _baseline_and_bundles(registry, tmp_path)
+    _fill(registry, clock, baseline)
+    later = Clock()
+    later.now = clock.now + timedelta(hours=10)
+    raw_before = _counts(registry, TelemetryRow)
+
+    # Nothing folded yet: however short the retention, no raw row may go.
+    unfolded = HistoryPolicy(raw_retention_seconds=60.0, max_buckets_per_run=0)
+    assert HistoryJob(registry, unfolded, clock=later).run_once().raw_deleted == 0
+    assert _counts(registry, TelemetryRow) == raw_before
+
+    # Worker A reads a bucket; worker B folds everything before A commits: A's write is lost.
+    keep = HistoryPolicy(raw_retention_seconds=86400.0)
+    a, b = HistoryJob(registry, keep, clock=later), HistoryJob(registry, keep, clock=later)
+    real = a._commit
+    raced: list[bool] = []
+
+    def commit_after_b(*args: Any) -> bool:
+        if not raced:
+            raced.append(True)
+            b.run_once()
+        return real(*args)
+
+    a._commit = commit_after_b  # type: ignore[method-assign]
+    a.run_once()
+    with registry.engine.connect() as c:
+        rows = c.execute(
+            select(TelemetryRollup.bucket_seconds, TelemetryRollup.bucket_start, func.count())
+            .group_by(TelemetryRollup.bucket_seconds, TelemetryRollup.bucket_start)
+            .having(func.count() > len(DEVICES))
+        ).all()
+        reports = c.scalar(
+            select(func.sum(TelemetryRollup.reports)).where(TelemetryRollup.bucket_seconds == FINE)
+        )
+    assert rows == []  # no bucket holds a device twice
+    assert a.folded_until(FINE) == b.folded_until(FINE)
+    assert reports == len(DEVICES) * (N_REPORTS - 1) - 1  # dev-b's restart is a new baseline
     registry.close()
