@@ -45,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from edge_agent.mqtt import MqttClient, MqttConfig
 from edge_agent.transfer import DEFAULT_BLOCK_SIZE
-from fleet_server.gateway import Gateway, GatewayConfig
+from fleet_server.gateway import Gateway
+from fleet_server.gateway_values import GatewayConfig
 from fleet_server.registry import Registry
 from fleetbench import (
     PREFIX,

@@ -191,7 +191,8 @@ def gateway_main(
 ) -> None:
     """One fleet-server gateway worker: its own session, gateway and registry engine."""
     from edge_agent.mqtt import MqttClient, MqttConfig
-    from fleet_server.gateway import Gateway, GatewayConfig
+    from fleet_server.gateway import Gateway
+    from fleet_server.gateway_values import GatewayConfig
     from fleet_server.registry import Registry
 
     registry = client = gateway = None

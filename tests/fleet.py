@@ -29,7 +29,8 @@ from edge_agent.mqtt import MqttClient, MqttConfig
 from edge_agent.sync import SyncAgent
 from edge_agent.trust.desired import ModelAssignment
 from fleet_server.desired import make_desired_state, sign_desired_state
-from fleet_server.gateway import Gateway, GatewayConfig
+from fleet_server.gateway import Gateway
+from fleet_server.gateway_values import GatewayConfig
 from fleet_server.registry import BundleRecord, DesiredRecord, Registry
 from model_builder.keystore import KeyStore
 from mosquitto import FleetBroker

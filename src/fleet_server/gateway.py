@@ -51,7 +51,7 @@ from fleet_server.misbehaviour import DeviceMisbehaviour, MisbehaviourBook, Pres
 from fleet_server.registry.store import IngestResult, Registry
 from fleet_server.service import parse_document
 
-__all__ = ["Gateway", "GatewayConfig", "GatewayStats"]
+__all__ = ["Gateway"]
 
 log = logging.getLogger(__name__)
 

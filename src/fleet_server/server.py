@@ -37,7 +37,8 @@ from fleet_server.config import ApiConfig, ServerConfig
 from fleet_server.drift_service import DriftService
 from fleet_server.errors import ServerConfigError
 from fleet_server.fallback_worker import FallbackWorker
-from fleet_server.gateway import Gateway, GatewayConfig
+from fleet_server.gateway import Gateway
+from fleet_server.gateway_values import GatewayConfig
 from fleet_server.history import HistoryJob, HistoryPolicy
 from fleet_server.leader import leader_lock
 from fleet_server.library import BundleLibrary

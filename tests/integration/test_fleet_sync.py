@@ -20,7 +20,7 @@ from edge_agent.service import InferenceRequest
 from edge_agent.transfer import BlockPlan
 from edge_agent.transfer_store import PartialDownload
 from fleet import FleetHarness, daemon_config, wait_until
-from fleet_server.gateway import GatewayConfig
+from fleet_server.gateway_values import GatewayConfig
 from mosquitto import MOSQUITTO, FleetBroker, fleet_broker
 
 pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")

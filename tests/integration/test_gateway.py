@@ -37,7 +37,8 @@ from edge_agent.transfer import BlockData, BlockPlan, BlockRequest
 from edge_agent.transfer_progress import Progress
 from edge_agent.trust.desired import ModelAssignment
 from fleet_server.desired import make_desired_state
-from fleet_server.gateway import Gateway, GatewayConfig
+from fleet_server.gateway import Gateway
+from fleet_server.gateway_values import GatewayConfig
 from fleet_server.registry import Registry
 from mosquitto import FleetBroker, broker_fixture
 

@@ -23,7 +23,8 @@ import pytest
 from edge_agent.mqtt import Message, MqttClient, MqttConfig
 from edge_agent.telemetry import Batch, TelemetryAck, TelemetryReport
 from edge_agent.topics import Topics
-from fleet_server.gateway import Gateway, GatewayConfig
+from fleet_server.gateway import Gateway
+from fleet_server.gateway_values import GatewayConfig
 from fleet_server.registry import Registry
 from mosquitto import FleetBroker, broker_fixture
 

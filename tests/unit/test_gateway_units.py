@@ -23,7 +23,7 @@ from edge_agent.transfer import BlockPlan, BlockRequest
 from fleet_server.blocks import Entitlements, plan_round
 from fleet_server.delivery import Pacer
 from fleet_server.errors import RegistryUnavailableError, ServerConfigError
-from fleet_server.gateway import GatewayConfig
+from fleet_server.gateway_values import GatewayConfig
 from fleet_server.ingest import IngestWorker, is_data_failure
 from fleet_server.ingest_parse import IngestItem, parse_telemetry
 from fleet_server.registry import IngestResult, Registry, TelemetryEntry
