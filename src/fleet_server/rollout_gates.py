@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from edge_agent.telemetry import LATENCY_BUCKETS_MS
+from edge_agent.telemetry import LATENCY_BUCKETS_MS, LATENCY_FINE_BUCKETS_MS
 from fleet_server.rollout_metrics import (
     DeviceObservation,
     WindowMetrics,
@@ -241,8 +241,12 @@ def latency_histograms(
 ) -> tuple[Sequence[int], Sequence[int], Sequence[float], str]:
     """The canary's and control's latency histograms to compare, their edges and their name.
 
-    Judged like with like: the coarse histogram, which every agent reports.
+    Like with like: the fine histograms when they cover every timed request of both sides
+    (every agent reported them, no window came from a rollup that predates them), else the
+    coarse ones, which every agent reports (a fine histogram sums exactly onto them).
     """
+    if all(sum(m.latency_fine) == sum(m.latency_buckets) for m in (c, k)):
+        return c.latency_fine, k.latency_fine, LATENCY_FINE_BUCKETS_MS, "fine"
     return c.latency_buckets, k.latency_buckets, LATENCY_BUCKETS_MS, "coarse"
 
 

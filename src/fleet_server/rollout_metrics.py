@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Final, Protocol
 
-from edge_agent.telemetry import LATENCY_BUCKETS_MS
+from edge_agent.telemetry import LATENCY_BUCKETS_MS, LATENCY_FINE_BUCKETS_MS
 
 __all__ = [
     "DeviceObservation",
@@ -39,6 +39,7 @@ __all__ = [
 ]
 
 _N_BUCKETS: Final = len(LATENCY_BUCKETS_MS) + 1
+_N_FINE: Final = len(LATENCY_FINE_BUCKETS_MS) + 1
 _FAILURE_EVENTS: Final = frozenset({"install_failed", "transfer_failed", "load_failed"})
 _ROLLBACK_EVENTS: Final = frozenset({"rolled_back", "probation_failed"})
 
@@ -76,6 +77,9 @@ class WindowMetrics:
         shadow_compared: Rows compared in shadow.
         shadow_agree: Of those, rows that agreed.
         latency_buckets: Requests per ``LATENCY_BUCKETS_MS`` bucket (plus overflow).
+        latency_fine: Requests per ``LATENCY_FINE_BUCKETS_MS`` bucket (plus overflow), from the
+            intervals whose reports carry it (others add zeros): it covers every timed request
+            exactly when its sum equals ``latency_buckets``' sum.
     """
 
     reports: int = 0
@@ -90,6 +94,7 @@ class WindowMetrics:
     shadow_compared: int = 0
     shadow_agree: int = 0
     latency_buckets: tuple[int, ...] = (0,) * _N_BUCKETS
+    latency_fine: tuple[int, ...] = (0,) * _N_FINE
 
     def merge(self, other: WindowMetrics) -> WindowMetrics:
         """The element-wise sum (max for ``max_psi``)."""
@@ -108,6 +113,9 @@ class WindowMetrics:
             shadow_agree=self.shadow_agree + other.shadow_agree,
             latency_buckets=tuple(
                 a + b for a, b in zip(self.latency_buckets, other.latency_buckets, strict=True)
+            ),
+            latency_fine=tuple(
+                a + b for a, b in zip(self.latency_fine, other.latency_fine, strict=True)
             ),
         )
 
@@ -291,6 +299,13 @@ def _buckets(m: Mapping[str, Any]) -> tuple[int, ...]:
     return (0,) * _N_BUCKETS
 
 
+def _fine(m: Mapping[str, Any]) -> tuple[int, ...] | None:
+    b = m.get("latency_fine")
+    if isinstance(b, list) and len(b) == _N_FINE and all(isinstance(x, int) for x in b):
+        return tuple(b)
+    return None  # an agent before the fine histogram
+
+
 def _delta(prev: Mapping[str, Any], cur: Mapping[str, Any]) -> WindowMetrics | None:
     """Counts between two reports; None when a counter went backwards (a silent reset)."""
     po, co = _ints(prev, "outcomes"), _ints(cur, "outcomes")
@@ -301,8 +316,12 @@ def _delta(prev: Mapping[str, Any], cur: Mapping[str, Any]) -> WindowMetrics | N
     diffs = [co.get(k, 0) - po.get(k, 0) for k in keys]
     src = [cs.get(k, 0) - ps.get(k, 0) for k in ("device", "cloud")]
     lat = [c - p for c, p in zip(cb, pb, strict=True)]
+    pf, cf = _fine(prev), _fine(cur)
+    fine = [0] * _N_FINE
+    if pf is not None and cf is not None:
+        fine = [c - p for c, p in zip(cf, pf, strict=True)]
     shadow = [cc - pc, ca - pa]
-    if min([*diffs, *src, *lat, *shadow]) < 0:
+    if min([*diffs, *src, *lat, *shadow, *fine]) < 0:
         return None
     windows = [w for w in cur.get("drift") or [] if isinstance(w, Mapping)]
     outputs = [w for w in windows if w.get("role") == "output"]
@@ -324,6 +343,7 @@ def _delta(prev: Mapping[str, Any], cur: Mapping[str, Any]) -> WindowMetrics | N
         shadow_compared=shadow[0],
         shadow_agree=shadow[1],
         latency_buckets=tuple(lat),
+        latency_fine=tuple(fine),
     )
 
 

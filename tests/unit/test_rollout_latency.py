@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import numpy as np
 import pytest
 
-from edge_agent.telemetry import LATENCY_BUCKETS_MS
+from edge_agent.telemetry import LATENCY_BUCKETS_MS, LATENCY_FINE_BUCKETS_MS, coarse_from_fine
 from fleet_server.errors import RolloutPolicyError
+from fleet_server.history.cells import RollupCell
 from fleet_server.rollout import Rollout, RolloutPolicy, Selector, Thresholds, decide
-from fleet_server.rollout_gates import GateResult, histogram_quantile_ms
+from fleet_server.rollout_gates import GateResult, histogram_quantile_ms, latency_histograms
 from fleet_server.rollout_metrics import DeviceObservation, WindowMetrics
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -37,23 +39,35 @@ def busy_latencies(rng: np.random.Generator, n: int, compute_ms: float) -> np.nd
     return x + stalled * rng.uniform(1.0, 50.0, n)
 
 
-def metrics(buckets: tuple[int, ...]) -> WindowMetrics:
+def fine_histogram(ms: np.ndarray) -> tuple[int, ...]:
+    return histogram(ms, LATENCY_FINE_BUCKETS_MS)
+
+
+def metrics(buckets: tuple[int, ...], fine: tuple[int, ...] | None = None) -> WindowMetrics:
     n = sum(buckets)
+    kw: dict[str, Any] = {} if fine is None else {"latency_fine": fine}
     return WindowMetrics(
-        reports=3, requests=n, device_answers=n, latency_buckets=buckets, drift_windows=0
+        reports=3, requests=n, device_answers=n, latency_buckets=buckets, drift_windows=0, **kw
     )
 
 
 def judge(
-    rng: np.random.Generator, candidate_ms: float, live_ms: float, policy: RolloutPolicy
+    rng: np.random.Generator,
+    candidate_ms: float,
+    live_ms: float,
+    policy: RolloutPolicy,
+    form: str = "coarse",
 ) -> GateResult:
+    """The p99 gate's verdict on the first wave; ``form``: which devices report fine buckets."""
     r = Rollout("ro-1", "digits", 1, 2, Selector(group="g"), policy, created_at=T0)
     r = decide(r, [DeviceObservation(d, 1, 1, "installed") for d in IDS], T0).rollout
     obs = []
-    for d in IDS:
+    for j, d in enumerate(IDS):
         member = d in r.members
         lat = busy_latencies(rng, 400, candidate_ms if member else live_ms)
-        m = metrics(histogram(lat, COARSE))
+        fine = fine_histogram(lat)
+        has_fine = form == "fine" or (form == "mixed" and j % 3 != 0)
+        m = metrics(histogram(lat, COARSE), fine if has_fine else None)
         v = 2 if member else 1
         obs.append(DeviceObservation(d, v, v, "installed", metrics=m))
     d = decide(r, obs, T0 + timedelta(seconds=policy.dwell_seconds + 1))
@@ -128,3 +142,42 @@ def test_floor_round_trips_in_the_policy_document() -> None:
     p = RolloutPolicy(thresholds=Thresholds(min_p99_latency_delta_ms=0.5))
     assert RolloutPolicy.from_dict(p.to_dict()) == p
     assert RolloutPolicy.from_dict({}).thresholds.min_p99_latency_delta_ms == 2.0
+
+
+def test_fine_buckets_resolve_what_the_coarse_ones_cannot() -> None:
+    # All of a 50 us model's requests sit in the first coarse bucket (0, 1 ms].
+    rng = np.random.default_rng(5)
+    ms = 0.05 * rng.lognormal(0.0, 0.3, 5000)
+    fine = fine_histogram(ms)
+    m = WindowMetrics(latency_buckets=coarse_from_fine(fine), latency_fine=fine)
+    b, _, edges, resolution = latency_histograms(m, m)
+    assert resolution == "fine"
+    q = histogram_quantile_ms(b, edges, 0.99)
+    assert q == pytest.approx(float(np.percentile(ms, 99)), rel=0.1)
+    assert histogram_quantile_ms(m.latency_buckets, COARSE, 0.99) == pytest.approx(0.99)
+
+
+@pytest.mark.parametrize("form", ["fine", "coarse", "mixed"])
+def test_every_resolution_keeps_same_compute_and_catches_slow(form: str) -> None:
+    rng = np.random.default_rng(11)
+    for _ in range(10):
+        same = judge(rng, 0.05, 0.05, policy(), form=form)
+        assert same.status == "ok", same.detail
+        slow = judge(rng, 3.0, 1.0, policy(), form=form)
+        assert slow.status == "breach", slow.detail
+        want = "fine" if form == "fine" else "coarse"
+        assert f"({want} buckets)" in slow.detail
+
+
+def test_rollups_keep_the_fine_histogram_and_read_old_ones_as_coarse() -> None:
+    fine = fine_histogram(np.array([0.02, 0.3, 3.0, 40.0]))
+    cell = RollupCell("g")
+    cell.metrics = metrics(coarse_from_fine(fine), fine)
+    doc = cell.metrics_doc()
+    again = RollupCell.from_docs("g", None, doc).metrics
+    assert again.latency_fine == fine
+    assert latency_histograms(again, again)[3] == "fine"
+    del doc["latency_fine"]  # a rollup folded before the fine histogram existed
+    old = RollupCell.from_docs("g", None, doc).metrics
+    assert sum(old.latency_fine) == 0
+    assert latency_histograms(old, again)[3] == "coarse"

@@ -49,6 +49,7 @@ __all__ = [
 #: (device_id, model, version)
 CellKey = tuple[str, str, int]
 _COUNTERS = tuple(f.name for f in fields(WindowMetrics) if f.name not in ("max_psi",))
+_HISTOGRAMS = ("latency_buckets", "latency_fine")
 
 
 @dataclass(frozen=True)
@@ -223,8 +224,9 @@ class RollupCell:
     def metrics_doc(self) -> dict[str, Any]:
         """The ``metrics`` JSON column."""
         m = self.metrics
-        doc: dict[str, Any] = {k: getattr(m, k) for k in _COUNTERS if k != "latency_buckets"}
+        doc: dict[str, Any] = {k: getattr(m, k) for k in _COUNTERS if k not in _HISTOGRAMS}
         doc["latency_buckets"] = list(m.latency_buckets)
+        doc["latency_fine"] = list(m.latency_fine)
         doc["rejects"] = dict(self.rejects)
         doc["events"] = dict(self.events)
         return doc
@@ -254,11 +256,14 @@ class RollupCell:
         """
         cell = cls(group)
         if metrics is not None:
-            counters = {k: int(metrics.get(k, 0)) for k in _COUNTERS if k != "latency_buckets"}
+            counters = {k: int(metrics.get(k, 0)) for k in _COUNTERS if k not in _HISTOGRAMS}
+            # Rollups folded before the fine histogram have none: zeros (judged coarse).
+            fine = metrics.get("latency_fine") or WindowMetrics().latency_fine
             cell.metrics = WindowMetrics(
                 **counters,
                 max_psi=max_psi,
                 latency_buckets=tuple(int(x) for x in metrics.get("latency_buckets", ())),
+                latency_fine=tuple(int(x) for x in fine),
             )
             cell.rejects = {str(k): int(v) for k, v in (metrics.get("rejects") or {}).items()}
             cell.events = {str(k): int(v) for k, v in (metrics.get("events") or {}).items()}
