@@ -12,9 +12,11 @@ with the numbers; ``status`` is ``ok``, ``breach``, ``waiting`` (too little data
   reporting devices on each side: reject-rate and fallback-rate increase of the canary over the
   control group (devices still on ``from_version``) by a one-sided two-proportion test, share of
   output drift windows alerting (Wilson lower bound), shadow agreement (Wilson upper bound) and
-  the p99 latency from the merged latency histograms (at least ``min_requests`` requests per
-  side), which trips only when the canary's p99 is both more than ``max_p99_latency_ratio``
-  times and more than ``min_p99_latency_delta_ms`` above the control's.
+  the p99 latency from the merged latency histograms (fine ones when both sides have them for
+  every request, else coarse; at least ``min_requests`` requests per side). That one trips
+  only when the canary's p99 is both more than ``max_p99_latency_ratio`` times and more than
+  ``min_p99_latency_delta_ms`` above the control's, and the share of canary requests above
+  that allowed p99 is above 1 % with confidence (a binomial test of the quantile).
 
 Owns the gate verdicts and how they use ``fleet_server.rollout_metrics``' statistics. Does not
 own the policy, the rollout state or what a breach leads to (pause, abort, quarantine): those are
