@@ -33,6 +33,7 @@ _THRESHOLDS = (
     ("max_drift_alert_share", "--max-drift-share"),
     ("min_shadow_agreement", "--min-shadow-agreement"),
     ("max_p99_latency_ratio", "--max-p99-ratio"),
+    ("min_p99_latency_delta_ms", "--min-p99-delta-ms"),
 )
 _FINAL = ("completed", "aborted")
 _DEVICE_STATES = ("installed", "assigned", "control", "failed", "rolled_back", "reverted")
@@ -178,6 +179,12 @@ def register_rollout_commands(cli: click.Group) -> None:
     @click.option("--max-drift-share", "max_drift_alert_share", type=click.FloatRange(0, 1))
     @click.option("--min-shadow-agreement", type=click.FloatRange(0, 1))
     @click.option("--max-p99-ratio", "max_p99_latency_ratio", type=click.FloatRange(1))
+    @click.option(
+        "--min-p99-delta-ms",
+        "min_p99_latency_delta_ms",
+        type=click.FloatRange(0),
+        help="The p99 gate also needs the canary this many ms slower than control (default 2).",
+    )
     def create(
         url: str,
         token: str,

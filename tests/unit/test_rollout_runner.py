@@ -152,7 +152,8 @@ def test_waves_progress_and_a_device_rollback_aborts_and_quarantines(world: Worl
     assert "other" not in states  # not targeted
     assert {states[x] for x in canaries} == {"installed"}
     assert sorted(states.values()).count("assigned") == 3
-    # One member goes back on its own: seen at the next step, 1/5 > 10 %: abort, revert, quarantine.
+    # One member goes back on its own: seen at the next step, the rollback gate breaches
+    # (rollout_gates.safety_gates): abort, revert, quarantine.
     victim = sorted(canaries)[0]
     w.install(victim, 1, 2, outcome="rolled_back")
     w.service.assigned.clear()
@@ -288,11 +289,13 @@ def _run(cli: click.Group, *args: str) -> str:
 def test_cli(world: World, cli: click.Group) -> None:
     out = _run(cli, "create", "digits", "2", "--tag", "site=a", "--canary-count", "2",
                "--steps", "0.5,1", "--dwell", "60", "--min-devices", "2", "--approval",
-               "--on-breach", "abort", "--max-p99-ratio", "2", "--json")  # fmt: skip
+               "--on-breach", "abort", "--max-p99-ratio", "2", "--min-p99-delta-ms", "5",
+               "--json")  # fmt: skip
     r = json.loads(out)
     assert r["policy"]["steps"] == [0.5, 1.0]
     assert r["policy"]["approval"] is True
     assert r["policy"]["thresholds"]["max_p99_latency_ratio"] == 2.0
+    assert r["policy"]["thresholds"]["min_p99_latency_delta_ms"] == 5.0
     world.runner.step()
     listing = _run(cli, "status")
     assert r["id"] in listing
