@@ -25,7 +25,7 @@ binary outputs.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -76,6 +76,7 @@ __all__ = [
     "datatype_of",
     "decode_request",
     "encode_response",
+    "requested_outputs",
     "to_json",
 ]
 
@@ -102,6 +103,26 @@ def datatype_of(array: Array) -> str:
     return name
 
 
+def requested_outputs(
+    result: InferenceResult, outputs: tuple[RequestedOutput, ...] | None
+) -> Iterator[tuple[RequestedOutput, Array, str]]:
+    """The outputs to answer with, in the request's order (all of them when it named none):
+    each as its request entry, its array and its protocol datatype. Every front end encodes these.
+
+    Raises:
+        InputValidationError: a requested output does not exist (reason ``output``).
+        InferenceError: an output has a dtype the protocol cannot carry.
+    """
+    for want in outputs if outputs is not None else map(RequestedOutput, result.outputs):
+        value = result.outputs.get(want.name)
+        if value is None:
+            known = ", ".join(sorted(result.outputs))
+            message = f"requested output {want.name!r} does not exist (outputs: {known})"
+            raise _bad(REASON_OUTPUT, message, want.name)
+        array = np.asarray(value)
+        yield want, array, datatype_of(array)
+
+
 def encode_response(
     result: InferenceResult,
     *,
@@ -123,14 +144,7 @@ def encode_response(
     """
     docs: list[dict[str, Any]] = []
     chunks: list[Any] = []
-    for want in outputs if outputs is not None else map(RequestedOutput, result.outputs):
-        value = result.outputs.get(want.name)
-        if value is None:
-            known = ", ".join(sorted(result.outputs))
-            message = f"requested output {want.name!r} does not exist (outputs: {known})"
-            raise _bad(REASON_OUTPUT, message, want.name)
-        array = np.asarray(value)
-        datatype = datatype_of(array)
+    for want, array, datatype in requested_outputs(result, outputs):
         doc: dict[str, Any] = {"name": want.name, "datatype": datatype, "shape": list(array.shape)}
         data: list[Any] | None = None
         if not (binary_output if want.binary is None else want.binary):

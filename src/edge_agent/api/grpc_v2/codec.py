@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.api.codec import datatype_of, to_json
+from edge_agent.api.codec import requested_outputs, to_json
 from edge_agent.api.decode import (
     _NATIVE,
     MAX_DIM,
@@ -38,7 +38,6 @@ from edge_agent.api.decode import (
     REASON_BINARY,
     REASON_DATA,
     REASON_DATATYPE,
-    REASON_OUTPUT,
     REASON_SCHEMA,
     REASON_SHAPE,
     REASON_TOO_MANY,
@@ -215,14 +214,7 @@ def encode_infer(
     response = _Response(model_name=result.model, model_version=result.model_version)
     if request_id:
         response.id = request_id
-    for want in outputs if outputs is not None else map(RequestedOutput, result.outputs):
-        value = result.outputs.get(want.name)
-        if value is None:
-            known = ", ".join(sorted(result.outputs))
-            message = f"requested output {want.name!r} does not exist (outputs: {known})"
-            raise _bad(REASON_OUTPUT, message, want.name)
-        array = np.asarray(value)
-        datatype = datatype_of(array)
+    for want, array, datatype in requested_outputs(result, outputs):
         response.outputs.add(name=want.name, datatype=datatype, shape=array.shape)
         response.raw_output_contents.append(_raw(array, datatype))
     parameters = {**result.parameters}
