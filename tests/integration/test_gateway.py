@@ -445,7 +445,11 @@ def test_desired_is_retained_and_republished_after_a_broker_restart(
     a.subscribe(a.topics.device_desired("dev-a"))
     assert a.received.get(timeout=WAIT).payload == b"doc-for-a"
     # A gateway whose session connects (here: before ``start``) republishes every device's
-    # latest stored document, retained.
+    # latest stored document. dev-b listens first: this module's broker may still hold what an
+    # earlier test left retained on its topic, so the test waits for the republished document
+    # instead of trusting the first retained message to be it.
+    b = env["device"]("dev-b")
+    b.subscribe(b.topics.device_desired("dev-b"))
     server2 = MqttClient(
         client_config(
             broker, broker.server, device_id=f"{broker.server}-x{next(_ids)}", announce_status=False
@@ -457,14 +461,12 @@ def test_desired_is_retained_and_republished_after_a_broker_restart(
     gateway2.start()
     try:
         wait_until(lambda: gateway2.stats().desired_published == 1, what="first republish")
+        seen: list[bytes] = []
+        while b"signed-desired-v2" not in seen:  # queue.Empty after WAIT fails the test
+            seen.append(b.received.get(timeout=WAIT).payload)
     finally:
         gateway2.close()
         server2.close()
-    b = env["device"]("dev-b")
-    b.subscribe(b.topics.device_desired("dev-b"))
-    # (Retained, or live if the fixture gateway's housekeeper noticed its own first connect
-    # late under load; either way the document reached the device.)
-    assert b.received.get(timeout=WAIT).payload == b"signed-desired-v2"
 
     b.close()  # the fresh client below must not resume this session's queued messages
     connects = server.stats().connects
@@ -514,11 +516,19 @@ def test_a_device_over_its_message_rate_is_refused_not_acked(
         for seq in range(1, 9):  # a flood: 8 messages at once, 3 allowed
             a.publish("telemetry", Batch("dev-a", (report("dev-a", seq),)).to_bytes())
         b.publish("telemetry", Batch("dev-b", (report("dev-b", 1),)).to_bytes())
-        assert [a.next_ack().upto_seq for _ in range(3)] == [1, 2, 3]
+        # Acks are cumulative and QoS 0: one may repeat (harmless), none may go past the 3 allowed.
+        acked = [a.next_ack().upto_seq]
+        while acked[-1] < 3:
+            acked.append(a.next_ack().upto_seq)
+        assert acked == sorted(acked), acked
+        assert acked[-1] == 3, acked
         assert b.next_ack().upto_seq == 1  # another device is not held back
         wait_until(lambda: gateway.stats().rejected.get("rate_limited") == 5, what="refusals")
         time.sleep(0.3)
-        assert a.received.empty(), "a refused message was acked"
+        late = []
+        while not a.received.empty():
+            late.append(TelemetryAck.from_bytes(a.received.get_nowait().payload).upto_seq)
+        assert all(s <= 3 for s in late), f"a refused message was acked: {late}"
         assert [r.seq for r in registry.telemetry(device_id="dev-a")] == [1, 2, 3]
         time.sleep(2.1)  # one token back: the device's resend gets through
         a.publish("telemetry", Batch("dev-a", (report("dev-a", 4),)).to_bytes())
