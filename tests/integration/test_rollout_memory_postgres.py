@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from fleet_server.registry import Registry
+from fleet_server.registry.version_history import version_history
 from fleet_server.rollout_runner import RolloutRunner
 from pg import PgCluster
 from rollout_memory import IDS, RecordingService, memory_scenario
@@ -31,7 +32,11 @@ def test_memory_of_failure_on_postgresql(pg: PgCluster) -> None:
         for v in (1, 2):
             registry.publish_bundle("digits", v, channel="stable", sha256=f"{v}" * 64,
                                     length=10, targets_sha256=f"{v + 2}" * 64)  # fmt: skip
-        memory_scenario(registry, runner, lambda: runner.step() and None)
+        memory_scenario(registry, runner, lambda: runner.step() and None)  # asserts each step
+        # What PostgreSQL kept at the end (read back through a fresh query).
+        h = version_history(registry, "digits", 2)[("digits", 2)]
+        assert h.status == "quarantined"
+        assert sorted(o["kind"] for o in h.overrides) == ["aborted", "quarantine"]
     finally:
         runner.close()
         registry.close()
