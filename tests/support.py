@@ -116,3 +116,28 @@ def write(tmp_path: Path, data: bytes, name: str = "b.efb") -> Path:
     path = tmp_path / name
     path.write_bytes(data)
     return path
+
+
+def build_argv(
+    example: Path, *, keys: Path, out: Path, version: int, contract: Path | None = None
+) -> list[str]:
+    """``model-builder build`` arguments for an example directory as ``save_example`` writes it
+    (``model.onnx``, ``calib.npz``, ``eval.npz``, ``contract.json``); extra options go after."""
+    return [
+        "build",
+        str(example / "model.onnx"),
+        "--calib",
+        str(example / "calib.npz"),
+        "--eval",
+        str(example / "eval.npz"),
+        "--contract",
+        str(contract or example / "contract.json"),
+        "--name",
+        "digits",
+        "--version",
+        str(version),
+        "--keystore",
+        str(keys),
+        "--out",
+        str(out),
+    ]

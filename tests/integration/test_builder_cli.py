@@ -25,7 +25,7 @@ from edge_agent.contract import BundleManifest
 from model_builder import cli as builder_cli
 from model_builder.examples import save_example
 from model_builder.keystore import KeyStore
-from support import members, repack
+from support import build_argv, members, repack
 
 TFLITE = Path(__file__).parents[1] / "fixtures" / "tflite"
 
@@ -61,22 +61,7 @@ def built(workspace: Path) -> Path:
     ex = workspace / "mlp"
     result = run(
         [
-            "build",
-            str(ex / "model.onnx"),
-            "--calib",
-            str(ex / "calib.npz"),
-            "--eval",
-            str(ex / "eval.npz"),
-            "--contract",
-            str(ex / "contract.json"),
-            "--name",
-            "digits",
-            "--version",
-            "3",
-            "--keystore",
-            str(workspace / "keys"),
-            "--out",
-            str(workspace / "out"),
+            *build_argv(ex, keys=workspace / "keys", out=workspace / "out", version=3),
             "--kll",
             "64",
         ]
@@ -213,29 +198,7 @@ def test_threshold_two_needs_cosign(workspace: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     # The builder signs with every targets key it holds; strip one signature to model a
     # second, separately held key that has not signed yet.
-    assert (
-        run(
-            [
-                "build",
-                str(ex / "model.onnx"),
-                "--calib",
-                str(ex / "calib.npz"),
-                "--eval",
-                str(ex / "eval.npz"),
-                "--contract",
-                str(ex / "contract.json"),
-                "--name",
-                "digits",
-                "--version",
-                "1",
-                "--keystore",
-                str(keys),
-                "--out",
-                str(out),
-            ]
-        ).exit_code
-        == 0
-    )
+    assert run(build_argv(ex, keys=keys, out=out, version=1)).exit_code == 0
     bundle = out / "digits-1.efb"
     parts = members(bundle.read_bytes())
     doc = json.loads(parts["targets.json"])
@@ -264,29 +227,7 @@ def test_key_rotation_and_revocation_through_the_cli(workspace: Path, tmp_path: 
     listing = json.loads(run(["keys", "list", str(keys), "--json"]).output)
     old = next(k["keyid"] for k in listing["keys"] if k["label"] == "targets-1")
     ex = workspace / "mlp"
-    assert (
-        run(
-            [
-                "build",
-                str(ex / "model.onnx"),
-                "--calib",
-                str(ex / "calib.npz"),
-                "--eval",
-                str(ex / "eval.npz"),
-                "--contract",
-                str(ex / "contract.json"),
-                "--name",
-                "digits",
-                "--version",
-                "1",
-                "--keystore",
-                str(keys),
-                "--out",
-                str(tmp_path),
-            ]
-        ).exit_code
-        == 0
-    )
+    assert run(build_argv(ex, keys=keys, out=tmp_path, version=1)).exit_code == 0
     assert run(["keys", "rotate", str(keys), "--role", "targets", "--add", "1"]).exit_code == 0
     assert run(["keys", "revoke", str(keys), old]).exit_code == 0
     v1 = str(keys / "roots" / "1.root.json")

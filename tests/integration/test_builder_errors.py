@@ -30,6 +30,7 @@ from edge_agent.cli_support import (
 )
 from model_builder import cli as builder_cli
 from model_builder.examples import save_example
+from support import build_argv
 
 Edit = Callable[[dict[str, Any]], None]
 
@@ -261,22 +262,7 @@ def test_gate_failure_with_json_prints_the_report(ws: Path, tmp_path: Path) -> N
     ex = ws / "outlier"
     res = run(
         [
-            "build",
-            str(ex / "model.onnx"),
-            "--calib",
-            str(ex / "calib.npz"),
-            "--eval",
-            str(ex / "eval.npz"),
-            "--contract",
-            str(ex / "contract.json"),
-            "--name",
-            "digits",
-            "--version",
-            "2",
-            "--keystore",
-            str(ws / "keys"),
-            "--out",
-            str(tmp_path),
+            *build_argv(ex, keys=ws / "keys", out=tmp_path, version=2),
             "--max-exclusions",
             "0",
             "--json",
@@ -302,22 +288,9 @@ def test_wrong_output_name_as_a_subprocess(ws: Path, tmp_path: Path) -> None:
     proc = subprocess.run(
         [
             str(Path(sys.executable).parent / "model-builder"),
-            "build",
-            str(ex / "model.onnx"),
-            "--calib",
-            str(ex / "calib.npz"),
-            "--eval",
-            str(ex / "eval.npz"),
-            "--contract",
-            str(tmp_path / "c.json"),
-            "--name",
-            "digits",
-            "--version",
-            "1",
-            "--keystore",
-            str(ws / "keys"),
-            "--out",
-            str(tmp_path / "out"),
+            *build_argv(
+                ex, keys=ws / "keys", out=tmp_path / "out", version=1, contract=tmp_path / "c.json"
+            ),
         ],
         capture_output=True,
         text=True,
