@@ -50,8 +50,8 @@ TARGETS = {
 
 def build_bundle(work: Path) -> tuple[Path, Path, np.ndarray]:
     """Train, quantize and sign the digits MLP; returns (bundle, root, eval inputs)."""
-    from model_builder.build import BuildConfig
     from model_builder.build import build_bundle as build
+    from model_builder.config import BuildConfig
     from model_builder.data import Dataset
     from model_builder.examples import digits_mlp
     from model_builder.keystore import KeyStore
@@ -88,8 +88,8 @@ def in_process(bundle: Path, root: Path, x_eval: np.ndarray, rounds: int = 7) ->
 
     from edge_agent.bundle import read_bundle
     from edge_agent.config import DriftConfig, ModelPolicy
-    from edge_agent.pipeline import DriftWorker, ModelPipeline
     from edge_agent.runtime.base import RuntimeOptions, load_runtime
+    from edge_agent.serving.pipeline import DriftWorker, ModelPipeline
     from edge_agent.trust import TrustedRoot
 
     loaded = read_bundle(

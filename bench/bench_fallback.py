@@ -32,10 +32,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fleetbench
-from edge_agent.fallback_mqtt import MqttFallbackTransport
-from edge_agent.mqtt import MqttClient, MqttConfig
-from edge_agent.topics import Topics
-from fleet_server.fallback_worker import CloudModel, CloudModels, FallbackWorker
+from edge_agent.common.mqtt import MqttClient, MqttConfig
+from edge_agent.serving.fallback_mqtt import MqttFallbackTransport
+from edge_agent.wire.topics import Topics
+from fleet_server.fallback.worker import CloudModel, CloudModels, FallbackWorker
 
 
 def _digits(tmp: Path) -> tuple[dict[str, CloudModel], np.ndarray]:

@@ -15,7 +15,7 @@ Every halt of such a rollout is a false halt. The script
    the measured distribution (times the device's speed factor) into the coarse and fine
    histograms exactly as the agent counts them; a member joins the new version 10-60 s after
    its assignment and its first report on it is only a baseline (as ``rollout_metrics``);
-3. runs the pure engine (``fleet_server.rollout.decide`` with its gates) over the whole
+3. runs the pure engine (``fleet_server.rollouts.engine.decide`` with its gates) over the whole
    rollout with the default ``RolloutPolicy`` (or a variant) every 30 s until it completes
    or halts;
 4. prints per-rollout and per-gate false-halt rates with 95 % Wilson intervals as markdown.
@@ -45,11 +45,11 @@ from typing import Any
 
 import numpy as np
 
-from edge_agent.telemetry import LATENCY_BUCKETS_MS, LATENCY_FINE_BUCKETS_MS
-from fleet_server import rollout_gates
-from fleet_server.rollout import Rollout, RolloutPolicy, Selector, Thresholds, decide
-from fleet_server.rollout_gates import GateResult, histogram_quantile_ms
-from fleet_server.rollout_metrics import DeviceObservation, WindowMetrics
+from edge_agent.wire.telemetry import LATENCY_BUCKETS_MS, LATENCY_FINE_BUCKETS_MS
+from fleet_server.rollouts import gates as rollout_gates
+from fleet_server.rollouts.engine import Rollout, RolloutPolicy, Selector, Thresholds, decide
+from fleet_server.rollouts.gates import GateResult, histogram_quantile_ms
+from fleet_server.rollouts.metrics import DeviceObservation, WindowMetrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
@@ -76,8 +76,8 @@ def measure_latencies(n: int, levels: list[int]) -> list[np.ndarray]:
     from bench_agent import build_bundle
     from edge_agent.bundle import read_bundle
     from edge_agent.config import DriftConfig, ModelPolicy
-    from edge_agent.pipeline import ModelPipeline
     from edge_agent.runtime.base import RuntimeOptions, load_runtime
+    from edge_agent.serving.pipeline import ModelPipeline
     from edge_agent.trust import TrustedRoot
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -43,10 +43,10 @@ from sqlalchemy import text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from edge_agent.mqtt import MqttClient, MqttConfig
-from edge_agent.transfer import DEFAULT_BLOCK_SIZE
-from fleet_server.gateway import Gateway
-from fleet_server.gateway_values import GatewayConfig
+from edge_agent.common.mqtt import MqttClient, MqttConfig
+from edge_agent.wire.transfer import DEFAULT_BLOCK_SIZE
+from fleet_server.gateway.config import GatewayConfig
+from fleet_server.gateway.gateway import Gateway
 from fleet_server.registry import Registry
 from fleetbench import (
     PREFIX,

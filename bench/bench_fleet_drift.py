@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from edge_agent.drift import TierASketch, TierAView, build_baseline
-from fleet_server.fleet_drift import (
+from fleet_server.drift.fleet import (
     CohortSpec,
     DeviceInfo,
     FleetAccumulator,

@@ -52,12 +52,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from edge_agent.drift import TierASketch, build_baseline
-from fleet_server.drift_service import DriftQuery, DriftService
-from fleet_server.fleet_drift import CohortSpec
-from fleet_server.history import FINE, HOUR, HistoryJob, rollout_inputs
+from fleet_server.drift.fleet import CohortSpec
+from fleet_server.drift.service import DriftQuery, DriftService
+from fleet_server.history.rollouts import rollout_inputs
+from fleet_server.jobs.history import FINE, HOUR, HistoryJob
 from fleet_server.registry import Registry, TelemetryEntry
 from fleet_server.registry.models import TelemetryRollup, TelemetryRow
-from fleet_server.rollout_metrics import observe
+from fleet_server.rollouts.metrics import observe
 from fleetworkers import PgCluster
 
 END = datetime(2026, 6, 30, 12, 7, 13, tzinfo=UTC)

@@ -1,4 +1,4 @@
-"""Rollout engine decision time for a large fleet (pure ``fleet_server.rollout.decide``).
+"""Rollout engine decision time for a large fleet (pure ``fleet_server.rollouts.engine.decide``).
 
 Builds N device observations (default 10,000): a canary wave of 10 % already on the new version
 with window metrics, the rest the control group on the old one. It times three decisions —
@@ -21,8 +21,8 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from fleet_server.rollout import Rollout, RolloutPolicy, Selector, decide
-from fleet_server.rollout_metrics import DeviceObservation, WindowMetrics, observe
+from fleet_server.rollouts.engine import Rollout, RolloutPolicy, Selector, decide
+from fleet_server.rollouts.metrics import DeviceObservation, WindowMetrics, observe
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 

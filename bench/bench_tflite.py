@@ -2,7 +2,8 @@
 
 Quantizes the committed digits fixtures (tests/fixtures/tflite) with AI Edge Quantizer's
 ``static_wi8_ai8`` recipe, as the builder does (float32 I/O with QUANTIZE/DEQUANTIZE in the graph,
-``model_builder.tflite_io``) and as it did before (int8 input and output tensors), then times, in
+``model_builder.quantize.tflite_io``) and as it did before (int8 input and output tensors), then
+times, in
 alternating rounds of the same run so that machine load hits every variant alike:
 
 * ``adapter float``: ``LiteRtRuntime.run`` on the float model (what the agent calls);
@@ -51,7 +52,7 @@ def _digits(shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _quantized(name: str, x: np.ndarray, float_io: bool) -> bytes:
-    from model_builder.quantize_tflite import quantize_tflite
+    from model_builder.quantize.for_tflite import quantize_tflite
 
     float_model = (FIXTURES / f"{name}.tflite").read_bytes()
     calibration = [{"pixels": x[i : i + 1]} for i in range(0, len(x), 8)]

@@ -1,13 +1,13 @@
 """Bench plumbing for ``bench_fleet.py``: fleet PKI, a real Mosquitto, and bare paho peers.
 
 Owns: issuing one EC P-256 key and certificate per simulated device (plus the server identity)
-from a fresh fleet CA, writing the broker configuration with ``fleet_server.broker_config``
+from a fresh fleet CA, writing the broker configuration with ``fleet_server.pki.broker_config``
 (TLS, client certificates, the fleet ACLs), starting/stopping Mosquitto on a free loopback port
 with a raised open-files limit, and the bare paho clients used as same-run baselines (a QoS 1
 shared-subscription consumer and a broadcast publisher). Mirrors ``tests/mosquitto.py`` without
 importing from ``tests/``.
 
-Device certificates are issued with ``fleet_server.pki.sign_device_csr`` directly rather than
+Device certificates are issued with ``fleet_server.pki.certs.sign_device_csr`` directly rather than
 ``CertificateAuthority.sign_csr``: the latter rewrites the CA's state file under a lock for
 every certificate (quadratic for 1,000 devices) and the broker never reads that file.
 Each device gets its own key (generation costs ~0.1 ms), so identities stay distinct.
@@ -31,10 +31,10 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from edge_agent.identity import build_csr
-from fleet_server.broker_config import BrokerConfig, BrokerFiles, write_broker_config
-from fleet_server.ca import CertificateAuthority
-from fleet_server.pki import pem_cert, pem_key, sign_device_csr
+from edge_agent.common.identity import build_csr
+from fleet_server.pki.broker_config import BrokerConfig, BrokerFiles, write_broker_config
+from fleet_server.pki.ca import CertificateAuthority
+from fleet_server.pki.certs import pem_cert, pem_key, sign_device_csr
 
 PREFIX = "edgefleet"
 SERVER = "fleet.server"

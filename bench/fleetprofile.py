@@ -1,6 +1,7 @@
 """Where the gateway's telemetry ingest time goes, without MQTT: parse vs database transaction.
 
-Feeds ``fleet_server.ingest.parse_telemetry`` and ``Registry.ingest_many`` (SQLite file, WAL,
+Feeds ``fleet_server.gateway.ingest.parse_telemetry`` and ``Registry.ingest_many`` (SQLite file,
+WAL,
 the registry's own pragmas) with the same ``Batch`` messages ``fleetsim`` devices send, in
 transactions of ``--messages`` messages, and prints per-message wall and CPU cost of each step,
 plus the top functions of one profiled run. ``--sync normal`` re-runs the same load with
@@ -25,8 +26,8 @@ from sqlalchemy import event
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from edge_agent.telemetry import Batch
-from fleet_server.ingest_parse import IngestItem, parse_telemetry
+from edge_agent.wire.telemetry import Batch
+from fleet_server.gateway.ingest_parse import IngestItem, parse_telemetry
 from fleet_server.registry import Registry
 from fleetsim import make_report
 

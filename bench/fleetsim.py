@@ -5,7 +5,7 @@ device, each with its own certificate, all driven from a single ``selectors`` lo
 ``loop_read``/``loop_write``/``loop_misc`` (no thread per client). The devices speak the real
 wire formats: telemetry ``Batch``es of ``TelemetryReport``s with ``seq``/``floor``, one batch
 in flight until its ``TelemetryAck``; bundle blocks with ``BlockRequest``/``BlockData`` and an
-in-memory ``Progress`` driven by the same windowed request rule as ``edge_agent.download``
+in-memory ``Progress`` driven by the same windowed request rule as ``edge_agent.sync.download``
 (every block is compared byte for byte with the bundle; nothing is written to disk).
 
 The parent sends commands over a pipe (also registered in the selector) and gets one reply
@@ -27,7 +27,7 @@ from paho.mqtt import client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 
 from edge_agent.errors import EdgefleetError
-from edge_agent.telemetry import (
+from edge_agent.wire.telemetry import (
     LATENCY_BUCKETS_MS,
     Batch,
     ModelStats,
@@ -35,8 +35,8 @@ from edge_agent.telemetry import (
     TelemetryAck,
     TelemetryReport,
 )
-from edge_agent.transfer import MAX_RANGES, BlockData, BlockPlan, BlockRequest
-from edge_agent.transfer_progress import Progress
+from edge_agent.wire.transfer import MAX_RANGES, BlockData, BlockPlan, BlockRequest
+from edge_agent.wire.transfer_progress import Progress
 
 PREFIX = "edgefleet"
 BARE_TOPIC = f"{PREFIX}/broadcast/bare"
@@ -284,7 +284,7 @@ class Sim:
 
     # ------------------------------------------------------------------ download
     def _due_request(self, dev: Dev, now: float) -> None:
-        """``edge_agent.download.Download.due_request`` with an in-memory ``Progress``."""
+        """``edge_agent.sync.download.Download.due_request`` with an in-memory ``Progress``."""
         p, progress = self.params, dev.progress
         if progress is None or progress.complete or not dev.connected:
             return

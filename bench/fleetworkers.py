@@ -26,8 +26,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from fleet_server.broker_config import BrokerConfig, write_broker_config
-from fleet_server.ca import CertificateAuthority
+from fleet_server.pki.broker_config import BrokerConfig, write_broker_config
+from fleet_server.pki.ca import CertificateAuthority
 from fleetbench import PREFIX, Broker, Creds, free_port, proc_cpu_seconds
 
 SHARE_GROUP = "fleet"
@@ -190,9 +190,9 @@ def gateway_main(
     conn: Connection, identity: str, creds: tuple[str, str, str], host: str, port: int, url: str
 ) -> None:
     """One fleet-server gateway worker: its own session, gateway and registry engine."""
-    from edge_agent.mqtt import MqttClient, MqttConfig
-    from fleet_server.gateway import Gateway
-    from fleet_server.gateway_values import GatewayConfig
+    from edge_agent.common.mqtt import MqttClient, MqttConfig
+    from fleet_server.gateway.config import GatewayConfig
+    from fleet_server.gateway.gateway import Gateway
     from fleet_server.registry import Registry
 
     registry = client = gateway = None

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from edge_agent.contract import BundleManifest, FeatureRanges
-from model_builder.build import BuildConfig, build_bundle
+from model_builder.build import build_bundle
+from model_builder.config import BuildConfig
 from model_builder.data import Dataset
 from model_builder.examples import digits_mlp
 from model_builder.keystore import KeyStore

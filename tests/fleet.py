@@ -20,17 +20,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from edge_agent.agent import Agent
 from edge_agent.bundle import read_raw
+from edge_agent.common.mqtt import MqttClient, MqttConfig
 from edge_agent.config import AgentConfig, ModelPolicy, StoreConfig, SyncConfig
 from edge_agent.contract import BundleManifest
 from edge_agent.daemon import ControlLoop, build_device
-from edge_agent.mqtt import MqttClient, MqttConfig
-from edge_agent.sync import SyncAgent
+from edge_agent.serving.agent import Agent
+from edge_agent.sync.loop import SyncAgent
 from edge_agent.trust.desired import ModelAssignment
-from fleet_server.desired import make_desired_state, sign_desired_state
-from fleet_server.gateway import Gateway
-from fleet_server.gateway_values import GatewayConfig
+from fleet_server.delivery.desired import make_desired_state, sign_desired_state
+from fleet_server.gateway.config import GatewayConfig
+from fleet_server.gateway.gateway import Gateway
 from fleet_server.registry import BundleRecord, DesiredRecord, Registry
 from model_builder.keystore import KeyStore
 from mosquitto import FleetBroker
@@ -122,7 +122,8 @@ class FleetHarness:
     def publish(self, bundle: Path) -> BundleRecord:
         """Store a bundle file where the gateway serves it and record it in the registry.
 
-        Deliberately not ``fleet_server.library.BundleLibrary.add``: that refuses bundles the
+        Deliberately not ``fleet_server.delivery.library.BundleLibrary.add``: that refuses bundles
+        the
         builder root does not trust, and the tests also play a compromised server that names one.
         """
         data = bundle.read_bytes()

@@ -2,7 +2,7 @@
 
 ``fleet_broker(directory, devices=...)`` creates a fleet CA, device identities (CSR-based, the
 key stays in the device's identity directory) and the server identity, writes the broker
-configuration with ``fleet_server.broker_config``, starts ``mosquitto -c`` on a free loopback
+configuration with ``fleet_server.pki.broker_config``, starts ``mosquitto -c`` on a free loopback
 port and waits until a TLS handshake with a client certificate succeeds. The returned
 ``FleetBroker`` can ``stop``/``start`` (same port), ``kill`` (SIGKILL) and ``reload`` (SIGHUP).
 
@@ -34,9 +34,9 @@ from typing import Any
 
 import pytest
 
-from edge_agent.identity import IdentityStore
-from fleet_server.broker_config import BrokerConfig, BrokerFiles, write_broker_config
-from fleet_server.ca import CertificateAuthority
+from edge_agent.common.identity import IdentityStore
+from fleet_server.pki.broker_config import BrokerConfig, BrokerFiles, write_broker_config
+from fleet_server.pki.ca import CertificateAuthority
 
 MOSQUITTO = shutil.which("mosquitto") or (
     "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from edge_agent.config_loader import apply_env, build_section, read_toml
+from edge_agent.common.config_loader import apply_env, build_section, read_toml
 from edge_agent.errors import ConfigError
 
 ENV_PREFIX = "EDGEFLEET_AGENT__"

@@ -20,18 +20,18 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edge_agent.agent import Agent
-from edge_agent.capture import CaptureRing
 from edge_agent.config import AgentConfig
-from edge_agent.device import detect_device_profile
 from edge_agent.errors import ConfigError, EdgefleetError
-from edge_agent.fallback import FallbackTransport
+from edge_agent.runtime.device import detect_device_profile
+from edge_agent.serving.agent import Agent
+from edge_agent.serving.capture import CaptureRing
+from edge_agent.serving.fallback import FallbackTransport
 from edge_agent.store import ModelStore
-from edge_agent.topics import Topics
 from edge_agent.trust import TrustedRoot
+from edge_agent.wire.topics import Topics
 
 if TYPE_CHECKING:
-    from edge_agent.sync import SyncAgent
+    from edge_agent.sync.loop import SyncAgent
 
 log = logging.getLogger("edge_agent.daemon")
 TICK_SECONDS = 1.0
@@ -124,8 +124,8 @@ def build_device(config: AgentConfig) -> tuple[Agent, SyncAgent | None]:
     """
     if not config.sync.enabled:
         return build_agent(config), None
-    from edge_agent.fallback_mqtt import MqttFallbackTransport
-    from edge_agent.sync import SyncAgent, sync_client
+    from edge_agent.serving.fallback_mqtt import MqttFallbackTransport
+    from edge_agent.sync.loop import SyncAgent, sync_client
 
     client = sync_client(config)
     transport: FallbackTransport | None = None
@@ -193,8 +193,8 @@ def _ready(handle: Any) -> None:
 
 def run(config: AgentConfig) -> int:
     """Run the daemon until SIGTERM/SIGINT; returns the exit code."""
-    from edge_agent.agent_metrics import AgentCollector
     from edge_agent.api import ApiMetrics, create_app, serve
+    from edge_agent.serving.metrics import AgentCollector
 
     setup_logging(config)
     agent, sync = build_device(config)

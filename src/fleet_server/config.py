@@ -5,7 +5,8 @@
 ``"text"`` and bare strings all work), validates every field and returns a ``ServerConfig``.
 Unknown sections or keys are errors: a typo must not silently fall back to a default.
 
-Sections: ``[registry]``, ``[mqtt]``, ``[gateway]`` (mirrors ``fleet_server.gateway.GatewayConfig``;
+Sections: ``[registry]``, ``[mqtt]``, ``[gateway]`` (mirrors
+``fleet_server.gateway.gateway.GatewayConfig``;
 ``server.run`` converts it), ``[api]`` (admin HTTP API) and ``[signing]`` (online key, builder
 root). Paths left empty default to places under ``registry.state_dir``.
 
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from edge_agent.config_loader import apply_env, build_section, read_toml
+from edge_agent.common.config_loader import apply_env, build_section, read_toml
 from fleet_server.errors import ServerConfigError
 
 __all__ = [
@@ -85,7 +86,7 @@ class MqttSection:
 
 @dataclass(frozen=True)
 class GatewaySection:
-    """The MQTT gateway's settings (``fleet_server.gateway.GatewayConfig``'s fields).
+    """The MQTT gateway's settings (``fleet_server.gateway.gateway.GatewayConfig``'s fields).
 
     ``bundles_dir`` is also the bundle library's directory; empty means ``<state_dir>/bundles``.
     """

@@ -1,18 +1,18 @@
 """The ``fleet-server`` console script: the server CLI, or one line naming the [server] extra.
 
 Imports nothing of the server until it runs, so a device install (no extras) gets a clear
-message instead of a traceback; see ``edge_agent.cli_extras``.
+message instead of a traceback; see ``edge_agent.cli.extras``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from edge_agent.cli_extras import run_role
+from edge_agent.cli.extras import run_role
 
 
 def _load() -> Callable[[], object]:
-    from fleet_server.cli import main
+    from fleet_server.cli.main import main
 
     return main
 

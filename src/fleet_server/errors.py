@@ -169,7 +169,7 @@ class UnknownGroupError(NotFoundError):
 
 
 class AdminApiError(FleetServerError):
-    """Base of the admin API client's errors (the CLI side of ``fleet_server.admin``)."""
+    """Base of the admin API client's errors (the CLI side of ``fleet_server.admin.api``)."""
 
     code = "admin_error"
 

@@ -2,7 +2,7 @@
 
 Start-up order (each step refuses to start on a typed error, before anything is served):
 admin token, builder root (the provisioned one and the versions rotated to since,
-``fleet_server.roots``), online signer (its key must be one of the root's ``timestamp`` keys,
+``fleet_server.pki.roots``), online signer (its key must be one of the root's ``timestamp`` keys,
 or every document it signs would be refused by devices), registry open + upgrade, MQTT client
 connect, gateway start, admin API start. Shutdown on SIGTERM/SIGINT runs in reverse: admin API
 stopped (in-flight requests finish), gateway closed (queued telemetry stored), MQTT closed,
@@ -23,28 +23,28 @@ from types import FrameType
 from cryptography.hazmat.primitives import serialization
 from securesystemslib.signer import CryptoSigner
 
+from edge_agent.common.mqtt import MqttClient, MqttConfig
 from edge_agent.errors import EdgefleetError, TransportTimeoutError
-from edge_agent.mqtt import MqttClient, MqttConfig
-from edge_agent.topics import Topics
 from edge_agent.trust import TrustedRoot
 from edge_agent.trust.desired import SIGNING_ROLE
-from fleet_server.admin import AdminServer, create_app
-from fleet_server.admin_drift import drift_routes
-from fleet_server.admin_rollouts import rollout_routes
-from fleet_server.admin_root import root_routes
-from fleet_server.cloud_models import RegistryCloudModels
+from edge_agent.wire.topics import Topics
+from fleet_server.admin.api import AdminServer, create_app
+from fleet_server.admin.drift import drift_routes
+from fleet_server.admin.rollouts import rollout_routes
+from fleet_server.admin.root import root_routes
 from fleet_server.config import ApiConfig, ServerConfig
-from fleet_server.drift_service import DriftService
+from fleet_server.delivery.library import BundleLibrary
+from fleet_server.drift.service import DriftService
 from fleet_server.errors import ServerConfigError
-from fleet_server.fallback_worker import FallbackWorker
-from fleet_server.gateway import Gateway
-from fleet_server.gateway_values import GatewayConfig
-from fleet_server.history import HistoryJob, HistoryPolicy
-from fleet_server.leader import leader_lock
-from fleet_server.library import BundleLibrary
+from fleet_server.fallback.cloud_models import RegistryCloudModels
+from fleet_server.fallback.worker import FallbackWorker
+from fleet_server.gateway.config import GatewayConfig
+from fleet_server.gateway.gateway import Gateway
+from fleet_server.jobs.history import HistoryJob, HistoryPolicy
+from fleet_server.jobs.leader import leader_lock
+from fleet_server.jobs.rollout_runner import RolloutRunner
+from fleet_server.pki.roots import ServerRoots
 from fleet_server.registry import Registry
-from fleet_server.rollout_runner import RolloutRunner
-from fleet_server.roots import ServerRoots
 from fleet_server.service import FleetService
 
 __all__ = ["load_online_signer", "read_admin_token", "run"]

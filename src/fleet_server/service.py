@@ -3,7 +3,8 @@
 ``FleetService`` ties the registry (state), the bundle library (verified files), the gateway
 (MQTT delivery) and the online signers (desired state) together. It decides nothing about trust
 itself: bundles are judged by ``edge_agent.trust`` (via the library) and documents are built and
-signed by ``fleet_server.desired``. It is what the admin API calls, and what unit tests drive
+signed by ``fleet_server.delivery.desired``. It is what the admin API calls, and what unit tests
+drive
 with a SQLite registry and a fake gateway.
 
 Assigning a model to a device writes a new desired-state document that keeps every other model
@@ -23,15 +24,15 @@ from typing import Protocol
 
 from securesystemslib.signer import Signer
 
-from edge_agent.errors import EdgefleetError, MetadataFormatError, RootRotationError
-from edge_agent.strict_json import loads as strict_loads
-from edge_agent.telemetry import StatusMessage
+from edge_agent.errors import EdgefleetError, RootRotationError
 from edge_agent.trust import TrustedRoot
 from edge_agent.trust.desired import SIGNING_ROLE, DesiredState, ModelAssignment
-from fleet_server.desired import make_desired_state, sign_desired_state
+from edge_agent.wire.telemetry import StatusMessage
+from fleet_server.delivery.desired import make_desired_state, parse_document, sign_desired_state
+from fleet_server.delivery.library import BundleLibrary, LibraryEntry
 from fleet_server.errors import ModelNotPublishedError, UnknownGroupError
-from fleet_server.library import BundleLibrary, LibraryEntry
-from fleet_server.misbehaviour import DeviceMisbehaviour
+from fleet_server.gateway.misbehaviour import DeviceMisbehaviour
+from fleet_server.pki.roots import ServerRoots
 from fleet_server.registry import (
     BundleRecord,
     DeviceRecord,
@@ -40,7 +41,6 @@ from fleet_server.registry import (
     StoredTelemetry,
 )
 from fleet_server.registry.version_history import VersionHistory, version_history
-from fleet_server.roots import ServerRoots
 
 __all__ = [
     "AssignResult",
@@ -48,14 +48,13 @@ __all__ = [
     "FleetService",
     "FleetStatus",
     "GatewayPort",
-    "parse_document",
 ]
 
 log = logging.getLogger(__name__)
 
 
 class GatewayPort(Protocol):
-    """What the service needs of ``fleet_server.gateway.Gateway`` (fakes implement this)."""
+    """What the service needs of ``fleet_server.gateway.gateway.Gateway`` (fakes implement this)."""
 
     def publish_desired(self, device_id: str, document: bytes) -> None: ...
 
@@ -99,20 +98,6 @@ class FleetStatus:
     online: int
     bundles: int
     gateway: Mapping[str, int]
-
-
-def parse_document(document: bytes) -> DesiredState:
-    """The ``signed`` part of a stored desired-state envelope (the server's own output).
-
-    Raises:
-        MetadataFormatError: the bytes are not a desired-state envelope.
-    """
-    env = strict_loads(
-        document, max_bytes=len(document), what="stored desired state", error=MetadataFormatError
-    )
-    if not isinstance(env, dict) or "signed" not in env:
-        raise MetadataFormatError("stored desired state has no signed part")
-    return DesiredState.from_dict(env["signed"])
 
 
 class FleetService:

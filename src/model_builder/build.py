@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -32,24 +32,24 @@ from model_builder.build_parts import (
     run_all,
     tool_versions,
 )
-from model_builder.calibration import CalibrationSource, ProgressFn, calibration_stats
-from model_builder.contract_check import check_contract_fits_model, refusals
+from model_builder.config import BuildConfig
 from model_builder.data import Dataset
 from model_builder.errors import AccuracyGateError, InputDataError
-from model_builder.failure import failure_report
-from model_builder.gate import (
+from model_builder.evaluate.contract_check import check_contract_fits_model, refusals
+from model_builder.evaluate.failure import failure_report
+from model_builder.evaluate.gate import (
     GateOutcome,
-    GatePolicy,
     Metrics,
     evaluate,
     judge,
     measure_onnx,
     quantize_with_gate,
 )
+from model_builder.evaluate.report import render_table
 from model_builder.keystore import KeyStore
 from model_builder.package import artifact_ref, package_bundle
-from model_builder.quantize_onnx import QuantizedModel, default_target, quantize_onnx
-from model_builder.report import render_table
+from model_builder.quantize.calibration import CalibrationSource, ProgressFn, calibration_stats
+from model_builder.quantize.for_onnx import QuantizedModel, default_target, quantize_onnx
 
 Array = npt.NDArray[Any]
 
@@ -58,29 +58,6 @@ TFLITE_RECIPES = {
     "dynamic": "dynamic_wi8_afp32",
     "auto": "static_wi8_ai8",
 }
-
-
-@dataclass(frozen=True)
-class BuildConfig:
-    """What to build. ``target=None`` is the portable ``x86`` on x86-64 hosts and ``arm64`` on
-    ARM hosts (never a VNNI-only build by default); ``arch=None`` follows the target.
-    ``contract_source`` ("given" or "inferred") is recorded in the report."""
-
-    name: str
-    version: int
-    channel: str = "stable"
-    mode: str = "static"
-    target: str | None = None
-    arch: tuple[str, ...] | None = None
-    policy: GatePolicy = field(default_factory=GatePolicy)
-    rescue: bool = True
-    max_exclusions: int = 8
-    n_bins: int = 10
-    kll_k: int | None = None
-    golden: int = 8
-    expires_days: int = 365
-    measure_latency: bool = True
-    contract_source: str = "given"
 
 
 @dataclass(frozen=True)
@@ -271,7 +248,7 @@ def _quantize_tflite(
     config: BuildConfig,
     progress: ProgressFn | None,
 ) -> tuple[GateOutcome, bytes, dict[str, Any], dict[str, Any]]:
-    from model_builder.quantize_tflite import quantize_tflite
+    from model_builder.quantize.for_tflite import quantize_tflite
 
     recipe_name = TFLITE_RECIPES.get(config.mode)
     if recipe_name is None:
@@ -317,7 +294,7 @@ def _quantize_tflite(
 
 def _tflite_as_quantized(model: bytes) -> QuantizedModel:
     """GateOutcome carries a QuantizedModel; TFLite has no recipe record of that shape."""
-    from model_builder.quantize_onnx import QuantRecipe
+    from model_builder.quantize.for_onnx import QuantRecipe
 
     recipe = QuantRecipe(
         mode="tflite",

@@ -13,20 +13,21 @@ import click
 import numpy as np
 
 from edge_agent.bundle import read_bundle, write_bundle
-from edge_agent.cli_support import passphrase_from_env
+from edge_agent.cli.support import passphrase_from_env
 from edge_agent.contract import Preprocessing
-from edge_agent.device import detect_device_profile
-from edge_agent.golden import check_golden
 from edge_agent.runtime.base import load_runtime
-from model_builder.build import BuildConfig, BuildResult, build_bundle
+from edge_agent.runtime.device import detect_device_profile
+from edge_agent.runtime.golden import check_golden
+from model_builder.build import BuildResult, build_bundle
 from model_builder.build_parts import run_all
-from model_builder.calibration import ProgressFn
-from model_builder.contract_check import RefusalReport, describe_refusals
+from model_builder.config import BuildConfig
 from model_builder.data import RANGE_MARGIN, infer_contract, load_contract, load_dataset
 from model_builder.errors import AccuracyGateError, InputDataError
-from model_builder.failure import render_failure
-from model_builder.gate import GatePolicy
+from model_builder.evaluate.contract_check import RefusalReport, describe_refusals
+from model_builder.evaluate.failure import render_failure
+from model_builder.evaluate.gate import GatePolicy
 from model_builder.keystore import KeyStore
+from model_builder.quantize.calibration import ProgressFn
 
 
 def _progress() -> ProgressFn:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from importlib import metadata
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -13,12 +13,10 @@ import numpy.typing as npt
 from edge_agent.contract import Compatibility, GoldenSample, OutputContract
 from edge_agent.contract.cpu import TARGET_CPU_FEATURES
 from edge_agent.runtime.base import Runtime
+from model_builder.config import BuildConfig
 from model_builder.data import Dataset
-from model_builder.gate import GateOutcome
-from model_builder.perf import PerfReport, measure_perf
-
-if TYPE_CHECKING:
-    from model_builder.build import BuildConfig
+from model_builder.evaluate.gate import GateOutcome
+from model_builder.evaluate.perf import PerfReport, measure_perf
 
 Array = npt.NDArray[Any]
 

@@ -1,7 +1,7 @@
 """``model-builder``: thin click commands over the builder, key store and verifier.
 
 Every command reads its inputs, calls one function, and prints a human table or ``--json``.
-Errors go through the shared boundary (``edge_agent.cli_support``) and leave with a stable exit
+Errors go through the shared boundary (``edge_agent.cli.support``) and leave with a stable exit
 code.
 """
 
@@ -17,7 +17,7 @@ from tuf.api.metadata import Targets
 
 from edge_agent import __version__
 from edge_agent.bundle import read_bundle, read_raw
-from edge_agent.cli_support import (
+from edge_agent.cli.support import (
     EXIT_BAD_INPUT,
     EXIT_GATE,
     EXIT_KEYS,

@@ -1,14 +1,14 @@
 """The ``model-builder`` console script: the builder CLI, or one line naming the [builder] extra.
 
 Imports nothing of the builder until it runs, so a device install (no extras) gets a clear
-message instead of a traceback; see ``edge_agent.cli_extras``.
+message instead of a traceback; see ``edge_agent.cli.extras``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from edge_agent.cli_extras import run_role
+from edge_agent.cli.extras import run_role
 
 
 def _load() -> Callable[[], object]:

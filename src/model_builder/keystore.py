@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import serialization
 from securesystemslib.signer import CryptoSigner, Key, SSlibKey
 from tuf.api.metadata import Metadata, Role, Root, Targets
 
-from edge_agent import durable
+from edge_agent.common import durable
 from edge_agent.errors import BundleVerificationError
 from edge_agent.trust import ROLES, TrustedRoot
 from model_builder.errors import KeyStoreError

@@ -13,8 +13,8 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-from model_builder.build import BuildConfig
 from model_builder.build_cli import run_build
+from model_builder.config import BuildConfig
 from model_builder.examples import save_example
 from model_builder.keystore import KeyStore
 

@@ -19,7 +19,7 @@ import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from fleet_server.desired import make_desired_state, sign_desired_state
+from fleet_server.delivery.desired import make_desired_state, sign_desired_state
 from model_builder.keystore import KeyStore
 
 

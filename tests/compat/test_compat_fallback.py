@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_agent.fallback_wire import FallbackRequest, FallbackResponse
+from edge_agent.wire.fallback import FallbackRequest, FallbackResponse
 
 HERE = Path(__file__).parent / "fallback-v1-2026-12"
 X = np.arange(8, dtype=np.float32).reshape(2, 4) / 8

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from edge_agent.telemetry import LATENCY_BUCKETS_MS, TelemetryReport, coarse_from_fine
-from fleet_server.rollout_gates import latency_histograms
-from fleet_server.rollout_metrics import WindowMetrics, observe
+from edge_agent.wire.telemetry import LATENCY_BUCKETS_MS, TelemetryReport, coarse_from_fine
+from fleet_server.rollouts.gates import latency_histograms
+from fleet_server.rollouts.metrics import WindowMetrics, observe
 
 DIR = Path(__file__).parent / "telemetry-v1-2026-12"
 FILES = sorted(DIR.glob("report-*.json"))

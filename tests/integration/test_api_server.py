@@ -30,7 +30,7 @@ import pytest
 from edge_agent.api import ServerHandle, create_app, serve
 from edge_agent.config import ApiConfig
 from edge_agent.errors import ConfigError, ModelNotFoundError
-from edge_agent.service import InferenceRequest, InferenceResult
+from edge_agent.serving.service import InferenceRequest, InferenceResult
 
 
 class SlowService:

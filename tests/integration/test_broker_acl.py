@@ -27,10 +27,10 @@ import pytest
 from paho.mqtt import client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from edge_agent.identity import IdentityStore
-from fleet_server.broker_config import BrokerConfig, BrokerFiles, write_broker_config
-from fleet_server.ca import CertificateAuthority
+from edge_agent.common.identity import IdentityStore
 from fleet_server.errors import BrokerConfigError
+from fleet_server.pki.broker_config import BrokerConfig, BrokerFiles, write_broker_config
+from fleet_server.pki.ca import CertificateAuthority
 
 MOSQUITTO = shutil.which("mosquitto") or (
     "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None

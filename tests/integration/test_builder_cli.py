@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from edge_agent.bundle import read_bundle
-from edge_agent.cli_support import EXIT_BAD_INPUT, EXIT_GATE, EXIT_UNTRUSTED
+from edge_agent.cli.support import EXIT_BAD_INPUT, EXIT_GATE, EXIT_UNTRUSTED
 from edge_agent.contract import BundleManifest
 from model_builder import cli as builder_cli
 from model_builder.examples import save_example

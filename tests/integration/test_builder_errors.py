@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 
-from edge_agent.cli_support import (
+from edge_agent.cli.support import (
     EXIT_BAD_INPUT,
     EXIT_GATE,
     EXIT_KEYS,

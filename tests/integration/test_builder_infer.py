@@ -24,8 +24,8 @@ from edge_agent.bundle import read_raw
 from edge_agent.contract import BundleManifest
 from edge_agent.runtime.base import TensorInfo
 from model_builder import cli as builder_cli
-from model_builder.contract_check import describe_refusals, refusals
 from model_builder.data import Dataset, infer_contract, inferred_ranges, score_kind_of
+from model_builder.evaluate.contract_check import describe_refusals, refusals
 from model_builder.examples import save_example
 
 Array = np.ndarray[Any, Any]

@@ -16,7 +16,7 @@ import pytest
 
 from bundles import DigitsBundles
 from edge_agent.config import DriftConfig
-from edge_agent.service import InferenceRequest
+from edge_agent.serving.service import InferenceRequest
 from fleet import FleetHarness, start_device, wait_until
 from mosquitto import MOSQUITTO, fleet_broker
 

@@ -15,17 +15,17 @@ import numpy as np
 import pytest
 
 from bundles import DigitsBundles
-from edge_agent.agent import Agent
+from edge_agent.common.mqtt import MqttClient, MqttConfig
 from edge_agent.config import AgentConfig, FallbackConfig, StoreConfig
 from edge_agent.errors import FallbackError, TransportTimeoutError
-from edge_agent.fallback import CloudFallbackError
-from edge_agent.fallback_mqtt import MqttFallbackTransport
-from edge_agent.fallback_wire import FallbackRequest, FallbackResponse
-from edge_agent.mqtt import MqttClient, MqttConfig
-from edge_agent.service import InferenceRequest
+from edge_agent.serving.agent import Agent
+from edge_agent.serving.fallback import CloudFallbackError
+from edge_agent.serving.fallback_mqtt import MqttFallbackTransport
+from edge_agent.serving.service import InferenceRequest
 from edge_agent.store import ModelStore
-from edge_agent.topics import Topics
-from fleet_server.fallback_worker import CloudModel, CloudModels, FallbackWorker
+from edge_agent.wire.fallback import FallbackRequest, FallbackResponse
+from edge_agent.wire.topics import Topics
+from fleet_server.fallback.worker import CloudModel, CloudModels, FallbackWorker
 from mosquitto import FleetBroker, broker_fixture
 from support import DEVICE
 

@@ -22,15 +22,15 @@ import pytest
 from test_fallback_mqtt import WAIT, agent, connect
 
 from bundles import DigitsBundles, misnormalised_bundle
+from edge_agent.common.mqtt import MqttClient
 from edge_agent.errors import FallbackRemoteError
-from edge_agent.fallback_mqtt import MqttFallbackTransport
-from edge_agent.fallback_wire import FallbackRequest, FallbackResponse
-from edge_agent.mqtt import MqttClient
-from edge_agent.reported import ModelReport, ReportedState
-from edge_agent.service import InferenceRequest
-from edge_agent.topics import Topics
-from fleet_server.cloud_models import CloudModels, RegistryCloudModels
-from fleet_server.fallback_worker import FallbackWorker
+from edge_agent.serving.fallback_mqtt import MqttFallbackTransport
+from edge_agent.serving.service import InferenceRequest
+from edge_agent.wire.fallback import FallbackRequest, FallbackResponse
+from edge_agent.wire.reported import ModelReport, ReportedState
+from edge_agent.wire.topics import Topics
+from fleet_server.fallback.cloud_models import CloudModels, RegistryCloudModels
+from fleet_server.fallback.worker import FallbackWorker
 from fleet_server.registry import Registry
 from mosquitto import FleetBroker, broker_fixture
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from edge_agent.identity import build_csr, generate_device_key
+from edge_agent.common.identity import build_csr, generate_device_key
 
 BIN = Path(sys.executable).parent / "fleet-server"
 
@@ -80,10 +80,10 @@ import pytest  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
 from bundles import DigitsBundles  # noqa: E402
-from edge_agent.telemetry import StatusMessage  # noqa: E402
-from fleet_server.admin import AdminServer, create_app  # noqa: E402
-from fleet_server.cli import cli  # noqa: E402
-from fleet_server.library import BundleLibrary  # noqa: E402
+from edge_agent.wire.telemetry import StatusMessage  # noqa: E402
+from fleet_server.admin.api import AdminServer, create_app  # noqa: E402
+from fleet_server.cli.main import cli  # noqa: E402
+from fleet_server.delivery.library import BundleLibrary  # noqa: E402
 from fleet_server.registry import Registry  # noqa: E402
 from fleet_server.service import FleetService  # noqa: E402
 

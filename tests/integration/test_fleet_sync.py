@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 from bundles import DigitsBundles, build_digits_bundles
-from edge_agent.service import InferenceRequest
-from edge_agent.transfer import BlockPlan
-from edge_agent.transfer_store import PartialDownload
+from edge_agent.serving.service import InferenceRequest
+from edge_agent.sync.transfer_store import PartialDownload
+from edge_agent.wire.transfer import BlockPlan
 from fleet import FleetHarness, daemon_config, wait_until
-from fleet_server.gateway_values import GatewayConfig
+from fleet_server.gateway.config import GatewayConfig
 from mosquitto import MOSQUITTO, FleetBroker, fleet_broker
 
 pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
@@ -183,7 +183,8 @@ def test_server_down_loses_and_duplicates_nothing(
 @pytest.fixture(scope="module")
 def wide_bundle(digits_bundles: DigitsBundles, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A multi-block bundle (the 1.1M-parameter MLP in fp16, about 2.3 MB) under the same keys."""
-    from model_builder.build import BuildConfig, build_bundle
+    from model_builder.build import build_bundle
+    from model_builder.config import BuildConfig
     from model_builder.data import Dataset
     from model_builder.examples import digits_wide_mlp
 

@@ -1,4 +1,4 @@
-"""fleet_server.gateway against a real Mosquitto (TLS, client certificates, fleet ACLs).
+"""fleet_server.gateway.gateway against a real Mosquitto (TLS, client certificates, fleet ACLs).
 
 Devices are plain ``MqttClient``s with their own certificates; the gateway runs with the
 server identity over a shared subscription. Every check is made on what a device actually
@@ -22,9 +22,10 @@ from typing import Any
 
 import pytest
 
-from edge_agent.mqtt import Message, MqttClient, MqttConfig
-from edge_agent.reported import ModelReport, ReportedState
-from edge_agent.telemetry import (
+from edge_agent.common.mqtt import Message, MqttClient, MqttConfig
+from edge_agent.trust.desired import ModelAssignment
+from edge_agent.wire.reported import ModelReport, ReportedState
+from edge_agent.wire.telemetry import (
     MAX_PAYLOAD_BYTES,
     Batch,
     Event,
@@ -32,13 +33,12 @@ from edge_agent.telemetry import (
     TelemetryAck,
     TelemetryReport,
 )
-from edge_agent.topics import Topics
-from edge_agent.transfer import BlockData, BlockPlan, BlockRequest
-from edge_agent.transfer_progress import Progress
-from edge_agent.trust.desired import ModelAssignment
-from fleet_server.desired import make_desired_state
-from fleet_server.gateway import Gateway
-from fleet_server.gateway_values import GatewayConfig
+from edge_agent.wire.topics import Topics
+from edge_agent.wire.transfer import BlockData, BlockPlan, BlockRequest
+from edge_agent.wire.transfer_progress import Progress
+from fleet_server.delivery.desired import make_desired_state
+from fleet_server.gateway.config import GatewayConfig
+from fleet_server.gateway.gateway import Gateway
 from fleet_server.registry import Registry
 from mosquitto import FleetBroker, broker_fixture
 

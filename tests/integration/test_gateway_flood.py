@@ -20,11 +20,11 @@ from typing import Any
 
 import pytest
 
-from edge_agent.mqtt import Message, MqttClient, MqttConfig
-from edge_agent.telemetry import Batch, TelemetryAck, TelemetryReport
-from edge_agent.topics import Topics
-from fleet_server.gateway import Gateway
-from fleet_server.gateway_values import GatewayConfig
+from edge_agent.common.mqtt import Message, MqttClient, MqttConfig
+from edge_agent.wire.telemetry import Batch, TelemetryAck, TelemetryReport
+from edge_agent.wire.topics import Topics
+from fleet_server.gateway.config import GatewayConfig
+from fleet_server.gateway.gateway import Gateway
 from fleet_server.registry import Registry
 from mosquitto import FleetBroker, broker_fixture
 

@@ -24,7 +24,8 @@ import httpx
 import pytest
 from test_api_server import SlowService, slow_body
 
-from edge_agent.api import ApiMetrics, RateLimiter, ServerHandle, create_app, serve
+from edge_agent.api import ApiMetrics, ServerHandle, create_app, serve
+from edge_agent.api.app import limiter_from_config
 from edge_agent.api.grpc_v2 import GrpcInference, GrpcListener
 from edge_agent.api.grpc_v2.messages import message_class
 from edge_agent.config import ApiConfig, GrpcConfig
@@ -103,7 +104,7 @@ def test_sigterm_drains_http_and_grpc_together(tmp_path: Path) -> None:
 
 
 def listener(config: GrpcConfig) -> GrpcListener:
-    servicer = GrpcInference(SlowService(), ApiMetrics(), RateLimiter.from_config(ApiConfig()))
+    servicer = GrpcInference(SlowService(), ApiMetrics(), limiter_from_config(ApiConfig()))
     return GrpcListener(servicer, config)
 
 
@@ -137,7 +138,7 @@ def test_port_and_socket_are_exclusive(tmp_path: Path) -> None:
 
 def test_calls_over_the_bound_get_resource_exhausted() -> None:
     service = SlowService()
-    servicer = GrpcInference(service, ApiMetrics(), RateLimiter.from_config(ApiConfig()))
+    servicer = GrpcInference(service, ApiMetrics(), limiter_from_config(ApiConfig()))
     config = GrpcConfig(enabled=True, port=0, max_workers=1, max_concurrent_rpcs=1)
     bound = GrpcListener(servicer, config)
     bound.start()

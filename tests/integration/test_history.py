@@ -14,13 +14,14 @@ import pytest
 from sqlalchemy import func, select, text
 
 from edge_agent.drift import DriftBaseline, DriftMonitor, MonitorPolicy
-from edge_agent.telemetry import DriftSummary
-from fleet_server.drift_service import DriftQuery, DriftService
-from fleet_server.fleet_drift import CohortSpec
-from fleet_server.history import FINE, HOUR, HistoryJob, HistoryPolicy, rollout_inputs
+from edge_agent.wire.telemetry import DriftSummary
+from fleet_server.drift.fleet import CohortSpec
+from fleet_server.drift.service import DriftQuery, DriftService
+from fleet_server.history.rollouts import rollout_inputs
+from fleet_server.jobs.history import FINE, HOUR, HistoryJob, HistoryPolicy
 from fleet_server.registry import Registry, TelemetryEntry
 from fleet_server.registry.models import TelemetryRollup, TelemetryRow
-from fleet_server.rollout_metrics import observe
+from fleet_server.rollouts.metrics import observe
 from model_builder.keystore import KeyStore
 from pg import PgCluster
 from support import NOW, make_bundle

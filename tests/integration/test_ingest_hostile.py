@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from edge_agent.telemetry import Batch, Event, TelemetryReport
-from fleet_server.ingest import IngestWorker
-from fleet_server.ingest_parse import REFUSED_KIND, IngestItem, parse_telemetry
+from edge_agent.wire.telemetry import Batch, Event, TelemetryReport
+from fleet_server.gateway.ingest import IngestWorker
+from fleet_server.gateway.ingest_parse import REFUSED_KIND, IngestItem, parse_telemetry
 from fleet_server.registry import IngestResult, Registry, TelemetryEntry
 from pg import PgCluster
 

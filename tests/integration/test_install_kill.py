@@ -18,7 +18,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from edge_agent import durable
+from edge_agent.common import durable
 from edge_agent.store import ModelStore
 from model_builder.keystore import KeyStore
 from support import DEVICE, make_bundle, write

@@ -13,13 +13,13 @@ from sqlalchemy import Connection, create_engine, text
 from sqlalchemy.exc import DBAPIError
 
 from fleet import wait_until
-from fleet_server.leader import leader_lock
+from fleet_server.jobs.leader import leader_lock
 from pg import PgCluster
 
 HOLD = """
 import sys, time
 from sqlalchemy import create_engine, text
-from fleet_server.leader import leader_lock
+from fleet_server.jobs.leader import leader_lock
 lock = leader_lock(create_engine(sys.argv[1]), "rollout-engine")
 assert lock.try_acquire()
 print("held", flush=True)

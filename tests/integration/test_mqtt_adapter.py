@@ -1,4 +1,4 @@
-"""edge_agent.mqtt against a real Mosquitto with TLS, client certificates and the fleet ACLs.
+"""edge_agent.common.mqtt against a real Mosquitto with TLS, client certificates and the fleet ACLs.
 
 Each test is bounded (waits <= 10 s) and judges by what a server-side bare paho client
 actually receives, not by what the adapter reports about itself.
@@ -24,8 +24,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent.errors import EdgefleetError
-from edge_agent.mqtt import (
+from edge_agent.common.mqtt import (
     Message,
     MqttClient,
     MqttConfig,
@@ -33,6 +32,7 @@ from edge_agent.mqtt import (
     TransportError,
     backoff_delay,
 )
+from edge_agent.errors import EdgefleetError
 from mosquitto import FleetBroker, Peer, broker_fixture, free_port
 
 broker = broker_fixture(scope="module", devices=("dev-a", "dev-b", "dev-c"))
@@ -162,7 +162,7 @@ _CHILD = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from edge_agent.mqtt import MqttClient, MqttConfig
+    from edge_agent.common.mqtt import MqttClient, MqttConfig
     host, port, dev, ca, cert, key, prefix = sys.argv[1:]
     c = MqttClient(MqttConfig(host=host, port=int(port), device_id=dev, ca_path=Path(ca),
                               cert_path=Path(cert), key_path=Path(key), prefix=prefix))

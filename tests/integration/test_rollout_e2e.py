@@ -27,7 +27,7 @@ from bundles import DigitsBundles, misnormalised_bundle
 from edge_agent.client import AgentClient
 from edge_agent.config import ApiConfig
 from fleet import daemon_config, start_daemon, stop_process, wait_until
-from fleet_server.admin_client import AdminClient
+from fleet_server.admin.client import AdminClient
 from mosquitto import MOSQUITTO, FleetBroker, fleet_broker, free_port
 
 pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")

@@ -12,13 +12,13 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from edge_agent.telemetry import Event, ModelStats, TelemetryReport
+from edge_agent.wire.telemetry import Event, ModelStats, TelemetryReport
 from fleet_server.errors import RegistryError, UnknownRolloutError
 from fleet_server.registry import Registry
 from fleet_server.registry import rollouts as store
 from fleet_server.registry.models import Base
-from fleet_server.rollout import Rollout, RolloutPolicy, Selector, Thresholds, decide
-from fleet_server.rollout_metrics import DeviceObservation
+from fleet_server.rollouts.engine import Rollout, RolloutPolicy, Selector, Thresholds, decide
+from fleet_server.rollouts.metrics import DeviceObservation
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 TABLES = {"rollouts", "rollout_events", "quarantine"}

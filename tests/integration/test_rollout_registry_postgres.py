@@ -9,8 +9,8 @@ from sqlalchemy import inspect
 
 from fleet_server.registry import Registry
 from fleet_server.registry import rollouts as store
-from fleet_server.rollout import Rollout, RolloutPolicy, Selector, decide
-from fleet_server.rollout_metrics import DeviceObservation
+from fleet_server.rollouts.engine import Rollout, RolloutPolicy, Selector, decide
+from fleet_server.rollouts.metrics import DeviceObservation
 from pg import PgCluster
 
 pytest.importorskip("psycopg", reason="psycopg (PostgreSQL driver) is not installed")

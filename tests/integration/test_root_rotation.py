@@ -29,12 +29,12 @@ from tuf.api.metadata import Metadata, Root
 
 from bundles import DigitsBundles
 from edge_agent.bundle import read_bundle
-from edge_agent.mqtt import MqttClient, MqttConfig
-from edge_agent.topics import Topics
+from edge_agent.common.mqtt import MqttClient, MqttConfig
 from edge_agent.trust import TrustedRoot
+from edge_agent.wire.topics import Topics
 from fleet import daemon_config, start_daemon, stop_process, wait_until
-from fleet_server.admin_client import AdminClient
-from fleet_server.desired import make_desired_state, sign_desired_state
+from fleet_server.admin.client import AdminClient
+from fleet_server.delivery.desired import make_desired_state, sign_desired_state
 from fleet_server.errors import AdminRequestError
 from model_builder.keystore import KeyStore
 from model_builder.package import package_bundle

@@ -32,13 +32,13 @@ from hypothesis import strategies as st
 from edge_agent.drift import TierAView
 from edge_agent.drift.kll import KllFeatureSketches
 from edge_agent.errors import ContractError, DriftError, EdgefleetError
-from edge_agent.fallback_wire import MAGIC, FallbackRequest, FallbackResponse
-from edge_agent.reported import ModelReport, ReportedState, TransferReport
-from edge_agent.telemetry import Batch, Event, StatusMessage, TelemetryAck
-from edge_agent.telemetry_report import TelemetryReport
-from edge_agent.transfer import BlockData, BlockPlan, BlockRequest
-from fleet_server.admin_drift import drift_query
-from fleet_server.admin_input import AdminInputError, json_object, query_int, req_field
+from edge_agent.wire.fallback import MAGIC, FallbackRequest, FallbackResponse
+from edge_agent.wire.reported import ModelReport, ReportedState, TransferReport
+from edge_agent.wire.telemetry import Batch, Event, StatusMessage, TelemetryAck
+from edge_agent.wire.telemetry_report import TelemetryReport
+from edge_agent.wire.transfer import BlockData, BlockPlan, BlockRequest
+from fleet_server.admin.body import AdminInputError, json_object, query_int, req_field
+from fleet_server.admin.drift import drift_query
 from fleet_server.errors import FleetDriftError
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "telemetry"
@@ -59,7 +59,7 @@ REPORTED = ReportedState(
     },
 ).to_bytes()
 
-# (name, parser, seed bytes): JSON documents parsed by ``edge_agent._wire._load``
+# (name, parser, seed bytes): JSON documents parsed by ``edge_agent.wire.fields._load``
 JSON_PARSERS: list[tuple[str, Callable[[bytes], object], bytes]] = [
     ("event", Event.from_bytes, _golden("event-v1.json")),
     ("status", StatusMessage.from_bytes, _golden("status-v1.json")),

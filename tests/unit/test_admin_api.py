@@ -1,4 +1,4 @@
-"""fleet_server.admin through Starlette's TestClient: auth, every route, error mapping."""
+"""fleet_server.admin.api through Starlette's TestClient: auth, every route, error mapping."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 from starlette.testclient import TestClient
 
 from bundles import DigitsBundles
-from edge_agent.telemetry import StatusMessage
 from edge_agent.trust.desired import verify_desired_state
-from fleet_server.admin import create_app
-from fleet_server.library import BundleLibrary
+from edge_agent.wire.telemetry import StatusMessage
+from fleet_server.admin.api import create_app
+from fleet_server.delivery.library import BundleLibrary
 from fleet_server.registry import Registry, TelemetryEntry
 from fleet_server.service import FleetService
 

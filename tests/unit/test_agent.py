@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 
 from bundles import DigitsBundles
-from edge_agent.agent import Agent
-from edge_agent.capture import CaptureRing
 from edge_agent.config import AgentConfig, CaptureConfig, FallbackConfig, ModelPolicy, StoreConfig
 from edge_agent.errors import FallbackError, InputValidationError, ModelNotFoundError
-from edge_agent.service import InferenceRequest
+from edge_agent.serving.agent import Agent
+from edge_agent.serving.capture import CaptureRing
+from edge_agent.serving.service import InferenceRequest
 from edge_agent.store import ModelStore
 from support import DEVICE
 
@@ -291,7 +291,7 @@ def test_agent_metrics_are_collected_at_scrape(
 ) -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from edge_agent.agent_metrics import AgentCollector
+    from edge_agent.serving.metrics import AgentCollector
 
     agent = make_agent(tmp_path, digits_bundles)
     for i in range(20):  # 1,280 rows: five 256-row sketch blocks, one closed 1,000-row window
@@ -357,7 +357,8 @@ def test_litert_bundle_serves_through_the_agent(
         Preprocessing,
         TensorSpec,
     )
-    from model_builder.build import BuildConfig, build_bundle
+    from model_builder.build import build_bundle
+    from model_builder.config import BuildConfig
     from model_builder.data import Dataset
 
     pytest.importorskip("ai_edge_quantizer")
@@ -393,7 +394,7 @@ def test_litert_bundle_serves_through_the_agent(
     )
     path = tmp_path / "digits-tfl-1.efb"
     path.write_bytes(res.bundle)
-    from edge_agent.device import detect_device_profile
+    from edge_agent.runtime.device import detect_device_profile
 
     agent = make_agent(tmp_path, digits_bundles, install=(), device=detect_device_profile())
     agent.install(path)

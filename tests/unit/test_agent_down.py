@@ -18,13 +18,13 @@ from starlette.testclient import TestClient
 from test_agent import DEVICE, make_agent
 
 from bundles import DigitsBundles
-from edge_agent.agent import Agent
 from edge_agent.api import create_app
 from edge_agent.bundle import read_bundle
-from edge_agent.cli import cli
+from edge_agent.cli.main import cli
 from edge_agent.config import AgentConfig, ApiConfig, StoreConfig
 from edge_agent.errors import ModelStoreError
-from edge_agent.service import InferenceRequest
+from edge_agent.serving.agent import Agent
+from edge_agent.serving.service import InferenceRequest
 from edge_agent.store import ModelStore
 from model_builder.package import package_bundle
 
@@ -154,7 +154,7 @@ def test_status_command_says_down_and_why(agent: Agent, tmp_path: Path) -> None:
 
 def test_the_fleet_is_told_the_assigned_version_cannot_serve(agent: Agent, tmp_path: Path) -> None:
     from edge_agent.config import SyncConfig
-    from edge_agent.deploy import Deployer
+    from edge_agent.sync.deploy import Deployer
     from edge_agent.trust.desired import DesiredState, ModelAssignment
 
     deployer = Deployer(

@@ -11,10 +11,10 @@ import pytest
 from test_agent import FakeCloud, make_agent, request
 
 from bundles import DigitsBundles
-from edge_agent.capture import CaptureRing
 from edge_agent.config import CaptureConfig, FallbackConfig, ModelPolicy
 from edge_agent.errors import InputValidationError
-from edge_agent.service import InferenceRequest
+from edge_agent.serving.capture import CaptureRing
+from edge_agent.serving.service import InferenceRequest
 
 
 def test_bad_update_while_first_version_on_probation_keeps_serving(

@@ -14,7 +14,8 @@ from prometheus_client import REGISTRY
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
-from edge_agent.api import ApiMetrics, RateLimiter, create_app
+from edge_agent.api import ApiMetrics, create_app
+from edge_agent.common.ratelimit import RateLimiter
 from edge_agent.config import ApiConfig
 from edge_agent.errors import (
     AdmissionError,
@@ -25,7 +26,7 @@ from edge_agent.errors import (
     ModelNotFoundError,
     RateLimitedError,
 )
-from edge_agent.service import InferenceRequest, InferenceResult
+from edge_agent.serving.service import InferenceRequest, InferenceResult
 
 FAILURES: dict[str, Callable[[], Exception]] = {
     "invalid": lambda: InputValidationError(

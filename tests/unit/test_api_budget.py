@@ -25,7 +25,7 @@ from edge_agent.api.budget import MAX_COST_RATIO, MemoryBudget, decode_cost
 from edge_agent.api.decode import decode_request
 from edge_agent.config import ApiConfig
 from edge_agent.errors import ConfigError, InputValidationError
-from edge_agent.service import InferenceRequest, InferenceResult
+from edge_agent.serving.service import InferenceRequest, InferenceResult
 
 N = 50_000
 

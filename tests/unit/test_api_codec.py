@@ -11,7 +11,7 @@ import pytest
 
 from edge_agent.api import codec
 from edge_agent.errors import InferenceError, InputValidationError
-from edge_agent.service import InferenceResult
+from edge_agent.serving.service import InferenceResult
 
 NUMERIC = [
     ("BOOL", np.bool_),

@@ -21,16 +21,16 @@ import pytest
 from starlette.testclient import TestClient
 
 from bundles import DigitsBundles
-from edge_agent.agent import Agent
 from edge_agent.api import create_app
 from edge_agent.config import AgentConfig, ApiConfig, FallbackConfig, StoreConfig
 from edge_agent.contract import DimSpec, InputContract, TensorSpec
 from edge_agent.contract.datatypes import protocol_datatype
 from edge_agent.contract.inputs import DTYPES
+from edge_agent.contract.validation import Validator
 from edge_agent.errors import ContractError, InputValidationError, ModelNotFoundError
-from edge_agent.service import InferenceRequest, InferenceResult
+from edge_agent.serving.agent import Agent
+from edge_agent.serving.service import InferenceRequest, InferenceResult
 from edge_agent.store import ModelStore
-from edge_agent.validation import Validator
 from support import DEVICE
 
 WIRE = [

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.cli_extras import EXTRA_MODULES, extra_for
-from edge_agent.cli_support import EXIT_MISSING_EXTRA
+from edge_agent.cli.extras import EXTRA_MODULES, extra_for
+from edge_agent.cli.support import EXIT_MISSING_EXTRA
 
 ROOT = Path(__file__).parents[2]
 ENTRY = {
-    "edge-agent": "edge_agent.cli",
+    "edge-agent": "edge_agent.cli.main",
     "model-builder": "model_builder.entry",
     "fleet-server": "fleet_server.entry",
 }

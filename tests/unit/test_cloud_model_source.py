@@ -14,9 +14,9 @@ import pytest
 
 from bundles import DigitsBundles
 from edge_agent.bundle import read_bundle
-from edge_agent.reported import ModelReport, ReportedState
-from fleet_server.cloud_models import RegistryCloudModels
+from edge_agent.wire.reported import ModelReport, ReportedState
 from fleet_server.errors import FallbackServingError
+from fleet_server.fallback.cloud_models import RegistryCloudModels
 from fleet_server.registry import Registry
 
 

@@ -102,7 +102,7 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_deeply_nested_config_is_a_config_error(tmp_path: Path) -> None:
-    from edge_agent.config_loader import parse_scalar, read_toml
+    from edge_agent.common.config_loader import parse_scalar, read_toml
 
     deep = "[" * 100_000 + "]" * 100_000
     path = tmp_path / "agent.toml"

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from fleet_server.cli import cli
+from fleet_server.cli.main import cli
 from fleet_server.errors import BrokerConfigError
 
 

@@ -20,15 +20,15 @@ from edge_agent.contract.cpu import (
     unmet_requirements,
     validate_requirements,
 )
-from edge_agent.device import detect_device_profile
 from edge_agent.errors import ContractError, IncompatibleTargetError
+from edge_agent.runtime.device import detect_device_profile
 from edge_agent.store.store import ModelStore
-from model_builder.build import BuildConfig
 from model_builder.build_parts import compatibility
+from model_builder.config import BuildConfig
 from model_builder.examples import digits_mlp
 from model_builder.keystore import KeyStore
 from model_builder.package import package_bundle
-from model_builder.quantize_onnx import default_target, detect_target
+from model_builder.quantize.for_onnx import default_target, detect_target
 from support import NOW, make_manifest, write
 
 X86_CPUINFO = """processor\t: 0

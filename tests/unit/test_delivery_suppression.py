@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from edge_agent.errors import ContractError
-from edge_agent.transfer import BlockPlan, BlockRequest
-from fleet_server.blocks import RecentBroadcasts, plan_resend, plan_round
+from edge_agent.wire.transfer import BlockPlan, BlockRequest
+from fleet_server.delivery.blocks import RecentBroadcasts, plan_resend, plan_round
 
 PLAN = BlockPlan(10 * 65536, "ab" * 32, 65536)  # 10 blocks
 T = PLAN.transfer_id

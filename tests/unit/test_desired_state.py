@@ -27,7 +27,7 @@ from edge_agent.errors import (
     RollbackError,
     SignatureThresholdError,
 )
-from edge_agent.identity import DEVICE_ID_PATTERN
+from edge_agent.ids import DEVICE_ID_PATTERN
 from edge_agent.trust import TrustedRoot, verify_bundle
 from edge_agent.trust.desired import (
     DEVICE_ID_RE,
@@ -39,7 +39,7 @@ from edge_agent.trust.desired import (
     check_targets_digest,
     verify_desired_state,
 )
-from fleet_server.desired import make_desired_state, sign_desired_state
+from fleet_server.delivery.desired import make_desired_state, sign_desired_state
 from model_builder.keystore import KeyStore
 from support import DEVICE, NOW, make_bundle, members
 

@@ -20,8 +20,9 @@ from sklearn.datasets import load_digits
 
 from edge_agent.drift import DriftMonitor, MonitorPolicy, build_baseline
 from edge_agent.errors import NotConnectedError
-from edge_agent.outbox import Outbox
-from edge_agent.telemetry import (
+from edge_agent.sync.outbox import Outbox
+from edge_agent.sync.uplink import Uplink
+from edge_agent.wire.telemetry import (
     EVENT_KINDS,
     Batch,
     Event,
@@ -29,8 +30,7 @@ from edge_agent.telemetry import (
     TelemetryReport,
     event_from_registry,
 )
-from edge_agent.telemetry_build import drift_alert_entries
-from edge_agent.uplink import Uplink
+from edge_agent.wire.telemetry_build import drift_alert_entries
 
 DEV = "dev-a"
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "telemetry.md"

@@ -13,7 +13,7 @@ from edge_agent.contract.inputs import InputContract, OutputContract
 from edge_agent.runtime.onnx import OnnxRuntime
 from model_builder import examples
 from model_builder.errors import InputDataError
-from model_builder.quant_plan import profile_graph
+from model_builder.quantize.plan import profile_graph
 
 
 def _run(model: bytes, ex: examples.ExampleModel) -> np.ndarray:

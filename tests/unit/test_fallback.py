@@ -12,7 +12,7 @@ import pytest
 from edge_agent.config import FallbackConfig
 from edge_agent.contract import OutputContract
 from edge_agent.errors import ConfigError, ContractError, FallbackError
-from edge_agent.fallback import (
+from edge_agent.serving.fallback import (
     FAILURES,
     CircuitBreaker,
     CloudFallback,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from edge_agent.errors import ContractError
-from edge_agent.fallback_wire import MAGIC, MAX_VERSION, FallbackRequest
+from edge_agent.wire.fallback import MAGIC, MAX_VERSION, FallbackRequest
 
 X = {"x": np.zeros((1, 4), np.float32)}
 

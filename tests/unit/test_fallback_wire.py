@@ -1,4 +1,4 @@
-"""edge_agent.fallback_wire: round trips, caps, malformed messages, disagreement, schema."""
+"""edge_agent.wire.fallback: round trips, caps, malformed messages, disagreement, schema."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from edge_agent.errors import ContractError
-from edge_agent.fallback_wire import (
+from edge_agent.wire.fallback import (
     DTYPES,
     MAGIC,
     MAX_HEADER_BYTES,

@@ -1,4 +1,4 @@
-"""fleet_server.fallback_worker with a fake MQTT client and fake/real models (no broker)."""
+"""fleet_server.fallback.worker with a fake MQTT client and fake/real models (no broker)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from bundles import DigitsBundles
+from edge_agent.common.mqtt import Message, MessageProperties
 from edge_agent.errors import InferenceError
-from edge_agent.fallback_wire import FallbackRequest, FallbackResponse
-from edge_agent.mqtt import Message, MessageProperties
-from edge_agent.topics import Topics
+from edge_agent.wire.fallback import FallbackRequest, FallbackResponse
+from edge_agent.wire.topics import Topics
 from fleet_server.errors import FallbackServingError
-from fleet_server.fallback_worker import (
+from fleet_server.fallback.worker import (
     MAX_LOADED,
     RESOLVE_MEMORY,
     CloudModel,

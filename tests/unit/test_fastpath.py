@@ -25,10 +25,10 @@ from edge_agent.bundle import read_bundle
 from edge_agent.config import DriftConfig, ModelPolicy
 from edge_agent.contract import DimSpec, FeatureRanges, InputContract, TensorSpec
 from edge_agent.contract.inputs import Preprocessing
+from edge_agent.contract.validation import Validator
 from edge_agent.errors import ContractError, InferenceError, InputValidationError
-from edge_agent.pipeline import BLOCK, ModelPipeline
 from edge_agent.runtime.base import load_runtime
-from edge_agent.validation import Validator
+from edge_agent.serving.pipeline import BLOCK, ModelPipeline
 
 # --- preprocessing -------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""fleet_server.fleet_drift: exact merges and the agent's own scoring, on real sketches."""
+"""fleet_server.drift.fleet: exact merges and the agent's own scoring, on real sketches."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import pytest
 
 from edge_agent.drift import DriftMonitor, MonitorPolicy, TierASketch, TierAView, build_baseline
 from edge_agent.drift.edges import FeatureEdges
-from fleet_server.errors import DriftMismatchError, FleetDriftError
-from fleet_server.fleet_drift import (
+from fleet_server.drift.fleet import (
     FLEET,
     CohortSpec,
     DeviceInfo,
@@ -19,6 +18,7 @@ from fleet_server.fleet_drift import (
     merge_windows,
     score_fleet,
 )
+from fleet_server.errors import DriftMismatchError, FleetDriftError
 
 F = 6
 

@@ -21,18 +21,18 @@ from starlette.testclient import TestClient
 
 from edge_agent.drift import TierASketch, build_baseline
 from edge_agent.errors import EdgefleetError
-from fleet_server.admin_drift import drift_routes
-from fleet_server.cli_drift import register_drift_commands
-from fleet_server.drift_report import render_html, render_png
-from fleet_server.drift_service import DriftService
-from fleet_server.errors import FleetDriftError, NotFoundError
-from fleet_server.fleet_drift import (
+from fleet_server.admin.drift import drift_routes
+from fleet_server.cli.drift import register_drift_commands
+from fleet_server.drift.fleet import (
     CohortSpec,
     DeviceInfo,
     FleetAccumulator,
     FleetWindow,
     score_fleet,
 )
+from fleet_server.drift.report import render_html, render_png
+from fleet_server.drift.service import DriftService
+from fleet_server.errors import FleetDriftError, NotFoundError
 from fleet_server.registry import Registry
 
 F = 4

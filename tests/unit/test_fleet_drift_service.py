@@ -1,4 +1,4 @@
-"""fleet_server.drift_service over a real SQLite registry, real bundles and real reports."""
+"""fleet_server.drift.service over a real SQLite registry, real bundles and real reports."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from edge_agent.drift import DriftBaseline, DriftMonitor, MonitorPolicy
-from edge_agent.telemetry import DriftSummary, ModelStats, TelemetryReport
-from fleet_server.drift_service import DriftQuery, DriftService, parse_duration, parse_time
+from edge_agent.wire.telemetry import DriftSummary, ModelStats, TelemetryReport
+from fleet_server.drift.fleet import FLEET, CohortSpec
+from fleet_server.drift.service import DriftQuery, DriftService, parse_duration, parse_time
 from fleet_server.errors import BaselineUnavailableError, FleetDriftError, ModelNotPublishedError
-from fleet_server.fleet_drift import FLEET, CohortSpec
 from fleet_server.registry import Registry, TelemetryEntry
 from model_builder.keystore import KeyStore
 from support import NOW, make_bundle
@@ -114,7 +114,7 @@ def test_windows_of_versions_without_a_readable_baseline_are_counted(fleet, tmp_
 
 def test_baseline_is_decoded_once(fleet, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     _registry, service, _baseline = fleet
-    import fleet_server.drift_service as mod
+    import fleet_server.drift.service as mod
 
     calls = []
     real = mod.read_raw

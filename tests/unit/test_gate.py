@@ -9,9 +9,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edge_agent.contract.inputs import OutputContract, Preprocessing
 from edge_agent.runtime.onnx import OnnxRuntime
-from model_builder.calibration import CalibrationSource
 from model_builder.errors import AccuracyGateError, InputDataError
-from model_builder.gate import (
+from model_builder.evaluate.gate import (
     GatePolicy,
     Metrics,
     evaluate,
@@ -20,7 +19,8 @@ from model_builder.gate import (
     quantize_with_gate,
     rescue_search,
 )
-from model_builder.quantize_onnx import QuantizedModel, QuantRecipe, quantize_onnx
+from model_builder.quantize.calibration import CalibrationSource
+from model_builder.quantize.for_onnx import QuantizedModel, QuantRecipe, quantize_onnx
 
 N = 1000
 
@@ -312,7 +312,7 @@ _NORMAL = {"min": -3.0, "max": 3.0, "mean": 0.0, "std": 1.0, "p99_abs": 2.5}
     ],
 )
 def test_failure_report_and_diagnosis(gate, fmt, check, expect):
-    from model_builder.failure import failure_report, render_failure
+    from model_builder.evaluate.failure import failure_report, render_failure
 
     report = failure_report(
         gate,

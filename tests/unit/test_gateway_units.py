@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy.exc import DataError, OperationalError
 
 from edge_agent.errors import MetadataFormatError
-from edge_agent.telemetry import (
+from edge_agent.wire.telemetry import (
     MAX_PAYLOAD_BYTES,
     Batch,
     Event,
@@ -19,13 +19,13 @@ from edge_agent.telemetry import (
     TelemetryReport,
     event_from_registry,
 )
-from edge_agent.transfer import BlockPlan, BlockRequest
-from fleet_server.blocks import Entitlements, plan_round
-from fleet_server.delivery import Pacer
+from edge_agent.wire.transfer import BlockPlan, BlockRequest
+from fleet_server.delivery.block_server import Pacer
+from fleet_server.delivery.blocks import Entitlements, plan_round
 from fleet_server.errors import RegistryUnavailableError, ServerConfigError
-from fleet_server.gateway_values import GatewayConfig
-from fleet_server.ingest import IngestWorker, is_data_failure
-from fleet_server.ingest_parse import IngestItem, parse_telemetry
+from fleet_server.gateway.config import GatewayConfig
+from fleet_server.gateway.ingest import IngestWorker, is_data_failure
+from fleet_server.gateway.ingest_parse import IngestItem, parse_telemetry
 from fleet_server.registry import IngestResult, Registry, TelemetryEntry
 
 PLAN_A = BlockPlan(10 * 65536, "a" * 64)

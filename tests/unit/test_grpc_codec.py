@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from edge_agent.api.grpc_v2.codec import CONTENTS_FIELD, decode_infer, encode_infer
 from edge_agent.api.grpc_v2.messages import METHODS, message_class
 from edge_agent.errors import InferenceError, InputValidationError
-from edge_agent.service import InferenceResult
+from edge_agent.serving.service import InferenceResult
 
 Request = message_class("ModelInferRequest")
 WIRE = {

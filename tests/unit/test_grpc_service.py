@@ -13,10 +13,12 @@ from starlette.testclient import TestClient
 from test_api_app import CONFIG, FAILURES, FakeClock, FakeService
 from test_grpc_codec import hostile_request
 
-from edge_agent.api import ApiMetrics, RateLimiter, create_app
+from edge_agent.api import ApiMetrics, create_app
+from edge_agent.api.app import limiter_from_config
 from edge_agent.api.grpc_v2 import GrpcInference
 from edge_agent.api.grpc_v2.messages import message_class
 from edge_agent.api.metadata import EXTENSIONS
+from edge_agent.common.ratelimit import RateLimiter
 from edge_agent.errors import API_STATUS, INTERNAL_STATUS, api_status
 
 
@@ -55,7 +57,7 @@ def infer_request(model: str = "double", **parameters: Any) -> Any:
 
 
 def servicer(service: FakeService, limiter: RateLimiter | None = None) -> GrpcInference:
-    limiter = limiter if limiter is not None else RateLimiter.from_config(CONFIG)  # len() 0
+    limiter = limiter if limiter is not None else limiter_from_config(CONFIG)  # len() 0
     return GrpcInference(service, ApiMetrics(), limiter)
 
 

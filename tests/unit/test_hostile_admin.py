@@ -17,15 +17,15 @@ from urllib.parse import quote
 import pytest
 from starlette.testclient import TestClient
 
-from edge_agent.telemetry import StatusMessage
-from fleet_server.admin import create_app
-from fleet_server.admin_drift import drift_routes
-from fleet_server.admin_input import public_message
-from fleet_server.admin_rollouts import rollout_routes
-from fleet_server.drift_service import DriftService
-from fleet_server.library import BundleLibrary
+from edge_agent.wire.telemetry import StatusMessage
+from fleet_server.admin.api import create_app
+from fleet_server.admin.body import public_message
+from fleet_server.admin.drift import drift_routes
+from fleet_server.admin.rollouts import rollout_routes
+from fleet_server.delivery.library import BundleLibrary
+from fleet_server.drift.service import DriftService
+from fleet_server.jobs.rollout_runner import RolloutRunner
 from fleet_server.registry import Registry
-from fleet_server.rollout_runner import RolloutRunner
 from fleet_server.service import FleetService
 from model_builder.keystore import KeyStore
 

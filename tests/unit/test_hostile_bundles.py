@@ -22,16 +22,16 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent import cli as agent_cli
 from edge_agent.bundle import read_bundle
 from edge_agent.bundle.archive import bundle_bytes
-from edge_agent.cli_support import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNTRUSTED
+from edge_agent.cli import main as agent_cli
+from edge_agent.cli.support import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNTRUSTED
 from edge_agent.errors import BundleFormatError, BundleVerificationError, MetadataFormatError
-from edge_agent.telemetry import StatusMessage
 from edge_agent.trust import TrustedRoot
-from fleet_server import cli as server_cli
-from fleet_server.admin import AdminServer, create_app
-from fleet_server.library import BundleLibrary
+from edge_agent.wire.telemetry import StatusMessage
+from fleet_server.admin.api import AdminServer, create_app
+from fleet_server.cli import main as server_cli
+from fleet_server.delivery.library import BundleLibrary
 from fleet_server.registry import Registry
 from fleet_server.service import FleetService
 from model_builder import cli as builder_cli

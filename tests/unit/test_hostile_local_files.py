@@ -10,15 +10,15 @@ from typing import Any
 
 import pytest
 
-from edge_agent.capture import CaptureRing
-from edge_agent.deploy import Deployer
 from edge_agent.errors import ContractError, MetadataFormatError
+from edge_agent.serving.capture import CaptureRing
 from edge_agent.store.state import ModelState
-from edge_agent.transfer import BlockPlan
-from edge_agent.transfer_store import _BITMAP_MAGIC, _decode_bitmap
-from fleet_server.cli_root import _read as read_root_file
+from edge_agent.sync.deploy import Deployer
+from edge_agent.sync.transfer_store import _BITMAP_MAGIC, _decode_bitmap
+from edge_agent.wire.transfer import BlockPlan
+from fleet_server.cli.root import _read as read_root_file
+from fleet_server.delivery.desired import parse_document
 from fleet_server.errors import ServerConfigError
-from fleet_server.service import parse_document
 
 HOSTILE = {
     "deep": b"[" * 100_000 + b"]" * 100_000,

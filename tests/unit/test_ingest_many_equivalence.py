@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from edge_agent.telemetry import Event
+from edge_agent.wire.telemetry import Event
 from fleet_server.errors import RegistryError
 from fleet_server.registry import IngestResult, Registry, TelemetryEntry
 from fleet_server.registry.models import TelemetryRow

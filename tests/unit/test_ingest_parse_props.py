@@ -11,8 +11,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_agent.telemetry import Event, TelemetryReport
-from fleet_server.ingest_parse import REFUSED_KIND, IngestItem, parse_telemetry
+from edge_agent.wire.telemetry import Event, TelemetryReport
+from fleet_server.gateway.ingest_parse import REFUSED_KIND, IngestItem, parse_telemetry
 from fleet_server.registry import TelemetryEntry
 
 REASONS = {"oversized", "malformed", "wrong_type", "device_mismatch"}

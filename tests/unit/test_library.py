@@ -1,4 +1,4 @@
-"""fleet_server.library: only builder-signed, intact bundles are stored, byte for byte."""
+"""fleet_server.delivery.library: only builder-signed, intact bundles are stored, byte for byte."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 
 from bundles import DigitsBundles
 from edge_agent.bundle.archive import read_raw
+from fleet_server.delivery.library import BundleLibrary
 from fleet_server.errors import BundleRejectedError
-from fleet_server.library import BundleLibrary
 from model_builder.keystore import KeyStore
 
 

@@ -347,7 +347,7 @@ def test_precomputed_conversions_equal_the_previous_implementation(
 def test_int8_model_answers_as_before_end_to_end(heldout: tuple[np.ndarray, np.ndarray]) -> None:
     """Same outputs, bit for bit, from an integer-I/O model with the old and new conversions."""
     pytest.importorskip("ai_edge_quantizer")
-    from model_builder.quantize_tflite import quantize_tflite
+    from model_builder.quantize.for_tflite import quantize_tflite
 
     x, _ = heldout
     samples = [{"pixels": x[i : i + 1]} for i in range(0, len(x), 4)]

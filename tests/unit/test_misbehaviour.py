@@ -13,12 +13,12 @@ from click.testing import CliRunner
 from starlette.testclient import TestClient
 
 from bundles import DigitsBundles
-from edge_agent.telemetry import StatusMessage
-from fleet_server import admin_client
-from fleet_server.admin import create_app
-from fleet_server.cli import cli
-from fleet_server.library import BundleLibrary
-from fleet_server.misbehaviour import DeviceMisbehaviour, MisbehaviourBook, PresenceBook
+from edge_agent.wire.telemetry import StatusMessage
+from fleet_server.admin import client as admin_client
+from fleet_server.admin.api import create_app
+from fleet_server.cli.main import cli
+from fleet_server.delivery.library import BundleLibrary
+from fleet_server.gateway.misbehaviour import DeviceMisbehaviour, MisbehaviourBook, PresenceBook
 from fleet_server.registry import Registry
 from fleet_server.service import FleetService
 

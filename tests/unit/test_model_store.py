@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent import durable
+from edge_agent.common import durable
 from edge_agent.errors import (
     BundleFormatError,
     DigestMismatchError,

@@ -16,7 +16,7 @@ import pytest
 
 import edge_agent
 from edge_agent.errors import EdgefleetError
-from edge_agent.outbox import (
+from edge_agent.sync.outbox import (
     CORRUPT_KIND,
     SEQ_BLOCK,
     AckOutOfRangeError,
@@ -288,7 +288,7 @@ def test_seq_is_not_reused_when_the_database_disappears(db: Path) -> None:
 _WRITER = """
 import sys
 from pathlib import Path
-from edge_agent.outbox import Outbox
+from edge_agent.sync.outbox import Outbox
 
 box = Outbox(Path(sys.argv[1]), 50_000_000)
 tag = sys.argv[2]

@@ -7,7 +7,7 @@ import pytest
 
 from edge_agent.runtime.onnx import OnnxRuntime
 from model_builder.errors import InputDataError
-from model_builder.perf import measure_latency, measure_perf, tile_batch
+from model_builder.evaluate.perf import measure_latency, measure_perf, tile_batch
 
 
 class _FakeRuntime:

@@ -11,8 +11,8 @@ from bundles import DigitsBundles
 from edge_agent.bundle import read_bundle
 from edge_agent.config import DriftConfig, ModelPolicy
 from edge_agent.drift import build_baseline
-from edge_agent.pipeline import BLOCK, ModelPipeline
 from edge_agent.runtime.base import load_runtime
+from edge_agent.serving.pipeline import BLOCK, ModelPipeline
 
 
 def _pipeline(

@@ -14,16 +14,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from edge_agent.identity import (
-    IdentityError,
+from edge_agent.common.identity import (
     IdentityStore,
     build_csr,
     generate_device_key,
     verify_device_certificate,
 )
-from fleet_server import cli
-from fleet_server.broker_config import BrokerConfig, render_acl
-from fleet_server.ca import CertificateAuthority
+from edge_agent.errors import IdentityError
+from fleet_server.cli import main as cli
 from fleet_server.errors import (
     BrokerConfigError,
     CsrRejectedError,
@@ -33,7 +31,9 @@ from fleet_server.errors import (
     TokenUnknownError,
     TokenUsedError,
 )
-from fleet_server.pki import (
+from fleet_server.pki.broker_config import BrokerConfig, render_acl
+from fleet_server.pki.ca import CertificateAuthority
+from fleet_server.pki.certs import (
     CaMaterial,
     check_csr,
     create_ca,

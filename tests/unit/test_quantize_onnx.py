@@ -9,16 +9,16 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edge_agent.contract.inputs import DimSpec, InputContract, Preprocessing, TensorSpec
 from edge_agent.runtime.onnx import OnnxRuntime
-from model_builder.calibration import CalibrationSource, calibration_stats
 from model_builder.errors import InputDataError, ModelCheckError, QuantizationError
-from model_builder.quant_plan import GraphProfile, choose_mode
-from model_builder.quantize_onnx import (
+from model_builder.quantize.calibration import CalibrationSource, calibration_stats
+from model_builder.quantize.for_onnx import (
     TARGETS,
     detect_target,
     quantize_onnx,
     strip_unused_opsets,
     target_from_cpu,
 )
+from model_builder.quantize.plan import GraphProfile, choose_mode
 
 
 def _calib(ex, preprocessing=True):

@@ -21,7 +21,7 @@ from sklearn.datasets import load_digits
 from edge_agent.runtime.base import RuntimeOptions
 from edge_agent.runtime.litert import LiteRtRuntime
 from model_builder.errors import InputDataError, ModelCheckError, QuantizationError
-from model_builder.quantize_tflite import RECIPES, TfliteQuantResult, quantize_tflite
+from model_builder.quantize.for_tflite import RECIPES, TfliteQuantResult, quantize_tflite
 
 pytestmark = [
     pytest.mark.tflite,
@@ -163,7 +163,7 @@ def test_static_recipe_gets_float_io_with_the_same_answers(
     np.testing.assert_allclose(a, b, atol=1 / 256)
     assert float(np.mean(a.argmax(axis=1) == b.argmax(axis=1))) >= 0.99
     # Calibration through the rewritten model is not needed: a float model stays untouched.
-    from model_builder.tflite_io import float_io as rewrite
+    from model_builder.quantize.tflite_io import float_io as rewrite
 
     assert rewrite(model) == (model, 0)
     for junk in (b"", b"junk", b"TFL3" * 64):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from edge_agent.api.ratelimit import RateLimiter
+from edge_agent.api.app import limiter_from_config
+from edge_agent.common.ratelimit import RateLimiter
 from edge_agent.config import ApiConfig
 from edge_agent.errors import ConfigError, RateLimitedError
 
@@ -80,7 +81,7 @@ def test_check_raises_rate_limited() -> None:
 
 def test_from_config() -> None:
     clock = FakeClock()
-    limiter = RateLimiter.from_config(
+    limiter = limiter_from_config(
         ApiConfig(rate_limit_per_second=5.0, rate_limit_burst=2), clock=clock
     )
     assert (limiter.rate, limiter.burst) == (5.0, 2.0)

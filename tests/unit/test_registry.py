@@ -13,7 +13,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import func, inspect, select
 
-from edge_agent.telemetry import Batch, Event, TelemetryReport
+from edge_agent.wire.telemetry import Batch, Event, TelemetryReport
 from fleet_server.registry import (
     BundleExistsError,
     DeviceExistsError,

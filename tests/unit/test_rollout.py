@@ -1,4 +1,4 @@
-"""fleet_server.rollout: the pure engine, table-driven (waves, dwell, gates, commands)."""
+"""fleet_server.rollouts.engine: the pure engine, table-driven (waves, dwell, gates, commands)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from fleet_server.errors import RolloutPolicyError, RolloutStateError
-from fleet_server.rollout import (
+from fleet_server.rollouts.engine import (
     Decision,
     Rollout,
     RolloutPolicy,
@@ -21,7 +21,7 @@ from fleet_server.rollout import (
     resume,
     wave_order,
 )
-from fleet_server.rollout_metrics import (
+from fleet_server.rollouts.metrics import (
     DeviceObservation,
     WindowMetrics,
     one_sided_increase,

@@ -9,12 +9,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edge_agent.telemetry import LATENCY_BUCKETS_MS, LATENCY_FINE_BUCKETS_MS, coarse_from_fine
+from edge_agent.wire.telemetry import LATENCY_BUCKETS_MS, LATENCY_FINE_BUCKETS_MS, coarse_from_fine
 from fleet_server.errors import RolloutPolicyError
 from fleet_server.history.cells import RollupCell
-from fleet_server.rollout import Rollout, RolloutPolicy, Selector, Thresholds, decide
-from fleet_server.rollout_gates import GateResult, histogram_quantile_ms, latency_histograms
-from fleet_server.rollout_metrics import DeviceObservation, WindowMetrics
+from fleet_server.rollouts.engine import Rollout, RolloutPolicy, Selector, Thresholds, decide
+from fleet_server.rollouts.gates import GateResult, histogram_quantile_ms, latency_histograms
+from fleet_server.rollouts.metrics import DeviceObservation, WindowMetrics
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 IDS = [f"dev-{i:02d}" for i in range(30)]
@@ -82,7 +82,7 @@ def test_issue_case_sub_millisecond_jump_is_not_a_breach() -> None:
     # The reported case: same compute, p99 ~1.9 ms vs ~1.0 ms from the 1 ms bucket edge.
     control = metrics((995, 5) + (0,) * 10)
     canary = metrics((981, 10, 9) + (0,) * 9)
-    from fleet_server.rollout_gates import _latency
+    from fleet_server.rollouts.gates import _latency
 
     g = _latency(canary, control, Thresholds(), RolloutPolicy(), True)
     assert g.status == "ok"

@@ -19,8 +19,8 @@ from test_rollout_runner import World, api, cli, world  # noqa: F401  (fixtures)
 from fleet_server.errors import AbortedVersionError, QuarantinedVersionError, RolloutPolicyError
 from fleet_server.registry import rollouts as store
 from fleet_server.registry.version_history import version_history
-from fleet_server.rollout import RolloutPolicy
-from fleet_server.rollout_admission import MAX_OVERRIDE_REASON, Override, admit
+from fleet_server.rollouts.admission import MAX_OVERRIDE_REASON, Override, admit
+from fleet_server.rollouts.engine import RolloutPolicy
 from rollout_memory import LINE, memory_scenario
 
 

@@ -1,4 +1,4 @@
-"""fleet_server.rollout_metrics.observe on real TelemetryReport / Event payloads."""
+"""fleet_server.rollouts.metrics.observe on real TelemetryReport / Event payloads."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from edge_agent.reported import ModelReport, ReportedState
-from edge_agent.telemetry import DriftSummary, Event, ModelStats, ShadowStats, TelemetryReport
+from edge_agent.wire.reported import ModelReport, ReportedState
+from edge_agent.wire.telemetry import DriftSummary, Event, ModelStats, ShadowStats, TelemetryReport
 from fleet_server.registry import StoredTelemetry
-from fleet_server.rollout_metrics import observe
+from fleet_server.rollouts.metrics import observe
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 DEV = "dev-1"

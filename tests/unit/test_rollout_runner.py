@@ -19,10 +19,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.testclient import TestClient
 
 from edge_agent.errors import EdgefleetError
-from edge_agent.reported import ModelReport, ReportedState
-from edge_agent.telemetry import ModelStats, TelemetryReport
-from fleet_server import admin_client, cli_rollouts
-from fleet_server.admin_rollouts import Handler, rollout_routes
+from edge_agent.wire.reported import ModelReport, ReportedState
+from edge_agent.wire.telemetry import ModelStats, TelemetryReport
+from fleet_server.admin import client as admin_client
+from fleet_server.admin.rollouts import Handler, rollout_routes
+from fleet_server.cli import rollouts as cli_rollouts
 from fleet_server.errors import (
     NotFoundError,
     QuarantinedVersionError,
@@ -30,10 +31,10 @@ from fleet_server.errors import (
     RolloutStateError,
     UnknownRolloutError,
 )
+from fleet_server.jobs.rollout_runner import RolloutRunner
 from fleet_server.registry import Registry
 from fleet_server.registry import rollouts as store
-from fleet_server.rollout import RolloutPolicy, Selector, Thresholds, decide
-from fleet_server.rollout_runner import RolloutRunner
+from fleet_server.rollouts.engine import RolloutPolicy, Selector, Thresholds, decide
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 IDS = [f"dev-{i}" for i in range(10)]

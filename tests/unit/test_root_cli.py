@@ -16,14 +16,14 @@ import pytest
 from click.testing import CliRunner
 from starlette.testclient import TestClient
 
-from edge_agent.cli import cli as agent_cli
-from edge_agent.cli import main as agent_main
-from fleet_server.admin import create_app
-from fleet_server.admin_root import root_routes
-from fleet_server.cli import cli as server_cli
-from fleet_server.library import BundleLibrary
+from edge_agent.cli.main import cli as agent_cli
+from edge_agent.cli.main import main as agent_main
+from fleet_server.admin.api import create_app
+from fleet_server.admin.root import root_routes
+from fleet_server.cli.main import cli as server_cli
+from fleet_server.delivery.library import BundleLibrary
+from fleet_server.pki.roots import ServerRoots
 from fleet_server.registry import Registry
-from fleet_server.roots import ServerRoots
 from fleet_server.service import FleetService
 from model_builder.keystore import KeyStore
 from support import NOW

@@ -18,12 +18,12 @@ from test_service import FakeGateway
 from edge_agent.errors import RootRotationError
 from edge_agent.trust import TrustedRoot, apply_root_chain, split_roots
 from edge_agent.trust.desired import verify_desired_state
-from fleet_server.admin import create_app
-from fleet_server.admin_root import root_routes
+from fleet_server.admin.api import create_app
+from fleet_server.admin.root import root_routes
+from fleet_server.delivery.library import BundleLibrary
 from fleet_server.errors import BundleRejectedError, ServerConfigError
-from fleet_server.library import BundleLibrary
+from fleet_server.pki.roots import ServerRoots
 from fleet_server.registry import Registry
-from fleet_server.roots import ServerRoots
 from fleet_server.service import FleetService
 from model_builder.keystore import KeyStore
 from support import NOW, make_bundle, write

@@ -13,8 +13,9 @@ import pytest
 from bundles import DigitsBundles
 from edge_agent.bundle.archive import read_raw
 from edge_agent.errors import NotConnectedError, SignatureThresholdError
-from edge_agent.telemetry import StatusMessage
 from edge_agent.trust.desired import check_targets_digest, verify_desired_state
+from edge_agent.wire.telemetry import StatusMessage
+from fleet_server.delivery.library import BundleLibrary
 from fleet_server.errors import (
     BundleRejectedError,
     DeviceRevokedError,
@@ -22,7 +23,6 @@ from fleet_server.errors import (
     UnknownDeviceError,
     UnknownGroupError,
 )
-from fleet_server.library import BundleLibrary
 from fleet_server.registry import Registry
 from fleet_server.service import FleetService
 

@@ -16,7 +16,7 @@ from edge_agent.contract import OutputContract
 from edge_agent.errors import ConfigError, InferenceError
 from edge_agent.runtime.base import RuntimeOptions, Tensor
 from edge_agent.runtime.onnx import OnnxRuntime
-from edge_agent.shadow import ABRouter, ShadowRunner, key_fraction
+from edge_agent.serving.shadow import ABRouter, ShadowRunner, key_fraction
 
 W = np.asarray(
     [[1.0, -1.0, 0.5], [0.0, 2.0, -0.5], [-1.0, 0.5, 1.0], [0.5, 0.0, -1.0]], dtype=np.float32

@@ -12,14 +12,14 @@ from typing import Any
 import jsonschema
 import pytest
 
-from edge_agent.download import Download
 from edge_agent.errors import ContractError, DigestMismatchError, NotConnectedError
-from edge_agent.outbox import Outbox
-from edge_agent.reported import ModelReport, ReportedState, TransferReport
-from edge_agent.telemetry import Batch, Event, TelemetryAck, TelemetryReport
-from edge_agent.transfer import MIN_BLOCK_SIZE, BlockData, BlockPlan, TransferMismatchError
+from edge_agent.sync.download import Download
+from edge_agent.sync.outbox import Outbox
+from edge_agent.sync.uplink import MAX_ITEM_BYTES, Uplink
 from edge_agent.trust.desired import ModelAssignment
-from edge_agent.uplink import MAX_ITEM_BYTES, Uplink
+from edge_agent.wire.reported import ModelReport, ReportedState, TransferReport
+from edge_agent.wire.telemetry import Batch, Event, TelemetryAck, TelemetryReport
+from edge_agent.wire.transfer import MIN_BLOCK_SIZE, BlockData, BlockPlan, TransferMismatchError
 
 BS = MIN_BLOCK_SIZE
 DEV = "dev-a"

@@ -1,6 +1,7 @@
 """The sync loop's root handling: the chain beside a desired state, over a fake MQTT client.
 
-The desired-state messages are made by the server's own code (``fleet_server.desired``); the
+The desired-state messages are made by the server's own code (``fleet_server.delivery.desired``);
+the
 agent is a real one over a real store (no model installed: only trust is exercised here).
 """
 
@@ -14,19 +15,19 @@ from typing import Any
 import pytest
 from tuf.api.metadata import Metadata, Root
 
-from edge_agent.agent import Agent
+from edge_agent.common.mqtt_types import Message, MqttStats
 from edge_agent.config import AgentConfig, StoreConfig, SyncConfig
-from edge_agent.mqtt_types import Message, MqttStats
+from edge_agent.serving.agent import Agent
 from edge_agent.store import ModelStore
-from edge_agent.sync import SyncAgent
+from edge_agent.sync.loop import SyncAgent
 from edge_agent.trust import TrustedRoot
-from fleet_server.desired import make_desired_state, sign_desired_state
+from fleet_server.delivery.desired import make_desired_state, sign_desired_state
 from model_builder.keystore import KeyStore
 from support import DEVICE
 
 
 class FakeClient:
-    """The parts of ``edge_agent.mqtt.MqttClient`` the sync loop uses; never connects."""
+    """The parts of ``edge_agent.common.mqtt.MqttClient`` the sync loop uses; never connects."""
 
     connected = False
 

@@ -16,7 +16,7 @@ from referencing import Registry, Resource
 
 from edge_agent.drift import DriftMonitor, MonitorPolicy, TierASketch, build_baseline, fit_edges
 from edge_agent.errors import ContractError
-from edge_agent.telemetry import (
+from edge_agent.wire.telemetry import (
     LATENCY_BUCKETS_MS,
     MAX_PAYLOAD_BYTES,
     Batch,
@@ -538,7 +538,7 @@ def test_report_from_minimal_status() -> None:
     ids=["type-list", "type-object", "5000-digit-int"],
 )
 def test_hostile_payloads_raise_contract_error_only(payload: bytes) -> None:
-    from edge_agent.telemetry import decode_message
+    from edge_agent.wire.telemetry import decode_message
 
     with pytest.raises(ContractError):
         decode_message(payload)

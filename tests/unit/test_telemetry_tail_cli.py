@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-import fleet_server.cli_admin as cli_admin
-from fleet_server.cli import cli
+import fleet_server.cli.admin as cli_admin
+from fleet_server.cli.main import cli
 
 ROWS = [
     {"id": i, "received_at": "t", "device_id": "d", "seq": i, "kind": "report", "payload": {}}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from edge_agent.errors import ContractError
-from edge_agent.topics import DEVICE_TO_SERVER, SERVER_TO_DEVICE, TOPIC_SPECS, Topics
-from fleet_server.broker_config import DEVICE_READ_TOPICS, DEVICE_WRITE_TOPICS
+from edge_agent.wire.topics import DEVICE_TO_SERVER, SERVER_TO_DEVICE, TOPIC_SPECS, Topics
+from fleet_server.pki.broker_config import DEVICE_READ_TOPICS, DEVICE_WRITE_TOPICS
 
 T = Topics("edgefleet")
 

@@ -10,9 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent import durable, transfer_store
+from edge_agent.common import durable
 from edge_agent.errors import ContractError, DigestMismatchError, LengthMismatchError
-from edge_agent.transfer import (
+from edge_agent.sync import transfer_store
+from edge_agent.sync.transfer_store import PartialDownload
+from edge_agent.trust.desired import ModelAssignment
+from edge_agent.wire.transfer import (
     MAX_BLOCK_SIZE,
     MAX_MESSAGE_BYTES,
     MAX_RANGES,
@@ -23,10 +26,8 @@ from edge_agent.transfer import (
     TransferIncompleteError,
     TransferMismatchError,
 )
-from edge_agent.transfer_progress import Progress
-from edge_agent.transfer_store import PartialDownload
-from edge_agent.trust.desired import ModelAssignment
-from fleet_server.blocks import BlockSource, plan_resend
+from edge_agent.wire.transfer_progress import Progress
+from fleet_server.delivery.blocks import BlockSource, plan_resend
 
 K = 1024
 BS = MIN_BLOCK_SIZE

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Metadata, Root
 
-from edge_agent import durable
+from edge_agent.common import durable
 from edge_agent.errors import (
     ExpiredMetadataError,
     MetadataFormatError,
@@ -36,7 +36,7 @@ from edge_agent.trust import (
     split_roots,
 )
 from edge_agent.trust.desired import DesiredState, verify_desired_state
-from fleet_server.desired import sign_desired_state
+from fleet_server.delivery.desired import sign_desired_state
 from model_builder.keystore import KeyStore
 from support import DEVICE, NOW, make_bundle, write
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from edge_agent.contract import DimSpec, FeatureRanges, InputContract, TensorSpec
+from edge_agent.contract.validation import Validator
 from edge_agent.errors import InputValidationError
-from edge_agent.validation import Validator
 
 
 def contract(

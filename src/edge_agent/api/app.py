@@ -63,7 +63,7 @@ from edge_agent.api.fastpath import (
 from edge_agent.api.header_cache import RequestDecoder
 from edge_agent.api.metadata import EXTENSIONS, protocol_metadata
 from edge_agent.api.metrics import ApiMetrics
-from edge_agent.api.ratelimit import RateLimiter
+from edge_agent.common.ratelimit import DEFAULT_MAX_CLIENTS, Clock, RateLimiter
 from edge_agent.config import ApiConfig
 from edge_agent.errors import (
     ConfigError,
@@ -72,7 +72,7 @@ from edge_agent.errors import (
     ModelNotFoundError,
     api_status,
 )
-from edge_agent.service import InferenceRequest, InferenceResult, InferenceService
+from edge_agent.serving.service import InferenceRequest, InferenceResult, InferenceService
 
 __all__ = [
     "DEFAULT_MAX_CONCURRENCY",
@@ -420,6 +420,19 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return _error(500, "internal error")  # never the exception's text: it may hold internals
 
 
+def limiter_from_config(
+    config: ApiConfig, *, clock: Clock = time.monotonic, max_clients: int = DEFAULT_MAX_CLIENTS
+) -> RateLimiter:
+    """The per-client limiter ``config`` asks for (``rate_limit_per_second``, ``rate_limit_burst``).
+
+    Raises:
+        ConfigError: the configured values are invalid.
+    """
+    return RateLimiter(
+        config.rate_limit_per_second, config.rate_limit_burst, clock=clock, max_clients=max_clients
+    )
+
+
 def create_app(
     service: InferenceService,
     config: ApiConfig,
@@ -451,7 +464,7 @@ def create_app(
         service,
         config,
         metrics if metrics is not None else ApiMetrics(),
-        rate_limiter if rate_limiter is not None else RateLimiter.from_config(config),
+        rate_limiter if rate_limiter is not None else limiter_from_config(config),
         max_concurrency,
     )
     model = "/v2/models/{name}"

@@ -53,7 +53,7 @@ from edge_agent.api.decode import (
 )
 from edge_agent.api.header_cache import RequestDecoder
 from edge_agent.errors import InferenceError
-from edge_agent.service import Array, InferenceResult
+from edge_agent.serving.service import Array, InferenceResult
 
 __all__ = [
     "HEADER_LENGTH",

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from edge_agent.errors import InputValidationError
-from edge_agent.service import Array
+from edge_agent.serving.service import Array
 
 MAX_INPUTS = 64
 MAX_OUTPUTS = 256

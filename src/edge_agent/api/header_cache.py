@@ -20,7 +20,7 @@ from edge_agent.api.decode import (
     _Plan,
     decode_request,
 )
-from edge_agent.service import Array
+from edge_agent.serving.service import Array
 
 __all__ = ["RequestDecoder"]
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from edge_agent import durable
+from edge_agent.common import durable
 from edge_agent.contract.manifest import MAX_MANIFEST_BYTES, BundleManifest, DeviceProfile
 from edge_agent.errors import BundleFormatError, LengthMismatchError
 from edge_agent.trust import (

@@ -3,7 +3,7 @@
 Owns: the spelling of a signed requirement (``compatibility.cpu_features``), parsing the feature
 flags out of ``/proc/cpuinfo`` text (x86 ``flags`` lines, aarch64 ``Features`` lines), and the
 check of requirements against offered features. Does not own: reading ``/proc/cpuinfo``
-(``edge_agent.device``) or deciding what a build requires (``model_builder.build_parts``).
+(``edge_agent.runtime.device``) or deciding what a build requires (``model_builder.build_parts``).
 
 A requirement is one feature name, or alternatives joined by ``|`` when any one will do:
 ``"avx512_vnni|avx_vnni"`` is met by AVX-512 VNNI (Cascade Lake and later Xeons, Zen 4) or by
@@ -23,7 +23,7 @@ _FEATURE_RE = re.compile(r"^[a-z0-9_.]{1,32}$")
 # (``Features``).
 _FLAG_KEYS = ("flags", "features")
 
-# What int8 kernels need on each quantization target (``model_builder.quant_plan.TARGETS``).
+# What int8 kernels need on each quantization target (``model_builder.quantize.plan.TARGETS``).
 # Without VNNI, onnxruntime's u8 x s8 kernels add pairs of products in 16 bits (vpmaddubsw) and
 # saturate on full 8-bit weights; a model quantized for ``x86-vnni`` is only correct with VNNI.
 VNNI = "avx512_vnni|avx_vnni"

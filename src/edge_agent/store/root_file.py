@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from edge_agent import durable
+from edge_agent.common import durable
 from edge_agent.errors import BundleVerificationError, ModelStoreError
 from edge_agent.trust import TrustedRoot, choose_root
 

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from edge_agent import durable
 from edge_agent.bundle import LoadedBundle, bundle_bytes, read_bundle, read_raw
+from edge_agent.common import durable
 from edge_agent.contract import BundleManifest, DeviceProfile
 from edge_agent.errors import (
     BundleFormatError,

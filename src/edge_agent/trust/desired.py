@@ -73,6 +73,7 @@ from edge_agent.errors import (
     RollbackError,
     SignatureThresholdError,
 )
+from edge_agent.ids import DEVICE_ID_PATTERN
 from edge_agent.trust.root import TrustedRoot
 
 __all__ = [
@@ -98,9 +99,9 @@ MAX_SIGNATURES = 32
 MAX_BUNDLE_LENGTH = 1 << 40
 EXPIRES_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
-# Same rules as edge_agent.identity.DEVICE_ID_PATTERN (not imported: that module does file I/O)
-# and edge_agent.contract.manifest model names / channels (a test keeps them in step).
-DEVICE_ID_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+# Device ids: the one shared rule (edge_agent.ids). Names: the same rule as
+# edge_agent.contract.manifest model names / channels (a test keeps them in step).
+DEVICE_ID_RE = DEVICE_ID_PATTERN
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _HEX_RE = re.compile(r"^(?:[0-9a-f]{2})+$")

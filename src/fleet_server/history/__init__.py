@@ -1,48 +1,8 @@
-"""Telemetry that lasts: exact rollups of raw telemetry, retention, and range-bounded reads.
+"""Telemetry that lasts: exact rollups of raw telemetry and range-bounded reads.
 
-Owns: folding closed buckets of raw rows into per-device, per-model-version rollups (5-minute
-and hourly), deleting raw rows and rollups past their retention (``job``), the rollup cell and
-its exact merge (``cells``), and the range reads that fleet drift and rollouts use
-(``queries``). Does not own: ingest (``registry``), scoring (``fleet_drift``,
-``rollout_metrics``). The design and its figures are in ``docs/scale-out.md``.
+Owns: the rollup cell (5-minute and hourly, per device and model version) and its exact merge
+(``cells``), the range reads that fleet drift and rollouts use (``queries``, ``rollouts``). Does
+not own: the job that folds closed buckets and applies retention (``fleet_server.jobs.history``),
+ingest (``fleet_server.registry``), scoring (``fleet_server.drift``,
+``fleet_server.rollouts.metrics``). The design and its figures are in ``docs/scale-out.md``.
 """
-
-from fleet_server.history.cells import (
-    DriftPart,
-    RawRow,
-    RollupCell,
-    edges_digest,
-    fold_rows,
-    merge_cells,
-)
-from fleet_server.history.job import FINE, HOUR, HistoryJob, HistoryPolicy, RunReport, floor_to
-from fleet_server.history.queries import (
-    DriftInputs,
-    RangePlan,
-    drift_inputs,
-    last_reports,
-    plan_range,
-)
-from fleet_server.history.rollouts import RolloutInputs, rollout_inputs
-
-__all__ = [
-    "FINE",
-    "HOUR",
-    "DriftInputs",
-    "DriftPart",
-    "HistoryJob",
-    "HistoryPolicy",
-    "RangePlan",
-    "RawRow",
-    "RolloutInputs",
-    "RollupCell",
-    "RunReport",
-    "drift_inputs",
-    "edges_digest",
-    "floor_to",
-    "fold_rows",
-    "last_reports",
-    "merge_cells",
-    "plan_range",
-    "rollout_inputs",
-]

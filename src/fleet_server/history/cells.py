@@ -33,7 +33,7 @@ import numpy.typing as npt
 from edge_agent.drift import TierAView
 from edge_agent.drift.edges import FeatureEdges
 from edge_agent.errors import ContractError
-from fleet_server.rollout_metrics import WindowMetrics, interval_metrics, reject_deltas
+from fleet_server.rollouts.metrics import WindowMetrics, interval_metrics, reject_deltas
 
 __all__ = [
     "CellKey",

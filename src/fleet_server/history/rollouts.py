@@ -27,7 +27,7 @@ from fleet_server.history.queries import (
 from fleet_server.registry import Registry
 from fleet_server.registry.models import TelemetryRollup, TelemetryRow
 from fleet_server.registry.values import StoredTelemetry
-from fleet_server.rollout_metrics import WindowMetrics, interval_metrics
+from fleet_server.rollouts.metrics import WindowMetrics, interval_metrics
 
 __all__ = ["RolloutInputs", "rollout_inputs"]
 

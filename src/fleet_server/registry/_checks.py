@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from edge_agent.errors import IdentityError
-from edge_agent.identity import validate_device_id
-from edge_agent.telemetry import Event, TelemetryReport
+from edge_agent.ids import validate_device_id
+from edge_agent.wire.telemetry import Event, TelemetryReport
 from fleet_server.errors import RegistryError, TelemetryRejectedError
 from fleet_server.registry.values import TelemetryEntry
 
@@ -80,7 +80,7 @@ def check_device_id(device_id: str) -> None:
     """Check a device id with the agent's own rule.
 
     Raises:
-        RegistryError: not a valid device id (``edge_agent.identity``).
+        RegistryError: not a valid device id (``edge_agent.common.identity``).
     """
     try:
         validate_device_id(device_id)

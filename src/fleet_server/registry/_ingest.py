@@ -20,7 +20,7 @@ from sqlalchemy import Connection, Table, bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from edge_agent.telemetry import Event, TelemetryReport
+from edge_agent.wire.telemetry import Event, TelemetryReport
 from fleet_server.errors import (
     DeviceRevokedError,
     RegistryError,

@@ -54,7 +54,7 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-ID_LEN = 128  # edge_agent.identity allows device ids of at most 128 characters
+ID_LEN = 128  # edge_agent.common.identity allows device ids of at most 128 characters
 NAME_LEN = 128
 SHA256_LEN = 64
 JSONType = JSON().with_variant(JSONB(), "postgresql")

@@ -2,7 +2,8 @@
 
 Owns: the schema of rollout persistence on the registry's ``Base`` (the Alembic revision
 ``0002_rollouts`` creates it). Does not own: queries (``registry.rollouts``) nor the rollout's
-meaning (``fleet_server.rollout``); the whole engine state is one JSON document per rollout, with
+meaning (``fleet_server.rollouts.engine``); the whole engine state is one JSON document per
+rollout, with
 the columns the server filters on next to it.
 """
 

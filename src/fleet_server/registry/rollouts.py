@@ -1,10 +1,11 @@
 """Rollout persistence: rollouts, their event log, quarantined versions, telemetry windows.
 
 Owns: the queries and transactions on the tables of ``rollout_models`` and the JSON form of a
-``fleet_server.rollout.Rollout`` (``rollout_to_dict``/``rollout_from_dict``, also the admin API's
+``fleet_server.rollouts.engine.Rollout`` (``rollout_to_dict``/``rollout_from_dict``, also the admin
+API's
 shape). Each function takes the ``Registry`` and runs in one of its transactions; database
 failures raise ``RegistryUnavailableError`` like every registry call. Does not decide anything
-(``fleet_server.rollout``) nor run the engine (``fleet_server.rollout_runner``).
+(``fleet_server.rollouts.engine``) nor run the engine (``fleet_server.jobs.rollout_runner``).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from fleet_server.errors import RegistryError, RolloutConflictError, UnknownRoll
 from fleet_server.registry.models import TelemetryRow
 from fleet_server.registry.rollout_models import QuarantineRow, RolloutEventRow, RolloutRow
 from fleet_server.registry.store import Registry, StoredTelemetry
-from fleet_server.rollout import GateResult, Rollout, RolloutPolicy, Selector
-from fleet_server.rollout_admission import Override
+from fleet_server.rollouts.admission import Override
+from fleet_server.rollouts.engine import GateResult, Rollout, RolloutPolicy, Selector
 
 __all__ = [
     "QuarantineRecord",

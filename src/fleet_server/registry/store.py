@@ -5,7 +5,8 @@ error each database failure becomes): devices, bundles, desired-state documents,
 and telemetry ingest with per-device acknowledgement. Its helpers own the rest: the record types
 (``values``), argument checks (``_checks``), the engine and the Alembic migrations (``_engine``)
 and the ingest statements (``_ingest``). Does not own: the schema (``models``), signing desired
-states (``fleet_server.desired``), parsing wire payloads (``edge_agent.telemetry``) nor any MQTT or
+states (``fleet_server.delivery.desired``), parsing wire payloads (``edge_agent.wire.telemetry``)
+nor any MQTT or
 HTTP.
 
 Telemetry ingest and the acknowledgement rule. A device numbers reports and events with one
@@ -43,7 +44,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
 
-from edge_agent.telemetry import Batch, Event, TelemetryReport
+from edge_agent.wire.telemetry import Batch, Event, TelemetryReport
 from fleet_server.errors import (
     BundleExistsError,
     DeviceExistsError,

@@ -4,7 +4,7 @@ Owns: ``VersionHistory`` (aborted rollouts, the quarantine, operators' overrides
 ``(model, version)``) and ``version_history`` (one query per table, no table of its own: the
 history is what the rollouts recorded). Shown by ``fleet-server models list|show`` and the
 admin API's ``/v1/models``. Does not decide whether a version may be rolled out
-(``fleet_server.rollout_admission``).
+(``fleet_server.rollouts.admission``).
 """
 
 from __future__ import annotations

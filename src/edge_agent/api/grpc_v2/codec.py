@@ -48,7 +48,7 @@ from edge_agent.api.decode import (
     _unknown,
 )
 from edge_agent.api.grpc_v2.messages import Message, message_class
-from edge_agent.service import Array, InferenceResult
+from edge_agent.serving.service import Array, InferenceResult
 
 __all__ = ["CONTENTS_FIELD", "decode_infer", "encode_infer", "from_parameters", "to_parameters"]
 

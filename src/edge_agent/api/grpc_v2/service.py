@@ -34,9 +34,9 @@ from edge_agent.api.grpc_v2 import codec
 from edge_agent.api.grpc_v2.messages import METHODS, SERVICE, UNPARSABLE, Message, parser
 from edge_agent.api.metadata import EXTENSIONS, protocol_metadata
 from edge_agent.api.metrics import ApiMetrics
-from edge_agent.api.ratelimit import RateLimiter
+from edge_agent.common.ratelimit import RateLimiter
 from edge_agent.errors import EdgefleetError, InputValidationError, api_status
-from edge_agent.service import InferenceRequest, InferenceService
+from edge_agent.serving.service import InferenceRequest, InferenceService
 
 __all__ = ["GrpcInference"]
 

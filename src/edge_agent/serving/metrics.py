@@ -1,0 +1,135 @@
+"""Agent state as Prometheus metrics, collected at scrape time (nothing on the request path).
+
+Series (all prefixed ``edgefleet_agent_``): loaded model version and probation state, requests,
+rows, errors and validation rejects by reason per model, rows dropped by the ``drop`` policy,
+rows sampled out of drift sketching, drift windows closed/alerted and the last window's
+per-feature PSI and mean-shift per tensor, shadow agreement, A/B arm counts, rollbacks, memory
+in use, and cloud-fallback outcomes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from edge_agent.serving.agent import Agent
+
+P = "edgefleet_agent_"
+
+
+class AgentCollector(Collector):
+    """Reads ``Agent`` counters when Prometheus scrapes."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        a = self.agent
+        version = GaugeMetricFamily(
+            P + "model_version", "Loaded version per model", labels=["model"]
+        )
+        probation = GaugeMetricFamily(
+            P + "model_on_probation", "1 while on probation", labels=["model"]
+        )
+        requests = CounterMetricFamily(
+            P + "requests", "Requests by model and outcome", labels=["model", "outcome"]
+        )
+        rejects = CounterMetricFamily(
+            P + "validation_rejects", "Rejected requests by reason", labels=["model", "reason"]
+        )
+        dropped = CounterMetricFamily(
+            P + "rows_dropped", "Rows dropped (drop policy) by reason", labels=["model", "reason"]
+        )
+        sampled = CounterMetricFamily(
+            P + "drift_rows_sampled_out",
+            "Rows not sketched because of the sketching budget",
+            labels=["model"],
+        )
+        windows = CounterMetricFamily(
+            P + "drift_windows", "Closed drift windows", labels=["model", "tensor", "alerted"]
+        )
+        psi = GaugeMetricFamily(
+            P + "drift_psi", "PSI of the last closed window", labels=["model", "tensor", "feature"]
+        )
+        shift = GaugeMetricFamily(
+            P + "drift_mean_shift_sigma",
+            "Mean shift (baseline sigmas) of the last closed window",
+            labels=["model", "tensor", "feature"],
+        )
+        alert = GaugeMetricFamily(
+            P + "drift_alert",
+            "1 if the last window of a tensor drifted",
+            labels=["model", "tensor"],
+        )
+        agree = GaugeMetricFamily(
+            P + "shadow_agreement", "Shadow top-1 agreement", labels=["model"]
+        )
+        arms = CounterMetricFamily(
+            P + "ab_requests", "A/B requests by arm", labels=["model", "arm"]
+        )
+        for key in a.registry.loaded_keys():
+            entry = a.registry.get(key)
+            if entry is None:
+                continue
+            p = entry.pipeline
+            version.add_metric([key], p.version)
+            probation.add_metric([key], 1.0 if entry.on_probation else 0.0)
+            ok = p.requests - p.errors - p.rejects
+            for outcome, n in (("ok", ok), ("error", p.errors), ("rejected", p.rejects)):
+                requests.add_metric([key, outcome], n)
+            for reason, n in dict(p.rejects_by_reason).items():
+                rejects.add_metric([key, reason], n)
+            for reason, n in dict(p.dropped_rows_by_reason).items():
+                dropped.add_metric([key, reason], n)
+            sampled.add_metric([key], p.sketch_sampled_out)
+            for tensor, state in p.monitor.snapshot().items():
+                windows.add_metric(
+                    [key, tensor, "false"], state.windows_closed - state.windows_alerted
+                )
+                windows.add_metric([key, tensor, "true"], state.windows_alerted)
+                if state.last is None:
+                    continue
+                alert.add_metric([key, tensor], 1.0 if state.last.verdict.alert else 0.0)
+                for i, (v_psi, v_shift) in enumerate(
+                    zip(state.last.scores.psi, state.last.scores.mean_shift, strict=True)
+                ):
+                    psi.add_metric([key, tensor, str(i)], float(v_psi))
+                    shift.add_metric([key, tensor, str(i)], float(v_shift))
+            shadow = a._shadows.get(key)
+            if shadow is not None:
+                agree.add_metric([key], float(shadow.stats().get("agreement") or 0.0))
+            router = a._routers.get(key)
+            if router is not None:
+                for arm, n in router.counts().items():
+                    arms.add_metric([key, arm], n)
+        rollbacks = CounterMetricFamily(P + "rollbacks", "Rollbacks (automatic and manual)")
+        rollbacks.add_metric([], a.registry.rollbacks)
+        memory = GaugeMetricFamily(P + "model_memory_bytes", "Memory attributed to loaded models")
+        memory.add_metric([], a.registry.memory_used())
+        fallback = CounterMetricFamily(
+            P + "fallback_calls", "Cloud fallback calls by outcome", labels=["outcome"]
+        )
+        if a.cloud is not None:
+            stats = a.cloud.stats()
+            fallback.add_metric(["ok"], stats.get("ok", 0))
+            for reason, n in dict(stats.get("failures", {})).items():
+                fallback.add_metric([reason], n)
+        yield from (
+            version,
+            probation,
+            requests,
+            rejects,
+            dropped,
+            sampled,
+            windows,
+            psi,
+            shift,
+            alert,
+            agree,
+            arms,
+            rollbacks,
+            memory,
+            fallback,
+        )

@@ -1,0 +1,267 @@
+"""Telemetry from the outbox to the server: batches out, acknowledgements in.
+
+Owns the sending half of "nothing lost": every report and event first goes into the on-disk
+``Outbox`` (which assigns its ``seq``), then leaves in ``Batch`` messages carrying the outbox's
+oldest held ``seq`` as ``floor``. That is the one path of an event: it is not also published
+on ``.../events`` (a second copy the server would count as a duplicate), so a consumer reads
+events as the ``event`` items of batches on ``.../telemetry``. When the outbox had to drop
+entries for lack of space, the next report is followed by one ``telemetry_dropped`` event
+saying how many; while that event waits for its ack no other is added (later drops are counted
+in the next one), so offline notices cannot crowd the reports out. Drops before this process
+started are only in the reports' cumulative ``telemetry_dropped``.
+
+One batch is in flight at a time; the server's ``TelemetryAck`` (highest contiguous stored
+``seq``) deletes what it covers and releases the next batch at once, so a backlog drains at one
+round trip per batch. A batch that is not acknowledged within ``ack_timeout`` is sent again (the
+server deduplicates by ``(device, seq)``).
+
+Entries are stored with ``seq`` 0 and get their real ``seq`` when a batch is built, because the
+outbox assigns it on insert. Does not build reports (``telemetry.report_from_status`` does) and
+does not own the MQTT session: ``publish`` is whatever sends bytes to a topic.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from edge_agent.errors import (
+    AckOutOfRangeError,
+    ContractError,
+    OutboxError,
+    TransportError,
+)
+from edge_agent.strict_json import loads as strict_loads
+from edge_agent.sync.outbox import Outbox, Priority
+from edge_agent.wire.telemetry import (
+    MAX_PAYLOAD_BYTES,
+    Batch,
+    Event,
+    TelemetryAck,
+    TelemetryReport,
+)
+
+__all__ = ["MAX_ITEM_BYTES", "Uplink", "UplinkStats"]
+
+log = logging.getLogger(__name__)
+
+#: Largest stored item that fits in a batch message under the receivers' cap.
+MAX_ITEM_BYTES = MAX_PAYLOAD_BYTES - 4096
+
+Publish = Callable[[str, bytes], None]
+
+
+@dataclass(frozen=True)
+class UplinkStats:
+    """Counters since start."""
+
+    batches_sent: int = 0
+    resends: int = 0
+    acks: int = 0
+    acked_entries: int = 0
+    bad_acks: int = 0
+    publish_failures: int = 0
+    unreadable_entries: int = 0
+    oversized_entries: int = 0
+    unsendable_dropped: int = 0
+
+
+class Uplink:
+    """Sends the outbox's entries in acknowledged batches. Thread-safe."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        publish: Publish,
+        *,
+        device_id: str,
+        telemetry_topic: str,
+        max_items: int = 64,
+        max_bytes: int = 192 * 1024,
+        ack_timeout: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._outbox = outbox
+        self._publish = publish
+        self._device_id = device_id
+        self._telemetry_topic = telemetry_topic
+        self._max_items = max_items
+        self._max_bytes = max_bytes
+        self._ack_timeout = ack_timeout
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._in_flight: int | None = None  # highest seq of the batch awaiting its ack
+        self._sent_at = 0.0
+        self._stats: dict[str, int] = dict.fromkeys(UplinkStats.__dataclass_fields__, 0)
+        try:
+            self._drops_seen = _drop_totals(outbox)  # drops already counted when we started
+        except OutboxError:
+            self._drops_seen = {}
+        self._drop_notice: int | None = None  # seq of the telemetry_dropped event not yet acked
+
+    # ------------------------------------------------------------------ entering the outbox
+    def add_report(self, report: TelemetryReport) -> int:
+        """Store a report (its ``seq`` is replaced by the outbox's); return the seq.
+
+        Then, if the outbox dropped entries since the last report, store one
+        ``telemetry_dropped`` event counting them.
+
+        Raises:
+            OutboxError: the outbox could not store it (disk full, I/O error).
+        """
+        seq = self._store(report.to_dict(), "report", "report")
+        try:
+            self._note_drops(report.window_end)
+        except OutboxError as exc:  # the report is stored; the notice is best effort
+            log.warning("telemetry_dropped notice not recorded: %s", exc)
+        return seq
+
+    def add_event(self, event: Event) -> Event:
+        """Store an event (it leaves in an acknowledged batch) and return it with its seq.
+
+        Raises:
+            OutboxError: the outbox could not store it.
+        """
+        seq = self._store(event.to_dict(), "event", "event")
+        return Event.from_dict({**event.to_dict(), "seq": seq})
+
+    def _note_drops(self, at: float) -> None:
+        with self._lock:
+            if self._drop_notice is not None:
+                return  # one notice waits for its ack: it must not crowd reports out while offline
+        dropped = _drop_totals(self._outbox)
+        new = {kind: n - self._drops_seen.get(kind, 0) for kind, n in dropped.items()}
+        new = {kind: n for kind, n in new.items() if n > 0}
+        if not new:
+            return
+        counts = ", ".join(f"{n} {kind}(s)" for kind, n in sorted(new.items(), reverse=True))
+        detail = f"outbox full: {counts} dropped since the last notice"
+        event = Event(self._device_id, 0, "telemetry_dropped", max(at, 0.0), detail=detail)
+        seq = self._store(event.to_dict(), "event", "event")
+        with self._lock:
+            self._drops_seen = dropped
+            self._drop_notice = seq
+
+    def _store(self, item: dict[str, Any], kind: str, priority: Priority) -> int:
+        item["seq"] = 0
+        payload = json.dumps(item, sort_keys=True, separators=(",", ":")).encode()
+        return self._outbox.append(kind, payload, priority)
+
+    # ------------------------------------------------------------------ sending
+    def pump(self) -> bool:
+        """Send the next batch if none is in flight (or the one in flight timed out).
+
+        Returns:
+            True when a batch was published.
+        """
+        with self._lock:
+            now = self._clock()
+            resend = self._in_flight is not None
+            if resend and now - self._sent_at < self._ack_timeout:
+                return False
+            try:
+                entries = self._outbox.pending(self._max_items, self._max_bytes)
+            except OutboxError as exc:
+                log.error("outbox unreadable: %s", exc)
+                return False
+            items: list[TelemetryReport | Event] = []
+            head: int | None = None  # last seq of the leading run of entries never sendable
+            for e in entries:
+                item = self._decode(e.seq, e.payload)
+                if item is not None:
+                    items.append(item)
+                elif not items:
+                    head = e.seq
+            if head is not None:
+                # Entries that can never be sent must not jam the outbox: delete them here;
+                # the next batch's floor tells the server they are gone (it counts them lost).
+                try:
+                    self._stats["unsendable_dropped"] += self._outbox.ack(head)
+                except OutboxError as exc:
+                    log.error("cannot drop unsendable outbox entries: %s", exc)
+            if not items:
+                self._in_flight = None
+                return False
+            # The floor is the first item sent: entries before it (unreadable ones) are gone.
+            batch = Batch(self._device_id, tuple(items), floor=items[0].seq)
+            try:
+                self._publish(self._telemetry_topic, batch.to_bytes())
+            except TransportError as exc:
+                self._stats["publish_failures"] += 1
+                log.debug("telemetry batch not sent: %s", exc)
+                return False
+            self._stats["resends" if resend else "batches_sent"] += 1
+            self._in_flight = items[-1].seq
+            self._sent_at = now
+            return True
+
+    def _decode(self, seq: int, payload: bytes) -> TelemetryReport | Event | None:
+        """The stored entry as a wire item with its seq, or None (counted) if never sendable."""
+        if len(payload) > MAX_ITEM_BYTES:
+            self._stats["oversized_entries"] += 1
+            log.error("outbox entry %d has %d bytes, more than a message takes", seq, len(payload))
+            return None
+        try:
+            # The strict reader: a damaged entry must be skipped, never stop every later pump.
+            stored = strict_loads(payload, max_bytes=MAX_ITEM_BYTES, what="outbox entry")
+            if not isinstance(stored, dict):
+                raise ContractError("outbox entry is not a JSON object")
+            d = {**stored, "seq": seq}
+            return TelemetryReport.from_dict(d) if d.get("type") == "report" else Event.from_dict(d)
+        except ContractError as exc:
+            self._stats["unreadable_entries"] += 1
+            log.error("outbox entry %d is unreadable, skipped: %s", seq, exc)
+            return None
+
+    def on_ack(self, data: bytes) -> None:
+        """Handle a ``TelemetryAck``: delete what it covers, then send the next batch."""
+        try:
+            ack = TelemetryAck.from_bytes(data)
+            if ack.device_id != self._device_id:
+                raise ContractError(f"ack addressed to {ack.device_id!r}")
+            with self._lock:
+                deleted = self._outbox.ack(ack.upto_seq)
+                if self._drop_notice is not None and ack.upto_seq >= self._drop_notice:
+                    self._drop_notice = None
+                self._stats["acks"] += 1
+                self._stats["acked_entries"] += deleted
+                if deleted or (self._in_flight is not None and ack.upto_seq >= self._in_flight):
+                    # Progress: send what is left (a partial ack means the server lacks the
+                    # rest of the batch; it deduplicates whatever it already has).
+                    self._in_flight = None
+        except (ContractError, AckOutOfRangeError) as exc:
+            with self._lock:
+                self._stats["bad_acks"] += 1
+            log.warning("telemetry ack refused: %s", exc)
+            return
+        except OutboxError as exc:
+            log.error("outbox ack failed: %s", exc)
+            return
+        self.pump()
+
+    def reset_in_flight(self) -> None:
+        """Forget the batch in flight (after a reconnect: send again at once)."""
+        with self._lock:
+            self._in_flight = None
+
+    def stats(self) -> UplinkStats:
+        """A snapshot of the counters."""
+        with self._lock:
+            return UplinkStats(**self._stats)
+
+
+def _drop_totals(outbox: Outbox) -> dict[str, int]:
+    """Entries the outbox ever dropped, by kind (``report``, ``event``).
+
+    Raises:
+        OutboxError: the read failed.
+    """
+    totals: dict[str, int] = {}
+    for (_priority, kind), count in outbox.dropped().items():
+        totals[kind] = totals.get(kind, 0) + count.entries
+    return totals

@@ -1,0 +1,194 @@
+"""The reported-state document: what a device says it runs (retained ``.../reported``).
+
+Owns the wire format of the device half of the desired/reported pair (like a device shadow's
+``reported`` section): the last desired-state version the device accepted, per model the active
+and kept versions, the transfer in progress and the outcome of the last assignment (installed,
+rolled back, failed and why). Frozen value objects with strict ``from_dict``, canonical
+``to_bytes`` and a size-capped ``from_bytes``; JSON Schema:
+``edge_agent/schemas/reported.schema.json``.
+
+Pure: does not publish (the sync loop does) and does no I/O. Unknown keys are ignored, as in
+every telemetry payload, so fields can be added without a version bump.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from edge_agent.errors import ContractError
+from edge_agent.wire.fields import (
+    SCHEMA_VERSION,
+    _dump,
+    _get,
+    _header,
+    _int,
+    _label,
+    _load,
+    _num,
+    _obj,
+    _str,
+)
+from edge_agent.wire.fields import _device as _check_device
+
+__all__ = [
+    "MAX_REPORTED_BYTES",
+    "OUTCOMES",
+    "ModelReport",
+    "ReportedState",
+    "TransferReport",
+]
+
+#: Refused before parsing.
+MAX_REPORTED_BYTES: Final = 64 * 1024
+#: Outcome of the last assignment of a model.
+OUTCOMES: Final = ("pending", "downloading", "installed", "rolled_back", "failed")
+_MAX_MODELS: Final = 32
+_MAX_KEPT: Final = 16
+
+
+@dataclass(frozen=True)
+class TransferReport:
+    """A bundle download in progress.
+
+    Attributes:
+        version: the model version being downloaded.
+        received_blocks: blocks on disk (resumed ones included).
+        total_blocks: blocks in the bundle.
+        bytes_total: the bundle's signed length.
+    """
+
+    version: int
+    received_blocks: int
+    total_blocks: int
+    bytes_total: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "received_blocks": self.received_blocks,
+            "total_blocks": self.total_blocks,
+            "bytes_total": self.bytes_total,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> TransferReport:
+        """Parse strictly. Raises ContractError."""
+        m = _obj(d, "transfer")
+        out = cls(
+            version=_int(_get(m, "version", "transfer"), "transfer.version"),
+            received_blocks=_int(_get(m, "received_blocks", "transfer"), "transfer.received"),
+            total_blocks=_int(_get(m, "total_blocks", "transfer"), "transfer.total_blocks", 1),
+            bytes_total=_int(_get(m, "bytes_total", "transfer"), "transfer.bytes_total", 1),
+        )
+        if out.received_blocks > out.total_blocks:
+            raise ContractError("transfer: received_blocks exceeds total_blocks")
+        return out
+
+
+@dataclass(frozen=True)
+class ModelReport:
+    """One model on the device.
+
+    Attributes:
+        active: the version being served (None before the first install).
+        kept: versions kept on disk for rollback, newest first.
+        assigned: the version the accepted desired state names (None if not assigned).
+        outcome: what happened to ``assigned``: one of ``OUTCOMES``.
+        reason: why it failed or was rolled back ("" otherwise).
+        transfer: the download in progress, if any.
+    """
+
+    active: int | None
+    kept: tuple[int, ...] = ()
+    assigned: int | None = None
+    outcome: str = "pending"
+    reason: str = ""
+    transfer: TransferReport | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "active": self.active,
+            "kept": list(self.kept),
+            "assigned": self.assigned,
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "transfer": None if self.transfer is None else self.transfer.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> ModelReport:
+        """Parse strictly. Raises ContractError."""
+        m = _obj(d, "model report")
+        outcome = _get(m, "outcome", "model report")
+        if outcome not in OUTCOMES:
+            raise ContractError(f"model report: outcome {outcome!r} not in {OUTCOMES}")
+        kept = m.get("kept", [])
+        if not isinstance(kept, list) or len(kept) > _MAX_KEPT:
+            raise ContractError(f"model report: kept must be a list of at most {_MAX_KEPT}")
+        active, assigned, transfer = m.get("active"), m.get("assigned"), m.get("transfer")
+        return cls(
+            active=None if active is None else _int(active, "model.active"),
+            kept=tuple(_int(v, "model.kept") for v in kept),
+            assigned=None if assigned is None else _int(assigned, "model.assigned"),
+            outcome=outcome,
+            reason=_str(m.get("reason", ""), "model.reason"),
+            transfer=None if transfer is None else TransferReport.from_dict(transfer),
+        )
+
+
+@dataclass(frozen=True)
+class ReportedState:
+    """The device's retained reported state.
+
+    Attributes:
+        device_id: the device.
+        at: Unix time (s) the document was built.
+        agent_version: edge-agent version.
+        desired_version: version of the last desired-state document accepted (0: none).
+        models: per model name, its ``ModelReport``.
+    """
+
+    device_id: str
+    at: float
+    agent_version: str = ""
+    desired_version: int = 0
+    models: Mapping[str, ModelReport] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict, valid against ``reported.schema.json``."""
+        return {
+            "schema_version": self.schema_version,
+            "type": "reported",
+            "device_id": self.device_id,
+            "at": self.at,
+            "agent_version": self.agent_version,
+            "desired_version": self.desired_version,
+            "models": {k: v.to_dict() for k, v in sorted(self.models.items())},
+        }
+
+    def to_bytes(self) -> bytes:
+        """Canonical JSON. Raises ContractError (a non-finite number)."""
+        return _dump(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, d: Any) -> ReportedState:
+        """Parse strictly. Raises ContractError (bad version, type, device id or field)."""
+        m = _header(d, "reported")
+        models = _obj(_get(m, "models", "reported"), "reported.models")
+        if len(models) > _MAX_MODELS:
+            raise ContractError(f"reported: at most {_MAX_MODELS} models")
+        return cls(
+            device_id=_check_device(_get(m, "device_id", "reported")),
+            at=_num(_get(m, "at", "reported"), "reported.at"),
+            agent_version=_str(m.get("agent_version", ""), "reported.agent_version", 64),
+            desired_version=_int(m.get("desired_version", 0), "reported.desired_version"),
+            models={_label(k, "model name"): ModelReport.from_dict(v) for k, v in models.items()},
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, max_bytes: int = MAX_REPORTED_BYTES) -> ReportedState:
+        """Parse a payload (size-capped before parsing). Raises ContractError."""
+        return cls.from_dict(_load(data, max_bytes))

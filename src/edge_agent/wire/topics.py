@@ -1,0 +1,313 @@
+"""MQTT topic names: the one place that spells the fleet's topic tree.
+
+Owns: building every per-device, broadcast and shared-subscription topic under a configurable
+prefix, the QoS/retain each topic is published with (``TOPIC_SPECS``), and ``parse``, which
+maps a received topic back to ``(kind, device_id)`` and refuses anything malformed. The layout
+is the one the broker ACL enforces (``fleet_server.pki.broker_config``)::
+
+    <prefix>/devices/<id>/desired            server -> device, retained
+    <prefix>/devices/<id>/reported           device -> server, retained
+    <prefix>/devices/<id>/status             device -> server, retained, also the last will
+    <prefix>/devices/<id>/telemetry          device -> server
+    <prefix>/devices/<id>/events             device -> server
+    <prefix>/devices/<id>/ack                server -> device (telemetry acknowledgements)
+    <prefix>/devices/<id>/blocks/req         device -> server
+    <prefix>/devices/<id>/blocks/resp        server -> device
+    <prefix>/devices/<id>/fallback/req       device -> server
+    <prefix>/devices/<id>/fallback/resp/<c>  server -> device (c: correlation id)
+    <prefix>/broadcast/<wave>                server -> every device
+
+Pure: strings in, strings out. Does not subscribe or publish (the MQTT adapter does) and
+never imports paho.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final, NamedTuple
+
+from edge_agent.errors import ContractError, IdentityError
+from edge_agent.ids import validate_device_id
+
+__all__ = [
+    "DEVICE_TO_SERVER",
+    "KINDS",
+    "MAX_TOPIC_LENGTH",
+    "SERVER_TO_DEVICE",
+    "TOPIC_SPECS",
+    "TopicRef",
+    "TopicSpec",
+    "Topics",
+]
+
+#: Longest topic ``parse`` accepts (MQTT allows 65,535 bytes; ours are far shorter).
+MAX_TOPIC_LENGTH: Final = 512
+
+_SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
+# Correlation ids and wave ids are single topic levels chosen by the server.
+_TOKEN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """How one kind of topic is used.
+
+    Attributes:
+        kind: Stable name (``"telemetry"``, ``"fallback_resp"``, ...).
+        suffix: Path below ``<prefix>/devices/<id>/`` (or below ``<prefix>/`` for broadcast).
+        publisher: ``"device"`` or ``"server"``.
+        qos: QoS the publisher uses.
+        retain: Whether the publisher sets the retain flag.
+    """
+
+    kind: str
+    suffix: str
+    publisher: str
+    qos: int
+    retain: bool
+
+
+TOPIC_SPECS: Final[dict[str, TopicSpec]] = {
+    s.kind: s
+    for s in (
+        TopicSpec("desired", "desired", "server", 1, True),
+        TopicSpec("reported", "reported", "device", 1, True),
+        TopicSpec("status", "status", "device", 1, True),
+        TopicSpec("telemetry", "telemetry", "device", 1, False),
+        TopicSpec("events", "events", "device", 1, False),
+        # QoS 0 on purpose: a lost ack only makes the device resend (the server deduplicates),
+        # while a broker that drops a flooding device's queue drops the server's PUBACKs too,
+        # and a QoS 1 publisher then stalls every other device's acks behind them.
+        TopicSpec("ack", "ack", "server", 0, False),
+        TopicSpec("blocks_req", "blocks/req", "device", 1, False),
+        TopicSpec("blocks_resp", "blocks/resp", "server", 1, False),
+        TopicSpec("fallback_req", "fallback/req", "device", 1, False),
+        TopicSpec("fallback_resp", "fallback/resp", "server", 1, False),
+        TopicSpec("broadcast", "broadcast", "server", 1, False),
+    )
+}
+#: Every topic kind ``parse`` can return.
+KINDS: Final = tuple(TOPIC_SPECS)
+#: Per-device kinds the device publishes (the server subscribes to them).
+DEVICE_TO_SERVER: Final = tuple(
+    k for k, s in TOPIC_SPECS.items() if s.publisher == "device" and k != "broadcast"
+)
+#: Per-device kinds the server publishes (the device subscribes to them).
+SERVER_TO_DEVICE: Final = tuple(
+    k for k, s in TOPIC_SPECS.items() if s.publisher == "server" and k != "broadcast"
+)
+_BY_SUFFIX: Final = {s.suffix: s.kind for s in TOPIC_SPECS.values() if s.kind != "broadcast"}
+
+
+class TopicRef(NamedTuple):
+    """A parsed topic: its kind, device id (None for broadcast) and trailing token.
+
+    ``arg`` is the correlation id of ``fallback_resp``, the wave of ``broadcast``, else None.
+    """
+
+    kind: str
+    device_id: str | None
+    arg: str | None
+
+
+def _check_token(value: str, what: str) -> str:
+    if not isinstance(value, str) or not _TOKEN.fullmatch(value):
+        raise ContractError(f"invalid {what} {value!r}: 1-128 letters, digits, '.', '_' or '-'")
+    return value
+
+
+def _check_device(device_id: str) -> str:
+    try:
+        return validate_device_id(device_id)
+    except IdentityError as exc:
+        raise ContractError(str(exc)) from exc
+
+
+class Topics:
+    """The topic tree under one prefix (default ``edgefleet``)."""
+
+    def __init__(self, prefix: str = "edgefleet") -> None:
+        """Check and keep the prefix.
+
+        Raises:
+            ContractError: the prefix is empty or has a segment that is not letters, digits,
+                '.', '_' or '-' (so no wildcard, no '$', no empty level).
+        """
+        if not isinstance(prefix, str) or not all(_SEGMENT.fullmatch(s) for s in prefix.split("/")):
+            raise ContractError(
+                f"invalid topic prefix {prefix!r}: '/'-separated segments of letters, "
+                "digits, '.', '_' and '-'"
+            )
+        self.prefix = prefix
+        self._levels = prefix.split("/")
+
+    def __repr__(self) -> str:
+        return f"Topics({self.prefix!r})"
+
+    # ------------------------------------------------------------------ per device
+    def device(self, kind: str, device_id: str) -> str:
+        """The topic of ``kind`` for one device (not ``fallback_resp`` or ``broadcast``).
+
+        Raises:
+            ContractError: unknown kind, a kind that needs an argument, or a bad device id.
+        """
+        spec = TOPIC_SPECS.get(kind)
+        if spec is None or kind in ("fallback_resp", "broadcast"):
+            raise ContractError(f"no plain per-device topic of kind {kind!r}")
+        return f"{self.prefix}/devices/{_check_device(device_id)}/{spec.suffix}"
+
+    def device_desired(self, device_id: str) -> str:
+        """Retained desired state (server -> device). Raises ContractError (bad id)."""
+        return self.device("desired", device_id)
+
+    def device_reported(self, device_id: str) -> str:
+        """Retained reported state (device -> server). Raises ContractError (bad id)."""
+        return self.device("reported", device_id)
+
+    def device_status(self, device_id: str) -> str:
+        """Retained online/offline status and last will. Raises ContractError (bad id)."""
+        return self.device("status", device_id)
+
+    def device_telemetry(self, device_id: str) -> str:
+        """Telemetry reports and batches. Raises ContractError (bad id)."""
+        return self.device("telemetry", device_id)
+
+    def device_events(self, device_id: str) -> str:
+        """Lifecycle events. Raises ContractError (bad id)."""
+        return self.device("events", device_id)
+
+    def device_ack(self, device_id: str) -> str:
+        """Telemetry acknowledgements (server -> device). Raises ContractError (bad id)."""
+        return self.device("ack", device_id)
+
+    def blocks_req(self, device_id: str) -> str:
+        """Bundle block requests. Raises ContractError (bad id)."""
+        return self.device("blocks_req", device_id)
+
+    def blocks_resp(self, device_id: str) -> str:
+        """Bundle block responses. Raises ContractError (bad id)."""
+        return self.device("blocks_resp", device_id)
+
+    def fallback_req(self, device_id: str) -> str:
+        """Cloud fallback requests. Raises ContractError (bad id)."""
+        return self.device("fallback_req", device_id)
+
+    def fallback_resp(self, device_id: str, correlation: str) -> str:
+        """The response topic of one fallback request.
+
+        Raises:
+            ContractError: a bad device id or correlation id.
+        """
+        base = self.device("fallback_req", device_id).rsplit("/", 1)[0]
+        return f"{base}/resp/{_check_token(correlation, 'correlation id')}"
+
+    def fallback_resp_filter(self, device_id: str) -> str:
+        """What a device subscribes to for all its fallback responses.
+
+        Raises:
+            ContractError: a bad device id.
+        """
+        return self.fallback_resp(device_id, "x").rsplit("/", 1)[0] + "/#"
+
+    def broadcast(self, wave: str) -> str:
+        """The shared topic a rollout wave's blocks are broadcast on.
+
+        Raises:
+            ContractError: a bad wave id.
+        """
+        return f"{self.prefix}/broadcast/{_check_token(wave, 'wave id')}"
+
+    def broadcast_filter(self) -> str:
+        """What every device subscribes to for broadcasts."""
+        return f"{self.prefix}/broadcast/#"
+
+    # --------------------------------------------------------------- subscriptions
+    def all_devices(self, kind: str) -> str:
+        """``<prefix>/devices/+/<suffix>``: one kind for every device (consumers, server).
+
+        Raises:
+            ContractError: unknown kind or ``broadcast``.
+        """
+        spec = TOPIC_SPECS.get(kind)
+        if spec is None or kind == "broadcast":
+            raise ContractError(f"no per-device topic of kind {kind!r}")
+        tail = f"{spec.suffix}/#" if kind == "fallback_resp" else spec.suffix
+        return f"{self.prefix}/devices/+/{tail}"
+
+    def shared(self, group: str, kind: str) -> str:
+        """``$share/<group>/<prefix>/devices/+/<suffix>``: load-balanced over a worker group.
+
+        MQTT v5 never delivers retained messages to shared subscriptions, so a server that
+        needs the retained ``reported``/``status`` snapshot also subscribes without sharing.
+
+        Raises:
+            ContractError: a bad group name or kind.
+        """
+        if not isinstance(group, str) or not _SEGMENT.fullmatch(group):
+            raise ContractError(f"invalid shared-subscription group {group!r}")
+        return f"$share/{group}/{self.all_devices(kind)}"
+
+    def server_subscriptions(self, group: str) -> tuple[tuple[str, int], ...]:
+        """``(filter, qos)`` for every device -> server topic, shared over ``group``.
+
+        Raises:
+            ContractError: a bad group name.
+        """
+        return tuple((self.shared(group, k), TOPIC_SPECS[k].qos) for k in DEVICE_TO_SERVER)
+
+    def device_subscriptions(self, device_id: str) -> tuple[tuple[str, int], ...]:
+        """``(filter, qos)`` a device subscribes to: its server -> device topics, broadcasts.
+
+        Raises:
+            ContractError: a bad device id.
+        """
+        out = [
+            (self.device(k, device_id), TOPIC_SPECS[k].qos)
+            for k in SERVER_TO_DEVICE
+            if k != "fallback_resp"
+        ]
+        out.append((self.fallback_resp_filter(device_id), TOPIC_SPECS["fallback_resp"].qos))
+        out.append((self.broadcast_filter(), TOPIC_SPECS["broadcast"].qos))
+        return tuple(out)
+
+    # --------------------------------------------------------------------- parsing
+    def parse_ref(self, topic: str) -> TopicRef:
+        """Map a concrete topic (as received) to its kind, device id and argument.
+
+        Raises:
+            ContractError: not a string, too long, wildcards, '$' or NUL, empty levels, the
+                wrong prefix, an invalid device id, an unknown suffix or extra levels.
+        """
+        if not isinstance(topic, str):
+            raise ContractError("topic must be a string")
+        if not topic or len(topic) > MAX_TOPIC_LENGTH:
+            raise ContractError(f"topic length {len(topic)} outside 1-{MAX_TOPIC_LENGTH}")
+        if any(c in topic for c in "+#$\x00"):
+            raise ContractError(f"topic {topic[:80]!r} has a wildcard, '$' or NUL")
+        levels = topic.split("/")
+        n = len(self._levels)
+        if levels[:n] != self._levels:
+            raise ContractError(f"topic {topic[:80]!r} is not under prefix {self.prefix!r}")
+        rest = levels[n:]
+        if len(rest) == 2 and rest[0] == "broadcast":
+            return TopicRef("broadcast", None, _check_token(rest[1], "wave id"))
+        if len(rest) < 3 or rest[0] != "devices":
+            raise ContractError(f"topic {topic[:80]!r} is not a device or broadcast topic")
+        device_id = _check_device(rest[1])
+        tail = rest[2:]
+        if len(tail) == 3 and tail[:2] == ["fallback", "resp"]:
+            return TopicRef("fallback_resp", device_id, _check_token(tail[2], "correlation id"))
+        kind = _BY_SUFFIX.get("/".join(tail))
+        if kind is None or kind == "fallback_resp":
+            raise ContractError(f"topic {topic[:80]!r} has an unknown device suffix")
+        return TopicRef(kind, device_id, None)
+
+    def parse(self, topic: str) -> tuple[str, str | None]:
+        """``(kind, device_id)`` of a received topic; device id is None for broadcasts.
+
+        Raises:
+            ContractError: as ``parse_ref``.
+        """
+        ref = self.parse_ref(topic)
+        return ref.kind, ref.device_id

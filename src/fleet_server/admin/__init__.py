@@ -1,0 +1,1 @@
+"""The admin HTTP API (routes, request bodies) and its typed client."""

@@ -1,0 +1,241 @@
+"""Admin API routes of quality-gated rollouts (mounted next to ``fleet_server.admin.api``'s).
+
+Routes (v1), every one behind the admin bearer token (the ``guarded`` wrapper of
+``admin.create_app``, which also maps our errors to statuses)::
+
+    GET  /v1/rollouts[?active=1]             {"rollouts": [rollout, ...]}
+    POST /v1/rollouts                        {"model", "version", "group" | "tags",
+                                              "from_version"?, "policy"?,
+                                              "override_quarantine"?, "override_aborted"?}
+                                             -> 201 rollout
+    GET  /v1/rollouts/{id}                   rollout + "devices" (state per device), "counts",
+                                             "wave_sizes", "events" (latest 50)
+    POST /v1/rollouts/{id}/approve|pause|resume|abort  -> rollout
+    GET  /v1/models/{name}/{version}         the published bundle + "history" (aborts,
+                                             quarantine, overrides) + "rollouts" of it
+
+A rollout is ``registry.rollout_to_dict``'s shape. A command that does not fit the rollout's
+state (``rollout_state``), a quarantined version (``version_quarantined``) and an earlier
+aborted one (``version_aborted``) without an override reason answer 409; an invalid policy or
+override reason 400; an unknown rollout or model version 404.
+
+Owns: HTTP and JSON shapes. Decisions live in ``fleet_server.rollouts.engine``, I/O in the runner.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from fleet_server.admin.api import model_json
+from fleet_server.admin.body import MAX_ID, json_object, query_text, read_body
+from fleet_server.errors import (
+    AbortedVersionError,
+    ModelNotPublishedError,
+    QuarantinedVersionError,
+    RegistryError,
+    RegistryUnavailableError,
+    RolloutPolicyError,
+    RolloutStateError,
+)
+from fleet_server.jobs.rollout_runner import RolloutRunner
+from fleet_server.registry import rollout_to_dict
+from fleet_server.registry import rollouts as store
+from fleet_server.registry.version_history import VersionHistory, version_history
+from fleet_server.rollouts.admission import MAX_OVERRIDE_REASON
+from fleet_server.rollouts.engine import Rollout, RolloutPolicy, Selector
+
+__all__ = ["rollout_routes", "rollout_status"]
+
+Handler = Callable[[Request], Awaitable[Response]]
+MAX_BODY = 64 * 1024
+COMMANDS = ("approve", "pause", "resume", "abort")
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": message, "code": code}, status_code=status)
+
+
+def rollout_status(runner: RolloutRunner, r: Rollout, *, events: bool = True) -> dict[str, Any]:
+    """A rollout with its devices' states, wave sizes and (optionally) latest events.
+
+    Raises:
+        RegistryUnavailableError: the database failed.
+    """
+    out = rollout_to_dict(r)
+    states = runner.device_states(r)
+    out["devices"] = states
+    out["counts"] = dict(Counter(states.values()))
+    out["wave_sizes"] = list(r.policy.wave_sizes(len(states)))
+    if events:
+        out["events"] = [
+            {"at": e.at.isoformat(), "kind": e.kind, "detail": dict(e.detail)}
+            for e in store.rollout_events(runner.registry, r.id, limit=50)
+        ]
+    return out
+
+
+def _text(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 128 and value.isprintable()
+
+
+def _parse_create(data: Any) -> dict[str, Any]:
+    """Validate a create body. Raises: RolloutPolicyError (the message names the field)."""
+    if not isinstance(data, dict):
+        raise RolloutPolicyError("body must be a JSON object")
+    model, version = data.get("model"), data.get("version")
+    if not _text(model):
+        raise RolloutPolicyError("field 'model' must be a printable string of 1-128 characters")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= MAX_ID:
+        raise RolloutPolicyError(f"field 'version' must be an integer in 1..{MAX_ID}")
+    frm = data.get("from_version")
+    if frm is not None and (
+        not isinstance(frm, int) or isinstance(frm, bool) or not 0 <= frm <= MAX_ID
+    ):
+        raise RolloutPolicyError(f"field 'from_version' must be an integer in 0..{MAX_ID} or null")
+    group, tags = data.get("group"), data.get("tags") or {}
+    if group is not None and not _text(group):
+        raise RolloutPolicyError("field 'group' must be a printable string of 1-128 characters")
+    if (
+        not isinstance(tags, dict)
+        or len(tags) > 64
+        or not all(_text(k) and _text(v) for k, v in tags.items())
+    ):
+        raise RolloutPolicyError("field 'tags' must be an object of printable strings")
+    overrides = {}
+    for key in ("override_quarantine", "override_aborted"):
+        value = data.get(key) or ""
+        if not isinstance(value, str) or len(value) > MAX_OVERRIDE_REASON:
+            raise RolloutPolicyError(
+                f"field {key!r} must be a reason of at most {MAX_OVERRIDE_REASON} characters"
+            )
+        overrides[key] = value
+    policy = data.get("policy") or {}
+    if not isinstance(policy, dict):
+        raise RolloutPolicyError("field 'policy' must be an object")
+    try:
+        parsed = RolloutPolicy.from_dict(policy)
+    # The policy's own checks compare and convert values; a value of a type or size they did
+    # not expect is still an invalid policy, not a server error.
+    except (TypeError, ValueError, OverflowError, ArithmeticError) as exc:
+        raise RolloutPolicyError(f"invalid policy: {type(exc).__name__}: {exc}") from exc
+    return {
+        "model": model,
+        "version": version,
+        "from_version": frm,
+        "selector": Selector(group=group, tags=tags),
+        "policy": parsed,
+        **overrides,
+    }
+
+
+def model_version_status(runner: RolloutRunner, name: str, version: int) -> dict[str, Any]:
+    """One published model version with its history of failure and its rollouts.
+
+    Raises:
+        ModelNotPublishedError: the version is not published.
+        RegistryUnavailableError: the database failed.
+    """
+    registry = runner.registry
+    try:
+        bundle = registry.get_bundle(name, version)
+    except RegistryUnavailableError:
+        raise
+    except RegistryError as exc:
+        raise ModelNotPublishedError(str(exc)) from exc
+    history = version_history(registry, name, version).get((name, version))
+    rows = [r for r in runner.rollouts() if r.model == name and r.to_version == version]
+    return {
+        **model_json(bundle),
+        "history": (history or VersionHistory(name, version)).to_dict(),
+        "rollouts": [
+            {
+                "id": r.id,
+                "state": r.state,
+                "from_version": r.from_version,
+                "created_at": r.created_at.isoformat(),
+                "breached": r.breached,
+                "overrides": [o.to_dict() for o in r.overrides],
+            }
+            for r in rows
+        ],
+    }
+
+
+def _rollout_id(request: Request) -> str:
+    value = query_text(request.path_params, "rollout_id", limit=128)
+    if value is None:
+        raise RolloutPolicyError("rollout id is empty")
+    return value
+
+
+def rollout_routes(runner: RolloutRunner, guarded: Callable[[Handler], Handler]) -> list[Route]:
+    """The rollout routes over ``runner``, each wrapped by ``guarded`` (auth + error mapping)."""
+
+    def conflicts(handler: Handler) -> Handler:
+        async def run(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except (RolloutStateError, QuarantinedVersionError, AbortedVersionError) as exc:
+                return _error(409, exc.code, str(exc))
+
+        return run
+
+    async def list_rollouts(request: Request) -> Response:
+        active = request.query_params.get("active") in {"1", "true", "yes"}
+        rows = await run_in_threadpool(lambda: runner.rollouts(active_only=active))
+        return JSONResponse({"rollouts": [rollout_to_dict(r) for r in rows]})
+
+    async def create(request: Request) -> Response:
+        args = _parse_create(json_object(await read_body(request, MAX_BODY)))
+        r = await run_in_threadpool(
+            lambda: runner.create(
+                args["model"],
+                args["version"],
+                selector=args["selector"],
+                policy=args["policy"],
+                from_version=args["from_version"],
+                override_quarantine=args["override_quarantine"],
+                override_aborted=args["override_aborted"],
+            )
+        )
+        return JSONResponse(rollout_to_dict(r), status_code=201)
+
+    async def show(request: Request) -> Response:
+        rollout_id = _rollout_id(request)
+        out = await run_in_threadpool(lambda: rollout_status(runner, runner.get(rollout_id)))
+        return JSONResponse(out)
+
+    async def show_model(request: Request) -> Response:
+        name = query_text(request.path_params, "name", limit=128)
+        raw = str(request.path_params.get("version", ""))
+        if not name or not raw.isdigit() or not 1 <= int(raw) <= MAX_ID:
+            raise RolloutPolicyError(f"model version must be an integer in 1..{MAX_ID}")
+        out = await run_in_threadpool(lambda: model_version_status(runner, name, int(raw)))
+        return JSONResponse(out)
+
+    def command(name: str) -> Handler:
+        async def run(request: Request) -> Response:
+            rollout_id = _rollout_id(request)
+            r = await run_in_threadpool(getattr(runner, name), rollout_id)
+            return JSONResponse(rollout_to_dict(r))
+
+        return run
+
+    routes = [
+        Route("/v1/rollouts", guarded(list_rollouts), methods=["GET"]),
+        Route("/v1/rollouts", guarded(conflicts(create)), methods=["POST"]),
+        Route("/v1/rollouts/{rollout_id}", guarded(show), methods=["GET"]),
+        Route("/v1/models/{name}/{version}", guarded(show_model), methods=["GET"]),
+    ]
+    routes += [
+        Route(f"/v1/rollouts/{{rollout_id}}/{c}", guarded(conflicts(command(c))), methods=["POST"])
+        for c in COMMANDS
+    ]
+    return routes

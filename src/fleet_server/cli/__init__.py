@@ -1,0 +1,1 @@
+"""The ``fleet-server`` command: serve, admin sub-commands, drift and root rotation."""

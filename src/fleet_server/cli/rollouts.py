@@ -1,0 +1,292 @@
+"""``fleet-server rollouts`` commands: create, status, watch, approve, pause, resume, abort.
+
+They talk to ``fleet-server serve``'s admin API (``--url``/``--token`` like every admin
+command) and print human tables, or JSON with ``--json``. ``watch ID`` redraws a live progress
+view every few seconds: waves, devices per state, each gate with its measured value against its
+threshold, and the latest reasons; it ends when the rollout completes or aborts. Errors are
+``AdminApiError``s for the CLI's error boundary.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import click
+
+from fleet_server.admin.client import AdminClient
+from fleet_server.cli.admin import (
+    admin_options,
+    emit_json,
+    json_option,
+    parse_tags,
+    table_lines,
+)
+
+__all__ = ["register_rollout_commands", "render_rollout"]
+
+_THRESHOLDS = (
+    ("max_install_failure_rate", "--max-install-failure-rate"),
+    ("max_rollback_rate", "--max-rollback-rate"),
+    ("max_reject_rate_increase", "--max-reject-increase"),
+    ("max_fallback_rate_increase", "--max-fallback-increase"),
+    ("max_drift_alert_share", "--max-drift-share"),
+    ("min_shadow_agreement", "--min-shadow-agreement"),
+    ("max_p99_latency_ratio", "--max-p99-ratio"),
+    ("min_p99_latency_delta_ms", "--min-p99-delta-ms"),
+)
+_FINAL = ("completed", "aborted")
+_DEVICE_STATES = ("installed", "assigned", "control", "failed", "rolled_back", "reverted")
+
+
+def _num(v: Any, percent: bool) -> str:
+    if v is None:
+        return "-"
+    return f"{float(v):.2%}" if percent else f"{float(v):.2f}"
+
+
+def _versions(r: dict[str, Any]) -> str:
+    frm = r.get("from_version")
+    return f"{r['model']} v{'?' if frm is None else frm} -> v{r['to_version']}"
+
+
+def _selector(r: dict[str, Any]) -> str:
+    sel = r.get("selector") or {}
+    if sel.get("group"):
+        return f"group={sel['group']}"
+    return ",".join(f"{k}={v}" for k, v in sorted((sel.get("tags") or {}).items()))
+
+
+def render_rollout(r: dict[str, Any]) -> list[str]:
+    """The progress view of one rollout (``GET /v1/rollouts/{id}``'s body) as lines."""
+    sizes = list(r.get("wave_sizes") or [])
+    wave = int(r.get("wave", -1))
+    counts = r.get("counts") or {}
+    total = sum(int(v) for v in counts.values())
+    members = len(r.get("members") or {})
+    lines = [
+        f"rollout {r['id']}  {_versions(r)}  {_selector(r)}",
+        f"state {r['state']}  wave {wave + 1}/{len(sizes) or '?'}  "
+        f"members {members}/{total}  updated {r.get('updated_at')}",
+    ]
+    marks = []
+    for i, size in enumerate(sizes):
+        mark = "#" if i < wave else (">" if i == wave else " ")
+        marks.append(f"[{mark}] {i + 1}: {size}")
+    if marks:
+        lines.append("waves   " + "   ".join(marks))
+    width = 40
+    done = int(width * members / total) if total else 0
+    lines.append(f"progress [{'#' * done}{'.' * (width - done)}] {members}/{total}")
+    shown = [s for s in _DEVICE_STATES if counts.get(s) or s in ("installed", "assigned")]
+    lines.append("devices " + "  ".join(f"{s} {counts.get(s, 0)}" for s in shown))
+    gates = r.get("gates") or []
+    if gates:
+        rows = []
+        for g in gates:
+            percent = g["name"] not in ("p99_latency", "reporting")
+            rows.append(
+                (
+                    g["name"],
+                    g["status"],
+                    _num(g.get("measured"), percent),
+                    _num(g.get("threshold"), percent),
+                    g.get("detail", ""),
+                )
+            )
+        lines += table_lines(rows, ("GATE", "STATUS", "MEASURED", "THRESHOLD", "DETAIL"))
+    for reason in r.get("reasons") or []:
+        lines.append(f"- {reason}")
+    return lines
+
+
+def _policy(opts: dict[str, Any]) -> dict[str, Any]:
+    policy: dict[str, Any] = {}
+    if opts["canary"] is not None:
+        policy["canary_fraction"] = opts["canary"]
+    if opts["canary_count"] is not None:
+        policy["canary_count"] = opts["canary_count"]
+    if opts["steps"] is not None and opts["exponential"] is not None:
+        raise click.UsageError("give at most one of --steps and --exponential")
+    if opts["steps"] is not None:
+        try:
+            policy["steps"] = [float(s) for s in opts["steps"].split(",") if s.strip()]
+        except ValueError as exc:
+            raise click.BadParameter("comma-separated fractions", param_hint="--steps") from exc
+    if opts["exponential"] is not None:
+        policy["exponential"] = opts["exponential"]
+    for key, opt in (
+        ("dwell_seconds", "dwell"),
+        ("min_devices", "min_devices"),
+        ("min_requests", "min_requests"),
+        ("on_breach", "on_breach"),
+        ("quarantine_after", "quarantine_after"),
+    ):
+        if opts[opt] is not None:
+            policy[key] = opts[opt]
+    if opts["approval"]:
+        policy["approval"] = True
+    if opts["no_rollback"]:
+        policy["rollback_on_abort"] = False
+    thresholds = {k: opts[k] for k, _ in _THRESHOLDS if opts[k] is not None}
+    if thresholds:
+        policy["thresholds"] = thresholds
+    return policy
+
+
+def register_rollout_commands(cli: click.Group) -> None:
+    """Add the ``rollouts`` group to the ``fleet-server`` group."""
+
+    @cli.group()
+    def rollouts() -> None:
+        """Quality-gated rollouts in waves (canary, growth, gates, approval)."""
+
+    @rollouts.command("create")
+    @admin_options
+    @json_option
+    @click.argument("model")
+    @click.argument("version", type=click.IntRange(1))
+    @click.option("--group", help="Target every active device of this group.")
+    @click.option("--tag", "tags", multiple=True, help="Target devices with KEY=VALUE (repeat).")
+    @click.option("--from-version", type=click.IntRange(1), help="Default: most devices' active.")
+    @click.option("--canary", type=click.FloatRange(0, 1, min_open=True), help="Canary fraction.")
+    @click.option("--canary-count", type=click.IntRange(1), help="Canary size in devices.")
+    @click.option("--steps", help="Growth fractions, e.g. 0.25,0.5,1.")
+    @click.option("--exponential", type=click.FloatRange(1, min_open=True), help="Growth factor.")
+    @click.option("--dwell", type=click.FloatRange(0), help="Minimum seconds per wave.")
+    @click.option("--min-devices", type=click.IntRange(1), help="Reporting devices per gate.")
+    @click.option("--min-requests", type=click.IntRange(1), help="Requests per side per gate.")
+    @click.option("--approval", is_flag=True, help="Wait for `rollouts approve` between waves.")
+    @click.option("--on-breach", type=click.Choice(["pause", "abort"]))
+    @click.option("--no-rollback", is_flag=True, help="On abort, leave devices where they are.")
+    @click.option("--quarantine-after", type=click.IntRange(1), help="Aborts before quarantine.")
+    @click.option(
+        "--override-quarantine",
+        metavar="REASON",
+        default="",
+        help="Roll out a quarantined version anyway; the reason is recorded in its history.",
+    )
+    @click.option(
+        "--override-aborted",
+        metavar="REASON",
+        default="",
+        help="Roll out a version a rollout aborted before; the reason is recorded.",
+    )
+    @click.option("--max-install-failure-rate", type=click.FloatRange(0, 1))
+    @click.option("--max-rollback-rate", type=click.FloatRange(0, 1))
+    @click.option("--max-reject-increase", "max_reject_rate_increase", type=click.FloatRange(0, 1))
+    @click.option("--max-fallback-increase", "max_fallback_rate_increase", type=float)
+    @click.option("--max-drift-share", "max_drift_alert_share", type=click.FloatRange(0, 1))
+    @click.option("--min-shadow-agreement", type=click.FloatRange(0, 1))
+    @click.option("--max-p99-ratio", "max_p99_latency_ratio", type=click.FloatRange(1))
+    @click.option(
+        "--min-p99-delta-ms",
+        "min_p99_latency_delta_ms",
+        type=click.FloatRange(0),
+        help="The p99 gate also needs the canary this many ms slower than control (default 2).",
+    )
+    def create(
+        url: str,
+        token: str,
+        as_json: bool,
+        model: str,
+        version: int,
+        group: str | None,
+        tags: tuple[str, ...],
+        from_version: int | None,
+        override_quarantine: str,
+        override_aborted: str,
+        **opts: Any,
+    ) -> None:
+        """Roll MODEL VERSION out to a group or to tagged devices, in gated waves.
+
+        A quarantined version, or one a rollout aborted before, is refused unless overridden
+        with a reason (recorded in the version's history: `models show MODEL VERSION`).
+        """
+        if (group is None) == (not tags):
+            raise click.UsageError("give exactly one of --group and --tag")
+        body: dict[str, Any] = {
+            "model": model,
+            "version": version,
+            "group": group,
+            "tags": parse_tags(tags),
+            "from_version": from_version,
+            "policy": _policy(opts),
+        }
+        if override_quarantine:
+            body["override_quarantine"] = override_quarantine
+        if override_aborted:
+            body["override_aborted"] = override_aborted
+        with AdminClient(url, token) as client:
+            r = client.create_rollout(body)
+        if as_json:
+            emit_json(r)
+        else:
+            click.echo(f"rollout {r['id']} created: {_versions(r)} on {_selector(r)}")
+            for o in r.get("overrides") or ():
+                click.echo(f"override of {o['kind']} recorded: {o['reason']}")
+
+    @rollouts.command("status")
+    @admin_options
+    @json_option
+    @click.argument("rollout_id", required=False)
+    @click.option("--active", is_flag=True, help="Only rollouts not completed or aborted.")
+    def status(url: str, token: str, as_json: bool, rollout_id: str | None, active: bool) -> None:
+        """List rollouts, or show one (ROLLOUT_ID) with its devices, gates and events."""
+        with AdminClient(url, token) as client:
+            data: Any = client.rollout(rollout_id) if rollout_id else client.rollouts(active=active)
+        if as_json:
+            emit_json(data)
+            return
+        if rollout_id:
+            for line in render_rollout(data):
+                click.echo(line)
+            for e in (data.get("events") or [])[-10:]:
+                reasons = "; ".join(e["detail"].get("reasons") or []) or e["detail"].get("state")
+                click.echo(f"  {e['at']}  {e['kind']}  {reasons}")
+            return
+        rows = [
+            (r["id"], _versions(r), _selector(r), r["state"], r["wave"] + 1, len(r["members"]))
+            for r in data
+        ]
+        for line in table_lines(rows, ("ID", "ROLLOUT", "TARGET", "STATE", "WAVE", "MEMBERS")):
+            click.echo(line)
+
+    @rollouts.command("watch")
+    @admin_options
+    @click.argument("rollout_id")
+    @click.option("--interval", type=click.FloatRange(0.1), default=3.0, show_default=True)
+    @click.option("--iterations", type=click.IntRange(0), default=0, help="0: until it ends.")
+    def watch(url: str, token: str, rollout_id: str, interval: float, iterations: int) -> None:
+        """Live progress view of ROLLOUT_ID, redrawn every --interval seconds."""
+        n = 0
+        with AdminClient(url, token) as client:
+            try:
+                while True:
+                    r = client.rollout(rollout_id)
+                    click.clear()
+                    click.echo("\n".join(render_rollout(r)))
+                    n += 1
+                    if r["state"] in _FINAL or (iterations and n >= iterations):
+                        return
+                    time.sleep(interval)
+            except KeyboardInterrupt:
+                return
+
+    def command(name: str, doc: str) -> None:
+        @rollouts.command(name, help=doc)
+        @admin_options
+        @json_option
+        @click.argument("rollout_id")
+        def run(url: str, token: str, as_json: bool, rollout_id: str) -> None:
+            with AdminClient(url, token) as client:
+                r = client.rollout_command(rollout_id, name)
+            if as_json:
+                emit_json(r)
+            else:
+                click.echo(f"rollout {r['id']}: {r['state']} (wave {r['wave'] + 1})")
+
+    command("approve", "Approve the next wave of ROLLOUT_ID.")
+    command("pause", "Pause ROLLOUT_ID; devices stay where they are.")
+    command("resume", "Resume a paused ROLLOUT_ID (the wave dwells again).")
+    command("abort", "Abort ROLLOUT_ID; devices go back per its policy.")

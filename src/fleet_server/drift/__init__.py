@@ -1,0 +1,3 @@
+"""Fleet-wide drift: merging device sketches, the drift report, and the service behind the admin
+endpoints.
+"""

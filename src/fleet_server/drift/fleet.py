@@ -1,0 +1,365 @@
+"""Fleet-wide drift: exact merges of device tier-A windows, scored like the agent scores them.
+
+Owns: cohort labels (``CohortSpec``), the exact merge of tier-A views (``merge_windows``), the
+accumulator that groups device windows by (model, version, tensor, cohort, time bucket)
+(``FleetAccumulator``), and ``score_fleet``, which scores every merged cell against the bundle's
+baseline with the agent's own ``score``, ``DriftThresholds.for_scores`` and ``judge`` under the
+agent's ``MonitorPolicy`` (so a single device's fleet score equals its own window verdict).
+Does not own: the result value types and their JSON form (``fleet_drift_results``, re-exported
+here), reading telemetry or bundle files (``drift_service``), charts (``drift_report``).
+Pure: values in, values out; no clock, files or database.
+
+Multiple testing: ``alpha`` is, as on the device, the family-wise false-alarm rate per scored
+cell over the tensor's features. Many cohorts and buckets are many families: with 50 cohorts
+expect about ``50 * alpha`` false cohort alarms per report, exactly as 50 devices would raise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edge_agent.drift import (
+    DriftThresholds,
+    DriftVerdict,
+    FeatureScores,
+    MonitorPolicy,
+    TierAView,
+    judge,
+    score,
+)
+from edge_agent.drift.edges import FeatureEdges
+from fleet_server.drift.results import (
+    CohortResult,
+    DeviceAlert,
+    FeatureResult,
+    FleetDriftResult,
+)
+from fleet_server.errors import DriftMismatchError, FleetDriftError
+
+__all__ = [
+    "FLEET",
+    "CohortResult",
+    "CohortSpec",
+    "DeviceAlert",
+    "DeviceInfo",
+    "FeatureResult",
+    "FleetAccumulator",
+    "FleetDriftResult",
+    "FleetKey",
+    "FleetWindow",
+    "MergedCell",
+    "check_compatible",
+    "merge_windows",
+    "score_fleet",
+]
+
+#: Cohort label of the whole fleet (always scored, whatever the cohort spec).
+FLEET = "*"
+_NO_TAG = "(none)"
+_UNKNOWN = "(unknown device)"
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What a cohort spec reads of a device."""
+
+    group: str
+    tags: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CohortSpec:
+    """How devices are grouped: ``fleet`` (no split), ``group``, ``tag:KEY`` or ``device``."""
+
+    kind: str = "fleet"
+    key: str = ""
+
+    @classmethod
+    def parse(cls, text: str | None) -> CohortSpec:
+        """Parse ``None``/``""``/``fleet``, ``group``, ``device`` or ``tag:KEY``.
+
+        Raises:
+            FleetDriftError: anything else.
+        """
+        if text is None or text in ("", "fleet"):
+            return cls()
+        if text in ("group", "device"):
+            return cls(text)
+        if text.startswith("tag:") and len(text) > 4:
+            return cls("tag", text[4:])
+        raise FleetDriftError(f"cohort must be group, device or tag:KEY, got {text!r}")
+
+    def __str__(self) -> str:
+        return f"tag:{self.key}" if self.kind == "tag" else self.kind
+
+    def label(self, device_id: str, device: DeviceInfo | None) -> str | None:
+        """The device's cohort, or None when the spec does not split (fleet only)."""
+        if self.kind == "fleet":
+            return None
+        if self.kind == "device":
+            return device_id
+        if device is None:
+            return _UNKNOWN
+        if self.kind == "group":
+            return device.group
+        value = device.tags.get(self.key)
+        return _NO_TAG if value is None else str(value)
+
+
+@dataclass(frozen=True)
+class FleetWindow:
+    """One decoded tier-A window of one device (``at``: the report's Unix time)."""
+
+    device_id: str
+    model: str
+    version: int
+    tensor: str
+    role: str
+    at: float
+    view: TierAView
+    windows: int = 1  # >1: an exact merge of that many windows (a rollup)
+
+
+@dataclass(frozen=True, order=True)
+class FleetKey:
+    """A merge cell; ``bucket`` is the bucket's start (Unix s) or None for the whole range."""
+
+    model: str
+    version: int
+    tensor: str
+    role: str
+    cohort: str
+    bucket: float | None
+
+    def baseline_key(self) -> tuple[str, int, str, str]:
+        """``(model, version, tensor, role)``: which baseline view scores this cell."""
+        return (self.model, self.version, self.tensor, self.role)
+
+
+def check_compatible(window: FeatureEdges, reference: FeatureEdges) -> None:
+    """Refuse a window whose edges are not the reference's (typed, with a reason).
+
+    Raises:
+        DriftMismatchError: different feature counts (``features``) or edges (``edges``).
+    """
+    if window is reference or window == reference:
+        return
+    if window.n_features != reference.n_features:
+        raise DriftMismatchError(
+            f"window has {window.n_features} features, the baseline {reference.n_features}",
+            reason="features",
+        )
+    raise DriftMismatchError("window bin edges differ from the baseline's", reason="edges")
+
+
+class _Sum:
+    """Mutable running sum of views with one set of edges (no per-add allocation)."""
+
+    __slots__ = ("count", "counts", "devices", "edges", "nan", "sum", "sumsq", "windows")
+
+    def __init__(self, edges: FeatureEdges) -> None:
+        f = edges.n_features
+        self.edges = edges
+        self.counts = np.zeros((f, edges.width), np.int64)
+        self.nan = np.zeros(f, np.int64)
+        self.count = np.zeros(f, np.int64)
+        self.sum = np.zeros(f, np.float64)
+        self.sumsq = np.zeros(f, np.float64)
+        self.devices: set[str] = set()
+        self.windows = 0
+
+    def add(self, view: TierAView, windows: int = 1) -> None:
+        self.counts += view.counts
+        self.nan += view.nan
+        self.count += view.count
+        self.sum += view.sum
+        self.sumsq += view.sumsq
+        self.windows += windows
+
+    def view(self) -> TierAView:
+        return TierAView(self.edges, self.counts, self.nan, self.count, self.sum, self.sumsq)
+
+
+def merge_windows(views: Iterable[TierAView]) -> TierAView:
+    """The exact merge of tier-A views with identical edges (counts add; sums in order).
+
+    Raises:
+        DriftMismatchError: a view has other edges or another feature count than the first.
+        FleetDriftError: no view was given.
+    """
+    acc: _Sum | None = None
+    for view in views:
+        if acc is None:
+            acc = _Sum(view.edges)
+        check_compatible(view.edges, acc.edges)
+        acc.add(view)
+    if acc is None:
+        raise FleetDriftError("no drift window to merge")
+    return acc.view()
+
+
+@dataclass(frozen=True, eq=False)
+class MergedCell:
+    """A merged cell: the view, the devices that contributed and how many windows."""
+
+    view: TierAView
+    devices: tuple[str, ...]
+    windows: int
+
+
+class FleetAccumulator:
+    """Groups device windows into merge cells (mutable; ``merged()`` snapshots it).
+
+    Every window goes into the fleet cell (cohort ``FLEET``), its cohort's cell (if the spec
+    splits) and, with ``per_device``, its device's own cell. Windows that do not match their
+    baseline are counted in ``skipped`` by reason, never merged.
+    """
+
+    def __init__(
+        self, spec: CohortSpec, *, bucket_seconds: float | None = None, per_device: bool = True
+    ) -> None:
+        """Group by ``spec``; ``bucket_seconds`` splits time (None: one bucket for the range).
+
+        Raises:
+            FleetDriftError: ``bucket_seconds`` is not a positive finite number.
+        """
+        if bucket_seconds is not None and not (
+            math.isfinite(bucket_seconds) and bucket_seconds > 0
+        ):
+            raise FleetDriftError(f"bucket must be a positive number of seconds: {bucket_seconds}")
+        self._spec = spec
+        self._bucket = bucket_seconds
+        self._per_device = per_device and spec.kind != "device"
+        self._cells: dict[FleetKey, _Sum] = {}
+        self._devices: dict[FleetKey, _Sum] = {}
+        self.skipped: Counter[str] = Counter()
+
+    def skip(self, reason: str, n: int = 1) -> None:
+        """Count windows dropped before they got here (bad bytes, no baseline...)."""
+        self.skipped[reason] += n
+
+    def add(self, window: FleetWindow, device: DeviceInfo | None, baseline: TierAView) -> bool:
+        """Merge one window; False (and counted) when its edges are not the baseline's."""
+        try:
+            check_compatible(window.view.edges, baseline.edges)
+        except DriftMismatchError as exc:
+            self.skipped[f"{exc.reason}_mismatch"] += window.windows
+            return False
+        bucket = (
+            None if self._bucket is None else math.floor(window.at / self._bucket) * self._bucket
+        )
+        base = (window.model, window.version, window.tensor, window.role)
+        cohort = self._spec.label(window.device_id, device)
+        targets = [(self._cells, FLEET)]
+        if cohort is not None:
+            targets.append((self._cells, cohort))
+        if self._per_device:
+            targets.append((self._devices, window.device_id))
+        for cells, label in targets:
+            key = FleetKey(*base, label, bucket)
+            acc = cells.get(key)
+            if acc is None:
+                acc = cells[key] = _Sum(baseline.edges)
+            acc.add(window.view, window.windows)
+            acc.devices.add(window.device_id)
+        return True
+
+    def merged(self) -> tuple[dict[FleetKey, MergedCell], dict[FleetKey, MergedCell]]:
+        """Snapshot: ``(cohort cells incl. FLEET, per-device cells)``, keys sorted."""
+
+        def snap(cells: dict[FleetKey, _Sum]) -> dict[FleetKey, MergedCell]:
+            return {
+                k: MergedCell(cells[k].view(), tuple(sorted(cells[k].devices)), cells[k].windows)
+                for k in sorted(cells, key=_sort_key)
+            }
+
+        return snap(self._cells), snap(self._devices)
+
+
+def _sort_key(k: FleetKey) -> tuple[Any, ...]:
+    return (k.model, k.version, k.role, k.tensor, k.cohort != FLEET, k.cohort, k.bucket or 0.0)
+
+
+def _features(s: FeatureScores, v: DriftVerdict) -> tuple[FeatureResult, ...]:
+    t = v.thresholds
+    f = s.n_features
+    psi_t, ks_t, ms_t = (np.broadcast_to(a, (f,)) for a in (t.psi, t.ks, t.mean_shift))
+    tests = [tuple(name for name, hit in v.by_test.items() if hit[j]) for j in range(f)]
+    columns = (s.psi, s.js, s.ks, s.mean_shift, psi_t, ks_t, ms_t, s.n, v.judged, v.drifted)
+    rows = zip(*(c.tolist() for c in columns), strict=True)
+    return tuple(
+        FeatureResult(j, psi, js, ks, ms, pt, kt, mt, int(n), bool(ok), bool(hit), tests[j])
+        for j, (psi, js, ks, ms, pt, kt, mt, n, ok, hit) in enumerate(rows)
+    )
+
+
+def _judge(
+    view: TierAView, baseline: TierAView, p: MonitorPolicy
+) -> tuple[FeatureScores, DriftVerdict]:
+    """Exactly the agent's window close (``DriftMonitor._close``): score, thresholds, judge."""
+    scores = score(view, baseline)
+    thresholds = DriftThresholds.for_scores(scores, p.alpha, tests=p.tests, correction=p.correction)
+    return scores, judge(scores, thresholds)
+
+
+def score_fleet(
+    cells: Mapping[FleetKey, MergedCell],
+    baselines: Mapping[tuple[str, int, str, str], TierAView],
+    policy: MonitorPolicy | None = None,
+    *,
+    spec: CohortSpec | None = None,
+    device_cells: Mapping[FleetKey, MergedCell] | None = None,
+    skipped: Mapping[str, int] | None = None,
+) -> FleetDriftResult:
+    """Score every merged cell against its baseline view with the agent's rule.
+
+    Args:
+        cells: Cohort cells (``FleetAccumulator.merged()[0]``).
+        baselines: Baseline view per ``FleetKey.baseline_key()``.
+        policy: The agent's policy (``alpha``, ``tests``, ``correction``); default as the agent.
+        spec: The cohort spec the cells were grouped by (reported back).
+        device_cells: Per-device cells; only the devices that alert are kept.
+        skipped: Windows skipped while merging, by reason (reported back).
+
+    Returns:
+        The result, cells in key order.
+
+    Raises:
+        DriftMismatchError: a cell's edges are not its baseline's.
+        FleetDriftError: a cell has no baseline.
+    """
+    p = policy or MonitorPolicy()
+
+    def baseline_of(k: FleetKey, cell: MergedCell) -> TierAView:
+        base = baselines.get(k.baseline_key())
+        if base is None:
+            raise FleetDriftError(f"no baseline for {k.model} v{k.version} {k.role} {k.tensor}")
+        check_compatible(cell.view.edges, base.edges)
+        return base
+
+    results = []
+    for k, cell in cells.items():
+        scores, verdict = _judge(cell.view, baseline_of(k, cell), p)
+        results.append(
+            CohortResult(k, cell.devices, cell.windows, _features(scores, verdict), cell.view)
+        )
+    alerts = []
+    for k, cell in (device_cells or {}).items():
+        _scores, verdict = _judge(cell.view, baseline_of(k, cell), p)
+        if verdict.alert:
+            alerts.append(DeviceAlert(k, tuple(verdict.drifted_features()), cell.windows))
+    used = {k.baseline_key() for k in cells}
+    return FleetDriftResult(
+        spec or CohortSpec(),
+        tuple(results),
+        tuple(alerts),
+        len({k.cohort for k in (device_cells or {})}),
+        dict(skipped or {}),
+        {k: v for k, v in baselines.items() if k in used},
+    )

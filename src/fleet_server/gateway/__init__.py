@@ -1,0 +1,3 @@
+"""The server end of every device topic: subscriptions, parsing, ingest, acks, rate limits and
+per-device misbehaviour counters.
+"""

@@ -1,0 +1,409 @@
+"""The rollout orchestrator: registry and service in, ``rollout.decide`` in the middle.
+
+``RolloutRunner`` creates rollouts, and on every ``step`` loads the active ones, builds each
+targeted device's ``DeviceObservation`` from the registry (reported state and the telemetry
+window), calls the pure ``decide`` and applies the decision: ``service.assign`` for new wave
+members (``to_version``) and for devices sent back (``from_version``), a quarantine entry when a
+version keeps failing, the new state and an event log entry. Operator commands (approve, pause,
+resume, abort) go through the same lock as steps. ``start()`` runs ``step`` every ``interval``
+seconds in a daemon thread, ``close()`` stops it.
+
+Exactly one engine may run across several server workers: each step first asks an
+``EngineLock`` (default: this process only; ``fleet_server.jobs.leader.leader_lock`` fits), and asks
+again before each rollout, so a step that outlives the lock stops writing. Commands may arrive
+at any worker: every save is a compare-and-set on the state it was computed from
+(``registry.rollouts.save_rollout(read=...)``), so a stale decision is neither sent nor saved and
+a command re-reads and retries.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+from edge_agent.errors import EdgefleetError
+from fleet_server.errors import (
+    ModelNotPublishedError,
+    RegistryError,
+    RegistryUnavailableError,
+    RolloutConflictError,
+)
+from fleet_server.history.rollouts import rollout_inputs
+from fleet_server.registry import DeviceRecord, Registry
+from fleet_server.registry import rollouts as store
+from fleet_server.rollouts.admission import admit
+from fleet_server.rollouts.engine import (
+    ACTIVE_STATES,
+    Decision,
+    Rollout,
+    RolloutPolicy,
+    Selector,
+    decide,
+)
+from fleet_server.rollouts.engine import abort as abort_rollout
+from fleet_server.rollouts.engine import approve as approve_rollout
+from fleet_server.rollouts.engine import pause as pause_rollout
+from fleet_server.rollouts.engine import resume as resume_rollout
+from fleet_server.rollouts.metrics import DeviceObservation, observe
+
+__all__ = ["AssignPort", "EngineLock", "LocalLock", "RolloutRunner"]
+
+#: A command re-reads and retries this many times when a concurrent save won.
+_COMMAND_ATTEMPTS = 3
+
+log = logging.getLogger(__name__)
+
+
+class AssignPort(Protocol):
+    """What the runner needs of ``FleetService`` (fakes implement this)."""
+
+    def assign(
+        self, target: str, name: str, version: int, *, group: bool = False
+    ) -> Sequence[object]: ...
+
+
+class EngineLock(Protocol):
+    """Who may run the engine (``fleet_server.jobs.leader.LeaderLock`` has this shape).
+
+    ``try_acquire`` never blocks or raises and returns True while this worker holds the lock;
+    it is asked before every step and before each rollout in it. ``release`` gives it up (on
+    ``close``).
+    """
+
+    def try_acquire(self) -> bool: ...
+
+    def release(self) -> None: ...
+
+
+class LocalLock:
+    """The single-process ``EngineLock``: always this process."""
+
+    def try_acquire(self) -> bool:
+        """Always True."""
+        return True
+
+    def release(self) -> None:
+        """Nothing to release."""
+
+
+class RolloutRunner:
+    """Runs rollouts against a registry and a service (see the module docstring)."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        service: AssignPort,
+        clock: Callable[[], datetime],
+        *,
+        interval: float = 5.0,
+        lock: EngineLock | None = None,
+        new_id: Callable[[], str] | None = None,
+    ) -> None:
+        """Prepare a runner; nothing runs until ``step`` or ``start``."""
+        self._registry = registry
+        self._service = service
+        self._clock = clock
+        self._interval = interval
+        self._engine_lock: EngineLock = lock or LocalLock()
+        self._new_id = new_id or (lambda: f"ro-{uuid.uuid4().hex[:12]}")
+        self._mutex = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def registry(self) -> Registry:
+        """The registry the runner reads and writes."""
+        return self._registry
+
+    # ----------------------------------------------------------------- commands
+    def create(
+        self,
+        model: str,
+        version: int,
+        *,
+        selector: Selector,
+        policy: RolloutPolicy,
+        from_version: int | None = None,
+        override_quarantine: str = "",
+        override_aborted: str = "",
+    ) -> Rollout:
+        """Create a pending rollout of ``model`` v``version`` (the next ``step`` starts it).
+
+        ``from_version`` defaults to the version most targeted devices report as active. A
+        quarantined version, or one a rollout already aborted, needs the operator's reason
+        (``override_quarantine`` / ``override_aborted``); the rollout records it.
+
+        Raises:
+            ModelNotPublishedError: the version is not published.
+            QuarantinedVersionError: the version is quarantined and not overridden.
+            AbortedVersionError: a rollout of the version was aborted and it is not overridden.
+            RolloutPolicyError: an override reason is unprintable or too long.
+            RegistryUnavailableError: the database failed.
+        """
+        try:
+            self._registry.get_bundle(model, version)
+        except RegistryUnavailableError:
+            raise
+        except RegistryError as exc:
+            raise ModelNotPublishedError(str(exc)) from exc
+        overrides = admit(
+            model,
+            version,
+            quarantine_reason=store.quarantine_reason(self._registry, model, version),
+            aborts=store.abort_count(self._registry, model, version),
+            override_quarantine=override_quarantine,
+            override_aborted=override_aborted,
+        )
+        if from_version is None:
+            from_version = self._common_version(model, version, self._targeted(selector))
+        now = self._clock()
+        r = Rollout(
+            id=self._new_id(),
+            model=model,
+            from_version=from_version,
+            to_version=version,
+            selector=selector,
+            policy=policy,
+            created_at=now,
+            updated_at=now,
+            overrides=overrides,
+        )
+        with self._mutex:
+            return store.create_rollout(self._registry, r, now)
+
+    def get(self, rollout_id: str) -> Rollout:
+        """One rollout. Raises: UnknownRolloutError, RegistryUnavailableError."""
+        return store.get_rollout(self._registry, rollout_id)
+
+    def rollouts(self, *, active_only: bool = False) -> list[Rollout]:
+        """Rollouts, newest first. Raises: RegistryUnavailableError."""
+        states = sorted(ACTIVE_STATES | {"paused"}) if active_only else None
+        return store.list_rollouts(self._registry, states=states)
+
+    def approve(self, rollout_id: str) -> Rollout:
+        """Approve the next wave. Raises: UnknownRolloutError, RolloutStateError."""
+        return self._command(rollout_id, "approved", approve_rollout)
+
+    def pause(self, rollout_id: str) -> Rollout:
+        """Pause. Raises: UnknownRolloutError, RolloutStateError."""
+        return self._command(rollout_id, "paused", pause_rollout)
+
+    def resume(self, rollout_id: str) -> Rollout:
+        """Resume a paused rollout. Raises: UnknownRolloutError, RolloutStateError."""
+        return self._command(rollout_id, "resumed", resume_rollout)
+
+    def abort(self, rollout_id: str) -> Rollout:
+        """Abort (members go back per policy). Raises: UnknownRolloutError, RolloutStateError."""
+        for attempt in range(_COMMAND_ATTEMPTS):
+            with self._mutex:
+                r = store.get_rollout(self._registry, rollout_id)
+                now = self._clock()
+                try:
+                    previous = store.abort_count(self._registry, r.model, r.to_version)
+                    decision = abort_rollout(r, now, previous_aborts=previous)
+                    return self._apply(decision, now, kind="aborted", old=r)
+                except RolloutConflictError:
+                    if attempt == _COMMAND_ATTEMPTS - 1:
+                        raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _command(
+        self, rollout_id: str, kind: str, run: Callable[[Rollout, datetime], Rollout]
+    ) -> Rollout:
+        # Any worker takes commands; the leader may be saving a step meanwhile. The save is a
+        # compare-and-set on the state read, so a command re-reads and retries rather than
+        # overwriting the leader's decision (or being overwritten by it).
+        for attempt in range(_COMMAND_ATTEMPTS):
+            with self._mutex:
+                r = store.get_rollout(self._registry, rollout_id)
+                now = self._clock()
+                new = run(r, now)
+                try:
+                    store.save_rollout(
+                        self._registry, new, now, [(kind, {"state": new.state})], read=r
+                    )
+                except RolloutConflictError:
+                    if attempt == _COMMAND_ATTEMPTS - 1:
+                        raise
+                    continue
+                return new
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # ----------------------------------------------------------------- engine
+    def step(self, now: datetime | None = None) -> list[Decision]:
+        """Advance every active rollout once; returns the decisions applied.
+
+        The engine lock is asked first and again before each rollout: once it is lost the step
+        stops (the rollouts left are the new leader's). A rollout whose step fails is logged
+        and retried on the next step.
+
+        Raises:
+            RegistryUnavailableError: the active rollouts cannot be listed.
+        """
+        if not self._engine_lock.try_acquire():
+            return []
+        out: list[Decision] = []
+        with self._mutex:
+            now = now or self._clock()
+            for r in store.list_rollouts(self._registry, states=sorted(ACTIVE_STATES)):
+                # A long step can outlive the lock (lost connection, another worker took over):
+                # ask again before each rollout so a deposed leader stops writing.
+                if not self._engine_lock.try_acquire():
+                    log.warning("lost the engine lock mid-step; stopping before rollout %s", r.id)
+                    break
+                try:
+                    out.append(self._step_one(r, now))
+                except EdgefleetError as exc:
+                    log.warning("rollout %s: step failed: %s", r.id, exc)
+        return out
+
+    def observations(self, r: Rollout, now: datetime) -> list[DeviceObservation]:
+        """Every targeted device's observation for ``r`` (members on ``to_version``).
+
+        Raises:
+            RegistryUnavailableError: the database failed.
+        """
+        devices = self._targeted(r.selector)
+        start = r.started_at or now
+        since = {d.id: r.members.get(d.id, start) for d in devices}
+        version = {d.id: r.to_version if d.id in r.members else r.from_version for d in devices}
+        # Rollups for the folded part of each window, raw rows only for its edges (history).
+        window = rollout_inputs(
+            self._registry, r.model, {d.id: (since[d.id], version[d.id]) for d in devices}
+        )
+        return [
+            observe(
+                d.id,
+                r.model,
+                version[d.id],
+                since[d.id],
+                d.reported,
+                window[d.id].rows,
+                folded=window[d.id].folded,
+                folded_events=window[d.id].events,
+            )
+            for d in devices
+        ]
+
+    def device_states(self, r: Rollout) -> dict[str, str]:
+        """Per targeted device: ``control``, ``assigned``, ``installed``, ``failed``,
+        ``rolled_back`` or ``reverted`` (for status views).
+
+        Raises:
+            RegistryUnavailableError: the database failed.
+        """
+        out: dict[str, str] = {}
+        bad = {**dict.fromkeys(r.failed, "failed"), **dict.fromkeys(r.rolled_back, "rolled_back")}
+        for d in self._targeted(r.selector):
+            models = (d.reported or {}).get("models") or {}
+            active = (models.get(r.model) or {}).get("active")
+            if d.id in r.reverted:
+                out[d.id] = "reverted"
+            elif d.id in bad:
+                out[d.id] = bad[d.id]
+            elif d.id in r.members:
+                out[d.id] = "installed" if active == r.to_version else "assigned"
+            else:
+                out[d.id] = "control"
+        return out
+
+    def _step_one(self, r: Rollout, now: datetime) -> Decision:
+        previous = store.abort_count(self._registry, r.model, r.to_version)
+        decision = decide(r, self.observations(r, now), now, previous_aborts=previous)
+        self._apply(decision, now, kind="decision", old=r)
+        return decision
+
+    def _apply(
+        self, decision: Decision, now: datetime, *, kind: str, old: Rollout | None = None
+    ) -> Rollout:
+        r = decision.rollout
+        # Do not send assignments for a decision computed from a state another worker has
+        # changed meanwhile (an operator's pause or abort); the save below checks it too.
+        sends = bool(decision.assign or decision.revert)
+        if old is not None and sends and store.get_rollout(self._registry, r.id) != old:
+            raise RolloutConflictError(f"rollout {r.id} changed since it was read")
+        errors: dict[str, str] = {}
+        for ids, version in ((decision.assign, r.to_version), (decision.revert, r.from_version)):
+            for device_id in ids:
+                if version is None:
+                    continue
+                try:
+                    self._service.assign(device_id, r.model, version)
+                except EdgefleetError as exc:
+                    # The rollout still counts it; the operator sees why in the event log.
+                    errors[device_id] = f"{exc.code}: {exc}"
+                    log.warning("rollout %s: assigning %s failed: %s", r.id, device_id, exc)
+        if decision.quarantine:
+            store.quarantine_version(
+                self._registry, r.model, r.to_version, "; ".join(decision.reasons), now
+            )
+        changed = (
+            old is None
+            or old.state != r.state
+            or old.wave != r.wave
+            or decision.assign
+            or decision.revert
+            or old.failed != r.failed
+            or old.rolled_back != r.rolled_back
+        )
+        events: list[tuple[str, dict[str, Any]]] = []
+        if changed:
+            detail: dict[str, Any] = {
+                "state": r.state,
+                "wave": r.wave,
+                "reasons": list(decision.reasons),
+                "assign": list(decision.assign),
+                "revert": list(decision.revert),
+                "gates": [g.to_dict() for g in r.gates],
+            }
+            if errors:
+                detail["errors"] = errors
+            if decision.quarantine:
+                detail["quarantined"] = True
+            events.append((kind, detail))
+        store.save_rollout(self._registry, r, now, events, read=old)
+        return r
+
+    # ----------------------------------------------------------------- helpers
+    def _targeted(self, selector: Selector) -> list[DeviceRecord]:
+        devices = self._registry.list_devices(group=selector.group, include_revoked=False)
+        return [d for d in devices if selector.matches(d.group, d.tags)]
+
+    @staticmethod
+    def _common_version(model: str, version: int, devices: Sequence[DeviceRecord]) -> int | None:
+        counts: dict[int, int] = {}
+        for d in devices:
+            active = (((d.reported or {}).get("models") or {}).get(model) or {}).get("active")
+            if isinstance(active, int) and active != version:
+                counts[active] = counts.get(active, 0) + 1
+        return max(counts, key=lambda v: (counts[v], v)) if counts else None
+
+    # ----------------------------------------------------------------- thread
+    def start(self) -> None:
+        """Run ``step`` every ``interval`` seconds in a daemon thread."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="rollouts", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the thread (after its current step), wait for it, release the engine lock."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self._engine_lock.release()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.step()
+            except EdgefleetError as exc:
+                log.warning("rollout step failed: %s", exc)
+            except Exception:
+                log.exception("rollout step crashed; the next tick retries")

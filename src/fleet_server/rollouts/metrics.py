@@ -1,0 +1,399 @@
+"""What a rollout knows about one device, built from its stored telemetry and reported state.
+
+Owns: ``WindowMetrics`` (request, reject, fallback, drift, shadow and latency counts of one
+model version over an observation window), ``DeviceObservation`` (a device's outcome for the
+rolled-out version plus its window metrics), ``observe`` (builds one from the registry's rows)
+and the small statistics the rollout gates use (Wilson bounds, a one-sided two-proportion test,
+quantiles of the fixed latency histogram).
+
+Counters in reports are cumulative since ``started_at``: a window is the sum of differences
+between consecutive reports of the device on the observed model version with the same
+``started_at``. The first report after an agent restart, a version switch or a counter that went
+backwards is only a new baseline (it is not known which version served the requests before it),
+so nothing is counted twice or attributed to the wrong version. Drift windows are not
+cumulative (each report carries the windows closed since the previous one) and are summed.
+
+Pure: no database, clock or network; the rollout runner passes the rows in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any, Final, Protocol
+
+from edge_agent.wire.telemetry import LATENCY_BUCKETS_MS, LATENCY_FINE_BUCKETS_MS
+
+__all__ = [
+    "DeviceObservation",
+    "TelemetryRowLike",
+    "WindowMetrics",
+    "interval_metrics",
+    "observe",
+    "one_sided_increase",
+    "quantile_ms",
+    "reject_deltas",
+    "wilson_bounds",
+]
+
+_N_BUCKETS: Final = len(LATENCY_BUCKETS_MS) + 1
+_N_FINE: Final = len(LATENCY_FINE_BUCKETS_MS) + 1
+_FAILURE_EVENTS: Final = frozenset({"install_failed", "transfer_failed", "load_failed"})
+_ROLLBACK_EVENTS: Final = frozenset({"rolled_back", "probation_failed"})
+
+
+class TelemetryRowLike(Protocol):
+    """A stored telemetry row (``fleet_server.registry.StoredTelemetry`` satisfies this)."""
+
+    @property
+    def seq(self) -> int: ...
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def received_at(self) -> datetime: ...
+
+    @property
+    def payload(self) -> Mapping[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class WindowMetrics:
+    """Counts of one model version on one or more devices over a window (a monoid).
+
+    Attributes:
+        reports: Report intervals counted (a device with 0 has not reported on the version).
+        requests: Requests answered or refused (``ok + error + rejected``).
+        rejected: Requests refused by input validation.
+        errors: Requests that failed.
+        device_answers: Requests answered on the device.
+        cloud_answers: Requests answered by cloud fallback.
+        drift_windows: Closed output-drift windows.
+        drift_alerts: Of those, windows whose calibrated verdict alerted.
+        max_psi: Largest output PSI seen (None if none was scorable).
+        shadow_compared: Rows compared in shadow.
+        shadow_agree: Of those, rows that agreed.
+        latency_buckets: Requests per ``LATENCY_BUCKETS_MS`` bucket (plus overflow).
+        latency_fine: Requests per ``LATENCY_FINE_BUCKETS_MS`` bucket (plus overflow), from the
+            intervals whose reports carry it (others add zeros): it covers every timed request
+            exactly when its sum equals ``latency_buckets``' sum.
+    """
+
+    reports: int = 0
+    requests: int = 0
+    rejected: int = 0
+    errors: int = 0
+    device_answers: int = 0
+    cloud_answers: int = 0
+    drift_windows: int = 0
+    drift_alerts: int = 0
+    max_psi: float | None = None
+    shadow_compared: int = 0
+    shadow_agree: int = 0
+    latency_buckets: tuple[int, ...] = (0,) * _N_BUCKETS
+    latency_fine: tuple[int, ...] = (0,) * _N_FINE
+
+    def merge(self, other: WindowMetrics) -> WindowMetrics:
+        """The element-wise sum (max for ``max_psi``)."""
+        psis = [p for p in (self.max_psi, other.max_psi) if p is not None]
+        return WindowMetrics(
+            reports=self.reports + other.reports,
+            requests=self.requests + other.requests,
+            rejected=self.rejected + other.rejected,
+            errors=self.errors + other.errors,
+            device_answers=self.device_answers + other.device_answers,
+            cloud_answers=self.cloud_answers + other.cloud_answers,
+            drift_windows=self.drift_windows + other.drift_windows,
+            drift_alerts=self.drift_alerts + other.drift_alerts,
+            max_psi=max(psis) if psis else None,
+            shadow_compared=self.shadow_compared + other.shadow_compared,
+            shadow_agree=self.shadow_agree + other.shadow_agree,
+            latency_buckets=tuple(
+                a + b for a, b in zip(self.latency_buckets, other.latency_buckets, strict=True)
+            ),
+            latency_fine=tuple(
+                a + b for a, b in zip(self.latency_fine, other.latency_fine, strict=True)
+            ),
+        )
+
+    @classmethod
+    def total(cls, items: Iterable[WindowMetrics]) -> WindowMetrics:
+        """The sum of ``items`` (zero for none)."""
+        out = cls()
+        for item in items:
+            out = out.merge(item)
+        return out
+
+
+@dataclass(frozen=True)
+class DeviceObservation:
+    """One device as the rollout engine sees it, for one model.
+
+    Attributes:
+        device_id: The device.
+        active_version: Version it serves (reported), None if unknown.
+        assigned_version: Version its accepted desired state names (reported).
+        outcome: Reported outcome of ``assigned_version`` (``installed``, ``failed`` ...).
+        reason: Reported reason of a failure or rollback.
+        install_failed: It failed to install the observed version.
+        rolled_back: It installed the observed version and went back on its own.
+        metrics: Window metrics on the observed version.
+    """
+
+    device_id: str
+    active_version: int | None = None
+    assigned_version: int | None = None
+    outcome: str | None = None
+    reason: str = ""
+    install_failed: bool = False
+    rolled_back: bool = False
+    metrics: WindowMetrics = field(default_factory=WindowMetrics)
+
+    @property
+    def reporting(self) -> bool:
+        """At least one counted report interval on the observed version."""
+        return self.metrics.reports > 0
+
+
+# --------------------------------------------------------------------------- building
+def observe(
+    device_id: str,
+    model: str,
+    version: int | None,
+    since: datetime,
+    reported: Mapping[str, Any] | None,
+    rows: Sequence[TelemetryRowLike],
+    *,
+    folded: WindowMetrics | None = None,
+    folded_events: Iterable[str] = (),
+) -> DeviceObservation:
+    """Build a device's observation of ``model`` v``version`` from ``since`` on.
+
+    Args:
+        device_id: The device.
+        model: Model name.
+        version: The version observed (the rollout's target for members, its source for the
+            control group); None observes nothing but the reported state.
+        since: Start of the window (server time; rows ``received_at`` before it only serve as
+            the baseline of the first difference).
+        reported: The device's stored reported-state document, if any.
+        rows: Its stored telemetry rows (reports and events), any order.
+        folded: Metrics of this version already folded into rollups for the part of the
+            window the rows do not cover (``fleet_server.history``), added as they are.
+        folded_events: Event kinds of this version from those rollups.
+
+    Returns:
+        The observation; malformed rows and reported documents are skipped, never raised.
+    """
+    m = _reported_model(reported, model)
+    active, assigned = _opt_int(m.get("active")), _opt_int(m.get("assigned"))
+    outcome = m.get("outcome") if isinstance(m.get("outcome"), str) else None
+    reason = m.get("reason") if isinstance(m.get("reason"), str) else ""
+    failed = assigned == version and outcome == "failed" and version is not None
+    rolled = assigned == version and outcome == "rolled_back" and version is not None
+    kinds = set(folded_events) if version is not None else set()
+    ordered = sorted(rows, key=lambda r: r.seq)
+    for row in ordered:
+        if row.kind != "event" or row.received_at < since:
+            continue
+        p = row.payload
+        if p.get("model") != model or _opt_int(p.get("version")) != version or version is None:
+            continue
+        kinds.add(str(p.get("kind")))
+    failed = failed or bool(kinds & _FAILURE_EVENTS)
+    rolled = rolled or bool(kinds & _ROLLBACK_EVENTS)
+    metrics = folded or WindowMetrics()
+    prev: Mapping[str, Any] | None = None
+    for row in ordered:
+        if row.kind != "report":
+            continue
+        if prev is not None and row.received_at >= since:
+            delta = interval_metrics(prev, row.payload, model, version)
+            if delta is not None:
+                metrics = metrics.merge(delta)
+        prev = row.payload
+    return DeviceObservation(
+        device_id=device_id,
+        active_version=active,
+        assigned_version=assigned,
+        outcome=outcome,
+        reason=str(reason)[:200],
+        install_failed=failed and not rolled,
+        rolled_back=rolled,
+        metrics=metrics,
+    )
+
+
+def interval_metrics(
+    prev: Mapping[str, Any], cur: Mapping[str, Any], model: str, version: int | None
+) -> WindowMetrics | None:
+    """The counts of ``model`` v``version`` between two consecutive report payloads.
+
+    None when either report lacks the version, the agent restarted between them (another
+    ``started_at``) or a counter went backwards: the later report is then only a new baseline.
+    """
+    started, prev_started = cur.get("started_at"), prev.get("started_at")
+    if not isinstance(started, int | float) or not isinstance(prev_started, int | float):
+        return None
+    if float(started) != float(prev_started):
+        return None
+    p, c = _model_stats(prev, model, version), _model_stats(cur, model, version)
+    if p is None or c is None:
+        return None
+    return _delta(p, c)
+
+
+def reject_deltas(prev: Mapping[str, Any], cur: Mapping[str, Any], model: str) -> dict[str, int]:
+    """Requests refused per reason between two consecutive reports (cumulative counters).
+
+    Call only where ``interval_metrics`` gave a difference; reasons that went backwards count 0.
+    """
+    models_p, models_c = prev.get("models"), cur.get("models")
+    mp = models_p.get(model) if isinstance(models_p, Mapping) else None
+    mc = models_c.get(model) if isinstance(models_c, Mapping) else None
+    before = _ints(mp, "rejects_by_reason") if isinstance(mp, Mapping) else {}
+    after = _ints(mc, "rejects_by_reason") if isinstance(mc, Mapping) else {}
+    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0) > 0}
+
+
+def _reported_model(reported: Mapping[str, Any] | None, model: str) -> Mapping[str, Any]:
+    models = (reported or {}).get("models")
+    m = models.get(model) if isinstance(models, Mapping) else None
+    return m if isinstance(m, Mapping) else {}
+
+
+def _opt_int(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _model_stats(
+    payload: Mapping[str, Any], model: str, version: int | None
+) -> Mapping[str, Any] | None:
+    models = payload.get("models")
+    m = models.get(model) if isinstance(models, Mapping) else None
+    if not isinstance(m, Mapping) or version is None or _opt_int(m.get("version")) != version:
+        return None
+    return m
+
+
+def _ints(m: Mapping[str, Any], key: str) -> Mapping[str, int]:
+    v = m.get(key)
+    if not isinstance(v, Mapping):
+        return {}
+    return {str(k): int(x) for k, x in v.items() if isinstance(x, int) and not isinstance(x, bool)}
+
+
+def _shadow(m: Mapping[str, Any]) -> tuple[int, int]:
+    s = m.get("shadow")
+    counts = _ints(s, "counts") if isinstance(s, Mapping) else {}
+    return counts.get("compared", 0), counts.get("agree_rows", 0)
+
+
+def _buckets(m: Mapping[str, Any]) -> tuple[int, ...]:
+    b = m.get("latency_buckets")
+    if isinstance(b, list) and len(b) == _N_BUCKETS and all(isinstance(x, int) for x in b):
+        return tuple(b)
+    return (0,) * _N_BUCKETS
+
+
+def _fine(m: Mapping[str, Any]) -> tuple[int, ...] | None:
+    b = m.get("latency_fine")
+    if isinstance(b, list) and len(b) == _N_FINE and all(isinstance(x, int) for x in b):
+        return tuple(b)
+    return None  # an agent before the fine histogram
+
+
+def _delta(prev: Mapping[str, Any], cur: Mapping[str, Any]) -> WindowMetrics | None:
+    """Counts between two reports; None when a counter went backwards (a silent reset)."""
+    po, co = _ints(prev, "outcomes"), _ints(cur, "outcomes")
+    ps, cs = _ints(prev, "sources"), _ints(cur, "sources")
+    (pc, pa), (cc, ca) = _shadow(prev), _shadow(cur)
+    pb, cb = _buckets(prev), _buckets(cur)
+    keys = ("ok", "error", "rejected")
+    diffs = [co.get(k, 0) - po.get(k, 0) for k in keys]
+    src = [cs.get(k, 0) - ps.get(k, 0) for k in ("device", "cloud")]
+    lat = [c - p for c, p in zip(cb, pb, strict=True)]
+    pf, cf = _fine(prev), _fine(cur)
+    fine = [0] * _N_FINE
+    if pf is not None and cf is not None:
+        fine = [c - p for c, p in zip(cf, pf, strict=True)]
+    shadow = [cc - pc, ca - pa]
+    if min([*diffs, *src, *lat, *shadow, *fine]) < 0:
+        return None
+    windows = [w for w in cur.get("drift") or [] if isinstance(w, Mapping)]
+    outputs = [w for w in windows if w.get("role") == "output"]
+    psis = [
+        float(w["max_psi"])
+        for w in outputs
+        if isinstance(w.get("max_psi"), int | float) and math.isfinite(float(w["max_psi"]))
+    ]
+    return WindowMetrics(
+        reports=1,
+        requests=sum(diffs),
+        rejected=diffs[2],
+        errors=diffs[1],
+        device_answers=src[0],
+        cloud_answers=src[1],
+        drift_windows=len(outputs),
+        drift_alerts=sum(1 for w in outputs if w.get("alert") is True),
+        max_psi=max(psis) if psis else None,
+        shadow_compared=shadow[0],
+        shadow_agree=shadow[1],
+        latency_buckets=tuple(lat),
+        latency_fine=tuple(fine),
+    )
+
+
+# --------------------------------------------------------------------------- statistics
+def wilson_bounds(successes: int, n: int, z: float) -> tuple[float, float]:
+    """The Wilson score interval of a proportion (``(0, 1)`` for ``n == 0``)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def one_sided_increase(x1: int, n1: int, x2: int, n2: int, margin: float, z: float) -> bool:
+    """True when ``x1/n1 - x2/n2 > margin`` at the one-sided level ``z`` (a Wald z-test).
+
+    With no variance at all (both rates 0 or 1) the raw difference decides.
+    """
+    if n1 <= 0 or n2 <= 0:
+        return False
+    p1, p2 = x1 / n1, x2 / n2
+    se = math.sqrt(p1 * (1 - p1) / n1 + p2 * (1 - p2) / n2)
+    diff = p1 - p2 - margin
+    if se == 0.0:
+        return diff > 0
+    return diff / se > z
+
+
+def quantile_ms(buckets: Sequence[int], q: float) -> float | None:
+    """The ``q`` quantile of a latency histogram, interpolated linearly inside its bucket.
+
+    The overflow bucket is reported at the last edge (5 s): a lower bound.
+    """
+    total = sum(buckets)
+    if total <= 0:
+        return None
+    rank = q * total
+    seen = 0
+    for i, count in enumerate(buckets):
+        if count and seen + count >= rank:
+            if i >= len(LATENCY_BUCKETS_MS):
+                return float(LATENCY_BUCKETS_MS[-1])
+            lo = 0.0 if i == 0 else LATENCY_BUCKETS_MS[i - 1]
+            return lo + (LATENCY_BUCKETS_MS[i] - lo) * (rank - seen) / count
+        seen += count
+    return float(LATENCY_BUCKETS_MS[-1])
+
+
+def with_metrics(obs: DeviceObservation, metrics: WindowMetrics) -> DeviceObservation:
+    """``obs`` with other metrics (for tests and callers composing observations)."""
+    return replace(obs, metrics=metrics)
