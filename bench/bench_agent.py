@@ -88,7 +88,8 @@ def in_process(bundle: Path, root: Path, x_eval: np.ndarray, rounds: int = 7) ->
 
     from edge_agent.bundle import read_bundle
     from edge_agent.config import DriftConfig, ModelPolicy
-    from edge_agent.runtime.base import RuntimeOptions, load_runtime
+    from edge_agent.runtime.base import RuntimeOptions
+    from edge_agent.runtime.loader import load_runtime
     from edge_agent.serving.pipeline import DriftWorker, ModelPipeline
     from edge_agent.trust import TrustedRoot
 

@@ -76,7 +76,8 @@ def measure_latencies(n: int, levels: list[int]) -> list[np.ndarray]:
     from bench_agent import build_bundle
     from edge_agent.bundle import read_bundle
     from edge_agent.config import DriftConfig, ModelPolicy
-    from edge_agent.runtime.base import RuntimeOptions, load_runtime
+    from edge_agent.runtime.base import RuntimeOptions
+    from edge_agent.runtime.loader import load_runtime
     from edge_agent.serving.pipeline import ModelPipeline
     from edge_agent.trust import TrustedRoot
 

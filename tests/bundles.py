@@ -110,7 +110,7 @@ def misnormalised_bundle(bundles: DigitsBundles, version: int, out: Path) -> Pat
     """
     from edge_agent.bundle import read_bundle
     from edge_agent.contract import Preprocessing
-    from edge_agent.runtime.base import load_runtime
+    from edge_agent.runtime.loader import load_runtime
 
     now = datetime.now(UTC)
     good = read_bundle(

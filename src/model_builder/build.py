@@ -23,7 +23,8 @@ from edge_agent.contract import (
     Provenance,
 )
 from edge_agent.drift import build_baseline
-from edge_agent.runtime.base import RuntimeOptions, load_runtime
+from edge_agent.runtime.base import RuntimeOptions
+from edge_agent.runtime.loader import load_runtime
 from model_builder.build_parts import (
     build_report,
     compatibility,

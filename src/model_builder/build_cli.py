@@ -15,9 +15,9 @@ import numpy as np
 from edge_agent.bundle import read_bundle, write_bundle
 from edge_agent.cli.support import passphrase_from_env
 from edge_agent.contract import Preprocessing
-from edge_agent.runtime.base import load_runtime
 from edge_agent.runtime.device import detect_device_profile
 from edge_agent.runtime.golden import check_golden
+from edge_agent.runtime.loader import load_runtime
 from model_builder.build import BuildResult, build_bundle
 from model_builder.build_parts import run_all
 from model_builder.config import BuildConfig

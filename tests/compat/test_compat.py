@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from edge_agent.bundle import read_bundle
-from edge_agent.runtime.base import load_runtime
 from edge_agent.runtime.golden import check_golden
+from edge_agent.runtime.loader import load_runtime
 from edge_agent.trust import TrustedRoot
 
 FIXTURES = sorted(p.parent for p in Path(__file__).parent.glob("*/fixture.json"))

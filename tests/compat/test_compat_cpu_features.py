@@ -15,7 +15,7 @@ import pytest
 
 from edge_agent.bundle import read_bundle, read_raw
 from edge_agent.contract import BundleManifest, DeviceProfile
-from edge_agent.runtime.base import installed_runtime_version
+from edge_agent.runtime.loader import installed_runtime_version
 from edge_agent.store.store import ModelStore
 from edge_agent.trust import TrustedRoot
 

@@ -27,7 +27,7 @@ from edge_agent.contract import DimSpec, FeatureRanges, InputContract, TensorSpe
 from edge_agent.contract.inputs import Preprocessing
 from edge_agent.contract.validation import Validator
 from edge_agent.errors import ContractError, InferenceError, InputValidationError
-from edge_agent.runtime.base import load_runtime
+from edge_agent.runtime.loader import load_runtime
 from edge_agent.serving.pipeline import BLOCK, ModelPipeline
 
 # --- preprocessing -------------------------------------------------------------------------

@@ -22,8 +22,9 @@ from ai_edge_litert import interpreter as litert_interpreter
 from sklearn.datasets import load_digits
 
 from edge_agent.errors import InferenceError, ModelLoadError, RuntimeUnavailableError
-from edge_agent.runtime.base import Runtime, RuntimeOptions, TensorInfo, load_runtime
+from edge_agent.runtime.base import Runtime, RuntimeOptions, TensorInfo
 from edge_agent.runtime.litert import LiteRtRuntime, _Binding, _from_native, _to_native
+from edge_agent.runtime.loader import load_runtime
 
 pytestmark = pytest.mark.tflite
 

@@ -11,7 +11,7 @@ from bundles import DigitsBundles
 from edge_agent.bundle import read_bundle
 from edge_agent.config import DriftConfig, ModelPolicy
 from edge_agent.drift import build_baseline
-from edge_agent.runtime.base import load_runtime
+from edge_agent.runtime.loader import load_runtime
 from edge_agent.serving.pipeline import BLOCK, ModelPipeline
 
 

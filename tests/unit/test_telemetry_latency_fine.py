@@ -15,7 +15,7 @@ from bundles import DigitsBundles
 from edge_agent.bundle import read_bundle
 from edge_agent.config import DriftConfig, ModelPolicy
 from edge_agent.errors import ContractError
-from edge_agent.runtime.base import load_runtime
+from edge_agent.runtime.loader import load_runtime
 from edge_agent.serving.pipeline import ModelPipeline
 from edge_agent.wire.telemetry import (
     LATENCY_BUCKETS_MS,

@@ -1,8 +1,9 @@
 """The one runtime interface every inference adapter implements.
 
-Owns: the ``Runtime`` protocol, the description of a model's I/O as the runtime sees it, and the
-choice of adapter for an artifact format. Does not own: validation, preprocessing, drift (callers
-do those before and after ``run``), or reading bundles from disk.
+Owns: the ``Runtime`` protocol, the description of a model's I/O as the runtime sees it
+(``TensorInfo``) and how to run a model (``RuntimeOptions``). Does not own: the choice of adapter
+for an artifact format (``runtime.loader``, above the adapters), validation, preprocessing, drift
+(callers do those before and after ``run``), or reading bundles from disk.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
-
-from edge_agent.errors import RuntimeUnavailableError
 
 Tensor = npt.NDArray[np.generic]
 
@@ -76,38 +75,3 @@ class Runtime(Protocol):
     def close(self) -> None:
         """Release the session; further ``run`` calls are an error."""
         ...
-
-
-def load_runtime(artifact: bytes, fmt: str, options: RuntimeOptions | None = None) -> Runtime:
-    """Load ``artifact`` in the adapter for ``fmt`` ("onnx" or "tflite").
-
-    Raises:
-        RuntimeUnavailableError: no adapter for ``fmt`` or its runtime is not installed.
-        ModelLoadError: the runtime rejected the model bytes.
-    """
-    opts = options or RuntimeOptions()
-    if fmt == "onnx":
-        from edge_agent.runtime.onnx import OnnxRuntime
-
-        return OnnxRuntime(artifact, opts)
-    if fmt == "tflite":
-        from edge_agent.runtime.litert import LiteRtRuntime
-
-        return LiteRtRuntime(artifact, opts)
-    raise RuntimeUnavailableError(f"no runtime adapter for artifact format {fmt!r}")
-
-
-def installed_runtime_version(runtime: str) -> str | None:
-    """Version of an installed runtime package, or None when it is missing."""
-    from importlib import metadata
-
-    candidates = {
-        "onnxruntime": ("onnxruntime",),
-        "litert": ("ai-edge-litert", "tflite-runtime"),
-    }.get(runtime, ())
-    for dist in candidates:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            continue
-    return None

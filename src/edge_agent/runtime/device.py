@@ -10,7 +10,7 @@ from pathlib import Path
 
 from edge_agent.contract import DeviceProfile, normalise_arch
 from edge_agent.contract.cpu import cpu_features_from_cpuinfo
-from edge_agent.runtime.base import installed_runtime_version
+from edge_agent.runtime.loader import installed_runtime_version
 
 
 def detect_device_profile(cpuinfo: Path = Path("/proc/cpuinfo")) -> DeviceProfile:

@@ -24,8 +24,9 @@ from edge_agent.errors import (
     ModelStoreError,
     RuntimeAdapterError,
 )
-from edge_agent.runtime.base import RuntimeOptions, load_runtime
+from edge_agent.runtime.base import RuntimeOptions
 from edge_agent.runtime.golden import check_golden
+from edge_agent.runtime.loader import load_runtime
 from edge_agent.serving.pipeline import DriftWorker, ModelPipeline
 from edge_agent.store import ModelStore
 

@@ -27,7 +27,8 @@ import numpy.typing as npt
 
 from edge_agent.contract import BundleManifest
 from edge_agent.errors import ContractError, EdgefleetError
-from edge_agent.runtime.base import Runtime, RuntimeOptions, load_runtime
+from edge_agent.runtime.base import Runtime, RuntimeOptions
+from edge_agent.runtime.loader import load_runtime
 from edge_agent.trust import TrustedRoot
 from fleet_server.errors import (
     FallbackServingError,

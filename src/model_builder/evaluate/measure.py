@@ -126,7 +126,7 @@ def measure_onnx(
         InputDataError: see :func:`evaluate`.
         InferenceError: see :func:`evaluate`.
     """
-    from edge_agent.runtime.base import load_runtime
+    from edge_agent.runtime.loader import load_runtime
 
     runtime = load_runtime(model_bytes, "onnx", options)
     try:
