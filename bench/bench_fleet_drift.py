@@ -28,13 +28,8 @@ from typing import Any
 import numpy as np
 
 from edge_agent.drift import TierASketch, TierAView, build_baseline
-from fleet_server.drift.fleet import (
-    CohortSpec,
-    DeviceInfo,
-    FleetAccumulator,
-    FleetWindow,
-    score_fleet,
-)
+from fleet_server.drift.cohorts import CohortSpec, DeviceInfo, FleetWindow
+from fleet_server.drift.fleet import FleetAccumulator, score_fleet
 
 SEED = 20261201
 

@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from edge_agent.drift import TierASketch, build_baseline
-from fleet_server.drift.fleet import CohortSpec
+from fleet_server.drift.cohorts import CohortSpec
 from fleet_server.drift.service import DriftQuery, DriftService
 from fleet_server.history.rollouts import rollout_inputs
 from fleet_server.jobs.history import FINE, HOUR, HistoryJob

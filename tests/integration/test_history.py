@@ -15,7 +15,7 @@ from sqlalchemy import func, select, text
 
 from edge_agent.drift import DriftBaseline, DriftMonitor, MonitorPolicy
 from edge_agent.wire.telemetry import DriftSummary
-from fleet_server.drift.fleet import CohortSpec
+from fleet_server.drift.cohorts import CohortSpec
 from fleet_server.drift.service import DriftQuery, DriftService
 from fleet_server.history.rollouts import rollout_inputs
 from fleet_server.jobs.history import FINE, HOUR, HistoryJob, HistoryPolicy

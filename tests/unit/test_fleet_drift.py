@@ -9,15 +9,8 @@ import pytest
 
 from edge_agent.drift import DriftMonitor, MonitorPolicy, TierASketch, TierAView, build_baseline
 from edge_agent.drift.edges import FeatureEdges
-from fleet_server.drift.fleet import (
-    FLEET,
-    CohortSpec,
-    DeviceInfo,
-    FleetAccumulator,
-    FleetWindow,
-    merge_windows,
-    score_fleet,
-)
+from fleet_server.drift.cohorts import FLEET, CohortSpec, DeviceInfo, FleetWindow
+from fleet_server.drift.fleet import FleetAccumulator, merge_windows, score_fleet
 from fleet_server.errors import DriftMismatchError, FleetDriftError
 
 F = 6

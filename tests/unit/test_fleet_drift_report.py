@@ -23,13 +23,8 @@ from edge_agent.drift import TierASketch, build_baseline
 from edge_agent.errors import EdgefleetError
 from fleet_server.admin.drift import drift_routes
 from fleet_server.cli.drift import register_drift_commands
-from fleet_server.drift.fleet import (
-    CohortSpec,
-    DeviceInfo,
-    FleetAccumulator,
-    FleetWindow,
-    score_fleet,
-)
+from fleet_server.drift.cohorts import CohortSpec, DeviceInfo, FleetWindow
+from fleet_server.drift.fleet import FleetAccumulator, score_fleet
 from fleet_server.drift.report import render_html, render_png
 from fleet_server.drift.service import DriftService
 from fleet_server.errors import FleetDriftError, NotFoundError

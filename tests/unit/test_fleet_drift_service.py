@@ -12,7 +12,7 @@ import pytest
 
 from edge_agent.drift import DriftBaseline, DriftMonitor, MonitorPolicy
 from edge_agent.wire.telemetry import DriftSummary, ModelStats, TelemetryReport
-from fleet_server.drift.fleet import FLEET, CohortSpec
+from fleet_server.drift.cohorts import FLEET, CohortSpec
 from fleet_server.drift.service import DriftQuery, DriftService, parse_duration, parse_time
 from fleet_server.errors import BaselineUnavailableError, FleetDriftError, ModelNotPublishedError
 from fleet_server.registry import Registry, TelemetryEntry

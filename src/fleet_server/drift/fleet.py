@@ -1,12 +1,13 @@
 """Fleet-wide drift: exact merges of device tier-A windows, scored like the agent scores them.
 
-Owns: cohort labels (``CohortSpec``), the exact merge of tier-A views (``merge_windows``), the
-accumulator that groups device windows by (model, version, tensor, cohort, time bucket)
-(``FleetAccumulator``), and ``score_fleet``, which scores every merged cell against the bundle's
-baseline with the agent's own ``score``, ``DriftThresholds.for_scores`` and ``judge`` under the
-agent's ``MonitorPolicy`` (so a single device's fleet score equals its own window verdict).
-Does not own: the result value types and their JSON form (``fleet_drift_results``, re-exported
-here), reading telemetry or bundle files (``drift_service``), charts (``drift_report``).
+Owns: the exact merge of tier-A views (``merge_windows``), the accumulator that groups device
+windows by (model, version, tensor, cohort, time bucket) (``FleetAccumulator``), and
+``score_fleet``, which scores every merged cell against the bundle's baseline with the agent's own
+``score``, ``DriftThresholds.for_scores`` and ``judge`` under the agent's ``MonitorPolicy`` (so a
+single device's fleet score equals its own window verdict).
+Does not own: cohort labels, device windows and merge keys (``drift.cohorts``), the result value
+types and their JSON form (``drift.results``), reading telemetry or bundle files
+(``drift.service``), charts (``drift.report``).
 Pure: values in, values out; no clock, files or database.
 
 Multiple testing: ``alpha`` is, as on the device, the family-wise false-alarm rate per scored
@@ -19,7 +20,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,7 @@ from edge_agent.drift import (
     score,
 )
 from edge_agent.drift.edges import FeatureEdges
+from fleet_server.drift.cohorts import FLEET, CohortSpec, DeviceInfo, FleetKey, FleetWindow
 from fleet_server.drift.results import (
     CohortResult,
     DeviceAlert,
@@ -43,103 +45,12 @@ from fleet_server.drift.results import (
 from fleet_server.errors import DriftMismatchError, FleetDriftError
 
 __all__ = [
-    "FLEET",
-    "CohortResult",
-    "CohortSpec",
-    "DeviceAlert",
-    "DeviceInfo",
-    "FeatureResult",
     "FleetAccumulator",
-    "FleetDriftResult",
-    "FleetKey",
-    "FleetWindow",
     "MergedCell",
     "check_compatible",
     "merge_windows",
     "score_fleet",
 ]
-
-#: Cohort label of the whole fleet (always scored, whatever the cohort spec).
-FLEET = "*"
-_NO_TAG = "(none)"
-_UNKNOWN = "(unknown device)"
-
-
-@dataclass(frozen=True)
-class DeviceInfo:
-    """What a cohort spec reads of a device."""
-
-    group: str
-    tags: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class CohortSpec:
-    """How devices are grouped: ``fleet`` (no split), ``group``, ``tag:KEY`` or ``device``."""
-
-    kind: str = "fleet"
-    key: str = ""
-
-    @classmethod
-    def parse(cls, text: str | None) -> CohortSpec:
-        """Parse ``None``/``""``/``fleet``, ``group``, ``device`` or ``tag:KEY``.
-
-        Raises:
-            FleetDriftError: anything else.
-        """
-        if text is None or text in ("", "fleet"):
-            return cls()
-        if text in ("group", "device"):
-            return cls(text)
-        if text.startswith("tag:") and len(text) > 4:
-            return cls("tag", text[4:])
-        raise FleetDriftError(f"cohort must be group, device or tag:KEY, got {text!r}")
-
-    def __str__(self) -> str:
-        return f"tag:{self.key}" if self.kind == "tag" else self.kind
-
-    def label(self, device_id: str, device: DeviceInfo | None) -> str | None:
-        """The device's cohort, or None when the spec does not split (fleet only)."""
-        if self.kind == "fleet":
-            return None
-        if self.kind == "device":
-            return device_id
-        if device is None:
-            return _UNKNOWN
-        if self.kind == "group":
-            return device.group
-        value = device.tags.get(self.key)
-        return _NO_TAG if value is None else str(value)
-
-
-@dataclass(frozen=True)
-class FleetWindow:
-    """One decoded tier-A window of one device (``at``: the report's Unix time)."""
-
-    device_id: str
-    model: str
-    version: int
-    tensor: str
-    role: str
-    at: float
-    view: TierAView
-    windows: int = 1  # >1: an exact merge of that many windows (a rollup)
-
-
-@dataclass(frozen=True, order=True)
-class FleetKey:
-    """A merge cell; ``bucket`` is the bucket's start (Unix s) or None for the whole range."""
-
-    model: str
-    version: int
-    tensor: str
-    role: str
-    cohort: str
-    bucket: float | None
-
-    def baseline_key(self) -> tuple[str, int, str, str]:
-        """``(model, version, tensor, role)``: which baseline view scores this cell."""
-        return (self.model, self.version, self.tensor, self.role)
 
 
 def check_compatible(window: FeatureEdges, reference: FeatureEdges) -> None:

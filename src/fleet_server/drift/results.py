@@ -3,8 +3,8 @@
 Owns: per-feature scores of a cell (``FeatureResult``), a scored cohort cell (``CohortResult``),
 a device that drifted on its own (``DeviceAlert``), the whole report (``FleetDriftResult``) and
 their ``to_dict`` (the admin API's body; non-finite numbers as null).
-Does not own: cohort specs, merge keys, merging or scoring (``fleet_server.drift.fleet``, which
-re-exports every type here), reading telemetry (``drift_service``) or charts (``drift_report``).
+Does not own: cohort specs and merge keys (``drift.cohorts``), merging or scoring
+(``drift.fleet``), reading telemetry (``drift.service``) or charts (``drift.report``).
 """
 
 from __future__ import annotations
@@ -12,12 +12,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from edge_agent.drift import TierAView
-
-if TYPE_CHECKING:
-    from fleet_server.drift.fleet import CohortSpec, FleetKey
+from fleet_server.drift.cohorts import CohortSpec, FleetKey
 
 __all__ = ["CohortResult", "DeviceAlert", "FeatureResult", "FleetDriftResult"]
 

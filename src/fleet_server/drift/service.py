@@ -35,14 +35,9 @@ from edge_agent.bundle import read_raw
 from edge_agent.contract import BundleManifest
 from edge_agent.drift import DriftBaseline, MonitorPolicy, TierAView
 from edge_agent.errors import ContractError, EdgefleetError
-from fleet_server.drift.fleet import (
-    CohortSpec,
-    DeviceInfo,
-    FleetAccumulator,
-    FleetDriftResult,
-    FleetWindow,
-    score_fleet,
-)
+from fleet_server.drift.cohorts import CohortSpec, DeviceInfo, FleetWindow
+from fleet_server.drift.fleet import FleetAccumulator, score_fleet
+from fleet_server.drift.results import FleetDriftResult
 from fleet_server.errors import (
     BaselineUnavailableError,
     FleetDriftError,
