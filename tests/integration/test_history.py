@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select, text
 
+from clock import FakeClock
 from edge_agent.drift import DriftBaseline, DriftMonitor, MonitorPolicy
 from edge_agent.wire.telemetry import DriftSummary
 from fleet_server.drift.cohorts import CohortSpec
@@ -32,22 +33,14 @@ N_REPORTS = 300  # ~3 h
 DEVICES = ("dev-a", "dev-b", "dev-c")
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, Clock]:
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, FakeClock]:
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'registry.db'}"
     else:
         cluster: PgCluster = request.getfixturevalue("pg")
         url = cluster.new_database()
-    return url, Clock()
+    return url, FakeClock(wall=T0)
 
 
 def _baseline_and_bundles(registry: Registry, tmp_path: Path) -> tuple[Path, DriftBaseline]:
@@ -64,7 +57,7 @@ def _baseline_and_bundles(registry: Registry, tmp_path: Path) -> tuple[Path, Dri
     return bundles, service.baseline("digits", 1)
 
 
-def _fill(registry: Registry, clock: Clock, baseline: DriftBaseline) -> None:
+def _fill(registry: Registry, clock: FakeClock, baseline: DriftBaseline) -> None:
     """Reports every 37 s per device with cumulative counters, a restart, events, drift."""
     rng = np.random.default_rng(7)
     policy = MonitorPolicy(max_values=50, min_values=1)
@@ -76,7 +69,7 @@ def _fill(registry: Registry, clock: Clock, baseline: DriftBaseline) -> None:
                      "nan": 0}  # fmt: skip
     for i in range(N_REPORTS):
         for k, d in enumerate(DEVICES):
-            clock.now = T0 + timedelta(seconds=i * STEP + k)
+            clock.set_wall(T0 + timedelta(seconds=i * STEP + k))
             t = totals[d]
             if d == "dev-b" and i == 150:  # agent restart: counters start again
                 t.update(started=2000.0, ok=0, error=0, rejected=0, lat=[0] * 12, nan=0)
@@ -112,11 +105,11 @@ def _counts(registry: Registry, model: type[Any]) -> int:
 
 def test_rollups_equal_raw_and_survive_retention(backend, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     url, clock = backend
-    registry = Registry.open(url, clock=clock)
+    registry = Registry.open(url, clock=clock.wall)
     registry.upgrade()
     bundles, baseline = _baseline_and_bundles(registry, tmp_path)
     _fill(registry, clock, baseline)
-    end = clock.now
+    end = clock.utc
     # Ranges start on 5-minute boundaries, the rollups' resolution, for an exact comparison.
     drift = DriftService(registry, bundles, clock=lambda: datetime(2026, 6, 1, 13, 10, tzinfo=UTC))
     since, until = datetime(2026, 6, 1, 10, 45, tzinfo=UTC), T0 + timedelta(hours=2, minutes=20)
@@ -130,9 +123,8 @@ def test_rollups_equal_raw_and_survive_retention(backend, tmp_path: Path) -> Non
     raw_obs = rollout_inputs(registry, "digits", windows)
     assert all(not v.folded.reports for v in raw_obs.values())  # nothing folded yet: all raw
 
-    later = Clock()
-    later.now = end + timedelta(minutes=2)
-    job = HistoryJob(registry, HistoryPolicy(raw_retention_seconds=3600.0), clock=later)
+    later = FakeClock(wall=end + timedelta(minutes=2))
+    job = HistoryJob(registry, HistoryPolicy(raw_retention_seconds=3600.0), clock=later.wall)
     report = job.run_once()
     assert report.fine_buckets > 30
     assert report.hour_buckets == 3
@@ -144,7 +136,7 @@ def test_rollups_equal_raw_and_survive_retention(backend, tmp_path: Path) -> Non
     with registry.engine.connect() as c:
         oldest = c.scalar(select(func.min(TelemetryRow.received_at)))
     assert oldest is not None
-    assert oldest >= later.now - timedelta(hours=1, minutes=1)
+    assert oldest >= later.utc - timedelta(hours=1, minutes=1)
 
     # Drift from rollups (+ the raw tail) equals drift from raw rows, range by range.
     after = [drift.report(q) for q in queries]
@@ -173,14 +165,14 @@ def test_rollups_equal_raw_and_survive_retention(backend, tmp_path: Path) -> Non
     assert _counts(registry, TelemetryRollup) > 0
 
     # Running again is a no-op (idempotent); a second job racing the first changes nothing.
-    again = HistoryJob(registry, HistoryPolicy(raw_retention_seconds=3600.0), clock=later)
+    again = HistoryJob(registry, HistoryPolicy(raw_retention_seconds=3600.0), clock=later.wall)
     assert again.run_once().fine_buckets == 0
     registry.close()
 
 
 def test_a_0003_database_upgrades_and_is_backfilled(backend, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     url, clock = backend
-    registry = Registry.open(url, clock=clock)
+    registry = Registry.open(url, clock=clock.wall)
     registry.upgrade("0003")
     with registry.engine.begin() as c:  # rows as 0003 wrote them (no history tables yet)
         c.exec_driver_sql(
@@ -202,8 +194,8 @@ def test_a_0003_database_upgrades_and_is_backfilled(backend, tmp_path: Path) -> 
             )
     registry.upgrade()
     assert registry.current_revision() == "0004"
-    clock.now = T0 + timedelta(hours=3)
-    HistoryJob(registry, clock=clock).run_once()
+    clock.set_wall(T0 + timedelta(hours=3))
+    HistoryJob(registry, clock=clock.wall).run_once()
     with registry.engine.connect() as c:
         rows = c.execute(
             select(TelemetryRollup.reports, TelemetryRollup.requests).where(
@@ -221,22 +213,24 @@ def test_racing_workers_fold_each_bucket_once_and_retention_waits_for_the_fold( 
     backend, tmp_path: Path
 ) -> None:
     url, clock = backend
-    registry = Registry.open(url, clock=clock)
+    registry = Registry.open(url, clock=clock.wall)
     registry.upgrade()
     _bundles, baseline = _baseline_and_bundles(registry, tmp_path)
     _fill(registry, clock, baseline)
-    later = Clock()
-    later.now = clock.now + timedelta(hours=10)
+    later = FakeClock(wall=clock.utc + timedelta(hours=10))
     raw_before = _counts(registry, TelemetryRow)
 
     # Nothing folded yet: however short the retention, no raw row may go.
     unfolded = HistoryPolicy(raw_retention_seconds=60.0, max_buckets_per_run=0)
-    assert HistoryJob(registry, unfolded, clock=later).run_once().raw_deleted == 0
+    assert HistoryJob(registry, unfolded, clock=later.wall).run_once().raw_deleted == 0
     assert _counts(registry, TelemetryRow) == raw_before
 
     # Worker A reads a bucket; worker B folds everything before A commits: A's write is lost.
     keep = HistoryPolicy(raw_retention_seconds=86400.0)
-    a, b = HistoryJob(registry, keep, clock=later), HistoryJob(registry, keep, clock=later)
+    a, b = (
+        HistoryJob(registry, keep, clock=later.wall),
+        HistoryJob(registry, keep, clock=later.wall),
+    )
     real = a._commit
     raced: list[bool] = []
 

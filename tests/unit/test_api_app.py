@@ -14,6 +14,7 @@ from prometheus_client import REGISTRY
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
+from clock import FakeClock
 from edge_agent.api import ApiMetrics, create_app
 from edge_agent.common.ratelimit import RateLimiter
 from edge_agent.config import ApiConfig
@@ -100,14 +101,6 @@ class FakeService:
             source=request.parameters.get("source", "device"),
             parameters={"drift_alert": False, "validation_dropped": {"nan": 0}},
         )
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 50.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 CONFIG = ApiConfig(max_request_bytes=4096, rate_limit_per_second=1000.0, rate_limit_burst=1000)
@@ -490,7 +483,7 @@ def test_invalid_content_length_is_400(app: Starlette) -> None:
 
 
 def test_rate_limit_with_retry_after_and_recovery(service: FakeService) -> None:
-    clock = FakeClock()
+    clock = FakeClock(50.0)
     limiter = RateLimiter(rate=0.25, burst=2, clock=clock)
     client = TestClient(create_app(service, CONFIG, rate_limiter=limiter))
     path = "/v2/models/double/infer"
@@ -507,7 +500,7 @@ def test_rate_limit_with_retry_after_and_recovery(service: FakeService) -> None:
 
 
 def test_unix_socket_clients_share_one_bucket(service: FakeService) -> None:
-    limiter = RateLimiter(rate=0.001, burst=1, clock=FakeClock())
+    limiter = RateLimiter(rate=0.001, burst=1, clock=FakeClock(50.0))
     app = create_app(service, CONFIG, rate_limiter=limiter)
     body = [json.dumps(infer_body()).encode()]
     path = "/v2/models/double/infer"

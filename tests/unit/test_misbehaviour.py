@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from starlette.testclient import TestClient
 
 from bundles import DigitsBundles
+from clock import FakeClock
 from edge_agent.wire.telemetry import StatusMessage
 from fleet_server.admin import client as admin_client
 from fleet_server.admin.api import create_app
@@ -26,17 +27,9 @@ TOKEN = "t" * 32
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 # --------------------------------------------------------------------------- books
 def test_refusals_are_counted_per_device_and_reason_worst_first() -> None:
-    clock = Clock()
+    clock = FakeClock()
     book = MisbehaviourBook(clock=clock)
     book.add("dev-a", "rate_limited", 5)
     book.add("dev-b", "malformed")
@@ -66,7 +59,7 @@ def test_the_book_stays_bounded_and_forgets_the_least_misbehaving_device() -> No
 
 
 def test_presence_needs_live_traffic_not_just_a_retained_online_status() -> None:
-    clock = Clock()
+    clock = FakeClock()
     book = PresenceBook(timeout=60.0, monotonic=clock)
     online = StatusMessage("dev-a", "online", 1.0)
     book.status("dev-a", online)  # e.g. retained, replayed after a server restart

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import edge_agent
+from clock import FakeClock
 from edge_agent.errors import EdgefleetError
 from edge_agent.sync.outbox import (
     CORRUPT_KIND,
@@ -28,21 +29,13 @@ from edge_agent.sync.outbox import (
 )
 
 
-class FakeClock:
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def db(tmp_path: Path) -> Path:
     return tmp_path / "outbox.db"
 
 
 def test_entries_come_back_in_seq_order_with_their_fields(db: Path) -> None:
-    clock = FakeClock()
+    clock = FakeClock(1_700_000_000.0)
     with Outbox(db, 10_000, clock) as box:
         seqs = []
         for i in range(5):
@@ -198,7 +191,7 @@ def test_pending_respects_count_and_byte_limits(db: Path) -> None:
 
 
 def test_stats_report_age_size_and_position(db: Path) -> None:
-    clock = FakeClock()
+    clock = FakeClock(1_700_000_000.0)
     with Outbox(db, 1_000, clock) as box:
         empty = box.stats()
         assert (empty.entries, empty.bytes, empty.oldest_age, empty.oldest_seq) == (
@@ -252,7 +245,7 @@ def test_garbage_file_is_a_typed_error_and_recover_counts_the_loss(db: Path) -> 
     db.write_bytes(b"this is not a database" * 200)
     with pytest.raises(OutboxCorruptError):
         Outbox(db, 1_000)
-    clock = FakeClock()
+    clock = FakeClock(1_700_000_000.0)
     with Outbox.recover(db, 1_000, clock) as box:
         assert box.pending() == []
         assert box.dropped() == {("event", CORRUPT_KIND): DropCount(1, 4_400)}

@@ -4,18 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from clock import FakeClock
 from edge_agent.api.app import limiter_from_config
 from edge_agent.common.ratelimit import RateLimiter
 from edge_agent.config import ApiConfig
 from edge_agent.errors import ConfigError, RateLimitedError
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_burst_then_refusal_with_wait_time() -> None:

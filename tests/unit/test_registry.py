@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -13,6 +13,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import func, inspect, select
 
+from clock import FakeClock
 from edge_agent.wire.telemetry import Batch, Event, TelemetryReport
 from fleet_server.registry import (
     BundleExistsError,
@@ -31,15 +32,6 @@ SHA_A = "a" * 64
 SHA_B = "b" * 64
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = datetime(2026, 1, 1, tzinfo=UTC)
-
-    def __call__(self) -> datetime:
-        self.now += timedelta(seconds=1)
-        return self.now
-
-
 @pytest.fixture
 def db_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'registry.db'}"
@@ -47,7 +39,9 @@ def db_url(tmp_path: Path) -> str:
 
 @pytest.fixture
 def reg(db_url: str) -> Iterator[Registry]:
-    registry = Registry.open(db_url, clock=Clock())
+    registry = Registry.open(
+        db_url, clock=FakeClock(wall=datetime(2026, 1, 1, tzinfo=UTC), tick=1.0).wall
+    )
     registry.upgrade()
     registry.enroll("cam-1")
     yield registry

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from clock import FakeClock
 from edge_agent.contract import OutputContract
 from edge_agent.errors import ConfigError, InferenceError
 from edge_agent.runtime.base import RuntimeOptions, Tensor
@@ -55,20 +56,6 @@ def candidate() -> OnnxRuntime:
     return OnnxRuntime(softmax_model(), RuntimeOptions(warmup_runs=1))
 
 
-class StepClock:
-    """Each reading is ``step`` seconds after the previous one: every run takes ``step``."""
-
-    def __init__(self, step: float) -> None:
-        self.step = step
-        self.now = 0.0
-        self.lock = threading.Lock()
-
-    def __call__(self) -> float:
-        with self.lock:
-            self.now += self.step
-            return self.now
-
-
 class Gated:
     """Wraps a real runtime; ``run`` waits for ``gate`` (a slow candidate)."""
 
@@ -104,7 +91,7 @@ def runner(
         queue_size,
         contract,
         random.Random(seed),
-        StepClock(step),
+        FakeClock(0.0, tick=step),  # every run takes ``step``
         **kw,  # type: ignore[arg-type]
     )
 

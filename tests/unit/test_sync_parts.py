@@ -12,6 +12,7 @@ from typing import Any
 import jsonschema
 import pytest
 
+from clock import FakeClock
 from edge_agent.errors import ContractError, DigestMismatchError, NotConnectedError
 from edge_agent.sync.download import Download
 from edge_agent.sync.outbox import Outbox
@@ -23,14 +24,6 @@ from edge_agent.wire.transfer import MIN_BLOCK_SIZE, BlockData, BlockPlan, Trans
 
 BS = MIN_BLOCK_SIZE
 DEV = "dev-a"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def _assignment(data: bytes) -> ModelAssignment:
@@ -51,13 +44,13 @@ def data() -> bytes:
     return random.Random(7).randbytes(10 * BS + 123)  # 11 blocks
 
 
-def _download(tmp_path: Path, data: bytes, clock: Clock, window: int = 4) -> Download:
+def _download(tmp_path: Path, data: bytes, clock: FakeClock, window: int = 4) -> Download:
     return Download("m", _assignment(data), tmp_path, window=window, retry_seconds=2.0, clock=clock)
 
 
 # ------------------------------------------------------------------------------- download
 def test_download_asks_a_window_at_a_time_then_finishes(tmp_path: Path, data: bytes) -> None:
-    clock = Clock()
+    clock = FakeClock()
     dl = _download(tmp_path, data, clock)
     blocks = _blocks(data)
     req = dl.due_request()
@@ -80,34 +73,34 @@ def test_download_asks_a_window_at_a_time_then_finishes(tmp_path: Path, data: by
 
 
 def test_download_asks_again_after_silence(tmp_path: Path, data: bytes) -> None:
-    clock = Clock()
+    clock = FakeClock()
     dl = _download(tmp_path, data, clock)
     blocks = _blocks(data)
     assert dl.due_request() is not None
     dl.accept(blocks[1])  # the others of the window were lost
-    clock.t += 1.9
+    clock.now += 1.9
     assert dl.due_request() is None
-    clock.t += 0.2
+    clock.now += 0.2
     req = dl.due_request()
     assert req is not None
     assert req.ranges == ((0, 1), (2, 5))
 
 
 def test_download_stays_quiet_while_a_wave_streams(tmp_path: Path, data: bytes) -> None:
-    clock = Clock()
+    clock = FakeClock()
     dl = _download(tmp_path, data, clock)
     blocks = _blocks(data)
     for b in blocks[4:6]:  # broadcast blocks nobody on this device asked for
         dl.accept(b)
     assert dl.due_request() is None
-    clock.t += 0.6  # the wave went quiet
+    clock.now += 0.6  # the wave went quiet
     req = dl.due_request()
     assert req is not None
     assert req.ranges == ((0, 4),)
 
 
 def test_download_resumes_and_refuses_foreign_or_bad_blocks(tmp_path: Path, data: bytes) -> None:
-    clock = Clock()
+    clock = FakeClock()
     blocks = _blocks(data)
     dl = _download(tmp_path, data, clock)
     for b in blocks[:5]:
@@ -127,7 +120,7 @@ def test_download_resumes_and_refuses_foreign_or_bad_blocks(tmp_path: Path, data
 
 
 def test_download_of_wrong_bytes_is_discarded(tmp_path: Path, data: bytes) -> None:
-    dl = _download(tmp_path, data, Clock())
+    dl = _download(tmp_path, data, FakeClock())
     forged = bytearray(data)
     forged[5] ^= 1
     plan = dl.plan
@@ -168,7 +161,7 @@ def box(tmp_path: Path) -> Any:
         yield b
 
 
-def _uplink(box: Outbox, wire: Wire, clock: Clock, **kw: Any) -> Uplink:
+def _uplink(box: Outbox, wire: Wire, clock: FakeClock, **kw: Any) -> Uplink:
     return Uplink(
         box,
         wire,
@@ -184,7 +177,7 @@ def _ack(upto: int) -> bytes:
 
 
 def test_uplink_sends_one_batch_at_a_time_and_drains_on_ack(box: Outbox, tmp_path: Path) -> None:
-    wire, clock = Wire(), Clock()
+    wire, clock = Wire(), FakeClock()
     up = _uplink(box, wire, clock, max_items=2)
     for i in range(3):
         up.add_report(_report(i))
@@ -209,20 +202,20 @@ def test_uplink_sends_one_batch_at_a_time_and_drains_on_ack(box: Outbox, tmp_pat
 
 
 def test_uplink_resends_when_no_ack_comes(box: Outbox) -> None:
-    wire, clock = Wire(), Clock()
+    wire, clock = Wire(), FakeClock()
     up = _uplink(box, wire, clock, ack_timeout=5.0)
     up.add_report(_report())
     assert up.pump()
-    clock.t += 4.9
+    clock.now += 4.9
     assert not up.pump()
-    clock.t += 0.2
+    clock.now += 0.2
     assert up.pump()
     assert up.stats().resends == 1
     assert [b.items[0].seq for b in wire.batches()] == [1, 1]
 
 
 def test_uplink_offline_keeps_everything(box: Outbox) -> None:
-    wire, clock = Wire(), Clock()
+    wire, clock = Wire(), FakeClock()
     wire.offline = True
     up = _uplink(box, wire, clock)
     up.add_report(_report())
@@ -243,7 +236,7 @@ def test_uplink_offline_keeps_everything(box: Outbox) -> None:
     ],
 )
 def test_uplink_refuses_bad_acks(box: Outbox, payload: bytes) -> None:
-    wire, clock = Wire(), Clock()
+    wire, clock = Wire(), FakeClock()
     up = _uplink(box, wire, clock)
     up.add_report(_report())
     up.pump()
@@ -264,7 +257,7 @@ def test_uplink_refuses_bad_acks(box: Outbox, payload: bytes) -> None:
     ],
 )
 def test_uplink_skips_an_unreadable_entry_and_moves_the_floor(box: Outbox, entry: bytes) -> None:
-    wire, clock = Wire(), Clock()
+    wire, clock = Wire(), FakeClock()
     up = _uplink(box, wire, clock)
     box.append("report", entry, "report")
     up.add_report(_report())
@@ -328,7 +321,7 @@ def test_reported_state_refuses_oversized_payloads() -> None:
 
 
 def test_uplink_never_jams_on_a_window_of_unsendable_entries(box: Outbox) -> None:
-    wire, clock = Wire(), Clock()
+    wire, clock = Wire(), FakeClock()
     up = _uplink(box, wire, clock, max_items=2)
     box.append("report", b"{broken", "report")  # seq 1: unreadable
     box.append("report", b"x" * (MAX_ITEM_BYTES + 1), "report")  # seq 2: can never be sent
