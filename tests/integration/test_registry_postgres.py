@@ -18,7 +18,8 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import func, select
 
 from fleet_server.registry import Registry, TelemetryEntry
-from fleet_server.registry.models import Base, TelemetryRow
+from fleet_server.registry.models import TelemetryRow
+from fleet_server.registry.schema import METADATA
 from pg import PgCluster
 
 psycopg = pytest.importorskip("psycopg", reason="psycopg (PostgreSQL driver) is not installed")
@@ -49,7 +50,7 @@ def test_upgrade_on_empty_database_matches_models(url: str) -> None:
     reg.upgrade()
     assert reg.current_revision() == Registry.head_revision() == "0004"
     with reg.engine.connect() as conn:
-        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+        assert compare_metadata(MigrationContext.configure(conn), METADATA) == []
     reg.downgrade("base")
     assert reg.current_revision() is None
     reg.close()

@@ -16,7 +16,7 @@ from edge_agent.wire.telemetry import Event, ModelStats, TelemetryReport
 from fleet_server.errors import RegistryError, UnknownRolloutError
 from fleet_server.registry import Registry
 from fleet_server.registry import rollouts as store
-from fleet_server.registry.models import Base
+from fleet_server.registry.schema import METADATA
 from fleet_server.rollouts.engine import Rollout, RolloutPolicy, Selector, Thresholds, decide
 from fleet_server.rollouts.metrics import DeviceObservation
 
@@ -42,7 +42,7 @@ def _rollout(rid: str = "ro-1") -> Rollout:
 def test_migration_upgrade_and_downgrade(registry: Registry) -> None:
     head = registry.current_revision()
     with registry.engine.connect() as conn:
-        diffs = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        diffs = compare_metadata(MigrationContext.configure(conn), METADATA)
     assert [d for d in diffs if any(t in repr(d) for t in TABLES)] == []
     registry.downgrade("0001")
     assert registry.current_revision() == "0001"

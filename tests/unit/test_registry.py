@@ -26,7 +26,8 @@ from fleet_server.registry import (
     TelemetryRejectedError,
     UnknownDeviceError,
 )
-from fleet_server.registry.models import Base, TelemetryRow
+from fleet_server.registry.models import TelemetryRow
+from fleet_server.registry.schema import METADATA
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64
@@ -79,7 +80,7 @@ def test_migrations_match_the_models(db_url: str) -> None:
     reg = Registry.open(db_url)
     reg.upgrade()
     with reg.engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        diff = compare_metadata(MigrationContext.configure(conn), METADATA)
     reg.close()
     assert diff == []
 

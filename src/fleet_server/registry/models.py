@@ -1,9 +1,10 @@
-"""The fleet registry's tables, as SQLAlchemy 2 typed ORM classes.
+"""The fleet registry's device, bundle and telemetry tables, as SQLAlchemy 2 typed ORM classes.
 
-Owns: the schema (tables, keys, constraints, indexes) that ``migrations/`` creates and that
-``store`` reads and writes. Does not own: any query or transaction (``store`` does that) nor
-the schema's history (Alembic revisions under ``migrations/versions`` do; a change here needs a
-new revision there).
+Owns: those tables (keys, constraints, indexes) that ``migrations/`` creates and that ``store``
+reads and writes. Does not own: the ORM base and shared column types (``orm``), the rollout tables
+(``rollout_models``), the complete schema Alembic compares against (``schema``), any query or
+transaction (``store`` does that) nor the schema's history (Alembic revisions under
+``migrations/versions`` do; a change here needs a new revision there).
 
 Timestamps are timezone-aware UTC everywhere: ``UTCDateTime`` normalises on the way in and,
 because SQLite keeps no zone, re-attaches UTC on the way out. JSON columns are ``JSONB`` on
@@ -12,29 +13,24 @@ PostgreSQL and JSON text on SQLite.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
-    JSON,
     BigInteger,
-    DateTime,
     Float,
     ForeignKey,
     Index,
     Integer,
     LargeBinary,
-    MetaData,
     String,
     UniqueConstraint,
 )
-from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-from sqlalchemy.types import TypeDecorator
+from sqlalchemy.orm import Mapped, mapped_column
+
+from fleet_server.registry.orm import ID_LEN, NAME_LEN, SHA256_LEN, Base
 
 __all__ = [
-    "Base",
     "Bundle",
     "DesiredStateRow",
     "Device",
@@ -42,52 +38,7 @@ __all__ = [
     "RollupState",
     "TelemetryRollup",
     "TelemetryRow",
-    "UTCDateTime",
 ]
-
-#: Deterministic constraint names, so later Alembic revisions can drop or alter them by name.
-NAMING_CONVENTION = {
-    "ix": "ix_%(column_0_label)s",
-    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
-
-ID_LEN = 128  # edge_agent.common.identity allows device ids of at most 128 characters
-NAME_LEN = 128
-SHA256_LEN = 64
-JSONType = JSON().with_variant(JSONB(), "postgresql")
-
-
-class UTCDateTime(TypeDecorator[datetime]):
-    """A ``DateTime(timezone=True)`` that only accepts and always returns aware UTC values."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        """Refuse naive datetimes (ambiguous), store UTC."""
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetime: pass a timezone-aware value")
-        return value.astimezone(UTC)
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        """SQLite returns naive values: they were stored as UTC."""
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value.astimezone(UTC)
-
-
-class Base(DeclarativeBase):
-    """Declarative base carrying the shared ``MetaData`` (with the naming convention)."""
-
-    metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {dict[str, Any]: JSONType, datetime: UTCDateTime()}
 
 
 class Device(Base):
@@ -220,8 +171,3 @@ class RollupState(Base):
 
     level: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     folded_until: Mapped[datetime] = mapped_column()
-
-
-# The rollout tables live in their own module on the same Base; importing it here puts them in
-# ``Base.metadata`` for Alembic and for every user of this module (it imports this one first).
-from fleet_server.registry import rollout_models as _rollout_models  # noqa: E402, F401

@@ -1,10 +1,9 @@
 """The rollout tables: rollouts, their event log and quarantined model versions.
 
-Owns: the schema of rollout persistence on the registry's ``Base`` (the Alembic revision
+Owns: the schema of rollout persistence on the registry's ``Base`` (``orm``; the Alembic revision
 ``0002_rollouts`` creates it). Does not own: queries (``registry.rollouts``) nor the rollout's
 meaning (``fleet_server.rollouts.engine``); the whole engine state is one JSON document per
-rollout, with
-the columns the server filters on next to it.
+rollout, with the columns the server filters on next to it.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ from typing import Any
 from sqlalchemy import BigInteger, ForeignKey, Index, Integer, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from fleet_server.registry.models import NAME_LEN, Base
+from fleet_server.registry.orm import NAME_LEN, Base
 
 __all__ = ["QuarantineRow", "RolloutEventRow", "RolloutRow"]
 
