@@ -10,6 +10,7 @@ from pathlib import Path
 from cryptography import x509
 
 from edge_agent.common.identity import build_csr, generate_device_key
+from fakes import FakeGateway
 
 BIN = Path(sys.executable).parent / "fleet-server"
 
@@ -73,7 +74,6 @@ def test_ca_enroll_revoke_and_broker_config(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- admin API commands
 import json  # noqa: E402
 from collections.abc import Iterator  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
 from datetime import UTC, datetime, timedelta  # noqa: E402
 
 import pytest  # noqa: E402
@@ -90,32 +90,6 @@ from fleet_server.service import FleetService  # noqa: E402
 ADMIN_TOKEN = "admin-token-" + "z" * 20
 
 
-@dataclass(frozen=True)
-class _Stats:
-    desired_published: int
-
-
-@dataclass
-class _FakeGateway:
-    published: list[tuple[str, bytes]] = field(default_factory=list)
-    status: dict[str, StatusMessage] = field(default_factory=dict)
-
-    def publish_desired(self, device_id: str, document: bytes) -> None:
-        self.published.append((device_id, document))
-
-    def start_wave(self, sha256: str) -> str:
-        return "wave-1"
-
-    def stats(self) -> _Stats:
-        return _Stats(len(self.published))
-
-    def online(self) -> dict[str, StatusMessage]:
-        return dict(self.status)
-
-    def misbehaviour(self, device_id: str | None = None, *, top: int = 20) -> list[object]:
-        return []
-
-
 @pytest.fixture
 def admin_url(digits_bundles: DigitsBundles, tmp_path: Path) -> Iterator[str]:
     keys = digits_bundles.keys
@@ -124,7 +98,7 @@ def admin_url(digits_bundles: DigitsBundles, tmp_path: Path) -> Iterator[str]:
     service = FleetService(
         registry,
         BundleLibrary(tmp_path / "bundles", keys.trusted_root()),
-        _FakeGateway(status={"cam-1": StatusMessage("cam-1", "online", 1.0)}),
+        FakeGateway(status={"cam-1": StatusMessage("cam-1", "online", 1.0)}),
         [keys.signer("online-1")],
         clock=lambda: datetime.now(UTC),
         ttl=timedelta(hours=1),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from starlette.testclient import TestClient
 from bundles import DigitsBundles
 from edge_agent.trust.desired import verify_desired_state
 from edge_agent.wire.telemetry import StatusMessage
+from fakes import FakeGateway
 from fleet_server.admin.api import create_app
 from fleet_server.delivery.library import BundleLibrary
 from fleet_server.registry import Registry, TelemetryEntry
@@ -20,32 +20,6 @@ from fleet_server.service import FleetService
 
 TOKEN = "t" * 32
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-
-@dataclass(frozen=True)
-class Stats:
-    desired_published: int
-
-
-@dataclass
-class FakeGateway:
-    published: list[tuple[str, bytes]] = field(default_factory=list)
-    status: dict[str, StatusMessage] = field(default_factory=dict)
-
-    def publish_desired(self, device_id: str, document: bytes) -> None:
-        self.published.append((device_id, document))
-
-    def start_wave(self, sha256: str) -> str:
-        return "wave-" + sha256[:8]
-
-    def stats(self) -> Stats:
-        return Stats(len(self.published))
-
-    def online(self) -> dict[str, StatusMessage]:
-        return dict(self.status)
-
-    def misbehaviour(self, device_id: str | None = None, *, top: int = 20) -> list[object]:
-        return []
 
 
 @pytest.fixture
@@ -162,7 +136,8 @@ def test_publish_register_assign_show_flow(
 
     r = client.post("/v1/waves", headers=AUTH, json={"sha256": model["sha256"]})
     assert r.status_code == 202
-    assert r.json()["wave"] == "wave-" + model["sha256"][:8]
+    assert r.json()["wave"] == "wave-1"  # the gateway's wave id, for the sha256 asked
+    assert gateway.waves == [model["sha256"]]
 
     st = client.get("/v1/status", headers=AUTH).json()
     assert (st["devices"], st["online"], st["bundles"]) == (1, 1, 1)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import quote
@@ -17,7 +16,7 @@ from urllib.parse import quote
 import pytest
 from starlette.testclient import TestClient
 
-from edge_agent.wire.telemetry import StatusMessage
+from fakes import FakeGateway
 from fleet_server.admin.api import create_app
 from fleet_server.admin.body import public_message
 from fleet_server.admin.drift import drift_routes
@@ -76,26 +75,6 @@ HOSTILE_BODIES = [
     b'{"id": "a", "id": "b"}',
     b'{"id": "\\udc00"}',
 ]
-
-
-@dataclass
-class _Gateway:
-    published: list[tuple[str, bytes]] = field(default_factory=list)
-
-    def publish_desired(self, device_id: str, document: bytes) -> None:
-        self.published.append((device_id, document))
-
-    def start_wave(self, sha256: str) -> str:
-        return "wave-1"
-
-    def stats(self) -> object:
-        return type("Stats", (), {"desired_published": 0})()
-
-    def online(self) -> dict[str, StatusMessage]:
-        return {}
-
-    def misbehaviour(self, device_id: str | None = None, *, top: int = 20) -> list[object]:
-        return []
 
 
 def _fields(int_value: object) -> list[dict[str, object]]:
@@ -158,7 +137,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     service = FleetService(
         registry,
         library,
-        _Gateway(),  # type: ignore[arg-type]
+        FakeGateway(),
         [keys.signer("online-1")],
         clock=clock,
         ttl=timedelta(hours=1),
@@ -280,7 +259,7 @@ def test_a_library_disk_failure_names_no_path(tmp_path: Path) -> None:
     service = FleetService(
         registry,
         BundleLibrary(tmp_path / "bundles", keys.trusted_root()),
-        _Gateway(),  # type: ignore[arg-type]
+        FakeGateway(),
         [keys.signer("online-1")],
         clock=lambda: datetime.now(UTC),
         ttl=timedelta(hours=1),

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tarfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from edge_agent.cli import main as agent_cli
 from edge_agent.cli.support import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNTRUSTED
 from edge_agent.errors import BundleFormatError, BundleVerificationError, MetadataFormatError
 from edge_agent.trust import TrustedRoot
-from edge_agent.wire.telemetry import StatusMessage
+from fakes import FakeGateway
 from fleet_server.admin.api import AdminServer, create_app
 from fleet_server.cli import main as server_cli
 from fleet_server.delivery.library import BundleLibrary
@@ -351,26 +350,6 @@ def test_edge_agent_install_prints_one_typed_line(
     )
 
 
-@dataclass
-class _Gateway:
-    published: list[tuple[str, bytes]] = field(default_factory=list)
-
-    def publish_desired(self, device_id: str, document: bytes) -> None:
-        self.published.append((device_id, document))
-
-    def start_wave(self, sha256: str) -> str:
-        return "wave-1"
-
-    def stats(self) -> object:
-        return type("Stats", (), {"desired_published": 0})()
-
-    def online(self) -> dict[str, StatusMessage]:
-        return {}
-
-    def misbehaviour(self, device_id: str | None = None, *, top: int = 20) -> list[object]:
-        return []
-
-
 @pytest.fixture(scope="module")
 def admin_url(keys: KeyStore, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("server")
@@ -379,7 +358,7 @@ def admin_url(keys: KeyStore, tmp_path_factory: pytest.TempPathFactory) -> Itera
     service = FleetService(
         registry,
         BundleLibrary(tmp / "bundles", keys.trusted_root()),
-        _Gateway(),  # type: ignore[arg-type]
+        FakeGateway(),
         [keys.signer("online-1")],
         clock=lambda: datetime.now(UTC),
         ttl=timedelta(hours=1),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from starlette.testclient import TestClient
 from bundles import DigitsBundles
 from clock import FakeClock
 from edge_agent.wire.telemetry import StatusMessage
+from fakes import FakeGateway
 from fleet_server.admin import client as admin_client
 from fleet_server.admin.api import create_app
 from fleet_server.cli.main import cli
@@ -77,32 +77,13 @@ def test_presence_needs_live_traffic_not_just_a_retained_online_status() -> None
 
 
 # --------------------------------------------------------------------------- admin + CLI
-@dataclass
-class FakeGateway:
-    book: MisbehaviourBook = field(default_factory=MisbehaviourBook)
-
-    def publish_desired(self, device_id: str, document: bytes) -> None: ...
-
-    def start_wave(self, sha256: str) -> str:
-        return sha256
-
-    def stats(self) -> object:
-        return object()
-
-    def online(self) -> dict[str, StatusMessage]:
-        return {}
-
-    def misbehaviour(self, device_id: str | None = None, *, top: int = 20) -> list[Any]:
-        return [self.book.of(device_id)] if device_id else self.book.top(top)
-
-
 @pytest.fixture
 def env(
     digits_bundles: DigitsBundles, tmp_path: Path
 ) -> Iterator[tuple[TestClient, FakeGateway, Registry]]:
     registry = Registry.open(f"sqlite:///{tmp_path / 'registry.db'}")
     registry.upgrade()
-    gateway = FakeGateway()
+    gateway = FakeGateway(book=MisbehaviourBook())
     service = FleetService(
         registry,
         BundleLibrary(tmp_path / "bundles", digits_bundles.keys.trusted_root()),

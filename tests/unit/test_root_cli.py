@@ -18,6 +18,7 @@ from starlette.testclient import TestClient
 
 from edge_agent.cli.main import cli as agent_cli
 from edge_agent.cli.main import main as agent_main
+from fakes import FakeGateway
 from fleet_server.admin.api import create_app
 from fleet_server.admin.root import root_routes
 from fleet_server.cli.main import cli as server_cli
@@ -74,10 +75,11 @@ def test_fleet_server_root_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     registry = Registry.open(f"sqlite:///{tmp_path / 'registry.db'}")
     registry.upgrade()
     roots = ServerRoots(keys.root_chain()[0], tmp_path / "roots", clock=lambda: NOW)
+    gateway = FakeGateway()
     service = FleetService(
         registry,
         BundleLibrary(tmp_path / "bundles", roots.current, clock=lambda: NOW),
-        _NoGateway(),  # type: ignore[arg-type]
+        gateway,
         [keys.signer("online-1")],
         clock=lambda: NOW,
         ttl=timedelta(hours=1),
@@ -104,24 +106,8 @@ def test_fleet_server_root_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         assert out.exit_code == 0, out.output
         assert "root v2" in out.output
         assert "chain shipped: v2" in out.output
+    assert (gateway.published, gateway.waves) == ([], [])  # no device has a desired state here
     registry.close()
-
-
-class _NoGateway:
-    def publish_desired(self, device_id: str, document: bytes) -> None:
-        raise AssertionError("no device has a desired state here")
-
-    def start_wave(self, sha256: str) -> str:
-        raise AssertionError
-
-    def stats(self) -> object:
-        return {}
-
-    def online(self) -> dict[str, object]:
-        return {}
-
-    def misbehaviour(self, device_id: str | None = None, *, top: int = 20) -> list[object]:
-        return []
 
 
 class _Bridge(httpx.BaseTransport):

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 from starlette.testclient import TestClient
-from test_service import FakeGateway
 
 from edge_agent.errors import RootRotationError
 from edge_agent.trust import TrustedRoot, apply_root_chain, split_roots
 from edge_agent.trust.desired import verify_desired_state
+from fakes import FakeGateway
 from fleet_server.admin.api import create_app
 from fleet_server.admin.root import root_routes
 from fleet_server.delivery.library import BundleLibrary

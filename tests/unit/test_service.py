@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -12,9 +11,10 @@ import pytest
 
 from bundles import DigitsBundles
 from edge_agent.bundle.archive import read_raw
-from edge_agent.errors import NotConnectedError, SignatureThresholdError
+from edge_agent.errors import SignatureThresholdError
 from edge_agent.trust.desired import check_targets_digest, verify_desired_state
 from edge_agent.wire.telemetry import StatusMessage
+from fakes import FakeGateway
 from fleet_server.delivery.library import BundleLibrary
 from fleet_server.errors import (
     BundleRejectedError,
@@ -29,40 +29,6 @@ from fleet_server.service import FleetService
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
-@dataclass(frozen=True)
-class Stats:
-    desired_published: int
-    messages: dict[str, int]
-
-
-@dataclass
-class FakeGateway:
-    """Implements the Gateway methods the service uses; records what it was asked."""
-
-    published: list[tuple[str, bytes]] = field(default_factory=list)
-    waves: list[str] = field(default_factory=list)
-    status: dict[str, StatusMessage] = field(default_factory=dict)
-    fail: bool = False
-
-    def publish_desired(self, device_id: str, document: bytes) -> None:
-        if self.fail:
-            raise NotConnectedError("broker down")
-        self.published.append((device_id, document))
-
-    def start_wave(self, sha256: str) -> str:
-        self.waves.append(sha256)
-        return f"wave-{len(self.waves)}"
-
-    def stats(self) -> Stats:
-        return Stats(len(self.published), {"telemetry": 3})
-
-    def online(self) -> dict[str, StatusMessage]:
-        return dict(self.status)
-
-    def misbehaviour(self, device_id: str | None = None, *, top: int = 20) -> list[object]:
-        return []
-
-
 @pytest.fixture
 def parts(
     digits_bundles: DigitsBundles, tmp_path: Path
@@ -70,7 +36,7 @@ def parts(
     keys = digits_bundles.keys
     registry = Registry.open(f"sqlite:///{tmp_path / 'registry.db'}")
     registry.upgrade()
-    gateway = FakeGateway()
+    gateway = FakeGateway(messages={"telemetry": 3})
     service = FleetService(
         registry,
         BundleLibrary(tmp_path / "bundles", keys.trusted_root()),
