@@ -59,7 +59,7 @@ REPORTED = ReportedState(
     },
 ).to_bytes()
 
-# (name, parser, seed bytes): JSON documents parsed by ``edge_agent.wire.fields._load``
+# (name, parser, seed bytes): JSON documents parsed by ``edge_agent.wire.fields.load_json``
 JSON_PARSERS: list[tuple[str, Callable[[bytes], object], bytes]] = [
     ("event", Event.from_bytes, _golden("event-v1.json")),
     ("status", StatusMessage.from_bytes, _golden("status-v1.json")),

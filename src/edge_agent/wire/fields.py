@@ -1,58 +1,98 @@
-"""Shared readers and writers of the device's JSON wire formats (private to ``edge_agent``).
+"""Shared readers and writers of the device's JSON wire formats (an internal module, public names).
 
-Owns the strict field readers (``_obj``, ``_get``, ``_int``, ``_num``, ``_str``, ``_label``,
-``_counts``, ``_device``, ``_header``), the size-capped, strict JSON loader (``_load``, over
-``edge_agent.strict_json``: no NaN or inf, no duplicate keys, bounded integers and depth),
-the canonical writer (``_dump``), the ``_Wire`` base (``to_bytes`` on top of ``to_dict``) and
-the limits they enforce, including ``SCHEMA_VERSION``
-and ``MAX_PAYLOAD_BYTES``. Every problem raises ``ContractError``.
+Owns the strict field readers (``as_object``, ``require``, ``as_int``, ``as_number``,
+``as_opt_number``, ``as_str``, ``as_label``, ``as_counts``, ``as_device_id``, ``check_header``),
+the size-capped, strict JSON loader (``load_json``, over ``edge_agent.strict_json``: no NaN or
+inf, no duplicate keys, bounded integers and depth), the canonical writer (``dump_json``), the
+tolerant readers a report builder uses on the agent's own status (``tolerant_counts``,
+``count_or_zero``, ``finite_or_none``), the ``Wire`` base (``to_bytes`` on top of ``to_dict``),
+the ``Part`` protocol with ``encode_parts``/``decode_parts`` (a value object whose wire dict is
+the union of its parts' dicts) and the limits they enforce, including ``SCHEMA_VERSION`` and
+``MAX_PAYLOAD_BYTES``. Every problem a strict reader finds raises ``ContractError``.
+
 Does not own any payload (``edge_agent.wire.telemetry``, ``edge_agent.wire.telemetry_report``,
 ``edge_agent.wire.reported``) and does no I/O.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
-from collections.abc import Mapping
-from typing import Any, Final
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar, Final, Protocol, Self
 
 from edge_agent import strict_json
 from edge_agent.errors import ContractError, IdentityError
 from edge_agent.ids import validate_device_id
 
+__all__ = [
+    "LABEL",
+    "MAX_INT",
+    "MAX_PAYLOAD_BYTES",
+    "SCHEMA_VERSION",
+    "Part",
+    "Wire",
+    "as_counts",
+    "as_device_id",
+    "as_int",
+    "as_label",
+    "as_number",
+    "as_object",
+    "as_opt_number",
+    "as_str",
+    "check_header",
+    "count_or_zero",
+    "decode_parts",
+    "dump_json",
+    "encode_parts",
+    "finite_or_none",
+    "load_json",
+    "part_fields",
+    "require",
+    "storable_text",
+    "tolerant_counts",
+]
+
 SCHEMA_VERSION: Final = 1
 #: Refused before ``json.loads`` is even tried.
 MAX_PAYLOAD_BYTES: Final = 256 * 1024
-_MAX_INT: Final = 2**53 - 1  # exact in every JSON reader
+#: Largest integer on the wire: exact in every JSON reader.
+MAX_INT: Final = 2**53 - 1
+#: A label (model name, counter key, tensor name, ...).
+LABEL: Final = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
 _MAX_MAP: Final = 64
 _MAX_TEXT: Final = 1024
-_LABEL = re.compile(r"^[A-Za-z0-9_.:/-]{1,128}$")
 # NUL (PostgreSQL TEXT and JSONB refuse it) and UTF-16 surrogates (not Unicode scalar values:
 # they cannot be encoded as UTF-8, and JSONB refuses a lone one): refused in every string.
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 
-def _obj(d: Any, what: str) -> Mapping[str, Any]:
+# ----------------------------------------------------------------------- strict readers
+def as_object(d: Any, what: str) -> Mapping[str, Any]:
+    """``d`` itself. Raises ContractError (not a JSON object)."""
     if not isinstance(d, Mapping):
         raise ContractError(f"{what} must be a JSON object")
     return d
 
 
-def _get(d: Mapping[str, Any], key: str, what: str) -> Any:
+def require(d: Mapping[str, Any], key: str, what: str) -> Any:
+    """``d[key]``. Raises ContractError (the key is missing)."""
     if key not in d:
         raise ContractError(f"{what}: missing field {key!r}")
     return d[key]
 
 
-def _int(v: Any, what: str, lo: int = 0) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= _MAX_INT:
+def as_int(v: Any, what: str, lo: int = 0) -> int:
+    """``v``. Raises ContractError (not an integer in ``[lo, MAX_INT]``; a bool is not one)."""
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= MAX_INT:
         raise ContractError(f"{what} must be an integer in [{lo}, 2**53-1]")
     return v
 
 
-def _num(v: Any, what: str, *, lo: float = 0.0) -> float:
+def as_number(v: Any, what: str, *, lo: float = 0.0) -> float:
+    """``v`` as a float. Raises ContractError (not a finite number >= ``lo``)."""
     if isinstance(v, bool) or not isinstance(v, int | float):
         raise ContractError(f"{what} must be a number")
     try:
@@ -64,11 +104,13 @@ def _num(v: Any, what: str, *, lo: float = 0.0) -> float:
     return out
 
 
-def _opt_num(v: Any, what: str) -> float | None:
-    return None if v is None else _num(v, what, lo=-math.inf)
+def as_opt_number(v: Any, what: str) -> float | None:
+    """None, or any finite number. Raises ContractError (anything else)."""
+    return None if v is None else as_number(v, what, lo=-math.inf)
 
 
-def _str(v: Any, what: str, limit: int = _MAX_TEXT) -> str:
+def as_str(v: Any, what: str, limit: int = _MAX_TEXT) -> str:
+    """``v``. Raises ContractError (not a string of at most ``limit``, or NUL/surrogates)."""
     if not isinstance(v, str) or len(v) > limit:
         raise ContractError(f"{what} must be a string of at most {limit} characters")
     if _UNSTORABLE.search(v):
@@ -76,43 +118,51 @@ def _str(v: Any, what: str, limit: int = _MAX_TEXT) -> str:
     return v
 
 
-def _storable_text(text: str, limit: int = _MAX_TEXT) -> str:
+def storable_text(text: str, limit: int = _MAX_TEXT) -> str:
     """``text`` cut to ``limit`` with NUL and surrogates replaced by U+FFFD (for a writer that
-    builds free text, e.g. from an exception, which ``_str`` would otherwise refuse)."""
+    builds free text, e.g. from an exception, which ``as_str`` would otherwise refuse)."""
     return _UNSTORABLE.sub("\ufffd", text[:limit])
 
 
-def _label(v: Any, what: str) -> str:
-    if not isinstance(v, str) or not _LABEL.fullmatch(v):
+def as_label(v: Any, what: str) -> str:
+    """``v``. Raises ContractError (not a ``LABEL``)."""
+    if not isinstance(v, str) or not LABEL.fullmatch(v):
         raise ContractError(f"{what} must be a label of 1-128 [A-Za-z0-9_.:/-]")
     return v
 
 
-def _counts(v: Any, what: str) -> dict[str, int]:
-    v = _obj(v, what)
+def as_counts(v: Any, what: str) -> dict[str, int]:
+    """A label -> count map. Raises ContractError (not one, or over 64 entries)."""
+    v = as_object(v, what)
     if len(v) > _MAX_MAP:
         raise ContractError(f"{what} has more than {_MAX_MAP} entries")
-    return {_label(k, f"{what} key"): _int(n, f"{what}[{k!r}]") for k, n in v.items()}
+    return {as_label(k, f"{what} key"): as_int(n, f"{what}[{k!r}]") for k, n in v.items()}
 
 
-def _device(v: Any) -> str:
+def as_device_id(v: Any) -> str:
+    """``v``. Raises ContractError (not a valid device id)."""
     try:
         return validate_device_id(v)
     except IdentityError as exc:
         raise ContractError(f"device_id: {exc}") from exc
 
 
-def _header(d: Any, kind: str) -> Mapping[str, Any]:
-    m = _obj(d, kind)
-    version = _get(m, "schema_version", kind)
+def check_header(d: Any, kind: str) -> Mapping[str, Any]:
+    """``d``, checked to be an object of ``type`` ``kind`` and this ``SCHEMA_VERSION``.
+
+    Raises:
+        ContractError: not an object, another schema version or another type.
+    """
+    m = as_object(d, kind)
+    version = require(m, "schema_version", kind)
     if isinstance(version, bool) or version != SCHEMA_VERSION:
         raise ContractError(f"{kind}: schema_version {version!r} is not supported")
-    if _get(m, "type", kind) != kind:
+    if require(m, "type", kind) != kind:
         raise ContractError(f"{kind}: type must be {kind!r}")
     return m
 
 
-def _load(data: bytes, max_bytes: int) -> Any:
+def load_json(data: bytes, max_bytes: int) -> Any:
     """Strict JSON (``edge_agent.strict_json``) with integers of at most 20 digits.
 
     Raises:
@@ -123,7 +173,12 @@ def _load(data: bytes, max_bytes: int) -> Any:
     return strict_json.loads(data, max_bytes=max_bytes, what="payload")
 
 
-def _dump(d: Mapping[str, Any]) -> bytes:
+def dump_json(d: Mapping[str, Any]) -> bytes:
+    """Canonical JSON: sorted keys, no whitespace, ASCII.
+
+    Raises:
+        ContractError: a non-finite float.
+    """
     try:
         text = json.dumps(d, sort_keys=True, separators=(",", ":"), allow_nan=False)
     except ValueError as exc:
@@ -131,8 +186,34 @@ def _dump(d: Mapping[str, Any]) -> bytes:
     return text.encode("ascii")
 
 
-class _Wire:
-    """``to_bytes``/``from_bytes`` on top of each class's ``to_dict``/``from_dict``."""
+# -------------------------------------------------------- tolerant readers (own status)
+def tolerant_counts(d: Any) -> dict[str, int]:
+    """The label -> non-negative int entries of ``d`` (anything else dropped; never raises)."""
+    if not isinstance(d, Mapping):
+        return {}
+    return {
+        str(k): int(v)
+        for k, v in d.items()
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 0 and LABEL.fullmatch(str(k))
+    }
+
+
+def count_or_zero(v: Any) -> int:
+    """``v`` if it is a wire count (an int in ``[0, MAX_INT]``), else 0 (never raises)."""
+    ok = isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_INT
+    return int(v) if ok else 0
+
+
+def finite_or_none(v: Any) -> float | None:
+    """``v`` as a float if it is a finite number, else None (never raises)."""
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+# ------------------------------------------------------------------------ value objects
+class Wire:
+    """``to_bytes`` on top of each class's ``to_dict``."""
 
     def to_dict(self) -> dict[str, Any]:  # pragma: no cover - every subclass overrides
         raise NotImplementedError
@@ -143,4 +224,50 @@ class _Wire:
         Raises:
             ContractError: a non-finite float slipped into a field.
         """
-        return _dump(self.to_dict())
+        return dump_json(self.to_dict())
+
+
+class Part(Protocol):
+    """A frozen dataclass that owns some keys (``KEYS``) of its parent's wire object.
+
+    Its dataclass fields have the names of the parent's attributes it stands for, so the parent
+    (``ModelStats``, ``TelemetryReport``) is encoded and decoded as the union of its parts:
+    ``to_dict`` writes the part's keys, ``from_dict`` reads them from the parent's dict and
+    checks them strictly (raising ``ContractError``).
+    """
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+    KEYS: ClassVar[tuple[str, ...]]
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Self:
+        """Read this part's keys of the parent object ``d``. Raises ContractError."""
+        ...
+
+    def to_dict(self) -> dict[str, Any]:
+        """This part's keys of the parent object."""
+        ...
+
+
+def part_fields(parts: Iterable[Part]) -> dict[str, Any]:
+    """The parent's constructor arguments: every field of every part, by name."""
+    out: dict[str, Any] = {}
+    for part in parts:
+        out.update({f.name: getattr(part, f.name) for f in dataclasses.fields(part)})
+    return out
+
+
+def encode_parts(parent: object, parts: Sequence[type[Part]]) -> dict[str, Any]:
+    """The wire keys of ``parent`` its ``parts`` own: each part built from the parent's
+    attributes of the same names, then encoded."""
+    out: dict[str, Any] = {}
+    for part in parts:
+        names = [f.name for f in dataclasses.fields(part)]
+        out.update(part(**{n: getattr(parent, n) for n in names}).to_dict())
+    return out
+
+
+def decode_parts(d: Mapping[str, Any], parts: Sequence[type[Part]]) -> dict[str, Any]:
+    """The parent's constructor arguments read from its wire object ``d`` by ``parts``, in
+    order. Raises ContractError (from the first part that refuses ``d``)."""
+    return part_fields(part.from_dict(d) for part in parts)

@@ -20,17 +20,17 @@ from typing import Any, Final
 from edge_agent.errors import ContractError
 from edge_agent.wire.fields import (
     SCHEMA_VERSION,
-    _dump,
-    _get,
-    _header,
-    _int,
-    _label,
-    _load,
-    _num,
-    _obj,
-    _str,
+    as_device_id,
+    as_int,
+    as_label,
+    as_number,
+    as_object,
+    as_str,
+    check_header,
+    dump_json,
+    load_json,
+    require,
 )
-from edge_agent.wire.fields import _device as _check_device
 
 __all__ = [
     "MAX_REPORTED_BYTES",
@@ -75,12 +75,12 @@ class TransferReport:
     @classmethod
     def from_dict(cls, d: Any) -> TransferReport:
         """Parse strictly. Raises ContractError."""
-        m = _obj(d, "transfer")
+        m = as_object(d, "transfer")
         out = cls(
-            version=_int(_get(m, "version", "transfer"), "transfer.version"),
-            received_blocks=_int(_get(m, "received_blocks", "transfer"), "transfer.received"),
-            total_blocks=_int(_get(m, "total_blocks", "transfer"), "transfer.total_blocks", 1),
-            bytes_total=_int(_get(m, "bytes_total", "transfer"), "transfer.bytes_total", 1),
+            version=as_int(require(m, "version", "transfer"), "transfer.version"),
+            received_blocks=as_int(require(m, "received_blocks", "transfer"), "transfer.received"),
+            total_blocks=as_int(require(m, "total_blocks", "transfer"), "transfer.total_blocks", 1),
+            bytes_total=as_int(require(m, "bytes_total", "transfer"), "transfer.bytes_total", 1),
         )
         if out.received_blocks > out.total_blocks:
             raise ContractError("transfer: received_blocks exceeds total_blocks")
@@ -120,8 +120,8 @@ class ModelReport:
     @classmethod
     def from_dict(cls, d: Any) -> ModelReport:
         """Parse strictly. Raises ContractError."""
-        m = _obj(d, "model report")
-        outcome = _get(m, "outcome", "model report")
+        m = as_object(d, "model report")
+        outcome = require(m, "outcome", "model report")
         if outcome not in OUTCOMES:
             raise ContractError(f"model report: outcome {outcome!r} not in {OUTCOMES}")
         kept = m.get("kept", [])
@@ -129,11 +129,11 @@ class ModelReport:
             raise ContractError(f"model report: kept must be a list of at most {_MAX_KEPT}")
         active, assigned, transfer = m.get("active"), m.get("assigned"), m.get("transfer")
         return cls(
-            active=None if active is None else _int(active, "model.active"),
-            kept=tuple(_int(v, "model.kept") for v in kept),
-            assigned=None if assigned is None else _int(assigned, "model.assigned"),
+            active=None if active is None else as_int(active, "model.active"),
+            kept=tuple(as_int(v, "model.kept") for v in kept),
+            assigned=None if assigned is None else as_int(assigned, "model.assigned"),
             outcome=outcome,
-            reason=_str(m.get("reason", ""), "model.reason"),
+            reason=as_str(m.get("reason", ""), "model.reason"),
             transfer=None if transfer is None else TransferReport.from_dict(transfer),
         )
 
@@ -171,24 +171,24 @@ class ReportedState:
 
     def to_bytes(self) -> bytes:
         """Canonical JSON. Raises ContractError (a non-finite number)."""
-        return _dump(self.to_dict())
+        return dump_json(self.to_dict())
 
     @classmethod
     def from_dict(cls, d: Any) -> ReportedState:
         """Parse strictly. Raises ContractError (bad version, type, device id or field)."""
-        m = _header(d, "reported")
-        models = _obj(_get(m, "models", "reported"), "reported.models")
+        m = check_header(d, "reported")
+        models = as_object(require(m, "models", "reported"), "reported.models")
         if len(models) > _MAX_MODELS:
             raise ContractError(f"reported: at most {_MAX_MODELS} models")
         return cls(
-            device_id=_check_device(_get(m, "device_id", "reported")),
-            at=_num(_get(m, "at", "reported"), "reported.at"),
-            agent_version=_str(m.get("agent_version", ""), "reported.agent_version", 64),
-            desired_version=_int(m.get("desired_version", 0), "reported.desired_version"),
-            models={_label(k, "model name"): ModelReport.from_dict(v) for k, v in models.items()},
+            device_id=as_device_id(require(m, "device_id", "reported")),
+            at=as_number(require(m, "at", "reported"), "reported.at"),
+            agent_version=as_str(m.get("agent_version", ""), "reported.agent_version", 64),
+            desired_version=as_int(m.get("desired_version", 0), "reported.desired_version"),
+            models={as_label(k, "model name"): ModelReport.from_dict(v) for k, v in models.items()},
         )
 
     @classmethod
     def from_bytes(cls, data: bytes, *, max_bytes: int = MAX_REPORTED_BYTES) -> ReportedState:
         """Parse a payload (size-capped before parsing). Raises ContractError."""
-        return cls.from_dict(_load(data, max_bytes))
+        return cls.from_dict(load_json(data, max_bytes))

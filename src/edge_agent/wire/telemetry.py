@@ -6,9 +6,11 @@ Owns the versioned payloads (frozen value objects with strict ``from_dict``, can
 ``Batch`` (several reports/events in one message, each with its own ``seq``) and
 ``TelemetryAck`` (server -> device: "stored everything up to ``upto_seq``").
 
-The public names of ``edge_agent.wire.telemetry_report`` (the report's value types, latency buckets)
-and ``edge_agent.wire.telemetry_build`` (``report_from_status``, ``latency_histogram``) are
-re-exported here, as are ``SCHEMA_VERSION`` and ``MAX_PAYLOAD_BYTES``, defined with the shared
+The report's value types (``TelemetryReport``, ``ModelStats``, ``DriftSummary``, ``ShadowStats``,
+``Resources``: ``edge_agent.wire.telemetry_report``, ``telemetry_model``, ``telemetry_drift``),
+the latency buckets (``edge_agent.wire.telemetry_latency``) and ``report_from_status``
+(``edge_agent.wire.telemetry_build``) are re-exported here: this module is the telemetry surface
+consumers import. So are ``SCHEMA_VERSION`` and ``MAX_PAYLOAD_BYTES``, defined with the shared
 readers in ``edge_agent.wire.fields``.
 
 Reports and events share one per-device sequence (the outbox's), so one acknowledgement of the
@@ -34,29 +36,28 @@ from edge_agent.errors import ContractError
 from edge_agent.wire.fields import (
     MAX_PAYLOAD_BYTES,
     SCHEMA_VERSION,
-    _device,
-    _get,
-    _header,
-    _int,
-    _label,
-    _load,
-    _num,
-    _obj,
-    _storable_text,
-    _str,
-    _Wire,
+    Wire,
+    as_device_id,
+    as_int,
+    as_label,
+    as_number,
+    as_object,
+    as_str,
+    check_header,
+    load_json,
+    require,
+    storable_text,
 )
-from edge_agent.wire.telemetry_build import latency_histogram, report_from_status
-from edge_agent.wire.telemetry_report import (
+from edge_agent.wire.telemetry_build import report_from_status
+from edge_agent.wire.telemetry_drift import DriftSummary
+from edge_agent.wire.telemetry_latency import (
     LATENCY_BUCKETS_MS,
     LATENCY_FINE_BUCKETS_MS,
-    DriftSummary,
-    ModelStats,
-    Resources,
-    ShadowStats,
-    TelemetryReport,
     coarse_from_fine,
+    latency_histogram,
 )
+from edge_agent.wire.telemetry_model import ModelStats, ShadowStats
+from edge_agent.wire.telemetry_report import Resources, TelemetryReport
 
 __all__ = [
     "EVENT_KINDS",
@@ -105,7 +106,7 @@ _REGISTRY_KINDS: Final = {"rollback": "rolled_back"}
 
 # --------------------------------------------------------------------------- events
 @dataclass(frozen=True)
-class Event(_Wire):
+class Event(Wire):
     """A lifecycle event: an item of a ``Batch`` on ``.../telemetry`` (its one path; agents
     before this release also published it alone on ``.../events``, which parsers accept).
 
@@ -150,25 +151,25 @@ class Event(_Wire):
             ContractError: wrong schema_version or type, an unknown kind, or a missing,
                 mistyped or out-of-range field.
         """
-        d = _header(d, "event")
-        kind = _get(d, "kind", "event")
+        d = check_header(d, "event")
+        kind = require(d, "kind", "event")
         if kind not in EVENT_KINDS:
             raise ContractError(f"event: unknown kind {kind!r}")
         model, version = d.get("model"), d.get("version")
         return cls(
-            device_id=_device(_get(d, "device_id", "event")),
-            seq=_int(_get(d, "seq", "event"), "event.seq"),
+            device_id=as_device_id(require(d, "device_id", "event")),
+            seq=as_int(require(d, "seq", "event"), "event.seq"),
             kind=kind,
-            at=_num(_get(d, "at", "event"), "event.at"),
-            model=None if model is None else _label(model, "event.model"),
-            version=None if version is None else _int(version, "event.version"),
-            detail=_str(d.get("detail", ""), "event.detail"),
+            at=as_number(require(d, "at", "event"), "event.at"),
+            model=None if model is None else as_label(model, "event.model"),
+            version=None if version is None else as_int(version, "event.version"),
+            detail=as_str(d.get("detail", ""), "event.detail"),
         )
 
     @classmethod
     def from_bytes(cls, data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> Event:
         """Parse a payload (size-capped before parsing). Raises ContractError (invalid)."""
-        return cls.from_dict(_load(data, max_bytes))
+        return cls.from_dict(load_json(data, max_bytes))
 
 
 def event_from_registry(device_id: str, seq: int, entry: Mapping[str, Any]) -> Event | None:
@@ -191,7 +192,7 @@ def event_from_registry(device_id: str, seq: int, entry: Mapping[str, Any]) -> E
             "kind": kind,
             "model": model,
             "version": entry.get("version"),
-            "detail": _storable_text(str(entry.get("detail", ""))),
+            "detail": storable_text(str(entry.get("detail", ""))),
             "at": entry.get("at", 0.0),
         }
     )
@@ -199,7 +200,7 @@ def event_from_registry(device_id: str, seq: int, entry: Mapping[str, Any]) -> E
 
 # --------------------------------------------------------------------------- status
 @dataclass(frozen=True)
-class StatusMessage(_Wire):
+class StatusMessage(Wire):
     """Retained ``.../status``: ``online`` on connect, ``offline`` on shutdown or as the will.
 
     The will is registered at connect time, so an ``offline``/``connection_lost`` status
@@ -228,27 +229,27 @@ class StatusMessage(_Wire):
     @classmethod
     def from_dict(cls, d: Any) -> StatusMessage:
         """Parse strictly. Raises ContractError (bad version, state, reason or field)."""
-        d = _header(d, "status")
-        state, reason = _get(d, "state", "status"), d.get("reason", "connected")
+        d = check_header(d, "status")
+        state, reason = require(d, "state", "status"), d.get("reason", "connected")
         if state not in STATES or reason not in STATUS_REASONS:
             raise ContractError(f"status: state {state!r} / reason {reason!r} not allowed")
         return cls(
-            device_id=_device(_get(d, "device_id", "status")),
+            device_id=as_device_id(require(d, "device_id", "status")),
             state=state,
-            at=_num(_get(d, "at", "status"), "status.at"),
+            at=as_number(require(d, "at", "status"), "status.at"),
             reason=reason,
-            agent_version=_str(d.get("agent_version", ""), "status.agent_version", 64),
+            agent_version=as_str(d.get("agent_version", ""), "status.agent_version", 64),
         )
 
     @classmethod
     def from_bytes(cls, data: bytes, *, max_bytes: int = 4096) -> StatusMessage:
         """Parse a payload (size-capped before parsing). Raises ContractError (invalid)."""
-        return cls.from_dict(_load(data, max_bytes))
+        return cls.from_dict(load_json(data, max_bytes))
 
 
 # --------------------------------------------------------------------- batch and ack
 @dataclass(frozen=True)
-class Batch(_Wire):
+class Batch(Wire):
     """Several reports and events of one device in one message, in ``seq`` order."""
 
     device_id: str
@@ -291,13 +292,13 @@ class Batch(_Wire):
             ContractError: an invalid item, items of another device, seqs out of order, an
                 empty or too-large batch.
         """
-        d = _header(d, "batch")
-        items = _get(d, "items", "batch")
+        d = check_header(d, "batch")
+        items = require(d, "items", "batch")
         if not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH_ITEMS:
             raise ContractError(f"batch: items must be a list of 1-{MAX_BATCH_ITEMS}")
         parsed: list[TelemetryReport | Event] = []
         for item in items:
-            kind = _obj(item, "batch item").get("type")
+            kind = as_object(item, "batch item").get("type")
             if kind == "report":
                 parsed.append(TelemetryReport.from_dict(item))
             elif kind == "event":
@@ -308,17 +309,19 @@ class Batch(_Wire):
         if floor is not None and (isinstance(floor, bool) or not isinstance(floor, int)):
             raise ContractError("batch: floor must be an integer")
         return cls(
-            device_id=_device(_get(d, "device_id", "batch")), items=tuple(parsed), floor=floor
+            device_id=as_device_id(require(d, "device_id", "batch")),
+            items=tuple(parsed),
+            floor=floor,
         )
 
     @classmethod
     def from_bytes(cls, data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> Batch:
         """Parse a payload (size-capped before parsing). Raises ContractError (invalid)."""
-        return cls.from_dict(_load(data, max_bytes))
+        return cls.from_dict(load_json(data, max_bytes))
 
 
 @dataclass(frozen=True)
-class TelemetryAck(_Wire):
+class TelemetryAck(Wire):
     """Server -> device (``.../ack``): every item with ``seq <= upto_seq`` is stored."""
 
     device_id: str
@@ -337,16 +340,16 @@ class TelemetryAck(_Wire):
     @classmethod
     def from_dict(cls, d: Any) -> TelemetryAck:
         """Parse strictly. Raises ContractError (bad version, device id or seq)."""
-        d = _header(d, "ack")
+        d = check_header(d, "ack")
         return cls(
-            device_id=_device(_get(d, "device_id", "ack")),
-            upto_seq=_int(_get(d, "upto_seq", "ack"), "ack.upto_seq"),
+            device_id=as_device_id(require(d, "device_id", "ack")),
+            upto_seq=as_int(require(d, "upto_seq", "ack"), "ack.upto_seq"),
         )
 
     @classmethod
     def from_bytes(cls, data: bytes, *, max_bytes: int = 4096) -> TelemetryAck:
         """Parse a payload (size-capped before parsing). Raises ContractError (invalid)."""
-        return cls.from_dict(_load(data, max_bytes))
+        return cls.from_dict(load_json(data, max_bytes))
 
 
 _DECODERS: Final[dict[str, Any]] = {
@@ -366,7 +369,7 @@ def decode_message(
     Raises:
         ContractError: oversized, not JSON, an unknown type, or invalid for its type.
     """
-    d = _obj(_load(data, max_bytes), "payload")
+    d = as_object(load_json(data, max_bytes), "payload")
     kind = d.get("type")
     decoder = _DECODERS.get(kind) if isinstance(kind, str) else None
     if decoder is None:
