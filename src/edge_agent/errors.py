@@ -18,11 +18,20 @@ Families:
     OutboxError              the on-disk telemetry outbox refused or failed (full, corrupt).
 
 Each error has a stable ``code`` used as a metric label and in telemetry; codes never change
-meaning once released. ``API_STATUS`` (at the end) is the one table of what each family answers
-on the local inference API: its HTTP status and its gRPC status code.
+meaning once released.
+
+``ERRORS`` (at the end) is the one table of how each family answers at every boundary: its HTTP
+status and gRPC code on the local inference API, its admin API status and its CLI exit code.
+``fleet_server.errors`` and ``model_builder.errors`` extend it with their own families (a new
+table each; this module imports neither). The boundaries only read it: REST
+(``edge_agent.api.app``), gRPC (``edge_agent.api.grpc_v2.service``), the admin API
+(``fleet_server.admin.api``) and the three CLIs (``edge_agent.cli.support.run_cli``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 
 class EdgefleetError(Exception):
@@ -286,32 +295,143 @@ class TransferIncompleteError(ContractError):
     code = "transfer_incomplete"
 
 
-#: The one table of how each family answers on the local inference API, REST and gRPC alike:
-#: (family, HTTP status, gRPC status code name). Most specific family first; the first match
-#: wins (``api_status``). Families that mean "cannot answer now" (503 / UNAVAILABLE) only do so
-#: when the service raised them; anywhere else they are a bug (500 / INTERNAL).
-API_STATUS: tuple[tuple[type[EdgefleetError], int, str], ...] = (
-    (InputValidationError, 400, "INVALID_ARGUMENT"),
-    (ModelNotFoundError, 404, "NOT_FOUND"),
-    (RateLimitedError, 429, "RESOURCE_EXHAUSTED"),
-    (RuntimeAdapterError, 503, "UNAVAILABLE"),
-    (FallbackError, 503, "UNAVAILABLE"),
-    (ModelStoreError, 503, "UNAVAILABLE"),
-)
-#: Anything else: an opaque internal error (the traceback goes to the log, never to the client).
+#: Exit codes every CLI shares (``edge_agent.cli.support`` exits with them; docs/*.md list them).
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1  # a bug: please report it with the traceback from EDGEFLEET_DEBUG=1
+EXIT_USAGE = 2  # click's usage errors
+EXIT_BAD_INPUT = 3  # data, contract, config or bundle file format
+EXIT_UNTRUSTED = 4  # a signature, expiry, version or compatibility check refused a bundle
+EXIT_GATE = 5  # accuracy gate failed
+EXIT_KEYS = 6  # key store problem
+EXIT_RUNTIME = 7  # model or runtime problem (load, quantize, run)
+EXIT_STORE = 8  # model store problem (disk full, nothing to roll back to, corrupt state)
+EXIT_MISSING_EXTRA = 9  # the command needs an optional extra that is not installed
+
+#: Anything the local inference API has no row for: an opaque internal error (the traceback
+#: goes to the log, never to the client).
 INTERNAL_STATUS = (500, "INTERNAL")
 #: A request larger than the API accepts (HTTP 413; gRPC's own size limit answers the same way).
 TOO_LARGE_STATUS = (413, "RESOURCE_EXHAUSTED")
+#: What the admin API answers for an error family it has no row for (the operator's request).
+ADMIN_DEFAULT_STATUS = 400
+
+
+@dataclass(frozen=True)
+class ErrorRow:
+    """How one error family answers at each boundary. ``None``: this row says nothing there.
+
+    Attributes:
+        family: the error class; its subclasses answer the same unless they have a row.
+        http: the local inference API's HTTP status (REST), with ``grpc``, the gRPC status
+            code name the same failure gets on the gRPC API.
+        admin: the fleet server's admin API status.
+        exit: every CLI's exit code.
+    """
+
+    family: type[EdgefleetError]
+    http: int | None = None
+    grpc: str | None = None
+    admin: int | None = None
+    exit: int | None = None
+
+
+class ErrorTable:
+    """The one table from error families to HTTP status, gRPC code, admin status and exit code.
+
+    An error answers by the first class in its MRO (most specific first) whose row fills the
+    column asked for; with none, the boundary's default (500/INTERNAL, admin 400, exit 1).
+    Immutable: a package adds its families with ``extend`` (a new table), so ``edge_agent``
+    never imports the packages above it.
+    """
+
+    def __init__(self, rows: Iterable[ErrorRow]) -> None:
+        """Index ``rows``.
+
+        Raises:
+            ValueError: a family has two rows, or a row gives an HTTP status without a gRPC
+                code (or the other way round).
+        """
+        self.rows: tuple[ErrorRow, ...] = tuple(rows)
+        self._by_family: dict[type, ErrorRow] = {}
+        for row in self.rows:
+            if row.family in self._by_family:
+                raise ValueError(f"two rows for {row.family.__name__}")
+            if (row.http is None) is not (row.grpc is None):
+                raise ValueError(f"{row.family.__name__}: an HTTP status needs its gRPC code")
+            self._by_family[row.family] = row
+
+    def extend(self, rows: Iterable[ErrorRow]) -> ErrorTable:
+        """A new table: these rows plus ``rows``.
+
+        Raises:
+            ValueError: as the constructor (a family already in this table, for one).
+        """
+        return ErrorTable((*self.rows, *rows))
+
+    def _row(self, exc: BaseException | type[BaseException], column: str) -> ErrorRow | None:
+        cls = exc if isinstance(exc, type) else type(exc)
+        for family in cls.__mro__:
+            row = self._by_family.get(family)
+            if row is not None and getattr(row, column) is not None:
+                return row
+        return None
+
+    def api_status(
+        self, exc: BaseException | type[BaseException], *, from_service: bool = True
+    ) -> tuple[int, str]:
+        """(HTTP status, gRPC status code name) on the local inference API.
+
+        ``from_service``: the inference service raised it. Families that mean "cannot answer
+        now" (503 / UNAVAILABLE) only do so then; raised while decoding or encoding around the
+        service they are a bug (``INTERNAL_STATUS``), as is any family without a row.
+        """
+        row = self._row(exc, "http")
+        if row is None or row.http is None or row.grpc is None:
+            return INTERNAL_STATUS
+        if row.http == 503 and not from_service:
+            return INTERNAL_STATUS
+        return row.http, row.grpc
+
+    def admin_status(self, exc: BaseException | type[BaseException]) -> int:
+        """The fleet server's admin API status (``ADMIN_DEFAULT_STATUS`` without a row)."""
+        row = self._row(exc, "admin")
+        return ADMIN_DEFAULT_STATUS if row is None or row.admin is None else row.admin
+
+    def exit_code(self, exc: BaseException | type[BaseException]) -> int:
+        """The CLI exit code (``EXIT_UNEXPECTED`` without a row)."""
+        row = self._row(exc, "exit")
+        return EXIT_UNEXPECTED if row is None or row.exit is None else row.exit
+
+
+#: The families of edge_agent (fleet_server and model_builder ``extend`` it with theirs in their
+#: ``errors.py``). Read by the local inference API (REST and gRPC), the admin API and every CLI.
+ERRORS = ErrorTable(
+    (
+        ErrorRow(InputValidationError, http=400, grpc="INVALID_ARGUMENT", exit=EXIT_BAD_INPUT),
+        ErrorRow(ModelNotFoundError, http=404, grpc="NOT_FOUND"),
+        ErrorRow(RateLimitedError, http=429, grpc="RESOURCE_EXHAUSTED"),
+        ErrorRow(RuntimeAdapterError, http=503, grpc="UNAVAILABLE", exit=EXIT_RUNTIME),
+        ErrorRow(FallbackError, http=503, grpc="UNAVAILABLE"),
+        ErrorRow(ModelStoreError, http=503, grpc="UNAVAILABLE", exit=EXIT_STORE),
+        ErrorRow(BundleVerificationError, admin=400, exit=EXIT_UNTRUSTED),
+        ErrorRow(BundleFormatError, admin=400, exit=EXIT_BAD_INPUT),
+        ErrorRow(ContractError, admin=400, exit=EXIT_BAD_INPUT),
+        ErrorRow(ConfigError, exit=EXIT_BAD_INPUT),
+        ErrorRow(TransportError, admin=503),
+    )
+)
+
+#: The local inference API's rows of ``ERRORS`` as (family, HTTP status, gRPC code name).
+API_STATUS: tuple[tuple[type[EdgefleetError], int, str], ...] = tuple(
+    (row.family, row.http, row.grpc)
+    for row in ERRORS.rows
+    if row.http is not None and row.grpc is not None
+)
 
 
 def api_status(exc: BaseException, *, from_service: bool = True) -> tuple[int, str]:
-    """(HTTP status, gRPC status code name) for ``exc`` by ``API_STATUS``.
+    """(HTTP status, gRPC status code name) of ``exc`` on the local inference API (``ERRORS``).
 
     ``from_service``: the inference service raised it (not decoding or encoding around it).
     """
-    for family, http, grpc in API_STATUS:
-        if isinstance(exc, family):
-            if http == 503 and not from_service:
-                break
-            return http, grpc
-    return INTERNAL_STATUS
+    return ERRORS.api_status(exc, from_service=from_service)

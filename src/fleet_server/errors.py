@@ -18,12 +18,23 @@ Families:
                        a command that does not fit its state, a quarantined version.
 
 Each error has a stable ``code`` used as a metric label and in the CLI's one-line diagnosis;
-codes never change meaning once released.
+codes never change meaning once released. ``ERRORS`` (at the end) is edge_agent's one error
+table extended with these families' admin API statuses and exit codes; the admin API
+(``fleet_server.admin.api``) and the ``fleet-server`` CLI read it.
 """
 
 from __future__ import annotations
 
-from edge_agent.errors import ConfigError, EdgefleetError
+from edge_agent import errors as device_errors
+from edge_agent.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_KEYS,
+    EXIT_RUNTIME,
+    EXIT_UNTRUSTED,
+    ConfigError,
+    EdgefleetError,
+    ErrorRow,
+)
 
 
 class FleetServerError(EdgefleetError):
@@ -271,3 +282,35 @@ class UnknownRolloutError(NotFoundError):
     """No rollout with this id exists."""
 
     code = "rollout_unknown"
+
+
+#: ``edge_agent.errors.ERRORS`` plus fleet_server's families (admin API status, exit code).
+ERRORS = device_errors.ERRORS.extend(
+    (
+        ErrorRow(PkiError, exit=EXIT_KEYS),
+        ErrorRow(CsrRejectedError, exit=EXIT_BAD_INPUT),
+        ErrorRow(EnrollmentError, exit=EXIT_UNTRUSTED),
+        ErrorRow(BrokerConfigError, exit=EXIT_BAD_INPUT),
+        ErrorRow(ServerConfigError, exit=EXIT_BAD_INPUT),
+        ErrorRow(FleetDriftError, exit=EXIT_BAD_INPUT),
+        ErrorRow(RolloutError, exit=EXIT_BAD_INPUT),
+        # A command that does not fit the rollout's state, or a version that needs an override.
+        ErrorRow(RolloutStateError, admin=409),
+        ErrorRow(QuarantinedVersionError, admin=409),
+        ErrorRow(AbortedVersionError, admin=409),
+        ErrorRow(FallbackServingError, exit=EXIT_RUNTIME),
+        ErrorRow(RegistryError, admin=400, exit=EXIT_BAD_INPUT),
+        ErrorRow(RegistryUnavailableError, admin=503, exit=EXIT_RUNTIME),
+        ErrorRow(UnknownDeviceError, admin=404),
+        ErrorRow(DeviceExistsError, admin=409),
+        ErrorRow(DeviceRevokedError, admin=409),
+        ErrorRow(BundleExistsError, admin=409),
+        ErrorRow(LibraryError, admin=503, exit=EXIT_RUNTIME),  # the disk, not the bundle
+        ErrorRow(BundleRejectedError, admin=400, exit=EXIT_UNTRUSTED),
+        ErrorRow(NotFoundError, admin=404, exit=EXIT_BAD_INPUT),
+        ErrorRow(AdminApiError, exit=EXIT_RUNTIME),
+        ErrorRow(AdminUnreachableError, exit=EXIT_RUNTIME),
+        ErrorRow(AdminAuthError, exit=EXIT_KEYS),
+        ErrorRow(AdminRequestError, exit=EXIT_BAD_INPUT),
+    )
+)

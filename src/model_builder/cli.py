@@ -2,7 +2,7 @@
 
 Every command reads its inputs, calls one function, and prints a human table or ``--json``.
 Errors go through the shared boundary (``edge_agent.cli.support``) and leave with a stable exit
-code.
+code from the one error table (``model_builder.errors.ERRORS``).
 """
 
 from __future__ import annotations
@@ -17,24 +17,11 @@ from tuf.api.metadata import Targets
 
 from edge_agent import __version__
 from edge_agent.bundle import read_bundle, read_raw
-from edge_agent.cli.support import (
-    EXIT_BAD_INPUT,
-    EXIT_GATE,
-    EXIT_KEYS,
-    EXIT_RUNTIME,
-    echo_verdict,
-    passphrase_from_env,
-    run_cli,
-)
+from edge_agent.cli.support import echo_verdict, passphrase_from_env, run_cli
 from edge_agent.contract import BundleManifest, DeviceProfile
 from edge_agent.trust import TrustedRoot, parse_metadata
 from model_builder.build_cli import build, demo
-from model_builder.errors import (
-    AccuracyGateError,
-    InputDataError,
-    KeyStoreError,
-    ModelBuilderError,
-)
+from model_builder.errors import ERRORS
 from model_builder.keystore import KeyStore
 from model_builder.package import cosign_bundle
 
@@ -341,14 +328,6 @@ def sign(bundle: Path, keystore_dir: Path, labels: tuple[str, ...]) -> None:
     click.echo(f"{bundle} now carries {n} signature(s)")
 
 
-EXIT_CODES = {
-    AccuracyGateError: EXIT_GATE,
-    KeyStoreError: EXIT_KEYS,
-    InputDataError: EXIT_BAD_INPUT,
-    ModelBuilderError: EXIT_RUNTIME,
-}
-
-
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: the CLI behind the error boundary."""
-    run_cli(cli, EXIT_CODES, argv)
+    run_cli(cli, ERRORS, argv)

@@ -8,13 +8,24 @@ ModelCheckError    the source model fails ``onnx.checker`` or cannot be loaded.
 QuantizationError  the quantizer failed or a mode does not fit the model.
 AccuracyGateError  quantization lost too much accuracy and no rescue passed the gate.
 KeyStoreError      keys or root metadata are missing, unreadable or inconsistent.
+
+``ERRORS`` (at the end) is edge_agent's one error table extended with these families' exit
+codes; the ``model-builder`` CLI exits with them.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from edge_agent.errors import EdgefleetError
+from edge_agent import errors as device_errors
+from edge_agent.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_GATE,
+    EXIT_KEYS,
+    EXIT_RUNTIME,
+    EdgefleetError,
+    ErrorRow,
+)
 
 
 class ModelBuilderError(EdgefleetError):
@@ -64,3 +75,14 @@ class KeyStoreError(ModelBuilderError):
     """A key store or root metadata problem."""
 
     code = "keystore"
+
+
+#: ``edge_agent.errors.ERRORS`` plus the builder's families (exit codes).
+ERRORS = device_errors.ERRORS.extend(
+    (
+        ErrorRow(AccuracyGateError, exit=EXIT_GATE),
+        ErrorRow(KeyStoreError, exit=EXIT_KEYS),
+        ErrorRow(InputDataError, exit=EXIT_BAD_INPUT),
+        ErrorRow(ModelBuilderError, exit=EXIT_RUNTIME),
+    )
+)

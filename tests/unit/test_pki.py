@@ -23,6 +23,7 @@ from edge_agent.common.identity import (
 from edge_agent.errors import IdentityError
 from fleet_server.cli import main as cli
 from fleet_server.errors import (
+    ERRORS,
     BrokerConfigError,
     CsrRejectedError,
     EnrollmentError,
@@ -392,14 +393,15 @@ def test_cli_token_enroll_revoke_and_broker_config(tmp_path: Path) -> None:
     common = ["--ca-dir", str(ca_dir), "--csr", str(csr_file), "--out", str(tmp_path / "a.crt")]
     assert _run(["devices", "enroll", *common, "--token", token]) == 0
     assert (tmp_path / "a.crt").exists()
-    assert _run(["devices", "enroll", *common, "--token", token]) == cli.EXIT_CODES[EnrollmentError]
-    assert (
-        _run(["devices", "enroll", *common, "--device-id", "dev-b"])
-        == cli.EXIT_CODES[CsrRejectedError]
+    assert _run(["devices", "enroll", *common, "--token", token]) == ERRORS.exit_code(
+        EnrollmentError
+    )
+    assert _run(["devices", "enroll", *common, "--device-id", "dev-b"]) == ERRORS.exit_code(
+        CsrRejectedError
     )
     assert _run(["devices", "revoke", "--ca-dir", str(ca_dir), "dev-a"]) == 0
-    assert (
-        _run(["devices", "revoke", "--ca-dir", str(ca_dir), "nobody"]) == cli.EXIT_CODES[PkiError]
+    assert _run(["devices", "revoke", "--ca-dir", str(ca_dir), "nobody"]) == ERRORS.exit_code(
+        PkiError
     )
     broker = tmp_path / "broker"
     argv = ["broker-config", "--ca-dir", str(ca_dir), "--dir", str(broker), "--port", "18883"]
@@ -415,4 +417,4 @@ def test_cli_token_enroll_revoke_and_broker_config(tmp_path: Path) -> None:
         f"crlfile {(ca_dir / 'crl.pem').resolve()}",
     ):
         assert line in conf.splitlines()
-    assert _run([*argv, "--prefix", "bad/#"]) == cli.EXIT_CODES[BrokerConfigError]
+    assert _run([*argv, "--prefix", "bad/#"]) == ERRORS.exit_code(BrokerConfigError)

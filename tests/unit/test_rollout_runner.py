@@ -22,6 +22,7 @@ from edge_agent.errors import EdgefleetError
 from edge_agent.wire.reported import ModelReport, ReportedState
 from edge_agent.wire.telemetry import ModelStats, TelemetryReport
 from fleet_server.admin import client as admin_client
+from fleet_server.admin.api import status_of
 from fleet_server.admin.rollouts import Handler, rollout_routes
 from fleet_server.cli import rollouts as cli_rollouts
 from fleet_server.errors import (
@@ -224,8 +225,8 @@ def _guarded(handler: Handler) -> Handler:
         try:
             return await handler(request)
         except EdgefleetError as exc:
-            status = 404 if isinstance(exc, NotFoundError) else 400
-            return JSONResponse({"error": str(exc), "code": exc.code}, status_code=status)
+            # The admin API's own status mapping (the one error table), as its guard applies it.
+            return JSONResponse({"error": str(exc), "code": exc.code}, status_code=status_of(exc))
 
     return run
 

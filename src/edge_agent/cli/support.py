@@ -1,6 +1,8 @@
-"""What every edgefleet CLI shares: the exit-code table and the one error boundary.
+"""What every edgefleet CLI shares: the one error boundary, and the exit codes it leaves with.
 
-Each error family maps to a stable exit code so scripts can react without parsing text:
+Each error family maps to a stable exit code so scripts can react without parsing text; the
+codes are the ``exit`` column of the one error table (``edge_agent.errors.ERRORS``, extended by
+``fleet_server.errors.ERRORS`` and ``model_builder.errors.ERRORS`` for their families):
 
     0  success
     1  unexpected internal error (a bug: please report it with the traceback from --debug)
@@ -13,7 +15,8 @@ Each error family maps to a stable exit code so scripts can react without parsin
     8  model store problem (disk full, no good version to roll back to, corrupt state)
     9  the command needs an optional extra that is not installed (``edge_agent.cli.extras``)
 
-The boundary prints one line, ``error[<code>]: <message>``, to stderr.
+The boundary prints one line, ``error[<code>]: <message>``, to stderr. This module does not
+decide which family gets which code (the table does).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import NoReturn
 
 import click
@@ -29,54 +32,48 @@ import click
 from edge_agent.bundle import LoadedBundle
 from edge_agent.contract import DeviceProfile
 from edge_agent.errors import (
-    BundleFormatError,
-    BundleVerificationError,
-    ConfigError,
-    ContractError,
+    ERRORS,
+    EXIT_BAD_INPUT,
+    EXIT_GATE,
+    EXIT_KEYS,
+    EXIT_MISSING_EXTRA,
+    EXIT_OK,
+    EXIT_RUNTIME,
+    EXIT_STORE,
+    EXIT_UNEXPECTED,
+    EXIT_UNTRUSTED,
+    EXIT_USAGE,
     EdgefleetError,
-    InputValidationError,
-    ModelStoreError,
-    RuntimeAdapterError,
+    ErrorTable,
 )
 from edge_agent.trust import TrustedRoot
 
-EXIT_OK = 0
-EXIT_UNEXPECTED = 1
-EXIT_USAGE = 2
-EXIT_BAD_INPUT = 3
-EXIT_UNTRUSTED = 4
-EXIT_GATE = 5
-EXIT_KEYS = 6
-EXIT_RUNTIME = 7
-EXIT_STORE = 8
-EXIT_MISSING_EXTRA = 9
-
-BASE_EXIT_CODES: Mapping[type[EdgefleetError], int] = {
-    BundleVerificationError: EXIT_UNTRUSTED,
-    BundleFormatError: EXIT_BAD_INPUT,
-    ContractError: EXIT_BAD_INPUT,
-    ConfigError: EXIT_BAD_INPUT,
-    InputValidationError: EXIT_BAD_INPUT,
-    RuntimeAdapterError: EXIT_RUNTIME,
-    ModelStoreError: EXIT_STORE,
-}
-
-
-def exit_code_for(exc: EdgefleetError, table: Mapping[type[EdgefleetError], int]) -> int:
-    """The exit code of the most specific family ``exc`` belongs to."""
-    for cls in type(exc).__mro__:
-        if cls in table:
-            return table[cls]
-    return EXIT_UNEXPECTED
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "EXIT_GATE",
+    "EXIT_KEYS",
+    "EXIT_MISSING_EXTRA",
+    "EXIT_OK",
+    "EXIT_RUNTIME",
+    "EXIT_STORE",
+    "EXIT_UNEXPECTED",
+    "EXIT_UNTRUSTED",
+    "EXIT_USAGE",
+    "echo_verdict",
+    "passphrase_from_env",
+    "run_cli",
+]
 
 
 def run_cli(
     group: Callable[..., object],
-    extra_codes: Mapping[type[EdgefleetError], int] | None = None,
+    errors: ErrorTable = ERRORS,
     argv: list[str] | None = None,
 ) -> NoReturn:
-    """Run a click group behind the error boundary and exit with the mapped code."""
-    table = {**BASE_EXIT_CODES, **(extra_codes or {})}
+    """Run a click group behind the error boundary and exit with the code ``errors`` gives.
+
+    ``errors``: the package's error table (``edge_agent.errors.ERRORS`` or an extension).
+    """
     debug = os.environ.get("EDGEFLEET_DEBUG") == "1"
     try:
         rc = group.main(args=argv, standalone_mode=False)  # type: ignore[attr-defined]
@@ -90,7 +87,7 @@ def run_cli(
         if debug:
             raise
         click.echo(f"error[{exc.code}]: {exc}", err=True)
-        sys.exit(exit_code_for(exc, table))
+        sys.exit(errors.exit_code(exc))
     except TimeoutError as exc:
         click.echo(f"error[locked]: {exc}", err=True)
         sys.exit(EXIT_STORE)

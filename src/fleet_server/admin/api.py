@@ -8,8 +8,10 @@ Bodies are JSON in and out (``POST /v1/models`` takes the raw bundle as
 body, query value and path value is read through ``fleet_server.admin.body`` (strict JSON,
 bounded integers, no control characters). Errors are ``{"error": message, "code":
 stable_code}`` with 400 (bad input, untrusted bundle), 401, 404 (also an unknown route), 405,
-409 (exists / revoked), 413 (too large) or 503 (database or broker unavailable); messages never
-hold an absolute filesystem path, and a bug answers 500 ``internal`` with no details.
+409 (exists / revoked, a rollout command that does not fit its state), 413 (too large) or 503
+(database, bundle library or broker unavailable): the ``admin`` column of the one error table,
+``fleet_server.errors.ERRORS`` (``status_of``). Messages never hold an absolute filesystem
+path, and a bug answers 500 ``internal`` with no details.
 
 Routes (v1)::
 
@@ -21,7 +23,8 @@ Routes (v1)::
     POST /v1/devices/{id}/revoke       GET  /metrics
     GET  /v1/misbehaviour[?top=]       (refusals per device, worst first)
 
-Owns: HTTP, JSON shapes and the error mapping. Decisions live in ``fleet_server.service``.
+Owns: HTTP, JSON shapes and the error boundary (statuses come from the one error table).
+Decisions live in ``fleet_server.service``.
 """
 
 from __future__ import annotations
@@ -45,13 +48,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from edge_agent.errors import (
-    BundleFormatError,
-    BundleVerificationError,
-    ContractError,
-    EdgefleetError,
-    TransportError,
-)
+from edge_agent.errors import EdgefleetError
 from fleet_server.admin.body import (
     AdminInputError,
     json_object,
@@ -61,42 +58,18 @@ from fleet_server.admin.body import (
     read_body,
     req_field,
 )
-from fleet_server.errors import (
-    BundleExistsError,
-    DeviceExistsError,
-    DeviceRevokedError,
-    LibraryError,
-    NotFoundError,
-    RegistryError,
-    RegistryUnavailableError,
-    UnknownDeviceError,
-)
+from fleet_server.errors import ERRORS
 from fleet_server.registry import BundleRecord, DeviceRecord, StoredTelemetry
 from fleet_server.registry.version_history import VersionHistory
 from fleet_server.service import DeviceView, FleetService
 
-__all__ = ["AdminServer", "create_app", "device_json", "model_json"]
+__all__ = ["AdminServer", "create_app", "device_json", "model_json", "status_of"]
 
 log = logging.getLogger(__name__)
 Handler = Callable[[Request], Awaitable[Response]]
 Guard = Callable[[Handler], Handler]
 #: Adds routes to the admin app (drift, rollouts): called with the token guard.
 RouteProvider = Callable[[Guard], list[Route]]
-
-# Most specific first: the first family in an error's MRO found here decides the status.
-_STATUS: tuple[tuple[type[EdgefleetError], int], ...] = (
-    (NotFoundError, 404),
-    (UnknownDeviceError, 404),
-    (DeviceExistsError, 409),
-    (DeviceRevokedError, 409),
-    (BundleExistsError, 409),
-    (RegistryUnavailableError, 503),
-    (TransportError, 503),
-    (BundleVerificationError, 400),
-    (BundleFormatError, 400),
-    (ContractError, 400),
-    (RegistryError, 400),
-)
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -110,15 +83,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return _error(status, code, exc.detail if isinstance(exc, HTTPException) else "error")
 
 
-def _status_of(exc: EdgefleetError) -> int:
+def status_of(exc: EdgefleetError) -> int:
+    """The status the admin API answers ``exc`` with: the ``admin`` column of the one error
+    table (``fleet_server.errors.ERRORS``), or the status an ``AdminInputError`` carries."""
     if isinstance(exc, AdminInputError):
         return exc.status
-    if isinstance(exc, LibraryError) and exc.code == "bundle_library":
-        return 503  # the disk, not the bundle
-    for cls, status in _STATUS:
-        if isinstance(exc, cls):
-            return status
-    return 400
+    return ERRORS.admin_status(exc)
 
 
 def _iso(when: datetime | None) -> str | None:
@@ -257,7 +227,7 @@ def create_app(
             try:
                 return await handler(request)
             except EdgefleetError as exc:
-                return _error(_status_of(exc), exc.code, str(exc))
+                return _error(status_of(exc), exc.code, str(exc))
             except Exception:
                 log.exception("admin API %s %s failed", request.method, request.url.path)
                 return _error(500, "internal", "internal error (see the server log)")

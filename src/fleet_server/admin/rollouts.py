@@ -17,7 +17,8 @@ Routes (v1), every one behind the admin bearer token (the ``guarded`` wrapper of
 A rollout is ``registry.rollout_to_dict``'s shape. A command that does not fit the rollout's
 state (``rollout_state``), a quarantined version (``version_quarantined``) and an earlier
 aborted one (``version_aborted``) without an override reason answer 409; an invalid policy or
-override reason 400; an unknown rollout or model version 404.
+override reason 400; an unknown rollout or model version 404 (the one error table's ``admin``
+column, ``fleet_server.errors.ERRORS``, applied by ``guarded``).
 
 Owns: HTTP and JSON shapes. Decisions live in ``fleet_server.rollouts.engine``, I/O in the runner.
 """
@@ -36,13 +37,10 @@ from starlette.routing import Route
 from fleet_server.admin.api import model_json
 from fleet_server.admin.body import MAX_ID, json_object, query_text, read_body
 from fleet_server.errors import (
-    AbortedVersionError,
     ModelNotPublishedError,
-    QuarantinedVersionError,
     RegistryError,
     RegistryUnavailableError,
     RolloutPolicyError,
-    RolloutStateError,
 )
 from fleet_server.jobs.rollout_runner import RolloutRunner
 from fleet_server.registry import rollout_to_dict
@@ -56,10 +54,6 @@ __all__ = ["rollout_routes", "rollout_status"]
 Handler = Callable[[Request], Awaitable[Response]]
 MAX_BODY = 64 * 1024
 COMMANDS = ("approve", "pause", "resume", "abort")
-
-
-def _error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": message, "code": code}, status_code=status)
 
 
 def rollout_status(runner: RolloutRunner, r: Rollout, *, events: bool = True) -> dict[str, Any]:
@@ -178,15 +172,6 @@ def _rollout_id(request: Request) -> str:
 def rollout_routes(runner: RolloutRunner, guarded: Callable[[Handler], Handler]) -> list[Route]:
     """The rollout routes over ``runner``, each wrapped by ``guarded`` (auth + error mapping)."""
 
-    def conflicts(handler: Handler) -> Handler:
-        async def run(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except (RolloutStateError, QuarantinedVersionError, AbortedVersionError) as exc:
-                return _error(409, exc.code, str(exc))
-
-        return run
-
     async def list_rollouts(request: Request) -> Response:
         active = request.query_params.get("active") in {"1", "true", "yes"}
         rows = await run_in_threadpool(lambda: runner.rollouts(active_only=active))
@@ -230,12 +215,12 @@ def rollout_routes(runner: RolloutRunner, guarded: Callable[[Handler], Handler])
 
     routes = [
         Route("/v1/rollouts", guarded(list_rollouts), methods=["GET"]),
-        Route("/v1/rollouts", guarded(conflicts(create)), methods=["POST"]),
+        Route("/v1/rollouts", guarded(create), methods=["POST"]),
         Route("/v1/rollouts/{rollout_id}", guarded(show), methods=["GET"]),
         Route("/v1/models/{name}/{version}", guarded(show_model), methods=["GET"]),
     ]
     routes += [
-        Route(f"/v1/rollouts/{{rollout_id}}/{c}", guarded(conflicts(command(c))), methods=["POST"])
+        Route(f"/v1/rollouts/{{rollout_id}}/{c}", guarded(command(c)), methods=["POST"])
         for c in COMMANDS
     ]
     return routes

@@ -5,7 +5,7 @@ aborts, quarantine and overrides), ``assign``, ``waves start``, ``telemetry tail
 Each takes ``--url`` (env ``EDGEFLEET_ADMIN_URL``, default ``http://127.0.0.1:8780``) and
 ``--token`` (env ``EDGEFLEET_ADMIN_TOKEN``), prints a human table by default and JSON with
 ``--json``. Errors are ``AdminApiError``s, mapped to exit codes by the
-CLI's error boundary (``fleet_server.cli.main.EXIT_CODES``).
+CLI's error boundary (the one error table, ``fleet_server.errors.ERRORS``).
 """
 
 from __future__ import annotations

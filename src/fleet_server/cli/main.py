@@ -6,8 +6,8 @@ the broker configuration (``broker-config``: consumers included, ``acl.local`` k
 server itself: ``serve --config FILE`` (``fleet_server.server.run``). Operator commands against
 a running server's admin API (``devices list|show|register|misbehaviour``, ``models``,
 ``assign``, ``waves``, ``telemetry``, ``status``) live in ``fleet_server.cli.admin``. Commands
-are thin; the error boundary in ``edge_agent.cli.support`` maps our errors to the exit codes
-below.
+are thin; the error boundary in ``edge_agent.cli.support`` maps our errors to exit codes by the
+one error table (``fleet_server.errors.ERRORS``).
 
 ``devices revoke`` revokes the device's certificates at the CA (what the broker enforces) and,
 when an admin token is available (``--token`` / ``EDGEFLEET_ADMIN_TOKEN``), also marks the
@@ -25,63 +25,16 @@ from typing import Any, TypeVar
 import click
 
 from edge_agent import __version__
-from edge_agent.cli.support import (
-    EXIT_BAD_INPUT,
-    EXIT_KEYS,
-    EXIT_RUNTIME,
-    EXIT_UNTRUSTED,
-    passphrase_from_env,
-    run_cli,
-)
+from edge_agent.cli.support import passphrase_from_env, run_cli
 from edge_agent.common.durable import write_atomic
-from edge_agent.errors import EdgefleetError
 from fleet_server.admin.client import DEFAULT_ADMIN_URL, AdminClient
 from fleet_server.cli.admin import register_admin_commands
 from fleet_server.cli.drift import register_drift_commands
 from fleet_server.cli.rollouts import register_rollout_commands
 from fleet_server.cli.root import register_root_commands
-from fleet_server.errors import (
-    AdminApiError,
-    AdminAuthError,
-    AdminRequestError,
-    AdminUnreachableError,
-    BrokerConfigError,
-    BundleRejectedError,
-    CsrRejectedError,
-    EnrollmentError,
-    FallbackServingError,
-    FleetDriftError,
-    LibraryError,
-    NotFoundError,
-    PkiError,
-    RegistryError,
-    RegistryUnavailableError,
-    RolloutError,
-    ServerConfigError,
-)
+from fleet_server.errors import ERRORS
 from fleet_server.pki.broker_config import BrokerConfig, write_broker_config
 from fleet_server.pki.ca import CertificateAuthority
-
-# Exit codes of fleet_server's families (the shared ones are in edge_agent.cli.support).
-EXIT_CODES: dict[type[EdgefleetError], int] = {
-    PkiError: EXIT_KEYS,
-    CsrRejectedError: EXIT_BAD_INPUT,
-    EnrollmentError: EXIT_UNTRUSTED,
-    BrokerConfigError: EXIT_BAD_INPUT,
-    ServerConfigError: EXIT_BAD_INPUT,
-    FleetDriftError: EXIT_BAD_INPUT,
-    RolloutError: EXIT_BAD_INPUT,
-    FallbackServingError: EXIT_RUNTIME,
-    RegistryError: EXIT_BAD_INPUT,
-    RegistryUnavailableError: EXIT_RUNTIME,
-    LibraryError: EXIT_RUNTIME,
-    BundleRejectedError: EXIT_UNTRUSTED,
-    NotFoundError: EXIT_BAD_INPUT,
-    AdminApiError: EXIT_RUNTIME,
-    AdminUnreachableError: EXIT_RUNTIME,
-    AdminAuthError: EXIT_KEYS,
-    AdminRequestError: EXIT_BAD_INPUT,
-}
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -330,4 +283,4 @@ register_root_commands(cli)
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: the CLI behind the error boundary."""
-    run_cli(cli, EXIT_CODES, argv=argv)
+    run_cli(cli, ERRORS, argv=argv)
