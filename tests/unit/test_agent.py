@@ -189,7 +189,8 @@ def test_shadow_candidate_reports_agreement(tmp_path: Path, digits_bundles: Digi
     agent.install(digits_bundles.path(2))
     for i in range(50):
         agent.infer(request(digits_bundles, 1, i))
-    shadow = agent._shadows["digits"]
+    shadow = agent.candidates.shadow("digits")
+    assert shadow is not None
     assert shadow.flush(10.0)
     stats = shadow.stats()
     assert stats["compared"] >= 40

@@ -1,11 +1,13 @@
-"""Cloud fallback: when a request goes to the cloud model, and how that call is guarded.
+"""Cloud fallback: the fallback mode's rules, and how a cloud call is guarded.
 
-Owns: the pure routing policy (``FallbackPolicy``: before local inference from the request's
-state, after it from the local answer's confidence), the guards around a cloud call
-(``CircuitBreaker``, ``MinuteBudget``; clocks are injected ``Callable[[], float]`` returning
-monotonic seconds), the ``FallbackTransport`` interface and ``CloudFallback``, which makes one
-guarded call and counts its outcome. Does not own: the MQTT v5 transport (a later adapter),
-answering locally when the cloud fails (the caller), or validation and drift (they supply
+Owns: the pure rules the router applies (``before_local``, the mode's rule before local
+inference, also as ``FallbackPolicy.before``; ``FallbackPolicy.after``, whether a local answer
+is a hard example from its confidence), the guards around a cloud call (``CircuitBreaker``,
+``MinuteBudget``; clocks are injected ``Callable[[], float]`` returning monotonic seconds), the
+``FallbackTransport`` interface and ``CloudFallback``, which makes one guarded call and counts
+its outcome. Does not own: deciding the route of a request, including answering locally when
+the cloud fails (``edge_agent.serving.routing.Router``), the MQTT v5 transport
+(``edge_agent.serving.fallback_mqtt``), or validation and drift (they supply
 ``validation_failed`` and ``out_of_distribution``).
 """
 
@@ -56,7 +58,26 @@ class Decision:
     hard_rows: int = 0
 
 
-_DEVICE = Decision(cloud=False)
+#: The local answer stands.
+DEVICE = Decision(cloud=False)
+
+
+def before_local(
+    mode: str, *, local_ok: bool, validation_failed: bool, out_of_distribution: bool
+) -> Decision:
+    """The fallback mode's rule before local inference (see ``FallbackPolicy.before``).
+
+    ``edge_agent.serving.routing.Router`` applies it to every request.
+    """
+    if mode in ("cloud_only", "prefer_cloud"):
+        return Decision(cloud=True, reason=mode)
+    if mode == "device_only":
+        return DEVICE
+    checks = ((not local_ok, "local_unavailable"), (validation_failed, "invalid_input"))
+    for hit, why in (*checks, (out_of_distribution, "out_of_distribution")):
+        if hit:
+            return Decision(cloud=True, reason=why)
+    return DEVICE
 
 
 class FallbackTransport(Protocol):
@@ -127,16 +148,12 @@ class FallbackPolicy:
         it when the local model is missing or failing, the input failed validation, or the
         input is out of distribution, in that order of precedence.
         """
-        mode = self._config.mode
-        if mode in ("cloud_only", "prefer_cloud"):
-            return Decision(cloud=True, reason=mode)
-        if mode == "device_only":
-            return _DEVICE
-        checks = ((not local_ok, "local_unavailable"), (validation_failed, "invalid_input"))
-        for hit, why in (*checks, (out_of_distribution, "out_of_distribution")):
-            if hit:
-                return Decision(cloud=True, reason=why)
-        return _DEVICE
+        return before_local(
+            self._config.mode,
+            local_ok=local_ok,
+            validation_failed=validation_failed,
+            out_of_distribution=out_of_distribution,
+        )
 
     def after(self, outputs: Tensors) -> Decision:
         """Decide after local inference whether the answer is a hard example.
@@ -156,7 +173,7 @@ class FallbackPolicy:
         """
         name = self._contract.score_output
         if not self._score_checks:
-            return _DEVICE
+            return DEVICE
         if name is None or name not in outputs:
             raise ContractError(f"model answered without its score output {name!r}")
         logits = self._contract.score_kind == "logits"
@@ -168,7 +185,7 @@ class FallbackPolicy:
         for mask, why in ((~valid, "invalid_output"), (low, "low_confidence")):
             if mask.any():
                 return Decision(cloud=True, reason=why, hard_rows=hard)
-        return Decision(cloud=True, reason="high_entropy", hard_rows=hard) if hard else _DEVICE
+        return Decision(cloud=True, reason="high_entropy", hard_rows=hard) if hard else DEVICE
 
 
 def _probabilities(

@@ -4,7 +4,8 @@ Series (all prefixed ``edgefleet_agent_``): loaded model version and probation s
 rows, errors and validation rejects by reason per model, rows dropped by the ``drop`` policy,
 rows sampled out of drift sketching, drift windows closed/alerted and the last window's
 per-feature PSI and mean-shift per tensor, shadow agreement, A/B arm counts, rollbacks, memory
-in use, and cloud-fallback outcomes.
+in use, and cloud-fallback outcomes. Reads ``Agent.snapshot()`` (``edge_agent.serving.status.
+AgentSnapshot``), never the agent's private state.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class AgentCollector(Collector):
         self.agent = agent
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        a = self.agent
+        a = self.agent.snapshot()
         version = GaugeMetricFamily(
             P + "model_version", "Loaded version per model", labels=["model"]
         )
@@ -97,13 +98,11 @@ class AgentCollector(Collector):
                 ):
                     psi.add_metric([key, tensor, str(i)], float(v_psi))
                     shift.add_metric([key, tensor, str(i)], float(v_shift))
-            shadow = a._shadows.get(key)
+            shadow = a.shadow.get(key)
             if shadow is not None:
-                agree.add_metric([key], float(shadow.stats().get("agreement") or 0.0))
-            router = a._routers.get(key)
-            if router is not None:
-                for arm, n in router.counts().items():
-                    arms.add_metric([key, arm], n)
+                agree.add_metric([key], float(shadow.get("agreement") or 0.0))
+            for arm, n in a.ab.get(key, {}).items():
+                arms.add_metric([key, arm], n)
         rollbacks = CounterMetricFamily(P + "rollbacks", "Rollbacks (automatic and manual)")
         rollbacks.add_metric([], a.registry.rollbacks)
         memory = GaugeMetricFamily(P + "model_memory_bytes", "Memory attributed to loaded models")
@@ -111,8 +110,8 @@ class AgentCollector(Collector):
         fallback = CounterMetricFamily(
             P + "fallback_calls", "Cloud fallback calls by outcome", labels=["outcome"]
         )
-        if a.cloud is not None:
-            stats = a.cloud.stats()
+        if a.fallback is not None:
+            stats = a.fallback
             fallback.add_metric(["ok"], stats.get("ok", 0))
             for reason, n in dict(stats.get("failures", {})).items():
                 fallback.add_metric([reason], n)

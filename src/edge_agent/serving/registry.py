@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from edge_agent.config import AgentConfig
 from edge_agent.errors import (
@@ -55,6 +56,38 @@ class Loaded:
     pipeline: ModelPipeline
     memory_bytes: int
     on_probation: bool
+
+    def v2_metadata(self, name: str) -> dict[str, Any]:
+        """The v2 model metadata of this version, served as ``name``."""
+        m = self.pipeline.manifest
+        rt = self.pipeline.runtime
+        return {
+            "name": name,
+            "versions": [str(m.version)],
+            "platform": "onnxruntime_onnx" if m.artifact.format == "onnx" else "tflite",
+            "inputs": [
+                {
+                    "name": t.name,
+                    "datatype": t.dtype,
+                    "shape": [-1 if d.size is None else d.size for d in t.shape],
+                }
+                for t in m.inputs.tensors
+            ],
+            "outputs": [
+                {
+                    "name": o.name,
+                    "datatype": o.dtype,
+                    "shape": [d if isinstance(d, int) else -1 for d in o.shape],
+                }
+                for o in rt.outputs
+            ],
+            "parameters": {
+                "channel": m.channel,
+                "task": m.outputs.task,
+                "labels": list(m.outputs.labels),
+                "probation": self.on_probation,
+            },
+        }
 
 
 class Registry:
@@ -120,7 +153,7 @@ class Registry:
                     on_probation=record is not None and record.status == "probation",
                 )
             except AdmissionError as exc:
-                self._event(name, None, "admission_refused", str(exc))
+                self.record_event(name, None, "admission_refused", str(exc))
                 active = self._active_or_none(name)
                 if active is None:
                     log.error("%s not loaded: %s", name, exc)
@@ -131,7 +164,7 @@ class Registry:
             except EdgefleetError as exc:  # verification, runtime, golden, corrupt state
                 reason = f"{type(exc).__name__}: {exc}"
                 active = self._active_or_none(name)
-                self._event(name, active, "load_failed", reason)
+                self.record_event(name, active, "load_failed", reason)
                 if self._fall_back(name, reason):
                     continue
                 if serving is None and active is not None:
@@ -266,7 +299,7 @@ class Registry:
         """
         state = self.store.rollback(name, reason, failed=failed, from_version=from_version)
         self.rollbacks += 1
-        self._event(name, state.active, "rollback", reason)
+        self.record_event(name, state.active, "rollback", reason)
 
     def revert_to(self, name: str, version: int, reason: str) -> None:
         """Switch ``name`` back to the kept ``version`` in the store (caller activates it).
@@ -276,7 +309,7 @@ class Registry:
         """
         self.store.revert_to(name, version, reason)
         self.rollbacks += 1
-        self._event(name, version, "rollback", reason)
+        self.record_event(name, version, "rollback", reason)
 
     def _fall_back(self, name: str, reason: str) -> bool:
         try:
@@ -303,9 +336,10 @@ class Registry:
             log.info("%s: probation verdict not recorded: %s", name, exc)
             return
         entry.on_probation = False
-        self._event(name, entry.pipeline.version, "probation_passed", "")
+        self.record_event(name, entry.pipeline.version, "probation_passed", "")
 
-    def _event(self, name: str, version: int | None, kind: str, detail: str) -> None:
+    def record_event(self, name: str, version: int | None, kind: str, detail: str) -> None:
+        """Keep an event about ``name`` (the last 200) and hand it to ``event_sink``."""
         event: dict[str, object] = {
             "model": name,
             "version": version,
