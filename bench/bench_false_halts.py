@@ -38,7 +38,8 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ import numpy as np
 from edge_agent.wire.telemetry import LATENCY_BUCKETS_MS, LATENCY_FINE_BUCKETS_MS
 from fleet_server.rollouts import gates as rollout_gates
 from fleet_server.rollouts.engine import Rollout, RolloutPolicy, Selector, Thresholds, decide
-from fleet_server.rollouts.gates import GateResult, histogram_quantile_ms
+from fleet_server.rollouts.gates import Gate, GateInputs, GateResult, histogram_quantile_ms
 from fleet_server.rollouts.metrics import DeviceObservation, WindowMetrics
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -240,6 +241,7 @@ def one_rollout(
     policy: RolloutPolicy,
     rates: Rates,
     lat: list[np.ndarray],
+    gates: tuple[Gate, ...] = rollout_gates.GATES,
 ) -> tuple[str, tuple[str, ...], float]:
     """Run one rollout to its end: (final state, gates that breached, fake seconds)."""
     fleet = Fleet(rng, n, rates, lat)
@@ -247,7 +249,7 @@ def one_rollout(
     t = 0.0
     for _ in range(10_000):
         now = T0 + timedelta(seconds=t)
-        d = decide(r, fleet.observations(), now)
+        d = decide(r, fleet.observations(), now, gates=gates)
         r = d.rollout
         if d.assign:
             fleet.assign(d.assign, t)
@@ -291,12 +293,25 @@ def _point_latency(
     return GateResult(name, "breach" if ratio > limit else "ok", ratio, limit, "")
 
 
-def variants(names: list[str]) -> dict[str, tuple[RolloutPolicy, Any]]:
-    """Policy and p99 gate per variant name."""
+def _with_p99(
+    verdict: Callable[[WindowMetrics, WindowMetrics, Thresholds, RolloutPolicy, bool], GateResult],
+) -> tuple[Gate, ...]:
+    """The registered gates with ``verdict`` judging p99 latency instead."""
+
+    def judge(i: GateInputs) -> GateResult:
+        p = i.rollout.policy
+        return verdict(i.canary, i.control, p.thresholds, p, i.has_control)
+
+    registered = rollout_gates.GATES
+    return tuple(replace(g, verdict=judge) if g.name == "p99_latency" else g for g in registered)
+
+
+def variants(names: list[str]) -> dict[str, tuple[RolloutPolicy, tuple[Gate, ...]]]:
+    """Policy and gates per variant name."""
     base = RolloutPolicy()
     table = {
-        "default": (base, rollout_gates._latency),
-        "before (p99 ratio alone)": (base, _point_latency),
+        "default": (base, rollout_gates.GATES),
+        "before (p99 ratio alone)": (base, _with_p99(_point_latency)),
     }
     return {k: table[k] for k in names}
 
@@ -351,12 +366,11 @@ def main() -> None:
     print("|" + "---|" * (len(head) + len(GATES) + 1))
     rng = np.random.default_rng(a.seed)
     for n in (int(x) for x in a.fleets.split(",")):
-        for name, (pol, gate) in variants(a.policies.split(",")).items():
+        for name, (pol, gates) in variants(a.policies.split(",")).items():
             halted, per_gate, secs = 0, Counter[str](), []
             t_wall = time.perf_counter()
-            rollout_gates._latency = gate
             for _ in range(a.rollouts):
-                state, bad, t = one_rollout(rng, n, pol, rates, lat)
+                state, bad, t = one_rollout(rng, n, pol, rates, lat, gates)
                 halted += state != "completed"
                 per_gate.update(bad)
                 if state == "completed":

@@ -82,7 +82,7 @@ def test_issue_case_sub_millisecond_jump_is_not_a_breach() -> None:
     # The reported case: same compute, p99 ~1.9 ms vs ~1.0 ms from the 1 ms bucket edge.
     control = metrics((995, 5) + (0,) * 10)
     canary = metrics((981, 10, 9) + (0,) * 9)
-    from fleet_server.rollouts.gates import _latency
+    from fleet_server.rollouts.gates.p99_latency import compare as _latency
 
     g = _latency(canary, control, Thresholds(), RolloutPolicy(), True)
     assert g.status == "ok"

@@ -1,0 +1,53 @@
+"""Rollout gates: one module per gate, and the registry the engine runs (``GATES``).
+
+A gate is a ``Gate`` value (``fleet_server.rollouts.gates.base``): name, phase, the fields it
+reads, its statistic, the ``Thresholds`` fields it takes from the policy and its verdict, a pure
+function of ``GateInputs`` to a ``GateResult``. ``fleet_server.rollouts.engine.decide`` runs the
+registered gates of the ``safety`` phase at every step and those of the ``quality`` phase after
+the dwell time, in this order, and acts on the verdicts without knowing any gate by name.
+
+Adding a gate: one module here defining ``GATE`` (``reject_rate`` is a small example), one
+line in ``GATES`` below, its threshold as one field of ``fleet_server.rollouts.policy.Thresholds``,
+and its tests (docs/rollouts.md, "Adding a gate").
+
+Owns the registry and re-exports the names the gates' users need; each verdict is its module's.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from fleet_server.rollouts.gates import (
+    device_rollbacks,
+    fallback_rate,
+    install_failures,
+    p99_latency,
+    prediction_drift,
+    reject_rate,
+    shadow_agreement,
+)
+from fleet_server.rollouts.gates.base import Gate, GateInputs, quality_inputs, safety_inputs
+from fleet_server.rollouts.gates.p99_latency import histogram_quantile_ms, latency_histograms
+from fleet_server.rollouts.state import GateResult
+
+__all__ = [
+    "GATES",
+    "Gate",
+    "GateInputs",
+    "GateResult",
+    "histogram_quantile_ms",
+    "latency_histograms",
+    "quality_inputs",
+    "safety_inputs",
+]
+
+#: Every gate the engine runs, in the order their verdicts are reported.
+GATES: Final[tuple[Gate, ...]] = (
+    install_failures.GATE,
+    device_rollbacks.GATE,
+    reject_rate.GATE,
+    fallback_rate.GATE,
+    prediction_drift.GATE,
+    shadow_agreement.GATE,
+    p99_latency.GATE,
+)

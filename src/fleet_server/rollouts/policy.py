@@ -1,0 +1,182 @@
+"""Rollout policy: how a rollout grows, when it stops, and the gates' thresholds (pure values).
+
+Owns ``Thresholds`` (one validated field per gate threshold), ``RolloutPolicy`` (waves, dwell,
+minimum evidence, what a breach leads to; its JSON form ``to_dict``/``from_dict``, which the admin
+API and the ``rollouts create`` options speak) and ``Selector`` (which devices a rollout
+targets). Does not own the rollout state (``fleet_server.rollouts.state``), the gate verdicts
+(``fleet_server.rollouts.gates``) nor ``decide`` (``fleet_server.rollouts.engine``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Final
+
+from fleet_server.errors import RolloutPolicyError
+
+__all__ = ["ON_BREACH", "RolloutPolicy", "Selector", "Thresholds"]
+
+ON_BREACH: Final = ("pause", "abort")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise RolloutPolicyError(message)
+
+
+def _rate(default: float | None) -> Any:
+    """A rate threshold: a fraction in [0, 1], None where the gate may be turned off."""
+    return field(default=default, metadata={"check": "rate"})
+
+
+def _ratio(default: float | None) -> Any:
+    """A ratio threshold: >= 1, None turns the gate off."""
+    return field(default=default, metadata={"check": "ratio"})
+
+
+def _ms(default: float) -> Any:
+    """A duration threshold in ms: a finite number >= 0."""
+    return field(default=default, metadata={"check": "ms"})
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Gate thresholds; None disables a quality gate. Rates are fractions (0.02 = 2 points).
+
+    One field per threshold a gate reads (the gate names it in ``Gate.thresholds``); the field
+    helper says how it is validated. A new gate's threshold is one line here.
+    """
+
+    max_install_failure_rate: float = _rate(0.2)
+    max_rollback_rate: float = _rate(0.1)
+    max_reject_rate_increase: float | None = _rate(0.02)
+    max_fallback_rate_increase: float | None = _rate(0.05)
+    max_drift_alert_share: float | None = _rate(0.5)
+    min_shadow_agreement: float | None = _rate(None)
+    max_p99_latency_ratio: float | None = _ratio(1.5)
+    min_p99_latency_delta_ms: float = _ms(2.0)
+
+    def __post_init__(self) -> None:
+        """Raises: RolloutPolicyError (a rate outside [0, 1], a ratio below 1, a bad ms)."""
+        for f in fields(self):
+            v, check = getattr(self, f.name), f.metadata.get("check")
+            if check == "rate":
+                _check(v is None or 0.0 <= v <= 1.0, f"{f.name} must be in [0, 1]")
+            elif check == "ratio":
+                _check(v is None or v >= 1.0, f"{f.name} must be >= 1")
+            elif check == "ms":
+                _check(
+                    isinstance(v, int | float) and math.isfinite(v) and v >= 0.0,
+                    f"{f.name} must be a number >= 0",
+                )
+
+
+@dataclass(frozen=True)
+class RolloutPolicy:
+    """How a rollout grows and when it stops (see the module docstring)."""
+
+    canary_fraction: float = 0.1
+    canary_count: int | None = None
+    steps: tuple[float, ...] = (0.25, 0.5, 1.0)
+    exponential: float | None = None
+    dwell_seconds: float = 300.0
+    min_devices: int = 3
+    min_requests: int = 100
+    approval: bool = False
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    on_breach: str = "pause"
+    rollback_on_abort: bool = True
+    quarantine_after: int = 2
+    z: float = 1.645  # one-sided 95 %
+
+    def __post_init__(self) -> None:
+        """Raises: RolloutPolicyError (the message names the field)."""
+        _check(0.0 < self.canary_fraction <= 1.0, "canary_fraction must be in (0, 1]")
+        _check(self.canary_count is None or self.canary_count >= 1, "canary_count must be >= 1")
+        _check(all(0.0 < s <= 1.0 for s in self.steps), "steps must be fractions in (0, 1]")
+        _check(list(self.steps) == sorted(set(self.steps)), "steps must increase strictly")
+        _check(self.exponential is None or self.exponential > 1.0, "exponential must be > 1")
+        _check(self.dwell_seconds >= 0 and math.isfinite(self.dwell_seconds), "dwell_seconds")
+        _check(self.min_devices >= 1, "min_devices must be >= 1")
+        _check(self.min_requests >= 1, "min_requests must be >= 1")
+        _check(self.on_breach in ON_BREACH, f"on_breach must be one of {ON_BREACH}")
+        _check(self.quarantine_after >= 1, "quarantine_after must be >= 1")
+        _check(self.z > 0, "z must be > 0")
+
+    def wave_sizes(self, n: int) -> tuple[int, ...]:
+        """Cumulative members per wave for ``n`` devices: increasing, the last one is ``n``."""
+        if n <= 0:
+            return ()
+        first = self.canary_count or math.ceil(self.canary_fraction * n - 1e-9)
+        fractions: list[float] = []
+        if self.exponential is not None:
+            f = first / n
+            while f < 1.0:
+                f *= self.exponential
+                fractions.append(min(f, 1.0))
+        else:
+            fractions = list(self.steps)
+        sizes = [min(max(first, 1), n)]
+        for f in [*fractions, 1.0]:
+            k = min(max(math.ceil(f * n - 1e-9), 1), n)
+            if k > sizes[-1]:
+                sizes.append(k)
+        return tuple(sizes)
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-safe dict."""
+        d = {k: getattr(self, k) for k in _POLICY_KEYS}
+        d["steps"] = list(self.steps)
+        d["thresholds"] = {k: getattr(self.thresholds, k) for k in _THRESHOLD_KEYS}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, object]) -> RolloutPolicy:
+        """Parse (missing keys take defaults). Raises: RolloutPolicyError."""
+        unknown = set(d) - {*_POLICY_KEYS, "thresholds"}
+        _check(not unknown, f"unknown policy field(s): {sorted(unknown)}")
+        t = d.get("thresholds") or {}
+        _check(isinstance(t, Mapping), "thresholds must be an object")
+        assert isinstance(t, Mapping)
+        _check(not set(t) - set(_THRESHOLD_KEYS), f"unknown threshold(s): {sorted(t)}")
+        kwargs = {k: d[k] for k in _POLICY_KEYS if k in d}
+        if "steps" in kwargs:
+            _check(isinstance(kwargs["steps"], list | tuple), "steps must be a list")
+            kwargs["steps"] = tuple(kwargs["steps"])  # type: ignore[arg-type]
+        try:
+            return cls(thresholds=Thresholds(**t), **kwargs)  # type: ignore[arg-type]
+        except TypeError as exc:
+            raise RolloutPolicyError(f"invalid policy: {exc}") from exc
+
+
+_POLICY_KEYS: Final = tuple(k for k in RolloutPolicy.__dataclass_fields__ if k != "thresholds")
+_THRESHOLD_KEYS: Final = tuple(Thresholds.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
+class Selector:
+    """Which devices a rollout targets: a group, or devices carrying every given tag."""
+
+    group: str | None = None
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Raises: RolloutPolicyError (neither or both of group and tags)."""
+        _check((self.group is None) != (not self.tags), "select by exactly one of group or tags")
+
+    def matches(self, group: str, tags: Mapping[str, object]) -> bool:
+        """True when a device of ``group`` with ``tags`` is targeted."""
+        if self.group is not None:
+            return group == self.group
+        return all(str(tags.get(k)) == v and k in tags for k, v in self.tags.items())
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-safe dict."""
+        return {"group": self.group, "tags": dict(self.tags)}
+
+    def __str__(self) -> str:
+        if self.group is not None:
+            return f"group={self.group}"
+        return ",".join(f"{k}={v}" for k, v in sorted(self.tags.items()))
