@@ -1,21 +1,22 @@
-"""The device's MQTT v5 adapter: the only module in ``edge_agent`` that imports paho.
+"""The MQTT v5 adapter over paho: the only module in ``edge_agent`` that imports paho.
 
-Owns the connection to the broker (TLS with the device certificate, a persistent session,
-``TCP_NODELAY``), reconnection with exponential backoff and *full jitter* (paho's own backoff
-has none, so a fleet would reconnect in lockstep after a broker restart; this module runs its
-own network thread around ``Client.loop`` instead of ``loop_start``), the retained ``online``
-status and its ``offline`` last will, publishing, subscriptions whose handlers run on a worker
-thread fed by a bounded queue (so a handler may publish and wait without deadlocking paho),
-and a small MQTT v5 request/response helper (response topic + correlation data).
+Owns ``MqttClient``, the real implementation of ``edge_agent.common.transport.Transport`` (the
+in-memory one for tests is ``edge_agent.common.memory_broker.MemoryClient``): the connection
+to the broker (TLS with the client certificate, a persistent session, ``TCP_NODELAY``),
+reconnection with exponential backoff and *full jitter* (paho's own backoff has none, so a
+fleet would reconnect in lockstep after a broker restart; this module runs its own network
+thread around ``Client.loop`` instead of ``loop_start``), the retained ``online`` status and
+its ``offline`` last will, publishing, subscriptions whose handlers run on a worker thread fed
+by a bounded queue (so a handler may publish and wait without deadlocking paho), and a small
+MQTT v5 request/response helper (response topic + correlation data).
 
 Every public method raises :class:`TransportError` (or a subclass), never a paho return code.
 The paho-free value types (``MqttConfig``, ``Message``, ``MessageProperties``, ``MqttStats``,
 ``backoff_delay``) live in ``edge_agent.common.mqtt_types`` and are re-exported here;
-``PublishHandle``
-and the conversions to and from paho's properties stay here because they touch paho.
-Does not know what the payloads mean (callers do) and does not persist anything: a QoS 1
-message that was never acknowledged lives only in paho's memory; end-to-end
-acknowledgement is the outbox's job.
+``PahoPublishHandle`` and the conversions to and from paho's properties stay here because they
+touch paho. Does not know what the payloads mean (callers do), which topics a role subscribes
+to (``edge_agent.wire.topics.Topics`` does) or persist anything: a QoS 1 message that was
+never acknowledged lives only in paho's memory; end-to-end acknowledgement is the outbox's job.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from edge_agent.common.mqtt_types import (
     MqttStats,
     backoff_delay,
 )
+from edge_agent.common.transport import PublishHandle
 from edge_agent.errors import (
     NotConnectedError,
     PublishError,
@@ -62,8 +64,8 @@ __all__ = [
     "MqttConfig",
     "MqttStats",
     "NotConnectedError",
+    "PahoPublishHandle",
     "PublishError",
-    "PublishHandle",
     "SubscribeError",
     "TransportError",
     "TransportTimeoutError",
@@ -75,8 +77,8 @@ log = logging.getLogger(__name__)
 _LOOP_TIMEOUT = 0.2  # seconds paho's loop() blocks in select; bounds how fast close() returns
 
 
-class PublishHandle:
-    """A queued publish; pass it to :meth:`MqttClient.wait_published`."""
+class PahoPublishHandle:
+    """A queued paho publish (a ``transport.PublishHandle``); see ``MqttClient.wait_published``."""
 
     def __init__(self, info: paho.MQTTMessageInfo) -> None:
         self._info = info
@@ -136,7 +138,8 @@ def _matches(filter_: str, topic: str) -> bool:
 
 
 class MqttClient:
-    """One device's MQTT v5 session. Thread-safe; see the module docstring for the threads."""
+    """One MQTT v5 session (a ``Transport``). Thread-safe; the module docstring says which
+    threads run what."""
 
     def __init__(self, config: MqttConfig, *, clock: Callable[[], float] = time.time) -> None:
         """Prepare (but do not open) the connection.
@@ -276,7 +279,7 @@ class MqttClient:
         qos: int = 1,
         retain: bool = False,
         properties: MessageProperties | None = None,
-    ) -> PublishHandle:
+    ) -> PahoPublishHandle:
         """Queue a message; never waits (safe inside handlers and paho callbacks).
 
         A raised error does not prove the message was not sent: a connection lost during the
@@ -298,16 +301,18 @@ class MqttClient:
             self._count("publish_errors")
             cls = NotConnectedError if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN else PublishError
             raise cls(f"cannot publish to {topic}: {paho.error_string(info.rc)}")
-        return PublishHandle(info)
+        return PahoPublishHandle(info)
 
     def wait_published(self, handle: PublishHandle, timeout: float) -> None:
         """Block until the broker acknowledged ``handle``. Not from the network thread.
 
         Raises:
             TransportTimeoutError: no acknowledgement in time, or called on paho's thread.
-            PublishError: paho gave up on the message.
+            PublishError: paho gave up on the message, or ``handle`` is not one of paho's.
         """
         self._refuse_on_network_thread("wait_published")
+        if not isinstance(handle, PahoPublishHandle):
+            raise PublishError(f"not a handle of this transport: {handle!r}")
         try:
             handle._info.wait_for_publish(timeout)
         except (ValueError, RuntimeError) as exc:

@@ -4,9 +4,10 @@ Owns: ``MqttConfig`` (how a client reaches the broker) and its validation, the p
 of a message (``Message``, ``MessageProperties``), the counters snapshot (``MqttStats``), the
 ``Handler`` callable type and ``backoff_delay`` (exponential backoff with full jitter).
 
-Does not import paho and holds no connection: the client, ``PublishHandle`` and the conversion
-to and from paho's properties stay in ``edge_agent.common.mqtt``, the one module that imports paho,
-which re-exports every public name here.
+Does not import paho and holds no connection: the paho client, ``PahoPublishHandle`` and the
+conversion to and from paho's properties stay in ``edge_agent.common.mqtt``, the one module that
+imports paho, which re-exports every public name here. The protocol both clients implement is
+``edge_agent.common.transport.Transport``.
 """
 
 from __future__ import annotations

@@ -16,6 +16,11 @@ Owns the orchestration on the device; every decision lives in a pure module it c
   windows that start an alert add a ``drift_alert`` event, the cloud fallback's breaker adds
   ``fallback_breaker_open``/``_closed``.
 
+Subscribes to the device role's list in ``Topics`` (``sync_subscriptions``) and talks to the
+broker only through ``edge_agent.common.transport.Transport`` (the paho adapter in production,
+``edge_agent.common.memory_broker`` in unit tests, driven with ``start(background=False)`` and
+``step``).
+
 Threads: MQTT handlers (on the adapter's handler thread) only queue or write a block; one sync
 thread does everything else, so installs never run concurrently. The agent keeps serving its
 current models through every fault here (broker or server down, a bad document, a bad bundle).
@@ -39,7 +44,9 @@ from typing import Any
 from edge_agent import __version__
 from edge_agent.common.durable import write_atomic
 from edge_agent.common.identity import IdentityStore
-from edge_agent.common.mqtt import Message, MqttClient, MqttConfig
+from edge_agent.common.mqtt import MqttClient, MqttConfig
+from edge_agent.common.mqtt_types import Handler, Message
+from edge_agent.common.transport import Transport
 from edge_agent.config import AgentConfig
 from edge_agent.errors import (
     EdgefleetError,
@@ -82,10 +89,13 @@ class SyncAgent:
         config: AgentConfig,
         agent: Agent,
         *,
-        client: MqttClient | None = None,
+        client: Transport | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """Open the outbox and prepare (not open) the MQTT session.
+
+        ``client`` is any ``Transport`` (default: ``sync_client(config)``, the paho adapter;
+        ``edge_agent.common.memory_broker.MemoryClient`` in unit tests).
 
         Raises:
             ConfigError: invalid MQTT settings.
@@ -101,7 +111,7 @@ class SyncAgent:
         self._topics = Topics(sync.prefix)
         self._dir = Path(config.store.state_dir) / "sync"
         self._dir.mkdir(parents=True, exist_ok=True)
-        self.client = client or sync_client(config)
+        self.client: Transport = client or sync_client(config)
         outbox_path = self._dir / "outbox.db"
         try:
             self.outbox = Outbox(outbox_path, sync.outbox_max_bytes)
@@ -146,21 +156,37 @@ class SyncAgent:
         }
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> None:
-        """Subscribe, connect (in the background) and start the sync thread."""
+    def start(self, *, background: bool = True) -> None:
+        """Subscribe (the device role's list in ``Topics``), connect and start the sync thread.
+
+        ``background=False`` starts no thread: the caller drives the loop with ``step`` (tests
+        on the in-memory transport and a fake clock).
+        """
         self._deploy.load()
         self._load_accepted()
         self._agent.registry.event_sink = self._events.put
         if self._agent.cloud is not None:
             self._agent.cloud.event_sink = self._events.put
-        t, d = self._topics, self._device_id
-        self.client.subscribe(t.device("desired", d), lambda m: self._queue(m.payload))
-        self.client.subscribe(t.device("ack", d), lambda m: self.uplink.on_ack(m.payload))
-        self.client.subscribe(t.device("blocks_resp", d), self._on_block)
-        self.client.subscribe(t.broadcast_filter(), self._on_block)
+        for sub in self._topics.sync_subscriptions(self._device_id):
+            self.client.subscribe(sub.filter, self._handlers[sub.kind], qos=sub.qos)
         self.client.connect()
-        self._thread = threading.Thread(target=self._run, name="sync", daemon=True)
-        self._thread.start()
+        if background:
+            self._thread = threading.Thread(target=self._run, name="sync", daemon=True)
+            self._thread.start()
+
+    def step(self) -> None:
+        """One pass of the sync thread's work (what it does on every tick or wake-up)."""
+        self._step()
+
+    @property
+    def _handlers(self) -> dict[str, Handler]:
+        """The handler of each kind in ``Topics.sync_subscriptions``."""
+        return {
+            "desired": self._on_desired,
+            "ack": self._on_ack,
+            "blocks_resp": self._on_block,
+            "broadcast": self._on_block,
+        }
 
     def close(self) -> None:
         """Stop the thread, keep partial downloads for the next start, disconnect. Never raises."""
@@ -198,9 +224,12 @@ class SyncAgent:
         }
 
     # ------------------------------------------------------------------ handlers (MQTT thread)
-    def _queue(self, payload: bytes) -> None:
-        self._inbox.put(payload)
+    def _on_desired(self, message: Message) -> None:
+        self._inbox.put(message.payload)
         self._wake.set()
+
+    def _on_ack(self, message: Message) -> None:
+        self.uplink.on_ack(message.payload)
 
     def _on_block(self, message: Message) -> None:
         try:
@@ -233,8 +262,9 @@ class SyncAgent:
             # copy (an unchanged one is ignored); a lost ack only delays the next resend.
             self._drops = stats.drops
             with contextlib.suppress(TransportError):
-                topic = self._topics.device("desired", self._device_id)
-                self.client.subscribe(topic, lambda m: self._queue(m.payload))
+                for sub in self._topics.sync_subscriptions(self._device_id):
+                    if sub.kind == "desired":
+                        self.client.subscribe(sub.filter, self._on_desired, qos=sub.qos)
         while True:
             try:
                 payload = self._inbox.get_nowait()

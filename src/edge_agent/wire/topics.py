@@ -1,9 +1,13 @@
 """MQTT topic names: the one place that spells the fleet's topic tree.
 
 Owns: building every per-device, broadcast and shared-subscription topic under a configurable
-prefix, the QoS/retain each topic is published with (``TOPIC_SPECS``), and ``parse``, which
-maps a received topic back to ``(kind, device_id)`` and refuses anything malformed. The layout
-is the one the broker ACL enforces (``fleet_server.pki.broker_config``)::
+prefix, the QoS/retain each topic is published with (``TOPIC_SPECS``), what each role
+subscribes to (``ROLE_KINDS``; ``Topics.sync_subscriptions``, ``gateway_subscriptions``,
+``fallback_worker_subscriptions``: the sync loop, the gateway and the fallback worker subscribe
+from these lists and hard-code no filter), and ``parse``, which maps a received topic back to
+``(kind, device_id)`` and refuses anything malformed. The layout is the one the broker ACL
+enforces (``fleet_server.pki.broker_config``; ``tests/unit/test_role_subscriptions.py`` checks
+every role's list against it)::
 
     <prefix>/devices/<id>/desired            server -> device, retained
     <prefix>/devices/<id>/reported           device -> server, retained
@@ -17,8 +21,11 @@ is the one the broker ACL enforces (``fleet_server.pki.broker_config``)::
     <prefix>/devices/<id>/fallback/resp/<c>  server -> device (c: correlation id)
     <prefix>/broadcast/<wave>                server -> every device
 
-Pure: strings in, strings out. Does not subscribe or publish (the MQTT adapter does) and
-never imports paho.
+The device's cloud-fallback client subscribes to one topic of its own below
+``fallback_resp_filter`` on its first request (``fallback_resp(device_id, token)``).
+
+Pure: strings in, strings out. Does not subscribe or publish (the consumers do, through
+``edge_agent.common.transport.Transport``) and never imports paho.
 """
 
 from __future__ import annotations
@@ -34,8 +41,12 @@ __all__ = [
     "DEVICE_TO_SERVER",
     "KINDS",
     "MAX_TOPIC_LENGTH",
+    "ROLE_KINDS",
     "SERVER_TO_DEVICE",
+    "SUBSCRIBE_QOS",
     "TOPIC_SPECS",
+    "RoleKinds",
+    "Subscription",
     "TopicRef",
     "TopicSpec",
     "Topics",
@@ -98,6 +109,54 @@ SERVER_TO_DEVICE: Final = tuple(
     k for k, s in TOPIC_SPECS.items() if s.publisher == "server" and k != "broadcast"
 )
 _BY_SUFFIX: Final = {s.suffix: s.kind for s in TOPIC_SPECS.values() if s.kind != "broadcast"}
+
+#: QoS every role subscribes with (the most it accepts; a QoS 0 publish still arrives at 0).
+SUBSCRIBE_QOS: Final = 1
+
+
+@dataclass(frozen=True)
+class RoleKinds:
+    """The topic kinds one role subscribes to.
+
+    Attributes:
+        shared: kinds subscribed through ``$share/<group>/...`` (several server workers split
+            the load; one member of the group gets each message).
+        plain: kinds subscribed plainly (retained messages never reach a shared subscription,
+            so a role that needs the retained snapshot subscribes without sharing).
+    """
+
+    shared: tuple[str, ...] = ()
+    plain: tuple[str, ...] = ()
+
+
+#: What each role subscribes to. ``device``: the device's sync loop (its own per-device topics
+#: and every broadcast); ``gateway``: the fleet server's MQTT gateway (ingest, presence,
+#: reported state, block requests); ``fallback_worker``: the server's cloud-fallback workers.
+ROLE_KINDS: Final[dict[str, RoleKinds]] = {
+    "device": RoleKinds(plain=("desired", "ack", "blocks_resp", "broadcast")),
+    "gateway": RoleKinds(
+        shared=("telemetry", "events", "blocks_req"), plain=("reported", "status")
+    ),
+    "fallback_worker": RoleKinds(shared=("fallback_req",)),
+}
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """One filter a role subscribes to.
+
+    Attributes:
+        kind: The topic kind it carries (a key of ``TOPIC_SPECS``); the consumer picks its
+            handler by it.
+        filter: The MQTT filter (``$share/<group>/...`` when shared).
+        qos: The subscription's QoS.
+        group: The shared-subscription group, None for a plain subscription.
+    """
+
+    kind: str
+    filter: str
+    qos: int = SUBSCRIBE_QOS
+    group: str | None = None
 
 
 class TopicRef(NamedTuple):
@@ -248,8 +307,48 @@ class Topics:
             raise ContractError(f"invalid shared-subscription group {group!r}")
         return f"$share/{group}/{self.all_devices(kind)}"
 
+    def sync_subscriptions(self, device_id: str) -> tuple[Subscription, ...]:
+        """What a device's sync loop subscribes to (``ROLE_KINDS["device"]``), in order.
+
+        Raises:
+            ContractError: a bad device id.
+        """
+        return tuple(
+            Subscription(
+                k, self.broadcast_filter() if k == "broadcast" else self.device(k, device_id)
+            )
+            for k in ROLE_KINDS["device"].plain
+        )
+
+    def gateway_subscriptions(self, group: str) -> tuple[Subscription, ...]:
+        """What the server's gateway subscribes to (``ROLE_KINDS["gateway"]``): the shared
+        kinds over ``group`` first, then the plain ones.
+
+        Raises:
+            ContractError: a bad group name.
+        """
+        return self._server_role("gateway", group)
+
+    def fallback_worker_subscriptions(self, group: str) -> tuple[Subscription, ...]:
+        """What the server's fallback workers subscribe to, shared over ``group``.
+
+        Raises:
+            ContractError: a bad group name.
+        """
+        return self._server_role("fallback_worker", group)
+
+    def _server_role(self, role: str, group: str) -> tuple[Subscription, ...]:
+        kinds = ROLE_KINDS[role]
+        shared = [Subscription(k, self.shared(group, k), group=group) for k in kinds.shared]
+        plain = [Subscription(k, self.all_devices(k)) for k in kinds.plain]
+        return (*shared, *plain)
+
     def server_subscriptions(self, group: str) -> tuple[tuple[str, int], ...]:
         """``(filter, qos)`` for every device -> server topic, shared over ``group``.
+
+        A whole-stream view (every kind a device publishes, load-balanced); what the server's
+        roles actually subscribe to is ``gateway_subscriptions`` and
+        ``fallback_worker_subscriptions``.
 
         Raises:
             ContractError: a bad group name.
@@ -257,7 +356,11 @@ class Topics:
         return tuple((self.shared(group, k), TOPIC_SPECS[k].qos) for k in DEVICE_TO_SERVER)
 
     def device_subscriptions(self, device_id: str) -> tuple[tuple[str, int], ...]:
-        """``(filter, qos)`` a device subscribes to: its server -> device topics, broadcasts.
+        """``(filter, qos)`` of everything a device may read: its server -> device topics
+        (fallback responses as one filter), broadcasts; with the publisher's QoS.
+
+        The sync loop's own list is ``sync_subscriptions``; the fallback client subscribes to
+        one topic below ``fallback_resp_filter``.
 
         Raises:
             ContractError: a bad device id.

@@ -14,7 +14,9 @@ re-broadcast costs one delivery per subscriber, and the requesters' copy is alre
 Serves a device only the bundles its latest signed desired state names (``entitled``): a
 request for any other published bundle is refused and counted against the device, whether or
 not a wave of it runs. Does not decide what a device should download (desired state does) or
-parse telemetry.
+parse telemetry. Publishes through ``edge_agent.common.transport.Transport`` (the paho adapter
+in production, ``edge_agent.common.memory_broker`` in unit tests); subscribes to nothing (the
+gateway routes block requests here).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
-from edge_agent.common.mqtt import MqttClient, PublishHandle
+from edge_agent.common.transport import PublishHandle, Transport
 from edge_agent.errors import EdgefleetError, NotConnectedError, TransportError
 from edge_agent.wire.topics import Topics
 from edge_agent.wire.transfer import BlockPlan, BlockRequest, transfer_id_for
@@ -87,7 +89,7 @@ class Pacer:
 class _Window:
     """Bounded window of unacknowledged publishes of one thread."""
 
-    def __init__(self, client: MqttClient, size: int = _MAX_INFLIGHT) -> None:
+    def __init__(self, client: Transport, size: int = _MAX_INFLIGHT) -> None:
         self._client = client
         self._size = size
         self._handles: collections.deque[PublishHandle] = collections.deque()
@@ -108,7 +110,7 @@ class BlockServer:
 
     Args:
         registry: published bundles (``list_bundles``).
-        client: the gateway's MQTT session.
+        client: the gateway's MQTT session (any ``Transport``).
         topics: the topic tree.
         bundles_dir: where ``<sha256>.bundle`` files live.
         block_size: block size of every transfer.
@@ -127,7 +129,7 @@ class BlockServer:
     def __init__(
         self,
         registry: Registry,
-        client: MqttClient,
+        client: Transport,
         topics: Topics,
         *,
         bundles_dir: Path,

@@ -1,10 +1,11 @@
 """Cloud fallback serving: the server end of ``<prefix>/devices/<id>/fallback/req``.
 
-Owns: ``FallbackWorker``, which takes requests from the shared subscription
-``$share/<group>/<prefix>/devices/+/fallback/req`` (so several server processes split the
-load), checks them, runs the model on a small bounded thread pool (the MQTT client delivers
-every message on one handler thread; a slow model must not hold it), and answers on the
-request's response topic with its correlation data.
+Owns: ``FallbackWorker``, which takes requests from the fallback-worker role's subscriptions in
+``Topics`` (``fallback_worker_subscriptions``: ``$share/<group>/<prefix>/devices/+/fallback/req``,
+so several server processes split the load) over any ``Transport``, checks them, runs the
+model on a small bounded thread pool (the MQTT client delivers every message on one handler
+thread; a slow model must not hold it), and answers on the request's response topic with its
+correlation data.
 
 Deadline rule: a request's ``deadline_ms`` is counted from when this worker received it (the
 broker already dropped it if its message expiry ran out on the way); a request still queued
@@ -45,7 +46,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from edge_agent.common.mqtt import Message, MessageProperties, MqttClient
+from edge_agent.common.mqtt_types import Message, MessageProperties
+from edge_agent.common.transport import Transport
 from edge_agent.errors import ContractError, EdgefleetError, TransportError
 from edge_agent.wire.fallback import (
     CONTENT_TYPE,
@@ -91,7 +93,7 @@ class FallbackWorker:
 
     def __init__(
         self,
-        client: MqttClient,
+        client: Transport,
         models: Mapping[str, CloudModel],
         topics: Topics,
         share_group: str = "fleet",
@@ -113,7 +115,7 @@ class FallbackWorker:
         if threads < 1 or max_queue < 1:
             raise FallbackServingError("fallback worker needs threads >= 1 and max_queue >= 1")
         try:
-            self._filter = topics.shared(share_group, "fallback_req")
+            self._subscriptions = topics.fallback_worker_subscriptions(share_group)
         except ContractError as exc:
             raise FallbackServingError(f"fallback worker: {exc}") from exc
         self._client, self._models, self._topics, self._clock = client, dict(models), topics, clock
@@ -141,7 +143,8 @@ class FallbackWorker:
             self._started = True
             for t in self._threads:
                 t.start()
-        self._client.subscribe(self._filter, self.handle, qos=1)
+        for sub in self._subscriptions:
+            self._client.subscribe(sub.filter, self.handle, qos=sub.qos)
 
     def close(self, timeout: float = 2.0) -> None:
         """Stop the pool after the jobs already queued (does not close the client)."""

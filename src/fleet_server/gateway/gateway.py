@@ -1,6 +1,7 @@
 """The fleet server's MQTT gateway: the server end of every device topic.
 
-Owns the orchestration: subscribing (telemetry, events and block requests through the shared
+Owns the orchestration: subscribing to the gateway role's list in ``Topics``
+(``gateway_subscriptions``: telemetry, events and block requests through the shared
 subscription ``$share/<group>/...`` so several server workers split the load; ``reported`` and
 ``status`` plainly, because retained messages never reach shared subscriptions), parsing and
 checking each message against the device id in its topic (the broker ACL makes that the
@@ -14,6 +15,9 @@ Per device: every refusal is also counted against the device that caused it
 status alone; an invalid retained ``status`` or ``reported`` document is cleared (an empty
 retained message) so consumers do not keep receiving it; blocks are served only for bundles the
 device's latest desired state names (``blocks.Entitlements``).
+
+Talks to the broker only through ``edge_agent.common.transport.Transport`` (the paho adapter in
+production, ``edge_agent.common.memory_broker`` in unit tests).
 
 Delegates: parsing to ``fleet_server.gateway.ingest_parse``, batched telemetry storage and its
 acknowledgement rule to ``fleet_server.gateway.ingest`` (handlers only parse and enqueue into
@@ -36,8 +40,9 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Final
 
-from edge_agent.common.mqtt import Message, MqttClient
+from edge_agent.common.mqtt_types import Message
 from edge_agent.common.ratelimit import RateLimiter
+from edge_agent.common.transport import Transport
 from edge_agent.errors import ContractError, EdgefleetError, TransportError
 from edge_agent.wire.reported import MAX_REPORTED_BYTES, ReportedState
 from edge_agent.wire.telemetry import StatusMessage, TelemetryAck
@@ -57,8 +62,6 @@ __all__ = ["Gateway"]
 
 log = logging.getLogger(__name__)
 
-_SHARED_KINDS: Final = ("telemetry", "events", "blocks_req")
-_PLAIN_KINDS: Final = ("reported", "status")
 _HOUSEKEEPING_EVERY: Final = 0.2  # seconds between session checks
 _LOG_EVERY: Final = 10.0  # seconds between two log lines about the same reject reason
 
@@ -68,9 +71,9 @@ class Gateway:
 
     Args:
         registry: the fleet registry.
-        client: the server's MQTT session (``MqttConfig(device_id="<label>.server",
-            announce_status=False, clean_start=False, ...)``); connected by the caller before
-            or after ``start``.
+        client: the server's MQTT session, any ``Transport`` (in production
+            ``MqttClient(MqttConfig(device_id="<label>.server", announce_status=False,
+            clean_start=False, ...))``); connected by the caller before or after ``start``.
         config: settings (validated here).
         clock: wall clock (seconds); used for rate-limited logging.
 
@@ -81,7 +84,7 @@ class Gateway:
     def __init__(
         self,
         registry: Registry,
-        client: MqttClient,
+        client: Transport,
         config: GatewayConfig,
         *,
         clock: Callable[[], float] = time.time,
@@ -143,11 +146,8 @@ class Gateway:
             target=self._housekeep, name="fleet-housekeeping", daemon=True
         )
         self._housekeeper.start()
-        group = self._config.share_group
-        for kind in _SHARED_KINDS:
-            self._client.subscribe(self._topics.shared(group, kind), self._on_message, qos=1)
-        for kind in _PLAIN_KINDS:
-            self._client.subscribe(self._topics.all_devices(kind), self._on_message, qos=1)
+        for sub in self._topics.gateway_subscriptions(self._config.share_group):
+            self._client.subscribe(sub.filter, self._on_message, qos=sub.qos)
 
     def close(self) -> None:
         """Stop the threads; telemetry already queued is stored (and acked if connected).
