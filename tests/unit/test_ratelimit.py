@@ -6,7 +6,7 @@ import pytest
 
 from clock import FakeClock
 from edge_agent.api.app import limiter_from_config
-from edge_agent.common.ratelimit import RateLimiter
+from edge_agent.common.ratelimit import RateLimiter, TokenBucket
 from edge_agent.config import ApiConfig
 from edge_agent.errors import ConfigError, RateLimitedError
 
@@ -88,3 +88,29 @@ def test_from_config() -> None:
 def test_invalid_settings_are_config_errors(rate: float, burst: int, clients: int) -> None:
     with pytest.raises(ConfigError):
         RateLimiter(rate, burst, max_clients=clients)
+
+
+# --------------------------------------------------------------------------- one bucket
+def test_a_bucket_starts_full_takes_n_and_says_when_n_is_due() -> None:
+    bucket = TokenBucket(rate=100.0, burst=300.0, now=0.0)
+    assert bucket.take(0.0, 256) == 0.0
+    assert bucket.take(0.0, 256) == pytest.approx(212 / 100)  # 44 left, nothing taken
+    assert bucket.tokens == pytest.approx(44.0)
+    assert bucket.take(2.12, 256) == 0.0
+    assert bucket.take(1000.0, 301) == pytest.approx(0.01)  # refilled to the burst, no more
+
+
+def test_a_bucket_within_tolerance_is_admitted_and_left_empty_not_negative() -> None:
+    bucket = TokenBucket(rate=10.0, burst=1.0, now=0.0)
+    bucket.take(0.0)
+    assert bucket.take(0.09999999995, tolerance=1e-9) == 0.0
+    assert bucket.tokens == 0.0
+    assert bucket.take(0.09999999995) > 0  # without the tolerance it waits
+
+
+def test_a_bucket_ignores_a_clock_stepping_back() -> None:
+    bucket = TokenBucket(rate=1.0, burst=2.0, now=100.0)
+    bucket.take(100.0)
+    assert bucket.take(50.0) == 0.0  # the one token left, neither refilled nor drained
+    assert bucket.take(50.0) == pytest.approx(1.0)
+    assert bucket.stamp == 100.0

@@ -1,14 +1,18 @@
-"""Per-client token buckets: the one rate limiter every role uses.
+"""Token buckets: the one rate-limiting implementation every role uses.
 
-Owns: admitting or refusing one request of one client, and how long that client should wait.
-Each client has a bucket of ``burst`` tokens refilled at ``rate`` per second; a request takes one.
-At most ``max_clients`` buckets are tracked; the least recently seen is evicted first, so memory
-stays bounded whatever the number of peers (an evicted client simply starts again with a full
-bucket). The clock is injected; nothing here reads the time, a socket or the environment.
+Owns ``TokenBucket`` (one bucket: ``burst`` tokens, refilled at ``rate`` per second; taking
+tokens either succeeds or says how long until they are due) and ``RateLimiter`` (a bucket per
+client, with a bounded LRU of clients). At most ``max_clients`` buckets are tracked; the least
+recently seen is evicted first, so memory stays bounded whatever the number of peers (an evicted
+client simply starts again with a full bucket). The clock is passed in; nothing here reads the
+time, sleeps, or touches a socket or the environment.
 
-Who a client is, is the caller's choice: the device API uses the peer IP for TCP and one shared
-``"uds"`` client for the Unix socket (see ``edge_agent.api.app.limiter_from_config``); the fleet
-gateway uses the device id.
+Users: the device API (``RateLimiter``; the client is the peer IP for TCP and one shared ``"uds"``
+client for the Unix socket, see ``edge_agent.api.app.limiter_from_config``), the fleet gateway
+(``RateLimiter`` per device id), the block server's publish pacer
+(``fleet_server.delivery.block_server.Pacer``, which sleeps) and the drift sketching budget of
+``edge_agent.serving.pipeline`` (``TokenBucket``). Does not own who a client is or what waiting
+means (refuse, sleep, drop): the callers decide.
 """
 
 from __future__ import annotations
@@ -20,20 +24,53 @@ from collections.abc import Callable
 
 from edge_agent.errors import ConfigError, RateLimitedError
 
+__all__ = ["DEFAULT_MAX_CLIENTS", "Clock", "RateLimiter", "TokenBucket"]
+
 Clock = Callable[[], float]
 DEFAULT_MAX_CLIENTS = 1024
 
 
-class _Bucket:
-    __slots__ = ("stamp", "tokens")
+class TokenBucket:
+    """One token bucket. Not thread-safe: callers that share one hold their own lock.
 
-    def __init__(self, tokens: float, stamp: float) -> None:
-        self.tokens = tokens
-        self.stamp = stamp
+    Attributes:
+        rate: tokens added per second.
+        burst: capacity (the allowance after a quiet period); the bucket starts full.
+        tokens: tokens in the bucket as of ``stamp``.
+        stamp: the clock reading of the last refill.
+    """
+
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        """A full bucket at time ``now`` (no validation: ``RateLimiter`` checks its settings)."""
+        self.rate = float(rate)
+        self.burst = float(burst)
+        self.tokens = self.burst
+        self.stamp = now
+
+    def take(self, now: float, n: float = 1.0, *, tolerance: float = 0.0) -> float:
+        """Refill up to ``now``, then take ``n`` tokens if there are (``n - tolerance``).
+
+        A clock that steps back neither refills nor drains the bucket. ``tolerance`` admits a
+        bucket a rounding error short of ``n`` (it is then left empty, never negative).
+
+        Returns:
+            ``0.0`` when the tokens were taken, otherwise the seconds until they are due
+            (nothing is taken then).
+        """
+        elapsed = now - self.stamp
+        if elapsed > 0:
+            self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
+            self.stamp = now
+        if self.tokens >= n - tolerance:
+            self.tokens = max(0.0, self.tokens - n)
+            return 0.0
+        return (n - self.tokens) / self.rate
 
 
 class RateLimiter:
-    """Token bucket per client, with a bounded LRU of clients. Thread-safe."""
+    """A ``TokenBucket`` per client, with a bounded LRU of clients. Thread-safe."""
 
     def __init__(
         self,
@@ -63,7 +100,7 @@ class RateLimiter:
         self.burst = float(burst)
         self.max_clients = max_clients
         self._clock = clock
-        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
         self._lock = threading.Lock()
 
     def acquire(self, client: str) -> float:
@@ -77,19 +114,12 @@ class RateLimiter:
         with self._lock:
             bucket = self._buckets.get(client)
             if bucket is None:
-                bucket = self._buckets[client] = _Bucket(self.burst, now)
+                bucket = self._buckets[client] = TokenBucket(self.rate, self.burst, now)
                 if len(self._buckets) > self.max_clients:
                     self._buckets.popitem(last=False)
             else:
                 self._buckets.move_to_end(client)
-                elapsed = now - bucket.stamp
-                if elapsed > 0:  # a clock that steps back never refills, nor drains
-                    bucket.tokens = min(self.burst, bucket.tokens + elapsed * self.rate)
-                    bucket.stamp = now
-            if bucket.tokens >= 1.0:
-                bucket.tokens -= 1.0
-                return 0.0
-            return (1.0 - bucket.tokens) / self.rate
+            return bucket.take(now)
 
     def check(self, client: str) -> None:
         """Take one token for ``client`` or refuse.

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from edge_agent.common.ratelimit import TokenBucket
 from edge_agent.config import DriftConfig, ModelPolicy
 from edge_agent.contract import BundleManifest
 from edge_agent.contract.validation import ROW_REASONS, ValidationResult, Validator
@@ -85,27 +86,6 @@ class _RowBuffer:
                 full, self.buf = self.buf, np.empty_like(self.buf)
                 self.fill = 0
                 flush(self.name, full)
-
-
-class _TokenBucket:
-    """Allows ``rate`` units per second on average, bursts up to one second's worth."""
-
-    __slots__ = ("_clock", "_last", "_rate", "_tokens")
-
-    def __init__(self, rate: float, clock: Callable[[], float]) -> None:
-        self._rate = rate
-        self._clock = clock
-        self._tokens = rate
-        self._last = clock()
-
-    def take(self, n: int) -> bool:
-        now = self._clock()
-        self._tokens = min(self._rate, self._tokens + (now - self._last) * self._rate)
-        self._last = now
-        if self._tokens >= n:
-            self._tokens -= n
-            return True
-        return False
 
 
 class DriftWorker:
@@ -191,8 +171,10 @@ class ModelPipeline:
             + [(n, True) for n in manifest.baseline.outputs]
         )
         # Sketching costs ~1-2 us per row: above this rate blocks are sampled, not all sketched,
-        # so monitoring never takes more than a bounded share of the CPU.
-        self._sketch_budget = _TokenBucket(drift.max_rows_per_second, clock)
+        # so monitoring never takes more than a bounded share of the CPU (max_rows_per_second on
+        # average, bursts up to one second's worth).
+        rows_per_second = drift.max_rows_per_second
+        self._sketch_budget = TokenBucket(rows_per_second, rows_per_second, clock())
         self.sketch_sampled_out = 0
         self.sketch_failures = 0
         self.last_drift_alert = False
@@ -350,7 +332,7 @@ class ModelPipeline:
         buf.add(flat, self._flush)
 
     def _flush(self, name: str, block: Array) -> None:
-        if not self._sketch_budget.take(block.shape[0]):
+        if self._sketch_budget.take(self._clock(), block.shape[0]) > 0:
             self.sketch_sampled_out += block.shape[0]
             return
         if self._worker is None:
