@@ -53,11 +53,11 @@ from edge_agent.api.budget import MAX_COST_RATIO, MemoryBudget, admit
 from edge_agent.api.fastpath import (
     JSON,
     OCTETS,
-    _Answer,
-    _App,
-    _error,
-    _infer_headers,
-    _json,
+    FastInferApp,
+    InferAnswer,
+    error_response,
+    infer_headers,
+    json_response,
     read_body,
 )
 from edge_agent.api.header_cache import RequestDecoder
@@ -171,20 +171,24 @@ class _Api:
         if wait <= 0:
             return None
         headers = {"Retry-After": str(max(1, math.ceil(wait)))}
-        response = _error(429, f"rate limited; retry in {wait:.3f}s", headers)
+        response = error_response(429, f"rate limited; retry in {wait:.3f}s", headers)
         return m.OUTCOME_RATE_LIMITED, m.OUTCOME_RATE_LIMITED, response
 
     def _failure(self, exc: Exception, stage: str = "service") -> _Outcome:
         # The status is the one error table's (edge_agent.errors.API_STATUS), as for gRPC.
         status, _ = api_status(exc, from_service=stage == "service")
         if isinstance(exc, InputValidationError):
-            return m.OUTCOME_INVALID, exc.reason, _error(status, _describe(exc))
+            return m.OUTCOME_INVALID, exc.reason, error_response(status, _describe(exc))
         code = exc.code if isinstance(exc, EdgefleetError) else "exception"
         if status in OUTCOME_BY_STATUS:
             headers = {"Retry-After": "1"} if status == 429 else None
-            return OUTCOME_BY_STATUS[status], code, _error(status, str(exc) or code, headers)
+            return (
+                OUTCOME_BY_STATUS[status],
+                code,
+                error_response(status, str(exc) or code, headers),
+            )
         logger.error("inference API %s failed (%s)", stage, code, exc_info=exc)
-        return m.OUTCOME_ERROR, code, _error(500, f"internal error ({code})")
+        return m.OUTCOME_ERROR, code, error_response(500, f"internal error ({code})")
 
     # --- health and metadata -------------------------------------------------------------
 
@@ -216,7 +220,7 @@ class _Api:
         except Exception:
             logger.exception("%s probe failed", what)
             ok = False
-        return _json({what: True}) if ok else _error(503, f"server is not {what}")
+        return json_response({what: True}) if ok else error_response(503, f"server is not {what}")
 
     async def server_metadata(self, request: Request) -> Response:
         try:
@@ -226,7 +230,7 @@ class _Api:
         # Only what this API implements, whatever the service claims: a client that sees an
         # extension calls its endpoints (the model repository's index is not served here).
         meta["extensions"] = list(EXTENSIONS)
-        return _json(meta)
+        return json_response(meta)
 
     async def model_metadata(self, request: Request) -> Response:
         return await self._model_call(request, "metadata", self.service.model_metadata)
@@ -250,10 +254,10 @@ class _Api:
         self._vouch(name)
         if endpoint == "metadata" or value:
             document = protocol_metadata(value) if endpoint == "metadata" else None
-            response = _json(document or {"name": name, "ready": True})
+            response = json_response(document or {"name": name, "ready": True})
             return m.OUTCOME_OK, m.NO_REASON, response
         suffix = "" if version is None else f" version {version!r}"
-        response = _error(503, f"model {name!r}{suffix} is not ready")
+        response = error_response(503, f"model {name!r}{suffix} is not ready")
         return m.OUTCOME_UNAVAILABLE, "not_ready", response
 
     # --- inference -----------------------------------------------------------------------
@@ -283,9 +287,13 @@ class _Api:
         limited = self._throttled(scope)
         if limited is not None:
             return limited
-        declared, header_length, routing = _infer_headers(scope["headers"])
+        declared, header_length, routing = infer_headers(scope["headers"])
         if declared is not None and not (declared.isascii() and declared.isdigit()):
-            return m.OUTCOME_INVALID, "content_length", _error(400, "invalid Content-Length")
+            return (
+                m.OUTCOME_INVALID,
+                "content_length",
+                error_response(400, "invalid Content-Length"),
+            )
         if declared is not None and int(declared) > self.max_bytes:
             return self._too_large(int(declared))
         if declared is not None and int(declared) <= INLINE_BYTES:
@@ -293,7 +301,7 @@ class _Api:
             try:
                 body = await read_body(receive, self.max_bytes)
             except ClientDisconnect:
-                return m.OUTCOME_ABORTED, "disconnect", _error(400, "client disconnected")
+                return m.OUTCOME_ABORTED, "disconnect", error_response(400, "client disconnected")
             if body is None:
                 return self._too_large(None)
             return await self._answer(name, version, body, header_length, routing)
@@ -311,25 +319,25 @@ class _Api:
                     return self._too_costly(admitted.cost)
                 if admitted.refusal == "read_timeout":
                     message = f"request body not received within {self.read_seconds} s"
-                    response = _error(408, message, {"Connection": "close"})
+                    response = error_response(408, message, {"Connection": "close"})
                     return m.OUTCOME_ABORTED, "read_timeout", response
                 if admitted.refusal is not None:
                     return self._too_large(None)
                 return await self._answer(name, version, admitted.body, header_length, routing)
         except ClientDisconnect:
-            return m.OUTCOME_ABORTED, "disconnect", _error(400, "client disconnected")
+            return m.OUTCOME_ABORTED, "disconnect", error_response(400, "client disconnected")
 
     def _too_costly(self, cost: int) -> _Outcome:
         message = (
             f"decoding this body could take {cost} bytes of memory; the API decodes at most "
             f"{self.budget.total} bytes at once and {MAX_COST_RATIO} bytes per body byte"
         )
-        return m.OUTCOME_TOO_LARGE, "decode_memory", _error(413, message)
+        return m.OUTCOME_TOO_LARGE, "decode_memory", error_response(413, message)
 
     def _too_large(self, size: int | None) -> _Outcome:
         got = "" if size is None else f" ({size} bytes)"
         message = f"request body too large{got}; the limit is {self.max_bytes} bytes"
-        response = _error(413, message, {"Connection": "close"})
+        response = error_response(413, message, {"Connection": "close"})
         return m.OUTCOME_TOO_LARGE, "payload_too_large", response
 
     async def _run_service(self, name: str, request: InferenceRequest) -> InferenceResult:
@@ -408,7 +416,7 @@ class _Api:
         self._vouch(name)
         self.metrics.count_source(name, result.source)
         self.metrics.set_model_version(name, result.model_version)
-        return m.OUTCOME_OK, m.NO_REASON, _Answer(encoded.body, encoded.header_length)
+        return m.OUTCOME_OK, m.NO_REASON, InferAnswer(encoded.body, encoded.header_length)
 
     async def metrics_text(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=m.CONTENT_TYPE)
@@ -416,8 +424,9 @@ class _Api:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, HTTPException):  # unknown route, wrong method
-        return _error(exc.status_code, str(exc.detail), dict(exc.headers or {}))
-    return _error(500, "internal error")  # never the exception's text: it may hold internals
+        return error_response(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+    # Never the exception's text: it may hold internals.
+    return error_response(500, "internal error")
 
 
 def limiter_from_config(
@@ -492,7 +501,7 @@ def create_app(
         finally:
             api.close()
 
-    app = _App(
+    app = FastInferApp(
         routes=routes,
         exception_handlers={HTTPException: _http_error, Exception: _http_error},
         lifespan=lifespan,

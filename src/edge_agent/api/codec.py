@@ -31,8 +31,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from edge_agent.api.decode import (
-    _BY_KIND,
-    _WIRE,
+    DATATYPE_BY_KIND,
     HEADER_LENGTH,
     MAX_DIM,
     MAX_INPUTS,
@@ -46,10 +45,11 @@ from edge_agent.api.decode import (
     REASON_SCHEMA,
     REASON_SHAPE,
     REASON_TOO_MANY,
+    WIRE_DTYPES,
     DecodedRequest,
     RequestedOutput,
-    _bad,
     decode_request,
+    invalid_input,
 )
 from edge_agent.api.header_cache import RequestDecoder
 from edge_agent.errors import InferenceError
@@ -97,7 +97,7 @@ def datatype_of(array: Array) -> str:
     kind = array.dtype.kind
     if kind in "OSU":
         return "BYTES"
-    name = _BY_KIND.get((kind, array.dtype.itemsize))
+    name = DATATYPE_BY_KIND.get((kind, array.dtype.itemsize))
     if name is None:
         raise InferenceError(f"dtype {array.dtype} has no Open Inference Protocol datatype")
     return name
@@ -118,7 +118,7 @@ def requested_outputs(
         if value is None:
             known = ", ".join(sorted(result.outputs))
             message = f"requested output {want.name!r} does not exist (outputs: {known})"
-            raise _bad(REASON_OUTPUT, message, want.name)
+            raise invalid_input(REASON_OUTPUT, message, want.name)
         array = np.asarray(value)
         yield want, array, datatype_of(array)
 
@@ -186,7 +186,7 @@ def _to_binary(array: Array, datatype: str) -> tuple[Any, int]:
     if datatype == "BYTES":
         chunk = b"".join(len(b).to_bytes(4, "little") + b for b in _byte_items(array))
         return chunk, len(chunk)
-    contiguous = np.ascontiguousarray(array, dtype=_WIRE[datatype])
+    contiguous = np.ascontiguousarray(array, dtype=WIRE_DTYPES[datatype])
     return contiguous, contiguous.nbytes  # bytes.join reads the array's buffer: no extra copy
 
 

@@ -38,7 +38,7 @@ REASON_OUTPUT = "output"
 
 # Wire dtypes are little-endian by definition; on a little-endian host they are also native.
 # fmt: off
-_WIRE: dict[str, np.dtype[Any]] = {
+WIRE_DTYPES: dict[str, np.dtype[Any]] = {
     "BOOL": np.dtype("?"), "UINT8": np.dtype("<u1"), "UINT16": np.dtype("<u2"),
     "UINT32": np.dtype("<u4"), "UINT64": np.dtype("<u8"), "INT8": np.dtype("<i1"),
     "INT16": np.dtype("<i2"), "INT32": np.dtype("<i4"), "INT64": np.dtype("<i8"),
@@ -49,7 +49,7 @@ _KIND_WORDS = {
     "f": "non-integers (or NaN/Infinity)", "b": "booleans", "i": "integers", "u": "integers",
 }
 # fmt: on
-_NATIVE = {name: dt.newbyteorder("=") for name, dt in _WIRE.items()}
+NATIVE_DTYPES = {name: dt.newbyteorder("=") for name, dt in WIRE_DTYPES.items()}
 
 
 def _numpy_discovery() -> Callable[[list[Any]], tuple[np.dtype[Any] | None, Any]] | None:
@@ -71,8 +71,8 @@ def _numpy_discovery() -> Callable[[list[Any]], tuple[np.dtype[Any] | None, Any]
 
 
 _discover = _numpy_discovery()
-_KINDS = {n: "b" if n == "BOOL" else "fiu" if n[:2] == "FP" else "iu" for n in _WIRE}
-_BY_KIND = {(dt.kind, dt.itemsize): name for name, dt in _WIRE.items()}
+_KINDS = {n: "b" if n == "BOOL" else "fiu" if n[:2] == "FP" else "iu" for n in WIRE_DTYPES}
+DATATYPE_BY_KIND = {(dt.kind, dt.itemsize): name for name, dt in WIRE_DTYPES.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,11 +94,12 @@ class DecodedRequest:
     binary_output: bool
 
 
-def _bad(reason: str, message: str, field: str | None = None) -> InputValidationError:
+def invalid_input(reason: str, message: str, field: str | None = None) -> InputValidationError:
+    """The ``InputValidationError`` of a refused request (``reason``: a ``REASON_*`` label)."""
     return InputValidationError(message, field=field, reason=reason)
 
 
-class _Plan(NamedTuple):
+class BinaryPlan(NamedTuple):
     """What a binary request's JSON header says, independent of the bytes that follow it."""
 
     inputs: tuple[tuple[str, str, tuple[int, ...], int], ...]  # name, datatype, shape, size
@@ -122,24 +123,26 @@ def decode_request(
         InputValidationError: the body is not a valid v2 request; ``reason`` is one of the
             ``REASON_*`` labels and ``field`` names the input when one is at fault.
     """
-    end = len(body) if header_length is None else _header_length(header_length.strip(), body)
-    return _decode(body, end, max_inputs)[0]
+    end = len(body) if header_length is None else parse_header_length(header_length.strip(), body)
+    return decode_body(body, end, max_inputs)[0]
 
 
-def _decode(body: bytes, end: int, max_inputs: int) -> tuple[DecodedRequest, _Plan | None]:
+def decode_body(body: bytes, end: int, max_inputs: int) -> tuple[DecodedRequest, BinaryPlan | None]:
     """``decode_request`` once the JSON header's end is known; with the header's plan when
     every input is binary and there is no ``id`` (see ``RequestDecoder``)."""
     try:
         doc = json.loads(body if end == len(body) else body[:end])
     except (ValueError, RecursionError) as exc:
-        raise _bad(REASON_JSON, f"request body is not valid JSON: {exc}") from None
+        raise invalid_input(REASON_JSON, f"request body is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
-        raise _bad(REASON_JSON, "request body must be a JSON object")
+        raise invalid_input(REASON_JSON, "request body must be a JSON object")
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
-        raise _bad(REASON_SCHEMA, "'inputs' must be a non-empty array")
+        raise invalid_input(REASON_SCHEMA, "'inputs' must be a non-empty array")
     if len(raw_inputs) > max_inputs:
-        raise _bad(REASON_TOO_MANY, f"{len(raw_inputs)} inputs; at most {max_inputs} allowed")
+        raise invalid_input(
+            REASON_TOO_MANY, f"{len(raw_inputs)} inputs; at most {max_inputs} allowed"
+        )
     view = memoryview(body)
     offset = end
     inputs: dict[str, Array] = {}
@@ -147,7 +150,7 @@ def _decode(body: bytes, end: int, max_inputs: int) -> tuple[DecodedRequest, _Pl
     for index, raw in enumerate(raw_inputs):
         name, array, used = _decode_input(raw, index, view, offset)
         if name in inputs:
-            raise _bad(REASON_SCHEMA, f"input {name!r} appears twice", name)
+            raise invalid_input(REASON_SCHEMA, f"input {name!r} appears twice", name)
         inputs[name] = array
         offset += used
         if declared is not None:
@@ -155,30 +158,44 @@ def _decode(body: bytes, end: int, max_inputs: int) -> tuple[DecodedRequest, _Pl
                 declared.append((name, raw["datatype"], array.shape, used))
             else:
                 declared = None
-    _check_consumed(offset, end, len(body))
+    check_consumed(offset, end, len(body))
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
-        raise _bad(REASON_SCHEMA, "'id' must be a string")
+        raise invalid_input(REASON_SCHEMA, "'id' must be a string")
     parameters = _object(doc.get("parameters"), "'parameters'", None)
     binary_output = parameters.get("binary_data_output", False)
     if not isinstance(binary_output, bool):
-        raise _bad(REASON_SCHEMA, "parameter 'binary_data_output' must be a boolean")
+        raise invalid_input(REASON_SCHEMA, "parameter 'binary_data_output' must be a boolean")
     outputs = _requested_outputs(doc.get("outputs"))
     decoded = DecodedRequest(inputs, request_id, parameters, outputs, binary_output)
     if declared is None or request_id is not None:
         return decoded, None
-    return decoded, _Plan(tuple(declared), dict(parameters), outputs, binary_output)
+    return decoded, BinaryPlan(tuple(declared), dict(parameters), outputs, binary_output)
 
 
-def _check_consumed(offset: int, end: int, size: int) -> None:
+def check_consumed(offset: int, end: int, size: int) -> None:
+    """Refuse a binary request whose inputs do not account for every byte after the header.
+
+    Raises:
+        InputValidationError: ``REASON_BINARY``.
+    """
     if offset != size:
         binary = f"{size - end} bytes follow the JSON header"
-        raise _bad(REASON_BINARY, f"inputs declare {offset - end} binary bytes but {binary}")
+        raise invalid_input(
+            REASON_BINARY, f"inputs declare {offset - end} binary bytes but {binary}"
+        )
 
 
-def _header_length(text: str, body: bytes) -> int:
+def parse_header_length(text: str, body: bytes) -> int:
+    """The Inference-Header-Content-Length value, checked against the body's size.
+
+    Raises:
+        InputValidationError: ``REASON_BINARY`` for a value that is not within the body.
+    """
     if not (text.isascii() and text.isdigit()) or len(text) > 18 or int(text) > len(body):
-        raise _bad(REASON_BINARY, f"{HEADER_LENGTH} {text!r} is not within the {len(body)} bytes")
+        raise invalid_input(
+            REASON_BINARY, f"{HEADER_LENGTH} {text!r} is not within the {len(body)} bytes"
+        )
     return int(text)
 
 
@@ -186,7 +203,7 @@ def _object(value: Any, what: str, field: str | None) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):  # ``what`` may hold a {!r} for the field: formatted only here
-        raise _bad(REASON_SCHEMA, f"{what.format(field)} must be a JSON object", field)
+        raise invalid_input(REASON_SCHEMA, f"{what.format(field)} must be a JSON object", field)
     return value
 
 
@@ -194,90 +211,118 @@ def _requested_outputs(raw: Any) -> tuple[RequestedOutput, ...] | None:
     if raw is None:
         return None
     if not isinstance(raw, list) or len(raw) > MAX_OUTPUTS:
-        raise _bad(REASON_SCHEMA, f"'outputs' must be an array of at most {MAX_OUTPUTS}")
+        raise invalid_input(REASON_SCHEMA, f"'outputs' must be an array of at most {MAX_OUTPUTS}")
     wanted = []
     for entry in raw:
         name = entry.get("name") if isinstance(entry, dict) else None
         if not isinstance(name, str):
-            raise _bad(REASON_SCHEMA, "each requested output needs a string 'name'")
+            raise invalid_input(REASON_SCHEMA, "each requested output needs a string 'name'")
         params = _object(entry.get("parameters"), "parameters of output {!r}", name)
         binary = params.get("binary_data")
         if binary is not None and not isinstance(binary, bool):
-            raise _bad(REASON_SCHEMA, f"binary_data of output {name!r} must be a boolean", name)
+            raise invalid_input(
+                REASON_SCHEMA, f"binary_data of output {name!r} must be a boolean", name
+            )
         wanted.append(RequestedOutput(name, binary))
     return tuple(wanted)
 
 
 def _decode_input(raw: Any, index: int, view: memoryview, offset: int) -> tuple[str, Array, int]:
     if not isinstance(raw, dict):
-        raise _bad(REASON_SCHEMA, f"inputs[{index}] must be a JSON object")
+        raise invalid_input(REASON_SCHEMA, f"inputs[{index}] must be a JSON object")
     name = raw.get("name")
     if not isinstance(name, str) or not name:
-        raise _bad(REASON_SCHEMA, f"inputs[{index}] needs a non-empty string 'name'")
+        raise invalid_input(REASON_SCHEMA, f"inputs[{index}] needs a non-empty string 'name'")
     datatype = raw.get("datatype")
     if not isinstance(datatype, str):
-        raise _bad(REASON_SCHEMA, f"input {name!r} needs a string 'datatype'", name)
+        raise invalid_input(REASON_SCHEMA, f"input {name!r} needs a string 'datatype'", name)
     shape = _shape(raw.get("shape"), name)
     params = _object(raw.get("parameters"), "parameters of input {!r}", name)
     size = params.get("binary_data_size")
     if size is None:
         if "data" not in raw:
-            raise _bad(REASON_SCHEMA, f"input {name!r} has no data or binary_data_size", name)
+            raise invalid_input(
+                REASON_SCHEMA, f"input {name!r} has no data or binary_data_size", name
+            )
         return name, _from_json(raw["data"], datatype, shape, name), 0
     if "data" in raw:
-        raise _bad(REASON_SCHEMA, f"input {name!r} has both data and binary_data_size", name)
+        raise invalid_input(
+            REASON_SCHEMA, f"input {name!r} has both data and binary_data_size", name
+        )
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise _bad(REASON_BINARY, f"binary_data_size of input {name!r} is not a byte count", name)
-    return name, _binary_input(view, offset, size, datatype, shape, name), size
+        raise invalid_input(
+            REASON_BINARY, f"binary_data_size of input {name!r} is not a byte count", name
+        )
+    return name, binary_tensor(view, offset, size, datatype, shape, name), size
 
 
-def _binary_input(
+def binary_tensor(
     view: memoryview, offset: int, size: int, datatype: str, shape: tuple[int, ...], name: str
 ) -> Array:
+    """The ``size`` bytes at ``offset`` of the body as input ``name``'s array.
+
+    Raises:
+        InputValidationError: fewer bytes remain, or they do not fit the datatype and shape.
+    """
     if offset + size > len(view):
         left = len(view) - offset
-        raise _bad(REASON_BINARY, f"input {name!r} declares {size} bytes; {left} remain", name)
-    return _from_binary(view[offset : offset + size], datatype, shape, name)
+        raise invalid_input(
+            REASON_BINARY, f"input {name!r} declares {size} bytes; {left} remain", name
+        )
+    return from_binary(view[offset : offset + size], datatype, shape, name)
 
 
 def _shape(raw: Any, name: str) -> tuple[int, ...]:
     if not isinstance(raw, list) or len(raw) > MAX_RANK:
-        raise _bad(REASON_SHAPE, f"shape of {name!r} must be an array of <= {MAX_RANK} ints", name)
+        raise invalid_input(
+            REASON_SHAPE, f"shape of {name!r} must be an array of <= {MAX_RANK} ints", name
+        )
     for dim in raw:
         if not isinstance(dim, int) or isinstance(dim, bool) or not 0 <= dim <= MAX_DIM:
-            raise _bad(REASON_SHAPE, f"shape of {name!r} has an invalid dimension {dim!r}", name)
+            raise invalid_input(
+                REASON_SHAPE, f"shape of {name!r} has an invalid dimension {dim!r}", name
+            )
     return tuple(raw)
 
 
-def _unknown(datatype: str, name: str) -> InputValidationError:
+def unknown_datatype(datatype: str, name: str) -> InputValidationError:
+    """The error for a datatype the protocol (or numpy) does not have."""
     hint = " (numpy has no bfloat16: send FP32 or FP16)" if datatype == "BF16" else ""
-    return _bad(REASON_DATATYPE, f"input {name!r}: unsupported datatype {datatype!r}{hint}", name)
+    return invalid_input(
+        REASON_DATATYPE, f"input {name!r}: unsupported datatype {datatype!r}{hint}", name
+    )
 
 
 def _from_json(data: Any, datatype: str, shape: tuple[int, ...], name: str) -> Array:
     if not isinstance(data, list):
-        raise _bad(REASON_DATA, f"data of input {name!r} must be a JSON array", name)
-    dtype = _NATIVE.get(datatype)
+        raise invalid_input(REASON_DATA, f"data of input {name!r} must be a JSON array", name)
+    dtype = NATIVE_DTYPES.get(datatype)
     if dtype is None and datatype != "BYTES":
-        raise _unknown(datatype, name)
+        raise unknown_datatype(datatype, name)
     try:
         if dtype is not None:
             _refuse_text(data, datatype, name)
         array = np.array(data, dtype=object) if dtype is None else np.asarray(data)
     except (ValueError, TypeError, RecursionError):
-        raise _bad(REASON_SHAPE, f"data of input {name!r} is ragged nested arrays", name) from None
+        raise invalid_input(
+            REASON_SHAPE, f"data of input {name!r} is ragged nested arrays", name
+        ) from None
     array = _fit_shape(array, shape, name)
     if dtype is None:
         return _text_elements(array, name)
     if array.size and array.dtype.kind not in _KINDS[datatype]:
         found = _KIND_WORDS.get(array.dtype.kind, str(array.dtype))
-        raise _bad(REASON_DATA, f"input {name!r} is {datatype} but its data holds {found}", name)
+        raise invalid_input(
+            REASON_DATA, f"input {name!r} is {datatype} but its data holds {found}", name
+        )
     if array.dtype == dtype:
         return array
     if dtype.kind in "iu" and array.size:
         info = np.iinfo(dtype)
         if array.min() < info.min or array.max() > info.max:
-            raise _bad(REASON_DATA, f"data of input {name!r} is out of range for {datatype}", name)
+            raise invalid_input(
+                REASON_DATA, f"data of input {name!r} is out of range for {datatype}", name
+            )
     if dtype.kind != "f" or array.dtype.itemsize <= dtype.itemsize:
         return array.astype(dtype)
     with np.errstate(over="ignore"):  # FP64 -> FP32/FP16 overflow becomes Inf: validation counts it
@@ -299,7 +344,9 @@ def _refuse_text(data: list[Any], datatype: str, name: str) -> None:
     kind = _element_kind(data)
     if kind in "USO":
         found = _KIND_WORDS.get(kind, kind)
-        raise _bad(REASON_DATA, f"input {name!r} is {datatype} but its data holds {found}", name)
+        raise invalid_input(
+            REASON_DATA, f"input {name!r} is {datatype} but its data holds {found}", name
+        )
 
 
 def _element_kind(data: list[Any]) -> str:
@@ -328,31 +375,38 @@ def _fit_shape(array: Array, shape: tuple[int, ...], name: str) -> Array:
         return array.reshape(shape)
     got = f"{list(array.shape)} ({array.size} elements)"
     want = f"{list(shape)} ({math.prod(shape)} elements)"
-    raise _bad(REASON_SHAPE, f"data of input {name!r} has shape {got}, declared {want}", name)
+    raise invalid_input(
+        REASON_SHAPE, f"data of input {name!r} has shape {got}, declared {want}", name
+    )
 
 
 def _text_elements(array: Array, name: str) -> Array:
     items = array.reshape(-1).tolist()
     if not all(isinstance(item, str) for item in items):
-        raise _bad(REASON_DATA, f"BYTES input {name!r} must hold strings", name)
+        raise invalid_input(REASON_DATA, f"BYTES input {name!r} must hold strings", name)
     return np.array([item.encode() for item in items], dtype=object).reshape(array.shape)
 
 
-def _from_binary(buf: memoryview, datatype: str, shape: tuple[int, ...], name: str) -> Array:
+def from_binary(buf: memoryview, datatype: str, shape: tuple[int, ...], name: str) -> Array:
+    """A binary tensor's bytes as an array of ``datatype`` and ``shape`` (little-endian wire).
+
+    Raises:
+        InputValidationError: unknown datatype, or a byte count that does not fit the shape.
+    """
     count = math.prod(shape)
     if datatype == "BYTES":
         return _bytes_from_binary(buf, shape, count, name)
-    wire = _WIRE.get(datatype)
+    wire = WIRE_DTYPES.get(datatype)
     if wire is None:
-        raise _unknown(datatype, name)
+        raise unknown_datatype(datatype, name)
     if len(buf) != count * wire.itemsize:
         need = f"{datatype}{list(shape)} needs {count * wire.itemsize}"
-        raise _bad(REASON_BINARY, f"input {name!r} has {len(buf)} bytes but {need}", name)
+        raise invalid_input(REASON_BINARY, f"input {name!r} has {len(buf)} bytes but {need}", name)
     array: Array = np.frombuffer(buf, dtype=wire)
     if datatype == "BOOL" and count and array.view(np.uint8).max() > 1:
-        raise _bad(REASON_DATA, f"BOOL input {name!r} has bytes other than 0 and 1", name)
+        raise invalid_input(REASON_DATA, f"BOOL input {name!r} has bytes other than 0 and 1", name)
     if not wire.isnative:
-        array = array.astype(_NATIVE[datatype])
+        array = array.astype(NATIVE_DTYPES[datatype])
     return array.reshape(shape)
 
 
@@ -365,5 +419,5 @@ def _bytes_from_binary(buf: memoryview, shape: tuple[int, ...], count: int, name
         pos = end
     if len(items) != count or pos != size:
         message = f"BYTES input {name!r}: {count} length-prefixed elements do not fill {size} bytes"
-        raise _bad(REASON_BINARY, message, name)
+        raise invalid_input(REASON_BINARY, message, name)
     return np.array(items, dtype=object).reshape(shape)

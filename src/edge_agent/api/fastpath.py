@@ -1,11 +1,12 @@
 """The raw ASGI fast path of the v2 API: ``POST .../infer`` without Starlette's router.
 
-Owns: dispatching the unversioned infer route before routing (``_App``), reading the three
-headers that request needs in one pass (``_infer_headers``) and its body straight from
-``receive`` (``read_body``), building a 200 answer's raw headers
-directly (``_Answer``), and the protocol's ``{"error": ...}`` / JSON responses shared by every
-endpoint. Does not own the endpoints, limits, error mapping or metrics (``edge_agent.api.app``),
-tensor decoding (``edge_agent.api.codec``) or sockets (``edge_agent.api.server``).
+Owns: dispatching the unversioned infer route before routing (``FastInferApp``), reading the
+three headers that request needs in one pass (``infer_headers``) and its body straight from
+``receive`` (``read_body``), building a 200 answer's raw headers directly (``InferAnswer``), and
+the protocol's ``{"error": ...}`` / JSON responses shared by every endpoint (``error_response``,
+``json_response``). Does not own the endpoints, limits, error mapping or metrics
+(``edge_agent.api.app``), tensor decoding (``edge_agent.api.codec``) or sockets
+(``edge_agent.api.server``).
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ JSON = "application/json"
 OCTETS = "application/octet-stream"
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    """The protocol's error response: ``{"error": message}`` with ``status``."""
     body = codec.to_json({"error": message})
     return Response(body, status_code=status, media_type=JSON, headers=headers)
 
 
-def _json(document: Any) -> Response:
+def json_response(document: Any) -> Response:
+    """A 200 JSON response, encoded like every other body of the API (``codec.to_json``)."""
     return Response(codec.to_json(document), media_type=JSON)
 
 
@@ -38,7 +41,7 @@ _JSON_TYPE = (b"content-type", JSON.encode())
 _OCTETS_TYPE = (b"content-type", OCTETS.encode())
 
 
-class _Answer(Response):
+class InferAnswer(Response):
     """A 200 answer with its raw headers built directly (the infer hot path).
 
     The same bytes on the wire as ``Response(body, media_type=..., headers=...)``, without the
@@ -61,7 +64,7 @@ class _Answer(Response):
 _FAST_INFER = re.compile(r"/v2/models/([^/]+)/infer")
 
 
-class _App(Starlette):
+class FastInferApp(Starlette):
     """Starlette, with ``POST /v2/models/{name}/infer`` dispatched before the router.
 
     The hot path skips route matching, the middleware stack and Starlette's ``Request`` (about
@@ -84,13 +87,13 @@ class _App(Starlette):
                 try:
                     response = await self.fast_infer(scope, receive, name, None)
                 except Exception:  # never the exception's text: it may hold internals
-                    response = _error(500, "internal error")
+                    response = error_response(500, "internal error")
                 await response(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
 
 
-def _infer_headers(raw: list[tuple[bytes, bytes]]) -> tuple[str | None, str | None, str | None]:
+def infer_headers(raw: list[tuple[bytes, bytes]]) -> tuple[str | None, str | None, str | None]:
     """Content-Length, Inference-Header-Content-Length and X-Routing-Key in one pass.
 
     ASGI servers give lower-cased names; the first occurrence wins, as with Starlette's

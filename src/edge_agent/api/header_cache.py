@@ -2,7 +2,8 @@
 
 Owns ``RequestDecoder``: ``decode_request`` that skips parsing and checking a JSON header it
 has already seen. Does not own the decoding rules (``edge_agent.api.decode``; this module reuses
-its internals so a cached request decodes and fails exactly as an uncached one) or encoding
+its steps, ``decode_body``, ``binary_tensor``, ``check_consumed``, so a cached request decodes and
+fails exactly as an uncached one) or encoding
 (``edge_agent.api.codec``, which re-exports ``RequestDecoder``).
 """
 
@@ -12,13 +13,13 @@ import threading
 
 from edge_agent.api.decode import (
     MAX_INPUTS,
+    BinaryPlan,
     DecodedRequest,
-    _binary_input,
-    _check_consumed,
-    _decode,
-    _header_length,
-    _Plan,
+    binary_tensor,
+    check_consumed,
+    decode_body,
     decode_request,
+    parse_header_length,
 )
 from edge_agent.serving.service import Array
 
@@ -41,7 +42,7 @@ class RequestDecoder:
     def __init__(
         self, max_entries: int = 64, max_header_bytes: int = 4096, max_inputs: int = MAX_INPUTS
     ) -> None:
-        self._plans: dict[bytes, _Plan] = {}
+        self._plans: dict[bytes, BinaryPlan] = {}
         self._lock = threading.Lock()
         self.max_entries = max_entries
         self.max_header_bytes = max_header_bytes
@@ -55,13 +56,13 @@ class RequestDecoder:
         """
         if header_length is None:
             return decode_request(body, None, max_inputs=self.max_inputs)
-        end = _header_length(header_length.strip(), body)
+        end = parse_header_length(header_length.strip(), body)
         if end > self.max_header_bytes or end == len(body):
             return decode_request(body, header_length, max_inputs=self.max_inputs)
         key = body[:end]
         plan = self._plans.get(key)
         if plan is None:
-            decoded, plan = _decode(body, end, self.max_inputs)
+            decoded, plan = decode_body(body, end, self.max_inputs)
             if plan is not None:
                 with self._lock:
                     if len(self._plans) >= self.max_entries:
@@ -72,7 +73,7 @@ class RequestDecoder:
         offset = end
         inputs: dict[str, Array] = {}
         for name, datatype, shape, size in plan.inputs:
-            inputs[name] = _binary_input(view, offset, size, datatype, shape, name)
+            inputs[name] = binary_tensor(view, offset, size, datatype, shape, name)
             offset += size
-        _check_consumed(offset, end, len(body))
+        check_consumed(offset, end, len(body))
         return DecodedRequest(inputs, None, dict(plan.parameters), plan.outputs, plan.binary_output)

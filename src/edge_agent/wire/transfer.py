@@ -97,7 +97,14 @@ def transfer_id_for(sha256: str, length: int, block_size: int) -> str:
     return hashlib.sha256(material.encode("ascii")).hexdigest()[:32]
 
 
-def _int(value: object, what: str, *, minimum: int, maximum: int) -> int:
+def checked_int(value: object, what: str, *, minimum: int, maximum: int) -> int:
+    """``value`` if it is an int (not a bool) within ``minimum..maximum``.
+
+    Shared with ``transfer_progress``, so both wire modules refuse a field the same way.
+
+    Raises:
+        ContractError: anything else (``what`` names the field).
+    """
     if type(value) is not int or not minimum <= value <= maximum:
         raise ContractError(f"{what} must be an integer {minimum}..{maximum}, got {value!r}")
     return value
@@ -127,10 +134,10 @@ class BlockPlan:
     block_size: int = DEFAULT_BLOCK_SIZE
 
     def __post_init__(self) -> None:
-        _int(self.length, "length", minimum=1, maximum=MAX_BUNDLE_LENGTH)
+        checked_int(self.length, "length", minimum=1, maximum=MAX_BUNDLE_LENGTH)
         if not isinstance(self.sha256, str) or not _SHA256_RE.fullmatch(self.sha256):
             raise ContractError(f"sha256 is invalid: {self.sha256!r}")
-        _int(self.block_size, "block_size", minimum=MIN_BLOCK_SIZE, maximum=MAX_BLOCK_SIZE)
+        checked_int(self.block_size, "block_size", minimum=MIN_BLOCK_SIZE, maximum=MAX_BLOCK_SIZE)
 
     @classmethod
     def from_assignment(
@@ -252,8 +259,8 @@ class BlockRequest:
         for item in self.ranges:
             if not isinstance(item, tuple) or len(item) != 2:
                 raise ContractError(f"range must be a (start, stop) pair, got {item!r}")
-            start = _int(item[0], "range start", minimum=0, maximum=_MAX_INDEX)
-            stop = _int(item[1], "range stop", minimum=1, maximum=_MAX_INDEX + 1)
+            start = checked_int(item[0], "range start", minimum=0, maximum=_MAX_INDEX)
+            stop = checked_int(item[1], "range stop", minimum=1, maximum=_MAX_INDEX + 1)
             if start >= stop or start <= previous_stop:
                 raise ContractError(f"ranges must be non-empty, sorted and disjoint: {item!r}")
             previous_stop = stop
@@ -337,7 +344,7 @@ class BlockData:
         if type(self.schema_version) is not int or self.schema_version != SCHEMA_VERSION:
             raise ContractError(f"unsupported schema_version {self.schema_version!r}")
         _transfer_id(self.transfer_id)
-        _int(self.index, "index", minimum=0, maximum=_MAX_INDEX)
+        checked_int(self.index, "index", minimum=0, maximum=_MAX_INDEX)
         if not isinstance(self.payload, bytes) or not 1 <= len(self.payload) <= MAX_BLOCK_SIZE:
             raise ContractError(f"payload must be 1..{MAX_BLOCK_SIZE} bytes")
 
@@ -381,7 +388,7 @@ class BlockData:
                 wrong length.
         """
         header, payload = _unframe(data, _DATA_TYPE, _DATA_KEYS)
-        length = _int(header["length"], "length", minimum=1, maximum=MAX_BLOCK_SIZE)
+        length = checked_int(header["length"], "length", minimum=1, maximum=MAX_BLOCK_SIZE)
         if len(payload) != length:
             raise ContractError(f"payload has {len(payload)} bytes, header says {length}")
         block = cls(_transfer_id(header["transfer_id"]), header["index"], payload)

@@ -12,7 +12,7 @@ Does not own the plan or the wire messages (``edge_agent.wire.transfer``, which 
 from __future__ import annotations
 
 from edge_agent.errors import ContractError, LengthMismatchError
-from edge_agent.wire.transfer import MAX_RANGES, BlockPlan, BlockRequest, _int
+from edge_agent.wire.transfer import MAX_RANGES, BlockPlan, BlockRequest, checked_int
 
 __all__ = ["Progress"]
 
@@ -108,7 +108,7 @@ class Progress:
         Raises:
             ContractError: ``limit`` is not 1..``MAX_RANGES``.
         """
-        _int(limit, "limit", minimum=1, maximum=MAX_RANGES)
+        checked_int(limit, "limit", minimum=1, maximum=MAX_RANGES)
         n = self.plan.n_blocks
         bits = self._bits
         ranges: list[tuple[int, int]] = []

@@ -179,7 +179,7 @@ def drift_inputs(
     """
     out = DriftInputs()
     acc = _PartSums(bucket_seconds)
-    with registry._read("reading telemetry history") as s:
+    with registry.read_session("reading telemetry history") as s:
         fine_done, hour_done = folded_marks(s)
         plan = plan_range(since, until, fine_done, hour_done)
         out.plan = plan

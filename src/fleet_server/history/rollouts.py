@@ -61,7 +61,7 @@ def rollout_inputs(
         RegistryUnavailableError: the database failed.
     """
     out = {d: RolloutInputs() for d in windows}
-    with registry._read("reading rollout telemetry") as s:
+    with registry.read_session("reading rollout telemetry") as s:
         fine_done, hour_done = folded_marks(s)
         by_since: dict[datetime, list[str]] = {}
         for d, (since, _v) in windows.items():

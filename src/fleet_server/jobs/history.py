@@ -136,7 +136,7 @@ class HistoryJob:
         Raises:
             RegistryUnavailableError: the database failed.
         """
-        with self._registry._read("reading the rollup state") as s:
+        with self._registry.read_session("reading the rollup state") as s:
             return s.scalar(select(RollupState.folded_until).where(RollupState.level == level))
 
     # ----------------------------------------------------------------- fine buckets
@@ -145,7 +145,7 @@ class HistoryJob:
         if start is None or start >= closed:
             return False
         end = start + timedelta(seconds=FINE)
-        with self._registry._read("reading a telemetry bucket") as s:
+        with self._registry.read_session("reading a telemetry bucket") as s:
             first = s.scalar(
                 select(func.min(TelemetryRow.received_at)).where(
                     TelemetryRow.received_at >= start, TelemetryRow.received_at < closed
@@ -180,7 +180,7 @@ class HistoryJob:
         if start is None or start >= limit:
             return False
         end = start + timedelta(seconds=HOUR)
-        with self._registry._read("reading fine rollups") as s:
+        with self._registry.read_session("reading fine rollups") as s:
             rows = list(
                 s.scalars(
                     select(TelemetryRollup).where(
@@ -205,10 +205,10 @@ class HistoryJob:
         done = self.folded_until(level)
         if done is not None:
             return done
-        with self._registry._read("finding the oldest telemetry") as s:
+        with self._registry.read_session("finding the oldest telemetry") as s:
             oldest = s.scalar(select(func.min(TelemetryRow.received_at)))
         first = floor_to(oldest if oldest is not None else limit, level)
-        with self._registry._write("starting the rollup state") as s:
+        with self._registry.write_session("starting the rollup state") as s:
             if s.get(RollupState, level) is None:
                 s.add(RollupState(level=level, folded_until=first))
         return self.folded_until(level)
@@ -222,7 +222,7 @@ class HistoryJob:
     ) -> bool:
         """Compare-and-set the state from ``start`` to ``end`` and store the bucket's cells."""
         try:
-            with self._registry._write("storing rollups") as s:
+            with self._registry.write_session("storing rollups") as s:
                 moved = s.execute(
                     update(RollupState)
                     .where(RollupState.level == level, RollupState.folded_until == start)
@@ -265,14 +265,14 @@ class HistoryJob:
             .order_by(TelemetryRow.received_at)
             .limit(self._policy.delete_batch)
         )
-        with self._registry._write("deleting old telemetry") as s:
+        with self._registry.write_session("deleting old telemetry") as s:
             found = list(s.scalars(ids))
             if found:
                 s.execute(delete(TelemetryRow).where(TelemetryRow.id.in_(found)))
             return len(found)
 
     def _delete_oldest_bucket(self, level: int, cut: datetime) -> int:
-        with self._registry._write("deleting old rollups") as s:
+        with self._registry.write_session("deleting old rollups") as s:
             oldest = s.scalar(
                 select(func.min(TelemetryRollup.bucket_start)).where(
                     TelemetryRollup.bucket_seconds == level

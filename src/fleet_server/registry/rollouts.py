@@ -149,7 +149,7 @@ def create_rollout(registry: Registry, rollout: Rollout, at: datetime) -> Rollou
         RegistryError: a rollout with this id exists.
         RegistryUnavailableError: the database failed.
     """
-    with registry._write("creating a rollout", RegistryError) as s:
+    with registry.write_session("creating a rollout", RegistryError) as s:
         s.add(_row(rollout, at))
         s.flush()
         detail = (
@@ -178,7 +178,7 @@ def save_rollout(
         RolloutConflictError: the stored state changed since ``read``.
         RegistryUnavailableError: the database failed.
     """
-    with registry._write("saving a rollout") as s:
+    with registry.write_session("saving a rollout") as s:
         row = s.get(RolloutRow, rollout.id, with_for_update=True)
         if row is None:
             raise UnknownRolloutError(f"no rollout {rollout.id!r}")
@@ -198,7 +198,7 @@ def get_rollout(registry: Registry, rollout_id: str) -> Rollout:
         UnknownRolloutError: no such rollout.
         RegistryUnavailableError: the database failed.
     """
-    with registry._read("reading a rollout") as s:
+    with registry.read_session("reading a rollout") as s:
         row = s.get(RolloutRow, rollout_id)
         if row is None:
             raise UnknownRolloutError(f"no rollout {rollout_id!r}")
@@ -218,7 +218,7 @@ def list_rollouts(
         stmt = stmt.where(RolloutRow.state.in_(list(states)))
     if model is not None:
         stmt = stmt.where(RolloutRow.model == model)
-    with registry._read("listing rollouts") as s:
+    with registry.read_session("listing rollouts") as s:
         return [rollout_from_dict(r.state_doc) for r in s.scalars(stmt)]
 
 
@@ -234,7 +234,7 @@ def rollout_events(registry: Registry, rollout_id: str, *, limit: int = 200) -> 
         .order_by(RolloutEventRow.id.desc())
         .limit(max(1, limit))
     )
-    with registry._read("reading rollout events") as s:
+    with registry.read_session("reading rollout events") as s:
         rows = list(s.scalars(stmt))
     return [RolloutEvent(r.id, r.rollout_id, r.at, r.kind, r.detail) for r in reversed(rows)]
 
@@ -255,7 +255,7 @@ def breach_aborts(registry: Registry, model: str, version: int) -> int:
             RolloutRow.breached.is_(True),
         )
     )
-    with registry._read("counting aborted rollouts") as s:
+    with registry.read_session("counting aborted rollouts") as s:
         return int(s.scalar(stmt) or 0)
 
 
@@ -274,7 +274,7 @@ def abort_count(registry: Registry, model: str, version: int) -> int:
             RolloutRow.state == "aborted",
         )
     )
-    with registry._read("counting aborted rollouts") as s:
+    with registry.read_session("counting aborted rollouts") as s:
         return int(s.scalar(stmt) or 0)
 
 
@@ -287,7 +287,7 @@ def quarantine_reason(registry: Registry, model: str, version: int) -> str | Non
     stmt = select(QuarantineRow.reason).where(
         QuarantineRow.model == model, QuarantineRow.version == version
     )
-    with registry._read("reading the quarantine") as s:
+    with registry.read_session("reading the quarantine") as s:
         reason = s.scalar(stmt)
     return None if reason is None else str(reason)
 
@@ -301,7 +301,7 @@ def quarantine_version(
     Raises:
         RegistryUnavailableError: the database failed.
     """
-    with registry._write("quarantining a version") as s:
+    with registry.write_session("quarantining a version") as s:
         exists = s.scalar(
             select(QuarantineRow).where(
                 QuarantineRow.model == model, QuarantineRow.version == version
@@ -316,14 +316,14 @@ def quarantined(registry: Registry, model: str, version: int) -> bool:
     stmt = select(QuarantineRow.id).where(
         QuarantineRow.model == model, QuarantineRow.version == version
     )
-    with registry._read("reading the quarantine") as s:
+    with registry.read_session("reading the quarantine") as s:
         return s.scalar(stmt) is not None
 
 
 def list_quarantine(registry: Registry) -> list[QuarantineRecord]:
     """Every quarantined version. Raises: RegistryUnavailableError."""
     stmt = select(QuarantineRow).order_by(QuarantineRow.model, QuarantineRow.version)
-    with registry._read("reading the quarantine") as s:
+    with registry.read_session("reading the quarantine") as s:
         return [QuarantineRecord(r.model, r.version, r.reason, r.at) for r in s.scalars(stmt)]
 
 
@@ -339,7 +339,7 @@ def telemetry_window(
     """
     out: dict[str, list[StoredTelemetry]] = {d: [] for d in device_ids}
     ids = list(out)
-    with registry._read("reading rollout telemetry") as s:
+    with registry.read_session("reading rollout telemetry") as s:
         for i in range(0, len(ids), _CHUNK):
             chunk = ids[i : i + _CHUNK]
             last = (

@@ -193,7 +193,7 @@ class Registry:
         check_device_id(device_id)
         check_label(group, "group")
         now = self._clock()
-        with self._write("enrolling a device", DeviceExistsError) as s:
+        with self.write_session("enrolling a device", DeviceExistsError) as s:
             return _catalog.enroll_in(s, device_id, group, tags, cert_serial, now)
 
     def revoke(self, device_id: str) -> DeviceRecord:
@@ -203,7 +203,7 @@ class Registry:
             UnknownDeviceError: no such device.
             RegistryUnavailableError: the database failed.
         """
-        with self._write("revoking a device") as s:
+        with self.write_session("revoking a device") as s:
             return _catalog.revoke_in(s, device_id, self._clock)
 
     def get_device(self, device_id: str) -> DeviceRecord:
@@ -213,7 +213,7 @@ class Registry:
             UnknownDeviceError: no such device.
             RegistryUnavailableError: the database failed.
         """
-        with self._read("reading a device") as s:
+        with self.read_session("reading a device") as s:
             return _catalog.device_in(s, device_id)
 
     def list_devices(
@@ -225,7 +225,7 @@ class Registry:
             RegistryUnavailableError: the database failed.
         """
         stmt = _catalog.devices_stmt(group, include_revoked)
-        with self._read("listing devices") as s:
+        with self.read_session("listing devices") as s:
             return [device_record(r) for r in s.scalars(stmt)]
 
     def device_groups(self) -> dict[str, tuple[str, dict[str, Any]]]:
@@ -235,7 +235,7 @@ class Registry:
             RegistryUnavailableError: the database failed.
         """
         stmt = select(Device.id, Device.group, Device.tags)
-        with self._read("listing device groups") as s:
+        with self.read_session("listing device groups") as s:
             return {str(i): (str(g), dict(t or {})) for i, g, t in s.execute(stmt)}
 
     def record_reported(self, device_id: str, state: Mapping[str, Any]) -> DeviceRecord:
@@ -247,7 +247,7 @@ class Registry:
             RegistryUnavailableError: the database failed.
         """
         now = self._clock()
-        with self._write("recording reported state") as s:
+        with self.write_session("recording reported state") as s:
             return _catalog.record_reported_in(s, device_id, state, now)
 
     # ----------------------------------------------------------------- bundles
@@ -280,7 +280,7 @@ class Registry:
             clock=self._clock,
         )
         try:
-            with self._write("publishing a bundle", BundleExistsError) as s:
+            with self.write_session("publishing a bundle", BundleExistsError) as s:
                 s.add(row)
                 s.flush()
                 return bundle_record(row)
@@ -301,7 +301,7 @@ class Registry:
             RegistryUnavailableError: the database failed.
         """
         stmt = _catalog.bundle_stmt(name, version)
-        with self._read("reading a bundle") as s:
+        with self.read_session("reading a bundle") as s:
             row = s.scalars(stmt).one_or_none()
             if row is None:
                 raise RegistryError(f"bundle {name} v{version} is not published")
@@ -314,7 +314,7 @@ class Registry:
             RegistryUnavailableError: the database failed.
         """
         stmt = _catalog.bundles_stmt(name)
-        with self._read("listing bundles") as s:
+        with self.read_session("listing bundles") as s:
             return [bundle_record(r) for r in s.scalars(stmt)]
 
     # ----------------------------------------------------------------- desired state
@@ -334,7 +334,7 @@ class Registry:
             RegistryUnavailableError: the database failed.
             Exception: whatever ``build`` raises propagates (nothing is stored).
         """
-        with self._write("assigning desired state") as s:
+        with self.write_session("assigning desired state") as s:
             return _catalog.assign_desired_in(s, device_id, build, at_least, self._clock)
 
     def latest_desired(self, device_id: str) -> DesiredRecord | None:
@@ -344,7 +344,7 @@ class Registry:
             RegistryUnavailableError: the database failed.
         """
         stmt = _catalog.latest_desired_stmt(device_id)
-        with self._read("reading desired state") as s:
+        with self.read_session("reading desired state") as s:
             row = s.scalars(stmt).one_or_none()
             return None if row is None else desired_record(row)
 
@@ -379,7 +379,7 @@ class Registry:
             RegistryUnavailableError: the database failed (nothing was stored).
         """
         rows = checked_rows(device_id, entries, floor)
-        with self._write("ingesting telemetry") as s:
+        with self.write_session("ingesting telemetry") as s:
             return _ingest.ingest_one(s, self._dialect, device_id, rows, floor, self._clock())
 
     def ingest_many(
@@ -410,7 +410,7 @@ class Registry:
         if all(isinstance(c, RegistryError) for c in checked):
             return [c for c in checked if isinstance(c, RegistryError)]
         now = self._clock()
-        with self._write("ingesting telemetry") as s:
+        with self.write_session("ingesting telemetry") as s:
             return _ingest.ingest_set(s.connection(), self._dialect, batches, checked, now)
 
     def seq_state(self, device_id: str) -> SeqState:
@@ -420,7 +420,7 @@ class Registry:
             UnknownDeviceError: no such device.
             RegistryUnavailableError: the database failed.
         """
-        with self._read("reading seq state") as s:
+        with self.read_session("reading seq state") as s:
             return _catalog.seq_state_in(s, device_id)
 
     def telemetry(
@@ -439,17 +439,26 @@ class Registry:
             RegistryUnavailableError: the database failed.
         """
         stmt = _catalog.telemetry_stmt(device_id, after_id, limit, kind)
-        with self._read("reading telemetry") as s:
+        with self.read_session("reading telemetry") as s:
             rows = [_catalog.stored_telemetry(r) for r in s.scalars(stmt)]
         return rows if after_id is not None else rows[::-1]
 
-    # ----------------------------------------------------------------- internals
-    # ``_write``/``_read`` are also used by ``rollouts``: one session and transaction each,
-    # SQLAlchemy errors mapped by ``_engine.guard``.
+    # ----------------------------------------------------------------- transactions
+    # The seam for the repositories beside this one (``registry.rollouts``,
+    # ``registry.version_history``, ``fleet_server.history``, ``fleet_server.jobs.history``):
+    # they run their own statements in a transaction opened here.
     @contextmanager
-    def _write(
+    def write_session(
         self, doing: str, conflict: type[RegistryError] = RegistryUnavailableError
     ) -> Iterator[Session]:
+        """One write transaction (``BEGIN IMMEDIATE`` on SQLite), committed on a clean exit.
+
+        ``doing`` names the operation in the error a database failure becomes.
+
+        Raises:
+            RegistryUnavailableError: the database failed or is unreachable.
+            RegistryError: ``conflict`` when the transaction breaks a uniqueness constraint.
+        """
         with (
             _engine.guard(doing, conflict),
             Session(self._writer, expire_on_commit=False) as s,
@@ -458,7 +467,12 @@ class Registry:
             yield s
 
     @contextmanager
-    def _read(self, doing: str) -> Iterator[Session]:
+    def read_session(self, doing: str) -> Iterator[Session]:
+        """One read transaction; ``doing`` names the operation in the error a failure becomes.
+
+        Raises:
+            RegistryUnavailableError: the database failed or is unreachable.
+        """
         with (
             _engine.guard(doing),
             Session(self._engine, expire_on_commit=False) as s,

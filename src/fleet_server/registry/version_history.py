@@ -97,7 +97,7 @@ def version_history(
     aborts: dict[tuple[str, int], list[dict[str, Any]]] = {}
     overrides: dict[tuple[str, int], list[dict[str, Any]]] = {}
     counts: dict[tuple[str, int], int] = {}
-    with registry._read("reading version history") as s:
+    with registry.read_session("reading version history") as s:
         for r in s.scalars(rows):
             key = (r.model, int(r.to_version))
             counts[key] = counts.get(key, 0) + 1

@@ -30,11 +30,11 @@ import numpy as np
 
 from edge_agent.api.codec import requested_outputs, to_json
 from edge_agent.api.decode import (
-    _NATIVE,
     MAX_DIM,
     MAX_INPUTS,
     MAX_OUTPUTS,
     MAX_RANK,
+    NATIVE_DTYPES,
     REASON_BINARY,
     REASON_DATA,
     REASON_DATATYPE,
@@ -43,9 +43,9 @@ from edge_agent.api.decode import (
     REASON_TOO_MANY,
     DecodedRequest,
     RequestedOutput,
-    _bad,
-    _from_binary,
-    _unknown,
+    from_binary,
+    invalid_input,
+    unknown_datatype,
 )
 from edge_agent.api.grpc_v2.messages import Message, message_class
 from edge_agent.serving.service import Array, InferenceResult
@@ -89,26 +89,26 @@ def decode_infer(request: Message, *, max_inputs: int = MAX_INPUTS) -> DecodedRe
     """
     tensors = request.inputs
     if not tensors:
-        raise _bad(REASON_SCHEMA, "'inputs' must not be empty")
+        raise invalid_input(REASON_SCHEMA, "'inputs' must not be empty")
     if len(tensors) > max_inputs:
-        raise _bad(REASON_TOO_MANY, f"{len(tensors)} inputs; at most {max_inputs} allowed")
+        raise invalid_input(REASON_TOO_MANY, f"{len(tensors)} inputs; at most {max_inputs} allowed")
     raw = request.raw_input_contents
     if raw and len(raw) != len(tensors):
         message = f"{len(raw)} raw_input_contents for {len(tensors)} inputs"
-        raise _bad(REASON_BINARY, message)
+        raise invalid_input(REASON_BINARY, message)
     inputs: dict[str, Array] = {}
     for index, tensor in enumerate(tensors):
         name = tensor.name
         if not name:
-            raise _bad(REASON_SCHEMA, f"inputs[{index}] needs a non-empty 'name'")
+            raise invalid_input(REASON_SCHEMA, f"inputs[{index}] needs a non-empty 'name'")
         if name in inputs:
-            raise _bad(REASON_SCHEMA, f"input {name!r} appears twice", name)
+            raise invalid_input(REASON_SCHEMA, f"input {name!r} appears twice", name)
         shape = _shape(tensor.shape, name)
         if raw:
             if tensor.HasField("contents"):
                 message = f"input {name!r} has contents while raw_input_contents is used"
-                raise _bad(REASON_SCHEMA, message, name)
-            inputs[name] = _from_binary(memoryview(raw[index]), tensor.datatype, shape, name)
+                raise invalid_input(REASON_SCHEMA, message, name)
+            inputs[name] = from_binary(memoryview(raw[index]), tensor.datatype, shape, name)
         else:
             inputs[name] = _from_contents(tensor, shape, name)
     outputs = _requested(request.outputs)
@@ -118,11 +118,15 @@ def decode_infer(request: Message, *, max_inputs: int = MAX_INPUTS) -> DecodedRe
 
 def _shape(dims: Any, name: str) -> tuple[int, ...]:
     if len(dims) > MAX_RANK:
-        raise _bad(REASON_SHAPE, f"shape of {name!r} has more than {MAX_RANK} dimensions", name)
+        raise invalid_input(
+            REASON_SHAPE, f"shape of {name!r} has more than {MAX_RANK} dimensions", name
+        )
     shape = tuple(dims)
     for dim in shape:
         if not 0 <= dim <= MAX_DIM:
-            raise _bad(REASON_SHAPE, f"shape of {name!r} has an invalid dimension {dim}", name)
+            raise invalid_input(
+                REASON_SHAPE, f"shape of {name!r} has an invalid dimension {dim}", name
+            )
     return shape
 
 
@@ -132,26 +136,28 @@ def _from_contents(tensor: Message, shape: tuple[int, ...], name: str) -> Array:
     if field is None:
         if datatype == "FP16":
             message = f"FP16 input {name!r} must be sent as raw_input_contents"
-            raise _bad(REASON_DATATYPE, message, name)
-        raise _unknown(datatype, name)
+            raise invalid_input(REASON_DATATYPE, message, name)
+        raise unknown_datatype(datatype, name)
     contents = tensor.contents
     for other in _FIELDS:
         if other != field and len(getattr(contents, other)):
             message = f"input {name!r} is {datatype} but its contents hold {other}"
-            raise _bad(REASON_DATA, message, name)
+            raise invalid_input(REASON_DATA, message, name)
     values = getattr(contents, field)
     count = math.prod(shape)
     if len(values) != count:
         message = f"input {name!r} has {len(values)} elements; {datatype}{list(shape)} has {count}"
-        raise _bad(REASON_SHAPE, message, name)
+        raise invalid_input(REASON_SHAPE, message, name)
     if datatype == "BYTES":
         return np.array(list(values), dtype=object).reshape(shape)
-    dtype = _NATIVE[datatype]
+    dtype = NATIVE_DTYPES[datatype]
     if dtype.kind in "iu" and dtype.itemsize < 4 and count:
         wide = np.array(values, dtype=np.int32 if dtype.kind == "i" else np.uint32)
         info = np.iinfo(dtype)
         if wide.min() < info.min or wide.max() > info.max:
-            raise _bad(REASON_DATA, f"data of input {name!r} is out of range for {datatype}", name)
+            raise invalid_input(
+                REASON_DATA, f"data of input {name!r} is out of range for {datatype}", name
+            )
         return wide.astype(dtype).reshape(shape)
     return np.array(values, dtype=dtype).reshape(shape)
 
@@ -160,11 +166,11 @@ def _requested(entries: Any) -> tuple[RequestedOutput, ...] | None:
     if not entries:
         return None
     if len(entries) > MAX_OUTPUTS:
-        raise _bad(REASON_SCHEMA, f"at most {MAX_OUTPUTS} requested outputs")
+        raise invalid_input(REASON_SCHEMA, f"at most {MAX_OUTPUTS} requested outputs")
     wanted = []
     for entry in entries:
         if not entry.name:
-            raise _bad(REASON_SCHEMA, "each requested output needs a non-empty 'name'")
+            raise invalid_input(REASON_SCHEMA, "each requested output needs a non-empty 'name'")
         wanted.append(RequestedOutput(entry.name))
     return tuple(wanted)
 
@@ -227,4 +233,4 @@ def _raw(array: Array, datatype: str) -> bytes:
     if datatype == "BYTES":
         items = [x if isinstance(x, bytes) else str(x).encode() for x in array.reshape(-1).tolist()]
         return b"".join(len(b).to_bytes(4, "little") + b for b in items)
-    return np.ascontiguousarray(array, dtype=_NATIVE[datatype].newbyteorder("<")).tobytes()
+    return np.ascontiguousarray(array, dtype=NATIVE_DTYPES[datatype].newbyteorder("<")).tobytes()
