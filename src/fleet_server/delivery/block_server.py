@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
+from edge_agent.common.ratelimit import TokenBucket
 from edge_agent.common.transport import PublishHandle, Transport
 from edge_agent.errors import EdgefleetError, NotConnectedError, TransportError
 from edge_agent.wire.topics import Topics
@@ -49,10 +50,10 @@ DEFAULT_HOLD_SECONDS: Final = 4.0  # a broadcast block is not re-broadcast withi
 
 
 class Pacer:
-    """At most ``rate`` publishes per second (token bucket) and ``max_inflight`` unacked.
+    """At most ``rate`` publishes per second: a ``TokenBucket`` that waits instead of refusing.
 
     One instance is shared by every publishing thread (rate); each thread keeps its own window
-    of unacknowledged handles (``window``).
+    of unacknowledged handles (``_Window``).
     """
 
     def __init__(
@@ -63,26 +64,21 @@ class Pacer:
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self._rate = rate
-        self._burst = burst if burst is not None else max(1.0, rate / 10.0)
-        self._tokens = self._burst
+        self._bucket = TokenBucket(
+            rate, burst if burst is not None else max(1.0, rate / 10.0), monotonic()
+        )
         self._monotonic = monotonic
         self._sleep = sleep
-        self._last = monotonic()
         self._lock = threading.Lock()
 
     def acquire(self) -> None:
         """Wait until one publish is allowed."""
         while True:
             with self._lock:
-                now = self._monotonic()
-                self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
-                self._last = now
                 # The tolerance stops a livelock on rounding (0.999... tokens, tiny waits).
-                if self._tokens >= 1.0 - 1e-9:
-                    self._tokens = max(0.0, self._tokens - 1.0)
-                    return
-                wait = (1.0 - self._tokens) / self._rate
+                wait = self._bucket.take(self._monotonic(), tolerance=1e-9)
+            if wait <= 0:
+                return
             self._sleep(wait)
 
 
