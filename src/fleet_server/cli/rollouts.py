@@ -34,6 +34,7 @@ _THRESHOLDS = (
     ("min_shadow_agreement", "--min-shadow-agreement"),
     ("max_p99_latency_ratio", "--max-p99-ratio"),
     ("min_p99_latency_delta_ms", "--min-p99-delta-ms"),
+    ("max_error_rate_increase", "--max-error-increase"),
 )
 _FINAL = ("completed", "aborted")
 _DEVICE_STATES = ("installed", "assigned", "control", "failed", "rolled_back", "reverted")
@@ -185,6 +186,7 @@ def register_rollout_commands(cli: click.Group) -> None:
         type=click.FloatRange(0),
         help="The p99 gate also needs the canary this many ms slower than control (default 2).",
     )
+    @click.option("--max-error-increase", "max_error_rate_increase", type=click.FloatRange(0, 1))
     def create(
         url: str,
         token: str,

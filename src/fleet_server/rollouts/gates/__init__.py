@@ -6,7 +6,7 @@ function of ``GateInputs`` to a ``GateResult``. ``fleet_server.rollouts.engine.d
 registered gates of the ``safety`` phase at every step and those of the ``quality`` phase after
 the dwell time, in this order, and acts on the verdicts without knowing any gate by name.
 
-Adding a gate: one module here defining ``GATE`` (``reject_rate`` is a small example), one
+Adding a gate: one module here defining ``GATE`` (``error_rate`` is the smallest example), one
 line in ``GATES`` below, its threshold as one field of ``fleet_server.rollouts.policy.Thresholds``,
 and its tests (docs/rollouts.md, "Adding a gate").
 
@@ -19,6 +19,7 @@ from typing import Final
 
 from fleet_server.rollouts.gates import (
     device_rollbacks,
+    error_rate,
     fallback_rate,
     install_failures,
     p99_latency,
@@ -50,4 +51,5 @@ GATES: Final[tuple[Gate, ...]] = (
     prediction_drift.GATE,
     shadow_agreement.GATE,
     p99_latency.GATE,
+    error_rate.GATE,
 )
