@@ -23,20 +23,9 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 PACKAGES = ("edge_agent", "fleet_server", "model_builder")
 MAX_MODULES_PER_FOLDER = 15
 
-# Crossings still allowed, as (module, private name). Only crossings being removed right now
-# belong here: issue 10's serving/* split (read-only snapshots instead of the agent's private
-# state) is in progress. An entry that no longer matches fails the test: delete it.
-ALLOWED: frozenset[tuple[str, str]] = frozenset(
-    {
-        ("edge_agent.serving.agent", "_event"),
-        ("edge_agent.serving.metrics", "_routers"),
-        ("edge_agent.serving.metrics", "_shadows"),
-        ("edge_agent.serving.status", "_routers"),
-        ("edge_agent.serving.status", "_shadows"),
-        ("edge_agent.serving.status", "_sources"),
-        ("edge_agent.serving.status", "_transport"),
-    }
-)
+# Crossings allowed on purpose, as (module, private name), each with the reason. Empty: every
+# crossing found so far was removed. An entry that no longer matches fails the test: delete it.
+ALLOWED: frozenset[tuple[str, str]] = frozenset()
 
 
 @dataclass(frozen=True, order=True)
