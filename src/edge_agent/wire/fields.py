@@ -6,9 +6,10 @@ the size-capped, strict JSON loader (``load_json``, over ``edge_agent.strict_jso
 inf, no duplicate keys, bounded integers and depth), the canonical writer (``dump_json``), the
 tolerant readers a report builder uses on the agent's own status (``tolerant_counts``,
 ``count_or_zero``, ``finite_or_none``), the ``Wire`` base (``to_bytes`` on top of ``to_dict``),
-the ``Part`` protocol with ``encode_parts``/``decode_parts`` (a value object whose wire dict is
-the union of its parts' dicts) and the limits they enforce, including ``SCHEMA_VERSION`` and
-``MAX_PAYLOAD_BYTES``. Every problem a strict reader finds raises ``ContractError``.
+the ``Part`` protocol with ``encode_parts``, ``decode_parts`` and ``parts_of`` (a value object
+whose wire dict is the union of its parts' dicts) and the limits they enforce, including
+``SCHEMA_VERSION`` and ``MAX_PAYLOAD_BYTES``. Every problem a strict reader finds raises
+``ContractError``.
 
 Does not own any payload (``edge_agent.wire.telemetry``, ``edge_agent.wire.telemetry_report``,
 ``edge_agent.wire.reported``) and does no I/O.
@@ -50,6 +51,7 @@ __all__ = [
     "finite_or_none",
     "load_json",
     "part_fields",
+    "parts_of",
     "require",
     "storable_text",
     "tolerant_counts",
@@ -257,13 +259,19 @@ def part_fields(parts: Iterable[Part]) -> dict[str, Any]:
     return out
 
 
+def parts_of(parent: object, parts: Sequence[type[Part]]) -> list[Part]:
+    """The ``parts`` of ``parent``, each built from the parent's attributes of its field names."""
+    return [
+        part(**{f.name: getattr(parent, f.name) for f in dataclasses.fields(part)})
+        for part in parts
+    ]
+
+
 def encode_parts(parent: object, parts: Sequence[type[Part]]) -> dict[str, Any]:
-    """The wire keys of ``parent`` its ``parts`` own: each part built from the parent's
-    attributes of the same names, then encoded."""
+    """The wire keys of ``parent`` its ``parts`` own (each part's ``to_dict``, merged)."""
     out: dict[str, Any] = {}
-    for part in parts:
-        names = [f.name for f in dataclasses.fields(part)]
-        out.update(part(**{n: getattr(parent, n) for n in names}).to_dict())
+    for part in parts_of(parent, parts):
+        out.update(part.to_dict())
     return out
 
 
