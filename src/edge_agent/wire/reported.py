@@ -20,6 +20,7 @@ from typing import Any, Final
 from edge_agent.errors import ContractError
 from edge_agent.wire.fields import (
     SCHEMA_VERSION,
+    Wire,
     as_device_id,
     as_int,
     as_label,
@@ -27,7 +28,6 @@ from edge_agent.wire.fields import (
     as_object,
     as_str,
     check_header,
-    dump_json,
     load_json,
     require,
 )
@@ -139,7 +139,7 @@ class ModelReport:
 
 
 @dataclass(frozen=True)
-class ReportedState:
+class ReportedState(Wire):
     """The device's retained reported state.
 
     Attributes:
@@ -168,10 +168,6 @@ class ReportedState:
             "desired_version": self.desired_version,
             "models": {k: v.to_dict() for k, v in sorted(self.models.items())},
         }
-
-    def to_bytes(self) -> bytes:
-        """Canonical JSON. Raises ContractError (a non-finite number)."""
-        return dump_json(self.to_dict())
 
     @classmethod
     def from_dict(cls, d: Any) -> ReportedState:
