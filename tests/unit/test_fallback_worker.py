@@ -184,18 +184,20 @@ def test_answer_computed_past_the_deadline_is_not_sent() -> None:
 
 
 def test_full_queue_answers_overloaded() -> None:
-    gate = threading.Event()
+    gate, running = threading.Event(), threading.Event()
 
     class Blocking(FakeRuntime):
         def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+            running.set()
             gate.wait(5)
             return super().run(feeds)
 
     w, c = make(Blocking(), threads=1, max_queue=1)
-    for i in range(3):  # one running, one queued, one refused
+    w.handle(msg(req(), corr=b"0"))
+    # The pool's only thread has taken the first off the queue (no race on how soon it does).
+    assert running.wait(5)
+    for i in (1, 2):  # one queued, one refused (answered at once, in handle)
         w.handle(msg(req(), corr=b"%d" % i))
-        time.sleep(0.05)  # let the pool thread take the first one
-    time.sleep(0.05)
     refused = [FallbackResponse.from_bytes(p) for _, p, _ in c.sent]
     assert [r.error_code for r in refused] == ["overloaded"]
     gate.set()
