@@ -115,6 +115,22 @@ def test_an_empty_retained_publish_reaches_current_subscribers(broker: MemoryBro
     assert broker.retained("edgefleet/devices/dev-a/status") is None
 
 
+@pytest.mark.parametrize("retained_to_shared", [False, True])
+def test_retained_messages_reach_a_shared_subscription_only_as_mosquitto_does(
+    clock: FakeClock, retained_to_shared: bool
+) -> None:
+    """MQTT 5 sends a new shared subscription no retained message; Mosquitto 2.0 does."""
+    broker = MemoryBroker(clock=clock, retained_to_shared=retained_to_shared)
+    pub = connected(broker, "dev-a")
+    pub.publish("edgefleet/devices/dev-a/reported", b"r", 1, True)
+    shared = Inbox()
+    connected(broker, "srv.server").subscribe("$share/g/edgefleet/devices/+/reported", shared)
+    broker.pump()
+    assert [(m.payload, m.retain) for m in shared.messages] == (
+        [(b"r", True)] if retained_to_shared else []
+    )
+
+
 def test_retained_messages_never_reach_a_shared_subscription(broker: MemoryBroker) -> None:
     pub = connected(broker, "dev-a")
     pub.publish("edgefleet/devices/dev-a/reported", b"r", 1, True)
@@ -164,15 +180,21 @@ def test_a_shared_group_skips_a_member_that_is_away(broker: MemoryBroker) -> Non
     assert b.payloads == [b"0", b"1", b"2", b"3"]
 
 
-def test_a_client_gets_one_copy_for_overlapping_plain_filters(broker: MemoryBroker) -> None:
-    """One copy per client; the client hands it to every matching handler (as the adapter)."""
+def test_overlapping_plain_filters_each_get_a_copy(broker: MemoryBroker) -> None:
+    """One copy per matching subscription (Mosquitto 2.0 does the same); the client hands every
+    copy to every matching handler, as the paho adapter does."""
     h1, h2 = Inbox(), Inbox()
     sub = connected(broker, "srv.server")
     sub.subscribe("edgefleet/devices/+/telemetry", h1)
     sub.subscribe("edgefleet/#", h2)
-    connected(broker, "dev-a").publish("edgefleet/devices/dev-a/telemetry", b"t")
+    dev = connected(broker, "dev-a")
+    dev.publish("edgefleet/devices/dev-a/telemetry", b"t")
+    assert broker.pump() == 2
+    assert h1.payloads == h2.payloads == [b"t", b"t"]
+    dev.publish("edgefleet/devices/dev-a/events", b"e")
     assert broker.pump() == 1
-    assert h1.payloads == h2.payloads == [b"t"]
+    assert h2.payloads[-1] == b"e"
+    assert h1.payloads == [b"t", b"t"]
 
 
 # --------------------------------------------------------------------------- sessions, QoS 1

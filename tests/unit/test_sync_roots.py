@@ -1,4 +1,4 @@
-"""The sync loop's root handling: the chain beside a desired state, over a fake MQTT client.
+"""The sync loop's root handling: the chain beside a desired state, over the in-memory transport.
 
 The desired-state messages are made by the server's own code (``fleet_server.delivery.desired``);
 the
@@ -7,7 +7,6 @@ agent is a real one over a real store (no model installed: only trust is exercis
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 import pytest
 from tuf.api.metadata import Metadata, Root
 
-from edge_agent.common.mqtt_types import Message, MqttStats
+from edge_agent.common.memory_broker import MemoryBroker
 from edge_agent.config import AgentConfig, StoreConfig, SyncConfig
 from edge_agent.serving.agent import Agent
 from edge_agent.store import ModelStore
@@ -24,31 +23,6 @@ from edge_agent.trust import TrustedRoot
 from fleet_server.delivery.desired import make_desired_state, sign_desired_state
 from model_builder.keystore import KeyStore
 from support import DEVICE
-
-
-class FakeClient:
-    """The parts of ``edge_agent.common.mqtt.MqttClient`` the sync loop uses; never connects."""
-
-    connected = False
-
-    def __init__(self) -> None:
-        self.handlers: dict[str, Callable[[Message], None]] = {}
-        self.published: list[tuple[str, bytes]] = []
-
-    def subscribe(self, topic: str, handler: Callable[[Message], None]) -> None:
-        self.handlers[topic] = handler
-
-    def connect(self) -> None:
-        pass
-
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
-        self.published.append((topic, payload))
-
-    def stats(self) -> MqttStats:
-        return MqttStats()
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.fixture
@@ -70,7 +44,7 @@ def sync(tmp_path: Path, keys: KeyStore) -> Any:
     )
     store = ModelStore(state, TrustedRoot.from_bytes(keys.root_chain()[0]), DEVICE)
     agent = Agent(config, store)
-    s = SyncAgent(config, agent, client=FakeClient())  # type: ignore[arg-type]
+    s = SyncAgent(config, agent, client=MemoryBroker().client("dev-1"))  # never connected
     yield s
     agent.close()
 

@@ -11,11 +11,13 @@ checks the topic rules against the real broker):
 - topic matching with ``+``/``#``, ``$``-topics, and ``$share/<group>/<filter>``: each message
   goes to one member of a group (round robin over connected members; an offline persistent
   member is queued for only when none is connected);
-- one copy per client for its plain subscriptions (highest QoS of the matching ones) plus one
-  per shared group; the client hands a copy to every handler whose filter matches (as the
-  paho adapter does);
+- one copy per matching subscription of a client (Mosquitto 2.0 sends overlapping
+  subscriptions one copy each), plus one per shared group; the client hands every copy to
+  every handler whose filter matches (as the paho adapter does);
 - retained messages: set, replaced, cleared by an empty payload; sent with ``retain=True`` on
-  every subscribe (never to a shared subscription), live copies carry ``retain=False``;
+  every subscribe, live copies carry ``retain=False``. A new shared subscription gets none
+  (MQTT 5, section 3.3.1.3), unless ``retained_to_shared=True``: Mosquitto 2.0 does send them
+  (the integration test pins that down);
 - sessions: ``clean_start=False`` with ``session_expiry > 0`` keeps subscriptions and queues
   QoS 1 messages while the client is away (QoS 0 ones are dropped), and what was queued but
   not delivered at a disconnect is delivered after the reconnect; message expiry counts down;
@@ -105,6 +107,8 @@ class MemoryBroker:
         persistence: whether sessions and retained messages survive ``stop``/``start``.
         blocking: whether ``request`` and ``pump_until`` wait (on a condition, up to their
             timeout) for messages from other threads once nothing is queued.
+        retained_to_shared: whether a new shared subscription gets the retained messages it
+            matches, as Mosquitto 2.0 does (MQTT 5 says it gets none).
     """
 
     def __init__(
@@ -113,8 +117,10 @@ class MemoryBroker:
         clock: Callable[[], float] = time.monotonic,
         persistence: bool = False,
         blocking: bool = False,
+        retained_to_shared: bool = False,
     ) -> None:
         self._clock = clock
+        self._retained_to_shared = retained_to_shared
         self._persistence = persistence
         self.blocking = blocking
         self._lock = threading.RLock()
@@ -287,8 +293,8 @@ class MemoryBroker:
                 raise NotConnectedError(f"cannot subscribe to {filter_}: not connected")
             s.subs[filter_] = qos
             group, plain = split_shared(filter_)
-            if group is not None:
-                return  # retained messages never go to shared subscriptions
+            if group is not None and not self._retained_to_shared:
+                return  # MQTT 5: no retained messages for a new shared subscription
             now = self._clock()
             for topic, q in sorted(self._retained.items(), key=lambda kv: kv[1].seq):
                 if topic_matches(plain, topic) and not _expired(q, now):
@@ -332,17 +338,14 @@ class MemoryBroker:
         live = Message(topic, bytes(payload), qos, False, props)
         groups: dict[tuple[str, str], list[tuple[_Session, int]]] = {}
         for s in list(self._sessions.values()):
-            plain_qos = -1
             for f, sub_qos in s.subs.items():
                 if not topic_matches(f, topic):
                     continue
                 group, plain = split_shared(f)
-                if group is None:
-                    plain_qos = max(plain_qos, sub_qos)
+                if group is None:  # one copy per matching subscription, as Mosquitto 2.0
+                    self._enqueue(s, replace(live, qos=min(qos, sub_qos)), now)
                 else:
                     groups.setdefault((group, plain), []).append((s, sub_qos))
-            if plain_qos >= 0:
-                self._enqueue(s, replace(live, qos=min(qos, plain_qos)), now)
         for key in sorted(groups):
             members = groups[key]
             online = [m for m in members if m[0].client is not None]
