@@ -1,3 +1,5 @@
-"""Shared I/O helpers every role uses: durable files, the token bucket, the MQTT adapter, the
-X.509 identity, the TOML config loader. No model, no inference, no fleet policy.
+"""Shared I/O helpers every role uses: durable files, the token bucket, the MQTT transport seam
+(``transport.Transport``, the paho adapter ``mqtt``, the in-memory test double
+``memory_broker``), the X.509 identity, the TOML config loader. No model, no inference, no
+fleet policy.
 """
