@@ -56,8 +56,9 @@ from fleet_server.drift.cohorts import CohortSpec
 from fleet_server.drift.service import DriftQuery, DriftService
 from fleet_server.history.rollouts import rollout_inputs
 from fleet_server.jobs.history import FINE, HOUR, HistoryJob
-from fleet_server.registry import Registry, TelemetryEntry
 from fleet_server.registry.models import TelemetryRollup, TelemetryRow
+from fleet_server.registry.store import Registry
+from fleet_server.registry.values import TelemetryEntry
 from fleet_server.rollouts.metrics import observe
 from fleetworkers import PgCluster
 

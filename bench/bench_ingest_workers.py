@@ -40,7 +40,7 @@ from sqlalchemy.pool import NullPool
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_fleet import WARMUP, Pool, fmt, pct, telemetry_phase
-from fleet_server.registry import Registry
+from fleet_server.registry.store import Registry
 from fleetbench import SERVER, device_ids, make_pki, raise_nofile
 from fleetworkers import GatewayWorkers, PgCluster, broker_with_workers, worker_identities
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from edge_agent.wire.telemetry import Batch
 from fleet_server.gateway.ingest_parse import IngestItem, parse_telemetry
-from fleet_server.registry import Registry
+from fleet_server.registry.store import Registry
 from fleetsim import make_report
 
 

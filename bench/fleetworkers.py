@@ -193,7 +193,7 @@ def gateway_main(
     from edge_agent.common.mqtt import MqttClient, MqttConfig
     from fleet_server.gateway.config import GatewayConfig
     from fleet_server.gateway.gateway import Gateway
-    from fleet_server.registry import Registry
+    from fleet_server.registry.store import Registry
 
     registry = client = gateway = None
     bundles = Path(tempfile.mkdtemp(prefix=f"bench-{identity}-"))

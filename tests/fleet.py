@@ -31,7 +31,8 @@ from edge_agent.trust.desired import ModelAssignment
 from fleet_server.delivery.desired import make_desired_state, sign_desired_state
 from fleet_server.gateway.config import GatewayConfig
 from fleet_server.gateway.gateway import Gateway
-from fleet_server.registry import BundleRecord, DesiredRecord, Registry
+from fleet_server.registry.store import Registry
+from fleet_server.registry.values import BundleRecord, DesiredRecord
 from model_builder.keystore import KeyStore
 from mosquitto import FleetBroker
 

@@ -10,8 +10,8 @@ import pytest
 
 from fleet_server.errors import AbortedVersionError, QuarantinedVersionError
 from fleet_server.jobs.rollout_runner import RolloutRunner
-from fleet_server.registry import Registry
 from fleet_server.registry import rollouts as store
+from fleet_server.registry.store import Registry
 from fleet_server.registry.version_history import version_history
 from fleet_server.rollouts.admission import Override
 from fleet_server.rollouts.engine import RolloutPolicy, Selector

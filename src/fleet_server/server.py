@@ -44,7 +44,7 @@ from fleet_server.jobs.history import HistoryJob, HistoryPolicy
 from fleet_server.jobs.leader import leader_lock
 from fleet_server.jobs.rollout_runner import RolloutRunner
 from fleet_server.pki.roots import ServerRoots
-from fleet_server.registry import Registry
+from fleet_server.registry.store import Registry
 from fleet_server.service import FleetService
 
 __all__ = ["load_online_signer", "read_admin_token", "run"]

@@ -33,13 +33,8 @@ from fleet_server.delivery.library import BundleLibrary, LibraryEntry
 from fleet_server.errors import ModelNotPublishedError, UnknownGroupError
 from fleet_server.gateway.misbehaviour import DeviceMisbehaviour
 from fleet_server.pki.roots import ServerRoots
-from fleet_server.registry import (
-    BundleRecord,
-    DeviceRecord,
-    Registry,
-    SeqState,
-    StoredTelemetry,
-)
+from fleet_server.registry.store import Registry
+from fleet_server.registry.values import BundleRecord, DeviceRecord, SeqState, StoredTelemetry
 from fleet_server.registry.version_history import VersionHistory, version_history
 
 __all__ = [

@@ -31,7 +31,7 @@ from edge_agent.wire.reported import ModelReport, ReportedState
 from edge_agent.wire.topics import Topics
 from fleet_server.fallback.cloud_models import CloudModels, RegistryCloudModels
 from fleet_server.fallback.worker import FallbackWorker
-from fleet_server.registry import Registry
+from fleet_server.registry.store import Registry
 from mosquitto import FleetBroker, broker_fixture
 
 broker = broker_fixture(scope="module", devices=("dev-a", "dev-b"))

@@ -39,7 +39,7 @@ from edge_agent.wire.transfer_progress import Progress
 from fleet_server.delivery.desired import make_desired_state
 from fleet_server.gateway.config import GatewayConfig
 from fleet_server.gateway.gateway import Gateway
-from fleet_server.registry import Registry
+from fleet_server.registry.store import Registry
 from mosquitto import FleetBroker, broker_fixture
 
 # ``probe.server``: a second server identity for observers and a second gateway (with

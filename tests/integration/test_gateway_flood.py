@@ -25,7 +25,7 @@ from edge_agent.wire.telemetry import Batch, TelemetryAck, TelemetryReport
 from edge_agent.wire.topics import Topics
 from fleet_server.gateway.config import GatewayConfig
 from fleet_server.gateway.gateway import Gateway
-from fleet_server.registry import Registry
+from fleet_server.registry.store import Registry
 from mosquitto import FleetBroker, broker_fixture
 
 broker = broker_fixture(scope="module", devices=("dev-flood", "dev-honest"))

@@ -23,7 +23,8 @@ import pytest
 from edge_agent.wire.telemetry import Batch, Event, TelemetryReport
 from fleet_server.gateway.ingest import IngestWorker
 from fleet_server.gateway.ingest_parse import REFUSED_KIND, IngestItem, parse_telemetry
-from fleet_server.registry import IngestResult, Registry, TelemetryEntry
+from fleet_server.registry.store import Registry
+from fleet_server.registry.values import IngestResult, TelemetryEntry
 from pg import PgCluster
 
 Mutation = Callable[[dict[str, Any]], None]

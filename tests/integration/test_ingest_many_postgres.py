@@ -12,7 +12,8 @@ import threading
 
 import pytest
 
-from fleet_server.registry import Registry, TelemetryEntry
+from fleet_server.registry.store import Registry
+from fleet_server.registry.values import TelemetryEntry
 from pg import PgCluster
 from unit.test_ingest_many_equivalence import check_equivalent
 

@@ -17,9 +17,10 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import func, select
 
-from fleet_server.registry import Registry, TelemetryEntry
 from fleet_server.registry.models import TelemetryRow
 from fleet_server.registry.schema import METADATA
+from fleet_server.registry.store import Registry
+from fleet_server.registry.values import TelemetryEntry
 from pg import PgCluster
 
 psycopg = pytest.importorskip("psycopg", reason="psycopg (PostgreSQL driver) is not installed")

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from fleet_server.jobs.rollout_runner import RolloutRunner
-from fleet_server.registry import Registry
+from fleet_server.registry.store import Registry
 from fleet_server.registry.version_history import version_history
 from pg import PgCluster
 from rollout_memory import IDS, RecordingService, memory_scenario

@@ -14,9 +14,9 @@ from sqlalchemy import inspect
 
 from edge_agent.wire.telemetry import Event, ModelStats, TelemetryReport
 from fleet_server.errors import RegistryError, UnknownRolloutError
-from fleet_server.registry import Registry
 from fleet_server.registry import rollouts as store
 from fleet_server.registry.schema import METADATA
+from fleet_server.registry.store import Registry
 from fleet_server.rollouts.engine import Rollout, RolloutPolicy, Selector, Thresholds, decide
 from fleet_server.rollouts.metrics import DeviceObservation
 

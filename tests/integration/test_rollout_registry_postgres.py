@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import inspect
 
-from fleet_server.registry import Registry
 from fleet_server.registry import rollouts as store
+from fleet_server.registry.store import Registry
 from fleet_server.rollouts.engine import Rollout, RolloutPolicy, Selector, decide
 from fleet_server.rollouts.metrics import DeviceObservation
 from pg import PgCluster

@@ -23,7 +23,7 @@ import pytest
 from bundles import DigitsBundles
 from fleet import Device, agent_config, start_device, wait_until
 from fleet_server.admin.client import AdminClient
-from fleet_server.registry import Registry
+from fleet_server.registry.store import Registry
 from mosquitto import MOSQUITTO, FleetBroker, fleet_broker, free_port
 from pg import PgCluster
 

@@ -15,7 +15,8 @@ from edge_agent.wire.telemetry import StatusMessage
 from fakes import FakeGateway
 from fleet_server.admin.api import create_app
 from fleet_server.delivery.library import BundleLibrary
-from fleet_server.registry import Registry, TelemetryEntry
+from fleet_server.registry.store import Registry
+from fleet_server.registry.values import TelemetryEntry
 from fleet_server.service import FleetService
 
 TOKEN = "t" * 32

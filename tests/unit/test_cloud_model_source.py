@@ -17,7 +17,7 @@ from edge_agent.bundle import read_bundle
 from edge_agent.wire.reported import ModelReport, ReportedState
 from fleet_server.errors import FallbackServingError
 from fleet_server.fallback.cloud_models import RegistryCloudModels
-from fleet_server.registry import Registry
+from fleet_server.registry.store import Registry
 
 
 @pytest.fixture

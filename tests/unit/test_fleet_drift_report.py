@@ -28,7 +28,7 @@ from fleet_server.drift.fleet import FleetAccumulator, score_fleet
 from fleet_server.drift.report import render_html, render_png
 from fleet_server.drift.service import DriftService
 from fleet_server.errors import FleetDriftError, NotFoundError
-from fleet_server.registry import Registry
+from fleet_server.registry.store import Registry
 
 F = 4
 

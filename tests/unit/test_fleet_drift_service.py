@@ -15,7 +15,8 @@ from edge_agent.wire.telemetry import DriftSummary, ModelStats, TelemetryReport
 from fleet_server.drift.cohorts import FLEET, CohortSpec
 from fleet_server.drift.service import DriftQuery, DriftService, parse_duration, parse_time
 from fleet_server.errors import BaselineUnavailableError, FleetDriftError, ModelNotPublishedError
-from fleet_server.registry import Registry, TelemetryEntry
+from fleet_server.registry.store import Registry
+from fleet_server.registry.values import TelemetryEntry
 from model_builder.keystore import KeyStore
 from support import NOW, make_bundle
 

@@ -26,7 +26,8 @@ from fleet_server.errors import RegistryUnavailableError, ServerConfigError
 from fleet_server.gateway.config import GatewayConfig
 from fleet_server.gateway.ingest import IngestWorker, is_data_failure
 from fleet_server.gateway.ingest_parse import IngestItem, parse_telemetry
-from fleet_server.registry import IngestResult, Registry, TelemetryEntry
+from fleet_server.registry.store import Registry
+from fleet_server.registry.values import IngestResult, TelemetryEntry
 
 PLAN_A = BlockPlan(10 * 65536, "a" * 64)
 PLAN_B = BlockPlan(3 * 65536, "b" * 64)

@@ -24,7 +24,7 @@ from fleet_server.admin.rollouts import rollout_routes
 from fleet_server.delivery.library import BundleLibrary
 from fleet_server.drift.service import DriftService
 from fleet_server.jobs.rollout_runner import RolloutRunner
-from fleet_server.registry import Registry
+from fleet_server.registry.store import Registry
 from fleet_server.service import FleetService
 from model_builder.keystore import KeyStore
 

@@ -31,7 +31,7 @@ from fakes import FakeGateway
 from fleet_server.admin.api import AdminServer, create_app
 from fleet_server.cli import main as server_cli
 from fleet_server.delivery.library import BundleLibrary
-from fleet_server.registry import Registry
+from fleet_server.registry.store import Registry
 from fleet_server.service import FleetService
 from model_builder import cli as builder_cli
 from model_builder.keystore import KeyStore

@@ -20,8 +20,9 @@ from sqlalchemy import select
 
 from edge_agent.wire.telemetry import Event
 from fleet_server.errors import RegistryError
-from fleet_server.registry import IngestResult, Registry, TelemetryEntry
 from fleet_server.registry.models import TelemetryRow
+from fleet_server.registry.store import Registry
+from fleet_server.registry.values import IngestResult, TelemetryEntry
 
 NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 LIVE = ("dev-a", "dev-b", "dev-c", "dev-d")

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from edge_agent.wire.telemetry import Event, TelemetryReport
 from fleet_server.gateway.ingest_parse import REFUSED_KIND, IngestItem, parse_telemetry
-from fleet_server.registry import TelemetryEntry
+from fleet_server.registry.values import TelemetryEntry
 
 REASONS = {"oversized", "malformed", "wrong_type", "device_mismatch"}
 

@@ -20,7 +20,7 @@ from fleet_server.admin.api import create_app
 from fleet_server.cli.main import cli
 from fleet_server.delivery.library import BundleLibrary
 from fleet_server.gateway.misbehaviour import DeviceMisbehaviour, MisbehaviourBook, PresenceBook
-from fleet_server.registry import Registry
+from fleet_server.registry.store import Registry
 from fleet_server.service import FleetService
 
 TOKEN = "t" * 32

@@ -15,19 +15,19 @@ from sqlalchemy import func, inspect, select
 
 from clock import FakeClock
 from edge_agent.wire.telemetry import Batch, Event, TelemetryReport
-from fleet_server.registry import (
+from fleet_server.errors import (
     BundleExistsError,
     DeviceExistsError,
     DeviceRevokedError,
-    Registry,
     RegistryError,
     RegistryUnavailableError,
-    TelemetryEntry,
     TelemetryRejectedError,
     UnknownDeviceError,
 )
 from fleet_server.registry.models import TelemetryRow
 from fleet_server.registry.schema import METADATA
+from fleet_server.registry.store import Registry
+from fleet_server.registry.values import TelemetryEntry
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64

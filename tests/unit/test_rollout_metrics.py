@@ -9,7 +9,7 @@ import pytest
 
 from edge_agent.wire.reported import ModelReport, ReportedState
 from edge_agent.wire.telemetry import DriftSummary, Event, ModelStats, ShadowStats, TelemetryReport
-from fleet_server.registry import StoredTelemetry
+from fleet_server.registry.values import StoredTelemetry
 from fleet_server.rollouts.metrics import observe
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

@@ -33,8 +33,8 @@ from fleet_server.errors import (
     UnknownRolloutError,
 )
 from fleet_server.jobs.rollout_runner import RolloutRunner
-from fleet_server.registry import Registry
 from fleet_server.registry import rollouts as store
+from fleet_server.registry.store import Registry
 from fleet_server.rollouts.engine import RolloutPolicy, Selector, Thresholds, decide
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

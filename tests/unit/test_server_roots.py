@@ -23,7 +23,7 @@ from fleet_server.admin.root import root_routes
 from fleet_server.delivery.library import BundleLibrary
 from fleet_server.errors import BundleRejectedError, ServerConfigError
 from fleet_server.pki.roots import ServerRoots
-from fleet_server.registry import Registry
+from fleet_server.registry.store import Registry
 from fleet_server.service import FleetService
 from model_builder.keystore import KeyStore
 from support import NOW, make_bundle, write

@@ -23,7 +23,7 @@ from fleet_server.errors import (
     UnknownDeviceError,
     UnknownGroupError,
 )
-from fleet_server.registry import Registry
+from fleet_server.registry.store import Registry
 from fleet_server.service import FleetService
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)

@@ -59,7 +59,7 @@ from fleet_server.admin.body import (
     req_field,
 )
 from fleet_server.errors import ERRORS
-from fleet_server.registry import BundleRecord, DeviceRecord, StoredTelemetry
+from fleet_server.registry.values import BundleRecord, DeviceRecord, StoredTelemetry
 from fleet_server.registry.version_history import VersionHistory
 from fleet_server.service import DeviceView, FleetService
 

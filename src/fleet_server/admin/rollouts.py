@@ -43,8 +43,8 @@ from fleet_server.errors import (
     RolloutPolicyError,
 )
 from fleet_server.jobs.rollout_runner import RolloutRunner
-from fleet_server.registry import rollout_to_dict
 from fleet_server.registry import rollouts as store
+from fleet_server.registry.rollouts import rollout_to_dict
 from fleet_server.registry.version_history import VersionHistory, version_history
 from fleet_server.rollouts.admission import MAX_OVERRIDE_REASON
 from fleet_server.rollouts.engine import Rollout, RolloutPolicy, Selector

@@ -47,7 +47,7 @@ from fleet_server.errors import (
 )
 from fleet_server.history.cells import edges_digest
 from fleet_server.history.queries import DriftInputs, drift_inputs
-from fleet_server.registry import Registry
+from fleet_server.registry.store import Registry
 
 __all__ = ["DriftQuery", "DriftService", "parse_time", "windows_from_payload"]
 

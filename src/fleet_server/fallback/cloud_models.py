@@ -36,7 +36,7 @@ from fleet_server.errors import (
     RegistryUnavailableError,
     UnknownDeviceError,
 )
-from fleet_server.registry import Registry
+from fleet_server.registry.store import Registry
 
 __all__ = ["CloudModel", "CloudModelSource", "CloudModels", "Prep", "RegistryCloudModels"]
 

@@ -56,7 +56,8 @@ from fleet_server.gateway.config import REJECT_REASONS, GatewayConfig, GatewaySt
 from fleet_server.gateway.ingest import IngestWorker
 from fleet_server.gateway.ingest_parse import parse_telemetry, refusal_reason
 from fleet_server.gateway.misbehaviour import DeviceMisbehaviour, MisbehaviourBook, PresenceBook
-from fleet_server.registry.store import IngestResult, Registry
+from fleet_server.registry.store import Registry
+from fleet_server.registry.values import IngestResult
 
 __all__ = ["Gateway"]
 

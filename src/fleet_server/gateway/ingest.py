@@ -40,7 +40,8 @@ from sqlalchemy.exc import DataError, DBAPIError, StatementError
 from edge_agent.wire.telemetry import TelemetryReport
 from fleet_server.errors import RegistryError, RegistryUnavailableError
 from fleet_server.gateway.ingest_parse import IngestItem, refusal_reason, refused_entry
-from fleet_server.registry.store import IngestResult, Registry, TelemetryEntry
+from fleet_server.registry.store import Registry
+from fleet_server.registry.values import IngestResult, TelemetryEntry
 
 __all__ = ["IngestStats", "IngestWorker", "is_data_failure"]
 

@@ -36,7 +36,7 @@ from edge_agent.wire.telemetry import (
     decode_message,
 )
 from fleet_server.errors import DeviceRevokedError, RegistryError, UnknownDeviceError
-from fleet_server.registry.store import TelemetryEntry
+from fleet_server.registry.values import TelemetryEntry
 
 __all__ = [
     "REFUSED_KIND",

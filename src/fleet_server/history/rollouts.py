@@ -24,8 +24,8 @@ from fleet_server.history.queries import (
     folded_marks,
     last_reports,
 )
-from fleet_server.registry import Registry
 from fleet_server.registry.models import TelemetryRollup, TelemetryRow
+from fleet_server.registry.store import Registry
 from fleet_server.registry.values import StoredTelemetry
 from fleet_server.rollouts.metrics import WindowMetrics, interval_metrics
 

@@ -38,8 +38,8 @@ from fleet_server.errors import RegistryUnavailableError
 from fleet_server.history.cells import CellKey, RawRow, RollupCell, fold_rows, merge_cells
 from fleet_server.history.queries import last_reports
 from fleet_server.jobs.leader import LeaderLock
-from fleet_server.registry import Registry
 from fleet_server.registry.models import Device, RollupState, TelemetryRollup, TelemetryRow
+from fleet_server.registry.store import Registry
 
 __all__ = ["FINE", "HOUR", "HistoryJob", "HistoryPolicy", "RunReport"]
 

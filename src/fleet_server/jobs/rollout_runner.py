@@ -33,8 +33,9 @@ from fleet_server.errors import (
     RolloutConflictError,
 )
 from fleet_server.history.rollouts import rollout_inputs
-from fleet_server.registry import DeviceRecord, Registry
 from fleet_server.registry import rollouts as store
+from fleet_server.registry.store import Registry
+from fleet_server.registry.values import DeviceRecord
 from fleet_server.rollouts.admission import admit
 from fleet_server.rollouts.engine import (
     ACTIVE_STATES,

@@ -21,7 +21,8 @@ from sqlalchemy import func, select
 from fleet_server.errors import RegistryError, RolloutConflictError, UnknownRolloutError
 from fleet_server.registry.models import TelemetryRow
 from fleet_server.registry.rollout_models import QuarantineRow, RolloutEventRow, RolloutRow
-from fleet_server.registry.store import Registry, StoredTelemetry
+from fleet_server.registry.store import Registry
+from fleet_server.registry.values import StoredTelemetry
 from fleet_server.rollouts.admission import Override
 from fleet_server.rollouts.engine import GateResult, Rollout, RolloutPolicy, Selector
 

@@ -52,14 +52,11 @@ from fleet_server.errors import (
     RegistryUnavailableError,
 )
 from fleet_server.registry import _catalog, _engine, _ingest
-from fleet_server.registry._checks import MAX_INGEST_ITEMS as MAX_INGEST_ITEMS  # noqa: PLC0414
-from fleet_server.registry._checks import MAX_SEQ as MAX_SEQ  # noqa: PLC0414
 from fleet_server.registry._checks import (
     check_device_id,
     check_label,
     checked_rows,
 )
-from fleet_server.registry._engine import MIGRATIONS as MIGRATIONS  # noqa: PLC0414
 from fleet_server.registry.models import Device
 from fleet_server.registry.values import (
     BundleRecord,
@@ -74,18 +71,7 @@ from fleet_server.registry.values import (
     device_record,
 )
 
-__all__ = [
-    "BundleRecord",
-    "DesiredRecord",
-    "DeviceRecord",
-    "IngestResult",
-    "Registry",
-    "SeqState",
-    "StoredTelemetry",
-    "TelemetryEntry",
-]
-# MAX_SEQ, MAX_INGEST_ITEMS and MIGRATIONS (the "as" imports above) were defined here before the
-# split and stay importable from this module.
+__all__ = ["Registry"]
 
 
 def _utcnow() -> datetime:
