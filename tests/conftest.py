@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from bundles import DigitsBundles, build_digits_bundles
 from pg import PgCluster, pg_cluster
+
+# The registry's database backends; ``registry_url`` runs a test once on each.
+REGISTRY_BACKENDS = ("sqlite", "postgresql")
 
 # Reasons (prefixes) of skips that depend on privileges, not on an installable component.
 ALLOWED_SKIPS = ("cannot mount a tmpfs here",)
@@ -87,7 +91,23 @@ def digits_bundles(tmp_path_factory: pytest.TempPathFactory) -> DigitsBundles:
     return build_digits_bundles(tmp_path_factory.mktemp("bundles"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pg() -> Iterator[PgCluster]:
-    """A throwaway PostgreSQL cluster per test module (see ``pg.pg_cluster``)."""
+    """One throwaway PostgreSQL cluster for the run (see ``pg.pg_cluster``), started by the first
+    test that needs it; tests take a fresh database each (``PgCluster.new_database``)."""
     yield from pg_cluster()
+
+
+@pytest.fixture(params=REGISTRY_BACKENDS)
+def registry_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of a fresh, empty registry database, once per backend: a SQLite file in
+    ``tmp_path`` and a new database in the module's throwaway PostgreSQL cluster (``pg``).
+
+    A test that takes it runs on both; one that only makes sense on one backend checks
+    ``Registry.open(url).engine.dialect.name`` or takes its own fixture.
+    """
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'registry.db'}"
+    pytest.importorskip("psycopg", reason="psycopg (PostgreSQL driver) is not installed")
+    cluster: PgCluster = request.getfixturevalue("pg")
+    return cluster.new_database()

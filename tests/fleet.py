@@ -13,8 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,17 +33,7 @@ from fleet_server.registry.store import Registry
 from fleet_server.registry.values import BundleRecord, DesiredRecord
 from model_builder.keystore import KeyStore
 from mosquitto import FleetBroker
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+from support import wait_until  # noqa: F401  (re-exported: the one condition wait)
 
 
 @dataclass

@@ -65,7 +65,7 @@ class PgCluster:
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8")
         opts = (
             f"-p {self.port} -k {self.sock} -c listen_addresses=127.0.0.1 -c fsync=off "
-            "-c max_connections=50"
+            "-c max_connections=100"
         )
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.base / "log"), "-o", opts, "-w",
                   "-t", "30", "start")  # fmt: skip

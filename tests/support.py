@@ -1,13 +1,21 @@
-"""Builders shared by tests: small real manifests and signed bundles."""
+"""Helpers shared by tests: small real manifests and signed bundles, the CLI arguments of a
+build, and ``wait_until``, the one way a test waits for something another thread or process does.
+
+Fakes of production interfaces live in ``fakes.py``, the fake clock in ``clock.py``.
+"""
 
 from __future__ import annotations
 
 import io
 import tarfile
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
+import pytest
 
 from edge_agent.contract import (
     BundleManifest,
@@ -25,6 +33,10 @@ from model_builder.keystore import KeyStore
 from model_builder.package import artifact_ref, package_bundle
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
+T = TypeVar("T")
+
+#: How often ``wait_until`` asks again (seconds): short, so a test waits little past the event.
+POLL_INTERVAL = 0.02
 DEVICE = DeviceProfile(arch="x86_64", runtimes={"onnxruntime": "1.20.0"})
 
 
@@ -141,3 +153,20 @@ def build_argv(
         "--out",
         str(out),
     ]
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 20.0, what: str = "") -> T:
+    """Ask ``predicate`` until it returns something truthy and return that; fail the test
+    (naming ``what``) if it has not after ``timeout`` seconds.
+
+    The way a test waits for another thread, process or broker: on a condition with a deadline,
+    never a fixed sleep. Code on a fake clock (``clock.FakeClock``) needs no waiting at all.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what or predicate}")
+        time.sleep(POLL_INTERVAL)

@@ -25,7 +25,6 @@ from fleet_server.registry.store import Registry
 from fleet_server.registry.values import TelemetryEntry
 from fleet_server.rollouts.metrics import observe
 from model_builder.keystore import KeyStore
-from pg import PgCluster
 from support import NOW, make_bundle
 
 T0 = datetime(2026, 6, 1, 10, 2, 17, tzinfo=UTC)  # not on a bucket boundary
@@ -34,14 +33,10 @@ N_REPORTS = 300  # ~3 h
 DEVICES = ("dev-a", "dev-b", "dev-c")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, FakeClock]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'registry.db'}"
-    else:
-        cluster: PgCluster = request.getfixturevalue("pg")
-        url = cluster.new_database()
-    return url, FakeClock(wall=T0)
+@pytest.fixture
+def backend(registry_url: str) -> tuple[str, FakeClock]:
+    """A fresh registry database on each backend (``registry_url``) and a clock at ``T0``."""
+    return registry_url, FakeClock(wall=T0)
 
 
 def _baseline_and_bundles(registry: Registry, tmp_path: Path) -> tuple[Path, DriftBaseline]:

@@ -1,4 +1,10 @@
-"""The fleet registry on SQLite: migrations, repository methods, idempotent ingest and acks."""
+"""The fleet registry: migrations, repository methods, idempotent ingest and acks.
+
+Every test that takes ``registry_url`` (tests/conftest.py) runs twice: on a SQLite file and on a
+fresh database of a real, throwaway PostgreSQL cluster (``tests/pg.py``: ``initdb`` + ``pg_ctl``
+on a free loopback port, never the system's service). Tests that only make sense on one backend
+say so in their name and check the dialect: SQLite's WAL and foreign-key pragmas.
+"""
 
 from __future__ import annotations
 
@@ -32,16 +38,25 @@ from fleet_server.registry.values import TelemetryEntry
 SHA_A = "a" * 64
 SHA_B = "b" * 64
 
+# A trigger that fails every telemetry INSERT of cam-2, in each backend's dialect.
+BOOM_TRIGGER = {
+    "sqlite": (
+        "CREATE TRIGGER boom BEFORE INSERT ON telemetry WHEN NEW.device_id = 'cam-2' "
+        "BEGIN SELECT RAISE(ABORT, 'disk on fire'); END",
+    ),
+    "postgresql": (
+        "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        "IF NEW.device_id = 'cam-2' THEN RAISE EXCEPTION 'disk on fire'; END IF; "
+        "RETURN NEW; END $$",
+        "CREATE TRIGGER boom BEFORE INSERT ON telemetry FOR EACH ROW EXECUTE FUNCTION boom()",
+    ),
+}
+
 
 @pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'registry.db'}"
-
-
-@pytest.fixture
-def reg(db_url: str) -> Iterator[Registry]:
+def reg(registry_url: str) -> Iterator[Registry]:
     registry = Registry.open(
-        db_url, clock=FakeClock(wall=datetime(2026, 1, 1, tzinfo=UTC), tick=1.0).wall
+        registry_url, clock=FakeClock(wall=datetime(2026, 1, 1, tzinfo=UTC), tick=1.0).wall
     )
     registry.upgrade()
     registry.enroll("cam-1")
@@ -53,6 +68,11 @@ def entries(*seqs: int) -> list[TelemetryEntry]:
     return [TelemetryEntry(seq=s, kind="report", payload={"n": s}) for s in seqs]
 
 
+def backend(url: str) -> str:
+    """``sqlite`` or ``postgresql`` (the SQLAlchemy dialect of ``url``)."""
+    return url.split(":", 1)[0].split("+", 1)[0]
+
+
 def row_count(reg: Registry, device: str = "cam-1") -> int:
     with reg.engine.connect() as conn:
         n = conn.scalar(
@@ -62,22 +82,30 @@ def row_count(reg: Registry, device: str = "cam-1") -> int:
 
 
 # --------------------------------------------------------------------------- migrations
-def test_upgrade_creates_schema_on_empty_db_and_is_idempotent(db_url: str) -> None:
-    reg = Registry.open(db_url)
+def test_upgrade_creates_schema_on_empty_db_and_is_idempotent(registry_url: str) -> None:
+    reg = Registry.open(registry_url)
+    assert reg.engine.dialect.name == backend(registry_url)
     assert reg.current_revision() is None
     reg.upgrade()
     reg.upgrade()
     assert reg.current_revision() == Registry.head_revision() == "0004"
     tables = set(inspect(reg.engine).get_table_names())
     assert {"devices", "bundles", "desired_states", "telemetry", "device_seq"} <= tables
+    reg.close()
+
+
+def test_sqlite_runs_in_wal_with_foreign_keys(tmp_path: Path) -> None:
+    """SQLite only: the pragmas the registry sets on every connection."""
+    reg = Registry.open(f"sqlite:///{tmp_path / 'registry.db'}")
+    reg.upgrade()
     with reg.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
     reg.close()
 
 
-def test_migrations_match_the_models(db_url: str) -> None:
-    reg = Registry.open(db_url)
+def test_migrations_match_the_models(registry_url: str) -> None:
+    reg = Registry.open(registry_url)
     reg.upgrade()
     with reg.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), METADATA)
@@ -85,11 +113,36 @@ def test_migrations_match_the_models(db_url: str) -> None:
     assert diff == []
 
 
-def test_downgrade_to_base_drops_everything(db_url: str) -> None:
-    reg = Registry.open(db_url)
+def test_downgrade_to_base_drops_everything(registry_url: str) -> None:
+    reg = Registry.open(registry_url)
     reg.upgrade()
     reg.downgrade("base")
+    assert reg.current_revision() is None
     assert set(inspect(reg.engine).get_table_names()) <= {"alembic_version"}
+    reg.close()
+
+
+def test_concurrent_upgrades_from_two_workers(registry_url: str) -> None:
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def worker() -> None:
+        r = Registry.open(registry_url)
+        start.wait()
+        try:
+            r.upgrade()
+        except BaseException as exc:
+            errors.append(exc)
+        r.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert errors == []
+    reg = Registry.open(registry_url)
+    assert reg.current_revision() == Registry.head_revision()
     reg.close()
 
 
@@ -206,13 +259,15 @@ def test_desired_version_is_monotonic(reg: Registry) -> None:
         reg.assign_desired("nope", lambda v: b"x")
 
 
-def test_concurrent_desired_assignments_get_distinct_versions(db_url: str, reg: Registry) -> None:
+def test_concurrent_desired_assignments_get_distinct_versions(
+    registry_url: str, reg: Registry
+) -> None:
     versions: list[int] = []
     lock = threading.Lock()
     start = threading.Barrier(2)
 
     def worker() -> None:
-        r = Registry.open(db_url)
+        r = Registry.open(registry_url)
         start.wait()
         for _ in range(10):
             v = r.assign_desired("cam-1", lambda v: b"%d" % v).version
@@ -245,6 +300,23 @@ def test_ingest_reports_and_events_then_replay_adds_nothing(reg: Registry) -> No
     assert reg.telemetry(after_id=rows[0].id)[0].seq == 2
     assert reg.get_device("cam-1").last_seen is not None
     assert reg.seq_state("cam-1").duplicates == 2
+
+
+def test_idempotent_ingest_gaps_and_floor(reg: Registry) -> None:
+    r = reg.ingest("cam-1", entries(1, 2, 4, 7))
+    assert (r.inserted, r.acked_upto, r.gaps) == (4, 2, 3)
+    again = reg.ingest("cam-1", entries(1, 2, 4, 7))
+    assert (again.inserted, again.duplicates, again.acked_upto) == (0, 4, 2)
+    r = reg.ingest("cam-1", entries(8), floor=7)  # 3, 5, 6 are gone for good
+    assert (r.acked_upto, r.lost, r.gaps) == (8, 3, 0)
+    r = reg.ingest("cam-1", entries(5))  # late after all
+    assert (r.recovered, r.acked_upto) == (1, 8)
+    s = reg.seq_state("cam-1")
+    assert (s.acked_upto, s.gaps, s.lost, s.duplicates) == (8, 0, 2, 4)
+    stored = reg.telemetry(device_id="cam-1")
+    assert [x.seq for x in stored] == [1, 2, 4, 7, 8, 5]
+    assert stored[0].payload == {"n": 1}
+    assert stored[0].received_at.tzinfo is not None
 
 
 def test_contiguous_ack_with_gaps(reg: Registry) -> None:
@@ -303,42 +375,62 @@ def test_ingest_rejects_structural_problems(reg: Registry) -> None:
     assert reg.seq_state("cam-1").acked_upto == 0
 
 
-def test_concurrent_overlapping_ingest_never_double_counts(db_url: str, reg: Registry) -> None:
-    n = 300
-    results: list[tuple[int, int]] = []
-    marks: list[list[int]] = [[], []]
+def test_concurrent_overlapping_ingest_never_double_counts(
+    registry_url: str, reg: Registry
+) -> None:
+    n = 400
+    devices = ("cam-1", "cam-2")
+    reg.enroll("cam-2")
+    results: dict[str, list[tuple[int, int]]] = {d: [] for d in devices}
+    marks: dict[tuple[int, str], list[int]] = {(i, d): [] for i in (0, 1) for d in devices}
     lock = threading.Lock()
     start = threading.Barrier(2)
+    failures: list[BaseException] = []
 
     def worker(idx: int) -> None:
-        r = Registry.open(db_url)
+        r = Registry.open(registry_url)  # its own engine and connection pool
         rng = random.Random(idx)
         # Worker 0 sends 1..n in batches of 10; worker 1 the same seqs in shifted batches of
-        # 7, some out of order: every seq is sent by both.
+        # 7, some out of order: every seq of every device is sent by both.
         size, shift = (10, 0) if idx == 0 else (7, 3)
         bounds = [(1, shift)] if shift else []
         bounds += [(a, min(a + size - 1, n)) for a in range(shift + 1, n + 1, size)]
         if idx == 1:
             rng.shuffle(bounds)
         start.wait()
-        for lo, hi in bounds:
-            res = r.ingest("cam-1", entries(*range(lo, hi + 1)))
-            with lock:
-                results.append((res.inserted, res.duplicates))
-                marks[idx].append(res.acked_upto)
-        r.close()
+        try:
+            for lo, hi in bounds:
+                for device in devices:
+                    res = r.ingest(device, entries(*range(lo, hi + 1)))
+                    with lock:
+                        results[device].append((res.inserted, res.duplicates))
+                        marks[idx, device].append(res.acked_upto)
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            r.close()
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=60)
-    assert sum(i for i, _ in results) == n
-    assert sum(d for _, d in results) == n
-    assert row_count(reg) == n
-    s = reg.seq_state("cam-1")
-    assert (s.acked_upto, s.gaps, s.lost, s.duplicates) == (n, 0, 0, n)
-    assert marks[0] == sorted(marks[0])  # one worker's acks never go backwards
+    assert failures == []
+    totals = {
+        "inserted": sum(i for d in devices for i, _ in results[d]),
+        "duplicates": sum(x for d in devices for _, x in results[d]),
+    }
+    assert totals == {"inserted": 2 * n, "duplicates": 2 * n}
+    with reg.engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(TelemetryRow)) == 2 * n
+    for device in devices:
+        assert sum(i for i, _ in results[device]) == n
+        assert sum(d for _, d in results[device]) == n
+        assert row_count(reg, device) == n
+        s = reg.seq_state(device)
+        assert (s.acked_upto, s.gaps, s.lost, s.duplicates) == (n, 0, 0, n)
+        marks_0 = marks[0, device]
+        assert marks_0 == sorted(marks_0)  # one worker's acks never go backwards
 
 
 def test_revoked_device_telemetry_and_reported_state_are_refused(reg: Registry) -> None:
@@ -388,7 +480,7 @@ def test_ingest_many_mixed_devices_in_one_transaction(reg: Registry) -> None:
     assert (s1.acked_upto, s1.gaps, s2.acked_upto, s2.duplicates) == (4, 0, 2, 1)
 
 
-def test_ingest_many_floor_matches_ingest(reg: Registry, db_url: str) -> None:
+def test_ingest_many_floor_matches_ingest(reg: Registry, registry_url: str) -> None:
     reg.enroll("cam-2")
     # The same sequence through ingest (cam-1) and through ingest_many (cam-2) agrees.
     steps = [(entries(1, 2, 4), None), (entries(6, 7), 6), ([], 11), (entries(3), None)]
@@ -410,19 +502,17 @@ def test_ingest_many_database_failure_stores_nothing(reg: Registry) -> None:
     reg.enroll("cam-2")
     # Make the second item's INSERT fail inside the one transaction: no item is kept.
     with reg.engine.begin() as conn:
-        conn.exec_driver_sql(
-            "CREATE TRIGGER boom BEFORE INSERT ON telemetry WHEN NEW.device_id = 'cam-2' "
-            "BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
-        )
+        for statement in BOOM_TRIGGER[reg.engine.dialect.name]:
+            conn.exec_driver_sql(statement)
     with pytest.raises(RegistryUnavailableError):
         reg.ingest_many([("cam-1", entries(1), None), ("cam-2", entries(1), None)])
     assert row_count(reg, "cam-1") == 0
     assert reg.seq_state("cam-1").acked_upto == 0
 
 
-def test_re_enrolled_device_starts_a_new_sequence_epoch(tmp_path: Path) -> None:
+def test_re_enrolled_device_starts_a_new_sequence_epoch(registry_url: str) -> None:
     """A replaced device (fresh outbox, seqs from 1 again) is not taken for duplicates."""
-    reg = Registry.open(f"sqlite:///{tmp_path / 'r.db'}")
+    reg = Registry.open(registry_url)
     reg.upgrade()
     reg.enroll("cam-9")
     first = reg.ingest("cam-9", [TelemetryEntry(1, "report"), TelemetryEntry(2, "report")])
@@ -439,8 +529,8 @@ def test_re_enrolled_device_starts_a_new_sequence_epoch(tmp_path: Path) -> None:
     reg.close()
 
 
-def test_telemetry_listing_filters_by_kind(tmp_path: Path) -> None:
-    reg = Registry.open(f"sqlite:///{tmp_path / 'r.db'}")
+def test_telemetry_listing_filters_by_kind(registry_url: str) -> None:
+    reg = Registry.open(registry_url)
     reg.upgrade()
     reg.enroll("cam-7")
     reg.ingest(
