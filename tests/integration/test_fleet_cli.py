@@ -84,7 +84,7 @@ from edge_agent.wire.telemetry import StatusMessage  # noqa: E402
 from fleet_server.admin.api import AdminServer, create_app  # noqa: E402
 from fleet_server.cli.main import cli  # noqa: E402
 from fleet_server.delivery.library import BundleLibrary  # noqa: E402
-from fleet_server.registry.store import Registry # noqa: E402
+from fleet_server.registry.store import Registry  # noqa: E402
 from fleet_server.service import FleetService  # noqa: E402
 
 ADMIN_TOKEN = "admin-token-" + "z" * 20

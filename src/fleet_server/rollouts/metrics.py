@@ -45,7 +45,7 @@ _ROLLBACK_EVENTS: Final = frozenset({"rolled_back", "probation_failed"})
 
 
 class TelemetryRowLike(Protocol):
-    """A stored telemetry row (``fleet_server.registry.StoredTelemetry`` satisfies this)."""
+    """A stored telemetry row (``fleet_server.registry.values.StoredTelemetry`` satisfies this)."""
 
     @property
     def seq(self) -> int: ...
