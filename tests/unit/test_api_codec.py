@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from edge_agent.api import codec
+from edge_agent.api.decode import RequestedOutput, decode_request
 from edge_agent.errors import InferenceError, InputValidationError
 from edge_agent.serving.service import InferenceResult
 
@@ -78,7 +79,7 @@ def test_json_input_every_datatype_flat_or_nested(datatype: str, dtype: Any, nes
     expected = sample(dtype)
     data = expected.tolist() if nested else expected.reshape(-1).tolist()
     raw, _ = body({"inputs": [tensor("x", datatype, [2, 3], data)]})
-    decoded = codec.decode_request(raw)
+    decoded = decode_request(raw)
     got = decoded.inputs["x"]
     assert got.dtype == np.dtype(dtype)
     assert got.shape == (2, 3)
@@ -91,7 +92,7 @@ def test_binary_input_every_datatype_is_a_read_only_view(datatype: str, dtype: A
     raw_bytes = expected.astype(np.dtype(dtype).newbyteorder("<")).tobytes()
     doc = {"inputs": [tensor("x", datatype, [2, 3], binary_data_size=len(raw_bytes))]}
     raw, header = body(doc, raw_bytes)
-    got = codec.decode_request(raw, header).inputs["x"]
+    got = decode_request(raw, header).inputs["x"]
     assert got.dtype == np.dtype(dtype)
     np.testing.assert_array_equal(got, expected)
     assert not got.flags.writeable  # a view of the body, not a copy
@@ -125,7 +126,7 @@ def test_mixed_binary_and_json_inputs_in_order() -> None:
         ]
     }
     raw, header = body(doc, a.tobytes(), c.tobytes())
-    inputs = codec.decode_request(raw, header).inputs
+    inputs = decode_request(raw, header).inputs
     np.testing.assert_array_equal(inputs["a"], a)
     np.testing.assert_array_equal(inputs["b"], [1, 2, 3])
     np.testing.assert_array_equal(inputs["c"], c)
@@ -141,7 +142,7 @@ def test_bytes_inputs_json_and_binary() -> None:
         ]
     }
     raw, header = body(doc, blob)
-    inputs = codec.decode_request(raw, header).inputs
+    inputs = decode_request(raw, header).inputs
     assert inputs["j"].tolist() == elements
     assert inputs["b"].shape == (1, 3)
     assert inputs["b"].reshape(-1).tolist() == elements
@@ -165,13 +166,13 @@ def test_bytes_outputs_json_when_text_binary_when_not() -> None:
 
 def test_requested_outputs_pick_order_and_per_output_binary() -> None:
     outputs = {"p": np.array([0.25, 0.75], dtype=np.float32), "k": np.array([1], dtype=np.int64)}
-    wanted = (codec.RequestedOutput("k"), codec.RequestedOutput("p", binary=True))
+    wanted = (RequestedOutput("k"), RequestedOutput("p", binary=True))
     doc, rest = split(codec.encode_response(result(outputs), outputs=wanted))
     assert [o["name"] for o in doc["outputs"]] == ["k", "p"]
     assert doc["outputs"][0]["data"] == [1]
     assert np.frombuffer(rest, "<f4").tolist() == [0.25, 0.75]
     # the request-wide flag, overridden per output
-    wanted = (codec.RequestedOutput("p", binary=False),)
+    wanted = (RequestedOutput("p", binary=False),)
     doc, rest = split(codec.encode_response(result(outputs), outputs=wanted, binary_output=True))
     assert doc["outputs"][0]["data"] == [0.25, 0.75]
     assert rest == b""
@@ -179,7 +180,7 @@ def test_requested_outputs_pick_order_and_per_output_binary() -> None:
 
 def test_unknown_requested_output_is_a_validation_error() -> None:
     with pytest.raises(InputValidationError) as info:
-        codec.encode_response(result({"p": np.zeros(1)}), outputs=(codec.RequestedOutput("q"),))
+        codec.encode_response(result({"p": np.zeros(1)}), outputs=(RequestedOutput("q"),))
     assert (info.value.reason, info.value.field) == ("output", "q")
 
 
@@ -211,11 +212,11 @@ def test_decoded_request_fields() -> None:
         "inputs": [tensor("x", "FP32", [1], [1.0])],
         "outputs": [{"name": "y", "parameters": {"binary_data": False}}, {"name": "z"}],
     }
-    decoded = codec.decode_request(body(doc)[0])
+    decoded = decode_request(body(doc)[0])
     assert decoded.request_id == "abc"
     assert decoded.binary_output is True
     assert decoded.parameters["routing_key"] == "user-1"
-    assert decoded.outputs == (codec.RequestedOutput("y", False), codec.RequestedOutput("z", None))
+    assert decoded.outputs == (RequestedOutput("y", False), RequestedOutput("z", None))
 
 
 # --- NaN policy ----------------------------------------------------------------------------
@@ -223,7 +224,7 @@ def test_decoded_request_fields() -> None:
 
 def test_nan_and_infinity_tokens_pass_through_fp_tensors() -> None:
     raw = b'{"inputs":[{"name":"x","datatype":"FP32","shape":[3],"data":[NaN,Infinity,-Infinity]}]}'
-    x = codec.decode_request(raw).inputs["x"]
+    x = decode_request(raw).inputs["x"]
     assert np.isnan(x[0])
     assert x[1] == np.inf
     assert x[2] == -np.inf
@@ -232,7 +233,7 @@ def test_nan_and_infinity_tokens_pass_through_fp_tensors() -> None:
 def test_nan_token_in_integer_tensor_is_refused() -> None:
     raw = b'{"inputs":[{"name":"x","datatype":"INT32","shape":[2],"data":[1,NaN]}]}'
     with pytest.raises(InputValidationError) as info:
-        codec.decode_request(raw)
+        decode_request(raw)
     assert (info.value.reason, info.value.field) == ("data", "x")
 
 
@@ -243,7 +244,7 @@ def test_nan_outputs_are_written_as_tokens() -> None:
 
 def test_fp64_values_beyond_fp32_become_infinity_not_an_error() -> None:
     raw, _ = body({"inputs": [tensor("x", "FP32", [1], [1e300])]})
-    assert codec.decode_request(raw).inputs["x"][0] == np.inf
+    assert decode_request(raw).inputs["x"][0] == np.inf
 
 
 # --- malformed bodies -----------------------------------------------------------------------
@@ -359,7 +360,7 @@ def test_malformed_request_is_refused_with_reason(
     raw: tuple[bytes, str | None], reason: str, field: str | None
 ) -> None:
     with pytest.raises(InputValidationError) as info:
-        codec.decode_request(*raw)
+        decode_request(*raw)
     assert info.value.reason == reason, str(info.value)
     assert info.value.field == field
     assert str(info.value)
@@ -367,11 +368,11 @@ def test_malformed_request_is_refused_with_reason(
 
 def test_empty_tensor_is_fine() -> None:
     raw, _ = body({"inputs": [tensor("x", "INT32", [0, 4], [])]})
-    assert codec.decode_request(raw).inputs["x"].shape == (0, 4)
+    assert decode_request(raw).inputs["x"].shape == (0, 4)
 
 
 def test_scalar_tensor() -> None:
     raw, _ = body({"inputs": [tensor("x", "FP64", [], [2.5])]})
-    x = codec.decode_request(raw).inputs["x"]
+    x = decode_request(raw).inputs["x"]
     assert x.shape == ()
     assert x == 2.5

@@ -19,7 +19,8 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from bundles import DigitsBundles
-from edge_agent.api import codec
+from edge_agent.api.decode import decode_request
+from edge_agent.api.header_cache import RequestDecoder
 from edge_agent.api.metrics import LATENCY_BUCKETS, ApiMetrics
 from edge_agent.bundle import read_bundle
 from edge_agent.config import DriftConfig, ModelPolicy
@@ -286,14 +287,14 @@ def outcome(decode: Any, raw: bytes, header: str) -> Any:
 def test_remembered_headers_decode_exactly_as_decode_request(
     case: str, raw: bytes, header: str
 ) -> None:
-    decoder = codec.RequestDecoder()
-    expected = outcome(codec.decode_request, raw, header)
+    decoder = RequestDecoder()
+    expected = outcome(decode_request, raw, header)
     for _ in range(3):  # the first call parses, the next ones replay
         assert outcome(decoder.decode, raw, header) == expected
 
 
 def test_a_remembered_header_still_checks_the_bytes_that_follow() -> None:
-    decoder = codec.RequestDecoder()
+    decoder = RequestDecoder()
     raw, header = binary_body([tensor("b", "BOOL", [2], 2)], [bytes([0, 1])])
     assert decoder.decode(raw, header).inputs["b"].tolist() == [False, True]
     n = int(header)
@@ -306,12 +307,12 @@ def test_a_remembered_header_still_checks_the_bytes_that_follow() -> None:
             decoder.decode(raw[:n] + tail, header)
         assert info.value.reason == reason
         assert outcome(decoder.decode, raw[:n] + tail, header) == outcome(
-            codec.decode_request, raw[:n] + tail, header
+            decode_request, raw[:n] + tail, header
         )
 
 
 def test_remembered_headers_are_bounded_and_hand_out_fresh_parameters() -> None:
-    decoder = codec.RequestDecoder(max_entries=4)
+    decoder = RequestDecoder(max_entries=4)
     for i in range(10):
         raw, header = binary_body(
             [tensor("x", "FP32", [1, 1], 4)], [X.tobytes()[:4]], parameters={"n": i}

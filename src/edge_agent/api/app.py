@@ -50,6 +50,7 @@ from starlette.types import Receive, Scope
 from edge_agent.api import codec
 from edge_agent.api import metrics as m
 from edge_agent.api.budget import MAX_COST_RATIO, MemoryBudget, admit
+from edge_agent.api.decode import REASON_SCHEMA
 from edge_agent.api.fastpath import (
     JSON,
     OCTETS,
@@ -385,7 +386,7 @@ class _Api:
             routing = decoded.parameters.get("routing_key", routing_header)
             if routing is not None and not isinstance(routing, str):
                 raise InputValidationError(
-                    "parameter 'routing_key' must be a string", reason=codec.REASON_SCHEMA
+                    "parameter 'routing_key' must be a string", reason=REASON_SCHEMA
                 )
             request = InferenceRequest(
                 model=name,

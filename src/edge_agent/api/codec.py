@@ -1,8 +1,9 @@
 """Open Inference Protocol (KServe v2) tensors: JSON and the binary tensor data extension.
 
-The codec's one import point: request body -> numpy arrays (``decode_request``, implemented in
-``edge_agent.api.decode``; ``RequestDecoder``, its header cache, in ``edge_agent.api.header_cache``)
-and ``InferenceResult`` -> response body (``encode_response``, owned here), all re-exported here.
+The wire format both ways, and response encoding: ``InferenceResult`` -> response body
+(``encode_response``, owned here). Request body -> numpy arrays is ``decode_request`` in
+``edge_agent.api.decode`` (with the request limits and ``REASON_*`` labels), and ``RequestDecoder``,
+its header cache, is in ``edge_agent.api.header_cache``; the rules below hold for both directions.
 Does not own HTTP (``edge_agent.api.app``) or running models (the service). With the binary
 extension the JSON header is ``Inference-Header-Content-Length`` bytes long and each binary
 tensor's bytes follow it in order, sized by its ``binary_data_size`` (little-endian, row-major;
@@ -32,53 +33,15 @@ import numpy as np
 
 from edge_agent.api.decode import (
     DATATYPE_BY_KIND,
-    HEADER_LENGTH,
-    MAX_DIM,
-    MAX_INPUTS,
-    MAX_OUTPUTS,
-    MAX_RANK,
-    REASON_BINARY,
-    REASON_DATA,
-    REASON_DATATYPE,
-    REASON_JSON,
     REASON_OUTPUT,
-    REASON_SCHEMA,
-    REASON_SHAPE,
-    REASON_TOO_MANY,
     WIRE_DTYPES,
-    DecodedRequest,
     RequestedOutput,
-    decode_request,
     invalid_input,
 )
-from edge_agent.api.header_cache import RequestDecoder
 from edge_agent.errors import InferenceError
 from edge_agent.serving.service import Array, InferenceResult
 
-__all__ = [
-    "HEADER_LENGTH",
-    "MAX_DIM",
-    "MAX_INPUTS",
-    "MAX_OUTPUTS",
-    "MAX_RANK",
-    "REASON_BINARY",
-    "REASON_DATA",
-    "REASON_DATATYPE",
-    "REASON_JSON",
-    "REASON_OUTPUT",
-    "REASON_SCHEMA",
-    "REASON_SHAPE",
-    "REASON_TOO_MANY",
-    "DecodedRequest",
-    "EncodedResponse",
-    "RequestDecoder",
-    "RequestedOutput",
-    "datatype_of",
-    "decode_request",
-    "encode_response",
-    "requested_outputs",
-    "to_json",
-]
+__all__ = ["EncodedResponse", "datatype_of", "encode_response", "requested_outputs", "to_json"]
 
 
 class EncodedResponse(NamedTuple):

@@ -2,8 +2,8 @@
 
 Owns ``decode_request`` (JSON, and the binary tensor data extension), the request limits
 (``MAX_*``), the stable ``REASON_*`` labels, the wire datatype tables and the decoded value
-types. The rules (strictness, NaN policy, binary layout) are described in ``edge_agent.api.codec``,
-which re-exports every public name here. Does not own the cache of binary requests' JSON headers
+types. The rules (strictness, NaN policy, binary layout) are described in ``edge_agent.api.codec``.
+Does not own the cache of binary requests' JSON headers
 (``edge_agent.api.header_cache``), response encoding (``edge_agent.api.codec``) or the checks of
 a request against the model (the service).
 """

@@ -3,8 +3,7 @@
 Owns ``RequestDecoder``: ``decode_request`` that skips parsing and checking a JSON header it
 has already seen. Does not own the decoding rules (``edge_agent.api.decode``; this module reuses
 its steps, ``decode_body``, ``binary_tensor``, ``check_consumed``, so a cached request decodes and
-fails exactly as an uncached one) or encoding
-(``edge_agent.api.codec``, which re-exports ``RequestDecoder``).
+fails exactly as an uncached one) or encoding (``edge_agent.api.codec``).
 """
 
 from __future__ import annotations
