@@ -5,10 +5,12 @@
 ``"text"`` and bare strings all work), validates every field and returns a ``ServerConfig``.
 Unknown sections or keys are errors: a typo must not silently fall back to a default.
 
-Sections: ``[registry]``, ``[mqtt]``, ``[gateway]`` (mirrors
-``fleet_server.gateway.gateway.GatewayConfig``;
-``server.run`` converts it), ``[api]`` (admin HTTP API) and ``[signing]`` (online key, builder
-root). Paths left empty default to places under ``registry.state_dir``.
+Sections: ``[registry]``, ``[mqtt]``, ``[gateway]`` (``GatewayConfig``: the very object the
+gateway takes), ``[api]`` (admin HTTP API), ``[signing]`` (online key, builder root),
+``[fallback]``, ``[rollouts]`` and ``[retention]``. Paths left empty default to places under
+``registry.state_dir``. Each section is one frozen class with its own ``validate()``; no
+section is copied into a second class (``server.run`` hands them on, converting units or names
+only where an edge_agent type needs it: the MQTT session, the history policy).
 
 Owns: parsing and validation. Does not own: reading the admin token file or the keys (that is
 ``fleet_server.server``, at start-up).
@@ -17,6 +19,7 @@ Owns: parsing and validation. Does not own: reading the admin token file or the 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -25,12 +28,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from edge_agent.common.config_loader import apply_env, build_section, read_toml
+from edge_agent.errors import ContractError
+from edge_agent.wire.topics import Topics
+from edge_agent.wire.transfer import DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE
 from fleet_server.errors import ServerConfigError
 
 __all__ = [
     "ENV_PREFIX",
     "ApiConfig",
-    "GatewaySection",
+    "GatewayConfig",
     "MqttSection",
     "RegistrySection",
     "ServerConfig",
@@ -85,45 +91,70 @@ class MqttSection:
 
 
 @dataclass(frozen=True)
-class GatewaySection:
-    """The MQTT gateway's settings (``fleet_server.gateway.gateway.GatewayConfig``'s fields).
+class GatewayConfig:
+    """The ``[gateway]`` section: the settings of one gateway worker, exactly as the gateway
+    (``fleet_server.gateway.gateway.Gateway``) takes them.
 
-    ``bundles_dir`` is also the bundle library's directory; empty means ``<state_dir>/bundles``.
+    ``bundles_dir`` is also the bundle library's directory. In the server's TOML, leaving it out
+    (or empty) means ``<registry.state_dir>/bundles``; built in code, the default is ``bundles``
+    under the working directory.
     """
 
     prefix: str = "edgefleet"
     share_group: str = "fleet"
-    bundles_dir: str = ""
-    block_size: int = 64 * 1024
+    bundles_dir: str | Path = "bundles"
+    block_size: int = DEFAULT_BLOCK_SIZE
     broadcast_min_devices: int = 2
     resend_round_seconds: float = 0.05
     max_blocks_per_second: float = 2000.0
     ingest_max_batch: int = 500
     ingest_max_wait_seconds: float = 0.05
+    # Per device, messages it may send per second (a token bucket with ``device_burst``): a
+    # misbehaving device cannot starve the others. Refused telemetry is not acknowledged, so
+    # the device sends it again later; nothing is lost. A backlog of batches drains well within.
     device_rate_per_second: float = 100.0
     device_burst: int = 500
+    # Most telemetry messages queued for storage per device (its fair share of the queue).
     device_queue: int = 200
+    # A device is online when its status says so and it spoke within this many seconds
+    # (agents report every 30 s by default).
     presence_timeout_seconds: float = 120.0
 
     def validate(self) -> None:
-        _check(self.device_rate_per_second > 0, "device_rate_per_second must be positive")
-        _check(self.device_burst >= 1, "device_burst must be >= 1")
-        _check(self.device_queue >= 1, "device_queue must be >= 1")
-        _check(
-            0 < self.presence_timeout_seconds < float("inf"),
-            "presence_timeout_seconds must be positive",
-        )
+        """Check every value (``load_config`` does, and so does the gateway it is given to).
+
+        Raises:
+            ServerConfigError: a value is out of range or the prefix/share group is not a
+                valid topic level; the message names the key.
+        """
         _check(
             bool(re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", self.prefix)),
             "prefix must be a lowercase topic label without / + #",
         )
         _check(bool(_LABEL.fullmatch(self.share_group)), "share_group is not a valid name")
-        _check(1024 <= self.block_size <= 1024 * 1024, "block_size must be 1024..1048576")
+        try:
+            Topics(self.prefix).shared(self.share_group, "telemetry")
+        except ContractError as exc:
+            raise ServerConfigError(f"prefix or share_group: {exc}") from exc
+        _check(
+            16 * 1024 <= self.block_size <= MAX_BLOCK_SIZE,
+            f"block_size must be {16 * 1024}..{MAX_BLOCK_SIZE}",
+        )
         _check(self.broadcast_min_devices >= 1, "broadcast_min_devices must be >= 1")
-        _check(self.resend_round_seconds > 0, "resend_round_seconds must be positive")
-        _check(self.max_blocks_per_second > 0, "max_blocks_per_second must be positive")
-        _check(self.ingest_max_batch >= 1, "ingest_max_batch must be >= 1")
-        _check(self.ingest_max_wait_seconds >= 0, "ingest_max_wait_seconds must be >= 0")
+        _check(0 < self.resend_round_seconds <= 10, "resend_round_seconds must be in (0, 10]")
+        _check(0 < self.max_blocks_per_second < math.inf, "max_blocks_per_second must be positive")
+        _check(1 <= self.ingest_max_batch <= 10_000, "ingest_max_batch must be 1..10000")
+        _check(0 <= self.ingest_max_wait_seconds <= 10, "ingest_max_wait_seconds must be 0..10")
+        _check(
+            0 < self.device_rate_per_second < math.inf,
+            "device_rate_per_second must be positive",
+        )
+        _check(self.device_burst >= 1, "device_burst must be >= 1")
+        _check(self.device_queue >= 1, "device_queue must be >= 1")
+        _check(
+            0 < self.presence_timeout_seconds < math.inf,
+            "presence_timeout_seconds must be positive",
+        )
 
 
 @dataclass(frozen=True)
@@ -224,7 +255,7 @@ class ServerConfig:
     log_level: str = "info"
     registry: RegistrySection = field(default_factory=RegistrySection)
     mqtt: MqttSection = field(default_factory=MqttSection)
-    gateway: GatewaySection = field(default_factory=GatewaySection)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     signing: SigningConfig = field(default_factory=SigningConfig)
     fallback: FallbackSection = field(default_factory=FallbackSection)
@@ -235,7 +266,7 @@ class ServerConfig:
 _SECTIONS: dict[str, type[Any]] = {
     "registry": RegistrySection,
     "mqtt": MqttSection,
-    "gateway": GatewaySection,
+    "gateway": GatewayConfig,
     "api": ApiConfig,
     "signing": SigningConfig,
     "fallback": FallbackSection,
@@ -276,8 +307,8 @@ def _build(data: Mapping[str, Any]) -> ServerConfig:
     state = Path(registry.state_dir)
     if not registry.url:
         registry = dataclasses.replace(registry, url=f"sqlite:///{state / 'registry.db'}")
-    gateway: GatewaySection = sections["gateway"]
-    if not gateway.bundles_dir:
+    gateway: GatewayConfig = sections["gateway"]
+    if not gateway.bundles_dir or "bundles_dir" not in data.get("gateway", {}):
         gateway = dataclasses.replace(gateway, bundles_dir=str(state / "bundles"))
     return ServerConfig(
         log_level=log_level,

@@ -38,7 +38,6 @@ from fleet_server.drift.service import DriftService
 from fleet_server.errors import ServerConfigError
 from fleet_server.fallback.cloud_models import RegistryCloudModels
 from fleet_server.fallback.worker import FallbackWorker
-from fleet_server.gateway.config import GatewayConfig
 from fleet_server.gateway.gateway import Gateway
 from fleet_server.jobs.history import HistoryJob, HistoryPolicy
 from fleet_server.jobs.leader import leader_lock
@@ -118,22 +117,7 @@ def run(
 
     Path(config.registry.state_dir).mkdir(parents=True, exist_ok=True)
     registry = Registry.open(config.registry.url)
-    g = config.gateway
-    gateway_config = GatewayConfig(
-        prefix=g.prefix,
-        share_group=g.share_group,
-        bundles_dir=Path(g.bundles_dir),
-        block_size=g.block_size,
-        broadcast_min_devices=g.broadcast_min_devices,
-        resend_round_seconds=g.resend_round_seconds,
-        max_blocks_per_second=g.max_blocks_per_second,
-        ingest_max_batch=g.ingest_max_batch,
-        ingest_max_wait_seconds=g.ingest_max_wait_seconds,
-        device_rate_per_second=g.device_rate_per_second,
-        device_burst=g.device_burst,
-        device_queue=g.device_queue,
-        presence_timeout_seconds=g.presence_timeout_seconds,
-    )
+    g = config.gateway  # the [gateway] section is the gateway's own config
     m = config.mqtt
     client = MqttClient(
         MqttConfig(
@@ -157,7 +141,7 @@ def run(
     history: HistoryJob | None = None
     try:
         registry.upgrade()
-        gateway = Gateway(registry, client, gateway_config)
+        gateway = Gateway(registry, client, g)
         client.connect()
         try:
             client.wait_connected(CONNECT_TIMEOUT)

@@ -8,6 +8,7 @@ import pytest
 
 from fleet_server.config import load_config
 from fleet_server.errors import ServerConfigError
+from fleet_server.gateway.config import GatewayConfig
 
 
 def test_defaults_derive_paths_from_state_dir() -> None:
@@ -108,3 +109,19 @@ def test_example_config_loads() -> None:
     example = Path(__file__).resolve().parents[2] / "deploy" / "fleet-server.example.toml"
     cfg = load_config(example, {})
     assert cfg.api.token_file is not None
+
+
+def test_the_gateway_section_is_the_gateway_config(tmp_path: Path) -> None:
+    path = tmp_path / "server.toml"
+    path.write_text('[gateway]\nbundles_dir = "bundles"\ndevice_burst = 7\n')
+    cfg = load_config(path, {})
+    assert type(cfg.gateway) is GatewayConfig  # one class: what the TOML gives the gateway takes
+    assert (cfg.gateway.bundles_dir, cfg.gateway.device_burst) == ("bundles", 7)
+    cfg.gateway.validate()
+
+
+def test_the_gateway_refusals_apply_when_loading() -> None:
+    # Values the gateway refuses at start are refused when the file is read, naming the key.
+    for key, value in (("BLOCK_SIZE", "2048"), ("INGEST_MAX_BATCH", "20000")):
+        with pytest.raises(ServerConfigError, match=f"gateway.{key.lower()}"):
+            load_config(None, {f"EDGEFLEET_SERVER__GATEWAY__{key}": value})

@@ -1,77 +1,20 @@
-"""The gateway's settings and counters (value types of ``fleet_server.gateway.gateway``).
+"""The gateway's value types: its counters and refusal labels, next to its settings.
 
-Owns ``GatewayConfig`` (validated settings of one gateway worker), ``GatewayStats`` (a snapshot
-of its counters) and ``REJECT_REASONS`` (the stable refusal labels). Both classes are also
-importable from ``fleet_server.gateway.gateway``. Does no I/O.
+Owns ``GatewayStats`` (a snapshot of the gateway's counters) and ``REJECT_REASONS`` (the stable
+refusal labels). ``GatewayConfig`` (the settings of one gateway worker) is the ``[gateway]``
+section of ``fleet_server.config``, one class for the TOML and the gateway; it is importable
+from here too, beside the other gateway types. Does no I/O.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Final
 
-from edge_agent.errors import ContractError
-from edge_agent.wire.topics import Topics
-from edge_agent.wire.transfer import DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE
-from fleet_server.errors import ServerConfigError
+from fleet_server.config import GatewayConfig
 
 __all__ = ["REJECT_REASONS", "GatewayConfig", "GatewayStats"]
-
-
-@dataclass(frozen=True)
-class GatewayConfig:
-    """Settings of one gateway worker (see the module docstring)."""
-
-    prefix: str = "edgefleet"
-    share_group: str = "fleet"
-    bundles_dir: Path = Path("bundles")
-    block_size: int = DEFAULT_BLOCK_SIZE
-    broadcast_min_devices: int = 2
-    resend_round_seconds: float = 0.05
-    max_blocks_per_second: float = 2000.0
-    ingest_max_batch: int = 500
-    ingest_max_wait_seconds: float = 0.05
-    # Per device, messages it may send per second (a token bucket with ``device_burst``): a
-    # misbehaving device cannot starve the others. Refused telemetry is not acknowledged, so
-    # the device sends it again later; nothing is lost. A backlog of batches drains well within.
-    device_rate_per_second: float = 100.0
-    device_burst: int = 500
-    # Most telemetry messages queued for storage per device (its fair share of the queue).
-    device_queue: int = 200
-    # A device is online when its status says so and it spoke within this many seconds
-    # (agents report every 30 s by default).
-    presence_timeout_seconds: float = 120.0
-
-    def validate(self) -> None:
-        """Check every value.
-
-        Raises:
-            ServerConfigError: a value is out of range or the prefix/share group is not a
-                valid topic level.
-        """
-        try:
-            Topics(self.prefix).shared(self.share_group, "telemetry")
-        except ContractError as exc:
-            raise ServerConfigError(f"gateway: {exc}") from exc
-        if not 16 * 1024 <= self.block_size <= MAX_BLOCK_SIZE:
-            raise ServerConfigError(f"gateway: block_size {self.block_size} out of range")
-        checks = {
-            "broadcast_min_devices": self.broadcast_min_devices >= 1,
-            "resend_round_seconds": 0 < self.resend_round_seconds <= 10,
-            "max_blocks_per_second": 0 < self.max_blocks_per_second < math.inf,
-            "ingest_max_batch": 1 <= self.ingest_max_batch <= 10_000,
-            "ingest_max_wait_seconds": 0 <= self.ingest_max_wait_seconds <= 10,
-            "device_rate_per_second": 0 < self.device_rate_per_second < math.inf,
-            "device_burst": self.device_burst >= 1,
-            "device_queue": self.device_queue >= 1,
-            "presence_timeout_seconds": 0 < self.presence_timeout_seconds < math.inf,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ServerConfigError(f"gateway: {name}={getattr(self, name)!r} out of range")
 
 
 @dataclass(frozen=True)

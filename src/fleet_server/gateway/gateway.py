@@ -38,6 +38,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 from typing import Final
 
 from edge_agent.common.mqtt_types import Message
@@ -123,7 +124,7 @@ class Gateway:
             registry,
             client,
             self._topics,
-            bundles_dir=config.bundles_dir,
+            bundles_dir=Path(config.bundles_dir),
             block_size=config.block_size,
             broadcast_min_devices=config.broadcast_min_devices,
             round_seconds=config.resend_round_seconds,
