@@ -53,7 +53,6 @@ from edge_agent.api.budget import MAX_COST_RATIO, MemoryBudget, admit
 from edge_agent.api.decode import REASON_SCHEMA
 from edge_agent.api.fastpath import (
     JSON,
-    OCTETS,
     FastInferApp,
     InferAnswer,
     error_response,
@@ -80,8 +79,6 @@ __all__ = [
     "INLINE_BYTES",
     "INLINE_ELEMENTS",
     "INLINE_SERVICE_S",
-    "JSON",
-    "OCTETS",
     "OUTCOME_BY_STATUS",
     "UDS_CLIENT",
     "create_app",
