@@ -5,8 +5,8 @@ checks each block's index and exact length before it is written, counts what arr
 for the first missing ranges. Its ``to_bytes`` is what ``edge_agent.sync.transfer_store`` persists.
 Values in, values out or a typed error: no sockets, files or clocks.
 
-Does not own the plan or the wire messages (``edge_agent.wire.transfer``, which re-exports
-``Progress``), the partial file on disk (``edge_agent.sync.transfer_store``) or MQTT.
+Does not own the plan or the wire messages (``edge_agent.wire.transfer``), the partial file on
+disk (``edge_agent.sync.transfer_store``) or MQTT.
 """
 
 from __future__ import annotations
