@@ -37,6 +37,7 @@ import pytest
 from edge_agent.common.identity import IdentityStore
 from fleet_server.pki.broker_config import BrokerConfig, BrokerFiles, write_broker_config
 from fleet_server.pki.ca import CertificateAuthority
+from support import wait_until
 
 MOSQUITTO = shutil.which("mosquitto") or (
     "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
@@ -44,6 +45,8 @@ MOSQUITTO = shutil.which("mosquitto") or (
 PREFIX = "edgefleet"
 SERVER = "fleet.server"
 START_TIMEOUT = 5.0
+# What Mosquitto logs (level notice) when SIGHUP makes it re-read its configuration.
+RELOADED = "Reloading config."
 
 
 @dataclass(frozen=True)
@@ -88,15 +91,20 @@ class FleetBroker:
             self.proc = subprocess.Popen(
                 [MOSQUITTO, "-c", str(self.files.conf)], stdout=log, stderr=subprocess.STDOUT
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+        proc = self.proc
+
+        def accepts() -> bool:
+            if proc.poll() is not None:
                 raise RuntimeError(f"mosquitto exited: {self.log.read_text()}")
-            if self._tls_accepts():
-                return
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"mosquitto did not accept TLS on {self.port}: {self.log.read_text()}")
+            return self._tls_accepts()
+
+        try:
+            wait_until(
+                accepts, timeout, lambda: f"mosquitto TLS on {self.port}: {self.log.read_text()}"
+            )
+        except pytest.fail.Exception:
+            self.stop()
+            raise
 
     def _tls_accepts(self) -> bool:
         creds = self.creds[self.server]
@@ -137,10 +145,21 @@ class FleetBroker:
 
     def reload(self) -> None:
         """SIGHUP: Mosquitto re-reads its configuration and the CRL."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGHUP)
-        time.sleep(0.5)  # applied on the broker's next loop iteration
-        assert self.proc.poll() is None, self.log.read_text()
+        proc = self.proc
+        assert proc is not None
+        before = self._reloads()
+        proc.send_signal(signal.SIGHUP)
+        # Mosquitto logs this in the loop iteration that re-reads the files; a connection made
+        # after it is handled by a later iteration, under the new configuration.
+        wait_until(
+            lambda: proc.poll() is not None or self._reloads() > before,
+            START_TIMEOUT,
+            lambda: f"mosquitto to reload: {self.log.read_text()}",
+        )
+        assert proc.poll() is None, self.log.read_text()
+
+    def _reloads(self) -> int:
+        return self.log.read_text(errors="replace").count(RELOADED)
 
     def topic(self, device: str, leaf: str) -> str:
         """``<prefix>/devices/<device>/<leaf>``."""

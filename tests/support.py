@@ -155,12 +155,16 @@ def build_argv(
     ]
 
 
-def wait_until(predicate: Callable[[], T], timeout: float = 20.0, what: str = "") -> T:
+def wait_until(
+    predicate: Callable[[], T], timeout: float = 20.0, what: str | Callable[[], str] = ""
+) -> T:
     """Ask ``predicate`` until it returns something truthy and return that; fail the test
     (naming ``what``) if it has not after ``timeout`` seconds.
 
     The way a test waits for another thread, process or broker: on a condition with a deadline,
     never a fixed sleep. Code on a fake clock (``clock.FakeClock``) needs no waiting at all.
+    ``what`` may be a function, called only on failure (e.g. to show a process's log). A
+    predicate that sees the wait can never succeed (the process died) fails or raises itself.
     """
     deadline = time.monotonic() + timeout
     while True:
@@ -168,5 +172,6 @@ def wait_until(predicate: Callable[[], T], timeout: float = 20.0, what: str = ""
         if value:
             return value
         if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what or predicate}")
+            said = what() if callable(what) else what
+            pytest.fail(f"timed out after {timeout} s waiting for {said or predicate}")
         time.sleep(POLL_INTERVAL)

@@ -14,12 +14,12 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from bundles import DigitsBundles
+from support import wait_until
 
 BIN = Path(sys.executable).parent
 MAX_BODY = 8 * 1024 * 1024
@@ -74,19 +74,22 @@ def daemon(tmp_path: Path, digits_bundles: DigitsBundles):  # type: ignore[no-un
     proc = subprocess.Popen(
         [str(BIN / "edge-agent"), "run", "--config", str(config)], stdout=log, stderr=log
     )
-    deadline = time.monotonic() + 60
-    while True:
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            pytest.fail("daemon not ready: " + (tmp_path / "daemon.log").read_text())
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
             conn.request("GET", "/v2/health/ready")
-            if conn.getresponse().status == 200:
-                break
+            return conn.getresponse().status == 200
         except OSError:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            pytest.fail("daemon not ready: " + (tmp_path / "daemon.log").read_text())
-        time.sleep(0.1)
+            return False
+
+    try:
+        wait_until(ready, 60, lambda: "daemon ready: " + (tmp_path / "daemon.log").read_text())
+    except pytest.fail.Exception:
+        proc.kill()
+        raise
     yield proc, port
     proc.kill()
     proc.wait()

@@ -207,16 +207,18 @@ def test_shutdown_lets_in_flight_requests_finish(tmp_path: Path) -> None:
         for _ in callers:
             assert service.started.acquire(timeout=5)
         handle.shutdown()
+
         # listeners close at once: a new connection is refused while the old ones finish
-        deadline = time.monotonic() + 1.0
-        while time.monotonic() < deadline:
+        from support import wait_until  # here: this module also runs as a script (no tests/)
+
+        def refused() -> bool:
             try:
                 socket.create_connection(handle.tcp_address, timeout=0.2).close()
             except OSError:
-                break
-            time.sleep(0.05)
-        else:
-            pytest.fail("still accepting connections after shutdown")
+                return True
+            return False
+
+        wait_until(refused, 1.0, "connections to be refused after shutdown")
         for caller in callers:
             caller.join(timeout=10)
         thread.join(timeout=10)

@@ -31,6 +31,8 @@ from edge_agent.common.identity import IdentityStore
 from fleet_server.errors import BrokerConfigError
 from fleet_server.pki.broker_config import BrokerConfig, BrokerFiles, write_broker_config
 from fleet_server.pki.ca import CertificateAuthority
+from mosquitto import RELOADED
+from support import wait_until
 
 MOSQUITTO = shutil.which("mosquitto") or (
     "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
@@ -78,18 +80,22 @@ class Broker:
             self.proc = subprocess.Popen(
                 [MOSQUITTO, "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT
             )
-        deadline = time.monotonic() + WAIT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+        proc = self.proc
+
+        def listens() -> bool:
+            if proc.poll() is not None:
                 pytest.fail(f"mosquitto exited: {self.log.read_text()}")
             try:
                 socket.create_connection(("127.0.0.1", self.port), 0.2).close()
             except OSError:
-                time.sleep(0.05)
-                continue
-            return
-        self.stop()
-        pytest.fail(f"mosquitto did not listen on {self.port}: {self.log.read_text()}")
+                return False
+            return True
+
+        try:
+            wait_until(listens, WAIT, lambda: f"mosquitto on {self.port}: {self.log.read_text()}")
+        except pytest.fail.Exception:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -102,10 +108,21 @@ class Broker:
         self.proc = None
 
     def reload(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGHUP)
-        time.sleep(0.5)  # Mosquitto applies the reload on its next loop iteration
-        assert self.proc.poll() is None, self.log.read_text()
+        proc = self.proc
+        assert proc is not None
+        before = self.log.read_text(errors="replace").count(RELOADED)
+        proc.send_signal(signal.SIGHUP)
+        # Logged in the loop iteration that re-reads the files (and the CRL): a connection made
+        # after it is handled under the new configuration.
+        wait_until(
+            lambda: (
+                proc.poll() is not None
+                or self.log.read_text(errors="replace").count(RELOADED) > before
+            ),
+            WAIT,
+            lambda: f"mosquitto to reload: {self.log.read_text()}",
+        )
+        assert proc.poll() is None, self.log.read_text()
 
 
 class Peer:
@@ -183,6 +200,7 @@ class Peer:
         pytest.fail(f"{topic} {payload!r} never arrived; got {seen}")
 
     def drain(self, seconds: float) -> list[tuple[str, bytes]]:
+        # Not a wait for something: a quiet period in which what must NOT arrive could have.
         time.sleep(seconds)
         out = []
         while not self.messages.empty():

@@ -20,7 +20,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ import pytest
 from bundles import DigitsBundles
 from edge_agent.config import load_config
 from fleet_server.config import load_config as load_server_config
+from support import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -120,12 +120,13 @@ def test_agent_example_starts_outside_systemd(
             stderr=subprocess.STDOUT,
         )
     sock = tmp_path / "state" / "agent.sock"
+
+    def ready() -> bool:
+        assert proc.poll() is None, log.read_text()
+        return _ready(sock)
+
     try:
-        deadline = time.monotonic() + 60
-        while not _ready(sock):
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+        wait_until(ready, 60, lambda: "the agent's socket: " + log.read_text())
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from bundles import DigitsBundles
 from edge_agent.client import AgentClient, AgentRequestError
 from edge_agent.config import ApiConfig
 from edge_agent.errors import API_STATUS, InputValidationError, ModelNotFoundError
+from support import wait_until
 
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
 from tritonclient.grpc import service_pb2 as triton_pb2  # noqa: E402
@@ -67,17 +67,20 @@ def daemon(
         [str(BIN / "edge-agent"), "run", "--config", str(config)], stdout=log, stderr=log
     )
     rest = AgentClient(ApiConfig(port=port), timeout=5)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if rest.ready():
-                break
-        except Exception:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
+
+    def ready() -> bool:
+        if proc.poll() is not None:
             pytest.fail("daemon did not become ready: " + (tmp_path / "daemon.log").read_text())
-        time.sleep(0.1)
+        try:
+            return rest.ready()
+        except Exception:
+            return False
+
+    try:
+        wait_until(ready, 60, lambda: "daemon ready: " + (tmp_path / "daemon.log").read_text())
+    except pytest.fail.Exception:
+        proc.kill()
+        raise
     yield Daemon(proc, (port, grpc_port), sock, rest)
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
