@@ -295,6 +295,24 @@ def test_broker_restart_without_persistence_forgets_and_clients_reconnect(
     assert inbox.payloads == [b"d", b"d2"]  # the client subscribed again on its own
 
 
+def test_a_persistent_broker_keeps_retained_messages_and_sessions(clock: FakeClock) -> None:
+    broker = MemoryBroker(clock=clock, persistence=True)
+    inbox = Inbox()
+    dev = broker.client("dev-a")
+    dev.subscribe("edgefleet/devices/dev-a/ack", inbox)
+    dev.connect()
+    srv = connected(broker, "srv.server")
+    srv.publish("edgefleet/devices/dev-a/desired", b"d", 1, True)
+    srv.publish("edgefleet/devices/dev-a/ack", b"queued")  # not pumped before the stop
+    broker.stop()
+    broker.start()
+    retained = broker.retained("edgefleet/devices/dev-a/desired")
+    assert retained is not None
+    assert retained.payload == b"d"
+    broker.pump()
+    assert inbox.payloads == [b"queued"]
+
+
 def test_connect_while_the_broker_is_down_happens_when_it_starts(broker: MemoryBroker) -> None:
     broker.stop()
     dev = broker.client("dev-a")
@@ -305,6 +323,29 @@ def test_connect_while_the_broker_is_down_happens_when_it_starts(broker: MemoryB
         dev.wait_connected(0.1)
     broker.start()
     assert dev.connected
+
+
+@pytest.mark.parametrize("expiry", [0, 3600])
+def test_a_second_connection_with_the_same_client_id_takes_the_session_over(
+    broker: MemoryBroker, expiry: int
+) -> None:
+    old_inbox, new_inbox = Inbox(), Inbox()
+    old = broker.client("dev-a", announce_status=True, session_expiry=expiry)
+    old.subscribe("edgefleet/devices/dev-a/ack", old_inbox)
+    old.connect()
+    new = broker.client("dev-a", session_expiry=expiry)
+    new.subscribe("edgefleet/devices/dev-a/ack", new_inbox)
+    new.connect()
+    assert not old.connected
+    assert new.connected
+    assert _status(broker.retained("edgefleet/devices/dev-a/status")) == (
+        "offline",
+        "connection_lost",
+    )
+    connected(broker, "srv.server").publish("edgefleet/devices/dev-a/ack", b"a")
+    broker.pump()
+    assert old_inbox.messages == []
+    assert new_inbox.payloads == [b"a"]
 
 
 # --------------------------------------------------------------------------- status and will

@@ -258,7 +258,8 @@ class MemoryBroker:
             now = self._clock()
             s = self._sessions.get(c.client_id)
             if s is not None and s.client is not None:  # a second connection takes over
-                self._disconnect(s.client, will=True, pending=True)
+                self._disconnect(s.client, will=True, pending=False)
+                s = self._sessions.get(c.client_id)
             if s is not None and s.gone_at is not None and now - s.gone_at >= s.expiry:
                 s = None
             if s is None or c.clean_start:
