@@ -41,6 +41,7 @@ from fleet_server.gateway.config import GatewayConfig
 from fleet_server.gateway.gateway import Gateway
 from fleet_server.registry.store import Registry
 from mosquitto import FleetBroker, broker_fixture
+from support import wait_until
 
 # ``probe.server``: a second server identity for observers and a second gateway (with
 # use_username_as_clientid, two sessions of one identity would take each other over).
@@ -49,15 +50,6 @@ broker = broker_fixture(
 )
 WAIT = 10.0
 _ids = itertools.count()
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = WAIT, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    pytest.fail(f"timed out waiting for {what or predicate}")
 
 
 def client_config(b: FleetBroker, identity: str, **overrides: Any) -> MqttConfig:

@@ -73,6 +73,7 @@ def test_kill_9_at_random_points_of_an_install(tmp_path: Path) -> None:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        # Not a wait for something: the kill lands at a random point of the install (the test).
         time.sleep(rng.uniform(0.0, duration * 1.1))
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)

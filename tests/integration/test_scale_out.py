@@ -14,7 +14,6 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -148,7 +147,11 @@ def test_killing_the_leader_worker_loses_nothing_and_the_rollout_goes_on(
         procs[leader].send_signal(signal.SIGKILL)  # the rollout engine's worker, mid-load
         procs[leader].wait(10)
         survivor = clients[1 - leader]
-        time.sleep(2.0)  # devices keep sending; the survivor alone now
+        # Devices keep sending; the survivor alone stores now (resends of what the dead one took).
+        alone_from = _inserted(survivor)
+        wait_until(
+            lambda: _inserted(survivor) > alone_from, timeout=30, what="the survivor storing alone"
+        )
         # The survivor takes the leader lock over and finishes the rollout.
         wait_until(
             lambda: survivor.rollout(rollout["id"])["state"] == "completed",

@@ -310,6 +310,7 @@ def test_sigkill_at_random_times_loses_no_committed_entry_and_reuses_no_seq(db: 
         )
         assert proc.stdout is not None
         first = proc.stdout.readline()  # at least one append committed before the kill
+        # Not a wait for something: the kill lands at a random point of the writes (the test).
         time.sleep(rng.uniform(0.0, 0.15))
         proc.send_signal(signal.SIGKILL)
         out = first + proc.stdout.read()
