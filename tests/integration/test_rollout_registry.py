@@ -1,11 +1,11 @@
-"""Rollout persistence on a real SQLite registry: round trip, events, quarantine, migrations."""
+"""Rollout persistence on a real registry, SQLite and PostgreSQL (``registry_url``): round trip,
+events, quarantine, migrations."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from alembic.autogenerate import compare_metadata
@@ -25,8 +25,8 @@ TABLES = {"rollouts", "rollout_events", "quarantine"}
 
 
 @pytest.fixture
-def registry(tmp_path: Path) -> Iterator[Registry]:
-    reg = Registry.open(f"sqlite:///{tmp_path / 'registry.db'}", clock=lambda: T0)
+def registry(registry_url: str) -> Iterator[Registry]:
+    reg = Registry.open(registry_url, clock=lambda: T0)
     reg.upgrade()
     yield reg
     reg.close()
@@ -72,6 +72,22 @@ def test_round_trip_with_a_decided_state(registry: Registry) -> None:
         store.save_rollout(registry, _rollout("ro-nope"), T0)
 
 
+def test_default_policy_group_rollout_round_trip_and_migration(registry: Registry) -> None:
+    """Was the PostgreSQL-only test: a group selector and the default policy."""
+    r = Rollout("ro-1", "digits", 1, 2, Selector(group="g"), RolloutPolicy(), created_at=T0)
+    store.create_rollout(registry, r, T0)
+    d = decide(r, [DeviceObservation(f"dev-{i}", 1) for i in range(20)], T0)
+    store.save_rollout(registry, d.rollout, T0, [("decision", {"assign": list(d.assign)})])
+    assert store.get_rollout(registry, r.id) == d.rollout
+    store.quarantine_version(registry, "digits", 2, "x", T0)
+    store.quarantine_version(registry, "digits", 2, "x", T0)
+    assert store.quarantined(registry, "digits", 2)
+    registry.downgrade("0001")
+    assert not TABLES & set(inspect(registry.engine).get_table_names())
+    registry.upgrade()
+    assert set(inspect(registry.engine).get_table_names()) >= TABLES
+
+
 def test_quarantine_and_abort_count(registry: Registry) -> None:
     r = _rollout()
     store.create_rollout(registry, r, T0)
@@ -87,9 +103,9 @@ def test_quarantine_and_abort_count(registry: Registry) -> None:
     ]
 
 
-def test_telemetry_window_keeps_one_baseline_report(tmp_path: Path) -> None:
+def test_telemetry_window_keeps_one_baseline_report(registry_url: str) -> None:
     now = [T0]
-    reg = Registry.open(f"sqlite:///{tmp_path / 'w.db'}", clock=lambda: now[0])
+    reg = Registry.open(registry_url, clock=lambda: now[0])
     reg.upgrade()
     reg.enroll("dev-1")
     stats = ModelStats(version=1, outcomes={"ok": 1})
