@@ -1,9 +1,12 @@
-"""``edge-agent run``: wire config, store, agent and local API; run until SIGTERM.
+"""``edge-agent run``: wire config, store, agent and front ends; run until SIGTERM.
 
-Owns process concerns only: logging (plain or JSON), the control thread (probation, drift
-windows, picking up installs made by the CLI, the systemd watchdog), ``sd_notify`` readiness,
-and an orderly shutdown (the HTTP and gRPC APIs drain in-flight requests together, then models
-are unloaded).
+Owns process concerns only: logging (plain or JSON), the signals (SIGTERM/SIGINT stop the
+daemon, SIGHUP reloads), the control thread (probation, drift windows, picking up installs made
+by the CLI, the systemd watchdog), ``sd_notify`` readiness, and an orderly shutdown: every front
+end (``edge_agent.api.server.Listener``: the HTTP API on TCP and the Unix socket, gRPC when
+enabled) stops accepting at the same moment and drains in-flight requests for
+``api.drain_seconds``, then sync stops and models are unloaded. No front end owns the process:
+each runs on its own threads, and the daemon's main thread waits for the stop signal.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +35,7 @@ from edge_agent.trust import TrustedRoot
 from edge_agent.wire.topics import Topics
 
 if TYPE_CHECKING:
+    from edge_agent.api.server import Listeners
     from edge_agent.sync.loop import SyncAgent
 
 log = logging.getLogger("edge_agent.daemon")
@@ -181,20 +186,61 @@ class ControlLoop(threading.Thread):
                 sd_notify("WATCHDOG=1")
 
 
-def _ready(handle: Any) -> None:
-    log.info(
-        "ready at %s%s%s",
-        handle.url,
-        f" and unix:{handle.unix_socket}" if handle.unix_socket else "",
-        "".join(f"; {listener.describe()}" for listener in handle.listeners),
-    )
+def _ready(front: Listeners) -> None:
+    log.info("ready: %s", front.describe())
     sd_notify("READY=1")
+
+
+def front_ends(agent: Agent, config: AgentConfig, on_exit: Callable[[], None]) -> Listeners:
+    """The daemon's front ends over ``agent``: gRPC (when enabled), then the HTTP API.
+
+    ``on_exit`` is called if the HTTP server stops by itself (the daemon then stops too).
+
+    Raises:
+        ConfigError: an API section is invalid.
+    """
+    from edge_agent.api.app import create_app
+    from edge_agent.api.metrics import ApiMetrics
+    from edge_agent.api.server import HttpListener, Listener, Listeners
+    from edge_agent.serving.metrics import AgentCollector
+
+    metrics = ApiMetrics()
+    metrics.registry.register(AgentCollector(agent))
+    app = create_app(agent, config.api, metrics)
+    listeners: list[Listener] = []
+    if config.grpc.enabled:  # grpc is imported only when the gRPC API is on
+        from edge_agent.api.grpc_v2.server import GrpcListener
+        from edge_agent.api.grpc_v2.service import GrpcInference
+
+        servicer = GrpcInference(agent, metrics, app.state.rate_limiter)
+        listeners.append(GrpcListener(servicer, config.grpc))
+    listeners.append(HttpListener(app, config.api, on_exit=on_exit))
+    return Listeners(listeners)
+
+
+def serve_until_stopped(
+    front: Listeners,
+    stop: threading.Event,
+    drain_seconds: float,
+    ready: Callable[[Listeners], None] = _ready,
+) -> None:
+    """Start every front end, call ``ready``, wait for ``stop``, then drain them all together.
+
+    Raises:
+        ConfigError: a front end cannot start (those already started are stopped).
+    """
+    front.start()
+    try:
+        ready(front)
+        stop.wait()
+        log.info("stopping: draining %s", front.describe())
+    finally:
+        front.drain(drain_seconds)
 
 
 def run(config: AgentConfig) -> int:
     """Run the daemon until SIGTERM/SIGINT; returns the exit code."""
-    from edge_agent.api import ApiMetrics, create_app, serve
-    from edge_agent.serving.metrics import AgentCollector
+    from edge_agent.api.server import stop_on_signals
 
     setup_logging(config)
     agent, sync = build_device(config)
@@ -204,15 +250,7 @@ def run(config: AgentConfig) -> int:
     control = ControlLoop(agent)
     control.start()
     signal.signal(signal.SIGHUP, lambda *_: control.reload_now.set())
-    metrics = ApiMetrics()
-    metrics.registry.register(AgentCollector(agent))
-    app = create_app(agent, config.api, metrics)
-    listeners = []
-    if config.grpc.enabled:  # grpc is imported only when the gRPC API is on
-        from edge_agent.api.grpc_v2 import GrpcInference, GrpcListener
-
-        servicer = GrpcInference(agent, metrics, app.state.rate_limiter)
-        listeners.append(GrpcListener(servicer, config.grpc))
+    stop = threading.Event()
     # Everything loaded so far (runtimes, manifests, baselines) lives as long as the process:
     # keep it out of the cyclic GC's full collections, which otherwise pause serving.
     gc.collect()
@@ -228,7 +266,9 @@ def run(config: AgentConfig) -> int:
         f" and {config.api.unix_socket}" if config.api.unix_socket else "",
     )
     try:
-        serve(app, config.api, ready_callback=_ready, listeners=listeners)
+        front = front_ends(agent, config, stop.set)
+        with stop_on_signals(stop, again=front.abort):
+            serve_until_stopped(front, stop, config.api.drain_seconds)
     finally:
         sd_notify("STOPPING=1")
         control.stop.set()
