@@ -1,4 +1,11 @@
-"""Device only: turning requests into answers. The agent, its routing (local, A/B, shadow, cloud
-fallback), the per-model pipeline (validation, drift, probation), capture and the loaded-model
-registry.
+"""Device only: turning requests into answers.
+
+``agent`` (the ``InferenceService``: gather facts, route, run, account) · ``routing`` (the
+``Router``: every decision between the device's live version, the A/B candidate, the shadow and
+the cloud fallback) · ``candidates`` (per model: fallback policy, A/B split, shadow runner) ·
+``lifecycle`` (which versions serve: activation, installs, rollbacks, probation, drift windows) ·
+``registry`` (loading, health checks, memory admission) · ``pipeline`` (validation, drift,
+latency) · ``probation`` · ``shadow`` · ``fallback`` and ``fallback_mqtt`` (the guarded cloud
+call and its transport) · ``capture`` · ``status`` and ``metrics`` (read the agent's
+``AgentSnapshot``) · ``service`` (the interface the front ends call).
 """
