@@ -48,9 +48,11 @@ import numpy as np
 
 from edge_agent.wire.telemetry import LATENCY_BUCKETS_MS, LATENCY_FINE_BUCKETS_MS
 from fleet_server.rollouts import gates as rollout_gates
-from fleet_server.rollouts.engine import Rollout, RolloutPolicy, Selector, Thresholds, decide
+from fleet_server.rollouts.engine import decide
 from fleet_server.rollouts.gates import Gate, GateInputs, GateResult, histogram_quantile_ms
 from fleet_server.rollouts.metrics import DeviceObservation, WindowMetrics
+from fleet_server.rollouts.policy import RolloutPolicy, Selector, Thresholds
+from fleet_server.rollouts.state import Rollout
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)

@@ -21,8 +21,10 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from fleet_server.rollouts.engine import Rollout, RolloutPolicy, Selector, decide
+from fleet_server.rollouts.engine import decide
 from fleet_server.rollouts.metrics import DeviceObservation, WindowMetrics, observe
+from fleet_server.rollouts.policy import RolloutPolicy, Selector
+from fleet_server.rollouts.state import Rollout
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=UTC)
 

@@ -14,7 +14,7 @@ from fleet_server.registry import rollouts as store
 from fleet_server.registry.store import Registry
 from fleet_server.registry.version_history import version_history
 from fleet_server.rollouts.admission import Override
-from fleet_server.rollouts.engine import RolloutPolicy, Selector
+from fleet_server.rollouts.policy import RolloutPolicy, Selector
 
 # The default policy's quarantine_after (2): the second abort quarantines.
 POLICY = RolloutPolicy(canary_count=2, steps=(0.5, 1.0), dwell_seconds=60, min_devices=2)

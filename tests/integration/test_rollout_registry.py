@@ -17,8 +17,10 @@ from fleet_server.errors import RegistryError, UnknownRolloutError
 from fleet_server.registry import rollouts as store
 from fleet_server.registry.schema import METADATA
 from fleet_server.registry.store import Registry
-from fleet_server.rollouts.engine import Rollout, RolloutPolicy, Selector, Thresholds, decide
+from fleet_server.rollouts.engine import decide
 from fleet_server.rollouts.metrics import DeviceObservation
+from fleet_server.rollouts.policy import RolloutPolicy, Selector, Thresholds
+from fleet_server.rollouts.state import Rollout
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 TABLES = {"rollouts", "rollout_events", "quarantine"}

@@ -9,18 +9,7 @@ from typing import Any
 import pytest
 
 from fleet_server.errors import RolloutPolicyError, RolloutStateError
-from fleet_server.rollouts.engine import (
-    Decision,
-    Rollout,
-    RolloutPolicy,
-    Selector,
-    Thresholds,
-    abort,
-    approve,
-    decide,
-    resume,
-    wave_order,
-)
+from fleet_server.rollouts.engine import abort, approve, decide, resume, wave_order
 from fleet_server.rollouts.metrics import (
     DeviceObservation,
     WindowMetrics,
@@ -28,6 +17,8 @@ from fleet_server.rollouts.metrics import (
     quantile_ms,
     wilson_bounds,
 )
+from fleet_server.rollouts.policy import RolloutPolicy, Selector, Thresholds
+from fleet_server.rollouts.state import Decision, Rollout
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 IDS = [f"dev-{i:02d}" for i in range(30)]

@@ -11,10 +11,12 @@ from click.testing import CliRunner
 
 from fleet_server.cli import rollouts as cli_rollouts
 from fleet_server.errors import RolloutPolicyError
-from fleet_server.rollouts.engine import Rollout, RolloutPolicy, Selector, Thresholds, decide
+from fleet_server.rollouts.engine import decide
 from fleet_server.rollouts.gates import GATES, GateInputs
 from fleet_server.rollouts.gates.error_rate import GATE, MIN_ERRORS
 from fleet_server.rollouts.metrics import DeviceObservation, WindowMetrics
+from fleet_server.rollouts.policy import RolloutPolicy, Selector, Thresholds
+from fleet_server.rollouts.state import Rollout
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 

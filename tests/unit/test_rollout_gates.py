@@ -9,10 +9,12 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from fleet_server.rollouts import engine
-from fleet_server.rollouts.engine import Rollout, RolloutPolicy, Selector, Thresholds, decide
+from fleet_server.rollouts.engine import decide
 from fleet_server.rollouts.gates import GATES, Gate, GateInputs, GateResult
 from fleet_server.rollouts.gates.base import PHASES
 from fleet_server.rollouts.metrics import DeviceObservation, WindowMetrics
+from fleet_server.rollouts.policy import RolloutPolicy, Selector, Thresholds
+from fleet_server.rollouts.state import Rollout
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 IDS = [f"dev-{i:02d}" for i in range(10)]

@@ -12,9 +12,11 @@ import pytest
 from edge_agent.wire.telemetry import LATENCY_BUCKETS_MS, LATENCY_FINE_BUCKETS_MS, coarse_from_fine
 from fleet_server.errors import RolloutPolicyError
 from fleet_server.history.cells import RollupCell
-from fleet_server.rollouts.engine import Rollout, RolloutPolicy, Selector, Thresholds, decide
+from fleet_server.rollouts.engine import decide
 from fleet_server.rollouts.gates import GateResult, histogram_quantile_ms, latency_histograms
 from fleet_server.rollouts.metrics import DeviceObservation, WindowMetrics
+from fleet_server.rollouts.policy import RolloutPolicy, Selector, Thresholds
+from fleet_server.rollouts.state import Rollout
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 IDS = [f"dev-{i:02d}" for i in range(30)]

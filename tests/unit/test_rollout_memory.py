@@ -20,7 +20,7 @@ from fleet_server.errors import AbortedVersionError, QuarantinedVersionError, Ro
 from fleet_server.registry import rollouts as store
 from fleet_server.registry.version_history import version_history
 from fleet_server.rollouts.admission import MAX_OVERRIDE_REASON, Override, admit
-from fleet_server.rollouts.engine import RolloutPolicy
+from fleet_server.rollouts.policy import RolloutPolicy
 from rollout_memory import LINE, memory_scenario
 
 

@@ -35,7 +35,8 @@ from fleet_server.errors import (
 from fleet_server.jobs.rollout_runner import RolloutRunner
 from fleet_server.registry import rollouts as store
 from fleet_server.registry.store import Registry
-from fleet_server.rollouts.engine import RolloutPolicy, Selector, Thresholds, decide
+from fleet_server.rollouts.engine import decide
+from fleet_server.rollouts.policy import RolloutPolicy, Selector, Thresholds
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 IDS = [f"dev-{i}" for i in range(10)]

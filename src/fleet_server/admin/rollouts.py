@@ -47,7 +47,8 @@ from fleet_server.registry import rollouts as store
 from fleet_server.registry.rollouts import rollout_to_dict
 from fleet_server.registry.version_history import VersionHistory, version_history
 from fleet_server.rollouts.admission import MAX_OVERRIDE_REASON
-from fleet_server.rollouts.engine import Rollout, RolloutPolicy, Selector
+from fleet_server.rollouts.policy import RolloutPolicy, Selector
+from fleet_server.rollouts.state import Rollout
 
 __all__ = ["rollout_routes", "rollout_status"]
 

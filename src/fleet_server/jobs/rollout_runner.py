@@ -37,19 +37,14 @@ from fleet_server.registry import rollouts as store
 from fleet_server.registry.store import Registry
 from fleet_server.registry.values import DeviceRecord
 from fleet_server.rollouts.admission import admit
-from fleet_server.rollouts.engine import (
-    ACTIVE_STATES,
-    Decision,
-    Rollout,
-    RolloutPolicy,
-    Selector,
-    decide,
-)
 from fleet_server.rollouts.engine import abort as abort_rollout
 from fleet_server.rollouts.engine import approve as approve_rollout
+from fleet_server.rollouts.engine import decide
 from fleet_server.rollouts.engine import pause as pause_rollout
 from fleet_server.rollouts.engine import resume as resume_rollout
 from fleet_server.rollouts.metrics import DeviceObservation, observe
+from fleet_server.rollouts.policy import RolloutPolicy, Selector
+from fleet_server.rollouts.state import ACTIVE_STATES, Decision, Rollout
 
 __all__ = ["AssignPort", "EngineLock", "LocalLock", "RolloutRunner"]
 

@@ -24,7 +24,8 @@ from fleet_server.registry.rollout_models import QuarantineRow, RolloutEventRow,
 from fleet_server.registry.store import Registry
 from fleet_server.registry.values import StoredTelemetry
 from fleet_server.rollouts.admission import Override
-from fleet_server.rollouts.engine import GateResult, Rollout, RolloutPolicy, Selector
+from fleet_server.rollouts.policy import RolloutPolicy, Selector
+from fleet_server.rollouts.state import GateResult, Rollout
 
 __all__ = [
     "QuarantineRecord",

@@ -27,10 +27,9 @@ reason, which the new rollout records (``Rollout.overrides``) and the version's 
 
 Pure: values in, a ``Decision`` out; the clock is passed in. Owns ``decide``, the wave order
 and the operator commands; does not own the policy (``fleet_server.rollouts.policy``), the
-state types (``fleet_server.rollouts.state``; both re-exported here, the rollout API's callers
-import them from the engine), the gate verdicts (``fleet_server.rollouts.gates``), the I/O
-(``fleet_server.jobs.rollout_runner``) or storage (``fleet_server.registry.rollouts`` stores a
-``Rollout`` as JSON).
+state types (``fleet_server.rollouts.state``; callers import both from there, not from here),
+the gate verdicts (``fleet_server.rollouts.gates``), the I/O (``fleet_server.jobs.rollout_runner``)
+or storage (``fleet_server.registry.rollouts`` stores a ``Rollout`` as JSON).
 """
 
 from __future__ import annotations
@@ -43,18 +42,9 @@ from datetime import datetime
 from fleet_server.errors import RolloutStateError
 from fleet_server.rollouts.gates import GATES, Gate, GateInputs, quality_inputs, safety_inputs
 from fleet_server.rollouts.metrics import DeviceObservation
-from fleet_server.rollouts.policy import RolloutPolicy, Selector, Thresholds
-from fleet_server.rollouts.state import ACTIVE_STATES, STATES, Decision, GateResult, Rollout
+from fleet_server.rollouts.state import Decision, GateResult, Rollout
 
 __all__ = [
-    "ACTIVE_STATES",
-    "STATES",
-    "Decision",
-    "GateResult",
-    "Rollout",
-    "RolloutPolicy",
-    "Selector",
-    "Thresholds",
     "abort",
     "approve",
     "decide",
