@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from edge_agent.common.mqtt import MqttClient, MqttConfig
 from edge_agent.wire.transfer import DEFAULT_BLOCK_SIZE
-from fleet_server.gateway.config import GatewayConfig
+from fleet_server.config import GatewayConfig
 from fleet_server.gateway.gateway import Gateway
 from fleet_server.registry.store import Registry
 from fleetbench import (

@@ -191,7 +191,7 @@ def gateway_main(
 ) -> None:
     """One fleet-server gateway worker: its own session, gateway and registry engine."""
     from edge_agent.common.mqtt import MqttClient, MqttConfig
-    from fleet_server.gateway.config import GatewayConfig
+    from fleet_server.config import GatewayConfig
     from fleet_server.gateway.gateway import Gateway
     from fleet_server.registry.store import Registry
 

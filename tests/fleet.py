@@ -26,8 +26,8 @@ from edge_agent.daemon import ControlLoop, build_device
 from edge_agent.serving.agent import Agent
 from edge_agent.sync.loop import SyncAgent
 from edge_agent.trust.desired import ModelAssignment
+from fleet_server.config import GatewayConfig
 from fleet_server.delivery.desired import make_desired_state, sign_desired_state
-from fleet_server.gateway.config import GatewayConfig
 from fleet_server.gateway.gateway import Gateway
 from fleet_server.registry.store import Registry
 from fleet_server.registry.values import BundleRecord, DesiredRecord

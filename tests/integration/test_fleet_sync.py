@@ -20,7 +20,7 @@ from edge_agent.serving.service import InferenceRequest
 from edge_agent.sync.transfer_store import PartialDownload
 from edge_agent.wire.transfer import BlockPlan
 from fleet import FleetHarness, daemon_config, wait_until
-from fleet_server.gateway.config import GatewayConfig
+from fleet_server.config import GatewayConfig
 from mosquitto import MOSQUITTO, FleetBroker, fleet_broker
 
 pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")

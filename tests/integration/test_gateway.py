@@ -36,8 +36,8 @@ from edge_agent.wire.telemetry import (
 from edge_agent.wire.topics import Topics
 from edge_agent.wire.transfer import BlockData, BlockPlan, BlockRequest
 from edge_agent.wire.transfer_progress import Progress
+from fleet_server.config import GatewayConfig
 from fleet_server.delivery.desired import make_desired_state
-from fleet_server.gateway.config import GatewayConfig
 from fleet_server.gateway.gateway import Gateway
 from fleet_server.registry.store import Registry
 from mosquitto import FleetBroker, broker_fixture

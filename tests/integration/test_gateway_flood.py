@@ -23,7 +23,7 @@ import pytest
 from edge_agent.common.mqtt import Message, MqttClient, MqttConfig
 from edge_agent.wire.telemetry import Batch, TelemetryAck, TelemetryReport
 from edge_agent.wire.topics import Topics
-from fleet_server.gateway.config import GatewayConfig
+from fleet_server.config import GatewayConfig
 from fleet_server.gateway.gateway import Gateway
 from fleet_server.registry.store import Registry
 from mosquitto import FleetBroker, broker_fixture

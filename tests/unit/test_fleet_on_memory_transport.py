@@ -32,9 +32,9 @@ from edge_agent.wire.reported import ReportedState
 from edge_agent.wire.telemetry import Batch, Event, StatusMessage, TelemetryAck, TelemetryReport
 from edge_agent.wire.topics import Topics
 from edge_agent.wire.transfer import BlockData, BlockPlan, BlockRequest
+from fleet_server.config import GatewayConfig
 from fleet_server.delivery.block_server import BlockServer, Pacer
 from fleet_server.delivery.desired import make_desired_state, sign_desired_state
-from fleet_server.gateway.config import GatewayConfig
 from fleet_server.gateway.gateway import Gateway
 from fleet_server.registry.store import Registry
 from model_builder.keystore import KeyStore

@@ -20,10 +20,10 @@ from edge_agent.wire.telemetry import (
     event_from_registry,
 )
 from edge_agent.wire.transfer import BlockPlan, BlockRequest
+from fleet_server.config import GatewayConfig
 from fleet_server.delivery.block_server import Pacer
 from fleet_server.delivery.blocks import Entitlements, plan_round
 from fleet_server.errors import RegistryUnavailableError, ServerConfigError
-from fleet_server.gateway.config import GatewayConfig
 from fleet_server.gateway.ingest import IngestWorker, is_data_failure
 from fleet_server.gateway.ingest_parse import IngestItem, parse_telemetry
 from fleet_server.registry.store import Registry

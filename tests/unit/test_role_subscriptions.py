@@ -12,7 +12,7 @@ import pytest
 
 from edge_agent.common.transport import topic_matches
 from edge_agent.wire.topics import DEVICE_TO_SERVER, ROLE_KINDS, TOPIC_SPECS, Topics
-from fleet_server.gateway.config import GatewayConfig
+from fleet_server.config import GatewayConfig
 from fleet_server.pki.broker_config import DEVICE_READ_TOPICS, DEVICE_WRITE_TOPICS, render_acl
 
 PREFIXES = ("edgefleet", "acme/plant-1")

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fleet_server.config import load_config
+from fleet_server.config import GatewayConfig, load_config
 from fleet_server.errors import ServerConfigError
-from fleet_server.gateway.config import GatewayConfig
 
 
 def test_defaults_derive_paths_from_state_dir() -> None:

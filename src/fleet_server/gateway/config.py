@@ -1,9 +1,9 @@
 """The gateway's value types: its counters and refusal labels, next to its settings.
 
 Owns ``GatewayStats`` (a snapshot of the gateway's counters) and ``REJECT_REASONS`` (the stable
-refusal labels). ``GatewayConfig`` (the settings of one gateway worker) is the ``[gateway]``
-section of ``fleet_server.config``, one class for the TOML and the gateway; it is importable
-from here too, beside the other gateway types. Does no I/O.
+refusal labels). Does not own ``GatewayConfig`` (the settings of one gateway worker): it is the
+``[gateway]`` section of ``fleet_server.config``, one class for the TOML and the gateway, and is
+imported from there. Does no I/O.
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
-from fleet_server.config import GatewayConfig
-
-__all__ = ["REJECT_REASONS", "GatewayConfig", "GatewayStats"]
+__all__ = ["REJECT_REASONS", "GatewayStats"]
 
 
 @dataclass(frozen=True)

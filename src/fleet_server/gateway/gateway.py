@@ -49,11 +49,12 @@ from edge_agent.wire.reported import MAX_REPORTED_BYTES, ReportedState
 from edge_agent.wire.telemetry import StatusMessage, TelemetryAck
 from edge_agent.wire.topics import TOPIC_SPECS, Topics
 from edge_agent.wire.transfer import MAX_MESSAGE_BYTES, BlockRequest
+from fleet_server.config import GatewayConfig
 from fleet_server.delivery.block_server import BlockServer, Pacer
 from fleet_server.delivery.blocks import Entitlements
 from fleet_server.delivery.desired import parse_document
 from fleet_server.errors import RegistryError, RegistryUnavailableError
-from fleet_server.gateway.config import REJECT_REASONS, GatewayConfig, GatewayStats
+from fleet_server.gateway.config import REJECT_REASONS, GatewayStats
 from fleet_server.gateway.ingest import IngestWorker
 from fleet_server.gateway.ingest_parse import parse_telemetry, refusal_reason
 from fleet_server.gateway.misbehaviour import DeviceMisbehaviour, MisbehaviourBook, PresenceBook
