@@ -32,7 +32,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fleetbench
-from edge_agent.common.mqtt import MqttClient, MqttConfig
+from edge_agent.common.mqtt import MqttClient
+from edge_agent.common.mqtt_types import MqttConfig
 from edge_agent.serving.fallback_mqtt import MqttFallbackTransport
 from edge_agent.wire.topics import Topics
 from fleet_server.fallback.worker import CloudModel, CloudModels, FallbackWorker

@@ -43,7 +43,8 @@ from sqlalchemy import text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from edge_agent.common.mqtt import MqttClient, MqttConfig
+from edge_agent.common.mqtt import MqttClient
+from edge_agent.common.mqtt_types import MqttConfig
 from edge_agent.wire.transfer import DEFAULT_BLOCK_SIZE
 from fleet_server.config import GatewayConfig
 from fleet_server.gateway.gateway import Gateway

@@ -190,7 +190,8 @@ def gateway_main(
     conn: Connection, identity: str, creds: tuple[str, str, str], host: str, port: int, url: str
 ) -> None:
     """One fleet-server gateway worker: its own session, gateway and registry engine."""
-    from edge_agent.common.mqtt import MqttClient, MqttConfig
+    from edge_agent.common.mqtt import MqttClient
+    from edge_agent.common.mqtt_types import MqttConfig
     from fleet_server.config import GatewayConfig
     from fleet_server.gateway.gateway import Gateway
     from fleet_server.registry.store import Registry

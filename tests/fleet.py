@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.bundle import read_raw
-from edge_agent.common.mqtt import MqttClient, MqttConfig
+from edge_agent.common.mqtt import MqttClient
+from edge_agent.common.mqtt_types import MqttConfig
 from edge_agent.config import AgentConfig, ModelPolicy, StoreConfig, SyncConfig
 from edge_agent.contract import BundleManifest
 from edge_agent.daemon import ControlLoop, build_device

@@ -23,7 +23,8 @@ from types import FrameType
 from cryptography.hazmat.primitives import serialization
 from securesystemslib.signer import CryptoSigner
 
-from edge_agent.common.mqtt import MqttClient, MqttConfig
+from edge_agent.common.mqtt import MqttClient
+from edge_agent.common.mqtt_types import MqttConfig
 from edge_agent.errors import EdgefleetError, TransportTimeoutError
 from edge_agent.trust import TrustedRoot
 from edge_agent.trust.desired import SIGNING_ROLE

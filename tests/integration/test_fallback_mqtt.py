@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from bundles import DigitsBundles
-from edge_agent.common.mqtt import MqttClient, MqttConfig
+from edge_agent.common.mqtt import MqttClient
+from edge_agent.common.mqtt_types import MqttConfig
 from edge_agent.config import AgentConfig, FallbackConfig, StoreConfig
 from edge_agent.errors import FallbackError, TransportTimeoutError
 from edge_agent.serving.agent import Agent

@@ -22,7 +22,9 @@ from typing import Any
 
 import pytest
 
-from edge_agent.common.mqtt import Message, MqttClient, MqttConfig
+from clock import FakeClock
+from edge_agent.common.mqtt import MqttClient
+from edge_agent.common.mqtt_types import Message, MqttConfig
 from edge_agent.trust.desired import ModelAssignment
 from edge_agent.wire.reported import ModelReport, ReportedState
 from edge_agent.wire.telemetry import (
@@ -115,9 +117,11 @@ def env(broker: FleetBroker, tmp_path: Path) -> Iterator[dict[str, Any]]:
     )
     config = GatewayConfig(prefix=broker.prefix, bundles_dir=bundles, resend_round_seconds=0.3)
     gateway = Gateway(registry, server, config)
-    gateway.start()  # before connect: subscriptions are made on connect
+    # As the server does: connected first, so ``start`` returns once every SUBACK is in
+    # (subscribing before the connection is the memory-transport tests' case).
     server.connect()
     server.wait_connected(WAIT)
+    gateway.start()
     devices: list[Device] = []
 
     def device(name: str) -> Device:
@@ -125,7 +129,6 @@ def env(broker: FleetBroker, tmp_path: Path) -> Iterator[dict[str, Any]]:
         devices.append(d)
         return d
 
-    time.sleep(0.3)  # let the SUBACKs of the on-connect subscriptions arrive
     yield {
         "registry": registry,
         "gateway": gateway,
@@ -186,9 +189,21 @@ def test_batches_are_stored_and_acked_and_garbage_is_counted_not_acked(
     c.publish("telemetry", Batch("dev-c", (report("dev-c", 1),)).to_bytes())  # not enrolled
     a.publish("telemetry", Batch("dev-a", (report("dev-a", 4),), floor=2).to_bytes())
     assert a.next_ack().upto_seq == 4
-    time.sleep(0.5)
-    assert a.received.empty(), "a rejected message was acked"
-    assert c.received.empty(), "the unknown device was acked"
+    # Every message handled (the unknown device's is refused by the ingest), the ingest idle:
+    # no ack can be on its way any more. Acks are published in order, so a fence published
+    # now by the gateway's client is the next message each device gets unless one was acked.
+    refusals = {"malformed": 2, "oversized": 1, "device_mismatch": 1}
+    refusals |= {"wrong_type": 1, "unknown_device": 1}
+    wait_until(
+        lambda: refusals.items() <= gateway.stats().rejected.items(),
+        what=lambda: f"refusals {refusals}, counted {gateway.stats().rejected}",
+    )
+    assert gateway.drain(WAIT)
+    server: MqttClient = env["server"]
+    for device in ("dev-a", "dev-c"):
+        server.publish(topics.device_ack(device), b"fence")  # QoS 0, like the acks
+    assert a.received.get(timeout=WAIT).payload == b"fence", "a rejected message was acked"
+    assert c.received.get(timeout=WAIT).payload == b"fence", "the unknown device was acked"
     assert [r.seq for r in registry.telemetry(device_id="dev-a")] == [1, 2, 3, 4]
 
     stats = gateway.stats()
@@ -408,8 +423,7 @@ def test_blocks_two_devices_want_are_broadcast_once(env: dict[str, Any]) -> None
 def test_wave_broadcasts_every_block_and_gaps_are_repaired(env: dict[str, Any]) -> None:
     data, sha = _publish_bundle(env, 3 * 65536 + 7)
     plan = BlockPlan(len(data), sha)
-    rx = Receiver(env["device"]("dev-b"), plan)
-    time.sleep(0.2)
+    rx = Receiver(env["device"]("dev-b"), plan)  # subscribed (SUBACKs in) before the wave
     wave = env["gateway"].start_wave(sha)
     assert wave == plan.transfer_id
     assert rx.complete.wait(WAIT)
@@ -496,11 +510,11 @@ def test_a_device_over_its_message_rate_is_refused_not_acked(
     config = GatewayConfig(
         prefix=broker.prefix, bundles_dir=tmp_path, device_rate_per_second=0.5, device_burst=3
     )
-    gateway = Gateway(registry, server, config)
-    gateway.start()
+    clock = FakeClock()  # the rate limit's: no token comes back unless the test moves it
+    gateway = Gateway(registry, server, config, rate_clock=clock)
     server.connect()
     server.wait_connected(WAIT)
-    time.sleep(0.3)
+    gateway.start()  # connected: returns with every subscription acknowledged
     a, b = Device(broker, "dev-a"), Device(broker, "dev-b")
     try:
         a.subscribe(Topics("edgefleet").device_ack("dev-a"))
@@ -516,13 +530,14 @@ def test_a_device_over_its_message_rate_is_refused_not_acked(
         assert acked[-1] == 3, acked
         assert b.next_ack().upto_seq == 1  # another device is not held back
         wait_until(lambda: gateway.stats().rejected.get("rate_limited") == 5, what="refusals")
-        time.sleep(0.3)
+        assert gateway.drain(WAIT)  # every ack there will be is published: a fence is last
+        server.publish(Topics("edgefleet").device_ack("dev-a"), b"fence")
         late = []
-        while not a.received.empty():
-            late.append(TelemetryAck.from_bytes(a.received.get_nowait().payload).upto_seq)
+        while (m := a.received.get(timeout=WAIT)).payload != b"fence":
+            late.append(TelemetryAck.from_bytes(m.payload).upto_seq)
         assert all(s <= 3 for s in late), f"a refused message was acked: {late}"
         assert [r.seq for r in registry.telemetry(device_id="dev-a")] == [1, 2, 3]
-        time.sleep(2.1)  # one token back: the device's resend gets through
+        clock.advance(2.1)  # one token back: the device's resend gets through
         a.publish("telemetry", Batch("dev-a", (report("dev-a", 4),)).to_bytes())
         assert a.next_ack().upto_seq == 4
     finally:

@@ -27,8 +27,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edge_agent.common.memory_broker import MemoryBroker
-from edge_agent.common.mqtt import MqttClient, MqttConfig
-from edge_agent.common.mqtt_types import Message
+from edge_agent.common.mqtt import MqttClient
+from edge_agent.common.mqtt_types import Message, MqttConfig
 from edge_agent.common.transport import Transport, topic_matches
 from mosquitto import MOSQUITTO, FleetBroker, fleet_broker
 

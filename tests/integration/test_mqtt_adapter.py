@@ -15,7 +15,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,16 +23,11 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edge_agent.common.mqtt import (
-    Message,
-    MqttClient,
-    MqttConfig,
-    NotConnectedError,
-    TransportError,
-    backoff_delay,
-)
-from edge_agent.errors import EdgefleetError
+from edge_agent.common.mqtt import MqttClient
+from edge_agent.common.mqtt_types import Message, MqttConfig, backoff_delay
+from edge_agent.errors import EdgefleetError, NotConnectedError, TransportError
 from mosquitto import FleetBroker, Peer, broker_fixture, free_port
+from support import wait_until
 
 broker = broker_fixture(scope="module", devices=("dev-a", "dev-b", "dev-c"))
 WAIT = 10.0
@@ -139,9 +133,7 @@ def test_reconnects_by_itself_after_a_broker_restart(broker: FleetBroker, make: 
     a = device("dev-a")
     broker.stop()
     try:
-        deadline = time.monotonic() + WAIT
-        while a.connected and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: not a.connected, WAIT, what="the client to see the broker go")
         assert not a.connected
         with pytest.raises(NotConnectedError):
             a.publish(broker.topic("dev-a", "telemetry"), b"lost")
@@ -162,14 +154,15 @@ _CHILD = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from edge_agent.common.mqtt import MqttClient, MqttConfig
+    from edge_agent.common.mqtt import MqttClient
+    from edge_agent.common.mqtt_types import MqttConfig
     host, port, dev, ca, cert, key, prefix = sys.argv[1:]
     c = MqttClient(MqttConfig(host=host, port=int(port), device_id=dev, ca_path=Path(ca),
                               cert_path=Path(cert), key_path=Path(key), prefix=prefix))
     c.connect()
     c.wait_connected(10)
     print("ready", flush=True)
-    time.sleep(30)
+    time.sleep(30)  # alive (and connected) until the test kills it
     """
 )
 
@@ -239,7 +232,7 @@ def test_publish_while_disconnected_raises_a_typed_error(broker: FleetBroker) ->
         dead.publish(broker.topic("dev-a", "telemetry"), b"x")
     dead.connect()
     try:
-        time.sleep(0.3)  # several refused attempts
+        wait_until(lambda: dead.stats().connect_failures >= 1, WAIT, what="a refused attempt")
         with pytest.raises(NotConnectedError) as refused:
             dead.publish(broker.topic("dev-a", "telemetry"), b"x")
         assert dead.stats().connect_failures >= 1
@@ -288,10 +281,14 @@ def test_concurrent_publishers_and_incoming_traffic_keep_the_session(
         t.join(WAIT)
     assert not any(t.is_alive() for t in threads), "publishers stuck"
     received: set[bytes] = set()
-    deadline = time.monotonic() + WAIT
-    while (len(received) < 200 or len(got) < 50) and time.monotonic() < deadline:
+
+    def all_arrived() -> bool:
         with contextlib.suppress(queue.Empty):
-            received.add(srv.messages.get(timeout=0.05).payload)
+            while True:
+                received.add(srv.messages.get_nowait().payload)
+        return len(received) >= 200 and len(got) >= 50
+
+    wait_until(all_arrived, WAIT, what=lambda: f"{len(received)} of 200, {len(got)} of 50")
     assert len(received) == 200
     assert len(got) == 50
     assert a.stats().disconnects == 0

@@ -29,7 +29,8 @@ from tuf.api.metadata import Metadata, Root
 
 from bundles import DigitsBundles
 from edge_agent.bundle import read_bundle
-from edge_agent.common.mqtt import MqttClient, MqttConfig
+from edge_agent.common.mqtt import MqttClient
+from edge_agent.common.mqtt_types import MqttConfig
 from edge_agent.trust import TrustedRoot
 from edge_agent.wire.topics import Topics
 from fleet import daemon_config, start_daemon, stop_process, wait_until

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from bundles import DigitsBundles
-from edge_agent.common.mqtt import Message, MessageProperties
+from edge_agent.common.mqtt_types import Message, MessageProperties
 from edge_agent.errors import InferenceError
 from edge_agent.wire.fallback import FallbackRequest, FallbackResponse
 from edge_agent.wire.topics import Topics

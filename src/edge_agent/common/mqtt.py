@@ -11,8 +11,9 @@ by a bounded queue (so a handler may publish and wait without deadlocking paho),
 MQTT v5 request/response helper (response topic + correlation data).
 
 Every public method raises :class:`TransportError` (or a subclass), never a paho return code.
-The paho-free value types (``MqttConfig``, ``Message``, ``MessageProperties``, ``MqttStats``,
-``backoff_delay``) live in ``edge_agent.common.mqtt_types`` and are re-exported here;
+Does not own the paho-free value types (``MqttConfig``, ``Message``, ``MessageProperties``,
+``MqttStats``, ``backoff_delay``: import them from ``edge_agent.common.mqtt_types``), the
+transport protocol (``edge_agent.common.transport``) or the errors (``edge_agent.errors``);
 ``PahoPublishHandle`` and the conversions to and from paho's properties stay here because they
 touch paho. Does not know what the payloads mean (callers do), which topics a role subscribes
 to (``edge_agent.wire.topics.Topics`` does) or persist anything: a QoS 1 message that was
@@ -57,20 +58,8 @@ from edge_agent.errors import (
 from edge_agent.wire.telemetry import StatusMessage
 from edge_agent.wire.topics import Topics
 
-__all__ = [
-    "Message",
-    "MessageProperties",
-    "MqttClient",
-    "MqttConfig",
-    "MqttStats",
-    "NotConnectedError",
-    "PahoPublishHandle",
-    "PublishError",
-    "SubscribeError",
-    "TransportError",
-    "TransportTimeoutError",
-    "backoff_delay",
-]
+# MqttConfig is listed only until edge_agent.sync.loop imports it from mqtt_types (issue 10).
+__all__ = ["MqttClient", "MqttConfig", "PahoPublishHandle"]
 
 log = logging.getLogger(__name__)
 

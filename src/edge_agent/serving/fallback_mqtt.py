@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from edge_agent.common.mqtt import Message
+from edge_agent.common.mqtt_types import Message
 from edge_agent.errors import (
     ContractError,
     FallbackRemoteError,
