@@ -32,11 +32,15 @@ __all__ = [
     "CLOUD",
     "FAIL",
     "LOCAL",
+    "LOCAL_ERROR",
+    "NOT_SERVING",
     "RAISE_LOCAL_ERROR",
     "REFUSE",
+    "CloudFailure",
     "Facts",
     "Route",
     "Router",
+    "Target",
 ]
 
 Target = Literal["local", "cloud", "refuse"]
