@@ -9,6 +9,7 @@ from collections.abc import Mapping
 import numpy as np
 import pytest
 
+from clock import FakeClock
 from edge_agent.config import FallbackConfig
 from edge_agent.contract import OutputContract
 from edge_agent.errors import ConfigError, ContractError, FallbackError
@@ -38,19 +39,6 @@ BINARY = OutputContract(
     task="classification", outputs=("p",), labels=("neg", "pos"), score_output="p"
 )
 REGRESSOR = OutputContract(task="regression", outputs=("y",))
-
-
-class FakeClock:
-    """A monotonic clock the test moves by hand."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class FakeTransport:
