@@ -36,14 +36,11 @@ from edge_agent.runtime.base import RuntimeOptions
 from edge_agent.runtime.onnx import OnnxRuntime
 from model_builder import examples
 from model_builder.errors import AccuracyGateError, QuantizationError
-from model_builder.evaluate.gate import GatePolicy, Metrics, measure_onnx, quantize_with_gate
+from model_builder.evaluate.gate import GatePolicy, quantize_with_gate
+from model_builder.evaluate.measure import Metrics, measure_onnx
 from model_builder.evaluate.perf import LatencyStats, PerfReport, measure_perf
-from model_builder.quantize.for_onnx import (
-    CalibrationSource,
-    QuantizedModel,
-    detect_target,
-    quantize_onnx,
-)
+from model_builder.quantize.calibration import CalibrationSource
+from model_builder.quantize.for_onnx import QuantizedModel, detect_target, quantize_onnx
 
 MODELS: dict[str, Callable[[], examples.ExampleModel]] = {
     "digits-mlp": examples.digits_mlp,
@@ -116,7 +113,7 @@ def _qoperator(
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from model_builder.quantize.for_onnx import TARGETS
+    from model_builder.quantize.plan import TARGETS
 
     base = quantize_onnx(ex.model_bytes, cal, "static", target, excl)  # for recipe and nodes
     prof = TARGETS[target]
@@ -148,7 +145,7 @@ def _forced_dynamic(ex: examples.ExampleModel, target: str) -> QuantizedModel:
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from model_builder.quantize.for_onnx import TARGETS
+    from model_builder.quantize.plan import TARGETS
 
     base = quantize_onnx(ex.model_bytes, None, "fp16", target)  # for the recipe shape only
     with tempfile.TemporaryDirectory() as tmp:

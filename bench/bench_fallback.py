@@ -36,7 +36,8 @@ from edge_agent.common.mqtt import MqttClient
 from edge_agent.common.mqtt_types import MqttConfig
 from edge_agent.serving.fallback_mqtt import MqttFallbackTransport
 from edge_agent.wire.topics import Topics
-from fleet_server.fallback.worker import CloudModel, CloudModels, FallbackWorker
+from fleet_server.fallback.cloud_models import CloudModel, CloudModels
+from fleet_server.fallback.worker import FallbackWorker
 
 
 def _digits(tmp: Path) -> tuple[dict[str, CloudModel], np.ndarray]:

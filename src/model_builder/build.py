@@ -38,14 +38,8 @@ from model_builder.data import Dataset
 from model_builder.errors import AccuracyGateError, InputDataError
 from model_builder.evaluate.contract_check import check_contract_fits_model, refusals
 from model_builder.evaluate.failure import failure_report
-from model_builder.evaluate.gate import (
-    GateOutcome,
-    Metrics,
-    evaluate,
-    judge,
-    measure_onnx,
-    quantize_with_gate,
-)
+from model_builder.evaluate.gate import GateOutcome, judge, quantize_with_gate
+from model_builder.evaluate.measure import Metrics, evaluate, measure_onnx
 from model_builder.evaluate.report import render_table
 from model_builder.keystore import KeyStore
 from model_builder.package import artifact_ref, package_bundle

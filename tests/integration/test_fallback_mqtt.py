@@ -26,7 +26,8 @@ from edge_agent.serving.service import InferenceRequest
 from edge_agent.store import ModelStore
 from edge_agent.wire.fallback import FallbackRequest, FallbackResponse
 from edge_agent.wire.topics import Topics
-from fleet_server.fallback.worker import CloudModel, CloudModels, FallbackWorker
+from fleet_server.fallback.cloud_models import CloudModel, CloudModels
+from fleet_server.fallback.worker import FallbackWorker
 from mosquitto import FleetBroker, broker_fixture
 from support import DEVICE
 

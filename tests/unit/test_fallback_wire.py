@@ -19,8 +19,8 @@ from edge_agent.wire.fallback import (
     MAX_MESSAGE_BYTES,
     FallbackRequest,
     FallbackResponse,
-    compare_outputs,
 )
+from edge_agent.wire.fallback_compare import compare_outputs
 
 
 def _header(data: bytes) -> dict[str, Any]:

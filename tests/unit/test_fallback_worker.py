@@ -17,13 +17,8 @@ from edge_agent.errors import InferenceError
 from edge_agent.wire.fallback import FallbackRequest, FallbackResponse
 from edge_agent.wire.topics import Topics
 from fleet_server.errors import FallbackServingError
-from fleet_server.fallback.worker import (
-    MAX_LOADED,
-    RESOLVE_MEMORY,
-    CloudModel,
-    CloudModels,
-    FallbackWorker,
-)
+from fleet_server.fallback.cloud_models import CloudModel, CloudModels
+from fleet_server.fallback.worker import MAX_LOADED, RESOLVE_MEMORY, FallbackWorker
 
 TOPICS = Topics("edgefleet")
 

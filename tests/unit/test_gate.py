@@ -10,15 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 from edge_agent.contract.inputs import OutputContract, Preprocessing
 from edge_agent.runtime.onnx import OnnxRuntime
 from model_builder.errors import AccuracyGateError, InputDataError
-from model_builder.evaluate.gate import (
-    GatePolicy,
-    Metrics,
-    evaluate,
-    judge,
-    measure_onnx,
-    quantize_with_gate,
-    rescue_search,
-)
+from model_builder.evaluate.gate import GatePolicy, judge, quantize_with_gate, rescue_search
+from model_builder.evaluate.measure import Metrics, evaluate, measure_onnx
 from model_builder.quantize.calibration import CalibrationSource
 from model_builder.quantize.for_onnx import QuantizedModel, QuantRecipe, quantize_onnx
 

@@ -11,14 +11,14 @@ from edge_agent.contract.inputs import DimSpec, InputContract, Preprocessing, Te
 from edge_agent.runtime.onnx import OnnxRuntime
 from model_builder.errors import InputDataError, ModelCheckError, QuantizationError
 from model_builder.quantize.calibration import CalibrationSource, calibration_stats
-from model_builder.quantize.for_onnx import (
+from model_builder.quantize.for_onnx import detect_target, quantize_onnx
+from model_builder.quantize.plan import (
     TARGETS,
-    detect_target,
-    quantize_onnx,
+    GraphProfile,
+    choose_mode,
     strip_unused_opsets,
     target_from_cpu,
 )
-from model_builder.quantize.plan import GraphProfile, choose_mode
 
 
 def _calib(ex, preprocessing=True):

@@ -25,7 +25,8 @@ from edge_agent.errors import (
     TransportTimeoutError,
 )
 from edge_agent.serving.fallback import CloudFallbackError, Tensors
-from edge_agent.wire.fallback import Comparison, FallbackRequest, FallbackResponse, compare_outputs
+from edge_agent.wire.fallback import FallbackRequest, FallbackResponse
+from edge_agent.wire.fallback_compare import Comparison, compare_outputs
 from edge_agent.wire.topics import Topics
 
 __all__ = ["MqttFallbackTransport", "RequestClient"]

@@ -3,7 +3,7 @@
 Owns: ``FallbackRequest`` and ``FallbackResponse`` (frozen, strict ``to_bytes``/``from_bytes``
 and ``to_dict``/``from_dict`` for the header), the binary framing of named tensors and its caps.
 Does not own ``compare_outputs``, the disagreement measure the device and the server both compute
-(``edge_agent.wire.fallback_compare``, re-exported here). Does not send anything
+(``edge_agent.wire.fallback_compare``; import it from there). Does not send anything
 (``edge_agent.serving.fallback_mqtt`` and ``fleet_server.fallback.worker`` do) and never runs a
 model.
 
@@ -39,7 +39,6 @@ import numpy.typing as npt
 
 from edge_agent import strict_json
 from edge_agent.errors import ContractError
-from edge_agent.wire.fallback_compare import Comparison, compare_outputs
 
 __all__ = [
     "CONTENT_TYPE",
@@ -52,10 +51,8 @@ __all__ = [
     "MAX_TENSORS",
     "MAX_VERSION",
     "SCHEMA_VERSION",
-    "Comparison",
     "FallbackRequest",
     "FallbackResponse",
-    "compare_outputs",
 ]
 
 SCHEMA_VERSION: Final = 1

@@ -28,10 +28,9 @@ is never refreshed; at most ``MAX_LOADED`` are kept (least recently used dropped
 refusals remembered are bounded too. Without a source, ``models`` (by name, e.g. an
 operator's float model) answers every version of its name.
 
-Does not load models: ``CloudModel`` and ``CloudModels`` live in
-``fleet_server.fallback.cloud_models``
-(re-exported here). Does not create or close the MQTT client, and does not decide when
-devices fall back.
+Does not load models: ``CloudModel``, ``CloudModels`` and ``CloudModelSource`` live in
+``fleet_server.fallback.cloud_models`` (import them from there). Does not create or close the
+MQTT client, and does not decide when devices fall back.
 """
 
 from __future__ import annotations
@@ -49,17 +48,13 @@ from typing import Any, Final
 from edge_agent.common.mqtt_types import Message, MessageProperties
 from edge_agent.common.transport import Transport
 from edge_agent.errors import ContractError, EdgefleetError, TransportError
-from edge_agent.wire.fallback import (
-    CONTENT_TYPE,
-    FallbackRequest,
-    FallbackResponse,
-    compare_outputs,
-)
+from edge_agent.wire.fallback import CONTENT_TYPE, FallbackRequest, FallbackResponse
+from edge_agent.wire.fallback_compare import compare_outputs
 from edge_agent.wire.topics import Topics
 from fleet_server.errors import FallbackServingError
-from fleet_server.fallback.cloud_models import CloudModel, CloudModels, CloudModelSource
+from fleet_server.fallback.cloud_models import CloudModel, CloudModelSource
 
-__all__ = ["CloudModel", "CloudModelSource", "CloudModels", "FallbackWorker"]
+__all__ = ["FallbackWorker"]
 
 log = logging.getLogger(__name__)
 

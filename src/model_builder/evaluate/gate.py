@@ -4,7 +4,7 @@ Owns: the policy, :func:`judge` (pure: two measurements in, a verdict out), the 
 that keeps the most harmful nodes in float until the gate passes, and the quantize-then-gate
 sequence the build runs. Does not own: how a model is quantized or measured; callers hand in
 ``quantize`` and ``measure`` callables (see ``measure.measure_onnx``, which runs the agent's own
-onnxruntime adapter). ``evaluate``, ``measure_onnx`` and ``Metrics`` are re-exported here.
+onnxruntime adapter); ``evaluate``, ``measure_onnx`` and ``Metrics`` live in ``measure``.
 
 Agreement: for classification, the share of samples whose top-1 class is the same for the float
 and the quantized model; for regression, the share whose predictions differ by at most
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from model_builder.errors import AccuracyGateError, InputDataError
-from model_builder.evaluate.measure import Metrics, evaluate, measure_onnx
+from model_builder.evaluate.measure import Metrics
 from model_builder.quantize.calibration import ProgressFn
 from model_builder.quantize.for_onnx import QuantizedModel
 
@@ -28,12 +28,9 @@ __all__ = [
     "GateOutcome",
     "GatePolicy",
     "GateVerdict",
-    "Metrics",
     "RescueResult",
     "Trial",
-    "evaluate",
     "judge",
-    "measure_onnx",
     "quantize_with_gate",
     "rescue_search",
 ]

@@ -2,9 +2,10 @@
 
 Owns: the model check, ``quant_pre_process``, running onnxruntime's quantizers with calibration
 from *preprocessed* data, the recipe record, and the list of quantizable nodes the rescue search
-may keep in float. The pure decisions (targets, mode choice, opset clean-up) live in
-``quant_plan`` and are re-exported here. Does not own: measuring accuracy or deciding whether the
-result is good enough (``gate``), packaging or signing.
+may keep in float. Does not own: the pure decisions (targets, mode choice, opset clean-up:
+``model_builder.quantize.plan``), calibration data (``model_builder.quantize.calibration``),
+measuring accuracy or deciding whether the result is good enough (``gate``), packaging or
+signing.
 
 Decisions, with the measurements behind them in ``docs/benchmarks-builder.md``:
 
@@ -41,7 +42,6 @@ from edge_agent.errors import EdgefleetError
 from model_builder.errors import ModelCheckError, QuantizationError
 from model_builder.quantize.calibration import CalibrationSource, ProgressFn, calibration_stats
 from model_builder.quantize.plan import (
-    MODES,
     TARGETS,
     TargetProfile,
     choose_mode,
@@ -51,17 +51,12 @@ from model_builder.quantize.plan import (
 )
 
 __all__ = [
-    "MODES",
-    "TARGETS",
-    "CalibrationSource",
     "QuantRecipe",
     "QuantizableNode",
     "QuantizedModel",
     "default_target",
     "detect_target",
     "quantize_onnx",
-    "strip_unused_opsets",
-    "target_from_cpu",
 ]
 
 
