@@ -10,8 +10,8 @@ agent's install, which verifies the builder signatures and health-checks the ver
 of bundles no longer assigned are deleted. Outcomes (installed, rolled back, failed and why) are
 kept for the reported state.
 
-Does not verify desired-state documents or talk MQTT (``edge_agent.sync.loop`` does): block requests
-leave through the ``request`` callback, blocks arrive through ``accept_block``.
+Does not verify desired-state documents (``desired_intake`` does) or talk MQTT (``loop`` does):
+block requests leave through the ``request`` callback, blocks arrive through ``accept_block``.
 """
 
 from __future__ import annotations

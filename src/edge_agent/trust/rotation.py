@@ -19,7 +19,7 @@ Owns:
       is judged on its own.
 
 Does not persist anything (``edge_agent.store`` writes the accepted root atomically) or talk MQTT
-(``edge_agent.sync.loop`` does).
+(``edge_agent.sync.desired_intake`` does).
 
 Attack -> check -> error:
     a root that skips a version          version == current + 1         RootRotationError
