@@ -26,7 +26,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from edge_agent.common.memory_broker import MemoryBroker
+from edge_agent.common.memory import MemoryBroker
 from edge_agent.common.mqtt import MqttClient
 from edge_agent.common.mqtt_types import Message, MqttConfig
 from edge_agent.common.transport import Transport, topic_matches

@@ -1,7 +1,7 @@
 """Sync, ingest and block delivery on the in-memory transport: no sockets, no sleeps.
 
 The same production objects the real-Mosquitto tests run (``SyncAgent``, ``Gateway``,
-``BlockServer``) over ``edge_agent.common.memory_broker``, driven step by step with a
+``BlockServer``) over ``edge_agent.common.memory``, driven step by step with a
 ``FakeClock``: the device loop runs without its thread (``start(background=False)`` and
 ``step``), messages move only when the test calls ``pump``. The gateway's ingest runs on its
 own thread (its only way to store); there the test waits on the broker's condition, with a
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from clock import FakeClock
-from edge_agent.common.memory_broker import MemoryBroker, MemoryClient
+from edge_agent.common.memory import MemoryBroker, MemoryClient
 from edge_agent.common.mqtt_types import Message
 from edge_agent.config import AgentConfig, StoreConfig, SyncConfig
 from edge_agent.serving.agent import Agent

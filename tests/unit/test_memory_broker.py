@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from clock import FakeClock
-from edge_agent.common.memory_broker import MemoryBroker, MemoryClient
+from edge_agent.common.memory import MemoryBroker, MemoryClient
 from edge_agent.common.mqtt_types import Message, MessageProperties
 from edge_agent.common.transport import Transport
 from edge_agent.errors import (

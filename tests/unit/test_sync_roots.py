@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from tuf.api.metadata import Metadata, Root
 
-from edge_agent.common.memory_broker import MemoryBroker
+from edge_agent.common.memory import MemoryBroker
 from edge_agent.config import AgentConfig, StoreConfig, SyncConfig
 from edge_agent.serving.agent import Agent
 from edge_agent.store import ModelStore

@@ -1,7 +1,7 @@
 """The MQTT v5 adapter over paho: the only module in ``edge_agent`` that imports paho.
 
 Owns ``MqttClient``, the real implementation of ``edge_agent.common.transport.Transport`` (the
-in-memory one for tests is ``edge_agent.common.memory_broker.MemoryClient``): the connection
+in-memory one for tests is ``edge_agent.common.memory.MemoryClient``): the connection
 to the broker (TLS with the client certificate, a persistent session, ``TCP_NODELAY``),
 reconnection with exponential backoff and *full jitter* (paho's own backoff has none, so a
 fleet would reconnect in lockstep after a broker restart; this module runs its own network

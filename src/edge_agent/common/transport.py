@@ -7,7 +7,7 @@ implementations and their tests rely on: ``valid_topic``, ``valid_filter``, ``sp
 and ``topic_matches`` (``+``/``#`` wildcards, ``$``-topics, ``$share/<group>/...``).
 
 Two implementations: ``edge_agent.common.mqtt.MqttClient`` (paho, a real broker) and
-``edge_agent.common.memory_broker.MemoryClient`` (an in-memory broker for tests, the way httpx
+``edge_agent.common.memory.MemoryClient`` (an in-memory broker for tests, the way httpx
 ships ``MockTransport`` beside its real transport). Connection state is read, not pushed:
 ``connected`` and the ``connects``/``disconnects`` counters of ``stats()``, which consumers poll
 on their own threads (a callback would run on the network thread, where waiting deadlocks).

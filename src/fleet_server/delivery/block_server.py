@@ -15,7 +15,7 @@ Serves a device only the bundles its latest signed desired state names (``entitl
 request for any other published bundle is refused and counted against the device, whether or
 not a wave of it runs. Does not decide what a device should download (desired state does) or
 parse telemetry. Publishes through ``edge_agent.common.transport.Transport`` (the paho adapter
-in production, ``edge_agent.common.memory_broker`` in unit tests); subscribes to nothing (the
+in production, ``edge_agent.common.memory`` in unit tests); subscribes to nothing (the
 gateway routes block requests here).
 """
 

@@ -17,7 +17,7 @@ retained message) so consumers do not keep receiving it; blocks are served only 
 device's latest desired state names (``blocks.Entitlements``).
 
 Talks to the broker only through ``edge_agent.common.transport.Transport`` (the paho adapter in
-production, ``edge_agent.common.memory_broker`` in unit tests).
+production, ``edge_agent.common.memory`` in unit tests).
 
 Delegates: parsing to ``fleet_server.gateway.ingest_parse``, batched telemetry storage and its
 acknowledgement rule to ``fleet_server.gateway.ingest`` (handlers only parse and enqueue into
