@@ -8,5 +8,6 @@ Modules, each importing only those listed after it:
 ``telemetry_feed`` (events and periodic reports into the uplink) ·
 ``deploy`` (apply an accepted state: revert, download, install) · ``download`` (windowed block
 requests) · ``transfer_store`` (the resumable partial file) · ``uplink`` (acknowledged batches) ·
-``outbox`` (the on-disk telemetry queue).
+``outbox`` (the on-disk telemetry queue) ·
+``outbox_sqlite`` (its sqlite3 errors and transactions).
 """

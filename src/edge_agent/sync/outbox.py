@@ -47,6 +47,7 @@ from edge_agent.errors import (
     OutboxError,
     PayloadTooLargeError,
 )
+from edge_agent.sync.outbox_sqlite import SqliteGuard, Transaction, wrap_sqlite_error
 
 Priority = Literal["event", "report"]
 PRIORITIES: tuple[Priority, ...] = get_args(Priority)
@@ -54,7 +55,6 @@ CORRUPT_KIND = "outbox_corrupt"
 SCHEMA_VERSION = 1
 SEQ_BLOCK = 4096  # seq values reserved per sidecar write (one fsync+rename per block)
 
-_CORRUPT_ERRORS = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS entries (
@@ -132,7 +132,7 @@ class Outbox:
                 self._path, timeout=10.0, isolation_level=None, check_same_thread=False
             )
         except sqlite3.Error as exc:
-            raise _wrap(exc, self._path) from exc
+            raise wrap_sqlite_error(exc, self._path) from exc
         try:
             self._reserved = self._open()
         except BaseException:
@@ -370,66 +370,8 @@ class Outbox:
     def _set_meta(self, key: str, value: int) -> None:
         self._db.execute("UPDATE meta SET value = ? WHERE key = ?", (value, key))
 
-    def _guard(self) -> _SqliteGuard:
-        return _SqliteGuard(self._path)
+    def _guard(self) -> SqliteGuard:
+        return SqliteGuard(self._path)
 
-    def _txn(self) -> _Transaction:
-        return _Transaction(self._db, self._path)
-
-
-class _SqliteGuard:
-    """Translate sqlite3 errors into the outbox's error families."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if isinstance(exc, sqlite3.Error):
-            raise _wrap(exc, self._path) from exc
-
-
-class _Transaction(_SqliteGuard):
-    """``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on any exception."""
-
-    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
-        super().__init__(path)
-        self._db = db
-
-    def __enter__(self) -> None:
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise _wrap(exc, self._path) from exc
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        try:
-            if exc is None:
-                self._db.execute("COMMIT")
-                return
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-        except sqlite3.Error as err:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            raise _wrap(err, self._path) from err
-        super().__exit__(exc_type, exc, tb)
-
-
-def _wrap(exc: sqlite3.Error, path: Path) -> OutboxError:
-    name = getattr(exc, "sqlite_errorname", "")
-    if name in _CORRUPT_ERRORS:
-        return OutboxCorruptError(f"{path}: damaged outbox database ({name}): {exc}")
-    return OutboxError(f"{path}: outbox database error ({name or type(exc).__name__}): {exc}")
+    def _txn(self) -> Transaction:
+        return Transaction(self._db, self._path)
