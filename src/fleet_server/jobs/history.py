@@ -2,8 +2,9 @@
 
 Owns: ``HistoryPolicy`` (bucket sizes, retentions, batch sizes), ``HistoryJob.run_once`` (fold
 every closed fine bucket, then every closed hour, then delete what retention allows, in small
-batches) and its thread. Does not own: the fold itself (``cells``), reading history for queries
-(``queries``), the schema (``registry.models``).
+batches) and when it runs (``start``/``close``). Does not own: the fold itself (``cells``),
+reading history for queries (``queries``), the schema (``registry.models``), the thread, its
+leader-lock gate and its error boundary (``fleet_server.jobs.periodic``).
 
 Why a job and not ingest: ingest stays as it is (one insert per batch, no read of the previous
 report, no second table to lock per device), and a bucket is folded once, when it is closed,
@@ -26,18 +27,16 @@ each, so ingest (which on SQLite waits for the database write lock) waits at mos
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Connection, delete, func, insert, select, update
 
-from edge_agent.errors import EdgefleetError
-from fleet_server.errors import RegistryUnavailableError
 from fleet_server.history.cells import CellKey, RawRow, RollupCell, fold_rows, merge_cells
 from fleet_server.history.queries import last_reports
 from fleet_server.jobs.leader import LeaderLock
+from fleet_server.jobs.periodic import PeriodicJob
 from fleet_server.registry.models import Device, RollupState, TelemetryRollup, TelemetryRow
 from fleet_server.registry.store import Registry
 
@@ -103,10 +102,9 @@ class HistoryJob:
         self._registry = registry
         self._policy = policy or HistoryPolicy()
         self._clock = clock
-        self._interval = interval
-        self._lock = lock
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._job = PeriodicJob(
+            "history", self.run_once, interval=interval, lock=lock, what="history run", logger=log
+        )
 
     # ----------------------------------------------------------------- one run
     def run_once(self) -> RunReport:
@@ -290,34 +288,12 @@ class HistoryJob:
 
     # ----------------------------------------------------------------- thread
     def start(self) -> None:
-        """Run ``run_once`` every ``interval`` seconds in a daemon thread."""
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="history", daemon=True)
-        self._thread.start()
+        """Run ``run_once`` every ``interval`` seconds in a daemon thread, holding the lock."""
+        self._job.start()
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the thread after its current run and release the lock."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-        if self._lock is not None:
-            self._lock.release()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self._interval):
-            if self._lock is not None and not self._lock.try_acquire():
-                continue
-            try:
-                self.run_once()
-            except RegistryUnavailableError as exc:
-                log.warning("history run failed: %s", exc)
-            except EdgefleetError as exc:
-                log.warning("history run refused: %s", exc)
-            except Exception:
-                log.exception("history run crashed; the next tick retries")
+        self._job.close(timeout)
 
 
 def _replace(

@@ -6,7 +6,7 @@ window), calls the pure ``decide`` and applies the decision: ``service.assign`` 
 members (``to_version``) and for devices sent back (``from_version``), a quarantine entry when a
 version keeps failing, the new state and an event log entry. Operator commands (approve, pause,
 resume, abort) go through the same lock as steps. ``start()`` runs ``step`` every ``interval``
-seconds in a daemon thread, ``close()`` stops it.
+seconds in a daemon thread (``fleet_server.jobs.periodic.PeriodicJob``), ``close()`` stops it.
 
 Exactly one engine may run across several server workers: each step first asks an
 ``EngineLock`` (default: this process only; ``fleet_server.jobs.leader.leader_lock`` fits), and asks
@@ -33,6 +33,7 @@ from fleet_server.errors import (
     RolloutConflictError,
 )
 from fleet_server.history.rollouts import rollout_inputs
+from fleet_server.jobs.periodic import PeriodicJob
 from fleet_server.registry import rollouts as store
 from fleet_server.registry.store import Registry
 from fleet_server.registry.values import DeviceRecord
@@ -103,12 +104,13 @@ class RolloutRunner:
         self._registry = registry
         self._service = service
         self._clock = clock
-        self._interval = interval
         self._engine_lock: EngineLock = lock or LocalLock()
         self._new_id = new_id or (lambda: f"ro-{uuid.uuid4().hex[:12]}")
         self._mutex = threading.RLock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        # No lock for the job: ``step`` asks the engine lock itself (also before each rollout).
+        self._job = PeriodicJob(
+            "rollouts", self.step, interval=interval, what="rollout step", logger=log
+        )
 
     @property
     def registry(self) -> Registry:
@@ -381,25 +383,9 @@ class RolloutRunner:
     # ----------------------------------------------------------------- thread
     def start(self) -> None:
         """Run ``step`` every ``interval`` seconds in a daemon thread."""
-        if self._thread is not None:
-            return
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="rollouts", daemon=True)
-        self._thread.start()
+        self._job.start()
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the thread (after its current step), wait for it, release the engine lock."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+        self._job.close(timeout)
         self._engine_lock.release()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self._interval):
-            try:
-                self.step()
-            except EdgefleetError as exc:
-                log.warning("rollout step failed: %s", exc)
-            except Exception:
-                log.exception("rollout step crashed; the next tick retries")
