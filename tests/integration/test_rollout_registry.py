@@ -12,7 +12,6 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
 
-from edge_agent.wire.telemetry import Event, ModelStats, TelemetryReport
 from fleet_server.errors import RegistryError, UnknownRolloutError
 from fleet_server.registry import rollouts as store
 from fleet_server.registry.schema import METADATA
@@ -103,19 +102,3 @@ def test_quarantine_and_abort_count(registry: Registry) -> None:
     assert [(q.model, q.version, q.reason) for q in store.list_quarantine(registry)] == [
         ("digits", 2, "two aborts")
     ]
-
-
-def test_telemetry_window_keeps_one_baseline_report(registry_url: str) -> None:
-    now = [T0]
-    reg = Registry.open(registry_url, clock=lambda: now[0])
-    reg.upgrade()
-    reg.enroll("dev-1")
-    stats = ModelStats(version=1, outcomes={"ok": 1})
-    for seq in range(1, 4):
-        reg.ingest("dev-1", [TelemetryReport("dev-1", seq, 0.0, 1.0, models={"m": stats})])
-        now[0] += timedelta(minutes=1)
-    reg.ingest("dev-1", [Event("dev-1", 4, "installed", 0.0, model="m", version=2)])
-    window = store.telemetry_window(reg, ["dev-1", "dev-2"], T0 + timedelta(minutes=2))
-    assert [t.seq for t in window["dev-1"]] == [2, 3, 4]
-    assert window["dev-2"] == []
-    reg.close()

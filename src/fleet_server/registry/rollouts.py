@@ -1,11 +1,11 @@
-"""Rollout persistence: rollouts, their event log, quarantined versions, telemetry windows.
+"""Rollout persistence: rollouts, their event log, quarantined versions.
 
 Owns: the queries and transactions on the tables of ``rollout_models`` and the JSON form of a
-``fleet_server.rollouts.engine.Rollout`` (``rollout_to_dict``/``rollout_from_dict``, also the admin
-API's
-shape). Each function takes the ``Registry`` and runs in one of its transactions; database
-failures raise ``RegistryUnavailableError`` like every registry call. Does not decide anything
-(``fleet_server.rollouts.engine``) nor run the engine (``fleet_server.jobs.rollout_runner``).
+``fleet_server.rollouts.state.Rollout`` (``rollout_to_dict``/``rollout_from_dict``, also the
+admin API's shape). Each function takes the ``Registry`` and runs in one of its transactions;
+database failures raise ``RegistryUnavailableError`` like every registry call. Does not decide
+anything (``fleet_server.rollouts.engine``), run the engine (``fleet_server.jobs.rollout_runner``)
+or read the telemetry a rollout judges (``fleet_server.history.rollouts.rollout_inputs``).
 """
 
 from __future__ import annotations
@@ -19,10 +19,8 @@ from typing import Any
 from sqlalchemy import func, select
 
 from fleet_server.errors import RegistryError, RolloutConflictError, UnknownRolloutError
-from fleet_server.registry.models import TelemetryRow
 from fleet_server.registry.rollout_models import QuarantineRow, RolloutEventRow, RolloutRow
 from fleet_server.registry.store import Registry
-from fleet_server.registry.values import StoredTelemetry
 from fleet_server.rollouts.admission import Override
 from fleet_server.rollouts.policy import RolloutPolicy, Selector
 from fleet_server.rollouts.state import GateResult, Rollout
@@ -43,10 +41,7 @@ __all__ = [
     "rollout_from_dict",
     "rollout_to_dict",
     "save_rollout",
-    "telemetry_window",
 ]
-
-_CHUNK = 500
 
 
 @dataclass(frozen=True)
@@ -327,45 +322,6 @@ def list_quarantine(registry: Registry) -> list[QuarantineRecord]:
     stmt = select(QuarantineRow).order_by(QuarantineRow.model, QuarantineRow.version)
     with registry.read_session("reading the quarantine") as s:
         return [QuarantineRecord(r.model, r.version, r.reason, r.at) for r in s.scalars(stmt)]
-
-
-# --------------------------------------------------------------------------- telemetry
-def telemetry_window(
-    registry: Registry, device_ids: Sequence[str], since: datetime
-) -> dict[str, list[StoredTelemetry]]:
-    """Per device, its rows received at or after ``since`` plus its last report before (the
-    baseline of the first counter difference), in seq order.
-
-    Raises:
-        RegistryUnavailableError: the database failed.
-    """
-    out: dict[str, list[StoredTelemetry]] = {d: [] for d in device_ids}
-    ids = list(out)
-    with registry.read_session("reading rollout telemetry") as s:
-        for i in range(0, len(ids), _CHUNK):
-            chunk = ids[i : i + _CHUNK]
-            last = (
-                select(func.max(TelemetryRow.id))
-                .where(
-                    TelemetryRow.device_id.in_(chunk),
-                    TelemetryRow.kind == "report",
-                    TelemetryRow.received_at < since,
-                )
-                .group_by(TelemetryRow.device_id)
-            )
-            stmt = (
-                select(TelemetryRow)
-                .where(
-                    TelemetryRow.device_id.in_(chunk),
-                    (TelemetryRow.received_at >= since) | TelemetryRow.id.in_(last),
-                )
-                .order_by(TelemetryRow.device_id, TelemetryRow.seq)
-            )
-            for r in s.scalars(stmt):
-                out[r.device_id].append(
-                    StoredTelemetry(r.id, r.device_id, r.seq, r.kind, r.received_at, r.payload)
-                )
-    return out
 
 
 def _row(r: Rollout, at: datetime) -> RolloutRow:
