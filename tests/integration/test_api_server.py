@@ -27,7 +27,8 @@ import httpx
 import numpy as np
 import pytest
 
-from edge_agent.api import ServerHandle, create_app, serve
+from edge_agent.api.app import create_app
+from edge_agent.api.server import ServerHandle, serve
 from edge_agent.config import ApiConfig
 from edge_agent.errors import ConfigError, ModelNotFoundError
 from edge_agent.serving.service import InferenceRequest, InferenceResult

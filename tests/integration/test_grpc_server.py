@@ -24,10 +24,12 @@ import httpx
 import pytest
 from test_api_server import SlowService, slow_body
 
-from edge_agent.api import ApiMetrics, ServerHandle, create_app, serve
-from edge_agent.api.app import limiter_from_config
-from edge_agent.api.grpc_v2 import GrpcInference, GrpcListener
+from edge_agent.api.app import create_app, limiter_from_config
 from edge_agent.api.grpc_v2.messages import message_class
+from edge_agent.api.grpc_v2.server import GrpcListener
+from edge_agent.api.grpc_v2.service import GrpcInference
+from edge_agent.api.metrics import ApiMetrics
+from edge_agent.api.server import ServerHandle, serve
 from edge_agent.config import ApiConfig, GrpcConfig
 from edge_agent.errors import ConfigError
 

@@ -18,7 +18,7 @@ from starlette.testclient import TestClient
 from test_agent import DEVICE, make_agent
 
 from bundles import DigitsBundles
-from edge_agent.api import create_app
+from edge_agent.api.app import create_app
 from edge_agent.bundle import read_bundle
 from edge_agent.cli.main import cli
 from edge_agent.config import AgentConfig, ApiConfig, StoreConfig

@@ -15,7 +15,8 @@ from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from clock import FakeClock
-from edge_agent.api import ApiMetrics, create_app
+from edge_agent.api.app import create_app
+from edge_agent.api.metrics import ApiMetrics
 from edge_agent.common.ratelimit import RateLimiter
 from edge_agent.config import ApiConfig
 from edge_agent.errors import (

@@ -20,9 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
-from edge_agent.api import ApiMetrics, create_app
+from edge_agent.api.app import create_app
 from edge_agent.api.budget import MAX_COST_RATIO, MemoryBudget, decode_cost
 from edge_agent.api.decode import decode_request
+from edge_agent.api.metrics import ApiMetrics
 from edge_agent.config import ApiConfig
 from edge_agent.errors import ConfigError, InputValidationError
 from edge_agent.serving.service import InferenceRequest, InferenceResult

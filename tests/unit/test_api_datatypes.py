@@ -21,7 +21,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from bundles import DigitsBundles
-from edge_agent.api import create_app
+from edge_agent.api.app import create_app
 from edge_agent.config import AgentConfig, ApiConfig, FallbackConfig, StoreConfig
 from edge_agent.contract import DimSpec, InputContract, TensorSpec
 from edge_agent.contract.datatypes import protocol_datatype

@@ -13,11 +13,11 @@ from starlette.testclient import TestClient
 from test_api_app import CONFIG, FAILURES, FakeClock, FakeService
 from test_grpc_codec import hostile_request
 
-from edge_agent.api import ApiMetrics, create_app
-from edge_agent.api.app import limiter_from_config
-from edge_agent.api.grpc_v2 import GrpcInference
+from edge_agent.api.app import create_app, limiter_from_config
 from edge_agent.api.grpc_v2.messages import message_class
+from edge_agent.api.grpc_v2.service import GrpcInference
 from edge_agent.api.metadata import EXTENSIONS
+from edge_agent.api.metrics import ApiMetrics
 from edge_agent.common.ratelimit import RateLimiter
 from edge_agent.errors import API_STATUS, INTERNAL_STATUS, api_status
 

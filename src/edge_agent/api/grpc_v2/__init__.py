@@ -5,9 +5,6 @@
 serves it on TCP and a Unix socket and drains with the HTTP API (``serve(..., listeners=[...])``).
 The messages are built at import from the committed descriptor of ``grpc_predict_v2.proto``
 (``messages``); ``codec`` turns them into arrays and back. This is the one place grpc is imported.
+``GrpcInference`` is in ``service``, ``GrpcListener`` in ``server``; this package re-exports
+nothing, so importing ``codec`` or ``messages`` does not load grpc.
 """
-
-from edge_agent.api.grpc_v2.server import GrpcListener
-from edge_agent.api.grpc_v2.service import GrpcInference
-
-__all__ = ["GrpcInference", "GrpcListener"]
