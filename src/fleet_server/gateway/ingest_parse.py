@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from edge_agent.errors import ContractError
+from edge_agent.wire.fields import MAX_INT
 from edge_agent.wire.telemetry import (
     MAX_BATCH_ITEMS,
     MAX_PAYLOAD_BYTES,
@@ -48,7 +49,6 @@ __all__ = [
 
 #: ``kind`` of the placeholder row stored for an entry that was refused (see the docstring).
 REFUSED_KIND: Final = "refused"
-_MAX_SEQ: Final = 2**53 - 1  # the wire's integer range
 _SAFE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
@@ -178,7 +178,7 @@ def _entries(
         if item.get("device_id") != device_id:
             return "device_mismatch" if isinstance(item.get("device_id"), str) else "malformed"
         seq, t = item.get("seq"), item.get("type")
-        if isinstance(seq, bool) or not isinstance(seq, int) or not 1 <= seq <= _MAX_SEQ:
+        if isinstance(seq, bool) or not isinstance(seq, int) or not 1 <= seq <= MAX_INT:
             return "malformed"
         if t not in ("report", "event"):
             return "malformed"
