@@ -13,14 +13,19 @@ import jsonschema
 import pytest
 
 from clock import FakeClock
-from edge_agent.errors import ContractError, DigestMismatchError, NotConnectedError
+from edge_agent.errors import (
+    ContractError,
+    DigestMismatchError,
+    NotConnectedError,
+    TransferMismatchError,
+)
 from edge_agent.sync.download import Download
 from edge_agent.sync.outbox import Outbox
 from edge_agent.sync.uplink import MAX_ITEM_BYTES, Uplink
 from edge_agent.trust.desired import ModelAssignment
 from edge_agent.wire.reported import ModelReport, ReportedState, TransferReport
 from edge_agent.wire.telemetry import Batch, Event, TelemetryAck, TelemetryReport
-from edge_agent.wire.transfer import MIN_BLOCK_SIZE, BlockData, BlockPlan, TransferMismatchError
+from edge_agent.wire.transfer import MIN_BLOCK_SIZE, BlockData, BlockPlan
 
 BS = MIN_BLOCK_SIZE
 DEV = "dev-a"

@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 
 from edge_agent.common import durable
-from edge_agent.errors import ContractError, DigestMismatchError, LengthMismatchError
+from edge_agent.errors import (
+    ContractError,
+    DigestMismatchError,
+    LengthMismatchError,
+    TransferIncompleteError,
+    TransferMismatchError,
+)
 from edge_agent.sync import transfer_store
 from edge_agent.sync.transfer_store import PartialDownload
 from edge_agent.trust.desired import ModelAssignment
@@ -23,8 +29,6 @@ from edge_agent.wire.transfer import (
     BlockData,
     BlockPlan,
     BlockRequest,
-    TransferIncompleteError,
-    TransferMismatchError,
 )
 from edge_agent.wire.transfer_progress import Progress
 from fleet_server.delivery.blocks import BlockSource, plan_resend

@@ -25,14 +25,14 @@ from pathlib import Path
 from types import TracebackType
 
 from edge_agent.common.durable import fsync_dir, write_atomic
-from edge_agent.errors import ContractError, DigestMismatchError, LengthMismatchError
-from edge_agent.strict_json import loads as strict_loads
-from edge_agent.wire.transfer import (
-    SCHEMA_VERSION,
-    BlockData,
-    BlockPlan,
+from edge_agent.errors import (
+    ContractError,
+    DigestMismatchError,
+    LengthMismatchError,
     TransferIncompleteError,
 )
+from edge_agent.strict_json import loads as strict_loads
+from edge_agent.wire.transfer import SCHEMA_VERSION, BlockData, BlockPlan
 from edge_agent.wire.transfer_progress import Progress
 
 __all__ = ["DEFAULT_PERSIST_EVERY", "PartialDownload"]

@@ -42,7 +42,6 @@ from edge_agent import strict_json
 from edge_agent.errors import (
     ContractError,
     LengthMismatchError,
-    TransferIncompleteError,
     TransferMismatchError,
 )
 from edge_agent.trust.desired import MAX_BUNDLE_LENGTH, ModelAssignment
@@ -58,8 +57,6 @@ __all__ = [
     "BlockData",
     "BlockPlan",
     "BlockRequest",
-    "TransferIncompleteError",
-    "TransferMismatchError",
     "transfer_id_for",
 ]
 
