@@ -5,7 +5,7 @@ private names: neither ``from X import _name`` (a private *module* such as
 ``registry._catalog`` may be imported; its names are public) nor ``obj._attr`` where ``obj`` is
 not ``self``/``cls`` and ``_attr`` belongs to a class or module defined elsewhere. And no folder
 under ``src/`` holds more than 15 modules at one level. Does not own: import direction and
-cycles (``pyproject.toml``, ``lint-imports``) nor the package map (``test_architecture_doc``).
+cycles (``pyproject.toml``, ``lint-imports``) nor the package map (``test_docs_architecture``).
 
 The attribute check is best-effort: it knows which private names each module's classes and
 module scope define and flags a use in a module that defines no such name itself. A name defined
