@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 from edge_agent.common.config_loader import apply_env, build_section, read_toml
 from edge_agent.errors import ConfigError
+from edge_agent.runtime.base import RuntimeOptions
 
 ENV_PREFIX = "EDGEFLEET_AGENT__"
 VALIDATION_POLICIES = ("reject", "drop")
@@ -105,7 +106,14 @@ class StoreConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """Inference runtime settings shared by every model."""
+    """The ``[runtime]`` section: how the agent runs every model it loads.
+
+    Owns the keys an operator may set (threads, warm-up runs) and the agent's defaults for them
+    (two warm-up runs; library callers that build ``RuntimeOptions`` themselves get its one).
+    ``options`` builds the ``edge_agent.runtime.base.RuntimeOptions`` the runtime adapters take:
+    the only place the section becomes adapter options. Providers and adapter extras are not
+    configurable here (the agent runs the adapters' defaults).
+    """
 
     intra_op_threads: int = 1
     inter_op_threads: int = 1
@@ -115,6 +123,14 @@ class RuntimeConfig:
         _check(self.intra_op_threads >= 0, "runtime.intra_op_threads must be >= 0")
         _check(self.inter_op_threads >= 0, "runtime.inter_op_threads must be >= 0")
         _check(self.warmup_runs >= 0, "runtime.warmup_runs must be >= 0")
+
+    def options(self) -> RuntimeOptions:
+        """The options every model the agent loads runs with."""
+        return RuntimeOptions(
+            intra_op_threads=self.intra_op_threads,
+            inter_op_threads=self.inter_op_threads,
+            warmup_runs=self.warmup_runs,
+        )
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,8 @@ class TensorInfo:
 class RuntimeOptions:
     """How to run a model: threads, providers, warm-up.
 
-    ``intra_op_threads=0`` lets the runtime pick (all physical cores).
+    ``intra_op_threads=0`` lets the runtime pick (all physical cores). The agent builds its
+    options from its ``[runtime]`` section (``edge_agent.config.RuntimeConfig.options``).
     """
 
     intra_op_threads: int = 1

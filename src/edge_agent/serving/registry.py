@@ -25,7 +25,6 @@ from edge_agent.errors import (
     ModelStoreError,
     RuntimeAdapterError,
 )
-from edge_agent.runtime.base import RuntimeOptions
 from edge_agent.runtime.golden import check_golden
 from edge_agent.runtime.loader import load_runtime
 from edge_agent.serving.pipeline import DriftWorker, ModelPipeline
@@ -237,16 +236,9 @@ class Registry:
                 f"loading {name} v{version} needs ~{estimate >> 20} MiB; {in_use >> 20} of "
                 f"{budget >> 20} MiB already in use"
             )
-        rt = self.config.runtime
         before = rss_bytes()
         runtime = load_runtime(
-            bundle.artifact,
-            bundle.manifest.artifact.format,
-            RuntimeOptions(
-                intra_op_threads=rt.intra_op_threads,
-                inter_op_threads=rt.inter_op_threads,
-                warmup_runs=rt.warmup_runs,
-            ),
+            bundle.artifact, bundle.manifest.artifact.format, self.config.runtime.options()
         )
         measured = max(rss_bytes() - before, 0)
         golden = check_golden(bundle.manifest, runtime)
