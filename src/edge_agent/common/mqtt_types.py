@@ -6,8 +6,8 @@ of a message (``Message``, ``MessageProperties``), the counters snapshot (``Mqtt
 
 Does not import paho and holds no connection: the paho client, ``PahoPublishHandle`` and the
 conversion to and from paho's properties stay in ``edge_agent.common.mqtt``, the one module that
-imports paho, which re-exports every public name here. The protocol both clients implement is
-``edge_agent.common.transport.Transport``.
+imports paho; users of these types import them from here. The protocol both clients implement
+is ``edge_agent.common.transport.Transport``.
 """
 
 from __future__ import annotations

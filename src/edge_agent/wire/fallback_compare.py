@@ -2,9 +2,8 @@
 
 Owns ``compare_outputs`` and its result ``Comparison``: the one measure the device
 (``edge_agent.serving.fallback_mqtt``) and the server (``fleet_server.fallback.worker``) both
-compute, so
-their counters agree. Does not own the fallback wire format (``edge_agent.wire.fallback``, which
-re-exports both names) and never sends anything or runs a model.
+compute, so their counters agree. Does not own the fallback wire format
+(``edge_agent.wire.fallback``) and never sends anything or runs a model.
 """
 
 from __future__ import annotations
