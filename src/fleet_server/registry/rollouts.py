@@ -23,7 +23,7 @@ from fleet_server.registry.rollout_models import QuarantineRow, RolloutEventRow,
 from fleet_server.registry.store import Registry
 from fleet_server.rollouts.admission import Override
 from fleet_server.rollouts.policy import RolloutPolicy, Selector
-from fleet_server.rollouts.state import GateResult, Rollout
+from fleet_server.rollouts.state import GateResult, OfflineCheck, Rollout
 
 __all__ = [
     "QuarantineRecord",
@@ -76,7 +76,9 @@ def _time(v: Any) -> datetime | None:
 
 def rollout_to_dict(r: Rollout) -> dict[str, Any]:
     """A rollout as JSON-safe dict (stored, and returned by the admin API)."""
-    return {
+    # ``offline`` is left out when None: a rollout stored before the check existed reads back
+    # and compares (``save_rollout``'s ``read``) equal to its stored document.
+    out: dict[str, Any] = {
         "id": r.id,
         "model": r.model,
         "from_version": r.from_version,
@@ -100,6 +102,9 @@ def rollout_to_dict(r: Rollout) -> dict[str, Any]:
         "reasons": list(r.reasons),
         "overrides": [o.to_dict() for o in r.overrides],
     }
+    if r.offline is not None:
+        out["offline"] = r.offline.to_dict()
+    return out
 
 
 def rollout_from_dict(d: Mapping[str, Any]) -> Rollout:
@@ -135,6 +140,7 @@ def rollout_from_dict(d: Mapping[str, Any]) -> Rollout:
         gates=tuple(GateResult(**g) for g in d.get("gates", ())),
         reasons=tuple(d.get("reasons", ())),
         overrides=tuple(Override(str(o["kind"]), str(o["reason"])) for o in d.get("overrides", ())),
+        offline=None if d.get("offline") is None else OfflineCheck.from_dict(d["offline"]),
     )
 
 

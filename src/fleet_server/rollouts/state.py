@@ -1,10 +1,12 @@
 """Rollout state: the persisted ``Rollout``, its gates' verdicts and a step's ``Decision`` (pure).
 
 Owns the state names (``STATES``, ``ACTIVE_STATES``), ``GateResult`` (one gate's verdict, kept
-in the rollout), ``Rollout`` (a rollout's whole state; ``fleet_server.registry.rollouts``
-stores it as JSON) and ``Decision`` (what one step of ``decide`` asks the runner to do). These
-are the types both the gates and the engine read, below both: the state machine itself is
-``fleet_server.rollouts.engine``'s, the verdicts ``fleet_server.rollouts.gates``'.
+in the rollout), ``OfflineCheck`` (the champion-vs-challenger comparison on a registered
+evaluation set made before the rollout was admitted), ``Rollout`` (a rollout's whole state;
+``fleet_server.registry.rollouts`` stores it as JSON) and ``Decision`` (what one step of
+``decide`` asks the runner to do). These are the types both the gates and the engine read,
+below both: the state machine itself is ``fleet_server.rollouts.engine``'s, the verdicts
+``fleet_server.rollouts.gates``'.
 """
 
 from __future__ import annotations
@@ -12,12 +14,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Final
+from typing import Any, Final
 
 from fleet_server.rollouts.admission import Override
 from fleet_server.rollouts.policy import RolloutPolicy, Selector
 
-__all__ = ["ACTIVE_STATES", "STATES", "Decision", "GateResult", "Rollout"]
+__all__ = [
+    "ACTIVE_STATES",
+    "OFFLINE_VERDICTS",
+    "STATES",
+    "Decision",
+    "GateResult",
+    "OfflineCheck",
+    "Rollout",
+]
 
 STATES: Final = (
     "pending",
@@ -29,6 +39,13 @@ STATES: Final = (
     "aborted",
 )
 ACTIVE_STATES: Final = frozenset({"pending", "dwelling", "judging", "awaiting_approval"})
+
+#: What the offline comparison said when the rollout was created: ``passed`` (no regression
+#: beyond the policy's offline limits), ``overridden`` (it regressed and an operator went ahead
+#: with a recorded reason), ``no_eval_set`` (no evaluation set registered for the model),
+#: ``no_champion`` (nothing to compare with: a first rollout) and ``disabled`` (the policy
+#: turns the check off).
+OFFLINE_VERDICTS: Final = ("passed", "overridden", "no_eval_set", "no_champion", "disabled")
 
 
 @dataclass(frozen=True)
@@ -47,6 +64,68 @@ class GateResult:
 
 
 @dataclass(frozen=True)
+class OfflineCheck:
+    """The offline comparison made when the rollout was admitted (kept in the rollout).
+
+    Attributes:
+        verdict: One of ``OFFLINE_VERDICTS``.
+        eval_set: The evaluation set's sha256 (hex), "" when none was used.
+        n: Labelled samples compared (0 when none).
+        disagreement: Share of those samples the two versions answer differently, None when
+            nothing was compared (the shadow phase compares the field's disagreement with it).
+        reasons: Why the candidate regressed (set when ``overridden``).
+        notes: What could not be judged (classes with too few samples, a small set).
+        comparison: ``edge_agent.quality.compare.ModelComparison.to_dict()``, or None.
+        override: The operator's recorded reason to go ahead (``overridden`` only).
+    """
+
+    verdict: str
+    eval_set: str = ""
+    n: int = 0
+    disagreement: float | None = None
+    reasons: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    comparison: Mapping[str, Any] | None = None
+    override: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (stored in the rollout, returned by the admin API)."""
+        return {
+            "verdict": self.verdict,
+            "eval_set": self.eval_set,
+            "n": self.n,
+            "disagreement": self.disagreement,
+            "reasons": list(self.reasons),
+            "notes": list(self.notes),
+            "comparison": None if self.comparison is None else dict(self.comparison),
+            "override": self.override,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> OfflineCheck:
+        """Parse ``to_dict``'s output (a stored rollout; missing keys take defaults).
+
+        Raises:
+            KeyError, ValueError, TypeError: not a stored offline check.
+        """
+        verdict = str(d["verdict"])
+        if verdict not in OFFLINE_VERDICTS:
+            raise ValueError(f"unknown offline verdict {verdict!r}")
+        dis = d.get("disagreement")
+        comparison = d.get("comparison")
+        return cls(
+            verdict=verdict,
+            eval_set=str(d.get("eval_set", "")),
+            n=int(d.get("n", 0)),
+            disagreement=None if dis is None else float(dis),
+            reasons=tuple(str(r) for r in d.get("reasons", ())),
+            notes=tuple(str(r) for r in d.get("notes", ())),
+            comparison=None if comparison is None else dict(comparison),
+            override=str(d.get("override", "")),
+        )
+
+
+@dataclass(frozen=True)
 class Rollout:
     """A rollout's whole state (see ``fleet_server.rollouts.engine`` for its state machine).
 
@@ -54,7 +133,9 @@ class Rollout:
     ``failed``/``rolled_back`` are members that failed to install or went back on their own;
     ``acknowledged`` are those an operator's resume accepted (no longer counted by the gates);
     ``reverted`` are devices the rollout sent back to ``from_version``; ``overrides`` are
-    the operator's recorded reasons to roll out a quarantined or earlier aborted version.
+    the operator's recorded reasons to roll out a quarantined or earlier aborted version;
+    ``offline`` is the offline comparison made when it was created (None for rollouts created
+    before the check existed).
     """
 
     id: str
@@ -79,6 +160,7 @@ class Rollout:
     gates: tuple[GateResult, ...] = ()
     reasons: tuple[str, ...] = ()
     overrides: tuple[Override, ...] = ()
+    offline: OfflineCheck | None = None
 
     @property
     def active(self) -> bool:
