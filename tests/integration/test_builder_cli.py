@@ -20,8 +20,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from edge_agent.bundle import read_bundle
-from edge_agent.cli.support import EXIT_BAD_INPUT, EXIT_GATE, EXIT_UNTRUSTED
 from edge_agent.contract import BundleManifest
+from edge_agent.errors import EXIT_BAD_INPUT, EXIT_GATE, EXIT_UNTRUSTED
 from model_builder import cli as builder_cli
 from model_builder.examples import save_example
 from model_builder.keystore import KeyStore

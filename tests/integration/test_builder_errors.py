@@ -21,13 +21,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 
-from edge_agent.cli.support import (
-    EXIT_BAD_INPUT,
-    EXIT_GATE,
-    EXIT_KEYS,
-    EXIT_RUNTIME,
-    EXIT_USAGE,
-)
+from edge_agent.errors import EXIT_BAD_INPUT, EXIT_GATE, EXIT_KEYS, EXIT_RUNTIME, EXIT_USAGE
 from model_builder import cli as builder_cli
 from model_builder.examples import save_example
 from support import build_argv

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.cli.extras import EXTRA_MODULES, extra_for
-from edge_agent.cli.support import EXIT_MISSING_EXTRA
+from edge_agent.errors import EXIT_MISSING_EXTRA
 
 ROOT = Path(__file__).parents[2]
 ENTRY = {

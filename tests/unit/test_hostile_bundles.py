@@ -24,8 +24,14 @@ import pytest
 from edge_agent.bundle import read_bundle
 from edge_agent.bundle.archive import bundle_bytes
 from edge_agent.cli import main as agent_cli
-from edge_agent.cli.support import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNTRUSTED
-from edge_agent.errors import BundleFormatError, BundleVerificationError, MetadataFormatError
+from edge_agent.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_OK,
+    EXIT_UNTRUSTED,
+    BundleFormatError,
+    BundleVerificationError,
+    MetadataFormatError,
+)
 from edge_agent.trust import TrustedRoot
 from fakes import FakeGateway
 from fleet_server.admin.api import AdminServer, create_app

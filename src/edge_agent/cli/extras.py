@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Mapping
 
-from edge_agent.cli.support import EXIT_MISSING_EXTRA
+from edge_agent.errors import EXIT_MISSING_EXTRA
 
 # Top-level module -> the extras (pyproject.toml [project.optional-dependencies]) that install
 # it, the role's own extra first where several do. tests/unit/test_cli_extras.py keeps this in

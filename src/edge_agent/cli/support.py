@@ -16,7 +16,8 @@ codes are the ``exit`` column of the one error table (``edge_agent.errors.ERRORS
     9  the command needs an optional extra that is not installed (``edge_agent.cli.extras``)
 
 The boundary prints one line, ``error[<code>]: <message>``, to stderr. This module does not
-decide which family gets which code (the table does).
+decide which family gets which code (the table does) nor define the codes: import the
+``EXIT_*`` constants from ``edge_agent.errors``.
 """
 
 from __future__ import annotations
@@ -34,31 +35,15 @@ from edge_agent.contract import DeviceProfile
 from edge_agent.errors import (
     ERRORS,
     EXIT_BAD_INPUT,
-    EXIT_GATE,
-    EXIT_KEYS,
-    EXIT_MISSING_EXTRA,
     EXIT_OK,
-    EXIT_RUNTIME,
     EXIT_STORE,
     EXIT_UNEXPECTED,
-    EXIT_UNTRUSTED,
-    EXIT_USAGE,
     EdgefleetError,
     ErrorTable,
 )
 from edge_agent.trust import TrustedRoot
 
 __all__ = [
-    "EXIT_BAD_INPUT",
-    "EXIT_GATE",
-    "EXIT_KEYS",
-    "EXIT_MISSING_EXTRA",
-    "EXIT_OK",
-    "EXIT_RUNTIME",
-    "EXIT_STORE",
-    "EXIT_UNEXPECTED",
-    "EXIT_UNTRUSTED",
-    "EXIT_USAGE",
     "echo_verdict",
     "passphrase_from_env",
     "run_cli",
