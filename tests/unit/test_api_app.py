@@ -377,6 +377,19 @@ BAD_BODIES: list[tuple[str, bytes, dict[str, str], str]] = [
     ("not json", b"this is not json", {}, "json"),
     ("wrong datatype", encoded(json_input("FLOAT", [1], [1])), {}, "datatype"),
     ("shape mismatch", encoded(json_input("FP32", [3], [1, 2])), {}, "shape"),
+    # zero elements, but numpy cannot even make the empty array: a shape error, not a crash
+    (
+        "empty, huge span",
+        encoded(json_input("BOOL", [0, 41409, 14920639, 14928204], [])),
+        {},
+        "shape",
+    ),
+    (
+        "empty binary, huge span",
+        encoded(binary_input("x", "BOOL", [0, 2**31 - 1, 2**31 - 1], 0)),
+        {HEADER_LENGTH: str(len(encoded(binary_input("x", "BOOL", [0, 2**31 - 1, 2**31 - 1], 0))))},
+        "shape",
+    ),
     ("data not a list", encoded(json_input("FP32", [1], 1)), {}, "data"),
     ("NaN in INT32", NAN_INT, {}, "data"),
     ("too many inputs", encoded(*SIXTY_FIVE), {}, "too_many_inputs"),

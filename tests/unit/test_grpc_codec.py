@@ -99,6 +99,10 @@ HOSTILE: dict[str, tuple[Any, str]] = {
         with_(fp32(), lambda r: r.inputs[0].shape.extend(HUGE)),
         "shape",
     ),
+    "zero elements, huge span": (
+        with_(fp32(raw=True), lambda r: r.inputs[0].shape.extend([0, 41409, 14920639, 14928204])),
+        "shape",
+    ),
     "huge dims, raw": (
         with_(fp32(raw=True), lambda r: r.inputs[0].shape.extend(HUGE)),
         "binary_size",

@@ -25,6 +25,11 @@ MAX_INPUTS = 64
 MAX_OUTPUTS = 256
 MAX_RANK = 32
 MAX_DIM = 2**31 - 1
+# The product of an empty shape's non-zero dimensions: numpy refuses to make even an empty array
+# whose span (times the item size) overflows its index type, so [0, 2**31-1, 2**31-1, 2**31-1]
+# must be refused here, as a shape error, not reach numpy. (A non-empty shape that large never
+# reaches numpy either: its data or byte count cannot match.) 2**40 is past any memory budget.
+MAX_SPAN = 2**40
 HEADER_LENGTH = "inference-header-content-length"
 
 REASON_JSON = "json"
@@ -282,7 +287,22 @@ def _shape(raw: Any, name: str) -> tuple[int, ...]:
             raise invalid_input(
                 REASON_SHAPE, f"shape of {name!r} has an invalid dimension {dim!r}", name
             )
-    return tuple(raw)
+    return check_span(tuple(raw), name)
+
+
+def check_span(shape: tuple[int, ...], name: str) -> tuple[int, ...]:
+    """``shape``, unless it has no elements and its non-zero dimensions span over ``MAX_SPAN``.
+
+    Every front end's shape reader calls it after checking rank and dimensions.
+
+    Raises:
+        InputValidationError: an empty shape numpy could not make.
+    """
+    if 0 in shape and math.prod(d for d in shape if d) > MAX_SPAN:
+        raise invalid_input(
+            REASON_SHAPE, f"shape of {name!r} spans more than {MAX_SPAN} elements", name
+        )
+    return shape
 
 
 def unknown_datatype(datatype: str, name: str) -> InputValidationError:

@@ -43,6 +43,7 @@ from edge_agent.api.decode import (
     REASON_TOO_MANY,
     DecodedRequest,
     RequestedOutput,
+    check_span,
     from_binary,
     invalid_input,
     unknown_datatype,
@@ -127,7 +128,7 @@ def _shape(dims: Any, name: str) -> tuple[int, ...]:
             raise invalid_input(
                 REASON_SHAPE, f"shape of {name!r} has an invalid dimension {dim}", name
             )
-    return shape
+    return check_span(shape, name)
 
 
 def _from_contents(tensor: Message, shape: tuple[int, ...], name: str) -> Array:
