@@ -200,6 +200,35 @@ def test_worker_flushes_on_close_and_waits_for_max_wait(reg: Registry) -> None:
     assert reg.seq_state("cam-1").acked_upto == 2
 
 
+def test_drain_waits_for_the_batch_being_stored_and_its_ack(reg: Registry) -> None:
+    """``drain`` (what gateway tests wait on instead of sleeping) returns only once the
+    item is out of the queue *and* its ack callback has returned."""
+    entered, release = threading.Event(), threading.Event()
+    acks: list[int] = []
+
+    def on_stored(result: IngestResult) -> None:
+        entered.set()
+        release.wait(5.0)
+        acks.append(result.acked_upto)
+
+    worker = IngestWorker(reg, on_stored)
+    assert worker.drain(0)  # nothing queued: idle at once
+    assert worker.put(IngestItem("cam-1", (report("cam-1", 1),)))
+    assert not worker.drain(0)  # queued, and no thread to store it yet
+    worker.start()
+    try:
+        assert entered.wait(5.0)
+        assert worker.pending() == 0
+        assert not worker.drain(0)  # taken, but its ack is not handed over yet
+        release.set()
+        assert worker.drain(5.0)
+        assert acks == [1]
+        assert reg.seq_state("cam-1").acked_upto == 1
+    finally:
+        release.set()
+        worker.close()
+
+
 # --------------------------------------------------------------------------- fairness
 class Recording:
     """A registry stand-in that records each transaction's devices and stores nothing."""

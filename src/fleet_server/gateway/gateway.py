@@ -79,6 +79,8 @@ class Gateway:
             clean_start=False, ...))``); connected by the caller before or after ``start``.
         config: settings (validated here).
         clock: wall clock (seconds); used for rate-limited logging.
+        rate_clock: monotonic clock (seconds) of the per-device message rate limit (a test
+            moves it by hand instead of waiting for tokens).
 
     Raises:
         ServerConfigError: ``config`` is invalid.
@@ -91,6 +93,7 @@ class Gateway:
         config: GatewayConfig,
         *,
         clock: Callable[[], float] = time.time,
+        rate_clock: Callable[[], float] = time.monotonic,
     ) -> None:
         config.validate()
         self._registry = registry
@@ -110,7 +113,10 @@ class Gateway:
         self._housekeeper: threading.Thread | None = None
         self._seen_connects = 0
         self._limiter = RateLimiter(
-            config.device_rate_per_second, config.device_burst, max_clients=1_000_000
+            config.device_rate_per_second,
+            config.device_burst,
+            clock=rate_clock,
+            max_clients=1_000_000,
         )
         self._ingest = IngestWorker(
             registry,
@@ -175,6 +181,17 @@ class Gateway:
         self._entitlements.forget(device_id)
         self._client.publish(self._topics.device_desired(device_id), document, 1, True)
         self._count("desired_published", 1)
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until the telemetry queued so far is stored (or refused) and its acks handed
+        to the client; for tests, which wait on this instead of sleeping.
+
+        Messages the MQTT client has received but not yet passed to the gateway are not covered.
+
+        Returns:
+            False if the ingest was not idle within ``timeout`` seconds.
+        """
+        return self._ingest.drain(timeout)
 
     def start_wave(self, sha256: str) -> str:
         """Broadcast every block of a published bundle once on its wave topic, paced.

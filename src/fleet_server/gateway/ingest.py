@@ -21,6 +21,9 @@ down (anything else), nothing of the failing part is stored or acknowledged; dev
 Per-item refusals (unknown or revoked device, structurally wrong batch) are counted by reason
 and never acked.
 
+``drain`` waits until the worker is idle (nothing queued, no batch being stored), so a test
+waits on the ingest instead of sleeping; production never calls it.
+
 Does not parse payloads (``fleet_server.gateway.ingest_parse``), publish anything or know about
 MQTT.
 """
@@ -92,10 +95,13 @@ class _FairQueue:
     def __init__(self, capacity: int, per_device: int) -> None:
         self._capacity = capacity
         self._per_device = per_device
-        self._cond = threading.Condition()
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)  # items arrived or the queue closed (the taker)
+        self._idle = threading.Condition(lock)  # a taken batch is done (``wait_idle``)
         self._queues: dict[str, deque[IngestItem]] = {}
         self._turns: deque[str] = deque()  # devices with queued items, in round-robin order
         self._size = 0
+        self._in_flight = 0  # items taken and not yet reported done
         self._closed = False
 
     def put(self, item: IngestItem) -> bool:
@@ -139,7 +145,20 @@ class _FairQueue:
                 if len(out) >= max_items or self._closed or remaining <= 0:
                     break
                 self._cond.wait(remaining)
+            self._in_flight += len(out)
             return out, self._closed and self._size == 0
+
+    def done(self, n: int) -> None:
+        """``n`` taken items have been handled (stored, refused or failed)."""
+        with self._cond:
+            self._in_flight -= n
+            if self._size == 0 and self._in_flight == 0:
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until nothing is queued or in flight; False if that took over ``timeout``."""
+        with self._cond:
+            return self._idle.wait_for(lambda: self._size == 0 and self._in_flight == 0, timeout)
 
     def _pop(self) -> IngestItem:
         device = self._turns.popleft()
@@ -227,6 +246,19 @@ class IngestWorker:
         """Items queued and not yet taken by the worker."""
         return self._queue.size()
 
+    def drain(self, timeout: float) -> bool:
+        """Wait until every item queued so far has been handled: stored (and ``on_stored``
+        returned for it, i.e. its ack was handed to the client), refused, or failed.
+
+        For tests, which wait on this instead of sleeping. Items queued meanwhile are waited
+        for too. Needs the worker thread (``start``) to make progress.
+
+        Returns:
+            True once nothing is queued or being stored; False if that did not happen within
+            ``timeout`` seconds.
+        """
+        return self._queue.wait_idle(timeout)
+
     def stats(self) -> IngestStats:
         """A snapshot of the counters."""
         with self._lock:
@@ -249,7 +281,10 @@ class IngestWorker:
         while True:
             batch, done = self._queue.take(self._max_batch, self._max_wait, self._monotonic)
             if batch:
-                self.store(batch)
+                try:
+                    self.store(batch)
+                finally:
+                    self._queue.done(len(batch))
             if done:
                 return
 
