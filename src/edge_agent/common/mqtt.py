@@ -58,8 +58,7 @@ from edge_agent.errors import (
 from edge_agent.wire.telemetry import StatusMessage
 from edge_agent.wire.topics import Topics
 
-# MqttConfig is listed only until edge_agent.sync.loop imports it from mqtt_types (issue 10).
-__all__ = ["MqttClient", "MqttConfig", "PahoPublishHandle"]
+__all__ = ["MqttClient", "PahoPublishHandle"]
 
 log = logging.getLogger(__name__)
 

@@ -41,8 +41,8 @@ from typing import Any
 
 from edge_agent import __version__
 from edge_agent.common.identity import IdentityStore
-from edge_agent.common.mqtt import MqttClient, MqttConfig
-from edge_agent.common.mqtt_types import Handler, Message
+from edge_agent.common.mqtt import MqttClient
+from edge_agent.common.mqtt_types import Handler, Message, MqttConfig
 from edge_agent.common.transport import Transport
 from edge_agent.config import AgentConfig
 from edge_agent.errors import EdgefleetError, OutboxCorruptError, TransportError
