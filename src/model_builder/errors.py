@@ -4,9 +4,13 @@ InputDataError     the calibration/evaluation data or contract file is unusable 
                    engineer fixes the data).
   ContractMismatchError  the contract names inputs/outputs, ranks, shapes or dtypes the
                    model does not have.
+  ChampionMismatchError  the ``--compare-to`` bundle cannot be compared with the new model
+                   (another model name, or other inputs, task or labels).
 ModelCheckError    the source model fails ``onnx.checker`` or cannot be loaded.
 QuantizationError  the quantizer failed or a mode does not fit the model.
 AccuracyGateError  quantization lost too much accuracy and no rescue passed the gate.
+ChampionRegressionError  the new model is worse than the ``--compare-to`` champion beyond the
+                   limits, and no ``--allow-regression`` reason was given.
 KeyStoreError      keys or root metadata are missing, unreadable or inconsistent.
 
 ``ERRORS`` (at the end) is edge_agent's one error table extended with these families' exit
@@ -46,6 +50,13 @@ class ContractMismatchError(InputDataError):
     code = "contract_mismatch"
 
 
+class ChampionMismatchError(InputDataError):
+    """The champion bundle (``--compare-to``) is of another model name, or its contract cannot
+    be compared with the new model's (other input names or sample shapes, task, or labels)."""
+
+    code = "champion_mismatch"
+
+
 class ModelCheckError(ModelBuilderError):
     """The source model is invalid."""
 
@@ -71,6 +82,19 @@ class AccuracyGateError(ModelBuilderError):
         self.report = report or {}
 
 
+class ChampionRegressionError(ModelBuilderError):
+    """The new model is worse than the champion it replaces beyond the comparison limits.
+
+    ``report`` is the whole build report, ``comparison`` included (no bundle was signed).
+    """
+
+    code = "champion_regression"
+
+    def __init__(self, message: str, report: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.report = report or {}
+
+
 class KeyStoreError(ModelBuilderError):
     """A key store or root metadata problem."""
 
@@ -81,6 +105,7 @@ class KeyStoreError(ModelBuilderError):
 ERRORS = device_errors.ERRORS.extend(
     (
         ErrorRow(AccuracyGateError, exit=EXIT_GATE),
+        ErrorRow(ChampionRegressionError, exit=EXIT_GATE),
         ErrorRow(KeyStoreError, exit=EXIT_KEYS),
         ErrorRow(InputDataError, exit=EXIT_BAD_INPUT),
         ErrorRow(ModelBuilderError, exit=EXIT_RUNTIME),

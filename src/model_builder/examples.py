@@ -175,6 +175,33 @@ def digits_mlp() -> ExampleModel:
     return _mlp_example("digits-mlp", _layers(clf), pre)
 
 
+def digits_mislabelled_mlp(source: int = 3, into: int = 8, share: float = 0.9) -> ExampleModel:
+    """The digits MLP retrained with a labelling bug: ``share`` of the training samples of class
+    ``source`` carry the label ``into``.
+
+    Trained exactly like :func:`digits_mlp` (same preprocessing, seed and epochs) on the same
+    inputs, so it is a "confidently wrong" challenger: its inputs and confidence look like the
+    good model's. With the defaults (90% of the 3s labelled 8) it answers 8 for about 96% of the
+    held-out 3s with a mean top-1 probability no lower than the good model's, and is about 9
+    points less accurate overall (88% vs 97%). Which samples are flipped is seeded; ``share`` stays
+    below 1 so every class keeps training samples and the model keeps its ten outputs.
+
+    Raises:
+        InputDataError: ``source``/``into`` not distinct digits, or ``share`` outside (0, 1).
+    """
+    if not (0 <= source <= 9 and 0 <= into <= 9 and source != into and 0 < share < 1):
+        raise InputDataError("mislabelled digits: two distinct digits and a share in (0, 1)")
+    x_train, y_train, *_ = _digits_splits()
+    pre = _standardisation(x_train)
+    rng = np.random.default_rng(_SEED)
+    of_source = np.flatnonzero(y_train == source)
+    flipped = rng.choice(of_source, size=round(share * len(of_source)), replace=False)
+    y_bad = y_train.copy()
+    y_bad[flipped] = into
+    clf = _fit_mlp(pre.apply(x_train), y_bad, (64,), max_iter=300)
+    return _mlp_example("digits-mislabelled-mlp", _layers(clf), pre)
+
+
 def digits_wide_mlp() -> ExampleModel:
     """64 -> 1024 -> 1024 -> 10 MLP (about 1.13M parameters), dominated by its two MatMuls.
 
@@ -352,6 +379,7 @@ EXAMPLES: dict[str, Callable[[], ExampleModel]] = {
     "digits-cnn": digits_cnn,
     "digits-wide-mlp": digits_wide_mlp,
     "digits-outlier-mlp": digits_outlier_mlp,
+    "digits-mislabelled-mlp": digits_mislabelled_mlp,
 }
 
 

@@ -102,6 +102,8 @@ PINNED: dict[str, tuple[int, str, int, int, int, int, int]] = {
     "fleet_server.errors.UnknownGroupError": (500, "INTERNAL", 500, 404, 1, 3, 1),
     "fleet_server.errors.UnknownRolloutError": (500, "INTERNAL", 500, 404, 1, 3, 1),
     "model_builder.errors.AccuracyGateError": (500, "INTERNAL", 500, 400, 1, 1, 5),
+    "model_builder.errors.ChampionMismatchError": (500, "INTERNAL", 500, 400, 1, 1, 3),
+    "model_builder.errors.ChampionRegressionError": (500, "INTERNAL", 500, 400, 1, 1, 5),
     "model_builder.errors.ContractMismatchError": (500, "INTERNAL", 500, 400, 1, 1, 3),
     "model_builder.errors.InputDataError": (500, "INTERNAL", 500, 400, 1, 1, 3),
     "model_builder.errors.KeyStoreError": (500, "INTERNAL", 500, 400, 1, 1, 6),
