@@ -12,6 +12,8 @@ from fleet_server.errors import RolloutPolicyError, RolloutStateError
 from fleet_server.rollouts.engine import abort, approve, decide, resume, wave_order
 from fleet_server.rollouts.metrics import (
     DeviceObservation,
+    OutputMoments,
+    TensorMoments,
     WindowMetrics,
     one_sided_increase,
     quantile_ms,
@@ -24,6 +26,9 @@ T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 IDS = [f"dev-{i:02d}" for i in range(30)]
 FAST = (0, 0, 0, 1000, 0, 0, 0, 0, 0, 0, 0, 0)  # all requests in (5, 10] ms
 SLOW = (0, 0, 0, 0, 0, 0, 0, 1000, 0, 0, 0, 0)  # all in (100, 200] ms
+# 950 answers of a confident 10-class model, 10 % per class (the output_distribution gate).
+OUTPUTS = OutputMoments.of_tensor("probabilities", TensorMoments.of([950] * 10, [95.0] * 10,
+                                                                    [90.0] * 10))  # fmt: skip
 
 
 def healthy(**kw: Any) -> WindowMetrics:
@@ -98,10 +103,11 @@ def fleet(
                     install_failed=kind == "failed",
                     rolled_back=kind == "rolled_back",
                     metrics=(canary or healthy()) if rep and not kind else WindowMetrics(),
+                    outputs=OUTPUTS if rep and not kind else OutputMoments(),
                 )
             )
         else:
-            out.append(DeviceObservation(d, 1, 1, "installed", metrics=healthy()))
+            out.append(DeviceObservation(d, 1, 1, "installed", metrics=healthy(), outputs=OUTPUTS))
     return out
 
 

@@ -35,6 +35,7 @@ _THRESHOLDS = (
     ("max_p99_latency_ratio", "--max-p99-ratio"),
     ("min_p99_latency_delta_ms", "--min-p99-delta-ms"),
     ("max_error_rate_increase", "--max-error-increase"),
+    ("max_output_shift", "--max-output-shift"),
 )
 _FINAL = ("completed", "aborted")
 _DEVICE_STATES = ("installed", "assigned", "control", "failed", "rolled_back", "reverted")
@@ -187,6 +188,12 @@ def register_rollout_commands(cli: click.Group) -> None:
         help="The p99 gate also needs the canary this many ms slower than control (default 2).",
     )
     @click.option("--max-error-increase", "max_error_rate_increase", type=click.FloatRange(0, 1))
+    @click.option(
+        "--max-output-shift",
+        "max_output_shift",
+        type=click.FloatRange(0, 1),
+        help="The output_distribution gate: largest shift of an output mean, in pooled sd (0.1).",
+    )
     def create(
         url: str,
         token: str,

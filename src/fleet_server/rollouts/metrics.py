@@ -1,8 +1,10 @@
 """What a rollout knows about one device, built from its stored telemetry and reported state.
 
 Owns: ``WindowMetrics`` (request, reject, fallback, drift, shadow and latency counts of one
-model version over an observation window), ``DeviceObservation`` (a device's outcome for the
-rolled-out version plus its window metrics), ``observe`` (builds one from the registry's rows)
+model version over an observation window), ``OutputMoments`` (the exact, mergeable per-feature
+count, sum and sum of squares of the output tensors, from the tier-A output drift windows),
+``DeviceObservation`` (a device's outcome for the rolled-out version plus its window metrics
+and output moments), ``observe`` (builds one from the registry's rows)
 and the small statistics the rollout gates use (Wilson bounds, a one-sided two-proportion test,
 quantiles of the fixed latency histogram).
 
@@ -11,30 +13,39 @@ between consecutive reports of the device on the observed model version with the
 ``started_at``. The first report after an agent restart, a version switch or a counter that went
 backwards is only a new baseline (it is not known which version served the requests before it),
 so nothing is counted twice or attributed to the wrong version. Drift windows are not
-cumulative (each report carries the windows closed since the previous one) and are summed.
+cumulative (each report carries the windows closed since the previous one) and are summed; the
+output windows' moments are taken from the same counted intervals (a report that is only a
+baseline may carry windows the previous version closed).
 
 Pure: no database, clock or network; the rollout runner passes the rows in.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Final, Protocol
 
+from edge_agent.drift import TierAView
+from edge_agent.errors import ContractError
 from edge_agent.wire.telemetry import LATENCY_BUCKETS_MS, LATENCY_FINE_BUCKETS_MS
 
 __all__ = [
     "DeviceObservation",
+    "OutputMoments",
     "TelemetryRowLike",
+    "TensorMoments",
     "WindowMetrics",
     "interval_metrics",
     "observe",
     "one_sided_increase",
     "quantile_ms",
     "reject_deltas",
+    "report_outputs",
     "wilson_bounds",
 ]
 
@@ -129,6 +140,100 @@ class WindowMetrics:
 
 
 @dataclass(frozen=True)
+class TensorMoments:
+    """Per-feature moments of one output tensor over some windows (a monoid, exact for counts).
+
+    Attributes:
+        count: Finite values seen per feature (the tier-A views' ``count``).
+        sum: Their float64 sum per feature.
+        sumsq: Their float64 sum of squares per feature.
+        windows: Drift windows merged.
+    """
+
+    count: tuple[int, ...]
+    sum: tuple[float, ...]
+    sumsq: tuple[float, ...]
+    windows: int = 1
+
+    @property
+    def rows(self) -> int:
+        """Values of the best-covered feature (the rows behind the moments)."""
+        return max(self.count, default=0)
+
+    def merge(self, other: TensorMoments) -> TensorMoments | None:
+        """The element-wise sum; None when the feature counts differ (not the same tensor)."""
+        if len(other.count) != len(self.count):
+            return None
+        return TensorMoments(
+            tuple(a + b for a, b in zip(self.count, other.count, strict=True)),
+            tuple(a + b for a, b in zip(self.sum, other.sum, strict=True)),
+            tuple(a + b for a, b in zip(self.sumsq, other.sumsq, strict=True)),
+            self.windows + other.windows,
+        )
+
+    @classmethod
+    def of(cls, count: Iterable[int], s: Iterable[float], sumsq: Iterable[float], windows: int = 1
+           ) -> TensorMoments:  # fmt: skip
+        """Moments from a tier-A view's (or a rollup part's) ``count``, ``sum``, ``sumsq``."""
+        return cls(
+            tuple(int(x) for x in count),
+            tuple(float(x) for x in s),
+            tuple(float(x) for x in sumsq),
+            windows,
+        )
+
+
+@dataclass(frozen=True)
+class OutputMoments:
+    """The output tensors' moments of one version on some devices over a window (a monoid).
+
+    Built from the tier-A output drift windows the devices report (their ``count``, ``sum``
+    and ``sumsq`` arrays, which do not depend on the bin edges, so the candidate's and the
+    live version's windows compare although their baselines differ) or from the rollups'
+    merged parts. Merging adds; a tensor whose feature count differs is not merged and its
+    windows are counted in ``mismatched``.
+
+    Attributes:
+        tensors: Moments per output tensor name.
+        mismatched: Windows left out because their feature count differed.
+    """
+
+    tensors: Mapping[str, TensorMoments] = field(default_factory=dict)
+    mismatched: int = 0
+
+    @property
+    def rows(self) -> int:
+        """Rows behind the best-covered tensor (0 when no output window was seen)."""
+        return max((t.rows for t in self.tensors.values()), default=0)
+
+    def merge(self, other: OutputMoments) -> OutputMoments:
+        """Both together (tensors by name)."""
+        out = dict(self.tensors)
+        bad = self.mismatched + other.mismatched
+        for name, t in other.tensors.items():
+            mine = out.get(name)
+            merged = t if mine is None else mine.merge(t)
+            if merged is None:
+                bad += t.windows
+            else:
+                out[name] = merged
+        return OutputMoments(out, bad)
+
+    @classmethod
+    def total(cls, items: Iterable[OutputMoments]) -> OutputMoments:
+        """The sum of ``items`` (zero for none)."""
+        out = cls()
+        for item in items:
+            out = out.merge(item)
+        return out
+
+    @classmethod
+    def of_tensor(cls, name: str, moments: TensorMoments) -> OutputMoments:
+        """One tensor's moments."""
+        return cls({name: moments})
+
+
+@dataclass(frozen=True)
 class DeviceObservation:
     """One device as the rollout engine sees it, for one model.
 
@@ -141,6 +246,9 @@ class DeviceObservation:
         install_failed: It failed to install the observed version.
         rolled_back: It installed the observed version and went back on its own.
         metrics: Window metrics on the observed version.
+        outputs: Output moments on the observed version, over the same window.
+        outputs_before: Output moments of the rollout's ``from_version`` on this device before
+            it switched (filled by the runner only when no control group is left).
     """
 
     device_id: str
@@ -151,6 +259,8 @@ class DeviceObservation:
     install_failed: bool = False
     rolled_back: bool = False
     metrics: WindowMetrics = field(default_factory=WindowMetrics)
+    outputs: OutputMoments = field(default_factory=OutputMoments)
+    outputs_before: OutputMoments = field(default_factory=OutputMoments)
 
     @property
     def reporting(self) -> bool:
@@ -169,6 +279,7 @@ def observe(
     *,
     folded: WindowMetrics | None = None,
     folded_events: Iterable[str] = (),
+    folded_outputs: OutputMoments | None = None,
 ) -> DeviceObservation:
     """Build a device's observation of ``model`` v``version`` from ``since`` on.
 
@@ -184,6 +295,7 @@ def observe(
         folded: Metrics of this version already folded into rollups for the part of the
             window the rows do not cover (``fleet_server.history``), added as they are.
         folded_events: Event kinds of this version from those rollups.
+        folded_outputs: Output moments of this version from those rollups.
 
     Returns:
         The observation; malformed rows and reported documents are skipped, never raised.
@@ -206,6 +318,7 @@ def observe(
     failed = failed or bool(kinds & _FAILURE_EVENTS)
     rolled = rolled or bool(kinds & _ROLLBACK_EVENTS)
     metrics = folded or WindowMetrics()
+    outputs = folded_outputs or OutputMoments()
     prev: Mapping[str, Any] | None = None
     for row in ordered:
         if row.kind != "report":
@@ -214,6 +327,7 @@ def observe(
             delta = interval_metrics(prev, row.payload, model, version)
             if delta is not None:
                 metrics = metrics.merge(delta)
+                outputs = outputs.merge(report_outputs(row.payload, model, version))
         prev = row.payload
     return DeviceObservation(
         device_id=device_id,
@@ -224,7 +338,29 @@ def observe(
         install_failed=failed and not rolled,
         rolled_back=rolled,
         metrics=metrics,
+        outputs=outputs,
     )
+
+
+def report_outputs(payload: Mapping[str, Any], model: str, version: int | None) -> OutputMoments:
+    """The moments of the output drift windows ``payload`` carries for ``model`` v``version``.
+
+    Call it for a report whose interval counts (``interval_metrics`` gave a difference): a
+    report that is only a baseline may carry windows of the previous version. Windows whose
+    view does not decode are left out (the report's schema already checked them).
+    """
+    m = _model_stats(payload, model, version)
+    out = OutputMoments()
+    for w in (m or {}).get("drift") or ():
+        if not isinstance(w, Mapping) or w.get("role") != "output":
+            continue
+        try:
+            view = TierAView.from_bytes(base64.b64decode(str(w["view"]), validate=True))
+        except (ContractError, KeyError, binascii.Error, ValueError):
+            continue
+        t = TensorMoments.of(view.count.tolist(), view.sum.tolist(), view.sumsq.tolist())
+        out = out.merge(OutputMoments.of_tensor(str(w.get("tensor")), t))
+    return out
 
 
 def interval_metrics(

@@ -58,6 +58,7 @@ class Thresholds:
     max_p99_latency_ratio: float | None = _ratio(1.5)
     min_p99_latency_delta_ms: float = _ms(2.0)
     max_error_rate_increase: float | None = _rate(0.01)
+    max_output_shift: float | None = _rate(0.1)
 
     def __post_init__(self) -> None:
         """Raises: RolloutPolicyError (a rate outside [0, 1], a ratio below 1, a bad ms)."""

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-from fleet_server.rollouts.metrics import DeviceObservation, WindowMetrics
+from fleet_server.rollouts.metrics import DeviceObservation, OutputMoments, WindowMetrics
 from fleet_server.rollouts.state import GateResult, Rollout
 
 __all__ = [
@@ -49,6 +49,10 @@ class GateInputs:
         control: The same over the reporting control group (devices still on
             ``from_version``).
         has_control: Enough control devices are left to compare with (quality phase).
+        canary_outputs: Output moments merged over the reporting canary members.
+        control_outputs: The same over the reporting control group.
+        before_outputs: The canary members' ``from_version`` output moments before they
+            switched (filled only when no control group is left).
     """
 
     rollout: Rollout
@@ -56,6 +60,9 @@ class GateInputs:
     canary: WindowMetrics = field(default_factory=WindowMetrics)
     control: WindowMetrics = field(default_factory=WindowMetrics)
     has_control: bool = False
+    canary_outputs: OutputMoments = field(default_factory=OutputMoments)
+    control_outputs: OutputMoments = field(default_factory=OutputMoments)
+    before_outputs: OutputMoments = field(default_factory=OutputMoments)
 
 
 Verdict = Callable[[GateInputs], GateResult]
@@ -122,4 +129,7 @@ def quality_inputs(
         canary=WindowMetrics.total(o.metrics for o in c_rep),
         control=WindowMetrics.total(o.metrics for o in k_rep),
         has_control=has_control,
+        canary_outputs=OutputMoments.total(o.outputs for o in c_rep),
+        control_outputs=OutputMoments.total(o.outputs for o in k_rep),
+        before_outputs=OutputMoments.total(o.outputs_before for o in canary),
     )

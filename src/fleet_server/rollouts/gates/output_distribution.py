@@ -1,0 +1,176 @@
+"""The ``output_distribution`` gate (quality): the canary's outputs against the control's.
+
+What it catches: a candidate that answers differently from the live model on the same traffic,
+such as a training-label bug that maps part of one class to another. Such a candidate is as
+fast, as confident (often more) and as free of rejects and fallbacks as a good one, and its own
+drift baseline carries the bug, so no gate that compares a version with itself sees it. This
+gate compares the two versions' outputs over the same period instead.
+
+Evidence: every agent sketches each output tensor in tier-A drift windows; their per-feature
+``count``, ``sum`` and ``sumsq`` merge exactly across windows, devices and rollups
+(``fleet_server.rollouts.metrics.OutputMoments``). The runner merges them over the canary
+members (each since it joined) and over the control group (the devices still on
+``from_version``, since the rollout started). When no control group is left (the last wave)
+the reference is the same canary members' ``from_version`` windows before they switched, over
+a window as long as the one they have served the candidate for.
+
+Statistic: for each output feature ``j`` (for a classifier's probabilities: class ``j``; its
+mean is the share of the answers given to that class) the standardised mean difference
+``d = (mean_canary - mean_reference) / s``, with ``s`` the pooled standard deviation. The
+gate breaches when some feature's ``|d|`` exceeds ``max_output_shift`` (0.1 by default) with
+confidence: ``(|d| - limit) / se(d) > z'``, where ``z'`` is the policy's one-sided ``z``
+corrected by Bonferroni for the two-sided test of every feature (``2 * features`` tests), so
+a 10-class output is tested at 0.25 % per side and class.
+
+Why means and not a chi-square on the bins: the candidate's tier-A bins are fitted on its own
+baseline, so its bins are not the live version's and a bin-by-bin table of the two does not
+exist; and even with shared bins, the bins of a softmax sit at quantiles like 1e-7 and 1e-5,
+where any retrained model differs from any other while answering the same. The mean of a
+class probability ignores those tails and moves exactly when answers move between classes
+(a label bug moving a tenth of the answers from class 3 to class 8 gives d of about 0.25 to
+0.35 on both). The margin, not only significance, decides: with thousands of rows every
+good candidate differs significantly by a hair, and devices differ in what they see, so a
+small canary's mix is never exactly the control's (measured: bench/bench_false_halts.py).
+
+Minimum sample: ``MIN_ROWS`` output rows (and the policy's ``min_requests``) on each side;
+below that the wave waits. No output window at all on a side (agents without an output
+baseline, history gone) skips the gate, as the ``prediction_drift`` gate does.
+
+What it cannot catch: errors that keep the class shares (two equally frequent classes swapped
+both ways, a uniformly noisier model), a candidate that is wrong only on inputs the canary did
+not see, and a traffic change between the before-switch window and the canary's on the last
+wave. Owns this gate's definition only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Final
+
+from fleet_server.rollouts.gates.base import Gate, GateInputs
+from fleet_server.rollouts.metrics import OutputMoments, TensorMoments
+from fleet_server.rollouts.state import GateResult
+
+__all__ = ["GATE", "MIN_ROWS", "Shift", "shifts"]
+
+_NAME: Final = "output_distribution"
+#: Output rows needed on each side before the gate judges.
+MIN_ROWS: Final = 300
+#: Features named in the message.
+_SHOWN: Final = 3
+
+
+@dataclass(frozen=True)
+class Shift:
+    """One output feature, canary against reference."""
+
+    tensor: str
+    feature: int
+    canary_mean: float
+    reference_mean: float
+    d: float  # standardised mean difference (canary - reference) / pooled sd
+    z: float  # (|d| - limit) / se(d): the evidence that |d| exceeds the limit
+
+    def label(self, single: bool) -> str:
+        """``class 8`` for the only tensor, ``tensor[8]`` otherwise."""
+        return f"class {self.feature}" if single else f"{self.tensor}[{self.feature}]"
+
+    def text(self, single: bool) -> str:
+        """``class 8: 9.8% -> 18.1% (d +0.23)``; plain means outside [0, 1]."""
+        a, b = self.reference_mean, self.canary_mean
+        if min(a, b) >= 0.0 and max(a, b) <= 1.0:
+            values = f"{a:.1%} -> {b:.1%}"
+        else:
+            values = f"{a:.4g} -> {b:.4g}"
+        return f"{self.label(single)}: {values} (d {self.d:+.2f})"
+
+
+def _moments(t: TensorMoments, j: int) -> tuple[int, float, float]:
+    n = t.count[j]
+    if n <= 0:
+        return 0, 0.0, 0.0
+    mean = t.sum[j] / n
+    return n, mean, max(t.sumsq[j] / n - mean * mean, 0.0)
+
+
+def shifts(canary: OutputMoments, reference: OutputMoments, limit: float) -> list[Shift]:
+    """Every shared output feature's shift, largest ``|d|`` first (pure).
+
+    Tensors present on one side only, or with another feature count, are left out.
+    """
+    out: list[Shift] = []
+    for name, c in sorted(canary.tensors.items()):
+        r = reference.tensors.get(name)
+        if r is None or len(r.count) != len(c.count):
+            continue
+        for j in range(len(c.count)):
+            (n1, m1, v1), (n2, m2, v2) = _moments(c, j), _moments(r, j)
+            if n1 == 0 or n2 == 0:
+                continue
+            s = math.sqrt((v1 + v2) / 2)
+            if s == 0.0:
+                # Constant on both sides: any difference is a whole distribution away.
+                d = 0.0 if m1 == m2 else math.copysign(math.inf, m1 - m2)
+                out.append(Shift(name, j, m1, m2, d, math.inf if d else -math.inf))
+                continue
+            d = (m1 - m2) / s
+            se = math.sqrt(v1 / n1 + v2 / n2) / s
+            z = (abs(d) - limit) / se if se > 0 else (math.inf if abs(d) > limit else -math.inf)
+            out.append(Shift(name, j, m1, m2, d, z))
+    return sorted(out, key=lambda x: (-abs(x.d), x.tensor, x.feature))
+
+
+def corrected_z(z: float, tests: int) -> float:
+    """The one-sided ``z`` of the policy, Bonferroni-corrected for ``tests`` tests."""
+    nd = NormalDist()
+    alpha = 1.0 - nd.cdf(z)
+    return nd.inv_cdf(1.0 - alpha / max(tests, 1))
+
+
+def verdict(i: GateInputs) -> GateResult:
+    """The largest output shift of the canary against the control (or before the switch)."""
+    r, p = i.rollout, i.rollout.policy
+    limit = p.thresholds.max_output_shift
+    if limit is None:
+        return GateResult(_NAME, "skipped", None, None, "disabled")
+    if i.has_control:
+        ref, what = i.control_outputs, f"control on v{r.from_version}"
+    else:
+        ref, what = i.before_outputs, f"the same devices on v{r.from_version} before the switch"
+    n1, n2 = i.canary_outputs.rows, ref.rows
+    if n1 == 0:
+        return GateResult(_NAME, "skipped", None, limit, "no output windows reported on canary")
+    if n2 == 0:
+        return GateResult(_NAME, "skipped", None, limit, f"no output windows of {what}")
+    need = max(MIN_ROWS, p.min_requests)
+    if min(n1, n2) < need:
+        msg = f"{_NAME}: {n1}/{n2} output rows (canary/{what}), need {need} each"
+        return GateResult(_NAME, "waiting", None, limit, msg)
+    found = shifts(i.canary_outputs, ref, limit)
+    if not found:
+        msg = f"no output tensor shared by the canary and {what}"
+        return GateResult(_NAME, "skipped", None, limit, msg)
+    z = corrected_z(p.z, 2 * len(found))
+    top = found[0]
+    breach = any(s.z > z for s in found)
+    single = len({s.tensor for s in found}) == 1
+    # The features that moved (at least the largest), not the ones that happen to come next.
+    shown = [top, *(s for s in found[1:_SHOWN] if abs(s.d) >= limit / 2)]
+    moved = ", ".join(s.text(single) for s in shown)
+    detail = (
+        f"largest output shift |d| {abs(top.d):.2f} (max {limit:.2f}; evidence z {top.z:.1f} "
+        f"vs {z:.2f} for {len(found)} features) on canary (n={n1}) vs {what} (n={n2}): {moved}"
+    )
+    return GateResult(_NAME, "breach" if breach else "ok", abs(top.d), limit, detail)
+
+
+GATE: Final = Gate(
+    name=_NAME,
+    phase="quality",
+    reads=("outputs", "outputs_before"),  # DeviceObservation fields, merged by quality_inputs
+    statistic="standardised mean shift per output feature above a margin, Bonferroni z",
+    thresholds=("max_output_shift",),
+    verdict=verdict,
+)
