@@ -1,9 +1,10 @@
 """``model-builder build``: float model in, signed bundle and report out.
 
 Owns the order of the steps and nothing else: quantize (``quantize_onnx`` / ``quantize_tflite``),
-gate with the agent's own runtime adapters (``gate``), measure (``perf``), compute the drift
-baseline with the device's code (``edge_agent.drift``), choose golden samples, fill in the
-manifest, and sign (``package``).
+gate with the agent's own runtime adapters (``gate``), measure (``perf``), compare with the
+champion bundle when given one (``evaluate.compare``), compute the drift baseline with the
+device's code (``edge_agent.drift``), choose golden samples, fill in the manifest, and sign
+(``package``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,14 @@ from model_builder.build_parts import (
 )
 from model_builder.config import BuildConfig
 from model_builder.data import Dataset
-from model_builder.errors import AccuracyGateError, InputDataError
+from model_builder.errors import AccuracyGateError, ChampionRegressionError, InputDataError
+from model_builder.evaluate.compare import (
+    Champion,
+    ChampionComparison,
+    check_champion_fits,
+    compare_with_champion,
+    comparison_report,
+)
 from model_builder.evaluate.contract_check import check_contract_fits_model, refusals
 from model_builder.evaluate.failure import failure_report
 from model_builder.evaluate.gate import GateOutcome, judge, quantize_with_gate
@@ -75,8 +83,13 @@ def build_bundle(
     *,
     now: datetime,
     progress: ProgressFn | None = None,
+    champion: Champion | None = None,
 ) -> BuildResult:
     """Quantize, gate, baseline, package and sign one model.
+
+    With a ``champion`` (a verified bundle of the same name, ``compare.load_champion``) the
+    quantized model is also compared with it on the evaluation set (``config.compare_limits``)
+    and the comparison goes into the report, so it is signed with the manifest.
 
     Raises:
         InputDataError: the evaluation data has no labels, or does not fit the model.
@@ -85,6 +98,11 @@ def build_bundle(
         ModelCheckError, QuantizationError: the model or the quantizer failed.
         AccuracyGateError: the quantized model failed the gate and no rescue passed; its
             ``report`` is the full failure report (``failure.failure_report``) with diagnosis.
+        ChampionMismatchError: the champion's labels, task or inputs differ from the contract's
+            (checked before quantizing).
+        ChampionRegressionError: the quantized model is worse than the champion beyond
+            ``config.compare_limits`` and ``config.allow_regression`` is None; its ``report``
+            is the full report with the comparison; nothing is signed.
         KeyStoreError: no usable signing key.
     """
     inputs, outputs = contract
@@ -97,6 +115,8 @@ def build_bundle(
     f_runtime = load_runtime(model_bytes, fmt, RuntimeOptions(warmup_runs=1))
     try:
         check_contract_fits_model(inputs, outputs, f_runtime.inputs, f_runtime.outputs)
+        if champion is not None:
+            check_champion_fits(champion.manifest, inputs, outputs)
         contract_check = {
             "source": config.contract_source,
             **refusals(inputs, evaluation.inputs).to_dict(),
@@ -136,6 +156,17 @@ def build_bundle(
             )
             baseline_outputs = run_all(q_runtime, calib, pre)
             golden = golden_samples(q_runtime, evaluation, pre, outputs, config.golden)
+            compared: ChampionComparison | None = None
+            if champion is not None:
+                compared = compare_with_champion(
+                    champion,
+                    q_runtime,
+                    inputs,
+                    outputs,
+                    evaluation,
+                    config.compare_limits,
+                    progress=progress,
+                )
         finally:
             q_runtime.close()
     finally:
@@ -155,7 +186,17 @@ def build_bundle(
         (len(model_bytes), len(quantized)),
     )
     report["contract_check"] = contract_check
+    if champion is not None and compared is not None:
+        report["comparison"] = comparison_report(champion, compared, config.allow_regression)
     report["table"] = render_table(report)
+    if compared is not None and compared.verdict.regressed and config.allow_regression is None:
+        assert champion is not None
+        raise ChampionRegressionError(
+            f"worse than {champion.manifest.name} v{champion.manifest.version} (--compare-to): "
+            + "; ".join(compared.verdict.reasons)
+            + "; give --allow-regression REASON to sign it anyway",
+            report,
+        )
     manifest = BundleManifest(
         name=config.name,
         version=config.version,

@@ -1,4 +1,8 @@
-"""The ``build`` and ``demo`` commands: file handling, progress display and the summary."""
+"""The ``build`` and ``demo`` commands: file handling, progress display and the summary.
+
+``build --compare-to CHAMPION.efb`` reads and verifies the champion here (with the key store's
+root, as ``model-builder verify --keystore`` does) and hands it to ``build_bundle``.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import numpy as np
 from edge_agent.bundle import read_bundle, write_bundle
 from edge_agent.cli.support import passphrase_from_env
 from edge_agent.contract import Preprocessing
+from edge_agent.quality.compare import ComparisonLimits
 from edge_agent.runtime.device import detect_device_profile
 from edge_agent.runtime.golden import check_golden
 from edge_agent.runtime.loader import load_runtime
@@ -22,10 +27,12 @@ from model_builder.build import BuildResult, build_bundle
 from model_builder.build_parts import run_all
 from model_builder.config import BuildConfig
 from model_builder.data import RANGE_MARGIN, infer_contract, load_contract, load_dataset
-from model_builder.errors import AccuracyGateError, InputDataError
+from model_builder.errors import AccuracyGateError, ChampionRegressionError, InputDataError
+from model_builder.evaluate.compare import Champion, load_champion
 from model_builder.evaluate.contract_check import RefusalReport, describe_refusals
 from model_builder.evaluate.failure import render_failure
 from model_builder.evaluate.gate import GatePolicy
+from model_builder.evaluate.report import render_table
 from model_builder.keystore import KeyStore
 from model_builder.quantize.calibration import ProgressFn
 
@@ -96,6 +103,33 @@ def _progress() -> ProgressFn:
 @click.option("--max-abs-drop", default=0.01, show_default=True)
 @click.option("--max-rel-drop", default=0.01, show_default=True)
 @click.option("--min-agreement", default=0.99, show_default=True)
+@click.option(
+    "--compare-to",
+    "compare_to",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The signed bundle this model replaces (same --name): verify it with the key store's "
+    "root, run both on the evaluation data, and fail the build if the new model regressed.",
+)
+@click.option(
+    "--max-accuracy-drop",
+    default=ComparisonLimits().max_accuracy_drop,
+    show_default=True,
+    help="With --compare-to: largest significant accuracy drop allowed against the champion.",
+)
+@click.option(
+    "--max-recall-drop",
+    default=ComparisonLimits().max_recall_drop,
+    show_default=True,
+    help="With --compare-to: largest significant per-class recall drop allowed.",
+)
+@click.option(
+    "--allow-regression",
+    "allow_regression",
+    default=None,
+    metavar="REASON",
+    help="With --compare-to: sign the bundle even if it regressed; REASON is recorded in the "
+    "signed report.",
+)
 @click.option("--no-rescue", is_flag=True, help="Fail instead of searching for float fallbacks.")
 @click.option("--max-exclusions", default=8, show_default=True)
 @click.option("--kll", "kll_k", type=int, default=None, help="Add tier-B KLL sketches (k).")
@@ -127,8 +161,16 @@ def build(
     out_dir: Path,
     as_json: bool,
     range_margin: float,
+    compare_to: Path | None,
+    max_accuracy_drop: float,
+    max_recall_drop: float,
+    allow_regression: str | None,
 ) -> None:
     """Quantize MODEL, gate its accuracy, attach contract/baseline/golden samples, and sign it."""
+    if allow_regression is not None and compare_to is None:
+        raise click.UsageError("--allow-regression needs --compare-to")
+    if allow_regression is not None and not allow_regression.strip():
+        raise click.UsageError("--allow-regression needs a reason")
     config = BuildConfig(
         name=name,
         version=version,
@@ -141,6 +183,10 @@ def build(
         max_exclusions=max_exclusions,
         kll_k=kll_k,
         expires_days=expires_days,
+        compare_limits=ComparisonLimits(
+            max_accuracy_drop=max_accuracy_drop, max_recall_drop=max_recall_drop
+        ),
+        allow_regression=allow_regression,
     )
     try:
         result = run_build(
@@ -152,6 +198,7 @@ def build(
             KeyStore.open(keystore_dir, passphrase_from_env()),
             out_dir,
             range_margin=range_margin,
+            compare_to=compare_to,
         )
     except AccuracyGateError as exc:
         # The full report and the diagnosis, then the error boundary's one line and exit 5.
@@ -160,15 +207,22 @@ def build(
         elif exc.report:
             click.echo(render_failure(exc.report))
         raise
+    except ChampionRegressionError as exc:
+        # The whole report, comparison included, then the one line and exit 5 (no bundle).
+        if as_json:
+            click.echo(json.dumps(_without_table(exc.report), indent=2, default=str))
+        elif exc.report:
+            click.echo(render_table(exc.report))
+        raise
     if as_json:
-        click.echo(
-            json.dumps(
-                {k: v for k, v in result.report.items() if k != "table"}, indent=2, default=str
-            )
-        )
+        click.echo(json.dumps(_without_table(result.report), indent=2, default=str))
     else:
         click.echo(result.report["table"])
         click.echo(f"bundle: {out_dir / bundle_name(result)}")
+
+
+def _without_table(report: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in report.items() if k != "table"}
 
 
 def bundle_name(result: BuildResult) -> str:
@@ -185,16 +239,25 @@ def run_build(
     out_dir: Path,
     *,
     range_margin: float = RANGE_MARGIN,
+    compare_to: Path | None = None,
 ) -> BuildResult:
     """Load the files, build, and write ``<name>-<version>.efb`` and its report JSON.
 
     On an accuracy-gate failure the report JSON (with the diagnosis) is written all the same,
-    and no bundle.
+    and no bundle; likewise on a regression against the ``compare_to`` champion.
 
     Raises:
         InputDataError: unknown model format or unusable data; plus everything
             ``build_bundle`` raises.
+        BundleFormatError, BundleVerificationError: ``compare_to`` is not a bundle the key
+            store's root trusts.
+        ChampionMismatchError: ``compare_to`` is of another model name (checked first).
     """
+    champion: Champion | None = None
+    if compare_to is not None:
+        champion = load_champion(
+            compare_to, store.trusted_root(), now=datetime.now(UTC), name=config.name
+        )
     fmt = {".onnx": "onnx", ".tflite": "tflite"}.get(model.suffix)
     if fmt is None:
         raise InputDataError(f"{model.name}: expected a .onnx or .tflite model")
@@ -239,10 +302,12 @@ def run_build(
             store,
             now=datetime.now(UTC),
             progress=_progress(),
+            champion=champion,
         )
-    except AccuracyGateError as exc:
+    except (AccuracyGateError, ChampionRegressionError) as exc:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_bundle(report_path, json.dumps(exc.report, indent=2, default=str).encode())
+        report_json = json.dumps(_without_table(exc.report), indent=2, default=str)
+        write_bundle(report_path, report_json.encode())
         click.echo(f"report: {report_path}", err=True)
         raise
     warning = _refusal_warning(result.report.get("contract_check"))
@@ -250,8 +315,9 @@ def run_build(
         click.echo(f"warning: {warning}", err=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_bundle(out_dir / bundle_name(result), result.bundle)
-    report = {k: v for k, v in result.report.items() if k != "table"}
-    write_bundle(report_path, json.dumps(report, indent=2, default=str).encode())
+    write_bundle(
+        report_path, json.dumps(_without_table(result.report), indent=2, default=str).encode()
+    )
     return result
 
 

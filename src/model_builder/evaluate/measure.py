@@ -95,7 +95,7 @@ def evaluate(
             progress(i, total, "evaluation")
     scores = np.concatenate(outputs).reshape(n, -1).astype(np.float64)
     if contract.task == "classification":
-        truth = _class_indices(y, contract.labels)
+        truth = class_indices(y, contract.labels)
         if len(truth) != n:
             raise InputDataError(
                 f"classification needs one label per sample: {np.shape(y)} labels for {n} samples"
@@ -161,7 +161,12 @@ def _preprocessed_inputs(
         raise InputDataError(f"cannot preprocess the evaluation data: {exc}") from exc
 
 
-def _class_indices(y: Array, labels: Sequence[str]) -> Array:
+def class_indices(y: Array, labels: Sequence[str]) -> Array:
+    """Class indices of ``y``: integers as given, or labels looked up in ``labels``.
+
+    Raises:
+        InputDataError: a label that is not in ``labels``.
+    """
     arr = np.asarray(y)
     if arr.dtype.kind == "f" and np.all(np.mod(arr, 1) == 0):
         arr = arr.astype(np.int64)  # class indices that went through a float column (CSV)
