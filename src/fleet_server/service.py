@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Protocol
@@ -26,7 +26,13 @@ from securesystemslib.signer import Signer
 
 from edge_agent.errors import EdgefleetError, RootRotationError
 from edge_agent.trust import TrustedRoot
-from edge_agent.trust.desired import SIGNING_ROLE, DesiredState, ModelAssignment
+from edge_agent.trust.desired import (
+    SHADOW_CAPABILITY,
+    SIGNING_ROLE,
+    DesiredState,
+    ModelAssignment,
+    ShadowAssignment,
+)
 from edge_agent.wire.telemetry import StatusMessage
 from fleet_server.delivery.desired import make_desired_state, parse_document, sign_desired_state
 from fleet_server.delivery.library import BundleLibrary, LibraryEntry
@@ -43,6 +49,7 @@ __all__ = [
     "FleetService",
     "FleetStatus",
     "GatewayPort",
+    "shadow_capable",
 ]
 
 log = logging.getLogger(__name__)
@@ -62,6 +69,12 @@ class GatewayPort(Protocol):
     def misbehaviour(
         self, device_id: str | None = None, *, top: int = 20
     ) -> Sequence[DeviceMisbehaviour]: ...
+
+
+def shadow_capable(reported: Mapping[str, object] | None) -> bool:
+    """Whether a device's stored reported state lists the ``shadow`` capability."""
+    caps = (reported or {}).get("capabilities")
+    return isinstance(caps, list) and SHADOW_CAPABILITY in caps
 
 
 @dataclass(frozen=True)
@@ -204,18 +217,7 @@ class FleetService:
             DeviceRevokedError: the named device is revoked.
             RegistryUnavailableError: the database failed.
         """
-        record = self.model(name, version)
-        if not self._library.has(record.sha256):
-            raise ModelNotPublishedError(
-                f"model {name} v{version} is recorded but its file {record.sha256} is missing"
-            )
-        assignment = ModelAssignment(
-            version=record.version,
-            channel=record.channel,
-            bundle_sha256=record.sha256,
-            bundle_length=record.length,
-            targets_sha256=record.targets_sha256,
-        )
+        assignment = self._assignment(name, version)
         if group:
             ids = [d.id for d in self._registry.list_devices(group=target, include_revoked=False)]
             if not ids:
@@ -223,6 +225,56 @@ class FleetService:
         else:
             ids = [self._registry.get_device(target).id]
         return [self._assign_one(device_id, name, assignment) for device_id in ids]
+
+    def assign_shadow(
+        self, device_id: str, name: str, version: int, shadow: int, fraction_ppm: int
+    ) -> AssignResult | None:
+        """Assign ``name`` v``version`` serving and v``shadow`` as its shadow to one device.
+
+        The shadow is installed without serving and replayed on ``fraction_ppm`` parts per
+        million of requests (a rollout's shadow phase). Only a device whose reported state
+        lists the ``shadow`` capability is sent one: an older device refuses the document's
+        new key. A later ``assign`` of the model replaces the assignment and so ends the shadow.
+
+        Returns:
+            The result, or None when the device does not list the ``shadow`` capability
+            (nothing is stored or sent).
+
+        Raises:
+            ModelNotPublishedError: either version is not published, or its file is missing.
+            UnknownDeviceError, DeviceRevokedError, RegistryUnavailableError: as ``assign``.
+        """
+        device = self._registry.get_device(device_id)
+        if not shadow_capable(device.reported):
+            return None
+        serving = self._assignment(name, version)
+        candidate = self._assignment(name, shadow)
+        assignment = replace(
+            serving,
+            shadow=ShadowAssignment(
+                version=candidate.version,
+                channel=candidate.channel,
+                bundle_sha256=candidate.bundle_sha256,
+                bundle_length=candidate.bundle_length,
+                targets_sha256=candidate.targets_sha256,
+                fraction_ppm=fraction_ppm,
+            ),
+        )
+        return self._assign_one(device.id, name, assignment)
+
+    def _assignment(self, name: str, version: int) -> ModelAssignment:
+        record = self.model(name, version)
+        if not self._library.has(record.sha256):
+            raise ModelNotPublishedError(
+                f"model {name} v{version} is recorded but its file {record.sha256} is missing"
+            )
+        return ModelAssignment(
+            version=record.version,
+            channel=record.channel,
+            bundle_sha256=record.sha256,
+            bundle_length=record.length,
+            targets_sha256=record.targets_sha256,
+        )
 
     def _assign_one(
         self, device_id: str, name: str | None, assignment: ModelAssignment | None

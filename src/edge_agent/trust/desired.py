@@ -16,6 +16,20 @@ Wire format (a TUF-style envelope, canonical JSON throughout)::
                                       "targets_sha256": "<hex>"}}},
      "signatures": [{"keyid": "<hex>", "sig": "<hex>"}]}
 
+A model may also carry a ``shadow`` object (issue 12: a rollout's shadow phase): a newer bundle
+the device installs *without serving it* and runs beside the live model on a sample of requests::
+
+    "shadow": {"version": 4, "channel": "stable", "bundle_sha256": "<hex>",
+               "bundle_length": 123456, "targets_sha256": "<hex>", "fraction_ppm": 200000}
+
+``fraction_ppm`` is the sampled share in parts per million (canonical JSON has no floats). The
+shadow bundle is checked exactly like a serving one (signed length and digest, targets digest,
+builder signatures, identity, and rollback protection on its version), and its version must be
+newer than the serving one. The key is only present when a shadow is assigned: a document
+without it is byte-for-byte the older form, and an older device (whose strict parser refuses
+the key) is never sent one: the server sends it only to devices whose reported state lists the
+``shadow`` capability (``SHADOW_CAPABILITY``).
+
 Each signature is over the canonical JSON (securesystemslib ``encode_canonical``, as python-tuf
 signs) of ``signed``; a threshold of the root's ``timestamp`` keys must have signed.
 
@@ -43,6 +57,8 @@ Attack -> check -> error:
     freeze (stale document replayed)  ``expires`` vs ``now``        ExpiredMetadataError
     replay / older document           version > last accepted       RollbackError
     document for another device       device id                     MixAndMatchError
+    shadow not newer than serving,    strict parse                  MetadataFormatError
+      bad fraction, unknown shadow key
     endless / wrong bundle            signed length and SHA-256     LengthMismatchError,
                                                                     DigestMismatchError
 """
@@ -53,7 +69,7 @@ import hashlib
 import hmac
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any
@@ -80,9 +96,11 @@ __all__ = [
     "DESIRED_STATE_TYPE",
     "MAX_DESIRED_STATE_BYTES",
     "SCHEMA_VERSION",
+    "SHADOW_CAPABILITY",
     "SIGNING_ROLE",
     "DesiredState",
     "ModelAssignment",
+    "ShadowAssignment",
     "check_assignment",
     "check_bundle_identity",
     "check_targets_digest",
@@ -98,6 +116,10 @@ MAX_MODELS = 256
 MAX_SIGNATURES = 32
 MAX_BUNDLE_LENGTH = 1 << 40
 EXPIRES_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+#: What a device lists in its reported state's ``capabilities`` to be sent shadow assignments.
+SHADOW_CAPABILITY = "shadow"
+#: ``fraction_ppm`` of a shadow: parts per million of requests sampled (1..1,000,000).
+PPM = 1_000_000
 
 # Device ids: the one shared rule (edge_agent.ids). Names: the same rule as
 # edge_agent.contract.manifest model names / channels (a test keeps them in step).
@@ -110,6 +132,7 @@ _SIGNED_KEYS = frozenset({"_type", "schema_version", "device_id", "version", "ex
 _ASSIGNMENT_KEYS = frozenset(
     {"version", "channel", "bundle_sha256", "bundle_length", "targets_sha256"}
 )
+_SHADOW_KEYS = _ASSIGNMENT_KEYS | {"fraction_ppm"}
 
 
 def _int(value: object, what: str, *, minimum: int, maximum: int | None = None) -> int:
@@ -136,15 +159,13 @@ def _exact_keys(obj: object, keys: frozenset[str], what: str) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class ModelAssignment:
-    """One model a device should run: the exact bundle file and the targets metadata inside it.
+class ShadowAssignment:
+    """A bundle a device installs without serving it and runs as a shadow (a rollout's phase).
 
     Attributes:
-        version: the model version (equals the builder's targets version).
-        channel: the release channel the bundle was built for.
-        bundle_sha256: SHA-256 (lowercase hex) of the whole bundle file.
-        bundle_length: exact bundle size in bytes; the transfer cap (read no more than this).
-        targets_sha256: SHA-256 of the builder-signed ``targets.json`` the bundle must carry.
+        version, channel, bundle_sha256, bundle_length, targets_sha256: as in
+            ``ModelAssignment``: the exact bundle file and the targets metadata inside it.
+        fraction_ppm: share of served requests replayed on the shadow, parts per million.
 
     Raises:
         MetadataFormatError: a field is out of range or badly formed (on construction).
@@ -155,6 +176,75 @@ class ModelAssignment:
     bundle_sha256: str
     bundle_length: int
     targets_sha256: str
+    fraction_ppm: int
+
+    def __post_init__(self) -> None:
+        _int(self.version, "shadow version", minimum=1)
+        _str(self.channel, "shadow channel", NAME_RE)
+        _str(self.bundle_sha256, "shadow bundle_sha256", _SHA256_RE)
+        _int(self.bundle_length, "shadow bundle_length", minimum=1, maximum=MAX_BUNDLE_LENGTH)
+        _str(self.targets_sha256, "shadow targets_sha256", _SHA256_RE)
+        _int(self.fraction_ppm, "shadow fraction_ppm", minimum=1, maximum=PPM)
+
+    @property
+    def fraction(self) -> float:
+        """``fraction_ppm`` as a share in (0, 1]."""
+        return self.fraction_ppm / PPM
+
+    def bundle(self) -> ModelAssignment:
+        """The shadow bundle as an assignment: every bundle check takes it unchanged."""
+        return ModelAssignment(
+            version=self.version,
+            channel=self.channel,
+            bundle_sha256=self.bundle_sha256,
+            bundle_length=self.bundle_length,
+            targets_sha256=self.targets_sha256,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.bundle().to_dict(), "fraction_ppm": self.fraction_ppm}
+
+    @classmethod
+    def from_dict(cls, data: object) -> ShadowAssignment:
+        """Parse strictly: exactly the known fields, each of the right type.
+
+        Raises:
+            MetadataFormatError: missing, unknown or invalid fields.
+        """
+        d = _exact_keys(data, _SHADOW_KEYS, "shadow assignment")
+        return cls(
+            version=d["version"],
+            channel=d["channel"],
+            bundle_sha256=d["bundle_sha256"],
+            bundle_length=d["bundle_length"],
+            targets_sha256=d["targets_sha256"],
+            fraction_ppm=d["fraction_ppm"],
+        )
+
+
+@dataclass(frozen=True)
+class ModelAssignment:
+    """One model a device should run: the exact bundle file and the targets metadata inside it.
+
+    Attributes:
+        version: the model version (equals the builder's targets version).
+        channel: the release channel the bundle was built for.
+        bundle_sha256: SHA-256 (lowercase hex) of the whole bundle file.
+        bundle_length: exact bundle size in bytes; the transfer cap (read no more than this).
+        targets_sha256: SHA-256 of the builder-signed ``targets.json`` the bundle must carry.
+        shadow: a newer bundle to install without serving and run as a shadow (None: none).
+
+    Raises:
+        MetadataFormatError: a field is out of range or badly formed, or the shadow is not
+            newer than the serving version (on construction).
+    """
+
+    version: int
+    channel: str
+    bundle_sha256: str
+    bundle_length: int
+    targets_sha256: str
+    shadow: ShadowAssignment | None = None
 
     def __post_init__(self) -> None:
         _int(self.version, "model version", minimum=1)
@@ -162,15 +252,29 @@ class ModelAssignment:
         _str(self.bundle_sha256, "bundle_sha256", _SHA256_RE)
         _int(self.bundle_length, "bundle_length", minimum=1, maximum=MAX_BUNDLE_LENGTH)
         _str(self.targets_sha256, "targets_sha256", _SHA256_RE)
+        if self.shadow is not None:
+            if not isinstance(self.shadow, ShadowAssignment):
+                raise MetadataFormatError("shadow must be a ShadowAssignment")
+            if self.shadow.version <= self.version:
+                raise MetadataFormatError(
+                    f"shadow v{self.shadow.version} is not newer than serving v{self.version}"
+                )
+
+    def serving(self) -> ModelAssignment:
+        """This assignment without its shadow (the serving bundle alone)."""
+        return replace(self, shadow=None) if self.shadow is not None else self
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "version": self.version,
             "channel": self.channel,
             "bundle_sha256": self.bundle_sha256,
             "bundle_length": self.bundle_length,
             "targets_sha256": self.targets_sha256,
         }
+        if self.shadow is not None:  # absent, not null: the older form stays byte-identical
+            out["shadow"] = self.shadow.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: object) -> ModelAssignment:
@@ -179,13 +283,16 @@ class ModelAssignment:
         Raises:
             MetadataFormatError: missing, unknown or invalid fields.
         """
-        d = _exact_keys(data, _ASSIGNMENT_KEYS, "model assignment")
+        has_shadow = isinstance(data, dict) and "shadow" in data
+        keys = _ASSIGNMENT_KEYS | {"shadow"} if has_shadow else _ASSIGNMENT_KEYS
+        d = _exact_keys(data, keys, "model assignment")
         return cls(
             version=d["version"],
             channel=d["channel"],
             bundle_sha256=d["bundle_sha256"],
             bundle_length=d["bundle_length"],
             targets_sha256=d["targets_sha256"],
+            shadow=ShadowAssignment.from_dict(d["shadow"]) if has_shadow else None,
         )
 
 

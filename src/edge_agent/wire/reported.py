@@ -3,8 +3,10 @@
 Owns the wire format of the device half of the desired/reported pair (like a device shadow's
 ``reported`` section): the last desired-state version the device accepted, per model the active
 and kept versions, the transfer in progress and the outcome of the last assignment (installed,
-rolled back, failed and why). Frozen value objects with strict ``from_dict``, canonical
-``to_bytes`` and a size-capped ``from_bytes``; JSON Schema:
+rolled back, failed and why), the shadow a rollout assigned (``ShadowReport``) and the
+device's ``capabilities`` (what newer desired-state forms it understands: ``"shadow"``).
+Frozen value objects with strict ``from_dict``, canonical ``to_bytes`` and a size-capped
+``from_bytes``; JSON Schema:
 ``edge_agent/schemas/reported.schema.json``.
 
 Pure: does not publish (the sync loop does) and does no I/O. Unknown keys are ignored, as in
@@ -37,6 +39,7 @@ __all__ = [
     "OUTCOMES",
     "ModelReport",
     "ReportedState",
+    "ShadowReport",
     "TransferReport",
 ]
 
@@ -46,6 +49,7 @@ MAX_REPORTED_BYTES: Final = 64 * 1024
 OUTCOMES: Final = ("pending", "downloading", "installed", "rolled_back", "failed")
 _MAX_MODELS: Final = 32
 _MAX_KEPT: Final = 16
+_MAX_CAPABILITIES: Final = 16
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,38 @@ class TransferReport:
 
 
 @dataclass(frozen=True)
+class ShadowReport:
+    """The shadow the accepted desired state assigns to a model (a rollout's shadow phase).
+
+    Attributes:
+        version: the shadow version assigned.
+        outcome: ``downloading``, ``installed`` (installed and running as the shadow, never
+            serving) or ``failed`` (one of ``OUTCOMES``).
+        reason: why it failed ("" otherwise).
+    """
+
+    version: int
+    outcome: str = "pending"
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "outcome": self.outcome, "reason": self.reason}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> ShadowReport:
+        """Parse strictly. Raises ContractError."""
+        m = as_object(d, "shadow report")
+        outcome = require(m, "outcome", "shadow report")
+        if outcome not in OUTCOMES:
+            raise ContractError(f"shadow report: outcome {outcome!r} not in {OUTCOMES}")
+        return cls(
+            version=as_int(require(m, "version", "shadow report"), "shadow.version"),
+            outcome=outcome,
+            reason=as_str(m.get("reason", ""), "shadow.reason"),
+        )
+
+
+@dataclass(frozen=True)
 class ModelReport:
     """One model on the device.
 
@@ -98,6 +134,7 @@ class ModelReport:
         outcome: what happened to ``assigned``: one of ``OUTCOMES``.
         reason: why it failed or was rolled back ("" otherwise).
         transfer: the download in progress, if any.
+        shadow: the shadow assigned and what became of it (the key is absent when None).
     """
 
     active: int | None
@@ -106,9 +143,10 @@ class ModelReport:
     outcome: str = "pending"
     reason: str = ""
     transfer: TransferReport | None = None
+    shadow: ShadowReport | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "active": self.active,
             "kept": list(self.kept),
             "assigned": self.assigned,
@@ -116,6 +154,9 @@ class ModelReport:
             "reason": self.reason,
             "transfer": None if self.transfer is None else self.transfer.to_dict(),
         }
+        if self.shadow is not None:
+            out["shadow"] = self.shadow.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, d: Any) -> ModelReport:
@@ -128,6 +169,7 @@ class ModelReport:
         if not isinstance(kept, list) or len(kept) > _MAX_KEPT:
             raise ContractError(f"model report: kept must be a list of at most {_MAX_KEPT}")
         active, assigned, transfer = m.get("active"), m.get("assigned"), m.get("transfer")
+        shadow = m.get("shadow")
         return cls(
             active=None if active is None else as_int(active, "model.active"),
             kept=tuple(as_int(v, "model.kept") for v in kept),
@@ -135,6 +177,7 @@ class ModelReport:
             outcome=outcome,
             reason=as_str(m.get("reason", ""), "model.reason"),
             transfer=None if transfer is None else TransferReport.from_dict(transfer),
+            shadow=None if shadow is None else ShadowReport.from_dict(shadow),
         )
 
 
@@ -148,6 +191,8 @@ class ReportedState(Wire):
         agent_version: edge-agent version.
         desired_version: version of the last desired-state document accepted (0: none).
         models: per model name, its ``ModelReport``.
+        capabilities: newer desired-state forms the device understands (``"shadow"``: shadow
+            assignments); the server sends those only to devices listing them.
     """
 
     device_id: str
@@ -156,6 +201,7 @@ class ReportedState(Wire):
     desired_version: int = 0
     models: Mapping[str, ModelReport] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    capabilities: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict, valid against ``reported.schema.json``."""
@@ -167,6 +213,7 @@ class ReportedState(Wire):
             "agent_version": self.agent_version,
             "desired_version": self.desired_version,
             "models": {k: v.to_dict() for k, v in sorted(self.models.items())},
+            **({"capabilities": list(self.capabilities)} if self.capabilities else {}),
         }
 
     @classmethod
@@ -176,12 +223,16 @@ class ReportedState(Wire):
         models = as_object(require(m, "models", "reported"), "reported.models")
         if len(models) > _MAX_MODELS:
             raise ContractError(f"reported: at most {_MAX_MODELS} models")
+        caps = m.get("capabilities", [])
+        if not isinstance(caps, list) or len(caps) > _MAX_CAPABILITIES:
+            raise ContractError(f"reported: capabilities: a list of at most {_MAX_CAPABILITIES}")
         return cls(
             device_id=as_device_id(require(m, "device_id", "reported")),
             at=as_number(require(m, "at", "reported"), "reported.at"),
             agent_version=as_str(m.get("agent_version", ""), "reported.agent_version", 64),
             desired_version=as_int(m.get("desired_version", 0), "reported.desired_version"),
             models={as_label(k, "model name"): ModelReport.from_dict(v) for k, v in models.items()},
+            capabilities=tuple(as_label(c, "reported.capabilities") for c in caps),
         )
 
     @classmethod
