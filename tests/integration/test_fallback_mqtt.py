@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from bundles import DigitsBundles
+from clock import FakeClock
 from edge_agent.common.mqtt import MqttClient
 from edge_agent.common.mqtt_types import MqttConfig
 from edge_agent.config import AgentConfig, FallbackConfig, StoreConfig
@@ -29,18 +30,10 @@ from edge_agent.wire.topics import Topics
 from fleet_server.fallback.cloud_models import CloudModel, CloudModels
 from fleet_server.fallback.worker import FallbackWorker
 from mosquitto import FleetBroker, broker_fixture
-from support import DEVICE
+from support import DEVICE, wait_until
 
 broker = broker_fixture(scope="module", devices=("dev-a", "dev-b"), workers=("w2.server",))
 WAIT = 10.0
-
-
-def settle(predicate: Any, timeout: float = 2.0) -> bool:
-    """Counters are bumped just after the answer is queued: poll briefly."""
-    end = time.monotonic() + timeout
-    while not predicate() and time.monotonic() < end:
-        time.sleep(0.01)
-    return bool(predicate())
 
 
 def cfg(b: FleetBroker, identity: str, **kw: Any) -> MqttConfig:
@@ -89,7 +82,20 @@ class SlowRuntime:
         self.inner, self.delay = inner, delay
 
     def run(self, feeds: Any) -> Any:
-        time.sleep(self.delay)
+        time.sleep(self.delay)  # the slowness under test: the deadline passes on the wall clock
+        return self.inner.run(feeds)
+
+
+class GatedRuntime:
+    """A runtime that says when it starts and finishes only when the test lets it."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def run(self, feeds: Any) -> Any:
+        self.started.set()
+        self.release.wait(WAIT)
         return self.inner.run(feeds)
 
 
@@ -142,7 +148,8 @@ def test_cloud_only_agent_gets_real_cloud_answers(
     assert res.parameters["fallback_reason"] == "local_unavailable"  # nothing installed
     pred = np.argmax(res.outputs["probabilities"], axis=1)
     assert (pred == digits_bundles.y_eval[:64]).mean() > 0.9
-    assert settle(lambda: w.stats()["answered"] == 1)
+    # Counters are bumped just after the answer is queued.
+    wait_until(lambda: w.stats()["answered"] == 1, WAIT, what="the answer counted")
     assert a.cloud is not None
     assert a.cloud.stats()["ok"] == 1
 
@@ -220,7 +227,7 @@ def test_deadline_miss_is_typed_and_opens_the_breaker(
     with pytest.raises(CloudFallbackError) as err:
         a.infer(req)
     assert err.value.reason == "breaker_open"
-    time.sleep(0.5)
+    wait_until(lambda: w.stats()["late"] >= 2, WAIT, what="both slow runs finished")
     assert w.stats()["late"] == 2, "answers computed past the deadline are not sent"
     assert w.stats()["answered"] == 0
 
@@ -235,7 +242,9 @@ def test_two_workers_share_requests(
     x = digits_bundles.x_eval[:1]
     for _ in range(20):
         transport.request("digits", {"input": x}, deadline_s=2.0, reason="cloud_only")
-    settle(lambda: w1.stats()["answered"] + w2.stats()["answered"] == 20)
+    wait_until(
+        lambda: w1.stats()["answered"] + w2.stats()["answered"] >= 20, WAIT, what="20 answers"
+    )
     a1, a2 = w1.stats()["answered"], w2.stats()["answered"]
     assert a1 + a2 == 20, "each request answered exactly once"
     assert a1 > 0
@@ -245,7 +254,10 @@ def test_two_workers_share_requests(
 def test_expired_request_is_not_answered(
     broker: FleetBroker, clients: list[MqttClient], digits: Any, digits_bundles: DigitsBundles
 ) -> None:
-    w = worker(clients, broker, slow(digits, 0.4), threads=1)
+    runtime = GatedRuntime(digits["digits"].runtime)
+    models = {"digits": dataclasses.replace(digits["digits"], runtime=runtime)}
+    clock = FakeClock()  # the worker's: the queued request's wait is what the test makes it
+    w = worker(clients, broker, models, threads=1, clock=clock)
     dev = connect(clients, broker, "dev-a")
     transport = MqttFallbackTransport(dev, Topics(broker.prefix), "dev-a")
     x = digits_bundles.x_eval[:1]
@@ -255,12 +267,15 @@ def test_expired_request_is_not_answered(
         kwargs={"deadline_s": 2.0, "reason": "r"},
     )
     first.start()
-    time.sleep(0.1)  # the pool's only thread is busy for 0.4 s
+    assert runtime.started.wait(WAIT)  # the pool's only thread is busy until released
     with pytest.raises(CloudFallbackError) as err:
         transport.request("digits", {"input": x}, deadline_s=0.15, reason="r")
     assert err.value.reason == "deadline"
+    wait_until(lambda: w.stats()["queued"] == 1, WAIT, what="the second request queued")
+    clock.advance(0.3)  # while the first one runs
+    runtime.release.set()
     first.join(WAIT)
-    time.sleep(0.2)
+    wait_until(lambda: w.stats()["expired"] >= 1, WAIT, what="the queued request dropped")
     s = w.stats()
     assert s["expired"] == 1, "dropped in the queue, never run"
     assert s["answered"] == 1
@@ -289,7 +304,8 @@ def test_bad_request_gets_a_typed_error(
 def test_dev_b_cannot_read_dev_a_responses(
     broker: FleetBroker, clients: list[MqttClient], digits: Any, digits_bundles: DigitsBundles
 ) -> None:
-    worker(clients, broker, digits)
+    w = worker(clients, broker, digits)
+    server = clients[0]  # the worker's session
     topics = Topics(broker.prefix)
     spy = connect(clients, broker, "dev-b")
     seen: list[Any] = []
@@ -302,5 +318,9 @@ def test_dev_b_cannot_read_dev_a_responses(
     payload = FallbackRequest("digits", {"input": digits_bundles.x_eval[:1]}, 500).to_bytes()
     with pytest.raises(TransportTimeoutError):
         spy.request(topics.fallback_req("dev-b"), payload, topics.fallback_resp("dev-a", "z"), 0.5)
-    time.sleep(0.3)
-    assert seen == []
+    wait_until(lambda: w.stats()["dropped_no_reply"] == 1, WAIT, what="the forged request dropped")
+    # The worker's session published dev-a's answer before this fence (QoS 1, same client, so
+    # in order): once dev-b has the fence, it would have had the answer too.
+    server.publish(topics.fallback_resp("dev-b", "fence"), b"fence", 1)
+    wait_until(lambda: any(m.payload == b"fence" for m in seen), WAIT, what="the fence")
+    assert [m for m in seen if m.payload != b"fence"] == []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 
 from bundles import DigitsBundles
+from clock import FakeClock
 from edge_agent.common.mqtt_types import Message, MessageProperties
 from edge_agent.errors import InferenceError
 from edge_agent.wire.fallback import FallbackRequest, FallbackResponse
@@ -19,6 +19,7 @@ from edge_agent.wire.topics import Topics
 from fleet_server.errors import FallbackServingError
 from fleet_server.fallback.cloud_models import CloudModel, CloudModels
 from fleet_server.fallback.worker import MAX_LOADED, RESOLVE_MEMORY, FallbackWorker
+from support import wait_until
 
 TOPICS = Topics("edgefleet")
 
@@ -55,12 +56,17 @@ class FakeClient:
 
 
 class FakeRuntime:
-    def __init__(self, delay: float = 0.0, fail: bool = False) -> None:
-        self.delay, self.fail, self.calls = delay, fail, 0
+    """A model: ``delay`` seconds on ``clock`` per run (a slow model on the test's fake clock)."""
+
+    def __init__(
+        self, delay: float = 0.0, fail: bool = False, clock: FakeClock | None = None
+    ) -> None:
+        self.delay, self.fail, self.calls, self.clock = delay, fail, 0, clock
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         self.calls += 1
-        time.sleep(self.delay)
+        if self.clock is not None:
+            self.clock.advance(self.delay)
         if self.fail:
             raise InferenceError("boom")
         x = np.asarray(feeds["input"])
@@ -156,11 +162,22 @@ def test_request_on_a_foreign_topic_is_dropped() -> None:
 
 
 def test_expired_in_queue_is_dropped_not_answered() -> None:
-    slow = FakeRuntime(delay=0.3)
-    w, c = make(slow, threads=1)
+    clock = FakeClock()
+    gate, running = threading.Event(), threading.Event()
+
+    class Slow(FakeRuntime):
+        def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+            running.set()
+            gate.wait(5)
+            return super().run(feeds)  # takes 0.3 s on the fake clock
+
+    slow = Slow(delay=0.3, clock=clock)
+    w, c = make(slow, threads=1, clock=clock)
     w.handle(msg(req(2000), corr=b"long"))
+    assert running.wait(5)  # the pool's only thread runs it (nothing racing the clock)
     w.handle(msg(req(50), corr=b"short"))  # waits behind the slow one past its deadline
-    time.sleep(0.5)
+    gate.set()
+    wait_until(lambda: w.stats().get("expired") == 1, 5.0, what="the short one dropped")
     w.close()
     assert [p.correlation_data for _, _, p in c.sent if p] == [b"long"]
     s = w.stats()
@@ -170,9 +187,10 @@ def test_expired_in_queue_is_dropped_not_answered() -> None:
 
 
 def test_answer_computed_past_the_deadline_is_not_sent() -> None:
-    w, c = make(FakeRuntime(delay=0.1))
+    clock = FakeClock()
+    w, c = make(FakeRuntime(delay=0.1, clock=clock), clock=clock)
     w.handle(msg(req(20)))
-    time.sleep(0.3)
+    wait_until(lambda: w.stats().get("late") == 1, 5.0, what="the late answer dropped")
     w.close()
     assert c.sent == []
     assert w.stats()["late"] == 1
