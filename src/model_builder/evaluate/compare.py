@@ -15,7 +15,6 @@ records an ``allow_regression`` reason) nor print anything (``report``).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from edge_agent.bundle import read_bundle
+from edge_agent.bundle import read_bundle, sha256_file
 from edge_agent.contract import BundleManifest, InputContract, OutputContract
 from edge_agent.quality.compare import (
     ComparisonLimits,
@@ -92,14 +91,14 @@ def load_champion(path: Path, root: TrustedRoot, *, now: datetime, name: str) ->
         ChampionMismatchError: a trusted bundle of another model name than ``name``.
         OSError: the file cannot be read.
     """
-    data = Path(path).read_bytes()  # the digest of the file as given, next to its verdict
+    digest = sha256_file(Path(path))  # the file as given, as the registry names bundles
     loaded = read_bundle(Path(path), root, now=now, installed_version=None, device=None)
     m = loaded.manifest
     if m.name != name:
         raise ChampionMismatchError(
             f"--compare-to {Path(path).name} is {m.name} v{m.version}, not a version of {name}"
         )
-    return Champion(m, loaded.artifact, hashlib.sha256(data).hexdigest())
+    return Champion(m, loaded.artifact, digest)
 
 
 def check_champion_fits(
