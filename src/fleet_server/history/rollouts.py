@@ -1,9 +1,11 @@
 """Reading a rollout's telemetry window: rollups where folded, raw rows at its edges.
 
 Owns: ``rollout_inputs`` (per targeted device, what ``rollout_metrics.observe`` needs for its
-window). Does not own: the range plan and the shared reads (``queries``), the observation
-itself (``rollout_metrics``). Every statement carries its time range; nothing here reads a
-device's whole history.
+window, including the output drift windows' moments folded into rollups) and ``before_outputs``
+(per device, the output moments of one version over a closed time range: the last wave's
+reference, the devices' windows before they switched). Does not own: the range plan and the
+shared reads (``queries``), the observation itself (``rollout_metrics``). Every statement
+carries its time range; nothing here reads a device's whole history.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from fleet_server.history.cells import RollupCell
+from edge_agent.errors import ContractError
+from fleet_server.history.cells import DriftPart, RollupCell, drift_slices
 from fleet_server.history.queries import (
     FINE_S,
     HOUR_S,
@@ -27,9 +31,15 @@ from fleet_server.history.queries import (
 from fleet_server.registry.models import TelemetryRollup, TelemetryRow
 from fleet_server.registry.store import Registry
 from fleet_server.registry.values import StoredTelemetry
-from fleet_server.rollouts.metrics import WindowMetrics, interval_metrics
+from fleet_server.rollouts.metrics import (
+    OutputMoments,
+    TensorMoments,
+    WindowMetrics,
+    interval_metrics,
+    report_outputs,
+)
 
-__all__ = ["RolloutInputs", "rollout_inputs"]
+__all__ = ["RolloutInputs", "before_outputs", "rollout_inputs"]
 
 _CHUNK = 500
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -42,6 +52,7 @@ class RolloutInputs:
     rows: list[StoredTelemetry] = field(default_factory=list)
     folded: WindowMetrics = field(default_factory=WindowMetrics)
     events: set[str] = field(default_factory=set)
+    outputs: OutputMoments = field(default_factory=OutputMoments)
 
 
 def rollout_inputs(
@@ -52,10 +63,11 @@ def rollout_inputs(
     """Per device ``(since, version)``: what ``rollout_metrics.observe`` needs.
 
     ``rows`` are the raw rows of ``[since, first fine boundary)`` (the whole ``[since, now)``
-    when nothing after ``since`` is folded) with the last report before ``since``; ``folded``
-    and ``events`` hold the rollups from that boundary to ``folded_until`` (whole hours from the
-    hourly ones, the edges from the 5-minute ones) and the raw rows after it, so a rollout step
-    reads O(devices x buckets), not every row since the rollout started.
+    when nothing after ``since`` is folded) with the last report before ``since``; ``folded``,
+    ``events`` and ``outputs`` (the output drift windows' moments) hold the rollups from that
+    boundary to ``folded_until`` (whole hours from the hourly ones, the edges from the 5-minute
+    ones) and the raw rows after it, so a rollout step reads O(devices x buckets), not every
+    row since the rollout started.
 
     Raises:
         RegistryUnavailableError: the database failed.
@@ -136,6 +148,8 @@ def _folded_part(
             TelemetryRollup.device_group,
             TelemetryRollup.max_psi,
             TelemetryRollup.metrics,
+            TelemetryRollup.drift,
+            TelemetryRollup.drift_arrays,
         ).where(
             TelemetryRollup.bucket_seconds == level,
             TelemetryRollup.bucket_start >= lo,
@@ -143,13 +157,14 @@ def _folded_part(
             TelemetryRollup.model == model,
             TelemetryRollup.device_id.in_(chunk),
         )
-        for dev, ver, group, psi, metrics in s.execute(stmt):
+        for dev, ver, group, psi, metrics, drift, blob in s.execute(stmt):
             if windows[dev][1] != ver:
                 continue
             cell = RollupCell.from_docs(group, psi, metrics, None)
             target = out[dev]
             target.folded = target.folded.merge(cell.metrics)
             target.events.update(k for k, n in cell.events.items() if n > 0)
+            target.outputs = target.outputs.merge(_rollup_outputs(drift, blob))
 
 
 def _tail_part(
@@ -180,4 +195,95 @@ def _tail_part(
                 delta = interval_metrics(prev, payload, model, version)
                 if delta is not None:
                     target.folded = target.folded.merge(delta)
+                    target.outputs = target.outputs.merge(report_outputs(payload, model, version))
+            prior[dev] = payload
+
+
+def _rollup_outputs(drift: Mapping[str, Any] | None, blob: bytes | None) -> OutputMoments:
+    """The output parts of one rollup row as moments (a part that does not decode is left out:
+    rollups are written by ``fleet_server.history`` alone)."""
+    out = OutputMoments()
+    try:
+        for tensor, role, doc, data in drift_slices(drift or {}, blob or b""):
+            if role != "output":
+                continue
+            p = DriftPart.from_doc(doc, data)
+            t = TensorMoments.of(p.count.tolist(), p.sum.tolist(), p.sumsq.tolist(), p.windows)
+            out = out.merge(OutputMoments.of_tensor(tensor, t))
+    except ContractError:
+        return out
+    return out
+
+
+def before_outputs(
+    registry: Registry,
+    model: str,
+    windows: Mapping[str, tuple[datetime, datetime, int | None]],
+) -> dict[str, OutputMoments]:
+    """Per device ``(since, until, version)``: its output moments of ``version`` in the range.
+
+    The folded part comes from the rollups (whole hours from the hourly ones, 5-minute edges
+    from the fine ones), the rest from the raw rows at the range's edges and after the fine
+    level's ``folded_until``; a raw report counts its output windows when its interval counts
+    (``rollout_metrics.interval_metrics``), as an observation does.
+
+    Raises:
+        RegistryUnavailableError: the database failed.
+    """
+    out = {d: OutputMoments() for d in windows}
+    by_range: dict[tuple[datetime, datetime], list[str]] = {}
+    for d, (lo, hi, _v) in windows.items():
+        if lo < hi:
+            by_range.setdefault((lo, hi), []).append(d)
+    if not by_range:
+        return out
+    versions = {d: v for d, (_lo, _hi, v) in windows.items()}
+    with registry.read_session("reading output windows before a rollout") as s:
+        fine_done, hour_done = folded_marks(s)
+        for (lo, hi), devices in by_range.items():
+            edge, end = ceil_time(lo, FINE_S), floor_time(hi, FINE_S)
+            if fine_done is not None:
+                end = min(end, floor_time(fine_done, FINE_S))
+            if fine_done is None or edge >= end:
+                _raw_outputs(s, model, devices, lo, hi, versions, out)
+                continue
+            _raw_outputs(s, model, devices, lo, edge, versions, out)
+            folded = {d: RolloutInputs() for d in devices}
+            win = {d: (lo, versions[d]) for d in devices}
+            for level, a, b in _levels(edge, end, hour_done):
+                _folded_part(s, model, devices, level, a, b, win, folded)
+            for d in devices:
+                out[d] = out[d].merge(folded[d].outputs)
+            _raw_outputs(s, model, devices, end, hi, versions, out)
+    return out
+
+
+def _raw_outputs(
+    s: Session,
+    model: str,
+    devices: list[str],
+    lo: datetime,
+    hi: datetime,
+    versions: Mapping[str, int | None],
+    out: dict[str, OutputMoments],
+) -> None:
+    if lo >= hi:
+        return
+    prior = last_reports(s, devices, lo)
+    for i in range(0, len(devices), _CHUNK):
+        chunk = devices[i : i + _CHUNK]
+        stmt = (
+            select(TelemetryRow.device_id, TelemetryRow.payload)
+            .where(
+                TelemetryRow.device_id.in_(chunk),
+                TelemetryRow.kind == "report",
+                TelemetryRow.received_at >= lo,
+                TelemetryRow.received_at < hi,
+            )
+            .order_by(TelemetryRow.device_id, TelemetryRow.seq)
+        )
+        for dev, payload in s.execute(stmt):
+            prev, version = prior.get(dev), versions[dev]
+            if prev is not None and interval_metrics(prev, payload, model, version) is not None:
+                out[dev] = out[dev].merge(report_outputs(payload, model, version))
             prior[dev] = payload

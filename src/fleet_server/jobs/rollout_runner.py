@@ -2,7 +2,8 @@
 
 ``RolloutRunner`` creates rollouts, and on every ``step`` loads the active ones, builds each
 targeted device's ``DeviceObservation`` from the registry (reported state and the telemetry
-window), calls the pure ``decide`` and applies the decision: ``service.assign`` for new wave
+window; when no control group is left, also the members' output windows from before they
+switched, the output gate's reference), calls the pure ``decide`` and applies the decision: ``service.assign`` for new wave
 members (``to_version``) and for devices sent back (``from_version``), a quarantine entry when a
 version keeps failing, the new state and an event log entry. Operator commands (approve, pause,
 resume, abort) go through the same lock as steps. ``start()`` runs ``step`` every ``interval``
@@ -22,7 +23,8 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from dataclasses import replace
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from edge_agent.errors import EdgefleetError
@@ -32,12 +34,12 @@ from fleet_server.errors import (
     RegistryUnavailableError,
     RolloutConflictError,
 )
-from fleet_server.history.rollouts import rollout_inputs
+from fleet_server.history.rollouts import before_outputs, rollout_inputs
 from fleet_server.jobs.periodic import PeriodicJob
 from fleet_server.registry import rollouts as store
 from fleet_server.registry.store import Registry
 from fleet_server.registry.values import DeviceRecord
-from fleet_server.rollouts.admission import admit
+from fleet_server.rollouts.admission import Override, admit
 from fleet_server.rollouts.engine import abort as abort_rollout
 from fleet_server.rollouts.engine import approve as approve_rollout
 from fleet_server.rollouts.engine import decide
@@ -45,12 +47,14 @@ from fleet_server.rollouts.engine import pause as pause_rollout
 from fleet_server.rollouts.engine import resume as resume_rollout
 from fleet_server.rollouts.metrics import DeviceObservation, observe
 from fleet_server.rollouts.policy import RolloutPolicy, Selector
-from fleet_server.rollouts.state import ACTIVE_STATES, Decision, Rollout
+from fleet_server.rollouts.state import ACTIVE_STATES, Decision, OfflineCheck, Rollout
 
-__all__ = ["AssignPort", "EngineLock", "LocalLock", "RolloutRunner"]
+__all__ = ["AssignPort", "EngineLock", "LocalLock", "OfflinePort", "RolloutRunner"]
 
 #: A command re-reads and retries this many times when a concurrent save won.
 _COMMAND_ATTEMPTS = 3
+#: The longest before-switch window the last wave's output gate reads per device.
+_BEFORE_MAX = timedelta(hours=24)
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,20 @@ class AssignPort(Protocol):
     def assign(
         self, target: str, name: str, version: int, *, group: bool = False
     ) -> Sequence[object]: ...
+
+
+class OfflinePort(Protocol):
+    """The offline comparison before a rollout (``fleet_server.evalsets.offline``'s shape)."""
+
+    def check(
+        self,
+        model: str,
+        from_version: int | None,
+        to_version: int,
+        policy: RolloutPolicy,
+        *,
+        override: str = "",
+    ) -> tuple[OfflineCheck, Override | None]: ...
 
 
 class EngineLock(Protocol):
@@ -99,9 +117,15 @@ class RolloutRunner:
         interval: float = 5.0,
         lock: EngineLock | None = None,
         new_id: Callable[[], str] | None = None,
+        offline: OfflinePort | None = None,
     ) -> None:
-        """Prepare a runner; nothing runs until ``step`` or ``start``."""
+        """Prepare a runner; nothing runs until ``step`` or ``start``.
+
+        ``offline`` compares the candidate with the version it replaces before a rollout is
+        created; without it rollouts are created unchecked (their ``offline`` stays None).
+        """
         self._registry = registry
+        self._offline = offline
         self._service = service
         self._clock = clock
         self._engine_lock: EngineLock = lock or LocalLock()
@@ -128,17 +152,23 @@ class RolloutRunner:
         from_version: int | None = None,
         override_quarantine: str = "",
         override_aborted: str = "",
+        override_offline: str = "",
     ) -> Rollout:
         """Create a pending rollout of ``model`` v``version`` (the next ``step`` starts it).
 
         ``from_version`` defaults to the version most targeted devices report as active. A
         quarantined version, or one a rollout already aborted, needs the operator's reason
-        (``override_quarantine`` / ``override_aborted``); the rollout records it.
+        (``override_quarantine`` / ``override_aborted``); the rollout records it. Then the
+        offline comparison (when the runner has one) runs both versions on the model's
+        evaluation set: a regression beyond the policy's offline limits, or a comparison that
+        cannot run, needs ``override_offline``; its result is kept as ``Rollout.offline``.
 
         Raises:
             ModelNotPublishedError: the version is not published.
             QuarantinedVersionError: the version is quarantined and not overridden.
             AbortedVersionError: a rollout of the version was aborted and it is not overridden.
+            OfflineRegressionError: the candidate regressed on the evaluation set, no override.
+            OfflineCheckError: the offline comparison cannot run, no override.
             RolloutPolicyError: an override reason is unprintable or too long.
             RegistryUnavailableError: the database failed.
         """
@@ -158,6 +188,12 @@ class RolloutRunner:
         )
         if from_version is None:
             from_version = self._common_version(model, version, self._targeted(selector))
+        offline: OfflineCheck | None = None
+        if self._offline is not None:
+            offline, used = self._offline.check(
+                model, from_version, version, policy, override=override_offline
+            )
+            overrides = (*overrides, used) if used is not None else overrides
         now = self._clock()
         r = Rollout(
             id=self._new_id(),
@@ -169,6 +205,7 @@ class RolloutRunner:
             created_at=now,
             updated_at=now,
             overrides=overrides,
+            offline=offline,
         )
         with self._mutex:
             return store.create_rollout(self._registry, r, now)
@@ -273,7 +310,7 @@ class RolloutRunner:
         window = rollout_inputs(
             self._registry, r.model, {d.id: (since[d.id], version[d.id]) for d in devices}
         )
-        return [
+        obs = [
             observe(
                 d.id,
                 r.model,
@@ -283,8 +320,35 @@ class RolloutRunner:
                 window[d.id].rows,
                 folded=window[d.id].folded,
                 folded_events=window[d.id].events,
+                folded_outputs=window[d.id].outputs,
             )
             for d in devices
+        ]
+        return self._with_before_outputs(r, obs, now)
+
+    def _with_before_outputs(
+        self, r: Rollout, obs: list[DeviceObservation], now: datetime
+    ) -> list[DeviceObservation]:
+        """With no control group left (as ``gates.quality_inputs`` counts it), each member's
+        ``from_version`` output moments before it switched: ``[joined - served, joined)``,
+        ``served`` being how long it has been a member (at most ``_BEFORE_MAX``)."""
+        control = [o for o in obs if o.device_id not in r.members]
+        control = [o for o in control if o.active_version == r.from_version]
+        if not r.members or len(control) >= min(r.policy.min_devices, len(obs)):
+            return obs
+        ranges = {
+            o.device_id: (
+                joined - min(max(now - joined, timedelta(0)), _BEFORE_MAX),
+                joined,
+                r.from_version,
+            )
+            for o in obs
+            if (joined := r.members.get(o.device_id)) is not None
+        }
+        before = before_outputs(self._registry, r.model, ranges)
+        return [
+            replace(o, outputs_before=before[o.device_id]) if o.device_id in before else o
+            for o in obs
         ]
 
     def device_states(self, r: Rollout) -> dict[str, str]:
