@@ -15,7 +15,11 @@ Families:
     AdminApiError      the admin API client could not get an answer: unreachable, token refused,
                        or the server's own error (``AdminRequestError`` keeps its code).
     RolloutError       a rollout cannot be created or commanded as asked: invalid policy,
-                       a command that does not fit its state, a quarantined version.
+                       a command that does not fit its state, a quarantined version, a
+                       candidate the offline comparison refuses (``OfflineRegressionError``)
+                       or cannot run on the evaluation set (``OfflineCheckError``).
+    EvalSetError       a labelled evaluation set cannot be registered or read: a malformed or
+                       oversized file (``EvalSetRejectedError``) or the directory failed.
 
 Each error has a stable ``code`` used as a metric label and in the CLI's one-line diagnosis;
 codes never change meaning once released. ``ERRORS`` (at the end) is edge_agent's one error
@@ -28,6 +32,7 @@ from __future__ import annotations
 from edge_agent import errors as device_errors
 from edge_agent.errors import (
     EXIT_BAD_INPUT,
+    EXIT_GATE,
     EXIT_KEYS,
     EXIT_RUNTIME,
     EXIT_UNTRUSTED,
@@ -278,6 +283,49 @@ class AbortedVersionError(RolloutError):
     code = "version_aborted"
 
 
+class OfflineRegressionError(RolloutError):
+    """The candidate is worse than the version it replaces on the model's evaluation set,
+    beyond the policy's offline limits; it is rolled out only with an operator's override and
+    its recorded reason. ``reasons`` lists each regression."""
+
+    code = "offline_regression"
+
+    def __init__(self, message: str, *, reasons: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.reasons = reasons
+
+
+class OfflineCheckError(RolloutError):
+    """The offline comparison cannot run: the evaluation set does not fit a version's inputs or
+    outputs, or a version's bundle cannot be loaded. Overridable like a regression."""
+
+    code = "offline_check_failed"
+
+
+class EvalSetError(FleetServerError):
+    """An evaluation set cannot be stored or read (the directory failed, a file is missing)."""
+
+    code = "evalset_error"
+
+
+class EvalSetRejectedError(EvalSetError):
+    """An evaluation set file that is not registered: ``reason`` is a stable label
+    (``too_large``, ``not_npz``, ``members``, ``bad_array``, ``dtype``, ``shape``, ``length``,
+    ``labels``, ``non_finite``, ``empty``, ``bad_text``)."""
+
+    code = "evalset_rejected"
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class UnknownEvalSetError(NotFoundError):
+    """No evaluation set with this digest (for this model) is registered."""
+
+    code = "evalset_unknown"
+
+
 class UnknownRolloutError(NotFoundError):
     """No rollout with this id exists."""
 
@@ -298,6 +346,11 @@ ERRORS = device_errors.ERRORS.extend(
         ErrorRow(RolloutStateError, admin=409),
         ErrorRow(QuarantinedVersionError, admin=409),
         ErrorRow(AbortedVersionError, admin=409),
+        # The candidate regressed on the evaluation set: an override with a reason, or a fix.
+        ErrorRow(OfflineRegressionError, admin=409, exit=EXIT_GATE),
+        ErrorRow(OfflineCheckError, admin=422),
+        ErrorRow(EvalSetError, admin=503, exit=EXIT_RUNTIME),  # the disk, not the file
+        ErrorRow(EvalSetRejectedError, admin=422, exit=EXIT_BAD_INPUT),
         ErrorRow(FallbackServingError, exit=EXIT_RUNTIME),
         ErrorRow(RegistryError, admin=400, exit=EXIT_BAD_INPUT),
         ErrorRow(RegistryUnavailableError, admin=503, exit=EXIT_RUNTIME),

@@ -31,12 +31,15 @@ from edge_agent.trust.desired import SIGNING_ROLE
 from edge_agent.wire.topics import Topics
 from fleet_server.admin.api import AdminServer, create_app
 from fleet_server.admin.drift import drift_routes
+from fleet_server.admin.evalsets import evalset_routes
 from fleet_server.admin.rollouts import rollout_routes
 from fleet_server.admin.root import root_routes
 from fleet_server.config import ApiConfig, ServerConfig
 from fleet_server.delivery.library import BundleLibrary
 from fleet_server.drift.service import DriftService
 from fleet_server.errors import ServerConfigError
+from fleet_server.evalsets.offline import OfflineComparer
+from fleet_server.evalsets.store import EvalSetStore
 from fleet_server.fallback.cloud_models import RegistryCloudModels
 from fleet_server.fallback.worker import FallbackWorker
 from fleet_server.gateway.gateway import Gateway
@@ -164,6 +167,10 @@ def run(
         if config.fallback.enabled:
             fallback = _start_fallback(config, client, roots, library, registry)
         drift = DriftService(registry, library.directory)
+        evalsets = EvalSetStore(Path(config.registry.state_dir) / "evalsets", registry)
+        offline = OfflineComparer(
+            evalsets, library.directory, lambda: roots.current, clock=lambda: datetime.now(UTC)
+        )
         # Every worker takes rollout commands; only the holder of the leader lock steps them.
         runner = RolloutRunner(
             registry,
@@ -171,6 +178,7 @@ def run(
             clock=lambda: datetime.now(UTC),
             interval=config.rollouts.interval_seconds,
             lock=leader_lock(registry.engine, "rollout-engine"),
+            offline=offline,
         )
         runner.start()
         history = _start_history(config, registry)
@@ -182,6 +190,7 @@ def run(
             extra_routes=(
                 lambda guard: drift_routes(drift, guard),
                 lambda guard: rollout_routes(runner, guard),
+                lambda guard: evalset_routes(evalsets, guard),
                 lambda guard: root_routes(service, guard),
             ),
             extra_metrics=(("fallback", fallback.stats),) if fallback is not None else (),

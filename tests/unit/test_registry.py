@@ -88,9 +88,16 @@ def test_upgrade_creates_schema_on_empty_db_and_is_idempotent(registry_url: str)
     assert reg.current_revision() is None
     reg.upgrade()
     reg.upgrade()
-    assert reg.current_revision() == Registry.head_revision() == "0004"
+    assert reg.current_revision() == Registry.head_revision() == "0005"
     tables = set(inspect(reg.engine).get_table_names())
-    assert {"devices", "bundles", "desired_states", "telemetry", "device_seq"} <= tables
+    assert {
+        "devices",
+        "bundles",
+        "desired_states",
+        "telemetry",
+        "device_seq",
+        "eval_sets",
+    } <= tables
     reg.close()
 
 

@@ -201,6 +201,35 @@ class AdminClient:
         """``POST /v1/rollouts/{id}/{approve|pause|resume|abort}``. Raises: AdminApiError."""
         return dict(self._call("POST", f"/v1/rollouts/{rollout_id}/{command}"))
 
+    # ----------------------------------------------------------------- evaluation sets
+    def evalsets(self, model: str | None = None) -> list[dict[str, Any]]:
+        """``GET /v1/evalsets``. Raises: AdminApiError."""
+        params = {"model": model} if model else {}
+        return list(self._call("GET", "/v1/evalsets", params=params)["evalsets"])
+
+    def evalset(self, sha256: str) -> dict[str, Any]:
+        """``GET /v1/evalsets/{sha256}``. Raises: AdminApiError."""
+        return dict(self._call("GET", f"/v1/evalsets/{sha256}"))
+
+    def add_evalset(self, path: Path, model: str, source: str, note: str = "") -> dict[str, Any]:
+        """``POST /v1/evalsets`` with the set file as the body.
+
+        Raises:
+            AdminApiError: as every call.
+            OSError: the file cannot be read.
+        """
+        params = {"model": model, "source": source, **({"note": note} if note else {})}
+        with Path(path).open("rb") as fh:
+            return dict(
+                self._call(
+                    "POST",
+                    "/v1/evalsets",
+                    params=params,
+                    content=fh.read(),
+                    headers={"Content-Type": "application/octet-stream"},
+                )
+            )
+
     def root(self) -> dict[str, Any]:
         """``GET /v1/root``: the fleet's current root. Raises: AdminApiError."""
         return dict(self._call("GET", "/v1/root"))

@@ -6,8 +6,10 @@ Routes (v1), every one behind the admin bearer token (the ``guarded`` wrapper of
     GET  /v1/rollouts[?active=1]             {"rollouts": [rollout, ...]}
     POST /v1/rollouts                        {"model", "version", "group" | "tags",
                                               "from_version"?, "policy"?,
-                                              "override_quarantine"?, "override_aborted"?}
-                                             -> 201 rollout
+                                              "override_quarantine"?, "override_aborted"?,
+                                              "override_offline"?}
+                                             -> 201 rollout (with "offline": the comparison
+                                             on the model's evaluation set)
     GET  /v1/rollouts/{id}                   rollout + "devices" (state per device), "counts",
                                              "wave_sizes", "events" (latest 50)
     POST /v1/rollouts/{id}/approve|pause|resume|abort  -> rollout
@@ -16,7 +18,9 @@ Routes (v1), every one behind the admin bearer token (the ``guarded`` wrapper of
 
 A rollout is ``registry.rollout_to_dict``'s shape. A command that does not fit the rollout's
 state (``rollout_state``), a quarantined version (``version_quarantined``) and an earlier
-aborted one (``version_aborted``) without an override reason answer 409; an invalid policy or
+aborted one (``version_aborted``) and a candidate that regressed on the model's evaluation set
+(``offline_regression``) without an override reason answer 409, an offline comparison that
+cannot run (``offline_check_failed``) 422; an invalid policy or
 override reason 400; an unknown rollout or model version 404 (the one error table's ``admin``
 column, ``fleet_server.errors.ERRORS``, applied by ``guarded``).
 
@@ -104,7 +108,7 @@ def _parse_create(data: Any) -> dict[str, Any]:
     ):
         raise RolloutPolicyError("field 'tags' must be an object of printable strings")
     overrides = {}
-    for key in ("override_quarantine", "override_aborted"):
+    for key in ("override_quarantine", "override_aborted", "override_offline"):
         value = data.get(key) or ""
         if not isinstance(value, str) or len(value) > MAX_OVERRIDE_REASON:
             raise RolloutPolicyError(
@@ -189,6 +193,7 @@ def rollout_routes(runner: RolloutRunner, guarded: Callable[[Handler], Handler])
                 from_version=args["from_version"],
                 override_quarantine=args["override_quarantine"],
                 override_aborted=args["override_aborted"],
+                override_offline=args["override_offline"],
             )
         )
         return JSONResponse(rollout_to_dict(r), status_code=201)

@@ -5,7 +5,8 @@ Identity and access: the fleet CA (``ca``: the server's and read-only consumers'
 the broker configuration (``broker-config``: consumers included, ``acl.local`` kept). The
 server itself: ``serve --config FILE`` (``fleet_server.server.run``). Operator commands against
 a running server's admin API (``devices list|show|register|misbehaviour``, ``models``,
-``assign``, ``waves``, ``telemetry``, ``status``) live in ``fleet_server.cli.admin``. Commands
+``assign``, ``waves``, ``telemetry``, ``status``) live in ``fleet_server.cli.admin``, evaluation
+sets (``evalsets``) in ``fleet_server.cli.evalsets``. Commands
 are thin; the error boundary in ``edge_agent.cli.support`` maps our errors to exit codes by the
 one error table (``fleet_server.errors.ERRORS``).
 
@@ -30,6 +31,7 @@ from edge_agent.common.durable import write_atomic
 from fleet_server.admin.client import DEFAULT_ADMIN_URL, AdminClient
 from fleet_server.cli.admin import register_admin_commands
 from fleet_server.cli.drift import register_drift_commands
+from fleet_server.cli.evalsets import register_evalset_commands
 from fleet_server.cli.rollouts import register_rollout_commands
 from fleet_server.cli.root import register_root_commands
 from fleet_server.errors import ERRORS
@@ -278,6 +280,7 @@ def serve(config_path: Path) -> int:
 register_admin_commands(cli, devices)
 register_drift_commands(cli)
 register_rollout_commands(cli)
+register_evalset_commands(cli)
 register_root_commands(cli)
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import click
 
+from edge_agent.errors import ContractError
+from edge_agent.quality.compare import ModelComparison
 from fleet_server.admin.client import AdminClient
 from fleet_server.cli.admin import (
     admin_options,
@@ -22,6 +24,7 @@ from fleet_server.cli.admin import (
     parse_tags,
     table_lines,
 )
+from fleet_server.cli.evalsets import shown
 
 __all__ = ["register_rollout_commands", "render_rollout"]
 
@@ -37,6 +40,18 @@ _THRESHOLDS = (
     ("max_error_rate_increase", "--max-error-increase"),
     ("max_output_shift", "--max-output-shift"),
 )
+_OFFLINE = (
+    ("max_accuracy_drop", "offline_max_accuracy_drop"),
+    ("max_recall_drop", "offline_max_recall_drop"),
+    ("min_samples", "offline_min_samples"),
+)
+_OFFLINE_SAID = {
+    "passed": "passed",
+    "overridden": "REGRESSED, overridden",
+    "no_eval_set": "no evaluation set",
+    "no_champion": "nothing to compare with (first version)",
+    "disabled": "off in the policy",
+}
 _FINAL = ("completed", "aborted")
 _DEVICE_STATES = ("installed", "assigned", "control", "failed", "rolled_back", "reverted")
 
@@ -57,6 +72,32 @@ def _selector(r: dict[str, Any]) -> str:
     if sel.get("group"):
         return f"group={sel['group']}"
     return ",".join(f"{k}={v}" for k, v in sorted((sel.get("tags") or {}).items()))
+
+
+def render_offline(r: dict[str, Any]) -> list[str]:
+    """The offline comparison kept in a rollout, as lines (none for older rollouts)."""
+    o = r.get("offline")
+    if not isinstance(o, dict):
+        return []
+    verdict = str(o.get("verdict"))
+    line = f"offline {_OFFLINE_SAID.get(verdict, shown(verdict, 32))}"
+    if o.get("eval_set"):
+        line += f" on evaluation set {str(o['eval_set'])[:12]} ({o.get('n', 0)} samples)"
+    if isinstance(o.get("comparison"), dict):
+        try:
+            c = ModelComparison.from_dict(o["comparison"])
+            a, b = c.champion.accuracy(), c.challenger.accuracy()
+            if a is not None and b is not None:
+                line += f"  accuracy {a:.1%} -> {b:.1%}"
+        except ContractError:
+            line += "  (comparison unreadable)"
+    if o.get("disagreement") is not None:
+        line += f"  disagreement {float(o['disagreement']):.1%}"
+    lines = [line]
+    lines += [f"  - {shown(x, 300)}" for x in o.get("reasons") or []]
+    if o.get("override"):
+        lines.append(f"  override: {shown(o['override'], 512)}")
+    return lines
 
 
 def render_rollout(r: dict[str, Any]) -> list[str]:
@@ -80,8 +121,9 @@ def render_rollout(r: dict[str, Any]) -> list[str]:
     width = 40
     done = int(width * members / total) if total else 0
     lines.append(f"progress [{'#' * done}{'.' * (width - done)}] {members}/{total}")
-    shown = [s for s in _DEVICE_STATES if counts.get(s) or s in ("installed", "assigned")]
-    lines.append("devices " + "  ".join(f"{s} {counts.get(s, 0)}" for s in shown))
+    states = [s for s in _DEVICE_STATES if counts.get(s) or s in ("installed", "assigned")]
+    lines.append("devices " + "  ".join(f"{s} {counts.get(s, 0)}" for s in states))
+    lines += render_offline(r)
     gates = r.get("gates") or []
     if gates:
         rows = []
@@ -133,6 +175,11 @@ def _policy(opts: dict[str, Any]) -> dict[str, Any]:
     thresholds = {k: opts[k] for k, _ in _THRESHOLDS if opts[k] is not None}
     if thresholds:
         policy["thresholds"] = thresholds
+    offline: dict[str, Any] = {k: opts[o] for k, o in _OFFLINE if opts[o] is not None}
+    if opts["no_offline_check"]:
+        offline["enabled"] = False
+    if offline:
+        policy["offline"] = offline
     return policy
 
 
@@ -174,6 +221,33 @@ def register_rollout_commands(cli: click.Group) -> None:
         default="",
         help="Roll out a version a rollout aborted before; the reason is recorded.",
     )
+    @click.option(
+        "--override-offline",
+        metavar="REASON",
+        default="",
+        help="Roll out a candidate that regressed on the model's evaluation set (or whose "
+        "offline comparison cannot run) anyway; the reason is recorded.",
+    )
+    @click.option(
+        "--offline-max-accuracy-drop",
+        type=click.FloatRange(0, 1),
+        help="Offline check: accuracy drop on the evaluation set that refuses (default 0.01).",
+    )
+    @click.option(
+        "--offline-max-recall-drop",
+        type=click.FloatRange(0, 1),
+        help="Offline check: one class's recall drop that refuses (default 0.05).",
+    )
+    @click.option(
+        "--offline-min-samples",
+        type=click.IntRange(1),
+        help="Offline check: smaller evaluation sets are compared, not judged (default 50).",
+    )
+    @click.option(
+        "--no-offline-check",
+        is_flag=True,
+        help="Skip the comparison on the model's evaluation set (recorded as off).",
+    )
     @click.option("--max-install-failure-rate", type=click.FloatRange(0, 1))
     @click.option("--max-rollback-rate", type=click.FloatRange(0, 1))
     @click.option("--max-reject-increase", "max_reject_rate_increase", type=click.FloatRange(0, 1))
@@ -205,12 +279,15 @@ def register_rollout_commands(cli: click.Group) -> None:
         from_version: int | None,
         override_quarantine: str,
         override_aborted: str,
+        override_offline: str,
         **opts: Any,
     ) -> None:
         """Roll MODEL VERSION out to a group or to tagged devices, in gated waves.
 
         A quarantined version, or one a rollout aborted before, is refused unless overridden
-        with a reason (recorded in the version's history: `models show MODEL VERSION`).
+        with a reason (recorded in the version's history: `models show MODEL VERSION`). When
+        the model has an evaluation set (`evalsets add`), the server first runs VERSION and the
+        version it replaces on it and refuses a regression unless --override-offline REASON.
         """
         if (group is None) == (not tags):
             raise click.UsageError("give exactly one of --group and --tag")
@@ -226,14 +303,18 @@ def register_rollout_commands(cli: click.Group) -> None:
             body["override_quarantine"] = override_quarantine
         if override_aborted:
             body["override_aborted"] = override_aborted
+        if override_offline:
+            body["override_offline"] = override_offline
         with AdminClient(url, token) as client:
             r = client.create_rollout(body)
         if as_json:
             emit_json(r)
         else:
             click.echo(f"rollout {r['id']} created: {_versions(r)} on {_selector(r)}")
+            for line in render_offline(r):
+                click.echo(line)
             for o in r.get("overrides") or ():
-                click.echo(f"override of {o['kind']} recorded: {o['reason']}")
+                click.echo(f"override of {o['kind']} recorded: {shown(o['reason'], 512)}")
 
     @rollouts.command("status")
     @admin_options

@@ -13,13 +13,13 @@ from typing import Final
 
 from sqlalchemy import MetaData
 
-from fleet_server.registry import models, rollout_models
+from fleet_server.registry import evalset_models, models, rollout_models
 from fleet_server.registry.orm import Base
 
 __all__ = ["METADATA", "TABLE_MODULES"]
 
 #: Every module that defines registry tables; importing them registers their tables on ``Base``.
-TABLE_MODULES: Final[tuple[ModuleType, ...]] = (models, rollout_models)
+TABLE_MODULES: Final[tuple[ModuleType, ...]] = (models, rollout_models, evalset_models)
 
 #: The shared metadata, complete: every table of ``TABLE_MODULES``.
 METADATA: Final[MetaData] = Base.metadata

@@ -16,7 +16,7 @@ from fleet_server.errors import AbortedVersionError, QuarantinedVersionError, Ro
 __all__ = ["MAX_OVERRIDE_REASON", "OVERRIDE_KINDS", "Override", "admit"]
 
 #: What an operator can override when creating a rollout.
-OVERRIDE_KINDS: Final = ("quarantine", "aborted")
+OVERRIDE_KINDS: Final = ("quarantine", "aborted", "offline")
 MAX_OVERRIDE_REASON: Final = 512
 
 
@@ -30,8 +30,9 @@ class Override:
     """An operator's recorded decision to roll out a version its history advises against.
 
     Attributes:
-        kind: ``quarantine`` (the version is quarantined) or ``aborted`` (a rollout of it was
-            aborted before).
+        kind: ``quarantine`` (the version is quarantined), ``aborted`` (a rollout of it was
+            aborted before) or ``offline`` (it regressed on the model's evaluation set, or the
+            comparison could not run: ``fleet_server.rollouts.offline``).
         reason: Why the operator went ahead anyway (printable, 1-512 characters).
     """
 

@@ -1,6 +1,8 @@
 """Rollout policy: how a rollout grows, when it stops, and the gates' thresholds (pure values).
 
-Owns ``Thresholds`` (one validated field per gate threshold), ``RolloutPolicy`` (waves, dwell,
+Owns ``Thresholds`` (one validated field per gate threshold), ``OfflineLimits`` (how much worse
+than the version it replaces a candidate may be on the model's evaluation set before the rollout
+is refused), ``RolloutPolicy`` (waves, dwell,
 minimum evidence, what a breach leads to; its JSON form ``to_dict``/``from_dict``, which the admin
 API and the ``rollouts create`` options speak) and ``Selector`` (which devices a rollout
 targets). Does not own the rollout state (``fleet_server.rollouts.state``), the gate verdicts
@@ -16,7 +18,7 @@ from typing import Any, Final
 
 from fleet_server.errors import RolloutPolicyError
 
-__all__ = ["ON_BREACH", "RolloutPolicy", "Selector", "Thresholds"]
+__all__ = ["ON_BREACH", "OfflineLimits", "RolloutPolicy", "Selector", "Thresholds"]
 
 ON_BREACH: Final = ("pause", "abort")
 
@@ -76,6 +78,47 @@ class Thresholds:
 
 
 @dataclass(frozen=True)
+class OfflineLimits:
+    """The offline comparison before a rollout starts (``fleet_server.rollouts.offline``).
+
+    ``enabled`` False skips it. A candidate is refused when, on the model's evaluation set, its
+    accuracy is lower than the replaced version's by more than ``max_accuracy_drop``, or one
+    class's recall by more than ``max_recall_drop`` (classes with at least
+    ``min_class_samples`` samples), and the drop is significant on the paired answers
+    (McNemar). A set of fewer than ``min_samples`` samples is compared and recorded, not judged.
+    """
+
+    enabled: bool = True
+    max_accuracy_drop: float = _rate(0.01)
+    max_recall_drop: float = _rate(0.05)
+    min_samples: int = 50
+    min_class_samples: int = 20
+
+    def __post_init__(self) -> None:
+        """Raises: RolloutPolicyError (a drop outside [0, 1], a minimum below 1)."""
+        _check(isinstance(self.enabled, bool), "offline.enabled must be true or false")
+        for name in ("max_accuracy_drop", "max_recall_drop"):
+            v = getattr(self, name)
+            _check(
+                isinstance(v, int | float) and not isinstance(v, bool) and 0.0 <= v <= 1.0,
+                f"offline.{name} must be in [0, 1]",
+            )
+        for name in ("min_samples", "min_class_samples"):
+            v = getattr(self, name)
+            _check(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                f"offline.{name} must be an integer >= 1",
+            )
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-safe dict."""
+        return {k: getattr(self, k) for k in _OFFLINE_KEYS}
+
+
+_OFFLINE_KEYS: Final = tuple(OfflineLimits.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
 class RolloutPolicy:
     """How a rollout grows and when it stops (see the module docstring)."""
 
@@ -88,6 +131,7 @@ class RolloutPolicy:
     min_requests: int = 100
     approval: bool = False
     thresholds: Thresholds = field(default_factory=Thresholds)
+    offline: OfflineLimits = field(default_factory=OfflineLimits)
     on_breach: str = "pause"
     rollback_on_abort: bool = True
     quarantine_after: int = 2
@@ -132,28 +176,40 @@ class RolloutPolicy:
         d = {k: getattr(self, k) for k in _POLICY_KEYS}
         d["steps"] = list(self.steps)
         d["thresholds"] = {k: getattr(self.thresholds, k) for k in _THRESHOLD_KEYS}
+        d["offline"] = self.offline.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, object]) -> RolloutPolicy:
-        """Parse (missing keys take defaults). Raises: RolloutPolicyError."""
-        unknown = set(d) - {*_POLICY_KEYS, "thresholds"}
+        """Parse (missing keys take defaults: a policy stored before ``offline`` existed gets
+        the default offline limits). Raises: RolloutPolicyError."""
+        unknown = set(d) - {*_POLICY_KEYS, "thresholds", "offline"}
         _check(not unknown, f"unknown policy field(s): {sorted(unknown)}")
         t = d.get("thresholds") or {}
         _check(isinstance(t, Mapping), "thresholds must be an object")
         assert isinstance(t, Mapping)
         _check(not set(t) - set(_THRESHOLD_KEYS), f"unknown threshold(s): {sorted(t)}")
+        o = d.get("offline") or {}
+        _check(isinstance(o, Mapping), "offline must be an object")
+        assert isinstance(o, Mapping)
+        _check(not set(o) - set(_OFFLINE_KEYS), f"unknown offline limit(s): {sorted(o)}")
         kwargs = {k: d[k] for k in _POLICY_KEYS if k in d}
         if "steps" in kwargs:
             _check(isinstance(kwargs["steps"], list | tuple), "steps must be a list")
             kwargs["steps"] = tuple(kwargs["steps"])  # type: ignore[arg-type]
         try:
-            return cls(thresholds=Thresholds(**t), **kwargs)  # type: ignore[arg-type]
+            return cls(
+                thresholds=Thresholds(**t),
+                offline=OfflineLimits(**o),
+                **kwargs,  # type: ignore[arg-type]
+            )
         except TypeError as exc:
             raise RolloutPolicyError(f"invalid policy: {exc}") from exc
 
 
-_POLICY_KEYS: Final = tuple(k for k in RolloutPolicy.__dataclass_fields__ if k != "thresholds")
+_POLICY_KEYS: Final = tuple(
+    k for k in RolloutPolicy.__dataclass_fields__ if k not in ("thresholds", "offline")
+)
 _THRESHOLD_KEYS: Final = tuple(Thresholds.__dataclass_fields__)
 
 
