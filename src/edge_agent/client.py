@@ -112,6 +112,37 @@ class AgentClient:
             raise AgentRequestError(status, str(msg))
         return out if isinstance(out, dict) else {}
 
+    def feedback(
+        self,
+        model: str,
+        request_id: str,
+        labels: list[int | str | None],
+        *,
+        version: str | None = None,
+        per_row: bool = False,
+    ) -> dict[str, Any]:
+        """Tell the agent the true answer of an earlier request (``POST .../feedback``).
+
+        ``labels``: one class index or name for a one-row request (``per_row`` False), else
+        one per request row (None: unknown). Returns what the agent counted.
+
+        Raises:
+            AgentRequestError: the agent refused it (404: the request's answer is not
+                remembered, or no such model; 400: a malformed id or label).
+            AgentUnreachableError: nothing listens.
+        """
+        body: dict[str, Any] = {"id": request_id}
+        if per_row or len(labels) != 1:
+            body["labels"] = labels
+        else:
+            body["label"] = labels[0]
+        route = f"/v2/models/{model}" + ("" if version is None else f"/versions/{version}")
+        status, out = self.request("POST", route + "/feedback", body)
+        if status != 200:
+            msg = out.get("error", out) if isinstance(out, dict) else out
+            raise AgentRequestError(status, str(msg))
+        return out if isinstance(out, dict) else {}
+
 
 def conform_inputs(inputs: dict[str, np.ndarray], metadata: Any) -> dict[str, np.ndarray]:
     """Convert arrays to the element type the model declares, where no value changes kind.

@@ -49,9 +49,15 @@ class ApiConfig:
     rate_limit_per_second: float = 10000.0
     rate_limit_burst: int = 20000
     drain_seconds: float = 10.0
+    # Ground truth (``POST .../feedback``): answers remembered by request id, and for how long.
+    # 0 requests turns the memory off; it holds at most 16 request rows per request on average.
+    feedback_requests: int = 10_000
+    feedback_seconds: float = 3600.0
 
     def validate(self) -> None:
         _check(0 <= self.port <= 65535, "api.port must be 0..65535")
+        _check(0 <= self.feedback_requests <= 1_000_000, "api.feedback_requests: 0..1000000")
+        _check(self.feedback_seconds > 0, "api.feedback_seconds must be positive")
         _check(self.max_request_bytes >= 1024, "api.max_request_bytes must be >= 1024")
         _check(
             self.max_decode_memory_bytes >= 8 * self.max_request_bytes,

@@ -13,6 +13,8 @@ Families:
     ConfigError              the agent's configuration is invalid (the operator fixes it).
     ModelStoreError          install/activate/load/rollback failed (disk, state, memory budget).
     FallbackError            the cloud could not answer in time or is switched off.
+    UnknownRequestError      feedback names a request whose answer is not remembered (never
+                             seen, already labelled, forgotten or expired).
     RateLimitedError         a client exceeded its request rate.
     TransportError           the MQTT connection cannot carry the message (not connected, refused).
     OutboxError              the on-disk telemetry outbox refused or failed (full, corrupt).
@@ -191,6 +193,19 @@ class AdmissionError(ModelStoreError):
     """Loading the model would exceed the configured memory budget."""
 
     code = "memory_budget"
+
+
+class UnknownRequestError(EdgefleetError):
+    """Feedback names a request whose answer the agent does not remember (or no longer).
+
+    ``expired``: the answer was remembered but is older than the memory keeps answers.
+    """
+
+    code = "request_unknown"
+
+    def __init__(self, message: str, *, expired: bool = False) -> None:
+        super().__init__(message)
+        self.expired = expired
 
 
 class FallbackError(EdgefleetError):
@@ -409,6 +424,7 @@ ERRORS = ErrorTable(
     (
         ErrorRow(InputValidationError, http=400, grpc="INVALID_ARGUMENT", exit=EXIT_BAD_INPUT),
         ErrorRow(ModelNotFoundError, http=404, grpc="NOT_FOUND"),
+        ErrorRow(UnknownRequestError, http=404, grpc="NOT_FOUND"),
         ErrorRow(RateLimitedError, http=429, grpc="RESOURCE_EXHAUSTED"),
         ErrorRow(RuntimeAdapterError, http=503, grpc="UNAVAILABLE", exit=EXIT_RUNTIME),
         ErrorRow(FallbackError, http=503, grpc="UNAVAILABLE"),

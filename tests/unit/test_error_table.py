@@ -58,6 +58,7 @@ PINNED: dict[str, tuple[int, str, int, int, int, int, int]] = {
     "edge_agent.errors.RuntimeAdapterError": (503, "UNAVAILABLE", 500, 400, 7, 7, 7),
     "edge_agent.errors.RuntimeUnavailableError": (503, "UNAVAILABLE", 500, 400, 7, 7, 7),
     "edge_agent.errors.SignatureThresholdError": (500, "INTERNAL", 500, 400, 4, 4, 4),
+    "edge_agent.errors.UnknownRequestError": (404, "NOT_FOUND", 404, 400, 1, 1, 1),
     "edge_agent.errors.SubscribeError": (500, "INTERNAL", 500, 503, 1, 1, 1),
     "edge_agent.errors.TransferIncompleteError": (500, "INTERNAL", 500, 400, 3, 3, 3),
     "edge_agent.errors.TransferMismatchError": (500, "INTERNAL", 500, 400, 3, 3, 3),

@@ -12,8 +12,15 @@ from typing import Any
 import pytest
 
 from edge_agent.errors import ContractError
+from edge_agent.quality.confusion import Confusion
 from edge_agent.wire.fields import Part
 from edge_agent.wire.telemetry_drift import MAX_WINDOWS, DriftWindows
+from edge_agent.wire.telemetry_ground_truth import (
+    MAX_CLASSES,
+    MAX_VERSIONS,
+    GroundTruthCounts,
+    GroundTruthStats,
+)
 from edge_agent.wire.telemetry_latency import (
     LATENCY_BUCKETS_MS,
     LATENCY_FINE_BUCKETS_MS,
@@ -48,6 +55,7 @@ PARTS: list[Any] = [
     LatencyQuantiles({"p50": 1.5, "p99": 9.0}),
     DriftWindows(),
     ShadowComparison(ShadowStats({"offered": 4}, agreement=0.5)),
+    GroundTruthCounts(GroundTruthStats({"counted": 3}, {2: Confusion(((2, 1), (0, 0)))})),
     ReportWindow(10.0, 70.0, 5.0),
     ModelTable({"digits": ModelStats(version=2)}),
     AgentState("0.1.0", {"device": 1}, Resources(1, 2.0, 3), {"report": 1}, 4),
@@ -89,6 +97,22 @@ REFUSED: list[tuple[type[Any], dict[str, Any]]] = [
     (DriftWindows, {"drift": {}}),
     (DriftWindows, {"drift": [None] * (MAX_WINDOWS + 1)}),
     (ShadowComparison, {"shadow": {"agreement": 0.5}}),  # no counts
+    (GroundTruthCounts, {"ground_truth": []}),
+    (GroundTruthCounts, {"ground_truth": {"versions": [{"version": 1, "counts": [[1, 2]]}]}}),
+    (GroundTruthCounts, {"ground_truth": {"versions": [{"version": -1, "counts": [[1]]}]}}),
+    (GroundTruthCounts, {"ground_truth": {"versions": [{"version": 1, "counts": [[-1]]}]}}),
+    (GroundTruthCounts, {"ground_truth": {"versions": [{"version": 1, "counts": [[True]]}]}}),
+    (GroundTruthCounts, {"ground_truth": {"versions": [{"version": 1}]}}),
+    (GroundTruthCounts, {"ground_truth": {"versions": [{"version": 1, "counts": [[1]]}] * 2}}),
+    (
+        GroundTruthCounts,
+        {"ground_truth": {"versions": [{"version": v, "counts": [[1]]} for v in range(4)]}},
+    ),
+    (
+        GroundTruthCounts,
+        {"ground_truth": {"versions": [{"version": 1, "counts": [[0] * 33 for _ in range(33)]}]}},
+    ),
+    (GroundTruthCounts, {"ground_truth": {"feedback": {"counted": -1}, "versions": []}}),
     (ReportWindow, {"window_start": 2.0, "window_end": 1.0}),
     (ReportWindow, {"window_start": 0.0, "window_end": 1.0, "started_at": -1.0}),
     (ModelTable, {"models": {f"m{i}": {} for i in range(MAX_MODELS + 1)}}),
@@ -118,9 +142,27 @@ def test_from_status_is_tolerant(m: dict[str, Any]) -> None:
     assert LatencyHistogram.from_status(m) == LatencyHistogram()
     assert LatencyQuantiles.from_status(m) == LatencyQuantiles()
     assert ShadowComparison.from_status(m) == ShadowComparison(None)
+    assert GroundTruthCounts.from_status(m) == GroundTruthCounts(None)
     assert ModelStats.from_status(m, []) == ModelStats(
         version=0, outcomes={"ok": 0, "error": 0, "rejected": 0}
     )
+
+
+def test_ground_truth_from_status_keeps_what_fits_the_wire() -> None:
+    big = Confusion.zero(MAX_CLASSES + 1).to_dict()
+    raw = {
+        "feedback": {"counted": 4, "bad key": 1, "expired": -2},
+        "confusion": {
+            **{str(v): Confusion.zero(2).add(0, 1).to_dict() for v in range(1, MAX_VERSIONS + 2)},
+            "9": big,  # too many classes for the wire
+            "x": Confusion.zero(2).to_dict(),  # not a version
+            "7": {"counts": [[1, 2]]},  # not square
+        },
+    }
+    got = GroundTruthCounts.from_status({"ground_truth": raw}).ground_truth
+    assert got is not None
+    assert got.feedback == {"counted": 4}
+    assert sorted(got.confusion) == list(range(2, MAX_VERSIONS + 2))  # the newest ones
 
 
 def test_from_status_builds_each_part() -> None:

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from referencing import Registry, Resource
 
 from edge_agent.drift import TierASketch, fit_edges
+from edge_agent.quality.confusion import Confusion
 from edge_agent.wire.fields import MAX_INT, Part, parts_of
 from edge_agent.wire.reported import OUTCOMES, ModelReport, ReportedState, TransferReport
 from edge_agent.wire.telemetry import (
@@ -45,6 +46,7 @@ from edge_agent.wire.telemetry import (
     coarse_from_fine,
     decode_message,
 )
+from edge_agent.wire.telemetry_ground_truth import MAX_CLASSES, MAX_VERSIONS, GroundTruthStats
 from edge_agent.wire.telemetry_model import MODEL_PARTS
 from edge_agent.wire.telemetry_report import REPORT_PARTS
 
@@ -72,6 +74,7 @@ WHERE: dict[type, tuple[str, str]] = {
     ModelStats: (_REPORT, "/$defs/model"),
     DriftSummary: (_REPORT, "/$defs/drift_window"),
     ShadowStats: (_REPORT, "/$defs/model/properties/shadow/anyOf/1"),
+    GroundTruthStats: (_REPORT, "/$defs/model/properties/ground_truth"),
     Resources: (_REPORT, "/$defs/report/properties/resources"),
     Batch: (_REPORT, "/$defs/batch"),
     TelemetryAck: (_REPORT, "/$defs/ack"),
@@ -122,6 +125,7 @@ def value_objects(obj: Any, composed: Composed) -> Iterator[Any]:
         children = [obj.resources, *obj.models.values()]
     elif isinstance(obj, ModelStats):
         children = [*obj.drift, *([obj.shadow] if obj.shadow is not None else [])]
+        children += [obj.ground_truth] if obj.ground_truth is not None else []
     elif isinstance(obj, Batch):
         children = list(obj.items)
     elif isinstance(obj, ReportedState):
@@ -203,6 +207,16 @@ shadow_stats = st.builds(
     candidate_p50_ms=opt_finite,
     candidate_p99_ms=opt_finite,
 )
+confusions = st.integers(1, MAX_CLASSES).flatmap(
+    lambda k: st.lists(
+        st.lists(counts, min_size=k, max_size=k).map(tuple), min_size=k, max_size=k
+    ).map(lambda rows: Confusion(tuple(rows)))
+)
+ground_truths = st.builds(
+    GroundTruthStats,
+    feedback=count_maps,
+    confusion=st.dictionaries(counts, confusions, max_size=MAX_VERSIONS),
+)
 _coarse_only = st.tuples(
     st.lists(small, min_size=len(LATENCY_BUCKETS_MS) + 1, max_size=len(LATENCY_BUCKETS_MS) + 1),
     st.none(),
@@ -228,6 +242,7 @@ def model_stats(draw: st.DrawFn) -> ModelStats:
         drift=tuple(draw(st.lists(drift_summaries, max_size=2))),
         shadow=draw(st.none() | shadow_stats),
         ab=draw(st.none() | count_maps),
+        ground_truth=draw(st.none() | ground_truths),
     )
 
 
@@ -345,6 +360,7 @@ def _full() -> list[Any]:
         drift=(window,),
         shadow=ShadowStats({"offered": 1}, 1.0, 1.0, 1.0, 1.0, 1.0),
         ab={"a": 1},
+        ground_truth=GroundTruthStats({"counted": 1}, {1: Confusion.zero(2).add(1, 0)}),
     )
     report = TelemetryReport("dev-1", 2, 0.0, 1.0, models={"m": model}, resources=Resources())
     event = Event("dev-1", 3, "installed", 1.0, model="m", version=1)
@@ -354,6 +370,7 @@ def _full() -> list[Any]:
         model,
         window,
         model.shadow,
+        model.ground_truth,
         report.resources,
         Batch("dev-1", (report, event), floor=1),
         TelemetryAck("dev-1", 3),

@@ -1,14 +1,15 @@
 """The agent's local Open Inference Protocol (KServe v2) HTTP API, as a Starlette app.
 
 Owns: routing, the HTTP error mapping, size and rate limits and metrics accounting of the v2
-endpoints (health, server and model metadata, model ready, infer) and ``/metrics``. It does not
-own the raw ASGI fast path and the shared JSON/error responses (``fastpath``), decode tensors
-(``codec``), run models (the service) or listen on sockets (``server``).
+endpoints (health, server and model metadata, model ready, infer, and the ground-truth
+``feedback`` this API adds, whose body ``edge_agent.api.feedback`` owns) and ``/metrics``. It
+does not own the raw ASGI fast path and the shared JSON/error responses (``fastpath``), decode
+tensors (``codec``), run models (the service) or listen on sockets (``server``).
 
 Error mapping, always as the protocol's ``{"error": "<message>"}``; error families get their status
 from the one table ``edge_agent.errors.API_STATUS`` (which gives gRPC its codes too):
     400 undecodable or invalid request (message names the validation reason and field)
-    404 unknown model or version, or unknown route
+    404 unknown model or version, unknown route, or a feedback id whose answer is not remembered
     413 body larger than ``max_request_bytes`` (Content-Length checked first, the stream capped)
     429 client over its rate limit, with ``Retry-After``
     503 the model or the cloud fallback cannot answer; not live / not ready
@@ -60,6 +61,7 @@ from edge_agent.api.fastpath import (
     json_response,
     read_body,
 )
+from edge_agent.api.feedback import MAX_FEEDBACK_BYTES, answer_feedback
 from edge_agent.api.header_cache import RequestDecoder
 from edge_agent.api.metadata import EXTENSIONS, protocol_metadata
 from edge_agent.api.metrics import ApiMetrics
@@ -400,7 +402,8 @@ class _Api:
             encode = functools.partial(
                 codec.encode_response,
                 result,
-                request_id=decoded.request_id,
+                # A request without an id gets the one the service gave it (for feedback).
+                request_id=decoded.request_id or result.request_id,
                 outputs=decoded.outputs,
                 binary_output=decoded.binary_output,
             )
@@ -415,6 +418,27 @@ class _Api:
         self.metrics.count_source(name, result.source)
         self.metrics.set_model_version(name, result.model_version)
         return m.OUTCOME_OK, m.NO_REASON, InferAnswer(encoded.body, encoded.header_length)
+
+    async def feedback(self, request: Request) -> Response:
+        """``POST .../feedback``: the true answer of earlier requests (``api.feedback``)."""
+        name, version = _target(request)
+        outcome = self._throttled(request.scope) or await self._feedback(request, name, version)
+        self.metrics.count_request("feedback", self._label(name), outcome[0], outcome[1])
+        return outcome[2]
+
+    async def _feedback(self, request: Request, name: str, version: str | None) -> _Outcome:
+        try:
+            body = await read_body(request.receive, min(self.max_bytes, MAX_FEEDBACK_BYTES))
+        except ClientDisconnect:
+            return m.OUTCOME_ABORTED, "disconnect", error_response(400, "client disconnected")
+        if body is None:
+            return self._too_large(None)
+        try:
+            document = await run_in_threadpool(answer_feedback, self.service, name, version, body)
+        except Exception as exc:
+            return self._failure(exc)
+        self._vouch(name)
+        return m.OUTCOME_OK, m.NO_REASON, json_response(document)
 
     async def metrics_text(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=m.CONTENT_TYPE)
@@ -490,6 +514,7 @@ def create_app(
         routes += [
             Route(prefix, api.model_metadata, methods=["GET"]),
             Route(prefix + "/ready", api.model_ready, methods=["GET"]),
+            Route(prefix + "/feedback", api.feedback, methods=["POST"]),
         ]
 
     @contextlib.asynccontextmanager

@@ -1,7 +1,7 @@
 """``edge-agent``: the device command line.
 
-``run`` starts the daemon; ``status`` and ``infer`` talk to it over its local API; store
-commands (``install``, ``rollback``, ``models``) work on the state directory directly,
+``run`` starts the daemon; ``status``, ``infer`` and ``feedback`` talk to it over its local
+API; store commands (``install``, ``rollback``, ``models``) work on the state directory directly,
 under an exclusive lock, so they are safe whether or not the daemon runs; ``verify`` checks a
 bundle exactly as ``install`` would, without installing it.
 """
@@ -270,6 +270,32 @@ def infer(model: str, data: Path, config_path: Path | None, input_name: str | No
             input_name = meta["inputs"][0]["name"]
         inputs = {str(input_name): arr}
     click.echo(json.dumps(client.infer(model, conform_inputs(inputs, meta)), indent=2))
+
+
+@cli.command()
+@click.argument("model")
+@click.option("--id", "request_id", required=True, help="The request's id (its v2 'id').")
+@click.option(
+    "--label",
+    "labels",
+    multiple=True,
+    required=True,
+    help="The true class (index or name); repeat it once per row of a batch request.",
+)
+@click.option("--version", default=None, help="Only if this version answered the request.")
+@config_option
+def feedback(
+    model: str,
+    request_id: str,
+    labels: tuple[str, ...],
+    version: str | None,
+    config_path: Path | None,
+) -> None:
+    """Tell the running daemon the true answer of an earlier request to MODEL."""
+    client = AgentClient(_config(config_path).api)
+    values: list[int | str | None] = [int(x) if x.isdigit() else x for x in labels]
+    out = client.feedback(model, request_id, values, version=version)
+    click.echo(json.dumps(out, indent=2))
 
 
 @cli.command()

@@ -4,7 +4,8 @@ Owns answering a request as a short sequence: gather the facts (which version is
 A/B split, the fallback policy), ask the ``Router`` for a route, follow it (run on the device
 with ``ModelPipeline.run``, or call the cloud through ``CloudFallback``, asking the router again
 after a local failure or a local answer), then account for the answer (shadow offer, capture
-sample, counts by source). It also builds the read-only ``AgentSnapshot`` that status and
+sample, counts by source, and a classifier's answer remembered for ground-truth feedback:
+``edge_agent.serving.ground_truth``). It also builds the read-only ``AgentSnapshot`` that status and
 metrics read.
 
 Does not own: any routing decision (``edge_agent.serving.routing``), the per-model candidates
@@ -36,6 +37,7 @@ from edge_agent.errors import (
 from edge_agent.serving.candidates import Candidates
 from edge_agent.serving.capture import CaptureRing
 from edge_agent.serving.fallback import DEVICE, CloudFallback, FallbackPolicy, FallbackTransport
+from edge_agent.serving.ground_truth import FeedbackResult, GroundTruth, predicted_classes
 from edge_agent.serving.lifecycle import ModelLifecycle
 from edge_agent.serving.pipeline import DriftWorker, PipelineResult
 from edge_agent.serving.registry import Loaded, Registry
@@ -94,6 +96,10 @@ class Agent:
         self.counts: Counter[str] = Counter()
         # Answers per model name by source (device/cloud): the per-model fallback rate.
         self._sources: defaultdict[str, Counter[str]] = defaultdict(Counter)
+        # Answers remembered for ground-truth feedback, and the confusion counts it brings.
+        self.ground_truth = GroundTruth(
+            config.api.feedback_requests, config.api.feedback_seconds, clock=clock
+        )
         self.started_at = time.time()
 
     # ------------------------------------------------------------------------ lifecycle
@@ -286,7 +292,45 @@ class Agent:
                     params["out_of_distribution"] = True
         self._account(request.model, entry, route, result)
         version = str(entry.pipeline.version)
-        return InferenceResult(request.model, version, result.outputs, SOURCE_DEVICE, params)
+        given = self._remember(request, entry, result)
+        return InferenceResult(
+            request.model, version, result.outputs, SOURCE_DEVICE, params, request_id=given
+        )
+
+    def _remember(
+        self, request: InferenceRequest, entry: Loaded, result: PipelineResult
+    ) -> str | None:
+        """Remember a classifier's answer for feedback; the id given to a request without one."""
+        memory = self.ground_truth
+        if not memory.enabled:
+            return None
+        outputs = entry.pipeline.manifest.outputs
+        v = result.validation
+        classes = predicted_classes(outputs, result.outputs, v.kept if v.dropped else None)
+        if classes is None:
+            return None
+        rid = request.request_id if request.request_id is not None else memory.new_id()
+        version = int(entry.pipeline.version)
+        if not memory.remember(rid, request.model, version, outputs.labels, classes):
+            return None
+        return rid if request.request_id is None else None
+
+    def feedback(
+        self, name: str, version: str | None, request_id: Any, label: Any, *, rows: bool
+    ) -> FeedbackResult:
+        """Count the true answer of an earlier request of ``name`` (see ``GroundTruth``).
+
+        Raises:
+            ModelNotFoundError: ``name`` is not installed, or ``version`` is not a version.
+            UnknownRequestError: the request's answer is not (or no longer) remembered.
+            InputValidationError: a malformed id or a label that names no class.
+        """
+        if name not in self.store.names():
+            raise ModelNotFoundError(f"model {name!r} is not installed")
+        if version is not None and not (version.isascii() and version.isdigit()):
+            raise ModelNotFoundError(f"model {name!r} has no version {version!r}")
+        pinned = None if version is None else int(version)
+        return self.ground_truth.feedback(name, request_id, label, rows=rows, version=pinned)
 
     def _device_params(
         self, entry: Loaded, result: PipelineResult, arm: str, cloud_failed: str | None
@@ -386,5 +430,11 @@ class Agent:
         )
 
     def status(self) -> dict[str, Any]:
-        """A JSON-safe snapshot for ``edge-agent status`` and telemetry (see ``status``)."""
-        return status_snapshot(self.snapshot())
+        """A JSON-safe snapshot for ``edge-agent status`` and telemetry (see ``status``); a
+        model with feedback also has its ``ground_truth`` (``GroundTruth.status``)."""
+        out = status_snapshot(self.snapshot())
+        models = out.get("models")
+        for name, truth in self.ground_truth.status().items():
+            if isinstance(models, dict) and isinstance(models.get(name), dict):
+                models[name]["ground_truth"] = truth
+        return out

@@ -15,6 +15,8 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from edge_agent.serving.ground_truth import FeedbackResult
+
 Array = npt.NDArray[Any]
 
 SOURCE_DEVICE = "device"
@@ -44,6 +46,8 @@ class InferenceResult:
 
     ``source`` is ``device`` or ``cloud``; ``parameters`` carries flags for the response (model
     version, validation drops by reason, drift alert, fallback reason, A/B arm).
+    ``request_id`` is the id the service gave a request that came without one, when it
+    remembered the answer for feedback (the response carries it as ``id``).
     """
 
     model: str
@@ -51,6 +55,7 @@ class InferenceResult:
     outputs: Mapping[str, Array]
     source: str = SOURCE_DEVICE
     parameters: Mapping[str, Any] = field(default_factory=dict)
+    request_id: str | None = None
 
 
 class InferenceService(Protocol):
@@ -100,6 +105,18 @@ class InferenceService(Protocol):
             InputValidationError: the request does not fit the input contract.
             InferenceError: the model failed and the cloud could not answer instead.
             FallbackError: the policy sent it to the cloud and the cloud could not answer.
+        """
+        ...
+
+    def feedback(
+        self, name: str, version: str | None, request_id: Any, label: Any, *, rows: bool
+    ) -> FeedbackResult:
+        """Count the true answer of an earlier request (see ``GroundTruth.feedback``).
+
+        Raises:
+            ModelNotFoundError: no such model.
+            UnknownRequestError: the request's answer is not (or no longer) remembered.
+            InputValidationError: a malformed id or label.
         """
         ...
 

@@ -6,9 +6,10 @@ with ``from_dict``, writes them with ``to_dict`` and builds them tolerantly from
 ``Agent.status()`` with ``from_status``): ``ServingState`` (version, probation),
 ``RequestCounters`` (requests by outcome, source, reject reason, dropped-row reason, A/B arm)
 and ``ShadowComparison`` (the nested ``ShadowStats``), here, and ``LatencyHistogram``,
-``LatencyQuantiles`` (``edge_agent.wire.telemetry_latency``) and ``DriftWindows``
-(``edge_agent.wire.telemetry_drift``). ``ModelStats`` keeps one flat, typed attribute per part
-field; its wire object is the union of its parts' (``MODEL_PARTS``).
+``LatencyQuantiles`` (``edge_agent.wire.telemetry_latency``), ``DriftWindows``
+(``edge_agent.wire.telemetry_drift``) and ``GroundTruthCounts``
+(``edge_agent.wire.telemetry_ground_truth``). ``ModelStats`` keeps one flat, typed attribute per
+part field; its wire object is the union of its parts' (``MODEL_PARTS``).
 Does not own the report around it (``edge_agent.wire.telemetry_report``); does no I/O.
 """
 
@@ -35,6 +36,7 @@ from edge_agent.wire.fields import (
     tolerant_counts,
 )
 from edge_agent.wire.telemetry_drift import DriftSummary, DriftWindows
+from edge_agent.wire.telemetry_ground_truth import GroundTruthCounts, GroundTruthStats
 from edge_agent.wire.telemetry_latency import (
     LATENCY_BUCKETS_MS,
     LatencyHistogram,
@@ -254,6 +256,7 @@ MODEL_PARTS: Final[tuple[type[Part], ...]] = (
     LatencyQuantiles,
     DriftWindows,
     ShadowComparison,
+    GroundTruthCounts,
 )
 
 
@@ -270,6 +273,7 @@ class ModelStats:
         latency_ms: ``LatencyQuantiles``.
         drift: ``DriftWindows``.
         shadow: ``ShadowComparison``.
+        ground_truth: ``GroundTruthCounts`` (``edge_agent.wire.telemetry_ground_truth``).
     """
 
     version: int
@@ -284,6 +288,7 @@ class ModelStats:
     drift: tuple[DriftSummary, ...] = ()
     shadow: ShadowStats | None = None
     ab: Mapping[str, int] | None = None
+    ground_truth: GroundTruthStats | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict: the union of its parts' (``latency_fine`` only when known)."""
@@ -306,5 +311,6 @@ class ModelStats:
             LatencyQuantiles.from_status(m),
             DriftWindows.from_windows(windows),
             ShadowComparison.from_status(m),
+            GroundTruthCounts.from_status(m),
         )
         return cls(**part_fields(parts))

@@ -253,9 +253,9 @@ class GrpcInference:
             stage = "service"
             result = self.service.infer(inference)
             stage = "encode"
-            response = codec.encode_infer(
-                result, request_id=decoded.request_id, outputs=decoded.outputs
-            )
+            # A request without an id gets the one the service gave it (REST feedback names it).
+            rid = decoded.request_id or result.request_id
+            response = codec.encode_infer(result, request_id=rid, outputs=decoded.outputs)
         except Exception as exc:
             known = stage != "decode" and isinstance(exc, EdgefleetError)
             if known and api_status(exc)[0] != 404:
