@@ -140,3 +140,27 @@ def misnormalised_bundle(bundles: DigitsBundles, version: int, out: Path) -> Pat
         _variant(m, good.artifact, bundles.keys, version, now, inputs=inputs, golden=tuple(golden))
     )
     return path
+
+
+def mislabelled_bundle(bundles: DigitsBundles, version: int, out: Path) -> Path:
+    """A confidently wrong digits bundle (``examples.digits_mislabelled_mlp``: most 3s trained as
+    8s), built and signed like the good ones with the same key store: it installs cleanly,
+    passes its own golden samples and is about 9 points less accurate, with confidence no lower.
+    """
+    from model_builder.examples import digits_mislabelled_mlp
+
+    now = datetime.now(UTC)
+    ex = digits_mislabelled_mlp()
+    result = build_bundle(
+        ex.model_bytes,
+        "onnx",
+        Dataset({ex.input_name: ex.x_calib}, None),
+        Dataset({ex.input_name: ex.x_eval}, ex.y_eval),
+        (ex.input_contract(max_batch=64), ex.output_contract()),
+        BuildConfig(name="digits", version=version, measure_latency=False, arch=("any",)),
+        bundles.keys,
+        now=now,
+    )
+    path = out / f"digits-{version}-mislabelled.efb"
+    path.write_bytes(result.bundle)
+    return path

@@ -29,7 +29,13 @@ from referencing import Registry, Resource
 from edge_agent.drift import TierASketch, fit_edges
 from edge_agent.quality.confusion import Confusion
 from edge_agent.wire.fields import MAX_INT, Part, parts_of
-from edge_agent.wire.reported import OUTCOMES, ModelReport, ReportedState, TransferReport
+from edge_agent.wire.reported import (
+    OUTCOMES,
+    ModelReport,
+    ReportedState,
+    ShadowReport,
+    TransferReport,
+)
 from edge_agent.wire.telemetry import (
     EVENT_KINDS,
     LATENCY_BUCKETS_MS,
@@ -83,6 +89,7 @@ WHERE: dict[type, tuple[str, str]] = {
     ReportedState: ("reported", ""),
     ModelReport: ("reported", "/$defs/model"),
     TransferReport: ("reported", "/$defs/model/properties/transfer/anyOf/1"),
+    ShadowReport: ("reported", "/$defs/model/properties/shadow"),
 }
 #: Composed classes -> (their parts, the keys they write themselves: the envelope).
 COMPOSED: dict[type, tuple[tuple[type[Part], ...], frozenset[str]]] = {
@@ -365,6 +372,7 @@ def _full() -> list[Any]:
     report = TelemetryReport("dev-1", 2, 0.0, 1.0, models={"m": model}, resources=Resources())
     event = Event("dev-1", 3, "installed", 1.0, model="m", version=1)
     transfer = TransferReport(2, 1, 3, 100)
+    shadow = ShadowReport(3, "installed", "")
     return [
         report,
         model,
@@ -376,9 +384,15 @@ def _full() -> list[Any]:
         TelemetryAck("dev-1", 3),
         event,
         StatusMessage("dev-1", "online", 1.0),
-        ReportedState("dev-1", 1.0, models={"m": ModelReport(1, transfer=transfer)}),
-        ModelReport(1, transfer=transfer),
+        ReportedState(
+            "dev-1",
+            1.0,
+            models={"m": ModelReport(1, transfer=transfer, shadow=shadow)},
+            capabilities=("shadow",),
+        ),
+        ModelReport(1, transfer=transfer, shadow=shadow),
         transfer,
+        shadow,
     ]
 
 

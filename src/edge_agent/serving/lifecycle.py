@@ -2,7 +2,9 @@
 
 Owns the agent's control work, serialised by one lock: activating a model (through the registry,
 then its routing set-up in ``Candidates``, and that of the models using it as a candidate),
-installs and rollbacks requested by the CLI or the sync layer, picking up changes another
+installs and rollbacks requested by the CLI or the sync layer, a rollout's shadow (staged
+without serving, then run beside the live model: ``stage``, ``assign_shadow``), picking up
+changes another
 process made to the store (installs, rollbacks, root rotations), and on ``tick`` the probation
 verdicts (rollback on failure) and the drift windows closed since the last tick.
 
@@ -75,6 +77,37 @@ class ModelLifecycle:
             result = self.store.install(bundle, force=force)
             self._activate(result.name)
             return result
+
+    def stage(self, bundle: Path) -> InstallResult:
+        """Verify and keep a bundle without serving it (a rollout's shadow; see
+        ``ModelStore.stage``).
+
+        Raises:
+            BundleFormatError, BundleVerificationError, ModelStoreError: nothing changed.
+        """
+        with self._control:
+            return self.store.stage(bundle)
+
+    def unstage(self, name: str, version: int) -> None:
+        """Forget a staged version that is no longer assigned as a shadow (never a serving one).
+
+        Raises:
+            ModelStoreError: the store cannot be written.
+        """
+        with self._control:
+            self.store.unstage(name, version)
+
+    def assign_shadow(self, name: str, version: int | None, fraction: float = 0.0) -> int | None:
+        """Run the staged ``version`` as ``name``'s shadow (None: stop); see
+        ``Candidates.assign_shadow``.
+
+        Returns:
+            The version now running as the shadow (None: none, e.g. it failed to load; the
+            cause is in ``candidates.shadow_errors``).
+        """
+        with self._control:
+            self.candidates.assign_shadow(name, version, fraction)
+            return self.candidates.rollout_shadow(name)
 
     def rollback(self, name: str, reason: str = "manual rollback") -> None:
         """Serve the previous good version of ``name``.

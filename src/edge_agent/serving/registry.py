@@ -223,6 +223,17 @@ class Registry:
         self._swap(entry.key, entry)
         return entry
 
+    def load_detached(self, name: str, version: int) -> Loaded:
+        """Load an installed (or staged) version outside the table: a rollout's shadow.
+
+        Health-checked like any load (golden samples), but never registered, so no request
+        can reach it by name or version; the caller closes ``entry.pipeline`` when done.
+
+        Raises:
+            ModelNotFoundError, AdmissionError, BundleVerificationError, RuntimeAdapterError.
+        """
+        return self._load(name, version, on_probation=False, key=f"{name}@{version}#shadow")
+
     def _load(
         self, name: str, version: int, *, on_probation: bool, key: str | None = None
     ) -> Loaded:

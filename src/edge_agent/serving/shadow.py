@@ -142,6 +142,7 @@ class ShadowRunner:
         atol: float = 1e-4,
         latency_window: int = 1024,
         name: str = "shadow",
+        version: int | None = None,
     ) -> None:
         """Start the worker thread.
 
@@ -154,6 +155,10 @@ class ShadowRunner:
         if queue_size < 1 or latency_window < 1 or atol < 0:
             raise ConfigError("shadow needs queue_size >= 1, latency_window >= 1, atol >= 0")
         self._candidate = candidate
+        self._version = version
+        # Classification: rows counted by (live class, shadow class); None until the first
+        # comparison fixes the number of classes (or for other tasks).
+        self._flips: npt.NDArray[np.int64] | None = None
         self._fraction = fraction
         self._contract = contract
         self._rng = rng
@@ -225,7 +230,9 @@ class ShadowRunner:
         """Counters, agreement and latency percentiles.
 
         Keys: ``offered``, ``sampled``, ``dropped``, ``compared``, ``agree_rows``,
-        ``disagree_rows``, ``candidate_errors``, ``pending``, ``agreement`` (agreeing share of
+        ``disagree_rows``, ``candidate_errors``, ``pending``, ``version`` (the candidate's, when
+        known), ``flips`` (classification: rows by live class (row) and candidate class
+        (column), a square list of lists; None otherwise), ``agreement`` (agreeing share of
         compared rows, ``None`` before any), ``max_abs_diff``, ``last_error``, and
         ``live_p50_ms``, ``live_p99_ms``, ``candidate_p50_ms``, ``candidate_p99_ms`` (``None``
         before any comparison).
@@ -237,6 +244,8 @@ class ShadowRunner:
             out["last_error"] = self._last_error
             live = np.fromiter(self._live_ms, dtype=np.float64)
             cand = np.fromiter(self._candidate_ms, dtype=np.float64)
+            out["version"] = self._version
+            out["flips"] = None if self._flips is None else self._flips.tolist()
         rows = out["agree_rows"] + out["disagree_rows"]
         out["agreement"] = out["agree_rows"] / rows if rows else None
         for prefix, values in (("live", live), ("candidate", cand)):
@@ -262,6 +271,7 @@ class ShadowRunner:
             answer = self._candidate.run(job.feeds)
             latency_s = self._clock() - start
             agree, max_diff = self._compare(job.live, answer)
+            classes = self._classes(job.live, answer)
         except Exception as exc:
             # A broken candidate must never affect serving: count it and move on.
             _log.debug("shadow candidate failed", exc_info=True)
@@ -275,8 +285,32 @@ class ShadowRunner:
             self._counts["agree_rows"] += n_agree
             self._counts["disagree_rows"] += int(agree.size) - n_agree
             self._max_abs_diff = max(self._max_abs_diff, max_diff)
+            if classes is not None:
+                self._count_flips(*classes)
             self._live_ms.append(job.live_latency_s * 1000.0)
             self._candidate_ms.append(latency_s * 1000.0)
+
+    def _classes(
+        self, live: Mapping[str, Tensor], candidate: Mapping[str, Tensor]
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], int] | None:
+        """Per row, the live and the candidate's top-1 class and the number of classes
+        (classification with a score output only; None otherwise)."""
+        contract = self._contract
+        if contract.task != "classification" or contract.score_output is None:
+            return None
+        a, b = _pair(live, candidate, contract.score_output)
+        if a.shape[1] == 1:
+            cut = 0.0 if contract.score_kind == "logits" else 0.5
+            return (a[:, 0] > cut).astype(np.int64), (b[:, 0] > cut).astype(np.int64), 2
+        return a.argmax(axis=1), b.argmax(axis=1), int(a.shape[1])
+
+    def _count_flips(
+        self, live: npt.NDArray[np.int64], cand: npt.NDArray[np.int64], k: int
+    ) -> None:
+        """Add the rows to ``_flips`` (under the lock); a changed class count starts over."""
+        if self._flips is None or self._flips.shape[0] != k:
+            self._flips = np.zeros((k, k), dtype=np.int64)
+        np.add.at(self._flips, (live, cand), 1)
 
     def _compare(
         self, live: Mapping[str, Tensor], candidate: Mapping[str, Tensor]

@@ -21,7 +21,7 @@ from edge_agent.errors import ContractError, ModelStoreError
 from edge_agent.strict_json import loads as strict_loads
 
 STATE_SCHEMA = 1
-STATUSES = ("probation", "good", "failed", "rolled_back")
+STATUSES = ("probation", "good", "failed", "rolled_back", "staged")
 MAX_EVENTS = 50
 #: A state file is a few KiB; a larger one is corrupt (or planted), not parsed.
 MAX_STATE_BYTES = 4 * 1024 * 1024
@@ -153,6 +153,38 @@ class ModelState:
             down=None,
         )
         return state._event(now, "installed", rec.version, ""), dropped
+
+    def stage(self, rec: VersionRecord, now: str) -> ModelState:
+        """Keep ``rec`` installed but not active (status ``staged``: a rollout's shadow).
+
+        The high-water version rises as for an install: a staged version was verified, and an
+        older bundle is refused after it (rollback protection). Nothing is pruned here; the next
+        install prunes. A version already kept (and not failed) is left as it is.
+
+        Raises:
+            ModelStoreError: the version failed here before, or it is the active one.
+        """
+        existing = next((r for r in self.versions if r.version == rec.version), None)
+        if existing is not None and existing.status == "failed":
+            raise ModelStoreError(
+                f"{self.name} v{rec.version} failed on this device before ({existing.reason})"
+            )
+        if rec.version == self.active:
+            raise ModelStoreError(f"{self.name} v{rec.version} is active, not a shadow")
+        if existing is not None:
+            return self
+        staged = replace(rec, status="staged")
+        versions = tuple(sorted((*self.versions, staged), key=lambda r: r.version))
+        state = replace(self, versions=versions, high_water=max(self.high_water, rec.version))
+        return state._event(now, "staged", rec.version, "installed as a shadow, not serving")
+
+    def unstage(self, version: int, now: str) -> ModelState:
+        """Forget a staged version (its shadow was withdrawn); other versions are untouched."""
+        rec = next((r for r in self.versions if r.version == version), None)
+        if rec is None or rec.status != "staged":
+            return self
+        versions = tuple(r for r in self.versions if r.version != version)
+        return replace(self, versions=versions)._event(now, "unstaged", version, "")
 
     def set_status(self, version: int, status: str, reason: str, now: str) -> ModelState:
         """Mark ``version`` (e.g. probation passed -> good)."""

@@ -203,7 +203,34 @@ class ModelStore:
         with self._locked():
             return self._install(bundle, force=force)
 
-    def _install(self, bundle: Path, *, force: bool = False) -> InstallResult:
+    def stage(self, bundle: Path) -> InstallResult:
+        """Verify ``bundle`` exactly as ``install`` does and keep it without activating it.
+
+        A rollout's shadow: the builder signatures, the device profile and rollback protection
+        (not older than the high-water version) are checked as for a serving install; the
+        version is recorded as ``staged`` and never serves until it is installed for serving.
+
+        Raises:
+            BundleFormatError, BundleVerificationError: the bundle is not installable.
+            ModelStoreError: the version failed here before or is active; the disk write failed.
+        """
+        with self._locked():
+            return self._install(bundle, stage=True)
+
+    def unstage(self, name: str, version: int) -> None:
+        """Remove a staged version (its shadow was withdrawn). Never touches other versions.
+
+        Raises:
+            ModelStoreError: the state cannot be written.
+        """
+        with self._locked():
+            state = self.state(name)
+            new = state.unstage(version, _iso(self._clock()))
+            if new is not state:
+                self._save(new)
+                self._remove_versions(name, (version,))
+
+    def _install(self, bundle: Path, *, force: bool = False, stage: bool = False) -> InstallResult:
         """Verify ``bundle`` against the trusted root and make it the active version.
 
         Raises:
@@ -234,7 +261,11 @@ class ModelStore:
         if (name, m.version) != (probe.name, probe.version):
             raise BundleFormatError(f"{bundle} changed while it was being installed")
         rec = VersionRecord(m.version, loaded.verified.manifest_sha256, _iso(now))
-        new_state, removed = state.install(rec, keep=self.keep, now=_iso(now), force=force)
+        removed: tuple[int, ...] = ()
+        if stage:
+            new_state = state.stage(rec, _iso(now))
+        else:
+            new_state, removed = state.install(rec, keep=self.keep, now=_iso(now), force=force)
         data = bundle_bytes(
             loaded.targets_bytes, loaded.manifest_bytes, loaded.artifact, m.artifact.format
         )

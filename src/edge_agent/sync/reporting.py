@@ -26,8 +26,8 @@ from edge_agent.common.transport import Transport
 from edge_agent.errors import EdgefleetError, TransportError
 from edge_agent.store import ModelStore
 from edge_agent.sync.deploy import Deployer
-from edge_agent.trust.desired import DesiredState
-from edge_agent.wire.reported import ModelReport, ReportedState
+from edge_agent.trust.desired import SHADOW_CAPABILITY, DesiredState
+from edge_agent.wire.reported import ModelReport, ReportedState, ShadowReport
 
 __all__ = ["PROGRESS_REPORT_SECONDS", "ReportedPublisher", "StatusFile"]
 
@@ -79,6 +79,7 @@ class ReportedPublisher:
                 continue
             a = accepted.get(name)
             outcome, reason = self._deploy.outcomes.get(name, ("pending", ""))
+            shadow = self._deploy.shadow_outcomes.get(name)
             models[name] = ModelReport(
                 active=st.active,
                 kept=tuple(sorted((r.version for r in st.versions), reverse=True))[:16],
@@ -86,6 +87,9 @@ class ReportedPublisher:
                 outcome=outcome,
                 reason=reason[:1024],
                 transfer=progress.get(name),
+                shadow=None
+                if shadow is None
+                else ShadowReport(shadow[0], shadow[1], shadow[2][:1024]),
             )
         return ReportedState(
             device_id=self._device_id,
@@ -93,6 +97,7 @@ class ReportedPublisher:
             agent_version=__version__,
             desired_version=desired.version if desired else 0,
             models=models,
+            capabilities=(SHADOW_CAPABILITY,),
         )
 
     def forget(self) -> None:
