@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ import pytest
 from bundles import DigitsBundles
 from edge_agent.client import AgentClient, AgentRequestError
 from edge_agent.config import ApiConfig
+from support import wait_until
 
 BIN = Path(sys.executable).parent
 
@@ -57,21 +57,30 @@ def daemon(tmp_path: Path, digits_bundles: DigitsBundles):  # type: ignore[no-un
         stderr=subprocess.STDOUT,
     )
     tcp = AgentClient(ApiConfig(port=port), timeout=5)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            pytest.fail("daemon did not become ready: " + (tmp_path / "daemon.log").read_text())
         try:
-            if tcp.ready():
-                break
+            return tcp.ready()
         except Exception:
-            pass
-        time.sleep(0.1)
-    else:
+            return False
+
+    try:
+        wait_until(ready, 60, lambda: "daemon ready: " + (tmp_path / "daemon.log").read_text())
+    except pytest.fail.Exception:
         proc.kill()
-        pytest.fail("daemon did not become ready: " + (tmp_path / "daemon.log").read_text())
+        raise
     yield proc, config, tcp, AgentClient(ApiConfig(unix_socket=str(sock)), timeout=5), tmp_path
     if proc.poll() is None:
         proc.kill()
     log.close()
+
+
+def version_status(config: Path, version: int) -> str | None:
+    """The status ``edge-agent models --json`` shows for one version of the (only) model."""
+    model = json.loads(agent_cli("models", "--json", config=config).stdout)[0]
+    return next((v["status"] for v in model["versions"] if v["version"] == version), None)
 
 
 def test_daemon_end_to_end(daemon, digits_bundles: DigitsBundles) -> None:  # type: ignore[no-untyped-def]
@@ -108,31 +117,28 @@ def test_daemon_end_to_end(daemon, digits_bundles: DigitsBundles) -> None:  # ty
     assert json.loads(run.stdout)["outputs"][0]["shape"] == [2, 10]
     for _ in range(5):
         tcp.infer("digits", {"input": x[:1]})
-    deadline = time.monotonic() + 20
-    while (
-        json.loads(agent_cli("models", "--json", config=config).stdout)[0]["versions"][0]["status"]
-        != "good"
-    ):
-        assert time.monotonic() < deadline, "v1 never passed probation"
-        time.sleep(0.3)
+    wait_until(lambda: version_status(config, 1) == "good", 20, what="v1 passing probation")
 
     # install v2 while running: the daemon picks it up by itself
     assert agent_cli("install", str(digits_bundles.path(2)), config=config).returncode == 0
-    deadline = time.monotonic() + 20
-    while tcp.infer("digits", {"input": x[:1]})["model_version"] != "2":
-        assert time.monotonic() < deadline, "daemon did not reload v2"
-        time.sleep(0.2)
+    wait_until(
+        lambda: tcp.infer("digits", {"input": x[:1]})["model_version"] == "2",
+        20,
+        what="the daemon reloading v2",
+    )
     for _ in range(6):
         tcp.infer("digits", {"input": x[:1]})
-    time.sleep(2.5)  # a control tick judges probation
+    # A control tick judges probation: v2 passes (5 requests) before it is rolled back.
+    wait_until(lambda: version_status(config, 2) == "good", 20, what="v2 passing probation")
 
     # manual rollback through the CLI
     res = agent_cli("rollback", "digits", config=config)
     assert res.returncode == 0, res.stderr
-    deadline = time.monotonic() + 20
-    while tcp.infer("digits", {"input": x[:1]})["model_version"] != "1":
-        assert time.monotonic() < deadline, "daemon did not follow the rollback"
-        time.sleep(0.2)
+    wait_until(
+        lambda: tcp.infer("digits", {"input": x[:1]})["model_version"] == "1",
+        20,
+        what="the daemon following the rollback",
+    )
     state = json.loads(agent_cli("models", "--json", config=config).stdout)[0]
     assert state["active"] == 1
     assert any(e["event"] == "rollback" for e in state["events"])
