@@ -29,6 +29,7 @@ from edge_agent.serving.service import InferenceRequest
 from edge_agent.store import ModelStore
 from edge_agent.sync.deploy import Deployer
 from edge_agent.trust.desired import DesiredState, ModelAssignment, ShadowAssignment
+from edge_agent.wire.telemetry_build import report_from_status
 from support import DEVICE
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -146,8 +147,13 @@ def test_rollout_shadow_is_staged_runs_and_never_answers(
                 InferenceRequest("digits", {"input": x[:1]}, version="2")  # type: ignore[call-arg]
             )
         assert dev.agent.model_names() == ["digits"]
-        # the reported state says the shadow runs
+        # the reported state says the shadow runs; telemetry carries the flips per version
         assert dev.deploy.status()["shadows"]["digits"]["outcome"] == "installed"
+        report = report_from_status("cam-1", 1, dev.agent.status(), [], 1.0)
+        part = report.models["digits"].shadow_flips
+        assert part is not None
+        assert part.versions[2].compared == rows
+        assert part.versions[2].flips == flips
 
         # promotion: the document now names v2 serving (no shadow): installed from the staged
         # file without a download, and the shadow stops

@@ -44,6 +44,7 @@ from edge_agent.wire.telemetry_report import (
     ReportWindow,
     Resources,
 )
+from edge_agent.wire.telemetry_shadow_flips import ShadowFlips, ShadowFlipStats, VersionFlips
 
 FINE = tuple(range(len(LATENCY_FINE_BUCKETS_MS) + 1))
 #: One populated instance of every part.
@@ -56,6 +57,7 @@ PARTS: list[Any] = [
     DriftWindows(),
     ShadowComparison(ShadowStats({"offered": 4}, agreement=0.5)),
     GroundTruthCounts(GroundTruthStats({"counted": 3}, {2: Confusion(((2, 1), (0, 0)))})),
+    ShadowFlips(ShadowFlipStats({3: VersionFlips(3, 2, Confusion(((2, 1), (0, 0))))})),
     ReportWindow(10.0, 70.0, 5.0),
     ModelTable({"digits": ModelStats(version=2)}),
     AgentState("0.1.0", {"device": 1}, Resources(1, 2.0, 3), {"report": 1}, 4),
@@ -113,6 +115,16 @@ REFUSED: list[tuple[type[Any], dict[str, Any]]] = [
         {"ground_truth": {"versions": [{"version": 1, "counts": [[0] * 33 for _ in range(33)]}]}},
     ),
     (GroundTruthCounts, {"ground_truth": {"feedback": {"counted": -1}, "versions": []}}),
+    (ShadowFlips, {"shadow_flips": []}),
+    (ShadowFlips, {"shadow_flips": {"versions": [{"version": 1, "counts": [[1]]}]}}),
+    (
+        ShadowFlips,
+        {
+            "shadow_flips": {
+                "versions": [{"version": 1, "compared": 2, "agree": 1, "counts": [[1]]}]
+            }
+        },
+    ),
     (ReportWindow, {"window_start": 2.0, "window_end": 1.0}),
     (ReportWindow, {"window_start": 0.0, "window_end": 1.0, "started_at": -1.0}),
     (ModelTable, {"models": {f"m{i}": {} for i in range(MAX_MODELS + 1)}}),

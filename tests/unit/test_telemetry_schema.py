@@ -55,6 +55,7 @@ from edge_agent.wire.telemetry import (
 from edge_agent.wire.telemetry_ground_truth import MAX_CLASSES, MAX_VERSIONS, GroundTruthStats
 from edge_agent.wire.telemetry_model import MODEL_PARTS
 from edge_agent.wire.telemetry_report import REPORT_PARTS
+from edge_agent.wire.telemetry_shadow_flips import ShadowFlipStats, VersionFlips
 
 ROOT = Path(__file__).parents[1]
 FIXTURES = sorted((ROOT / "compat" / "telemetry-v1-2026-12").glob("*.json")) + sorted(
@@ -81,6 +82,7 @@ WHERE: dict[type, tuple[str, str]] = {
     DriftSummary: (_REPORT, "/$defs/drift_window"),
     ShadowStats: (_REPORT, "/$defs/model/properties/shadow/anyOf/1"),
     GroundTruthStats: (_REPORT, "/$defs/model/properties/ground_truth"),
+    ShadowFlipStats: (_REPORT, "/$defs/model/properties/shadow_flips"),
     Resources: (_REPORT, "/$defs/report/properties/resources"),
     Batch: (_REPORT, "/$defs/batch"),
     TelemetryAck: (_REPORT, "/$defs/ack"),
@@ -368,6 +370,9 @@ def _full() -> list[Any]:
         shadow=ShadowStats({"offered": 1}, 1.0, 1.0, 1.0, 1.0, 1.0),
         ab={"a": 1},
         ground_truth=GroundTruthStats({"counted": 1}, {1: Confusion.zero(2).add(1, 0)}),
+        shadow_flips=ShadowFlipStats(
+            {2: VersionFlips(2, 1, Confusion.zero(2).add(1, 0).add(1, 1))}
+        ),
     )
     report = TelemetryReport("dev-1", 2, 0.0, 1.0, models={"m": model}, resources=Resources())
     event = Event("dev-1", 3, "installed", 1.0, model="m", version=1)
@@ -379,6 +384,7 @@ def _full() -> list[Any]:
         window,
         model.shadow,
         model.ground_truth,
+        model.shadow_flips,
         report.resources,
         Batch("dev-1", (report, event), floor=1),
         TelemetryAck("dev-1", 3),

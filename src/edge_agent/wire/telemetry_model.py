@@ -8,7 +8,8 @@ with ``from_dict``, writes them with ``to_dict`` and builds them tolerantly from
 and ``ShadowComparison`` (the nested ``ShadowStats``), here, and ``LatencyHistogram``,
 ``LatencyQuantiles`` (``edge_agent.wire.telemetry_latency``), ``DriftWindows``
 (``edge_agent.wire.telemetry_drift``) and ``GroundTruthCounts``
-(``edge_agent.wire.telemetry_ground_truth``). ``ModelStats`` keeps one flat, typed attribute per
+(``edge_agent.wire.telemetry_ground_truth``) and ``ShadowFlips``
+(``edge_agent.wire.telemetry_shadow_flips``). ``ModelStats`` keeps one flat, typed attribute per
 part field; its wire object is the union of its parts' (``MODEL_PARTS``).
 Does not own the report around it (``edge_agent.wire.telemetry_report``); does no I/O.
 """
@@ -42,6 +43,7 @@ from edge_agent.wire.telemetry_latency import (
     LatencyHistogram,
     LatencyQuantiles,
 )
+from edge_agent.wire.telemetry_shadow_flips import ShadowFlips, ShadowFlipStats
 
 __all__ = [
     "MODEL_PARTS",
@@ -257,6 +259,7 @@ MODEL_PARTS: Final[tuple[type[Part], ...]] = (
     DriftWindows,
     ShadowComparison,
     GroundTruthCounts,
+    ShadowFlips,
 )
 
 
@@ -274,6 +277,7 @@ class ModelStats:
         drift: ``DriftWindows``.
         shadow: ``ShadowComparison``.
         ground_truth: ``GroundTruthCounts`` (``edge_agent.wire.telemetry_ground_truth``).
+        shadow_flips: ``ShadowFlips`` (``edge_agent.wire.telemetry_shadow_flips``).
     """
 
     version: int
@@ -289,6 +293,7 @@ class ModelStats:
     shadow: ShadowStats | None = None
     ab: Mapping[str, int] | None = None
     ground_truth: GroundTruthStats | None = None
+    shadow_flips: ShadowFlipStats | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict: the union of its parts' (``latency_fine`` only when known)."""
@@ -312,5 +317,6 @@ class ModelStats:
             DriftWindows.from_windows(windows),
             ShadowComparison.from_status(m),
             GroundTruthCounts.from_status(m),
+            ShadowFlips.from_status(m),
         )
         return cls(**part_fields(parts))
