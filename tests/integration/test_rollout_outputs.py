@@ -4,8 +4,8 @@ Devices report real tier-A output drift windows (``DriftMonitor`` over softmax-l
 minute, on v1 before a rollout and on v2 after it; the history job folds part of it into
 rollups. The runner's observations must carry exactly the moments of the windows each device
 reported in its window (members since they joined, the control group since the rollout
-started) and, when no control group is left, the members' v1 windows from before they switched;
-a confidently wrong v2 then breaches the output gate.
+started) and the members' v1 windows from before they switched (the last wave's only
+reference); a confidently wrong v2 then breaches the output gate.
 """
 
 from __future__ import annotations
@@ -169,16 +169,19 @@ def test_members_and_control_get_their_output_windows_from_raw_rows_and_rollups(
     obs = {o.device_id: o for o in runner.observations(r, now)}
     for d in DEVICES:
         if d in members:
-            check(obs[d].outputs, f.sent[d].rows(2, r.members[d], now))
+            joined = r.members[d]
+            check(obs[d].outputs, f.sent[d].rows(2, joined, now))
+            check(obs[d].outputs_before, f.sent[d].rows(1, joined - (now - joined), joined))
         else:
             check(obs[d].outputs, f.sent[d].rows(1, start, now))
-        assert obs[d].outputs_before == OutputMoments()  # a control group is left
+            assert obs[d].outputs_before == OutputMoments()  # only members have a "before"
     # The step judges them: 2 canaries answering with a label bug against 4 control devices.
     runner.step(now)
     g = next(g for g in runner.get(r.id).gates if g.name == "output_distribution")
     assert g.status == "breach", g.detail
     assert "class 3: 9.7% -> 2.5%" in g.detail
-    assert "vs control on v1" in g.detail
+    assert "vs control on v1 (n=4000)" in g.detail
+    assert "vs the same devices on v1 before the switch (n=2000)" in g.detail
 
 
 def test_with_no_control_left_members_get_their_windows_before_the_switch(fleet: Fleet) -> None:

@@ -58,15 +58,19 @@ def judge(
     reference: OutputMoments,
     *,
     has_control: bool = True,
+    before: OutputMoments | None = None,
     **thresholds: Any,
 ) -> tuple[str, float | None, str]:
+    """The verdict against ``reference``: the control group's outputs when ``has_control``
+    (with ``before`` as the before-switch windows, none by default), else the before-switch
+    windows."""
     i = GateInputs(
         rollout(**thresholds),
         {},
         has_control=has_control,
         canary_outputs=canary,
         control_outputs=reference if has_control else OutputMoments(),
-        before_outputs=OutputMoments() if has_control else reference,
+        before_outputs=(before or OutputMoments()) if has_control else reference,
     )
     g = GATE.verdict(i)
     assert g.name == "output_distribution"
@@ -91,12 +95,12 @@ def test_decision_table(canary: OutputMoments, control: OutputMoments, status: s
     assert got == status, detail
     if status != "waiting":
         assert measured is not None
-        assert f"(n={canary.rows})" in detail
-        assert f"(n={control.rows})" in detail
+        assert f"on canary (n={canary.rows}) vs control on v1 (n={control.rows})" in detail
         assert "max 0.10" in detail
     else:
         assert measured is None
-        assert f"need {MIN_ROWS} each" in detail
+        assert f"{canary.rows} output rows on canary, {control.rows} on control" in detail
+        assert f"need {MIN_ROWS}" in detail
 
 
 def test_the_message_names_the_classes_that_moved_most() -> None:
@@ -106,14 +110,14 @@ def test_the_message_names_the_classes_that_moved_most() -> None:
     assert "class 0" not in detail  # unmoved classes are not listed
     assert measured is not None
     assert 0.3 < measured < 0.4
-    assert "on canary (n=1000) vs control on v1 (n=9000)" in detail
+    assert "on canary (n=1000) vs control on v1 (n=9000): |d| 0.34, evidence z 10.4" in detail
 
 
 def test_many_features_are_tested_with_a_bonferroni_z() -> None:
     assert corrected_z(1.645, 1) == pytest.approx(1.645, abs=1e-3)
     assert corrected_z(1.645, 20) == pytest.approx(2.807, abs=1e-3)  # 5 % / 20
     _, _, detail = judge(outputs(LABEL_BUG, 1000), outputs(EVEN, 9000))
-    assert "vs 2.81 for 10 features" in detail
+    assert "evidence z above 2.81 for 10 features" in detail
 
 
 @pytest.mark.parametrize(
@@ -121,7 +125,12 @@ def test_many_features_are_tested_with_a_bonferroni_z() -> None:
     [
         (outputs(LABEL_BUG, 1000), outputs(EVEN, 1000), {"max_output_shift": None}, "disabled"),
         (OutputMoments(), outputs(EVEN, 1000), {}, "no output windows reported on canary"),
-        (outputs(LABEL_BUG, 1000), OutputMoments(), {}, "no output windows of control on v1"),
+        (
+            outputs(LABEL_BUG, 1000),
+            OutputMoments(),
+            {},
+            "no output windows of control or the same devices before the switch",
+        ),
         (
             outputs(LABEL_BUG, 1000),
             OutputMoments.of_tensor("logits", TensorMoments.of([1000], [1.0], [1.0])),
@@ -149,7 +158,46 @@ def test_last_wave_compares_with_the_same_devices_before_the_switch() -> None:
     assert "vs the same devices on v1 before the switch (n=5000)" in detail
     assert judge(outputs(EVEN, 1000), before, has_control=False)[0] == "ok"
     got = judge(outputs(LABEL_BUG, 1000), OutputMoments(), has_control=False)
-    assert got == ("skipped", None, "no output windows of the same devices on v1 before the switch")
+    assert got == ("skipped", None, "no output windows of the same devices before the switch")
+
+
+# A site whose devices see more 8s and fewer 3s than the rest of the fleet, on either version.
+SITE_MIX = LABEL_BUG
+
+
+@pytest.mark.parametrize(
+    ("control", "before", "status"),
+    [
+        # The canary's devices always saw this mix: the control differs, their own past does not.
+        (outputs(EVEN, 9000), outputs(SITE_MIX, 1000), "ok"),
+        # Their traffic changed at the switch, the control's too: the control does not differ.
+        (outputs(SITE_MIX, 9000), outputs(EVEN, 1000), "ok"),
+        # A candidate that answers differently: both references see it.
+        (outputs(EVEN, 9000), outputs(EVEN, 1000), "breach"),
+        # Too little history before the switch (devices new to the fleet): the control judges.
+        (outputs(EVEN, 9000), outputs(EVEN, MIN_ROWS - 1), "breach"),
+        (outputs(SITE_MIX, 9000), outputs(EVEN, MIN_ROWS - 1), "ok"),
+    ],
+)
+def test_both_references_must_see_the_shift(
+    control: OutputMoments, before: OutputMoments, status: str
+) -> None:
+    got, measured, detail = judge(outputs(SITE_MIX, 1000), control, before=before)
+    assert got == status, detail
+    assert measured is not None
+    assert "vs control on v1 (n=9000)" in detail
+    judged_before = before.rows >= MIN_ROWS
+    assert ("vs the same devices on v1 before the switch (n=1000)" in detail) == judged_before
+
+
+def test_waits_while_no_reference_has_enough_rows() -> None:
+    got = judge(outputs(LABEL_BUG, 1000), outputs(EVEN, 200), before=outputs(EVEN, 100))
+    assert got == (
+        "waiting",
+        None,
+        "output_distribution: 1000 output rows on canary, 200 on control on v1, 100 on the "
+        "same devices on v1 before the switch; need 300",
+    )
 
 
 def test_non_probability_outputs_are_shown_as_means() -> None:

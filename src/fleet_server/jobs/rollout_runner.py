@@ -2,13 +2,13 @@
 
 ``RolloutRunner`` creates rollouts, and on every ``step`` loads the active ones, builds each
 targeted device's ``DeviceObservation`` from the registry (reported state and the telemetry
-window; when no control group is left, also the members' output windows from before they
-switched, the output gate's reference), calls the pure ``decide`` and applies the decision:
-``service.assign`` for new wave members (``to_version``) and for devices sent back
-(``from_version``), a quarantine entry when a version keeps failing, the new state and an event
-log entry. Operator commands (approve, pause,
-resume, abort) go through the same lock as steps. ``start()`` runs ``step`` every ``interval``
-seconds in a daemon thread (``fleet_server.jobs.periodic.PeriodicJob``), ``close()`` stops it.
+window, and the members' output windows from before they switched, the output gate's second
+reference), calls the pure ``decide`` and applies the decision: ``service.assign`` for new
+wave members (``to_version``) and for devices sent back (``from_version``), a quarantine entry
+when a version keeps failing, the new state and an event log entry. Operator commands
+(approve, pause, resume, abort) go through the same lock as steps. ``start()`` runs ``step``
+every ``interval`` seconds in a daemon thread (``fleet_server.jobs.periodic.PeriodicJob``),
+``close()`` stops it.
 
 Exactly one engine may run across several server workers: each step first asks an
 ``EngineLock`` (default: this process only; ``fleet_server.jobs.leader.leader_lock`` fits), and asks
@@ -297,12 +297,10 @@ class RolloutRunner:
     def _with_before_outputs(
         self, r: Rollout, obs: list[DeviceObservation], now: datetime
     ) -> list[DeviceObservation]:
-        """With no control group left (as ``gates.quality_inputs`` counts it), each member's
-        ``from_version`` output moments before it switched: ``[joined - served, joined)``,
-        ``served`` being how long it has been a member (at most ``_BEFORE_MAX``)."""
-        control = [o for o in obs if o.device_id not in r.members]
-        control = [o for o in control if o.active_version == r.from_version]
-        if not r.members or len(control) >= min(r.policy.min_devices, len(obs)):
+        """Each member's ``from_version`` output moments before it switched (the output gate's
+        second reference): ``[joined - served, joined)``, ``served`` being how long it has been
+        a member (at most ``_BEFORE_MAX``)."""
+        if not r.members or r.from_version is None:
             return obs
         ranges = {
             o.device_id: (

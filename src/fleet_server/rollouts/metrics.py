@@ -248,7 +248,7 @@ class DeviceObservation:
         metrics: Window metrics on the observed version.
         outputs: Output moments on the observed version, over the same window.
         outputs_before: Output moments of the rollout's ``from_version`` on this device before
-            it switched (filled by the runner only when no control group is left).
+            it switched (filled by the runner for members).
     """
 
     device_id: str

@@ -52,7 +52,7 @@ class GateInputs:
         canary_outputs: Output moments merged over the reporting canary members.
         control_outputs: The same over the reporting control group.
         before_outputs: The canary members' ``from_version`` output moments before they
-            switched (filled only when no control group is left).
+            switched.
     """
 
     rollout: Rollout

@@ -9,10 +9,16 @@ gate compares the two versions' outputs over the same period instead.
 Evidence: every agent sketches each output tensor in tier-A drift windows; their per-feature
 ``count``, ``sum`` and ``sumsq`` merge exactly across windows, devices and rollups
 (``fleet_server.rollouts.metrics.OutputMoments``). The runner merges them over the canary
-members (each since it joined) and over the control group (the devices still on
-``from_version``, since the rollout started). When no control group is left (the last wave)
-the reference is the same canary members' ``from_version`` windows before they switched, over
-a window as long as the one they have served the candidate for.
+members (each since it joined) and over two references: the control group (the devices still
+on ``from_version``, since the rollout started) and the same canary members' ``from_version``
+windows before they switched, over a window as long as the one they have served the
+candidate for. The gate judges against every reference with enough rows and breaches only
+when all of them see the shift: a small canary's devices see another mix of inputs than the
+control group's (the control comparison alone would halt good candidates for it), and the
+traffic of the hours before the switch is not the traffic of the hours after it (the
+before-switch comparison alone would halt for that); a candidate that answers differently
+shifts against both. When no control group is left (the last wave) the before-switch windows
+judge alone, instead of skipping.
 
 Statistic: for each output feature ``j`` (for a classifier's probabilities: class ``j``; its
 mean is the share of the answers given to that class) the standardised mean difference
@@ -32,14 +38,16 @@ class probability ignores those tails and moves exactly when answers move betwee
 good candidate differs significantly by a hair, and devices differ in what they see, so a
 small canary's mix is never exactly the control's (measured: bench/bench_false_halts.py).
 
-Minimum sample: ``MIN_ROWS`` output rows (and the policy's ``min_requests``) on each side;
-below that the wave waits. No output window at all on a side (agents without an output
-baseline, history gone) skips the gate, as the ``prediction_drift`` gate does.
+Minimum sample: ``MIN_ROWS`` output rows (and the policy's ``min_requests``) on the canary
+and on a reference; a reference with fewer rows is not judged (devices new to the fleet have
+little history), and with none judged the wave waits. No output window at all on the canary
+or on both references (agents without an output baseline, history gone) skips the gate, as the
+``prediction_drift`` gate does.
 
 What it cannot catch: errors that keep the class shares (two equally frequent classes swapped
 both ways, a uniformly noisier model), a candidate that is wrong only on inputs the canary did
-not see, and a traffic change between the before-switch window and the canary's on the last
-wave. Owns this gate's definition only.
+not see; on the last wave, with no control group, a traffic change between the before-switch
+window and the canary's looks like a shift. Owns this gate's definition only.
 """
 
 from __future__ import annotations
@@ -130,40 +138,52 @@ def corrected_z(z: float, tests: int) -> float:
 
 
 def verdict(i: GateInputs) -> GateResult:
-    """The largest output shift of the canary against the control (or before the switch)."""
+    """The canary's output shift against every reference with enough rows; all must agree."""
     r, p = i.rollout, i.rollout.policy
     limit = p.thresholds.max_output_shift
     if limit is None:
         return GateResult(_NAME, "skipped", None, None, "disabled")
+    refs: list[tuple[str, OutputMoments]] = []
     if i.has_control:
-        ref, what = i.control_outputs, f"control on v{r.from_version}"
-    else:
-        ref, what = i.before_outputs, f"the same devices on v{r.from_version} before the switch"
-    n1, n2 = i.canary_outputs.rows, ref.rows
+        refs.append((f"control on v{r.from_version}", i.control_outputs))
+    refs.append((f"the same devices on v{r.from_version} before the switch", i.before_outputs))
+    refs = [(what, m) for what, m in refs if m.rows > 0]
+    n1 = i.canary_outputs.rows
     if n1 == 0:
         return GateResult(_NAME, "skipped", None, limit, "no output windows reported on canary")
-    if n2 == 0:
-        return GateResult(_NAME, "skipped", None, limit, f"no output windows of {what}")
-    need = max(MIN_ROWS, p.min_requests)
-    if min(n1, n2) < need:
-        msg = f"{_NAME}: {n1}/{n2} output rows (canary/{what}), need {need} each"
-        return GateResult(_NAME, "waiting", None, limit, msg)
-    found = shifts(i.canary_outputs, ref, limit)
-    if not found:
-        msg = f"no output tensor shared by the canary and {what}"
+    if not refs:
+        what = "control or " if i.has_control else ""
+        msg = f"no output windows of {what}the same devices before the switch"
         return GateResult(_NAME, "skipped", None, limit, msg)
-    z = corrected_z(p.z, 2 * len(found))
-    top = found[0]
-    breach = any(s.z > z for s in found)
-    single = len({s.tensor for s in found}) == 1
-    # The features that moved (at least the largest), not the ones that happen to come next.
-    shown = [top, *(s for s in found[1:_SHOWN] if abs(s.d) >= limit / 2)]
-    moved = ", ".join(s.text(single) for s in shown)
+    need = max(MIN_ROWS, p.min_requests)
+    judged = [(what, m) for what, m in refs if m.rows >= need]
+    if n1 < need or not judged:
+        sides = ", ".join(f"{m.rows} on {what}" for what, m in refs)
+        msg = f"{_NAME}: {n1} output rows on canary, {sides}; need {need}"
+        return GateResult(_NAME, "waiting", None, limit, msg)
+    found = [(what, m.rows, shifts(i.canary_outputs, m, limit)) for what, m in judged]
+    found = [(what, n, f) for what, n, f in found if f]
+    if not found:
+        msg = f"no output tensor shared by the canary and {judged[0][0]}"
+        return GateResult(_NAME, "skipped", None, limit, msg)
+    z = corrected_z(p.z, 2 * max(len(f) for _w, _n, f in found))
+    # Every reference must see the shift: the control group alone differs from a small canary
+    # in what its devices see, the same devices before the switch alone in when they saw it.
+    breach = all(any(s.z > z for s in f) for _w, _n, f in found)
+    measured = min(abs(f[0].d) for _w, _n, f in found)
+    single = len({s.tensor for _w, _n, f in found for s in f}) == 1
+    parts = []
+    for what, n, f in found:
+        top = f[0]
+        # The features that moved (at least the largest), not the ones that happen to come next.
+        shown = [top, *(s for s in f[1:_SHOWN] if abs(s.d) >= limit / 2)]
+        moved = ", ".join(s.text(single) for s in shown)
+        parts.append(f"vs {what} (n={n}): |d| {abs(top.d):.2f}, evidence z {top.z:.1f}: {moved}")
     detail = (
-        f"largest output shift |d| {abs(top.d):.2f} (max {limit:.2f}; evidence z {top.z:.1f} "
-        f"vs {z:.2f} for {len(found)} features) on canary (n={n1}) vs {what} (n={n2}): {moved}"
+        f"output shift |d| {measured:.2f} (max {limit:.2f}, evidence z above {z:.2f} for "
+        f"{len(found[0][2])} features) on canary (n={n1}) " + "; ".join(parts)
     )
-    return GateResult(_NAME, "breach" if breach else "ok", abs(top.d), limit, detail)
+    return GateResult(_NAME, "breach" if breach else "ok", measured, limit, detail)
 
 
 GATE: Final = Gate(
