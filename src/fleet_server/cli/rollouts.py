@@ -25,6 +25,7 @@ from fleet_server.cli.admin import (
     table_lines,
 )
 from fleet_server.cli.evalsets import shown
+from fleet_server.errors import AdminRequestError, OfflineRegressionError
 
 __all__ = ["register_rollout_commands", "render_rollout"]
 
@@ -39,6 +40,8 @@ _THRESHOLDS = (
     ("min_p99_latency_delta_ms", "--min-p99-delta-ms"),
     ("max_error_rate_increase", "--max-error-increase"),
     ("max_output_shift", "--max-output-shift"),
+    ("max_ground_truth_drop", "--max-accuracy-drop"),
+    ("min_ground_truth_labels", "--min-labels"),
 )
 _OFFLINE = (
     ("max_accuracy_drop", "offline_max_accuracy_drop"),
@@ -268,6 +271,18 @@ def register_rollout_commands(cli: click.Group) -> None:
         type=click.FloatRange(0, 1),
         help="The output_distribution gate: largest shift of an output mean, in pooled sd (0.1).",
     )
+    @click.option(
+        "--max-accuracy-drop",
+        "max_ground_truth_drop",
+        type=click.FloatRange(0, 1),
+        help="The ground_truth gate: largest drop of labelled accuracy vs control (0.02).",
+    )
+    @click.option(
+        "--min-labels",
+        "min_ground_truth_labels",
+        type=click.IntRange(1),
+        help="The ground_truth gate judges with this many labelled answers per side (200).",
+    )
     def create(
         url: str,
         token: str,
@@ -306,7 +321,13 @@ def register_rollout_commands(cli: click.Group) -> None:
         if override_offline:
             body["override_offline"] = override_offline
         with AdminClient(url, token) as client:
-            r = client.create_rollout(body)
+            try:
+                r = client.create_rollout(body)
+            except AdminRequestError as exc:
+                # A regression on the evaluation set exits like a failed gate (5), not 3.
+                if exc.server_code == OfflineRegressionError.code:
+                    raise OfflineRegressionError(str(exc)) from exc
+                raise
         if as_json:
             emit_json(r)
         else:

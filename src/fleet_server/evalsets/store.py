@@ -45,14 +45,16 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def check_text(value: str, what: str, limit: int, *, required: bool = False) -> str:
-    """``value`` stripped, if printable and at most ``limit`` characters.
+def check_text(
+    value: str, what: str, limit: int, *, required: bool = False, strip: bool = True
+) -> str:
+    """``value`` (stripped unless ``strip`` is False), if printable and at most ``limit`` long.
 
     Raises:
         EvalSetRejectedError: ``bad_text``: unprintable (control, escape, bidi-override or
             unpaired surrogate characters), too long, or empty when ``required``.
     """
-    text = value.strip() if isinstance(value, str) else None
+    text = (value.strip() if strip else value) if isinstance(value, str) else None
     if text is None or len(text) > limit or not text.isprintable() or (required and not text):
         raise EvalSetRejectedError(
             f"{what} must be printable text of {'1' if required else '0'}-{limit} characters",
@@ -104,7 +106,7 @@ class EvalSetStore:
             EvalSetError: the directory cannot be written.
             RegistryUnavailableError: the database failed.
         """
-        model = check_text(model, "the model name", _MODEL_LEN, required=True)
+        model = check_text(model, "the model name", _MODEL_LEN, required=True, strip=False)
         source = check_text(source, "the source", MAX_SOURCE, required=True)
         note = check_text(note, "the note", MAX_NOTE)
         parsed = parse_eval_set(data, max_bytes=self._max_bytes)
