@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -70,6 +69,28 @@ class _SlowAgent:
         return []
 
 
+class _CountingStop(threading.Event):
+    """The control loop's stop event, counting the watchdog thread's waits (one per round)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rounds = 0
+        self._counted = threading.Condition()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if threading.current_thread().name == "watchdog":
+            with self._counted:
+                self.rounds += 1
+                self._counted.notify_all()
+        return super().wait(timeout)
+
+    def wait_rounds(self, n: int) -> None:
+        """Wait until the watchdog has begun ``n`` more rounds."""
+        with self._counted:
+            target = self.rounds + n
+            assert self._counted.wait_for(lambda: self.rounds >= target, 10), "watchdog stuck"
+
+
 def test_watchdog_is_fed_while_the_loop_is_held_within_the_grace_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -81,6 +102,7 @@ def test_watchdog_is_fed_while_the_loop_is_held_within_the_grace_only(
         monkeypatch.setenv("WATCHDOG_USEC", "300000")  # pinged every 0.1 s
         agent = _SlowAgent()
         loop = daemon.ControlLoop(agent)  # type: ignore[arg-type]
+        stop = loop.stop = _CountingStop()  # the watchdog reads it again every round
         loop.start()
         try:
             # The loop is stuck in tick (an install), but within the grace: still fed.
@@ -88,12 +110,14 @@ def test_watchdog_is_fed_while_the_loop_is_held_within_the_grace_only(
             assert sock.recv(64) == b"WATCHDOG=1"
             # Past the grace, a stuck loop is a hang: the pings stop and systemd restarts it.
             loop.progress -= daemon.WATCHDOG_GRACE + 1
-            time.sleep(0.3)
-            sock.settimeout(0.3)
-            with contextlib.suppress(TimeoutError):
+            # A round that read the old progress has pinged before the next round begins.
+            stop.wait_rounds(1)
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
                 for _ in range(20):  # drain what was already sent (bounded: a bug keeps pinging)
                     sock.recv(64)
-            with pytest.raises(TimeoutError):
+            stop.wait_rounds(2)  # at least one whole round since, on the stale progress
+            with pytest.raises(BlockingIOError):
                 sock.recv(64)
         finally:
             loop.stop.set()
