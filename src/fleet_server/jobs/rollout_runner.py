@@ -40,7 +40,7 @@ from fleet_server.jobs.periodic import PeriodicJob
 from fleet_server.registry import rollouts as store
 from fleet_server.registry.store import Registry
 from fleet_server.registry.values import DeviceRecord
-from fleet_server.rollouts.admission import admit
+from fleet_server.rollouts.admission import Override, admit
 from fleet_server.rollouts.engine import abort as abort_rollout
 from fleet_server.rollouts.engine import approve as approve_rollout
 from fleet_server.rollouts.engine import decide
@@ -48,9 +48,9 @@ from fleet_server.rollouts.engine import pause as pause_rollout
 from fleet_server.rollouts.engine import resume as resume_rollout
 from fleet_server.rollouts.metrics import DeviceObservation, observe
 from fleet_server.rollouts.policy import RolloutPolicy, Selector
-from fleet_server.rollouts.state import ACTIVE_STATES, Decision, Rollout
+from fleet_server.rollouts.state import ACTIVE_STATES, Decision, OfflineCheck, Rollout
 
-__all__ = ["AssignPort", "EngineLock", "LocalLock", "RolloutRunner"]
+__all__ = ["AssignPort", "EngineLock", "LocalLock", "OfflinePort", "RolloutRunner"]
 
 #: A command re-reads and retries this many times when a concurrent save won.
 _COMMAND_ATTEMPTS = 3
@@ -66,6 +66,20 @@ class AssignPort(Protocol):
     def assign(
         self, target: str, name: str, version: int, *, group: bool = False
     ) -> Sequence[object]: ...
+
+
+class OfflinePort(Protocol):
+    """The offline comparison before a rollout (``fleet_server.evalsets.offline``'s shape)."""
+
+    def check(
+        self,
+        model: str,
+        from_version: int | None,
+        to_version: int,
+        policy: RolloutPolicy,
+        *,
+        override: str = "",
+    ) -> tuple[OfflineCheck, Override | None]: ...
 
 
 class EngineLock(Protocol):
@@ -104,9 +118,15 @@ class RolloutRunner:
         interval: float = 5.0,
         lock: EngineLock | None = None,
         new_id: Callable[[], str] | None = None,
+        offline: OfflinePort | None = None,
     ) -> None:
-        """Prepare a runner; nothing runs until ``step`` or ``start``."""
+        """Prepare a runner; nothing runs until ``step`` or ``start``.
+
+        ``offline`` compares the candidate with the version it replaces before a rollout is
+        created; without it rollouts are created unchecked (their ``offline`` stays None).
+        """
         self._registry = registry
+        self._offline = offline
         self._service = service
         self._clock = clock
         self._engine_lock: EngineLock = lock or LocalLock()
@@ -133,17 +153,23 @@ class RolloutRunner:
         from_version: int | None = None,
         override_quarantine: str = "",
         override_aborted: str = "",
+        override_offline: str = "",
     ) -> Rollout:
         """Create a pending rollout of ``model`` v``version`` (the next ``step`` starts it).
 
         ``from_version`` defaults to the version most targeted devices report as active. A
         quarantined version, or one a rollout already aborted, needs the operator's reason
-        (``override_quarantine`` / ``override_aborted``); the rollout records it.
+        (``override_quarantine`` / ``override_aborted``); the rollout records it. Then the
+        offline comparison (when the runner has one) runs both versions on the model's
+        evaluation set: a regression beyond the policy's offline limits, or a comparison that
+        cannot run, needs ``override_offline``; its result is kept as ``Rollout.offline``.
 
         Raises:
             ModelNotPublishedError: the version is not published.
             QuarantinedVersionError: the version is quarantined and not overridden.
             AbortedVersionError: a rollout of the version was aborted and it is not overridden.
+            OfflineRegressionError: the candidate regressed on the evaluation set, no override.
+            OfflineCheckError: the offline comparison cannot run, no override.
             RolloutPolicyError: an override reason is unprintable or too long.
             RegistryUnavailableError: the database failed.
         """
@@ -163,6 +189,12 @@ class RolloutRunner:
         )
         if from_version is None:
             from_version = self._common_version(model, version, self._targeted(selector))
+        offline: OfflineCheck | None = None
+        if self._offline is not None:
+            offline, used = self._offline.check(
+                model, from_version, version, policy, override=override_offline
+            )
+            overrides = (*overrides, used) if used is not None else overrides
         now = self._clock()
         r = Rollout(
             id=self._new_id(),
@@ -174,6 +206,7 @@ class RolloutRunner:
             created_at=now,
             updated_at=now,
             overrides=overrides,
+            offline=offline,
         )
         with self._mutex:
             return store.create_rollout(self._registry, r, now)
