@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from edge_agent.quality.confusion import Confusion
 from fleet_server.errors import RolloutPolicyError, RolloutStateError
 from fleet_server.rollouts.engine import abort, approve, decide, resume, wave_order
 from fleet_server.rollouts.metrics import (
@@ -27,6 +28,11 @@ IDS = [f"dev-{i:02d}" for i in range(30)]
 FAST = (0, 0, 0, 1000, 0, 0, 0, 0, 0, 0, 0, 0)  # all requests in (5, 10] ms
 SLOW = (0, 0, 0, 0, 0, 0, 0, 1000, 0, 0, 0, 0)  # all in (100, 200] ms
 # 950 answers of a confident 10-class model, 10 % per class (the output_distribution gate).
+# 100 labelled answers of a 10-class model, 97 right (the ground_truth gate).
+LABELLED = Confusion(
+    tuple(tuple(10 if t == q else (1 if t < 3 and q == t + 1 else 0) for q in range(10))
+          for t in range(10))
+)  # fmt: skip
 OUTPUTS = OutputMoments.of_tensor("probabilities", TensorMoments.of([950] * 10, [95.0] * 10,
                                                                     [90.0] * 10))  # fmt: skip
 
@@ -44,6 +50,7 @@ def healthy(**kw: Any) -> WindowMetrics:
         "shadow_compared": 1000,
         "shadow_agree": 990,
         "latency_buckets": FAST,
+        "confusion": LABELLED,
     }
     base.update(kw)
     return WindowMetrics(**base)

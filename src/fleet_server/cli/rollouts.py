@@ -40,6 +40,8 @@ _THRESHOLDS = (
     ("min_p99_latency_delta_ms", "--min-p99-delta-ms"),
     ("max_error_rate_increase", "--max-error-increase"),
     ("max_output_shift", "--max-output-shift"),
+    ("max_ground_truth_drop", "--max-accuracy-drop"),
+    ("min_ground_truth_labels", "--min-labels"),
 )
 _OFFLINE = (
     ("max_accuracy_drop", "offline_max_accuracy_drop"),
@@ -268,6 +270,18 @@ def register_rollout_commands(cli: click.Group) -> None:
         "max_output_shift",
         type=click.FloatRange(0, 1),
         help="The output_distribution gate: largest shift of an output mean, in pooled sd (0.1).",
+    )
+    @click.option(
+        "--max-accuracy-drop",
+        "max_ground_truth_drop",
+        type=click.FloatRange(0, 1),
+        help="The ground_truth gate: largest drop of labelled accuracy vs control (0.02).",
+    )
+    @click.option(
+        "--min-labels",
+        "min_ground_truth_labels",
+        type=click.IntRange(1),
+        help="The ground_truth gate judges with this many labelled answers per side (200).",
     )
     def create(
         url: str,

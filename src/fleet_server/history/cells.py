@@ -33,6 +33,7 @@ import numpy.typing as npt
 from edge_agent.drift import TierAView
 from edge_agent.drift.edges import FeatureEdges
 from edge_agent.errors import ContractError
+from edge_agent.quality.confusion import Confusion
 from fleet_server.rollouts.metrics import WindowMetrics, interval_metrics, reject_deltas
 
 __all__ = [
@@ -48,7 +49,7 @@ __all__ = [
 
 #: (device_id, model, version)
 CellKey = tuple[str, str, int]
-_COUNTERS = tuple(f.name for f in fields(WindowMetrics) if f.name not in ("max_psi",))
+_COUNTERS = tuple(f.name for f in fields(WindowMetrics) if f.name not in ("max_psi", "confusion"))
 _HISTOGRAMS = ("latency_buckets", "latency_fine")
 
 
@@ -229,6 +230,8 @@ class RollupCell:
         doc["latency_fine"] = list(m.latency_fine)
         doc["rejects"] = dict(self.rejects)
         doc["events"] = dict(self.events)
+        if m.confusion is not None:  # ground truth: only cells that had labels carry it
+            doc["confusion"] = m.confusion.to_dict()
         return doc
 
     def drift_doc(self) -> dict[str, Any]:
@@ -264,6 +267,7 @@ class RollupCell:
                 max_psi=max_psi,
                 latency_buckets=tuple(int(x) for x in metrics.get("latency_buckets", ())),
                 latency_fine=tuple(int(x) for x in fine),
+                confusion=_stored_confusion(metrics.get("confusion")),
             )
             cell.rejects = {str(k): int(v) for k, v in (metrics.get("rejects") or {}).items()}
             cell.events = {str(k): int(v) for k, v in (metrics.get("events") or {}).items()}
@@ -272,6 +276,14 @@ class RollupCell:
                 cell.drift[(tensor, role)] = DriftPart.from_doc(doc, data)
             cell.skipped = {str(k): int(v) for k, v in (drift.get("skipped") or {}).items()}
         return cell
+
+
+def _stored_confusion(doc: Any) -> Confusion | None:
+    """The ``confusion`` of a stored ``metrics`` column (absent, or not ours: None)."""
+    try:
+        return None if doc is None else Confusion.from_dict(doc)
+    except ContractError:
+        return None
 
 
 def drift_slices(

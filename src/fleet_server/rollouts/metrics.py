@@ -32,7 +32,9 @@ from typing import Any, Final, Protocol
 
 from edge_agent.drift import TierAView
 from edge_agent.errors import ContractError
+from edge_agent.quality.confusion import Confusion
 from edge_agent.wire.telemetry import LATENCY_BUCKETS_MS, LATENCY_FINE_BUCKETS_MS
+from fleet_server.rollouts.truth import confusion_delta, merge_confusion
 
 __all__ = [
     "DeviceObservation",
@@ -91,6 +93,8 @@ class WindowMetrics:
         latency_fine: Requests per ``LATENCY_FINE_BUCKETS_MS`` bucket (plus overflow), from the
             intervals whose reports carry it (others add zeros): it covers every timed request
             exactly when its sum equals ``latency_buckets``' sum.
+        confusion: Ground-truth counts (true x predicted class) of the version, from the
+            intervals whose reports carry them (``fleet_server.rollouts.truth``); None: none.
     """
 
     reports: int = 0
@@ -106,6 +110,7 @@ class WindowMetrics:
     shadow_agree: int = 0
     latency_buckets: tuple[int, ...] = (0,) * _N_BUCKETS
     latency_fine: tuple[int, ...] = (0,) * _N_FINE
+    confusion: Confusion | None = None
 
     def merge(self, other: WindowMetrics) -> WindowMetrics:
         """The element-wise sum (max for ``max_psi``)."""
@@ -128,6 +133,7 @@ class WindowMetrics:
             latency_fine=tuple(
                 a + b for a, b in zip(self.latency_fine, other.latency_fine, strict=True)
             ),
+            confusion=merge_confusion(self.confusion, other.confusion),
         )
 
     @classmethod
@@ -480,6 +486,7 @@ def _delta(prev: Mapping[str, Any], cur: Mapping[str, Any]) -> WindowMetrics | N
         shadow_agree=shadow[1],
         latency_buckets=tuple(lat),
         latency_fine=tuple(fine),
+        confusion=confusion_delta(prev, cur),
     )
 
 

@@ -38,6 +38,11 @@ def _ratio(default: float | None) -> Any:
     return field(default=default, metadata={"check": "ratio"})
 
 
+def _count(default: int) -> Any:
+    """A count threshold: an integer >= 1."""
+    return field(default=default, metadata={"check": "count"})
+
+
 def _ms(default: float) -> Any:
     """A duration threshold in ms: a finite number >= 0."""
     return field(default=default, metadata={"check": "ms"})
@@ -61,15 +66,23 @@ class Thresholds:
     min_p99_latency_delta_ms: float = _ms(2.0)
     max_error_rate_increase: float | None = _rate(0.01)
     max_output_shift: float | None = _rate(0.1)
+    max_ground_truth_drop: float | None = _rate(0.02)
+    min_ground_truth_labels: int = _count(200)
+    max_shadow_disagreement_excess: float | None = _rate(0.02)
+    max_shadow_disagreement: float | None = _rate(0.05)
+    min_shadow_rows: int = _count(300)
 
     def __post_init__(self) -> None:
-        """Raises: RolloutPolicyError (a rate outside [0, 1], a ratio below 1, a bad ms)."""
+        """Raises: RolloutPolicyError (a rate outside [0, 1], a ratio below 1, a bad ms or
+        count)."""
         for f in fields(self):
             v, check = getattr(self, f.name), f.metadata.get("check")
             if check == "rate":
                 _check(v is None or 0.0 <= v <= 1.0, f"{f.name} must be in [0, 1]")
             elif check == "ratio":
                 _check(v is None or v >= 1.0, f"{f.name} must be >= 1")
+            elif check == "count":
+                _check(type(v) is int and v >= 1, f"{f.name} must be an integer >= 1")
             elif check == "ms":
                 _check(
                     isinstance(v, int | float) and math.isfinite(v) and v >= 0.0,
@@ -136,6 +149,9 @@ class RolloutPolicy:
     rollback_on_abort: bool = True
     quarantine_after: int = 2
     z: float = 1.645  # one-sided 95 %
+    # The shadow phase (classifiers, canaries that support it): None turns it off.
+    shadow_fraction: float | None = 0.25
+    shadow_dwell_seconds: float = 120.0
 
     def __post_init__(self) -> None:
         """Raises: RolloutPolicyError (the message names the field)."""
@@ -150,6 +166,14 @@ class RolloutPolicy:
         _check(self.on_breach in ON_BREACH, f"on_breach must be one of {ON_BREACH}")
         _check(self.quarantine_after >= 1, "quarantine_after must be >= 1")
         _check(self.z > 0, "z must be > 0")
+        _check(
+            self.shadow_fraction is None or 0.0 < self.shadow_fraction <= 1.0,
+            "shadow_fraction must be in (0, 1] or null",
+        )
+        _check(
+            self.shadow_dwell_seconds >= 0 and math.isfinite(self.shadow_dwell_seconds),
+            "shadow_dwell_seconds",
+        )
 
     def wave_sizes(self, n: int) -> tuple[int, ...]:
         """Cumulative members per wave for ``n`` devices: increasing, the last one is ``n``."""

@@ -21,6 +21,7 @@ from fleet_server.rollouts.gates import (
     device_rollbacks,
     error_rate,
     fallback_rate,
+    ground_truth,
     install_failures,
     output_distribution,
     p99_latency,
@@ -53,5 +54,6 @@ GATES: Final[tuple[Gate, ...]] = (
     output_distribution.GATE,
     shadow_agreement.GATE,
     p99_latency.GATE,
+    ground_truth.GATE,
     error_rate.GATE,
 )
