@@ -213,7 +213,8 @@ class RolloutPolicy:
         _check(isinstance(t, Mapping), "thresholds must be an object")
         assert isinstance(t, Mapping)
         _check(not set(t) - set(_THRESHOLD_KEYS), f"unknown threshold(s): {sorted(t)}")
-        o = d.get("offline") or {}
+        o = d.get("offline")
+        o = {} if o is None else o
         _check(isinstance(o, Mapping), "offline must be an object")
         assert isinstance(o, Mapping)
         _check(not set(o) - set(_OFFLINE_KEYS), f"unknown offline limit(s): {sorted(o)}")
