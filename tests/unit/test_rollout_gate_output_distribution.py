@@ -20,7 +20,13 @@ from fleet_server.cli import rollouts as cli_rollouts
 from fleet_server.errors import RolloutPolicyError
 from fleet_server.rollouts.engine import decide
 from fleet_server.rollouts.gates import GATES, GateInputs
-from fleet_server.rollouts.gates.output_distribution import GATE, MIN_ROWS, corrected_z, shifts
+from fleet_server.rollouts.gates.output_distribution import (
+    GATE,
+    MAX_ROWS,
+    MIN_ROWS,
+    corrected_z,
+    shifts,
+)
 from fleet_server.rollouts.metrics import (
     DeviceObservation,
     OutputMoments,
@@ -86,6 +92,7 @@ def judge(
         (outputs(LABEL_BUG, 1000), outputs(EVEN, 9000), "breach"),  # confidently wrong
         (outputs(LABEL_BUG, MIN_ROWS), outputs(EVEN, 3000), "breach"),  # on the minimum sample
         (outputs(HALF_BUG, 2000), outputs(EVEN, 9000), "breach"),  # 5 points less accurate
+        (outputs(HALF_BUG, 400), outputs(EVEN, 9000), "waiting"),  # neither bad nor fine yet
         (outputs(LABEL_BUG, MIN_ROWS - 1), outputs(EVEN, 9000), "waiting"),  # too few rows
         (outputs(EVEN, 1000), outputs(LABEL_BUG, MIN_ROWS - 1), "waiting"),  # likewise control
     ],
@@ -93,14 +100,30 @@ def judge(
 def test_decision_table(canary: OutputMoments, control: OutputMoments, status: str) -> None:
     got, measured, detail = judge(canary, control)
     assert got == status, detail
-    if status != "waiting":
+    if min(canary.rows, control.rows) >= MIN_ROWS:
         assert measured is not None
         assert f"on canary (n={canary.rows}) vs control on v1 (n={control.rows})" in detail
         assert "max 0.10" in detail
-    else:
+    if status == "waiting" and min(canary.rows, control.rows) < MIN_ROWS:
         assert measured is None
         assert f"{canary.rows} output rows on canary, {control.rows} on control" in detail
         assert f"need {MIN_ROWS}" in detail
+
+
+def test_inconclusive_waits_then_the_point_estimate_decides_at_max_rows() -> None:
+    status, measured, detail = judge(outputs(HALF_BUG, 400), outputs(EVEN, 9000))
+    assert status == "waiting"
+    assert detail.startswith("output_distribution inconclusive: output shift |d| 0.19")
+    # Shares just past the limit (d about 0.11) on MAX_ROWS rows: the estimate is above it.
+    near = (0.1, 0.1, 0.1, 0.07, 0.1, 0.1, 0.1, 0.1, 0.13, 0.1)
+    status, measured, detail = judge(outputs(near, MAX_ROWS), outputs(EVEN, MAX_ROWS))
+    assert status == "breach", detail
+    assert detail.startswith(f"inconclusive after {MAX_ROWS} rows")
+    assert measured is not None
+    assert 0.1 < measured < 0.12
+    closer = (0.1, 0.1, 0.1, 0.08, 0.1, 0.1, 0.1, 0.1, 0.12, 0.1)  # d about 0.07
+    status, _, detail = judge(outputs(closer, MAX_ROWS), outputs(EVEN, MAX_ROWS))
+    assert status == "ok", detail
 
 
 def test_the_message_names_the_classes_that_moved_most() -> None:

@@ -40,7 +40,12 @@ small canary's mix is never exactly the control's (measured: bench/bench_false_h
 
 Minimum sample: ``MIN_ROWS`` output rows (and the policy's ``min_requests``) on the canary
 and on a reference; a reference with fewer rows is not judged (devices new to the fleet have
-little history), and with none judged the wave waits. No output window at all on the canary
+little history), and with none judged the wave waits. A pass needs evidence as well: some
+reference must show every feature within the limit (the upper bound of ``|d|`` at the
+policy's ``z``, an equivalence test); while neither a breach nor a pass is shown the wave
+waits for more rows (up to ``MAX_ROWS`` canary rows, then the point estimates decide). A wave
+is otherwise judged once, right after its dwell, so a candidate a little past the limit would
+pass on the small sample of that moment. No output window at all on the canary
 or on both references (agents without an output baseline, history gone) skips the gate, as the
 ``prediction_drift`` gate does.
 
@@ -61,11 +66,13 @@ from fleet_server.rollouts.gates.base import Gate, GateInputs
 from fleet_server.rollouts.metrics import OutputMoments, TensorMoments
 from fleet_server.rollouts.state import GateResult
 
-__all__ = ["GATE", "MIN_ROWS", "Shift", "shifts"]
+__all__ = ["GATE", "MAX_ROWS", "MIN_ROWS", "Shift", "corrected_z", "shifts"]
 
 _NAME: Final = "output_distribution"
 #: Output rows needed on each side before the gate judges.
 MIN_ROWS: Final = 300
+#: Canary rows after which an inconclusive comparison passes (judged on the point estimate).
+MAX_ROWS: Final = 20_000
 #: Features named in the message.
 _SHOWN: Final = 3
 
@@ -80,6 +87,11 @@ class Shift:
     reference_mean: float
     d: float  # standardised mean difference (canary - reference) / pooled sd
     z: float  # (|d| - limit) / se(d): the evidence that |d| exceeds the limit
+    se: float = 0.0  # standard error of d
+
+    def within(self, limit: float, z: float) -> bool:
+        """``|d|`` is below ``limit`` with confidence ``z`` (its upper bound is)."""
+        return abs(self.d) + z * self.se < limit
 
     def label(self, single: bool) -> str:
         """``class 8`` for the only tensor, ``tensor[8]`` otherwise."""
@@ -121,12 +133,12 @@ def shifts(canary: OutputMoments, reference: OutputMoments, limit: float) -> lis
             if s == 0.0:
                 # Constant on both sides: any difference is a whole distribution away.
                 d = 0.0 if m1 == m2 else math.copysign(math.inf, m1 - m2)
-                out.append(Shift(name, j, m1, m2, d, math.inf if d else -math.inf))
+                out.append(Shift(name, j, m1, m2, d, math.inf if d else -math.inf, 0.0))
                 continue
             d = (m1 - m2) / s
             se = math.sqrt(v1 / n1 + v2 / n2) / s
             z = (abs(d) - limit) / se if se > 0 else (math.inf if abs(d) > limit else -math.inf)
-            out.append(Shift(name, j, m1, m2, d, z))
+            out.append(Shift(name, j, m1, m2, d, z, se))
     return sorted(out, key=lambda x: (-abs(x.d), x.tensor, x.feature))
 
 
@@ -170,6 +182,10 @@ def verdict(i: GateInputs) -> GateResult:
     # Every reference must see the shift: the control group alone differs from a small canary
     # in what its devices see, the same devices before the switch alone in when they saw it.
     breach = all(any(s.z > z for s in f) for _w, _n, f in found)
+    # A pass needs evidence too: one reference within the limit on every feature (upper bound
+    # at the policy's z). Otherwise the wave waits for rows, so a candidate a little past the
+    # limit is not let through on the first judgement's small sample.
+    clear = any(all(s.within(limit, p.z) for s in f) for _w, _n, f in found)
     measured = min(abs(f[0].d) for _w, _n, f in found)
     single = len({s.tensor for _w, _n, f in found for s in f}) == 1
     parts = []
@@ -183,7 +199,14 @@ def verdict(i: GateInputs) -> GateResult:
         f"output shift |d| {measured:.2f} (max {limit:.2f}, evidence z above {z:.2f} for "
         f"{len(found[0][2])} features) on canary (n={n1}) " + "; ".join(parts)
     )
-    return GateResult(_NAME, "breach" if breach else "ok", measured, limit, detail)
+    if breach:
+        return GateResult(_NAME, "breach", measured, limit, detail)
+    if clear:
+        return GateResult(_NAME, "ok", measured, limit, detail)
+    if n1 >= MAX_ROWS:
+        status = "breach" if measured > limit else "ok"
+        return GateResult(_NAME, status, measured, limit, f"inconclusive after {n1} rows: {detail}")
+    return GateResult(_NAME, "waiting", measured, limit, f"{_NAME} inconclusive: {detail}")
 
 
 GATE: Final = Gate(
