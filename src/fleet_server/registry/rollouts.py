@@ -104,6 +104,9 @@ def rollout_to_dict(r: Rollout) -> dict[str, Any]:
     }
     if r.offline is not None:
         out["offline"] = r.offline.to_dict()
+    if r.phase != "serving" or r.shadows:  # absent for rollouts without a shadow phase
+        out["phase"] = r.phase
+        out["shadows"] = {d: _iso(t) for d, t in sorted(r.shadows.items())}
     return out
 
 
@@ -141,6 +144,8 @@ def rollout_from_dict(d: Mapping[str, Any]) -> Rollout:
         reasons=tuple(d.get("reasons", ())),
         overrides=tuple(Override(str(o["kind"]), str(o["reason"])) for o in d.get("overrides", ())),
         offline=None if d.get("offline") is None else OfflineCheck.from_dict(d["offline"]),
+        phase=str(d.get("phase", "serving")),
+        shadows={k: t for k, v in d.get("shadows", {}).items() if (t := _time(v)) is not None},
     )
 
 

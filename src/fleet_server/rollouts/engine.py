@@ -7,7 +7,8 @@ stable hash of ``model`` and device id, so a re-run picks the same canaries and 
 
 State machine::
 
-    pending -> dwelling -> judging -> [awaiting_approval] -> dwelling (next wave) ... -> completed
+    pending -> [shadow phase: dwelling -> judging ->] dwelling -> judging -> [awaiting_approval]
+        -> dwelling (next wave) ... -> completed
     any active state -> paused (breach with on_breach=pause, or operator) -> resume -> dwelling
     any active or paused state -> aborted (breach with on_breach=abort, or operator)
 
@@ -15,6 +16,16 @@ Gates (``fleet_server.rollouts.gates``): ``decide`` runs every registered gate
 (``fleet_server.rollouts.gates.GATES``) of the ``safety`` phase at every step and those of the
 ``quality`` phase (canary against the control group) after the dwell time, and acts on their
 verdicts (``breach``, ``waiting``, ``ok``, ``skipped``) without knowing any gate by name.
+
+Shadow phase (``Rollout.phase``): when ``decide`` is given ``ShadowInputs`` (the runner gives
+them when the policy's ``shadow_fraction`` is set and the candidate is a classifier), a rollout
+starts by sending the candidate as a *shadow* (installed, not serving, replayed on
+``shadow_fraction`` of requests) to the canary wave's devices that advertise the capability
+(``Decision.shadow``); devices that do not (older agents) get no shadow phase and serve as
+canaries only once it passed. After ``shadow_dwell_seconds`` the ``shadow`` gates judge the
+canaries' live-vs-shadow answers; a breach halts (pauses or aborts) before any canary serves, a
+pass enters the canary wave. A canary wave without a capable device, or a rollout given no
+``ShadowInputs``, has no shadow phase.
 
 A breach pauses or aborts per policy; an abort sends members back to ``from_version`` when
 ``rollback_on_abort``; the ``quarantine_after``-th abort of a version (a gate's or an
@@ -42,6 +53,7 @@ from datetime import datetime
 from fleet_server.errors import RolloutStateError
 from fleet_server.rollouts.gates import GATES, Gate, GateInputs, quality_inputs, safety_inputs
 from fleet_server.rollouts.metrics import DeviceObservation
+from fleet_server.rollouts.shadow_evidence import ShadowEvidence, ShadowInputs
 from fleet_server.rollouts.state import Decision, GateResult, Rollout
 
 __all__ = [
@@ -69,6 +81,7 @@ def decide(
     *,
     previous_aborts: int = 0,
     gates: Sequence[Gate] = GATES,
+    shadow: ShadowInputs | None = None,
 ) -> Decision:
     """The next step of ``rollout`` given its targeted devices' observations at ``now``.
 
@@ -79,7 +92,10 @@ def decide(
         now: The current time (aware).
         previous_aborts: Earlier aborted rollouts of the same model version (any cause).
         gates: The gates to judge (the registry, ``fleet_server.rollouts.gates.GATES``, by
-            default): the ``safety`` ones at every step, the ``quality`` ones after the dwell.
+            default): the ``safety`` ones at every step, the ``quality`` ones after the dwell,
+            the ``shadow`` ones after the shadow phase's dwell.
+        shadow: Who can take a shadow and the shadowed canaries' evidence; None: no shadow
+            phase (a rollout already in one judges no evidence and waits).
 
     Returns:
         The new state and the assignments to make; a rollout that is not active is returned
@@ -102,10 +118,15 @@ def decide(
     if r.state == "pending":
         if not order:
             return _stay(r, (*reasons, "no device matches the selector yet"), ())
+        first = _shadow_canaries(r, order, by_id, shadow)
+        if first:
+            return _enter_shadow(r, first, now, reasons)
         return _enter_wave(r, 0, order, by_id, now, reasons)
     safety = _judge(gates, "safety", safety_inputs(r, by_id))
     if any(g.status == "breach" for g in safety):
         return _breach(r, safety, now, previous_aborts, reasons)
+    if r.phase == "shadow" and r.state in ("dwelling", "judging"):
+        return _shadow_step(r, order, by_id, now, gates, shadow, safety, previous_aborts, reasons)
     if r.state == "dwelling":
         assert r.wave_started_at is not None
         elapsed = (now - r.wave_started_at).total_seconds()
@@ -135,6 +156,78 @@ def decide(
     if r.approved_wave >= r.wave:
         return _enter_wave(r, r.wave + 1, order, by_id, now, reasons)
     return _stay(r, (*reasons, f"waiting for approval of wave {r.wave + 2}"), r.gates)
+
+
+def _shadow_canaries(
+    r: Rollout,
+    order: Sequence[str],
+    by_id: Mapping[str, DeviceObservation],
+    shadow: ShadowInputs | None,
+) -> tuple[str, ...]:
+    """The canary wave's devices that take the candidate as a shadow (empty: no shadow phase)."""
+    if shadow is None or not shadow.classification or r.policy.shadow_fraction is None:
+        return ()
+    if r.from_version is None or r.phase != "serving" or r.shadows:
+        return ()  # nothing to compare with, or the shadow phase already ran
+    sizes = r.policy.wave_sizes(len(order))
+    canary = order[: sizes[0]] if sizes else []
+    return tuple(
+        d for d in canary if d in shadow.capable and by_id[d].active_version == r.from_version
+    )
+
+
+def _enter_shadow(
+    r: Rollout, devices: Sequence[str], now: datetime, reasons: list[str]
+) -> Decision:
+    fraction = r.policy.shadow_fraction or 0.0
+    reasons.append(
+        f"shadow phase: {len(devices)} canary device(s) run v{r.to_version} as a shadow of "
+        f"v{r.from_version} on {fraction:.0%} of requests (not serving)"
+    )
+    nxt = replace(
+        r,
+        state="dwelling",
+        phase="shadow",
+        shadows=dict.fromkeys(devices, now),
+        started_at=r.started_at or now,
+        wave_started_at=now,
+        reasons=tuple(reasons),
+    )
+    return Decision(nxt, shadow=tuple(devices), reasons=tuple(reasons))
+
+
+def _shadow_step(
+    r: Rollout,
+    order: Sequence[str],
+    by_id: Mapping[str, DeviceObservation],
+    now: datetime,
+    gates: Sequence[Gate],
+    shadow: ShadowInputs | None,
+    safety: Sequence[GateResult],
+    previous_aborts: int,
+    reasons: list[str],
+) -> Decision:
+    """Dwell, then judge the ``shadow`` gates; pass: the canary wave serves."""
+    assert r.wave_started_at is not None
+    elapsed = (now - r.wave_started_at).total_seconds()
+    dwell = r.policy.shadow_dwell_seconds
+    if r.state == "dwelling" and elapsed < dwell:
+        msg = f"shadow phase dwelling {elapsed:.0f}/{dwell:.0f} s"
+        return _stay(r, (*reasons, msg), safety)
+    r = replace(r, state="judging")
+    evidence = ShadowEvidence.total(
+        e for d, e in (shadow.devices if shadow else {}).items() if d in r.shadows
+    )
+    inputs = GateInputs(rollout=r, devices=by_id, shadow=evidence)
+    results = (*safety, *_judge(gates, "shadow", inputs))
+    if any(g.status == "breach" for g in results):
+        return _breach(r, results, now, previous_aborts, reasons)
+    waiting = [g.detail for g in results if g.status == "waiting"]
+    if waiting:
+        return _stay(r, (*reasons, *waiting), results)
+    reasons.append("shadow phase passed: the canary wave serves")
+    served = replace(r, phase="serving", gates=results)
+    return _enter_wave(served, 0, order, by_id, now, reasons)
 
 
 def _stay(r: Rollout, reasons: Sequence[str], gates: Sequence[GateResult]) -> Decision:
@@ -203,6 +296,11 @@ def _abort(
         reasons.append(f"aborted: {len(revert)} device(s) sent back to v{r.from_version}")
     else:
         reasons.append("aborted: devices stay where they are")
+    # Shadows never served: they are withdrawn whatever the policy says about rollback.
+    withdraw = sorted(set(r.shadows) - set(r.members) - set(r.reverted) - set(revert))
+    if withdraw and r.from_version is not None:
+        revert = tuple(sorted({*revert, *withdraw}))
+        reasons.append(f"shadow of v{r.to_version} withdrawn from {len(withdraw)} device(s)")
     # Every abort counts (a gate's or an operator's): a version aborted quarantine_after times
     # is quarantined at once, whoever stopped it.
     quarantine = previous_aborts + 1 >= r.policy.quarantine_after

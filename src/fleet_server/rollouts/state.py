@@ -22,6 +22,7 @@ from fleet_server.rollouts.policy import RolloutPolicy, Selector
 __all__ = [
     "ACTIVE_STATES",
     "OFFLINE_VERDICTS",
+    "PHASES",
     "STATES",
     "Decision",
     "GateResult",
@@ -39,6 +40,9 @@ STATES: Final = (
     "aborted",
 )
 ACTIVE_STATES: Final = frozenset({"pending", "dwelling", "judging", "awaiting_approval"})
+#: ``shadow``: the canaries run the candidate as a shadow (installed, not serving) and only
+#: the shadow gates are judged; ``serving``: the waves serve it (every rollout ends here).
+PHASES: Final = ("shadow", "serving")
 
 #: What the offline comparison said when the rollout was created: ``passed`` (no regression
 #: beyond the policy's offline limits), ``overridden`` (it regressed and an operator went ahead
@@ -135,7 +139,9 @@ class Rollout:
     ``reverted`` are devices the rollout sent back to ``from_version``; ``overrides`` are
     the operator's recorded reasons to roll out a quarantined or earlier aborted version;
     ``offline`` is the offline comparison made when it was created (None for rollouts created
-    before the check existed).
+    before the check existed). ``phase`` is ``shadow`` while the canaries run the candidate as
+    a shadow (``shadows``: the canaries sent it, and when; none of them serves it yet), then
+    ``serving``.
     """
 
     id: str
@@ -161,6 +167,8 @@ class Rollout:
     reasons: tuple[str, ...] = ()
     overrides: tuple[Override, ...] = ()
     offline: OfflineCheck | None = None
+    phase: str = "serving"
+    shadows: Mapping[str, datetime] = field(default_factory=dict)
 
     @property
     def active(self) -> bool:
@@ -170,10 +178,13 @@ class Rollout:
 
 @dataclass(frozen=True)
 class Decision:
-    """What to do now: assign ``assign`` to ``to_version``, ``revert`` to ``from_version``."""
+    """What to do now: assign ``assign`` to ``to_version``, ``revert`` to ``from_version``,
+    and ``shadow`` ``from_version`` serving with ``to_version`` as its shadow (the shadow phase;
+    a later assignment of either kind ends the shadow)."""
 
     rollout: Rollout
     assign: tuple[str, ...] = ()
     revert: tuple[str, ...] = ()
+    shadow: tuple[str, ...] = ()
     reasons: tuple[str, ...] = ()
     quarantine: bool = False

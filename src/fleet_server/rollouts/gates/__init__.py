@@ -28,6 +28,7 @@ from fleet_server.rollouts.gates import (
     prediction_drift,
     reject_rate,
     shadow_agreement,
+    shadow_disagreement,
 )
 from fleet_server.rollouts.gates.base import Gate, GateInputs, quality_inputs, safety_inputs
 from fleet_server.rollouts.gates.p99_latency import histogram_quantile_ms, latency_histograms
@@ -48,6 +49,7 @@ __all__ = [
 GATES: Final[tuple[Gate, ...]] = (
     install_failures.GATE,
     device_rollbacks.GATE,
+    shadow_disagreement.GATE,
     reject_rate.GATE,
     fallback_rate.GATE,
     prediction_drift.GATE,

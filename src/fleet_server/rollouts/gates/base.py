@@ -1,7 +1,8 @@
 """What a rollout gate is and what it reads: ``Gate``, ``GateInputs`` and the inputs' builders.
 
 A gate is one value, ``Gate``: its name, its phase (``safety``: judged at every step;
-``quality``: judged after the dwell time, canary against control), the fields it reads, the
+``quality``: judged after the dwell time, canary against control; ``shadow``: judged after the
+shadow phase's dwell, the canaries' live answers against their shadow's), the fields it reads, the
 statistic it applies, the ``Thresholds`` fields it takes from the policy and its verdict, a pure
 function of ``GateInputs`` to a ``GateResult``. The engine runs every registered gate
 (``fleet_server.rollouts.gates.GATES``) of a phase and acts on the verdicts; it knows no gate
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from fleet_server.rollouts.metrics import DeviceObservation, OutputMoments, WindowMetrics
+from fleet_server.rollouts.shadow_evidence import ShadowEvidence
 from fleet_server.rollouts.state import GateResult, Rollout
 
 __all__ = [
@@ -32,8 +34,9 @@ __all__ = [
     "safety_inputs",
 ]
 
-Phase = Literal["safety", "quality"]
-PHASES: Final[tuple[Phase, ...]] = ("safety", "quality")
+Phase = Literal["safety", "shadow", "quality"]
+#: In the order a rollout meets them (``safety`` at every step).
+PHASES: Final[tuple[Phase, ...]] = ("safety", "shadow", "quality")
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class GateInputs:
         control_outputs: The same over the reporting control group.
         before_outputs: The canary members' ``from_version`` output moments before they
             switched.
+        shadow: The shadowed canaries' live-vs-shadow evidence, merged (shadow phase).
     """
 
     rollout: Rollout
@@ -63,6 +67,7 @@ class GateInputs:
     canary_outputs: OutputMoments = field(default_factory=OutputMoments)
     control_outputs: OutputMoments = field(default_factory=OutputMoments)
     before_outputs: OutputMoments = field(default_factory=OutputMoments)
+    shadow: ShadowEvidence = field(default_factory=ShadowEvidence)
 
 
 Verdict = Callable[[GateInputs], GateResult]
@@ -74,7 +79,8 @@ class Gate:
 
     Attributes:
         name: The name its ``GateResult`` carries (unique; shown by ``rollouts watch``).
-        phase: ``safety`` (every step) or ``quality`` (after the dwell, canary vs control).
+        phase: ``safety`` (every step), ``quality`` (after the dwell, canary vs control) or
+            ``shadow`` (after the shadow phase's dwell, live vs shadow on the canaries).
         reads: The ``WindowMetrics`` or ``Rollout`` fields it reads (documentation, checked by
             the registry's tests).
         statistic: One line: the test it applies.

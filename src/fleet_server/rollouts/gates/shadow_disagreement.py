@@ -1,0 +1,92 @@
+"""The ``shadow_disagreement`` gate (shadow): do the canaries' shadows disagree more than expected?
+
+In a rollout's shadow phase the canaries run the candidate as a shadow beside the live model and
+report, per row compared, whether both answered the same class and which class flipped to which
+(``fleet_server.rollouts.shadow_evidence``). The merged field disagreement is compared with the
+disagreement the offline comparison measured between the same two versions on the model's
+evaluation set (``Rollout.offline.disagreement``) plus ``max_shadow_disagreement_excess``
+(2 points by default); without an offline figure, with ``max_shadow_disagreement`` (5 %).
+
+The test is one-sided: it trips when the Wilson lower bound (at the policy's ``z``) of the
+disagreement is above that limit, and only after ``min_shadow_rows`` rows were compared (it
+waits before). A candidate whose shadow failed to install on two canaries, or on every one,
+trips too. The detail names the largest flips (``3 -> 8: 41``): which classes the candidate
+answers differently.
+
+What it catches: a candidate that is confidently wrong on a class (a labelling bug), with the
+same inputs and confidence, before any canary serves it. What it cannot: a candidate that is
+worse while agreeing with the live model (both wrong the same way), or a regression on inputs
+the canaries do not see; and it measures *change*, not accuracy: a candidate that is better
+than the live model by more than the margin also disagrees (the offline comparison's figure,
+when there is one, is what makes such a change expected).
+
+Owns this gate's definition only.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from fleet_server.rollouts.gates.base import Gate, GateInputs
+from fleet_server.rollouts.metrics import wilson_bounds
+from fleet_server.rollouts.state import GateResult
+
+__all__ = ["GATE", "limit_of"]
+
+_NAME: Final = "shadow_disagreement"
+
+
+def limit_of(i: GateInputs) -> tuple[float | None, str]:
+    """The disagreement the canaries may show, and where it comes from (for the message)."""
+    t = i.rollout.policy.thresholds
+    offline = i.rollout.offline
+    expected = None if offline is None else offline.disagreement
+    if expected is not None and t.max_shadow_disagreement_excess is not None:
+        excess = t.max_shadow_disagreement_excess
+        return (
+            min(1.0, expected + excess),
+            f"expected {expected:.1%} (offline) + {excess * 100:.1f} points",
+        )
+    if t.max_shadow_disagreement is None:
+        return None, "disabled"
+    return t.max_shadow_disagreement, "policy maximum (no offline comparison)"
+
+
+def verdict(i: GateInputs) -> GateResult:
+    """The shadowed canaries' disagreement against the expected one."""
+    e, p = i.shadow, i.rollout.policy
+    limit, source = limit_of(i)
+    if limit is None:
+        return GateResult(_NAME, "skipped", None, None, "disabled")
+    shadowed = len(i.rollout.shadows)
+    if e.failed and (len(e.failed) >= 2 or len(e.failed) >= shadowed):
+        names = ", ".join(f"{d} ({why})" for d, why in sorted(e.failed.items()))
+        detail = f"shadow of v{i.rollout.to_version} failed on {len(e.failed)}/{shadowed}: {names}"
+        return GateResult(_NAME, "breach", float(len(e.failed)), None, detail)
+    need = p.thresholds.min_shadow_rows
+    if e.compared < need:
+        detail = f"{e.compared}/{need} rows compared in shadow on {e.devices} canary device(s)"
+        return GateResult(_NAME, "waiting", float(e.compared), float(need), detail)
+    share = e.disagreement or 0.0
+    lo, _ = wilson_bounds(e.compared - e.agree, e.compared, p.z)
+    flips = e.top_flips()
+    detail = (
+        f"shadow disagrees on {e.compared - e.agree}/{e.compared} rows ({share:.1%}, lower bound "
+        f"{lo:.1%}) vs max {limit:.1%} ({source}) on {e.devices} canary device(s)"
+        + (f"; top flips {flips}" if flips else "")
+    )
+    return GateResult(_NAME, "breach" if lo > limit else "ok", share, limit, detail)
+
+
+GATE: Final = Gate(
+    name=_NAME,
+    phase="shadow",
+    reads=("shadows", "offline"),
+    statistic="Wilson lower bound of the canaries' live-vs-shadow disagreement vs expected",
+    thresholds=(
+        "max_shadow_disagreement_excess",
+        "max_shadow_disagreement",
+        "min_shadow_rows",
+    ),
+    verdict=verdict,
+)
