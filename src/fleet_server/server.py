@@ -29,6 +29,7 @@ from edge_agent.errors import EdgefleetError, TransportTimeoutError
 from edge_agent.trust import TrustedRoot
 from edge_agent.trust.desired import SIGNING_ROLE
 from edge_agent.wire.topics import Topics
+from fleet_server.admin.accuracy import accuracy_routes
 from fleet_server.admin.api import AdminServer, create_app
 from fleet_server.admin.drift import drift_routes
 from fleet_server.admin.evalsets import evalset_routes
@@ -189,6 +190,7 @@ def run(
             max_upload_bytes=config.api.max_upload_bytes,
             extra_routes=(
                 lambda guard: drift_routes(drift, guard),
+                lambda guard: accuracy_routes(registry, lambda: datetime.now(UTC), guard),
                 lambda guard: rollout_routes(runner, guard),
                 lambda guard: evalset_routes(evalsets, guard),
                 lambda guard: root_routes(service, guard),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -182,6 +183,12 @@ class AdminClient:
             if value is not None:
                 params[key] = value
         return dict(self._call("GET", "/v1/drift", params=params))
+
+    def accuracy(self, model: str, *, hours: int = 24) -> dict[str, Any]:
+        """``GET /v1/models/{model}/accuracy`` (labelled accuracy per version). Raises:
+        AdminApiError."""
+        path = f"/v1/models/{quote(model, safe='')}/accuracy"
+        return dict(self._call("GET", path, params={"hours": hours}))
 
     # ----------------------------------------------------------------- rollouts
     def rollouts(self, *, active: bool = False) -> list[dict[str, Any]]:

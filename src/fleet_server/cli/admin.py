@@ -1,7 +1,8 @@
 """``fleet-server`` operator commands that talk to a running server's admin API.
 
-``devices list|show|register|misbehaviour``, ``models publish|list|show`` (with each version's
-aborts, quarantine and overrides), ``assign``, ``waves start``, ``telemetry tail`` and ``status``.
+``devices list|show|register|misbehaviour``, ``models publish|list|show|accuracy`` (with each
+version's aborts, quarantine and overrides; labelled accuracy per version and group),
+``assign``, ``waves start``, ``telemetry tail`` and ``status``.
 Each takes ``--url`` (env ``EDGEFLEET_ADMIN_URL``, default ``http://127.0.0.1:8780``) and
 ``--token`` (env ``EDGEFLEET_ADMIN_TOKEN``), prints a human table by default and JSON with
 ``--json``. Errors are ``AdminApiError``s, mapped to exit codes by the
@@ -123,6 +124,12 @@ def parse_tags(tags: tuple[str, ...]) -> dict[str, str]:
             raise click.BadParameter(f"{tag!r} is not KEY=VALUE", param_hint="--tag")
         out[key] = value
     return out
+
+
+def _accuracy_cells(a: dict[str, Any]) -> tuple[str, str, str]:
+    if not a.get("n"):
+        return "no labels", "-", "0"
+    return f"{a['accuracy']:.1%}", f"[{a['low']:.1%}, {a['high']:.1%}]", str(a["n"])
 
 
 def register_admin_commands(cli: click.Group, devices: click.Group) -> None:
@@ -292,6 +299,30 @@ def register_admin_commands(cli: click.Group, devices: click.Group) -> None:
         rows = [(r["id"], r["state"], r["created_at"]) for r in m.get("rollouts") or ()]
         if rows:
             echo_table(rows, ("ROLLOUT", "STATE", "CREATED"))
+
+    @models.command("accuracy")
+    @admin_options
+    @json_option
+    @click.argument("name")
+    @click.option("--hours", type=click.IntRange(1, 366 * 24), default=24, show_default=True)
+    def models_accuracy(url: str, token: str, as_json: bool, name: str, hours: int) -> None:
+        """Labelled accuracy of NAME's versions (ground truth the devices were told), with 95 %
+        Wilson intervals, over the fleet and per device group."""
+        with AdminClient(url, token) as client:
+            doc = client.accuracy(name, hours=hours)
+        if as_json:
+            emit_json(doc)
+            return
+        click.echo(f"{doc['model']}: labelled accuracy since {doc['since']}")
+        rows = []
+        for v in doc.get("versions") or ():
+            cohorts = [("fleet", v["fleet"]), *sorted((v.get("groups") or {}).items())]
+            for cohort, a in cohorts:
+                rows.append((f"v{v['version']}", cohort, *_accuracy_cells(a)))
+            flips = ", ".join(f"{t}->{p} x{n}" for t, p, n in v["fleet"].get("flips") or ())
+            if flips:
+                rows.append((f"v{v['version']}", "confusions", flips, "", ""))
+        echo_table(rows, ("VERSION", "COHORT", "ACCURACY", "95% INTERVAL", "LABELLED"))
 
     @cli.command("assign")
     @admin_options
