@@ -15,17 +15,27 @@ Every halt of such a rollout is a false halt. The script
    the measured distribution (times the device's speed factor) into the coarse and fine
    histograms exactly as the agent counts them; a member joins the new version 10-60 s after
    its assignment and its first report on it is only a baseline (as ``rollout_metrics``);
+   every answer on the device is one row of the output tensor of a confident 10-class model
+   (the answered class gets U(0.9, 0.999)), the class drawn from the device's own mix (a
+   Dirichlet around even shares: devices see different digits, ``--class-mix``), summed into
+   the output moments the ``output_distribution`` gate merges, with the members' rows on v1
+   before the switch as its second reference;
 3. runs the pure engine (``fleet_server.rollouts.engine.decide`` with its gates) over the whole
    rollout with the default ``RolloutPolicy`` (or a variant) every 30 s until it completes
    or halts;
-4. prints per-rollout and per-gate false-halt rates with 95 % Wilson intervals as markdown.
+4. prints per-rollout and per-gate false-halt rates with 95 % Wilson intervals as markdown;
+5. then runs confidently wrong candidates (a share of the 3s answered as 8s, everything else
+   the same) under the default policy: how many are halted, how many at the canary wave, and
+   the fake time to the halt.
 
     .venv/bin/python bench/bench_false_halts.py                    # the table in docs/rollouts.md
     .venv/bin/python bench/bench_false_halts.py --rollouts 200 --fleets 20  # quick look
 
 The simulated rates (reject ~1 %, fallback ~5 %, drift false alarms ~2 % of windows, install
-failures 0.5 %, device rollbacks 0.2 %, 1 request/s per device) are assumptions printed with
-the table; change them with the flags.
+failures 0.5 %, device rollbacks 0.2 %, 1 request/s per device, class mix strength 100: a
+device's share of a class is 10 +- 3 points) are assumptions printed with the table; change
+them with the flags. Output rows are counted when answered, not when their drift window closes
+(the agent ships a window every ~100 rows or 60 s).
 """
 
 from __future__ import annotations
@@ -50,7 +60,12 @@ from edge_agent.wire.telemetry import LATENCY_BUCKETS_MS, LATENCY_FINE_BUCKETS_M
 from fleet_server.rollouts import gates as rollout_gates
 from fleet_server.rollouts.engine import decide
 from fleet_server.rollouts.gates import Gate, GateInputs, GateResult, histogram_quantile_ms
-from fleet_server.rollouts.metrics import DeviceObservation, WindowMetrics
+from fleet_server.rollouts.metrics import (
+    DeviceObservation,
+    OutputMoments,
+    TensorMoments,
+    WindowMetrics,
+)
 from fleet_server.rollouts.policy import RolloutPolicy, Selector, Thresholds
 from fleet_server.rollouts.state import Rollout
 
@@ -63,10 +78,18 @@ GATES = (
     "reject_rate",
     "fallback_rate",
     "prediction_drift",
+    "output_distribution",
     "shadow_agreement",
     "p99_latency",
 )
 HAS_FINE = "latency_fine" in WindowMetrics.__dataclass_fields__
+CLASSES = 10
+# A confident classifier: the answered class gets conf ~ U(0.9, 0.999), the others share the rest.
+_C_LO, _C_HI = 0.9, 0.999
+E_CONF = (_C_LO + _C_HI) / 2
+E_CONF2 = (_C_HI**3 - _C_LO**3) / (3 * (_C_HI - _C_LO))
+E_REST = (1 - E_CONF) / (CLASSES - 1)
+E_REST2 = (1 - 2 * E_CONF + E_CONF2) / (CLASSES - 1) ** 2
 
 
 # --------------------------------------------------------------------------- measuring
@@ -128,6 +151,8 @@ class Rates:
     install_failure: float = 0.005
     rollback: float = 0.002
     speed_sigma: float = 0.2
+    class_mix: float = 100.0  # Dirichlet strength of each device's class mix (0: all alike)
+    mix_drift: float = 0.0  # per hour, how far each device's mix moves (random walk, in shares)
 
 
 class Fleet:
@@ -153,6 +178,15 @@ class Fleet:
         self.active_at = np.full(n, np.inf)  # fake-clock time a member starts serving v2
         self.failed = np.zeros(n, dtype=bool)
         self.rolled = np.zeros(n, dtype=bool)
+        # Each device sees its own mix of classes (a site that sees more 8s); 0: all alike.
+        even = np.full(CLASSES, 1.0 / CLASSES)
+        if rates.class_mix > 0:
+            self.mix = rng.dirichlet(even * rates.class_mix, n)
+        else:
+            self.mix = np.tile(even, (n, 1))
+        self.answers = np.eye(CLASSES)  # the candidate's answer per true class (good: the same)
+        self.out = np.zeros((n, CLASSES), dtype=np.int64)  # answers per class on the version
+        self.before = np.zeros((n, CLASSES), dtype=np.int64)  # v1 answers before the switch
         self.c = np.zeros((n, 7), dtype=np.int64)  # ok rej dev cloud windows alerts reports
         self.lc = np.zeros((n, len(LATENCY_BUCKETS_MS) + 1), dtype=np.int64)
         self.lf = np.zeros((n, len(LATENCY_FINE_BUCKETS_MS) + 1), dtype=np.int64)
@@ -163,6 +197,7 @@ class Fleet:
             i = self.index[d]
             # Observed on the new version from now: nothing counts until it serves it.
             self.c[i], self.lc[i], self.lf[i], self.counting[i] = 0, 0, 0, False
+            self.out[i], self.before[i] = 0, 0
             if self.rng.random() < self.rates.install_failure:
                 self.failed[i] = True
                 continue
@@ -180,6 +215,8 @@ class Fleet:
         self.c[switch] = 0
         self.lc[switch] = 0
         self.lf[switch] = 0
+        self.out[switch] = 0
+        self.before[switch] = 0
         live = self.counting & ~self.failed & ~self.rolled
         req = rng.poisson(self.rate * INTERVAL) * live
         rej = rng.binomial(req, self.p_reject)
@@ -188,6 +225,7 @@ class Fleet:
         windows = np.minimum(req, 1) * int(INTERVAL // 60 + (rng.random() < 0.5))
         alerts = rng.binomial(windows, self.p_alert)
         self.c += np.stack([ok, rej, ok - cloud, cloud, windows, alerts, live.astype(int)], 1)
+        self._answer(ok - cloud, live)
         total = int(ok.sum())
         if total:
             dev = np.repeat(np.arange(n), ok)
@@ -202,8 +240,33 @@ class Fleet:
             np.add.at(self.lf, (dev, i_f), 1)
         self.counting[~self.counting & (self.version == 2)] = True
 
+    def _answer(self, rows: np.ndarray, live: np.ndarray) -> None:
+        """Answers on the device (what the output drift windows sketch), by class."""
+        if self.rates.mix_drift > 0:
+            step = self.rng.normal(
+                0, self.rates.mix_drift * math.sqrt(INTERVAL / 3600), self.mix.shape
+            )
+            self.mix = np.clip(self.mix + step, 1e-4, None)
+            self.mix /= self.mix.sum(axis=1, keepdims=True)
+        on2 = (self.version == 2)[:, None]
+        p = np.where(on2, self.mix @ self.answers, self.mix)
+        self.out += self.rng.multinomial(rows, p) * live[:, None]
+        # A member's v1 windows before it switched, as long as it has served v2: the same
+        # device, the same rate, v1's answers (its mix then; mix_drift moves it, not modelled).
+        self.before += self.rng.multinomial(rows, self.mix) * (live & on2[:, 0])[:, None]
+
+    @staticmethod
+    def _moments(counts: list[int]) -> OutputMoments:
+        k = sum(counts)
+        if k == 0:
+            return OutputMoments()
+        s = [c * E_CONF + (k - c) * E_REST for c in counts]
+        sq = [c * E_CONF2 + (k - c) * E_REST2 for c in counts]
+        return OutputMoments.of_tensor("probabilities", TensorMoments.of([k] * CLASSES, s, sq))
+
     def observations(self) -> list[DeviceObservation]:
         out = []
+        outs, befores = self.out.tolist(), self.before.tolist()
         cs, lcs, lfs = self.c.tolist(), self.lc.tolist(), self.lf.tolist()
         for i, d in enumerate(self.ids):
             c = cs[i]
@@ -232,6 +295,8 @@ class Fleet:
                     install_failed=bool(self.failed[i]),
                     rolled_back=bool(self.rolled[i]),
                     metrics=m,
+                    outputs=self._moments(outs[i]),
+                    outputs_before=self._moments(befores[i]),
                 )
             )
         return out
@@ -244,9 +309,16 @@ def one_rollout(
     rates: Rates,
     lat: list[np.ndarray],
     gates: tuple[Gate, ...] = rollout_gates.GATES,
-) -> tuple[str, tuple[str, ...], float]:
-    """Run one rollout to its end: (final state, gates that breached, fake seconds)."""
+    answers: np.ndarray | None = None,
+) -> tuple[str, tuple[str, ...], float, int]:
+    """Run one rollout to its end: (final state, gates that breached, fake seconds, wave).
+
+    ``answers`` makes the candidate a bad one: row ``t`` is the distribution of its answer to
+    an input of class ``t`` (the live version answers ``t``).
+    """
     fleet = Fleet(rng, n, rates, lat)
+    if answers is not None:
+        fleet.answers = answers
     r = Rollout("ro", "digits", 1, 2, Selector(group="g"), policy, created_at=T0)
     t = 0.0
     for _ in range(10_000):
@@ -257,7 +329,7 @@ def one_rollout(
             fleet.assign(d.assign, t)
         if not r.active:
             bad = tuple(g.name for g in r.gates if g.status == "breach")
-            return r.state, bad, t
+            return r.state, bad, t, r.wave
         t += INTERVAL
         fleet.advance(t)
     raise RuntimeError("rollout did not finish")
@@ -333,6 +405,9 @@ def main() -> None:
     )
     ap.add_argument("--latencies", type=Path, help="reuse/save measured latencies (.npz)")
     ap.add_argument("--seed", type=int, default=2026)
+    ap.add_argument(
+        "--bad-rollouts", type=int, default=200, help="rollouts per confidently wrong candidate"
+    )
     for f in Rates.__dataclass_fields__:
         ap.add_argument(f"--{f.replace('_', '-')}", type=float, default=getattr(Rates(), f))
     a = ap.parse_args()
@@ -372,7 +447,7 @@ def main() -> None:
             halted, per_gate, secs = 0, Counter[str](), []
             t_wall = time.perf_counter()
             for _ in range(a.rollouts):
-                state, bad, t = one_rollout(rng, n, pol, rates, lat, gates)
+                state, bad, t, _wave = one_rollout(rng, n, pol, rates, lat, gates)
                 halted += state != "completed"
                 per_gate.update(bad)
                 if state == "completed":
@@ -382,6 +457,48 @@ def main() -> None:
             med = f"{np.median(secs) / 60:.0f} min" if secs else "-"
             print("| " + " | ".join(cells) + f" | {med} |", flush=True)
             print(f"{n}/{name}: {time.perf_counter() - t_wall:.0f} s wall", file=sys.stderr)
+    if a.bad_rollouts:
+        bad_candidates(rng, a, rates, lat)
+
+
+def label_bug(share: float, src: int = 3, dst: int = 8) -> np.ndarray:
+    """A candidate that answers ``dst`` for ``share`` of the inputs of class ``src``."""
+    m = np.eye(CLASSES)
+    m[src, src], m[src, dst] = 1 - share, share
+    return m
+
+
+def bad_candidates(
+    rng: np.random.Generator, a: argparse.Namespace, rates: Rates, lat: list[np.ndarray]
+) -> None:
+    """Confidently wrong candidates under the default policy: how many are stopped, where, when."""
+    print(
+        "\nConfidently wrong candidates (same inputs, same confidence, same rates; default "
+        "policy): a share of the 3s answered as 8s.\n"
+    )
+    print(
+        "| fleet | candidate | rollouts | halted | halted at the canary wave | by "
+        "output_distribution | median fake time to halt |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for n in (int(x) for x in a.fleets.split(",")):
+        for share in (0.8, 0.5):
+            halted = canary = by_gate = 0
+            secs: list[float] = []
+            for _ in range(a.bad_rollouts):
+                state, bad, t, wave = one_rollout(
+                    rng, n, RolloutPolicy(), rates, lat, answers=label_bug(share)
+                )
+                if state != "completed":
+                    halted += 1
+                    canary += wave == 0
+                    by_gate += "output_distribution" in bad
+                    secs.append(t)
+            med = f"{np.median(secs) / 60:.1f} min" if secs else "-"
+            cells = [str(n), f"{share:.0%} of 3s as 8s", str(a.bad_rollouts),
+                     rate(halted, a.bad_rollouts), rate(canary, a.bad_rollouts),
+                     rate(by_gate, a.bad_rollouts), med]  # fmt: skip
+            print("| " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":
