@@ -13,7 +13,6 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import click
@@ -62,9 +61,9 @@ FLEET = {
 
 
 @pytest.fixture
-def registry(tmp_path: Path) -> Iterator[tuple[Registry, Clock]]:
+def registry(registry_url: str) -> Iterator[tuple[Registry, Clock]]:
     clock = Clock()
-    reg = Registry.open(f"sqlite:///{tmp_path / 'registry.db'}", clock=clock)
+    reg = Registry.open(registry_url, clock=clock)
     reg.upgrade()
     for d, (group, _v, _c) in FLEET.items():
         reg.enroll(d, group=group)

@@ -1,4 +1,5 @@
-"""The rollout runner over a real registry halts a confidently wrong canary when labels flow.
+"""The rollout runner halts a confidently wrong canary when labels flow (real registry: SQLite
+and PostgreSQL).
 
 Devices report what their applications told them (cumulative confusion counts per version in
 the ``ground_truth`` part of their telemetry); the runner observes the window from the stored
@@ -15,7 +16,6 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 from starlette.applications import Starlette
@@ -107,9 +107,9 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
+def world(registry_url: str) -> Iterator[World]:
     clock = Clock()
-    registry = Registry.open(f"sqlite:///{tmp_path / 'registry.db'}", clock=clock)
+    registry = Registry.open(registry_url, clock=clock)
     registry.upgrade()
     for d in IDS:
         registry.enroll(d, group="line-3")
@@ -122,6 +122,7 @@ def world(tmp_path: Path) -> Iterator[World]:
         w.install(d, 1)
     yield w
     runner.close()
+    registry.engine.dispose()
 
 
 def gate(decision_gates: object) -> dict[str, str]:
