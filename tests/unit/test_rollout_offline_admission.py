@@ -154,3 +154,19 @@ def test_a_rollout_stored_before_the_offline_fields_reads_and_saves(tmp_path: Pa
     assert old.policy.offline == OfflineLimits()
     store.save_rollout(reg, old, T0, [("paused", {})], read=old)  # no RolloutConflictError
     reg.close()
+
+
+def test_status_shows_the_check_with_hostile_text_escaped() -> None:
+    from fleet_server.cli.rollouts import render_offline
+
+    check, _ = _admit(30, override="ok")  # the API refuses such a reason; a forged record
+    doc = {"offline": {**check.to_dict(), "override": "ok \u202e\x1b[2J"}}
+    lines = render_offline(doc)
+    assert lines[0].startswith("offline REGRESSED, overridden on evaluation set abababababab")
+    assert "accuracy 100.0% -> 85.0%" in lines[0]
+    assert "disagreement 15.0%" in lines[0]
+    assert any("class 0 recall" in line for line in lines)
+    assert lines[-1] == "  override: ok \\u202e\\x1b[2J"
+    assert all(c.isprintable() for line in lines for c in line)
+    assert render_offline({"id": "ro-old"}) == []  # created before the check: nothing shown
+    assert render_offline({"offline": {"verdict": "no_eval_set"}}) == ["offline no evaluation set"]
