@@ -325,7 +325,7 @@ class Agent:
             UnknownRequestError: the request's answer is not (or no longer) remembered.
             InputValidationError: a malformed id or a label that names no class.
         """
-        if name not in self.store.names():
+        if self.registry.get(name) is None and name not in self.store.names():
             raise ModelNotFoundError(f"model {name!r} is not installed")
         if version is not None and not (version.isascii() and version.isdigit()):
             raise ModelNotFoundError(f"model {name!r} has no version {version!r}")
