@@ -27,7 +27,6 @@ from securesystemslib.signer import Signer
 from edge_agent.errors import EdgefleetError, RootRotationError
 from edge_agent.trust import TrustedRoot
 from edge_agent.trust.desired import (
-    SHADOW_CAPABILITY,
     SIGNING_ROLE,
     DesiredState,
     ModelAssignment,
@@ -42,6 +41,7 @@ from fleet_server.pki.roots import ServerRoots
 from fleet_server.registry.store import Registry
 from fleet_server.registry.values import BundleRecord, DeviceRecord, SeqState, StoredTelemetry
 from fleet_server.registry.version_history import VersionHistory, version_history
+from fleet_server.rollouts.shadow_evidence import shadow_capable
 
 __all__ = [
     "AssignResult",
@@ -49,7 +49,6 @@ __all__ = [
     "FleetService",
     "FleetStatus",
     "GatewayPort",
-    "shadow_capable",
 ]
 
 log = logging.getLogger(__name__)
@@ -69,12 +68,6 @@ class GatewayPort(Protocol):
     def misbehaviour(
         self, device_id: str | None = None, *, top: int = 20
     ) -> Sequence[DeviceMisbehaviour]: ...
-
-
-def shadow_capable(reported: Mapping[str, object] | None) -> bool:
-    """Whether a device's stored reported state lists the ``shadow`` capability."""
-    caps = (reported or {}).get("capabilities")
-    return isinstance(caps, list) and SHADOW_CAPABILITY in caps
 
 
 @dataclass(frozen=True)

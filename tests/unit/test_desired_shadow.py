@@ -41,7 +41,8 @@ from fakes import FakeGateway
 from fleet_server.delivery.desired import make_desired_state, sign_desired_state
 from fleet_server.delivery.library import BundleLibrary
 from fleet_server.registry.store import Registry
-from fleet_server.service import FleetService, shadow_capable
+from fleet_server.rollouts.shadow_evidence import shadow_capable
+from fleet_server.service import FleetService
 from model_builder.keystore import KeyStore
 from support import NOW
 

@@ -363,7 +363,8 @@ class Gateway:
 
     # ------------------------------------------------------------------ entitlements
     def _entitled_bundles(self, device_id: str) -> frozenset[str]:
-        """SHA-256s of the bundles the device's newest stored desired state names.
+        """SHA-256s of the bundles the device's newest stored desired state names (serving
+        bundles and shadows).
 
         Raises:
             RegistryError: the database failed.
@@ -373,7 +374,8 @@ class Gateway:
         if record is None:
             return frozenset()
         desired = parse_document(record.document)
-        return frozenset(a.bundle_sha256 for a in desired.models.values())
+        shadows = (a.shadow.bundle_sha256 for a in desired.models.values() if a.shadow)
+        return frozenset((*(a.bundle_sha256 for a in desired.models.values()), *shadows))
 
     # ------------------------------------------------------------------ housekeeping
     def _housekeep(self) -> None:

@@ -48,10 +48,13 @@ from fleet_server.rollouts.engine import pause as pause_rollout
 from fleet_server.rollouts.engine import resume as resume_rollout
 from fleet_server.rollouts.metrics import DeviceObservation, observe
 from fleet_server.rollouts.policy import RolloutPolicy, Selector
+from fleet_server.rollouts.shadow_evidence import ShadowInputs, shadow_capable, shadow_evidence
 from fleet_server.rollouts.state import ACTIVE_STATES, Decision, OfflineCheck, Rollout
 
 __all__ = ["AssignPort", "EngineLock", "LocalLock", "OfflinePort", "RolloutRunner"]
 
+#: Newest reports read per shadowed canary (its shadow counters are cumulative).
+_SHADOW_REPORTS = 50
 #: A command re-reads and retries this many times when a concurrent save won.
 _COMMAND_ATTEMPTS = 3
 #: The longest before-switch window the last wave's output gate reads per device.
@@ -66,6 +69,10 @@ class AssignPort(Protocol):
     def assign(
         self, target: str, name: str, version: int, *, group: bool = False
     ) -> Sequence[object]: ...
+
+    def assign_shadow(
+        self, device_id: str, name: str, version: int, shadow: int, fraction_ppm: int
+    ) -> object: ...
 
 
 class OfflinePort(Protocol):
@@ -374,9 +381,52 @@ class RolloutRunner:
 
     def _step_one(self, r: Rollout, now: datetime) -> Decision:
         previous = store.abort_count(self._registry, r.model, r.to_version)
-        decision = decide(r, self.observations(r, now), now, previous_aborts=previous)
+        decision = decide(
+            r,
+            self.observations(r, now),
+            now,
+            previous_aborts=previous,
+            shadow=self.shadow_inputs(r),
+        )
         self._apply(decision, now, kind="decision", old=r)
         return decision
+
+    def shadow_inputs(self, r: Rollout) -> ShadowInputs | None:
+        """What the shadow phase needs (None when ``r`` has none to start or judge): the
+        targets that advertise the ``shadow`` capability, whether the candidate classifies,
+        and each shadowed canary's evidence from its newest reports.
+
+        Raises:
+            RegistryUnavailableError: the database failed.
+        """
+        starting = r.state == "pending" and r.phase == "serving" and not r.shadows
+        if r.policy.shadow_fraction is None or not (starting or r.phase == "shadow"):
+            return None
+        try:
+            manifest = self._registry.get_bundle(r.model, r.to_version).manifest
+        except RegistryUnavailableError:
+            raise
+        except RegistryError:
+            return None
+        outputs = manifest.get("outputs")
+        task = outputs.get("task") if isinstance(outputs, dict) else None
+        devices = self._targeted(r.selector)
+        evidence = {}
+        for d in devices:
+            if d.id not in r.shadows:
+                continue
+            # Counters are cumulative while the shadow runs: the newest reports suffice.
+            rows = self._registry.telemetry(
+                device_id=d.id, after_id=None, limit=_SHADOW_REPORTS, kind="report"
+            )
+            evidence[d.id] = shadow_evidence(
+                r.model, r.to_version, r.shadows[d.id], d.reported, rows
+            )
+        return ShadowInputs(
+            capable=frozenset(d.id for d in devices if shadow_capable(d.reported)),
+            classification=task == "classification",
+            devices=evidence,
+        )
 
     def _apply(
         self, decision: Decision, now: datetime, *, kind: str, old: Rollout | None = None
@@ -384,10 +434,23 @@ class RolloutRunner:
         r = decision.rollout
         # Do not send assignments for a decision computed from a state another worker has
         # changed meanwhile (an operator's pause or abort); the save below checks it too.
-        sends = bool(decision.assign or decision.revert)
+        sends = bool(decision.assign or decision.revert or decision.shadow)
         if old is not None and sends and store.get_rollout(self._registry, r.id) != old:
             raise RolloutConflictError(f"rollout {r.id} changed since it was read")
         errors: dict[str, str] = {}
+        ppm = round((r.policy.shadow_fraction or 0.0) * 1_000_000)
+        for device_id in decision.shadow:
+            if r.from_version is None:
+                continue
+            try:
+                sent = self._service.assign_shadow(
+                    device_id, r.model, r.from_version, r.to_version, max(1, ppm)
+                )
+                if sent is None:
+                    errors[device_id] = "shadow_unsupported: the device takes no shadow"
+            except EdgefleetError as exc:
+                errors[device_id] = f"{exc.code}: {exc}"
+                log.warning("rollout %s: shadow to %s failed: %s", r.id, device_id, exc)
         for ids, version in ((decision.assign, r.to_version), (decision.revert, r.from_version)):
             for device_id in ids:
                 if version is None:
@@ -408,6 +471,7 @@ class RolloutRunner:
             or old.wave != r.wave
             or decision.assign
             or decision.revert
+            or decision.shadow
             or old.failed != r.failed
             or old.rolled_back != r.rolled_back
         )
@@ -419,6 +483,7 @@ class RolloutRunner:
                 "reasons": list(decision.reasons),
                 "assign": list(decision.assign),
                 "revert": list(decision.revert),
+                **({"shadow": list(decision.shadow)} if decision.shadow else {}),
                 "gates": [g.to_dict() for g in r.gates],
             }
             if errors:

@@ -26,9 +26,10 @@ from typing import Any
 
 from edge_agent.errors import ContractError
 from edge_agent.quality.confusion import Confusion
+from edge_agent.trust.desired import SHADOW_CAPABILITY
 from fleet_server.rollouts.metrics import TelemetryRowLike
 
-__all__ = ["ShadowEvidence", "ShadowInputs", "shadow_evidence"]
+__all__ = ["ShadowEvidence", "ShadowInputs", "shadow_capable", "shadow_evidence"]
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,13 @@ class ShadowInputs:
     capable: frozenset[str] = frozenset()
     classification: bool = False
     devices: Mapping[str, ShadowEvidence] = field(default_factory=dict)
+
+
+def shadow_capable(reported: Mapping[str, object] | None) -> bool:
+    """Whether a device's stored reported state lists the ``shadow`` capability (older agents
+    do not: their strict desired-state parser would refuse a shadow assignment)."""
+    caps = (reported or {}).get("capabilities")
+    return isinstance(caps, list) and SHADOW_CAPABILITY in caps
 
 
 def _entry(payload: Mapping[str, Any], model: str, version: int) -> tuple[int, int, Confusion]:
