@@ -135,6 +135,9 @@ def test_degraded_canary_trips_the_quality_gate_and_is_rolled_back(
                     "min_requests": 50,
                     "on_breach": "abort",
                     "rollback_on_abort": True,
+                    # The serving canary's gates are what this test is about: without a shadow
+                    # phase (on by default; tests/integration/test_rollout_shadow_fleet.py).
+                    "shadow_fraction": None,
                     "thresholds": {"max_p99_latency_ratio": None},
                 },
             }

@@ -126,6 +126,7 @@ def test_killing_the_leader_worker_loses_nothing_and_the_rollout_goes_on(
                     "steps": [1.0],
                     "dwell_seconds": 3.0,
                     "min_devices": 1,
+                    "shadow_fraction": None,  # the canary wave at once (no shadow phase)
                     "thresholds": {
                         "max_reject_rate_increase": None,
                         "max_fallback_rate_increase": None,

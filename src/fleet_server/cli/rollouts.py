@@ -42,6 +42,9 @@ _THRESHOLDS = (
     ("max_output_shift", "--max-output-shift"),
     ("max_ground_truth_drop", "--max-accuracy-drop"),
     ("min_ground_truth_labels", "--min-labels"),
+    ("max_shadow_disagreement_excess", "--max-shadow-excess"),
+    ("max_shadow_disagreement", "--max-shadow-disagreement"),
+    ("min_shadow_rows", "--min-shadow-rows"),
 )
 _OFFLINE = (
     ("max_accuracy_drop", "offline_max_accuracy_drop"),
@@ -115,6 +118,14 @@ def render_rollout(r: dict[str, Any]) -> list[str]:
         f"state {r['state']}  wave {wave + 1}/{len(sizes) or '?'}  "
         f"members {members}/{total}  updated {r.get('updated_at')}",
     ]
+    shadows = r.get("shadows") or {}
+    if r.get("phase") == "shadow":
+        lines.append(
+            f"phase shadow: {len(shadows)} canary device(s) run v{r.get('to_version')} as a "
+            "shadow (not serving); the canary serves only once the shadow gates pass"
+        )
+    elif shadows:
+        lines.append(f"phase serving (shadow phase passed on {len(shadows)} canary device(s))")
     marks = []
     for i, size in enumerate(sizes):
         mark = "#" if i < wave else (">" if i == wave else " ")
@@ -175,6 +186,13 @@ def _policy(opts: dict[str, Any]) -> dict[str, Any]:
         policy["approval"] = True
     if opts["no_rollback"]:
         policy["rollback_on_abort"] = False
+    if opts["no_shadow"] and opts["shadow_fraction"] is not None:
+        raise click.UsageError("give at most one of --shadow-fraction and --no-shadow")
+    if opts["no_shadow"]:
+        policy["shadow_fraction"] = None
+    for key in ("shadow_fraction", "shadow_dwell_seconds"):
+        if opts[key] is not None:
+            policy[key] = opts[key]
     thresholds = {k: opts[k] for k, _ in _THRESHOLDS if opts[k] is not None}
     if thresholds:
         policy["thresholds"] = thresholds
@@ -282,6 +300,36 @@ def register_rollout_commands(cli: click.Group) -> None:
         "min_ground_truth_labels",
         type=click.IntRange(1),
         help="The ground_truth gate judges with this many labelled answers per side (200).",
+    )
+    @click.option(
+        "--shadow-fraction",
+        type=click.FloatRange(0, 1, min_open=True),
+        help="Shadow phase: share of the canaries' requests replayed on the candidate (0.25).",
+    )
+    @click.option(
+        "--shadow-dwell",
+        "shadow_dwell_seconds",
+        type=click.FloatRange(0),
+        help="Shadow phase: minimum seconds before its gates are judged (120).",
+    )
+    @click.option("--no-shadow", is_flag=True, help="No shadow phase: the canary serves at once.")
+    @click.option(
+        "--max-shadow-excess",
+        "max_shadow_disagreement_excess",
+        type=click.FloatRange(0, 1),
+        help="shadow_disagreement: allowed excess over the offline comparison's (0.02).",
+    )
+    @click.option(
+        "--max-shadow-disagreement",
+        "max_shadow_disagreement",
+        type=click.FloatRange(0, 1),
+        help="shadow_disagreement without an offline comparison: the maximum (0.05).",
+    )
+    @click.option(
+        "--min-shadow-rows",
+        "min_shadow_rows",
+        type=click.IntRange(1),
+        help="shadow_disagreement judges after this many rows compared (300).",
     )
     def create(
         url: str,
