@@ -18,7 +18,7 @@ from edge_agent.quality.confusion import Confusion
 from fleet_server.cli import rollouts as cli_rollouts
 from fleet_server.cli.rollouts import render_rollout
 from fleet_server.registry.rollouts import rollout_from_dict, rollout_to_dict
-from fleet_server.rollouts.engine import decide, wave_order
+from fleet_server.rollouts.engine import decide, resume, wave_order
 from fleet_server.rollouts.gates import GateInputs
 from fleet_server.rollouts.gates.shadow_disagreement import GATE
 from fleet_server.rollouts.metrics import DeviceObservation
@@ -297,3 +297,15 @@ def test_rollouts_create_takes_the_shadow_options(monkeypatch: pytest.MonkeyPatc
     assert RolloutPolicy.from_dict(sent[-1]["policy"]).shadow_fraction is None
     bad = CliRunner().invoke(main, [*base, "--no-shadow", "--shadow-fraction", "0.5"])
     assert bad.exit_code == 2
+
+
+def test_a_paused_shadow_phase_resumes_into_the_shadow_phase() -> None:
+    r = start(rollout()).rollout
+    d = decide(r, fleet(r), T0 + timedelta(seconds=121), shadow=inputs(r, 2000, 200))
+    assert d.rollout.state == "paused"
+    later = T0 + timedelta(seconds=200)
+    resumed = resume(d.rollout, later)
+    assert (resumed.state, resumed.phase, resumed.members) == ("dwelling", "shadow", {})
+    d = decide(resumed, fleet(resumed), later + timedelta(seconds=121), shadow=inputs(r, 2000, 0))
+    assert d.rollout.phase == "serving"
+    assert set(d.assign) == set(CANARY)

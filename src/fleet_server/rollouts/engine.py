@@ -345,7 +345,7 @@ def resume(r: Rollout, now: datetime) -> Rollout:
     """
     if r.state != "paused":
         raise RolloutStateError(f"rollout {r.id} is {r.state}: only a paused rollout resumes")
-    if r.wave < 0:
+    if r.wave < 0 and r.phase != "shadow":  # a paused shadow phase dwells and is judged again
         return replace(r, state="pending", updated_at=now, reasons=("resumed",))
     ack = tuple(sorted({*r.acknowledged, *r.failed, *r.rolled_back}))
     return replace(
