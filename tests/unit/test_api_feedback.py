@@ -23,7 +23,7 @@ from edge_agent.api.app import create_app
 from edge_agent.api.grpc_v2.codec import encode_infer
 from edge_agent.cli.main import cli
 from edge_agent.client import AgentClient, AgentRequestError
-from edge_agent.config import AgentConfig, ApiConfig, StoreConfig
+from edge_agent.config import AgentConfig, ApiConfig, ModelPolicy, StoreConfig
 from edge_agent.errors import ERRORS, UnknownRequestError
 from edge_agent.quality.confusion import Confusion
 from edge_agent.serving.agent import Agent
@@ -245,3 +245,35 @@ def test_client_and_cli_send_feedback(
     got = AgentClient(ApiConfig()).feedback("digits", rid, ["1", None], version="1")
     assert sent[-1][1] == "/v2/models/digits/versions/1/feedback"
     assert (got["counted"], got["skipped"]) == (1, 1)
+
+
+def test_both_ab_arms_count_under_the_version_that_answered(
+    tmp_path: Path, digits_bundles: DigitsBundles
+) -> None:
+    policy = ModelPolicy(ab_candidate="digits@1", ab_fraction=0.5, probation_requests=1)
+    config = AgentConfig(store=StoreConfig(state_dir=str(tmp_path / "s")), model_defaults=policy)
+    store = ModelStore(tmp_path / "s", digits_bundles.keys.trusted_root(), DEVICE)
+    a = Agent(config, store, background_drift=False)
+    try:
+        a.install(digits_bundles.path(1))
+        a.start()
+        x = digits_bundles.x_eval.astype(np.float32)
+        a.infer(InferenceRequest("digits", {"input": x[:1]}))
+        a.tick()  # v1 passes probation
+        a.install(digits_bundles.path(2))  # v2 serves, v1 is the A/B candidate
+        a.start()
+        answered: dict[str, int] = {}
+        for i in range(40):
+            result = a.infer(
+                InferenceRequest("digits", {"input": x[i : i + 1]}, routing_key=f"user-{i}")
+            )
+            assert result.request_id is not None
+            version = a.feedback("digits", None, result.request_id, 0, rows=False).model_version
+            assert str(version) == result.parameters["model_version"]
+            answered[result.parameters["ab_arm"]] = version
+        assert answered == {"candidate": 1, "live": 2}  # both arms answered and were counted
+        counts = a.ground_truth.confusion("digits")
+        assert set(counts) == {1, 2}
+        assert counts[1].n + counts[2].n == 40
+    finally:
+        a.close()
