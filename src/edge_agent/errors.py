@@ -329,6 +329,11 @@ INTERNAL_STATUS = (500, "INTERNAL")
 TOO_LARGE_STATUS = (413, "RESOURCE_EXHAUSTED")
 #: What the admin API answers for an error family it has no row for (the operator's request).
 ADMIN_DEFAULT_STATUS = 400
+#: REST answers with no error family behind them (gRPC has no such answer: its probes say
+#: ``ready=False``, grpc itself times reads out and sees no disconnected client's request).
+NOT_READY_HTTP = 503  # a probe, or a model, that is not live / not ready
+READ_TIMEOUT_HTTP = 408  # the body did not arrive within ``body_read_seconds``
+DISCONNECTED_HTTP = 400  # the client went away mid-body (it never reads the answer)
 
 
 @dataclass(frozen=True)

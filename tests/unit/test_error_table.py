@@ -170,3 +170,28 @@ def test_a_table_refuses_a_family_twice_and_extending_keeps_the_original() -> No
 def test_a_row_with_an_http_status_names_its_grpc_code() -> None:
     with pytest.raises(ValueError, match="gRPC"):
         ErrorTable([ErrorRow(device.DriftError, http=400)])
+
+
+def test_the_answers_without_a_family_and_what_the_front_ends_share_are_pinned() -> None:
+    from edge_agent.api import metrics as m
+    from edge_agent.api import outcomes
+
+    assert (device.INTERNAL_STATUS, device.TOO_LARGE_STATUS) == (
+        (500, "INTERNAL"),
+        (413, "RESOURCE_EXHAUSTED"),
+    )
+    assert (device.NOT_READY_HTTP, device.READ_TIMEOUT_HTTP, device.DISCONNECTED_HTTP) == (
+        503,
+        408,
+        400,
+    )
+    assert outcomes.RATE_LIMITED_STATUS == (429, "RESOURCE_EXHAUSTED")
+    assert (outcomes.NOT_FOUND_HTTP, outcomes.INTERNAL_HTTP) == (404, 500)
+    assert outcomes.OUTCOME_BY_STATUS == {
+        400: m.OUTCOME_INVALID,
+        404: m.OUTCOME_NOT_FOUND,
+        413: m.OUTCOME_TOO_LARGE,
+        429: m.OUTCOME_RATE_LIMITED,
+        503: m.OUTCOME_UNAVAILABLE,
+    }
+    assert (outcomes.outcome_of(409), outcomes.UDS_CLIENT) == (m.OUTCOME_ERROR, "uds")

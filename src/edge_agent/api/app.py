@@ -3,14 +3,17 @@
 Owns: routing, the HTTP error mapping, size and rate limits and metrics accounting of the v2
 endpoints (health, server and model metadata, model ready, infer, and the ground-truth
 ``feedback`` this API adds, whose body ``edge_agent.api.feedback`` owns) and ``/metrics``. It
-does not own the raw ASGI fast path and the shared JSON/error responses (``fastpath``), decode
-tensors (``codec``), run models (the service) or listen on sockets (``server``).
+does not own what it shares with gRPC (``outcomes``), the raw ASGI fast path and the shared
+JSON/error responses (``fastpath``), decode tensors (``codec``), run models (the service) or
+listen on sockets (``server``).
 
-Error mapping, always as the protocol's ``{"error": "<message>"}``; error families get their status
-from the one table ``edge_agent.errors.API_STATUS`` (which gives gRPC its codes too):
+Error mapping, always as the protocol's ``{"error": "<message>"}``; every status comes from the one
+table ``edge_agent.errors.ERRORS`` (which gives gRPC its codes too) or, for the few answers with
+no error family behind them (not ready, read timeout, too large, internal), its constants there:
     400 undecodable or invalid request (message names the validation reason and field)
     404 unknown model or version, unknown route, or a feedback id whose answer is not remembered
     413 body larger than ``max_request_bytes`` (Content-Length checked first, the stream capped)
+    408 body not received within ``body_read_seconds``
     429 client over its rate limit, with ``Retry-After``
     503 the model or the cloud fallback cannot answer; not live / not ready
     500 anything else: a generic message, never a traceback (the traceback goes to the log)
@@ -65,9 +68,21 @@ from edge_agent.api.feedback import MAX_FEEDBACK_BYTES, answer_feedback
 from edge_agent.api.header_cache import RequestDecoder
 from edge_agent.api.metadata import EXTENSIONS, protocol_metadata
 from edge_agent.api.metrics import ApiMetrics
+from edge_agent.api.outcomes import (
+    INTERNAL_HTTP,
+    OUTCOME_BY_STATUS,
+    RATE_LIMITED_STATUS,
+    UDS_CLIENT,
+    describe,
+)
 from edge_agent.common.ratelimit import DEFAULT_MAX_CLIENTS, Clock, RateLimiter
 from edge_agent.config import ApiConfig
 from edge_agent.errors import (
+    DISCONNECTED_HTTP,
+    ERRORS,
+    NOT_READY_HTTP,
+    READ_TIMEOUT_HTTP,
+    TOO_LARGE_STATUS,
     ConfigError,
     EdgefleetError,
     InputValidationError,
@@ -81,14 +96,11 @@ __all__ = [
     "INLINE_BYTES",
     "INLINE_ELEMENTS",
     "INLINE_SERVICE_S",
-    "OUTCOME_BY_STATUS",
-    "UDS_CLIENT",
     "create_app",
 ]
 
 logger = logging.getLogger(__name__)
 
-UDS_CLIENT = "uds"
 DEFAULT_MAX_CONCURRENCY = 16
 # Below these sizes decoding / encoding costs tens of microseconds: cheaper on the event loop than
 # a thread hop (and the GIL hand-offs it brings); above them it moves to the worker threads.
@@ -97,25 +109,9 @@ INLINE_ELEMENTS = 16 * 1024
 # Models whose smoothed service time is below this (1 ms) run inline on the event loop.
 INLINE_SERVICE_S = 0.001
 _MAX_KNOWN_MODELS = 256
-#: The metrics outcome of each status of the error table (anything else is ``OUTCOME_ERROR``).
-OUTCOME_BY_STATUS = {
-    400: m.OUTCOME_INVALID,
-    404: m.OUTCOME_NOT_FOUND,
-    413: m.OUTCOME_TOO_LARGE,
-    429: m.OUTCOME_RATE_LIMITED,
-    503: m.OUTCOME_UNAVAILABLE,
-}
+_INVALID_HTTP = ERRORS.api_status(InputValidationError)[0]
 _T = TypeVar("_T")
 _Outcome = tuple[str, str, Response]
-
-
-def _describe(exc: InputValidationError) -> str:
-    parts = [f"reason: {exc.reason}"]
-    if exc.field:
-        parts.append(f"field: {exc.field}")
-    if exc.counts:
-        parts.append("rows: " + ", ".join(f"{k}={v}" for k, v in sorted(exc.counts.items())))
-    return f"{exc} ({'; '.join(parts)})"
 
 
 def _elements(outputs: Mapping[str, Any]) -> int:
@@ -171,24 +167,26 @@ class _Api:
         if wait <= 0:
             return None
         headers = {"Retry-After": str(max(1, math.ceil(wait)))}
-        response = error_response(429, f"rate limited; retry in {wait:.3f}s", headers)
+        response = error_response(
+            RATE_LIMITED_STATUS[0], f"rate limited; retry in {wait:.3f}s", headers
+        )
         return m.OUTCOME_RATE_LIMITED, m.OUTCOME_RATE_LIMITED, response
 
     def _failure(self, exc: Exception, stage: str = "service") -> _Outcome:
-        # The status is the one error table's (edge_agent.errors.API_STATUS), as for gRPC.
+        # The status is the one error table's (edge_agent.errors.ERRORS), as for gRPC.
         status, _ = api_status(exc, from_service=stage == "service")
         if isinstance(exc, InputValidationError):
-            return m.OUTCOME_INVALID, exc.reason, error_response(status, _describe(exc))
+            return m.OUTCOME_INVALID, exc.reason, error_response(status, describe(exc))
         code = exc.code if isinstance(exc, EdgefleetError) else "exception"
         if status in OUTCOME_BY_STATUS:
-            headers = {"Retry-After": "1"} if status == 429 else None
+            headers = {"Retry-After": "1"} if status == RATE_LIMITED_STATUS[0] else None
             return (
                 OUTCOME_BY_STATUS[status],
                 code,
                 error_response(status, str(exc) or code, headers),
             )
         logger.error("inference API %s failed (%s)", stage, code, exc_info=exc)
-        return m.OUTCOME_ERROR, code, error_response(500, f"internal error ({code})")
+        return m.OUTCOME_ERROR, code, error_response(INTERNAL_HTTP, f"internal error ({code})")
 
     # --- health and metadata -------------------------------------------------------------
 
@@ -212,7 +210,7 @@ class _Api:
             return response
         text = "; ".join(f"model {n!r} {r}" for n, r in sorted(models.items()))
         body = {"error": f"server is not ready: {text or 'no model installed'}", "models": models}
-        return Response(codec.to_json(body), status_code=503, media_type=JSON)
+        return Response(codec.to_json(body), status_code=NOT_READY_HTTP, media_type=JSON)
 
     async def _probe(self, check: Any, what: str) -> Response:
         try:
@@ -220,7 +218,11 @@ class _Api:
         except Exception:
             logger.exception("%s probe failed", what)
             ok = False
-        return json_response({what: True}) if ok else error_response(503, f"server is not {what}")
+        return (
+            json_response({what: True})
+            if ok
+            else error_response(NOT_READY_HTTP, f"server is not {what}")
+        )
 
     async def server_metadata(self, request: Request) -> Response:
         try:
@@ -257,7 +259,7 @@ class _Api:
             response = json_response(document or {"name": name, "ready": True})
             return m.OUTCOME_OK, m.NO_REASON, response
         suffix = "" if version is None else f" version {version!r}"
-        response = error_response(503, f"model {name!r}{suffix} is not ready")
+        response = error_response(NOT_READY_HTTP, f"model {name!r}{suffix} is not ready")
         return m.OUTCOME_UNAVAILABLE, "not_ready", response
 
     # --- inference -----------------------------------------------------------------------
@@ -292,7 +294,7 @@ class _Api:
             return (
                 m.OUTCOME_INVALID,
                 "content_length",
-                error_response(400, "invalid Content-Length"),
+                error_response(_INVALID_HTTP, "invalid Content-Length"),
             )
         if declared is not None and int(declared) > self.max_bytes:
             return self._too_large(int(declared))
@@ -301,7 +303,11 @@ class _Api:
             try:
                 body = await read_body(receive, self.max_bytes)
             except ClientDisconnect:
-                return m.OUTCOME_ABORTED, "disconnect", error_response(400, "client disconnected")
+                return (
+                    m.OUTCOME_ABORTED,
+                    "disconnect",
+                    error_response(DISCONNECTED_HTTP, "client disconnected"),
+                )
             if body is None:
                 return self._too_large(None)
             return await self._answer(name, version, body, header_length, routing)
@@ -319,25 +325,29 @@ class _Api:
                     return self._too_costly(admitted.cost)
                 if admitted.refusal == "read_timeout":
                     message = f"request body not received within {self.read_seconds} s"
-                    response = error_response(408, message, {"Connection": "close"})
+                    response = error_response(READ_TIMEOUT_HTTP, message, {"Connection": "close"})
                     return m.OUTCOME_ABORTED, "read_timeout", response
                 if admitted.refusal is not None:
                     return self._too_large(None)
                 return await self._answer(name, version, admitted.body, header_length, routing)
         except ClientDisconnect:
-            return m.OUTCOME_ABORTED, "disconnect", error_response(400, "client disconnected")
+            return (
+                m.OUTCOME_ABORTED,
+                "disconnect",
+                error_response(DISCONNECTED_HTTP, "client disconnected"),
+            )
 
     def _too_costly(self, cost: int) -> _Outcome:
         message = (
             f"decoding this body could take {cost} bytes of memory; the API decodes at most "
             f"{self.budget.total} bytes at once and {MAX_COST_RATIO} bytes per body byte"
         )
-        return m.OUTCOME_TOO_LARGE, "decode_memory", error_response(413, message)
+        return m.OUTCOME_TOO_LARGE, "decode_memory", error_response(TOO_LARGE_STATUS[0], message)
 
     def _too_large(self, size: int | None) -> _Outcome:
         got = "" if size is None else f" ({size} bytes)"
         message = f"request body too large{got}; the limit is {self.max_bytes} bytes"
-        response = error_response(413, message, {"Connection": "close"})
+        response = error_response(TOO_LARGE_STATUS[0], message, {"Connection": "close"})
         return m.OUTCOME_TOO_LARGE, "payload_too_large", response
 
     async def _run_service(self, name: str, request: InferenceRequest) -> InferenceResult:
@@ -430,7 +440,11 @@ class _Api:
         try:
             body = await read_body(request.receive, min(self.max_bytes, MAX_FEEDBACK_BYTES))
         except ClientDisconnect:
-            return m.OUTCOME_ABORTED, "disconnect", error_response(400, "client disconnected")
+            return (
+                m.OUTCOME_ABORTED,
+                "disconnect",
+                error_response(DISCONNECTED_HTTP, "client disconnected"),
+            )
         if body is None:
             return self._too_large(None)
         try:
@@ -448,7 +462,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, HTTPException):  # unknown route, wrong method
         return error_response(exc.status_code, str(exc.detail), dict(exc.headers or {}))
     # Never the exception's text: it may hold internals.
-    return error_response(500, "internal error")
+    return error_response(INTERNAL_HTTP, "internal error")
 
 
 def limiter_from_config(

@@ -21,6 +21,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from edge_agent.api import codec
+from edge_agent.errors import INTERNAL_STATUS
 
 JSON = "application/json"
 OCTETS = "application/octet-stream"
@@ -87,7 +88,7 @@ class FastInferApp(Starlette):
                 try:
                     response = await self.fast_infer(scope, receive, name, None)
                 except Exception:  # never the exception's text: it may hold internals
-                    response = error_response(500, "internal error")
+                    response = error_response(INTERNAL_STATUS[0], "internal error")
                 await response(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)

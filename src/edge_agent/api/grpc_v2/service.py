@@ -2,7 +2,8 @@
 
 Owns the six core RPCs (ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata,
 ModelInfer), their status codes and their metrics. Status codes come from the one error table,
-``edge_agent.errors.API_STATUS`` (the same row gives REST its HTTP status): INVALID_ARGUMENT for a
+``edge_agent.errors.ERRORS`` (the same row gives REST its HTTP status; what both front ends
+share is ``edge_agent.api.outcomes``): INVALID_ARGUMENT for a
 request that does not fit (the message names the validation reason and input, as REST's 400),
 NOT_FOUND for an unknown model or version, RESOURCE_EXHAUSTED for a client over its rate limit,
 UNAVAILABLE when the model or the cloud cannot answer, INTERNAL with a generic message (the
@@ -29,13 +30,20 @@ from typing import Any, NoReturn
 import grpc
 
 from edge_agent.api import metrics as m
-from edge_agent.api.app import OUTCOME_BY_STATUS, UDS_CLIENT
 from edge_agent.api.grpc_v2 import codec
 from edge_agent.api.grpc_v2.messages import METHODS, SERVICE, UNPARSABLE, Message, parser
 from edge_agent.api.metadata import EXTENSIONS, protocol_metadata
 from edge_agent.api.metrics import ApiMetrics
+from edge_agent.api.outcomes import (
+    INTERNAL_HTTP,
+    NOT_FOUND_HTTP,
+    RATE_LIMITED_STATUS,
+    UDS_CLIENT,
+    describe,
+    outcome_of,
+)
 from edge_agent.common.ratelimit import RateLimiter
-from edge_agent.errors import EdgefleetError, InputValidationError, api_status
+from edge_agent.errors import ERRORS, EdgefleetError, InputValidationError, api_status
 from edge_agent.serving.service import InferenceRequest, InferenceService
 
 __all__ = ["GrpcInference"]
@@ -43,6 +51,8 @@ __all__ = ["GrpcInference"]
 logger = logging.getLogger(__name__)
 
 _MAX_KNOWN_MODELS = 256
+_INVALID = getattr(grpc.StatusCode, ERRORS.api_status(InputValidationError)[1])
+_RATE_LIMITED = getattr(grpc.StatusCode, RATE_LIMITED_STATUS[1])
 
 
 class _RpcError(Exception):
@@ -68,17 +78,14 @@ def _client(context: grpc.ServicerContext) -> str:
 def _failure(exc: Exception, *, from_service: bool = True) -> _RpcError:
     http, name = api_status(exc, from_service=from_service)
     code = getattr(grpc.StatusCode, name)
-    if http == 500:
+    if http == INTERNAL_HTTP:
         reason = exc.code if isinstance(exc, EdgefleetError) else "exception"
         logger.error("gRPC inference API failed (%s)", reason, exc_info=exc)
         return _RpcError(code, f"internal error ({reason})", m.OUTCOME_ERROR, reason)
     if isinstance(exc, InputValidationError):
-        parts = [f"reason: {exc.reason}"] + ([f"field: {exc.field}"] if exc.field else [])
-        if exc.counts:
-            parts.append("rows: " + ", ".join(f"{k}={v}" for k, v in sorted(exc.counts.items())))
-        return _RpcError(code, f"{exc} ({'; '.join(parts)})", m.OUTCOME_INVALID, exc.reason)
+        return _RpcError(code, describe(exc), m.OUTCOME_INVALID, exc.reason)
     reason = exc.code if isinstance(exc, EdgefleetError) else "exception"
-    return _RpcError(code, str(exc) or reason, OUTCOME_BY_STATUS.get(http, m.OUTCOME_ERROR), reason)
+    return _RpcError(code, str(exc) or reason, outcome_of(http), reason)
 
 
 def _abort(context: grpc.ServicerContext, failure: _RpcError) -> NoReturn:
@@ -128,7 +135,7 @@ class GrpcInference:
                 endpoint = f"grpc_{name}"
                 self.metrics.count_request(endpoint, m.UNKNOWN_MODEL, m.OUTCOME_INVALID, "protobuf")
                 message = f"the request is not a valid {name}Request message (reason: protobuf)"
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+                context.abort(_INVALID, message)
             return call(request, context)
 
         return handle
@@ -144,8 +151,7 @@ class GrpcInference:
         wait = self.limiter.acquire(_client(context))
         if wait > 0:
             message = f"rate limited; retry in {wait:.3f}s"
-            code = grpc.StatusCode.RESOURCE_EXHAUSTED
-            raise _RpcError(code, message, m.OUTCOME_RATE_LIMITED, m.OUTCOME_RATE_LIMITED)
+            raise _RpcError(_RATE_LIMITED, message, m.OUTCOME_RATE_LIMITED, m.OUTCOME_RATE_LIMITED)
 
     # --- health and metadata -------------------------------------------------------------
 
@@ -258,7 +264,7 @@ class GrpcInference:
             response = codec.encode_infer(result, request_id=rid, outputs=decoded.outputs)
         except Exception as exc:
             known = stage != "decode" and isinstance(exc, EdgefleetError)
-            if known and api_status(exc)[0] != 404:
+            if known and api_status(exc)[0] != NOT_FOUND_HTTP:
                 self._vouch(name)  # the service knew the model: a bounded label
             raise _failure(exc, from_service=stage == "service") from exc
         self._vouch(name)
