@@ -20,11 +20,15 @@ Families:
                        or cannot run on the evaluation set (``OfflineCheckError``).
     EvalSetError       a labelled evaluation set cannot be registered or read: a malformed or
                        oversized file (``EvalSetRejectedError``) or the directory failed.
+    AdminInputError    an admin API request refused as given: a malformed body, field or query
+                       value (``code`` says which), or a body over its cap
+                       (``AdminBodyTooLargeError``).
 
 Each error has a stable ``code`` used as a metric label and in the CLI's one-line diagnosis;
 codes never change meaning once released. ``ERRORS`` (at the end) is edge_agent's one error
 table extended with these families' admin API statuses and exit codes; the admin API
-(``fleet_server.admin.api``) and the ``fleet-server`` CLI read it.
+(``fleet_server.admin.api``) and the ``fleet-server`` CLI read it. The admin API's two answers
+with no error family behind them are ``ADMIN_UNAUTHORIZED_STATUS`` and ``ADMIN_INTERNAL_STATUS``.
 """
 
 from __future__ import annotations
@@ -213,6 +217,29 @@ class AdminRequestError(AdminApiError):
         self.server_code = server_code
 
 
+class AdminInputError(EdgefleetError):
+    """A request the admin API refuses as given (400), with a stable ``code``.
+
+    ``code`` is ``bad_request`` (a field or query value of the wrong type, out of range, too
+    long, with control characters) or ``bad_json`` (a body that is not strict JSON).
+    """
+
+    code = "bad_request"
+
+    def __init__(self, message: str, *, code: str = "bad_request") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class AdminBodyTooLargeError(AdminInputError):
+    """A request body over its cap, declared or while it streams (413 ``too_large``)."""
+
+    code = "too_large"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="too_large")
+
+
 class FleetDriftError(FleetServerError):
     """A fleet drift query cannot be answered as asked (bad cohort spec, time, parameters)."""
 
@@ -332,6 +359,11 @@ class UnknownRolloutError(NotFoundError):
     code = "rollout_unknown"
 
 
+#: The admin API's answer to a missing or wrong bearer token (no error is raised for it).
+ADMIN_UNAUTHORIZED_STATUS = 401
+#: The admin API's answer to anything that is not one of our errors (a bug; no details).
+ADMIN_INTERNAL_STATUS = 500
+
 #: ``edge_agent.errors.ERRORS`` plus fleet_server's families (admin API status, exit code).
 ERRORS = device_errors.ERRORS.extend(
     (
@@ -365,5 +397,7 @@ ERRORS = device_errors.ERRORS.extend(
         ErrorRow(AdminUnreachableError, exit=EXIT_RUNTIME),
         ErrorRow(AdminAuthError, exit=EXIT_KEYS),
         ErrorRow(AdminRequestError, exit=EXIT_BAD_INPUT),
+        ErrorRow(AdminInputError, admin=400),
+        ErrorRow(AdminBodyTooLargeError, admin=413),
     )
 )

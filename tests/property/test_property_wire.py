@@ -37,9 +37,9 @@ from edge_agent.wire.reported import ModelReport, ReportedState, TransferReport
 from edge_agent.wire.telemetry import Batch, Event, StatusMessage, TelemetryAck
 from edge_agent.wire.telemetry_report import TelemetryReport
 from edge_agent.wire.transfer import BlockData, BlockPlan, BlockRequest
-from fleet_server.admin.body import AdminInputError, json_object, query_int, req_field
+from fleet_server.admin.body import json_object, query_int, req_field
 from fleet_server.admin.drift import drift_query
-from fleet_server.errors import FleetDriftError
+from fleet_server.errors import AdminInputError, FleetDriftError
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "telemetry"
 

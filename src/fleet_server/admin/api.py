@@ -50,7 +50,6 @@ from starlette.routing import Route
 
 from edge_agent.errors import EdgefleetError
 from fleet_server.admin.body import (
-    AdminInputError,
     json_object,
     public_message,
     query_int,
@@ -58,7 +57,12 @@ from fleet_server.admin.body import (
     read_body,
     req_field,
 )
-from fleet_server.errors import ERRORS
+from fleet_server.errors import (
+    ADMIN_INTERNAL_STATUS,
+    ADMIN_UNAUTHORIZED_STATUS,
+    ERRORS,
+    AdminInputError,
+)
 from fleet_server.registry.values import BundleRecord, DeviceRecord, StoredTelemetry
 from fleet_server.registry.version_history import VersionHistory
 from fleet_server.service import DeviceView, FleetService
@@ -78,16 +82,14 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     """Starlette's own 404/405 (unknown route, wrong method) in the API's error shape."""
-    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    status = exc.status_code if isinstance(exc, HTTPException) else ADMIN_INTERNAL_STATUS
     code = {404: "not_found", 405: "method_not_allowed"}.get(status, "bad_request")
     return _error(status, code, exc.detail if isinstance(exc, HTTPException) else "error")
 
 
 def status_of(exc: EdgefleetError) -> int:
     """The status the admin API answers ``exc`` with: the ``admin`` column of the one error
-    table (``fleet_server.errors.ERRORS``), or the status an ``AdminInputError`` carries."""
-    if isinstance(exc, AdminInputError):
-        return exc.status
+    table (``fleet_server.errors.ERRORS``)."""
     return ERRORS.admin_status(exc)
 
 
@@ -223,14 +225,18 @@ def create_app(
         async def run(request: Request) -> Response:
             given = request.headers.get("authorization", "").encode()
             if not hmac.compare_digest(given, expected):
-                return _error(401, "unauthorized", "missing or wrong bearer token")
+                return _error(
+                    ADMIN_UNAUTHORIZED_STATUS, "unauthorized", "missing or wrong bearer token"
+                )
             try:
                 return await handler(request)
             except EdgefleetError as exc:
                 return _error(status_of(exc), exc.code, str(exc))
             except Exception:
                 log.exception("admin API %s %s failed", request.method, request.url.path)
-                return _error(500, "internal", "internal error (see the server log)")
+                return _error(
+                    ADMIN_INTERNAL_STATUS, "internal", "internal error (see the server log)"
+                )
 
         return run
 

@@ -15,7 +15,8 @@ through these helpers, so hostile input answers a 4xx with a typed ``{"error", "
 filesystem paths (a staging file, the library directory) with their last component, because
 the server's layout is nobody's business.
 
-Owns: parsing and the error type. Does not own: routes, status mapping (``fleet_server.admin.api``).
+Owns: parsing. Does not own: routes, the error types (``fleet_server.errors``: ``AdminInputError``,
+``AdminBodyTooLargeError``) or their statuses (the one error table, ``fleet_server.errors.ERRORS``).
 """
 
 from __future__ import annotations
@@ -27,11 +28,10 @@ from typing import Any, Final
 from starlette.requests import Request
 
 from edge_agent import strict_json
-from edge_agent.errors import EdgefleetError
+from fleet_server.errors import AdminBodyTooLargeError, AdminInputError
 
 __all__ = [
     "MAX_ID",
-    "AdminInputError",
     "json_object",
     "public_message",
     "query_int",
@@ -50,17 +50,6 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f\ud800-\udfff]")
 _ABS_PATH = re.compile(r"(?<![\w:/.])(?!/v\d+/)(/(?:[^\s/:'\"]+/)+)([^\s/:'\"]*)")
 
 
-class AdminInputError(EdgefleetError):
-    """A request the admin API refuses as given: ``status`` (4xx) and a stable ``code``."""
-
-    code = "bad_request"
-
-    def __init__(self, message: str, *, status: int = 400, code: str = "bad_request") -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-
-
 def public_message(text: str) -> str:
     """``text`` with every absolute filesystem path cut to its last component."""
     return _ABS_PATH.sub(lambda m: m.group(2) or "<dir>", text)
@@ -70,20 +59,21 @@ async def read_body(request: Request, cap: int) -> bytes:
     """The request body, refused as soon as it is (declared or streamed) over ``cap`` bytes.
 
     Raises:
-        AdminInputError: 413 ``too_large``, or 400 for a malformed Content-Length.
+        AdminBodyTooLargeError: over ``cap`` (413 ``too_large``).
+        AdminInputError: a malformed Content-Length (400).
     """
     declared = request.headers.get("content-length")
     if declared is not None:
         if not _INT.fullmatch(declared) or declared.startswith("-"):
             raise AdminInputError("Content-Length is not a byte count")
         if int(declared) > cap:
-            raise AdminInputError(f"request body over {cap} bytes", status=413, code="too_large")
+            raise AdminBodyTooLargeError(f"request body over {cap} bytes")
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > cap:
-            raise AdminInputError(f"request body over {cap} bytes", status=413, code="too_large")
+            raise AdminBodyTooLargeError(f"request body over {cap} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
 

@@ -19,10 +19,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from fleet_server.admin.body import MAX_ID, AdminInputError, query_int, query_text
+from fleet_server.admin.body import MAX_ID, query_int, query_text
 from fleet_server.drift.cohorts import CohortSpec
 from fleet_server.drift.service import DriftQuery, DriftService, parse_duration, parse_time
-from fleet_server.errors import FleetDriftError
+from fleet_server.errors import AdminInputError, FleetDriftError
 
 __all__ = ["drift_query", "drift_routes"]
 

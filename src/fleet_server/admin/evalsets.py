@@ -28,7 +28,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from fleet_server.admin.body import AdminInputError, query_text, read_body
+from fleet_server.admin.body import query_text, read_body
+from fleet_server.errors import AdminInputError
 from fleet_server.evalsets.store import EvalSetStore
 from fleet_server.registry.evalset_models import MAX_NOTE, MAX_SOURCE
 
