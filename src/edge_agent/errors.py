@@ -341,14 +341,15 @@ class ErrorRow:
     """How one error family answers at each boundary. ``None``: this row says nothing there.
 
     Attributes:
-        family: the error class; its subclasses answer the same unless they have a row.
+        family: the error class (one of ours, or the few builtins a CLI answers: ``OSError``,
+            ``TimeoutError``); its subclasses answer the same unless they have a row.
         http: the local inference API's HTTP status (REST), with ``grpc``, the gRPC status
             code name the same failure gets on the gRPC API.
         admin: the fleet server's admin API status.
         exit: every CLI's exit code.
     """
 
-    family: type[EdgefleetError]
+    family: type[BaseException]
     http: int | None = None
     grpc: str | None = None
     admin: int | None = None
@@ -439,11 +440,15 @@ ERRORS = ErrorTable(
         ErrorRow(ContractError, admin=400, exit=EXIT_BAD_INPUT),
         ErrorRow(ConfigError, exit=EXIT_BAD_INPUT),
         ErrorRow(TransportError, admin=503),
+        # Not ours, but every CLI answers them: a lock held too long (the store's file lock) and
+        # any other file or OS failure (a path that does not exist, a permission).
+        ErrorRow(TimeoutError, exit=EXIT_STORE),
+        ErrorRow(OSError, exit=EXIT_BAD_INPUT),
     )
 )
 
 #: The local inference API's rows of ``ERRORS`` as (family, HTTP status, gRPC code name).
-API_STATUS: tuple[tuple[type[EdgefleetError], int, str], ...] = tuple(
+API_STATUS: tuple[tuple[type[BaseException], int, str], ...] = tuple(
     (row.family, row.http, row.grpc)
     for row in ERRORS.rows
     if row.http is not None and row.grpc is not None

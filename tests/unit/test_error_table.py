@@ -197,3 +197,44 @@ def test_the_answers_without_a_family_and_what_the_front_ends_share_are_pinned()
     }
     assert (outcomes.outcome_of(409), outcomes.UDS_CLIENT) == (m.OUTCOME_ERROR, "uds")
     assert (fleet.ADMIN_UNAUTHORIZED_STATUS, fleet.ADMIN_INTERNAL_STATUS) == (401, 500)
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (TimeoutError("lock held"), device.EXIT_STORE),
+        (FileNotFoundError("no such file"), device.EXIT_BAD_INPUT),
+        (PermissionError("denied"), device.EXIT_BAD_INPUT),
+        (OSError("disk"), device.EXIT_BAD_INPUT),
+        (KeyError("a bug"), device.EXIT_UNEXPECTED),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else str(v),
+)
+def test_the_builtins_every_cli_answers_have_rows(exc: BaseException, code: int) -> None:
+    for table in (device.ERRORS, fleet.ERRORS, model_builder.errors.ERRORS):
+        assert table.exit_code(exc) == code
+    assert device.api_status(exc) == device.INTERNAL_STATUS  # no API answer: still a bug
+    assert status_of(exc) == device.ADMIN_DEFAULT_STATUS  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (TimeoutError("lock held"), 8),
+        (FileNotFoundError("no such file"), 3),
+        (device.RollbackError("older"), 4),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else str(v),
+)
+def test_run_cli_exits_with_the_tables_code(exc: BaseException, code: int) -> None:
+    import click
+
+    from edge_agent.cli.support import run_cli
+
+    @click.command()
+    def fails() -> None:
+        raise exc
+
+    with pytest.raises(SystemExit) as exited:
+        run_cli(fails, device.ERRORS, argv=[])
+    assert exited.value.code == code

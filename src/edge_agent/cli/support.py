@@ -34,10 +34,7 @@ from edge_agent.bundle import LoadedBundle
 from edge_agent.contract import DeviceProfile
 from edge_agent.errors import (
     ERRORS,
-    EXIT_BAD_INPUT,
     EXIT_OK,
-    EXIT_STORE,
-    EXIT_UNEXPECTED,
     EdgefleetError,
     ErrorTable,
 )
@@ -62,9 +59,9 @@ def run_cli(
     debug = os.environ.get("EDGEFLEET_DEBUG") == "1"
     try:
         rc = group.main(args=argv, standalone_mode=False)  # type: ignore[attr-defined]
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
         click.echo("aborted", err=True)
-        sys.exit(EXIT_UNEXPECTED)
+        sys.exit(errors.exit_code(exc))  # no row: EXIT_UNEXPECTED
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
@@ -75,12 +72,12 @@ def run_cli(
         sys.exit(errors.exit_code(exc))
     except TimeoutError as exc:
         click.echo(f"error[locked]: {exc}", err=True)
-        sys.exit(EXIT_STORE)
+        sys.exit(errors.exit_code(exc))
     except OSError as exc:
         if debug:
             raise
         click.echo(f"error[os]: {exc}", err=True)
-        sys.exit(EXIT_BAD_INPUT)
+        sys.exit(errors.exit_code(exc))
     sys.exit(rc if isinstance(rc, int) else EXIT_OK)
 
 
