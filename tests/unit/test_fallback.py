@@ -24,6 +24,7 @@ from edge_agent.serving.fallback import (
     Tensors,
     UnavailableTransport,
 )
+from edge_agent.serving.routing import LOCAL, Route, Router
 
 CLASSIFIER = OutputContract(
     task="classification", outputs=("probs",), labels=("a", "b", "c"), score_output="probs"
@@ -105,7 +106,8 @@ EXPECTED_BEFORE = {
     [(m, c, r) for m, table in EXPECTED_BEFORE.items() for c, r in table.items()],
 )
 def test_before_every_mode_and_condition(mode: str, condition: str, reason: str | None) -> None:
-    decision = policy(mode).before(**CONDITIONS[condition])
+    # The mode's rule is the router's (it was FallbackPolicy.before): same table.
+    decision = Router(mode, cloud=True).before(**CONDITIONS[condition])
     assert decision == Decision(cloud=reason is not None, reason=reason)
 
 
@@ -193,8 +195,17 @@ def test_after_thresholds(
 
 @pytest.mark.parametrize("mode", ["device_only", "prefer_cloud", "cloud_only"])
 def test_after_only_checks_in_prefer_device(mode: str) -> None:
+    # Whether the mode looks for hard examples at all is the router's decision (the policy
+    # re-decided it before): a doubtful answer in another mode does not go to the cloud.
     p = policy(mode, min_confidence=0.99, max_entropy=0.01)
-    assert not p.after({"probs": np.asarray([_uniform(3)], np.float32)}).cloud
+    route = Router(mode, cloud=True).after_local_answer(
+        Route(LOCAL),
+        cloud_failed=False,
+        set_up=True,
+        out_of_distribution=lambda: False,
+        hard=lambda: p.after({"probs": np.asarray([_uniform(3)], np.float32)}),
+    )
+    assert route == Route(LOCAL)
 
 
 def test_after_ignores_regression() -> None:

@@ -145,7 +145,11 @@ ANSWER = [
     ("prefer_device", True, True, False, True, HARD, OOD_FAILS),  # OOD first
     ("prefer_device", True, True, False, False, HARD, HARD_ROUTE),
     ("prefer_device", True, False, False, True, HARD, Route(LOCAL)),  # no policy: no checks
-    # only prefer_device checks OOD; the hard-example verdict is FallbackPolicy.after's
+    # only prefer_device checks OOD and asks for hard examples; the verdict is
+    # FallbackPolicy.after's, whether the mode looks for them is the router's
+    ("prefer_cloud", True, True, False, False, HARD, Route(LOCAL)),
+    ("device_only", True, True, False, False, HARD, Route(LOCAL)),
+    ("cloud_only", True, True, False, False, HARD, Route(LOCAL)),
     ("prefer_cloud", True, True, False, True, DEVICE, Route(LOCAL)),
     ("prefer_cloud", True, True, True, True, HARD, Route(LOCAL)),  # the cloud failed before
     ("device_only", True, True, False, True, DEVICE, Route(LOCAL)),

@@ -1,14 +1,13 @@
-"""Cloud fallback: the fallback mode's rules, and how a cloud call is guarded.
+"""Cloud fallback: whether a local answer is a hard example, and how a cloud call is guarded.
 
-Owns: the pure rules the router applies (``before_local``, the mode's rule before local
-inference, also as ``FallbackPolicy.before``; ``FallbackPolicy.after``, whether a local answer
-is a hard example from its confidence), the guards around a cloud call (``CircuitBreaker``,
-``MinuteBudget``; clocks are injected ``Callable[[], float]`` returning monotonic seconds), the
-``FallbackTransport`` interface and ``CloudFallback``, which makes one guarded call and counts
-its outcome. Does not own: deciding the route of a request, including answering locally when
-the cloud fails (``edge_agent.serving.routing.Router``), the MQTT v5 transport
-(``edge_agent.serving.fallback_mqtt``), or validation and drift (they supply
-``validation_failed`` and ``out_of_distribution``).
+Owns: the pure score check the router consumes (``FallbackPolicy.after``: whether a local
+answer is a hard example from its confidence), the guards around a cloud call
+(``CircuitBreaker``, ``MinuteBudget``; clocks are injected ``Callable[[], float]`` returning
+monotonic seconds), the ``FallbackTransport`` interface and ``CloudFallback``, which makes one
+guarded call and counts its outcome. Does not own: any route decision, the fallback mode's rule
+among them (which modes ask the cloud, when, and whether a hard example is looked for at all),
+nor answering locally when the cloud fails: ``edge_agent.serving.routing.Router`` owns them.
+Nor the MQTT v5 transport (``edge_agent.serving.fallback_mqtt``), or validation and drift.
 """
 
 from __future__ import annotations
@@ -49,8 +48,8 @@ class Decision:
     """Whether to ask the cloud and why (a stable metric label); rows that were hard examples.
 
     Reasons: ``cloud_only``, ``prefer_cloud``, ``local_unavailable``, ``invalid_input``,
-    ``out_of_distribution`` (``before``); ``invalid_output``, ``low_confidence``,
-    ``high_entropy`` (``after``).
+    ``out_of_distribution`` (the mode's rule, ``Router.before``); ``invalid_output``,
+    ``low_confidence``, ``high_entropy`` (``FallbackPolicy.after``).
     """
 
     cloud: bool
@@ -60,24 +59,6 @@ class Decision:
 
 #: The local answer stands.
 DEVICE = Decision(cloud=False)
-
-
-def before_local(
-    mode: str, *, local_ok: bool, validation_failed: bool, out_of_distribution: bool
-) -> Decision:
-    """The fallback mode's rule before local inference (see ``FallbackPolicy.before``).
-
-    ``edge_agent.serving.routing.Router`` applies it to every request.
-    """
-    if mode in ("cloud_only", "prefer_cloud"):
-        return Decision(cloud=True, reason=mode)
-    if mode == "device_only":
-        return DEVICE
-    checks = ((not local_ok, "local_unavailable"), (validation_failed, "invalid_input"))
-    for hit, why in (*checks, (out_of_distribution, "out_of_distribution")):
-        if hit:
-            return Decision(cloud=True, reason=why)
-    return DEVICE
 
 
 class FallbackTransport(Protocol):
@@ -126,7 +107,7 @@ class UnavailableTransport:
 
 
 class FallbackPolicy:
-    """Pure routing decisions for one model: no clock, no I/O, no state."""
+    """The hard-example check of one model's answers: no clock, no I/O, no state."""
 
     def __init__(self, config: FallbackConfig, contract: OutputContract) -> None:
         """Bind the policy to a fallback config and the model's output contract.
@@ -136,34 +117,18 @@ class FallbackPolicy:
         """
         config.validate()
         self._config, self._contract = config, contract
-        self._score_checks = config.mode == "prefer_device" and contract.task == "classification"
-
-    def before(
-        self, *, local_ok: bool, validation_failed: bool, out_of_distribution: bool
-    ) -> Decision:
-        """Decide before local inference.
-
-        ``cloud_only`` and ``prefer_cloud`` always ask the cloud (the caller answers locally
-        when a ``prefer_cloud`` call fails); ``device_only`` never does; ``prefer_device`` asks
-        it when the local model is missing or failing, the input failed validation, or the
-        input is out of distribution, in that order of precedence.
-        """
-        return before_local(
-            self._config.mode,
-            local_ok=local_ok,
-            validation_failed=validation_failed,
-            out_of_distribution=out_of_distribution,
-        )
+        self._score_checks = contract.task == "classification"
 
     def after(self, outputs: Tensors) -> Decision:
         """Decide after local inference whether the answer is a hard example.
 
-        Only for classification models in ``prefer_device`` mode; otherwise the local answer
-        stands. Scores are read from ``score_output`` along the last axis (leading axes are
-        rows; a 1-D output is one row; a single column is a binary classifier's positive
-        class). Logits go through a softmax (sigmoid for one column); probabilities are
-        renormalised to sum to one (quantised models drift off it). A batch is one request:
-        it goes to the cloud when its worst row is hard. Reasons by precedence:
+        Only for classification models; otherwise the local answer stands. The router asks
+        only in ``prefer_device`` mode (``Router.after_local_answer``). Scores are read from
+        ``score_output`` along the last axis (leading axes are rows; a 1-D output is one row;
+        a single column is a binary classifier's positive class). Logits go through a softmax
+        (sigmoid for one column); probabilities are renormalised to sum to one (quantised
+        models drift off it). A batch is one request: it goes to the cloud when its worst row
+        is hard. Reasons by precedence:
         ``invalid_output`` (a row with NaN/Inf or no probability mass), ``low_confidence``
         (top probability below ``min_confidence``), ``high_entropy`` (entropy / ln(classes)
         above ``max_entropy``). ``hard_rows`` counts rows failing any check.

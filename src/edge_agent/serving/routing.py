@@ -1,9 +1,10 @@
 """Where one inference request goes: the device (live or A/B candidate arm), the cloud, or nowhere.
 
 Owns every routing decision the agent makes for a request, as pure functions of plain facts:
-the A/B arm, whether to ask the cloud before running locally (the fallback mode, a model that is
-not loaded), after a local failure (invalid input, a failing model), after a local answer (out of
-distribution, a hard example), what happens when that cloud call fails (answer on the device,
+the A/B arm, the fallback mode's rule (``Router.before``), whether to ask the cloud before
+running locally (the mode, a model that is not loaded), after a local failure (invalid input,
+a failing model), after a local answer (out of distribution, a hard example; whether the mode
+looks for one at all), what happens when that cloud call fails (answer on the device,
 re-raise the local error, or fail), and whether the answer is offered to the shadow candidate.
 No clock, no I/O, no state: ``Router`` is a value.
 
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from edge_agent.serving.fallback import Decision, before_local
+from edge_agent.serving.fallback import DEVICE, Decision
 from edge_agent.serving.shadow import Arm
 
 __all__ = [
@@ -110,6 +111,27 @@ class Router:
         """Whether a local failure or a doubtful local answer may go to the cloud."""
         return self.cloud and self.mode == "prefer_device"
 
+    def before(
+        self, *, local_ok: bool, validation_failed: bool = False, out_of_distribution: bool = False
+    ) -> Decision:
+        """The fallback mode's rule, whether or not a cloud is wired (``first`` asks it only
+        when one is).
+
+        ``cloud_only`` and ``prefer_cloud`` always ask the cloud (the route answers locally
+        when a ``prefer_cloud`` call fails); ``device_only`` never does; ``prefer_device`` asks
+        it when the local model is missing or failing, the input failed validation, or the
+        input is out of distribution, in that order of precedence.
+        """
+        if self.mode in ("cloud_only", "prefer_cloud"):
+            return Decision(cloud=True, reason=self.mode)
+        if self.mode == "device_only":
+            return DEVICE
+        checks = ((not local_ok, "local_unavailable"), (validation_failed, "invalid_input"))
+        for hit, why in (*checks, (out_of_distribution, "out_of_distribution")):
+            if hit:
+                return Decision(cloud=True, reason=why)
+        return DEVICE
+
     def first(self, facts: Facts, draw: Callable[[], Arm] | None = None) -> Route:
         """The route before anything runs.
 
@@ -121,9 +143,7 @@ class Router:
         drawn = draw() if facts.live and not facts.pinned and draw is not None else "live"
         arm: Arm = "candidate" if drawn == "candidate" and facts.candidate else "live"
         if facts.set_up and self.cloud:
-            decision = before_local(
-                self.mode, local_ok=facts.live, validation_failed=False, out_of_distribution=False
-            )
+            decision = self.before(local_ok=facts.live)
             if decision.cloud:
                 # prefer_cloud answers on the device when the cloud cannot; cloud_only does not.
                 keep = facts.live and self.mode != "cloud_only"
@@ -160,16 +180,16 @@ class Router:
 
         ``cloud_failed``: the cloud was asked first and failed (``prefer_cloud``): the device's
         answer stands. ``out_of_distribution`` and ``hard`` (``FallbackPolicy.after`` of the
-        answer) are called only when their check applies, in this order; a failed cloud call
-        after either leaves the device's answer, flagged. ``set_up``: as in ``Facts`` (a model
-        without a fallback policy keeps its answer).
+        answer) are called only when their check applies (``prefer_device`` with a cloud), in
+        this order; a failed cloud call after either leaves the device's answer, flagged.
+        ``set_up``: as in ``Facts`` (a model without a fallback policy keeps its answer).
         """
         if not set_up:
             return route
         if self.may_fall_back and out_of_distribution():
             why = "out_of_distribution"
             return Route(CLOUD, route.arm, why, ANSWER_LOCALLY, out_of_distribution=True)
-        if self.cloud and not cloud_failed:
+        if self.may_fall_back and not cloud_failed:
             decision = hard()
             if decision.cloud:
                 reason = decision.reason or "hard_example"
