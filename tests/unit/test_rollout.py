@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from edge_agent.quality.confusion import Confusion
+from edge_agent.quality.confusion import Confusion, wilson_interval
 from fleet_server.errors import RolloutPolicyError, RolloutStateError
 from fleet_server.rollouts.engine import abort, approve, decide, resume, wave_order
 from fleet_server.rollouts.metrics import (
@@ -17,8 +17,6 @@ from fleet_server.rollouts.metrics import (
     TensorMoments,
     WindowMetrics,
     one_sided_increase,
-    quantile_ms,
-    wilson_bounds,
 )
 from fleet_server.rollouts.policy import RolloutPolicy, Selector, Thresholds
 from fleet_server.rollouts.state import Decision, Rollout
@@ -386,7 +384,8 @@ def test_selector() -> None:
     [(0, 0, 0.0, 1.0), (1, 3, 0.0783, 0.7462), (50, 100, 0.4190, 0.5810)],
 )
 def test_wilson_bounds(k: int, n: int, lo: float, hi: float) -> None:
-    got = wilson_bounds(k, n, 1.645)
+    # The gates' Wilson bounds are the shared edge_agent.quality.confusion.wilson_interval.
+    got = wilson_interval(k, n, 1.645)
     assert got[0] == pytest.approx(lo, abs=2e-3)
     assert got[1] == pytest.approx(hi, abs=2e-3)
 
@@ -405,20 +404,6 @@ def test_one_sided_increase(
     x1: int, n1: int, x2: int, n2: int, margin: float, expected: bool
 ) -> None:
     assert one_sided_increase(x1, n1, x2, n2, margin, 1.645) is expected
-
-
-@pytest.mark.parametrize(
-    ("buckets", "q", "expected"),
-    [
-        (FAST, 0.99, 9.95),
-        (SLOW, 0.5, 150.0),
-        ((0,) * 12, 0.99, None),
-        ((0,) * 11 + (5,), 0.5, 5000),
-    ],
-)
-def test_quantile_ms(buckets: tuple[int, ...], q: float, expected: float | None) -> None:
-    got = quantile_ms(buckets, q)
-    assert got == (None if expected is None else pytest.approx(expected))
 
 
 def test_decision_is_a_value() -> None:

@@ -5,8 +5,9 @@ model version over an observation window), ``OutputMoments`` (the exact, mergeab
 count, sum and sum of squares of the output tensors, from the tier-A output drift windows),
 ``DeviceObservation`` (a device's outcome for the rolled-out version plus its window metrics
 and output moments), ``observe`` (builds one from the registry's rows)
-and the small statistics the rollout gates use (Wilson bounds, a one-sided two-proportion test,
-quantiles of the fixed latency histogram).
+and the one-sided two-proportion test the rate gates use (the gates' Wilson bounds are
+``edge_agent.quality.confusion.wilson_interval``; the p99 gate's quantiles are its own,
+``gates.p99_latency.histogram_quantile_ms``).
 
 Counters in reports are cumulative since ``started_at``: a window is the sum of differences
 between consecutive reports of the device on the observed model version with the same
@@ -45,10 +46,8 @@ __all__ = [
     "interval_metrics",
     "observe",
     "one_sided_increase",
-    "quantile_ms",
     "reject_deltas",
     "report_outputs",
-    "wilson_bounds",
 ]
 
 _N_BUCKETS: Final = len(LATENCY_BUCKETS_MS) + 1
@@ -491,17 +490,6 @@ def _delta(prev: Mapping[str, Any], cur: Mapping[str, Any]) -> WindowMetrics | N
 
 
 # --------------------------------------------------------------------------- statistics
-def wilson_bounds(successes: int, n: int, z: float) -> tuple[float, float]:
-    """The Wilson score interval of a proportion (``(0, 1)`` for ``n == 0``)."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def one_sided_increase(x1: int, n1: int, x2: int, n2: int, margin: float, z: float) -> bool:
     """True when ``x1/n1 - x2/n2 > margin`` at the one-sided level ``z`` (a Wald z-test).
 
@@ -515,26 +503,6 @@ def one_sided_increase(x1: int, n1: int, x2: int, n2: int, margin: float, z: flo
     if se == 0.0:
         return diff > 0
     return diff / se > z
-
-
-def quantile_ms(buckets: Sequence[int], q: float) -> float | None:
-    """The ``q`` quantile of a latency histogram, interpolated linearly inside its bucket.
-
-    The overflow bucket is reported at the last edge (5 s): a lower bound.
-    """
-    total = sum(buckets)
-    if total <= 0:
-        return None
-    rank = q * total
-    seen = 0
-    for i, count in enumerate(buckets):
-        if count and seen + count >= rank:
-            if i >= len(LATENCY_BUCKETS_MS):
-                return float(LATENCY_BUCKETS_MS[-1])
-            lo = 0.0 if i == 0 else LATENCY_BUCKETS_MS[i - 1]
-            return lo + (LATENCY_BUCKETS_MS[i] - lo) * (rank - seen) / count
-        seen += count
-    return float(LATENCY_BUCKETS_MS[-1])
 
 
 def with_metrics(obs: DeviceObservation, metrics: WindowMetrics) -> DeviceObservation:

@@ -17,9 +17,10 @@ import math
 from collections.abc import Sequence
 from typing import Final
 
+from edge_agent.quality.confusion import wilson_interval
 from edge_agent.wire.telemetry import LATENCY_BUCKETS_MS, LATENCY_FINE_BUCKETS_MS
 from fleet_server.rollouts.gates.base import Gate, GateInputs
-from fleet_server.rollouts.metrics import WindowMetrics, wilson_bounds
+from fleet_server.rollouts.metrics import WindowMetrics
 from fleet_server.rollouts.policy import RolloutPolicy, Thresholds
 from fleet_server.rollouts.state import GateResult
 
@@ -58,7 +59,7 @@ def compare(
     # requests slower than ``allowed`` must be above 1 % with confidence (a binomial test of
     # the quantile).
     above = _count_above(b1, edges, allowed)
-    lo, _ = wilson_bounds(round(above), n1, p.z)
+    lo, _ = wilson_interval(round(above), n1, p.z)
     breach = lo > 0.01 and q1 > allowed
     detail = (
         f"p99 {q1:.3g} ms on canary vs {q2:.3g} ms on control ({resolution} buckets): "

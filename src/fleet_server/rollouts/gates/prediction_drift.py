@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from edge_agent.quality.confusion import wilson_interval
 from fleet_server.rollouts.gates.base import Gate, GateInputs
-from fleet_server.rollouts.metrics import wilson_bounds
 from fleet_server.rollouts.state import GateResult
 
 __all__ = ["GATE"]
@@ -27,7 +27,7 @@ def verdict(i: GateInputs) -> GateResult:
     if m.drift_windows == 0:
         return GateResult(_NAME, "skipped", None, limit, "no output drift windows reported")
     share = m.drift_alerts / m.drift_windows
-    lo, _ = wilson_bounds(m.drift_alerts, m.drift_windows, p.z)
+    lo, _ = wilson_interval(m.drift_alerts, m.drift_windows, p.z)
     psi = "-" if m.max_psi is None else f"{m.max_psi:.3f}"
     detail = (
         f"{m.drift_alerts}/{m.drift_windows} output windows alerting ({share:.1%}, lower bound "

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
+from edge_agent.quality.confusion import wilson_interval
 from fleet_server.rollouts.gates.base import GateInputs
-from fleet_server.rollouts.metrics import one_sided_increase, wilson_bounds
+from fleet_server.rollouts.metrics import one_sided_increase
 from fleet_server.rollouts.state import GateResult
 
 __all__ = ["member_share", "rate_increase"]
@@ -37,7 +38,7 @@ def member_share(i: GateInputs, name: str, bad: Collection[str], limit: float) -
         if d in bad_all or (d in i.devices and i.devices[d].active_version == r.to_version)
     )
     k, n = len(set(bad) - ack), len(counted)
-    lo, _ = wilson_bounds(k, finished, r.policy.z)
+    lo, _ = wilson_interval(k, finished, r.policy.z)
     # Certain: above the limit even if every other member succeeds. One device of several
     # fails for its own reasons now and then (disk, power, a flaky link) and alone never
     # halts a wave (bench/bench_false_halts.py): it takes two, or every member.

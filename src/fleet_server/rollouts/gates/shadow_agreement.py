@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from edge_agent.quality.confusion import wilson_interval
 from fleet_server.rollouts.gates.base import Gate, GateInputs
-from fleet_server.rollouts.metrics import wilson_bounds
 from fleet_server.rollouts.state import GateResult
 
 __all__ = ["GATE"]
@@ -27,7 +27,7 @@ def verdict(i: GateInputs) -> GateResult:
     if m.shadow_compared == 0:
         return GateResult(_NAME, "skipped", None, limit, "no shadow comparisons reported")
     share = m.shadow_agree / m.shadow_compared
-    _, hi = wilson_bounds(m.shadow_agree, m.shadow_compared, p.z)
+    _, hi = wilson_interval(m.shadow_agree, m.shadow_compared, p.z)
     detail = (
         f"{m.shadow_agree}/{m.shadow_compared} rows agree ({share:.1%}, upper bound {hi:.1%}) "
         f"vs min {limit:.1%}"

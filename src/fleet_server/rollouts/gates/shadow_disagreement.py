@@ -27,8 +27,8 @@ from __future__ import annotations
 
 from typing import Final
 
+from edge_agent.quality.confusion import wilson_interval
 from fleet_server.rollouts.gates.base import Gate, GateInputs
-from fleet_server.rollouts.metrics import wilson_bounds
 from fleet_server.rollouts.state import GateResult
 
 __all__ = ["GATE", "limit_of"]
@@ -68,7 +68,7 @@ def verdict(i: GateInputs) -> GateResult:
         detail = f"{e.compared}/{need} rows compared in shadow on {e.devices} canary device(s)"
         return GateResult(_NAME, "waiting", float(e.compared), float(need), detail)
     share = e.disagreement or 0.0
-    lo, _ = wilson_bounds(e.compared - e.agree, e.compared, p.z)
+    lo, _ = wilson_interval(e.compared - e.agree, e.compared, p.z)
     flips = e.top_flips()
     detail = (
         f"shadow disagrees on {e.compared - e.agree}/{e.compared} rows ({share:.1%}, lower bound "
