@@ -10,13 +10,10 @@ agent's install, which verifies the builder signatures and health-checks the ver
 of bundles no longer assigned are deleted. Outcomes (installed, rolled back, failed and why) are
 kept for the reported state.
 
-A model's *shadow* (``ModelAssignment.shadow``, a rollout's shadow phase) goes through the same
-path (a refused bundle, rollback protection, a finished download found after a restart, the
-signed length and digest, the targets digest, the identity and the builder signatures) but is
-*staged* (``ModelStore.stage``: kept, never active) and then run as the model's shadow at the
-document's fraction; it never answers a client. When the document names it for serving, the
-staged file is installed for serving (verified again, on probation) without a download. A
-shadow no longer assigned stops and its staged version is removed.
+A model's *shadow* (``ModelAssignment.shadow``, a rollout's shadow phase) is
+``shadow_deploy.ShadowDeployer``'s, run after the serving assignments; when the document names a
+staged (shadow) version for serving, it is installed here from the kept file (verified again, on
+probation) without a download.
 
 Does not verify desired-state documents (``desired_intake`` does) or talk MQTT (``loop`` does):
 block requests leave through the ``request`` callback, blocks arrive through ``accept_block``.
@@ -25,7 +22,6 @@ block requests leave through the ``request`` callback, blocks arrive through ``a
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import threading
@@ -41,10 +37,10 @@ from edge_agent.errors import EdgefleetError, TransportError
 from edge_agent.serving.agent import Agent
 from edge_agent.strict_json import loads as strict_loads
 from edge_agent.sync.download import Download
+from edge_agent.sync.shadow_deploy import ShadowDeployer, sha256_of
 from edge_agent.trust.desired import (
     DesiredState,
     ModelAssignment,
-    ShadowAssignment,
     check_bundle_identity,
     check_targets_digest,
 )
@@ -55,12 +51,12 @@ __all__ = ["MAX_REFUSED", "Deployer"]
 
 log = logging.getLogger("edge_agent.sync.loop")
 
+Event = Callable[[str | None, int | None, str, str], None]
+
 #: Bundles refused here that are remembered (by SHA-256) so they are not fetched again.
 MAX_REFUSED = 64
 # 64 digests and reasons of at most 200 characters: far below this.
 _MAX_REFUSED_FILE = 256 * 1024
-
-Event = Callable[[str | None, int | None, str, str], None]
 
 
 class Deployer:
@@ -87,18 +83,32 @@ class Deployer:
         self._logged_quarter: dict[str, int] = {}
         self._refused_path = directory / "refused.json"
         self._refused: dict[str, str] = {}
-        self.shadow_downloads: dict[str, Download] = {}
-        # name -> (shadow version, outcome, reason), for the reported state.
-        self.shadow_outcomes: dict[str, tuple[int, str, str]] = {}
-        self._shadows: dict[str, ShadowAssignment] = {}  # as the accepted state assigns them
+        self.shadows = ShadowDeployer(
+            agent,
+            directory,
+            sync,
+            event=event,
+            wake=wake,
+            refused=self._refused.get,
+            refuse=self._refuse,
+            counts=self.counts,
+        )
+
+    @property
+    def shadow_outcomes(self) -> dict[str, tuple[int, str, str]]:
+        """Per model, its shadow's (version, outcome, reason), for the reported state."""
+        return self.shadows.outcomes
 
     def accept_block(self, block: BlockData) -> None:
         """Write a block into the download it belongs to (ignored if none; never raises)."""
         with self._lock:
-            every = (*self.downloads.values(), *self.shadow_downloads.values())
-            dl = next((d for d in every if d.transfer_id == block.transfer_id), None)
+            dl = next(
+                (d for d in self.downloads.values() if d.transfer_id == block.transfer_id), None
+            )
             if dl is None:
-                return  # another transfer's wave, or one this device finished
+                # a shadow's, another transfer's wave, or one this device finished
+                self.shadows.accept_block(block)
+                return
             try:
                 dl.accept(block)
             except EdgefleetError as exc:
@@ -128,52 +138,35 @@ class Deployer:
             }
         snapshot = dict(self.outcomes)  # written by the sync thread; read from others
         outcomes = {n: {"outcome": o, "reason": r} for n, (o, r) in snapshot.items()}
-        shadows = {
-            n: {"version": v, "outcome": o, "reason": r}
-            for n, (v, o, r) in dict(self.shadow_outcomes).items()
-        }
-        return {"downloads": downloads, "outcomes": outcomes, "shadows": shadows}
+        return {"downloads": downloads, "outcomes": outcomes, "shadows": self.shadows.status()}
 
     def close(self) -> None:
         """Persist download progress and release the files (a restart resumes)."""
         with self._lock:
-            for dl in (*self.downloads.values(), *self.shadow_downloads.values()):
+            for dl in self.downloads.values():
                 dl.close()
+        self.shadows.close()
 
     def apply(self, state: DesiredState) -> None:
         """Act on an accepted desired state, model by model (see the module docstring)."""
-        self._shadows = {n: a.shadow for n, a in state.models.items() if a.shadow is not None}
         with self._lock:
             for name in list(self.downloads):
                 a = state.models.get(name)
                 if a is None or a.serving() != self.downloads[name].assignment:
                     self.downloads.pop(name).abandon()
-            for name in list(self.shadow_downloads):
-                a = state.models.get(name)
-                bundle = None if a is None or a.shadow is None else a.shadow.bundle()
-                if bundle != self.shadow_downloads[name].assignment:
-                    self.shadow_downloads.pop(name).abandon()
         for name, assignment in state.models.items():
             try:
                 self._apply_one(name, assignment.serving())
             except EdgefleetError as exc:
                 self.outcomes[name] = ("failed", str(exc))
                 log.error("%s: cannot apply v%d: %s", name, assignment.version, exc)
-        for name in sorted({*state.models, *self.shadow_outcomes}):
-            assigned = state.models.get(name)
-            shadow = None if assigned is None else assigned.shadow
-            try:
-                self._apply_shadow(name, shadow)
-            except EdgefleetError as exc:
-                if shadow is not None:
-                    self.shadow_outcomes[name] = (shadow.version, "failed", str(exc))
-                log.error("%s: cannot apply the shadow: %s", name, exc)
+        self.shadows.apply(state)  # after serving: a shadow promoted to serve is installed
         self._prune_downloads(state)
 
     def _prune_downloads(self, state: DesiredState) -> None:
         """Delete partial or finished downloads of bundles no longer assigned (disk space)."""
         keep = {(n, a.bundle_sha256) for n, a in state.models.items()}
-        keep |= {(n, a.shadow.bundle_sha256) for n, a in state.models.items() if a.shadow}
+        keep |= self.shadows.keep(state)
         root = self._dir / "downloads"
         try:
             dirs = [d for d in root.iterdir() if d.is_dir()] if root.is_dir() else []
@@ -205,7 +198,8 @@ class Deployer:
             log.warning("ignoring unreadable %s: %s", self._refused_path, exc)
             return
         if isinstance(data, dict):
-            self._refused = {str(k): str(v) for k, v in list(data.items())[-MAX_REFUSED:]}
+            self._refused.clear()  # in place: the shadow deployer reads this dict too
+            self._refused.update({str(k): str(v) for k, v in list(data.items())[-MAX_REFUSED:]})
 
     def _apply_one(self, name: str, a: ModelAssignment) -> None:
         st = self._agent.store.state(name)
@@ -228,7 +222,7 @@ class Deployer:
             self.outcomes[name] = ("failed", f"refused before: {refused}")
             return
         done = self._dir / "downloads" / name / f"{a.bundle_sha256}.bundle"
-        if _sha256_of(done) == a.bundle_sha256:
+        if sha256_of(done) == a.bundle_sha256:
             # Downloaded and verified before a crash or restart: install it, do not fetch again.
             log.info("%s v%d: installing the bundle downloaded before", name, a.version)
             self._install_file(name, a, done)
@@ -266,94 +260,6 @@ class Deployer:
         )
         self._event(name, a.version, "transfer_started", f"{a.bundle_length} bytes")
 
-    # ------------------------------------------------------------------ shadow
-    def _apply_shadow(self, name: str, s: ShadowAssignment | None) -> None:
-        """Stage and run the assigned shadow of ``name``, or stop and remove it (None)."""
-        lifecycle = self._agent.lifecycle
-        st = self._agent.store.state(name)
-        for r in st.versions:  # staged versions no longer assigned
-            if r.status == "staged" and (s is None or r.version != s.version):
-                lifecycle.unstage(name, r.version)
-        if s is None:
-            lifecycle.assign_shadow(name, None)
-            self.shadow_outcomes.pop(name, None)
-            return
-        a = s.bundle()
-        record = next((r for r in st.versions if r.version == s.version), None)
-        if st.active is not None and st.active >= s.version:
-            lifecycle.assign_shadow(name, None)  # it serves already (or something newer does)
-            self.shadow_outcomes.pop(name, None)
-            return
-        if record is not None and record.status == "failed":
-            why = f"failed on this device before: {record.reason}"
-            self.shadow_outcomes[name] = (s.version, "failed", why)
-            return
-        if record is not None:
-            self._run_shadow(name, s)
-            return
-        refused = self._refused.get(a.bundle_sha256)
-        if refused is not None:
-            self.shadow_outcomes[name] = (s.version, "failed", f"refused before: {refused}")
-            return
-        done = self._dir / "downloads" / name / f"{a.bundle_sha256}.bundle"
-        if _sha256_of(done) == a.bundle_sha256:
-            self._stage_file(name, s, done)
-            return
-        if s.version < st.high_water:
-            why = f"v{s.version} is older than v{st.high_water} (rollback protection)"
-            self.shadow_outcomes[name] = (s.version, "failed", why)
-            return
-        with self._lock:
-            if name in self.shadow_downloads:
-                return
-            try:
-                dl = Download(
-                    name,
-                    a,
-                    self._dir / "downloads" / name,
-                    window=self._sync.block_window,
-                    retry_seconds=self._sync.block_retry_seconds,
-                )
-            except OSError as exc:
-                why = f"cannot start the download: {exc}"
-                self.shadow_outcomes[name] = (s.version, "failed", why)
-                return
-            self.shadow_downloads[name] = dl
-        self.shadow_outcomes[name] = (s.version, "downloading", "")
-        log.info("%s v%d (shadow): downloading %d bytes", name, s.version, s.bundle_length)
-        self._event(name, s.version, "transfer_started", f"shadow, {s.bundle_length} bytes")
-
-    def _stage_file(self, name: str, s: ShadowAssignment, path: Path) -> None:
-        """Check a complete, digest-verified shadow download against ``s``, stage and run it."""
-        a = s.bundle()
-        try:
-            raw = read_raw(path)
-            check_targets_digest(a, raw.targets_bytes)
-            check_bundle_identity(name, a, BundleManifest.from_bytes(raw.manifest_bytes))
-            self._agent.lifecycle.stage(path)
-        except EdgefleetError as exc:
-            self.counts["install_failures"] += 1
-            self.shadow_outcomes[name] = (s.version, "failed", str(exc))
-            self._event(name, s.version, "install_failed", f"shadow: {exc}")
-            self._refuse(a.bundle_sha256, str(exc))
-            log.error("%s v%d: shadow install failed: %s", name, s.version, exc)
-            return
-        finally:
-            path.unlink(missing_ok=True)
-        log.info("%s v%d: staged as the shadow (not serving)", name, s.version)
-        self._run_shadow(name, s)
-
-    def _run_shadow(self, name: str, s: ShadowAssignment) -> None:
-        running = self._agent.lifecycle.assign_shadow(name, s.version, s.fraction)
-        if running == s.version:
-            self.shadow_outcomes[name] = (s.version, "installed", "")
-            return
-        error = self._agent.candidates.shadow_errors.get(name)
-        if error is not None:
-            self.shadow_outcomes[name] = (s.version, "failed", error)
-        else:  # set up when the live model serves
-            self.shadow_outcomes[name] = (s.version, "pending", f"{name} is not serving")
-
     def _promote(self, name: str, a: ModelAssignment) -> None:
         """Install the staged (shadow) version of ``a`` for serving, from the kept file."""
         path = self._agent.store.bundle_path(name, a.version)
@@ -376,18 +282,7 @@ class Deployer:
     def drive(self, request: Callable[[BlockRequest], None]) -> None:
         """Ask for due blocks (through ``request``) and install finished downloads."""
         done: list[Download] = []
-        shadows_done: list[Download] = []
         with self._lock:
-            for dl in self.shadow_downloads.values():
-                if dl.complete:
-                    shadows_done.append(dl)
-                    continue
-                due = dl.due_request()
-                if due is not None:
-                    with contextlib.suppress(TransportError):
-                        request(due)
-            for dl in shadows_done:
-                del self.shadow_downloads[dl.name]
             for dl in self.downloads.values():
                 if dl.complete:
                     done.append(dl)
@@ -412,25 +307,7 @@ class Deployer:
                 self._logged_quarter.pop(dl.name, None)
         for dl in done:  # outside the lock: installing takes a while, blocks may keep coming
             self._install(dl)
-        for dl in shadows_done:
-            self._install_shadow(dl)
-
-    def _install_shadow(self, dl: Download) -> None:
-        state = self._current_shadow(dl.name)
-        try:
-            path = dl.finish()
-        except (EdgefleetError, OSError) as exc:
-            if state is not None:
-                self.shadow_outcomes[dl.name] = (state.version, "failed", f"download: {exc}")
-            self._event(dl.name, dl.assignment.version, "transfer_failed", f"shadow: {exc}")
-            return
-        if state is None or state.bundle() != dl.assignment:
-            path.unlink(missing_ok=True)  # withdrawn meanwhile
-            return
-        self._stage_file(dl.name, state, path)
-
-    def _current_shadow(self, name: str) -> ShadowAssignment | None:
-        return self._shadows.get(name)
+        self.shadows.drive(request)
 
     def _install(self, dl: Download) -> None:
         name, a = dl.name, dl.assignment
@@ -475,15 +352,3 @@ class Deployer:
             return ("installed", "")
         record = next((r for r in st.versions if r.version == version), None)
         return ("rolled_back", record.reason if record else f"v{st.active} is serving instead")
-
-
-def _sha256_of(path: Path) -> str | None:
-    """The file's SHA-256, or None when it is missing or unreadable."""
-    digest = hashlib.sha256()
-    try:
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    except OSError:
-        return None
-    return digest.hexdigest()
