@@ -97,6 +97,17 @@ CASES = [
          "shadow_agree": 160},
     ),
     (
+        # each report is valid alone, but between them "agree" grew more than "compared": the
+        # interval cannot be true, so it is dropped like a reset (a gate's interval would refuse it)
+        "an interval whose shadow agreement outgrew its comparisons is dropped",
+        rows(
+            (1, report(1, 2, 10, compared=100, agree=90)),
+            (2, report(2, 2, 20, compared=110, agree=110)),
+            (3, report(3, 2, 30, compared=210, agree=200)),
+        ),
+        {"reports": 1, "requests": 10, "shadow_compared": 100, "shadow_agree": 90},
+    ),
+    (
         "other versions are not counted",
         rows((1, report(1, 1, 100)), (2, report(2, 1, 200))),
         {"reports": 0, "requests": 0},

@@ -448,7 +448,8 @@ def _fine(m: Mapping[str, Any]) -> tuple[int, ...] | None:
 
 
 def _delta(prev: Mapping[str, Any], cur: Mapping[str, Any]) -> WindowMetrics | None:
-    """Counts between two reports; None when a counter went backwards (a silent reset)."""
+    """Counts between two reports; None when a counter went backwards (a silent reset) or the
+    counts contradict each other (a device's reports, each valid, that no device could send)."""
     po, co = _ints(prev, "outcomes"), _ints(cur, "outcomes")
     ps, cs = _ints(prev, "sources"), _ints(cur, "sources")
     (pc, pa), (cc, ca) = _shadow(prev), _shadow(cur)
@@ -463,6 +464,8 @@ def _delta(prev: Mapping[str, Any], cur: Mapping[str, Any]) -> WindowMetrics | N
         fine = [c - p for c, p in zip(cf, pf, strict=True)]
     shadow = [cc - pc, ca - pa]
     if min([*diffs, *src, *lat, *shadow, *fine]) < 0:
+        return None
+    if shadow[1] > shadow[0]:  # more rows agreed than were compared: not a true interval
         return None
     windows = [w for w in cur.get("drift") or [] if isinstance(w, Mapping)]
     outputs = [w for w in windows if w.get("role") == "output"]
