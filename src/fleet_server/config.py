@@ -46,7 +46,7 @@ __all__ = [
 
 ENV_PREFIX = "EDGEFLEET_SERVER__"
 LOG_LEVELS = ("debug", "info", "warning", "error")
-_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 T = TypeVar("T")
 
 
@@ -124,13 +124,14 @@ class GatewayConfig:
         """Check every value (``load_config`` does, and so does the gateway it is given to).
 
         Raises:
-            ServerConfigError: a value is out of range or the prefix/share group is not a
-                valid topic level; the message names the key.
+            ServerConfigError: a value is out of range, the prefix breaks the topic tree's
+                prefix rule (``Topics.check_prefix``) or the share group is not a valid topic
+                level; the message names the key.
         """
-        _check(
-            bool(re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", self.prefix)),
-            "prefix must be a lowercase topic label without / + #",
-        )
+        try:
+            Topics.check_prefix(self.prefix)  # the one prefix rule (agents, broker config)
+        except ContractError as exc:
+            raise ServerConfigError(f"prefix is not a valid topic prefix: {exc}") from exc
         _check(bool(_LABEL.fullmatch(self.share_group)), "share_group is not a valid name")
         try:
             Topics(self.prefix).shared(self.share_group, "telemetry")

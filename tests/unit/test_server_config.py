@@ -74,7 +74,11 @@ def test_explicit_url_is_kept() -> None:
         ({"EDGEFLEET_SERVER__MQTT__PORT": "0"}, "mqtt.port"),
         ({"EDGEFLEET_SERVER__MQTT__CLIENT_ID": '"bad id"'}, "mqtt.client_id"),
         ({"EDGEFLEET_SERVER__MQTT__SESSION_EXPIRY": "-1"}, "mqtt.session_expiry"),
-        ({"EDGEFLEET_SERVER__GATEWAY__PREFIX": '"a/b"'}, "gateway.prefix"),
+        # "a/b" is a valid prefix since the server takes the agents' and broker's rule
+        # (Topics.check_prefix); these are not.
+        ({"EDGEFLEET_SERVER__GATEWAY__PREFIX": '"a/#"'}, "gateway.prefix"),
+        ({"EDGEFLEET_SERVER__GATEWAY__PREFIX": '"a//b"'}, "gateway.prefix"),
+        ({"EDGEFLEET_SERVER__GATEWAY__PREFIX": '"a/b\\n"'}, "gateway.prefix"),
         ({"EDGEFLEET_SERVER__GATEWAY__BLOCK_SIZE": "10"}, "gateway.block_size"),
         (
             {"EDGEFLEET_SERVER__GATEWAY__RESEND_ROUND_SECONDS": "nan"},

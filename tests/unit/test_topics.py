@@ -52,12 +52,23 @@ def test_subscription_filters() -> None:
     assert T.shared("ingest", "telemetry") == "$share/ingest/edgefleet/devices/+/telemetry"
     assert T.all_devices("telemetry") == "edgefleet/devices/+/telemetry"
     assert T.all_devices("fallback_resp") == "edgefleet/devices/+/fallback/resp/#"
-    subs = dict(T.server_subscriptions("workers"))
-    assert set(subs) == {
+    # Moved from the deleted Topics.server_subscriptions / device_subscriptions onto the role
+    # lists (same filters): every device -> server kind is consumed by one server role, on
+    # the shared filter over its group (retained kinds: plainly), at QoS 1.
+    assert {T.shared("workers", k) for k in DEVICE_TO_SERVER} == {
         f"$share/workers/edgefleet/devices/+/{TOPIC_SPECS[k].suffix}" for k in DEVICE_TO_SERVER
     }
+    server = [*T.gateway_subscriptions("workers"), *T.fallback_worker_subscriptions("workers")]
+    assert {s.kind for s in server} == set(DEVICE_TO_SERVER)
+    for sub in server:
+        plain = f"edgefleet/devices/+/{TOPIC_SPECS[sub.kind].suffix}"
+        assert sub.filter == (f"$share/workers/{plain}" if sub.group == "workers" else plain)
+        assert sub.group == "workers" or TOPIC_SPECS[sub.kind].retain
+    subs = {s.filter: s.qos for s in server}
     assert all(q == 1 for q in subs.values())
-    dev = dict(T.device_subscriptions("dev-1"))
+    # Everything a device reads: its sync loop's list plus the fallback client's responses.
+    dev = {s.filter: s.qos for s in T.sync_subscriptions("dev-1")}
+    dev[T.fallback_resp_filter("dev-1")] = 1
     assert set(dev) == {
         "edgefleet/devices/dev-1/desired",
         "edgefleet/devices/dev-1/ack",

@@ -293,7 +293,7 @@ def feedback(
 ) -> None:
     """Tell the running daemon the true answer of an earlier request to MODEL."""
     client = AgentClient(_config(config_path).api)
-    values: list[int | str | None] = [int(x) if x.isdigit() else x for x in labels]
+    values: list[int | str | None] = [int(x) if x.isascii() and x.isdigit() else x for x in labels]
     out = client.feedback(model, request_id, values, version=version)
     click.echo(json.dumps(out, indent=2))
 

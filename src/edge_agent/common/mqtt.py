@@ -56,12 +56,14 @@ from edge_agent.errors import (
     TransportTimeoutError,
 )
 from edge_agent.wire.telemetry import StatusMessage
-from edge_agent.wire.topics import Topics
+from edge_agent.wire.topics import TOPIC_SPECS, Topics
 
 __all__ = ["MqttClient", "PahoPublishHandle"]
 
 log = logging.getLogger(__name__)
 
+#: The status topic's QoS and retain flag (its online/offline messages and the last will).
+_STATUS = TOPIC_SPECS["status"]
 _LOOP_TIMEOUT = 0.2  # seconds paho's loop() blocks in select; bounds how fast close() returns
 
 
@@ -225,7 +227,12 @@ class MqttClient:
             return
         if self._connected.is_set() and self._status_topic is not None:
             with contextlib.suppress(TransportError):
-                handle = self.publish(self._status_topic, self._status("offline", "shutdown"))
+                handle = self.publish(
+                    self._status_topic,
+                    self._status("offline", "shutdown"),
+                    _STATUS.qos,
+                    _STATUS.retain,
+                )
                 self.wait_published(handle, timeout)
         self._stop.set()
         if self._connected.is_set():
@@ -437,7 +444,10 @@ class MqttClient:
         if self._status_topic is None:
             return
         client.will_set(
-            self._status_topic, self._status("offline", "connection_lost"), qos=1, retain=True
+            self._status_topic,
+            self._status("offline", "connection_lost"),
+            qos=_STATUS.qos,
+            retain=_STATUS.retain,
         )
 
     def _on_socket_open(self, _client: paho.Client, _userdata: Any, sock: Any) -> None:
@@ -461,7 +471,8 @@ class MqttClient:
             self._connected.set()
         # Queue only; waiting here would deadlock the network thread.
         if self._status_topic is not None:
-            client.publish(self._status_topic, self._status("online", "connected"), 1, True)
+            online = self._status("online", "connected")
+            client.publish(self._status_topic, online, _STATUS.qos, _STATUS.retain)
         for f in filters:
             client.subscribe(f, 1)
 

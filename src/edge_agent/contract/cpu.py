@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 
 from edge_agent.errors import ContractError
 
-_FEATURE_RE = re.compile(r"^[a-z0-9_.]{1,32}$")
+_FEATURE_RE = re.compile(r"[a-z0-9_.]{1,32}")
 # cpuinfo keys whose value lists the CPU's features: x86 (``flags``), aarch64 and 32-bit ARM
 # (``Features``).
 _FLAG_KEYS = ("flags", "features")
@@ -40,7 +40,9 @@ def validate_requirements(requirements: Sequence[str]) -> tuple[str, ...]:
     if len(requirements) > 16:
         raise ContractError("compatibility.cpu_features lists at most 16 requirements")
     for req in requirements:
-        if not isinstance(req, str) or not all(_FEATURE_RE.match(alt) for alt in req.split("|")):
+        if not isinstance(req, str) or not all(
+            _FEATURE_RE.fullmatch(alt) for alt in req.split("|")
+        ):
             raise ContractError(
                 f"compatibility.cpu_features entry {req!r} is not a feature name (or names "
                 "joined by '|')"

@@ -24,16 +24,18 @@ from edge_agent.contract.cpu import unmet_requirements, validate_requirements
 from edge_agent.contract.inputs import InputContract, OutputContract
 from edge_agent.drift import DriftBaseline
 from edge_agent.errors import ContractError, IncompatibleTargetError
+from edge_agent.ids import validate_name
 
 SCHEMA_VERSION = 1
 #: The largest manifest any reader accepts (golden samples make it the biggest document).
 MAX_MANIFEST_BYTES = 32 * 1024 * 1024
 #: Versions are exact in every JSON reader and fit every database's BIGINT.
 MAX_VERSION = 2**53 - 1
+#: Longest ``compatibility.min_runtime_version`` (e.g. ``1.16.3``) any reader accepts.
+MAX_RUNTIME_VERSION_LENGTH = 64
 ARTIFACT_FORMATS = ("onnx", "tflite")
 RUNTIME_FOR_FORMAT = {"onnx": "onnxruntime", "tflite": "litert"}
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -44,10 +46,14 @@ def canonical_json(obj: Any) -> bytes:
 
 
 def validate_model_name(name: str) -> str:
-    """Model names are lowercase, 1-63 chars of [a-z0-9._-]; they become paths and topics."""
-    if not _NAME_RE.match(name):
-        raise ContractError(f"invalid model name {name!r}: use 1-63 chars of [a-z0-9._-]")
-    return name
+    """Model names are lowercase, 1-63 chars of [a-z0-9._-]; they become paths and topics.
+
+    The rule is ``edge_agent.ids.validate_name``'s (its one owner).
+
+    Raises:
+        ContractError: not a valid name.
+    """
+    return validate_name(name, "model name")
 
 
 @dataclass(frozen=True)
@@ -64,7 +70,7 @@ class ArtifactRef:
             raise ContractError(f"artifact format must be one of {ARTIFACT_FORMATS}")
         if self.path != f"model.{self.format}":
             raise ContractError(f"artifact path must be model.{self.format}, got {self.path!r}")
-        if not _SHA256_RE.match(self.sha256):
+        if not isinstance(self.sha256, str) or not _SHA256_RE.fullmatch(self.sha256):
             raise ContractError("artifact sha256 must be 64 lowercase hex digits")
         if self.length < 1:
             raise ContractError("artifact length must be positive")
@@ -155,8 +161,13 @@ class Compatibility:
         if self.runtime not in RUNTIME_FOR_FORMAT.values():
             raise ContractError(f"unknown runtime {self.runtime!r}")
         try:
+            # packaging strips surrounding whitespace and has no length bound; a signed
+            # field must be exact and short.
+            v = self.min_runtime_version
+            if v.strip() != v or len(v) > MAX_RUNTIME_VERSION_LENGTH:
+                raise InvalidVersion(self.min_runtime_version)
             Version(self.min_runtime_version)
-        except InvalidVersion as exc:
+        except (InvalidVersion, AttributeError, TypeError) as exc:
             raise ContractError(f"bad min_runtime_version {self.min_runtime_version!r}") from exc
         if not self.arch:
             raise ContractError("compatibility.arch must list at least one architecture")
@@ -283,8 +294,7 @@ class BundleManifest:
         validate_model_name(self.name)
         if not 1 <= self.version <= MAX_VERSION:
             raise ContractError(f"version must be a positive integer of at most {MAX_VERSION}")
-        if not _NAME_RE.match(self.channel):
-            raise ContractError(f"invalid channel {self.channel!r}")
+        validate_name(self.channel, "channel")
         if self.schema_version != SCHEMA_VERSION:
             raise ContractError(
                 f"manifest schema_version {self.schema_version} is not supported (this agent "

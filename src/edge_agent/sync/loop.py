@@ -129,7 +129,7 @@ class SyncAgent:
             self._store,
             self._deploy,
             self.client,
-            self._topics.device("reported", self._device_id),
+            self._topics.publication("reported", self._device_id),
             device_id=self._device_id,
             clock=clock,
         )
@@ -283,7 +283,9 @@ class SyncAgent:
         self._publish(self._topics.device("blocks_req", self._device_id), request.to_bytes())
 
     def _publish(self, topic: str, payload: bytes) -> None:
-        self.client.publish(topic, payload, 1, False)
+        """Publish on one of this device's topics with its kind's QoS and retain flag."""
+        p = self._topics.publication_of(topic)
+        self.client.publish(p.topic, payload, p.qos, p.retain)
 
 
 def sync_client(config: AgentConfig) -> MqttClient:

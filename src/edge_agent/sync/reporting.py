@@ -28,6 +28,7 @@ from edge_agent.store import ModelStore
 from edge_agent.sync.deploy import Deployer
 from edge_agent.trust.desired import SHADOW_CAPABILITY, DesiredState
 from edge_agent.wire.reported import ModelReport, ReportedState, ShadowReport
+from edge_agent.wire.topics import Publication
 
 __all__ = ["PROGRESS_REPORT_SECONDS", "ReportedPublisher", "StatusFile"]
 
@@ -43,7 +44,7 @@ class ReportedPublisher:
         store: the model store (installed models and their versions).
         deploy: the deployer (download progress and outcomes).
         client: the broker session to publish on.
-        topic: the device's ``.../reported`` topic.
+        to: the device's ``reported`` publication (topic, QoS, retain: ``Topics.publication``).
         device_id: the device the state names.
         clock: wall-clock seconds for the state's ``at``.
     """
@@ -53,7 +54,7 @@ class ReportedPublisher:
         store: ModelStore,
         deploy: Deployer,
         client: Transport,
-        topic: str,
+        to: Publication,
         *,
         device_id: str,
         clock: Callable[[], float],
@@ -61,7 +62,7 @@ class ReportedPublisher:
         self._store = store
         self._deploy = deploy
         self._client = client
-        self._topic = topic
+        self._to = to
         self._device_id = device_id
         self._clock = clock
         self._last_reported = b""
@@ -119,7 +120,7 @@ class ReportedPublisher:
         ):
             return
         try:
-            self._client.publish(self._topic, state.to_bytes(), 1, True)
+            self._client.publish(self._to.topic, state.to_bytes(), self._to.qos, self._to.retain)
         except TransportError:
             return  # offline: published after the reconnect
         self._last_reported = body

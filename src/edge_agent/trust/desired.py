@@ -89,7 +89,7 @@ from edge_agent.errors import (
     RollbackError,
     SignatureThresholdError,
 )
-from edge_agent.ids import DEVICE_ID_PATTERN
+from edge_agent.ids import DEVICE_ID_PATTERN, NAME_PATTERN
 from edge_agent.trust.root import TrustedRoot
 
 __all__ = [
@@ -121,12 +121,12 @@ SHADOW_CAPABILITY = "shadow"
 #: ``fraction_ppm`` of a shadow: parts per million of requests sampled (1..1,000,000).
 PPM = 1_000_000
 
-# Device ids: the one shared rule (edge_agent.ids). Names: the same rule as
-# edge_agent.contract.manifest model names / channels (a test keeps them in step).
+# Device ids and model names / channels: the one shared rules (edge_agent.ids), which the
+# manifest uses too. Every pattern here is used with ``fullmatch`` (``_str``).
 DEVICE_ID_RE = DEVICE_ID_PATTERN
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_HEX_RE = re.compile(r"^(?:[0-9a-f]{2})+$")
+NAME_RE = NAME_PATTERN
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_HEX_RE = re.compile(r"(?:[0-9a-f]{2})+")
 
 _SIGNED_KEYS = frozenset({"_type", "schema_version", "device_id", "version", "expires", "models"})
 _ASSIGNMENT_KEYS = frozenset(

@@ -5,7 +5,10 @@ prefix, the QoS/retain each topic is published with (``TOPIC_SPECS``), what each
 subscribes to (``ROLE_KINDS``; ``Topics.sync_subscriptions``, ``gateway_subscriptions``,
 ``fallback_worker_subscriptions``: the sync loop, the gateway and the fallback worker subscribe
 from these lists and hard-code no filter), and ``parse``, which maps a received topic back to
-``(kind, device_id)`` and refuses anything malformed. The layout is the one the broker ACL
+``(kind, device_id)`` and refuses anything malformed, and the one rule for a valid prefix
+(``Topics.check_prefix``: the agent, the server's config and the broker config all use it).
+Publishers take QoS and retain from the topic's spec (``Topics.publication`` /
+``publication_of``), never from literals. The layout is the one the broker ACL
 enforces (``fleet_server.pki.broker_config``; ``tests/unit/test_role_subscriptions.py`` checks
 every role's list against it)::
 
@@ -40,11 +43,13 @@ from edge_agent.ids import validate_device_id
 __all__ = [
     "DEVICE_TO_SERVER",
     "KINDS",
+    "MAX_PREFIX_LENGTH",
     "MAX_TOPIC_LENGTH",
     "ROLE_KINDS",
     "SERVER_TO_DEVICE",
     "SUBSCRIBE_QOS",
     "TOPIC_SPECS",
+    "Publication",
     "RoleKinds",
     "Subscription",
     "TopicRef",
@@ -55,9 +60,14 @@ __all__ = [
 #: Longest topic ``parse`` accepts (MQTT allows 65,535 bytes; ours are far shorter).
 MAX_TOPIC_LENGTH: Final = 512
 
-_SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
-# Correlation ids and wave ids are single topic levels chosen by the server.
-_TOKEN = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+#: Longest prefix: the longest topic under it (``<prefix>/devices/<63-char id>/fallback/resp/
+#: <128-char token>``) stays within ``MAX_TOPIC_LENGTH``, so ``parse`` accepts every topic.
+MAX_PREFIX_LENGTH: Final = 256
+
+# Every pattern here is used with ``fullmatch`` (``re.match`` + ``$`` lets a trailing newline in).
+_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
+# Correlation ids, wave ids and shared-subscription groups are single levels chosen by the server.
+_TOKEN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,12 @@ class TopicSpec:
     publisher: str
     qos: int
     retain: bool
+
+    @property
+    def filter_suffix(self) -> str:
+        """The suffix as a filter covering every topic of the kind (``fallback/resp/#``: one
+        topic per correlation id; else the suffix itself). The broker ACL is written from it."""
+        return f"{self.suffix}/#" if self.kind == "fallback_resp" else self.suffix
 
 
 TOPIC_SPECS: Final[dict[str, TopicSpec]] = {
@@ -159,6 +175,15 @@ class Subscription:
     group: str | None = None
 
 
+class Publication(NamedTuple):
+    """Where and how to publish one message: the topic, and its kind's QoS and retain flag
+    (from ``TOPIC_SPECS``). ``transport.publish(p.topic, payload, p.qos, p.retain)``."""
+
+    topic: str
+    qos: int
+    retain: bool
+
+
 class TopicRef(NamedTuple):
     """A parsed topic: its kind, device id (None for broadcast) and trailing token.
 
@@ -176,6 +201,12 @@ def _check_token(value: str, what: str) -> str:
     return value
 
 
+def _need(value: str | None, what: str) -> str:
+    if value is None:
+        raise ContractError(f"this topic kind needs a {what}")
+    return value
+
+
 def _check_device(device_id: str) -> str:
     try:
         return validate_device_id(device_id)
@@ -190,16 +221,34 @@ class Topics:
         """Check and keep the prefix.
 
         Raises:
-            ContractError: the prefix is empty or has a segment that is not letters, digits,
-                '.', '_' or '-' (so no wildcard, no '$', no empty level).
+            ContractError: as ``check_prefix``.
         """
-        if not isinstance(prefix, str) or not all(_SEGMENT.fullmatch(s) for s in prefix.split("/")):
+        self.prefix = self.check_prefix(prefix)
+        self._levels = prefix.split("/")
+
+    @staticmethod
+    def check_prefix(prefix: str) -> str:
+        """Return ``prefix`` if it is a valid topic prefix: the one rule, used by the agent's
+        sync config, the server's gateway config and the broker config.
+
+        One or more '/'-separated levels of letters, digits, '.', '_' and '-': so no wildcard
+        ('+', '#'), no '$' (system topics), no '%' (the broker ACL's substitutions), no space or
+        control character, no empty level (nor a leading or trailing '/'), and at most
+        ``MAX_PREFIX_LENGTH`` characters.
+
+        Raises:
+            ContractError: the prefix breaks the rule.
+        """
+        if (
+            not isinstance(prefix, str)
+            or not 0 < len(prefix) <= MAX_PREFIX_LENGTH
+            or not all(_SEGMENT.fullmatch(s) for s in prefix.split("/"))
+        ):
             raise ContractError(
                 f"invalid topic prefix {prefix!r}: '/'-separated segments of letters, "
-                "digits, '.', '_' and '-'"
+                f"digits, '.', '_' and '-', at most {MAX_PREFIX_LENGTH} characters"
             )
-        self.prefix = prefix
-        self._levels = prefix.split("/")
+        return prefix
 
     def __repr__(self) -> str:
         return f"Topics({self.prefix!r})"
@@ -291,8 +340,7 @@ class Topics:
         spec = TOPIC_SPECS.get(kind)
         if spec is None or kind == "broadcast":
             raise ContractError(f"no per-device topic of kind {kind!r}")
-        tail = f"{spec.suffix}/#" if kind == "fallback_resp" else spec.suffix
-        return f"{self.prefix}/devices/+/{tail}"
+        return f"{self.prefix}/devices/+/{spec.filter_suffix}"
 
     def shared(self, group: str, kind: str) -> str:
         """``$share/<group>/<prefix>/devices/+/<suffix>``: load-balanced over a worker group.
@@ -303,7 +351,7 @@ class Topics:
         Raises:
             ContractError: a bad group name or kind.
         """
-        if not isinstance(group, str) or not _SEGMENT.fullmatch(group):
+        if not isinstance(group, str) or not _TOKEN.fullmatch(group):
             raise ContractError(f"invalid shared-subscription group {group!r}")
         return f"$share/{group}/{self.all_devices(kind)}"
 
@@ -343,36 +391,47 @@ class Topics:
         plain = [Subscription(k, self.all_devices(k)) for k in kinds.plain]
         return (*shared, *plain)
 
-    def server_subscriptions(self, group: str) -> tuple[tuple[str, int], ...]:
-        """``(filter, qos)`` for every device -> server topic, shared over ``group``.
-
-        A whole-stream view (every kind a device publishes, load-balanced); what the server's
-        roles actually subscribe to is ``gateway_subscriptions`` and
-        ``fallback_worker_subscriptions``.
+    # ------------------------------------------------------------------ publishing
+    @staticmethod
+    def spec(kind: str) -> TopicSpec:
+        """The spec (publisher, QoS, retain) of ``kind``.
 
         Raises:
-            ContractError: a bad group name.
+            ContractError: unknown kind.
         """
-        return tuple((self.shared(group, k), TOPIC_SPECS[k].qos) for k in DEVICE_TO_SERVER)
+        spec = TOPIC_SPECS.get(kind)
+        if spec is None:
+            raise ContractError(f"unknown topic kind {kind!r}")
+        return spec
 
-    def device_subscriptions(self, device_id: str) -> tuple[tuple[str, int], ...]:
-        """``(filter, qos)`` of everything a device may read: its server -> device topics
-        (fallback responses as one filter), broadcasts; with the publisher's QoS.
+    def publication(
+        self, kind: str, device_id: str | None = None, arg: str | None = None
+    ) -> Publication:
+        """The topic of ``kind`` with the QoS and retain flag its publisher must use.
 
-        The sync loop's own list is ``sync_subscriptions``; the fallback client subscribes to
-        one topic below ``fallback_resp_filter``.
+        ``device_id`` for per-device kinds; ``arg``: the correlation id of ``fallback_resp``,
+        the wave id of ``broadcast``.
 
         Raises:
-            ContractError: a bad device id.
+            ContractError: unknown kind, a missing or bad device id or argument.
         """
-        out = [
-            (self.device(k, device_id), TOPIC_SPECS[k].qos)
-            for k in SERVER_TO_DEVICE
-            if k != "fallback_resp"
-        ]
-        out.append((self.fallback_resp_filter(device_id), TOPIC_SPECS["fallback_resp"].qos))
-        out.append((self.broadcast_filter(), TOPIC_SPECS["broadcast"].qos))
-        return tuple(out)
+        spec = self.spec(kind)
+        if kind == "broadcast":
+            topic = self.broadcast(_need(arg, "wave id"))
+        elif kind == "fallback_resp":
+            topic = self.fallback_resp(_need(device_id, "device id"), _need(arg, "correlation id"))
+        else:
+            topic = self.device(kind, _need(device_id, "device id"))
+        return Publication(topic, spec.qos, spec.retain)
+
+    def publication_of(self, topic: str) -> Publication:
+        """``topic`` (as built by this tree) with its kind's QoS and retain flag.
+
+        Raises:
+            ContractError: as ``parse_ref``.
+        """
+        spec = TOPIC_SPECS[self.parse_ref(topic).kind]
+        return Publication(topic, spec.qos, spec.retain)
 
     # --------------------------------------------------------------------- parsing
     def parse_ref(self, topic: str) -> TopicRef:

@@ -206,7 +206,8 @@ def rollout_routes(runner: RolloutRunner, guarded: Callable[[Handler], Handler])
     async def show_model(request: Request) -> Response:
         name = query_text(request.path_params, "name", limit=128)
         raw = str(request.path_params.get("version", ""))
-        if not name or not raw.isdigit() or not 1 <= int(raw) <= MAX_ID:
+        # isascii: '²'.isdigit() is True (int() then raises) and int('\u0661') is 1.
+        if not name or not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_ID:
             raise RolloutPolicyError(f"model version must be an integer in 1..{MAX_ID}")
         out = await run_in_threadpool(lambda: model_version_status(runner, name, int(raw)))
         return JSONResponse(out)

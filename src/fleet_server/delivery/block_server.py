@@ -32,7 +32,7 @@ from typing import Final
 from edge_agent.common.ratelimit import TokenBucket
 from edge_agent.common.transport import PublishHandle, Transport
 from edge_agent.errors import EdgefleetError, NotConnectedError, TransportError
-from edge_agent.wire.topics import Topics
+from edge_agent.wire.topics import Publication, Topics
 from edge_agent.wire.transfer import BlockPlan, BlockRequest, transfer_id_for
 from fleet_server.delivery.blocks import BlockSource, RecentBroadcasts, RoundPlan, plan_round
 from fleet_server.errors import ModelNotPublishedError, RegistryError
@@ -227,13 +227,14 @@ class BlockServer:
                 continue
             try:
                 for index in resend.broadcast:
-                    self._send(window, source, index, self._topics.broadcast(transfer_id))
+                    wave = self._topics.publication("broadcast", arg=transfer_id)
+                    self._send(window, source, index, wave)
                     self._sent(transfer_id, index)
                     self._count("blocks_broadcast", 1)
                 for device_id, indices in resend.unicast.items():
-                    topic = self._topics.blocks_resp(device_id)
+                    unicast = self._topics.publication("blocks_resp", device_id)
                     for index in indices:
-                        self._send(window, source, index, topic)
+                        self._send(window, source, index, unicast)
                         self._count("blocks_unicast", 1)
             except TransportError as exc:
                 # Devices ask again for what they still miss; what the broker was still
@@ -274,10 +275,10 @@ class BlockServer:
         with self._lock:
             self._recent.record(transfer_id, index, self._monotonic())
 
-    def _send(self, window: _Window, source: BlockSource, index: int, topic: str) -> None:
+    def _send(self, window: _Window, source: BlockSource, index: int, to: Publication) -> None:
         payload = source.message(index).to_bytes()
         self._pacer.acquire()
-        window.add(self._client.publish(topic, payload, qos=1))
+        window.add(self._client.publish(to.topic, payload, to.qos, to.retain))
 
     # ------------------------------------------------------------------ waves
     def start_wave(self, sha256: str) -> str:
@@ -319,12 +320,12 @@ class BlockServer:
 
     def _wave_blocks(self, source: BlockSource, transfer_id: str) -> None:
         window = _Window(self._client)
-        topic = self._topics.broadcast(transfer_id)
+        wave = self._topics.publication("broadcast", arg=transfer_id)
         index = 0
         deadline = 0.0
         while index < source.plan.n_blocks and not self._stop.is_set():
             try:
-                self._send(window, source, index, topic)
+                self._send(window, source, index, wave)
             except NotConnectedError:
                 with self._lock:
                     self._recent.forget_sent()

@@ -54,7 +54,11 @@ __all__ = ["DriftQuery", "DriftService", "parse_time", "windows_from_payload"]
 _PAGE = 2_000
 DEFAULT_RANGE_SECONDS = 3600.0
 MAX_RANGE_SECONDS = 400 * 86400.0
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+# ASCII digits only: ``\d`` and ``str.isdigit`` also take '²' and '٣' (``float`` refuses the
+# first with a bare ValueError and reads the second as 3).
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhdw])")
+_SECONDS = re.compile(r"[0-9]+")
+_UNIX = re.compile(r"[0-9]+\.?[0-9]*|\.[0-9]+")
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 BaselineKey = tuple[str, int, str, str]
 _NO_VIEW: Any = None  # a probe window only names its baseline key
@@ -71,7 +75,7 @@ def parse_duration(text: str) -> float:
         FleetDriftError: not such a duration, or not positive.
     """
     match = _DURATION.fullmatch(text.strip())
-    seconds = float(text) if text.strip().isdigit() else None
+    seconds = float(text) if _SECONDS.fullmatch(text.strip()) else None
     if match is not None:
         seconds = float(match.group(1)) * _UNITS[match.group(2)]
     if seconds is None or not 0 < seconds < math.inf:
@@ -87,7 +91,7 @@ def parse_time(text: str, now: datetime) -> float:
     """
     raw = text.strip()
     try:
-        return float(raw) if raw.replace(".", "", 1).isdigit() else _iso(raw)
+        return float(raw) if _UNIX.fullmatch(raw) else _iso(raw)
     except ValueError:
         pass
     try:

@@ -212,7 +212,7 @@ class RegistryCloudModels:
             name, mark, v = stem.rpartition(VERSION_MARK)
             if not mark:
                 self._wide[stem] = m
-            elif v.isdigit() and int(v) >= 1 and name:
+            elif v.isascii() and v.isdigit() and int(v) >= 1 and name:
                 self._per_version[(name, int(v))] = CloudModel(
                     name, f"{v}+{m.version}", m.runtime, m.preprocessing
                 )

@@ -50,7 +50,7 @@ from edge_agent.common.transport import Transport
 from edge_agent.errors import ContractError, EdgefleetError, TransportError
 from edge_agent.wire.fallback import CONTENT_TYPE, FallbackRequest, FallbackResponse
 from edge_agent.wire.fallback_compare import compare_outputs
-from edge_agent.wire.topics import Topics
+from edge_agent.wire.topics import TOPIC_SPECS, Topics
 from fleet_server.errors import FallbackServingError
 from fleet_server.fallback.cloud_models import CloudModel, CloudModelSource
 
@@ -58,6 +58,8 @@ __all__ = ["FallbackWorker"]
 
 log = logging.getLogger(__name__)
 
+#: Answers go to the requester's ``fallback_resp`` topic, with that kind's QoS and retain.
+_RESP: Final = TOPIC_SPECS["fallback_resp"]
 _QUEUE_SAMPLES: Final = 4096  # recent queue waits kept for the p50/p99 in stats()
 
 #: Seconds between two ``load`` calls for a ``(name, version)`` the source did not serve.
@@ -403,7 +405,7 @@ class FallbackWorker:
             content_type=CONTENT_TYPE,
         )
         try:
-            self._client.publish(topic, payload, qos=1, properties=props)
+            self._client.publish(topic, payload, _RESP.qos, _RESP.retain, properties=props)
         except TransportError as exc:
             self._count("publish_errors")
             log.warning("cannot answer fallback request on %s: %s", topic, exc)

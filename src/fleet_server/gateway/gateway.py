@@ -47,7 +47,7 @@ from edge_agent.common.transport import Transport
 from edge_agent.errors import ContractError, EdgefleetError, TransportError
 from edge_agent.wire.reported import MAX_REPORTED_BYTES, ReportedState
 from edge_agent.wire.telemetry import StatusMessage, TelemetryAck
-from edge_agent.wire.topics import TOPIC_SPECS, Topics
+from edge_agent.wire.topics import Topics
 from edge_agent.wire.transfer import MAX_MESSAGE_BYTES, BlockRequest
 from fleet_server.config import GatewayConfig
 from fleet_server.delivery.block_server import BlockServer, Pacer
@@ -179,7 +179,8 @@ class Gateway:
             PublishError: the client refused the message.
         """
         self._entitlements.forget(device_id)
-        self._client.publish(self._topics.device_desired(device_id), document, 1, True)
+        p = self._topics.publication("desired", device_id)
+        self._client.publish(p.topic, document, p.qos, p.retain)
         self._count("desired_published", 1)
 
     def drain(self, timeout: float) -> bool:
@@ -353,9 +354,8 @@ class Gateway:
         """
         ack = TelemetryAck(device_id=result.device_id, upto_seq=result.acked_upto)
         try:
-            self._client.publish(
-                self._topics.device_ack(result.device_id), ack.to_bytes(), TOPIC_SPECS["ack"].qos
-            )
+            p = self._topics.publication("ack", result.device_id)
+            self._client.publish(p.topic, ack.to_bytes(), p.qos, p.retain)
         except (TransportError, ContractError):
             self._count("ack_failures", 1)
             return
@@ -428,9 +428,10 @@ class Gateway:
         if not quiet:
             log.warning("gateway rejected a message (%s) from %s", reason, device_id)
         if clear is not None and device_id is not None and self._limiter.acquire(device_id) == 0:
-            topic = self._topics.device(clear, device_id)
             try:
-                self._client.publish(topic, b"", 1, True)
+                # An empty retained message clears it; ``clear`` is a retained kind.
+                p = self._topics.publication(clear, device_id)
+                self._client.publish(p.topic, b"", p.qos, p.retain)
             except (TransportError, ContractError):
                 return
             self._count("retained_cleared", 1)

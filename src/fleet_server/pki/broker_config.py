@@ -37,7 +37,9 @@ from datetime import datetime
 from pathlib import Path
 
 from edge_agent.common.durable import write_atomic
+from edge_agent.errors import ContractError
 from edge_agent.wire.fallback import MAX_MESSAGE_BYTES as _FALLBACK_MAX
+from edge_agent.wire.topics import DEVICE_TO_SERVER, SERVER_TO_DEVICE, TOPIC_SPECS, Topics
 from fleet_server.errors import BrokerConfigError
 from fleet_server.pki.ca import CertificateAuthority
 from fleet_server.pki.certs import CONSUMER_NAME_PATTERN, SERVER_NAME_PATTERN
@@ -53,13 +55,17 @@ __all__ = [
     "write_broker_config",
 ]
 
-# Per-device topics, relative to ``<prefix>/devices/<device id>/``. Devices publish state,
-# telemetry, events, status (also their last will) and requests; they read what the server
-# addresses to them. Nothing else under another device's id is readable or writable.
-DEVICE_WRITE_TOPICS = ("reported", "telemetry", "events", "status", "blocks/req", "fallback/req")
-DEVICE_READ_TOPICS = ("desired", "ack", "blocks/resp", "fallback/resp/#")
-# What a read-only consumer may read, of every device.
-CONSUMER_READ_TOPICS = ("telemetry", "events", "status", "reported")
+# Per-device topics, relative to ``<prefix>/devices/<device id>/``, from the topic tree
+# (``edge_agent.wire.topics``, its one owner). Devices publish what ``TOPIC_SPECS`` says a device
+# publishes (state, telemetry, events, status, also their last will, and requests); they read
+# what the server addresses to them. Nothing else under another device's id is readable or
+# writable.
+DEVICE_WRITE_TOPICS = tuple(TOPIC_SPECS[k].filter_suffix for k in DEVICE_TO_SERVER)
+DEVICE_READ_TOPICS = tuple(TOPIC_SPECS[k].filter_suffix for k in SERVER_TO_DEVICE)
+# What a read-only consumer may read, of every device (the broker's policy, in topic kinds).
+CONSUMER_READ_TOPICS = tuple(
+    TOPIC_SPECS[k].filter_suffix for k in ("telemetry", "events", "status", "reported")
+)
 #: The largest message any fleet client sends (a cloud-fallback request), plus headroom.
 DEFAULT_MESSAGE_SIZE_LIMIT = _FALLBACK_MAX + 64 * 1024
 LOCAL_ACL = "acl.local"
@@ -69,8 +75,9 @@ _LOCAL_ACL_HEADER = (
     "# line; a bare 'topic' line here would extend the last generated user's rights.\n"
 )
 
-_SEGMENT = re.compile(r"^[A-Za-z0-9._-]+$")
-_HOST = re.compile(r"^[A-Za-z0-9.:-]+$")
+# Used with ``fullmatch`` (``re.match`` + ``$`` lets a trailing newline into the config file).
+_USER = re.compile(r"[A-Za-z0-9._-]{1,32}")
+_HOST = re.compile(r"[A-Za-z0-9.:-]{1,253}")
 
 
 @dataclass(frozen=True)
@@ -114,12 +121,10 @@ class BrokerConfig:
             raise BrokerConfigError(f"port {self.port} is out of range")
         if not _HOST.fullmatch(self.host):
             raise BrokerConfigError(f"invalid listener host {self.host!r}")
-        segments = self.prefix.split("/")
-        if not all(_SEGMENT.fullmatch(s) for s in segments):
-            raise BrokerConfigError(
-                f"invalid topic prefix {self.prefix!r}: '/'-separated segments of letters, "
-                "digits, '.', '_' and '-' (no wildcards, no '$', no '%')"
-            )
+        try:  # the one prefix rule (agents, the server's gateway): no wildcards, '$' or '%'
+            Topics.check_prefix(self.prefix)
+        except ContractError as exc:
+            raise BrokerConfigError(str(exc)) from exc
         for cn in (self.server_cn, *self.worker_cns):
             if not SERVER_NAME_PATTERN.fullmatch(cn):
                 raise BrokerConfigError(
@@ -139,7 +144,7 @@ class BrokerConfig:
             raise BrokerConfigError(
                 f"message_size_limit {self.message_size_limit} is out of range (64 KiB - 256 MiB)"
             )
-        if self.run_as_user is not None and not _SEGMENT.fullmatch(self.run_as_user):
+        if self.run_as_user is not None and not _USER.fullmatch(self.run_as_user):
             raise BrokerConfigError(f"invalid user {self.run_as_user!r}")
         if not self.dns_names and not self.ip_addresses:
             raise BrokerConfigError("the broker needs at least one DNS name or IP address")

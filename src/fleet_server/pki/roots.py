@@ -86,7 +86,7 @@ class ServerRoots:
         out = []
         for path in self._dir.glob("*.root.json"):
             head = path.name.split(".", 1)[0]
-            if head.isdigit():
+            if head.isascii() and head.isdigit():
                 out.append((int(head), path.read_bytes()))
         return sorted(out)
 

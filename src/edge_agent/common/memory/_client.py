@@ -35,10 +35,13 @@ from edge_agent.errors import (
     TransportTimeoutError,
 )
 from edge_agent.wire.telemetry import StatusMessage
+from edge_agent.wire.topics import TOPIC_SPECS
 
 __all__ = ["MemoryClient"]
 
 log = logging.getLogger("edge_agent.common.memory")
+#: The status topic's QoS and retain flag (online/offline messages and the last will).
+_STATUS = TOPIC_SPECS["status"]
 
 
 class MemoryClient:
@@ -75,7 +78,7 @@ class MemoryClient:
         self._started = False
         self._closed = False
         self._pending_connect = False
-        self.will: tuple[str, bytes] | None = None
+        self.will: Message | None = None
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -127,7 +130,8 @@ class MemoryClient:
             return
         if self._connected and self._status_topic is not None:
             with contextlib.suppress(TransportError):
-                self.publish(self._status_topic, self._status("offline", "shutdown"), 1, True)
+                shutdown = self._status("offline", "shutdown")
+                self.publish(self._status_topic, shutdown, _STATUS.qos, _STATUS.retain)
         self._closed = True
         self._pending_connect = False
         self._broker.disconnect_peer(self, will=False, pending=False)
@@ -236,13 +240,15 @@ class MemoryClient:
             self._connected = True
             self._stats["connects"] += 1
             if self._status_topic is not None:
-                self.will = (self._status_topic, self._status("offline", "connection_lost"))
+                lost = self._status("offline", "connection_lost")
+                self.will = Message(self._status_topic, lost, _STATUS.qos, _STATUS.retain)
 
     def after_connect(self) -> None:
         """After the broker accepted the session: the online status, then every subscription."""
         if self._status_topic is not None:
             try:
-                self.publish(self._status_topic, self._status("online", "connected"), 1, True)
+                online = self._status("online", "connected")
+                self.publish(self._status_topic, online, _STATUS.qos, _STATUS.retain)
             except TransportError:
                 return
         with self._lock:

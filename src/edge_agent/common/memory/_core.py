@@ -13,7 +13,7 @@ import itertools
 import math
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -77,6 +77,7 @@ class BrokerCore:
         self._mid = itertools.count(1)
         self._rr: dict[tuple[str, str], int] = {}  # (group, filter) -> round-robin position
         self._clients: list[Peer] = []
+        self._published: Counter[tuple[str, int, bool]] = Counter()
         self.running = True
 
     # ------------------------------------------------------------------ clients
@@ -112,6 +113,13 @@ class BrokerCore:
         with self._lock:
             q = self._retained.get(topic)
             return q.message if q is not None else None
+
+    def published(self) -> dict[tuple[str, int, bool], int]:
+        """How many messages were published (wills included) per ``(topic, qos, retain)`` as
+        the publisher sent them (subscribers see the QoS lowered to theirs, and ``retain``
+        only on retained copies): what a test checks publishers against ``TOPIC_SPECS`` with."""
+        with self._lock:
+            return dict(self._published)
 
     def pending(self, client_id: str | None = None) -> int:
         """Messages queued for delivery (for one client's session, or in all)."""
@@ -210,8 +218,8 @@ class BrokerCore:
                 del self._sessions[c.client_id]
             c.session_ended(pending)
             if will and c.will is not None:
-                topic, payload = c.will
-                self._route(topic, payload, 1, True, None)
+                w = c.will
+                self._route(w.topic, w.payload, w.qos, w.retain, w.properties)
 
     def subscribe_peer(self, c: Peer, filter_: str, qos: int) -> None:
         with self._lock:
@@ -256,6 +264,7 @@ class BrokerCore:
         """Store (retain) and queue one message for every matching subscription. Holds the lock."""
         now = self._clock()
         props = properties or MessageProperties()
+        self._published[(topic, qos, retain)] += 1
         if retain:
             if payload:
                 msg = Message(topic, bytes(payload), qos, True, props)

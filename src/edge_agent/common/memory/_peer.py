@@ -37,8 +37,8 @@ class Peer(Protocol):
     client_id: str
     clean_start: bool
     session_expiry: int
-    #: The (topic, payload) the broker publishes retained when the connection drops.
-    will: tuple[str, bytes] | None
+    #: What the broker publishes (topic, payload, QoS, retain) when the connection drops.
+    will: Message | None
 
     @property
     def connected(self) -> bool:
