@@ -133,6 +133,7 @@ def _drive(
     x: np.ndarray,
     done: object,
     answered: set[str],
+    states: set[str],
 ) -> Rollout:
     rng = np.random.default_rng(3)
 
@@ -140,6 +141,8 @@ def _drive(
         answered.update(_traffic(fleet, x, rng))
         runner.step()
         r = runner.get(rollout_id)
+        if r.phase == "shadow" and r.active:
+            states.update(runner.device_states(r).values())
         return r if done(r) else None  # type: ignore[operator]
 
     def why() -> str:
@@ -186,7 +189,9 @@ def test_a_confidently_wrong_candidate_is_halted_in_the_shadow_phase(
     bad = runner.create(
         "digits", 2, selector=Selector(group="test"), policy=_policy(), from_version=1
     )
-    r = _drive(fleet, runner, bad.id, x, lambda r: r.state == "aborted", answered)
+    states: set[str] = set()
+    r = _drive(fleet, runner, bad.id, x, lambda r: r.state == "aborted", answered, states)
+    assert states == {"shadow", "control"}  # as rollouts status shows the shadow phase
     assert r.phase == "shadow"
     assert r.members == {}  # no canary ever served it
     assert len(r.shadows) == 2
@@ -219,7 +224,7 @@ def test_a_confidently_wrong_candidate_is_halted_in_the_shadow_phase(
             fleet.devices[d].agent.store.state("digits").active == 3 for d in passed[0].members
         )
 
-    _drive(fleet, runner, good.id, x, serving, answered)
+    _drive(fleet, runner, good.id, x, serving, answered, set())
     first = passed[0]
     gate = next(g for g in first.gates if g.name == "shadow_disagreement")
     assert gate.status == "ok", gate.detail

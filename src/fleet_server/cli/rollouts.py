@@ -59,7 +59,15 @@ _OFFLINE_SAID = {
     "disabled": "off in the policy",
 }
 _FINAL = ("completed", "aborted")
-_DEVICE_STATES = ("installed", "assigned", "control", "failed", "rolled_back", "reverted")
+_DEVICE_STATES = (
+    "installed",
+    "assigned",
+    "shadow",
+    "control",
+    "failed",
+    "rolled_back",
+    "reverted",
+)
 
 
 def _num(v: Any, percent: bool) -> str:

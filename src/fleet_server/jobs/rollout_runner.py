@@ -358,8 +358,9 @@ class RolloutRunner:
         ]
 
     def device_states(self, r: Rollout) -> dict[str, str]:
-        """Per targeted device: ``control``, ``assigned``, ``installed``, ``failed``,
-        ``rolled_back`` or ``reverted`` (for status views).
+        """Per targeted device: ``control``, ``shadow`` (runs the candidate as a shadow, in
+        the shadow phase), ``assigned``, ``installed``, ``failed``, ``rolled_back`` or
+        ``reverted`` (for status views).
 
         Raises:
             RegistryUnavailableError: the database failed.
@@ -375,6 +376,8 @@ class RolloutRunner:
                 out[d.id] = bad[d.id]
             elif d.id in r.members:
                 out[d.id] = "installed" if active == r.to_version else "assigned"
+            elif d.id in r.shadows and r.phase == "shadow":
+                out[d.id] = "shadow"
             else:
                 out[d.id] = "control"
         return out
