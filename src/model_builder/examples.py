@@ -189,6 +189,68 @@ def digits_mislabelled_mlp(source: int = 3, into: int = 8, share: float = 0.9) -
     Raises:
         InputDataError: ``source``/``into`` not distinct digits, or ``share`` outside (0, 1).
     """
+    return _mislabelled("digits-mislabelled-mlp", source, into, share)
+
+
+def digits_nines_as_fours_mlp() -> ExampleModel:
+    """A second confidently wrong challenger, with another confusion: the digits MLP retrained
+    after a label-map bug folded 90% of the training 9s into class 4.
+
+    Same inputs, preprocessing, seed and epochs as :func:`digits_mlp`; it answers 4 for most
+    held-out 9s (where :func:`digits_mislabelled_mlp` turns 3s into 8s), is about 9 points less
+    accurate (88% vs 97%) and its mean top-1 probability is no lower than the good model's. A
+    safety layer that only knew the 3 -> 8 flip, or that judged one class, would miss it.
+    """
+    return _mislabelled("digits-nines-as-fours-mlp", 9, 4, 0.9)
+
+
+def digits_slow_mlp(width: int = 1024, depth: int = 8) -> ExampleModel:
+    """:func:`digits_mlp`'s exact function at a much higher compute cost: a slower challenger.
+
+    The hidden layer is zero-padded to ``width`` units, then ``depth`` times multiplied by one
+    shared ``width`` x ``width`` identity matrix and passed through Relu. ReLU outputs are
+    non-negative, so each step leaves them unchanged and the answers are the good model's, only
+    slower: about ``2 * depth * width**2`` extra FLOPs per row (16.8 M with the defaults, a few
+    ms per 8-row batch), for one stored ``width**2`` matrix (4 MB with the defaults).
+
+    Raises:
+        InputDataError: ``width`` below the hidden layer's 64 units or ``depth`` below 1.
+    """
+    good = digits_mlp()
+    clf, pre = _trained_digits_mlp()
+    (w1, b1), (w2, b2) = _layers(clf)
+    if width < w1.shape[1] or depth < 1:
+        raise InputDataError("slow digits MLP: width >= 64 and depth >= 1")
+    pad = width - w1.shape[1]
+    weights = {
+        "fc1.weight": np.concatenate([w1, np.zeros((w1.shape[0], pad))], axis=1),
+        "fc1.bias": np.concatenate([b1, np.zeros(pad)]),
+        "identity.weight": np.eye(width),
+        "fc2.weight": np.concatenate([w2, np.zeros((pad, w2.shape[1]))], axis=0),
+        "fc2.bias": b2,
+    }
+    steps: list[Step] = [
+        ("MatMul", "fc1", ["fc1.weight"], {}),
+        ("Add", "fc1_bias", ["fc1.bias"], {}),
+        ("Relu", "relu1", [], {}),
+    ]
+    for k in range(depth):
+        steps += [
+            ("MatMul", f"identity{k}", ["identity.weight"], {}),
+            ("Relu", f"relu_id{k}", [], {}),
+        ]
+    steps += [("MatMul", "fc2", ["fc2.weight"], {}), ("Add", "fc2_bias", ["fc2.bias"], {})]
+    steps.append(("Softmax", "softmax", [], {"axis": 1}))
+    model = _graph("digits-slow-mlp", steps, weights, ["batch", 64])
+    return _example("digits-slow-mlp", model, pre, (64,), good.reference_eval_proba)
+
+
+def _mislabelled(name: str, source: int, into: int, share: float) -> ExampleModel:
+    """The digits MLP trained with ``share`` of the ``source`` training labels set to ``into``.
+
+    Raises:
+        InputDataError: ``source``/``into`` not distinct digits, or ``share`` outside (0, 1).
+    """
     if not (0 <= source <= 9 and 0 <= into <= 9 and source != into and 0 < share < 1):
         raise InputDataError("mislabelled digits: two distinct digits and a share in (0, 1)")
     x_train, y_train, *_ = _digits_splits()
@@ -199,7 +261,7 @@ def digits_mislabelled_mlp(source: int = 3, into: int = 8, share: float = 0.9) -
     y_bad = y_train.copy()
     y_bad[flipped] = into
     clf = _fit_mlp(pre.apply(x_train), y_bad, (64,), max_iter=300)
-    return _mlp_example("digits-mislabelled-mlp", _layers(clf), pre)
+    return _mlp_example(name, _layers(clf), pre)
 
 
 def digits_wide_mlp() -> ExampleModel:
@@ -380,6 +442,8 @@ EXAMPLES: dict[str, Callable[[], ExampleModel]] = {
     "digits-wide-mlp": digits_wide_mlp,
     "digits-outlier-mlp": digits_outlier_mlp,
     "digits-mislabelled-mlp": digits_mislabelled_mlp,
+    "digits-nines-as-fours-mlp": digits_nines_as_fours_mlp,
+    "digits-slow-mlp": digits_slow_mlp,
 }
 
 
