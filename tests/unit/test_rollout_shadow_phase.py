@@ -63,11 +63,14 @@ def judge(e: ShadowEvidence, r: Rollout | None = None) -> tuple[str, str]:
         (None, 299, 100, "waiting"),  # below the minimum sample, however bad
         (None, 1000, 0, "ok"),  # the same model
         (None, 1000, 30, "ok"),  # 3 % < 5 % policy maximum
-        (None, 1000, 55, "ok"),  # 5.5 %: not clearly above 5 %
+        (None, 1000, 55, "waiting"),  # 5.5 %: neither clearly above nor below 5 %: more rows
+        (None, 3000, 165, "breach"),  # still 5.5 % at 10x the minimum: the estimate decides
+        (None, 3000, 140, "ok"),  # 4.7 % at 10x the minimum: the estimate decides
         (None, 500, 50, "breach"),  # 10 %: a labelling bug (3s answered as 8s)
         (0.01, 1000, 20, "ok"),  # 2 % vs expected 1 % + 2 points
         (0.01, 1000, 60, "breach"),  # 6 % vs expected 1 % + 2 points
-        (0.09, 500, 50, "ok"),  # 10 %, but the offline comparison expected 9 %
+        (0.09, 500, 50, "waiting"),  # 10 % vs 9 % + 2 points: not shown inside yet
+        (0.09, 3000, 300, "ok"),  # 10 %, but the offline comparison expected 9 %
     ],
 )
 def test_decision_table(offline: float | None, rows: int, disagree: int, status: str) -> None:

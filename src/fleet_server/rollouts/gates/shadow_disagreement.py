@@ -7,9 +7,11 @@ disagreement the offline comparison measured between the same two versions on th
 evaluation set (``Rollout.offline.disagreement``) plus ``max_shadow_disagreement_excess``
 (2 points by default); without an offline figure, with ``max_shadow_disagreement`` (5 %).
 
-The test is one-sided: it trips when the Wilson lower bound (at the policy's ``z``) of the
-disagreement is above that limit, and only after ``min_shadow_rows`` rows were compared (it
-waits before). A candidate whose shadow failed to install on two canaries, or on every one,
+It judges once ``min_shadow_rows`` rows were compared, and a verdict needs evidence either
+way: it trips when the Wilson lower bound (at the policy's ``z``) of the disagreement is above
+the limit, passes when the upper bound is at or below it, and otherwise waits for more rows,
+until ``DECIDE_AT`` times the minimum, where the point estimate decides (a candidate a little
+past the limit is not let through on a small sample, a good one is not held for ever). A candidate whose shadow failed to install on two canaries, or on every one,
 trips too. The detail names the largest flips (``3 -> 8: 41``): which classes the candidate
 answers differently.
 
@@ -31,9 +33,11 @@ from edge_agent.quality.confusion import wilson_interval
 from fleet_server.rollouts.gates.base import Gate, GateInputs
 from fleet_server.rollouts.state import GateResult
 
-__all__ = ["GATE", "limit_of"]
+__all__ = ["DECIDE_AT", "GATE", "limit_of"]
 
 _NAME: Final = "shadow_disagreement"
+#: With this many times ``min_shadow_rows`` compared, the point estimate decides.
+DECIDE_AT: Final = 10
 
 
 def limit_of(i: GateInputs) -> tuple[float | None, str]:
@@ -68,21 +72,28 @@ def verdict(i: GateInputs) -> GateResult:
         detail = f"{e.compared}/{need} rows compared in shadow on {e.devices} canary device(s)"
         return GateResult(_NAME, "waiting", float(e.compared), float(need), detail)
     share = e.disagreement or 0.0
-    lo, _ = wilson_interval(e.compared - e.agree, e.compared, p.z)
+    lo, hi = wilson_interval(e.compared - e.agree, e.compared, p.z)
     flips = e.top_flips()
     detail = (
-        f"shadow disagrees on {e.compared - e.agree}/{e.compared} rows ({share:.1%}, lower bound "
-        f"{lo:.1%}) vs max {limit:.1%} ({source}) on {e.devices} canary device(s)"
+        f"shadow disagrees on {e.compared - e.agree}/{e.compared} rows ({share:.1%}, "
+        f"{lo:.1%}..{hi:.1%}) vs max {limit:.1%} ({source}) on {e.devices} canary device(s)"
         + (f"; top flips {flips}" if flips else "")
     )
-    return GateResult(_NAME, "breach" if lo > limit else "ok", share, limit, detail)
+    if lo > limit:
+        return GateResult(_NAME, "breach", share, limit, detail)
+    if hi <= limit:
+        return GateResult(_NAME, "ok", share, limit, detail)
+    if e.compared >= DECIDE_AT * need:
+        status = "breach" if share > limit else "ok"
+        return GateResult(_NAME, status, share, limit, f"{detail} (point estimate decides)")
+    return GateResult(_NAME, "waiting", share, limit, f"{detail}: inconclusive, more rows")
 
 
 GATE: Final = Gate(
     name=_NAME,
     phase="shadow",
     reads=("shadows", "offline"),
-    statistic="Wilson lower bound of the canaries' live-vs-shadow disagreement vs expected",
+    statistic="Wilson interval of the canaries' disagreement vs expected + margin",
     thresholds=(
         "max_shadow_disagreement_excess",
         "max_shadow_disagreement",
