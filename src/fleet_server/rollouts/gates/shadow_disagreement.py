@@ -11,9 +11,10 @@ It judges once ``min_shadow_rows`` rows were compared, and a verdict needs evide
 way: it trips when the Wilson lower bound (at the policy's ``z``) of the disagreement is above
 the limit, passes when the upper bound is at or below it, and otherwise waits for more rows,
 until ``DECIDE_AT`` times the minimum, where the point estimate decides (a candidate a little
-past the limit is not let through on a small sample, a good one is not held for ever). A candidate whose shadow failed to install on two canaries, or on every one,
-trips too. The detail names the largest flips (``3 -> 8: 41``): which classes the candidate
-answers differently.
+past the limit is not let through on a small sample, a good one is not held for ever). A
+candidate whose shadow failed to install on two canaries, or on every one, trips too. The
+detail names the largest flips (``3 -> 8: 41``): which classes the candidate answers
+differently. ``bench/bench_shadow_gate.py`` measures its halt rates (docs/rollouts.md).
 
 What it catches: a candidate that is confidently wrong on a class (a labelling bug), with the
 same inputs and confidence, before any canary serves it. What it cannot: a candidate that is
