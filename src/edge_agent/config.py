@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from edge_agent.common.config_loader import apply_env, build_section, read_toml
-from edge_agent.errors import ConfigError
+from edge_agent.errors import ConfigError, ContractError
 from edge_agent.runtime.base import RuntimeOptions
+from edge_agent.wire.topics import Topics
 
 ENV_PREFIX = "EDGEFLEET_AGENT__"
 VALIDATION_POLICIES = ("reject", "drop")
@@ -258,6 +259,10 @@ class SyncConfig:
     def validate(self) -> None:
         _check(0 < self.port <= 65535, "sync.port must be 1..65535")
         _check(bool(self.host), "sync.host must not be empty")
+        try:  # the one prefix rule (the server's gateway and the broker config use it too)
+            Topics.check_prefix(self.prefix)
+        except ContractError as exc:
+            raise ConfigError(f"sync.prefix: {exc}") from exc
         _check(5 <= self.keepalive <= 3600, "sync.keepalive must be 5..3600")
         _check(self.reconnect_max_seconds >= 1, "sync.reconnect_max_seconds must be >= 1")
         _check(self.report_interval_seconds > 0, "sync.report_interval_seconds must be positive")

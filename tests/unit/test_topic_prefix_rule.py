@@ -1,10 +1,11 @@
-"""One rule for a topic prefix, used by the agents' topic tree, the server config and the broker.
+"""One rule for a topic prefix: the topic tree, the agent's and the server's config, the broker.
 
 ``fleet-server serve`` used to take only one lowercase level (``[a-z0-9][a-z0-9_-]{0,63}``)
 while ``Topics`` and ``BrokerConfig`` took '/'-separated levels with capitals: a prefix the
-broker and the agents accepted was refused by the server. Now all three ask
+broker and the agents accepted was refused by the server (and the agent's ``[sync]`` config
+checked no prefix: a bad one failed later, in ``Topics``). Now all of them ask
 ``Topics.check_prefix``. Everything either old rule accepted (within the length bound) is
-still accepted by all three, and all three refuse the same things.
+still accepted by each, and each refuses the same things.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from collections.abc import Callable
 
 import pytest
 
-from edge_agent.errors import ContractError
+from edge_agent.config import SyncConfig
+from edge_agent.errors import ConfigError, ContractError
 from edge_agent.wire.topics import MAX_PREFIX_LENGTH, MAX_TOPIC_LENGTH, Topics
 from fleet_server.config import GatewayConfig
 from fleet_server.errors import BrokerConfigError, ServerConfigError
@@ -23,6 +25,7 @@ CHECKS: dict[str, tuple[Callable[[str], object], type[Exception]]] = {
     "topics": (Topics, ContractError),
     "gateway config": (lambda p: GatewayConfig(prefix=p).validate(), ServerConfigError),
     "broker config": (lambda p: BrokerConfig(prefix=p).validate(), BrokerConfigError),
+    "agent sync config": (lambda p: SyncConfig(prefix=p).validate(), ConfigError),
 }
 
 # What the old server rule accepted, and what the old Topics/broker rule accepted.
