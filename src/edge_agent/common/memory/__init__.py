@@ -36,6 +36,9 @@ delivered by the same pump). No threads, no sleeps. ``request`` pumps until its 
 with no answer once idle it times out at once, unless the broker is ``blocking`` (answers come
 from other threads), when it waits on a condition up to the timeout. Thread-safe.
 
+``MemoryBroker.published()`` counts every publish (wills included) by ``(topic, qos, retain)``
+as the publisher sent it, so a test can check publishers against ``TOPIC_SPECS``.
+
 Does not enforce ACLs, message size limits or inflight windows, and has no network: what only
 a real broker shows stays in the real-Mosquitto integration tests.
 """
