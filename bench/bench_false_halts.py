@@ -386,6 +386,11 @@ def variants(names: list[str]) -> dict[str, tuple[RolloutPolicy, tuple[Gate, ...
     table = {
         "default": (base, rollout_gates.GATES),
         "before (p99 ratio alone)": (base, _with_p99(_point_latency)),
+        # The same fleets without the output gate: what its waiting costs the other gates.
+        "without output_distribution": (
+            replace(base, thresholds=Thresholds(max_output_shift=None)),
+            rollout_gates.GATES,
+        ),
     }
     return {k: table[k] for k in names}
 
@@ -397,7 +402,7 @@ def main() -> None:
     ap.add_argument(
         "--policies",
         default="default,before (p99 ratio alone)",
-        help="comma-separated: default, before (p99 ratio alone)",
+        help="comma-separated: default, before (p99 ratio alone), without output_distribution",
     )
     ap.add_argument("--requests", type=int, default=10_000, help="latencies measured per level")
     ap.add_argument(
