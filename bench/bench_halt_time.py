@@ -120,11 +120,11 @@ def shadow_rollout(
     t = 0.0
     for _ in range(10_000):
         evidence = {}
-        for d, m in seen.items():
+        for dev, m in seen.items():
             total = int(m.sum())
             agree = int(np.trace(m))
             counts = tuple(tuple(int(c) for c in row) for row in m)
-            evidence[d] = ShadowEvidence(total, agree, Confusion(counts), 1 if total else 0, 1)
+            evidence[dev] = ShadowEvidence(total, agree, Confusion(counts), 1 if total else 0, 1)
         inputs = ShadowInputs(frozenset(fleet.ids), True, evidence)
         d = decide(r, fleet.observations(), fh.T0 + timedelta(seconds=t), shadow=inputs)
         r = d.rollout
