@@ -101,6 +101,14 @@ class Fleet:
             code=code,
         )  # fmt: skip
 
+    def ensure_eval_set(self) -> None:
+        """Register the held-out split as the digits evaluation set, once."""
+        if not self.admin.evalsets("digits"):
+            self.cli(
+                "evalsets", "add", "--model", "digits", str(self.eval_set),
+                "--source", "sklearn digits held-out split",
+            )  # fmt: skip
+
     def served(self, version: int) -> set[str]:
         with self.lock:
             return {d for d, vs in self.answered.items() if version in vs}
@@ -299,11 +307,7 @@ def test_a_confidently_wrong_candidate_without_eval_set_is_halted_in_the_field(
 def test_with_an_eval_set_the_offline_comparison_refuses_them_at_create(
     fleet: Fleet, candidate: str
 ) -> None:
-    if not fleet.admin.evalsets("digits"):
-        fleet.cli(
-            "evalsets", "add", "--model", "digits", str(fleet.eval_set),
-            "--source", "sklearn digits held-out split",
-        )  # fmt: skip
+    fleet.ensure_eval_set()
     version = {"3as8-again": 16, "9as4-again": 17}[candidate]
     refused = fleet.create(version, code=5)
     said = refused.stdout + refused.stderr
@@ -314,6 +318,7 @@ def test_with_an_eval_set_the_offline_comparison_refuses_them_at_create(
 
 
 def test_a_good_candidate_completes_with_no_false_halt(fleet: Fleet) -> None:
+    fleet.ensure_eval_set()  # it passes the offline comparison too
     created = fleet.create(20, "--json")
     assert json.loads(created.stdout)["offline"]["verdict"] == "passed"
     rollout_id = _created(created)
