@@ -29,6 +29,9 @@ def test_valid_bundle_is_stored_byte_exact(digits_bundles: DigitsBundles, tmp_pa
     assert entry.targets_sha256 == hashlib.sha256(targets).hexdigest()
     assert entry.manifest["name"] == "digits"
     assert "golden" not in entry.manifest  # the registry keeps a summary only
+    # ... with the output contract: the rollout runner reads the task from it (a shadow phase is
+    # for classifiers; without it a rollout under `fleet-server serve` never had one)
+    assert entry.manifest["outputs"]["task"] == "classification"
     assert lib.has(entry.sha256)
     # idempotent, and no staging leftovers
     assert lib.add(src) == entry

@@ -243,6 +243,9 @@ class ShadowDeployer:
         error = self._agent.candidates.shadow_errors.get(name)
         if error is not None:
             self.outcomes[name] = (s.version, "failed", error)
+            # A bundle that cannot run here (golden samples, load) is remembered like a refused
+            # one: assigned again, it is answered from memory, never downloaded again.
+            self._refuse(s.bundle().bundle_sha256, error)
         else:  # set up when the live model serves
             self.outcomes[name] = (s.version, "pending", f"{name} is not serving")
 

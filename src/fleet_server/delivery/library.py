@@ -34,7 +34,17 @@ BUNDLE_SUFFIX = ".bundle"
 DEFAULT_MAX_BUNDLE_BYTES = 1024 * 1024 * 1024
 _STAGING = ".staging"
 # Manifest fields kept in the registry; baselines and golden samples stay in the bundle file.
-_SUMMARY_KEYS = ("name", "version", "channel", "artifact", "compatibility", "provenance", "report")
+# "outputs": the rollout runner reads the task (a shadow phase is for classifiers only).
+_SUMMARY_KEYS = (
+    "name",
+    "version",
+    "channel",
+    "artifact",
+    "outputs",
+    "compatibility",
+    "provenance",
+    "report",
+)
 
 
 def _utcnow() -> datetime:
