@@ -30,6 +30,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.testclient import TestClient
 
 from bundles import DigitsBundles
+from clock import FakeClock
 from evalset_support import eval_set_bytes, wrong_candidate
 from fleet_server.admin import client as admin_client
 from fleet_server.admin.evalsets import evalset_routes
@@ -54,14 +55,6 @@ T0 = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 SEL = Selector(group="line")
 
 
-@dataclass
-class Clock:
-    now: datetime = T0
-
-    def __call__(self) -> datetime:
-        return self.now
-
-
 class NoAssign:
     def assign(
         self, target: str, name: str, version: int, *, group: bool = False
@@ -74,7 +67,7 @@ class World:
     registry: Registry
     evalsets: EvalSetStore
     runner: RolloutRunner
-    clock: Clock
+    clock: FakeClock
     bundles: DigitsBundles
 
 
@@ -87,8 +80,8 @@ def wrong_bundle(digits_bundles: DigitsBundles, tmp_path_factory: pytest.TempPat
 def world(
     registry_url: str, tmp_path: Path, digits_bundles: DigitsBundles, wrong_bundle: Path
 ) -> Iterator[World]:
-    clock = Clock()
-    registry = Registry.open(registry_url, clock=clock)
+    clock = FakeClock(wall=T0)
+    registry = Registry.open(registry_url, clock=clock.wall)
     registry.upgrade()
     # The bundles are signed "now" (wall clock): verify them at the wall clock.
     root = digits_bundles.keys.trusted_root()
@@ -104,11 +97,11 @@ def world(
             targets_sha256=e.targets_sha256,
             manifest=e.manifest,
         )
-    evalsets = EvalSetStore(tmp_path / "evalsets", registry, clock=clock)
+    evalsets = EvalSetStore(tmp_path / "evalsets", registry, clock=clock.wall)
     offline = OfflineComparer(
         evalsets, library.directory, lambda: root, clock=lambda: datetime.now(UTC)
     )
-    runner = RolloutRunner(registry, NoAssign(), clock, offline=offline)
+    runner = RolloutRunner(registry, NoAssign(), clock.wall, offline=offline)
     yield World(registry, evalsets, runner, clock, digits_bundles)
     registry.close()
 
@@ -136,14 +129,14 @@ def test_eval_set_registrations(world: World) -> None:
     assert first.registered_at == T0
     assert w.evalsets.path_of(first.sha256).is_file()
     # The same data saved another way is the same set: the first provenance is kept.
-    w.clock.now = T0 + timedelta(minutes=1)
+    w.clock.set_wall(T0 + timedelta(minutes=1))
     again, new = w.evalsets.add(
         "digits", eval_set_bytes(x, y, compressed=False), source="someone else"
     )
     assert not new
     assert again == first
     # Another set is newer; the same file for another model is its own registration.
-    w.clock.now = T0 + timedelta(minutes=2)
+    w.clock.set_wall(T0 + timedelta(minutes=2))
     second, _ = w.evalsets.add("digits", eval_set_bytes(x[:100], y[:100]), source="QA batch 2")
     other, new = w.evalsets.add("digits-small", eval_set_bytes(x, y), source="shared")
     assert new

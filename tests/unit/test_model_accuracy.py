@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.testclient import TestClient
 
+from clock import FakeClock
 from edge_agent.errors import EdgefleetError
 from edge_agent.quality.confusion import Confusion, wilson_interval
 from edge_agent.wire.telemetry import ModelStats, TelemetryReport
@@ -36,14 +36,6 @@ from fleet_server.jobs.history import HistoryJob, HistoryPolicy
 from fleet_server.registry.store import Registry
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
-
-
-@dataclass
-class Clock:
-    now: datetime = T0
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 def diag(right: int, wrong: int) -> Confusion:
@@ -61,9 +53,9 @@ FLEET = {
 
 
 @pytest.fixture
-def registry(registry_url: str) -> Iterator[tuple[Registry, Clock]]:
-    clock = Clock()
-    reg = Registry.open(registry_url, clock=clock)
+def registry(registry_url: str) -> Iterator[tuple[Registry, FakeClock]]:
+    clock = FakeClock(wall=T0)
+    reg = Registry.open(registry_url, clock=clock.wall)
     reg.upgrade()
     for d, (group, _v, _c) in FLEET.items():
         reg.enroll(d, group=group)
@@ -74,7 +66,7 @@ def registry(registry_url: str) -> Iterator[tuple[Registry, Clock]]:
     reg.engine.dispose()
 
 
-def send(reg: Registry, clock: Clock, reports: int, start: int = 0) -> None:
+def send(reg: Registry, clock: FakeClock, reports: int, start: int = 0) -> None:
     """Each device sends ``reports`` reports 10 minutes apart, its counts growing each time."""
     for i in range(start, start + reports):
         for d, (_g, version, per) in FLEET.items():
@@ -84,7 +76,7 @@ def send(reg: Registry, clock: Clock, reports: int, start: int = 0) -> None:
                                ground_truth=gt)  # fmt: skip
             r = TelemetryReport(d, i + 1, 0.0, 1.0, started_at=1.0, models={"digits": stats})
             reg.ingest(d, [r])
-        clock.now += timedelta(minutes=10)
+        clock.advance(600)
 
 
 def expected(version: int, reports: int, group: str | None = None) -> Confusion:
@@ -113,7 +105,7 @@ def check(doc: dict[str, Any], reports: int) -> None:
     assert set(versions[2]["groups"]) == {"line-b"}
 
 
-def test_merged_accuracy_per_version_and_group(registry: tuple[Registry, Clock]) -> None:
+def test_merged_accuracy_per_version_and_group(registry: tuple[Registry, FakeClock]) -> None:
     reg, clock = registry
     send(reg, clock, 4)
     doc = model_accuracy(reg, "digits", T0 - timedelta(hours=1))
@@ -126,11 +118,13 @@ def test_merged_accuracy_per_version_and_group(registry: tuple[Registry, Clock])
     assert {v["version"]: v for v in later["versions"]}[2]["fleet"]["n"] == 2 * 40
 
 
-def test_rollups_and_raw_rows_add_up_to_the_same_totals(registry: tuple[Registry, Clock]) -> None:
+def test_rollups_and_raw_rows_add_up_to_the_same_totals(
+    registry: tuple[Registry, FakeClock],
+) -> None:
     reg, clock = registry
     send(reg, clock, 8)
     policy = HistoryPolicy(grace_seconds=0.0)
-    job = HistoryJob(reg, policy, clock=clock)
+    job = HistoryJob(reg, policy, clock=clock.wall)
     job.run_once()
     assert job.folded_until(300) is not None
     check(model_accuracy(reg, "digits", T0 - timedelta(hours=1)), 8)
@@ -147,11 +141,11 @@ def _guarded(handler: Handler) -> Handler:
 
 
 def test_admin_route_and_cli(
-    registry: tuple[Registry, Clock], monkeypatch: pytest.MonkeyPatch
+    registry: tuple[Registry, FakeClock], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     reg, clock = registry
     send(reg, clock, 3)
-    app = Starlette(routes=accuracy_routes(reg, clock, _guarded))
+    app = Starlette(routes=accuracy_routes(reg, clock.wall, _guarded))
     with TestClient(app) as api:
         check(api.get("/v1/models/digits/accuracy", params={"hours": 2}).json(), 3)
         assert api.get("/v1/models/nope/accuracy").status_code == 404

@@ -15,12 +15,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import pytest
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
+from clock import FakeClock
 from edge_agent.quality.confusion import Confusion
 from edge_agent.wire.reported import ModelReport, ReportedState
 from edge_agent.wire.telemetry import ModelStats, TelemetryReport
@@ -38,14 +39,6 @@ POLICY = RolloutPolicy(
     canary_count=2, steps=(0.5, 1.0), dwell_seconds=60, min_devices=2, min_requests=10,
     on_breach="abort",
 )  # fmt: skip
-
-
-@dataclass
-class Clock:
-    now: datetime = T0
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @dataclass
@@ -71,7 +64,7 @@ def labels(n: int, accuracy: float) -> Confusion:
 class World:
     registry: Registry
     runner: RolloutRunner
-    clock: Clock
+    clock: FakeClock
     seqs: dict[str, int] = field(default_factory=dict)
 
     def install(self, device: str, version: int) -> None:
@@ -98,25 +91,25 @@ class World:
             if d in members:
                 self.install(d, 2)
             self.report(d, 2 if d in members else 1, 100, None)
-        self.clock.now += timedelta(seconds=30)
+        self.clock.advance(30)
         for d in IDS:
             accuracy = 0.99 if d not in members else canary_accuracy
             truth = None if accuracy is None else labels(150, accuracy)
             self.report(d, 2 if d in members else 1, 200, truth)
-        self.clock.now += timedelta(seconds=31)
+        self.clock.advance(31)
 
 
 @pytest.fixture
 def world(registry_url: str) -> Iterator[World]:
-    clock = Clock()
-    registry = Registry.open(registry_url, clock=clock)
+    clock = FakeClock(wall=T0)
+    registry = Registry.open(registry_url, clock=clock.wall)
     registry.upgrade()
     for d in IDS:
         registry.enroll(d, group="line-3")
     for v in (1, 2):
         registry.publish_bundle("digits", v, channel="stable", sha256=f"{v}" * 64, length=10,
                                 targets_sha256=f"{v + 2}" * 64)  # fmt: skip
-    runner = RolloutRunner(registry, Assigned(), clock, interval=0.02)
+    runner = RolloutRunner(registry, Assigned(), clock.wall, interval=0.02)
     w = World(registry, runner, clock)
     for d in IDS:
         w.install(d, 1)

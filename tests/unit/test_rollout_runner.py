@@ -6,7 +6,7 @@ import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.testclient import TestClient
 
+from clock import FakeClock
 from edge_agent.errors import EdgefleetError
 from edge_agent.wire.reported import ModelReport, ReportedState
 from edge_agent.wire.telemetry import ModelStats, TelemetryReport
@@ -53,17 +54,6 @@ POLICY = RolloutPolicy(
 
 
 @dataclass
-class Clock:
-    now: datetime = T0
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def tick(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
-
-
-@dataclass
 class FakeService:
     assigned: list[tuple[str, str, int]] = field(default_factory=list)
     fail_for: set[str] = field(default_factory=set)
@@ -80,7 +70,7 @@ class World:
     registry: Registry
     runner: RolloutRunner
     service: FakeService
-    clock: Clock
+    clock: FakeClock
     seqs: dict[str, int] = field(default_factory=dict)
 
     def install(self, device: str, active: int, assigned: int, outcome: str = "installed") -> None:
@@ -104,16 +94,16 @@ class World:
             if d in members:
                 self.install(d, 2, 2)
             self.report(d, version, 100)
-        self.clock.tick(30)
+        self.clock.advance(30)
         for d in IDS:
             self.report(d, 2 if d in members else 1, 200)
-        self.clock.tick(31)
+        self.clock.advance(31)
 
 
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[World]:
-    clock = Clock()
-    registry = Registry.open(f"sqlite:///{tmp_path / 'registry.db'}", clock=clock)
+    clock = FakeClock(wall=T0)
+    registry = Registry.open(f"sqlite:///{tmp_path / 'registry.db'}", clock=clock.wall)
     registry.upgrade()
     for d in IDS:
         registry.enroll(d, group="line-3", tags={"site": "a"})
@@ -122,7 +112,7 @@ def world(tmp_path: Path) -> Iterator[World]:
         registry.publish_bundle("digits", v, channel="stable", sha256=f"{v}" * 64, length=10,
                                 targets_sha256=f"{v + 2}" * 64)  # fmt: skip
     service = FakeService()
-    runner = RolloutRunner(registry, service, clock, interval=0.02)
+    runner = RolloutRunner(registry, service, clock.wall, interval=0.02)
     w = World(registry, runner, service, clock)
     for d in IDS:
         w.install(d, 1, 1)
@@ -334,7 +324,7 @@ class FollowerLock:
 
 def test_only_the_lock_holder_steps(world: World) -> None:
     lock = FollowerLock()
-    runner = RolloutRunner(world.registry, world.service, world.clock, lock=lock)
+    runner = RolloutRunner(world.registry, world.service, world.clock.wall, lock=lock)
     runner.create("digits", 2, selector=Selector(group="line-3"), policy=POLICY)
     assert runner.step() == []
     assert world.service.assigned == []
@@ -355,7 +345,7 @@ def test_a_step_stops_at_the_next_rollout_once_the_lock_is_lost(world: World) ->
             return super().assign(target, name, version, group=group)
 
     service = DeposingService()
-    runner = RolloutRunner(world.registry, service, world.clock, lock=lock)
+    runner = RolloutRunner(world.registry, service, world.clock.wall, lock=lock)
     a = runner.create("digits", 2, selector=Selector(group="line-3"), policy=POLICY)
     b = runner.create("digits", 2, selector=Selector(group="lab"), policy=POLICY)
     [d] = runner.step()  # the first rollout is finished, the second is not touched
@@ -378,13 +368,15 @@ def test_a_command_on_another_worker_is_never_overwritten_by_the_leaders_step(
     """Two workers share the registry: B pauses while A computes a step from the older state."""
     w = world
     r = w.runner.create("digits", 2, selector=Selector(group="line-3"), policy=POLICY)
-    other = RolloutRunner(w.registry, FakeService(), w.clock)  # the worker the operator reached
+    other = RolloutRunner(
+        w.registry, FakeService(), w.clock.wall
+    )  # the worker the operator reached
     read = store.get_rollout(w.registry, r.id)
-    stale = decide(read, w.runner.observations(read, w.clock()), w.clock())
+    stale = decide(read, w.runner.observations(read, w.clock.wall()), w.clock.wall())
     assert stale.assign  # the step would start the canary
     assert other.pause(r.id).state == "paused"
     with pytest.raises(RolloutConflictError):
-        w.runner._apply(stale, w.clock(), kind="decision", old=read)
+        w.runner._apply(stale, w.clock.wall(), kind="decision", old=read)
     assert w.service.assigned == []  # nothing was sent for the stale decision
     assert store.get_rollout(w.registry, r.id).state == "paused"  # the pause stands
     assert w.runner.step() == []  # and the next step sees it
