@@ -5,11 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import click
 import pytest
-from click.testing import CliRunner
 
-from fleet_server.cli import rollouts as cli_rollouts
 from fleet_server.errors import RolloutPolicyError
 from fleet_server.rollouts.engine import decide
 from fleet_server.rollouts.gates import GATES, GateInputs
@@ -17,6 +14,7 @@ from fleet_server.rollouts.gates.error_rate import GATE, MIN_ERRORS
 from fleet_server.rollouts.metrics import DeviceObservation, WindowMetrics
 from fleet_server.rollouts.policy import RolloutPolicy, Selector, Thresholds
 from fleet_server.rollouts.state import Rollout
+from rollout_cli import RolloutCli
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -158,37 +156,10 @@ def test_decide_pauses_on_an_error_rate_breach_alone(errors: int, state: str) ->
 
 # --------------------------------------------------------------------------- CLI
 def test_rollouts_create_takes_the_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
-    sent: list[dict[str, Any]] = []
-
-    class Client:
-        def __init__(self, url: str, token: str) -> None:
-            pass
-
-        def __enter__(self) -> Client:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            pass
-
-        def create_rollout(self, body: dict[str, Any]) -> dict[str, Any]:
-            sent.append(body)
-            # What the admin API does with it: the policy must parse.
-            policy = RolloutPolicy.from_dict(body["policy"])
-            return {"id": "ro-1", "model": "digits", "from_version": 1, "to_version": 2,
-                    "selector": {"group": "g"}, "policy": policy.to_dict()}  # fmt: skip
-
-    monkeypatch.setattr(cli_rollouts, "AdminClient", Client)
-
-    @click.group()
-    def main() -> None:
-        pass
-
-    cli_rollouts.register_rollout_commands(main)
-    args = ["rollouts", "create", "digits", "2", "--group", "g", "--url", "http://x", "--token",
-            "t", "--max-error-increase", "0.03", "--json"]  # fmt: skip
-    res = CliRunner().invoke(main, args)
+    cli = RolloutCli(monkeypatch)
+    res = cli.create("--max-error-increase", "0.03", "--json")
     assert res.exit_code == 0, res.output
-    assert sent[0]["policy"]["thresholds"] == {"max_error_rate_increase": 0.03}
-    bad = CliRunner().invoke(main, [*args[:-2], "--max-error-increase", "2"])
+    assert cli.sent[0]["policy"]["thresholds"] == {"max_error_rate_increase": 0.03}
+    bad = cli.create("--max-error-increase", "2")
     assert bad.exit_code == 2
-    assert len(sent) == 1
+    assert len(cli.sent) == 1

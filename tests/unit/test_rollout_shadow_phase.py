@@ -10,12 +10,9 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import click
 import pytest
-from click.testing import CliRunner
 
 from edge_agent.quality.confusion import Confusion
-from fleet_server.cli import rollouts as cli_rollouts
 from fleet_server.cli.rollouts import render_rollout
 from fleet_server.registry.rollouts import rollout_from_dict, rollout_to_dict
 from fleet_server.rollouts.engine import decide, resume, wave_order
@@ -25,6 +22,7 @@ from fleet_server.rollouts.metrics import DeviceObservation
 from fleet_server.rollouts.policy import RolloutPolicy, Selector, Thresholds
 from fleet_server.rollouts.shadow_evidence import ShadowEvidence, ShadowInputs, shadow_evidence
 from fleet_server.rollouts.state import OfflineCheck, Rollout
+from rollout_cli import RolloutCli
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 IDS = [f"dev-{i:02d}" for i in range(20)]
@@ -249,56 +247,28 @@ def test_status_shows_the_phase() -> None:
 
 
 def test_rollouts_create_takes_the_shadow_options(monkeypatch: pytest.MonkeyPatch) -> None:
-    sent: list[dict[str, Any]] = []
-
-    class Client:
-        def __init__(self, url: str, token: str) -> None:
-            pass
-
-        def __enter__(self) -> Client:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            pass
-
-        def create_rollout(self, body: dict[str, Any]) -> dict[str, Any]:
-            sent.append(body)
-            policy = RolloutPolicy.from_dict(body["policy"])
-            return {"id": "ro-1", "model": "digits", "from_version": 1, "to_version": 2,
-                    "selector": {"group": "g"}, "policy": policy.to_dict()}  # fmt: skip
-
-    monkeypatch.setattr(cli_rollouts, "AdminClient", Client)
-
-    @click.group()
-    def main() -> None:
-        pass
-
-    cli_rollouts.register_rollout_commands(main)
-    base = ["rollouts", "create", "digits", "2", "--group", "g", "--url", "http://x",
-            "--token", "t", "--json"]  # fmt: skip
-    res = CliRunner().invoke(
-        main,
-        [
-            *base,
-            "--shadow-fraction",
-            "0.5",
-            "--shadow-dwell",
-            "30",
-            "--min-shadow-rows",
-            "100",
-            "--max-shadow-disagreement",
-            "0.08",
-        ],
+    cli = RolloutCli(monkeypatch)
+    sent = cli.sent
+    res = cli.create(
+        "--json",
+        "--shadow-fraction",
+        "0.5",
+        "--shadow-dwell",
+        "30",
+        "--min-shadow-rows",
+        "100",
+        "--max-shadow-disagreement",
+        "0.08",
     )
     assert res.exit_code == 0, res.output
     p = sent[-1]["policy"]
     assert (p["shadow_fraction"], p["shadow_dwell_seconds"]) == (0.5, 30.0)
     assert p["thresholds"] == {"min_shadow_rows": 100, "max_shadow_disagreement": 0.08}
-    res = CliRunner().invoke(main, [*base, "--no-shadow"])
+    res = cli.create("--json", "--no-shadow")
     assert res.exit_code == 0, res.output
     assert sent[-1]["policy"]["shadow_fraction"] is None
     assert RolloutPolicy.from_dict(sent[-1]["policy"]).shadow_fraction is None
-    bad = CliRunner().invoke(main, [*base, "--no-shadow", "--shadow-fraction", "0.5"])
+    bad = cli.create("--json", "--no-shadow", "--shadow-fraction", "0.5")
     assert bad.exit_code == 2
 
 
