@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -42,6 +43,20 @@ _EXPANSION: Final = 8
 MAX_SAMPLES: Final = 1_000_000
 _MAX_RANK: Final = 8
 _MEMBERS: Final = ("x.npy", "y.npy")
+
+
+# What zipfile and numpy raise on a damaged archive: bad offsets (ValueError: negative seek),
+# truncation, a corrupt deflate stream (zlib.error), an encrypted member (RuntimeError), an
+# unsupported compression method (NotImplementedError).
+_ZIP_ERRORS: Final = (
+    ValueError,
+    OSError,
+    EOFError,
+    zipfile.BadZipFile,
+    zlib.error,
+    RuntimeError,
+    NotImplementedError,
+)
 
 
 def _reject(message: str, reason: str) -> EvalSetRejectedError:
@@ -92,13 +107,15 @@ def _header(member: Any, size: int, name: str) -> tuple[np.dtype[Any], tuple[int
 
 def _read(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> npt.NDArray[Any]:
     name = info.filename[:-4]
-    with archive.open(info) as member:
-        dtype, shape, _ = _header(member, info.file_size, name)
-    with archive.open(info) as member:
-        try:
+    try:
+        with archive.open(info) as member:
+            dtype, shape, _ = _header(member, info.file_size, name)
+        with archive.open(info) as member:
             array = np.lib.format.read_array(member, allow_pickle=False)
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-            raise _reject(f"{name} cannot be read ({exc})", "bad_array") from exc
+    except EvalSetRejectedError:
+        raise
+    except _ZIP_ERRORS as exc:  # a mangled archive fails in zipfile, not only in numpy
+        raise _reject(f"{name} cannot be read ({exc})", "bad_array") from exc
     if array.dtype != dtype or array.shape != shape:  # pragma: no cover - numpy's own check
         raise _reject(f"{name} does not match its header", "bad_array")
     return array
@@ -119,7 +136,7 @@ def parse_eval_set(data: bytes, *, max_bytes: int = DEFAULT_MAX_EVALSET_BYTES) -
         raise _reject("the file is empty", "not_npz")
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+    except _ZIP_ERRORS as exc:
         raise _reject("not an .npz file (numpy.savez)", "not_npz") from exc
     with archive:
         infos = archive.infolist()
