@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -61,7 +62,7 @@ from model_builder.build import build_bundle
 from model_builder.config import BuildConfig
 from model_builder.data import Dataset
 from model_builder.package import package_bundle
-from mosquitto import MOSQUITTO, fleet_broker, free_port
+from mosquitto import MOSQUITTO, fleet_broker
 
 pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
 
@@ -88,6 +89,28 @@ def _load_failure(r: dict[str, Any]) -> set[str]:
         if g["name"] == "shadow_disagreement" and g["status"] == "breach":
             assert "failed on" in g["detail"], g
     return breached
+
+
+def _distinct_ports(n: int) -> list[int]:
+    """``n`` loopback ports free a moment ago, all different (held open together while chosen)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _why_not(device: str, proc: subprocess.Popen[bytes], tmp: Path) -> str:
+    """What a timeout says about a device that did not reach v1: its process and log tail."""
+    state = "running" if proc.poll() is None else f"exited with {proc.returncode}"
+    log = tmp / f"{device}.log"
+    tail = log.read_text(errors="replace")[-3000:] if log.exists() else "(no log)"
+    server = tmp / "server.log"
+    stail = server.read_text(errors="replace")[-1500:] if server.exists() else "(no log)"
+    return f"{device} on v1 (daemon {state})\n--- {device}.log\n{tail}\n--- server.log\n{stail}"
 
 
 @dataclass
@@ -206,10 +229,9 @@ def fleet(
         f = Fleet(admin, env, bundles, digits_eval_set(digits_bundles, tmp / "eval.npz"), tmp)
         try:
             wait_until(lambda: _ok(admin.status), timeout=60, what="fleet-server up")
-            ports = {}
+            ports = dict(zip(DEVICES, _distinct_ports(len(DEVICES)), strict=True))
             for d in DEVICES:
                 admin.register(d, "line", {}, None)
-                ports[d] = free_port()
                 cfg = daemon_config(
                     broker, keys, tmp / "devices", d, ports[d],
                     # Output drift windows that close within a test's dwell.
@@ -219,8 +241,12 @@ def fleet(
             for path in (digits_bundles.path(1), *bundles.values()):
                 f.cli("models", "publish", str(path))
             admin.assign("line", "digits", 1, group=True)
-            for d in DEVICES:
-                wait_until(lambda d=d: _active(admin, d) == 1, timeout=60, what=f"{d} on v1")
+            for d, proc in zip(DEVICES, daemons, strict=True):
+                wait_until(
+                    lambda d=d: _active(admin, d) == 1,
+                    timeout=60,
+                    what=lambda d=d, proc=proc: _why_not(d, proc, tmp),
+                )
 
             def drive(device: str, port: int, offset: int) -> None:
                 api = AgentClient(ApiConfig(port=port), timeout=10)
