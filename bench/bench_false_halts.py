@@ -22,7 +22,12 @@ Every halt of such a rollout is a false halt. The script
    before the switch as its second reference;
 3. runs the pure engine (``fleet_server.rollouts.engine.decide`` with its gates) over the whole
    rollout with the default ``RolloutPolicy`` (or a variant) every 30 s until it completes
-   or halts;
+   or halts, shadow phase included: every device advertises the ``shadow`` capability, the
+   canaries take the candidate as a shadow 10-60 s after the engine says so (or fail to, at the
+   install failure rate), and ``shadow_fraction`` of their device answers are compared; a good
+   candidate answers another class than the live model on ``--shadow-disagreement`` of them
+   (2 %: a retrained model changes a few answers), a bad one also on its label bug; no rollout
+   here has an offline comparison, so the gate's limit is the policy maximum (5 %);
 4. prints per-rollout and per-gate false-halt rates with 95 % Wilson intervals as markdown;
 5. then runs confidently wrong candidates (a share of the 3s answered as 8s, everything else
    the same) under the default policy: how many are halted, how many at the canary wave, and
@@ -56,10 +61,17 @@ from typing import Any
 
 import numpy as np
 
+from edge_agent.quality.confusion import Confusion
 from edge_agent.wire.telemetry import LATENCY_BUCKETS_MS, LATENCY_FINE_BUCKETS_MS
 from fleet_server.rollouts import gates as rollout_gates
 from fleet_server.rollouts.engine import decide
-from fleet_server.rollouts.gates import Gate, GateInputs, GateResult, histogram_quantile_ms
+from fleet_server.rollouts.gates import (
+    Gate,
+    GateInputs,
+    GateResult,
+    histogram_quantile_ms,
+    p99_latency,
+)
 from fleet_server.rollouts.metrics import (
     DeviceObservation,
     OutputMoments,
@@ -67,6 +79,7 @@ from fleet_server.rollouts.metrics import (
     WindowMetrics,
 )
 from fleet_server.rollouts.policy import RolloutPolicy, Selector, Thresholds
+from fleet_server.rollouts.shadow_evidence import ShadowEvidence, ShadowInputs
 from fleet_server.rollouts.state import Rollout
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -79,7 +92,7 @@ GATES = (
     "fallback_rate",
     "prediction_drift",
     "output_distribution",
-    "shadow_agreement",
+    "shadow_disagreement",
     "p99_latency",
 )
 HAS_FINE = "latency_fine" in WindowMetrics.__dataclass_fields__
@@ -153,15 +166,22 @@ class Rates:
     speed_sigma: float = 0.2
     class_mix: float = 100.0  # Dirichlet strength of each device's class mix (0: all alike)
     mix_drift: float = 0.0  # per hour, how far each device's mix moves (random walk, in shares)
+    shadow_disagreement: float = 0.02  # a good candidate's answers that differ from the live one
 
 
 class Fleet:
     """Per-device parameters and cumulative counters since each device's window start."""
 
     def __init__(
-        self, rng: np.random.Generator, n: int, rates: Rates, lat: list[np.ndarray]
+        self,
+        rng: np.random.Generator,
+        n: int,
+        rates: Rates,
+        lat: list[np.ndarray],
+        shadow_fraction: float | None = None,
     ) -> None:
         self.rng, self.n, self.rates, self.lat = rng, n, rates, lat
+        self.shadow_fraction = shadow_fraction or 0.0
         self.ids = [f"dev-{i:04d}" for i in range(n)]
         self.index = {d: i for i, d in enumerate(self.ids)}
 
@@ -191,6 +211,40 @@ class Fleet:
         self.lc = np.zeros((n, len(LATENCY_BUCKETS_MS) + 1), dtype=np.int64)
         self.lf = np.zeros((n, len(LATENCY_FINE_BUCKETS_MS) + 1), dtype=np.int64)
         self.counting[:] = True  # control devices have reported before the rollout starts
+        # The shadow phase: when each canary's shadow starts, and live (row) vs shadow (column)
+        # answers since; ``shadow_failed``: its install failed.
+        self.shadow_at = np.full(n, np.inf)
+        self.shadow_failed = np.zeros(n, dtype=bool)
+        self.flips = np.zeros((n, CLASSES, CLASSES), dtype=np.int64)
+        self.shadowed: list[int] = []
+
+    def shadow(self, devices: tuple[str, ...], now: float) -> None:
+        """The engine gave ``devices`` the candidate as a shadow (they keep serving v1)."""
+        for d in devices:
+            i = self.index[d]
+            self.shadowed.append(i)
+            if self.rng.random() < self.rates.install_failure:
+                self.shadow_failed[i] = True
+            else:
+                self.shadow_at[i] = now + self.rng.uniform(10.0, 60.0)
+
+    def shadow_inputs(self) -> ShadowInputs:
+        """Every device can take a shadow; the shadowed canaries' evidence so far."""
+        evidence = {}
+        for i in self.shadowed:
+            m = self.flips[i]
+            compared, agree = int(m.sum()), int(np.trace(m))
+            failed = {self.ids[i]: "install failed"} if self.shadow_failed[i] else {}
+            started = math.isfinite(self.shadow_at[i])
+            evidence[self.ids[i]] = ShadowEvidence(
+                compared,
+                agree,
+                Confusion(tuple(tuple(r) for r in m.tolist())) if compared else None,
+                devices=int(compared > 0),
+                installed=int(started),
+                failed=failed,
+            )
+        return ShadowInputs(frozenset(self.ids), classification=True, devices=evidence)
 
     def assign(self, devices: tuple[str, ...], now: float) -> None:
         for d in devices:
@@ -198,6 +252,7 @@ class Fleet:
             # Observed on the new version from now: nothing counts until it serves it.
             self.c[i], self.lc[i], self.lf[i], self.counting[i] = 0, 0, 0, False
             self.out[i], self.before[i] = 0, 0
+            self.shadow_at[i] = np.inf  # serving the candidate ends its shadow
             if self.rng.random() < self.rates.install_failure:
                 self.failed[i] = True
                 continue
@@ -226,6 +281,7 @@ class Fleet:
         alerts = rng.binomial(windows, self.p_alert)
         self.c += np.stack([ok, rej, ok - cloud, cloud, windows, alerts, live.astype(int)], 1)
         self._answer(ok - cloud, live)
+        self._shadow_answers(ok - cloud, live, now)
         total = int(ok.sum())
         if total:
             dev = np.repeat(np.arange(n), ok)
@@ -254,6 +310,19 @@ class Fleet:
         # A member's v1 windows before it switched, as long as it has served v2: the same
         # device, the same rate, v1's answers (its mix then; mix_drift moves it, not modelled).
         self.before += self.rng.multinomial(rows, self.mix) * (live & on2[:, 0])[:, None]
+
+    def _shadow_answers(self, rows: np.ndarray, live: np.ndarray, now: float) -> None:
+        """``shadow_fraction`` of a shadowing canary's answers, live class vs shadow class."""
+        b = self.rates.shadow_disagreement
+        # The shadow's answer to a row the live model answered t: the candidate's (``answers``)
+        # with probability 1 - b, another class at random with probability b.
+        other = (1.0 - np.eye(CLASSES)) / (CLASSES - 1)
+        q = (1.0 - b) * self.answers + b * other
+        for i in np.flatnonzero(live & (self.shadow_at <= now) & (self.version == 1)):
+            k = int(self.rng.binomial(rows[i], self.shadow_fraction))
+            for t, c in enumerate(self.rng.multinomial(k, self.mix[i])):
+                if c:
+                    self.flips[i, t] += self.rng.multinomial(c, q[t])
 
     @staticmethod
     def _moments(counts: list[int]) -> OutputMoments:
@@ -316,15 +385,17 @@ def one_rollout(
     ``answers`` makes the candidate a bad one: row ``t`` is the distribution of its answer to
     an input of class ``t`` (the live version answers ``t``).
     """
-    fleet = Fleet(rng, n, rates, lat)
+    fleet = Fleet(rng, n, rates, lat, policy.shadow_fraction)
     if answers is not None:
         fleet.answers = answers
     r = Rollout("ro", "digits", 1, 2, Selector(group="g"), policy, created_at=T0)
     t = 0.0
     for _ in range(10_000):
         now = T0 + timedelta(seconds=t)
-        d = decide(r, fleet.observations(), now, gates=gates)
+        d = decide(r, fleet.observations(), now, gates=gates, shadow=fleet.shadow_inputs())
         r = d.rollout
+        if d.shadow:
+            fleet.shadow(d.shadow, t)
         if d.assign:
             fleet.assign(d.assign, t)
         if not r.active:
@@ -386,11 +457,19 @@ def variants(names: list[str]) -> dict[str, tuple[RolloutPolicy, tuple[Gate, ...
     table = {
         "default": (base, rollout_gates.GATES),
         "before (p99 ratio alone)": (base, _with_p99(_point_latency)),
+        # The tail test against 1 % alone, not against the control's own tail (the gate until
+        # this measurement: a canary of busier devices stalls more on either version).
+        "before (tail vs 1 % only)": (
+            base,
+            _with_p99(lambda c, k, t, p, has: p99_latency.compare(c, k, t, p, has, 0.0)),
+        ),
         # The same fleets without the output gate: what its waiting costs the other gates.
         "without output_distribution": (
             replace(base, thresholds=Thresholds(max_output_shift=None)),
             rollout_gates.GATES,
         ),
+        # No shadow phase (the policy before it existed, or a fleet of older agents).
+        "without shadow phase": (replace(base, shadow_fraction=None), rollout_gates.GATES),
     }
     return {k: table[k] for k in names}
 
@@ -402,7 +481,8 @@ def main() -> None:
     ap.add_argument(
         "--policies",
         default="default,before (p99 ratio alone)",
-        help="comma-separated: default, before (p99 ratio alone), without output_distribution",
+        help="comma-separated: default, before (p99 ratio alone), before (tail vs 1 %% only), "
+        "without output_distribution, without shadow phase",
     )
     ap.add_argument("--requests", type=int, default=10_000, help="latencies measured per level")
     ap.add_argument(
@@ -482,13 +562,13 @@ def bad_candidates(
         "policy): a share of the 3s answered as 8s.\n"
     )
     print(
-        "| fleet | candidate | rollouts | halted | halted at the canary wave | by "
-        "output_distribution | median fake time to halt |"
+        "| fleet | candidate | rollouts | halted | halted at the canary wave | in the shadow "
+        "phase (no canary served it) | by output_distribution | median fake time to halt |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for n in (int(x) for x in a.fleets.split(",")):
         for share in (0.8, 0.5):
-            halted = canary = by_gate = 0
+            halted = canary = shadow = by_gate = 0
             secs: list[float] = []
             for _ in range(a.bad_rollouts):
                 state, bad, t, wave = one_rollout(
@@ -496,13 +576,14 @@ def bad_candidates(
                 )
                 if state != "completed":
                     halted += 1
-                    canary += wave == 0
+                    canary += wave <= 0  # the shadow phase is before wave 0
+                    shadow += "shadow_disagreement" in bad
                     by_gate += "output_distribution" in bad
                     secs.append(t)
             med = f"{np.median(secs) / 60:.1f} min" if secs else "-"
             cells = [str(n), f"{share:.0%} of 3s as 8s", str(a.bad_rollouts),
                      rate(halted, a.bad_rollouts), rate(canary, a.bad_rollouts),
-                     rate(by_gate, a.bad_rollouts), med]  # fmt: skip
+                     rate(shadow, a.bad_rollouts), rate(by_gate, a.bad_rollouts), med]  # fmt: skip
             print("| " + " | ".join(cells) + " |", flush=True)
 
 

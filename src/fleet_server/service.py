@@ -38,9 +38,11 @@ from fleet_server.delivery.library import BundleLibrary, LibraryEntry
 from fleet_server.errors import ModelNotPublishedError, UnknownGroupError
 from fleet_server.gateway.misbehaviour import DeviceMisbehaviour
 from fleet_server.pki.roots import ServerRoots
+from fleet_server.registry import rollouts as rollout_store
 from fleet_server.registry.store import Registry
 from fleet_server.registry.values import BundleRecord, DeviceRecord, SeqState, StoredTelemetry
 from fleet_server.registry.version_history import VersionHistory, version_history
+from fleet_server.rollouts.admission import admit
 from fleet_server.rollouts.shadow_evidence import shadow_capable
 
 __all__ = [
@@ -218,6 +220,50 @@ class FleetService:
         else:
             ids = [self._registry.get_device(target).id]
         return [self._assign_one(device_id, name, assignment) for device_id in ids]
+
+    def operator_assign(
+        self,
+        target: str,
+        name: str,
+        version: int,
+        *,
+        group: bool = False,
+        override_quarantine: str = "",
+        override_aborted: str = "",
+    ) -> list[AssignResult]:
+        """``assign`` as an operator asks for it (admin API, CLI): memory of failure applies.
+
+        A direct assignment skips a rollout's waves and gates, so a version a rollout aborted,
+        or a quarantined one, is refused exactly as ``rollouts create`` refuses it, unless the
+        operator gives the same override and its reason (logged with the assignment).
+
+        Raises:
+            QuarantinedVersionError: the version is quarantined and not overridden.
+            AbortedVersionError: a rollout of the version was aborted and it is not overridden.
+            RolloutPolicyError: an override reason is unprintable or too long.
+            ModelNotPublishedError, UnknownGroupError, UnknownDeviceError, DeviceRevokedError,
+            RegistryUnavailableError: as ``assign``.
+        """
+        overrides = admit(
+            name,
+            version,
+            quarantine_reason=rollout_store.quarantine_reason(self._registry, name, version),
+            aborts=rollout_store.abort_count(self._registry, name, version),
+            override_quarantine=override_quarantine,
+            override_aborted=override_aborted,
+        )
+        results = self.assign(target, name, version, group=group)
+        for o in overrides:
+            log.warning(
+                "direct assignment of %s v%d to %s %r overrides its %s history: %s",
+                name,
+                version,
+                "group" if group else "device",
+                target,
+                o.kind,
+                o.reason,
+            )
+        return results
 
     def assign_shadow(
         self, device_id: str, name: str, version: int, shadow: int, fraction_ppm: int

@@ -2,7 +2,8 @@
 Mosquitto, rollout engine, admin API) driven by the ``fleet-server`` CLI as subprocesses, as an
 operator would. An aborted version shows its abort in ``models list`` and ``models show``; a
 second ``rollouts create`` is refused until overridden with a reason; the second abort
-quarantines the version, and the history says so.
+quarantines the version, and the history says so. A direct ``assign`` (no waves, no gates)
+is refused by the same memory unless overridden, and the override is logged.
 """
 
 from __future__ import annotations
@@ -81,6 +82,11 @@ def test_an_aborted_version_carries_its_history(
         refused = run(*create, ok=False)
         assert refused.returncode == 3  # EXIT_BAD_INPUT: the request is refused, typed
         assert "aborted 1 time" in refused.stdout + refused.stderr
+        # A direct assignment skips the waves and gates: the same memory applies to it.
+        assign = ("assign", "digits", "2", "--group", "line")
+        refused = run(*assign, ok=False)
+        assert refused.returncode == 3
+        assert "aborted 1 time" in refused.stdout + refused.stderr
         second = json.loads(
             run(*create, "--override-aborted", "canary line fixed", "--json").stdout
         )
@@ -94,6 +100,15 @@ def test_an_aborted_version_carries_its_history(
         assert "quarantined" in run("models", "show", "digits", "2").stdout
         refused = run(*create, "--override-aborted", "again", ok=False)
         assert "quarantined" in refused.stdout + refused.stderr
+        refused = run(*assign, "--override-aborted", "again", ok=False)
+        assert "quarantined" in refused.stdout + refused.stderr
+        assigned = json.loads(
+            run(*assign, "--override-quarantine", "bench line only", "--json").stdout
+        )
+        assert sorted(r["device_id"] for r in assigned) == sorted(DEVICES)
+        assert "overrides its quarantine history: bench line only" in (
+            tmp_path / "server.log"
+        ).read_text(errors="replace")
         run(*create, "--override-quarantine", "known issue, hotfix on the way")
     finally:
         stop_process(server)

@@ -104,6 +104,37 @@ def test_same_compute_sub_ms_with_busy_noise_never_trips() -> None:
     assert any(float(g.detail.split("; ")[1].split(" ms")[0]) > 2.0 for g in jumps)
 
 
+def stalling(rng: np.random.Generator, n: int, share: float) -> WindowMetrics:
+    """``n`` requests of a 0.03 ms model of which exactly ``share`` wait 1-50 ms for the CPU."""
+    x = 0.03 * rng.lognormal(0.0, 0.3, n)
+    x[: round(share * n)] += rng.uniform(1.0, 50.0, round(share * n))
+    return metrics(histogram(x, COARSE), fine_histogram(x))
+
+
+@pytest.mark.parametrize(
+    ("canary_share", "control_share", "status"),
+    [
+        (0.013, 0.006, "ok"),  # two busy devices against a mostly quiet control: the hardware
+        (0.013, 0.0, "breach"),  # against a control that never stalls: 1 % is the limit
+        (0.040, 0.006, "breach"),  # a candidate that adds a tail of its own
+        (0.006, 0.013, "ok"),
+    ],
+)
+def test_the_tail_is_judged_against_the_controls_tail(
+    canary_share: float, control_share: float, status: str
+) -> None:
+    """A stall share a little above 1 % puts the p99 in the stalls (ms) while the control's is
+    in the compute (us); more than 1 % of the canary above the allowed p99 is then not the
+    candidate's doing unless it is also well above the control's own share there."""
+    from fleet_server.rollouts.gates.p99_latency import compare
+
+    rng = np.random.default_rng(5)
+    canary, control = stalling(rng, 8000, canary_share), stalling(rng, 100_000, control_share)
+    g = compare(canary, control, Thresholds(), RolloutPolicy(), True)
+    assert g.status == status, g.detail
+    assert "of control's (upper bound" in g.detail
+
+
 @pytest.mark.parametrize("live_ms", [1.0, 4.0, 20.0])
 def test_three_times_slower_candidate_still_trips(live_ms: float) -> None:
     # (A 3x slower 0.35 ms model is not here: its p99 on a busy machine is the scheduler's

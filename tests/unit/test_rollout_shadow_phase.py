@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from statistics import NormalDist
 from typing import Any
 
 import pytest
@@ -17,7 +18,7 @@ from fleet_server.cli.rollouts import render_rollout
 from fleet_server.registry.rollouts import rollout_from_dict, rollout_to_dict
 from fleet_server.rollouts.engine import decide, resume, wave_order
 from fleet_server.rollouts.gates import GateInputs
-from fleet_server.rollouts.gates.shadow_disagreement import GATE
+from fleet_server.rollouts.gates.shadow_disagreement import GATE, breach_z
 from fleet_server.rollouts.metrics import DeviceObservation
 from fleet_server.rollouts.policy import RolloutPolicy, Selector, Thresholds
 from fleet_server.rollouts.shadow_evidence import ShadowEvidence, ShadowInputs, shadow_evidence
@@ -77,6 +78,32 @@ def test_decision_table(offline: float | None, rows: int, disagree: int, status:
     assert got == status, detail
 
 
+@pytest.mark.parametrize("z", [1.282, 1.645, 2.326])
+def test_breach_bound_spends_alpha_over_sample_doublings(z: float) -> None:
+    """The gate looks at every report: its breach bound gets stricter as the sample doubles so
+    that the looks of a whole shadow phase spend at most the policy's one-sided level."""
+    normal = NormalDist()
+    alpha = 1 - normal.cdf(z)
+    need = 300
+    epochs = [need * 2**k for k in range(12)]
+    zs = [breach_z(z, n, need) for n in epochs]
+    assert zs == sorted(zs)
+    assert zs[0] > z  # never looser than the policy's own z
+    spent = sum(1 - normal.cdf(x) for x in zs)
+    assert alpha / 2 < spent <= alpha + 1e-12
+    # Inside an epoch the bound does not move; below the minimum sample it is the first one's.
+    assert breach_z(z, need, need) == breach_z(z, 2 * need - 1, need) == breach_z(z, 10, need)
+    assert breach_z(z, 2 * need, need) > breach_z(z, 2 * need - 1, need)
+
+
+@pytest.mark.parametrize(("rows", "disagree"), [(300, 22), (700, 48), (1300, 85)])
+def test_a_borderline_sample_waits_instead_of_breaching(rows: int, disagree: int) -> None:
+    """Past the policy's z but not past the look-corrected bound: more rows, not a halt."""
+    r = replace(rollout(), shadows=dict.fromkeys(IDS[:2], T0))
+    status, detail = judge(evidence(rows, disagree), r)
+    assert status == "waiting", detail
+
+
 def test_breach_names_the_flips_and_the_expectation() -> None:
     r = replace(rollout(0.01), shadows=dict.fromkeys(IDS[:2], T0))
     status, detail = judge(evidence(1000, 90), r)
@@ -96,6 +123,14 @@ def test_disabled_and_failed_installs() -> None:
     status, detail = judge(two)
     assert status == "breach"
     assert "failed on 2/2" in detail
+    # Judged like install failures: 2 of 20 canaries (10 % < 20 %) is the devices' own trouble,
+    # 3 of 5 is the candidate's.
+    wide = replace(rollout(), shadows=dict.fromkeys(IDS[:20], T0))
+    two_of_20 = evidence(1000, 0, installed=18, failed={"a": "x", "b": "y"})
+    assert judge(two_of_20, wide)[0] == "ok"
+    five = replace(rollout(), shadows=dict.fromkeys(IDS[:5], T0))
+    three_of_5 = evidence(100, 0, installed=2, failed={IDS[i]: "x" for i in range(3)})
+    assert judge(three_of_5, five)[0] == "breach"
 
 
 # --------------------------------------------------------------------------- evidence

@@ -319,8 +319,17 @@ def create_app(
         group = req_field(data, "group", bool, False)
         model = req_field(data, "model", str, limit=128)
         version = req_field(data, "version", int, lo=1)
+        override_quarantine = req_field(data, "override_quarantine", str, "", limit=512)
+        override_aborted = req_field(data, "override_aborted", str, "", limit=512)
         results = await run_in_threadpool(
-            lambda: service.assign(target, model, version, group=group)
+            lambda: service.operator_assign(
+                target,
+                model,
+                version,
+                group=group,
+                override_quarantine=override_quarantine,
+                override_aborted=override_aborted,
+            )
         )
         return JSONResponse({"results": [asdict(r) for r in results]})
 

@@ -139,9 +139,23 @@ class AdminClient:
                 )
             )
 
-    def assign(self, target: str, model: str, version: int, *, group: bool) -> list[Any]:
+    def assign(
+        self,
+        target: str,
+        model: str,
+        version: int,
+        *,
+        group: bool,
+        override_quarantine: str = "",
+        override_aborted: str = "",
+    ) -> list[Any]:
         """``POST /v1/assign``; one result per device. Raises: AdminApiError."""
-        body = {"target": target, "group": group, "model": model, "version": version}
+        body: dict[str, Any] = {"target": target, "group": group, "model": model}
+        body["version"] = version
+        if override_quarantine:
+            body["override_quarantine"] = override_quarantine
+        if override_aborted:
+            body["override_aborted"] = override_aborted
         return list(self._call("POST", "/v1/assign", json=body)["results"])
 
     def start_wave(self, sha256: str) -> dict[str, Any]:

@@ -329,6 +329,18 @@ def register_admin_commands(cli: click.Group, devices: click.Group) -> None:
     @json_option
     @click.option("--device", "device_id", help="Assign to this device.")
     @click.option("--group", help="Assign to every active device of this group.")
+    @click.option(
+        "--override-quarantine",
+        default="",
+        metavar="REASON",
+        help="Assign a quarantined version anyway, for this reason (logged).",
+    )
+    @click.option(
+        "--override-aborted",
+        default="",
+        metavar="REASON",
+        help="Assign a version a rollout aborted, for this reason (logged).",
+    )
     @click.argument("model")
     @click.argument("version", type=click.IntRange(1))
     def assign(
@@ -337,16 +349,28 @@ def register_admin_commands(cli: click.Group, devices: click.Group) -> None:
         as_json: bool,
         device_id: str | None,
         group: str | None,
+        override_quarantine: str,
+        override_aborted: str,
         model: str,
         version: int,
     ) -> None:
-        """Assign MODEL VERSION (published) to a device or a group; other models are kept."""
+        """Assign MODEL VERSION (published) to a device or a group; other models are kept.
+
+        This skips a rollout's waves and gates: a version a rollout aborted, or a quarantined
+        one, is refused without the same override ``rollouts create`` takes."""
         if (device_id is None) == (group is None):
             raise click.UsageError("give exactly one of --device and --group")
         target = device_id if device_id is not None else group
         assert target is not None
         with AdminClient(url, token) as client:
-            results = client.assign(target, model, version, group=group is not None)
+            results = client.assign(
+                target,
+                model,
+                version,
+                group=group is not None,
+                override_quarantine=override_quarantine,
+                override_aborted=override_aborted,
+            )
         if as_json:
             emit_json(results)
             return
