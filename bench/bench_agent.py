@@ -203,6 +203,44 @@ BARE_SERVER = textwrap.dedent("""
 """)
 
 
+def start_bare_server(bundle: Path, root: Path, work: Path) -> tuple[subprocess.Popen, int]:
+    """Start ``BARE_SERVER`` on the bundle's model and preprocessing; returns (process, port)
+    once it answers ready (the caller terminates it)."""
+    from edge_agent.bundle import read_bundle
+    from edge_agent.trust import TrustedRoot
+
+    loaded = read_bundle(
+        bundle,
+        TrustedRoot.from_bytes(root.read_bytes()),
+        now=datetime.now(UTC),
+        installed_version=None,
+        device=None,
+    )
+    model = work / "model.onnx"
+    model.write_bytes(loaded.artifact)
+    pre = loaded.manifest.inputs.tensors[0].preprocessing
+    bport = free_port()
+    server = work / "bare_server.py"
+    server.write_text(BARE_SERVER)
+    bare = subprocess.Popen(
+        [
+            sys.executable,
+            str(server),
+            str(model),
+            str(bport),
+            json.dumps({"scale": list(pre.scale), "offset": list(pre.offset)}),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{bport}/v2/health/ready")
+    except RuntimeError:
+        bare.terminate()
+        raise
+    return bare, bport
+
+
 def wrk(
     url: str, body: bytes, headers: dict[str, str], conns: int, seconds: int, work: Path
 ) -> dict:
@@ -343,35 +381,8 @@ def api(bundle: Path, root: Path, x_eval: np.ndarray, seconds: int, work: Path) 
         proc.terminate()
         proc.wait(timeout=30)
     # the bare baseline: same model, JSON in/out, nothing else
-    from edge_agent.bundle import read_bundle
-    from edge_agent.trust import TrustedRoot
-
-    loaded = read_bundle(
-        bundle,
-        TrustedRoot.from_bytes(root.read_bytes()),
-        now=datetime.now(UTC),
-        installed_version=None,
-        device=None,
-    )
-    model = work / "model.onnx"
-    model.write_bytes(loaded.artifact)
-    pre = loaded.manifest.inputs.tensors[0].preprocessing
-    bport = free_port()
-    server = work / "bare_server.py"
-    server.write_text(BARE_SERVER)
-    bare = subprocess.Popen(
-        [
-            sys.executable,
-            str(server),
-            str(model),
-            str(bport),
-            json.dumps({"scale": list(pre.scale), "offset": list(pre.offset)}),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    bare, bport = start_bare_server(bundle, root, work)
     try:
-        wait_ready(f"http://127.0.0.1:{bport}/v2/health/ready")
         wrk(
             f"http://127.0.0.1:{bport}/v2/models/digits/infer",
             json_body,
