@@ -30,6 +30,9 @@ from edge_agent.wire.topics import Topics
 ENV_PREFIX = "EDGEFLEET_AGENT__"
 VALIDATION_POLICIES = ("reject", "drop")
 FALLBACK_MODES = ("device_only", "prefer_device", "prefer_cloud", "cloud_only")
+#: ``[drift] buffer_bytes`` bounds: room for a few wide windows, and no more than a device has.
+MIN_DRIFT_BUFFER_BYTES = 64 * 1024
+MAX_DRIFT_BUFFER_BYTES = 1024 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -142,15 +145,24 @@ class RuntimeConfig:
 
 @dataclass(frozen=True)
 class DriftConfig:
-    """Drift windows close after ``window_values`` rows or ``window_seconds``, whichever first."""
+    """Drift windows close after ``window_values`` rows or ``window_seconds``, whichever first.
+
+    Closed windows wait for the next telemetry report in at most ``buffer_bytes`` of memory
+    (estimated; the oldest are dropped, and counted, beyond it).
+    """
 
     window_values: int = 1000
     window_seconds: float = 60.0
     alpha: float = 0.01
     kll: bool = False
     max_rows_per_second: float = 5000.0
+    buffer_bytes: int = 2 * 1024 * 1024
 
     def validate(self) -> None:
+        _check(
+            MIN_DRIFT_BUFFER_BYTES <= self.buffer_bytes <= MAX_DRIFT_BUFFER_BYTES,
+            f"drift.buffer_bytes must be in [{MIN_DRIFT_BUFFER_BYTES}, {MAX_DRIFT_BUFFER_BYTES}]",
+        )
         _check(self.max_rows_per_second >= 256, "drift.max_rows_per_second must be >= 256")
         _check(self.window_values >= 10, "drift.window_values must be >= 10")
         _check(self.window_seconds > 0, "drift.window_seconds must be positive")

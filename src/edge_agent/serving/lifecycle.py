@@ -6,7 +6,9 @@ installs and rollbacks requested by the CLI or the sync layer, a rollout's shado
 without serving, then run beside the live model: ``stage``, ``assign_shadow``), picking up
 changes another
 process made to the store (installs, rollbacks, root rotations), and on ``tick`` the probation
-verdicts (rollback on failure) and the drift windows closed since the last tick.
+verdicts (rollback on failure) and the drift windows closed since the last tick (kept for the
+sync loop's report in ``drift_windows``, a ``DriftWindowBuffer`` bounded by ``[drift]
+buffer_bytes``).
 
 Does not own: loading, health checks and self-rollback of one version (``Registry``), the
 probation rule (``edge_agent.serving.probation``), or answering requests
@@ -17,13 +19,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import deque
 from pathlib import Path
 
 from edge_agent.config import AgentConfig
-from edge_agent.drift.monitor import DriftWindow
 from edge_agent.errors import EdgefleetError, ModelStoreError
 from edge_agent.serving.candidates import Candidates
+from edge_agent.serving.drift_buffer import DriftWindowBuffer
 from edge_agent.serving.probation import FAILED, PASSED, judge_probation
 from edge_agent.serving.registry import Loaded, Registry
 from edge_agent.store import InstallResult, ModelStore
@@ -45,7 +46,8 @@ class ModelLifecycle:
         self.registry = registry
         self.candidates = candidates
         self._control = threading.RLock()
-        self.drift_windows: deque[tuple[str, int, DriftWindow]] = deque(maxlen=1000)
+        # Closed drift windows until a report takes them; bounded in bytes, oldest dropped.
+        self.drift_windows = DriftWindowBuffer(config.drift.buffer_bytes)
         self._root_version = store.root.version
 
     def start(self) -> None:

@@ -3,9 +3,10 @@
 Series (all prefixed ``edgefleet_agent_``): loaded model version and probation state, requests,
 rows, errors and validation rejects by reason per model, rows dropped by the ``drop`` policy,
 rows sampled out of drift sketching, drift windows closed/alerted and the last window's
-per-feature PSI and mean-shift per tensor, shadow agreement, A/B arm counts, rollbacks, memory
-in use, and cloud-fallback outcomes. Reads ``Agent.snapshot()`` (``edge_agent.serving.status.
-AgentSnapshot``), never the agent's private state.
+per-feature PSI and mean-shift per tensor, shadow agreement, A/B arm counts, rollbacks, closed
+drift windows dropped over the buffer's memory budget, memory in use, and cloud-fallback
+outcomes. Reads ``Agent.snapshot()`` (``edge_agent.serving.status.AgentSnapshot``) and the
+public ``Agent.drift_windows`` buffer, never the agent's private state.
 """
 
 from __future__ import annotations
@@ -105,6 +106,11 @@ class AgentCollector(Collector):
                 arms.add_metric([key, arm], n)
         rollbacks = CounterMetricFamily(P + "rollbacks", "Rollbacks (automatic and manual)")
         rollbacks.add_metric([], a.registry.rollbacks)
+        windows_dropped = CounterMetricFamily(
+            P + "drift_windows_dropped",
+            "Closed drift windows dropped unreported to keep the buffer's memory budget",
+        )
+        windows_dropped.add_metric([], self.agent.drift_windows.dropped)
         memory = GaugeMetricFamily(P + "model_memory_bytes", "Memory attributed to loaded models")
         memory.add_metric([], a.registry.memory_used())
         fallback = CounterMetricFamily(
@@ -129,6 +135,7 @@ class AgentCollector(Collector):
             agree,
             arms,
             rollbacks,
+            windows_dropped,
             memory,
             fallback,
         )

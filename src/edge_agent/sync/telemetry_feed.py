@@ -4,8 +4,11 @@ Owns turning the agent's view into telemetry entries: events queued by any threa
 registry's and the cloud fallback's event sinks, the deployer, desired-state refusals) become
 ``Event`` entries; a report (``wire.telemetry.report_from_status``) carries the agent's status,
 the drift windows closed since the last one, process resources and what the outbox and uplink
-dropped. A report that would not fit one telemetry message keeps the newest half of its drift
-windows and counts the rest; windows that start a drift alert add a ``drift_alert`` event.
+dropped. A report carries each model's newest ``MAX_WINDOWS`` drift windows (one that would
+not fit one telemetry message keeps the newest half of them); the windows left out are counted
+in ``telemetry_dropped["drift_windows"]``, with those the agent's buffer dropped to stay within
+its memory budget (``serving.drift_buffer``). Windows that start a drift alert add a
+``drift_alert`` event.
 
 Does not decide when a report is due or send anything (``loop`` schedules, ``uplink.Uplink``
 sends acknowledged batches from the outbox). Runs on the sync thread, except ``event`` and the
@@ -18,15 +21,18 @@ import logging
 import os
 import queue
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 from edge_agent.errors import EdgefleetError
 from edge_agent.serving.agent import Agent
+from edge_agent.serving.drift_buffer import WindowItem
 from edge_agent.sync.outbox import Outbox
 from edge_agent.sync.uplink import MAX_ITEM_BYTES, Uplink
 from edge_agent.wire.telemetry import Resources, event_from_registry, report_from_status
 from edge_agent.wire.telemetry_build import drift_alert_entries
+from edge_agent.wire.telemetry_drift import MAX_WINDOWS
 
 __all__ = ["MAX_REPORT_BYTES", "TelemetryFeed"]
 
@@ -90,12 +96,8 @@ class TelemetryFeed:
     def add_report(self) -> None:
         """Record one report covering the time since the last; never raises (the drift windows
         are kept for the next report when this one cannot be recorded)."""
-        windows = []
-        while self._agent.drift_windows:
-            try:
-                windows.append(self._agent.drift_windows.popleft())
-            except IndexError:
-                break
+        buffer = self._agent.drift_windows
+        windows = buffer.drain()
         now = self._clock()
         try:
             dropped = {kind: d.entries for (_p, kind), d in self._outbox.dropped().items()}
@@ -104,10 +106,16 @@ class TelemetryFeed:
                 dropped["unsendable"] = up.unsendable_dropped
             status = self._agent.status()
             resources = process_resources(self._agent.registry.memory_used())
-            kept = windows
+            # A report carries at most MAX_WINDOWS per model: keep each model's newest.
+            kept, too_big = newest_per_model(windows, MAX_WINDOWS)
+            # too_big is counted only once the report is recorded (else all are put back).
+            buffer_dropped = buffer.dropped
             while True:
-                if self._windows_dropped:
-                    dropped["drift_windows"] = self._windows_dropped
+                # Cumulative, like the outbox's: too many or too big for a message, or over the
+                # buffer's memory budget while no report drained it.
+                windows_dropped = self._windows_dropped + too_big + buffer_dropped
+                if windows_dropped:
+                    dropped["drift_windows"] = windows_dropped
                 report = report_from_status(
                     self._device_id,
                     0,
@@ -122,17 +130,32 @@ class TelemetryFeed:
                     break
                 # Too many or too wide drift windows for one message: keep the newest half
                 # and count the rest (a report the server would refuse would jam the outbox).
-                self._windows_dropped += len(kept) - len(kept) // 2
+                too_big += len(kept) - len(kept) // 2
                 kept = kept[len(kept) - len(kept) // 2 :] if len(kept) > 1 else []
             self._uplink.add_report(report)
         except EdgefleetError as exc:
             # Keep the windows for the next report (the outbox may be full for a moment).
-            self._agent.drift_windows.extendleft(reversed(windows))
+            buffer.put_back(windows)
             log.error("telemetry report not recorded: %s", exc)
             return
+        self._windows_dropped += too_big
         self._window_start = now
         for entry in drift_alert_entries(windows, now):  # once: windows are not re-read now
             self._events.put(entry)
+
+
+def newest_per_model(windows: list[WindowItem], limit: int) -> tuple[list[WindowItem], int]:
+    """The windows without each model key's oldest beyond ``limit`` (order kept), and how
+    many were left out."""
+    per_key = Counter(key for key, _, _ in windows)
+    skip = {key: n - limit for key, n in per_key.items() if n > limit}
+    kept = []
+    for item in windows:
+        if skip.get(item[0], 0) > 0:
+            skip[item[0]] -= 1
+            continue
+        kept.append(item)
+    return kept, len(windows) - len(kept)
 
 
 def process_resources(model_memory: int) -> Resources:
