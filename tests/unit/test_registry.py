@@ -31,7 +31,7 @@ from fleet_server.errors import (
     UnknownDeviceError,
 )
 from fleet_server.registry.models import TelemetryRow
-from fleet_server.registry.schema import METADATA
+from fleet_server.registry.schema import METADATA, include_name
 from fleet_server.registry.store import Registry
 from fleet_server.registry.values import TelemetryEntry
 
@@ -88,7 +88,7 @@ def test_upgrade_creates_schema_on_empty_db_and_is_idempotent(registry_url: str)
     assert reg.current_revision() is None
     reg.upgrade()
     reg.upgrade()
-    assert reg.current_revision() == Registry.head_revision() == "0005"
+    assert reg.current_revision() == Registry.head_revision() == "0006"
     tables = set(inspect(reg.engine).get_table_names())
     assert {
         "devices",
@@ -115,7 +115,8 @@ def test_migrations_match_the_models(registry_url: str) -> None:
     reg = Registry.open(registry_url)
     reg.upgrade()
     with reg.engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn), METADATA)
+        context = MigrationContext.configure(conn, opts={"include_name": include_name})
+        diff = compare_metadata(context, METADATA)
     reg.close()
     assert diff == []
 

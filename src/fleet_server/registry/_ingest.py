@@ -1,13 +1,22 @@
 """Telemetry ingest statements: the per-device path behind ``Registry.ingest`` and the set-wise
 path behind ``Registry.ingest_many``.
 
-Owns: the SQL of one ingest inside an already open write transaction (inserting entries with
-``INSERT ... ON CONFLICT DO NOTHING``, creating and locking the ``device_seq`` row, advancing
+Owns: the SQL of one ingest inside an already open write transaction (creating and locking
+the ``device_seq`` row, deduplicating entries by their keys, storing the new ones, advancing
 ``acked_upto``, counting gaps, losses, recoveries and duplicates) and the set-wise variant that
 does the same for a whole batch of items with a fixed number of statements. The
 acknowledgement rule and the locking scheme are described in ``store``. Does not own: sessions,
 transactions or error mapping (``store.Registry``), nor the entry checks themselves
-(``_checks``).
+(``_checks``), nor pruning keys (``fleet_server.history.retention``).
+
+Deduplication, the same on both backends: an entry whose ``seq`` is at or below the device's
+``pruned_upto`` is a duplicate (retention pruned keys only up to there, and only at or below
+``acked_upto``); every other entry's ``(device_id, epoch, seq)`` goes into ``telemetry_keys``
+with ``INSERT ... ON CONFLICT DO NOTHING RETURNING``, and only the entries whose key came back
+are inserted into ``telemetry``, in the same transaction, under the ``device_seq`` row lock.
+``telemetry`` itself has no unique key (on PostgreSQL it is partitioned by ``received_at``, and
+a unique key there would have to include it: a redelivery received on another day would not
+conflict). The seq scans of the acknowledgement rule read ``telemetry_keys`` too.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any, Final, cast
 
-from sqlalchemy import Connection, Table, bindparam, func, select, update
+from sqlalchemy import Connection, Table, bindparam, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -29,7 +38,7 @@ from fleet_server.errors import (
     UnknownDeviceError,
 )
 from fleet_server.registry._checks import checked_rows
-from fleet_server.registry.models import Device, DeviceSeq, TelemetryRow
+from fleet_server.registry.models import Device, DeviceSeq, TelemetryKey, TelemetryRow
 from fleet_server.registry.values import IngestResult, TelemetryEntry
 
 __all__ = ["check_batches", "ingest_one", "ingest_set"]
@@ -41,6 +50,7 @@ _IN_CHUNK: Final = 500  # ids per IN (...) list
 _DEVICES: Final = cast(Table, Device.__table__)
 _SEQ: Final = cast(Table, DeviceSeq.__table__)
 _TELEMETRY: Final = cast(Table, TelemetryRow.__table__)
+_KEYS: Final = cast(Table, TelemetryKey.__table__)
 
 
 def check_batches(
@@ -67,8 +77,9 @@ def ingest_set(
 
     Statements: the batch's devices (one select), their ``device_seq`` rows (one upsert,
     one locking select, in id order so concurrent workers lock in the same order), the
-    entries (one ``INSERT ... ON CONFLICT DO NOTHING RETURNING``, batched by the driver),
-    every stored seq above each device's ``acked_upto`` (one select) and the new counters
+    entries' keys (one ``INSERT ... ON CONFLICT DO NOTHING RETURNING``, batched by the driver)
+    and the new entries (one insert), every stored seq above each device's ``acked_upto``
+    (one select of keys) and the new counters
     (one executemany) plus ``last_seen`` (one update). The per-item arithmetic of
     ``ingest_one`` then runs in Python over those seqs, item by item in batch order, so
     several items of one device give exactly what sequential ``ingest`` calls give.
@@ -103,18 +114,27 @@ def ingest_set(
     if not live:
         return [o for o in out if o is not None]
     # device_seq rows: create the missing ones, then lock them all for this transaction.
-    zero = {"acked_upto": 0, "gaps": 0, "lost": 0, "duplicates": 0}
+    zero = {"acked_upto": 0, "gaps": 0, "lost": 0, "duplicates": 0, "pruned_upto": 0}
     conn.execute(_seq_insert_ignore(dialect), [{"device_id": d, **zero} for d in live])
     state: dict[str, list[int]] = {}
+    pruned: dict[str, int] = {}
     for part in _chunks(live, _IN_CHUNK):
         stmt = (
-            select(_SEQ.c.device_id, _SEQ.c.acked_upto, _SEQ.c.gaps, _SEQ.c.lost, _SEQ.c.duplicates)
+            select(
+                _SEQ.c.device_id,
+                _SEQ.c.acked_upto,
+                _SEQ.c.gaps,
+                _SEQ.c.lost,
+                _SEQ.c.duplicates,
+                _SEQ.c.pruned_upto,
+            )
             .where(_SEQ.c.device_id.in_(part))
             .order_by(_SEQ.c.device_id)
             .with_for_update()
         )
-        for dev_id, acked, gaps, lost, dups in conn.execute(stmt):
+        for dev_id, acked, gaps, lost, dups, pruned_upto in conn.execute(stmt):
             state[dev_id] = [int(acked), int(gaps), int(lost), int(dups)]
+            pruned[dev_id] = int(pruned_upto)
     # Every entry once, first occurrence in batch order wins (as sequential calls would).
     first: dict[tuple[str, int], int] = {}  # (device, seq) -> index of the item storing it
     values: list[dict[str, Any]] = []
@@ -123,26 +143,29 @@ def ingest_set(
             continue
         for r in rows:
             key = (r["device_id"], r["seq"])
-            if key not in first:
+            # At or below pruned_upto: a duplicate whose key retention pruned.
+            if key not in first and r["seq"] > pruned[r["device_id"]]:
                 first[key] = index
                 epoch = devices[r["device_id"]][1]
                 values.append({**r, "epoch": epoch, "received_at": now})
     inserted: set[tuple[str, int]] = set()
     if values:
-        inserted = {
-            (str(d), int(n)) for d, n in conn.execute(_telemetry_insert_ignore(dialect), values)
-        }
+        keys = [{k: v[k] for k in ("device_id", "epoch", "seq", "received_at")} for v in values]
+        inserted = {(str(d), int(n)) for d, n in conn.execute(_keys_insert_ignore(dialect), keys)}
+        new_rows = [v for v in values if (v["device_id"], v["seq"]) in inserted]
+        if new_rows:
+            conn.execute(insert(_TELEMETRY), new_rows)
     # Stored seqs above each device's mark (now including this batch's rows).
     above: dict[str, set[int]] = {d: set() for d in live}
     for part in _chunks(live, _IN_CHUNK):
         stmt = (
-            select(_TELEMETRY.c.device_id, _TELEMETRY.c.seq)
-            .join(_SEQ, _SEQ.c.device_id == _TELEMETRY.c.device_id)
-            .join(_DEVICES, _DEVICES.c.id == _TELEMETRY.c.device_id)
+            select(_KEYS.c.device_id, _KEYS.c.seq)
+            .join(_SEQ, _SEQ.c.device_id == _KEYS.c.device_id)
+            .join(_DEVICES, _DEVICES.c.id == _KEYS.c.device_id)
             .where(
-                _TELEMETRY.c.device_id.in_(part),
-                _TELEMETRY.c.epoch == _DEVICES.c.epoch,
-                _TELEMETRY.c.seq > _SEQ.c.acked_upto,
+                _KEYS.c.device_id.in_(part),
+                _KEYS.c.epoch == _DEVICES.c.epoch,
+                _KEYS.c.seq > _SEQ.c.acked_upto,
             )
         )
         for row in conn.execute(stmt):
@@ -238,31 +261,43 @@ def ingest_one(
     state = _locked_seq(s, dialect, device_id)
     epoch = dev.epoch
     start = state.acked_upto
+    # First occurrence of each seq; at or below pruned_upto: a duplicate whose key was pruned.
+    fresh: dict[int, dict[str, Any]] = {}
+    for r in rows:
+        if r["seq"] > state.pruned_upto:
+            fresh.setdefault(r["seq"], {**r, "epoch": epoch, "received_at": now})
+    candidates = list(fresh.values())
     inserted: list[int] = []
-    for i in range(0, len(rows), _INSERT_CHUNK):
-        chunk = [{**r, "epoch": epoch, "received_at": now} for r in rows[i : i + _INSERT_CHUNK]]
-        inserted.extend(s.scalars(_insert_ignore(dialect, chunk)))
+    for i in range(0, len(candidates), _INSERT_CHUNK):
+        chunk = [
+            {k: r[k] for k in ("device_id", "epoch", "seq", "received_at")}
+            for r in candidates[i : i + _INSERT_CHUNK]
+        ]
+        new = [int(q) for _d, q in s.execute(_keys_insert_ignore(dialect).values(chunk))]
+        if new:
+            s.execute(insert(TelemetryRow).values([fresh[q] for q in new]))
+        inserted.extend(new)
     recovered = sum(1 for q in inserted if q <= start)
     mark, lost = start, 0
     if floor is not None and floor - 1 > mark:
         have = s.scalar(
             select(func.count())
-            .select_from(TelemetryRow)
+            .select_from(TelemetryKey)
             .where(
-                TelemetryRow.device_id == device_id,
-                TelemetryRow.epoch == epoch,
-                TelemetryRow.seq > mark,
-                TelemetryRow.seq < floor,
+                TelemetryKey.device_id == device_id,
+                TelemetryKey.epoch == epoch,
+                TelemetryKey.seq > mark,
+                TelemetryKey.seq < floor,
             )
         )
         lost = (floor - 1 - mark) - int(have or 0)
         mark = floor - 1
     mark = _advance(s, device_id, epoch, mark)
     top, above = s.execute(
-        select(func.max(TelemetryRow.seq), func.count()).where(
-            TelemetryRow.device_id == device_id,
-            TelemetryRow.epoch == epoch,
-            TelemetryRow.seq > mark,
+        select(func.max(TelemetryKey.seq), func.count()).where(
+            TelemetryKey.device_id == device_id,
+            TelemetryKey.epoch == epoch,
+            TelemetryKey.seq > mark,
         )
     ).one()
     gaps = 0 if top is None else int(top) - mark - int(above)
@@ -286,19 +321,6 @@ def ingest_one(
     )
 
 
-def _insert_ignore(dialect: str, chunk: list[dict[str, Any]]) -> Any:
-    keys = ["device_id", "epoch", "seq"]
-    if dialect == "postgresql":
-        pg = (
-            postgresql.insert(TelemetryRow)
-            .values(chunk)
-            .on_conflict_do_nothing(index_elements=keys)
-        )
-        return pg.returning(TelemetryRow.seq)
-    lite = sqlite.insert(TelemetryRow).values(chunk).on_conflict_do_nothing(index_elements=keys)
-    return lite.returning(TelemetryRow.seq)
-
-
 def _seq_insert_ignore(dialect: str) -> Any:
     """Core ``INSERT INTO device_seq ... ON CONFLICT DO NOTHING`` (for executemany)."""
     if dialect == "postgresql":
@@ -306,24 +328,30 @@ def _seq_insert_ignore(dialect: str) -> Any:
     return sqlite.insert(_SEQ).on_conflict_do_nothing()
 
 
-def _telemetry_insert_ignore(dialect: str) -> Any:
-    """Core telemetry insert returning the ``(device_id, seq)`` of rows really stored.
+def _keys_insert_ignore(dialect: str) -> Any:
+    """Core key insert returning the ``(device_id, seq)`` of the keys that were new.
 
     Executed with a list of rows, SQLAlchemy's "insertmanyvalues" batches them into
     multi-row ``VALUES`` statements compiled once (no per-row statement building).
     """
-    keys = ["device_id", "epoch", "seq"]
     ins = postgresql.insert if dialect == "postgresql" else sqlite.insert
     return (
-        ins(_TELEMETRY)
-        .on_conflict_do_nothing(index_elements=keys)
-        .returning(_TELEMETRY.c.device_id, _TELEMETRY.c.seq)
+        ins(_KEYS)
+        .on_conflict_do_nothing(index_elements=["device_id", "epoch", "seq"])
+        .returning(_KEYS.c.device_id, _KEYS.c.seq)
     )
 
 
 def _locked_seq(s: Session, dialect: str, device_id: str) -> DeviceSeq:
     """Create the device's ``device_seq`` row if absent, then lock it for this transaction."""
-    values = {"device_id": device_id, "acked_upto": 0, "gaps": 0, "lost": 0, "duplicates": 0}
+    values = {
+        "device_id": device_id,
+        "acked_upto": 0,
+        "gaps": 0,
+        "lost": 0,
+        "duplicates": 0,
+        "pruned_upto": 0,
+    }
     if dialect == "postgresql":
         s.execute(postgresql.insert(DeviceSeq).values(values).on_conflict_do_nothing())
     else:
@@ -338,13 +366,13 @@ def _advance(s: Session, device_id: str, epoch: int, mark: int) -> int:
     """Move ``mark`` up through stored seqs ``mark+1, mark+2, ...`` until the first hole."""
     while True:
         seqs = s.scalars(
-            select(TelemetryRow.seq)
+            select(TelemetryKey.seq)
             .where(
-                TelemetryRow.device_id == device_id,
-                TelemetryRow.epoch == epoch,
-                TelemetryRow.seq > mark,
+                TelemetryKey.device_id == device_id,
+                TelemetryKey.epoch == epoch,
+                TelemetryKey.seq > mark,
             )
-            .order_by(TelemetryRow.seq)
+            .order_by(TelemetryKey.seq)
             .limit(_SCAN_CHUNK)
         ).all()
         for q in seqs:

@@ -36,6 +36,7 @@ __all__ = [
     "Device",
     "DeviceSeq",
     "RollupState",
+    "TelemetryKey",
     "TelemetryRollup",
     "TelemetryRow",
 ]
@@ -91,11 +92,18 @@ class DesiredStateRow(Base):
 
 
 class TelemetryRow(Base):
-    """One stored telemetry entry (report or event); deduplicated by ``(device_id, epoch, seq)``."""
+    """One stored telemetry entry (report or event), written once per new ``TelemetryKey``.
+
+    On PostgreSQL the table is range-partitioned by ``received_at`` (daily partitions named
+    ``telemetry_pYYYYMMDD`` plus ``telemetry_default``, migration ``0006``; created and dropped
+    by ``fleet_server.history.retention``) and its primary key there is ``(id, received_at)``,
+    as PostgreSQL requires of a partitioned table; ``id`` still comes from one sequence, so it
+    is unique and grows in insertion order (``telemetry tail`` pages by it). The table has no
+    unique key on ``(device_id, epoch, seq)``: deduplication is ``TelemetryKey``'s.
+    """
 
     __tablename__ = "telemetry"
     __table_args__ = (
-        UniqueConstraint("device_id", "epoch", "seq"),
         Index("ix_telemetry_received_at", "received_at"),
         # The history queries' index: "this device's rows in a time range" and "its last report
         # before t" (an index seek, not a scan of the device's whole history).
@@ -116,6 +124,28 @@ class TelemetryRow(Base):
     payload: Mapped[dict[str, Any]] = mapped_column()
 
 
+class TelemetryKey(Base):
+    """The deduplication key of every stored entry: ``(device_id, epoch, seq)``, once.
+
+    Ingest inserts the keys first (``ON CONFLICT DO NOTHING RETURNING``) and stores in
+    ``telemetry`` only the entries whose key was new, in the same transaction; the per-device
+    seq scans of the acknowledgement rule read this table (its primary key index). Retention
+    prunes a key only when it is older than the raw cut and at or below the device's
+    ``acked_upto`` (or of an older epoch), raising ``DeviceSeq.pruned_upto`` past it, so a
+    redelivery is a duplicate either way (``fleet_server.history.retention``).
+    """
+
+    __tablename__ = "telemetry_keys"
+    __table_args__ = (Index("ix_telemetry_keys_received_at", "received_at"),)
+
+    device_id: Mapped[str] = mapped_column(
+        String(ID_LEN), ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    epoch: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    received_at: Mapped[datetime] = mapped_column()
+
+
 class DeviceSeq(Base):
     """Per-device acknowledgement state of the telemetry sequence.
 
@@ -123,6 +153,8 @@ class DeviceSeq(Base):
     ``gaps``: seqs above ``acked_upto`` and below the highest stored one that are missing now.
     ``lost``: seqs declared gone for good by a batch floor and never received (cumulative).
     ``duplicates``: entries received again and ignored (cumulative).
+    ``pruned_upto``: retention pruned keys of this epoch up to here; an entry with a lower or
+    equal ``seq`` is a duplicate without a key lookup (it is at or below ``acked_upto``).
     """
 
     __tablename__ = "device_seq"
@@ -134,6 +166,7 @@ class DeviceSeq(Base):
     gaps: Mapped[int] = mapped_column(BigInteger, default=0)
     lost: Mapped[int] = mapped_column(BigInteger, default=0)
     duplicates: Mapped[int] = mapped_column(BigInteger, default=0)
+    pruned_upto: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
 
 
 class TelemetryRollup(Base):

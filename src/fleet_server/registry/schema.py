@@ -2,24 +2,37 @@
 
 Owns: which modules define registry tables (``TABLE_MODULES``) and the ``METADATA`` they fill,
 which Alembic's environment and the schema-drift tests compare with the migrated database.
-Does not own: any table (``models``, ``rollout_models``) nor the base (``orm``). A new table module
-is added here, or Alembic would not see it.
+Also owns ``include_name``, the filter that keeps the PostgreSQL partitions of ``telemetry``
+(``telemetry_pYYYYMMDD``, ``telemetry_default``: storage of one table, created and dropped at run
+time by ``fleet_server.history.retention``) out of Alembic's comparisons. Does not own: any table
+(``models``, ``rollout_models``) nor the base (``orm``). A new table module is added here, or
+Alembic would not see it.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from types import ModuleType
-from typing import Final
+from typing import Any, Final
 
 from sqlalchemy import MetaData
 
 from fleet_server.registry import evalset_models, models, rollout_models
 from fleet_server.registry.orm import Base
 
-__all__ = ["METADATA", "TABLE_MODULES"]
+__all__ = ["METADATA", "PARTITION_NAME", "TABLE_MODULES", "include_name"]
 
 #: Every module that defines registry tables; importing them registers their tables on ``Base``.
 TABLE_MODULES: Final[tuple[ModuleType, ...]] = (models, rollout_models, evalset_models)
 
 #: The shared metadata, complete: every table of ``TABLE_MODULES``.
 METADATA: Final[MetaData] = Base.metadata
+
+#: The names of ``telemetry``'s partitions on PostgreSQL (daily ranges and the default one).
+PARTITION_NAME: Final = re.compile(r"^telemetry_(p\d{8}|default)$")
+
+
+def include_name(name: str | None, type_: str, parent_names: Mapping[Any, Any]) -> bool:
+    """Alembic's ``include_name`` hook: every name except the partitions of ``telemetry``."""
+    return not (type_ == "table" and name is not None and PARTITION_NAME.match(name) is not None)

@@ -10,9 +10,11 @@ nor any MQTT or
 HTTP.
 
 Telemetry ingest and the acknowledgement rule. A device numbers reports and events with one
-``seq`` (1, 2, ...) and deletes them from its outbox when acked. ``ingest`` inserts a batch with
-``INSERT ... ON CONFLICT (device_id, seq) DO NOTHING`` (replays and redeliveries are counted as
-duplicates, never stored twice) and then moves ``acked_upto`` to the highest ``seq`` such that
+``seq`` (1, 2, ...) and deletes them from its outbox when acked. ``ingest`` inserts the batch's
+keys with ``INSERT INTO telemetry_keys ... ON CONFLICT (device_id, epoch, seq) DO NOTHING
+RETURNING`` and stores the entries whose key was new (replays and redeliveries are counted as
+duplicates, never stored twice; ``_ingest`` has the details, including keys pruned by
+retention) and then moves ``acked_upto`` to the highest ``seq`` such that
 every lower one is stored or known lost. A batch may carry ``floor``, the oldest ``seq`` the
 device still holds: anything below it that the server lacks is gone for good, so it is counted in
 ``lost`` and the mark moves past it. If a "lost" entry shows up later after all (a delayed
