@@ -210,6 +210,8 @@ class Fleet:
         self.c = np.zeros((n, 7), dtype=np.int64)  # ok rej dev cloud windows alerts reports
         self.lc = np.zeros((n, len(LATENCY_BUCKETS_MS) + 1), dtype=np.int64)
         self.lf = np.zeros((n, len(LATENCY_FINE_BUCKETS_MS) + 1), dtype=np.int64)
+        # A member's v1 latency before it switched (the latency gate's second reference).
+        self.lcb, self.lfb = np.zeros_like(self.lc), np.zeros_like(self.lf)
         self.counting[:] = True  # control devices have reported before the rollout starts
         # The shadow phase: when each canary's shadow starts, and live (row) vs shadow (column)
         # answers since; ``shadow_failed``: its install failed.
@@ -251,6 +253,7 @@ class Fleet:
             i = self.index[d]
             # Observed on the new version from now: nothing counts until it serves it.
             self.c[i], self.lc[i], self.lf[i], self.counting[i] = 0, 0, 0, False
+            self.lcb[i], self.lfb[i] = 0, 0
             self.out[i], self.before[i] = 0, 0
             self.shadow_at[i] = np.inf  # serving the candidate ends its shadow
             if self.rng.random() < self.rates.install_failure:
@@ -260,7 +263,7 @@ class Fleet:
 
     def advance(self, now: float) -> None:
         """One report interval ending at ``now``."""
-        rng, n = self.rng, self.n
+        rng = self.rng
         switch = (self.version == 1) & (self.active_at <= now)
         self.version[switch] = 2
         self.counting[switch] = False  # the first report on v2 is only a baseline
@@ -270,6 +273,8 @@ class Fleet:
         self.c[switch] = 0
         self.lc[switch] = 0
         self.lf[switch] = 0
+        self.lcb[switch] = 0
+        self.lfb[switch] = 0
         self.out[switch] = 0
         self.before[switch] = 0
         live = self.counting & ~self.failed & ~self.rolled
@@ -282,19 +287,26 @@ class Fleet:
         self.c += np.stack([ok, rej, ok - cloud, cloud, windows, alerts, live.astype(int)], 1)
         self._answer(ok - cloud, live)
         self._shadow_answers(ok - cloud, live, now)
-        total = int(ok.sum())
-        if total:
-            dev = np.repeat(np.arange(n), ok)
-            ms = np.empty(total)
-            for level, samples in enumerate(self.lat):
-                sel = self.load[dev] == level
-                ms[sel] = rng.choice(samples, int(sel.sum()))
-            ms *= self.speed[dev]
-            ic = np.searchsorted(LATENCY_BUCKETS_MS, ms, side="left")
-            np.add.at(self.lc, (dev, ic), 1)
-            i_f = np.searchsorted(LATENCY_FINE_BUCKETS_MS, ms, side="left")
-            np.add.at(self.lf, (dev, i_f), 1)
+        self._latencies(ok, self.lc, self.lf)
+        # The same devices' v1 latency before the switch, as long as they have served v2 (the
+        # same device, load and rate; what the runner reads from their earlier reports).
+        self._latencies(ok * (live & (self.version == 2)), self.lcb, self.lfb)
         self.counting[~self.counting & (self.version == 2)] = True
+
+    def _latencies(self, counts: np.ndarray, coarse: np.ndarray, fine: np.ndarray) -> None:
+        """``counts[i]`` requests of device ``i``, latencies drawn from its measured load level
+        times its speed factor, counted into its ``coarse`` and ``fine`` histograms."""
+        total = int(counts.sum())
+        if not total:
+            return
+        dev = np.repeat(np.arange(self.n), counts)
+        ms = np.empty(total)
+        for level, samples in enumerate(self.lat):
+            sel = self.load[dev] == level
+            ms[sel] = self.rng.choice(samples, int(sel.sum()))
+        ms *= self.speed[dev]
+        np.add.at(coarse, (dev, np.searchsorted(LATENCY_BUCKETS_MS, ms, side="left")), 1)
+        np.add.at(fine, (dev, np.searchsorted(LATENCY_FINE_BUCKETS_MS, ms, side="left")), 1)
 
     def _answer(self, rows: np.ndarray, live: np.ndarray) -> None:
         """Answers on the device (what the output drift windows sketch), by class."""
@@ -337,6 +349,7 @@ class Fleet:
         out = []
         outs, befores = self.out.tolist(), self.before.tolist()
         cs, lcs, lfs = self.c.tolist(), self.lc.tolist(), self.lf.tolist()
+        lcbs, lfbs = self.lcb.tolist(), self.lfb.tolist()
         for i, d in enumerate(self.ids):
             c = cs[i]
             kw: dict[str, Any] = {"latency_fine": tuple(lfs[i])} if HAS_FINE else {}
@@ -366,6 +379,9 @@ class Fleet:
                     metrics=m,
                     outputs=self._moments(outs[i]),
                     outputs_before=self._moments(befores[i]),
+                    metrics_before=WindowMetrics(
+                        latency_buckets=tuple(lcbs[i]), latency_fine=tuple(lfbs[i])
+                    ),
                 )
             )
         return out
@@ -463,6 +479,8 @@ def variants(names: list[str]) -> dict[str, tuple[RolloutPolicy, tuple[Gate, ...
             base,
             _with_p99(lambda c, k, t, p, has: p99_latency.compare(c, k, t, p, has, 0.0)),
         ),
+        # The tail test against the control alone, without the same devices before the switch.
+        "control only": (base, _with_p99(p99_latency.compare)),
         # The same fleets without the output gate: what its waiting costs the other gates.
         "without output_distribution": (
             replace(base, thresholds=Thresholds(max_output_shift=None)),
@@ -482,7 +500,7 @@ def main() -> None:
         "--policies",
         default="default,before (p99 ratio alone)",
         help="comma-separated: default, before (p99 ratio alone), before (tail vs 1 %% only), "
-        "without output_distribution, without shadow phase",
+        "control only, without output_distribution, without shadow phase",
     )
     ap.add_argument("--requests", type=int, default=10_000, help="latencies measured per level")
     ap.add_argument(

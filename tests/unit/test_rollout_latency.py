@@ -13,7 +13,14 @@ from edge_agent.wire.telemetry import LATENCY_BUCKETS_MS, LATENCY_FINE_BUCKETS_M
 from fleet_server.errors import RolloutPolicyError
 from fleet_server.history.cells import RollupCell
 from fleet_server.rollouts.engine import decide
-from fleet_server.rollouts.gates import GateResult, histogram_quantile_ms, latency_histograms
+from fleet_server.rollouts.gates import (
+    GateInputs,
+    GateResult,
+    histogram_quantile_ms,
+    latency_histograms,
+)
+from fleet_server.rollouts.gates.p99_latency import compare
+from fleet_server.rollouts.gates.p99_latency import verdict as p99_verdict
 from fleet_server.rollouts.metrics import DeviceObservation, WindowMetrics
 from fleet_server.rollouts.policy import RolloutPolicy, Selector, Thresholds
 from fleet_server.rollouts.state import Rollout
@@ -84,9 +91,7 @@ def test_issue_case_sub_millisecond_jump_is_not_a_breach() -> None:
     # The reported case: same compute, p99 ~1.9 ms vs ~1.0 ms from the 1 ms bucket edge.
     control = metrics((995, 5) + (0,) * 10)
     canary = metrics((981, 10, 9) + (0,) * 9)
-    from fleet_server.rollouts.gates.p99_latency import compare as _latency
-
-    g = _latency(canary, control, Thresholds(), RolloutPolicy(), True)
+    g = compare(canary, control, Thresholds(), RolloutPolicy(), True)
     assert g.status == "ok"
     assert g.measured is not None
     assert g.measured > 1.5
@@ -126,13 +131,70 @@ def test_the_tail_is_judged_against_the_controls_tail(
     """A stall share a little above 1 % puts the p99 in the stalls (ms) while the control's is
     in the compute (us); more than 1 % of the canary above the allowed p99 is then not the
     candidate's doing unless it is also well above the control's own share there."""
-    from fleet_server.rollouts.gates.p99_latency import compare
-
     rng = np.random.default_rng(5)
     canary, control = stalling(rng, 8000, canary_share), stalling(rng, 100_000, control_share)
     g = compare(canary, control, Thresholds(), RolloutPolicy(), True)
     assert g.status == status, g.detail
     assert "of control's (upper bound" in g.detail
+
+
+def slow(rng: np.random.Generator, n: int, ms: float, share: float = 0.012) -> WindowMetrics:
+    """``n`` requests of a ``ms`` model on a busy device (``share`` of them stall)."""
+    x = ms * rng.lognormal(0.0, 0.3, n)
+    x[: round(share * n)] += rng.uniform(1.0, 50.0, round(share * n))
+    return metrics(histogram(x, COARSE), fine_histogram(x))
+
+
+def gate_inputs(
+    canary: WindowMetrics,
+    control: WindowMetrics | None,
+    before: WindowMetrics | None,
+) -> GateInputs:
+    r = Rollout("ro-1", "digits", 1, 2, Selector(group="g"), policy(), created_at=T0)
+    return GateInputs(
+        r,
+        {},
+        canary=canary,
+        control=control or WindowMetrics(),
+        has_control=control is not None,
+        before=before or WindowMetrics(),
+    )
+
+
+def test_busy_canary_devices_are_judged_against_themselves_too() -> None:
+    """Against a quiet control alone the busy canary looks slower (its stalls); the same
+    devices before the switch stalled as often, so it is not a breach."""
+    rng = np.random.default_rng(3)
+    canary, before = stalling(rng, 20_000, 0.014), stalling(rng, 20_000, 0.014)
+    control = stalling(rng, 100_000, 0.0)
+    alone = compare(canary, control, Thresholds(), RolloutPolicy(), True)
+    assert alone.status == "breach", alone.detail
+    g = p99_verdict(gate_inputs(canary, control, before))
+    assert g.status == "ok", g.detail
+    assert "before the switch" in g.detail
+
+
+@pytest.mark.parametrize("with_control", [True, False])
+def test_a_slower_candidate_trips_against_every_reference(with_control: bool) -> None:
+    """Three times slower than the same devices were, and than the control: a breach; on the
+    last wave (no control left) the before-switch reference judges alone."""
+    rng = np.random.default_rng(4)
+    canary, before = slow(rng, 5000, 12.0), slow(rng, 5000, 4.0)
+    control = slow(rng, 20_000, 4.0) if with_control else None
+    g = p99_verdict(gate_inputs(canary, control, before))
+    assert g.status == "breach", g.detail
+    assert ("on control" in g.detail) == with_control
+
+
+def test_last_wave_without_a_before_window_is_skipped_and_a_short_one_waits() -> None:
+    rng = np.random.default_rng(5)
+    canary = slow(rng, 5000, 12.0)
+    skipped = p99_verdict(gate_inputs(canary, None, None))
+    assert skipped.status == "skipped"
+    assert "no control group left" in skipped.detail
+    waiting = p99_verdict(gate_inputs(canary, None, slow(rng, 50, 4.0)))
+    assert waiting.status == "waiting", waiting.detail
+    assert "no control group left" in waiting.detail
 
 
 @pytest.mark.parametrize("live_ms", [1.0, 4.0, 20.0])

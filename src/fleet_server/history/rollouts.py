@@ -39,7 +39,7 @@ from fleet_server.rollouts.metrics import (
     report_outputs,
 )
 
-__all__ = ["RolloutInputs", "before_outputs", "rollout_inputs"]
+__all__ = ["BeforeSwitch", "RolloutInputs", "before_outputs", "rollout_inputs"]
 
 _CHUNK = 500
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -52,6 +52,14 @@ class RolloutInputs:
     rows: list[StoredTelemetry] = field(default_factory=list)
     folded: WindowMetrics = field(default_factory=WindowMetrics)
     events: set[str] = field(default_factory=set)
+    outputs: OutputMoments = field(default_factory=OutputMoments)
+
+
+@dataclass
+class BeforeSwitch:
+    """One member's ``from_version`` window before it switched: metrics and output moments."""
+
+    metrics: WindowMetrics = field(default_factory=WindowMetrics)
     outputs: OutputMoments = field(default_factory=OutputMoments)
 
 
@@ -219,8 +227,9 @@ def before_outputs(
     registry: Registry,
     model: str,
     windows: Mapping[str, tuple[datetime, datetime, int | None]],
-) -> dict[str, OutputMoments]:
-    """Per device ``(since, until, version)``: its output moments of ``version`` in the range.
+) -> dict[str, BeforeSwitch]:
+    """Per device ``(since, until, version)``: its metrics and output moments of ``version``
+    in the range.
 
     The folded part comes from the rollups (whole hours from the hourly ones, 5-minute edges
     from the fine ones), the rest from the raw rows at the range's edges and after the fine
@@ -230,7 +239,7 @@ def before_outputs(
     Raises:
         RegistryUnavailableError: the database failed.
     """
-    out = {d: OutputMoments() for d in windows}
+    out = {d: BeforeSwitch() for d in windows}
     by_range: dict[tuple[datetime, datetime], list[str]] = {}
     for d, (lo, hi, _v) in windows.items():
         if lo < hi:
@@ -253,7 +262,8 @@ def before_outputs(
             for level, a, b in _levels(edge, end, hour_done):
                 _folded_part(s, model, devices, level, a, b, win, folded)
             for d in devices:
-                out[d] = out[d].merge(folded[d].outputs)
+                out[d].metrics = out[d].metrics.merge(folded[d].folded)
+                out[d].outputs = out[d].outputs.merge(folded[d].outputs)
             _raw_outputs(s, model, devices, end, hi, versions, out)
     return out
 
@@ -265,7 +275,7 @@ def _raw_outputs(
     lo: datetime,
     hi: datetime,
     versions: Mapping[str, int | None],
-    out: dict[str, OutputMoments],
+    out: dict[str, BeforeSwitch],
 ) -> None:
     if lo >= hi:
         return
@@ -284,6 +294,8 @@ def _raw_outputs(
         )
         for dev, payload in s.execute(stmt):
             prev, version = prior.get(dev), versions[dev]
-            if prev is not None and interval_metrics(prev, payload, model, version) is not None:
-                out[dev] = out[dev].merge(report_outputs(payload, model, version))
+            m = None if prev is None else interval_metrics(prev, payload, model, version)
+            if m is not None:
+                out[dev].metrics = out[dev].metrics.merge(m)
+                out[dev].outputs = out[dev].outputs.merge(report_outputs(payload, model, version))
             prior[dev] = payload

@@ -337,9 +337,9 @@ class RolloutRunner:
     def _with_before_outputs(
         self, r: Rollout, obs: list[DeviceObservation], now: datetime
     ) -> list[DeviceObservation]:
-        """Each member's ``from_version`` output moments before it switched (the output gate's
-        second reference): ``[joined - served, joined)``, ``served`` being how long it has been
-        a member (at most ``_BEFORE_MAX``)."""
+        """Each member's ``from_version`` metrics and output moments before it switched (the
+        latency and output gates' second reference): ``[joined - served, joined)``, ``served``
+        being how long it has been a member (at most ``_BEFORE_MAX``)."""
         if not r.members or r.from_version is None:
             return obs
         ranges = {
@@ -353,7 +353,13 @@ class RolloutRunner:
         }
         before = before_outputs(self._registry, r.model, ranges)
         return [
-            replace(o, outputs_before=before[o.device_id]) if o.device_id in before else o
+            replace(
+                o,
+                outputs_before=before[o.device_id].outputs,
+                metrics_before=before[o.device_id].metrics,
+            )
+            if o.device_id in before
+            else o
             for o in obs
         ]
 

@@ -254,6 +254,8 @@ class DeviceObservation:
         outputs: Output moments on the observed version, over the same window.
         outputs_before: Output moments of the rollout's ``from_version`` on this device before
             it switched (filled by the runner for members).
+        metrics_before: Window metrics of ``from_version`` on this device over the same range
+            before it switched (the latency gate's second reference; filled for members).
     """
 
     device_id: str
@@ -266,6 +268,7 @@ class DeviceObservation:
     metrics: WindowMetrics = field(default_factory=WindowMetrics)
     outputs: OutputMoments = field(default_factory=OutputMoments)
     outputs_before: OutputMoments = field(default_factory=OutputMoments)
+    metrics_before: WindowMetrics = field(default_factory=WindowMetrics)
 
     @property
     def reporting(self) -> bool:

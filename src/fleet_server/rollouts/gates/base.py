@@ -56,6 +56,7 @@ class GateInputs:
         control_outputs: The same over the reporting control group.
         before_outputs: The canary members' ``from_version`` output moments before they
             switched.
+        before: The canary members' ``from_version`` window metrics over the same range.
         shadow: The shadowed canaries' live-vs-shadow evidence, merged (shadow phase).
     """
 
@@ -67,6 +68,7 @@ class GateInputs:
     canary_outputs: OutputMoments = field(default_factory=OutputMoments)
     control_outputs: OutputMoments = field(default_factory=OutputMoments)
     before_outputs: OutputMoments = field(default_factory=OutputMoments)
+    before: WindowMetrics = field(default_factory=WindowMetrics)
     shadow: ShadowEvidence = field(default_factory=ShadowEvidence)
 
 
@@ -138,4 +140,5 @@ def quality_inputs(
         canary_outputs=OutputMoments.total(o.outputs for o in c_rep),
         control_outputs=OutputMoments.total(o.outputs for o in k_rep),
         before_outputs=OutputMoments.total(o.outputs_before for o in canary),
+        before=WindowMetrics.total(o.metrics_before for o in canary),
     )

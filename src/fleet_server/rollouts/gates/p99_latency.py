@@ -1,14 +1,23 @@
-"""The ``p99_latency`` gate (quality): the canary's p99 latency against the control's.
+"""The ``p99_latency`` gate (quality): the canary's p99 latency against the control's, and
+against the same devices' own latency before they switched.
 
-Compares the merged latency histograms of both sides (``latency_histograms``: the fine ones
-when both sides have them for every timed request, else the coarse ones; at least
-``min_requests`` timed requests per side). Trips only when the canary's p99 is both more than
-``max_p99_latency_ratio`` times and more than ``min_p99_latency_delta_ms`` above the control's,
-and the share of canary requests above that allowed p99 is, with confidence, above 1 % (a
-binomial test of the quantile) and above ``TAIL_FACTOR`` times the control's own share above
-it (the same two-sample question for the tail: a canary of two busy devices stalls a little
-more often than a control of mostly quiet ones, whatever it runs). Why each part is needed:
-docs/rollouts.md, "Latency".
+Two references, like the output gate's: the control group over the same period, and the canary
+members' ``from_version`` windows before their switch (``GateInputs.before``). Devices differ in
+how busy they are whatever they run, so a canary of busy devices against a control of quiet
+ones looks slower; the same devices before the switch do not differ in that, but in when they
+were measured. A breach needs every reference with enough requests to show it; on the last
+wave (no control left) the before-switch reference judges alone instead of the gate being
+skipped.
+
+Against one reference (``compare``) it compares the merged latency histograms of both sides
+(``latency_histograms``: the fine ones when both sides have them for every timed request, else
+the coarse ones; at least ``min_requests`` timed requests per side). Trips only when the
+canary's p99 is both more than ``max_p99_latency_ratio`` times and more than
+``min_p99_latency_delta_ms`` above the reference's, and the share of canary requests above that
+allowed p99 is, with confidence, above 1 % (a binomial test of the quantile) and above
+``TAIL_FACTOR`` times the reference's own share above it (the same two-sample question for the
+tail: a canary of two busy devices stalls a little more often than a control of mostly quiet
+ones, whatever it runs). Why each part is needed: docs/rollouts.md, "Latency".
 
 Owns this gate and the histogram quantiles it uses (``histogram_quantile_ms``); does not own
 the histograms' edges (``edge_agent.wire.telemetry``).
@@ -18,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Final
 
 from edge_agent.quality.confusion import wilson_interval
@@ -31,12 +41,35 @@ __all__ = ["GATE", "TAIL_FACTOR", "compare", "histogram_quantile_ms", "latency_h
 
 #: The canary's share of requests above the allowed p99 may be this many times the control's.
 TAIL_FACTOR: Final = 2.0
+_NAME: Final = "p99_latency"
 
 
-def verdict(i: GateInputs) -> GateResult:
-    """The canary's p99 against the control's (``compare`` on the phase's inputs)."""
-    p = i.rollout.policy
-    return compare(i.canary, i.control, p.thresholds, p, i.has_control)
+def verdict(i: GateInputs, tail_factor: float = TAIL_FACTOR) -> GateResult:
+    """The canary's p99 against every reference with enough requests; all must agree."""
+    r, p = i.rollout, i.rollout.policy
+    before = f"the same devices on v{r.from_version} before the switch"
+    refs = [("control", i.control)] if i.has_control else []
+    timed_before = sum(i.before.latency_buckets)
+    if p.thresholds.max_p99_latency_ratio is not None and not refs and not timed_before:
+        limit = p.thresholds.max_p99_latency_ratio
+        msg = f"no control group left, and no timed request of {before}"
+        return GateResult(_NAME, "skipped", None, limit, msg)
+    if timed_before >= p.min_requests or not refs:
+        refs.append((before, i.before))
+    results = [
+        (what, compare(i.canary, m, p.thresholds, p, True, tail_factor, reference=what))
+        for what, m in refs
+    ]
+    judged = [(what, g) for what, g in results if g.status in ("ok", "breach")]
+    if not judged:
+        g = results[0][1]
+        if not i.has_control and g.status == "waiting":
+            return replace(g, detail=f"no control group left; {g.detail}")
+        return g
+    status = "breach" if all(g.status == "breach" for _w, g in judged) else "ok"
+    first = judged[0][1]
+    detail = "; ".join(g.detail for _w, g in judged)
+    return GateResult(_NAME, status, first.measured, first.threshold, detail)
 
 
 def compare(
@@ -46,10 +79,13 @@ def compare(
     p: RolloutPolicy,
     has_control: bool,
     tail_factor: float = TAIL_FACTOR,
+    *,
+    reference: str = "control",
 ) -> GateResult:
-    """The verdict on the canary's ``c`` and the control's ``k`` metrics (see the module;
-    ``tail_factor`` 0 judges the canary's tail against 1 % alone, as the gate did before)."""
-    name, limit, floor = "p99_latency", t.max_p99_latency_ratio, t.min_p99_latency_delta_ms
+    """The verdict on the canary's ``c`` against one reference's ``k`` metrics (see the
+    module; ``tail_factor`` 0 judges the canary's tail against 1 % alone, as the gate did
+    before; ``reference`` names ``k`` in the message)."""
+    name, limit, floor = _NAME, t.max_p99_latency_ratio, t.min_p99_latency_delta_ms
     if limit is None:
         return GateResult(name, "skipped", None, None, "disabled")
     if not has_control:
@@ -57,7 +93,7 @@ def compare(
     b1, b2, edges, resolution = latency_histograms(c, k)
     n1, n2 = sum(b1), sum(b2)
     if min(n1, n2) < p.min_requests:
-        msg = f"p99_latency: {n1}/{n2} timed requests (canary/control), need {p.min_requests}"
+        msg = f"p99_latency: {n1}/{n2} timed requests (canary/{reference}), need {p.min_requests}"
         return GateResult(name, "waiting", None, limit, msg)
     q1, q2 = histogram_quantile_ms(b1, edges, 0.99), histogram_quantile_ms(b2, edges, 0.99)
     assert q1 is not None
@@ -78,11 +114,11 @@ def compare(
     tail_limit = max(0.01, tail_factor * hi_k)
     breach = lo > tail_limit and q1 > allowed
     detail = (
-        f"p99 {q1:.3g} ms on canary vs {q2:.3g} ms on control ({resolution} buckets): "
+        f"p99 {q1:.3g} ms on canary vs {q2:.3g} ms on {reference} ({resolution} buckets): "
         f"x{ratio:.2f}, max x{limit:.2f}; {delta:+.2f} ms, min +{floor:.2f} ms; "
         f"{above / n1:.2%} of canary requests above {allowed:.3g} ms (lower bound {lo:.2%}) "
-        f"vs {above_k / n2:.2%} of control's (upper bound {hi_k:.2%}); max "
-        f"{tail_limit:.2%} (1% or x{tail_factor:g} the control's)"
+        f"vs {above_k / n2:.2%} of {reference}'s (upper bound {hi_k:.2%}); max "
+        f"{tail_limit:.2%} (1% or x{tail_factor:g} its share)"
     )
     return GateResult(name, "breach" if breach else "ok", ratio, limit, detail)
 
@@ -145,9 +181,9 @@ def histogram_quantile_ms(buckets: Sequence[int], edges: Sequence[float], q: flo
 GATE: Final = Gate(
     name="p99_latency",
     phase="quality",
-    reads=("latency_buckets", "latency_fine"),
+    reads=("latency_buckets", "latency_fine", "metrics_before"),
     statistic="p99 ratio and difference, then the share above the allowed p99 vs 1% and "
-    "vs the control's share (Wilson bounds)",
+    "vs the reference's share (Wilson bounds); control and the same devices before the switch",
     thresholds=("max_p99_latency_ratio", "min_p99_latency_delta_ms"),
     verdict=verdict,
 )
