@@ -303,7 +303,12 @@ statuses = st.builds(
     reason=st.sampled_from(["connected", "shutdown", "connection_lost"]),
     agent_version=st.text("0123456789.", max_size=10),
 )
-acks = st.builds(TelemetryAck, device_id=devices, upto_seq=counts)
+acks = st.builds(
+    TelemetryAck,
+    device_id=devices,
+    upto_seq=counts,
+    accepts=st.lists(st.sampled_from(["packed-1", "x"]), max_size=2).map(tuple),
+)
 
 
 @st.composite
@@ -387,7 +392,7 @@ def _full() -> list[Any]:
         model.shadow_flips,
         report.resources,
         Batch("dev-1", (report, event), floor=1),
-        TelemetryAck("dev-1", 3),
+        TelemetryAck("dev-1", 3, accepts=("packed-1",)),
         event,
         StatusMessage("dev-1", "online", 1.0),
         ReportedState(

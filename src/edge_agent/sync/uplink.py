@@ -15,6 +15,13 @@ One batch is in flight at a time; the server's ``TelemetryAck`` (highest contigu
 round trip per batch. A batch that is not acknowledged within ``ack_timeout`` is sent again (the
 server deduplicates by ``(device, seq)``).
 
+Encoding: a batch leaves as canonical JSON unless the latest acknowledgement listed
+``compact.PACKED_ENCODING`` in ``accepts`` (a server that reads it says so in every ack); then it
+leaves packed (``edge_agent.wire.compact``: the same JSON, losslessly about a tenth of the size
+with drift windows). A resend after an ack timeout goes as JSON and packing stops until an ack
+lists the encoding again, as it does after a reconnect: a server replaced by one that cannot
+read the packed form costs one ack timeout, never a jammed outbox.
+
 Entries are stored with ``seq`` 0 and get their real ``seq`` when a batch is built, because the
 outbox assigns it on insert. Does not build reports (``telemetry.report_from_status`` does) and
 does not own the MQTT session: ``publish`` is whatever sends bytes to a topic.
@@ -38,6 +45,7 @@ from edge_agent.errors import (
 )
 from edge_agent.strict_json import loads as strict_loads
 from edge_agent.sync.outbox import Outbox, Priority
+from edge_agent.wire.compact import PACKED_ENCODING, pack_message
 from edge_agent.wire.telemetry import (
     MAX_PAYLOAD_BYTES,
     Batch,
@@ -69,6 +77,7 @@ class UplinkStats:
     unreadable_entries: int = 0
     oversized_entries: int = 0
     unsendable_dropped: int = 0
+    packed_sent: int = 0
 
 
 class Uplink:
@@ -97,6 +106,7 @@ class Uplink:
         self._lock = threading.Lock()
         self._in_flight: int | None = None  # highest seq of the batch awaiting its ack
         self._sent_at = 0.0
+        self._packed = False  # the latest ack said the server reads the packed encoding
         self._stats: dict[str, int] = dict.fromkeys(UplinkStats.__dataclass_fields__, 0)
         try:
             self._drops_seen = _drop_totals(outbox)  # drops already counted when we started
@@ -189,12 +199,23 @@ class Uplink:
                 return False
             # The floor is the first item sent: entries before it (unreadable ones) are gone.
             batch = Batch(self._device_id, tuple(items), floor=items[0].seq)
+            body = batch.to_bytes()
+            if resend:
+                self._packed = False  # perhaps a server that cannot read it: JSON until told
+            packed = self._packed
+            if packed:
+                try:
+                    body = pack_message(body)
+                except ContractError as exc:  # our own canonical JSON: a bug, send it as JSON
+                    log.error("telemetry batch not packed, sent as JSON: %s", exc)
+                    packed = False
             try:
-                self._publish(self._telemetry_topic, batch.to_bytes())
+                self._publish(self._telemetry_topic, body)
             except TransportError as exc:
                 self._stats["publish_failures"] += 1
                 log.debug("telemetry batch not sent: %s", exc)
                 return False
+            self._stats["packed_sent"] += int(packed)
             self._stats["resends" if resend else "batches_sent"] += 1
             self._in_flight = items[-1].seq
             self._sent_at = now
@@ -229,6 +250,7 @@ class Uplink:
                 if self._drop_notice is not None and ack.upto_seq >= self._drop_notice:
                     self._drop_notice = None
                 self._stats["acks"] += 1
+                self._packed = PACKED_ENCODING in ack.accepts
                 self._stats["acked_entries"] += deleted
                 if deleted or (self._in_flight is not None and ack.upto_seq >= self._in_flight):
                     # Progress: send what is left (a partial ack means the server lacks the
@@ -248,6 +270,7 @@ class Uplink:
         """Forget the batch in flight (after a reconnect: send again at once)."""
         with self._lock:
             self._in_flight = None
+            self._packed = False
 
     def stats(self) -> UplinkStats:
         """A snapshot of the counters."""

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from edge_agent.errors import ContractError
+from edge_agent.wire.compact import is_packed, unpack_message
 from edge_agent.wire.fields import (
     MAX_PAYLOAD_BYTES,
     SCHEMA_VERSION,
@@ -83,6 +84,8 @@ __all__ = [
 ]
 
 MAX_BATCH_ITEMS: Final = 256
+#: Encodings one ack may list.
+MAX_ACCEPTS: Final = 8
 EVENT_KINDS: Final = (
     "installed",
     "install_failed",
@@ -327,23 +330,33 @@ class TelemetryAck(Wire):
     device_id: str
     upto_seq: int
     schema_version: int = SCHEMA_VERSION
+    # Telemetry encodings besides JSON this server reads (``compact.PACKED_ENCODING``); the
+    # agent uses one only while the latest ack lists it. Absent from older servers' acks.
+    accepts: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict."""
-        return {
+        """JSON-safe dict (``accepts`` only when not empty: older acks stay byte-identical)."""
+        out: dict[str, Any] = {
             "schema_version": self.schema_version,
             "type": "ack",
             "device_id": self.device_id,
             "upto_seq": self.upto_seq,
         }
+        if self.accepts:
+            out["accepts"] = list(self.accepts)
+        return out
 
     @classmethod
     def from_dict(cls, d: Any) -> TelemetryAck:
-        """Parse strictly. Raises ContractError (bad version, device id or seq)."""
+        """Parse strictly. Raises ContractError (bad version, device id, seq or accepts)."""
         d = check_header(d, "ack")
+        accepts = d.get("accepts", [])
+        if not isinstance(accepts, list) or len(accepts) > MAX_ACCEPTS:
+            raise ContractError(f"ack: accepts must be a list of at most {MAX_ACCEPTS} labels")
         return cls(
             device_id=as_device_id(require(d, "device_id", "ack")),
             upto_seq=as_int(require(d, "upto_seq", "ack"), "ack.upto_seq"),
+            accepts=tuple(as_label(a, "ack.accepts[]") for a in accepts),
         )
 
     @classmethod
@@ -364,11 +377,14 @@ _DECODERS: Final[dict[str, Any]] = {
 def decode_message(
     data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES
 ) -> TelemetryReport | Event | Batch | StatusMessage | TelemetryAck:
-    """Parse any telemetry payload by its ``type`` field (what an ingest worker calls).
+    """Parse any telemetry payload by its ``type`` field (what an ingest worker calls); a
+    payload in the packed form (``edge_agent.wire.compact``) is unpacked to its JSON first.
 
     Raises:
         ContractError: oversized, not JSON, an unknown type, or invalid for its type.
     """
+    if is_packed(data):
+        data = unpack_message(data, max_bytes=max_bytes)
     d = as_object(load_json(data, max_bytes), "payload")
     kind = d.get("type")
     decoder = _DECODERS.get(kind) if isinstance(kind, str) else None

@@ -56,7 +56,11 @@ from fleet_server.delivery.desired import parse_document
 from fleet_server.errors import RegistryError, RegistryUnavailableError
 from fleet_server.gateway.config import REJECT_REASONS, GatewayStats
 from fleet_server.gateway.ingest import IngestWorker
-from fleet_server.gateway.ingest_parse import parse_telemetry, refusal_reason
+from fleet_server.gateway.ingest_parse import (
+    ACCEPTED_ENCODINGS,
+    parse_telemetry,
+    refusal_reason,
+)
 from fleet_server.gateway.misbehaviour import DeviceMisbehaviour, MisbehaviourBook, PresenceBook
 from fleet_server.registry.store import Registry
 from fleet_server.registry.values import IngestResult
@@ -352,7 +356,9 @@ class Gateway:
         publishes, which a broker that drops PUBACKs under a flood (Mosquitto 2.0 past
         ``max_queued_messages``) freezes until the session reconnects.
         """
-        ack = TelemetryAck(device_id=result.device_id, upto_seq=result.acked_upto)
+        ack = TelemetryAck(
+            device_id=result.device_id, upto_seq=result.acked_upto, accepts=ACCEPTED_ENCODINGS
+        )
         try:
             p = self._topics.publication("ack", result.device_id)
             self._client.publish(p.topic, ack.to_bytes(), p.qos, p.retain)

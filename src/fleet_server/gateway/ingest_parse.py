@@ -13,6 +13,12 @@ good entries around it are stored, and the operator sees the refusal (``telemetr
 per-device counters). A message whose envelope is wrong (not JSON, another device, a bad
 header) is refused whole and not acknowledged: no honest agent sends one.
 
+Encodings: a payload is canonical JSON or, from agents that were told the server reads it
+(``ACCEPTED_ENCODINGS``, listed in every ack), the packed form of the same JSON
+(``edge_agent.wire.compact``). A packed payload is unpacked first, bounded by
+``MAX_PAYLOAD_BYTES`` like JSON, and then parsed exactly as the JSON it encodes; one that does not
+unpack (damaged, truncated, another format version, inflating beyond the cap) is ``malformed``.
+
 Does not store, count or acknowledge anything (``fleet_server.gateway.ingest``, the gateway do).
 """
 
@@ -26,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from edge_agent.errors import ContractError
+from edge_agent.wire.compact import PACKED_ENCODING, is_packed, unpack_message
 from edge_agent.wire.fields import MAX_INT
 from edge_agent.wire.telemetry import (
     MAX_BATCH_ITEMS,
@@ -40,6 +47,7 @@ from fleet_server.errors import DeviceRevokedError, RegistryError, UnknownDevice
 from fleet_server.registry.values import TelemetryEntry
 
 __all__ = [
+    "ACCEPTED_ENCODINGS",
     "REFUSED_KIND",
     "IngestItem",
     "parse_telemetry",
@@ -49,6 +57,8 @@ __all__ = [
 
 #: ``kind`` of the placeholder row stored for an entry that was refused (see the docstring).
 REFUSED_KIND: Final = "refused"
+#: Telemetry encodings besides JSON this parser reads; the gateway lists them in its acks.
+ACCEPTED_ENCODINGS: Final = (PACKED_ENCODING,)
 _SAFE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
@@ -79,18 +89,24 @@ def parse_telemetry(kind: str, device_id: str, payload: bytes) -> IngestItem | s
         kind: the topic kind, ``"telemetry"`` (a ``Batch`` or a single report or event) or
             ``"events"`` (a single ``Event``).
         device_id: the device named by the topic (the broker ACL ties it to the certificate).
-        payload: the message bytes.
+        payload: the message bytes (JSON, or its packed form).
 
     Returns:
         The ``IngestItem`` to store (invalid entries of a well-formed message replaced by
         ``refused`` placeholders), or the reject reason of the whole message: ``oversized``
-        (above ``MAX_PAYLOAD_BYTES``, not parsed at all), ``malformed`` (not JSON, unknown
+        (above ``MAX_PAYLOAD_BYTES``, not parsed at all), ``malformed`` (not JSON nor a packed
+        form that unpacks, unknown
         schema version or type, an unreadable envelope or ``seq``), ``wrong_type`` (a valid
         payload that does not belong on this topic) or ``device_mismatch`` (a payload or item
         names another device).
     """
     if len(payload) > MAX_PAYLOAD_BYTES:
         return "oversized"
+    if is_packed(payload):
+        try:
+            payload = unpack_message(payload, max_bytes=MAX_PAYLOAD_BYTES)
+        except ContractError:
+            return "malformed"
     try:
         decoded = decode_message(payload)
     except ContractError:

@@ -1,0 +1,277 @@
+"""Measure what telemetry costs on a device's link: bytes per message and per device per day.
+
+Builds real reports the way the agent does: the digits MLP from the project's own builder
+(``model_builder.examples.digits_mlp``, quantized, signed), installed in a real ``Agent`` with
+the drift and sync settings of the example config (``deploy/agent.example.toml``: drift windows
+of ``window_values`` rows or ``window_seconds``, one report per ``report_interval_seconds``),
+real digits rows through the real pipeline (so real tier-A windows close), a report built every
+interval by ``report_from_status`` from ``Agent.status()`` and the closed windows, wrapped in the
+``Batch`` the uplink publishes. Time is simulated (the agent's clock is real elapsed time plus the
+simulated gaps between requests, so latencies are real); three traffic levels: idle, 1 and
+10 requests per second (one row each).
+
+Each message is encoded as:
+
+- ``json``: today's canonical JSON (drift views as base64 of ``TierAView.to_bytes``, ``EFTA``);
+- ``json+zlib``: the same, DEFLATE level 9 (zlib is in the stdlib; zstd is not a dependency);
+- ``json, packed views``: JSON with each view as base64 of the packed view
+  (``edge_agent.wire.compact.pack_view``), without and with zlib;
+- ``binary``: the JSON without views plus the packed views as bytes (the body of ``packed-1``),
+  without compression;
+- ``packed-1``: the wire form agents send to servers that accept it
+  (``edge_agent.wire.compact.pack_message``: that body, raw DEFLATE with a preset dictionary);
+- ``packed-1, k reports``: one message every k report intervals holding k reports (what a
+  longer send interval would cost: edges and keys repeat inside one DEFLATE stream).
+
+Per day = mean bytes per message x messages per day (86,400 / report interval). Payload bytes
+only: MQTT fixed header, topic (about 40 bytes) and TLS records come on top of every message,
+and the server's acks travel the other way.
+
+Usage:
+    .venv/bin/python bench/bench_telemetry_bytes.py [--minutes 30] [--config CONFIG]
+        [--report-interval SECONDS] [--window-seconds SECONDS] [--window-values ROWS]
+
+``--config`` defaults to ``deploy/agent.example.toml``; the other options override its
+``[sync] report_interval_seconds`` and ``[drift] window_seconds`` / ``window_values`` (what an
+adaptive interval or window would choose under traffic).
+
+Runtime: about a minute (mostly building the model and 10 req/s of simulated traffic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import json
+import statistics
+import sys
+import tempfile
+import time
+import zlib
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.config import AgentConfig, StoreConfig, load_config
+from edge_agent.drift import TierAView
+from edge_agent.runtime.device import detect_device_profile
+from edge_agent.serving.agent import Agent
+from edge_agent.serving.service import InferenceRequest
+from edge_agent.store import ModelStore
+from edge_agent.sync.telemetry_feed import process_resources
+from edge_agent.wire.compact import pack_message, pack_view, unpack_message
+from edge_agent.wire.telemetry import Batch, TelemetryAck, TelemetryReport, report_from_status
+from fleet_server.gateway.ingest_parse import ACCEPTED_ENCODINGS
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICE_ID = "gateway-0001"
+LEVELS = (("idle", 0.0), ("1 req/s", 1.0), ("10 req/s", 10.0))
+BATCHED = (4, 10)
+
+
+def build_bundle(work: Path) -> tuple[Path, Any, np.ndarray]:
+    """Train, quantize and sign the digits MLP; returns (bundle, trusted root, eval inputs)."""
+    from model_builder.build import build_bundle as build
+    from model_builder.config import BuildConfig
+    from model_builder.data import Dataset
+    from model_builder.examples import digits_mlp
+    from model_builder.keystore import KeyStore
+
+    ex = digits_mlp()
+    now = datetime.now(UTC)
+    keys = KeyStore.init(work / "keys", now=now)
+    res = build(
+        ex.model_bytes,
+        "onnx",
+        Dataset({"input": ex.x_calib}, None),
+        Dataset({"input": ex.x_eval}, ex.y_eval),
+        (ex.input_contract(max_batch=64), ex.output_contract()),
+        BuildConfig(name="digits", version=1, measure_latency=False, arch=("any",)),
+        keys,
+        now=now,
+    )
+    bundle = work / "digits-1.efb"
+    bundle.write_bytes(res.bundle)
+    return bundle, keys.trusted_root(), ex.x_eval.astype(np.float32)
+
+
+class SimClock:
+    """Real elapsed time (so the pipeline measures real latencies) plus simulated gaps."""
+
+    def __init__(self) -> None:
+        self._t0 = time.perf_counter()
+        self.offset = 1000.0
+
+    def __call__(self) -> float:
+        return self.offset + time.perf_counter() - self._t0
+
+
+def simulate(
+    example: AgentConfig, bundle: Path, root: Any, rows: np.ndarray, rate: float, minutes: float
+) -> list[TelemetryReport]:
+    """Reports of one device serving ``rate`` requests/s for ``minutes`` (simulated)."""
+    interval = example.sync.report_interval_seconds
+    with tempfile.TemporaryDirectory() as tmp:
+        config = AgentConfig(
+            store=StoreConfig(state_dir=tmp),
+            drift=example.drift,
+            model_defaults=example.model_defaults,
+        )
+        clock = SimClock()
+        store = ModelStore(Path(tmp), root, detect_device_profile())
+        agent = Agent(config, store, clock=clock, background_drift=False)
+        agent.install(bundle)
+        agent.start()
+        rng = np.random.default_rng(20261207)
+        wall0 = 1_796_000_000.0
+        reports: list[TelemetryReport] = []
+        window_start = wall0
+        per_report = round(rate * interval)
+        for i in range(int(minutes * 60 / interval)):
+            for _ in range(per_report):
+                clock.offset += 1.0 / rate
+                j = int(rng.integers(len(rows)))
+                agent.infer(InferenceRequest("digits", {"input": rows[j : j + 1]}))
+            if not per_report:
+                clock.offset += interval
+            agent.tick()
+            windows = agent.drift_windows.drain()
+            now = wall0 + (i + 1) * interval
+            report = report_from_status(
+                DEVICE_ID,
+                i + 1,
+                agent.status(),
+                windows,
+                now,
+                window_start=window_start,
+                resources=process_resources(agent.registry.memory_used()),
+            )
+            reports.append(report)
+            window_start = now
+        agent.close()
+    return reports
+
+
+def _views_packed(doc: dict[str, Any], as_base64: bool) -> tuple[dict[str, Any], list[bytes]]:
+    """``doc`` with every drift view packed: base64 in place, or an index plus the bytes."""
+    out: list[bytes] = []
+    for item in doc["items"]:
+        for model in item.get("models", {}).values():
+            for window in model["drift"]:
+                packed = pack_view(TierAView.from_bytes(base64.b64decode(window["view"])))
+                window["view"] = base64.b64encode(packed).decode() if as_base64 else len(out)
+                out.append(packed)
+    return doc, out
+
+
+def _dumps(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def encodings(message: bytes) -> dict[str, int]:
+    """Bytes of one JSON batch message under every candidate encoding."""
+    z = zlib.compress
+    b64_doc, _ = _views_packed(json.loads(message), as_base64=True)
+    b64 = _dumps(b64_doc)
+    idx_doc, views = _views_packed(json.loads(message), as_base64=False)
+    binary = len(_dumps(idx_doc)) + sum(len(v) + 2 for v in views)
+    packed = pack_message(message)
+    assert unpack_message(packed) == message  # lossless, byte for byte
+    return {
+        "json": len(message),
+        "json+zlib": len(z(message, 9)),
+        "json, packed views": len(b64),
+        "json, packed views+zlib": len(z(b64, 9)),
+        "binary (packed-1 body)": binary,
+        "packed-1 (binary+deflate+dict)": len(packed),
+    }
+
+
+def batched(reports: list[TelemetryReport], k: int) -> list[bytes]:
+    """One packed message per ``k`` consecutive reports."""
+    out = []
+    for i in range(0, len(reports) - k + 1, k):
+        batch = Batch(DEVICE_ID, tuple(reports[i : i + k]), floor=reports[i].seq)
+        out.append(pack_message(batch.to_bytes()))
+    return out
+
+
+def measure(reports: list[TelemetryReport], per_day: float) -> dict[str, tuple[float, float]]:
+    """Mean bytes per report interval and bytes per device per day, by encoding."""
+    rows: dict[str, list[int]] = {}
+    for r in reports:
+        message = Batch(DEVICE_ID, (r,), floor=r.seq).to_bytes()
+        for name, n in encodings(message).items():
+            rows.setdefault(name, []).append(n)
+    out = {name: statistics.fmean(v) for name, v in rows.items()}
+    for k in BATCHED:
+        out[f"packed-1, {k} reports a message"] = (
+            statistics.fmean(map(len, batched(reports, k))) / k
+        )
+    return {name: (mean, mean * per_day) for name, mean in out.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--minutes", type=float, default=30.0, help="simulated per level")
+    parser.add_argument("--config", type=Path, default=ROOT / "deploy" / "agent.example.toml")
+    parser.add_argument("--report-interval", type=float, default=0.0, help="override, seconds")
+    parser.add_argument("--window-seconds", type=float, default=0.0, help="override, seconds")
+    parser.add_argument("--window-values", type=int, default=0, help="override, rows")
+    args = parser.parse_args(argv)
+    example = load_config(args.config, env={})
+    if args.report_interval:
+        sync = dataclasses.replace(example.sync, report_interval_seconds=args.report_interval)
+        example = dataclasses.replace(example, sync=sync)
+    if args.window_seconds or args.window_values:
+        drift = dataclasses.replace(
+            example.drift,
+            window_seconds=args.window_seconds or example.drift.window_seconds,
+            window_values=args.window_values or example.drift.window_values,
+        )
+        example = dataclasses.replace(example, drift=drift)
+    interval = example.sync.report_interval_seconds
+    per_day = 86_400 / interval
+    shown = args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config
+    print(
+        f"config {shown}: report every {interval:g} s ({per_day:g}/day), drift windows of"
+        f" {example.drift.window_values} rows or {example.drift.window_seconds:g} s;"
+        f" {args.minutes:g} simulated minutes per level"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle, root, rows = build_bundle(Path(tmp))
+        results: dict[str, dict[str, tuple[float, float]]] = {}
+        windows: dict[str, int] = {}
+        for label, rate in LEVELS:
+            reports = simulate(example, bundle, root, rows, rate, args.minutes)
+            windows[label] = sum(len(m.drift) for r in reports for m in r.models.values())
+            results[label] = measure(reports, per_day)
+    names = list(next(iter(results.values())))
+    heads = [label for label, _ in LEVELS]
+    print(
+        "\ndrift windows per day: "
+        + ", ".join(
+            f"{h}: {windows[h] * per_day / (args.minutes * 60 / interval):,.0f}" for h in heads
+        )
+    )
+    print("\n| encoding | " + " | ".join(f"{h}: B/report, MB/day" for h in heads) + " |")
+    print("|---|" + "---|" * len(heads))
+    for name in names:
+        cells = [f"{results[h][name][0]:,.0f} B, {results[h][name][1] / 1e6:.2f} MB" for h in heads]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    old, new = (
+        TelemetryAck(DEVICE_ID, 123456),
+        TelemetryAck(DEVICE_ID, 123456, accepts=ACCEPTED_ENCODINGS),
+    )
+    print(
+        f"\nacks (server -> device, one per message): {len(old.to_bytes())} B before,"
+        f" {len(new.to_bytes())} B with accepts ({len(new.to_bytes()) * per_day / 1e6:.2f} MB/day)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
