@@ -35,7 +35,7 @@ Usage:
 ``[sync] report_interval_seconds`` and ``[drift] window_seconds`` / ``window_values`` (what an
 adaptive interval or window would choose under traffic).
 
-Runtime: about a minute (mostly building the model and 10 req/s of simulated traffic).
+Runtime: about 15 s on 2 cores (mostly building the model and 10 req/s of simulated traffic).
 """
 
 from __future__ import annotations
