@@ -20,8 +20,11 @@ also take the ``telemetry-history`` leader lock so only one does the work.
 
 Retention never deletes a raw row that is not folded yet (nor a fine rollup not yet folded into
 its hour), whatever the configured retention: the cut is ``min(now - retention, folded_until)``.
-Deletes go in batches of ``delete_batch`` rows by the indexed time column, one short transaction
-each, so ingest (which on SQLite waits for the database write lock) waits at most one batch.
+On PostgreSQL raw rows go by whole daily partitions (created ahead at each run, dropped once they
+end at or before the cut; ``fleet_server.history.retention``); on SQLite, and for the default
+partition on PostgreSQL, deletes go in batches of ``delete_batch`` rows by the indexed time
+column, one short transaction each, so ingest (which on SQLite waits for the database write lock)
+waits at most one batch. Dedupe keys older than the cut are pruned the same way, in batches.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Connection, delete, func, insert, select, update
 
+from fleet_server.history import retention
 from fleet_server.history.cells import CellKey, RawRow, RollupCell, fold_rows, merge_cells
 from fleet_server.history.queries import last_reports
 from fleet_server.jobs.leader import LeaderLock
@@ -70,6 +74,7 @@ class HistoryPolicy:
     delete_batch: int = 2000
     max_buckets_per_run: int = 2000
     max_delete_batches_per_run: int = 500
+    partitions_ahead_days: int = 2  # PostgreSQL: daily partitions made ahead of today
 
 
 @dataclass
@@ -80,6 +85,9 @@ class RunReport:
     hour_buckets: int = 0
     raw_deleted: int = 0
     rollups_deleted: int = 0
+    partitions_created: int = 0
+    partitions_dropped: int = 0
+    keys_pruned: int = 0
 
 
 class _LostRaceError(Exception):
@@ -126,6 +134,11 @@ class HistoryJob:
                 break
             out.hour_buckets += 1
         self._retention(now, out)
+        # After retention: rows that landed in PostgreSQL's default partition and are already
+        # past the cut were deleted above, not moved into a new partition.
+        out.partitions_created = retention.ensure_partitions(
+            self._registry, now, self._policy.partitions_ahead_days
+        )
         return out
 
     def folded_until(self, level: int) -> datetime | None:
@@ -241,11 +254,18 @@ class HistoryJob:
         raw_cut = min(now - timedelta(seconds=p.raw_retention_seconds), fine_done)
         fine_cut = min(now - timedelta(seconds=p.fine_retention_seconds), hour_done)
         hour_cut = now - timedelta(seconds=p.hour_retention_seconds)
+        out.partitions_dropped = retention.drop_partitions(self._registry, raw_cut)
         budget = p.max_delete_batches_per_run
         while budget > 0:
             budget -= 1
-            n = self._delete_raw(raw_cut)
+            n = retention.delete_raw_batch(self._registry, raw_cut, p.delete_batch)
             out.raw_deleted += n
+            if n < p.delete_batch:
+                break
+        while budget > 0:
+            budget -= 1
+            n = retention.prune_keys_batch(self._registry, raw_cut, p.delete_batch)
+            out.keys_pruned += n
             if n < p.delete_batch:
                 break
         for level, cut in ((FINE, fine_cut), (HOUR, hour_cut)):
@@ -255,19 +275,6 @@ class HistoryJob:
                 out.rollups_deleted += n
                 if n == 0:
                     break
-
-    def _delete_raw(self, cut: datetime) -> int:
-        ids = (
-            select(TelemetryRow.id)
-            .where(TelemetryRow.received_at < cut)
-            .order_by(TelemetryRow.received_at)
-            .limit(self._policy.delete_batch)
-        )
-        with self._registry.write_session("deleting old telemetry") as s:
-            found = list(s.scalars(ids))
-            if found:
-                s.execute(delete(TelemetryRow).where(TelemetryRow.id.in_(found)))
-            return len(found)
 
     def _delete_oldest_bucket(self, level: int, cut: datetime) -> int:
         with self._registry.write_session("deleting old rollups") as s:
