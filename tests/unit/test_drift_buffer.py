@@ -19,7 +19,7 @@ from edge_agent.drift import DriftMonitor, MonitorPolicy, build_baseline
 from edge_agent.drift.monitor import DriftWindow
 from edge_agent.errors import ConfigError, OutboxError
 from edge_agent.serving.agent import Agent
-from edge_agent.serving.drift_buffer import DriftWindowBuffer, WindowItem, window_nbytes
+from edge_agent.common.drift_buffer import DriftWindowBuffer, WindowItem, window_nbytes
 from edge_agent.serving.service import InferenceRequest
 from edge_agent.store import ModelStore
 from edge_agent.sync.telemetry_feed import TelemetryFeed

@@ -7,7 +7,7 @@ the drift windows closed since the last one, process resources and what the outb
 dropped. A report carries each model's newest ``MAX_WINDOWS`` drift windows (one that would
 not fit one telemetry message keeps the newest half of them); the windows left out are counted
 in ``telemetry_dropped["drift_windows"]``, with those the agent's buffer dropped to stay within
-its memory budget (``serving.drift_buffer``). Windows that start a drift alert add a
+its memory budget (``common.drift_buffer``). Windows that start a drift alert add a
 ``drift_alert`` event.
 
 Does not decide when a report is due or send anything (``loop`` schedules, ``uplink.Uplink``
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from edge_agent.errors import EdgefleetError
 from edge_agent.serving.agent import Agent
-from edge_agent.serving.drift_buffer import WindowItem
+from edge_agent.common.drift_buffer import WindowItem
 from edge_agent.sync.outbox import Outbox
 from edge_agent.sync.uplink import MAX_ITEM_BYTES, Uplink
 from edge_agent.wire.telemetry import Resources, event_from_registry, report_from_status
