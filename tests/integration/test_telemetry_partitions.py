@@ -24,6 +24,7 @@ from fleet_server.jobs.history import HistoryJob, HistoryPolicy
 from fleet_server.registry.models import DeviceSeq, TelemetryKey, TelemetryRow
 from fleet_server.registry.store import Registry
 from fleet_server.registry.values import TelemetryEntry
+from pg import PgCluster
 
 DAY0 = datetime(2026, 6, 1, tzinfo=UTC)
 
@@ -286,3 +287,24 @@ def test_two_workers_and_the_pruner_store_every_entry_once(
         parts = by_partition(reg)
         assert set(parts) == {"telemetry_p20260601", "telemetry_p20260602"}  # both days
         assert sum(parts.values()) == n * len(devices)
+
+
+def test_a_partition_drop_that_would_wait_for_a_lock_is_left_for_the_next_run_postgres(
+    pg: PgCluster, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long read holds ``telemetry``: the drop gives up after the lock timeout instead of
+    queueing (with ingest queued behind it), and succeeds on the next run."""
+    reg = Registry.open(pg.new_database(), clock=clock.wall)
+    reg.upgrade()
+    reg.enroll("cam-1")
+    retention.ensure_partitions(reg, clock.wall(), 0)
+    reg.ingest("cam-1", entries(1))
+    monkeypatch.setattr(retention, "LOCK_TIMEOUT", "200ms")
+    cut = clock.utc + timedelta(days=2)
+    with reg.engine.connect() as reader:
+        reader.execute(text("SELECT count(*) FROM telemetry")).all()  # holds ACCESS SHARE
+        assert retention.drop_partitions(reg, cut) == 0
+        assert reg.ingest("cam-1", entries(2)).inserted == 1  # ingest was not held up
+    assert retention.drop_partitions(reg, cut) == 1
+    assert stored(reg) == []
+    reg.close()
