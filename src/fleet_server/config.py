@@ -119,6 +119,10 @@ class GatewayConfig:
     # A device is online when its status says so and it spoke within this many seconds
     # (agents report every 30 s by default).
     presence_timeout_seconds: float = 120.0
+    # Offer devices the packed telemetry encoding in every ack (``packed-1``: about a tenth of
+    # the bytes). False keeps every device on JSON, for consumers of the MQTT telemetry topics
+    # that read JSON only (``edge_agent.wire.compact.decode_message`` reads both).
+    packed_telemetry: bool = True
 
     def validate(self) -> None:
         """Check every value (``load_config`` does, and so does the gateway it is given to).

@@ -48,13 +48,18 @@ def _report_with_windows() -> TelemetryReport:
     return TelemetryReport.from_dict({**report, "device_id": "dev-1", "seq": 0})
 
 
+@pytest.mark.parametrize("offered", [True, False])
 def test_device_switches_to_packed_after_the_gateway_says_it_reads_it(
-    tmp_path: Path, registry: Registry
+    tmp_path: Path, registry: Registry, offered: bool
 ) -> None:
+    """``[gateway] packed_telemetry = false`` keeps every device on JSON (for consumers of the
+    telemetry topics that read JSON only)."""
     clock = FakeClock()
     broker = MemoryBroker(clock=clock, blocking=True)
     server = broker.client("fleet.server")
-    config = GatewayConfig(bundles_dir=tmp_path / "bundles", ingest_max_wait_seconds=0.0)
+    config = GatewayConfig(
+        bundles_dir=tmp_path / "bundles", ingest_max_wait_seconds=0.0, packed_telemetry=offered
+    )
     config.bundles_dir.mkdir()
     gateway = Gateway(registry, server, config, clock=clock.time)
     gateway.start()
@@ -80,9 +85,10 @@ def test_device_switches_to_packed_after_the_gateway_says_it_reads_it(
         sync.uplink.add_report(_report_with_windows())
         sync.step()
         assert broker.pump_until(lambda: sync.outbox.stats().entries == 0, WAIT), "not acked"
-        assert [is_packed(p) for p in seen] == [False, True]
-        assert len(seen[1]) * 5 < len(seen[0])
-        assert sync.uplink.stats().packed_sent == 1
+        assert [is_packed(p) for p in seen] == [False, offered]
+        if offered:
+            assert len(seen[1]) * 5 < len(seen[0])
+        assert sync.uplink.stats().packed_sent == int(offered)
         stored = registry.telemetry(device_id="dev-1", limit=10, kind="report")
         assert len(stored) == 2
         assert stored[0].payload["models"] == stored[1].payload["models"]  # same information

@@ -357,7 +357,9 @@ class Gateway:
         ``max_queued_messages``) freezes until the session reconnects.
         """
         ack = TelemetryAck(
-            device_id=result.device_id, upto_seq=result.acked_upto, accepts=ACCEPTED_ENCODINGS
+            device_id=result.device_id,
+            upto_seq=result.acked_upto,
+            accepts=ACCEPTED_ENCODINGS if self._config.packed_telemetry else (),
         )
         try:
             p = self._topics.publication("ack", result.device_id)
