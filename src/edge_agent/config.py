@@ -16,6 +16,7 @@ same rules. Absolute paths are used as they are.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from edge_agent.common.config_loader import apply_env, build_section, read_toml
+from edge_agent.contract.manifest import MAX_VERSION
 from edge_agent.errors import ConfigError, ContractError
 from edge_agent.runtime.base import RuntimeOptions
 from edge_agent.wire.topics import Topics
@@ -57,9 +59,16 @@ class ApiConfig:
     # 0 requests turns the memory off; it holds at most 16 request rows per request on average.
     feedback_requests: int = 10_000
     feedback_seconds: float = 3600.0
+    # The model repository extension's load and unload (and its index): control endpoints, off
+    # by default; on, ``host`` (and ``[grpc] host``) must be a loopback address.
+    repository_control: bool = False
 
     def validate(self) -> None:
         _check(0 <= self.port <= 65535, "api.port must be 0..65535")
+        _check(
+            not self.repository_control or is_loopback(self.host),
+            f"api.repository_control needs a loopback api.host, not {self.host!r}",
+        )
         _check(0 <= self.feedback_requests <= 1_000_000, "api.feedback_requests: 0..1000000")
         _check(self.feedback_seconds > 0, "api.feedback_seconds must be positive")
         _check(self.max_request_bytes >= 1024, "api.max_request_bytes must be >= 1024")
@@ -233,6 +242,91 @@ class ModelPolicy:
         )
 
 
+#: The kinds of ``[serving] version_policy`` (as OpenVINO Model Server's model version policy).
+VERSION_POLICY_KINDS = ("latest", "specific", "all")
+#: At most this many versions in a ``latest`` or ``specific`` policy (a device keeps a few).
+MAX_POLICY_VERSIONS = 64
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which kept versions of a model serve by number (``/v2/models/{name}/versions/{v}``).
+
+    ``latest`` (``count``): the active version and the ``count - 1`` newest other servable kept
+    versions; ``specific`` (``versions``): those of the listed versions that are kept and
+    servable; ``all``: every servable kept version. The active version always serves (the store
+    and the fleet choose it). ``serving.routing.served_versions`` applies it.
+    """
+
+    kind: str = "latest"
+    count: int = 1
+    versions: tuple[int, ...] = ()
+
+    @classmethod
+    def from_toml(cls, value: Any) -> VersionPolicy:
+        """``{latest = N}``, ``{specific = [v, ...]}`` or ``{all = true}``.
+
+        Raises:
+            ConfigError: anything else (the message names ``serving.version_policy``).
+        """
+        where = "serving.version_policy"
+        if not isinstance(value, dict) or len(value) != 1:
+            raise ConfigError(
+                f"{where} must be one of {{latest = N}}, {{specific = [v, ...]}}, "
+                f"{{all = true}}; got {value!r}"
+            )
+        ((kind, arg),) = value.items()
+        if kind == "latest":
+            _check(
+                type(arg) is int and 1 <= arg <= MAX_POLICY_VERSIONS,
+                f"{where}.latest must be an integer 1..{MAX_POLICY_VERSIONS}, got {arg!r}",
+            )
+            return cls("latest", count=arg)
+        if kind == "specific":
+            ok = isinstance(arg, list) and 1 <= len(arg) <= MAX_POLICY_VERSIONS
+            ok = ok and all(type(v) is int and 1 <= v <= MAX_VERSION for v in arg)
+            _check(
+                ok and len(set(arg)) == len(arg),
+                f"{where}.specific must list 1..{MAX_POLICY_VERSIONS} distinct versions "
+                f"(integers 1..{MAX_VERSION}), got {arg!r}",
+            )
+            return cls("specific", count=0, versions=tuple(sorted(arg)))
+        if kind == "all":
+            _check(arg is True, f"{where}.all must be true, got {arg!r}")
+            return cls("all", count=0)
+        raise ConfigError(f"{where}: unknown policy {kind!r} (one of {VERSION_POLICY_KINDS})")
+
+    def to_toml(self) -> dict[str, Any]:
+        """The TOML value this policy is read from (``from_toml(p.to_toml()) == p``)."""
+        if self.kind == "specific":
+            return {"specific": list(self.versions)}
+        if self.kind == "all":
+            return {"all": True}
+        return {"latest": self.count}
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """The ``[serving]`` section: which kept versions serve besides the active one."""
+
+    version_policy: VersionPolicy = field(default_factory=VersionPolicy)
+
+    @classmethod
+    def from_table(cls, raw: Any) -> ServingConfig:
+        """Build the section from its TOML table.
+
+        Raises:
+            ConfigError: not a table, an unknown key or an invalid policy.
+        """
+        table = _table(raw, "serving")
+        unknown = set(table) - {"version_policy"}
+        if unknown:
+            raise ConfigError(f"unknown keys in [serving]: {', '.join(sorted(unknown))}")
+        if "version_policy" not in table:
+            return cls()
+        return cls(VersionPolicy.from_toml(table["version_policy"]))
+
+
 @dataclass(frozen=True)
 class CaptureConfig:
     """Sampled capture of inputs/outputs into a bounded on-disk ring buffer (off by default)."""
@@ -303,6 +397,7 @@ class AgentConfig:
     fallback: FallbackConfig = field(default_factory=FallbackConfig)
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
     model_defaults: ModelPolicy = field(default_factory=ModelPolicy)
     models: Mapping[str, ModelPolicy] = field(default_factory=dict)
 
@@ -357,7 +452,7 @@ def _under(base: Path, value: str) -> str:
 
 
 def _build(data: Mapping[str, Any]) -> AgentConfig:
-    unknown = set(data) - set(_SECTIONS) - set(_TOP) - {"models"}
+    unknown = set(data) - set(_SECTIONS) - set(_TOP) - {"models", "serving"}
     if unknown:
         raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
     kwargs: dict[str, Any] = {}
@@ -366,6 +461,7 @@ def _build(data: Mapping[str, Any]) -> AgentConfig:
             kwargs[key] = data[key]
     for section, cls in _SECTIONS.items():
         kwargs[section] = _section(cls, data.get(section, {}), section)
+    kwargs["serving"] = ServingConfig.from_table(data.get("serving", {}))
     defaults_raw = data.get("model_defaults", {})
     models_raw = data.get("models", {})
     if not isinstance(models_raw, dict):
@@ -386,7 +482,21 @@ def _build(data: Mapping[str, Any]) -> AgentConfig:
         cfg.log_level in ("debug", "info", "warning", "error"),
         "log_level must be debug, info, warning or error",
     )
+    _check(
+        not (cfg.api.repository_control and cfg.grpc.enabled) or is_loopback(cfg.grpc.host),
+        f"api.repository_control needs a loopback grpc.host, not {cfg.grpc.host!r}",
+    )
     return cfg
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a listener's address) only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _table(value: Any, where: str) -> dict[str, Any]:

@@ -41,6 +41,8 @@ from edge_agent.serving.ground_truth import FeedbackResult, GroundTruth, predict
 from edge_agent.serving.lifecycle import ModelLifecycle
 from edge_agent.serving.pipeline import DriftWorker, PipelineResult
 from edge_agent.serving.registry import Loaded, Registry
+from edge_agent.serving.repository.control import ModelRepository
+from edge_agent.serving.repository.index import IndexEntry
 from edge_agent.serving.routing import (
     ANSWER_LOCALLY,
     CLOUD,
@@ -91,6 +93,8 @@ class Agent:
         self.router = Router(config.fallback.mode, cloud=self.cloud is not None)
         self.candidates = Candidates(config, self.registry, clock)
         self.lifecycle = ModelLifecycle(config, store, self.registry, self.candidates)
+        # Load/unload and the version policy's extra versions (the repository extension).
+        self.repository = ModelRepository(config, store, self.registry, self.lifecycle.revert_to)
         # Closed drift windows (key, version, window) since start, newest last; bounded.
         self.drift_windows = self.lifecycle.drift_windows
         self.counts: Counter[str] = Counter()
@@ -104,8 +108,10 @@ class Agent:
 
     # ------------------------------------------------------------------------ lifecycle
     def start(self) -> None:
-        """Load every installed model (self-rolling back failed ones) and set up routing."""
+        """Load every installed model (self-rolling back failed ones) and set up routing, then
+        the kept versions the version policy serves by number."""
         self.lifecycle.start()
+        self.repository.refresh()
 
     def install(self, bundle: Path, *, force: bool = False) -> InstallResult:
         """Install and serve a bundle (see ``ModelLifecycle.install``).
@@ -137,8 +143,10 @@ class Agent:
         return self.lifecycle.reload_changed()
 
     def tick(self) -> None:
-        """Periodic control work: probation verdicts and drift windows (not on the hot path)."""
+        """Periodic control work: probation verdicts, drift windows and the version policy's
+        versions (not on the hot path)."""
         self.lifecycle.tick()
+        self.repository.refresh()
 
     def close(self) -> None:
         """Stop the shadows, the drift worker and the capture ring; unload every model."""
@@ -161,8 +169,10 @@ class Agent:
         """Installed models that do not serve, each with why (the store's down record first).
 
         What ``/v2/health/ready`` and ``/v2/models/{name}/ready`` answer with when not ready.
+        A model an operator unloaded does not count (the repository extension's meaning).
         """
-        return not_ready(self.store, self.registry)
+        why = not_ready(self.store, self.registry)
+        return {n: r for n, r in why.items() if not self.repository.unloaded(n)}
 
     def server_metadata(self) -> dict[str, Any]:
         return {
@@ -178,8 +188,13 @@ class Agent:
         entry = self.registry.get(name)
         if entry is None:
             raise ModelNotFoundError(f"model {name!r} is not loaded")
+        if self.repository.unloaded(name):
+            raise self._not_serving(name)
         if version is not None and version != str(entry.pipeline.version):
-            pinned = self.registry.get(f"{name}@{version}")
+            # Only the versions the version policy serves (or a configured candidate).
+            pinned = None
+            if self.repository.serves(name, version):
+                pinned = self.registry.get(f"{name}@{version}")
             if pinned is None:
                 raise ModelNotFoundError(f"model {name!r} version {version} is not loaded")
             return pinned
@@ -206,10 +221,33 @@ class Agent:
 
     def _not_serving(self, name: str) -> ModelStoreError:
         """The error for a request to a model that is not loaded: why, when it is installed."""
+        if self.repository.unloaded(name):
+            return ModelStoreError(f"model {name!r} is not ready: unloaded (load it to serve)")
         if name in self.store.names():
             why = why_not_serving(self.store, self.registry, name)
             return ModelStoreError(f"model {name!r} is not ready: {why}")
         return ModelNotFoundError(f"model {name!r} is not loaded")
+
+    # ------------------------------------------------------------ model repository
+    def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
+        """Every installed model's kept versions and their state (``ModelRepository.index``)."""
+        return self.repository.index(ready_only=ready_only)
+
+    def load_model(self, name: str, version: int | None = None) -> None:
+        """Serve ``name`` again (``version``: make that kept version active first).
+
+        Raises:
+            ModelNotFoundError, ModelStoreError: see ``ModelRepository.load``.
+        """
+        self.repository.load(name, version)
+
+    def unload_model(self, name: str) -> None:
+        """Stop serving ``name`` (``ModelRepository.unload``).
+
+        Raises:
+            ModelNotFoundError, ModelStoreError: see ``ModelRepository.unload``.
+        """
+        self.repository.unload(name)
 
     def infer(self, request: InferenceRequest) -> InferenceResult:
         """Route, run and account for one request: the ``Router`` decides every step.
@@ -227,12 +265,15 @@ class Agent:
             entry = self._entry(name, request.version)
         ab = self.candidates.ab(name)
         candidate = None if ab is None else self.candidates.ab_candidate(name)
+        if candidate is not None and self.repository.unloaded(candidate.key.partition("@")[0]):
+            candidate = None
         policy = self.candidates.policy(name)
         facts = Facts(
             live=entry is not None,
             pinned=request.version is not None,
             candidate=candidate is not None,
             set_up=policy is not None,
+            unloaded=self.repository.unloaded(name),
         )
         draw = None if ab is None else partial(ab.arm, request.routing_key)
         route = self.router.first(facts, draw)

@@ -6,7 +6,9 @@ running locally (the mode, a model that is not loaded), after a local failure (i
 a failing model), after a local answer (out of distribution, a hard example; whether the mode
 looks for one at all), what happens when that cloud call fails (answer on the device,
 re-raise the local error, or fail), and whether the answer is offered to the shadow candidate.
-No clock, no I/O, no state: ``Router`` is a value.
+No clock, no I/O, no state: ``Router`` is a value. Also which kept versions of a model serve by
+number under the ``[serving] version_policy`` (``served_versions``), and that a model an operator
+unloaded (the model repository extension) is refused whatever the fallback mode.
 
 Does not own: drawing the A/B arm (``edge_agent.serving.shadow.ABRouter``, sticky per routing
 key, counted), scoring a local answer's confidence (``FallbackPolicy.after`` gives the hard-example
@@ -21,10 +23,11 @@ cloud cannot; ``cloud_only`` asks it for everything.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Literal
 
+from edge_agent.config import VersionPolicy
 from edge_agent.serving.fallback import DEVICE, Decision
 from edge_agent.serving.shadow import Arm
 
@@ -37,11 +40,14 @@ __all__ = [
     "NOT_SERVING",
     "RAISE_LOCAL_ERROR",
     "REFUSE",
+    "SERVABLE_STATUSES",
+    "UNLOADED",
     "CloudFailure",
     "Facts",
     "Route",
     "Router",
     "Target",
+    "served_versions",
 ]
 
 Target = Literal["local", "cloud", "refuse"]
@@ -58,6 +64,36 @@ ANSWER_LOCALLY: CloudFailure = "answer_locally"  # the device answers, flagged `
 #: Reasons of ``REFUSE`` routes (the agent raises the matching error).
 NOT_SERVING = "not_serving"  # no local model and no cloud for it: ModelNotFound/ModelStore error
 LOCAL_ERROR = "local_error"  # the local run failed and the mode keeps it on the device
+UNLOADED = "unloaded"  # an operator unloaded the model: ModelStoreError, never the cloud
+
+#: Kept versions that may serve by number: not ``failed`` here, not a ``staged`` rollout shadow
+#: (which never answers a client).
+SERVABLE_STATUSES = frozenset({"good", "probation", "rolled_back"})
+
+
+def served_versions(
+    policy: VersionPolicy, active: int | None, kept: Iterable[tuple[int, str]]
+) -> frozenset[int]:
+    """The versions of one model that serve by number under ``policy``.
+
+    Args:
+        policy: ``[serving] version_policy``.
+        active: the store's active version (None: nothing active); always served.
+        kept: (version, store status) of every kept version; only ``SERVABLE_STATUSES`` count.
+
+    Returns:
+        ``latest N``: the active version and the N-1 newest other servable versions;
+        ``specific``: the listed versions that are kept and servable (and the active one);
+        ``all``: every servable version (and the active one).
+    """
+    servable = sorted(v for v, status in kept if status in SERVABLE_STATUSES and v != active)
+    if policy.kind == "specific":
+        chosen = [v for v in servable if v in policy.versions]
+    elif policy.kind == "all":
+        chosen = servable
+    else:
+        chosen = servable[len(servable) - (policy.count - 1) :] if policy.count > 1 else []
+    return frozenset(chosen) | (frozenset() if active is None else frozenset({active}))
 
 
 @dataclass(frozen=True)
@@ -68,13 +104,15 @@ class Facts:
     request names). ``pinned``: the request names a version (no A/B draw). ``candidate``: the
     model's A/B candidate is loaded. ``set_up``: the model has served in this process, so its
     fallback policy exists (a model never loaded goes to the cloud as ``local_unavailable``
-    whatever the mode, except ``device_only``).
+    whatever the mode, except ``device_only``). ``unloaded``: an operator unloaded the model
+    (the repository extension's unload) and it has not been loaded again.
     """
 
     live: bool
     pinned: bool = False
     candidate: bool = False
     set_up: bool = True
+    unloaded: bool = False
 
 
 @dataclass(frozen=True)
@@ -138,8 +176,12 @@ class Router:
         ``draw`` draws the A/B arm (``ABRouter.arm`` for the request's routing key; None: the
         model has no A/B split). It is called only when an A/B split applies: the live version
         is loaded and the request names no version. A ``candidate`` draw serves on the
-        candidate only when it is loaded (a request never waits for a load).
+        candidate only when it is loaded (a request never waits for a load). An unloaded
+        model is refused (``UNLOADED``) before anything else: not the cloud either, since the
+        operator stopped serving it.
         """
+        if facts.unloaded:
+            return Route(REFUSE, "live", UNLOADED)
         drawn = draw() if facts.live and not facts.pinned and draw is not None else "live"
         arm: Arm = "candidate" if drawn == "candidate" and facts.candidate else "live"
         if facts.set_up and self.cloud:
