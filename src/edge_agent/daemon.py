@@ -212,7 +212,8 @@ def front_ends(agent: Agent, config: AgentConfig, on_exit: Callable[[], None]) -
         from edge_agent.api.grpc_v2.server import GrpcListener
         from edge_agent.api.grpc_v2.service import GrpcInference
 
-        servicer = GrpcInference(agent, metrics, app.state.rate_limiter)
+        repository = app.state.repository  # set only with [api] repository_control
+        servicer = GrpcInference(agent, metrics, app.state.rate_limiter, repository=repository)
         listeners.append(GrpcListener(servicer, config.grpc))
     listeners.append(HttpListener(app, config.api, on_exit=on_exit))
     return Listeners(listeners)

@@ -75,6 +75,7 @@ from edge_agent.api.outcomes import (
     UDS_CLIENT,
     describe,
 )
+from edge_agent.api.repository import EXTENSION, RepositoryRoutes, RepositoryService
 from edge_agent.common.ratelimit import DEFAULT_MAX_CLIENTS, Clock, RateLimiter
 from edge_agent.config import ApiConfig
 from edge_agent.errors import (
@@ -146,6 +147,7 @@ class _Api:
         self.max_concurrency = max_concurrency
         self.decoder = RequestDecoder()  # remembers binary requests' JSON headers
         self.budget = MemoryBudget(config.max_decode_memory_bytes)
+        self.extensions = [*EXTENSIONS, *([EXTENSION] if config.repository_control else [])]
         self._pool: ThreadPoolExecutor | None = None
         # Smoothed service time per model: fast models run on the event loop (the thread hop
         # costs more CPU than their inference), slow ones in the pool so the loop stays free.
@@ -230,8 +232,8 @@ class _Api:
         except Exception as exc:
             return self._failure(exc)[2]
         # Only what this API implements, whatever the service claims: a client that sees an
-        # extension calls its endpoints (the model repository's index is not served here).
-        meta["extensions"] = list(EXTENSIONS)
+        # extension calls its endpoints (the model repository's only with repository_control).
+        meta["extensions"] = list(self.extensions)
         return json_response(meta)
 
     async def model_metadata(self, request: Request) -> Response:
@@ -497,14 +499,21 @@ def create_app(
         max_concurrency: inference calls running at once in worker threads; more wait.
 
     Returns:
-        The app; ``app.state.metrics`` and ``app.state.rate_limiter`` expose the hooks.
+        The app; ``app.state.metrics`` and ``app.state.rate_limiter`` expose the hooks, and
+        ``app.state.repository`` the repository service when ``repository_control`` is on.
 
     Raises:
-        ConfigError: ``config`` or ``max_concurrency`` is invalid.
+        ConfigError: ``config`` or ``max_concurrency`` is invalid, or ``repository_control``
+            is on and ``service`` has no repository (``api.repository.RepositoryService``).
     """
     config.validate()
     if max_concurrency < 1:
         raise ConfigError("max_concurrency must be >= 1")
+    repository: RepositoryService | None = None
+    if config.repository_control:
+        if not isinstance(service, RepositoryService):
+            raise ConfigError("api.repository_control: the service has no model repository")
+        repository = service
     api = _Api(
         service,
         config,
@@ -530,6 +539,8 @@ def create_app(
             Route(prefix + "/ready", api.model_ready, methods=["GET"]),
             Route(prefix + "/feedback", api.feedback, methods=["POST"]),
         ]
+    if repository is not None:
+        routes += RepositoryRoutes(repository, api.metrics, api.limiter).routes()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -547,4 +558,5 @@ def create_app(
     api.metrics.watch_decode_budget(api.budget)
     app.state.metrics = api.metrics
     app.state.rate_limiter = api.limiter
+    app.state.repository = repository
     return app

@@ -16,8 +16,9 @@ from edge_agent.errors import ContractError
 
 __all__ = ["EXTENSIONS", "protocol_metadata"]
 
-# The protocol extensions this API serves. A client that sees an extension calls its endpoints,
-# so the model repository extension is not listed until its index endpoint is served.
+# The protocol extensions this API always serves. A client that sees an extension calls its
+# endpoints, so the model repository extension (``api.repository.EXTENSION``) is added by the
+# front ends only when ``[api] repository_control`` serves it.
 EXTENSIONS = ("binary_tensor_data",)
 
 

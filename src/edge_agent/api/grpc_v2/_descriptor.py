@@ -61,12 +61,36 @@ FILE_DESCRIPTOR = (
     b"\x12#\n\ruint_contents\x18\x04 \x03(\rR\x0cuintContents\x12'\n\x0fuint64_contents\x18"
     b"\x05 \x03(\x04R\x0euint64Contents\x12#\n\rfp32_contents\x18\x06 \x03(\x02R\x0cfp32Conte"
     b"nts\x12#\n\rfp64_contents\x18\x07 \x03(\x01R\x0cfp64Contents\x12%\n\x0ebytes_contents"
-    b"\x18\x08 \x03(\x0cR\rbytesContents2\xfc\x03\n\x14GRPCInferenceService\x12K\n\nServerLiv"
-    b'e\x12\x1c.inference.ServerLiveRequest\x1a\x1d.inference.ServerLiveResponse"\x00\x12N\n'
-    b"\x0bServerReady\x12\x1d.inference.ServerReadyRequest\x1a\x1e.inference.ServerReadyRespo"
-    b'nse"\x00\x12K\n\nModelReady\x12\x1c.inference.ModelReadyRequest\x1a\x1d.inference.Model'
-    b'ReadyResponse"\x00\x12W\n\x0eServerMetadata\x12 .inference.ServerMetadataRequest\x1a!.i'
-    b'nference.ServerMetadataResponse"\x00\x12T\n\rModelMetadata\x12\x1f.inference.ModelMetad'
-    b'ataRequest\x1a .inference.ModelMetadataResponse"\x00\x12K\n\nModelInfer\x12\x1c.inferen'
-    b'ce.ModelInferRequest\x1a\x1d.inference.ModelInferResponse"\x00b\x06proto3'
+    b'\x18\x08 \x03(\x0cR\rbytesContents"\xba\x01\n\x18ModelRepositoryParameter\x12\x1f\n\nbo'
+    b"ol_param\x18\x01 \x01(\x08H\x00R\tboolParam\x12!\n\x0bint64_param\x18\x02 \x01(\x03H"
+    b"\x00R\nint64Param\x12#\n\x0cstring_param\x18\x03 \x01(\tH\x00R\x0bstringParam\x12!\n"
+    b'\x0bbytes_param\x18\x04 \x01(\x0cH\x00R\nbytesParamB\x12\n\x10parameter_choice"W\n\x16R'
+    b"epositoryIndexRequest\x12'\n\x0frepository_name\x18\x01 \x01(\tR\x0erepositoryName\x12"
+    b'\x14\n\x05ready\x18\x02 \x01(\x08R\x05ready"\xca\x01\n\x17RepositoryIndexResponse\x12E'
+    b"\n\x06models\x18\x01 \x03(\x0b2-.inference.RepositoryIndexResponse.ModelIndexR\x06model"
+    b"s\x1ah\n\nModelIndex\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n\x07version"
+    b"\x18\x02 \x01(\tR\x07version\x12\x14\n\x05state\x18\x03 \x01(\tR\x05state\x12\x16\n\x06"
+    b"reason\x18\x04 \x01(\tR\x06reason\"\x9f\x02\n\x1aRepositoryModelLoadRequest\x12'\n\x0fr"
+    b"epository_name\x18\x01 \x01(\tR\x0erepositoryName\x12\x1d\n\nmodel_name\x18\x02 \x01(\t"
+    b"R\tmodelName\x12U\n\nparameters\x18\x03 \x03(\x0b25.inference.RepositoryModelLoadReques"
+    b"t.ParametersEntryR\nparameters\x1ab\n\x0fParametersEntry\x12\x10\n\x03key\x18\x01 \x01("
+    b"\tR\x03key\x129\n\x05value\x18\x02 \x01(\x0b2#.inference.ModelRepositoryParameterR\x05v"
+    b'alue:\x028\x01"\x1d\n\x1bRepositoryModelLoadResponse"\xa3\x02\n\x1cRepositoryModelUnloa'
+    b"dRequest\x12'\n\x0frepository_name\x18\x01 \x01(\tR\x0erepositoryName\x12\x1d\n\nmodel_"
+    b"name\x18\x02 \x01(\tR\tmodelName\x12W\n\nparameters\x18\x03 \x03(\x0b27.inference.Repos"
+    b"itoryModelUnloadRequest.ParametersEntryR\nparameters\x1ab\n\x0fParametersEntry\x12\x10"
+    b"\n\x03key\x18\x01 \x01(\tR\x03key\x129\n\x05value\x18\x02 \x01(\x0b2#.inference.ModelRe"
+    b'positoryParameterR\x05value:\x028\x01"\x1f\n\x1dRepositoryModelUnloadResponse2\xae\x06'
+    b"\n\x14GRPCInferenceService\x12K\n\nServerLive\x12\x1c.inference.ServerLiveRequest\x1a"
+    b'\x1d.inference.ServerLiveResponse"\x00\x12N\n\x0bServerReady\x12\x1d.inference.ServerRe'
+    b'adyRequest\x1a\x1e.inference.ServerReadyResponse"\x00\x12K\n\nModelReady\x12\x1c.infere'
+    b'nce.ModelReadyRequest\x1a\x1d.inference.ModelReadyResponse"\x00\x12W\n\x0eServerMetadat'
+    b'a\x12 .inference.ServerMetadataRequest\x1a!.inference.ServerMetadataResponse"\x00\x12T'
+    b"\n\rModelMetadata\x12\x1f.inference.ModelMetadataRequest\x1a .inference.ModelMetadataRe"
+    b'sponse"\x00\x12K\n\nModelInfer\x12\x1c.inference.ModelInferRequest\x1a\x1d.inference.Mo'
+    b'delInferResponse"\x00\x12Z\n\x0fRepositoryIndex\x12!.inference.RepositoryIndexRequest'
+    b'\x1a".inference.RepositoryIndexResponse"\x00\x12f\n\x13RepositoryModelLoad\x12%.inferen'
+    b'ce.RepositoryModelLoadRequest\x1a&.inference.RepositoryModelLoadResponse"\x00\x12l\n'
+    b"\x15RepositoryModelUnload\x12'.inference.RepositoryModelUnloadRequest\x1a(.inference.Re"
+    b'positoryModelUnloadResponse"\x00b\x06proto3'
 )

@@ -1,9 +1,12 @@
 """The protocol's gRPC service (``inference.GRPCInferenceService``) over an ``InferenceService``.
 
 Owns the six core RPCs (ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata,
-ModelInfer), their status codes and their metrics. Status codes come from the one error table,
-``edge_agent.errors.ERRORS`` (the same row gives REST its HTTP status; what both front ends
-share is ``edge_agent.api.outcomes``): INVALID_ARGUMENT for a
+ModelInfer) and, when built with a ``repository`` (``[api] repository_control``), the model
+repository extension's RepositoryIndex, RepositoryModelLoad and RepositoryModelUnload (without
+one they are not registered: grpc answers UNIMPLEMENTED; their parameters are checked by
+``edge_agent.api.repository``, as REST's), their status codes and their metrics. Status codes
+come from the one error table, ``edge_agent.errors.ERRORS`` (the same row gives REST its HTTP
+status; what both front ends share is ``edge_agent.api.outcomes``): INVALID_ARGUMENT for a
 request that does not fit (the message names the validation reason and input, as REST's 400),
 NOT_FOUND for an unknown model or version, RESOURCE_EXHAUSTED for a client over its rate limit,
 UNAVAILABLE when the model or the cloud cannot answer, INTERNAL with a generic message (the
@@ -41,6 +44,13 @@ from edge_agent.api.outcomes import (
     UDS_CLIENT,
     describe,
     outcome_of,
+)
+from edge_agent.api.repository import (
+    EXTENSION,
+    RepositoryService,
+    check_unload,
+    index_ready,
+    load_version,
 )
 from edge_agent.common.ratelimit import RateLimiter
 from edge_agent.errors import ERRORS, EdgefleetError, InputValidationError, api_status
@@ -97,11 +107,18 @@ class GrpcInference:
     """The RPC handlers over one service, limiter and metrics (shared with the REST API)."""
 
     def __init__(
-        self, service: InferenceService, metrics: ApiMetrics, limiter: RateLimiter
+        self,
+        service: InferenceService,
+        metrics: ApiMetrics,
+        limiter: RateLimiter,
+        *,
+        repository: RepositoryService | None = None,
     ) -> None:
+        """``repository``: serve the model repository extension over it (None: not served)."""
         self.service = service
         self.metrics = metrics
         self.limiter = limiter
+        self.repository = repository
         self._known: set[str] = set()
         self._responses = {name: response for name, (_, response) in METHODS.items()}
 
@@ -115,6 +132,10 @@ class GrpcInference:
             "ModelMetadata": self.model_metadata,
             "ModelInfer": self.model_infer,
         }
+        if self.repository is not None:
+            calls["RepositoryIndex"] = self.repository_index
+            calls["RepositoryModelLoad"] = self.repository_load
+            calls["RepositoryModelUnload"] = self.repository_unload
         handlers = {
             name: grpc.unary_unary_rpc_method_handler(
                 self._parsed(name, calls[name]),
@@ -122,6 +143,7 @@ class GrpcInference:
                 response_serializer=response.SerializeToString,
             )
             for name, (request, response) in METHODS.items()
+            if name in calls
         }
         return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
@@ -175,10 +197,11 @@ class GrpcInference:
         except Exception as exc:
             _abort(context, _failure(exc))
         # Only what this front end implements, whatever the service claims (as REST).
+        extensions = [*EXTENSIONS, *([EXTENSION] if self.repository is not None else [])]
         return self._responses["ServerMetadata"](
             name=str(meta.get("name", "")),
             version=str(meta.get("version", "")),
-            extensions=list(EXTENSIONS),
+            extensions=extensions,
         )
 
     def model_ready(self, request: Message, context: grpc.ServicerContext) -> Message:
@@ -217,6 +240,67 @@ class GrpcInference:
             _abort(context, failure)
         self._vouch(name)
         self.metrics.count_request(endpoint, name, m.OUTCOME_OK, m.NO_REASON)
+        return value
+
+    # --- model repository extension ------------------------------------------------------
+
+    def repository_index(self, request: Message, context: grpc.ServicerContext) -> Message:
+        assert self.repository is not None  # registered only with one
+        repository = self.repository
+
+        def call() -> Any:
+            ready = index_ready(
+                {"ready": request.ready, "repository_name": request.repository_name}
+            )
+            return repository.repository_index(ready)
+
+        entries = self._control(context, "grpc_repository_index", "_all", call)
+        response = self._responses["RepositoryIndex"]()
+        for entry in entries:
+            response.models.add(
+                name=entry.name, version=entry.version, state=entry.state, reason=entry.reason
+            )
+        return response
+
+    def repository_load(self, request: Message, context: grpc.ServicerContext) -> Message:
+        assert self.repository is not None
+        repository, name = self.repository, request.model_name
+
+        def call() -> None:
+            _one_repository(request.repository_name)
+            version = load_version(codec.from_parameters(request.parameters))
+            repository.load_model(name, version)
+
+        self._control(context, "grpc_repository_load", name, call)
+        return self._responses["RepositoryModelLoad"]()
+
+    def repository_unload(self, request: Message, context: grpc.ServicerContext) -> Message:
+        assert self.repository is not None
+        repository, name = self.repository, request.model_name
+
+        def call() -> None:
+            _one_repository(request.repository_name)
+            check_unload(codec.from_parameters(request.parameters))
+            repository.unload_model(name)
+
+        self._control(context, "grpc_repository_unload", name, call)
+        return self._responses["RepositoryModelUnload"]()
+
+    def _control(
+        self, context: grpc.ServicerContext, endpoint: str, label: str, call: Callable[[], Any]
+    ) -> Any:
+        """Run one repository call: rate limit, error table, metrics (the model label is
+        the model's only once the call succeeded: an installed name, a bounded label)."""
+        try:
+            self._throttle(context)
+            try:
+                value = call()
+            except Exception as exc:
+                raise _failure(exc) from exc
+        except _RpcError as failure:
+            self.metrics.count_request(endpoint, m.UNKNOWN_MODEL, failure.outcome, failure.reason)
+            _abort(context, failure)
+        self.metrics.count_request(endpoint, label, m.OUTCOME_OK, m.NO_REASON)
         return value
 
     # --- inference -----------------------------------------------------------------------
@@ -271,6 +355,15 @@ class GrpcInference:
         self.metrics.count_source(name, result.source)
         self.metrics.set_model_version(name, result.model_version)
         return response
+
+
+def _one_repository(name: str) -> None:
+    """A device has one model repository: a request naming another is refused.
+
+    Raises:
+        InputValidationError: ``name`` is not empty.
+    """
+    index_ready({"repository_name": name})
 
 
 def _metadata_key(context: grpc.ServicerContext) -> str | None:
