@@ -49,7 +49,6 @@ import sys
 import tempfile
 import time
 import zlib
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -62,40 +61,25 @@ from edge_agent.serving.agent import Agent
 from edge_agent.serving.service import InferenceRequest
 from edge_agent.store import ModelStore
 from edge_agent.sync.telemetry_feed import process_resources
+from edge_agent.trust import TrustedRoot
 from edge_agent.wire.compact import pack_message, pack_view, unpack_message
 from edge_agent.wire.telemetry import Batch, TelemetryAck, TelemetryReport, report_from_status
 from fleet_server.gateway.ingest_parse import ACCEPTED_ENCODINGS
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_agent
 DEVICE_ID = "gateway-0001"
 LEVELS = (("idle", 0.0), ("1 req/s", 1.0), ("10 req/s", 10.0))
 BATCHED = (4, 10)
 
 
-def build_bundle(work: Path) -> tuple[Path, Any, np.ndarray]:
-    """Train, quantize and sign the digits MLP; returns (bundle, trusted root, eval inputs)."""
-    from model_builder.build import build_bundle as build
-    from model_builder.config import BuildConfig
-    from model_builder.data import Dataset
-    from model_builder.examples import digits_mlp
-    from model_builder.keystore import KeyStore
+def build_bundle(work: Path) -> tuple[Path, TrustedRoot, np.ndarray]:
+    """The digits MLP trained, quantized and signed as ``bench_agent`` builds it; returns
+    (bundle, trusted root, eval inputs)."""
+    from bench_agent import build_bundle as build
 
-    ex = digits_mlp()
-    now = datetime.now(UTC)
-    keys = KeyStore.init(work / "keys", now=now)
-    res = build(
-        ex.model_bytes,
-        "onnx",
-        Dataset({"input": ex.x_calib}, None),
-        Dataset({"input": ex.x_eval}, ex.y_eval),
-        (ex.input_contract(max_batch=64), ex.output_contract()),
-        BuildConfig(name="digits", version=1, measure_latency=False, arch=("any",)),
-        keys,
-        now=now,
-    )
-    bundle = work / "digits-1.efb"
-    bundle.write_bytes(res.bundle)
-    return bundle, keys.trusted_root(), ex.x_eval.astype(np.float32)
+    bundle, root, rows = build(work)
+    return bundle, TrustedRoot.from_bytes(root.read_bytes()), rows
 
 
 class SimClock:
