@@ -144,7 +144,9 @@ class ModelRepository:
         A model whose state cannot be read is one UNAVAILABLE entry without a version.
         """
         entries: list[IndexEntry] = []
-        loading = set(self._loading)
+        # Copies (atomic under the GIL): the control thread changes these while a load runs,
+        # and the index does not wait for a load.
+        loading, failures = self._loading.copy(), self._failures.copy()
         for name in self._store.names():
             try:
                 state = self._store.state(name)
@@ -165,7 +167,7 @@ class ModelRepository:
                 served=self._served.get(name, frozenset()),
                 unloaded=self.unloaded(name),
                 loading={v for n, v in loading if n == name},
-                failures={v: why for (n, v), why in self._failures.items() if n == name},
+                failures={v: why for (n, v), why in failures.items() if n == name},
             )
         return [e for e in entries if e.state == READY] if ready_only else entries
 
