@@ -260,12 +260,18 @@ def test_two_workers_and_the_pruner_store_every_entry_once(
         finally:
             r.close()
 
+    done = threading.Event()
+    pruned: list[int] = []
+
     def prune() -> None:
         r = Registry.open(registry_url)
         start.wait()
         try:
-            for _ in range(60):  # the cut is far ahead: every acked key is prunable at once
-                retention.prune_keys_batch(r, clock.utc + timedelta(days=1), 50)
+            while True:  # the cut is far ahead: every acked key is prunable at once
+                last = done.is_set()
+                pruned.append(retention.prune_keys_batch(r, clock.utc + timedelta(days=1), 50))
+                if last and pruned[-1] < 50:
+                    break
         except BaseException as exc:
             failures.append(exc)
         finally:
@@ -275,9 +281,14 @@ def test_two_workers_and_the_pruner_store_every_entry_once(
     threads.append(threading.Thread(target=prune))
     for t in threads:
         t.start()
-    for t in threads:
+    for t in threads[:2]:
         t.join(timeout=120)
+    done.set()
+    threads[2].join(timeout=120)
     assert failures == []
+    with reg.engine.connect() as c:  # every key went, some while ingest ran
+        assert c.scalar(select(func.count()).select_from(TelemetryKey)) == 0
+    assert sum(pruned) > 0
     for d in devices:
         assert inserted[d] == n
         assert stored(reg, d) == list(range(1, n + 1))
@@ -287,6 +298,12 @@ def test_two_workers_and_the_pruner_store_every_entry_once(
         parts = by_partition(reg)
         assert set(parts) == {"telemetry_p20260601", "telemetry_p20260602"}  # both days
         assert sum(parts.values()) == n * len(devices)
+    # With every key pruned, a redelivery of everything is still refused.
+    again = reg.ingest_many([(d, entries(*range(1, n + 1)), None) for d in devices])
+    assert [(g.inserted, g.duplicates) for g in again if not isinstance(g, Exception)] == [
+        (0, n)
+    ] * len(devices)
+    assert stored(reg, "cam-2") == list(range(1, n + 1))
 
 
 def test_a_partition_drop_that_would_wait_for_a_lock_is_left_for_the_next_run_postgres(

@@ -40,9 +40,9 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, cast
 
-from sqlalchemy import Connection, and_, delete, or_, select, text, tuple_, update
+from sqlalchemy import Connection, Table, and_, bindparam, delete, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from fleet_server.errors import RegistryUnavailableError
@@ -70,6 +70,8 @@ MAX_MOVE: Final = 10_000  # rows of a day moved out of the default partition at 
 _CHUNK: Final = 500
 _BOUND: Final = re.compile(r"FROM \('([^']+)'\) TO \('([^']+)'\)")
 _DAILY: Final = re.compile(r"^telemetry_p\d{8}$")
+_KEYS: Final = cast(Table, TelemetryKey.__table__)
+_SEQ: Final = cast(Table, DeviceSeq.__table__)
 
 
 @dataclass(frozen=True, order=True)
@@ -264,6 +266,10 @@ def prune_keys_batch(registry: Registry, cut: datetime, batch: int) -> int:
     of its current epoch, and ingest counts any entry at or below it as a duplicate. The
     devices' ``device_seq`` rows are locked first, in id order, as ingest locks them.
 
+    Returns:
+        The keys selected (prunable keys in the same per-device seq ranges go with them and
+        are not counted).
+
     Raises:
         RegistryUnavailableError: the database failed.
     """
@@ -293,25 +299,43 @@ def prune_keys_batch(registry: Registry, cut: datetime, batch: int) -> int:
             ).all()
         # Under the locks (acked_upto and the epoch only grow), read the batch again.
         rows = s.execute(found.where(k.device_id.in_(devices))).all()
+        # Per (device, epoch), the seq range of its selected keys: every key in that range
+        # that is older than the cut is prunable too (at or below the highest selected seq,
+        # so at or below acked_upto in the current epoch), so ranges are deleted whole, one
+        # index range scan each.
+        ranges: dict[tuple[str, int], tuple[int, int]] = {}
         marks: dict[str, int] = {}
-        for d, epoch, q, current in rows:
+        for d, epoch, number, current in rows:
+            key, q = (str(d), int(epoch)), int(number)
+            lo, hi = ranges.get(key, (q, q))
+            ranges[key] = (min(lo, q), max(hi, q))
             if epoch == current:
-                marks[str(d)] = max(marks.get(str(d), 0), int(q))
-        keys = [(str(d), int(e), int(q)) for d, e, q, _c in rows]
-        for chunk in _chunks(keys, _CHUNK):
-            s.execute(
-                delete(k)
-                .where(tuple_(k.device_id, k.epoch, k.seq).in_(chunk))
-                .execution_options(synchronize_session=False)
+                marks[str(d)] = max(marks.get(str(d), 0), q)
+        conn = s.connection()
+        conn.execute(
+            delete(_KEYS).where(
+                _KEYS.c.device_id == bindparam("b_device"),
+                _KEYS.c.epoch == bindparam("b_epoch"),
+                _KEYS.c.seq >= bindparam("b_lo"),
+                _KEYS.c.seq <= bindparam("b_hi"),
+                _KEYS.c.received_at < cut,
+            ),
+            [
+                {"b_device": d, "b_epoch": e, "b_lo": lo, "b_hi": hi}
+                for (d, e), (lo, hi) in sorted(ranges.items())
+            ],
+        )
+        if marks:
+            conn.execute(
+                update(_SEQ)
+                .where(
+                    _SEQ.c.device_id == bindparam("b_device"),
+                    _SEQ.c.pruned_upto < bindparam("b_mark"),
+                )
+                .values(pruned_upto=bindparam("b_mark")),
+                [{"b_device": d, "b_mark": m} for d, m in sorted(marks.items())],
             )
-        for d, m in sorted(marks.items()):
-            s.execute(
-                update(seq)
-                .where(seq.device_id == d, seq.pruned_upto < m)
-                .values(pruned_upto=m)
-                .execution_options(synchronize_session=False)
-            )
-        return len(keys)
+        return len(rows)
 
 
 def _lock_timeout(exc: RegistryUnavailableError) -> bool:
