@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any, Final, cast
 
-from sqlalchemy import Connection, Table, bindparam, func, insert, select, update
+from sqlalchemy import Connection, Table, and_, bindparam, func, insert, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -158,17 +158,7 @@ def ingest_set(
     # Stored seqs above each device's mark (now including this batch's rows).
     above: dict[str, set[int]] = {d: set() for d in live}
     for part in _chunks(live, _IN_CHUNK):
-        stmt = (
-            select(_KEYS.c.device_id, _KEYS.c.seq)
-            .join(_SEQ, _SEQ.c.device_id == _KEYS.c.device_id)
-            .join(_DEVICES, _DEVICES.c.id == _KEYS.c.device_id)
-            .where(
-                _KEYS.c.device_id.in_(part),
-                _KEYS.c.epoch == _DEVICES.c.epoch,
-                _KEYS.c.seq > _SEQ.c.acked_upto,
-            )
-        )
-        for row in conn.execute(stmt):
+        for row in conn.execute(_above_marks(dialect, part)):
             above[row[0]].add(int(row[1]))
     # What was stored before this batch: the rows of later items are added item by item.
     mine: dict[int, list[int]] = {}
@@ -318,6 +308,47 @@ def ingest_one(
         duplicates=duplicates,
         lost=lost,
         recovered=recovered,
+    )
+
+
+def _above_marks(dialect: str, devices: Sequence[str]) -> Any:
+    """``(device_id, seq)`` of every key of ``devices``' current epochs above ``acked_upto``.
+
+    Driven from ``device_seq``, one primary-key range scan of ``telemetry_keys`` per device
+    (``device_id = d AND epoch = e AND seq > acked_upto``), so it reads what lies above the
+    marks, never a device's whole key history. On PostgreSQL a ``LATERAL`` subquery makes
+    that plan certain (a plain join with ``device_id IN (...)`` was planned as a scan of
+    every key of those devices, or of the table); SQLite's nested loops already do it.
+    """
+    if dialect == "postgresql":
+        keys = (
+            select(_KEYS.c.seq)
+            .where(
+                _KEYS.c.device_id == _SEQ.c.device_id,
+                _KEYS.c.epoch == _DEVICES.c.epoch,
+                _KEYS.c.seq > _SEQ.c.acked_upto,
+            )
+            .offset(0)  # a fence: PostgreSQL would pull a plain subquery up into a join
+            .lateral("above")
+        )
+        return (
+            select(_SEQ.c.device_id, keys.c.seq)
+            .select_from(_SEQ.join(_DEVICES, _DEVICES.c.id == _SEQ.c.device_id).join(keys, true()))
+            .where(_SEQ.c.device_id.in_(devices))
+        )
+    return (
+        select(_SEQ.c.device_id, _KEYS.c.seq)
+        .select_from(_SEQ)
+        .join(_DEVICES, _DEVICES.c.id == _SEQ.c.device_id)
+        .join(
+            _KEYS,
+            and_(
+                _KEYS.c.device_id == _SEQ.c.device_id,
+                _KEYS.c.epoch == _DEVICES.c.epoch,
+                _KEYS.c.seq > _SEQ.c.acked_upto,
+            ),
+        )
+        .where(_SEQ.c.device_id.in_(devices))
     )
 
 
