@@ -71,6 +71,9 @@ log = logging.getLogger(__name__)
 
 _HOUSEKEEPING_EVERY: Final = 0.2  # seconds between session checks
 _LOG_EVERY: Final = 10.0  # seconds between two log lines about the same reject reason
+# A worker starting beside a busy broker waits this long for its subscriptions' SUBACKs (the
+# client's 5 s default failed a start on a heavily loaded machine); a start that fails is loud.
+SUBACK_TIMEOUT_S: Final = 30.0
 
 
 class Gateway:
@@ -151,7 +154,7 @@ class Gateway:
 
         Raises:
             SubscribeError: the broker refused a subscription.
-            TransportTimeoutError: no SUBACK in time.
+            TransportTimeoutError: no SUBACK within ``SUBACK_TIMEOUT_S``.
         """
         self._ingest.start()
         self._blocks.start()
@@ -160,7 +163,9 @@ class Gateway:
         )
         self._housekeeper.start()
         for sub in self._topics.gateway_subscriptions(self._config.share_group):
-            self._client.subscribe(sub.filter, self._on_message, qos=sub.qos)
+            self._client.subscribe(
+                sub.filter, self._on_message, qos=sub.qos, timeout=SUBACK_TIMEOUT_S
+            )
 
     def close(self) -> None:
         """Stop the threads; telemetry already queued is stored (and acked if connected).
