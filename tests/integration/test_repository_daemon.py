@@ -1,6 +1,6 @@
 """The model repository extension and versioned serving against a real daemon: tritonclient.grpc
-(and tritonclient.http where its ``http`` extra is installed; otherwise the same requests it
-sends, over plain HTTP) through index, unload, load and versioned inference.
+and tritonclient.http (both in the dev dependencies) through index, unload, load and versioned
+inference, plus raw REST for what the clients do not send (the index's ``ready`` filter).
 
 The daemon runs with ``[api] repository_control = true`` and ``version_policy = {specific =
 [1]}`` over digits v1, v2 and v3 (v3 active): v1 serves by number, v2 is kept outside the policy.
@@ -26,6 +26,7 @@ from edge_agent.errors import API_STATUS, ModelNotFoundError, ModelStoreError
 from support import wait_until
 
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
+tritonclient_http = pytest.importorskip("tritonclient.http")  # the dev extra [grpc,http]
 from tritonclient.grpc import service_pb2 as triton_pb2  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
@@ -209,45 +210,8 @@ def test_load_a_kept_version_and_back(daemon: Daemon, digits_bundles: DigitsBund
     assert code_of(info.value) == GRPC_CODE[ModelNotFoundError]
 
 
-class HttpRepository:
-    """The repository half of ``tritonclient.http``: the client itself where its ``http``
-    extra is installed (gevent; not in the dev dependencies), else exactly the requests it
-    sends (an empty POST for the index, ``{}`` for a load, ``unload_dependents`` false)."""
-
-    def __init__(self, daemon: Daemon) -> None:
-        self.rest = daemon.rest
-        try:
-            import tritonclient.http as tritonclient_http
-        except (ImportError, RuntimeError):  # the package without its extra raises RuntimeError
-            self.client = None
-        else:
-            self.client = tritonclient_http.InferenceServerClient(url=f"127.0.0.1:{daemon.port}")
-
-    def get_model_repository_index(self) -> list[dict[str, str]]:
-        if self.client is not None:
-            return list(self.client.get_model_repository_index())
-        status, document = self.rest.request("POST", "/v2/repository/index")
-        assert status == 200, document
-        return list(document)
-
-    def load_model(self, name: str) -> None:
-        if self.client is not None:
-            self.client.load_model(name)
-            return
-        status, body = self.rest.request("POST", f"/v2/repository/models/{name}/load", {})
-        assert (status, body) == (200, None)
-
-    def unload_model(self, name: str) -> None:
-        if self.client is not None:
-            self.client.unload_model(name)
-            return
-        body = {"parameters": {"unload_dependents": False}}
-        status, answer = self.rest.request("POST", f"/v2/repository/models/{name}/unload", body)
-        assert (status, answer) == (200, None)
-
-
 def test_tritonclient_http_repository(daemon: Daemon, digits_bundles: DigitsBundles) -> None:
-    client = HttpRepository(daemon)
+    client = tritonclient_http.InferenceServerClient(url=f"127.0.0.1:{daemon.port}")
     assert {e["version"] for e in client.get_model_repository_index()} == {"1", "2", "3"}
     client.unload_model("digits")
     try:
