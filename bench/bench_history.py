@@ -27,6 +27,26 @@ query reads (the raw storage per day is measured from these rows).
         [--days 1 30] [--raw-minutes 75] [--fine-days 1] [--repeats 3]
 
 About 10 minutes at the defaults on 2 cores; ``--devices 200`` for a quick run.
+
+``--retention`` measures the cost of retention instead: ``--raw-minutes`` of reports of
+``--devices`` devices on one simulated day, then removed as retention removes them. On
+PostgreSQL twice, in two databases: the day in its own partition (``DROP TABLE`` of it,
+``history.retention.drop_partitions``) and the same rows in the default partition (batched
+deletes of ``delete_batch`` rows, ``delete_raw_batch``, as PostgreSQL retention did before
+partitioning), with what each leaves on disk and the ``VACUUM`` that batched deletes still
+need; on SQLite the batched deletes. Keys are pruned after, in batches (timed apart). It
+prints one table.
+
+    .venv/bin/python bench/bench_history.py --retention --devices 100 --raw-minutes 120
+
+``--ingest`` measures ingest instead: rows per second through ``Registry.ingest_many`` for
+``--raw-minutes`` of reports of ``--devices`` devices, new and then all redelivered (median of
+``--repeats`` fresh registries). It imports nothing newer than ``Registry``, so it also runs
+against an older source tree, for a before/after comparison:
+
+    git archive 2e79cb2 src | tar -x -C /tmp/before
+    PYTHONPATH=/tmp/before/src .venv/bin/python bench/bench_history.py --ingest
+    .venv/bin/python bench/bench_history.py --ingest
 """
 
 from __future__ import annotations
@@ -55,7 +75,7 @@ from edge_agent.drift import TierASketch, build_baseline
 from fleet_server.drift.cohorts import CohortSpec
 from fleet_server.drift.service import DriftQuery, DriftService
 from fleet_server.history.rollouts import rollout_inputs
-from fleet_server.jobs.history import FINE, HOUR, HistoryJob
+from fleet_server.jobs.history import FINE, HOUR, HistoryJob, HistoryPolicy
 from fleet_server.registry.models import TelemetryRollup, TelemetryRow
 from fleet_server.registry.store import Registry
 from fleet_server.registry.values import TelemetryEntry
@@ -274,22 +294,204 @@ def table_bytes(reg: Registry, path: Path | None) -> dict[str, float]:
                 )
             ).all()
         )
+        raw_b = raw_bytes(reg)
         if reg.engine.dialect.name == "postgresql":
-            raw_b = c.scalar(text("SELECT pg_total_relation_size('telemetry')")) or 0
             roll_b = c.scalar(text("SELECT pg_total_relation_size('telemetry_rollups')")) or 0
         else:
-            raw_b = sum(
-                c.scalar(text(f"SELECT sum(pgsize) FROM dbstat WHERE name = '{n}'")) or 0
-                for n in ("telemetry", "ix_telemetry_received_at",
-                          "ix_telemetry_device_id_received_at",
-                          "sqlite_autoindex_telemetry_1")
-            )  # fmt: skip
             roll_b = sum(
                 c.scalar(text(f"SELECT sum(pgsize) FROM dbstat WHERE name = '{n}'")) or 0
                 for n in ("telemetry_rollups", "sqlite_autoindex_telemetry_rollups_1")
             )
     roll_n = sum(levels.values()) or 1
     return {"raw": raw_b / max(raw_n, 1), "rollup": roll_b / roll_n}
+
+
+def raw_bytes(reg: Registry) -> int:
+    """Bytes of raw telemetry on disk: every partition (PostgreSQL) and the dedupe keys, with
+    their indexes."""
+    with reg.engine.connect() as c:
+        if reg.engine.dialect.name == "postgresql":
+            parts = c.scalar(
+                text(
+                    "SELECT coalesce(sum(pg_total_relation_size(inhrelid)), 0) FROM pg_inherits "
+                    "WHERE inhparent = to_regclass('telemetry')"
+                )
+            )
+            keys = c.scalar(text("SELECT pg_total_relation_size('telemetry_keys')"))
+            return int(parts or 0) + int(keys or 0)
+        names = ("telemetry", "ix_telemetry_received_at", "ix_telemetry_device_id_received_at",
+                 "telemetry_keys", "sqlite_autoindex_telemetry_keys_1",
+                 "ix_telemetry_keys_received_at")  # fmt: skip
+        return sum(
+            int(c.scalar(text("SELECT sum(pgsize) FROM dbstat WHERE name = :n"), {"n": n}) or 0)
+            for n in names
+        )
+
+
+# --------------------------------------------------------------------------- retention
+def retention_cost(
+    name: str, url: str, tmp: Path, a: argparse.Namespace, *, partitioned: bool
+) -> dict[str, Any]:
+    """Fill one day with raw rows, then remove them as retention does; timed."""
+    # Imported here: --ingest also runs against source trees older than these names.
+    from fleet_server.history import retention
+    from fleet_server.registry.models import TelemetryKey
+
+    clock = Clock()
+    reg = Registry.open(url, clock=clock)
+    reg.upgrade()
+    _bundle_bytes, baseline = _bundle(tmp)
+    devices = [f"dev-{i:05d}" for i in range(a.devices)]
+    for i, d in enumerate(devices):
+        reg.enroll(d, group=f"g{i % GROUPS}")
+    if partitioned:  # the day's partition exists before ingest, as the job makes it ahead
+        retention.ensure_partitions(reg, END - timedelta(minutes=a.raw_minutes), 1)
+    t0 = time.perf_counter()
+    stored = fill_raw(reg, clock, devices, a.raw_minutes, _view_pool(baseline))
+    ingest_s = time.perf_counter() - t0
+    # Not folded here: retention waits for the fold, but the fold is not what is measured (and
+    # the job would move the default partition's rows into a new partition of their day).
+    settle(reg)
+    before = raw_bytes(reg)
+    cut = END.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
+    batch = HistoryPolicy().delete_batch
+    t0 = time.perf_counter()
+    dropped = retention.drop_partitions(reg, cut) if partitioned else 0
+    deleted = 0
+    while True:
+        n = retention.delete_raw_batch(reg, cut, batch)
+        deleted += n
+        if n < batch:
+            break
+    remove_s = time.perf_counter() - t0
+    print(f"[{name}] {stored} rows; {dropped} partition dropped, {deleted} rows deleted "
+          f"in {remove_s:.2f} s", file=sys.stderr)  # fmt: skip
+    with reg.engine.connect() as c:
+        left = int(c.scalar(select(func.count()).select_from(TelemetryRow)) or 0)
+    after = raw_bytes(reg)
+    t0 = time.perf_counter()
+    keys = 0
+    while True:
+        n = retention.prune_keys_batch(reg, cut, batch)
+        keys += n
+        if n < batch:
+            break
+    keys_s = time.perf_counter() - t0
+    vacuum_s = 0.0
+    if name == "postgresql":
+        t0 = time.perf_counter()
+        with reg.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+            c.exec_driver_sql("VACUUM telemetry_default, telemetry_keys")
+        vacuum_s = time.perf_counter() - t0
+    vacuumed = raw_bytes(reg)
+    with reg.engine.connect() as c:
+        keys_left = int(c.scalar(select(func.count()).select_from(TelemetryKey)) or 0)
+    reg.close()
+    assert left == 0, f"{left} raw rows left"
+    assert keys_left == 0, f"{keys_left} keys left"
+    return {
+        "rows": stored, "ingest_s": ingest_s, "dropped": dropped, "deleted": deleted,
+        "remove_s": remove_s, "before": before, "after": after, "keys": keys,
+        "keys_s": keys_s, "vacuum_s": vacuum_s, "vacuumed": vacuumed,
+    }  # fmt: skip
+
+
+def main_retention(a: argparse.Namespace) -> None:
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="edgefleet-retention-") as td:
+        tmp = Path(td)
+        for name in a.backends:
+            if name == "sqlite":
+                (tmp / "sqlite").mkdir()
+                url = f"sqlite:///{tmp / 'retention.db'}"
+                results["sqlite, batched deletes"] = retention_cost(
+                    name, url, tmp / "sqlite", a, partitioned=False
+                )
+                continue
+            pg = PgCluster()
+            pg.start()
+            try:
+                for label, part in (("day partition dropped", True),
+                                    ("default partition, batched deletes", False)):  # fmt: skip
+                    (tmp / label).mkdir()
+                    url = pg.create_database("p" if part else "d")
+                    results[f"postgresql, {label}"] = retention_cost(
+                        name, url, tmp / label, a, partitioned=part
+                    )
+            finally:
+                pg.stop()
+    print(f"\n{a.devices} devices x {a.raw_minutes:g} min of reports every 30 s, then removed "
+          f"by retention; {os.cpu_count()} cores\n")  # fmt: skip
+    print("| backend, how | rows | remove raw rows | raw bytes before | raw bytes after "
+          "| VACUUM after (default partition, keys) | prune keys |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for label, r in results.items():
+        vac = "-"
+        if label.startswith("postgresql"):
+            vac = f"{r['vacuum_s']:.2f} s, then {r['vacuumed'] / 1e6:.1f} MB"
+        print(f"| {label} | {r['rows']:,} | {r['remove_s']:.2f} s "
+              f"({r['dropped']} partition, {r['deleted']:,} rows deleted) | "
+              f"{r['before'] / 1e6:.1f} MB | {r['after'] / 1e6:.1f} MB | {vac} | "
+              f"{r['keys']:,} in {r['keys_s']:.2f} s |")  # fmt: skip
+    for label, r in results.items():
+        print(f"\n{label}: ingest of {r['rows']:,} rows (keys included) took "
+              f"{r['ingest_s']:.1f} s through Registry.ingest_many")  # fmt: skip
+
+
+# --------------------------------------------------------------------------- ingest
+def ingest_rate(url: str, tmp: Path, a: argparse.Namespace) -> tuple[float, float]:
+    """Rows per second through ``ingest_many``: new rows, then the same rows redelivered."""
+    clock = Clock()
+    reg = Registry.open(url, clock=clock)
+    reg.upgrade()
+    _bundle_bytes, baseline = _bundle(tmp)
+    devices = [f"dev-{i:05d}" for i in range(a.devices)]
+    for d in devices:
+        reg.enroll(d)
+    pool = _view_pool(baseline)
+    t0 = time.perf_counter()
+    n = fill_raw(reg, clock, devices, a.raw_minutes, pool)
+    new = n / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    fill_raw(reg, clock, devices, a.raw_minutes, pool)
+    again = n / (time.perf_counter() - t0)
+    reg.close()
+    return new, again
+
+
+def main_ingest(a: argparse.Namespace) -> None:
+    import fleet_server
+
+    src = Path(fleet_server.__file__).resolve().parents[1]
+    rates: dict[str, list[tuple[float, float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="edgefleet-ingest-") as td:
+        tmp = Path(td)
+        pg = PgCluster() if "postgresql" in a.backends else None
+        if pg is not None:
+            pg.start()
+        try:
+            for i in range(a.repeats):
+                for name in a.backends:
+                    run = tmp / f"{name}-{i}"
+                    run.mkdir()
+                    if name == "sqlite":
+                        url = f"sqlite:///{run / 'ingest.db'}"
+                    else:
+                        assert pg is not None
+                        url = pg.create_database(f"ingest_{i}")
+                    rates.setdefault(name, []).append(ingest_rate(url, run, a))
+        finally:
+            if pg is not None:
+                pg.stop()
+    print(f"\ningest through Registry.ingest_many, source {src}; {a.devices} devices x "
+          f"{a.raw_minutes:g} min of reports every 30 s; {os.cpu_count()} cores; median of "
+          f"{a.repeats}\n")  # fmt: skip
+    print("| backend | new rows/s | redelivered rows/s |")
+    print("|---|---:|---:|")
+    for name, r in rates.items():
+        new = statistics.median(x for x, _ in r)
+        again = statistics.median(y for _, y in r)
+        print(f"| {name} | {new:,.0f} | {again:,.0f} |")
 
 
 # --------------------------------------------------------------------------- main
@@ -347,7 +549,15 @@ def main() -> None:
     ap.add_argument("--raw-minutes", type=float, default=75.0)
     ap.add_argument("--fine-days", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--retention", action="store_true", help="measure retention's cost instead")
+    ap.add_argument("--ingest", action="store_true", help="measure ingest's rate instead")
     a = ap.parse_args()
+    if a.retention:
+        main_retention(a)
+        return
+    if a.ingest:
+        main_ingest(a)
+        return
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="edgefleet-history-") as td:
         tmp = Path(td)
