@@ -47,6 +47,13 @@ against an older source tree, for a before/after comparison:
     git archive 2e79cb2 src | tar -x -C /tmp/before
     PYTHONPATH=/tmp/before/src .venv/bin/python bench/bench_history.py --ingest
     .venv/bin/python bench/bench_history.py --ingest
+
+``--migration ROWS`` times migration ``0006`` instead: a registry at revision ``0005`` holding
+``ROWS`` raw rows (the same report payloads, over the last 3 simulated days) is upgraded, and
+the rows per second of the upgrade are printed (on PostgreSQL: the copy into the partitioned
+table, its indexes and the keys; ingest waits for all of it).
+
+    .venv/bin/python bench/bench_history.py --migration 50000
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import json
 import os
 import statistics
 import sys
@@ -494,6 +502,67 @@ def main_ingest(a: argparse.Namespace) -> None:
         print(f"| {name} | {new:,.0f} | {again:,.0f} |")
 
 
+# --------------------------------------------------------------------------- migration
+def migration_cost(url: str, tmp: Path, a: argparse.Namespace) -> tuple[float, int]:
+    """Seconds to upgrade a 0005 registry holding ``a.migration`` raw rows to head."""
+
+    reg = Registry.open(url)
+    reg.upgrade("0005")
+    _bundle_bytes, baseline = _bundle(tmp)
+    pool = _view_pool(baseline)
+    devices = [f"dev-{i:05d}" for i in range(a.devices)]
+    for d in devices:
+        reg.enroll(d)
+    steps = -(-a.migration // len(devices))
+    start = END - timedelta(days=3)
+    step = timedelta(days=3) / steps
+    sql = text(
+        "INSERT INTO telemetry (device_id, epoch, seq, kind, received_at, payload) "
+        "VALUES (:d, 1, :seq, 'report', :at, :payload)"
+    )
+    n = 0
+    with reg.engine.begin() as c:
+        for i in range(steps):
+            rows = [
+                {"d": d, "seq": i + 1, "at": start + i * step + timedelta(milliseconds=k),
+                 "payload": json.dumps(_report(i, k, pool))}
+                for k, d in enumerate(devices)
+            ][: a.migration - n]  # fmt: skip
+            c.execute(sql, rows)
+            n += len(rows)
+    settle(reg)
+    t0 = time.perf_counter()
+    reg.upgrade()
+    seconds = time.perf_counter() - t0
+    with reg.engine.connect() as c:
+        assert c.scalar(select(func.count()).select_from(TelemetryRow)) == n
+    reg.close()
+    return seconds, n
+
+
+def main_migration(a: argparse.Namespace) -> None:
+    out: dict[str, tuple[float, int]] = {}
+    with tempfile.TemporaryDirectory(prefix="edgefleet-migration-") as td:
+        tmp = Path(td)
+        for name in a.backends:
+            (tmp / name).mkdir()
+            if name == "sqlite":
+                out[name] = migration_cost(f"sqlite:///{tmp / 'm.db'}", tmp / name, a)
+                continue
+            pg = PgCluster()
+            pg.start()
+            try:
+                out[name] = migration_cost(pg.create_database("m"), tmp / name, a)
+            finally:
+                pg.stop()
+    print(f"\nmigration 0005 -> 0006 of {a.migration:,} raw rows ({a.devices} devices, 3 days); "
+          f"{os.cpu_count()} cores\n")  # fmt: skip
+    print("| backend | rows | upgrade | rows/s |")
+    print("|---|---:|---:|---:|")
+    for name, (seconds, n) in out.items():
+        print(f"| {name} | {n:,} | {seconds:.1f} s | {n / seconds:,.0f} |")
+
+
 # --------------------------------------------------------------------------- main
 def run_backend(name: str, url: str, tmp: Path, a: argparse.Namespace) -> dict[str, Any]:
     clock = Clock()
@@ -551,7 +620,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--retention", action="store_true", help="measure retention's cost instead")
     ap.add_argument("--ingest", action="store_true", help="measure ingest's rate instead")
+    ap.add_argument("--migration", type=int, default=0, help="time migration 0006 of N rows")
     a = ap.parse_args()
+    if a.migration:
+        main_migration(a)
+        return
     if a.retention:
         main_retention(a)
         return

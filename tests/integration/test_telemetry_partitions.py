@@ -325,3 +325,35 @@ def test_a_partition_drop_that_would_wait_for_a_lock_is_left_for_the_next_run_po
     assert retention.drop_partitions(reg, cut) == 1
     assert stored(reg) == []
     reg.close()
+
+
+def test_two_workers_making_the_same_partitions_make_each_once_postgres(
+    pg: PgCluster, clock: FakeClock
+) -> None:
+    url = pg.new_database()
+    Registry.open(url).upgrade()
+    start = threading.Barrier(2)
+    made: list[int] = []
+    failures: list[BaseException] = []
+
+    def worker() -> None:
+        r = Registry.open(url)
+        start.wait()
+        try:
+            made.append(retention.ensure_partitions(r, clock.wall(), 3))
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            r.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert failures == []
+    assert sum(made) == 4  # 2026-06-01 .. 06-04, each made by one of them
+    reg = Registry.open(url)
+    days = [p.name for p in retention.partitions(reg)]
+    reg.close()
+    assert days[:4] == [f"telemetry_p2026060{d}" for d in range(1, 5)]

@@ -70,6 +70,7 @@ MAX_MOVE: Final = 10_000  # rows of a day moved out of the default partition at 
 _CHUNK: Final = 500
 _BOUND: Final = re.compile(r"FROM \('([^']+)'\) TO \('([^']+)'\)")
 _DAILY: Final = re.compile(r"^telemetry_p\d{8}$")
+_PARTITION_LOCK: Final = 0x65646770  # pg advisory lock key ("edgp") serialising creation
 _KEYS: Final = cast(Table, TelemetryKey.__table__)
 _SEQ: Final = cast(Table, DeviceSeq.__table__)
 
@@ -170,6 +171,8 @@ def _create_partition(conn: Connection, day: datetime) -> bool:
     """
     name, start, end = _name(day), day.isoformat(), (day + DAY).isoformat()
     conn.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+    # Two workers making the same partition: the second waits here, then finds it made.
+    conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PARTITION_LOCK})
     exists = conn.scalar(text("SELECT to_regclass(:n) IS NOT NULL"), {"n": name})
     if exists:  # another worker made it since we listed
         return False
