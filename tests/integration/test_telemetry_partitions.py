@@ -219,6 +219,23 @@ def test_keys_above_the_mark_are_never_pruned(reg: Registry, clock: FakeClock) -
     assert (res.inserted, res.duplicates, res.acked_upto) == (1, 2, 5)
 
 
+def test_keys_of_an_older_epoch_are_pruned_and_the_new_epoch_starts_clean(
+    reg: Registry, clock: FakeClock
+) -> None:
+    reg.ingest("cam-1", entries(1, 2, 4))  # 4 stays above the mark of epoch 1
+    reg.revoke("cam-1")
+    reg.enroll("cam-1")  # re-enrolled: epoch 2, its outbox starts at 1 again
+    assert reg.ingest("cam-1", entries(1)).inserted == 1
+    later = clock.utc + timedelta(days=10)
+    job = HistoryJob(reg, HistoryPolicy(raw_retention_seconds=3600.0), clock=lambda: later)
+    assert job.run_once().keys_pruned == 4  # all of epoch 1, and epoch 2's acked seq 1
+    with reg.engine.connect() as c:
+        pruned = c.scalar(select(DeviceSeq.pruned_upto).where(DeviceSeq.device_id == "cam-1"))
+    assert pruned == 1
+    res = reg.ingest("cam-1", entries(1, 2, 4))
+    assert (res.inserted, res.duplicates, res.acked_upto) == (2, 1, 2)
+
+
 # --------------------------------------------------------------------------- concurrency
 def test_two_workers_and_the_pruner_store_every_entry_once(
     registry_url: str, reg: Registry, clock: FakeClock
