@@ -14,7 +14,7 @@ Every halt of such a rollout is a false halt. The script
    version); each 30 s report interval adds Poisson traffic whose latencies are sampled from
    the measured distribution (times the device's speed factor) into the coarse and fine
    histograms exactly as the agent counts them; a member joins the new version 10-60 s after
-   its assignment and its first report on it is only a baseline (as ``rollout_metrics``);
+   its assignment and its first report on it is only a baseline (as ``rollouts.observation``);
    every answer on the device is one row of the output tensor of a confident 10-class model
    (the answered class gets U(0.9, 0.999)), the class drawn from the device's own mix (a
    Dirichlet around even shares: devices see different digits, ``--class-mix``), summed into

@@ -87,7 +87,7 @@ from fleet_server.jobs.history import FINE, HOUR, HistoryJob, HistoryPolicy
 from fleet_server.registry.models import TelemetryRollup, TelemetryRow
 from fleet_server.registry.store import Registry
 from fleet_server.registry.values import TelemetryEntry
-from fleet_server.rollouts.metrics import observe
+from fleet_server.rollouts.observation import observe
 from fleetworkers import PgCluster
 
 END = datetime(2026, 6, 30, 12, 7, 13, tzinfo=UTC)

@@ -5,7 +5,7 @@ with window metrics, the rest the control group on the old one. It times three d
 starting the rollout (choosing the canary by stable hash), judging the canary wave (every gate:
 safety gates, canary-vs-control reject and fallback rates, drift share, p99 latency from merged
 histograms), and growing to the next wave — plus building the observations from telemetry
-report payloads with ``rollout_metrics.observe`` (3 reports per device). Median of several
+report payloads with ``rollouts.observation.observe`` (3 reports per device). Median of several
 repetitions; prints a table (``--markdown`` for the docs).
 
     .venv/bin/python bench/bench_rollout.py --devices 10000 --markdown
@@ -22,7 +22,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fleet_server.rollouts.engine import decide
-from fleet_server.rollouts.metrics import DeviceObservation, WindowMetrics, observe
+from fleet_server.rollouts.metrics import DeviceObservation, WindowMetrics
+from fleet_server.rollouts.observation import observe
 from fleet_server.rollouts.policy import RolloutPolicy, Selector
 from fleet_server.rollouts.state import Rollout
 

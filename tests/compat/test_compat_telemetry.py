@@ -17,7 +17,8 @@ import pytest
 
 from edge_agent.wire.telemetry import LATENCY_BUCKETS_MS, TelemetryReport, coarse_from_fine
 from fleet_server.rollouts.gates import latency_histograms
-from fleet_server.rollouts.metrics import WindowMetrics, observe
+from fleet_server.rollouts.metrics import WindowMetrics
+from fleet_server.rollouts.observation import observe
 
 DIR = Path(__file__).parent / "telemetry-v1-2026-12"
 FILES = sorted(DIR.glob("report-*.json"))

@@ -15,7 +15,7 @@ from edge_agent.drift import TierASketch, build_baseline
 from edge_agent.errors import ContractError
 from fleet_server.history.cells import DriftPart, RawRow, RollupCell, fold_rows, merge_cells
 from fleet_server.history.queries import plan_range
-from fleet_server.rollouts.metrics import observe
+from fleet_server.rollouts.observation import observe
 
 T0 = datetime(2026, 6, 1, tzinfo=UTC)
 _RNG = np.random.default_rng(3)

@@ -17,7 +17,8 @@ from fleet_server.errors import RolloutPolicyError
 from fleet_server.history.cells import RawRow, RollupCell, fold_rows, merge_cells
 from fleet_server.rollouts.gates import GATES, GateInputs
 from fleet_server.rollouts.gates.ground_truth import GATE
-from fleet_server.rollouts.metrics import WindowMetrics, interval_metrics
+from fleet_server.rollouts.metrics import WindowMetrics
+from fleet_server.rollouts.observation import interval_metrics
 from fleet_server.rollouts.policy import RolloutPolicy, Selector, Thresholds
 from fleet_server.rollouts.state import Rollout
 from fleet_server.rollouts.truth import AccuracySummary, confusion_delta, merge_confusion

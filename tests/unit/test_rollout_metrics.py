@@ -1,4 +1,4 @@
-"""fleet_server.rollouts.metrics.observe on real TelemetryReport / Event payloads."""
+"""fleet_server.rollouts.observation.observe on real TelemetryReport / Event payloads."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from edge_agent.wire.reported import ModelReport, ReportedState
 from edge_agent.wire.telemetry import DriftSummary, Event, ModelStats, ShadowStats, TelemetryReport
 from fleet_server.registry.values import StoredTelemetry
-from fleet_server.rollouts.metrics import observe
+from fleet_server.rollouts.observation import observe
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 DEV = "dev-1"

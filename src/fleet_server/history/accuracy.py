@@ -2,7 +2,7 @@
 
 Owns ``model_accuracy``: for each published version of a model, the confusion counts the
 devices reported since a time (the same window reading as a rollout: rollups where folded, raw
-rows at the edges, ``history.rollouts.rollout_inputs`` and ``rollouts.metrics.observe``),
+rows at the edges, ``history.rollouts.rollout_inputs`` and ``rollouts.observation.observe``),
 merged exactly over the whole fleet and per device group, each summarised as accuracy with a
 Wilson interval (``rollouts.truth.AccuracySummary``) plus the fleet's largest confusions. The
 rollout's own cohorts (canary, control) are the ``ground_truth`` gate's (its detail).
@@ -20,7 +20,7 @@ from typing import Any
 from edge_agent.quality.confusion import Confusion
 from fleet_server.history.rollouts import rollout_inputs
 from fleet_server.registry.store import Registry
-from fleet_server.rollouts.metrics import observe
+from fleet_server.rollouts.observation import observe
 from fleet_server.rollouts.truth import AccuracySummary, merge_confusion
 
 __all__ = ["model_accuracy"]

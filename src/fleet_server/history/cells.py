@@ -9,7 +9,7 @@ reading or writing the database (``job``, ``queries``), scoring drift (``fleet_d
 Pure: values in, values out; no clock, files or database.
 
 Exactness: counters fold by the same rule as a rollout observation
-(``rollout_metrics.interval_metrics``: a report counts its difference to the device's previous
+(``rollouts.observation.interval_metrics``: a report counts its difference to the device's previous
 report, received in any earlier bucket), so summing the cells of any bucket split of a time
 range gives the same totals as observing the raw rows of that range. Tier-A views merge by
 integer addition of their arrays (windows with other edges are never merged: counted skipped);
@@ -34,7 +34,8 @@ from edge_agent.drift import TierAView
 from edge_agent.drift.edges import FeatureEdges
 from edge_agent.errors import ContractError
 from edge_agent.quality.confusion import Confusion
-from fleet_server.rollouts.metrics import WindowMetrics, interval_metrics, reject_deltas
+from fleet_server.rollouts.metrics import WindowMetrics
+from fleet_server.rollouts.observation import interval_metrics, reject_deltas
 
 __all__ = [
     "CellKey",

@@ -5,7 +5,7 @@ and raw rows), ``drift_inputs`` (what fleet drift merges for a range) and ``last
 (each device's last report
 before a time: an index seek on ``(device_id, received_at)``). Every statement carries the time
 range in SQL; nothing here reads a device's whole history. Does not own: folding (``job``,
-``cells``), scoring (``fleet_drift``, ``rollout_metrics``).
+``cells``), scoring (``fleet_drift``, ``rollouts.observation``).
 
 Resolution: rollups are bucketed by server receive time, so a range is served exactly at
 bucket boundaries: ``since`` is rounded down to the fine bucket (5 minutes; to the hour for

@@ -1,10 +1,10 @@
 """Reading a rollout's telemetry window: rollups where folded, raw rows at its edges.
 
-Owns: ``rollout_inputs`` (per targeted device, what ``rollout_metrics.observe`` needs for its
+Owns: ``rollout_inputs`` (per targeted device, what ``rollouts.observation.observe`` needs for its
 window, including the output drift windows' moments folded into rollups) and ``before_outputs``
 (per device, the output moments of one version over a closed time range: the last wave's
 reference, the devices' windows before they switched). Does not own: the range plan and the
-shared reads (``queries``), the observation itself (``rollout_metrics``). Every statement
+shared reads (``queries``), the observation itself (``rollouts.observation``). Every statement
 carries its time range; nothing here reads a device's whole history.
 """
 
@@ -31,13 +31,8 @@ from fleet_server.history.queries import (
 from fleet_server.registry.models import TelemetryRollup, TelemetryRow
 from fleet_server.registry.store import Registry
 from fleet_server.registry.values import StoredTelemetry
-from fleet_server.rollouts.metrics import (
-    OutputMoments,
-    TensorMoments,
-    WindowMetrics,
-    interval_metrics,
-    report_outputs,
-)
+from fleet_server.rollouts.metrics import OutputMoments, TensorMoments, WindowMetrics
+from fleet_server.rollouts.observation import interval_metrics, report_outputs
 
 __all__ = ["BeforeSwitch", "RolloutInputs", "before_outputs", "rollout_inputs"]
 
@@ -68,7 +63,7 @@ def rollout_inputs(
     model: str,
     windows: Mapping[str, tuple[datetime, int | None]],
 ) -> dict[str, RolloutInputs]:
-    """Per device ``(since, version)``: what ``rollout_metrics.observe`` needs.
+    """Per device ``(since, version)``: what ``rollouts.observation.observe`` needs.
 
     ``rows`` are the raw rows of ``[since, first fine boundary)`` (the whole ``[since, now)``
     when nothing after ``since`` is folded) with the last report before ``since``; ``folded``,
@@ -234,7 +229,7 @@ def before_outputs(
     The folded part comes from the rollups (whole hours from the hourly ones, 5-minute edges
     from the fine ones), the rest from the raw rows at the range's edges and after the fine
     level's ``folded_until``; a raw report counts its output windows when its interval counts
-    (``rollout_metrics.interval_metrics``), as an observation does.
+    (``rollouts.observation.interval_metrics``), as an observation does.
 
     Raises:
         RegistryUnavailableError: the database failed.

@@ -46,7 +46,8 @@ from fleet_server.rollouts.engine import approve as approve_rollout
 from fleet_server.rollouts.engine import decide
 from fleet_server.rollouts.engine import pause as pause_rollout
 from fleet_server.rollouts.engine import resume as resume_rollout
-from fleet_server.rollouts.metrics import DeviceObservation, observe
+from fleet_server.rollouts.metrics import DeviceObservation
+from fleet_server.rollouts.observation import observe
 from fleet_server.rollouts.policy import RolloutPolicy, Selector
 from fleet_server.rollouts.shadow_evidence import ShadowInputs, shadow_capable, shadow_evidence
 from fleet_server.rollouts.state import ACTIVE_STATES, Decision, OfflineCheck, Rollout
