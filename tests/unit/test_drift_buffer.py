@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 
 from bundles import DigitsBundles
+from edge_agent.common.drift_buffer import DriftWindowBuffer, WindowItem, window_nbytes
 from edge_agent.config import AgentConfig, DriftConfig, StoreConfig, load_config
 from edge_agent.drift import DriftMonitor, MonitorPolicy, build_baseline
 from edge_agent.drift.monitor import DriftWindow
 from edge_agent.errors import ConfigError, OutboxError
 from edge_agent.serving.agent import Agent
-from edge_agent.common.drift_buffer import DriftWindowBuffer, WindowItem, window_nbytes
 from edge_agent.serving.service import InferenceRequest
 from edge_agent.store import ModelStore
 from edge_agent.sync.telemetry_feed import TelemetryFeed

@@ -21,10 +21,10 @@ import logging
 import threading
 from pathlib import Path
 
+from edge_agent.common.drift_buffer import DriftWindowBuffer
 from edge_agent.config import AgentConfig
 from edge_agent.errors import EdgefleetError, ModelStoreError
 from edge_agent.serving.candidates import Candidates
-from edge_agent.common.drift_buffer import DriftWindowBuffer
 from edge_agent.serving.probation import FAILED, PASSED, judge_probation
 from edge_agent.serving.registry import Loaded, Registry
 from edge_agent.store import InstallResult, ModelStore

@@ -25,9 +25,9 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+from edge_agent.common.drift_buffer import WindowItem
 from edge_agent.errors import EdgefleetError
 from edge_agent.serving.agent import Agent
-from edge_agent.common.drift_buffer import WindowItem
 from edge_agent.sync.outbox import Outbox
 from edge_agent.sync.uplink import MAX_ITEM_BYTES, Uplink
 from edge_agent.wire.telemetry import Resources, event_from_registry, report_from_status
