@@ -1,12 +1,13 @@
 """The rollout orchestrator: registry and service in, ``rollout.decide`` in the middle.
 
-``RolloutRunner`` creates rollouts, and on every ``step`` loads the active ones, builds each
-targeted device's ``DeviceObservation`` from the registry (reported state and the telemetry
-window, and the members' output windows from before they switched, the output gate's second
-reference), calls the pure ``decide`` and applies the decision: ``service.assign`` for new
-wave members (``to_version``) and for devices sent back (``from_version``), a quarantine entry
-when a version keeps failing, the new state and an event log entry. Operator commands
-(approve, pause, resume, abort) go through the same lock as steps. ``start()`` runs ``step``
+``RolloutRunner`` creates rollouts, and on every ``step`` loads the active ones, reads each
+targeted device's ``DeviceObservation`` and the shadow phase's inputs through a
+``RolloutReader`` (``fleet_server.jobs.rollout_reader``, which owns those reads: the telemetry
+window, the members' windows from before they switched, the shadowed canaries' evidence),
+calls the pure ``decide`` and applies the decision: ``service.assign`` for new wave members
+(``to_version``) and for devices sent back (``from_version``), a quarantine entry when a
+version keeps failing, the new state and an event log entry. Operator commands (approve,
+pause, resume, abort) go through the same lock as steps. ``start()`` runs ``step``
 every ``interval`` seconds in a daemon thread (``fleet_server.jobs.periodic.PeriodicJob``),
 ``close()`` stops it.
 
@@ -24,8 +25,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Protocol
 
 from edge_agent.errors import EdgefleetError
@@ -35,11 +35,10 @@ from fleet_server.errors import (
     RegistryUnavailableError,
     RolloutConflictError,
 )
-from fleet_server.history.rollouts import before_outputs, rollout_inputs
 from fleet_server.jobs.periodic import PeriodicJob
+from fleet_server.jobs.rollout_reader import RolloutReader, common_version
 from fleet_server.registry import rollouts as store
 from fleet_server.registry.store import Registry
-from fleet_server.registry.values import DeviceRecord
 from fleet_server.rollouts.admission import Override, admit
 from fleet_server.rollouts.engine import abort as abort_rollout
 from fleet_server.rollouts.engine import approve as approve_rollout
@@ -47,19 +46,14 @@ from fleet_server.rollouts.engine import decide
 from fleet_server.rollouts.engine import pause as pause_rollout
 from fleet_server.rollouts.engine import resume as resume_rollout
 from fleet_server.rollouts.metrics import DeviceObservation
-from fleet_server.rollouts.observation import observe
 from fleet_server.rollouts.policy import RolloutPolicy, Selector
-from fleet_server.rollouts.shadow_evidence import ShadowInputs, shadow_capable, shadow_evidence
+from fleet_server.rollouts.shadow_evidence import ShadowInputs
 from fleet_server.rollouts.state import ACTIVE_STATES, Decision, OfflineCheck, Rollout
 
 __all__ = ["AssignPort", "EngineLock", "LocalLock", "OfflinePort", "RolloutRunner"]
 
-#: Newest reports read per shadowed canary (its shadow counters are cumulative).
-_SHADOW_REPORTS = 50
 #: A command re-reads and retries this many times when a concurrent save won.
 _COMMAND_ATTEMPTS = 3
-#: The longest before-switch window the last wave's output gate reads per device.
-_BEFORE_MAX = timedelta(hours=24)
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +128,7 @@ class RolloutRunner:
         created; without it rollouts are created unchecked (their ``offline`` stays None).
         """
         self._registry = registry
+        self._reader = RolloutReader(registry)
         self._offline = offline
         self._service = service
         self._clock = clock
@@ -196,7 +191,7 @@ class RolloutRunner:
             override_aborted=override_aborted,
         )
         if from_version is None:
-            from_version = self._common_version(model, version, self._targeted(selector))
+            from_version = common_version(model, version, self._reader.targeted(selector))
         offline: OfflineCheck | None = None
         if self._offline is not None:
             offline, used = self._offline.check(
@@ -306,88 +301,29 @@ class RolloutRunner:
         return out
 
     def observations(self, r: Rollout, now: datetime) -> list[DeviceObservation]:
-        """Every targeted device's observation for ``r`` (members on ``to_version``).
+        """Every targeted device's observation for ``r`` (``RolloutReader.observations``).
 
         Raises:
             RegistryUnavailableError: the database failed.
         """
-        devices = self._targeted(r.selector)
-        start = r.started_at or now
-        since = {d.id: r.members.get(d.id, start) for d in devices}
-        version = {d.id: r.to_version if d.id in r.members else r.from_version for d in devices}
-        # Rollups for the folded part of each window, raw rows only for its edges (history).
-        window = rollout_inputs(
-            self._registry, r.model, {d.id: (since[d.id], version[d.id]) for d in devices}
-        )
-        obs = [
-            observe(
-                d.id,
-                r.model,
-                version[d.id],
-                since[d.id],
-                d.reported,
-                window[d.id].rows,
-                folded=window[d.id].folded,
-                folded_events=window[d.id].events,
-                folded_outputs=window[d.id].outputs,
-            )
-            for d in devices
-        ]
-        return self._with_before_outputs(r, obs, now)
-
-    def _with_before_outputs(
-        self, r: Rollout, obs: list[DeviceObservation], now: datetime
-    ) -> list[DeviceObservation]:
-        """Each member's ``from_version`` metrics and output moments before it switched (the
-        latency and output gates' second reference): ``[joined - served, joined)``, ``served``
-        being how long it has been a member (at most ``_BEFORE_MAX``)."""
-        if not r.members or r.from_version is None:
-            return obs
-        ranges = {
-            o.device_id: (
-                joined - min(max(now - joined, timedelta(0)), _BEFORE_MAX),
-                joined,
-                r.from_version,
-            )
-            for o in obs
-            if (joined := r.members.get(o.device_id)) is not None
-        }
-        before = before_outputs(self._registry, r.model, ranges)
-        return [
-            replace(
-                o,
-                outputs_before=before[o.device_id].outputs,
-                metrics_before=before[o.device_id].metrics,
-            )
-            if o.device_id in before
-            else o
-            for o in obs
-        ]
+        return self._reader.observations(r, now)
 
     def device_states(self, r: Rollout) -> dict[str, str]:
-        """Per targeted device: ``control``, ``shadow`` (runs the candidate as a shadow, in
-        the shadow phase), ``assigned``, ``installed``, ``failed``, ``rolled_back`` or
-        ``reverted`` (for status views).
+        """Per targeted device: ``control``, ``shadow``, ``assigned``, ``installed``,
+        ``failed``, ``rolled_back`` or ``reverted`` (``RolloutReader.device_states``).
 
         Raises:
             RegistryUnavailableError: the database failed.
         """
-        out: dict[str, str] = {}
-        bad = {**dict.fromkeys(r.failed, "failed"), **dict.fromkeys(r.rolled_back, "rolled_back")}
-        for d in self._targeted(r.selector):
-            models = (d.reported or {}).get("models") or {}
-            active = (models.get(r.model) or {}).get("active")
-            if d.id in r.reverted:
-                out[d.id] = "reverted"
-            elif d.id in bad:
-                out[d.id] = bad[d.id]
-            elif d.id in r.members:
-                out[d.id] = "installed" if active == r.to_version else "assigned"
-            elif d.id in r.shadows and r.phase == "shadow":
-                out[d.id] = "shadow"
-            else:
-                out[d.id] = "control"
-        return out
+        return self._reader.device_states(r)
+
+    def shadow_inputs(self, r: Rollout) -> ShadowInputs | None:
+        """What the shadow phase needs (``RolloutReader.shadow_inputs``).
+
+        Raises:
+            RegistryUnavailableError: the database failed.
+        """
+        return self._reader.shadow_inputs(r)
 
     def _step_one(self, r: Rollout, now: datetime) -> Decision:
         previous = store.abort_count(self._registry, r.model, r.to_version)
@@ -400,43 +336,6 @@ class RolloutRunner:
         )
         self._apply(decision, now, kind="decision", old=r)
         return decision
-
-    def shadow_inputs(self, r: Rollout) -> ShadowInputs | None:
-        """What the shadow phase needs (None when ``r`` has none to start or judge): the
-        targets that advertise the ``shadow`` capability, whether the candidate classifies,
-        and each shadowed canary's evidence from its newest reports.
-
-        Raises:
-            RegistryUnavailableError: the database failed.
-        """
-        starting = r.state == "pending" and r.phase == "serving" and not r.shadows
-        if r.policy.shadow_fraction is None or not (starting or r.phase == "shadow"):
-            return None
-        try:
-            manifest = self._registry.get_bundle(r.model, r.to_version).manifest
-        except RegistryUnavailableError:
-            raise
-        except RegistryError:
-            return None
-        outputs = manifest.get("outputs")
-        task = outputs.get("task") if isinstance(outputs, dict) else None
-        devices = self._targeted(r.selector)
-        evidence = {}
-        for d in devices:
-            if d.id not in r.shadows:
-                continue
-            # Counters are cumulative while the shadow runs: the newest reports suffice.
-            rows = self._registry.telemetry(
-                device_id=d.id, after_id=None, limit=_SHADOW_REPORTS, kind="report"
-            )
-            evidence[d.id] = shadow_evidence(
-                r.model, r.to_version, r.shadows[d.id], d.reported, rows
-            )
-        return ShadowInputs(
-            capable=frozenset(d.id for d in devices if shadow_capable(d.reported)),
-            classification=task == "classification",
-            devices=evidence,
-        )
 
     def _apply(
         self, decision: Decision, now: datetime, *, kind: str, old: Rollout | None = None
@@ -503,20 +402,6 @@ class RolloutRunner:
             events.append((kind, detail))
         store.save_rollout(self._registry, r, now, events, read=old)
         return r
-
-    # ----------------------------------------------------------------- helpers
-    def _targeted(self, selector: Selector) -> list[DeviceRecord]:
-        devices = self._registry.list_devices(group=selector.group, include_revoked=False)
-        return [d for d in devices if selector.matches(d.group, d.tags)]
-
-    @staticmethod
-    def _common_version(model: str, version: int, devices: Sequence[DeviceRecord]) -> int | None:
-        counts: dict[int, int] = {}
-        for d in devices:
-            active = (((d.reported or {}).get("models") or {}).get(model) or {}).get("active")
-            if isinstance(active, int) and active != version:
-                counts[active] = counts.get(active, 0) + 1
-        return max(counts, key=lambda v: (counts[v], v)) if counts else None
 
     # ----------------------------------------------------------------- thread
     def start(self) -> None:
