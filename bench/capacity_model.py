@@ -1,0 +1,306 @@
+"""Capacity model of an edgefleet deployment from 1,000 to 1,000,000 devices: pure arithmetic.
+
+Holds every input of the model in one place with its source, and prints the tables of
+"Capacity model: 1,000 to 1,000,000 devices" in ``docs/scale-out.md``. It imports nothing from
+the project and measures nothing: change an input here, run it, and paste the tables.
+
+Each input is tagged with where it comes from:
+
+- ``measured``: a figure this repository's bench scripts printed on the 2-core development VM
+  (the doc quotes the command next to the table it comes from);
+- ``config``: a default of ``deploy/agent.example.toml`` or of the server's config;
+- ``fixture``: the size of a golden payload in ``tests/`` (``wc -c``);
+- ``public``: a published figure, cited in the doc;
+- ``assumed``: a planning assumption made here, not measured anywhere.
+
+    .venv/bin/python bench/capacity_model.py [--level 1] [--inputs]
+
+``--level`` is the traffic per device whose measured telemetry bytes are used: ``idle``, ``1``
+or ``10`` requests per second (the three levels of ``bench/bench_telemetry_bytes.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+
+DAY = 86_400.0
+
+
+@dataclass(frozen=True)
+class Input:
+    value: float
+    source: str  # measured | config | fixture | public | assumed
+    note: str
+
+
+# --------------------------------------------------------------------------- device side
+REPORT_INTERVAL_S = Input(30.0, "config", "[sync] report_interval_seconds, agent.example.toml")
+REPORTS_PER_MESSAGE = Input(
+    1.0, "config", "one Batch per report interval in steady state (more only with a backlog)"
+)
+RECONNECTS_PER_DEVICE_DAY = Input(
+    1.0, "assumed", "MQTT reconnects per device per day (status online + will, reported state)"
+)
+
+# Mean payload bytes of one telemetry message (a Batch of one report), per traffic level:
+# bench/bench_telemetry_bytes.py at the example config (docs/telemetry.md, "What it costs").
+PAYLOAD_JSON_B = {
+    "idle": Input(790.0, "measured", "bench_telemetry_bytes.py, json, idle"),
+    "1": Input(2_843.0, "measured", "bench_telemetry_bytes.py, json, 1 req/s"),
+    "10": Input(8_358.0, "measured", "bench_telemetry_bytes.py, json, 10 req/s"),
+}
+PAYLOAD_PACKED_B = {
+    "idle": Input(94.0, "measured", "bench_telemetry_bytes.py, packed-1, idle"),
+    "1": Input(361.0, "measured", "bench_telemetry_bytes.py, packed-1, 1 req/s"),
+    "10": Input(991.0, "measured", "bench_telemetry_bytes.py, packed-1, 10 req/s"),
+}
+ACK_B = Input(101.0, "measured", "TelemetryAck with accepts (docs/telemetry.md)")
+STATUS_B = Input(139.0, "fixture", "tests/fixtures/telemetry/status-v1.json")
+DESIRED_B = Input(845.0, "fixture", "tests/compat/desired-shadow-v1-2026-12/message.json")
+
+# Per-message framing on the wire, on top of the payload.
+TOPIC_B = Input(40.0, "measured", "topic length, bench_telemetry_bytes.py docstring")
+MQTT_HEADER_B = Input(10.0, "assumed", "fixed header, packet id, property length (MQTT 5)")
+TLS_RECORD_B = Input(22.0, "public", "TLS 1.3 AES-GCM record: 5 header + 1 type + 16 tag")
+
+# --------------------------------------------------------------------------- server side
+WORKER_MSGS_S = Input(
+    525.0,
+    "measured",
+    "lowest one-worker PostgreSQL rate, bench_ingest_workers.py (5 reports of ~1 KB a message)",
+)
+DB_ONLY_ROWS_S = Input(
+    1_613.0, "measured", "Registry.ingest_many on PostgreSQL, bench_history.py --ingest"
+)
+HEADROOM = Input(0.5, "assumed", "plan each worker at this share of its measured rate")
+MIN_WORKERS = Input(2.0, "assumed", "two workers for availability (a dead one costs nothing)")
+PG_CONNS_PER_WORKER = Input(15.0, "config", "SQLAlchemy pool 5 + 10 overflow (scale-out.md)")
+PG_CPU_MS_PER_MSG = Input(
+    0.45,
+    "measured",
+    "PostgreSQL cores / msgs per s with two workers, bench_ingest_workers.py (fsync=off)",
+)
+
+# Storage: bench/bench_history.py, 1,000 devices, PostgreSQL, measured bytes per row (table +
+# indexes) with its report payloads (mean 9,826 B of JSON; tier-A windows of the 64-feature
+# input and 10-class output on every second report: heavier than the 10 req/s level above).
+PG_RAW_B_ROW = Input(7_635.0, "measured", "bench_history.py, postgresql raw B/row")
+PG_KEY_B_ROW = Input(150.0, "measured", "bench_history.py --retention, telemetry_keys B/key")
+PG_ROLLUP_B_ROW = Input(4_231.0, "measured", "bench_history.py, postgresql rollup B/row")
+BENCH_ROW_JSON_B = Input(9_826.0, "measured", "mean JSON of bench_history.py's report payloads")
+RAW_DAYS = Input(3.0, "config", "[retention] raw_days")
+FINE_DAYS = Input(1.0, "config", "[retention] fine_days")
+HOUR_DAYS = Input(400.0, "config", "[retention] hour_days")
+FOLD_S_PER_1K = Input(
+    3.26, "measured", "one 5-minute bucket of 1,000 devices folded, bench_history.py, postgresql"
+)
+FOLD_BUDGET_S = Input(300.0, "config", "one bucket every 5 minutes, on one leader (one core)")
+PRUNE_S_PER_1K_DAY = Input(
+    55.0, "measured", "24,000 keys pruned in 0.46 s (bench_history.py --retention) x 2.88 M keys"
+)
+
+# --------------------------------------------------------------------------- broker
+MOSQUITTO_US_PER_MSG = Input(
+    39.0,
+    "measured",
+    "Mosquitto 0.14 cores at 3,636 msgs/s in+out to a bare consumer, bench_fleet.py",
+)
+MOSQUITTO_TESTED_CONNECTIONS = Input(1_000.0, "measured", "1,000 TLS devices, bench_fleet.py")
+
+FLEETS = (1_000, 10_000, 100_000, 1_000_000)
+
+
+@dataclass(frozen=True)
+class PerThousand:
+    telemetry_msgs_s: float  # device -> broker, and again broker -> workers
+    ack_msgs_s: float  # worker -> broker, and again broker -> device
+    status_msgs_s: float  # device -> broker; delivered to every worker (plain subscription)
+    wire_in_json_b_s: float  # device -> broker, telemetry payload + framing
+    wire_in_packed_b_s: float
+    wire_out_b_s: float  # broker -> devices, acks + framing
+    raw_rows_s: float
+    key_rows_s: float
+    fine_rollups_s: float
+    hour_rollups_s: float
+    raw_gb_day: float  # measured bytes per row (bench_history payloads)
+    key_gb_day: float
+    fine_gb_day: float
+    hour_gb_day: float
+
+
+def per_thousand(level: str) -> PerThousand:
+    devices = 1_000.0
+    msgs = devices / REPORT_INTERVAL_S.value
+    reports = msgs * REPORTS_PER_MESSAGE.value
+    frame = TOPIC_B.value + MQTT_HEADER_B.value + TLS_RECORD_B.value
+    status = devices * RECONNECTS_PER_DEVICE_DAY.value / DAY
+    rows_day = reports * DAY
+    return PerThousand(
+        telemetry_msgs_s=msgs,
+        ack_msgs_s=msgs,
+        status_msgs_s=status,
+        wire_in_json_b_s=msgs * (PAYLOAD_JSON_B[level].value + frame),
+        wire_in_packed_b_s=msgs * (PAYLOAD_PACKED_B[level].value + frame),
+        wire_out_b_s=msgs * (ACK_B.value + frame),
+        raw_rows_s=reports,
+        key_rows_s=reports,
+        fine_rollups_s=devices / 300.0,
+        hour_rollups_s=devices / 3_600.0,
+        raw_gb_day=rows_day * PG_RAW_B_ROW.value / 1e9,
+        key_gb_day=rows_day * PG_KEY_B_ROW.value / 1e9,
+        fine_gb_day=devices * 288 * PG_ROLLUP_B_ROW.value / 1e9,
+        hour_gb_day=devices * 24 * PG_ROLLUP_B_ROW.value / 1e9,
+    )
+
+
+def retained_gb(p: PerThousand) -> float:
+    """Steady-state database size per 1,000 devices after ``HOUR_DAYS``: raw rows live up to
+    ``raw_days`` + 1 day on PostgreSQL (a partition goes only when its whole day is past the
+    cut); keys and 5-minute rollups go in batches at the cut."""
+    raw = (RAW_DAYS.value + 1) * p.raw_gb_day + RAW_DAYS.value * p.key_gb_day
+    return raw + FINE_DAYS.value * p.fine_gb_day + HOUR_DAYS.value * p.hour_gb_day
+
+
+def workers_needed(msgs_s: float) -> int:
+    per_worker = WORKER_MSGS_S.value * HEADROOM.value
+    return max(int(MIN_WORKERS.value), math.ceil(msgs_s / per_worker))
+
+
+def mosquitto_cores(deliveries_s: float) -> float:
+    """One Mosquitto thread's CPU for ``deliveries_s`` messages received and delivered once."""
+    return deliveries_s * MOSQUITTO_US_PER_MSG.value / 1e6
+
+
+def broker_for(devices: int, deliveries_s: float) -> str:
+    core = mosquitto_cores(deliveries_s)
+    if devices <= 10 * MOSQUITTO_TESTED_CONNECTIONS.value:
+        return f"one Mosquitto (~{core:.3f} core at the measured cost)"
+    if devices <= 100_000:
+        return f"cluster of 2-3 (HA); one Mosquitto ~{core:.1f} core, connections untested"
+    return f"cluster of 3-5 nodes; one Mosquitto would need ~{core:.1f} cores"
+
+
+def our_limit(fold_share: float, prune_share: float) -> str:
+    """The first of the server's own single-leader jobs past ``HEADROOM`` of its budget."""
+    worst = max(("history fold", fold_share), ("key pruning", prune_share), key=lambda x: x[1])
+    if worst[1] <= HEADROOM.value:
+        return f"none past {HEADROOM.value:.0%} ({worst[0]} {worst[1]:.0%})"
+    return f"{worst[0]} at {worst[1]:.0%} of its one core"
+
+
+def fmt(x: float) -> str:
+    if x >= 100:
+        return f"{x:,.0f}"
+    if x >= 10:
+        return f"{x:.1f}"
+    return f"{x:.2f}"
+
+
+def print_inputs() -> None:
+    print("| input | value | source | note |")
+    print("|---|---:|---|---|")
+    for name, item in globals().items():
+        if isinstance(item, Input):
+            print(f"| `{name}` | {fmt(item.value)} | {item.source} | {item.note} |")
+        elif isinstance(item, dict) and name.startswith("PAYLOAD"):
+            for level, it in item.items():
+                print(f"| `{name}[{level}]` | {fmt(it.value)} | {it.source} | {it.note} |")
+
+
+def print_per_thousand() -> None:
+    print("| per 1,000 devices | idle | 1 req/s | 10 req/s |")
+    print("|---|---:|---:|---:|")
+    ps = [per_thousand(level) for level in ("idle", "1", "10")]
+    rows = [
+        ("telemetry msgs/s, device -> broker (= broker -> workers)", "telemetry_msgs_s"),
+        ("ack msgs/s, worker -> broker (= broker -> device)", "ack_msgs_s"),
+        ("status msgs/s (x every worker: plain subscription)", "status_msgs_s"),
+        ("bytes/s device -> broker, JSON (payload + framing)", "wire_in_json_b_s"),
+        ("bytes/s device -> broker, packed-1", "wire_in_packed_b_s"),
+        ("bytes/s broker -> devices (acks + framing)", "wire_out_b_s"),
+        ("raw telemetry rows/s", "raw_rows_s"),
+        ("telemetry_keys rows/s", "key_rows_s"),
+        ("5-minute rollup rows/s (written in bursts by the job)", "fine_rollups_s"),
+        ("hourly rollup rows/s", "hour_rollups_s"),
+    ]
+    for label, attr in rows:
+        print(f"| {label} | " + " | ".join(fmt(getattr(p, attr)) for p in ps) + " |")
+    p = ps[0]
+    print(
+        f"\nPostgreSQL storage per day per 1,000 devices (bench_history.py payloads, the same at"
+        f" every level above: heavier than 10 req/s): raw {p.raw_gb_day:.1f} GB + keys "
+        f"{p.key_gb_day:.2f} GB + 5-minute rollups {p.fine_gb_day:.2f} GB + hourly "
+        f"{p.hour_gb_day * 1000:.0f} MB; kept forever {p.raw_gb_day + p.key_gb_day:.1f} GB/day;"
+        f" with retention the growth is the hourly rollups and the database settles at "
+        f"{retained_gb(p):.0f} GB after {HOUR_DAYS.value:.0f} days."
+    )
+    scaled = [
+        f"{level}: {p.raw_gb_day * json_b.value / BENCH_ROW_JSON_B.value:.1f}"
+        for level, json_b in PAYLOAD_JSON_B.items()
+    ]
+    print(
+        "Raw rows per day if row bytes scaled with the JSON stored (assumed, not measured), "
+        f"GB/day at idle / 1 / 10 req/s: {', '.join(scaled)}."
+    )
+
+
+def print_fleets(level: str) -> None:
+    p = per_thousand(level)
+    per_worker = WORKER_MSGS_S.value * HEADROOM.value
+    print(
+        f"| devices | telemetry msgs/s | broker deliveries/s (telemetry + acks) | device -> "
+        f"broker, JSON / packed-1 | workers ({per_worker:.0f} msgs/s each) | broker |"
+    )
+    print("|---:|---:|---:|---:|---:|---|")
+    for n in FLEETS:
+        k = n / 1_000
+        msgs = p.telemetry_msgs_s * k
+        deliveries = msgs + p.ack_msgs_s * k
+        mbit = 8 / 1e6
+        print(
+            f"| {n:,} | {fmt(msgs)} | {fmt(deliveries)} | {fmt(p.wire_in_json_b_s * k * mbit)}"
+            f" / {fmt(p.wire_in_packed_b_s * k * mbit)} Mbit/s | {workers_needed(msgs)} | "
+            f"{broker_for(n, deliveries)} |"
+        )
+    print()
+    print(
+        "| devices | rows/s (raw + keys) | table MB/s | size/day, no retention | size with "
+        "retention (day 400) | connections | CPU (cores, fsync=off) | history fold | key "
+        "pruning | our first limit |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for n in FLEETS:
+        k = n / 1_000
+        msgs = p.telemetry_msgs_s * k
+        rows = (p.raw_rows_s + p.key_rows_s) * k
+        table_mb_s = p.raw_rows_s * k * (PG_RAW_B_ROW.value + PG_KEY_B_ROW.value) / 1e6
+        day_tb = (p.raw_gb_day + p.key_gb_day) * k / 1_000
+        size_tb = retained_gb(p) * k / 1_000
+        conns = workers_needed(msgs) * PG_CONNS_PER_WORKER.value
+        pg_cores = msgs * PG_CPU_MS_PER_MSG.value / 1_000
+        fold = FOLD_S_PER_1K.value * k / FOLD_BUDGET_S.value
+        prune = PRUNE_S_PER_1K_DAY.value * k / DAY
+        print(
+            f"| {n:,} | {fmt(rows)} | {fmt(table_mb_s)} | {fmt(day_tb)} TB | {fmt(size_tb)} TB"
+            f" | {conns:,.0f} | {fmt(pg_cores)} | {fold:.0%} | {prune:.0%} | "
+            f"{our_limit(fold, prune)} |"
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--level", choices=("idle", "1", "10"), default="1")
+    ap.add_argument("--inputs", action="store_true", help="also print the inputs table")
+    a = ap.parse_args()
+    if a.inputs:
+        print_inputs()
+        print()
+    print_per_thousand()
+    print(f"\nFleets at the {a.level} req/s level (telemetry bytes); storage as above:\n")
+    print_fleets(a.level)
+
+
+if __name__ == "__main__":
+    main()
