@@ -31,6 +31,7 @@ from edge_agent.trust.desired import SIGNING_ROLE
 from edge_agent.wire.topics import Topics
 from fleet_server.admin.accuracy import accuracy_routes
 from fleet_server.admin.api import AdminServer, create_app
+from fleet_server.admin.audit import Auditor
 from fleet_server.admin.drift import drift_routes
 from fleet_server.admin.evalsets import evalset_routes
 from fleet_server.admin.rollouts import rollout_routes
@@ -196,6 +197,13 @@ def run(
                 lambda guard: root_routes(service, guard),
             ),
             extra_metrics=(("fallback", fallback.stats),) if fallback is not None else (),
+            # The audit guard reads JSON bodies up to the largest route cap (root chains: 1 MiB);
+            # each route still applies its own cap to the body it is handed.
+            auditor=Auditor(
+                registry,
+                lambda: datetime.now(UTC),
+                max_body_bytes=max(config.api.max_request_bytes, 1024 * 1024),
+            ),
         )
         admin = AdminServer(app, config.api.host, config.api.port)
         admin.start()

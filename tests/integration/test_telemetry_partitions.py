@@ -93,7 +93,7 @@ def test_a_0005_database_with_rows_upgrades_keeping_every_row(registry_url: str)
                 {"seq": i, "at": at, "payload": json.dumps({"n": i})},
             )
         rows = sorted(c.execute(text("SELECT id, seq, received_at FROM telemetry")).all())
-    registry.upgrade()
+    registry.upgrade("0006")
     assert registry.current_revision() == "0006"
     with registry.engine.connect() as c:
         after = sorted(c.execute(text("SELECT id, seq, received_at FROM telemetry")).all())

@@ -22,6 +22,10 @@ Routes (v1)::
     POST /v1/devices                   GET  /v1/telemetry?after_id=&device_id=&limit=
     POST /v1/devices/{id}/revoke       GET  /metrics
     GET  /v1/misbehaviour[?top=]       (refusals per device, worst first)
+    GET  /v1/audit, /v1/audit/export   (the audit log: ``fleet_server.admin.audit``)
+
+Every authenticated request that is not a GET is recorded in the audit log by the token guard
+(before and after its handler runs), so no route can forget it.
 
 Owns: HTTP, JSON shapes and the error boundary (statuses come from the one error table).
 Decisions live in ``fleet_server.service``.
@@ -35,7 +39,7 @@ import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import asdict
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 import uvicorn
 from prometheus_client import CollectorRegistry, generate_latest
@@ -49,6 +53,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from edge_agent.errors import EdgefleetError
+from fleet_server.admin.audit import TOKEN_ACTOR, Auditor, audit_routes
 from fleet_server.admin.body import (
     json_object,
     public_message,
@@ -70,6 +75,8 @@ from fleet_server.service import DeviceView, FleetService
 __all__ = ["AdminServer", "create_app", "device_json", "model_json", "status_of"]
 
 log = logging.getLogger(__name__)
+#: Methods that change nothing: not recorded in the audit log.
+SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 Handler = Callable[[Request], Awaitable[Response]]
 Guard = Callable[[Handler], Handler]
 #: Adds routes to the admin app (drift, rollouts): called with the token guard.
@@ -205,8 +212,14 @@ def create_app(
     max_upload_bytes: int = 1024 * 1024 * 1024,
     extra_routes: tuple[RouteProvider, ...] = (),
     extra_metrics: tuple[tuple[str, Callable[[], Mapping[str, Any]]], ...] = (),
+    auditor: Auditor | None = None,
 ) -> Starlette:
     """The admin ASGI app over ``service``, guarded by the bearer ``token``.
+
+    With ``auditor`` every authenticated request that is not a GET is recorded in the audit log
+    by the guard (``fleet_server.admin.audit``: an attempt before the handler runs, refused with
+    503 when it cannot be written, and the outcome after), and ``/v1/audit`` serves the log.
+    The server always passes one; without it (tests of other parts) nothing is recorded.
 
     ``extra_routes`` add the routes of other parts (fleet drift, rollouts), each guarded by the
     same token check; ``extra_metrics`` are ``(prefix, read)`` pairs whose numeric values
@@ -221,22 +234,59 @@ def create_app(
     metrics = CollectorRegistry(auto_describe=False)
     metrics.register(_FleetCollector(service, extra_metrics))
 
+    # Each guarded endpoint's action name ("POST /v1/devices"), filled once the routes exist.
+    actions: dict[object, str] = {}
+
+    async def answer(handler: Handler, request: Request) -> Response:
+        try:
+            return await handler(request)
+        except EdgefleetError as exc:
+            return _error(status_of(exc), exc.code, str(exc))
+        except Exception:
+            log.exception("admin API %s %s failed", request.method, request.url.path)
+            return _error(ADMIN_INTERNAL_STATUS, "internal", "internal error (see the server log)")
+
+    async def audited(handler: Handler, request: Request, audit: Auditor) -> Response:
+        action = actions.get(request.scope.get("endpoint"), f"{request.method} ?")
+        try:
+            pending = await audit.attempt(request, TOKEN_ACTOR, action)
+        except Exception as exc:  # no entry, no action: whatever the failure was
+            log.exception("audit log: cannot record %s; refused", action)
+            status, code = (
+                (status_of(exc), exc.code)
+                if isinstance(exc, EdgefleetError)
+                else (ADMIN_INTERNAL_STATUS, "internal")
+            )
+            return _error(status, code, "the audit log cannot be written: action not run")
+        refusal = pending.refusal
+        if refusal is not None:
+            response: Response = _error(status_of(refusal), refusal.code, str(refusal))
+        else:
+            response = await answer(handler, pending.request)
+        try:
+            await audit.outcome(pending, response)
+        except Exception:
+            # The action ran and its attempt is recorded: answer what happened.
+            log.exception("audit log: outcome of %s (%s) not recorded", action, pending.entry.id)
+        return response
+
     def guarded(handler: Handler) -> Handler:
         async def run(request: Request) -> Response:
             given = request.headers.get("authorization", "").encode()
             if not hmac.compare_digest(given, expected):
+                if request.method not in SAFE_METHODS:
+                    log.warning(
+                        "admin API: unauthenticated %s %s from %s refused",
+                        request.method,
+                        request.url.path[:200],
+                        request.client.host if request.client else "?",
+                    )
                 return _error(
                     ADMIN_UNAUTHORIZED_STATUS, "unauthorized", "missing or wrong bearer token"
                 )
-            try:
-                return await handler(request)
-            except EdgefleetError as exc:
-                return _error(status_of(exc), exc.code, str(exc))
-            except Exception:
-                log.exception("admin API %s %s failed", request.method, request.url.path)
-                return _error(
-                    ADMIN_INTERNAL_STATUS, "internal", "internal error (see the server log)"
-                )
+            if auditor is None or request.method in SAFE_METHODS:
+                return await answer(handler, request)
+            return await audited(handler, request, auditor)
 
         return run
 
@@ -373,6 +423,11 @@ def create_app(
     ]
     for provide in extra_routes:
         routes += provide(guarded)
+    if auditor is not None:
+        routes += audit_routes(auditor.registry, guarded)
+    for route in routes:
+        methods = sorted(set(route.methods or ()) - {"HEAD"})
+        actions[route.endpoint] = f"{'/'.join(methods)} {route.path}"
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
 
 

@@ -8,7 +8,7 @@ Every method returns the decoded JSON body or raises one of our errors, never an
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import quote
 
 import httpx
@@ -56,6 +56,23 @@ class AdminClient:
             raise AdminUnreachableError(
                 f"admin API {self._http.base_url} unreachable: {exc}"
             ) from exc
+        body = self._raise_for(response)
+        if body is None:
+            raise AdminRequestError(
+                f"{response.status_code}: response is not JSON",
+                status=response.status_code,
+                server_code="bad_response",
+            )
+        return body
+
+    @staticmethod
+    def _raise_for(response: httpx.Response) -> Any:
+        """The JSON body of ``response`` (None: not JSON), or its error raised.
+
+        Raises:
+            AdminAuthError: 401.
+            AdminRequestError: any other error status.
+        """
         try:
             body = response.json()
         except ValueError:
@@ -69,12 +86,6 @@ class AdminClient:
                 f"{response.status_code}: {message or response.text[:200]}",
                 status=response.status_code,
                 server_code=str(code or "unknown"),
-            )
-        if body is None:
-            raise AdminRequestError(
-                f"{response.status_code}: response is not JSON",
-                status=response.status_code,
-                server_code="bad_response",
             )
         return body
 
@@ -258,3 +269,32 @@ class AdminClient:
     def rotate_root(self, roots: list[Any]) -> dict[str, Any]:
         """``POST /v1/root`` with root metadata objects in version order. Raises: AdminApiError."""
         return dict(self._call("POST", "/v1/root", json={"roots": roots}))
+
+    def audit(self, **filters: str | int | None) -> list[dict[str, Any]]:
+        """``GET /v1/audit`` with the given filters (``since``, ``until``, ``actor``, ``action``,
+        ``object``, ``limit``, ``after_id``; None ones are left out). Raises: AdminApiError."""
+        params = {k: str(v) for k, v in filters.items() if v is not None}
+        return list(self._call("GET", "/v1/audit", params=params)["entries"])
+
+    def audit_export(self, fmt: str, out: BinaryIO, **filters: str | None) -> int:
+        """``GET /v1/audit/export?format=fmt``, streamed into ``out``; the bytes written.
+
+        Raises:
+            AdminApiError: as every call (a stream cut short raises ``AdminUnreachableError``).
+            OSError: ``out`` cannot be written.
+        """
+        params = {"format": fmt, **{k: v for k, v in filters.items() if v is not None}}
+        written = 0
+        try:
+            with self._http.stream("GET", "/v1/audit/export", params=params) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    self._raise_for(response)
+                for chunk in response.iter_bytes():
+                    out.write(chunk)
+                    written += len(chunk)
+        except httpx.HTTPError as exc:
+            raise AdminUnreachableError(
+                f"admin API {self._http.base_url} unreachable: {exc}"
+            ) from exc
+        return written

@@ -1,0 +1,422 @@
+"""The admin API's audit trail: what an entry of a request holds, its routes and output formats.
+
+Recording happens in one place, the token guard of ``fleet_server.admin.api.create_app``: for
+every authenticated request that is not a GET it calls ``Auditor.attempt`` before the handler
+runs and ``Auditor.outcome`` after (also for refusals: 400, 404, 409, 413, 422, ...). When the
+attempt cannot be written the handler does not run and the request answers 503: an action is
+never done without its entry. When the outcome cannot be written the action has already run
+and its attempt is in the log; the answer is the handler's and the server log says why the
+outcome is missing.
+
+An entry's ``change`` is the request's input as data: path and query values, the JSON body's
+fields (values under secret-looking keys replaced by ``"<redacted>"``, strings cut to
+``MAX_STRING`` characters, the whole cut to ``MAX_CHANGE_BYTES`` of JSON), or for a binary
+body (bundle, evaluation set) its type and length only. The ``Authorization`` header is never
+stored. Unauthenticated requests are not recorded (anyone could fill the registry with them);
+they are logged.
+
+Routes (v1), behind the same token::
+
+    GET /v1/audit?since=&until=&actor=&action=&object=&limit=&after_id=
+        {"entries": [entry, ...]}: newest first; with after_id, ids above it oldest first
+    GET /v1/audit/export?format=json|csv[&since=&until=&actor=&action=&object=]
+        every matching entry oldest first, read in pages of 1,000 and streamed
+
+Output is escaped, never trusted: CSV cells starting with ``= + - @`` (or tab, CR) get a
+leading ``'`` (OWASP's advice against formula injection), control characters are written as
+``\\uXXXX``; JSON is ``json.dumps`` (ASCII). Owns: the above. Does not own the table nor its
+queries (``fleet_server.registry.audit``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from datetime import datetime
+from typing import Any, Final
+
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Message
+
+from edge_agent import strict_json
+from edge_agent.errors import EdgefleetError
+from fleet_server.admin.body import query_int, query_text, read_body
+from fleet_server.errors import AdminInputError
+from fleet_server.registry.audit import (
+    MAX_QUERY_LIMIT,
+    Actor,
+    AuditEntry,
+    AuditQuery,
+    append_entry,
+    audit_entries,
+)
+from fleet_server.registry.store import Registry
+
+__all__ = [
+    "CSV_FIELDS",
+    "MAX_CHANGE_BYTES",
+    "MAX_STRING",
+    "TOKEN_ACTOR",
+    "Auditor",
+    "PendingAudit",
+    "audit_routes",
+    "change_of",
+    "csv_cell",
+    "entries_csv",
+    "object_of",
+]
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+#: The actor of every request today: the holder of the one shared admin token.
+TOKEN_ACTOR: Final = Actor("token", "admin")
+MAX_STRING: Final = 256
+MAX_CHANGE_BYTES: Final = 4096
+EXPORT_PAGE: Final = 1000
+CSV_FIELDS: Final = (
+    "id", "at", "request_id", "phase", "actor", "client", "action", "object", "status", "code",
+    "change",
+)  # fmt: skip
+_SECRET = re.compile(r"token|secret|passw|private|credential|authorization", re.IGNORECASE)
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
+_JSON_TYPES = ("", "application/json")
+
+
+def _bounded(value: Any, depth: int = 0) -> Any:
+    """``value`` as JSON data with secrets redacted and strings cut (depth-limited)."""
+    if isinstance(value, str):
+        return value[:MAX_STRING]
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if depth >= 4:
+        return "<nested>"
+    if isinstance(value, Mapping):
+        return {
+            str(k)[:64]: "<redacted>" if _SECRET.search(str(k)) else _bounded(v, depth + 1)
+            for k, v in list(value.items())[:64]
+        }
+    if isinstance(value, list | tuple):
+        return [_bounded(v, depth + 1) for v in value[:64]]
+    return str(value)[:MAX_STRING]
+
+
+def change_of(
+    path: Mapping[str, Any], query: Mapping[str, str], body: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """What a request asks to change, bounded (see the module docstring).
+
+    ``body`` is the parsed JSON body, or a description of a body that was not parsed.
+    """
+    change: dict[str, Any] = {}
+    if path:
+        change["path"] = _bounded(dict(path))
+    if query:
+        change["query"] = _bounded(dict(query))
+    if body:
+        change["body"] = _bounded(dict(body))
+    size = len(json.dumps(change))
+    if size > MAX_CHANGE_BYTES:
+        fields = sorted(str(k)[:64] for k in (body or {}))[:32]
+        change = {
+            "truncated": size,
+            "path": change.get("path", {}),
+            "body_fields": fields,
+        }
+        if len(json.dumps(change)) > MAX_CHANGE_BYTES:
+            change = {"truncated": size}
+    return change
+
+
+def object_of(path: Mapping[str, Any], query: Mapping[str, str], body: Mapping[str, Any]) -> str:
+    """The object a request acts on, e.g. ``device:cam-1``, ``model:digits@2``, ``rollout:7``."""
+
+    def text(v: Any) -> str:
+        return str(v)[:128]
+
+    if "device_id" in path:
+        return f"device:{text(path['device_id'])}"
+    if "rollout_id" in path:
+        return f"rollout:{text(path['rollout_id'])}"
+    if "target" in body:
+        kind = "group" if body.get("group") is True else "device"
+        out = f"{kind}:{text(body['target'])}"
+        if "model" in body:
+            out += f" model:{text(body['model'])}@{text(body.get('version'))}"
+        return out
+    if "id" in body:
+        return f"device:{text(body['id'])}"
+    if "model" in body:
+        return f"model:{text(body['model'])}@{text(body.get('version'))}"
+    if "sha256" in body:
+        return f"bundle:{text(body['sha256'])}"
+    if "name" in body and "version" in body:  # a published bundle (from its response)
+        return f"model:{text(body['name'])}@{text(body['version'])}"
+    if "model" in query:
+        return f"model:{text(query['model'])}"
+    return ""
+
+
+def _printable(text: str) -> str:
+    return _CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def csv_cell(value: Any) -> str:
+    """One CSV cell's text: control characters escaped, a formula-like start neutralised."""
+    if value is None:
+        return ""
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return ("'" if text.startswith(_FORMULA) else "") + _printable(text)
+
+
+def _csv_row(values: Iterable[Any]) -> str:
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\r\n").writerow([csv_cell(v) for v in values])
+    return out.getvalue()
+
+
+def _csv_entry(entry: AuditEntry) -> str:
+    d = entry.to_dict()
+    return _csv_row(d[k] for k in CSV_FIELDS)
+
+
+def entries_csv(entries: Iterable[AuditEntry]) -> Iterator[str]:
+    """The CSV text of ``entries``: a header line, then one line per entry (``\\r\\n``)."""
+    yield _csv_row(CSV_FIELDS)
+    for e in entries:
+        yield _csv_entry(e)
+
+
+class PendingAudit:
+    """An attempt that is recorded; ``Auditor.outcome`` completes it.
+
+    ``request`` replays the body the auditor read (hand it to the handler); ``refusal`` is set
+    when reading the body already failed (answer it instead of running the handler).
+    """
+
+    def __init__(
+        self, entry: AuditEntry, request: Request, refusal: EdgefleetError | None = None
+    ) -> None:
+        """Wrap the recorded ``entry``."""
+        self.entry = entry
+        self.request = request
+        self.refusal = refusal
+
+
+class Auditor:
+    """Writes the audit entries of admin requests to the registry."""
+
+    def __init__(
+        self, registry: Registry, clock: Callable[[], datetime], *, max_body_bytes: int
+    ) -> None:
+        """Record into ``registry`` at ``clock()``; JSON bodies over ``max_body_bytes`` are
+        refused (413) as the routes would refuse them."""
+        self._registry = registry
+        self._clock = clock
+        self._max_body = max_body_bytes
+
+    @property
+    def registry(self) -> Registry:
+        """The registry the entries go to (and the audit routes read)."""
+        return self._registry
+
+    async def attempt(self, request: Request, actor: Actor, action: str) -> PendingAudit:
+        """Record that ``actor`` asks ``action``; the request to hand on to the handler.
+
+        A JSON body is read here (capped) and replayed to the handler; a body over the cap or
+        with a malformed length is the pending attempt's ``refusal``.
+
+        Raises:
+            RegistryUnavailableError: the entry could not be written (the action must not run).
+        """
+        path = dict(request.path_params)
+        query = dict(request.query_params)
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        body: dict[str, Any] = {}
+        replay = request
+        failure: EdgefleetError | None = None
+        if ctype in _JSON_TYPES:
+            try:
+                raw = await read_body(request, self._max_body)
+            except AdminInputError as exc:  # the too-large error is a subclass
+                failure, raw = exc, b""
+            replay = _replaying(request, raw)
+            if raw:
+                try:
+                    parsed = strict_json.loads(raw, max_bytes=len(raw), what="body")
+                    body = parsed if isinstance(parsed, dict) else {"<body>": "not an object"}
+                except EdgefleetError:
+                    body = {"<body>": "not JSON"}
+        else:
+            body = {
+                "<body>": ctype[:64],
+                "<length>": request.headers.get("content-length", "")[:20],
+            }
+        entry = AuditEntry(
+            request_id=uuid.uuid4().hex,
+            phase="attempt",
+            actor=str(actor),
+            client=request.client.host if request.client else "",
+            action=action,
+            object=object_of(path, query, body),
+            change=change_of(path, query, body),
+        )
+        stored = await run_in_threadpool(append_entry, self._registry, entry, self._clock())
+        return PendingAudit(stored, replay, failure)
+
+    async def outcome(self, pending: PendingAudit, response: Response) -> None:
+        """Record the outcome of ``pending``: status, error code, ids the answer names.
+
+        Raises:
+            RegistryUnavailableError: the entry could not be written.
+        """
+        code, result = "", dict[str, Any]()
+        data = _response_json(response)
+        if response.status_code >= 400:
+            code = str(data.get("code", ""))[:64]
+        else:
+            result = {k: data[k] for k in ("id", "name", "version", "sha256") if k in data}
+        a = pending.entry
+        entry = AuditEntry(
+            a.request_id,
+            "outcome",
+            a.actor,
+            a.client,
+            a.action,
+            a.object or object_of({}, {}, result),
+            {"result": _bounded(result)} if result else {},
+            response.status_code,
+            code,
+        )
+        await run_in_threadpool(append_entry, self._registry, entry, self._clock())
+
+
+def _response_json(response: Response) -> dict[str, Any]:
+    if not isinstance(response, JSONResponse):
+        return {}
+    try:
+        data = json.loads(bytes(response.body))
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _replaying(request: Request, raw: bytes) -> Request:
+    """A request over the same scope whose body is ``raw`` (already read from the socket)."""
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        return await request.receive()
+
+    return Request(request.scope, receive)
+
+
+def _when(params: Mapping[str, str], name: str) -> datetime | None:
+    raw = query_text(params, name, limit=64)
+    if raw is None:
+        return None
+    try:
+        when = datetime.fromisoformat(raw)
+    except ValueError:
+        raise AdminInputError(f"{name} must be an ISO 8601 time with a UTC offset") from None
+    if when.tzinfo is None:
+        raise AdminInputError(f"{name} must be an ISO 8601 time with a UTC offset")
+    return when
+
+
+def audit_query(params: Mapping[str, str], *, limit: int, after_id: int | None) -> AuditQuery:
+    """The filter of an audit request's query values.
+
+    Raises:
+        AdminInputError: a value is malformed, too long or out of range.
+    """
+    return AuditQuery(
+        since=_when(params, "since"),
+        until=_when(params, "until"),
+        actor=query_text(params, "actor", limit=160),
+        action=query_text(params, "action", limit=160),
+        object=query_text(params, "object", limit=300),
+        after_id=after_id,
+        limit=limit,
+    )
+
+
+def _pages(registry: Registry, query: AuditQuery) -> Iterator[AuditEntry]:
+    after = 0
+    while True:
+        page = audit_entries(
+            registry,
+            AuditQuery(
+                query.since, query.until, query.actor, query.action, query.object, after,
+                EXPORT_PAGE,
+            ),
+        )  # fmt: skip
+        yield from page
+        if len(page) < EXPORT_PAGE:
+            return
+        after = page[-1].id
+
+
+def _json_lines(entries: Iterator[AuditEntry]) -> Iterator[str]:
+    yield '{"entries": ['
+    first = True
+    for e in entries:
+        yield ("" if first else ",") + "\n" + json.dumps(e.to_dict(), sort_keys=True)
+        first = False
+    yield "\n]}\n"
+
+
+def audit_routes(registry: Registry, guarded: Callable[[Handler], Handler]) -> list[Route]:
+    """The audit log's read routes over ``registry``, each wrapped by ``guarded``."""
+
+    async def listing(request: Request) -> Response:
+        params = request.query_params
+        after_id = query_int(params, "after_id", 0) if "after_id" in params else None
+        query = audit_query(
+            params,
+            limit=query_int(params, "limit", 100, lo=1, hi=MAX_QUERY_LIMIT),
+            after_id=after_id,
+        )
+        rows = await run_in_threadpool(audit_entries, registry, query)
+        return JSONResponse({"entries": [e.to_dict() for e in rows]})
+
+    async def export(request: Request) -> Response:
+        params = request.query_params
+        fmt = params.get("format", "json")
+        if fmt not in {"json", "csv"}:
+            raise AdminInputError("format must be json or csv")
+        query = audit_query(params, limit=EXPORT_PAGE, after_id=None)
+        entries = _pages(registry, query)
+        # The first page is read before the answer starts, so a database that is down answers
+        # 503; a failure later can only cut the stream (the client sees a short body).
+        first = await run_in_threadpool(lambda: list(itertools.islice(entries, 1)))
+        entries = itertools.chain(first, entries)
+        lines = entries_csv(entries) if fmt == "csv" else _json_lines(entries)
+
+        async def body() -> AsyncIterator[str]:
+            async for chunk in iterate_in_threadpool(lines):
+                yield chunk
+
+        media = "text/csv; charset=utf-8" if fmt == "csv" else "application/json"
+        return StreamingResponse(
+            body(),
+            media_type=media,
+            headers={"content-disposition": f'attachment; filename="audit.{fmt}"'},
+        )
+
+    return [
+        Route("/v1/audit", guarded(listing), methods=["GET"]),
+        Route("/v1/audit/export", guarded(export), methods=["GET"]),
+    ]
