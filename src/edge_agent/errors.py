@@ -26,7 +26,7 @@ meaning once released.
 status and gRPC code on the local inference API, its admin API status and its CLI exit code.
 ``fleet_server.errors`` and ``model_builder.errors`` extend it with their own families (a new
 table each; this module imports neither). The boundaries only read it: REST
-(``edge_agent.api.app``), gRPC (``edge_agent.api.grpc_v2.service``), the admin API
+(``edge_agent.api.endpoints``), gRPC (``edge_agent.api.grpc_v2.service``), the admin API
 (``fleet_server.admin.api``) and the three CLIs (``edge_agent.cli.support.run_cli``).
 """
 

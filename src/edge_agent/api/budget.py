@@ -3,8 +3,8 @@
 Owns ``decode_cost`` (a pure upper bound of the memory decoding a body takes, computed from the
 body's bytes before any parsing), ``MemoryBudget`` (an asyncio weighted semaphore in bytes:
 requests wait in arrival order for their share) and ``admit`` (reading a large body within the
-budget). Does not own the endpoints (``edge_agent.api.app``, which reads small bodies itself) or
-the decoding (``edge_agent.api.decode``).
+budget). Does not own the endpoints (``edge_agent.api.endpoints``, which read small bodies
+themselves) or the decoding (``edge_agent.api.decode``).
 
 Why a bound from the bytes: ``json.loads`` of an 8 MiB body of empty arrays (``[[],[],...]``)
 builds ~2.8 million list objects, about 27 bytes of memory per byte of body; a dense array of

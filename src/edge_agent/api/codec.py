@@ -4,7 +4,7 @@ The wire format both ways, and response encoding: ``InferenceResult`` -> respons
 (``encode_response``, owned here). Request body -> numpy arrays is ``decode_request`` in
 ``edge_agent.api.decode`` (with the request limits and ``REASON_*`` labels), and ``RequestDecoder``,
 its header cache, is in ``edge_agent.api.header_cache``; the rules below hold for both directions.
-Does not own HTTP (``edge_agent.api.app``) or running models (the service). With the binary
+Does not own HTTP (``edge_agent.api.endpoints``) or running models (the service). With the binary
 extension the JSON header is ``Inference-Header-Content-Length`` bytes long and each binary
 tensor's bytes follow it in order, sized by its ``binary_data_size`` (little-endian, row-major;
 BOOL one byte 0/1; BYTES elements a 4-byte little-endian length plus the bytes). Outputs go binary

@@ -5,7 +5,7 @@ three headers that request needs in one pass (``infer_headers``) and its body st
 ``receive`` (``read_body``), building a 200 answer's raw headers directly (``InferAnswer``), and
 the protocol's ``{"error": ...}`` / JSON responses shared by every endpoint (``error_response``,
 ``json_response``). Does not own the endpoints, limits, error mapping or metrics
-(``edge_agent.api.app``), tensor decoding (``edge_agent.api.codec``) or sockets
+(``edge_agent.api.endpoints``), tensor decoding (``edge_agent.api.codec``) or sockets
 (``edge_agent.api.server``).
 """
 

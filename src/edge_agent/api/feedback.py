@@ -18,8 +18,8 @@ a malformed body or a label that names no class. A batch gets 200 with one resul
 not raised) and the rows ``counted`` in all; a malformed batch is a 400 for all of it.
 
 Owns the body's shape (``parse_feedback``) and the endpoint's answer (``answer_feedback``).
-Does not own routing, limits and metrics (``edge_agent.api.app``) nor the memory and the counts
-(``edge_agent.serving.ground_truth``).
+Does not own routing (``edge_agent.api.app``), limits and metrics (``edge_agent.api.endpoints``)
+nor the memory and the counts (``edge_agent.serving.ground_truth``).
 """
 
 from __future__ import annotations

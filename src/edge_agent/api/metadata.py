@@ -2,7 +2,7 @@
 
 Owns ``EXTENSIONS`` (what ``GET /v2`` advertises: only what this API serves),
 and ``protocol_metadata`` (model metadata with the protocol's datatype names). Does not own the
-endpoints (``edge_agent.api.app``), the name table (``edge_agent.contract.datatypes``) or the
+endpoints (``edge_agent.api.endpoints``), the name table (``edge_agent.contract.datatypes``) or the
 datatype check of a request (``Validator.check_datatypes``, on every route the agent takes).
 """
 

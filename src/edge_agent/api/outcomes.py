@@ -3,7 +3,7 @@
 Owns: the client name of a Unix-socket peer, the metrics outcome of each status the one error
 table (``edge_agent.errors.ERRORS``) gives, the statuses both front ends read off that table
 by name (rate limited, not found, internal) and the text of a validation failure. REST
-(``edge_agent.api.app``) and gRPC (``edge_agent.api.grpc_v2.service``) both import it, so a
+(``edge_agent.api.endpoints``) and gRPC (``edge_agent.api.grpc_v2.service``) both import it, so a
 front end never imports another. Does not own the statuses themselves (``edge_agent.errors``),
 the metrics series (``edge_agent.api.metrics``) or how a front end sends an answer.
 """

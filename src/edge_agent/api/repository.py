@@ -19,7 +19,8 @@ version 404 / NOT_FOUND, a version that cannot serve 503 / UNAVAILABLE.
 
 What load and unload mean on the device (the store, the sync loop) is the agent's
 (``edge_agent.serving.repository.control``). Does not own the other v2 routes
-(``edge_agent.api.app``) nor the gRPC handlers (``edge_agent.api.grpc_v2.service``).
+(``edge_agent.api.app``; their handlers, ``edge_agent.api.endpoints``) nor the gRPC handlers
+(``edge_agent.api.grpc_v2.service``).
 """
 
 from __future__ import annotations

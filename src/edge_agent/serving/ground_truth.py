@@ -16,7 +16,7 @@ dict insert, amortised O(1) eviction, one numpy argmax that the answer needed an
 consumes the entry, so a request is counted once.
 
 Owns the memory, the counts and ``predicted_classes`` (an answer's class per request row). Does
-not own the HTTP/CLI surface (``edge_agent.api.app``, ``edge_agent.client``), the confusion
+not own the HTTP/CLI surface (``edge_agent.api.endpoints``, ``edge_agent.client``), the confusion
 matrix (``edge_agent.quality.confusion``) nor the telemetry part
 (``edge_agent.wire.telemetry_ground_truth``). Thread-safe; the clock is injected.
 """
