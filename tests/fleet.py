@@ -26,7 +26,7 @@ from edge_agent.contract import BundleManifest
 from edge_agent.daemon import ControlLoop, build_device
 from edge_agent.serving.agent import Agent
 from edge_agent.sync.loop import SyncAgent
-from edge_agent.trust.desired import ModelAssignment
+from edge_agent.trust.assignment import ModelAssignment
 from fleet_server.config import GatewayConfig
 from fleet_server.delivery.desired import make_desired_state, sign_desired_state
 from fleet_server.gateway.gateway import Gateway

@@ -8,11 +8,11 @@ of ``[a-z0-9._-]``, starting with a letter or digit.
 
 This module is the one owner of both rules: the identity files (``edge_agent.common.identity``),
 the topic tree, the wire parsers, the manifest (``edge_agent.contract.manifest``) and the
-desired-state checks (``edge_agent.trust.desired``) call ``validate_device_id`` /
-``validate_name`` or ``fullmatch`` the patterns. Always ``fullmatch``: ``re.match`` with a
-``$``-terminated pattern accepts a trailing newline (``$`` matches before it). Does not own
-what a caller raises for a bad value beyond these two validators (each caller maps it to its
-own error family).
+desired-state checks (``edge_agent.trust.desired``, ``edge_agent.trust.assignment``) call
+``validate_device_id`` / ``validate_name`` or ``fullmatch`` the patterns. Always
+``fullmatch``: ``re.match`` with a ``$``-terminated pattern accepts a trailing newline (``$``
+matches before it). Does not own what a caller raises for a bad value beyond these two
+validators (each caller maps it to its own error family).
 """
 
 from __future__ import annotations

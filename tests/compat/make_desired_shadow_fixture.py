@@ -18,7 +18,7 @@ import tempfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from edge_agent.trust.desired import ModelAssignment, ShadowAssignment
+from edge_agent.trust.assignment import ModelAssignment, ShadowAssignment
 from fleet_server.delivery.desired import make_desired_state, sign_desired_state
 from model_builder.keystore import KeyStore
 

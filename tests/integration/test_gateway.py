@@ -25,7 +25,7 @@ import pytest
 from clock import FakeClock
 from edge_agent.common.mqtt import MqttClient
 from edge_agent.common.mqtt_types import Message, MqttConfig
-from edge_agent.trust.desired import ModelAssignment
+from edge_agent.trust.assignment import ModelAssignment
 from edge_agent.wire.reported import ModelReport, ReportedState
 from edge_agent.wire.telemetry import (
     MAX_PAYLOAD_BYTES,

@@ -25,7 +25,7 @@ from bundles import DigitsBundles, mislabelled_bundle
 from edge_agent.bundle import read_raw
 from edge_agent.contract import BundleManifest
 from edge_agent.serving.service import InferenceRequest
-from edge_agent.trust.desired import ModelAssignment, ShadowAssignment
+from edge_agent.trust.assignment import ModelAssignment, ShadowAssignment
 from fleet import FleetHarness, wait_until
 from fleet_server.delivery.desired import make_desired_state, sign_desired_state
 from fleet_server.jobs.rollout_runner import RolloutRunner

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from edge_agent.contract.manifest import validate_model_name
 from edge_agent.errors import ContractError, MetadataFormatError
 from edge_agent.ids import NAME_PATTERN, is_valid_name, validate_name
-from edge_agent.trust.desired import DesiredState, ModelAssignment
+from edge_agent.trust.assignment import ModelAssignment
+from edge_agent.trust.desired import DesiredState
 from edge_agent.wire.topics import MAX_PREFIX_LENGTH, Topics
 
 ALLOWED = frozenset(string.ascii_lowercase + string.digits + "._-")

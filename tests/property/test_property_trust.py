@@ -31,7 +31,8 @@ from edge_agent.bundle import read_bundle
 from edge_agent.contract import BundleManifest
 from edge_agent.errors import BundleVerificationError, ContractError, EdgefleetError
 from edge_agent.trust import TrustedRoot, parse_metadata, verify_targets
-from edge_agent.trust.desired import ModelAssignment, verify_desired_state
+from edge_agent.trust.assignment import ModelAssignment
+from edge_agent.trust.desired import verify_desired_state
 from fleet_server.delivery.desired import make_desired_state, sign_desired_state
 from model_builder.keystore import KeyStore
 from support import members

@@ -155,7 +155,8 @@ def test_status_command_says_down_and_why(agent: Agent, tmp_path: Path) -> None:
 def test_the_fleet_is_told_the_assigned_version_cannot_serve(agent: Agent, tmp_path: Path) -> None:
     from edge_agent.config import SyncConfig
     from edge_agent.sync.deploy import Deployer
-    from edge_agent.trust.desired import DesiredState, ModelAssignment
+    from edge_agent.trust.assignment import ModelAssignment
+    from edge_agent.trust.desired import DesiredState
 
     deployer = Deployer(
         agent, tmp_path / "sync", SyncConfig(), event=lambda *a: None, wake=lambda: None

@@ -27,15 +27,14 @@ from edge_agent.errors import (
     MixAndMatchError,
 )
 from edge_agent.trust import TrustedRoot
-from edge_agent.trust.desired import (
+from edge_agent.trust.assignment import (
     SHADOW_CAPABILITY,
-    DesiredState,
     ModelAssignment,
     ShadowAssignment,
     check_assignment,
     check_bundle_identity,
-    verify_desired_state,
 )
+from edge_agent.trust.desired import DesiredState, verify_desired_state
 from edge_agent.wire.reported import ModelReport, ReportedState, ShadowReport
 from fakes import FakeGateway
 from fleet_server.delivery.desired import make_desired_state, sign_desired_state

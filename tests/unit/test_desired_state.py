@@ -29,14 +29,16 @@ from edge_agent.errors import (
 )
 from edge_agent.ids import DEVICE_ID_PATTERN
 from edge_agent.trust import TrustedRoot, verify_bundle
-from edge_agent.trust.desired import (
-    DEVICE_ID_RE,
-    MAX_DESIRED_STATE_BYTES,
-    DesiredState,
+from edge_agent.trust.assignment import (
     ModelAssignment,
     check_assignment,
     check_bundle_identity,
     check_targets_digest,
+)
+from edge_agent.trust.desired import (
+    DEVICE_ID_RE,
+    MAX_DESIRED_STATE_BYTES,
+    DesiredState,
     verify_desired_state,
 )
 from fleet_server.delivery.desired import make_desired_state, sign_desired_state

@@ -25,7 +25,8 @@ from edge_agent.contract.cpu import validate_requirements
 from edge_agent.contract.manifest import validate_model_name
 from edge_agent.errors import ContractError, IdentityError, MetadataFormatError
 from edge_agent.ids import NAME_PATTERN, is_valid_name, validate_device_id, validate_name
-from edge_agent.trust.desired import NAME_RE, DesiredState, ModelAssignment
+from edge_agent.trust.assignment import ModelAssignment
+from edge_agent.trust.desired import NAME_RE, DesiredState
 from edge_agent.wire.fields import as_label
 from edge_agent.wire.topics import MAX_PREFIX_LENGTH, Topics
 from edge_agent.wire.transfer import BlockPlan

@@ -28,7 +28,7 @@ from edge_agent.serving.agent import Agent
 from edge_agent.store import ModelStore
 from edge_agent.sync.loop import SyncAgent
 from edge_agent.trust import TrustedRoot
-from edge_agent.trust.desired import ModelAssignment
+from edge_agent.trust.assignment import ModelAssignment
 from edge_agent.wire.fallback import FallbackRequest, FallbackResponse
 from edge_agent.wire.telemetry import Event
 from edge_agent.wire.topics import KINDS, TOPIC_SPECS, Topics

@@ -12,7 +12,8 @@ import pytest
 from bundles import DigitsBundles
 from edge_agent.bundle.archive import read_raw
 from edge_agent.errors import SignatureThresholdError
-from edge_agent.trust.desired import check_targets_digest, verify_desired_state
+from edge_agent.trust.assignment import check_targets_digest
+from edge_agent.trust.desired import verify_desired_state
 from edge_agent.wire.telemetry import StatusMessage
 from fakes import FakeGateway
 from fleet_server.delivery.library import BundleLibrary

@@ -28,7 +28,8 @@ from edge_agent.serving.agent import Agent
 from edge_agent.serving.service import InferenceRequest
 from edge_agent.store import ModelStore
 from edge_agent.sync.deploy import Deployer
-from edge_agent.trust.desired import DesiredState, ModelAssignment, ShadowAssignment
+from edge_agent.trust.assignment import ModelAssignment, ShadowAssignment
+from edge_agent.trust.desired import DesiredState
 from edge_agent.wire.telemetry_build import report_from_status
 from support import DEVICE
 

@@ -22,7 +22,7 @@ from edge_agent.errors import (
 from edge_agent.sync.download import Download
 from edge_agent.sync.outbox import Outbox
 from edge_agent.sync.uplink import MAX_ITEM_BYTES, Uplink
-from edge_agent.trust.desired import ModelAssignment
+from edge_agent.trust.assignment import ModelAssignment
 from edge_agent.wire.reported import ModelReport, ReportedState, TransferReport
 from edge_agent.wire.telemetry import Batch, Event, TelemetryAck, TelemetryReport
 from edge_agent.wire.transfer import MIN_BLOCK_SIZE, BlockData, BlockPlan

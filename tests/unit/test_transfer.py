@@ -20,7 +20,7 @@ from edge_agent.errors import (
 )
 from edge_agent.sync import transfer_store
 from edge_agent.sync.transfer_store import PartialDownload
-from edge_agent.trust.desired import ModelAssignment
+from edge_agent.trust.assignment import ModelAssignment
 from edge_agent.wire.transfer import (
     MAX_BLOCK_SIZE,
     MAX_MESSAGE_BYTES,

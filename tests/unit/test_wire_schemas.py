@@ -11,7 +11,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from edge_agent.trust.desired import ModelAssignment
+from edge_agent.trust.assignment import ModelAssignment
 from edge_agent.wire.transfer import MIN_BLOCK_SIZE, BlockData, BlockPlan, BlockRequest
 from fleet_server.delivery.desired import make_desired_state, sign_desired_state
 from model_builder.keystore import KeyStore

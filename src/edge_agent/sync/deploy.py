@@ -38,12 +38,8 @@ from edge_agent.serving.agent import Agent
 from edge_agent.strict_json import loads as strict_loads
 from edge_agent.sync.download import Download
 from edge_agent.sync.shadow_deploy import ShadowDeployer, sha256_of
-from edge_agent.trust.desired import (
-    DesiredState,
-    ModelAssignment,
-    check_bundle_identity,
-    check_targets_digest,
-)
+from edge_agent.trust.assignment import ModelAssignment, check_bundle_identity, check_targets_digest
+from edge_agent.trust.desired import DesiredState
 from edge_agent.wire.reported import TransferReport
 from edge_agent.wire.transfer import BlockData, BlockRequest
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edge_agent.sync.transfer_store import PartialDownload
-from edge_agent.trust.desired import ModelAssignment
+from edge_agent.trust.assignment import ModelAssignment
 from edge_agent.wire.transfer import (
     DEFAULT_BLOCK_SIZE,
     MAX_RANGES,

@@ -26,7 +26,8 @@ from edge_agent.common.transport import Transport
 from edge_agent.errors import EdgefleetError, TransportError
 from edge_agent.store import ModelStore
 from edge_agent.sync.deploy import Deployer
-from edge_agent.trust.desired import SHADOW_CAPABILITY, DesiredState
+from edge_agent.trust.assignment import SHADOW_CAPABILITY
+from edge_agent.trust.desired import DesiredState
 from edge_agent.wire.reported import ModelReport, ReportedState, ShadowReport
 from edge_agent.wire.topics import Publication
 

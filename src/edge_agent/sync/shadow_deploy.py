@@ -31,12 +31,12 @@ from edge_agent.contract import BundleManifest
 from edge_agent.errors import EdgefleetError, TransportError
 from edge_agent.serving.agent import Agent
 from edge_agent.sync.download import Download
-from edge_agent.trust.desired import (
-    DesiredState,
+from edge_agent.trust.assignment import (
     ShadowAssignment,
     check_bundle_identity,
     check_targets_digest,
 )
+from edge_agent.trust.desired import DesiredState
 from edge_agent.wire.transfer import BlockData, BlockRequest
 
 __all__ = ["ShadowDeployer", "sha256_of"]

@@ -2,8 +2,13 @@
 
 Pure: bytes in, a verified ``DesiredState`` or a typed error out; the clock is passed in.
 
-Owns: the desired-state value object, its strict dict form, its wire format and the checks a
-device runs before acting on it. The fleet server's *online* key (the root's ``timestamp`` role)
+Owns: the desired-state value object (``DesiredState``), its strict dict form, its signed wire
+format (``encode_envelope``) and the check a device runs on the document before acting on it
+(``verify_desired_state``). Does not own one model's entry in it and the checks of a downloaded
+bundle against that entry (``ModelAssignment``, ``ShadowAssignment``, ``check_assignment``,
+``check_targets_digest``, ``check_bundle_identity``, ``SHADOW_CAPABILITY``:
+``edge_agent.trust.assignment``) nor the strict field checks both share
+(``edge_agent.trust.fields``). The fleet server's *online* key (the root's ``timestamp`` role)
 signs it; it names, per model, the exact bundle file (length and SHA-256) and the builder-signed
 targets metadata that bundle must carry. It never makes a model trusted by itself.
 
@@ -28,7 +33,7 @@ builder signatures, identity, and rollback protection on its version), and its v
 newer than the serving one. The key is only present when a shadow is assigned: a document
 without it is byte-for-byte the older form, and an older device (whose strict parser refuses
 the key) is never sent one: the server sends it only to devices whose reported state lists the
-``shadow`` capability (``SHADOW_CAPABILITY``).
+``shadow`` capability (``trust.assignment.SHADOW_CAPABILITY``).
 
 Each signature is over the canonical JSON (securesystemslib ``encode_canonical``, as python-tuf
 signs) of ``signed``; a threshold of the root's ``timestamp`` keys must have signed.
@@ -38,11 +43,12 @@ Device workflow, and why a compromised fleet server alone cannot install a model
 1. ``verify_desired_state``: threshold of online keys, not expired, addressed to this device,
    version strictly greater than the last accepted one (replay / rollback of the document).
 2. Fetch each assigned bundle, reading at most ``ModelAssignment.bundle_length`` bytes (the
-   signed transfer cap), then ``check_assignment`` (exact length and SHA-256).
+   signed transfer cap), then ``trust.assignment.check_assignment`` (exact length and SHA-256).
 3. Verify the bundle itself with the builder keys exactly as for any bundle
    (``edge_agent.trust.verify.verify_bundle`` with ``expected_name``/``expected_channel`` and the
-   installed version), optionally ``check_targets_digest`` on its ``targets.json`` member, and
-   ``check_bundle_identity`` on the verified manifest.
+   installed version), optionally ``trust.assignment.check_targets_digest`` on its
+   ``targets.json`` member, and ``trust.assignment.check_bundle_identity`` on the verified
+   manifest.
 
 Both checks must pass: the online key decides *which* signed model runs, the offline builder keys
 decide what a model *is*. A stolen online key can at most point a device at another bundle the
@@ -65,11 +71,9 @@ Attack -> check -> error:
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any
@@ -79,31 +83,27 @@ from securesystemslib.formats import encode_canonical
 from securesystemslib.signer import Signature
 
 from edge_agent import strict_json
-from edge_agent.contract.manifest import BundleManifest
 from edge_agent.errors import (
-    DigestMismatchError,
     ExpiredMetadataError,
-    LengthMismatchError,
     MetadataFormatError,
     MixAndMatchError,
     RollbackError,
     SignatureThresholdError,
 )
 from edge_agent.ids import DEVICE_ID_PATTERN, NAME_PATTERN
+from edge_agent.trust.assignment import ModelAssignment, ShadowAssignment
+from edge_agent.trust.fields import HEX_RE, exact_keys, int_field, str_field
 from edge_agent.trust.root import TrustedRoot
 
 __all__ = [
     "DESIRED_STATE_TYPE",
     "MAX_DESIRED_STATE_BYTES",
     "SCHEMA_VERSION",
-    "SHADOW_CAPABILITY",
     "SIGNING_ROLE",
     "DesiredState",
+    # Re-exported for fleet_server.service, which imports them from here.
     "ModelAssignment",
     "ShadowAssignment",
-    "check_assignment",
-    "check_bundle_identity",
-    "check_targets_digest",
     "encode_envelope",
     "verify_desired_state",
 ]
@@ -114,186 +114,14 @@ SIGNING_ROLE = "timestamp"
 MAX_DESIRED_STATE_BYTES = 256 * 1024
 MAX_MODELS = 256
 MAX_SIGNATURES = 32
-MAX_BUNDLE_LENGTH = 1 << 40
 EXPIRES_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
-#: What a device lists in its reported state's ``capabilities`` to be sent shadow assignments.
-SHADOW_CAPABILITY = "shadow"
-#: ``fraction_ppm`` of a shadow: parts per million of requests sampled (1..1,000,000).
-PPM = 1_000_000
 
-# Device ids and model names / channels: the one shared rules (edge_agent.ids), which the
-# manifest uses too. Every pattern here is used with ``fullmatch`` (``_str``).
+# Device ids and model names: the one shared rules (edge_agent.ids), which the manifest uses
+# too. Every pattern here is used with ``fullmatch`` (``str_field``).
 DEVICE_ID_RE = DEVICE_ID_PATTERN
 NAME_RE = NAME_PATTERN
-_SHA256_RE = re.compile(r"[0-9a-f]{64}")
-_HEX_RE = re.compile(r"(?:[0-9a-f]{2})+")
 
 _SIGNED_KEYS = frozenset({"_type", "schema_version", "device_id", "version", "expires", "models"})
-_ASSIGNMENT_KEYS = frozenset(
-    {"version", "channel", "bundle_sha256", "bundle_length", "targets_sha256"}
-)
-_SHADOW_KEYS = _ASSIGNMENT_KEYS | {"fraction_ppm"}
-
-
-def _int(value: object, what: str, *, minimum: int, maximum: int | None = None) -> int:
-    if type(value) is not int or value < minimum or (maximum is not None and value > maximum):
-        bound = f"{minimum}..{maximum}" if maximum is not None else f">= {minimum}"
-        raise MetadataFormatError(f"{what} must be an integer {bound}, got {value!r}")
-    return value
-
-
-def _str(value: object, what: str, pattern: re.Pattern[str]) -> str:
-    if not isinstance(value, str) or not pattern.fullmatch(value):
-        raise MetadataFormatError(f"{what} is invalid: {value!r}")
-    return value
-
-
-def _exact_keys(obj: object, keys: frozenset[str], what: str) -> dict[str, Any]:
-    if not isinstance(obj, dict):
-        raise MetadataFormatError(f"{what} must be a JSON object")
-    if set(obj) != keys:
-        missing = sorted(keys - set(obj))
-        extra = sorted(set(obj) - keys)
-        raise MetadataFormatError(f"{what}: missing fields {missing}, unknown fields {extra}")
-    return obj
-
-
-@dataclass(frozen=True)
-class ShadowAssignment:
-    """A bundle a device installs without serving it and runs as a shadow (a rollout's phase).
-
-    Attributes:
-        version, channel, bundle_sha256, bundle_length, targets_sha256: as in
-            ``ModelAssignment``: the exact bundle file and the targets metadata inside it.
-        fraction_ppm: share of served requests replayed on the shadow, parts per million.
-
-    Raises:
-        MetadataFormatError: a field is out of range or badly formed (on construction).
-    """
-
-    version: int
-    channel: str
-    bundle_sha256: str
-    bundle_length: int
-    targets_sha256: str
-    fraction_ppm: int
-
-    def __post_init__(self) -> None:
-        _int(self.version, "shadow version", minimum=1)
-        _str(self.channel, "shadow channel", NAME_RE)
-        _str(self.bundle_sha256, "shadow bundle_sha256", _SHA256_RE)
-        _int(self.bundle_length, "shadow bundle_length", minimum=1, maximum=MAX_BUNDLE_LENGTH)
-        _str(self.targets_sha256, "shadow targets_sha256", _SHA256_RE)
-        _int(self.fraction_ppm, "shadow fraction_ppm", minimum=1, maximum=PPM)
-
-    @property
-    def fraction(self) -> float:
-        """``fraction_ppm`` as a share in (0, 1]."""
-        return self.fraction_ppm / PPM
-
-    def bundle(self) -> ModelAssignment:
-        """The shadow bundle as an assignment: every bundle check takes it unchanged."""
-        return ModelAssignment(
-            version=self.version,
-            channel=self.channel,
-            bundle_sha256=self.bundle_sha256,
-            bundle_length=self.bundle_length,
-            targets_sha256=self.targets_sha256,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**self.bundle().to_dict(), "fraction_ppm": self.fraction_ppm}
-
-    @classmethod
-    def from_dict(cls, data: object) -> ShadowAssignment:
-        """Parse strictly: exactly the known fields, each of the right type.
-
-        Raises:
-            MetadataFormatError: missing, unknown or invalid fields.
-        """
-        d = _exact_keys(data, _SHADOW_KEYS, "shadow assignment")
-        return cls(
-            version=d["version"],
-            channel=d["channel"],
-            bundle_sha256=d["bundle_sha256"],
-            bundle_length=d["bundle_length"],
-            targets_sha256=d["targets_sha256"],
-            fraction_ppm=d["fraction_ppm"],
-        )
-
-
-@dataclass(frozen=True)
-class ModelAssignment:
-    """One model a device should run: the exact bundle file and the targets metadata inside it.
-
-    Attributes:
-        version: the model version (equals the builder's targets version).
-        channel: the release channel the bundle was built for.
-        bundle_sha256: SHA-256 (lowercase hex) of the whole bundle file.
-        bundle_length: exact bundle size in bytes; the transfer cap (read no more than this).
-        targets_sha256: SHA-256 of the builder-signed ``targets.json`` the bundle must carry.
-        shadow: a newer bundle to install without serving and run as a shadow (None: none).
-
-    Raises:
-        MetadataFormatError: a field is out of range or badly formed, or the shadow is not
-            newer than the serving version (on construction).
-    """
-
-    version: int
-    channel: str
-    bundle_sha256: str
-    bundle_length: int
-    targets_sha256: str
-    shadow: ShadowAssignment | None = None
-
-    def __post_init__(self) -> None:
-        _int(self.version, "model version", minimum=1)
-        _str(self.channel, "channel", NAME_RE)
-        _str(self.bundle_sha256, "bundle_sha256", _SHA256_RE)
-        _int(self.bundle_length, "bundle_length", minimum=1, maximum=MAX_BUNDLE_LENGTH)
-        _str(self.targets_sha256, "targets_sha256", _SHA256_RE)
-        if self.shadow is not None:
-            if not isinstance(self.shadow, ShadowAssignment):
-                raise MetadataFormatError("shadow must be a ShadowAssignment")
-            if self.shadow.version <= self.version:
-                raise MetadataFormatError(
-                    f"shadow v{self.shadow.version} is not newer than serving v{self.version}"
-                )
-
-    def serving(self) -> ModelAssignment:
-        """This assignment without its shadow (the serving bundle alone)."""
-        return replace(self, shadow=None) if self.shadow is not None else self
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "version": self.version,
-            "channel": self.channel,
-            "bundle_sha256": self.bundle_sha256,
-            "bundle_length": self.bundle_length,
-            "targets_sha256": self.targets_sha256,
-        }
-        if self.shadow is not None:  # absent, not null: the older form stays byte-identical
-            out["shadow"] = self.shadow.to_dict()
-        return out
-
-    @classmethod
-    def from_dict(cls, data: object) -> ModelAssignment:
-        """Parse strictly: exactly the known fields, each of the right type.
-
-        Raises:
-            MetadataFormatError: missing, unknown or invalid fields.
-        """
-        has_shadow = isinstance(data, dict) and "shadow" in data
-        keys = _ASSIGNMENT_KEYS | {"shadow"} if has_shadow else _ASSIGNMENT_KEYS
-        d = _exact_keys(data, keys, "model assignment")
-        return cls(
-            version=d["version"],
-            channel=d["channel"],
-            bundle_sha256=d["bundle_sha256"],
-            bundle_length=d["bundle_length"],
-            targets_sha256=d["targets_sha256"],
-            shadow=ShadowAssignment.from_dict(d["shadow"]) if has_shadow else None,
-        )
 
 
 @dataclass(frozen=True)
@@ -320,8 +148,8 @@ class DesiredState:
     def __post_init__(self) -> None:
         if type(self.schema_version) is not int or self.schema_version != SCHEMA_VERSION:
             raise MetadataFormatError(f"unsupported schema_version {self.schema_version!r}")
-        _str(self.device_id, "device_id", DEVICE_ID_RE)
-        _int(self.version, "version", minimum=1)
+        str_field(self.device_id, "device_id", DEVICE_ID_RE)
+        int_field(self.version, "version", minimum=1)
         if (
             not isinstance(self.expires, datetime)
             or self.expires.utcoffset() != timedelta(0)
@@ -331,7 +159,7 @@ class DesiredState:
         if not isinstance(self.models, Mapping) or len(self.models) > MAX_MODELS:
             raise MetadataFormatError(f"models must be a mapping of at most {MAX_MODELS} entries")
         for name, assignment in self.models.items():
-            _str(name, "model name", NAME_RE)
+            str_field(name, "model name", NAME_RE)
             if not isinstance(assignment, ModelAssignment):
                 raise MetadataFormatError(f"model {name!r}: not a ModelAssignment")
         object.__setattr__(self, "expires", self.expires.astimezone(UTC))
@@ -364,7 +192,7 @@ class DesiredState:
         Raises:
             MetadataFormatError: wrong ``_type``, missing, unknown or invalid fields.
         """
-        d = _exact_keys(data, _SIGNED_KEYS, "desired state")
+        d = exact_keys(data, _SIGNED_KEYS, "desired state")
         if d["_type"] != DESIRED_STATE_TYPE:
             raise MetadataFormatError(f"expected {DESIRED_STATE_TYPE} metadata, got {d['_type']!r}")
         expires = d["expires"]
@@ -426,16 +254,16 @@ def _parse_envelope(data: bytes) -> tuple[DesiredState, bytes, dict[str, Signatu
         error=MetadataFormatError,
         floats=False,
     )
-    env = _exact_keys(doc, frozenset({"signed", "signatures"}), "desired-state envelope")
+    env = exact_keys(doc, frozenset({"signed", "signatures"}), "desired-state envelope")
     state = DesiredState.from_dict(env["signed"])
     raw_sigs = env["signatures"]
     if not isinstance(raw_sigs, list) or len(raw_sigs) > MAX_SIGNATURES:
         raise MetadataFormatError(f"signatures must be a list of at most {MAX_SIGNATURES}")
     sigs: dict[str, Signature] = {}
     for raw in raw_sigs:
-        entry = _exact_keys(raw, frozenset({"keyid", "sig"}), "signature")
-        keyid = _str(entry["keyid"], "signature keyid", _HEX_RE)
-        sig = _str(entry["sig"], "signature value", _HEX_RE)
+        entry = exact_keys(raw, frozenset({"keyid", "sig"}), "signature")
+        keyid = str_field(entry["keyid"], "signature keyid", HEX_RE)
+        sig = str_field(entry["sig"], "signature value", HEX_RE)
         if keyid in sigs:
             raise MetadataFormatError(f"several signatures by key {keyid}")
         sigs[keyid] = Signature(keyid, sig)
@@ -499,46 +327,3 @@ def verify_desired_state(
             f"desired state v{state.version} is not newer than accepted v{last_version}"
         )
     return state
-
-
-def check_assignment(
-    assignment: ModelAssignment, bundle_bytes_length: int, bundle_sha256: str
-) -> None:
-    """Check a downloaded bundle file against its signed assignment.
-
-    This only proves the file is the one the online key named. The bundle must then be verified
-    with the builder keys as usual (``verify_bundle``); both checks must pass.
-
-    Raises:
-        LengthMismatchError: the file is not exactly ``assignment.bundle_length`` bytes.
-        DigestMismatchError: its SHA-256 differs from ``assignment.bundle_sha256``.
-    """
-    if bundle_bytes_length != assignment.bundle_length:
-        raise LengthMismatchError(
-            f"bundle is {bundle_bytes_length} bytes, desired state signs {assignment.bundle_length}"
-        )
-    if not hmac.compare_digest(bundle_sha256.lower().encode(), assignment.bundle_sha256.encode()):
-        raise DigestMismatchError("bundle SHA-256 differs from the desired state's")
-
-
-def check_targets_digest(assignment: ModelAssignment, targets_bytes: bytes) -> None:
-    """Check that the bundle's ``targets.json`` member is the one the assignment names.
-
-    Raises:
-        DigestMismatchError: its SHA-256 differs from ``assignment.targets_sha256``.
-    """
-    digest = hashlib.sha256(targets_bytes).hexdigest()
-    if not hmac.compare_digest(digest.encode(), assignment.targets_sha256.encode()):
-        raise DigestMismatchError("targets metadata differs from the desired state's")
-
-
-def check_bundle_identity(name: str, assignment: ModelAssignment, manifest: BundleManifest) -> None:
-    """Check that a builder-verified manifest is the model, version and channel assigned.
-
-    Raises:
-        MixAndMatchError: the bundle is another model, version or channel than assigned.
-    """
-    got = (manifest.name, manifest.version, manifest.channel)
-    want = (name, assignment.version, assignment.channel)
-    if got != want:
-        raise MixAndMatchError(f"assigned {want}, bundle is {got}")

@@ -44,7 +44,7 @@ from edge_agent.errors import (
     LengthMismatchError,
     TransferMismatchError,
 )
-from edge_agent.trust.desired import MAX_BUNDLE_LENGTH, ModelAssignment
+from edge_agent.trust.assignment import MAX_BUNDLE_LENGTH, ModelAssignment
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",

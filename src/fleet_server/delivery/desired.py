@@ -16,7 +16,8 @@ from securesystemslib.signer import Signer
 
 from edge_agent.errors import MetadataFormatError
 from edge_agent.strict_json import loads as strict_loads
-from edge_agent.trust.desired import DesiredState, ModelAssignment, encode_envelope
+from edge_agent.trust.assignment import ModelAssignment
+from edge_agent.trust.desired import DesiredState, encode_envelope
 from edge_agent.trust.rotation import attach_roots
 
 __all__ = ["DEFAULT_TTL", "make_desired_state", "sign_desired_state"]

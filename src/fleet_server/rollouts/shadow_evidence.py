@@ -26,7 +26,7 @@ from typing import Any
 
 from edge_agent.errors import ContractError
 from edge_agent.quality.confusion import Confusion
-from edge_agent.trust.desired import SHADOW_CAPABILITY
+from edge_agent.trust.assignment import SHADOW_CAPABILITY
 from fleet_server.rollouts.metrics import TelemetryRowLike
 
 __all__ = ["ShadowEvidence", "ShadowInputs", "shadow_capable", "shadow_evidence"]
