@@ -21,14 +21,8 @@ from bundles import DigitsBundles
 from fakes import FakeGateway
 from fleet_server.admin.accuracy import accuracy_routes
 from fleet_server.admin.api import create_app
-from fleet_server.admin.audit import (
-    MAX_CHANGE_BYTES,
-    Auditor,
-    change_of,
-    csv_cell,
-    entries_csv,
-    object_of,
-)
+from fleet_server.admin.audit import MAX_CHANGE_BYTES, Auditor, change_of, object_of
+from fleet_server.admin.audit_routes import csv_cell, entries_csv
 from fleet_server.admin.drift import drift_routes
 from fleet_server.admin.evalsets import evalset_routes
 from fleet_server.admin.rollouts import rollout_routes
@@ -264,3 +258,32 @@ def test_query_filters_paging_and_exports(env: tuple[TestClient, Registry]) -> N
     assert client.get("/v1/audit/export", headers=AUTH, params={"format": "xml"}).status_code == 400
     # Reading the log is not recorded.
     assert len(client.get("/v1/audit", headers=AUTH).json()["entries"]) == 8
+
+
+def test_an_outcome_that_cannot_be_written_leaves_the_attempt_and_the_answer(
+    env: tuple[TestClient, Registry], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, registry = env
+    real = audit_mod.append_entry
+
+    def outcome_down(reg: Registry, entry: AuditEntry, at: datetime) -> AuditEntry:
+        if entry.phase == "outcome":
+            raise RegistryUnavailableError("database unavailable")
+        return real(reg, entry, at)
+
+    monkeypatch.setattr(audit_mod, "append_entry", outcome_down)
+    assert client.post("/v1/devices", headers=AUTH, json={"id": "cam-3"}).status_code == 201
+    monkeypatch.undo()
+    assert [e.phase for e in audit_entries(registry, AuditQuery())] == ["attempt"]
+    assert client.get("/v1/devices/cam-3", headers=AUTH).status_code == 200
+
+
+def test_a_bundle_without_a_content_type_is_not_read_by_the_guard(
+    env: tuple[TestClient, Registry],
+) -> None:
+    client, registry = env
+    big = b"\x00" * (2 * 1024 * 1024)  # over the guard's 1 MiB JSON cap, under the upload cap
+    r = client.post("/v1/models", headers={**AUTH, "content-type": ""}, content=big)
+    assert r.status_code == 400  # not a bundle: the route read it, not a 413 from the guard
+    attempt = audit_entries(registry, AuditQuery(after_id=0))[0]
+    assert attempt.change["body"] == {"<body>": "", "<length>": str(len(big))}

@@ -22,7 +22,7 @@ Routes (v1)::
     POST /v1/devices                   GET  /v1/telemetry?after_id=&device_id=&limit=
     POST /v1/devices/{id}/revoke       GET  /metrics
     GET  /v1/misbehaviour[?top=]       (refusals per device, worst first)
-    GET  /v1/audit, /v1/audit/export   (the audit log: ``fleet_server.admin.audit``)
+    GET  /v1/audit, /v1/audit/export   (the audit log: ``fleet_server.admin.audit_routes``)
 
 Every authenticated request that is not a GET is recorded in the audit log by the token guard
 (before and after its handler runs), so no route can forget it.
@@ -53,7 +53,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from edge_agent.errors import EdgefleetError
-from fleet_server.admin.audit import TOKEN_ACTOR, Auditor, audit_routes
+from fleet_server.admin.audit import TOKEN_ACTOR, Auditor
+from fleet_server.admin.audit_routes import audit_routes
 from fleet_server.admin.body import (
     json_object,
     public_message,

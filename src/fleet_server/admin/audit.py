@@ -1,4 +1,4 @@
-"""The admin API's audit trail: what an entry of a request holds, its routes and output formats.
+"""The admin API's audit trail: what the entry of a request holds, and writing it.
 
 Recording happens in one place, the token guard of ``fleet_server.admin.api.create_app``: for
 every authenticated request that is not a GET it calls ``Auditor.attempt`` before the handler
@@ -13,84 +13,52 @@ fields (values under secret-looking keys replaced by ``"<redacted>"``, strings c
 ``MAX_STRING`` characters, the whole cut to ``MAX_CHANGE_BYTES`` of JSON), or for a binary
 body (bundle, evaluation set) its type and length only. The ``Authorization`` header is never
 stored. Unauthenticated requests are not recorded (anyone could fill the registry with them);
-they are logged.
+the guard logs them.
 
-Routes (v1), behind the same token::
-
-    GET /v1/audit?since=&until=&actor=&action=&object=&limit=&after_id=
-        {"entries": [entry, ...]}: newest first; with after_id, ids above it oldest first
-    GET /v1/audit/export?format=json|csv[&since=&until=&actor=&action=&object=]
-        every matching entry oldest first, read in pages of 1,000 and streamed
-
-Output is escaped, never trusted: CSV cells starting with ``= + - @`` (or tab, CR) get a
-leading ``'`` (OWASP's advice against formula injection), control characters are written as
-``\\uXXXX``; JSON is ``json.dumps`` (ASCII). Owns: the above. Does not own the table nor its
-queries (``fleet_server.registry.audit``).
+Owns: the above. Does not own the table nor its queries (``fleet_server.registry.audit``), nor
+the routes that read the log and its output formats (``fleet_server.admin.audit_routes``).
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import itertools
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, Final
 
-from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.responses import JSONResponse, Response
 from starlette.types import Message
 
 from edge_agent import strict_json
 from edge_agent.errors import EdgefleetError
-from fleet_server.admin.body import query_int, query_text, read_body
+from fleet_server.admin.body import read_body
 from fleet_server.errors import AdminInputError
-from fleet_server.registry.audit import (
-    MAX_QUERY_LIMIT,
-    Actor,
-    AuditEntry,
-    AuditQuery,
-    append_entry,
-    audit_entries,
-)
+from fleet_server.registry.audit import Actor, AuditEntry, append_entry
 from fleet_server.registry.store import Registry
 
 __all__ = [
-    "CSV_FIELDS",
     "MAX_CHANGE_BYTES",
     "MAX_STRING",
     "TOKEN_ACTOR",
     "Auditor",
     "PendingAudit",
-    "audit_routes",
+    "bounded",
     "change_of",
-    "csv_cell",
-    "entries_csv",
     "object_of",
 ]
-
-Handler = Callable[[Request], Awaitable[Response]]
 
 #: The actor of every request today: the holder of the one shared admin token.
 TOKEN_ACTOR: Final = Actor("token", "admin")
 MAX_STRING: Final = 256
 MAX_CHANGE_BYTES: Final = 4096
-EXPORT_PAGE: Final = 1000
-CSV_FIELDS: Final = (
-    "id", "at", "request_id", "phase", "actor", "client", "action", "object", "status", "code",
-    "change",
-)  # fmt: skip
 _SECRET = re.compile(r"token|secret|passw|private|credential|authorization", re.IGNORECASE)
-_FORMULA = ("=", "+", "-", "@", "\t", "\r")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
 
 
-def _bounded(value: Any, depth: int = 0) -> Any:
+def bounded(value: Any, depth: int = 0) -> Any:
     """``value`` as JSON data with secrets redacted and strings cut (depth-limited)."""
     if isinstance(value, str):
         return value[:MAX_STRING]
@@ -100,11 +68,11 @@ def _bounded(value: Any, depth: int = 0) -> Any:
         return "<nested>"
     if isinstance(value, Mapping):
         return {
-            str(k)[:64]: "<redacted>" if _SECRET.search(str(k)) else _bounded(v, depth + 1)
+            str(k)[:64]: "<redacted>" if _SECRET.search(str(k)) else bounded(v, depth + 1)
             for k, v in list(value.items())[:64]
         }
     if isinstance(value, list | tuple):
-        return [_bounded(v, depth + 1) for v in value[:64]]
+        return [bounded(v, depth + 1) for v in value[:64]]
     return str(value)[:MAX_STRING]
 
 
@@ -117,11 +85,11 @@ def change_of(
     """
     change: dict[str, Any] = {}
     if path:
-        change["path"] = _bounded(dict(path))
+        change["path"] = bounded(dict(path))
     if query:
-        change["query"] = _bounded(dict(query))
+        change["query"] = bounded(dict(query))
     if body:
-        change["body"] = _bounded(dict(body))
+        change["body"] = bounded(dict(body))
     size = len(json.dumps(change))
     if size > MAX_CHANGE_BYTES:
         fields = sorted(str(k)[:64] for k in (body or {}))[:32]
@@ -162,36 +130,6 @@ def object_of(path: Mapping[str, Any], query: Mapping[str, str], body: Mapping[s
     if "model" in query:
         return f"model:{text(query['model'])}"
     return ""
-
-
-def _printable(text: str) -> str:
-    return _CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
-
-
-def csv_cell(value: Any) -> str:
-    """One CSV cell's text: control characters escaped, a formula-like start neutralised."""
-    if value is None:
-        return ""
-    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    return ("'" if text.startswith(_FORMULA) else "") + _printable(text)
-
-
-def _csv_row(values: Iterable[Any]) -> str:
-    out = io.StringIO()
-    csv.writer(out, lineterminator="\r\n").writerow([csv_cell(v) for v in values])
-    return out.getvalue()
-
-
-def _csv_entry(entry: AuditEntry) -> str:
-    d = entry.to_dict()
-    return _csv_row(d[k] for k in CSV_FIELDS)
-
-
-def entries_csv(entries: Iterable[AuditEntry]) -> Iterator[str]:
-    """The CSV text of ``entries``: a header line, then one line per entry (``\\r\\n``)."""
-    yield _csv_row(CSV_FIELDS)
-    for e in entries:
-        yield _csv_entry(e)
 
 
 class PendingAudit:
@@ -245,7 +183,12 @@ class Auditor:
         declared = request.headers.get("content-length", "")
         # A JSON body is read (capped, as the routes cap it); an untyped one only when it
         # declares a length within the cap (a bundle sent without a type must still upload).
-        small = declared.isascii() and declared.isdigit() and int(declared) <= self._max_body
+        small = (
+            declared.isascii()
+            and declared.isdigit()
+            and len(declared) <= 19
+            and int(declared) <= self._max_body
+        )
         if ctype == "application/json" or (ctype == "" and (small or not declared)):
             try:
                 raw = await read_body(request, self._max_body)
@@ -295,7 +238,7 @@ class Auditor:
             a.client,
             a.action,
             a.object or object_of({}, {}, result),
-            {"result": _bounded(result)} if result else {},
+            {"result": bounded(result)} if result else {},
             response.status_code,
             code,
         )
@@ -324,102 +267,3 @@ def _replaying(request: Request, raw: bytes) -> Request:
         return await request.receive()
 
     return Request(request.scope, receive)
-
-
-def _when(params: Mapping[str, str], name: str) -> datetime | None:
-    raw = query_text(params, name, limit=64)
-    if raw is None:
-        return None
-    try:
-        when = datetime.fromisoformat(raw)
-    except ValueError:
-        raise AdminInputError(f"{name} must be an ISO 8601 time with a UTC offset") from None
-    if when.tzinfo is None:
-        raise AdminInputError(f"{name} must be an ISO 8601 time with a UTC offset")
-    return when
-
-
-def audit_query(params: Mapping[str, str], *, limit: int, after_id: int | None) -> AuditQuery:
-    """The filter of an audit request's query values.
-
-    Raises:
-        AdminInputError: a value is malformed, too long or out of range.
-    """
-    return AuditQuery(
-        since=_when(params, "since"),
-        until=_when(params, "until"),
-        actor=query_text(params, "actor", limit=160),
-        action=query_text(params, "action", limit=160),
-        object=query_text(params, "object", limit=300),
-        after_id=after_id,
-        limit=limit,
-    )
-
-
-def _pages(registry: Registry, query: AuditQuery) -> Iterator[AuditEntry]:
-    after = 0
-    while True:
-        page = audit_entries(
-            registry,
-            AuditQuery(
-                query.since, query.until, query.actor, query.action, query.object, after,
-                EXPORT_PAGE,
-            ),
-        )  # fmt: skip
-        yield from page
-        if len(page) < EXPORT_PAGE:
-            return
-        after = page[-1].id
-
-
-def _json_lines(entries: Iterator[AuditEntry]) -> Iterator[str]:
-    yield '{"entries": ['
-    first = True
-    for e in entries:
-        yield ("" if first else ",") + "\n" + json.dumps(e.to_dict(), sort_keys=True)
-        first = False
-    yield "\n]}\n"
-
-
-def audit_routes(registry: Registry, guarded: Callable[[Handler], Handler]) -> list[Route]:
-    """The audit log's read routes over ``registry``, each wrapped by ``guarded``."""
-
-    async def listing(request: Request) -> Response:
-        params = request.query_params
-        after_id = query_int(params, "after_id", 0) if "after_id" in params else None
-        query = audit_query(
-            params,
-            limit=query_int(params, "limit", 100, lo=1, hi=MAX_QUERY_LIMIT),
-            after_id=after_id,
-        )
-        rows = await run_in_threadpool(audit_entries, registry, query)
-        return JSONResponse({"entries": [e.to_dict() for e in rows]})
-
-    async def export(request: Request) -> Response:
-        params = request.query_params
-        fmt = params.get("format", "json")
-        if fmt not in {"json", "csv"}:
-            raise AdminInputError("format must be json or csv")
-        query = audit_query(params, limit=EXPORT_PAGE, after_id=None)
-        entries = _pages(registry, query)
-        # The first page is read before the answer starts, so a database that is down answers
-        # 503; a failure later can only cut the stream (the client sees a short body).
-        first = await run_in_threadpool(lambda: list(itertools.islice(entries, 1)))
-        entries = itertools.chain(first, entries)
-        lines = entries_csv(entries) if fmt == "csv" else _json_lines(entries)
-
-        async def body() -> AsyncIterator[str]:
-            async for chunk in iterate_in_threadpool(lines):
-                yield chunk
-
-        media = "text/csv; charset=utf-8" if fmt == "csv" else "application/json"
-        return StreamingResponse(
-            body(),
-            media_type=media,
-            headers={"content-disposition": f'attachment; filename="audit.{fmt}"'},
-        )
-
-    return [
-        Route("/v1/audit", guarded(listing), methods=["GET"]),
-        Route("/v1/audit/export", guarded(export), methods=["GET"]),
-    ]
