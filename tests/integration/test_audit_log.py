@@ -7,6 +7,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -28,6 +31,7 @@ from fleet_server.registry.store import Registry
 from fleet_server.service import FleetService
 from pg import PgCluster
 
+BIN = Path(sys.executable).parent / "fleet-server"
 TOKEN = "a" * 32
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -138,6 +142,28 @@ def test_actions_are_recorded_and_read_back(
     as_json = runner.invoke(cli, ["audit", "export", "--format", "json"], env=env)
     assert as_json.exit_code == 0, as_json.output
     assert len(json.loads(as_json.output)["entries"]) == len(entries)
+    # Once as a real process: the console script, the exit codes of the error boundary.
+    proc = subprocess.run(
+        [str(BIN), "audit", "list", "--json", "--action", "POST /v1/models"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    # Newest first; the attempt cannot name the bundle yet (the answer of the upload does).
+    assert [e["object"] for e in json.loads(proc.stdout)] == ["model:digits@1", ""]
+    refused = subprocess.run(
+        [str(BIN), "audit", "list", "--token", "wrong-token-of-32-characters-xx"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert refused.returncode != 0
+    assert "token" in refused.stderr
 
 
 def test_postgresql_refuses_to_change_or_delete_entries(served_pg: tuple[str, Registry]) -> None:
