@@ -1,35 +1,48 @@
-"""The agent's configuration: frozen dataclasses loaded once from TOML plus environment overrides.
+"""The agent's config sections: one frozen class per TOML section, each validating itself.
 
-``load_config(path, env)`` is the only way in: it reads the file, applies overrides of the form
-``EDGEFLEET_AGENT__<SECTION>__<KEY>=value`` (values parsed as TOML scalars, so ``true``, ``8``,
-``"text"`` and bare strings all work), validates every field, and returns an ``AgentConfig``.
-Unknown sections or keys are errors (a typo must not silently fall back to a default).
-
-Per-model policy lives under ``[models.<name>]`` and falls back to ``[model_defaults]``.
-
-Relative paths (so that an example config runs outside systemd, by hand, in any directory):
-``store.state_dir`` and ``store.root_path`` are relative to the config file's directory (the
-working directory without a file); ``sync.identity_dir``, ``api.unix_socket`` and
-``grpc.unix_socket`` are relative to the state directory. Values from the environment follow the
-same rules. Absolute paths are used as they are.
+Owns ``ApiConfig``, ``GrpcConfig``, ``StoreConfig``, ``RuntimeConfig`` (and ``options()``, the
+one place the section becomes ``RuntimeOptions``), ``DriftConfig``, ``FallbackConfig``,
+``ModelPolicy`` (per-model policy), ``VersionPolicy`` and ``ServingConfig`` (the ``[serving]``
+section, parsed by hand: a one-key table per policy kind), ``CaptureConfig``, ``SyncConfig``,
+their bounds and allowed values, ``is_loopback`` and the two checks every section uses
+(``check``, ``as_table``). Does not own reading the file and the environment, the whole
+``AgentConfig`` and its cross-section checks, or path resolution (``edge_agent.config.loader``).
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any
 
-from edge_agent.common.config_loader import apply_env, build_section, read_toml
 from edge_agent.contract.manifest import MAX_VERSION
 from edge_agent.errors import ConfigError, ContractError
 from edge_agent.runtime.base import RuntimeOptions
 from edge_agent.wire.topics import Topics
 
-ENV_PREFIX = "EDGEFLEET_AGENT__"
+__all__ = [
+    "FALLBACK_MODES",
+    "MAX_DRIFT_BUFFER_BYTES",
+    "MAX_POLICY_VERSIONS",
+    "MIN_DRIFT_BUFFER_BYTES",
+    "VALIDATION_POLICIES",
+    "VERSION_POLICY_KINDS",
+    "ApiConfig",
+    "CaptureConfig",
+    "DriftConfig",
+    "FallbackConfig",
+    "GrpcConfig",
+    "ModelPolicy",
+    "RuntimeConfig",
+    "ServingConfig",
+    "StoreConfig",
+    "SyncConfig",
+    "VersionPolicy",
+    "as_table",
+    "check",
+    "is_loopback",
+]
+
 VALIDATION_POLICIES = ("reject", "drop")
 FALLBACK_MODES = ("device_only", "prefer_device", "prefer_cloud", "cloud_only")
 #: ``[drift] buffer_bytes`` bounds: room for a few wide windows, and no more than a device has.
@@ -64,22 +77,22 @@ class ApiConfig:
     repository_control: bool = False
 
     def validate(self) -> None:
-        _check(0 <= self.port <= 65535, "api.port must be 0..65535")
-        _check(
+        check(0 <= self.port <= 65535, "api.port must be 0..65535")
+        check(
             not self.repository_control or is_loopback(self.host),
             f"api.repository_control needs a loopback api.host, not {self.host!r}",
         )
-        _check(0 <= self.feedback_requests <= 1_000_000, "api.feedback_requests: 0..1000000")
-        _check(self.feedback_seconds > 0, "api.feedback_seconds must be positive")
-        _check(self.max_request_bytes >= 1024, "api.max_request_bytes must be >= 1024")
-        _check(
+        check(0 <= self.feedback_requests <= 1_000_000, "api.feedback_requests: 0..1000000")
+        check(self.feedback_seconds > 0, "api.feedback_seconds must be positive")
+        check(self.max_request_bytes >= 1024, "api.max_request_bytes must be >= 1024")
+        check(
             self.max_decode_memory_bytes >= 8 * self.max_request_bytes,
             "api.max_decode_memory_bytes must be >= 8 * api.max_request_bytes",
         )
-        _check(self.body_read_seconds > 0, "api.body_read_seconds must be positive")
-        _check(self.rate_limit_per_second > 0, "api.rate_limit_per_second must be positive")
-        _check(self.rate_limit_burst >= 1, "api.rate_limit_burst must be >= 1")
-        _check(self.drain_seconds >= 0, "api.drain_seconds must be >= 0")
+        check(self.body_read_seconds > 0, "api.body_read_seconds must be positive")
+        check(self.rate_limit_per_second > 0, "api.rate_limit_per_second must be positive")
+        check(self.rate_limit_burst >= 1, "api.rate_limit_burst must be >= 1")
+        check(self.drain_seconds >= 0, "api.drain_seconds must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -100,10 +113,10 @@ class GrpcConfig:
     max_concurrent_rpcs: int = 32
 
     def validate(self) -> None:
-        _check(0 <= self.port <= 65535, "grpc.port must be 0..65535")
-        _check(self.max_message_bytes >= 1024, "grpc.max_message_bytes must be >= 1024")
-        _check(1 <= self.max_workers <= 256, "grpc.max_workers must be 1..256")
-        _check(
+        check(0 <= self.port <= 65535, "grpc.port must be 0..65535")
+        check(self.max_message_bytes >= 1024, "grpc.max_message_bytes must be >= 1024")
+        check(1 <= self.max_workers <= 256, "grpc.max_workers must be 1..256")
+        check(
             self.max_workers <= self.max_concurrent_rpcs <= 4096,
             "grpc.max_concurrent_rpcs must be max_workers..4096",
         )
@@ -119,8 +132,8 @@ class StoreConfig:
     memory_budget_mb: int = 512
 
     def validate(self) -> None:
-        _check(self.keep_versions >= 1, "store.keep_versions must be >= 1")
-        _check(self.memory_budget_mb >= 1, "store.memory_budget_mb must be >= 1")
+        check(self.keep_versions >= 1, "store.keep_versions must be >= 1")
+        check(self.memory_budget_mb >= 1, "store.memory_budget_mb must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -139,9 +152,9 @@ class RuntimeConfig:
     warmup_runs: int = 2
 
     def validate(self) -> None:
-        _check(self.intra_op_threads >= 0, "runtime.intra_op_threads must be >= 0")
-        _check(self.inter_op_threads >= 0, "runtime.inter_op_threads must be >= 0")
-        _check(self.warmup_runs >= 0, "runtime.warmup_runs must be >= 0")
+        check(self.intra_op_threads >= 0, "runtime.intra_op_threads must be >= 0")
+        check(self.inter_op_threads >= 0, "runtime.inter_op_threads must be >= 0")
+        check(self.warmup_runs >= 0, "runtime.warmup_runs must be >= 0")
 
     def options(self) -> RuntimeOptions:
         """The options every model the agent loads runs with."""
@@ -168,14 +181,14 @@ class DriftConfig:
     buffer_bytes: int = 2 * 1024 * 1024
 
     def validate(self) -> None:
-        _check(
+        check(
             MIN_DRIFT_BUFFER_BYTES <= self.buffer_bytes <= MAX_DRIFT_BUFFER_BYTES,
             f"drift.buffer_bytes must be in [{MIN_DRIFT_BUFFER_BYTES}, {MAX_DRIFT_BUFFER_BYTES}]",
         )
-        _check(self.max_rows_per_second >= 256, "drift.max_rows_per_second must be >= 256")
-        _check(self.window_values >= 10, "drift.window_values must be >= 10")
-        _check(self.window_seconds > 0, "drift.window_seconds must be positive")
-        _check(0 < self.alpha < 0.5, "drift.alpha must be in (0, 0.5)")
+        check(self.max_rows_per_second >= 256, "drift.max_rows_per_second must be >= 256")
+        check(self.window_values >= 10, "drift.window_values must be >= 10")
+        check(self.window_seconds > 0, "drift.window_seconds must be positive")
+        check(0 < self.alpha < 0.5, "drift.alpha must be in (0, 0.5)")
 
 
 @dataclass(frozen=True)
@@ -194,14 +207,14 @@ class FallbackConfig:
     ood_feature_fraction: float = 0.25
 
     def validate(self) -> None:
-        _check(self.mode in FALLBACK_MODES, f"fallback.mode must be one of {FALLBACK_MODES}")
-        _check(self.deadline_ms > 0, "fallback.deadline_ms must be positive")
-        _check(self.max_per_minute >= 0, "fallback.max_per_minute must be >= 0")
-        _check(0 <= self.min_confidence <= 1, "fallback.min_confidence must be in [0, 1]")
-        _check(0 <= self.max_entropy <= 1, "fallback.max_entropy must be in [0, 1]")
-        _check(self.breaker_failures >= 1, "fallback.breaker_failures must be >= 1")
-        _check(self.breaker_reset_seconds >= 0, "fallback.breaker_reset_seconds must be >= 0")
-        _check(0 < self.ood_feature_fraction <= 1, "fallback.ood_feature_fraction in (0, 1]")
+        check(self.mode in FALLBACK_MODES, f"fallback.mode must be one of {FALLBACK_MODES}")
+        check(self.deadline_ms > 0, "fallback.deadline_ms must be positive")
+        check(self.max_per_minute >= 0, "fallback.max_per_minute must be >= 0")
+        check(0 <= self.min_confidence <= 1, "fallback.min_confidence must be in [0, 1]")
+        check(0 <= self.max_entropy <= 1, "fallback.max_entropy must be in [0, 1]")
+        check(self.breaker_failures >= 1, "fallback.breaker_failures must be >= 1")
+        check(self.breaker_reset_seconds >= 0, "fallback.breaker_reset_seconds must be >= 0")
+        check(0 < self.ood_feature_fraction <= 1, "fallback.ood_feature_fraction in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -221,22 +234,22 @@ class ModelPolicy:
     ab_fraction: float = 0.0
 
     def validate(self) -> None:
-        _check(
+        check(
             self.validation in VALIDATION_POLICIES,
             f"validation must be one of {VALIDATION_POLICIES}",
         )
-        _check(self.probation_requests >= 0, "probation_requests must be >= 0")
-        _check(self.probation_seconds >= 0, "probation_seconds must be >= 0")
-        _check(self.max_p99_ms > 0, "max_p99_ms must be positive")
-        _check(0 <= self.max_error_rate <= 1, "max_error_rate must be in [0, 1]")
-        _check(0 <= self.max_reject_rate <= 1, "max_reject_rate must be in [0, 1]")
-        _check(0 <= self.shadow_fraction <= 1, "shadow_fraction must be in [0, 1]")
-        _check(0 <= self.ab_fraction <= 1, "ab_fraction must be in [0, 1]")
-        _check(self.shadow_queue >= 1, "shadow_queue must be >= 1")
-        _check(
+        check(self.probation_requests >= 0, "probation_requests must be >= 0")
+        check(self.probation_seconds >= 0, "probation_seconds must be >= 0")
+        check(self.max_p99_ms > 0, "max_p99_ms must be positive")
+        check(0 <= self.max_error_rate <= 1, "max_error_rate must be in [0, 1]")
+        check(0 <= self.max_reject_rate <= 1, "max_reject_rate must be in [0, 1]")
+        check(0 <= self.shadow_fraction <= 1, "shadow_fraction must be in [0, 1]")
+        check(0 <= self.ab_fraction <= 1, "ab_fraction must be in [0, 1]")
+        check(self.shadow_queue >= 1, "shadow_queue must be >= 1")
+        check(
             self.ab_fraction == 0 or self.ab_candidate is not None, "ab_fraction needs ab_candidate"
         )
-        _check(
+        check(
             self.shadow_fraction == 0 or self.shadow_candidate is not None,
             "shadow_fraction needs shadow_candidate",
         )
@@ -277,7 +290,7 @@ class VersionPolicy:
             )
         ((kind, arg),) = value.items()
         if kind == "latest":
-            _check(
+            check(
                 type(arg) is int and 1 <= arg <= MAX_POLICY_VERSIONS,
                 f"{where}.latest must be an integer 1..{MAX_POLICY_VERSIONS}, got {arg!r}",
             )
@@ -285,14 +298,14 @@ class VersionPolicy:
         if kind == "specific":
             ok = isinstance(arg, list) and 1 <= len(arg) <= MAX_POLICY_VERSIONS
             ok = ok and all(type(v) is int and 1 <= v <= MAX_VERSION for v in arg)
-            _check(
+            check(
                 ok and len(set(arg)) == len(arg),
                 f"{where}.specific must list 1..{MAX_POLICY_VERSIONS} distinct versions "
                 f"(integers 1..{MAX_VERSION}), got {arg!r}",
             )
             return cls("specific", count=0, versions=tuple(sorted(arg)))
         if kind == "all":
-            _check(arg is True, f"{where}.all must be true, got {arg!r}")
+            check(arg is True, f"{where}.all must be true, got {arg!r}")
             return cls("all", count=0)
         raise ConfigError(f"{where}: unknown policy {kind!r} (one of {VERSION_POLICY_KINDS})")
 
@@ -318,7 +331,7 @@ class ServingConfig:
         Raises:
             ConfigError: not a table, an unknown key or an invalid policy.
         """
-        table = _table(raw, "serving")
+        table = as_table(raw, "serving")
         unknown = set(table) - {"version_policy"}
         if unknown:
             raise ConfigError(f"unknown keys in [serving]: {', '.join(sorted(unknown))}")
@@ -336,8 +349,8 @@ class CaptureConfig:
     max_bytes: int = 64 * 1024 * 1024
 
     def validate(self) -> None:
-        _check(0 <= self.sample_rate <= 1, "capture.sample_rate must be in [0, 1]")
-        _check(self.max_bytes >= 64 * 1024, "capture.max_bytes must be >= 65536")
+        check(0 <= self.sample_rate <= 1, "capture.sample_rate must be in [0, 1]")
+        check(self.max_bytes >= 64 * 1024, "capture.max_bytes must be >= 65536")
 
 
 @dataclass(frozen=True)
@@ -363,130 +376,23 @@ class SyncConfig:
     block_retry_seconds: float = 2.0
 
     def validate(self) -> None:
-        _check(0 < self.port <= 65535, "sync.port must be 1..65535")
-        _check(bool(self.host), "sync.host must not be empty")
+        check(0 < self.port <= 65535, "sync.port must be 1..65535")
+        check(bool(self.host), "sync.host must not be empty")
         try:  # the one prefix rule (the server's gateway and the broker config use it too)
             Topics.check_prefix(self.prefix)
         except ContractError as exc:
             raise ConfigError(f"sync.prefix: {exc}") from exc
-        _check(5 <= self.keepalive <= 3600, "sync.keepalive must be 5..3600")
-        _check(self.reconnect_max_seconds >= 1, "sync.reconnect_max_seconds must be >= 1")
-        _check(self.report_interval_seconds > 0, "sync.report_interval_seconds must be positive")
-        _check(self.outbox_max_bytes >= 256 * 1024, "sync.outbox_max_bytes must be >= 262144")
-        _check(1 <= self.batch_max_items <= 256, "sync.batch_max_items must be 1..256")
-        _check(
+        check(5 <= self.keepalive <= 3600, "sync.keepalive must be 5..3600")
+        check(self.reconnect_max_seconds >= 1, "sync.reconnect_max_seconds must be >= 1")
+        check(self.report_interval_seconds > 0, "sync.report_interval_seconds must be positive")
+        check(self.outbox_max_bytes >= 256 * 1024, "sync.outbox_max_bytes must be >= 262144")
+        check(1 <= self.batch_max_items <= 256, "sync.batch_max_items must be 1..256")
+        check(
             4096 <= self.batch_max_bytes <= 224 * 1024, "sync.batch_max_bytes must be 4096..229376"
         )
-        _check(self.ack_timeout_seconds > 0, "sync.ack_timeout_seconds must be positive")
-        _check(1 <= self.block_window <= 256, "sync.block_window must be 1..256")
-        _check(self.block_retry_seconds > 0, "sync.block_retry_seconds must be positive")
-
-
-@dataclass(frozen=True)
-class AgentConfig:
-    """Everything the daemon needs, validated."""
-
-    device_id: str = "device"
-    log_json: bool = False
-    log_level: str = "info"
-    api: ApiConfig = field(default_factory=ApiConfig)
-    grpc: GrpcConfig = field(default_factory=GrpcConfig)
-    store: StoreConfig = field(default_factory=StoreConfig)
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    drift: DriftConfig = field(default_factory=DriftConfig)
-    fallback: FallbackConfig = field(default_factory=FallbackConfig)
-    capture: CaptureConfig = field(default_factory=CaptureConfig)
-    sync: SyncConfig = field(default_factory=SyncConfig)
-    serving: ServingConfig = field(default_factory=ServingConfig)
-    model_defaults: ModelPolicy = field(default_factory=ModelPolicy)
-    models: Mapping[str, ModelPolicy] = field(default_factory=dict)
-
-    def policy(self, model: str) -> ModelPolicy:
-        """The policy of ``model``, or the defaults."""
-        return self.models.get(model, self.model_defaults)
-
-
-_SECTIONS: dict[str, type[Any]] = {
-    "api": ApiConfig,
-    "grpc": GrpcConfig,
-    "store": StoreConfig,
-    "runtime": RuntimeConfig,
-    "drift": DriftConfig,
-    "fallback": FallbackConfig,
-    "capture": CaptureConfig,
-    "sync": SyncConfig,
-    "model_defaults": ModelPolicy,
-}
-_TOP = ("device_id", "log_json", "log_level")
-T = TypeVar("T")
-
-
-def load_config(path: Path | None, env: Mapping[str, str] | None = None) -> AgentConfig:
-    """Read ``path`` (TOML; ``None`` for defaults), apply ``env`` overrides, validate.
-
-    Raises:
-        ConfigError: unreadable file, unknown key, wrong type or an invalid value; the message
-            names the key.
-    """
-    data = read_toml(path)
-    apply_env(data, os.environ if env is None else env, ENV_PREFIX)
-    return _resolve_paths(_build(data), path.parent if path is not None else Path.cwd())
-
-
-def _resolve_paths(cfg: AgentConfig, base: Path) -> AgentConfig:
-    """Make the relative paths absolute (see the module docstring)."""
-    state = _under(base, cfg.store.state_dir)
-    store = replace(cfg.store, state_dir=state, root_path=_under(base, cfg.store.root_path))
-    sync = replace(cfg.sync, identity_dir=_under(Path(state), cfg.sync.identity_dir))
-    socket = cfg.api.unix_socket
-    api = replace(cfg.api, unix_socket=_under(Path(state), socket) if socket else socket)
-    socket = cfg.grpc.unix_socket
-    grpc = replace(cfg.grpc, unix_socket=_under(Path(state), socket) if socket else socket)
-    return replace(cfg, store=store, sync=sync, api=api, grpc=grpc)
-
-
-def _under(base: Path, value: str) -> str:
-    if Path(value).is_absolute():
-        return value
-    return os.path.normpath((base / value).absolute())  # no symlink resolution, ".." folded
-
-
-def _build(data: Mapping[str, Any]) -> AgentConfig:
-    unknown = set(data) - set(_SECTIONS) - set(_TOP) - {"models", "serving"}
-    if unknown:
-        raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
-    kwargs: dict[str, Any] = {}
-    for key in _TOP:
-        if key in data:
-            kwargs[key] = data[key]
-    for section, cls in _SECTIONS.items():
-        kwargs[section] = _section(cls, data.get(section, {}), section)
-    kwargs["serving"] = ServingConfig.from_table(data.get("serving", {}))
-    defaults_raw = data.get("model_defaults", {})
-    models_raw = data.get("models", {})
-    if not isinstance(models_raw, dict):
-        raise ConfigError("models must be a table of per-model tables")
-    kwargs["models"] = {
-        name: _section(
-            ModelPolicy, {**defaults_raw, **_table(body, f"models.{name}")}, f"models.{name}"
-        )
-        for name, body in models_raw.items()
-    }
-    cfg = AgentConfig(**kwargs)
-    _check(
-        isinstance(cfg.device_id, str) and 0 < len(cfg.device_id) <= 128,
-        "device_id must be a non-empty string",
-    )
-    _check(isinstance(cfg.log_json, bool), "log_json must be true or false")
-    _check(
-        cfg.log_level in ("debug", "info", "warning", "error"),
-        "log_level must be debug, info, warning or error",
-    )
-    _check(
-        not (cfg.api.repository_control and cfg.grpc.enabled) or is_loopback(cfg.grpc.host),
-        f"api.repository_control needs a loopback grpc.host, not {cfg.grpc.host!r}",
-    )
-    return cfg
+        check(self.ack_timeout_seconds > 0, "sync.ack_timeout_seconds must be positive")
+        check(1 <= self.block_window <= 256, "sync.block_window must be 1..256")
+        check(self.block_retry_seconds > 0, "sync.block_retry_seconds must be positive")
 
 
 def is_loopback(host: str) -> bool:
@@ -499,16 +405,22 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _table(value: Any, where: str) -> dict[str, Any]:
+def as_table(value: Any, where: str) -> dict[str, Any]:
+    """``value`` if it is a TOML table.
+
+    Raises:
+        ConfigError: it is not (the message names ``where``).
+    """
     if not isinstance(value, dict):
         raise ConfigError(f"{where} must be a table")
     return value
 
 
-def _section(cls: type[T], raw: Any, where: str) -> T:
-    return build_section(cls, _table(raw, where), where)
+def check(ok: bool, message: str) -> None:
+    """Raise ``ConfigError(message)`` unless ``ok``.
 
-
-def _check(ok: bool, message: str) -> None:
+    Raises:
+        ConfigError: ``ok`` is false.
+    """
     if not ok:
         raise ConfigError(message)
