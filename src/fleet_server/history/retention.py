@@ -69,7 +69,7 @@ LOCK_TIMEOUT: Final = "5s"
 MAX_MOVE: Final = 10_000  # rows of a day moved out of the default partition at most
 _CHUNK: Final = 500
 _BOUND: Final = re.compile(r"FROM \('([^']+)'\) TO \('([^']+)'\)")
-_DAILY: Final = re.compile(r"^telemetry_p\d{8}$")
+_DAILY: Final = re.compile(r"telemetry_p\d{8}")
 _PARTITION_LOCK: Final = 0x65646770  # pg advisory lock key ("edgp") serialising creation
 _KEYS: Final = cast(Table, TelemetryKey.__table__)
 _SEQ: Final = cast(Table, DeviceSeq.__table__)
@@ -128,7 +128,7 @@ def _partitions(s: Session) -> list[Partition]:
     out = []
     for name, bound in rows:
         found = _BOUND.search(str(bound))
-        if found is None or not _DAILY.match(str(name)):
+        if found is None or not _DAILY.fullmatch(str(name)):
             continue  # the default partition, or one this module did not make
         start, end = (datetime.fromisoformat(g).astimezone(UTC) for g in found.groups())
         out.append(Partition(start, end, str(name)))

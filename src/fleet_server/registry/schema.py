@@ -30,9 +30,11 @@ TABLE_MODULES: Final[tuple[ModuleType, ...]] = (models, rollout_models, evalset_
 METADATA: Final[MetaData] = Base.metadata
 
 #: The names of ``telemetry``'s partitions on PostgreSQL (daily ranges and the default one).
-PARTITION_NAME: Final = re.compile(r"^telemetry_(p\d{8}|default)$")
+PARTITION_NAME: Final = re.compile(r"telemetry_(p\d{8}|default)")
 
 
 def include_name(name: str | None, type_: str, parent_names: Mapping[Any, Any]) -> bool:
     """Alembic's ``include_name`` hook: every name except the partitions of ``telemetry``."""
-    return not (type_ == "table" and name is not None and PARTITION_NAME.match(name) is not None)
+    return not (
+        type_ == "table" and name is not None and PARTITION_NAME.fullmatch(name) is not None
+    )
