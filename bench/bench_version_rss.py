@@ -29,44 +29,32 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_agent import BIN, free_port, wait_ready
+from bench_agent import BIN, build_bundle, free_port, wait_ready
 from bench_grpc_rss import memory_mb
 
 
 def build_two_versions(work: Path) -> tuple[list[Path], Path, np.ndarray]:
-    """Digits v1 and v2 (same model, signed as two versions); returns (bundles, root, x)."""
+    """Digits v1 (``bench_agent.build_bundle``) and v2 (the same model signed as another
+    version with the same keys); returns (bundles, root, x)."""
     from edge_agent.bundle import read_bundle
-    from model_builder.build import build_bundle as build
-    from model_builder.config import BuildConfig
-    from model_builder.data import Dataset
-    from model_builder.examples import digits_mlp
+    from edge_agent.trust import TrustedRoot
     from model_builder.keystore import KeyStore
     from model_builder.package import package_bundle
 
-    ex = digits_mlp()
+    first, root, x = build_bundle(work)
     now = datetime.now(UTC)
-    keys = KeyStore.init(work / "keys", now=now)
-    res = build(
-        ex.model_bytes,
-        "onnx",
-        Dataset({"input": ex.x_calib}, None),
-        Dataset({"input": ex.x_eval}, ex.y_eval),
-        (ex.input_contract(max_batch=64), ex.output_contract()),
-        BuildConfig(name="digits", version=1, measure_latency=False, arch=("any",)),
-        keys,
+    keys = KeyStore.open(work / "keys")
+    loaded = read_bundle(
+        first,
+        TrustedRoot.from_bytes(root.read_bytes()),
         now=now,
+        installed_version=None,
+        device=None,
     )
-    first = work / "digits-1.efb"
-    first.write_bytes(res.bundle)
-    artifact = read_bundle(
-        first, keys.trusted_root(), now=now, installed_version=None, device=None
-    ).artifact
     second = work / "digits-2.efb"
-    manifest = dataclasses.replace(res.manifest, version=2)
-    second.write_bytes(package_bundle(manifest, artifact, keys, now=now))
-    root = work / "root.json"
-    root.write_bytes(keys.root_bytes())
-    return [first, second], root, ex.x_eval.astype(np.float32)
+    manifest = dataclasses.replace(loaded.manifest, version=2)
+    second.write_bytes(package_bundle(manifest, loaded.artifact, keys, now=now))
+    return [first, second], root, x
 
 
 def measure(
