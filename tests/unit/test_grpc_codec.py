@@ -252,6 +252,8 @@ def test_requested_outputs_in_order_and_unknown_refused() -> None:
 def test_every_rpc_has_messages() -> None:
     assert set(METHODS) == {
         "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
+        # Triton's model repository extension (served with [api] repository_control only).
+        "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",
     }  # fmt: skip
 
 
