@@ -96,6 +96,20 @@ def test_breach_bound_spends_alpha_over_sample_doublings(z: float) -> None:
     assert breach_z(z, 2 * need, need) > breach_z(z, 2 * need - 1, need)
 
 
+@pytest.mark.parametrize("z", [1e-6, 0.5, 8.3, 8.5, 40.0, 1e6])
+def test_any_policy_z_gives_a_bound_and_a_verdict(z: float) -> None:
+    """The policy bounds z only below: where 1 - cdf(z) rounds to 0 the correction must not
+    ask the inverse normal for 1.0 (StatisticsError, a crashed rollout step)."""
+    from fleet_server.rollouts.gates.output_distribution import corrected_z
+
+    for n in (0, 300, 5000, 10**9):
+        assert breach_z(z, n, 300) >= z
+    assert corrected_z(z, 40) >= z
+    r = replace(rollout(), shadows=dict.fromkeys(IDS[:2], T0))
+    r = replace(r, policy=replace(r.policy, z=z))
+    assert judge(evidence(3000, 300), r)[0] in ("ok", "breach", "waiting")
+
+
 @pytest.mark.parametrize(("rows", "disagree"), [(300, 22), (700, 48), (1300, 85)])
 def test_a_borderline_sample_waits_instead_of_breaching(rows: int, disagree: int) -> None:
     """Past the policy's z but not past the look-corrected bound: more rows, not a halt."""

@@ -151,8 +151,10 @@ def shifts(canary: OutputMoments, reference: OutputMoments, limit: float) -> lis
 def corrected_z(z: float, tests: int) -> float:
     """The one-sided ``z`` of the policy, Bonferroni-corrected for ``tests`` tests."""
     nd = NormalDist()
-    alpha = 1.0 - nd.cdf(z)
-    return nd.inv_cdf(1.0 - alpha / max(tests, 1))
+    spent = nd.cdf(-z) / max(tests, 1)  # the lower tail: exact where 1 - cdf(z) rounds to 0
+    if spent <= 0.0:  # z beyond any float tail (policy z is only bounded below): no correction
+        return z
+    return max(z, -nd.inv_cdf(spent))
 
 
 def verdict(i: GateInputs) -> GateResult:

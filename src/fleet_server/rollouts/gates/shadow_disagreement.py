@@ -59,8 +59,11 @@ def breach_z(z: float, compared: int, need: int) -> float:
     ``z`` is the policy's one-sided level; ``need`` the minimum sample (the first epoch).
     """
     epoch = 1 + int(math.log2(max(compared, need) / max(need, 1)))
-    alpha = 1.0 - NormalDist().cdf(z)
-    return NormalDist().inv_cdf(1.0 - alpha / (epoch * (epoch + 1)))
+    alpha = NormalDist().cdf(-z)  # the lower tail: exact where 1 - cdf(z) rounds to 0
+    spent = alpha / (epoch * (epoch + 1))
+    if spent <= 0.0:  # z beyond any float tail (policy z is only bounded below): no correction
+        return z
+    return max(z, -NormalDist().inv_cdf(spent))
 
 
 def limit_of(i: GateInputs) -> tuple[float | None, str]:
