@@ -116,6 +116,12 @@ def _policy() -> RolloutPolicy:
     )
 
 
+def _serving(fleet: FleetHarness, device: str) -> int | None:
+    """The version ``device``'s agent answers with now."""
+    entry = fleet.devices[device].agent.registry.get("digits")
+    return None if entry is None else entry.pipeline.version
+
+
 def _traffic(fleet: FleetHarness, x: np.ndarray, rng: np.random.Generator) -> set[str]:
     """32 rows per device through its agent; the versions that answered."""
     answered = set()
@@ -220,9 +226,9 @@ def test_a_confidently_wrong_candidate_is_halted_in_the_shadow_phase(
             return False
         if not passed:
             passed.append(r)  # the step that left the shadow phase, with its gates
-        return all(
-            fleet.devices[d].agent.store.state("digits").active == 3 for d in passed[0].members
-        )
+        # serving, not only stored: a device records the install as active before its new
+        # session has loaded and passed its health check, and answers from v1 until then
+        return all(_serving(fleet, d) == 3 for d in passed[0].members)
 
     _drive(fleet, runner, good.id, x, serving, answered, set())
     first = passed[0]
