@@ -53,6 +53,9 @@ if [ "$PROFILE" = test ]; then
     if [ "$pg_found" -eq 0 ]; then
         want postgresql "the scale-out tests start a throwaway PostgreSQL cluster (binaries only)"
     fi
+    if ! command -v chromium >/dev/null && [ ! -x /usr/bin/chromium ]; then
+        want chromium "the console's browser tests drive it headless through Playwright"
+    fi
 fi
 
 # --- install them: as root or with sudo, never leaving a service running or enabled -------------
