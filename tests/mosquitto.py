@@ -65,6 +65,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def distinct_ports(n: int) -> list[int]:
+    """``n`` loopback ports free a moment ago, all different: held open together while chosen
+    (``free_port()`` twice can hand out the same port)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 @dataclass
 class FleetBroker:
     """A Mosquitto process plus the PKI its clients use."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,15 +16,10 @@ import pytest
 from bundles import DigitsBundles
 from edge_agent.client import AgentClient, AgentRequestError
 from edge_agent.config import ApiConfig
+from mosquitto import free_port
 from support import wait_until
 
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def agent_cli(*args: str, config: Path) -> subprocess.CompletedProcess[str]:

@@ -14,12 +14,13 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from test_agent_daemon import BIN, agent_cli, free_port
+from test_agent_daemon import BIN, agent_cli
 
 from bundles import DigitsBundles
 from edge_agent.client import AgentClient, AgentRequestError
 from edge_agent.config import ApiConfig
 from edge_agent.errors import API_STATUS, InputValidationError, ModelNotFoundError
+from mosquitto import distinct_ports
 from support import wait_until
 
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
@@ -52,7 +53,7 @@ def daemon(
 ) -> Iterator[Daemon]:
     tmp_path = tmp_path_factory.mktemp("grpc-daemon")
     (tmp_path / "root.json").write_bytes(digits_bundles.keys.root_bytes())
-    port, grpc_port = free_port(), free_port()
+    port, grpc_port = distinct_ports(2)
     sock = tmp_path / "grpc.sock"
     config = tmp_path / "agent.toml"
     config.write_text(

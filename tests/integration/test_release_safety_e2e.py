@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -62,7 +61,7 @@ from model_builder.build import build_bundle
 from model_builder.config import BuildConfig
 from model_builder.data import Dataset
 from model_builder.package import package_bundle
-from mosquitto import MOSQUITTO, fleet_broker
+from mosquitto import MOSQUITTO, distinct_ports, fleet_broker
 
 pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
 
@@ -89,18 +88,6 @@ def _load_failure(r: dict[str, Any]) -> set[str]:
         if g["name"] == "shadow_disagreement" and g["status"] == "breach":
             assert "failed on" in g["detail"], g
     return breached
-
-
-def _distinct_ports(n: int) -> list[int]:
-    """``n`` loopback ports free a moment ago, all different (held open together while chosen)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _why_not(device: str, proc: subprocess.Popen[bytes], tmp: Path) -> str:
@@ -229,7 +216,7 @@ def fleet(
         f = Fleet(admin, env, bundles, digits_eval_set(digits_bundles, tmp / "eval.npz"), tmp)
         try:
             wait_until(lambda: _ok(admin.status), timeout=60, what="fleet-server up")
-            ports = dict(zip(DEVICES, _distinct_ports(len(DEVICES)), strict=True))
+            ports = dict(zip(DEVICES, distinct_ports(len(DEVICES)), strict=True))
             for d in DEVICES:
                 admin.register(d, "line", {}, None)
                 cfg = daemon_config(

@@ -17,12 +17,13 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from test_agent_daemon import BIN, agent_cli, free_port
+from test_agent_daemon import BIN, agent_cli
 
 from bundles import DigitsBundles
 from edge_agent.client import AgentClient
 from edge_agent.config import ApiConfig
 from edge_agent.errors import API_STATUS, ModelNotFoundError, ModelStoreError
+from mosquitto import distinct_ports
 from support import wait_until
 
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
@@ -52,9 +53,7 @@ def daemon(
 ) -> Iterator[Daemon]:
     tmp_path = tmp_path_factory.mktemp("repository-daemon")
     (tmp_path / "root.json").write_bytes(digits_bundles.keys.root_bytes())
-    port, grpc_port = free_port(), free_port()
-    while grpc_port == port:
-        grpc_port = free_port()
+    port, grpc_port = distinct_ports(2)
     config = tmp_path / "agent.toml"
     config.write_text(
         f"[api]\nport = {port}\nrepository_control = true\n"
