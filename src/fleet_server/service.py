@@ -40,7 +40,13 @@ from fleet_server.gateway.misbehaviour import DeviceMisbehaviour
 from fleet_server.pki.roots import ServerRoots
 from fleet_server.registry import rollouts as rollout_store
 from fleet_server.registry.store import Registry
-from fleet_server.registry.values import BundleRecord, DeviceRecord, SeqState, StoredTelemetry
+from fleet_server.registry.values import (
+    BundleRecord,
+    DeviceFilter,
+    DeviceRecord,
+    SeqState,
+    StoredTelemetry,
+)
 from fleet_server.registry.version_history import VersionHistory, version_history
 from fleet_server.rollouts.admission import admit
 from fleet_server.rollouts.shadow_evidence import shadow_capable
@@ -441,6 +447,23 @@ class FleetService:
             DeviceView(r, self._desired(r.id), online.get(r.id))
             for r in self._registry.list_devices(group=group)
         ]
+
+    def device_page(
+        self, query: DeviceFilter, *, state: str | None = None
+    ) -> tuple[list[DeviceView], int]:
+        """One page of devices (``Registry.device_page``: filtered and counted in SQL) with
+        their desired state and online status, and how many match in all; ``state``
+        ``"online"``/``"offline"`` selects by the gateway's presence.
+
+        Raises:
+            RegistryUnavailableError: the database failed.
+        """
+        online = self._gateway.online()
+        if state in ("online", "offline"):
+            ids = frozenset(d for d, st in online.items() if st.state == "online")
+            query = replace(query, online_ids=ids, exclude_online=state == "offline")
+        records, total = self._registry.device_page(query)
+        return [DeviceView(r, self._desired(r.id), online.get(r.id)) for r in records], total
 
     def device(self, device_id: str) -> DeviceView:
         """One device with its desired state, telemetry sequence state and online status.

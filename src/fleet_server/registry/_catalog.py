@@ -26,6 +26,7 @@ from fleet_server.registry._checks import MAX_SEQ, check_label, check_sha256
 from fleet_server.registry.models import Bundle, DesiredStateRow, Device, DeviceSeq, TelemetryRow
 from fleet_server.registry.values import (
     DesiredRecord,
+    DeviceFilter,
     DeviceRecord,
     SeqState,
     StoredTelemetry,
@@ -38,6 +39,7 @@ __all__ = [
     "bundle_stmt",
     "bundles_stmt",
     "device_in",
+    "device_page_stmts",
     "devices_stmt",
     "enroll_in",
     "latest_desired_stmt",
@@ -215,6 +217,34 @@ def devices_stmt(group: str | None, include_revoked: bool) -> Select[Device]:
     if not include_revoked:
         stmt = stmt.where(Device.revoked_at.is_(None))
     return stmt
+
+
+def device_page_stmts(f: DeviceFilter) -> tuple[Select[Device], Select[int]]:
+    """The page of devices ``f`` selects (ordered by id) and the count of all that match.
+
+    Every condition is SQL (JSON paths for tags and reported versions, on SQLite and
+    PostgreSQL alike), so a page costs one indexed query whatever the fleet's size.
+    """
+    conds: list[Any] = []
+    if f.group is not None:
+        conds.append(Device.group == f.group)
+    if f.tag is not None:
+        conds.append(Device.tags[f.tag[0]].as_string() == f.tag[1])
+    if f.revoked is not None:
+        conds.append(Device.revoked_at.is_not(None) if f.revoked else Device.revoked_at.is_(None))
+    if f.online_ids is not None:
+        ids = sorted(f.online_ids)
+        conds.append(Device.id.not_in(ids) if f.exclude_online else Device.id.in_(ids))
+    if f.model is not None:
+        active = Device.reported["models"][f.model]["active"]
+        conds.append(
+            active.as_integer() == f.version
+            if f.version is not None
+            else active.as_integer().is_not(None)
+        )
+    page = select(Device).where(*conds).order_by(Device.id).offset(f.offset).limit(f.limit)
+    count = select(func.count()).select_from(Device).where(*conds)
+    return page, count
 
 
 def bundle_stmt(name: str, version: int) -> Select[Bundle]:

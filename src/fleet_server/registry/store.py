@@ -63,6 +63,7 @@ from fleet_server.registry.models import Device
 from fleet_server.registry.values import (
     BundleRecord,
     DesiredRecord,
+    DeviceFilter,
     DeviceRecord,
     IngestResult,
     SeqState,
@@ -215,6 +216,33 @@ class Registry:
         stmt = _catalog.devices_stmt(group, include_revoked)
         with self.read_session("listing devices") as s:
             return [device_record(r) for r in s.scalars(stmt)]
+
+    def device_page(self, query: DeviceFilter) -> tuple[list[DeviceRecord], int]:
+        """One page of the devices ``query`` selects (ordered by id) and how many match in all.
+
+        Raises:
+            RegistryUnavailableError: the database failed.
+        """
+        page, count = _catalog.device_page_stmts(query)
+        with self.read_session("listing a page of devices") as s:
+            return [device_record(r) for r in s.scalars(page)], int(s.scalar(count) or 0)
+
+    def active_versions(self) -> dict[tuple[str, int], int]:
+        """How many devices (not revoked) report each ``(model, active version)``.
+
+        Raises:
+            RegistryUnavailableError: the database failed.
+        """
+        stmt = select(Device.reported).where(Device.revoked_at.is_(None))
+        out: dict[tuple[str, int], int] = {}
+        with self.read_session("counting versions in service") as s:
+            for reported in s.scalars(stmt):
+                models = (reported or {}).get("models")
+                for name, m in (models if isinstance(models, dict) else {}).items():
+                    active = m.get("active") if isinstance(m, dict) else None
+                    if isinstance(active, int) and not isinstance(active, bool):
+                        out[(str(name), active)] = out.get((str(name), active), 0) + 1
+        return out
 
     def device_groups(self) -> dict[str, tuple[str, dict[str, Any]]]:
         """Every device's group and tags, by id (a column read: no reported documents).

@@ -18,6 +18,7 @@ from fleet_server.registry.models import Bundle, DesiredStateRow, Device
 __all__ = [
     "BundleRecord",
     "DesiredRecord",
+    "DeviceFilter",
     "DeviceRecord",
     "IngestResult",
     "SeqState",
@@ -27,6 +28,31 @@ __all__ = [
     "desired_record",
     "device_record",
 ]
+
+
+@dataclass(frozen=True)
+class DeviceFilter:
+    """A page of the device list: every field that is set must match.
+
+    Attributes:
+        group: the device's group.
+        tag: ``(key, value)``: the device's tag ``key`` has the string value ``value``.
+        revoked: True only revoked devices, False only active ones, None both.
+        online_ids: only these ids (the gateway's online set); ``exclude_online``: all but them.
+        model: with ``version``: devices that report ``model`` active at ``version``; alone:
+            devices that report ``model`` at all.
+        offset, limit: the page (ordered by id).
+    """
+
+    group: str | None = None
+    tag: tuple[str, str] | None = None
+    revoked: bool | None = None
+    online_ids: frozenset[str] | None = None
+    exclude_online: bool = False
+    model: str | None = None
+    version: int | None = None
+    offset: int = 0
+    limit: int = 50
 
 
 @dataclass(frozen=True)
