@@ -20,6 +20,10 @@ Families:
                        or cannot run on the evaluation set (``OfflineCheckError``).
     EvalSetError       a labelled evaluation set cannot be registered or read: a malformed or
                        oversized file (``EvalSetRejectedError``) or the directory failed.
+    AccountError       an operator account, API token or session request refused: a bad name,
+                       a weak password (``PasswordPolicyError``), an account that exists,
+                       a login that failed (``AuthenticationError``, ``AccountLockedError``),
+                       a role the caller may not use (``ForbiddenError``, ``CsrfError``).
     AdminInputError    an admin API request refused as given: a malformed body, field or query
                        value (``code`` says which), or a body over its cap
                        (``AdminBodyTooLargeError``).
@@ -359,6 +363,67 @@ class UnknownRolloutError(NotFoundError):
     code = "rollout_unknown"
 
 
+class AccountError(FleetServerError):
+    """An account, API token or session operation refused as asked (the message says why)."""
+
+    code = "account_error"
+
+
+class AccountExistsError(AccountError):
+    """An account with this name already exists."""
+
+    code = "account_exists"
+
+
+class LastAdminError(AccountError):
+    """The change would leave no enabled admin account (disable, or a lower role)."""
+
+    code = "last_admin"
+
+
+class PasswordPolicyError(AccountError):
+    """A new password does not meet the policy (too short, too long, control characters)."""
+
+    code = "password_policy"
+
+
+class AuthenticationError(AccountError):
+    """A login failed: unknown account, wrong password or disabled account (one answer for
+    all three, so a caller cannot tell which)."""
+
+    code = "login_failed"
+
+
+class AccountLockedError(AuthenticationError):
+    """Too many failed logins in a row: the account refuses logins until ``until``."""
+
+    code = "account_locked"
+
+
+class ForbiddenError(AccountError):
+    """The caller's role does not allow the action (or the route is not in the table)."""
+
+    code = "forbidden"
+
+
+class CsrfError(ForbiddenError):
+    """A cookie-authenticated write without the session's CSRF token."""
+
+    code = "csrf_failed"
+
+
+class UnknownAccountError(NotFoundError):
+    """No account with this name exists."""
+
+    code = "account_unknown"
+
+
+class UnknownApiTokenError(NotFoundError):
+    """No API token with this id exists (for this account)."""
+
+    code = "api_token_unknown"
+
+
 #: The admin API's answer to a missing or wrong bearer token (no error is raised for it).
 ADMIN_UNAUTHORIZED_STATUS = 401
 #: The admin API's answer to anything that is not one of our errors (a bug; no details).
@@ -399,5 +464,15 @@ ERRORS = device_errors.ERRORS.extend(
         ErrorRow(AdminRequestError, exit=EXIT_BAD_INPUT),
         ErrorRow(AdminInputError, admin=400),
         ErrorRow(AdminBodyTooLargeError, admin=413),
+        ErrorRow(AccountError, admin=400, exit=EXIT_BAD_INPUT),
+        ErrorRow(AccountExistsError, admin=409),
+        ErrorRow(LastAdminError, admin=409),
+        ErrorRow(PasswordPolicyError, admin=400),
+        ErrorRow(AuthenticationError, admin=401, exit=EXIT_KEYS),
+        ErrorRow(AccountLockedError, admin=429, exit=EXIT_KEYS),
+        ErrorRow(ForbiddenError, admin=403, exit=EXIT_KEYS),
+        ErrorRow(CsrfError, admin=403, exit=EXIT_KEYS),
+        ErrorRow(UnknownAccountError, admin=404),
+        ErrorRow(UnknownApiTokenError, admin=404),
     )
 )
