@@ -164,12 +164,16 @@ class GatewayConfig:
 
 @dataclass(frozen=True)
 class ApiConfig:
-    """The admin HTTP API. Give ``token_file`` (preferred) or ``token``; serve refuses neither."""
+    """The admin HTTP API. Give ``token_file`` (preferred) or ``token``: the bootstrap token,
+    which acts as the built-in admin (to create the first named accounts); serve refuses
+    neither while ``bootstrap_token`` is true. Set ``bootstrap_token = false`` once named
+    accounts exist: the configured token is then refused like any unknown one."""
 
     host: str = "127.0.0.1"
     port: int = 8780
     token_file: str | None = None
     token: str | None = None
+    bootstrap_token: bool = True
     max_request_bytes: int = 1024 * 1024
     max_upload_bytes: int = 1024 * 1024 * 1024
 

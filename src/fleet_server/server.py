@@ -29,9 +29,11 @@ from edge_agent.errors import EdgefleetError, TransportTimeoutError
 from edge_agent.trust import TrustedRoot
 from edge_agent.trust.desired import SIGNING_ROLE
 from edge_agent.wire.topics import Topics
+from fleet_server.accounts.store import Accounts
 from fleet_server.admin.accuracy import accuracy_routes
 from fleet_server.admin.api import AdminServer, create_app
 from fleet_server.admin.audit import Auditor
+from fleet_server.admin.auth import Authenticator
 from fleet_server.admin.drift import drift_routes
 from fleet_server.admin.evalsets import evalset_routes
 from fleet_server.admin.rollouts import rollout_routes
@@ -110,7 +112,8 @@ def run(
         TransportError: the broker cannot be reached within 30 s, or refuses subscriptions.
         OSError: the admin API cannot listen.
     """
-    token = read_admin_token(config.api)
+    # The bootstrap token (the built-in admin) is optional once named accounts exist.
+    token = read_admin_token(config.api) if config.api.bootstrap_token else None
     roots = ServerRoots.open(
         Path(config.signing.root_path),
         Path(config.registry.state_dir) / "roots",
@@ -184,9 +187,11 @@ def run(
         )
         runner.start()
         history = _start_history(config, registry)
+        accounts = Accounts(registry, lambda: datetime.now(UTC))
         app = create_app(
             service,
             token,
+            authenticator=Authenticator(accounts, token),
             max_request_bytes=config.api.max_request_bytes,
             max_upload_bytes=config.api.max_upload_bytes,
             extra_routes=(

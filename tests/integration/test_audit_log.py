@@ -112,7 +112,7 @@ def test_actions_are_recorded_and_read_back(
         ("POST /v1/devices/{device_id}/revoke", 200, "device:cam-1"),
         ("POST /v1/assign", 400, "device:cam-1"),
     ]
-    assert {e["actor"] for e in entries} == {"token:admin"}
+    assert {e["actor"] for e in entries} == {"bootstrap-token:admin"}
     assert {e["client"] for e in entries} == {"127.0.0.1"}
     assert entries[0]["change"]["body"]["group"] == hostile  # stored as data
     publish = next(e for e in entries if e["action"] == "POST /v1/models")
@@ -179,4 +179,4 @@ def test_postgresql_refuses_to_change_or_delete_entries(served_pg: tuple[str, Re
             c.execute(text(statement))
     with registry.engine.connect() as c:
         assert c.execute(text("SELECT count(*) FROM audit_log")).scalar() == 2
-        assert c.execute(text("SELECT DISTINCT actor FROM audit_log")).scalar() == "token:admin"
+        assert c.execute(text("SELECT DISTINCT actor FROM audit_log")).scalar() == "bootstrap-token:admin"

@@ -174,7 +174,7 @@ def test_every_state_changing_route_is_recorded_before_and_after(
         outcome = next(e for e in entries if e.phase == "outcome")
         assert outcome.request_id == attempt.request_id
         assert outcome.status == r.status_code
-        assert attempt.actor == "token:admin"
+        assert attempt.actor == "bootstrap-token:admin"
         assert attempt.client == "testclient"
         assert "s3" not in json.dumps(attempt.change)
         if r.status_code >= 400:

@@ -1,14 +1,20 @@
 """The admin HTTP API (Starlette), and the uvicorn thread that serves it next to the gateway.
 
-Every route except ``GET /healthz`` needs ``Authorization: Bearer <token>`` (compared in
-constant time); ``GET /metrics`` (Prometheus text format) is token-protected too, because it
-shares the admin port: give Prometheus the token with ``authorization: {credentials_file: ...}``.
+Every route except ``GET /healthz`` needs a caller (``fleet_server.admin.auth``):
+``Authorization: Bearer <token>`` with a per-account API token or the configured bootstrap
+token, or the console's session cookie (whose writes also need its CSRF token), and a role
+that holds the route's permission (``fleet_server.accounts.roles.ROUTE_PERMISSIONS``; a route
+not in it is refused to everyone): else 401 ``unauthorized``, or 403 ``forbidden`` /
+``csrf_failed``. The caller is ``request.state.principal`` in every handler. ``GET /metrics``
+(Prometheus text format) is protected too, because it shares the admin port: give Prometheus a
+viewer's token with ``authorization: {credentials_file: ...}``.
 Bodies are JSON in and out (``POST /v1/models`` takes the raw bundle as
 ``application/octet-stream``); every request body is size-capped while it streams, and every
 body, query value and path value is read through ``fleet_server.admin.body`` (strict JSON,
 bounded integers, no control characters). Errors are ``{"error": message, "code":
 stable_code}`` with 400 (bad input, untrusted bundle), 401, 404 (also an unknown route), 405,
-409 (exists / revoked, a rollout command that does not fit its state), 413 (too large) or 503
+403 (role), 409 (exists / revoked, a rollout command that does not fit its state), 413 (too
+large) or 503
 (database, bundle library or broker unavailable): the ``admin`` column of the one error table,
 ``fleet_server.errors.ERRORS`` (``status_of``). Messages never hold an absolute filesystem
 path, and a bug answers 500 ``internal`` with no details.
@@ -24,8 +30,10 @@ Routes (v1)::
     GET  /v1/misbehaviour[?top=]       (refusals per device, worst first)
     GET  /v1/audit, /v1/audit/export   (the audit log: ``fleet_server.admin.audit_routes``)
 
-Every authenticated request that is not a GET is recorded in the audit log by the token guard
-(before and after its handler runs), so no route can forget it.
+Every authenticated request that is not a GET is recorded in the audit log by the guard (before
+and after its handler runs, with the caller as its actor), so no route can forget it; a write
+the role refuses is recorded too (outcome 403). Refused reads and CSRF failures are counted
+(``edgefleet_admin_refused_*`` in ``/metrics``) and logged.
 
 Owns: HTTP, JSON shapes and the error boundary (statuses come from the one error table).
 Decisions live in ``fleet_server.service``.
@@ -33,7 +41,6 @@ Decisions live in ``fleet_server.service``.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping
@@ -53,8 +60,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from edge_agent.errors import EdgefleetError
-from fleet_server.admin.audit import TOKEN_ACTOR, Auditor
+from fleet_server.accounts.roles import Principal
+from fleet_server.admin.audit import Auditor
 from fleet_server.admin.audit_routes import audit_routes
+from fleet_server.admin.auth import Authenticator, actor_of
 from fleet_server.admin.body import (
     json_object,
     public_message,
@@ -68,6 +77,8 @@ from fleet_server.errors import (
     ADMIN_UNAUTHORIZED_STATUS,
     ERRORS,
     AdminInputError,
+    CsrfError,
+    ForbiddenError,
 )
 from fleet_server.registry.values import BundleRecord, DeviceRecord, StoredTelemetry
 from fleet_server.registry.version_history import VersionHistory
@@ -207,15 +218,17 @@ class _FleetCollector(Collector):
 
 def create_app(
     service: FleetService,
-    token: str,
+    token: str | None,
     *,
     max_request_bytes: int = 1024 * 1024,
     max_upload_bytes: int = 1024 * 1024 * 1024,
     extra_routes: tuple[RouteProvider, ...] = (),
     extra_metrics: tuple[tuple[str, Callable[[], Mapping[str, Any]]], ...] = (),
     auditor: Auditor | None = None,
+    authenticator: Authenticator | None = None,
 ) -> Starlette:
-    """The admin ASGI app over ``service``, guarded by the bearer ``token``.
+    """The admin ASGI app over ``service``, its callers checked by ``authenticator`` (by
+    default one that knows only the bootstrap ``token``: no accounts).
 
     With ``auditor`` every authenticated request that is not a GET is recorded in the audit log
     by the guard (``fleet_server.admin.audit``: an attempt before the handler runs, refused with
@@ -229,11 +242,10 @@ def create_app(
     Raises:
         ValueError: ``token`` is shorter than 16 characters.
     """
-    if len(token) < 16:
-        raise ValueError("the admin token must be at least 16 characters")
-    expected = f"Bearer {token}".encode()
+    auth = authenticator if authenticator is not None else Authenticator(None, token)
+    refused = {"refused_unauthenticated": 0, "refused_forbidden": 0, "refused_csrf": 0}
     metrics = CollectorRegistry(auto_describe=False)
-    metrics.register(_FleetCollector(service, extra_metrics))
+    metrics.register(_FleetCollector(service, (*extra_metrics, ("admin", lambda: refused))))
 
     # Each guarded endpoint's action name ("POST /v1/devices"), filled once the routes exist.
     actions: dict[object, str] = {}
@@ -247,10 +259,11 @@ def create_app(
             log.exception("admin API %s %s failed", request.method, request.url.path)
             return _error(ADMIN_INTERNAL_STATUS, "internal", "internal error (see the server log)")
 
-    async def audited(handler: Handler, request: Request, audit: Auditor) -> Response:
-        action = actions.get(request.scope.get("endpoint"), f"{request.method} ?")
+    async def audited(
+        handler: Handler, request: Request, audit: Auditor, action: str, who: Principal
+    ) -> Response:
         try:
-            pending = await audit.attempt(request, TOKEN_ACTOR, action)
+            pending = await audit.attempt(request, actor_of(who), action)
         except Exception as exc:  # no entry, no action: whatever the failure was
             log.exception("audit log: cannot record %s; refused", action)
             status, code = (
@@ -271,23 +284,47 @@ def create_app(
             log.exception("audit log: outcome of %s (%s) not recorded", action, pending.entry.id)
         return response
 
+    def refuse(request: Request, what: str, counter: str) -> None:
+        refused[counter] += 1
+        log.warning(
+            "admin API: %s %s from %s refused: %s",
+            request.method,
+            request.url.path[:200],
+            request.client.host if request.client else "?",
+            what,
+        )
+
     def guarded(handler: Handler) -> Handler:
         async def run(request: Request) -> Response:
-            given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
-                if request.method not in SAFE_METHODS:
-                    log.warning(
-                        "admin API: unauthenticated %s %s from %s refused",
-                        request.method,
-                        request.url.path[:200],
-                        request.client.host if request.client else "?",
-                    )
+            action = actions.get(request.scope.get("endpoint"), f"{request.method} ?")
+            try:
+                who = await auth.principal(request)
+            except CsrfError as exc:
+                refuse(request, "CSRF token missing or wrong", "refused_csrf")
+                return _error(status_of(exc), exc.code, str(exc))
+            except EdgefleetError as exc:  # the database: cannot tell who it is
+                return _error(status_of(exc), exc.code, str(exc))
+            if who is None:
+                refuse(request, "not authenticated", "refused_unauthenticated")
                 return _error(
                     ADMIN_UNAUTHORIZED_STATUS, "unauthorized", "missing or wrong bearer token"
                 )
+            request.state.principal = who
+            try:
+                auth.authorize(who, action)
+            except ForbiddenError as exc:
+                refuse(request, f"{who.via}:{who.account[:64]} ({who.role})", "refused_forbidden")
+                denial = exc
+
+                async def deny(_: Request) -> Response:
+                    return _error(status_of(denial), denial.code, str(denial))
+
+                handler_or_denial: Handler = deny
+            else:
+                handler_or_denial = handler
             if auditor is None or request.method in SAFE_METHODS:
-                return await answer(handler, request)
-            return await audited(handler, request, auditor)
+                return await answer(handler_or_denial, request)
+            return await audited(handler_or_denial, request, auditor, action, who)
 
         return run
 

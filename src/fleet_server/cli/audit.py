@@ -57,7 +57,7 @@ def _filters(func: Any) -> Any:
     for option in (
         click.option("--since", type=_TIME, default=None, help="Entries at or after (UTC)."),
         click.option("--until", type=_TIME, default=None, help="Entries before (UTC)."),
-        click.option("--actor", default=None, help="Only this actor (e.g. token:admin)."),
+        click.option("--actor", default=None, help="Only this actor (e.g. token:alice)."),
         click.option("--action", default=None, help="Only this action (e.g. 'POST /v1/assign')."),
         click.option("--object", "obj", default=None, help="Only this object (e.g. device:cam-1)."),
     ):

@@ -78,8 +78,10 @@ class AuditRow(Base):
 class Actor:
     """Who acted, as the auth layer knows it: ``kind:name``.
 
-    Today the admin API has one shared bearer token, so every actor is ``token:admin``. Named
-    accounts will fill ``Actor("account", name)``; the column stores ``str(actor)``.
+    ``kind`` is how the caller authenticated (``token``: a per-account API token,
+    ``session``: a console session, ``bootstrap-token``: the configured shared token) and
+    ``name`` the account (``fleet_server.admin.auth.actor_of``); the column stores
+    ``str(actor)``, e.g. ``token:alice``.
     """
 
     kind: str
