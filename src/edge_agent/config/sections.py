@@ -21,6 +21,7 @@ from edge_agent.runtime.base import RuntimeOptions
 from edge_agent.wire.topics import Topics
 
 __all__ = [
+    "BATCHING_MODES",
     "FALLBACK_MODES",
     "MAX_DRIFT_BUFFER_BYTES",
     "MAX_POLICY_VERSIONS",
@@ -44,6 +45,7 @@ __all__ = [
 ]
 
 VALIDATION_POLICIES = ("reject", "drop")
+BATCHING_MODES = ("off", "on", "auto")
 FALLBACK_MODES = ("device_only", "prefer_device", "prefer_cloud", "cloud_only")
 #: ``[drift] buffer_bytes`` bounds: room for a few wide windows, and no more than a device has.
 MIN_DRIFT_BUFFER_BYTES = 64 * 1024
@@ -232,6 +234,12 @@ class ModelPolicy:
     shadow_queue: int = 256
     ab_candidate: str | None = None
     ab_fraction: float = 0.0
+    # Adaptive batching (edge_agent.runtime.batching): "off", "on", or "auto" (on when a
+    # probe at load shows it pays); at most batch_max_rows rows per batch, and a leader waits
+    # at most batch_max_delay_ms for more rows (only while requests arrive concurrently).
+    batching: str = "off"
+    batch_max_rows: int = 64
+    batch_max_delay_ms: float = 2.0
 
     def validate(self) -> None:
         check(
@@ -246,6 +254,9 @@ class ModelPolicy:
         check(0 <= self.shadow_fraction <= 1, "shadow_fraction must be in [0, 1]")
         check(0 <= self.ab_fraction <= 1, "ab_fraction must be in [0, 1]")
         check(self.shadow_queue >= 1, "shadow_queue must be >= 1")
+        check(self.batching in BATCHING_MODES, f"batching must be one of {BATCHING_MODES}")
+        check(2 <= self.batch_max_rows <= 4096, "batch_max_rows must be in [2, 4096]")
+        check(0 <= self.batch_max_delay_ms <= 100, "batch_max_delay_ms must be in [0, 100]")
         check(
             self.ab_fraction == 0 or self.ab_candidate is not None, "ab_fraction needs ab_candidate"
         )

@@ -3,7 +3,8 @@
 Series (all prefixed ``edgefleet_agent_``): loaded model version and probation state, requests,
 rows, errors and validation rejects by reason per model, rows dropped by the ``drop`` policy,
 rows sampled out of drift sketching, drift windows closed/alerted and the last window's
-per-feature PSI and mean-shift per tensor, shadow agreement, A/B arm counts, rollbacks, closed
+per-feature PSI and mean-shift per tensor, shadow agreement, A/B arm counts, adaptive batching
+(batches, the requests and rows in them, batch sizes, requests run alone), rollbacks, closed
 drift windows dropped over the buffer's memory budget, memory in use, and cloud-fallback
 outcomes. Reads ``Agent.snapshot()`` (``edge_agent.serving.status.AgentSnapshot``) and the
 public ``Agent.drift_windows`` buffer, never the agent's private state.
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from edge_agent.runtime.batching import BATCH_ROW_BUCKETS, BatchingRuntime
 from edge_agent.serving.agent import Agent
 
 P = "edgefleet_agent_"
@@ -71,11 +73,35 @@ class AgentCollector(Collector):
         arms = CounterMetricFamily(
             P + "ab_requests", "A/B requests by arm", labels=["model", "arm"]
         )
+        batches = CounterMetricFamily(
+            P + "batches",
+            "Adaptive batching: batches run, and the requests and rows they held",
+            labels=["model", "what"],
+        )
+        batch_rows = CounterMetricFamily(
+            P + "batch_rows_le",
+            "Adaptive batching: batches that held at most 'le' rows (cumulative)",
+            labels=["model", "le"],
+        )
         for key in a.registry.loaded_keys():
             entry = a.registry.get(key)
             if entry is None:
                 continue
             p = entry.pipeline
+            if isinstance(p.runtime, BatchingRuntime):
+                st = p.runtime.stats
+                for what, n in (
+                    ("batches", st.batches),
+                    ("requests", st.requests),
+                    ("rows", st.rows),
+                    ("alone", st.alone),
+                    ("reruns", st.reruns),
+                ):
+                    batches.add_metric([key, what], n)
+                below = 0  # cumulative, as a Prometheus histogram's "le" buckets are
+                for edge, n in zip((*BATCH_ROW_BUCKETS, "+Inf"), st.rows_buckets, strict=True):
+                    below += n
+                    batch_rows.add_metric([key, str(edge)], below)
             version.add_metric([key], p.version)
             probation.add_metric([key], 1.0 if entry.on_probation else 0.0)
             ok = p.requests - p.errors - p.rejects
@@ -134,6 +160,8 @@ class AgentCollector(Collector):
             alert,
             agree,
             arms,
+            batches,
+            batch_rows,
             rollbacks,
             windows_dropped,
             memory,

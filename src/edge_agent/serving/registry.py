@@ -25,6 +25,7 @@ from edge_agent.errors import (
     ModelStoreError,
     RuntimeAdapterError,
 )
+from edge_agent.runtime.batching import with_batching
 from edge_agent.runtime.golden import check_golden
 from edge_agent.runtime.loader import load_runtime
 from edge_agent.serving.pipeline import DriftWorker, ModelPipeline
@@ -259,20 +260,28 @@ class Registry:
                 f"golden samples failed ({golden.total - golden.passed}/{golden.total}): "
                 + "; ".join(golden.failures[:3])
             )
+        policy = self.config.policy(name)
+        runtime, batching = with_batching(
+            runtime,
+            policy.batching,
+            max_rows=policy.batch_max_rows,
+            max_delay_s=policy.batch_max_delay_ms / 1000,
+        )
         pipeline = ModelPipeline(
             bundle.manifest,
             runtime,
-            self.config.policy(name),
+            policy,
             self.config.drift,
             clock=self._clock,
             worker=self._worker,
         )
         log.info(
-            "loaded %s v%d (%d golden samples ok, ~%d KiB)",
+            "loaded %s v%d (%d golden samples ok, ~%d KiB, %s)",
             name,
             version,
             golden.total,
             max(measured, bundle.manifest.artifact.length) >> 10,
+            batching,
         )
         return Loaded(
             key or name, pipeline, max(measured, bundle.manifest.artifact.length), on_probation
