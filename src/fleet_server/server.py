@@ -30,6 +30,7 @@ from edge_agent.trust import TrustedRoot
 from edge_agent.trust.desired import SIGNING_ROLE
 from edge_agent.wire.topics import Topics
 from fleet_server.accounts.store import Accounts
+from fleet_server.admin.accounts import account_routes
 from fleet_server.admin.accuracy import accuracy_routes
 from fleet_server.admin.api import AdminServer, create_app
 from fleet_server.admin.audit import Auditor
@@ -200,6 +201,7 @@ def run(
                 lambda guard: rollout_routes(runner, guard),
                 lambda guard: evalset_routes(evalsets, guard),
                 lambda guard: root_routes(service, guard),
+                lambda guard: account_routes(accounts, guard),
             ),
             extra_metrics=(("fallback", fallback.stats),) if fallback is not None else (),
             # The audit guard reads JSON bodies up to the largest route cap (root chains: 1 MiB);

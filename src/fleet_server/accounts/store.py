@@ -134,6 +134,10 @@ class Accounts:
         """The lockout and session timeouts in force."""
         return self._policy
 
+    def now(self) -> datetime:
+        """The store's clock reading (token expiries are computed from it)."""
+        return self._clock()
+
     # ----------------------------------------------------------------- accounts
     def create(self, name: str, role: Role, password: str | None = None) -> Account:
         """Create an enabled account (``password`` ``None``: API tokens only, no login).

@@ -104,7 +104,8 @@ def change_of(
 
 
 def object_of(path: Mapping[str, Any], query: Mapping[str, str], body: Mapping[str, Any]) -> str:
-    """The object a request acts on, e.g. ``device:cam-1``, ``model:digits@2``, ``rollout:7``."""
+    """The object a request acts on, e.g. ``device:cam-1``, ``model:digits@2``, ``rollout:7``,
+    ``account:alice``, ``api_token:0f3a...`` (``api_token:new``: the caller's own new token)."""
 
     def text(v: Any) -> str:
         return str(v)[:128]
@@ -113,6 +114,13 @@ def object_of(path: Mapping[str, Any], query: Mapping[str, str], body: Mapping[s
         return f"device:{text(path['device_id'])}"
     if "rollout_id" in path:
         return f"rollout:{text(path['rollout_id'])}"
+    if "token_id" in path:
+        return f"api_token:{text(path['token_id'])}"
+    if "name" in path and "version" not in path:  # /v1/accounts/{name}/...
+        return f"account:{text(path['name'])}"
+    if "role" in body or "expires_days" in body:  # a new account or API token
+        named = body.get("name", body.get("account"))
+        return "api_token:new" if named is None else f"account:{text(named)}"
     if "target" in body:
         kind = "group" if body.get("group") is True else "device"
         out = f"{kind}:{text(body['target'])}"
