@@ -11,7 +11,7 @@ Routes (v1); the permission each needs is in ``fleet_server.accounts.roles``::
     GET  /v1/accounts/{name}                  account                            accounts.admin
     POST /v1/accounts/{name}/disable|enable   account                            accounts.admin
     POST /v1/accounts/{name}/role  {"role"}   account                            accounts.admin
-    POST /v1/accounts/{name}/password  {"password", "current"?}                  self
+    POST /v1/accounts/{name}/password  {"password", "current_password"?}      self
     GET  /v1/tokens[?account=]                {"tokens": [token]}                self
     POST /v1/tokens  {"role"?, "expires_days"?, "label"?, "account"?}
                                               -> 201 {"id", "token", ...}        self
@@ -124,7 +124,7 @@ def account_routes(accounts: Accounts, guarded: Callable[[Handler], Handler]) ->
         password = req_field(data, "password", str, limit=MAX_PASSWORD_CHARS)
         if not who.allows(Permission.ACCOUNTS_ADMIN):
             _own_or_admin(who, name)
-            current = req_field(data, "current", str, limit=MAX_PASSWORD_CHARS)
+            current = req_field(data, "current_password", str, limit=MAX_PASSWORD_CHARS)
             # A wrong current password counts towards the lockout like a failed login.
             await run_in_threadpool(accounts.authenticate, name, current)
         acc = await run_in_threadpool(accounts.set_password, name, password)

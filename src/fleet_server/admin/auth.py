@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hmac
 from typing import Final
+from urllib.parse import parse_qs
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -36,6 +37,7 @@ SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 #: The caller holding the configured bootstrap token.
 BOOTSTRAP_PRINCIPAL: Final = Principal("admin", Role.ADMIN, "bootstrap-token", "bootstrap")
 _MAX_HEADER = 512
+_MAX_FORM = 64 * 1024
 
 
 def actor_of(principal: Principal) -> Actor:
@@ -97,8 +99,9 @@ class Authenticator:
         """The caller of ``request``: by its bearer token when it sends ``Authorization``
         (never falling back to the cookie then), else by its session cookie, which for a
         method that is not safe must come with the session's CSRF token in ``CSRF_HEADER``
-        (or, for a form, the ``CSRF_FIELD`` field: the form is read for it). ``None``:
-        not authenticated.
+        (or, for an ``application/x-www-form-urlencoded`` form of at most 64 KiB, its
+        ``CSRF_FIELD`` field: the body is read for it and stays readable by the handler through
+        ``request.body()``). ``None``: not authenticated.
 
         Raises:
             CsrfError: a cookie-authenticated write without the session's CSRF token.
@@ -116,9 +119,8 @@ class Authenticator:
         who, csrf = found
         if request.method not in SAFE_METHODS:
             given = request.headers.get(CSRF_HEADER)
-            if given is None and _is_form(request):
-                value = (await request.form()).get(CSRF_FIELD)
-                given = value if isinstance(value, str) else None
+            if given is None:
+                given = await _form_field(request, CSRF_FIELD)
             if not csrf_matches(given, csrf):
                 raise CsrfError("the session's CSRF token is missing or wrong")
         return who
@@ -138,6 +140,19 @@ class Authenticator:
         return needed
 
 
-def _is_form(request: Request) -> bool:
+async def _form_field(request: Request, name: str) -> str | None:
+    """The value of ``name`` in a small urlencoded form body, else ``None``."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    return ctype in {"application/x-www-form-urlencoded", "multipart/form-data"}
+    declared = request.headers.get("content-length", "")
+    if ctype != "application/x-www-form-urlencoded" or not declared.isdigit():
+        return None
+    if len(declared) > 6 or int(declared) > _MAX_FORM:
+        return None
+    raw = await request.body()
+    if len(raw) > _MAX_FORM:
+        return None
+    try:
+        values = parse_qs(raw.decode("ascii"), max_num_fields=256).get(name, [])
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return values[0] if len(values) == 1 else None
