@@ -434,3 +434,43 @@ def test_valid_batching_policies() -> None:
     for mode in ("off", "on", "auto"):
         ModelPolicy(batching=mode, batch_max_rows=2, batch_max_delay_ms=0).validate()
     assert ModelPolicy().batching == "off"
+
+
+@pytest.mark.parametrize("max_delay_s", [0.0, 0.0005])
+def test_many_threads_random_sizes_and_failures_every_answer_is_its_own(
+    max_delay_s: float,
+) -> None:
+    """16 threads x 40 requests of 1-40 rows, two widths, one in 10 failing: every request
+    gets exactly its own rows or its own error, and nobody is left waiting."""
+    inner = FakeRuntime(gate=False)
+    b = BatchingRuntime(inner, max_rows=64, max_delay_s=max_delay_s)
+    wrong: list[str] = []
+
+    def client(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        for k in range(40):
+            rows, width = int(rng.integers(1, 41)), int(rng.choice([3, 5]))
+            x = rng.normal(size=(rows, width)).astype(np.float32)
+            fail = rng.random() < 0.1
+            if fail:
+                x[rows - 1, 0] = np.nan
+            try:
+                out = b.run({"x": x})
+            except InferenceError:
+                if not fail:
+                    wrong.append(f"{seed}/{k}: failed")
+                continue
+            if fail:
+                wrong.append(f"{seed}/{k}: answered a NaN request")
+            elif not np.array_equal(out["x"], x):
+                wrong.append(f"{seed}/{k}: someone else's rows")
+
+    threads = [threading.Thread(target=client, args=(s,)) for s in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+        assert not t.is_alive(), "a request was left waiting"
+    assert wrong == []
+    assert b.stats.requests + b.stats.alone == 16 * 40
+    assert max(inner.calls) <= 64

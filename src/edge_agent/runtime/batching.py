@@ -70,6 +70,9 @@ class _Request:
     outputs: dict[str, Tensor] | None = None
     error: InferenceError | None = None
     done: bool = False
+    # Set once the request is answered, or made the leader: each waiting thread is woken
+    # for its own reason only (no thundering herd of every waiter at every batch).
+    wake: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -163,21 +166,36 @@ class BatchingRuntime:
         request = _Request(feeds, rows, _signature(feeds))
         with self._cond:
             self._queue.append(request)
-            self._cond.notify_all()  # a leader waiting for rows
-            while True:
-                while self._busy and not request.done:
-                    self._cond.wait()
-                if request.done:
-                    break
-                self._busy = True
+            if self._busy:
+                self._cond.notify()  # a leader waiting for rows (only a leader waits on it)
+                lead = False
+            else:
+                self._busy = lead = True
+        if not lead:
+            request.wake.wait()  # answered, or handed the lead
+        while not request.done:
+            # This thread leads: nobody else runs a batch, so nobody else sets ``wake`` now.
+            request.wake.clear()
+            with self._cond:
                 batch = self._gather()
-                self._cond.release()
-                try:
-                    self._execute(batch)
-                finally:
-                    self._cond.acquire()
+            try:
+                self._execute(batch)
+            except Exception as exc:  # a bug or no memory: nobody in the batch is left waiting
+                log.exception("batched run failed")
+                for r in batch:
+                    if not r.done:
+                        r.error = InferenceError(f"batched run failed: {type(exc).__name__}")
+                        r.done = True
+                        r.wake.set()
+            with self._cond:
+                nxt = self._queue[0] if self._queue else None
+                if nxt is None:
                     self._busy = False
-                    self._cond.notify_all()
+            if nxt is not None and nxt is not request:
+                nxt.wake.set()  # the lead passes to the oldest waiting request
+                if not request.done:
+                    request.wake.wait()  # still queued: wait to be answered or to lead again
+            # nxt is request: still queued (it did not fit this batch), so lead again
         if request.error is not None:
             raise request.error
         assert request.outputs is not None
@@ -245,6 +263,7 @@ class BatchingRuntime:
             r.outputs = {n: v[start:stop] for n, v in outputs.items()}
             start = stop
             r.done = True
+            r.wake.set()
 
     def _rerun(self, batch: list[_Request]) -> None:
         with self._cond:
@@ -258,6 +277,7 @@ class BatchingRuntime:
         except InferenceError as exc:
             r.error = exc
         r.done = True
+        r.wake.set()
 
 
 def _rows(feeds: Mapping[str, Tensor]) -> int | None:
