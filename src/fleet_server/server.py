@@ -40,6 +40,7 @@ from fleet_server.admin.evalsets import evalset_routes
 from fleet_server.admin.rollouts import rollout_routes
 from fleet_server.admin.root import root_routes
 from fleet_server.config import ApiConfig, ServerConfig
+from fleet_server.console.routes import ConsoleDeps, console_routes
 from fleet_server.delivery.library import BundleLibrary
 from fleet_server.drift.service import DriftService
 from fleet_server.errors import ServerConfigError
@@ -189,10 +190,27 @@ def run(
         runner.start()
         history = _start_history(config, registry)
         accounts = Accounts(registry, lambda: datetime.now(UTC))
+        authenticator = Authenticator(accounts, token)
+        # The audit guard reads JSON bodies up to the largest route cap (root chains: 1 MiB);
+        # each route still applies its own cap to the body it is handed.
+        auditor = Auditor(
+            registry,
+            lambda: datetime.now(UTC),
+            max_body_bytes=max(config.api.max_request_bytes, 1024 * 1024),
+        )
+        # The web console: the same service objects, authenticator and auditor as the API.
+        console = ConsoleDeps(
+            service,
+            runner,
+            drift,
+            authenticator,
+            auditor,
+            fallback.stats if fallback is not None else None,
+        )
         app = create_app(
             service,
             token,
-            authenticator=Authenticator(accounts, token),
+            authenticator=authenticator,
             max_request_bytes=config.api.max_request_bytes,
             max_upload_bytes=config.api.max_upload_bytes,
             extra_routes=(
@@ -202,15 +220,10 @@ def run(
                 lambda guard: evalset_routes(evalsets, guard),
                 lambda guard: root_routes(service, guard),
                 lambda guard: account_routes(accounts, guard),
+                lambda guard: console_routes(console),
             ),
             extra_metrics=(("fallback", fallback.stats),) if fallback is not None else (),
-            # The audit guard reads JSON bodies up to the largest route cap (root chains: 1 MiB);
-            # each route still applies its own cap to the body it is handed.
-            auditor=Auditor(
-                registry,
-                lambda: datetime.now(UTC),
-                max_body_bytes=max(config.api.max_request_bytes, 1024 * 1024),
-            ),
+            auditor=auditor,
         )
         admin = AdminServer(app, config.api.host, config.api.port)
         admin.start()

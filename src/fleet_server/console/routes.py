@@ -1,0 +1,215 @@
+"""The console's routes under ``/console/`` and the login/logout flow; ``console_routes``
+is what ``fleet_server.server`` adds to the admin app.
+
+Pages (GET; a live session with ``read``, the audit log ``audit.read``)::
+
+    /console/                      fleet overview
+    /console/devices               ?group=&tag=key=value&state=&version=model[@v]&page=
+    /console/devices/{device_id}   one device
+    /console/models                versions, provenance, report, history
+    /console/rollouts              list + create form
+    /console/rollouts/{id}         live view (htmx polls it)
+    /console/drift                 ?model=&version=&by=&since=&until=&tensor=&feature=
+    /console/fallback              cloud fallback
+    /console/audit                 ?since=&until=&actor=&action=&object=
+    /console/login, /console/static/{name}   (no session)
+
+Writes (POST, a session, its CSRF token and the role the API route needs; audited as it)::
+
+    /console/devices/{device_id}/revoke        POST /v1/devices/{device_id}/revoke
+    /console/rollouts                          POST /v1/rollouts
+    /console/rollouts/{id}/approve|pause|resume|abort   POST /v1/rollouts/{rollout_id}/...
+    /console/login, /console/logout            (the session itself)
+
+The session cookie is ``HttpOnly``, ``SameSite=Strict``, ``Path=/``, and ``Secure`` when the
+request came over TLS; it lives as long as the session (``Session.expires_at``). A failed
+login says only that it failed (the account store answers unknown account, wrong password and
+disabled account alike) and is logged with the client address; a locked account is told so.
+
+Owns: the above. Does not own the pages (``pages_*``) nor the checks (``web``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Final
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Route
+
+from edge_agent.errors import EdgefleetError
+from fleet_server.accounts.roles import Permission
+from fleet_server.accounts.sessions import SESSION_COOKIE
+from fleet_server.admin.audit import Auditor
+from fleet_server.admin.auth import Authenticator
+from fleet_server.admin.body import read_body
+from fleet_server.admin.rollouts import COMMANDS
+from fleet_server.console.pages_fleet import FleetPages
+from fleet_server.console.pages_ops import OpsPages
+from fleet_server.console.pages_release import ReleasePages, create_body
+from fleet_server.console.web import (
+    MAX_FORM_BYTES,
+    PREFIX,
+    Console,
+    form_fields,
+    same_origin,
+    static_asset,
+)
+from fleet_server.drift.service import DriftService
+from fleet_server.errors import ERRORS, AccountLockedError, AuthenticationError
+from fleet_server.jobs.rollout_runner import RolloutRunner
+from fleet_server.service import FleetService
+
+__all__ = ["ConsoleDeps", "console_routes"]
+
+log = logging.getLogger(__name__)
+_MAX_NAME: Final = 64
+_MAX_PASSWORD: Final = 1024
+
+
+@dataclass(frozen=True)
+class ConsoleDeps:
+    """The service objects the console reads and writes through (the admin API's own)."""
+
+    service: FleetService
+    runner: RolloutRunner
+    drift: DriftService
+    auth: Authenticator
+    auditor: Auditor | None
+    fallback_stats: Callable[[], Mapping[str, Any]] | None = None
+
+
+def _path_only(request: Request, names: tuple[str, ...]) -> dict[str, str]:
+    return {n: str(request.path_params.get(n, ""))[:128] for n in names}
+
+
+def _create_described(request: Request, form: Mapping[str, str]) -> tuple[dict[str, str], Any]:
+    try:
+        return {}, create_body(form)
+    except EdgefleetError:  # still recorded (as the API records a bad body): the raw fields
+        return {}, {k: v for k, v in form.items() if k != "csrf_token"}
+
+
+def _safe_next(value: str | None) -> str:
+    """A post-login target inside the console only (no open redirect)."""
+    if value and value.startswith(f"{PREFIX}/") and "//" not in value and "\\" not in value:
+        return value[:512]
+    return f"{PREFIX}/"
+
+
+def console_routes(deps: ConsoleDeps) -> list[Route]:
+    """The console's routes over ``deps`` (see the module docstring)."""
+    console = Console(deps.auth, deps.auditor)
+    fleet = FleetPages(console, deps.service, deps.runner)
+    release = ReleasePages(console, deps.service, deps.runner)
+    ops = OpsPages(console, deps.service, deps.drift, deps.runner.registry, deps.fallback_stats)
+
+    async def login_form(request: Request) -> Response:
+        found = await console.caller(request)
+        if found is not None:
+            return console.headers(RedirectResponse(f"{PREFIX}/", status_code=303))
+        nxt = _safe_next(request.query_params.get("next"))
+        return console.render(request, "login.html", ctx=None, next=nxt, message=None)
+
+    async def login(request: Request) -> Response:
+        accounts = deps.auth.accounts
+        if not same_origin(request):
+            return console.error(None, request, 403, "cross-site login refused")
+        try:
+            form = form_fields(await read_body(request, MAX_FORM_BYTES))
+        except EdgefleetError as exc:
+            return console.error(None, request, ERRORS.admin_status(exc), str(exc))
+        name = form.get("name", "")[:_MAX_NAME]
+        password = form.get("password", "")[:_MAX_PASSWORD]
+        nxt = _safe_next(form.get("next"))
+        client = request.client.host if request.client else ""
+        message = "login failed: wrong account name or password"
+        status = 401
+        if accounts is not None:
+            try:
+                principal = await run_in_threadpool(accounts.authenticate, name, password)
+                session = await run_in_threadpool(accounts.create_session, principal, client)
+            except AccountLockedError as exc:
+                message, status = str(exc), 429
+            except AuthenticationError:
+                log.warning("console: failed login for %r from %s", name[:64], client)
+            else:
+                response = console.headers(RedirectResponse(nxt, status_code=303))
+                max_age = accounts.policy.session_absolute_seconds
+                response.set_cookie(
+                    SESSION_COOKIE,
+                    session.cookie,
+                    max_age=max_age,
+                    path="/",
+                    secure=request.url.scheme == "https",
+                    httponly=True,
+                    samesite="strict",
+                )
+                log.info("console: %s logged in from %s", principal.account, client)
+                return response
+        return console.render(request, "login.html", status, ctx=None, next=nxt, message=message)
+
+    async def logout(request: Request) -> Response:
+        # A cross-site POST carries no SameSite=Strict cookie: nothing to end then.
+        found = await console.caller(request) if same_origin(request) else None
+        accounts = deps.auth.accounts
+        if found is not None and accounts is not None:
+            await run_in_threadpool(accounts.end_session, found[0].credential)
+        response = console.headers(RedirectResponse(f"{PREFIX}/login", status_code=303))
+        response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
+        return response
+
+    async def static(request: Request) -> Response:
+        found = static_asset(str(request.path_params.get("name", "")))
+        if found is None:
+            return console.headers(Response("not found", status_code=404))
+        data, media = found
+        response = Response(data, media_type=media)
+        response.headers["Cache-Control"] = "public, max-age=3600"
+        return console.headers(response)
+
+    def rollout_command(c: str) -> Route:
+        return Route(
+            f"{PREFIX}/rollouts/{{rollout_id}}/{c}",
+            console.write(
+                f"POST /v1/rollouts/{{rollout_id}}/{c}",
+                lambda req, form: (_path_only(req, ("rollout_id",)), {}),
+                release.command(c),
+            ),
+            methods=["POST"],
+        )
+
+    return [
+        Route(f"{PREFIX}/login", login_form, methods=["GET"]),
+        Route(f"{PREFIX}/login", login, methods=["POST"]),
+        Route(f"{PREFIX}/logout", logout, methods=["POST"]),
+        Route(f"{PREFIX}/static/{{name}}", static, methods=["GET"]),
+        Route(f"{PREFIX}/", console.page(fleet.overview), methods=["GET"]),
+        Route(f"{PREFIX}/devices", console.page(fleet.devices), methods=["GET"]),
+        Route(f"{PREFIX}/devices/{{device_id}}", console.page(fleet.device), methods=["GET"]),
+        Route(
+            f"{PREFIX}/devices/{{device_id}}/revoke",
+            console.write(
+                "POST /v1/devices/{device_id}/revoke",
+                lambda req, form: (_path_only(req, ("device_id",)), {}),
+                fleet.revoke,
+            ),
+            methods=["POST"],
+        ),
+        Route(f"{PREFIX}/models", console.page(release.models), methods=["GET"]),
+        Route(f"{PREFIX}/rollouts", console.page(release.rollouts), methods=["GET"]),
+        Route(
+            f"{PREFIX}/rollouts",
+            console.write("POST /v1/rollouts", _create_described, release.create),
+            methods=["POST"],
+        ),
+        Route(f"{PREFIX}/rollouts/{{rollout_id}}", console.page(release.rollout), methods=["GET"]),
+        *[rollout_command(c) for c in COMMANDS],
+        Route(f"{PREFIX}/drift", console.page(ops.drift_page), methods=["GET"]),
+        Route(f"{PREFIX}/fallback", console.page(ops.fallback), methods=["GET"]),
+        Route(f"{PREFIX}/audit", console.page(ops.audit, Permission.AUDIT_READ), methods=["GET"]),
+    ]
