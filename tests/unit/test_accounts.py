@@ -38,7 +38,7 @@ from fleet_server.errors import (
     UnknownAccountError,
     UnknownApiTokenError,
 )
-from fleet_server.registry.account_models import AccountRow, ApiTokenRow
+from fleet_server.registry.models import AccountRow, ApiTokenRow
 from fleet_server.registry.store import Registry
 
 PW = "correct horse battery"

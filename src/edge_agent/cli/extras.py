@@ -22,6 +22,7 @@ EXTRA_MODULES: Mapping[str, tuple[str, ...]] = {
     "alembic": ("server",),
     "psycopg": ("server",),
     "httpx": ("server",),
+    "argon2": ("server",),
     "onnx": ("builder",),
     "onnxconverter_common": ("builder",),
     "sklearn": ("builder",),

@@ -18,8 +18,10 @@ Routes (v1); the permission each needs is in ``fleet_server.accounts.roles``::
     POST /v1/tokens/{token_id}/revoke         token                              self
 
 ``self`` routes act on the caller's own account; on another account they need
-``accounts.admin``. Changing one's own password needs the current one. A new token's role is
-at most the caller's (a viewer token cannot mint an admin one) and its account's; it expires
+``accounts.admin``. Changing one's own password needs the current one (wrong: 403, and
+counted towards the lockout like a failed login). A new token's role is
+at most the caller's (a viewer token cannot mint an admin one) and its account's (by default:
+the caller's own role for its own token, the account's role for another's); it expires
 after ``expires_days`` (default 90, at most 732). Its secret is in the 201 answer only.
 
 Owns: HTTP and JSON shapes, and the "own or admin" rule. The rules of accounts and tokens are
@@ -42,7 +44,7 @@ from fleet_server.accounts.roles import ROLE_PERMISSIONS, Permission, Principal,
 from fleet_server.accounts.store import MAX_TOKEN_DAYS, Accounts
 from fleet_server.accounts.values import check_name, parse_role
 from fleet_server.admin.body import json_object, query_text, read_body, req_field
-from fleet_server.errors import ForbiddenError
+from fleet_server.errors import AccountLockedError, AuthenticationError, ForbiddenError
 
 __all__ = ["DEFAULT_TOKEN_DAYS", "account_routes"]
 
@@ -125,8 +127,14 @@ def account_routes(accounts: Accounts, guarded: Callable[[Handler], Handler]) ->
         if not who.allows(Permission.ACCOUNTS_ADMIN):
             _own_or_admin(who, name)
             current = req_field(data, "current_password", str, limit=MAX_PASSWORD_CHARS)
-            # A wrong current password counts towards the lockout like a failed login.
-            await run_in_threadpool(accounts.authenticate, name, current)
+            # A wrong current password counts towards the lockout like a failed login; it is
+            # a 403 here, not a 401: the caller's own credential was accepted.
+            try:
+                await run_in_threadpool(accounts.authenticate, name, current)
+            except AccountLockedError:
+                raise
+            except AuthenticationError:
+                raise ForbiddenError("the current password is wrong") from None
         acc = await run_in_threadpool(accounts.set_password, name, password)
         return JSONResponse(acc.to_dict())
 
@@ -142,7 +150,12 @@ def account_routes(accounts: Accounts, guarded: Callable[[Handler], Handler]) ->
         data = await body(request)
         account = check_name(req_field(data, "account", str, who.account, limit=64))
         _own_or_admin(who, account)
-        role = parse_role(req_field(data, "role", str, str(who.role), limit=32))
+        if "role" in data:
+            role = parse_role(req_field(data, "role", str, limit=32))
+        elif account == who.account:
+            role = who.role
+        else:  # another account's token: that account's role by default
+            role = (await run_in_threadpool(accounts.show, account)).role
         if not role_at_most(role, who.role):
             raise ForbiddenError(f"a {who.role} cannot create a {role} token")
         days = req_field(data, "expires_days", int, DEFAULT_TOKEN_DAYS, lo=1, hi=MAX_TOKEN_DAYS)

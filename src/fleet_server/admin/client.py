@@ -270,6 +270,52 @@ class AdminClient:
         """``POST /v1/root`` with root metadata objects in version order. Raises: AdminApiError."""
         return dict(self._call("POST", "/v1/root", json={"roots": roots}))
 
+    def whoami(self) -> dict[str, Any]:
+        """``GET /v1/whoami``: the caller's account, role and permissions.
+
+        Raises: AdminApiError."""
+        return dict(self._call("GET", "/v1/whoami"))
+
+    def accounts(self) -> list[dict[str, Any]]:
+        """``GET /v1/accounts``. Raises: AdminApiError."""
+        return list(self._call("GET", "/v1/accounts")["accounts"])
+
+    def account(self, name: str) -> dict[str, Any]:
+        """``GET /v1/accounts/{name}``. Raises: AdminApiError."""
+        return dict(self._call("GET", f"/v1/accounts/{quote(name, safe='')}"))
+
+    def create_account(self, name: str, role: str, password: str | None) -> dict[str, Any]:
+        """``POST /v1/accounts`` (``password`` None: an account for API tokens only).
+
+        Raises: AdminApiError."""
+        body: dict[str, Any] = {"name": name, "role": role}
+        if password is not None:
+            body["password"] = password
+        return dict(self._call("POST", "/v1/accounts", json=body))
+
+    def account_command(
+        self, name: str, command: str, body: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """``POST /v1/accounts/{name}/{command}`` (``disable``, ``enable``, ``role``,
+        ``password``) with ``body``. Raises: AdminApiError."""
+        path = f"/v1/accounts/{quote(name, safe='')}/{quote(command, safe='')}"
+        return dict(self._call("POST", path, json=body or {}))
+
+    def tokens(self, account: str | None = None) -> list[dict[str, Any]]:
+        """``GET /v1/tokens`` (the caller's, or ``account``'s). Raises: AdminApiError."""
+        params = {} if account is None else {"account": account}
+        return list(self._call("GET", "/v1/tokens", params=params)["tokens"])
+
+    def create_token(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /v1/tokens``: the new token, its secret in ``token`` (shown once).
+
+        Raises: AdminApiError."""
+        return dict(self._call("POST", "/v1/tokens", json=body))
+
+    def revoke_token(self, token_id: str) -> dict[str, Any]:
+        """``POST /v1/tokens/{id}/revoke``. Raises: AdminApiError."""
+        return dict(self._call("POST", f"/v1/tokens/{quote(token_id, safe='')}/revoke"))
+
     def audit(self, **filters: str | int | None) -> list[dict[str, Any]]:
         """``GET /v1/audit`` with the given filters (``since``, ``until``, ``actor``, ``action``,
         ``object``, ``limit``, ``after_id``; None ones are left out). Raises: AdminApiError."""

@@ -7,7 +7,8 @@ server itself: ``serve --config FILE`` (``fleet_server.server.run``). Operator c
 a running server's admin API (``devices list|show|register|misbehaviour``, ``models``,
 ``assign``, ``waves``, ``telemetry``, ``status``) live in ``fleet_server.cli.admin``, evaluation
 sets (``evalsets``) in ``fleet_server.cli.evalsets``, the audit log (``audit list|export``) in
-``fleet_server.cli.audit``. Commands
+``fleet_server.cli.audit``, accounts and API tokens (``accounts``, ``tokens``) in
+``fleet_server.cli.accounts``. Commands
 are thin; the error boundary in ``edge_agent.cli.support`` maps our errors to exit codes by the
 one error table (``fleet_server.errors.ERRORS``).
 
@@ -30,6 +31,7 @@ from edge_agent import __version__
 from edge_agent.cli.support import passphrase_from_env, run_cli
 from edge_agent.common.durable import write_atomic
 from fleet_server.admin.client import DEFAULT_ADMIN_URL, AdminClient
+from fleet_server.cli.accounts import register_account_commands
 from fleet_server.cli.admin import register_admin_commands
 from fleet_server.cli.audit import register_audit_commands
 from fleet_server.cli.drift import register_drift_commands
@@ -285,6 +287,7 @@ register_rollout_commands(cli)
 register_evalset_commands(cli)
 register_root_commands(cli)
 register_audit_commands(cli)
+register_account_commands(cli)
 
 
 def main(argv: list[str] | None = None) -> None:
