@@ -162,7 +162,7 @@ def test_device_page_shows_reported_versions_telemetry_and_events(
     login(client, "viv")
     r = client.get("/console/devices/dev-0")
     assert r.status_code == 200
-    assert "requests per report window" in r.text
+    assert "Requests per report window" in r.text
     assert "<polyline" in r.text  # two windows: a line
     assert "active" in r.text
     assert "kept" in r.text

@@ -99,11 +99,12 @@ def series_svg(series: Sequence[Series], *, title: str, unit: str = "") -> Marku
                 '<text class="tick" x="{tx}" y="{ty:.1f}" text-anchor="end">{v}</text>'
             ).format(a=_LEFT, b=_W - _RIGHT, y=y(v), tx=_LEFT - 4, ty=y(v) + 3, v=_num(v, unit))
         )
-    for i in range(4):  # time ticks
+    for i in range(4):  # time ticks; the outer ones inside the chart
         t = t0 + span * i / 3
+        anchor = ("start", "middle", "middle", "end")[i]
         parts.append(
-            Markup('<text class="tick" x="{x:.1f}" y="{y}" text-anchor="middle">{t}</text>').format(
-                x=x(t), y=_TOP + ph + 14, t=_clock(t, span)
+            Markup('<text class="tick" x="{x:.1f}" y="{y}" text-anchor="{a}">{t}</text>').format(
+                x=x(t), y=_TOP + ph + 14, a=anchor, t=_clock(t, span)
             )
         )
     parts.append(

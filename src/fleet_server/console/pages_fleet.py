@@ -187,10 +187,13 @@ class FleetPages:
         reported = view.record.reported or {}
         models = reported.get("models") if isinstance(reported.get("models"), Mapping) else {}
         charts = [
-            series_svg(series.requests, title="requests per report window"),
-            series_svg(series.latency, title="p99 latency", unit=" ms"),
-            series_svg(series.rejects, title="rejected requests per window"),
-            series_svg(series.fallback, title="cloud fallback rate", unit="%"),
+            (title, series_svg(s, title=title, unit=unit))
+            for title, s, unit in (
+                ("Requests per report window", series.requests, ""),
+                ("p99 latency", series.latency, " ms"),
+                ("Rejected requests per window", series.rejects, ""),
+                ("Cloud fallback rate", series.fallback, "%"),
+            )
         ]
         return self.console.render(
             ctx.request,

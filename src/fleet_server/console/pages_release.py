@@ -173,11 +173,19 @@ class ReleasePages:
             "device_states": [(clip(d, 128), s) for d, s in states[:500]],
             "more_devices": max(0, len(states) - 500),
             "gate_charts": [
-                series_svg(pair, title=f"{name}: measured vs threshold")
+                (f"{name}: measured vs threshold", series_svg(pair, title=name))
                 for name, pair in history.items()
             ],
+            # The gates are charted above: the log shows what was decided and why.
             "decisions": [
-                {**e, "detail_rows": flat_rows(e["detail"])} for e in reversed(r["events"][-50:])
+                {
+                    **e,
+                    "detail_rows": flat_rows(
+                        {k: v for k, v in e["detail"].items() if k not in ("gates", "reasons")}
+                    ),
+                    "reasons": [clip(x) for x in e["detail"].get("reasons") or []][:20],
+                }
+                for e in reversed(r["events"][-50:])
             ],
         }
 
