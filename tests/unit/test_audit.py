@@ -19,6 +19,8 @@ from starlette.testclient import TestClient
 import fleet_server.admin.audit as audit_mod
 from bundles import DigitsBundles
 from fakes import FakeGateway
+from fleet_server.accounts.store import Accounts
+from fleet_server.admin.accounts import account_routes
 from fleet_server.admin.accuracy import accuracy_routes
 from fleet_server.admin.api import create_app
 from fleet_server.admin.audit import MAX_CHANGE_BYTES, Auditor, change_of, object_of
@@ -112,6 +114,11 @@ def test_object_names_the_thing_acted_on() -> None:
     assert object_of({}, {}, {"model": "digits", "version": 3}) == "model:digits@3"
     assert object_of({}, {}, {"name": "digits", "version": 3}) == "model:digits@3"
     assert object_of({}, {"model": "digits"}, {}) == "model:digits"
+    assert object_of({"name": "alice"}, {}, {"role": "viewer"}) == "account:alice"
+    assert object_of({}, {}, {"name": "bob", "role": "viewer"}) == "account:bob"
+    assert object_of({"token_id": "0f" * 8}, {}, {}) == f"api_token:{'0f' * 8}"
+    assert object_of({}, {}, {"account": "bob", "expires_days": 7}) == "account:bob"
+    assert object_of({}, {}, {"expires_days": 7}) == "api_token:new"
 
 
 # The full app.
@@ -141,6 +148,7 @@ def env(digits_bundles: DigitsBundles, tmp_path: Path) -> Iterator[tuple[TestCli
             lambda guard: rollout_routes(absent, guard),
             lambda guard: evalset_routes(absent, guard),
             lambda guard: root_routes(service, guard),
+            lambda guard: account_routes(Accounts(registry, lambda: datetime.now(UTC)), guard),
         ),
         auditor=Auditor(registry, lambda: datetime.now(UTC), max_body_bytes=1024 * 1024),
     )

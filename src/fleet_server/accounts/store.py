@@ -187,7 +187,7 @@ class Accounts:
             RegistryUnavailableError: the database failed.
         """
         with self._registry.read_session("reading an account") as s:
-            return _account(self._row(s, name))
+            return _account(self._row(s, name, lock=False))
 
     def disable(self, name: str) -> Account:
         """Disable ``name``: it cannot log in, its tokens and sessions stop working (its
@@ -495,8 +495,10 @@ class Accounts:
 
     # ----------------------------------------------------------------- helpers
     @staticmethod
-    def _row(s: DbSession, name: str) -> AccountRow:
-        row = s.get(AccountRow, name) if valid_name(name) else None
+    def _row(s: DbSession, name: str, *, lock: bool = True) -> AccountRow:
+        # Locked (PostgreSQL: FOR UPDATE) so concurrent changes of one account, e.g. two failed
+        # logins counting at once, apply one after the other; SQLite's writer is already one.
+        row = s.get(AccountRow, name, with_for_update=lock) if valid_name(name) else None
         if row is None:
             raise UnknownAccountError(f"no account {name[:ACCOUNT_NAME_LEN]!r}")
         return row
@@ -504,11 +506,13 @@ class Accounts:
     @staticmethod
     def _keep_an_admin(s: DbSession, name: str) -> None:
         others = s.scalars(
-            select(AccountRow.name).where(
+            select(AccountRow.name)
+            .where(
                 AccountRow.role == str(Role.ADMIN),
                 AccountRow.disabled.is_(False),
                 AccountRow.name != name,
             )
+            .with_for_update()  # two admins disabling each other: the second one waits
         ).first()
         if others is None:
             raise LastAdminError(f"{name!r} is the last enabled admin account")

@@ -286,6 +286,8 @@ def create_app(
 
     def refuse(request: Request, what: str, counter: str) -> None:
         refused[counter] += 1
+        if counter == "refused_unauthenticated" and request.method in SAFE_METHODS:
+            return  # counted only: e.g. a scraper without its token would flood the log
         log.warning(
             "admin API: %s %s from %s refused: %s",
             request.method,
