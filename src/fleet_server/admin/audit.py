@@ -1,8 +1,9 @@
 """The admin API's audit trail: what the entry of a request holds, and writing it.
 
-Recording happens in one place, the token guard of ``fleet_server.admin.api.create_app``: for
-every authenticated request that is not a GET it calls ``Auditor.attempt`` before the handler
-runs and ``Auditor.outcome`` after (also for refusals: 400, 404, 409, 413, 422, ...). When the
+Recording happens in one place, the guard of ``fleet_server.admin.api.create_app``: for every
+authenticated request that is not a GET it calls ``Auditor.attempt`` (the actor: the caller's
+account, ``fleet_server.admin.auth.actor_of``) before the handler runs and ``Auditor.outcome``
+after (also for refusals: 400, 403, 404, 409, 413, 422, ...). When the
 attempt cannot be written the handler does not run and the request answers 503: an action is
 never done without its entry. When the outcome cannot be written the action has already run
 and its attempt is in the log; the answer is the handler's and the server log says why the
@@ -43,7 +44,6 @@ from fleet_server.registry.store import Registry
 __all__ = [
     "MAX_CHANGE_BYTES",
     "MAX_STRING",
-    "TOKEN_ACTOR",
     "Auditor",
     "PendingAudit",
     "bounded",
@@ -51,8 +51,6 @@ __all__ = [
     "object_of",
 ]
 
-#: The actor of every request today: the holder of the one shared admin token.
-TOKEN_ACTOR: Final = Actor("token", "admin")
 MAX_STRING: Final = 256
 MAX_CHANGE_BYTES: Final = 4096
 _SECRET = re.compile(r"token|secret|passw|private|credential|authorization", re.IGNORECASE)
