@@ -1,11 +1,11 @@
 """Screenshots of the operator console's main pages into docs/console/ (PNG).
 
 Builds a small fleet in a temporary directory (a real SQLite registry, 40 devices in three
-groups, a week's worth of nothing but the last hour of telemetry on a few, two published
-versions of a model, a rollout that a gate halted, events and audit entries), serves the admin
-app with the console on 127.0.0.1 (uvicorn), logs in with Debian's chromium (Playwright) and
-saves one PNG per page. The presence of devices comes from a stand-in for the MQTT gateway
-(there is no broker here); everything else is the server's own code.
+groups, the last hour of telemetry and a few events of eight of them, two published versions
+of a model, a rollout that a gate halts, the audit entries of the console's writes), serves
+the admin app with the console on 127.0.0.1 (uvicorn), logs in with Debian's chromium
+(Playwright) and saves one PNG per page. The presence of devices comes from a stand-in for
+the MQTT gateway (there is no broker here); everything else is the server's own code.
 
 Usage: .venv/bin/python scripts/console_screenshots.py [--out docs/console]
 """
