@@ -7,6 +7,7 @@ its own password, and stops working when the token is revoked or the account dis
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -61,15 +62,24 @@ def test_named_operator_account_through_the_cli(
     assert again.stderr.startswith("error[account_exists]")
 
     log = (tmp_path / "server.log").open("ab")
-    server = subprocess.Popen(
-        [FLEET, "serve", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT
-    )
-    try:
+
+    def serve(**env: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [FLEET, "serve", "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+        )
         wait_until(
-            lambda: run("status", code=None).returncode == 0,
+            lambda: run("status", code=None).returncode != 7 or proc.poll() is not None,
             timeout=60,
             what="fleet-server up",
         )
+        assert proc.poll() is None
+        return proc
+
+    server = serve()
+    try:
         assert "admin (admin, via bootstrap-token)" in run("accounts", "whoami").stdout
         create = ("accounts", "create", "alice", "--role", "operator", "--password-stdin")
         run(*create, stdin=ALICE_PW + "\n")
@@ -122,6 +132,15 @@ def test_named_operator_account_through_the_cli(
         run("tokens", "revoke", mine[0]["id"])
         gone = run("accounts", "whoami", token=secret, code=6)
         assert gone.stderr.startswith("error[admin_unauthorized]")
+
+        # Named admins exist: the bootstrap token is switched off (no token file needed).
+        root = run("tokens", "create", "--account", "root", "--label", "ops").stdout.strip()
+        stop_process(server)
+        (tmp_path / "token").unlink()
+        server = serve(EDGEFLEET_SERVER__API__BOOTSTRAP_TOKEN="false")
+        run("status", code=6)  # the former bootstrap token
+        me = json.loads(run("accounts", "whoami", "--json", token=root).stdout)
+        assert (me["account"], me["role"], me["via"]) == ("root", "admin", "token")
     finally:
         stop_process(server)
         log.close()
