@@ -415,3 +415,44 @@ def test_session_end_disable_and_password_change(accounts: Accounts) -> None:
     assert accounts.resolve_session(s3.cookie) is None
     assert PW not in s4.cookie
     assert s4.id in s4.cookie
+
+
+# Properties: no credential value, however malformed, raises or resolves.
+@pytest.fixture(scope="module")
+def shared_accounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Accounts]:
+    reg = Registry.open(f"sqlite:///{tmp_path_factory.mktemp('prop') / 'registry.db'}")
+    reg.upgrade()
+    clock = FakeClock()
+    accounts = Accounts(reg, clock.wall, passwords=Passwords(FAST))
+    accounts.create("alice", Role.ADMIN, PW)
+    accounts.create_token("alice", Role.VIEWER, clock.utc + timedelta(days=1))
+    yield accounts
+    reg.close()
+
+
+_CREDENTIAL = st.one_of(
+    st.text(max_size=300),
+    st.builds(
+        lambda ident, sep, secret: f"{TOKEN_PREFIX}{ident}{sep}{secret}",
+        st.text("0123456789abcdefABCDEF_", max_size=20),
+        st.sampled_from(["_", ".", ""]),
+        st.text("AZaz09_-=.+/\x00é", max_size=50),
+    ),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=_CREDENTIAL)
+def test_any_credential_value_resolves_to_nobody(shared_accounts: Accounts, value: str) -> None:
+    assert shared_accounts.resolve_token(value) is None
+    assert shared_accounts.resolve_session(value) is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.text(max_size=80), password=st.text(max_size=300))
+def test_any_login_fails_with_the_one_error(
+    shared_accounts: Accounts, name: str, password: str
+) -> None:
+    with pytest.raises(AuthenticationError) as err:
+        shared_accounts.authenticate(name, password)
+    assert str(err.value) in {"login failed", "too many failed logins: try again later"}
