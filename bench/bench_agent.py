@@ -211,11 +211,16 @@ def model_files(bundle: Path, root: Path, work: Path) -> tuple[Path, str]:
     return model, json.dumps({"scale": list(pre.scale), "offset": list(pre.offset)})
 
 
-def _spawn(argv: list[str], ready: Callable[[], object], log: Path) -> subprocess.Popen:
-    """Start ``argv`` (output to ``log``) and wait until ``ready()`` returns; terminate it and
-    raise ``RuntimeError`` (with the log's tail) if it never does."""
+def _spawn(
+    argv: list[str], ready: Callable[[], object], log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """Start ``argv`` (output to ``log``, ``env`` added to the environment) and wait until
+    ``ready()`` returns; terminate it and raise ``RuntimeError`` (with the log's tail) if it
+    never does."""
     with log.open("wb") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
     try:
         ready()
     except (RuntimeError, OSError) as exc:
