@@ -10,7 +10,8 @@ metrics: decode, the bundle's scale/offset, ``session.run`` (one intra-op thread
   ``mlserver start`` (``parallel_workers = 0``: inference in the server process, as a single
   small model is served; ``debug = false``). REST and gRPC.
 - KServe: ``bench/peers/kserve_server.py``, a ``kserve.Model`` subclass in KServe's Python
-  ``ModelServer`` (one uvicorn worker, per-request latency logging off). REST and gRPC.
+  ``ModelServer`` (one uvicorn worker; ``--configure_logging false``, so no access and trace
+  log line per request as KServe's default writes). REST and gRPC.
 - edge-agent: the real daemon (``edge-agent run``) with its REST API and ``[grpc]`` listener,
   configured as in ``bench/bench_agent.py``.
 
@@ -186,6 +187,8 @@ def start_kserve(py: Path, model: Path, pre: str, work: Path) -> tuple[subproces
         str(port),
         "--grpc_port",
         str(gport),
+        "--configure_logging",
+        "false",
     ]
     url = f"http://127.0.0.1:{port}/v2/models/{MODEL}/ready"
     return _spawn(argv, lambda: wait_ready(url, 120), work / "kserve.log"), port, gport
