@@ -64,11 +64,17 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ConsoleWo
 
 @pytest.fixture
 def page(browser: Browser) -> Iterator[Page]:
+    """A fresh browser context; no page may break the Content-Security-Policy (an inline
+    script or style the console needed would show up here)."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     p = context.new_page()
     p.set_default_timeout(WAIT_MS)
+    errors: list[str] = []
+    p.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     yield p
     context.close()
+    violations = [e for e in errors if "Content Security Policy" in e]
+    assert not violations, violations
 
 
 def log_in(page: Page, base: str, name: str) -> None:

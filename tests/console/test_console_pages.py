@@ -214,6 +214,11 @@ def test_rollout_create_and_commands_go_through_the_runner_and_the_audit_log(
     assert entries[0].object == f"rollout:{rollout.id}"
     page = client.get("/console/audit?actor=session%3Arel")
     assert page.text.count("<td>POST /v1/rollouts") == 6
+    # The export links are the API's routes, authenticated by the session cookie.
+    export = client.get("/v1/audit/export?actor=session%3Arel&format=json")
+    assert export.status_code == 200
+    assert len(export.json()["entries"]) == 6
+    assert 'href="/v1/audit/export?actor=session%3Arel&amp;format=csv"' in page.text
 
 
 def test_a_bad_policy_is_refused_with_the_field_named_and_recorded(

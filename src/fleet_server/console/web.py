@@ -14,8 +14,9 @@ same ``Authenticator``: one role table). It is recorded by the same ``Auditor`` 
 requests, as the API request it stands for (the JSON body the API route would take, the
 action's path values, ``via=console`` in the query), with the session's account as the actor:
 the attempt before the service is called (no entry, no action: 503), the outcome after. A
-refused CSRF token or role is answered 403 and not recorded, like the API's refusals before
-its handler.
+write the role does not allow is answered 403 and recorded (attempt and outcome 403
+``forbidden``), as the API records it; a missing or wrong CSRF token is answered 403 and not
+recorded (logged), as the API counts it.
 
 Owns: the above. Does not own: accounts, sessions and the role table
 (``fleet_server.accounts``, ``fleet_server.admin.auth``), nor the pages.
@@ -249,7 +250,16 @@ class Console:
                     return self._to_login(request)
                 form = form_fields(raw)
                 ctx = Ctx(request, principal, found[1], form)
-                self.auth.authorize(principal, action)
+                try:
+                    self.auth.authorize(principal, action)
+                except ForbiddenError as exc:
+                    # Recorded like the API's refused writes: attempt, then outcome 403.
+                    refused = exc
+
+                    async def refuse(_: Ctx) -> WriteResult:
+                        raise refused
+
+                    return await self._audited(ctx, action, describe, refuse, raw)
                 return await self._audited(ctx, action, describe, handler, raw)
             except CsrfError as exc:
                 log.warning("console: %s refused: %s", action, exc)
