@@ -74,6 +74,17 @@ def test_every_page_renders_with_the_security_headers(
     assert r.text.count("<script") == 1
 
 
+def test_unknown_pages_and_assets_are_404_pages_with_the_headers(client: TestClient) -> None:
+    for url in ("/console/nope", "/console/static/evil.js", "/console/static/htmx.LICENSE"):
+        r = client.get(url, follow_redirects=False)
+        assert r.status_code == 404, url
+        assert r.headers["x-frame-options"] == "DENY"
+    assert client.get("/console", follow_redirects=False).headers["location"] == "/console/"
+    js = client.get("/console/static/htmx.min.js")
+    assert js.headers["content-type"].startswith("text/javascript")
+    assert js.content.startswith(b"var htmx=function()")
+
+
 def test_a_viewer_does_not_see_the_audit_log(client: TestClient) -> None:
     login(client, "viv")
     assert 'href="/console/audit"' not in client.get("/console/").text

@@ -12,7 +12,7 @@ Pages (GET; a live session with ``read``, the audit log ``audit.read``)::
     /console/drift                 ?model=&version=&by=&since=&until=&tensor=&feature=
     /console/fallback              cloud fallback
     /console/audit                 ?since=&until=&actor=&action=&object=
-    /console/login, /console/static/{name}   (no session)
+    /console/login, /console/static/{name}   (no session; any other /console/ path: 404 page)
 
 Writes (POST, a session, its CSRF token and the role the API route needs; audited as it)::
 
@@ -55,6 +55,7 @@ from fleet_server.console.web import (
     MAX_FORM_BYTES,
     PREFIX,
     Console,
+    Ctx,
     form_fields,
     same_origin,
     static_asset,
@@ -172,6 +173,14 @@ def console_routes(deps: ConsoleDeps) -> list[Route]:
         response.headers["Cache-Control"] = "public, max-age=3600"
         return console.headers(response)
 
+    async def root(request: Request) -> Response:
+        return console.headers(RedirectResponse(f"{PREFIX}/", status_code=307))
+
+    async def not_found(request: Request) -> Response:
+        found = await console.caller(request)
+        ctx = None if found is None else Ctx(request, found[0], found[1], {})
+        return console.error(ctx, request, 404, "no such page")
+
     def rollout_command(c: str) -> Route:
         return Route(
             f"{PREFIX}/rollouts/{{rollout_id}}/{c}",
@@ -184,6 +193,7 @@ def console_routes(deps: ConsoleDeps) -> list[Route]:
         )
 
     return [
+        Route(PREFIX, root, methods=["GET"]),
         Route(f"{PREFIX}/login", login_form, methods=["GET"]),
         Route(f"{PREFIX}/login", login, methods=["POST"]),
         Route(f"{PREFIX}/logout", logout, methods=["POST"]),
@@ -212,4 +222,5 @@ def console_routes(deps: ConsoleDeps) -> list[Route]:
         Route(f"{PREFIX}/drift", console.page(ops.drift_page), methods=["GET"]),
         Route(f"{PREFIX}/fallback", console.page(ops.fallback), methods=["GET"]),
         Route(f"{PREFIX}/audit", console.page(ops.audit, Permission.AUDIT_READ), methods=["GET"]),
+        Route(f"{PREFIX}/{{rest:path}}", not_found, methods=["GET"]),  # last: any other page
     ]
