@@ -105,9 +105,11 @@ def test_ping_logs_health_check_and_a_verified_support_bundle(
     logging.getLogger("edge_agent.test").warning("marker <b>%s</b>", "\x1b[31m")
 
     (ping,) = diag.issue("ping", {}, device_id="dev-a").commands
-    assert ping.state == "pending" and ping.sequence == 1
+    assert ping.state == "pending"
+    assert ping.sequence == 1
     answered = _settled(diag, ping, "answered")
-    assert answered.answer is not None and answered.answer["ok"] is True
+    assert answered.answer is not None
+    assert answered.answer["ok"] is True
     assert answered.answer["result"]["last_sequence"] == 1
 
     (logs,) = diag.issue("logs", {"level": "warning"}, device_id="dev-a").commands
@@ -120,10 +122,12 @@ def test_ping_logs_health_check_and_a_verified_support_bundle(
     (check,) = diag.issue("health-check", {"model": "digits"}, device_id="dev-a").commands
     health = _settled(diag, check, "answered").answer
     assert health is not None
-    assert health["result"]["ok"] is True and health["result"]["total"] > 0
+    assert health["result"]["ok"] is True
+    assert health["result"]["total"] > 0
     (missing,) = diag.issue("health-check", {"model": "nope"}, device_id="dev-a").commands
     refused = _settled(diag, missing, "refused").answer
-    assert refused is not None and refused["error"]["code"] == "command_failed"
+    assert refused is not None
+    assert refused["error"]["code"] == "command_failed"
 
     (bundle,) = diag.issue("support-bundle", {}, device_id="dev-a").commands
     done = _settled(diag, bundle, "uploaded", "upload_failed")
@@ -160,7 +164,8 @@ def test_an_offline_device_runs_its_command_on_reconnect_and_an_expired_one_neve
 
     device = fleet.start_device("dev-a")
     answered = _settled(diag, later, "answered")
-    assert answered.answer is not None and answered.answer["result"]["last_sequence"] == 2
+    assert answered.answer is not None
+    assert answered.answer["result"]["last_sequence"] == 2
     assert device.sync.counts["commands_ran_ping"] == 1  # the expired one did not run
     assert diag.get(short.id).state in ("expired", "refused")
 
@@ -239,7 +244,8 @@ def test_a_real_agent_restarts_on_command_with_exit_code_75(
         proc = start_daemon(config, log)  # what the service manager does on exit 75
         (ping,) = diag.issue("ping", {}, device_id="dev-b").commands
         pong = _settled(diag, ping, "answered").answer
-        assert pong is not None and pong["result"]["last_sequence"] == 2
+        assert pong is not None
+        assert pong["result"]["last_sequence"] == 2
         assert proc.poll() is None  # the restart was not run a second time
     finally:
         stop_process(proc)
