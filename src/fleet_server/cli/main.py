@@ -7,7 +7,8 @@ server itself: ``serve --config FILE`` (``fleet_server.server.run``). Operator c
 a running server's admin API (``devices list|show|register|misbehaviour``, ``models``,
 ``assign``, ``waves``, ``telemetry``, ``status``) live in ``fleet_server.cli.admin``, evaluation
 sets (``evalsets``) in ``fleet_server.cli.evalsets``, the audit log (``audit list|export``) in
-``fleet_server.cli.audit``. Commands
+``fleet_server.cli.audit``, remote diagnostics (``devices ping|logs|support-bundle|restart|
+health-check|commands``) in ``fleet_server.cli.diagnostics``. Commands
 are thin; the error boundary in ``edge_agent.cli.support`` maps our errors to exit codes by the
 one error table (``fleet_server.errors.ERRORS``).
 
@@ -32,6 +33,7 @@ from edge_agent.common.durable import write_atomic
 from fleet_server.admin.client import DEFAULT_ADMIN_URL, AdminClient
 from fleet_server.cli.admin import register_admin_commands
 from fleet_server.cli.audit import register_audit_commands
+from fleet_server.cli.diagnostics import register_diagnostics_commands
 from fleet_server.cli.drift import register_drift_commands
 from fleet_server.cli.evalsets import register_evalset_commands
 from fleet_server.cli.rollouts import register_rollout_commands
@@ -285,6 +287,7 @@ register_rollout_commands(cli)
 register_evalset_commands(cli)
 register_root_commands(cli)
 register_audit_commands(cli)
+register_diagnostics_commands(devices)
 
 
 def main(argv: list[str] | None = None) -> None:
