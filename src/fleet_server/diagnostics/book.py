@@ -150,6 +150,10 @@ class CommandBook:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(path, check_same_thread=False, timeout=10.0)
+            # WAL, synced at checkpoints: a power loss may forget the last few records, never
+            # corrupt the file (commands are short-lived; the device's sequence check holds).
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as exc:
             raise DiagnosticsError(f"diagnostics state {path} cannot be opened: {exc}") from exc
