@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from bundles import DigitsBundles
 from edge_agent.common.logring import LogRing
@@ -34,14 +35,22 @@ from fleet import (
     stop_process,
     wait_until,
 )
+from fleet_server.admin.api import AdminServer, create_app
+from fleet_server.admin.audit import Auditor
+from fleet_server.admin.client import AdminClient
+from fleet_server.admin.diagnostics import diagnostics_routes
+from fleet_server.cli.main import cli
+from fleet_server.delivery.library import BundleLibrary
 from fleet_server.diagnostics.book import CommandRecord
 from fleet_server.diagnostics.commands import make_command, new_command_id, sign_command
 from fleet_server.diagnostics.service import Diagnostics
+from fleet_server.service import FleetService
 from mosquitto import MOSQUITTO, fleet_broker, free_port
 
 pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
 
 WAIT = 30.0
+TOKEN = "d" * 32
 
 
 @pytest.fixture
@@ -222,6 +231,58 @@ def test_forged_replayed_misaddressed_and_unknown_commands_are_refused_and_count
     assert c["commands_ran_ping"] == 1
     # Each was answered (the server drops answers to commands it did not issue, and counts them).
     wait_until(lambda: diag.stats().get("answer_unknown") == 5, WAIT, what="5 answers")
+
+
+def test_the_cli_through_the_admin_api_and_its_audit_log(
+    fleet: FleetHarness, diag: Diagnostics, digits_bundles: DigitsBundles, tmp_path: Path
+) -> None:
+    keys = digits_bundles.keys
+    service = FleetService(
+        fleet.registry,
+        BundleLibrary(tmp_path / "library", keys.trusted_root()),
+        fleet.gateway,
+        [keys.signer("online-1")],
+        clock=lambda: datetime.now(UTC),
+        ttl=timedelta(hours=1),
+    )
+    app = create_app(
+        service,
+        TOKEN,
+        extra_routes=(lambda guard: diagnostics_routes(diag, guard),),
+        auditor=Auditor(fleet.registry, lambda: datetime.now(UTC), max_body_bytes=1 << 20),
+    )
+    server = AdminServer(app, "127.0.0.1", 0)
+    server.start()
+    ring = LogRing()
+    logging.getLogger("edge_agent").addHandler(ring)
+    try:
+        fleet.devices["dev-a"] = start_device(fleet.agent_config("dev-a"), log_ring=ring)
+        wait_until(lambda: "dev-a" in fleet.gateway.online(), WAIT, what="dev-a online")
+        logging.getLogger("edge_agent.test").error("cli marker \x07bell")
+        url = ["--url", f"http://127.0.0.1:{server.port}", "--token", TOKEN]
+        runner = CliRunner()
+        ping = runner.invoke(cli, ["devices", "ping", "dev-a", *url])
+        assert ping.exit_code == 0, ping.output
+        assert "answered" in ping.output
+        logs = runner.invoke(cli, ["devices", "logs", "dev-a", "--level", "error", *url])
+        assert logs.exit_code == 0, logs.output
+        assert "cli marker \\x07bell" in logs.output  # the control character is escaped
+        out = tmp_path / "bundle.tar.gz"
+        bundle = runner.invoke(cli, ["devices", "support-bundle", "dev-a", "-o", str(out), *url])
+        assert bundle.exit_code == 0, bundle.output
+        with tarfile.open(out, "r:gz") as tar:
+            assert "logs.jsonl" in tar.getnames()
+        listed = runner.invoke(cli, ["devices", "commands", "dev-a", *url])
+        assert listed.output.count("answered") == 2
+        assert "uploaded" in listed.output
+        with AdminClient(f"http://127.0.0.1:{server.port}", TOKEN) as client:
+            entries = client.audit(action="POST /v1/devices/{device_id}/commands")
+        outcomes = [e for e in entries if e["status"] is not None]
+        assert [e["status"] for e in outcomes] == [202, 202, 202], entries
+        assert {e["object"] for e in outcomes} == {"device:dev-a"}
+    finally:
+        logging.getLogger("edge_agent").removeHandler(ring)
+        server.stop()
 
 
 def test_a_real_agent_restarts_on_command_with_exit_code_75(
