@@ -5,6 +5,7 @@ upload blocks, the pending bound, expiry. A recording transport stands in for th
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -291,6 +292,13 @@ def test_a_support_bundle_is_pulled_checked_and_verified(env: Env) -> None:
         env.http.get(f"/v1/devices/cam-2/support-bundles/{command_id}", headers=AUTH).status_code
         == 404
     )
+    # Archives older than the retention are deleted by the hourly sweep.
+    old = (env.clock.now - timedelta(days=31)).timestamp()
+    os.utime(env.diag.bundle_path("cam-1", command_id), (old, old))
+    env.diag.tick()
+    assert env.diag.stats()["bundles_pruned"] == 1
+    r = env.http.get(f"/v1/devices/cam-1/support-bundles/{command_id}", headers=AUTH)
+    assert r.status_code == 409
 
 
 def test_a_bundle_that_does_not_match_its_digest_is_not_kept(env: Env) -> None:

@@ -39,7 +39,7 @@ from edge_agent.errors import ContractError, EdgefleetError, TransportError
 from edge_agent.wire.diagnostics import CommandAnswer, UploadOffer
 from edge_agent.wire.topics import Topics
 from edge_agent.wire.transfer import BlockRequest
-from fleet_server.diagnostics.book import CommandBook, CommandRecord
+from fleet_server.diagnostics.book import RETENTION_SECONDS, CommandBook, CommandRecord
 from fleet_server.diagnostics.commands import (
     DEFAULT_TTL,
     default_arguments,
@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_PENDING: Final = 16
 _TICK_SECONDS: Final = 0.5
+_PRUNE_EVERY_SECONDS: Final = 3600.0
 _CORRELATION_RE = re.compile(rb"[0-9a-f]{32}")
 _CODE_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
@@ -129,6 +130,7 @@ class Diagnostics:
         self._counts: Counter[str] = Counter()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._pruned_at = -_PRUNE_EVERY_SECONDS
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -159,15 +161,20 @@ class Diagnostics:
                 log.warning("diagnostics housekeeping failed: %s", exc)
 
     def tick(self) -> None:
-        """Expire unanswered commands, ask again for stalled upload blocks.
+        """Expire unanswered commands, ask again for stalled upload blocks; once an hour, delete
+        support bundles older than the book's retention (their records go with them).
 
         Raises:
             DiagnosticsError: the state file failed.
         """
-        expired = self._book.expire(self._clock().timestamp())
+        now = self._clock().timestamp()
+        expired = self._book.expire(now)
         if expired:
             self._count("expired", len(expired))
         self._uploads.tick()
+        if now - self._pruned_at >= _PRUNE_EVERY_SECONDS:
+            self._pruned_at = now
+            self._count("bundles_pruned", self._uploads.prune(RETENTION_SECONDS, now))
 
     # ------------------------------------------------------------------ operator actions
     def issue(

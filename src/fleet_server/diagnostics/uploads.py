@@ -182,6 +182,17 @@ class UploadAssembler:
         for result in finished:
             self._done(result)
 
+    def prune(self, max_age_seconds: float, now: float) -> int:
+        """Delete finished archives older than ``max_age_seconds`` (by mtime, wall clock
+        ``now``); returns how many. Never raises."""
+        removed = 0
+        for path in self._dir.glob("*.tar.gz"):
+            with contextlib.suppress(OSError):
+                if now - path.stat().st_mtime > max_age_seconds:
+                    path.unlink()
+                    removed += 1
+        return removed
+
     def close(self) -> None:
         """Abandon every transfer (partial files are deleted). Never raises."""
         with self._lock:
