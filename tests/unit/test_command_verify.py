@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from datetime import timedelta
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -263,3 +265,45 @@ def test_the_server_refuses_to_sign_what_a_device_would_refuse(tmp_path: Path) -
         make_command(DEVICE, 1, "logs", {"max_lines": 0}, NOW)
     with pytest.raises(ValueError, match="ttl"):
         make_command(DEVICE, 1, "ping", {}, NOW, ttl=timedelta(days=30))
+
+
+def _schema(name: str) -> dict[str, Any]:
+    text = resources.files("edge_agent").joinpath(f"schemas/{name}.schema.json").read_text()
+    schema = json.loads(text)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return dict(schema)
+
+
+@pytest.mark.parametrize(
+    ("name", "args"),
+    [
+        ("ping", {}),
+        ("logs", {"level": "error"}),
+        ("support-bundle", {}),
+        ("restart", {}),
+        ("health-check", {"model": "digits"}),
+    ],
+)
+def test_signed_commands_match_their_schema(
+    keys: KeyStore, name: str, args: dict[str, Any]
+) -> None:
+    schema = _schema("command")
+    data = json.loads(_signed(keys, name=name, args=args))
+    jsonschema.validate(data, schema)
+    data["signed"]["args"]["extra"] = 1
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(data, schema)
+
+
+def test_answers_match_their_schema() -> None:
+    schema = _schema("command-answer")
+    offer = UploadOffer(1000, "a" * 64, 64 * 1024).to_dict()
+    for answer in (
+        CommandAnswer(DEVICE, "ab" * 16, "support-bundle", True, offer),
+        CommandAnswer.refusal(DEVICE, None, None, "metadata_malformed", "not JSON"),
+    ):
+        jsonschema.validate(json.loads(answer.to_bytes()), schema)
+    bad = json.loads(CommandAnswer.refusal(DEVICE, None, None, "rollback", "old").to_bytes())
+    bad["ok"] = True
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
