@@ -49,7 +49,7 @@ from mosquitto import MOSQUITTO, fleet_broker, free_port
 
 pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
 
-WAIT = 30.0
+WAIT = 60.0  # generous: daemons start slowly on a loaded machine
 TOKEN = "d" * 32
 
 
