@@ -1,8 +1,9 @@
 """Screenshots of the operator console's main pages into docs/console/ (PNG).
 
 Builds a small fleet in a temporary directory (a real SQLite registry, 40 devices in three
-groups, the last hour of telemetry and a few events of eight of them, two published versions
-of a model, a rollout that a gate halts, the audit entries of the console's writes), serves
+groups, the last hour of telemetry and a few events of eight of them, drift windows of
+eighteen, two versions of the digits example model built and signed by model-builder, a
+rollout that a gate halts, the audit entries of the console's writes), serves
 the admin app with the console on 127.0.0.1 (uvicorn), logs in with Debian's chromium
 (Playwright) and saves one PNG per page. The presence of devices comes from a stand-in for
 the MQTT gateway (there is no broker here); everything else is the server's own code.
@@ -13,6 +14,7 @@ Usage: .venv/bin/python scripts/console_screenshots.py [--out docs/console]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import secrets
 import tempfile
 import time
@@ -22,11 +24,20 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from argon2 import PasswordHasher
 from playwright.sync_api import sync_playwright
 
+from edge_agent.bundle import read_bundle
+from edge_agent.drift import DriftMonitor, MonitorPolicy
 from edge_agent.wire.reported import ModelReport, ReportedState
-from edge_agent.wire.telemetry import Event, ModelStats, StatusMessage, TelemetryReport
+from edge_agent.wire.telemetry import (
+    DriftSummary,
+    Event,
+    ModelStats,
+    StatusMessage,
+    TelemetryReport,
+)
 from fleet_server.accounts.passwords import Passwords
 from fleet_server.accounts.roles import Role
 from fleet_server.accounts.store import Accounts
@@ -41,10 +52,16 @@ from fleet_server.gateway.misbehaviour import DeviceMisbehaviour
 from fleet_server.jobs.rollout_runner import RolloutRunner
 from fleet_server.registry.store import Registry
 from fleet_server.service import FleetService
+from model_builder.build import build_bundle
+from model_builder.config import BuildConfig
+from model_builder.data import Dataset
+from model_builder.examples import ExampleModel, digits_mlp
 from model_builder.keystore import KeyStore
+from model_builder.package import package_bundle
 
 PASSWORD = secrets.token_urlsafe(16)  # this run's throwaway account
 CHROMIUM = "/usr/bin/chromium"
+DRIFT_FEATURE = 20
 PAGES = (
     ("login", "/console/login"),
     ("overview", "/console/"),
@@ -53,6 +70,7 @@ PAGES = (
     ("models", "/console/models"),
     ("rollouts", "/console/rollouts"),
     ("rollout", "ROLLOUT"),
+    ("drift", f"/console/drift?model=digits&version=1&by=group&since=24h&feature={DRIFT_FEATURE}"),
     ("fallback", "/console/fallback"),
     ("audit", "/console/audit"),
 )
@@ -93,6 +111,32 @@ class Assigner:
         return []
 
 
+def _bundles(keys: KeyStore, work: Path) -> tuple[list[Path], ExampleModel]:
+    """Two signed versions of the digits example model, built as ``model-builder`` builds
+    them (static int8 quantization, accuracy gate, drift baseline, provenance, report)."""
+    now = datetime.now(UTC)
+    ex = digits_mlp()
+    result = build_bundle(
+        ex.model_bytes,
+        "onnx",
+        Dataset({ex.input_name: ex.x_calib}, None),
+        Dataset({ex.input_name: ex.x_eval}, ex.y_eval),
+        (ex.input_contract(max_batch=64), ex.output_contract()),
+        BuildConfig(name="digits", version=1, measure_latency=False, arch=("any",)),
+        keys,
+        now=now,
+    )
+    v1 = work / "digits-1.efb"
+    v1.write_bytes(result.bundle)
+    artifact = read_bundle(v1, keys.trusted_root(), now=now, installed_version=None,
+                           device=None).artifact  # fmt: skip
+    v2 = work / "digits-2.efb"
+    v2.write_bytes(
+        package_bundle(dataclasses.replace(result.manifest, version=2), artifact, keys, now=now)
+    )
+    return [v1, v2], ex
+
+
 def _fleet(registry: Registry, presence: Presence) -> list[str]:
     ids = []
     for i in range(40):
@@ -106,18 +150,25 @@ def _fleet(registry: Registry, presence: Presence) -> list[str]:
         if i % 7:
             presence.status[device] = StatusMessage(device, "online", 0.0, "connected")
         ids.append(device)
-    for v, note in ((1, "fp32 baseline"), (2, "int8 static quantization")):
-        registry.publish_bundle(
-            "digits", v, channel="stable", sha256=f"{v}" * 64, length=41_872 - 9_000 * (v - 1),
-            targets_sha256=f"{v + 4}" * 64,
-            manifest={
-                "provenance": {"builder": "model-builder 0.1.0", "source": "digits_mlp",
-                               "trained_at": "2026-11-30T09:12:00+00:00"},
-                "report": {"quantization": note, "accuracy_fp32": 0.9722,
-                           "accuracy": 0.9722 - 0.0028 * (v - 1), "max_abs_diff": 0.011 * v},
-            },
-        )  # fmt: skip
     return ids
+
+
+def _drift(registry: Registry, service: DriftService, ex: ExampleModel, ids: list[str]) -> None:
+    """Drift windows of real digits inputs from 18 devices; on line-4 one pixel reads bright
+    (a smudged lens, say), so that feature drifts in that cohort only."""
+    baseline = service.baseline("digits", 1)
+    rng = np.random.default_rng(7)
+    now = time.time()
+    for device in ids[10:28]:
+        rows = ex.x_eval[rng.integers(0, len(ex.x_eval), size=600)].astype(np.float64)
+        if int(device.removeprefix("cam-")) % 3 == 1:  # line-4 (see _fleet)
+            rows[:, DRIFT_FEATURE] += 6.0
+        monitor = DriftMonitor(baseline, MonitorPolicy(max_values=300, min_values=1))
+        windows = monitor.observe(ex.input_name, rows, now=now)
+        stats = ModelStats(version=1, drift=tuple(map(DriftSummary.from_window, windows)))
+        registry.ingest(
+            device, [TelemetryReport(device, 1, now - 300, now, models={"digits": stats})]
+        )
 
 
 def _telemetry(registry: Registry, device: str, now: float) -> None:
@@ -159,16 +210,21 @@ def main(out: Path) -> int:
             registry, BundleLibrary(work / "bundles", keys.trusted_root()), presence,
             [keys.signer("online-1")], clock=clock, ttl=timedelta(hours=1),
         )  # fmt: skip
+        paths, example = _bundles(keys, work)
+        for path in paths:
+            service.publish_model(path)
         ids = _fleet(registry, presence)
         for device in ids[:8]:
             _telemetry(registry, device, time.time())
+        drift = DriftService(registry, work / "bundles")
+        _drift(registry, drift, example, ids)
         assigner = Assigner()
         runner = RolloutRunner(registry, assigner, clock, interval=3600)
         accounts = Accounts(registry, clock, passwords=Passwords(PasswordHasher()))
         accounts.create("maria", Role.RELEASE_MANAGER, PASSWORD)
         auth = Authenticator(accounts, None)
         auditor = Auditor(registry, clock, max_body_bytes=1024 * 1024)
-        deps = ConsoleDeps(service, runner, DriftService(registry, work / "bundles"), auth, auditor)
+        deps = ConsoleDeps(service, runner, drift, auth, auditor)
         app = create_app(
             service, None, authenticator=auth, auditor=auditor,
             extra_routes=(lambda g: rollout_routes(runner, g), lambda g: console_routes(deps)),

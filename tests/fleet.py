@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_agent.bundle import read_raw
+from edge_agent.common.logring import LogRing
 from edge_agent.common.mqtt import MqttClient
 from edge_agent.common.mqtt_types import MqttConfig
 from edge_agent.config import AgentConfig, ModelPolicy, StoreConfig, SyncConfig
@@ -192,10 +193,11 @@ def agent_config(
     )
 
 
-def start_device(config: AgentConfig) -> Device:
+def start_device(config: AgentConfig, *, log_ring: LogRing | None = None) -> Device:
     """A running agent (real onnxruntime) with its sync loop, wired exactly as the daemon does
-    (one MQTT session for sync and, unless ``device_only``, the cloud-fallback transport)."""
-    agent, sync_agent = build_device(config)
+    (one MQTT session for sync and, unless ``device_only``, the cloud-fallback transport).
+    ``log_ring``: the recent log records its remote ``logs`` command reads."""
+    agent, sync_agent = build_device(config, log_ring=log_ring)
     assert sync_agent is not None, "start_device needs [sync] enabled"
     sync_agent.start()
     control = ControlLoop(agent)  # probation verdicts and drift windows, as in the daemon

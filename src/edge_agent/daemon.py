@@ -7,6 +7,12 @@ end (``edge_agent.api.server.Listener``: the HTTP API on TCP and the Unix socket
 enabled) stops accepting at the same moment and drains in-flight requests for
 ``api.drain_seconds``, then sync stops and models are unloaded. No front end owns the process:
 each runs on its own threads, and the daemon's main thread waits for the stop signal.
+
+A signed remote ``restart`` command (``edge_agent.sync.commands``) stops the daemon exactly as
+SIGTERM does, and ``run`` then returns ``EXIT_RESTART`` (75): the service manager starts the
+agent again (the systemd unit restarts it on any exit). The recent log records a remote ``logs``
+command or a support bundle reads are kept in memory by ``edge_agent.common.logring.LogRing``,
+installed beside the console handler.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edge_agent.common.logring import LogRing
 from edge_agent.config import AgentConfig
 from edge_agent.errors import ConfigError, EdgefleetError
 from edge_agent.runtime.device import detect_device_profile
@@ -60,16 +67,22 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
-def setup_logging(config: AgentConfig) -> None:
+def setup_logging(config: AgentConfig) -> LogRing:
+    """Log to stderr (plain or JSON) and into a bounded in-memory ring; returns the ring.
+
+    Both see the records at or above ``log_level`` (the ring holds what the console shows).
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         JsonFormatter()
         if config.log_json
         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
+    ring = LogRing()
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [handler, ring]
     root.setLevel(config.log_level.upper())
+    return ring
 
 
 def sd_notify(message: str) -> bool:
@@ -116,11 +129,17 @@ def build_agent(config: AgentConfig, transport: FallbackTransport | None = None)
     return agent
 
 
-def build_device(config: AgentConfig) -> tuple[Agent, SyncAgent | None]:
+def build_device(
+    config: AgentConfig,
+    *,
+    log_ring: LogRing | None = None,
+    restart: Callable[[], None] | None = None,
+) -> tuple[Agent, SyncAgent | None]:
     """The agent and, with ``[sync] enabled``, its fleet-sync loop (not started yet).
 
     One MQTT session serves both sync and, unless the fallback mode is ``device_only``, the
-    cloud-fallback transport.
+    cloud-fallback transport. ``log_ring`` and ``restart`` go to the sync loop's remote
+    commands (``SyncAgent``).
 
     Raises:
         ConfigError: the provisioned root or the MQTT settings are unusable.
@@ -138,7 +157,7 @@ def build_device(config: AgentConfig) -> tuple[Agent, SyncAgent | None]:
         transport = MqttFallbackTransport(client, Topics(config.sync.prefix), config.device_id)
     agent = build_agent(config, transport)
     try:
-        return agent, SyncAgent(config, agent, client=client)
+        return agent, SyncAgent(config, agent, client=client, log_ring=log_ring, restart=restart)
     except EdgefleetError:
         agent.close()
         raise
@@ -242,16 +261,24 @@ def serve_until_stopped(
 def run(config: AgentConfig) -> int:
     """Run the daemon until SIGTERM/SIGINT; returns the exit code."""
     from edge_agent.api.server import stop_on_signals
+    from edge_agent.sync.commands import EXIT_RESTART
 
-    setup_logging(config)
-    agent, sync = build_device(config)
+    ring = setup_logging(config)
+    stop = threading.Event()
+    restart_requested = threading.Event()
+
+    def restart() -> None:
+        log.warning("restart requested by a signed remote command: draining, exit %d", EXIT_RESTART)
+        restart_requested.set()
+        stop.set()
+
+    agent, sync = build_device(config, log_ring=ring, restart=restart)
     if sync is not None:
         sync.start()
         log.info("fleet sync: %s:%d as %s", config.sync.host, config.sync.port, config.device_id)
     control = ControlLoop(agent)
     control.start()
     signal.signal(signal.SIGHUP, lambda *_: control.reload_now.set())
-    stop = threading.Event()
     # Everything loaded so far (runtimes, manifests, baselines) lives as long as the process:
     # keep it out of the cyclic GC's full collections, which otherwise pause serving.
     gc.collect()
@@ -278,4 +305,4 @@ def run(config: AgentConfig) -> int:
             sync.close()
         agent.close()
         log.info("stopped")
-    return 0
+    return EXIT_RESTART if restart_requested.is_set() else 0

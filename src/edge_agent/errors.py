@@ -18,6 +18,11 @@ Families:
     RateLimitedError         a client exceeded its request rate.
     TransportError           the MQTT connection cannot carry the message (not connected, refused).
     OutboxError              the on-disk telemetry outbox refused or failed (full, corrupt).
+    CommandRefusedError      a signed remote command the device will not run: an unknown name,
+                             arguments outside their bounds, over the command rate or the
+                             upload budget, or nothing to act on (the operator's request).
+                             A command that is not authentic, fresh, addressed to this device
+                             or new is a ``BundleVerificationError`` like any signed document.
 
 Each error has a stable ``code`` used as a metric label and in telemetry; codes never change
 meaning once released.
@@ -310,6 +315,36 @@ class TransferIncompleteError(ContractError):
     code = "transfer_incomplete"
 
 
+class CommandRefusedError(EdgefleetError):
+    """A verified remote command the device refuses to run (see the subclasses)."""
+
+    code = "command_refused"
+
+
+class UnknownCommandError(CommandRefusedError):
+    """The command's name is not on the device's fixed list."""
+
+    code = "command_unknown"
+
+
+class CommandArgumentError(CommandRefusedError):
+    """The command's arguments are missing, unknown, of the wrong type or out of bounds."""
+
+    code = "command_arguments"
+
+
+class CommandLimitError(CommandRefusedError):
+    """Over the device's command rate, its daily upload budget or its pending uploads."""
+
+    code = "command_limited"
+
+
+class CommandFailedError(CommandRefusedError):
+    """A valid command that could not be carried out (no such model loaded, bundle too big)."""
+
+    code = "command_failed"
+
+
 #: Exit codes every CLI shares (``edge_agent.cli.support`` exits with them; docs/*.md list them).
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1  # a bug: please report it with the traceback from EDGEFLEET_DEBUG=1
@@ -440,6 +475,7 @@ ERRORS = ErrorTable(
         ErrorRow(ContractError, admin=400, exit=EXIT_BAD_INPUT),
         ErrorRow(ConfigError, exit=EXIT_BAD_INPUT),
         ErrorRow(TransportError, admin=503),
+        ErrorRow(CommandRefusedError, admin=400, exit=EXIT_BAD_INPUT),
         # Not ours, but every CLI answers them: a lock held too long (the store's file lock) and
         # any other file or OS failure (a path that does not exist, a permission).
         ErrorRow(TimeoutError, exit=EXIT_STORE),

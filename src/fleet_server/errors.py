@@ -24,6 +24,10 @@ Families:
                        a weak password (``PasswordPolicyError``), an account that exists,
                        a login that failed (``AuthenticationError``, ``AccountLockedError``),
                        a role the caller may not use (``ForbiddenError``, ``CsrfError``).
+    DiagnosticsError   a remote command cannot be issued or read as asked: too many pending
+                       for a device (``CommandQueueFullError``), a support bundle not
+                       uploaded (yet) (``SupportBundleNotReadyError``), or the state file
+                       failed.
     AdminInputError    an admin API request refused as given: a malformed body, field or query
                        value (``code`` says which), or a body over its cap
                        (``AdminBodyTooLargeError``).
@@ -424,6 +428,31 @@ class UnknownApiTokenError(NotFoundError):
     code = "api_token_unknown"
 
 
+class DiagnosticsError(FleetServerError):
+    """Remote diagnostics failed on the server (its state file, its upload directory)."""
+
+    code = "diagnostics_error"
+
+
+class CommandQueueFullError(DiagnosticsError):
+    """A device already has the most pending commands the server keeps for one device."""
+
+    code = "command_queue_full"
+
+
+class SupportBundleNotReadyError(DiagnosticsError):
+    """The command has no verified support bundle (not a support-bundle command, still
+    uploading, failed or expired)."""
+
+    code = "support_bundle_not_ready"
+
+
+class UnknownCommandRecordError(NotFoundError):
+    """No command with this id (for this device) was issued by this server."""
+
+    code = "unknown_command"
+
+
 #: The admin API's answer to a missing or wrong bearer token (no error is raised for it).
 ADMIN_UNAUTHORIZED_STATUS = 401
 #: The admin API's answer to anything that is not one of our errors (a bug; no details).
@@ -462,6 +491,9 @@ ERRORS = device_errors.ERRORS.extend(
         ErrorRow(AdminUnreachableError, exit=EXIT_RUNTIME),
         ErrorRow(AdminAuthError, exit=EXIT_KEYS),
         ErrorRow(AdminRequestError, exit=EXIT_BAD_INPUT),
+        ErrorRow(DiagnosticsError, admin=503, exit=EXIT_RUNTIME),
+        ErrorRow(CommandQueueFullError, admin=429, exit=EXIT_BAD_INPUT),
+        ErrorRow(SupportBundleNotReadyError, admin=409, exit=EXIT_BAD_INPUT),
         ErrorRow(AdminInputError, admin=400),
         ErrorRow(AdminBodyTooLargeError, admin=413),
         ErrorRow(AccountError, admin=400, exit=EXIT_BAD_INPUT),

@@ -4,7 +4,8 @@ Start-up order (each step refuses to start on a typed error, before anything is 
 admin token, builder root (the provisioned one and the versions rotated to since,
 ``fleet_server.pki.roots``), online signer (its key must be one of the root's ``timestamp`` keys,
 or every document it signs would be refused by devices), registry open + upgrade, MQTT client
-connect, gateway start, admin API start. Shutdown on SIGTERM/SIGINT runs in reverse: admin API
+connect, gateway start (with remote diagnostics, whose state is ``<state_dir>/diagnostics``),
+admin API start. Shutdown on SIGTERM/SIGINT runs in reverse: admin API
 stopped (in-flight requests finish), gateway closed (queued telemetry stored), MQTT closed,
 registry closed.
 
@@ -35,6 +36,7 @@ from fleet_server.admin.accuracy import accuracy_routes
 from fleet_server.admin.api import AdminServer, create_app
 from fleet_server.admin.audit import Auditor
 from fleet_server.admin.auth import Authenticator
+from fleet_server.admin.diagnostics import diagnostics_routes
 from fleet_server.admin.drift import drift_routes
 from fleet_server.admin.evalsets import evalset_routes
 from fleet_server.admin.rollouts import rollout_routes
@@ -42,6 +44,7 @@ from fleet_server.admin.root import root_routes
 from fleet_server.config import ApiConfig, ServerConfig
 from fleet_server.console.routes import ConsoleDeps, console_routes
 from fleet_server.delivery.library import BundleLibrary
+from fleet_server.diagnostics.service import Diagnostics
 from fleet_server.drift.service import DriftService
 from fleet_server.errors import ServerConfigError
 from fleet_server.evalsets.offline import OfflineComparer
@@ -150,9 +153,19 @@ def run(
     fallback: FallbackWorker | None = None
     runner: RolloutRunner | None = None
     history: HistoryJob | None = None
+    diagnostics: Diagnostics | None = None
     try:
         registry.upgrade()
         gateway = Gateway(registry, client, g)
+        diagnostics = Diagnostics(
+            registry,
+            client,
+            Topics(g.prefix),
+            [signer],
+            Path(config.registry.state_dir) / "diagnostics",
+            clock=lambda: datetime.now(UTC),
+        )
+        gateway.attach_diagnostics(diagnostics)
         client.connect()
         try:
             client.wait_connected(CONNECT_TIMEOUT)
@@ -161,6 +174,7 @@ def run(
                 f"broker {m.host}:{m.port} not reachable in {CONNECT_TIMEOUT:.0f}s: {exc}"
             ) from exc
         gateway.start()
+        diagnostics.start()
         library = BundleLibrary(Path(g.bundles_dir), root, max_bytes=config.api.max_upload_bytes)
         service = FleetService(
             registry,
@@ -220,9 +234,13 @@ def run(
                 lambda guard: evalset_routes(evalsets, guard),
                 lambda guard: root_routes(service, guard),
                 lambda guard: account_routes(accounts, guard),
+                lambda guard: diagnostics_routes(diagnostics, guard),
                 lambda guard: console_routes(console),
             ),
-            extra_metrics=(("fallback", fallback.stats),) if fallback is not None else (),
+            extra_metrics=(
+                ("diagnostics", diagnostics.stats),
+                *((("fallback", fallback.stats),) if fallback is not None else ()),
+            ),
             auditor=auditor,
         )
         admin = AdminServer(app, config.api.host, config.api.port)
@@ -241,6 +259,8 @@ def run(
         if history is not None:
             history.close()
         _shutdown(admin, runner, fallback, gateway, client, registry)
+        if diagnostics is not None:  # after the admin API and the gateway stopped using it
+            diagnostics.close()
     return 0
 
 

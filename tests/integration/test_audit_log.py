@@ -179,4 +179,5 @@ def test_postgresql_refuses_to_change_or_delete_entries(served_pg: tuple[str, Re
             c.execute(text(statement))
     with registry.engine.connect() as c:
         assert c.execute(text("SELECT count(*) FROM audit_log")).scalar() == 2
-        assert c.execute(text("SELECT DISTINCT actor FROM audit_log")).scalar() == "bootstrap-token:admin"
+        actor = c.execute(text("SELECT DISTINCT actor FROM audit_log")).scalar()
+        assert actor == "bootstrap-token:admin"

@@ -327,6 +327,37 @@ def test_device_reads_broadcast_but_cannot_write_it(peers: Any) -> None:
     assert [p for _, p in seen] == [b"real"]
 
 
+def test_remote_commands_reach_only_their_device_and_cannot_be_forged(peers: Any) -> None:
+    """Commands: only the server writes a device's ``commands`` and ``upload/req``; only that
+    device reads them; a device writes only its own ``commands/resp`` and ``upload/data``."""
+    server = _connected(peers(SERVER))
+    server.subscribe(f"{PREFIX}/devices/+/commands/resp")
+    server.subscribe(f"{PREFIX}/devices/+/upload/data")
+    a = _connected(peers("dev-a"))
+    b = _connected(peers("dev-b"))
+    for leaf in ("commands", "upload/req"):
+        a.subscribe(_topic("dev-a", leaf))
+        a.subscribe(_topic("dev-b", leaf))  # acknowledged, must deliver nothing
+        b.subscribe(_topic("dev-b", leaf))
+    b.publish(_topic("dev-a", "commands"), b"forged-by-b")  # a device cannot command another
+    a.publish(_topic("dev-a", "commands"), b"self-commanded")  # nor itself
+    a.publish(_topic("dev-a", "upload/req"), b"self-requested")
+    server.publish(_topic("dev-b", "commands"), b"for-b")
+    server.publish(_topic("dev-b", "upload/req"), b"req-b")
+    server.publish(_topic("dev-a", "commands"), b"for-a")
+    server.publish(_topic("dev-a", "upload/req"), b"req-a")
+    assert b.wait_for(_topic("dev-b", "upload/req"), b"req-b")
+    seen = a.wait_for(_topic("dev-a", "upload/req"), b"req-a") + a.drain(QUIET)
+    assert sorted(p for _, p in seen) == [b"for-a", b"req-a"], seen
+    # Answers and upload blocks: a device's own go through, another device's are dropped.
+    b.publish(_topic("dev-a", "commands/resp"), b"forged-answer")
+    b.publish(_topic("dev-a", "upload/data"), b"forged-block")
+    a.publish(_topic("dev-a", "commands/resp"), b"answer")
+    a.publish(_topic("dev-a", "upload/data"), b"block")
+    got = server.wait_for(_topic("dev-a", "upload/data"), b"block") + server.drain(QUIET)
+    assert sorted(p for _, p in got) == [b"answer", b"block"], got
+
+
 def test_client_without_certificate_cannot_connect(peers: Any) -> None:
     _connected(peers("dev-a"))
     assert not peers("anonymous", "dev-x").connect()

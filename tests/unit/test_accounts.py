@@ -82,6 +82,7 @@ MATRIX = {
         Permission.AUDIT_READ,
         Permission.DEVICES_WRITE,
         Permission.DEVICES_REVOKE,
+        Permission.DIAGNOSTICS,
         Permission.ROLLOUTS_CONTROL,
     },
     Role.VIEWER: {Permission.READ, Permission.SELF},

@@ -114,6 +114,8 @@ def test_role_kinds_shared_and_plain() -> None:
         ("blocks_req", "fleet"),
         ("reported", None),
         ("status", None),
+        ("command_resp", None),
+        ("upload_data", None),
     ]
     assert gateway[0].filter == "$share/fleet/edgefleet/devices/+/telemetry"
     assert gateway[3].filter == "edgefleet/devices/+/reported"
@@ -127,4 +129,6 @@ def test_role_kinds_shared_and_plain() -> None:
         "edgefleet/devices/dev-1/ack",
         "edgefleet/devices/dev-1/blocks/resp",
         "edgefleet/broadcast/#",
+        "edgefleet/devices/dev-1/commands",
+        "edgefleet/devices/dev-1/upload/req",
     ]

@@ -63,7 +63,13 @@ def test_subscription_filters() -> None:
     for sub in server:
         plain = f"edgefleet/devices/+/{TOPIC_SPECS[sub.kind].suffix}"
         assert sub.filter == (f"$share/workers/{plain}" if sub.group == "workers" else plain)
-        assert sub.group == "workers" or TOPIC_SPECS[sub.kind].retain
+        # Plain: retained kinds, and diagnostics answers (the issuing worker holds the pending
+        # command; see ROLE_KINDS).
+        assert (
+            sub.group == "workers"
+            or TOPIC_SPECS[sub.kind].retain
+            or sub.kind in ("command_resp", "upload_data")
+        )
     subs = {s.filter: s.qos for s in server}
     assert all(q == 1 for q in subs.values())
     # Everything a device reads: its sync loop's list plus the fallback client's responses.
@@ -75,6 +81,8 @@ def test_subscription_filters() -> None:
         "edgefleet/devices/dev-1/blocks/resp",
         "edgefleet/devices/dev-1/fallback/resp/#",
         "edgefleet/broadcast/#",
+        "edgefleet/devices/dev-1/commands",
+        "edgefleet/devices/dev-1/upload/req",
     }
 
 

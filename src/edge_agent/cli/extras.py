@@ -23,6 +23,7 @@ EXTRA_MODULES: Mapping[str, tuple[str, ...]] = {
     "psycopg": ("server",),
     "httpx": ("server",),
     "argon2": ("server",),
+    "jinja2": ("server",),
     "onnx": ("builder",),
     "onnxconverter_common": ("builder",),
     "sklearn": ("builder",),

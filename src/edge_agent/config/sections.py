@@ -385,9 +385,15 @@ class SyncConfig:
     ack_timeout_seconds: float = 10.0
     block_window: int = 16
     block_retry_seconds: float = 2.0
+    # Remote diagnostics (``edge_agent.sync.commands``): signed commands accepted per minute
+    # (a burst of that many, refilled evenly) and support-bundle bytes uploaded per UTC day.
+    commands_per_minute: int = 10
+    upload_bytes_per_day: int = 64 * 1024 * 1024
 
     def validate(self) -> None:
         check(0 < self.port <= 65535, "sync.port must be 1..65535")
+        check(1 <= self.commands_per_minute <= 600, "sync.commands_per_minute must be 1..600")
+        check(self.upload_bytes_per_day >= 0, "sync.upload_bytes_per_day must be >= 0")
         check(bool(self.host), "sync.host must not be empty")
         try:  # the one prefix rule (the server's gateway and the broker config use it too)
             Topics.check_prefix(self.prefix)

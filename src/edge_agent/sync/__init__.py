@@ -10,4 +10,6 @@ Modules, each importing only those listed after it:
 requests) · ``transfer_store`` (the resumable partial file) · ``uplink`` (acknowledged batches) ·
 ``outbox`` (the on-disk telemetry queue) ·
 ``outbox_sqlite`` (its sqlite3 errors and transactions).
+Remote diagnostics, driven by ``loop``: ``commands`` (judge, run and answer signed commands) ·
+``support_bundle`` (the bounded tar.gz) · ``upload`` (serve its blocks, the daily budget).
 """

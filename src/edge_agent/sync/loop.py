@@ -13,6 +13,9 @@ module it drives:
 - **Reported state** (retained ``.../reported``, ``reporting.ReportedPublisher``) whenever what
   the device runs or downloads changes, and again after every reconnect; ``status.json`` beside
   it (``reporting.StatusFile``).
+- **Remote diagnostics** (``.../commands``, ``.../upload/req``): handed to
+  ``commands.CommandRunner``, which judges and runs each signed command on a thread of its own
+  and answers on ``.../commands/resp``; a support bundle's blocks go out on ``.../upload/data``.
 - **Telemetry**: a report every ``report_interval_seconds`` and every agent event go through
   ``telemetry_feed.TelemetryFeed`` into the on-disk outbox and ``uplink.Uplink`` (acknowledged
   batches, the one path of an event); drift windows that start an alert add a ``drift_alert``
@@ -41,16 +44,19 @@ from typing import Any
 
 from edge_agent import __version__
 from edge_agent.common.identity import IdentityStore
+from edge_agent.common.logring import LogRing
 from edge_agent.common.mqtt import MqttClient
 from edge_agent.common.mqtt_types import Handler, Message, MqttConfig
 from edge_agent.common.transport import Transport
 from edge_agent.config import AgentConfig
 from edge_agent.errors import EdgefleetError, OutboxCorruptError, TransportError
 from edge_agent.serving.agent import Agent
+from edge_agent.sync.commands import CommandRunner, health_check
 from edge_agent.sync.deploy import Deployer
 from edge_agent.sync.desired_intake import DesiredIntake
 from edge_agent.sync.outbox import Outbox
 from edge_agent.sync.reporting import ReportedPublisher, StatusFile
+from edge_agent.sync.support_bundle import BundleSources
 from edge_agent.sync.telemetry_feed import TelemetryFeed
 from edge_agent.sync.uplink import Uplink
 from edge_agent.wire.reported import ReportedState
@@ -75,11 +81,15 @@ class SyncAgent:
         *,
         client: Transport | None = None,
         clock: Callable[[], float] = time.time,
+        log_ring: LogRing | None = None,
+        restart: Callable[[], None] | None = None,
     ) -> None:
         """Open the outbox and prepare (not open) the MQTT session.
 
         ``client`` is any ``Transport`` (default: ``sync_client(config)``, the paho adapter;
-        ``edge_agent.common.memory.MemoryClient`` in unit tests).
+        ``edge_agent.common.memory.MemoryClient`` in unit tests). ``log_ring``: the recent
+        log records a ``logs`` command reads (None: ``logs`` is refused); ``restart``: how a
+        ``restart`` command stops the daemon (None: refused).
 
         Raises:
             ConfigError: invalid MQTT settings.
@@ -134,6 +144,27 @@ class SyncAgent:
             clock=clock,
         )
         self._status_file = StatusFile(self._dir / "status.json")
+        self.commands = CommandRunner(
+            self._device_id,
+            self._store,
+            self._dir,
+            self.client,
+            self._topics,
+            commands_per_minute=sync.commands_per_minute,
+            upload_bytes_per_day=sync.upload_bytes_per_day,
+            sources=BundleSources(
+                device_id=self._device_id,
+                status=lambda: {"agent": agent.status(), "sync": self.status()},
+                reported=lambda: self.reported().to_dict(),
+                store=lambda: {n: self._store.state(n).to_dict() for n in self._store.names()},
+                config=config,
+                events=lambda: list(self._feed.recent),
+                logs=log_ring,
+            ),
+            health_check=lambda model: health_check(agent, model),
+            restart=restart,
+            clock=clock,
+        )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._connects = 0
@@ -156,6 +187,7 @@ class SyncAgent:
             self.client.subscribe(sub.filter, self._handlers[sub.kind], qos=sub.qos)
         self.client.connect()
         if background:
+            self.commands.start()
             self._thread = threading.Thread(target=self._run, name="sync", daemon=True)
             self._thread.start()
 
@@ -171,12 +203,15 @@ class SyncAgent:
             "ack": self._on_ack,
             "blocks_resp": self._on_block,
             "broadcast": self._on_block,
+            "commands": self.commands.on_command,
+            "upload_req": self.commands.on_upload_request,
         }
 
     def close(self) -> None:
         """Stop the thread, keep partial downloads for the next start, disconnect. Never raises."""
         self._stop.set()
         self._wake.set()
+        self.commands.close()
         if self._thread is not None:
             self._thread.join(30)
         self._agent.registry.event_sink = None
@@ -193,8 +228,9 @@ class SyncAgent:
 
     @property
     def counts(self) -> dict[str, int]:
-        """Desired states accepted/rejected, bad blocks, installs and install failures."""
-        return {**self._intake.counts, **self._deploy.counts}
+        """Desired states accepted/rejected, bad blocks, installs and install failures, and
+        remote commands run and refused (``commands_ran_<name>``, ``commands_refused_<code>``)."""
+        return {**self._intake.counts, **self._deploy.counts, **self.commands.stats()}
 
     def status(self) -> dict[str, Any]:
         """A JSON-safe snapshot for ``edge-agent status``."""

@@ -21,7 +21,7 @@ import logging
 import os
 import queue
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,6 +40,8 @@ log = logging.getLogger("edge_agent.sync.loop")
 
 #: A report must fit one telemetry message with room to spare for the batch around it.
 MAX_REPORT_BYTES = MAX_ITEM_BYTES
+#: Events kept in memory for a support bundle.
+RECENT_EVENTS = 200
 
 
 class TelemetryFeed:
@@ -72,6 +74,8 @@ class TelemetryFeed:
         self._clock = clock
         self._windows_dropped = 0
         self._window_start = clock()
+        #: The newest events handed to the uplink (a support bundle's ``events.jsonl``).
+        self.recent: deque[dict[str, object]] = deque(maxlen=RECENT_EVENTS)
 
     def event(self, model: str | None, version: int | None, kind: str, detail: str) -> None:
         """Queue one event (any thread)."""
@@ -86,6 +90,7 @@ class TelemetryFeed:
                 entry = self._events.get_nowait()
             except queue.Empty:
                 return
+            self.recent.append(entry)
             try:
                 event = event_from_registry(self._device_id, 0, entry)
                 if event is not None:

@@ -22,6 +22,10 @@ every role's list against it)::
     <prefix>/devices/<id>/blocks/resp        server -> device
     <prefix>/devices/<id>/fallback/req       device -> server
     <prefix>/devices/<id>/fallback/resp/<c>  server -> device (c: correlation id)
+    <prefix>/devices/<id>/commands           server -> device (signed remote commands)
+    <prefix>/devices/<id>/commands/resp      device -> server (their answers)
+    <prefix>/devices/<id>/upload/req         server -> device (support-bundle block requests)
+    <prefix>/devices/<id>/upload/data        device -> server (support-bundle blocks)
     <prefix>/broadcast/<wave>                server -> every device
 
 The device's cloud-fallback client subscribes to one topic of its own below
@@ -111,6 +115,13 @@ TOPIC_SPECS: Final[dict[str, TopicSpec]] = {
         TopicSpec("blocks_resp", "blocks/resp", "server", 1, False),
         TopicSpec("fallback_req", "fallback/req", "device", 1, False),
         TopicSpec("fallback_resp", "fallback/resp", "server", 1, False),
+        # Remote diagnostics (``edge_agent.trust.command``): QoS 1 and never retained, so a
+        # command waits in the device's persistent session (or expires with its message
+        # expiry interval) and is delivered once per session, never to a later subscriber.
+        TopicSpec("commands", "commands", "server", 1, False),
+        TopicSpec("command_resp", "commands/resp", "device", 1, False),
+        TopicSpec("upload_req", "upload/req", "server", 1, False),
+        TopicSpec("upload_data", "upload/data", "device", 1, False),
         TopicSpec("broadcast", "broadcast", "server", 1, False),
     )
 }
@@ -147,11 +158,18 @@ class RoleKinds:
 
 #: What each role subscribes to. ``device``: the device's sync loop (its own per-device topics
 #: and every broadcast); ``gateway``: the fleet server's MQTT gateway (ingest, presence,
-#: reported state, block requests); ``fallback_worker``: the server's cloud-fallback workers.
+#: reported state, block requests, command answers and uploads); ``fallback_worker``: the
+#: server's cloud-fallback workers.
 ROLE_KINDS: Final[dict[str, RoleKinds]] = {
-    "device": RoleKinds(plain=("desired", "ack", "blocks_resp", "broadcast")),
+    "device": RoleKinds(
+        plain=("desired", "ack", "blocks_resp", "broadcast", "commands", "upload_req")
+    ),
+    # Command answers and upload blocks are plain: the worker that issued a command holds its
+    # pending state (``fleet_server.diagnostics``), and every worker ignores answers it never
+    # asked for.
     "gateway": RoleKinds(
-        shared=("telemetry", "events", "blocks_req"), plain=("reported", "status")
+        shared=("telemetry", "events", "blocks_req"),
+        plain=("reported", "status", "command_resp", "upload_data"),
     ),
     "fallback_worker": RoleKinds(shared=("fallback_req",)),
 }

@@ -15,6 +15,7 @@ role for the people who look after devices day to day)::
     audit.read            x          x              x
     devices.write         x                         x
     devices.revoke        x                         x
+    diagnostics           x                         x
     models.publish        x          x
     releases              x          x
     rollouts.control      x          x              x
@@ -24,8 +25,11 @@ role for the people who look after devices day to day)::
 
 ``self`` is what any account may do to itself: ``GET /v1/whoami``, its own API tokens, its
 own password. An operator may pause, resume and abort a rollout (stopping a bad release is
-everyone's job) but not create or approve one. A route missing from ``ROUTE_PERMISSIONS``
-is refused to everyone (``permission_for`` returns ``None``: fail closed).
+everyone's job) but not create or approve one. ``diagnostics`` is sending remote commands
+(ping, logs, support bundle, restart, health check) and downloading support bundles, which
+hold device logs and configuration; reading a command's state is ``read``. A route missing
+from ``ROUTE_PERMISSIONS`` is refused to everyone (``permission_for`` returns ``None``: fail
+closed).
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ class Permission(StrEnum):
     AUDIT_READ = "audit.read"
     DEVICES_WRITE = "devices.write"  # enroll
     DEVICES_REVOKE = "devices.revoke"
+    DIAGNOSTICS = "diagnostics"  # remote commands to devices, support-bundle downloads
     MODELS_PUBLISH = "models.publish"  # upload a signed bundle
     RELEASES = "releases"  # assign, waves, create and approve rollouts, overrides
     ROLLOUTS_CONTROL = "rollouts.control"  # pause, resume, abort
@@ -75,7 +80,13 @@ class Permission(StrEnum):
 
 _P = Permission
 _VIEWER = frozenset({_P.READ, _P.SELF})
-_OPERATOR = _VIEWER | {_P.AUDIT_READ, _P.DEVICES_WRITE, _P.DEVICES_REVOKE, _P.ROLLOUTS_CONTROL}
+_OPERATOR = _VIEWER | {
+    _P.AUDIT_READ,
+    _P.DEVICES_WRITE,
+    _P.DEVICES_REVOKE,
+    _P.DIAGNOSTICS,
+    _P.ROLLOUTS_CONTROL,
+}
 _RELEASE = _VIEWER | {
     _P.AUDIT_READ,
     _P.MODELS_PUBLISH,
@@ -128,6 +139,12 @@ ROUTE_PERMISSIONS: Final[Mapping[str, Permission]] = MappingProxyType(
         "GET /v1/audit/export": _P.AUDIT_READ,
         "POST /v1/devices": _P.DEVICES_WRITE,
         "POST /v1/devices/{device_id}/revoke": _P.DEVICES_REVOKE,
+        "POST /v1/devices/{device_id}/commands": _P.DIAGNOSTICS,
+        "POST /v1/groups/{group}/commands": _P.DIAGNOSTICS,
+        "GET /v1/devices/{device_id}/support-bundles/{command_id}": _P.DIAGNOSTICS,
+        "GET /v1/devices/{device_id}/commands": _P.READ,
+        "GET /v1/commands/{command_id}": _P.READ,
+        "GET /v1/diagnostics/stats": _P.READ,
         "POST /v1/models": _P.MODELS_PUBLISH,
         "POST /v1/assign": _P.RELEASES,
         "POST /v1/waves": _P.RELEASES,

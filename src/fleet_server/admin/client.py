@@ -344,3 +344,52 @@ class AdminClient:
                 f"admin API {self._http.base_url} unreachable: {exc}"
             ) from exc
         return written
+
+    # ------------------------------------------------------------------ remote diagnostics
+    def issue_command(
+        self,
+        name: str,
+        args: dict[str, Any],
+        *,
+        device_id: str | None = None,
+        group: str | None = None,
+        ttl_seconds: int = 3600,
+    ) -> dict[str, Any]:
+        """``POST /v1/devices/{id}/commands`` (or ``/v1/groups/{group}/commands``): sign and
+        send one command; ``{"commands": [...], "errors": {...}}``. Raises: AdminApiError."""
+        path = f"/v1/devices/{device_id}/commands" if device_id else f"/v1/groups/{group}/commands"
+        body = {"name": name, "args": args, "ttl_seconds": ttl_seconds}
+        return dict(self._call("POST", path, json=body))
+
+    def command(self, command_id: str) -> dict[str, Any]:
+        """``GET /v1/commands/{id}``: one command's state and answer. Raises: AdminApiError."""
+        return dict(self._call("GET", f"/v1/commands/{command_id}"))
+
+    def device_commands(self, device_id: str, limit: int = 50) -> list[dict[str, Any]]:
+        """``GET /v1/devices/{id}/commands``, newest first. Raises: AdminApiError."""
+        body = self._call("GET", f"/v1/devices/{device_id}/commands", params={"limit": limit})
+        return list(body["commands"])
+
+    def support_bundle(self, device_id: str, command_id: str, out: BinaryIO) -> int:
+        """``GET /v1/devices/{id}/support-bundles/{command id}``, streamed into ``out``; the
+        bytes written.
+
+        Raises:
+            AdminApiError: as every call.
+            OSError: ``out`` cannot be written.
+        """
+        written = 0
+        path = f"/v1/devices/{device_id}/support-bundles/{command_id}"
+        try:
+            with self._http.stream("GET", path) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    self._raise_for(response)
+                for chunk in response.iter_bytes():
+                    out.write(chunk)
+                    written += len(chunk)
+        except httpx.HTTPError as exc:
+            raise AdminUnreachableError(
+                f"admin API {self._http.base_url} unreachable: {exc}"
+            ) from exc
+        return written

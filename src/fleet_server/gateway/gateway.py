@@ -16,6 +16,10 @@ status alone; an invalid retained ``status`` or ``reported`` document is cleared
 retained message) so consumers do not keep receiving it; blocks are served only for bundles the
 device's latest desired state names (``blocks.Entitlements``).
 
+Remote diagnostics: command answers (``.../commands/resp``) and support-bundle blocks
+(``.../upload/data``) go to ``fleet_server.diagnostics.service.Diagnostics`` when one is
+attached (``attach_diagnostics``); a malformed answer counts against its device.
+
 Talks to the broker only through ``edge_agent.common.transport.Transport`` (the paho adapter in
 production, ``edge_agent.common.memory`` in unit tests).
 
@@ -53,6 +57,7 @@ from fleet_server.config import GatewayConfig
 from fleet_server.delivery.block_server import BlockServer, Pacer
 from fleet_server.delivery.blocks import Entitlements
 from fleet_server.delivery.desired import parse_document
+from fleet_server.diagnostics.service import Diagnostics
 from fleet_server.errors import RegistryError, RegistryUnavailableError
 from fleet_server.gateway.config import REJECT_REASONS, GatewayStats
 from fleet_server.gateway.ingest import IngestWorker
@@ -117,6 +122,7 @@ class Gateway:
         self._misbehaviour = MisbehaviourBook()
         self._entitlements = Entitlements(self._entitled_bundles)
         self._stop = threading.Event()
+        self._diagnostics: Diagnostics | None = None
         self._housekeeper: threading.Thread | None = None
         self._seen_connects = 0
         self._limiter = RateLimiter(
@@ -179,6 +185,10 @@ class Gateway:
         self._ingest.close()
 
     # ------------------------------------------------------------------ public API
+    def attach_diagnostics(self, diagnostics: Diagnostics) -> None:
+        """Route command answers and upload blocks to ``diagnostics`` (before ``start``)."""
+        self._diagnostics = diagnostics
+
     def publish_desired(self, device_id: str, document: bytes) -> None:
         """Publish a signed desired-state document, retained, QoS 1, to the device.
 
@@ -276,6 +286,9 @@ class Gateway:
         if kind != "status" and self._limiter.acquire(device_id) > 0:
             self._reject("rate_limited", device_id)  # not acked: the device sends it again
             return
+        if kind in ("command_resp", "upload_data"):
+            self._on_diagnostics(kind, device_id, message)
+            return
         handler = {
             "telemetry": self._on_telemetry,
             "events": self._on_telemetry,
@@ -290,6 +303,22 @@ class Gateway:
         except Exception:  # a bug must not stop the handler thread; count and go on
             self._reject("malformed", device_id)
             log.exception("gateway handler for %s failed", message.topic)
+
+    def _on_diagnostics(self, kind: str, device_id: str, message: Message) -> None:
+        diagnostics = self._diagnostics
+        if diagnostics is None:
+            return  # this worker issues no commands
+        try:
+            if kind == "upload_data":
+                diagnostics.on_upload_block(device_id, message)
+                return
+            dropped = diagnostics.on_answer(device_id, message)
+        except EdgefleetError as exc:
+            self._count("db_failures", 1)
+            log.warning("command answer of %s not recorded: %s", device_id, exc)
+            return
+        if dropped in ("answer_malformed", "answer_uncorrelated", "offer_malformed"):
+            self._reject("malformed", device_id)
 
     def _on_telemetry(self, kind: str, device_id: str, payload: bytes) -> None:
         parsed = parse_telemetry(kind, device_id, payload)
