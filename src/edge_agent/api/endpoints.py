@@ -27,8 +27,11 @@ only the agent's group can connect). ``X-Forwarded-For`` is never trusted (``ser
 headers off). Sticky A/B: the ``routing_key`` request parameter, else the ``X-Routing-Key`` header.
 
 Threads: ``service.infer`` runs in a pool of ``max_concurrency`` worker threads (more requests
-wait), so the event loop never blocks on a model or a cloud call; so do decoding and encoding of
-large bodies, while small ones (tens of microseconds, less than a thread hop) stay on the loop.
+wait), so the event loop never blocks on a slow model or a cloud call; a model whose smoothed
+service time is below ``INLINE_SERVICE_S`` runs on the loop (cheaper than the thread hop), that
+time being the CPU time of a device answer (waits for the GIL or for a shared CPU are not the
+model's cost) and the wall time of a cloud answer or a failure. Decoding and encoding of large
+bodies run in the pool too, while small ones (tens of microseconds) stay on the loop.
 The pool is a plain ``ThreadPoolExecutor``: anyio's ``to_thread`` hop measured ~40% more CPU per
 request. Other service calls use Starlette's default pool: probes never queue behind inferences.
 """
@@ -87,7 +90,12 @@ from edge_agent.errors import (
     ModelNotFoundError,
     api_status,
 )
-from edge_agent.serving.service import InferenceRequest, InferenceResult, InferenceService
+from edge_agent.serving.service import (
+    SOURCE_DEVICE,
+    InferenceRequest,
+    InferenceResult,
+    InferenceService,
+)
 
 __all__ = ["INLINE_BYTES", "INLINE_ELEMENTS", "INLINE_SERVICE_S", "V2Endpoints"]
 
@@ -97,7 +105,9 @@ logger = logging.getLogger(__name__)
 # a thread hop (and the GIL hand-offs it brings); above them it moves to the worker threads.
 INLINE_BYTES = 64 * 1024
 INLINE_ELEMENTS = 16 * 1024
-# Models whose smoothed service time is below this (1 ms) run inline on the event loop.
+# Models whose smoothed service time is below this (1 ms) run inline on the event loop. A device
+# answer's service time is the CPU time of the thread that ran it (a model with N intra-op
+# threads may so take up to N ms on the loop); a cloud answer's or a failure's, its wall time.
 INLINE_SERVICE_S = 0.001
 _MAX_KNOWN_MODELS = 256
 _INVALID_HTTP = ERRORS.api_status(InputValidationError)[0]
@@ -346,11 +356,22 @@ class V2Endpoints:
         ewma = self._service_s.get(name)
 
         def timed() -> InferenceResult:
-            t = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.thread_time()
+            result: InferenceResult | None = None
             try:
-                return self.service.infer(request)
+                result = self.service.infer(request)
+                return result
             finally:
-                took = time.perf_counter() - t
+                # A device answer costs what its thread computed: the wall time of a call also
+                # counts waits for the GIL and for a CPU shared with other processes, which
+                # offloading then makes longer (worker threads contend with the loop for the
+                # GIL), so one preempted call used to push a fast model into the pool, where it
+                # stayed, starving the loop: the periodic tail stall under load. A cloud answer
+                # or a failure may have waited on the network: its wall time counts.
+                if result is not None and result.source == SOURCE_DEVICE:
+                    took = time.thread_time() - cpu
+                else:
+                    took = time.perf_counter() - wall
                 old = self._service_s.get(name)
                 self._service_s[name] = took if old is None else 0.9 * old + 0.1 * took
 
