@@ -140,12 +140,14 @@ class ReleasePages:
         """Every rollout, newest first, and the create form with the policy's defaults."""
         rows = await run_in_threadpool(self.runner.rollouts)
         models = await run_in_threadpool(self.service.list_models)
+        fields = policy_fields()
         return self.console.render(
             ctx.request,
             "rollouts.html",
             ctx=ctx,
             rollouts=sorted(rows, key=lambda r: r.created_at, reverse=True)[:200],
-            policy=policy_fields(),
+            options=[f for f in fields if not f.name.startswith("thresholds.")],
+            gates=[f for f in fields if f.name.startswith("thresholds.")],
             on_breach=ON_BREACH,
             models=sorted({b.name for b in models}),
             defaults=RolloutPolicy(),

@@ -243,6 +243,18 @@ class PolicyField:
     kind: str
     nullable: bool = False
 
+    @property
+    def label(self) -> str:
+        """The name the form shows (a threshold without its ``thresholds.`` prefix)."""
+        return self.name.removeprefix("thresholds.")
+
+    @property
+    def hint(self) -> str:
+        """What leaving the field empty does."""
+        if self.name == "canary_count":
+            return "empty: canary_fraction decides"
+        return "empty: off" if self.nullable else ""
+
 
 _KINDS: Final = {
     "canary_fraction": "number",

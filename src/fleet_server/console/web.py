@@ -259,8 +259,8 @@ class Console:
                     async def refuse(_: Ctx) -> WriteResult:
                         raise refused
 
-                    return await self._audited(ctx, action, describe, refuse, raw)
-                return await self._audited(ctx, action, describe, handler, raw)
+                    return await self._audited(ctx, action, describe, refuse)
+                return await self._audited(ctx, action, describe, handler)
             except CsrfError as exc:
                 log.warning("console: %s refused: %s", action, exc)
                 return self.error(ctx, request, ERRORS.admin_status(exc), str(exc))
@@ -273,7 +273,7 @@ class Console:
         return run
 
     async def _audited(
-        self, ctx: Ctx, action: str, describe: Describe, handler: WriteHandler, raw: bytes
+        self, ctx: Ctx, action: str, describe: Describe, handler: WriteHandler
     ) -> Response:
         request = ctx.request
         path, body = describe(request, ctx.form)
