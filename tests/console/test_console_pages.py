@@ -11,7 +11,9 @@ import pytest
 from console_world import PASSWORD, ConsoleWorld, login
 from starlette.testclient import TestClient
 
-from edge_agent.wire.telemetry import StatusMessage
+from edge_agent.quality.confusion import Confusion
+from edge_agent.wire.telemetry import ModelStats, StatusMessage, TelemetryReport
+from edge_agent.wire.telemetry_ground_truth import GroundTruthStats
 from fleet_server.console.web import SECURITY_HEADERS
 from fleet_server.registry.audit import AuditQuery, audit_entries
 
@@ -252,3 +254,26 @@ def test_policy_form_shows_the_defaults_of_rollout_policy(client: TestClient) ->
     assert 'name="canary_fraction" value="0.1"' in r.text
     assert 'name="thresholds.max_rollback_rate" value="0.1"' in r.text
     assert 'name="dwell_seconds" value="300"' in r.text
+
+
+def test_field_accuracy_page_shows_labelled_answers_per_version_and_group(
+    client: TestClient, world: ConsoleWorld
+) -> None:
+    labelled = Confusion.from_labels([0, 1, 2, 2, 1], [0, 1, 2, 1, 1], 3)
+    for seq, confusion in ((1, Confusion.zero(3)), (2, labelled)):
+        stats = ModelStats(version=1, outcomes={"ok": 5 * seq, "error": 0, "rejected": 0},
+                           ground_truth=GroundTruthStats(confusion={1: confusion}))  # fmt: skip
+        report = TelemetryReport("dev-0", seq, seq - 1.0, float(seq), started_at=1.0,
+                                 models={"digits": stats})  # fmt: skip
+        world.registry.ingest("dev-0", [report])
+    login(client, "viv")
+    assert 'href="/console/models/digits/accuracy"' in client.get("/console/models").text
+    r = client.get("/console/models/digits/accuracy?hours=48")
+    assert r.status_code == 200, r.text
+    fleet = r.text.split("<td>fleet</td>")[1].split("</tr>")[0]
+    assert '<td class="num">5</td><td class="num">4</td><td class="num">80.00%</td>' in fleet
+    assert "<td>group line-3</td>" in r.text
+    assert "2 → 1 → 1" in r.text  # the confusion: label 2 answered 1, once
+    assert "no labelled answers in this window" in r.text  # v2 has none
+    assert client.get("/console/models/nope/accuracy").status_code == 404
+    assert client.get("/console/models/digits/accuracy?hours=0").status_code == 400

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from console_world import ConsoleWorld, login
@@ -88,6 +89,14 @@ def _rollout(world: ConsoleWorld) -> str:
     return f"/console/rollouts/{world.runner.rollouts()[0].id}"
 
 
+def _url(world: ConsoleWorld, page: str) -> str:
+    if page == "ROLLOUT":
+        return _rollout(world)
+    if page == "ACCURACY":
+        return f"/console/models/{quote(_payload('bundle'), safe='')}/accuracy"
+    return page
+
+
 # (what carries the payload, the pages that show it)
 TABLE = [
     ("group", ["/console/devices", f"/console/devices/{DEV}", "/console/rollouts", "ROLLOUT"]),
@@ -101,7 +110,7 @@ TABLE = [
     ("eventdetail", ["/console/", f"/console/devices/{DEV}"]),
     ("breaker", ["/console/", "/console/fallback", f"/console/devices/{DEV}"]),
     ("bundle", ["/console/", "/console/models", "/console/rollouts", "/console/drift",
-                "ROLLOUT"]),
+                "ROLLOUT", "ACCURACY"]),
     ("provenance", ["/console/models"]),
     ("report", ["/console/models"]),
 ]  # fmt: skip
@@ -112,7 +121,7 @@ def test_a_payload_in_each_field_is_escaped_on_every_page_that_shows_it(
     client: TestClient, world: ConsoleWorld, field: str, pages: list[str]
 ) -> None:
     for page in pages:
-        url = _rollout(world) if page == "ROLLOUT" else page
+        url = _url(world, page)
         r = client.get(url)
         assert r.status_code == 200, (field, url, r.text[:300])
         assert P not in r.text, (field, url)
@@ -122,7 +131,7 @@ def test_a_payload_in_each_field_is_escaped_on_every_page_that_shows_it(
 def test_no_page_carries_the_payload_unescaped(client: TestClient, world: ConsoleWorld) -> None:
     pages = {p for _, ps in TABLE for p in ps} | {"/console/audit"}
     for page in sorted(pages):
-        url = _rollout(world) if page == "ROLLOUT" else page
+        url = _url(world, page)
         text = client.get(url).text
         assert "<script>" not in text, url
         assert "onerror=alert" not in text.replace("onerror=alert(1)&gt;", ""), url

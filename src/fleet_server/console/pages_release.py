@@ -1,7 +1,7 @@
 """Console pages of releases: models (versions, provenance, quantization report, quality
-comparisons, abort and quarantine history) and rollouts (list, the policy form with
-``RolloutPolicy``'s defaults, the live view ``fleet-server rollouts watch`` gives, polled by
-htmx, and the approve/pause/resume/abort commands).
+comparisons, abort and quarantine history, field accuracy from ground truth) and rollouts
+(list, the policy form with ``RolloutPolicy``'s defaults, the live view ``fleet-server
+rollouts watch`` gives, polled by htmx, and the approve/pause/resume/abort commands).
 
 Writes call what the admin API's rollout routes call: ``RolloutRunner.create`` and its
 commands; ``admin.rollouts.rollout_status`` builds the live view's data as it builds
@@ -11,20 +11,23 @@ and audit checks (``fleet_server.console.web``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from fleet_server.admin.body import MAX_ID, query_text
+from fleet_server.admin.accuracy import MAX_HOURS
+from fleet_server.admin.body import MAX_ID, query_int, query_text
 from fleet_server.admin.rollouts import COMMANDS, rollout_status
 from fleet_server.console.charts import series_svg
 from fleet_server.console.shaping import clip, flat_rows, gate_history, policy_fields
 from fleet_server.console.shaping import policy_from_form as _policy_from_form
 from fleet_server.console.web import PREFIX, Console, Ctx, WriteResult
-from fleet_server.errors import RolloutPolicyError
+from fleet_server.errors import NotFoundError, RolloutPolicyError
+from fleet_server.history.accuracy import model_accuracy
 from fleet_server.jobs.rollout_runner import RolloutRunner
 from fleet_server.registry import rollouts as store
 from fleet_server.registry.rollouts import rollout_to_dict
@@ -95,11 +98,18 @@ def create_body(form: Mapping[str, str]) -> dict[str, Any]:
 class ReleasePages:
     """Model and rollout pages over ``service`` and ``runner``."""
 
-    def __init__(self, console: Console, service: FleetService, runner: RolloutRunner) -> None:
-        """Serve the pages through ``console``."""
+    def __init__(
+        self,
+        console: Console,
+        service: FleetService,
+        runner: RolloutRunner,
+        now: Callable[[], datetime],
+    ) -> None:
+        """Serve the pages through ``console``; ``now`` is the server's clock."""
         self.console = console
         self.service = service
         self.runner = runner
+        self.now = now
 
     async def models(self, ctx: Ctx) -> Response:
         """Every published version with provenance, report and history of failure."""
@@ -135,6 +145,23 @@ class ReleasePages:
 
         rows = await run_in_threadpool(read)
         return self.console.render(ctx.request, "models.html", ctx=ctx, models=rows)
+
+    async def accuracy(self, ctx: Ctx) -> Response:
+        """Field accuracy from ground truth per version and group (``GET
+        /v1/models/{name}/accuracy``'s data) over the last ``hours``."""
+        name = query_text(ctx.request.path_params, "name", limit=128) or ""
+        hours = query_int(ctx.request.query_params, "hours", 24, lo=1, hi=MAX_HOURS)
+
+        def read() -> dict[str, Any]:
+            if not name or not self.runner.registry.list_bundles(name):
+                raise NotFoundError(f"no published model {name!r}")
+            since = self.now() - timedelta(hours=hours)
+            return model_accuracy(self.runner.registry, name, since)
+
+        doc = await run_in_threadpool(read)
+        return self.console.render(
+            ctx.request, "accuracy.html", ctx=ctx, name=name, hours=hours, doc=doc
+        )
 
     async def rollouts(self, ctx: Ctx) -> Response:
         """Every rollout, newest first, and the create form with the policy's defaults."""

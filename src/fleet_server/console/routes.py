@@ -7,6 +7,7 @@ Pages (GET; a live session with ``read``, the audit log ``audit.read``)::
     /console/devices               ?group=&tag=key=value&state=&version=model[@v]&page=
     /console/devices/{device_id}   one device
     /console/models                versions, provenance, report, history
+    /console/models/{name}/accuracy   ?hours=: field accuracy from ground truth
     /console/rollouts              list + create form
     /console/rollouts/{id}         live view (htmx polls it)
     /console/drift                 ?model=&version=&by=&since=&until=&tensor=&feature=
@@ -106,7 +107,7 @@ def console_routes(deps: ConsoleDeps) -> list[Route]:
     """The console's routes over ``deps`` (see the module docstring)."""
     console = Console(deps.auth, deps.auditor)
     fleet = FleetPages(console, deps.service, deps.runner)
-    release = ReleasePages(console, deps.service, deps.runner)
+    release = ReleasePages(console, deps.service, deps.runner, deps.drift.now)
     ops = OpsPages(console, deps.service, deps.drift, deps.runner.registry, deps.fallback_stats)
 
     async def login_form(request: Request) -> Response:
@@ -211,6 +212,12 @@ def console_routes(deps: ConsoleDeps) -> list[Route]:
             methods=["POST"],
         ),
         Route(f"{PREFIX}/models", console.page(release.models), methods=["GET"]),
+        Route(
+            # ``path``: a model name may hold "/" (a label: [A-Za-z0-9_.:/-]).
+            f"{PREFIX}/models/{{name:path}}/accuracy",
+            console.page(release.accuracy),
+            methods=["GET"],
+        ),
         Route(f"{PREFIX}/rollouts", console.page(release.rollouts), methods=["GET"]),
         Route(
             f"{PREFIX}/rollouts",
