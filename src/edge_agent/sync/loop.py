@@ -50,7 +50,7 @@ from edge_agent.serving.agent import Agent
 from edge_agent.sync.deploy import Deployer
 from edge_agent.sync.desired_intake import DesiredIntake
 from edge_agent.sync.outbox import Outbox
-from edge_agent.sync.reporting import ReportedPublisher, StatusFile
+from edge_agent.sync.reporting import ReportedPublisher, StatusFile, device_labels
 from edge_agent.sync.telemetry_feed import TelemetryFeed
 from edge_agent.sync.uplink import Uplink
 from edge_agent.wire.reported import ReportedState
@@ -132,6 +132,7 @@ class SyncAgent:
             self._topics.publication("reported", self._device_id),
             device_id=self._device_id,
             clock=clock,
+            labels=device_labels(config.labels),
         )
         self._status_file = StatusFile(self._dir / "status.json")
         self._stop = threading.Event()
