@@ -34,6 +34,7 @@ from fleet_server.admin.api import AdminServer, create_app
 from fleet_server.admin.audit import Auditor
 from fleet_server.admin.drift import drift_routes
 from fleet_server.admin.evalsets import evalset_routes
+from fleet_server.admin.labels import label_routes
 from fleet_server.admin.rollouts import rollout_routes
 from fleet_server.admin.root import root_routes
 from fleet_server.config import ApiConfig, ServerConfig
@@ -194,6 +195,7 @@ def run(
                 lambda guard: accuracy_routes(registry, lambda: datetime.now(UTC), guard),
                 lambda guard: rollout_routes(runner, guard),
                 lambda guard: evalset_routes(evalsets, guard),
+                lambda guard: label_routes(registry, guard),
                 lambda guard: root_routes(service, guard),
             ),
             extra_metrics=(("fallback", fallback.stats),) if fallback is not None else (),

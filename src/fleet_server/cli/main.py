@@ -34,6 +34,7 @@ from fleet_server.cli.admin import register_admin_commands
 from fleet_server.cli.audit import register_audit_commands
 from fleet_server.cli.drift import register_drift_commands
 from fleet_server.cli.evalsets import register_evalset_commands
+from fleet_server.cli.labels import register_label_commands
 from fleet_server.cli.rollouts import register_rollout_commands
 from fleet_server.cli.root import register_root_commands
 from fleet_server.errors import ERRORS
@@ -285,6 +286,7 @@ register_rollout_commands(cli)
 register_evalset_commands(cli)
 register_root_commands(cli)
 register_audit_commands(cli)
+register_label_commands(cli, devices)
 
 
 def main(argv: list[str] | None = None) -> None:
