@@ -319,7 +319,8 @@ def _abort(
 ) -> Decision:
     revert: tuple[str, ...] = ()
     if r.policy.rollback_on_abort and r.from_version is not None:
-        revert = tuple(sorted(d for d in r.members if d not in r.reverted))
+        # A held member never received the version: nothing to send back.
+        revert = tuple(sorted(d for d in r.members if d not in r.reverted and d not in r.held))
         reasons.append(f"aborted: {len(revert)} device(s) sent back to v{r.from_version}")
     else:
         reasons.append("aborted: devices stay where they are")
@@ -338,6 +339,7 @@ def _abort(
     done = replace(
         r,
         state="aborted",
+        held={},
         reverted=tuple(sorted({*r.reverted, *revert})),
         updated_at=now,
         reasons=tuple(reasons),

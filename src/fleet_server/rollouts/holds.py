@@ -78,11 +78,8 @@ def apply_holds(
             settling[d] = now
     r = replace(r, settling=settling)
     if r.state not in ACTIVE_STATES:
-        # Aborted: what was never sent is not reverted; paused: the held stay held.
-        if r.state == "aborted" and r.held:
-            revert = tuple(d for d in decision.revert if d not in r.held)
-            r = replace(r, held={}, reverted=tuple(d for d in r.reverted if d not in r.held))
-            return replace(decision, rollout=r, revert=revert)
+        # Paused: the held stay held. Aborted: the engine already dropped them (never sent,
+        # nothing to send back).
         return replace(decision, rollout=r)
     due = [d for d in order if d in r.held or d in decision.assign]
     if budget is None and not holds.opens_at and not r.held:

@@ -193,6 +193,8 @@ class _Parser:
             self.space()
             return Requirement(key, "!=", (self.value(),))
         word, start = self.run(frozenset("abcdefghijklmnopqrstuvwxyz"))
+        if word in ("in", "notin") and self.peek() == "":
+            raise self.fail("'('")
         if word not in ("in", "notin") or self.peek() not in (" ", "\t", "("):
             raise self.fail("'=', '==', '!=', 'in', 'notin', ',' or the end", at=start)
         return Requirement(key, word, self.values())
