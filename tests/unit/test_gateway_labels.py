@@ -33,8 +33,14 @@ def registry(tmp_path: Path) -> Iterator[Registry]:
 
 
 def _reported(labels: object) -> bytes:
-    doc = {"schema_version": 1, "type": "reported", "device_id": "dev-1", "at": 1.0,
-           "models": {"digits": {"active": 1, "outcome": "installed"}}, "labels": labels}  # fmt: skip
+    doc = {
+        "schema_version": 1,
+        "type": "reported",
+        "device_id": "dev-1",
+        "at": 1.0,
+        "models": {"digits": {"active": 1, "outcome": "installed"}},
+        "labels": labels,
+    }
     return json.dumps(doc).encode()
 
 
