@@ -65,7 +65,7 @@ def selected_devices(registry: Registry, selector: str | None, group: str | None
         parsed = label_store.group(registry, group).selector
     else:
         parsed = LabelSelector.parse(selector)
-    return [d.id for d in label_store.select_devices(registry, parsed)]
+    return label_store.select_device_ids(registry, parsed)
 
 
 def label_routes(
@@ -115,7 +115,7 @@ def label_routes(
     async def list_groups(request: Request) -> Response:
         def read() -> list[dict[str, Any]]:
             return [
-                group_json(g, [d.id for d in label_store.select_devices(registry, g.selector)])
+                group_json(g, label_store.select_device_ids(registry, g.selector))
                 for g in label_store.groups(registry)
             ]
 
@@ -137,7 +137,7 @@ def label_routes(
 
         def read() -> dict[str, Any]:
             g = label_store.group(registry, name)
-            ids = [d.id for d in label_store.select_devices(registry, g.selector)]
+            ids = label_store.select_device_ids(registry, g.selector)
             return {**group_json(g, ids), "devices": ids}
 
         return JSONResponse(await run_in_threadpool(read))
