@@ -191,10 +191,12 @@ def rollout_routes(runner: RolloutRunner, guarded: Callable[[Handler], Handler])
 
     async def create(request: Request) -> Response:
         body = json_object(await read_body(request, MAX_BODY))
-        if isinstance(body.get("label_group"), str) and "labels" not in body:
+        if "label_group" in body:
+            name = body.pop("label_group")
+            if not _text(name) or "labels" in body:
+                raise RolloutPolicyError("'label_group' is a group name, instead of 'labels'")
             # A label group's selector is copied into the rollout: redefining the group later
             # does not move a running rollout; the selector is re-evaluated at every step.
-            name = body.pop("label_group")
             found = await run_in_threadpool(lambda: label_store.group(runner.registry, name))
             body["labels"] = str(found.selector)
         args = _parse_create(body)
