@@ -237,6 +237,8 @@ def test_the_budget_is_never_exceeded_and_the_rollout_completes(budget: Disrupti
     assert set(fleet.sent_at) == set(fleet.labels)
     assert held_for_budget  # the last wave (10 per site) had to wait
     assert max(peak.values()) == budget.limit(10)  # and the budget was used, not starved
+    assert r.released == {}  # the settled are forgotten: no second copy of the members
+    assert r.settling == {}
 
 
 def test_devices_without_the_label_share_one_budget() -> None:

@@ -19,7 +19,8 @@ wave that is entered, never into a wave already judged.
 
 The budget counts, per value of its label among the targeted devices, members whose assignment
 was sent by this rollout and that have neither failed, rolled back, been sent back, nor served
-the version for ``settle_seconds`` (``Rollout.released`` / ``Rollout.settling``).
+the version for ``settle_seconds`` (``Rollout.released`` / ``Rollout.settling``, which keep
+only the devices the budget still counts).
 """
 
 from __future__ import annotations
@@ -77,14 +78,21 @@ def apply_holds(
         if d not in settling and d in by_id and by_id[d].active_version == r.to_version:
             settling[d] = now
     r = replace(r, settling=settling)
+    # Only the budget reads ``released``/``settling``: keep just the devices it still counts,
+    # so a rollout over a large fleet does not carry a second copy of its members.
+    busy_now = disrupted(r, now) if budget is not None else set()
+    r = replace(
+        r,
+        released={d: t for d, t in r.released.items() if d in busy_now},
+        settling={d: t for d, t in settling.items() if d in busy_now},
+    )
     if r.state not in ACTIVE_STATES:
         # Paused: the held stay held. Aborted: the engine already dropped them (never sent,
         # nothing to send back).
         return replace(decision, rollout=r)
     due = [d for d in order if d in r.held or d in decision.assign]
     if budget is None and not holds.opens_at and not r.held:
-        released = {**r.released}
-        return replace(decision, rollout=replace(r, released=released))
+        return replace(decision, rollout=r)
     busy: dict[str, int] = {}
     sharing: dict[str, int] = {}
     if budget is not None:
@@ -108,7 +116,7 @@ def apply_holds(
             busy[v] = busy.get(v, 0) + 1
         sent.append(d)
     # A device that stopped matching while held is dropped from the hold (not sent).
-    released = {**r.released, **dict.fromkeys(sent, now)}
+    released = {**r.released, **dict.fromkeys(sent if budget is not None else (), now)}
     reasons = list(decision.reasons)
     if newly := [d for d in sent if d in r.held]:
         reasons.append(f"{len(newly)} held device(s) sent v{r.to_version}: {', '.join(newly)}")

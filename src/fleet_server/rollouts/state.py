@@ -143,9 +143,10 @@ class Rollout:
     a shadow (``shadows``: the canaries sent it, and when; none of them serves it yet), then
     ``serving``. ``held`` are members whose assignment is not sent yet, with why
     (``window``: outside their maintenance window; ``budget``: the disruption budget of their
-    label value is full); ``released`` says when each held or budgeted member's assignment was
-    sent and ``settling`` when the server first saw it serve the version (the budget counts it
-    until ``settle_seconds`` after that; ``fleet_server.rollouts.holds``).
+    label value is full); with a disruption budget, ``released`` says when each member the
+    budget still counts was sent its assignment and ``settling`` when the server first saw it
+    serve the version (counted until ``settle_seconds`` after that;
+    ``fleet_server.rollouts.holds``).
     """
 
     id: str
