@@ -84,8 +84,8 @@ from fleet_server.drift.cohorts import CohortSpec
 from fleet_server.drift.service import DriftQuery, DriftService
 from fleet_server.history.rollouts import rollout_inputs
 from fleet_server.jobs.history import FINE, HOUR, HistoryJob, HistoryPolicy
-from fleet_server.registry.models import TelemetryRollup, TelemetryRow
 from fleet_server.registry.store import Registry
+from fleet_server.registry.tables.core import TelemetryRollup, TelemetryRow
 from fleet_server.registry.values import TelemetryEntry
 from fleet_server.rollouts.observation import observe
 from fleetworkers import PgCluster
@@ -343,7 +343,7 @@ def retention_cost(
     """Fill one day with raw rows, then remove them as retention does; timed."""
     # Imported here: --ingest also runs against source trees older than these names.
     from fleet_server.history import retention
-    from fleet_server.registry.models import TelemetryKey
+    from fleet_server.registry.tables.core import TelemetryKey
 
     clock = Clock()
     reg = Registry.open(url, clock=clock)

@@ -28,6 +28,8 @@ Families:
                        for a device (``CommandQueueFullError``), a support bundle not
                        uploaded (yet) (``SupportBundleNotReadyError``), or the state file
                        failed.
+    LabelError         a device label, label selector or maintenance window refused as given
+                       (``SelectorSyntaxError`` keeps the position); the operator fixes it.
     AdminInputError    an admin API request refused as given: a malformed body, field or query
                        value (``code`` says which), or a body over its cap
                        (``AdminBodyTooLargeError``).
@@ -194,6 +196,40 @@ class UnknownGroupError(NotFoundError):
     """No active (non-revoked) device belongs to the group."""
 
     code = "group_unknown"
+
+
+class UnknownLabelGroupError(NotFoundError):
+    """No label group (a named selector) of this name is defined."""
+
+    code = "label_group_unknown"
+
+
+class UnknownWindowError(NotFoundError):
+    """No maintenance window of this name is defined."""
+
+    code = "window_unknown"
+
+
+class LabelError(FleetServerError):
+    """A label, selector, label group or maintenance window is refused as given."""
+
+    code = "label_invalid"
+
+
+class SelectorSyntaxError(LabelError):
+    """A label selector that does not parse; ``position`` is the 0-based character offset."""
+
+    code = "selector_invalid"
+
+    def __init__(self, message: str, *, position: int) -> None:
+        super().__init__(f"{message} (at character {position})")
+        self.position = position
+
+
+class WindowInvalidError(LabelError):
+    """A maintenance window definition that is refused (weekday, time, duration, time zone)."""
+
+    code = "window_invalid"
 
 
 class AdminApiError(FleetServerError):
@@ -495,6 +531,7 @@ ERRORS = device_errors.ERRORS.extend(
         ErrorRow(CommandQueueFullError, admin=429, exit=EXIT_BAD_INPUT),
         ErrorRow(SupportBundleNotReadyError, admin=409, exit=EXIT_BAD_INPUT),
         ErrorRow(AdminInputError, admin=400),
+        ErrorRow(LabelError, admin=400, exit=EXIT_BAD_INPUT),
         ErrorRow(AdminBodyTooLargeError, admin=413),
         ErrorRow(AccountError, admin=400, exit=EXIT_BAD_INPUT),
         ErrorRow(AccountExistsError, admin=409),

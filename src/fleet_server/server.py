@@ -39,6 +39,7 @@ from fleet_server.admin.auth import Authenticator
 from fleet_server.admin.diagnostics import diagnostics_routes
 from fleet_server.admin.drift import drift_routes
 from fleet_server.admin.evalsets import evalset_routes
+from fleet_server.admin.labels import label_routes
 from fleet_server.admin.rollouts import rollout_routes
 from fleet_server.admin.root import root_routes
 from fleet_server.config import ApiConfig, ServerConfig
@@ -232,6 +233,7 @@ def run(
                 lambda guard: accuracy_routes(registry, lambda: datetime.now(UTC), guard),
                 lambda guard: rollout_routes(runner, guard),
                 lambda guard: evalset_routes(evalsets, guard),
+                lambda guard: label_routes(registry, guard),
                 lambda guard: root_routes(service, guard),
                 lambda guard: account_routes(accounts, guard),
                 lambda guard: diagnostics_routes(diagnostics, guard),

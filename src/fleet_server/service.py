@@ -38,6 +38,7 @@ from fleet_server.delivery.library import BundleLibrary, LibraryEntry
 from fleet_server.errors import ModelNotPublishedError, UnknownGroupError
 from fleet_server.gateway.misbehaviour import DeviceMisbehaviour
 from fleet_server.pki.roots import ServerRoots
+from fleet_server.registry import labels as label_store
 from fleet_server.registry import rollouts as rollout_store
 from fleet_server.registry.store import Registry
 from fleet_server.registry.values import (
@@ -49,6 +50,7 @@ from fleet_server.registry.values import (
 )
 from fleet_server.registry.version_history import VersionHistory, version_history
 from fleet_server.rollouts.admission import admit
+from fleet_server.rollouts.label_selector import LabelSelector
 from fleet_server.rollouts.shadow_evidence import shadow_capable
 
 __all__ = [
@@ -436,17 +438,29 @@ class FleetService:
         """
         return self._registry.revoke(device_id)
 
-    def devices(self, group: str | None = None) -> list[DeviceView]:
-        """Every device (optionally of one group) with its desired state and online status.
+    def devices(
+        self,
+        group: str | None = None,
+        *,
+        selector: LabelSelector | None = None,
+        label_group: str | None = None,
+    ) -> list[DeviceView]:
+        """Every device (optionally of one group, matching a label selector or a label group's
+        selector: one indexed query) with its desired state and online status.
 
         Raises:
+            UnknownLabelGroupError: ``label_group`` is not defined.
             RegistryUnavailableError: the database failed.
         """
+        if label_group is not None:
+            selector = label_store.group(self._registry, label_group).selector
+        if selector is None:
+            records = self._registry.list_devices(group=group)
+        else:
+            records = label_store.select_devices(self._registry, selector)
+            records = [r for r in records if group is None or r.group == group]
         online = self._gateway.online()
-        return [
-            DeviceView(r, self._desired(r.id), online.get(r.id))
-            for r in self._registry.list_devices(group=group)
-        ]
+        return [DeviceView(r, self._desired(r.id), online.get(r.id)) for r in records]
 
     def device_page(
         self, query: DeviceFilter, *, state: str | None = None

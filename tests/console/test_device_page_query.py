@@ -16,8 +16,8 @@ from sqlalchemy import event, insert
 from edge_agent.wire.telemetry import StatusMessage
 from fakes import FakeGateway
 from fleet_server.delivery.library import BundleLibrary
-from fleet_server.registry.models import Device
 from fleet_server.registry.store import Registry
+from fleet_server.registry.tables.core import Device
 from fleet_server.registry.values import DeviceFilter
 from fleet_server.service import FleetService
 from model_builder.keystore import KeyStore

@@ -20,8 +20,8 @@ from fleet_server.drift.cohorts import CohortSpec
 from fleet_server.drift.service import DriftQuery, DriftService
 from fleet_server.history.rollouts import rollout_inputs
 from fleet_server.jobs.history import FINE, HOUR, HistoryJob, HistoryPolicy
-from fleet_server.registry.models import TelemetryRollup, TelemetryRow
 from fleet_server.registry.store import Registry
+from fleet_server.registry.tables.core import TelemetryRollup, TelemetryRow
 from fleet_server.registry.values import TelemetryEntry
 from fleet_server.rollouts.observation import observe
 from model_builder.keystore import KeyStore
@@ -189,7 +189,7 @@ def test_a_0003_database_upgrades_and_is_backfilled(backend, tmp_path: Path) -> 
                 },
             )
     registry.upgrade()
-    assert registry.current_revision() == Registry.head_revision() == "0008"
+    assert registry.current_revision() == Registry.head_revision() == "0009"
     clock.set_wall(T0 + timedelta(hours=3))
     HistoryJob(registry, clock=clock.wall).run_once()
     with registry.engine.connect() as c:

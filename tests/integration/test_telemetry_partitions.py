@@ -21,8 +21,8 @@ from sqlalchemy import func, select, text
 from clock import FakeClock
 from fleet_server.history import retention
 from fleet_server.jobs.history import HistoryJob, HistoryPolicy
-from fleet_server.registry.models import DeviceSeq, TelemetryKey, TelemetryRow
 from fleet_server.registry.store import Registry
+from fleet_server.registry.tables.core import DeviceSeq, TelemetryKey, TelemetryRow
 from fleet_server.registry.values import TelemetryEntry
 from pg import PgCluster
 

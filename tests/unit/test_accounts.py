@@ -38,8 +38,8 @@ from fleet_server.errors import (
     UnknownAccountError,
     UnknownApiTokenError,
 )
-from fleet_server.registry.models import AccountRow, ApiTokenRow
 from fleet_server.registry.store import Registry
+from fleet_server.registry.tables.core import AccountRow, ApiTokenRow
 
 PW = "correct horse battery"
 #: Cheap argon2id parameters: the tests check behaviour, not cost.
@@ -75,6 +75,7 @@ MATRIX = {
         Permission.RELEASES,
         Permission.ROLLOUTS_CONTROL,
         Permission.EVALSETS_WRITE,
+        Permission.SCHEDULES,
     },
     Role.OPERATOR: {
         Permission.READ,
@@ -84,6 +85,7 @@ MATRIX = {
         Permission.DEVICES_REVOKE,
         Permission.DIAGNOSTICS,
         Permission.ROLLOUTS_CONTROL,
+        Permission.SCHEDULES,
     },
     Role.VIEWER: {Permission.READ, Permission.SELF},
 }

@@ -33,6 +33,7 @@ from fleet_server.admin.auth import Authenticator
 from fleet_server.admin.diagnostics import diagnostics_routes
 from fleet_server.admin.drift import drift_routes
 from fleet_server.admin.evalsets import evalset_routes
+from fleet_server.admin.labels import label_routes
 from fleet_server.admin.rollouts import rollout_routes
 from fleet_server.admin.root import root_routes
 from fleet_server.delivery.library import BundleLibrary
@@ -93,6 +94,7 @@ def env(digits_bundles: DigitsBundles, tmp_path: Path) -> Iterator[Env]:
             lambda guard: root_routes(service, guard),
             lambda guard: account_routes(accounts, guard),
             lambda guard: diagnostics_routes(absent, guard),
+            lambda guard: label_routes(registry, guard),
         ),
         auditor=Auditor(registry, clock.wall, max_body_bytes=1024 * 1024),
         authenticator=Authenticator(accounts, BOOTSTRAP),

@@ -20,8 +20,8 @@ from sqlalchemy import select
 
 from edge_agent.wire.telemetry import Event
 from fleet_server.errors import RegistryError
-from fleet_server.registry.models import TelemetryRow
 from fleet_server.registry.store import Registry
+from fleet_server.registry.tables.core import TelemetryRow
 from fleet_server.registry.values import IngestResult, TelemetryEntry
 
 NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)

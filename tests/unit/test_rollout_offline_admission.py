@@ -22,8 +22,8 @@ from fleet_server.errors import (
     RolloutPolicyError,
 )
 from fleet_server.registry import rollouts as store
-from fleet_server.registry.rollout_models import RolloutRow
 from fleet_server.registry.store import Registry
+from fleet_server.registry.tables.rollouts import RolloutRow
 from fleet_server.rollouts.admission import Override
 from fleet_server.rollouts.offline import (
     admit_offline,

@@ -307,7 +307,7 @@ def test_cli(world: World, cli: click.Group) -> None:
     bad = CliRunner().invoke(cli, ["rollouts", "create", "digits", "2", "--url", "http://x",
                                    "--token", "t"])  # fmt: skip
     assert bad.exit_code == 2
-    assert "exactly one of --group and --tag" in bad.output
+    assert "exactly one of --group, --tag, --selector, --label-group" in bad.output
 
 
 @dataclass

@@ -400,6 +400,8 @@ def _full() -> list[Any]:
             1.0,
             models={"m": ModelReport(1, transfer=transfer, shadow=shadow)},
             capabilities=("shadow",),
+            labels={"site": "berlin-2", "example.com/line": "3"},
+            labels_refused=1,
         ),
         ModelReport(1, transfer=transfer, shadow=shadow),
         transfer,

@@ -12,6 +12,10 @@ Unknown sections or keys are errors (a typo must not silently fall back to a def
 
 Per-model policy lives under ``[models.<name>]`` and falls back to ``[model_defaults]``.
 
+``[labels]`` is a table of ``key = "value"`` the device reports about itself (its site, line,
+camera position); ``edge_agent.wire.ops.labels`` says what a valid label is. The agent adds a few
+detected facts (``hardware``, ``os``) that a configured label of the same key overrides.
+
 Relative paths (so that an example config runs outside systemd, by hand, in any directory):
 ``store.state_dir`` and ``store.root_path`` are relative to the config file's directory (the
 working directory without a file); ``sync.identity_dir``, ``api.unix_socket`` and
@@ -43,7 +47,8 @@ from edge_agent.config.sections import (
     check,
     is_loopback,
 )
-from edge_agent.errors import ConfigError
+from edge_agent.errors import ConfigError, ContractError
+from edge_agent.wire.ops.labels import check_labels
 
 __all__ = ["ENV_PREFIX", "AgentConfig", "load_config"]
 
@@ -68,6 +73,7 @@ class AgentConfig:
     serving: ServingConfig = field(default_factory=ServingConfig)
     model_defaults: ModelPolicy = field(default_factory=ModelPolicy)
     models: Mapping[str, ModelPolicy] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
 
     def policy(self, model: str) -> ModelPolicy:
         """The policy of ``model``, or the defaults."""
@@ -120,7 +126,7 @@ def _under(base: Path, value: str) -> str:
 
 
 def _build(data: Mapping[str, Any]) -> AgentConfig:
-    unknown = set(data) - set(_SECTIONS) - set(_TOP) - {"models", "serving"}
+    unknown = set(data) - set(_SECTIONS) - set(_TOP) - {"models", "serving", "labels"}
     if unknown:
         raise ConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
     kwargs: dict[str, Any] = {}
@@ -140,6 +146,10 @@ def _build(data: Mapping[str, Any]) -> AgentConfig:
         )
         for name, body in models_raw.items()
     }
+    try:
+        kwargs["labels"] = check_labels(as_table(data.get("labels", {}), "labels"), "labels")
+    except ContractError as exc:
+        raise ConfigError(str(exc)) from exc
     cfg = AgentConfig(**kwargs)
     check(
         isinstance(cfg.device_id, str) and 0 < len(cfg.device_id) <= 128,

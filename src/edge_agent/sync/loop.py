@@ -55,7 +55,7 @@ from edge_agent.sync.commands import CommandRunner, health_check
 from edge_agent.sync.deploy import Deployer
 from edge_agent.sync.desired_intake import DesiredIntake
 from edge_agent.sync.outbox import Outbox
-from edge_agent.sync.reporting import ReportedPublisher, StatusFile
+from edge_agent.sync.reporting import ReportedPublisher, StatusFile, device_labels
 from edge_agent.sync.support_bundle import BundleSources
 from edge_agent.sync.telemetry_feed import TelemetryFeed
 from edge_agent.sync.uplink import Uplink
@@ -142,6 +142,7 @@ class SyncAgent:
             self._topics.publication("reported", self._device_id),
             device_id=self._device_id,
             clock=clock,
+            labels=device_labels(config.labels),
         )
         self._status_file = StatusFile(self._dir / "status.json")
         self.commands = CommandRunner(

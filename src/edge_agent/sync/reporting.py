@@ -1,7 +1,8 @@
 """What the device says about itself: the retained reported state and the local status file.
 
 Owns building ``wire.reported.ReportedState`` (what each model runs, keeps, is assigned,
-downloads, and the last deploy outcome), publishing it retained on ``.../reported`` when it
+downloads, the last deploy outcome, and the device's labels: ``device_labels``, the configured
+``[labels]`` over a few detected facts), publishing it retained on ``.../reported`` when it
 changed (at most once a ``PROGRESS_REPORT_SECONDS`` while only download progress moves, again
 after every reconnect: ``forget``), and ``status.json`` beside the outbox for
 ``edge-agent status`` (at most once a second).
@@ -15,8 +16,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +30,23 @@ from edge_agent.store import ModelStore
 from edge_agent.sync.deploy import Deployer
 from edge_agent.trust.assignment import SHADOW_CAPABILITY
 from edge_agent.trust.desired import DesiredState
+from edge_agent.wire.ops.labels import parse_labels
 from edge_agent.wire.reported import ModelReport, ReportedState, ShadowReport
 from edge_agent.wire.topics import Publication
 
-__all__ = ["PROGRESS_REPORT_SECONDS", "ReportedPublisher", "StatusFile"]
+__all__ = ["PROGRESS_REPORT_SECONDS", "ReportedPublisher", "StatusFile", "device_labels"]
 
 log = logging.getLogger("edge_agent.sync.loop")
 
 PROGRESS_REPORT_SECONDS = 1.0
+
+
+def device_labels(configured: Mapping[str, str]) -> dict[str, str]:
+    """The labels the device reports: detected ``hardware`` (machine type, e.g. ``aarch64``)
+    and ``os`` (``linux``), overridden by the ``configured`` ones; a detected fact that is not
+    a valid label value is left out."""
+    detected = {"hardware": platform.machine().lower(), "os": platform.system().lower()}
+    return dict(parse_labels({**detected, **configured}).labels)
 
 
 class ReportedPublisher:
@@ -48,6 +59,7 @@ class ReportedPublisher:
         to: the device's ``reported`` publication (topic, QoS, retain: ``Topics.publication``).
         device_id: the device the state names.
         clock: wall-clock seconds for the state's ``at``.
+        labels: the device's labels (``device_labels``), reported with every state.
     """
 
     def __init__(
@@ -59,7 +71,9 @@ class ReportedPublisher:
         *,
         device_id: str,
         clock: Callable[[], float],
+        labels: Mapping[str, str] | None = None,
     ) -> None:
+        self._labels = dict(labels or {})
         self._store = store
         self._deploy = deploy
         self._client = client
@@ -100,6 +114,7 @@ class ReportedPublisher:
             desired_version=desired.version if desired else 0,
             models=models,
             capabilities=(SHADOW_CAPABILITY,),
+            labels=self._labels,
         )
 
     def forget(self) -> None:

@@ -33,6 +33,7 @@ from edge_agent.wire.fields import (
     load_json,
     require,
 )
+from edge_agent.wire.ops.labels import parse_labels
 
 __all__ = [
     "MAX_REPORTED_BYTES",
@@ -193,6 +194,12 @@ class ReportedState(Wire):
         models: per model name, its ``ModelReport``.
         capabilities: newer desired-state forms the device understands (``"shadow"``: shadow
             assignments); the server sends those only to devices listing them.
+        labels: what the device says about itself (``[labels]`` of its configuration and
+            detected facts such as ``hardware`` and ``os``; ``edge_agent.wire.ops.labels`` rules).
+            Hostile input to the server: parsing keeps the valid ones and never fails the
+            document for a bad one.
+        labels_refused: entries of the received ``labels`` that parsing dropped (0 when
+            built, not parsed; never read from the document).
     """
 
     device_id: str
@@ -202,6 +209,8 @@ class ReportedState(Wire):
     models: Mapping[str, ModelReport] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
     capabilities: tuple[str, ...] = ()
+    labels: Mapping[str, str] = field(default_factory=dict)
+    labels_refused: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict, valid against ``reported.schema.json``."""
@@ -214,6 +223,8 @@ class ReportedState(Wire):
             "desired_version": self.desired_version,
             "models": {k: v.to_dict() for k, v in sorted(self.models.items())},
             **({"capabilities": list(self.capabilities)} if self.capabilities else {}),
+            **({"labels": dict(sorted(self.labels.items()))} if self.labels else {}),
+            **({"labels_refused": self.labels_refused} if self.labels_refused else {}),
         }
 
     @classmethod
@@ -226,6 +237,7 @@ class ReportedState(Wire):
         caps = m.get("capabilities", [])
         if not isinstance(caps, list) or len(caps) > _MAX_CAPABILITIES:
             raise ContractError(f"reported: capabilities: a list of at most {_MAX_CAPABILITIES}")
+        labels = parse_labels(m.get("labels"))
         return cls(
             device_id=as_device_id(require(m, "device_id", "reported")),
             at=as_number(require(m, "at", "reported"), "reported.at"),
@@ -233,6 +245,8 @@ class ReportedState(Wire):
             desired_version=as_int(m.get("desired_version", 0), "reported.desired_version"),
             models={as_label(k, "model name"): ModelReport.from_dict(v) for k, v in models.items()},
             capabilities=tuple(as_label(c, "reported.capabilities") for c in caps),
+            labels=labels.labels,
+            labels_refused=labels.refused_total,
         )
 
     @classmethod

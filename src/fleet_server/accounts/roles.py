@@ -13,11 +13,12 @@ role for the people who look after devices day to day)::
     read                  x          x              x        x
     self                  x          x              x        x
     audit.read            x          x              x
-    devices.write         x                         x
+    devices.write         x                         x          (enroll, device labels)
     devices.revoke        x                         x
     diagnostics           x                         x
     models.publish        x          x
     releases              x          x
+    schedules             x          x              x          (label groups, windows)
     rollouts.control      x          x              x
     evalsets.write        x          x
     keys                  x
@@ -73,6 +74,7 @@ class Permission(StrEnum):
     MODELS_PUBLISH = "models.publish"  # upload a signed bundle
     RELEASES = "releases"  # assign, waves, create and approve rollouts, overrides
     ROLLOUTS_CONTROL = "rollouts.control"  # pause, resume, abort
+    SCHEDULES = "schedules"  # label groups and maintenance windows
     EVALSETS_WRITE = "evalsets.write"
     KEYS = "keys"  # builder root rotation
     ACCOUNTS_ADMIN = "accounts.admin"  # every account, every token
@@ -86,6 +88,7 @@ _OPERATOR = _VIEWER | {
     _P.DEVICES_REVOKE,
     _P.DIAGNOSTICS,
     _P.ROLLOUTS_CONTROL,
+    _P.SCHEDULES,
 }
 _RELEASE = _VIEWER | {
     _P.AUDIT_READ,
@@ -93,6 +96,7 @@ _RELEASE = _VIEWER | {
     _P.RELEASES,
     _P.ROLLOUTS_CONTROL,
     _P.EVALSETS_WRITE,
+    _P.SCHEDULES,
 }
 
 #: The matrix: each role's permissions.
@@ -145,6 +149,17 @@ ROUTE_PERMISSIONS: Final[Mapping[str, Permission]] = MappingProxyType(
         "GET /v1/devices/{device_id}/commands": _P.READ,
         "GET /v1/commands/{command_id}": _P.READ,
         "GET /v1/diagnostics/stats": _P.READ,
+        # Labels: a device's labels are device administration; label groups and maintenance
+        # windows (what a rollout may touch, and when) are shared by releases and operations.
+        "GET /v1/devices/{device_id}/labels": _P.READ,
+        "POST /v1/devices/{device_id}/labels": _P.DEVICES_WRITE,
+        "GET /v1/label-groups": _P.READ,
+        "GET /v1/label-groups/{name}": _P.READ,
+        "PUT /v1/label-groups/{name}": _P.SCHEDULES,
+        "DELETE /v1/label-groups/{name}": _P.SCHEDULES,
+        "GET /v1/windows": _P.READ,
+        "PUT /v1/windows/{name}": _P.SCHEDULES,
+        "DELETE /v1/windows/{name}": _P.SCHEDULES,
         "POST /v1/models": _P.MODELS_PUBLISH,
         "POST /v1/assign": _P.RELEASES,
         "POST /v1/waves": _P.RELEASES,

@@ -3,7 +3,7 @@
 Owns: ``Accounts``: create, list, show, disable, enable, set a role or a password,
 ``authenticate`` (a login, with a lockout after repeated failures), API tokens (create,
 resolve, list, revoke) and sessions (create, resolve, end). Does not own: the tables
-(``fleet_server.registry.models``), hashing (``fleet_server.accounts.passwords``), the
+(``fleet_server.registry.tables.core``), hashing (``fleet_server.accounts.passwords``), the
 roles (``fleet_server.accounts.roles``), the values it returns
 (``fleet_server.accounts.values``), the session cookie and CSRF names and checks
 (``fleet_server.accounts.sessions``) nor HTTP (``fleet_server.admin.auth``).
@@ -59,7 +59,8 @@ from fleet_server.errors import (
     UnknownAccountError,
     UnknownApiTokenError,
 )
-from fleet_server.registry.models import (
+from fleet_server.registry.store import Registry
+from fleet_server.registry.tables.core import (
     ACCOUNT_NAME_LEN,
     CLIENT_LEN,
     LABEL_LEN,
@@ -67,7 +68,6 @@ from fleet_server.registry.models import (
     ApiTokenRow,
     SessionRow,
 )
-from fleet_server.registry.store import Registry
 
 __all__ = ["MAX_TOKEN_DAYS", "TOKEN_PREFIX", "Accounts"]
 

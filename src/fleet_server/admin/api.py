@@ -28,6 +28,8 @@ Routes (v1)::
     POST /v1/devices                   GET  /v1/telemetry?after_id=&device_id=&limit=
     POST /v1/devices/{id}/revoke       GET  /metrics
     GET  /v1/misbehaviour[?top=]       (refusals per device, worst first)
+    GET  /v1/devices?selector=|label_group=  (devices a label selector matches; labels,
+                                       label groups and windows: ``fleet_server.admin.labels``)
     GET  /v1/audit, /v1/audit/export   (the audit log: ``fleet_server.admin.audit_routes``)
 
 Every authenticated request that is not a GET is recorded in the audit log by the guard (before
@@ -82,6 +84,7 @@ from fleet_server.errors import (
 )
 from fleet_server.registry.values import BundleRecord, DeviceRecord, StoredTelemetry
 from fleet_server.registry.version_history import VersionHistory
+from fleet_server.rollouts.label_selector import MAX_SELECTOR_CHARS, LabelSelector
 from fleet_server.service import DeviceView, FleetService
 
 __all__ = ["AdminServer", "create_app", "device_json", "model_json", "status_of"]
@@ -347,7 +350,15 @@ def create_app(
         return JSONResponse(asdict(st))
 
     async def list_devices(request: Request) -> Response:
-        views = await run_in_threadpool(service.devices, query_text(request.query_params, "group"))
+        params = request.query_params
+        text = query_text(params, "selector", limit=MAX_SELECTOR_CHARS)
+        selector = None if text is None else LabelSelector.parse(text)
+        label_group = query_text(params, "label_group", limit=64)
+        views = await run_in_threadpool(
+            lambda: service.devices(
+                query_text(params, "group"), selector=selector, label_group=label_group
+            )
+        )
         return JSONResponse({"devices": [device_json(v) for v in views]})
 
     async def show_device(request: Request) -> Response:

@@ -93,10 +93,37 @@ class AdminClient:
         """``GET /v1/status``. Raises: AdminApiError."""
         return dict(self._call("GET", "/v1/status"))
 
-    def devices(self, group: str | None = None) -> list[dict[str, Any]]:
-        """``GET /v1/devices``. Raises: AdminApiError."""
-        params = {"group": group} if group else {}
+    def devices(
+        self,
+        group: str | None = None,
+        *,
+        selector: str | None = None,
+        label_group: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """``GET /v1/devices`` (optionally by label selector or label group). Raises:
+        AdminApiError."""
+        given = {"group": group, "selector": selector, "label_group": label_group}
+        params = {k: v for k, v in given.items() if v}
         return list(self._call("GET", "/v1/devices", params=params)["devices"])
+
+    def labels(self, device_id: str) -> dict[str, Any]:
+        """``GET /v1/devices/{id}/labels``. Raises: AdminApiError."""
+        return dict(self._call("GET", f"/v1/devices/{quote(device_id, safe='')}/labels"))
+
+    def set_labels(self, device_id: str, add: dict[str, str], remove: list[str]) -> dict[str, Any]:
+        """``POST /v1/devices/{id}/labels``. Raises: AdminApiError."""
+        path = f"/v1/devices/{quote(device_id, safe='')}/labels"
+        return dict(self._call("POST", path, json={"set": add, "remove": remove}))
+
+    def label_call(self, method: str, path: str, body: Any = None) -> Any:
+        """A label group or window route (``/v1/label-groups...``, ``/v1/windows...``).
+
+        Raises:
+            AdminApiError: refused, unreachable, or the server's error.
+        """
+        if not path.startswith(("/v1/label-groups", "/v1/windows")):
+            raise ValueError(f"not a label route: {path}")
+        return self._call(method, path, **({} if body is None else {"json": body}))
 
     def device(self, device_id: str) -> dict[str, Any]:
         """``GET /v1/devices/{id}``. Raises: AdminApiError."""

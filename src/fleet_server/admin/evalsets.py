@@ -31,7 +31,7 @@ from starlette.routing import Route
 from fleet_server.admin.body import query_text, read_body
 from fleet_server.errors import AdminInputError
 from fleet_server.evalsets.store import EvalSetStore
-from fleet_server.registry.evalset_models import MAX_NOTE, MAX_SOURCE
+from fleet_server.registry.tables.evalsets import MAX_NOTE, MAX_SOURCE
 
 __all__ = ["evalset_routes"]
 

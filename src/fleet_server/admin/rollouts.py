@@ -4,14 +4,16 @@ Routes (v1), every one behind the admin bearer token (the ``guarded`` wrapper of
 ``admin.create_app``, which also maps our errors to statuses)::
 
     GET  /v1/rollouts[?active=1]             {"rollouts": [rollout, ...]}
-    POST /v1/rollouts                        {"model", "version", "group" | "tags",
+    POST /v1/rollouts                        {"model", "version", "group" | "tags" |
+                                              "labels" (a label selector) | "label_group",
                                               "from_version"?, "policy"?,
                                               "override_quarantine"?, "override_aborted"?,
                                               "override_offline"?}
                                              -> 201 rollout (with "offline": the comparison
                                              on the model's evaluation set)
     GET  /v1/rollouts/{id}                   rollout + "devices" (state per device), "counts",
-                                             "wave_sizes", "events" (latest 50)
+                                             "wave_sizes", "holds" (held members: reason
+                                             and when their window opens), "events"
     POST /v1/rollouts/{id}/approve|pause|resume|abort  -> rollout
     GET  /v1/models/{name}/{version}         the published bundle + "history" (aborts,
                                              quarantine, overrides) + "rollouts" of it
@@ -47,10 +49,12 @@ from fleet_server.errors import (
     RolloutPolicyError,
 )
 from fleet_server.jobs.rollout_runner import RolloutRunner
+from fleet_server.registry import labels as label_store
 from fleet_server.registry import rollouts as store
 from fleet_server.registry.rollouts import rollout_to_dict
 from fleet_server.registry.version_history import VersionHistory, version_history
 from fleet_server.rollouts.admission import MAX_OVERRIDE_REASON
+from fleet_server.rollouts.label_selector import LabelSelector
 from fleet_server.rollouts.policy import RolloutPolicy, Selector
 from fleet_server.rollouts.state import Rollout
 
@@ -72,6 +76,7 @@ def rollout_status(runner: RolloutRunner, r: Rollout, *, events: bool = True) ->
     out["devices"] = states
     out["counts"] = dict(Counter(states.values()))
     out["wave_sizes"] = list(r.policy.wave_sizes(len(states)))
+    out["holds"] = runner.holds(r)
     if events:
         out["events"] = [
             {"at": e.at.isoformat(), "kind": e.kind, "detail": dict(e.detail)}
@@ -99,6 +104,8 @@ def _parse_create(data: Any) -> dict[str, Any]:
     ):
         raise RolloutPolicyError(f"field 'from_version' must be an integer in 0..{MAX_ID} or null")
     group, tags = data.get("group"), data.get("tags") or {}
+    labels = data.get("labels")
+    selector = None if labels is None else LabelSelector.parse(labels)
     if group is not None and not _text(group):
         raise RolloutPolicyError("field 'group' must be a printable string of 1-128 characters")
     if (
@@ -128,7 +135,7 @@ def _parse_create(data: Any) -> dict[str, Any]:
         "model": model,
         "version": version,
         "from_version": frm,
-        "selector": Selector(group=group, tags=tags),
+        "selector": Selector(group=group, tags=tags, labels=selector),
         "policy": parsed,
         **overrides,
     }
@@ -183,7 +190,16 @@ def rollout_routes(runner: RolloutRunner, guarded: Callable[[Handler], Handler])
         return JSONResponse({"rollouts": [rollout_to_dict(r) for r in rows]})
 
     async def create(request: Request) -> Response:
-        args = _parse_create(json_object(await read_body(request, MAX_BODY)))
+        body = json_object(await read_body(request, MAX_BODY))
+        if "label_group" in body:
+            name = body.pop("label_group")
+            if not _text(name) or "labels" in body:
+                raise RolloutPolicyError("'label_group' is a group name, instead of 'labels'")
+            # A label group's selector is copied into the rollout: redefining the group later
+            # does not move a running rollout; the selector is re-evaluated at every step.
+            found = await run_in_threadpool(lambda: label_store.group(runner.registry, name))
+            body["labels"] = str(found.selector)
+        args = _parse_create(body)
         r = await run_in_threadpool(
             lambda: runner.create(
                 args["model"],

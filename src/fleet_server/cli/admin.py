@@ -139,10 +139,19 @@ def register_admin_commands(cli: click.Group, devices: click.Group) -> None:
     @admin_options
     @json_option
     @click.option("--group", help="Only devices of this group.")
-    def devices_list(url: str, token: str, as_json: bool, group: str | None) -> None:
+    @click.option("--selector", help="Only devices whose labels match, e.g. 'site=berlin'.")
+    @click.option("--label-group", help="Only devices of this label group (a named selector).")
+    def devices_list(
+        url: str,
+        token: str,
+        as_json: bool,
+        group: str | None,
+        selector: str | None,
+        label_group: str | None,
+    ) -> None:
         """List devices with their group, online state and desired models."""
         with AdminClient(url, token) as client:
-            rows = client.devices(group)
+            rows = client.devices(group, selector=selector, label_group=label_group)
         if as_json:
             emit_json(rows)
             return

@@ -38,6 +38,7 @@ from fleet_server.cli.audit import register_audit_commands
 from fleet_server.cli.diagnostics import register_diagnostics_commands
 from fleet_server.cli.drift import register_drift_commands
 from fleet_server.cli.evalsets import register_evalset_commands
+from fleet_server.cli.labels import register_label_commands
 from fleet_server.cli.rollouts import register_rollout_commands
 from fleet_server.cli.root import register_root_commands
 from fleet_server.errors import ERRORS
@@ -291,6 +292,7 @@ register_root_commands(cli)
 register_audit_commands(cli)
 register_account_commands(cli)
 register_diagnostics_commands(devices)
+register_label_commands(cli, devices)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -62,6 +62,8 @@ _FINAL = ("completed", "aborted")
 _DEVICE_STATES = (
     "installed",
     "assigned",
+    "waiting_window",
+    "waiting_budget",
     "shadow",
     "control",
     "failed",
@@ -85,7 +87,29 @@ def _selector(r: dict[str, Any]) -> str:
     sel = r.get("selector") or {}
     if sel.get("group"):
         return f"group={sel['group']}"
+    if sel.get("labels"):
+        return f"labels {sel['labels']}"
     return ",".join(f"{k}={v}" for k, v in sorted((sel.get("tags") or {}).items()))
+
+
+def render_holds(r: dict[str, Any]) -> list[str]:
+    """Who waits for a maintenance window (and when it opens) or for the disruption budget."""
+    holds = r.get("holds") or {}
+    budget = (r.get("policy") or {}).get("disruption_budget")
+    lines = []
+    if isinstance(budget, dict):
+        limit = budget.get("max_devices") or f"{float(budget.get('max_fraction') or 0):.0%}"
+        lines.append(
+            f"budget at most {limit} per {budget.get('label')} mid-install or on probation"
+        )
+    for device, h in sorted(holds.items())[:20]:
+        if h.get("reason") == "window":
+            lines.append(f"  {shown(device, 64)} waits for its window, opens {h.get('opens_at')}")
+        else:
+            lines.append(f"  {shown(device, 64)} waits for the disruption budget")
+    if len(holds) > 20:
+        lines.append(f"  ... and {len(holds) - 20} more held")
+    return lines
 
 
 def render_offline(r: dict[str, Any]) -> list[str]:
@@ -145,6 +169,7 @@ def render_rollout(r: dict[str, Any]) -> list[str]:
     lines.append(f"progress [{'#' * done}{'.' * (width - done)}] {members}/{total}")
     states = [s for s in _DEVICE_STATES if counts.get(s) or s in ("installed", "assigned")]
     lines.append("devices " + "  ".join(f"{s} {counts.get(s, 0)}" for s in states))
+    lines += render_holds(r)
     lines += render_offline(r)
     gates = r.get("gates") or []
     if gates:
@@ -209,6 +234,22 @@ def _policy(opts: dict[str, Any]) -> dict[str, Any]:
         offline["enabled"] = False
     if offline:
         policy["offline"] = offline
+    if opts["budget_max"] is not None and opts["budget_percent"] is not None:
+        raise click.UsageError("give at most one of --budget-max and --budget-percent")
+    if (opts["budget_label"] is None) != (
+        opts["budget_max"] is None and opts["budget_percent"] is None
+    ):
+        raise click.UsageError("--budget-label goes with --budget-max or --budget-percent")
+    if opts["budget_label"] is not None:
+        policy["disruption_budget"] = {
+            "label": opts["budget_label"],
+            **({"max_devices": opts["budget_max"]} if opts["budget_max"] is not None else {}),
+            **(
+                {"max_fraction": opts["budget_percent"] / 100}
+                if opts["budget_percent"] is not None
+                else {}
+            ),
+        }
     return policy
 
 
@@ -226,6 +267,13 @@ def register_rollout_commands(cli: click.Group) -> None:
     @click.argument("version", type=click.IntRange(1))
     @click.option("--group", help="Target every active device of this group.")
     @click.option("--tag", "tags", multiple=True, help="Target devices with KEY=VALUE (repeat).")
+    @click.option("--selector", help="Target devices whose labels match, e.g. 'site in (a,b)'.")
+    @click.option("--label-group", help="Target a label group (its selector is copied).")
+    @click.option("--budget-label", help="Disruption budget per value of this label, e.g. site.")
+    @click.option("--budget-max", type=click.IntRange(1), help="Budget: devices at once.")
+    @click.option(
+        "--budget-percent", type=click.FloatRange(0, 100, min_open=True), help="Budget: percent."
+    )
     @click.option("--from-version", type=click.IntRange(1), help="Default: most devices' active.")
     @click.option("--canary", type=click.FloatRange(0, 1, min_open=True), help="Canary fraction.")
     @click.option("--canary-count", type=click.IntRange(1), help="Canary size in devices.")
@@ -347,6 +395,8 @@ def register_rollout_commands(cli: click.Group) -> None:
         version: int,
         group: str | None,
         tags: tuple[str, ...],
+        selector: str | None,
+        label_group: str | None,
         from_version: int | None,
         override_quarantine: str,
         override_aborted: str,
@@ -360,8 +410,11 @@ def register_rollout_commands(cli: click.Group) -> None:
         the model has an evaluation set (`evalsets add`), the server first runs VERSION and the
         version it replaces on it and refuses a regression unless --override-offline REASON.
         """
-        if (group is None) == (not tags):
-            raise click.UsageError("give exactly one of --group and --tag")
+        given = (
+            (group is not None) + bool(tags) + (selector is not None) + (label_group is not None)
+        )
+        if given != 1:
+            raise click.UsageError("give exactly one of --group, --tag, --selector, --label-group")
         body: dict[str, Any] = {
             "model": model,
             "version": version,
@@ -370,6 +423,10 @@ def register_rollout_commands(cli: click.Group) -> None:
             "from_version": from_version,
             "policy": _policy(opts),
         }
+        if selector is not None:
+            body["labels"] = selector
+        if label_group is not None:
+            body["label_group"] = label_group
         if override_quarantine:
             body["override_quarantine"] = override_quarantine
         if override_aborted:

@@ -30,9 +30,9 @@ from fleet_server.evalsets.data import (
     parse_eval_set,
 )
 from fleet_server.registry import evalsets as rows
-from fleet_server.registry.evalset_models import MAX_NOTE, MAX_SOURCE
 from fleet_server.registry.evalsets import EvalSetRecord
 from fleet_server.registry.store import Registry
+from fleet_server.registry.tables.evalsets import MAX_NOTE, MAX_SOURCE
 
 __all__ = ["EVALSET_SUFFIX", "EvalSetStore", "check_text"]
 

@@ -37,6 +37,9 @@ class GatewayStats:
         blocks_unicast: blocks published on a device's ``blocks/resp``.
         blocks_broadcast: blocks published on a wave topic (rounds and waves).
         reported_stored: reported-state documents stored.
+        reported_labels_refused: label entries of stored reported states that were dropped
+            as invalid (bad key or value, too many, not an object); the device's last count is
+            its ``labels_refused`` (``fleet-server devices labels``).
         desired_published: desired-state documents published (direct and republished).
         devices_online: devices whose latest status is ``online`` and that spoke recently.
         retained_cleared: invalid retained status/reported documents the gateway cleared.
@@ -56,6 +59,7 @@ class GatewayStats:
     blocks_unicast: int = 0
     blocks_broadcast: int = 0
     reported_stored: int = 0
+    reported_labels_refused: int = 0
     desired_published: int = 0
     devices_online: int = 0
     retained_cleared: int = 0

@@ -251,6 +251,7 @@ class Gateway:
                 blocks_unicast=c["blocks_unicast"],
                 blocks_broadcast=c["blocks_broadcast"],
                 reported_stored=c["reported_stored"],
+                reported_labels_refused=c["reported_labels_refused"],
                 desired_published=c["desired_published"],
                 devices_online=sum(1 for s in online.values() if s.state == "online"),
                 retained_cleared=c["retained_cleared"],
@@ -351,6 +352,8 @@ class Gateway:
             self._reject(refusal_reason(exc), device_id)
             return
         self._count("reported_stored", 1)
+        if state.labels_refused:
+            self._count("reported_labels_refused", state.labels_refused)
 
     def _on_status(self, _kind: str, device_id: str, payload: bytes) -> None:
         if not payload:

@@ -30,8 +30,8 @@ from sqlalchemy.orm import Session
 
 from edge_agent.errors import ContractError
 from fleet_server.history.cells import DriftPart, drift_slices
-from fleet_server.registry.models import RollupState, TelemetryRollup, TelemetryRow
 from fleet_server.registry.store import Registry
+from fleet_server.registry.tables.core import RollupState, TelemetryRollup, TelemetryRow
 
 __all__ = [
     "FINE_S",

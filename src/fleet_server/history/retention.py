@@ -21,7 +21,7 @@ with a cut it has already bounded by the fold (``min(now - retention, folded_unt
   or below it as a duplicate), so exactly-once holds after the key is gone.
 
 Does not own: the cut and the fold (``fleet_server.jobs.history``), ingest and its dedupe
-(``fleet_server.registry._ingest``), the schema (``registry.models``, migration ``0006``).
+(``fleet_server.registry._ingest``), the schema (``registry.tables.core``, migration ``0006``).
 
 Locks on PostgreSQL: creating a partition is ``CREATE TABLE ... (LIKE telemetry)`` then
 ``ATTACH PARTITION`` (SHARE UPDATE EXCLUSIVE on ``telemetry``, which inserts do not wait for),
@@ -46,8 +46,8 @@ from sqlalchemy import Connection, Table, and_, bindparam, delete, or_, select, 
 from sqlalchemy.orm import Session
 
 from fleet_server.errors import RegistryUnavailableError
-from fleet_server.registry.models import Device, DeviceSeq, TelemetryKey, TelemetryRow
 from fleet_server.registry.store import Registry
+from fleet_server.registry.tables.core import Device, DeviceSeq, TelemetryKey, TelemetryRow
 
 __all__ = [
     "DAY",

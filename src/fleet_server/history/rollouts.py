@@ -28,8 +28,8 @@ from fleet_server.history.queries import (
     folded_marks,
     last_reports,
 )
-from fleet_server.registry.models import TelemetryRollup, TelemetryRow
 from fleet_server.registry.store import Registry
+from fleet_server.registry.tables.core import TelemetryRollup, TelemetryRow
 from fleet_server.registry.values import StoredTelemetry
 from fleet_server.rollouts.metrics import OutputMoments, TensorMoments, WindowMetrics
 from fleet_server.rollouts.observation import interval_metrics, report_outputs

@@ -3,7 +3,7 @@
 Owns: ``HistoryPolicy`` (bucket sizes, retentions, batch sizes), ``HistoryJob.run_once`` (fold
 every closed fine bucket, then every closed hour, then delete what retention allows, in small
 batches) and when it runs (``start``/``close``). Does not own: the fold itself (``cells``),
-reading history for queries (``queries``), the schema (``registry.models``), the thread, its
+reading history for queries (``queries``), the schema (``registry.tables.core``), the thread, its
 leader-lock gate and its error boundary (``fleet_server.jobs.periodic``).
 
 Why a job and not ingest: ingest stays as it is (one insert per batch, no read of the previous
@@ -41,8 +41,8 @@ from fleet_server.history.cells import CellKey, RawRow, RollupCell, fold_rows, m
 from fleet_server.history.queries import last_reports
 from fleet_server.jobs.leader import LeaderLock
 from fleet_server.jobs.periodic import PeriodicJob
-from fleet_server.registry.models import Device, RollupState, TelemetryRollup, TelemetryRow
 from fleet_server.registry.store import Registry
+from fleet_server.registry.tables.core import Device, RollupState, TelemetryRollup, TelemetryRow
 
 __all__ = ["FINE", "HOUR", "HistoryJob", "HistoryPolicy", "RunReport"]
 

@@ -1,6 +1,9 @@
 """What the rollout runner reads for one rollout: devices, observations, shadow inputs.
 
-Owns ``RolloutReader``: the devices a rollout's selector targets (``targeted``), each one's
+Owns ``RolloutReader``: the devices a rollout's selector targets (``targeted``: a label
+selector is one indexed query, ``registry.labels.select_devices``), what holding needs
+(``hold_inputs``: the targets' labels and, against the maintenance windows, when each closed
+one opens), each one's
 ``DeviceObservation`` for the rollout (the telemetry window through ``history.rollouts``, and
 each member's metrics and output moments of ``from_version`` before it switched, the latency
 and output gates' second reference), what the shadow phase needs (``ShadowInputs``: who can
@@ -22,13 +25,16 @@ from datetime import datetime, timedelta
 
 from fleet_server.errors import RegistryError, RegistryUnavailableError
 from fleet_server.history.rollouts import before_outputs, rollout_inputs
+from fleet_server.registry import labels as label_store
 from fleet_server.registry.store import Registry
 from fleet_server.registry.values import DeviceRecord
+from fleet_server.rollouts.holds import HoldInputs
 from fleet_server.rollouts.metrics import DeviceObservation
 from fleet_server.rollouts.observation import observe
 from fleet_server.rollouts.policy import Selector
 from fleet_server.rollouts.shadow_evidence import ShadowInputs, shadow_capable, shadow_evidence
 from fleet_server.rollouts.state import Rollout
+from fleet_server.rollouts.windows import window_opens_at
 
 __all__ = ["RolloutReader", "common_version"]
 
@@ -51,8 +57,27 @@ class RolloutReader:
         Raises:
             RegistryUnavailableError: the database failed.
         """
+        if selector.labels is not None:
+            return label_store.select_devices(
+                self._registry, selector.labels, include_revoked=False
+            )
         devices = self._registry.list_devices(group=selector.group, include_revoked=False)
         return [d for d in devices if selector.matches(d.group, d.tags)]
+
+    def hold_inputs(self, r: Rollout, now: datetime) -> HoldInputs | None:
+        """The targets' labels and closed windows at ``now`` (None: no window is defined and
+        the policy has no disruption budget, so nothing is held).
+
+        Raises:
+            RegistryUnavailableError: the database failed.
+        """
+        windows = label_store.windows(self._registry)
+        if not windows and r.policy.disruption_budget is None:
+            return None
+        ids = [d.id for d in self.targeted(r.selector)]
+        labels = label_store.labels_of(self._registry, ids)
+        opens_at = {d: t for d in ids if (t := window_opens_at(windows, labels.get(d, {}), now))}
+        return HoldInputs(labels={d: labels.get(d, {}) for d in ids}, opens_at=opens_at)
 
     def observations(self, r: Rollout, now: datetime) -> list[DeviceObservation]:
         """Every targeted device's observation for ``r`` (members on ``to_version``).
@@ -115,8 +140,9 @@ class RolloutReader:
 
     def device_states(self, r: Rollout) -> dict[str, str]:
         """Per targeted device: ``control``, ``shadow`` (runs the candidate as a shadow, in
-        the shadow phase), ``assigned``, ``installed``, ``failed``, ``rolled_back`` or
-        ``reverted`` (for status views).
+        the shadow phase), ``waiting_window`` / ``waiting_budget`` (a member whose assignment
+        is held), ``assigned``, ``installed``, ``failed``, ``rolled_back`` or ``reverted``
+        (for status views).
 
         Raises:
             RegistryUnavailableError: the database failed.
@@ -130,6 +156,8 @@ class RolloutReader:
                 out[d.id] = "reverted"
             elif d.id in bad:
                 out[d.id] = bad[d.id]
+            elif d.id in r.held:
+                out[d.id] = f"waiting_{r.held[d.id]}"
             elif d.id in r.members:
                 out[d.id] = "installed" if active == r.to_version else "assigned"
             elif d.id in r.shadows and r.phase == "shadow":

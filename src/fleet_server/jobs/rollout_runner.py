@@ -4,7 +4,8 @@
 targeted device's ``DeviceObservation`` and the shadow phase's inputs through a
 ``RolloutReader`` (``fleet_server.jobs.rollout_reader``, which owns those reads: the telemetry
 window, the members' windows from before they switched, the shadowed canaries' evidence),
-calls the pure ``decide`` and applies the decision: ``service.assign`` for new wave members
+reads what holding needs (labels, maintenance windows), calls the pure ``decide`` and applies
+the decision: ``service.assign`` for new wave members
 (``to_version``) and for devices sent back (``from_version``), a quarantine entry when a
 version keeps failing, the new state and an event log entry. Operator commands (approve,
 pause, resume, abort) go through the same lock as steps. ``start()`` runs ``step``
@@ -317,6 +318,22 @@ class RolloutRunner:
         """
         return self._reader.device_states(r)
 
+    def holds(self, r: Rollout, now: datetime | None = None) -> dict[str, dict[str, str | None]]:
+        """Held members of ``r``: why (``window`` or ``budget``) and, for a window, when it
+        next opens (ISO 8601, UTC) at ``now`` (default: the runner's clock).
+
+        Raises:
+            RegistryUnavailableError: the database failed.
+        """
+        if not r.held:
+            return {}
+        inputs = self._reader.hold_inputs(r, now or self._clock())
+        opens = inputs.opens_at if inputs is not None else {}
+        return {
+            d: {"reason": why, "opens_at": opens[d].isoformat() if d in opens else None}
+            for d, why in sorted(r.held.items())
+        }
+
     def shadow_inputs(self, r: Rollout) -> ShadowInputs | None:
         """What the shadow phase needs (``RolloutReader.shadow_inputs``).
 
@@ -333,6 +350,7 @@ class RolloutRunner:
             now,
             previous_aborts=previous,
             shadow=self.shadow_inputs(r),
+            holds=self._reader.hold_inputs(r, now),
         )
         self._apply(decision, now, kind="decision", old=r)
         return decision

@@ -9,7 +9,7 @@ re-exports nothing):
 - ``values``: the records it returns (``DeviceRecord``, ``BundleRecord``, ``TelemetryEntry``, ...);
 - ``rollouts``: rollout persistence (``create_rollout``, ``RolloutEvent``, quarantine, ...);
 - ``version_history``: one model version's rollouts and quarantine, read together;
-- ``orm``, ``models``, ``rollout_models``, ``schema``: the tables and the complete metadata;
+- ``orm``, ``tables`` (by area), ``schema``: the tables and the complete metadata;
 - ``_catalog``, ``_checks``, ``_engine``, ``_ingest``: the store's internals.
 
 ``RegistryError`` and its subclasses live in ``fleet_server.errors``.

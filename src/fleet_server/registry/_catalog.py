@@ -23,7 +23,13 @@ from fleet_server.errors import (
     UnknownDeviceError,
 )
 from fleet_server.registry._checks import MAX_SEQ, check_label, check_sha256
-from fleet_server.registry.models import Bundle, DesiredStateRow, Device, DeviceSeq, TelemetryRow
+from fleet_server.registry.tables.core import (
+    Bundle,
+    DesiredStateRow,
+    Device,
+    DeviceSeq,
+    TelemetryRow,
+)
 from fleet_server.registry.values import (
     DesiredRecord,
     DeviceFilter,

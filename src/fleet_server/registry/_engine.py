@@ -3,7 +3,7 @@
 Owns: parsing the database URL, the SQLite connection pragmas and ``BEGIN IMMEDIATE`` for write
 transactions, turning SQLAlchemy errors into ``RegistryError``s (``guard``), and running the
 Alembic revisions in ``migrations/`` on a connection. Does not own: sessions and transactions
-(``store.Registry``), nor the schema (``models``).
+(``store.Registry``), nor the schema (``tables``).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ from fleet_server.errors import (
     UnknownDeviceError,
 )
 from fleet_server.registry._checks import checked_rows
-from fleet_server.registry.models import Device, DeviceSeq, TelemetryKey, TelemetryRow
+from fleet_server.registry.tables.core import Device, DeviceSeq, TelemetryKey, TelemetryRow
 from fleet_server.registry.values import IngestResult, TelemetryEntry
 
 __all__ = ["check_batches", "ingest_one", "ingest_set"]

@@ -2,7 +2,7 @@
 
 Owns: ``EvalSetRecord`` (one registration: which model, which file by sha256, its size and shape,
 and its provenance: free-text source, the operator's note, when) and the queries on
-``evalset_models.EvalSetRow``. Each function runs in one of the ``Registry``'s transactions;
+``tables.evalsets.EvalSetRow``. Each function runs in one of the ``Registry``'s transactions;
 database failures raise ``RegistryUnavailableError``. Does not own the files
 (``fleet_server.evalsets.store``) nor validate the provenance text (its callers do).
 """
@@ -16,8 +16,8 @@ from typing import Any
 from sqlalchemy import select
 
 from fleet_server.errors import RegistryError, UnknownEvalSetError
-from fleet_server.registry.evalset_models import EvalSetRow
 from fleet_server.registry.store import Registry
+from fleet_server.registry.tables.evalsets import EvalSetRow
 
 __all__ = [
     "EvalSetRecord",

@@ -3,8 +3,8 @@ column types and sizes the tables share.
 
 Owns: the shared ``MetaData`` and its constraint naming convention, timezone-aware UTC timestamps
 (``UTCDateTime``), JSON columns (``JSONB`` on PostgreSQL, JSON text on SQLite) and the id/name
-lengths. Does not own: any table (``models`` for devices, bundles and telemetry,
-``rollout_models`` for rollouts) nor the complete schema (``schema``, which imports every table
+lengths. Does not own: any table (``tables.core`` for devices, bundles and telemetry,
+``tables.rollouts`` for rollouts) nor the complete schema (``schema``, which imports every table
 module).
 """
 

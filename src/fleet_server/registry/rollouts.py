@@ -1,6 +1,6 @@
 """Rollout persistence: rollouts, their event log, quarantined versions.
 
-Owns: the queries and transactions on the tables of ``rollout_models`` and the JSON form of a
+Owns: the queries and transactions on the tables of ``tables.rollouts`` and the JSON form of a
 ``fleet_server.rollouts.state.Rollout`` (``rollout_to_dict``/``rollout_from_dict``, also the
 admin API's shape). Each function takes the ``Registry`` and runs in one of its transactions;
 database failures raise ``RegistryUnavailableError`` like every registry call. Does not decide
@@ -19,9 +19,10 @@ from typing import Any
 from sqlalchemy import func, select
 
 from fleet_server.errors import RegistryError, RolloutConflictError, UnknownRolloutError
-from fleet_server.registry.rollout_models import QuarantineRow, RolloutEventRow, RolloutRow
 from fleet_server.registry.store import Registry
+from fleet_server.registry.tables.rollouts import QuarantineRow, RolloutEventRow, RolloutRow
 from fleet_server.rollouts.admission import Override
+from fleet_server.rollouts.label_selector import LabelSelector
 from fleet_server.rollouts.policy import RolloutPolicy, Selector
 from fleet_server.rollouts.state import GateResult, OfflineCheck, Rollout
 
@@ -107,6 +108,10 @@ def rollout_to_dict(r: Rollout) -> dict[str, Any]:
     if r.phase != "serving" or r.shadows:  # absent for rollouts without a shadow phase
         out["phase"] = r.phase
         out["shadows"] = {d: _iso(t) for d, t in sorted(r.shadows.items())}
+    if r.held or r.released or r.settling:  # absent for rollouts that never held or budgeted
+        out["held"] = dict(sorted(r.held.items()))
+        out["released"] = {d: _iso(t) for d, t in sorted(r.released.items())}
+        out["settling"] = {d: _iso(t) for d, t in sorted(r.settling.items())}
     return out
 
 
@@ -115,6 +120,7 @@ def rollout_from_dict(d: Mapping[str, Any]) -> Rollout:
 
     Raises:
         RolloutPolicyError: the stored policy or selector is invalid.
+        SelectorSyntaxError: the stored label selector does not parse.
         KeyError, ValueError: the document is not a stored rollout.
     """
     created = _time(d["created_at"])
@@ -125,7 +131,11 @@ def rollout_from_dict(d: Mapping[str, Any]) -> Rollout:
         model=str(d["model"]),
         from_version=d.get("from_version"),
         to_version=int(d["to_version"]),
-        selector=Selector(group=sel.get("group"), tags=dict(sel.get("tags") or {})),
+        selector=Selector(
+            group=sel.get("group"),
+            tags=dict(sel.get("tags") or {}),
+            labels=None if sel.get("labels") is None else LabelSelector.parse(sel["labels"]),
+        ),
         policy=RolloutPolicy.from_dict(d["policy"]),
         created_at=created,
         state=str(d["state"]),
@@ -146,6 +156,9 @@ def rollout_from_dict(d: Mapping[str, Any]) -> Rollout:
         offline=None if d.get("offline") is None else OfflineCheck.from_dict(d["offline"]),
         phase=str(d.get("phase", "serving")),
         shadows={k: t for k, v in d.get("shadows", {}).items() if (t := _time(v)) is not None},
+        held={str(k): str(v) for k, v in d.get("held", {}).items()},
+        released={k: t for k, v in d.get("released", {}).items() if (t := _time(v)) is not None},
+        settling={k: t for k, v in d.get("settling", {}).items() if (t := _time(v)) is not None},
     )
 
 

@@ -5,8 +5,8 @@ which Alembic's environment and the schema-drift tests compare with the migrated
 Also owns ``include_name``, the filter that keeps the PostgreSQL partitions of ``telemetry``
 (``telemetry_pYYYYMMDD``, ``telemetry_default``: storage of one table, created and dropped at run
 time by ``fleet_server.history.retention``) out of Alembic's comparisons. Does not own: any
-table (``models``, ``rollout_models``, ``evalset_models``, ``audit``) nor the base (``orm``). A
-new table module is added here, or Alembic would not see it.
+table (``tables.core``, ``tables.rollouts``, ``tables.evalsets``, ``tables.labels``, ``audit``)
+nor the base (``orm``). A new table module is added here, or Alembic would not see it.
 """
 
 from __future__ import annotations
@@ -18,13 +18,20 @@ from typing import Any, Final
 
 from sqlalchemy import MetaData
 
-from fleet_server.registry import audit, evalset_models, models, rollout_models
+from fleet_server.registry import audit
 from fleet_server.registry.orm import Base
+from fleet_server.registry.tables import core, evalsets, labels, rollouts
 
 __all__ = ["METADATA", "PARTITION_NAME", "TABLE_MODULES", "include_name"]
 
 #: Every module that defines registry tables; importing them registers their tables on ``Base``.
-TABLE_MODULES: Final[tuple[ModuleType, ...]] = (models, rollout_models, evalset_models, audit)
+TABLE_MODULES: Final[tuple[ModuleType, ...]] = (
+    core,
+    rollouts,
+    evalsets,
+    audit,
+    labels,
+)
 
 #: The shared metadata, complete: every table of ``TABLE_MODULES``.
 METADATA: Final[MetaData] = Base.metadata

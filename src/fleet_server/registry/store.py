@@ -46,6 +46,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
 
+from edge_agent.wire.ops.labels import parse_labels
 from edge_agent.wire.telemetry import Batch, Event, TelemetryReport
 from fleet_server.errors import (
     BundleExistsError,
@@ -53,13 +54,13 @@ from fleet_server.errors import (
     RegistryError,
     RegistryUnavailableError,
 )
-from fleet_server.registry import _catalog, _engine, _ingest
+from fleet_server.registry import _catalog, _engine, _ingest, _labels
 from fleet_server.registry._checks import (
     check_device_id,
     check_label,
     checked_rows,
 )
-from fleet_server.registry.models import Device
+from fleet_server.registry.tables.core import Device
 from fleet_server.registry.values import (
     BundleRecord,
     DesiredRecord,
@@ -174,6 +175,9 @@ class Registry:
     ) -> DeviceRecord:
         """Register a device (or re-enroll a revoked one, which clears the revocation).
 
+        Valid labels among ``tags`` (string values) also become operator labels
+        (``registry.labels``): tags record the enrollment, labels are what selectors read.
+
         Raises:
             RegistryError: invalid device id or group.
             DeviceExistsError: the device is enrolled and not revoked.
@@ -183,7 +187,9 @@ class Registry:
         check_label(group, "group")
         now = self._clock()
         with self.write_session("enrolling a device", DeviceExistsError) as s:
-            return _catalog.enroll_in(s, device_id, group, tags, cert_serial, now)
+            record = _catalog.enroll_in(s, device_id, group, tags, cert_serial, now)
+            _labels.seed_from_tags(s, device_id, tags)
+            return record
 
     def revoke(self, device_id: str) -> DeviceRecord:
         """Mark a device revoked (idempotent: the first revocation time is kept).
@@ -257,6 +263,10 @@ class Registry:
     def record_reported(self, device_id: str, state: Mapping[str, Any]) -> DeviceRecord:
         """Store the device's latest reported state (replacing the previous one).
 
+        Its valid ``labels`` become the device's own labels (``registry.labels``; the
+        operator's win on the same key); ``ReportedState`` already dropped and counted the
+        invalid ones.
+
         Raises:
             UnknownDeviceError: no such device.
             DeviceRevokedError: the device is revoked.
@@ -264,7 +274,9 @@ class Registry:
         """
         now = self._clock()
         with self.write_session("recording reported state") as s:
-            return _catalog.record_reported_in(s, device_id, state, now)
+            record = _catalog.record_reported_in(s, device_id, state, now)
+            _labels.replace_source(s, device_id, "device", parse_labels(state.get("labels")).labels)
+            return record
 
     # ----------------------------------------------------------------- bundles
     def publish_bundle(

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from fleet_server.registry.models import Bundle, DesiredStateRow, Device
+from fleet_server.registry.tables.core import Bundle, DesiredStateRow, Device
 
 __all__ = [
     "BundleRecord",

@@ -16,9 +16,9 @@ from typing import Any
 
 from sqlalchemy import select
 
-from fleet_server.registry.rollout_models import QuarantineRow, RolloutRow
 from fleet_server.registry.rollouts import QuarantineRecord
 from fleet_server.registry.store import Registry
+from fleet_server.registry.tables.rollouts import QuarantineRow, RolloutRow
 
 __all__ = ["VersionHistory", "version_history"]
 

@@ -27,6 +27,11 @@ canaries' live-vs-shadow answers; a breach halts (pauses or aborts) before any c
 pass enters the canary wave. A canary wave without a capable device, or a rollout given no
 ``ShadowInputs``, has no shadow phase.
 
+Holds (``fleet_server.rollouts.holds``): given ``HoldInputs``, every assignment ``decide`` makes
+is sent only inside the device's maintenance window and within the policy's disruption budget;
+the others wait in ``Rollout.held`` and go out at a later step. A wave with held members keeps
+dwelling, its clock restarting, until the last of them is sent.
+
 A breach pauses or aborts per policy; an abort sends members back to ``from_version`` when
 ``rollback_on_abort``; the ``quarantine_after``-th abort of a version (a gate's or an
 operator's; 2 by default) quarantines it at once. A device that failed or rolled back is never
@@ -52,6 +57,7 @@ from datetime import datetime
 
 from fleet_server.errors import RolloutStateError
 from fleet_server.rollouts.gates import GATES, Gate, GateInputs, quality_inputs, safety_inputs
+from fleet_server.rollouts.holds import HoldInputs, apply_holds, hold_summary
 from fleet_server.rollouts.metrics import DeviceObservation
 from fleet_server.rollouts.shadow_evidence import ShadowEvidence, ShadowInputs
 from fleet_server.rollouts.state import Decision, GateResult, Rollout
@@ -82,6 +88,7 @@ def decide(
     previous_aborts: int = 0,
     gates: Sequence[Gate] = GATES,
     shadow: ShadowInputs | None = None,
+    holds: HoldInputs | None = None,
 ) -> Decision:
     """The next step of ``rollout`` given its targeted devices' observations at ``now``.
 
@@ -96,16 +103,31 @@ def decide(
             the ``shadow`` ones after the shadow phase's dwell.
         shadow: Who can take a shadow and the shadowed canaries' evidence; None: no shadow
             phase (a rollout already in one judges no evidence and waits).
+        holds: Targeted devices' labels and closed maintenance windows; None: no window
+            applies (with no disruption budget nothing is held).
 
     Returns:
         The new state and the assignments to make; a rollout that is not active is returned
         unchanged.
     """
-    r = rollout
-    if not r.active:
-        return Decision(r, reasons=(f"rollout is {r.state}",))
+    if not rollout.active:
+        return Decision(rollout, reasons=(f"rollout is {rollout.state}",))
     by_id = {d.device_id: d for d in devices}
-    order = wave_order(r.model, list(by_id))
+    order = wave_order(rollout.model, list(by_id))
+    decision = _decide(rollout, by_id, order, now, previous_aborts, gates, shadow, holds)
+    return apply_holds(decision, order, by_id, now, holds)
+
+
+def _decide(
+    r: Rollout,
+    by_id: Mapping[str, DeviceObservation],
+    order: Sequence[str],
+    now: datetime,
+    previous_aborts: int,
+    gates: Sequence[Gate],
+    shadow: ShadowInputs | None,
+    holds: HoldInputs | None,
+) -> Decision:
     reasons: list[str] = []
     seen = [d for d in r.members if d in by_id]
     rolled = sorted({*r.rolled_back, *(d for d in seen if by_id[d].rolled_back)})
@@ -127,6 +149,11 @@ def decide(
         return _breach(r, safety, now, previous_aborts, reasons)
     if r.phase == "shadow" and r.state in ("dwelling", "judging"):
         return _shadow_step(r, order, by_id, now, gates, shadow, safety, previous_aborts, reasons)
+    if r.state == "dwelling" and r.held:
+        msg = f"wave {r.wave + 1} waits for its held devices to be sent"
+        return _stay(
+            r, (*reasons, msg, hold_summary(r.held, holds.opens_at if holds else {})), safety
+        )
     if r.state == "dwelling":
         assert r.wave_started_at is not None
         elapsed = (now - r.wave_started_at).total_seconds()
@@ -292,7 +319,8 @@ def _abort(
 ) -> Decision:
     revert: tuple[str, ...] = ()
     if r.policy.rollback_on_abort and r.from_version is not None:
-        revert = tuple(sorted(d for d in r.members if d not in r.reverted))
+        # A held member never received the version: nothing to send back.
+        revert = tuple(sorted(d for d in r.members if d not in r.reverted and d not in r.held))
         reasons.append(f"aborted: {len(revert)} device(s) sent back to v{r.from_version}")
     else:
         reasons.append("aborted: devices stay where they are")
@@ -311,6 +339,7 @@ def _abort(
     done = replace(
         r,
         state="aborted",
+        held={},
         reverted=tuple(sorted({*r.reverted, *revert})),
         updated_at=now,
         reasons=tuple(reasons),

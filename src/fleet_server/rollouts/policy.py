@@ -4,9 +4,11 @@ Owns ``Thresholds`` (one validated field per gate threshold), ``OfflineLimits`` 
 than the version it replaces a candidate may be on the model's evaluation set before the rollout
 is refused), ``RolloutPolicy`` (waves, dwell,
 minimum evidence, what a breach leads to; its JSON form ``to_dict``/``from_dict``, which the admin
-API and the ``rollouts create`` options speak) and ``Selector`` (which devices a rollout
-targets). Does not own the rollout state (``fleet_server.rollouts.state``), the gate verdicts
-(``fleet_server.rollouts.gates``) nor ``decide`` (``fleet_server.rollouts.engine``).
+API and the ``rollouts create`` options speak), ``DisruptionBudget`` (how many devices sharing a
+label value may be mid-install or on probation at once) and ``Selector`` (which devices a
+rollout targets: a group, tags or a label selector). Does not own the rollout state
+(``fleet_server.rollouts.state``), the gate verdicts (``fleet_server.rollouts.gates``) nor
+``decide`` (``fleet_server.rollouts.engine``).
 """
 
 from __future__ import annotations
@@ -16,9 +18,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Final
 
+from edge_agent.wire.ops.labels import KEY
 from fleet_server.errors import RolloutPolicyError
+from fleet_server.rollouts.label_selector import LabelSelector
 
-__all__ = ["ON_BREACH", "OfflineLimits", "RolloutPolicy", "Selector", "Thresholds"]
+__all__ = [
+    "ON_BREACH",
+    "DisruptionBudget",
+    "OfflineLimits",
+    "RolloutPolicy",
+    "Selector",
+    "Thresholds",
+]
 
 ON_BREACH: Final = ("pause", "abort")
 
@@ -132,6 +143,73 @@ _OFFLINE_KEYS: Final = tuple(OfflineLimits.__dataclass_fields__)
 
 
 @dataclass(frozen=True)
+class DisruptionBudget:
+    """At most ``max_devices`` (or ``max_fraction`` of them, at least 1) of the targeted devices
+    sharing a value of ``label`` are mid-install or on probation at once.
+
+    A device counts from the moment its assignment is sent until it has served the new version
+    for ``settle_seconds`` (the agent's default probation, 300 s) or failed or rolled back.
+    Devices without the label share the budget of the missing value. Exactly one of
+    ``max_devices`` and ``max_fraction`` is set.
+    """
+
+    label: str
+    max_devices: int | None = None
+    max_fraction: float | None = None
+    settle_seconds: float = 300.0
+
+    def __post_init__(self) -> None:
+        """Raises: RolloutPolicyError (a bad label key, neither or both limits, bad values)."""
+        _check(isinstance(self.label, str) and bool(KEY.fullmatch(self.label)), "budget label")
+        _check(
+            (self.max_devices is None) != (self.max_fraction is None),
+            "disruption_budget: give exactly one of max_devices and max_fraction",
+        )
+        n, f = self.max_devices, self.max_fraction
+        _check(
+            n is None or (type(n) is int and n >= 1), "disruption_budget.max_devices must be >= 1"
+        )
+        _check(
+            f is None or (isinstance(f, int | float) and 0.0 < f <= 1.0),
+            "disruption_budget.max_fraction must be in (0, 1]",
+        )
+        _check(
+            isinstance(self.settle_seconds, int | float)
+            and math.isfinite(self.settle_seconds)
+            and self.settle_seconds >= 0,
+            "disruption_budget.settle_seconds must be >= 0",
+        )
+
+    def limit(self, sharing: int) -> int:
+        """Devices of a label value with ``sharing`` targeted devices that may be disrupted."""
+        if self.max_devices is not None:
+            return self.max_devices
+        return max(1, math.floor((self.max_fraction or 0.0) * sharing + 1e-9))
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-safe dict."""
+        return {k: getattr(self, k) for k in _BUDGET_KEYS}
+
+    @classmethod
+    def from_dict(cls, d: object) -> DisruptionBudget:
+        """Parse. Raises: RolloutPolicyError."""
+        _check(isinstance(d, Mapping), "disruption_budget must be an object")
+        assert isinstance(d, Mapping)
+        _check(not set(d) - set(_BUDGET_KEYS), f"unknown budget field(s): {sorted(d)}")
+        try:
+            return cls(**d)
+        except TypeError as exc:
+            raise RolloutPolicyError(f"invalid disruption_budget: {exc}") from exc
+
+    def __str__(self) -> str:
+        limit = self.max_devices if self.max_devices is not None else f"{self.max_fraction:.0%}"
+        return f"at most {limit} per {self.label}"
+
+
+_BUDGET_KEYS: Final = tuple(DisruptionBudget.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
 class RolloutPolicy:
     """How a rollout grows and when it stops (see the module docstring)."""
 
@@ -152,6 +230,7 @@ class RolloutPolicy:
     # The shadow phase (classifiers, canaries that support it): None turns it off.
     shadow_fraction: float | None = 0.25
     shadow_dwell_seconds: float = 120.0
+    disruption_budget: DisruptionBudget | None = None
 
     def __post_init__(self) -> None:
         """Raises: RolloutPolicyError (the message names the field)."""
@@ -201,13 +280,16 @@ class RolloutPolicy:
         d["steps"] = list(self.steps)
         d["thresholds"] = {k: getattr(self.thresholds, k) for k in _THRESHOLD_KEYS}
         d["offline"] = self.offline.to_dict()
+        # Absent without a budget: a rollout stored before budgets existed reads back equal.
+        if self.disruption_budget is not None:
+            d["disruption_budget"] = self.disruption_budget.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, object]) -> RolloutPolicy:
         """Parse (missing keys take defaults: a policy stored before ``offline`` existed gets
         the default offline limits). Raises: RolloutPolicyError."""
-        unknown = set(d) - {*_POLICY_KEYS, "thresholds", "offline"}
+        unknown = set(d) - {*_POLICY_KEYS, "thresholds", "offline", "disruption_budget"}
         _check(not unknown, f"unknown policy field(s): {sorted(unknown)}")
         t = d.get("thresholds") or {}
         _check(isinstance(t, Mapping), "thresholds must be an object")
@@ -218,48 +300,65 @@ class RolloutPolicy:
         _check(isinstance(o, Mapping), "offline must be an object")
         assert isinstance(o, Mapping)
         _check(not set(o) - set(_OFFLINE_KEYS), f"unknown offline limit(s): {sorted(o)}")
-        kwargs = {k: d[k] for k in _POLICY_KEYS if k in d}
+        kwargs: dict[str, Any] = {k: d[k] for k in _POLICY_KEYS if k in d}
+        if d.get("disruption_budget") is not None:
+            kwargs["disruption_budget"] = DisruptionBudget.from_dict(d["disruption_budget"])
         if "steps" in kwargs:
             _check(isinstance(kwargs["steps"], list | tuple), "steps must be a list")
-            kwargs["steps"] = tuple(kwargs["steps"])  # type: ignore[arg-type]
+            kwargs["steps"] = tuple(kwargs["steps"])
         try:
             return cls(
                 thresholds=Thresholds(**t),
                 offline=OfflineLimits(**o),
-                **kwargs,  # type: ignore[arg-type]
+                **kwargs,
             )
         except TypeError as exc:
             raise RolloutPolicyError(f"invalid policy: {exc}") from exc
 
 
 _POLICY_KEYS: Final = tuple(
-    k for k in RolloutPolicy.__dataclass_fields__ if k not in ("thresholds", "offline")
+    k
+    for k in RolloutPolicy.__dataclass_fields__
+    if k not in ("thresholds", "offline", "disruption_budget")
 )
 _THRESHOLD_KEYS: Final = tuple(Thresholds.__dataclass_fields__)
 
 
 @dataclass(frozen=True)
 class Selector:
-    """Which devices a rollout targets: a group, or devices carrying every given tag."""
+    """Which devices a rollout targets: a group, devices carrying every given tag, or devices
+    whose labels a label selector matches (re-evaluated at every step, so devices that start
+    matching join the rollout and devices that stop matching leave its targets)."""
 
     group: str | None = None
     tags: Mapping[str, str] = field(default_factory=dict)
+    labels: LabelSelector | None = None
 
     def __post_init__(self) -> None:
-        """Raises: RolloutPolicyError (neither or both of group and tags)."""
-        _check((self.group is None) != (not self.tags), "select by exactly one of group or tags")
+        """Raises: RolloutPolicyError (not exactly one of group, tags and labels)."""
+        given = (self.group is not None) + bool(self.tags) + (self.labels is not None)
+        _check(given == 1, "select by exactly one of group, tags or a label selector")
 
-    def matches(self, group: str, tags: Mapping[str, object]) -> bool:
-        """True when a device of ``group`` with ``tags`` is targeted."""
+    def matches(
+        self, group: str, tags: Mapping[str, object], labels: Mapping[str, str] | None = None
+    ) -> bool:
+        """True when a device of ``group`` with ``tags`` and ``labels`` is targeted."""
         if self.group is not None:
             return group == self.group
+        if self.labels is not None:
+            return self.labels.matches(labels or {})
         return all(str(tags.get(k)) == v and k in tags for k, v in self.tags.items())
 
     def to_dict(self) -> dict[str, object]:
-        """JSON-safe dict."""
-        return {"group": self.group, "tags": dict(self.tags)}
+        """JSON-safe dict (``labels`` only when set: stored rollouts from before read equal)."""
+        out: dict[str, object] = {"group": self.group, "tags": dict(self.tags)}
+        if self.labels is not None:
+            out["labels"] = str(self.labels)
+        return out
 
     def __str__(self) -> str:
         if self.group is not None:
             return f"group={self.group}"
+        if self.labels is not None:
+            return f"labels {self.labels}"
         return ",".join(f"{k}={v}" for k, v in sorted(self.tags.items()))

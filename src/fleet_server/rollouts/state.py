@@ -141,7 +141,12 @@ class Rollout:
     ``offline`` is the offline comparison made when it was created (None for rollouts created
     before the check existed). ``phase`` is ``shadow`` while the canaries run the candidate as
     a shadow (``shadows``: the canaries sent it, and when; none of them serves it yet), then
-    ``serving``.
+    ``serving``. ``held`` are members whose assignment is not sent yet, with why
+    (``window``: outside their maintenance window; ``budget``: the disruption budget of their
+    label value is full); with a disruption budget, ``released`` says when each member the
+    budget still counts was sent its assignment and ``settling`` when the server first saw it
+    serve the version (counted until ``settle_seconds`` after that;
+    ``fleet_server.rollouts.holds``).
     """
 
     id: str
@@ -169,6 +174,9 @@ class Rollout:
     offline: OfflineCheck | None = None
     phase: str = "serving"
     shadows: Mapping[str, datetime] = field(default_factory=dict)
+    held: Mapping[str, str] = field(default_factory=dict)
+    released: Mapping[str, datetime] = field(default_factory=dict)
+    settling: Mapping[str, datetime] = field(default_factory=dict)
 
     @property
     def active(self) -> bool:
