@@ -102,6 +102,12 @@ class ReportedPublisher:
             capabilities=(SHADOW_CAPABILITY,),
         )
 
+    @property
+    def published(self) -> bool:
+        """True once a reported state went out on this connection (an agent on trial waits
+        for it before confirming: the server has then heard from it)."""
+        return bool(self._last_reported)
+
     def forget(self) -> None:
         """Publish the next state even if unchanged (the broker may have lost the retained
         copy: called after every reconnect)."""
