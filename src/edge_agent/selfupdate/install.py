@@ -8,8 +8,8 @@ to ``staged``. The launcher does the rest (``edge_agent.selfupdate.launcher``).
 The offline scheme, and why: a device has no package index, and the agent's heavy
 dependencies (onnxruntime, numpy, cryptography, ...) are platform wheels that rarely change
 between agent releases. So a release is a virtualenv made with ``python -m venv --without-pip``
-from the base install's interpreter, whose ``edgefleet-deps.pth`` lists the base install's
-site-packages, into which the edgefleet wheel alone is installed with ``pip install --no-index
+from the base install's interpreter, whose ``edgefleet-deps.pth`` adds the base install's
+site-packages (``site.addsitedir``, so its own ``.pth`` files count too), into which the edgefleet wheel alone is installed with ``pip install --no-index
 --no-deps --ignore-installed`` (pip itself comes from the base install through that ``.pth``).
 The release's own site-packages comes first on ``sys.path``, so its ``edge_agent`` shadows the
 base install's; nothing in the base install is modified, so every older release and the base
@@ -148,7 +148,10 @@ def _build(
         failpoint("install-after-venv")
         version = _python_version(str(dest / "bin" / "python"))
         site_packages = dest / "lib" / f"python{version}" / "site-packages"
-        durable.write_atomic(site_packages / DEPS_PTH, "".join(f"{s}\n" for s in site).encode())
+        # ``site.addsitedir``: the base's own .pth files are processed as the base interpreter
+        # processes them (namespace packages, path entries), after this release's site-packages.
+        lines = "".join(f"import site; site.addsitedir({s!r})\n" for s in site)
+        durable.write_atomic(site_packages / DEPS_PTH, lines.encode())
         wheel_path = dest / release.wheel
         durable.write_atomic(wheel_path, wheel)
         _run(
