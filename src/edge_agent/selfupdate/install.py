@@ -8,14 +8,16 @@ to ``staged``. The launcher does the rest (``edge_agent.selfupdate.launcher``).
 The offline scheme, and why: a device has no package index, and the agent's heavy
 dependencies (onnxruntime, numpy, cryptography, ...) are platform wheels that rarely change
 between agent releases. So a release is a virtualenv made with ``python -m venv --without-pip``
-from the base install's interpreter, whose ``edgefleet-deps.pth`` adds the base install's
-site-packages (``site.addsitedir``, so its own ``.pth`` files count too), into which the edgefleet wheel alone is installed with ``pip install --no-index
---no-deps --ignore-installed`` (pip itself comes from the base install through that ``.pth``).
-The release's own site-packages comes first on ``sys.path``, so its ``edge_agent`` shadows the
-base install's; nothing in the base install is modified, so every older release and the base
+from the base install's interpreter; its ``edgefleet-deps.pth`` adds the base install's
+site-packages with ``site.addsitedir`` (so the base's own ``.pth`` files count too), and the
+edgefleet wheel alone is installed into it with ``pip install --no-index --no-deps
+--ignore-installed`` (pip itself comes from the base install through that ``.pth``). The
+release's own site-packages comes first on ``sys.path``, so its ``edge_agent`` shadows the base
+install's; nothing in the base install is modified, so every older release and the base
 install keep working. A release that needs other dependency versions is a new base install
-(docs/operations.md), not a self-update: the signed compatibility (Python version) and the
-smoke test below catch a wheel that does not fit before anything is switched.
+(docs/operations.md), not a self-update: the signed compatibility (Python version), the smoke
+test below (``edge-agent --version`` from the new virtualenv) and the trial catch a wheel that
+does not fit.
 
 Every step is restartable: ``release.json`` is written last (durably), and a release directory
 without it is removed and rebuilt; the state becomes ``staged`` only after it.
