@@ -250,6 +250,16 @@ def test_a_broken_release_rolls_back_by_itself_on_every_device(
     again = canary[0].install_agent(package)
     assert again.returncode == EXIT_STORE
     assert "failed its trial" in again.stderr
+    if kind == "crash":  # the operator may insist: tried again, and rolled back again
+        dev = canary[0]
+        retry = dev.cli(
+            "agent", "install", str(package), "--retry-failed", "--agent-root",
+            str(dev.layout.root), "--config", str(dev.config),
+        )  # fmt: skip
+        assert retry.returncode == 0, retry.stderr
+        wait_until(lambda: dev.state() == "rolled_back", 90, dev.log)
+        assert dev.layout.load_state().failed == (2,)
+        assert wait_until(dev.serving, 60, dev.log) == "0.1.0"
 
 
 @pytest.mark.parametrize(

@@ -70,10 +70,21 @@ def agent() -> None:
 @click.argument("package", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @agent_root_option
 @config_option
-def agent_install(package: Path, agent_root: Path, config_path: Path | None) -> None:
+@click.option(
+    "--retry-failed", is_flag=True, help="Try again a release that failed its trial here."
+)
+def agent_install(
+    package: Path, agent_root: Path, config_path: Path | None, retry_failed: bool
+) -> None:
     """Verify PACKAGE (*.efa), build its release side by side and stage it for the launcher."""
     root = _trusted_root(config_path)
-    result = stage_package(Layout.open(agent_root), package, root, now=datetime.now(UTC))
+    result = stage_package(
+        Layout.open(agent_root),
+        package,
+        root,
+        now=datetime.now(UTC),
+        retry_failed=retry_failed,
+    )
     click.echo(
         f"agent release {result.release} (edgefleet {result.version}) staged; "
         f"the launcher switches from {result.previous} and tries it"

@@ -71,9 +71,17 @@ def host_profile(python: str | None = None) -> AgentHost:
 
 
 def stage_package(
-    layout: Layout, package: Path, root: TrustedRoot, *, now: datetime
+    layout: Layout,
+    package: Path,
+    root: TrustedRoot,
+    *,
+    now: datetime,
+    retry_failed: bool = False,
 ) -> StageResult:
     """Verify ``package``, build its release virtualenv and move the state to ``staged``.
+
+    ``retry_failed``: try a release again that failed its trial here (an operator's decision,
+    e.g. after a trial a power cut interrupted); it is taken off the failed list.
 
     Raises:
         BundleFormatError: not an agent package.
@@ -104,7 +112,8 @@ def stage_package(
             host=host_profile(_python_version(python)),
         )
         release = loaded.verified.release
-        if release.release in st.failed:
+        failed = tuple(n for n in st.failed if not (retry_failed and n == release.release))
+        if release.release in failed:
             raise AgentUpdateError(
                 f"agent release {release.release} failed its trial on this device before"
             )
@@ -116,7 +125,7 @@ def stage_package(
                 state="staged",
                 candidate=release.release,
                 previous=current,
-                failed=st.failed,
+                failed=failed,
                 changed_at=time.time(),
             )
         )
