@@ -113,6 +113,7 @@ def build_agent(config: AgentConfig, transport: FallbackTransport | None = None)
         except OSError as exc:  # a debugging aid must not stop the agent
             log.error("capture disabled: %s", exc)
     agent = Agent(config, store, capture=capture, transport=transport)
+    agent.registry.on_trial = TrialWatch.on_trial()
     agent.start()
     return agent
 

@@ -11,6 +11,7 @@ a kill -9 at every step of the installer leaves the running agent serving.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -123,8 +124,9 @@ class Device:
             f"[api]\nport = {self.port}\n"
             f'[store]\nstate_dir = "{tmp / "state"}"\nroot_path = "{tmp / "root.json"}"\n'
         )
-        done = self.cli("install", str(bundles.path(1)), "--config", str(self.config))
-        assert done.returncode == 0, done.stderr
+        for version in (1, 2):  # two kept versions: a model could fall back to v1
+            done = self.cli("install", str(bundles.path(version)), "--config", str(self.config))
+            assert done.returncode == 0, done.stderr
         self.client = AgentClient(ApiConfig(port=self.port), timeout=5)
         self.launcher: subprocess.Popen[bytes] | None = None
         self.x = bundles.x_eval[:2].astype(np.float32)
@@ -171,6 +173,10 @@ class Device:
             return None
         assert out["outputs"], out
         return str(meta["version"])
+
+    def active_model_version(self) -> int:
+        done = self.cli("models", "--json", "--config", str(self.config))
+        return int(json.loads(done.stdout)[0]["active"])
 
     def state(self) -> str:
         return self.layout.load_state().state
@@ -246,6 +252,8 @@ def test_a_broken_release_rolls_back_by_itself_on_every_device(
         assert ("exited" if kind == "crash" else "did not confirm") in st.reason
         assert dev.layout.current() == BASE
         assert wait_until(dev.serving, 60, dev.log) == "0.1.0"
+        # The broken release made no lasting decision about the model: v2 is still active.
+        assert dev.active_model_version() == 2
     # A release that failed here is refused from then on, before anything is built.
     again = canary[0].install_agent(package)
     assert again.returncode == EXIT_STORE

@@ -158,3 +158,15 @@ def test_agent_package_command_signs_a_verifiable_package(tmp_path: Path) -> Non
     )  # fmt: skip
     assert isinstance(bad.exception, InputDataError)  # release 0 is not a release number
     assert ERRORS.exit_code(bad.exception) == EXIT_BAD_INPUT
+
+
+def test_the_systemd_unit_runs_the_launcher_over_the_state_directory() -> None:
+    unit = (Path(__file__).parents[2] / "deploy" / "edge-agent.service").read_text()
+    lines = dict(line.split("=", 1) for line in unit.splitlines() if "=" in line and line[0] != "#")
+    start = lines["ExecStart"].split()
+    assert start[:3] == ["/opt/edgefleet/bin/python", "-m", "edge_agent.selfupdate.launcher"]
+    root = start[start.index("--root") + 1]
+    assert root.startswith("/var/lib/" + lines["StateDirectory"] + "/")
+    assert start[start.index("--") + 1 :][:1] == ["run"]
+    assert lines["NotifyAccess"] == "all"  # the agent's pings come from the launcher's child
+    assert f"EDGEFLEET_AGENT_ROOT={root}" in unit

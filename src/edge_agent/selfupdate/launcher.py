@@ -126,9 +126,16 @@ class Launcher:
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._forward)
-        self.recover()
+        try:
+            self.recover()
+        except OSError as exc:  # an agent must run even when the root cannot be written
+            log.error("cannot finish the interrupted trial's rollback: %s", exc)
         while not self.stopping:
-            trial = self.layout.begin_trial()
+            try:
+                trial = self.layout.begin_trial()
+            except OSError as exc:
+                log.error("cannot switch to the staged release: %s", exc)
+                trial = None
             name = self.layout.current()
             try:
                 child = self._spawn(name, trial)
@@ -270,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     layout = Layout(Path(args.root), Path(sys.prefix))
     try:
         layout.write_base(sys.executable, _site_dirs())
-    except OSError as exc:
+        with layout.locked():  # the lock file is the launcher's, whoever installs later
+            pass
+    except (OSError, TimeoutError) as exc:
         log.error("agent root %s is not writable: %s", args.root, exc)
         return EXIT_LAUNCHER
     return Launcher(layout, agent_args, trial_seconds=args.trial_seconds).run()

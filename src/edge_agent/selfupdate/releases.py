@@ -231,9 +231,12 @@ class Layout:
     # ----------------------------------------------------------------- state
     def load_state(self) -> UpdateState:
         try:
-            return UpdateState.from_bytes(self.state_file.read_bytes())
+            data = self.state_file.read_bytes()
         except FileNotFoundError:
             return UpdateState()
+        except OSError as exc:  # unreadable: nothing in it can be trusted (as damaged)
+            data = str(exc).encode()
+        return UpdateState.from_bytes(data)
 
     def save_state(self, state: UpdateState) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

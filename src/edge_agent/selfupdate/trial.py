@@ -43,6 +43,11 @@ class TrialWatch:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="trial", daemon=True)
 
+    @staticmethod
+    def on_trial() -> bool:
+        """True in an agent the launcher started for a trial."""
+        return bool(os.environ.get(ENV_TRIAL_FILE))
+
     @classmethod
     def from_env(cls, check: Callable[[], str | None]) -> TrialWatch | None:
         """The watch for this process when the launcher started it for a trial, else ``None``."""
