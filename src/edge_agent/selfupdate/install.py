@@ -30,11 +30,12 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from edge_agent.bundle.agent_archive import read_agent_package
+from edge_agent.bundle.agent_archive import LoadedAgentPackage, read_agent_package
 from edge_agent.common import durable
 from edge_agent.errors import AgentUpdateError
 from edge_agent.selfupdate.releases import BASE, Layout, UpdateState, failpoint
@@ -77,11 +78,14 @@ def stage_package(
     *,
     now: datetime,
     retry_failed: bool = False,
+    check: Callable[[LoadedAgentPackage], None] | None = None,
 ) -> StageResult:
     """Verify ``package``, build its release virtualenv and move the state to ``staged``.
 
     ``retry_failed``: try a release again that failed its trial here (an operator's decision,
-    e.g. after a trial a power cut interrupted); it is taken off the failed list.
+    e.g. after a trial a power cut interrupted); it is taken off the failed list. ``check``
+    runs on the verified package before anything is built (the fleet sync: is it the release
+    the desired state names?) and may raise.
 
     Raises:
         BundleFormatError: not an agent package.
@@ -111,6 +115,8 @@ def stage_package(
             installed_release=layout.release_number(current),
             host=host_profile(_python_version(python)),
         )
+        if check is not None:
+            check(loaded)
         release = loaded.verified.release
         failed = tuple(n for n in st.failed if not (retry_failed and n == release.release))
         if release.release in failed:

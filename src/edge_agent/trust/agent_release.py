@@ -53,6 +53,7 @@ from edge_agent.errors import (
     MixAndMatchError,
     RollbackError,
 )
+from edge_agent.trust.assignment import ModelAssignment
 from edge_agent.trust.fields import SHA256_RE, exact_keys, int_field, str_field
 from edge_agent.trust.root import TrustedRoot, parse_metadata
 from edge_agent.trust.verify import CUSTOM_KEY, MAX_TARGETS_BYTES, ArtifactDigest
@@ -60,19 +61,25 @@ from edge_agent.trust.verify import CUSTOM_KEY, MAX_TARGETS_BYTES, ArtifactDiges
 __all__ = [
     "AGENT_KIND",
     "AGENT_TARGET_PREFIX",
+    "AGENT_UPDATE_CAPABILITY",
     "AGENT_WHEEL_KIND",
     "MAX_AGENT_METADATA_BYTES",
     "MAX_WHEEL_BYTES",
+    "AgentAssignment",
     "AgentCompatibility",
     "AgentHost",
     "AgentRelease",
     "VerifiedAgentRelease",
+    "check_agent_package",
     "make_agent_targets",
     "verify_agent_release",
     "verify_agent_wheel",
 ]
 
 AGENT_KIND = "agent"
+#: What a device lists in its reported state's ``capabilities`` when a launcher runs it and it
+#: can act on an ``agent`` assignment in the desired state (older agents refuse the key).
+AGENT_UPDATE_CAPABILITY = "agent-update"
 AGENT_WHEEL_KIND = "agent-wheel"
 AGENT_TARGET_PREFIX = "edgefleet-agent"
 METADATA_TYPE = "agent-release"
@@ -94,6 +101,7 @@ _META_KEYS = frozenset(
      "compatibility"}
 )  # fmt: skip
 _COMPAT_KEYS = frozenset({"python", "platform", "arch", "min_config_schema"})
+_ASSIGNMENT_KEYS = frozenset({"release", "bundle_sha256", "bundle_length", "targets_sha256"})
 
 
 @dataclass(frozen=True)
@@ -291,6 +299,82 @@ class VerifiedAgentRelease:
     metadata_sha256: str
     signed_by: tuple[str, ...]
     expires: datetime
+
+
+@dataclass(frozen=True)
+class AgentAssignment:
+    """The agent release a device should run: the ``agent`` entry of a desired state.
+
+    Signed by the fleet server's online key like a model's assignment: the exact package file
+    (its length is the transfer cap) and the builder-signed targets metadata inside it. A
+    device still verifies the package itself with the builder keys (``verify_agent_release``)
+    and checks it is this release (``check_agent_package``); both must pass.
+
+    Attributes:
+        release: the agent release number.
+        bundle_sha256, bundle_length: the ``*.efa`` file.
+        targets_sha256: SHA-256 of its ``targets.json`` member.
+
+    Raises:
+        MetadataFormatError: a field is invalid (on construction).
+    """
+
+    release: int
+    bundle_sha256: str
+    bundle_length: int
+    targets_sha256: str
+
+    def __post_init__(self) -> None:
+        int_field(self.release, "agent release", minimum=1, maximum=2**31)
+        str_field(self.bundle_sha256, "agent bundle_sha256", SHA256_RE)
+        int_field(self.bundle_length, "agent bundle_length", minimum=1, maximum=2 * MAX_WHEEL_BYTES)
+        str_field(self.targets_sha256, "agent targets_sha256", SHA256_RE)
+
+    def bundle(self) -> ModelAssignment:
+        """The package file as an assignment: the block transfer takes it unchanged."""
+        return ModelAssignment(
+            version=self.release,
+            channel=AGENT_KIND,
+            bundle_sha256=self.bundle_sha256,
+            bundle_length=self.bundle_length,
+            targets_sha256=self.targets_sha256,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "release": self.release,
+            "bundle_sha256": self.bundle_sha256,
+            "bundle_length": self.bundle_length,
+            "targets_sha256": self.targets_sha256,
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> AgentAssignment:
+        """Parse strictly.
+
+        Raises:
+            MetadataFormatError: missing, unknown or invalid fields.
+        """
+        d = exact_keys(data, _ASSIGNMENT_KEYS, "agent assignment")
+        return cls(d["release"], d["bundle_sha256"], d["bundle_length"], d["targets_sha256"])
+
+
+def check_agent_package(
+    assignment: AgentAssignment, targets_bytes: bytes, verified: VerifiedAgentRelease
+) -> None:
+    """A builder-verified package is the one the desired state names.
+
+    Raises:
+        DigestMismatchError: its ``targets.json`` is not the assigned one.
+        MixAndMatchError: it is another release than assigned.
+    """
+    digest = hashlib.sha256(targets_bytes).hexdigest()
+    if not hmac.compare_digest(digest.encode(), assignment.targets_sha256.encode()):
+        raise DigestMismatchError("agent targets metadata differs from the desired state's")
+    if verified.release.release != assignment.release:
+        raise MixAndMatchError(
+            f"assigned agent release {assignment.release}, package is {verified.release.release}"
+        )
 
 
 def make_agent_targets(release: AgentRelease, expires: datetime) -> Targets:

@@ -6,7 +6,7 @@ Also owns ``include_name``, the filter that keeps the PostgreSQL partitions of `
 (``telemetry_pYYYYMMDD``, ``telemetry_default``: storage of one table, created and dropped at run
 time by ``fleet_server.history.retention``) out of Alembic's comparisons. Does not own: any
 table (``models``, ``rollout_models``, ``evalset_models``, ``audit``,
-``account_models``) nor the base (``orm``). A
+``account_models``, ``agent_models``) nor the base (``orm``). A
 new table module is added here, or Alembic would not see it.
 """
 
@@ -19,7 +19,14 @@ from typing import Any, Final
 
 from sqlalchemy import MetaData
 
-from fleet_server.registry import account_models, audit, evalset_models, models, rollout_models
+from fleet_server.registry import (
+    account_models,
+    agent_models,
+    audit,
+    evalset_models,
+    models,
+    rollout_models,
+)
 from fleet_server.registry.orm import Base
 
 __all__ = ["METADATA", "PARTITION_NAME", "TABLE_MODULES", "include_name"]
@@ -31,6 +38,7 @@ TABLE_MODULES: Final[tuple[ModuleType, ...]] = (
     evalset_models,
     audit,
     account_models,
+    agent_models,
 )
 
 #: The shared metadata, complete: every table of ``TABLE_MODULES``.
