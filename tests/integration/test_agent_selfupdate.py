@@ -13,101 +13,32 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
-import sysconfig
 from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import edge_agent
+from agent_releases import Releases, build_releases, launcher_argv, make_base_venv
 from bundles import DigitsBundles
 from edge_agent.client import AgentClient
 from edge_agent.config import ApiConfig
 from edge_agent.errors import EXIT_STORE
 from edge_agent.selfupdate.releases import BASE, ENV_FAILPOINT, Layout
-from model_builder.agent_package import agent_release_for, build_wheel, package_agent
 from mosquitto import free_port
 from support import wait_until
-
-SRC = Path(edge_agent.__file__).resolve().parents[1]
-REPO = SRC.parent
-PY = f"{sys.version_info.major}.{sys.version_info.minor}"
-
-
-def _patch(path: Path, old: str, new: str) -> None:
-    text = path.read_text()
-    assert old in text, f"{old!r} not in {path}"
-    path.write_text(text.replace(old, new, 1))
-
-
-def _wheel(tmp: Path, version: str, breakage: str) -> Path:
-    tree = tmp / f"src-{version}"
-    shutil.copytree(SRC, tree / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO / name, tree / name)
-    _patch(tree / "pyproject.toml", 'version = "0.1.0"', f'version = "{version}"')
-    _patch(tree / "src/edge_agent/__init__.py", '"0.1.0"', f'"{version}"')
-    if breakage == "crash":
-        _patch(
-            tree / "src/edge_agent/daemon.py",
-            '    """Run the daemon until SIGTERM/SIGINT; returns the exit code."""\n',
-            '    """Run the daemon until SIGTERM/SIGINT; returns the exit code."""\n'
-            '    raise RuntimeError("this release is broken at start")\n',
-        )
-    if breakage == "unhealthy":
-        _patch(
-            tree / "src/edge_agent/runtime/golden.py",
-            "    failures: list[str] = []\n",
-            '    failures: list[str] = ["this release fails every golden check"]\n',
-        )
-    return build_wheel(tree, tmp / "wheels")
-
-
-@dataclass(frozen=True)
-class Releases:
-    good: Path
-    crash: Path
-    unhealthy: Path
 
 
 @pytest.fixture(scope="module")
 def releases(tmp_path_factory: pytest.TempPathFactory, digits_bundles: DigitsBundles) -> Releases:
-    tmp = tmp_path_factory.mktemp("agent-releases")
-    out = {}
-    for n, (version, breakage) in enumerate(
-        [("0.1.1", ""), ("0.1.2", "crash"), ("0.1.3", "unhealthy")], start=1
-    ):
-        wheel = _wheel(tmp, version, breakage)
-        rel = agent_release_for(wheel, release=n, python=PY)
-        path = tmp / f"edgefleet-agent-{n}.efa"
-        path.write_bytes(package_agent(wheel, rel, digits_bundles.keys, now=datetime.now(UTC)))
-        out[breakage or "good"] = path
-    return Releases(**out)
+    return build_releases(tmp_path_factory.mktemp("agent-releases"), digits_bundles.keys)
 
 
 @pytest.fixture(scope="module")
 def base_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A base install: a real venv reaching edgefleet's source and its dependencies, with the
-    ``edge-agent`` console script pip would have written."""
-    base = tmp_path_factory.mktemp("base") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(base)], check=True)
-    site = sysconfig.get_paths()["purelib"]
-    (base / "lib" / f"python{PY}" / "site-packages" / "edgefleet-test.pth").write_text(
-        f"{SRC}\n{site}\n"
-    )
-    script = base / "bin" / "edge-agent"
-    script.write_text(
-        f"#!{base}/bin/python\nimport sys\nfrom edge_agent.cli.main import main\nsys.exit(main())\n"
-    )
-    script.chmod(0o755)
-    return base
+    return make_base_venv(tmp_path_factory.mktemp("base") / "venv")
 
 
 class Device:
@@ -150,11 +81,10 @@ class Device:
 
     def launch(self, trial_seconds: float = 90) -> None:
         self.launcher = subprocess.Popen(
-            [str(self.base / "bin" / "python"), "-m", "edge_agent.selfupdate.launcher",
-             "--root", str(self.layout.root), "--trial-seconds", str(trial_seconds),
-             "--", "run", "--config", str(self.config)],
-            stdout=(self.tmp / "launcher.log").open("ab"), stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            launcher_argv(self.base, self.layout.root, self.config, trial_seconds),
+            stdout=(self.tmp / "launcher.log").open("ab"),
+            stderr=subprocess.STDOUT,
+        )
 
     def log(self) -> str:
         return (self.tmp / "launcher.log").read_text()[-6000:]
