@@ -73,8 +73,10 @@ def wheel_version(wheel: Path) -> str:
             meta = zf.read(f"edgefleet-{version}.dist-info/METADATA").decode("utf-8", "replace")
     except (OSError, KeyError, zipfile.BadZipFile) as exc:
         raise InputDataError(f"{wheel.name!r} is not a readable edgefleet wheel: {exc}") from exc
-    declared = re.search(r"^Version: (\S+)$", meta, re.MULTILINE)
-    if declared is None or declared.group(1) != version:
+    declared = [
+        line[len("Version: ") :] for line in meta.splitlines() if line.startswith("Version: ")
+    ]
+    if declared[:1] != [version]:
         raise InputDataError(f"{wheel.name!r}: METADATA declares another version")
     return version
 
