@@ -34,6 +34,7 @@ from edge_agent.common.logring import LogRing
 from edge_agent.config import AgentConfig
 from edge_agent.errors import ConfigError, EdgefleetError
 from edge_agent.runtime.device import detect_device_profile
+from edge_agent.selfupdate.trial import TrialWatch
 from edge_agent.serving.agent import Agent
 from edge_agent.serving.capture import CaptureRing
 from edge_agent.serving.fallback import FallbackTransport
@@ -125,6 +126,7 @@ def build_agent(config: AgentConfig, transport: FallbackTransport | None = None)
         except OSError as exc:  # a debugging aid must not stop the agent
             log.error("capture disabled: %s", exc)
     agent = Agent(config, store, capture=capture, transport=transport)
+    agent.registry.on_trial = TrialWatch.on_trial()
     agent.start()
     return agent
 
@@ -258,6 +260,18 @@ def serve_until_stopped(
         front.drain(drain_seconds)
 
 
+def trial_check(agent: Agent, sync: SyncAgent | None, serving: threading.Event) -> str | None:
+    """``None`` when an agent on trial is healthy, else why not yet (``selfupdate.trial``)."""
+    if not serving.is_set():
+        return "front ends not started"
+    down = agent.not_ready()
+    if down:
+        return "models not ready: " + ", ".join(sorted(down))[:200]
+    if sync is not None and not sync.has_reported():
+        return "reported state not published to the fleet server yet"
+    return None
+
+
 def run(config: AgentConfig) -> int:
     """Run the daemon until SIGTERM/SIGINT; returns the exit code."""
     from edge_agent.api.server import stop_on_signals
@@ -293,11 +307,22 @@ def run(config: AgentConfig) -> int:
         config.api.port,
         f" and {config.api.unix_socket}" if config.api.unix_socket else "",
     )
+    serving = threading.Event()
+    trial = TrialWatch.from_env(lambda: trial_check(agent, sync, serving))
+    if trial is not None:
+        trial.start()
+
+    def ready(front: Listeners) -> None:
+        _ready(front)
+        serving.set()
+
     try:
         front = front_ends(agent, config, stop.set)
         with stop_on_signals(stop, again=front.abort):
-            serve_until_stopped(front, stop, config.api.drain_seconds)
+            serve_until_stopped(front, stop, config.api.drain_seconds, ready)
     finally:
+        if trial is not None:
+            trial.stop()
         sd_notify("STOPPING=1")
         control.stop.set()
         control.join(5)

@@ -23,6 +23,8 @@ Families:
                              upload budget, or nothing to act on (the operator's request).
                              A command that is not authentic, fresh, addressed to this device
                              or new is a ``BundleVerificationError`` like any signed document.
+    AgentUpdateError         the agent's own update cannot be staged (busy, failed here before,
+                             no launcher, the side-by-side install failed).
 
 Each error has a stable ``code`` used as a metric label and in telemetry; codes never change
 meaning once released.
@@ -276,6 +278,13 @@ class TransportTimeoutError(TransportError):
     code = "transport_timeout"
 
 
+class AgentUpdateError(EdgefleetError):
+    """The agent's own update cannot be staged (an update already in progress, a release that
+    failed its trial here, no launcher, or the side-by-side install failed)."""
+
+    code = "agent_update"
+
+
 class OutboxError(EdgefleetError):
     """The outbox cannot do what was asked (I/O failure, bad argument, unknown schema).
 
@@ -470,6 +479,7 @@ ERRORS = ErrorTable(
         ErrorRow(RuntimeAdapterError, http=503, grpc="UNAVAILABLE", exit=EXIT_RUNTIME),
         ErrorRow(FallbackError, http=503, grpc="UNAVAILABLE"),
         ErrorRow(ModelStoreError, http=503, grpc="UNAVAILABLE", exit=EXIT_STORE),
+        ErrorRow(AgentUpdateError, admin=409, exit=EXIT_STORE),
         ErrorRow(BundleVerificationError, admin=400, exit=EXIT_UNTRUSTED),
         ErrorRow(BundleFormatError, admin=400, exit=EXIT_BAD_INPUT),
         ErrorRow(ContractError, admin=400, exit=EXIT_BAD_INPUT),

@@ -33,6 +33,7 @@ from edge_agent.wire.topics import Topics
 from fleet_server.accounts.store import Accounts
 from fleet_server.admin.accounts import account_routes
 from fleet_server.admin.accuracy import accuracy_routes
+from fleet_server.admin.agent_routes import agent_routes
 from fleet_server.admin.api import AdminServer, create_app
 from fleet_server.admin.audit import Auditor
 from fleet_server.admin.auth import Authenticator
@@ -235,6 +236,7 @@ def run(
                 lambda guard: evalset_routes(evalsets, guard),
                 lambda guard: label_routes(registry, guard),
                 lambda guard: root_routes(service, guard),
+                lambda guard: agent_routes(service, config.api.max_upload_bytes, guard),
                 lambda guard: account_routes(accounts, guard),
                 lambda guard: diagnostics_routes(diagnostics, guard),
                 lambda guard: console_routes(console),

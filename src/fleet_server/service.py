@@ -26,6 +26,7 @@ from securesystemslib.signer import Signer
 
 from edge_agent.errors import EdgefleetError, RootRotationError
 from edge_agent.trust import TrustedRoot
+from edge_agent.trust.agent_release import AGENT_UPDATE_CAPABILITY, AgentAssignment
 from edge_agent.trust.desired import (
     SIGNING_ROLE,
     DesiredState,
@@ -38,8 +39,10 @@ from fleet_server.delivery.library import BundleLibrary, LibraryEntry
 from fleet_server.errors import ModelNotPublishedError, UnknownGroupError
 from fleet_server.gateway.misbehaviour import DeviceMisbehaviour
 from fleet_server.pki.roots import ServerRoots
+from fleet_server.registry import agent_releases
 from fleet_server.registry import labels as label_store
 from fleet_server.registry import rollouts as rollout_store
+from fleet_server.registry.agent_releases import AgentReleaseRecord
 from fleet_server.registry.store import Registry
 from fleet_server.registry.values import (
     BundleRecord,
@@ -172,6 +175,61 @@ class FleetService:
             targets_sha256=entry.targets_sha256,
             manifest=entry.manifest,
         )
+
+    # ----------------------------------------------------------------- the agent's software
+    def publish_agent_bytes(self, data: bytes) -> AgentReleaseRecord:
+        """Verify an agent package (``*.efa``) with the builder root, store and record it.
+
+        Raises:
+            BundleRejectedError: not an agent package or not trusted by the builder root.
+            LibraryError: the library directory failed.
+            BundleExistsError: this release number is published with different bytes.
+            RegistryError: the registry refused or failed.
+        """
+        e = self._library.add_agent_bytes(data)
+        record = AgentReleaseRecord(
+            e.release, e.version, e.python, e.sha256, e.length, e.targets_sha256, self._clock()
+        )
+        return agent_releases.publish_agent_release(self._registry, record)
+
+    def list_agent_releases(self) -> list[AgentReleaseRecord]:
+        """Published agent releases, newest first. Raises RegistryUnavailableError."""
+        return agent_releases.list_agent_releases(self._registry)
+
+    def assign_agent(self, target: str, release: int, *, group: bool = False) -> list[AssignResult]:
+        """Assign agent ``release`` to a device, or to every active device of a group.
+
+        Each device keeps its models. Only devices whose reported state lists the
+        ``agent-update`` capability (a launcher runs them) are sent it; the others get a
+        result with ``published=False`` and the reason, and nothing is stored for them.
+
+        Raises:
+            ModelNotPublishedError: the release is not published, or its file is missing.
+            UnknownGroupError, UnknownDeviceError, DeviceRevokedError,
+            RegistryUnavailableError: as ``assign``.
+        """
+        record = agent_releases.agent_release(self._registry, release)
+        if not self._library.has(record.sha256):
+            raise ModelNotPublishedError(f"agent release {release} has no stored file")
+        assignment = AgentAssignment(
+            record.release, record.sha256, record.length, record.targets_sha256
+        )
+        if group:
+            devices = self._registry.list_devices(group=target, include_revoked=False)
+            if not devices:
+                raise UnknownGroupError(f"no active device in group {target!r}")
+        else:
+            devices = [self._registry.get_device(target)]
+        results = []
+        for device in devices:
+            caps = (device.reported or {}).get("capabilities")
+            if not isinstance(caps, list) or AGENT_UPDATE_CAPABILITY not in caps:
+                results.append(
+                    AssignResult(device.id, 0, published=False, error="not agent-update capable")
+                )
+                continue
+            results.append(self._assign_one(device.id, None, None, agent=assignment))
+        return results
 
     def list_models(self, name: str | None = None) -> list[BundleRecord]:
         """Published bundles ordered by name and version.
@@ -324,18 +382,34 @@ class FleetService:
         )
 
     def _assign_one(
-        self, device_id: str, name: str | None, assignment: ModelAssignment | None
+        self,
+        device_id: str,
+        name: str | None,
+        assignment: ModelAssignment | None,
+        *,
+        agent: AgentAssignment | None = None,
     ) -> AssignResult:
-        """Store and publish the device's next document (``name`` None: same models again)."""
+        """Store and publish the device's next document (``name`` None: same models again;
+        the agent assignment is kept unless ``agent`` replaces it)."""
 
         def build(version: int) -> bytes:
             previous = self._registry.latest_desired(device_id)
             models: dict[str, ModelAssignment] = {}
+            kept_agent = None
             if previous is not None:
-                models.update(parse_document(previous.document).models)
+                before = parse_document(previous.document)
+                models.update(before.models)
+                kept_agent = before.agent
             if name is not None and assignment is not None:
                 models[name] = assignment
-            state = make_desired_state(device_id, version, models, self._clock(), self._ttl)
+            state = make_desired_state(
+                device_id,
+                version,
+                models,
+                self._clock(),
+                self._ttl,
+                agent=agent if agent is not None else kept_agent,
+            )
             chain = self._roots.chain() if self._roots is not None else ()
             return sign_desired_state(state, self._signers, chain)
 
@@ -407,7 +481,9 @@ class FleetService:
             ModelNotPublishedError: no published bundle has this digest.
             TransportError: the gateway could not start the broadcast.
         """
-        if not any(b.sha256 == sha256 for b in self._registry.list_bundles()):
+        published = {b.sha256 for b in self._registry.list_bundles()}
+        published |= {a.sha256 for a in agent_releases.list_agent_releases(self._registry)}
+        if sha256 not in published:
             raise ModelNotPublishedError(f"no published bundle has sha256 {sha256!r}")
         return self._gateway.start_wave(sha256)
 

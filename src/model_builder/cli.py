@@ -8,6 +8,7 @@ code from the one error table (``model_builder.errors.ERRORS``).
 from __future__ import annotations
 
 import json
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,12 @@ import click
 from tuf.api.metadata import Targets
 
 from edge_agent import __version__
-from edge_agent.bundle import read_bundle, read_raw
+from edge_agent.bundle import read_bundle, read_raw, write_bundle
+from edge_agent.bundle.agent_archive import AGENT_PACKAGE_SUFFIX
 from edge_agent.cli.support import echo_verdict, passphrase_from_env, run_cli
 from edge_agent.contract import BundleManifest, DeviceProfile
 from edge_agent.trust import TrustedRoot, parse_metadata
+from model_builder.agent_package import agent_release_for, build_wheel, package_agent
 from model_builder.build_cli import build, demo
 from model_builder.errors import ERRORS
 from model_builder.keystore import KeyStore
@@ -326,6 +329,53 @@ def sign(bundle: Path, keystore_dir: Path, labels: tuple[str, ...]) -> None:
     """Add co-signatures to BUNDLE (for targets thresholds above one)."""
     n = cosign_bundle(bundle, KeyStore.open(keystore_dir, passphrase_from_env()), labels)
     click.echo(f"{bundle} now carries {n} signature(s)")
+
+
+@cli.command("agent-package")
+@keystore_option
+@click.option("--release", type=int, required=True, help="Release number (only grows).")
+@click.option(
+    "--wheel",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="An edgefleet wheel; without it, one is built from --source with pip wheel --no-deps.",
+)
+@click.option(
+    "--source",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=Path(),
+    show_default=True,
+    help="The edgefleet source tree to build the wheel from.",
+)
+@click.option("--python", "python", default=None, help="major.minor (default: this Python).")
+@click.option("--arch", "arch", multiple=True, default=("any",), show_default=True)
+@click.option("--min-config-schema", type=int, default=1, show_default=True)
+@click.option("--expires-days", default=365, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+def agent_package(
+    keystore_dir: Path,
+    release: int,
+    wheel: Path | None,
+    source: Path,
+    python: str | None,
+    arch: tuple[str, ...],
+    min_config_schema: int,
+    expires_days: int,
+    out: Path,
+) -> None:
+    """Sign the agent's own software as an agent package (OUT/edgefleet-agent-RELEASE.efa)."""
+    store = KeyStore.open(keystore_dir, passphrase_from_env())
+    if wheel is None:
+        wheel = build_wheel(source, out)
+    py = python or f"{sys.version_info.major}.{sys.version_info.minor}"
+    rel = agent_release_for(
+        wheel, release=release, python=py, arch=arch, min_config_schema=min_config_schema
+    )
+    data = package_agent(wheel, rel, store, now=_now(), expires_days=expires_days)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / f"edgefleet-agent-{release}{AGENT_PACKAGE_SUFFIX}"
+    write_bundle(target, data)
+    click.echo(f"{target}: agent release {release}, edgefleet {rel.version}, Python {py}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,6 +27,7 @@ from fleet_server.accounts.sessions import CSRF_FIELD, CSRF_HEADER, SESSION_COOK
 from fleet_server.accounts.store import Accounts
 from fleet_server.admin.accounts import account_routes
 from fleet_server.admin.accuracy import accuracy_routes
+from fleet_server.admin.agent_routes import agent_routes
 from fleet_server.admin.api import create_app
 from fleet_server.admin.audit import Auditor
 from fleet_server.admin.auth import Authenticator
@@ -37,6 +38,7 @@ from fleet_server.admin.labels import label_routes
 from fleet_server.admin.rollouts import rollout_routes
 from fleet_server.admin.root import root_routes
 from fleet_server.delivery.library import BundleLibrary
+from fleet_server.registry.agent_releases import list_agent_releases
 from fleet_server.registry.audit import AuditQuery, audit_entries
 from fleet_server.registry.store import Registry
 from fleet_server.service import FleetService
@@ -95,6 +97,7 @@ def env(digits_bundles: DigitsBundles, tmp_path: Path) -> Iterator[Env]:
             lambda guard: account_routes(accounts, guard),
             lambda guard: diagnostics_routes(absent, guard),
             lambda guard: label_routes(registry, guard),
+            lambda guard: agent_routes(service, 4 * 1024 * 1024, guard),
         ),
         auditor=Auditor(registry, clock.wall, max_body_bytes=1024 * 1024),
         authenticator=Authenticator(accounts, BOOTSTRAP),
@@ -140,6 +143,7 @@ def _state(env: Env) -> Any:
     return (
         [(d.id, d.revoked_at) for d in reg.list_devices()],
         [(b.name, b.version) for b in reg.list_bundles()],
+        [a.release for a in list_agent_releases(reg)],
         [a.to_dict() for a in env.accounts.list()],
         [t.to_dict() for t in env.accounts.list_tokens()],
     )

@@ -27,6 +27,7 @@ PINNED: dict[str, tuple[int, str, int, int, int, int, int]] = {
     "edge_agent.client.AgentUnreachableError": (500, "INTERNAL", 500, 400, 1, 1, 1),
     "edge_agent.errors.AckOutOfRangeError": (500, "INTERNAL", 500, 400, 1, 1, 1),
     "edge_agent.errors.AdmissionError": (503, "UNAVAILABLE", 500, 400, 8, 8, 8),
+    "edge_agent.errors.AgentUpdateError": (500, "INTERNAL", 500, 409, 8, 8, 8),
     "edge_agent.errors.BundleFormatError": (500, "INTERNAL", 500, 400, 3, 3, 3),
     "edge_agent.errors.BundleVerificationError": (500, "INTERNAL", 500, 400, 4, 4, 4),
     "edge_agent.errors.ConfigError": (500, "INTERNAL", 500, 400, 3, 3, 3),

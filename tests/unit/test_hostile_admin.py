@@ -17,6 +17,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from fakes import FakeGateway
+from fleet_server.admin.agent_routes import agent_routes
 from fleet_server.admin.api import create_app
 from fleet_server.admin.body import public_message
 from fleet_server.admin.drift import drift_routes
@@ -94,6 +95,9 @@ def _fields(int_value: object) -> list[dict[str, object]]:
         {"model": "digits", "version": 1, "group": "g", "policy": {"steps": [int_value]}},
         {"model": "digits", "version": 1, "tags": {"k": int_value}},
         {"model": int_value, "version": 1, "group": "g"},
+        {"target": "cam-1", "release": int_value},
+        {"target": int_value, "release": 1},
+        {"target": "cam-1", "release": 1, "group": int_value},
     ]
 
 
@@ -120,6 +124,9 @@ ROUTES: list[tuple[str, str, tuple[str, ...]]] = [
     ("POST", "/v1/rollouts", ()),
     ("GET", "/v1/rollouts/{id}", ()),
     *(("POST", f"/v1/rollouts/{{id}}/{c}", ()) for c in ("approve", "pause", "resume", "abort")),
+    ("GET", "/v1/agent/releases", ()),
+    ("POST", "/v1/agent/releases", ()),
+    ("POST", "/v1/agent/assign", ()),
 ]
 POST_ROUTES = [path for method, path, _ in ROUTES if method == "POST"]
 GET_ROUTES = [(path, params) for method, path, params in ROUTES if method == "GET"]
@@ -153,6 +160,7 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
         extra_routes=(
             lambda guard: drift_routes(drift, guard),
             lambda guard: rollout_routes(runner, guard),
+            lambda guard: agent_routes(service, 4 * 1024 * 1024, guard),
         ),
     )
     with TestClient(app, raise_server_exceptions=False) as c:
@@ -213,7 +221,9 @@ def test_hostile_bodies_get_a_typed_4xx(client: TestClient, path: str) -> None:
         _assert_typed_4xx(response, f"POST {url} {body[:30]!r}")
 
 
-@pytest.mark.parametrize("path", ["/v1/devices", "/v1/assign", "/v1/waves", "/v1/rollouts"])
+@pytest.mark.parametrize(
+    "path", ["/v1/devices", "/v1/assign", "/v1/waves", "/v1/rollouts", "/v1/agent/assign"]
+)
 def test_hostile_fields_get_a_typed_4xx(client: TestClient, path: str) -> None:
     for body in FIELD_BODIES:
         response = client.post(path, json=body, headers=AUTH)

@@ -31,6 +31,7 @@ from edge_agent.quality.confusion import Confusion
 from edge_agent.wire.fields import MAX_INT, Part, parts_of
 from edge_agent.wire.reported import (
     OUTCOMES,
+    AgentReport,
     ModelReport,
     ReportedState,
     ShadowReport,
@@ -92,6 +93,7 @@ WHERE: dict[type, tuple[str, str]] = {
     ModelReport: ("reported", "/$defs/model"),
     TransferReport: ("reported", "/$defs/model/properties/transfer/anyOf/1"),
     ShadowReport: ("reported", "/$defs/model/properties/shadow"),
+    AgentReport: ("reported", "/properties/agent"),
 }
 #: Composed classes -> (their parts, the keys they write themselves: the envelope).
 COMPOSED: dict[type, tuple[tuple[type[Part], ...], frozenset[str]]] = {
@@ -383,6 +385,7 @@ def _full() -> list[Any]:
     event = Event("dev-1", 3, "installed", 1.0, model="m", version=1)
     transfer = TransferReport(2, 1, 3, 100)
     shadow = ShadowReport(3, "installed", "")
+    agent = AgentReport(7, 8, "rolled_back", "exited 1", (8,), transfer)
     return [
         report,
         model,
@@ -399,13 +402,15 @@ def _full() -> list[Any]:
             "dev-1",
             1.0,
             models={"m": ModelReport(1, transfer=transfer, shadow=shadow)},
-            capabilities=("shadow",),
+            capabilities=("shadow", "agent-update"),
+            agent=agent,
             labels={"site": "berlin-2", "example.com/line": "3"},
             labels_refused=1,
         ),
         ModelReport(1, transfer=transfer, shadow=shadow),
         transfer,
         shadow,
+        agent,
     ]
 
 

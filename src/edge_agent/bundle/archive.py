@@ -299,6 +299,11 @@ class _UstarReader:
             raise BundleFormatError("bundle is truncated (its end-of-archive blocks are cut)")
 
 
+#: The strict USTAR reader, for the other signed archives of the same shape (agent packages:
+#: ``edge_agent.bundle.agent_archive``).
+UstarReader = _UstarReader
+
+
 def sha256_file(path: Path) -> str:
     """SHA-256 of a file, streamed."""
     h = hashlib.sha256()

@@ -22,6 +22,7 @@ import numpy as np
 
 from edge_agent import __version__
 from edge_agent.bundle import read_bundle
+from edge_agent.cli.agent_update import agent
 from edge_agent.cli.support import echo_verdict, run_cli
 from edge_agent.client import (
     AgentClient,
@@ -412,6 +413,9 @@ def root_show(config_path: Path | None, as_json: bool) -> None:
         click.echo(f"  {r:<10} threshold {d['threshold']}: {ids}")
     if warning:
         click.echo(f"warning: {warning}")
+
+
+cli.add_command(agent)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -112,6 +112,10 @@ class Registry:
         # must be quick and must not raise.
         self.event_sink: Callable[[dict[str, object]], None] | None = None
         self.rollbacks = 0
+        # An agent release on trial (edge_agent.selfupdate) makes no lasting decision about
+        # models: a load that fails on it is its own fault until it is confirmed, so it marks
+        # the model down (cleared by the next good load) instead of rolling it back.
+        self.on_trial = False
         # (name, version, reason) already logged as down: a cause is logged once per process.
         self._down_logged: set[tuple[str, int, str]] = set()
 
@@ -324,6 +328,9 @@ class Registry:
         self.record_event(name, version, "rollback", reason)
 
     def _fall_back(self, name: str, reason: str) -> bool:
+        if self.on_trial:
+            log.warning("%s not rolled back: this agent release is on trial (%s)", name, reason)
+            return False
         try:
             self.store.rollback(name, reason)
         except EdgefleetError as exc:  # the caller says what happens instead (once)

@@ -36,6 +36,7 @@ from edge_agent.contract import BundleManifest
 from edge_agent.errors import EdgefleetError, TransportError
 from edge_agent.serving.agent import Agent
 from edge_agent.strict_json import loads as strict_loads
+from edge_agent.sync.agent_deploy import AgentDeployer
 from edge_agent.sync.download import Download
 from edge_agent.sync.shadow_deploy import ShadowDeployer, sha256_of
 from edge_agent.trust.assignment import ModelAssignment, check_bundle_identity, check_targets_digest
@@ -79,6 +80,9 @@ class Deployer:
         self._logged_quarter: dict[str, int] = {}
         self._refused_path = directory / "refused.json"
         self._refused: dict[str, str] = {}
+        self.agent_update = AgentDeployer.from_env(
+            directory, sync, lambda: agent.store.root, event=event, wake=wake
+        )
         self.shadows = ShadowDeployer(
             agent,
             directory,
@@ -102,8 +106,9 @@ class Deployer:
                 (d for d in self.downloads.values() if d.transfer_id == block.transfer_id), None
             )
             if dl is None:
-                # a shadow's, another transfer's wave, or one this device finished
-                self.shadows.accept_block(block)
+                # the agent package's, a shadow's, another transfer's wave, or one finished
+                if not self.agent_update.accept_block(block):
+                    self.shadows.accept_block(block)
                 return
             try:
                 dl.accept(block)
@@ -134,13 +139,20 @@ class Deployer:
             }
         snapshot = dict(self.outcomes)  # written by the sync thread; read from others
         outcomes = {n: {"outcome": o, "reason": r} for n, (o, r) in snapshot.items()}
-        return {"downloads": downloads, "outcomes": outcomes, "shadows": self.shadows.status()}
+        agent = self.agent_update.outcome
+        return {
+            "downloads": downloads,
+            "outcomes": outcomes,
+            "shadows": self.shadows.status(),
+            "agent": {"outcome": agent[0], "reason": agent[1]},
+        }
 
     def close(self) -> None:
         """Persist download progress and release the files (a restart resumes)."""
         with self._lock:
             for dl in self.downloads.values():
                 dl.close()
+        self.agent_update.close()
         self.shadows.close()
 
     def apply(self, state: DesiredState) -> None:
@@ -157,12 +169,14 @@ class Deployer:
                 self.outcomes[name] = ("failed", str(exc))
                 log.error("%s: cannot apply v%d: %s", name, assignment.version, exc)
         self.shadows.apply(state)  # after serving: a shadow promoted to serve is installed
+        self.agent_update.apply(state)
         self._prune_downloads(state)
 
     def _prune_downloads(self, state: DesiredState) -> None:
         """Delete partial or finished downloads of bundles no longer assigned (disk space)."""
         keep = {(n, a.bundle_sha256) for n, a in state.models.items()}
         keep |= self.shadows.keep(state)
+        keep |= self.agent_update.keep()
         root = self._dir / "downloads"
         try:
             dirs = [d for d in root.iterdir() if d.is_dir()] if root.is_dir() else []
@@ -304,6 +318,7 @@ class Deployer:
         for dl in done:  # outside the lock: installing takes a while, blocks may keep coming
             self._install(dl)
         self.shadows.drive(request)
+        self.agent_update.drive(request)
 
     def _install(self, dl: Download) -> None:
         name, a = dl.name, dl.assignment

@@ -246,6 +246,10 @@ class SyncAgent:
             "outbox_entries": self.outbox.stats().entries,
         }
 
+    def has_reported(self) -> bool:
+        """Connected, and this connection's reported state has been published."""
+        return bool(self.client.connected) and self._reporter.published
+
     def reported(self) -> ReportedState:
         """What the device runs and downloads now."""
         return self._reporter.build(self._intake.accepted)

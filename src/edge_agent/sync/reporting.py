@@ -28,6 +28,7 @@ from edge_agent.common.transport import Transport
 from edge_agent.errors import EdgefleetError, TransportError
 from edge_agent.store import ModelStore
 from edge_agent.sync.deploy import Deployer
+from edge_agent.trust.agent_release import AGENT_UPDATE_CAPABILITY
 from edge_agent.trust.assignment import SHADOW_CAPABILITY
 from edge_agent.trust.desired import DesiredState
 from edge_agent.wire.ops.labels import parse_labels
@@ -113,9 +114,18 @@ class ReportedPublisher:
             agent_version=__version__,
             desired_version=desired.version if desired else 0,
             models=models,
-            capabilities=(SHADOW_CAPABILITY,),
+            capabilities=(SHADOW_CAPABILITY, AGENT_UPDATE_CAPABILITY)
+            if self._deploy.agent_update.capable
+            else (SHADOW_CAPABILITY,),
+            agent=self._deploy.agent_update.report(),
             labels=self._labels,
         )
+
+    @property
+    def published(self) -> bool:
+        """True once a reported state went out on this connection (an agent on trial waits
+        for it before confirming: the server has then heard from it)."""
+        return bool(self._last_reported)
 
     def forget(self) -> None:
         """Publish the next state even if unchanged (the broker may have lost the retained

@@ -35,6 +35,12 @@ without it is byte-for-byte the older form, and an older device (whose strict pa
 the key) is never sent one: the server sends it only to devices whose reported state lists the
 ``shadow`` capability (``trust.assignment.SHADOW_CAPABILITY``).
 
+The document may also carry an ``agent`` object (issue 15: the agent's own software), the
+agent release the device should run: ``{"release": 7, "bundle_sha256": "<hex>",
+"bundle_length": 123456, "targets_sha256": "<hex>"}`` (``trust.agent_release.AgentAssignment``).
+Like ``shadow`` it is only present when assigned, and only sent to devices whose reported
+state lists the ``agent-update`` capability (``trust.agent_release.AGENT_UPDATE_CAPABILITY``).
+
 Each signature is over the canonical JSON (securesystemslib ``encode_canonical``, as python-tuf
 signs) of ``signed``; a threshold of the root's ``timestamp`` keys must have signed.
 
@@ -91,6 +97,7 @@ from edge_agent.errors import (
     SignatureThresholdError,
 )
 from edge_agent.ids import DEVICE_ID_PATTERN, NAME_PATTERN
+from edge_agent.trust.agent_release import AgentAssignment
 from edge_agent.trust.assignment import ModelAssignment, ShadowAssignment
 from edge_agent.trust.fields import HEX_RE, exact_keys, int_field, str_field
 from edge_agent.trust.root import TrustedRoot
@@ -144,6 +151,7 @@ class DesiredState:
     expires: datetime
     models: Mapping[str, ModelAssignment] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    agent: AgentAssignment | None = None
 
     def __post_init__(self) -> None:
         if type(self.schema_version) is not int or self.schema_version != SCHEMA_VERSION:
@@ -162,12 +170,21 @@ class DesiredState:
             str_field(name, "model name", NAME_RE)
             if not isinstance(assignment, ModelAssignment):
                 raise MetadataFormatError(f"model {name!r}: not a ModelAssignment")
+        if self.agent is not None and not isinstance(self.agent, AgentAssignment):
+            raise MetadataFormatError("agent must be an AgentAssignment")
         object.__setattr__(self, "expires", self.expires.astimezone(UTC))
         object.__setattr__(self, "models", MappingProxyType(dict(sorted(self.models.items()))))
 
     def __hash__(self) -> int:
         return hash(
-            (self.schema_version, self.device_id, self.version, self.expires, *self.models.items())
+            (
+                self.schema_version,
+                self.device_id,
+                self.version,
+                self.expires,
+                self.agent,
+                *self.models.items(),
+            )
         )
 
     def is_expired(self, now: datetime) -> bool:
@@ -176,7 +193,7 @@ class DesiredState:
 
     def to_dict(self) -> dict[str, Any]:
         """The ``signed`` part of the envelope."""
-        return {
+        out: dict[str, Any] = {
             "_type": DESIRED_STATE_TYPE,
             "schema_version": self.schema_version,
             "device_id": self.device_id,
@@ -184,6 +201,9 @@ class DesiredState:
             "expires": self.expires.strftime(EXPIRES_FORMAT),
             "models": {name: a.to_dict() for name, a in self.models.items()},
         }
+        if self.agent is not None:  # absent, not null: the older form stays byte-identical
+            out["agent"] = self.agent.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: object) -> DesiredState:
@@ -192,7 +212,10 @@ class DesiredState:
         Raises:
             MetadataFormatError: wrong ``_type``, missing, unknown or invalid fields.
         """
-        d = exact_keys(data, _SIGNED_KEYS, "desired state")
+        has_agent = isinstance(data, dict) and "agent" in data
+        d = exact_keys(
+            data, _SIGNED_KEYS | {"agent"} if has_agent else _SIGNED_KEYS, "desired state"
+        )
         if d["_type"] != DESIRED_STATE_TYPE:
             raise MetadataFormatError(f"expected {DESIRED_STATE_TYPE} metadata, got {d['_type']!r}")
         expires = d["expires"]
@@ -211,6 +234,7 @@ class DesiredState:
             version=d["version"],
             expires=when,
             models={name: ModelAssignment.from_dict(a) for name, a in models.items()},
+            agent=AgentAssignment.from_dict(d["agent"]) if has_agent else None,
         )
 
     def signed_bytes(self) -> bytes:

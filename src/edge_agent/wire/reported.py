@@ -3,8 +3,9 @@
 Owns the wire format of the device half of the desired/reported pair (like a device shadow's
 ``reported`` section): the last desired-state version the device accepted, per model the active
 and kept versions, the transfer in progress and the outcome of the last assignment (installed,
-rolled back, failed and why), the shadow a rollout assigned (``ShadowReport``) and the
-device's ``capabilities`` (what newer desired-state forms it understands: ``"shadow"``).
+rolled back, failed and why), the shadow a rollout assigned (``ShadowReport``), the agent's
+own release and update outcome (``AgentReport``) and the device's ``capabilities`` (what
+newer desired-state forms it understands: ``"shadow"``, ``"agent-update"``).
 Frozen value objects with strict ``from_dict``, canonical ``to_bytes`` and a size-capped
 ``from_bytes``; JSON Schema:
 ``edge_agent/schemas/reported.schema.json``.
@@ -36,8 +37,10 @@ from edge_agent.wire.fields import (
 from edge_agent.wire.ops.labels import parse_labels
 
 __all__ = [
+    "AGENT_OUTCOMES",
     "MAX_REPORTED_BYTES",
     "OUTCOMES",
+    "AgentReport",
     "ModelReport",
     "ReportedState",
     "ShadowReport",
@@ -48,7 +51,10 @@ __all__ = [
 MAX_REPORTED_BYTES: Final = 64 * 1024
 #: Outcome of the last assignment of a model.
 OUTCOMES: Final = ("pending", "downloading", "installed", "rolled_back", "failed")
+#: Outcome of the agent release the desired state assigns (``trying``: on trial right now).
+AGENT_OUTCOMES: Final = (*OUTCOMES, "trying")
 _MAX_MODELS: Final = 32
+_MAX_FAILED: Final = 32
 _MAX_KEPT: Final = 16
 _MAX_CAPABILITIES: Final = 16
 
@@ -183,6 +189,57 @@ class ModelReport:
 
 
 @dataclass(frozen=True)
+class AgentReport:
+    """The agent's own software on the device (issue 15: the agent updates itself).
+
+    Attributes:
+        release: the agent release running (None: the base install, no release).
+        assigned: the release the accepted desired state names (None: none assigned).
+        outcome: what happened to ``assigned``: one of ``AGENT_OUTCOMES``.
+        reason: why it failed or rolled back ("" otherwise).
+        failed: releases that failed their trial on this device (never tried again).
+        transfer: the package download in progress, if any.
+    """
+
+    release: int | None
+    assigned: int | None = None
+    outcome: str = "pending"
+    reason: str = ""
+    failed: tuple[int, ...] = ()
+    transfer: TransferReport | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "release": self.release,
+            "assigned": self.assigned,
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "failed": list(self.failed),
+            "transfer": None if self.transfer is None else self.transfer.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any) -> AgentReport:
+        """Parse strictly. Raises ContractError."""
+        m = as_object(d, "agent report")
+        outcome = require(m, "outcome", "agent report")
+        if outcome not in AGENT_OUTCOMES:
+            raise ContractError(f"agent report: outcome {outcome!r} not in {AGENT_OUTCOMES}")
+        failed = m.get("failed", [])
+        if not isinstance(failed, list) or len(failed) > _MAX_FAILED:
+            raise ContractError(f"agent report: failed must be a list of at most {_MAX_FAILED}")
+        release, assigned, transfer = m.get("release"), m.get("assigned"), m.get("transfer")
+        return cls(
+            release=None if release is None else as_int(release, "agent.release"),
+            assigned=None if assigned is None else as_int(assigned, "agent.assigned"),
+            outcome=outcome,
+            reason=as_str(m.get("reason", ""), "agent.reason"),
+            failed=tuple(as_int(v, "agent.failed") for v in failed),
+            transfer=None if transfer is None else TransferReport.from_dict(transfer),
+        )
+
+
+@dataclass(frozen=True)
 class ReportedState(Wire):
     """The device's retained reported state.
 
@@ -193,7 +250,9 @@ class ReportedState(Wire):
         desired_version: version of the last desired-state document accepted (0: none).
         models: per model name, its ``ModelReport``.
         capabilities: newer desired-state forms the device understands (``"shadow"``: shadow
-            assignments); the server sends those only to devices listing them.
+            assignments, ``"agent-update"``: agent assignments); the server sends those only
+            to devices listing them.
+        agent: the agent's own release and update outcome (absent: not run by a launcher).
         labels: what the device says about itself (``[labels]`` of its configuration and
             detected facts such as ``hardware`` and ``os``; ``edge_agent.wire.ops.labels`` rules).
             Hostile input to the server: parsing keeps the valid ones and never fails the
@@ -211,6 +270,7 @@ class ReportedState(Wire):
     capabilities: tuple[str, ...] = ()
     labels: Mapping[str, str] = field(default_factory=dict)
     labels_refused: int = 0
+    agent: AgentReport | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict, valid against ``reported.schema.json``."""
@@ -225,6 +285,7 @@ class ReportedState(Wire):
             **({"capabilities": list(self.capabilities)} if self.capabilities else {}),
             **({"labels": dict(sorted(self.labels.items()))} if self.labels else {}),
             **({"labels_refused": self.labels_refused} if self.labels_refused else {}),
+            **({"agent": self.agent.to_dict()} if self.agent is not None else {}),
         }
 
     @classmethod
@@ -247,6 +308,7 @@ class ReportedState(Wire):
             capabilities=tuple(as_label(c, "reported.capabilities") for c in caps),
             labels=labels.labels,
             labels_refused=labels.refused_total,
+            agent=None if m.get("agent") is None else AgentReport.from_dict(m["agent"]),
         )
 
     @classmethod

@@ -196,6 +196,32 @@ class AdminClient:
             body["override_aborted"] = override_aborted
         return list(self._call("POST", "/v1/assign", json=body)["results"])
 
+    def agent_releases(self) -> list[Any]:
+        """``GET /v1/agent/releases``, newest first. Raises: AdminApiError."""
+        return list(self._call("GET", "/v1/agent/releases")["releases"])
+
+    def publish_agent(self, path: Path) -> dict[str, Any]:
+        """``POST /v1/agent/releases`` with the agent package as the body.
+
+        Raises:
+            AdminApiError: as every call.
+            OSError: the file cannot be read.
+        """
+        with Path(path).open("rb") as fh:
+            return dict(
+                self._call(
+                    "POST",
+                    "/v1/agent/releases",
+                    content=fh.read(),
+                    headers={"Content-Type": "application/octet-stream"},
+                )
+            )
+
+    def assign_agent(self, target: str, release: int, *, group: bool) -> list[Any]:
+        """``POST /v1/agent/assign``; one result per device. Raises: AdminApiError."""
+        body = {"target": target, "group": group, "release": release}
+        return list(self._call("POST", "/v1/agent/assign", json=body)["results"])
+
     def start_wave(self, sha256: str) -> dict[str, Any]:
         """``POST /v1/waves``. Raises: AdminApiError."""
         return dict(self._call("POST", "/v1/waves", json={"sha256": sha256}))

@@ -34,6 +34,7 @@ from edge_agent.common.durable import write_atomic
 from fleet_server.admin.client import DEFAULT_ADMIN_URL, AdminClient
 from fleet_server.cli.accounts import register_account_commands
 from fleet_server.cli.admin import register_admin_commands
+from fleet_server.cli.agent import register_agent_commands
 from fleet_server.cli.audit import register_audit_commands
 from fleet_server.cli.diagnostics import register_diagnostics_commands
 from fleet_server.cli.drift import register_drift_commands
@@ -289,6 +290,7 @@ register_drift_commands(cli)
 register_rollout_commands(cli)
 register_evalset_commands(cli)
 register_root_commands(cli)
+register_agent_commands(cli)
 register_audit_commands(cli)
 register_account_commands(cli)
 register_diagnostics_commands(devices)

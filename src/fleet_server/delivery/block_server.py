@@ -36,6 +36,7 @@ from edge_agent.wire.topics import Publication, Topics
 from edge_agent.wire.transfer import BlockPlan, BlockRequest, transfer_id_for
 from fleet_server.delivery.blocks import BlockSource, RecentBroadcasts, RoundPlan, plan_round
 from fleet_server.errors import ModelNotPublishedError, RegistryError
+from fleet_server.registry.agent_releases import list_agent_releases
 from fleet_server.registry.store import Registry
 
 __all__ = ["BlockServer", "Pacer"]
@@ -292,10 +293,10 @@ class BlockServer:
                 or does not match the signed digest and length.
             RegistryUnavailableError: the database failed.
         """
-        bundle = next((b for b in self._registry.list_bundles() if b.sha256 == sha256), None)
+        bundle = next((b for b in self._published() if b[0] == sha256), None)
         if bundle is None:
             raise ModelNotPublishedError(f"no published bundle with sha256 {sha256}")
-        transfer_id = self._remember(BlockPlan(bundle.length, sha256, self._block_size))
+        transfer_id = self._remember(BlockPlan(bundle[1], sha256, self._block_size))
         source = self._source(transfer_id)
         if source is None:
             raise ModelNotPublishedError(f"bundle file of {sha256} is missing or corrupt")
@@ -364,19 +365,28 @@ class BlockServer:
                 return False
             self._last_refresh = now
         try:
-            bundles = self._registry.list_bundles()
+            bundles = self._published()
         except RegistryError as exc:
             log.warning("cannot list bundles: %s", exc)
             return False
-        for b in bundles:
-            if transfer_id_for(b.sha256, b.length, self._block_size) in self._plans:
+        for sha256, length in bundles:
+            if transfer_id_for(sha256, length, self._block_size) in self._plans:
                 continue
             try:
-                self._remember(BlockPlan(b.length, b.sha256, self._block_size))
+                self._remember(BlockPlan(length, sha256, self._block_size))
             except EdgefleetError:  # a bundle too large to transfer in blocks
                 continue
         with self._lock:
             return transfer_id in self._plans
+
+    def _published(self) -> list[tuple[str, int]]:
+        """(SHA-256, length) of every published file: model bundles and agent packages.
+
+        Raises:
+            RegistryError: the database failed.
+        """
+        files = [(b.sha256, b.length) for b in self._registry.list_bundles()]
+        return files + [(a.sha256, a.length) for a in list_agent_releases(self._registry)]
 
     def _source(self, transfer_id: str) -> BlockSource | None:
         """The open, digest-checked bundle file of a known transfer (None: unusable)."""

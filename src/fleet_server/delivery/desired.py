@@ -16,6 +16,7 @@ from securesystemslib.signer import Signer
 
 from edge_agent.errors import MetadataFormatError
 from edge_agent.strict_json import loads as strict_loads
+from edge_agent.trust.agent_release import AgentAssignment
 from edge_agent.trust.assignment import ModelAssignment
 from edge_agent.trust.desired import DesiredState, encode_envelope
 from edge_agent.trust.rotation import attach_roots
@@ -31,6 +32,8 @@ def make_desired_state(
     models: Mapping[str, ModelAssignment],
     now: datetime,
     ttl: timedelta = DEFAULT_TTL,
+    *,
+    agent: AgentAssignment | None = None,
 ) -> DesiredState:
     """A desired state for one device that expires ``ttl`` after ``now`` (whole seconds).
 
@@ -40,6 +43,7 @@ def make_desired_state(
         models: model name -> assignment; empty means "run no model".
         now: the reference time (timezone-aware).
         ttl: lifetime of the document; keep it short (minutes to a day): it bounds freeze attacks.
+        agent: the agent release the device should run (None: none assigned).
 
     Returns:
         The unsigned desired state.
@@ -53,7 +57,9 @@ def make_desired_state(
     if now.utcoffset() is None:
         raise ValueError("now must be timezone-aware")
     expires = (now + ttl).replace(microsecond=0)
-    return DesiredState(device_id=device_id, version=version, expires=expires, models=models)
+    return DesiredState(
+        device_id=device_id, version=version, expires=expires, models=models, agent=agent
+    )
 
 
 def sign_desired_state(

@@ -8,6 +8,8 @@ or rollback checks: those are each device's), and only then renames it to
 
 Owns: the files and the verification call. Does not own: the registry rows (the service passes
 the returned ``LibraryEntry`` to ``Registry.publish_bundle``) or MQTT delivery (the gateway).
+Agent packages (the agent's own software, ``*.efa``) are verified with the same root and
+stored the same way (``add_agent_bytes``), so the block transfer serves them unchanged.
 """
 
 from __future__ import annotations
@@ -19,15 +21,22 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from edge_agent.bundle.agent_archive import read_agent_package
 from edge_agent.bundle.archive import read_bundle
 from edge_agent.common.durable import fsync_dir, write_atomic
 from edge_agent.errors import BundleFormatError, BundleVerificationError, ContractError
 from edge_agent.trust import TrustedRoot
 from fleet_server.errors import BundleRejectedError, LibraryError
 
-__all__ = ["BUNDLE_SUFFIX", "DEFAULT_MAX_BUNDLE_BYTES", "BundleLibrary", "LibraryEntry"]
+__all__ = [
+    "BUNDLE_SUFFIX",
+    "DEFAULT_MAX_BUNDLE_BYTES",
+    "AgentLibraryEntry",
+    "BundleLibrary",
+    "LibraryEntry",
+]
 
 log = logging.getLogger(__name__)
 BUNDLE_SUFFIX = ".bundle"
@@ -63,6 +72,21 @@ class LibraryEntry:
     targets_sha256: str
     manifest: Mapping[str, Any]
     path: Path
+
+
+@dataclass(frozen=True)
+class AgentLibraryEntry:
+    """A verified, stored agent package: what the registry records of it."""
+
+    release: int
+    version: str
+    python: str
+    sha256: str
+    length: int
+    targets_sha256: str
+
+
+_E = TypeVar("_E", LibraryEntry, AgentLibraryEntry)
 
 
 class BundleLibrary:
@@ -125,6 +149,22 @@ class BundleLibrary:
             BundleRejectedError: too large, not a bundle, or not trusted by the builder root.
             LibraryError: the library directory cannot be written.
         """
+        return self._store(data, self._verify)
+
+    def add_agent_bytes(self, data: bytes) -> AgentLibraryEntry:
+        """Verify agent package bytes (``*.efa``) and store them beside the bundles.
+
+        Verified as a third party would (builder signatures, expiry, signed lengths and
+        digests; no compatibility or rollback check: those are each device's). Stored as
+        ``<sha256>.bundle`` so the block transfer serves it like a model bundle.
+
+        Raises:
+            BundleRejectedError: too large, not an agent package, or not trusted.
+            LibraryError: the library directory cannot be written.
+        """
+        return self._store(data, self._verify_agent)
+
+    def _store(self, data: bytes, verify: Callable[[Path, bytes, str], _E]) -> _E:
         if len(data) > self._max_bytes:
             raise BundleRejectedError(
                 f"bundle is {len(data)} bytes, the limit is {self._max_bytes}", reason="too_large"
@@ -141,7 +181,7 @@ class BundleLibrary:
             log.error("cannot write %s: %s", staging, exc)
             raise LibraryError(f"cannot write to the bundle library: {_reason(exc)}") from exc
         try:
-            entry = self._verify(staging, data, sha256)
+            entry = verify(staging, data, sha256)
             staging.replace(self.path_of(sha256))
             fsync_dir(self._dir)
         except OSError as exc:
@@ -173,6 +213,29 @@ class BundleLibrary:
             targets_sha256=hashlib.sha256(loaded.targets_bytes).hexdigest(),
             manifest={k: full[k] for k in _SUMMARY_KEYS if k in full},
             path=self.path_of(sha256),
+        )
+
+    def _verify_agent(self, staged: Path, data: bytes, sha256: str) -> AgentLibraryEntry:
+        try:
+            loaded = read_agent_package(
+                staged, self._root, now=self._clock(), installed_release=None, host=None
+            )
+        except BundleVerificationError as exc:
+            raise BundleRejectedError(
+                f"agent package is not trusted by the builder root: {exc}", reason=exc.code
+            ) from exc
+        except (BundleFormatError, ContractError) as exc:
+            raise BundleRejectedError(
+                f"not a readable agent package: {exc}", reason=exc.code
+            ) from exc
+        rel = loaded.verified.release
+        return AgentLibraryEntry(
+            release=rel.release,
+            version=rel.version,
+            python=rel.compatibility.python,
+            sha256=sha256,
+            length=len(data),
+            targets_sha256=hashlib.sha256(loaded.targets_bytes).hexdigest(),
         )
 
 

@@ -409,7 +409,7 @@ class Gateway:
     # ------------------------------------------------------------------ entitlements
     def _entitled_bundles(self, device_id: str) -> frozenset[str]:
         """SHA-256s of the bundles the device's newest stored desired state names (serving
-        bundles and shadows).
+        bundles, shadows and the agent package).
 
         Raises:
             RegistryError: the database failed.
@@ -420,7 +420,8 @@ class Gateway:
             return frozenset()
         desired = parse_document(record.document)
         shadows = (a.shadow.bundle_sha256 for a in desired.models.values() if a.shadow)
-        return frozenset((*(a.bundle_sha256 for a in desired.models.values()), *shadows))
+        agent = () if desired.agent is None else (desired.agent.bundle_sha256,)
+        return frozenset((*(a.bundle_sha256 for a in desired.models.values()), *shadows, *agent))
 
     # ------------------------------------------------------------------ housekeeping
     def _housekeep(self) -> None:

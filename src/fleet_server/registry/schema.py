@@ -5,7 +5,8 @@ which Alembic's environment and the schema-drift tests compare with the migrated
 Also owns ``include_name``, the filter that keeps the PostgreSQL partitions of ``telemetry``
 (``telemetry_pYYYYMMDD``, ``telemetry_default``: storage of one table, created and dropped at run
 time by ``fleet_server.history.retention``) out of Alembic's comparisons. Does not own: any
-table (``tables.core``, ``tables.rollouts``, ``tables.evalsets``, ``tables.labels``, ``audit``)
+table (``tables.core``, ``tables.rollouts``, ``tables.evalsets``, ``tables.labels``,
+``tables.agents``, ``audit``)
 nor the base (``orm``). A new table module is added here, or Alembic would not see it.
 """
 
@@ -20,7 +21,7 @@ from sqlalchemy import MetaData
 
 from fleet_server.registry import audit
 from fleet_server.registry.orm import Base
-from fleet_server.registry.tables import core, evalsets, labels, rollouts
+from fleet_server.registry.tables import agents, core, evalsets, labels, rollouts
 
 __all__ = ["METADATA", "PARTITION_NAME", "TABLE_MODULES", "include_name"]
 
@@ -31,6 +32,7 @@ TABLE_MODULES: Final[tuple[ModuleType, ...]] = (
     evalsets,
     audit,
     labels,
+    agents,
 )
 
 #: The shared metadata, complete: every table of ``TABLE_MODULES``.
