@@ -24,9 +24,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 
-def main() -> None:
-    model, port, pre = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
-    name = sys.argv[4] if len(sys.argv) > 4 else "digits"
+def build_app(model: str, pre: dict[str, list[float]], name: str = "digits") -> Starlette:
+    """The bare endpoint as an ASGI app (``bench/profile_api_path.py`` drives it in-process)."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     so.inter_op_num_threads = 1
@@ -64,12 +63,18 @@ def main() -> None:
     async def ready(request: Request) -> Response:
         return Response("{}", media_type="application/json")
 
-    app = Starlette(
+    return Starlette(
         routes=[
             Route(f"/v2/models/{name}/infer", infer, methods=["POST"]),
             Route("/v2/health/ready", ready),
         ]
     )
+
+
+def main() -> None:
+    model, port, pre = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+    name = sys.argv[4] if len(sys.argv) > 4 else "digits"
+    app = build_app(model, pre, name)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
