@@ -1,7 +1,7 @@
 """The agent release table: the agent's own software packages the server can assign.
 
 Owns: the schema of ``agent_releases`` on the registry's ``Base`` (``orm``; the Alembic
-revision ``0011_agent_releases`` creates it). Does not own: the queries
+revision ``0010_agent_releases`` creates it). Does not own: the queries
 (``registry.agent_releases``), the files (stored by digest beside the model bundles,
 ``fleet_server.delivery.library``) nor what a release is (``edge_agent.trust.agent_release``).
 """
