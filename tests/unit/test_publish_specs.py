@@ -2,7 +2,8 @@
 
 One fleet on the in-memory broker (``MemoryBroker.published`` counts every publish, wills
 included, by ``(topic, qos, retain)`` as the publisher sent it): the gateway (desired state,
-acks, clearing a garbage retained status), a device's sync loop and MQTT session (status
+acks, clearing a garbage retained status), certificate renewal (the device's renewer and the
+CA's renewal service), a device's sync loop and MQTT session (status
 online/offline and its will, reported state, telemetry, block requests), block delivery
 (unicast and broadcast) and the cloud-fallback worker and client (request, response). Each
 kind with a publisher (all but ``events``) must have been published at least once, so a
@@ -22,11 +23,13 @@ import numpy as np
 import pytest
 
 from clock import FakeClock
+from edge_agent.common.identity import IdentityStore
 from edge_agent.common.memory import MemoryBroker
 from edge_agent.config import AgentConfig, StoreConfig, SyncConfig
 from edge_agent.serving.agent import Agent
 from edge_agent.store import ModelStore
 from edge_agent.sync.loop import SyncAgent
+from edge_agent.sync.renewal import CertRenewer
 from edge_agent.trust import TrustedRoot
 from edge_agent.trust.assignment import ModelAssignment
 from edge_agent.wire.fallback import FallbackRequest, FallbackResponse
@@ -39,6 +42,8 @@ from fleet_server.delivery.desired import make_desired_state, sign_desired_state
 from fleet_server.fallback.cloud_models import CloudModel
 from fleet_server.fallback.worker import FallbackWorker
 from fleet_server.gateway.gateway import Gateway
+from fleet_server.pki.ca import CertificateAuthority
+from fleet_server.pki.renewal import RenewalService
 from fleet_server.registry.store import Registry
 from model_builder.keystore import KeyStore
 from support import DEVICE
@@ -175,6 +180,31 @@ def test_every_publish_uses_its_topic_spec(tmp_path: Path, registry: Registry) -
             T.fallback_req("dev-3"), request.to_bytes(), T.fallback_resp("dev-3", "tok"), WAIT
         )
         assert FallbackResponse.from_bytes(answer.payload).ok
+
+        # Certificate renewal: request, confirm (device) -> certificate, confirmation (the CA).
+        now = datetime.now(UTC)
+        ca = CertificateAuthority.init(tmp_path / "ca", now=now)
+        identity = IdentityStore(tmp_path / "dev-4")
+        identity.provision_ca(ca.cert_pem)
+        first = ca.sign_csr(identity.write_csr("dev-4"), "dev-4", now=now)
+        identity.install_certificate(first, "dev-4", now)
+        RenewalService(ca, server, group="fleet-ca").start()
+        renewing = broker.client("dev-4")
+        renewing.connect()
+        req = T.publication("cert_req", "dev-4")
+        renewer = CertRenewer(
+            identity,
+            "dev-4",
+            publish=lambda b: renewing.publish(req.topic, b, req.qos, req.retain),
+            switch=lambda *_a: None,
+            event=lambda *_a: None,
+            now=lambda: now + timedelta(days=300),  # past 2/3 of its year
+        )
+        renewing.subscribe(T.device("cert_resp", "dev-4"), renewer.on_response)
+        renewer.drive()
+        assert broker.pump_until(lambda: (renewer.drive(), renewer.state)[1] == "idle", WAIT)
+        assert renewer.renewals == 1
+        renewing.close()
 
         # The device goes away twice: a dropped connection (its will), then a clean close.
         device.drop()

@@ -13,6 +13,9 @@ module it drives:
 - **Reported state** (retained ``.../reported``, ``reporting.ReportedPublisher``) whenever what
   the device runs or downloads changes, and again after every reconnect; ``status.json`` beside
   it (``reporting.StatusFile``).
+- **Certificate renewal** (``renewal.CertRenewer``, with the paho adapter only): a new key and
+  CSR on ``.../cert/req`` before the certificate expires, a reconnect with the new pair, then a
+  confirmation so the CA revokes the old one.
 - **Telemetry**: a report every ``report_interval_seconds`` and every agent event go through
   ``telemetry_feed.TelemetryFeed`` into the on-disk outbox and ``uplink.Uplink`` (acknowledged
   batches, the one path of an event); drift windows that start an alert add a ``drift_alert``
@@ -36,6 +39,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +54,7 @@ from edge_agent.serving.agent import Agent
 from edge_agent.sync.deploy import Deployer
 from edge_agent.sync.desired_intake import DesiredIntake
 from edge_agent.sync.outbox import Outbox
+from edge_agent.sync.renewal import CertRenewer, RenewalPolicy
 from edge_agent.sync.reporting import ReportedPublisher, StatusFile
 from edge_agent.sync.telemetry_feed import TelemetryFeed
 from edge_agent.sync.uplink import Uplink
@@ -134,6 +139,25 @@ class SyncAgent:
             clock=clock,
         )
         self._status_file = StatusFile(self._dir / "status.json")
+        self._renewer: CertRenewer | None = None
+        if isinstance(self.client, MqttClient):  # renewal switches the paho session's TLS
+            cert_req = self._topics.publication("cert_req", self._device_id)
+            transport = self.client
+            self._renewer = CertRenewer(
+                IdentityStore(Path(sync.identity_dir)),
+                self._device_id,
+                publish=lambda b: transport.publish(
+                    cert_req.topic, b, cert_req.qos, cert_req.retain
+                ),
+                switch=self.client.switch_identity,
+                event=lambda kind, detail: self._feed.event(None, None, kind, detail),
+                policy=RenewalPolicy(
+                    sync.renew_fraction,
+                    sync.renew_timeout_seconds,
+                    sync.renew_retry_min_seconds,
+                    sync.renew_retry_max_seconds,
+                ),
+            )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._connects = 0
@@ -171,6 +195,7 @@ class SyncAgent:
             "ack": self._on_ack,
             "blocks_resp": self._on_block,
             "broadcast": self._on_block,
+            "cert_resp": self._renewer.on_response if self._renewer else _ignore,
         }
 
     def close(self) -> None:
@@ -207,6 +232,7 @@ class SyncAgent:
             "counts": self.counts,
             "uplink": vars(self.uplink.stats()),
             "outbox_entries": self.outbox.stats().entries,
+            "certificate": self._renewer.status() if self._renewer else None,
         }
 
     def reported(self) -> ReportedState:
@@ -261,6 +287,8 @@ class SyncAgent:
             except queue.Empty:
                 break
             self._handle_desired(payload)
+        if self._renewer is not None:
+            self._renewer.drive()
         self._deploy.drive(self._request_blocks)
         self._feed.drain_events()
         if time.monotonic() >= self._report_due:
@@ -288,6 +316,10 @@ class SyncAgent:
         self.client.publish(p.topic, payload, p.qos, p.retain)
 
 
+def _ignore(_message: Message) -> None:
+    """Renewal responses when renewal is off (an in-memory transport in tests)."""
+
+
 def sync_client(config: AgentConfig) -> MqttClient:
     """The device's MQTT session for ``config.sync`` (not connected yet).
 
@@ -299,6 +331,10 @@ def sync_client(config: AgentConfig) -> MqttClient:
     """
     sync = config.sync
     identity = IdentityStore(Path(sync.identity_dir))
+    try:  # finish or discard a renewal a crash interrupted, before the files are loaded
+        identity.recover(config.device_id, datetime.now(UTC))
+    except OSError as exc:
+        log.error("identity recovery failed: %s", exc)
     return MqttClient(
         MqttConfig(
             host=sync.host,

@@ -22,6 +22,8 @@ every role's list against it)::
     <prefix>/devices/<id>/blocks/resp        server -> device
     <prefix>/devices/<id>/fallback/req       device -> server
     <prefix>/devices/<id>/fallback/resp/<c>  server -> device (c: correlation id)
+    <prefix>/devices/<id>/cert/req           device -> server (certificate renewal)
+    <prefix>/devices/<id>/cert/resp          server -> device
     <prefix>/broadcast/<wave>                server -> every device
 
 The device's cloud-fallback client subscribes to one topic of its own below
@@ -111,6 +113,8 @@ TOPIC_SPECS: Final[dict[str, TopicSpec]] = {
         TopicSpec("blocks_resp", "blocks/resp", "server", 1, False),
         TopicSpec("fallback_req", "fallback/req", "device", 1, False),
         TopicSpec("fallback_resp", "fallback/resp", "server", 1, False),
+        TopicSpec("cert_req", "cert/req", "device", 1, False),
+        TopicSpec("cert_resp", "cert/resp", "server", 1, False),
         TopicSpec("broadcast", "broadcast", "server", 1, False),
     )
 }
@@ -147,13 +151,15 @@ class RoleKinds:
 
 #: What each role subscribes to. ``device``: the device's sync loop (its own per-device topics
 #: and every broadcast); ``gateway``: the fleet server's MQTT gateway (ingest, presence,
-#: reported state, block requests); ``fallback_worker``: the server's cloud-fallback workers.
+#: reported state, block requests); ``fallback_worker``: the server's cloud-fallback workers;
+#: ``renewal``: the fleet CA's certificate renewal service (``fleet_server.pki.renewal``).
 ROLE_KINDS: Final[dict[str, RoleKinds]] = {
-    "device": RoleKinds(plain=("desired", "ack", "blocks_resp", "broadcast")),
+    "device": RoleKinds(plain=("desired", "ack", "blocks_resp", "cert_resp", "broadcast")),
     "gateway": RoleKinds(
         shared=("telemetry", "events", "blocks_req"), plain=("reported", "status")
     ),
     "fallback_worker": RoleKinds(shared=("fallback_req",)),
+    "renewal": RoleKinds(shared=("cert_req",)),
 }
 
 
@@ -384,6 +390,14 @@ class Topics:
             ContractError: a bad group name.
         """
         return self._server_role("fallback_worker", group)
+
+    def renewal_subscriptions(self, group: str) -> tuple[Subscription, ...]:
+        """What the certificate renewal service subscribes to, shared over ``group``.
+
+        Raises:
+            ContractError: a bad group name.
+        """
+        return self._server_role("renewal", group)
 
     def _server_role(self, role: str, group: str) -> tuple[Subscription, ...]:
         kinds = ROLE_KINDS[role]
