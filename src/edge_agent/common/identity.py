@@ -323,7 +323,7 @@ class IdentityStore:
     def recover(self, device_id: str, now: datetime) -> x509.Certificate | None:
         """Finish or discard an interrupted renewal; return the current certificate if valid.
 
-        The next pair wins when it is complete, valid at ``now`` and newer than the current
+        The next pair wins when it is complete, valid at ``now`` and issued after the current
         one (or the current one is broken: a crash between ``promote_next``'s two copies);
         otherwise it is discarded. Run before the MQTT adapter loads the files.
 
@@ -334,7 +334,7 @@ class IdentityStore:
         if self.next_key_path.exists() or self.next_cert_path.exists():
             nxt = self._valid_pair(self.next_key_path, self.next_cert_path, device_id, now)
             if nxt is not None and (
-                current is None or nxt.not_valid_after_utc > current.not_valid_after_utc
+                current is None or nxt.not_valid_before_utc > current.not_valid_before_utc
             ):
                 self.promote_next()
                 return nxt
