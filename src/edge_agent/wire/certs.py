@@ -1,4 +1,4 @@
-"""Certificate renewal messages on ``.../cert/req`` (device -> CA) and ``.../cert/resp``.
+"""Certificate messages: renewal on ``.../cert/req`` and ``.../cert/resp``, claim enrollment.
 
 Owns the two value objects of the renewal exchange and their strict parsers:
 
@@ -7,6 +7,8 @@ Owns the two value objects of the renewal exchange and their strict parsers:
   certificate once the device is connected with it, so the CA may revoke the older ones.
 - ``CertResponse``: ``issued`` (with the certificate PEM), ``confirmed``, or ``refused`` (a
   stable ``reason`` and whether a retry can succeed).
+- ``ClaimEnrollment``: a first-boot enrollment under a provisioning claim (claim secret, device
+  id, CSR), the body of ``POST /v1/enroll`` on the CA's enrollment listener.
 
 Who is asking is not in the message: the topic level is the device id, and the broker's ACL
 lets only the client whose certificate CN is that id publish there. The PEM texts are bounded
@@ -26,6 +28,7 @@ from edge_agent.errors import ContractError
 from edge_agent.wire.fields import (
     SCHEMA_VERSION,
     Wire,
+    as_device_id,
     as_int,
     as_str,
     check_header,
@@ -38,6 +41,7 @@ __all__ = [
     "REFUSAL_REASONS",
     "CertRequest",
     "CertResponse",
+    "ClaimEnrollment",
 ]
 
 #: A CSR or a certificate of an EC or RSA-4096 key is well under 8 KiB of PEM.
@@ -213,6 +217,61 @@ class CertResponse(Wire):
             reason=None if reason is None else as_str(reason, "reason", 32),
             retry=retry,
             revoked=as_int(m.get("revoked", 0), "revoked"),
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Self:
+        """Raises ContractError (not strict JSON within ``MAX_CERT_MESSAGE_BYTES``, or as
+        ``from_dict``)."""
+        return cls.from_dict(load_json(data, MAX_CERT_MESSAGE_BYTES))
+
+
+_CLAIM_SECRET: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,62}\.[A-Za-z0-9_-]{43}")
+
+
+@dataclass(frozen=True)
+class ClaimEnrollment(Wire):
+    """A first-boot enrollment under a provisioning claim (``POST /v1/enroll``, over TLS).
+
+    Attributes:
+        claim: The claim secret the device was provisioned with (``<name>.<secret>``).
+        device_id: The identity the device asks for (the CSR's CN and SAN).
+        csr_pem: The CSR of the key the device generated (PEM).
+    """
+
+    claim: str
+    device_id: str
+    csr_pem: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.claim, str) or not _CLAIM_SECRET.fullmatch(self.claim):
+            raise ContractError("claim is not a claim secret (<name>.<43 characters>)")
+        as_device_id(self.device_id)
+        _pem(self.csr_pem, "csr")
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"ClaimEnrollment(claim={self.claim.split('.')[0]}.***, device_id={self.device_id})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "type": "claim_enrollment",
+            "claim": self.claim,
+            "device_id": self.device_id,
+            "csr": self.csr_pem,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Self:
+        """Raises ContractError (any field missing, of the wrong type or out of bounds)."""
+        m = check_header(d, "claim_enrollment")
+        allowed = {"schema_version", "type", "claim", "device_id", "csr"}
+        if set(m) - allowed:
+            raise ContractError(f"claim_enrollment: unknown fields {sorted(set(m) - allowed)[:5]}")
+        return cls(
+            claim=as_str(require(m, "claim", "claim_enrollment"), "claim", 128),
+            device_id=as_device_id(require(m, "device_id", "claim_enrollment")),
+            csr_pem=_pem(require(m, "csr", "claim_enrollment"), "csr"),
         )
 
     @classmethod
