@@ -244,6 +244,15 @@ def run(config: AgentConfig) -> int:
     from edge_agent.api.server import stop_on_signals
 
     setup_logging(config)
+    if config.sync.enabled:  # a device provisioned with a claim enrolls before it connects
+        from edge_agent.common.enroll import enroll_at_first_boot
+        from edge_agent.common.identity import IdentityStore
+
+        enroll_at_first_boot(
+            IdentityStore(Path(config.sync.identity_dir)),
+            config.device_id,
+            wait=threading.Event().wait,
+        )
     agent, sync = build_device(config)
     if sync is not None:
         sync.start()

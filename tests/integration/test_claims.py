@@ -203,6 +203,7 @@ def test_hostile_bodies_get_a_clean_refusal(listener: Listener, body: bytes, sta
     request = urllib.request.Request(listener.url, data=body, method="POST")
     with pytest.raises(urllib.error.HTTPError) as answer:
         urllib.request.urlopen(request, timeout=10, context=ctx)
+    answer.value.close()
     assert answer.value.code == status
     assert listener.broker.ca.claims() == []
 

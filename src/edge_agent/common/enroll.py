@@ -9,23 +9,35 @@ claim goes only to the real fleet), and installs the certificate after checking 
 (``IdentityStore.install_certificate``). ``pending`` means an operator must approve the device
 first: ask again later. The claim file is removed once the device is enrolled.
 
-Does no retrying of its own (the caller loops with backoff) and knows nothing about MQTT.
+``enroll_at_first_boot`` (the daemon runs it before it connects) retries an unreachable CA and
+a pending approval with backoff. Knows nothing about MQTT.
 """
 
 from __future__ import annotations
 
+import logging
 import ssl
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from edge_agent.common.identity import IdentityStore
 from edge_agent.errors import ContractError, IdentityError, TransportError
 from edge_agent.strict_json import loads
 from edge_agent.wire.certs import ClaimEnrollment
 
-__all__ = ["CLAIM_FILE", "ClaimConfig", "ClaimRefused", "enroll_with_claim", "load_claim"]
+__all__ = [
+    "CLAIM_FILE",
+    "ClaimConfig",
+    "ClaimRefused",
+    "enroll_at_first_boot",
+    "enroll_with_claim",
+    "load_claim",
+]
+
+log = logging.getLogger(__name__)
 
 CLAIM_FILE = "claim.json"
 _MAX_RESPONSE = 64 * 1024
@@ -122,3 +134,47 @@ def enroll_with_claim(
     store.install_certificate(answer["cert"].encode("ascii"), device_id, now)
     (store.directory / CLAIM_FILE).unlink(missing_ok=True)
     return "enrolled"
+
+
+def enroll_at_first_boot(
+    store: IdentityStore,
+    device_id: str,
+    *,
+    wait: Callable[[float], bool],
+    retry_min: float = 5.0,
+    retry_max: float = 300.0,
+    timeout: float = 30.0,
+) -> bool:
+    """Enroll with the provisioned claim unless the device already has a certificate.
+
+    Retries an unreachable CA and a ``pending`` approval with exponential backoff
+    (``wait(seconds)`` sleeps and returns True to give up, e.g. ``stop_event.wait``). Returns
+    True when the device has a certificate (now or already), False when it has no claim or
+    ``wait`` gave up.
+
+    Raises:
+        ClaimRefused: the CA refused the claim for good (revoked, expired, used up, taken).
+        IdentityError: the claim file or the issued certificate is unusable.
+    """
+    if store.cert_path.exists():
+        return True
+    claim = load_claim(store)
+    if claim is None:
+        return False
+    attempt = 0
+    while True:
+        try:
+            outcome = enroll_with_claim(
+                store, device_id, claim, now=datetime.now(UTC), timeout=timeout
+            )
+        except TransportError as exc:
+            log.warning("first-boot enrollment: %s", exc)
+        else:
+            if outcome == "enrolled":
+                log.info("first-boot enrollment: enrolled as %s", device_id)
+                return True
+            log.info("first-boot enrollment: waiting for an operator to approve %s", device_id)
+        delay = min(retry_max, retry_min * 2.0 ** min(attempt, 32))
+        attempt += 1
+        if wait(delay):
+            return False

@@ -125,6 +125,7 @@ class EnrollmentServer:
             access_log=False,
             ssl_certfile=str(certfile),
             ssl_keyfile=str(keyfile),
+            timeout_graceful_shutdown=5,  # a device's idle keep-alive must not hold a stop
         )
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None

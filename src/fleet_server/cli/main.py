@@ -2,7 +2,9 @@
 
 Identity and access: the fleet CA (``ca``: the server's and read-only consumers' identities,
 ``server-identity``/``consumer-identity``), device enrollment and revocation (``devices``) and
-the broker configuration (``broker-config``: consumers included, ``acl.local`` kept). The
+the broker configuration (``broker-config``: consumers included, ``acl.local`` kept),
+provisioning claims and the CA's online service (``claims``, ``ca serve``: in
+``fleet_server.cli.certs``). The
 server itself: ``serve --config FILE`` (``fleet_server.server.run``). Operator commands against
 a running server's admin API (``devices list|show|register|misbehaviour``, ``models``,
 ``assign``, ``waves``, ``telemetry``, ``status``) live in ``fleet_server.cli.admin``, evaluation
@@ -32,6 +34,7 @@ from edge_agent.common.durable import write_atomic
 from fleet_server.admin.client import DEFAULT_ADMIN_URL, AdminClient
 from fleet_server.cli.admin import register_admin_commands
 from fleet_server.cli.audit import register_audit_commands
+from fleet_server.cli.certs import register_cert_commands
 from fleet_server.cli.drift import register_drift_commands
 from fleet_server.cli.evalsets import register_evalset_commands
 from fleet_server.cli.rollouts import register_rollout_commands
@@ -285,6 +288,7 @@ register_rollout_commands(cli)
 register_evalset_commands(cli)
 register_root_commands(cli)
 register_audit_commands(cli)
+register_cert_commands(cli, ca)
 
 
 def main(argv: list[str] | None = None) -> None:
