@@ -22,6 +22,7 @@ enrollment (docs/operations.md, "Certificate life").
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import random
@@ -130,7 +131,9 @@ class CertRenewer:
         """One step: start a due renewal, handle a response, or time out. Never raises."""
         try:
             self._drive()
-        except (OSError, IdentityError) as exc:  # the disk: keep the current pair, retry
+        except (OSError, IdentityError) as exc:  # the disk, or a certificate that fails
+            with contextlib.suppress(OSError):  # its checks: keep the current pair, retry
+                self._store.discard_next()
             self._fail(f"local: {exc}")
 
     # ------------------------------------------------------------------ the steps
