@@ -226,3 +226,108 @@ def test_a_listener_with_another_ca_gets_no_claim(listener: Listener, tmp_path: 
         )
     assert "unreachable" in str(failed.value)
     assert listener.enrolled == []
+
+
+def test_ca_serve_enrolls_by_claim_and_renews_over_mqtt(tmp_path: Path) -> None:
+    """``fleet-server ca serve`` as a real process: a device enrolls with a claim over HTTPS,
+    then renews over MQTT; the old certificate is revoked and the broker reloads its CRL
+    through the pid file."""
+    import shutil
+    import subprocess
+    import sys
+
+    from edge_agent.common.mqtt import MqttClient
+    from edge_agent.common.mqtt_types import MqttConfig
+    from edge_agent.sync.renewal import CertRenewer, RenewalPolicy
+    from edge_agent.wire.topics import Topics
+    from fleet import stop_process
+    from mosquitto import RELOADED, free_port
+    from support import wait_until
+
+    with fleet_broker(tmp_path / "mqtt", (), workers=("ca.server",)) as broker:
+        ident = tmp_path / "ca-identity"
+        ident.mkdir()
+        shutil.copy(broker.creds["ca.server"].cert, ident / "server.crt")
+        shutil.copy(broker.creds["ca.server"].key, ident / "server.key")
+        assert broker.proc is not None
+        (tmp_path / "mosquitto.pid").write_text(str(broker.proc.pid))
+        port = free_port()
+        exe = str(Path(sys.executable).parent / "fleet-server")
+        log = (tmp_path / "ca-serve.log").open("wb")
+        proc = subprocess.Popen(
+            [
+                *(exe, "ca", "serve", "--ca-dir", str(broker.ca.directory)),
+                *("--identity-dir", str(ident), "--broker-port", str(broker.port)),
+                *("--broker-pid-file", str(tmp_path / "mosquitto.pid"), "--device-days", "1"),
+                *("--enroll-port", str(port), "--enroll-ip", "127.0.0.1"),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        client = None
+        try:
+            secret = broker.ca.create_claim(
+                "line", now=datetime.now(UTC), ttl=timedelta(hours=1), limit=5
+            )
+            store = IdentityStore(tmp_path / "cam-1")
+            store.provision_ca(broker.ca.cert_pem)
+            claim = ClaimConfig(f"https://127.0.0.1:{port}/v1/enroll", secret)
+
+            def enrolled() -> bool:
+                try:
+                    return (
+                        enroll_with_claim(store, "cam-1", claim, now=datetime.now(UTC), timeout=5)
+                        == "enrolled"
+                    )
+                except TransportError:
+                    return False
+
+            wait_until(enrolled, 30, what="enrollment through ca serve")
+            first = store.current_certificate()
+            client = MqttClient(
+                MqttConfig(
+                    host=broker.host,
+                    port=broker.port,
+                    device_id="cam-1",
+                    ca_path=store.ca_path,
+                    cert_path=store.cert_path,
+                    key_path=store.key_path,
+                )
+            )
+            topics = Topics(broker.prefix)
+            req = topics.publication("cert_req", "cam-1")
+            ahead = [timedelta(hours=20)]
+            mqtt = client
+            renewer = CertRenewer(
+                store,
+                "cam-1",
+                publish=lambda b: mqtt.publish(req.topic, b, req.qos, req.retain),
+                switch=client.switch_identity,
+                event=lambda k, _d: k == "cert_renewed" and ahead.__setitem__(0, timedelta(0)),
+                policy=RenewalPolicy(fraction=0.5, timeout=10.0, retry_min=1.0, retry_max=2.0),
+                now=lambda: datetime.now(UTC) + ahead[0],
+            )
+            client.subscribe(topics.device("cert_resp", "cam-1"), renewer.on_response)
+            client.connect()
+            client.wait_connected(10)
+            reloads = broker.log.read_text(errors="replace").count(RELOADED)
+
+            def renewed() -> bool:
+                renewer.drive()
+                return renewer.renewals == 1 and renewer.state == "idle"
+
+            wait_until(renewed, 60, what="renewal through ca serve")
+            assert store.current_certificate().serial_number != first.serial_number
+            revoked = {c.serial for c in broker.ca.issued() if c.revoked_at is not None}
+            assert first.serial_number in revoked
+            wait_until(
+                lambda: broker.log.read_text(errors="replace").count(RELOADED) > reloads,
+                10,
+                what="the broker to reload its CRL",
+            )
+        finally:
+            if client is not None:
+                client.close()
+            stop_process(proc)
+            log.close()
+        assert proc.returncode == 0, (tmp_path / "ca-serve.log").read_text()

@@ -7,10 +7,11 @@ credential with a device limit, an expiry and optional approval; the secret is p
 gateway): the certificate renewal service on MQTT (``fleet_server.pki.renewal``, with a server
 identity of its own and a shared subscription) and, with ``--enroll-port``, the claim
 enrollment listener over TLS (``fleet_server.admin.enrollment``). After every revocation it
-runs the CRL reload (``--crl-reload-command`` or ``--broker-pid-file``). With an admin URL and
-token it asks the fleet server whether a renewing device is enrolled and not revoked, and
-registers claim-enrolled devices (group = the claim's name). Commands are thin: the library
-decides.
+runs the CRL reload (``--crl-reload-command`` or ``--broker-pid-file``), and it re-signs the
+CRL daily (it is valid 30 days; an expired CRL makes the broker refuse every client). With an
+admin URL and token it asks the fleet server whether a renewing device is enrolled and not
+revoked, and registers claim-enrolled devices (group = the claim's name). Commands are thin:
+the library decides.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ from fleet_server.pki.crl_reload import command_reloader, pidfile_reloader
 from fleet_server.pki.renewal import RenewalService
 
 __all__ = ["register_cert_commands"]
+
+
+CRL_REFRESH = timedelta(days=1)
 
 
 def _now() -> datetime:
@@ -232,7 +236,11 @@ def ca_serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_a: stop.set())
     click.echo(f"ca serve: renewal on {broker_host}:{broker_port}, enrollment port {enroll_port}")
-    stop.wait()
+    # The broker refuses every client once the CRL's next update has passed: re-sign it daily.
+    while not stop.wait(CRL_REFRESH.total_seconds()):
+        ca.write_crl(now=_now())
+        if reload is not None:
+            reload()
     if listener is not None:
         listener.stop()
     client.close()
