@@ -3,7 +3,7 @@
 A device whose certificates live 20 seconds renews them again and again over MQTT (new key,
 CSR on its ``cert/req`` topic, the CA's ``RenewalService`` on the server's session), reconnects
 with each new pair and confirms, and the CA revokes the old certificate and makes the broker
-re-read the CRL (SIGHUP, as ``crl_reload.pidfile_reloader`` does in a deployment). Telemetry
+re-read the CRL (SIGHUP, coalesced, as ``fleet-server ca serve`` does in a deployment). Telemetry
 flows the whole time: every seq is stored once and acknowledged, nothing is lost across the
 reconnects and across the expiry of the first certificate. A revoked pair is refused by the
 broker; a kill -9 at every step of a renewal leaves a pair the broker accepts.
@@ -28,6 +28,7 @@ import pytest
 from bundles import DigitsBundles
 from edge_agent.common.identity import IdentityStore
 from fleet import FleetHarness, wait_until
+from fleet_server.pki.crl_reload import CoalescedReload
 from fleet_server.pki.renewal import RenewalService
 from mosquitto import MOSQUITTO, FleetBroker, fleet_broker
 
@@ -79,13 +80,14 @@ def test_renewal_across_expiry_under_traffic_loses_nothing(
     store = _short_lived(broker, "dev-a")
     first = store.current_certificate()
     fleet = FleetHarness(broker, digits_bundles.keys, tmp_path / "fleet")
+    reload = CoalescedReload(broker.reload, interval=0.2)
     service = RenewalService(
         broker.ca,
         fleet.client,
         prefix=broker.prefix,
         validity=LIFE,
         min_interval=1.0,
-        crl_changed=broker.reload,
+        crl_changed=reload,
     )
     service.start()
     kept = tmp_path / "kept"
@@ -133,7 +135,10 @@ def test_renewal_across_expiry_under_traffic_loses_nothing(
     ]
     assert [c.serial for c in live] == [store.current_certificate().serial_number]
     assert service.counts["confirmed"] >= 3
-    assert service.counts["crl_reloads"] >= 3
+    assert service.counts["crl_updates"] >= 3
+    reload.close()
+    assert reload.runs >= 1
+    assert reload.failures == 0
     # The broker: the current pair is accepted, the replaced (revoked) one refused.
     assert _accepts(broker, store.cert_path, store.key_path)
     assert not _accepts(broker, kept / "c.crt", kept / "c.key")

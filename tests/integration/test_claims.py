@@ -259,6 +259,7 @@ def test_ca_serve_enrolls_by_claim_and_renews_over_mqtt(tmp_path: Path) -> None:
                 *(exe, "ca", "serve", "--ca-dir", str(broker.ca.directory)),
                 *("--identity-dir", str(ident), "--broker-port", str(broker.port)),
                 *("--broker-pid-file", str(tmp_path / "mosquitto.pid"), "--device-days", "1"),
+                *("--crl-reload-interval", "0.2"),
                 *("--enroll-port", str(port), "--enroll-ip", "127.0.0.1"),
             ],
             stdout=log,

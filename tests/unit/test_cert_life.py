@@ -31,7 +31,9 @@ from fleet_server.errors import (
 )
 from fleet_server.pki.ca import CertificateAuthority
 from fleet_server.pki.claims import admit, new_claim
+from fleet_server.pki.crl_reload import CoalescedReload
 from fleet_server.pki.renewal import RenewalService
+from support import wait_until
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -375,3 +377,27 @@ def test_a_failed_renewal_keeps_the_old_pair_and_backs_off(tmp_path: Path, fault
 def test_renewal_due_fraction_bounds() -> None:
     with pytest.raises(IdentityError):
         renewal_due(None, 1.0)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ CRL reload coalescing
+def test_a_burst_of_revocations_costs_one_reload_and_failures_are_counted() -> None:
+    calls: list[int] = []
+    reload = CoalescedReload(lambda: calls.append(1), interval=0.2)
+    try:
+        for _ in range(50):
+            reload()
+        wait_until(lambda: reload.runs == 1, 5, what="one reload for the burst")
+        reload()
+        wait_until(lambda: reload.runs == 2, 5, what="a later request reloads again")
+    finally:
+        reload.close()
+    assert calls == [1, 1]
+
+    def broken() -> None:
+        raise PkiError("no broker")
+
+    failing = CoalescedReload(broken, interval=0.0)
+    failing()
+    wait_until(lambda: failing.failures == 1, 5, what="the failure counted")
+    failing.close()
+    assert failing.runs == 0

@@ -34,7 +34,7 @@ from fleet_server.admin.client import AdminClient
 from fleet_server.admin.enrollment import EnrollmentServer, create_enrollment_app
 from fleet_server.errors import AdminRequestError, PkiError
 from fleet_server.pki.ca import CertificateAuthority
-from fleet_server.pki.crl_reload import command_reloader, pidfile_reloader
+from fleet_server.pki.crl_reload import CoalescedReload, command_reloader, pidfile_reloader
 from fleet_server.pki.renewal import RenewalService
 
 __all__ = ["register_cert_commands"]
@@ -151,6 +151,14 @@ def _registry_check(admin: AdminClient) -> Any:
 @click.option("--device-days", type=click.IntRange(1), default=365, show_default=True)
 @click.option("--crl-reload-command", default=None, help="Run after each revocation.")
 @click.option("--broker-pid-file", type=click.Path(path_type=Path), default=None)
+@click.option(
+    "--crl-reload-interval",
+    type=click.FloatRange(0),
+    default=60.0,
+    show_default=True,
+    help="Gather revocations for this long into one broker reload (a renewed device has "
+    "already left its old certificate, so this is not urgent).",
+)
 @click.option("--enroll-host", default="0.0.0.0", show_default=True)  # noqa: S104
 @click.option("--enroll-port", type=click.IntRange(0, 65535), default=0, help="0: no listener.")
 @click.option("--enroll-dns-name", "enroll_dns", multiple=True, help="Listener DNS name.")
@@ -166,6 +174,7 @@ def ca_serve(
     device_days: int,
     crl_reload_command: str | None,
     broker_pid_file: Path | None,
+    crl_reload_interval: float,
     enroll_host: str,
     enroll_port: int,
     enroll_dns: tuple[str, ...],
@@ -177,13 +186,14 @@ def ca_serve(
     if crl_reload_command and broker_pid_file:
         raise click.UsageError("give --crl-reload-command or --broker-pid-file, not both")
     ca = CertificateAuthority.open(ca_dir)
-    reload = (
+    target = (
         command_reloader(shlex.split(crl_reload_command))
         if crl_reload_command
         else pidfile_reloader(broker_pid_file)
         if broker_pid_file
         else None
     )
+    reload = CoalescedReload(target, crl_reload_interval) if target is not None else None
     admin = AdminClient(admin_url, token) if admin_url and token else None
     cert_path, key_path = identity_dir / "server.crt", identity_dir / "server.key"
     client = MqttClient(
@@ -244,6 +254,8 @@ def ca_serve(
     if listener is not None:
         listener.stop()
     client.close()
+    if reload is not None:
+        reload.close()
     if admin is not None:
         admin.close()
     click.echo(f"ca serve: stopped; {service.counts}")

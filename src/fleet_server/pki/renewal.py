@@ -69,7 +69,8 @@ class RenewalService:
 
         ``allowed(device_id)`` returns None when the device may renew, else a refusal reason
         (``not_enrolled``, ``revoked``); by default only the CA's own records decide.
-        ``crl_changed`` runs after every CRL rewrite (reload the broker).
+        ``crl_changed`` runs after every CRL rewrite, on the MQTT handler thread: make the
+        broker reload, through ``crl_reload.CoalescedReload`` so it neither blocks nor storms.
         """
         self._ca = ca
         self._transport = transport
@@ -89,7 +90,7 @@ class RenewalService:
             "revoked": 0,
             "refused": 0,
             "malformed": 0,
-            "crl_reloads": 0,
+            "crl_updates": 0,
         }
 
     def start(self) -> None:
@@ -186,7 +187,7 @@ class RenewalService:
             return
         try:
             self._crl_changed()
-            self._count("crl_reloads")
+            self._count("crl_updates")
         except (EdgefleetError, OSError) as exc:
             # The CRL file is already rewritten: the next reload (or restart) enforces it.
             log.error("broker CRL reload failed: %s", exc)
