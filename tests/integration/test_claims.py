@@ -332,3 +332,22 @@ def test_ca_serve_enrolls_by_claim_and_renews_over_mqtt(tmp_path: Path) -> None:
             stop_process(proc)
             log.close()
         assert proc.returncode == 0, (tmp_path / "ca-serve.log").read_text()
+
+
+def test_edge_agent_identity_claim_cli(listener: Listener, tmp_path: Path) -> None:
+    """``edge-agent identity claim`` enrolls the configured device with its claim.json."""
+    from click.testing import CliRunner
+
+    from edge_agent.cli.main import cli as agent_cli
+
+    ca = listener.broker.ca
+    secret = ca.create_claim("cli", now=datetime.now(UTC), ttl=timedelta(hours=1), limit=1)
+    store = _device(tmp_path, listener, "kiosk-1", secret)
+    config = tmp_path / "agent.toml"
+    config.write_text(f'device_id = "kiosk-1"\n[sync]\nidentity_dir = "{store.directory}"\n')
+    result = CliRunner().invoke(agent_cli, ["identity", "claim", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "enrolled"
+    assert store.current_certificate().serial_number in {c.serial for c in ca.issued()}
+    again = CliRunner().invoke(agent_cli, ["identity", "claim", "--config", str(config)])
+    assert again.exit_code != 0  # claim.json is gone once enrolled
