@@ -351,3 +351,40 @@ def test_edge_agent_identity_claim_cli(listener: Listener, tmp_path: Path) -> No
     assert store.current_certificate().serial_number in {c.serial for c in ca.issued()}
     again = CliRunner().invoke(agent_cli, ["identity", "claim", "--config", str(config)])
     assert again.exit_code != 0  # claim.json is gone once enrolled
+
+
+def test_the_daemon_enrolls_at_first_boot_then_connects(listener: Listener, tmp_path: Path) -> None:
+    """``edge-agent run`` on a device that has only the fleet CA and claim.json: it generates
+    its key, enrolls, and connects to the broker with the new identity."""
+    from fleet import start_daemon, stop_process
+    from model_builder.keystore import KeyStore
+    from mosquitto import free_port
+    from support import wait_until
+
+    broker = listener.broker
+    secret = broker.ca.create_claim("boot", now=datetime.now(UTC), ttl=timedelta(hours=1), limit=1)
+    store = _device(tmp_path, listener, "cam-boot", secret)
+    keys = KeyStore.init(tmp_path / "keys", now=datetime.now(UTC))
+    (tmp_path / "root.json").write_bytes(keys.root_bytes())
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        'device_id = "cam-boot"\n'
+        f"[api]\nport = {free_port()}\n"
+        f'[store]\nstate_dir = "{tmp_path / "state"}"\nroot_path = "{tmp_path / "root.json"}"\n'
+        f'[sync]\nenabled = true\nhost = "{broker.host}"\nport = {broker.port}\n'
+        f'identity_dir = "{store.directory}"\nprefix = "{broker.prefix}"\n'
+        "reconnect_max_seconds = 1.0\n"
+    )
+    assert not store.key_path.exists()
+    proc = start_daemon(config, tmp_path / "agent.log")
+    try:
+        wait_until(
+            lambda: "as cam-boot" in broker.log.read_text(errors="replace"),
+            60,
+            what="the daemon to connect with its enrolled identity",
+        )
+    finally:
+        stop_process(proc)
+    assert store.cert_path.exists()
+    assert not (store.directory / CLAIM_FILE).exists()
+    assert [d for d, _c in listener.enrolled] == ["cam-boot"]
