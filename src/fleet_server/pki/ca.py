@@ -417,20 +417,22 @@ class CertificateAuthority:
         """
         with exclusive_lock(self.directory):
             state = self._load()
-            state.crl_number += 1
-            revoked = [
-                (c.serial, c.revoked_at) for c in state.issued if c.revoked_at and c.not_after > now
-            ]
-            crl = build_crl(
-                self.material,
-                revoked,
-                crl_number=state.crl_number,
-                now=now,
-                validity=validity,
-            )
+            crl = self._sign_crl(state, now=now, validity=validity)
             self._save(state)
             write_atomic(self.crl_path, crl)
         return crl
+
+    def _sign_crl(
+        self, state: _State, *, now: datetime, validity: timedelta = DEFAULT_CRL_VALIDITY
+    ) -> bytes:
+        """A CRL of ``state``'s revoked, unexpired serials; bumps its CRL number (unsaved)."""
+        state.crl_number += 1
+        revoked = [
+            (c.serial, c.revoked_at) for c in state.issued if c.revoked_at and c.not_after > now
+        ]
+        return build_crl(
+            self.material, revoked, crl_number=state.crl_number, now=now, validity=validity
+        )
 
     # ------------------------------------------------------------------ renewal
     @staticmethod
@@ -484,9 +486,10 @@ class CertificateAuthority:
             state.issued = [
                 replace(c, revoked_at=now) if c.serial in stale else c for c in state.issued
             ]
-            self._record(state, cert, device_id, ROLE_DEVICE)
-        if stale:
-            self.write_crl(now=now)
+            crl = self._sign_crl(state, now=now) if stale else None
+            self._record(state, cert, device_id, ROLE_DEVICE)  # saves the state
+            if crl is not None:  # after the state that lists its revocations
+                write_atomic(self.crl_path, crl)
         return pem_cert(cert), stale
 
     def confirm_device(self, device_id: str, serial: int, *, now: datetime) -> list[int]:
@@ -509,13 +512,13 @@ class CertificateAuthority:
                 and c.revoked_at is None
                 and c.serial != serial
             ]
-            if older:
+            if older:  # one state write and one CRL write, under one lock
                 state.issued = [
                     replace(c, revoked_at=now) if c.serial in older else c for c in state.issued
                 ]
+                crl = self._sign_crl(state, now=now)
                 self._save(state)
-        if older:
-            self.write_crl(now=now)
+                write_atomic(self.crl_path, crl)
         return older
 
     def device_status(self, device_id: str, *, now: datetime) -> str:
