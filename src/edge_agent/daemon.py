@@ -8,7 +8,7 @@ enabled) stops accepting at the same moment and drains in-flight requests for
 ``api.drain_seconds``, then sync stops and models are unloaded. No front end owns the process:
 each runs on its own threads, and the daemon's main thread waits for the stop signal.
 
-A signed remote ``restart`` command (``edge_agent.sync.commands``) stops the daemon exactly as
+A signed remote ``restart`` command (``edge_agent.sync.ops.commands``) stops the daemon exactly as
 SIGTERM does, and ``run`` then returns ``EXIT_RESTART`` (75): the service manager starts the
 agent again (the systemd unit restarts it on any exit). The recent log records a remote ``logs``
 command or a support bundle reads are kept in memory by ``edge_agent.common.logring.LogRing``,
@@ -275,7 +275,7 @@ def trial_check(agent: Agent, sync: SyncAgent | None, serving: threading.Event) 
 def run(config: AgentConfig) -> int:
     """Run the daemon until SIGTERM/SIGINT; returns the exit code."""
     from edge_agent.api.server import stop_on_signals
-    from edge_agent.sync.commands import EXIT_RESTART
+    from edge_agent.sync.ops.commands import EXIT_RESTART
 
     ring = setup_logging(config)
     stop = threading.Event()
@@ -286,6 +286,15 @@ def run(config: AgentConfig) -> int:
         restart_requested.set()
         stop.set()
 
+    if config.sync.enabled:  # a device provisioned with a claim enrolls before it connects
+        from edge_agent.common.enroll import enroll_at_first_boot
+        from edge_agent.common.identity import IdentityStore
+
+        enroll_at_first_boot(
+            IdentityStore(Path(config.sync.identity_dir)),
+            config.device_id,
+            wait=threading.Event().wait,
+        )
     agent, sync = build_device(config, log_ring=ring, restart=restart)
     if sync is not None:
         sync.start()

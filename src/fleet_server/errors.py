@@ -3,9 +3,11 @@
 Families:
     PkiError           the fleet CA cannot do what was asked: CA files missing or corrupt, a
                        CSR that must not be signed (``CsrRejectedError``), a device id that is
-                       unknown or already taken by another role.
+                       unknown or already taken by another role, a certificate renewal
+                       the CA refuses (``RenewalRefusedError``).
     EnrollmentError    a device's enrollment token is unknown, expired or already used; the
-                       operator issues a new token.
+                       operator issues a new token. A provisioning claim that refuses a device
+                       (``ClaimRefusedError``) or waits for approval (``ClaimPendingError``).
     BrokerConfigError  the broker configuration cannot be written as asked (bad prefix, port,
                        names); the operator fixes the arguments.
     ServerConfigError  the server's TOML/env configuration is invalid (also a ``ConfigError``).
@@ -104,6 +106,46 @@ class TokenUsedError(EnrollmentError):
     """The enrollment token was already redeemed (tokens are single use)."""
 
     code = "token_used"
+
+
+class RenewalRefusedError(PkiError):
+    """The CA refuses a device's certificate renewal.
+
+    ``reason`` is one of ``edge_agent.wire.ops.certs.REFUSAL_REASONS``.
+    """
+
+    code = "renewal_refused"
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ClaimRefusedError(EnrollmentError):
+    """A provisioning claim does not admit this device.
+
+    ``reason``: ``unknown``, ``revoked``, ``expired``, ``full``, ``device_exists``,
+    ``key_mismatch``, or ``csr_rejected`` (the CSR failed the CA's checks).
+    """
+
+    code = "claim_refused"
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ClaimPendingError(EnrollmentError):
+    """The claim needs an operator's approval of this device first; ask again later.
+
+    ``record`` is the claim record with the device now pending (``fleet_server.pki.claims``).
+    """
+
+    code = "claim_pending"
+
+    def __init__(self, message: str, *, record: object = None) -> None:
+        super().__init__(message)
+        self.record = record
 
 
 class BrokerConfigError(FleetServerError):

@@ -38,7 +38,7 @@ from fleet import (
 from fleet_server.admin.api import AdminServer, create_app
 from fleet_server.admin.audit import Auditor
 from fleet_server.admin.client import AdminClient
-from fleet_server.admin.diagnostics import diagnostics_routes
+from fleet_server.admin.ops.diagnostics import diagnostics_routes
 from fleet_server.cli.main import cli
 from fleet_server.delivery.library import BundleLibrary
 from fleet_server.diagnostics.book import CommandRecord

@@ -27,14 +27,14 @@ from fleet_server.accounts.sessions import CSRF_FIELD, CSRF_HEADER, SESSION_COOK
 from fleet_server.accounts.store import Accounts
 from fleet_server.admin.accounts import account_routes
 from fleet_server.admin.accuracy import accuracy_routes
-from fleet_server.admin.agent_routes import agent_routes
 from fleet_server.admin.api import create_app
 from fleet_server.admin.audit import Auditor
 from fleet_server.admin.auth import Authenticator
-from fleet_server.admin.diagnostics import diagnostics_routes
 from fleet_server.admin.drift import drift_routes
 from fleet_server.admin.evalsets import evalset_routes
-from fleet_server.admin.labels import label_routes
+from fleet_server.admin.ops.agents import agent_routes
+from fleet_server.admin.ops.diagnostics import diagnostics_routes
+from fleet_server.admin.ops.labels import label_routes
 from fleet_server.admin.rollouts import rollout_routes
 from fleet_server.admin.root import root_routes
 from fleet_server.delivery.library import BundleLibrary

@@ -15,7 +15,7 @@ from test_agent_release import fake_wheel
 from edge_agent.config import SyncConfig
 from edge_agent.errors import ContractError, MetadataFormatError
 from edge_agent.selfupdate.releases import BASE, Layout, UpdateState
-from edge_agent.sync.agent_deploy import DOWNLOAD_DIR, AgentDeployer
+from edge_agent.sync.ops.agent_deploy import DOWNLOAD_DIR, AgentDeployer
 from edge_agent.trust.agent_release import AgentAssignment
 from edge_agent.trust.desired import DesiredState, verify_desired_state
 from edge_agent.wire.reported import AgentReport, ReportedState, TransferReport

@@ -17,8 +17,8 @@ import pytest
 
 from edge_agent.common.logring import LogRing
 from edge_agent.common.mqtt_types import Message, MessageProperties
-from edge_agent.sync.commands import CommandRunner
-from edge_agent.sync.support_bundle import REDACTED, BundleSources, build_support_bundle
+from edge_agent.sync.ops.commands import CommandRunner
+from edge_agent.sync.ops.support_bundle import REDACTED, BundleSources, build_support_bundle
 from edge_agent.wire.ops.diagnostics import MAX_ANSWER_BYTES, CommandAnswer, UploadOffer
 from edge_agent.wire.topics import Topics
 from edge_agent.wire.transfer import BlockData, BlockRequest

@@ -23,7 +23,7 @@ from edge_agent.wire.topics import Topics
 from edge_agent.wire.transfer import BlockData, BlockRequest
 from fakes import FakeGateway
 from fleet_server.admin.api import create_app
-from fleet_server.admin.diagnostics import diagnostics_routes
+from fleet_server.admin.ops.diagnostics import diagnostics_routes
 from fleet_server.delivery.library import BundleLibrary
 from fleet_server.diagnostics.service import Diagnostics
 from fleet_server.registry.store import Registry

@@ -17,10 +17,10 @@ import pytest
 from starlette.testclient import TestClient
 
 from fakes import FakeGateway
-from fleet_server.admin.agent_routes import agent_routes
 from fleet_server.admin.api import create_app
 from fleet_server.admin.body import public_message
 from fleet_server.admin.drift import drift_routes
+from fleet_server.admin.ops.agents import agent_routes
 from fleet_server.admin.rollouts import rollout_routes
 from fleet_server.delivery.library import BundleLibrary
 from fleet_server.drift.service import DriftService

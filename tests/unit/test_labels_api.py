@@ -22,7 +22,7 @@ from edge_agent.wire.reported import ModelReport, ReportedState
 from fakes import FakeGateway
 from fleet_server.admin import client as admin_client
 from fleet_server.admin.api import create_app
-from fleet_server.admin.labels import label_routes
+from fleet_server.admin.ops.labels import label_routes
 from fleet_server.admin.rollouts import rollout_routes
 from fleet_server.cli import admin as cli_admin
 from fleet_server.cli import labels as cli_labels

@@ -2,7 +2,9 @@
 
 One fleet on the in-memory broker (``MemoryBroker.published`` counts every publish, wills
 included, by ``(topic, qos, retain)`` as the publisher sent it): the gateway (desired state,
-acks, clearing a garbage retained status), a device's sync loop and MQTT session (status
+acks, clearing a garbage retained status), remote diagnostics (a signed command, its answer,
+a support bundle's block requests and blocks), certificate renewal (the device's renewer and the
+CA's renewal service), a device's sync loop and MQTT session (status
 online/offline and its will, reported state, telemetry, block requests), block delivery
 (unicast and broadcast) and the cloud-fallback worker and client (request, response). Each
 kind with a publisher (all but ``events``) must have been published at least once, so a
@@ -22,11 +24,13 @@ import numpy as np
 import pytest
 
 from clock import FakeClock
+from edge_agent.common.identity import IdentityStore
 from edge_agent.common.memory import MemoryBroker
 from edge_agent.config import AgentConfig, StoreConfig, SyncConfig
 from edge_agent.serving.agent import Agent
 from edge_agent.store import ModelStore
 from edge_agent.sync.loop import SyncAgent
+from edge_agent.sync.ops.renewal import CertRenewer
 from edge_agent.trust import TrustedRoot
 from edge_agent.trust.assignment import ModelAssignment
 from edge_agent.wire.fallback import FallbackRequest, FallbackResponse
@@ -36,9 +40,12 @@ from edge_agent.wire.transfer import BlockPlan, BlockRequest
 from fleet_server.config import GatewayConfig
 from fleet_server.delivery.block_server import BlockServer, Pacer
 from fleet_server.delivery.desired import make_desired_state, sign_desired_state
+from fleet_server.diagnostics.service import Diagnostics
 from fleet_server.fallback.cloud_models import CloudModel
 from fleet_server.fallback.worker import FallbackWorker
 from fleet_server.gateway.gateway import Gateway
+from fleet_server.pki.ca import CertificateAuthority
+from fleet_server.pki.renewal import RenewalService
 from fleet_server.registry.store import Registry
 from model_builder.keystore import KeyStore
 from support import DEVICE
@@ -175,6 +182,55 @@ def test_every_publish_uses_its_topic_spec(tmp_path: Path, registry: Registry) -
             T.fallback_req("dev-3"), request.to_bytes(), T.fallback_resp("dev-3", "tok"), WAIT
         )
         assert FallbackResponse.from_bytes(answer.payload).ok
+
+        # Remote diagnostics: a signed command (server) -> its answer (device); a support
+        # bundle: block requests (server) -> its blocks (device).
+        diag = Diagnostics(
+            registry,
+            server,
+            T,
+            [keys.signer("online-1")],
+            tmp_path / "diag",
+            clock=clock.wall,  # the device's clock: a command is fresh by it
+            monotonic=clock,
+        )
+        gateway.attach_diagnostics(diag)
+        sync.commands.start()  # the command thread (started with the sync thread in a daemon)
+        (bundle,) = diag.issue("support-bundle", {}, device_id="dev-1").commands
+
+        def uploaded() -> bool:
+            sync.step()
+            diag.tick()
+            return diag.get(bundle.id).state in ("uploaded", "upload_failed")
+
+        assert broker.pump_until(uploaded, WAIT), (diag.get(bundle.id), sync.commands.stats())
+        assert diag.get(bundle.id).state == "uploaded"
+        diag.close()
+
+        # Certificate renewal: request, confirm (device) -> certificate, confirmation (the CA).
+        now = datetime.now(UTC)
+        ca = CertificateAuthority.init(tmp_path / "ca", now=now)
+        identity = IdentityStore(tmp_path / "dev-4")
+        identity.provision_ca(ca.cert_pem)
+        first = ca.sign_csr(identity.write_csr("dev-4"), "dev-4", now=now)
+        identity.install_certificate(first, "dev-4", now)
+        RenewalService(ca, server, group="fleet-ca").start()
+        renewing = broker.client("dev-4")
+        renewing.connect()
+        req = T.publication("cert_req", "dev-4")
+        renewer = CertRenewer(
+            identity,
+            "dev-4",
+            publish=lambda b: renewing.publish(req.topic, b, req.qos, req.retain),
+            switch=lambda *_a: None,
+            event=lambda *_a: None,
+            now=lambda: now + timedelta(days=300),  # past 2/3 of its year
+        )
+        renewing.subscribe(T.device("cert_resp", "dev-4"), renewer.on_response)
+        renewer.drive()
+        assert broker.pump_until(lambda: (renewer.drive(), renewer.state)[1] == "idle", WAIT)
+        assert renewer.renewals == 1
+        renewing.close()
 
         # The device goes away twice: a dropped connection (its will), then a clean close.
         device.drop()

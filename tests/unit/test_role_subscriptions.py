@@ -82,7 +82,11 @@ def test_every_server_role_subscription_is_granted_to_every_server_identity(
     topics = Topics(prefix)
     acl = render_acl(prefix, SERVER, workers)
     group = GatewayConfig().share_group
-    subs = [*topics.gateway_subscriptions(group), *topics.fallback_worker_subscriptions(group)]
+    subs = [
+        *topics.gateway_subscriptions(group),
+        *topics.fallback_worker_subscriptions(group),
+        *topics.renewal_subscriptions("fleet-ca"),
+    ]
     for identity in (SERVER, *workers):
         for sub in subs:
             assert acl_allows(acl, identity, sub.filter), (identity, sub.filter)
@@ -96,7 +100,11 @@ def test_every_server_role_subscription_is_granted_to_every_server_identity(
 @pytest.mark.parametrize("prefix", PREFIXES)
 def test_the_server_consumes_everything_a_device_may_write(prefix: str) -> None:
     topics = Topics(prefix)
-    subs = [*topics.gateway_subscriptions("fleet"), *topics.fallback_worker_subscriptions("fleet")]
+    subs = [
+        *topics.gateway_subscriptions("fleet"),
+        *topics.fallback_worker_subscriptions("fleet"),
+        *topics.renewal_subscriptions("fleet-ca"),
+    ]
     assert sorted(s.kind for s in subs) == sorted(DEVICE_TO_SERVER)
     for suffix in DEVICE_WRITE_TOPICS:
         topic = f"{prefix}/devices/{DEVICE}/{suffix}"
@@ -128,7 +136,11 @@ def test_role_kinds_shared_and_plain() -> None:
         "edgefleet/devices/dev-1/desired",
         "edgefleet/devices/dev-1/ack",
         "edgefleet/devices/dev-1/blocks/resp",
+        "edgefleet/devices/dev-1/cert/resp",
         "edgefleet/broadcast/#",
         "edgefleet/devices/dev-1/commands",
         "edgefleet/devices/dev-1/upload/req",
+    ]
+    assert [s.filter for s in t.renewal_subscriptions("fleet-ca")] == [
+        "$share/fleet-ca/edgefleet/devices/+/cert/req"
     ]

@@ -58,7 +58,11 @@ def test_subscription_filters() -> None:
     assert {T.shared("workers", k) for k in DEVICE_TO_SERVER} == {
         f"$share/workers/edgefleet/devices/+/{TOPIC_SPECS[k].suffix}" for k in DEVICE_TO_SERVER
     }
-    server = [*T.gateway_subscriptions("workers"), *T.fallback_worker_subscriptions("workers")]
+    server = [
+        *T.gateway_subscriptions("workers"),
+        *T.fallback_worker_subscriptions("workers"),
+        *T.renewal_subscriptions("workers"),
+    ]
     assert {s.kind for s in server} == set(DEVICE_TO_SERVER)
     for sub in server:
         plain = f"edgefleet/devices/+/{TOPIC_SPECS[sub.kind].suffix}"
@@ -79,6 +83,7 @@ def test_subscription_filters() -> None:
         "edgefleet/devices/dev-1/desired",
         "edgefleet/devices/dev-1/ack",
         "edgefleet/devices/dev-1/blocks/resp",
+        "edgefleet/devices/dev-1/cert/resp",
         "edgefleet/devices/dev-1/fallback/resp/#",
         "edgefleet/broadcast/#",
         "edgefleet/devices/dev-1/commands",

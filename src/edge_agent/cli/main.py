@@ -356,6 +356,20 @@ def identity_install(config_path: Path | None, cert: Path) -> None:
     click.echo(str(store.cert_path))
 
 
+@identity.command("claim")
+@config_option
+def identity_claim(config_path: Path | None) -> None:
+    """Enroll now with the provisioned claim (claim.json); print enrolled or pending."""
+    from edge_agent.common.enroll import enroll_with_claim, load_claim
+
+    cfg = _config(config_path)
+    store = IdentityStore(Path(cfg.sync.identity_dir))
+    claim = load_claim(store)
+    if claim is None:
+        raise ConfigError(f"no claim.json in {store.directory}")
+    click.echo(enroll_with_claim(store, cfg.device_id, claim, now=datetime.now(UTC), timeout=30))
+
+
 @cli.group()
 def root() -> None:
     """The device's trusted root: show it, rotate it with signed new versions."""

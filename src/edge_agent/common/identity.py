@@ -5,6 +5,13 @@ certificate CN, an MQTT username and client id, and a topic level, so it must be
 four). The key is generated here and never leaves the device: only the CSR does. The pure
 functions take bytes/values and a ``now``; ``IdentityStore`` is the thin file-backed part.
 
+Renewal keeps a working pair on disk at every instant: the new key and certificate are written
+*beside* the current ones (``device.next.key``, ``device.next.crt``), and only after the device
+has connected with them are they copied over the current pair (``promote_next``). Two files
+cannot be replaced in one atomic step, so ``recover`` (run before every start) picks whichever
+complete pair is valid and newest and finishes or discards an interrupted renewal: a crash at
+any step leaves the old pair or the new one, never a mix.
+
 Does not talk to the fleet server or the broker (the MQTT adapter loads the files this module
 wrote) and never imports fleet_server.
 """
@@ -31,6 +38,7 @@ __all__ = [
     "generate_device_key",
     "key_from_pem",
     "key_to_pem",
+    "renewal_due",
     "verify_device_certificate",
 ]
 
@@ -38,6 +46,8 @@ KEY_FILE = "device.key"
 CSR_FILE = "device.csr"
 CERT_FILE = "device.crt"
 CA_FILE = "fleet-ca.crt"
+NEXT_KEY_FILE = "device.next.key"
+NEXT_CERT_FILE = "device.next.crt"
 
 
 def generate_device_key() -> ec.EllipticCurvePrivateKey:
@@ -140,6 +150,18 @@ def verify_device_certificate(
     return cert
 
 
+def renewal_due(cert: x509.Certificate, fraction: float) -> datetime:
+    """When a certificate should be renewed: after ``fraction`` of its validity period.
+
+    Raises:
+        IdentityError: ``fraction`` is not in (0, 1).
+    """
+    if not 0 < fraction < 1:
+        raise IdentityError(f"renewal fraction {fraction} must be in (0, 1)")
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    return start + (end - start) * fraction
+
+
 @dataclass(frozen=True)
 class IdentityStore:
     """The device's identity files in one directory: key (0600), CSR, certificate, fleet CA."""
@@ -165,6 +187,16 @@ class IdentityStore:
     def csr_path(self) -> Path:
         """The last CSR written for the operator."""
         return self.directory / CSR_FILE
+
+    @property
+    def next_key_path(self) -> Path:
+        """A renewal's new key, beside the current one until it is promoted."""
+        return self.directory / NEXT_KEY_FILE
+
+    @property
+    def next_cert_path(self) -> Path:
+        """A renewal's new certificate, beside the current one until it is promoted."""
+        return self.directory / NEXT_CERT_FILE
 
     def load_or_create_key(self) -> ec.EllipticCurvePrivateKey:
         """The device key, generated and written (0600, atomically) on first use.
@@ -214,3 +246,97 @@ class IdentityStore:
         key = key_from_pem(self.key_path.read_bytes())
         verify_device_certificate(cert_pem, self.ca_path.read_bytes(), key, device_id, now)
         write_atomic(self.cert_path, cert_pem)
+
+    def current_certificate(self) -> x509.Certificate:
+        """The installed certificate.
+
+        Raises:
+            IdentityError: none installed, or it cannot be parsed.
+        """
+        try:
+            data = self.cert_path.read_bytes()
+        except FileNotFoundError as exc:
+            raise IdentityError(f"{self.directory}: no device certificate installed") from exc
+        return _load_cert(data, "device certificate")
+
+    def create_next_key(self) -> ec.EllipticCurvePrivateKey:
+        """A fresh key for a renewal, written (0600, atomically) beside the current one.
+
+        A leftover next certificate (of an earlier attempt) is removed first, so the next pair
+        can never be a new key with an old attempt's certificate.
+
+        Raises:
+            OSError: the key cannot be written.
+        """
+        self.next_cert_path.unlink(missing_ok=True)
+        key = generate_device_key()
+        write_atomic(self.next_key_path, key_to_pem(key), mode=0o600)
+        return key
+
+    def install_next_certificate(
+        self, cert_pem: bytes, device_id: str, now: datetime
+    ) -> x509.Certificate:
+        """Verify a renewal's certificate against the CA and the next key; write it beside.
+
+        Raises:
+            IdentityError: no next key, or the certificate fails ``verify_device_certificate``.
+            OSError: the file cannot be written.
+        """
+        try:
+            key = key_from_pem(self.next_key_path.read_bytes())
+        except FileNotFoundError as exc:
+            raise IdentityError("no renewal key: the certificate has nothing to certify") from exc
+        cert = verify_device_certificate(cert_pem, self.ca_path.read_bytes(), key, device_id, now)
+        write_atomic(self.next_cert_path, cert_pem)
+        return cert
+
+    def promote_next(self) -> None:
+        """Make the next pair the current one (key first, then certificate), then drop it.
+
+        A crash between the two copies leaves a key that does not match the certificate;
+        ``recover`` then still finds the complete next pair and finishes the copy.
+
+        Raises:
+            OSError: a file cannot be read or written.
+        """
+        write_atomic(self.key_path, self.next_key_path.read_bytes(), mode=0o600)
+        write_atomic(self.cert_path, self.next_cert_path.read_bytes())
+        self.next_cert_path.unlink(missing_ok=True)
+        self.next_key_path.unlink(missing_ok=True)
+
+    def discard_next(self) -> None:
+        """Forget an unfinished renewal (the current pair is untouched). Raises OSError."""
+        self.next_cert_path.unlink(missing_ok=True)
+        self.next_key_path.unlink(missing_ok=True)
+
+    def _valid_pair(
+        self, key_path: Path, cert_path: Path, device_id: str, now: datetime
+    ) -> x509.Certificate | None:
+        try:
+            key = key_from_pem(key_path.read_bytes())
+            return verify_device_certificate(
+                cert_path.read_bytes(), self.ca_path.read_bytes(), key, device_id, now
+            )
+        except (OSError, IdentityError):
+            return None
+
+    def recover(self, device_id: str, now: datetime) -> x509.Certificate | None:
+        """Finish or discard an interrupted renewal; return the current certificate if valid.
+
+        The next pair wins when it is complete, valid at ``now`` and issued after the current
+        one (or the current one is broken: a crash between ``promote_next``'s two copies);
+        otherwise it is discarded. Run before the MQTT adapter loads the files.
+
+        Raises:
+            OSError: the files cannot be written.
+        """
+        current = self._valid_pair(self.key_path, self.cert_path, device_id, now)
+        if self.next_key_path.exists() or self.next_cert_path.exists():
+            nxt = self._valid_pair(self.next_key_path, self.next_cert_path, device_id, now)
+            if nxt is not None and (
+                current is None or nxt.not_valid_before_utc > current.not_valid_before_utc
+            ):
+                self.promote_next()
+                return nxt
+            self.discard_next()
+        return current

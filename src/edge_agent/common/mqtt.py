@@ -8,7 +8,9 @@ fleet would reconnect in lockstep after a broker restart; this module runs its o
 thread around ``Client.loop`` instead of ``loop_start``), the retained ``online`` status and
 its ``offline`` last will, publishing, subscriptions whose handlers run on a worker thread fed
 by a bounded queue (so a handler may publish and wait without deadlocking paho), and a small
-MQTT v5 request/response helper (response topic + correlation data).
+MQTT v5 request/response helper (response topic + correlation data), and
+``switch_identity``: reconnect with a renewed certificate and key, keeping the old pair loaded
+unless the broker accepts the new one.
 
 Every public method raises :class:`TransportError` (or a subclass), never a paho return code.
 Does not own the paho-free value types (``MqttConfig``, ``Message``, ``MessageProperties``,
@@ -28,10 +30,12 @@ import math
 import queue
 import random
 import socket
+import ssl
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from paho.mqtt import client as paho
@@ -164,9 +168,16 @@ class MqttClient:
             client_id=config.device_id,
             protocol=MQTTProtocolVersion.MQTTv5,
         )
+        # Our own context (what paho's tls_set builds: TLS client, CA-verified, hostname
+        # checked), kept so ``switch_identity`` can load another certificate chain into it.
+        self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        self._identity = (Path(config.cert_path), Path(config.key_path))
+        self._reconnected = threading.Event()
         try:
-            c.tls_set(str(config.ca_path), str(config.cert_path), str(config.key_path))
-        except (OSError, ValueError) as exc:
+            self._tls.load_verify_locations(str(config.ca_path))
+            self._tls.load_cert_chain(str(config.cert_path), str(config.key_path))
+            c.tls_set_context(self._tls)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             raise TransportError(f"cannot load TLS material: {exc}") from exc
         c.on_pre_connect = self._on_pre_connect
         c.on_socket_open = self._on_socket_open
@@ -249,6 +260,36 @@ class MqttClient:
                 self._inbox.put(None, timeout=timeout)
             self._worker.join(timeout)
         self._connected.clear()
+
+    def switch_identity(self, cert_path: Path, key_path: Path, timeout: float) -> None:
+        """Reconnect with another certificate and key (a renewal); keep them if accepted.
+
+        The session is closed cleanly (no last will) and opened again with the new pair; the
+        persistent session keeps the subscriptions. If the broker has not accepted the new
+        pair within ``timeout`` seconds, the previous pair is loaded back (the next reconnect
+        uses it) and the error is raised. Blocks; never call it from a message handler.
+
+        Raises:
+            TransportError: the new files cannot be loaded (nothing changed).
+            TransportTimeoutError: not connected with the new pair in time (old pair restored).
+        """
+        self._refuse_on_network_thread("switch_identity")
+        old_cert, old_key = self._identity
+        try:
+            self._tls.load_cert_chain(str(cert_path), str(key_path))
+        except (OSError, ValueError) as exc:
+            raise TransportError(f"cannot load the new TLS material: {exc}") from exc
+        self._reconnected.clear()
+        if self._connected.is_set():
+            self._client.disconnect()  # the network thread flushes it and reconnects
+        if self._reconnected.wait(timeout) and self._connected.is_set():
+            self._identity = (Path(cert_path), Path(key_path))
+            return
+        try:
+            self._tls.load_cert_chain(str(old_cert), str(old_key))
+        except (OSError, ValueError) as exc:
+            log.error("cannot load the previous TLS material back: %s", exc)
+        raise TransportTimeoutError(f"the broker did not accept the new identity in {timeout}s")
 
     def stats(self) -> MqttStats:
         """A snapshot of the counters."""
@@ -469,6 +510,7 @@ class MqttClient:
             self._stats["connects"] += 1
             filters = list(self._handlers)
             self._connected.set()
+        self._reconnected.set()
         # Queue only; waiting here would deadlock the network thread.
         if self._status_topic is not None:
             online = self._status("online", "connected")

@@ -385,10 +385,15 @@ class SyncConfig:
     ack_timeout_seconds: float = 10.0
     block_window: int = 16
     block_retry_seconds: float = 2.0
-    # Remote diagnostics (``edge_agent.sync.commands``): signed commands accepted per minute
+    # Remote diagnostics (``edge_agent.sync.ops.commands``): signed commands accepted per minute
     # (a burst of that many, refilled evenly) and support-bundle bytes uploaded per UTC day.
     commands_per_minute: int = 10
     upload_bytes_per_day: int = 64 * 1024 * 1024
+    # Certificate renewal (edge_agent.sync.ops.renewal): at this fraction of the validity period.
+    renew_fraction: float = 2 / 3
+    renew_timeout_seconds: float = 30.0
+    renew_retry_min_seconds: float = 10.0
+    renew_retry_max_seconds: float = 3600.0
 
     def validate(self) -> None:
         check(0 < self.port <= 65535, "sync.port must be 1..65535")
@@ -410,6 +415,12 @@ class SyncConfig:
         check(self.ack_timeout_seconds > 0, "sync.ack_timeout_seconds must be positive")
         check(1 <= self.block_window <= 256, "sync.block_window must be 1..256")
         check(self.block_retry_seconds > 0, "sync.block_retry_seconds must be positive")
+        check(0.1 <= self.renew_fraction <= 0.95, "sync.renew_fraction must be 0.1..0.95")
+        check(self.renew_timeout_seconds > 0, "sync.renew_timeout_seconds must be positive")
+        check(
+            0 < self.renew_retry_min_seconds <= self.renew_retry_max_seconds,
+            "sync.renew_retry_min_seconds must be positive and <= renew_retry_max_seconds",
+        )
 
 
 def is_loopback(host: str) -> bool:

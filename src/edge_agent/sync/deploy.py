@@ -36,8 +36,8 @@ from edge_agent.contract import BundleManifest
 from edge_agent.errors import EdgefleetError, TransportError
 from edge_agent.serving.agent import Agent
 from edge_agent.strict_json import loads as strict_loads
-from edge_agent.sync.agent_deploy import AgentDeployer
 from edge_agent.sync.download import Download
+from edge_agent.sync.ops.agent_deploy import AgentDeployer
 from edge_agent.sync.shadow_deploy import ShadowDeployer, sha256_of
 from edge_agent.trust.assignment import ModelAssignment, check_bundle_identity, check_targets_digest
 from edge_agent.trust.desired import DesiredState

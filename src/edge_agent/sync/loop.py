@@ -16,6 +16,9 @@ module it drives:
 - **Remote diagnostics** (``.../commands``, ``.../upload/req``): handed to
   ``commands.CommandRunner``, which judges and runs each signed command on a thread of its own
   and answers on ``.../commands/resp``; a support bundle's blocks go out on ``.../upload/data``.
+- **Certificate renewal** (``renewal.CertRenewer``, with the paho adapter only): a new key and
+  CSR on ``.../cert/req`` before the certificate expires, a reconnect with the new pair, then a
+  confirmation so the CA revokes the old one.
 - **Telemetry**: a report every ``report_interval_seconds`` and every agent event go through
   ``telemetry_feed.TelemetryFeed`` into the on-disk outbox and ``uplink.Uplink`` (acknowledged
   batches, the one path of an event); drift windows that start an alert add a ``drift_alert``
@@ -39,6 +42,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +55,13 @@ from edge_agent.common.transport import Transport
 from edge_agent.config import AgentConfig
 from edge_agent.errors import EdgefleetError, OutboxCorruptError, TransportError
 from edge_agent.serving.agent import Agent
-from edge_agent.sync.commands import CommandRunner, health_check
 from edge_agent.sync.deploy import Deployer
 from edge_agent.sync.desired_intake import DesiredIntake
+from edge_agent.sync.ops.commands import CommandRunner, health_check
+from edge_agent.sync.ops.renewal import CertRenewer, RenewalPolicy
+from edge_agent.sync.ops.support_bundle import BundleSources
 from edge_agent.sync.outbox import Outbox
 from edge_agent.sync.reporting import ReportedPublisher, StatusFile, device_labels
-from edge_agent.sync.support_bundle import BundleSources
 from edge_agent.sync.telemetry_feed import TelemetryFeed
 from edge_agent.sync.uplink import Uplink
 from edge_agent.wire.reported import ReportedState
@@ -166,6 +171,25 @@ class SyncAgent:
             restart=restart,
             clock=clock,
         )
+        self._renewer: CertRenewer | None = None
+        if isinstance(self.client, MqttClient):  # renewal switches the paho session's TLS
+            cert_req = self._topics.publication("cert_req", self._device_id)
+            transport = self.client
+            self._renewer = CertRenewer(
+                IdentityStore(Path(sync.identity_dir)),
+                self._device_id,
+                publish=lambda b: transport.publish(
+                    cert_req.topic, b, cert_req.qos, cert_req.retain
+                ),
+                switch=self.client.switch_identity,
+                event=lambda kind, detail: self._feed.event(None, None, kind, detail),
+                policy=RenewalPolicy(
+                    sync.renew_fraction,
+                    sync.renew_timeout_seconds,
+                    sync.renew_retry_min_seconds,
+                    sync.renew_retry_max_seconds,
+                ),
+            )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._connects = 0
@@ -206,6 +230,7 @@ class SyncAgent:
             "broadcast": self._on_block,
             "commands": self.commands.on_command,
             "upload_req": self.commands.on_upload_request,
+            "cert_resp": self._renewer.on_response if self._renewer else _ignore,
         }
 
     def close(self) -> None:
@@ -244,6 +269,7 @@ class SyncAgent:
             "counts": self.counts,
             "uplink": vars(self.uplink.stats()),
             "outbox_entries": self.outbox.stats().entries,
+            "certificate": self._renewer.status() if self._renewer else None,
         }
 
     def has_reported(self) -> bool:
@@ -302,6 +328,8 @@ class SyncAgent:
             except queue.Empty:
                 break
             self._handle_desired(payload)
+        if self._renewer is not None:
+            self._renewer.drive()
         self._deploy.drive(self._request_blocks)
         self._feed.drain_events()
         if time.monotonic() >= self._report_due:
@@ -329,6 +357,10 @@ class SyncAgent:
         self.client.publish(p.topic, payload, p.qos, p.retain)
 
 
+def _ignore(_message: Message) -> None:
+    """Renewal responses when renewal is off (an in-memory transport in tests)."""
+
+
 def sync_client(config: AgentConfig) -> MqttClient:
     """The device's MQTT session for ``config.sync`` (not connected yet).
 
@@ -340,6 +372,10 @@ def sync_client(config: AgentConfig) -> MqttClient:
     """
     sync = config.sync
     identity = IdentityStore(Path(sync.identity_dir))
+    try:  # finish or discard a renewal a crash interrupted, before the files are loaded
+        identity.recover(config.device_id, datetime.now(UTC))
+    except OSError as exc:
+        log.error("identity recovery failed: %s", exc)
     return MqttClient(
         MqttConfig(
             host=sync.host,

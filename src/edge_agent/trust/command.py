@@ -6,7 +6,7 @@ clock is passed in.
 Owns: the command value object (``SignedCommand``), its signed wire format
 (``encode_command``), the check a device runs before acting on one (``verify_command``), the
 fixed list of command names (``COMMAND_NAMES``) and their typed, bounded arguments
-(``parse_arguments``). Does not run anything (``edge_agent.sync.commands`` does), hold the
+(``parse_arguments``). Does not run anything (``edge_agent.sync.ops.commands`` does), hold the
 anti-replay sequence across restarts (the device persists it) or sign (the server does, in
 ``fleet_server.diagnostics.commands``, with the same online keys as desired state).
 

@@ -101,6 +101,8 @@ EVENT_KINDS: Final = (
     "desired_rejected",
     "transfer_started",
     "transfer_failed",
+    "cert_renewed",
+    "cert_renewal_failed",
 )
 STATES: Final = ("online", "offline")
 STATUS_REASONS: Final = ("connected", "shutdown", "connection_lost")

@@ -26,6 +26,8 @@ every role's list against it)::
     <prefix>/devices/<id>/commands/resp      device -> server (their answers)
     <prefix>/devices/<id>/upload/req         server -> device (support-bundle block requests)
     <prefix>/devices/<id>/upload/data        device -> server (support-bundle blocks)
+    <prefix>/devices/<id>/cert/req           device -> server (certificate renewal)
+    <prefix>/devices/<id>/cert/resp          server -> device
     <prefix>/broadcast/<wave>                server -> every device
 
 The device's cloud-fallback client subscribes to one topic of its own below
@@ -122,6 +124,8 @@ TOPIC_SPECS: Final[dict[str, TopicSpec]] = {
         TopicSpec("command_resp", "commands/resp", "device", 1, False),
         TopicSpec("upload_req", "upload/req", "server", 1, False),
         TopicSpec("upload_data", "upload/data", "device", 1, False),
+        TopicSpec("cert_req", "cert/req", "device", 1, False),
+        TopicSpec("cert_resp", "cert/resp", "server", 1, False),
         TopicSpec("broadcast", "broadcast", "server", 1, False),
     )
 }
@@ -159,10 +163,11 @@ class RoleKinds:
 #: What each role subscribes to. ``device``: the device's sync loop (its own per-device topics
 #: and every broadcast); ``gateway``: the fleet server's MQTT gateway (ingest, presence,
 #: reported state, block requests, command answers and uploads); ``fallback_worker``: the
-#: server's cloud-fallback workers.
+#: server's cloud-fallback workers; ``renewal``: the fleet CA's certificate renewal service
+#: (``fleet_server.pki.renewal``).
 ROLE_KINDS: Final[dict[str, RoleKinds]] = {
     "device": RoleKinds(
-        plain=("desired", "ack", "blocks_resp", "broadcast", "commands", "upload_req")
+        plain=("desired", "ack", "blocks_resp", "cert_resp", "broadcast", "commands", "upload_req")
     ),
     # Command answers and upload blocks are plain: the worker that issued a command holds its
     # pending state (``fleet_server.diagnostics``), and every worker ignores answers it never
@@ -172,6 +177,7 @@ ROLE_KINDS: Final[dict[str, RoleKinds]] = {
         plain=("reported", "status", "command_resp", "upload_data"),
     ),
     "fallback_worker": RoleKinds(shared=("fallback_req",)),
+    "renewal": RoleKinds(shared=("cert_req",)),
 }
 
 
@@ -402,6 +408,14 @@ class Topics:
             ContractError: a bad group name.
         """
         return self._server_role("fallback_worker", group)
+
+    def renewal_subscriptions(self, group: str) -> tuple[Subscription, ...]:
+        """What the certificate renewal service subscribes to, shared over ``group``.
+
+        Raises:
+            ContractError: a bad group name.
+        """
+        return self._server_role("renewal", group)
 
     def _server_role(self, role: str, group: str) -> tuple[Subscription, ...]:
         kinds = ROLE_KINDS[role]

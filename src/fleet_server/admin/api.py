@@ -29,7 +29,7 @@ Routes (v1)::
     POST /v1/devices/{id}/revoke       GET  /metrics
     GET  /v1/misbehaviour[?top=]       (refusals per device, worst first)
     GET  /v1/devices?selector=|label_group=  (devices a label selector matches; labels,
-                                       label groups and windows: ``fleet_server.admin.labels``)
+                                       label groups and windows: ``fleet_server.admin.ops.labels``)
     GET  /v1/audit, /v1/audit/export   (the audit log: ``fleet_server.admin.audit_routes``)
 
 Every authenticated request that is not a GET is recorded in the audit log by the guard (before

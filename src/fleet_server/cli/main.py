@@ -2,7 +2,9 @@
 
 Identity and access: the fleet CA (``ca``: the server's and read-only consumers' identities,
 ``server-identity``/``consumer-identity``), device enrollment and revocation (``devices``) and
-the broker configuration (``broker-config``: consumers included, ``acl.local`` kept). The
+the broker configuration (``broker-config``: consumers included, ``acl.local`` kept),
+provisioning claims and the CA's online service (``claims``, ``ca serve``: in
+``fleet_server.cli.certs``). The
 server itself: ``serve --config FILE`` (``fleet_server.server.run``). Operator commands against
 a running server's admin API (``devices list|show|register|misbehaviour``, ``models``,
 ``assign``, ``waves``, ``telemetry``, ``status``) live in ``fleet_server.cli.admin``, evaluation
@@ -36,6 +38,7 @@ from fleet_server.cli.accounts import register_account_commands
 from fleet_server.cli.admin import register_admin_commands
 from fleet_server.cli.agent import register_agent_commands
 from fleet_server.cli.audit import register_audit_commands
+from fleet_server.cli.certs import register_cert_commands
 from fleet_server.cli.diagnostics import register_diagnostics_commands
 from fleet_server.cli.drift import register_drift_commands
 from fleet_server.cli.evalsets import register_evalset_commands
@@ -295,6 +298,7 @@ register_audit_commands(cli)
 register_account_commands(cli)
 register_diagnostics_commands(devices)
 register_label_commands(cli, devices)
+register_cert_commands(cli, ca)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,7 +15,7 @@ as data (the admin API returns them JSON-encoded; the CLI prints them escaped), 
 command this server did not send to that device is counted and dropped.
 
 Does not subscribe (the gateway routes ``command_resp`` and ``upload_data`` here) or serve HTTP
-(``fleet_server.admin.diagnostics``).
+(``fleet_server.admin.ops.diagnostics``).
 """
 
 from __future__ import annotations

@@ -1,15 +1,22 @@
 """The file-backed fleet CA: key, certificate, issued serials, revocations, tokens, CRL.
 
 Layout of a CA directory: ``ca.key`` (0600), ``ca.crt``, ``state.json`` (issued serials,
-revocations and hashed enrollment tokens) and ``crl.pem`` (what the broker loads). Every write
-is atomic and every change runs under an exclusive lock. The decisions themselves (CSR checks,
-signing, CRLs, tokens) are the pure functions of ``fleet_server.pki.certs``.
+revocations, hashed enrollment tokens and provisioning claims) and ``crl.pem`` (what the
+broker loads). Every write is atomic and every change runs under an exclusive lock. The
+decisions themselves (CSR checks, signing, CRLs, tokens, claims) are the pure functions of
+``fleet_server.pki.certs`` and ``fleet_server.pki.claims``.
+
+Renewal (``renew_device`` then ``confirm_device``) never revokes the certificate a device is
+connected with before the device has proved, by confirming over its new connection, that the
+new one works. The CRL lists revoked certificates until they expire (an expired certificate
+is refused by its dates alone), so short-lived certificates keep it short.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -19,7 +26,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from edge_agent.common.durable import exclusive_lock, write_atomic
-from fleet_server.errors import CsrRejectedError, PkiError
+from fleet_server.errors import (
+    ClaimPendingError,
+    ClaimRefusedError,
+    CsrRejectedError,
+    PkiError,
+    RenewalRefusedError,
+)
 from fleet_server.pki.certs import (
     DEFAULT_CA_VALIDITY,
     DEFAULT_CRL_VALIDITY,
@@ -33,6 +46,7 @@ from fleet_server.pki.certs import (
     KeyAndCert,
     TokenRecord,
     build_crl,
+    check_csr,
     create_ca,
     issue_broker_cert,
     issue_server_client_cert,
@@ -42,6 +56,7 @@ from fleet_server.pki.certs import (
     redeem_token,
     sign_device_csr,
 )
+from fleet_server.pki.claims import ClaimRecord, admit, approve, claim_name_of, new_claim
 
 
 @dataclass(frozen=True)
@@ -74,6 +89,7 @@ class _State:
     crl_number: int
     issued: list[IssuedCert]
     tokens: list[TokenRecord]
+    claims: list[ClaimRecord]
 
     def to_bytes(self) -> bytes:
         doc = {
@@ -98,6 +114,7 @@ class _State:
                 }
                 for t in self.tokens
             ],
+            "claims": [c.to_dict() for c in self.claims],
         }
         return json.dumps(doc, indent=1, sort_keys=True).encode()
 
@@ -123,7 +140,8 @@ class _State:
                 tokens.append(
                     TokenRecord(str(t["device_id"]), str(t["digest"]), expires, _dt(t["used_at"]))
                 )
-            return cls(int(doc["crl_number"]), issued, tokens)
+            claims = [ClaimRecord.from_dict(c) for c in doc.get("claims", [])]
+            return cls(int(doc["crl_number"]), issued, tokens, claims)
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise PkiError(f"CA state file is corrupt: {type(exc).__name__}: {exc}") from exc
 
@@ -176,7 +194,7 @@ class CertificateAuthority:
             material = create_ca(common_name, now=now, validity=validity)
             write_atomic(directory / _CA_KEY, pem_key(material.key), mode=0o600)
             write_atomic(directory / _CA_CERT, pem_cert(material.cert))
-            write_atomic(directory / _STATE_FILE, _State(0, [], []).to_bytes(), mode=0o600)
+            write_atomic(directory / _STATE_FILE, _State(0, [], [], []).to_bytes(), mode=0o600)
         ca = cls(directory, material)
         ca.write_crl(now=now)
         return ca
@@ -392,22 +410,230 @@ class CertificateAuthority:
         return newly
 
     def write_crl(self, *, now: datetime, validity: timedelta = DEFAULT_CRL_VALIDITY) -> bytes:
-        """Sign a fresh CRL of every revoked serial, write it atomically, and return it.
+        """Sign a fresh CRL of every revoked, unexpired serial, write it atomically, return it.
 
         Raises:
             PkiError: the CA state cannot be read.
         """
         with exclusive_lock(self.directory):
             state = self._load()
-            state.crl_number += 1
-            revoked = [(c.serial, c.revoked_at) for c in state.issued if c.revoked_at]
-            crl = build_crl(
-                self.material,
-                revoked,
-                crl_number=state.crl_number,
-                now=now,
-                validity=validity,
-            )
+            crl = self._sign_crl(state, now=now, validity=validity)
             self._save(state)
             write_atomic(self.crl_path, crl)
         return crl
+
+    def _sign_crl(
+        self, state: _State, *, now: datetime, validity: timedelta = DEFAULT_CRL_VALIDITY
+    ) -> bytes:
+        """A CRL of ``state``'s revoked, unexpired serials; bumps its CRL number (unsaved)."""
+        state.crl_number += 1
+        revoked = [
+            (c.serial, c.revoked_at) for c in state.issued if c.revoked_at and c.not_after > now
+        ]
+        return build_crl(
+            self.material, revoked, crl_number=state.crl_number, now=now, validity=validity
+        )
+
+    # ------------------------------------------------------------------ renewal
+    @staticmethod
+    def _live(state: _State, device_id: str, serial: int, now: datetime) -> IssuedCert:
+        for c in state.issued:
+            if c.serial == serial and c.name == device_id and c.role == ROLE_DEVICE:
+                if c.revoked_at is not None:
+                    raise RenewalRefusedError(
+                        f"certificate {serial:x} of {device_id} is revoked", reason="revoked"
+                    )
+                if c.not_after <= now:
+                    break
+                return c
+        raise RenewalRefusedError(
+            f"{serial:x} is not a live certificate of {device_id}", reason="unknown_certificate"
+        )
+
+    def renew_device(
+        self,
+        device_id: str,
+        current_serial: int,
+        csr_pem: bytes,
+        *,
+        now: datetime,
+        validity: timedelta = DEFAULT_DEVICE_VALIDITY,
+    ) -> tuple[bytes, list[int]]:
+        """Sign a renewal CSR of a device connected with ``current_serial``.
+
+        Any other unrevoked certificate of the device (an earlier renewal that was never
+        confirmed) is revoked, so a device holds at most its current certificate and one
+        pending one. Returns the new certificate PEM and the serials revoked (the CRL is
+        rewritten when there are any).
+
+        Raises:
+            RenewalRefusedError: ``current_serial`` is not a live certificate of the device.
+            CsrRejectedError: the CSR fails its checks.
+            PkiError: the CA state cannot be read.
+        """
+        with exclusive_lock(self.directory):
+            state = self._load()
+            self._live(state, device_id, current_serial, now)
+            cert = sign_device_csr(self.material, csr_pem, device_id, now=now, validity=validity)
+            stale = [
+                c.serial
+                for c in state.issued
+                if c.name == device_id
+                and c.role == ROLE_DEVICE
+                and c.revoked_at is None
+                and c.serial != current_serial
+            ]
+            state.issued = [
+                replace(c, revoked_at=now) if c.serial in stale else c for c in state.issued
+            ]
+            crl = self._sign_crl(state, now=now) if stale else None
+            self._record(state, cert, device_id, ROLE_DEVICE)  # saves the state
+            if crl is not None:  # after the state that lists its revocations
+                write_atomic(self.crl_path, crl)
+        return pem_cert(cert), stale
+
+    def confirm_device(self, device_id: str, serial: int, *, now: datetime) -> list[int]:
+        """The device is connected with ``serial``: revoke its other certificates (CRL too).
+
+        Idempotent: a repeated confirmation revokes nothing more. Returns the serials revoked.
+
+        Raises:
+            RenewalRefusedError: ``serial`` is not a live certificate of the device.
+            PkiError: the CA state cannot be read.
+        """
+        with exclusive_lock(self.directory):
+            state = self._load()
+            self._live(state, device_id, serial, now)
+            older = [
+                c.serial
+                for c in state.issued
+                if c.name == device_id
+                and c.role == ROLE_DEVICE
+                and c.revoked_at is None
+                and c.serial != serial
+            ]
+            if older:  # one state write and one CRL write, under one lock
+                state.issued = [
+                    replace(c, revoked_at=now) if c.serial in older else c for c in state.issued
+                ]
+                crl = self._sign_crl(state, now=now)
+                self._save(state)
+                write_atomic(self.crl_path, crl)
+        return older
+
+    def device_status(self, device_id: str, *, now: datetime) -> str:
+        """``enrolled`` (a live certificate), ``revoked`` (certificates, none live and at least
+        one revoked), ``expired`` or ``unknown``.
+
+        Raises:
+            PkiError: the CA state cannot be read.
+        """
+        certs = [c for c in self._load().issued if c.name == device_id and c.role == ROLE_DEVICE]
+        if not certs:
+            return "unknown"
+        if any(c.revoked_at is None and c.not_after > now for c in certs):
+            return "enrolled"
+        return "revoked" if any(c.revoked_at is not None for c in certs) else "expired"
+
+    # ------------------------------------------------------------------ claims
+    def create_claim(
+        self,
+        name: str,
+        *,
+        now: datetime,
+        ttl: timedelta,
+        limit: int,
+        require_approval: bool = False,
+    ) -> str:
+        """A new provisioning claim; returns its secret (shown once, stored hashed).
+
+        Raises:
+            PkiError: bad name, limit or ttl; a claim of that name exists; unreadable state.
+        """
+        with exclusive_lock(self.directory):
+            state = self._load()
+            if any(c.name == name for c in state.claims):
+                raise PkiError(f"a claim named {name!r} exists already")
+            secret, record = new_claim(
+                name, now=now, ttl=ttl, limit=limit, require_approval=require_approval
+            )
+            state.claims.append(record)
+            self._save(state)
+        return secret
+
+    def claims(self) -> list[ClaimRecord]:
+        """Every claim, oldest first. Raises PkiError (unreadable state)."""
+        return list(self._load().claims)
+
+    def _update_claim(self, name: str, change: Callable[[ClaimRecord], ClaimRecord]) -> ClaimRecord:
+        with exclusive_lock(self.directory):
+            state = self._load()
+            for i, record in enumerate(state.claims):
+                if record.name == name:
+                    state.claims[i] = change(record)
+                    self._save(state)
+                    return state.claims[i]
+        raise PkiError(f"no claim named {name!r}")
+
+    def revoke_claim(self, name: str, *, now: datetime) -> ClaimRecord:
+        """Stop every further enrollment under the claim (enrolled devices keep theirs).
+
+        Raises:
+            PkiError: no such claim, or unreadable state.
+        """
+        return self._update_claim(name, lambda r: replace(r, revoked_at=r.revoked_at or now))
+
+    def approve_claim(
+        self, name: str, device_ids: Sequence[str] = (), *, now: datetime
+    ) -> ClaimRecord:
+        """Approve pending devices under the claim (all of them when none are named).
+
+        Raises:
+            PkiError: no such claim, a named device is not pending, or unreadable state.
+        """
+        return self._update_claim(name, lambda r: approve(r, tuple(device_ids), now=now))
+
+    def enroll_with_claim(
+        self,
+        secret: str,
+        device_id: str,
+        csr_pem: bytes,
+        *,
+        now: datetime,
+        validity: timedelta = DEFAULT_DEVICE_VALIDITY,
+    ) -> bytes:
+        """Sign a first-boot CSR under a provisioning claim; return the certificate PEM.
+
+        Raises:
+            ClaimRefusedError: the claim does not admit the device (``reason`` says why;
+                ``csr_rejected`` when the CSR fails its checks).
+            ClaimPendingError: the claim needs the operator's approval of this device first.
+            PkiError: the CA state cannot be read.
+        """
+        name = claim_name_of(secret)
+        try:
+            csr = check_csr(csr_pem, device_id)
+        except CsrRejectedError as exc:
+            raise ClaimRefusedError(str(exc), reason="csr_rejected") from exc
+        key_sha = hashlib.sha256(
+            csr.public_key().public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        ).hexdigest()
+        with exclusive_lock(self.directory):
+            state = self._load()
+            index = next((i for i, c in enumerate(state.claims) if c.name == name), None)
+            record = None if index is None else state.claims[index]
+            known = any(c.name == device_id for c in state.issued)
+            try:
+                admitted = admit(record, secret, device_id, key_sha, known_device=known, now=now)
+            except ClaimPendingError as exc:
+                if index is not None and isinstance(exc.record, ClaimRecord):
+                    state.claims[index] = exc.record
+                    self._save(state)
+                raise
+            assert index is not None  # admit refuses an unknown claim
+            cert = sign_device_csr(self.material, csr_pem, device_id, now=now, validity=validity)
+            state.claims[index] = admitted
+            self._record(state, cert, device_id, ROLE_DEVICE)
+        return pem_cert(cert)

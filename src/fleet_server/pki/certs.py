@@ -131,13 +131,16 @@ def _leaf(
     validity: timedelta,
 ) -> x509.Certificate:
     not_after = min(now + validity, ca.cert.not_valid_after_utc)
+    # A short-lived certificate is backdated by a tenth of its life at most, so a device that
+    # renews at a fraction of the validity period renews at that fraction of its real life.
+    backdate = min(_BACKDATE, validity / 10)
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(ca.cert.subject)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _BACKDATE)
+        .not_valid_before(now - backdate)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(

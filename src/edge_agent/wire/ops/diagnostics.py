@@ -6,9 +6,9 @@ with the command's correlation data) and ``UploadOffer`` (the ``result`` of a
 plans the block transfer with ``edge_agent.wire.transfer.BlockPlan``). Bytes and values in,
 values out or ``ContractError``; no sockets, files or clocks.
 
-Does not own the command itself or its verification (``edge_agent.trust.command``), running it
-(``edge_agent.sync.commands``) or the block messages of the upload (``edge_agent.wire.transfer``,
-the same messages a model bundle travels in, the other way).
+Does not own the command itself or its verification (``edge_agent.trust.command``), running
+it (``edge_agent.sync.ops.commands``) or the block messages of the upload
+(``edge_agent.wire.transfer``, the same messages a model bundle travels in, the other way).
 
 Wire format (compact JSON, at most ``MAX_ANSWER_BYTES``)::
 

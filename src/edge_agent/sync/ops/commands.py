@@ -50,8 +50,8 @@ from edge_agent.runtime.golden import check_golden
 from edge_agent.serving.agent import Agent
 from edge_agent.store import ModelStore
 from edge_agent.strict_json import loads as strict_loads
-from edge_agent.sync.support_bundle import BundleSources, build_support_bundle
-from edge_agent.sync.upload import UploadServer
+from edge_agent.sync.ops.support_bundle import BundleSources, build_support_bundle
+from edge_agent.sync.ops.upload import UploadServer
 from edge_agent.trust.command import (
     MAX_COMMAND_BYTES,
     CommandArgs,
@@ -66,7 +66,7 @@ from edge_agent.wire.topics import Topics
 
 __all__ = ["EXIT_RESTART", "QUEUE_SIZE", "CommandRunner", "health_check"]
 
-log = logging.getLogger("edge_agent.sync.commands")
+log = logging.getLogger("edge_agent.sync.ops.commands")
 
 #: The exit code of ``edge-agent run`` after a ``restart`` command (EX_TEMPFAIL). The systemd
 #: unit restarts the agent on it (``Restart=always``; ``RestartForceExitStatus=75`` also under

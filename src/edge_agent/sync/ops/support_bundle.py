@@ -13,8 +13,8 @@ Owns what goes into the archive and the size bound. Members (all JSON, UTF-8)::
 The archive is built in memory (never larger than its cap, at most
 ``edge_agent.trust.command.MAX_SUPPORT_BUNDLE_BYTES``); when it comes out larger than the
 command's ``max_bytes`` it is rebuilt with the older half of the log records dropped, then
-refused (``CommandFailedError``). Does not upload (``edge_agent.sync.upload``) or decide who
-may ask (``edge_agent.sync.commands``).
+refused (``CommandFailedError``). Does not upload (``edge_agent.sync.ops.upload``) or decide who
+may ask (``edge_agent.sync.ops.commands``).
 """
 
 from __future__ import annotations

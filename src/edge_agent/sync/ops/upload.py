@@ -33,7 +33,7 @@ from edge_agent.wire.transfer import DEFAULT_BLOCK_SIZE, BlockData, BlockRequest
 
 __all__ = ["MAX_OFFERS", "OFFER_TTL_SECONDS", "UploadServer"]
 
-log = logging.getLogger("edge_agent.sync.commands")
+log = logging.getLogger("edge_agent.sync.ops.commands")
 
 MAX_OFFERS: Final = 2
 OFFER_TTL_SECONDS: Final = 3600.0
