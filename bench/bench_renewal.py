@@ -39,7 +39,7 @@ from cryptography import x509
 from edge_agent.common.identity import IdentityStore, build_csr, generate_device_key
 from edge_agent.common.mqtt import MqttClient
 from edge_agent.common.mqtt_types import MqttConfig
-from edge_agent.sync.renewal import CertRenewer, RenewalPolicy
+from edge_agent.sync.ops.renewal import CertRenewer, RenewalPolicy
 from edge_agent.wire.topics import Topics
 from fleet_server.pki.ca import CertificateAuthority
 from fleet_server.pki.crl_reload import CoalescedReload
