@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
@@ -33,7 +35,7 @@ from edge_agent.wire.topics import Topics
 from fleet_server.accounts.store import Accounts
 from fleet_server.admin.accounts import account_routes
 from fleet_server.admin.accuracy import accuracy_routes
-from fleet_server.admin.api import AdminServer, create_app
+from fleet_server.admin.api import AdminServer, RouteProvider, create_app
 from fleet_server.admin.audit import Auditor
 from fleet_server.admin.auth import Authenticator
 from fleet_server.admin.drift import drift_routes
@@ -103,6 +105,40 @@ def load_online_signer(path: Path, root: TrustedRoot, passphrase: bytes | None) 
             "signing.root_path: devices would refuse every desired state it signs"
         )
     return signer
+
+
+@dataclass(frozen=True)
+class AdminParts:
+    """What the admin API's route providers serve (see ``admin_routes``)."""
+
+    service: FleetService
+    registry: Registry
+    drift: DriftService
+    runner: RolloutRunner
+    evalsets: EvalSetStore
+    accounts: Accounts
+    diagnostics: Diagnostics
+    max_upload_bytes: int
+    clock: Callable[[], datetime]
+
+
+def admin_routes(parts: AdminParts) -> tuple[RouteProvider, ...]:
+    """Every guarded route provider the admin API mounts, in one list: ``run`` serves it and the
+    role x route test (``tests/unit/test_admin_roles.py``) builds the same app from it, so a
+    route cannot be served without a row in the permission table. (The console's routes check
+    roles themselves and are mounted beside these.)"""
+    p = parts
+    return (
+        lambda guard: drift_routes(p.drift, guard),
+        lambda guard: accuracy_routes(p.registry, p.clock, guard),
+        lambda guard: rollout_routes(p.runner, guard),
+        lambda guard: evalset_routes(p.evalsets, guard),
+        lambda guard: label_routes(p.registry, guard),
+        lambda guard: root_routes(p.service, guard),
+        lambda guard: agent_routes(p.service, p.max_upload_bytes, guard),
+        lambda guard: account_routes(p.accounts, guard),
+        lambda guard: diagnostics_routes(p.diagnostics, guard),
+    )
 
 
 def run(
@@ -230,15 +266,19 @@ def run(
             max_request_bytes=config.api.max_request_bytes,
             max_upload_bytes=config.api.max_upload_bytes,
             extra_routes=(
-                lambda guard: drift_routes(drift, guard),
-                lambda guard: accuracy_routes(registry, lambda: datetime.now(UTC), guard),
-                lambda guard: rollout_routes(runner, guard),
-                lambda guard: evalset_routes(evalsets, guard),
-                lambda guard: label_routes(registry, guard),
-                lambda guard: root_routes(service, guard),
-                lambda guard: agent_routes(service, config.api.max_upload_bytes, guard),
-                lambda guard: account_routes(accounts, guard),
-                lambda guard: diagnostics_routes(diagnostics, guard),
+                *admin_routes(
+                    AdminParts(
+                        service,
+                        registry,
+                        drift,
+                        runner,
+                        evalsets,
+                        accounts,
+                        diagnostics,
+                        config.api.max_upload_bytes,
+                        lambda: datetime.now(UTC),
+                    )
+                ),
                 lambda guard: console_routes(console),
             ),
             extra_metrics=(

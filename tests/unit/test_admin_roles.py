@@ -25,22 +25,14 @@ from fleet_server.accounts.passwords import Passwords
 from fleet_server.accounts.roles import ROUTE_PERMISSIONS, Role, allows
 from fleet_server.accounts.sessions import CSRF_FIELD, CSRF_HEADER, SESSION_COOKIE
 from fleet_server.accounts.store import Accounts
-from fleet_server.admin.accounts import account_routes
-from fleet_server.admin.accuracy import accuracy_routes
 from fleet_server.admin.api import create_app
 from fleet_server.admin.audit import Auditor
 from fleet_server.admin.auth import Authenticator
-from fleet_server.admin.drift import drift_routes
-from fleet_server.admin.evalsets import evalset_routes
-from fleet_server.admin.ops.agents import agent_routes
-from fleet_server.admin.ops.diagnostics import diagnostics_routes
-from fleet_server.admin.ops.labels import label_routes
-from fleet_server.admin.rollouts import rollout_routes
-from fleet_server.admin.root import root_routes
 from fleet_server.delivery.library import BundleLibrary
 from fleet_server.registry.agent_releases import list_agent_releases
 from fleet_server.registry.audit import AuditQuery, audit_entries
 from fleet_server.registry.store import Registry
+from fleet_server.server import AdminParts, admin_routes
 from fleet_server.service import FleetService
 
 BOOTSTRAP = "b" * 32
@@ -87,17 +79,19 @@ def env(digits_bundles: DigitsBundles, tmp_path: Path) -> Iterator[Env]:
         BOOTSTRAP,
         max_request_bytes=4096,
         max_upload_bytes=4 * 1024 * 1024,
-        # Every route provider the server mounts (fleet_server.server.run).
-        extra_routes=(
-            lambda guard: drift_routes(absent, guard),
-            lambda guard: accuracy_routes(registry, clock.wall, guard),
-            lambda guard: rollout_routes(absent, guard),
-            lambda guard: evalset_routes(absent, guard),
-            lambda guard: root_routes(service, guard),
-            lambda guard: account_routes(accounts, guard),
-            lambda guard: diagnostics_routes(absent, guard),
-            lambda guard: label_routes(registry, guard),
-            lambda guard: agent_routes(service, 4 * 1024 * 1024, guard),
+        # Every route provider the server mounts (fleet_server.server.admin_routes).
+        extra_routes=admin_routes(
+            AdminParts(
+                service,
+                registry,
+                absent,
+                absent,
+                absent,
+                accounts,
+                absent,
+                4 * 1024 * 1024,
+                clock.wall,
+            )
         ),
         auditor=Auditor(registry, clock.wall, max_body_bytes=1024 * 1024),
         authenticator=Authenticator(accounts, BOOTSTRAP),
