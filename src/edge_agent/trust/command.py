@@ -49,22 +49,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from securesystemslib.exceptions import FormatError, VerificationError
-from securesystemslib.formats import encode_canonical
 from securesystemslib.signer import Signature
 
-from edge_agent import strict_json
 from edge_agent.errors import (
     CommandArgumentError,
     ExpiredMetadataError,
     MetadataFormatError,
     MixAndMatchError,
     RollbackError,
-    SignatureThresholdError,
     UnknownCommandError,
 )
 from edge_agent.ids import DEVICE_ID_PATTERN, NAME_PATTERN
-from edge_agent.trust.fields import HEX_RE, exact_keys, int_field, str_field
+from edge_agent.trust import envelope
+from edge_agent.trust.fields import exact_keys, int_field, str_field
 from edge_agent.trust.root import TrustedRoot
 
 __all__ = [
@@ -93,9 +90,9 @@ __all__ = [
 COMMAND_TYPE: Final = "device-command"
 SCHEMA_VERSION: Final = 1
 #: The same role as desired state: the server's online key.
-SIGNING_ROLE: Final = "timestamp"
+SIGNING_ROLE: Final = envelope.SIGNING_ROLE
 MAX_COMMAND_BYTES: Final = 16 * 1024
-MAX_SIGNATURES: Final = 32
+MAX_SIGNATURES: Final = envelope.MAX_SIGNATURES
 #: Longest a command may live between issue and expiry (an offline device waits at most this).
 MAX_COMMAND_TTL: Final = timedelta(days=7)
 #: How far ``issued`` may lie ahead of the device's clock (clock skew).
@@ -304,7 +301,7 @@ class SignedCommand:
         Raises:
             MetadataFormatError: ``args`` holds a value canonical JSON cannot encode (a float).
         """
-        return _canonical(self.to_dict())
+        return envelope.canonical(self.to_dict())
 
     def arguments(self) -> CommandArgs:
         """The typed arguments (``parse_arguments(self.name, self.args)``).
@@ -315,13 +312,6 @@ class SignedCommand:
         return parse_arguments(self.name, self.args)
 
 
-def _canonical(obj: Any) -> bytes:
-    try:
-        return str(encode_canonical(obj)).encode("utf-8")
-    except FormatError as exc:
-        raise MetadataFormatError(f"not canonical-JSON encodable: {exc}") from exc
-
-
 def encode_command(command: SignedCommand, signatures: list[Signature]) -> bytes:
     """The wire bytes: canonical JSON of ``{"signed": ..., "signatures": [...]}``.
 
@@ -329,47 +319,7 @@ def encode_command(command: SignedCommand, signatures: list[Signature]) -> bytes
         MetadataFormatError: two signatures carry the same key id, or the result would exceed
             ``MAX_COMMAND_BYTES``.
     """
-    keyids = [s.keyid for s in signatures]
-    if len(set(keyids)) != len(keyids):
-        raise MetadataFormatError("several signatures carry the same key id")
-    data = _canonical(
-        {
-            "signed": command.to_dict(),
-            "signatures": [{"keyid": s.keyid, "sig": s.signature} for s in signatures],
-        }
-    )
-    if len(data) > MAX_COMMAND_BYTES:
-        raise MetadataFormatError(f"command of {len(data)} bytes exceeds {MAX_COMMAND_BYTES}")
-    return data
-
-
-def _parse_envelope(data: object) -> tuple[SignedCommand, bytes, dict[str, Signature]]:
-    if not isinstance(data, bytes | bytearray) or len(data) > MAX_COMMAND_BYTES:
-        raise MetadataFormatError(f"a command must be bytes of at most {MAX_COMMAND_BYTES}")
-    doc = strict_json.loads(
-        bytes(data),
-        max_bytes=MAX_COMMAND_BYTES,
-        what="command",
-        error=MetadataFormatError,
-        floats=False,
-    )
-    env = exact_keys(doc, frozenset({"signed", "signatures"}), "command envelope")
-    command = SignedCommand.from_dict(env["signed"])
-    raw_sigs = env["signatures"]
-    if not isinstance(raw_sigs, list) or len(raw_sigs) > MAX_SIGNATURES:
-        raise MetadataFormatError(f"signatures must be a list of at most {MAX_SIGNATURES}")
-    sigs: dict[str, Signature] = {}
-    for raw in raw_sigs:
-        entry = exact_keys(raw, frozenset({"keyid", "sig"}), "signature")
-        keyid = str_field(entry["keyid"], "signature keyid", HEX_RE)
-        sig = str_field(entry["sig"], "signature value", HEX_RE)
-        if keyid in sigs:
-            raise MetadataFormatError(f"several signatures by key {keyid[:16]}")
-        sigs[keyid] = Signature(keyid, sig)
-    payload = _canonical(env["signed"])
-    if payload != command.signed_bytes():
-        raise MetadataFormatError("signed part is not in canonical form")
-    return command, payload, sigs
+    return envelope.encode_envelope(command.to_dict(), signatures, max_bytes=MAX_COMMAND_BYTES)
 
 
 def verify_command(
@@ -404,16 +354,14 @@ def verify_command(
         MixAndMatchError: the command is addressed to another device.
         RollbackError: ``sequence`` is not greater than ``last_sequence`` (a replay).
     """
-    command, payload, sigs = _parse_envelope(data)
-    try:
-        result = root.signed.get_verification_result(SIGNING_ROLE, payload, sigs)
-    except (VerificationError, ValueError) as exc:
-        raise SignatureThresholdError(f"command signature unverifiable: {exc}") from exc
-    if not result.verified:
-        raise SignatureThresholdError(
-            f"command has {len(result.signed)} valid signature(s) from {SIGNING_ROLE} keys; "
-            f"threshold is {result.threshold}"
-        )
+    command, payload, sigs = envelope.parse_envelope(
+        data,
+        max_bytes=MAX_COMMAND_BYTES,
+        what="command",
+        parse=SignedCommand.from_dict,
+        signed_bytes=SignedCommand.signed_bytes,
+    )
+    envelope.verify_signatures(root, payload, sigs, "command")
     root.check_expiry(now)
     if now >= command.expires:
         raise ExpiredMetadataError(f"command {command.command_id} expired at {command.expires}")

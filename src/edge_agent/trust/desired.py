@@ -84,22 +84,19 @@ from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 from typing import Any
 
-from securesystemslib.exceptions import FormatError, VerificationError
-from securesystemslib.formats import encode_canonical
 from securesystemslib.signer import Signature
 
-from edge_agent import strict_json
 from edge_agent.errors import (
     ExpiredMetadataError,
     MetadataFormatError,
     MixAndMatchError,
     RollbackError,
-    SignatureThresholdError,
 )
 from edge_agent.ids import DEVICE_ID_PATTERN, NAME_PATTERN
+from edge_agent.trust import envelope
 from edge_agent.trust.agent_release import AgentAssignment
 from edge_agent.trust.assignment import ModelAssignment, ShadowAssignment
-from edge_agent.trust.fields import HEX_RE, exact_keys, int_field, str_field
+from edge_agent.trust.fields import exact_keys, int_field, str_field
 from edge_agent.trust.root import TrustedRoot
 
 __all__ = [
@@ -117,10 +114,10 @@ __all__ = [
 
 DESIRED_STATE_TYPE = "desired-state"
 SCHEMA_VERSION = 1
-SIGNING_ROLE = "timestamp"
+SIGNING_ROLE = envelope.SIGNING_ROLE
 MAX_DESIRED_STATE_BYTES = 256 * 1024
 MAX_MODELS = 256
-MAX_SIGNATURES = 32
+MAX_SIGNATURES = envelope.MAX_SIGNATURES
 EXPIRES_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 # Device ids and model names: the one shared rules (edge_agent.ids), which the manifest uses
@@ -239,14 +236,7 @@ class DesiredState:
 
     def signed_bytes(self) -> bytes:
         """Canonical JSON of ``to_dict()``: the bytes every signature covers."""
-        return _canonical(self.to_dict())
-
-
-def _canonical(obj: Any) -> bytes:
-    try:
-        return str(encode_canonical(obj)).encode("utf-8")
-    except FormatError as exc:  # floats and other non-canonical values
-        raise MetadataFormatError(f"not canonical-JSON encodable: {exc}") from exc
+        return envelope.canonical(self.to_dict())
 
 
 def encode_envelope(state: DesiredState, signatures: list[Signature]) -> bytes:
@@ -255,48 +245,7 @@ def encode_envelope(state: DesiredState, signatures: list[Signature]) -> bytes:
     Raises:
         MetadataFormatError: two signatures carry the same key id.
     """
-    keyids = [s.keyid for s in signatures]
-    if len(set(keyids)) != len(keyids):
-        raise MetadataFormatError("several signatures carry the same key id")
-    return _canonical(
-        {
-            "signed": state.to_dict(),
-            "signatures": [{"keyid": s.keyid, "sig": s.signature} for s in signatures],
-        }
-    )
-
-
-def _parse_envelope(data: bytes) -> tuple[DesiredState, bytes, dict[str, Signature]]:
-    if not isinstance(data, bytes | bytearray) or len(data) > MAX_DESIRED_STATE_BYTES:
-        raise MetadataFormatError(
-            f"desired state must be bytes of at most {MAX_DESIRED_STATE_BYTES}"
-        )
-    doc = strict_json.loads(
-        data,
-        max_bytes=MAX_DESIRED_STATE_BYTES,
-        what="desired state",
-        error=MetadataFormatError,
-        floats=False,
-    )
-    env = exact_keys(doc, frozenset({"signed", "signatures"}), "desired-state envelope")
-    state = DesiredState.from_dict(env["signed"])
-    raw_sigs = env["signatures"]
-    if not isinstance(raw_sigs, list) or len(raw_sigs) > MAX_SIGNATURES:
-        raise MetadataFormatError(f"signatures must be a list of at most {MAX_SIGNATURES}")
-    sigs: dict[str, Signature] = {}
-    for raw in raw_sigs:
-        entry = exact_keys(raw, frozenset({"keyid", "sig"}), "signature")
-        keyid = str_field(entry["keyid"], "signature keyid", HEX_RE)
-        sig = str_field(entry["sig"], "signature value", HEX_RE)
-        if keyid in sigs:
-            raise MetadataFormatError(f"several signatures by key {keyid}")
-        sigs[keyid] = Signature(keyid, sig)
-    # Signatures cover the signed object as received; strict parsing guarantees it is exactly
-    # state.to_dict(), so re-encoding cannot smuggle in fields the value object drops.
-    payload = _canonical(env["signed"])
-    if payload != state.signed_bytes():
-        raise MetadataFormatError("signed part is not in canonical form")
-    return state, payload, sigs
+    return envelope.encode_envelope(state.to_dict(), signatures)
 
 
 def verify_desired_state(
@@ -329,16 +278,14 @@ def verify_desired_state(
         MixAndMatchError: the document is addressed to another device.
         RollbackError: ``version`` is not greater than ``last_version`` (replay or older).
     """
-    state, payload, sigs = _parse_envelope(data)
-    try:
-        result = root.signed.get_verification_result(SIGNING_ROLE, payload, sigs)
-    except (VerificationError, ValueError) as exc:
-        raise SignatureThresholdError(f"desired state signature unverifiable: {exc}") from exc
-    if not result.verified:
-        raise SignatureThresholdError(
-            f"desired state has {len(result.signed)} valid signature(s) from {SIGNING_ROLE} keys; "
-            f"threshold is {result.threshold}"
-        )
+    state, payload, sigs = envelope.parse_envelope(
+        data,
+        max_bytes=MAX_DESIRED_STATE_BYTES,
+        what="desired state",
+        parse=DesiredState.from_dict,
+        signed_bytes=DesiredState.signed_bytes,
+    )
+    envelope.verify_signatures(root, payload, sigs, "desired state")
     root.check_expiry(now)
     if state.is_expired(now):
         raise ExpiredMetadataError(f"desired state v{state.version} expired at {state.expires}")
