@@ -163,6 +163,7 @@ class SyncAgent:
             ),
             health_check=lambda model: health_check(agent, model),
             restart=restart,
+            capture=agent.capture,
             clock=clock,
         )
         self._stop = threading.Event()
