@@ -189,7 +189,7 @@ def test_a_0003_database_upgrades_and_is_backfilled(backend, tmp_path: Path) -> 
                 },
             )
     registry.upgrade()
-    assert registry.current_revision() == Registry.head_revision() == "0008"
+    assert registry.current_revision() == Registry.head_revision() == "0012"
     clock.set_wall(T0 + timedelta(hours=3))
     HistoryJob(registry, clock=clock.wall).run_once()
     with registry.engine.connect() as c:

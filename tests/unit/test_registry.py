@@ -88,7 +88,7 @@ def test_upgrade_creates_schema_on_empty_db_and_is_idempotent(registry_url: str)
     assert reg.current_revision() is None
     reg.upgrade()
     reg.upgrade()
-    assert reg.current_revision() == Registry.head_revision() == "0008"
+    assert reg.current_revision() == Registry.head_revision() == "0012"
     tables = set(inspect(reg.engine).get_table_names())
     assert {
         "devices",

@@ -18,13 +18,19 @@ from typing import Any, Final
 
 from sqlalchemy import MetaData
 
-from fleet_server.registry import audit, evalset_models, models, rollout_models
+from fleet_server.registry import audit, capture_models, evalset_models, models, rollout_models
 from fleet_server.registry.orm import Base
 
 __all__ = ["METADATA", "PARTITION_NAME", "TABLE_MODULES", "include_name"]
 
 #: Every module that defines registry tables; importing them registers their tables on ``Base``.
-TABLE_MODULES: Final[tuple[ModuleType, ...]] = (models, rollout_models, evalset_models, audit)
+TABLE_MODULES: Final[tuple[ModuleType, ...]] = (
+    models,
+    rollout_models,
+    evalset_models,
+    audit,
+    capture_models,
+)
 
 #: The shared metadata, complete: every table of ``TABLE_MODULES``.
 METADATA: Final[MetaData] = Base.metadata
