@@ -36,11 +36,14 @@ from fleet_server.admin.accuracy import accuracy_routes
 from fleet_server.admin.api import AdminServer, create_app
 from fleet_server.admin.audit import Auditor
 from fleet_server.admin.auth import Authenticator
+from fleet_server.admin.capture import capture_routes
 from fleet_server.admin.diagnostics import diagnostics_routes
 from fleet_server.admin.drift import drift_routes
 from fleet_server.admin.evalsets import evalset_routes
 from fleet_server.admin.rollouts import rollout_routes
 from fleet_server.admin.root import root_routes
+from fleet_server.capture.service import CaptureService
+from fleet_server.capture.store import DatasetStore
 from fleet_server.config import ApiConfig, ServerConfig
 from fleet_server.console.routes import ConsoleDeps, console_routes
 from fleet_server.delivery.library import BundleLibrary
@@ -166,6 +169,12 @@ def run(
             clock=lambda: datetime.now(UTC),
         )
         gateway.attach_diagnostics(diagnostics)
+        capture = CaptureService(
+            registry,
+            diagnostics,
+            DatasetStore(Path(config.registry.state_dir) / "datasets", registry),
+            clock=lambda: datetime.now(UTC),
+        )
         client.connect()
         try:
             client.wait_connected(CONNECT_TIMEOUT)
@@ -235,10 +244,12 @@ def run(
                 lambda guard: root_routes(service, guard),
                 lambda guard: account_routes(accounts, guard),
                 lambda guard: diagnostics_routes(diagnostics, guard),
+                lambda guard: capture_routes(capture, evalsets, guard),
                 lambda guard: console_routes(console),
             ),
             extra_metrics=(
                 ("diagnostics", diagnostics.stats),
+                ("capture", capture.stats),
                 *((("fallback", fallback.stats),) if fallback is not None else ()),
             ),
             auditor=auditor,

@@ -109,7 +109,8 @@ class CaptureUploader:
     # ------------------------------------------------------------------ persistence
     def _load(self) -> dict[str, Any]:
         empty: dict[str, Any] = {
-            "settings": {}, "cursor": {}, "pending": {}, "day": "", "used": {}, "counts": {}
+            "settings": {}, "cursor": {}, "pending": {}, "acked": {}, "day": "", "used": {},
+            "counts": {},
         }  # fmt: skip
         try:
             doc = strict_loads(self._path.read_bytes(), max_bytes=1 << 20, what=STATE_FILE)
@@ -220,13 +221,14 @@ class CaptureUploader:
 
     def _acknowledge(self, model: str, ack: str) -> int:
         pending = self._state["pending"].get(model)
-        if not ack:
+        if not ack or self._state["acked"].get(model) == ack:  # none, or already done
             return 0
         if pending is None or pending["sha256"] != ack:
             self._count(model, "ack_unknown", 1)
             return 0
         (self._chunks / f"{model}.npz").unlink(missing_ok=True)
         del self._state["pending"][model]
+        self._state["acked"][model] = ack
         self._state["cursor"][model] = pending["upto"]
         self._count(model, "records_acknowledged", pending["records"])
         self._save()

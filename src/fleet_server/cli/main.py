@@ -9,7 +9,8 @@ a running server's admin API (``devices list|show|register|misbehaviour``, ``mod
 sets (``evalsets``) in ``fleet_server.cli.evalsets``, the audit log (``audit list|export``) in
 ``fleet_server.cli.audit``, accounts and API tokens (``accounts``, ``tokens``) in
 ``fleet_server.cli.accounts``, remote diagnostics (``devices ping|logs|support-bundle|restart|
-health-check|commands``) in ``fleet_server.cli.diagnostics``. Commands
+health-check|commands``) in ``fleet_server.cli.diagnostics``, capture upload and datasets
+(``capture``, ``datasets``) in ``fleet_server.cli.capture``. Commands
 are thin; the error boundary in ``edge_agent.cli.support`` maps our errors to exit codes by the
 one error table (``fleet_server.errors.ERRORS``).
 
@@ -35,6 +36,7 @@ from fleet_server.admin.client import DEFAULT_ADMIN_URL, AdminClient
 from fleet_server.cli.accounts import register_account_commands
 from fleet_server.cli.admin import register_admin_commands
 from fleet_server.cli.audit import register_audit_commands
+from fleet_server.cli.capture import register_capture_commands
 from fleet_server.cli.diagnostics import register_diagnostics_commands
 from fleet_server.cli.drift import register_drift_commands
 from fleet_server.cli.evalsets import register_evalset_commands
@@ -291,6 +293,7 @@ register_root_commands(cli)
 register_audit_commands(cli)
 register_account_commands(cli)
 register_diagnostics_commands(devices)
+register_capture_commands(cli)
 
 
 def main(argv: list[str] | None = None) -> None:
