@@ -277,9 +277,9 @@ class CaptureUploader:
                 self._count(model, "unreadable", 1)
                 last = pos
                 continue
-            record = drop_fields(record, settings.drop)
+            shipped = drop_fields(record, settings.drop)
             cost = _RECORD_OVERHEAD + sum(
-                a.nbytes for a in (*record.inputs.values(), *record.outputs.values())
+                a.nbytes for a in (*shipped.inputs.values(), *shipped.outputs.values())
             ) + 4 * record.rows  # fmt: skip
             if size + cost > cap and not taken:
                 self._count(model, "oversized", 1)  # larger than any chunk may be
@@ -296,12 +296,11 @@ class CaptureUploader:
             self._state["cursor"][model] = list(last)
             return b"", {}
         with_labels = []
-        for pos, r in taken:
+        for pos, r in taken:  # labels join on the request id, then the fields are dropped
             given = labels.get(r.request_id) if r.request_id else None
-            if given is not None and len(given) == r.rows and "labels" not in settings.drop:
-                with_labels.append((pos, replace(r, labels=np.asarray(given, dtype=np.int32))))
-            else:
-                with_labels.append((pos, r))
+            if given is not None and len(given) == r.rows:
+                r = replace(r, labels=np.asarray(given, dtype=np.int32))  # noqa: PLW2901
+            with_labels.append((pos, drop_fields(r, settings.drop)))
         while True:
             records = [r for _, r in with_labels]
             data, kept = pack_chunk(

@@ -1,0 +1,246 @@
+"""Capture upload end to end: real Mosquitto (TLS, ACLs), the gateway, real agents, the server.
+
+An operator enables upload of ``digits`` for two devices (signed ``capture-config``); the
+devices answer requests and the application labels some of them; ``collect`` (signed
+``capture-upload``) makes each device pack a chunk under its daily budget, the server pulls it
+in blocks and checks its SHA-256, stores it as a content-addressed dataset with provenance,
+exports it and registers its labelled rows as an evaluation set. The next collect acknowledges
+the chunk (the device deletes it) and finds the day's budget spent. A garbled chunk and an
+oversized one are refused and counted; each is acknowledged so the device moves on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from bundles import DigitsBundles
+from edge_agent.config import CaptureConfig
+from edge_agent.serving.service import InferenceRequest
+from edge_agent.wire.topics import Topics
+from fleet import Device, FleetHarness, start_device, wait_until
+from fleet_server.capture.service import CaptureService
+from fleet_server.capture.store import DatasetStore
+from fleet_server.diagnostics.book import CommandRecord
+from fleet_server.diagnostics.service import Diagnostics
+from fleet_server.evalsets.store import EvalSetStore
+from mosquitto import MOSQUITTO, fleet_broker
+
+pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
+
+WAIT = 60.0  # generous: daemons start slowly on a loaded machine
+
+
+@pytest.fixture
+def fleet(digits_bundles: DigitsBundles, tmp_path: Path) -> Iterator[FleetHarness]:
+    with fleet_broker(tmp_path / "mqtt", ("dev-a", "dev-b")) as broker:
+        harness = FleetHarness(broker, digits_bundles.keys, tmp_path / "fleet")
+        try:
+            yield harness
+        finally:
+            harness.close()
+
+
+@pytest.fixture
+def diag(
+    fleet: FleetHarness, digits_bundles: DigitsBundles, tmp_path: Path
+) -> Iterator[Diagnostics]:
+    d = Diagnostics(
+        fleet.registry,
+        fleet.client,
+        Topics(fleet.broker.prefix),
+        [digits_bundles.keys.signer("online-1")],
+        tmp_path / "diagnostics",
+        clock=lambda: datetime.now(UTC),
+        upload_retry_seconds=0.5,
+    )
+    fleet.gateway.attach_diagnostics(d)
+    yield d
+    d.close()
+
+
+@pytest.fixture
+def capture(fleet: FleetHarness, diag: Diagnostics, tmp_path: Path) -> CaptureService:
+    service = CaptureService(
+        fleet.registry,
+        diag,
+        DatasetStore(tmp_path / "datasets", fleet.registry),
+        clock=lambda: datetime.now(UTC),
+    )
+    diag.start()
+    return service
+
+
+def _device(fleet: FleetHarness, device_id: str) -> Device:
+    config = dataclasses.replace(
+        fleet.agent_config(device_id), capture=CaptureConfig(enabled=True, sample_rate=1.0)
+    )
+    device = start_device(config)
+    fleet.devices[device_id] = device
+    return device
+
+
+def _settled(diag: Diagnostics, records: tuple[CommandRecord, ...], *states: str) -> list[Any]:
+    return [
+        wait_until(
+            lambda r=r: (got := diag.get(r.id)).state in states and got,
+            WAIT,
+            what=f"{r.name} to {r.device_id} in {states}",
+        )
+        for r in records
+    ]
+
+
+def _traffic(device: Device, x: np.ndarray, y: np.ndarray, n: int, labelled: int) -> None:
+    start = device.agent.capture.captured if device.agent.capture else 0
+    for i in range(n):
+        rid = f"{device.id}-{i}"
+        device.agent.infer(InferenceRequest("digits", {"input": x[i : i + 1]}, request_id=rid))
+    for i in range(labelled):
+        device.agent.feedback("digits", None, f"{device.id}-{i}", int(y[i]), rows=False)
+    ring = device.agent.capture
+    assert ring is not None
+    wait_until(lambda: ring.captured >= start + n + labelled, WAIT, what="records captured")
+
+
+def test_capture_upload_bounded_stored_exported_and_registered(
+    fleet: FleetHarness,
+    diag: Diagnostics,
+    capture: CaptureService,
+    digits_bundles: DigitsBundles,
+    tmp_path: Path,
+) -> None:
+    v1 = fleet.publish(digits_bundles.path(1))
+    devices = {d: _device(fleet, d) for d in ("dev-a", "dev-b")}
+    for d in devices:
+        fleet.assign(d, {"digits": v1})
+    for dev in devices.values():
+        wait_until(lambda dev=dev: dev.agent.registry.get("digits") is not None, WAIT, what="v1")
+
+    # The budget fits about a dozen records a day; the metadata (request ids) stays home.
+    enabled = capture.enable(
+        "digits",
+        {"devices": ["dev-a", "dev-b"]},
+        bytes_per_day=20_000,
+        chunk_bytes=65536,
+        drop=("metadata",),
+    )
+    assert enabled.issued.errors == {}
+    _settled(diag, enabled.issued.commands, "answered")
+    assert devices["dev-a"].sync.commands.capture.settings("digits") is not None
+
+    x, y = digits_bundles.x_eval, digits_bundles.y_eval
+    _traffic(devices["dev-a"], x, y, 30, labelled=12)
+    _traffic(devices["dev-b"], x, y, 30, labelled=0)
+
+    first = capture.collect("digits")
+    _settled(diag, first.issued.commands, "uploaded")
+    stored = wait_until(
+        lambda: len(got := capture.datasets("digits")) == 2 and got, WAIT, what="datasets"
+    )
+    by_device = {d.provenance["devices"][0]: d for d in stored}
+    a = by_device["dev-a"]
+    assert 0 < a.records < 30  # bounded by the daily budget, not by what was captured
+    assert a.length <= 20_000
+    assert a.labelled_rows == a.records == a.provenance["labelled_records"]  # first 12 labelled
+    assert a.provenance["versions"] == [1]
+    assert a.provenance["dropped"] == ["metadata"]
+    assert by_device["dev-b"].labelled_rows == 0
+    assert a.time_from <= a.time_to
+    chunk_file = Path(devices["dev-a"].config.store.state_dir) / "sync" / "capture" / "digits.npz"
+    assert chunk_file.is_file()  # kept until the server acknowledges it
+
+    # Export: one row per request row, labels the application gave, no request ids.
+    exported = np.load(io.BytesIO(capture.store.export(a.sha256)), allow_pickle=False)
+    assert exported["input/input"].shape == (a.rows, x.shape[1])
+    np.testing.assert_array_equal(exported["input/input"], x[: a.rows].astype(np.float32))
+    np.testing.assert_array_equal(exported["label"], y[: a.rows])
+    assert set(exported["request_id"].tolist()) == {""}
+    assert set(exported["device"].tolist()) == {"dev-a"}
+
+    # Register the labelled rows as the model's evaluation set.
+    evalsets = EvalSetStore(tmp_path / "evalsets", fleet.registry)
+    registration, new = capture.register_evalset(a.sha256, evalsets, note="from cam traffic")
+    assert new and registration.samples == a.labelled_rows
+    assert evalsets.latest("digits") == registration
+
+    # The next collect acknowledges the chunk (deleted on the device) and meets the budget.
+    second = capture.collect("digits")
+    answers = _settled(diag, second.issued.commands, "refused", "answered")
+    assert {r.answer["error"]["code"] for r in answers if r.state == "refused"} == {
+        "command_limited"
+    }
+    wait_until(lambda: not chunk_file.exists(), WAIT, what="acknowledged chunk deleted")
+    counts = devices["dev-a"].sync.commands.capture.counts("digits")
+    assert counts["records_acknowledged"] == a.records
+    assert counts["budget_deferred"] >= 1
+    status = capture.status("digits")["policies"][0]
+    assert {d["device_id"]: d["records"] for d in status["devices"]} == {
+        "dev-a": a.records,
+        "dev-b": by_device["dev-b"].records,
+    }
+
+
+def _plant_chunk(device: Device, data: bytes) -> None:
+    """A chunk on the device's disk that is not what it packed (a damaged or hostile device)."""
+    uploader = device.sync.commands.capture
+    path = Path(device.config.store.state_dir) / "sync" / "capture" / "digits.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    sha = hashlib.sha256(data).hexdigest()
+    state = uploader._state  # noqa: SLF001 - the test plays the damage
+    upto = state["cursor"].get("digits", [-1, -1])  # covering no record
+    state["pending"]["digits"] = {
+        "sha256": sha, "length": len(data), "upto": upto, "records": 0, "labelled": 0,
+    }  # fmt: skip
+
+
+def test_garbled_and_oversized_chunks_are_refused_counted_and_dropped(
+    fleet: FleetHarness, diag: Diagnostics, capture: CaptureService, digits_bundles: DigitsBundles
+) -> None:
+    v1 = fleet.publish(digits_bundles.path(1))
+    device = _device(fleet, "dev-a")
+    fleet.assign("dev-a", {"digits": v1})
+    wait_until(lambda: device.agent.registry.get("digits") is not None, WAIT, what="v1")
+    enabled = capture.enable("digits", {"devices": ["dev-a"]}, chunk_bytes=65536)
+    _settled(diag, enabled.issued.commands, "answered")
+    _traffic(device, digits_bundles.x_eval, digits_bundles.y_eval, 5, labelled=0)
+
+    garbled = b"PK\x03\x04" + bytes(range(256)) * 40
+    _plant_chunk(device, garbled)
+    (cmd,) = capture.collect("digits").issued.commands
+    _settled(diag, (cmd,), "uploaded")  # the blocks arrived whole: the content is what is bad
+    wait_until(lambda: capture.stats().get("chunks_refused_malformed") == 1, WAIT, what="refused")
+    assert capture.datasets("digits") == []
+    (state,) = capture.status("digits")["policies"][0]["devices"]
+    assert state["refused_chunks"] == 1
+    assert state["ack_sha256"] == hashlib.sha256(garbled).hexdigest()
+
+    # Acknowledged like any chunk: the device drops it and sends its real records; then one
+    # larger than the policy allows is refused before a block is pulled.
+    (cmd,) = capture.collect("digits").issued.commands
+    _settled(diag, (cmd,), "uploaded")
+    wait_until(lambda: len(capture.datasets("digits")) == 1, WAIT, what="the real chunk")
+    assert capture.datasets("digits")[0].records == 5
+    (cmd,) = capture.collect("digits").issued.commands  # acknowledges it; nothing new
+    (answered,) = _settled(diag, (cmd,), "answered")
+    assert answered.answer["result"]["acknowledged"] == 5
+    assert answered.answer["result"]["offer"] is None
+
+    _plant_chunk(device, b"\0" * 70_000)
+    (cmd,) = capture.collect("digits").issued.commands
+    (answered,) = _settled(diag, (cmd,), "answered")
+    assert answered.answer["result"]["offer"]["length"] == 70_000
+    assert capture.stats()["chunks_refused_oversized"] == 1
+    assert diag.stats()["uploads_verified"] == 2  # the oversized one was never pulled
+    (cmd,) = capture.collect("digits").issued.commands
+    _settled(diag, (cmd,), "answered")
+    assert not (Path(device.config.store.state_dir) / "sync" / "capture" / "digits.npz").exists()
