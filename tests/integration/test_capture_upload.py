@@ -169,7 +169,8 @@ def test_capture_upload_bounded_stored_exported_and_registered(
     # Register the labelled rows as the model's evaluation set.
     evalsets = EvalSetStore(tmp_path / "evalsets", fleet.registry)
     registration, new = capture.register_evalset(a.sha256, evalsets, note="from cam traffic")
-    assert new and registration.samples == a.labelled_rows
+    assert new
+    assert registration.samples == a.labelled_rows
     assert evalsets.latest("digits") == registration
 
     # The next collect acknowledges the chunk (deleted on the device) and meets the budget.
@@ -196,7 +197,7 @@ def _plant_chunk(device: Device, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     sha = hashlib.sha256(data).hexdigest()
-    state = uploader._state  # noqa: SLF001 - the test plays the damage
+    state = uploader._state  # the test plays the damage
     upto = state["cursor"].get("digits", [-1, -1])  # covering no record
     state["pending"]["digits"] = {
         "sha256": sha, "length": len(data), "upto": upto, "records": 0, "labelled": 0,
