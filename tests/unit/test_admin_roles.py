@@ -30,6 +30,7 @@ from fleet_server.admin.accuracy import accuracy_routes
 from fleet_server.admin.api import create_app
 from fleet_server.admin.audit import Auditor
 from fleet_server.admin.auth import Authenticator
+from fleet_server.admin.capture import capture_routes
 from fleet_server.admin.diagnostics import diagnostics_routes
 from fleet_server.admin.drift import drift_routes
 from fleet_server.admin.evalsets import evalset_routes
@@ -93,6 +94,7 @@ def env(digits_bundles: DigitsBundles, tmp_path: Path) -> Iterator[Env]:
             lambda guard: root_routes(service, guard),
             lambda guard: account_routes(accounts, guard),
             lambda guard: diagnostics_routes(absent, guard),
+            lambda guard: capture_routes(absent, absent, guard),
         ),
         auditor=Auditor(registry, clock.wall, max_body_bytes=1024 * 1024),
         authenticator=Authenticator(accounts, BOOTSTRAP),
