@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -253,10 +254,10 @@ def test_export_and_evalset_bytes(store: DatasetStore) -> None:
     data, _ = pack_chunk("cam-7", "digits", [_record(i) for i in range(4)])
     dataset = store.ingest("cam-7", _policy(), data, {}).dataset
     assert dataset is not None
-    flat = np.load(__import__("io").BytesIO(store.export(dataset.sha256)))
+    flat = np.load(io.BytesIO(store.export(dataset.sha256)))
     assert flat["label"].tolist() == [0, 1, 0, 1]
     assert flat["request_id"].tolist() == ["r0", "r1", "r2", "r3"]
-    ev = np.load(__import__("io").BytesIO(store.evalset_bytes(dataset.sha256)))
+    ev = np.load(io.BytesIO(store.evalset_bytes(dataset.sha256)))
     assert ev["x"].dtype == np.float32
     assert ev["y"].tolist() == [0, 1, 0, 1]
     unlabelled, _ = pack_chunk("cam-7", "digits", [_record(9, labels=np.array([-1], np.int32))])
