@@ -14,29 +14,39 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from bundles import DigitsBundles
 from edge_agent.config import CaptureConfig
 from edge_agent.serving.service import InferenceRequest
 from edge_agent.wire.topics import Topics
 from fleet import Device, FleetHarness, start_device, wait_until
+from fleet_server.admin.api import AdminServer, create_app
+from fleet_server.admin.audit import Auditor
+from fleet_server.admin.capture import capture_routes
+from fleet_server.admin.client import AdminClient
 from fleet_server.capture.service import CaptureService
 from fleet_server.capture.store import DatasetStore
+from fleet_server.cli.main import cli
+from fleet_server.delivery.library import BundleLibrary
 from fleet_server.diagnostics.book import CommandRecord
 from fleet_server.diagnostics.service import Diagnostics
 from fleet_server.evalsets.store import EvalSetStore
+from fleet_server.service import FleetService
 from mosquitto import MOSQUITTO, fleet_broker
 
 pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
 
 WAIT = 60.0  # generous: daemons start slowly on a loaded machine
+TOKEN = "c" * 32
 
 
 @pytest.fixture
@@ -245,3 +255,69 @@ def test_garbled_and_oversized_chunks_are_refused_counted_and_dropped(
     (cmd,) = capture.collect("digits").issued.commands
     _settled(diag, (cmd,), "answered")
     assert not (Path(device.config.store.state_dir) / "sync" / "capture" / "digits.npz").exists()
+
+
+def test_the_cli_through_the_admin_api(
+    fleet: FleetHarness,
+    diag: Diagnostics,
+    capture: CaptureService,
+    digits_bundles: DigitsBundles,
+    tmp_path: Path,
+) -> None:
+    keys = digits_bundles.keys
+    service = FleetService(
+        fleet.registry,
+        BundleLibrary(tmp_path / "library", keys.trusted_root()),
+        fleet.gateway,
+        [keys.signer("online-1")],
+        clock=lambda: datetime.now(UTC),
+        ttl=timedelta(hours=1),
+    )
+    evalsets = EvalSetStore(tmp_path / "evalsets", fleet.registry)
+    app = create_app(
+        service,
+        TOKEN,
+        extra_routes=(lambda guard: capture_routes(capture, evalsets, guard),),
+        auditor=Auditor(fleet.registry, lambda: datetime.now(UTC), max_body_bytes=1 << 20),
+    )
+    server = AdminServer(app, "127.0.0.1", 0)
+    server.start()
+    try:
+        v1 = fleet.publish(digits_bundles.path(1))
+        device = _device(fleet, "dev-a")
+        fleet.assign("dev-a", {"digits": v1})
+        wait_until(lambda: device.agent.registry.get("digits") is not None, WAIT, what="v1")
+        url = ["--url", f"http://127.0.0.1:{server.port}", "--token", TOKEN]
+        runner = CliRunner()
+        enable = runner.invoke(
+            cli, ["capture", "enable", "digits", "--device", "dev-a", "--sample-rate", "1", *url]
+        )
+        assert enable.exit_code == 0, enable.output
+        assert "1 device(s)" in enable.output
+        wait_until(
+            lambda: device.sync.commands.capture.settings("digits") is not None, WAIT, what="on"
+        )
+        _traffic(device, digits_bundles.x_eval, digits_bundles.y_eval, 8, labelled=8)
+        collect = runner.invoke(cli, ["capture", "collect", "digits", *url])
+        assert collect.exit_code == 0, collect.output
+        wait_until(lambda: capture.datasets("digits"), WAIT, what="a dataset")
+        listed = runner.invoke(cli, ["datasets", "list", "--json", *url])
+        (row,) = json.loads(listed.output)
+        assert row["records"] == 8
+        out = tmp_path / "export.npz"
+        export = runner.invoke(cli, ["datasets", "export", row["sha256"], "-o", str(out), *url])
+        assert export.exit_code == 0, export.output
+        assert np.load(out)["label"].tolist() == digits_bundles.y_eval[:8].tolist()
+        reg = runner.invoke(cli, ["datasets", "register-evalset", row["sha256"], *url])
+        assert reg.exit_code == 0, reg.output
+        assert "8 samples" in reg.output
+        status = runner.invoke(cli, ["capture", "status", "digits", *url])
+        assert "dev-a" in status.output
+        missing = runner.invoke(cli, ["datasets", "show", "f" * 64, *url])
+        assert missing.exit_code != 0
+        assert "404: no dataset" in str(missing.exception)
+        with AdminClient(f"http://127.0.0.1:{server.port}", TOKEN) as client:
+            entries = client.audit(action="POST /v1/capture/{model}/enable")
+        assert [e["status"] for e in entries if e["status"] is not None] == [202]
+    finally:
+        server.stop()
