@@ -72,7 +72,10 @@ def _sampled(pos: _Pos, ppm: int) -> bool:
 def _tensor(doc: object) -> np.ndarray[Any, Any]:
     if not isinstance(doc, dict):
         raise ValueError("not a tensor")
-    a = np.asarray(doc["data"], dtype=np.dtype(str(doc["dtype"])))
+    dtype = np.dtype(str(doc["dtype"]))
+    if dtype.kind not in "biuf":  # what the chunk format carries
+        raise ValueError(f"dtype {dtype} cannot travel")
+    a = np.asarray(doc["data"], dtype=dtype)
     a = a.reshape([int(d) for d in doc["shape"]])
     return a.reshape(1) if a.ndim == 0 else a
 
