@@ -103,7 +103,7 @@ def _settled(diag: Diagnostics, records: tuple[CommandRecord, ...], *states: str
         wait_until(
             lambda r=r: (got := diag.get(r.id)).state in states and got,
             WAIT,
-            what=f"{r.name} to {r.device_id} in {states}",
+            what=lambda r=r: f"{r.name} to {r.device_id} in {states}: {diag.get(r.id)}",
         )
         for r in records
     ]
