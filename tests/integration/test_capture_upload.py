@@ -109,6 +109,16 @@ def _settled(diag: Diagnostics, records: tuple[CommandRecord, ...], *states: str
     ]
 
 
+def _acked(capture: CaptureService, device_id: str, sha256: str) -> None:
+    """Wait until the server recorded the chunk it will acknowledge next (after the dataset)."""
+
+    def acks() -> dict[str, str]:
+        (policy,) = capture.status("digits")["policies"]
+        return {d["device_id"]: d["ack_sha256"] for d in policy["devices"]}
+
+    wait_until(lambda: acks().get(device_id) == sha256, WAIT, what=lambda: f"ack {acks()}")
+
+
 def _traffic(device: Device, x: np.ndarray, y: np.ndarray, n: int, labelled: int) -> None:
     start = device.agent.capture.captured if device.agent.capture else 0
     for i in range(n):
@@ -156,6 +166,8 @@ def test_capture_upload_bounded_stored_exported_and_registered(
     stored = wait_until(
         lambda: len(got := capture.datasets("digits")) == 2 and got, WAIT, what="datasets"
     )
+    for d in stored:
+        _acked(capture, d.provenance["devices"][0], d.provenance["chunk_sha256"])
     by_device = {d.provenance["devices"][0]: d for d in stored}
     a = by_device["dev-a"]
     assert 0 < a.records < 30  # bounded by the daily budget, not by what was captured
@@ -240,6 +252,8 @@ def test_garbled_and_oversized_chunks_are_refused_counted_and_dropped(
     (cmd,) = capture.collect("digits").issued.commands
     _settled(diag, (cmd,), "uploaded")
     wait_until(lambda: len(capture.datasets("digits")) == 1, WAIT, what="the real chunk")
+    (real,) = capture.datasets("digits")
+    _acked(capture, "dev-a", real.provenance["chunk_sha256"])
     assert capture.datasets("digits")[0].records == 5
     (cmd,) = capture.collect("digits").issued.commands  # acknowledges it; nothing new
     (answered,) = _settled(diag, (cmd,), "answered")
