@@ -265,8 +265,14 @@ class CaptureUploader:
         not_sampled = 0
         for pos, doc in self._ring.read(self._ring.dir, (-1, -1)):
             if doc.get("kind") == "label":
-                if doc.get("model") == model and isinstance(doc.get("request_id"), str):
-                    labels[doc["request_id"]] = doc.get("labels") or []
+                given = doc.get("labels")
+                if (
+                    doc.get("model") == model
+                    and isinstance(doc.get("request_id"), str)
+                    and isinstance(given, list)
+                    and all(type(c) is int and -1 <= c <= 65535 for c in given)
+                ):
+                    labels[doc["request_id"]] = given
                 continue
             if pos <= after or doc.get("model") != model or size >= cap:
                 continue
