@@ -32,6 +32,9 @@ Families:
                        failed.
     LabelError         a device label, label selector or maintenance window refused as given
                        (``SelectorSyntaxError`` keeps the position); the operator fixes it.
+    CaptureError       capture upload or a dataset cannot be used as asked: no policy for the
+                       model (``CapturePolicyError``), a dataset that cannot become an
+                       evaluation set (``DatasetUnusableError``), or storage failed.
     AdminInputError    an admin API request refused as given: a malformed body, field or query
                        value (``code`` says which), or a body over its cap
                        (``AdminBodyTooLargeError``).
@@ -531,6 +534,31 @@ class UnknownCommandRecordError(NotFoundError):
     code = "unknown_command"
 
 
+class CaptureError(FleetServerError):
+    """Capture upload or the datasets failed on the server (storage, the registry)."""
+
+    code = "capture_error"
+
+
+class CapturePolicyError(CaptureError):
+    """The capture request does not fit: no policy for the model, an empty cohort, a bad
+    selector or setting."""
+
+    code = "capture_policy"
+
+
+class DatasetUnusableError(CaptureError):
+    """A dataset cannot be used as asked (an evaluation set needs one labelled float input)."""
+
+    code = "dataset_unusable"
+
+
+class UnknownDatasetError(NotFoundError):
+    """No dataset with this digest is stored."""
+
+    code = "unknown_dataset"
+
+
 #: The admin API's answer to a missing or wrong bearer token (no error is raised for it).
 ADMIN_UNAUTHORIZED_STATUS = 401
 #: The admin API's answer to anything that is not one of our errors (a bug; no details).
@@ -572,6 +600,9 @@ ERRORS = device_errors.ERRORS.extend(
         ErrorRow(DiagnosticsError, admin=503, exit=EXIT_RUNTIME),
         ErrorRow(CommandQueueFullError, admin=429, exit=EXIT_BAD_INPUT),
         ErrorRow(SupportBundleNotReadyError, admin=409, exit=EXIT_BAD_INPUT),
+        ErrorRow(CaptureError, admin=503, exit=EXIT_RUNTIME),
+        ErrorRow(CapturePolicyError, admin=400, exit=EXIT_BAD_INPUT),
+        ErrorRow(DatasetUnusableError, admin=409, exit=EXIT_BAD_INPUT),
         ErrorRow(AdminInputError, admin=400),
         ErrorRow(LabelError, admin=400, exit=EXIT_BAD_INPUT),
         ErrorRow(AdminBodyTooLargeError, admin=413),

@@ -41,10 +41,13 @@ from fleet_server.admin.auth import Authenticator
 from fleet_server.admin.drift import drift_routes
 from fleet_server.admin.evalsets import evalset_routes
 from fleet_server.admin.ops.agents import agent_routes
+from fleet_server.admin.ops.capture import capture_routes
 from fleet_server.admin.ops.diagnostics import diagnostics_routes
 from fleet_server.admin.ops.labels import label_routes
 from fleet_server.admin.rollouts import rollout_routes
 from fleet_server.admin.root import root_routes
+from fleet_server.capture.service import CaptureService
+from fleet_server.capture.store import DatasetStore
 from fleet_server.config import ApiConfig, ServerConfig
 from fleet_server.console.routes import ConsoleDeps, console_routes
 from fleet_server.delivery.library import BundleLibrary
@@ -118,6 +121,7 @@ class AdminParts:
     evalsets: EvalSetStore
     accounts: Accounts
     diagnostics: Diagnostics
+    capture: CaptureService
     max_upload_bytes: int
     clock: Callable[[], datetime]
 
@@ -138,6 +142,7 @@ def admin_routes(parts: AdminParts) -> tuple[RouteProvider, ...]:
         lambda guard: agent_routes(p.service, p.max_upload_bytes, guard),
         lambda guard: account_routes(p.accounts, guard),
         lambda guard: diagnostics_routes(p.diagnostics, guard),
+        lambda guard: capture_routes(p.capture, p.evalsets, guard),
     )
 
 
@@ -204,6 +209,12 @@ def run(
             clock=lambda: datetime.now(UTC),
         )
         gateway.attach_diagnostics(diagnostics)
+        capture = CaptureService(
+            registry,
+            diagnostics,
+            DatasetStore(Path(config.registry.state_dir) / "datasets", registry),
+            clock=lambda: datetime.now(UTC),
+        )
         client.connect()
         try:
             client.wait_connected(CONNECT_TIMEOUT)
@@ -275,6 +286,7 @@ def run(
                         evalsets,
                         accounts,
                         diagnostics,
+                        capture,
                         config.api.max_upload_bytes,
                         lambda: datetime.now(UTC),
                     )
@@ -283,6 +295,7 @@ def run(
             ),
             extra_metrics=(
                 ("diagnostics", diagnostics.stats),
+                ("capture", capture.stats),
                 *((("fallback", fallback.stats),) if fallback is not None else ()),
             ),
             auditor=auditor,

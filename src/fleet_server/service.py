@@ -39,10 +39,10 @@ from fleet_server.delivery.library import BundleLibrary, LibraryEntry
 from fleet_server.errors import ModelNotPublishedError, UnknownGroupError
 from fleet_server.gateway.misbehaviour import DeviceMisbehaviour
 from fleet_server.pki.roots import ServerRoots
-from fleet_server.registry import agent_releases
 from fleet_server.registry import labels as label_store
 from fleet_server.registry import rollouts as rollout_store
-from fleet_server.registry.agent_releases import AgentReleaseRecord
+from fleet_server.registry.ops import agent_releases
+from fleet_server.registry.ops.agent_releases import AgentReleaseRecord
 from fleet_server.registry.store import Registry
 from fleet_server.registry.values import (
     BundleRecord,

@@ -29,8 +29,8 @@ from fleet_server.admin.api import create_app
 from fleet_server.admin.audit import Auditor
 from fleet_server.admin.auth import Authenticator
 from fleet_server.delivery.library import BundleLibrary
-from fleet_server.registry.agent_releases import list_agent_releases
 from fleet_server.registry.audit import AuditQuery, audit_entries
+from fleet_server.registry.ops.agent_releases import list_agent_releases
 from fleet_server.registry.store import Registry
 from fleet_server.server import AdminParts, admin_routes
 from fleet_server.service import FleetService
@@ -88,6 +88,7 @@ def env(digits_bundles: DigitsBundles, tmp_path: Path) -> Iterator[Env]:
                 absent,
                 absent,
                 accounts,
+                absent,
                 absent,
                 4 * 1024 * 1024,
                 clock.wall,

@@ -35,7 +35,7 @@ from edge_agent.errors import (
     ModelStoreError,
 )
 from edge_agent.serving.candidates import Candidates
-from edge_agent.serving.capture import CaptureRing
+from edge_agent.serving.capture import CaptureRing, label_indices
 from edge_agent.serving.fallback import DEVICE, CloudFallback, FallbackPolicy, FallbackTransport
 from edge_agent.serving.ground_truth import FeedbackResult, GroundTruth, predicted_classes
 from edge_agent.serving.lifecycle import ModelLifecycle
@@ -331,9 +331,10 @@ class Agent:
                 params["fallback_failed"] = str(exc)
                 if after.out_of_distribution:
                     params["out_of_distribution"] = True
-        self._account(request.model, entry, route, result)
-        version = str(entry.pipeline.version)
         given = self._remember(request, entry, result)
+        rid = request.request_id if isinstance(request.request_id, str) else given
+        self._account(request.model, entry, route, result, rid)
+        version = str(entry.pipeline.version)
         return InferenceResult(
             request.model, version, result.outputs, SOURCE_DEVICE, params, request_id=given
         )
@@ -371,7 +372,13 @@ class Agent:
         if version is not None and not (version.isascii() and version.isdigit()):
             raise ModelNotFoundError(f"model {name!r} has no version {version!r}")
         pinned = None if version is None else int(version)
-        return self.ground_truth.feedback(name, request_id, label, rows=rows, version=pinned)
+        result = self.ground_truth.feedback(name, request_id, label, rows=rows, version=pinned)
+        loaded = self.registry.get(name)
+        if self.capture is not None and loaded is not None:
+            classes = label_indices(label, rows, loaded.pipeline.manifest.outputs.labels)
+            if classes is not None:
+                self.capture.label(name, request_id, classes)
+        return result
 
     def _device_params(
         self, entry: Loaded, result: PipelineResult, arm: str, cloud_failed: str | None
@@ -392,7 +399,14 @@ class Agent:
             params["drift_alert"] = True
         return params
 
-    def _account(self, name: str, entry: Loaded, route: Route, result: PipelineResult) -> None:
+    def _account(
+        self,
+        name: str,
+        entry: Loaded,
+        route: Route,
+        result: PipelineResult,
+        request_id: str | None = None,
+    ) -> None:
         """A device answer: offer it to the shadow and capture, count it."""
         shadow = self.candidates.shadow(name)
         if shadow is not None and self.router.offers_shadow(
@@ -401,7 +415,7 @@ class Agent:
             shadow.offer(result.model_inputs, result.outputs, result.latency_s)
         if self.capture is not None:
             self.capture.offer(
-                name, entry.pipeline.version, result.validation.feeds, result.outputs
+                name, entry.pipeline.version, result.validation.feeds, result.outputs, request_id
             )
         self.counts["device"] += 1
         self._sources[name]["device"] += 1

@@ -169,6 +169,7 @@ class SyncAgent:
             ),
             health_check=lambda model: health_check(agent, model),
             restart=restart,
+            capture=agent.capture,
             clock=clock,
         )
         self._renewer: CertRenewer | None = None

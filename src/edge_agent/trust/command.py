@@ -53,6 +53,7 @@ from securesystemslib.signer import Signature
 
 from edge_agent.errors import (
     CommandArgumentError,
+    ContractError,
     ExpiredMetadataError,
     MetadataFormatError,
     MixAndMatchError,
@@ -61,6 +62,7 @@ from edge_agent.errors import (
 )
 from edge_agent.ids import DEVICE_ID_PATTERN, NAME_PATTERN
 from edge_agent.trust import envelope
+from edge_agent.trust.capture_settings import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES, UploadSettings
 from edge_agent.trust.fields import exact_keys, int_field, str_field
 from edge_agent.trust.root import TrustedRoot
 
@@ -76,6 +78,7 @@ __all__ = [
     "MIN_SUPPORT_BUNDLE_BYTES",
     "SCHEMA_VERSION",
     "SIGNING_ROLE",
+    "CaptureUploadArgs",
     "CommandArgs",
     "HealthCheckArgs",
     "LogsArgs",
@@ -106,10 +109,19 @@ MIN_SUPPORT_BUNDLE_BYTES: Final = 64 * 1024
 MAX_SUPPORT_BUNDLE_BYTES: Final = 16 * 1024 * 1024
 LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
 #: The fixed list. Adding a name is a new agent release, never a server-side setting.
-COMMAND_NAMES: Final = ("ping", "logs", "support-bundle", "restart", "health-check")
+COMMAND_NAMES: Final = (
+    "ping",
+    "logs",
+    "support-bundle",
+    "restart",
+    "health-check",
+    "capture-config",
+    "capture-upload",
+)
 TIME_FORMAT: Final = "%Y-%m-%dT%H:%M:%SZ"
 
 _COMMAND_ID_RE = re.compile(r"[0-9a-f]{32}")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 # Known-name syntax, checked before the list so a garbled name is a format error.
 _NAME_SYNTAX = re.compile(r"[a-z][a-z0-9-]{0,31}")
 _SIGNED_KEYS = frozenset(
@@ -157,7 +169,19 @@ class HealthCheckArgs:
     model: str
 
 
-CommandArgs = NoArgs | LogsArgs | SupportBundleArgs | HealthCheckArgs
+@dataclass(frozen=True)
+class CaptureUploadArgs:
+    """``capture-upload``: acknowledge the chunk with SHA-256 ``ack`` ("" for none) and offer
+    the next chunk of ``model``'s captured records, at most ``max_bytes``."""
+
+    model: str
+    ack: str
+    max_bytes: int
+
+
+CommandArgs = (
+    NoArgs | LogsArgs | SupportBundleArgs | HealthCheckArgs | UploadSettings | CaptureUploadArgs
+)
 
 
 def _arg_int(value: object, what: str, minimum: int, maximum: int) -> int:
@@ -205,6 +229,22 @@ def parse_arguments(name: str, args: object) -> CommandArgs:
             _arg_int(
                 args["max_bytes"], "max_bytes", MIN_SUPPORT_BUNDLE_BYTES, MAX_SUPPORT_BUNDLE_BYTES
             )
+        )
+    if name == "capture-config":
+        try:
+            return UploadSettings.from_dict(args)
+        except ContractError as exc:
+            raise CommandArgumentError(str(exc)) from exc
+    if name == "capture-upload":
+        _arg_keys(args, frozenset({"model", "ack", "max_bytes"}), name)
+        ack = args["ack"]
+        if not isinstance(ack, str) or not (ack == "" or _SHA256_RE.fullmatch(ack)):
+            raise CommandArgumentError("ack must be a SHA-256 hex digest or empty")
+        model = args["model"]
+        if not isinstance(model, str) or not NAME_PATTERN.fullmatch(model):
+            raise CommandArgumentError("model must be a model name")
+        return CaptureUploadArgs(
+            model, ack, _arg_int(args["max_bytes"], "max_bytes", MIN_CHUNK_BYTES, MAX_CHUNK_BYTES)
         )
     _arg_keys(args, frozenset({"model"}), name)  # health-check
     model = args["model"]

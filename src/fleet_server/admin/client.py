@@ -446,3 +446,53 @@ class AdminClient:
                 f"admin API {self._http.base_url} unreachable: {exc}"
             ) from exc
         return written
+
+    # ------------------------------------------------------------------ capture and datasets
+    def capture_action(self, model: str, action: str, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /v1/capture/{model}/{enable|disable|collect}``: ``{"policy", "commands",
+        "errors"}``. Raises: AdminApiError."""
+        return dict(self._call("POST", f"/v1/capture/{model}/{action}", json=body))
+
+    def capture_status(self, model: str | None = None) -> dict[str, Any]:
+        """``GET /v1/capture``: policies, device upload state, counters. Raises: AdminApiError."""
+        params = {"model": model} if model else {}
+        return dict(self._call("GET", "/v1/capture", params=params))
+
+    def datasets(self, model: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+        """``GET /v1/datasets``, newest first. Raises: AdminApiError."""
+        params: dict[str, Any] = {"limit": limit}
+        if model:
+            params["model"] = model
+        return list(self._call("GET", "/v1/datasets", params=params)["datasets"])
+
+    def dataset(self, sha256: str) -> dict[str, Any]:
+        """``GET /v1/datasets/{sha256}``: one dataset with provenance. Raises: AdminApiError."""
+        return dict(self._call("GET", f"/v1/datasets/{sha256}"))
+
+    def dataset_export(self, sha256: str, out: BinaryIO, fmt: str = "npz") -> int:
+        """``GET /v1/datasets/{sha256}/export`` into ``out``; the bytes written.
+
+        Raises:
+            AdminApiError: as every call.
+            OSError: ``out`` cannot be written.
+        """
+        try:
+            response = self._http.get(f"/v1/datasets/{sha256}/export", params={"format": fmt})
+        except httpx.HTTPError as exc:
+            raise AdminUnreachableError(
+                f"admin API {self._http.base_url} unreachable: {exc}"
+            ) from exc
+        if response.status_code >= 400:
+            self._raise_for(response)
+        out.write(response.content)
+        return len(response.content)
+
+    def register_dataset_evalset(
+        self, sha256: str, input_name: str | None = None, note: str = ""
+    ) -> dict[str, Any]:
+        """``POST /v1/datasets/{sha256}/evalset``: ``{"evalset": registration}``.
+        Raises: AdminApiError."""
+        body: dict[str, Any] = {"note": note}
+        if input_name:
+            body["input"] = input_name
+        return dict(self._call("POST", f"/v1/datasets/{sha256}/evalset", json=body))

@@ -11,7 +11,8 @@ a running server's admin API (``devices list|show|register|misbehaviour``, ``mod
 sets (``evalsets``) in ``fleet_server.cli.evalsets``, the audit log (``audit list|export``) in
 ``fleet_server.cli.audit``, accounts and API tokens (``accounts``, ``tokens``) in
 ``fleet_server.cli.accounts``, remote diagnostics (``devices ping|logs|support-bundle|restart|
-health-check|commands``) in ``fleet_server.cli.diagnostics``. Commands
+health-check|commands``) in ``fleet_server.cli.diagnostics``, capture upload and datasets
+(``capture``, ``datasets``) in ``fleet_server.cli.capture``. Commands
 are thin; the error boundary in ``edge_agent.cli.support`` maps our errors to exit codes by the
 one error table (``fleet_server.errors.ERRORS``).
 
@@ -38,6 +39,7 @@ from fleet_server.cli.accounts import register_account_commands
 from fleet_server.cli.admin import register_admin_commands
 from fleet_server.cli.agent import register_agent_commands
 from fleet_server.cli.audit import register_audit_commands
+from fleet_server.cli.capture import register_capture_commands
 from fleet_server.cli.certs import register_cert_commands
 from fleet_server.cli.diagnostics import register_diagnostics_commands
 from fleet_server.cli.drift import register_drift_commands
@@ -299,6 +301,7 @@ register_account_commands(cli)
 register_diagnostics_commands(devices)
 register_label_commands(cli, devices)
 register_cert_commands(cli, ca)
+register_capture_commands(cli)
 
 
 def main(argv: list[str] | None = None) -> None:

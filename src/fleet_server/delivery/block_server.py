@@ -36,7 +36,7 @@ from edge_agent.wire.topics import Publication, Topics
 from edge_agent.wire.transfer import BlockPlan, BlockRequest, transfer_id_for
 from fleet_server.delivery.blocks import BlockSource, RecentBroadcasts, RoundPlan, plan_round
 from fleet_server.errors import ModelNotPublishedError, RegistryError
-from fleet_server.registry.agent_releases import list_agent_releases
+from fleet_server.registry.ops.agent_releases import list_agent_releases
 from fleet_server.registry.store import Registry
 
 __all__ = ["BlockServer", "Pacer"]

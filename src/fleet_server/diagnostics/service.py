@@ -131,6 +131,22 @@ class Diagnostics:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pruned_at = -_PRUNE_EVERY_SECONDS
+        self._on_answer: dict[str, Callable[[CommandRecord, CommandAnswer], bool]] = {}
+        self._on_upload: dict[str, Callable[[CommandRecord, Path], None]] = {}
+
+    def listen(
+        self,
+        name: str,
+        *,
+        answer: Callable[[CommandRecord, CommandAnswer], bool],
+        upload: Callable[[CommandRecord, Path], None],
+    ) -> None:
+        """Hand the answers and verified uploads of command ``name`` to another service
+        (``fleet_server.capture``): ``answer`` sees each successful answer first and says
+        whether to pull the upload it offers (``result["offer"]``); ``upload`` gets each
+        verified file and owns it from then on."""
+        self._on_answer[name] = answer
+        self._on_upload[name] = upload
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -326,7 +342,17 @@ class Diagnostics:
                 self._count(f"refused_{code}")
             return None
         if record.name == "support-bundle":
-            return self._accept_offer(record, answer, now)
+            return self._accept_offer(record, answer, now, answer.result)
+        listener = self._on_answer.get(record.name)
+        if listener is not None:
+            try:
+                pull = listener(record, answer)
+            except EdgefleetError as exc:
+                log.error("%s answer %s not handled: %s", record.name, command_id, exc)
+                pull = False
+            offer = answer.result.get("offer") if isinstance(answer.result, dict) else None
+            if pull and isinstance(offer, dict):
+                return self._accept_offer(record, answer, now, offer)
         if self._book.settle(
             command_id, "answered", answer=answer.to_dict(), at=now, from_states=states
         ):
@@ -338,9 +364,11 @@ class Diagnostics:
         self._uploads.on_block(device_id, message.payload)
 
     # ------------------------------------------------------------------ uploads
-    def _accept_offer(self, record: CommandRecord, answer: CommandAnswer, now: float) -> str | None:
+    def _accept_offer(
+        self, record: CommandRecord, answer: CommandAnswer, now: float, raw_offer: object
+    ) -> str | None:
         try:
-            offer = UploadOffer.from_dict(answer.result)
+            offer = UploadOffer.from_dict(raw_offer)
         except ContractError:
             self._book.settle(
                 record.id,
@@ -359,7 +387,7 @@ class Diagnostics:
             from_states=("pending", "expired"),
         ):
             return self._drop("answer_duplicate")
-        self._count("answered_support-bundle")
+        self._count(f"answered_{record.name}")
         try:
             self._uploads.start(record.id, record.device_id, offer)
         except OSError as exc:
@@ -406,6 +434,15 @@ class Diagnostics:
             )
         except DiagnosticsError as exc:
             log.error("support bundle %s: state not recorded: %s", result.command_id, exc)
+        listener = self._on_upload.get(self._name_of(result.command_id))
+        if listener is not None:
+            self._count("uploads_verified" if result.ok else "uploads_failed")
+            if result.ok and result.path is not None:
+                try:
+                    listener(self._book.get(result.command_id), result.path)
+                except EdgefleetError as exc:
+                    log.error("upload %s not taken: %s", result.command_id, exc)
+            return
         self._count("bundles_uploaded" if result.ok else "bundles_failed")
         log.info(
             "support bundle %s from %s: %s",
@@ -413,6 +450,14 @@ class Diagnostics:
             result.device_id,
             "verified" if result.ok else result.reason,
         )
+
+    def _name_of(self, command_id: str) -> str:
+        try:
+            record = self._book.find(command_id)
+        except DiagnosticsError as exc:
+            log.error("upload %s: command not readable: %s", command_id, exc)
+            return ""
+        return "" if record is None else record.name
 
     # ------------------------------------------------------------------ counting
     def _count(self, name: str, n: int = 1) -> None:

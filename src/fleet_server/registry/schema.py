@@ -21,7 +21,7 @@ from sqlalchemy import MetaData
 
 from fleet_server.registry import audit
 from fleet_server.registry.orm import Base
-from fleet_server.registry.tables import agents, core, evalsets, labels, rollouts
+from fleet_server.registry.tables import agents, capture, core, evalsets, labels, rollouts
 
 __all__ = ["METADATA", "PARTITION_NAME", "TABLE_MODULES", "include_name"]
 
@@ -33,6 +33,7 @@ TABLE_MODULES: Final[tuple[ModuleType, ...]] = (
     audit,
     labels,
     agents,
+    capture,
 )
 
 #: The shared metadata, complete: every table of ``TABLE_MODULES``.

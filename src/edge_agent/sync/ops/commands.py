@@ -13,7 +13,8 @@ must not hold up installs or telemetry on the sync thread):
 5. ``arguments()`` gives the typed arguments of a name on the fixed list, then the one function
    for that name runs: ``ping``, ``logs`` (the ``LogRing``), ``support-bundle`` (built by
    ``support_bundle``, offered by ``upload.UploadServer``), ``restart`` (the daemon's drain,
-   then exit code ``EXIT_RESTART``), ``health-check`` (the model's golden samples).
+   then exit code ``EXIT_RESTART``), ``health-check`` (the model's golden samples),
+   ``capture-config`` and ``capture-upload`` (``capture_upload.CaptureUploader``).
 
 Every refusal is counted by its error code (``counts``) and answered on
 ``<prefix>/devices/<id>/commands/resp`` with the request's correlation data whenever the
@@ -48,12 +49,16 @@ from edge_agent.errors import (
 )
 from edge_agent.runtime.golden import check_golden
 from edge_agent.serving.agent import Agent
+from edge_agent.serving.capture import CaptureRing
 from edge_agent.store import ModelStore
 from edge_agent.strict_json import loads as strict_loads
+from edge_agent.sync.ops.capture_upload import CaptureUploader
 from edge_agent.sync.ops.support_bundle import BundleSources, build_support_bundle
 from edge_agent.sync.ops.upload import UploadServer
+from edge_agent.trust.capture_settings import UploadSettings
 from edge_agent.trust.command import (
     MAX_COMMAND_BYTES,
+    CaptureUploadArgs,
     CommandArgs,
     HealthCheckArgs,
     LogsArgs,
@@ -93,6 +98,8 @@ class CommandRunner:
             ``CommandFailedError`` when the model is not loaded.
         restart: asks the daemon to drain and exit with ``EXIT_RESTART``; None when the agent
             runs without a service manager (then ``restart`` is refused).
+        capture: the capture ring, None when capture is off (then the ``capture-*`` commands
+            fail).
         clock: wall-clock seconds.
     """
 
@@ -109,6 +116,7 @@ class CommandRunner:
         sources: BundleSources,
         health_check: Callable[[str], dict[str, Any]],
         restart: Callable[[], None] | None,
+        capture: CaptureRing | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._device_id = device_id
@@ -135,6 +143,7 @@ class CommandRunner:
             ),
             clock=clock,
         )
+        self.capture = CaptureUploader(device_id, capture, directory, self.uploads, clock=clock)
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -243,6 +252,10 @@ class CommandRunner:
             return self.uploads.offer(data).to_dict()
         if isinstance(args, HealthCheckArgs):
             return self._health_check(args.model)
+        if isinstance(args, UploadSettings):
+            return self.capture.configure(args)
+        if isinstance(args, CaptureUploadArgs):
+            return self.capture.upload(args)
         if command.name == "restart":
             if self._restart is None:
                 raise CommandFailedError("this agent runs without a service manager to restart it")

@@ -1,0 +1,305 @@
+"""Datasets on the server: take a verified chunk, refuse what is bad, store it by digest, export.
+
+Owns: ``DatasetStore``. ``ingest`` parses a chunk a device uploaded (``edge_agent.common.
+capture_chunk.parse_chunk``: a malformed or oversized chunk is refused whole), checks it
+against the model's policy (the fields the policy drops must be absent: a device that sent them
+is refused whole), refuses bad records one by one (a version out of range, a time that is not a
+finite time at most a day ahead, an unprintable request id, more than ``MAX_RECORD_ROWS`` rows
+or ``MAX_RECORD_BYTES`` of tensors), writes the records it kept back in the chunk format (the
+canonical bytes: the same records always give the same digest) as
+``<state_dir>/datasets/<sha256>.npz`` and registers it with its provenance (device, model,
+versions, time range, counts, labels present). ``export`` writes a dataset as a flat training
+``.npz`` (one row per request row); ``evalset_bytes`` turns its labelled rows into an
+evaluation set file (``fleet_server.evalsets``).
+
+Does not pull blocks (``fleet_server.diagnostics``) or decide which devices upload
+(``fleet_server.capture.service``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+from edge_agent.common.capture_chunk import CaptureChunk, parse_chunk, write_chunk
+from edge_agent.common.durable import write_atomic
+from edge_agent.errors import ContractError
+from edge_agent.trust.capture_settings import MAX_CHUNK_BYTES
+from fleet_server.errors import CaptureError, DatasetUnusableError
+from fleet_server.registry.ops import datasets as rows
+from fleet_server.registry.ops.datasets import CapturePolicy, DatasetRecord
+from fleet_server.registry.store import Registry
+
+__all__ = [
+    "DATASET_SUFFIX",
+    "MAX_RECORD_BYTES",
+    "MAX_RECORD_ROWS",
+    "DatasetStore",
+    "IngestResult",
+]
+
+log = logging.getLogger(__name__)
+
+DATASET_SUFFIX: Final = ".npz"
+MAX_RECORD_ROWS: Final = 4096
+MAX_RECORD_BYTES: Final = 1024 * 1024
+MAX_FUTURE_SECONDS: Final = 86400.0
+_MAX_VERSION: Final = 2**31 - 1
+_PRINTABLE_ID = re.compile(r"[\x20-\x7e]{0,256}")
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What one chunk became: a dataset, or the reason it was refused whole; records refused
+    one by one, by reason."""
+
+    device_id: str
+    model: str
+    chunk_sha256: str
+    dataset: DatasetRecord | None
+    refused: str = ""
+    refused_records: dict[str, int] | None = None
+
+
+def _violates(chunk: CaptureChunk, drop: tuple[str, ...]) -> bool:
+    """Whether the chunk carries a field the policy drops."""
+    for d in drop:
+        kind, _, name = d.partition(":")
+        if (
+            (d == "inputs" and chunk.inputs)
+            or (d == "outputs" and chunk.outputs)
+            or (d == "labels" and bool(np.any(chunk.labels >= 0)))
+            or (d == "metadata" and any(chunk.request_ids.tolist()))
+            or (kind == "input" and name in chunk.inputs)
+            or (kind == "output" and name in chunk.outputs)
+        ):
+            return True
+    return not set(drop) <= set(chunk.dropped)
+
+
+def _bad_records(chunk: CaptureChunk, now: float) -> tuple[npt.NDArray[np.bool_], Counter[str]]:
+    keep = np.ones(chunk.records, dtype=bool)
+    reasons: Counter[str] = Counter()
+    row_bytes = sum(
+        int(np.prod(a.shape[1:], dtype=np.int64)) * a.dtype.itemsize
+        for a in (*chunk.inputs.values(), *chunk.outputs.values())
+    )
+    for i in range(chunk.records):
+        n_rows = int(chunk.rows[i + 1] - chunk.rows[i])
+        t = float(chunk.times[i])
+        reason = ""
+        if not 1 <= int(chunk.versions[i]) <= _MAX_VERSION:
+            reason = "bad_version"
+        elif not math.isfinite(t) or t < 0 or t > now + MAX_FUTURE_SECONDS:
+            reason = "bad_time"
+        elif not _PRINTABLE_ID.fullmatch(str(chunk.request_ids[i])):
+            reason = "bad_request_id"
+        elif n_rows > MAX_RECORD_ROWS or n_rows * row_bytes > MAX_RECORD_BYTES:
+            reason = "oversized"
+        if reason:
+            keep[i] = False
+            reasons[reason] += 1
+    return keep, reasons
+
+
+def _select(chunk: CaptureChunk, keep: npt.NDArray[np.bool_]) -> CaptureChunk:
+    row_mask = np.repeat(keep, np.diff(chunk.rows))
+    kept_rows = np.diff(chunk.rows)[keep]
+    return replace(
+        chunk,
+        versions=chunk.versions[keep],
+        times=chunk.times[keep],
+        request_ids=chunk.request_ids[keep],
+        rows=np.concatenate([[0], np.cumsum(kept_rows)]).astype(np.int64),
+        labels=chunk.labels[row_mask],
+        inputs={n: a[row_mask] for n, a in chunk.inputs.items()},
+        outputs={n: a[row_mask] for n, a in chunk.outputs.items()},
+    )
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class DatasetStore:
+    """Dataset files named ``<sha256>.npz`` in ``directory``, registered in ``registry``."""
+
+    def __init__(
+        self,
+        directory: Path,
+        registry: Registry,
+        *,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self._dir = Path(directory)
+        self._registry = registry
+        self._clock = clock
+
+    def path_of(self, sha256: str) -> Path:
+        """The file a dataset with this digest is (or would be) stored at."""
+        return self._dir / f"{sha256}{DATASET_SUFFIX}"
+
+    def ingest(
+        self, device_id: str, policy: CapturePolicy, data: bytes, counts: dict[str, int]
+    ) -> IngestResult:
+        """Take one verified chunk from ``device_id`` for ``policy.model`` (see the module doc).
+
+        Args:
+            counts: what the device reported leaving out (its answer's counts).
+
+        Raises:
+            CaptureError: the file cannot be written.
+            RegistryUnavailableError: the database failed.
+        """
+        chunk_sha = hashlib.sha256(data).hexdigest()
+        now = self._clock()
+
+        def refuse(reason: str) -> IngestResult:
+            rows.record_chunk(
+                self._registry, policy.model, device_id, ack_sha256=chunk_sha, refused=True,
+                device_counts=counts, at=now,
+            )  # fmt: skip
+            log.warning("capture chunk from %s refused: %s", device_id, reason)
+            return IngestResult(device_id, policy.model, chunk_sha, None, reason)
+
+        try:
+            chunk = parse_chunk(data, max_bytes=min(policy.chunk_bytes, MAX_CHUNK_BYTES))
+        except ContractError as exc:
+            return refuse("malformed" if "larger than" not in str(exc) else "oversized")
+        if chunk.device_id != device_id or chunk.model != policy.model:
+            return refuse("mix_and_match")
+        if _violates(chunk, policy.drop):
+            return refuse("policy_violation")
+        keep, reasons = _bad_records(chunk, now.timestamp())
+        clean = _select(chunk, keep) if not keep.all() else chunk
+        refused_records = sum(reasons.values())
+        if clean.records == 0:
+            rows.record_chunk(
+                self._registry, policy.model, device_id, ack_sha256=chunk_sha,
+                refused_records=refused_records, device_counts=counts, at=now,
+            )  # fmt: skip
+            return IngestResult(device_id, policy.model, chunk_sha, None, "", dict(reasons))
+        canonical = write_chunk(clean)
+        sha256 = hashlib.sha256(canonical).hexdigest()
+        path = self.path_of(sha256)
+        try:
+            if not path.is_file():
+                self._dir.mkdir(parents=True, exist_ok=True)
+                write_atomic(path, canonical)
+        except OSError as exc:
+            raise CaptureError(f"cannot store dataset {sha256}: {exc.strerror}") from exc
+        record = DatasetRecord(
+            sha256=sha256,
+            model=policy.model,
+            length=len(canonical),
+            records=clean.records,
+            rows=int(clean.rows[-1]),
+            labelled_rows=int(np.count_nonzero(clean.labels >= 0)),
+            time_from=float(clean.times.min()),
+            time_to=float(clean.times.max()),
+            created_at=now,
+            provenance={
+                "devices": [device_id],
+                "versions": sorted({int(v) for v in clean.versions}),
+                "inputs": {n: _describe(a) for n, a in clean.inputs.items()},
+                "outputs": {n: _describe(a) for n, a in clean.outputs.items()},
+                "dropped": list(clean.dropped),
+                "refused_records": dict(reasons),
+                "device_counts": dict(chunk.counts),
+                "labelled_records": int(
+                    sum(
+                        bool(np.any(clean.labels[clean.rows[i] : clean.rows[i + 1]] >= 0))
+                        for i in range(clean.records)
+                    )
+                ),
+                "chunk_sha256": chunk_sha,
+            },
+        )
+        stored, _ = rows.add_dataset(self._registry, record)
+        rows.record_chunk(
+            self._registry, policy.model, device_id, ack_sha256=chunk_sha,
+            records=clean.records, refused_records=refused_records, device_counts=counts, at=now,
+        )  # fmt: skip
+        return IngestResult(device_id, policy.model, chunk_sha, stored, "", dict(reasons))
+
+    def load(self, sha256: str) -> CaptureChunk:
+        """A stored dataset's records.
+
+        Raises:
+            UnknownDatasetError: not registered.
+            CaptureError: registered but its file is missing or damaged.
+        """
+        rows.get_dataset(self._registry, sha256)
+        try:
+            data = self.path_of(sha256).read_bytes()
+            if hashlib.sha256(data).hexdigest() != sha256:
+                raise CaptureError(f"dataset {sha256} does not match its digest")
+            return parse_chunk(data, max_bytes=len(data))
+        except (OSError, ContractError) as exc:
+            raise CaptureError(f"dataset {sha256} unreadable: {exc}") from exc
+
+    def export(self, sha256: str) -> bytes:
+        """A flat training ``.npz``: one row per request row (``input/<name>``,
+        ``output/<name>``, ``label`` (-1: none), ``version``, ``time``, ``record``,
+        ``request_id``, ``device``).
+
+        Raises:
+            UnknownDatasetError, CaptureError: as ``load``.
+        """
+        chunk = self.load(sha256)
+        per_row = np.diff(chunk.rows)
+        arrays: dict[str, Any] = {f"input/{n}": a for n, a in chunk.inputs.items()}
+        arrays.update({f"output/{n}": a for n, a in chunk.outputs.items()})
+        arrays["label"] = chunk.labels
+        arrays["version"] = np.repeat(chunk.versions, per_row)
+        arrays["time"] = np.repeat(chunk.times, per_row)
+        arrays["record"] = np.repeat(np.arange(chunk.records, dtype=np.int64), per_row)
+        arrays["request_id"] = np.repeat(chunk.request_ids, per_row)
+        arrays["device"] = np.full(int(chunk.rows[-1]), chunk.device_id)
+        buf = io.BytesIO()
+        np.savez(buf, allow_pickle=False, **arrays)
+        return buf.getvalue()
+
+    def evalset_bytes(self, sha256: str, input_name: str | None = None) -> bytes:
+        """An evaluation set file (``x`` float32, ``y`` class indices) of the labelled rows.
+
+        Raises:
+            DatasetUnusableError: no such input, several inputs and none named, or no labelled
+                row.
+            UnknownDatasetError, CaptureError: as ``load``.
+        """
+        chunk = self.load(sha256)
+        if input_name is None:
+            if len(chunk.inputs) != 1:
+                raise DatasetUnusableError(
+                    f"dataset {sha256[:12]} has {len(chunk.inputs)} inputs: name one"
+                )
+            input_name = next(iter(chunk.inputs))
+        if input_name not in chunk.inputs:
+            raise DatasetUnusableError(f"dataset {sha256[:12]} has no input {input_name[:64]!r}")
+        labelled = chunk.labels >= 0
+        if not labelled.any():
+            raise DatasetUnusableError(f"dataset {sha256[:12]} has no labelled row")
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            x=chunk.inputs[input_name][labelled].astype(np.float32),
+            y=chunk.labels[labelled].astype(np.int64),
+        )
+        return buf.getvalue()
+
+
+def _describe(a: npt.NDArray[Any]) -> dict[str, Any]:
+    return {"dtype": a.dtype.str, "row_shape": [int(d) for d in a.shape[1:]]}
