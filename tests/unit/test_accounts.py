@@ -76,6 +76,7 @@ MATRIX = {
         Permission.ROLLOUTS_CONTROL,
         Permission.EVALSETS_WRITE,
         Permission.SCHEDULES,
+        Permission.DATASETS,
     },
     Role.OPERATOR: {
         Permission.READ,

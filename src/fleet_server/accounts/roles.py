@@ -19,6 +19,7 @@ role for the people who look after devices day to day)::
     models.publish        x          x
     releases              x          x
     schedules             x          x              x          (label groups, windows)
+    datasets              x          x                         (capture upload, export)
     rollouts.control      x          x              x
     evalsets.write        x          x
     keys                  x
@@ -75,6 +76,7 @@ class Permission(StrEnum):
     RELEASES = "releases"  # assign, waves, create and approve rollouts, overrides
     ROLLOUTS_CONTROL = "rollouts.control"  # pause, resume, abort
     SCHEDULES = "schedules"  # label groups and maintenance windows
+    DATASETS = "datasets"  # capture upload from devices, and exporting what it collected
     EVALSETS_WRITE = "evalsets.write"
     KEYS = "keys"  # builder root rotation
     ACCOUNTS_ADMIN = "accounts.admin"  # every account, every token
@@ -97,6 +99,7 @@ _RELEASE = _VIEWER | {
     _P.ROLLOUTS_CONTROL,
     _P.EVALSETS_WRITE,
     _P.SCHEDULES,
+    _P.DATASETS,
 }
 
 #: The matrix: each role's permissions.
@@ -161,13 +164,13 @@ ROUTE_PERMISSIONS: Final[Mapping[str, Permission]] = MappingProxyType(
         "GET /v1/windows": _P.READ,
         "PUT /v1/windows/{name}": _P.SCHEDULES,
         "DELETE /v1/windows/{name}": _P.SCHEDULES,
-        "POST /v1/capture/{model}/enable": _P.DIAGNOSTICS,
-        "POST /v1/capture/{model}/disable": _P.DIAGNOSTICS,
-        "POST /v1/capture/{model}/collect": _P.DIAGNOSTICS,
+        "POST /v1/capture/{model}/enable": _P.DATASETS,
+        "POST /v1/capture/{model}/disable": _P.DATASETS,
+        "POST /v1/capture/{model}/collect": _P.DATASETS,
         "GET /v1/capture": _P.READ,
         "GET /v1/datasets": _P.READ,
         "GET /v1/datasets/{sha256}": _P.READ,
-        "GET /v1/datasets/{sha256}/export": _P.DIAGNOSTICS,
+        "GET /v1/datasets/{sha256}/export": _P.DATASETS,
         "POST /v1/datasets/{sha256}/evalset": _P.EVALSETS_WRITE,
         "POST /v1/models": _P.MODELS_PUBLISH,
         "POST /v1/assign": _P.RELEASES,
