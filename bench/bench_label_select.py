@@ -1,6 +1,7 @@
 """Device selection by label selector at fleet scale, and the cost of holding a rollout step.
 
-Fills a registry (SQLite by default, ``--url`` for PostgreSQL) with N devices (default 10,000),
+Fills a registry (SQLite by default; ``--postgresql`` starts a throwaway PostgreSQL cluster,
+``--url`` uses a database you give) with N devices (default 10,000),
 each with device-reported labels (``site`` one of 200, ``hw`` one of 4, ``os``) and, for one
 in ten, an operator's ``site`` overriding it; one in fifty carries ``legacy``. Then times
 ``registry.labels.select_devices`` (one query over the ``(key, value)`` index) for a few
@@ -8,7 +9,7 @@ selectors against a full scan (every device and its labels read, matched in Pyth
 ``window_opens_at`` for every device against three windows (what a rollout step with windows
 adds). Median of ``--repeat`` runs; ``--markdown`` prints the table for the docs.
 
-    .venv/bin/python bench/bench_label_select.py --devices 10000 --markdown
+    .venv/bin/python bench/bench_label_select.py --devices 10000 --markdown [--postgresql]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from fleet_server.registry.tables.core import Device
 from fleet_server.registry.tables.labels import DeviceLabelRow
 from fleet_server.rollouts.label_selector import LabelSelector
 from fleet_server.rollouts.windows import MaintenanceWindow, window_opens_at
+from fleetworkers import PgCluster
 
 NOW = datetime(2027, 1, 4, 11, 0, tzinfo=UTC)
 SELECTORS = (
@@ -75,8 +77,22 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=10_000)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--url", help="registry URL (default: a SQLite file in a temp directory)")
+    ap.add_argument("--postgresql", action="store_true", help="a throwaway PostgreSQL cluster")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args()
+    pg = PgCluster() if args.postgresql else None
+    if pg is not None:
+        pg.start()
+        args.url = pg.create_database("labels")
+    try:
+        run(args)
+    finally:
+        if pg is not None:
+            pg.stop()
+
+
+def run(args: argparse.Namespace) -> None:
+    """Fill, time and print (see the module docstring)."""
     with tempfile.TemporaryDirectory() as tmp:
         reg = Registry.open(args.url or f"sqlite:///{Path(tmp) / 'registry.db'}")
         reg.upgrade()

@@ -10,7 +10,7 @@ clause on ``devices.id`` over the ``(key, value)`` index. Runs in a session open
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import ColumnElement, delete, select
 from sqlalchemy.orm import Session
@@ -21,6 +21,8 @@ from fleet_server.registry.tables.labels import DeviceLabelRow
 from fleet_server.rollouts.label_selector import LabelSelector
 
 __all__ = ["effective_in", "replace_source", "seed_from_tags", "selector_clauses", "source_in"]
+
+_CHUNK: Final = 5000
 
 
 def replace_source(s: Session, device_id: str, source: str, labels: Mapping[str, str]) -> None:
@@ -80,7 +82,8 @@ def effective_in(s: Session, device_ids: Iterable[str] | None) -> dict[str, dict
     )
     ids = None if device_ids is None else sorted(set(device_ids))
     out: dict[str, dict[str, str]] = {}
-    chunks = [None] if ids is None else [ids[i : i + 500] for i in range(0, len(ids), 500)]
+    # Bounded IN lists (SQLite allows 32766 parameters); a few round trips for a large fleet.
+    chunks = [None] if ids is None else [ids[i : i + _CHUNK] for i in range(0, len(ids), _CHUNK)]
     for chunk in chunks:
         q = stmt if chunk is None else stmt.where(DeviceLabelRow.device_id.in_(chunk))
         for d, k, v in s.execute(q):
