@@ -10,6 +10,7 @@ Device ids cannot carry a payload (the registry refuses them, asserted below).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import quote
 
@@ -18,6 +19,7 @@ from console_world import ConsoleWorld, login
 from starlette.testclient import TestClient
 
 from edge_agent.wire.telemetry import Event, StatusMessage
+from fleet_server.accounts.roles import Role
 from fleet_server.console.charts import Series, bars_svg, series_svg
 from fleet_server.drift.report import ChartPanel
 from fleet_server.errors import RegistryError
@@ -172,3 +174,23 @@ def test_charts_escape_series_names_titles_and_bucket_labels() -> None:
         assert P not in svg
         assert ESCAPED in svg
         assert "<script" not in svg
+
+
+def test_a_token_label_and_a_bad_account_form_are_escaped(
+    client: TestClient, world: ConsoleWorld
+) -> None:
+    expires = world.clock.wall() + timedelta(days=1)
+    world.accounts.create_token("ada", Role.ADMIN, expires, _payload("tokenlabel"))
+    r = client.get("/console/me")
+    assert r.status_code == 200
+    assert P not in r.text
+    assert f"tokenlabel&#34;&#39;&gt;{ESCAPED}" in r.text
+    csrf = r.text.split('name="csrf_token" value="')[1].split('"')[0]
+    r = client.post("/console/accounts", data={"csrf_token": csrf, "name": P, "role": P})
+    assert r.status_code == 400
+    assert P not in r.text
+    r = client.post("/console/me/tokens", data={"csrf_token": csrf, "label": "ok", "role": P})
+    assert P not in r.text
+    for page in ("/console/accounts", "/console/audit"):
+        text = client.get(page).text
+        assert "<script>" not in text, page

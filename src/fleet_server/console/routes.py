@@ -13,6 +13,8 @@ Pages (GET; a live session with ``read``, the audit log ``audit.read``)::
     /console/drift                 ?model=&version=&by=&since=&until=&tensor=&feature=
     /console/fallback              cloud fallback
     /console/audit                 ?since=&until=&actor=&action=&object=
+    /console/accounts              every account (``accounts.admin``)
+    /console/me                    my account: password, my API tokens (``self``)
     /console/login, /console/static/{name}   (no session; any other /console/ path: 404 page)
 
 Writes (POST, a session, its CSRF token and the role the API route needs; audited as it)::
@@ -20,7 +22,14 @@ Writes (POST, a session, its CSRF token and the role the API route needs; audite
     /console/devices/{device_id}/revoke        POST /v1/devices/{device_id}/revoke
     /console/rollouts                          POST /v1/rollouts
     /console/rollouts/{id}/approve|pause|resume|abort   POST /v1/rollouts/{rollout_id}/...
+    /console/accounts                          POST /v1/accounts
+    /console/accounts/{name}/disable|enable|role   POST /v1/accounts/{name}/...
+    /console/me/password                       POST /v1/accounts/{name}/password (own)
+    /console/me/tokens                         POST /v1/tokens (own)
+    /console/me/tokens/{token_id}/revoke       POST /v1/tokens/{token_id}/revoke (own)
     /console/login, /console/logout            (the session itself)
+
+The account pages and writes are served when the server has an account store.
 
 The session cookie is ``HttpOnly``, ``SameSite=Strict``, ``Path=/``, and ``Secure`` when the
 request came over TLS; it lives as long as the session (``Session.expires_at``). A failed
@@ -43,12 +52,13 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from edge_agent.errors import EdgefleetError
-from fleet_server.accounts.roles import Permission
+from fleet_server.accounts.roles import Permission, Principal
 from fleet_server.accounts.sessions import SESSION_COOKIE
 from fleet_server.admin.audit import Auditor
 from fleet_server.admin.auth import Authenticator
 from fleet_server.admin.body import read_body
 from fleet_server.admin.rollouts import COMMANDS
+from fleet_server.console.pages_accounts import AccountPages, account_body, token_body
 from fleet_server.console.pages_fleet import FleetPages
 from fleet_server.console.pages_ops import OpsPages
 from fleet_server.console.pages_release import ReleasePages, create_body
@@ -94,6 +104,22 @@ def _create_described(request: Request, form: Mapping[str, str]) -> tuple[dict[s
         return {}, create_body(form)
     except EdgefleetError:  # still recorded (as the API records a bad body): the raw fields
         return {}, {k: v for k, v in form.items() if k != "csrf_token"}
+
+
+def _described(
+    build: Callable[[Mapping[str, str]], dict[str, Any]], path: tuple[str, ...] = ()
+) -> Callable[[Request, Mapping[str, str]], tuple[dict[str, str], Any]]:
+    """The audit's view of a form write: its path values and the API body it stands for
+    (a malformed form: its raw fields, as the API records a bad body)."""
+
+    def describe(request: Request, form: Mapping[str, str]) -> tuple[dict[str, str], Any]:
+        values = _path_only(request, path)
+        try:
+            return values, build(form)
+        except EdgefleetError:
+            return values, {k: v for k, v in form.items() if k != "csrf_token"}
+
+    return describe
 
 
 def _safe_next(value: str | None) -> str:
@@ -194,6 +220,7 @@ def console_routes(deps: ConsoleDeps) -> list[Route]:
         )
 
     return [
+        *_account_routes(console, deps),
         Route(PREFIX, root, methods=["GET"]),
         Route(f"{PREFIX}/login", login_form, methods=["GET"]),
         Route(f"{PREFIX}/login", login, methods=["POST"]),
@@ -230,4 +257,67 @@ def console_routes(deps: ConsoleDeps) -> list[Route]:
         Route(f"{PREFIX}/fallback", console.page(ops.fallback), methods=["GET"]),
         Route(f"{PREFIX}/audit", console.page(ops.audit, Permission.AUDIT_READ), methods=["GET"]),
         Route(f"{PREFIX}/{{rest:path}}", not_found, methods=["GET"]),  # last: any other page
+    ]
+
+
+def _account_routes(console: Console, deps: ConsoleDeps) -> list[Route]:
+    """The accounts page and "my account" with their writes (none without an account store)."""
+    accounts = deps.auth.accounts
+    if accounts is None:
+        return []
+    pages = AccountPages(console, accounts)
+
+    def own_password(request: Request, form: Mapping[str, str]) -> tuple[dict[str, str], Any]:
+        # The API request is on the caller's own name (``Console.write`` sets the caller in
+        # the request's state, as the admin guard does).
+        who = getattr(request.state, "principal", None)
+        name = who.account if isinstance(who, Principal) else ""
+        body = {k: form.get(k, "") for k in ("password", "current_password")}
+        return {"name": name}, body
+
+    def role_body(form: Mapping[str, str]) -> dict[str, Any]:
+        return {"role": form.get("role", "")[:32]}
+
+    def account_write(what: str) -> Route:
+        handler = {"disable": pages.disable, "enable": pages.enable, "role": pages.set_role}[what]
+        build = role_body if what == "role" else (lambda f: {})
+        return Route(
+            f"{PREFIX}/accounts/{{name}}/{what}",
+            console.write(
+                f"POST /v1/accounts/{{name}}/{what}",
+                _described(build, ("name",)),
+                handler,
+            ),
+            methods=["POST"],
+        )
+
+    admin = Permission.ACCOUNTS_ADMIN
+    return [
+        Route(f"{PREFIX}/accounts", console.page(pages.accounts_page, admin), methods=["GET"]),
+        Route(
+            f"{PREFIX}/accounts",
+            console.write("POST /v1/accounts", _described(account_body), pages.create),
+            methods=["POST"],
+        ),
+        *[account_write(w) for w in ("disable", "enable", "role")],
+        Route(f"{PREFIX}/me", console.page(pages.me, Permission.SELF), methods=["GET"]),
+        Route(
+            f"{PREFIX}/me/password",
+            console.write("POST /v1/accounts/{name}/password", own_password, pages.set_password),
+            methods=["POST"],
+        ),
+        Route(
+            f"{PREFIX}/me/tokens",
+            console.write("POST /v1/tokens", _described(token_body), pages.create_token),
+            methods=["POST"],
+        ),
+        Route(
+            f"{PREFIX}/me/tokens/{{token_id}}/revoke",
+            console.write(
+                "POST /v1/tokens/{token_id}/revoke",
+                _described(lambda f: {}, ("token_id",)),
+                pages.revoke_token,
+            ),
+            methods=["POST"],
+        ),
     ]

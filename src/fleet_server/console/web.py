@@ -249,6 +249,7 @@ class Console:
                 if found is None:
                     return self._to_login(request)
                 form = form_fields(raw)
+                request.state.principal = principal  # as the admin guard sets it
                 ctx = Ctx(request, principal, found[1], form)
                 try:
                     self.auth.authorize(principal, action)
