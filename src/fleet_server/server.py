@@ -269,6 +269,7 @@ def run(
             authenticator,
             auditor,
             fallback.stats if fallback is not None else None,
+            diagnostics,
         )
         app = create_app(
             service,

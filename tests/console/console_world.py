@@ -21,6 +21,7 @@ from starlette.testclient import TestClient
 from clock import FakeClock
 from edge_agent.wire.reported import ModelReport, ReportedState
 from edge_agent.wire.telemetry import ModelStats, TelemetryReport
+from edge_agent.wire.topics import Topics
 from fakes import FakeGateway
 from fleet_server.accounts.passwords import Passwords
 from fleet_server.accounts.roles import Role
@@ -31,6 +32,7 @@ from fleet_server.admin.auth import Authenticator
 from fleet_server.admin.rollouts import rollout_routes
 from fleet_server.console.routes import ConsoleDeps, console_routes
 from fleet_server.delivery.library import BundleLibrary
+from fleet_server.diagnostics.service import Diagnostics
 from fleet_server.drift.service import DriftService
 from fleet_server.jobs.rollout_runner import RolloutRunner
 from fleet_server.registry.store import Registry
@@ -56,6 +58,21 @@ class Assigner:
 
 
 @dataclass
+class Published:
+    """The diagnostics' MQTT publish half: records what it would send (no broker)."""
+
+    sent: list[tuple[str, bytes]] = field(default_factory=list)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
+                properties: Any = None) -> Published:  # fmt: skip
+        self.sent.append((topic, payload))
+        return self
+
+    def is_published(self) -> bool:
+        return True
+
+
+@dataclass
 class ConsoleWorld:
     registry: Registry
     service: FleetService
@@ -67,6 +84,8 @@ class ConsoleWorld:
     auditor: Auditor
     drift: DriftService
     clock: FakeClock
+    diagnostics: Diagnostics
+    published: Published
     seqs: dict[str, int] = field(default_factory=dict)
 
     @classmethod
@@ -93,16 +112,20 @@ class ConsoleWorld:
         auth = Authenticator(accounts, TOKEN)
         auditor = Auditor(registry, clock.wall, max_body_bytes=1024 * 1024)
         drift = DriftService(registry, tmp / "bundles", clock=clock.wall)
-        return cls(
-            registry, service, gateway, runner, assigner, accounts, auth, auditor, drift, clock
-        )
+        published = Published()
+        diagnostics = Diagnostics(registry, published, Topics(), [keys.signer("online-1")],  # type: ignore[arg-type]
+                                  tmp / "diagnostics", clock=clock.wall)  # fmt: skip
+        return cls(registry, service, gateway, runner, assigner, accounts, auth, auditor, drift,
+                   clock, diagnostics, published)  # fmt: skip
 
     def close(self) -> None:
+        self.diagnostics.close()
         self.runner.close()
         self.registry.close()
 
     def app(self) -> Starlette:
-        deps = ConsoleDeps(self.service, self.runner, self.drift, self.auth, self.auditor)
+        deps = ConsoleDeps(self.service, self.runner, self.drift, self.auth, self.auditor,
+                           diagnostics=self.diagnostics)  # fmt: skip
         return create_app(
             self.service,
             TOKEN,

@@ -14,6 +14,7 @@ from starlette.testclient import TestClient
 from fleet_server.accounts.roles import Principal, Role
 from fleet_server.admin.auth import Authenticator
 from fleet_server.errors import ForbiddenError
+from fleet_server.registry import labels as label_store
 from fleet_server.registry.audit import AuditQuery, audit_entries
 from fleet_server.rollouts.policy import RolloutPolicy, Selector
 
@@ -103,6 +104,12 @@ WRITES = [
     ("POST /v1/rollouts/{rollout_id}/pause", "/console/rollouts/{id}/pause", {}),
     ("POST /v1/rollouts/{rollout_id}/abort", "/console/rollouts/{id}/abort", {}),
     ("POST /v1/devices/{device_id}/revoke", "/console/devices/dev-1/revoke", {}),
+    (
+        "POST /v1/devices/{device_id}/labels",
+        "/console/devices/dev-1/labels",
+        {"key": "site", "value": "x"},
+    ),
+    ("POST /v1/devices/{device_id}/commands", "/console/devices/dev-1/commands", {"name": "ping"}),
     ("POST /v1/accounts", "/console/accounts", {"name": "zed", "role": "viewer"}),
     ("POST /v1/accounts/{name}/disable", "/console/accounts/viv/disable", {}),
     ("POST /v1/accounts/{name}/enable", "/console/accounts/viv/enable", {}),
@@ -148,6 +155,8 @@ def test_each_write_is_allowed_exactly_when_the_api_route_is(
         viv = world.accounts.show("viv")
         assert (viv.role, viv.disabled) == (Role.VIEWER, False)
         assert "zed" not in [a.name for a in world.accounts.list()]
+        assert label_store.device_labels(world.registry, "dev-1").operator == {}
+        assert world.published.sent == []
 
 
 def _principal(account: str, role: Role) -> Principal:

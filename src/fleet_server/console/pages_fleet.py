@@ -171,8 +171,9 @@ class FleetPages:
             states=_STATES,
         )
 
-    async def device(self, ctx: Ctx) -> Response:
-        """One device: reported state, telemetry charts, events, drift alerts, versions."""
+    async def device(self, ctx: Ctx, extra: Mapping[str, Any] | None = None) -> Response:
+        """One device: reported state, telemetry charts, events, drift alerts, versions (and
+        ``extra`` values for the template: labels and diagnostics)."""
         device_id = _path(ctx.request, "device_id")
 
         def read() -> tuple[DeviceView, Any, Any]:
@@ -211,6 +212,7 @@ class FleetPages:
             events=events[:100],
             drift_alerts=[e for e in events if e["kind"] == "drift_alert"][:50],
             misbehaviour=mis[0].to_dict() if mis and mis[0].total else None,
+            **(extra or {}),
         )
 
     async def revoke(self, ctx: Ctx) -> WriteResult:

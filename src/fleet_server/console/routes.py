@@ -20,6 +20,9 @@ Pages (GET; a live session with ``read``, the audit log ``audit.read``)::
 Writes (POST, a session, its CSRF token and the role the API route needs; audited as it)::
 
     /console/devices/{device_id}/revoke        POST /v1/devices/{device_id}/revoke
+    /console/devices/{device_id}/labels        POST /v1/devices/{device_id}/labels
+    /console/devices/{device_id}/commands      POST /v1/devices/{device_id}/commands
+                                               (ping, logs, support-bundle; with diagnostics)
     /console/rollouts                          POST /v1/rollouts
     /console/rollouts/{id}/approve|pause|resume|abort   POST /v1/rollouts/{rollout_id}/...
     /console/accounts                          POST /v1/accounts
@@ -59,6 +62,7 @@ from fleet_server.admin.auth import Authenticator
 from fleet_server.admin.body import read_body
 from fleet_server.admin.rollouts import COMMANDS
 from fleet_server.console.pages_accounts import AccountPages, account_body, token_body
+from fleet_server.console.pages_device_ops import DeviceOps, command_body, labels_body
 from fleet_server.console.pages_fleet import FleetPages
 from fleet_server.console.pages_ops import OpsPages
 from fleet_server.console.pages_release import ReleasePages, create_body
@@ -71,6 +75,7 @@ from fleet_server.console.web import (
     same_origin,
     static_asset,
 )
+from fleet_server.diagnostics.service import Diagnostics
 from fleet_server.drift.service import DriftService
 from fleet_server.errors import ERRORS, AccountLockedError, AuthenticationError
 from fleet_server.jobs.rollout_runner import RolloutRunner
@@ -93,6 +98,7 @@ class ConsoleDeps:
     auth: Authenticator
     auditor: Auditor | None
     fallback_stats: Callable[[], Mapping[str, Any]] | None = None
+    diagnostics: Diagnostics | None = None
 
 
 def _path_only(request: Request, names: tuple[str, ...]) -> dict[str, str]:
@@ -135,6 +141,11 @@ def console_routes(deps: ConsoleDeps) -> list[Route]:
     fleet = FleetPages(console, deps.service, deps.runner)
     release = ReleasePages(console, deps.service, deps.runner, deps.drift.now)
     ops = OpsPages(console, deps.service, deps.drift, deps.runner.registry, deps.fallback_stats)
+    device_ops = DeviceOps(deps.runner.registry, deps.diagnostics)
+
+    async def device_page(ctx: Ctx) -> Response:
+        device_id = str(ctx.request.path_params.get("device_id", ""))
+        return await fleet.device(ctx, await device_ops.view(device_id))
 
     async def login_form(request: Request) -> Response:
         found = await console.caller(request)
@@ -228,7 +239,25 @@ def console_routes(deps: ConsoleDeps) -> list[Route]:
         Route(f"{PREFIX}/static/{{name}}", static, methods=["GET"]),
         Route(f"{PREFIX}/", console.page(fleet.overview), methods=["GET"]),
         Route(f"{PREFIX}/devices", console.page(fleet.devices), methods=["GET"]),
-        Route(f"{PREFIX}/devices/{{device_id}}", console.page(fleet.device), methods=["GET"]),
+        Route(f"{PREFIX}/devices/{{device_id}}", console.page(device_page), methods=["GET"]),
+        Route(
+            f"{PREFIX}/devices/{{device_id}}/labels",
+            console.write(
+                "POST /v1/devices/{device_id}/labels",
+                _described(labels_body, ("device_id",)),
+                device_ops.set_labels,
+            ),
+            methods=["POST"],
+        ),
+        Route(
+            f"{PREFIX}/devices/{{device_id}}/commands",
+            console.write(
+                "POST /v1/devices/{device_id}/commands",
+                _described(command_body, ("device_id",)),
+                device_ops.command,
+            ),
+            methods=["POST"],
+        ),
         Route(
             f"{PREFIX}/devices/{{device_id}}/revoke",
             console.write(
