@@ -89,11 +89,15 @@ class ConsoleWorld:
     seqs: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def open(cls, tmp: Path, *, clock: FakeClock | None = None) -> ConsoleWorld:
+    def open(
+        cls, tmp: Path, *, clock: FakeClock | None = None, keys: KeyStore | None = None
+    ) -> ConsoleWorld:
+        """A world in ``tmp``; ``keys``: the key store bundles are signed with (default: a
+        new one)."""
         clock = clock or FakeClock(wall=T0)
         registry = Registry.open(f"sqlite:///{tmp / 'registry.db'}", clock=clock.wall)
         registry.upgrade()
-        keys = KeyStore.init(tmp / "keys", now=clock.wall())
+        keys = keys or KeyStore.init(tmp / "keys", now=clock.wall())
         gateway = FakeGateway()
         service = FleetService(
             registry,

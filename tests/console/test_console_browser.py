@@ -3,10 +3,13 @@ server: the admin app with the console served by uvicorn on 127.0.0.1, a real SQ
 registry, the rollout runner over a recording ``AssignPort`` (stepped by the test on a fake
 clock, as its leader thread would).
 
-An operator logs in, finds a device, starts a rollout, watches it progress and halt on a gate
-(the live view polls), aborts it and finds it in the audit log; a viewer cannot write (no
-buttons; forged requests to the console and the API are refused); CSRF (a wrong token, a
-cross-site form) and XSS (markup in device-supplied text) attempts fail in the browser.
+An admin creates a viewer account and the viewer, logged in, sees no write button; an
+operator revokes a device; a release manager publishes a signed bundle by file upload (the
+console's script posts it to the API). An operator logs in, finds a device, starts a
+rollout, watches it progress and halt on a gate (the live view polls), aborts it and finds
+it in the audit log; a viewer cannot write (no buttons; forged requests to the console and
+the API are refused); CSRF (a wrong token, a cross-site form) and XSS (markup in
+device-supplied text) attempts fail in the browser.
 
 One browser and one server per module. Chromium is installed by ``scripts/setup.sh``; without
 it these tests fail (they never skip).
@@ -21,6 +24,7 @@ import pytest
 from console_world import PASSWORD, ConsoleWorld
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+from bundles import DigitsBundles
 from edge_agent.wire.telemetry import Event
 from fleet_server.admin.api import AdminServer
 from fleet_server.rollouts.policy import RolloutPolicy, Selector
@@ -42,8 +46,11 @@ def browser() -> Iterator[Browser]:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ConsoleWorld, str]]:
-    world = ConsoleWorld.open(tmp_path_factory.mktemp("console"))
+def served(
+    tmp_path_factory: pytest.TempPathFactory, digits_bundles: DigitsBundles
+) -> Iterator[tuple[ConsoleWorld, str]]:
+    world = ConsoleWorld.open(tmp_path_factory.mktemp("console"), keys=digits_bundles.keys)
+    world.registry.enroll("dev-spare", group="spare")
     for i in range(6):
         world.registry.enroll(f"dev-{i}", group="line-3", tags={"site": "a"})
         world.install(f"dev-{i}", 1, 1)
@@ -227,3 +234,73 @@ def test_markup_in_device_text_is_shown_as_text_and_never_runs(
         assert page.locator("main img[src=x]").count() == 0
         assert page.locator("main script").count() == 0
         assert page.evaluate("() => window.__xss === undefined")
+
+
+def log_out(page: Page) -> None:
+    page.click("header button:has-text('Log out')")
+    expect(page.locator("input[name=password]")).to_be_visible()
+
+
+def test_an_admin_creates_a_viewer_who_sees_no_write_button(
+    page: Page, served: tuple[ConsoleWorld, str]
+) -> None:
+    world, base = served
+    log_in(page, base, "ada")
+    page.click("nav >> text=Accounts")
+    form = page.locator("#create-account")
+    form.locator("input[name=name]").fill("vera")
+    form.locator("select[name=role]").select_option("viewer")
+    form.locator("input[name=password]").fill(PASSWORD)
+    form.locator("button[type=submit]").click()
+    expect(page.locator("#account-vera")).to_contain_text("viewer")
+    assert world.accounts.show("vera").role == "viewer"
+    log_out(page)
+    log_in(page, base, "vera")
+    expect(page.locator("nav >> text=Accounts")).to_have_count(0)
+    for path, absent in (
+        ("/console/rollouts", "#create-rollout"),
+        ("/console/models", "#publish-model"),
+        ("/console/devices/dev-1", "text=Revoke device"),
+        ("/console/devices/dev-1", "#set-label"),
+        ("/console/devices/dev-1", "[id^=diag-]"),
+    ):
+        page.goto(f"{base}{path}")
+        expect(page.locator("main h1")).to_be_visible()
+        expect(page.locator(absent)).to_have_count(0)
+    page.click("header a.me")
+    expect(page.locator("h1")).to_contain_text("My account: vera")
+
+
+def test_an_operator_revokes_a_device(page: Page, served: tuple[ConsoleWorld, str]) -> None:
+    world, base = served
+    log_in(page, base, "ops")
+    page.goto(f"{base}/console/devices/dev-spare")
+    page.on("dialog", lambda d: d.accept())
+    page.click("text=Revoke device")
+    expect(page.locator("h1 .badge")).to_have_text("revoked")
+    expect(page.locator("text=Revoke device")).to_have_count(0)
+    assert world.registry.get_device("dev-spare").revoked
+    page.click("nav >> text=Audit")
+    row = page.locator("#audit tr", has_text="POST /v1/devices/{device_id}/revoke").first
+    expect(row).to_contain_text("session:ops")
+
+
+def test_a_release_manager_publishes_a_bundle_by_upload(
+    page: Page, served: tuple[ConsoleWorld, str], digits_bundles: DigitsBundles
+) -> None:
+    world, base = served
+    log_in(page, base, "rel")
+    page.click("nav >> text=Models")
+    upload = page.locator("#publish-model input[type=file]")
+    upload.set_input_files(
+        {"name": "junk.efb", "mimeType": "application/octet-stream", "buffer": b"not a bundle"}
+    )
+    page.click("#publish-model button[type=submit]")
+    expect(page.locator("#publish-status")).to_contain_text("publish failed (4")
+    upload.set_input_files(str(digits_bundles.path(5, "narrow")))
+    page.click("#publish-model button[type=submit]")
+    expect(page.locator("main")).to_contain_text("digits v5")
+    assert ("digits", 5) in [(b.name, b.version) for b in world.service.list_models()]
+    page.click("nav >> text=Audit")
+    row = page.locator("#audit tr", has_text="POST /v1/models").first
+    expect(row).to_contain_text("session:rel")

@@ -83,6 +83,7 @@ SECURITY_HEADERS: Final[Mapping[str, str]] = {
 _STATIC: Final = {
     "htmx.min.js": "text/javascript; charset=utf-8",
     "console.css": "text/css; charset=utf-8",
+    "publish.js": "text/javascript; charset=utf-8",
 }
 
 
