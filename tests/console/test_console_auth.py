@@ -11,6 +11,7 @@ import pytest
 from console_world import PASSWORD, ROLES, TOKEN, ConsoleWorld, login
 from starlette.testclient import TestClient
 
+from bundles import DigitsBundles
 from fleet_server.accounts.roles import Principal, Role
 from fleet_server.admin.auth import Authenticator
 from fleet_server.errors import ForbiddenError
@@ -22,14 +23,13 @@ CREATE = {"model": "digits", "version": "2", "target": "group", "selector": "lin
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[ConsoleWorld]:
-    w = ConsoleWorld.open(tmp_path)
+def world(tmp_path: Path, digits_bundles: DigitsBundles) -> Iterator[ConsoleWorld]:
+    w = ConsoleWorld.open(tmp_path, keys=digits_bundles.keys)
     for i in range(4):
         w.registry.enroll(f"dev-{i}", group="line-3")
         w.install(f"dev-{i}", 1, 1)
-    for v in (1, 2):
-        w.registry.publish_bundle("digits", v, channel="stable", sha256=f"{v}" * 64, length=10,
-                                  targets_sha256=f"{v + 2}" * 64)  # fmt: skip
+    for v in (1, 2):  # real signed bundles: an assignment signs their targets
+        w.service.publish_model_bytes(digits_bundles.path(v).read_bytes())
     yield w
     w.close()
 
@@ -110,6 +110,11 @@ WRITES = [
         {"key": "site", "value": "x"},
     ),
     ("POST /v1/devices/{device_id}/commands", "/console/devices/dev-1/commands", {"name": "ping"}),
+    (
+        "POST /v1/assign",
+        "/console/assign",
+        {"model": "digits", "version": "2", "kind": "device", "target": "dev-1"},
+    ),
     ("POST /v1/accounts", "/console/accounts", {"name": "zed", "role": "viewer"}),
     ("POST /v1/accounts/{name}/disable", "/console/accounts/viv/disable", {}),
     ("POST /v1/accounts/{name}/enable", "/console/accounts/viv/enable", {}),
@@ -157,6 +162,7 @@ def test_each_write_is_allowed_exactly_when_the_api_route_is(
         assert "zed" not in [a.name for a in world.accounts.list()]
         assert label_store.device_labels(world.registry, "dev-1").operator == {}
         assert world.published.sent == []
+        assert world.gateway.published == []
 
 
 def _principal(account: str, role: Role) -> Principal:

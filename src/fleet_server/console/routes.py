@@ -23,6 +23,7 @@ Writes (POST, a session, its CSRF token and the role the API route needs; audite
     /console/devices/{device_id}/labels        POST /v1/devices/{device_id}/labels
     /console/devices/{device_id}/commands      POST /v1/devices/{device_id}/commands
                                                (ping, logs, support-bundle; with diagnostics)
+    /console/assign                            POST /v1/assign (the models page's form)
     /console/rollouts                          POST /v1/rollouts
     /console/rollouts/{id}/approve|pause|resume|abort   POST /v1/rollouts/{rollout_id}/...
     /console/accounts                          POST /v1/accounts
@@ -62,6 +63,7 @@ from fleet_server.admin.auth import Authenticator
 from fleet_server.admin.body import read_body
 from fleet_server.admin.rollouts import COMMANDS
 from fleet_server.console.pages_accounts import AccountPages, account_body, token_body
+from fleet_server.console.pages_assign import Assignments, assign_body
 from fleet_server.console.pages_device_ops import DeviceOps, command_body, labels_body
 from fleet_server.console.pages_fleet import FleetPages
 from fleet_server.console.pages_ops import OpsPages
@@ -142,6 +144,7 @@ def console_routes(deps: ConsoleDeps) -> list[Route]:
     release = ReleasePages(console, deps.service, deps.runner, deps.drift.now)
     ops = OpsPages(console, deps.service, deps.drift, deps.runner.registry, deps.fallback_stats)
     device_ops = DeviceOps(deps.runner.registry, deps.diagnostics)
+    assignments = Assignments(deps.service)
 
     async def device_page(ctx: Ctx) -> Response:
         device_id = str(ctx.request.path_params.get("device_id", ""))
@@ -268,6 +271,11 @@ def console_routes(deps: ConsoleDeps) -> list[Route]:
             methods=["POST"],
         ),
         Route(f"{PREFIX}/models", console.page(release.models), methods=["GET"]),
+        Route(
+            f"{PREFIX}/assign",
+            console.write("POST /v1/assign", _described(assign_body), assignments.assign),
+            methods=["POST"],
+        ),
         Route(
             # ``path``: a model name may hold "/" (a label: [A-Za-z0-9_.:/-]).
             f"{PREFIX}/models/{{name:path}}/accuracy",
