@@ -248,6 +248,17 @@ class IdentityError(ConfigError):
     code = "identity_invalid"
 
 
+class ClaimRefusedError(IdentityError):
+    """The CA refused this device's enrollment claim; ``reason`` is the CA's stable label
+    (revoked, expired, used up, an existing identity)."""
+
+    code = "claim_refused"
+
+    def __init__(self, message: str, *, reason: str = "refused") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class TransportError(EdgefleetError):
     """The broker could not be reached or did not accept an operation."""
 

@@ -24,12 +24,11 @@ import pytest
 from edge_agent.common.enroll import (
     CLAIM_FILE,
     ClaimConfig,
-    ClaimRefused,
     enroll_with_claim,
     load_claim,
 )
 from edge_agent.common.identity import IdentityStore
-from edge_agent.errors import TransportError
+from edge_agent.errors import ClaimRefusedError, TransportError
 from fleet_server.admin.ops.enrollment import EnrollmentServer, create_enrollment_app
 from mosquitto import MOSQUITTO, FleetBroker, fleet_broker
 
@@ -114,7 +113,7 @@ def test_a_batch_of_100_devices_enrolls_with_one_claim(listener: Listener, tmp_p
     assert record.state(datetime.now(UTC)) == "full"
     # The 101st device of the batch is refused: the claim is used up.
     extra = _device(tmp_path / "devices", listener, "cam-100", secret)
-    with pytest.raises(ClaimRefused) as refused:
+    with pytest.raises(ClaimRefusedError) as refused:
         _first_boot(extra, "cam-100")
     assert refused.value.reason == "full"
     assert not extra.cert_path.exists()
@@ -129,7 +128,7 @@ def test_a_claim_never_rekeys_an_existing_identity(listener: Listener, tmp_path:
     assert _first_boot(_device(tmp_path / "a", listener, "gw-1", secret), "gw-1") == "enrolled"
     # Someone else with the same claim asks for gw-1 with their own key: refused.
     thief = _device(tmp_path / "b", listener, "gw-1", secret)
-    with pytest.raises(ClaimRefused) as refused:
+    with pytest.raises(ClaimRefusedError) as refused:
         _first_boot(thief, "gw-1")
     assert refused.value.reason == "device_exists"
     assert [c.name for c in ca.issued()].count("gw-1") == 1
@@ -143,17 +142,17 @@ def test_revoking_or_expiring_the_claim_stops_enrollments(
     secret = ca.create_claim("revoked-batch", now=now, ttl=timedelta(hours=1), limit=10)
     assert _first_boot(_device(tmp_path, listener, "d-1", secret), "d-1") == "enrolled"
     ca.revoke_claim("revoked-batch", now=now)
-    with pytest.raises(ClaimRefused) as refused:
+    with pytest.raises(ClaimRefusedError) as refused:
         _first_boot(_device(tmp_path, listener, "d-2", secret), "d-2")
     assert refused.value.reason == "revoked"
     old = ca.create_claim(
         "old-batch", now=now - timedelta(hours=2), ttl=timedelta(hours=1), limit=5
     )
-    with pytest.raises(ClaimRefused) as refused:
+    with pytest.raises(ClaimRefusedError) as refused:
         _first_boot(_device(tmp_path, listener, "d-3", old), "d-3")
     assert refused.value.reason == "expired"
     wrong = "revoked-batch." + "A" * 43
-    with pytest.raises(ClaimRefused) as refused:
+    with pytest.raises(ClaimRefusedError) as refused:
         _first_boot(_device(tmp_path, listener, "d-4", wrong), "d-4")
     assert refused.value.reason == "unknown"
     assert {c.name for c in ca.issued() if c.role == "device"} == {"d-1"}

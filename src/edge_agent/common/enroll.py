@@ -24,14 +24,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from edge_agent.common.identity import IdentityStore
-from edge_agent.errors import ContractError, IdentityError, TransportError
+from edge_agent.errors import ClaimRefusedError, ContractError, IdentityError, TransportError
 from edge_agent.strict_json import loads
 from edge_agent.wire.ops.certs import ClaimEnrollment
 
 __all__ = [
     "CLAIM_FILE",
     "ClaimConfig",
-    "ClaimRefused",
     "enroll_at_first_boot",
     "enroll_with_claim",
     "load_claim",
@@ -41,16 +40,6 @@ log = logging.getLogger(__name__)
 
 CLAIM_FILE = "claim.json"
 _MAX_RESPONSE = 64 * 1024
-
-
-class ClaimRefused(IdentityError):  # noqa: N818 - an identity outcome, named for the operator
-    """The CA refused the claim for this device; ``reason`` is the CA's stable label."""
-
-    code = "claim_refused"
-
-    def __init__(self, message: str, *, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -91,7 +80,7 @@ def enroll_with_claim(
     """Enroll this device under ``claim``; return ``enrolled`` or ``pending``.
 
     Raises:
-        ClaimRefused: the CA refused (revoked, expired or used-up claim, an existing identity).
+        ClaimRefusedError: the CA refused (revoked, expired or used-up claim, an existing identity).
         IdentityError: no fleet CA provisioned, a bad device id, or a certificate that fails
             its checks.
         TransportError: the CA could not be reached or answered something unexpected (retry).
@@ -128,7 +117,7 @@ def enroll_with_claim(
         return "pending"
     if status == 403:
         reason = str(answer.get("reason", "unknown"))[:32]
-        raise ClaimRefused(f"enrollment refused by the CA: {reason}", reason=reason)
+        raise ClaimRefusedError(f"enrollment refused by the CA: {reason}", reason=reason)
     if status != 200 or not isinstance(answer.get("cert"), str):
         raise TransportError(f"enrollment endpoint answered {status}")
     store.install_certificate(answer["cert"].encode("ascii"), device_id, now)
@@ -153,7 +142,7 @@ def enroll_at_first_boot(
     ``wait`` gave up.
 
     Raises:
-        ClaimRefused: the CA refused the claim for good (revoked, expired, used up, taken).
+        ClaimRefusedError: the CA refused the claim for good (revoked, expired, used up, taken).
         IdentityError: the claim file or the issued certificate is unusable.
     """
     if store.cert_path.exists():
