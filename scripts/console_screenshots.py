@@ -29,7 +29,9 @@ from argon2 import PasswordHasher
 from playwright.sync_api import sync_playwright
 
 from edge_agent.bundle import read_bundle
+from edge_agent.common.mqtt_types import Message, MessageProperties
 from edge_agent.drift import DriftMonitor, MonitorPolicy
+from edge_agent.wire.ops.diagnostics import CommandAnswer
 from edge_agent.wire.reported import ModelReport, ReportedState
 from edge_agent.wire.telemetry import (
     DriftSummary,
@@ -38,6 +40,7 @@ from edge_agent.wire.telemetry import (
     StatusMessage,
     TelemetryReport,
 )
+from edge_agent.wire.topics import Topics
 from fleet_server.accounts.passwords import Passwords
 from fleet_server.accounts.roles import Role
 from fleet_server.accounts.store import Accounts
@@ -47,9 +50,11 @@ from fleet_server.admin.auth import Authenticator
 from fleet_server.admin.rollouts import rollout_routes
 from fleet_server.console.routes import ConsoleDeps, console_routes
 from fleet_server.delivery.library import BundleLibrary
+from fleet_server.diagnostics.service import Diagnostics
 from fleet_server.drift.service import DriftService
 from fleet_server.gateway.misbehaviour import DeviceMisbehaviour
 from fleet_server.jobs.rollout_runner import RolloutRunner
+from fleet_server.registry import labels as label_store
 from fleet_server.registry.store import Registry
 from fleet_server.service import FleetService
 from model_builder.build import build_bundle
@@ -73,7 +78,38 @@ PAGES = (
     ("drift", f"/console/drift?model=digits&version=1&by=group&since=24h&feature={DRIFT_FEATURE}"),
     ("fallback", "/console/fallback"),
     ("audit", "/console/audit"),
+    ("accounts", "/console/accounts"),
+    ("me", "/console/me"),
 )
+
+
+@dataclass
+class Published:
+    """The diagnostics' MQTT publish half (no broker here): keeps what it would send."""
+
+    sent: list[tuple[str, bytes]] = field(default_factory=list)
+
+    def publish(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, properties: Any = None
+    ) -> Published:
+        self.sent.append((topic, payload))
+        return self
+
+    def is_published(self) -> bool:
+        return True
+
+
+def _diagnostics(diagnostics: Diagnostics, device: str) -> None:
+    """A ping the device answered and a log fetch still pending, as the device page shows."""
+    ping = diagnostics.issue("ping", {}, device_id=device).commands[0]
+    answer = CommandAnswer(
+        device, ping.id, "ping", True, {"agent_version": "0.4.1", "uptime_s": 5321}
+    )
+    diagnostics.on_answer(device, Message(
+        Topics().device("command_resp", device), answer.to_bytes(), 1, False,
+        MessageProperties(correlation_data=ping.id.encode()),
+    ))  # fmt: skip
+    diagnostics.issue("logs", {}, device_id=device)
 
 
 @dataclass
@@ -221,10 +257,21 @@ def main(out: Path) -> int:
         assigner = Assigner()
         runner = RolloutRunner(registry, assigner, clock, interval=3600)
         accounts = Accounts(registry, clock, passwords=Passwords(PasswordHasher()))
-        accounts.create("maria", Role.RELEASE_MANAGER, PASSWORD)
+        accounts.create("maria", Role.ADMIN, PASSWORD)
+        for name, role in (
+            ("sam", Role.OPERATOR),
+            ("lee", Role.VIEWER),
+            ("ci", Role.RELEASE_MANAGER),
+        ):
+            accounts.create(name, role, None if name == "ci" else secrets.token_urlsafe(16))
+        accounts.create_token("maria", Role.VIEWER, clock() + timedelta(days=90), "grafana")
+        label_store.set_labels(registry, "cam-007", {"site": "north", "camera": "dock-2"})
+        diagnostics = Diagnostics(registry, Published(), Topics(), [keys.signer("online-1")],  # type: ignore[arg-type]
+                                  work / "diagnostics", clock=clock)  # fmt: skip
+        _diagnostics(diagnostics, "cam-007")
         auth = Authenticator(accounts, None)
         auditor = Auditor(registry, clock, max_body_bytes=1024 * 1024)
-        deps = ConsoleDeps(service, runner, drift, auth, auditor)
+        deps = ConsoleDeps(service, runner, drift, auth, auditor, diagnostics=diagnostics)
         app = create_app(
             service, None, authenticator=auth, auditor=auditor,
             extra_routes=(lambda g: rollout_routes(runner, g), lambda g: console_routes(deps)),
@@ -281,6 +328,7 @@ def main(out: Path) -> int:
                 browser.close()
         finally:
             server.stop()
+            diagnostics.close()
             runner.close()
             registry.close()
     return 0
