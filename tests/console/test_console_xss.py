@@ -23,6 +23,7 @@ from fleet_server.accounts.roles import Role
 from fleet_server.console.charts import Series, bars_svg, series_svg
 from fleet_server.drift.report import ChartPanel
 from fleet_server.errors import RegistryError
+from fleet_server.registry import _labels
 from fleet_server.rollouts.policy import RolloutPolicy, Selector
 
 P = "\"'><script>alert(1)</script><img src=x onerror=alert(1)>"
@@ -72,6 +73,8 @@ def world(tmp_path: Path) -> Iterator[ConsoleWorld]:
     )  # fmt: skip
     r.publish_bundle(_payload("bundle"), 2, channel="stable", sha256="3" * 64, length=10,
                      targets_sha256="4" * 64)  # fmt: skip
+    with r.write_session("test") as s:  # device labels past the parser, as a hostile store
+        _labels.replace_source(s, DEV, "device", {_payload("labelkey"): _payload("labelvalue")})
     w.runner.create(
         _payload("bundle"), 2, selector=Selector(group=_payload("group")),
         policy=RolloutPolicy(canary_count=1, min_devices=1), from_version=1,
@@ -115,6 +118,8 @@ TABLE = [
                 "ROLLOUT", "ACCURACY"]),
     ("provenance", ["/console/models"]),
     ("report", ["/console/models"]),
+    ("labelkey", [f"/console/devices/{DEV}"]),
+    ("labelvalue", [f"/console/devices/{DEV}"]),
 ]  # fmt: skip
 
 
