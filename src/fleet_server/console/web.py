@@ -16,7 +16,8 @@ action's path values, ``via=console`` in the query), with the session's account 
 the attempt before the service is called (no entry, no action: 503), the outcome after. A
 write the role does not allow is answered 403 and recorded (attempt and outcome 403
 ``forbidden``), as the API records it; a missing or wrong CSRF token is answered 403 and not
-recorded (logged), as the API counts it.
+recorded (logged), as the API counts it. A write's request carries its caller in
+``request.state.principal``, as the admin guard's requests do.
 
 Owns: the above. Does not own: accounts, sessions and the role table
 (``fleet_server.accounts``, ``fleet_server.admin.auth``), nor the pages.
