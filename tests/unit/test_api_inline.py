@@ -56,9 +56,10 @@ class WorkService:
     """An InferenceService whose ``infer`` runs ``work``, then answers from ``source`` (or
     raises ``FallbackError`` when ``source`` is None), recording the thread it ran in."""
 
-    def __init__(self, work: Callable[[], None], source: str | None) -> None:
+    def __init__(self, work: Callable[[], None], source: str | None, batched: bool = False) -> None:
         self.work = work
         self.source = source
+        self.batched = batched
         self.threads: list[str] = []
 
     def live(self) -> bool:
@@ -93,25 +94,33 @@ class WorkService:
             outputs={"y": np.asarray(request.inputs["x"]) * 2},
             source=self.source,
             parameters={},
+            batched=self.batched,
         )
 
 
 BODY = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]}
 
 CASES = {
-    # (work, source, later calls inline?)
-    "device answer, fast": (instant, SOURCE_DEVICE, True),
-    "device answer, slow in wall time only (thread off the CPU)": (off_cpu, SOURCE_DEVICE, True),
-    "device answer, slow in CPU time": (on_cpu, SOURCE_DEVICE, False),
-    "cloud answer, slow in wall time": (off_cpu, SOURCE_CLOUD, False),
-    "failure, slow in wall time": (off_cpu, None, False),
+    # (work, source, batched, later calls inline?)
+    "device answer, fast": (instant, SOURCE_DEVICE, False, True),
+    # A batching model needs calls in flight together: never one at a time on the loop.
+    "device answer, fast, the model batches": (instant, SOURCE_DEVICE, True, False),
+    "device answer, slow in wall time only (thread off the CPU)": (
+        off_cpu,
+        SOURCE_DEVICE,
+        False,
+        True,
+    ),
+    "device answer, slow in CPU time": (on_cpu, SOURCE_DEVICE, False, False),
+    "cloud answer, slow in wall time": (off_cpu, SOURCE_CLOUD, False, False),
+    "failure, slow in wall time": (off_cpu, None, False, False),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_where_inference_runs(case: str) -> None:
-    work, source, inline = CASES[case]
-    service = WorkService(work, source)
+    work, source, batched, inline = CASES[case]
+    service = WorkService(work, source, batched)
     config = ApiConfig(rate_limit_per_second=1e6, rate_limit_burst=1_000_000)
     with TestClient(create_app(service, config), raise_server_exceptions=False) as client:
         statuses = [

@@ -30,7 +30,9 @@ Threads: ``service.infer`` runs in a pool of ``max_concurrency`` worker threads 
 wait), so the event loop never blocks on a slow model or a cloud call; a model whose smoothed
 service time is below ``INLINE_SERVICE_S`` runs on the loop (cheaper than the thread hop), that
 time being the CPU time of a device answer (waits for the GIL or for a shared CPU are not the
-model's cost) and the wall time of a cloud answer or a failure. Decoding and encoding of large
+model's cost) and the wall time of a cloud answer or a failure; a model that batches concurrent
+requests (``InferenceResult.batched``) always runs in the pool, since a batch needs calls in
+flight together and the loop runs one at a time. Decoding and encoding of large
 bodies run in the pool too, while small ones (tens of microseconds) stay on the loop.
 The pool is a plain ``ThreadPoolExecutor``: anyio's ``to_thread`` hop measured ~40% more CPU per
 request. Other service calls use Starlette's default pool: probes never queue behind inferences.
@@ -152,6 +154,8 @@ class V2Endpoints:
         # Smoothed service time per model: fast models run on the event loop (the thread hop
         # costs more CPU than their inference), slow ones in the pool so the loop stays free.
         self._service_s: dict[str, float] = {}
+        # Models that batch concurrent requests: always run in the worker pool.
+        self._pooled: set[str] = set()
         # Model names the service has vouched for; anything else is UNKNOWN_MODEL in metrics, so
         # clients cannot grow label cardinality by requesting made-up names.
         self._known: set[str] = set()
@@ -368,6 +372,11 @@ class V2Endpoints:
                 # GIL), so one preempted call used to push a fast model into the pool, where it
                 # stayed, starving the loop: the periodic tail stall under load. A cloud answer
                 # or a failure may have waited on the network: its wall time counts.
+                if result is not None and result.batched:
+                    # Batching needs calls in flight together; the loop runs one at a time.
+                    self._pooled.add(name)
+                elif result is not None:
+                    self._pooled.discard(name)
                 if result is not None and result.source == SOURCE_DEVICE:
                     took = time.thread_time() - cpu
                 else:
@@ -375,7 +384,7 @@ class V2Endpoints:
                 old = self._service_s.get(name)
                 self._service_s[name] = took if old is None else 0.9 * old + 0.1 * took
 
-        if ewma is not None and ewma < INLINE_SERVICE_S:
+        if ewma is not None and ewma < INLINE_SERVICE_S and name not in self._pooled:
             return timed()
         return await self._offload(timed)
 

@@ -34,6 +34,7 @@ from edge_agent.errors import (
     ModelNotFoundError,
     ModelStoreError,
 )
+from edge_agent.runtime.batching import BatchingRuntime
 from edge_agent.serving.candidates import Candidates
 from edge_agent.serving.capture import CaptureRing, label_indices
 from edge_agent.serving.fallback import DEVICE, CloudFallback, FallbackPolicy, FallbackTransport
@@ -336,7 +337,13 @@ class Agent:
         self._account(request.model, entry, route, result, rid)
         version = str(entry.pipeline.version)
         return InferenceResult(
-            request.model, version, result.outputs, SOURCE_DEVICE, params, request_id=given
+            request.model,
+            version,
+            result.outputs,
+            SOURCE_DEVICE,
+            params,
+            request_id=given,
+            batched=isinstance(entry.pipeline.runtime, BatchingRuntime),
         )
 
     def _remember(

@@ -47,7 +47,8 @@ class InferenceResult:
     ``source`` is ``device`` or ``cloud``; ``parameters`` carries flags for the response (model
     version, validation drops by reason, drift alert, fallback reason, A/B arm).
     ``request_id`` is the id the service gave a request that came without one, when it
-    remembered the answer for feedback (the response carries it as ``id``).
+    remembered the answer for feedback (the response carries it as ``id``). ``batched``: the
+    answering model runs concurrent requests as one batch (``edge_agent.runtime.batching``).
     """
 
     model: str
@@ -56,6 +57,9 @@ class InferenceResult:
     source: str = SOURCE_DEVICE
     parameters: Mapping[str, Any] = field(default_factory=dict)
     request_id: str | None = None
+    # The model batches concurrent requests (``[models.<name>] batching``): a front end must
+    # then call ``infer`` from several threads at once, never one call at a time on its loop.
+    batched: bool = False
 
 
 class InferenceService(Protocol):
