@@ -163,7 +163,14 @@ def test_device_list_filters_and_pages_in_the_registry(
     assert "dev-3" in r.text
     r = client.get("/console/devices?version=digits%401")
     assert "9 device(s)" in r.text
-    for bad in ("state=sleepy", "tag=novalue", "version=digits%40x", "page=0"):
+    # Labels (enrollment tags that are valid labels become operator labels): a selector.
+    r = client.get("/console/devices?labels=row%3D1")
+    assert "20 device(s)" in r.text
+    r = client.get("/console/devices?labels=row+in+(0,2)&group=bulk")
+    assert "40 device(s)" in r.text
+    r = client.get("/console/devices?labels=row!%3D1,row")
+    assert "40 device(s)" in r.text
+    for bad in ("state=sleepy", "tag=novalue", "version=digits%40x", "page=0", "labels=row+in+(1"):
         assert client.get(f"/console/devices?{bad}").status_code == 400, bad
 
 

@@ -19,6 +19,7 @@ from fleet_server.delivery.library import BundleLibrary
 from fleet_server.registry.store import Registry
 from fleet_server.registry.tables.core import Device
 from fleet_server.registry.values import DeviceFilter
+from fleet_server.rollouts.label_selector import LabelSelector
 from fleet_server.service import FleetService
 from model_builder.keystore import KeyStore
 
@@ -107,6 +108,19 @@ def test_filters_counts_and_pages_match_the_rows(registry: Registry, f: dict[str
             break
         offset += 40
     assert got == want
+
+
+def test_a_label_selector_filters_in_sql_with_the_other_filters(registry: Registry) -> None:
+    for i in range(90):
+        registry.enroll(
+            f"cam-{i:03d}", group=f"g{i % 2}", tags={"site": f"s{i % 3}", "line": str(i % 5)}
+        )
+    sel = LabelSelector.parse("site in (s0,s1),line!=4")
+    want = [f"cam-{i:03d}" for i in range(90) if i % 3 in (0, 1) and i % 5 != 4 and i % 2 == 1]
+    page, total = registry.device_page(DeviceFilter(group="g1", selector=sel, limit=1000))
+    assert total == len(want)
+    assert [d.id for d in page] == want
+    assert registry.device_page(DeviceFilter(selector=LabelSelector.parse("!site")))[1] == 0
 
 
 def test_hostile_filter_values_are_values_not_sql(registry: Registry) -> None:

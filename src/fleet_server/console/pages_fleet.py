@@ -23,9 +23,10 @@ from fleet_server.admin.body import query_int, query_text
 from fleet_server.console.charts import series_svg
 from fleet_server.console.shaping import clip, device_series, events_of, flat_rows
 from fleet_server.console.web import PREFIX, Console, Ctx, WriteResult
-from fleet_server.errors import AdminInputError
+from fleet_server.errors import AdminInputError, SelectorSyntaxError
 from fleet_server.jobs.rollout_runner import RolloutRunner
 from fleet_server.registry.values import DeviceFilter
+from fleet_server.rollouts.label_selector import MAX_SELECTOR_CHARS, LabelSelector
 from fleet_server.service import DeviceView, FleetService
 
 __all__ = ["DEVICE_PAGE", "FleetPages", "device_filter"]
@@ -44,6 +45,7 @@ class DeviceQuery:
     state: str
     version: str
     page: int
+    labels: str = ""
 
     def link(self, page: int) -> str:
         """The list's URL at ``page`` with the same filter."""
@@ -54,6 +56,7 @@ class DeviceQuery:
                 ("tag", self.tag),
                 ("state", self.state),
                 ("version", self.version),
+                ("labels", self.labels),
             )
             if v
         }
@@ -66,7 +69,8 @@ def device_filter(params: Mapping[str, str]) -> tuple[DeviceQuery, DeviceFilter,
     presence state for the service.
 
     ``tag`` is ``key=value``; ``version`` is ``model`` or ``model@version``; ``state`` is
-    ``online``, ``offline``, ``active`` or ``revoked``.
+    ``online``, ``offline``, ``active`` or ``revoked``; ``labels`` is a label selector
+    (``site=berlin-2,hardware in (aarch64)``, the rollouts' syntax).
 
     Raises:
         AdminInputError: a malformed, too long or out-of-range value.
@@ -75,6 +79,7 @@ def device_filter(params: Mapping[str, str]) -> tuple[DeviceQuery, DeviceFilter,
     tag = query_text(params, "tag", limit=200) or ""
     state = query_text(params, "state", limit=16) or ""
     version = query_text(params, "version", limit=160) or ""
+    labels = query_text(params, "labels", limit=MAX_SELECTOR_CHARS) or ""
     page = query_int(params, "page", 1, lo=1, hi=1_000_000)
     if state not in _STATES:
         raise AdminInputError(f"state must be one of {', '.join(s for s in _STATES if s)}")
@@ -92,13 +97,18 @@ def device_filter(params: Mapping[str, str]) -> tuple[DeviceQuery, DeviceFilter,
             if not (number.isascii() and number.isdigit()) or len(number) > 18:
                 raise AdminInputError("version must be model or model@<integer>")
             version_no = int(number)
-    shown = DeviceQuery(group, tag, state, version, page)
+    try:
+        selector = LabelSelector.parse(labels) if labels else None
+    except SelectorSyntaxError as exc:
+        raise AdminInputError(f"labels: {exc}") from exc
+    shown = DeviceQuery(group, tag, state, version, page, labels)
     f = DeviceFilter(
         group=group or None,
         tag=tag_pair,
         revoked={"active": False, "revoked": True}.get(state),
         model=model,
         version=version_no,
+        selector=selector,
         offset=(page - 1) * DEVICE_PAGE,
         limit=DEVICE_PAGE,
     )

@@ -23,6 +23,7 @@ from fleet_server.errors import (
     UnknownDeviceError,
 )
 from fleet_server.registry._checks import MAX_SEQ, check_label, check_sha256
+from fleet_server.registry._labels import selector_clauses
 from fleet_server.registry.tables.core import (
     Bundle,
     DesiredStateRow,
@@ -248,6 +249,8 @@ def device_page_stmts(f: DeviceFilter) -> tuple[Select[Device], Select[int]]:
             if f.version is not None
             else active.as_integer().is_not(None)
         )
+    if f.selector is not None:
+        conds.extend(selector_clauses(f.selector))
     page = select(Device).where(*conds).order_by(Device.id).offset(f.offset).limit(f.limit)
     count = select(func.count()).select_from(Device).where(*conds)
     return page, count

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from fleet_server.registry.tables.core import Bundle, DesiredStateRow, Device
+from fleet_server.rollouts.label_selector import LabelSelector
 
 __all__ = [
     "BundleRecord",
@@ -41,6 +42,7 @@ class DeviceFilter:
         online_ids: only these ids (the gateway's online set); ``exclude_online``: all but them.
         model: with ``version``: devices that report ``model`` active at ``version``; alone:
             devices that report ``model`` at all.
+        selector: a label selector the device's effective labels match.
         offset, limit: the page (ordered by id).
     """
 
@@ -51,6 +53,7 @@ class DeviceFilter:
     exclude_online: bool = False
     model: str | None = None
     version: int | None = None
+    selector: LabelSelector | None = None
     offset: int = 0
     limit: int = 50
 
