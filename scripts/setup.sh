@@ -56,6 +56,9 @@ if [ "$PROFILE" = test ]; then
     if ! command -v chromium >/dev/null && [ ! -x /usr/bin/chromium ]; then
         want chromium "the console's browser tests drive it headless through Playwright"
     fi
+    if ! compgen -G "/usr/lib/*/libatomic.so.1" >/dev/null && ! compgen -G "/lib/*/libatomic.so.1" >/dev/null; then
+        want libatomic1 "Playwright's bundled node driver links it (a minimal Debian lacks it)"
+    fi
 fi
 
 # --- install them: as root or with sudo, never leaving a service running or enabled -------------
