@@ -245,7 +245,9 @@ def test_session_cookie_writes_need_the_csrf_token(env: Env) -> None:
             session.id,
         )
         body = {"id": "cam-9"}
-        for headers in ({}, {CSRF_HEADER: ""}, {CSRF_HEADER: session.csrf_token[:-1] + "0"}):
+        token = session.csrf_token
+        wrong = token[:-1] + ("1" if token.endswith("0") else "0")  # never the token itself
+        for headers in ({}, {CSRF_HEADER: ""}, {CSRF_HEADER: wrong}):
             r = c.post("/v1/devices", json=body, headers=headers)
             assert (r.status_code, r.json()["code"]) == (403, "csrf_failed")
         assert env.registry.list_devices() == []
