@@ -485,10 +485,21 @@ def create_app(
 class AdminServer:
     """Runs an ASGI app with uvicorn in a background thread (``start``/``stop``)."""
 
-    def __init__(self, app: Starlette, host: str, port: int) -> None:
-        """Prepare the server; ``port`` 0 picks a free port (see ``port`` after ``start``)."""
+    #: The thread's name and what a failed start says (subclasses serve other apps).
+    thread_name = "admin-api"
+    not_started = "the admin API did not start listening (port in use?)"
+
+    def __init__(self, app: Starlette, host: str, port: int, **uvicorn_options: Any) -> None:
+        """Prepare the server; ``port`` 0 picks a free port (see ``port`` after ``start``).
+        ``uvicorn_options`` go to ``uvicorn.Config`` as they are (TLS files, shutdown)."""
         config = uvicorn.Config(
-            app, host=host, port=port, log_level="warning", lifespan="off", access_log=False
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+            **uvicorn_options,
         )
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
@@ -505,7 +516,7 @@ class AdminServer:
         Raises:
             OSError: the server did not start listening (port taken, bad address).
         """
-        self._thread = threading.Thread(target=self._server.run, name="admin-api", daemon=True)
+        self._thread = threading.Thread(target=self._server.run, name=self.thread_name, daemon=True)
         self._thread.start()
         deadline = threading.Event()
         for _ in range(int(timeout / 0.02)):
@@ -514,7 +525,7 @@ class AdminServer:
             deadline.wait(0.02)
         if not self._server.started:
             self.stop()
-            raise OSError("the admin API did not start listening (port in use?)")
+            raise OSError(self.not_started)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting, finish in-flight requests, join the thread."""

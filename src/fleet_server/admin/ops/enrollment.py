@@ -23,7 +23,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -32,6 +31,7 @@ from starlette.routing import Route
 
 from edge_agent.errors import ContractError
 from edge_agent.wire.ops.certs import ClaimEnrollment
+from fleet_server.admin.api import AdminServer
 from fleet_server.admin.body import read_body
 from fleet_server.errors import (
     AdminBodyTooLargeError,
@@ -109,52 +109,21 @@ def create_enrollment_app(
     return Starlette(routes=[Route("/v1/enroll", enroll, methods=["POST"])])
 
 
-class EnrollmentServer:
+class EnrollmentServer(AdminServer):
     """The enrollment app served by uvicorn over TLS in a background thread."""
+
+    thread_name = "enrollment"
+    not_started = "the enrollment listener did not start (port in use, TLS files?)"
 
     def __init__(
         self, app: Starlette, host: str, port: int, *, certfile: Path, keyfile: Path
     ) -> None:
         """Prepare the server; ``port`` 0 picks a free port (see ``port`` after ``start``)."""
-        config = uvicorn.Config(
+        super().__init__(
             app,
-            host=host,
-            port=port,
-            log_level="warning",
-            lifespan="off",
-            access_log=False,
+            host,
+            port,
             ssl_certfile=str(certfile),
             ssl_keyfile=str(keyfile),
             timeout_graceful_shutdown=5,  # a device's idle keep-alive must not hold a stop
         )
-        self._server = uvicorn.Server(config)
-        self._thread: threading.Thread | None = None
-
-    @property
-    def port(self) -> int:
-        """The bound port (after ``start``)."""
-        sockets = self._server.servers[0].sockets if self._server.servers else []
-        return int(sockets[0].getsockname()[1]) if sockets else 0
-
-    def start(self, timeout: float = 10.0) -> None:
-        """Serve in a daemon thread; return once listening.
-
-        Raises:
-            OSError: the server did not start listening (port taken, bad address or TLS files).
-        """
-        self._thread = threading.Thread(target=self._server.run, name="enrollment", daemon=True)
-        self._thread.start()
-        pause = threading.Event()
-        for _ in range(int(timeout / 0.02)):
-            if self._server.started or not self._thread.is_alive():
-                break
-            pause.wait(0.02)
-        if not self._server.started:
-            self.stop()
-            raise OSError("the enrollment listener did not start (port in use, TLS files?)")
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop accepting, finish in-flight requests, join the thread."""
-        self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout)
