@@ -280,6 +280,13 @@ def test_the_cli_through_the_admin_api_and_its_audit_log(
         outcomes = [e for e in entries if e["status"] is not None]
         assert [e["status"] for e in outcomes] == [202, 202, 202], entries
         assert {e["object"] for e in outcomes} == {"device:dev-a"}
+        neither = runner.invoke(cli, ["devices", "restart", *url])
+        assert neither.exit_code == 2, neither.output  # a DEVICE_ID or --group, not neither
+        assert "give a DEVICE_ID or --group" in neither.output
+        sent = runner.invoke(cli, ["devices", "ping", "dev-a", "--no-wait", "--json", *url])
+        assert sent.exit_code == 0, sent.output
+        (record,) = json.loads(sent.output)
+        assert (record["device_id"], record["name"]) == ("dev-a", "ping")
     finally:
         logging.getLogger("edge_agent").removeHandler(ring)
         server.stop()

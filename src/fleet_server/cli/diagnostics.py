@@ -12,7 +12,10 @@ characters escaped.
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Final
 
@@ -54,60 +57,78 @@ def _describe(record: dict[str, Any]) -> str:
     return str(state)
 
 
-def _target_options(func: Any) -> Any:
-    func = click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait.")(func)
-    func = click.option("--wait/--no-wait", default=True, help="Wait for the answer.")(func)
-    func = click.option(
-        "--ttl", default=3600, show_default=True, help="Seconds the command stays valid."
-    )(func)
-    func = click.option("--group", help="Every active device of this group instead.")(func)
-    return click.argument("device_id", required=False)(func)
+@dataclass(frozen=True)
+class _Target:
+    """Where a command goes and how the CLI waits for it: the options every targeted command
+    shares, packed once by ``_targeted``."""
 
+    url: str
+    token: str
+    as_json: bool
+    device_id: str | None
+    group: str | None
+    ttl: int
+    wait: bool
+    timeout: float
 
-def _issue_and_wait(
-    client: AdminClient,
-    name: str,
-    args: dict[str, Any],
-    device_id: str | None,
-    group: str | None,
-    ttl: int,
-    wait: bool,
-    timeout: float,
-) -> list[dict[str, Any]]:
-    if (device_id is None) == (group is None):
-        raise click.UsageError("give a DEVICE_ID or --group")
-    issued = client.issue_command(name, args, device_id=device_id, group=group, ttl_seconds=ttl)
-    for dev, why in sorted(issued.get("errors", {}).items()):
-        click.echo(f"{dev}: not sent: {safe(why)}", err=True)
-    records = list(issued["commands"])
-    if not wait:
+    def run(self, name: str, args: dict[str, Any]) -> list[dict[str, Any]] | None:
+        """Issue command ``name`` and wait for its answers; with ``--json`` print them and
+        return None (the caller prints nothing more)."""
+        if (self.device_id is None) == (self.group is None):
+            raise click.UsageError("give a DEVICE_ID or --group")
+        with AdminClient(self.url, self.token) as client:
+            issued = client.issue_command(
+                name, args, device_id=self.device_id, group=self.group, ttl_seconds=self.ttl
+            )
+            for dev, why in sorted(issued.get("errors", {}).items()):
+                click.echo(f"{dev}: not sent: {safe(why)}", err=True)
+            records = list(issued["commands"])
+            if self.wait:
+                deadline = time.monotonic() + self.timeout
+                records = [
+                    _wait(client, r["id"], max(0.0, deadline - time.monotonic()), _FINAL)
+                    for r in records
+                ]
+        if self.as_json:
+            emit_json(records)
+            return None
         return records
-    deadline = time.monotonic() + timeout
-    return [_wait(client, r["id"], max(0.0, deadline - time.monotonic()), _FINAL) for r in records]
+
+
+_TARGET_KEYS: Final = tuple(f.name for f in fields(_Target))
+
+
+def _targeted(func: Callable[..., None]) -> Callable[..., None]:
+    """The admin, ``--json`` and target options (DEVICE_ID or ``--group``, ``--ttl``,
+    ``--wait/--no-wait``, ``--timeout``), handed to ``func`` as one ``_Target`` first."""
+
+    @functools.wraps(func)
+    def command(**kwargs: Any) -> None:
+        target = _Target(**{key: kwargs.pop(key) for key in _TARGET_KEYS})
+        func(target, **kwargs)
+
+    wrapped: Callable[..., None] = command
+    wrapped = click.option("--timeout", default=60.0, show_default=True, help="Seconds to wait.")(
+        wrapped
+    )
+    wrapped = click.option("--wait/--no-wait", default=True, help="Wait for the answer.")(wrapped)
+    wrapped = click.option(
+        "--ttl", default=3600, show_default=True, help="Seconds the command stays valid."
+    )(wrapped)
+    wrapped = click.option("--group", help="Every active device of this group instead.")(wrapped)
+    wrapped = click.argument("device_id", required=False)(wrapped)
+    return admin_options(json_option(wrapped))
 
 
 def register_diagnostics_commands(devices: click.Group) -> None:
     """Add the remote diagnostics commands to the ``devices`` group."""
 
     @devices.command("ping")
-    @admin_options
-    @json_option
-    @_target_options
-    def ping(
-        url: str,
-        token: str,
-        as_json: bool,
-        device_id: str | None,
-        group: str | None,
-        ttl: int,
-        wait: bool,
-        timeout: float,
-    ) -> None:
+    @_targeted
+    def ping(target: _Target) -> None:
         """Check that DEVICE_ID (or every device of --group) answers a signed command."""
-        with AdminClient(url, token) as client:
-            records = _issue_and_wait(client, "ping", {}, device_id, group, ttl, wait, timeout)
-        if as_json:
-            emit_json(records)
+        records = target.run("ping", {})
+        if records is None:
             return
         rows = []
         for r in records:
@@ -117,27 +138,12 @@ def register_diagnostics_commands(devices: click.Group) -> None:
         echo_table(rows, ("DEVICE", "STATE", "AGENT", "COMMAND"))
 
     @devices.command("logs")
-    @admin_options
-    @json_option
-    @_target_options
     @click.option("--level", type=click.Choice(LOG_LEVELS), default="info", show_default=True)
     @click.option("--since", type=int, default=0, help="Only records of the last N seconds.")
     @click.option("--lines", type=int, default=500, show_default=True)
     @click.option("--max-bytes", type=int, default=64 * 1024, show_default=True)
-    def logs(
-        url: str,
-        token: str,
-        as_json: bool,
-        device_id: str | None,
-        group: str | None,
-        ttl: int,
-        wait: bool,
-        timeout: float,
-        level: str,
-        since: int,
-        lines: int,
-        max_bytes: int,
-    ) -> None:
+    @_targeted
+    def logs(target: _Target, level: str, since: int, lines: int, max_bytes: int) -> None:
         """Recent agent log records of DEVICE_ID at or above --level."""
         args = {
             "level": level,
@@ -145,12 +151,8 @@ def register_diagnostics_commands(devices: click.Group) -> None:
             "max_lines": lines,
             "max_bytes": max_bytes,
         }
-        with AdminClient(url, token) as client:
-            records = _issue_and_wait(client, "logs", args, device_id, group, ttl, wait, timeout)
-        if as_json:
-            emit_json(records)
-            return
-        for r in records:
+        records = target.run("logs", args)
+        for r in records or ():
             if r["state"] != "answered":
                 click.echo(f"{r['device_id']}: {_describe(r)}")
                 continue
@@ -165,30 +167,11 @@ def register_diagnostics_commands(devices: click.Group) -> None:
                 click.echo(f"{r['device_id']}: older records left out (--lines/--max-bytes)")
 
     @devices.command("health-check")
-    @admin_options
-    @json_option
-    @_target_options
     @click.option("--model", required=True, help="The model whose golden samples to re-run.")
-    def health_check(
-        url: str,
-        token: str,
-        as_json: bool,
-        device_id: str | None,
-        group: str | None,
-        ttl: int,
-        wait: bool,
-        timeout: float,
-        model: str,
-    ) -> None:
+    @_targeted
+    def health_check(target: _Target, model: str) -> None:
         """Re-run MODEL's golden samples on DEVICE_ID (the serving version)."""
-        with AdminClient(url, token) as client:
-            records = _issue_and_wait(
-                client, "health-check", {"model": model}, device_id, group, ttl, wait, timeout
-            )
-        if as_json:
-            emit_json(records)
-            return
-        for r in records:
+        for r in target.run("health-check", {"model": model}) or ():
             if r["state"] != "answered":
                 click.echo(f"{r['device_id']}: {_describe(r)}")
                 continue
@@ -202,27 +185,11 @@ def register_diagnostics_commands(devices: click.Group) -> None:
                 click.echo(f"  {safe(failure, 200)}")
 
     @devices.command("restart")
-    @admin_options
-    @json_option
-    @_target_options
-    def restart(
-        url: str,
-        token: str,
-        as_json: bool,
-        device_id: str | None,
-        group: str | None,
-        ttl: int,
-        wait: bool,
-        timeout: float,
-    ) -> None:
+    @_targeted
+    def restart(target: _Target) -> None:
         """Restart the agent on DEVICE_ID: it drains like on SIGTERM and exits 75, and its
         service manager starts it again."""
-        with AdminClient(url, token) as client:
-            records = _issue_and_wait(client, "restart", {}, device_id, group, ttl, wait, timeout)
-        if as_json:
-            emit_json(records)
-            return
-        for r in records:
+        for r in target.run("restart", {}) or ():
             click.echo(f"{r['device_id']}: {_describe(r)}")
 
     @devices.command("support-bundle")
