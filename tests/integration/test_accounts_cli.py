@@ -14,11 +14,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_rollout_e2e import TOKEN, _server_config
 
 from bundles import DigitsBundles
 from fleet import stop_process, wait_until
 from mosquitto import MOSQUITTO, FleetBroker, fleet_broker
+from served import TOKEN, server_config
 
 pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
 
@@ -36,7 +36,7 @@ def broker(tmp_path: Path) -> Iterator[FleetBroker]:
 def test_named_operator_account_through_the_cli(
     broker: FleetBroker, digits_bundles: DigitsBundles, tmp_path: Path
 ) -> None:
-    config, port = _server_config(tmp_path, broker, digits_bundles.keys.path)
+    config, port = server_config(tmp_path, broker, digits_bundles.keys.path)
     url = f"http://127.0.0.1:{port}"
 
     def run(

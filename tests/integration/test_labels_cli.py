@@ -8,23 +8,20 @@ status shows the held device and when its window opens.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from test_rollout_e2e import TOKEN, _server_config
 
 from bundles import DigitsBundles
-from fleet import stop_process, wait_until
+from fleet import wait_until
 from mosquitto import MOSQUITTO, FleetBroker, fleet_broker
+from served import served_fleet
 
 pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
 
 DEVICES = ("cam-0", "cam-1", "cam-2")
-FLEET = str(Path(sys.executable).parent / "fleet-server")
 
 
 @pytest.fixture
@@ -36,25 +33,8 @@ def broker(tmp_path: Path) -> Iterator[FleetBroker]:
 def test_labels_windows_and_a_held_rollout_through_the_cli(
     broker: FleetBroker, digits_bundles: DigitsBundles, tmp_path: Path
 ) -> None:
-    config, port = _server_config(tmp_path, broker, digits_bundles.keys.path)
-    env = {"EDGEFLEET_ADMIN_URL": f"http://127.0.0.1:{port}", "EDGEFLEET_ADMIN_TOKEN": TOKEN}
-
-    def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run(
-            [FLEET, *args], env=env, capture_output=True, text=True, timeout=60, check=False
-        )
-        if ok:
-            assert res.returncode == 0, res.stdout + res.stderr
-        return res
-
-    log = (tmp_path / "server.log").open("ab")
-    server = subprocess.Popen(
-        [FLEET, "serve", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT
-    )
-    try:
-        wait_until(
-            lambda: run("status", ok=False).returncode == 0, timeout=60, what="fleet-server up"
-        )
+    with served_fleet(tmp_path, broker, digits_bundles.keys.path) as fleet:
+        run = fleet.run
         for v in (1, 2):
             run("models", "publish", str(digits_bundles.path(v)))
         for d, site in zip(DEVICES, ("a", "a", "b"), strict=True):
@@ -62,7 +42,7 @@ def test_labels_windows_and_a_held_rollout_through_the_cli(
             run("devices", "label", d, f"site={site}", "hw=pi5")
         listing = json.loads(run("devices", "list", "--selector", "site=a", "--json").stdout)
         assert [d["id"] for d in listing] == ["cam-0", "cam-1"]
-        bad = run("devices", "list", "--selector", "site in (a", ok=False)
+        bad = run("devices", "list", "--selector", "site in (a", code=None)
         assert bad.returncode == 3  # bad input
         assert "(at character 10)" in bad.stderr
         run("label-groups", "define", "cams", "hw=pi5")
@@ -88,6 +68,3 @@ def test_labels_windows_and_a_held_rollout_through_the_cli(
         text = run("rollouts", "status", rid).stdout
         assert "cam-2 waits for its window, opens" in text
         assert "waits for the disruption budget" in text
-    finally:
-        stop_process(server)
-        log.close()

@@ -47,7 +47,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_rollout_e2e import TOKEN, _server_config
 
 from bundles import DigitsBundles, mislabelled_bundle
 from edge_agent.bundle import read_bundle
@@ -62,6 +61,7 @@ from model_builder.config import BuildConfig
 from model_builder.data import Dataset
 from model_builder.package import package_bundle
 from mosquitto import MOSQUITTO, distinct_ports, fleet_broker
+from served import TOKEN, server_config
 
 pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
 
@@ -203,7 +203,7 @@ def fleet(
         "badgolden": _resigned(digits_bundles, digits_bundles.path(4, "badgolden"), 22, tmp),
     }
     with fleet_broker(tmp / "mqtt", DEVICES) as broker:
-        config, port = _server_config(tmp, broker, keys.path)
+        config, port = server_config(tmp, broker, keys.path)
         log = (tmp / "server.log").open("ab")
         server = subprocess.Popen(
             [FLEET, "serve", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT

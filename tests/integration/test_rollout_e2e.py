@@ -29,36 +29,17 @@ from edge_agent.config import ApiConfig
 from fleet import daemon_config, start_daemon, stop_process, wait_until
 from fleet_server.admin.client import AdminClient
 from mosquitto import MOSQUITTO, FleetBroker, fleet_broker, free_port
+from served import TOKEN, server_config
 
 pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
 
 DEVICES = tuple(f"line-{i}" for i in range(6))
-TOKEN = "rollout-e2e-admin-token-0123456789"
 
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[FleetBroker]:
     with fleet_broker(tmp_path / "mqtt", DEVICES) as b:
         yield b
-
-
-def _server_config(tmp_path: Path, broker: FleetBroker, keys_dir: Path) -> tuple[Path, int]:
-    creds = broker.creds[broker.server]
-    port = free_port()
-    (tmp_path / "token").write_text(TOKEN)
-    path = tmp_path / "server.toml"
-    path.write_text(
-        f'[registry]\nstate_dir = "{tmp_path / "server"}"\n'
-        f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\nca_path = "{creds.ca}"\n'
-        f'cert_path = "{creds.cert}"\nkey_path = "{creds.key}"\n'
-        f'[gateway]\nprefix = "{broker.prefix}"\n'
-        f'[api]\nport = {port}\ntoken_file = "{tmp_path / "token"}"\n'
-        f'[signing]\nonline_key = "{keys_dir / "keys" / "online-1.pem"}"\n'
-        f'root_path = "{keys_dir / "root.json"}"\n'
-        "[fallback]\nenabled = true\n"
-        "[rollouts]\ninterval_seconds = 1.0\n"
-    )
-    return path, port
 
 
 def _active(client: AdminClient, device: str) -> int | None:
@@ -72,7 +53,7 @@ def test_degraded_canary_trips_the_quality_gate_and_is_rolled_back(
     broker: FleetBroker, digits_bundles: DigitsBundles, tmp_path: Path
 ) -> None:
     degraded = misnormalised_bundle(digits_bundles, 6, tmp_path)
-    config, port = _server_config(tmp_path, broker, digits_bundles.keys.path)
+    config, port = server_config(tmp_path, broker, digits_bundles.keys.path)
     log = (tmp_path / "server.log").open("ab")
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "fleet-server"), "serve", "--config", str(config)],

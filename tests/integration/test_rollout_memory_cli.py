@@ -9,22 +9,19 @@ is refused by the same memory unless overridden, and the override is logged.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_rollout_e2e import TOKEN, _server_config
 
 from bundles import DigitsBundles
-from fleet import stop_process, wait_until
+from fleet import wait_until
 from mosquitto import MOSQUITTO, FleetBroker, fleet_broker
+from served import served_fleet
 
 pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
 
 DEVICES = ("line-0", "line-1", "line-2")
-FLEET = str(Path(sys.executable).parent / "fleet-server")
 
 
 @pytest.fixture
@@ -36,25 +33,8 @@ def broker(tmp_path: Path) -> Iterator[FleetBroker]:
 def test_an_aborted_version_carries_its_history(
     broker: FleetBroker, digits_bundles: DigitsBundles, tmp_path: Path
 ) -> None:
-    config, port = _server_config(tmp_path, broker, digits_bundles.keys.path)
-    env = {"EDGEFLEET_ADMIN_URL": f"http://127.0.0.1:{port}", "EDGEFLEET_ADMIN_TOKEN": TOKEN}
-
-    def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run(
-            [FLEET, *args], env=env, capture_output=True, text=True, timeout=60, check=False
-        )
-        if ok:
-            assert res.returncode == 0, res.stdout + res.stderr
-        return res
-
-    log = (tmp_path / "server.log").open("ab")
-    server = subprocess.Popen(
-        [FLEET, "serve", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT
-    )
-    try:
-        wait_until(
-            lambda: run("status", ok=False).returncode == 0, timeout=60, what="fleet-server up"
-        )
+    with served_fleet(tmp_path, broker, digits_bundles.keys.path) as fleet:
+        run = fleet.run
         for v in (1, 2):
             run("models", "publish", str(digits_bundles.path(v)))
         for d in DEVICES:
@@ -79,12 +59,12 @@ def test_an_aborted_version_carries_its_history(
         assert "history: aborted (aborted 1x)" in shown
         assert f"by operator (rollout {first})" in shown
 
-        refused = run(*create, ok=False)
+        refused = run(*create, code=None)
         assert refused.returncode == 3  # EXIT_BAD_INPUT: the request is refused, typed
         assert "aborted 1 time" in refused.stdout + refused.stderr
         # A direct assignment skips the waves and gates: the same memory applies to it.
         assign = ("assign", "digits", "2", "--group", "line")
-        refused = run(*assign, ok=False)
+        refused = run(*assign, code=None)
         assert refused.returncode == 3
         assert "aborted 1 time" in refused.stdout + refused.stderr
         second = json.loads(
@@ -98,9 +78,9 @@ def test_an_aborted_version_carries_its_history(
         assert (v2["status"], len(v2["aborts"]), v2["rollouts"]) == ("quarantined", 2, 2)
         assert v2["summary"] == "quarantined, aborted 2x, 1 override(s)"
         assert "quarantined" in run("models", "show", "digits", "2").stdout
-        refused = run(*create, "--override-aborted", "again", ok=False)
+        refused = run(*create, "--override-aborted", "again", code=None)
         assert "quarantined" in refused.stdout + refused.stderr
-        refused = run(*assign, "--override-aborted", "again", ok=False)
+        refused = run(*assign, "--override-aborted", "again", code=None)
         assert "quarantined" in refused.stdout + refused.stderr
         assigned = json.loads(
             run(*assign, "--override-quarantine", "bench line only", "--json").stdout
@@ -110,6 +90,3 @@ def test_an_aborted_version_carries_its_history(
             tmp_path / "server.log"
         ).read_text(errors="replace")
         run(*create, "--override-quarantine", "known issue, hotfix on the way")
-    finally:
-        stop_process(server)
-        log.close()

@@ -11,23 +11,19 @@ candidate passes with its comparison shown.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_rollout_e2e import TOKEN, _server_config
 
 from bundles import DigitsBundles
 from evalset_support import digits_eval_set, wrong_candidate
-from fleet import stop_process, wait_until
 from mosquitto import MOSQUITTO, FleetBroker, fleet_broker
+from served import served_fleet
 
 pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
 
 DEVICES = ("line-0", "line-1", "line-2")
-FLEET = str(Path(sys.executable).parent / "fleet-server")
 
 
 @pytest.fixture
@@ -41,25 +37,8 @@ def test_the_offline_check_refuses_a_wrong_candidate_through_the_cli(
 ) -> None:
     wrong = wrong_candidate(digits_bundles, 6, tmp_path)
     eval_set = digits_eval_set(digits_bundles, tmp_path / "digits-eval.npz")
-    config, port = _server_config(tmp_path, broker, digits_bundles.keys.path)
-    env = {"EDGEFLEET_ADMIN_URL": f"http://127.0.0.1:{port}", "EDGEFLEET_ADMIN_TOKEN": TOKEN}
-
-    def run(*args: str, code: int = 0) -> subprocess.CompletedProcess[str]:
-        res = subprocess.run(
-            [FLEET, *args], env=env, capture_output=True, text=True, timeout=60, check=False
-        )
-        if code >= 0:
-            assert res.returncode == code, res.stdout + res.stderr
-        return res
-
-    log = (tmp_path / "server.log").open("ab")
-    server = subprocess.Popen(
-        [FLEET, "serve", "--config", str(config)], stdout=log, stderr=subprocess.STDOUT
-    )
-    try:
-        wait_until(
-            lambda: run("status", code=-1).returncode == 0, timeout=60, what="fleet-server up"
-        )
+    with served_fleet(tmp_path, broker, digits_bundles.keys.path) as fleet:
+        run = fleet.run
         for path in (*(digits_bundles.path(v) for v in (1, 2, 3)), wrong):
             run("models", "publish", str(path))
         for d in DEVICES:
@@ -117,6 +96,3 @@ def test_the_offline_check_refuses_a_wrong_candidate_through_the_cli(
         good = run(*create_args(2)).stdout
         assert "offline passed on evaluation set" in good
         assert "disagreement 0.0%" in good
-    finally:
-        stop_process(server)
-        log.close()
