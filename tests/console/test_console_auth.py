@@ -149,8 +149,8 @@ def test_each_write_is_allowed_exactly_when_the_api_route_is(
     else:
         assert r.status_code == 403, r.text
         assert "may not" in r.text
-        [outcome, attempt] = audit_entries(
-            world.registry, AuditQuery(actor=f"session:{account}", limit=10)
+        [outcome, attempt] = audit_entries(  # the login's own entries aside
+            world.registry, AuditQuery(actor=f"session:{account}", action=action, limit=10)
         )
         assert (attempt.action, attempt.phase) == (action, "attempt")
         assert (outcome.status, outcome.code) == (403, "forbidden")

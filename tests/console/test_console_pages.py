@@ -220,6 +220,8 @@ def test_rollout_create_and_commands_go_through_the_runner_and_the_audit_log(
     entries = audit_entries(world.registry, AuditQuery(actor="session:rel", limit=100))
     actions = [(e.phase, e.action, e.status) for e in reversed(entries)]
     assert actions == [
+        ("attempt", "POST /console/login", None),
+        ("outcome", "POST /console/login", 303),
         ("attempt", "POST /v1/rollouts", None),
         ("outcome", "POST /v1/rollouts", 201),
         ("attempt", "POST /v1/rollouts/{rollout_id}/pause", None),
@@ -227,7 +229,7 @@ def test_rollout_create_and_commands_go_through_the_runner_and_the_audit_log(
         ("attempt", "POST /v1/rollouts/{rollout_id}/abort", None),
         ("outcome", "POST /v1/rollouts/{rollout_id}/abort", 200),
     ]
-    created = entries[-1]
+    created = entries[-3]  # the oldest two are the login's
     assert created.object == "model:digits@2"
     assert created.change["query"] == {"via": "console"}
     assert created.change["body"]["group"] == "line-3"
@@ -237,7 +239,7 @@ def test_rollout_create_and_commands_go_through_the_runner_and_the_audit_log(
     # The export links are the API's routes, authenticated by the session cookie.
     export = client.get("/v1/audit/export?actor=session%3Arel&format=json")
     assert export.status_code == 200
-    assert len(export.json()["entries"]) == 6
+    assert len(export.json()["entries"]) == 8  # with the login's two
     assert 'href="/v1/audit/export?actor=session%3Arel&amp;format=csv"' in page.text
 
 
@@ -251,7 +253,8 @@ def test_a_bad_policy_is_refused_with_the_field_named_and_recorded(
     assert r.status_code == 400
     assert "canary_fraction" in r.text
     assert world.runner.rollouts() == []
-    [outcome, _] = audit_entries(world.registry, AuditQuery(actor="session:rel", limit=10))
+    query = AuditQuery(actor="session:rel", action="POST /v1/rollouts", limit=10)
+    [outcome, _] = audit_entries(world.registry, query)
     assert (outcome.status, outcome.code) == (400, "rollout_policy_invalid")
 
 

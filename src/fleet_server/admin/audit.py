@@ -224,6 +224,23 @@ class Auditor:
         stored = await run_in_threadpool(append_entry, self._registry, entry, self._clock())
         return PendingAudit(stored, replay, failure)
 
+    async def event(
+        self, actor: Actor, client: str, action: str, obj: str, status: int, code: str = ""
+    ) -> None:
+        """Record an action that is not an admin route (a console login or logout): its
+        attempt and outcome rows at once, sharing one ``request_id``.
+
+        Raises:
+            RegistryUnavailableError: the entries could not be written.
+        """
+        request_id = uuid.uuid4().hex
+        attempt = AuditEntry(request_id, "attempt", str(actor), client, action, obj, {})
+        outcome = AuditEntry(
+            request_id, "outcome", str(actor), client, action, obj, {}, status, code[:64]
+        )
+        for entry in (attempt, outcome):
+            await run_in_threadpool(append_entry, self._registry, entry, self._clock())
+
     async def outcome(self, pending: PendingAudit, response: Response) -> None:
         """Record the outcome of ``pending``: status, error code, ids the answer names.
 

@@ -79,8 +79,14 @@ from fleet_server.console.web import (
 )
 from fleet_server.diagnostics.service import Diagnostics
 from fleet_server.drift.service import DriftService
-from fleet_server.errors import ERRORS, AccountLockedError, AuthenticationError
+from fleet_server.errors import (
+    ERRORS,
+    AccountLockedError,
+    AuthenticationError,
+    RegistryUnavailableError,
+)
 from fleet_server.jobs.rollout_runner import RolloutRunner
+from fleet_server.registry.audit import Actor
 from fleet_server.service import FleetService
 
 __all__ = ["ConsoleDeps", "console_routes"]
@@ -150,6 +156,24 @@ def console_routes(deps: ConsoleDeps) -> list[Route]:
         device_id = str(ctx.request.path_params.get("device_id", ""))
         return await fleet.device(ctx, await device_ops.view(device_id))
 
+    async def _audit(
+        actor: Actor, client: str, what: str, account: str, status: int, code: str = ""
+    ) -> None:
+        if deps.auditor is not None:
+            action = f"POST {PREFIX}/{what}"
+            obj = f"account:{account[:_MAX_NAME]}"
+            await deps.auditor.event(actor, client, action, obj, status, code)
+
+    async def _account_exists(name: str) -> bool:
+        accounts = deps.auth.accounts
+        if accounts is None:
+            return False
+        try:
+            await run_in_threadpool(accounts.show, name)
+        except EdgefleetError:  # unknown (or a name no account can have), or the DB failed
+            return False
+        return True
+
     async def login_form(request: Request) -> Response:
         found = await console.caller(request)
         if found is not None:
@@ -168,7 +192,7 @@ def console_routes(deps: ConsoleDeps) -> list[Route]:
         name = form.get("name", "")[:_MAX_NAME]
         password = form.get("password", "")[:_MAX_PASSWORD]
         nxt = _safe_next(form.get("next"))
-        client = request.client.host if request.client else ""
+        client = _client(request)
         message = "login failed: wrong account name or password"
         status = 401
         if accounts is not None:
@@ -176,10 +200,21 @@ def console_routes(deps: ConsoleDeps) -> list[Route]:
                 principal = await run_in_threadpool(accounts.authenticate, name, password)
                 session = await run_in_threadpool(accounts.create_session, principal, client)
             except AccountLockedError as exc:
+                # Not audited per attempt: a locked account refuses without counting, so
+                # each attempt would be a row anyone could add; the failure that locked it is.
                 message, status = str(exc), 429
-            except AuthenticationError:
+                log.warning("console: login to locked account %r from %s", name[:64], client)
+            except AuthenticationError as exc:
                 log.warning("console: failed login for %r from %s", name[:64], client)
+                if await _account_exists(name):
+                    await _audit(Actor("unauthenticated", ""), client, "login", name, 401, exc.code)
             else:
+                try:
+                    await _audit(Actor("session", principal.account), client, "login", name, 303)
+                except RegistryUnavailableError as exc:
+                    # No login without its entry (as no admin action runs without one).
+                    await run_in_threadpool(accounts.end_session, session.id)
+                    return console.error(None, request, 503, str(exc))
                 response = console.headers(RedirectResponse(nxt, status_code=303))
                 max_age = accounts.policy.session_absolute_seconds
                 response.set_cookie(
@@ -201,6 +236,11 @@ def console_routes(deps: ConsoleDeps) -> list[Route]:
         accounts = deps.auth.accounts
         if found is not None and accounts is not None:
             await run_in_threadpool(accounts.end_session, found[0].credential)
+            account = found[0].account
+            try:
+                await _audit(Actor("session", account), _client(request), "logout", account, 303)
+            except RegistryUnavailableError:  # the session is over either way
+                log.exception("audit log: console logout of %r not recorded", account)
         response = console.headers(RedirectResponse(f"{PREFIX}/login", status_code=303))
         response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
         return response
@@ -358,3 +398,7 @@ def _account_routes(console: Console, deps: ConsoleDeps) -> list[Route]:
             methods=["POST"],
         ),
     ]
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else ""
