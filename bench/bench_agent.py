@@ -58,15 +58,19 @@ TARGETS = {
 }
 
 
-def build_bundle(work: Path) -> tuple[Path, Path, np.ndarray]:
-    """Train, quantize and sign the digits MLP; returns (bundle, root, eval inputs)."""
+def build_bundle(
+    work: Path, example: str = "digits_mlp", name: str = "digits", **kw: int
+) -> tuple[Path, Path, np.ndarray]:
+    """Train, quantize and sign ``model_builder.examples.<example>(**kw)`` (default: the digits
+    MLP) as model ``name`` version 1 with a new key store in ``work``; returns (bundle, root,
+    eval inputs)."""
+    from model_builder import examples
     from model_builder.build import build_bundle as build
     from model_builder.config import BuildConfig
     from model_builder.data import Dataset
-    from model_builder.examples import digits_mlp
     from model_builder.keystore import KeyStore
 
-    ex = digits_mlp()
+    ex = getattr(examples, example)(**kw)
     now = datetime.now(UTC)
     keys = KeyStore.init(work / "keys", now=now)
     res = build(
@@ -75,11 +79,11 @@ def build_bundle(work: Path) -> tuple[Path, Path, np.ndarray]:
         Dataset({"input": ex.x_calib}, None),
         Dataset({"input": ex.x_eval}, ex.y_eval),
         (ex.input_contract(max_batch=64), ex.output_contract()),
-        BuildConfig(name="digits", version=1, measure_latency=False, arch=("any",)),
+        BuildConfig(name=name, version=1, measure_latency=False, arch=("any",)),
         keys,
         now=now,
     )
-    bundle = work / "digits-1.efb"
+    bundle = work / f"{name}-1.efb"
     bundle.write_bytes(res.bundle)
     root = work / "root.json"
     root.write_bytes(keys.root_bytes())

@@ -25,42 +25,11 @@ import sys
 import tempfile
 import time
 import urllib.request
-from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
-
-from bench_agent import BIN, free_port, wait_ready, wrk
+from bench_agent import BIN, build_bundle, free_port, wait_ready, wrk
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def build(work: Path, example: str, **kw: int) -> tuple[Path, Path, np.ndarray]:
-    """Build and sign ``example(**kw)`` as model "m"; returns (bundle, root, eval inputs)."""
-    from model_builder import examples
-    from model_builder.build import build_bundle
-    from model_builder.config import BuildConfig
-    from model_builder.data import Dataset
-    from model_builder.keystore import KeyStore
-
-    ex = getattr(examples, example)(**kw)
-    now = datetime.now(UTC)
-    keys = KeyStore.init(work / "keys", now=now)
-    res = build_bundle(
-        ex.model_bytes,
-        "onnx",
-        Dataset({"input": ex.x_calib}, None),
-        Dataset({"input": ex.x_eval}, ex.y_eval),
-        (ex.input_contract(max_batch=64), ex.output_contract()),
-        BuildConfig(name="m", version=1, measure_latency=False, arch=("any",)),
-        keys,
-        now=now,
-    )
-    bundle = work / "m-1.efb"
-    bundle.write_bytes(res.bundle)
-    root = work / "root.json"
-    root.write_bytes(keys.root_bytes())
-    return bundle, root, ex.x_eval.astype(np.float32)
 
 
 def start(work: Path, bundle: Path, root: Path, policy: str) -> tuple[subprocess.Popen, int]:
@@ -119,11 +88,11 @@ def main() -> None:
     conns = [int(c) for c in args.conns.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        bundle, root, x_eval = build(
-            work / "slow", "digits_slow_mlp", width=args.width, depth=args.depth
+        bundle, root, x_eval = build_bundle(
+            work / "slow", "digits_slow_mlp", "m", width=args.width, depth=args.depth
         )
         params = 64 * args.width + args.width**2 + args.width * 10
-        plain_bundle, plain_root, _ = build(work / "plain", "digits_mlp")
+        plain_bundle, plain_root, _ = build_bundle(work / "plain", "digits_mlp", "m")
         print("auto, digits_slow_mlp:", auto_decision(bundle, root, work / "auto-slow"))
         print("auto, digits_mlp:     ", auto_decision(plain_bundle, plain_root, work / "auto-mlp"))
         body = json.dumps(
