@@ -12,6 +12,7 @@ their bounds and allowed values, ``is_loopback`` and the two checks every sectio
 from __future__ import annotations
 
 import ipaddress
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,7 +173,9 @@ class DriftConfig:
     """Drift windows close after ``window_values`` rows or ``window_seconds``, whichever first.
 
     Closed windows wait for the next telemetry report in at most ``buffer_bytes`` of memory
-    (estimated; the oldest are dropped, and counted, beyond it).
+    (estimated; the oldest are dropped, and counted, beyond it). ``windows_per_hour`` (0: off)
+    bounds the windows each tensor closes, ``window_burst`` in a row: under traffic that
+    would close them faster, windows grow instead (``edge_agent.drift.budget``).
     """
 
     window_values: int = 1000
@@ -181,6 +184,8 @@ class DriftConfig:
     kll: bool = False
     max_rows_per_second: float = 5000.0
     buffer_bytes: int = 2 * 1024 * 1024
+    windows_per_hour: float = 0.0
+    window_burst: int = 4
 
     def validate(self) -> None:
         check(
@@ -191,6 +196,11 @@ class DriftConfig:
         check(self.window_values >= 10, "drift.window_values must be >= 10")
         check(self.window_seconds > 0, "drift.window_seconds must be positive")
         check(0 < self.alpha < 0.5, "drift.alpha must be in (0, 0.5)")
+        check(
+            math.isfinite(self.windows_per_hour) and 0 <= self.windows_per_hour <= 3600,
+            "drift.windows_per_hour must be in [0, 3600] (0: no budget)",
+        )
+        check(1 <= self.window_burst <= 1000, "drift.window_burst must be in [1, 1000]")
 
 
 @dataclass(frozen=True)
