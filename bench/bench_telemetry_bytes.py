@@ -7,8 +7,12 @@ of ``window_values`` rows or ``window_seconds``, one report per ``report_interva
 real digits rows through the real pipeline (so real tier-A windows close), a report built every
 interval by ``report_from_status`` from ``Agent.status()`` and the closed windows, wrapped in the
 ``Batch`` the uplink publishes. Time is simulated (the agent's clock is real elapsed time plus the
-simulated gaps between requests, so latencies are real); three traffic levels: idle, 1 and
-10 requests per second (one row each).
+simulated gaps between requests, so latencies are real); four traffic levels: idle, 1, 10 and
+50 requests per second (one row each).
+
+Every level runs twice: with the config's drift window budget (``[drift] windows_per_hour``,
+``window_burst``: windows grow with traffic, their number per day is bounded) and with fixed
+windows (the same config with ``windows_per_hour = 0``); the last table compares the two.
 
 Each message is encoded as:
 
@@ -23,19 +27,21 @@ Each message is encoded as:
 - ``packed-1, k reports``: one message every k report intervals holding k reports (what a
   longer send interval would cost: edges and keys repeat inside one DEFLATE stream).
 
-Per day = mean bytes per message x messages per day (86,400 / report interval). Payload bytes
+Each level is measured after a warm-up of the same traffic (``--warmup``, 15 simulated minutes):
+a fresh agent's window budget starts with ``window_burst`` windows of credit, which a day
+spends once. Per day = mean bytes per message x messages per day (86,400 / report interval).
+Payload bytes
 only: MQTT fixed header, topic (about 40 bytes) and TLS records come on top of every message,
 and the server's acks travel the other way.
 
 Usage:
-    .venv/bin/python bench/bench_telemetry_bytes.py [--minutes 30] [--config CONFIG]
+    .venv/bin/python bench/bench_telemetry_bytes.py [--minutes 30] [--warmup 15] [--config CONFIG]
         [--report-interval SECONDS] [--window-seconds SECONDS] [--window-values ROWS]
 
 ``--config`` defaults to ``deploy/agent.example.toml``; the other options override its
-``[sync] report_interval_seconds`` and ``[drift] window_seconds`` / ``window_values`` (what an
-adaptive interval or window would choose under traffic).
+``[sync] report_interval_seconds`` and ``[drift] window_seconds`` / ``window_values``.
 
-Runtime: about 15 s on 2 cores (mostly building the model and 10 req/s of simulated traffic).
+Runtime: about 3 minutes on 2 cores (mostly 50 req/s of simulated traffic, twice).
 """
 
 from __future__ import annotations
@@ -69,8 +75,10 @@ from fleet_server.gateway.ingest_parse import ACCEPTED_ENCODINGS
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_agent
 DEVICE_ID = "gateway-0001"
-LEVELS = (("idle", 0.0), ("1 req/s", 1.0), ("10 req/s", 10.0))
+LEVELS = (("idle", 0.0), ("1 req/s", 1.0), ("10 req/s", 10.0), ("50 req/s", 50.0))
+PACKED = "packed-1 (binary+deflate+dict)"
 BATCHED = (4, 10)
+BATCH_BYTES = 192 * 1024  # Uplink's default max_bytes
 
 
 def build_bundle(work: Path) -> tuple[Path, TrustedRoot, np.ndarray]:
@@ -94,9 +102,17 @@ class SimClock:
 
 
 def simulate(
-    example: AgentConfig, bundle: Path, root: Any, rows: np.ndarray, rate: float, minutes: float
+    example: AgentConfig,
+    bundle: Path,
+    root: Any,
+    rows: np.ndarray,
+    rate: float,
+    minutes: float,
+    warmup: float = 0.0,
 ) -> list[TelemetryReport]:
-    """Reports of one device serving ``rate`` requests/s for ``minutes`` (simulated)."""
+    """Reports of one device serving ``rate`` requests/s for ``minutes`` (simulated), after
+    ``warmup`` minutes of the same traffic whose reports are left out (a fresh agent's window
+    budget starts full: the steady state is what a day costs)."""
     interval = example.sync.report_interval_seconds
     with tempfile.TemporaryDirectory() as tmp:
         config = AgentConfig(
@@ -114,7 +130,8 @@ def simulate(
         reports: list[TelemetryReport] = []
         window_start = wall0
         per_report = round(rate * interval)
-        for i in range(int(minutes * 60 / interval)):
+        skip = int(warmup * 60 / interval)
+        for i in range(skip + int(minutes * 60 / interval)):
             for _ in range(per_report):
                 clock.offset += 1.0 / rate
                 j = int(rng.integers(len(rows)))
@@ -133,7 +150,8 @@ def simulate(
                 window_start=window_start,
                 resources=process_resources(agent.registry.memory_used()),
             )
-            reports.append(report)
+            if i >= skip:
+                reports.append(report)
             window_start = now
         agent.close()
     return reports
@@ -175,11 +193,19 @@ def encodings(message: bytes) -> dict[str, int]:
 
 
 def batched(reports: list[TelemetryReport], k: int) -> list[bytes]:
-    """One packed message per ``k`` consecutive reports."""
+    """Packed messages of up to ``k`` consecutive reports each, within the uplink's batch
+    size (``BATCH_BYTES`` of JSON, as ``Uplink.pump`` takes them from the outbox)."""
     out = []
-    for i in range(0, len(reports) - k + 1, k):
-        batch = Batch(DEVICE_ID, tuple(reports[i : i + k]), floor=reports[i].seq)
+    i = 0
+    while i + k <= len(reports):
+        n = k
+        while n > 1 and len(Batch(DEVICE_ID, tuple(reports[i : i + n]), floor=1).to_bytes()) > (
+            BATCH_BYTES
+        ):
+            n -= 1
+        batch = Batch(DEVICE_ID, tuple(reports[i : i + n]), floor=reports[i].seq)
         out.append(pack_message(batch.to_bytes()))
+        i += n
     return out
 
 
@@ -192,15 +218,17 @@ def measure(reports: list[TelemetryReport], per_day: float) -> dict[str, tuple[f
             rows.setdefault(name, []).append(n)
     out = {name: statistics.fmean(v) for name, v in rows.items()}
     for k in BATCHED:
-        out[f"packed-1, {k} reports a message"] = (
-            statistics.fmean(map(len, batched(reports, k))) / k
-        )
+        messages = batched(reports, k)
+        out[f"packed-1, {k} reports a message"] = sum(map(len, messages)) / (len(reports) // k * k)
     return {name: (mean, mean * per_day) for name, mean in out.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--minutes", type=float, default=30.0, help="simulated per level")
+    parser.add_argument(
+        "--warmup", type=float, default=15.0, help="simulated minutes before, not measured"
+    )
     parser.add_argument("--config", type=Path, default=ROOT / "deploy" / "agent.example.toml")
     parser.add_argument("--report-interval", type=float, default=0.0, help="override, seconds")
     parser.add_argument("--window-seconds", type=float, default=0.0, help="override, seconds")
@@ -223,29 +251,58 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"config {shown}: report every {interval:g} s ({per_day:g}/day), drift windows of"
         f" {example.drift.window_values} rows or {example.drift.window_seconds:g} s;"
-        f" {args.minutes:g} simulated minutes per level"
+        f" {args.minutes:g} simulated minutes per level measured after {args.warmup:g} of warm-up"
     )
+    fixed = dataclasses.replace(
+        example, drift=dataclasses.replace(example.drift, windows_per_hour=0.0)
+    )
+    runs = {"adaptive": example, "fixed": fixed}
+    results: dict[str, dict[str, dict[str, tuple[float, float]]]] = {k: {} for k in runs}
+    windows: dict[str, dict[str, float]] = {k: {} for k in runs}
     with tempfile.TemporaryDirectory() as tmp:
         bundle, root, rows = build_bundle(Path(tmp))
-        results: dict[str, dict[str, tuple[float, float]]] = {}
-        windows: dict[str, int] = {}
         for label, rate in LEVELS:
-            reports = simulate(example, bundle, root, rows, rate, args.minutes)
-            windows[label] = sum(len(m.drift) for r in reports for m in r.models.values())
-            results[label] = measure(reports, per_day)
-    names = list(next(iter(results.values())))
+            for kind, config in runs.items():  # alternating, so both see the same load
+                reports = simulate(config, bundle, root, rows, rate, args.minutes, args.warmup)
+                n = sum(len(m.drift) for r in reports for m in r.models.values())
+                windows[kind][label] = n * 86_400 / (len(reports) * interval)
+                results[kind][label] = measure(reports, per_day)
     heads = [label for label, _ in LEVELS]
+    d = example.drift
+    budget = (
+        f"budget {d.windows_per_hour:g} windows an hour per tensor, {d.window_burst} in a row"
+        if d.windows_per_hour
+        else "no window budget in this config: both runs are fixed windows"
+    )
+    print(f"\n## The config as it is ({budget})")
     print(
         "\ndrift windows per day: "
-        + ", ".join(
-            f"{h}: {windows[h] * per_day / (args.minutes * 60 / interval):,.0f}" for h in heads
-        )
+        + ", ".join(f"{h}: {windows['adaptive'][h]:,.0f}" for h in heads)
     )
     print("\n| encoding | " + " | ".join(f"{h}: B/report, MB/day" for h in heads) + " |")
     print("|---|" + "---|" * len(heads))
-    for name in names:
-        cells = [f"{results[h][name][0]:,.0f} B, {results[h][name][1] / 1e6:.2f} MB" for h in heads]
+    for name in results["adaptive"][heads[0]]:
+        cells = [
+            f"{results['adaptive'][h][name][0]:,.0f} B,"
+            f" {results['adaptive'][h][name][1] / 1e6:.2f} MB"
+            for h in heads
+        ]
         print(f"| {name} | " + " | ".join(cells) + " |")
+    print("\n## Window budget vs fixed windows (per device per day)")
+    print(
+        "\n| drift windows | " + " | ".join(f"{h}: windows, packed-1, json" for h in heads) + " |"
+    )
+    print("|---|" + "---|" * len(heads))
+    for kind, title in (
+        ("fixed", f"fixed ({d.window_values:,} rows or {d.window_seconds:g} s)"),
+        ("adaptive", f"budget ({d.windows_per_hour:g}/h, burst {d.window_burst})"),
+    ):
+        cells = [
+            f"{windows[kind][h]:,.0f}, {results[kind][h][PACKED][1] / 1e6:.2f} MB,"
+            f" {results[kind][h]['json'][1] / 1e6:.2f} MB"
+            for h in heads
+        ]
+        print(f"| {title} | " + " | ".join(cells) + " |")
     old, new = (
         TelemetryAck(DEVICE_ID, 123456),
         TelemetryAck(DEVICE_ID, 123456, accepts=ACCEPTED_ENCODINGS),
