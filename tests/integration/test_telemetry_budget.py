@@ -1,11 +1,12 @@
-"""The drift window budget end to end: what reaches the server from a device that has one.
+"""Telemetry that adapts to traffic, end to end: what reaches the server.
 
 Two devices on a real Mosquitto (TLS, ACLs) with the real gateway and registry serve the same
 1,024 rows through real onnxruntime with drift windows of 100 rows: ``dev-b`` with fixed
 windows closes 10 windows per tensor and the server stores all 10; ``dev-a`` with a budget of
 2 windows in a row (and almost no refill) closes 2 and keeps the other 824 rows in its open
 window; the server stores exactly those 2 per tensor, complete and acknowledged, and nothing
-is counted as dropped.
+is counted as dropped. A device whose plain reports may wait to share a message sends one
+message per several reports once its model is off probation, and every report is stored once.
 """
 
 from __future__ import annotations
@@ -102,3 +103,38 @@ def test_a_device_with_a_window_budget_sends_bounded_windows_and_the_server_stor
         for t in fleet.registry.telemetry(device_id=d, limit=1000):
             if t.kind == "report":
                 assert not t.payload.get("telemetry_dropped", {}).get("drift_windows")
+
+
+def test_quiet_reports_share_messages_and_all_reach_the_server(
+    fleet: FleetHarness, digits_bundles: DigitsBundles
+) -> None:
+    # Reports every 0.5 s may wait 2 s to share a message: about 4 a message once the model
+    # is off probation (while on probation, and for the 'installed' event, they go at once).
+    v1 = fleet.publish(digits_bundles.path(1))
+    fleet.start_device("dev-a", report_coalesce_seconds=2.0)
+    fleet.assign("dev-a", {"digits": v1})
+    agent = fleet.devices["dev-a"].agent
+    wait_until(lambda: agent.registry.get("digits") is not None, what="dev-a serves digits")
+    for _ in range(6):  # probation_requests = 5
+        agent.infer(InferenceRequest(model="digits", inputs={"input": digits_bundles.x_eval[:1]}))
+
+    def stored() -> list[dict[str, Any]]:
+        return [
+            t.payload
+            for t in fleet.registry.telemetry(device_id="dev-a", limit=1000)
+            if t.kind == "report"
+        ]
+
+    def settled() -> bool:
+        return not any(m["on_probation"] for m in stored()[-1]["models"].values())
+
+    wait_until(lambda: bool(stored()) and settled(), what="a report after probation")
+    reports0, acks0 = len(stored()), fleet.gateway.stats().acks_sent
+    wait_until(lambda: len(stored()) >= reports0 + 12, what="12 more reports", timeout=30)
+    reports, acks = len(stored()) - reports0, fleet.gateway.stats().acks_sent - acks0
+    assert acks <= reports / 2  # one ack per message: reports shared them
+    assert fleet.devices["dev-a"].sync.uplink.stats().batches_held >= 2
+    seqs = [r["seq"] for r in stored()]
+    assert len(set(seqs)) == len(seqs)  # each stored once
+    state = fleet.registry.seq_state("dev-a")
+    assert (state.lost, state.gaps) == (0, 0)

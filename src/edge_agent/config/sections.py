@@ -389,6 +389,9 @@ class SyncConfig:
     keepalive: int = 30
     reconnect_max_seconds: float = 30.0
     report_interval_seconds: float = 30.0
+    # Plain reports may wait this long to share one message (0: each leaves at once); events,
+    # drift alerts, models on probation or in shadow never wait (edge_agent.sync.coalesce).
+    report_coalesce_seconds: float = 0.0
     outbox_max_bytes: int = 16 * 1024 * 1024
     batch_max_items: int = 64
     batch_max_bytes: int = 192 * 1024
@@ -417,6 +420,10 @@ class SyncConfig:
         check(5 <= self.keepalive <= 3600, "sync.keepalive must be 5..3600")
         check(self.reconnect_max_seconds >= 1, "sync.reconnect_max_seconds must be >= 1")
         check(self.report_interval_seconds > 0, "sync.report_interval_seconds must be positive")
+        check(
+            0 <= self.report_coalesce_seconds <= 3600,
+            "sync.report_coalesce_seconds must be in [0, 3600] (0: no coalescing)",
+        )
         check(self.outbox_max_bytes >= 256 * 1024, "sync.outbox_max_bytes must be >= 262144")
         check(1 <= self.batch_max_items <= 256, "sync.batch_max_items must be 1..256")
         check(

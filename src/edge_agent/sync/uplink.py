@@ -15,6 +15,10 @@ One batch is in flight at a time; the server's ``TelemetryAck`` (highest contigu
 round trip per batch. A batch that is not acknowledged within ``ack_timeout`` is sent again (the
 server deduplicates by ``(device, seq)``).
 
+Coalescing: with ``coalesce_seconds`` the first send of a batch of plain reports may wait up to
+that long for more reports to join it (``coalesce.CoalescePolicy``: never an event, an alerting
+drift window, a model on probation or in shadow, nor a resend).
+
 Encoding: a batch leaves as canonical JSON unless the latest acknowledgement listed
 ``compact.PACKED_ENCODING`` in ``accepts`` (a server that reads it says so in every ack); then it
 leaves packed (``edge_agent.wire.compact``: the same JSON, losslessly about a tenth of the size
@@ -44,6 +48,7 @@ from edge_agent.errors import (
     TransportError,
 )
 from edge_agent.strict_json import loads as strict_loads
+from edge_agent.sync.coalesce import CoalescePolicy
 from edge_agent.sync.outbox import Outbox, Priority
 from edge_agent.wire.compact import PACKED_ENCODING, pack_message
 from edge_agent.wire.telemetry import (
@@ -78,6 +83,7 @@ class UplinkStats:
     oversized_entries: int = 0
     unsendable_dropped: int = 0
     packed_sent: int = 0
+    batches_held: int = 0  # batches of plain reports held back to share a message
 
 
 class Uplink:
@@ -94,6 +100,7 @@ class Uplink:
         max_bytes: int = 192 * 1024,
         ack_timeout: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        coalesce_seconds: float = 0.0,
     ) -> None:
         self._outbox = outbox
         self._publish = publish
@@ -103,6 +110,8 @@ class Uplink:
         self._max_bytes = max_bytes
         self._ack_timeout = ack_timeout
         self._clock = clock
+        self._coalesce = CoalescePolicy(max_delay=coalesce_seconds, max_bytes=max_bytes // 2)
+        self._held_since: float | None = None  # when the pending batch was first held back
         self._lock = threading.Lock()
         self._in_flight: int | None = None  # highest seq of the batch awaiting its ack
         self._sent_at = 0.0
@@ -197,6 +206,12 @@ class Uplink:
             if not items:
                 self._in_flight = None
                 return False
+            size = sum(len(e.payload) for e in entries)
+            if not resend and self._coalesce.hold(items, size, self._held_since, now):
+                if self._held_since is None:
+                    self._held_since = now
+                    self._stats["batches_held"] += 1
+                return False
             # The floor is the first item sent: entries before it (unreadable ones) are gone.
             batch = Batch(self._device_id, tuple(items), floor=items[0].seq)
             body = batch.to_bytes()
@@ -219,6 +234,7 @@ class Uplink:
             self._stats["resends" if resend else "batches_sent"] += 1
             self._in_flight = items[-1].seq
             self._sent_at = now
+            self._held_since = None
             return True
 
     def _decode(self, seq: int, payload: bytes) -> TelemetryReport | Event | None:
