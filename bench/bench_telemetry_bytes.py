@@ -25,7 +25,10 @@ Each message is encoded as:
 - ``packed-1``: the wire form agents send to servers that accept it
   (``edge_agent.wire.compact.pack_message``: that body, raw DEFLATE with a preset dictionary);
 - ``packed-1, k reports``: one message every k report intervals holding k reports (what a
-  longer send interval would cost: edges and keys repeat inside one DEFLATE stream).
+  longer send interval would cost: edges and keys repeat inside one DEFLATE stream);
+- ``packed-1, coalesced``: the messages the uplink sends with the config's
+  ``[sync] report_coalesce_seconds``, replayed with its own rule (``sync.coalesce``: plain
+  reports wait up to that long to share a message, urgent ones leave at once).
 
 Each level is measured after a warm-up of the same traffic (``--warmup``, 15 simulated minutes):
 a fresh agent's window budget starts with ``window_burst`` windows of credit, which a day
@@ -66,6 +69,7 @@ from edge_agent.runtime.device import detect_device_profile
 from edge_agent.serving.agent import Agent
 from edge_agent.serving.service import InferenceRequest
 from edge_agent.store import ModelStore
+from edge_agent.sync.coalesce import CoalescePolicy
 from edge_agent.sync.telemetry_feed import process_resources
 from edge_agent.trust import TrustedRoot
 from edge_agent.wire.compact import pack_message, pack_view, unpack_message
@@ -77,6 +81,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_agent
 DEVICE_ID = "gateway-0001"
 LEVELS = (("idle", 0.0), ("1 req/s", 1.0), ("10 req/s", 10.0), ("50 req/s", 50.0))
 PACKED = "packed-1 (binary+deflate+dict)"
+COALESCED = "packed-1, coalesced as configured"
+MESSAGES = "messages"
 BATCHED = (4, 10)
 BATCH_BYTES = 192 * 1024  # Uplink's default max_bytes
 
@@ -209,7 +215,31 @@ def batched(reports: list[TelemetryReport], k: int) -> list[bytes]:
     return out
 
 
-def measure(reports: list[TelemetryReport], per_day: float) -> dict[str, tuple[float, float]]:
+def coalesced(
+    reports: list[TelemetryReport], policy: CoalescePolicy, interval: float
+) -> list[bytes]:
+    """The packed messages the uplink sends for ``reports`` (one every ``interval`` s) under
+    ``policy``, acks assumed prompt: after each report the uplink asks the rule, as the sync
+    loop's pump does, and sends what is pending unless the rule holds it."""
+    out: list[bytes] = []
+    pending: list[TelemetryReport] = []
+    held_since: float | None = None
+    for i, report in enumerate(reports):
+        now = i * interval
+        pending.append(report)
+        size = sum(len(r.to_bytes()) for r in pending)
+        if policy.hold(pending, size, held_since, now):
+            held_since = now if held_since is None else held_since
+            continue
+        batch = Batch(DEVICE_ID, tuple(pending), floor=pending[0].seq)
+        out.append(pack_message(batch.to_bytes()))
+        pending, held_since = [], None
+    return out
+
+
+def measure(
+    reports: list[TelemetryReport], per_day: float, policy: CoalescePolicy, interval: float
+) -> dict[str, tuple[float, float]]:
     """Mean bytes per report interval and bytes per device per day, by encoding."""
     rows: dict[str, list[int]] = {}
     for r in reports:
@@ -220,6 +250,9 @@ def measure(reports: list[TelemetryReport], per_day: float) -> dict[str, tuple[f
     for k in BATCHED:
         messages = batched(reports, k)
         out[f"packed-1, {k} reports a message"] = sum(map(len, messages)) / (len(reports) // k * k)
+    messages = coalesced(reports, policy, interval)
+    out[COALESCED] = sum(map(len, messages)) / len(reports)
+    out[MESSAGES] = len(messages) / len(reports)  # messages per report interval
     return {name: (mean, mean * per_day) for name, mean in out.items()}
 
 
@@ -257,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
         example, drift=dataclasses.replace(example.drift, windows_per_hour=0.0)
     )
     runs = {"adaptive": example, "fixed": fixed}
+    policy = CoalescePolicy(
+        max_delay=example.sync.report_coalesce_seconds,
+        max_bytes=example.sync.batch_max_bytes // 2,
+    )
     results: dict[str, dict[str, dict[str, tuple[float, float]]]] = {k: {} for k in runs}
     windows: dict[str, dict[str, float]] = {k: {} for k in runs}
     with tempfile.TemporaryDirectory() as tmp:
@@ -266,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                 reports = simulate(config, bundle, root, rows, rate, args.minutes, args.warmup)
                 n = sum(len(m.drift) for r in reports for m in r.models.values())
                 windows[kind][label] = n * 86_400 / (len(reports) * interval)
-                results[kind][label] = measure(reports, per_day)
+                results[kind][label] = measure(reports, per_day, policy, interval)
     heads = [label for label, _ in LEVELS]
     d = example.drift
     budget = (
@@ -282,34 +319,41 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| encoding | " + " | ".join(f"{h}: B/report, MB/day" for h in heads) + " |")
     print("|---|" + "---|" * len(heads))
     for name in results["adaptive"][heads[0]]:
+        if name == MESSAGES:
+            continue
         cells = [
             f"{results['adaptive'][h][name][0]:,.0f} B,"
             f" {results['adaptive'][h][name][1] / 1e6:.2f} MB"
             for h in heads
         ]
         print(f"| {name} | " + " | ".join(cells) + " |")
-    print("\n## Window budget vs fixed windows (per device per day)")
-    print(
-        "\n| drift windows | " + " | ".join(f"{h}: windows, packed-1, json" for h in heads) + " |"
-    )
+    delay = example.sync.report_coalesce_seconds
+    print("\n## Adaptive vs fixed, packed-1, per device per day")
+    print("\n| drift windows, messages | " + " | ".join(f"{h}" for h in heads) + " |")
     print("|---|" + "---|" * len(heads))
     for kind, title in (
-        ("fixed", f"fixed ({d.window_values:,} rows or {d.window_seconds:g} s)"),
-        ("adaptive", f"budget ({d.windows_per_hour:g}/h, burst {d.window_burst})"),
+        ("fixed", f"fixed windows ({d.window_values:,} rows or {d.window_seconds:g} s)"),
+        ("adaptive", f"window budget ({d.windows_per_hour:g}/h, burst {d.window_burst})"),
     ):
-        cells = [
-            f"{windows[kind][h]:,.0f}, {results[kind][h][PACKED][1] / 1e6:.2f} MB,"
-            f" {results[kind][h]['json'][1] / 1e6:.2f} MB"
-            for h in heads
-        ]
-        print(f"| {title} | " + " | ".join(cells) + " |")
+        for enc, how in ((PACKED, "one message per report"), (COALESCED, f"coalesced {delay:g} s")):
+            cells = []
+            for h in heads:
+                msgs = results[kind][h][MESSAGES][1] if enc == COALESCED else per_day
+                cells.append(
+                    f"{windows[kind][h]:,.0f} windows, {msgs:,.0f} msgs,"
+                    f" {results[kind][h][enc][1] / 1e6:.2f} MB"
+                )
+            print(f"| {title}, {how} | " + " | ".join(cells) + " |")
     old, new = (
         TelemetryAck(DEVICE_ID, 123456),
         TelemetryAck(DEVICE_ID, 123456, accepts=ACCEPTED_ENCODINGS),
     )
+    ack = len(new.to_bytes())
+    quiet = results["adaptive"][heads[0]][MESSAGES][1]  # messages a day, idle, coalesced
     print(
         f"\nacks (server -> device, one per message): {len(old.to_bytes())} B before,"
-        f" {len(new.to_bytes())} B with accepts ({len(new.to_bytes()) * per_day / 1e6:.2f} MB/day)"
+        f" {ack} B with accepts ({ack * per_day / 1e6:.2f} MB/day at one message per report,"
+        f" {ack * quiet / 1e6:.2f} MB/day at {quiet:,.0f} messages coalesced)"
     )
     return 0
 
