@@ -11,7 +11,8 @@ Window policy, per tensor:
 
 - A window opens at the ``now`` of its first row and closes as soon as it holds
   ``max_values`` rows (a batch crossing the boundary is split, so count-closed windows have
-  exactly ``max_values`` rows and share one set of thresholds).
+  exactly ``max_values`` rows and share one set of thresholds, unless the window budget
+  below held them open).
 - It also closes once ``max_seconds`` have passed since it opened, checked on ``observe``
   (before the new batch is added, which then opens the next window) and on ``tick`` - but only
   if it holds at least ``min_values`` rows; a quieter window stays open until it does, so a
