@@ -165,3 +165,29 @@ def test_the_config_key_is_bounded() -> None:
     for bad in (-1.0, 3601.0):
         with pytest.raises(ConfigError, match="report_coalesce_seconds"):
             SyncConfig(report_coalesce_seconds=bad).validate()
+
+
+def test_a_held_batch_is_not_reread_until_the_outbox_changes(
+    box: Outbox, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wire, clock = Wire(), FakeClock()
+    up = uplink(box, wire, clock)
+    reads = 0
+    pending = box.pending
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return pending(*args, **kwargs)
+
+    monkeypatch.setattr(box, "pending", counted)
+    up.add_report(report())
+    assert not up.pump()
+    for _ in range(50):  # the sync loop's ticks while the batch is held
+        clock.advance(0.2)
+        assert not up.pump()
+    assert reads == 1
+    up.add_event(event())  # appended: read again, and the event takes the report along
+    assert up.pump()
+    assert reads == 2
+    assert [i.seq for i in wire.sent[0].items] == [1, 2]

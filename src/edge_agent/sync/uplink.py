@@ -112,6 +112,7 @@ class Uplink:
         self._clock = clock
         self._coalesce = CoalescePolicy(max_delay=coalesce_seconds, max_bytes=max_bytes // 2)
         self._held_since: float | None = None  # when the pending batch was first held back
+        self._held_key: tuple[int | None, int] | None = None  # the outbox's seqs at the hold
         self._lock = threading.Lock()
         self._in_flight: int | None = None  # highest seq of the batch awaiting its ack
         self._sent_at = 0.0
@@ -183,6 +184,16 @@ class Uplink:
             resend = self._in_flight is not None
             if resend and now - self._sent_at < self._ack_timeout:
                 return False
+            # Held and nothing appended or removed since (oldest and next seq unchanged): still
+            # held, without reading and decoding the batch again (the loop pumps 5 times a second).
+            key = None if resend or not self._coalesce.max_delay else self._outbox_key()
+            if (
+                key is not None
+                and key == self._held_key
+                and self._held_since is not None
+                and now - self._held_since < self._coalesce.max_delay
+            ):
+                return False
             try:
                 entries = self._outbox.pending(self._max_items, self._max_bytes)
             except OutboxError as exc:
@@ -205,12 +216,14 @@ class Uplink:
                     log.error("cannot drop unsendable outbox entries: %s", exc)
             if not items:
                 self._in_flight = None
+                self._held_since = None
                 return False
             size = sum(len(e.payload) for e in entries)
             if not resend and self._coalesce.hold(items, size, self._held_since, now):
                 if self._held_since is None:
                     self._held_since = now
                     self._stats["batches_held"] += 1
+                self._held_key = key  # read before the batch: an entry added since differs
                 return False
             # The floor is the first item sent: entries before it (unreadable ones) are gone.
             batch = Batch(self._device_id, tuple(items), floor=items[0].seq)
@@ -236,6 +249,15 @@ class Uplink:
             self._sent_at = now
             self._held_since = None
             return True
+
+    def _outbox_key(self) -> tuple[int | None, int] | None:
+        """The outbox's oldest and next ``seq`` (None if unreadable): unchanged, so are its
+        entries."""
+        try:
+            st = self._outbox.stats()
+        except OutboxError:
+            return None
+        return (st.oldest_seq, st.next_seq)
 
     def _decode(self, seq: int, payload: bytes) -> TelemetryReport | Event | None:
         """The stored entry as a wire item with its seq, or None (counted) if never sendable."""
