@@ -12,6 +12,7 @@ their bounds and allowed values, ``is_loopback`` and the two checks every sectio
 from __future__ import annotations
 
 import ipaddress
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,7 +173,9 @@ class DriftConfig:
     """Drift windows close after ``window_values`` rows or ``window_seconds``, whichever first.
 
     Closed windows wait for the next telemetry report in at most ``buffer_bytes`` of memory
-    (estimated; the oldest are dropped, and counted, beyond it).
+    (estimated; the oldest are dropped, and counted, beyond it). ``windows_per_hour`` (0: off)
+    bounds the windows each tensor closes, ``window_burst`` in a row: under traffic that
+    would close them faster, windows grow instead (``edge_agent.drift.budget``).
     """
 
     window_values: int = 1000
@@ -181,6 +184,8 @@ class DriftConfig:
     kll: bool = False
     max_rows_per_second: float = 5000.0
     buffer_bytes: int = 2 * 1024 * 1024
+    windows_per_hour: float = 0.0
+    window_burst: int = 4
 
     def validate(self) -> None:
         check(
@@ -191,6 +196,11 @@ class DriftConfig:
         check(self.window_values >= 10, "drift.window_values must be >= 10")
         check(self.window_seconds > 0, "drift.window_seconds must be positive")
         check(0 < self.alpha < 0.5, "drift.alpha must be in (0, 0.5)")
+        check(
+            math.isfinite(self.windows_per_hour) and 0 <= self.windows_per_hour <= 3600,
+            "drift.windows_per_hour must be in [0, 3600] (0: no budget)",
+        )
+        check(1 <= self.window_burst <= 1000, "drift.window_burst must be in [1, 1000]")
 
 
 @dataclass(frozen=True)
@@ -379,6 +389,9 @@ class SyncConfig:
     keepalive: int = 30
     reconnect_max_seconds: float = 30.0
     report_interval_seconds: float = 30.0
+    # Plain reports may wait this long to share one message (0: each leaves at once); events,
+    # drift alerts, models on probation or in shadow never wait (edge_agent.sync.coalesce).
+    report_coalesce_seconds: float = 0.0
     outbox_max_bytes: int = 16 * 1024 * 1024
     batch_max_items: int = 64
     batch_max_bytes: int = 192 * 1024
@@ -407,6 +420,10 @@ class SyncConfig:
         check(5 <= self.keepalive <= 3600, "sync.keepalive must be 5..3600")
         check(self.reconnect_max_seconds >= 1, "sync.reconnect_max_seconds must be >= 1")
         check(self.report_interval_seconds > 0, "sync.report_interval_seconds must be positive")
+        check(
+            0 <= self.report_coalesce_seconds <= 3600,
+            "sync.report_coalesce_seconds must be in [0, 3600] (0: no coalescing)",
+        )
         check(self.outbox_max_bytes >= 256 * 1024, "sync.outbox_max_bytes must be >= 262144")
         check(1 <= self.batch_max_items <= 256, "sync.batch_max_items must be 1..256")
         check(

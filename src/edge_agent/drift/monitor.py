@@ -11,13 +11,20 @@ Window policy, per tensor:
 
 - A window opens at the ``now`` of its first row and closes as soon as it holds
   ``max_values`` rows (a batch crossing the boundary is split, so count-closed windows have
-  exactly ``max_values`` rows and share one set of thresholds).
+  exactly ``max_values`` rows and share one set of thresholds, unless the window budget
+  below held them open).
 - It also closes once ``max_seconds`` have passed since it opened, checked on ``observe``
   (before the new batch is added, which then opens the next window) and on ``tick`` - but only
   if it holds at least ``min_values`` rows; a quieter window stays open until it does, so a
   low-traffic device is never judged on a handful of rows.
 - ``flush`` closes every non-empty window (shutdown); features with fewer than
   ``DEFAULT_MIN_N`` values are then reported but not judged.
+- With ``windows_per_hour`` set, a count or time close also needs the tensor's window budget
+  (``budget.WindowBudget``: that many an hour on average, ``window_burst`` in a row). Without
+  credit the due window stays open and takes every further row (no split) until credit
+  accrues; it then closes on the next ``observe`` or ``tick`` with its reason (``count`` if it
+  reached ``max_values`` rows). So windows grow with traffic and their number per day is
+  bounded, while a device whose windows are rarer than the budget sees no change.
 
 The hot path (``observe``) flattens the batch and updates the tracker; scoring, thresholds and
 the verdict run only when a window closes (well under a millisecond for 16 features).
@@ -32,6 +39,7 @@ from typing import Any
 import numpy.typing as npt
 
 from edge_agent.drift.baseline import DriftBaseline
+from edge_agent.drift.budget import WindowBudget
 from edge_agent.drift.scores import FeatureScores, score
 from edge_agent.drift.thresholds import (
     CORRECTIONS,
@@ -60,6 +68,9 @@ class MonitorPolicy:
         alpha: Family-wise false-alarm rate per window; the family is one tensor's features.
         tests: Tests OR-ed into an alert (see ``thresholds``).
         correction: ``"bonferroni"`` or ``"holm"`` across the tensor's features.
+        windows_per_hour: Per tensor, windows closed by count or time an hour on average
+            (0: no budget, windows close as soon as they are due).
+        window_burst: Per tensor, windows that may close in a row within that budget.
 
     Raises:
         ValueError: (from the constructor) a value out of range or an unknown test/correction.
@@ -71,6 +82,8 @@ class MonitorPolicy:
     alpha: float = DEFAULT_ALPHA
     tests: tuple[str, ...] = DEFAULT_TESTS
     correction: str = "bonferroni"
+    windows_per_hour: float = 0.0
+    window_burst: int = 4
 
     def __post_init__(self) -> None:
         if self.max_values < 1 or not 1 <= self.min_values <= self.max_values:
@@ -83,6 +96,16 @@ class MonitorPolicy:
             raise ValueError(f"tests must be a non-empty subset of {TESTS}")
         if self.correction not in CORRECTIONS:
             raise ValueError(f"correction must be one of {CORRECTIONS}")
+        if not (math.isfinite(self.windows_per_hour) and self.windows_per_hour >= 0):
+            raise ValueError(f"windows_per_hour must be >= 0, got {self.windows_per_hour}")
+        if self.window_burst < 1:
+            raise ValueError(f"window_burst must be >= 1, got {self.window_burst}")
+
+    def budget(self) -> WindowBudget | None:
+        """A fresh window budget for one tensor, or None without ``windows_per_hour``."""
+        if not self.windows_per_hour:
+            return None
+        return WindowBudget(self.windows_per_hour, self.window_burst)
 
 
 @dataclass(frozen=True, eq=False)
@@ -165,6 +188,7 @@ class _Tensor:
     closed: int = 0
     alerted: int = 0
     last: DriftWindow | None = field(default=None)
+    budget: WindowBudget | None = field(default=None)
 
 
 class DriftMonitor:
@@ -180,7 +204,9 @@ class DriftMonitor:
             ("output", baseline.outputs, baseline.output_trackers()),
         ):
             for name, view in views.items():
-                self._tensors[name] = _Tensor(role, view, trackers[name])
+                self._tensors[name] = _Tensor(
+                    role, view, trackers[name], budget=self._policy.budget()
+                )
 
     @property
     def policy(self) -> MonitorPolicy:
@@ -201,8 +227,9 @@ class DriftMonitor:
             now: Current time in seconds (monotonic clock), passed in by the caller.
 
         Returns:
-            Windows closed by this call, oldest first: a time close of the open window before
-            the batch, then one count close per ``max_values`` rows reached.
+            Windows closed by this call, oldest first: a time close (or a count close the
+            budget had deferred) of the open window before the batch, then one count close per
+            ``max_values`` rows reached, while the window budget allows.
 
         Raises:
             DriftError: unknown tensor, or a batch that does not flatten to the baseline's
@@ -220,32 +247,34 @@ class DriftMonitor:
             raise ValueError(f"now must be finite, got {now}")
         p = self._policy
         closed: tuple[DriftWindow, ...] = ()
-        if state.rows >= p.min_values and now - state.start >= p.max_seconds:
-            closed = (self._close(name, state, now, "time"),)
+        reason = self._due(state, now)
+        if reason:
+            closed = (self._close(name, state, now, reason),)
         while x.shape[0]:
             if state.rows == 0:
                 state.start = now
-            room = p.max_values - state.rows
+            # A full window the budget keeps open takes the whole batch.
+            room = p.max_values - state.rows if state.rows < p.max_values else x.shape[0]
             state.tracker.update(x[:room])
             state.rows += min(room, x.shape[0])
             x = x[room:]
-            if state.rows >= p.max_values:
-                closed = (*closed, self._close(name, state, now, "count"))
+            if state.rows >= p.max_values and (reason := self._due(state, now)):
+                closed = (*closed, self._close(name, state, now, reason))
         return closed
 
     def tick(self, now: float) -> tuple[DriftWindow, ...]:
-        """Close every window that is due by time (call from the orchestrator's timer).
+        """Close every window that is due by time, or by count once the budget allows (call
+        from the orchestrator's timer).
 
         Raises:
             ValueError: ``now`` is not finite.
         """
         if not math.isfinite(now):
             raise ValueError(f"now must be finite, got {now}")
-        p = self._policy
         return tuple(
-            self._close(name, s, now, "time")
+            self._close(name, s, now, reason)
             for name, s in self._tensors.items()
-            if s.rows >= p.min_values and now - s.start >= p.max_seconds
+            if (reason := self._due(s, now))
         )
 
     def flush(self, now: float) -> tuple[DriftWindow, ...]:
@@ -274,6 +303,19 @@ class DriftMonitor:
             return self._tensors[name]
         except KeyError:
             raise DriftError(f"the drift baseline has no tensor named {name!r}") from None
+
+    def _due(self, state: _Tensor, now: float) -> str | None:
+        """Why ``state``'s window closes at ``now`` (spending its budget), or None."""
+        p = self._policy
+        if state.rows >= p.max_values:
+            reason = "count"
+        elif state.rows >= p.min_values and now - state.start >= p.max_seconds:
+            reason = "time"
+        else:
+            return None
+        if state.budget is not None and not state.budget.take(now):
+            return None
+        return reason
 
     def _close(self, name: str, state: _Tensor, now: float, reason: str) -> DriftWindow:
         view = state.tracker.view()

@@ -200,6 +200,8 @@ class ModelPipeline:
                 max_seconds=drift.window_seconds,
                 min_values=min(100, drift.window_values),
                 alpha=drift.alpha,
+                windows_per_hour=drift.windows_per_hour,
+                window_burst=drift.window_burst,
             ),
         )
         self._buffers: dict[str, _RowBuffer] = {}

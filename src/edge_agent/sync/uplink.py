@@ -15,6 +15,10 @@ One batch is in flight at a time; the server's ``TelemetryAck`` (highest contigu
 round trip per batch. A batch that is not acknowledged within ``ack_timeout`` is sent again (the
 server deduplicates by ``(device, seq)``).
 
+Coalescing: with ``coalesce_seconds`` the first send of a batch of plain reports may wait up to
+that long for more reports to join it (``coalesce.CoalescePolicy``: never an event, an alerting
+drift window, a model on probation or in shadow, nor a resend).
+
 Encoding: a batch leaves as canonical JSON unless the latest acknowledgement listed
 ``compact.PACKED_ENCODING`` in ``accepts`` (a server that reads it says so in every ack); then it
 leaves packed (``edge_agent.wire.compact``: the same JSON, losslessly about a tenth of the size
@@ -44,6 +48,7 @@ from edge_agent.errors import (
     TransportError,
 )
 from edge_agent.strict_json import loads as strict_loads
+from edge_agent.sync.coalesce import CoalescePolicy
 from edge_agent.sync.outbox import Outbox, Priority
 from edge_agent.wire.compact import PACKED_ENCODING, pack_message
 from edge_agent.wire.telemetry import (
@@ -78,6 +83,7 @@ class UplinkStats:
     oversized_entries: int = 0
     unsendable_dropped: int = 0
     packed_sent: int = 0
+    batches_held: int = 0  # batches of plain reports held back to share a message
 
 
 class Uplink:
@@ -94,6 +100,7 @@ class Uplink:
         max_bytes: int = 192 * 1024,
         ack_timeout: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
+        coalesce_seconds: float = 0.0,
     ) -> None:
         self._outbox = outbox
         self._publish = publish
@@ -103,6 +110,9 @@ class Uplink:
         self._max_bytes = max_bytes
         self._ack_timeout = ack_timeout
         self._clock = clock
+        self._coalesce = CoalescePolicy(max_delay=coalesce_seconds, max_bytes=max_bytes // 2)
+        self._held_since: float | None = None  # when the pending batch was first held back
+        self._held_key: tuple[int | None, int] | None = None  # the outbox's seqs at the hold
         self._lock = threading.Lock()
         self._in_flight: int | None = None  # highest seq of the batch awaiting its ack
         self._sent_at = 0.0
@@ -174,6 +184,16 @@ class Uplink:
             resend = self._in_flight is not None
             if resend and now - self._sent_at < self._ack_timeout:
                 return False
+            # Held and nothing appended or removed since (oldest and next seq unchanged): still
+            # held, without reading and decoding the batch again (the loop pumps 5 times a second).
+            key = None if resend or not self._coalesce.max_delay else self._outbox_key()
+            if (
+                key is not None
+                and key == self._held_key
+                and self._held_since is not None
+                and now - self._held_since < self._coalesce.max_delay
+            ):
+                return False
             try:
                 entries = self._outbox.pending(self._max_items, self._max_bytes)
             except OutboxError as exc:
@@ -196,6 +216,14 @@ class Uplink:
                     log.error("cannot drop unsendable outbox entries: %s", exc)
             if not items:
                 self._in_flight = None
+                self._held_since = None
+                return False
+            size = sum(len(e.payload) for e in entries)
+            if not resend and self._coalesce.hold(items, size, self._held_since, now):
+                if self._held_since is None:
+                    self._held_since = now
+                    self._stats["batches_held"] += 1
+                self._held_key = key  # read before the batch: an entry added since differs
                 return False
             # The floor is the first item sent: entries before it (unreadable ones) are gone.
             batch = Batch(self._device_id, tuple(items), floor=items[0].seq)
@@ -219,7 +247,17 @@ class Uplink:
             self._stats["resends" if resend else "batches_sent"] += 1
             self._in_flight = items[-1].seq
             self._sent_at = now
+            self._held_since = None
             return True
+
+    def _outbox_key(self) -> tuple[int | None, int] | None:
+        """The outbox's oldest and next ``seq`` (None if unreadable): unchanged, so are its
+        entries."""
+        try:
+            st = self._outbox.stats()
+        except OutboxError:
+            return None
+        return (st.oldest_seq, st.next_seq)
 
     def _decode(self, seq: int, payload: bytes) -> TelemetryReport | Event | None:
         """The stored entry as a wire item with its seq, or None (counted) if never sendable."""
