@@ -1,20 +1,26 @@
-"""``edge_agent.api.decode.parse_json`` is ``json.loads``: the same value (same types, same float
-bits) or the same error, whichever parser answers; a request decodes as it did with ``json``."""
+"""The v2 API's JSON through orjson means the same as through ``json``: ``decode.parse_json`` is
+``json.loads`` (the same value, same types and float bits, or the same error, whichever parser
+answers), and ``codec.encode_response`` writes the same JSON values as with ``json`` alone
+(NaN/Infinity tokens included), whatever the outputs and parameters."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import struct
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edge_agent.api import codec
 from edge_agent.api.decode import FAST_JSON_BYTES, decode_request, parse_json
 from edge_agent.errors import InputValidationError
+from edge_agent.serving.service import InferenceResult
 
 
 def outcome(parse: Any, text: bytes) -> tuple[str, Any]:
@@ -115,8 +121,6 @@ def test_an_integer_past_64_bits_is_still_refused_in_a_float_tensor() -> None:
 
 
 def test_small_texts_take_the_fast_parser_large_ones_json(monkeypatch: pytest.MonkeyPatch) -> None:
-    import orjson
-
     from edge_agent.api import decode
 
     fast: list[int] = []
@@ -133,3 +137,94 @@ def test_small_texts_take_the_fast_parser_large_ones_json(monkeypatch: pytest.Mo
     assert parse_json(large) == json.loads(large)
     assert parse_json(b"[12345678901234567890]") == [12345678901234567890]
     assert fast == [len(small)]  # not the large text, not the one with a 20-digit number
+
+
+# --- responses: encode_response writes the same JSON values through orjson as through json ---
+
+OUTPUTS: dict[str, np.ndarray] = {
+    "fp32": (np.arange(12, dtype=np.float32) - 5.5).reshape(3, 4) * np.float32(1e-7),
+    "fp64 extremes": np.array([5e-324, 1.7976931348623157e308, -0.0, 1e16, 1.5e-5]),
+    "fp16": np.array([0.1, 65504], np.float16),
+    "int64": np.array([np.iinfo(np.int64).min, np.iinfo(np.int64).max]),
+    "uint64": np.array([np.iinfo(np.uint64).max], np.uint64),
+    "bool": np.array([True, False]),
+    "bytes": np.array(["é\U0001f600", "ab"], dtype=object),
+    "nan": np.array([1.0, np.nan, np.inf, -np.inf], np.float32),
+}
+PARAMETERS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "plain nested": {"flags": {"a": [1, 2.5, None, True]}, "note": "é"},
+    "numpy values": {"drift_alert": np.bool_(True), "score": np.float32(0.25)},
+    "nan": {"score": float("nan")},
+    "beyond 64 bits": {"n": 2**70},
+    "lone surrogate": {"s": "\ud800"},
+    "set and bytes": {"s": {1}, "b": b"\xff"},
+    "deep": {"d": functools.reduce(lambda acc, _: {"x": acc}, range(20), {})},
+}
+
+
+def _reference(monkeypatch: pytest.MonkeyPatch, res: InferenceResult, **kw: Any) -> bytes:
+    def refuse(*args: Any, **kwargs: Any) -> bytes:
+        raise orjson.JSONEncodeError("forced")
+
+    with monkeypatch.context() as m:
+        m.setattr(orjson, "dumps", refuse)  # encode_response falls back to json: the old path
+        return codec.encode_response(res, **kw).body
+
+
+def _values(text: bytes) -> str:
+    """The JSON values of ``text``, in one canonical text (NaN and Infinity tokens included)."""
+    return json.dumps(json.loads(text), sort_keys=True)
+
+
+@pytest.mark.parametrize("params", list(PARAMETERS))
+@pytest.mark.parametrize("output", list(OUTPUTS))
+def test_response_json_values_are_json_s(
+    monkeypatch: pytest.MonkeyPatch, output: str, params: str
+) -> None:
+    res = InferenceResult(
+        model="m",
+        model_version="3",
+        outputs={output: OUTPUTS[output]},
+        source="device",
+        parameters=PARAMETERS[params],
+    )
+    got = codec.encode_response(res, request_id="r-\u00e9").body
+    assert _values(got) == _values(_reference(monkeypatch, res, request_id="r-\u00e9"))
+    if output == "nan" or params == "nan":
+        assert b"NaN" in got  # the NaN policy's tokens, never orjson's null
+    assert b"null" not in got or params == "plain nested"
+
+
+def test_a_lone_surrogate_id_falls_back_to_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    res = InferenceResult(
+        model="m", model_version="3", outputs={"y": OUTPUTS["fp32"]}, source="device"
+    )
+    got = codec.encode_response(res, request_id="\ud800").body
+    assert got == _reference(monkeypatch, res, request_id="\ud800")
+
+
+def test_plain_finite_answers_take_orjson(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    dumps = orjson.dumps
+
+    def spy(value: Any, *args: Any, **kwargs: Any) -> bytes:
+        calls.append(1)
+        return dumps(value, *args, **kwargs)
+
+    monkeypatch.setattr(orjson, "dumps", spy)
+    for output, params, fast in (
+        ("fp32", "plain nested", True),
+        ("nan", "none", False),
+        ("fp32", "numpy values", False),
+    ):
+        res = InferenceResult(
+            model="m",
+            model_version="3",
+            outputs={output: OUTPUTS[output]},
+            source="device",
+            parameters=PARAMETERS[params],
+        )
+        calls.clear()
+        codec.encode_response(res)
+        assert bool(calls) == fast, (output, params)
