@@ -195,10 +195,13 @@ def _plain(value: Any, depth: int = 0) -> bool:
         return math.isfinite(value)
     if depth > 8:
         return False
-    if kind is dict:
-        return all(type(k) is str and _plain(v, depth + 1) for k, v in value.items())
+    if kind is dict:  # loops, not all(generator): this runs on every answer
+        for key, item in value.items():
+            if type(key) is not str or not _plain(item, depth + 1):
+                return False
+        return True
     if kind is list:
-        return all(_plain(v, depth + 1) for v in value)
+        return all(_plain(item, depth + 1) for item in value)
     return False
 
 
