@@ -38,8 +38,8 @@ def seen(daemon: Daemon, digits_bundles: DigitsBundles) -> dict[str, Any]:  # no
         "model": "digits",
         "batches": {str(b): digits_bundles.x_eval[:b].astype(np.float32).tolist() for b in BATCHES},
     }
-    done = subprocess.run(
-        [str(KSERVE_PYTHON), str(CLIENT), daemon.http, daemon.url],
+    done = subprocess.run(  # -I: no module of this directory can shadow kserve's imports
+        [str(KSERVE_PYTHON), "-I", str(CLIENT), daemon.http, daemon.url],
         input=json.dumps(given),
         capture_output=True,
         text=True,
