@@ -130,4 +130,15 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade "pip>=24"
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[dev]"
+if [ "$PROFILE" = test ]; then
+    # KServe's Python client drives a daemon in tests/integration/test_kserve_client.py. kserve
+    # 0.21 needs protobuf<7 and starlette>=1.3, which .venv's pins do not allow: it gets its own
+    # virtualenv, pinned by constraints-kserve.txt (test-only; the device never installs it).
+    if [ ! -x .venv-kserve/bin/python ]; then
+        "$PYTHON" -m venv .venv-kserve
+    fi
+    .venv-kserve/bin/python -m pip install -q --upgrade "pip>=24"
+    .venv-kserve/bin/python -m pip install -q -c constraints-kserve.txt "kserve==0.21.*"
+    echo "setup: ready (.venv-kserve, KServe's client for the conformance test)"
+fi
 echo "setup: ready (.venv)"

@@ -22,7 +22,7 @@ from starlette.testclient import TestClient
 
 from edge_agent.api.app import create_app
 from edge_agent.api.budget import MAX_COST_RATIO, MemoryBudget, decode_cost
-from edge_agent.api.decode import decode_request
+from edge_agent.api.decode import FAST_JSON_BYTES, decode_request
 from edge_agent.api.metrics import ApiMetrics
 from edge_agent.config import ApiConfig
 from edge_agent.errors import ConfigError, InputValidationError
@@ -100,6 +100,24 @@ def _peak(body: bytes, end: int | None) -> int:
 def test_decode_cost_bounds_the_measured_peak(case: str) -> None:
     body, end = BODIES[case]
     assert _peak(body, end) + len(body) <= decode_cost(body, end)  # + the body itself
+
+
+# Bodies short enough for orjson (``decode.FAST_JSON_BYTES``), whose parse document counts too.
+SHORT: dict[str, bytes] = {
+    "empty lists": _raw(b",".join([b"[]"] * 2000)),
+    "small objects": _raw(b",".join([b'{"a":1,"b":[2]}'] * 1000)),
+    "short strings": _raw(b",".join([b'"ab"'] * 2000)),
+    "short floats": _body([0.5] * 2000, shape=[2000]),
+    "long floats": _body([-2.1718501174563347e126] * 2000, shape=[2000]),
+    "one long string": _raw(b'"' + b"x" * 60_000 + b'"'),
+}
+
+
+@pytest.mark.parametrize("case", list(SHORT))
+def test_decode_cost_bounds_the_peak_of_short_bodies(case: str) -> None:
+    body = SHORT[case]
+    assert len(body) <= FAST_JSON_BYTES
+    assert _peak(body, None) + len(body) <= decode_cost(body)
 
 
 ORDINARY = ("short floats", "long floats", "ints", "column", "bools", "text", "binary fp32")

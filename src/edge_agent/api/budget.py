@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from starlette.types import Receive
 
+from edge_agent.api.decode import FAST_JSON_BYTES
 from edge_agent.api.fastpath import read_body, read_prefix
 
 __all__ = ["MAX_COST_RATIO", "Admitted", "MemoryBudget", "Reservation", "admit", "decode_cost"]
@@ -43,6 +44,10 @@ _PER_STRING = 112  # str object header + tolist slot + encoded bytes header + ob
 # A binary BYTES element: 4 length bytes on the wire become a bytes object (>= 40 bytes with
 # allocator rounding) + a list slot + an object-array slot, i.e. <= 12 bytes per wire byte.
 _BINARY_BYTES_FACTOR = 12
+# orjson (JSON texts up to ``FAST_JSON_BYTES``, ``edge_agent.api.decode.parse_json``) first
+# parses into a document it sizes from the text's length: ~11 bytes per byte, held while the
+# Python objects are built.
+_FAST_PARSE_FACTOR = 12
 # What any decode allocates whatever the body (error objects, small caches): bodies this small
 # are decoded without a reservation anyway.
 _BASE = 64 * 1024
@@ -58,13 +63,16 @@ def decode_cost(body: bytes, header_end: int | None = None) -> int:
 
     Returns:
         A fixed 64 KiB, the body and one working copy (``2 * len(body)``), plus what
-        ``json.loads`` and the tensor conversion of the JSON part can allocate, plus the BYTES
+        ``json.loads`` (and orjson's document, for a short JSON part) and the tensor conversion
+        of the JSON part can allocate, plus the BYTES
         elements of the binary part when the header may declare any.
     """
     size = len(body)
     end = size if header_end is None or not 0 <= header_end <= size else header_end
     header = body if end == size else body[:end]
     cost = _BASE + 2 * size + _json_cost(header)
+    if len(header) <= FAST_JSON_BYTES:
+        cost += _FAST_PARSE_FACTOR * len(header)
     tail = size - end
     if tail and (b"BYTES" in header or b"\\" in header):  # a datatype may be escaped
         cost += _BINARY_BYTES_FACTOR * tail

@@ -26,10 +26,12 @@ binary outputs.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
+import orjson
 
 from edge_agent.api.decode import (
     DATATYPE_BY_KIND,
@@ -107,6 +109,7 @@ def encode_response(
     """
     docs: list[dict[str, Any]] = []
     chunks: list[Any] = []
+    finite = True  # no NaN/Infinity in the JSON data (see ``_response_json``)
     for want, array, datatype in requested_outputs(result, outputs):
         doc: dict[str, Any] = {"name": want.name, "datatype": datatype, "shape": list(array.shape)}
         data: list[Any] | None = None
@@ -118,6 +121,8 @@ def encode_response(
             doc["parameters"] = {"binary_data_size": size}
         else:
             doc["data"] = data
+            if finite and array.dtype.kind == "f" and array.size:
+                finite = bool(np.isfinite(array).all())
         docs.append(doc)
     response: dict[str, Any] = {"model_name": result.model, "model_version": result.model_version}
     if request_id is not None:
@@ -125,7 +130,7 @@ def encode_response(
     response["parameters"] = parameters = {**result.parameters}
     parameters.update(model_version=result.model_version, inference_source=result.source)
     response["outputs"] = docs
-    header = to_json(response)
+    header = _response_json(response) if finite else to_json(response)
     if not chunks:
         return EncodedResponse(header, None)
     return EncodedResponse(b"".join([header, *chunks]), len(header))
@@ -161,6 +166,43 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, set | frozenset):
         return list(value)
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _response_json(document: dict[str, Any]) -> bytes:
+    """``to_json(document)``'s JSON values, through orjson when it writes the same ones.
+
+    orjson is an order of magnitude faster on the output data; its text may differ in form
+    only (non-ASCII characters as UTF-8, not ``\\u`` escapes; ``1e-7`` for ``1e-07``), never
+    in the values. The caller sends no NaN/Infinity data (orjson writes null, ``to_json`` the
+    tokens the NaN policy promises); the parameters (whatever the service or the cloud put
+    there) go through orjson only when they are plain JSON values, and integers beyond 64 bits
+    or lone surrogates, which orjson refuses, go to ``to_json``.
+    """
+    if _plain(document["parameters"]):
+        try:
+            return orjson.dumps(document)
+        except orjson.JSONEncodeError:
+            pass
+    return to_json(document)
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` is JSON made of exact built-in types, finite floats and str keys."""
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or value is None:
+        return True
+    if kind is float:
+        return math.isfinite(value)
+    if depth > 8:
+        return False
+    if kind is dict:  # loops, not all(generator): this runs on every answer
+        for key, item in value.items():
+            if type(key) is not str or not _plain(item, depth + 1):
+                return False
+        return True
+    if kind is list:
+        return all(_plain(item, depth + 1) for item in value)
+    return False
 
 
 # What json.dumps(separators=..., default=...) builds on every call, built once (stateless).

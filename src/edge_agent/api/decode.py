@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
+import orjson
 
 from edge_agent.errors import InputValidationError
 from edge_agent.serving.service import Array
@@ -31,6 +32,8 @@ MAX_DIM = 2**31 - 1
 # reaches numpy either: its data or byte count cannot match.) 2**40 is past any memory budget.
 MAX_SPAN = 2**40
 HEADER_LENGTH = "inference-header-content-length"
+#: JSON texts up to this size are parsed by orjson (see ``parse_json``); larger ones by ``json``.
+FAST_JSON_BYTES = 64 * 1024
 
 REASON_JSON = "json"
 REASON_SCHEMA = "schema"
@@ -136,7 +139,7 @@ def decode_body(body: bytes, end: int, max_inputs: int) -> tuple[DecodedRequest,
     """``decode_request`` once the JSON header's end is known; with the header's plan when
     every input is binary and there is no ``id`` (see ``RequestDecoder``)."""
     try:
-        doc = json.loads(body if end == len(body) else body[:end])
+        doc = parse_json(body if end == len(body) else body[:end])
     except (ValueError, RecursionError) as exc:
         raise invalid_input(REASON_JSON, f"request body is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
@@ -176,6 +179,34 @@ def decode_body(body: bytes, end: int, max_inputs: int) -> tuple[DecodedRequest,
     if declared is None or request_id is not None:
         return decoded, None
     return decoded, BinaryPlan(tuple(declared), dict(parameters), outputs, binary_output)
+
+
+# Digits -> "1", anything else -> " ": a run of 19 "1"s marks a number of 19 or more digits.
+_DIGIT_RUNS = bytes(0x31 if 0x30 <= i <= 0x39 else 0x20 for i in range(256))
+_LONG_NUMBER = b"1" * 19
+
+
+def parse_json(text: bytes) -> Any:
+    """``json.loads(text)``: the same value, or the same error, several times faster.
+
+    orjson parses what it accepts to exactly the value ``json`` gives (the same types, floats
+    correctly rounded), with two differences handled here: it refuses some texts ``json``
+    accepts (NaN and Infinity, numbers beyond the float range, lone surrogates, a byte order
+    mark, UTF-16/32), which then go to ``json`` as before, and it turns integers beyond 64 bits
+    into floats, which would let one through where ``json``'s int makes the tensor checks
+    refuse it, so a text with a run of 19 or more digits goes to ``json`` directly. Texts over
+    ``FAST_JSON_BYTES`` go to ``json`` too: ``edge_agent.api.budget`` bounds the memory of large
+    bodies with ``json``'s costs, and orjson builds an intermediate document first.
+
+    Raises:
+        ValueError, RecursionError: as ``json.loads``.
+    """
+    if len(text) <= FAST_JSON_BYTES and _LONG_NUMBER not in text.translate(_DIGIT_RUNS):
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass  # json decides, and words the error as before
+    return json.loads(text)
 
 
 def check_consumed(offset: int, end: int, size: int) -> None:
