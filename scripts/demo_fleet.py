@@ -174,12 +174,9 @@ def main(out: Path) -> int:
         )
 
         print("fleet 2/4: enrolling two devices (key made on the device, CSR signed by the CA)")
-        agents: dict[str, tuple[Path, int]] = {}
-        for device in DEVICES:
-            home = fleet / device
-            home.mkdir()
-            port = free_port()
-            config = home / "agent.toml"
+        agents: dict[str, tuple[Path, Path]] = {}
+
+        def write_agent_config(config: Path, device: str, home: Path, port: int) -> None:
             config.write_text(
                 f'device_id = "{device}"\n[api]\nport = {port}\n'
                 f'[store]\nstate_dir = "{home / "state"}"\n'
@@ -191,6 +188,12 @@ def main(out: Path) -> int:
                 f'[sync]\nenabled = true\nport = {mqtt_port}\nidentity_dir = "{home / "id"}"\n'
                 "report_interval_seconds = 1.0\nreconnect_max_seconds = 2.0\n"
             )
+
+        for device in DEVICES:
+            home = fleet / device
+            home.mkdir()
+            config = home / "agent.toml"
+            write_agent_config(config, device, home, free_port())
             csr = run(
                 "edge-agent", "identity", "csr", "--config", str(config), "--ca", str(ca_cert)
             )
@@ -209,7 +212,7 @@ def main(out: Path) -> int:
                 str(cert),
             )
             run("edge-agent", "identity", "install", str(cert), "--config", str(config))
-            agents[device] = (config, port)
+            agents[device] = (config, home)
         print(f"   {', '.join(DEVICES)}: certificates issued by {ca_cert}")
 
         print("fleet 3/4: fleet-server serve (SQLite registry, MQTT gateway, admin API), 2 agents")
@@ -232,9 +235,19 @@ def main(out: Path) -> int:
         for device in DEVICES:
             admin("devices", "register", device, "--group", "demo")
         started = time.monotonic()
-        for device, (config, _port) in agents.items():
+        ports: dict[str, int] = {}
+        for device, (config, home) in agents.items():
+            # The API port is chosen right before the start: one chosen at enrollment could be
+            # taken by another process by now on a busy machine.
+            ports[device] = free_port()
+            write_agent_config(config, device, home, ports[device])
             stack.start(device, [str(BIN / "edge-agent"), "run", "--config", str(config)])
-        wait("both agents online", lambda: admin("status").get("online") == 2)
+
+        def online() -> bool:
+            stack.check()  # an agent that exited says why, at once
+            return bool(admin("status").get("online") == 2)
+
+        wait("both agents online", online)
         stack.check()
 
         print(f"fleet 4/4: publish {bundle.name}, assign it to group 'demo', deliver over MQTT")
@@ -259,7 +272,7 @@ def main(out: Path) -> int:
         data = np.load(out / "example" / "eval.npz")
         x, y = data["input"].astype(np.float32), data["y"]
         served: dict[str, tuple[int, int]] = {}
-        for i, (device, (_config, port)) in enumerate(agents.items()):
+        for i, (device, port) in enumerate(ports.items()):
             client = AgentClient(ApiConfig(port=port), timeout=10)
             correct = n = 0
             for start in range(0, min(len(x), 320), 8):
