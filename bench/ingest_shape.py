@@ -1,0 +1,140 @@
+"""Telemetry at the real message shape for ``bench_ingest_workers.py`` and ``profile_ingest.py``.
+
+Owns: the report pool (``real_reports``: one device's reports built by the real agent the way
+``bench_telemetry_bytes.py`` builds them, the digits MLP serving ``rate`` requests/s with the
+drift and sync settings of ``deploy/agent.example.toml``, so tier-A drift windows close and ride
+in the reports that close them), ``Shape`` (turns that pool into the message of any device and
+seq cheaply: one report per ``Batch`` with ``floor = seq``, canonical JSON or packed-1), and a
+``fleetsim.Sim`` whose devices send those messages (``ShapedPool``: the ``bench_fleet.Pool`` of
+simulated device processes, running ``shaped_worker_main``).
+
+Each device walks the pool from its own offset, so at any moment some devices send the rare
+heavy report with drift windows and most send the light ones, in the proportion the agent does.
+
+Does not measure anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import multiprocessing as mp
+import sys
+import tempfile
+import zlib
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_fleet import Pool
+from edge_agent.wire.compact import pack_message
+from edge_agent.wire.telemetry import Batch, TelemetryReport
+from fleetsim import Dev, Sim
+
+ROOT = Path(__file__).resolve().parents[1]
+_DEVICE = "shape-sentinel-device"
+_SEQ = 987_654_321
+
+
+def real_reports(rate: float, minutes: float) -> list[TelemetryReport]:
+    """One device's reports at ``rate`` requests/s over ``minutes`` simulated minutes."""
+    import bench_telemetry_bytes as tb
+    from edge_agent.config import load_config
+
+    example = load_config(ROOT / "deploy" / "agent.example.toml", env={})
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle, root, rows = tb.build_bundle(Path(tmp))
+        return tb.simulate(example, bundle, root, rows, rate, minutes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """Templates of the one-report messages of a pool (device id and seq left to fill in)."""
+
+    templates: tuple[bytes, ...]
+    packed: bool
+
+    @classmethod
+    def of(cls, reports: list[TelemetryReport], packed: bool) -> Shape:
+        out = []
+        for r in reports:
+            report = dataclasses.replace(r, device_id=_DEVICE, seq=_SEQ)
+            data = Batch(_DEVICE, (report,), floor=_SEQ).to_bytes()
+            # The fill-ins must occur exactly where the envelope puts them.
+            assert data.count(_DEVICE.encode()) == 2
+            assert data.count(str(_SEQ).encode()) == 2
+            out.append(data)
+        return cls(tuple(out), packed)
+
+    def message(self, device_id: str, seq: int, offset: int = 0) -> bytes:
+        """The message carrying report ``seq`` of ``device_id`` (canonical JSON or packed-1)."""
+        t = self.templates[(seq + offset) % len(self.templates)]
+        data = t.replace(_DEVICE.encode(), device_id.encode()).replace(
+            str(_SEQ).encode(), str(seq).encode()
+        )
+        return pack_message(data) if self.packed else data
+
+    def mean_bytes(self) -> float:
+        sizes = [len(self.message("gateway-0001", i + 1)) for i in range(len(self.templates))]
+        return sum(sizes) / len(sizes)
+
+    def windows_share(self) -> float:
+        """Share of the pool's reports that carry drift windows."""
+        return sum(b'"drift":[{' in t for t in self.templates) / len(self.templates)
+
+
+class ShapedSim(Sim):
+    """``fleetsim.Sim`` sending one real-shaped report per message (``Shape``)."""
+
+    shape: Shape
+    offsets: dict[str, int]
+
+    def _build(self, dev: Dev, now: float) -> None:
+        seq = dev.seq + 1
+        dev.inflight = self.shape.message(dev.id, seq, self.offsets[dev.id])
+        dev.seq = dev.inflight_last = seq
+
+
+def shaped_worker_main(
+    conn: Connection, host: str, port: int, creds: dict[str, Any], shape: Shape
+) -> None:
+    """``fleetsim.worker_main`` with ``ShapedSim``."""
+    from fleetbench import raise_nofile
+
+    raise_nofile()
+    sim = ShapedSim(conn, host, port, creds)
+    sim.shape = shape
+    sim.offsets = {d.id: zlib.crc32(d.id.encode()) for d in sim.devs}
+    try:
+        sim.run()
+    finally:
+        for dev in sim.devs:
+            with contextlib.suppress(Exception):
+                dev.client.disconnect()
+        conn.close()
+
+
+class ShapedPool(Pool):
+    """``bench_fleet.Pool`` whose device processes send ``shape`` messages."""
+
+    def __init__(
+        self, processes: int, broker: Any, creds: dict[str, Any], ids: list[str], shape: Shape
+    ) -> None:
+        ctx = mp.get_context("spawn")
+        self.conns: list[Connection] = []
+        self.procs: list[Any] = []
+        self.progress: dict[int, int] = {}
+        for w in range(processes):
+            mine = {d: (creds[d].ca, creds[d].cert, creds[d].key) for d in ids[w::processes]}
+            parent, child = ctx.Pipe()
+            p = ctx.Process(
+                target=shaped_worker_main,
+                args=(child, broker.host, broker.port, mine, shape),
+                daemon=True,
+            )
+            p.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(p)
