@@ -37,6 +37,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,30 @@ def xact_commits(engine: Any) -> int:
 
 def _sum(stats: list[dict[str, Any]], key: str) -> int:
     return sum(int(s[key]) for s in stats)
+
+
+def clear_sessions(broker: Any, identities: dict[str, Any]) -> None:
+    """End the workers' persistent sessions (clean start, no expiry) so that their shared
+    subscription stops queueing: a bare run's flood would otherwise wait for the next worker
+    with that identity and reach the registry."""
+    from paho.mqtt import client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+    for name, c in identities.items():
+        done = threading.Event()
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=name, protocol=MQTTProtocolVersion.MQTTv5
+        )
+        client.tls_set(c.ca, c.cert, c.key)
+        client.on_connect = lambda *_a, e=done: e.set()
+        client.connect(broker.host, broker.port, keepalive=30, clean_start=True)
+        client.loop_start()
+        try:
+            if not done.wait(30):
+                raise RuntimeError(f"could not clear the session of {name}")
+        finally:
+            client.disconnect()
+            client.loop_stop()
 
 
 def run_bare(args: Any, pool: ShapedPool, broker: Any, pg: PgCluster) -> dict[str, Any]:
@@ -229,6 +254,12 @@ def _us(cpu: float, msgs: float) -> str:
     return f"{cpu / msgs * 1e6:,.0f}" if msgs else "n/a"
 
 
+def per_message(p: dict[str, Any]) -> str:
+    """CPU microseconds per stored message: all workers, then each of ``PARTS``."""
+    parts = (sum(p["worker_cpu"]), *(p[k] for k in PARTS))
+    return " / ".join(_us(c, p["msgs_s"]) for c in parts)
+
+
 def table(args: Any, encoding: str, runs: list[dict[str, Any]]) -> str:
     """One encoding's runs (bare and worker runs, in the order they ran)."""
     bares = [r["bare"] for r in runs if r["workers"] == 0]
@@ -269,8 +300,7 @@ def table(args: Any, encoding: str, runs: list[dict[str, Any]]) -> str:
         row(phase, "CPU (cores): PostgreSQL / mosquitto / device sims",
             lambda p: " / ".join(f"{p[k]:.2f}" for k in PARTS))  # fmt: skip
         row(phase, "CPU µs per message: workers / PostgreSQL / mosquitto / device sims",
-            lambda p: " / ".join(
-                _us(c, p["msgs_s"]) for c in (sum(p["worker_cpu"]), *(p[k] for k in PARTS))))  # fmt: skip
+            per_message)  # fmt: skip
         row(phase, "PostgreSQL commits/s (msgs per commit)",
             lambda p: f"{p['commits_s']:,.0f} ({p['msgs_s'] / p['commits_s']:.1f})"
             if p["commits_s"] else "n/a")  # fmt: skip
@@ -391,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
             for e in encodings:
                 pool.send(("shape", shapes[e]))
                 pool.gather("shape", 60)
+                clear_sessions(broker, identities)
                 runs[e].append(run_bare(args, pool, broker, pg))
                 time.sleep(1.0)
                 for n in counts:

@@ -123,8 +123,9 @@ class ShapedSim(Sim):
 
     Two changes to the simulator's commands: ``("shape", Shape)`` switches the encoding
     (answered ``("shape",)``), and a ``flood`` (the bare baseline) leaves every device's seq
-    where it was, so a bare run can sit between two runs into the registry: the flood's seqs
-    never reach the registry and are sent again, for real, by the next run.
+    and unacknowledged message where they were, so a bare run can sit between two runs into
+    the registry: the flood's seqs never reach the registry (the bench clears the workers'
+    sessions first) and are sent again, for real, by the next run.
     """
 
     shape: Shape
@@ -143,11 +144,12 @@ class ShapedSim(Sim):
         return super()._command(cmd)
 
     def _run_telemetry(self, mode: str, params: dict[str, Any]) -> None:
-        kept = {d.id: (d.seq, d.acked) for d in self.devs}
+        kept = {d.id: (d.seq, d.acked, d.inflight, d.inflight_last) for d in self.devs}
         super()._run_telemetry(mode, params)
-        if mode == "flood":
+        if mode == "flood":  # and a message still unacknowledged is sent again at once
             for dev in self.devs:
-                dev.seq, dev.acked = kept[dev.id]
+                dev.seq, dev.acked, dev.inflight, dev.inflight_last = kept[dev.id]
+                dev.sent_at = 0.0
 
 
 def shaped_worker_main(
