@@ -69,7 +69,14 @@ TLS_RECORD_B = Input(22.0, "public", "TLS 1.3 AES-GCM record: 5 header + 1 type 
 WORKER_MSGS_S = Input(
     525.0,
     "measured",
-    "lowest one-worker PostgreSQL rate, bench_ingest_workers.py (5 reports of ~1 KB a message)",
+    "lowest one-worker PostgreSQL rate, bench_ingest_workers.py (5 reports of ~1 KB a message);"
+    " below the 588 msgs/s that WORKER_CPU_MS_PER_MSG allows one core at the real shape",
+)
+WORKER_CPU_MS_PER_MSG = Input(
+    1.7,
+    "measured",
+    "gateway worker process CPU per stored message, 1 report of 8.4 KB JSON (10 req/s, drift"
+    " windows), highest of six phases, bench_ingest_workers.py; packed-1: 2.0-4.0 ms",
 )
 DB_ONLY_ROWS_S = Input(
     1_613.0, "measured", "Registry.ingest_many on PostgreSQL, bench_history.py --ingest"
@@ -78,9 +85,10 @@ HEADROOM = Input(0.5, "assumed", "plan each worker at this share of its measured
 MIN_WORKERS = Input(2.0, "assumed", "two workers for availability (a dead one costs nothing)")
 PG_CONNS_PER_WORKER = Input(15.0, "config", "SQLAlchemy pool 5 + 10 overflow (scale-out.md)")
 PG_CPU_MS_PER_MSG = Input(
-    0.45,
+    0.58,
     "measured",
-    "PostgreSQL cores / msgs per s with two workers, bench_ingest_workers.py (fsync=off)",
+    "PostgreSQL CPU per stored message, 1 report of 8.4 KB JSON, highest of six phases with"
+    " 1, 2 and 4 workers, bench_ingest_workers.py (fsync=off)",
 )
 
 # Storage: bench/bench_history.py, 1,000 devices, PostgreSQL, measured bytes per row (table +
@@ -103,9 +111,10 @@ PRUNE_S_PER_1K_DAY = Input(
 
 # --------------------------------------------------------------------------- broker
 MOSQUITTO_US_PER_MSG = Input(
-    39.0,
+    55.0,
     "measured",
-    "Mosquitto 0.14 cores at 3,636 msgs/s in+out to a bare consumer, bench_fleet.py",
+    "Mosquitto 0.09 cores at 1,579 msgs/s of 8.4 KB JSON in+out to a bare consumer,"
+    " bench_ingest_workers.py (5-report batches of ~1 KB: 39)",
 )
 MOSQUITTO_TESTED_CONNECTIONS = Input(1_000.0, "measured", "1,000 TLS devices, bench_fleet.py")
 
@@ -163,8 +172,14 @@ def retained_gb(p: PerThousand) -> float:
     return raw + FINE_DAYS.value * p.fine_gb_day + HOUR_DAYS.value * p.hour_gb_day
 
 
+def worker_rate() -> float:
+    """One worker's msgs/s: the measured rate, at most one core's worth of its CPU per message
+    (a worker process runs one core of Python: the GIL)."""
+    return min(WORKER_MSGS_S.value, 1_000 / WORKER_CPU_MS_PER_MSG.value)
+
+
 def workers_needed(msgs_s: float) -> int:
-    per_worker = WORKER_MSGS_S.value * HEADROOM.value
+    per_worker = worker_rate() * HEADROOM.value
     return max(int(MIN_WORKERS.value), math.ceil(msgs_s / per_worker))
 
 
@@ -248,7 +263,7 @@ def print_per_thousand() -> None:
 
 def print_fleets(level: str) -> None:
     p = per_thousand(level)
-    per_worker = WORKER_MSGS_S.value * HEADROOM.value
+    per_worker = worker_rate() * HEADROOM.value
     print(
         f"| devices | telemetry msgs/s | broker deliveries/s (telemetry + acks) | device -> "
         f"broker, JSON / packed-1 | workers ({per_worker:.0f} msgs/s each) | broker |"

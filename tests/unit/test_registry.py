@@ -269,6 +269,28 @@ def test_desired_version_is_monotonic(reg: Registry) -> None:
         reg.assign_desired("nope", lambda v: b"x")
 
 
+@pytest.mark.parametrize("page", [1, 2, 3, 500])
+def test_latest_desired_all_is_each_active_devices_newest_in_pages(
+    reg: Registry, page: int
+) -> None:
+    # What the gateway republishes on connect: the same records as ``latest_desired`` per
+    # active device, in id order, whatever the page size (pages end on and between devices).
+    for device, versions in (("cam-1", 3), ("cam-2", 1), ("cam-4", 2), ("cam-5", 1)):
+        if device != "cam-1":
+            reg.enroll(device)
+        for _ in range(versions):
+            reg.assign_desired(device, lambda v, d=device: f"{d}:{v}".encode())
+    reg.enroll("cam-3")  # no desired state: nothing to republish
+    reg.revoke("cam-5")  # revoked: its document is not republished
+    got = list(reg.latest_desired_all(page=page))
+    assert [(r.device_id, r.version, r.document) for r in got] == [
+        ("cam-1", 3, b"cam-1:3"),
+        ("cam-2", 1, b"cam-2:1"),
+        ("cam-4", 2, b"cam-4:2"),
+    ]
+    assert got == [reg.latest_desired(d) for d in ("cam-1", "cam-2", "cam-4")]
+
+
 def test_concurrent_desired_assignments_get_distinct_versions(
     registry_url: str, reg: Registry
 ) -> None:

@@ -34,7 +34,7 @@ from edge_agent.wire.compact import (
     unpack_view,
 )
 from edge_agent.wire.compact.message import ZDICT
-from edge_agent.wire.compact.varint import put_float, put_uvarint
+from edge_agent.wire.compact.varint import Reader, put_float, put_uvarint
 from edge_agent.wire.fields import MAX_PAYLOAD_BYTES
 from edge_agent.wire.telemetry import Batch, TelemetryAck, TelemetryReport, decode_message
 from fleet_server.gateway.ingest_parse import ACCEPTED_ENCODINGS, parse_telemetry
@@ -281,6 +281,33 @@ def test_views_that_rebuild_beyond_the_cap_are_refused() -> None:
     with pytest.raises(ContractError, match="beyond"):
         unpack_message(packed, max_bytes=len(_batch_json()) - 1)
     assert unpack_message(packed, max_bytes=len(_batch_json())) == _batch_json()
+
+
+@pytest.mark.parametrize(
+    ("data", "hi", "values", "error"),
+    [
+        (b"\x00\x7f", 1 << 64, [0, 127], None),  # one-byte varints (the fast path)
+        (b"\x80\x01\x05", 1 << 64, [128, 5], None),  # two bytes, then one
+        (b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01", (1 << 64) - 1, [(1 << 64) - 1], None),
+        (b"\x05", 4, [], "value 5 above 4 (at byte 1)"),  # one byte above the bound
+        (b"\x80\x01", 127, [], "value 128 above 127 (at byte 2)"),
+        (b"", 1 << 64, [], "truncated varint (at byte 0)"),
+        (b"\x7f\x80", 1 << 64, [127], "truncated varint (at byte 2)"),
+        (b"\x80" * 10 + b"\x01", 1 << 64, [], "varint longer than 10 bytes (at byte 10)"),
+    ],
+)
+def test_reader_varints_and_their_errors(
+    data: bytes, hi: int, values: list[int], error: str | None
+) -> None:
+    r = Reader(data, "test")
+    got = [r.uvarint(hi) for _ in values]
+    assert got == values
+    if error is None:
+        assert r.remaining == 0
+        return
+    with pytest.raises(ContractError) as exc:
+        r.uvarint(hi)
+    assert str(exc.value) == f"test: {error}"
 
 
 def test_float_codes_are_canonical_where_it_matters() -> None:

@@ -443,13 +443,13 @@ class Gateway:
             RegistryError: the database failed.
         """
         n = 0
-        for device in self._registry.list_devices(include_revoked=False):
+        # One query per page of devices: a query per device made every (re)connect of every
+        # worker cost a database round trip per enrolled device, beside the ingest.
+        for record in self._registry.latest_desired_all():
             if self._stop.is_set():
                 return
-            record = self._registry.latest_desired(device.id)
-            if record is not None:
-                self.publish_desired(device.id, record.document)
-                n += 1
+            self.publish_desired(record.device_id, record.document)
+            n += 1
         log.info("republished %d desired-state documents", n)
 
     # ------------------------------------------------------------------ counting

@@ -279,6 +279,29 @@ def latest_desired_stmt(device_id: str) -> Select[DesiredStateRow]:
     )
 
 
+def latest_desired_page_stmt(after: str, limit: int) -> Select[DesiredStateRow]:
+    """The newest desired-state row of each device that is not revoked, ordered by device id,
+    of the devices after ``after`` (keyset paging): one statement for ``limit`` devices."""
+    newest = (
+        select(DesiredStateRow.device_id, func.max(DesiredStateRow.version).label("version"))
+        .join(Device, Device.id == DesiredStateRow.device_id)
+        .where(Device.revoked_at.is_(None), DesiredStateRow.device_id > after)
+        .group_by(DesiredStateRow.device_id)
+        .order_by(DesiredStateRow.device_id)
+        .limit(limit)
+        .subquery()
+    )
+    return (
+        select(DesiredStateRow)
+        .join(
+            newest,
+            (DesiredStateRow.device_id == newest.c.device_id)
+            & (DesiredStateRow.version == newest.c.version),
+        )
+        .order_by(DesiredStateRow.device_id)
+    )
+
+
 def seq_state_in(s: Session, device_id: str) -> SeqState:
     """The device's acknowledgement state (all zero before its first ingest).
 

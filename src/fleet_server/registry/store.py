@@ -376,6 +376,24 @@ class Registry:
             row = s.scalars(stmt).one_or_none()
             return None if row is None else desired_record(row)
 
+    def latest_desired_all(self, *, page: int = 500) -> Iterator[DesiredRecord]:
+        """The newest desired-state document of every device that is not revoked and has one,
+        by device id: one query per ``page`` devices (not one per device), each in its own
+        short read session, so a caller may stop at any time.
+
+        Raises:
+            RegistryUnavailableError: the database failed (what was yielded stands).
+        """
+        after = ""
+        while True:
+            stmt = _catalog.latest_desired_page_stmt(after, page)
+            with self.read_session("reading desired states") as s:
+                records = [desired_record(r) for r in s.scalars(stmt)]
+            yield from records
+            if len(records) < page:
+                return
+            after = records[-1].device_id
+
     # ----------------------------------------------------------------- telemetry
     def ingest_batch(self, batch: Batch, *, floor: int | None = None) -> IngestResult:
         """``ingest`` for a parsed wire ``Batch``.

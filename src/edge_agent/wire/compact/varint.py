@@ -127,18 +127,30 @@ class Reader:
         Raises:
             ContractError: truncated, longer than 10 bytes, or above ``hi``.
         """
+        data, pos = self._data, self._pos
+        end = len(data)
+        # One byte is most of what a packed view holds (counts, small float codes): no loop.
+        if pos < end and data[pos] < 0x80:
+            self._pos = pos + 1
+            value = data[pos]
+            if value > hi:
+                raise self.fail(f"value {value} above {hi}")
+            return value
         value = shift = 0
         for _ in range(_MAX_VARINT_BYTES):
-            if self._pos >= len(self._data):
+            if pos >= end:
+                self._pos = pos
                 raise self.fail("truncated varint")
-            byte = self._data[self._pos]
-            self._pos += 1
+            byte = data[pos]
+            pos += 1
             value |= (byte & 0x7F) << shift
             if not byte & 0x80:
+                self._pos = pos
                 if value > hi:
                     raise self.fail(f"value {value} above {hi}")
                 return value
             shift += 7
+        self._pos = pos
         raise self.fail("varint longer than 10 bytes")
 
     def float(self, prev: float | None = None) -> float:
