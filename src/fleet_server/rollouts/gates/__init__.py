@@ -35,6 +35,7 @@ from fleet_server.rollouts.gates.p99_latency import histogram_quantile_ms, laten
 from fleet_server.rollouts.state import GateResult
 
 __all__ = [
+    "AGENT_GATES",
     "GATES",
     "Gate",
     "GateInputs",
@@ -57,5 +58,18 @@ GATES: Final[tuple[Gate, ...]] = (
     shadow_agreement.GATE,
     p99_latency.GATE,
     ground_truth.GATE,
+    error_rate.GATE,
+)
+
+#: The gates of an agent release's rollout (``Rollout.agent``): the members' install failures
+#: and their launchers' returns at every step, then, after the dwell, the error rate and p99
+#: latency of every model the members serve against the control group's (the ``reporting``
+#: wait before them holds a wave until each member's new agent has reported). The
+#: model-quality gates (rejects, fallback, drift, outputs, shadow, ground truth) judge a model
+#: version and do not apply.
+AGENT_GATES: Final[tuple[Gate, ...]] = (
+    install_failures.GATE,
+    device_rollbacks.GATE,
+    p99_latency.GATE,
     error_rate.GATE,
 )
