@@ -10,8 +10,9 @@ consecutive reports of the agent process now running, only while that process is
 release: an agent release changes the whole daemon, so the error rate and latency of each model
 are its evidence, and a new release always starts a new process (a new ``started_at``), so no
 interval mixes two releases. A member that has not switched yet, or whose launcher went back,
-has no interval on the release and is not ``reporting``: the ``reporting`` wait is the
-heartbeat requirement of the new agent.
+has no interval on the release and is not ``reporting`` (``gates.agent_reporting``, the
+heartbeat after the switch, waits for it); nor is a member whose launcher has not confirmed
+the release yet (``trying``): the trial may still end in a return.
 
 Does not own the per-interval arithmetic (``fleet_server.rollouts.observation.interval_metrics``)
 nor the reads (``fleet_server.jobs.rollout_reader``). Pure: no database, clock or network.
@@ -70,8 +71,11 @@ def observe_agent(
     tried = release is not None and (in_failed or assigned == release)
     install_failed = tried and outcome == "failed"
     rolled_back = tried and not install_failed and (in_failed or outcome == "rolled_back")
+    # A release on trial (``trying``) may still be taken back by its launcher: it reports on
+    # the release only once confirmed (``installed``).
+    confirmed = assigned != release or outcome == "installed"
     metrics = WindowMetrics()
-    if active == release and not rolled_back:
+    if active == release and confirmed and not rolled_back:
         reports = sorted((r for r in rows if r.kind == "report"), key=lambda r: r.seq)
         newest = reports[-1].payload.get("started_at") if reports else None
         prev: Mapping[str, Any] | None = None

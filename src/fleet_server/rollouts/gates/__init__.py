@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Final
 
 from fleet_server.rollouts.gates import (
+    agent_reporting,
     device_rollbacks,
     error_rate,
     fallback_rate,
@@ -62,14 +63,15 @@ GATES: Final[tuple[Gate, ...]] = (
 )
 
 #: The gates of an agent release's rollout (``Rollout.agent``): the members' install failures
-#: and their launchers' returns at every step, then, after the dwell, the error rate and p99
-#: latency of every model the members serve against the control group's (the ``reporting``
-#: wait before them holds a wave until each member's new agent has reported). The
+#: and their launchers' returns at every step, then, after the dwell, every member's new agent
+#: reporting (``agent_reporting``: the heartbeat after the switch) and the error rate and p99
+#: latency of every model the members serve against the control group's. The
 #: model-quality gates (rejects, fallback, drift, outputs, shadow, ground truth) judge a model
 #: version and do not apply.
 AGENT_GATES: Final[tuple[Gate, ...]] = (
     install_failures.GATE,
     device_rollbacks.GATE,
+    agent_reporting.GATE,
     p99_latency.GATE,
     error_rate.GATE,
 )
