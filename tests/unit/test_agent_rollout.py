@@ -106,6 +106,8 @@ def test_observe_agent_counts_every_model_of_the_running_process_only() -> None:
     assert not observe_agent("d", 2, since, _reported(1, 2, "trying"), rows).reporting
     # The control group's device on release 1 counts its own current process.
     assert observe_agent("d", 1, since, _reported(1, None, "pending"), rows[:2]).reporting
+    # So does one on the base install (no release, nothing assigned).
+    assert observe_agent("d", None, since, _reported(None, None, "pending"), rows[:2]).reporting
 
 
 @pytest.mark.parametrize(

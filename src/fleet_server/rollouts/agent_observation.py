@@ -73,7 +73,7 @@ def observe_agent(
     rolled_back = tried and not install_failed and (in_failed or outcome == "rolled_back")
     # A release on trial (``trying``) may still be taken back by its launcher: it reports on
     # the release only once confirmed (``installed``).
-    confirmed = assigned != release or outcome == "installed"
+    confirmed = release is None or assigned != release or outcome == "installed"
     metrics = WindowMetrics()
     if active == release and confirmed and not rolled_back:
         reports = sorted((r for r in rows if r.kind == "report"), key=lambda r: r.seq)
