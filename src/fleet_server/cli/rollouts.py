@@ -22,9 +22,9 @@ from fleet_server.cli.admin import (
     emit_json,
     json_option,
     parse_tags,
+    shown,
     table_lines,
 )
-from fleet_server.cli.evalsets import shown
 from fleet_server.errors import AdminRequestError, OfflineRegressionError
 from fleet_server.rollouts.state import AGENT_ROLLOUT
 
