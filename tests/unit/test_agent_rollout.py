@@ -100,6 +100,10 @@ def test_observe_agent_counts_every_model_of_the_running_process_only() -> None:
     assert o.metrics.reports == 2
     assert o.metrics.requests == 2 * (24 + 20)
     assert o.metrics.errors == 2 * 4
+    # Before the assignment (``since``): the old agent's interval, the latency gate's reference.
+    assert (o.metrics_before.reports, o.metrics_before.requests) == (0, 0)  # ends at 20 s >= 10
+    late = observe_agent("d", 2, T0 + timedelta(seconds=25), _reported(2, 2, "installed"), rows)
+    assert (late.metrics_before.reports, late.metrics_before.requests) == (1, 2 * 100)
     # On trial: the launcher may still take it back, so it does not report on release 2 yet.
     assert not observe_agent("d", 2, since, _reported(2, 2, "trying"), rows).reporting
     # Not yet switched (still release 1): nothing counts on release 2, it is not reporting.
@@ -197,6 +201,19 @@ def test_the_error_rate_of_the_new_agent_halts_the_wave_and_model_gates_do_not_r
         "install_failures", "device_rollbacks", "agent_reporting", "p99_latency", "error_rate"
     }  # fmt: skip
     assert [g.status for g in d.rollout.gates if g.name == "error_rate"] == ["breach"]
+
+
+def test_with_no_control_left_latency_is_judged_against_the_same_devices_before() -> None:
+    everyone = replace(POLICY, canary_count=len(CAPABLE))
+    first = decide(_rollout(policy=everyone), [_obs(d, 1) for d in CAPABLE], T0, gates=AGENT_GATES)
+    assert len(first.assign) == len(CAPABLE)
+    slow = WindowMetrics(reports=2, requests=500, latency_buckets=(0,) * 10 + (500, 0))
+    fast = WindowMetrics(reports=2, requests=500, latency_buckets=(0, 0, 500) + (0,) * 9)
+    obs = [_obs(d, 2, metrics=slow, metrics_before=fast) for d in CAPABLE]
+    d = decide(first.rollout, obs, T0 + timedelta(seconds=61), gates=AGENT_GATES)
+    [gate] = [g for g in d.rollout.gates if g.name == "p99_latency"]
+    assert gate.status == "breach", gate.detail
+    assert d.rollout.state == "aborted"
 
 
 def test_a_member_whose_new_agent_does_not_report_holds_the_wave() -> None:

@@ -12,7 +12,9 @@ are its evidence, and a new release always starts a new process (a new ``started
 interval mixes two releases. A member that has not switched yet, or whose launcher went back,
 has no interval on the release and is not ``reporting`` (``gates.agent_reporting``, the
 heartbeat after the switch, waits for it); nor is a member whose launcher has not confirmed
-the release yet (``trying``): the trial may still end in a return.
+the release yet (``trying``): the trial may still end in a return. The intervals before
+``since`` (a member's assignment: the agent it ran before) are its ``metrics_before``, the
+p99 latency gate's second reference, which judges the last wave when no control is left.
 
 Does not own the per-interval arithmetic (``fleet_server.rollouts.observation.interval_metrics``)
 nor the reads (``fleet_server.jobs.rollout_reader``). Pure: no database, clock or network.
@@ -23,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
+from itertools import pairwise
 from typing import Any
 
 from fleet_server.rollouts.metrics import DeviceObservation, TelemetryRowLike, WindowMetrics
@@ -74,9 +77,14 @@ def observe_agent(
     # A release on trial (``trying``) may still be taken back by its launcher: it reports on
     # the release only once confirmed (``installed``).
     confirmed = release is None or assigned != release or outcome == "installed"
-    metrics = WindowMetrics()
+    metrics, before = WindowMetrics(), WindowMetrics()
+    reports = sorted((r for r in rows if r.kind == "report"), key=lambda r: r.seq)
+    # Before ``since`` (a member's assignment) the device ran the agent it ran before: the
+    # latency gate's second reference (``metrics_before``), from the rows given.
+    for a, b in pairwise(reports):
+        if b.received_at < since:
+            before = before.merge(_all_models(a.payload, b.payload, counted=True))
     if active == release and confirmed and not rolled_back:
-        reports = sorted((r for r in rows if r.kind == "report"), key=lambda r: r.seq)
         newest = reports[-1].payload.get("started_at") if reports else None
         prev: Mapping[str, Any] | None = None
         for row in reports:
@@ -96,12 +104,17 @@ def observe_agent(
         install_failed=install_failed,
         rolled_back=rolled_back,
         metrics=metrics,
+        metrics_before=before,
     )
 
 
-def _all_models(prev: Mapping[str, Any], cur: Mapping[str, Any]) -> WindowMetrics:
+def _all_models(
+    prev: Mapping[str, Any], cur: Mapping[str, Any], *, counted: bool = False
+) -> WindowMetrics:
     """One interval's counts over every model both reports carry on the same version; the
-    interval counts as one report even when no model served in it (the agent reported)."""
+    interval counts as one report even when no model served in it (the agent reported), unless
+    ``counted`` (then only an interval with a model's difference counts: one across a restart
+    is no interval)."""
     out = WindowMetrics()
     models = cur.get("models")
     for name, m in models.items() if isinstance(models, Mapping) else ():
@@ -109,4 +122,4 @@ def _all_models(prev: Mapping[str, Any], cur: Mapping[str, Any]) -> WindowMetric
         delta = interval_metrics(prev, cur, str(name), version)
         if delta is not None:
             out = out.merge(delta)
-    return replace(out, reports=1)
+    return replace(out, reports=min(out.reports, 1) if counted else 1)
