@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +34,17 @@ from fleet_server.cli import rollouts as cli_rollouts
 from fleet_server.errors import ModelNotPublishedError, QuarantinedVersionError
 from fleet_server.jobs.rollout_runner import RolloutRunner
 from fleet_server.registry import rollouts as store
+from fleet_server.registry.labels import put_window
 from fleet_server.registry.ops.agent_releases import AgentReleaseRecord, publish_agent_release
 from fleet_server.registry.store import Registry
 from fleet_server.rollouts.agent_observation import observe_agent
 from fleet_server.rollouts.engine import abort, decide
 from fleet_server.rollouts.gates import AGENT_GATES
+from fleet_server.rollouts.label_selector import LabelSelector
 from fleet_server.rollouts.metrics import DeviceObservation, WindowMetrics
 from fleet_server.rollouts.policy import DisruptionBudget, RolloutPolicy, Selector, Thresholds
 from fleet_server.rollouts.state import AGENT_ROLLOUT, Rollout
+from fleet_server.rollouts.windows import MaintenanceWindow
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 CAPABLE = [f"dev-{i}" for i in range(8)]
@@ -402,6 +405,23 @@ def test_a_disruption_budget_holds_agent_assignments(world: World) -> None:
     got = w.runner.get(r.id)
     assert list(got.held.values()) == ["budget"]
     assert len(w.service.agent) == 1
+
+
+def test_a_maintenance_window_holds_agent_assignments_until_it_opens(world: World) -> None:
+    w = world
+    window = MaintenanceWindow(
+        "night", LabelSelector.parse("site=a"), frozenset({0}), time(2, 0), 60, "UTC"
+    )
+    put_window(w.registry, window, T0)
+    r = w.runner.create_agent(2, selector=Selector(group="line"), policy=POLICY)
+    [d] = w.runner.step()  # Sunday noon: closed
+    assert d.assign == ()
+    assert set(w.runner.get(r.id).held.values()) == {"window"}
+    assert w.service.agent == []
+    w.clock.advance((timedelta(hours=14, minutes=30)).total_seconds())  # Monday 02:30
+    [d] = w.runner.step()
+    assert len(d.assign) == 2
+    assert sorted(w.service.agent) == sorted((x, 2) for x in d.assign)
 
 
 # --------------------------------------------------------------------------- admin + CLI
