@@ -41,6 +41,7 @@ from fleet_server.gateway.misbehaviour import DeviceMisbehaviour
 from fleet_server.pki.roots import ServerRoots
 from fleet_server.registry import labels as label_store
 from fleet_server.registry import rollouts as rollout_store
+from fleet_server.registry.labels import DeviceLabels
 from fleet_server.registry.ops import agent_releases
 from fleet_server.registry.ops.agent_releases import AgentReleaseRecord
 from fleet_server.registry.store import Registry
@@ -101,6 +102,7 @@ class DeviceView:
     desired: DesiredState | None
     online: StatusMessage | None
     seq: SeqState | None = None
+    labels: DeviceLabels | None = None
 
 
 @dataclass(frozen=True)
@@ -556,7 +558,8 @@ class FleetService:
         return [DeviceView(r, self._desired(r.id), online.get(r.id)) for r in records], total
 
     def device(self, device_id: str) -> DeviceView:
-        """One device with its desired state, telemetry sequence state and online status.
+        """One device with its desired state, telemetry sequence state, online status and
+        labels by source.
 
         Raises:
             UnknownDeviceError: no such device.
@@ -568,6 +571,7 @@ class FleetService:
             self._desired(device_id),
             self._gateway.online().get(device_id),
             self._registry.seq_state(device_id),
+            label_store.device_labels(self._registry, device_id),
         )
 
     def _desired(self, device_id: str) -> DesiredState | None:

@@ -118,8 +118,8 @@ TABLE = [
                 "ROLLOUT", "ACCURACY"]),
     ("provenance", ["/console/models"]),
     ("report", ["/console/models"]),
-    ("labelkey", [f"/console/devices/{DEV}"]),
-    ("labelvalue", [f"/console/devices/{DEV}"]),
+    ("labelkey", ["/console/devices", f"/console/devices/{DEV}"]),
+    ("labelvalue", ["/console/devices", f"/console/devices/{DEV}"]),
 ]  # fmt: skip
 
 

@@ -29,7 +29,7 @@ from edge_agent.config import ApiConfig
 from edge_agent.selfupdate.releases import Layout
 from fleet import daemon_config, stop_process, wait_until
 from fleet_server.admin.client import AdminClient
-from mosquitto import MOSQUITTO, FleetBroker, fleet_broker, free_port
+from mosquitto import MOSQUITTO, FleetBroker, distinct_ports, fleet_broker
 
 pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
 
@@ -53,9 +53,8 @@ def base_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_base_venv(tmp_path_factory.mktemp("base") / "venv")
 
 
-def _server_config(tmp_path: Path, broker: FleetBroker, keys_dir: Path) -> tuple[Path, int]:
+def _server_config(tmp_path: Path, broker: FleetBroker, keys_dir: Path, port: int) -> Path:
     creds = broker.creds[broker.server]
-    port = free_port()
     (tmp_path / "token").write_text(TOKEN)
     path = tmp_path / "server.toml"
     path.write_text(
@@ -67,7 +66,7 @@ def _server_config(tmp_path: Path, broker: FleetBroker, keys_dir: Path) -> tuple
         f'[signing]\nonline_key = "{keys_dir / "keys" / "online-1.pem"}"\n'
         f'root_path = "{keys_dir / "root.json"}"\n'
     )
-    return path, port
+    return path
 
 
 def _reported(client: AdminClient, device: str) -> dict[str, Any]:
@@ -94,7 +93,9 @@ def test_agent_releases_roll_out_through_the_fleet_and_a_broken_one_comes_back(
     base_venv: Path,
     tmp_path: Path,
 ) -> None:
-    config, port = _server_config(tmp_path, broker, digits_bundles.keys.path)
+    # Held open together while chosen: free_port() twice can hand out the same port.
+    port, *api_ports = distinct_ports(1 + len(DEVICES))
+    config = _server_config(tmp_path, broker, digits_bundles.keys.path, port)
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "fleet-server"), "serve", "--config", str(config)],
         stdout=(tmp_path / "server.log").open("ab"),
@@ -110,9 +111,8 @@ def test_agent_releases_roll_out_through_the_fleet_and_a_broken_one_comes_back(
 
     try:
         wait_until(lambda: _ok(client.status), timeout=60, what="fleet-server up")
-        for d in DEVICES:
+        for d, api_port in zip(DEVICES, api_ports, strict=True):
             client.register(d, "line", {}, None)
-            api_port = free_port()
             cfg = daemon_config(broker, digits_bundles.keys, tmp_path / "devices", d, api_port)
             layouts[d] = Layout(tmp_path / "devices" / d / "agent", base_venv)
             launchers[d] = subprocess.Popen(

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
@@ -322,6 +323,14 @@ def test_the_cli_through_the_admin_api(
         export = runner.invoke(cli, ["datasets", "export", row["sha256"], "-o", str(out), *url])
         assert export.exit_code == 0, export.output
         assert np.load(out)["label"].tolist() == digits_bundles.y_eval[:8].tolist()
+        table = tmp_path / "export.parquet"
+        export = runner.invoke(
+            cli,
+            ["datasets", "export", row["sha256"], "--format", "parquet", "-o", str(table), *url],
+        )
+        assert export.exit_code == 0, export.output
+        labels = pq.read_table(table).column("label").to_pylist()
+        assert labels == digits_bundles.y_eval[:8].tolist()
         reg = runner.invoke(cli, ["datasets", "register-evalset", row["sha256"], *url])
         assert reg.exit_code == 0, reg.output
         assert "8 samples" in reg.output

@@ -7,6 +7,7 @@ shows who waits for a window."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -311,6 +312,12 @@ def test_cli_labels_groups_windows_and_a_held_rollout(
     out = run("devices", "label", "cam-3", "--remove", "line")
     assert "line=7" not in out
     assert "device     hw=pi5, site=b" in run("devices", "labels", "cam-3")
+    shown = run("devices", "show", "cam-3")
+    assert re.search(r"^labels +hw=pi5, site=b$", shown, re.M), shown  # the operator's site wins
+    assert re.search(r"^labels operator +site=b$", shown, re.M), shown
+    assert re.search(r"^labels device +hw=pi5, site=b$", shown, re.M), shown
+    detail = json.loads(run("devices", "show", "cam-3", "--json"))
+    assert detail["labels"]["effective"] == {"hw": "pi5", "site": "b"}
     assert "bad key" in run("devices", "label", "cam-3", "bad key=x", error="label_invalid")
     run("devices", "label", "cam-3", code=2)  # nothing to do: a usage error
     listing = json.loads(run("devices", "list", "--selector", "site=b", "--json"))

@@ -10,7 +10,7 @@ import pytest
 
 from fleet_server.rollouts import engine
 from fleet_server.rollouts.engine import decide
-from fleet_server.rollouts.gates import GATES, Gate, GateInputs, GateResult
+from fleet_server.rollouts.gates import AGENT_GATES, GATES, Gate, GateInputs, GateResult
 from fleet_server.rollouts.gates.base import PHASES
 from fleet_server.rollouts.metrics import DeviceObservation, WindowMetrics
 from fleet_server.rollouts.policy import RolloutPolicy, Selector, Thresholds
@@ -34,7 +34,7 @@ def test_names_are_unique_and_phases_known() -> None:
 
 def test_every_gate_reads_real_fields_and_thresholds() -> None:
     thresholds = {f.name for f in dataclasses.fields(Thresholds)}
-    for g in GATES:
+    for g in {*GATES, *AGENT_GATES}:
         assert g.reads, g.name
         assert set(g.reads) <= FIELDS, g.name
         assert set(g.thresholds) <= thresholds, g.name

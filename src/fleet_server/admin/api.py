@@ -25,6 +25,7 @@ Routes (v1)::
     GET  /v1/status                    POST /v1/models           (bundle bytes)
     GET  /v1/devices[?group=]          POST /v1/assign  {"target","group","model","version"}
     GET  /v1/devices/{id}              POST /v1/waves            {"sha256"}
+        (detail: reported, seq, status, misbehaviour, labels by source)
     POST /v1/devices                   GET  /v1/telemetry?after_id=&device_id=&limit=
     POST /v1/devices/{id}/revoke       GET  /metrics
     GET  /v1/misbehaviour[?top=]       (refusals per device, worst first)
@@ -158,6 +159,8 @@ def device_json(v: DeviceView, *, detail: bool = False) -> dict[str, Any]:
         out["reported_at"] = _iso(v.record.reported_at)
         out["status"] = None if v.online is None else v.online.to_dict()
         out["seq"] = None if v.seq is None else asdict(v.seq)
+        # By source (operator, device, effective, refused); device-supplied: escape to show.
+        out["labels"] = None if v.labels is None else v.labels.to_dict()
     return out
 
 

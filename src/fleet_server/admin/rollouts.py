@@ -11,6 +11,11 @@ Routes (v1), every one behind the admin bearer token (the ``guarded`` wrapper of
                                               "override_offline"?}
                                              -> 201 rollout (with "offline": the comparison
                                              on the model's evaluation set)
+    POST /v1/rollouts                        {"agent": RELEASE, selector and policy as above,
+                                              "from_version"? (a release; null: most
+                                              devices'), "override_quarantine"?,
+                                              "override_aborted"?} -> 201 rollout of an agent
+                                             release (model "agent:edgefleet")
     GET  /v1/rollouts/{id}                   rollout + "devices" (state per device), "counts",
                                              "wave_sizes", "holds" (held members: reason
                                              and when their window opens), "events"
@@ -56,7 +61,7 @@ from fleet_server.registry.version_history import VersionHistory, version_histor
 from fleet_server.rollouts.admission import MAX_OVERRIDE_REASON
 from fleet_server.rollouts.label_selector import LabelSelector
 from fleet_server.rollouts.policy import RolloutPolicy, Selector
-from fleet_server.rollouts.state import Rollout
+from fleet_server.rollouts.state import AGENT_ROLLOUT, Rollout
 
 __all__ = ["rollout_routes", "rollout_status"]
 
@@ -93,6 +98,14 @@ def _parse_create(data: Any) -> dict[str, Any]:
     """Validate a create body. Raises: RolloutPolicyError (the message names the field)."""
     if not isinstance(data, dict):
         raise RolloutPolicyError("body must be a JSON object")
+    if "agent" in data:
+        # An agent release: ``{"agent": N}`` instead of ``model`` and ``version``.
+        if "model" in data or "version" in data or data.get("override_offline"):
+            raise RolloutPolicyError(
+                "an agent rollout takes 'agent' (a release), no 'model', 'version' or "
+                "'override_offline' (agent releases have no evaluation set)"
+            )
+        data = {**data, "model": AGENT_ROLLOUT, "version": data["agent"]}
     model, version = data.get("model"), data.get("version")
     if not _text(model):
         raise RolloutPolicyError("field 'model' must be a printable string of 1-128 characters")
@@ -132,6 +145,7 @@ def _parse_create(data: Any) -> dict[str, Any]:
     except (TypeError, ValueError, OverflowError, ArithmeticError) as exc:
         raise RolloutPolicyError(f"invalid policy: {type(exc).__name__}: {exc}") from exc
     return {
+        "agent": model == AGENT_ROLLOUT,
         "model": model,
         "version": version,
         "from_version": frm,
@@ -200,6 +214,18 @@ def rollout_routes(runner: RolloutRunner, guarded: Callable[[Handler], Handler])
             found = await run_in_threadpool(lambda: label_store.group(runner.registry, name))
             body["labels"] = str(found.selector)
         args = _parse_create(body)
+        if args["agent"]:
+            r = await run_in_threadpool(
+                lambda: runner.create_agent(
+                    args["version"],
+                    selector=args["selector"],
+                    policy=args["policy"],
+                    from_release=args["from_version"],
+                    override_quarantine=args["override_quarantine"],
+                    override_aborted=args["override_aborted"],
+                )
+            )
+            return JSONResponse(rollout_to_dict(r), status_code=201)
         r = await run_in_threadpool(
             lambda: runner.create(
                 args["model"],

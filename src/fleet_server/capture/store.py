@@ -9,8 +9,8 @@ or ``MAX_RECORD_BYTES`` of tensors), writes the records it kept back in the chun
 canonical bytes: the same records always give the same digest) as
 ``<state_dir>/datasets/<sha256>.npz`` and registers it with its provenance (device, model,
 versions, time range, counts, labels present). ``export`` writes a dataset as a flat training
-``.npz`` (one row per request row); ``evalset_bytes`` turns its labelled rows into an
-evaluation set file (``fleet_server.evalsets``).
+``.npz`` or Parquet file (one row per request row); ``evalset_bytes`` turns its labelled rows
+into an evaluation set file (``fleet_server.evalsets``).
 
 Does not pull blocks (``fleet_server.diagnostics``) or decide which devices upload
 (``fleet_server.capture.service``).
@@ -37,6 +37,7 @@ from edge_agent.common.capture_chunk import CaptureChunk, parse_chunk, write_chu
 from edge_agent.common.durable import write_atomic
 from edge_agent.errors import ContractError
 from edge_agent.trust.capture_settings import MAX_CHUNK_BYTES
+from fleet_server.capture.parquet import to_parquet
 from fleet_server.errors import CaptureError, DatasetUnusableError
 from fleet_server.registry.ops import datasets as rows
 from fleet_server.registry.ops.datasets import CapturePolicy, DatasetRecord
@@ -44,6 +45,7 @@ from fleet_server.registry.store import Registry
 
 __all__ = [
     "DATASET_SUFFIX",
+    "EXPORT_FORMATS",
     "MAX_RECORD_BYTES",
     "MAX_RECORD_ROWS",
     "DatasetStore",
@@ -53,6 +55,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DATASET_SUFFIX: Final = ".npz"
+#: What ``DatasetStore.export`` writes.
+EXPORT_FORMATS: Final = ("npz", "parquet")
 MAX_RECORD_ROWS: Final = 4096
 MAX_RECORD_BYTES: Final = 1024 * 1024
 MAX_FUTURE_SECONDS: Final = 86400.0
@@ -250,14 +254,29 @@ class DatasetStore:
         except (OSError, ContractError) as exc:
             raise CaptureError(f"dataset {sha256} unreadable: {exc}") from exc
 
-    def export(self, sha256: str) -> bytes:
-        """A flat training ``.npz``: one row per request row (``input/<name>``,
+    def export(self, sha256: str, fmt: str = "npz") -> bytes:
+        """A flat training file: one row per request row (``input/<name>``,
         ``output/<name>``, ``label`` (-1: none), ``version``, ``time``, ``record``,
-        ``request_id``, ``device``).
+        ``request_id``, ``device``), as ``.npz`` or Parquet (``fmt`` one of ``EXPORT_FORMATS``;
+        the same columns, ``fleet_server.capture.parquet``).
 
         Raises:
             UnknownDatasetError, CaptureError: as ``load``.
+            DatasetUnusableError: an unknown format, or columns Parquet cannot hold.
         """
+        if fmt not in EXPORT_FORMATS:
+            raise DatasetUnusableError(f"export format must be one of {', '.join(EXPORT_FORMATS)}")
+        arrays = self._columns(sha256)
+        if fmt == "parquet":
+            try:
+                return to_parquet(arrays)
+            except (ValueError, TypeError, NotImplementedError) as exc:
+                raise DatasetUnusableError(f"dataset {sha256[:12]} as Parquet: {exc}") from exc
+        buf = io.BytesIO()
+        np.savez(buf, allow_pickle=False, **arrays)
+        return buf.getvalue()
+
+    def _columns(self, sha256: str) -> dict[str, Any]:
         chunk = self.load(sha256)
         per_row = np.diff(chunk.rows)
         arrays: dict[str, Any] = {f"input/{n}": a for n, a in chunk.inputs.items()}
@@ -268,9 +287,7 @@ class DatasetStore:
         arrays["record"] = np.repeat(np.arange(chunk.records, dtype=np.int64), per_row)
         arrays["request_id"] = np.repeat(chunk.request_ids, per_row)
         arrays["device"] = np.full(int(chunk.rows[-1]), chunk.device_id)
-        buf = io.BytesIO()
-        np.savez(buf, allow_pickle=False, **arrays)
-        return buf.getvalue()
+        return arrays
 
     def evalset_bytes(self, sha256: str, input_name: str | None = None) -> bytes:
         """An evaluation set file (``x`` float32, ``y`` class indices) of the labelled rows.

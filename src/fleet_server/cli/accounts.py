@@ -30,8 +30,7 @@ import click
 
 from fleet_server.accounts.roles import Permission, Role
 from fleet_server.admin.client import AdminClient
-from fleet_server.cli.admin import admin_options, echo_table, emit, emit_json, json_option
-from fleet_server.cli.evalsets import shown
+from fleet_server.cli.admin import admin_options, echo_table, emit, emit_json, json_option, shown
 
 __all__ = ["register_account_commands"]
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,6 +29,7 @@ __all__ = [
     "json_option",
     "parse_tags",
     "register_admin_commands",
+    "shown",
     "table_lines",
 ]
 
@@ -70,6 +71,13 @@ def emit(data: Any, as_json: bool, text: str) -> None:
         click.echo(text)
 
 
+def shown(text: Any, limit: int = 80) -> str:
+    """``text`` safe for a terminal: non-printable characters escaped, cut at ``limit``."""
+    s = str(text)
+    out = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in s)
+    return out if len(out) <= limit else out[: limit - 3] + "..."
+
+
 def table_lines(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> list[str]:
     """A left-aligned text table (``-`` for None), one string per line, headers first."""
     cells = [[("-" if c is None else str(c)) for c in row] for row in rows]
@@ -105,6 +113,20 @@ def _reported_rows(reported: dict[str, Any] | None) -> list[tuple[str, str]]:
         if m.get("reason"):
             text += f" ({m['reason']})"
         rows.append((f"model {name}", text))
+    return rows
+
+
+def _label_rows(labels: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The labels a selector sees (``effective``), then the operator's and the device's own;
+    device-supplied text, so escaped."""
+    rows = []
+    for title, key in (("labels", "effective"), ("labels operator", "operator"),
+                       ("labels device", "device")):  # fmt: skip
+        found = labels.get(key) or {}
+        text = ", ".join(f"{shown(k, 80)}={shown(v, 80)}" for k, v in sorted(found.items()))
+        rows.append((title, text or "-"))
+    if labels.get("refused"):
+        rows.append(("labels refused", f"{int(labels['refused'])} invalid reported label(s)"))
     return rows
 
 
@@ -197,6 +219,7 @@ def register_admin_commands(cli: click.Group, devices: click.Group) -> None:
                 ("telemetry_acked", seq.get("acked_upto")),
                 ("telemetry_lost", seq.get("lost")),
                 ("refused", _refusals_of(d.get("misbehaviour"))),
+                *_label_rows(d.get("labels") or {}),
                 *_reported_rows(d.get("reported")),
             ],
             ("FIELD", "VALUE"),

@@ -21,8 +21,7 @@ from typing import Any
 import click
 
 from fleet_server.admin.client import AdminClient
-from fleet_server.cli.admin import admin_options, echo_table, emit_json, json_option
-from fleet_server.cli.evalsets import shown
+from fleet_server.cli.admin import admin_options, echo_table, emit_json, json_option, shown
 
 __all__ = ["register_audit_commands"]
 

@@ -5,7 +5,7 @@ list|show|export|register-evalset``: data for the next model, through the admin 
 policy and sends it, signed, to every device of the cohort; ``collect MODEL`` asks each of them
 for its next chunk; ``status`` shows the policies and each device's upload state. Datasets are
 the chunks the server accepted, by digest: ``export`` writes the flat training ``.npz``
-(Parquet needs pyarrow on the server, which it does not ship with), ``register-evalset`` turns
+or Parquet file (``--format parquet``), ``register-evalset`` turns
 the labelled rows into an evaluation set of the model. Text that came from devices is printed
 escaped. Errors are ``AdminApiError``s for the CLI's error boundary.
 """
@@ -18,8 +18,7 @@ from typing import Any
 import click
 
 from fleet_server.admin.client import AdminClient
-from fleet_server.cli.admin import admin_options, echo_table, emit_json, json_option
-from fleet_server.cli.evalsets import shown
+from fleet_server.cli.admin import admin_options, echo_table, emit_json, json_option, shown
 
 __all__ = ["register_capture_commands"]
 
@@ -204,15 +203,16 @@ def register_capture_commands(cli: click.Group) -> None:
     @click.option(
         "--format",
         "fmt",
-        type=click.Choice(["npz"]),
+        type=click.Choice(["npz", "parquet"]),
         default="npz",
         show_default=True,
-        help="npz only: Parquet needs pyarrow, which the server does not ship with.",
+        help="npz, or Parquet (the same columns; a tensor row is a fixed-size list, its shape "
+        "in the field's row_shape metadata).",
     )
     @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
     @click.argument("sha256")
     def export(url: str, token: str, fmt: str, output: Path, sha256: str) -> None:
-        """Write a dataset for training (npz: one row per request row)."""
+        """Write a dataset for training (one row per request row), as npz or Parquet."""
         with AdminClient(url, token) as client, output.open("wb") as out:
             written = client.dataset_export(sha256.lower(), out, fmt)
         click.echo(f"wrote {written} bytes to {output}")

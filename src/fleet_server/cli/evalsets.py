@@ -17,16 +17,9 @@ from typing import Any
 import click
 
 from fleet_server.admin.client import AdminClient
-from fleet_server.cli.admin import admin_options, echo_table, emit_json, json_option
+from fleet_server.cli.admin import admin_options, echo_table, emit_json, json_option, shown
 
-__all__ = ["register_evalset_commands", "shown"]
-
-
-def shown(text: Any, limit: int = 80) -> str:
-    """``text`` safe for a terminal: non-printable characters escaped, cut at ``limit``."""
-    s = str(text)
-    out = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in s)
-    return out if len(out) <= limit else out[: limit - 3] + "..."
+__all__ = ["register_evalset_commands"]
 
 
 def _row(r: dict[str, Any]) -> tuple[Any, ...]:

@@ -17,8 +17,7 @@ from urllib.parse import quote
 import click
 
 from fleet_server.admin.client import AdminClient
-from fleet_server.cli.admin import admin_options, echo_table, emit_json, json_option
-from fleet_server.cli.evalsets import shown
+from fleet_server.cli.admin import admin_options, echo_table, emit_json, json_option, shown
 
 __all__ = ["register_label_commands"]
 

@@ -22,12 +22,13 @@ from fleet_server.cli.admin import (
     emit_json,
     json_option,
     parse_tags,
+    shown,
     table_lines,
 )
-from fleet_server.cli.evalsets import shown
 from fleet_server.errors import AdminRequestError, OfflineRegressionError
+from fleet_server.rollouts.state import AGENT_ROLLOUT
 
-__all__ = ["register_rollout_commands", "render_rollout"]
+__all__ = ["register_rollout_commands", "render_rollout", "rollout_title"]
 
 _THRESHOLDS = (
     ("max_install_failure_rate", "--max-install-failure-rate"),
@@ -80,7 +81,14 @@ def _num(v: Any, percent: bool) -> str:
 
 def _versions(r: dict[str, Any]) -> str:
     frm = r.get("from_version")
+    if r.get("model") == AGENT_ROLLOUT:
+        return f"agent release {'base' if frm is None else frm} -> {r['to_version']}"
     return f"{r['model']} v{'?' if frm is None else frm} -> v{r['to_version']}"
+
+
+def rollout_title(r: dict[str, Any]) -> str:
+    """``rollout ID created: VERSIONS on SELECTOR`` (what ``create`` prints)."""
+    return f"rollout {r['id']} created: {_versions(r)} on {_selector(r)}"
 
 
 def _selector(r: dict[str, Any]) -> str:
@@ -444,7 +452,7 @@ def register_rollout_commands(cli: click.Group) -> None:
         if as_json:
             emit_json(r)
         else:
-            click.echo(f"rollout {r['id']} created: {_versions(r)} on {_selector(r)}")
+            click.echo(rollout_title(r))
             for line in render_offline(r):
                 click.echo(line)
             for o in r.get("overrides") or ():

@@ -25,6 +25,7 @@ from fleet_server.console.shaping import clip, device_series, events_of, flat_ro
 from fleet_server.console.web import PREFIX, Console, Ctx, WriteResult
 from fleet_server.errors import AdminInputError, SelectorSyntaxError
 from fleet_server.jobs.rollout_runner import RolloutRunner
+from fleet_server.registry import labels as label_store
 from fleet_server.registry.values import DeviceFilter
 from fleet_server.rollouts.label_selector import MAX_SELECTOR_CHARS, LabelSelector
 from fleet_server.service import DeviceView, FleetService
@@ -115,18 +116,23 @@ def device_filter(params: Mapping[str, str]) -> tuple[DeviceQuery, DeviceFilter,
     return shown, f, state if state in ("online", "offline") else None
 
 
-def device_row(v: DeviceView) -> dict[str, Any]:
-    """One device as the list shows it (device-supplied text clipped)."""
+def device_row(v: DeviceView, labels: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """One device as the list shows it, with its effective ``labels`` (device-supplied text
+    clipped; the template escapes it)."""
     r = v.record
     models = (r.reported or {}).get("models") if r.reported else None
     running = []
     for name, m in list(models.items())[:8] if isinstance(models, Mapping) else []:
         active = m.get("active") if isinstance(m, Mapping) else None
         running.append(f"{clip(name, 64)}@{clip(active, 20)}")
+    pairs = sorted((labels or {}).items())[:16]
     return {
         "id": r.id,
         "group": r.group,
         "tags": [(clip(k, 64), clip(val, 64)) for k, val in list(r.tags.items())[:16]],
+        # A valid key is at most 317 characters and a value 63 (``edge_agent.wire.ops.labels``):
+        # only what is invalid anyway is clipped.
+        "labels": [(clip(k, 320), clip(val, 128)) for k, val in pairs],
         "online": v.online is not None and v.online.state == "online",
         "revoked": r.revoked,
         "last_seen": r.last_seen,
@@ -168,14 +174,20 @@ class FleetPages:
     async def devices(self, ctx: Ctx) -> Response:
         """The device list: filtered, counted and paged in the registry."""
         shown, f, state = device_filter(ctx.request.query_params)
-        views, total = await run_in_threadpool(self.service.device_page, f, state=state)
+
+        def read() -> tuple[list[DeviceView], int, dict[str, dict[str, str]]]:
+            views, total = self.service.device_page(f, state=state)
+            ids = [v.record.id for v in views]  # one query for the page's labels
+            return views, total, label_store.labels_of(self.runner.registry, ids)
+
+        views, total, labels = await run_in_threadpool(read)
         pages = max(1, math.ceil(total / DEVICE_PAGE))
         return self.console.render(
             ctx.request,
             "devices.html" if ctx.request.headers.get("hx-request") != "true" else "_devices.html",
             ctx=ctx,
             q=shown,
-            rows=[device_row(v) for v in views],
+            rows=[device_row(v, labels.get(v.record.id)) for v in views],
             total=total,
             pages=pages,
             states=_STATES,

@@ -9,7 +9,10 @@ each member's metrics and output moments of ``from_version`` before it switched,
 and output gates' second reference), what the shadow phase needs (``ShadowInputs``: who can
 take a shadow, whether the candidate classifies, each shadowed canary's evidence from its
 newest reports) and the per-device status view (``device_states``); and ``common_version``
-(the version most targeted devices serve, a new rollout's default source).
+(the version most targeted devices serve, a new rollout's default source). A rollout of an
+agent release (``Rollout.agent``) targets only devices that can take one (``agent_capable``),
+observes them with ``rollouts.agent_observation.observe_agent`` and has no shadow phase;
+``common_agent_release`` is its default source.
 
 Does not own: deciding (``fleet_server.rollouts.engine.decide``), applying a decision, the
 commands and the step loop (``fleet_server.jobs.rollout_runner``), building an observation from
@@ -23,11 +26,13 @@ from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 
+from edge_agent.trust.agent_release import AGENT_UPDATE_CAPABILITY
 from fleet_server.errors import RegistryError, RegistryUnavailableError
 from fleet_server.history.rollouts import before_outputs, rollout_inputs
 from fleet_server.registry import labels as label_store
 from fleet_server.registry.store import Registry
 from fleet_server.registry.values import DeviceRecord
+from fleet_server.rollouts.agent_observation import agent_report, observe_agent
 from fleet_server.rollouts.holds import HoldInputs
 from fleet_server.rollouts.metrics import DeviceObservation
 from fleet_server.rollouts.observation import observe
@@ -36,10 +41,19 @@ from fleet_server.rollouts.shadow_evidence import ShadowInputs, shadow_capable, 
 from fleet_server.rollouts.state import Rollout
 from fleet_server.rollouts.windows import window_opens_at
 
-__all__ = ["RolloutReader", "common_version"]
+__all__ = [
+    "AGENT_REPORTS",
+    "RolloutReader",
+    "agent_capable",
+    "common_agent_release",
+    "common_version",
+]
 
 #: Newest reports read per shadowed canary (its shadow counters are cumulative).
 _SHADOW_REPORTS = 50
+#: Newest reports read per device of an agent release's rollout (the agent gates count only
+#: the intervals of the agent process now running: ``rollouts.agent_observation``).
+AGENT_REPORTS = 200
 #: The longest before-switch window the last wave's output gate reads per device.
 _BEFORE_MAX = timedelta(hours=24)
 
@@ -51,18 +65,24 @@ class RolloutReader:
         """Read from ``registry``."""
         self._registry = registry
 
-    def targeted(self, selector: Selector) -> list[DeviceRecord]:
-        """The unrevoked devices ``selector`` matches.
+    def targeted(self, selector: Selector, *, agent: bool = False) -> list[DeviceRecord]:
+        """The unrevoked devices ``selector`` matches (``agent``: only those that report the
+        ``agent-update`` capability, i.e. run under a launcher: no other can take a release).
 
         Raises:
             RegistryUnavailableError: the database failed.
         """
         if selector.labels is not None:
-            return label_store.select_devices(
+            devices = label_store.select_devices(
                 self._registry, selector.labels, include_revoked=False
             )
-        devices = self._registry.list_devices(group=selector.group, include_revoked=False)
-        return [d for d in devices if selector.matches(d.group, d.tags)]
+        else:
+            devices = self._registry.list_devices(group=selector.group, include_revoked=False)
+            devices = [d for d in devices if selector.matches(d.group, d.tags)]
+        return [d for d in devices if agent_capable(d)] if agent else devices
+
+    def _targets(self, r: Rollout) -> list[DeviceRecord]:
+        return self.targeted(r.selector, agent=r.agent)
 
     def hold_inputs(self, r: Rollout, now: datetime) -> HoldInputs | None:
         """The targets' labels and closed windows at ``now`` (None: no window is defined and
@@ -74,7 +94,7 @@ class RolloutReader:
         windows = label_store.windows(self._registry)
         if not windows and r.policy.disruption_budget is None:
             return None
-        ids = [d.id for d in self.targeted(r.selector)]
+        ids = [d.id for d in self._targets(r)]
         labels = label_store.labels_of(self._registry, ids)
         opens_at = {d: t for d in ids if (t := window_opens_at(windows, labels.get(d, {}), now))}
         return HoldInputs(labels={d: labels.get(d, {}) for d in ids}, opens_at=opens_at)
@@ -85,10 +105,23 @@ class RolloutReader:
         Raises:
             RegistryUnavailableError: the database failed.
         """
-        devices = self.targeted(r.selector)
+        devices = self._targets(r)
         start = r.started_at or now
         since = {d.id: r.members.get(d.id, start) for d in devices}
         version = {d.id: r.to_version if d.id in r.members else r.from_version for d in devices}
+        if r.agent:
+            return [
+                observe_agent(
+                    d.id,
+                    version[d.id],
+                    since[d.id],
+                    d.reported,
+                    self._registry.telemetry(
+                        device_id=d.id, after_id=None, limit=AGENT_REPORTS, kind="report"
+                    ),
+                )
+                for d in devices
+            ]
         # Rollups for the folded part of each window, raw rows only for its edges (history).
         window = rollout_inputs(
             self._registry, r.model, {d.id: (since[d.id], version[d.id]) for d in devices}
@@ -149,9 +182,11 @@ class RolloutReader:
         """
         out: dict[str, str] = {}
         bad = {**dict.fromkeys(r.failed, "failed"), **dict.fromkeys(r.rolled_back, "rolled_back")}
-        for d in self.targeted(r.selector):
+        for d in self._targets(r):
             models = (d.reported or {}).get("models") or {}
             active = (models.get(r.model) or {}).get("active")
+            if r.agent:
+                active = agent_report(d.reported).get("release")
             if d.id in r.reverted:
                 out[d.id] = "reverted"
             elif d.id in bad:
@@ -175,7 +210,7 @@ class RolloutReader:
             RegistryUnavailableError: the database failed.
         """
         starting = r.state == "pending" and r.phase == "serving" and not r.shadows
-        if r.policy.shadow_fraction is None or not (starting or r.phase == "shadow"):
+        if r.agent or r.policy.shadow_fraction is None or not (starting or r.phase == "shadow"):
             return None
         try:
             manifest = self._registry.get_bundle(r.model, r.to_version).manifest
@@ -202,6 +237,23 @@ class RolloutReader:
             classification=task == "classification",
             devices=evidence,
         )
+
+
+def agent_capable(device: DeviceRecord) -> bool:
+    """The device reports the ``agent-update`` capability (a launcher runs it)."""
+    caps = (device.reported or {}).get("capabilities")
+    return isinstance(caps, list) and AGENT_UPDATE_CAPABILITY in caps
+
+
+def common_agent_release(release: int, devices: Sequence[DeviceRecord]) -> int | None:
+    """The agent release other than ``release`` most ``devices`` run (the highest on a tie);
+    None when none runs another (the base install)."""
+    counts: dict[int, int] = {}
+    for d in devices:
+        active = agent_report(d.reported).get("release")
+        if isinstance(active, int) and not isinstance(active, bool) and active != release:
+            counts[active] = counts.get(active, 0) + 1
+    return max(counts, key=lambda v: (counts[v], v)) if counts else None
 
 
 def common_version(model: str, version: int, devices: Sequence[DeviceRecord]) -> int | None:

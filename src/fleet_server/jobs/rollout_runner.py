@@ -1,6 +1,8 @@
 """The rollout orchestrator: registry and service in, ``rollout.decide`` in the middle.
 
-``RolloutRunner`` creates rollouts, and on every ``step`` loads the active ones, reads each
+``RolloutRunner`` creates rollouts (of a model, or of an agent release: ``create_agent``;
+its members are sent the release with ``service.assign_agent`` and judged by
+``gates.AGENT_GATES``), and on every ``step`` loads the active ones, reads each
 targeted device's ``DeviceObservation`` and the shadow phase's inputs through a
 ``RolloutReader`` (``fleet_server.jobs.rollout_reader``, which owns those reads: the telemetry
 window, the members' windows from before they switched, the shadowed canaries' evidence),
@@ -37,8 +39,13 @@ from fleet_server.errors import (
     RolloutConflictError,
 )
 from fleet_server.jobs.periodic import PeriodicJob
-from fleet_server.jobs.rollout_reader import RolloutReader, common_version
+from fleet_server.jobs.rollout_reader import (
+    RolloutReader,
+    common_agent_release,
+    common_version,
+)
 from fleet_server.registry import rollouts as store
+from fleet_server.registry.ops import agent_releases
 from fleet_server.registry.store import Registry
 from fleet_server.rollouts.admission import Override, admit
 from fleet_server.rollouts.engine import abort as abort_rollout
@@ -46,12 +53,26 @@ from fleet_server.rollouts.engine import approve as approve_rollout
 from fleet_server.rollouts.engine import decide
 from fleet_server.rollouts.engine import pause as pause_rollout
 from fleet_server.rollouts.engine import resume as resume_rollout
+from fleet_server.rollouts.gates import AGENT_GATES, GATES
 from fleet_server.rollouts.metrics import DeviceObservation
 from fleet_server.rollouts.policy import RolloutPolicy, Selector
 from fleet_server.rollouts.shadow_evidence import ShadowInputs
-from fleet_server.rollouts.state import ACTIVE_STATES, Decision, OfflineCheck, Rollout
+from fleet_server.rollouts.state import (
+    ACTIVE_STATES,
+    AGENT_ROLLOUT,
+    Decision,
+    OfflineCheck,
+    Rollout,
+)
 
-__all__ = ["AssignPort", "EngineLock", "LocalLock", "OfflinePort", "RolloutRunner"]
+__all__ = [
+    "AgentSendResult",
+    "AssignPort",
+    "EngineLock",
+    "LocalLock",
+    "OfflinePort",
+    "RolloutRunner",
+]
 
 #: A command re-reads and retries this many times when a concurrent save won.
 _COMMAND_ATTEMPTS = 3
@@ -69,6 +90,20 @@ class AssignPort(Protocol):
     def assign_shadow(
         self, device_id: str, name: str, version: int, shadow: int, fraction_ppm: int
     ) -> object: ...
+
+    def assign_agent(
+        self, target: str, release: int, *, group: bool = False
+    ) -> Sequence[AgentSendResult]: ...
+
+
+class AgentSendResult(Protocol):
+    """What ``assign_agent`` says per device (``service.AssignResult`` has this shape)."""
+
+    @property
+    def published(self) -> bool: ...
+
+    @property
+    def error(self) -> str | None: ...
 
 
 class OfflinePort(Protocol):
@@ -215,6 +250,57 @@ class RolloutRunner:
         with self._mutex:
             return store.create_rollout(self._registry, r, now)
 
+    def create_agent(
+        self,
+        release: int,
+        *,
+        selector: Selector,
+        policy: RolloutPolicy,
+        from_release: int | None = None,
+        override_quarantine: str = "",
+        override_aborted: str = "",
+    ) -> Rollout:
+        """Create a pending rollout of agent ``release`` (``Rollout.agent``), in the waves and
+        under the gates, holds and memory of failure of a model's (``gates.AGENT_GATES``; no
+        offline comparison, no shadow phase).
+
+        ``from_release`` defaults to the release most targeted devices run (None: the base
+        install). Only devices that report the ``agent-update`` capability are targeted.
+
+        Raises:
+            ModelNotPublishedError: the release is not published.
+            QuarantinedVersionError: the release is quarantined and not overridden.
+            AbortedVersionError: a rollout of the release was aborted and it is not overridden.
+            RolloutPolicyError: an override reason is unprintable or too long.
+            RegistryUnavailableError: the database failed.
+        """
+        agent_releases.agent_release(self._registry, release)
+        overrides = admit(
+            AGENT_ROLLOUT,
+            release,
+            quarantine_reason=store.quarantine_reason(self._registry, AGENT_ROLLOUT, release),
+            aborts=store.abort_count(self._registry, AGENT_ROLLOUT, release),
+            override_quarantine=override_quarantine,
+            override_aborted=override_aborted,
+        )
+        if from_release is None:
+            targets = self._reader.targeted(selector, agent=True)
+            from_release = common_agent_release(release, targets)
+        now = self._clock()
+        r = Rollout(
+            id=self._new_id(),
+            model=AGENT_ROLLOUT,
+            from_version=from_release,
+            to_version=release,
+            selector=selector,
+            policy=policy,
+            created_at=now,
+            updated_at=now,
+            overrides=overrides,
+        )
+        with self._mutex:
+            return store.create_rollout(self._registry, r, now)
+
     def get(self, rollout_id: str) -> Rollout:
         """One rollout. Raises: UnknownRolloutError, RegistryUnavailableError."""
         return store.get_rollout(self._registry, rollout_id)
@@ -349,6 +435,7 @@ class RolloutRunner:
             self.observations(r, now),
             now,
             previous_aborts=previous,
+            gates=AGENT_GATES if r.agent else GATES,
             shadow=self.shadow_inputs(r),
             holds=self._reader.hold_inputs(r, now),
         )
@@ -383,7 +470,12 @@ class RolloutRunner:
                 if version is None:
                     continue
                 try:
-                    self._service.assign(device_id, r.model, version)
+                    if r.agent:
+                        for sent in self._service.assign_agent(device_id, version):
+                            if not sent.published:
+                                errors[device_id] = f"not sent: {sent.error}"
+                    else:
+                        self._service.assign(device_id, r.model, version)
                 except EdgefleetError as exc:
                     # The rollout still counts it; the operator sees why in the event log.
                     errors[device_id] = f"{exc.code}: {exc}"

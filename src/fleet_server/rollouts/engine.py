@@ -33,8 +33,10 @@ the others wait in ``Rollout.held`` and go out at a later step. A wave with held
 dwelling, its clock restarting, until the last of them is sent.
 
 A breach pauses or aborts per policy; an abort sends members back to ``from_version`` when
-``rollback_on_abort``; the ``quarantine_after``-th abort of a version (a gate's or an
-operator's; 2 by default) quarantines it at once. A device that failed or rolled back is never
+``rollback_on_abort`` (never for an agent release: ``Rollout.agent``; devices refuse an older
+agent, so its members' way back is their launcher's return or a newer release); the
+``quarantine_after``-th abort of a version (a gate's or an operator's; 2 by default)
+quarantines it at once. A device that failed or rolled back is never
 assigned the version again by this rollout.
 
 Memory of failure (``fleet_server.rollouts.admission.admit``): a quarantined version, or one a
@@ -318,7 +320,15 @@ def _abort(
     r: Rollout, now: datetime, reasons: list[str], previous_aborts: int, *, breach: bool
 ) -> Decision:
     revert: tuple[str, ...] = ()
-    if r.policy.rollback_on_abort and r.from_version is not None:
+    if r.agent:
+        # A device refuses an agent release older than the one it runs (anti-rollback): the
+        # way back from a bad release is its launcher's own return (the members whose trial
+        # failed already took it) or a newer release, never an assignment of the old one.
+        reasons.append(
+            "aborted: agent release members stay where they are (an older agent release is "
+            "never sent; devices whose trial failed are back on their previous release)"
+        )
+    elif r.policy.rollback_on_abort and r.from_version is not None:
         # A held member never received the version: nothing to send back.
         revert = tuple(sorted(d for d in r.members if d not in r.reverted and d not in r.held))
         reasons.append(f"aborted: {len(revert)} device(s) sent back to v{r.from_version}")

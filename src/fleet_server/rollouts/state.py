@@ -21,6 +21,7 @@ from fleet_server.rollouts.policy import RolloutPolicy, Selector
 
 __all__ = [
     "ACTIVE_STATES",
+    "AGENT_ROLLOUT",
     "OFFLINE_VERDICTS",
     "PHASES",
     "STATES",
@@ -40,6 +41,10 @@ STATES: Final = (
     "aborted",
 )
 ACTIVE_STATES: Final = frozenset({"pending", "dwelling", "judging", "awaiting_approval"})
+#: The ``Rollout.model`` of a rollout of the agent's own software (its versions are agent
+#: release numbers). Never a model name: those are ``[a-z0-9._-]`` only
+#: (``edge_agent.ids.validate_name``), so quarantine and abort counts keyed by name stay apart.
+AGENT_ROLLOUT: Final = "agent:edgefleet"
 #: ``shadow``: the canaries run the candidate as a shadow (installed, not serving) and only
 #: the shadow gates are judged; ``serving``: the waves serve it (every rollout ends here).
 PHASES: Final = ("shadow", "serving")
@@ -141,7 +146,9 @@ class Rollout:
     ``offline`` is the offline comparison made when it was created (None for rollouts created
     before the check existed). ``phase`` is ``shadow`` while the canaries run the candidate as
     a shadow (``shadows``: the canaries sent it, and when; none of them serves it yet), then
-    ``serving``. ``held`` are members whose assignment is not sent yet, with why
+    ``serving``. A rollout of the agent's own software has ``model`` ``AGENT_ROLLOUT`` and
+    agent release numbers as versions (``from_version`` None: the base install). ``held``
+    are members whose assignment is not sent yet, with why
     (``window``: outside their maintenance window; ``budget``: the disruption budget of their
     label value is full); with a disruption budget, ``released`` says when each member the
     budget still counts was sent its assignment and ``settling`` when the server first saw it
@@ -182,6 +189,11 @@ class Rollout:
     def active(self) -> bool:
         """Still moving (not paused, completed or aborted)."""
         return self.state in ACTIVE_STATES
+
+    @property
+    def agent(self) -> bool:
+        """A rollout of an agent release (``AGENT_ROLLOUT``), not of a model."""
+        return self.model == AGENT_ROLLOUT
 
 
 @dataclass(frozen=True)

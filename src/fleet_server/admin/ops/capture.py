@@ -14,7 +14,8 @@ admin action::
                                         (?model=)
     GET  /v1/datasets                   {"datasets": [...]} newest first (?model=, ?limit=)
     GET  /v1/datasets/{sha256}          one dataset with its provenance
-    GET  /v1/datasets/{sha256}/export   the flat training .npz (?format=npz)
+    GET  /v1/datasets/{sha256}/export   the flat training file (?format=npz, the default, or
+                                        ?format=parquet: the same columns)
     POST /v1/datasets/{sha256}/evalset  {"input": name, "note": text}
                                         -> 201 (new) / 200 {"evalset": registration}
 
@@ -38,6 +39,7 @@ from edge_agent.trust.capture_settings import MAX_CHUNK_BYTES, MAX_DROPS, SAMPLE
 from edge_agent.trust.command import MAX_COMMAND_TTL
 from fleet_server.admin.body import json_object, query_int, read_body, req_field
 from fleet_server.capture.service import CaptureService, CohortResult
+from fleet_server.capture.store import EXPORT_FORMATS
 from fleet_server.errors import AdminInputError
 from fleet_server.evalsets.store import EvalSetStore
 
@@ -46,6 +48,7 @@ __all__ = ["capture_routes"]
 Handler = Callable[[Request], Awaitable[Response]]
 MAX_BODY: Final = 1024 * 1024  # a device list of 10,000 ids
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_MEDIA: Final = {"npz": "application/octet-stream", "parquet": "application/vnd.apache.parquet"}
 _TTL_MAX: Final = int(MAX_COMMAND_TTL.total_seconds())
 
 
@@ -144,13 +147,14 @@ def capture_routes(
     async def export(request: Request) -> Response:
         sha256 = _sha(request)
         fmt = request.query_params.get("format", "npz")
-        if fmt != "npz":
-            raise AdminInputError("format must be npz (Parquet needs pyarrow on the server)")
-        data = await run_in_threadpool(capture.store.export, sha256)
+        if fmt not in EXPORT_FORMATS:
+            raise AdminInputError(f"format must be one of {', '.join(EXPORT_FORMATS)}")
+        data = await run_in_threadpool(capture.store.export, sha256, fmt)
+        name = f"dataset-{sha256[:12]}.{fmt}"
         return Response(
             data,
-            media_type="application/octet-stream",
-            headers={"content-disposition": f'attachment; filename="dataset-{sha256[:12]}.npz"'},
+            media_type=_MEDIA[fmt],
+            headers={"content-disposition": f'attachment; filename="{name}"'},
         )
 
     async def register(request: Request) -> Response:

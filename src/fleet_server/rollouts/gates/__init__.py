@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Final
 
 from fleet_server.rollouts.gates import (
+    agent_reporting,
     device_rollbacks,
     error_rate,
     fallback_rate,
@@ -35,6 +36,7 @@ from fleet_server.rollouts.gates.p99_latency import histogram_quantile_ms, laten
 from fleet_server.rollouts.state import GateResult
 
 __all__ = [
+    "AGENT_GATES",
     "GATES",
     "Gate",
     "GateInputs",
@@ -57,5 +59,19 @@ GATES: Final[tuple[Gate, ...]] = (
     shadow_agreement.GATE,
     p99_latency.GATE,
     ground_truth.GATE,
+    error_rate.GATE,
+)
+
+#: The gates of an agent release's rollout (``Rollout.agent``): the members' install failures
+#: and their launchers' returns at every step, then, after the dwell, every member's new agent
+#: reporting (``agent_reporting``: the heartbeat after the switch) and the error rate and p99
+#: latency of every model the members serve against the control group's. The
+#: model-quality gates (rejects, fallback, drift, outputs, shadow, ground truth) judge a model
+#: version and do not apply.
+AGENT_GATES: Final[tuple[Gate, ...]] = (
+    install_failures.GATE,
+    device_rollbacks.GATE,
+    agent_reporting.GATE,
+    p99_latency.GATE,
     error_rate.GATE,
 )
