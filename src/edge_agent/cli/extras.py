@@ -24,6 +24,7 @@ EXTRA_MODULES: Mapping[str, tuple[str, ...]] = {
     "httpx": ("server",),
     "argon2": ("server",),
     "jinja2": ("server",),
+    "pyarrow": ("server",),
     "onnx": ("builder",),
     "onnxconverter_common": ("builder",),
     "sklearn": ("builder",),
