@@ -13,11 +13,14 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import edge_agent
+from fleet_server.admin.client import AdminClient
 from model_builder.agent_package import agent_release_for, build_wheel, package_agent
 from model_builder.keystore import KeyStore
 
@@ -100,3 +103,23 @@ def launcher_argv(base: Path, root: Path, config: Path, trial_seconds: float) ->
         "--root", str(root), "--trial-seconds", str(trial_seconds),
         "--", "run", "--config", str(config),
     ]  # fmt: skip
+
+
+def reported(client: AdminClient, device: str) -> dict[str, Any]:
+    """``device``'s reported state as the admin API shows it (empty before its first)."""
+    found = client.device(device).get("reported")
+    return found if isinstance(found, dict) else {}
+
+
+def agent_part(client: AdminClient, device: str) -> dict[str, Any]:
+    """The ``agent`` part (release, launcher state) of ``device``'s reported state."""
+    agent = reported(client, device).get("agent")
+    return agent if isinstance(agent, dict) else {}
+
+
+def or_none(call: Callable[[], Any]) -> Any:
+    """``call()``, or None when it raises (a server or daemon not up yet)."""
+    try:
+        return call()
+    except Exception:
+        return None

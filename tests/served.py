@@ -23,10 +23,19 @@ TOKEN = "rollout-e2e-admin-token-0123456789"
 FLEET = str(Path(sys.executable).parent / "fleet-server")
 
 
-def server_config(tmp_path: Path, broker: FleetBroker, keys_dir: Path) -> tuple[Path, int]:
-    """Write ``tmp_path/server.toml`` for ``broker``; returns its path and the admin API port."""
+def server_config(
+    tmp_path: Path,
+    broker: FleetBroker,
+    keys_dir: Path,
+    port: int | None = None,
+    *,
+    rollout_interval: float = 1.0,
+    fallback: bool = True,
+) -> tuple[Path, int]:
+    """Write ``tmp_path/server.toml`` for ``broker`` (admin API on ``port``, a free one when
+    None); returns its path and the admin API port."""
     creds = broker.creds[broker.server]
-    port = free_port()
+    port = free_port() if port is None else port
     (tmp_path / "token").write_text(TOKEN)
     path = tmp_path / "server.toml"
     path.write_text(
@@ -37,8 +46,8 @@ def server_config(tmp_path: Path, broker: FleetBroker, keys_dir: Path) -> tuple[
         f'[api]\nport = {port}\ntoken_file = "{tmp_path / "token"}"\n'
         f'[signing]\nonline_key = "{keys_dir / "keys" / "online-1.pem"}"\n'
         f'root_path = "{keys_dir / "root.json"}"\n'
-        "[fallback]\nenabled = true\n"
-        "[rollouts]\ninterval_seconds = 1.0\n"
+        + ("[fallback]\nenabled = true\n" if fallback else "")
+        + f"[rollouts]\ninterval_seconds = {rollout_interval}\n"
     )
     return path, port
 

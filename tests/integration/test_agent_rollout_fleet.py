@@ -25,7 +25,15 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent_releases import Releases, build_releases, launcher_argv, make_base_venv
+from agent_releases import (
+    Releases,
+    agent_part,
+    build_releases,
+    launcher_argv,
+    make_base_venv,
+    or_none,
+    reported,
+)
 from bundles import DigitsBundles
 from edge_agent.client import AgentClient
 from edge_agent.config import ApiConfig
@@ -33,11 +41,11 @@ from edge_agent.selfupdate.releases import Layout
 from fleet import daemon_config, stop_process, wait_until
 from fleet_server.admin.client import AdminClient
 from mosquitto import MOSQUITTO, FleetBroker, distinct_ports, fleet_broker
+from served import TOKEN, server_config
 
 pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
 
 DEVICES = ("cam-a", "cam-b", "cam-c", "cam-d")
-TOKEN = "agent-rollout-admin-token-0123456789"
 BIN = Path(sys.executable).parent
 
 
@@ -55,40 +63,6 @@ def releases(tmp_path_factory: pytest.TempPathFactory, digits_bundles: DigitsBun
 @pytest.fixture(scope="module")
 def base_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_base_venv(tmp_path_factory.mktemp("base") / "venv")
-
-
-def _server_config(tmp_path: Path, broker: FleetBroker, keys_dir: Path, port: int) -> Path:
-    creds = broker.creds[broker.server]
-    (tmp_path / "token").write_text(TOKEN)
-    path = tmp_path / "server.toml"
-    path.write_text(
-        f'[registry]\nstate_dir = "{tmp_path / "server"}"\n'
-        f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\nca_path = "{creds.ca}"\n'
-        f'cert_path = "{creds.cert}"\nkey_path = "{creds.key}"\n'
-        f'[gateway]\nprefix = "{broker.prefix}"\n'
-        f'[api]\nport = {port}\ntoken_file = "{tmp_path / "token"}"\n'
-        f'[signing]\nonline_key = "{keys_dir / "keys" / "online-1.pem"}"\n'
-        f'root_path = "{keys_dir / "root.json"}"\n'
-        "[rollouts]\ninterval_seconds = 0.5\n"
-    )
-    return path
-
-
-def _reported(client: AdminClient, device: str) -> dict[str, Any]:
-    reported = client.device(device).get("reported")
-    return reported if isinstance(reported, dict) else {}
-
-
-def _agent(client: AdminClient, device: str) -> dict[str, Any]:
-    agent = _reported(client, device).get("agent")
-    return agent if isinstance(agent, dict) else {}
-
-
-def _ok(call: Any) -> Any:
-    try:
-        return call()
-    except Exception:
-        return None
 
 
 def _agent_rollout(port: int, release: int) -> dict[str, Any]:
@@ -115,7 +89,9 @@ def test_agent_releases_go_in_gated_waves_and_a_broken_one_halts_at_the_canary(
 ) -> None:
     # Held open together while chosen: free_port() twice can hand out the same port.
     port, *api_ports = distinct_ports(1 + len(DEVICES))
-    config = _server_config(tmp_path, broker, digits_bundles.keys.path, port)
+    config, _ = server_config(
+        tmp_path, broker, digits_bundles.keys.path, port, rollout_interval=0.5, fallback=False
+    )
     server = subprocess.Popen(
         [str(BIN / "fleet-server"), "serve", "--config", str(config)],
         stdout=(tmp_path / "server.log").open("ab"),
@@ -133,7 +109,7 @@ def test_agent_releases_go_in_gated_waves_and_a_broken_one_halts_at_the_canary(
     def traffic() -> None:
         """One request to every device (the gates' evidence); a device mid-switch refuses."""
         for d in DEVICES:
-            _ok(lambda d=d: apis[d].infer("digits", {"input": x}))
+            or_none(lambda d=d: apis[d].infer("digits", {"input": x}))
 
     def rollout_ends(rollout_id: str) -> dict[str, Any] | None:
         traffic()
@@ -141,7 +117,7 @@ def test_agent_releases_go_in_gated_waves_and_a_broken_one_halts_at_the_canary(
         return r if r["state"] in ("completed", "aborted", "paused") else None
 
     try:
-        wait_until(lambda: _ok(client.status), timeout=60, what="fleet-server up")
+        wait_until(lambda: or_none(client.status), timeout=60, what="fleet-server up")
         for d, api_port in zip(DEVICES, api_ports, strict=True):
             client.register(d, "line", {}, None)
             cfg = daemon_config(broker, digits_bundles.keys, tmp_path / "devices", d, api_port)
@@ -157,8 +133,8 @@ def test_agent_releases_go_in_gated_waves_and_a_broken_one_halts_at_the_canary(
         for d in DEVICES:
             wait_until(
                 lambda d=d: (
-                    "agent-update" in (_reported(client, d).get("capabilities") or [])
-                    and (_reported(client, d).get("models") or {}).get("digits", {}).get("active")
+                    "agent-update" in (reported(client, d).get("capabilities") or [])
+                    and (reported(client, d).get("models") or {}).get("digits", {}).get("active")
                     == 1
                 ),
                 timeout=120,
@@ -175,7 +151,7 @@ def test_agent_releases_go_in_gated_waves_and_a_broken_one_halts_at_the_canary(
         done = wait_until(
             lambda: rollout_ends(good["id"]),
             timeout=240,
-            what=lambda: f"release 1 rolling out: {_ok(lambda: client.rollout(good['id']))}",
+            what=lambda: f"release 1 rolling out: {or_none(lambda: client.rollout(good['id']))}",
         )
         assert done["state"] == "completed", done["reasons"]
         assert done["wave_sizes"] == [2, 4]
@@ -186,7 +162,7 @@ def test_agent_releases_go_in_gated_waves_and_a_broken_one_halts_at_the_canary(
         sent = [e["detail"]["assign"] for e in done["events"] if e["kind"] == "decision"]
         assert sorted(len(a) for a in sent if a) == [2, 2]  # two waves of two
         for d in DEVICES:
-            agent = _agent(client, d)
+            agent = agent_part(client, d)
             assert (agent["release"], agent["outcome"]) == (1, "installed"), agent
             assert layouts[d].current() == "1"
         gates = {g["name"]: g["status"] for g in done["gates"]}
@@ -201,29 +177,29 @@ def test_agent_releases_go_in_gated_waves_and_a_broken_one_halts_at_the_canary(
         ended = wait_until(
             lambda: rollout_ends(bad["id"]),
             timeout=240,
-            what=lambda: f"release 2 halting: {_ok(lambda: client.rollout(bad['id']))}",
+            what=lambda: f"release 2 halting: {or_none(lambda: client.rollout(bad['id']))}",
         )
         assert ended["state"] == "aborted", ended["reasons"]
         assert set(ended["members"]) == canary
         assert any("device_rollbacks" in r for r in ended["reasons"]), ended["reasons"]
         for d in sorted(canary):
             wait_until(
-                lambda d=d: _agent(client, d).get("outcome") == "rolled_back",
+                lambda d=d: agent_part(client, d).get("outcome") == "rolled_back",
                 timeout=300,
-                what=lambda d=d: f"{d} rolling back release 2: {_agent(client, d)} {logs(d)}",
+                what=lambda d=d: f"{d} rolling back release 2: {agent_part(client, d)} {logs(d)}",
             )
-            agent = _agent(client, d)
+            agent = agent_part(client, d)
             assert (agent["release"], agent["assigned"], agent["failed"]) == (1, 2, [2])
             assert layouts[d].current() == "1"
             assert launchers[d].poll() is None
         for d in sorted(set(DEVICES) - canary):
-            agent = _agent(client, d)
+            agent = agent_part(client, d)
             assert (agent["release"], agent["assigned"], agent["failed"]) == (1, 1, [])
             assert not layouts[d].release_dir("2").exists()
         # Every device serves on release 1 after all of it.
         for d in DEVICES:
             out = wait_until(
-                lambda d=d: _ok(lambda: apis[d].infer("digits", {"input": x})),
+                lambda d=d: or_none(lambda: apis[d].infer("digits", {"input": x})),
                 timeout=60,
                 what=lambda d=d: f"{d} serving on release 1: {logs(d)}",
             )

@@ -17,12 +17,19 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 
-from agent_releases import Releases, build_releases, launcher_argv, make_base_venv
+from agent_releases import (
+    Releases,
+    agent_part,
+    build_releases,
+    launcher_argv,
+    make_base_venv,
+    or_none,
+    reported,
+)
 from bundles import DigitsBundles
 from edge_agent.client import AgentClient
 from edge_agent.config import ApiConfig
@@ -30,11 +37,11 @@ from edge_agent.selfupdate.releases import Layout
 from fleet import daemon_config, stop_process, wait_until
 from fleet_server.admin.client import AdminClient
 from mosquitto import MOSQUITTO, FleetBroker, distinct_ports, fleet_broker
+from served import TOKEN, server_config
 
 pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed")
 
 DEVICES = ("cam-a", "cam-b")
-TOKEN = "agent-update-admin-token-0123456789"
 
 
 @pytest.fixture
@@ -53,39 +60,6 @@ def base_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_base_venv(tmp_path_factory.mktemp("base") / "venv")
 
 
-def _server_config(tmp_path: Path, broker: FleetBroker, keys_dir: Path, port: int) -> Path:
-    creds = broker.creds[broker.server]
-    (tmp_path / "token").write_text(TOKEN)
-    path = tmp_path / "server.toml"
-    path.write_text(
-        f'[registry]\nstate_dir = "{tmp_path / "server"}"\n'
-        f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\nca_path = "{creds.ca}"\n'
-        f'cert_path = "{creds.cert}"\nkey_path = "{creds.key}"\n'
-        f'[gateway]\nprefix = "{broker.prefix}"\n'
-        f'[api]\nport = {port}\ntoken_file = "{tmp_path / "token"}"\n'
-        f'[signing]\nonline_key = "{keys_dir / "keys" / "online-1.pem"}"\n'
-        f'root_path = "{keys_dir / "root.json"}"\n'
-    )
-    return path
-
-
-def _reported(client: AdminClient, device: str) -> dict[str, Any]:
-    reported = client.device(device).get("reported")
-    return reported if isinstance(reported, dict) else {}
-
-
-def _agent(client: AdminClient, device: str) -> dict[str, Any]:
-    agent = _reported(client, device).get("agent")
-    return agent if isinstance(agent, dict) else {}
-
-
-def _ok(call: Any) -> Any:
-    try:
-        return call()
-    except Exception:
-        return None
-
-
 def test_agent_releases_roll_out_through_the_fleet_and_a_broken_one_comes_back(
     broker: FleetBroker,
     digits_bundles: DigitsBundles,
@@ -95,7 +69,7 @@ def test_agent_releases_roll_out_through_the_fleet_and_a_broken_one_comes_back(
 ) -> None:
     # Held open together while chosen: free_port() twice can hand out the same port.
     port, *api_ports = distinct_ports(1 + len(DEVICES))
-    config = _server_config(tmp_path, broker, digits_bundles.keys.path, port)
+    config, _ = server_config(tmp_path, broker, digits_bundles.keys.path, port, fallback=False)
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "fleet-server"), "serve", "--config", str(config)],
         stdout=(tmp_path / "server.log").open("ab"),
@@ -110,7 +84,7 @@ def test_agent_releases_roll_out_through_the_fleet_and_a_broken_one_comes_back(
         return (tmp_path / f"{device}.log").read_text()[-5000:]
 
     try:
-        wait_until(lambda: _ok(client.status), timeout=60, what="fleet-server up")
+        wait_until(lambda: or_none(client.status), timeout=60, what="fleet-server up")
         for d, api_port in zip(DEVICES, api_ports, strict=True):
             client.register(d, "line", {}, None)
             cfg = daemon_config(broker, digits_bundles.keys, tmp_path / "devices", d, api_port)
@@ -125,13 +99,13 @@ def test_agent_releases_roll_out_through_the_fleet_and_a_broken_one_comes_back(
         client.assign("line", "digits", 1, group=True)
         for d in DEVICES:
             wait_until(
-                lambda d=d: "agent-update" in (_reported(client, d).get("capabilities") or []),
+                lambda d=d: "agent-update" in (reported(client, d).get("capabilities") or []),
                 timeout=60,
                 what=lambda d=d: f"{d} reporting the agent-update capability: {logs(d)}",
             )
             wait_until(
                 lambda d=d: (
-                    (_reported(client, d).get("models") or {}).get("digits", {}).get("active") == 1
+                    (reported(client, d).get("models") or {}).get("digits", {}).get("active") == 1
                 ),
                 timeout=90,
                 what=lambda d=d: f"{d} serving digits v1: {logs(d)}",
@@ -146,13 +120,15 @@ def test_agent_releases_roll_out_through_the_fleet_and_a_broken_one_comes_back(
         for d in DEVICES:
             wait_until(
                 lambda d=d: (
-                    _agent(client, d).get("release") == 1
-                    and _agent(client, d).get("outcome") == "installed"
+                    agent_part(client, d).get("release") == 1
+                    and agent_part(client, d).get("outcome") == "installed"
                 ),
                 timeout=180,
-                what=lambda d=d: f"{d} confirming agent release 1: {_agent(client, d)} {logs(d)}",
+                what=lambda d=d: (
+                    f"{d} confirming agent release 1: {agent_part(client, d)} {logs(d)}"
+                ),
             )
-            assert _reported(client, d)["agent_version"] == "0.1.1"
+            assert reported(client, d)["agent_version"] == "0.1.1"
             assert layouts[d].load_state().state == "confirmed"
             out = apis[d].infer("digits", {"input": digits_bundles.x_eval[:2].astype(np.float32)})
             assert out["outputs"]
@@ -162,11 +138,11 @@ def test_agent_releases_roll_out_through_the_fleet_and_a_broken_one_comes_back(
         client.assign_agent("line", 2, group=True)
         for d in DEVICES:
             wait_until(
-                lambda d=d: _agent(client, d).get("outcome") == "rolled_back",
+                lambda d=d: agent_part(client, d).get("outcome") == "rolled_back",
                 timeout=180,
-                what=lambda d=d: f"{d} rolling back release 2: {_agent(client, d)} {logs(d)}",
+                what=lambda d=d: f"{d} rolling back release 2: {agent_part(client, d)} {logs(d)}",
             )
-            agent = _agent(client, d)
+            agent = agent_part(client, d)
             assert agent["release"] == 1
             assert agent["assigned"] == 2
             assert agent["failed"] == [2]
@@ -174,7 +150,7 @@ def test_agent_releases_roll_out_through_the_fleet_and_a_broken_one_comes_back(
             assert layouts[d].current() == "1"
             assert launchers[d].poll() is None  # the launcher handled it, no restart needed
             out = wait_until(
-                lambda d=d: _ok(lambda: apis[d].infer("digits", {"input": x})),
+                lambda d=d: or_none(lambda: apis[d].infer("digits", {"input": x})),
                 timeout=60,
                 what=lambda d=d: f"{d} serving again on release 1: {logs(d)}",
             )

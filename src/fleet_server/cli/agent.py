@@ -19,8 +19,8 @@ from typing import Any
 import click
 
 from fleet_server.admin.client import AdminClient
-from fleet_server.cli.admin import admin_options, emit_json, json_option, parse_tags
-from fleet_server.cli.rollouts import rollout_title
+from fleet_server.cli.admin import admin_options, emit_json, json_option
+from fleet_server.cli.rollouts import rollout_title, target_body
 
 __all__ = ["register_agent_commands"]
 
@@ -172,26 +172,14 @@ def register_agent_rollout(agent: click.Group) -> None:
         the devices not yet updated. A breach pauses (or aborts: --on-breach abort) before the
         next wave; devices whose trial failed are already back on their previous release.
         """
-        given = (
-            (group is not None) + bool(tags) + (selector is not None) + (label_group is not None)
-        )
-        if given != 1:
-            raise click.UsageError("give exactly one of --group, --tag, --selector, --label-group")
         body: dict[str, Any] = {
             "agent": release,
-            "group": group,
-            "tags": parse_tags(tags),
             "from_version": from_release,
             "policy": _agent_policy(opts),
+            **target_body(
+                group, tags, selector, label_group, override_quarantine, override_aborted
+            ),
         }
-        if selector is not None:
-            body["labels"] = selector
-        if label_group is not None:
-            body["label_group"] = label_group
-        if override_quarantine:
-            body["override_quarantine"] = override_quarantine
-        if override_aborted:
-            body["override_aborted"] = override_aborted
         with AdminClient(url, token) as client:
             r = client.create_rollout(body)
         if as_json:

@@ -28,7 +28,7 @@ from fleet_server.cli.admin import (
 from fleet_server.errors import AdminRequestError, OfflineRegressionError
 from fleet_server.rollouts.state import AGENT_ROLLOUT
 
-__all__ = ["register_rollout_commands", "render_rollout", "rollout_title"]
+__all__ = ["register_rollout_commands", "render_rollout", "rollout_title", "target_body"]
 
 _THRESHOLDS = (
     ("max_install_failure_rate", "--max-install-failure-rate"),
@@ -197,6 +197,35 @@ def render_rollout(r: dict[str, Any]) -> list[str]:
     for reason in r.get("reasons") or []:
         lines.append(f"- {reason}")
     return lines
+
+
+def target_body(
+    group: str | None,
+    tags: tuple[str, ...],
+    selector: str | None,
+    label_group: str | None,
+    override_quarantine: str,
+    override_aborted: str,
+) -> dict[str, Any]:
+    """The ``POST /v1/rollouts`` fields a model and an agent rollout share: exactly one target
+    (``--group``, ``--tag``, ``--selector`` or ``--label-group``) and the memory-of-failure
+    overrides given.
+
+    Raises:
+        click.UsageError: no target or more than one.
+    """
+    given = (group is not None) + bool(tags) + (selector is not None) + (label_group is not None)
+    if given != 1:
+        raise click.UsageError("give exactly one of --group, --tag, --selector, --label-group")
+    body: dict[str, Any] = {"group": group, "tags": parse_tags(tags)}
+    optional = {
+        "labels": selector,
+        "label_group": label_group,
+        "override_quarantine": override_quarantine or None,
+        "override_aborted": override_aborted or None,
+    }
+    body.update((key, value) for key, value in optional.items() if value is not None)
+    return body
 
 
 def _policy(opts: dict[str, Any]) -> dict[str, Any]:
@@ -418,27 +447,15 @@ def register_rollout_commands(cli: click.Group) -> None:
         the model has an evaluation set (`evalsets add`), the server first runs VERSION and the
         version it replaces on it and refuses a regression unless --override-offline REASON.
         """
-        given = (
-            (group is not None) + bool(tags) + (selector is not None) + (label_group is not None)
-        )
-        if given != 1:
-            raise click.UsageError("give exactly one of --group, --tag, --selector, --label-group")
         body: dict[str, Any] = {
             "model": model,
             "version": version,
-            "group": group,
-            "tags": parse_tags(tags),
             "from_version": from_version,
             "policy": _policy(opts),
+            **target_body(
+                group, tags, selector, label_group, override_quarantine, override_aborted
+            ),
         }
-        if selector is not None:
-            body["labels"] = selector
-        if label_group is not None:
-            body["label_group"] = label_group
-        if override_quarantine:
-            body["override_quarantine"] = override_quarantine
-        if override_aborted:
-            body["override_aborted"] = override_aborted
         if override_offline:
             body["override_offline"] = override_offline
         with AdminClient(url, token) as client:
