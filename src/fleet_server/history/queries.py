@@ -31,7 +31,12 @@ from sqlalchemy.orm import Session
 from edge_agent.errors import ContractError
 from fleet_server.history.cells import DriftPart, drift_slices, int_code_of
 from fleet_server.registry.store import Registry
-from fleet_server.registry.tables.core import RollupState, TelemetryRollup, TelemetryRow
+from fleet_server.registry.tables.core import (
+    Device,
+    RollupState,
+    TelemetryRollup,
+    TelemetryRow,
+)
 
 __all__ = [
     "FINE_S",
@@ -118,27 +123,29 @@ def last_reports(
 ) -> dict[str, Mapping[str, Any]]:
     """Per device, the payload of its last report received before ``before`` (if any).
 
-    One correlated ``ORDER BY received_at DESC LIMIT 1`` per device on the
-    ``(device_id, received_at)`` index: it touches one row per device, not its history.
+    One statement per ``_CHUNK`` devices: their ``devices`` rows (every telemetry row has one:
+    a foreign key), each with a correlated ``ORDER BY received_at DESC LIMIT 1`` on the
+    ``(device_id, received_at)`` index, so it touches one row per device, not its history, in
+    one round trip (not one per device).
     """
     out: dict[str, Mapping[str, Any]] = {}
     inner = TelemetryRow.__table__.alias("prior")
     for i in range(0, len(device_ids), _CHUNK):
         chunk = list(device_ids[i : i + _CHUNK])
-        ids: list[int] = []
-        for d in chunk:
-            found = s.scalar(
-                select(inner.c.id)
-                .where(
-                    inner.c.device_id == d,
-                    inner.c.received_at < before,
-                    inner.c.kind == "report",
-                )
-                .order_by(inner.c.received_at.desc(), inner.c.id.desc())
-                .limit(1)
+        last = (
+            select(inner.c.id)
+            .where(
+                inner.c.device_id == Device.id,
+                inner.c.received_at < before,
+                inner.c.kind == "report",
             )
-            if found is not None:
-                ids.append(int(found))
+            .order_by(inner.c.received_at.desc(), inner.c.id.desc())
+            .limit(1)
+            .correlate(Device)
+            .scalar_subquery()
+        )
+        found = s.scalars(select(last).where(Device.id.in_(chunk)))
+        ids = [int(x) for x in found if x is not None]
         if ids:
             stmt = select(TelemetryRow.device_id, TelemetryRow.payload).where(
                 TelemetryRow.id.in_(ids)
