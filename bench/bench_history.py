@@ -120,7 +120,9 @@ def _bundle(tmp: Path) -> tuple[bytes, Any]:
         n_bins=8,
     )
     artifact = b"digits-model" * 10
-    manifest = dataclasses.replace(make_manifest(artifact), baseline=baseline)
+    # Published as digits v3 below: the manifest must say so, or the drift report finds no
+    # baseline for v3 and skips every window unscored.
+    manifest = dataclasses.replace(make_manifest(artifact, version=3), baseline=baseline)
     store = KeyStore.init(tmp / "keys", now=NOW)
     return package_bundle(manifest, artifact, store, now=NOW, expires_days=3650), baseline
 
@@ -288,6 +290,16 @@ def queries(reg: Registry, bundles: Path, devices: list[str]) -> dict[str, Calla
         ),
         f"rollout step ({ROLLOUT_DEVICES} devices, started 2 h ago)": rollout_step,
     }
+
+
+def check_drift(qs: dict[str, Callable[[], Any]]) -> None:
+    """The timed drift reports score every window: cohorts and device cells, nothing skipped."""
+    for name, fn in qs.items():
+        if name.startswith("drift report"):
+            result = fn()
+            every = {c.key.cohort for c in result.cohorts}
+            if not result.skipped == {} or len(every) != GROUPS + 1:
+                raise SystemExit(f"{name}: skipped {result.skipped}, cohorts {sorted(every)}")
 
 
 # --------------------------------------------------------------------------- storage
@@ -599,6 +611,7 @@ def run_backend(name: str, url: str, tmp: Path, a: argparse.Namespace) -> dict[s
         previous_days = days
         settle(reg)
         qs = queries(reg, bundles, devices)
+        check_drift(qs)
         out[days] = {k: _timed(fn, a.repeats) for k, fn in qs.items()}
         for k, v in out[days].items():
             print(f"[{name}] {days} d  {k}: {v * 1000:.0f} ms", file=sys.stderr)
