@@ -54,6 +54,13 @@ the rows per second of the upgrade are printed (on PostgreSQL: the copy into the
 table, its indexes and the keys; ingest waits for all of it).
 
     .venv/bin/python bench/bench_history.py --migration 50000
+
+``--drift-storage`` times reading the drift rollups of the last day (``history.drift_inputs``,
+what the drift report reads and sums before scoring) as stored now (narrow integers) against
+the same rollups stored as before (int64 arrays, copied under version 4), alternating rounds
+in one registry, and prints the ratio:
+
+    .venv/bin/python bench/bench_history.py --drift-storage --raw-minutes 65
 """
 
 from __future__ import annotations
@@ -82,6 +89,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from edge_agent.drift import TierASketch, build_baseline
 from fleet_server.drift.cohorts import CohortSpec
 from fleet_server.drift.service import DriftQuery, DriftService
+from fleet_server.history.cells import DriftPart, drift_slices
+from fleet_server.history.queries import drift_inputs
 from fleet_server.history.rollouts import rollout_inputs
 from fleet_server.jobs.history import FINE, HOUR, HistoryJob, HistoryPolicy
 from fleet_server.registry.store import Registry
@@ -120,7 +129,9 @@ def _bundle(tmp: Path) -> tuple[bytes, Any]:
         n_bins=8,
     )
     artifact = b"digits-model" * 10
-    manifest = dataclasses.replace(make_manifest(artifact), baseline=baseline)
+    # Published as digits v3 below: the manifest must say so, or the drift report finds no
+    # baseline for v3 and skips every window unscored.
+    manifest = dataclasses.replace(make_manifest(artifact, version=3), baseline=baseline)
     store = KeyStore.init(tmp / "keys", now=NOW)
     return package_bundle(manifest, artifact, store, now=NOW, expires_days=3650), baseline
 
@@ -288,6 +299,16 @@ def queries(reg: Registry, bundles: Path, devices: list[str]) -> dict[str, Calla
         ),
         f"rollout step ({ROLLOUT_DEVICES} devices, started 2 h ago)": rollout_step,
     }
+
+
+def check_drift(qs: dict[str, Callable[[], Any]]) -> None:
+    """The timed drift reports score every window: cohorts and device cells, nothing skipped."""
+    for name, fn in qs.items():
+        if name.startswith("drift report"):
+            result = fn()
+            every = {c.key.cohort for c in result.cohorts}
+            if not result.skipped == {} or len(every) != GROUPS + 1:
+                raise SystemExit(f"{name}: skipped {result.skipped}, cohorts {sorted(every)}")
 
 
 # --------------------------------------------------------------------------- storage
@@ -563,6 +584,79 @@ def main_migration(a: argparse.Namespace) -> None:
         print(f"| {name} | {n:,} | {seconds:.1f} s | {n / seconds:,.0f} |")
 
 
+# --------------------------------------------------------------------------- drift storage
+def _as_int64(drift: dict[str, Any], blob: bytes) -> tuple[dict[str, Any], bytes]:
+    """A rollup's drift as stored before narrow integers: int64 arrays, no ``ints``."""
+    parts, out = [], []
+    for _tensor, _role, doc, data in drift_slices(drift, blob):
+        part = DriftPart.from_doc(doc, data)
+        ints = np.concatenate([part.counts.ravel(), part.nan, part.count]).astype("<i8")
+        out.append(ints.tobytes() + np.concatenate([part.sum, part.sumsq]).astype("<f8").tobytes())
+        parts.append({k: v for k, v in doc.items() if k != "ints"})
+    return {**drift, "parts": parts}, b"".join(out)
+
+
+def drift_storage(name: str, url: str, tmp: Path, a: argparse.Namespace) -> dict[str, float]:
+    """Median seconds of ``drift_inputs`` over the last day, narrow (v3) and int64 (v4)."""
+    clock = Clock()
+    reg = Registry.open(url, clock=clock)
+    reg.upgrade()
+    _bundle_bytes, baseline = _bundle(tmp)
+    devices = [f"dev-{i:05d}" for i in range(a.devices)]
+    for i, d in enumerate(devices):
+        reg.enroll(d, group=f"g{i % GROUPS}")
+    fill_raw(reg, clock, devices, a.raw_minutes, _view_pool(baseline))
+    HistoryJob(reg, clock=clock).run_once()
+    clone_history(reg, 0.0, 1.0, 2 / 24)
+    now = END + timedelta(seconds=5)
+    since = now - timedelta(days=1, hours=1)
+    with Session(reg.engine) as s, s.begin():
+        rows = s.scalars(select(TelemetryRollup).where(TelemetryRollup.bucket_start >= since)).all()
+        copies = []
+        for r in rows:
+            drift, blob = _as_int64(r.drift, r.drift_arrays)
+            row = {c.key: getattr(r, c.key) for c in TelemetryRollup.__mapper__.column_attrs}
+            copies.append({**row, "version": 4, "drift": drift, "drift_arrays": blob})
+        for lo in range(0, len(copies), 5000):
+            s.execute(insert(TelemetryRollup), copies[lo : lo + 5000])
+    settle(reg)
+    day = now - timedelta(days=1)
+    times: dict[int, list[float]] = {3: [], 4: []}
+    for _ in range(a.repeats):
+        for version in (3, 4):
+            t0 = time.perf_counter()
+            found = drift_inputs(reg, "digits", version, day, now)
+            times[version].append(time.perf_counter() - t0)
+            assert len(found.parts) == 2 * a.devices
+    reg.close()
+    print(f"[{name}] narrow {times[3]}, int64 {times[4]}", file=sys.stderr)
+    return {"narrow": statistics.median(times[3]), "int64": statistics.median(times[4])}
+
+
+def main_drift_storage(a: argparse.Namespace) -> None:
+    out: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="edgefleet-history-") as td:
+        tmp = Path(td)
+        for name in a.backends:
+            (tmp / name).mkdir()
+            if name == "sqlite":
+                out[name] = drift_storage(name, f"sqlite:///{tmp / 'h.db'}", tmp / name, a)
+                continue
+            pg = PgCluster()
+            pg.start()
+            try:
+                out[name] = drift_storage(name, pg.create_database("history"), tmp / name, a)
+            finally:
+                pg.stop()
+    print(f"\nreading the last day's drift rollups ({a.devices} devices; "
+          f"{os.cpu_count()} cores; median of {a.repeats}, alternating)\n")  # fmt: skip
+    print("| backend | int64 arrays (before) | narrow arrays | int64 / narrow |")
+    print("|---|---:|---:|---:|")
+    for name, r in out.items():
+        print(f"| {name} | {r['int64'] * 1000:.0f} ms | {r['narrow'] * 1000:.0f} ms | "
+              f"{r['int64'] / r['narrow']:.2f} |")  # fmt: skip
+
+
 # --------------------------------------------------------------------------- main
 def run_backend(name: str, url: str, tmp: Path, a: argparse.Namespace) -> dict[str, Any]:
     clock = Clock()
@@ -599,6 +693,7 @@ def run_backend(name: str, url: str, tmp: Path, a: argparse.Namespace) -> dict[s
         previous_days = days
         settle(reg)
         qs = queries(reg, bundles, devices)
+        check_drift(qs)
         out[days] = {k: _timed(fn, a.repeats) for k, fn in qs.items()}
         for k, v in out[days].items():
             print(f"[{name}] {days} d  {k}: {v * 1000:.0f} ms", file=sys.stderr)
@@ -621,7 +716,11 @@ def main() -> None:
     ap.add_argument("--retention", action="store_true", help="measure retention's cost instead")
     ap.add_argument("--ingest", action="store_true", help="measure ingest's rate instead")
     ap.add_argument("--migration", type=int, default=0, help="time migration 0006 of N rows")
+    ap.add_argument("--drift-storage", action="store_true", help="time narrow vs int64 rollups")
     a = ap.parse_args()
+    if a.drift_storage:
+        main_drift_storage(a)
+        return
     if a.migration:
         main_migration(a)
         return

@@ -11,17 +11,19 @@ from typing import Any
 
 import numpy as np
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import delete, func, select, text, update
+from sqlalchemy.orm import Session
 
 from clock import FakeClock
 from edge_agent.drift import DriftBaseline, DriftMonitor, MonitorPolicy
 from edge_agent.wire.telemetry import DriftSummary
 from fleet_server.drift.cohorts import CohortSpec
 from fleet_server.drift.service import DriftQuery, DriftService
+from fleet_server.history.cells import DriftPart, drift_slices
 from fleet_server.history.rollouts import rollout_inputs
 from fleet_server.jobs.history import FINE, HOUR, HistoryJob, HistoryPolicy
 from fleet_server.registry.store import Registry
-from fleet_server.registry.tables.core import TelemetryRollup, TelemetryRow
+from fleet_server.registry.tables.core import RollupState, TelemetryRollup, TelemetryRow
 from fleet_server.registry.values import TelemetryEntry
 from fleet_server.rollouts.observation import observe
 from model_builder.keystore import KeyStore
@@ -250,4 +252,88 @@ def test_racing_workers_fold_each_bucket_once_and_retention_waits_for_the_fold( 
     assert rows == []  # no bucket holds a device twice
     assert a.folded_until(FINE) == b.folded_until(FINE)
     assert reports == len(DEVICES) * (N_REPORTS - 1) - 1  # dev-b's restart is a new baseline
+    registry.close()
+
+
+def _restore_wide(registry: Registry, every: int) -> int:
+    """Rewrite every ``every``-th stored rollup's drift the way rollups were stored before
+    narrow integers: int64 arrays and entries without ``ints``. Returns the rows rewritten."""
+    n = 0
+    with Session(registry.engine) as s, s.begin():
+        rows = s.scalars(
+            select(TelemetryRollup).order_by(
+                TelemetryRollup.bucket_seconds,
+                TelemetryRollup.bucket_start,
+                TelemetryRollup.device_id,
+            )
+        ).all()
+        for i, r in enumerate(rows):
+            if i % every or not r.drift.get("parts"):
+                continue
+            parts, blobs = [], []
+            for tensor, role, doc, data in drift_slices(r.drift, r.drift_arrays):
+                part = DriftPart.from_doc(doc, data)
+                ints = np.concatenate([part.counts.ravel(), part.nan, part.count]).astype("<i8")
+                floats = np.concatenate([part.sum, part.sumsq]).astype("<f8")
+                blobs.append(ints.tobytes() + floats.tobytes())
+                parts.append({k: v for k, v in doc.items() if k != "ints"} | {"tensor": tensor})
+                assert parts[-1]["role"] == role
+            r.drift = {**r.drift, "parts": parts}
+            r.drift_arrays = b"".join(blobs)
+            n += 1
+    return n
+
+
+def test_narrow_stored_counts_give_exactly_the_int64_report(backend, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Rollups store drift integers narrow; reports over them are exactly those over rollups
+    stored as int64 (as before), all or mixed, also when the hours are folded again from int64
+    fine rollups (a database written before) and after retention removed the fine rollups."""
+    url, clock = backend
+    registry = Registry.open(url, clock=clock.wall)
+    registry.upgrade()
+    bundles, baseline = _baseline_and_bundles(registry, tmp_path)
+    _fill(registry, clock, baseline)
+    later = FakeClock(wall=clock.utc + timedelta(minutes=2))
+    HistoryJob(registry, clock=later.wall).run_once()
+    with registry.engine.connect() as c:
+        docs = c.execute(select(TelemetryRollup.drift)).scalars().all()
+    codes = {p.get("ints") for d in docs for p in d["parts"]}
+    assert codes <= {"<u1", "<u2"}  # the fill's counts are small: 1 or 2 bytes, not 8
+    assert codes
+
+    drift = DriftService(registry, bundles, clock=later.wall)
+    hour = datetime(2026, 6, 1, 11, tzinfo=UTC)
+    queries = [
+        DriftQuery("digits", by=CohortSpec.parse("group"), since=T0.timestamp()),
+        DriftQuery("digits", by=CohortSpec.parse("device"), since=T0.timestamp()),
+        DriftQuery("digits", since=T0.timestamp(), bucket_seconds=1800.0),
+        DriftQuery("digits", since=hour.timestamp(), until=(hour + timedelta(hours=2)).timestamp()),
+        DriftQuery("digits", since=(later.utc - timedelta(minutes=50)).timestamp()),
+    ]
+
+    def reports() -> list[dict[str, Any]]:
+        return [drift.report(q).to_dict(include_views=True) for q in queries]
+
+    narrow = reports()
+    assert any(r["device_alerts"] for r in narrow)  # device cells are in the comparison too
+    assert _restore_wide(registry, every=2) > 0
+    assert reports() == narrow
+    assert _restore_wide(registry, every=1) > 0
+    assert reports() == narrow
+
+    # A database written before: its int64 fine rollups fold into (narrow) hours again.
+    with registry.engine.begin() as c:
+        c.execute(delete(TelemetryRollup).where(TelemetryRollup.bucket_seconds == HOUR))
+        c.execute(
+            update(RollupState)
+            .where(RollupState.level == HOUR)
+            .values(folded_until=datetime(2026, 6, 1, 10, tzinfo=UTC))
+        )
+    assert HistoryJob(registry, clock=later.wall).run_once().hour_buckets == 3
+    assert reports() == narrow
+
+    # Retention removes the fine rollups the hours hold: the hour-aligned range is unchanged.
+    short = HistoryPolicy(fine_retention_seconds=60.0)
+    assert HistoryJob(registry, short, clock=later.wall).run_once().rollups_deleted > 0
+    assert drift.report(queries[3]).to_dict(include_views=True) == narrow[3]
     registry.close()

@@ -13,7 +13,14 @@ import pytest
 
 from edge_agent.drift import TierASketch, build_baseline
 from edge_agent.errors import ContractError
-from fleet_server.history.cells import DriftPart, RawRow, RollupCell, fold_rows, merge_cells
+from fleet_server.history.cells import (
+    WIDE,
+    DriftPart,
+    RawRow,
+    RollupCell,
+    fold_rows,
+    merge_cells,
+)
 from fleet_server.history.queries import plan_range
 from fleet_server.rollouts.observation import observe
 
@@ -128,7 +135,10 @@ def test_a_part_with_other_edges_is_skipped_not_merged() -> None:
     ("doc", "data"),
     [({}, b""), ({"shape": [2, 3], "edges": "e", "windows": 1}, b"x" * 8),
      ({"shape": [0, 3], "edges": "e", "windows": 1}, b""),
-     ({"shape": [1, 1], "edges": "e", "windows": 1}, b"x" * 41)],
+     ({"shape": [1, 1], "edges": "e", "windows": 1}, b"x" * 41),
+     ({"shape": [1, 1], "edges": "e", "windows": 1, "ints": "<i2"}, b"x" * 22),
+     ({"shape": [1, 1], "edges": "e", "windows": 1, "ints": ["<u1"]}, b"x" * 19),
+     ({"shape": [1, 1], "edges": "e", "windows": 1, "ints": "<u1"}, b"x" * 40)],
 )  # fmt: skip
 def test_a_damaged_stored_part_is_a_typed_error(doc: dict[str, Any], data: bytes) -> None:
     with pytest.raises(ContractError):
@@ -176,3 +186,40 @@ def test_plan_range(
 ) -> None:
     plan = plan_range(since, until, fine_done, hour_done)
     assert (plan.hours, plan.fine, plan.raw) == (hours, fine, raw)
+
+
+@pytest.mark.parametrize(
+    ("largest", "code"),
+    [(0, "<u1"), (255, "<u1"), (256, "<u2"), (65_535, "<u2"), (65_536, "<u4"),
+     (2**32 - 1, "<u4"), (2**32, WIDE), (2**62, WIDE), (-1, WIDE)],
+)  # fmt: skip
+def test_stored_integers_take_the_narrowest_exact_width(largest: int, code: str) -> None:
+    rng = np.random.default_rng(5)
+    sketch = TierASketch(EDGES)
+    sketch.update(rng.normal(size=(30, 6)))
+    part = DriftPart.of(sketch.view(), windows=3)
+    part.counts = np.zeros_like(part.counts)
+    part.counts[2, 1] = largest
+    doc, data = part.to_doc("x", "input"), part.to_bytes()
+    assert part.int_code() == code
+    assert doc.get("ints", WIDE) == code
+    assert len(data) == DriftPart.nbytes(6, EDGES.width, code)
+    back = DriftPart.from_doc(doc, data)
+    for name in ("counts", "nan", "count", "sum", "sumsq"):
+        assert np.array_equal(getattr(back, name), getattr(part, name))
+        assert getattr(back, name).dtype == getattr(part, name).dtype
+    assert (back.digest, back.windows) == (part.digest, part.windows)
+
+
+def test_a_part_stored_as_int64_before_still_decodes() -> None:
+    rng = np.random.default_rng(6)
+    sketch = TierASketch(EDGES)
+    sketch.update(rng.normal(size=(30, 6)))
+    part = DriftPart.of(sketch.view())
+    old = {k: v for k, v in part.to_doc("x", "input").items() if k != "ints"}
+    ints = np.concatenate([part.counts.ravel(), part.nan, part.count]).astype("<i8")
+    data = ints.tobytes() + np.concatenate([part.sum, part.sumsq]).astype("<f8").tobytes()
+    back = DriftPart.from_doc(old, data)
+    assert np.array_equal(back.counts, part.counts)
+    assert np.array_equal(back.sumsq, part.sumsq)
+    assert len(part.to_bytes()) < len(data) / 2  # what the narrow form saves here

@@ -38,6 +38,8 @@ from fleet_server.rollouts.metrics import WindowMetrics
 from fleet_server.rollouts.observation import interval_metrics, reject_deltas
 
 __all__ = [
+    "INT_CODES",
+    "WIDE",
     "CellKey",
     "DriftPart",
     "RawRow",
@@ -45,11 +47,17 @@ __all__ = [
     "drift_slices",
     "edges_digest",
     "fold_rows",
+    "int_code_of",
     "merge_cells",
 ]
 
 #: (device_id, model, version)
 CellKey = tuple[str, str, int]
+#: Integer widths of stored drift arrays (numpy codes, little-endian), narrowest first; ``WIDE``
+#: (int64) is also what entries without an ``ints`` key hold.
+WIDE = "<i8"
+INT_CODES = ("<u1", "<u2", "<u4", WIDE)
+_INT_MAX = {c: int(np.iinfo(np.dtype(c)).max) for c in INT_CODES}
 _COUNTERS = tuple(f.name for f in fields(WindowMetrics) if f.name not in ("max_psi", "confusion"))
 _HISTOGRAMS = ("latency_buckets", "latency_fine")
 
@@ -72,7 +80,10 @@ class DriftPart:
     Rollups keep only the edges' digest (the edges are the bundle baseline's, which scores
     them; a window with other edges is never merged with it) and the raw arrays in a binary
     column: no base64, JSON or view validation per row, and a query sums many rows' arrays in
-    one numpy operation (``queries.sum_parts``).
+    one numpy operation (``queries.drift_inputs``). The integer arrays are stored in the
+    narrowest unsigned width that holds every value exactly (``INT_CODES``: an hour of one
+    device fits 16 bits, a third of the int64 bytes), named by the entry's ``ints``; entries
+    without it (written before) are int64.
     """
 
     digest: str
@@ -121,27 +132,42 @@ class DriftPart:
         """
         return TierAView(edges, self.counts, self.nan, self.count, self.sum, self.sumsq)
 
+    def int_code(self) -> str:
+        """The narrowest ``INT_CODES`` entry that holds every integer of the part exactly."""
+        ints = (self.counts, self.nan, self.count)
+        low = min(int(a.min()) for a in ints if a.size)
+        high = max(int(a.max()) for a in ints if a.size)
+        if low < 0:
+            return WIDE
+        return next(c for c in INT_CODES if high <= _INT_MAX[c])
+
     def to_doc(self, tensor: str, role: str) -> dict[str, Any]:
         """The part's entry in the ``drift`` JSON column (its arrays go to ``to_bytes``)."""
         f, width = self.counts.shape
-        return {
+        doc: dict[str, Any] = {
             "tensor": tensor,
             "role": role,
             "windows": self.windows,
             "edges": self.digest,
             "shape": [int(f), int(width)],
         }
+        code = self.int_code()
+        if code != WIDE:
+            doc["ints"] = code
+        return doc
 
     def to_bytes(self) -> bytes:
-        """The arrays, little-endian: counts, nan, count (int64), then sum, sumsq (float64)."""
-        ints = np.concatenate([self.counts.ravel(), self.nan, self.count]).astype("<i8")
+        """The arrays, little-endian: counts, nan, count (in ``int_code()``'s width), then
+        sum, sumsq (float64)."""
+        ints = np.concatenate([self.counts.ravel(), self.nan, self.count])
         floats = np.concatenate([self.sum, self.sumsq]).astype("<f8")
-        return ints.tobytes() + floats.tobytes()
+        return ints.astype(self.int_code()).tobytes() + floats.tobytes()
 
     @staticmethod
-    def nbytes(f: int, width: int) -> int:
-        """Length of ``to_bytes`` for ``f`` features of ``width`` columns."""
-        return (f * width + 4 * f) * 8
+    def nbytes(f: int, width: int, code: str = WIDE) -> int:
+        """Length of ``to_bytes`` for ``f`` features of ``width`` columns, integers in
+        ``code``."""
+        return (f * width + 2 * f) * np.dtype(code).itemsize + 2 * f * 8
 
     @classmethod
     def from_doc(cls, doc: Mapping[str, Any], data: bytes | memoryview) -> DriftPart:
@@ -152,11 +178,13 @@ class DriftPart:
         """
         try:
             f, width = (int(x) for x in doc["shape"])
-            if f <= 0 or width <= 0 or len(data) != cls.nbytes(f, width):
-                raise ValueError(f"{len(data)} bytes for shape {f}x{width}")
+            code = int_code_of(doc)
+            if f <= 0 or width <= 0 or len(data) != cls.nbytes(f, width, code):
+                raise ValueError(f"{len(data)} bytes for shape {f}x{width} of {code}")
             n = f * width
-            ints = np.frombuffer(data, "<i8", count=n + 2 * f).astype(np.int64)
-            floats = np.frombuffer(data, "<f8", offset=(n + 2 * f) * 8).astype(np.float64)
+            ints = np.frombuffer(data, code, count=n + 2 * f).astype(np.int64)
+            at = (n + 2 * f) * np.dtype(code).itemsize
+            floats = np.frombuffer(data, "<f8", offset=at).astype(np.float64)
             return cls(
                 str(doc["edges"]),
                 ints[:n].reshape(f, width),
@@ -168,6 +196,18 @@ class DriftPart:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ContractError(f"stored rollup drift part does not decode: {exc}") from exc
+
+
+def int_code_of(doc: Mapping[str, Any]) -> str:
+    """The integer width of a stored part's arrays (``WIDE`` when its entry names none).
+
+    Raises:
+        ContractError: the entry names a width that is not one of ``INT_CODES``.
+    """
+    code = doc.get("ints", WIDE)
+    if not isinstance(code, str) or code not in _INT_MAX:
+        raise ContractError(f"stored rollup drift part has unknown integer width {code!r}")
+    return str(code)
 
 
 def edges_digest(edges: FeatureEdges) -> str:
@@ -299,8 +339,8 @@ def drift_slices(
     for p in drift.get("parts") or ():
         try:
             f, width = (int(x) for x in p["shape"])
-            size = DriftPart.nbytes(f, width)
-        except (KeyError, TypeError, ValueError) as exc:
+            size = DriftPart.nbytes(f, width, int_code_of(p))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ContractError(f"stored rollup drift part is malformed: {exc}") from exc
         if f <= 0 or width <= 0 or at + size > len(view):
             raise ContractError("stored rollup drift arrays are shorter than their parts")

@@ -29,9 +29,14 @@ from sqlalchemy import DateTime, Text, cast, select, type_coerce
 from sqlalchemy.orm import Session
 
 from edge_agent.errors import ContractError
-from fleet_server.history.cells import DriftPart, drift_slices
+from fleet_server.history.cells import DriftPart, drift_slices, int_code_of
 from fleet_server.registry.store import Registry
-from fleet_server.registry.tables.core import RollupState, TelemetryRollup, TelemetryRow
+from fleet_server.registry.tables.core import (
+    Device,
+    RollupState,
+    TelemetryRollup,
+    TelemetryRow,
+)
 
 __all__ = [
     "FINE_S",
@@ -118,27 +123,29 @@ def last_reports(
 ) -> dict[str, Mapping[str, Any]]:
     """Per device, the payload of its last report received before ``before`` (if any).
 
-    One correlated ``ORDER BY received_at DESC LIMIT 1`` per device on the
-    ``(device_id, received_at)`` index: it touches one row per device, not its history.
+    One statement per ``_CHUNK`` devices: their ``devices`` rows (every telemetry row has one:
+    a foreign key), each with a correlated ``ORDER BY received_at DESC LIMIT 1`` on the
+    ``(device_id, received_at)`` index, so it touches one row per device, not its history, in
+    one round trip (not one per device).
     """
     out: dict[str, Mapping[str, Any]] = {}
     inner = TelemetryRow.__table__.alias("prior")
     for i in range(0, len(device_ids), _CHUNK):
         chunk = list(device_ids[i : i + _CHUNK])
-        ids: list[int] = []
-        for d in chunk:
-            found = s.scalar(
-                select(inner.c.id)
-                .where(
-                    inner.c.device_id == d,
-                    inner.c.received_at < before,
-                    inner.c.kind == "report",
-                )
-                .order_by(inner.c.received_at.desc(), inner.c.id.desc())
-                .limit(1)
+        last = (
+            select(inner.c.id)
+            .where(
+                inner.c.device_id == Device.id,
+                inner.c.received_at < before,
+                inner.c.kind == "report",
             )
-            if found is not None:
-                ids.append(int(found))
+            .order_by(inner.c.received_at.desc(), inner.c.id.desc())
+            .limit(1)
+            .correlate(Device)
+            .scalar_subquery()
+        )
+        found = s.scalars(select(last).where(Device.id.in_(chunk)))
+        ids = [int(x) for x in found if x is not None]
         if ids:
             stmt = select(TelemetryRow.device_id, TelemetryRow.payload).where(
                 TelemetryRow.id.in_(ids)
@@ -234,12 +241,19 @@ def _rows(s: Session, stmt: Any) -> Iterator[Any]:
 
 
 class _PartSums:
-    """Sums stored drift parts per key with one numpy reduction per (tensor, role, edges)."""
+    """Sums stored drift parts per key with one numpy reduction per (tensor, role, edges) and
+    stored integer width.
+
+    Integers add exactly in any grouping; the float ``sum``/``sumsq`` are added row by row in
+    the rows' order within each key, whatever width each row's integers were stored in, so
+    the totals do not depend on it.
+    """
 
     def __init__(self, bucket_seconds: float | None) -> None:
         self._size = bucket_seconds
         self._keys: dict[tuple[str, str, str, int, int], dict[PartKey, int]] = {}
-        self._rows: dict[tuple[str, str, str, int, int], list[tuple[int, int, memoryview]]] = {}
+        self._rows: dict[tuple[str, str, str, int, int], list[tuple[int, int, str, memoryview]]]
+        self._rows = {}
         self._first: dict[PartKey, float] = {}
         self._docs: dict[str, dict[str, Any]] = {}
         self.skipped: dict[str, int] = {}
@@ -263,7 +277,8 @@ class _PartSums:
             keys = self._keys.setdefault(cls, {})
             index = keys.setdefault(key, len(keys))
             self._first.setdefault(key, at)
-            self._rows.setdefault(cls, []).append((index, int(part["windows"]), data))
+            code = int_code_of(part)
+            self._rows.setdefault(cls, []).append((index, int(part["windows"]), code, data))
 
     def result(self) -> tuple[dict[PartKey, tuple[float, DriftPart]], dict[str, int]]:
         out: dict[PartKey, tuple[float, DriftPart]] = {}
@@ -271,15 +286,28 @@ class _PartSums:
             _t, _r, digest, f, width = cls
             n_int = f * width + 2 * f
             order = sorted(range(len(rows)), key=lambda i: rows[i][0])
-            blob = b"".join(rows[i][2] for i in order)
             index = np.fromiter((rows[i][0] for i in order), np.int64, len(order))
             windows = np.fromiter((rows[i][1] for i in order), np.int64, len(order))
-            stride = n_int + 2 * f
-            ints = np.frombuffer(blob, "<i8").reshape(len(order), stride)[:, :n_int]
-            floats = np.frombuffer(blob, "<f8").reshape(len(order), stride)[:, n_int:]
             starts = np.flatnonzero(np.r_[True, index[1:] != index[:-1]])
-            isum = np.add.reduceat(ints, starts, axis=0).astype(np.int64)
-            fsum = np.add.reduceat(floats, starts, axis=0).astype(np.float64)
+            # Row r of the sorted rows is summed into key row ``owner[r]``.
+            owner = np.cumsum(np.r_[True, index[1:] != index[:-1]]) - 1
+            isum = np.zeros((len(starts), n_int), np.int64)
+            floats = np.empty((len(order), 2 * f), np.float64)
+            by_code: dict[str, list[int]] = {}
+            for r, i in enumerate(order):
+                by_code.setdefault(rows[i][2], []).append(r)
+            for code, members in by_code.items():
+                size = np.dtype(code).itemsize
+                stride = n_int * size + 2 * f * 8
+                blob = b"".join(rows[order[r]][3] for r in members)
+                n = len(members)
+                ints = np.ndarray((n, n_int), code, blob, 0, (stride, size))
+                at = np.array(members, np.int64)
+                floats[at] = np.ndarray((n, 2 * f), "<f8", blob, n_int * size, (stride, 8))
+                mine = owner[at]
+                first = np.flatnonzero(np.r_[True, mine[1:] != mine[:-1]])
+                isum[mine[first]] += np.add.reduceat(ints, first, axis=0, dtype=np.int64)
+            fsum = np.add.reduceat(floats, starts, axis=0)
             wsum = np.add.reduceat(windows, starts)
             by_index = {i: k for k, i in self._keys[cls].items()}
             for row, start in enumerate(starts):

@@ -190,7 +190,8 @@ class TelemetryRollup(Base):
         from fine rows); ``bucket_start`` is server receive time (``received_at``), floored.
         ``metrics`` holds the counter differences (``rollout_metrics.WindowMetrics`` fields plus
         ``rejects`` and ``events`` by kind); ``drift`` lists the merged tier-A parts per tensor and
-    role (windows, edges digest, shape) and ``drift_arrays`` holds their arrays.
+    role (windows, edges digest, shape, integer width) and ``drift_arrays`` holds their arrays
+    (``history.cells.DriftPart.to_bytes``).
         Written only by ``fleet_server.history``; no foreign key, so a rollup outlives nothing it
         depends on and retention can drop it independently.
     """
