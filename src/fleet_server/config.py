@@ -258,6 +258,21 @@ class RetentionSection:
 
 
 @dataclass(frozen=True)
+class CaptureSection:
+    """Capture upload (``fleet_server.capture``): how often the leader asks every device of an
+    enabled model's cohort for its next chunk (0: never by itself; ``capture collect`` still
+    does it on request)."""
+
+    collect_interval_seconds: float = 3600.0
+
+    def validate(self) -> None:
+        _check(
+            self.collect_interval_seconds == 0 or 60 <= self.collect_interval_seconds <= 604800,
+            "collect_interval_seconds must be 0 (off) or 60..604800",
+        )
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """Everything ``fleet-server serve`` needs, validated, with derived paths filled in."""
 
@@ -270,6 +285,7 @@ class ServerConfig:
     fallback: FallbackSection = field(default_factory=FallbackSection)
     rollouts: RolloutsSection = field(default_factory=RolloutsSection)
     retention: RetentionSection = field(default_factory=RetentionSection)
+    capture: CaptureSection = field(default_factory=CaptureSection)
 
 
 _SECTIONS: dict[str, type[Any]] = {
@@ -281,6 +297,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "fallback": FallbackSection,
     "rollouts": RolloutsSection,
     "retention": RetentionSection,
+    "capture": CaptureSection,
 }
 _TOP = ("log_level",)
 
@@ -329,6 +346,7 @@ def _build(data: Mapping[str, Any]) -> ServerConfig:
         fallback=sections["fallback"],
         rollouts=sections["rollouts"],
         retention=sections["retention"],
+        capture=sections["capture"],
     )
 
 

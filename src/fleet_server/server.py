@@ -61,12 +61,13 @@ from fleet_server.fallback.worker import FallbackWorker
 from fleet_server.gateway.gateway import Gateway
 from fleet_server.jobs.history import HistoryJob, HistoryPolicy
 from fleet_server.jobs.leader import leader_lock
+from fleet_server.jobs.periodic import PeriodicJob
 from fleet_server.jobs.rollout_runner import RolloutRunner
 from fleet_server.pki.roots import ServerRoots
 from fleet_server.registry.store import Registry
 from fleet_server.service import FleetService
 
-__all__ = ["load_online_signer", "read_admin_token", "run"]
+__all__ = ["capture_collector", "load_online_signer", "read_admin_token", "run"]
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 30.0
@@ -196,6 +197,7 @@ def run(
     fallback: FallbackWorker | None = None
     runner: RolloutRunner | None = None
     history: HistoryJob | None = None
+    collector: PeriodicJob | None = None
     diagnostics: Diagnostics | None = None
     try:
         registry.upgrade()
@@ -252,6 +254,9 @@ def run(
         )
         runner.start()
         history = _start_history(config, registry)
+        collector = capture_collector(config, registry, capture)
+        if collector is not None:
+            collector.start()
         accounts = Accounts(registry, lambda: datetime.now(UTC))
         authenticator = Authenticator(accounts, token)
         # The audit guard reads JSON bodies up to the largest route cap (root chains: 1 MiB);
@@ -316,6 +321,8 @@ def run(
     finally:
         if history is not None:
             history.close()
+        if collector is not None:
+            collector.close()
         _shutdown(admin, runner, fallback, gateway, client, registry)
         if diagnostics is not None:  # after the admin API and the gateway stopped using it
             diagnostics.close()
@@ -339,6 +346,27 @@ def _start_history(config: ServerConfig, registry: Registry) -> HistoryJob:
     )
     job.start()
     return job
+
+
+def capture_collector(
+    config: ServerConfig, registry: Registry, capture: CaptureService
+) -> PeriodicJob | None:
+    """The job (not started) that collects capture chunks of every enabled model on the
+    leader, every ``[capture] collect_interval_seconds`` (None: off). The leader issues the
+    commands, so its diagnostics receive the answers and pull the uploads. A command lives one
+    interval: a device offline for longer gets the next one instead of a queue of them."""
+    seconds = config.capture.collect_interval_seconds
+    if seconds <= 0:
+        return None
+    ttl = timedelta(seconds=seconds)
+    return PeriodicJob(
+        "capture-collect",
+        lambda: capture.collect_enabled(ttl),
+        interval=seconds,
+        lock=leader_lock(registry.engine, "capture-collect"),
+        what="capture collection",
+        logger=log,
+    )
 
 
 def _start_fallback(

@@ -228,6 +228,25 @@ class CaptureService:
         self._count("collects")
         return CohortResult(policy, IssueResult(tuple(done), errors))
 
+    def collect_enabled(self, ttl: timedelta = DEFAULT_TTL) -> dict[str, CohortResult]:
+        """``collect`` for every model whose upload is on: the server's periodic collection
+        (one job on the leader, ``[capture] collect_interval_seconds``). A policy whose cohort
+        is empty now is skipped and logged; the others are still collected.
+
+        Raises:
+            RegistryUnavailableError: the database failed.
+        """
+        done: dict[str, CohortResult] = {}
+        for policy in rows.capture_policies(self._registry):
+            if not policy.enabled:
+                continue
+            try:
+                done[policy.model] = self.collect(policy.model, ttl)
+            except CapturePolicyError as exc:
+                log.warning("capture: periodic collection of %r skipped: %s", policy.model, exc)
+                self._count("collects_skipped")
+        return done
+
     def status(self, model: str | None = None) -> dict[str, Any]:
         """Policies (of ``model`` or all) with each device's upload state, and the counters.
 
