@@ -331,6 +331,29 @@ def test_the_cli_through_the_admin_api(
         assert export.exit_code == 0, export.output
         labels = pq.read_table(table).column("label").to_pylist()
         assert labels == digits_bundles.y_eval[:8].tolist()
+        merged = tmp_path / "digits-day.npz"
+        export = runner.invoke(
+            cli, ["capture", "export", "digits", "--since", "24h", "-o", str(merged), *url]
+        )
+        assert export.exit_code == 0, export.output
+        assert np.load(merged)["label"].tolist() == np.load(out)["label"].tolist()
+        empty = runner.invoke(
+            cli,
+            [
+                "capture",
+                "export",
+                "digits",
+                "--since",
+                "0",
+                "--until",
+                "1000",
+                "-o",
+                str(merged),
+                *url,
+            ],
+        )
+        assert empty.exit_code != 0
+        assert "no captured row" in str(empty.exception)
         reg = runner.invoke(cli, ["datasets", "register-evalset", row["sha256"], *url])
         assert reg.exit_code == 0, reg.output
         assert "8 samples" in reg.output

@@ -197,6 +197,15 @@ def test_bad_selectors_are_refused(selector: object) -> None:
         ("GET", "/v1/datasets/" + "a" * 64 + "/export?format=parquet", None, 404, None),
         ("POST", "/v1/datasets/" + "a" * 64 + "/evalset", {"input": 5}, 400, None),
         ("GET", "/v1/datasets?limit=0", None, 400, None),
+        ("GET", "/v1/capture/digits/export", None, 409, "dataset_unusable"),  # nothing yet
+        ("GET", "/v1/capture/digits/export?format=csv", None, 400, None),
+        ("GET", "/v1/capture/digits/export?since=yesterday", None, 400, None),
+        ("GET", "/v1/capture/digits/export?since=nan", None, 400, None),
+        ("GET", "/v1/capture/digits/export?since=1e999", None, 400, None),
+        ("GET", "/v1/capture/digits/export?since=20&until=10", None, 400, None),
+        ("GET", "/v1/capture/digits/export?until=" + "9" * 400, None, 400, None),
+        ("GET", "/v1/capture/a%00b/export", None, 400, None),
+        ("GET", "/v1/capture/%3Cscript%3E/export", None, 400, None),
     ],
 )
 def test_hostile_admin_requests(

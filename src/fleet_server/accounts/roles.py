@@ -171,6 +171,7 @@ ROUTE_PERMISSIONS: Final[Mapping[str, Permission]] = MappingProxyType(
         "GET /v1/datasets": _P.READ,
         "GET /v1/datasets/{sha256}": _P.READ,
         "GET /v1/datasets/{sha256}/export": _P.DATASETS,
+        "GET /v1/capture/{model}/export": _P.DATASETS,
         "POST /v1/datasets/{sha256}/evalset": _P.EVALSETS_WRITE,
         "POST /v1/models": _P.MODELS_PUBLISH,
         "POST /v1/assign": _P.RELEASES,

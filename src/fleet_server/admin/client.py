@@ -476,8 +476,30 @@ class AdminClient:
             AdminApiError: as every call.
             OSError: ``out`` cannot be written.
         """
+        return self._download(f"/v1/datasets/{sha256}/export", {"format": fmt}, out)
+
+    def capture_export(
+        self,
+        model: str,
+        out: BinaryIO,
+        fmt: str = "npz",
+        since: str | None = None,
+        until: str | None = None,
+    ) -> int:
+        """``GET /v1/capture/{model}/export`` (every captured row of ``model`` in a time range,
+        over its datasets) into ``out``; the bytes written.
+
+        Raises:
+            AdminApiError: as every call.
+            OSError: ``out`` cannot be written.
+        """
+        params = {"format": fmt}
+        params.update({k: v for k, v in (("since", since), ("until", until)) if v is not None})
+        return self._download(f"/v1/capture/{model}/export", params, out)
+
+    def _download(self, path: str, params: dict[str, str], out: BinaryIO) -> int:
         try:
-            response = self._http.get(f"/v1/datasets/{sha256}/export", params={"format": fmt})
+            response = self._http.get(path, params=params)
         except httpx.HTTPError as exc:
             raise AdminUnreachableError(
                 f"admin API {self._http.base_url} unreachable: {exc}"

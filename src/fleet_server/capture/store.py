@@ -46,6 +46,8 @@ from fleet_server.registry.store import Registry
 __all__ = [
     "DATASET_SUFFIX",
     "EXPORT_FORMATS",
+    "MAX_MERGED_BYTES",
+    "MAX_MERGED_DATASETS",
     "MAX_RECORD_BYTES",
     "MAX_RECORD_ROWS",
     "DatasetStore",
@@ -57,6 +59,9 @@ log = logging.getLogger(__name__)
 DATASET_SUFFIX: Final = ".npz"
 #: What ``DatasetStore.export`` writes.
 EXPORT_FORMATS: Final = ("npz", "parquet")
+#: One merged export: at most this many datasets and stored bytes (narrow the time range).
+MAX_MERGED_DATASETS: Final = 1000
+MAX_MERGED_BYTES: Final = 256 * 1024 * 1024
 MAX_RECORD_ROWS: Final = 4096
 MAX_RECORD_BYTES: Final = 1024 * 1024
 MAX_FUTURE_SECONDS: Final = 86400.0
@@ -264,17 +269,53 @@ class DatasetStore:
             UnknownDatasetError, CaptureError: as ``load``.
             DatasetUnusableError: an unknown format, or columns Parquet cannot hold.
         """
+        return _encode(self._columns(sha256), fmt, f"dataset {sha256[:12]}")
+
+    def export_model(self, model: str, since: float, until: float, fmt: str = "npz") -> bytes:
+        """One training file of every request row of ``model`` captured between ``since`` and
+        ``until`` (Unix seconds, both included), over all its datasets in that range: the
+        columns of ``export``, rows in the datasets' time order (``record`` counts within its
+        dataset).
+
+        Raises:
+            DatasetUnusableError: an unknown format; no row in the range; more than
+                ``MAX_MERGED_DATASETS`` datasets or ``MAX_MERGED_BYTES`` in it; datasets whose
+                columns differ (another contract: export them one by one).
+            CaptureError: a dataset's file is missing or damaged.
+        """
         if fmt not in EXPORT_FORMATS:
             raise DatasetUnusableError(f"export format must be one of {', '.join(EXPORT_FORMATS)}")
-        arrays = self._columns(sha256)
-        if fmt == "parquet":
-            try:
-                return to_parquet(arrays)
-            except (ValueError, TypeError, NotImplementedError) as exc:
-                raise DatasetUnusableError(f"dataset {sha256[:12]} as Parquet: {exc}") from exc
-        buf = io.BytesIO()
-        np.savez(buf, allow_pickle=False, **arrays)
-        return buf.getvalue()
+        records = rows.datasets_in_range(
+            self._registry, model, since, until, MAX_MERGED_DATASETS + 1
+        )
+        if len(records) > MAX_MERGED_DATASETS:
+            raise DatasetUnusableError(
+                f"more than {MAX_MERGED_DATASETS} datasets of {model!r} in the range: narrow it"
+            )
+        if sum(r.length for r in records) > MAX_MERGED_BYTES:
+            raise DatasetUnusableError(
+                f"the datasets of {model!r} in the range hold over {MAX_MERGED_BYTES} bytes: "
+                "narrow it"
+            )
+        parts: list[tuple[DatasetRecord, dict[str, Any]]] = []
+        for record in records:
+            columns = self._columns(record.sha256)
+            when = columns["time"]
+            keep = (when >= since) & (when <= until)
+            if keep.any():
+                parts.append((record, {k: a[keep] for k, a in columns.items()}))
+        if not parts:
+            raise DatasetUnusableError(f"no captured row of {model!r} in the range")
+        first = parts[0][1]
+        for record, part in parts[1:]:
+            mismatch = _column_mismatch(first, part)
+            if mismatch:
+                raise DatasetUnusableError(
+                    f"dataset {record.sha256[:12]} of {model!r} differs from the first in the "
+                    f"range ({mismatch}): export the datasets one by one"
+                )
+        merged = {k: np.concatenate([part[k] for _, part in parts]) for k in first}
+        return _encode(merged, fmt, f"{model!r} from {since:.0f} to {until:.0f}")
 
     def _columns(self, sha256: str) -> dict[str, Any]:
         chunk = self.load(sha256)
@@ -316,6 +357,32 @@ class DatasetStore:
             y=chunk.labels[labelled].astype(np.int64),
         )
         return buf.getvalue()
+
+
+def _encode(arrays: dict[str, Any], fmt: str, what: str) -> bytes:
+    if fmt not in EXPORT_FORMATS:
+        raise DatasetUnusableError(f"export format must be one of {', '.join(EXPORT_FORMATS)}")
+    if fmt == "parquet":
+        try:
+            return to_parquet(arrays)
+        except (ValueError, TypeError, NotImplementedError) as exc:
+            raise DatasetUnusableError(f"{what} as Parquet: {exc}") from exc
+    buf = io.BytesIO()
+    np.savez(buf, allow_pickle=False, **arrays)
+    return buf.getvalue()
+
+
+def _column_mismatch(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """Why two datasets' columns cannot be stacked ("" when they can)."""
+    if set(a) != set(b):
+        return f"columns {sorted(set(a) ^ set(b))[:4]}"
+    for name in sorted(a):
+        x, y = a[name], b[name]
+        # Text columns (device, request id) stack at any width; numbers only at one dtype.
+        same = x.dtype.kind == y.dtype.kind if x.dtype.kind in "US" else x.dtype == y.dtype
+        if not same or x.shape[1:] != y.shape[1:]:
+            return f"{name}: {_describe(x)} vs {_describe(y)}"
+    return ""
 
 
 def _describe(a: npt.NDArray[Any]) -> dict[str, Any]:

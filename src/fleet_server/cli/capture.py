@@ -1,9 +1,11 @@
-"""``fleet-server capture enable|disable|collect|status`` and ``fleet-server datasets
+"""``fleet-server capture enable|disable|collect|export|status`` and ``fleet-server datasets
 list|show|export|register-evalset``: data for the next model, through the admin API.
 
 ``capture enable MODEL --group G`` (or ``--device ID`` repeated) saves the model's upload
 policy and sends it, signed, to every device of the cohort; ``collect MODEL`` asks each of them
-for its next chunk; ``status`` shows the policies and each device's upload state. Datasets are
+for its next chunk; ``export MODEL --since 24h`` writes every row captured in a time range,
+over all the model's datasets, as one training file; ``status`` shows the policies and each
+device's upload state. Datasets are
 the chunks the server accepted, by digest: ``export`` writes the flat training ``.npz``
 or Parquet file (``--format parquet``), ``register-evalset`` turns
 the labelled rows into an evaluation set of the model. Text that came from devices is printed
@@ -34,6 +36,17 @@ def _ttl(func: Any) -> Any:
     return click.option(
         "--ttl", default=3600, show_default=True, help="Seconds each command stays valid."
     )(func)
+
+
+_format_option = click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["npz", "parquet"]),
+    default="npz",
+    show_default=True,
+    help="npz, or Parquet (the same columns; a tensor row is a fixed-size list, its shape "
+    "in the field's row_shape metadata).",
+)
 
 
 def register_capture_commands(cli: click.Group) -> None:
@@ -125,6 +138,27 @@ def register_capture_commands(cli: click.Group) -> None:
             return
         _sent(data, f"collecting {shown(model, 64)}")
 
+    @capture.command("export")
+    @admin_options
+    @_format_option
+    @click.option(
+        "--since",
+        default="7d",
+        show_default=True,
+        help="Rows captured since: Unix seconds, ISO-8601 or relative (24h, 7d).",
+    )
+    @click.option("--until", default=None, help="Rows captured until (default: now).")
+    @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
+    @click.argument("model")
+    def export_model(
+        url: str, token: str, fmt: str, since: str, until: str | None, output: Path, model: str
+    ) -> None:
+        """Write every captured row of MODEL in a time range, over all its datasets, as one
+        training file (the columns of `datasets export`)."""
+        with AdminClient(url, token) as client, output.open("wb") as out:
+            written = client.capture_export(model, out, fmt, since, until)
+        click.echo(f"wrote {written} bytes to {output}")
+
     @capture.command("status")
     @admin_options
     @json_option
@@ -200,15 +234,7 @@ def register_capture_commands(cli: click.Group) -> None:
 
     @datasets.command("export")
     @admin_options
-    @click.option(
-        "--format",
-        "fmt",
-        type=click.Choice(["npz", "parquet"]),
-        default="npz",
-        show_default=True,
-        help="npz, or Parquet (the same columns; a tensor row is a fixed-size list, its shape "
-        "in the field's row_shape metadata).",
-    )
+    @_format_option
     @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
     @click.argument("sha256")
     def export(url: str, token: str, fmt: str, output: Path, sha256: str) -> None:

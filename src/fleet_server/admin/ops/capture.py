@@ -16,6 +16,10 @@ admin action::
     GET  /v1/datasets/{sha256}          one dataset with its provenance
     GET  /v1/datasets/{sha256}/export   the flat training file (?format=npz, the default, or
                                         ?format=parquet: the same columns)
+    GET  /v1/capture/{model}/export     one training file of every captured row of the model in a
+                                        time range, over all its datasets (?since=, ?until=: Unix
+                                        seconds, ISO-8601 or relative like 24h; default the last
+                                        7 days; ?format=npz|parquet)
     POST /v1/datasets/{sha256}/evalset  {"input": name, "note": text}
                                         -> 201 (new) / 200 {"evalset": registration}
 
@@ -24,9 +28,10 @@ Owns: HTTP and JSON shapes. Everything else is ``fleet_server.capture.service``'
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from starlette.concurrency import run_in_threadpool
@@ -37,10 +42,11 @@ from starlette.routing import Route
 from edge_agent.ids import NAME_PATTERN
 from edge_agent.trust.capture_settings import MAX_CHUNK_BYTES, MAX_DROPS, SAMPLE_SCALE
 from edge_agent.trust.command import MAX_COMMAND_TTL
-from fleet_server.admin.body import json_object, query_int, read_body, req_field
+from fleet_server.admin.body import json_object, query_int, query_text, read_body, req_field
 from fleet_server.capture.service import CaptureService, CohortResult
 from fleet_server.capture.store import EXPORT_FORMATS
-from fleet_server.errors import AdminInputError
+from fleet_server.drift.service import parse_time
+from fleet_server.errors import AdminInputError, FleetDriftError
 from fleet_server.evalsets.store import EvalSetStore
 
 __all__ = ["capture_routes"]
@@ -70,6 +76,12 @@ def _fields(data: dict[str, Any], allowed: set[str]) -> None:
     unknown = set(data) - allowed
     if unknown:
         raise AdminInputError(f"unknown fields {sorted(unknown)[:8]}")
+
+
+def _format(raw: str) -> str:
+    if raw not in EXPORT_FORMATS:
+        raise AdminInputError(f"format must be one of {', '.join(EXPORT_FORMATS)}")
+    return raw
 
 
 def _ttl(data: dict[str, Any]) -> timedelta:
@@ -146,11 +158,31 @@ def capture_routes(
 
     async def export(request: Request) -> Response:
         sha256 = _sha(request)
-        fmt = request.query_params.get("format", "npz")
-        if fmt not in EXPORT_FORMATS:
-            raise AdminInputError(f"format must be one of {', '.join(EXPORT_FORMATS)}")
+        fmt = _format(request.query_params.get("format", "npz"))
         data = await run_in_threadpool(capture.store.export, sha256, fmt)
         name = f"dataset-{sha256[:12]}.{fmt}"
+        return Response(
+            data,
+            media_type=_MEDIA[fmt],
+            headers={"content-disposition": f'attachment; filename="{name}"'},
+        )
+
+    async def export_model(request: Request) -> Response:
+        model = _model(request.path_params["model"])
+        params = request.query_params
+        fmt = _format(params.get("format", "npz"))
+        now = datetime.now(UTC)
+        since_text = query_text(params, "since", limit=64) or "7d"
+        until_text = query_text(params, "until", limit=64)
+        try:
+            since = parse_time(since_text, now)
+            until = now.timestamp() if until_text is None else parse_time(until_text, now)
+        except FleetDriftError as exc:
+            raise AdminInputError(str(exc)) from exc
+        if not (math.isfinite(since) and math.isfinite(until)) or since > until:
+            raise AdminInputError("since must be a time before until")
+        data = await run_in_threadpool(capture.store.export_model, model, since, until, fmt)
+        name = f"{model}-{since:.0f}-{until:.0f}.{fmt}"
         return Response(
             data,
             media_type=_MEDIA[fmt],
@@ -173,6 +205,7 @@ def capture_routes(
         Route("/v1/capture/{model}/disable", guarded(disable), methods=["POST"]),
         Route("/v1/capture/{model}/collect", guarded(collect), methods=["POST"]),
         Route("/v1/capture", guarded(status), methods=["GET"]),
+        Route("/v1/capture/{model}/export", guarded(export_model), methods=["GET"]),
         Route("/v1/datasets", guarded(datasets), methods=["GET"]),
         Route("/v1/datasets/{sha256}", guarded(dataset), methods=["GET"]),
         Route("/v1/datasets/{sha256}/export", guarded(export), methods=["GET"]),

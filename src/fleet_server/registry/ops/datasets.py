@@ -309,6 +309,29 @@ def list_datasets(
         return [_dataset(r) for r in s.scalars(stmt)]
 
 
+def datasets_in_range(
+    registry: Registry, model: str, since: float, until: float, limit: int
+) -> list[DatasetRecord]:
+    """Datasets of ``model`` holding records between ``since`` and ``until`` (Unix seconds),
+    oldest records first, at most ``limit``.
+
+    Raises:
+        RegistryUnavailableError: the database failed.
+    """
+    with registry.read_session("listing datasets") as s:
+        stmt = (
+            select(DatasetRow)
+            .where(
+                DatasetRow.model == model,
+                DatasetRow.time_to >= since,
+                DatasetRow.time_from <= until,
+            )
+            .order_by(DatasetRow.time_from, DatasetRow.sha256)
+            .limit(limit)
+        )
+        return [_dataset(r) for r in s.scalars(stmt)]
+
+
 def get_dataset(registry: Registry, sha256: str) -> DatasetRecord:
     """One dataset.
 
