@@ -193,6 +193,24 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def proc_status(pid: int) -> dict[str, float]:
+    """Resident memory (MiB), threads, open file descriptors and their soft limit of a process."""
+    out = {"rss_mib": 0.0, "threads": 0.0, "fds": 0.0, "nofile": 0.0}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                out["rss_mib"] = int(line.split()[1]) / 1024
+            elif line.startswith("Threads:"):
+                out["threads"] = float(line.split()[1])
+        out["fds"] = float(sum(1 for _ in Path(f"/proc/{pid}/fd").iterdir()))
+        for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+            if line.startswith("Max open files"):
+                out["nofile"] = float(line.split()[3])
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
 def bare_client(broker: Broker, client_id: str) -> Any:
     """A bare paho MQTT v5 TLS client with the server identity (not connected)."""
     from paho.mqtt import client as mqtt
