@@ -595,9 +595,10 @@ def table(args: Any, res: dict[str, Any]) -> str:
     if "a" in res:
         a = res["a"]
         bare_m, bare_i = a["bare_msgs_s"], a["bare_items_s"]
-        for phase in ("closed", "rate"):
+        for phase in [ph for ph in ("closed", "rate") if ph in a]:
             p = a[phase]
-            label = "A closed loop" if phase == "closed" else f"A offered {fmt(offered_rate(args), 0)}/s"
+            offered = f"A offered {fmt(offered_rate(args), 0)}/s"
+            label = "A closed loop" if phase == "closed" else offered
             row(
                 label,
                 f"reports/s into DB ({args.batch}/msg)",
