@@ -481,7 +481,7 @@ def bare_bundle(
     size = bundle["block_size"]
     data = bundle["data"]
     blocks = [data[i : i + size] for i in range(0, len(data), size)]
-    m0 = broker.cpu_seconds()
+    m0, w0 = broker.cpu_seconds(), pool.cpu_seconds()
     t0 = time.time()
     threading.Thread(target=bare_broadcast, args=(broker, BARE_TOPIC, blocks), daemon=True).start()
     try:
@@ -491,6 +491,7 @@ def bare_bundle(
         out = pool.gather("downloaded", 60)
     r = _downloaded(out, t0, args.devices)
     r["mosquitto_cpu_s"] = broker.cpu_seconds() - m0
+    r["workers_cpu_s"] = pool.cpu_seconds() - w0
     return r
 
 
@@ -504,7 +505,7 @@ def system_bundle(
     pool.gather("ready", 60)
     pool.progress.clear()
     s0 = gateway.stats()
-    m0 = broker.cpu_seconds()
+    m0, w0 = broker.cpu_seconds(), pool.cpu_seconds()
     restarted: dict[str, float] = {}
 
     def on_progress(total: int) -> None:
@@ -527,6 +528,7 @@ def system_bundle(
         out = pool.gather("downloaded", 60)
     s1 = gateway.stats()
     r = _downloaded(out, t0, args.devices)
+    r["workers_cpu_s"] = pool.cpu_seconds() - w0
     # Blocks still queued in the broker for devices that are already complete arrive later
     # (and would land in the next transfer): count them and let them drain.
     pool.send(("drain", 3.0, 300.0))
@@ -719,7 +721,15 @@ def table(args: Any, res: dict[str, Any]) -> str:
             "yes" if ok else "no",
         )
     if "b" in res:
-        b, bare = res["b"], res["b_bare"]
+        nan = float("nan")
+        no_bare = {
+            "seconds": nan,
+            "complete": "-",
+            "bad": "-",
+            "received": 0,
+            "mosquitto_cpu_s": nan,
+        }
+        b, bare = res["b"], res.get("b_bare", no_bare)
         row(
             f"B {fmt(args.bundle_mb, 0)} MB bundle",
             f"time to all {args.devices} devices (s)",
@@ -827,6 +837,13 @@ def table(args: Any, res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def save(args: Any, res: dict[str, Any]) -> None:
+    """Write the figures so far to ``--json`` (after every scenario: a long run that fails
+    later keeps what it measured)."""
+    if args.json is not None:
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, **res}))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--devices", type=int, default=1000)
@@ -850,6 +867,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--connect-rate", type=float, default=0.0, help="new connections/s, fleet (0: no cap)"
+    )
+    ap.add_argument(
+        "--no-bare-bundle",
+        dest="bare_bundle",
+        action="store_false",
+        help="skip B's bare broadcast baseline (it moves the same bytes again)",
     )
     ap.add_argument("--json", type=Path, default=None, help="write every figure to this file")
     ap.add_argument("--quick", action="store_true", help="50 devices, 1 MB, 5 s phases")
@@ -884,26 +907,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# workers started in {time.monotonic() - t:.1f}s", file=sys.stderr)
         res["connect"] = connect_fleet(args, pool, broker)
         print(f"# connect: {res['connect']}", file=sys.stderr)
+        save(args, res)
         connected = res["connect"]["connected"]
         if connected != args.devices:
             raise RuntimeError(f"only {connected} of {args.devices} devices connected")
         if "a" in wanted:
             res["a"] = scenario_a(args, pool, server, broker)
             print(f"# A: {res['a']}", file=sys.stderr)
+            save(args, res)
         if "r" in wanted:
             res["r"] = scenario_r(args, pool, server, broker)
             print(f"# R: {res['r']}", file=sys.stderr)
+            save(args, res)
         if wanted & {"b", "c"}:
             bundle = make_bundle(server, args.bundle_mb, 1)
             # C is reported against B of the same run, so it runs B first.
-            res["b_bare"] = bare_bundle(args, pool, server, broker, bundle)
-            print(f"# B bare: {res['b_bare']}", file=sys.stderr)
+            if args.bare_bundle:
+                res["b_bare"] = bare_bundle(args, pool, server, broker, bundle)
+                print(f"# B bare: {res['b_bare']}", file=sys.stderr)
+                save(args, res)
             res["b"] = system_bundle(args, pool, server, broker, bundle, restart=False)
             print(f"# B: {res['b']}", file=sys.stderr)
+            save(args, res)
             if "c" in wanted:
                 bundle2 = make_bundle(server, args.bundle_mb, 2)
                 res["c"] = system_bundle(args, pool, server, broker, bundle2, restart=True)
                 print(f"# C: {res['c']}", file=sys.stderr)
+                save(args, res)
     finally:
         if pool is not None:
             pool.close()
@@ -912,8 +942,7 @@ def main(argv: list[str] | None = None) -> int:
         if broker is not None:
             broker.stop()
         shutil.rmtree(root, ignore_errors=True)
-    if args.json is not None:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, **res}))
+    save(args, res)
     out = table(args, res)
     print(out if args.markdown else out.replace("|", " ").strip())
     return 0
