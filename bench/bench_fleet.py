@@ -68,6 +68,7 @@ from fleetbench import (
     Broker,
     bare_broadcast,
     device_ids,
+    host_load,
     make_pki,
     proc_cpu_seconds,
     proc_status,
@@ -839,7 +840,9 @@ def table(args: Any, res: dict[str, Any]) -> str:
 
 def save(args: Any, res: dict[str, Any]) -> None:
     """Write the figures so far to ``--json`` (after every scenario: a long run that fails
-    later keeps what it measured)."""
+    later keeps what it measured), with the host's load at that moment."""
+    done = [k for k in res if k != "host"]
+    res.setdefault("host", []).append(host_load() | {"after": done[-1] if done else ""})
     if args.json is not None:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, **res}))
 

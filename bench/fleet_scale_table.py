@@ -49,6 +49,18 @@ def _bytes(run: dict[str, Any]) -> float | None:
     return float(b["received"]) * length / b["n_blocks"]
 
 
+def _host(after: str, key: str) -> Getter:
+    """The host's load sampled right after scenario ``after`` (other tenants included)."""
+
+    def get(run: dict[str, Any]) -> float | None:
+        for h in run.get("host", []):
+            if h.get("after") == after:
+                return float(h[key])
+        return None
+
+    return get
+
+
 ROWS: list[tuple[str, Getter, int]] = [
     ("connect: time to all connected (s)", _get("connect", "seconds"), 1),
     ("connect: rate (connections/s)", _get("connect", "per_s"), 0),
@@ -91,6 +103,14 @@ ROWS: list[tuple[str, Getter, int]] = [
     ("B: block requests served", _get("b", "block_requests_served"), 0),
     ("B: server blocks broadcast", _get("b", "blocks_broadcast"), 0),
     ("B: server blocks unicast", _get("b", "blocks_unicast"), 0),
+    ("host load average (1 min) after connect", _host("connect", "loadavg_1m"), 1),
+    ("host load average (1 min) after A", _host("a", "loadavg_1m"), 1),
+    ("host load average (1 min) after R", _host("r", "loadavg_1m"), 1),
+    ("host load average (1 min) after B", _host("b", "loadavg_1m"), 1),
+    ("host CPU pressure (% waiting, 10 s) after connect", _host("connect", "cpu_pressure_10s"), 0),
+    ("host CPU pressure (% waiting, 10 s) after A", _host("a", "cpu_pressure_10s"), 0),
+    ("host CPU pressure (% waiting, 10 s) after R", _host("r", "cpu_pressure_10s"), 0),
+    ("host CPU pressure (% waiting, 10 s) after B", _host("b", "cpu_pressure_10s"), 0),
 ]
 
 

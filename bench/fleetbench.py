@@ -211,6 +211,17 @@ def proc_status(pid: int) -> dict[str, float]:
     return out
 
 
+def host_load() -> dict[str, float]:
+    """The whole host, other tenants included: 1-minute load average and the share of the
+    last 10 s in which some runnable task waited for a CPU (``/proc/pressure/cpu``)."""
+    out = {"loadavg_1m": 0.0, "cpu_pressure_10s": 0.0}
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        out["loadavg_1m"] = float(Path("/proc/loadavg").read_text().split()[0])
+        some = Path("/proc/pressure/cpu").read_text().splitlines()[0].split()
+        out["cpu_pressure_10s"] = float(some[1].split("=")[1])
+    return out
+
+
 def bare_client(broker: Broker, client_id: str) -> Any:
     """A bare paho MQTT v5 TLS client with the server identity (not connected)."""
     from paho.mqtt import client as mqtt
