@@ -317,6 +317,9 @@ def scenario_a(args: Any, pool: Pool, server: Server, broker: Broker) -> dict[st
     phases = [("closed", 0.0)] if args.closed else []
     for phase, rate in [*phases, ("rate", offered_rate(args))]:
         start, end, params = telemetry_phase(args, rate)
+        # Wait up to --timeout for the last acks, so the check below does not count batches
+        # still in flight (resent after an ack timeout) as lost.
+        params["drain"] = max(params["drain"], args.timeout)
         pool.send(("telemetry", params))
         time.sleep(max(0.0, start + WARMUP - time.time()))
         s0, t0 = gateway.stats(), time.monotonic()
