@@ -411,6 +411,7 @@ def scenario_r(args: Any, pool: Pool, server: Server, broker: Broker) -> dict[st
         "broker_down_s": t_up - t_down,
         "mosquitto_cpu_before_s": m_old,
         "dropped": dropped,
+        "drops": sum(o.get("drops", 0) for o in out),
         "reconnected": len(reconnected),
         "reconnect_p50_s": statistics.median(reconnected) - t_up if reconnected else float("nan"),
         "all_reconnected_s": all_back,
@@ -678,8 +679,8 @@ def table(args: Any, res: dict[str, Any]) -> str:
         )
         row(
             f"R broker restart, offered {fmt(r['offered_items_s'], 0)}/s",
-            "broker down (s); devices dropped / reconnected",
-            f"{fmt(r['broker_down_s'], 2)}; {r['dropped']} / {r['reconnected']}",
+            "broker down (s); devices dropped / reconnected (connections lost)",
+            f"{fmt(r['broker_down_s'], 2)}; {r['dropped']} / {r['reconnected']} ({r['drops']})",
             "",
             "",
             "",

@@ -90,6 +90,7 @@ ROWS: list[tuple[str, Getter, int]] = [
     ("A check: duplicate rows", _get("a", "check", "duplicate_rows"), 0),
     ("R: broker down (s)", _get("r", "broker_down_s"), 2),
     ("R: devices dropped", _get("r", "dropped"), 0),
+    ("R: connections lost (more than devices: dropped again)", _get("r", "drops"), 0),
     ("R: all reconnected (s after broker up)", _get("r", "all_reconnected_s"), 1),
     ("R: reconnects/s", _get("r", "reconnects_per_s"), 0),
     ("R: telemetry caught up (s after broker up)", _get("r", "caught_up_s"), 1),
