@@ -14,10 +14,21 @@ B. a ``--bundle-mb`` bundle to every device: ``Gateway.start_wave`` plus each de
    ``BlockRequest``s (the ``Download`` rule, in-memory ``Progress``, every block compared byte
    for byte). Baseline: bare paho broadcast of the same bytes in 64 KiB QoS 1 messages.
 C. B again with the broker restarted when 50% of all blocks have arrived.
+R. telemetry at the offered rate with the broker restarted a third of the way into the phase:
+   time until every device is connected again and until every batch built before the restart
+   is acknowledged ("caught up"), then the same zero loss / zero duplicates check as A.
+
+Before the scenarios it connects the fleet (``--connect-rate`` new TLS connections/s, 0 = as
+fast as the workers' blocking handshakes go) and reports the connect rate, the CPU it took and
+the memory / threads / file descriptors of Mosquitto and the device workers.
+``--interval`` fixes the offered rate per device (one batch every N seconds) instead of for
+the fleet, so runs at different fleet sizes offer the same per-device load. ``--json`` writes
+every figure to a file.
 
 Usage:
     .venv/bin/python bench/bench_fleet.py [--quick] [--devices 1000] [--processes 4]
-        [--duration 20] [--bundle-mb 5] [--scenario a|b|c|all] [--markdown]
+        [--duration 20] [--bundle-mb 5] [--scenario a,b,c,r|all] [--interval S]
+        [--no-closed] [--connect-rate N] [--json PATH] [--markdown]
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import json
 import multiprocessing as mp
 import os
 import platform
@@ -56,8 +68,10 @@ from fleetbench import (
     Broker,
     bare_broadcast,
     device_ids,
+    host_load,
     make_pki,
     proc_cpu_seconds,
+    proc_status,
     raise_nofile,
 )
 from fleetsim import BARE_TOPIC, worker_main
@@ -83,6 +97,7 @@ class Pool:
             child.close()
             self.conns.append(parent)
             self.procs.append(p)
+        self.gather("ready", 300)  # every worker has built its clients (TLS contexts)
 
     def send(self, cmd: tuple[Any, ...]) -> None:
         for c in self.conns:
@@ -110,6 +125,13 @@ class Pool:
 
     def cpu_seconds(self) -> float:
         return sum(proc_cpu_seconds(p.pid) for p in self.procs if p.pid)
+
+    def status(self) -> dict[str, float]:
+        """Summed RSS / threads / fds of the worker processes (``nofile``: the lowest limit)."""
+        each = [proc_status(p.pid) for p in self.procs if p.pid]
+        out = {k: sum(e[k] for e in each) for k in ("rss_mib", "threads", "fds")}
+        out["nofile"] = min(e["nofile"] for e in each) if each else 0.0
+        return out
 
     def close(self) -> None:
         for c in self.conns:
@@ -210,6 +232,13 @@ def telemetry_phase(args: argparse.Namespace, rate: float) -> tuple[float, float
     return start, end, params
 
 
+def offered_rate(args: argparse.Namespace) -> float:
+    """Offered reports/s of the whole fleet: ``--interval`` per device, else ``--rate``."""
+    if args.interval > 0:
+        return float(args.devices * args.batch / args.interval)
+    return float(args.rate)
+
+
 def proc_cpu_seconds_task(tid: int) -> float:
     try:
         fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -223,6 +252,35 @@ def pct(values: list[float], q: float) -> float:
         return float("nan")
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))]
+
+
+# --------------------------------------------------------------------------- connect
+def connect_fleet(args: Any, pool: Pool, broker: Broker) -> dict[str, Any]:
+    """Connect every device (ramped), then the connect rate, CPU, memory and fds."""
+    m0, w0 = broker.cpu_seconds(), pool.cpu_seconds()
+    t0 = time.time()
+    pool.send(("connect", 600.0, args.connect_rate / args.processes))
+    connected = sum(pool.gather("connected", 900))
+    t1 = time.time()
+    m1, w1 = broker.cpu_seconds(), pool.cpu_seconds()
+    pool.send(("stats",))
+    stats = pool.gather("stats", 60)
+    at = sorted(x - t0 for s in stats for x in s["connected_at"])
+    last = at[-1] if at else float("nan")
+    return {
+        "connected": connected,
+        "seconds": last,
+        "per_s": connected / last if at and last > 0 else 0.0,
+        "p50_s": pct(at, 0.5),
+        "p99_s": pct(at, 0.99),
+        "command_seconds": t1 - t0,
+        "failures": sum(s["connect_failures"] for s in stats),
+        "mosquitto_cpu_s": m1 - m0,
+        "workers_cpu_s": w1 - w0,
+        "mosquitto": proc_status(broker.pid) if broker.pid else {},
+        "workers": pool.status(),
+        "bench": proc_status(os.getpid()),
+    }
 
 
 # --------------------------------------------------------------------------- scenario A
@@ -256,8 +314,12 @@ def scenario_a(args: Any, pool: Pool, server: Server, broker: Broker) -> dict[st
     gateway = server.start()
     base = sum(s["sent_items"] for s in sent)  # flood seqs are not in the DB
     floor_seq = dict.fromkeys(server.registry_devices, 0)
-    for phase, rate in (("closed", 0.0), ("rate", args.rate)):
+    phases = [("closed", 0.0)] if args.closed else []
+    for phase, rate in [*phases, ("rate", offered_rate(args))]:
         start, end, params = telemetry_phase(args, rate)
+        # Wait up to --timeout for the last acks, so the check below does not count batches
+        # still in flight (resent after an ack timeout) as lost.
+        params["drain"] = max(params["drain"], args.timeout)
         pool.send(("telemetry", params))
         time.sleep(max(0.0, start + WARMUP - time.time()))
         s0, t0 = gateway.stats(), time.monotonic()
@@ -284,7 +346,15 @@ def scenario_a(args: Any, pool: Pool, server: Server, broker: Broker) -> dict[st
         }
         res[phase] = r
         last_seq = {d: v for o in out for d, v in o["last_seq"].items()}
-    # Zero loss / zero duplicates: rows per device vs seqs sent in the two acked phases.
+    res["check"] = check_rows(server, gateway, last_seq, floor_seq)
+    res["check"]["flood_items_not_stored"] = base
+    return res
+
+
+def check_rows(
+    server: Server, gateway: Gateway, last_seq: dict[str, int], floor_seq: dict[str, int]
+) -> dict[str, Any]:
+    """Zero loss / zero duplicates: rows per device vs the seqs ``floor+1 .. last`` sent."""
     time.sleep(0.5)
     with server.registry.engine.connect() as conn:
         rows = {
@@ -304,7 +374,7 @@ def scenario_a(args: Any, pool: Pool, server: Server, broker: Broker) -> dict[st
         if n and rows.get(d, (0, 0, 0, 0)) != (n, n, floor_seq[d] + 1, last_seq[d])
     ]
     st = gateway.stats()
-    res["check"] = {
+    return {
         "expected_rows": sum(expected.values()),
         "stored_rows": stored,
         "devices_mismatch": len(bad),
@@ -312,8 +382,59 @@ def scenario_a(args: Any, pool: Pool, server: Server, broker: Broker) -> dict[st
         "server_duplicates": st.duplicates,
         "server_lost": st.lost,
         "rejected": dict(st.rejected),
-        "flood_items_not_stored": base,
     }
+
+
+# --------------------------------------------------------------------------- scenario R
+def scenario_r(args: Any, pool: Pool, server: Server, broker: Broker) -> dict[str, Any]:
+    """Telemetry at the offered rate; the broker restarts a third of the way into the phase."""
+    gateway = server.start()
+    start, _end, params = telemetry_phase(args, offered_rate(args))
+    params["drain"] = args.timeout  # how long the devices may take to catch up after the end
+    pool.send(("telemetry", params))
+    time.sleep(max(0.0, start + args.duration / 3 - time.time()))
+    s0, m_old, w0 = gateway.stats(), broker.cpu_seconds(), pool.cpu_seconds()
+    t_down = time.time()
+    broker.restart()
+    t_up = time.time()
+    out = pool.gather("telemetry", args.duration + args.timeout + 120)
+    t_end = time.time()
+    s1, m_new, w1 = gateway.stats(), broker.cpu_seconds(), pool.cpu_seconds()
+    reconnected = sorted(x for o in out for x in o["reconnected_at"])
+    recovered = sorted(x for o in out for x in o["recovered_at"])
+    dropped = sum(o["dropped"] for o in out)
+    lags = [x for o in out for x in o["lags"]]
+    all_back = reconnected[-1] - t_up if len(reconnected) == dropped and dropped else float("nan")
+    res: dict[str, Any] = {
+        "devices": args.devices,
+        "offered_items_s": offered_rate(args),
+        "broker_down_s": t_up - t_down,
+        "mosquitto_cpu_before_s": m_old,
+        "dropped": dropped,
+        "drops": sum(o.get("drops", 0) for o in out),
+        "reconnected": len(reconnected),
+        "reconnect_p50_s": statistics.median(reconnected) - t_up if reconnected else float("nan"),
+        "all_reconnected_s": all_back,
+        "reconnects_per_s": dropped / all_back if all_back == all_back and all_back else 0.0,
+        "recovered": len(recovered),
+        "caught_up_s": (
+            recovered[-1] - t_up if len(recovered) == dropped and dropped else float("nan")
+        ),
+        "lag_p50": pct(lags, 0.50),
+        "lag_p99": pct(lags, 0.99),
+        "lag_max": max(lags) if lags else float("nan"),
+        "resends": sum(o["resends"] for o in out),
+        "unacked": sum(o["unacked"] for o in out),
+        "connected_at_end": sum(o["connected"] for o in out),
+        "phase_seconds": t_end - start,
+        "items_stored": s1.items_inserted - s0.items_inserted,
+        "server_duplicates_during": s1.duplicates - s0.duplicates,
+        "mosquitto_cpu_after_s": m_new,
+        "workers_cpu_s": w1 - w0,
+        "mosquitto": proc_status(broker.pid) if broker.pid else {},
+    }
+    last_seq = {d: v for o in out for d, v in o["last_seq"].items()}
+    res["check"] = check_rows(server, gateway, last_seq, dict.fromkeys(last_seq, 0))
     return res
 
 
@@ -365,7 +486,7 @@ def bare_bundle(
     size = bundle["block_size"]
     data = bundle["data"]
     blocks = [data[i : i + size] for i in range(0, len(data), size)]
-    m0 = broker.cpu_seconds()
+    m0, w0 = broker.cpu_seconds(), pool.cpu_seconds()
     t0 = time.time()
     threading.Thread(target=bare_broadcast, args=(broker, BARE_TOPIC, blocks), daemon=True).start()
     try:
@@ -375,6 +496,7 @@ def bare_bundle(
         out = pool.gather("downloaded", 60)
     r = _downloaded(out, t0, args.devices)
     r["mosquitto_cpu_s"] = broker.cpu_seconds() - m0
+    r["workers_cpu_s"] = pool.cpu_seconds() - w0
     return r
 
 
@@ -388,7 +510,7 @@ def system_bundle(
     pool.gather("ready", 60)
     pool.progress.clear()
     s0 = gateway.stats()
-    m0 = broker.cpu_seconds()
+    m0, w0 = broker.cpu_seconds(), pool.cpu_seconds()
     restarted: dict[str, float] = {}
 
     def on_progress(total: int) -> None:
@@ -411,6 +533,7 @@ def system_bundle(
         out = pool.gather("downloaded", 60)
     s1 = gateway.stats()
     r = _downloaded(out, t0, args.devices)
+    r["workers_cpu_s"] = pool.cpu_seconds() - w0
     # Blocks still queued in the broker for devices that are already complete arrive later
     # (and would land in the next transfer): count them and let them drain.
     pool.send(("drain", 3.0, 300.0))
@@ -444,12 +567,45 @@ def table(args: Any, res: dict[str, Any]) -> str:
     def row(s: str, m: str, ours: str, bare: str, ratio: str, target: str, met: str) -> None:
         lines.append(f"| {s} | {m} | {ours} | {bare} | {ratio} | {target} | {met} |")
 
+    if "connect" in res:
+        c = res["connect"]
+        mq, wk = c["mosquitto"], c["workers"]
+        row(
+            f"Connect {args.devices} TLS devices",
+            "time to all connected (s), p50 (s), rate (/s), failed attempts",
+            f"{fmt(c['seconds'])}, {fmt(c['p50_s'])}, {fmt(c['per_s'], 0)}, {c['failures']}",
+            "",
+            "",
+            "",
+            "",
+        )
+        row(
+            "Connect",
+            "CPU while connecting (s): mosquitto / device workers",
+            f"{fmt(c['mosquitto_cpu_s'])} / {fmt(c['workers_cpu_s'])}",
+            "",
+            "",
+            "",
+            "",
+        )
+        row(
+            "Connect",
+            "mosquitto RSS MiB / fds (limit); workers RSS MiB / threads / fds",
+            f"{fmt(mq.get('rss_mib', 0), 0)} / {fmt(mq.get('fds', 0), 0)} "
+            f"({fmt(mq.get('nofile', 0), 0)}); {fmt(wk['rss_mib'], 0)} / "
+            f"{fmt(wk['threads'], 0)} / {fmt(wk['fds'], 0)}",
+            "",
+            "",
+            "",
+            "",
+        )
     if "a" in res:
         a = res["a"]
         bare_m, bare_i = a["bare_msgs_s"], a["bare_items_s"]
-        for phase in ("closed", "rate"):
+        for phase in [ph for ph in ("closed", "rate") if ph in a]:
             p = a[phase]
-            label = "A closed loop" if phase == "closed" else f"A offered {fmt(args.rate, 0)}/s"
+            offered = f"A offered {fmt(offered_rate(args), 0)}/s"
+            label = "A closed loop" if phase == "closed" else offered
             row(
                 label,
                 f"reports/s into DB ({args.batch}/msg)",
@@ -513,8 +669,72 @@ def table(args: Any, res: dict[str, Any]) -> str:
             "0 lost, 0 dup",
             "yes" if ok else "no",
         )
+    if "r" in res:
+        r = res["r"]
+        cr = r["check"]
+        ok = (
+            cr["stored_rows"] == cr["expected_rows"]
+            and cr["devices_mismatch"] == 0
+            and cr["duplicate_rows"] == 0
+        )
+        row(
+            f"R broker restart, offered {fmt(r['offered_items_s'], 0)}/s",
+            "broker down (s); devices dropped / reconnected (connections lost)",
+            f"{fmt(r['broker_down_s'], 2)}; {r['dropped']} / {r['reconnected']} ({r['drops']})",
+            "",
+            "",
+            "",
+            "",
+        )
+        row(
+            "R",
+            "all reconnected (s after broker up), p50 (s), reconnects/s",
+            f"{fmt(r['all_reconnected_s'])}, {fmt(r['reconnect_p50_s'])}, "
+            f"{fmt(r['reconnects_per_s'], 0)}",
+            "",
+            "",
+            "",
+            "",
+        )
+        row(
+            "R",
+            "telemetry caught up (s after broker up); devices caught up",
+            f"{fmt(r['caught_up_s'])}; {r['recovered']}",
+            "",
+            "",
+            "",
+            "",
+        )
+        row(
+            "R",
+            "ingest lag over the phase p50 / p99 / max (s); resends",
+            f"{fmt(r['lag_p50'], 3)} / {fmt(r['lag_p99'], 3)} / {fmt(r['lag_max'], 2)}; "
+            f"{r['resends']}",
+            "",
+            "",
+            "",
+            "",
+        )
+        row(
+            "R check",
+            "rows stored / seqs sent (mismatched devices, dup rows)",
+            f"{cr['stored_rows']:,} / {cr['expected_rows']:,} ({cr['devices_mismatch']}, "
+            f"{cr['duplicate_rows']})",
+            "",
+            "",
+            "0 lost, 0 dup",
+            "yes" if ok else "no",
+        )
     if "b" in res:
-        b, bare = res["b"], res["b_bare"]
+        nan = float("nan")
+        no_bare = {
+            "seconds": nan,
+            "complete": "-",
+            "bad": "-",
+            "received": 0,
+            "mosquitto_cpu_s": nan,
+        }
+        b, bare = res["b"], res.get("b_bare", no_bare)
         row(
             f"B {fmt(args.bundle_mb, 0)} MB bundle",
             f"time to all {args.devices} devices (s)",
@@ -622,6 +842,15 @@ def table(args: Any, res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def save(args: Any, res: dict[str, Any]) -> None:
+    """Write the figures so far to ``--json`` (after every scenario: a long run that fails
+    later keeps what it measured), with the host's load at that moment."""
+    done = [k for k in res if k != "host"]
+    res.setdefault("host", []).append(host_load() | {"after": done[-1] if done else ""})
+    if args.json is not None:
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, **res}))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--devices", type=int, default=1000)
@@ -631,10 +860,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=5, help="reports per telemetry message")
     ap.add_argument("--bundle-mb", type=float, default=5.0)
     ap.add_argument("--timeout", type=float, default=180.0, help="bundle delivery timeout (s)")
-    ap.add_argument("--scenario", choices=["a", "b", "c", "all"], default="all")
+    ap.add_argument(
+        "--scenario", default="all", help="comma-separated subset of a,r,b,c, or all (a,r,b,c)"
+    )
+    ap.add_argument(
+        "--interval",
+        type=float,
+        default=0.0,
+        help="seconds between two batches of one device (overrides --rate: fixed per device)",
+    )
+    ap.add_argument(
+        "--no-closed", dest="closed", action="store_false", help="skip A's closed-loop phase"
+    )
+    ap.add_argument(
+        "--connect-rate", type=float, default=0.0, help="new connections/s, fleet (0: no cap)"
+    )
+    ap.add_argument(
+        "--no-bare-bundle",
+        dest="bare_bundle",
+        action="store_false",
+        help="skip B's bare broadcast baseline (it moves the same bytes again)",
+    )
+    ap.add_argument("--json", type=Path, default=None, help="write every figure to this file")
     ap.add_argument("--quick", action="store_true", help="50 devices, 1 MB, 5 s phases")
     ap.add_argument("--markdown", action="store_true")
     args = ap.parse_args(argv)
+    wanted = {"a", "r", "b", "c"} if args.scenario == "all" else set(args.scenario.split(","))
+    if not wanted or wanted - {"a", "r", "b", "c"}:
+        ap.error(f"--scenario: unknown {args.scenario!r}")
     if args.quick:
         args.devices, args.processes, args.duration = 50, 2, 5.0
         args.bundle_mb, args.rate, args.timeout = 1.0, 500.0, 60.0
@@ -658,26 +911,36 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# setup (PKI, broker, registry) {time.monotonic() - t:.1f}s", file=sys.stderr)
         t = time.monotonic()
         pool = Pool(args.processes, broker, creds, ids)
-        pool.send(("connect", 120.0))
-        connected = sum(pool.gather("connected", 300))
-        print(f"# {connected} devices connected in {time.monotonic() - t:.1f}s", file=sys.stderr)
+        print(f"# workers started in {time.monotonic() - t:.1f}s", file=sys.stderr)
+        res["connect"] = connect_fleet(args, pool, broker)
+        print(f"# connect: {res['connect']}", file=sys.stderr)
+        save(args, res)
+        connected = res["connect"]["connected"]
         if connected != args.devices:
             raise RuntimeError(f"only {connected} of {args.devices} devices connected")
-        if args.scenario in ("a", "all"):
+        if "a" in wanted:
             res["a"] = scenario_a(args, pool, server, broker)
             print(f"# A: {res['a']}", file=sys.stderr)
-        if args.scenario in ("b", "c", "all"):
+            save(args, res)
+        if "r" in wanted:
+            res["r"] = scenario_r(args, pool, server, broker)
+            print(f"# R: {res['r']}", file=sys.stderr)
+            save(args, res)
+        if wanted & {"b", "c"}:
             bundle = make_bundle(server, args.bundle_mb, 1)
             # C is reported against B of the same run, so it runs B first.
-            if args.scenario in ("b", "c", "all"):
+            if args.bare_bundle:
                 res["b_bare"] = bare_bundle(args, pool, server, broker, bundle)
                 print(f"# B bare: {res['b_bare']}", file=sys.stderr)
-                res["b"] = system_bundle(args, pool, server, broker, bundle, restart=False)
-                print(f"# B: {res['b']}", file=sys.stderr)
-            if args.scenario in ("c", "all"):
+                save(args, res)
+            res["b"] = system_bundle(args, pool, server, broker, bundle, restart=False)
+            print(f"# B: {res['b']}", file=sys.stderr)
+            save(args, res)
+            if "c" in wanted:
                 bundle2 = make_bundle(server, args.bundle_mb, 2)
                 res["c"] = system_bundle(args, pool, server, broker, bundle2, restart=True)
                 print(f"# C: {res['c']}", file=sys.stderr)
+                save(args, res)
     finally:
         if pool is not None:
             pool.close()
@@ -686,6 +949,7 @@ def main(argv: list[str] | None = None) -> int:
         if broker is not None:
             broker.stop()
         shutil.rmtree(root, ignore_errors=True)
+    save(args, res)
     out = table(args, res)
     print(out if args.markdown else out.replace("|", " ").strip())
     return 0

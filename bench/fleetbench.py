@@ -193,6 +193,35 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def proc_status(pid: int) -> dict[str, float]:
+    """Resident memory (MiB), threads, open file descriptors and their soft limit of a process."""
+    out = {"rss_mib": 0.0, "threads": 0.0, "fds": 0.0, "nofile": 0.0}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                out["rss_mib"] = int(line.split()[1]) / 1024
+            elif line.startswith("Threads:"):
+                out["threads"] = float(line.split()[1])
+        out["fds"] = float(sum(1 for _ in Path(f"/proc/{pid}/fd").iterdir()))
+        for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+            if line.startswith("Max open files"):
+                out["nofile"] = float(line.split()[3])
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+def host_load() -> dict[str, float]:
+    """The whole host, other tenants included: 1-minute load average and the share of the
+    last 10 s in which some runnable task waited for a CPU (``/proc/pressure/cpu``)."""
+    out = {"loadavg_1m": 0.0, "cpu_pressure_10s": 0.0}
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        out["loadavg_1m"] = float(Path("/proc/loadavg").read_text().split()[0])
+        some = Path("/proc/pressure/cpu").read_text().splitlines()[0].split()
+        out["cpu_pressure_10s"] = float(some[1].split("=")[1])
+    return out
+
+
 def bare_client(broker: Broker, client_id: str) -> Any:
     """A bare paho MQTT v5 TLS client with the server identity (not connected)."""
     from paho.mqtt import client as mqtt
