@@ -218,14 +218,7 @@ class RolloutRunner:
             raise
         except RegistryError as exc:
             raise ModelNotPublishedError(str(exc)) from exc
-        overrides = admit(
-            model,
-            version,
-            quarantine_reason=store.quarantine_reason(self._registry, model, version),
-            aborts=store.abort_count(self._registry, model, version),
-            override_quarantine=override_quarantine,
-            override_aborted=override_aborted,
-        )
+        overrides = self._admit(model, version, override_quarantine, override_aborted)
         if from_version is None:
             from_version = common_version(model, version, self._reader.targeted(selector))
         offline: OfflineCheck | None = None
@@ -234,21 +227,9 @@ class RolloutRunner:
                 model, from_version, version, policy, override=override_offline
             )
             overrides = (*overrides, used) if used is not None else overrides
-        now = self._clock()
-        r = Rollout(
-            id=self._new_id(),
-            model=model,
-            from_version=from_version,
-            to_version=version,
-            selector=selector,
-            policy=policy,
-            created_at=now,
-            updated_at=now,
-            overrides=overrides,
-            offline=offline,
+        return self._store_new(
+            model, from_version, version, selector, policy, overrides, offline=offline
         )
-        with self._mutex:
-            return store.create_rollout(self._registry, r, now)
 
     def create_agent(
         self,
@@ -275,28 +256,49 @@ class RolloutRunner:
             RegistryUnavailableError: the database failed.
         """
         agent_releases.agent_release(self._registry, release)
-        overrides = admit(
-            AGENT_ROLLOUT,
-            release,
-            quarantine_reason=store.quarantine_reason(self._registry, AGENT_ROLLOUT, release),
-            aborts=store.abort_count(self._registry, AGENT_ROLLOUT, release),
-            override_quarantine=override_quarantine,
-            override_aborted=override_aborted,
-        )
+        overrides = self._admit(AGENT_ROLLOUT, release, override_quarantine, override_aborted)
         if from_release is None:
             targets = self._reader.targeted(selector, agent=True)
             from_release = common_agent_release(release, targets)
+        return self._store_new(AGENT_ROLLOUT, from_release, release, selector, policy, overrides)
+
+    def _admit(
+        self, model: str, version: int, override_quarantine: str, override_aborted: str
+    ) -> tuple[Override, ...]:
+        """The memory of failure's answer for ``model`` v``version`` (``admission.admit``)."""
+        return admit(
+            model,
+            version,
+            quarantine_reason=store.quarantine_reason(self._registry, model, version),
+            aborts=store.abort_count(self._registry, model, version),
+            override_quarantine=override_quarantine,
+            override_aborted=override_aborted,
+        )
+
+    def _store_new(
+        self,
+        model: str,
+        from_version: int | None,
+        version: int,
+        selector: Selector,
+        policy: RolloutPolicy,
+        overrides: tuple[Override, ...],
+        *,
+        offline: OfflineCheck | None = None,
+    ) -> Rollout:
+        """Store a new pending rollout."""
         now = self._clock()
         r = Rollout(
             id=self._new_id(),
-            model=AGENT_ROLLOUT,
-            from_version=from_release,
-            to_version=release,
+            model=model,
+            from_version=from_version,
+            to_version=version,
             selector=selector,
             policy=policy,
             created_at=now,
             updated_at=now,
             overrides=overrides,
+            offline=offline,
         )
         with self._mutex:
             return store.create_rollout(self._registry, r, now)
