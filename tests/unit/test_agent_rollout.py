@@ -117,6 +117,29 @@ def test_observe_agent_counts_every_model_of_the_running_process_only() -> None:
     assert observe_agent("d", None, since, _reported(None, None, "pending"), rows[:2]).reporting
 
 
+def test_a_member_confirmed_before_its_first_report_is_not_judged_on_the_old_process() -> None:
+    # The launcher confirms the new agent when it connects, before its first telemetry report;
+    # meanwhile the newest reports are still the old process's (started before the assignment).
+    since = T0 + timedelta(seconds=10)
+    old = [
+        _report(1, T0, 1.0, 100),
+        _report(2, T0 + timedelta(seconds=20), 1.0, 200),
+        _report(3, T0 + timedelta(seconds=30), 1.0, 300),
+    ]
+    confirmed = _reported(2, 2, "installed")
+    o = observe_agent("d", 2, since, confirmed, old, member=True)
+    assert not o.reporting
+    assert (o.metrics.reports, o.metrics.requests) == (0, 0)
+    # Its first reports as the new process count as soon as there are two.
+    new = [*old, _report(4, T0 + timedelta(seconds=40), 2.0, 10),
+           _report(5, T0 + timedelta(seconds=50), 2.0, 30)]  # fmt: skip
+    o = observe_agent("d", 2, since, confirmed, new, member=True)
+    assert o.reporting
+    assert o.metrics.reports == 1
+    # A control device's process may well predate the rollout: it counts.
+    assert observe_agent("d", 1, since, _reported(1, None, "pending"), old).reporting
+
+
 @pytest.mark.parametrize(
     ("reported", "failed", "rolled"),
     [

@@ -119,6 +119,7 @@ class RolloutReader:
                     self._registry.telemetry(
                         device_id=d.id, after_id=None, limit=AGENT_REPORTS, kind="report"
                     ),
+                    member=d.id in r.members,
                 )
                 for d in devices
             ]

@@ -50,6 +50,8 @@ def observe_agent(
     since: datetime,
     reported: Mapping[str, Any] | None,
     rows: Sequence[TelemetryRowLike],
+    *,
+    member: bool = False,
 ) -> DeviceObservation:
     """Build a device's observation of agent ``release`` from ``since`` on.
 
@@ -59,6 +61,10 @@ def observe_agent(
         since: Start of the window (server time): intervals ending before it are not counted.
         reported: The device's stored reported-state document, if any.
         rows: Its newest stored report rows (any order; other kinds are ignored).
+        member: The device was assigned ``release`` at ``since``: only a process whose first
+            report arrived after ``since`` is the new agent (the old one keeps reporting while
+            the new release downloads, and the launcher confirms the new one when it connects,
+            before its first report).
 
     Returns:
         The observation (``active_version``: the release the device runs, None for the base
@@ -84,8 +90,14 @@ def observe_agent(
     for a, b in pairwise(reports):
         if b.received_at < since:
             before = before.merge(_all_models(a.payload, b.payload, counted=True))
-    if active == release and confirmed and not rolled_back:
-        newest = reports[-1].payload.get("started_at") if reports else None
+    newest = reports[-1].payload.get("started_at") if reports else None
+    first_seen = min(
+        (r.received_at for r in reports if r.payload.get("started_at") == newest), default=None
+    )
+    # Server time only (device clocks may be off): the process reporting now was already
+    # reporting before the assignment, so it is the old agent whatever the state document says.
+    old_process = member and (first_seen is None or first_seen < since)
+    if active == release and confirmed and not rolled_back and not old_process:
         prev: Mapping[str, Any] | None = None
         for row in reports:
             p = row.payload
