@@ -119,3 +119,19 @@ def test_no_login_without_its_entry(
     assert client.get("/console/", follow_redirects=False).status_code == 303
     monkeypatch.undo()
     login(client, "ada")  # and a later login with the log writable works
+
+
+def test_a_database_failure_during_login_is_a_typed_answer_not_a_crash(
+    client: TestClient, world: ConsoleWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def unavailable(*args: object, **kwargs: object) -> None:
+        raise RegistryUnavailableError("the audit log cannot be written")
+
+    monkeypatch.setattr(world.auditor, "event", unavailable)
+    assert _attempt(client, "ada", "not the password") == 401  # failed either way, logged
+
+    def down(*args: object, **kwargs: object) -> None:
+        raise RegistryUnavailableError("the registry is down")
+
+    monkeypatch.setattr(world.accounts, "authenticate", down)
+    assert _attempt(client, "ada", PASSWORD) == 503

@@ -108,3 +108,27 @@ def test_a_range_over_the_bounds_is_refused(
     monkeypatch.setattr(store_module, "MAX_MERGED_BYTES", 100)
     with pytest.raises(DatasetUnusableError, match="over 100 bytes"):
         store.export_model("digits", T0, T0 + 60)
+
+
+def test_overlapping_datasets_come_out_in_time_order(store: DatasetStore) -> None:
+    _ingest(store, "cam-7", 0, 8)  # T0 + 0 .. 7
+    _ingest(store, "cam-8", 3, 2)  # T0 + 3, 4: inside cam-7's span
+    merged = _npz(store.export_model("digits", T0, T0 + 100))
+    times = merged["time"].tolist()
+    assert times == sorted(times)
+    assert set(merged["device"][merged["time"] == T0 + 3].tolist()) == {"cam-7", "cam-8"}
+
+
+def test_columns_over_the_memory_bound_are_refused_before_they_are_built(
+    store: DatasetStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Per-record values repeat on every row: a small stored chunk can export large.
+    dataset = _ingest(store, "cam-7", 0, 6)
+    whole = len(store.export(dataset.sha256))
+    monkeypatch.setattr(store_module, "MAX_EXPORT_BYTES", 200)
+    with pytest.raises(DatasetUnusableError, match="narrow the range"):
+        store.export(dataset.sha256)
+    with pytest.raises(DatasetUnusableError, match="narrow the range"):
+        store.export_model("digits", T0, T0 + 100)
+    monkeypatch.setattr(store_module, "MAX_EXPORT_BYTES", 10 * whole)
+    assert len(store.export(dataset.sha256)) == whole

@@ -203,6 +203,7 @@ def test_bad_selectors_are_refused(selector: object) -> None:
         ("GET", "/v1/capture/digits/export?since=nan", None, 400, None),
         ("GET", "/v1/capture/digits/export?since=1e999", None, 400, None),
         ("GET", "/v1/capture/digits/export?since=20&until=10", None, 400, None),
+        ("GET", "/v1/capture/digits/export?until=1000", None, 409, "dataset_unusable"),
         ("GET", "/v1/capture/digits/export?until=" + "9" * 400, None, 400, None),
         ("GET", "/v1/capture/a%00b/export", None, 400, None),
         ("GET", "/v1/capture/%3Cscript%3E/export", None, 400, None),

@@ -46,6 +46,7 @@ from fleet_server.registry.store import Registry
 __all__ = [
     "DATASET_SUFFIX",
     "EXPORT_FORMATS",
+    "MAX_EXPORT_BYTES",
     "MAX_MERGED_BYTES",
     "MAX_MERGED_DATASETS",
     "MAX_RECORD_BYTES",
@@ -62,6 +63,8 @@ EXPORT_FORMATS: Final = ("npz", "parquet")
 #: One merged export: at most this many datasets and stored bytes (narrow the time range).
 MAX_MERGED_DATASETS: Final = 1000
 MAX_MERGED_BYTES: Final = 256 * 1024 * 1024
+#: What one export may build in memory (its columns), whatever the stored size.
+MAX_EXPORT_BYTES: Final = 512 * 1024 * 1024
 MAX_RECORD_ROWS: Final = 4096
 MAX_RECORD_BYTES: Final = 1024 * 1024
 MAX_FUTURE_SECONDS: Final = 86400.0
@@ -267,19 +270,20 @@ class DatasetStore:
 
         Raises:
             UnknownDatasetError, CaptureError: as ``load``.
-            DatasetUnusableError: an unknown format, or columns Parquet cannot hold.
+            DatasetUnusableError: an unknown format, columns Parquet cannot hold, or columns
+                over ``MAX_EXPORT_BYTES``.
         """
         return _encode(self._columns(sha256), fmt, f"dataset {sha256[:12]}")
 
     def export_model(self, model: str, since: float, until: float, fmt: str = "npz") -> bytes:
         """One training file of every request row of ``model`` captured between ``since`` and
         ``until`` (Unix seconds, both included), over all its datasets in that range: the
-        columns of ``export``, rows in the datasets' time order (``record`` counts within its
-        dataset).
+        columns of ``export``, rows in time order (``record`` counts within its dataset).
 
         Raises:
             DatasetUnusableError: an unknown format; no row in the range; more than
-                ``MAX_MERGED_DATASETS`` datasets or ``MAX_MERGED_BYTES`` in it; datasets whose
+                ``MAX_MERGED_DATASETS`` datasets or ``MAX_MERGED_BYTES`` in it, or columns
+                over ``MAX_EXPORT_BYTES``; datasets whose
                 columns differ (another contract: export them one by one).
             CaptureError: a dataset's file is missing or damaged.
         """
@@ -298,12 +302,15 @@ class DatasetStore:
                 "narrow it"
             )
         parts: list[tuple[DatasetRecord, dict[str, Any]]] = []
+        left = MAX_EXPORT_BYTES
         for record in records:
-            columns = self._columns(record.sha256)
+            columns = self._columns(record.sha256, left)
             when = columns["time"]
             keep = (when >= since) & (when <= until)
             if keep.any():
-                parts.append((record, {k: a[keep] for k, a in columns.items()}))
+                part = {k: a[keep] for k, a in columns.items()}
+                left -= sum(int(a.nbytes) for a in part.values())
+                parts.append((record, part))
         if not parts:
             raise DatasetUnusableError(f"no captured row of {model!r} in the range")
         first = parts[0][1]
@@ -315,19 +322,42 @@ class DatasetStore:
                     f"range ({mismatch}): export the datasets one by one"
                 )
         merged = {k: np.concatenate([part[k] for _, part in parts]) for k in first}
+        # Devices' datasets overlap in time: rows in time order (stable within a dataset).
+        order = np.argsort(merged["time"], kind="stable")
+        merged = {k: a[order] for k, a in merged.items()}
         return _encode(merged, fmt, f"{model!r} from {since:.0f} to {until:.0f}")
 
-    def _columns(self, sha256: str) -> dict[str, Any]:
+    def _columns(self, sha256: str, budget: int | None = None) -> dict[str, Any]:
+        """The export's columns of one dataset, refused before they are built when they would
+        take more than ``budget`` bytes: per-record values (request id, time, version, device)
+        repeat on every row, so a small stored chunk can export large.
+
+        Raises:
+            UnknownDatasetError, CaptureError: as ``load``.
+            DatasetUnusableError: over ``budget``.
+        """
+        budget = MAX_EXPORT_BYTES if budget is None else budget
         chunk = self.load(sha256)
-        per_row = np.diff(chunk.rows)
+        rows = int(chunk.rows[-1])
+        longest = max((len(i) for i in chunk.request_ids.tolist()), default=0)
+        ids = chunk.request_ids.astype(f"<U{max(1, longest)}")
+        tensors = [*chunk.inputs.values(), *chunk.outputs.values(), chunk.labels]
+        per_row = 3 * 8 + ids.itemsize + 4 * max(1, len(chunk.device_id))
+        size = sum(int(a.nbytes) for a in tensors) + rows * per_row
+        if size > budget:
+            raise DatasetUnusableError(
+                f"dataset {sha256[:12]} exports to {size} bytes, over the {budget} left for "
+                "one export: narrow the range"
+            )
+        per_record = np.diff(chunk.rows)
         arrays: dict[str, Any] = {f"input/{n}": a for n, a in chunk.inputs.items()}
         arrays.update({f"output/{n}": a for n, a in chunk.outputs.items()})
         arrays["label"] = chunk.labels
-        arrays["version"] = np.repeat(chunk.versions, per_row)
-        arrays["time"] = np.repeat(chunk.times, per_row)
-        arrays["record"] = np.repeat(np.arange(chunk.records, dtype=np.int64), per_row)
-        arrays["request_id"] = np.repeat(chunk.request_ids, per_row)
-        arrays["device"] = np.full(int(chunk.rows[-1]), chunk.device_id)
+        arrays["version"] = np.repeat(chunk.versions, per_record)
+        arrays["time"] = np.repeat(chunk.times, per_record)
+        arrays["record"] = np.repeat(np.arange(chunk.records, dtype=np.int64), per_record)
+        arrays["request_id"] = np.repeat(ids, per_record)
+        arrays["device"] = np.full(rows, chunk.device_id)
         return arrays
 
     def evalset_bytes(self, sha256: str, input_name: str | None = None) -> bytes:

@@ -143,15 +143,21 @@ def register_capture_commands(cli: click.Group) -> None:
     @_format_option
     @click.option(
         "--since",
-        default="7d",
-        show_default=True,
-        help="Rows captured since: Unix seconds, ISO-8601 or relative (24h, 7d).",
+        default=None,
+        help="Rows captured since: Unix seconds, ISO-8601 or relative (24h, 7d); default the 7 "
+        "days up to --until.",
     )
     @click.option("--until", default=None, help="Rows captured until (default: now).")
     @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
     @click.argument("model")
     def export_model(
-        url: str, token: str, fmt: str, since: str, until: str | None, output: Path, model: str
+        url: str,
+        token: str,
+        fmt: str,
+        since: str | None,
+        until: str | None,
+        output: Path,
+        model: str,
     ) -> None:
         """Write every captured row of MODEL in a time range, over all its datasets, as one
         training file (the columns of `datasets export`)."""

@@ -45,6 +45,7 @@ Owns: the above. Does not own the pages (``pages_*``) nor the checks (``web``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -207,13 +208,22 @@ def console_routes(deps: ConsoleDeps) -> list[Route]:
             except AuthenticationError as exc:
                 log.warning("console: failed login for %r from %s", name[:64], client)
                 if await _account_exists(name):
-                    await _audit(Actor("unauthenticated", ""), client, "login", name, 401, exc.code)
+                    try:
+                        await _audit(
+                            Actor("unauthenticated", ""), client, "login", name, 401, exc.code
+                        )
+                    except RegistryUnavailableError:  # the login failed either way
+                        log.exception("audit log: failed console login of %r not recorded", name)
+            except RegistryUnavailableError as exc:
+                return console.error(None, request, 503, str(exc))
             else:
                 try:
                     await _audit(Actor("session", principal.account), client, "login", name, 303)
                 except RegistryUnavailableError as exc:
                     # No login without its entry (as no admin action runs without one).
-                    await run_in_threadpool(accounts.end_session, session.id)
+                    # Its cookie was never sent, so a session left open cannot be used.
+                    with contextlib.suppress(RegistryUnavailableError):
+                        await run_in_threadpool(accounts.end_session, session.id)
                     return console.error(None, request, 503, str(exc))
                 response = console.headers(RedirectResponse(nxt, status_code=303))
                 max_age = accounts.policy.session_absolute_seconds

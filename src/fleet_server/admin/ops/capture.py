@@ -18,8 +18,8 @@ admin action::
                                         ?format=parquet: the same columns)
     GET  /v1/capture/{model}/export     one training file of every captured row of the model in a
                                         time range, over all its datasets (?since=, ?until=: Unix
-                                        seconds, ISO-8601 or relative like 24h; default the last
-                                        7 days; ?format=npz|parquet)
+                                        seconds, ISO-8601 or relative like 24h; default the 7
+                                        days up to until, or now; ?format=npz|parquet)
     POST /v1/datasets/{sha256}/evalset  {"input": name, "note": text}
                                         -> 201 (new) / 200 {"evalset": registration}
 
@@ -172,11 +172,12 @@ def capture_routes(
         params = request.query_params
         fmt = _format(params.get("format", "npz"))
         now = datetime.now(UTC)
-        since_text = query_text(params, "since", limit=64) or "7d"
+        since_text = query_text(params, "since", limit=64)
         until_text = query_text(params, "until", limit=64)
         try:
-            since = parse_time(since_text, now)
             until = now.timestamp() if until_text is None else parse_time(until_text, now)
+            # Without ``since``: the 7 days up to ``until``.
+            since = until - 7 * 86400.0 if since_text is None else parse_time(since_text, now)
         except FleetDriftError as exc:
             raise AdminInputError(str(exc)) from exc
         if not (math.isfinite(since) and math.isfinite(until)) or since > until:
