@@ -160,6 +160,21 @@ def test_a_resend_is_not_held_and_no_coalescing_sends_each_report(
         assert every.pump()
 
 
+def test_a_batch_sent_before_a_reconnect_is_sent_again_at_once(box: Outbox) -> None:
+    wire, clock = Wire(), FakeClock()
+    up = uplink(box, wire, clock)
+    up.add_report(report())
+    assert not up.pump()  # held
+    clock.advance(120.0)
+    assert up.pump()  # sent; the connection drops before its ack
+    up.reset_in_flight()  # reconnected: what was in flight goes again at once
+    assert up.pump()
+    assert [i.seq for i in wire.sent[-1].items] == [1]
+    up.on_ack(TelemetryAck(DEV, 1).to_bytes())
+    up.add_report(report())  # a report never sent before is held as usual
+    assert not up.pump()
+
+
 def test_the_config_key_is_bounded() -> None:
     SyncConfig(report_coalesce_seconds=120.0).validate()
     for bad in (-1.0, 3601.0):

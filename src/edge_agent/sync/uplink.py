@@ -115,6 +115,7 @@ class Uplink:
         self._held_key: tuple[int | None, int] | None = None  # the outbox's seqs at the hold
         self._lock = threading.Lock()
         self._in_flight: int | None = None  # highest seq of the batch awaiting its ack
+        self._sent_max = 0  # highest seq ever published: an entry at or below it is a resend
         self._sent_at = 0.0
         self._packed = False  # the latest ack said the server reads the packed encoding
         self._stats: dict[str, int] = dict.fromkeys(UplinkStats.__dataclass_fields__, 0)
@@ -219,7 +220,10 @@ class Uplink:
                 self._held_since = None
                 return False
             size = sum(len(e.payload) for e in entries)
-            if not resend and self._coalesce.hold(items, size, self._held_since, now):
+            # A batch whose oldest entry went out before (then a reconnect or a partial ack
+            # cleared the in-flight mark) is a resend too: never held again.
+            first_send = not resend and items[0].seq > self._sent_max
+            if first_send and self._coalesce.hold(items, size, self._held_since, now):
                 if self._held_since is None:
                     self._held_since = now
                     self._stats["batches_held"] += 1
@@ -246,6 +250,7 @@ class Uplink:
             self._stats["packed_sent"] += int(packed)
             self._stats["resends" if resend else "batches_sent"] += 1
             self._in_flight = items[-1].seq
+            self._sent_max = max(self._sent_max, items[-1].seq)
             self._sent_at = now
             self._held_since = None
             return True
