@@ -167,15 +167,7 @@ class AdminClient:
             AdminApiError: as every call.
             OSError: the file cannot be read.
         """
-        with Path(path).open("rb") as fh:
-            return dict(
-                self._call(
-                    "POST",
-                    "/v1/models",
-                    content=fh.read(),
-                    headers={"Content-Type": "application/octet-stream"},
-                )
-            )
+        return self._upload("/v1/models", path)
 
     def assign(
         self,
@@ -207,15 +199,7 @@ class AdminClient:
             AdminApiError: as every call.
             OSError: the file cannot be read.
         """
-        with Path(path).open("rb") as fh:
-            return dict(
-                self._call(
-                    "POST",
-                    "/v1/agent/releases",
-                    content=fh.read(),
-                    headers={"Content-Type": "application/octet-stream"},
-                )
-            )
+        return self._upload("/v1/agent/releases", path)
 
     def assign_agent(self, target: str, release: int, *, group: bool) -> list[Any]:
         """``POST /v1/agent/assign``; one result per device. Raises: AdminApiError."""
@@ -304,16 +288,21 @@ class AdminClient:
             OSError: the file cannot be read.
         """
         params = {"model": model, "source": source, **({"note": note} if note else {})}
+        return self._upload("/v1/evalsets", path, params)
+
+    def _upload(
+        self, route: str, path: Path, params: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        """``POST route`` with the file at ``path`` as an octet-stream body.
+
+        Raises:
+            AdminApiError: as every call.
+            OSError: the file cannot be read.
+        """
         with Path(path).open("rb") as fh:
-            return dict(
-                self._call(
-                    "POST",
-                    "/v1/evalsets",
-                    params=params,
-                    content=fh.read(),
-                    headers={"Content-Type": "application/octet-stream"},
-                )
-            )
+            body = fh.read()
+        headers = {"Content-Type": "application/octet-stream"}
+        return dict(self._call("POST", route, params=params, content=body, headers=headers))
 
     def root(self) -> dict[str, Any]:
         """``GET /v1/root``: the fleet's current root. Raises: AdminApiError."""
