@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from agent_releases import Releases, build_releases, make_base_venv
 from bundles import DigitsBundles, build_digits_bundles
 from pg import PgCluster, pg_cluster
 
@@ -111,3 +112,15 @@ def registry_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     pytest.importorskip("psycopg", reason="psycopg (PostgreSQL driver) is not installed")
     cluster: PgCluster = request.getfixturevalue("pg")
     return cluster.new_database()
+
+
+@pytest.fixture(scope="session")
+def releases(tmp_path_factory: pytest.TempPathFactory, digits_bundles: DigitsBundles) -> Releases:
+    """Signed agent packages (good and deliberately broken), built once for the run."""
+    return build_releases(tmp_path_factory.mktemp("agent-releases"), digits_bundles.keys)
+
+
+@pytest.fixture(scope="session")
+def base_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A launcher's base install (``agent_releases.make_base_venv``), made once for the run."""
+    return make_base_venv(tmp_path_factory.mktemp("base") / "venv")

@@ -28,9 +28,7 @@ import pytest
 from agent_releases import (
     Releases,
     agent_part,
-    build_releases,
     launcher_argv,
-    make_base_venv,
     or_none,
     reported,
 )
@@ -53,16 +51,6 @@ BIN = Path(sys.executable).parent
 def broker(tmp_path: Path) -> Iterator[FleetBroker]:
     with fleet_broker(tmp_path / "mqtt", DEVICES) as b:
         yield b
-
-
-@pytest.fixture(scope="module")
-def releases(tmp_path_factory: pytest.TempPathFactory, digits_bundles: DigitsBundles) -> Releases:
-    return build_releases(tmp_path_factory.mktemp("agent-releases"), digits_bundles.keys)
-
-
-@pytest.fixture(scope="module")
-def base_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_base_venv(tmp_path_factory.mktemp("base") / "venv")
 
 
 def _agent_rollout(port: int, release: int) -> dict[str, Any]:

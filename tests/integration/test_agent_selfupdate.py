@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent_releases import Releases, build_releases, launcher_argv, make_base_venv
+from agent_releases import Releases, launcher_argv
 from bundles import DigitsBundles
 from edge_agent.client import AgentClient
 from edge_agent.config import ApiConfig
@@ -29,16 +29,6 @@ from edge_agent.errors import EXIT_STORE
 from edge_agent.selfupdate.releases import BASE, ENV_FAILPOINT, Layout
 from mosquitto import free_port
 from support import wait_until
-
-
-@pytest.fixture(scope="module")
-def releases(tmp_path_factory: pytest.TempPathFactory, digits_bundles: DigitsBundles) -> Releases:
-    return build_releases(tmp_path_factory.mktemp("agent-releases"), digits_bundles.keys)
-
-
-@pytest.fixture(scope="module")
-def base_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_base_venv(tmp_path_factory.mktemp("base") / "venv")
 
 
 class Device:
