@@ -212,6 +212,22 @@ def _ready(front: Listeners) -> None:
     sd_notify("READY=1")
 
 
+def release_startup_memory() -> None:
+    """Hand back what starting touched and serving does not use (``common.residency``).
+
+    Called once every model is loaded and every front end has started (so grpc, uvicorn and
+    the runtimes have done their import-time and load-time work): the malloc heaps' free pages
+    go back to the kernel and clean library pages are paged out; those serving uses fault back
+    in within its first requests. Measured by ``bench/bench_rss_breakdown.py``
+    (docs/agent.md "Memory under load").
+    """
+    from edge_agent.common.residency import release_library_pages, trim_malloc
+
+    trim_malloc()
+    kib = release_library_pages()
+    log.info("released %.1f MB of library pages touched only while starting", kib / 1024)
+
+
 def front_ends(agent: Agent, config: AgentConfig, on_exit: Callable[[], None]) -> Listeners:
     """The daemon's front ends over ``agent``: gRPC (when enabled), then the HTTP API.
 
@@ -322,6 +338,8 @@ def run(config: AgentConfig) -> int:
         trial.start()
 
     def ready(front: Listeners) -> None:
+        if config.runtime.release_startup_memory:
+            release_startup_memory()
         _ready(front)
         serving.set()
 

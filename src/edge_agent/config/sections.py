@@ -143,8 +143,9 @@ class StoreConfig:
 class RuntimeConfig:
     """The ``[runtime]`` section: how the agent runs every model it loads.
 
-    Owns the keys an operator may set (threads, warm-up runs) and the agent's defaults for them
-    (two warm-up runs; library callers that build ``RuntimeOptions`` themselves get its one).
+    Owns the keys an operator may set (threads, warm-up runs, whether the daemon hands back the
+    memory it touched only while starting) and the agent's defaults for them (two warm-up runs;
+    library callers that build ``RuntimeOptions`` themselves get its one).
     ``options`` builds the ``edge_agent.runtime.base.RuntimeOptions`` the runtime adapters take:
     the only place the section becomes adapter options. Providers and adapter extras are not
     configurable here (the agent runs the adapters' defaults).
@@ -153,6 +154,9 @@ class RuntimeConfig:
     intra_op_threads: int = 1
     inter_op_threads: int = 1
     warmup_runs: int = 2
+    #: Once the front ends are up, page out clean library pages and trim the malloc heaps
+    #: (``edge_agent.common.residency``). A daemon setting only: not a ``RuntimeOptions`` field.
+    release_startup_memory: bool = True
 
     def validate(self) -> None:
         check(self.intra_op_threads >= 0, "runtime.intra_op_threads must be >= 0")
