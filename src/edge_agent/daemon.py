@@ -293,6 +293,10 @@ def run(config: AgentConfig) -> int:
     from edge_agent.api.server import stop_on_signals
     from edge_agent.sync.ops.commands import EXIT_RESTART
 
+    if config.runtime.malloc_arenas:  # before the runtimes, grpc and the pools start threads
+        from edge_agent.common.residency import limit_malloc_arenas
+
+        limit_malloc_arenas(config.runtime.malloc_arenas)
     ring = setup_logging(config)
     stop = threading.Event()
     restart_requested = threading.Event()

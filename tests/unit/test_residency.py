@@ -1,4 +1,4 @@
-"""Handing back startup memory: which mappings are advised, the real calls, the config key."""
+"""The daemon's memory calls: which mappings are paged out, the real calls, the config keys."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 
 from edge_agent.common.residency import (
     clean_library_mappings,
+    limit_malloc_arenas,
     parse_smaps,
     release_library_pages,
     trim_malloc,
@@ -133,3 +134,42 @@ def test_config_refuses_hostile_release_startup_memory(tmp_path: Path, value: st
         load_config(f, {})
     with pytest.raises(ConfigError, match=message):
         load_config(None, {"EDGEFLEET_AGENT__RUNTIME__RELEASE_STARTUP_MEMORY": value})
+
+
+@pytest.mark.skipif(not LINUX, reason="glibc's mallopt")
+def test_limit_malloc_arenas_is_accepted_by_glibc() -> None:
+    assert limit_malloc_arenas(2) is True
+
+
+def test_malloc_arenas_defaults_to_2_and_loads(tmp_path: Path) -> None:
+    assert load_config(None, {}).runtime.malloc_arenas == 2
+    f = tmp_path / "a.toml"
+    f.write_text("[runtime]\nmalloc_arenas = 0\n")
+    assert load_config(f, {}).runtime.malloc_arenas == 0
+    assert (
+        load_config(None, {"EDGEFLEET_AGENT__RUNTIME__MALLOC_ARENAS": "64"}).runtime.malloc_arenas
+        == 64
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("-1", "runtime.malloc_arenas must be in"),
+        ("65", "runtime.malloc_arenas must be in"),
+        ("2147483648", "runtime.malloc_arenas must be in"),
+        ("-9223372036854775808", "runtime.malloc_arenas must be in"),
+        ("true", "runtime.malloc_arenas must be int"),
+        ("2.0", "runtime.malloc_arenas must be int"),
+        ("nan", "runtime.malloc_arenas must be a finite number"),
+        ('"2"', "runtime.malloc_arenas must be int"),
+        ("[2]", "runtime.malloc_arenas must be int"),
+    ],
+)
+def test_config_refuses_hostile_malloc_arenas(tmp_path: Path, value: str, message: str) -> None:
+    f = tmp_path / "a.toml"
+    f.write_text(f"[runtime]\nmalloc_arenas = {value}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(f, {})
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, {"EDGEFLEET_AGENT__RUNTIME__MALLOC_ARENAS": value})

@@ -1,7 +1,14 @@
 """Handing back memory a serving daemon touched while starting and does not use while serving.
 
-Owns two Linux/glibc calls the daemon makes once its front ends are up (``edge_agent.daemon``),
-and the pure parsing that chooses what they apply to:
+Owns the Linux/glibc calls the daemon makes about its memory (``edge_agent.daemon``), and the
+pure parsing that chooses what they apply to. At start, before any thread:
+
+* ``limit_malloc_arenas``: glibc ``mallopt(M_ARENA_MAX, n)``. glibc gives threads that contend
+  for malloc arenas of their own, up to 8 per core; every arena keeps its own free memory, so a
+  daemon whose requests run on a pool of API threads and grpc's workers holds several partly
+  used heaps. Capping them trades a little lock contention for that memory.
+
+Once its front ends are up:
 
 * ``release_library_pages``: ``madvise(MADV_PAGEOUT)`` on every clean, read-only, file-backed
   mapping (shared-library code and read-only data). Loading onnxruntime, grpc, numpy and
@@ -29,9 +36,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Mapping", "clean_library_mappings", "release_library_pages", "trim_malloc"]
+__all__ = [
+    "Mapping",
+    "clean_library_mappings",
+    "limit_malloc_arenas",
+    "parse_smaps",
+    "release_library_pages",
+    "trim_malloc",
+]
 
 MADV_PAGEOUT = 21  # Linux >= 5.4
+M_ARENA_MAX = -8  # glibc's mallopt parameter
 _HEADER = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ \d+\s*(.*)$")
 
 
@@ -127,3 +142,15 @@ def trim_malloc() -> bool:
     trim.restype = ctypes.c_int
     trim(0)
     return True
+
+
+def limit_malloc_arenas(n: int) -> bool:
+    """``mallopt(M_ARENA_MAX, n)``: at most ``n`` malloc arenas from now on (threads that
+    already have one keep it); ``False`` without glibc or if glibc refused ``n``."""
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None) if libc is not None else None
+    if mallopt is None:
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(M_ARENA_MAX, n) == 1)

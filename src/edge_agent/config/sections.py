@@ -25,6 +25,7 @@ __all__ = [
     "BATCHING_MODES",
     "FALLBACK_MODES",
     "MAX_DRIFT_BUFFER_BYTES",
+    "MAX_MALLOC_ARENAS",
     "MAX_POLICY_VERSIONS",
     "MIN_DRIFT_BUFFER_BYTES",
     "VALIDATION_POLICIES",
@@ -48,6 +49,8 @@ __all__ = [
 VALIDATION_POLICIES = ("reject", "drop")
 BATCHING_MODES = ("off", "on", "auto")
 FALLBACK_MODES = ("device_only", "prefer_device", "prefer_cloud", "cloud_only")
+#: ``[runtime] malloc_arenas`` at most (glibc allows more; no device has a use for them).
+MAX_MALLOC_ARENAS = 64
 #: ``[drift] buffer_bytes`` bounds: room for a few wide windows, and no more than a device has.
 MIN_DRIFT_BUFFER_BYTES = 64 * 1024
 MAX_DRIFT_BUFFER_BYTES = 1024 * 1024 * 1024
@@ -157,8 +160,15 @@ class RuntimeConfig:
     #: Once the front ends are up, page out clean library pages and trim the malloc heaps
     #: (``edge_agent.common.residency``). A daemon setting only: not a ``RuntimeOptions`` field.
     release_startup_memory: bool = True
+    #: glibc malloc arenas the daemon's threads share (``M_ARENA_MAX``; 0: glibc's default,
+    #: 8 per core). A daemon setting only, like ``release_startup_memory``.
+    malloc_arenas: int = 2
 
     def validate(self) -> None:
+        check(
+            0 <= self.malloc_arenas <= MAX_MALLOC_ARENAS,
+            f"runtime.malloc_arenas must be in [0, {MAX_MALLOC_ARENAS}]",
+        )
         check(self.intra_op_threads >= 0, "runtime.intra_op_threads must be >= 0")
         check(self.inter_op_threads >= 0, "runtime.inter_op_threads must be >= 0")
         check(self.warmup_runs >= 0, "runtime.warmup_runs must be >= 0")
