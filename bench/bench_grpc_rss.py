@@ -6,25 +6,30 @@ inferences (and as many gRPC ones when gRPC is on, so its threads, buffers and m
 are warm), waits for the daemon to settle and reads ``VmRSS`` from ``/proc/<pid>/status``.
 Prints the median and spread per setting and the difference of the medians.
 
-Usage: .venv/bin/python bench/bench_grpc_rss.py [--rounds 5] [--requests 500]
+This process maps none of the daemon's libraries and the daemon imports private copies of its
+compiled packages (``bench_rss_breakdown``), since a library page another process maps stays
+resident in the daemon (``[runtime] release_startup_memory`` cannot page it
+out). ``--set section.key=value`` overrides the daemon's config (e.g.
+``runtime.release_startup_memory=false`` for the figures without it).
+
+Usage: .venv/bin/python bench/bench_grpc_rss.py [--rounds 5] [--requests 500] [--set ...]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_agent import BIN, build_bundle, free_port, wait_ready
+from bench_rss_breakdown import BIN, free_port, grpc_client, prepare, private_libs, wait_ready
 
 
 def memory_mb(pid: int) -> dict[str, float]:
@@ -38,37 +43,40 @@ def memory_mb(pid: int) -> dict[str, float]:
 
 
 def measure(
-    bundle: Path, root: Path, x: np.ndarray, work: Path, grpc_on: bool, n: int
+    files: dict[str, str], work: Path, grpc_on: bool, n: int, overrides: list[str]
 ) -> dict[str, float]:
     port, grpc_port = free_port(), free_port()
     state = work / f"state-{time.monotonic_ns()}"
     cfg = work / "agent.toml"
     cfg.write_text(
         f"[api]\nport = {port}\n[grpc]\nenabled = {str(grpc_on).lower()}\nport = {grpc_port}\n"
-        f'[store]\nstate_dir = "{state}"\nroot_path = "{root}"\n'
+        f'[store]\nstate_dir = "{state}"\nroot_path = "{files["root"]}"\n'
     )
+    env = dict(os.environ)
+    lib = work / "daemonlib" if (work / "daemonlib").exists() else private_libs(work)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(lib)]))
+    for item in overrides:
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        env[f"EDGEFLEET_AGENT__{section.upper()}__{name.upper()}"] = value
     edge_agent = str(BIN / "edge-agent")
-    subprocess.run([edge_agent, "install", str(bundle), "--config", str(cfg)], check=True,
-                   capture_output=True)  # fmt: skip
-    proc = subprocess.Popen([edge_agent, "run", "--config", str(cfg)],
+    subprocess.run([edge_agent, "install", files["bundle"], "--config", str(cfg)], check=True,
+                   capture_output=True, env=env)  # fmt: skip
+    proc = subprocess.Popen([edge_agent, "run", "--config", str(cfg)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         wait_ready(f"http://127.0.0.1:{port}/v2/health/ready")
-        body = json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32",
-                                       "data": x[:1].ravel().tolist()}]}).encode()  # fmt: skip
+        body = Path(files["rest"]).read_bytes()
         url = f"http://127.0.0.1:{port}/v2/models/digits/infer"
         for _ in range(n):
             with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=5):
                 pass
         if grpc_on:
-            import tritonclient.grpc as tg
-
-            client = tg.InferenceServerClient(url=f"127.0.0.1:{grpc_port}")
-            tensor = tg.InferInput("input", [1, 64], "FP32")
-            tensor.set_data_from_numpy(x[:1].astype(np.float32))
-            for _ in range(n):
-                client.infer("digits", [tensor])
-            client.close()
+            client = grpc_client(work, f"127.0.0.1:{grpc_port}", Path(files["grpc"]), n, 1)
+            if client.stdin is not None:
+                client.stdin.close()
+            if client.wait(timeout=300) != 0:
+                raise RuntimeError("the gRPC client failed")
         time.sleep(2.0)  # let the drift worker and allocator settle before reading RSS
         return memory_mb(proc.pid)
     finally:
@@ -80,14 +88,18 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=500)
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        bundle, root, x_eval = build_bundle(work)
+        files = prepare(work)
         results: dict[bool, list[dict[str, float]]] = {False: [], True: []}
         for _ in range(args.rounds):
             for grpc_on in (False, True):
-                results[grpc_on].append(measure(bundle, root, x_eval, work, grpc_on, args.requests))
+                results[grpc_on].append(measure(files, work, grpc_on, args.requests, args.set))
+    load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    when = f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
+    print(f"Run {when}, loadavg {load}, overrides {args.set or 'none'}")
     for key in ("VmRSS", "RssAnon", "RssFile"):
         medians = {}
         for grpc_on, rows in results.items():

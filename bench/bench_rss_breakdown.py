@@ -75,6 +75,28 @@ for t in threads: t.join()
 """
 
 
+#: Packages with shared objects the daemon loads. The daemons of these benches import copies of
+#: them (made under the work directory, ``private_libs``): a page two processes map is never
+#: paged out, and a device's daemon shares no library file with a fleet server, a load
+#: generator or another daemon, as a fleet child, a bare server or another bench running at
+#: the same time from this virtualenv would.
+DAEMON_PACKAGES = ("numpy", "numpy.libs", "onnxruntime", "grpc", "cryptography", "google",
+                   "orjson", "uvloop", "httptools")  # fmt: skip
+DAEMON_MODULES = ("_cffi_backend", "_datasketches")
+
+
+def private_libs(work: Path) -> Path:
+    """Copies of ``DAEMON_PACKAGES`` and ``DAEMON_MODULES`` under ``work``, for ``PYTHONPATH``."""
+    lib = work / "daemonlib"
+    packages = next(p for p in map(Path, sys.path) if p.name == "site-packages" and p.is_dir())
+    for entry in packages.iterdir():
+        if entry.name in DAEMON_PACKAGES:
+            shutil.copytree(entry, lib / entry.name)
+        elif entry.name.split(".")[0] in DAEMON_MODULES and entry.suffix == ".so":
+            shutil.copy2(entry, lib / entry.name)
+    return lib
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -338,6 +360,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
         f'[store]\nstate_dir = "{work / "state"}"\nroot_path = "{root}"\n'
     )
     env = dict(os.environ)
+    lib = str(private_libs(work))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), lib]))
     for item in args.set:
         key, _, value = item.partition("=")
         section, _, name = key.partition(".")

@@ -37,7 +37,6 @@ import http.client
 import json
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -52,7 +51,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 # bench_rss_breakdown imports no numpy, onnxruntime or grpc: this process maps none of the
 # daemon's libraries unless the bare server (``--bare``) is asked for.
-from bench_rss_breakdown import BIN, free_port, grpc_client, prepare, wait_ready  # noqa: E402
+from bench_rss_breakdown import (  # noqa: E402
+    BIN,
+    free_port,
+    grpc_client,
+    prepare,
+    private_libs,
+    wait_ready,
+)
 
 INFER = "/v2/models/digits/infer"
 
@@ -142,27 +148,6 @@ with fleet_broker(work / "mqtt", ("dev-a",)) as broker:
     sys.stdin.read()  # until the parent closes our stdin
     fleet.close()
 """
-
-
-#: Packages with shared objects the daemon loads. The daemon imports copies of them (made under
-#: the work directory): a page two processes map is never paged out, and a device's daemon
-#: shares no library file with a fleet server, a load generator or another daemon, as the
-#: fleet child, the bare server and a second soak running beside this one would otherwise.
-DAEMON_PACKAGES = ("numpy", "numpy.libs", "onnxruntime", "grpc", "cryptography", "google",
-                   "orjson", "uvloop", "httptools")  # fmt: skip
-DAEMON_MODULES = ("_cffi_backend", "_datasketches")
-
-
-def private_libs(work: Path) -> Path:
-    """Copies of ``DAEMON_PACKAGES`` and ``DAEMON_MODULES`` under ``work``, for ``PYTHONPATH``."""
-    lib = work / "daemonlib"
-    packages = next(p for p in map(Path, sys.path) if p.name == "site-packages" and p.is_dir())
-    for entry in packages.iterdir():
-        if entry.name in DAEMON_PACKAGES:
-            shutil.copytree(entry, lib / entry.name)
-        elif entry.name.split(".")[0] in DAEMON_MODULES and entry.suffix == ".so":
-            shutil.copy2(entry, lib / entry.name)
-    return lib
 
 
 def start_fleet(work: Path) -> tuple[subprocess.Popen[str], dict[str, Any]]:
