@@ -62,10 +62,16 @@ def measure(
     edge_agent = str(BIN / "edge-agent")
     subprocess.run([edge_agent, "install", files["bundle"], "--config", str(cfg)], check=True,
                    capture_output=True, env=env)  # fmt: skip
-    proc = subprocess.Popen([edge_agent, "run", "--config", str(cfg)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    log = work / "daemon.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([edge_agent, "run", "--config", str(cfg)], env=env,
+                                stdout=out, stderr=out)  # fmt: skip
     try:
-        wait_ready(f"http://127.0.0.1:{port}/v2/health/ready")
+        try:
+            wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", timeout=300)
+        except RuntimeError:
+            print(log.read_text(errors="replace")[-3000:], file=sys.stderr)
+            raise
         body = Path(files["rest"]).read_bytes()
         url = f"http://127.0.0.1:{port}/v2/models/digits/infer"
         for _ in range(n):

@@ -241,8 +241,9 @@ def read_smaps(pid: int) -> list[Map]:
 
 
 def file_group(path: str) -> str:
-    """The library a file mapping belongs to: its site-packages package, else its file name."""
-    m = re.search(r"site-packages/([^/]+)/", path)
+    """The library a file mapping belongs to: its package (in site-packages or the daemon's
+    private copies), else its file name."""
+    m = re.search(r"(?:site-packages|daemonlib)/([^/]+)/", path)
     return m[1].removesuffix(".libs") if m else Path(path).name
 
 

@@ -22,7 +22,6 @@ from edge_agent import __version__
 from edge_agent.config import load_config
 from edge_agent.errors import ConfigError
 from edge_agent.runtime.device import detect_device_profile
-from edge_agent.selfupdate.install import stage_package
 from edge_agent.selfupdate.releases import DEFAULT_AGENT_ROOT, ENV_AGENT_ROOT, Layout
 from edge_agent.store import ModelStore
 from edge_agent.trust import TrustedRoot
@@ -78,6 +77,8 @@ def agent_install(
 ) -> None:
     """Verify PACKAGE (*.efa), build its release side by side and stage it for the launcher."""
     root = _trusted_root(config_path)
+    from edge_agent.selfupdate.install import stage_package  # a command only, not the daemon
+
     result = stage_package(
         Layout.open(agent_root),
         package,

@@ -30,7 +30,6 @@ from edge_agent.client import (
     AgentUnreachableError,
     conform_inputs,
 )
-from edge_agent.common.identity import IdentityStore
 from edge_agent.config import AgentConfig, load_config
 from edge_agent.errors import ConfigError, InputValidationError
 from edge_agent.runtime.device import detect_device_profile
@@ -338,6 +337,8 @@ def identity_csr(config_path: Path | None, ca_cert: Path | None) -> None:
     With --ca, also provision the fleet CA certificate the device will trust.
     """
     cfg = _config(config_path)
+    from edge_agent.common.identity import IdentityStore  # x509: commands and sync only
+
     store = IdentityStore(Path(cfg.sync.identity_dir))
     if ca_cert is not None:
         store.provision_ca(ca_cert.read_bytes())
@@ -351,6 +352,8 @@ def identity_csr(config_path: Path | None, ca_cert: Path | None) -> None:
 def identity_install(config_path: Path | None, cert: Path) -> None:
     """Check the issued certificate (fleet CA, this device's key and id) and install it."""
     cfg = _config(config_path)
+    from edge_agent.common.identity import IdentityStore  # x509: commands and sync only
+
     store = IdentityStore(Path(cfg.sync.identity_dir))
     store.install_certificate(cert.read_bytes(), cfg.device_id, datetime.now(UTC))
     click.echo(str(store.cert_path))
@@ -363,6 +366,8 @@ def identity_claim(config_path: Path | None) -> None:
     from edge_agent.common.enroll import enroll_with_claim, load_claim
 
     cfg = _config(config_path)
+    from edge_agent.common.identity import IdentityStore  # x509: commands and sync only
+
     store = IdentityStore(Path(cfg.sync.identity_dir))
     claim = load_claim(store)
     if claim is None:
