@@ -22,6 +22,9 @@ KiB between runs; ``bench_grpc_rss`` reports the median of several). ``--env KEY
 a variable in the daemon's environment (e.g. ``MALLOC_ARENA_MAX=2``), ``--set section.key=value``
 a config override.
 
+``--imports`` prints instead what importing the daemon's modules costs a fresh interpreter in
+RssAnon, step by step.
+
 Usage: .venv/bin/python bench/bench_rss_breakdown.py [--grpc on|off] [--requests 500]
        [--clients 4] [--top 25] [--env KEY=VALUE ...] [--set section.key=value ...]
 """
@@ -95,6 +98,35 @@ def private_libs(work: Path) -> Path:
         elif entry.name.split(".")[0] in DAEMON_MODULES and entry.suffix == ".so":
             shutil.copy2(entry, lib / entry.name)
     return lib
+
+
+IMPORTS_CHILD = """
+import importlib, sys
+def anon():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+steps = [("numpy",), ("onnxruntime",), ("click", "edge_agent.cli.main", "edge_agent.daemon"),
+         ("edge_agent.api.app", "edge_agent.api.server", "edge_agent.api.metrics",
+          "edge_agent.serving.metrics"),
+         ("edge_agent.api.grpc_v2.server", "edge_agent.api.grpc_v2.service"),
+         ("edge_agent.sync.loop", "edge_agent.serving.fallback_mqtt", "edge_agent.common.identity")]
+before = anon()
+print(f"| interpreter | {before / 1024:.1f} | {len(sys.modules)} |")
+for step in steps:
+    n, a = len(sys.modules), anon()
+    for name in step:
+        importlib.import_module(name)
+    print(f"| + {', '.join(step)} | {(anon() - a) / 1024:+.1f} | {len(sys.modules) - n:+d} |")
+print(f"| **total** | **{anon() / 1024:.1f}** | {len(sys.modules)} |")
+"""
+
+
+def imports_table() -> None:
+    """RssAnon (MB) a fresh interpreter gains importing what the daemon imports, step by step
+    (the gRPC step is what ``[grpc] enabled`` adds, the last one what ``[sync] enabled`` adds)."""
+    print("| imported | RssAnon (MB) | modules |\n|---|---:|---:|")
+    subprocess.run([sys.executable, "-c", IMPORTS_CHILD], check=True)
 
 
 def free_port() -> int:
@@ -411,11 +443,15 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25, help="libraries to list")
     ap.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    ap.add_argument("--imports", action="store_true", help="only the import cost table")
     ap.add_argument("--prepare", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.prepare:
         _prepare_here(args.prepare, args.batch)
+        return
+    if args.imports:
+        imports_table()
         return
     with tempfile.TemporaryDirectory() as tmp:
         run(args, Path(tmp))
