@@ -146,8 +146,9 @@ class StoreConfig:
 class RuntimeConfig:
     """The ``[runtime]`` section: how the agent runs every model it loads.
 
-    Owns the keys an operator may set (threads, warm-up runs, whether the daemon hands back the
-    memory it touched only while starting) and the agent's defaults for them (two warm-up runs;
+    Owns the keys an operator may set (threads, warm-up runs, and two daemon settings: whether
+    it hands back the memory it touched only while starting, how many malloc arenas its threads
+    share) and the agent's defaults for them (two warm-up runs;
     library callers that build ``RuntimeOptions`` themselves get its one).
     ``options`` builds the ``edge_agent.runtime.base.RuntimeOptions`` the runtime adapters take:
     the only place the section becomes adapter options. Providers and adapter extras are not
