@@ -173,3 +173,25 @@ def test_config_refuses_hostile_malloc_arenas(tmp_path: Path, value: str, messag
         load_config(f, {})
     with pytest.raises(ConfigError, match=message):
         load_config(None, {"EDGEFLEET_AGENT__RUNTIME__MALLOC_ARENAS": value})
+
+
+@pytest.mark.skipif(not LINUX, reason="/proc/self/statm is Linux's")
+def test_model_memory_is_measured_without_file_pages_paged_back_in(tmp_path: Path) -> None:
+    """A model load is measured by private memory: library pages the load faults back in after
+    the start-up page-out are file-backed and must not count as the model's memory."""
+    import mmap
+
+    from edge_agent.serving.registry import private_bytes
+
+    data = tmp_path / "lib.bin"
+    data.write_bytes(b"\x01" * (32 << 20))
+    with data.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        rss_before, private_before = _rss_file_kib(), private_bytes()
+        touched = sum(view[i] for i in range(0, len(view), mmap.PAGESIZE))  # page in 32 MiB
+        rss_after, private_after = _rss_file_kib(), private_bytes()
+    assert touched == (32 << 20) // mmap.PAGESIZE
+    assert rss_after - rss_before >= 16 << 10  # KiB: the file pages are resident now
+    assert private_after - private_before < 4 << 20  # bytes: not counted as private memory
+    heap = bytearray(32 << 20)
+    heap[:: mmap.PAGESIZE] = b"\x02" * len(heap[:: mmap.PAGESIZE])  # 32 MiB of private pages
+    assert private_bytes() - private_after >= 24 << 20

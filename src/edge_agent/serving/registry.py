@@ -39,11 +39,18 @@ _ESTIMATE_FACTOR = 3
 _ESTIMATE_FIXED = 8 * 1024 * 1024
 
 
-def rss_bytes() -> int:
-    """Resident set size of this process (Linux ``/proc/self/statm``); 0 elsewhere."""
+def private_bytes() -> int:
+    """Resident memory of this process that is not file-backed or shared (Linux
+    ``/proc/self/statm``: resident minus shared); 0 elsewhere.
+
+    A model's load is measured with this, not the whole RSS: library code paged back in by the
+    load (the daemon pages out its start-up library pages, ``edge_agent.common.residency``) is
+    file-backed and would otherwise be counted as the model's memory.
+    """
     try:
         with open("/proc/self/statm", "rb") as fh:  # noqa: PTH123 - hot enough to skip pathlib
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            fields = fh.read().split()
+            return max(int(fields[1]) - int(fields[2]), 0) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
 
@@ -252,11 +259,11 @@ class Registry:
                 f"loading {name} v{version} needs ~{estimate >> 20} MiB; {in_use >> 20} of "
                 f"{budget >> 20} MiB already in use"
             )
-        before = rss_bytes()
+        before = private_bytes()
         runtime = load_runtime(
             bundle.artifact, bundle.manifest.artifact.format, self.config.runtime.options()
         )
-        measured = max(rss_bytes() - before, 0)
+        measured = max(private_bytes() - before, 0)
         golden = check_golden(bundle.manifest, runtime)
         if not golden.ok:
             runtime.close()
