@@ -89,6 +89,7 @@ def main() -> None:
                 pipe.manifest, pipe.runtime, pipe.policy, DriftConfig(max_rows_per_second=256)
             )
             outputs = pipe.runtime.run(feeds)
+            remembered = pipe.run(decoded.inputs, len(body))  # a result to remember
             blocks = {
                 name: np.repeat(np.asarray(x, np.float64).reshape(1, -1), BLOCK, axis=0)
                 for name, x in (*checked.feeds.items(), *outputs.items())
@@ -101,6 +102,9 @@ def main() -> None:
                 "    validation": t(lambda: pipe.validator.validate(decoded.inputs, len(body))),
                 "    preprocessing": t(lambda: pipe.preprocess(checked.feeds)),
                 "    runtime.run (session.run)": t(lambda: pipe.runtime.run(feeds)),
+                "  ground-truth memory (Agent._remember)": t(
+                    lambda: agent._remember(request(), entry, remembered)
+                ),
                 "  pipeline, drift blocks sampled out": t(
                     lambda: sampled.run(decoded.inputs, len(body))
                 ),
