@@ -18,7 +18,8 @@ TFLite float vs static int8 through the agent's runtime adapter and the bare int
 measured by ``bench/bench_tflite.py`` (table in docs/tflite.md).
 
 Usage: .venv/bin/python bench/bench_agent.py [--seconds 5] [--rounds 3] [--conns 1,8,64]
-       [--skip-in-process] [--markdown]
+       [--skip-in-process | --in-process-only] [--in-process-rounds 7] [--clock wall|cpu]
+       [--markdown]
 Needs wrk and h2load (Debian: apt-get install wrk nghttp2-client) for part 2; part 1 runs
 without them. MLServer and KServe are measured by ``bench/bench_peers.py``.
 """
@@ -51,8 +52,9 @@ BIN = Path(sys.executable).parent
 API_TARGETS = {"REST": (0.95, 1.1, 1.3), "gRPC": (0.90, float("inf"), float("inf"))}
 
 TARGETS = {
-    "b1_overhead_us": 15.0,
-    "b64_overhead_us_per_row": 0.5,
+    # Issue 13: the in-process pipeline at most this many times a bare ``session.run``.
+    "b1_ratio": 1.5,
+    "b64_ratio": 1.3,
     "rss_mb": 150.0,
     "ready_s": 2.0,
 }
@@ -90,21 +92,41 @@ def build_bundle(
     return bundle, root, ex.x_eval.astype(np.float32)
 
 
-def timed(fn, n: int) -> float:  # type: ignore[no-untyped-def]
-    t = time.perf_counter()
+#: ``--clock`` of the in-process part: wall time, or the process's CPU time (every thread:
+#: the drift worker's sketching counts too), which waiting for a CPU another process holds
+#: does not inflate: the steadier of the two on a shared machine.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def timed(fn, n: int, clock: Callable[[], float] = time.perf_counter) -> float:  # type: ignore[no-untyped-def]
+    t = clock()
     for _ in range(n):
         fn()
-    return (time.perf_counter() - t) / n
+    return (clock() - t) / n
 
 
-def in_process(bundle: Path, root: Path, x_eval: np.ndarray, rounds: int = 7) -> list[dict]:
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages (``/proc/loadavg``), printed beside the figures."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def in_process(
+    bundle: Path,
+    root: Path,
+    x_eval: np.ndarray,
+    rounds: int = 7,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[dict]:
     import onnxruntime as ort
 
     from edge_agent.bundle import read_bundle
     from edge_agent.config import DriftConfig, ModelPolicy
     from edge_agent.runtime.base import RuntimeOptions
     from edge_agent.runtime.loader import load_runtime
-    from edge_agent.serving.pipeline import DriftWorker, ModelPipeline
+    from edge_agent.serving.pipeline import BLOCK, DriftWorker, ModelPipeline
     from edge_agent.trust import TrustedRoot
 
     loaded = read_bundle(
@@ -141,13 +163,30 @@ def in_process(bundle: Path, root: Path, x_eval: np.ndarray, rounds: int = 7) ->
         px = pre.apply(x)
         n = 4000 if batch == 1 else 600
         samples: dict[str, list[float]] = {"bare": [], "inline": [], "worker": []}
-        for _ in range(rounds):  # alternate, so background noise hits every variant alike
-            samples["bare"].append(timed(lambda px=px: sess.run(None, {"input": px}), n))
-            for name, p in pipes.items():
-                samples[name].append(timed(lambda p=p, x=x: p.run({"input": x}), n))
+        variants: list[tuple[str, Callable[[], object]]] = [
+            ("bare", lambda px=px: sess.run(None, {"input": px})),
+            *((name, lambda p=p, x=x: p.run({"input": x})) for name, p in pipes.items()),
+        ]
+        # Rows the drift budget let through to sketching (the rest are sampled out): the
+        # budget is rows per wall second, so a slower (busier) run sketches a larger share.
+        before = {name: (p.rows, p.sketch_sampled_out, worker.dropped) for name, p in pipes.items()}
+        for r in range(rounds):  # alternate, so background noise hits every variant alike
+            for name, fn in variants if r % 2 == 0 else variants[::-1]:
+                samples[name].append(timed(fn, n, clock))
                 worker.drain()
+        sketched = {}
+        for name, p in pipes.items():
+            rows0, sampled0, dropped0 = before[name]
+            tensors = len(p.manifest.baseline.inputs) + len(p.manifest.baseline.outputs)
+            buffered = (p.rows - rows0) * tensors
+            lost = p.sketch_sampled_out - sampled0
+            if name == "worker":
+                lost += (worker.dropped - dropped0) * BLOCK
+            sketched[name] = 1 - lost / buffered if buffered else 0.0
         bare = statistics.median(samples["bare"])
         for name in ("inline", "worker"):
+            # The ratio of each round (bare and pipeline measured seconds apart), then medians.
+            ratios = [t / b for t, b in zip(samples[name], samples["bare"], strict=True)]
             t = statistics.median(samples[name])
             rows.append(
                 {
@@ -157,7 +196,10 @@ def in_process(bundle: Path, root: Path, x_eval: np.ndarray, rounds: int = 7) ->
                     "pipeline_us": t * 1e6,
                     "overhead_us": (t - bare) * 1e6,
                     "overhead_us_per_row": (t - bare) * 1e6 / batch,
-                    "ratio": t / bare,
+                    "ratio": statistics.median(ratios),
+                    "ratio_min": min(ratios),
+                    "ratio_max": max(ratios),
+                    "sketched": sketched[name],
                 }
             )
     worker.close()
@@ -714,27 +756,23 @@ def markdown(proc_rows: list[dict], api_res: dict) -> str:
         []
         if not proc_rows
         else [
-            "In-process (digits MLP, int8, 1 thread; median of alternating rounds):",
+            "In-process (digits MLP, int8, 1 thread; medians of alternating rounds, the "
+            "ratio per round):",
             "",
-            "| batch | drift sketching | bare ort.run | pipeline | pipeline/bare | "
-            "overhead/request | overhead/row | target |",
-            "|---|---|---|---|---|---|---|---|",
+            "| batch | drift sketching | rows sketched | bare ort.run | pipeline | "
+            "pipeline/bare (min-max) | overhead/request | overhead/row | target |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
     )
     for r in proc_rows:
         if "batch" not in r:
             continue
-        if r["batch"] == 1:
-            target = f"<= {TARGETS['b1_overhead_us']:.0f} us/request: " + (
-                "ok" if r["overhead_us"] <= TARGETS["b1_overhead_us"] else "MISS"
-            )
-        else:
-            target = f"<= {TARGETS['b64_overhead_us_per_row']} us/row: " + (
-                "ok" if r["overhead_us_per_row"] <= TARGETS["b64_overhead_us_per_row"] else "MISS"
-            )
+        limit = TARGETS["b1_ratio"] if r["batch"] == 1 else TARGETS["b64_ratio"]
+        target = f"<= {limit}x: " + ("ok" if r["ratio"] <= limit else "MISS")
         lines.append(
-            f"| {r['batch']} | {r['drift']} | {r['bare_us']:.1f} us | "
-            f"{r['pipeline_us']:.1f} us | {r['ratio']:.2f}x | {r['overhead_us']:.1f} us | "
+            f"| {r['batch']} | {r['drift']} | {r['sketched']:.0%} | {r['bare_us']:.1f} us | "
+            f"{r['pipeline_us']:.1f} us | {r['ratio']:.2f}x ({r['ratio_min']:.2f}-"
+            f"{r['ratio_max']:.2f}) | {r['overhead_us']:.1f} us | "
             f"{r['overhead_us_per_row']:.2f} us | {target} |"
         )
     dropped = next((r for r in proc_rows if "drift_blocks_dropped_by_worker" in r), None)
@@ -745,6 +783,8 @@ def markdown(proc_rows: list[dict], api_res: dict) -> str:
             f"{dropped['drift_blocks_dropped_by_worker']}",
             "",
         ]
+    if not api_res:
+        return "\n".join(lines)
     if "missing" in api_res:
         lines.append(f"Local API: not measured, {', '.join(api_res['missing'])} not installed")
     elif "rows" in api_res:
@@ -773,6 +813,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the API part")
     ap.add_argument("--conns", default="1,8,64", help="connection counts of the API part")
     ap.add_argument("--skip-in-process", action="store_true", help="only parts 2 and 3")
+    ap.add_argument("--in-process-only", action="store_true", help="only part 1")
+    ap.add_argument("--in-process-rounds", type=int, default=7)
+    ap.add_argument(
+        "--clock", choices=sorted(CLOCKS), default="wall", help="clock of the in-process part"
+    )
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -780,11 +825,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         bundle, root, x_eval = build_bundle(work)
-        proc_rows = [] if args.skip_in_process else in_process(bundle, root, x_eval)
-        api_res = api(bundle, root, x_eval, args.seconds, args.rounds, conns, work)
+        load_before = load_average()
+        proc_rows = (
+            []
+            if args.skip_in_process
+            else in_process(bundle, root, x_eval, args.in_process_rounds, CLOCKS[args.clock])
+        )
+        api_res = (
+            {}
+            if args.in_process_only
+            else api(bundle, root, x_eval, args.seconds, args.rounds, conns, work)
+        )
     print(
         f"Run {datetime.now(UTC):%Y-%m-%d %H:%M} UTC: {os.cpu_count()} cores, python "
-        f"{sys.version.split()[0]}, {args.rounds} rounds of {args.seconds:g} s per run"
+        f"{sys.version.split()[0]}, in-process clock {args.clock}"
+        + ("" if args.in_process_only else f", {args.rounds} rounds of {args.seconds:g} s per run")
+        + f"; load average {load_before} before, {load_average()} after"
     )
     if args.json:
         args.json.write_text(json.dumps({"in_process": proc_rows, "api": api_res}, indent=2))

@@ -5,7 +5,8 @@ The stages are called directly (no ASGI, no event loop) and timed with the threa
 steadier measure on a shared machine. Each figure is the minimum over ``--rounds`` runs of
 ``--requests`` calls (the least disturbed run). edge-agent's stages are those of the daemon
 (``build_agent`` over an installed digits bundle, default config: validation, drift, routing,
-ground-truth memory on); the bare stages are ``bench/peers/bare_rest.py``'s (``json.loads`` +
+ground-truth memory on; the pipeline also with its drift blocks sampled out, and the sketching of
+one drift block per row); the bare stages are ``bench/peers/bare_rest.py``'s (``json.loads`` +
 ``np.asarray``, scale/offset + ``session.run``, ``json.dumps`` of the first output).
 
 Usage: .venv/bin/python bench/profile_api_stages.py [--rounds 7] [--requests 3000]
@@ -42,8 +43,9 @@ def main() -> None:
 
     from edge_agent.api.codec import encode_response
     from edge_agent.api.decode import decode_request
-    from edge_agent.config import load_config
+    from edge_agent.config import DriftConfig, load_config
     from edge_agent.daemon import build_agent
+    from edge_agent.serving.pipeline import BLOCK, ModelPipeline
     from edge_agent.serving.service import InferenceRequest
 
     def t(func: Callable[[], Any]) -> float:
@@ -81,6 +83,18 @@ def main() -> None:
             pipe = entry.pipeline
             checked = pipe.validator.validate(decoded.inputs, len(body))
             feeds = pipe.preprocess(checked.feeds)
+            # The same model with the smallest drift budget: blocks are sampled out, not
+            # sketched, so its run is the pipeline's cost without the sketching.
+            sampled = ModelPipeline(
+                pipe.manifest, pipe.runtime, pipe.policy, DriftConfig(max_rows_per_second=256)
+            )
+            outputs = pipe.runtime.run(feeds)
+            remembered = pipe.run(decoded.inputs, len(body))  # a result to remember
+            blocks = {
+                name: np.repeat(np.asarray(x, np.float64).reshape(1, -1), BLOCK, axis=0)
+                for name, x in (*checked.feeds.items(), *outputs.items())
+                if name in pipe.manifest.baseline.inputs or name in pipe.manifest.baseline.outputs
+            }
             stages = {
                 "decode (JSON body -> arrays)": t(lambda: decode_request(body)),
                 "service (Agent.infer)": t(lambda: agent.infer(request())),
@@ -88,6 +102,19 @@ def main() -> None:
                 "    validation": t(lambda: pipe.validator.validate(decoded.inputs, len(body))),
                 "    preprocessing": t(lambda: pipe.preprocess(checked.feeds)),
                 "    runtime.run (session.run)": t(lambda: pipe.runtime.run(feeds)),
+                "  ground-truth memory (Agent._remember)": t(
+                    lambda: agent._remember(request(), entry, remembered)
+                ),
+                "  pipeline, drift blocks sampled out": t(
+                    lambda: sampled.run(decoded.inputs, len(body))
+                ),
+                **{
+                    f"  drift sketching of {name!r}, per row": cpu_us(
+                        lambda b=b, name=name: pipe.observe_block(name, b), args.rounds, 20
+                    )
+                    / BLOCK
+                    for name, b in blocks.items()
+                },
                 "encode (answer -> JSON)": t(
                     lambda: encode_response(answer, request_id=answer.request_id)
                 ),

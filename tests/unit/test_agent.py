@@ -17,9 +17,15 @@ import pytest
 
 from bundles import DigitsBundles
 from edge_agent.config import AgentConfig, CaptureConfig, FallbackConfig, ModelPolicy, StoreConfig
-from edge_agent.errors import FallbackError, InputValidationError, ModelNotFoundError
+from edge_agent.errors import (
+    FallbackError,
+    InputValidationError,
+    ModelNotFoundError,
+    ModelStoreError,
+)
 from edge_agent.serving.agent import Agent
 from edge_agent.serving.capture import CaptureRing
+from edge_agent.serving.routing import Router
 from edge_agent.serving.service import InferenceRequest
 from edge_agent.store import ModelStore
 from support import DEVICE
@@ -403,3 +409,130 @@ def test_litert_bundle_serves_through_the_agent(
     assert reply.parameters["model_version"] == "1"
     assert (np.argmax(reply.outputs[out], axis=1) == y[-64:]).mean() > 0.9
     assert agent.model_metadata("digits-tfl")["platform"] == "tflite"
+
+
+def spy_fast_path(agent: Agent) -> list[str]:
+    """Record the requests (by model) that ``infer`` answered on its fast path."""
+    taken: list[str] = []
+    local = agent._local
+
+    def spy(req: InferenceRequest, entry: Any) -> Any:
+        taken.append(req.model)
+        return local(req, entry)
+
+    agent._local = spy  # type: ignore[method-assign]
+    return taken
+
+
+class RoutedRouter(Router):
+    """A router the fast path never trusts: every request asks it (the slow path)."""
+
+    @property
+    def local_only(self) -> bool:
+        return False
+
+
+def test_fast_path_answers_and_accounts_as_the_router_does(
+    tmp_path: Path, digits_bundles: DigitsBundles
+) -> None:
+    """Same answer, parameters, ground-truth memory and counts through the fast path as
+    through the router, for a good and a refused request."""
+    seen = []
+    for slow in (False, True):
+        agent = make_agent(tmp_path / str(slow), digits_bundles)
+        if slow:
+            agent.router = RoutedRouter(agent.router.mode, cloud=agent.router.cloud)
+        taken = spy_fast_path(agent)
+        answers = [agent.infer(request(digits_bundles, 2, i)) for i in range(3)]
+        bad = digits_bundles.x_eval[:1].copy()
+        bad[0, 0] = np.nan
+        with pytest.raises(InputValidationError):
+            agent.infer(InferenceRequest("digits", {"input": bad}))
+        assert taken == ([] if slow else ["digits"] * 4)
+        pipeline = agent.registry.get("digits").pipeline  # type: ignore[union-attr]
+        seen.append(
+            (
+                [(a.source, a.model_version, dict(a.parameters), a.batched) for a in answers],
+                [a.outputs["probabilities"].tolist() for a in answers],
+                [a.request_id is not None for a in answers],
+                dict(agent.counts),
+                dict(agent.snapshot().sources),
+                (pipeline.requests, pipeline.rows, pipeline.rejects),
+                len(agent.ground_truth),
+            )
+        )
+        agent.close()
+    assert seen[0] == seen[1]
+
+
+def test_fast_path_is_taken_only_where_routing_cannot_differ(
+    tmp_path: Path, digits_bundles: DigitsBundles
+) -> None:
+    plain = make_agent(tmp_path / "plain", digits_bundles, install=("1", "2"))
+    taken = spy_fast_path(plain)
+    plain.infer(request(digits_bundles))
+    assert taken == ["digits"]
+    plain.infer(request(digits_bundles, version="2"))  # a pinned version: the router decides
+    assert taken == ["digits"]
+    plain.unload_model("digits")
+    with pytest.raises(ModelStoreError, match="unloaded"):
+        plain.infer(request(digits_bundles))
+    assert taken == ["digits"]
+    plain.close()
+
+    # A cloud that prefer_device may reach: every request goes through the router.
+    cloud = FakeCloud()
+    routed = make_agent(
+        tmp_path / "cloud",
+        digits_bundles,
+        transport=cloud,
+        fallback=FallbackConfig(mode="prefer_device", min_confidence=0.999999),
+    )
+    taken = spy_fast_path(routed)
+    assert routed.infer(request(digits_bundles)).source == "cloud"
+    assert taken == []
+    routed.close()
+    # The same cloud under device_only can never be reached: the fast path answers.
+    local = make_agent(
+        tmp_path / "device_only",
+        digits_bundles,
+        transport=FakeCloud(),
+        fallback=FallbackConfig(mode="device_only"),
+    )
+    taken = spy_fast_path(local)
+    assert local.infer(request(digits_bundles)).source == "device"
+    assert taken == ["digits"]
+    local.close()
+
+    # An A/B split: the router draws the arm.
+    policy = ModelPolicy(ab_candidate="digits@1", ab_fraction=0.5, probation_requests=1)
+    ab = make_agent(tmp_path / "ab", digits_bundles, install=("1",), model_defaults=policy)
+    ab.infer(request(digits_bundles))
+    ab.tick()
+    ab.install(digits_bundles.path(2))
+    ab.start()
+    taken = spy_fast_path(ab)
+    arms = {
+        ab.infer(request(digits_bundles, routing_key=f"user-{i}")).parameters["ab_arm"]
+        for i in range(40)
+    }
+    assert arms == {"live", "candidate"}
+    assert taken == []
+    ab.close()
+
+
+def test_fast_path_still_feeds_the_shadow(tmp_path: Path, digits_bundles: DigitsBundles) -> None:
+    policy = ModelPolicy(shadow_candidate="digits@1", shadow_fraction=1.0, probation_requests=1)
+    agent = make_agent(tmp_path, digits_bundles, install=("1",), model_defaults=policy)
+    agent.infer(request(digits_bundles))
+    agent.tick()
+    agent.install(digits_bundles.path(2))
+    taken = spy_fast_path(agent)
+    for i in range(20):
+        agent.infer(request(digits_bundles, 1, i))
+    assert taken == ["digits"] * 20
+    shadow = agent.candidates.shadow("digits")
+    assert shadow is not None
+    assert shadow.flush(10.0)
+    assert shadow.stats()["compared"] >= 15
+    agent.close()

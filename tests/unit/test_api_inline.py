@@ -132,3 +132,24 @@ def test_where_inference_runs(case: str) -> None:
     assert service.threads[0].startswith(POOL)
     later = [name.startswith(POOL) for name in service.threads[1:]]
     assert later == [not inline] * (REQUESTS - 1), service.threads
+
+
+def test_a_fast_model_that_turns_slow_moves_to_the_pool() -> None:
+    """Below half the threshold the CPU clock is not read (a device answer counts its wall
+    time, capped at the threshold); a call that took longer has the next ones measured, so a
+    model that turns slow in CPU time still leaves the loop within a few calls."""
+    calls = [0]
+
+    def fast_then_slow() -> None:
+        calls[0] += 1
+        if calls[0] > 4:
+            on_cpu()
+
+    service = WorkService(fast_then_slow, SOURCE_DEVICE)
+    config = ApiConfig(rate_limit_per_second=1e6, rate_limit_burst=1_000_000)
+    with TestClient(create_app(service, config), raise_server_exceptions=False) as client:
+        for _ in range(10):
+            assert client.post("/v2/models/m/infer", json=BODY).status_code == 200
+    pooled = [name.startswith(POOL) for name in service.threads]
+    assert pooled[1:5] == [False] * 4, service.threads  # fast: inline after the first call
+    assert pooled[-1], service.threads  # slow in CPU time: back in the pool

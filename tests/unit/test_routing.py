@@ -15,6 +15,7 @@ from edge_agent.serving.routing import (
     ANSWER_LOCALLY,
     CLOUD,
     FAIL,
+    LIVE_LOCAL,
     LOCAL,
     RAISE_LOCAL_ERROR,
     REFUSE,
@@ -222,3 +223,38 @@ def test_only_answers_of_the_active_version_reach_the_shadow(
     route: Route, active: bool, offered: bool
 ) -> None:
     assert Router.offers_shadow(route, answered_by_active=active) is offered
+
+
+# ------------------------------------------------------------------------ the fast path
+@pytest.mark.parametrize("cloud", [False, True])
+@pytest.mark.parametrize("mode", MODES)
+def test_local_only_routers_route_exactly_as_the_fast_path_assumes(mode: str, cloud: bool) -> None:
+    """``Agent.infer`` skips the router when ``local_only``: a live, unpinned request without an
+    A/B split is ``LIVE_LOCAL``, a local error is re-raised and a local answer kept. That holds
+    for exactly the routers that say ``local_only``; every other one can reach the cloud."""
+    router = Router(mode, cloud=cloud)
+
+    def never() -> bool:
+        raise AssertionError("a local-only router ran a fallback check")
+
+    def never_hard() -> Decision:
+        raise AssertionError("a local-only router scored an answer")
+
+    assert router.local_only == (not cloud or mode == "device_only")
+    if router.local_only:
+        for set_up in (True, False):
+            assert router.first(Facts(live=True, set_up=set_up)) == LIVE_LOCAL
+            after = router.after_local_answer(
+                LIVE_LOCAL,
+                cloud_failed=False,
+                set_up=set_up,
+                out_of_distribution=never,
+                hard=never_hard,
+            )
+            assert after == LIVE_LOCAL
+        for invalid in (True, False):
+            assert router.after_local_error(LIVE_LOCAL, invalid_input=invalid).target == REFUSE
+    else:  # the router itself sends requests to the cloud: never skipped
+        first = router.first(UP)
+        error = router.after_local_error(LIVE_LOCAL, invalid_input=True)
+        assert CLOUD in (first.target, error.target)

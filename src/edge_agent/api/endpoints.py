@@ -111,6 +111,8 @@ INLINE_ELEMENTS = 16 * 1024
 # answer's service time is the CPU time of the thread that ran it (a model with N intra-op
 # threads may so take up to N ms on the loop); a cloud answer's or a failure's, its wall time.
 INLINE_SERVICE_S = 0.001
+# Below this smoothed service time a device answer's CPU time is not read (see _run_service).
+_MEASURE_ABOVE_S = INLINE_SERVICE_S / 2
 _MAX_KNOWN_MODELS = 256
 _INVALID_HTTP = ERRORS.api_status(InputValidationError)[0]
 _T = TypeVar("_T")
@@ -283,10 +285,12 @@ class V2Endpoints:
         self.metrics.request_started()
         try:
             outcome, reason, response = await self._infer(scope, receive, name, version)
-        finally:
+        except BaseException:
             self.metrics.request_finished()
+            raise
         elapsed = time.perf_counter() - started
-        self.metrics.observe_infer(self._label(name), outcome, reason, elapsed)
+        # The end of the request and its count under one lock.
+        self.metrics.observe_infer(self._label(name), outcome, reason, elapsed, finished=True)
         return response
 
     async def _infer(
@@ -358,9 +362,16 @@ class V2Endpoints:
 
     async def _run_service(self, name: str, request: InferenceRequest) -> InferenceResult:
         ewma = self._service_s.get(name)
+        # The thread's CPU clock is a system call (the wall clock is not): read it only when
+        # this request may move the model across INLINE_SERVICE_S. Well below it, a device
+        # answer counts its wall time capped at INLINE_SERVICE_S (its CPU time is at most its
+        # wall time), so an unmeasured call, preempted or not, never pushes the average over;
+        # one that took longer than that has the next call measured.
+        measure = ewma is None or ewma >= _MEASURE_ABOVE_S
 
         def timed() -> InferenceResult:
-            wall, cpu = time.perf_counter(), time.thread_time()
+            wall = time.perf_counter()
+            cpu = time.thread_time() if measure else 0.0
             result: InferenceResult | None = None
             try:
                 result = self.service.infer(request)
@@ -377,12 +388,16 @@ class V2Endpoints:
                     self._pooled.add(name)
                 elif result is not None:
                     self._pooled.discard(name)
+                took = time.perf_counter() - wall
+                floor = 0.0
                 if result is not None and result.source == SOURCE_DEVICE:
-                    took = time.thread_time() - cpu
-                else:
-                    took = time.perf_counter() - wall
+                    if measure:
+                        took = time.thread_time() - cpu
+                    elif took >= INLINE_SERVICE_S:
+                        took, floor = INLINE_SERVICE_S, _MEASURE_ABOVE_S
                 old = self._service_s.get(name)
-                self._service_s[name] = took if old is None else 0.9 * old + 0.1 * took
+                new = took if old is None else 0.9 * old + 0.1 * took
+                self._service_s[name] = max(new, floor)
 
         if ewma is not None and ewma < INLINE_SERVICE_S and name not in self._pooled:
             return timed()

@@ -193,12 +193,17 @@ class ApiMetrics:
         self._lock = threading.Lock()
         self._budget: DecodeBudgetView | None = None
 
-    def observe_infer(self, model: str, outcome: str, reason: str, seconds: float) -> None:
-        """Count one inference request and observe its latency."""
+    def observe_infer(
+        self, model: str, outcome: str, reason: str, seconds: float, *, finished: bool = False
+    ) -> None:
+        """Count one inference request and observe its latency; ``finished``: it is also no
+        longer in flight (``request_finished`` in the same lock)."""
         # The bucket is the first bound >= seconds, as Histogram.observe picks it (none: NaN).
         bucket = bisect.bisect_left(_BOUNDS, seconds) if not math.isnan(seconds) else -1
         hot = self._hot
         with hot.lock:
+            if finished:
+                hot.in_flight -= 1
             count = hot.requests.get(("infer", model, outcome, reason))
             if count is None:
                 count = hot.requests[("infer", model, outcome, reason)] = _Count()

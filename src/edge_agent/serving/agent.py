@@ -34,7 +34,6 @@ from edge_agent.errors import (
     ModelNotFoundError,
     ModelStoreError,
 )
-from edge_agent.runtime.batching import BatchingRuntime
 from edge_agent.serving.candidates import Candidates
 from edge_agent.serving.capture import CaptureRing, label_indices
 from edge_agent.serving.fallback import DEVICE, CloudFallback, FallbackPolicy, FallbackTransport
@@ -47,6 +46,7 @@ from edge_agent.serving.repository.index import IndexEntry
 from edge_agent.serving.routing import (
     ANSWER_LOCALLY,
     CLOUD,
+    LIVE_LOCAL,
     RAISE_LOCAL_ERROR,
     REFUSE,
     Facts,
@@ -262,6 +262,17 @@ class Agent:
         """
         name = request.model
         entry = self.registry.get(name)
+        if (
+            entry is not None
+            and request.version is None
+            and self.router.local_only
+            and self.candidates.ab(name) is None
+            and not self.repository.unloaded(name)
+        ):
+            # The common case, where the router's answer is known without asking it: the
+            # live version, no A/B split, and no cloud any route could reach (``first`` gives
+            # ``LIVE_LOCAL``, a local failure is re-raised, a local answer is kept).
+            return self._local(request, entry)
         if entry is not None and request.version is not None:
             entry = self._entry(name, request.version)
         ab = self.candidates.ab(name)
@@ -332,18 +343,44 @@ class Agent:
                 params["fallback_failed"] = str(exc)
                 if after.out_of_distribution:
                     params["out_of_distribution"] = True
+        return self._device_answer(request, entry, route, result, params)
+
+    def _local(self, request: InferenceRequest, entry: Loaded) -> InferenceResult:
+        """``_follow`` of ``LIVE_LOCAL`` under a router that never reaches the cloud (the fast
+        path of ``infer``): run on ``entry``, re-raise a local failure after counting it, keep
+        the answer."""
+        try:
+            result = self._run_local(entry, request)
+        except InputValidationError:
+            self.counts["rejected"] += 1
+            raise
+        except InferenceError:
+            self.counts["errors"] += 1
+            raise
+        params = self._device_params(entry, result, "live", None)
+        return self._device_answer(request, entry, LIVE_LOCAL, result, params)
+
+    def _device_answer(
+        self,
+        request: InferenceRequest,
+        entry: Loaded,
+        route: Route,
+        result: PipelineResult,
+        params: dict[str, Any],
+    ) -> InferenceResult:
+        """The device's answer on ``route``: remembered for feedback, accounted, returned."""
         given = self._remember(request, entry, result)
         rid = request.request_id if isinstance(request.request_id, str) else given
         self._account(request.model, entry, route, result, rid)
-        version = str(entry.pipeline.version)
+        pipeline = entry.pipeline
         return InferenceResult(
             request.model,
-            version,
+            pipeline.version_text,
             result.outputs,
             SOURCE_DEVICE,
             params,
             request_id=given,
-            batched=isinstance(entry.pipeline.runtime, BatchingRuntime),
+            batched=pipeline.batched,
         )
 
     def _remember(
@@ -392,7 +429,7 @@ class Agent:
     ) -> dict[str, Any]:
         """The response parameters of an answer from the device."""
         params: dict[str, Any] = {
-            "model_version": str(entry.pipeline.version),
+            "model_version": entry.pipeline.version_text,
             "inference_source": SOURCE_DEVICE,
             "ab_arm": arm,
         }

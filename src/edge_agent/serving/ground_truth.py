@@ -87,9 +87,13 @@ def predicted_classes(
     scores = outputs.get(contract.score_output)
     if scores is None:
         return None
-    a = np.asarray(scores)
-    rows = a.shape[0] if a.ndim else 1
-    a = a.reshape(rows, -1)
+    if type(scores) is np.ndarray and scores.ndim == 2:
+        a = scores  # (rows, classes) already: the common case, no reshape
+        rows = a.shape[0]
+    else:
+        a = np.asarray(scores)
+        rows = a.shape[0] if a.ndim else 1
+        a = a.reshape(rows, -1)
     if a.shape[1] == 0:
         return None
     if a.shape[1] == 1:  # one column: the positive class of a binary classifier

@@ -28,6 +28,7 @@ from edge_agent.drift import DriftMonitor, KllFeatureSketches
 from edge_agent.drift.monitor import DriftWindow, MonitorPolicy
 from edge_agent.errors import InferenceError, InputValidationError
 from edge_agent.runtime.base import Runtime
+from edge_agent.runtime.batching import BatchingRuntime
 from edge_agent.serving.probation import ProbationStats
 from edge_agent.wire.telemetry import LATENCY_FINE_BUCKETS_MS, coarse_from_fine
 
@@ -70,7 +71,9 @@ class _RowBuffer:
         self.fill = 0
         self.width = features
 
-    def add(self, rows: Array, flush: Callable[[str, Array], None]) -> None:
+    def add(self, rows: Array, flush: Callable[[str, Array], bool]) -> None:
+        """Copy ``rows`` in; each full block goes to ``flush``, which says whether it kept it
+        (a block it did not keep, sampled out, is filled again: no new block is allocated)."""
         n = rows.shape[0]
         if n == 1 and self.fill < BLOCK - 1:  # the batch-1 hot path: one row copy
             self.buf[self.fill] = rows[0]
@@ -83,9 +86,9 @@ class _RowBuffer:
             self.fill += take
             start += take
             if self.fill == BLOCK:
-                full, self.buf = self.buf, np.empty_like(self.buf)
                 self.fill = 0
-                flush(self.name, full)
+                if flush(self.name, self.buf):
+                    self.buf = np.empty_like(self.buf)
 
 
 class DriftWorker:
@@ -223,13 +226,25 @@ class ModelPipeline:
         self.dropped_rows_by_reason: dict[str, int] = {}
         self._lat = [0.0] * _LATENCY_SAMPLES
         self._lat_n = 0
+        self._version_text = str(manifest.version)
+        # Whether concurrent requests run as one batch (``edge_agent.runtime.batching``).
+        self.batched = isinstance(runtime, BatchingRuntime)
 
     @property
     def version(self) -> int:
         return self.manifest.version
 
+    @property
+    def version_text(self) -> str:
+        """The version as the protocol writes it (``"3"``), built once."""
+        return self._version_text
+
     def run(self, inputs: Mapping[str, Any], payload_bytes: int | None = None) -> PipelineResult:
         """Validate and run one request.
+
+        One method on purpose (the hot path): validation, preprocessing and the run, then,
+        under the lock that also ends the request, the success accounting (``_account``'s
+        counts, the latency ring and histogram, the drift rows).
 
         Raises:
             InputValidationError: the request does not fit the contract (counted).
@@ -242,7 +257,26 @@ class ModelPipeline:
             self._inflight += 1
         result: PipelineResult | None = None
         try:
-            result = self._run(inputs, payload_bytes)
+            clock = self._clock
+            start = clock()
+            try:
+                checked = self.validator.validate(inputs, payload_bytes)
+            except InputValidationError as exc:
+                self._count_reject(exc.reason)
+                raise
+            one = self._pre_one
+            if one is not None:
+                feeds = {one[0]: one[1](checked.feeds[one[0]])}
+            else:
+                feeds = {name: fn(checked.feeds[name]) for name, fn in self._pre}
+            try:
+                outputs = self.runtime.run(feeds)
+            except InferenceError:
+                with lock:
+                    self.requests += 1
+                    self.errors += 1
+                raise
+            result = PipelineResult(outputs, checked, clock() - start, feeds)
             return result
         finally:
             # One lock for the accounting of a success and the end of the request.
@@ -254,31 +288,16 @@ class ModelPipeline:
             if last:
                 self.runtime.close()
 
-    def _run(self, inputs: Mapping[str, Any], payload_bytes: int | None) -> PipelineResult:
-        """Validate, preprocess and run; failures are counted here, successes by ``_account``."""
-        start = self._clock()
-        try:
-            checked = self.validator.validate(inputs, payload_bytes)
-        except InputValidationError as exc:
-            with self._lock:
-                self.rejects_by_reason[exc.reason] = self.rejects_by_reason.get(exc.reason, 0) + 1
-                # Only row problems say something about this version's contract; a client
-                # sending the wrong names or shapes must not fail a healthy model's probation.
-                if exc.reason in ROW_REASONS:
-                    self.requests += 1
-                    self.rejects += 1
-                else:
-                    self.client_errors += 1
-            raise
-        feeds = self.preprocess(checked.feeds)
-        try:
-            outputs = self.runtime.run(feeds)
-        except InferenceError:
-            with self._lock:
+    def _count_reject(self, reason: str) -> None:
+        with self._lock:
+            self.rejects_by_reason[reason] = self.rejects_by_reason.get(reason, 0) + 1
+            # Only row problems say something about this version's contract; a client
+            # sending the wrong names or shapes must not fail a healthy model's probation.
+            if reason in ROW_REASONS:
                 self.requests += 1
-                self.errors += 1
-            raise
-        return PipelineResult(outputs, checked, self._clock() - start, feeds)
+                self.rejects += 1
+            else:
+                self.client_errors += 1
 
     def _account(self, result: PipelineResult) -> None:
         """Count a success, record its latency, buffer its rows for drift (``_lock`` held)."""
@@ -290,9 +309,11 @@ class ModelPipeline:
                 self.dropped_rows_by_reason[reason] = (
                     self.dropped_rows_by_reason.get(reason, 0) + count
                 )
-        self._lat[self._lat_n & _LATENCY_MASK] = result.latency_s
-        self._lat_n += 1
-        self._lat_buckets[bisect_left(_BUCKET_EDGES_S, result.latency_s)] += 1
+        latency = result.latency_s
+        n = self._lat_n
+        self._lat[n & _LATENCY_MASK] = latency
+        self._lat_n = n + 1
+        self._lat_buckets[bisect_left(_BUCKET_EDGES_S, latency)] += 1
         self._sketch(checked.feeds, result.outputs)
 
     def preprocess(self, raw: Mapping[str, Array]) -> dict[str, Array]:
@@ -314,7 +335,7 @@ class ModelPipeline:
             if buf is not None and len(shape) == 2 and shape[0] == 1 and shape[1] == buf.width:
                 fill = buf.fill
                 if fill < BLOCK - 1:
-                    buf.buf[fill] = x[0]
+                    buf.buf[fill : fill + 1] = x  # no row view of ``x`` to build
                     buf.fill = fill + 1
                     continue
             self._buffer_rows(name, x)
@@ -333,10 +354,11 @@ class ModelPipeline:
                 flat = self.manifest.baseline.features(x)  # reduced features: the same rule
         buf.add(flat, self._flush)
 
-    def _flush(self, name: str, block: Array) -> None:
+    def _flush(self, name: str, block: Array) -> bool:
+        """Sketch (or queue) a full block; False when the budget sampled it out (not kept)."""
         if self._sketch_budget.take(self._clock(), block.shape[0]) > 0:
             self.sketch_sampled_out += block.shape[0]
-            return
+            return False
         if self._worker is None:
             try:
                 self.observe_block(name, block)
@@ -345,6 +367,7 @@ class ModelPipeline:
                 log.exception("drift sketching failed for %s", name)
         else:
             self._worker.submit(self, name, block)
+        return True
 
     def observe_block(self, name: str, block: Array) -> None:
         """Sketch one full block (called by the drift worker, or inline)."""

@@ -35,6 +35,7 @@ __all__ = [
     "ANSWER_LOCALLY",
     "CLOUD",
     "FAIL",
+    "LIVE_LOCAL",
     "LOCAL",
     "LOCAL_ERROR",
     "NOT_SERVING",
@@ -134,6 +135,11 @@ class Route:
     out_of_distribution: bool = False
 
 
+#: The route of a request for the live version, answered on the device (``Router.first`` of
+#: live, unpinned facts without an A/B candidate when no cloud is reachable).
+LIVE_LOCAL = Route(LOCAL)
+
+
 class Router:
     """Every fallback and A/B decision for one agent; pure (see the module docstring).
 
@@ -143,6 +149,13 @@ class Router:
     def __init__(self, mode: str, *, cloud: bool) -> None:
         self.mode = mode
         self.cloud = cloud
+
+    @property
+    def local_only(self) -> bool:
+        """Whether no route ever goes to the cloud (none wired, or ``device_only``): then
+        ``first`` of a live, unpinned request without an A/B candidate is ``LIVE_LOCAL``, a
+        local error is re-raised and a local answer kept."""
+        return not self.cloud or self.mode == "device_only"
 
     @property
     def may_fall_back(self) -> bool:

@@ -23,9 +23,10 @@ SOURCE_DEVICE = "device"
 SOURCE_CLOUD = "cloud"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class InferenceRequest:
-    """One inference call.
+    """One inference call (read-only by convention: slotted, not frozen, since one is built
+    per request and a frozen dataclass's ``__init__`` costs three times as much).
 
     ``routing_key`` makes A/B assignment sticky per caller; ``payload_bytes`` is the size of the
     encoded request body (for the contract's payload limit); ``request_id`` is echoed back.
@@ -40,9 +41,10 @@ class InferenceRequest:
     parameters: Mapping[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class InferenceResult:
-    """Outputs and how they were produced.
+    """Outputs and how they were produced (read-only by convention, slotted as
+    ``InferenceRequest``).
 
     ``source`` is ``device`` or ``cloud``; ``parameters`` carries flags for the response (model
     version, validation drops by reason, drift alert, fallback reason, A/B arm).

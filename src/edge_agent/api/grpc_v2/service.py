@@ -316,9 +316,10 @@ class GrpcInference:
             outcome, reason = failure.outcome, failure.reason
             _abort(context, failure)
         finally:
-            self.metrics.request_finished()
             elapsed = time.perf_counter() - started
-            self.metrics.observe_infer(self._label(name), outcome, reason, elapsed)
+            # The end of the request and its count under one lock.
+            label = self._label(name)
+            self.metrics.observe_infer(label, outcome, reason, elapsed, finished=True)
 
     def _infer(self, request: Message, context: grpc.ServicerContext) -> Message:
         self._throttle(context)
