@@ -88,10 +88,12 @@ def ingest_set(
 
     Statements: the batch's devices (one select), their ``device_seq`` rows (one upsert,
     one locking select, in id order so concurrent workers lock in the same order), the
-    entries' keys (one ``INSERT ... ON CONFLICT DO NOTHING RETURNING``, batched by the driver)
-    and the new entries (one insert), every stored seq above each device's ``acked_upto``
-    (one select of keys) and the new counters
-    (one executemany) plus ``last_seen`` (one update). The per-item arithmetic of
+    entries' keys (one ``INSERT ... ON CONFLICT DO NOTHING RETURNING``) and the new entries
+    (one insert), every stored seq above each device's ``acked_upto`` (one select of keys) and
+    the new counters (one ``UPDATE ... FROM unnest`` on PostgreSQL, an executemany on SQLite)
+    plus ``last_seen`` (one update). The inserts are multi-row ``VALUES`` statements of up to
+    1,000 rows (SQLAlchemy's "insertmanyvalues", which ``RETURNING`` turns on): a plain
+    executemany is one statement per row on psycopg. The per-item arithmetic of
     ``ingest_one`` then runs in Python over those seqs, item by item in batch order, so
     several items of one device give exactly what sequential ``ingest`` calls give.
 
