@@ -70,13 +70,13 @@ WORKER_MSGS_S = Input(
     525.0,
     "measured",
     "lowest one-worker PostgreSQL rate, bench_ingest_workers.py (5 reports of ~1 KB a message);"
-    " below the 588 msgs/s that WORKER_CPU_MS_PER_MSG allows one core at the real shape",
+    " below the 625 msgs/s that WORKER_CPU_MS_PER_MSG allows one core at the real shape",
 )
 WORKER_CPU_MS_PER_MSG = Input(
-    1.7,
+    1.6,
     "measured",
-    "gateway worker process CPU per stored message, 1 report of 8.4 KB JSON (10 req/s, drift"
-    " windows), highest of six phases, bench_ingest_workers.py; packed-1: 2.0-4.0 ms",
+    "gateway worker process CPU per stored message, 1 report of 5.1 KB JSON (10 req/s, drift"
+    " windows), highest of twelve phases (JSON and packed-1), bench_ingest_workers.py",
 )
 DB_ONLY_ROWS_S = Input(
     1_613.0, "measured", "Registry.ingest_many on PostgreSQL, bench_history.py --ingest"
@@ -85,10 +85,10 @@ HEADROOM = Input(0.5, "assumed", "plan each worker at this share of its measured
 MIN_WORKERS = Input(2.0, "assumed", "two workers for availability (a dead one costs nothing)")
 PG_CONNS_PER_WORKER = Input(15.0, "config", "SQLAlchemy pool 5 + 10 overflow (scale-out.md)")
 PG_CPU_MS_PER_MSG = Input(
-    0.58,
+    0.46,
     "measured",
-    "PostgreSQL CPU per stored message, 1 report of 8.4 KB JSON, highest of six phases with"
-    " 1, 2 and 4 workers, bench_ingest_workers.py (fsync=off)",
+    "PostgreSQL CPU per stored message, 1 report of 5.1 KB JSON, highest of twelve phases with"
+    " 1, 2 and 4 workers and both encodings, bench_ingest_workers.py (fsync=off)",
 )
 
 # Storage: bench/bench_history.py, 1,000 devices, PostgreSQL, measured bytes per row (table +

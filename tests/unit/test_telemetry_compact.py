@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from clock import FakeClock
 from edge_agent.drift import FeatureEdges, TierAView
@@ -30,6 +32,7 @@ from edge_agent.wire.compact import (
     is_packed,
     pack_message,
     pack_view,
+    unpack_document,
     unpack_message,
     unpack_view,
 )
@@ -438,3 +441,51 @@ def test_uplink_forgets_the_encoding_on_reconnect(box: Outbox) -> None:
     up.reset_in_flight()
     up.pump()
     assert not is_packed(wire.sent[-1])
+
+
+@pytest.mark.parametrize("data", MESSAGE_HOSTILE.values(), ids=MESSAGE_HOSTILE.keys())
+def test_hostile_messages_are_refused_by_the_document_reader_too(data: bytes) -> None:
+    with pytest.raises(ContractError):
+        unpack_document(data)
+
+
+def test_the_document_reader_gives_what_the_json_reader_gives() -> None:
+    packed = pack_message(_batch_json())
+    assert unpack_document(packed) == json.loads(_batch_json())
+    with pytest.raises(ContractError, match="beyond"):
+        unpack_document(packed, max_bytes=len(_batch_json()) - 1)
+    assert unpack_document(packed, max_bytes=len(_batch_json())) == json.loads(_batch_json())
+
+
+_FIELD_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**20),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(alphabet=st.sampled_from(["a", "\x00", "\ud800", "é", "-"]), max_size=6),
+    st.lists(st.integers(-3, 3), max_size=3),
+    st.dictionaries(st.sampled_from(["a", "p50", "ok"]), st.integers(-2, 2), max_size=2),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), value=_FIELD_VALUES)
+def test_packed_and_json_parse_alike_whatever_a_field_holds(
+    data: st.DataObject, value: Any
+) -> None:
+    """The server's packed path (document, no JSON text) decides exactly as its JSON path."""
+    doc = json.loads(_batch_json())
+    item = data.draw(st.sampled_from(doc["items"]), label="item")
+    target = item
+    if item["type"] == "report" and data.draw(st.booleans(), label="inside a model"):
+        target = item["models"]["digits"]
+        if data.draw(st.booleans(), label="inside a drift window") and target["drift"]:
+            target = target["drift"][0]
+    key = data.draw(st.sampled_from(sorted(k for k in target if k != "view")), label="key")
+    target[key] = value
+    body = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    try:
+        packed = pack_message(body)
+    except ContractError:
+        return  # not canonical JSON of a report or batch: no agent packs it
+    assert parse_telemetry("telemetry", DEV, packed) == parse_telemetry("telemetry", DEV, body)

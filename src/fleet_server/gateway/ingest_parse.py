@@ -16,8 +16,10 @@ header) is refused whole and not acknowledged: no honest agent sends one.
 Encodings: a payload is canonical JSON or, from agents that were told the server reads it
 (``ACCEPTED_ENCODINGS``, listed in every ack), the packed form of the same JSON
 (``edge_agent.wire.compact``). A packed payload is unpacked first, bounded by
-``MAX_PAYLOAD_BYTES`` like JSON, and then parsed exactly as the JSON it encodes; one that does not
-unpack (damaged, truncated, another format version, inflating beyond the cap) is ``malformed``.
+``MAX_PAYLOAD_BYTES`` like JSON, straight to the document its JSON encodes (``unpack_document``:
+no JSON text is built and read again), which is then parsed exactly as that JSON would be; one
+that does not unpack (damaged, truncated, another format version, inflating beyond the cap) is
+``malformed``.
 
 Does not store, count or acknowledge anything (``fleet_server.gateway.ingest``, the gateway do).
 """
@@ -32,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from edge_agent.errors import ContractError
-from edge_agent.wire.compact import PACKED_ENCODING, is_packed, unpack_message
+from edge_agent.wire.compact import PACKED_ENCODING, is_packed, unpack_document, unpack_message
 from edge_agent.wire.fields import MAX_INT
 from edge_agent.wire.telemetry import (
     MAX_BATCH_ITEMS,
@@ -40,6 +42,8 @@ from edge_agent.wire.telemetry import (
     SCHEMA_VERSION,
     Batch,
     Event,
+    StatusMessage,
+    TelemetryAck,
     TelemetryReport,
     decode_message,
 )
@@ -102,15 +106,26 @@ def parse_telemetry(kind: str, device_id: str, payload: bytes) -> IngestItem | s
     """
     if len(payload) > MAX_PAYLOAD_BYTES:
         return "oversized"
+    decoded: TelemetryReport | Event | Batch | StatusMessage | TelemetryAck
     if is_packed(payload):
         try:
-            payload = unpack_message(payload, max_bytes=MAX_PAYLOAD_BYTES)
+            doc = unpack_document(payload, max_bytes=MAX_PAYLOAD_BYTES)
         except ContractError:
             return "malformed"
-    try:
-        decoded = decode_message(payload)
-    except ContractError:
-        return _salvage(kind, device_id, payload)
+        try:
+            # A report or a batch (``unpack_document`` checked): no JSON text in between.
+            decoded = (Batch if doc["type"] == "batch" else TelemetryReport).from_dict(doc)
+        except ContractError:
+            try:  # the salvage reads the JSON the packed form encodes
+                payload = unpack_message(payload, max_bytes=MAX_PAYLOAD_BYTES)
+            except ContractError:
+                return "malformed"
+            return _salvage(kind, device_id, payload)
+    else:
+        try:
+            decoded = decode_message(payload)
+        except ContractError:
+            return _salvage(kind, device_id, payload)
     if isinstance(decoded, Batch) and kind == "telemetry":
         item = IngestItem(device_id, decoded.items, decoded.floor)
     elif isinstance(decoded, Event) or (

@@ -25,7 +25,18 @@ from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any, Final, cast
 
-from sqlalchemy import Connection, Table, and_, bindparam, func, insert, select, true, update
+from sqlalchemy import (
+    Connection,
+    Table,
+    and_,
+    bindparam,
+    func,
+    insert,
+    select,
+    text,
+    true,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -77,10 +88,12 @@ def ingest_set(
 
     Statements: the batch's devices (one select), their ``device_seq`` rows (one upsert,
     one locking select, in id order so concurrent workers lock in the same order), the
-    entries' keys (one ``INSERT ... ON CONFLICT DO NOTHING RETURNING``, batched by the driver)
-    and the new entries (one insert), every stored seq above each device's ``acked_upto``
-    (one select of keys) and the new counters
-    (one executemany) plus ``last_seen`` (one update). The per-item arithmetic of
+    entries' keys (one ``INSERT ... ON CONFLICT DO NOTHING RETURNING``) and the new entries
+    (one insert), every stored seq above each device's ``acked_upto`` (one select of keys) and
+    the new counters (one ``UPDATE ... FROM unnest`` on PostgreSQL, an executemany on SQLite)
+    plus ``last_seen`` (one update). The inserts are multi-row ``VALUES`` statements of up to
+    1,000 rows (SQLAlchemy's "insertmanyvalues", which ``RETURNING`` turns on): a plain
+    executemany is one statement per row on psycopg. The per-item arithmetic of
     ``ingest_one`` then runs in Python over those seqs, item by item in batch order, so
     several items of one device give exactly what sequential ``ingest`` calls give.
 
@@ -154,7 +167,7 @@ def ingest_set(
         inserted = {(str(d), int(n)) for d, n in conn.execute(_keys_insert_ignore(dialect), keys)}
         new_rows = [v for v in values if (v["device_id"], v["seq"]) in inserted]
         if new_rows:
-            conn.execute(insert(_TELEMETRY), new_rows)
+            conn.execute(_rows_insert(), new_rows)
     # Stored seqs above each device's mark (now including this batch's rows).
     above: dict[str, set[int]] = {d: set() for d in live}
     for part in _chunks(live, _IN_CHUNK):
@@ -208,20 +221,7 @@ def ingest_set(
                 recovered=recovered,
             )
         )
-    conn.execute(
-        update(_SEQ)
-        .where(_SEQ.c.device_id == bindparam("b_device"))
-        .values(
-            acked_upto=bindparam("b_acked"),
-            gaps=bindparam("b_gaps"),
-            lost=bindparam("b_lost"),
-            duplicates=bindparam("b_dups"),
-        ),
-        [
-            {"b_device": d, "b_acked": a, "b_gaps": g, "b_lost": lo, "b_dups": du}
-            for d, (a, g, lo, du) in sorted(state.items())
-        ],
-    )
+    _update_counters(conn, dialect, sorted(state.items()))
     for part in _chunks(live, _IN_CHUNK):
         conn.execute(update(_DEVICES).where(_DEVICES.c.id.in_(part)).values(last_seen=now))
     return results
@@ -353,10 +353,64 @@ def _above_marks(dialect: str, devices: Sequence[str]) -> Any:
 
 
 def _seq_insert_ignore(dialect: str) -> Any:
-    """Core ``INSERT INTO device_seq ... ON CONFLICT DO NOTHING`` (for executemany)."""
+    """Core ``INSERT INTO device_seq ... ON CONFLICT DO NOTHING`` (for executemany).
+
+    ``RETURNING`` makes SQLAlchemy send the rows as multi-row ``VALUES`` statements
+    ("insertmanyvalues"); without it the driver runs one statement per row.
+    """
+    ins = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return ins(_SEQ).on_conflict_do_nothing().returning(_SEQ.c.device_id)
+
+
+def _rows_insert() -> Any:
+    """Core insert of telemetry rows, multi-row ``VALUES`` statements (see above)."""
+    return insert(_TELEMETRY).returning(_TELEMETRY.c.id)
+
+
+# One statement for every device's counters (PostgreSQL): arrays in, joined by device id.
+_PG_UPDATE_COUNTERS: Final = text(
+    "UPDATE device_seq AS s SET acked_upto = v.acked, gaps = v.gaps, lost = v.lost,"
+    " duplicates = v.dups"
+    " FROM unnest(CAST(:ids AS VARCHAR[]), CAST(:acked AS BIGINT[]), CAST(:gaps AS BIGINT[]),"
+    " CAST(:lost AS BIGINT[]), CAST(:dups AS BIGINT[])) AS v(id, acked, gaps, lost, dups)"
+    " WHERE s.device_id = v.id"
+)
+
+
+def _update_counters(
+    conn: Connection, dialect: str, state: Sequence[tuple[str, Sequence[int]]]
+) -> None:
+    """Write each device's new ``(acked_upto, gaps, lost, duplicates)``, in device id order.
+
+    PostgreSQL: one ``UPDATE ... FROM unnest(arrays)`` statement (an executemany there is one
+    statement per device). SQLite: an executemany (in-process, no round trips).
+    """
     if dialect == "postgresql":
-        return postgresql.insert(_SEQ).on_conflict_do_nothing()
-    return sqlite.insert(_SEQ).on_conflict_do_nothing()
+        conn.execute(
+            _PG_UPDATE_COUNTERS,
+            {
+                "ids": [d for d, _ in state],
+                "acked": [st[0] for _, st in state],
+                "gaps": [st[1] for _, st in state],
+                "lost": [st[2] for _, st in state],
+                "dups": [st[3] for _, st in state],
+            },
+        )
+        return
+    conn.execute(
+        update(_SEQ)
+        .where(_SEQ.c.device_id == bindparam("b_device"))
+        .values(
+            acked_upto=bindparam("b_acked"),
+            gaps=bindparam("b_gaps"),
+            lost=bindparam("b_lost"),
+            duplicates=bindparam("b_dups"),
+        ),
+        [
+            {"b_device": d, "b_acked": a, "b_gaps": g, "b_lost": lo, "b_dups": du}
+            for d, (a, g, lo, du) in state
+        ],
+    )
 
 
 def _keys_insert_ignore(dialect: str) -> Any:

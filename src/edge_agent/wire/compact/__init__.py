@@ -6,6 +6,7 @@ from edge_agent.wire.compact.message import (
     PACKED_ENCODING,
     is_packed,
     pack_message,
+    unpack_document,
     unpack_message,
 )
 from edge_agent.wire.compact.views import pack_view, unpack_view
@@ -16,6 +17,7 @@ __all__ = [
     "is_packed",
     "pack_message",
     "pack_view",
+    "unpack_document",
     "unpack_message",
     "unpack_view",
 ]

@@ -1,6 +1,7 @@
 """The packed telemetry message: a v1 JSON telemetry payload, encoded for a metered link.
 
-Owns ``pack_message`` and ``unpack_message``, a lossless transport encoding of the canonical
+Owns ``pack_message`` and ``unpack_message`` (and ``unpack_document``, the parsed document
+of ``unpack_message`` without its JSON text), a lossless transport encoding of the canonical
 JSON payloads on ``.../telemetry`` (``TelemetryReport`` or ``Batch``, ``schema_version`` 1):
 ``unpack_message(pack_message(p)) == p`` byte for byte, so the receiver parses, validates and
 stores exactly what the JSON form would have carried. An agent sends it only to a server whose
@@ -40,7 +41,15 @@ from edge_agent.wire.compact.varint import Reader, put_uvarint
 from edge_agent.wire.compact.views import pack_view, unpack_view
 from edge_agent.wire.fields import MAX_PAYLOAD_BYTES, dump_json
 
-__all__ = ["MAGIC", "PACKED_ENCODING", "ZDICT", "is_packed", "pack_message", "unpack_message"]
+__all__ = [
+    "MAGIC",
+    "PACKED_ENCODING",
+    "ZDICT",
+    "is_packed",
+    "pack_message",
+    "unpack_document",
+    "unpack_message",
+]
 
 #: What a server lists in ``TelemetryAck.accepts`` when it reads this format.
 PACKED_ENCODING: Final = "packed-1"
@@ -141,6 +150,24 @@ def unpack_message(data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> bytes:
             stream, more than ``max_bytes``, trailing bytes, an invalid view, or JSON the
             strict reader refuses.
     """
+    out = dump_json(unpack_document(data, max_bytes=max_bytes))
+    if len(out) > max_bytes:
+        raise ContractError(f"packed telemetry rebuilds JSON beyond {max_bytes} bytes")
+    return out
+
+
+def unpack_document(data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict[str, Any]:
+    """The JSON document a packed message encodes, as the strict reader parses it: what
+    ``strict_json.loads(unpack_message(data))`` gives, without building and reading the JSON
+    text again (the server's ingest parses the document straight into value objects).
+
+    The bound on the rebuilt JSON is computed, not measured: the JSON part's length plus each
+    view's quoted base64 less its index, which is the rebuilt length exactly when the JSON part
+    is canonical (as every agent sends it); ``unpack_message`` measures it.
+
+    Raises:
+        ContractError: as ``unpack_message``.
+    """
     data = bytes(data)
     if not is_packed(data):
         raise ContractError("telemetry payload is not in the packed form (or another format)")
@@ -158,20 +185,17 @@ def unpack_message(data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> bytes:
     doc = strict_json.loads(text, max_bytes=max_bytes, what="packed telemetry JSON")
     if not isinstance(doc, dict) or doc.get("type") not in ("report", "batch"):
         raise ContractError("packed telemetry holds neither a report nor a batch")
-    size = len(text)  # the rebuilt JSON grows by each view's base64 less its index
+    size = len(text)  # the rebuilt JSON grows by each view's quoted base64 less its index
     for i, window in enumerate(_windows(doc)):
         index = window.get("view")
         if isinstance(index, bool) or index != i:
             raise ContractError(f"packed telemetry: drift window {i} has view {index!r}")
         view = unpack_view(r.take(r.uvarint(max_bytes)), max_bytes=max_bytes)
         efta = base64.b64encode(view.to_bytes()).decode("ascii")
-        size += len(efta)
+        size += len(efta) + 2 - len(str(i))
         if size > max_bytes:
             raise ContractError(f"packed telemetry rebuilds JSON beyond {max_bytes} bytes")
         window["view"] = efta
     if r.remaining:
         raise ContractError(f"packed telemetry: {r.remaining} bytes after the last view")
-    out = dump_json(doc)
-    if len(out) > max_bytes:
-        raise ContractError(f"packed telemetry rebuilds JSON beyond {max_bytes} bytes")
-    return out
+    return doc

@@ -27,9 +27,11 @@ own the tier-A maths (``edge_agent.drift.view``) or the message around the views
 
 from __future__ import annotations
 
+import functools
 from typing import Final
 
 import numpy as np
+import numpy.typing as npt
 
 from edge_agent.drift import FeatureEdges, TierAView
 from edge_agent.drift._wire import MAX_BINS, MAX_FEATURES
@@ -41,6 +43,11 @@ __all__ = ["VIEW_FORMAT", "efta_size", "pack_view", "unpack_view"]
 #: The packed view's version byte.
 VIEW_FORMAT: Final = 1
 _INT64_MAX: Final = (1 << 63) - 1
+#: Edge sections remembered by ``_read_edges`` (the windows of one baseline share theirs).
+_EDGE_CACHE_SIZE: Final = 256
+_EDGE_KEY_BYTES: Final = 64
+# (n_bins, f, the section's first bytes) -> (the whole section, its validated edges, edge count)
+_edge_cache: dict[tuple[int, int, bytes], tuple[bytes, FeatureEdges, int]] = {}
 
 
 def efta_size(n_bins: int, f: int, n_edges: int) -> int:
@@ -97,6 +104,47 @@ def unpack_view(data: bytes, *, max_bytes: int) -> TierAView:
     # least efta_size(n_bins, f, 2f) in memory: refuse before reading or allocating.
     if 9 * f > r.remaining or efta_size(n_bins, f, 2 * f) > max_bytes:
         raise r.fail(f"{f} features of {n_bins} bins exceed the input or {max_bytes} bytes")
+    edges, n_edges = _read_edges(r, n_bins, f)
+    if efta_size(n_bins, f, n_edges) > max_bytes:
+        raise r.fail(f"the view's EFTA form exceeds {max_bytes} bytes")
+    used = np.array(r.uvarints(n_edges + f, _INT64_MAX), dtype=np.int64)
+    counts = np.zeros((f, n_bins + 2), dtype=np.int64)
+    counts[_count_cells(n_bins, tuple(len(row) for row in edges.edges))] = used
+    bucketed = counts.sum(axis=1, dtype=np.uint64)
+    if np.any(bucketed > _INT64_MAX):
+        raise r.fail("bucket counts overflow 64 bits")
+    pairs = np.array(r.uvarints(2 * f, _INT64_MAX), dtype=np.int64)  # (nan, missing) each
+    nan, missing = pairs[0::2].copy(), pairs[1::2].astype(np.uint64)
+    if np.any(missing > bucketed):
+        raise r.fail("more infinite values than bucketed ones")
+    count = (bucketed - missing).astype(np.int64)
+    moments = np.array(r.floats(2 * f), dtype=np.float64)  # (sum, sumsq) per feature
+    sums, sumsq = moments[0::2].copy(), moments[1::2].copy()
+    if r.remaining:
+        raise r.fail(f"{r.remaining} trailing bytes")
+    try:
+        return TierAView(edges, counts, nan, count, sums, sumsq)
+    except (ContractError, DriftError) as exc:
+        raise r.fail(f"invalid view: {exc}") from exc
+
+
+def _read_edges(r: Reader, n_bins: int, f: int) -> tuple[FeatureEdges, int]:
+    """The edge section of a view: validated ``FeatureEdges`` and the number of edges.
+
+    Every window of one tensor of one baseline carries the same section, on every device, so
+    a section seen before (the same bytes: they decode to the same edges) is skipped and its
+    validated edges reused; anything else is decoded and validated here.
+
+    Raises:
+        ContractError: truncated, fewer than 2 or more than ``n_bins + 1`` edges in a row, or
+            edges ``FeatureEdges`` refuses.
+    """
+    key = (n_bins, f, r.peek(_EDGE_KEY_BYTES))
+    hit = _edge_cache.get(key)
+    if hit is not None and r.startswith(hit[0]):
+        r.skip(len(hit[0]))
+        return hit[1], hit[2]
+    start = r.position
     rows: list[tuple[float, ...]] = []
     n_edges = 0
     for _ in range(f):
@@ -110,37 +158,24 @@ def unpack_view(data: bytes, *, max_bytes: int) -> TierAView:
             prev = r.float(prev)
             row.append(prev)
         rows.append(tuple(row))
-    if efta_size(n_bins, f, n_edges) > max_bytes:
-        raise r.fail(f"the view's EFTA form exceeds {max_bytes} bytes")
     try:
         edges = FeatureEdges(n_bins, tuple(rows))
     except (ContractError, DriftError) as exc:
         raise r.fail(f"invalid edges: {exc}") from exc
-    counts = np.zeros((f, n_bins + 2), dtype=np.int64)
-    for j, row_edges in enumerate(rows):
-        m = len(row_edges)
-        used = [r.uvarint(_INT64_MAX) for _ in range(m + 1)]
-        counts[j, :m] = used[:m]
-        counts[j, -1] = used[m]
-    bucketed = counts.sum(axis=1, dtype=np.uint64)
-    if np.any(bucketed > _INT64_MAX):
-        raise r.fail("bucket counts overflow 64 bits")
-    nan = np.zeros(f, dtype=np.int64)
-    count = np.zeros(f, dtype=np.int64)
-    for j in range(f):
-        nan[j] = r.uvarint(_INT64_MAX)
-        missing = r.uvarint(_INT64_MAX)
-        if missing > int(bucketed[j]):
-            raise r.fail("more infinite values than bucketed ones")
-        count[j] = int(bucketed[j]) - missing
-    sums = np.zeros(f, dtype=np.float64)
-    sumsq = np.zeros(f, dtype=np.float64)
-    for j in range(f):
-        sums[j] = r.float()
-        sumsq[j] = r.float()
-    if r.remaining:
-        raise r.fail(f"{r.remaining} trailing bytes")
-    try:
-        return TierAView(edges, counts, nan, count, sums, sumsq)
-    except (ContractError, DriftError) as exc:
-        raise r.fail(f"invalid view: {exc}") from exc
+    if len(_edge_cache) >= _EDGE_CACHE_SIZE:
+        _edge_cache.clear()
+    _edge_cache[key] = (r.consumed_since(start), edges, n_edges)
+    return edges, n_edges
+
+
+@functools.lru_cache(maxsize=_EDGE_CACHE_SIZE)
+def _count_cells(
+    n_bins: int, lengths: tuple[int, ...]
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+    """Row and column of each count the packed form sends, in its order (see the layout)."""
+    rows: list[int] = []
+    cols: list[int] = []
+    for j, m in enumerate(lengths):
+        rows.extend([j] * (m + 1))
+        cols.extend([*range(m), n_bins + 1])
+    return np.array(rows, dtype=np.intp), np.array(cols, dtype=np.intp)
