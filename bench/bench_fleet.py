@@ -129,7 +129,7 @@ class Pool:
     def status(self) -> dict[str, float]:
         """Summed RSS / threads / fds of the worker processes (``nofile``: the lowest limit)."""
         each = [proc_status(p.pid) for p in self.procs if p.pid]
-        out = {k: sum(e[k] for e in each) for k in ("rss_mib", "threads", "fds")}
+        out = {k: sum(e[k] for e in each) for k in ("rss_mib", "peak_rss_mib", "threads", "fds")}
         out["nofile"] = min(e["nofile"] for e in each) if each else 0.0
         return out
 
@@ -464,9 +464,14 @@ def make_bundle(server: Server, mb: float, version: int) -> dict[str, Any]:
 
 
 def _downloaded(out: list[Any], t0: float, devices: int) -> dict[str, Any]:
+    """Sum the workers' ``downloaded`` replies; ``seconds`` is NaN unless every device
+    finished. The workers' loop health is the worst worker's."""
     done = [x for o in out for x in o["done_at"]]
     complete = sum(o["complete"] for o in out)
     return {
+        "max_pass_s": max(o["max_pass_s"] for o in out),
+        "long_passes": sum(o["long_passes"] for o in out),
+        "passes": sum(o["passes"] for o in out),
         "seconds": (max(done) - t0) if complete == devices else float("nan"),
         "p50_seconds": statistics.median(x - t0 for x in done if x) if any(done) else float("nan"),
         "complete": complete,
@@ -489,14 +494,19 @@ def bare_bundle(
     m0, w0 = broker.cpu_seconds(), pool.cpu_seconds()
     t0 = time.time()
     threading.Thread(target=bare_broadcast, args=(broker, BARE_TOPIC, blocks), daemon=True).start()
+    timed_out = False
     try:
         out = pool.gather("downloaded", args.timeout)
     except TimeoutError:
+        timed_out = True
         pool.send(("finish",))
         out = pool.gather("downloaded", 60)
     r = _downloaded(out, t0, args.devices)
     r["mosquitto_cpu_s"] = broker.cpu_seconds() - m0
     r["workers_cpu_s"] = pool.cpu_seconds() - w0
+    r["timed_out"] = timed_out
+    r["workers"] = pool.status()
+    r["mosquitto"] = proc_status(broker.pid) if broker.pid else {}
     return r
 
 
@@ -526,14 +536,19 @@ def system_bundle(
 
     t0 = time.time()
     gateway.start_wave(bundle["sha256"])
+    timed_out = False
     try:
         out = pool.gather("downloaded", args.timeout, on_progress)
     except TimeoutError:
+        timed_out = True
         pool.send(("finish",))
         out = pool.gather("downloaded", 60)
     s1 = gateway.stats()
     r = _downloaded(out, t0, args.devices)
     r["workers_cpu_s"] = pool.cpu_seconds() - w0
+    r["timed_out"] = timed_out
+    r["workers"] = pool.status()
+    r["mosquitto"] = proc_status(broker.pid) if broker.pid else {}
     # Blocks still queued in the broker for devices that are already complete arrive later
     # (and would land in the next transfer): count them and let them drain.
     pool.send(("drain", 3.0, 300.0))
