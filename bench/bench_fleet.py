@@ -42,6 +42,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -907,6 +908,8 @@ def main(argv: list[str] | None = None) -> int:
         args.devices, args.processes, args.duration = 50, 2, 5.0
         args.bundle_mb, args.rate, args.timeout = 1.0, 500.0, 60.0
     nofile = raise_nofile()
+    # SIGTERM unwinds like Ctrl-C: the finally below stops Mosquitto and removes the temp dir
+    signal.signal(signal.SIGTERM, lambda *_a: sys.exit(143))
     root = Path(tempfile.mkdtemp(prefix="fleetbench-"))
     print(
         f"# {platform.node()} {platform.machine()} cpus={os.cpu_count()} python "

@@ -681,8 +681,11 @@ class Sim:
                     "received": sum(d.received for d in self.devs),
                     "requests": sum(d.requests for d in self.devs),
                     "bad": sum(d.bad for d in self.devs),
+                    # bare broadcast: no Progress, a device is complete once it had every block
                     "complete": sum(
-                        1 for d in self.devs if d.progress is None or d.progress.complete
+                        1
+                        for d in self.devs
+                        if (d.progress.complete if d.progress is not None else d.done_at)
                     ),
                     "connects": sum(d.connects for d in self.devs),
                     # loop health: passes, the longest one (s), passes over 1 s
