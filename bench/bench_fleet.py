@@ -260,8 +260,8 @@ def connect_fleet(args: Any, pool: Pool, broker: Broker) -> dict[str, Any]:
     """Connect every device (ramped), then the connect rate, CPU, memory and fds."""
     m0, w0 = broker.cpu_seconds(), pool.cpu_seconds()
     t0 = time.time()
-    pool.send(("connect", 600.0, args.connect_rate / args.processes))
-    connected = sum(pool.gather("connected", 900))
+    pool.send(("connect", args.connect_timeout, args.connect_rate / args.processes))
+    connected = sum(pool.gather("connected", args.connect_timeout + 300))
     t1 = time.time()
     m1, w1 = broker.cpu_seconds(), pool.cpu_seconds()
     pool.send(("stats",))
@@ -552,8 +552,8 @@ def system_bundle(
     r["mosquitto"] = proc_status(broker.pid) if broker.pid else {}
     # Blocks still queued in the broker for devices that are already complete arrive later
     # (and would land in the next transfer): count them and let them drain.
-    pool.send(("drain", 3.0, 300.0))
-    drained = pool.gather("drained", 320)
+    pool.send(("drain", 3.0, args.drain_limit))
+    drained = pool.gather("drained", args.drain_limit + 60)
     r["stale_after_done"] = sum(d["messages"] for d in drained)
     r["drain_seconds"] = max(d["seconds"] for d in drained)
     r["blocks_broadcast"] = s1.blocks_broadcast - s0.blocks_broadcast
@@ -890,6 +890,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--connect-rate", type=float, default=0.0, help="new connections/s, fleet (0: no cap)"
+    )
+    ap.add_argument(
+        "--connect-timeout", type=float, default=600.0, help="seconds to connect every device"
+    )
+    ap.add_argument(
+        "--drain-limit",
+        type=float,
+        default=300.0,
+        help="seconds B waits at most for stale blocks after every device is complete",
     )
     ap.add_argument(
         "--no-bare-bundle",
