@@ -28,7 +28,8 @@ every figure to a file.
 Usage:
     .venv/bin/python bench/bench_fleet.py [--quick] [--devices 1000] [--processes 4]
         [--duration 20] [--bundle-mb 5] [--scenario a,b,c,r|all] [--interval S]
-        [--no-closed] [--connect-rate N] [--json PATH] [--markdown]
+        [--no-closed] [--connect-rate N] [--connect-timeout S] [--ack-timeout-max S]
+        [--drain-limit S] [--json PATH] [--markdown]
 """
 
 from __future__ import annotations
@@ -228,6 +229,8 @@ def telemetry_phase(args: argparse.Namespace, rate: float) -> tuple[float, float
         "batch": args.batch,
         "interval": interval,
         "ack_timeout": 10.0,
+        # the agent's [sync] ack_timeout_max_seconds: consecutive timeouts back off
+        "ack_timeout_max": getattr(args, "ack_timeout_max", 60.0),
         "drain": 30.0,
     }
     return start, end, params
@@ -890,6 +893,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--connect-rate", type=float, default=0.0, help="new connections/s, fleet (0: no cap)"
+    )
+    ap.add_argument(
+        "--ack-timeout-max",
+        type=float,
+        default=60.0,
+        help="devices' ack-timeout backoff cap, s (the agent's default; 0: fixed 10 s timeout)",
     )
     ap.add_argument(
         "--connect-timeout", type=float, default=600.0, help="seconds to connect every device"

@@ -45,6 +45,7 @@ from paho.mqtt import client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 
 from edge_agent.errors import EdgefleetError
+from edge_agent.sync.uplink import ack_wait
 from edge_agent.wire.telemetry import (
     LATENCY_BUCKETS_MS,
     Batch,
@@ -122,6 +123,8 @@ class Dev:
     sent_at: float = 0.0
     next_due: float = 0.0
     resends: int = 0
+    timeouts: int = 0  # resends since the last ack that made progress (the agent's backoff)
+    wait: float = 0.0  # how long the batch in flight is given for its ack
     bare_unacked: int = 0
     # download
     progress: Progress | None = None
@@ -301,6 +304,7 @@ class Sim:
         if dev.inflight is not None and ack.upto_seq >= dev.inflight_last:
             self.lags.append(now - dev.sent_at)
             dev.inflight = None
+            dev.timeouts = 0
             if self.mode == "telemetry":
                 self._maybe_send(dev, now)
 
@@ -358,10 +362,11 @@ class Sim:
                 return
             if not dev.sent_at:
                 self._publish_batch(dev, now)
-            elif now - dev.sent_at >= p["ack_timeout"]:
+            elif now - dev.sent_at >= dev.wait:
                 dev.resends += 1
+                dev.timeouts += 1
                 self._publish_batch(dev, now)
-            self._schedule(dev, dev.sent_at + p["ack_timeout"])
+            self._schedule(dev, dev.sent_at + dev.wait)
             return
         if now >= p["end"] or not dev.connected:
             return
@@ -374,11 +379,17 @@ class Sim:
         if p["interval"] > 0:
             dev.next_due = max(dev.next_due + p["interval"], now - p["interval"])
         self._publish_batch(dev, now)
-        self._schedule(dev, now + p["ack_timeout"])
+        self._schedule(dev, now + dev.wait)
 
     def _publish_batch(self, dev: Dev, now: float) -> None:
+        """Publish the batch in flight; its ack wait follows the agent's ack-timeout backoff
+        (``edge_agent.sync.uplink.ack_wait``; ``ack_timeout_max`` 0: a fixed timeout)."""
         assert dev.inflight is not None
+        p = self.params
         dev.sent_at = now
+        dev.wait = ack_wait(
+            dev.timeouts, p["ack_timeout"], p.get("ack_timeout_max", 0.0), self.rng.random()
+        )
         dev.client.publish(f"{PREFIX}/devices/{dev.id}/telemetry", dev.inflight, qos=1)
 
     def _flood(self, dev: Dev, now: float) -> None:
@@ -595,7 +606,7 @@ class Sim:
         start = params["start"]
         interval = params["interval"]
         for dev in self.devs:
-            dev.resends = dev.bare_unacked = dev.drops = 0
+            dev.resends = dev.bare_unacked = dev.drops = dev.timeouts = 0
             dev.dropped_at = dev.recovered_at = 0.0
             dev.next_due = start + (self.rng.uniform(0, interval) if interval > 0 else 0.0)
         while time.time() < start:
