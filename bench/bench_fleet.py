@@ -28,7 +28,8 @@ every figure to a file.
 Usage:
     .venv/bin/python bench/bench_fleet.py [--quick] [--devices 1000] [--processes 4]
         [--duration 20] [--bundle-mb 5] [--scenario a,b,c,r|all] [--interval S]
-        [--no-closed] [--connect-rate N] [--json PATH] [--markdown]
+        [--no-closed] [--connect-rate N] [--connect-timeout S] [--ack-timeout-max S]
+        [--drain-limit S] [--json PATH] [--markdown]
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import os
 import platform
 import random
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -129,7 +131,7 @@ class Pool:
     def status(self) -> dict[str, float]:
         """Summed RSS / threads / fds of the worker processes (``nofile``: the lowest limit)."""
         each = [proc_status(p.pid) for p in self.procs if p.pid]
-        out = {k: sum(e[k] for e in each) for k in ("rss_mib", "threads", "fds")}
+        out = {k: sum(e[k] for e in each) for k in ("rss_mib", "peak_rss_mib", "threads", "fds")}
         out["nofile"] = min(e["nofile"] for e in each) if each else 0.0
         return out
 
@@ -227,6 +229,8 @@ def telemetry_phase(args: argparse.Namespace, rate: float) -> tuple[float, float
         "batch": args.batch,
         "interval": interval,
         "ack_timeout": 10.0,
+        # the agent's [sync] ack_timeout_max_seconds: consecutive timeouts back off
+        "ack_timeout_max": getattr(args, "ack_timeout_max", 60.0),
         "drain": 30.0,
     }
     return start, end, params
@@ -259,8 +263,8 @@ def connect_fleet(args: Any, pool: Pool, broker: Broker) -> dict[str, Any]:
     """Connect every device (ramped), then the connect rate, CPU, memory and fds."""
     m0, w0 = broker.cpu_seconds(), pool.cpu_seconds()
     t0 = time.time()
-    pool.send(("connect", 600.0, args.connect_rate / args.processes))
-    connected = sum(pool.gather("connected", 900))
+    pool.send(("connect", args.connect_timeout, args.connect_rate / args.processes))
+    connected = sum(pool.gather("connected", args.connect_timeout + 300))
     t1 = time.time()
     m1, w1 = broker.cpu_seconds(), pool.cpu_seconds()
     pool.send(("stats",))
@@ -464,9 +468,14 @@ def make_bundle(server: Server, mb: float, version: int) -> dict[str, Any]:
 
 
 def _downloaded(out: list[Any], t0: float, devices: int) -> dict[str, Any]:
+    """Sum the workers' ``downloaded`` replies; ``seconds`` is NaN unless every device
+    finished. The workers' loop health is the worst worker's."""
     done = [x for o in out for x in o["done_at"]]
     complete = sum(o["complete"] for o in out)
     return {
+        "max_pass_s": max(o["max_pass_s"] for o in out),
+        "long_passes": sum(o["long_passes"] for o in out),
+        "passes": sum(o["passes"] for o in out),
         "seconds": (max(done) - t0) if complete == devices else float("nan"),
         "p50_seconds": statistics.median(x - t0 for x in done if x) if any(done) else float("nan"),
         "complete": complete,
@@ -489,14 +498,19 @@ def bare_bundle(
     m0, w0 = broker.cpu_seconds(), pool.cpu_seconds()
     t0 = time.time()
     threading.Thread(target=bare_broadcast, args=(broker, BARE_TOPIC, blocks), daemon=True).start()
+    timed_out = False
     try:
         out = pool.gather("downloaded", args.timeout)
     except TimeoutError:
+        timed_out = True
         pool.send(("finish",))
         out = pool.gather("downloaded", 60)
     r = _downloaded(out, t0, args.devices)
     r["mosquitto_cpu_s"] = broker.cpu_seconds() - m0
     r["workers_cpu_s"] = pool.cpu_seconds() - w0
+    r["timed_out"] = timed_out
+    r["workers"] = pool.status()
+    r["mosquitto"] = proc_status(broker.pid) if broker.pid else {}
     return r
 
 
@@ -526,18 +540,23 @@ def system_bundle(
 
     t0 = time.time()
     gateway.start_wave(bundle["sha256"])
+    timed_out = False
     try:
         out = pool.gather("downloaded", args.timeout, on_progress)
     except TimeoutError:
+        timed_out = True
         pool.send(("finish",))
         out = pool.gather("downloaded", 60)
     s1 = gateway.stats()
     r = _downloaded(out, t0, args.devices)
     r["workers_cpu_s"] = pool.cpu_seconds() - w0
+    r["timed_out"] = timed_out
+    r["workers"] = pool.status()
+    r["mosquitto"] = proc_status(broker.pid) if broker.pid else {}
     # Blocks still queued in the broker for devices that are already complete arrive later
     # (and would land in the next transfer): count them and let them drain.
-    pool.send(("drain", 3.0, 300.0))
-    drained = pool.gather("drained", 320)
+    pool.send(("drain", 3.0, args.drain_limit))
+    drained = pool.gather("drained", args.drain_limit + 60)
     r["stale_after_done"] = sum(d["messages"] for d in drained)
     r["drain_seconds"] = max(d["seconds"] for d in drained)
     r["blocks_broadcast"] = s1.blocks_broadcast - s0.blocks_broadcast
@@ -876,6 +895,21 @@ def main(argv: list[str] | None = None) -> int:
         "--connect-rate", type=float, default=0.0, help="new connections/s, fleet (0: no cap)"
     )
     ap.add_argument(
+        "--ack-timeout-max",
+        type=float,
+        default=60.0,
+        help="devices' ack-timeout backoff cap, s (the agent's default; 0: fixed 10 s timeout)",
+    )
+    ap.add_argument(
+        "--connect-timeout", type=float, default=600.0, help="seconds to connect every device"
+    )
+    ap.add_argument(
+        "--drain-limit",
+        type=float,
+        default=300.0,
+        help="seconds B waits at most for stale blocks after every device is complete",
+    )
+    ap.add_argument(
         "--no-bare-bundle",
         dest="bare_bundle",
         action="store_false",
@@ -892,6 +926,8 @@ def main(argv: list[str] | None = None) -> int:
         args.devices, args.processes, args.duration = 50, 2, 5.0
         args.bundle_mb, args.rate, args.timeout = 1.0, 500.0, 60.0
     nofile = raise_nofile()
+    # SIGTERM unwinds like Ctrl-C: the finally below stops Mosquitto and removes the temp dir
+    signal.signal(signal.SIGTERM, lambda *_a: sys.exit(143))
     root = Path(tempfile.mkdtemp(prefix="fleetbench-"))
     print(
         f"# {platform.node()} {platform.machine()} cpus={os.cpu_count()} python "

@@ -37,24 +37,39 @@ class Input:
 
 # --------------------------------------------------------------------------- device side
 REPORT_INTERVAL_S = Input(30.0, "config", "[sync] report_interval_seconds, agent.example.toml")
-REPORTS_PER_MESSAGE = Input(
-    1.0, "config", "one Batch per report interval in steady state (more only with a backlog)"
-)
 RECONNECTS_PER_DEVICE_DAY = Input(
     1.0, "assumed", "MQTT reconnects per device per day (status online + will, reported state)"
 )
 
-# Mean payload bytes of one telemetry message (a Batch of one report), per traffic level:
-# bench/bench_telemetry_bytes.py at the example config (docs/telemetry.md, "What it costs").
+# Report coalescing ([sync] report_coalesce_seconds = 120 in agent.example.toml): plain reports
+# wait up to 120 s to share one Batch. Messages per device per day as the uplink's own rule sends
+# them, per traffic level: bench/bench_telemetry_bytes.py, "window budget, coalesced 120 s" row
+# (2,880 reports a day in 576 messages: 5 reports a message at idle, 1 and 10 req/s).
+MESSAGES_PER_DEVICE_DAY = {
+    "idle": Input(576.0, "measured", "bench_telemetry_bytes.py, coalesced 120 s, idle"),
+    "1": Input(576.0, "measured", "bench_telemetry_bytes.py, coalesced 120 s, 1 req/s"),
+    "10": Input(576.0, "measured", "bench_telemetry_bytes.py, coalesced 120 s, 10 req/s"),
+}
+
+# Mean payload bytes per report interval at the example config (window budget), per traffic
+# level: bench/bench_telemetry_bytes.py (docs/telemetry.md, "What it costs per device"; these
+# are the run of 2026-12-08, within 0-4 % of the one tabled there).
+# JSON: one report per message; a coalesced JSON message carries k of them (k x these bytes:
+# each report is its own JSON object, only the Batch envelope is shared). Packed-1: the
+# "coalesced as configured" row, i.e. already k reports per DEFLATE stream.
 PAYLOAD_JSON_B = {
-    "idle": Input(790.0, "measured", "bench_telemetry_bytes.py, json, idle"),
-    "1": Input(2_843.0, "measured", "bench_telemetry_bytes.py, json, 1 req/s"),
-    "10": Input(8_358.0, "measured", "bench_telemetry_bytes.py, json, 10 req/s"),
+    "idle": Input(789.0, "measured", "bench_telemetry_bytes.py, json, idle, B/report"),
+    "1": Input(3_172.0, "measured", "bench_telemetry_bytes.py, json, 1 req/s, B/report"),
+    "10": Input(4_157.0, "measured", "bench_telemetry_bytes.py, json, 10 req/s, B/report"),
 }
 PAYLOAD_PACKED_B = {
-    "idle": Input(94.0, "measured", "bench_telemetry_bytes.py, packed-1, idle"),
-    "1": Input(361.0, "measured", "bench_telemetry_bytes.py, packed-1, 1 req/s"),
-    "10": Input(991.0, "measured", "bench_telemetry_bytes.py, packed-1, 10 req/s"),
+    "idle": Input(32.0, "measured", "bench_telemetry_bytes.py, packed-1 coalesced, idle, B/report"),
+    "1": Input(
+        342.0, "measured", "bench_telemetry_bytes.py, packed-1 coalesced, 1 req/s, B/report"
+    ),
+    "10": Input(
+        514.0, "measured", "bench_telemetry_bytes.py, packed-1 coalesced, 10 req/s, B/report"
+    ),
 }
 ACK_B = Input(101.0, "measured", "TelemetryAck with accepts (docs/telemetry.md)")
 STATUS_B = Input(139.0, "fixture", "tests/fixtures/telemetry/status-v1.json")
@@ -76,7 +91,8 @@ WORKER_CPU_MS_PER_MSG = Input(
     1.6,
     "measured",
     "gateway worker process CPU per stored message, 1 report of 5.1 KB JSON (10 req/s, drift"
-    " windows), highest of twelve phases (JSON and packed-1), bench_ingest_workers.py",
+    " windows), highest of twelve phases (JSON and packed-1), bench_ingest_workers.py."
+    " Used per report (a coalesced message costs reports x this): an upper bound",
 )
 DB_ONLY_ROWS_S = Input(
     1_613.0, "measured", "Registry.ingest_many on PostgreSQL, bench_history.py --ingest"
@@ -88,7 +104,8 @@ PG_CPU_MS_PER_MSG = Input(
     0.46,
     "measured",
     "PostgreSQL CPU per stored message, 1 report of 5.1 KB JSON, highest of twelve phases with"
-    " 1, 2 and 4 workers and both encodings, bench_ingest_workers.py (fsync=off)",
+    " 1, 2 and 4 workers and both encodings, bench_ingest_workers.py (fsync=off); used per"
+    " report (a row each)",
 )
 
 # Storage: bench/bench_history.py, 1,000 devices, PostgreSQL, measured bytes per row (table +
@@ -114,7 +131,7 @@ MOSQUITTO_US_PER_MSG = Input(
     55.0,
     "measured",
     "Mosquitto 0.09 cores at 1,579 msgs/s of 8.4 KB JSON in+out to a bare consumer,"
-    " bench_ingest_workers.py (5-report batches of ~1 KB: 39)",
+    " bench_ingest_workers.py (packed-1: 48; 5-report batches of ~1 KB: 39); per message",
 )
 MOSQUITTO_TESTED_CONNECTIONS = Input(
     10_000.0, "measured", "10,000 TLS devices on one Mosquitto, bench_fleet.py --devices 10000"
@@ -135,13 +152,14 @@ FLEETS = (1_000, 10_000, 100_000, 1_000_000)
 
 @dataclass(frozen=True)
 class PerThousand:
+    reports_per_msg: float  # reports in one telemetry message (coalescing)
     telemetry_msgs_s: float  # device -> broker, and again broker -> workers
     ack_msgs_s: float  # worker -> broker, and again broker -> device
     status_msgs_s: float  # device -> broker; delivered to every worker (plain subscription)
     wire_in_json_b_s: float  # device -> broker, telemetry payload + framing
     wire_in_packed_b_s: float
     wire_out_b_s: float  # broker -> devices, acks + framing
-    raw_rows_s: float
+    raw_rows_s: float  # one row per report, however many reports a message holds
     key_rows_s: float
     fine_rollups_s: float
     hour_rollups_s: float
@@ -153,17 +171,21 @@ class PerThousand:
 
 def per_thousand(level: str) -> PerThousand:
     devices = 1_000.0
-    msgs = devices / REPORT_INTERVAL_S.value
-    reports = msgs * REPORTS_PER_MESSAGE.value
+    reports_day = DAY / REPORT_INTERVAL_S.value
+    msgs_day = MESSAGES_PER_DEVICE_DAY[level].value
+    k = reports_day / msgs_day
+    msgs = devices * msgs_day / DAY
+    reports = devices * reports_day / DAY
     frame = TOPIC_B.value + MQTT_HEADER_B.value + TLS_RECORD_B.value
     status = devices * RECONNECTS_PER_DEVICE_DAY.value / DAY
     rows_day = reports * DAY
     return PerThousand(
+        reports_per_msg=k,
         telemetry_msgs_s=msgs,
         ack_msgs_s=msgs,
         status_msgs_s=status,
-        wire_in_json_b_s=msgs * (PAYLOAD_JSON_B[level].value + frame),
-        wire_in_packed_b_s=msgs * (PAYLOAD_PACKED_B[level].value + frame),
+        wire_in_json_b_s=msgs * (k * PAYLOAD_JSON_B[level].value + frame),
+        wire_in_packed_b_s=msgs * (k * PAYLOAD_PACKED_B[level].value + frame),
         wire_out_b_s=msgs * (ACK_B.value + frame),
         raw_rows_s=reports,
         key_rows_s=reports,
@@ -184,15 +206,18 @@ def retained_gb(p: PerThousand) -> float:
     return raw + FINE_DAYS.value * p.fine_gb_day + HOUR_DAYS.value * p.hour_gb_day
 
 
-def worker_rate() -> float:
-    """One worker's msgs/s: the measured rate, at most one core's worth of its CPU per message
-    (a worker process runs one core of Python: the GIL)."""
-    return min(WORKER_MSGS_S.value, 1_000 / WORKER_CPU_MS_PER_MSG.value)
+def worker_reports_s(reports_per_msg: float) -> float:
+    """One worker's reports/s at ``reports_per_msg``: the measured message rate (5 small
+    reports a message) times the reports a message holds, at most one core's worth of its CPU
+    per report (a worker process runs one core of Python: the GIL; each report costs what a
+    whole message of one 8.4 KB report did, an upper bound)."""
+    measured = WORKER_MSGS_S.value * min(reports_per_msg, 5.0)
+    return min(measured, 1_000 / WORKER_CPU_MS_PER_MSG.value)
 
 
-def workers_needed(msgs_s: float) -> int:
-    per_worker = worker_rate() * HEADROOM.value
-    return max(int(MIN_WORKERS.value), math.ceil(msgs_s / per_worker))
+def workers_needed(reports_s: float, reports_per_msg: float) -> int:
+    per_worker = worker_reports_s(reports_per_msg) * HEADROOM.value
+    return max(int(MIN_WORKERS.value), math.ceil(reports_s / per_worker))
 
 
 def mosquitto_cores(deliveries_s: float) -> float:
@@ -231,7 +256,7 @@ def print_inputs() -> None:
     for name, item in globals().items():
         if isinstance(item, Input):
             print(f"| `{name}` | {fmt(item.value)} | {item.source} | {item.note} |")
-        elif isinstance(item, dict) and name.startswith("PAYLOAD"):
+        elif isinstance(item, dict):
             for level, it in item.items():
                 print(f"| `{name}[{level}]` | {fmt(it.value)} | {it.source} | {it.note} |")
 
@@ -241,19 +266,27 @@ def print_per_thousand() -> None:
     print("|---|---:|---:|---:|")
     ps = [per_thousand(level) for level in ("idle", "1", "10")]
     rows = [
+        ("reports per telemetry message (coalesced)", "reports_per_msg"),
         ("telemetry msgs/s, device -> broker (= broker -> workers)", "telemetry_msgs_s"),
         ("ack msgs/s, worker -> broker (= broker -> device)", "ack_msgs_s"),
         ("status msgs/s (x every worker: plain subscription)", "status_msgs_s"),
         ("bytes/s device -> broker, JSON (payload + framing)", "wire_in_json_b_s"),
         ("bytes/s device -> broker, packed-1", "wire_in_packed_b_s"),
         ("bytes/s broker -> devices (acks + framing)", "wire_out_b_s"),
-        ("raw telemetry rows/s", "raw_rows_s"),
+        ("raw telemetry rows/s (one per report)", "raw_rows_s"),
         ("telemetry_keys rows/s", "key_rows_s"),
         ("5-minute rollup rows/s (written in bursts by the job)", "fine_rollups_s"),
         ("hourly rollup rows/s", "hour_rollups_s"),
     ]
     for label, attr in rows:
         print(f"| {label} | " + " | ".join(fmt(getattr(p, attr)) for p in ps) + " |")
+    for label, attr in (
+        ("MB per device per day up, JSON (payload + framing)", "wire_in_json_b_s"),
+        ("MB per device per day up, packed-1 (payload + framing)", "wire_in_packed_b_s"),
+        ("MB per device per day down (acks + framing)", "wire_out_b_s"),
+    ):
+        cells = (fmt(getattr(p, attr) / 1_000 * DAY / 1e6) for p in ps)
+        print(f"| {label} | " + " | ".join(cells) + " |")
     p = ps[0]
     print(
         f"\nPostgreSQL storage per day per 1,000 devices (bench_history.py payloads, the same at"
@@ -275,20 +308,23 @@ def print_per_thousand() -> None:
 
 def print_fleets(level: str) -> None:
     p = per_thousand(level)
-    per_worker = worker_rate() * HEADROOM.value
+    per_worker = worker_reports_s(p.reports_per_msg) * HEADROOM.value
     print(
-        f"| devices | telemetry msgs/s | broker deliveries/s (telemetry + acks) | device -> "
-        f"broker, JSON / packed-1 | workers ({per_worker:.0f} msgs/s each) | broker |"
+        f"| devices | telemetry msgs/s ({p.reports_per_msg:.0f} reports each) | reports/s | "
+        f"broker deliveries/s (telemetry + acks) | device -> broker, JSON / packed-1 | "
+        f"workers ({per_worker:.0f} reports/s each) | broker |"
     )
-    print("|---:|---:|---:|---:|---:|---|")
+    print("|---:|---:|---:|---:|---:|---:|---|")
     for n in FLEETS:
         k = n / 1_000
         msgs = p.telemetry_msgs_s * k
+        reports = p.raw_rows_s * k
         deliveries = msgs + p.ack_msgs_s * k
         mbit = 8 / 1e6
         print(
-            f"| {n:,} | {fmt(msgs)} | {fmt(deliveries)} | {fmt(p.wire_in_json_b_s * k * mbit)}"
-            f" / {fmt(p.wire_in_packed_b_s * k * mbit)} Mbit/s | {workers_needed(msgs)} | "
+            f"| {n:,} | {fmt(msgs)} | {fmt(reports)} | {fmt(deliveries)} | "
+            f"{fmt(p.wire_in_json_b_s * k * mbit)} / {fmt(p.wire_in_packed_b_s * k * mbit)} "
+            f"Mbit/s | {workers_needed(reports, p.reports_per_msg)} | "
             f"{broker_for(n, deliveries)} |"
         )
     print()
@@ -300,13 +336,13 @@ def print_fleets(level: str) -> None:
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for n in FLEETS:
         k = n / 1_000
-        msgs = p.telemetry_msgs_s * k
+        reports = p.raw_rows_s * k
         rows = (p.raw_rows_s + p.key_rows_s) * k
         table_mb_s = p.raw_rows_s * k * (PG_RAW_B_ROW.value + PG_KEY_B_ROW.value) / 1e6
         day_tb = (p.raw_gb_day + p.key_gb_day) * k / 1_000
         size_tb = retained_gb(p) * k / 1_000
-        conns = workers_needed(msgs) * PG_CONNS_PER_WORKER.value
-        pg_cores = msgs * PG_CPU_MS_PER_MSG.value / 1_000
+        conns = workers_needed(reports, p.reports_per_msg) * PG_CONNS_PER_WORKER.value
+        pg_cores = reports * PG_CPU_MS_PER_MSG.value / 1_000
         fold = FOLD_S_PER_1K.value * k / FOLD_BUDGET_S.value
         prune = PRUNE_S_PER_1K_DAY.value * k / DAY
         print(

@@ -40,6 +40,14 @@ def _per(num: Getter, den: Getter, scale: float = 1.0) -> Getter:
     return get
 
 
+def _sum(*getters: Getter) -> Getter:
+    def get(run: dict[str, Any]) -> float | None:
+        vals = [g(run) for g in getters]
+        return None if any(v is None for v in vals) else sum(v for v in vals if v is not None)
+
+    return get
+
+
 def _bytes(run: dict[str, Any]) -> float | None:
     """Bytes delivered to devices in B (blocks received x bundle length / blocks)."""
     b = run.get("b")
@@ -103,20 +111,43 @@ ROWS: list[tuple[str, Getter, int]] = [
     ("R check: mismatched devices", _get("r", "check", "devices_mismatch"), 0),
     ("B: time to all devices installed (s)", _get("b", "seconds"), 1),
     ("B: bare broadcast, same bytes (s)", _get("b_bare", "seconds"), 1),
+    (
+        "B: ratio to the bare broadcast (same run)",
+        _per(_get("b", "seconds"), _get("b_bare", "seconds")),
+        2,
+    ),
+    ("B: median device installed (s)", _get("b", "p50_seconds"), 1),
+    ("B: bare broadcast, median device (s)", _get("b_bare", "p50_seconds"), 1),
+    ("B: devices complete, byte-exact", _get("b", "complete"), 0),
+    ("B: bare broadcast, devices complete", _get("b_bare", "complete"), 0),
+    ("B: bad blocks (system + bare)", _sum(_get("b", "bad"), _get("b_bare", "bad")), 0),
+    ("B: stale blocks delivered after all complete", _get("b", "stale_after_done"), 0),
     ("B: bytes delivered (GB)", _per(_bytes, lambda _r: 1.0, 1e-9), 1),
     ("B: Mosquitto CPU (s)", _get("b", "mosquitto_cpu_s"), 1),
     ("B: Mosquitto CPU per GB delivered (s)", _per(_get("b", "mosquitto_cpu_s"), _bytes, 1e9), 2),
     ("B: device workers CPU (s)", _get("b", "workers_cpu_s"), 1),
     ("B: block requests served", _get("b", "block_requests_served"), 0),
+    ("B: bare broadcast Mosquitto CPU (s)", _get("b_bare", "mosquitto_cpu_s"), 1),
+    ("B: bare broadcast device workers CPU (s)", _get("b_bare", "workers_cpu_s"), 1),
+    ("B: device workers peak RSS (MiB, all)", _get("b", "workers", "peak_rss_mib"), 0),
+    ("B: Mosquitto peak RSS (MiB)", _get("b", "mosquitto", "peak_rss_mib"), 0),
+    ("B: workers' longest loop pass (s)", _get("b", "max_pass_s"), 2),
+    ("B: bare broadcast, workers' longest loop pass (s)", _get("b_bare", "max_pass_s"), 2),
     ("B: server blocks broadcast", _get("b", "blocks_broadcast"), 0),
     ("B: server blocks unicast", _get("b", "blocks_unicast"), 0),
     ("host load average (1 min) after connect", _host("connect", "loadavg_1m"), 1),
     ("host load average (1 min) after A", _host("a", "loadavg_1m"), 1),
     ("host load average (1 min) after R", _host("r", "loadavg_1m"), 1),
+    ("host load average (1 min) after the bare broadcast", _host("b_bare", "loadavg_1m"), 1),
     ("host load average (1 min) after B", _host("b", "loadavg_1m"), 1),
     ("host CPU pressure (% waiting, 10 s) after connect", _host("connect", "cpu_pressure_10s"), 0),
     ("host CPU pressure (% waiting, 10 s) after A", _host("a", "cpu_pressure_10s"), 0),
     ("host CPU pressure (% waiting, 10 s) after R", _host("r", "cpu_pressure_10s"), 0),
+    (
+        "host CPU pressure (% waiting, 10 s) after the bare broadcast",
+        _host("b_bare", "cpu_pressure_10s"),
+        0,
+    ),
     ("host CPU pressure (% waiting, 10 s) after B", _host("b", "cpu_pressure_10s"), 0),
 ]
 

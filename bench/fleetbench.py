@@ -194,12 +194,15 @@ def proc_cpu_seconds(pid: int) -> float:
 
 
 def proc_status(pid: int) -> dict[str, float]:
-    """Resident memory (MiB), threads, open file descriptors and their soft limit of a process."""
-    out = {"rss_mib": 0.0, "threads": 0.0, "fds": 0.0, "nofile": 0.0}
+    """Resident memory (MiB, now and peak), threads, open file descriptors and their soft limit
+    of a process."""
+    out = {"rss_mib": 0.0, "peak_rss_mib": 0.0, "threads": 0.0, "fds": 0.0, "nofile": 0.0}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 out["rss_mib"] = int(line.split()[1]) / 1024
+            elif line.startswith("VmHWM:"):
+                out["peak_rss_mib"] = int(line.split()[1]) / 1024
             elif line.startswith("Threads:"):
                 out["threads"] = float(line.split()[1])
         out["fds"] = float(sum(1 for _ in Path(f"/proc/{pid}/fd").iterdir()))

@@ -14,6 +14,16 @@ in-memory ``Progress`` driven by the same windowed request rule as ``edge_agent.
 
 The parent sends commands over a pipe (also registered in the selector) and gets one reply
 per command; during downloads the worker also sends ``("progress", blocks)`` every 0.2 s.
+Every pass of the loop is bounded (``PASS_BUDGET`` seconds of socket reads, one ``loop_read``
+per socket per visit, which paho-mqtt 2.2 limits to one packet unless QoS 2 flows are in
+flight): readable sockets wait in a FIFO backlog, served oldest first, and a socket with more
+to read (a TLS record already decrypted) goes back to its end, so the pipe is looked at
+between two passes however many blocks are queued for the devices. (The loop used to call
+``loop_read`` again while ``pending()`` was non-zero; a 64 KiB block rarely ends on a TLS
+record boundary, so that read one socket for as long as the broker kept it fed.)
+
+Nothing a device receives is kept: a block is compared with the one copy of the bundle the
+worker holds and counted (the bench reports the workers' peak RSS after each delivery).
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import math
 import random
 import selectors
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -34,6 +45,7 @@ from paho.mqtt import client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 
 from edge_agent.errors import EdgefleetError
+from edge_agent.sync.uplink import ack_wait
 from edge_agent.wire.telemetry import (
     LATENCY_BUCKETS_MS,
     Batch,
@@ -51,6 +63,7 @@ SWEEP_EVERY = 0.05
 DOWNLOAD_SWEEP = 0.1  # seconds between two visits of every device's download rule
 MISC_EVERY = 5.0  # seconds between two ``loop_misc`` calls of one device (keepalive 60 s)
 CONNECTS_PER_PASS = 5  # blocking TLS handshakes between two socket polls while reconnecting
+PASS_BUDGET = 0.05  # seconds of socket reads in one pass, then the pipe and timers again
 
 
 def make_report(device_id: str, seq: int, now: float) -> TelemetryReport:
@@ -92,6 +105,7 @@ class Dev:
     next_connect: float = 0.0
     connects: int = 0
     writing: bool = False  # the socket is registered for EVENT_WRITE
+    queued: bool = False  # waiting in ``Sim.backlog`` to be read
     wake: float = float("inf")  # the one live timer of this device
     connected_at: float = 0.0
     connect_failures: int = 0
@@ -109,6 +123,8 @@ class Dev:
     sent_at: float = 0.0
     next_due: float = 0.0
     resends: int = 0
+    timeouts: int = 0  # resends since the last ack that made progress (the agent's backoff)
+    wait: float = 0.0  # how long the batch in flight is given for its ack
     bare_unacked: int = 0
     # download
     progress: Progress | None = None
@@ -160,6 +176,9 @@ class Sim:
         self.tick = itertools.count()
         self.misc_at = 0
         self.kick: set[Dev] = set()
+        self.backlog: deque[Dev] = deque()  # readable devices, oldest first
+        self.passes = self.long_passes = 0
+        self.max_pass = 0.0
         self.last_download_sweep = self.last_sweep = 0.0
         self.last_misc = time.time()
 
@@ -187,7 +206,7 @@ class Sim:
         if dev.sock is not None:
             with contextlib.suppress(KeyError, ValueError, OSError):
                 self.sel.unregister(dev.sock)
-            dev.sock = None
+            dev.sock = None  # a stale backlog entry reads nothing (``_read``)
         if dev.connected:
             dev.drops += 1
             dev.dropped_at, dev.seq_at_drop, dev.recovered_at = now, dev.seq, 0.0
@@ -285,6 +304,7 @@ class Sim:
         if dev.inflight is not None and ack.upto_seq >= dev.inflight_last:
             self.lags.append(now - dev.sent_at)
             dev.inflight = None
+            dev.timeouts = 0
             if self.mode == "telemetry":
                 self._maybe_send(dev, now)
 
@@ -342,10 +362,11 @@ class Sim:
                 return
             if not dev.sent_at:
                 self._publish_batch(dev, now)
-            elif now - dev.sent_at >= p["ack_timeout"]:
+            elif now - dev.sent_at >= dev.wait:
                 dev.resends += 1
+                dev.timeouts += 1
                 self._publish_batch(dev, now)
-            self._schedule(dev, dev.sent_at + p["ack_timeout"])
+            self._schedule(dev, dev.sent_at + dev.wait)
             return
         if now >= p["end"] or not dev.connected:
             return
@@ -358,11 +379,17 @@ class Sim:
         if p["interval"] > 0:
             dev.next_due = max(dev.next_due + p["interval"], now - p["interval"])
         self._publish_batch(dev, now)
-        self._schedule(dev, now + p["ack_timeout"])
+        self._schedule(dev, now + dev.wait)
 
     def _publish_batch(self, dev: Dev, now: float) -> None:
+        """Publish the batch in flight; its ack wait follows the agent's ack-timeout backoff
+        (``edge_agent.sync.uplink.ack_wait``; ``ack_timeout_max`` 0: a fixed timeout)."""
         assert dev.inflight is not None
+        p = self.params
         dev.sent_at = now
+        dev.wait = ack_wait(
+            dev.timeouts, p["ack_timeout"], p.get("ack_timeout_max", 0.0), self.rng.random()
+        )
         dev.client.publish(f"{PREFIX}/devices/{dev.id}/telemetry", dev.inflight, qos=1)
 
     def _flood(self, dev: Dev, now: float) -> None:
@@ -407,10 +434,13 @@ class Sim:
 
     # ------------------------------------------------------------------ loop
     def _pump(self, timeout: float) -> bool:
-        """Serve ready sockets (waiting at most ``timeout`` s), due timers, kicked devices and
-        the periodic sweep; True if a command is waiting on the pipe."""
+        """One bounded pass: poll the sockets (waiting at most ``timeout`` s, not at all while
+        readable devices wait), serve writable sockets, read from the backlog for at most
+        ``PASS_BUDGET`` s, then due timers, kicked devices and the periodic sweep; True if a
+        command is waiting on the pipe."""
+        t0 = time.monotonic()
         now = time.time()
-        if self.kick:
+        if self.kick or self.backlog:
             timeout = 0.0
         elif self.timers:
             timeout = max(0.0, min(timeout, self.timers[0][0] - now))
@@ -420,9 +450,12 @@ class Sim:
             if dev is None:
                 command = True
             elif ev & selectors.EVENT_READ:
-                self._read(dev)
+                if not dev.queued:
+                    dev.queued = True
+                    self.backlog.append(dev)
             else:
                 self._flush(dev)
+        self._read_backlog(time.monotonic() + PASS_BUDGET)
         now = time.time()
         self._run_timers(now)
         if self.kick:
@@ -434,7 +467,23 @@ class Sim:
         if now - self.last_sweep >= SWEEP_EVERY:
             self.last_sweep = now
             self._sweep(now)
+        took = time.monotonic() - t0
+        self.passes += 1
+        self.max_pass = max(self.max_pass, took)
+        if took > 1.0:
+            self.long_passes += 1
         return command
+
+    def _read_backlog(self, until: float) -> None:
+        """Read the oldest readable devices until ``until`` (at least one device per pass)."""
+        for _ in range(len(self.backlog)):
+            dev = self.backlog.popleft()
+            dev.queued = False
+            if self._read(dev):
+                dev.queued = True
+                self.backlog.append(dev)  # more to read: after the others
+            if time.monotonic() >= until:
+                return
 
     def run(self) -> None:
         last_progress = 0.0
@@ -453,21 +502,26 @@ class Sim:
                 if all(d.done_at for d in self.devs):
                     self._finish_download()
 
-    def _read(self, dev: Dev) -> None:
+    def _read(self, dev: Dev) -> bool:
+        """One ``loop_read`` (one packet); True if TLS still holds bytes the selector cannot see.
+
+        Such a device goes back into the backlog instead of being read to the end now; bytes
+        still in the kernel buffer make the selector report the socket again."""
         c = dev.client
-        rc = c.loop_read(64)
         sock = dev.sock
-        while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and sock is not None and c.socket() is sock:
-            try:
-                if not sock.pending():
-                    break
-            except (OSError, ValueError):
-                break
-            rc = c.loop_read(64)
+        if sock is None:
+            return False
+        rc = c.loop_read()
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or c.socket() is None:
             self._drop(dev, time.time())
-        else:
-            self._flush(dev)
+            return False
+        self._flush(dev)
+        if c.socket() is not sock:
+            return False
+        try:
+            return bool(sock.pending())
+        except (OSError, ValueError, AttributeError):
+            return False
 
     def _sweep(self, now: float) -> None:
         """Keepalive for a rotating slice of the devices; the download rule for all of them.
@@ -552,7 +606,7 @@ class Sim:
         start = params["start"]
         interval = params["interval"]
         for dev in self.devs:
-            dev.resends = dev.bare_unacked = dev.drops = 0
+            dev.resends = dev.bare_unacked = dev.drops = dev.timeouts = 0
             dev.dropped_at = dev.recovered_at = 0.0
             dev.next_due = start + (self.rng.uniform(0, interval) if interval > 0 else 0.0)
         while time.time() < start:
@@ -623,6 +677,8 @@ class Sim:
             dev.last_request, dev.last_block = -1e9, now
             dev.requests = dev.received = dev.bad = 0
             dev.done_at = 0.0
+        self.passes = self.long_passes = 0
+        self.max_pass = 0.0
         self.mode = mode
         self.conn.send(("ready",))
 
@@ -636,10 +692,17 @@ class Sim:
                     "received": sum(d.received for d in self.devs),
                     "requests": sum(d.requests for d in self.devs),
                     "bad": sum(d.bad for d in self.devs),
+                    # bare broadcast: no Progress, a device is complete once it had every block
                     "complete": sum(
-                        1 for d in self.devs if d.progress is None or d.progress.complete
+                        1
+                        for d in self.devs
+                        if (d.progress.complete if d.progress is not None else d.done_at)
                     ),
                     "connects": sum(d.connects for d in self.devs),
+                    # loop health: passes, the longest one (s), passes over 1 s
+                    "passes": self.passes,
+                    "max_pass_s": self.max_pass,
+                    "long_passes": self.long_passes,
                 },
             )
         )

@@ -187,6 +187,8 @@ def agent_config(
             reconnect_max_seconds=1.0,
             report_interval_seconds=sync.pop("report_interval_seconds", 0.5),
             ack_timeout_seconds=sync.pop("ack_timeout_seconds", 2.0),
+            # the backoff stays on, capped so a test's outage costs seconds, not a minute
+            ack_timeout_max_seconds=sync.pop("ack_timeout_max_seconds", 8.0),
             block_retry_seconds=sync.pop("block_retry_seconds", 0.5),
             **sync,
         ),

@@ -411,6 +411,10 @@ class SyncConfig:
     batch_max_items: int = 64
     batch_max_bytes: int = 192 * 1024
     ack_timeout_seconds: float = 10.0
+    # Consecutive ack timeouts back off: the wait for an ack grows from ack_timeout_seconds
+    # towards this cap, with full jitter (edge_agent.sync.uplink.ack_wait); an ack resets it.
+    # A cap at or below ack_timeout_seconds turns the backoff off (a fixed ack timeout).
+    ack_timeout_max_seconds: float = 60.0
     block_window: int = 16
     block_retry_seconds: float = 2.0
     # Remote diagnostics (``edge_agent.sync.ops.commands``): signed commands accepted per minute
@@ -445,6 +449,10 @@ class SyncConfig:
             4096 <= self.batch_max_bytes <= 224 * 1024, "sync.batch_max_bytes must be 4096..229376"
         )
         check(self.ack_timeout_seconds > 0, "sync.ack_timeout_seconds must be positive")
+        check(
+            0 < self.ack_timeout_max_seconds <= 3600,
+            "sync.ack_timeout_max_seconds must be in (0, 3600]",
+        )
         check(1 <= self.block_window <= 256, "sync.block_window must be 1..256")
         check(self.block_retry_seconds > 0, "sync.block_retry_seconds must be positive")
         check(0.1 <= self.renew_fraction <= 0.95, "sync.renew_fraction must be 0.1..0.95")

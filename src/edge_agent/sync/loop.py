@@ -124,6 +124,7 @@ class SyncAgent:
             max_items=sync.batch_max_items,
             max_bytes=sync.batch_max_bytes,
             ack_timeout=sync.ack_timeout_seconds,
+            ack_timeout_max=sync.ack_timeout_max_seconds,
             coalesce_seconds=sync.report_coalesce_seconds,
         )
         self._desired_path = self._dir / "desired.json"

@@ -15,6 +15,17 @@ One batch is in flight at a time; the server's ``TelemetryAck`` (highest contigu
 round trip per batch. A batch that is not acknowledged within ``ack_timeout`` is sent again (the
 server deduplicates by ``(device, seq)``).
 
+Ack-timeout backoff: an overloaded server that cannot ack within ``ack_timeout`` must not get a
+resend from the whole fleet every ``ack_timeout`` (each resend is a duplicate it has to parse and
+drop, on top of the backlog that made it slow). After the ``n``-th consecutive resend the wait
+for an ack is uniform in ``[ack_timeout, min(ack_timeout_max, ack_timeout * 2**n)]``
+(``ack_wait``): exponential, with full jitter over the whole window so devices that timed out
+together spread out, and never shorter than ``ack_timeout`` (an ack is always given that long,
+so a resend never races an ack the server is about to send). The first wait is exactly
+``ack_timeout``. Any ack that makes progress (deletes entries or covers the batch in flight)
+resets the backoff; a reconnect does not (the server has not answered yet), but the batch in
+flight still goes again at once on a new session.
+
 Coalescing: with ``coalesce_seconds`` the first send of a batch of plain reports may wait up to
 that long for more reports to join it (``coalesce.CoalescePolicy``: never an event, an alerting
 drift window, a model on probation or in shadow, nor a resend).
@@ -35,6 +46,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -59,7 +71,7 @@ from edge_agent.wire.telemetry import (
     TelemetryReport,
 )
 
-__all__ = ["MAX_ITEM_BYTES", "Uplink", "UplinkStats"]
+__all__ = ["MAX_ITEM_BYTES", "Uplink", "UplinkStats", "ack_wait"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +79,17 @@ log = logging.getLogger(__name__)
 MAX_ITEM_BYTES = MAX_PAYLOAD_BYTES - 4096
 
 Publish = Callable[[str, bytes], None]
+
+
+def ack_wait(resends: int, ack_timeout: float, ack_timeout_max: float, rand: float) -> float:
+    """Seconds to wait for an ack after the ``resends``-th consecutive resend (0: first send).
+
+    Uniform in ``[ack_timeout, min(ack_timeout_max, ack_timeout * 2**resends)]`` for ``rand``
+    uniform in ``[0, 1)``; exactly ``ack_timeout`` when ``resends`` is 0 or the cap is not above
+    it. Pure: the caller supplies the random draw.
+    """
+    window = min(ack_timeout_max, ack_timeout * 2.0 ** min(resends, 32))
+    return ack_timeout + rand * max(0.0, window - ack_timeout)
 
 
 @dataclass(frozen=True)
@@ -99,9 +122,13 @@ class Uplink:
         max_items: int = 64,
         max_bytes: int = 192 * 1024,
         ack_timeout: float = 10.0,
+        ack_timeout_max: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         coalesce_seconds: float = 0.0,
+        rand: Callable[[], float] = random.random,
     ) -> None:
+        """``ack_timeout_max``: the longest wait for an ack after consecutive resends (None:
+        ``ack_timeout``, no backoff); ``rand``: uniform draws in ``[0, 1)`` for the jitter."""
         self._outbox = outbox
         self._publish = publish
         self._device_id = device_id
@@ -109,6 +136,10 @@ class Uplink:
         self._max_items = max_items
         self._max_bytes = max_bytes
         self._ack_timeout = ack_timeout
+        self._ack_timeout_max = ack_timeout if ack_timeout_max is None else ack_timeout_max
+        self._rand = rand
+        self._timeouts = 0  # resends since the last ack that made progress
+        self._wait = ack_timeout  # how long the batch in flight is given for its ack
         self._clock = clock
         self._coalesce = CoalescePolicy(max_delay=coalesce_seconds, max_bytes=max_bytes // 2)
         self._held_since: float | None = None  # when the pending batch was first held back
@@ -183,7 +214,7 @@ class Uplink:
         with self._lock:
             now = self._clock()
             resend = self._in_flight is not None
-            if resend and now - self._sent_at < self._ack_timeout:
+            if resend and now - self._sent_at < self._wait:
                 return False
             # Held and nothing appended or removed since (oldest and next seq unchanged): still
             # held, without reading and decoding the batch again (the loop pumps 5 times a second).
@@ -249,6 +280,11 @@ class Uplink:
                 return False
             self._stats["packed_sent"] += int(packed)
             self._stats["resends" if resend else "batches_sent"] += 1
+            if resend:
+                self._timeouts += 1
+            self._wait = ack_wait(
+                self._timeouts, self._ack_timeout, self._ack_timeout_max, self._rand()
+            )
             self._in_flight = items[-1].seq
             self._sent_max = max(self._sent_max, items[-1].seq)
             self._sent_at = now
@@ -297,8 +333,10 @@ class Uplink:
                 self._stats["acked_entries"] += deleted
                 if deleted or (self._in_flight is not None and ack.upto_seq >= self._in_flight):
                     # Progress: send what is left (a partial ack means the server lacks the
-                    # rest of the batch; it deduplicates whatever it already has).
+                    # rest of the batch; it deduplicates whatever it already has). The server
+                    # answers again: the ack-timeout backoff starts over.
                     self._in_flight = None
+                    self._timeouts = 0
         except (ContractError, AckOutOfRangeError) as exc:
             with self._lock:
                 self._stats["bad_acks"] += 1
