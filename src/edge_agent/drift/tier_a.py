@@ -15,6 +15,8 @@ Python loop runs over rows or features.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import numpy.typing as npt
 
@@ -38,11 +40,15 @@ class TierASketch:
         "_col_dtype",
         "_count",
         "_edges",
+        "_finite_rows",
         "_nan_col",
         "_offsets",
+        "_row_offsets",
         "_sum",
         "_sumsq",
         "_table",
+        "_table_flat",
+        "_thresholds_t",
         "_tiled",
     )
 
@@ -60,8 +66,12 @@ class TierASketch:
         self._col_dtype = np.uint8 if k < 256 else np.uint16
         self._nan_col = edges.width
         self._offsets = (np.arange(f, dtype=np.intp) * (edges.width + 1))[None, :]
+        self._row_offsets = self._offsets[0]
+        self._thresholds_t = np.ascontiguousarray(edges.thresholds.T)
         self._table = np.zeros((f, edges.width + 1), dtype=np.int64)
+        self._table_flat = self._table.reshape(-1)
         self._count = np.zeros(f, dtype=np.int64)
+        self._finite_rows = 0
         self._sum = np.zeros(f, dtype=np.float64)
         self._sumsq = np.zeros(f, dtype=np.float64)
 
@@ -110,10 +120,13 @@ class TierASketch:
             raise DriftError(f"drift needs real numeric values, got dtype {x.dtype}")
         if x.shape[0] == 0:
             return
+        if x.dtype != np.float64:
+            x = x.astype(np.float64)  # exact for every real dtype up to 64 bits; never warns
+        if x.shape[0] == 1:
+            self._update_row(x[0])
+            return
         # inf - inf and overflowing moments are expected on bad input: counted, not warned.
         with np.errstate(over="ignore", invalid="ignore"):
-            if x.dtype != np.float64:
-                x = x.astype(np.float64)
             total = x.sum(axis=0)
             # A finite column sum proves the column holds no NaN/Inf (they propagate); an overflowed
             # sum only sends the batch down the careful path, which is exact either way.
@@ -131,6 +144,33 @@ class TierASketch:
                 self._sum += xf.sum(axis=0)
                 self._sumsq += np.einsum("ij,ij->j", xf, xf)
 
+    def _update_row(self, row: npt.NDArray[np.float64]) -> None:
+        # One row: every feature lands in one bucket of its own table row, so the flat indices
+        # are distinct and a fancy-indexed += 1 counts them exactly, without tiling the
+        # thresholds or bincounting the whole table. The moments add the same terms as the
+        # batch path (a one-row column sum is the row, its einsum the row squared).
+        idx = np.add.reduce(row >= self._thresholds_t, axis=0, dtype=np.intp)
+        idx += self._row_offsets
+        # A finite sum of squares proves every value finite and no square overflowing (NaN
+        # and inf propagate; the terms are non-negative), so the common case needs neither an
+        # isfinite mask nor an errstate block. np.vdot (unlike np.dot) raises no floating-point
+        # warnings, which test_one_row_with_overflowing_square_does_not_warn pins.
+        if math.isfinite(np.vdot(row, row)):
+            self._table_flat[idx] += 1
+            self._finite_rows += 1  # folded into _count by view(); saves an array op per row
+            self._sum += row
+            self._sumsq += row * row
+            return
+        # NaN passes no threshold (column 0); move it to the NaN column.
+        idx += np.isnan(row) * self._nan_col
+        self._table_flat[idx] += 1
+        finite = np.isfinite(row)
+        xf = np.where(finite, row, 0.0)
+        self._count += finite
+        self._sum += xf
+        with np.errstate(over="ignore"):
+            self._sumsq += xf * xf
+
     def _bin(self, x: npt.NDArray[np.float64], all_finite: bool) -> None:
         # Compare against thresholds laid out (k, rows, f) so numpy's inner loop runs over the
         # contiguous rows*f values, then sum the k planes: the bucket column per value.
@@ -140,8 +180,7 @@ class TierASketch:
         if not all_finite:
             # NaN passes no threshold (column 0); move it to the NaN column.
             idx += np.isnan(x) * self._nan_col
-        flat = self._table.reshape(-1)
-        flat += np.bincount(idx.ravel(), minlength=flat.size)
+        self._table_flat += np.bincount(idx.ravel(), minlength=self._table_flat.size)
 
     def merge(self, other: TierASketch | TierAView) -> None:
         """Add another tracker's or view's counts into this one (exact for counts).
@@ -161,11 +200,15 @@ class TierASketch:
         """Forget everything counted (start a new window) without reallocating."""
         self._table.fill(0)
         self._count.fill(0)
+        self._finite_rows = 0
         self._sum.fill(0.0)
         self._sumsq.fill(0.0)
 
     def view(self) -> TierAView:
         """An immutable snapshot; later updates do not change it."""
+        if self._finite_rows:
+            self._count += self._finite_rows
+            self._finite_rows = 0
         return TierAView(
             self._edges,
             self._table[:, : self._nan_col],
