@@ -31,6 +31,7 @@ from edge_agent.errors import DriftError
 
 _TILE_VALUES = 1 << 16
 _MAX_CHUNK_ROWS = 128
+_GROUP_VALUES = 1 << 16
 
 
 class TierASketch:
@@ -46,6 +47,7 @@ class TierASketch:
         "_count",
         "_edges",
         "_finite_rows",
+        "_group",
         "_nan_col",
         "_offsets",
         "_row_offsets",
@@ -70,6 +72,8 @@ class TierASketch:
         self._tiled = np.ascontiguousarray(
             np.broadcast_to(edges.thresholds.T[:, None, :], (k, self._chunk, f))
         )
+        # Rows counted per bincount: bounds its intp index array to about _GROUP_VALUES values.
+        self._group = max(self._chunk, _GROUP_VALUES // f)
         self._col_dtype = np.uint8 if k < 256 else np.uint16
         self._nan_col = edges.width
         self._offsets = (np.arange(f, dtype=np.intp) * (edges.width + 1))[None, :]
@@ -138,8 +142,8 @@ class TierASketch:
             # A finite column sum proves the column holds no NaN/Inf (they propagate); an overflowed
             # sum only sends the batch down the careful path, which is exact either way.
             all_finite = bool(np.isfinite(total).all())
-            for start in range(0, x.shape[0], self._chunk):
-                self._bin(x[start : start + self._chunk], all_finite)
+            for start in range(0, x.shape[0], self._group):
+                self._bin(x[start : start + self._group], all_finite)
             if all_finite:
                 self._count += x.shape[0]
                 self._sum += total
@@ -180,9 +184,24 @@ class TierASketch:
 
     def _bin(self, x: npt.NDArray[np.float64], all_finite: bool) -> None:
         # Compare against thresholds laid out (k, rows, f) so numpy's inner loop runs over the
-        # contiguous rows*f values, then sum the k planes: the bucket column per value.
-        passed = x[None, :, :] >= self._tiled[:, : x.shape[0], :]
-        col = np.add.reduce(passed.view(np.uint8), axis=0, dtype=self._col_dtype)
+        # contiguous rows*f values, then sum the k planes: the bucket column per value. The
+        # comparison goes in steps of _chunk rows (bounded tile); offsetting, NaN routing and
+        # the bincount run once for the whole group, which is cheaper than once per step.
+        n = x.shape[0]
+        if n <= self._chunk:
+            passed = x[None, :, :] >= self._tiled[:, :n, :]
+            col = np.add.reduce(passed.view(np.uint8), axis=0, dtype=self._col_dtype)
+        else:
+            col = np.empty(x.shape, dtype=self._col_dtype)
+            for start in range(0, n, self._chunk):
+                part = x[start : start + self._chunk]
+                passed = part[None, :, :] >= self._tiled[:, : part.shape[0], :]
+                np.add.reduce(
+                    passed.view(np.uint8),
+                    axis=0,
+                    dtype=self._col_dtype,
+                    out=col[start : start + self._chunk],
+                )
         idx = col + self._offsets
         if not all_finite:
             # NaN passes no threshold (column 0); move it to the NaN column.
