@@ -172,3 +172,21 @@ def test_one_row_with_overflowing_square_does_not_warn() -> None:
     reference_update(ref, np.array([[1e200, 2.0, 3.0]]))
     assert_same(sketch, ref)
     assert np.isinf(sketch.view().sumsq[0])
+
+
+def test_one_row_counts_survive_merge_and_vanish_on_reset() -> None:
+    # The one-row path counts finite rows apart until a view is taken: merging such a tracker
+    # into another, or resetting it, must see those rows (or forget them) all the same.
+    edges = _edges(6, 4, 4)
+    rows = np.random.default_rng(7).normal(size=(5, 4))
+    a, b = TierASketch.zero(edges), TierASketch.zero(edges)
+    for r in rows:
+        a.update(r[None, :])
+    b.merge(a)
+    assert b.view().count.tolist() == [5, 5, 5, 5]
+    assert a.view() == b.view()
+    a.update(rows[:1])
+    a.reset()
+    assert a.view() == TierASketch.zero(edges).view()
+    a.update(rows[:1])
+    assert a.view().count.tolist() == [1, 1, 1, 1]
