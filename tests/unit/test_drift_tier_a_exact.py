@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -190,3 +191,22 @@ def test_one_row_counts_survive_merge_and_vanish_on_reset() -> None:
     assert a.view() == TierASketch.zero(edges).view()
     a.update(rows[:1])
     assert a.view().count.tolist() == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("f", [4096, 4097])
+def test_one_row_of_many_features_equals_the_reference(f: int) -> None:
+    # Rows longer than 4,096 values check finiteness with einsum instead of vdot.
+    edges = _edges(8, f, 4)
+    rng = np.random.default_rng(9)
+    sketch, ref = TierASketch.zero(edges), Reference(edges)
+    clean = rng.normal(size=(1, f))
+    dirty = rng.normal(size=(1, f))
+    dirty[0, ::5] = np.nan
+    dirty[0, 1] = np.inf
+    huge = rng.normal(size=(1, f)) * 1e200
+    with np.errstate(all="raise"):
+        for row in (clean, dirty, huge):
+            sketch.update(row)
+            reference_update(ref, row)
+            assert_same(sketch, ref)
+    assert sketch.view().nan.sum() == len(range(0, f, 5))

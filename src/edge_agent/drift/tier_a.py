@@ -32,6 +32,8 @@ from edge_agent.errors import DriftError
 _TILE_VALUES = 1 << 16
 _MAX_CHUNK_ROWS = 128
 _GROUP_VALUES = 1 << 16
+# OpenBLAS computes a dot product on one thread up to 10,000 values.
+_VDOT_MAX_VALUES = 4096
 
 
 class TierASketch:
@@ -164,9 +166,15 @@ class TierASketch:
         idx += self._row_offsets
         # A finite sum of squares proves every value finite and no square overflowing (NaN
         # and inf propagate; the terms are non-negative), so the common case needs neither an
-        # isfinite mask nor an errstate block. np.vdot (unlike np.dot) raises no floating-point
-        # warnings, which test_one_row_with_overflowing_square_does_not_warn pins.
-        if math.isfinite(np.vdot(row, row)):
+        # isfinite mask nor an errstate block. np.vdot (unlike np.dot) and einsum raise no
+        # floating-point warnings (test_one_row_with_overflowing_square_does_not_warn pins
+        # it); vdot is the cheaper but goes to BLAS, which may spread long vectors over
+        # threads on the request path, so long rows take einsum's own loop.
+        if row.shape[0] <= _VDOT_MAX_VALUES:
+            squares = np.vdot(row, row)
+        else:
+            squares = np.einsum("i,i", row, row)
+        if math.isfinite(squares):
             self._table_flat[idx] += 1
             self._finite_rows += 1  # folded into _count by view(); saves an array op per row
             self._sum += row
