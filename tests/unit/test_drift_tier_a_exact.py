@@ -210,3 +210,37 @@ def test_one_row_of_many_features_equals_the_reference(f: int) -> None:
             reference_update(ref, row)
             assert_same(sketch, ref)
     assert sketch.view().nan.sum() == len(range(0, f, 5))
+
+
+@pytest.mark.parametrize("rows", [2, 64, 65, 300])  # 64 x 64 = 4,096 values: vdot up to there
+def test_batches_with_huge_and_non_finite_values_do_not_warn(rows: int) -> None:
+    edges = _edges(10, 64, 10)
+    x = np.random.default_rng(11).normal(size=(rows, 64))
+    x[0, :3] = [1e200, 1.7e308, -1.7e308]
+    x[1, 3:6] = [np.nan, np.inf, -np.inf]
+    x[-1, 0] = 1.7e308  # the column sum overflows
+    sketch, ref = TierASketch.zero(edges), Reference(edges)
+    with np.errstate(all="raise"):
+        for batch in (x, x[2:], np.abs(x[:, :1]) @ np.ones((1, 64)) * 0.5):
+            sketch.update(batch)
+            reference_update(ref, batch)
+            assert_same(sketch, ref)
+    assert sketch.view().nan[3] == 1
+
+
+def test_moments_that_overflow_across_updates_do_not_warn() -> None:
+    # Each update alone is finite; the running sum and sum of squares overflow only when
+    # accumulated, on the one-row and on the batch path alike, then keep counting exactly.
+    edges = _edges(12, 2, 4)
+    sketch, ref = TierASketch.zero(edges), Reference(edges)
+    big = np.array([[1.7e308, 1e154]])
+    with np.errstate(all="raise"):
+        for batch in (big, big, np.vstack([big, big]), np.array([[1.0, 2.0]]), big[:, ::-1]):
+            sketch.update(batch)
+            reference_update(ref, batch)
+            assert_same(sketch, ref)
+    assert np.isinf(sketch.view().sum[0])
+    assert np.isinf(sketch.view().sumsq[1])
+    sketch.reset()
+    sketch.update(np.array([[1.0, 2.0]]))
+    assert sketch.view().sum.tolist() == [1.0, 2.0]

@@ -32,8 +32,11 @@ from edge_agent.errors import DriftError
 _TILE_VALUES = 1 << 16
 _MAX_CHUNK_ROWS = 128
 _GROUP_VALUES = 1 << 16
-# OpenBLAS computes a dot product on one thread up to 10,000 values.
+# np.vdot decides "all finite" in one call up to this many values; OpenBLAS computes a dot
+# product on one thread up to 10,000 values and spreads longer ones over threads.
 _VDOT_MAX_VALUES = 4096
+# Moments whose bound stays below this cannot overflow float64 (max ~1.8e308) when added to.
+_SAFE_MOMENTS = 1e300
 
 
 class TierASketch:
@@ -44,6 +47,7 @@ class TierASketch:
     """
 
     __slots__ = (
+        "_bound",
         "_chunk",
         "_col_dtype",
         "_count",
@@ -85,6 +89,8 @@ class TierASketch:
         self._table_flat = self._table.reshape(-1)
         self._count = np.zeros(f, dtype=np.int64)
         self._finite_rows = 0
+        # Upper bound on every |sum| and sumsq so far; see _add_moments.
+        self._bound = 0.0
         self._sum = np.zeros(f, dtype=np.float64)
         self._sumsq = np.zeros(f, dtype=np.float64)
 
@@ -138,24 +144,37 @@ class TierASketch:
         if x.shape[0] == 1:
             self._update_row(x[0])
             return
-        # inf - inf and overflowing moments are expected on bad input: counted, not warned.
-        with np.errstate(over="ignore", invalid="ignore"):
-            total = x.sum(axis=0)
-            # A finite column sum proves the column holds no NaN/Inf (they propagate); an overflowed
-            # sum only sends the batch down the careful path, which is exact either way.
-            all_finite = bool(np.isfinite(total).all())
+        # The common batch holds only finite values: then no NaN routing, no mask, no errstate.
+        # A small batch proves it with one vdot (as _update_row does; a finite sum of squares
+        # also means no column sum can overflow), a large one with its column sums (a finite
+        # sum proves the column holds no NaN/Inf, as they propagate). A sum that overflowed
+        # only sends the batch down the careful path, which is exact either way.
+        total: npt.NDArray[np.float64] | None
+        grow = math.inf
+        if x.size <= _VDOT_MAX_VALUES:
+            squares = float(np.vdot(x, x))
+            total = x.sum(axis=0) if math.isfinite(squares) else None
+            grow = x.shape[0] + squares  # |x| <= 1 + x * x
+        else:
+            # inf - inf and overflowing sums are expected on bad input: counted, not warned.
+            with np.errstate(over="ignore", invalid="ignore"):
+                total = x.sum(axis=0)
+            if not np.isfinite(total).all():
+                total = None
+        if total is not None:
             for start in range(0, x.shape[0], self._group):
-                self._bin(x[start : start + self._group], all_finite)
-            if all_finite:
-                self._count += x.shape[0]
-                self._sum += total
-                self._sumsq += np.einsum("ij,ij->j", x, x)
-            else:
-                finite = np.isfinite(x)
-                xf = np.where(finite, x, 0.0)
-                self._count += finite.sum(axis=0)
-                self._sum += xf.sum(axis=0)
-                self._sumsq += np.einsum("ij,ij->j", xf, xf)
+                self._bin(x[start : start + self._group], True)
+            self._count += x.shape[0]
+            # einsum raises no overflow warning; after a vdot, the growth is bounded by it.
+            self._add_moments(total, np.einsum("ij,ij->j", x, x), grow)
+            return
+        with np.errstate(over="ignore", invalid="ignore"):
+            for start in range(0, x.shape[0], self._group):
+                self._bin(x[start : start + self._group], False)
+            finite = np.isfinite(x)
+            xf = np.where(finite, x, 0.0)
+            self._count += finite.sum(axis=0)
+            self._add_moments(xf.sum(axis=0), np.einsum("ij,ij->j", xf, xf), math.inf)
 
     def _update_row(self, row: npt.NDArray[np.float64]) -> None:
         # One row: every feature lands in one bucket of its own table row, so the flat indices
@@ -171,14 +190,13 @@ class TierASketch:
         # it); vdot is the cheaper but goes to BLAS, which may spread long vectors over
         # threads on the request path, so long rows take einsum's own loop.
         if row.shape[0] <= _VDOT_MAX_VALUES:
-            squares = np.vdot(row, row)
+            squares = float(np.vdot(row, row))
         else:
-            squares = np.einsum("i,i", row, row)
+            squares = float(np.einsum("i,i", row, row))
         if math.isfinite(squares):
             self._table_flat[idx] += 1
             self._finite_rows += 1  # folded into _count by view(); saves an array op per row
-            self._sum += row
-            self._sumsq += row * row
+            self._add_moments(row, row * row, 1.0 + squares)
             return
         # NaN passes no threshold (column 0); move it to the NaN column.
         idx += np.isnan(row) * self._nan_col
@@ -186,9 +204,27 @@ class TierASketch:
         finite = np.isfinite(row)
         xf = np.where(finite, row, 0.0)
         self._count += finite
-        self._sum += xf
         with np.errstate(over="ignore"):
-            self._sumsq += xf * xf
+            squared = xf * xf
+        self._add_moments(xf, squared, math.inf)
+
+    def _add_moments(
+        self, total: npt.NDArray[np.float64], squares: npt.NDArray[np.float64], grow: float
+    ) -> None:
+        # Add column sums and sums of squares. ``grow`` bounds how much any |sum| or sumsq can
+        # grow (inf when unknown); while the running bound stays far from the float64 range,
+        # no addition can overflow and the errstate block is skipped.
+        bound = self._bound + grow
+        if bound < _SAFE_MOMENTS:
+            self._bound = bound
+            self._sum += total
+            self._sumsq += squares
+            return
+        # Overflowing moments are expected on bad input: counted as inf, not warned.
+        with np.errstate(over="ignore", invalid="ignore"):
+            self._sum += total
+            self._sumsq += squares
+            self._bound = float(np.abs(self._sum).max() + self._sumsq.max())
 
     def _bin(self, x: npt.NDArray[np.float64], all_finite: bool) -> None:
         # Compare against thresholds laid out (k, rows, f) so numpy's inner loop runs over the
@@ -229,12 +265,15 @@ class TierASketch:
         self._count += view.count
         self._sum += view.sum
         self._sumsq += view.sumsq
+        with np.errstate(over="ignore", invalid="ignore"):
+            self._bound = float(np.abs(self._sum).max() + self._sumsq.max())
 
     def reset(self) -> None:
         """Forget everything counted (start a new window) without reallocating."""
         self._table.fill(0)
         self._count.fill(0)
         self._finite_rows = 0
+        self._bound = 0.0
         self._sum.fill(0.0)
         self._sumsq.fill(0.0)
 
