@@ -13,9 +13,11 @@ and count everything with a single ``np.bincount``. Batches without NaN/Inf skip
 work. No Python loop runs over rows or features.
 
 A one-row batch takes a shorter path: its flat indices are distinct (one bucket per feature),
-so a fancy-indexed ``+= 1`` replaces the tiling and the whole-table ``bincount``, and one
-``np.vdot`` decides the all-finite case. Both paths give bit-identical counts and moments
-(``tests/unit/test_drift_tier_a_exact.py``); ``bench/bench_sketch.py`` measures them.
+so a fancy-indexed ``+= 1`` replaces the tiling and the whole-table ``bincount``. For a row
+and for batches of up to 4,096 values one ``np.vdot`` decides the all-finite case, and a
+running bound on the moments lets them be added without an ``errstate`` block while no
+addition can overflow. Every path gives the counts and moments of the plain algorithm bit for
+bit (``tests/unit/test_drift_tier_a_exact.py``); ``bench/bench_sketch.py`` measures them.
 """
 
 from __future__ import annotations
