@@ -8,7 +8,7 @@ Both run in the same process, alternating round by round (order swapped each rou
 same finite float64 batches (``flatten_features`` output) at 64 features and 10 bins, the
 input tensor of the digits model; 10 features is its output tensor. Printed: median CPU
 microseconds per call (``time.process_time`` over many calls per round) and the per-round
-plain/current ratio, median and min-max. ``tests/unit/test_drift_tier_a_exact.py`` checks the
+plain/current ratio, median and min-max. ``tests/property/test_property_tier_a.py`` checks the
 two give bit-identical results. Last, the share of ``update`` in ``DriftMonitor.observe`` on
 the pipeline's 256-row blocks.
 

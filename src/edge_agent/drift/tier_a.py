@@ -17,7 +17,7 @@ so a fancy-indexed ``+= 1`` replaces the tiling and the whole-table ``bincount``
 and for batches of up to 4,096 values one ``np.vdot`` decides the all-finite case, and a
 running bound on the moments lets them be added without an ``errstate`` block while no
 addition can overflow. Every path gives the counts and moments of the plain algorithm bit for
-bit (``tests/unit/test_drift_tier_a_exact.py``); ``bench/bench_sketch.py`` measures them.
+bit (``tests/property/test_property_tier_a.py``); ``bench/bench_sketch.py`` measures them.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from edge_agent.drift import FeatureEdges, TierASketch, fit_edges
@@ -129,7 +129,6 @@ def edges_and_batches(draw: st.DrawFn) -> tuple[FeatureEdges, list[np.ndarray]]:
     return edges, batches
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(edges_and_batches())
 def test_update_equals_the_reference_algorithm_bit_for_bit(
     case: tuple[FeatureEdges, list[np.ndarray]],
