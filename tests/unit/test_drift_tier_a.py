@@ -112,7 +112,7 @@ def test_float32_int_and_float64_batches_count_alike(edges16: FeatureEdges) -> N
 
 
 def test_batches_larger_than_one_chunk_count_every_row() -> None:
-    # 256 features x 11 thresholds: the tracker bins 11 rows per step.
+    # 256 features x 11 thresholds: the tracker bins 23 rows per step.
     base = dataset("normal", 300, 256, 5)
     edges = fit_edges(base, 10)
     live = dataset("dirty", 1000, 256, 6)
