@@ -30,7 +30,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -42,7 +42,7 @@ from edge_agent.drift.distributions import (
     norm_isf,
     norm_two_sided_array,
 )
-from edge_agent.drift.scores import FeatureScores
+from edge_agent.drift.scores import FeatureScores, ScoreArrays
 
 TESTS = ("psi", "js", "ks", "mean", "nan")
 DEFAULT_TESTS = ("psi", "mean")
@@ -136,7 +136,9 @@ class DriftThresholds:
         )
         level = alpha / (m * len(chosen))
         dof = np.maximum(k.astype(np.int64) - 1, 0)
-        q = np.asarray([chi2_isf(level, int(d)) if d > 0 else math.inf for d in dof.tolist()])
+        distinct, at = np.unique(dof, return_inverse=True)
+        q = np.asarray([chi2_isf(level, d) if d > 0 else math.inf for d in distinct.tolist()])
+        q = q[at.reshape(dof.shape)] if q.size else np.zeros(dof.shape)
         with np.errstate(divide="ignore", invalid="ignore"):
             h = nw * nb / (nw + nb)
             psi = np.where(h > 0, q / h, np.inf)
@@ -219,11 +221,11 @@ class DriftVerdict:
         }
 
 
-def _p_values(s: FeatureScores, t: DriftThresholds) -> dict[str, F64]:
+def _p_values(s: FeatureScores | ScoreArrays, tests: Sequence[str], min_n: int) -> dict[str, F64]:
     """p-values of the alerting tests; NaN where a feature has too few values to judge."""
     h = s.n * s.baseline_n / np.maximum(s.n + s.baseline_n, 1)
     out: dict[str, F64] = {}
-    for name in t.tests:
+    for name in tests:
         if name in ("psi", "js"):
             stat = h * (s.psi if name == "psi" else _JS_SCALE * s.js)
             p = chi2_sf_array(stat, s.cells - 1)
@@ -232,9 +234,35 @@ def _p_values(s: FeatureScores, t: DriftThresholds) -> dict[str, F64]:
         else:
             p = norm_two_sided_array(s.mean_z if name == "mean" else s.nan_z)
         n, big_n = (s.total, s.baseline_total) if name == "nan" else (s.n, s.baseline_n)
-        p[(n < t.min_n) | (big_n < t.min_n) | np.isnan(p)] = np.nan
+        p[(n < min_n) | (big_n < min_n) | np.isnan(p)] = np.nan
         out[name] = p
     return out
+
+
+def _decide(
+    p: Mapping[str, F64], tests: Sequence[str], alpha: float, m: int, correction: str
+) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_], dict[str, npt.NDArray[np.bool_]]]:
+    """``(drifted, judged, by_test)`` from p-values of shape ``(..., f)``, one family per row."""
+    n_tests = len(tests)
+    alerting = np.stack([p[name] for name in tests])
+    judged = ~np.all(np.isnan(alerting), axis=0)
+    best = np.min(np.where(np.isnan(alerting), np.inf, alerting), axis=0)
+    combined = np.where(judged, np.minimum(1.0, n_tests * best), np.nan)
+    f = combined.shape[-1]
+    # Per-feature level: alpha/m (Bonferroni) or Holm's step-down alpha/(m - rank).
+    feature_level = np.full(combined.shape, alpha / m)
+    if correction == "holm":
+        order = np.argsort(np.where(judged, combined, np.inf), axis=-1, kind="stable")
+        steps = alpha / np.maximum(m - np.arange(f), 1)
+        ranked = np.take_along_axis(np.where(judged, combined, np.inf), order, axis=-1)
+        passed = ranked <= steps
+        stop = np.where(passed.all(axis=-1), f, np.argmin(passed, axis=-1))
+        levels = np.where(np.arange(f) < stop[..., None], steps, 0.0)
+        np.put_along_axis(feature_level, order, levels, axis=-1)
+    with np.errstate(invalid="ignore"):
+        drifted = judged & (combined <= feature_level)
+        by_test = {name: drifted & (p[name] * n_tests <= feature_level) for name in tests}
+    return drifted, judged, by_test
 
 
 def judge(scores: FeatureScores, thresholds: DriftThresholds) -> DriftVerdict:
@@ -254,23 +282,9 @@ def judge(scores: FeatureScores, thresholds: DriftThresholds) -> DriftVerdict:
     f = scores.n_features
     if t.psi.shape[0] not in (1, f):
         raise ValueError(f"thresholds cover {t.psi.shape[0]} features, scores {f}")
-    p = _p_values(scores, t)
-    n_tests = len(t.tests)
-    alerting = np.stack([p[name] for name in t.tests])
-    judged = ~np.all(np.isnan(alerting), axis=0)
-    best = np.min(np.where(np.isnan(alerting), np.inf, alerting), axis=0)
-    combined = np.where(judged, np.minimum(1.0, n_tests * best), np.nan)
-    # Per-feature level: alpha/m (Bonferroni) or Holm's step-down alpha/(m - rank).
-    feature_level = np.full(f, t.alpha / t.m)
-    if t.correction == "holm":
-        order = np.argsort(np.where(judged, combined, np.inf), kind="stable")
-        steps = t.alpha / np.maximum(t.m - np.arange(f), 1)
-        passed = np.where(judged[order], combined[order], np.inf) <= steps
-        stop = int(np.argmin(passed)) if not passed.all() else f
-        feature_level[order] = np.where(np.arange(f) < stop, steps, 0.0)
+    p = _p_values(scores, t.tests, t.min_n)
+    drifted, judged, by_test = _decide(p, t.tests, t.alpha, t.m, t.correction)
     with np.errstate(invalid="ignore"):
-        drifted = judged & (combined <= feature_level)
-        by_test = {name: drifted & (p[name] * n_tests <= feature_level) for name in t.tests}
         stats = {
             "psi": scores.psi / t.psi, "js": scores.js / t.js, "ks": scores.ks / t.ks,
             "mean": np.abs(scores.mean_z) / t.z, "nan": np.abs(scores.nan_z) / t.z,
@@ -283,3 +297,49 @@ def judge(scores: FeatureScores, thresholds: DriftThresholds) -> DriftVerdict:
         MappingProxyType({k: frozen(np.broadcast_to(v, (f,))) for k, v in stats.items()}),
         thresholds,
     )
+
+
+class StackVerdict(NamedTuple):
+    """``judge_stack``'s decisions, ``(c, f)`` each: one row per stacked window.
+
+    ``psi``/``ks``/``mean_shift`` are the critical values (``DriftThresholds``' fields).
+    """
+
+    drifted: npt.NDArray[np.bool_]
+    judged: npt.NDArray[np.bool_]
+    by_test: Mapping[str, npt.NDArray[np.bool_]]
+    psi: F64
+    ks: F64
+    mean_shift: F64
+
+
+def judge_stack(
+    scores: ScoreArrays,
+    alpha: float = DEFAULT_ALPHA,
+    *,
+    tests: Sequence[str] = DEFAULT_TESTS,
+    correction: str = "bonferroni",
+    min_n: int = DEFAULT_MIN_N,
+) -> StackVerdict:
+    """``judge(s, DriftThresholds.for_scores(s, ...))`` for every row of ``(c, f)`` scores.
+
+    Each row is its own family of ``f`` features (``m = f``), decided exactly as ``judge``
+    decides one window's scores: the same p-values, critical values and correction, on arrays.
+
+    Raises:
+        ValueError: as ``DriftThresholds.for_window``, or scores that are not ``(c, f)``.
+    """
+    if scores.psi.ndim != 2:
+        raise ValueError(f"stacked scores must be (windows, features), got {scores.psi.shape}")
+    shape = scores.psi.shape
+    t = DriftThresholds.for_window(
+        scores.n.ravel(), scores.baseline_n.ravel(), scores.cells.ravel(), shape[1], alpha,
+        tests=tests, correction=correction, min_n=min_n,
+    )  # fmt: skip
+    p = _p_values(scores, t.tests, t.min_n)
+    drifted, judged, by_test = _decide(p, t.tests, t.alpha, t.m, t.correction)
+    return StackVerdict(
+        drifted, judged, by_test,
+        *(np.broadcast_to(a, (shape[0] * shape[1],)).reshape(shape)
+          for a in (t.psi, t.ks, t.mean_shift)),
+    )  # fmt: skip
