@@ -69,6 +69,7 @@ import argparse
 import base64
 import hashlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -256,6 +257,14 @@ def settle(reg: Registry) -> None:
 
 
 # --------------------------------------------------------------------------- queries
+def _loadavg() -> float:
+    """The 1-minute load average (wall-clock figures on a shared machine need it beside)."""
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return math.nan
+
+
 def _timed(fn: Callable[[], Any], repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -694,9 +703,12 @@ def run_backend(name: str, url: str, tmp: Path, a: argparse.Namespace) -> dict[s
         settle(reg)
         qs = queries(reg, bundles, devices)
         check_drift(qs)
+        load = [_loadavg()]
         out[days] = {k: _timed(fn, a.repeats) for k, fn in qs.items()}
+        load.append(_loadavg())
+        out.setdefault("load", []).extend(load)
         for k, v in out[days].items():
-            print(f"[{name}] {days} d  {k}: {v * 1000:.0f} ms", file=sys.stderr)
+            print(f"[{name}] {days} d  {k}: {v * 1000:.0f} ms (load {load})", file=sys.stderr)
     if name == "sqlite":
         with reg.engine.connect() as c:
             c.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -780,6 +792,9 @@ def _print(results: dict[str, dict[str, Any]], a: argparse.Namespace) -> None:
             f"| {name} | {raw:,.0f} | {roll:,.0f} | {raw_day / 1e9:.1f} GB/day | "
             f"{hour_day / 1e6:.0f} MB/day | {(3 * raw_day + fine_day) / 1e9:.0f} GB |"
         )
+    for name, r in results.items():
+        lo, hi = min(r["load"]), max(r["load"])
+        print(f"\n{name}: 1-minute load average {lo:.1f}-{hi:.1f} while the queries were timed")
     for name, r in results.items():
         print(
             f"\n{name}: folding one 5-minute bucket of {a.devices} devices took "
