@@ -3,8 +3,10 @@
 Owns: the exact merge of tier-A views (``merge_windows``), the accumulator that groups device
 windows by (model, version, tensor, cohort, time bucket) (``FleetAccumulator``), and
 ``score_fleet``, which scores every merged cell against the bundle's baseline with the agent's own
-``score``, ``DriftThresholds.for_scores`` and ``judge`` under the agent's ``MonitorPolicy`` (so a
-single device's fleet score equals its own window verdict).
+rule (``score``, ``DriftThresholds.for_scores`` and ``judge``) under the agent's
+``MonitorPolicy``, so a single device's fleet score equals its own window verdict. The cells of
+one baseline are scored as one stack (``score_arrays``, ``judge_stack``: the same code, each
+row decided bit for bit as its view alone), not one round of small array operations per cell.
 Does not own: cohort labels, device windows and merge keys (``drift.cohorts``), the result value
 types and their JSON form (``drift.results``), reading telemetry or bundle files
 (``drift.service``), charts (``drift.report``).
