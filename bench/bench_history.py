@@ -55,6 +55,15 @@ table, its indexes and the keys; ingest waits for all of it).
 
     .venv/bin/python bench/bench_history.py --migration 50000
 
+``--keep DIR`` keeps the SQLite registry the run filled (``DIR/history.db``, bundles under
+``DIR/sqlite``); ``--drift-cpu DIR`` then times the two drift reports on it in process CPU time
+(SQLite runs in the process: the whole report's work, much steadier than wall-clock time on a
+shared machine), also against an older source tree:
+
+    .venv/bin/python bench/bench_history.py --backends sqlite --days 1 --keep /tmp/h1000
+    .venv/bin/python bench/bench_history.py --drift-cpu /tmp/h1000 --repeats 5
+    PYTHONPATH=/tmp/before/src .venv/bin/python bench/bench_history.py --drift-cpu /tmp/h1000
+
 ``--drift-storage`` times reading the drift rollups of the last day (``history.drift_inputs``,
 what the drift report reads and sums before scoring) as stored now (narrow integers) against
 the same rollups stored as before (int64 arrays, copied under version 4), alternating rounds
@@ -69,6 +78,7 @@ import argparse
 import base64
 import hashlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -256,6 +266,14 @@ def settle(reg: Registry) -> None:
 
 
 # --------------------------------------------------------------------------- queries
+def _loadavg() -> float:
+    """The 1-minute load average (wall-clock figures on a shared machine need it beside)."""
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return math.nan
+
+
 def _timed(fn: Callable[[], Any], repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -657,6 +675,32 @@ def main_drift_storage(a: argparse.Namespace) -> None:
               f"{r['int64'] / r['narrow']:.2f} |")  # fmt: skip
 
 
+# --------------------------------------------------------------------------- drift CPU time
+def main_drift_cpu(a: argparse.Namespace) -> None:
+    """Process CPU time of the two drift reports on a kept SQLite registry (``--keep``): the
+    database is in the process, so this is the whole report's work, and far less noisy than
+    wall-clock time on a shared machine. Rounds of hour and day alternate."""
+    root = Path(a.drift_cpu)
+    reg = Registry.open(f"sqlite:///{root / 'history.db'}", clock=Clock())
+    qs = queries(reg, root / "sqlite" / "bundles", [])
+    check_drift({k: v for k, v in qs.items() if k.startswith("drift report")})
+    names = [k for k in qs if k.startswith("drift report")]
+    times: dict[str, list[float]] = {k: [] for k in names}
+    load = [_loadavg()]
+    for _ in range(a.repeats):
+        for k in names:
+            t0 = time.process_time()
+            qs[k]()
+            times[k].append(time.process_time() - t0)
+    load.append(_loadavg())
+    print(f"drift report CPU time (process_time, median of {a.repeats}), {root}; "
+          f"load average {load[0]:.1f}-{load[1]:.1f}")  # fmt: skip
+    for k in names:
+        print(f"| {k} | {statistics.median(times[k]) * 1000:.0f} ms CPU | "
+              f"{min(times[k]) * 1000:.0f}-{max(times[k]) * 1000:.0f} ms |")  # fmt: skip
+    reg.close()
+
+
 # --------------------------------------------------------------------------- main
 def run_backend(name: str, url: str, tmp: Path, a: argparse.Namespace) -> dict[str, Any]:
     clock = Clock()
@@ -694,9 +738,12 @@ def run_backend(name: str, url: str, tmp: Path, a: argparse.Namespace) -> dict[s
         settle(reg)
         qs = queries(reg, bundles, devices)
         check_drift(qs)
+        load = [_loadavg()]
         out[days] = {k: _timed(fn, a.repeats) for k, fn in qs.items()}
+        load.append(_loadavg())
+        out.setdefault("load", []).extend(load)
         for k, v in out[days].items():
-            print(f"[{name}] {days} d  {k}: {v * 1000:.0f} ms", file=sys.stderr)
+            print(f"[{name}] {days} d  {k}: {v * 1000:.0f} ms (load {load})", file=sys.stderr)
     if name == "sqlite":
         with reg.engine.connect() as c:
             c.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -717,7 +764,12 @@ def main() -> None:
     ap.add_argument("--ingest", action="store_true", help="measure ingest's rate instead")
     ap.add_argument("--migration", type=int, default=0, help="time migration 0006 of N rows")
     ap.add_argument("--drift-storage", action="store_true", help="time narrow vs int64 rollups")
+    ap.add_argument("--keep", help="fill the SQLite registry in this new directory and keep it")
+    ap.add_argument("--drift-cpu", help="CPU time of the drift reports on a --keep directory")
     a = ap.parse_args()
+    if a.drift_cpu:
+        main_drift_cpu(a)
+        return
     if a.drift_storage:
         main_drift_storage(a)
         return
@@ -735,9 +787,11 @@ def main() -> None:
         tmp = Path(td)
         for name in a.backends:
             if name == "sqlite":
-                (tmp / "sqlite").mkdir()
-                results[name] = run_backend(name, f"sqlite:///{tmp / 'history.db'}",
-                                            tmp / "sqlite", a)  # fmt: skip
+                keep = Path(a.keep) if a.keep else tmp
+                keep.mkdir(exist_ok=True)
+                (keep / "sqlite").mkdir()
+                results[name] = run_backend(name, f"sqlite:///{keep / 'history.db'}",
+                                            keep / "sqlite", a)  # fmt: skip
             else:
                 pg = PgCluster()
                 pg.start()
@@ -780,6 +834,9 @@ def _print(results: dict[str, dict[str, Any]], a: argparse.Namespace) -> None:
             f"| {name} | {raw:,.0f} | {roll:,.0f} | {raw_day / 1e9:.1f} GB/day | "
             f"{hour_day / 1e6:.0f} MB/day | {(3 * raw_day + fine_day) / 1e9:.0f} GB |"
         )
+    for name, r in results.items():
+        lo, hi = min(r["load"]), max(r["load"])
+        print(f"\n{name}: 1-minute load average {lo:.1f}-{hi:.1f} while the queries were timed")
     for name, r in results.items():
         print(
             f"\n{name}: folding one 5-minute bucket of {a.devices} devices took "

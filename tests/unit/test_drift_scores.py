@@ -21,7 +21,7 @@ from edge_agent.drift import (
     judge,
     score,
 )
-from edge_agent.drift.thresholds import (
+from edge_agent.drift.distributions import (
     chi2_isf,
     chi2_sf,
     norm_isf,

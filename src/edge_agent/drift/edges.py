@@ -78,8 +78,12 @@ class FeatureEdges:
         return self.n_bins + 2
 
     def bins_used(self) -> npt.NDArray[np.int64]:
-        """Real bins per feature (``len(edges[j]) - 1``); columns beyond stay zero."""
-        return np.asarray([len(r) - 1 for r in self.edges], dtype=np.int64)
+        """Real bins per feature (``len(edges[j]) - 1``); columns beyond stay zero. Read-only."""
+        return self._bins_used
+
+    @cached_property
+    def _bins_used(self) -> npt.NDArray[np.int64]:
+        return frozen(np.asarray([len(r) - 1 for r in self.edges], dtype=np.int64))
 
     @cached_property
     def thresholds(self) -> npt.NDArray[np.float64]:

@@ -47,7 +47,7 @@ Scores per feature (NaN where either view has no value to compare):
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -62,7 +62,7 @@ from edge_agent.drift._wire import (
     read_schema_version,
     require_mapping,
 )
-from edge_agent.drift.view import TierAView, check_same_edges
+from edge_agent.drift.view import TierAStack, TierAView, check_same_edges
 from edge_agent.errors import ContractError
 
 SCHEMA_VERSION = 1
@@ -200,34 +200,68 @@ def score(window: TierAView, baseline: TierAView, epsilon: float = EPSILON) -> F
         DriftError: the views have different edges (different baselines or tensors).
         ValueError: ``epsilon`` is not positive and finite.
     """
+    return FeatureScores(**score_arrays(window, baseline, epsilon)._asdict())
+
+
+class ScoreArrays(NamedTuple):
+    """``FeatureScores``' fields as bare arrays of any leading shape (``score_arrays``)."""
+
+    psi: F64
+    js: F64
+    ks: F64
+    mean_shift: F64
+    mean_z: F64
+    nan_rate_diff: F64
+    nan_z: F64
+    out_of_range_diff: F64
+    n: I64
+    baseline_n: I64
+    total: I64
+    baseline_total: I64
+    cells: I64
+
+
+def score_arrays(
+    window: TierAView | TierAStack, baseline: TierAView, epsilon: float = EPSILON
+) -> ScoreArrays:
+    """``score``'s arrays: ``(f,)`` for a view, ``(c, f)`` for a stack of ``c`` windows.
+
+    Every reduction runs along the last axis, so row ``i`` of a stack's scores is, bit for
+    bit, the score of the stack's view ``i`` alone (``tests/unit/test_drift_scores.py``).
+
+    Raises:
+        DriftError: the window's edges are not the baseline's.
+        ValueError: ``epsilon`` is not positive and finite.
+    """
     check_same_edges(window.edges, baseline.edges)
     if not (np.isfinite(epsilon) and epsilon > 0):
         raise ValueError(f"epsilon must be positive and finite, got {epsilon}")
     cw = window.counts.astype(np.float64)
     cb = baseline.counts.astype(np.float64)
-    n_w, n_b = cw.sum(axis=1), cb.sum(axis=1)
+    n_w, n_b = cw.sum(axis=-1), cb.sum(axis=-1)
     empty = (n_w == 0) | (n_b == 0)
     used = window.edges.bins_used()
     fw, fb = _fold(cw, used), _fold(cb, used)
     kept = (fw + fb) > 0
-    k = kept.sum(axis=1)
+    k = kept.sum(axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        q = np.where(kept, (fw + epsilon) / (n_w + epsilon * k)[:, None], 0.0)
-        p = np.where(kept, (fb + epsilon) / (n_b + epsilon * k)[:, None], 0.0)
+        q = np.where(kept, (fw + epsilon) / (n_w + epsilon * k)[..., None], 0.0)
+        p = np.where(kept, (fb + epsilon) / (n_b + epsilon * k)[..., None], 0.0)
         safe_q, safe_p = np.where(kept, q, 1.0), np.where(kept, p, 1.0)
-        psi = np.sum((q - p) * np.log(safe_q / safe_p), axis=1)
+        psi = np.sum((q - p) * np.log(safe_q / safe_p), axis=-1)
         mid = 0.5 * (safe_q + safe_p)
-        js = 0.5 * np.sum(q * np.log2(safe_q / mid) + p * np.log2(safe_p / mid), axis=1)
+        js = 0.5 * np.sum(q * np.log2(safe_q / mid) + p * np.log2(safe_p / mid), axis=-1)
         # CDFs at every bucket boundary: the cumulative counts before the overflow column.
-        cdf_w = np.cumsum(cw[:, :-1], axis=1) / n_w[:, None]
-        cdf_b = np.cumsum(cb[:, :-1], axis=1) / n_b[:, None]
-        ks = np.max(np.abs(cdf_w - cdf_b), axis=1)
-        outside_w = (cw[:, 0] + cw[:, -1]) / n_w
-        outside_b = (cb[:, 0] + cb[:, -1]) / n_b
+        cdf_w = np.cumsum(cw[..., :-1], axis=-1) / n_w[..., None]
+        cdf_b = np.cumsum(cb[..., :-1], axis=-1) / n_b[..., None]
+        ks = np.max(np.abs(cdf_w - cdf_b), axis=-1)
+        outside_w = (cw[..., 0] + cw[..., -1]) / n_w
+        outside_b = (cb[..., 0] + cb[..., -1]) / n_b
     nan_mask = np.where(empty, np.nan, 0.0)
     shift, mean_z = _mean_scores(window, baseline)
     nan_diff, nan_z = _nan_scores(window, baseline)
-    return FeatureScores(
+    shape = n_w.shape
+    return ScoreArrays(
         psi=np.maximum(psi, 0.0) + nan_mask,
         js=np.clip(js, 0.0, 1.0) + nan_mask,
         ks=ks + nan_mask,
@@ -237,18 +271,18 @@ def score(window: TierAView, baseline: TierAView, epsilon: float = EPSILON) -> F
         nan_z=nan_z,
         out_of_range_diff=outside_w - outside_b + nan_mask,
         n=n_w.astype(np.int64),
-        baseline_n=n_b.astype(np.int64),
+        baseline_n=np.broadcast_to(n_b.astype(np.int64), shape),
         total=window.total(),
-        baseline_total=baseline.total(),
+        baseline_total=np.broadcast_to(baseline.total(), shape),
         cells=np.where(empty, 0, k).astype(np.int64),
     )
 
 
 def _fold(counts: F64, used: I64) -> F64:
-    """The ``(f, n_bins)`` bin counts with underflow added to bin 0, overflow to the last bin."""
-    out = counts[:, 1:-1].copy()
-    out[:, 0] += counts[:, 0]
-    out[np.arange(counts.shape[0]), used - 1] += counts[:, -1]
+    """The ``(..., f, n_bins)`` bin counts with underflow added to bin 0, overflow to the last."""
+    out = counts[..., 1:-1].copy()
+    out[..., 0] += counts[..., 0]
+    out[..., np.arange(counts.shape[-2]), used - 1] += counts[..., -1]
     return out
 
 
@@ -265,7 +299,7 @@ def _robust_z(
     return np.asarray(np.where((n_w > 0) & (n_b > 0), z, np.nan), dtype=np.float64)
 
 
-def _mean_scores(window: TierAView, baseline: TierAView) -> tuple[F64, F64]:
+def _mean_scores(window: TierAView | TierAStack, baseline: TierAView) -> tuple[F64, F64]:
     n_w = window.count.astype(np.float64)
     n_b = baseline.count.astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
@@ -283,7 +317,7 @@ def _mean_scores(window: TierAView, baseline: TierAView) -> tuple[F64, F64]:
     return shift, _robust_z(diff, var_w, var_b, var_pool, n_w, n_b, scale)
 
 
-def _nan_scores(window: TierAView, baseline: TierAView) -> tuple[F64, F64]:
+def _nan_scores(window: TierAView | TierAStack, baseline: TierAView) -> tuple[F64, F64]:
     t_w = window.total().astype(np.float64)
     t_b = baseline.total().astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import itertools
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,7 +143,7 @@ class TierAView:
 
     def total(self) -> npt.NDArray[np.int64]:
         """Values seen per feature: every bucket plus NaN."""
-        return np.asarray(self.counts.sum(axis=1) + self.nan, dtype=np.int64)
+        return _total(self.counts, self.nan)
 
     def probabilities(self) -> npt.NDArray[np.float64]:
         """Bucket probabilities ``(f, n_bins + 2)`` incl. under/overflow, excluding NaN.
@@ -155,16 +156,11 @@ class TierAView:
 
     def mean(self) -> npt.NDArray[np.float64]:
         """Mean of the finite values per feature; NaN where there are none."""
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.asarray(np.where(self.count > 0, self.sum / self.count, np.nan))
+        return _mean(self.count, self.sum)
 
     def std(self) -> npt.NDArray[np.float64]:
         """Population standard deviation (ddof 0) of the finite values; NaN where none."""
-        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            n = self.count.astype(np.float64)
-            var = (self.sumsq - self.sum * (self.sum / n)) / n
-            # Cancellation can push a zero variance slightly negative.
-            return np.asarray(np.where(self.count > 0, np.sqrt(np.maximum(var, 0.0)), np.nan))
+        return _std(self.count, self.sum, self.sumsq)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict; non-finite sums are the strings ``"Infinity"``, ``"NaN"``..."""
@@ -278,6 +274,74 @@ def _edges_from(n_bins: int, f: int, section: bytes) -> FeatureEdges:
         n_bins,
         tuple(tuple(flat_edges[a:b].tolist()) for a, b in itertools.pairwise(bounds)),
     )
+
+
+def _total(counts: npt.NDArray[np.int64], nan: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    return np.asarray(counts.sum(axis=-1) + nan, dtype=np.int64)
+
+
+def _mean(count: npt.NDArray[np.int64], total: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.asarray(np.where(count > 0, total / count, np.nan))
+
+
+def _std(
+    count: npt.NDArray[np.int64], total: npt.NDArray[np.float64], sumsq: npt.NDArray[np.float64]
+) -> npt.NDArray[np.float64]:
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        n = count.astype(np.float64)
+        var = (sumsq - total * (total / n)) / n
+        # Cancellation can push a zero variance slightly negative.
+        return np.asarray(np.where(count > 0, np.sqrt(np.maximum(var, 0.0)), np.nan))
+
+
+@dataclass(frozen=True, eq=False)
+class TierAStack:
+    """Tier-A views of ``c`` windows over the same edges, stacked for scoring them at once.
+
+    ``counts`` is ``(c, f, n_bins + 2)``, the other arrays ``(c, f)``; row ``i`` is one view.
+    ``scores.score`` takes it where it takes a view, and scores every row exactly as it would
+    score that row's view alone. Not a wire format: no validation (build it with ``of`` from
+    views or from exact sums of them) and no serialisation.
+    """
+
+    edges: FeatureEdges
+    counts: npt.NDArray[np.int64]
+    nan: npt.NDArray[np.int64]
+    count: npt.NDArray[np.int64]
+    sum: npt.NDArray[np.float64]
+    sumsq: npt.NDArray[np.float64]
+
+    @classmethod
+    def of(cls, views: Sequence[TierAView]) -> TierAStack:
+        """The views stacked in order.
+
+        Raises:
+            DriftError: a view has other edges than the first, or no view was given.
+        """
+        if not views:
+            raise DriftError("no view to stack")
+        for v in views:
+            check_same_edges(v.edges, views[0].edges)
+        return cls(
+            views[0].edges,
+            *(np.stack([getattr(v, k) for v in views]) for k in _STACKED),
+        )
+
+    def total(self) -> npt.NDArray[np.int64]:
+        """``(c, f)``: values seen per row and feature, as ``TierAView.total``."""
+        return _total(self.counts, self.nan)
+
+    def mean(self) -> npt.NDArray[np.float64]:
+        """``(c, f)``: as ``TierAView.mean``."""
+        return _mean(self.count, self.sum)
+
+    def std(self) -> npt.NDArray[np.float64]:
+        """``(c, f)``: as ``TierAView.std``."""
+        return _std(self.count, self.sum, self.sumsq)
+
+
+_STACKED = ("counts", "nan", "count", "sum", "sumsq")
 
 
 def check_same_edges(a: FeatureEdges, b: FeatureEdges) -> None:

@@ -3,8 +3,10 @@
 Owns: the exact merge of tier-A views (``merge_windows``), the accumulator that groups device
 windows by (model, version, tensor, cohort, time bucket) (``FleetAccumulator``), and
 ``score_fleet``, which scores every merged cell against the bundle's baseline with the agent's own
-``score``, ``DriftThresholds.for_scores`` and ``judge`` under the agent's ``MonitorPolicy`` (so a
-single device's fleet score equals its own window verdict).
+rule (``score``, ``DriftThresholds.for_scores`` and ``judge``) under the agent's
+``MonitorPolicy``, so a single device's fleet score equals its own window verdict. The cells of
+one baseline are scored as one stack (``score_arrays``, ``judge_stack``: the same code, each
+row decided bit for bit as its view alone), not one round of small array operations per cell.
 Does not own: cohort labels, device windows and merge keys (``drift.cohorts``), the result value
 types and their JSON form (``drift.results``), reading telemetry or bundle files
 (``drift.service``), charts (``drift.report``).
@@ -20,21 +22,16 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
-from edge_agent.drift import (
-    DriftThresholds,
-    DriftVerdict,
-    FeatureScores,
-    MonitorPolicy,
-    TierAView,
-    judge,
-    score,
-)
+from edge_agent.drift import MonitorPolicy, TierAView
 from edge_agent.drift.edges import FeatureEdges
+from edge_agent.drift.scores import ScoreArrays, score_arrays
+from edge_agent.drift.thresholds import StackVerdict, judge_stack
+from edge_agent.drift.view import TierAStack
 from fleet_server.drift.cohorts import FLEET, CohortSpec, DeviceInfo, FleetKey, FleetWindow
 from fleet_server.drift.results import (
     CohortResult,
@@ -115,13 +112,38 @@ def merge_windows(views: Iterable[TierAView]) -> TierAView:
     return acc.view()
 
 
-@dataclass(frozen=True, eq=False)
 class MergedCell:
-    """A merged cell: the view, the devices that contributed and how many windows."""
+    """A merged cell: the view, the devices that contributed and how many windows.
 
-    view: TierAView
-    devices: tuple[str, ...]
-    windows: int
+    Holds the exact sums; the view (a validated value object) is built when first asked for:
+    scoring reads the sums of every cell at once and a report keeps only its cohort cells'
+    views, so most device cells never need one.
+    """
+
+    __slots__ = ("_sum", "_view", "devices", "windows")
+
+    def __init__(self, sums: _Sum, devices: tuple[str, ...], windows: int) -> None:
+        self._sum = sums
+        self._view: TierAView | None = None
+        self.devices = devices
+        self.windows = windows
+
+    @property
+    def edges(self) -> FeatureEdges:
+        """The cell's bin edges."""
+        return self._sum.edges
+
+    @property
+    def view(self) -> TierAView:
+        """The merged view (validated once, when first read)."""
+        if self._view is None:
+            self._view = self._sum.view()
+        return self._view
+
+    def arrays(self) -> tuple[npt.NDArray[Any], ...]:
+        """``(counts, nan, count, sum, sumsq)`` of the merge (read them, do not change them)."""
+        s = self._sum
+        return s.counts, s.nan, s.count, s.sum, s.sumsq
 
 
 class FleetAccumulator:
@@ -186,7 +208,7 @@ class FleetAccumulator:
 
         def snap(cells: dict[FleetKey, _Sum]) -> dict[FleetKey, MergedCell]:
             return {
-                k: MergedCell(cells[k].view(), tuple(sorted(cells[k].devices)), cells[k].windows)
+                k: MergedCell(cells[k], tuple(sorted(cells[k].devices)), cells[k].windows)
                 for k in sorted(cells, key=_sort_key)
             }
 
@@ -197,26 +219,27 @@ def _sort_key(k: FleetKey) -> tuple[Any, ...]:
     return (k.model, k.version, k.role, k.tensor, k.cohort != FLEET, k.cohort, k.bucket or 0.0)
 
 
-def _features(s: FeatureScores, v: DriftVerdict) -> tuple[FeatureResult, ...]:
-    t = v.thresholds
-    f = s.n_features
-    psi_t, ks_t, ms_t = (np.broadcast_to(a, (f,)) for a in (t.psi, t.ks, t.mean_shift))
-    tests = [tuple(name for name, hit in v.by_test.items() if hit[j]) for j in range(f)]
-    columns = (s.psi, s.js, s.ks, s.mean_shift, psi_t, ks_t, ms_t, s.n, v.judged, v.drifted)
-    rows = zip(*(c.tolist() for c in columns), strict=True)
+def _features(s: ScoreArrays, v: StackVerdict, row: int) -> tuple[FeatureResult, ...]:
+    f = s.psi.shape[1]
+    tests = [tuple(name for name, hit in v.by_test.items() if hit[row, j]) for j in range(f)]
+    columns = (s.psi, s.js, s.ks, s.mean_shift, v.psi, v.ks, v.mean_shift, s.n, v.judged,
+               v.drifted)  # fmt: skip
+    rows = zip(*(c[row].tolist() for c in columns), strict=True)
     return tuple(
         FeatureResult(j, psi, js, ks, ms, pt, kt, mt, int(n), bool(ok), bool(hit), tests[j])
         for j, (psi, js, ks, ms, pt, kt, mt, n, ok, hit) in enumerate(rows)
     )
 
 
-def _judge(
-    view: TierAView, baseline: TierAView, p: MonitorPolicy
-) -> tuple[FeatureScores, DriftVerdict]:
-    """Exactly the agent's window close (``DriftMonitor._close``): score, thresholds, judge."""
-    scores = score(view, baseline)
-    thresholds = DriftThresholds.for_scores(scores, p.alpha, tests=p.tests, correction=p.correction)
-    return scores, judge(scores, thresholds)
+def _judge_stack(
+    cells: list[MergedCell], baseline: TierAView, p: MonitorPolicy
+) -> tuple[ScoreArrays, StackVerdict]:
+    """The agent's window close (``DriftMonitor._close``: ``score``, ``for_scores``, ``judge``)
+    for every cell at once: row ``i`` is decided exactly as cell ``i``'s view alone."""
+    columns = zip(*(c.arrays() for c in cells), strict=True)
+    stack = TierAStack(baseline.edges, *(np.stack(col) for col in columns))
+    scores = score_arrays(stack, baseline)
+    return scores, judge_stack(scores, p.alpha, tests=p.tests, correction=p.correction)
 
 
 def score_fleet(
@@ -229,6 +252,10 @@ def score_fleet(
     skipped: Mapping[str, int] | None = None,
 ) -> FleetDriftResult:
     """Score every merged cell against its baseline view with the agent's rule.
+
+    The cells of one baseline (cohorts and devices alike) are scored together, as one stack
+    of windows (``score_arrays``, ``judge_stack``): the same decisions as one ``judge`` per
+    cell, without a round of small array operations per cell.
 
     Args:
         cells: Cohort cells (``FleetAccumulator.merged()[0]``).
@@ -246,25 +273,28 @@ def score_fleet(
         FleetDriftError: a cell has no baseline.
     """
     p = policy or MonitorPolicy()
-
-    def baseline_of(k: FleetKey, cell: MergedCell) -> TierAView:
-        base = baselines.get(k.baseline_key())
-        if base is None:
-            raise FleetDriftError(f"no baseline for {k.model} v{k.version} {k.role} {k.tensor}")
-        check_compatible(cell.view.edges, base.edges)
-        return base
-
-    results = []
-    for k, cell in cells.items():
-        scores, verdict = _judge(cell.view, baseline_of(k, cell), p)
-        results.append(
-            CohortResult(k, cell.devices, cell.windows, _features(scores, verdict), cell.view)
-        )
-    alerts = []
-    for k, cell in (device_cells or {}).items():
-        _scores, verdict = _judge(cell.view, baseline_of(k, cell), p)
-        if verdict.alert:
-            alerts.append(DeviceAlert(k, tuple(verdict.drifted_features()), cell.windows))
+    groups: dict[tuple[str, int, str, str], list[tuple[bool, FleetKey, MergedCell]]] = {}
+    for is_device, mapping in ((False, cells), (True, device_cells or {})):
+        for k, cell in mapping.items():
+            base = baselines.get(k.baseline_key())
+            if base is None:
+                raise FleetDriftError(f"no baseline for {k.model} v{k.version} {k.role} {k.tensor}")
+            check_compatible(cell.edges, base.edges)
+            groups.setdefault(k.baseline_key(), []).append((is_device, k, cell))
+    by_key: dict[FleetKey, CohortResult] = {}
+    alert_of: dict[FleetKey, DeviceAlert] = {}
+    for bkey, members in groups.items():
+        scores, verdict = _judge_stack([c for _d, _k, c in members], baselines[bkey], p)
+        alerting = [bool(a) for a in np.any(verdict.drifted, axis=1)]
+        for row, (is_device, k, cell) in enumerate(members):
+            if not is_device:
+                features = _features(scores, verdict, row)
+                by_key[k] = CohortResult(k, cell.devices, cell.windows, features, cell.view)
+            elif alerting[row]:
+                drifted = tuple(int(j) for j in np.flatnonzero(verdict.drifted[row]))
+                alert_of[k] = DeviceAlert(k, drifted, cell.windows)
+    results = [by_key[k] for k in cells]
+    alerts = [alert_of[k] for k in (device_cells or {}) if k in alert_of]
     used = {k.baseline_key() for k in cells}
     return FleetDriftResult(
         spec or CohortSpec(),

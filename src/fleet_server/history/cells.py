@@ -44,6 +44,8 @@ __all__ = [
     "DriftPart",
     "RawRow",
     "RollupCell",
+    "check_layout_length",
+    "drift_layout",
     "drift_slices",
     "edges_digest",
     "fold_rows",
@@ -327,6 +329,41 @@ def _stored_confusion(doc: Any) -> Confusion | None:
         return None
 
 
+def drift_layout(
+    drift: Mapping[str, Any],
+) -> tuple[list[tuple[str, str, Mapping[str, Any], int, int]], int]:
+    """Each stored part's tensor, role, JSON entry, offset and length in the arrays, and the
+    arrays' total length: what ``drift_slices`` cuts, computed once per distinct document.
+
+    Raises:
+        ContractError: an entry is malformed.
+    """
+    out, at = [], 0
+    for p in drift.get("parts") or ():
+        try:
+            f, width = (int(x) for x in p["shape"])
+            size = DriftPart.nbytes(f, width, int_code_of(p))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ContractError(f"stored rollup drift part is malformed: {exc}") from exc
+        if f <= 0 or width <= 0:
+            raise ContractError("stored rollup drift arrays are shorter than their parts")
+        out.append((str(p.get("tensor")), str(p.get("role")), p, at, size))
+        at += size
+    return out, at
+
+
+def check_layout_length(total: int, blob: bytes | memoryview) -> None:
+    """Refuse arrays whose length is not their entries' (``drift_layout``'s total).
+
+    Raises:
+        ContractError: the arrays are shorter or longer than their parts.
+    """
+    if len(blob) < total:
+        raise ContractError("stored rollup drift arrays are shorter than their parts")
+    if len(blob) > total:
+        raise ContractError("stored rollup drift arrays are longer than their parts")
+
+
 def drift_slices(
     drift: Mapping[str, Any], blob: bytes
 ) -> Iterator[tuple[str, str, Mapping[str, Any], memoryview]]:
@@ -335,19 +372,11 @@ def drift_slices(
     Raises:
         ContractError: the entries and the bytes do not fit together.
     """
-    view, at = memoryview(blob), 0
-    for p in drift.get("parts") or ():
-        try:
-            f, width = (int(x) for x in p["shape"])
-            size = DriftPart.nbytes(f, width, int_code_of(p))
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise ContractError(f"stored rollup drift part is malformed: {exc}") from exc
-        if f <= 0 or width <= 0 or at + size > len(view):
-            raise ContractError("stored rollup drift arrays are shorter than their parts")
-        yield str(p.get("tensor")), str(p.get("role")), p, view[at : at + size]
-        at += size
-    if at != len(view):
-        raise ContractError("stored rollup drift arrays are longer than their parts")
+    layout, total = drift_layout(drift)
+    check_layout_length(total, blob)
+    view = memoryview(blob)
+    for tensor, role, p, at, size in layout:
+        yield tensor, role, p, view[at : at + size]
 
 
 # --------------------------------------------------------------------------- folding

@@ -29,7 +29,12 @@ from sqlalchemy import DateTime, Text, cast, select, type_coerce
 from sqlalchemy.orm import Session
 
 from edge_agent.errors import ContractError
-from fleet_server.history.cells import DriftPart, drift_slices, int_code_of
+from fleet_server.history.cells import (
+    DriftPart,
+    check_layout_length,
+    drift_layout,
+    int_code_of,
+)
 from fleet_server.registry.store import Registry
 from fleet_server.registry.tables.core import (
     Device,
@@ -240,6 +245,14 @@ def _rows(s: Session, stmt: Any) -> Iterator[Any]:
         yield from cur
 
 
+_PartClass = tuple[str, str, str, int, int]
+#: A parsed drift document: its skipped counts, its parts (tensor, role, class, windows,
+#: integer code, offset, length) and the arrays' total length.
+_DocLayout = tuple[
+    list[tuple[str, int]], list[tuple[str, str, _PartClass, int, str, int, int]], int
+]
+
+
 class _PartSums:
     """Sums stored drift parts per key with one numpy reduction per (tensor, role, edges) and
     stored integer width.
@@ -255,30 +268,45 @@ class _PartSums:
         self._rows: dict[tuple[str, str, str, int, int], list[tuple[int, int, str, memoryview]]]
         self._rows = {}
         self._first: dict[PartKey, float] = {}
-        self._docs: dict[str, dict[str, Any]] = {}
+        self._docs: dict[str, _DocLayout] = {}
         self.skipped: dict[str, int] = {}
 
     def add(self, dev: str, ver: int, at: float, doc: str, blob: bytes) -> None:
-        drift = self._docs.get(doc)
-        if drift is None:
-            try:
-                drift = self._docs[doc] = json.loads(doc)
-            except ValueError as exc:
-                raise ContractError(f"stored rollup drift document is not JSON: {exc}") from exc
-            if not isinstance(drift, dict):
-                raise ContractError("stored rollup drift document is not an object")
-        for k, n in (drift.get("skipped") or {}).items():
-            self.skipped[str(k)] = self.skipped.get(str(k), 0) + int(n)
+        layout = self._docs.get(doc)
+        if layout is None:
+            layout = self._docs[doc] = self._layout(doc)
+        skipped, parts, total = layout
+        for k, n in skipped:
+            self.skipped[k] = self.skipped.get(k, 0) + n
+        check_layout_length(total, blob)
         qb = None if self._size is None else math.floor(at / self._size) * self._size
-        for tensor, role, part, data in drift_slices(drift, blob):
-            f, width = (int(x) for x in part["shape"])
-            cls = (tensor, role, str(part["edges"]), f, width)
+        view = memoryview(blob)
+        for tensor, role, cls, windows, code, offset, size in parts:
             key = (dev, ver, tensor, role, qb)
             keys = self._keys.setdefault(cls, {})
             index = keys.setdefault(key, len(keys))
             self._first.setdefault(key, at)
-            code = int_code_of(part)
-            self._rows.setdefault(cls, []).append((index, int(part["windows"]), code, data))
+            self._rows.setdefault(cls, []).append(
+                (index, windows, code, view[offset : offset + size])
+            )
+
+    @staticmethod
+    def _layout(doc: str) -> _DocLayout:
+        """A stored drift document, parsed and laid out once: rows of one fleet repeat a few."""
+        try:
+            drift = json.loads(doc)
+        except ValueError as exc:
+            raise ContractError(f"stored rollup drift document is not JSON: {exc}") from exc
+        if not isinstance(drift, dict):
+            raise ContractError("stored rollup drift document is not an object")
+        skipped = [(str(k), int(n)) for k, n in (drift.get("skipped") or {}).items()]
+        entries, total = drift_layout(drift)
+        parts = []
+        for tensor, role, part, offset, size in entries:
+            f, width = (int(x) for x in part["shape"])
+            cls = (tensor, role, str(part["edges"]), f, width)
+            parts.append((tensor, role, cls, int(part["windows"]), int_code_of(part), offset, size))
+        return skipped, parts, total
 
     def result(self) -> tuple[dict[PartKey, tuple[float, DriftPart]], dict[str, int]]:
         out: dict[PartKey, tuple[float, DriftPart]] = {}
