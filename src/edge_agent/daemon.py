@@ -223,8 +223,12 @@ def release_startup_memory() -> None:
     """
     from edge_agent.common.residency import release_library_pages, trim_malloc
 
-    trim_malloc()
-    kib = release_library_pages()
+    try:
+        trim_malloc()
+        kib = release_library_pages()
+    except Exception:  # best effort: a daemon that could not release memory still serves
+        log.exception("releasing start-up memory failed; serving anyway")
+        return
     log.info("released %.1f MB of library pages touched only while starting", kib / 1024)
 
 

@@ -465,3 +465,17 @@ def test_bytes_reject_garbage(seed: int) -> None:
 def test_bytes_reject_non_bytes() -> None:
     with pytest.raises(ContractError):
         TierAView.from_bytes("EFTA")  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(
+    np.finfo(np.longdouble).max <= np.finfo(np.float64).max, reason="no wider long double"
+)
+def test_a_long_double_past_float64_counts_as_overflow_without_a_warning() -> None:
+    edges = FeatureEdges(4, ((0.0, 1.0, 2.0),))
+    sketch = TierASketch.zero(edges)
+    big = np.array([[np.longdouble("1e4000")], [np.longdouble("-1e4000")]], dtype=np.longdouble)
+    with np.errstate(all="raise"):
+        sketch.update(big)
+    view = sketch.view()
+    assert int(view.counts.sum()) == 2  # in under/overflow only
+    assert int(view.count[0]) == 0

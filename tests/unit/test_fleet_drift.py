@@ -10,7 +10,12 @@ import pytest
 from edge_agent.drift import DriftMonitor, MonitorPolicy, TierASketch, TierAView, build_baseline
 from edge_agent.drift.edges import FeatureEdges
 from fleet_server.drift.cohorts import FLEET, CohortSpec, DeviceInfo, FleetWindow
-from fleet_server.drift.fleet import FleetAccumulator, merge_windows, score_fleet
+from fleet_server.drift.fleet import (
+    STACK_CELLS,
+    FleetAccumulator,
+    merge_windows,
+    score_fleet,
+)
 from fleet_server.errors import DriftMismatchError, FleetDriftError
 
 F = 6
@@ -163,3 +168,37 @@ def test_bad_cohort_specs_are_refused(text: str) -> None:
 def test_bad_buckets_are_refused(bucket: float) -> None:
     with pytest.raises(FleetDriftError):
         FleetAccumulator(CohortSpec(), bucket_seconds=bucket)
+
+
+def test_the_accumulator_takes_no_window_after_handing_its_cells_over(
+    baseline: TierAView,
+) -> None:
+    """merged() shares the running sums with its cells: a later add would change them."""
+    acc = FleetAccumulator(CohortSpec())
+    assert acc.add(_window("d1", baseline), None, baseline)
+    cells, _ = acc.merged()
+    before = {k: c.arrays()[0].copy() for k, c in cells.items()}
+    with pytest.raises(FleetDriftError, match="handed over"):
+        acc.add(_window("d2", baseline), None, baseline)
+    assert all((cells[k].arrays()[0] == v).all() for k, v in before.items())
+
+
+def test_a_fleet_larger_than_one_stack_is_scored_as_cell_by_cell(baseline: TierAView) -> None:
+    """Cells are scored in stacks of STACK_CELLS (bounded memory): the answers of a group that
+    spans several stacks are those of each cell scored alone."""
+    rng = np.random.default_rng(5)
+    acc = FleetAccumulator(CohortSpec("device"))
+    n = STACK_CELLS + 7
+    for i in range(n):
+        rows = rng.normal(loc=0.8 if i % 50 == 0 else 0.0, size=(300, F))
+        assert acc.add(_window(f"d{i:04d}", _view(baseline, rows)), None, baseline)
+    cells, _ = acc.merged()
+    assert len(cells) == n + 1  # every device and the fleet
+    stacked = score_fleet(cells, {("m", 1, "x", "input"): baseline})
+    assert len(stacked.cohorts) == n + 1
+    drifted = 0
+    for result in stacked.cohorts:
+        alone = score_fleet({result.key: cells[result.key]}, {("m", 1, "x", "input"): baseline})
+        assert repr(result.features) == repr(alone.cohorts[0].features)  # NaN-safe, bit for bit
+        drifted += any(f.drifted for f in result.features)
+    assert drifted >= 6  # the shifted devices (1 in 50) alert, in several stacks

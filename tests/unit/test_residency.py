@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from edge_agent.common import residency
 from edge_agent.common.residency import (
     clean_library_mappings,
     limit_malloc_arenas,
@@ -195,3 +198,39 @@ def test_model_memory_is_measured_without_file_pages_paged_back_in(tmp_path: Pat
     heap = bytearray(32 << 20)
     heap[:: mmap.PAGESIZE] = b"\x02" * len(heap[:: mmap.PAGESIZE])  # 32 MiB of private pages
     assert private_bytes() - private_after >= 24 << 20
+
+
+@pytest.mark.skipif(not LINUX, reason="madvise and /proc are Linux's")
+def test_a_mapped_path_that_is_not_utf8_does_not_stop_the_release(tmp_path: Path) -> None:
+    """Paths in smaps are bytes: a file under a Latin-1 name is read, not a crash at start."""
+    import mmap
+
+    odd = tmp_path / os.fsdecode(b"model\xff.bin")
+    odd.write_bytes(b"\x01" * (1 << 20))
+    with odd.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as view:
+        assert view[0] == 1  # resident, read-only, file-backed: a candidate
+        assert os.fsencode(str(odd)) in Path("/proc/self/smaps").read_bytes()
+        assert release_library_pages() > 0
+
+
+@pytest.mark.skipif(not LINUX, reason="madvise and /proc are Linux's")
+def test_a_mapping_the_kernel_refuses_skips_only_that_mapping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EINVAL for one mapping (locked, PFN-mapped, huge pages) leaves the others advised."""
+    smaps = tmp_path / "smaps"
+    smaps.write_text(
+        "7f0000000000-7f0000001000 r-xp 00000000 08:01 200 /dev/refused\n"
+        "Rss:                   4 kB\nAnonymous:             0 kB\n"
+        "7f0000001000-7f0000002000 r-xp 00000000 08:01 201 /lib/fine.so\n"
+        "Rss:                   8 kB\nAnonymous:             0 kB\n"
+    )
+    calls: list[int] = []
+
+    def madvise(start: int, length: int, advice: int) -> int:
+        calls.append(start)
+        return -1 if start == 0x7F0000000000 else 0
+
+    monkeypatch.setattr(residency, "_libc", lambda: SimpleNamespace(madvise=madvise))
+    assert release_library_pages(smaps) == 8
+    assert calls == [0x7F0000000000, 0x7F0000001000]

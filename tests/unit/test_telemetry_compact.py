@@ -457,6 +457,45 @@ def test_the_document_reader_gives_what_the_json_reader_gives() -> None:
     assert unpack_document(packed, max_bytes=len(_batch_json())) == json.loads(_batch_json())
 
 
+@pytest.mark.parametrize(
+    "grow",
+    [
+        ("1e5", "100000.0"),  # an exponent the canonical form spells out
+        ("\u00e9", "\\u00e9"),  # raw UTF-8, escaped in ASCII
+    ],
+    ids=["exponent", "raw-utf8"],
+)
+def test_a_json_part_that_grows_when_made_canonical_is_bounded_like_the_json_reader(
+    grow: tuple[str, str],
+) -> None:
+    """The document reader's size bound is the rebuilt canonical JSON, as unpack_message's is:
+    a JSON part sent in a shorter, non-canonical spelling cannot carry a document past the cap."""
+    raw, canonical = grow
+    doc = _report_doc(2)
+    doc["x"] = "PLACEHOLDER"
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+    value = (
+        f"[{','.join([raw] * 300)}]" if raw == "1e5" else json.dumps(raw * 300, ensure_ascii=False)
+    )
+    body_text = text.replace('"PLACEHOLDER"', value).encode()
+    out = bytearray()
+    put_uvarint(out, len(body_text))
+    out += body_text
+    for v in _packed_views():
+        put_uvarint(out, len(v))
+        out += v
+    data = _deflate(bytes(out))
+    rebuilt = len(unpack_message(data))
+    assert rebuilt > len(body_text) + 300  # the canonical spelling is longer
+    cap = rebuilt - 1
+    with pytest.raises(ContractError, match="beyond"):
+        unpack_message(data, max_bytes=cap)
+    with pytest.raises(ContractError, match="beyond"):
+        unpack_document(data, max_bytes=cap)
+    assert unpack_document(data, max_bytes=rebuilt) == json.loads(unpack_message(data))
+    assert canonical.encode() in unpack_message(data)
+
+
 _FIELD_VALUES = st.one_of(
     st.none(),
     st.booleans(),

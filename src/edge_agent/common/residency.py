@@ -114,7 +114,8 @@ def release_library_pages(smaps: Path = Path("/proc/self/smaps")) -> int:
     if libc is None:
         return 0
     try:
-        mappings = clean_library_mappings(smaps.read_text())
+        # A mapped file's path may be any bytes (a model or a venv under a Latin-1 name).
+        mappings = clean_library_mappings(smaps.read_bytes().decode("utf-8", "surrogateescape"))
     except OSError:
         return 0
     madvise = libc.madvise
@@ -122,13 +123,12 @@ def release_library_pages(smaps: Path = Path("/proc/self/smaps")) -> int:
     madvise.restype = ctypes.c_int
     released = 0
     for m in mappings:
-        if madvise(m.start, m.end - m.start, MADV_PAGEOUT) != 0:
-            # EINVAL: a kernel before 5.4 has no MADV_PAGEOUT, and every call would fail alike.
-            # ENOMEM: the mapping went away since smaps was read; the next one may be fine.
-            if ctypes.get_errno() == 22:
-                break
-            continue
-        released += m.rss_kib
+        # A failure skips that mapping only: EINVAL is a kernel before 5.4 (no MADV_PAGEOUT:
+        # every call fails alike, a few hundred cheap calls) but also one mapping the kernel will
+        # not page out (locked, PFN-mapped device memory, huge pages) among others it will;
+        # ENOMEM is a mapping gone since smaps was read.
+        if madvise(m.start, m.end - m.start, MADV_PAGEOUT) == 0:
+            released += m.rss_kib
     return released
 
 

@@ -142,7 +142,11 @@ class TierASketch:
         if x.shape[0] == 0:
             return
         if x.dtype != np.float64:
-            x = x.astype(np.float64)  # exact for every real dtype up to 64 bits; never warns
+            if x.dtype.itemsize > 8:  # long double: a value past float64's range becomes inf
+                with np.errstate(over="ignore"):
+                    x = x.astype(np.float64)
+            else:
+                x = x.astype(np.float64)  # exact for every real dtype up to 64 bits; never warns
         if x.shape[0] == 1:
             self._update_row(x[0])
             return

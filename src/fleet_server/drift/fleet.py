@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 import numpy.typing as npt
@@ -42,12 +42,15 @@ from fleet_server.drift.results import (
 from fleet_server.errors import DriftMismatchError, FleetDriftError
 
 __all__ = [
+    "STACK_CELLS",
     "FleetAccumulator",
     "MergedCell",
     "check_compatible",
     "merge_windows",
     "score_fleet",
 ]
+
+STACK_CELLS: Final = 256  # cells scored in one stack: bounds scoring's memory, not its answers
 
 
 def check_compatible(window: FeatureEdges, reference: FeatureEdges) -> None:
@@ -171,6 +174,7 @@ class FleetAccumulator:
         self._per_device = per_device and spec.kind != "device"
         self._cells: dict[FleetKey, _Sum] = {}
         self._devices: dict[FleetKey, _Sum] = {}
+        self._handed_over = False
         self.skipped: Counter[str] = Counter()
 
     def skip(self, reason: str, n: int = 1) -> None:
@@ -178,7 +182,13 @@ class FleetAccumulator:
         self.skipped[reason] += n
 
     def add(self, window: FleetWindow, device: DeviceInfo | None, baseline: TierAView) -> bool:
-        """Merge one window; False (and counted) when its edges are not the baseline's."""
+        """Merge one window; False (and counted) when its edges are not the baseline's.
+
+        Raises:
+            FleetDriftError: ``merged()`` was called: its cells share these sums.
+        """
+        if self._handed_over:
+            raise FleetDriftError("the accumulator's cells were handed over by merged()")
         try:
             check_compatible(window.view.edges, baseline.edges)
         except DriftMismatchError as exc:
@@ -204,7 +214,12 @@ class FleetAccumulator:
         return True
 
     def merged(self) -> tuple[dict[FleetKey, MergedCell], dict[FleetKey, MergedCell]]:
-        """Snapshot: ``(cohort cells incl. FLEET, per-device cells)``, keys sorted."""
+        """The cells, ``(cohort cells incl. FLEET, per-device cells)``, keys sorted.
+
+        The cells share the running sums (no copy of a fleet's worth of arrays), so the
+        accumulator takes no window after this: ``add`` raises.
+        """
+        self._handed_over = True
 
         def snap(cells: dict[FleetKey, _Sum]) -> dict[FleetKey, MergedCell]:
             return {
@@ -253,9 +268,10 @@ def score_fleet(
 ) -> FleetDriftResult:
     """Score every merged cell against its baseline view with the agent's rule.
 
-    The cells of one baseline (cohorts and devices alike) are scored together, as one stack
-    of windows (``score_arrays``, ``judge_stack``): the same decisions as one ``judge`` per
-    cell, without a round of small array operations per cell.
+    The cells of one baseline (cohorts and devices alike) are scored together, in stacks of
+    at most ``STACK_CELLS`` windows (``score_arrays``, ``judge_stack``): the same decisions as
+    one ``judge`` per cell, without a round of small array operations per cell, and a peak
+    memory that does not grow with the fleet (scoring holds about 15 temporaries of a stack).
 
     Args:
         cells: Cohort cells (``FleetAccumulator.merged()[0]``).
@@ -283,16 +299,18 @@ def score_fleet(
             groups.setdefault(k.baseline_key(), []).append((is_device, k, cell))
     by_key: dict[FleetKey, CohortResult] = {}
     alert_of: dict[FleetKey, DeviceAlert] = {}
-    for bkey, members in groups.items():
-        scores, verdict = _judge_stack([c for _d, _k, c in members], baselines[bkey], p)
-        alerting = [bool(a) for a in np.any(verdict.drifted, axis=1)]
-        for row, (is_device, k, cell) in enumerate(members):
-            if not is_device:
-                features = _features(scores, verdict, row)
-                by_key[k] = CohortResult(k, cell.devices, cell.windows, features, cell.view)
-            elif alerting[row]:
-                drifted = tuple(int(j) for j in np.flatnonzero(verdict.drifted[row]))
-                alert_of[k] = DeviceAlert(k, drifted, cell.windows)
+    for bkey, group in groups.items():
+        for start in range(0, len(group), STACK_CELLS):
+            members = group[start : start + STACK_CELLS]
+            scores, verdict = _judge_stack([c for _d, _k, c in members], baselines[bkey], p)
+            alerting = [bool(a) for a in np.any(verdict.drifted, axis=1)]
+            for row, (is_device, k, cell) in enumerate(members):
+                if not is_device:
+                    features = _features(scores, verdict, row)
+                    by_key[k] = CohortResult(k, cell.devices, cell.windows, features, cell.view)
+                elif alerting[row]:
+                    drifted = tuple(int(j) for j in np.flatnonzero(verdict.drifted[row]))
+                    alert_of[k] = DeviceAlert(k, drifted, cell.windows)
     results = [by_key[k] for k in cells]
     alerts = [alert_of[k] for k in (device_cells or {}) if k in alert_of]
     used = {k.baseline_key() for k in cells}

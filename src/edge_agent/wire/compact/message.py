@@ -161,9 +161,10 @@ def unpack_document(data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict[
     ``strict_json.loads(unpack_message(data))`` gives, without building and reading the JSON
     text again (the server's ingest parses the document straight into value objects).
 
-    The bound on the rebuilt JSON is computed, not measured: the JSON part's length plus each
-    view's quoted base64 less its index, which is the rebuilt length exactly when the JSON part
-    is canonical (as every agent sends it); ``unpack_message`` measures it.
+    The bound on the rebuilt JSON is computed: the canonical JSON of the document with its
+    view indices (measured, so a JSON part that grows when made canonical, such as ``1e5`` or
+    raw UTF-8, is bounded as ``unpack_message`` bounds it) plus each view's quoted base64 less
+    its index, which is the rebuilt length exactly.
 
     Raises:
         ContractError: as ``unpack_message``.
@@ -185,7 +186,9 @@ def unpack_document(data: bytes, *, max_bytes: int = MAX_PAYLOAD_BYTES) -> dict[
     doc = strict_json.loads(text, max_bytes=max_bytes, what="packed telemetry JSON")
     if not isinstance(doc, dict) or doc.get("type") not in ("report", "batch"):
         raise ContractError("packed telemetry holds neither a report nor a batch")
-    size = len(text)  # the rebuilt JSON grows by each view's quoted base64 less its index
+    size = len(dump_json(doc))  # and grows by each view's quoted base64 less its index
+    if size > max_bytes:
+        raise ContractError(f"packed telemetry rebuilds JSON beyond {max_bytes} bytes")
     for i, window in enumerate(_windows(doc)):
         index = window.get("view")
         if isinstance(index, bool) or index != i:
