@@ -41,7 +41,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,6 +52,7 @@ sys.path.insert(0, str(HERE))
 # daemon's libraries unless the bare server (``--bare``) is asked for.
 from bench_rss_breakdown import (  # noqa: E402
     BIN,
+    RestLoad,
     free_port,
     grpc_client,
     prepare,
@@ -86,45 +86,6 @@ def drift_windows_closed(port: int) -> int:
             for v in re.findall(r"^edgefleet_agent_drift_windows_total\{[^}]*\} (\S+)$", text, re.M)
         )
     )
-
-
-class Load:
-    """``conns`` threads posting ``body`` to one server back to back until stopped."""
-
-    def __init__(self, port: int, body: bytes, conns: int) -> None:
-        self.port, self.body = port, body
-        self.requests = 0
-        self.errors = 0
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(conns)]
-
-    def start(self) -> None:
-        for t in self._threads:
-            t.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=30)
-
-    def _run(self) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        headers = {"Content-Type": "application/json"}
-        while not self._stop.is_set():
-            ok = False
-            try:
-                conn.request("POST", INFER, body=self.body, headers=headers)
-                resp = conn.getresponse()
-                resp.read()
-                ok = resp.status == 200
-            except (OSError, http.client.HTTPException):
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-            with self._lock:
-                self.requests += 1
-                self.errors += not ok
-        conn.close()
 
 
 FLEET_CHILD = """
@@ -219,20 +180,20 @@ def soak(args: argparse.Namespace, work: Path) -> list[dict[str, float]]:
         bundle, root = Path(files["bundle"]), Path(files["root"])
     body = Path(files["rest"]).read_bytes()
     procs: list[subprocess.Popen[Any]] = []
-    loads: list[Load] = []
+    loads: list[RestLoad] = []
     samples: list[dict[str, float]] = []
     grpc_load: subprocess.Popen[bytes] | None = None
     try:
         agent, port, grpc_port = start_agent(bundle, root, work, args, sync)
         procs.append(agent)
-        loads.append(Load(port, body, args.conns))
+        loads.append(RestLoad(port, INFER, body, args.conns))
         bare = None
         if args.bare:
             from bench_agent import start_bare_server
 
             bare, bport = start_bare_server(bundle, root, work)
             procs.append(bare)
-            loads.append(Load(bport, body, args.conns))
+            loads.append(RestLoad(bport, INFER, body, args.conns))
         time.sleep(1.0)
         start = time.monotonic()
 
