@@ -195,9 +195,12 @@ def test_model_memory_is_measured_without_file_pages_paged_back_in(tmp_path: Pat
     assert touched == (32 << 20) // mmap.PAGESIZE
     assert rss_after - rss_before >= 16 << 10  # KiB: the file pages are resident now
     assert private_after - private_before < 4 << 20  # bytes: not counted as private memory
-    heap = bytearray(32 << 20)
-    heap[:: mmap.PAGESIZE] = b"\x02" * len(heap[:: mmap.PAGESIZE])  # 32 MiB of private pages
-    assert private_bytes() - private_after >= 24 << 20
+    # 32 MiB of fresh private pages (an anonymous mapping: a malloc'd buffer could reuse memory
+    # a test before this one freed and the allocator kept resident).
+    with mmap.mmap(-1, 32 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as heap:
+        for i in range(0, len(heap), mmap.PAGESIZE):
+            heap[i] = 2
+        assert private_bytes() - private_after >= 24 << 20
 
 
 @pytest.mark.skipif(not LINUX, reason="madvise and /proc are Linux's")

@@ -47,7 +47,7 @@ __all__ = [
 
 MADV_PAGEOUT = 21  # Linux >= 5.4
 M_ARENA_MAX = -8  # glibc's mallopt parameter
-_HEADER = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ \d+\s*(.*)$")
+_HEADER = re.compile(r"([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ \d+\s*(.*)")
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def parse_smaps(text: str) -> Iterator[Mapping]:
     head: tuple[int, int, str, str] | None = None
     fields: dict[str, int] = {}
     for line in text.splitlines():
-        m = _HEADER.match(line)
+        m = _HEADER.fullmatch(line)
         if m:
             if head is not None:
                 yield Mapping(*head, fields.get("Rss", 0), fields.get("Anonymous", 0))
