@@ -191,6 +191,23 @@ def grpc_client(
     return subprocess.Popen(argv, env=env, stdin=subprocess.PIPE)
 
 
+def daemon_env(work: Path, sets: list[str], envs: list[str]) -> dict[str, str]:
+    """The daemon's environment: private copies of its compiled packages first on the path,
+    ``section.key=value`` overrides as the agent's own ``EDGEFLEET_AGENT__`` variables, and
+    ``NAME=value`` variables as given."""
+    env = dict(os.environ)
+    lib = str(private_libs(work))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), lib]))
+    for item in sets:
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        env[f"EDGEFLEET_AGENT__{section.upper()}__{name.upper()}"] = value
+    for item in envs:
+        key, _, value = item.partition("=")
+        env[key] = value
+    return env
+
+
 class RestLoad:
     """``conns`` threads posting ``body`` to ``path`` back to back until ``stop`` (``n`` each
     when ``n > 0``)."""
@@ -392,16 +409,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
         f"[grpc]\nenabled = {str(grpc_on).lower()}\nport = {grpc_port}\n"
         f'[store]\nstate_dir = "{work / "state"}"\nroot_path = "{root}"\n'
     )
-    env = dict(os.environ)
-    lib = str(private_libs(work))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), lib]))
-    for item in args.set:
-        key, _, value = item.partition("=")
-        section, _, name = key.partition(".")
-        env[f"EDGEFLEET_AGENT__{section.upper()}__{name.upper()}"] = value
-    for item in args.env:
-        key, _, value = item.partition("=")
-        env[key] = value
+    env = daemon_env(work, args.set, args.env)
     edge_agent = str(BIN / "edge-agent")
     subprocess.run([edge_agent, "install", str(bundle), "--config", str(cfg)], check=True,
                    capture_output=True, env=env)  # fmt: skip

@@ -53,10 +53,10 @@ sys.path.insert(0, str(HERE))
 from bench_rss_breakdown import (  # noqa: E402
     BIN,
     RestLoad,
+    daemon_env,
     free_port,
     grpc_client,
     prepare,
-    private_libs,
     wait_ready,
 )
 
@@ -144,16 +144,7 @@ def start_agent(
             f'identity_dir = "{sync["identity_dir"]}"\nprefix = "{sync["prefix"]}"\n'
         )
     cfg.write_text(text)
-    env = dict(os.environ)
-    lib = str(private_libs(work))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), lib]))
-    for item in args.set:  # section.key=value, as the agent's own environment overrides
-        key, _, value = item.partition("=")
-        section, _, name = key.partition(".")
-        env[f"EDGEFLEET_AGENT__{section.upper()}__{name.upper()}"] = value
-    for item in args.env:
-        key, _, value = item.partition("=")
-        env[key] = value
+    env = daemon_env(work, args.set, args.env)
     edge_agent = str(BIN / "edge-agent")
     subprocess.run([edge_agent, "install", str(bundle), "--config", str(cfg)], check=True,
                    capture_output=True, env=env)  # fmt: skip
